@@ -1,0 +1,204 @@
+//! The decoder actor: turns [`RawNotification`]s into [`ChangeEvent`]s and passes them, in
+//! order, to the registry.
+//!
+//! A payload that is a reference to an overflow row is resolved here; while the row is being
+//! fetched the decoder handles nothing else (`ctx.wait`), so commit order is kept. A payload
+//! that cannot be decoded — someone else NOTIFYing garbage on our channel — is logged, counted
+//! and dropped. The decoder also expires old overflow rows on a schedule.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::dialect::OverflowStore;
+use crate::event::{ChangeEvent, Channel, Channels, RawNotification};
+use crate::payload::{decode, Decoded};
+use crate::registry::{Registry, Route};
+use crate::stats::Counters;
+use crate::subscriber::Flush;
+
+/// Overflow retention: how long overflow rows are kept, and how often old ones are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Retention {
+    pub keep: Duration,
+    pub every: Duration,
+}
+
+/// Decodes notifications. Started by the notifier.
+pub(crate) struct Decoder {
+    channels: Arc<Channels>,
+    store: Arc<dyn OverflowStore>,
+    registry: Addr<Registry>,
+    stats: Arc<Counters>,
+    retention: Retention,
+}
+
+impl Decoder {
+    pub fn new(
+        channels: Arc<Channels>,
+        store: Arc<dyn OverflowStore>,
+        registry: Addr<Registry>,
+        stats: Arc<Counters>,
+        retention: Retention,
+    ) -> Self {
+        Decoder {
+            channels,
+            store,
+            registry,
+            stats,
+            retention,
+        }
+    }
+
+    /// Decodes `queue` in order. On an overflow reference it sends what it has, waits for the
+    /// row (blocking this actor's mailbox), and continues with the rest afterwards.
+    fn process(&mut self, mut queue: VecDeque<RawNotification>, ctx: &mut Context<Self>) {
+        let mut events = Vec::with_capacity(queue.len());
+        while let Some(raw) = queue.pop_front() {
+            let Some(channel) = self.channels.get(&raw.channel).cloned() else {
+                self.malformed(&raw, "not a channel of this notifier");
+                continue;
+            };
+            match decode(&raw.payload, &channel) {
+                Ok(Decoded::Row {
+                    id,
+                    extra,
+                    truncated,
+                }) => {
+                    events.push(ChangeEvent::new(
+                        channel,
+                        id,
+                        extra,
+                        raw.received_at,
+                        truncated,
+                    ));
+                }
+                Ok(Decoded::Overflow { reference, id }) => {
+                    self.send(std::mem::take(&mut events));
+                    let fetch = self.store.fetch(reference);
+                    ctx.wait(fetch.into_actor(self).map(move |result, act, ctx| {
+                        act.resolved(channel, reference, id, raw, result);
+                        act.process(queue, ctx);
+                    }));
+                    return;
+                }
+                Err(reason) => self.malformed(&raw, &reason),
+            }
+        }
+        self.send(events);
+    }
+
+    fn resolved(
+        &mut self,
+        channel: Arc<Channel>,
+        reference: i64,
+        id: crate::Key,
+        raw: RawNotification,
+        result: crate::Result<Option<String>>,
+    ) {
+        let event = match result {
+            Ok(Some(payload)) => match decode(&payload, &channel) {
+                Ok(Decoded::Row {
+                    id,
+                    extra,
+                    truncated,
+                }) => {
+                    Counters::add(&self.stats.overflow_resolved, 1);
+                    ChangeEvent::new(channel, id, extra, raw.received_at, truncated)
+                }
+                Ok(Decoded::Overflow { .. }) => {
+                    return self.malformed(&raw, "overflow row is itself a reference");
+                }
+                Err(reason) => {
+                    return self.malformed(&raw, &format!("overflow row {reference}: {reason}"))
+                }
+            },
+            Ok(None) => {
+                log::warn!(
+                    "sqlnotify: overflow row {reference} for {} is gone (retention expired?); delivering the key only",
+                    channel.name()
+                );
+                Counters::add(&self.stats.overflow_missing, 1);
+                ChangeEvent::new(channel, id, Default::default(), raw.received_at, true)
+            }
+            Err(e) => {
+                log::error!(
+                    "sqlnotify: cannot read overflow row {reference} for {}: {e}; delivering the key only",
+                    channel.name()
+                );
+                Counters::add(&self.stats.overflow_missing, 1);
+                ChangeEvent::new(channel, id, Default::default(), raw.received_at, true)
+            }
+        };
+        self.send(vec![event]);
+    }
+
+    fn send(&self, events: Vec<ChangeEvent>) {
+        if !events.is_empty() {
+            self.registry.do_send(Route(events));
+        }
+    }
+
+    fn malformed(&self, raw: &RawNotification, reason: &str) {
+        Counters::add(&self.stats.malformed, 1);
+        let preview: String = raw.payload.chars().take(200).collect();
+        log::warn!(
+            "sqlnotify: dropping malformed notification on channel {:?}: {reason} (payload: {preview:?})",
+            raw.channel
+        );
+    }
+}
+
+impl Actor for Decoder {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.retention.every, |act, ctx| {
+            let purge = act.store.purge(act.retention.keep);
+            ctx.spawn(purge.into_actor(act).map(|result, _, _| match result {
+                Ok(0) => {}
+                Ok(n) => log::debug!("sqlnotify: deleted {n} expired overflow rows"),
+                Err(e) => log::warn!("sqlnotify: could not delete expired overflow rows: {e}"),
+            }));
+        });
+    }
+}
+
+/// Notifications read by a listener, in the order they were committed.
+#[derive(Debug)]
+pub struct RawBatch(pub Vec<RawNotification>);
+
+impl Message for RawBatch {
+    type Result = ();
+}
+
+impl Handler<RawBatch> for Decoder {
+    type Result = ();
+
+    fn handle(&mut self, RawBatch(batch): RawBatch, ctx: &mut Context<Self>) {
+        Counters::add(&self.stats.received, batch.len() as u64);
+        self.process(batch.into(), ctx);
+    }
+}
+
+impl Handler<Flush> for Decoder {
+    type Result = ResponseFuture<()>;
+
+    /// Resolves once every notification received before it has been routed and handled.
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
+        let registry = self.registry.clone();
+        Box::pin(async move {
+            let _ = registry.send(Flush).await;
+        })
+    }
+}
+
+impl Handler<crate::registry::Shutdown> for Decoder {
+    type Result = ();
+
+    fn handle(&mut self, _: crate::registry::Shutdown, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,82 @@
+//! The dialect boundary: everything database-specific sits behind [`Dialect`].
+//!
+//! A dialect reads table descriptions from the catalog, generates and installs triggers,
+//! runs the listener, sends custom notifications and serves overflow rows. Everything after
+//! the listener (decoder, registry, subscribers) sees only [`RawNotification`]s and this trait,
+//! so it can be driven and tested without a database.
+//!
+//! [`RawNotification`]: crate::RawNotification
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Recipient;
+use futures_util::future::BoxFuture;
+
+use crate::decoder::RawBatch;
+use crate::error::Result;
+use crate::stats::Counters;
+use crate::watch::{ResolvedWatch, TableInfo};
+
+/// How `start()` treats existing database objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InstallOptions {
+    /// Replace objects whose definition changed (else: drift error).
+    pub revoke_on_model_change: bool,
+    /// Drop every sqlnotify object in the database first.
+    pub cleanup_on_start: bool,
+    /// Create/replace objects; when false only verify they are installed as expected.
+    pub manage_triggers: bool,
+}
+
+/// Reads (and expires) rows of the overflow table.
+pub(crate) trait OverflowStore: Send + Sync + 'static {
+    /// The payload stored under `reference`, or `None` if it is gone.
+    fn fetch(&self, reference: i64) -> BoxFuture<'static, Result<Option<String>>>;
+    /// Deletes overflow rows older than `retention`; returns how many.
+    fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>>;
+}
+
+/// A running listener, as the notifier holds it.
+pub(crate) trait ListenerHandle: Send {
+    /// Stops listening; resolves after everything already read was passed on.
+    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// One database family.
+pub(crate) trait Dialect: Send + Sync + 'static {
+    /// `"postgresql"`, `"sqlite"`.
+    fn name(&self) -> &'static str;
+    /// Reads each `(schema, table)` from the catalog, failing on the first unknown one.
+    fn describe_tables(
+        &self,
+        tables: Vec<(String, String)>,
+    ) -> BoxFuture<'static, Result<Vec<TableInfo>>>;
+    /// Installs (or verifies) the objects for `watches`.
+    fn install(
+        &self,
+        watches: Vec<ResolvedWatch>,
+        options: InstallOptions,
+    ) -> BoxFuture<'static, Result<()>>;
+    /// The DDL `install` would run for `watches`, for users who apply migrations themselves.
+    fn install_sql(&self, watches: &[ResolvedWatch]) -> String;
+    /// Removes the objects of these channels.
+    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>>;
+    /// Removes every sqlnotify object in the database; returns how many watches were removed.
+    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>>;
+    /// Starts a listener on `channels`; resolves once it is listening.
+    fn listen(
+        &self,
+        channels: Vec<String>,
+        decoder: Recipient<RawBatch>,
+        stats: Arc<Counters>,
+    ) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
+    /// Sends `payload` on `channel` (on a connection other than the listener's).
+    fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>>;
+    /// Stores an oversized payload; returns its reference.
+    fn store_overflow(&self, channel: String, payload: String) -> BoxFuture<'static, Result<i64>>;
+    /// The overflow table reader, for the decoder.
+    fn overflow_store(&self) -> Arc<dyn OverflowStore>;
+    /// Closes the dialect's connections.
+    fn close(&self) -> BoxFuture<'static, ()>;
+}

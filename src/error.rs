@@ -1,0 +1,329 @@
+//! The crate's one error type, [`Error`], and the [`Result`] alias used everywhere.
+//!
+//! Every variant that is caused by user input names the object at fault (table, column,
+//! channel, label), so a failed `start()` can be fixed from the message alone.
+
+use std::fmt;
+
+use crate::event::Operation;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in sqlnotify.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The URL's scheme names a database this build does not support.
+    UnsupportedDatabase {
+        /// The scheme as given (e.g. `"mysql"`), or the whole URL when it has none.
+        scheme: String,
+        /// Why it is not supported (feature disabled, unknown scheme …).
+        reason: String,
+    },
+    /// The connection URL could not be parsed.
+    InvalidUrl {
+        /// What the driver said about it.
+        reason: String,
+    },
+    /// A database call failed (connection refused, I/O error, SQL error …).
+    Database {
+        /// What sqlnotify was doing, e.g. `"installing trigger sqlnotify_public_users_insert"`.
+        context: String,
+        /// The driver's error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// A watched schema does not exist.
+    UnknownSchema {
+        /// The schema name.
+        schema: String,
+    },
+    /// A watched table does not exist (or is not a table).
+    UnknownTable {
+        /// The schema searched.
+        schema: String,
+        /// The table name.
+        table: String,
+    },
+    /// A column named in a watch does not exist on its table.
+    UnknownColumn {
+        /// The table's schema.
+        schema: String,
+        /// The table.
+        table: String,
+        /// The missing column.
+        column: String,
+        /// Which watch list named it: `"extra_columns"`, `"trigger_columns"` or `"primary_keys"`.
+        list: &'static str,
+    },
+    /// A `primary_keys` entry is not part of the table's primary key.
+    NotPrimaryKey {
+        /// The table's schema.
+        schema: String,
+        /// The table.
+        table: String,
+        /// The column that is not part of the primary key.
+        column: String,
+    },
+    /// The table has no primary key and the watch did not name key columns.
+    NoPrimaryKey {
+        /// The table's schema.
+        schema: String,
+        /// The table.
+        table: String,
+    },
+    /// `trigger_columns` was given for an INSERT or DELETE watch (only UPDATE has "changed" columns).
+    TriggerColumnsNotAllowed {
+        /// The watched table.
+        table: String,
+        /// The watch's operation.
+        operation: Operation,
+    },
+    /// Two watches describe the same channel.
+    DuplicateWatch {
+        /// The channel both watches would use.
+        channel: String,
+        /// The first watch, as `schema.table operation`.
+        first: String,
+        /// The second watch.
+        second: String,
+    },
+    /// One channel label was given to watches of different tables or operations.
+    LabelReused {
+        /// The label.
+        label: String,
+        /// The first watch using it.
+        first: String,
+        /// The second watch using it.
+        second: String,
+    },
+    /// An identifier (channel, trigger or function name) is longer than the database allows.
+    IdentifierTooLong {
+        /// The identifier.
+        identifier: String,
+        /// What it names (e.g. `"channel"`).
+        kind: &'static str,
+        /// The maximum, in bytes.
+        max: usize,
+    },
+    /// A name or label is not usable (empty, contains NUL, or uses a reserved name).
+    InvalidIdentifier {
+        /// The identifier.
+        identifier: String,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
+    /// An installed trigger differs from what the code asks for and
+    /// `revoke_on_model_change` is off (or triggers are managed externally).
+    DefinitionDrift {
+        /// The channel (= trigger and function name) that differs.
+        channel: String,
+        /// The watched table.
+        table: String,
+        /// What differs.
+        detail: String,
+    },
+    /// A subscription or custom notification names a table/operation/label nobody watches.
+    NotWatched {
+        /// `schema.table`.
+        table: String,
+        /// The operation.
+        operation: Operation,
+        /// The channel label, if one was given.
+        label: Option<String>,
+    },
+    /// A filter names a column the channel's payload does not carry.
+    UnknownFilterColumn {
+        /// The channel.
+        channel: String,
+        /// The column.
+        column: String,
+        /// The columns the payload does carry.
+        available: Vec<String>,
+    },
+    /// A custom notification's payload is not usable.
+    InvalidPayload {
+        /// The channel it was meant for.
+        channel: String,
+        /// Why.
+        reason: String,
+    },
+    /// A custom notification is over the NOTIFY limit and overflow was not allowed.
+    PayloadTooLarge {
+        /// The channel.
+        channel: String,
+        /// The payload's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// No subscription has this id (already removed?).
+    UnknownSubscription {
+        /// The id.
+        id: u64,
+    },
+    /// The notifier is stopped (or its actors are gone).
+    NotRunning,
+}
+
+impl Error {
+    /// Wraps a driver error with what sqlnotify was doing.
+    pub(crate) fn db(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Database {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::UnsupportedDatabase { scheme, reason } => {
+                write!(f, "unsupported database {scheme:?}: {reason}")
+            }
+            Error::InvalidUrl { reason } => write!(f, "invalid database URL: {reason}"),
+            Error::Database { context, source } => write!(f, "{context}: {source}"),
+            Error::UnknownSchema { schema } => write!(f, "schema {schema:?} does not exist"),
+            Error::UnknownTable { schema, table } => {
+                write!(f, "table {schema:?}.{table:?} does not exist")
+            }
+            Error::UnknownColumn {
+                schema,
+                table,
+                column,
+                list,
+            } => write!(
+                f,
+                "column {column:?} named in {list} does not exist on table {schema:?}.{table:?}"
+            ),
+            Error::NotPrimaryKey {
+                schema,
+                table,
+                column,
+            } => write!(
+                f,
+                "column {column:?} is not part of the primary key of table {schema:?}.{table:?}"
+            ),
+            Error::NoPrimaryKey { schema, table } => write!(
+                f,
+                "table {schema:?}.{table:?} has no primary key; name the key columns with Watch::primary_keys"
+            ),
+            Error::TriggerColumnsNotAllowed { table, operation } => write!(
+                f,
+                "trigger_columns is only allowed for UPDATE watches, not {operation} (table {table:?})"
+            ),
+            Error::DuplicateWatch {
+                channel,
+                first,
+                second,
+            } => write!(
+                f,
+                "watches {first} and {second} would both use channel {channel:?}; give one a channel_label"
+            ),
+            Error::LabelReused {
+                label,
+                first,
+                second,
+            } => write!(
+                f,
+                "channel label {label:?} is used by both {first} and {second}; a label names one table and operation"
+            ),
+            Error::IdentifierTooLong {
+                identifier,
+                kind,
+                max,
+            } => write!(
+                f,
+                "{kind} {identifier:?} is {} bytes long, over the limit of {max}; use a shorter channel_label",
+                identifier.len()
+            ),
+            Error::InvalidIdentifier { identifier, reason } => {
+                write!(f, "invalid name {identifier:?}: {reason}")
+            }
+            Error::DefinitionDrift {
+                channel,
+                table,
+                detail,
+            } => write!(
+                f,
+                "installed trigger {channel:?} on {table} differs from this watch ({detail}); \
+                 enable revoke_on_model_change or run cleanup to reinstall it"
+            ),
+            Error::NotWatched {
+                table,
+                operation,
+                label,
+            } => match label {
+                Some(label) => write!(
+                    f,
+                    "no watch on {table} {operation} with channel label {label:?}"
+                ),
+                None => write!(f, "no watch on {table} {operation} (without a channel label)"),
+            },
+            Error::UnknownFilterColumn {
+                channel,
+                column,
+                available,
+            } => write!(
+                f,
+                "filter column {column:?} is not carried by channel {channel:?} (it carries {available:?}); \
+                 add it to the watch's extra_columns"
+            ),
+            Error::InvalidPayload { channel, reason } => {
+                write!(f, "invalid payload for channel {channel:?}: {reason}")
+            }
+            Error::PayloadTooLarge {
+                channel,
+                size,
+                limit,
+            } => write!(
+                f,
+                "payload for channel {channel:?} is {size} bytes, over the limit of {limit}; allow overflow to send it"
+            ),
+            Error::UnknownSubscription { id } => write!(f, "no subscription with id {id}"),
+            Error::NotRunning => write!(f, "the notifier is not running"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Database { source, .. } => Some(&**source),
+            _ => None,
+        }
+    }
+}
+
+impl From<actix::MailboxError> for Error {
+    fn from(_: actix::MailboxError) -> Self {
+        Error::NotRunning
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_object() {
+        let e = Error::UnknownColumn {
+            schema: "public".into(),
+            table: "users".into(),
+            column: "emial".into(),
+            list: "extra_columns",
+        };
+        let s = e.to_string();
+        assert!(s.contains("emial") && s.contains("users") && s.contains("extra_columns"));
+        let e = Error::IdentifierTooLong {
+            identifier: "x".repeat(70),
+            kind: "channel",
+            max: 63,
+        };
+        assert!(e.to_string().contains("70 bytes"));
+    }
+}

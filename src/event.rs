@@ -1,0 +1,404 @@
+//! The values that flow through the pipeline: [`RawNotification`] (what a listener read, before
+//! decoding), [`ChangeEvent`] (what subscribers receive), [`Operation`], the row [`Key`], and
+//! [`Channel`], the static description of one watched channel that events share.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The kind of row change a watch reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operation {
+    /// A row was inserted.
+    Insert,
+    /// A row was updated.
+    Update,
+    /// A row was deleted.
+    Delete,
+}
+
+impl Operation {
+    /// All operations, in a fixed order.
+    pub const ALL: [Operation; 3] = [Operation::Insert, Operation::Update, Operation::Delete];
+
+    /// Lower-case name used in channel names: `"insert"`, `"update"`, `"delete"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+
+    /// The SQL keyword: `INSERT`, `UPDATE` or `DELETE`.
+    pub fn sql_keyword(self) -> &'static str {
+        match self {
+            Operation::Insert => "INSERT",
+            Operation::Update => "UPDATE",
+            Operation::Delete => "DELETE",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.sql_keyword())
+    }
+}
+
+impl FromStr for Operation {
+    type Err = Error;
+
+    /// Parses `insert`, `update` or `delete`, in any case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "insert" => Ok(Operation::Insert),
+            "update" => Ok(Operation::Update),
+            "delete" => Ok(Operation::Delete),
+            _ => Err(Error::InvalidIdentifier {
+                identifier: s.to_string(),
+                reason: "not an operation (expected insert, update or delete)",
+            }),
+        }
+    }
+}
+
+/// A notification as a listener read it from the database, before decoding.
+///
+/// Dialects convert their driver's type to this at the edge, so everything after the listener
+/// can be driven (and tested) without a database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawNotification {
+    /// The channel it arrived on.
+    pub channel: String,
+    /// The payload text (JSON written by a sqlnotify trigger, or anything someone else sent).
+    pub payload: String,
+    /// When the listener read it.
+    pub received_at: SystemTime,
+}
+
+impl RawNotification {
+    /// A notification received now.
+    pub fn new(channel: impl Into<String>, payload: impl Into<String>) -> Self {
+        RawNotification {
+            channel: channel.into(),
+            payload: payload.into(),
+            received_at: SystemTime::now(),
+        }
+    }
+}
+
+/// One watched channel: which table and operation it reports and which columns its payload
+/// carries. Built from a validated watch; shared (behind an `Arc`) by every event on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    pub(crate) name: String,
+    pub(crate) schema: String,
+    pub(crate) table: String,
+    pub(crate) operation: Operation,
+    pub(crate) label: Option<String>,
+    pub(crate) key_columns: Vec<String>,
+    pub(crate) extra_columns: Vec<String>,
+}
+
+impl Channel {
+    /// The channel name, e.g. `sqlnotify_public_users_insert` or `sqlnotify_new_registrations`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The watched table's schema.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+    /// The watched table.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+    /// The operation reported on this channel.
+    pub fn operation(&self) -> Operation {
+        self.operation
+    }
+    /// The channel label, when the watch has one.
+    pub fn label(&self) -> Option<&str> {
+        self.label.as_deref()
+    }
+    /// The key columns, in declared order.
+    pub fn key_columns(&self) -> &[String] {
+        &self.key_columns
+    }
+    /// The extra columns the payload carries.
+    pub fn extra_columns(&self) -> &[String] {
+        &self.extra_columns
+    }
+    /// Whether the payload carries `column` (as a key or an extra column).
+    pub fn carries(&self, column: &str) -> bool {
+        self.key_columns.iter().any(|c| c == column)
+            || self.extra_columns.iter().any(|c| c == column)
+    }
+}
+
+/// The key of the changed row: one value for a single-column key, several (in the declared
+/// key order) for a composite key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Key {
+    /// A single-column key.
+    Single(Value),
+    /// A composite key, values in declared key order.
+    Composite(Vec<Value>),
+}
+
+impl Key {
+    /// The key's values, in declared order (one element for a single key).
+    pub fn values(&self) -> &[Value] {
+        match self {
+            Key::Single(v) => std::slice::from_ref(v),
+            Key::Composite(vs) => vs,
+        }
+    }
+
+    /// The single key value as an `i64`, when the key is one integer.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Key::Single(v) => v.as_i64(),
+            Key::Composite(_) => None,
+        }
+    }
+
+    /// The single key value as a string slice, when the key is one string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Key::Single(v) => v.as_str(),
+            Key::Composite(_) => None,
+        }
+    }
+}
+
+/// A row change (or a custom notification) delivered to subscribers.
+///
+/// Cheap to clone: the contents are shared, so routing one event to many subscribers does not
+/// copy its columns.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    inner: Arc<EventInner>,
+}
+
+#[derive(Debug)]
+struct EventInner {
+    channel: Arc<Channel>,
+    id: Key,
+    extra: Map<String, Value>,
+    timestamp: SystemTime,
+    truncated: bool,
+}
+
+impl ChangeEvent {
+    pub(crate) fn new(
+        channel: Arc<Channel>,
+        id: Key,
+        extra: Map<String, Value>,
+        timestamp: SystemTime,
+        truncated: bool,
+    ) -> Self {
+        ChangeEvent {
+            inner: Arc::new(EventInner {
+                channel,
+                id,
+                extra,
+                timestamp,
+                truncated,
+            }),
+        }
+    }
+
+    /// The channel the event arrived on.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel.name
+    }
+    /// The description of the channel (table, operation, carried columns).
+    pub fn channel_info(&self) -> &Channel {
+        &self.inner.channel
+    }
+    /// The table's schema.
+    pub fn schema(&self) -> &str {
+        &self.inner.channel.schema
+    }
+    /// The table.
+    pub fn table(&self) -> &str {
+        &self.inner.channel.table
+    }
+    /// The operation.
+    pub fn operation(&self) -> Operation {
+        self.inner.channel.operation
+    }
+    /// The changed row's key (declared key order for composite keys).
+    pub fn id(&self) -> &Key {
+        &self.inner.id
+    }
+    /// The key column names, in the order of [`ChangeEvent::id`].
+    pub fn key_columns(&self) -> &[String] {
+        &self.inner.channel.key_columns
+    }
+    /// The extra columns the watch asked for (empty when [`ChangeEvent::is_truncated`]).
+    pub fn extra_columns(&self) -> &Map<String, Value> {
+        &self.inner.extra
+    }
+    /// A column's value, key or extra; `None` when the payload does not carry it.
+    pub fn get(&self, column: &str) -> Option<&Value> {
+        if let Some(pos) = self.key_columns().iter().position(|c| c == column) {
+            return self.inner.id.values().get(pos);
+        }
+        self.inner.extra.get(column)
+    }
+    /// Wall-clock time at which the listener received the notification.
+    pub fn timestamp(&self) -> SystemTime {
+        self.inner.timestamp
+    }
+    /// True when the row was too large for a notification and could not be stored in the
+    /// overflow table: the event carries the key only, read the row yourself if you need it.
+    pub fn is_truncated(&self) -> bool {
+        self.inner.truncated
+    }
+
+    /// All carried columns (key columns first, then extra columns) as one JSON object.
+    pub fn to_json(&self) -> Value {
+        let mut map = Map::with_capacity(self.key_columns().len() + self.inner.extra.len());
+        for (name, value) in self.key_columns().iter().zip(self.inner.id.values()) {
+            map.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.inner.extra {
+            map.insert(name.clone(), value.clone());
+        }
+        Value::Object(map)
+    }
+
+    /// Deserializes the carried columns (key and extra) into a user type.
+    ///
+    /// ```
+    /// # use sqlnotify::ChangeEvent;
+    /// #[derive(serde::Deserialize)]
+    /// struct User { id: i64, email: String }
+    ///
+    /// fn on_event(event: &ChangeEvent) -> sqlnotify::Result<()> {
+    ///     let user: User = event.decode()?;
+    ///     println!("user {} is now {}", user.id, user.email);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.to_json()).map_err(|e| Error::InvalidPayload {
+            channel: self.channel().to_string(),
+            reason: format!(
+                "cannot decode event into {}: {e}",
+                std::any::type_name::<T>()
+            ),
+        })
+    }
+}
+
+impl actix::Message for ChangeEvent {
+    type Result = ();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn channel(keys: &[&str], extra: &[&str]) -> Arc<Channel> {
+        Arc::new(Channel {
+            name: "sqlnotify_public_t_insert".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: keys.iter().map(|s| s.to_string()).collect(),
+            extra_columns: extra.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn get_and_decode_see_keys_and_extras() {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            a: i64,
+            b: String,
+            c: Option<bool>,
+        }
+        let mut extra = Map::new();
+        extra.insert("c".into(), json!(true));
+        let ev = ChangeEvent::new(
+            channel(&["a", "b"], &["c"]),
+            Key::Composite(vec![json!(1), json!("x")]),
+            extra,
+            SystemTime::now(),
+            false,
+        );
+        assert_eq!(ev.get("b"), Some(&json!("x")));
+        assert_eq!(ev.get("c"), Some(&json!(true)));
+        assert_eq!(ev.get("zzz"), None);
+        let row: Row = ev.decode().unwrap();
+        assert_eq!((row.a, row.b.as_str(), row.c), (1, "x", Some(true)));
+        assert!(ev.decode::<Vec<i32>>().is_err());
+    }
+
+    #[test]
+    fn operation_parses_and_prints() {
+        assert_eq!("UPDATE".parse::<Operation>().unwrap(), Operation::Update);
+        assert!("upsert".parse::<Operation>().is_err());
+        assert_eq!(Operation::Delete.to_string(), "DELETE");
+    }
+}
+
+/// The channels of one notifier, by name; shared read-only by the decoder and the registry.
+#[derive(Debug, Default)]
+pub(crate) struct Channels {
+    by_name: std::collections::HashMap<String, Arc<Channel>>,
+}
+
+impl Channels {
+    pub fn new(channels: impl IntoIterator<Item = Channel>) -> Self {
+        Channels {
+            by_name: channels
+                .into_iter()
+                .map(|c| (c.name.clone(), Arc::new(c)))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Channel>> {
+        self.by_name.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// The channel of the watch on `schema.table`/`operation` with this label (or none).
+    pub fn find(
+        &self,
+        schema: &str,
+        table: &str,
+        operation: Operation,
+        label: Option<&str>,
+    ) -> Result<&Arc<Channel>> {
+        self.by_name
+            .values()
+            .find(|c| {
+                c.schema == schema
+                    && c.table == table
+                    && c.operation == operation
+                    && c.label.as_deref() == label
+            })
+            .ok_or_else(|| Error::NotWatched {
+                table: format!("{schema}.{table}"),
+                operation,
+                label: label.map(str::to_string),
+            })
+    }
+}

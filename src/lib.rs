@@ -1,0 +1,105 @@
+//! sqlnotify turns row changes in your database (INSERT / UPDATE / DELETE) into typed
+//! [`ChangeEvent`]s delivered to actix actors within milliseconds — no polling code, no Kafka.
+//!
+//! It installs and manages one trigger per [`Watch`], captures the key and the columns you
+//! ask for, and routes each change to the subscribers whose table, operation and
+//! [`Filter`]s match. A trigger never makes your write fail: rows too large for a
+//! notification go to an overflow table and the event is resolved from there.
+//!
+//! # The pipeline
+//!
+//! ```text
+//!  database ──► Listener ──RawBatch──► Decoder ──Route──► Registry ──► subscribers
+//!  (trigger)    one per notifier,      parses payloads,   routes by     (actors, closures,
+//!               supervised, restarted  resolves overflow  channel, op,   channels)
+//!               with backoff           rows, in order     filters
+//! ```
+//!
+//! Everything after the listener is database-independent: the listener converts the driver's
+//! notifications to [`RawNotification`] at the edge.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use actix::prelude::*;
+//! use sqlnotify::{ChangeEvent, Filter, Notifier, Operation, Subscription, Watch};
+//!
+//! struct Mailer;
+//! impl Actor for Mailer {
+//!     type Context = Context<Self>;
+//! }
+//! impl Handler<ChangeEvent> for Mailer {
+//!     type Result = ();
+//!     fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
+//!         println!("new user {:?}: {:?}", event.id(), event.get("email"));
+//!     }
+//! }
+//!
+//! #[actix::main]
+//! async fn main() -> sqlnotify::Result<()> {
+//!     let notifier = Notifier::builder("postgres://postgres@127.0.0.1/app")
+//!         .watch(Watch::new("users", Operation::Insert).extra_columns(["email"]))
+//!         .watch(Watch::new("users", Operation::Update).extra_columns(["email"]).trigger_columns(["email"]))
+//!         .start()
+//!         .await?;
+//!
+//!     notifier
+//!         .subscribe(Subscription::new("users", Operation::Insert), Mailer.start().recipient())
+//!         .await?;
+//!     notifier
+//!         .subscribe_fn(
+//!             Subscription::new("users", Operation::Update).filter(Filter::eq("id", 42)),
+//!             |event| println!("user 42 changed email to {:?}", event.get("email")),
+//!         )
+//!         .await?;
+//!
+//!     actix_rt::signal::ctrl_c().await.ok();
+//!     notifier.stop().await
+//! }
+//! ```
+//!
+//! # Features
+//!
+//! | feature    | default | what it enables |
+//! |------------|---------|-----------------|
+//! | `postgres` | yes     | the PostgreSQL dialect (`postgres://`, `postgresql://`), via tokio-postgres |
+//! | `sqlite`   | yes     | reserved for the SQLite dialect (rusqlite, bundled); URLs are rejected until it lands |
+//!
+//! # Database objects
+//!
+//! Everything sqlnotify creates is in the `sqlnotify` schema (catalog, overflow table, one
+//! trigger function per watch), except the triggers, which sit on the watched tables and are
+//! named after their channel: `sqlnotify_{schema}_{table}_{operation}`, or
+//! `sqlnotify_{label}` for a watch with a [`channel_label`](Watch::channel_label).
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod backoff;
+mod decoder;
+mod dialect;
+mod error;
+mod event;
+mod filter;
+mod notifier;
+mod payload;
+mod registry;
+mod sql;
+mod stats;
+mod subscriber;
+mod subscription;
+mod watch;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+
+pub use crate::backoff::Backoff;
+pub use crate::decoder::RawBatch;
+pub use crate::error::{Error, Result};
+pub use crate::event::{ChangeEvent, Channel, Key, Operation, RawNotification};
+pub use crate::filter::Filter;
+pub use crate::notifier::{CustomEvent, Notifier, NotifierBuilder};
+pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
+pub use crate::registry::{Registry, Subscribe, Unsubscribe};
+pub use crate::stats::Stats;
+pub use crate::subscription::{Subscription, SubscriptionId};
+pub use crate::watch::{Watch, MAX_IDENTIFIER_BYTES};

@@ -1,0 +1,473 @@
+//! The public entry point: [`NotifierBuilder`] (URL, options, watches) and [`Notifier`], the
+//! handle to a running pipeline (subscribe, notify, stats, stop).
+//!
+//! `start()` does everything that can fail before anything runs: it checks the watches,
+//! validates them against the live schema, installs (or verifies) the triggers in one
+//! transaction, then spawns registry, decoder and listener, and returns once the listener is
+//! LISTENing — so a row committed after `start()` returns is delivered.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::Value;
+
+use crate::decoder::{Decoder, Retention};
+use crate::dialect::{Dialect, InstallOptions, ListenerHandle};
+use crate::error::{Error, Result};
+use crate::event::{ChangeEvent, Channel, Channels, Operation};
+use crate::payload::{encode_custom, encode_overflow_ref, NOTIFY_PAYLOAD_LIMIT};
+use crate::registry::{Registry, Shutdown, Subscribe, Unsubscribe};
+use crate::stats::{Counters, Stats};
+use crate::subscriber::{Flush, FnSubscriber, Sink};
+use crate::subscription::{Subscription, SubscriptionId};
+use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
+
+/// Configures and starts a [`Notifier`]. Made by [`Notifier::builder`].
+///
+/// ```no_run
+/// use sqlnotify::{Notifier, Operation, Watch};
+///
+/// # async fn run() -> sqlnotify::Result<()> {
+/// let notifier = Notifier::builder("postgres://app@127.0.0.1/app")
+///     .watch(Watch::new("users", Operation::Insert).extra_columns(["email"]))
+///     .start()
+///     .await?;
+/// # notifier.stop().await }
+/// ```
+#[derive(Debug, Clone)]
+pub struct NotifierBuilder {
+    url: String,
+    watches: Vec<Watch>,
+    revoke_on_model_change: bool,
+    cleanup_on_start: bool,
+    cleanup_on_stop: bool,
+    manage_triggers: bool,
+    retention: Retention,
+}
+
+impl NotifierBuilder {
+    /// Adds a watch.
+    pub fn watch(mut self, watch: Watch) -> Self {
+        self.watches.push(watch);
+        self
+    }
+
+    /// When an installed trigger's definition differs from its watch (columns, key, options,
+    /// or a new sqlnotify version), drop and recreate it. When false, `start()` fails with
+    /// [`Error::DefinitionDrift`] instead. Unchanged triggers are never touched. Default: true.
+    pub fn revoke_on_model_change(mut self, yes: bool) -> Self {
+        self.revoke_on_model_change = yes;
+        self
+    }
+
+    /// Before installing, remove every sqlnotify trigger in the database — including those of
+    /// watches no longer in the code, and those of other applications using sqlnotify on the
+    /// same database. Default: false.
+    pub fn cleanup_on_start(mut self, yes: bool) -> Self {
+        self.cleanup_on_start = yes;
+        self
+    }
+
+    /// On [`Notifier::stop`], remove this notifier's triggers. Default: false (triggers stay
+    /// installed; the next start finds them unchanged and does nothing).
+    pub fn cleanup_on_stop(mut self, yes: bool) -> Self {
+        self.cleanup_on_stop = yes;
+        self
+    }
+
+    /// Whether `start()` creates and replaces database objects. Set it to false when you apply
+    /// [`install_sql`](Self::install_sql) through your own migrations: `start()` then only
+    /// verifies that every watch is installed as generated ([`Error::DefinitionDrift`] if not).
+    /// Default: true.
+    pub fn manage_triggers(mut self, yes: bool) -> Self {
+        self.manage_triggers = yes;
+        self
+    }
+
+    /// How long rows of the overflow table are kept, so every listening process can resolve
+    /// them. Default: 1 hour.
+    pub fn overflow_retention(mut self, keep: Duration) -> Self {
+        self.retention.keep = keep;
+        self
+    }
+
+    /// How often expired overflow rows are deleted. Default: every minute.
+    pub fn overflow_purge_interval(mut self, every: Duration) -> Self {
+        self.retention.every = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The dialect the URL selects: `"postgresql"` or `"sqlite"`.
+    pub fn dialect_name(&self) -> Result<&'static str> {
+        Ok(open_dialect(&self.url)?.name())
+    }
+
+    async fn resolve(&self, dialect: &dyn Dialect) -> Result<Vec<ResolvedWatch>> {
+        for watch in &self.watches {
+            watch.precheck()?;
+        }
+        check_set(&self.watches)?;
+        let tables: BTreeSet<(String, String)> = self
+            .watches
+            .iter()
+            .map(|w| (w.schema_name().to_string(), w.table.clone()))
+            .collect();
+        let tables = dialect
+            .describe_tables(tables.into_iter().collect())
+            .await?;
+        self.watches
+            .iter()
+            .map(|w| {
+                let table = tables
+                    .iter()
+                    .find(|t| t.schema == w.schema_name() && t.table == w.table)
+                    .expect("every watched table was described");
+                resolve(w, table)
+            })
+            .collect()
+    }
+
+    /// The DDL `start()` would apply for these watches (schema, catalog, trigger functions,
+    /// triggers), as one idempotent script. Validates against the live schema; installs nothing.
+    pub async fn install_sql(&self) -> Result<String> {
+        let dialect = open_dialect(&self.url)?;
+        let watches = self.resolve(&*dialect).await;
+        let sql = watches.map(|w| dialect.install_sql(&w));
+        dialect.close().await;
+        sql
+    }
+
+    /// Removes every sqlnotify object from the database (all watches of every notifier);
+    /// returns how many watches were removed. Needs no watches.
+    pub async fn cleanup(&self) -> Result<u64> {
+        let dialect = open_dialect(&self.url)?;
+        let n = dialect.cleanup_all().await;
+        dialect.close().await;
+        n
+    }
+
+    /// Validates the watches against the live schema, installs their triggers, starts the
+    /// actors and resolves once the listener is listening. Must run inside an actix system.
+    /// Nothing is installed if any watch is invalid.
+    pub async fn start(&self) -> Result<Notifier> {
+        let dialect: Arc<dyn Dialect> = Arc::from(open_dialect(&self.url)?);
+        match self.start_with(dialect.clone()).await {
+            Ok(notifier) => Ok(notifier),
+            Err(e) => {
+                dialect.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_with(&self, dialect: Arc<dyn Dialect>) -> Result<Notifier> {
+        let watches = self.resolve(&*dialect).await?;
+        dialect
+            .install(
+                watches.clone(),
+                InstallOptions {
+                    revoke_on_model_change: self.revoke_on_model_change,
+                    cleanup_on_start: self.cleanup_on_start,
+                    manage_triggers: self.manage_triggers,
+                },
+            )
+            .await?;
+        let channels = Arc::new(Channels::new(watches.into_iter().map(|w| w.channel)));
+        let stats = Arc::new(Counters::default());
+        let registry = Registry::new(channels.clone(), stats.clone()).start();
+        let decoder = Decoder::new(
+            channels.clone(),
+            dialect.overflow_store(),
+            registry.clone(),
+            stats.clone(),
+            self.retention,
+        )
+        .start();
+        let names: Vec<String> = channels.names().map(str::to_string).collect();
+        let listener = match dialect
+            .listen(names, decoder.clone().recipient(), stats.clone())
+            .await
+        {
+            Ok(listener) => listener,
+            Err(e) => {
+                decoder.do_send(Shutdown);
+                registry.do_send(Shutdown);
+                return Err(e);
+            }
+        };
+        Ok(Notifier {
+            inner: Arc::new(Inner {
+                dialect,
+                channels,
+                registry,
+                stats,
+                cleanup_on_stop: self.cleanup_on_stop,
+                running: Mutex::new(Some(Running { listener, decoder })),
+            }),
+        })
+    }
+}
+
+fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    match scheme.to_ascii_lowercase().as_str() {
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Box::new(crate::postgres::Postgres::new(url)?)),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => Err(Error::UnsupportedDatabase {
+            scheme: scheme.to_string(),
+            reason: "this build of sqlnotify has the `postgres` feature disabled".into(),
+        }),
+        "sqlite" => Err(Error::UnsupportedDatabase {
+            scheme: scheme.to_string(),
+            reason: "the SQLite dialect is not available yet in this version".into(),
+        }),
+        "" => Err(Error::UnsupportedDatabase {
+            scheme: url.to_string(),
+            reason: "the URL has no scheme; use postgres://…".into(),
+        }),
+        _ => Err(Error::UnsupportedDatabase {
+            scheme: scheme.to_string(),
+            reason: "supported schemes are postgres:// and postgresql://".into(),
+        }),
+    }
+}
+
+/// A custom event for [`Notifier::notify_with`]: a JSON object sent on a watched channel and
+/// delivered to subscribers exactly like a trigger's event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomEvent {
+    subscription: Subscription,
+    payload: Value,
+    allow_overflow: bool,
+}
+
+impl CustomEvent {
+    /// An event for the watch of `operation` on `table` (no channel label). `payload` must be
+    /// a JSON object carrying at least the channel's key columns.
+    pub fn new(table: impl Into<String>, operation: Operation, payload: Value) -> Self {
+        CustomEvent {
+            subscription: Subscription::new(table, operation),
+            payload,
+            allow_overflow: true,
+        }
+    }
+
+    /// Sends it on the watch with this channel label instead.
+    pub fn channel_label(mut self, label: impl Into<String>) -> Self {
+        self.subscription = self.subscription.channel_label(label);
+        self
+    }
+
+    /// Whether a payload over the NOTIFY limit may go through the overflow table. When false,
+    /// such a payload fails with [`Error::PayloadTooLarge`] and nothing is sent. Default: true.
+    pub fn allow_overflow(mut self, yes: bool) -> Self {
+        self.allow_overflow = yes;
+        self
+    }
+}
+
+struct Running {
+    listener: Box<dyn ListenerHandle>,
+    decoder: Addr<Decoder>,
+}
+
+struct Inner {
+    dialect: Arc<dyn Dialect>,
+    channels: Arc<Channels>,
+    registry: Addr<Registry>,
+    stats: Arc<Counters>,
+    cleanup_on_stop: bool,
+    running: Mutex<Option<Running>>,
+}
+
+/// A running notifier. Cheap to clone; every clone controls the same pipeline.
+#[derive(Clone)]
+pub struct Notifier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier")
+            .field("dialect", &self.dialect_name())
+            .field(
+                "channels",
+                &self.channels().iter().map(|c| c.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Notifier {
+    /// Starts configuring a notifier for the database at `url` (`postgres://…`,
+    /// `postgresql://…`). The scheme picks the dialect; it is checked by `start()`.
+    pub fn builder(url: impl Into<String>) -> NotifierBuilder {
+        NotifierBuilder {
+            url: url.into(),
+            watches: Vec::new(),
+            revoke_on_model_change: true,
+            cleanup_on_start: false,
+            cleanup_on_stop: false,
+            manage_triggers: true,
+            retention: Retention {
+                keep: Duration::from_secs(3600),
+                every: Duration::from_secs(60),
+            },
+        }
+    }
+
+    /// `"postgresql"` (or `"sqlite"`).
+    pub fn dialect_name(&self) -> &'static str {
+        self.inner.dialect.name()
+    }
+
+    /// The watched channels.
+    pub fn channels(&self) -> Vec<Channel> {
+        let mut channels: Vec<Channel> = self
+            .inner
+            .channels
+            .names()
+            .filter_map(|n| self.inner.channels.get(n))
+            .map(|c| (**c).clone())
+            .collect();
+        channels.sort_by(|a, b| a.name().cmp(b.name()));
+        channels
+    }
+
+    /// The registry actor, for sending [`Subscribe`] / [`Unsubscribe`] yourself.
+    pub fn registry(&self) -> Addr<Registry> {
+        self.inner.registry.clone()
+    }
+
+    /// Delivers the events `subscription` selects to an actor.
+    pub async fn subscribe(
+        &self,
+        subscription: Subscription,
+        recipient: Recipient<ChangeEvent>,
+    ) -> Result<SubscriptionId> {
+        self.inner
+            .registry
+            .send(Subscribe::new(subscription, recipient))
+            .await?
+    }
+
+    /// Runs `f` for every event `subscription` selects, in an actor of its own (on the current
+    /// arbiter). A panic in `f` is caught, logged and counted; later events still arrive.
+    pub async fn subscribe_fn<F>(&self, subscription: Subscription, f: F) -> Result<SubscriptionId>
+    where
+        F: FnMut(ChangeEvent) + 'static,
+    {
+        let actor = FnSubscriber::new(f, self.inner.stats.clone()).start();
+        self.inner
+            .registry
+            .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
+            .await?
+    }
+
+    /// Delivers the events `subscription` selects into a channel, for blocking code.
+    pub async fn subscribe_channel(
+        &self,
+        subscription: Subscription,
+    ) -> Result<(SubscriptionId, crossbeam_channel::Receiver<ChangeEvent>)> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let id = self
+            .inner
+            .registry
+            .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
+            .await??;
+        Ok((id, rx))
+    }
+
+    /// Removes a subscription. No event is delivered to it once this returns.
+    pub async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
+        self.inner.registry.send(Unsubscribe(id)).await?
+    }
+
+    /// Sends a custom event on the channel of the watch of `operation` on `table`; see
+    /// [`notify_with`](Self::notify_with).
+    pub async fn notify(&self, table: &str, operation: Operation, payload: Value) -> Result<()> {
+        self.notify_with(CustomEvent::new(table, operation, payload))
+            .await
+    }
+
+    /// Sends a custom event. It goes through the database (on a connection other than the
+    /// listener's), so every notifier listening on the channel receives it, and subscribers
+    /// get it exactly like a trigger's event. A payload over the NOTIFY limit is stored in the
+    /// overflow table when allowed, else fails with [`Error::PayloadTooLarge`].
+    pub async fn notify_with(&self, event: CustomEvent) -> Result<()> {
+        let s = &event.subscription;
+        let channel = self
+            .inner
+            .channels
+            .find(&s.schema, &s.table, s.operation, s.label.as_deref())?
+            .clone();
+        let payload =
+            encode_custom(&event.payload, &channel).map_err(|reason| Error::InvalidPayload {
+                channel: channel.name().to_string(),
+                reason,
+            })?;
+        let dialect = &self.inner.dialect;
+        if payload.len() <= NOTIFY_PAYLOAD_LIMIT {
+            return dialect.notify(channel.name().to_string(), payload).await;
+        }
+        let too_large = || Error::PayloadTooLarge {
+            channel: channel.name().to_string(),
+            size: payload.len(),
+            limit: NOTIFY_PAYLOAD_LIMIT,
+        };
+        if !event.allow_overflow {
+            return Err(too_large());
+        }
+        let reference = dialect
+            .store_overflow(channel.name().to_string(), payload.clone())
+            .await?;
+        let stub = encode_overflow_ref(reference, &event.payload, &channel);
+        if stub.len() > NOTIFY_PAYLOAD_LIMIT {
+            return Err(too_large());
+        }
+        dialect.notify(channel.name().to_string(), stub).await
+    }
+
+    /// The pipeline's counters.
+    pub async fn stats(&self) -> Result<Stats> {
+        Ok(self.inner.stats.snapshot())
+    }
+
+    /// Whether [`stop`](Self::stop) has not been called yet.
+    pub fn is_running(&self) -> bool {
+        self.inner
+            .running
+            .lock()
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Stops the notifier: stops listening, hands every notification already received to the
+    /// subscribers (closure subscribers have run by the time this returns; actor subscribers
+    /// have it in their mailbox), removes this notifier's triggers if `cleanup_on_stop`, and
+    /// closes the connections. A second call returns [`Error::NotRunning`].
+    pub async fn stop(&self) -> Result<()> {
+        let running = self
+            .inner
+            .running
+            .lock()
+            .map_err(|_| Error::NotRunning)?
+            .take()
+            .ok_or(Error::NotRunning)?;
+        running.listener.shutdown().await;
+        let _ = running.decoder.send(Flush).await;
+        running.decoder.do_send(Shutdown);
+        self.inner.registry.do_send(Shutdown);
+        let result = if self.inner.cleanup_on_stop {
+            let names = self.inner.channels.names().map(str::to_string).collect();
+            self.inner.dialect.uninstall(names).await
+        } else {
+            Ok(())
+        };
+        self.inner.dialect.close().await;
+        result
+    }
+}

@@ -1,0 +1,213 @@
+//! The notification payload format, shared by every dialect's triggers and by the decoder.
+//!
+//! A payload is a JSON object: the key columns, then the extra columns, e.g.
+//! `{"id": 42, "email": "a@b.c"}`. When the row does not fit in one notification the trigger
+//! sends a reference instead, marked by the reserved member `"__sqlnotify"` (no watched column
+//! may have that name):
+//!
+//! * `{"__sqlnotify": {"overflow": 17}, "id": 42}` — the full payload is overflow row 17;
+//! * `{"__sqlnotify": {"truncated": true}, "id": 42}` — too large and overflow unavailable:
+//!   the event carries the key only.
+
+use serde_json::{Map, Value};
+
+use crate::event::{Channel, Key};
+
+/// Reserved payload member carrying sqlnotify's own metadata.
+pub(crate) const META_KEY: &str = "__sqlnotify";
+
+/// Largest payload, in bytes, that PostgreSQL's NOTIFY accepts.
+pub const NOTIFY_PAYLOAD_LIMIT: usize = 7999;
+
+/// A decoded payload: either the event's columns or a reference to an overflow row.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    /// The payload carried the row.
+    Row {
+        id: Key,
+        extra: Map<String, Value>,
+        truncated: bool,
+    },
+    /// The row is stored in the overflow table under this id; `id` is the key sent along.
+    Overflow { reference: i64, id: Key },
+}
+
+/// Parses a payload received on `channel`. The error says what is wrong, for the log.
+pub(crate) fn decode(payload: &str, channel: &Channel) -> Result<Decoded, String> {
+    let mut map: Map<String, Value> = match serde_json::from_str(payload) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err("payload is JSON but not an object".into()),
+        Err(e) => return Err(format!("payload is not JSON: {e}")),
+    };
+    let meta = map.remove(META_KEY);
+    let id = take_key(&mut map, channel)?;
+    match meta {
+        None => Ok(Decoded::Row {
+            id,
+            extra: map,
+            truncated: false,
+        }),
+        Some(Value::Object(meta)) => {
+            if let Some(reference) = meta.get("overflow") {
+                let reference = reference
+                    .as_i64()
+                    .ok_or_else(|| format!("overflow reference {reference} is not an integer"))?;
+                Ok(Decoded::Overflow { reference, id })
+            } else if meta.get("truncated") == Some(&Value::Bool(true)) {
+                Ok(Decoded::Row {
+                    id,
+                    extra: Map::new(),
+                    truncated: true,
+                })
+            } else {
+                Err(format!(
+                    "unknown {META_KEY} metadata {}",
+                    Value::Object(meta)
+                ))
+            }
+        }
+        Some(other) => Err(format!("{META_KEY} metadata is not an object: {other}")),
+    }
+}
+
+/// Removes the key columns from `map` and returns them as a [`Key`].
+fn take_key(map: &mut Map<String, Value>, channel: &Channel) -> Result<Key, String> {
+    let mut values = Vec::with_capacity(channel.key_columns.len());
+    for column in &channel.key_columns {
+        match map.remove(column) {
+            Some(v) => values.push(v),
+            None => return Err(format!("payload lacks key column {column:?}")),
+        }
+    }
+    Ok(if values.len() == 1 {
+        Key::Single(values.pop().expect("one value"))
+    } else {
+        Key::Composite(values)
+    })
+}
+
+/// Checks a custom notification payload and renders it: a JSON object carrying every key
+/// column of `channel` and not using the reserved member.
+pub(crate) fn encode_custom(payload: &Value, channel: &Channel) -> Result<String, String> {
+    let map = payload
+        .as_object()
+        .ok_or_else(|| format!("payload must be a JSON object, got {payload}"))?;
+    if map.contains_key(META_KEY) {
+        return Err(format!("{META_KEY:?} is reserved"));
+    }
+    if let Some(missing) = channel.key_columns.iter().find(|c| !map.contains_key(*c)) {
+        return Err(format!("payload lacks key column {missing:?}"));
+    }
+    Ok(payload.to_string())
+}
+
+/// The reference payload that stands in for a payload stored as overflow row `reference`.
+pub(crate) fn encode_overflow_ref(reference: i64, payload: &Value, channel: &Channel) -> String {
+    let mut map = Map::new();
+    map.insert(
+        META_KEY.into(),
+        serde_json::json!({ "overflow": reference }),
+    );
+    for column in &channel.key_columns {
+        map.insert(
+            column.clone(),
+            payload.get(column).cloned().unwrap_or(Value::Null),
+        );
+    }
+    Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Operation;
+    use serde_json::json;
+
+    fn channel(keys: &[&str]) -> Channel {
+        Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: keys.iter().map(|s| s.to_string()).collect(),
+            extra_columns: vec!["email".into()],
+        }
+    }
+
+    #[test]
+    fn decodes_a_row() {
+        let d = decode(r#"{"id": 42, "email": "a@b.c"}"#, &channel(&["id"])).unwrap();
+        let mut extra = Map::new();
+        extra.insert("email".into(), json!("a@b.c"));
+        assert_eq!(
+            d,
+            Decoded::Row {
+                id: Key::Single(json!(42)),
+                extra,
+                truncated: false
+            }
+        );
+    }
+
+    #[test]
+    fn composite_keys_come_out_in_declared_order() {
+        let d = decode(r#"{"b": 2, "a": 1}"#, &channel(&["a", "b"])).unwrap();
+        match d {
+            Decoded::Row { id, .. } => assert_eq!(id, Key::Composite(vec![json!(1), json!(2)])),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_references_and_truncation() {
+        let c = channel(&["id"]);
+        assert_eq!(
+            decode(r#"{"__sqlnotify": {"overflow": 17}, "id": 5}"#, &c).unwrap(),
+            Decoded::Overflow {
+                reference: 17,
+                id: Key::Single(json!(5))
+            }
+        );
+        match decode(r#"{"__sqlnotify": {"truncated": true}, "id": 5}"#, &c).unwrap() {
+            Decoded::Row {
+                truncated, extra, ..
+            } => assert!(truncated && extra.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_garbage_with_a_reason() {
+        let c = channel(&["id"]);
+        assert!(decode("hello", &c).unwrap_err().contains("not JSON"));
+        assert!(decode("[1,2]", &c).unwrap_err().contains("not an object"));
+        assert!(decode(r#"{"email": 1}"#, &c)
+            .unwrap_err()
+            .contains("\"id\""));
+        assert!(decode(r#"{"id": 1, "__sqlnotify": 3}"#, &c).is_err());
+        assert!(decode(r#"{"id": 1, "__sqlnotify": {"overflow": "x"}}"#, &c).is_err());
+        assert!(decode(r#"{"id": 1, "__sqlnotify": {}}"#, &c).is_err());
+    }
+
+    #[test]
+    fn custom_payloads_are_checked() {
+        let c = channel(&["id"]);
+        assert!(encode_custom(&json!({"id": 1, "x": 2}), &c).is_ok());
+        assert!(encode_custom(&json!([1]), &c)
+            .unwrap_err()
+            .contains("object"));
+        assert!(encode_custom(&json!({"x": 2}), &c)
+            .unwrap_err()
+            .contains("\"id\""));
+        assert!(encode_custom(&json!({"id": 1, "__sqlnotify": 1}), &c).is_err());
+        let r = encode_overflow_ref(9, &json!({"id": 1, "x": 2}), &c);
+        assert_eq!(
+            decode(&r, &c).unwrap(),
+            Decoded::Overflow {
+                reference: 9,
+                id: Key::Single(json!(1))
+            }
+        );
+    }
+}

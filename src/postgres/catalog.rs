@@ -1,0 +1,304 @@
+//! Reading the PostgreSQL catalog (table descriptions) and keeping sqlnotify's own catalog:
+//! installing, verifying and removing watches under the install advisory lock.
+//!
+//! Drift detection compares the md5 of a watch's generated definition with the one recorded
+//! at install time. Unchanged watches are left alone — no DROP on every start, because
+//! dropping a trigger takes an ACCESS EXCLUSIVE lock on the user's table.
+
+use tokio_postgres::Client;
+
+use super::ddl;
+use crate::dialect::InstallOptions;
+use crate::error::{Error, Result};
+use crate::sql::quote_ident;
+use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+
+/// Reads one table's columns, primary-key positions and equality support.
+pub(crate) async fn describe_table(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<TableInfo> {
+    const SQL: &str = "
+        SELECT a.attname::text,
+               -- int2vector subscripts start at 0 (or wherever array_lower says): 0-based position
+               (SELECT pg_catalog.array_position(i.indkey::int2[], a.attnum) - pg_catalog.array_lower(i.indkey::int2[], 1)
+                  FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS pk_pos,
+               EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
+                        WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) AS has_eq
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+         ORDER BY a.attnum";
+    let context = || format!("reading the columns of {schema}.{table}");
+    let rows = client
+        .query(SQL, &[&schema, &table])
+        .await
+        .map_err(|e| Error::db(context(), e))?;
+    if rows.is_empty() {
+        let schema_exists = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
+                &[&schema],
+            )
+            .await
+            .map_err(|e| Error::db(context(), e))?
+            .get::<_, bool>(0);
+        return Err(if schema_exists {
+            Error::UnknownTable {
+                schema: schema.to_string(),
+                table: table.to_string(),
+            }
+        } else {
+            Error::UnknownSchema {
+                schema: schema.to_string(),
+            }
+        });
+    }
+    let columns = rows
+        .iter()
+        .map(|r| ColumnInfo {
+            name: r.get(0),
+            pk_position: r.get::<_, Option<i32>>(1).map(|p| p as usize),
+            has_equality: r.get(2),
+        })
+        .collect();
+    Ok(TableInfo {
+        schema: schema.to_string(),
+        table: table.to_string(),
+        columns,
+    })
+}
+
+/// The state of one watch in the database.
+enum Installed {
+    Missing,
+    /// Recorded with this hash-equality result; `trigger` says whether the trigger still exists.
+    Recorded {
+        same: bool,
+        trigger: bool,
+    },
+}
+
+async fn installed_state(
+    client: &impl GenericClient,
+    w: &ResolvedWatch,
+    catalog_exists: bool,
+) -> Result<Installed> {
+    if !catalog_exists {
+        return Ok(Installed::Missing);
+    }
+    let sql = format!(
+        "SELECT c.definition_hash = pg_catalog.md5($2),
+                EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                          JOIN pg_catalog.pg_class r ON r.oid = t.tgrelid
+                          JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+                         WHERE t.tgname = $1 AND n.nspname = $3 AND r.relname = $4)
+           FROM {}.catalog c WHERE c.channel = $1",
+        quote_ident(ddl::SCHEMA)
+    );
+    let channel = &w.channel;
+    let row = client
+        .query_opt(
+            &sql,
+            &[
+                &channel.name,
+                &ddl::definition(w),
+                &channel.schema,
+                &channel.table,
+            ],
+        )
+        .await
+        .map_err(|e| Error::db(format!("reading the catalog entry of {}", channel.name), e))?;
+    Ok(match row {
+        None => Installed::Missing,
+        Some(r) => Installed::Recorded {
+            same: r.get(0),
+            trigger: r.get(1),
+        },
+    })
+}
+
+/// What both a `Client` and a `Transaction` can do, as far as the catalog code needs.
+pub(crate) use tokio_postgres::GenericClient;
+
+async fn catalog_exists(client: &impl GenericClient) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            &[&format!("{}.catalog", quote_ident(ddl::SCHEMA))],
+        )
+        .await
+        .map_err(|e| Error::db("looking for the sqlnotify catalog", e))?
+        .get(0))
+}
+
+/// Installs (or, with `manage_triggers` off, verifies) `watches`, atomically.
+pub(crate) async fn install(
+    client: &mut Client,
+    watches: &[ResolvedWatch],
+    options: InstallOptions,
+) -> Result<()> {
+    if !options.manage_triggers {
+        return verify(client, watches).await;
+    }
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Error::db("starting the install transaction", e))?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[&ddl::INSTALL_LOCK],
+    )
+    .await
+    .map_err(|e| Error::db("taking the install lock", e))?;
+    tx.batch_execute(&ddl::setup_sql())
+        .await
+        .map_err(|e| Error::db("creating the sqlnotify schema", e))?;
+    if options.cleanup_on_start {
+        let removed = drop_all(&tx).await?;
+        log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
+    }
+    for w in watches {
+        let name = &w.channel.name;
+        let action = match installed_state(&tx, w, true).await? {
+            Installed::Recorded {
+                same: true,
+                trigger: true,
+            } => continue,
+            Installed::Recorded {
+                same: true,
+                trigger: false,
+            } => "reinstalling (trigger was missing)",
+            Installed::Missing => "installing",
+            Installed::Recorded { same: false, .. } if options.revoke_on_model_change => {
+                "replacing (definition changed)"
+            }
+            Installed::Recorded { same: false, .. } => {
+                return Err(Error::DefinitionDrift {
+                    channel: name.clone(),
+                    table: format!("{}.{}", w.channel.schema, w.channel.table),
+                    detail: "the installed definition differs from the watch".into(),
+                })
+            }
+        };
+        log::info!(
+            "sqlnotify: {action} {name} on {}.{}",
+            w.channel.schema,
+            w.channel.table
+        );
+        let sql = format!(
+            "{}{}{}",
+            ddl::drop_sql(name),
+            ddl::definition(w),
+            ddl::catalog_upsert_sql(w)
+        );
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| Error::db(format!("installing trigger {name}"), e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| Error::db("committing the install transaction", e))
+}
+
+/// Checks that every watch is installed exactly as generated (for externally managed DDL).
+async fn verify(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
+    let exists = catalog_exists(client).await?;
+    for w in watches {
+        let detail = match installed_state(client, w, exists).await? {
+            Installed::Recorded {
+                same: true,
+                trigger: true,
+            } => continue,
+            Installed::Missing => "it is not installed (apply install_sql() first)",
+            Installed::Recorded { trigger: false, .. } => "its trigger is missing",
+            Installed::Recorded { same: false, .. } => {
+                "the installed definition differs from the watch"
+            }
+        };
+        return Err(Error::DefinitionDrift {
+            channel: w.channel.name.clone(),
+            table: format!("{}.{}", w.channel.schema, w.channel.table),
+            detail: detail.into(),
+        });
+    }
+    Ok(())
+}
+
+/// Drops every sqlnotify trigger function (and, by CASCADE, trigger) and empties the catalog.
+async fn drop_all(tx: &impl GenericClient) -> Result<u64> {
+    let rows = tx
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
+               JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1",
+            &[&ddl::SCHEMA],
+        )
+        .await
+        .map_err(|e| Error::db("listing sqlnotify functions", e))?;
+    let mut sql = String::new();
+    for row in &rows {
+        let function: String = row.get(0);
+        sql.push_str(&format!("DROP FUNCTION IF EXISTS {function} CASCADE;\n"));
+    }
+    if catalog_exists(tx).await? {
+        sql.push_str(&format!(
+            "DELETE FROM {}.catalog;\n",
+            quote_ident(ddl::SCHEMA)
+        ));
+    }
+    tx.batch_execute(&sql)
+        .await
+        .map_err(|e| Error::db("removing sqlnotify objects", e))?;
+    Ok(rows.len() as u64)
+}
+
+/// Removes every sqlnotify object in the database (triggers, functions, catalog entries).
+pub(crate) async fn cleanup_all(client: &mut Client) -> Result<u64> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Error::db("starting the cleanup transaction", e))?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[&ddl::INSTALL_LOCK],
+    )
+    .await
+    .map_err(|e| Error::db("taking the install lock", e))?;
+    let n = drop_all(&tx).await?;
+    tx.commit()
+        .await
+        .map_err(|e| Error::db("committing the cleanup", e))?;
+    Ok(n)
+}
+
+/// Removes the objects of `channels` and their catalog entries.
+pub(crate) async fn uninstall(client: &mut Client, channels: &[String]) -> Result<()> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Error::db("starting the uninstall transaction", e))?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[&ddl::INSTALL_LOCK],
+    )
+    .await
+    .map_err(|e| Error::db("taking the install lock", e))?;
+    let sql: String = channels.iter().map(|c| ddl::drop_sql(c)).collect();
+    tx.batch_execute(&sql)
+        .await
+        .map_err(|e| Error::db(format!("removing triggers {channels:?}"), e))?;
+    if catalog_exists(&tx).await? {
+        let delete = format!(
+            "DELETE FROM {}.catalog WHERE channel = ANY($1)",
+            quote_ident(ddl::SCHEMA)
+        );
+        tx.execute(&delete, &[&channels])
+            .await
+            .map_err(|e| Error::db("removing catalog entries", e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| Error::db("committing the uninstall", e))
+}

@@ -1,0 +1,108 @@
+//! The control connection: a second PostgreSQL connection (never the listener's) for catalog
+//! reads, custom notifications and the overflow table. It reconnects on demand, so a
+//! restarted server only costs the call that found the connection closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::ddl::SCHEMA;
+use crate::dialect::OverflowStore;
+use crate::error::{Error, Result};
+use crate::sql::quote_ident;
+
+/// Overflow rows deleted per statement, so expiry never holds long locks.
+const PURGE_BATCH: i64 = 5_000;
+
+pub(crate) struct Control {
+    config: Config,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+impl Control {
+    pub fn new(config: Config) -> Self {
+        Control {
+            config,
+            client: Mutex::new(None),
+        }
+    }
+
+    /// Opens a new connection with the user's settings, driven by a spawned task.
+    pub async fn connect(config: &Config, purpose: &str) -> Result<Client> {
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| Error::db(format!("connecting to PostgreSQL ({purpose})"), e))?;
+        let purpose = purpose.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::debug!("sqlnotify: {purpose} connection ended: {e}");
+            }
+        });
+        Ok(client)
+    }
+
+    /// The shared client, reconnecting if the previous connection is closed.
+    pub async fn client(&self) -> Result<Arc<Client>> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(Self::connect(&self.config, "control").await?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub async fn close(&self) {
+        self.client.lock().await.take();
+    }
+}
+
+impl OverflowStore for Arc<Control> {
+    fn fetch(&self, reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let client = this.client().await?;
+            let sql = format!(
+                "SELECT payload FROM {}.overflow WHERE id = $1",
+                quote_ident(SCHEMA)
+            );
+            let row = client
+                .query_opt(&sql, &[&reference])
+                .await
+                .map_err(|e| Error::db(format!("reading overflow row {reference}"), e))?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let client = this.client().await?;
+            let sql = format!(
+                "DELETE FROM {s}.overflow WHERE id IN (SELECT id FROM {s}.overflow \
+                 WHERE created_at < now() - pg_catalog.make_interval(secs => $1) ORDER BY id LIMIT $2)",
+                s = quote_ident(SCHEMA)
+            );
+            let secs = retention.as_secs_f64();
+            let mut total = 0;
+            loop {
+                let n = client
+                    .execute(&sql, &[&secs, &PURGE_BATCH])
+                    .await
+                    .map_err(|e| Error::db("deleting expired overflow rows", e))?;
+                total += n;
+                if n < PURGE_BATCH as u64 {
+                    return Ok(total);
+                }
+            }
+        })
+    }
+}

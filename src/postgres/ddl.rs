@@ -1,0 +1,287 @@
+//! SQL text for PostgreSQL: the `sqlnotify` schema, and one trigger function + trigger per
+//! watch. Pure functions, unit-tested here; `catalog.rs` runs what they produce.
+//!
+//! Every object is named after its channel: the function `sqlnotify."<channel>"()` and the
+//! trigger `"<channel>"` on the watched table. The channel name is unique in the database, so
+//! one name identifies a watch everywhere (catalog row, function, trigger, LISTEN).
+
+use crate::event::Operation;
+use crate::payload::{META_KEY, NOTIFY_PAYLOAD_LIMIT};
+use crate::sql::{quote_ident, quote_literal};
+use crate::watch::ResolvedWatch;
+
+/// Schema holding every sqlnotify object except the triggers themselves.
+pub(crate) const SCHEMA: &str = "sqlnotify";
+
+/// Advisory lock key (the bytes of "sqlnotif") serialising installation across instances.
+pub(crate) const INSTALL_LOCK: i64 = 0x7371_6c6e_6f74_6966;
+
+/// `json_build_object` takes at most 100 arguments (50 columns); wider payloads use `row_to_json`.
+const MAX_BUILD_OBJECT_COLUMNS: usize = 50;
+
+/// Creates the schema, the catalog and the overflow table if missing. Run under the install lock.
+pub(crate) fn setup_sql() -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.catalog (
+    channel text PRIMARY KEY,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    operation text NOT NULL,
+    definition text NOT NULL,
+    definition_hash text NOT NULL,
+    installed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {s}.overflow (
+    id bigserial PRIMARY KEY,
+    channel text NOT NULL,
+    payload text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS overflow_created_at_idx ON {s}.overflow (created_at);",
+        s = quote_ident(SCHEMA)
+    )
+}
+
+/// The qualified name of a watch's trigger function.
+pub(crate) fn function_name(channel: &str) -> String {
+    format!("{}.{}", quote_ident(SCHEMA), quote_ident(channel))
+}
+
+/// A JSON-text expression of the given columns of `row` (NEW or OLD), in order.
+fn json_expr(row: &str, columns: &[&String]) -> String {
+    if columns.len() <= MAX_BUILD_OBJECT_COLUMNS {
+        let args: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{}, {row}.{}", quote_literal(c), quote_ident(c)))
+            .collect();
+        format!("pg_catalog.json_build_object({})::text", args.join(", "))
+    } else {
+        let fields: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{row}.{} AS {}", quote_ident(c), quote_ident(c)))
+            .collect();
+        format!(
+            "(SELECT pg_catalog.row_to_json(_sqn_r) FROM (SELECT {}) AS _sqn_r)::text",
+            fields.join(", ")
+        )
+    }
+}
+
+/// `CREATE OR REPLACE FUNCTION` for a watch's trigger function.
+///
+/// The function never raises because of sqlnotify: an oversized payload goes to the overflow
+/// table (inside its own exception block, so even a missing table or permission only degrades
+/// the event to "truncated"), and a payload that still does not fit is cut down to the key.
+pub(crate) fn function_sql(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let row = match channel.operation {
+        Operation::Delete => "OLD",
+        Operation::Insert | Operation::Update => "NEW",
+    };
+    let all: Vec<&String> = channel
+        .key_columns
+        .iter()
+        .chain(&channel.extra_columns)
+        .collect();
+    let keys: Vec<&String> = channel.key_columns.iter().collect();
+    let full = json_expr(row, &all);
+    let key_only = json_expr(row, &keys);
+    let chan = quote_literal(&channel.name);
+    let limit = NOTIFY_PAYLOAD_LIMIT;
+    let meta = |inner: &str| quote_literal(&format!("{{\"{META_KEY}\":{inner}")); // opening part
+    let overflow_block = if w.use_overflow_table {
+        format!(
+            "
+    BEGIN
+      INSERT INTO {schema}.overflow (channel, payload) VALUES ({chan}, _sqn_payload) RETURNING id INTO _sqn_ref;
+      _sqn_payload := {open_ref} || _sqn_ref || '}},' || pg_catalog.substr({key_only}, 2);
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'sqlnotify: cannot store an overflow row for channel %: %', {chan}, SQLERRM;
+      _sqn_ref := NULL;
+    END;",
+            schema = quote_ident(SCHEMA),
+            open_ref = meta("{\"overflow\":"),
+        )
+    } else {
+        String::new()
+    };
+    let body = format!(
+        "
+DECLARE
+  _sqn_payload text;
+  _sqn_ref bigint;
+BEGIN
+  _sqn_payload := {full};
+  IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN{overflow_block}
+    IF _sqn_ref IS NULL OR pg_catalog.octet_length(_sqn_payload) > {limit} THEN
+      _sqn_payload := {open_trunc} || pg_catalog.substr({key_only}, 2);
+      IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN
+        _sqn_payload := {bare_trunc};
+      END IF;
+    END IF;
+  END IF;
+  PERFORM pg_catalog.pg_notify({chan}, _sqn_payload);
+  RETURN NULL;
+END
+",
+        open_trunc = meta("{\"truncated\":true},"),
+        bare_trunc = quote_literal(&format!("{{\"{META_KEY}\":{{\"truncated\":true}}}}")),
+    );
+    format!(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
+        function_name(&channel.name),
+        quote_literal(&body)
+    )
+}
+
+/// `CREATE TRIGGER` for a watch. For UPDATE with `trigger_columns` the trigger is limited to
+/// those columns and fires only when one of them really changed; types without an equality
+/// operator (e.g. `json`) are compared as text.
+pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let mut event = channel.operation.sql_keyword().to_string();
+    let mut when = String::new();
+    if !w.trigger_columns.is_empty() {
+        let cols: Vec<String> = w
+            .trigger_columns
+            .iter()
+            .map(|(c, _)| quote_ident(c))
+            .collect();
+        event.push_str(" OF ");
+        event.push_str(&cols.join(", "));
+        let changed: Vec<String> = w
+            .trigger_columns
+            .iter()
+            .map(|(c, has_eq)| {
+                let c = quote_ident(c);
+                if *has_eq {
+                    format!("OLD.{c} IS DISTINCT FROM NEW.{c}")
+                } else {
+                    format!("OLD.{c}::text IS DISTINCT FROM NEW.{c}::text")
+                }
+            })
+            .collect();
+        when = format!(" WHEN ({})", changed.join(" OR "));
+    }
+    format!(
+        "CREATE TRIGGER {} AFTER {event} ON {}.{} FOR EACH ROW{when} EXECUTE FUNCTION {}()",
+        quote_ident(&channel.name),
+        quote_ident(&channel.schema),
+        quote_ident(&channel.table),
+        function_name(&channel.name),
+    )
+}
+
+/// The full definition of a watch's objects; its hash is what drift detection compares.
+pub(crate) fn definition(w: &ResolvedWatch) -> String {
+    format!("{};\n{};\n", function_sql(w), trigger_sql(w))
+}
+
+/// Drops a watch's function and, through CASCADE, its trigger on whatever table it is on.
+pub(crate) fn drop_sql(channel: &str) -> String {
+    format!(
+        "DROP FUNCTION IF EXISTS {}() CASCADE;\n",
+        function_name(channel)
+    )
+}
+
+/// Upserts a watch's catalog row (used by the exported install script).
+pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch) -> String {
+    let def = quote_literal(&definition(w));
+    format!(
+        "INSERT INTO {s}.catalog (channel, table_schema, table_name, operation, definition, definition_hash)
+VALUES ({}, {}, {}, {}, {def}, pg_catalog.md5({def}))
+ON CONFLICT (channel) DO UPDATE SET table_schema = EXCLUDED.table_schema, table_name = EXCLUDED.table_name,
+  operation = EXCLUDED.operation, definition = EXCLUDED.definition,
+  definition_hash = EXCLUDED.definition_hash, installed_at = now();\n",
+        quote_literal(&w.channel.name),
+        quote_literal(&w.channel.schema),
+        quote_literal(&w.channel.table),
+        quote_literal(w.channel.operation.as_str()),
+        s = quote_ident(SCHEMA),
+    )
+}
+
+/// A complete, idempotent install script for `watches`: what `start()` would do, for users who
+/// apply DDL through their own migrations (then start with `manage_triggers(false)`).
+pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
+    let mut sql = format!(
+        "-- sqlnotify install script (apply in one transaction)\nBEGIN;\nSELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK});\n{};\n",
+        setup_sql()
+    );
+    for w in watches {
+        sql.push_str(&format!("\n-- {}\n", w.channel.name));
+        sql.push_str(&drop_sql(&w.channel.name));
+        sql.push_str(&definition(w));
+        sql.push_str(&catalog_upsert_sql(w));
+    }
+    sql.push_str("COMMIT;\n");
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Channel;
+
+    fn watch(op: Operation, label: Option<&str>, extra: &[&str]) -> ResolvedWatch {
+        ResolvedWatch {
+            channel: Channel {
+                name: format!("sqlnotify_{}", label.unwrap_or("public_CamelCase_x")),
+                schema: "public".into(),
+                table: "CamelCase".into(),
+                operation: op,
+                label: label.map(str::to_string),
+                key_columns: vec!["id".into()],
+                extra_columns: extra.iter().map(|s| s.to_string()).collect(),
+            },
+            trigger_columns: vec![],
+            use_overflow_table: true,
+        }
+    }
+
+    #[test]
+    fn names_are_quoted_everywhere() {
+        let w = watch(Operation::Insert, Some("o'brien"), &["select"]);
+        let f = function_sql(&w);
+        assert!(f.starts_with("CREATE OR REPLACE FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"()"));
+        // the channel literal inside the body is quoted, then the body is quoted again
+        assert!(f.contains("pg_notify(''sqlnotify_o''''brien''"), "{f}");
+        assert!(f.contains("NEW.\"select\""));
+        let t = trigger_sql(&w);
+        assert_eq!(
+            t,
+            "CREATE TRIGGER \"sqlnotify_o'brien\" AFTER INSERT ON \"public\".\"CamelCase\" FOR EACH ROW \
+             EXECUTE FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"()"
+        );
+    }
+
+    #[test]
+    fn delete_reads_old_and_update_checks_real_changes() {
+        assert!(function_sql(&watch(Operation::Delete, None, &[])).contains("OLD.\"id\""));
+        let mut w = watch(Operation::Update, None, &[]);
+        w.trigger_columns = vec![("email".into(), true), ("doc".into(), false)];
+        let t = trigger_sql(&w);
+        assert!(t.contains("AFTER UPDATE OF \"email\", \"doc\" ON"));
+        assert!(t.contains(
+            "WHEN (OLD.\"email\" IS DISTINCT FROM NEW.\"email\" OR OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text)"
+        ));
+    }
+
+    #[test]
+    fn overflow_can_be_disabled_and_wide_rows_use_row_to_json() {
+        let mut w = watch(Operation::Insert, None, &[]);
+        w.use_overflow_table = false;
+        assert!(!function_sql(&w).contains("overflow (channel"));
+        let many: Vec<String> = (0..60).map(|i| format!("c{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(function_sql(&watch(Operation::Insert, None, &many)).contains("row_to_json"));
+    }
+
+    #[test]
+    fn backslashes_survive_double_quoting() {
+        let f = function_sql(&watch(Operation::Insert, Some("a\\b"), &[]));
+        assert!(f.contains(" AS E'"), "{f}");
+    }
+}

@@ -1,0 +1,148 @@
+//! The PostgreSQL dialect: triggers that `pg_notify`, a LISTENing connection per notifier,
+//! and the `sqlnotify` schema (catalog + overflow table).
+//!
+//! The connection URL is parsed by tokio-postgres' own [`Config`] and used unchanged for every
+//! connection, so everything the user put in it — host or unix-socket directory, port, user,
+//! password, dbname, `sslmode`, `application_name`, `options` — applies to the listener too.
+
+mod catalog;
+mod control;
+mod ddl;
+mod listener;
+
+use std::sync::Arc;
+
+use actix::Recipient;
+use futures_util::future::BoxFuture;
+use tokio_postgres::Config;
+
+use self::control::Control;
+use crate::decoder::RawBatch;
+use crate::dialect::{Dialect, InstallOptions, ListenerHandle, OverflowStore};
+use crate::error::{Error, Result};
+use crate::sql::quote_ident;
+use crate::stats::Counters;
+use crate::watch::{ResolvedWatch, TableInfo};
+
+/// PostgreSQL behind the [`Dialect`] interface.
+pub(crate) struct Postgres {
+    control: Arc<Control>,
+}
+
+impl Postgres {
+    /// Parses a `postgres://` / `postgresql://` URL (or key=value string). Does not connect.
+    pub fn new(url: &str) -> Result<Self> {
+        let config: Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| Error::InvalidUrl {
+                reason: e.to_string(),
+            })?;
+        Ok(Postgres {
+            control: Arc::new(Control::new(config)),
+        })
+    }
+
+    fn config(&self) -> Config {
+        self.control.config().clone()
+    }
+}
+
+impl Dialect for Postgres {
+    fn name(&self) -> &'static str {
+        "postgresql"
+    }
+
+    fn describe_tables(
+        &self,
+        tables: Vec<(String, String)>,
+    ) -> BoxFuture<'static, Result<Vec<TableInfo>>> {
+        let control = self.control.clone();
+        Box::pin(async move {
+            let client = control.client().await?;
+            let mut out = Vec::with_capacity(tables.len());
+            for (schema, table) in tables {
+                out.push(catalog::describe_table(&client, &schema, &table).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn install(
+        &self,
+        watches: Vec<ResolvedWatch>,
+        options: InstallOptions,
+    ) -> BoxFuture<'static, Result<()>> {
+        let config = self.config();
+        Box::pin(async move {
+            // Its own connection: the install transaction must not interleave with other calls.
+            let mut client = Control::connect(&config, "install").await?;
+            catalog::install(&mut client, &watches, options).await
+        })
+    }
+
+    fn install_sql(&self, watches: &[ResolvedWatch]) -> String {
+        ddl::install_script(watches)
+    }
+
+    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
+        let config = self.config();
+        Box::pin(async move {
+            let mut client = Control::connect(&config, "uninstall").await?;
+            catalog::uninstall(&mut client, &channels).await
+        })
+    }
+
+    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>> {
+        let config = self.config();
+        Box::pin(async move {
+            let mut client = Control::connect(&config, "cleanup").await?;
+            catalog::cleanup_all(&mut client).await
+        })
+    }
+
+    fn listen(
+        &self,
+        channels: Vec<String>,
+        decoder: Recipient<RawBatch>,
+        stats: Arc<Counters>,
+    ) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        Box::pin(listener::start(self.config(), channels, decoder, stats))
+    }
+
+    fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>> {
+        let control = self.control.clone();
+        Box::pin(async move {
+            let client = control.client().await?;
+            client
+                .execute("SELECT pg_catalog.pg_notify($1, $2)", &[&channel, &payload])
+                .await
+                .map_err(|e| Error::db(format!("sending a notification on {channel}"), e))?;
+            Ok(())
+        })
+    }
+
+    fn store_overflow(&self, channel: String, payload: String) -> BoxFuture<'static, Result<i64>> {
+        let control = self.control.clone();
+        Box::pin(async move {
+            let client = control.client().await?;
+            let sql = format!(
+                "INSERT INTO {}.overflow (channel, payload) VALUES ($1, $2) RETURNING id",
+                quote_ident(ddl::SCHEMA)
+            );
+            let row = client
+                .query_one(&sql, &[&channel, &payload])
+                .await
+                .map_err(|e| Error::db(format!("storing an overflow row for {channel}"), e))?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn overflow_store(&self) -> Arc<dyn OverflowStore> {
+        Arc::new(self.control.clone())
+    }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        let control = self.control.clone();
+        Box::pin(async move { control.close().await })
+    }
+}

@@ -1,0 +1,62 @@
+//! Pipeline counters: shared atomics the actors bump, and the [`Stats`] snapshot users read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a notifier's counters since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Notifications read by the listener (including malformed ones).
+    pub received: u64,
+    /// Events handed to subscribers (one per subscriber per event).
+    pub delivered: u64,
+    /// Events a subscriber did not get because its filters rejected them.
+    pub filtered_out: u64,
+    /// Notifications on our channels that could not be decoded (logged and dropped).
+    pub malformed: u64,
+    /// Events whose payload was resolved from the overflow table.
+    pub overflow_resolved: u64,
+    /// Overflow references whose row was already gone (delivered truncated).
+    pub overflow_missing: u64,
+    /// Events with no matching subscriber.
+    pub unrouted: u64,
+    /// Times the listener was restarted after losing its connection.
+    pub restarts: u64,
+    /// Subscriber closures that panicked (caught; routing continued).
+    pub subscriber_panics: u64,
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub received: AtomicU64,
+    pub delivered: AtomicU64,
+    pub filtered_out: AtomicU64,
+    pub malformed: AtomicU64,
+    pub overflow_resolved: AtomicU64,
+    pub overflow_missing: AtomicU64,
+    pub unrouted: AtomicU64,
+    pub restarts: AtomicU64,
+    pub subscriber_panics: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            received: get(&self.received),
+            delivered: get(&self.delivered),
+            filtered_out: get(&self.filtered_out),
+            malformed: get(&self.malformed),
+            overflow_resolved: get(&self.overflow_resolved),
+            overflow_missing: get(&self.overflow_missing),
+            unrouted: get(&self.unrouted),
+            restarts: get(&self.restarts),
+            subscriber_panics: get(&self.subscriber_panics),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Shared test helpers: a throwaway PostgreSQL database per test, and event collection with
+//! bounded waits (never bare sleeps).
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlnotify::{ChangeEvent, Notifier, Subscription, SubscriptionId};
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, NoTls};
+
+/// How long a test waits for an event that must arrive.
+pub const ARRIVES_WITHIN: Duration = Duration::from_secs(10);
+
+/// The server tests use: `SQLNOTIFY_TEST_PG_URL`, else the local server.
+pub fn server_url() -> String {
+    std::env::var("SQLNOTIFY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn init_logging() {
+    let _ = env_logger::builder().is_test(true).try_init();
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e} (set SQLNOTIFY_TEST_PG_URL)"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A database of its own for one test, dropped (with its connections) when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        init_logging();
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "sqlnotify_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            nanos % 100_000
+        );
+        let admin_url = server_url();
+        let admin = connect(&admin_url).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE template0"))
+            .await
+            .expect("create test database");
+        let url = with_dbname(&admin_url, &name);
+        TestDb {
+            name,
+            url,
+            admin_url,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Runs SQL on a fresh connection.
+    pub async fn exec(&self, sql: &str) {
+        self.client()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Runs a query returning one i64.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs outside async; use a runtime of our own on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url, NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// `url` with its database replaced by `dbname` (URL or key=value form).
+pub fn with_dbname(url: &str, dbname: &str) -> String {
+    if url.contains("://") {
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (url, None),
+        };
+        let after_scheme = base.find("://").unwrap() + 3;
+        let base = match base[after_scheme..].find('/') {
+            Some(slash) => &base[..after_scheme + slash],
+            None => base,
+        };
+        match query {
+            Some(q) => format!("{base}/{dbname}?{q}"),
+            None => format!("{base}/{dbname}"),
+        }
+    } else {
+        format!("{url} dbname={dbname}")
+    }
+}
+
+/// Events collected by a closure subscriber.
+pub struct Events {
+    pub id: SubscriptionId,
+    rx: mpsc::UnboundedReceiver<ChangeEvent>,
+}
+
+impl Events {
+    /// Subscribes and collects.
+    pub async fn subscribe(notifier: &Notifier, subscription: Subscription) -> Events {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = notifier
+            .subscribe_fn(subscription, move |e| {
+                let _ = tx.send(e);
+            })
+            .await
+            .expect("subscribe");
+        Events { id, rx }
+    }
+
+    /// The next event; panics if none arrives within [`ARRIVES_WITHIN`].
+    pub async fn next(&mut self) -> ChangeEvent {
+        tokio::time::timeout(ARRIVES_WITHIN, self.rx.recv())
+            .await
+            .expect("an event should have arrived")
+            .expect("subscription closed")
+    }
+
+    /// The next `n` events.
+    pub async fn take(&mut self, n: usize) -> Vec<ChangeEvent> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next().await);
+        }
+        out
+    }
+
+    /// Asserts nothing is queued right now (use after a sentinel event proved ordering).
+    pub fn assert_empty(&mut self) {
+        if let Ok(e) = self.rx.try_recv() {
+            panic!("unexpected event: {:?} {:?}", e.channel(), e.to_json());
+        }
+    }
+
+    /// Asserts no event arrives within `wait` (bounded negative check, for cases without a
+    /// sentinel on the same channel).
+    pub async fn assert_none_within(&mut self, wait: Duration) {
+        if let Ok(Some(e)) = tokio::time::timeout(wait, self.rx.recv()).await {
+            panic!("unexpected event: {:?} {:?}", e.channel(), e.to_json());
+        }
+    }
+}
+
+/// Waits until `check` returns true, polling every 20 ms, up to `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
