@@ -1,0 +1,303 @@
+//! Installation and lifecycle against a real PostgreSQL: drift detection, revoke, cleanup on
+//! start/stop, externally managed DDL, stop semantics, restart, stats and subscriber panics.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{wait_until, Events, TestDb};
+use sqlnotify::{Error, Notifier, Operation, Subscription, Watch};
+
+async fn trigger_oid(db: &TestDb, name: &str) -> Option<i64> {
+    db.client()
+        .await
+        .query_opt(
+            "SELECT oid::bigint FROM pg_trigger WHERE tgname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+async fn catalog_channels(db: &TestDb) -> Vec<String> {
+    db.client()
+        .await
+        .query(
+            "SELECT channel FROM sqlnotify.catalog ORDER BY channel",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+const USERS_INSERT: &str = "sqlnotify_public_users_insert";
+
+#[actix_rt::test]
+async fn unchanged_watches_are_left_alone_and_changed_ones_revoked_or_refused() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY, a text, b text)")
+        .await;
+    let v1 = Notifier::builder(&db.url)
+        .watch(Watch::new("users", Operation::Insert).extra_columns(["a"]));
+    v1.start().await.unwrap().stop().await.unwrap();
+    let first = trigger_oid(&db, USERS_INSERT).await.expect("installed");
+
+    v1.start().await.unwrap().stop().await.unwrap();
+    assert_eq!(
+        trigger_oid(&db, USERS_INSERT).await,
+        Some(first),
+        "no DROP when nothing changed"
+    );
+
+    let v2 = Notifier::builder(&db.url)
+        .watch(Watch::new("users", Operation::Insert).extra_columns(["a", "b"]));
+    let err = v2
+        .clone()
+        .revoke_on_model_change(false)
+        .start()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::DefinitionDrift { channel, table, .. } => {
+            assert_eq!(
+                (channel.as_str(), table.as_str()),
+                (USERS_INSERT, "public.users")
+            )
+        }
+        other => panic!("expected drift, got {other}"),
+    }
+    assert_eq!(
+        trigger_oid(&db, USERS_INSERT).await,
+        Some(first),
+        "a refused start changes nothing"
+    );
+
+    let notifier = v2.start().await.unwrap(); // revoke_on_model_change defaults to true
+    let replaced = trigger_oid(&db, USERS_INSERT).await.unwrap();
+    assert_ne!(replaced, first);
+    let mut ev = Events::subscribe(&notifier, Subscription::new("users", Operation::Insert)).await;
+    db.exec("INSERT INTO users VALUES (1, 'x', 'y')").await;
+    assert_eq!(
+        ev.next().await.get("b"),
+        Some(&serde_json::json!("y")),
+        "the new definition is live"
+    );
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_trigger_dropped_behind_our_back_is_reinstalled() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url).watch(Watch::new("users", Operation::Insert));
+    builder.start().await.unwrap().stop().await.unwrap();
+    db.exec("DROP TABLE users; CREATE TABLE users (id int PRIMARY KEY)")
+        .await;
+    assert_eq!(trigger_oid(&db, USERS_INSERT).await, None);
+    let notifier = builder.start().await.unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("users", Operation::Insert)).await;
+    db.exec("INSERT INTO users VALUES (1)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn cleanup_on_start_removes_watches_dropped_from_the_code() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY)")
+        .await;
+    Notifier::builder(&db.url)
+        .watch(Watch::new("users", Operation::Insert))
+        .watch(Watch::new("orders", Operation::Delete))
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
+    assert_eq!(catalog_channels(&db).await.len(), 2);
+
+    // Without cleanup, a watch removed from the code stays installed ...
+    let only_users = Notifier::builder(&db.url).watch(Watch::new("users", Operation::Insert));
+    only_users.start().await.unwrap().stop().await.unwrap();
+    assert!(trigger_oid(&db, "sqlnotify_public_orders_delete")
+        .await
+        .is_some());
+    // ... with cleanup_on_start it is removed, and the remaining watch still works.
+    let notifier = only_users.cleanup_on_start(true).start().await.unwrap();
+    assert_eq!(
+        trigger_oid(&db, "sqlnotify_public_orders_delete").await,
+        None
+    );
+    assert_eq!(catalog_channels(&db).await, [USERS_INSERT]);
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE nspname = 'sqlnotify'")
+            .await,
+        1
+    );
+    let mut ev = Events::subscribe(&notifier, Subscription::new("users", Operation::Insert)).await;
+    db.exec("INSERT INTO users VALUES (1)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn cleanup_on_stop_and_cleanup_remove_objects() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY)")
+        .await;
+    let keep = Notifier::builder(&db.url).watch(Watch::new("orders", Operation::Insert));
+    keep.start().await.unwrap().stop().await.unwrap();
+    let temporary = Notifier::builder(&db.url)
+        .watch(Watch::new("users", Operation::Insert))
+        .cleanup_on_stop(true);
+    let notifier = temporary.start().await.unwrap();
+    assert!(trigger_oid(&db, USERS_INSERT).await.is_some());
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        trigger_oid(&db, USERS_INSERT).await,
+        None,
+        "our trigger is gone"
+    );
+    assert_eq!(
+        catalog_channels(&db).await,
+        ["sqlnotify_public_orders_insert"],
+        "others stay"
+    );
+
+    assert_eq!(Notifier::builder(&db.url).cleanup().await.unwrap(), 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sqlnotify%'")
+            .await,
+        0
+    );
+    assert!(catalog_channels(&db).await.is_empty());
+}
+
+#[actix_rt::test]
+async fn install_sql_applied_by_hand_is_verified_with_manage_triggers_off() {
+    let db = TestDb::new().await;
+    db.exec(r#"CREATE TABLE "Users" (id int PRIMARY KEY, "e-mail" text)"#)
+        .await;
+    let builder = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("Users", Operation::Update)
+                .extra_columns(["e-mail"])
+                .trigger_columns(["e-mail"]),
+        )
+        .watch(Watch::new("Users", Operation::Insert).channel_label("it's new"));
+    let sql = builder.install_sql().await.unwrap();
+    assert!(sql.contains("CREATE TRIGGER"));
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sqlnotify%'")
+            .await,
+        0,
+        "install_sql installs nothing"
+    );
+    let external = builder.clone().manage_triggers(false);
+    let err = external.start().await.unwrap_err();
+    assert!(matches!(err, Error::DefinitionDrift { .. }), "{err}");
+    assert!(err.to_string().contains("not installed"), "{err}");
+
+    db.exec(&sql).await;
+    db.exec(&sql).await; // idempotent
+    let notifier = external.start().await.unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("Users", Operation::Update)).await;
+    db.exec(r#"INSERT INTO "Users" VALUES (1, 'a'); UPDATE "Users" SET "e-mail" = 'b'"#)
+        .await;
+    assert_eq!(ev.next().await.get("e-mail"), Some(&serde_json::json!("b")));
+    notifier.stop().await.unwrap();
+    // start() with management on finds the hand-applied objects unchanged.
+    let before = trigger_oid(&db, "sqlnotify_it's new").await.unwrap();
+    builder.start().await.unwrap().stop().await.unwrap();
+    assert_eq!(trigger_oid(&db, "sqlnotify_it's new").await, Some(before));
+}
+
+#[actix_rt::test]
+async fn stop_delivers_everything_already_received_then_start_works_again() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url).watch(Watch::new("t", Operation::Insert));
+    let notifier = builder.start().await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    notifier
+        .subscribe_fn(Subscription::new("t", Operation::Insert), move |_| {
+            // A slow handler: events pile up in its mailbox.
+            std::thread::sleep(Duration::from_millis(2));
+            h.fetch_add(1, Ordering::SeqCst);
+        })
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t SELECT generate_series(1, 200)")
+        .await;
+    let received = wait_until(Duration::from_secs(10), || async {
+        notifier.stats().await.unwrap().received == 200
+    })
+    .await;
+    assert!(received);
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        200,
+        "stop() returned only after every handler ran"
+    );
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(
+        (stats.received, stats.delivered, stats.malformed),
+        (200, 200, 0)
+    );
+
+    assert!(matches!(notifier.stop().await, Err(Error::NotRunning)));
+    assert!(!notifier.is_running());
+    let err = notifier
+        .subscribe_fn(Subscription::new("t", Operation::Insert), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotRunning), "{err}");
+
+    let again = builder.start().await.unwrap();
+    let mut ev = Events::subscribe(&again, Subscription::new("t", Operation::Insert)).await;
+    db.exec("INSERT INTO t VALUES (1000)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1000));
+    again.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_panicking_subscriber_is_isolated() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    notifier
+        .subscribe_fn(Subscription::new("t", Operation::Insert), move |e| {
+            c.fetch_add(1, Ordering::SeqCst);
+            if e.id().as_i64() == Some(1) {
+                panic!("subscriber bug");
+            }
+        })
+        .await
+        .unwrap();
+    let mut healthy = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    db.exec("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)")
+        .await;
+    assert_eq!(healthy.take(2).await.len(), 2);
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the panicking subscriber got the next event too"
+    );
+    assert_eq!(notifier.stats().await.unwrap().subscriber_panics, 1);
+}
