@@ -186,7 +186,11 @@ impl fmt::Display for Error {
                 write!(f, "unsupported database {scheme:?}: {reason}")
             }
             Error::InvalidUrl { reason } => write!(f, "invalid database URL: {reason}"),
-            Error::Database { context, source } => write!(f, "{context}: {source}"),
+            Error::Database { context, source } => {
+                // Driver errors often say little at the top ("db error") and the reason in
+                // their sources: print the whole chain.
+                write!(f, "{context}: {}", chain(&**source))
+            }
             Error::UnknownSchema { schema } => write!(f, "schema {schema:?} does not exist"),
             Error::UnknownTable { schema, table } => {
                 write!(f, "table {schema:?}.{table:?} does not exist")
@@ -288,6 +292,21 @@ impl fmt::Display for Error {
             Error::NotRunning => write!(f, "the notifier is not running"),
         }
     }
+}
+
+/// An error and its sources, joined with ": ", skipping repeats.
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    out
 }
 
 impl std::error::Error for Error {

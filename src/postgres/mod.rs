@@ -12,16 +12,13 @@ mod listener;
 
 use std::sync::Arc;
 
-use actix::Recipient;
 use futures_util::future::BoxFuture;
 use tokio_postgres::Config;
 
 use self::control::Control;
-use crate::decoder::RawBatch;
-use crate::dialect::{Dialect, InstallOptions, ListenerHandle, OverflowStore};
+use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
 use crate::sql::quote_ident;
-use crate::stats::Counters;
 use crate::watch::{ResolvedWatch, TableInfo};
 
 /// PostgreSQL behind the [`Dialect`] interface.
@@ -32,10 +29,15 @@ pub(crate) struct Postgres {
 impl Postgres {
     /// Parses a `postgres://` / `postgresql://` URL (or key=value string). Does not connect.
     pub fn new(url: &str) -> Result<Self> {
+        // tokio-postgres only accepts lower-case schemes; the notifier matched case-insensitively.
+        let url = match url.split_once("://") {
+            Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
+            None => url.to_string(),
+        };
         let config: Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| Error::InvalidUrl {
-                reason: e.to_string(),
+                reason: crate::error::chain(&e),
             })?;
         Ok(Postgres {
             control: Arc::new(Control::new(config)),
@@ -50,6 +52,10 @@ impl Postgres {
 impl Dialect for Postgres {
     fn name(&self) -> &'static str {
         "postgresql"
+    }
+
+    fn default_schema(&self) -> &'static str {
+        "public"
     }
 
     fn describe_tables(
@@ -100,13 +106,17 @@ impl Dialect for Postgres {
         })
     }
 
-    fn listen(
-        &self,
-        channels: Vec<String>,
-        decoder: Recipient<RawBatch>,
-        stats: Arc<Counters>,
-    ) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
-        Box::pin(listener::start(self.config(), channels, decoder, stats))
+    fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        if let Some(consumer) = &params.consumer {
+            log::warn!(
+                "sqlnotify: consumer {consumer:?} has no effect on the PostgreSQL notify tier (nothing to resume from)"
+            );
+        }
+        Box::pin(listener::start(self.config(), params))
+    }
+
+    fn payload_limit(&self) -> Option<usize> {
+        Some(crate::payload::NOTIFY_PAYLOAD_LIMIT)
     }
 
     fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>> {
