@@ -67,13 +67,7 @@ impl Decoder {
                     extra,
                     truncated,
                 }) => {
-                    events.push(ChangeEvent::new(
-                        channel,
-                        id,
-                        extra,
-                        raw.received_at,
-                        truncated,
-                    ));
+                    events.push(ChangeEvent::new(channel, id, extra, &raw, truncated));
                 }
                 Ok(Decoded::Overflow { reference, id }) => {
                     self.send(std::mem::take(&mut events));
@@ -106,7 +100,7 @@ impl Decoder {
                     truncated,
                 }) => {
                     Counters::add(&self.stats.overflow_resolved, 1);
-                    ChangeEvent::new(channel, id, extra, raw.received_at, truncated)
+                    ChangeEvent::new(channel, id, extra, &raw, truncated)
                 }
                 Ok(Decoded::Overflow { .. }) => {
                     return self.malformed(&raw, "overflow row is itself a reference");
@@ -121,7 +115,7 @@ impl Decoder {
                     channel.name()
                 );
                 Counters::add(&self.stats.overflow_missing, 1);
-                ChangeEvent::new(channel, id, Default::default(), raw.received_at, true)
+                ChangeEvent::new(channel, id, Default::default(), &raw, true)
             }
             Err(e) => {
                 log::error!(
@@ -129,7 +123,7 @@ impl Decoder {
                     channel.name()
                 );
                 Counters::add(&self.stats.overflow_missing, 1);
-                ChangeEvent::new(channel, id, Default::default(), raw.received_at, true)
+                ChangeEvent::new(channel, id, Default::default(), &raw, true)
             }
         };
         self.send(vec![event]);

@@ -37,16 +37,32 @@ pub(crate) trait OverflowStore: Send + Sync + 'static {
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>>;
 }
 
+/// What a listener is asked to listen to, and where its notifications go.
+pub(crate) struct ListenParams {
+    /// The channels to listen on.
+    pub channels: Vec<String>,
+    /// A named consumer resumes from its persisted cursor (journal-based dialects).
+    pub consumer: Option<String>,
+    /// Where notifications go.
+    pub decoder: Recipient<RawBatch>,
+    /// Counters (also: whether a subscriber exists, and how far routing got).
+    pub stats: Arc<Counters>,
+}
+
 /// A running listener, as the notifier holds it.
 pub(crate) trait ListenerHandle: Send {
-    /// Stops listening; resolves after everything already read was passed on.
-    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()>;
+    /// Stops reading; resolves after everything already read was passed to the decoder.
+    fn shutdown(&mut self) -> BoxFuture<'static, ()>;
+    /// Called once the pipeline is flushed: saves what must survive (a consumer's cursor).
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
 }
 
 /// One database family.
 pub(crate) trait Dialect: Send + Sync + 'static {
     /// `"postgresql"`, `"sqlite"`.
     fn name(&self) -> &'static str;
+    /// Schema of tables named without one: `public`, `main`.
+    fn default_schema(&self) -> &'static str;
     /// Reads each `(schema, table)` from the catalog, failing on the first unknown one.
     fn describe_tables(
         &self,
@@ -64,13 +80,10 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>>;
     /// Removes every sqlnotify object in the database; returns how many watches were removed.
     fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>>;
-    /// Starts a listener on `channels`; resolves once it is listening.
-    fn listen(
-        &self,
-        channels: Vec<String>,
-        decoder: Recipient<RawBatch>,
-        stats: Arc<Counters>,
-    ) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
+    /// Starts a listener; resolves once it is listening.
+    fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
+    /// Largest payload a notification can carry, if the dialect has a limit.
+    fn payload_limit(&self) -> Option<usize>;
     /// Sends `payload` on `channel` (on a connection other than the listener's).
     fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>>;
     /// Stores an oversized payload; returns its reference.

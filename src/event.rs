@@ -81,6 +81,8 @@ pub struct RawNotification {
     pub payload: String,
     /// When the listener read it.
     pub received_at: SystemTime,
+    /// Position in the dialect's journal, where there is one (SQLite); `None` for NOTIFY.
+    pub sequence: Option<i64>,
 }
 
 impl RawNotification {
@@ -90,7 +92,14 @@ impl RawNotification {
             channel: channel.into(),
             payload: payload.into(),
             received_at: SystemTime::now(),
+            sequence: None,
         }
+    }
+
+    /// The same notification, at journal position `sequence`.
+    pub fn with_sequence(mut self, sequence: i64) -> Self {
+        self.sequence = Some(sequence);
+        self
     }
 }
 
@@ -195,6 +204,7 @@ struct EventInner {
     extra: Map<String, Value>,
     timestamp: SystemTime,
     truncated: bool,
+    sequence: Option<i64>,
 }
 
 impl ChangeEvent {
@@ -202,7 +212,7 @@ impl ChangeEvent {
         channel: Arc<Channel>,
         id: Key,
         extra: Map<String, Value>,
-        timestamp: SystemTime,
+        raw: &RawNotification,
         truncated: bool,
     ) -> Self {
         ChangeEvent {
@@ -210,8 +220,9 @@ impl ChangeEvent {
                 channel,
                 id,
                 extra,
-                timestamp,
+                timestamp: raw.received_at,
                 truncated,
+                sequence: raw.sequence,
             }),
         }
     }
@@ -258,6 +269,11 @@ impl ChangeEvent {
     /// Wall-clock time at which the listener received the notification.
     pub fn timestamp(&self) -> SystemTime {
         self.inner.timestamp
+    }
+    /// The event's position in the journal, on dialects that have one (SQLite): increasing in
+    /// commit order. `None` for PostgreSQL NOTIFY events.
+    pub fn sequence(&self) -> Option<i64> {
+        self.inner.sequence
     }
     /// True when the row was too large for a notification and could not be stored in the
     /// overflow table: the event carries the key only, read the row yourself if you need it.
@@ -336,7 +352,7 @@ mod tests {
             channel(&["a", "b"], &["c"]),
             Key::Composite(vec![json!(1), json!("x")]),
             extra,
-            SystemTime::now(),
+            &RawNotification::new("c", ""),
             false,
         );
         assert_eq!(ev.get("b"), Some(&json!("x")));
@@ -359,11 +375,13 @@ mod tests {
 #[derive(Debug, Default)]
 pub(crate) struct Channels {
     by_name: std::collections::HashMap<String, Arc<Channel>>,
+    default_schema: &'static str,
 }
 
 impl Channels {
-    pub fn new(channels: impl IntoIterator<Item = Channel>) -> Self {
+    pub fn new(channels: impl IntoIterator<Item = Channel>, default_schema: &'static str) -> Self {
         Channels {
+            default_schema,
             by_name: channels
                 .into_iter()
                 .map(|c| (c.name.clone(), Arc::new(c)))
@@ -379,14 +397,16 @@ impl Channels {
         self.by_name.keys().map(String::as_str)
     }
 
-    /// The channel of the watch on `schema.table`/`operation` with this label (or none).
+    /// The channel of the watch on `schema.table`/`operation` with this label (or none);
+    /// no schema means the dialect's default one.
     pub fn find(
         &self,
-        schema: &str,
+        schema: Option<&str>,
         table: &str,
         operation: Operation,
         label: Option<&str>,
     ) -> Result<&Arc<Channel>> {
+        let schema = schema.unwrap_or(self.default_schema);
         self.by_name
             .values()
             .find(|c| {

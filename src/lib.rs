@@ -91,6 +91,8 @@ mod watch;
 
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 pub use crate::backoff::Backoff;
 pub use crate::decoder::RawBatch;

@@ -14,10 +14,10 @@ use actix::prelude::*;
 use serde_json::Value;
 
 use crate::decoder::{Decoder, Retention};
-use crate::dialect::{Dialect, InstallOptions, ListenerHandle};
+use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel, Channels, Operation};
-use crate::payload::{encode_custom, encode_overflow_ref, NOTIFY_PAYLOAD_LIMIT};
+use crate::payload::{encode_custom, encode_overflow_ref};
 use crate::registry::{Registry, Shutdown, Subscribe, Unsubscribe};
 use crate::stats::{Counters, Stats};
 use crate::subscriber::{Flush, FnSubscriber, Sink};
@@ -36,15 +36,46 @@ use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
 ///     .await?;
 /// # notifier.stop().await }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NotifierBuilder {
     url: String,
     watches: Vec<Watch>,
+    consumer: Option<String>,
+    subscriptions: Vec<(Subscription, Recipient<ChangeEvent>)>,
     revoke_on_model_change: bool,
     cleanup_on_start: bool,
     cleanup_on_stop: bool,
     manage_triggers: bool,
     retention: Retention,
+}
+
+impl std::fmt::Debug for NotifierBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifierBuilder")
+            .field("url", &redact(&self.url))
+            .field("watches", &self.watches)
+            .field("consumer", &self.consumer)
+            .field("subscriptions", &self.subscriptions.len())
+            .field("revoke_on_model_change", &self.revoke_on_model_change)
+            .field("cleanup_on_start", &self.cleanup_on_start)
+            .field("cleanup_on_stop", &self.cleanup_on_stop)
+            .field("manage_triggers", &self.manage_triggers)
+            .finish()
+    }
+}
+
+/// The URL without its password, for logs and debug output.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 impl NotifierBuilder {
@@ -86,16 +117,42 @@ impl NotifierBuilder {
         self
     }
 
-    /// How long rows of the overflow table are kept, so every listening process can resolve
-    /// them. Default: 1 hour.
-    pub fn overflow_retention(mut self, keep: Duration) -> Self {
+    /// How long delivered data is kept in the database: overflow rows (PostgreSQL), so every
+    /// listening process can resolve them, and journal rows (SQLite), so every listener can
+    /// read them. Older rows are deleted in small batches; a journal row a named consumer has
+    /// not read yet is kept while that consumer was active within this window. Default: 1 hour.
+    pub fn retention(mut self, keep: Duration) -> Self {
         self.retention.keep = keep;
         self
     }
 
-    /// How often expired overflow rows are deleted. Default: every minute.
-    pub fn overflow_purge_interval(mut self, every: Duration) -> Self {
+    /// How often expired rows are deleted. Default: every minute.
+    pub fn purge_interval(mut self, every: Duration) -> Self {
         self.retention.every = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Names this notifier as a durable consumer (journal-based dialects: SQLite). Its read
+    /// position is saved in the database, so a restarted process resumes where the previous
+    /// one stopped instead of starting from "now". Delivery is then at least once: events
+    /// routed but not yet saved when a process dies are delivered again.
+    ///
+    /// A named consumer replays nothing until its first subscription exists; register the
+    /// subscriptions with [`subscribe`](Self::subscribe) on the builder so every one of them
+    /// sees the replay. Default: none (start from the events committed after `start()`).
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Registers a subscription before the listener starts, so it receives everything from
+    /// the first event on (including a named consumer's replay).
+    pub fn subscribe(
+        mut self,
+        subscription: Subscription,
+        recipient: Recipient<ChangeEvent>,
+    ) -> Self {
+        self.subscriptions.push((subscription, recipient));
         self
     }
 
@@ -105,19 +162,23 @@ impl NotifierBuilder {
     }
 
     async fn resolve(&self, dialect: &dyn Dialect) -> Result<Vec<ResolvedWatch>> {
-        for watch in &self.watches {
+        let watches: Vec<Watch> = self
+            .watches
+            .iter()
+            .map(|w| w.clone().or_schema(dialect.default_schema()))
+            .collect();
+        for watch in &watches {
             watch.precheck()?;
         }
-        check_set(&self.watches)?;
-        let tables: BTreeSet<(String, String)> = self
-            .watches
+        check_set(&watches)?;
+        let tables: BTreeSet<(String, String)> = watches
             .iter()
             .map(|w| (w.schema_name().to_string(), w.table.clone()))
             .collect();
         let tables = dialect
             .describe_tables(tables.into_iter().collect())
             .await?;
-        self.watches
+        watches
             .iter()
             .map(|w| {
                 let table = tables
@@ -174,7 +235,10 @@ impl NotifierBuilder {
                 },
             )
             .await?;
-        let channels = Arc::new(Channels::new(watches.into_iter().map(|w| w.channel)));
+        let channels = Arc::new(Channels::new(
+            watches.into_iter().map(|w| w.channel),
+            dialect.default_schema(),
+        ));
         let stats = Arc::new(Counters::default());
         let registry = Registry::new(channels.clone(), stats.clone()).start();
         let decoder = Decoder::new(
@@ -185,11 +249,21 @@ impl NotifierBuilder {
             self.retention,
         )
         .start();
-        let names: Vec<String> = channels.names().map(str::to_string).collect();
-        let listener = match dialect
-            .listen(names, decoder.clone().recipient(), stats.clone())
-            .await
-        {
+        for (subscription, recipient) in &self.subscriptions {
+            let subscribe = Subscribe::new(subscription.clone(), recipient.clone());
+            if let Err(e) = registry.send(subscribe).await? {
+                decoder.do_send(Shutdown);
+                registry.do_send(Shutdown);
+                return Err(e);
+            }
+        }
+        let params = ListenParams {
+            channels: channels.names().map(str::to_string).collect(),
+            consumer: self.consumer.clone(),
+            decoder: decoder.clone().recipient(),
+            stats: stats.clone(),
+        };
+        let listener = match dialect.listen(params).await {
             Ok(listener) => listener,
             Err(e) => {
                 decoder.do_send(Shutdown);
@@ -211,7 +285,11 @@ impl NotifierBuilder {
 }
 
 fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    let scheme = url
+        .split_once("://")
+        .map(|(s, _)| s)
+        .or_else(|| url.strip_prefix("sqlite:").map(|_| "sqlite"))
+        .unwrap_or("");
     match scheme.to_ascii_lowercase().as_str() {
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Box::new(crate::postgres::Postgres::new(url)?)),
@@ -220,17 +298,21 @@ fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
             scheme: scheme.to_string(),
             reason: "this build of sqlnotify has the `postgres` feature disabled".into(),
         }),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Box::new(crate::sqlite::Sqlite::new(url)?)),
+        #[cfg(not(feature = "sqlite"))]
         "sqlite" => Err(Error::UnsupportedDatabase {
             scheme: scheme.to_string(),
-            reason: "the SQLite dialect is not available yet in this version".into(),
+            reason: "this build of sqlnotify has the `sqlite` feature disabled".into(),
         }),
+        // Not echoing the URL: it may carry a password.
         "" => Err(Error::UnsupportedDatabase {
-            scheme: url.to_string(),
-            reason: "the URL has no scheme; use postgres://…".into(),
+            scheme: String::new(),
+            reason: "the URL has no scheme; use postgres://…, postgresql://… or sqlite://…".into(),
         }),
         _ => Err(Error::UnsupportedDatabase {
             scheme: scheme.to_string(),
-            reason: "supported schemes are postgres:// and postgresql://".into(),
+            reason: "supported schemes are postgres://, postgresql:// and sqlite://".into(),
         }),
     }
 }
@@ -308,6 +390,8 @@ impl Notifier {
         NotifierBuilder {
             url: url.into(),
             watches: Vec::new(),
+            consumer: None,
+            subscriptions: Vec::new(),
             revoke_on_model_change: true,
             cleanup_on_start: false,
             cleanup_on_stop: false,
@@ -402,7 +486,12 @@ impl Notifier {
         let channel = self
             .inner
             .channels
-            .find(&s.schema, &s.table, s.operation, s.label.as_deref())?
+            .find(
+                s.schema.as_deref(),
+                &s.table,
+                s.operation,
+                s.label.as_deref(),
+            )?
             .clone();
         let payload =
             encode_custom(&event.payload, &channel).map_err(|reason| Error::InvalidPayload {
@@ -410,13 +499,14 @@ impl Notifier {
                 reason,
             })?;
         let dialect = &self.inner.dialect;
-        if payload.len() <= NOTIFY_PAYLOAD_LIMIT {
-            return dialect.notify(channel.name().to_string(), payload).await;
-        }
+        let limit = match dialect.payload_limit() {
+            Some(limit) if payload.len() > limit => limit,
+            _ => return dialect.notify(channel.name().to_string(), payload).await,
+        };
         let too_large = || Error::PayloadTooLarge {
             channel: channel.name().to_string(),
             size: payload.len(),
-            limit: NOTIFY_PAYLOAD_LIMIT,
+            limit,
         };
         if !event.allow_overflow {
             return Err(too_large());
@@ -425,7 +515,7 @@ impl Notifier {
             .store_overflow(channel.name().to_string(), payload.clone())
             .await?;
         let stub = encode_overflow_ref(reference, &event.payload, &channel);
-        if stub.len() > NOTIFY_PAYLOAD_LIMIT {
+        if stub.len() > limit {
             return Err(too_large());
         }
         dialect.notify(channel.name().to_string(), stub).await
@@ -450,7 +540,7 @@ impl Notifier {
     /// have it in their mailbox), removes this notifier's triggers if `cleanup_on_stop`, and
     /// closes the connections. A second call returns [`Error::NotRunning`].
     pub async fn stop(&self) -> Result<()> {
-        let running = self
+        let mut running = self
             .inner
             .running
             .lock()
@@ -461,12 +551,12 @@ impl Notifier {
         let _ = running.decoder.send(Flush).await;
         running.decoder.do_send(Shutdown);
         self.inner.registry.do_send(Shutdown);
-        let result = if self.inner.cleanup_on_stop {
+        let mut result = running.listener.finish().await;
+        if self.inner.cleanup_on_stop {
             let names = self.inner.channels.names().map(str::to_string).collect();
-            self.inner.dialect.uninstall(names).await
-        } else {
-            Ok(())
-        };
+            let uninstalled = self.inner.dialect.uninstall(names).await;
+            result = result.and(uninstalled);
+        }
         self.inner.dialect.close().await;
         result
     }

@@ -8,6 +8,7 @@
 //! Events arrive from the decoder in commit order and are handed out in that order.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -47,7 +48,7 @@ impl Registry {
 
     fn add(&mut self, subscription: Subscription, sink: Sink) -> Result<SubscriptionId> {
         let channel = self.channels.find(
-            &subscription.schema,
+            subscription.schema.as_deref(),
             &subscription.table,
             subscription.operation,
             subscription.label.as_deref(),
@@ -79,10 +80,16 @@ impl Registry {
                 sink,
             });
         log::debug!("sqlnotify: subscription {id} on {}", channel.name());
+        self.stats.has_subscriber.store(true, Ordering::Release);
         Ok(id)
     }
 
     fn route(&mut self, event: ChangeEvent) {
+        if let Some(sequence) = event.sequence() {
+            self.stats
+                .routed_sequence
+                .fetch_max(sequence, Ordering::Relaxed);
+        }
         let Some(subscribers) = self.by_channel.get_mut(event.channel()) else {
             Counters::add(&self.stats.unrouted, 1);
             return;

@@ -42,6 +42,13 @@ pub(crate) fn quote_literal(value: &str) -> String {
     out
 }
 
+/// Quotes a string literal for SQLite, where a backslash is an ordinary character (no escape
+/// strings): only single quotes are doubled.
+#[cfg(feature = "sqlite")]
+pub(crate) fn quote_sqlite_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

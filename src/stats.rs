@@ -1,6 +1,6 @@
 //! Pipeline counters: shared atomics the actors bump, and the [`Stats`] snapshot users read.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 /// A snapshot of a notifier's counters since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub struct Stats {
     pub restarts: u64,
     /// Subscriber closures that panicked (caught; routing continued).
     pub subscriber_panics: u64,
+    /// Journal position of the last event routed (SQLite); 0 when none or not journal-based.
+    pub last_sequence: i64,
 }
 
 /// The live counters behind [`Stats`].
@@ -38,6 +40,10 @@ pub(crate) struct Counters {
     pub unrouted: AtomicU64,
     pub restarts: AtomicU64,
     pub subscriber_panics: AtomicU64,
+    /// Journal position up to which events have been routed (what a consumer cursor may save).
+    pub routed_sequence: AtomicI64,
+    /// Set when the first subscription is registered: journal replay waits for it.
+    pub has_subscriber: AtomicBool,
 }
 
 impl Counters {
@@ -57,6 +63,7 @@ impl Counters {
             unrouted: get(&self.unrouted),
             restarts: get(&self.restarts),
             subscriber_panics: get(&self.subscriber_panics),
+            last_sequence: self.routed_sequence.load(Ordering::Relaxed),
         }
     }
 }

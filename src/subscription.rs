@@ -4,7 +4,6 @@ use std::fmt;
 
 use crate::event::Operation;
 use crate::filter::Filter;
-use crate::watch::DEFAULT_SCHEMA;
 
 /// Identifies a subscription, for [`Notifier::unsubscribe`](crate::Notifier::unsubscribe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,7 +35,7 @@ impl fmt::Display for SubscriptionId {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Subscription {
-    pub(crate) schema: String,
+    pub(crate) schema: Option<String>,
     pub(crate) table: String,
     pub(crate) operation: Operation,
     pub(crate) label: Option<String>,
@@ -44,13 +43,13 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Events of `operation` on `table` (`"schema.table"` or a table in `public`), from the
-    /// watch without a channel label.
+    /// Events of `operation` on `table` (`"schema.table"`, or a table in the database's default
+    /// schema), from the watch without a channel label.
     pub fn new(table: impl Into<String>, operation: Operation) -> Self {
         let table = table.into();
         let (schema, table) = match table.split_once('.') {
-            Some((schema, table)) => (schema.to_string(), table.to_string()),
-            None => (DEFAULT_SCHEMA.to_string(), table),
+            Some((schema, table)) => (Some(schema.to_string()), table.to_string()),
+            None => (None, table),
         };
         Subscription {
             schema,
@@ -63,7 +62,7 @@ impl Subscription {
 
     /// Sets the schema explicitly (for table names that contain a dot).
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
-        self.schema = schema.into();
+        self.schema = Some(schema.into());
         self
     }
 

@@ -16,8 +16,9 @@ use crate::payload::META_KEY;
 /// Longest identifier (channel, trigger, function name) PostgreSQL accepts, in bytes.
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
-/// Default schema for tables named without one.
-pub const DEFAULT_SCHEMA: &str = "public";
+/// Schema assumed for a table named without one, before the dialect fills in its own default
+/// (`public` on PostgreSQL, `main` on SQLite).
+const DEFAULT_SCHEMA: &str = "public";
 
 /// One table + operation to watch, with the columns its events carry.
 ///
@@ -46,7 +47,8 @@ pub struct Watch {
 
 impl Watch {
     /// Watches `operation` on `table`. `table` may be schema-qualified (`"shop.orders"`); without
-    /// a schema it is looked up in `public`. Names are used exactly as given (case-sensitive, no
+    /// a schema it is looked up in the database's default schema (`public` on PostgreSQL,
+    /// `main` on SQLite). Names are used exactly as given (case-sensitive, no
     /// quoting needed): `Watch::new("CamelCase", …)` watches the table created as `"CamelCase"`.
     pub fn new(table: impl Into<String>, operation: Operation) -> Self {
         let table = table.into();
@@ -113,12 +115,19 @@ impl Watch {
         self
     }
 
+    /// Fills in `schema` when the watch names none.
+    pub(crate) fn or_schema(mut self, schema: &str) -> Self {
+        self.schema.get_or_insert_with(|| schema.to_string());
+        self
+    }
+
     /// The table's schema (given or default).
     pub fn schema_name(&self) -> &str {
         self.schema.as_deref().unwrap_or(DEFAULT_SCHEMA)
     }
 
-    /// The channel this watch's events use.
+    /// The channel this watch's events use (`sqlnotify_{label}` or
+    /// `sqlnotify_{schema}_{table}_{operation}`).
     pub fn channel_name(&self) -> String {
         match &self.channel_label {
             Some(label) => format!("sqlnotify_{label}"),

@@ -105,8 +105,8 @@ async fn expired_overflow_rows_are_purged_and_a_missing_row_degrades_to_truncate
         .await;
     let notifier = Notifier::builder(&db.url)
         .watch(Watch::new("docs", Operation::Insert).extra_columns(["body"]))
-        .overflow_retention(Duration::from_millis(500))
-        .overflow_purge_interval(Duration::from_millis(50))
+        .retention(Duration::from_millis(500))
+        .purge_interval(Duration::from_millis(50))
         .start()
         .await
         .unwrap();

@@ -21,7 +21,7 @@ use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
 
 use crate::backoff::Backoff;
 use crate::decoder::RawBatch;
-use crate::dialect::ListenerHandle;
+use crate::dialect::{ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::sql::quote_ident;
@@ -124,6 +124,7 @@ async fn read(
                     channel: n.channel().to_owned(),
                     payload: n.payload().to_owned(),
                     received_at: SystemTime::now(),
+                    sequence: None,
                 });
                 if batch.len() >= MAX_BATCH {
                     decoder.do_send(RawBatch(std::mem::take(&mut batch)));
@@ -235,21 +236,27 @@ pub(crate) struct PgListenerHandle {
 }
 
 impl ListenerHandle for PgListenerHandle {
-    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()> {
+    fn shutdown(&mut self) -> BoxFuture<'static, ()> {
+        let addr = self.addr.clone();
         Box::pin(async move {
-            let _ = self.addr.send(Shutdown).await;
-            // Dropping the last Addr lets the idle actor stop without being restarted.
+            let _ = addr.send(Shutdown).await;
         })
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        // Dropping the last Addr lets the idle actor stop without being restarted.
+        Box::pin(async { Ok(()) })
     }
 }
 
 /// Starts a supervised listener and waits until it is LISTENing (or failed to).
-pub(crate) async fn start(
-    config: Config,
-    channels: Vec<String>,
-    decoder: Recipient<RawBatch>,
-    stats: Arc<Counters>,
-) -> Result<Box<dyn ListenerHandle>> {
+pub(crate) async fn start(config: Config, params: ListenParams) -> Result<Box<dyn ListenerHandle>> {
+    let ListenParams {
+        channels,
+        decoder,
+        stats,
+        ..
+    } = params;
     let (ready, is_ready) = oneshot::channel();
     let addr = Supervisor::start(move |_| PgListener {
         config,

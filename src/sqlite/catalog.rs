@@ -1,0 +1,254 @@
+//! Reading SQLite's schema (`pragma_table_info`) and keeping sqlnotify's catalog: installing,
+//! verifying and removing triggers. Synchronous; the dialect runs these on blocking threads.
+//!
+//! Installation runs in one `BEGIN IMMEDIATE` transaction, which SQLite serialises with every
+//! other writer, so instances starting together do not race. Drift detection compares the
+//! generated trigger text with the one recorded at install time; unchanged triggers are left
+//! alone.
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::ddl;
+use crate::dialect::InstallOptions;
+use crate::error::{Error, Result};
+use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+
+pub(crate) fn db_err(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error {
+    let context = context.into();
+    move |e| Error::db(context, e)
+}
+
+/// Reads one table. Only the `main` schema can be watched: triggers on an attached database
+/// would write to a journal the other connections do not see.
+pub(crate) fn describe_table(conn: &Connection, schema: &str, table: &str) -> Result<TableInfo> {
+    if schema != "main" {
+        return Err(Error::UnknownSchema {
+            schema: schema.to_string(),
+        });
+    }
+    let context = || format!("reading the columns of {table}");
+    let kind: Option<String> = conn
+        .query_row(
+            "SELECT type FROM main.sqlite_master WHERE name = ?1 AND type IN ('table', 'view')",
+            [table],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err(context()))?;
+    if kind.as_deref() != Some("table") {
+        return Err(Error::UnknownTable {
+            schema: schema.to_string(),
+            table: table.to_string(),
+        });
+    }
+    let mut stmt = conn
+        .prepare("SELECT name, pk FROM pragma_table_info(?1, 'main') ORDER BY cid")
+        .map_err(db_err(context()))?;
+    let columns = stmt
+        .query_map([table], |r| {
+            let pk: i64 = r.get(1)?;
+            Ok(ColumnInfo {
+                name: r.get(0)?,
+                pk_position: (pk > 0).then(|| (pk - 1) as usize),
+                has_equality: true,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(db_err(context()))?;
+    Ok(TableInfo {
+        schema: schema.to_string(),
+        table: table.to_string(),
+        columns,
+    })
+}
+
+fn catalog_exists(conn: &Connection) -> Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name = 'sqlnotify_catalog'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+    .map_err(db_err("looking for the sqlnotify catalog"))
+}
+
+enum Installed {
+    Missing,
+    Recorded { same: bool, trigger: bool },
+}
+
+fn installed_state(conn: &Connection, w: &ResolvedWatch, catalog: bool) -> Result<Installed> {
+    if !catalog {
+        return Ok(Installed::Missing);
+    }
+    let name = &w.channel.name;
+    let recorded: Option<String> = conn
+        .query_row(
+            "SELECT definition FROM sqlnotify_catalog WHERE channel = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err(format!("reading the catalog entry of {name}")))?;
+    let Some(recorded) = recorded else {
+        return Ok(Installed::Missing);
+    };
+    let trigger: Option<String> = conn
+        .query_row(
+            "SELECT tbl_name FROM main.sqlite_master WHERE type = 'trigger' AND name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err(format!("looking for trigger {name}")))?;
+    Ok(Installed::Recorded {
+        same: recorded == ddl::trigger_sql(w),
+        trigger: trigger.as_deref() == Some(w.channel.table.as_str()),
+    })
+}
+
+/// Switches the database to WAL mode (persistent), so readers never block the application's
+/// writers. A no-op when it already is.
+pub(crate) fn enable_wal(conn: &Connection) -> Result<()> {
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(db_err("switching the database to WAL mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        log::warn!(
+            "sqlnotify: the database stays in {mode} journal mode; listeners may make writers wait"
+        );
+    }
+    Ok(())
+}
+
+/// Installs (or, with `manage_triggers` off, verifies) `watches`, atomically.
+pub(crate) fn install(
+    conn: &mut Connection,
+    watches: &[ResolvedWatch],
+    options: InstallOptions,
+) -> Result<()> {
+    if !options.manage_triggers {
+        return verify(conn, watches);
+    }
+    enable_wal(conn)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err("starting the install transaction"))?;
+    tx.execute_batch(&ddl::setup_sql())
+        .map_err(db_err("creating the sqlnotify tables"))?;
+    if options.cleanup_on_start {
+        let removed = drop_all(&tx)?;
+        log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
+    }
+    for w in watches {
+        let name = &w.channel.name;
+        let action = match installed_state(&tx, w, true)? {
+            Installed::Recorded {
+                same: true,
+                trigger: true,
+            } => continue,
+            Installed::Recorded {
+                same: true,
+                trigger: false,
+            } => "reinstalling (trigger was missing)",
+            Installed::Missing => "installing",
+            Installed::Recorded { same: false, .. } if options.revoke_on_model_change => {
+                "replacing (definition changed)"
+            }
+            Installed::Recorded { same: false, .. } => {
+                return Err(Error::DefinitionDrift {
+                    channel: name.clone(),
+                    table: w.channel.table.clone(),
+                    detail: "the installed definition differs from the watch".into(),
+                })
+            }
+        };
+        log::info!("sqlnotify: {action} {name} on {}", w.channel.table);
+        let sql = format!(
+            "{}{};\n{}",
+            ddl::drop_sql(name),
+            ddl::trigger_sql(w),
+            ddl::catalog_upsert_sql(w)
+        );
+        tx.execute_batch(&sql)
+            .map_err(db_err(format!("installing trigger {name}")))?;
+    }
+    tx.commit()
+        .map_err(db_err("committing the install transaction"))
+}
+
+fn verify(conn: &Connection, watches: &[ResolvedWatch]) -> Result<()> {
+    let catalog = catalog_exists(conn)?;
+    for w in watches {
+        let detail = match installed_state(conn, w, catalog)? {
+            Installed::Recorded {
+                same: true,
+                trigger: true,
+            } => continue,
+            Installed::Missing => "it is not installed (apply install_sql() first)",
+            Installed::Recorded { trigger: false, .. } => "its trigger is missing",
+            Installed::Recorded { same: false, .. } => {
+                "the installed definition differs from the watch"
+            }
+        };
+        return Err(Error::DefinitionDrift {
+            channel: w.channel.name.clone(),
+            table: w.channel.table.clone(),
+            detail: detail.into(),
+        });
+    }
+    Ok(())
+}
+
+/// Drops every trigger recorded in the catalog, plus any trigger that writes to the journal,
+/// and empties the catalog.
+fn drop_all(conn: &Connection) -> Result<u64> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT name FROM main.sqlite_master WHERE type = 'trigger' \
+             AND (name IN (SELECT channel FROM sqlnotify_catalog) OR sql LIKE '%INSERT INTO sqlnotify_journal%')",
+        )
+        .map_err(db_err("listing sqlnotify triggers"))?;
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(db_err("listing sqlnotify triggers"))?;
+    let mut sql: String = names.iter().map(|n| ddl::drop_sql(n)).collect();
+    sql.push_str("DELETE FROM sqlnotify_catalog;");
+    conn.execute_batch(&sql)
+        .map_err(db_err("removing sqlnotify triggers"))?;
+    Ok(names.len() as u64)
+}
+
+/// Removes every sqlnotify trigger in the database.
+pub(crate) fn cleanup_all(conn: &mut Connection) -> Result<u64> {
+    if !catalog_exists(conn)? {
+        return Ok(0);
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err("starting the cleanup transaction"))?;
+    let n = drop_all(&tx)?;
+    tx.commit().map_err(db_err("committing the cleanup"))?;
+    Ok(n)
+}
+
+/// Removes the triggers of `channels` and their catalog entries.
+pub(crate) fn uninstall(conn: &mut Connection, channels: &[String]) -> Result<()> {
+    if !catalog_exists(conn)? {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err("starting the uninstall transaction"))?;
+    for channel in channels {
+        tx.execute_batch(&ddl::drop_sql(channel))
+            .map_err(db_err(format!("removing trigger {channel}")))?;
+        tx.execute(
+            "DELETE FROM sqlnotify_catalog WHERE channel = ?1",
+            params![channel],
+        )
+        .map_err(db_err(format!("removing the catalog entry of {channel}")))?;
+    }
+    tx.commit().map_err(db_err("committing the uninstall"))
+}

@@ -1,0 +1,199 @@
+//! SQL text for SQLite: sqlnotify's tables and one trigger per watch. Pure functions,
+//! unit-tested here.
+//!
+//! A trigger appends the payload to `sqlnotify_journal` inside the user's transaction. SQLite
+//! has no payload limit, so there is no overflow path; the only things that could make the
+//! trigger (and so the user's write) fail are guarded against: BLOB values, which JSON cannot
+//! hold, are sent as hex text, and only functions present in every SQLite with JSON support
+//! are used (no `unixepoch()`), because the trigger runs in whatever SQLite the *writer* uses.
+
+use crate::event::Operation;
+use crate::sql::{quote_ident, quote_sqlite_literal};
+use crate::watch::ResolvedWatch;
+
+/// Current time as fractional Unix seconds, in SQL every SQLite version understands.
+pub(crate) const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";
+
+/// `json_object` takes at most 127 arguments by default; wider payloads are built in pieces.
+const MAX_OBJECT_COLUMNS: usize = 60;
+
+/// Creates sqlnotify's tables if missing. Runs inside the install transaction.
+pub(crate) fn setup_sql() -> String {
+    "CREATE TABLE IF NOT EXISTS sqlnotify_catalog (
+    channel TEXT PRIMARY KEY,
+    table_name TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    installed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sqlnotify_journal (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sqlnotify_consumers (
+    name TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);"
+    .to_string()
+}
+
+/// A JSON-text expression of `columns` of `row` (NEW or OLD), in order.
+fn json_expr(row: &str, columns: &[&String]) -> String {
+    let pieces: Vec<String> = columns
+        .chunks(MAX_OBJECT_COLUMNS)
+        .map(|chunk| {
+            let args: Vec<String> = chunk
+                .iter()
+                .map(|c| {
+                    let v = format!("{row}.{}", quote_ident(c));
+                    format!(
+                        "{}, CASE WHEN typeof({v}) = 'blob' THEN hex({v}) ELSE {v} END",
+                        quote_sqlite_literal(c)
+                    )
+                })
+                .collect();
+            format!("json_object({})", args.join(", "))
+        })
+        .collect();
+    if pieces.len() == 1 {
+        return pieces.into_iter().next().expect("one piece");
+    }
+    // '{"a":1}' + '{"b":2}' -> '{"a":1,"b":2}': strip each piece's braces and join. Values are
+    // scalars (a string ends with '"'), so exactly one brace is trimmed on each side.
+    let inner: Vec<String> = pieces
+        .iter()
+        .map(|p| format!("ltrim(rtrim({p}, '}}'), '{{')"))
+        .collect();
+    format!("('{{' || {} || '}}')", inner.join(" || ',' || "))
+}
+
+/// `CREATE TRIGGER` for a watch: append the payload to the journal.
+pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let row = match channel.operation {
+        Operation::Delete => "OLD",
+        Operation::Insert | Operation::Update => "NEW",
+    };
+    let columns: Vec<&String> = channel
+        .key_columns
+        .iter()
+        .chain(&channel.extra_columns)
+        .collect();
+    let mut event = channel.operation.sql_keyword().to_string();
+    let mut when = String::new();
+    if !w.trigger_columns.is_empty() {
+        let cols: Vec<String> = w
+            .trigger_columns
+            .iter()
+            .map(|(c, _)| quote_ident(c))
+            .collect();
+        event.push_str(" OF ");
+        event.push_str(&cols.join(", "));
+        let changed: Vec<String> = w
+            .trigger_columns
+            .iter()
+            .map(|(c, _)| {
+                let c = quote_ident(c);
+                format!("OLD.{c} IS NOT NEW.{c}")
+            })
+            .collect();
+        when = format!(" WHEN {}", changed.join(" OR "));
+    }
+    format!(
+        "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW{when} BEGIN \
+         INSERT INTO sqlnotify_journal (channel, payload, created_at) VALUES ({chan}, {payload}, {NOW}); END",
+        name = quote_ident(&channel.name),
+        table = quote_ident(&channel.table),
+        chan = quote_sqlite_literal(&channel.name),
+        payload = json_expr(row, &columns),
+    )
+}
+
+/// Drops a watch's trigger.
+pub(crate) fn drop_sql(channel: &str) -> String {
+    format!("DROP TRIGGER IF EXISTS {};\n", quote_ident(channel))
+}
+
+/// Upserts a watch's catalog row.
+pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch) -> String {
+    format!(
+        "INSERT INTO sqlnotify_catalog (channel, table_name, operation, definition, installed_at) \
+         VALUES ({}, {}, {}, {}, {NOW}) ON CONFLICT (channel) DO UPDATE SET table_name = excluded.table_name, \
+         operation = excluded.operation, definition = excluded.definition, installed_at = excluded.installed_at;\n",
+        quote_sqlite_literal(&w.channel.name),
+        quote_sqlite_literal(&w.channel.table),
+        quote_sqlite_literal(w.channel.operation.as_str()),
+        quote_sqlite_literal(&trigger_sql(w)),
+    )
+}
+
+/// A complete, idempotent install script for `watches`.
+pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
+    let mut sql = format!(
+        "-- sqlnotify install script (SQLite)\nPRAGMA journal_mode = WAL;\nBEGIN IMMEDIATE;\n{};\n",
+        setup_sql()
+    );
+    for w in watches {
+        sql.push_str(&format!("\n-- {}\n", w.channel.name));
+        sql.push_str(&drop_sql(&w.channel.name));
+        sql.push_str(&trigger_sql(w));
+        sql.push_str(";\n");
+        sql.push_str(&catalog_upsert_sql(w));
+    }
+    sql.push_str("COMMIT;\n");
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Channel;
+
+    fn watch(op: Operation, extra: usize) -> ResolvedWatch {
+        ResolvedWatch {
+            channel: Channel {
+                name: "sqlnotify_o'brien\\x".into(),
+                schema: "main".into(),
+                table: "Camel\"Case".into(),
+                operation: op,
+                label: Some("o'brien\\x".into()),
+                key_columns: vec!["select".into()],
+                extra_columns: (0..extra).map(|i| format!("c{i}")).collect(),
+            },
+            trigger_columns: vec![],
+            use_overflow_table: true,
+        }
+    }
+
+    #[test]
+    fn quotes_everything_sqlite_style() {
+        let t = trigger_sql(&watch(Operation::Insert, 0));
+        assert!(
+            t.starts_with(
+                "CREATE TRIGGER \"sqlnotify_o'brien\\x\" AFTER INSERT ON \"Camel\"\"Case\""
+            ),
+            "{t}"
+        );
+        assert!(t.contains("VALUES ('sqlnotify_o''brien\\x', json_object('select', CASE WHEN typeof(NEW.\"select\")"));
+    }
+
+    #[test]
+    fn updates_compare_with_is_not_and_deletes_read_old() {
+        let mut w = watch(Operation::Update, 0);
+        w.trigger_columns = vec![("a".into(), true), ("b".into(), true)];
+        let t = trigger_sql(&w);
+        assert!(t.contains("AFTER UPDATE OF \"a\", \"b\" ON"));
+        assert!(t.contains("WHEN OLD.\"a\" IS NOT NEW.\"a\" OR OLD.\"b\" IS NOT NEW.\"b\""));
+        assert!(trigger_sql(&watch(Operation::Delete, 0)).contains("OLD.\"select\""));
+    }
+
+    #[test]
+    fn wide_rows_are_built_in_pieces() {
+        let t = trigger_sql(&watch(Operation::Insert, 100));
+        assert_eq!(t.matches("json_object(").count(), 2);
+        assert!(t.contains("|| ',' ||"));
+    }
+}

@@ -1,0 +1,125 @@
+//! The SQLite journal: rows appended by the triggers, read by cursor, trimmed by retention,
+//! and the consumer cursors saved next to it. Synchronous helpers over one connection.
+//!
+//! Listeners never delete what they read, so any number of listeners in any number of
+//! processes each see every row. SQLite has one writer at a time and AUTOINCREMENT ids are
+//! assigned inside the writing transaction, so ids are in commit order and a cursor
+//! (`id > last`) cannot skip a row that commits late.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::catalog::db_err;
+use super::ddl::NOW;
+use crate::error::Result;
+use crate::event::RawNotification;
+
+/// Rows deleted per statement when trimming, so the write lock is held only briefly.
+const PURGE_BATCH: i64 = 2_000;
+
+/// `PRAGMA data_version`: changes whenever another connection commits to the database.
+pub(crate) fn data_version(conn: &Connection) -> Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db_err("reading PRAGMA data_version"))
+}
+
+/// The id of the newest journal row (0 when there is none).
+pub(crate) fn head(conn: &Connection) -> Result<i64> {
+    conn.query_row(
+        "SELECT coalesce(max(id), 0) FROM sqlnotify_journal",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db_err("reading the journal head"))
+}
+
+/// Reads up to `limit` rows after `cursor`; keeps those on `channels`. Returns the kept rows
+/// and the id of the last row looked at (the new cursor).
+pub(crate) fn read_after(
+    conn: &Connection,
+    cursor: i64,
+    limit: i64,
+    channels: &HashSet<String>,
+) -> Result<(Vec<RawNotification>, i64)> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, channel, payload FROM sqlnotify_journal WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )
+        .map_err(db_err("reading the journal"))?;
+    let mut rows = stmt
+        .query(params![cursor, limit])
+        .map_err(db_err("reading the journal"))?;
+    let (mut out, mut last) = (Vec::new(), cursor);
+    let now = SystemTime::now();
+    while let Some(row) = rows.next().map_err(db_err("reading the journal"))? {
+        let id: i64 = row.get(0).map_err(db_err("reading the journal"))?;
+        last = id;
+        let channel: String = row.get(1).map_err(db_err("reading the journal"))?;
+        if channels.contains(&channel) {
+            out.push(RawNotification {
+                channel,
+                payload: row.get(2).map_err(db_err("reading the journal"))?,
+                received_at: now,
+                sequence: Some(id),
+            });
+        }
+    }
+    Ok((out, last))
+}
+
+/// Appends a row (custom notifications); returns its id.
+pub(crate) fn append(conn: &Connection, channel: &str, payload: &str) -> Result<i64> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO sqlnotify_journal (channel, payload, created_at) VALUES (?1, ?2, {NOW})"
+    ))
+    .and_then(|mut s| s.insert(params![channel, payload]))
+    .map_err(db_err(format!("writing a notification on {channel}")))
+}
+
+/// The saved cursor of consumer `name`, if it has one.
+pub(crate) fn load_cursor(conn: &Connection, name: &str) -> Result<Option<i64>> {
+    conn.query_row(
+        "SELECT cursor FROM sqlnotify_consumers WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db_err(format!("reading the cursor of consumer {name:?}")))
+}
+
+/// Saves consumer `name`'s cursor (never moving it backwards) and marks it alive now.
+pub(crate) fn save_cursor(conn: &Connection, name: &str, cursor: i64) -> Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO sqlnotify_consumers (name, cursor, updated_at) VALUES (?1, ?2, {NOW}) \
+         ON CONFLICT (name) DO UPDATE SET cursor = max(cursor, excluded.cursor), updated_at = excluded.updated_at"
+    ))
+    .and_then(|mut s| s.execute(params![name, cursor]))
+    .map_err(db_err(format!("saving the cursor of consumer {name:?}")))?;
+    Ok(())
+}
+
+/// Deletes journal rows older than `retention`, except rows a consumer seen within the
+/// retention window has not read yet. Returns how many rows were deleted.
+pub(crate) fn purge(conn: &Connection, retention: Duration) -> Result<u64> {
+    let sql = format!(
+        "DELETE FROM sqlnotify_journal WHERE id IN (
+            SELECT id FROM sqlnotify_journal
+             WHERE created_at < {NOW} - ?1
+               AND id <= coalesce((SELECT min(cursor) FROM sqlnotify_consumers WHERE updated_at >= {NOW} - ?1),
+                                  9223372036854775807)
+             ORDER BY id LIMIT ?2)"
+    );
+    let mut total = 0;
+    loop {
+        let n = conn
+            .execute(&sql, params![retention.as_secs_f64(), PURGE_BATCH])
+            .map_err(db_err("trimming the journal"))?;
+        total += n as u64;
+        if (n as i64) < PURGE_BATCH {
+            return Ok(total);
+        }
+    }
+}

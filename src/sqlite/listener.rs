@@ -1,0 +1,360 @@
+//! The SQLite listener: a supervised actor that runs a watcher thread over the journal.
+//!
+//! SQLite has no NOTIFY. The watcher keeps its own connection and checks `PRAGMA
+//! data_version` — which changes when any other connection commits — at an adaptive
+//! interval: every millisecond while events flow, backing off to 10 ms when idle. Only when
+//! the version moved does it read the journal past its cursor. A wake-up channel lets the
+//! notifier's own writes (`notify()`) and shutdown cut the wait short. The blocking SQLite
+//! work stays on this thread, never on the actix arbiter.
+//!
+//! If the thread fails (I/O error, database replaced), the actor stops and its supervisor
+//! restarts it after a jittered backoff; the new thread resumes from the shared cursor.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix::WeakAddr;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use super::journal;
+use super::open;
+use crate::backoff::Backoff;
+use crate::decoder::RawBatch;
+use crate::dialect::{ListenParams, ListenerHandle};
+use crate::error::{Error, Result};
+use crate::stats::Counters;
+
+/// Polling interval while events flow.
+const ACTIVE_INTERVAL: Duration = Duration::from_millis(1);
+/// Polling interval once idle (the worst-case wake-up latency after a quiet period).
+const IDLE_INTERVAL: Duration = Duration::from_millis(10);
+/// How long after the last event the watcher stays at the active interval.
+const STAY_ACTIVE: Duration = Duration::from_millis(500);
+/// Rows read per query.
+const READ_BATCH: i64 = 1_000;
+/// How often a named consumer saves its cursor while events flow.
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// How often an idle named consumer refreshes its "alive" mark (for retention).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+
+/// Messages to the watcher thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// Look at the journal now (the notifier just wrote to it).
+    Now,
+    /// Stop.
+    Stop,
+}
+
+/// What every generation of the watcher thread shares.
+#[derive(Clone)]
+struct Shared {
+    path: PathBuf,
+    channels: Arc<HashSet<String>>,
+    consumer: Option<String>,
+    decoder: Recipient<RawBatch>,
+    stats: Arc<Counters>,
+    /// Last journal id read; -1 until the first thread has placed it.
+    cursor: Arc<AtomicI64>,
+    wake: Receiver<Wake>,
+}
+
+pub(crate) struct SqliteListener {
+    shared: Shared,
+    backoff: Backoff,
+    attempt: u32,
+    ready: Option<oneshot::Sender<Result<()>>>,
+    thread: Option<JoinHandle<()>>,
+    generation: u64,
+    shutting_down: bool,
+}
+
+impl SqliteListener {
+    fn spawn(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        self.generation += 1;
+        let (shared, generation) = (self.shared.clone(), self.generation);
+        let me = ctx.address().downgrade();
+        let ready = self.ready.take();
+        let spawned = std::thread::Builder::new()
+            .name("sqlnotify-sqlite".into())
+            .spawn(move || {
+                let outcome = watch(&shared, ready);
+                notify_end(me, generation, outcome.err());
+            });
+        match spawned {
+            Ok(handle) => self.thread = Some(handle),
+            Err(e) => {
+                log::error!("sqlnotify: cannot start the SQLite watcher thread: {e}");
+                ctx.stop();
+            }
+        }
+    }
+}
+
+fn notify_end(me: WeakAddr<SqliteListener>, generation: u64, error: Option<Error>) {
+    if let Some(addr) = me.upgrade() {
+        addr.do_send(ThreadEnded { generation, error });
+    }
+}
+
+/// The watcher thread's body. Reports readiness (or the first failure) through `ready`.
+fn watch(shared: &Shared, mut ready: Option<oneshot::Sender<Result<()>>>) -> Result<()> {
+    let setup = || -> Result<_> {
+        let conn = open(&shared.path)?;
+        if shared.cursor.load(Ordering::Acquire) < 0 {
+            let start = match &shared.consumer {
+                Some(name) => match journal::load_cursor(&conn, name)? {
+                    Some(saved) => saved,
+                    None => {
+                        let head = journal::head(&conn)?;
+                        journal::save_cursor(&conn, name, head)?;
+                        head
+                    }
+                },
+                None => journal::head(&conn)?,
+            };
+            log::debug!("sqlnotify: SQLite listener starts after journal id {start}");
+            shared.cursor.store(start, Ordering::Release);
+        }
+        Ok(conn)
+    };
+    let conn = match setup() {
+        Ok(conn) => conn,
+        Err(e) => {
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(Err(e));
+                return Ok(());
+            }
+            return Err(e);
+        }
+    };
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(Ok(()));
+    }
+
+    let mut last_event = Instant::now();
+    let mut interval = ACTIVE_INTERVAL;
+    let mut saved = (
+        shared.stats.routed_sequence.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    loop {
+        // Take the version before reading: a commit after this point changes it again.
+        let version = journal::data_version(&conn)?;
+        let gate_open =
+            shared.consumer.is_none() || shared.stats.has_subscriber.load(Ordering::Acquire);
+        if gate_open && read_all(&conn, shared)? {
+            last_event = Instant::now();
+            interval = ACTIVE_INTERVAL;
+        }
+        if let Some(name) = &shared.consumer {
+            let routed = shared.stats.routed_sequence.load(Ordering::Relaxed);
+            let due = (routed > saved.0 && saved.1.elapsed() >= SAVE_EVERY)
+                || saved.1.elapsed() >= HEARTBEAT_EVERY;
+            if due {
+                journal::save_cursor(&conn, name, routed.max(saved.0))?;
+                saved = (routed.max(saved.0), Instant::now());
+            }
+        }
+        // Wait until the database changes, the notifier wakes us, or we are told to stop.
+        loop {
+            match shared.wake.recv_timeout(interval) {
+                Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                Ok(Wake::Now) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if journal::data_version(&conn)? != version {
+                break;
+            }
+            if !gate_open && shared.stats.has_subscriber.load(Ordering::Acquire) {
+                break;
+            }
+            if last_event.elapsed() > STAY_ACTIVE {
+                interval = (interval * 2).min(IDLE_INTERVAL);
+            }
+        }
+    }
+}
+
+/// Reads and forwards every row past the cursor. Returns whether any event was forwarded.
+fn read_all(conn: &rusqlite::Connection, shared: &Shared) -> Result<bool> {
+    let mut any = false;
+    loop {
+        let cursor = shared.cursor.load(Ordering::Acquire);
+        let (batch, last) = journal::read_after(conn, cursor, READ_BATCH, &shared.channels)?;
+        if last == cursor {
+            return Ok(any);
+        }
+        if !batch.is_empty() {
+            any = true;
+            shared.decoder.do_send(RawBatch(batch));
+        }
+        shared.cursor.store(last, Ordering::Release);
+    }
+}
+
+impl Actor for SqliteListener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.attempt == 0 {
+            self.spawn(ctx);
+        } else {
+            let delay = self.backoff.delay(self.attempt);
+            log::info!(
+                "sqlnotify: restarting the SQLite watcher in {delay:?} (attempt {})",
+                self.attempt
+            );
+            ctx.run_later(delay, |act, ctx| act.spawn(ctx));
+        }
+    }
+}
+
+impl Supervised for SqliteListener {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        if !self.shutting_down {
+            self.attempt = self.attempt.saturating_add(1);
+            Counters::add(&self.shared.stats.restarts, 1);
+        }
+    }
+}
+
+/// The watcher thread ended.
+struct ThreadEnded {
+    generation: u64,
+    error: Option<Error>,
+}
+
+impl Message for ThreadEnded {
+    type Result = ();
+}
+
+impl Handler<ThreadEnded> for SqliteListener {
+    type Result = ();
+
+    fn handle(&mut self, msg: ThreadEnded, ctx: &mut Context<Self>) {
+        if msg.generation != self.generation || self.shutting_down {
+            return;
+        }
+        match msg.error {
+            Some(e) => {
+                log::warn!("sqlnotify: SQLite watcher failed: {e}");
+                ctx.stop();
+            }
+            // A clean end: told to stop, the notifier is gone, or the first start failed and
+            // was reported to start(). Nothing to restart.
+            None => self.shutting_down = true,
+        }
+    }
+}
+
+/// Stops the watcher thread for good; resolves once it has exited.
+struct Shutdown {
+    wake: Sender<Wake>,
+}
+
+impl Message for Shutdown {
+    type Result = ();
+}
+
+impl Handler<Shutdown> for SqliteListener {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
+        let _ = msg.wake.send(Wake::Stop);
+        let thread = self.thread.take();
+        Box::pin(async move {
+            if let Some(thread) = thread {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+        })
+    }
+}
+
+/// The notifier's handle on a running SQLite listener.
+pub(crate) struct SqliteListenerHandle {
+    addr: Addr<SqliteListener>,
+    wake: Sender<Wake>,
+    path: PathBuf,
+    consumer: Option<String>,
+    cursor: Arc<AtomicI64>,
+}
+
+impl ListenerHandle for SqliteListenerHandle {
+    fn shutdown(&mut self) -> BoxFuture<'static, ()> {
+        let (addr, wake) = (self.addr.clone(), self.wake.clone());
+        Box::pin(async move {
+            let _ = addr.send(Shutdown { wake }).await;
+        })
+    }
+
+    /// The pipeline is flushed: everything read was routed, so a named consumer's cursor may
+    /// move to the last row read.
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let Some(name) = self.consumer.clone() else {
+            return Box::pin(async { Ok(()) });
+        };
+        let (path, cursor) = (self.path.clone(), self.cursor.load(Ordering::Acquire));
+        Box::pin(async move {
+            if cursor < 0 {
+                return Ok(());
+            }
+            tokio::task::spawn_blocking(move || journal::save_cursor(&open(&path)?, &name, cursor))
+                .await
+                .map_err(|e| Error::db("saving the consumer cursor", e))?
+        })
+    }
+}
+
+/// Starts a supervised SQLite listener; resolves once its thread has placed its cursor.
+pub(crate) async fn start(
+    path: PathBuf,
+    params: ListenParams,
+    wake: (Sender<Wake>, Receiver<Wake>),
+) -> Result<Box<dyn ListenerHandle>> {
+    let (ready, is_ready) = oneshot::channel();
+    let cursor = Arc::new(AtomicI64::new(-1));
+    let shared = Shared {
+        path: path.clone(),
+        channels: Arc::new(params.channels.into_iter().collect()),
+        consumer: params.consumer.clone(),
+        decoder: params.decoder,
+        stats: params.stats,
+        cursor: cursor.clone(),
+        wake: wake.1,
+    };
+    let addr = Supervisor::start(move |_| SqliteListener {
+        shared,
+        backoff: Backoff::default(),
+        attempt: 0,
+        ready: Some(ready),
+        thread: None,
+        generation: 0,
+        shutting_down: false,
+    });
+    match is_ready.await {
+        Ok(Ok(())) => Ok(Box::new(SqliteListenerHandle {
+            addr,
+            wake: wake.0,
+            path,
+            consumer: params.consumer,
+            cursor,
+        })),
+        Ok(Err(e)) => {
+            let _ = addr.send(Shutdown { wake: wake.0 }).await;
+            Err(e)
+        }
+        Err(_) => Err(Error::NotRunning),
+    }
+}

@@ -1,0 +1,262 @@
+//! The SQLite dialect: triggers append to a journal table that listeners read by cursor.
+//!
+//! What sqlnotify changes on a SQLite database: it switches it to WAL mode (persistent, so
+//! the application's writers are never blocked by a listener's reads), and creates three
+//! tables — `sqlnotify_catalog`, `sqlnotify_journal`, `sqlnotify_consumers` — and one trigger
+//! per watch, named after its channel. Every connection it opens sets a busy timeout and keeps
+//! its transactions short.
+//!
+//! URLs: `sqlite:///absolute/path.db` and `sqlite://relative/path.db`. The file must exist.
+//! In-memory databases are refused: each connection to `:memory:` has a private database,
+//! so a listener could never see the application's writes.
+
+mod catalog;
+mod ddl;
+mod journal;
+mod listener;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use rusqlite::{Connection, OpenFlags};
+
+use self::listener::Wake;
+use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::error::{Error, Result};
+use crate::watch::{ResolvedWatch, TableInfo};
+
+/// How long a sqlnotify connection waits for a lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a connection to an existing database file, with sqlnotify's settings.
+pub(crate) fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::db(format!("opening SQLite database {}", path.display()), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| Error::db("setting the busy timeout", e))?;
+    Ok(conn)
+}
+
+/// The file a `sqlite://` URL names.
+pub(crate) fn parse_url(url: &str) -> Result<PathBuf> {
+    let invalid = |reason: &str| Error::InvalidUrl {
+        reason: format!("{url:?}: {reason}"),
+    };
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| {
+            invalid("expected sqlite:///absolute/path.db or sqlite://relative/path.db")
+        })?;
+    if rest.contains(":memory:") || rest.contains("mode=memory") {
+        return Err(invalid(
+            "in-memory SQLite databases cannot be watched: every connection gets its own private \
+             database, so the listener would never see the application's writes; use a file \
+             (a temporary directory is fine)",
+        ));
+    }
+    if rest.contains('?') {
+        return Err(invalid(
+            "query parameters are not supported in sqlite:// URLs",
+        ));
+    }
+    if rest.is_empty() {
+        return Err(invalid("no database file given"));
+    }
+    Ok(PathBuf::from(rest))
+}
+
+/// SQLite behind the [`Dialect`] interface.
+pub(crate) struct Sqlite {
+    path: PathBuf,
+    control: Arc<Mutex<Option<Connection>>>,
+    wake: (
+        crossbeam_channel::Sender<Wake>,
+        crossbeam_channel::Receiver<Wake>,
+    ),
+}
+
+impl Sqlite {
+    pub fn new(url: &str) -> Result<Self> {
+        Ok(Sqlite {
+            path: parse_url(url)?,
+            control: Arc::new(Mutex::new(None)),
+            wake: crossbeam_channel::unbounded(),
+        })
+    }
+
+    /// Runs `f` on the control connection, on a blocking thread.
+    fn blocking<T, F>(&self, f: F) -> BoxFuture<'static, Result<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        run_blocking(self.control.clone(), self.path.clone(), f)
+    }
+}
+
+fn run_blocking<T, F>(
+    control: Arc<Mutex<Option<Connection>>>,
+    path: PathBuf,
+    f: F,
+) -> BoxFuture<'static, Result<T>>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+{
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || {
+            let mut slot = control
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if slot.is_none() {
+                *slot = Some(open(&path)?);
+            }
+            f(slot.as_mut().expect("just opened"))
+        })
+        .await
+        .map_err(|e| Error::db("running a SQLite call", e))?
+    })
+}
+
+impl Dialect for Sqlite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn default_schema(&self) -> &'static str {
+        "main"
+    }
+
+    fn describe_tables(
+        &self,
+        tables: Vec<(String, String)>,
+    ) -> BoxFuture<'static, Result<Vec<TableInfo>>> {
+        self.blocking(move |conn| {
+            tables
+                .iter()
+                .map(|(schema, table)| catalog::describe_table(conn, schema, table))
+                .collect()
+        })
+    }
+
+    fn install(
+        &self,
+        watches: Vec<ResolvedWatch>,
+        options: InstallOptions,
+    ) -> BoxFuture<'static, Result<()>> {
+        self.blocking(move |conn| catalog::install(conn, &watches, options))
+    }
+
+    fn install_sql(&self, watches: &[ResolvedWatch]) -> String {
+        ddl::install_script(watches)
+    }
+
+    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
+        self.blocking(move |conn| catalog::uninstall(conn, &channels))
+    }
+
+    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>> {
+        self.blocking(catalog::cleanup_all)
+    }
+
+    fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        Box::pin(listener::start(
+            self.path.clone(),
+            params,
+            self.wake.clone(),
+        ))
+    }
+
+    fn payload_limit(&self) -> Option<usize> {
+        None
+    }
+
+    fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>> {
+        let wake = self.wake.0.clone();
+        let appended = self.blocking(move |conn| journal::append(conn, &channel, &payload));
+        Box::pin(async move {
+            appended.await?;
+            // Our own write: tell the watcher now instead of waiting for its next check.
+            let _ = wake.send(Wake::Now);
+            Ok(())
+        })
+    }
+
+    fn store_overflow(&self, channel: String, _payload: String) -> BoxFuture<'static, Result<i64>> {
+        Box::pin(async move {
+            Err(Error::InvalidPayload {
+                channel,
+                reason: "SQLite has no payload limit and no overflow table".into(),
+            })
+        })
+    }
+
+    fn overflow_store(&self) -> Arc<dyn OverflowStore> {
+        Arc::new(JournalStore {
+            control: self.control.clone(),
+            path: self.path.clone(),
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        let control = self.control.clone();
+        Box::pin(async move {
+            let conn = control.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(conn) = conn {
+                let _ = tokio::task::spawn_blocking(move || drop(conn)).await;
+            }
+        })
+    }
+}
+
+/// The decoder's view of SQLite: payloads are never references (no size limit), and the
+/// periodic purge trims the journal.
+struct JournalStore {
+    control: Arc<Mutex<Option<Connection>>>,
+    path: PathBuf,
+}
+
+impl OverflowStore for JournalStore {
+    fn fetch(&self, _reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
+        run_blocking(self.control.clone(), self.path.clone(), move |conn| {
+            journal::purge(conn, retention)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("sqlite:///tmp/a.db").unwrap(),
+            PathBuf::from("/tmp/a.db")
+        );
+        assert_eq!(
+            parse_url("sqlite://data/a.db").unwrap(),
+            PathBuf::from("data/a.db")
+        );
+        for bad in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://file:x?mode=memory&cache=shared",
+        ] {
+            let e = parse_url(bad).unwrap_err().to_string();
+            assert!(e.contains("in-memory"), "{bad}: {e}");
+        }
+        assert!(parse_url("sqlite://").is_err());
+        assert!(parse_url("sqlite:///a.db?x=1").is_err());
+    }
+}
