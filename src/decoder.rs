@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use tokio::sync::Semaphore;
 
 use crate::dialect::OverflowStore;
 use crate::event::{ChangeEvent, Channel, Channels, RawNotification};
 use crate::payload::{decode, Decoded};
 use crate::registry::{Registry, Route};
 use crate::stats::Counters;
+use crate::status::StatusEvent;
 use crate::subscriber::Flush;
 
 /// Overflow retention: how long overflow rows are kept, and how often old ones are deleted.
@@ -29,6 +31,7 @@ pub(crate) struct Retention {
 /// Decodes notifications. Started by the notifier.
 pub(crate) struct Decoder {
     channels: Arc<Channels>,
+    budget: Arc<Semaphore>,
     store: Arc<dyn OverflowStore>,
     registry: Addr<Registry>,
     stats: Arc<Counters>,
@@ -42,9 +45,11 @@ impl Decoder {
         registry: Addr<Registry>,
         stats: Arc<Counters>,
         retention: Retention,
+        budget: Arc<Semaphore>,
     ) -> Self {
         Decoder {
             channels,
+            budget,
             store,
             registry,
             stats,
@@ -137,6 +142,8 @@ impl Decoder {
 
     fn malformed(&self, raw: &RawNotification, reason: &str) {
         Counters::add(&self.stats.malformed, 1);
+        // No event will carry this notification's unit of in-flight budget: give it back.
+        self.budget.add_permits(1);
         let preview: String = raw.payload.chars().take(200).collect();
         log::warn!(
             "sqlnotify: dropping malformed notification on channel {:?}: {reason} (payload: {preview:?})",
@@ -160,7 +167,9 @@ impl Actor for Decoder {
     }
 }
 
-/// Notifications read by a listener, in the order they were committed.
+/// Notifications read by a listener, in the order they were committed. The sender must hold
+/// one unit of the notifier's in-flight budget per notification (listeners acquire them
+/// before reading on); the pipeline gives each back once its event is handed over or dropped.
 #[derive(Debug)]
 pub struct RawBatch(pub Vec<RawNotification>);
 
@@ -174,6 +183,15 @@ impl Handler<RawBatch> for Decoder {
     fn handle(&mut self, RawBatch(batch): RawBatch, ctx: &mut Context<Self>) {
         Counters::add(&self.stats.received, batch.len() as u64);
         self.process(batch.into(), ctx);
+    }
+}
+
+impl Handler<StatusEvent> for Decoder {
+    type Result = ();
+
+    /// Status travels through the decoder so it stays in order with the events around it.
+    fn handle(&mut self, status: StatusEvent, _: &mut Context<Self>) {
+        self.registry.do_send(status);
     }
 }
 

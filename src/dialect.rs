@@ -16,7 +16,9 @@ use futures_util::future::BoxFuture;
 use crate::decoder::RawBatch;
 use crate::error::Result;
 use crate::stats::Counters;
+use crate::status::StatusEvent;
 use crate::watch::{ResolvedWatch, TableInfo};
+use tokio::sync::Semaphore;
 
 /// How `start()` treats existing database objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +49,12 @@ pub(crate) struct ListenParams {
     pub decoder: Recipient<RawBatch>,
     /// Counters (also: whether a subscriber exists, and how far routing got).
     pub stats: Arc<Counters>,
+    /// Where status messages go (the decoder, so they stay in order with events).
+    pub status: Recipient<StatusEvent>,
+    /// In-flight budget: acquire one unit per notification before passing it on.
+    pub budget: Arc<Semaphore>,
+    /// How often the listener checks that its connection is alive.
+    pub health_check: Duration,
 }
 
 /// A running listener, as the notifier holds it.

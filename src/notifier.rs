@@ -12,14 +12,16 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
 use crate::decoder::{Decoder, Retention};
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel, Channels, Operation};
 use crate::payload::{encode_custom, encode_overflow_ref};
-use crate::registry::{Registry, Shutdown, Subscribe, Unsubscribe};
+use crate::registry::{Registry, Shutdown, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
 use crate::stats::{Counters, Stats};
+use crate::status::StatusEvent;
 use crate::subscriber::{Flush, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
 use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
@@ -47,6 +49,8 @@ pub struct NotifierBuilder {
     cleanup_on_stop: bool,
     manage_triggers: bool,
     retention: Retention,
+    max_in_flight: usize,
+    health_check: Duration,
 }
 
 impl std::fmt::Debug for NotifierBuilder {
@@ -156,6 +160,23 @@ impl NotifierBuilder {
         self
     }
 
+    /// The pipeline's in-flight budget: how many events may be on their way (read but not yet
+    /// handed to every subscriber) at once. When it is used up — a subscriber with the
+    /// [`Wait`](crate::OverflowPolicy::Wait) policy is behind — the listener stops reading
+    /// until there is room, so memory stays bounded. Default: 65,536.
+    pub fn max_in_flight(mut self, events: usize) -> Self {
+        self.max_in_flight = events.clamp(MIN_IN_FLIGHT, Semaphore::MAX_PERMITS);
+        self
+    }
+
+    /// How often the listener checks that its connection is alive (a query that must answer
+    /// within this interval; TCP keepalive is also set to it unless the URL sets its own).
+    /// A connection that fails the check is dropped and re-established. Default: 10 s.
+    pub fn health_check_interval(mut self, every: Duration) -> Self {
+        self.health_check = every.max(Duration::from_millis(100));
+        self
+    }
+
     /// The dialect the URL selects: `"postgresql"` or `"sqlite"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
         Ok(open_dialect(&self.url)?.name())
@@ -240,13 +261,15 @@ impl NotifierBuilder {
             dialect.default_schema(),
         ));
         let stats = Arc::new(Counters::default());
-        let registry = Registry::new(channels.clone(), stats.clone()).start();
+        let budget = Arc::new(Semaphore::new(self.max_in_flight));
+        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone()).start();
         let decoder = Decoder::new(
             channels.clone(),
             dialect.overflow_store(),
             registry.clone(),
             stats.clone(),
             self.retention,
+            budget.clone(),
         )
         .start();
         for (subscription, recipient) in &self.subscriptions {
@@ -262,6 +285,9 @@ impl NotifierBuilder {
             consumer: self.consumer.clone(),
             decoder: decoder.clone().recipient(),
             stats: stats.clone(),
+            status: decoder.clone().recipient(),
+            budget,
+            health_check: self.health_check,
         };
         let listener = match dialect.listen(params).await {
             Ok(listener) => listener,
@@ -316,6 +342,11 @@ fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
         }),
     }
 }
+
+/// Default in-flight budget (events).
+const DEFAULT_MAX_IN_FLIGHT: usize = 65_536;
+/// Smallest in-flight budget: one listener batch must fit.
+const MIN_IN_FLIGHT: usize = 1_024;
 
 /// A custom event for [`Notifier::notify_with`]: a JSON object sent on a watched channel and
 /// delivered to subscribers exactly like a trigger's event.
@@ -400,6 +431,8 @@ impl Notifier {
                 keep: Duration::from_secs(3600),
                 every: Duration::from_secs(60),
             },
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            health_check: Duration::from_secs(10),
         }
     }
 
@@ -451,18 +484,42 @@ impl Notifier {
             .await?
     }
 
-    /// Delivers the events `subscription` selects into a channel, for blocking code.
+    /// Delivers the events `subscription` selects into a bounded channel (capacity: the
+    /// subscription's buffer), for blocking code. When the channel is full, events wait in the
+    /// subscription's buffer under its overflow policy.
     pub async fn subscribe_channel(
         &self,
         subscription: Subscription,
     ) -> Result<(SubscriptionId, crossbeam_channel::Receiver<ChangeEvent>)> {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crossbeam_channel::bounded(subscription.buffer);
         let id = self
             .inner
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await??;
         Ok((id, rx))
+    }
+
+    /// Sends [`StatusEvent`]s (connected, disconnected, gap, lagged …) to an actor.
+    pub async fn subscribe_status(&self, recipient: Recipient<StatusEvent>) -> Result<()> {
+        Ok(self
+            .inner
+            .registry
+            .send(SubscribeStatus(StatusSink::Recipient(recipient)))
+            .await?)
+    }
+
+    /// Runs `f` for every [`StatusEvent`], in an actor of its own.
+    pub async fn subscribe_status_fn<F>(&self, f: F) -> Result<()>
+    where
+        F: FnMut(StatusEvent) + 'static,
+    {
+        let actor = FnSubscriber::new(f, self.inner.stats.clone()).start();
+        Ok(self
+            .inner
+            .registry
+            .send(SubscribeStatus(StatusSink::Fn(actor)))
+            .await?)
     }
 
     /// Removes a subscription. No event is delivered to it once this returns.

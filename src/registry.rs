@@ -5,26 +5,45 @@
 //! who wire actors themselves can talk to the registry's `Addr` directly. A subscription is
 //! checked when it is made — an unwatched table/operation/label or a filter on a column the
 //! channel does not carry is an error then, not a subscription that silently never fires.
-//! Events arrive from the decoder in commit order and are handed out in that order.
+//!
+//! Events arrive from the decoder in commit order and are handed out in that order. Handing
+//! over never blocks: an event a subscriber's mailbox cannot take waits in that subscriber's
+//! buffer (under its overflow policy) and the registry retries — at once while the subscriber
+//! is draining, every millisecond while it is stuck — so one slow subscriber never delays the
+//! others unless its policy is to wait. Status messages go to status subscribers.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::future::join_all;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels};
 use crate::filter::Filter;
 use crate::stats::Counters;
-use crate::subscriber::{Delivery, Flush, Sink};
+use crate::status::{Status, StatusEvent};
+use crate::subscriber::{Buffer, Flush, FnSubscriber, Refused, Sink, Ticket};
 use crate::subscription::{Subscription, SubscriptionId};
+
+/// Retry interval while a subscriber's mailbox stays full.
+const RETRY: Duration = Duration::from_millis(1);
 
 struct Subscriber {
     id: SubscriptionId,
     filters: Vec<Filter>,
     sink: Sink,
+    buffer: Buffer,
+    closed: bool,
+}
+
+/// Where status messages go.
+pub(crate) enum StatusSink {
+    Recipient(Recipient<StatusEvent>),
+    Fn(Addr<FnSubscriber<StatusEvent>>),
 }
 
 /// Routes events to subscribers. Started by the notifier; reach it with
@@ -32,17 +51,31 @@ struct Subscriber {
 pub struct Registry {
     channels: Arc<Channels>,
     by_channel: HashMap<String, Vec<Subscriber>>,
+    status: Vec<StatusSink>,
     next_id: u64,
     stats: Arc<Counters>,
+    budget: Arc<Semaphore>,
+    /// A retry is already scheduled.
+    retry_pending: bool,
+    /// Waiting for every buffer to drain (stop()).
+    flush_waiters: Vec<oneshot::Sender<()>>,
 }
 
 impl Registry {
-    pub(crate) fn new(channels: Arc<Channels>, stats: Arc<Counters>) -> Self {
+    pub(crate) fn new(
+        channels: Arc<Channels>,
+        stats: Arc<Counters>,
+        budget: Arc<Semaphore>,
+    ) -> Self {
         Registry {
             channels,
             by_channel: HashMap::new(),
+            status: Vec::new(),
             next_id: 1,
             stats,
+            budget,
+            retry_pending: false,
+            flush_waiters: Vec::new(),
         }
     }
 
@@ -78,44 +111,118 @@ impl Registry {
                 id,
                 filters: subscription.filters,
                 sink,
+                buffer: Buffer::new(subscription.policy, subscription.buffer),
+                closed: false,
             });
         log::debug!("sqlnotify: subscription {id} on {}", channel.name());
         self.stats.has_subscriber.store(true, Ordering::Release);
         Ok(id)
     }
 
-    fn route(&mut self, event: ChangeEvent) {
+    /// Routes one event. Returns whether some buffer is now non-empty.
+    fn route(&mut self, event: ChangeEvent) -> bool {
         if let Some(sequence) = event.sequence() {
             self.stats
                 .routed_sequence
                 .fetch_max(sequence, Ordering::Relaxed);
         }
+        // The event's unit of in-flight budget; given back when no buffer holds it any more.
+        let ticket = Ticket::new(&self.budget);
         let Some(subscribers) = self.by_channel.get_mut(event.channel()) else {
             Counters::add(&self.stats.unrouted, 1);
-            return;
+            return false;
         };
-        let (mut delivered, mut filtered) = (0, 0);
-        subscribers.retain(|s| {
+        let (mut delivered, mut filtered, mut dropped, mut buffered) = (0, 0, 0, false);
+        for s in subscribers.iter_mut().filter(|s| !s.closed) {
             if !s.filters.iter().all(|f| f.matches(&event)) {
                 filtered += 1;
-                return true;
+                continue;
             }
-            match s.sink.deliver(event.clone()) {
-                Delivery::Delivered => {
-                    delivered += 1;
-                    true
+            delivered += 1;
+            if s.buffer.is_empty() {
+                match s.sink.try_deliver(event.clone()) {
+                    Ok(()) => continue,
+                    Err(Refused::Closed) => {
+                        s.closed = true;
+                        continue;
+                    }
+                    Err(Refused::Full(event)) => dropped += s.buffer.push(event, ticket.clone()),
                 }
-                Delivery::Closed => {
-                    log::debug!("sqlnotify: subscriber {} is gone; removing it", s.id);
-                    false
-                }
+            } else {
+                dropped += s.buffer.push(event.clone(), ticket.clone());
             }
-        });
+            buffered = true;
+        }
         if delivered == 0 && filtered == 0 {
             Counters::add(&self.stats.unrouted, 1);
         }
         Counters::add(&self.stats.delivered, delivered);
         Counters::add(&self.stats.filtered_out, filtered);
+        Counters::add(&self.stats.dropped, dropped);
+        buffered
+    }
+
+    /// Hands buffered events over; reports lag; schedules the next retry if needed.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        let (mut progress, mut waiting, mut lagged, mut queued) = (false, false, Vec::new(), 0);
+        for s in self.by_channel.values_mut().flatten() {
+            if !s.buffer.is_empty() && !s.closed {
+                let (handed, closed) = s.buffer.drain_into(&s.sink);
+                progress |= handed > 0;
+                s.closed |= closed;
+            }
+            if s.buffer.dropped > 0 {
+                lagged.push((s.id, std::mem::take(&mut s.buffer.dropped)));
+            }
+            if !s.closed {
+                waiting |= !s.buffer.is_empty();
+                queued += s.buffer.len();
+            }
+        }
+        self.prune();
+        self.stats.queued.store(queued as u64, Ordering::Relaxed);
+        for (subscription, dropped) in lagged {
+            self.publish(Status::Lagged {
+                subscription,
+                dropped,
+            });
+        }
+        if !waiting {
+            for waiter in self.flush_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        } else if !self.retry_pending {
+            self.retry_pending = true;
+            // Draining: try again right after the subscribers had their turn. Stuck: back off.
+            if progress {
+                ctx.notify(Retry);
+            } else {
+                ctx.notify_later(Retry, RETRY);
+            }
+        }
+    }
+
+    /// Removes subscriptions whose receiver is gone.
+    fn prune(&mut self) {
+        for subscribers in self.by_channel.values_mut() {
+            subscribers.retain(|s| {
+                if s.closed {
+                    log::debug!("sqlnotify: subscriber {} is gone; removing it", s.id);
+                }
+                !s.closed
+            });
+        }
+    }
+
+    fn publish(&mut self, status: Status) {
+        let event = StatusEvent::now(status);
+        self.status.retain(|sink| match sink {
+            StatusSink::Recipient(r) => r.try_send(event.clone()).is_ok() || r.connected(),
+            StatusSink::Fn(addr) => {
+                addr.do_send(event.clone());
+                addr.connected()
+            }
+        });
     }
 }
 
@@ -192,6 +299,29 @@ impl Handler<Unsubscribe> for Registry {
     }
 }
 
+/// Subscribes to status messages.
+pub(crate) struct SubscribeStatus(pub StatusSink);
+
+impl Message for SubscribeStatus {
+    type Result = ();
+}
+
+impl Handler<SubscribeStatus> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, SubscribeStatus(sink): SubscribeStatus, _: &mut Context<Self>) {
+        self.status.push(sink);
+    }
+}
+
+impl Handler<StatusEvent> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, event: StatusEvent, _: &mut Context<Self>) {
+        self.publish(event.status);
+    }
+}
+
 /// Decoded events, in commit order, from the decoder.
 pub(crate) struct Route(pub Vec<ChangeEvent>);
 
@@ -202,29 +332,63 @@ impl Message for Route {
 impl Handler<Route> for Registry {
     type Result = ();
 
-    fn handle(&mut self, Route(events): Route, _: &mut Context<Self>) {
+    fn handle(&mut self, Route(events): Route, ctx: &mut Context<Self>) {
+        let mut buffered = false;
         for event in events {
-            self.route(event);
+            buffered |= self.route(event);
         }
+        if buffered || self.stats.queued.load(Ordering::Relaxed) > 0 {
+            self.pump(ctx);
+        }
+    }
+}
+
+/// Retry handing buffered events over.
+struct Retry;
+
+impl Message for Retry {
+    type Result = ();
+}
+
+impl Handler<Retry> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: Retry, ctx: &mut Context<Self>) {
+        self.retry_pending = false;
+        self.pump(ctx);
     }
 }
 
 impl Handler<Flush> for Registry {
     type Result = ResponseFuture<()>;
 
-    /// Everything routed before the flush has been handed out; closures have also run.
-    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
-        let pending: Vec<_> = self
+    /// Resolves once everything routed before the flush has been handed over (buffers empty)
+    /// and closure subscribers have run it.
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> Self::Result {
+        let (drained, is_drained) = oneshot::channel();
+        self.flush_waiters.push(drained);
+        self.pump(ctx);
+        let closures: Vec<_> = self
             .by_channel
             .values()
             .flatten()
             .filter_map(|s| match &s.sink {
-                Sink::Fn(addr) => Some(addr.send(Flush)),
+                Sink::Fn(addr) => Some(addr.clone()),
                 _ => None,
             })
             .collect();
+        let status_closures: Vec<_> = self
+            .status
+            .iter()
+            .filter_map(|s| match s {
+                StatusSink::Fn(addr) => Some(addr.clone()),
+                StatusSink::Recipient(_) => None,
+            })
+            .collect();
         Box::pin(async move {
-            join_all(pending).await;
+            let _ = is_drained.await;
+            join_all(closures.iter().map(|a| a.send(Flush))).await;
+            join_all(status_closures.iter().map(|a| a.send(Flush))).await;
         })
     }
 }
@@ -241,6 +405,7 @@ impl Handler<Shutdown> for Registry {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         self.by_channel.clear();
+        self.status.clear();
         ctx.stop();
     }
 }

@@ -24,6 +24,10 @@ pub struct Stats {
     pub restarts: u64,
     /// Subscriber closures that panicked (caught; routing continued).
     pub subscriber_panics: u64,
+    /// Events subscribers' policies dropped (each is also reported as `Status::Lagged`).
+    pub dropped: u64,
+    /// Events currently waiting in subscriber buffers.
+    pub queued: u64,
     /// Journal position of the last event routed (SQLite); 0 when none or not journal-based.
     pub last_sequence: i64,
 }
@@ -40,6 +44,8 @@ pub(crate) struct Counters {
     pub unrouted: AtomicU64,
     pub restarts: AtomicU64,
     pub subscriber_panics: AtomicU64,
+    pub dropped: AtomicU64,
+    pub queued: AtomicU64,
     /// Journal position up to which events have been routed (what a consumer cursor may save).
     pub routed_sequence: AtomicI64,
     /// Set when the first subscription is registered: journal replay waits for it.
@@ -63,6 +69,8 @@ impl Counters {
             unrouted: get(&self.unrouted),
             restarts: get(&self.restarts),
             subscriber_panics: get(&self.subscriber_panics),
+            dropped: get(&self.dropped),
+            queued: get(&self.queued),
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
         }
     }

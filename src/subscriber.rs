@@ -1,106 +1,210 @@
-//! Subscriber adapters: where the registry can deliver events besides a user's own actor.
+//! Subscriber adapters and per-subscriber buffering.
 //!
-//! [`Sink`] is the registry's view of a subscriber. [`FnSubscriber`] wraps a closure in an
-//! actor of its own, so a slow closure never blocks routing and a panicking one is caught
-//! and counted instead of taking the arbiter down.
+//! [`Sink`] is the registry's view of a subscriber: a user's actor, a closure running in an
+//! actor of its own ([`FnSubscriber`], which catches panics), or a bounded channel for
+//! blocking code. Delivery is non-blocking (`try_send`); what does not fit waits in the
+//! subscriber's [`Buffer`], where its [`OverflowPolicy`] decides what happens when full.
+//! Each buffered event holds a [`Ticket`]: a unit of the pipeline's in-flight budget, given
+//! back when the event is handed over or dropped, so a stalled subscriber eventually stops the
+//! listener instead of growing memory.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use tokio::sync::Semaphore;
 
 use crate::event::ChangeEvent;
 use crate::stats::Counters;
+use crate::status::StatusEvent;
+use crate::subscription::OverflowPolicy;
 
 /// Where a subscription's events go.
 pub(crate) enum Sink {
     /// A user's actor.
     Recipient(Recipient<ChangeEvent>),
     /// A closure running in its own actor.
-    Fn(Addr<FnSubscriber>),
-    /// A channel read by blocking code.
+    Fn(Addr<FnSubscriber<ChangeEvent>>),
+    /// A bounded channel read by blocking code.
     Channel(crossbeam_channel::Sender<ChangeEvent>),
 }
 
-/// Outcome of handing one event to a sink.
-pub(crate) enum Delivery {
-    Delivered,
-    /// The receiving end is gone: the subscription should be removed.
+/// Why an event could not be handed over.
+pub(crate) enum Refused {
+    /// The subscriber's mailbox is full: keep the event and retry.
+    Full(ChangeEvent),
+    /// The subscriber is gone: remove the subscription.
     Closed,
 }
 
 impl Sink {
-    pub fn deliver(&self, event: ChangeEvent) -> Delivery {
-        let closed = match self {
-            Sink::Recipient(r) => match r.try_send(event) {
-                Ok(()) => false,
-                // A full mailbox still gets the event: mailbox policies arrive with bounded
-                // delivery; dropping here would lose events silently.
-                Err(SendError::Full(event)) => {
-                    r.do_send(event);
-                    false
-                }
-                Err(SendError::Closed(_)) => true,
-            },
-            Sink::Fn(addr) => {
-                if addr.connected() {
-                    addr.do_send(event);
-                    false
-                } else {
-                    true
-                }
-            }
-            Sink::Channel(tx) => tx.send(event).is_err(),
-        };
-        if closed {
-            Delivery::Closed
-        } else {
-            Delivery::Delivered
+    pub fn try_deliver(&self, event: ChangeEvent) -> Result<(), Refused> {
+        match self {
+            Sink::Recipient(r) => r.try_send(event).map_err(|e| match e {
+                SendError::Full(event) => Refused::Full(event),
+                SendError::Closed(_) => Refused::Closed,
+            }),
+            Sink::Fn(addr) => addr.try_send(event).map_err(|e| match e {
+                SendError::Full(event) => Refused::Full(event),
+                SendError::Closed(_) => Refused::Closed,
+            }),
+            Sink::Channel(tx) => tx.try_send(event).map_err(|e| match e {
+                crossbeam_channel::TrySendError::Full(event) => Refused::Full(event),
+                crossbeam_channel::TrySendError::Disconnected(_) => Refused::Closed,
+            }),
         }
     }
 }
 
-/// An actor that runs a closure for every event, catching panics.
-pub(crate) struct FnSubscriber {
-    f: Box<dyn FnMut(ChangeEvent)>,
+/// One unit of the pipeline's in-flight budget, returned when dropped.
+pub(crate) struct Ticket(Arc<Semaphore>);
+
+impl Ticket {
+    pub fn new(budget: &Arc<Semaphore>) -> Rc<Ticket> {
+        Rc::new(Ticket(budget.clone()))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
+
+/// Events waiting for one subscriber, under its overflow policy.
+pub(crate) struct Buffer {
+    queue: VecDeque<(ChangeEvent, Rc<Ticket>)>,
+    policy: OverflowPolicy,
+    capacity: usize,
+    /// Events dropped by the policy since the last `Lagged` notice.
+    pub dropped: u64,
+}
+
+impl Buffer {
+    pub fn new(policy: OverflowPolicy, capacity: usize) -> Self {
+        Buffer {
+            queue: VecDeque::new(),
+            policy,
+            capacity: capacity.max(1),
+            dropped: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Buffers `event`, applying the policy if full. Returns how many events were dropped.
+    pub fn push(&mut self, event: ChangeEvent, ticket: Rc<Ticket>) -> u64 {
+        let before = self.dropped;
+        match self.policy {
+            OverflowPolicy::Wait => {}
+            OverflowPolicy::KeepLatestPerKey => {
+                let same = self
+                    .queue
+                    .iter()
+                    .position(|(e, _)| e.channel() == event.channel() && e.id() == event.id());
+                if let Some(pos) = same {
+                    self.queue[pos] = (event, ticket);
+                    self.dropped += 1;
+                    return self.dropped - before;
+                }
+                self.make_room();
+            }
+            OverflowPolicy::DropOldest => self.make_room(),
+        }
+        self.queue.push_back((event, ticket));
+        self.dropped - before
+    }
+
+    fn make_room(&mut self) {
+        while self.queue.len() >= self.capacity {
+            self.queue.pop_front();
+            self.dropped += 1;
+        }
+    }
+
+    /// Hands buffered events to `sink` until it refuses. Returns (handed over, sink closed).
+    pub fn drain_into(&mut self, sink: &Sink) -> (u64, bool) {
+        let mut handed = 0;
+        while let Some((event, ticket)) = self.queue.pop_front() {
+            match sink.try_deliver(event) {
+                Ok(()) => handed += 1,
+                Err(Refused::Full(event)) => {
+                    self.queue.push_front((event, ticket));
+                    return (handed, false);
+                }
+                Err(Refused::Closed) => return (handed, true),
+            }
+        }
+        (handed, false)
+    }
+}
+
+/// Mailbox capacity of closure subscribers.
+pub(crate) const FN_MAILBOX_CAPACITY: usize = 1024;
+
+/// An actor that runs a closure for every event (or status), catching panics.
+pub(crate) struct FnSubscriber<M> {
+    f: Box<dyn FnMut(M)>,
     stats: Arc<Counters>,
 }
 
-impl FnSubscriber {
-    pub fn new(f: impl FnMut(ChangeEvent) + 'static, stats: Arc<Counters>) -> Self {
+impl<M> FnSubscriber<M> {
+    pub fn new(f: impl FnMut(M) + 'static, stats: Arc<Counters>) -> Self {
         FnSubscriber {
             f: Box::new(f),
             stats,
         }
     }
-}
 
-impl Actor for FnSubscriber {
-    type Context = Context<Self>;
-}
-
-impl Handler<ChangeEvent> for FnSubscriber {
-    type Result = ();
-
-    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
-        let channel = event.channel().to_string();
-        if catch_unwind(AssertUnwindSafe(|| (self.f)(event))).is_err() {
+    fn call(&mut self, message: M) {
+        if catch_unwind(AssertUnwindSafe(|| (self.f)(message))).is_err() {
             Counters::add(&self.stats.subscriber_panics, 1);
-            log::error!(
-                "sqlnotify: a subscriber closure panicked on an event from {channel}; continuing"
-            );
+            log::error!("sqlnotify: a subscriber closure panicked; continuing with the next event");
         }
     }
 }
 
-/// Resolves once every event sent before it has been handled.
+impl<M: 'static> Actor for FnSubscriber<M> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Bursts go straight into the mailbox instead of waiting in the registry's buffer.
+        ctx.set_mailbox_capacity(FN_MAILBOX_CAPACITY);
+    }
+}
+
+impl Handler<ChangeEvent> for FnSubscriber<ChangeEvent> {
+    type Result = ();
+
+    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
+        self.call(event);
+    }
+}
+
+impl Handler<StatusEvent> for FnSubscriber<StatusEvent> {
+    type Result = ();
+
+    fn handle(&mut self, status: StatusEvent, _: &mut Context<Self>) {
+        self.call(status);
+    }
+}
+
+/// Resolves once every message sent before it has been handled.
 pub(crate) struct Flush;
 
 impl Message for Flush {
     type Result = ();
 }
 
-impl Handler<Flush> for FnSubscriber {
+impl<M: 'static> Handler<Flush> for FnSubscriber<M> {
     type Result = ();
 
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) {}

@@ -22,6 +22,25 @@ impl fmt::Display for SubscriptionId {
     }
 }
 
+/// What happens when a subscriber cannot keep up and its buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverflowPolicy {
+    /// Deliver every event: when the buffer is full the whole notifier waits (the pipeline's
+    /// in-flight budget runs out, the listener stops reading; PostgreSQL holds notifications in
+    /// its queue, journals pause their cursor). Memory stays bounded; other subscribers wait too.
+    #[default]
+    Wait,
+    /// Drop the oldest buffered event to make room; the subscriber is told with a
+    /// [`Status::Lagged`](crate::Status::Lagged). Never slows anyone else down.
+    DropOldest,
+    /// Keep only the newest buffered event per row key (then drop the oldest if still full):
+    /// right for "latest state" consumers such as caches. Replacements count as lag.
+    KeepLatestPerKey,
+}
+
+/// Default per-subscriber buffer, in events.
+pub const DEFAULT_BUFFER: usize = 1024;
+
 /// The events a subscriber wants: one watched table and operation (and channel label, when
 /// the watch has one), narrowed by filters that must all match.
 ///
@@ -40,6 +59,8 @@ pub struct Subscription {
     pub(crate) operation: Operation,
     pub(crate) label: Option<String>,
     pub(crate) filters: Vec<Filter>,
+    pub(crate) policy: OverflowPolicy,
+    pub(crate) buffer: usize,
 }
 
 impl Subscription {
@@ -57,6 +78,8 @@ impl Subscription {
             operation,
             label: None,
             filters: Vec::new(),
+            policy: OverflowPolicy::default(),
+            buffer: DEFAULT_BUFFER,
         }
     }
 
@@ -75,6 +98,19 @@ impl Subscription {
     /// Adds a filter; all filters must match (AND).
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filters.push(filter);
+        self
+    }
+
+    /// What to do when this subscriber falls behind. Default: [`OverflowPolicy::Wait`].
+    pub fn policy(mut self, policy: OverflowPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How many events may wait for this subscriber (besides those already in its actor's
+    /// mailbox) before its policy applies. Default: 1024; at least 1.
+    pub fn buffer(mut self, events: usize) -> Self {
+        self.buffer = events.max(1);
         self
     }
 

@@ -30,6 +30,8 @@ use crate::decoder::RawBatch;
 use crate::dialect::{ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::stats::Counters;
+use crate::status::{Status, StatusEvent};
+use tokio::sync::Semaphore;
 
 /// Polling interval while events flow.
 const ACTIVE_INTERVAL: Duration = Duration::from_millis(1);
@@ -60,6 +62,8 @@ struct Shared {
     channels: Arc<HashSet<String>>,
     consumer: Option<String>,
     decoder: Recipient<RawBatch>,
+    status: Recipient<StatusEvent>,
+    budget: Arc<Semaphore>,
     stats: Arc<Counters>,
     /// Last journal id read; -1 until the first thread has placed it.
     cursor: Arc<AtomicI64>,
@@ -85,10 +89,17 @@ impl SqliteListener {
         let (shared, generation) = (self.shared.clone(), self.generation);
         let me = ctx.address().downgrade();
         let ready = self.ready.take();
+        let restarted = self.attempt > 0;
         let spawned = std::thread::Builder::new()
             .name("sqlnotify-sqlite".into())
             .spawn(move || {
-                let outcome = watch(&shared, ready);
+                let outcome = watch(&shared, ready, restarted);
+                if let Err(e) = &outcome {
+                    let error = e.to_string();
+                    shared
+                        .status
+                        .do_send(StatusEvent::now(Status::Disconnected { error }));
+                }
                 notify_end(me, generation, outcome.err());
             });
         match spawned {
@@ -108,7 +119,11 @@ fn notify_end(me: WeakAddr<SqliteListener>, generation: u64, error: Option<Error
 }
 
 /// The watcher thread's body. Reports readiness (or the first failure) through `ready`.
-fn watch(shared: &Shared, mut ready: Option<oneshot::Sender<Result<()>>>) -> Result<()> {
+fn watch(
+    shared: &Shared,
+    mut ready: Option<oneshot::Sender<Result<()>>>,
+    restarted: bool,
+) -> Result<()> {
     let setup = || -> Result<_> {
         let conn = open(&shared.path)?;
         if shared.cursor.load(Ordering::Acquire) < 0 {
@@ -142,6 +157,22 @@ fn watch(shared: &Shared, mut ready: Option<oneshot::Sender<Result<()>>>) -> Res
         let _ = ready.send(Ok(()));
     }
 
+    if restarted {
+        // Resuming from the shared cursor: nothing committed meanwhile is lost.
+        shared.status.do_send(StatusEvent::now(Status::Connected));
+        let before = shared.stats.received.load(Ordering::Relaxed);
+        if read_all(&conn, shared)?.is_none() {
+            return Ok(());
+        }
+        let replayed = shared
+            .stats
+            .received
+            .load(Ordering::Relaxed)
+            .saturating_sub(before);
+        shared
+            .status
+            .do_send(StatusEvent::now(Status::Resynced { replayed }));
+    }
     let mut last_event = Instant::now();
     let mut interval = ACTIVE_INTERVAL;
     let mut saved = (
@@ -153,9 +184,15 @@ fn watch(shared: &Shared, mut ready: Option<oneshot::Sender<Result<()>>>) -> Res
         let version = journal::data_version(&conn)?;
         let gate_open =
             shared.consumer.is_none() || shared.stats.has_subscriber.load(Ordering::Acquire);
-        if gate_open && read_all(&conn, shared)? {
-            last_event = Instant::now();
-            interval = ACTIVE_INTERVAL;
+        if gate_open {
+            match read_all(&conn, shared)? {
+                None => return Ok(()),
+                Some(true) => {
+                    last_event = Instant::now();
+                    interval = ACTIVE_INTERVAL;
+                }
+                Some(false) => {}
+            }
         }
         if let Some(name) = &shared.consumer {
             let routed = shared.stats.routed_sequence.load(Ordering::Relaxed);
@@ -186,17 +223,37 @@ fn watch(shared: &Shared, mut ready: Option<oneshot::Sender<Result<()>>>) -> Res
     }
 }
 
-/// Reads and forwards every row past the cursor. Returns whether any event was forwarded.
-fn read_all(conn: &rusqlite::Connection, shared: &Shared) -> Result<bool> {
+/// Reads and forwards every row past the cursor. Returns whether any event was forwarded, or
+/// `None` when told to stop while waiting for room in the pipeline.
+fn read_all(conn: &rusqlite::Connection, shared: &Shared) -> Result<Option<bool>> {
     let mut any = false;
     loop {
         let cursor = shared.cursor.load(Ordering::Acquire);
         let (batch, last) = journal::read_after(conn, cursor, READ_BATCH, &shared.channels)?;
         if last == cursor {
-            return Ok(any);
+            return Ok(Some(any));
         }
         if !batch.is_empty() {
             any = true;
+            // One unit of in-flight budget per event; when the pipeline is full, the cursor
+            // simply waits here (and stop still gets through).
+            loop {
+                match shared.budget.try_acquire_many(batch.len() as u32) {
+                    Ok(permits) => {
+                        permits.forget();
+                        break;
+                    }
+                    Err(tokio::sync::TryAcquireError::Closed) => return Ok(None),
+                    Err(tokio::sync::TryAcquireError::NoPermits) => {
+                        match shared.wake.recv_timeout(ACTIVE_INTERVAL) {
+                            Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                                return Ok(None)
+                            }
+                            Ok(Wake::Now) | Err(RecvTimeoutError::Timeout) => {}
+                        }
+                    }
+                }
+            }
             shared.decoder.do_send(RawBatch(batch));
         }
         shared.cursor.store(last, Ordering::Release);
@@ -330,6 +387,8 @@ pub(crate) async fn start(
         channels: Arc::new(params.channels.into_iter().collect()),
         consumer: params.consumer.clone(),
         decoder: params.decoder,
+        status: params.status,
+        budget: params.budget,
         stats: params.stats,
         cursor: cursor.clone(),
         wake: wake.1,

@@ -18,6 +18,20 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// The test server's unix socket (directory, port): `SQLNOTIFY_TEST_PG_SOCKET` ("dir:port",
+/// set by scripts/test), else Debian's default socket when the default server is used.
+pub fn socket() -> Option<(String, u16)> {
+    if let Ok(value) = std::env::var("SQLNOTIFY_TEST_PG_SOCKET") {
+        let (dir, port) = value.rsplit_once(':')?;
+        return Some((dir.to_string(), port.parse().ok()?));
+    }
+    let default_server =
+        std::env::var("SQLNOTIFY_TEST_PG_URL").map_or(true, |u| u.contains("127.0.0.1:5432"));
+    let dir = "/var/run/postgresql";
+    (default_server && std::path::Path::new(dir).join(".s.PGSQL.5432").exists())
+        .then(|| (dir.to_string(), 5432))
+}
+
 pub fn init_logging() {
     let _ = env_logger::builder().is_test(true).try_init();
 }

@@ -1,0 +1,60 @@
+//! Pipeline status messages: what happened to the connection and to delivery, for
+//! subscribers that want to know (cache invalidators must flush on a [`Status::Gap`]).
+
+use std::time::SystemTime;
+
+use crate::subscription::SubscriptionId;
+
+/// Something subscribers may need to react to. Subscribe with
+/// [`Notifier::subscribe_status`](crate::Notifier::subscribe_status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Status {
+    /// The listener is connected and listening (after start, and after every reconnect).
+    Connected,
+    /// The listener lost its connection; it reconnects on its own, with backoff.
+    Disconnected {
+        /// Why.
+        error: String,
+    },
+    /// After a reconnect, the listener caught up with a journal: `replayed` events were read.
+    Resynced {
+        /// Events read while catching up.
+        replayed: u64,
+    },
+    /// Events on these channels may have been lost while the listener was disconnected
+    /// (NOTIFY is fire-and-forget). Treat cached state derived from them as stale.
+    Gap {
+        /// The channels concerned.
+        channels: Vec<String>,
+    },
+    /// A subscriber's buffer was full and its policy dropped events.
+    Lagged {
+        /// The subscription that lost events.
+        subscription: SubscriptionId,
+        /// How many events it lost since the last `Lagged` notice.
+        dropped: u64,
+    },
+}
+
+/// A [`Status`] with the time it was observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusEvent {
+    /// What happened.
+    pub status: Status,
+    /// When sqlnotify noticed.
+    pub at: SystemTime,
+}
+
+impl StatusEvent {
+    pub(crate) fn now(status: Status) -> Self {
+        StatusEvent {
+            status,
+            at: SystemTime::now(),
+        }
+    }
+}
+
+impl actix::Message for StatusEvent {
+    type Result = ();
+}
