@@ -328,7 +328,8 @@ pub(crate) async fn start(
 ) -> Result<Box<dyn ListenerHandle>> {
     config.keepalives(true);
     if config.get_keepalives_idle() == DRIVER_DEFAULT_KEEPALIVE_IDLE {
-        config.keepalives_idle(params.health_check);
+        // The kernel takes whole seconds (and refuses 0).
+        config.keepalives_idle(Duration::from_secs(params.health_check.as_secs().max(1)));
     }
     let (ready, is_ready) = oneshot::channel();
     let addr = Supervisor::start(move |_| PgListener {

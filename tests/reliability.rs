@@ -1,0 +1,415 @@
+//! Real faults and slow consumers on PostgreSQL: terminated backends, a connection that goes
+//! silent, subscribers that cannot keep up (each overflow policy), and status reporting.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use common::{wait_until, Events, TestDb};
+use sqlnotify::Operation::{Insert, Update};
+use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Status, StatusEvent, Subscription, Watch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Status messages collected through a channel.
+async fn statuses(notifier: &Notifier) -> mpsc::UnboundedReceiver<Status> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |e: StatusEvent| {
+            let _ = tx.send(e.status);
+        })
+        .await
+        .unwrap();
+    rx
+}
+
+async fn next_status(rx: &mut mpsc::UnboundedReceiver<Status>) -> Status {
+    tokio::time::timeout(common::ARRIVES_WITHIN, rx.recv())
+        .await
+        .expect("a status should have arrived")
+        .unwrap()
+}
+
+async fn listener_pid(db: &TestDb) -> Option<i32> {
+    db.client()
+        .await
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN %'",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+#[actix_rt::test]
+async fn a_terminated_backend_is_reconnected_and_reported_as_a_gap_every_time() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    for round in 0..20 {
+        let pid = listener_pid(&db).await.expect("the listener is connected");
+        db.exec(&format!("SELECT pg_terminate_backend({pid})"))
+            .await;
+        let disconnected = next_status(&mut status).await;
+        assert!(
+            matches!(disconnected, Status::Disconnected { .. }),
+            "{disconnected:?}"
+        );
+        assert_eq!(next_status(&mut status).await, Status::Connected);
+        assert_eq!(
+            next_status(&mut status).await,
+            Status::Gap {
+                channels: vec!["sqlnotify_public_t_insert".into()]
+            }
+        );
+        // The Gap is reported before anything that happens after the reconnect.
+        db.exec(&format!("INSERT INTO t VALUES ({round})")).await;
+        assert_eq!(events.next().await.id().as_i64(), Some(round));
+    }
+    let stats = notifier.stats().await.unwrap();
+    assert!(stats.restarts >= 20, "{stats:?}");
+    notifier.stop().await.unwrap();
+}
+
+/// A TCP proxy that can go silent on the connections it already carries, like a network
+/// path that dies without a FIN or RST. New connections are forwarded normally.
+struct Proxy {
+    port: u16,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let e = epoch.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                let born = e.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, e.clone(), born));
+                tokio::spawn(pipe(sr, cw, e.clone(), born));
+            }
+        });
+        Proxy { port, epoch }
+    }
+
+    /// Existing connections stop carrying bytes (but stay open).
+    fn silence_existing(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    epoch: Arc<AtomicU64>,
+    born: u64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if epoch.load(Ordering::SeqCst) != born {
+            // Silenced: keep both sockets open, forward nothing, forever.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_silently_dead_connection_is_detected_by_the_health_check() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let server = common::server_url();
+    let (host_port, _) = server
+        .split_once("://")
+        .unwrap()
+        .1
+        .split_once('@')
+        .map(|(_, rest)| rest.split_once('/').unwrap())
+        .unwrap();
+    let proxy = Proxy::start(host_port.to_string()).await;
+    let url = common::with_dbname(
+        &server.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1),
+        &db.name,
+    );
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("t", Insert))
+        .health_check_interval(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+
+    proxy.silence_existing();
+    match next_status(&mut status).await {
+        Status::Disconnected { error } => assert!(error.contains("health check"), "{error}"),
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    assert_eq!(next_status(&mut status).await, Status::Connected);
+    assert!(matches!(next_status(&mut status).await, Status::Gap { .. }));
+    db.exec("INSERT INTO t VALUES (2)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(2));
+    notifier.stop().await.unwrap();
+}
+
+/// A subscriber on its own arbiter that blocks on its first event until released, then
+/// forwards everything it gets.
+struct Gated {
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+    out: mpsc::UnboundedSender<ChangeEvent>,
+}
+
+impl Actor for Gated {
+    type Context = Context<Self>;
+}
+
+impl Handler<ChangeEvent> for Gated {
+    type Result = ();
+    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
+        if let Some(gate) = self.gate.take() {
+            let _ = gate.recv();
+        }
+        let _ = self.out.send(event);
+    }
+}
+
+/// Starts a gated subscriber on a thread of its own; returns (recipient, release, events).
+fn gated() -> (
+    Recipient<ChangeEvent>,
+    std::sync::mpsc::Sender<()>,
+    mpsc::UnboundedReceiver<ChangeEvent>,
+    Arbiter,
+) {
+    let (release, gate) = std::sync::mpsc::channel();
+    let (out, events) = mpsc::unbounded_channel();
+    let arbiter = Arbiter::new();
+    let gate = Mutex::new(Some(gate));
+    let addr = Gated::start_in_arbiter(&arbiter.handle(), move |_| Gated {
+        gate: gate.lock().unwrap().take(),
+        out,
+    });
+    (addr.recipient(), release, events, arbiter)
+}
+
+async fn drain(rx: &mut mpsc::UnboundedReceiver<ChangeEvent>, until_id: i64) -> Vec<ChangeEvent> {
+    let mut got = Vec::new();
+    loop {
+        let e = tokio::time::timeout(common::ARRIVES_WITHIN, rx.recv())
+            .await
+            .expect("events should keep arriving")
+            .unwrap();
+        let last = e.id().as_i64() == Some(until_id);
+        got.push(e);
+        if last {
+            return got;
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn drop_oldest_bounds_a_stuck_subscriber_and_never_delays_the_others() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let (slow, release, mut slow_events, arbiter) = gated();
+    let slow_id = notifier
+        .subscribe(
+            Subscription::new("t", Insert)
+                .policy(OverflowPolicy::DropOldest)
+                .buffer(100),
+            slow,
+        )
+        .await
+        .unwrap();
+    let fast = Arc::new(AtomicU64::new(0));
+    let f = fast.clone();
+    notifier
+        .subscribe_fn(Subscription::new("t", Insert), move |e| {
+            // in order, nothing skipped
+            assert_eq!(
+                e.id().as_i64(),
+                Some(f.fetch_add(1, Ordering::SeqCst) as i64 + 1)
+            );
+        })
+        .await
+        .unwrap();
+
+    const N: i64 = 100_000;
+    db.exec(&format!("INSERT INTO t SELECT generate_series(1, {N})"))
+        .await;
+    let all_fast = wait_until(Duration::from_secs(60), || async {
+        fast.load(Ordering::SeqCst) == N as u64
+    })
+    .await;
+    assert!(
+        all_fast,
+        "the fast subscriber got all {N} events while the slow one was stuck"
+    );
+    let stats = notifier.stats().await.unwrap();
+    assert!(
+        stats.queued <= 100,
+        "the stuck subscriber's buffer stays bounded: {stats:?}"
+    );
+    assert!(stats.dropped >= (N as u64) - 100 - 16 - 1, "{stats:?}");
+
+    release.send(()).unwrap();
+    let got = drain(&mut slow_events, N).await;
+    assert!(got.len() <= 1 + 16 + 100, "got {}", got.len());
+    let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "still in commit order");
+
+    let mut lagged = 0;
+    while lagged < stats.dropped {
+        match next_status(&mut status).await {
+            Status::Lagged {
+                subscription,
+                dropped,
+            } => {
+                assert_eq!(subscription, slow_id);
+                lagged += dropped;
+            }
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(lagged, notifier.stats().await.unwrap().dropped);
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
+
+#[actix_rt::test]
+async fn keep_latest_per_key_keeps_the_newest_state_of_each_row() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Update).extra_columns(["v"]))
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, mut slow_events, arbiter) = gated();
+    notifier
+        .subscribe(
+            Subscription::new("t", Update)
+                .policy(OverflowPolicy::KeepLatestPerKey)
+                .buffer(50),
+            slow,
+        )
+        .await
+        .unwrap();
+    let mut sentinel = Events::subscribe(&notifier, Subscription::new("t", Update)).await;
+    for v in 1..=100 {
+        db.exec(&format!("UPDATE t SET v = {v}")).await;
+    }
+    db.exec("UPDATE t SET v = 1000 WHERE id = 10").await;
+    // everything has been routed once the unbuffered subscriber saw the last update
+    let seen = sentinel.take(1001).await;
+    assert_eq!(
+        seen.last().unwrap().get("v"),
+        Some(&serde_json::json!(1000))
+    );
+    release.send(()).unwrap();
+    // Receive until every row's newest state has arrived (each row's events stay in order).
+    let final_value = |id: i64| if id == 10 { 1000 } else { 100 };
+    let mut latest = std::collections::HashMap::new();
+    let mut received = 0;
+    while (1..=10).any(|id| latest.get(&id) != Some(&final_value(id))) {
+        let e = tokio::time::timeout(common::ARRIVES_WITHIN, slow_events.recv())
+            .await
+            .expect("the newest state of every row should arrive")
+            .unwrap();
+        let (id, v) = (
+            e.id().as_i64().unwrap(),
+            e.get("v").unwrap().as_i64().unwrap(),
+        );
+        assert!(
+            latest.get(&id).map_or(true, |&old| old < v),
+            "row {id} went back in time"
+        );
+        latest.insert(id, v);
+        received += 1;
+    }
+    assert!(
+        received < 1001 / 2,
+        "older states were replaced, got {received}"
+    );
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
+
+#[actix_rt::test]
+async fn wait_delivers_everything_to_a_slow_subscriber_with_bounded_memory() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .max_in_flight(1024)
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, mut slow_events, arbiter) = gated();
+    notifier
+        .subscribe(
+            Subscription::new("t", Insert)
+                .policy(OverflowPolicy::Wait)
+                .buffer(10),
+            slow,
+        )
+        .await
+        .unwrap();
+    const N: i64 = 5_000;
+    db.exec(&format!("INSERT INTO t SELECT generate_series(1, {N})"))
+        .await;
+    // The stuck subscriber holds the pipeline: reading stops once the budget is used up.
+    let stalled = wait_until(Duration::from_secs(10), || async {
+        let s = notifier.stats().await.unwrap();
+        s.received >= 1024 && s.received < N as u64
+    })
+    .await;
+    assert!(stalled, "{:?}", notifier.stats().await.unwrap());
+    let stats = notifier.stats().await.unwrap();
+    assert!(stats.queued <= 1024, "{stats:?}");
+    assert!(
+        stats.received <= 1024 + 512,
+        "reading stopped at the budget: {stats:?}"
+    );
+    release.send(()).unwrap();
+    let got = drain(&mut slow_events, N).await;
+    let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=N).collect::<Vec<_>>(),
+        "every event, in order, none lost"
+    );
+    assert_eq!(notifier.stats().await.unwrap().dropped, 0);
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
