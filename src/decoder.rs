@@ -144,6 +144,9 @@ impl Decoder {
         Counters::add(&self.stats.malformed, 1);
         // No event will carry this notification's unit of in-flight budget: give it back.
         self.budget.add_permits(1);
+        self.stats
+            .settled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let preview: String = raw.payload.chars().take(200).collect();
         log::warn!(
             "sqlnotify: dropping malformed notification on channel {:?}: {reason} (payload: {preview:?})",

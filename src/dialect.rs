@@ -17,7 +17,7 @@ use crate::decoder::RawBatch;
 use crate::error::Result;
 use crate::stats::Counters;
 use crate::status::StatusEvent;
-use crate::watch::{ResolvedWatch, TableInfo};
+use crate::watch::{ResolvedWatch, TableInfo, Tier};
 use tokio::sync::Semaphore;
 
 /// How `start()` treats existing database objects.
@@ -41,8 +41,8 @@ pub(crate) trait OverflowStore: Send + Sync + 'static {
 
 /// What a listener is asked to listen to, and where its notifications go.
 pub(crate) struct ListenParams {
-    /// The channels to listen on.
-    pub channels: Vec<String>,
+    /// The channels to listen on, with the tier each uses.
+    pub channels: Vec<(String, Tier)>,
     /// A named consumer resumes from its persisted cursor (journal-based dialects).
     pub consumer: Option<String>,
     /// Where notifications go.

@@ -114,6 +114,7 @@ pub struct Channel {
     pub(crate) label: Option<String>,
     pub(crate) key_columns: Vec<String>,
     pub(crate) extra_columns: Vec<String>,
+    pub(crate) tier: crate::watch::Tier,
 }
 
 impl Channel {
@@ -144,6 +145,10 @@ impl Channel {
     /// The extra columns the payload carries.
     pub fn extra_columns(&self) -> &[String] {
         &self.extra_columns
+    }
+    /// How events travel on this channel.
+    pub fn tier(&self) -> crate::watch::Tier {
+        self.tier
     }
     /// Whether the payload carries `column` (as a key or an extra column).
     pub fn carries(&self, column: &str) -> bool {
@@ -335,6 +340,7 @@ mod tests {
             label: None,
             key_columns: keys.iter().map(|s| s.to_string()).collect(),
             extra_columns: extra.iter().map(|s| s.to_string()).collect(),
+            tier: crate::watch::Tier::Notify,
         })
     }
 
@@ -395,6 +401,14 @@ impl Channels {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
+    }
+
+    /// Every channel with its tier.
+    pub fn tiers(&self) -> Vec<(String, crate::watch::Tier)> {
+        self.by_name
+            .values()
+            .map(|c| (c.name.clone(), c.tier))
+            .collect()
     }
 
     /// The channel of the watch on `schema.table`/`operation` with this label (or none);

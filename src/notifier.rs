@@ -281,7 +281,7 @@ impl NotifierBuilder {
             }
         }
         let params = ListenParams {
-            channels: channels.names().map(str::to_string).collect(),
+            channels: channels.tiers(),
             consumer: self.consumer.clone(),
             decoder: decoder.clone().recipient(),
             stats: stats.clone(),
@@ -539,6 +539,9 @@ impl Notifier {
     /// get it exactly like a trigger's event. A payload over the NOTIFY limit is stored in the
     /// overflow table when allowed, else fails with [`Error::PayloadTooLarge`].
     pub async fn notify_with(&self, event: CustomEvent) -> Result<()> {
+        if !self.is_running() {
+            return Err(Error::NotRunning);
+        }
         let s = &event.subscription;
         let channel = self
             .inner

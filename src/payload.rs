@@ -132,6 +132,7 @@ mod tests {
             label: None,
             key_columns: keys.iter().map(|s| s.to_string()).collect(),
             extra_columns: vec!["email".into()],
+            tier: crate::watch::Tier::Notify,
         }
     }
 

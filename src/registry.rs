@@ -126,6 +126,7 @@ impl Registry {
                 .routed_sequence
                 .fetch_max(sequence, Ordering::Relaxed);
         }
+        self.stats.settled.fetch_add(1, Ordering::Relaxed);
         // The event's unit of in-flight budget; given back when no buffer holds it any more.
         let ticket = Ticket::new(&self.budget);
         let Some(subscribers) = self.by_channel.get_mut(event.channel()) else {

@@ -48,6 +48,11 @@ pub(crate) struct Counters {
     pub queued: AtomicU64,
     /// Journal position up to which events have been routed (what a consumer cursor may save).
     pub routed_sequence: AtomicI64,
+    /// Notifications handed to the decoder, and of those, how many were routed or dropped as
+    /// malformed: when `settled` reaches a value `forwarded` had, everything forwarded up to
+    /// then has left the pipeline (what a consumer may save a cursor against).
+    pub forwarded: AtomicU64,
+    pub settled: AtomicU64,
     /// Set when the first subscription is registered: journal replay waits for it.
     pub has_subscriber: AtomicBool,
 }

@@ -43,6 +43,27 @@ pub struct Watch {
     pub(crate) primary_keys: Option<Vec<String>>,
     pub(crate) channel_label: Option<String>,
     pub(crate) use_overflow_table: bool,
+    pub(crate) tier: Tier,
+}
+
+/// How a watch's events travel from the trigger to the listener (PostgreSQL; SQLite always
+/// uses its journal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Tier {
+    /// The trigger sends the row with `pg_notify`. Lowest latency; at most once — events
+    /// committed while the listener is disconnected are lost, and subscribers are told with a
+    /// [`Status::Gap`](crate::Status::Gap).
+    #[default]
+    Notify,
+    /// The trigger writes a journal row in the user's transaction and NOTIFY only wakes the
+    /// listener. At least once: after a reconnect (and, for a named
+    /// [`consumer`](crate::NotifierBuilder::consumer), after a restart) the listener replays
+    /// from its cursor; duplicates are suppressed within a running process.
+    Durable,
+    /// Like `Durable`, without any NOTIFY: the listener polls the journal adaptively. Keeps
+    /// NOTIFY's commit-time lock off the writers and works through poolers in transaction
+    /// mode.
+    Poll,
 }
 
 impl Watch {
@@ -65,6 +86,7 @@ impl Watch {
             primary_keys: None,
             channel_label: None,
             use_overflow_table: true,
+            tier: Tier::Notify,
         }
     }
 
@@ -118,6 +140,13 @@ impl Watch {
     /// Fills in `schema` when the watch names none.
     pub(crate) fn or_schema(mut self, schema: &str) -> Self {
         self.schema.get_or_insert_with(|| schema.to_string());
+        self
+    }
+
+    /// How events travel (PostgreSQL): [`Tier::Notify`] (default), [`Tier::Durable`] or
+    /// [`Tier::Poll`]. Ignored on SQLite, which always journals.
+    pub fn tier(mut self, tier: Tier) -> Self {
+        self.tier = tier;
         self
     }
 
@@ -253,6 +282,8 @@ pub struct ResolvedWatch {
     pub trigger_columns: Vec<(String, bool)>,
     /// Whether oversized rows go to the overflow table.
     pub use_overflow_table: bool,
+    /// How events travel.
+    pub tier: Tier,
 }
 
 /// Validates `watch` against `table` (read from the catalog) and resolves its defaults.
@@ -316,9 +347,11 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             label: watch.channel_label.clone(),
             key_columns,
             extra_columns,
+            tier: watch.tier,
         },
         trigger_columns,
         use_overflow_table: watch.use_overflow_table,
+        tier: watch.tier,
     })
 }
 

@@ -91,18 +91,31 @@ impl OverflowStore for Arc<Control> {
                  WHERE created_at < now() - pg_catalog.make_interval(secs => $1) ORDER BY id LIMIT $2)",
                 s = quote_ident(SCHEMA)
             );
+            // Journal rows a consumer seen within the retention window has not read yet
+            // (its horizon is at or below their transaction) are kept.
+            let journal = format!(
+                "DELETE FROM {s}.journal WHERE id IN (SELECT j.id FROM {s}.journal j \
+                 WHERE j.created_at < now() - pg_catalog.make_interval(secs => $1) \
+                 AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE j.xid >= c.horizon \
+                   AND c.updated_at >= now() - pg_catalog.make_interval(secs => $1)) \
+                 ORDER BY j.id LIMIT $2)",
+                s = quote_ident(SCHEMA)
+            );
             let secs = retention.as_secs_f64();
             let mut total = 0;
-            loop {
-                let n = client
-                    .execute(&sql, &[&secs, &PURGE_BATCH])
-                    .await
-                    .map_err(|e| Error::db("deleting expired overflow rows", e))?;
-                total += n;
-                if n < PURGE_BATCH as u64 {
-                    return Ok(total);
+            for (sql, what) in [(&sql, "overflow"), (&journal, "journal")] {
+                loop {
+                    let n = client
+                        .execute(sql.as_str(), &[&secs, &PURGE_BATCH])
+                        .await
+                        .map_err(|e| Error::db(format!("deleting expired {what} rows"), e))?;
+                    total += n;
+                    if n < PURGE_BATCH as u64 {
+                        break;
+                    }
                 }
             }
+            Ok(total)
         })
     }
 }

@@ -8,7 +8,7 @@
 use crate::event::Operation;
 use crate::payload::{META_KEY, NOTIFY_PAYLOAD_LIMIT};
 use crate::sql::{quote_ident, quote_literal};
-use crate::watch::ResolvedWatch;
+use crate::watch::{ResolvedWatch, Tier};
 
 /// Schema holding every sqlnotify object except the triggers themselves.
 pub(crate) const SCHEMA: &str = "sqlnotify";
@@ -38,7 +38,21 @@ CREATE TABLE IF NOT EXISTS {s}.overflow (
     payload text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS overflow_created_at_idx ON {s}.overflow (created_at);",
+CREATE INDEX IF NOT EXISTS overflow_created_at_idx ON {s}.overflow (created_at);
+CREATE TABLE IF NOT EXISTS {s}.journal (
+    id bigserial PRIMARY KEY,
+    xid xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    channel text NOT NULL,
+    payload text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS journal_xid_idx ON {s}.journal (xid);
+CREATE INDEX IF NOT EXISTS journal_created_at_idx ON {s}.journal (created_at);
+CREATE TABLE IF NOT EXISTS {s}.consumers (
+    name text PRIMARY KEY,
+    horizon xid8 NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);",
         s = quote_ident(SCHEMA)
     )
 }
@@ -74,6 +88,51 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
 /// table (inside its own exception block, so even a missing table or permission only degrades
 /// the event to "truncated"), and a payload that still does not fit is cut down to the key.
 pub(crate) fn function_sql(w: &ResolvedWatch) -> String {
+    match w.tier {
+        Tier::Notify => notify_function_sql(w),
+        Tier::Durable | Tier::Poll => journal_function_sql(w),
+    }
+}
+
+/// The journal tiers: the row goes to `sqlnotify.journal` inside the user's transaction (so it
+/// commits or rolls back with it, and has no size limit); the durable tier then sends an empty
+/// NOTIFY on the channel to wake listeners (identical notifications in one transaction are
+/// folded into one by PostgreSQL), the poll tier nothing at all.
+fn journal_function_sql(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let row = match channel.operation {
+        Operation::Delete => "OLD",
+        Operation::Insert | Operation::Update => "NEW",
+    };
+    let all: Vec<&String> = channel
+        .key_columns
+        .iter()
+        .chain(&channel.extra_columns)
+        .collect();
+    let chan = quote_literal(&channel.name);
+    let wake = match w.tier {
+        Tier::Durable => format!("\n  PERFORM pg_catalog.pg_notify({chan}, '');"),
+        _ => String::new(),
+    };
+    let body = format!(
+        "
+BEGIN
+  INSERT INTO {schema}.journal (channel, payload) VALUES ({chan}, {payload});{wake}
+  RETURN NULL;
+END
+",
+        schema = quote_ident(SCHEMA),
+        payload = json_expr(row, &all),
+    );
+    format!(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
+        function_name(&channel.name),
+        quote_literal(&body)
+    )
+}
+
+/// The notify tier: the payload travels in the notification itself.
+fn notify_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
     let row = match channel.operation {
         Operation::Delete => "OLD",
@@ -235,9 +294,11 @@ mod tests {
                 label: label.map(str::to_string),
                 key_columns: vec!["id".into()],
                 extra_columns: extra.iter().map(|s| s.to_string()).collect(),
+                tier: crate::watch::Tier::Notify,
             },
             trigger_columns: vec![],
             use_overflow_table: true,
+            tier: crate::watch::Tier::Notify,
         }
     }
 

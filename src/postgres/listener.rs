@@ -12,12 +12,21 @@
 //! health-check interval (TCP keepalive alone can take hours to notice a dead peer), and stops
 //! when the connection is lost — its [`Supervisor`](actix::Supervisor) then restarts it after
 //! a jittered backoff. NOTIFY is fire-and-forget: whatever was committed while disconnected is
-//! gone, so every reconnect is announced to status subscribers as a [`Status::Gap`].
+//! gone, so a reconnect is announced to status subscribers as a [`Status::Gap`] on the notify
+//! channels.
+//!
+//! Journal tiers (see `journal.rs`): durable channels are LISTENed to as well, but their
+//! (empty) notifications only wake a journal read; poll channels are read on an adaptive
+//! timer. After a reconnect the journal is read right after LISTEN, and the catch-up is
+//! announced as [`Status::Resynced`]. A named consumer saves its horizon once everything read
+//! up to it has left the pipeline.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use actix::WeakAddr;
@@ -26,6 +35,8 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
 
+use super::control::Control;
+use super::journal::{self, JournalCursor};
 use crate::backoff::Backoff;
 use crate::decoder::RawBatch;
 use crate::dialect::{ListenParams, ListenerHandle};
@@ -34,23 +45,57 @@ use crate::event::RawNotification;
 use crate::sql::quote_ident;
 use crate::stats::Counters;
 use crate::status::{Status, StatusEvent};
+use crate::watch::Tier;
 
 /// Most notifications handed to the decoder in one message (bounds latency and batch memory).
 const MAX_BATCH: usize = 512;
-
 /// tokio-postgres' default keepalive idle time; replaced by the health-check interval unless
 /// the URL set its own.
 const DRIVER_DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+/// Fastest poll-tier interval (while rows keep coming).
+const POLL_MIN: Duration = Duration::from_millis(1);
+/// Slowest poll-tier interval (when idle).
+const POLL_MAX: Duration = Duration::from_millis(25);
+/// How often a named consumer's horizon may be saved while events flow.
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// How often an idle named consumer refreshes its "alive" mark (for retention).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 
-/// A live connection: the client (shared with health checks) and its reader task.
+/// A live connection: the client (shared with health checks and journal reads) and its
+/// reader task.
 struct Live {
     client: Arc<Client>,
     reader: tokio::task::JoinHandle<()>,
 }
 
+/// Journal-tier state; survives reconnects (a supervised actor keeps its value on restart).
+struct Journal {
+    channels: Vec<String>,
+    /// Shared with the running read, if any (locked while it runs). A read abandoned on a
+    /// lost connection leaves the cursor consistent: only rows handed over count as seen.
+    cursor: Arc<tokio::sync::Mutex<JournalCursor>>,
+    /// A wake-up arrived during a read: read again when it finishes.
+    dirty: bool,
+    poll: bool,
+    poll_interval: Duration,
+    /// (notifications forwarded when a read ended, horizon after it), oldest first.
+    unsaved: VecDeque<(u64, u64)>,
+    /// Last saved horizon and when.
+    saved: Option<(u64, Instant)>,
+    /// The newest horizon, for the final save after stop.
+    latest: Arc<Mutex<Option<u64>>>,
+}
+
 pub(crate) struct PgListener {
     config: Config,
     params: ListenParams,
+    /// Channels to LISTEN on: notify and durable tiers.
+    listen: Vec<String>,
+    /// Durable channels, whose notifications only wake a journal read.
+    wake: Arc<HashSet<String>>,
+    /// Notify-tier channels (a reconnect may have lost their events).
+    notify: Vec<String>,
+    journal: Option<Journal>,
     backoff: Backoff,
     /// Consecutive restarts without a successful LISTEN.
     attempt: u32,
@@ -73,50 +118,93 @@ impl PgListener {
             return;
         }
         self.generation += 1;
-        let generation = self.generation;
         let config = self.config.clone();
-        let decoder = self.params.decoder.clone();
-        let budget = self.params.budget.clone();
-        let me = ctx.address().downgrade();
+        let reader = Reader {
+            decoder: self.params.decoder.clone(),
+            budget: self.params.budget.clone(),
+            stats: self.params.stats.clone(),
+            wake: self.wake.clone(),
+            listener: ctx.address().downgrade(),
+            generation: self.generation,
+        };
         let listen: String = self
-            .params
-            .channels
+            .listen
             .iter()
             .map(|c| format!("LISTEN {};", quote_ident(c)))
             .collect();
+        // A journal cursor not placed yet starts at a consumer's saved horizon, else at "now".
+        let place = self
+            .journal
+            .as_ref()
+            .map(|j| (j.cursor.clone(), j.channels.clone()));
+        let placer = Placer {
+            consumer: self.params.consumer.clone(),
+            decoder: self.params.decoder.clone(),
+            budget: self.params.budget.clone(),
+            stats: self.params.stats.clone(),
+        };
         let connecting = async move {
             let (client, connection) = config
                 .connect(NoTls)
                 .await
                 .map_err(|e| Error::db("connecting the listener to PostgreSQL", e))?;
-            let reader =
-                tokio::task::spawn_local(read(connection, decoder, budget, me, generation));
-            if let Err(e) = client.batch_execute(&listen).await {
-                reader.abort();
-                return Err(Error::db("LISTENing on the watched channels", e));
+            let reader = tokio::task::spawn_local(reader.run(connection));
+            let prepared = async {
+                if !listen.is_empty() {
+                    client
+                        .batch_execute(&listen)
+                        .await
+                        .map_err(|e| Error::db("LISTENing on the watched channels", e))?;
+                }
+                // LISTEN first, then place the cursor: nothing committed in between is missed.
+                if let Some((cursor, channels)) = place {
+                    let mut cursor = cursor.lock().await;
+                    if cursor.horizon.is_none() {
+                        placer.place(&client, &mut cursor, &channels).await?;
+                    }
+                    return Ok(cursor.horizon);
+                }
+                Ok(None)
             }
-            Ok(Live {
-                client: Arc::new(client),
-                reader,
-            })
+            .await;
+            match prepared {
+                Ok(placed) => Ok((
+                    Live {
+                        client: Arc::new(client),
+                        reader,
+                    },
+                    placed,
+                )),
+                Err(e) => {
+                    reader.abort();
+                    Err(e)
+                }
+            }
         };
         ctx.wait(
             connecting
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok(live) => {
+                    Ok((live, placed)) => {
                         log::info!(
                             "sqlnotify: listening on {} channels",
                             act.params.channels.len()
                         );
                         act.live = Some(live);
                         act.attempt = 0;
+                        if let (Some(journal), Some(horizon)) = (act.journal.as_mut(), placed) {
+                            *journal.latest.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(horizon);
+                        }
                         act.status(Status::Connected);
-                        if act.was_connected {
+                        if act.was_connected && !act.notify.is_empty() {
                             act.status(Status::Gap {
-                                channels: act.params.channels.clone(),
+                                channels: act.notify.clone(),
                             });
                         }
+                        // Catch up with the journal: after a reconnect, everything missed meanwhile.
+                        let resync = act.was_connected;
+                        act.read_journal(ctx, resync);
                         act.was_connected = true;
                         if let Some(ready) = act.ready.take() {
                             let _ = ready.send(Ok(()));
@@ -133,6 +221,120 @@ impl PgListener {
                         ctx.stop();
                     }
                 }),
+        );
+    }
+
+    /// Reads the journal past the cursor (coalescing wake-ups that arrive meanwhile).
+    fn read_journal(&mut self, ctx: &mut Context<Self>, resync: bool) {
+        let (Some(journal), Some(live)) = (self.journal.as_mut(), self.live.as_ref()) else {
+            return;
+        };
+        let Ok(mut cursor) = journal.cursor.clone().try_lock_owned() else {
+            journal.dirty = true; // a read is running
+            return;
+        };
+        let client = live.client.clone();
+        let channels = journal.channels.clone();
+        let (decoder, budget, stats) = (
+            self.params.decoder.clone(),
+            self.params.budget.clone(),
+            self.params.stats.clone(),
+        );
+        let read = async move {
+            let outcome = cursor
+                .read(&client, &channels, true, &decoder, &budget, &stats)
+                .await;
+            (cursor.horizon, outcome)
+        };
+        ctx.spawn(
+            read.into_actor(self)
+                .map(move |(horizon, outcome), act, ctx| {
+                    act.journal_read(horizon, outcome, resync, ctx);
+                }),
+        );
+    }
+
+    fn journal_read(
+        &mut self,
+        horizon: Option<u64>,
+        outcome: Result<journal::ReadOutcome>,
+        resync: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let forwarded = self.params.stats.forwarded.load(Ordering::Relaxed);
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        if let Some(horizon) = horizon {
+            journal.unsaved.push_back((forwarded, horizon));
+            *journal.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(horizon);
+        }
+        let delivered = match outcome {
+            Ok(outcome) => outcome.delivered,
+            Err(e) => {
+                // A lost connection is reported by the reader; anything else is retried later.
+                log::warn!("sqlnotify: journal read failed: {e}");
+                0
+            }
+        };
+        let again = std::mem::take(&mut journal.dirty);
+        let poll_after = journal.poll.then(|| {
+            journal.poll_interval = if delivered > 0 {
+                POLL_MIN
+            } else {
+                (journal.poll_interval * 2).min(POLL_MAX)
+            };
+            journal.poll_interval
+        });
+        if resync {
+            self.status(Status::Resynced {
+                replayed: delivered,
+            });
+        }
+        if again {
+            self.read_journal(ctx, false);
+        } else if let Some(delay) = poll_after {
+            ctx.run_later(delay, |act, ctx| act.read_journal(ctx, false));
+        }
+    }
+
+    /// Saves a named consumer's horizon once everything read up to it has left the pipeline.
+    fn save_horizon(&mut self, ctx: &mut Context<Self>) {
+        let settled = self.params.stats.settled.load(Ordering::Relaxed);
+        let (Some(name), Some(journal), Some(live)) = (
+            self.params.consumer.clone(),
+            self.journal.as_mut(),
+            self.live.as_ref(),
+        ) else {
+            return;
+        };
+        let mut safe = journal.saved.map(|(h, _)| h);
+        while let Some(&(forwarded, horizon)) = journal.unsaved.front() {
+            if forwarded > settled {
+                break;
+            }
+            safe = Some(safe.map_or(horizon, |s| s.max(horizon)));
+            journal.unsaved.pop_front();
+        }
+        let Some(horizon) = safe else { return };
+        let due = match journal.saved {
+            None => true,
+            Some((saved, at)) => {
+                (horizon > saved && at.elapsed() >= SAVE_EVERY) || at.elapsed() >= HEARTBEAT_EVERY
+            }
+        };
+        if !due {
+            return;
+        }
+        journal.saved = Some((horizon, Instant::now()));
+        let client = live.client.clone();
+        ctx.spawn(
+            async move {
+                if let Err(e) = journal::save_horizon(&client, &name, horizon).await {
+                    log::warn!("sqlnotify: {e}");
+                }
+            }
+            .into_actor(self),
         );
     }
 
@@ -171,58 +373,132 @@ impl PgListener {
     }
 }
 
-/// Owns the connection: forwards notifications in batches until the connection ends.
-async fn read(
-    mut connection: Connection<Socket, NoTlsStream>,
+/// Places a new journal cursor: at a named consumer's saved horizon, else at "now".
+struct Placer {
+    consumer: Option<String>,
     decoder: Recipient<RawBatch>,
     budget: Arc<Semaphore>,
+    stats: Arc<Counters>,
+}
+
+impl Placer {
+    async fn place(
+        self,
+        client: &Client,
+        cursor: &mut JournalCursor,
+        channels: &[String],
+    ) -> Result<()> {
+        if let Some(name) = &self.consumer {
+            if let Some(horizon) = journal::load_horizon(client, name).await? {
+                log::debug!("sqlnotify: consumer {name:?} resumes at horizon {horizon}");
+                *cursor = JournalCursor::resume(horizon);
+                return Ok(());
+            }
+        }
+        // Mark what is already committed as seen, without delivering it.
+        cursor
+            .read(
+                client,
+                channels,
+                false,
+                &self.decoder,
+                &self.budget,
+                &self.stats,
+            )
+            .await?;
+        if let (Some(name), Some(horizon)) = (&self.consumer, cursor.horizon) {
+            journal::save_horizon(client, name, horizon).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The reader task: owns the connection and forwards notifications in batches.
+struct Reader {
+    decoder: Recipient<RawBatch>,
+    budget: Arc<Semaphore>,
+    stats: Arc<Counters>,
+    wake: Arc<HashSet<String>>,
     listener: WeakAddr<PgListener>,
     generation: u64,
-) {
-    let mut batch = Vec::new();
-    let outcome = loop {
-        // Collect what is ready (at least one notification), or learn that the connection ended.
-        let ended = poll_fn(|cx| loop {
-            match connection.poll_message(cx) {
-                Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
-                    batch.push(RawNotification {
-                        channel: n.channel().to_owned(),
-                        payload: n.payload().to_owned(),
-                        received_at: SystemTime::now(),
-                        sequence: None,
-                    });
-                    if batch.len() >= MAX_BATCH {
-                        return Poll::Ready(None);
+}
+
+impl Reader {
+    async fn run(self, mut connection: Connection<Socket, NoTlsStream>) {
+        let mut batch = Vec::new();
+        let outcome = loop {
+            // Collect what is ready (at least one notification), or learn that the
+            // connection ended.
+            let mut wake = false;
+            let ended = poll_fn(|cx| loop {
+                match connection.poll_message(cx) {
+                    Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
+                        if self.wake.contains(n.channel()) {
+                            wake = true;
+                            continue;
+                        }
+                        batch.push(RawNotification {
+                            channel: n.channel().to_owned(),
+                            payload: n.payload().to_owned(),
+                            received_at: SystemTime::now(),
+                            sequence: None,
+                        });
+                        if batch.len() >= MAX_BATCH {
+                            return Poll::Ready(None);
+                        }
                     }
+                    Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
+                        log::debug!("sqlnotify: listener notice: {}", notice.message());
+                    }
+                    Poll::Ready(Some(Ok(_))) => {}
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Some(e))),
+                    Poll::Ready(None) => return Poll::Ready(Some(None)),
+                    Poll::Pending if batch.is_empty() && !wake => return Poll::Pending,
+                    Poll::Pending => return Poll::Ready(None),
                 }
-                Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
-                    log::debug!("sqlnotify: listener notice: {}", notice.message());
+            })
+            .await;
+            if wake {
+                if let Some(listener) = self.listener.upgrade() {
+                    listener.do_send(JournalWake);
                 }
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Some(e))),
-                Poll::Ready(None) => return Poll::Ready(Some(None)),
-                Poll::Pending if batch.is_empty() => return Poll::Pending,
-                Poll::Pending => return Poll::Ready(None),
             }
-        })
-        .await;
-        if !batch.is_empty() {
-            // Wait for room in the pipeline; meanwhile nothing is read from the socket.
-            match budget.acquire_many(batch.len() as u32).await {
-                Ok(permits) => permits.forget(),
-                Err(_) => break None,
+            if !batch.is_empty() {
+                // Wait for room in the pipeline; meanwhile nothing is read from the socket.
+                match self.budget.acquire_many(batch.len() as u32).await {
+                    Ok(permits) => permits.forget(),
+                    Err(_) => break None,
+                }
+                self.stats
+                    .forwarded
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.decoder.do_send(RawBatch(std::mem::take(&mut batch)));
             }
-            decoder.do_send(RawBatch(std::mem::take(&mut batch)));
+            if let Some(outcome) = ended {
+                break outcome;
+            }
+        };
+        if let Some(listener) = self.listener.upgrade() {
+            listener.do_send(ConnectionLost {
+                generation: self.generation,
+                error: outcome.map(|e| e.to_string()),
+            });
         }
-        if let Some(outcome) = ended {
-            break outcome;
-        }
-    };
-    if let Some(listener) = listener.upgrade() {
-        listener.do_send(ConnectionLost {
-            generation,
-            error: outcome.map(|e| e.to_string()),
-        });
+    }
+}
+
+/// A durable channel was notified: read the journal.
+struct JournalWake;
+
+impl Message for JournalWake {
+    type Result = ();
+}
+
+impl Handler<JournalWake> for PgListener {
+    type Result = ();
+
+    fn handle(&mut self, _: JournalWake, ctx: &mut Context<Self>) {
+        self.read_journal(ctx, false);
     }
 }
 
@@ -230,7 +506,14 @@ impl Actor for PgListener {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.params.health_check, |act, ctx| act.health_check(ctx));
+        ctx.run_interval(self.params.health_check, |act, ctx| {
+            act.health_check(ctx);
+            // A cheap safety net for durable channels: a read even without a wake-up.
+            act.read_journal(ctx, false);
+        });
+        if self.params.consumer.is_some() && self.journal.is_some() {
+            ctx.run_interval(SAVE_EVERY, |act, ctx| act.save_horizon(ctx));
+        }
         if self.attempt == 0 {
             self.connect(ctx);
         } else {
@@ -247,6 +530,10 @@ impl Actor for PgListener {
 impl Supervised for PgListener {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.live = None;
+        if let Some(journal) = self.journal.as_mut() {
+            // A read that was running went with the old context, releasing the cursor.
+            journal.dirty = false;
+        }
         if !self.shutting_down {
             self.attempt = self.attempt.saturating_add(1);
             Counters::add(&self.params.stats.restarts, 1);
@@ -305,6 +592,9 @@ impl Handler<Shutdown> for PgListener {
 /// The notifier's handle on a running listener.
 pub(crate) struct PgListenerHandle {
     addr: Addr<PgListener>,
+    config: Config,
+    consumer: Option<String>,
+    latest: Option<Arc<Mutex<Option<u64>>>>,
 }
 
 impl ListenerHandle for PgListenerHandle {
@@ -315,9 +605,21 @@ impl ListenerHandle for PgListenerHandle {
         })
     }
 
+    /// The pipeline is flushed: a named consumer saves the newest horizon. Dropping the last
+    /// Addr then lets the idle actor stop without being restarted.
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        // Dropping the last Addr lets the idle actor stop without being restarted.
-        Box::pin(async { Ok(()) })
+        let horizon = self
+            .latest
+            .as_ref()
+            .and_then(|l| *l.lock().unwrap_or_else(|p| p.into_inner()));
+        let (Some(name), Some(horizon)) = (self.consumer.clone(), horizon) else {
+            return Box::pin(async { Ok(()) });
+        };
+        let config = self.config.clone();
+        Box::pin(async move {
+            let client = Control::connect(&config, "consumer cursor").await?;
+            journal::save_horizon(&client, &name, horizon).await
+        })
     }
 }
 
@@ -331,21 +633,58 @@ pub(crate) async fn start(
         // The kernel takes whole seconds (and refuses 0).
         config.keepalives_idle(Duration::from_secs(params.health_check.as_secs().max(1)));
     }
-    let (ready, is_ready) = oneshot::channel();
-    let addr = Supervisor::start(move |_| PgListener {
-        config,
-        params,
-        backoff: Backoff::default(),
-        attempt: 0,
-        ready: Some(ready),
-        live: None,
-        generation: 0,
-        was_connected: false,
-        shutting_down: false,
+    let by_tier = |tiers: &[Tier]| -> Vec<String> {
+        params
+            .channels
+            .iter()
+            .filter(|(_, t)| tiers.contains(t))
+            .map(|(c, _)| c.clone())
+            .collect()
+    };
+    let listen = by_tier(&[Tier::Notify, Tier::Durable]);
+    let wake = Arc::new(by_tier(&[Tier::Durable]).into_iter().collect());
+    let notify = by_tier(&[Tier::Notify]);
+    let journal_channels = by_tier(&[Tier::Durable, Tier::Poll]);
+    let journal = (!journal_channels.is_empty()).then(|| Journal {
+        channels: journal_channels,
+        cursor: Arc::new(tokio::sync::Mutex::new(JournalCursor::default())),
+        dirty: false,
+        poll: params.channels.iter().any(|(_, t)| *t == Tier::Poll),
+        poll_interval: POLL_MIN,
+        unsaved: VecDeque::new(),
+        saved: None,
+        latest: Arc::new(Mutex::new(None)),
     });
-    match is_ready.await {
-        Ok(Ok(())) => Ok(Box::new(PgListenerHandle { addr })),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(Error::NotRunning),
-    }
+    let consumer = params.consumer.clone();
+    let handle_latest = journal.as_ref().map(|j| j.latest.clone());
+    let handle = PgListenerHandle {
+        addr: {
+            let (ready, is_ready) = oneshot::channel();
+            let config = config.clone();
+            let addr = Supervisor::start(move |_| PgListener {
+                config,
+                params,
+                listen,
+                wake,
+                notify,
+                journal,
+                backoff: Backoff::default(),
+                attempt: 0,
+                ready: Some(ready),
+                live: None,
+                generation: 0,
+                was_connected: false,
+                shutting_down: false,
+            });
+            match is_ready.await {
+                Ok(Ok(())) => addr,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::NotRunning),
+            }
+        },
+        config,
+        consumer,
+        latest: handle_latest,
+    };
+    Ok(Box::new(handle))
 }

@@ -8,6 +8,7 @@
 mod catalog;
 mod control;
 mod ddl;
+mod journal;
 mod listener;
 
 use std::sync::Arc;
@@ -107,9 +108,15 @@ impl Dialect for Postgres {
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
-        if let Some(consumer) = &params.consumer {
+        if let (Some(consumer), false) = (
+            &params.consumer,
+            params
+                .channels
+                .iter()
+                .any(|(_, t)| *t != crate::watch::Tier::Notify),
+        ) {
             log::warn!(
-                "sqlnotify: consumer {consumer:?} has no effect on the PostgreSQL notify tier (nothing to resume from)"
+                "sqlnotify: consumer {consumer:?} has no effect without durable or poll watches (NOTIFY cannot be replayed)"
             );
         }
         Box::pin(listener::start(self.config(), params))

@@ -127,6 +127,7 @@ pub(crate) fn install(
     watches: &[ResolvedWatch],
     options: InstallOptions,
 ) -> Result<()> {
+    check_trigger_names(watches)?;
     if !options.manage_triggers {
         return verify(conn, watches);
     }
@@ -175,6 +176,28 @@ pub(crate) fn install(
     }
     tx.commit()
         .map_err(db_err("committing the install transaction"))
+}
+
+fn describe(w: &ResolvedWatch) -> String {
+    let c = &w.channel;
+    format!("{}.{} {}", c.schema, c.table, c.operation)
+}
+
+/// SQLite trigger names are case-insensitive: two channels differing only in case (labels
+/// `A` and `a`) would share one trigger, and installing the second would drop the first.
+fn check_trigger_names(watches: &[ResolvedWatch]) -> Result<()> {
+    for (i, a) in watches.iter().enumerate() {
+        for b in &watches[i + 1..] {
+            if a.channel.name.eq_ignore_ascii_case(&b.channel.name) {
+                return Err(Error::DuplicateWatch {
+                    channel: b.channel.name.clone(),
+                    first: describe(a),
+                    second: describe(b),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn verify(conn: &Connection, watches: &[ResolvedWatch]) -> Result<()> {

@@ -6,6 +6,8 @@
 //! trigger (and so the user's write) fail are guarded against: BLOB values, which JSON cannot
 //! hold, are sent as hex text, and only functions present in every SQLite with JSON support
 //! are used (no `unixepoch()`), because the trigger runs in whatever SQLite the *writer* uses.
+//! Infinite REALs are sent as the strings `"Infinity"` / `"-Infinity"` (as PostgreSQL does):
+//! SQLite's JSON writes them as `9.0e+999`, which JSON parsers reject, and the event was lost.
 
 use crate::event::Operation;
 use crate::sql::{quote_ident, quote_sqlite_literal};
@@ -50,7 +52,9 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
                 .map(|c| {
                     let v = format!("{row}.{}", quote_ident(c));
                     format!(
-                        "{}, CASE WHEN typeof({v}) = 'blob' THEN hex({v}) ELSE {v} END",
+                        "{}, CASE WHEN typeof({v}) = 'blob' THEN hex({v}) \
+                         WHEN typeof({v}) = 'real' AND abs({v}) > 1.7976931348623157e308 \
+                         THEN CASE WHEN {v} > 0 THEN 'Infinity' ELSE '-Infinity' END ELSE {v} END",
                         quote_sqlite_literal(c)
                     )
                 })
@@ -162,9 +166,11 @@ mod tests {
                 label: Some("o'brien\\x".into()),
                 key_columns: vec!["select".into()],
                 extra_columns: (0..extra).map(|i| format!("c{i}")).collect(),
+                tier: crate::watch::Tier::Notify,
             },
             trigger_columns: vec![],
             use_overflow_table: true,
+            tier: crate::watch::Tier::Notify,
         }
     }
 

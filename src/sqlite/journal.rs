@@ -57,17 +57,28 @@ pub(crate) fn read_after(
     while let Some(row) = rows.next().map_err(db_err("reading the journal"))? {
         let id: i64 = row.get(0).map_err(db_err("reading the journal"))?;
         last = id;
-        let channel: String = row.get(1).map_err(db_err("reading the journal"))?;
+        let channel = text(row, 1)?;
         if channels.contains(&channel) {
             out.push(RawNotification {
                 channel,
-                payload: row.get(2).map_err(db_err("reading the journal"))?,
+                payload: text(row, 2)?,
                 received_at: now,
                 sequence: Some(id),
             });
         }
     }
     Ok((out, last))
+}
+
+/// A TEXT column as a `String`. SQLite lets an application store text that is not UTF-8
+/// (`CAST(x'ff' AS TEXT)`), and the triggers copy it into the payload as is: read it lossily,
+/// so one such row cannot fail every read of the journal (and wedge the listener on it).
+fn text(row: &rusqlite::Row<'_>, index: usize) -> Result<String> {
+    let value = row.get_ref(index).map_err(db_err("reading the journal"))?;
+    let bytes = value
+        .as_bytes()
+        .map_err(|e| crate::error::Error::db("reading the journal", e))?;
+    Ok(String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// Appends a row (custom notifications); returns its id.

@@ -195,10 +195,8 @@ fn watch(
             }
         }
         if let Some(name) = &shared.consumer {
-            let routed = shared.stats.routed_sequence.load(Ordering::Relaxed);
-            let due = (routed > saved.0 && saved.1.elapsed() >= SAVE_EVERY)
-                || saved.1.elapsed() >= HEARTBEAT_EVERY;
-            if due {
+            if save_due(shared, saved) {
+                let routed = shared.stats.routed_sequence.load(Ordering::Relaxed);
                 journal::save_cursor(&conn, name, routed.max(saved.0))?;
                 saved = (routed.max(saved.0), Instant::now());
             }
@@ -216,11 +214,24 @@ fn watch(
             if !gate_open && shared.stats.has_subscriber.load(Ordering::Acquire) {
                 break;
             }
+            // Events routed after the last check, or the heartbeat: save while idle too.
+            if save_due(shared, saved) {
+                break;
+            }
             if last_event.elapsed() > STAY_ACTIVE {
                 interval = (interval * 2).min(IDLE_INTERVAL);
             }
         }
     }
+}
+
+/// Whether a named consumer should save its cursor now: events were routed since the last
+/// save (at most every `SAVE_EVERY`), or the heartbeat is due.
+fn save_due(shared: &Shared, saved: (i64, Instant)) -> bool {
+    let routed = shared.stats.routed_sequence.load(Ordering::Relaxed);
+    shared.consumer.is_some()
+        && ((routed > saved.0 && saved.1.elapsed() >= SAVE_EVERY)
+            || saved.1.elapsed() >= HEARTBEAT_EVERY)
 }
 
 /// Reads and forwards every row past the cursor. Returns whether any event was forwarded, or
@@ -254,6 +265,10 @@ fn read_all(conn: &rusqlite::Connection, shared: &Shared) -> Result<Option<bool>
                     }
                 }
             }
+            shared
+                .stats
+                .forwarded
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             shared.decoder.do_send(RawBatch(batch));
         }
         shared.cursor.store(last, Ordering::Release);
@@ -384,7 +399,7 @@ pub(crate) async fn start(
     let cursor = Arc::new(AtomicI64::new(-1));
     let shared = Shared {
         path: path.clone(),
-        channels: Arc::new(params.channels.into_iter().collect()),
+        channels: Arc::new(params.channels.into_iter().map(|(name, _)| name).collect()),
         consumer: params.consumer.clone(),
         decoder: params.decoder,
         status: params.status,

@@ -217,3 +217,139 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A PostgreSQL cluster of the test's own (for faults that must not touch the shared server,
+/// such as a restart), built from the local binaries. `None` when there are none.
+pub struct Cluster {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    as_postgres: bool,
+}
+
+impl Cluster {
+    pub fn start() -> Option<Cluster> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()?;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            l.local_addr().ok()?.port()
+        };
+        let dir =
+            std::env::temp_dir().join(format!("sqlnotify-cluster-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let as_postgres = running_as_root();
+        let cluster = Cluster {
+            port,
+            dir,
+            bin,
+            as_postgres,
+        };
+        if as_postgres {
+            std::process::Command::new("chown")
+                .args(["postgres", cluster.dir.to_str()?])
+                .status()
+                .ok()?;
+        }
+        let data = cluster.dir.join("data");
+        cluster.run(
+            "initdb",
+            &["-D", data.to_str()?, "-U", "postgres", "--auth=trust"],
+        )?;
+        cluster.pg_ctl("start")?;
+        Some(cluster)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Option<()> {
+        let program = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            std::process::Command::new(&program)
+        };
+        let out = cmd.args(args).output().ok()?;
+        if !out.status.success() {
+            eprintln!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(())
+    }
+
+    fn pg_ctl(&self, action: &str) -> Option<()> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("log");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str()?,
+                "-l",
+                log.to_str()?,
+                "-w",
+                "-m",
+                "fast",
+                "-o",
+                &opts,
+                action,
+            ],
+        )
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop(&self) {
+        self.pg_ctl("stop").expect("pg_ctl stop");
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl("start").expect("pg_ctl start");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// An actor that forwards every event into a channel (for builder-level subscriptions).
+pub struct Forward(pub mpsc::UnboundedSender<ChangeEvent>);
+
+impl actix::Actor for Forward {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<ChangeEvent> for Forward {
+    type Result = ();
+    fn handle(&mut self, event: ChangeEvent, _: &mut actix::Context<Self>) {
+        let _ = self.0.send(event);
+    }
+}
+
+impl Forward {
+    pub fn start_actor(self) -> actix::Addr<Forward> {
+        actix::Actor::start(self)
+    }
+}

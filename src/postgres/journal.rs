@@ -1,0 +1,188 @@
+//! Reading the PostgreSQL journal (durable and poll tiers) without ever skipping a row.
+//!
+//! The problem: journal ids come from a sequence when the row is *inserted*, not when its
+//! transaction commits. Transaction A may take id 10, B id 11, B commits, a reader sees 11
+//! and moves its cursor past it — then A commits, and row 10 is never read.
+//!
+//! The method: every row records its writer's transaction id (`xid8`,
+//! `pg_current_xact_id()`). Each read runs as one statement and also returns
+//! `pg_snapshot_xmin(pg_current_snapshot())` of that statement's snapshot: the oldest
+//! transaction still running. Every transaction older than that horizon has finished, so all
+//! of its rows were visible to this read. The next read asks for rows with `xid >= horizon`
+//! — rows of transactions that were (or may have been) still running — so a late commit is
+//! picked up however low its id. Rows read twice that way are suppressed with a set of the
+//! ids already delivered whose xid is at or above the horizon; ids below it can never come
+//! back, so the set stays as small as the set of recently committed rows. The horizon is what
+//! a named consumer saves: restarting from it replays at least everything not yet delivered.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix::Recipient;
+use futures_util::{pin_mut, TryStreamExt};
+use tokio::sync::Semaphore;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+
+use super::ddl::SCHEMA;
+use crate::decoder::RawBatch;
+use crate::error::{Error, Result};
+use crate::event::RawNotification;
+use crate::sql::quote_ident;
+use crate::stats::Counters;
+
+/// Rows handed to the decoder per batch.
+const BATCH: usize = 512;
+
+/// Where a listener is in the journal.
+#[derive(Debug, Default)]
+pub(crate) struct JournalCursor {
+    /// Transactions older than this had all finished at the last read. `None`: not placed yet.
+    pub horizon: Option<u64>,
+    /// Ids delivered whose xid is at or above the horizon (they can be read again).
+    seen: HashMap<i64, u64>,
+}
+
+/// What one read did.
+pub(crate) struct ReadOutcome {
+    pub delivered: u64,
+}
+
+impl JournalCursor {
+    /// A cursor resuming from a saved horizon.
+    pub fn resume(horizon: u64) -> Self {
+        JournalCursor {
+            horizon: Some(horizon),
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Reads every row past the horizon on `channels`; delivers those not seen yet (or, when
+    /// `deliver` is false — placing a new cursor at "now" — only marks them seen).
+    pub async fn read(
+        &mut self,
+        client: &Client,
+        channels: &[String],
+        deliver: bool,
+        decoder: &Recipient<RawBatch>,
+        budget: &Arc<Semaphore>,
+        stats: &Counters,
+    ) -> Result<ReadOutcome> {
+        let sql = format!(
+            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload
+               FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS horizon) s
+               LEFT JOIN LATERAL (
+                    SELECT id, xid, channel, payload FROM {}.journal
+                     WHERE xid >= coalesce($1::text::xid8, s.horizon) AND channel = ANY($2)
+                     ORDER BY id) j ON true",
+            quote_ident(SCHEMA)
+        );
+        let floor = self.horizon.map(|h| h.to_string());
+        let params: [&(dyn ToSql + Sync); 2] = [&floor, &channels];
+        let rows = client
+            .query_raw(&sql, params)
+            .await
+            .map_err(|e| Error::db("reading the journal", e))?;
+        pin_mut!(rows);
+        // A row counts as seen only once it has been handed to the decoder: if this read is
+        // abandoned (lost connection), rows collected but not handed over are read again.
+        let (mut batch, mut ids, mut delivered, mut horizon) = (Vec::new(), Vec::new(), 0, None);
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(|e| Error::db("reading the journal", e))?
+        {
+            let h: String = row.get(0);
+            horizon.get_or_insert(parse_xid(&h)?);
+            let Some(id) = row.get::<_, Option<i64>>(1) else {
+                continue;
+            };
+            let xid = parse_xid(&row.get::<_, String>(2))?;
+            if !deliver {
+                self.seen.insert(id, xid);
+                continue;
+            }
+            if self.seen.contains_key(&id) {
+                continue;
+            }
+            batch.push(RawNotification {
+                channel: row.get(3),
+                payload: row.get(4),
+                received_at: SystemTime::now(),
+                sequence: Some(id),
+            });
+            ids.push((id, xid));
+            if batch.len() >= BATCH {
+                delivered += forward(&mut batch, decoder, budget, stats).await?;
+                self.seen.extend(ids.drain(..));
+            }
+        }
+        delivered += forward(&mut batch, decoder, budget, stats).await?;
+        self.seen.extend(ids.drain(..));
+        let horizon = horizon.ok_or_else(|| Error::InvalidPayload {
+            channel: "journal".into(),
+            reason: "the journal read returned no snapshot horizon".into(),
+        })?;
+        self.seen.retain(|_, xid| *xid >= horizon);
+        self.horizon = Some(horizon);
+        Ok(ReadOutcome { delivered })
+    }
+}
+
+/// Hands a batch to the decoder once the pipeline has room for it.
+async fn forward(
+    batch: &mut Vec<RawNotification>,
+    decoder: &Recipient<RawBatch>,
+    budget: &Arc<Semaphore>,
+    stats: &Counters,
+) -> Result<u64> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let n = batch.len();
+    budget
+        .acquire_many(n as u32)
+        .await
+        .map_err(|_| Error::NotRunning)?
+        .forget();
+    stats.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+    decoder.do_send(RawBatch(std::mem::take(batch)));
+    Ok(n as u64)
+}
+
+fn parse_xid(text: &str) -> Result<u64> {
+    text.parse().map_err(|_| Error::InvalidPayload {
+        channel: "journal".into(),
+        reason: format!("unexpected transaction id {text:?}"),
+    })
+}
+
+/// The saved horizon of consumer `name`.
+pub(crate) async fn load_horizon(client: &Client, name: &str) -> Result<Option<u64>> {
+    let sql = format!(
+        "SELECT horizon::text FROM {}.consumers WHERE name = $1",
+        quote_ident(SCHEMA)
+    );
+    let row = client
+        .query_opt(&sql, &[&name])
+        .await
+        .map_err(|e| Error::db(format!("reading the cursor of consumer {name:?}"), e))?;
+    row.map(|r| parse_xid(&r.get::<_, String>(0))).transpose()
+}
+
+/// Saves consumer `name`'s horizon (never moving it backwards) and marks it alive.
+pub(crate) async fn save_horizon(client: &Client, name: &str, horizon: u64) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO {s}.consumers (name, horizon, updated_at) VALUES ($1, $2::text::xid8, now())
+         ON CONFLICT (name) DO UPDATE SET horizon = GREATEST({s}.consumers.horizon, EXCLUDED.horizon),
+                                          updated_at = now()",
+        s = quote_ident(SCHEMA)
+    );
+    client
+        .execute(&sql, &[&name, &horizon.to_string()])
+        .await
+        .map_err(|e| Error::db(format!("saving the cursor of consumer {name:?}"), e))?;
+    Ok(())
+}
