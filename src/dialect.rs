@@ -91,9 +91,14 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Starts a listener; resolves once it is listening.
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
     /// Largest payload a notification can carry, if the dialect has a limit.
-    fn payload_limit(&self) -> Option<usize>;
+    fn payload_limit(&self, tier: Tier) -> Option<usize>;
     /// Sends `payload` on `channel` (on a connection other than the listener's).
-    fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>>;
+    fn notify(
+        &self,
+        channel: String,
+        tier: Tier,
+        payload: String,
+    ) -> BoxFuture<'static, Result<()>>;
     /// Stores an oversized payload; returns its reference.
     fn store_overflow(&self, channel: String, payload: String) -> BoxFuture<'static, Result<i64>>;
     /// The overflow table reader, for the decoder.

@@ -182,3 +182,54 @@ mod tests {
         assert!(!Filter::gt("n", 1).matches_value(&json!(null)));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "[a-c]{0,3}".prop_map(Value::String),
+        ]
+    }
+
+    proptest! {
+        /// eq and ne are exact opposites, and eq is reflexive.
+        #[test]
+        fn eq_and_ne_are_complements(a in scalar(), b in scalar()) {
+            prop_assert_ne!(Filter::eq("c", a.clone()).matches_value(&b), Filter::ne("c", a.clone()).matches_value(&b));
+            prop_assert!(Filter::eq("c", a.clone()).matches_value(&a));
+        }
+
+        /// For comparable values exactly one of lt / eq / gt holds; le = lt or eq; ge = gt or eq.
+        #[test]
+        fn orderings_are_consistent(a in scalar(), b in scalar()) {
+            let (lt, gt) = (Filter::lt("c", b.clone()).matches_value(&a), Filter::gt("c", b.clone()).matches_value(&a));
+            let (le, ge) = (Filter::le("c", b.clone()).matches_value(&a), Filter::ge("c", b.clone()).matches_value(&a));
+            let eq = Filter::eq("c", b.clone()).matches_value(&a);
+            let comparable = matches!((&a, &b), (Value::Number(_), Value::Number(_)) | (Value::String(_), Value::String(_)));
+            if comparable {
+                prop_assert_eq!(lt as u8 + gt as u8 + eq as u8, 1);
+                prop_assert_eq!(le, lt || eq);
+                prop_assert_eq!(ge, gt || eq);
+            } else {
+                prop_assert!(!lt && !gt && !le && !ge);
+            }
+        }
+
+        /// `is_in` matches exactly when one of the options is equal.
+        #[test]
+        fn is_in_is_any_eq(a in scalar(), options in prop::collection::vec(scalar(), 0..5)) {
+            let any_eq = options.iter().any(|o| Filter::eq("c", o.clone()).matches_value(&a));
+            prop_assert_eq!(Filter::is_in("c", options).matches_value(&a), any_eq);
+        }
+    }
+}

@@ -63,13 +63,23 @@
 //! | feature    | default | what it enables |
 //! |------------|---------|-----------------|
 //! | `postgres` | yes     | the PostgreSQL dialect (`postgres://`, `postgresql://`), via tokio-postgres |
-//! | `sqlite`   | yes     | reserved for the SQLite dialect (rusqlite, bundled); URLs are rejected until it lands |
+//! | `sqlite`   | yes     | the SQLite dialect (`sqlite:///path.db`), via rusqlite with bundled SQLite |
+//!
+//! # Delivery guarantees
+//!
+//! On PostgreSQL each watch picks a [`Tier`]: `Notify` (the row travels in the NOTIFY; at most
+//! once, a [`Status::Gap`] after reconnects), `Durable` (a journal row in the writer's
+//! transaction; at least once, replayed after reconnects and — for a named
+//! [`consumer`](NotifierBuilder::consumer) — after restarts) or `Poll` (the journal without
+//! NOTIFY). SQLite always journals. Delivery to subscribers is bounded: each subscription has a
+//! buffer and an [`OverflowPolicy`].
 //!
 //! # Database objects
 //!
-//! Everything sqlnotify creates is in the `sqlnotify` schema (catalog, overflow table, one
-//! trigger function per watch), except the triggers, which sit on the watched tables and are
-//! named after their channel: `sqlnotify_{schema}_{table}_{operation}`, or
+//! On PostgreSQL everything sqlnotify creates is in the `sqlnotify` schema (catalog, overflow
+//! table, journal, consumers, one trigger function per watch); on SQLite it is three tables
+//! prefixed `sqlnotify_`. The triggers sit on the watched tables and are named after their
+//! channel: `sqlnotify_{schema}_{table}_{operation}`, or
 //! `sqlnotify_{label}` for a watch with a [`channel_label`](Watch::channel_label).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -559,9 +559,14 @@ impl Notifier {
                 reason,
             })?;
         let dialect = &self.inner.dialect;
-        let limit = match dialect.payload_limit() {
+        let tier = channel.tier();
+        let limit = match dialect.payload_limit(tier) {
             Some(limit) if payload.len() > limit => limit,
-            _ => return dialect.notify(channel.name().to_string(), payload).await,
+            _ => {
+                return dialect
+                    .notify(channel.name().to_string(), tier, payload)
+                    .await
+            }
         };
         let too_large = || Error::PayloadTooLarge {
             channel: channel.name().to_string(),
@@ -578,7 +583,7 @@ impl Notifier {
         if stub.len() > limit {
             return Err(too_large());
         }
-        dialect.notify(channel.name().to_string(), stub).await
+        dialect.notify(channel.name().to_string(), tier, stub).await
     }
 
     /// The pipeline's counters.

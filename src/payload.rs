@@ -212,3 +212,78 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::event::Operation;
+    use proptest::prelude::*;
+
+    fn channel(keys: Vec<String>) -> Channel {
+        Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: keys,
+            extra_columns: vec![],
+            tier: crate::watch::Tier::Notify,
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".*".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(".*", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever arrives on a channel, decoding returns a result or a reason — never panics.
+        #[test]
+        fn decoding_arbitrary_text_never_panics(payload in ".*", keys in prop::collection::vec("[a-z]{1,3}", 1..3)) {
+            let _ = decode(&payload, &channel(keys));
+        }
+
+        /// Any JSON value is either rejected with a reason or decoded consistently.
+        #[test]
+        fn decoding_arbitrary_json_never_panics(value in json_value()) {
+            let _ = decode(&value.to_string(), &channel(vec!["id".into()]));
+        }
+
+        /// A payload built from a key and extra columns decodes back to the same key and columns.
+        #[test]
+        fn rows_round_trip(
+            id in json_value(),
+            extra in prop::collection::btree_map("[a-z]{1,8}", json_value(), 0..6),
+        ) {
+            let mut map: Map<String, Value> = extra.into_iter().filter(|(k, _)| k != "id").collect();
+            let expected_extra = map.clone();
+            map.insert("id".into(), id.clone());
+            let decoded = decode(&Value::Object(map).to_string(), &channel(vec!["id".into()])).unwrap();
+            prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: expected_extra, truncated: false });
+        }
+
+        /// A custom payload accepted by `encode_custom` always decodes.
+        #[test]
+        fn accepted_custom_payloads_decode(value in json_value()) {
+            let c = channel(vec!["id".into()]);
+            if let Ok(text) = encode_custom(&value, &c) {
+                prop_assert!(decode(&text, &c).is_ok());
+            }
+        }
+    }
+}

@@ -20,7 +20,7 @@ use self::control::Control;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
 use crate::sql::quote_ident;
-use crate::watch::{ResolvedWatch, TableInfo};
+use crate::watch::{ResolvedWatch, TableInfo, Tier};
 
 /// PostgreSQL behind the [`Dialect`] interface.
 pub(crate) struct Postgres {
@@ -122,16 +122,39 @@ impl Dialect for Postgres {
         Box::pin(listener::start(self.config(), params))
     }
 
-    fn payload_limit(&self) -> Option<usize> {
+    fn payload_limit(&self, tier: Tier) -> Option<usize> {
+        if tier != Tier::Notify {
+            return None; // journal rows have no size limit
+        }
         Some(crate::payload::NOTIFY_PAYLOAD_LIMIT)
     }
 
-    fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>> {
+    /// Custom events take the channel's own path: a NOTIFY carrying the payload, or a journal
+    /// row (plus an empty wake-up NOTIFY on the durable tier), so listeners treat them exactly
+    /// like trigger events.
+    fn notify(
+        &self,
+        channel: String,
+        tier: Tier,
+        payload: String,
+    ) -> BoxFuture<'static, Result<()>> {
         let control = self.control.clone();
+        let sql = match tier {
+            Tier::Notify => "SELECT pg_catalog.pg_notify($1, $2)".to_string(),
+            Tier::Durable => format!(
+                "WITH j AS (INSERT INTO {}.journal (channel, payload) VALUES ($1, $2) RETURNING 1) \
+                 SELECT pg_catalog.pg_notify($1, '') FROM j",
+                quote_ident(ddl::SCHEMA)
+            ),
+            Tier::Poll => format!(
+                "INSERT INTO {}.journal (channel, payload) VALUES ($1, $2)",
+                quote_ident(ddl::SCHEMA)
+            ),
+        };
         Box::pin(async move {
             let client = control.client().await?;
             client
-                .execute("SELECT pg_catalog.pg_notify($1, $2)", &[&channel, &payload])
+                .execute(&sql, &[&channel, &payload])
                 .await
                 .map_err(|e| Error::db(format!("sending a notification on {channel}"), e))?;
             Ok(())

@@ -25,7 +25,7 @@ use rusqlite::{Connection, OpenFlags};
 use self::listener::Wake;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
-use crate::watch::{ResolvedWatch, TableInfo};
+use crate::watch::{ResolvedWatch, TableInfo, Tier};
 
 /// How long a sqlnotify connection waits for a lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,11 +173,16 @@ impl Dialect for Sqlite {
         ))
     }
 
-    fn payload_limit(&self) -> Option<usize> {
+    fn payload_limit(&self, _tier: Tier) -> Option<usize> {
         None
     }
 
-    fn notify(&self, channel: String, payload: String) -> BoxFuture<'static, Result<()>> {
+    fn notify(
+        &self,
+        channel: String,
+        _tier: Tier,
+        payload: String,
+    ) -> BoxFuture<'static, Result<()>> {
         let wake = self.wake.0.clone();
         let appended = self.blocking(move |conn| journal::append(conn, &channel, &payload));
         Box::pin(async move {
