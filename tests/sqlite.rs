@@ -1448,3 +1448,68 @@ async fn application_writes_never_see_busy_with_a_named_consumer() {
         db.count("SELECT max(id) FROM sqlnotify_journal")
     );
 }
+
+/// A real fault: the journal disappears under the watcher (renamed away by another
+/// connection; the triggers follow the rename, so writes keep landing in it). The watcher's
+/// reads fail, it is restarted with backoff, and once the journal is back it resumes from its
+/// cursor: the rows written meanwhile arrive once each.
+#[actix_rt::test]
+async fn a_watcher_that_fails_is_restarted_and_resumes_from_its_cursor() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let (status_tx, mut statuses) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |e: sqlnotify::StatusEvent| {
+            let _ = status_tx.send(e.status);
+        })
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t VALUES (1)");
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+
+    db.exec("ALTER TABLE sqlnotify_journal RENAME TO sqlnotify_journal_away");
+    db.exec("INSERT INTO t VALUES (2), (3), (4)");
+    async fn next_status(rx: &mut mpsc::UnboundedReceiver<sqlnotify::Status>) -> sqlnotify::Status {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("a status should arrive")
+            .unwrap()
+    }
+    match next_status(&mut statuses).await {
+        sqlnotify::Status::Disconnected { error } => {
+            assert!(error.contains("sqlnotify_journal"), "{error}")
+        }
+        other => panic!("expected the watcher to fail, got {other:?}"),
+    }
+    db.exec("ALTER TABLE sqlnotify_journal_away RENAME TO sqlnotify_journal");
+    // Restarted (possibly after more failed attempts while the journal was away).
+    loop {
+        match next_status(&mut statuses).await {
+            sqlnotify::Status::Disconnected { .. } => continue,
+            sqlnotify::Status::Connected => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(
+        next_status(&mut statuses).await,
+        sqlnotify::Status::Resynced { replayed: 3 }
+    ));
+    let ids: Vec<i64> = events
+        .take(3)
+        .await
+        .iter()
+        .map(|e| e.id().as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [2, 3, 4]);
+    db.exec("INSERT INTO t VALUES (5)");
+    assert_eq!(events.next().await.id().as_i64(), Some(5));
+    events.assert_empty();
+    assert!(notifier.stats().await.unwrap().restarts >= 1);
+    notifier.stop().await.unwrap();
+}

@@ -160,15 +160,9 @@ fn watch(
     if restarted {
         // Resuming from the shared cursor: nothing committed meanwhile is lost.
         shared.status.do_send(StatusEvent::now(Status::Connected));
-        let before = shared.stats.received.load(Ordering::Relaxed);
-        if read_all(&conn, shared)?.is_none() {
+        let Some(replayed) = read_all(&conn, shared)? else {
             return Ok(());
-        }
-        let replayed = shared
-            .stats
-            .received
-            .load(Ordering::Relaxed)
-            .saturating_sub(before);
+        };
         shared
             .status
             .do_send(StatusEvent::now(Status::Resynced { replayed }));
@@ -187,11 +181,11 @@ fn watch(
         if gate_open {
             match read_all(&conn, shared)? {
                 None => return Ok(()),
-                Some(true) => {
+                Some(0) => {}
+                Some(_) => {
                     last_event = Instant::now();
                     interval = ACTIVE_INTERVAL;
                 }
-                Some(false) => {}
             }
         }
         if let Some(name) = &shared.consumer {
@@ -234,18 +228,18 @@ fn save_due(shared: &Shared, saved: (i64, Instant)) -> bool {
             || saved.1.elapsed() >= HEARTBEAT_EVERY)
 }
 
-/// Reads and forwards every row past the cursor. Returns whether any event was forwarded, or
+/// Reads and forwards every row past the cursor. Returns how many events were forwarded, or
 /// `None` when told to stop while waiting for room in the pipeline.
-fn read_all(conn: &rusqlite::Connection, shared: &Shared) -> Result<Option<bool>> {
-    let mut any = false;
+fn read_all(conn: &rusqlite::Connection, shared: &Shared) -> Result<Option<u64>> {
+    let mut forwarded = 0;
     loop {
         let cursor = shared.cursor.load(Ordering::Acquire);
         let (batch, last) = journal::read_after(conn, cursor, READ_BATCH, &shared.channels)?;
         if last == cursor {
-            return Ok(Some(any));
+            return Ok(Some(forwarded));
         }
         if !batch.is_empty() {
-            any = true;
+            forwarded += batch.len() as u64;
             // One unit of in-flight budget per event; when the pipeline is full, the cursor
             // simply waits here (and stop still gets through).
             loop {
