@@ -106,3 +106,63 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Closes the dialect's connections.
     fn close(&self) -> BoxFuture<'static, ()>;
 }
+
+/// What a dialect's catalog says about one watch: the input to install planning, which is the
+/// same for every dialect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Installed {
+    /// No catalog entry.
+    Missing,
+    /// A catalog entry: `same` — its recorded definition equals the generated one; `trigger`
+    /// — the trigger still exists on the watched table.
+    Recorded { same: bool, trigger: bool },
+}
+
+impl Installed {
+    /// What `install` does for this watch: `None` when it is installed as generated (nothing
+    /// is touched — dropping a trigger locks the user's table), `Some(why)` to (re)create it,
+    /// or a drift error when it changed and `revoke_on_model_change` is off.
+    pub fn plan(self, w: &ResolvedWatch, options: InstallOptions) -> Result<Option<&'static str>> {
+        Ok(Some(match self {
+            Installed::Recorded {
+                same: true,
+                trigger: true,
+            } => return Ok(None),
+            Installed::Recorded {
+                same: true,
+                trigger: false,
+            } => "reinstalling (trigger was missing)",
+            Installed::Missing => "installing",
+            Installed::Recorded { same: false, .. } if options.revoke_on_model_change => {
+                "replacing (definition changed)"
+            }
+            Installed::Recorded { same: false, .. } => {
+                return Err(drift(w, "the installed definition differs from the watch"))
+            }
+        }))
+    }
+
+    /// With `manage_triggers` off: Ok only when installed exactly as generated.
+    pub fn verify(self, w: &ResolvedWatch) -> Result<()> {
+        let detail = match self {
+            Installed::Recorded {
+                same: true,
+                trigger: true,
+            } => return Ok(()),
+            Installed::Missing => "it is not installed (apply install_sql() first)",
+            Installed::Recorded { trigger: false, .. } => "its trigger is missing",
+            Installed::Recorded { same: false, .. } => {
+                "the installed definition differs from the watch"
+            }
+        };
+        Err(drift(w, detail))
+    }
+}
+
+fn drift(w: &ResolvedWatch, detail: &str) -> crate::Error {
+    crate::Error::DefinitionDrift {
+        channel: w.channel.name.clone(),
+        table: format!("{}.{}", w.channel.schema, w.channel.table),
+        detail: detail.into(),
+    }
+}

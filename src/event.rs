@@ -36,6 +36,14 @@ impl Operation {
         }
     }
 
+    /// The trigger row variable holding the changed row: `OLD` for DELETE, else `NEW`.
+    pub(crate) fn row_variable(self) -> &'static str {
+        match self {
+            Operation::Delete => "OLD",
+            Operation::Insert | Operation::Update => "NEW",
+        }
+    }
+
     /// The SQL keyword: `INSERT`, `UPDATE` or `DELETE`.
     pub fn sql_keyword(self) -> &'static str {
         match self {
@@ -149,6 +157,10 @@ impl Channel {
     /// How events travel on this channel.
     pub fn tier(&self) -> crate::watch::Tier {
         self.tier
+    }
+    /// Every column the payload carries: the key columns, then the extra columns.
+    pub(crate) fn payload_columns(&self) -> Vec<&String> {
+        self.key_columns.iter().chain(&self.extra_columns).collect()
     }
     /// Whether the payload carries `column` (as a key or an extra column).
     pub fn carries(&self, column: &str) -> bool {

@@ -286,6 +286,36 @@ pub struct ResolvedWatch {
     pub tier: Tier,
 }
 
+impl ResolvedWatch {
+    /// The trigger event (`INSERT`, `DELETE`, `UPDATE` or `UPDATE OF "a", "b"`) and, for
+    /// `trigger_columns`, the condition "one of them really changed": `changed` renders the
+    /// test for one quoted column (given whether its type has an equality operator) and the
+    /// tests are OR-ed. Shared by the dialects' trigger generators.
+    pub(crate) fn trigger_event(
+        &self,
+        changed: impl Fn(&str, bool) -> String,
+    ) -> (String, Option<String>) {
+        let keyword = self.channel.operation.sql_keyword();
+        if self.trigger_columns.is_empty() {
+            return (keyword.to_string(), None);
+        }
+        let quoted: Vec<String> = self
+            .trigger_columns
+            .iter()
+            .map(|(c, _)| crate::sql::quote_ident(c))
+            .collect();
+        let tests: Vec<String> = quoted
+            .iter()
+            .zip(&self.trigger_columns)
+            .map(|(q, (_, has_eq))| changed(q, *has_eq))
+            .collect();
+        (
+            format!("{keyword} OF {}", quoted.join(", ")),
+            Some(tests.join(" OR ")),
+        )
+    }
+}
+
 /// Validates `watch` against `table` (read from the catalog) and resolves its defaults.
 pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
     let unknown = |column: &str, list| Error::UnknownColumn {

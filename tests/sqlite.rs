@@ -866,7 +866,7 @@ async fn unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replac
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, Error::DefinitionDrift { channel: c, table, .. } if c == channel && table == "users"),
+        matches!(&e, Error::DefinitionDrift { channel: c, table, .. } if c == channel && table == "main.users"),
         "{e:?}"
     );
     assert_eq!(schema_version(&db), version);

@@ -8,7 +8,7 @@
 use tokio_postgres::Client;
 
 use super::ddl;
-use crate::dialect::InstallOptions;
+use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::sql::quote_ident;
 use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
@@ -69,16 +69,6 @@ pub(crate) async fn describe_table(
         table: table.to_string(),
         columns,
     })
-}
-
-/// The state of one watch in the database.
-enum Installed {
-    Missing,
-    /// Recorded with this hash-equality result; `trigger` says whether the trigger still exists.
-    Recorded {
-        same: bool,
-        trigger: bool,
-    },
 }
 
 async fn installed_state(
@@ -162,26 +152,8 @@ pub(crate) async fn install(
     }
     for w in watches {
         let name = &w.channel.name;
-        let action = match installed_state(&tx, w, true).await? {
-            Installed::Recorded {
-                same: true,
-                trigger: true,
-            } => continue,
-            Installed::Recorded {
-                same: true,
-                trigger: false,
-            } => "reinstalling (trigger was missing)",
-            Installed::Missing => "installing",
-            Installed::Recorded { same: false, .. } if options.revoke_on_model_change => {
-                "replacing (definition changed)"
-            }
-            Installed::Recorded { same: false, .. } => {
-                return Err(Error::DefinitionDrift {
-                    channel: name.clone(),
-                    table: format!("{}.{}", w.channel.schema, w.channel.table),
-                    detail: "the installed definition differs from the watch".into(),
-                })
-            }
+        let Some(action) = installed_state(&tx, w, true).await?.plan(w, options)? else {
+            continue;
         };
         log::info!(
             "sqlnotify: {action} {name} on {}.{}",
@@ -207,22 +179,7 @@ pub(crate) async fn install(
 async fn verify(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
     let exists = catalog_exists(client).await?;
     for w in watches {
-        let detail = match installed_state(client, w, exists).await? {
-            Installed::Recorded {
-                same: true,
-                trigger: true,
-            } => continue,
-            Installed::Missing => "it is not installed (apply install_sql() first)",
-            Installed::Recorded { trigger: false, .. } => "its trigger is missing",
-            Installed::Recorded { same: false, .. } => {
-                "the installed definition differs from the watch"
-            }
-        };
-        return Err(Error::DefinitionDrift {
-            channel: w.channel.name.clone(),
-            table: format!("{}.{}", w.channel.schema, w.channel.table),
-            detail: detail.into(),
-        });
+        installed_state(client, w, exists).await?.verify(w)?;
     }
     Ok(())
 }

@@ -5,7 +5,6 @@
 //! trigger `"<channel>"` on the watched table. The channel name is unique in the database, so
 //! one name identifies a watch everywhere (catalog row, function, trigger, LISTEN).
 
-use crate::event::Operation;
 use crate::payload::{META_KEY, NOTIFY_PAYLOAD_LIMIT};
 use crate::sql::{quote_ident, quote_literal};
 use crate::watch::{ResolvedWatch, Tier};
@@ -100,15 +99,8 @@ pub(crate) fn function_sql(w: &ResolvedWatch) -> String {
 /// folded into one by PostgreSQL), the poll tier nothing at all.
 fn journal_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let row = match channel.operation {
-        Operation::Delete => "OLD",
-        Operation::Insert | Operation::Update => "NEW",
-    };
-    let all: Vec<&String> = channel
-        .key_columns
-        .iter()
-        .chain(&channel.extra_columns)
-        .collect();
+    let row = channel.operation.row_variable();
+    let all = channel.payload_columns();
     let chan = quote_literal(&channel.name);
     let wake = match w.tier {
         Tier::Durable => format!("\n  PERFORM pg_catalog.pg_notify({chan}, '');"),
@@ -134,15 +126,8 @@ END
 /// The notify tier: the payload travels in the notification itself.
 fn notify_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let row = match channel.operation {
-        Operation::Delete => "OLD",
-        Operation::Insert | Operation::Update => "NEW",
-    };
-    let all: Vec<&String> = channel
-        .key_columns
-        .iter()
-        .chain(&channel.extra_columns)
-        .collect();
+    let row = channel.operation.row_variable();
+    let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
     let full = json_expr(row, &all);
     let key_only = json_expr(row, &keys);
@@ -199,30 +184,14 @@ END
 /// operator (e.g. `json`) are compared as text.
 pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let mut event = channel.operation.sql_keyword().to_string();
-    let mut when = String::new();
-    if !w.trigger_columns.is_empty() {
-        let cols: Vec<String> = w
-            .trigger_columns
-            .iter()
-            .map(|(c, _)| quote_ident(c))
-            .collect();
-        event.push_str(" OF ");
-        event.push_str(&cols.join(", "));
-        let changed: Vec<String> = w
-            .trigger_columns
-            .iter()
-            .map(|(c, has_eq)| {
-                let c = quote_ident(c);
-                if *has_eq {
-                    format!("OLD.{c} IS DISTINCT FROM NEW.{c}")
-                } else {
-                    format!("OLD.{c}::text IS DISTINCT FROM NEW.{c}::text")
-                }
-            })
-            .collect();
-        when = format!(" WHEN ({})", changed.join(" OR "));
-    }
+    let (event, changed) = w.trigger_event(|c, has_eq| {
+        if has_eq {
+            format!("OLD.{c} IS DISTINCT FROM NEW.{c}")
+        } else {
+            format!("OLD.{c}::text IS DISTINCT FROM NEW.{c}::text")
+        }
+    });
+    let when = changed.map(|c| format!(" WHEN ({c})")).unwrap_or_default();
     format!(
         "CREATE TRIGGER {} AFTER {event} ON {}.{} FOR EACH ROW{when} EXECUTE FUNCTION {}()",
         quote_ident(&channel.name),
@@ -283,6 +252,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
 mod tests {
     use super::*;
     use crate::event::Channel;
+    use crate::event::Operation;
 
     fn watch(op: Operation, label: Option<&str>, extra: &[&str]) -> ResolvedWatch {
         ResolvedWatch {

@@ -9,7 +9,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::ddl;
-use crate::dialect::InstallOptions;
+use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
 
@@ -70,11 +70,6 @@ fn catalog_exists(conn: &Connection) -> Result<bool> {
     )
     .map(|n| n > 0)
     .map_err(db_err("looking for the sqlnotify catalog"))
-}
-
-enum Installed {
-    Missing,
-    Recorded { same: bool, trigger: bool },
 }
 
 fn installed_state(conn: &Connection, w: &ResolvedWatch, catalog: bool) -> Result<Installed> {
@@ -143,26 +138,8 @@ pub(crate) fn install(
     }
     for w in watches {
         let name = &w.channel.name;
-        let action = match installed_state(&tx, w, true)? {
-            Installed::Recorded {
-                same: true,
-                trigger: true,
-            } => continue,
-            Installed::Recorded {
-                same: true,
-                trigger: false,
-            } => "reinstalling (trigger was missing)",
-            Installed::Missing => "installing",
-            Installed::Recorded { same: false, .. } if options.revoke_on_model_change => {
-                "replacing (definition changed)"
-            }
-            Installed::Recorded { same: false, .. } => {
-                return Err(Error::DefinitionDrift {
-                    channel: name.clone(),
-                    table: w.channel.table.clone(),
-                    detail: "the installed definition differs from the watch".into(),
-                })
-            }
+        let Some(action) = installed_state(&tx, w, true)?.plan(w, options)? else {
+            continue;
         };
         log::info!("sqlnotify: {action} {name} on {}", w.channel.table);
         let sql = format!(
@@ -203,22 +180,7 @@ fn check_trigger_names(watches: &[ResolvedWatch]) -> Result<()> {
 fn verify(conn: &Connection, watches: &[ResolvedWatch]) -> Result<()> {
     let catalog = catalog_exists(conn)?;
     for w in watches {
-        let detail = match installed_state(conn, w, catalog)? {
-            Installed::Recorded {
-                same: true,
-                trigger: true,
-            } => continue,
-            Installed::Missing => "it is not installed (apply install_sql() first)",
-            Installed::Recorded { trigger: false, .. } => "its trigger is missing",
-            Installed::Recorded { same: false, .. } => {
-                "the installed definition differs from the watch"
-            }
-        };
-        return Err(Error::DefinitionDrift {
-            channel: w.channel.name.clone(),
-            table: w.channel.table.clone(),
-            detail: detail.into(),
-        });
+        installed_state(conn, w, catalog)?.verify(w)?;
     }
     Ok(())
 }

@@ -9,7 +9,6 @@
 //! Infinite REALs are sent as the strings `"Infinity"` / `"-Infinity"` (as PostgreSQL does):
 //! SQLite's JSON writes them as `9.0e+999`, which JSON parsers reject, and the event was lost.
 
-use crate::event::Operation;
 use crate::sql::{quote_ident, quote_sqlite_literal};
 use crate::watch::ResolvedWatch;
 
@@ -77,35 +76,10 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
 /// `CREATE TRIGGER` for a watch: append the payload to the journal.
 pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let row = match channel.operation {
-        Operation::Delete => "OLD",
-        Operation::Insert | Operation::Update => "NEW",
-    };
-    let columns: Vec<&String> = channel
-        .key_columns
-        .iter()
-        .chain(&channel.extra_columns)
-        .collect();
-    let mut event = channel.operation.sql_keyword().to_string();
-    let mut when = String::new();
-    if !w.trigger_columns.is_empty() {
-        let cols: Vec<String> = w
-            .trigger_columns
-            .iter()
-            .map(|(c, _)| quote_ident(c))
-            .collect();
-        event.push_str(" OF ");
-        event.push_str(&cols.join(", "));
-        let changed: Vec<String> = w
-            .trigger_columns
-            .iter()
-            .map(|(c, _)| {
-                let c = quote_ident(c);
-                format!("OLD.{c} IS NOT NEW.{c}")
-            })
-            .collect();
-        when = format!(" WHEN {}", changed.join(" OR "));
-    }
+    let row = channel.operation.row_variable();
+    let columns = channel.payload_columns();
+    let (event, changed) = w.trigger_event(|c, _| format!("OLD.{c} IS NOT NEW.{c}"));
+    let when = changed.map(|c| format!(" WHEN {c}")).unwrap_or_default();
     format!(
         "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW{when} BEGIN \
          INSERT INTO sqlnotify_journal (channel, payload, created_at) VALUES ({chan}, {payload}, {NOW}); END",
@@ -155,6 +129,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
 mod tests {
     use super::*;
     use crate::event::Channel;
+    use crate::event::Operation;
 
     fn watch(op: Operation, extra: usize) -> ResolvedWatch {
         ResolvedWatch {
