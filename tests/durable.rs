@@ -427,3 +427,44 @@ async fn a_server_restart_loses_nothing_on_the_durable_tier() {
     );
     notifier.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn the_poll_tier_works_through_pgbouncer_in_transaction_mode() {
+    let Some(bouncer) = common::Bouncer::start() else {
+        eprintln!("skipping: pgbouncer is not installed");
+        return;
+    };
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let url = bouncer.url(&db.name);
+    // Other clients keep the small pool busy, so one client's consecutive statements land on
+    // different server connections (a named prepared statement would then be missing).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for _ in 0..6 {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = common::connect(&url).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.simple_query("SELECT pg_sleep(0.002)").await;
+            }
+        });
+    }
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("t", Insert).tier(Tier::Poll))
+        .consumer("through-the-pooler")
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    for i in 0..100 {
+        db.exec(&format!("INSERT INTO t VALUES ({i})")).await;
+        assert_eq!(ev.next().await.id().as_i64(), Some(i));
+    }
+    notifier
+        .notify("t", Insert, serde_json::json!({"id": 1000}))
+        .await
+        .unwrap();
+    assert_eq!(ev.next().await.id().as_i64(), Some(1000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    notifier.stop().await.unwrap();
+}

@@ -5,6 +5,7 @@
 //! at install time. Unchanged watches are left alone — no DROP on every start, because
 //! dropping a trigger takes an ACCESS EXCLUSIVE lock on the user's table.
 
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use super::ddl;
@@ -33,14 +34,14 @@ pub(crate) async fn describe_table(
          ORDER BY a.attnum";
     let context = || format!("reading the columns of {schema}.{table}");
     let rows = client
-        .query(SQL, &[&schema, &table])
+        .query_typed(SQL, &[(&schema, Type::TEXT), (&table, Type::TEXT)])
         .await
         .map_err(|e| Error::db(context(), e))?;
     if rows.is_empty() {
         let schema_exists = client
-            .query_one(
+            .query_typed_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
-                &[&schema],
+                &[(&schema, Type::TEXT)],
             )
             .await
             .map_err(|e| Error::db(context(), e))?
@@ -90,13 +91,13 @@ async fn installed_state(
     );
     let channel = &w.channel;
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &sql,
             &[
-                &channel.name,
-                &ddl::definition(w),
-                &channel.schema,
-                &channel.table,
+                (&channel.name, Type::TEXT),
+                (&ddl::definition(w), Type::TEXT),
+                (&channel.schema, Type::TEXT),
+                (&channel.table, Type::TEXT),
             ],
         )
         .await
@@ -115,9 +116,11 @@ pub(crate) use tokio_postgres::GenericClient;
 
 async fn catalog_exists(client: &impl GenericClient) -> Result<bool> {
     Ok(client
-        .query_one(
-            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
-            &[&format!("{}.catalog", quote_ident(ddl::SCHEMA))],
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = 'catalog')",
+            &[(&ddl::SCHEMA, Type::TEXT)],
         )
         .await
         .map_err(|e| Error::db("looking for the sqlnotify catalog", e))?

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::Mutex;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::ddl::SCHEMA;
@@ -75,7 +76,7 @@ impl OverflowStore for Arc<Control> {
                 quote_ident(SCHEMA)
             );
             let row = client
-                .query_opt(&sql, &[&reference])
+                .query_typed_opt(&sql, &[(&reference, Type::INT8)])
                 .await
                 .map_err(|e| Error::db(format!("reading overflow row {reference}"), e))?;
             Ok(row.map(|r| r.get(0)))
@@ -87,18 +88,19 @@ impl OverflowStore for Arc<Control> {
         Box::pin(async move {
             let client = this.client().await?;
             let sql = format!(
-                "DELETE FROM {s}.overflow WHERE id IN (SELECT id FROM {s}.overflow \
-                 WHERE created_at < now() - pg_catalog.make_interval(secs => $1) ORDER BY id LIMIT $2)",
+                "WITH d AS (DELETE FROM {s}.overflow WHERE id IN (SELECT id FROM {s}.overflow \
+                 WHERE created_at < now() - pg_catalog.make_interval(secs => $1) ORDER BY id LIMIT $2) \
+                 RETURNING 1) SELECT count(*) FROM d",
                 s = quote_ident(SCHEMA)
             );
             // Journal rows a consumer seen within the retention window has not read yet
             // (its horizon is at or below their transaction) are kept.
             let journal = format!(
-                "DELETE FROM {s}.journal WHERE id IN (SELECT j.id FROM {s}.journal j \
+                "WITH d AS (DELETE FROM {s}.journal WHERE id IN (SELECT j.id FROM {s}.journal j \
                  WHERE j.created_at < now() - pg_catalog.make_interval(secs => $1) \
                  AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE j.xid >= c.horizon \
                    AND c.updated_at >= now() - pg_catalog.make_interval(secs => $1)) \
-                 ORDER BY j.id LIMIT $2)",
+                                  ORDER BY j.id LIMIT $2) RETURNING 1) SELECT count(*) FROM d",
                 s = quote_ident(SCHEMA)
             );
             let secs = retention.as_secs_f64();
@@ -106,9 +108,13 @@ impl OverflowStore for Arc<Control> {
             for (sql, what) in [(&sql, "overflow"), (&journal, "journal")] {
                 loop {
                     let n = client
-                        .execute(sql.as_str(), &[&secs, &PURGE_BATCH])
+                        .query_typed_one(
+                            sql.as_str(),
+                            &[(&secs, Type::FLOAT8), (&PURGE_BATCH, Type::INT8)],
+                        )
                         .await
-                        .map_err(|e| Error::db(format!("deleting expired {what} rows"), e))?;
+                        .map_err(|e| Error::db(format!("deleting expired {what} rows"), e))?
+                        .get::<_, i64>(0) as u64;
                     total += n;
                     if n < PURGE_BATCH as u64 {
                         break;

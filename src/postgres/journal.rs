@@ -23,7 +23,7 @@ use std::time::SystemTime;
 use actix::Recipient;
 use futures_util::{pin_mut, TryStreamExt};
 use tokio::sync::Semaphore;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use super::ddl::SCHEMA;
@@ -80,9 +80,12 @@ impl JournalCursor {
             quote_ident(SCHEMA)
         );
         let floor = self.horizon.map(|h| h.to_string());
-        let params: [&(dyn ToSql + Sync); 2] = [&floor, &channels];
+        // query_typed: one round trip, unnamed statement — works through PgBouncer in
+        // transaction mode, where a named prepared statement may live on another server.
+        let params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&floor, Type::TEXT), (&channels, Type::TEXT_ARRAY)];
         let rows = client
-            .query_raw(&sql, params)
+            .query_typed_raw(&sql, params)
             .await
             .map_err(|e| Error::db("reading the journal", e))?;
         pin_mut!(rows);
@@ -166,7 +169,7 @@ pub(crate) async fn load_horizon(client: &Client, name: &str) -> Result<Option<u
         quote_ident(SCHEMA)
     );
     let row = client
-        .query_opt(&sql, &[&name])
+        .query_typed_opt(&sql, &[(&name, Type::TEXT)])
         .await
         .map_err(|e| Error::db(format!("reading the cursor of consumer {name:?}"), e))?;
     row.map(|r| parse_xid(&r.get::<_, String>(0))).transpose()
@@ -181,7 +184,10 @@ pub(crate) async fn save_horizon(client: &Client, name: &str, horizon: u64) -> R
         s = quote_ident(SCHEMA)
     );
     client
-        .execute(&sql, &[&name, &horizon.to_string()])
+        .query_typed(
+            &sql,
+            &[(&name, Type::TEXT), (&horizon.to_string(), Type::TEXT)],
+        )
         .await
         .map_err(|e| Error::db(format!("saving the cursor of consumer {name:?}"), e))?;
     Ok(())

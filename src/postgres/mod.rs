@@ -14,6 +14,7 @@ mod listener;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
+use tokio_postgres::types::Type;
 use tokio_postgres::Config;
 
 use self::control::Control;
@@ -154,7 +155,7 @@ impl Dialect for Postgres {
         Box::pin(async move {
             let client = control.client().await?;
             client
-                .execute(&sql, &[&channel, &payload])
+                .query_typed(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
                 .await
                 .map_err(|e| Error::db(format!("sending a notification on {channel}"), e))?;
             Ok(())
@@ -170,7 +171,7 @@ impl Dialect for Postgres {
                 quote_ident(ddl::SCHEMA)
             );
             let row = client
-                .query_one(&sql, &[&channel, &payload])
+                .query_typed_one(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
                 .await
                 .map_err(|e| Error::db(format!("storing an overflow row for {channel}"), e))?;
             Ok(row.get(0))

@@ -353,3 +353,86 @@ impl Forward {
         actix::Actor::start(self)
     }
 }
+
+/// A PgBouncer of the test's own in front of the test server, in transaction pooling mode
+/// with a small pool. `None` when pgbouncer is not installed.
+pub struct Bouncer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Bouncer {
+    pub fn start() -> Option<Bouncer> {
+        let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let server = server_url();
+        let host_port = server
+            .split_once("://")?
+            .1
+            .split_once('@')?
+            .1
+            .split_once('/')?
+            .0;
+        let (host, server_port) = host_port.rsplit_once(':').unwrap_or((host_port, "5432"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("sqlnotify-bouncer-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n* = host={host} port={server_port} user=postgres\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = any\n\
+                 pool_mode = transaction\ndefault_pool_size = 3\nunix_socket_dir =\n\
+                 ignore_startup_parameters = extra_float_digits,options,application_name\n"
+            ),
+        )
+        .ok()?;
+        let mut cmd = std::process::Command::new(binary);
+        if running_as_root() {
+            // pgbouncer refuses to run as root; it switches user itself with -u.
+            std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&dir)
+                .status()
+                .ok()?;
+            cmd.args(["-u", "postgres"]);
+        }
+        let child = cmd
+            .arg(&ini)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let bouncer = Bouncer { port, dir, child };
+        // Bounded wait until it accepts connections.
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(bouncer);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
