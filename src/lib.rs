@@ -64,6 +64,8 @@
 //! |------------|---------|-----------------|
 //! | `postgres` | yes     | the PostgreSQL dialect (`postgres://`, `postgresql://`), via tokio-postgres |
 //! | `sqlite`   | yes     | the SQLite dialect (`sqlite:///path.db`), via rusqlite with bundled SQLite |
+//! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`) |
+//! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async without TLS |
 //!
 //! # Delivery guarantees
 //!
@@ -85,6 +87,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backoff;
+pub mod blocking;
 mod decoder;
 mod dialect;
 mod error;
@@ -100,6 +103,8 @@ mod subscriber;
 mod subscription;
 mod watch;
 
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]

@@ -221,8 +221,10 @@ impl NotifierBuilder {
         sql
     }
 
-    /// Removes every sqlnotify object from the database (all watches of every notifier);
-    /// returns how many watches were removed. Needs no watches.
+    /// Removes every sqlnotify trigger (and, on PostgreSQL, trigger function) from the
+    /// database — the watches of every notifier — and empties the catalog; returns how many
+    /// watches were removed. sqlnotify's own tables (journal, overflow, consumers) are kept:
+    /// other processes may still be reading them. Needs no watches.
     pub async fn cleanup(&self) -> Result<u64> {
         let dialect = open_dialect(&self.url)?;
         let n = dialect.cleanup_all().await;
@@ -331,14 +333,25 @@ fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
             scheme: scheme.to_string(),
             reason: "this build of sqlnotify has the `sqlite` feature disabled".into(),
         }),
+        #[cfg(feature = "mysql")]
+        "mysql" | "mariadb" => Ok(Box::new(crate::mysql::Mysql::new(url)?)),
+        #[cfg(not(feature = "mysql"))]
+        "mysql" | "mariadb" => Err(Error::UnsupportedDatabase {
+            scheme: scheme.to_string(),
+            reason: "this build of sqlnotify has the `mysql` feature disabled".into(),
+        }),
         // Not echoing the URL: it may carry a password.
         "" => Err(Error::UnsupportedDatabase {
             scheme: String::new(),
-            reason: "the URL has no scheme; use postgres://…, postgresql://… or sqlite://…".into(),
+            reason: "the URL has no scheme; use postgres://…, postgresql://…, sqlite://…, \
+                     mysql://… or mariadb://…"
+                .into(),
         }),
         _ => Err(Error::UnsupportedDatabase {
             scheme: scheme.to_string(),
-            reason: "supported schemes are postgres://, postgresql:// and sqlite://".into(),
+            reason: "supported schemes are postgres://, postgresql://, sqlite://, mysql:// and \
+                     mariadb://"
+                .into(),
         }),
     }
 }

@@ -111,7 +111,7 @@ pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch) -> String {
 /// A complete, idempotent install script for `watches`.
 pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
     let mut sql = format!(
-        "-- sqlnotify install script (SQLite)\nPRAGMA journal_mode = WAL;\nBEGIN IMMEDIATE;\n{};\n",
+        "-- sqlnotify install script (SQLite)\nPRAGMA journal_mode = WAL;\nBEGIN IMMEDIATE;\n{}\n",
         setup_sql()
     );
     for w in watches {

@@ -1,0 +1,436 @@
+//! Live dashboard: push database changes to browsers with actix-web and Server-Sent Events.
+//!
+//! Serves a page at `/` that lists every change of the `items` table as it happens, the SSE
+//! stream it reads at `/events` (one JSON object per change), `POST /items` (`{"name": "…"}`)
+//! to insert a row, and `GET /stats` (connected clients and the notifier's counters). Rows
+//! written by any other connection or process show up the same way.
+//!
+//! ```text
+//! cargo run --example live_dashboard                                  # SQLite in a temp dir
+//! cargo run --example live_dashboard -- sqlite:///path/to/app.db      # your SQLite file
+//! cargo run --example live_dashboard -- postgres://postgres@127.0.0.1/app
+//! ```
+//!
+//! The URL may also come from `DATABASE_URL`; the address to listen on from
+//! `LIVE_DASHBOARD_ADDR` (default `127.0.0.1:8080`; port 0 picks a free one). The first
+//! lines on stdout are `database: URL` and `listening on http://ADDR/`.
+//!
+//! How it is put together:
+//! * The notifier is started before the server accepts connections and stopped after the
+//!   server has shut down (Ctrl-C or SIGTERM).
+//! * Each browser gets subscriptions of its own, delivered to an actor that writes into that
+//!   browser's response stream. They use [`OverflowPolicy::DropOldest`]: a browser that cannot
+//!   keep up loses its oldest pending events (and is told how many), and never slows down the
+//!   notifier or the other browsers.
+//! * When a browser goes away its response stream is dropped, which removes its
+//!   subscriptions. A comment line every few seconds makes sure a silent disconnect is noticed.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::web::{self, Bytes};
+use actix_web::{App, HttpResponse, HttpServer};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::json;
+use sqlnotify::{
+    ChangeEvent, Key, Notifier, Operation, OverflowPolicy, Status, Subscription, SubscriptionId,
+    Unsubscribe, Watch,
+};
+use tokio::sync::mpsc;
+
+/// How often an idle event stream sends a comment line (so a closed browser is noticed).
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// Events waiting for one browser before the oldest are dropped.
+const CLIENT_BUFFER: usize = 256;
+
+type Error = Box<dyn std::error::Error>;
+
+/// Where the `items` table lives.
+enum Db {
+    Sqlite(PathBuf),
+    #[cfg(feature = "postgres")]
+    Postgres(tokio_postgres::Client),
+}
+
+impl Db {
+    /// Connects and creates the `items` table if needed.
+    async fn open(url: &str) -> Result<Db, Error> {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = PathBuf::from(path);
+            let conn = rusqlite::Connection::open(&path)?;
+            conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+            )?;
+            return Ok(Db::Sqlite(path));
+        }
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            actix_rt::spawn(async move {
+                if let Err(e) = connection.await {
+                    eprintln!("database connection closed: {e}");
+                }
+            });
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, name text NOT NULL)",
+                )
+                .await?;
+            return Ok(Db::Postgres(client));
+        }
+        Err(format!("unsupported database URL {url:?} (use sqlite://… or postgres://…)").into())
+    }
+
+    /// Inserts an item; returns its id.
+    async fn insert(&self, name: String) -> Result<i64, Error> {
+        match self {
+            Db::Sqlite(path) => {
+                let path = path.clone();
+                let id = web::block(move || -> rusqlite::Result<i64> {
+                    let conn = rusqlite::Connection::open(path)?;
+                    conn.busy_timeout(Duration::from_secs(5))?;
+                    conn.execute("INSERT INTO items (name) VALUES (?1)", [name])?;
+                    Ok(conn.last_insert_rowid())
+                })
+                .await??;
+                Ok(id)
+            }
+            #[cfg(feature = "postgres")]
+            Db::Postgres(client) => {
+                let row = client
+                    .query_one(
+                        "INSERT INTO items (name) VALUES ($1) RETURNING id",
+                        &[&name],
+                    )
+                    .await?;
+                Ok(row.get(0))
+            }
+        }
+    }
+}
+
+/// What every request handler shares.
+struct State {
+    notifier: Notifier,
+    db: Db,
+    clients: AtomicUsize,
+}
+
+/// A change event as the browser gets it.
+fn event_json(event: &ChangeEvent) -> String {
+    let id = match event.id() {
+        Key::Single(v) => v.clone(),
+        Key::Composite(vs) => json!(vs),
+    };
+    json!({
+        "table": event.table(),
+        "operation": event.operation().as_str(),
+        "id": id,
+        "columns": event.extra_columns(),
+        "sequence": event.sequence(),
+    })
+    .to_string()
+}
+
+/// One browser's subscriber: turns events into SSE frames and writes them into the browser's
+/// response stream, waiting while that stream is full. While it waits its mailbox fills up and
+/// the notifier buffers this browser's events under [`OverflowPolicy::DropOldest`].
+struct Browser {
+    frames: mpsc::Sender<Bytes>,
+}
+
+impl Actor for Browser {
+    type Context = Context<Self>;
+}
+
+impl Handler<ChangeEvent> for Browser {
+    type Result = ();
+
+    fn handle(&mut self, event: ChangeEvent, ctx: &mut Context<Self>) {
+        let frame = Bytes::from(format!("data: {}\n\n", event_json(&event)));
+        let frames = self.frames.clone();
+        // `wait`: the next event is handled only once this one is in the stream.
+        ctx.wait(
+            async move { frames.send(frame).await }
+                .into_actor(self)
+                .map(|sent, _, ctx| {
+                    if sent.is_err() {
+                        ctx.stop(); // the browser is gone
+                    }
+                }),
+        );
+    }
+}
+
+/// Removes a browser's subscriptions when its response stream is dropped.
+struct Subscriptions {
+    state: web::Data<State>,
+    ids: Vec<SubscriptionId>,
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        let registry = self.state.notifier.registry();
+        for id in self.ids.drain(..) {
+            registry.do_send(Unsubscribe(id));
+        }
+        let left = self.state.clients.fetch_sub(1, Ordering::Relaxed) - 1;
+        println!("browser disconnected ({left} connected)");
+    }
+}
+
+/// A browser's response body: the frames its [`Browser`] actor writes, plus keepalives.
+struct EventStream {
+    frames: mpsc::Receiver<Bytes>,
+    keepalive: tokio::time::Interval,
+    _subscriptions: Subscriptions,
+}
+
+impl Stream for EventStream {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if let Poll::Ready(frame) = self.frames.poll_recv(cx) {
+            return Poll::Ready(frame.map(Ok));
+        }
+        if self.keepalive.poll_tick(cx).is_ready() {
+            return Poll::Ready(Some(Ok(Bytes::from_static(b": keepalive\n\n"))));
+        }
+        Poll::Pending
+    }
+}
+
+/// `GET /events`: subscribes this browser and streams its events.
+async fn events(state: web::Data<State>) -> actix_web::Result<HttpResponse> {
+    let (frames, rx) = mpsc::channel(16);
+    let browser = Browser {
+        frames: frames.clone(),
+    }
+    .start();
+    state.clients.fetch_add(1, Ordering::Relaxed);
+    let mut subscriptions = Subscriptions {
+        state: state.clone(),
+        ids: Vec::new(),
+    };
+    for op in Operation::ALL {
+        let subscription = Subscription::new("items", op)
+            .policy(OverflowPolicy::DropOldest)
+            .buffer(CLIENT_BUFFER);
+        let id = state
+            .notifier
+            .subscribe(subscription, browser.clone().recipient())
+            .await
+            .map_err(actix_web::error::ErrorInternalServerError)?;
+        subscriptions.ids.push(id);
+    }
+    println!(
+        "browser connected ({} connected)",
+        state.clients.load(Ordering::Relaxed)
+    );
+    // Subscribed: from here on no change is missed. Tell the page.
+    let _ = frames.try_send(Bytes::from_static(b"event: ready\ndata: {}\n\n"));
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.reset(); // the first tick after one period, not now
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(EventStream {
+            frames: rx,
+            keepalive,
+            _subscriptions: subscriptions,
+        }))
+}
+
+#[derive(Deserialize)]
+struct NewItem {
+    name: String,
+}
+
+/// `POST /items` with `{"name": "…"}`: inserts a row; the page learns about it through
+/// `/events` like about any other change.
+async fn add_item(
+    state: web::Data<State>,
+    item: web::Json<NewItem>,
+) -> actix_web::Result<HttpResponse> {
+    let name = item.into_inner().name.trim().to_string();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Ok(
+            HttpResponse::BadRequest().json(json!({"error": "name must be 1 to 200 characters"}))
+        );
+    }
+    let id = state
+        .db
+        .insert(name)
+        .await
+        .map_err(|e| actix_web::error::ErrorInternalServerError(e.to_string()))?;
+    Ok(HttpResponse::Created().json(json!({ "id": id })))
+}
+
+/// `GET /stats`: connected browsers and the notifier's counters.
+async fn stats(state: web::Data<State>) -> actix_web::Result<HttpResponse> {
+    let s = state
+        .notifier
+        .stats()
+        .await
+        .map_err(actix_web::error::ErrorInternalServerError)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "clients": state.clients.load(Ordering::Relaxed),
+        "received": s.received,
+        "delivered": s.delivered,
+        "dropped": s.dropped,
+    })))
+}
+
+async fn index() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(PAGE)
+}
+
+#[actix_web::main]
+async fn main() -> Result<(), Error> {
+    env_logger::init();
+    let (url, temp_dir) = match std::env::args()
+        .nth(1)
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+    {
+        Some(url) => (url, None),
+        None => {
+            let dir = std::env::temp_dir()
+                .join(format!("sqlnotify-live-dashboard-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let url = format!("sqlite://{}", dir.join("app.db").display());
+            (url, Some(dir))
+        }
+    };
+    let db = Db::open(&url).await?;
+
+    // Started before the server accepts anyone: no browser can miss a change.
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("items", Operation::Insert).extra_columns(["name"]))
+        .watch(Watch::new("items", Operation::Update).extra_columns(["name"]))
+        .watch(Watch::new("items", Operation::Delete))
+        .start()
+        .await?;
+    notifier
+        .subscribe_status_fn(|status| match status.status {
+            Status::Lagged {
+                subscription,
+                dropped,
+            } => eprintln!("slow browser: subscription {subscription} dropped {dropped} events"),
+            other => eprintln!("sqlnotify: {other:?}"),
+        })
+        .await?;
+
+    let state = web::Data::new(State {
+        notifier: notifier.clone(),
+        db,
+        clients: AtomicUsize::new(0),
+    });
+    let addr =
+        std::env::var("LIVE_DASHBOARD_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_string());
+    let server = HttpServer::new({
+        let state = state.clone();
+        move || {
+            App::new()
+                .app_data(state.clone())
+                .route("/", web::get().to(index))
+                .route("/events", web::get().to(events))
+                .route("/items", web::post().to(add_item))
+                .route("/stats", web::get().to(stats))
+        }
+    })
+    .workers(2)
+    // Event streams never end by themselves: do not wait long for them on shutdown.
+    .shutdown_timeout(1)
+    .bind(&addr)?;
+    println!("database: {url}");
+    for addr in server.addrs() {
+        println!("listening on http://{addr}/");
+    }
+
+    // Runs until Ctrl-C / SIGTERM.
+    let served = server.run().await;
+    let stopped = notifier.stop().await;
+    drop(state);
+    if let Some(dir) = temp_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    served?;
+    stopped?;
+    println!("stopped");
+    Ok(())
+}
+
+/// The page: a form, a connection indicator and the list of changes (newest first). Item names
+/// are inserted as text, never as HTML.
+const PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>sqlnotify live dashboard</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; margin: 2rem auto; max-width: 40rem; }
+  #status { display: inline-block; padding: 0 .5em; border-radius: .3em; background: #eee; }
+  #status[data-state="live"] { background: #c8f0c8; }
+  #status[data-state="down"] { background: #f6c6c6; }
+  li { font-family: ui-monospace, monospace; }
+  li[data-op="insert"] { color: #176317; }
+  li[data-op="update"] { color: #6a4a00; }
+  li[data-op="delete"] { color: #8a1010; }
+</style>
+</head>
+<body>
+<h1>items, live</h1>
+<p>Stream: <span id="status" data-state="connecting">connecting…</span></p>
+<form id="add">
+  <input id="name" name="name" placeholder="item name" required maxlength="200">
+  <button>Add</button>
+</form>
+<ul id="events"></ul>
+<script>
+const list = document.getElementById("events");
+const status = document.getElementById("status");
+function setStatus(state, text) { status.dataset.state = state; status.textContent = text; }
+
+const source = new EventSource("/events");
+source.addEventListener("ready", () => setStatus("live", "live"));
+source.onerror = () => setStatus("down", "reconnecting…");
+source.onmessage = (message) => {
+  const e = JSON.parse(message.data);
+  const li = document.createElement("li");
+  li.dataset.op = e.operation;
+  li.dataset.id = JSON.stringify(e.id);
+  const name = e.columns && e.columns.name !== undefined ? " " + e.columns.name : "";
+  li.textContent = e.operation.toUpperCase() + " #" + JSON.stringify(e.id) + name;
+  list.prepend(li);
+};
+
+// Leaving the page closes the stream (also when the browser keeps the page in its
+// back/forward cache); coming back from that cache starts afresh.
+window.addEventListener("pagehide", () => source.close());
+window.addEventListener("pageshow", (ev) => { if (ev.persisted) location.reload(); });
+
+document.getElementById("add").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const input = document.getElementById("name");
+  const response = await fetch("/items", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ name: input.value }),
+  });
+  if (response.ok) input.value = "";
+});
+</script>
+</body>
+</html>
+"#;

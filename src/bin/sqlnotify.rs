@@ -1,0 +1,403 @@
+//! The `sqlnotify` command-line tool (feature `cli`): tail a table's changes as JSON lines,
+//! print the DDL for your migrations, or remove every sqlnotify watch from a database.
+//!
+//! ```text
+//! sqlnotify tail sqlite://app.db --table users --op insert,update --columns email
+//! sqlnotify install-sql postgres://postgres@127.0.0.1/app --table users --op insert
+//! sqlnotify cleanup postgres://postgres@127.0.0.1/app
+//! ```
+//!
+//! Exit status: 0 on success (and after Ctrl-C), 1 when the database refuses something, 2 on
+//! bad usage. Errors are one line on stderr, starting with `sqlnotify: error:`.
+
+use std::cell::Cell;
+use std::io::Write;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+use sqlnotify::{ChangeEvent, Key, Notifier, NotifierBuilder, Operation, Status, Subscription};
+use sqlnotify::{Tier, Watch};
+
+/// Row changes in PostgreSQL and SQLite, from the command line.
+///
+/// URLs: postgres://user:password@host:port/db (or postgresql://…),
+/// sqlite:///absolute/path.db, sqlite://relative/path.db (the file must exist).
+#[derive(Debug, Parser)]
+#[command(name = "sqlnotify", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install watches and print their events as JSON lines on stdout until interrupted.
+    ///
+    /// One line per event: {"channel", "schema", "table", "operation", "id", "columns",
+    /// "sequence", "truncated"}. "id" is the key value (an array for a composite key),
+    /// "columns" the extra columns asked for with --columns, "sequence" the journal position
+    /// (null for PostgreSQL's notify tier). Progress and status messages go to stderr.
+    ///
+    /// Example: sqlnotify tail sqlite://app.db --table users --op insert,update --columns email
+    Tail {
+        #[command(flatten)]
+        watch: WatchArgs,
+        /// On exit (Ctrl-C or SIGTERM), remove the triggers this command installed.
+        #[arg(long)]
+        cleanup_on_exit: bool,
+    },
+    /// Print the DDL the watches need, as one idempotent script; installs nothing.
+    ///
+    /// The tables are checked against the live database, so the URL must be reachable.
+    ///
+    /// Example: sqlnotify install-sql postgres://postgres@127.0.0.1/app --table users --op insert
+    InstallSql {
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// Remove every sqlnotify watch from the database: its triggers (and, on PostgreSQL, their
+    /// functions) and catalog entries, including those installed by other applications.
+    ///
+    /// Example: sqlnotify cleanup sqlite://app.db
+    Cleanup {
+        /// The database URL.
+        url: String,
+    },
+}
+
+/// What to watch: every --table × every --op.
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// The database URL (postgres://…, postgresql://…, sqlite://…).
+    url: String,
+    /// Table(s) to watch, optionally schema-qualified (shop.orders); repeat or separate with
+    /// commas.
+    #[arg(
+        long,
+        short,
+        required = true,
+        value_delimiter = ',',
+        value_name = "TABLE"
+    )]
+    table: Vec<String>,
+    /// Operation(s) to watch; repeat or separate with commas.
+    #[arg(
+        long,
+        short,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "insert,update,delete",
+        value_name = "OP"
+    )]
+    op: Vec<OpArg>,
+    /// Extra columns each event carries besides the key.
+    #[arg(long, short, value_delimiter = ',', value_name = "COLUMN")]
+    columns: Vec<String>,
+    /// Key columns, in this order (default: the table's primary key).
+    #[arg(long, value_delimiter = ',', value_name = "COLUMN")]
+    key: Vec<String>,
+    /// Send events on channel sqlnotify_<LABEL> (only with one --table and one --op).
+    #[arg(long)]
+    label: Option<String>,
+    /// How events travel on PostgreSQL: notify (fastest, at most once), durable (journal,
+    /// at least once) or poll (journal, no NOTIFY). SQLite always uses its journal.
+    #[arg(long, value_enum, default_value_t = TierArg::Notify)]
+    tier: TierArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OpArg {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl From<OpArg> for Operation {
+    fn from(op: OpArg) -> Operation {
+        match op {
+            OpArg::Insert => Operation::Insert,
+            OpArg::Update => Operation::Update,
+            OpArg::Delete => Operation::Delete,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TierArg {
+    Notify,
+    Durable,
+    Poll,
+}
+
+impl From<TierArg> for Tier {
+    fn from(tier: TierArg) -> Tier {
+        match tier {
+            TierArg::Notify => Tier::Notify,
+            TierArg::Durable => Tier::Durable,
+            TierArg::Poll => Tier::Poll,
+        }
+    }
+}
+
+/// A failure: a one-line message and the exit status it maps to.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            code: 2,
+        }
+    }
+}
+
+impl From<sqlnotify::Error> for Failure {
+    fn from(e: sqlnotify::Error) -> Self {
+        Failure {
+            message: e.to_string(),
+            code: 1,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
+    match actix::System::new().block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("sqlnotify: error: {}", one_line(&failure.message));
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// Help and version go out as clap prints them; usage errors become one line.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        eprintln!(
+            "sqlnotify: error: a command is required: tail, install-sql or cleanup \
+             (see 'sqlnotify --help')"
+        );
+        return ExitCode::from(2);
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim);
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut first = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // The rest of the first paragraph: one line per missing argument, or the possible values.
+    let more: Vec<&str> = lines.by_ref().take_while(|l| !l.is_empty()).collect();
+    if !more.is_empty() {
+        let separator = if first.ends_with(':') { ", " } else { " " };
+        first = format!("{first} {}", more.join(separator));
+    }
+    let tip = lines
+        .find_map(|l| l.strip_prefix("tip: "))
+        .map(|tip| format!("; {tip}"))
+        .unwrap_or_default();
+    eprintln!("sqlnotify: error: {first}{tip} (see 'sqlnotify --help')");
+    ExitCode::from(2)
+}
+
+/// Multi-line driver messages (DETAIL, HINT …) folded into one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Tail {
+            watch,
+            cleanup_on_exit,
+        } => tail(&watch, cleanup_on_exit).await,
+        Command::InstallSql { watch } => {
+            let sql = builder(&watch)?.install_sql().await?;
+            print!("{sql}");
+            if !sql.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
+        Command::Cleanup { url } => {
+            let removed = Notifier::builder(url).cleanup().await?;
+            eprintln!("sqlnotify: removed {removed} watch(es)");
+            Ok(())
+        }
+    }
+}
+
+/// One watch per table and operation, with the table and operation it watches.
+fn watches(args: &WatchArgs) -> Result<Vec<(String, Operation, Watch)>, Failure> {
+    let mut ops: Vec<Operation> = args.op.iter().copied().map(Operation::from).collect();
+    ops.sort();
+    ops.dedup();
+    if args.label.is_some() && (args.table.len() != 1 || ops.len() != 1) {
+        return Err(Failure::usage(
+            "--label names one table and one operation: give exactly one --table and one --op",
+        ));
+    }
+    if let Some(t) = args.table.iter().find(|t| t.is_empty()) {
+        return Err(Failure::usage(format!("invalid table name {t:?}")));
+    }
+    let mut watches = Vec::new();
+    for table in &args.table {
+        for &op in &ops {
+            let mut watch = Watch::new(table.clone(), op)
+                .extra_columns(args.columns.iter().cloned())
+                .tier(args.tier.into());
+            if !args.key.is_empty() {
+                watch = watch.primary_keys(args.key.iter().cloned());
+            }
+            if let Some(label) = &args.label {
+                watch = watch.channel_label(label.clone());
+            }
+            watches.push((table.clone(), op, watch));
+        }
+    }
+    Ok(watches)
+}
+
+fn builder(args: &WatchArgs) -> Result<NotifierBuilder, Failure> {
+    let mut builder = Notifier::builder(args.url.clone());
+    for (_, _, watch) in watches(args)? {
+        builder = builder.watch(watch);
+    }
+    Ok(builder)
+}
+
+async fn tail(args: &WatchArgs, cleanup_on_exit: bool) -> Result<(), Failure> {
+    let watches = watches(args)?;
+    let notifier = builder(args)?
+        .cleanup_on_stop(cleanup_on_exit)
+        .start()
+        .await?;
+
+    // stdout closed (`| head`): stop as if interrupted.
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    for (table, op, _) in &watches {
+        let mut subscription = Subscription::new(table.clone(), *op);
+        if let Some(label) = &args.label {
+            subscription = subscription.channel_label(label.clone());
+        }
+        let closed_tx = closed_tx.clone();
+        let subscribed = notifier
+            .subscribe_fn(subscription, move |event| {
+                if print_event(&event).is_err() {
+                    let _ = closed_tx.send(());
+                }
+            })
+            .await;
+        if let Err(e) = subscribed {
+            let _ = notifier.stop().await;
+            return Err(e.into());
+        }
+    }
+    let disconnected = Rc::new(Cell::new(false));
+    notifier
+        .subscribe_status_fn(move |status| report_status(&status.status, &disconnected))
+        .await?;
+
+    let what: Vec<String> = watches
+        .iter()
+        .map(|(table, op, _)| format!("{table} {op}"))
+        .collect();
+    eprintln!(
+        "sqlnotify: tailing {} on {} (Ctrl-C to stop)",
+        what.join(", "),
+        notifier.dialect_name()
+    );
+
+    let reason = tokio::select! {
+        r = actix_rt::signal::ctrl_c() => match r {
+            Ok(()) => "interrupted",
+            Err(_) => "signal handling failed",
+        },
+        _ = terminated() => "terminated",
+        _ = closed_rx.recv() => "stdout closed",
+    };
+    eprintln!("sqlnotify: {reason}; stopping");
+    notifier.stop().await?;
+    if cleanup_on_exit {
+        eprintln!("sqlnotify: removed the triggers");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM (never elsewhere).
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use actix_rt::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            term.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// Tells the user about connection trouble and lost events, on stderr.
+fn report_status(status: &Status, disconnected: &Cell<bool>) {
+    match status {
+        Status::Connected if disconnected.replace(false) => {
+            eprintln!("sqlnotify: reconnected");
+        }
+        Status::Connected => {}
+        Status::Disconnected { error } => {
+            disconnected.set(true);
+            eprintln!(
+                "sqlnotify: connection lost ({}); reconnecting",
+                one_line(error)
+            );
+        }
+        Status::Gap { channels } => eprintln!(
+            "sqlnotify: events may have been lost on {} while disconnected",
+            channels.join(", ")
+        ),
+        Status::Resynced { replayed } => {
+            eprintln!("sqlnotify: caught up ({replayed} events replayed)")
+        }
+        other => eprintln!("sqlnotify: {other:?}"),
+    }
+}
+
+/// Writes one event as a JSON line and flushes it.
+fn print_event(event: &ChangeEvent) -> std::io::Result<()> {
+    let line = event_json(event);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
+/// The event as one JSON object, fields in a fixed order.
+fn event_json(event: &ChangeEvent) -> String {
+    let id = match event.id() {
+        Key::Single(v) => v.clone(),
+        Key::Composite(vs) => Value::Array(vs.clone()),
+    };
+    let json = |v: &Value| serde_json::to_string(v).expect("JSON values serialize");
+    let string = |s: &str| json(&Value::String(s.to_string()));
+    format!(
+        "{{\"channel\":{},\"schema\":{},\"table\":{},\"operation\":{},\"id\":{},\"columns\":{},\"sequence\":{},\"truncated\":{}}}",
+        string(event.channel()),
+        string(event.schema()),
+        string(event.table()),
+        string(event.operation().as_str()),
+        json(&id),
+        json(&Value::Object(event.extra_columns().clone())),
+        event.sequence().map_or("null".to_string(), |s| s.to_string()),
+        event.is_truncated(),
+    )
+}

@@ -1,0 +1,406 @@
+//! Reading table descriptions from `information_schema` and keeping sqlnotify's catalog:
+//! installing, verifying and removing triggers.
+//!
+//! MySQL runs DDL outside transactions (each statement commits), so instead of one install
+//! transaction, installs are serialised across processes with the named lock
+//! `GET_LOCK('sqlnotify_install', 30)`, released at the end whatever happened, and every
+//! watch is planned (drift errors included) before the first trigger is touched. Drift detection
+//! compares the generated trigger text with the one recorded in `sqlnotify_catalog` at install
+//! time; unchanged triggers are left alone. A changed trigger is replaced in one statement on
+//! MariaDB (`CREATE OR REPLACE TRIGGER`); on MySQL it is dropped and created again, so writes
+//! to that table in the instant between the two are not seen.
+//!
+//! `information_schema` compares names case-insensitively on some servers, so every lookup
+//! also compares the returned names exactly.
+
+use std::collections::{BTreeSet, HashMap};
+
+use mysql_async::prelude::*;
+use mysql_async::Conn;
+
+use super::ddl::{
+    self, qualified, ColumnKind, Kinds, CATALOG, INSTALL_LOCK, INSTALL_LOCK_WAIT_SECS,
+};
+use crate::dialect::{InstallOptions, Installed};
+use crate::error::{Error, Result};
+use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+
+/// Wraps a driver error with what sqlnotify was doing.
+pub(crate) fn db_err(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
+    let context = context.into();
+    move |e| Error::db(context, e)
+}
+
+/// Reads one table: its columns in order, its primary key in key order, and how each
+/// column's values go into a payload.
+pub(crate) async fn describe_table(
+    conn: &mut Conn,
+    schema: &str,
+    table: &str,
+) -> Result<(TableInfo, HashMap<String, ColumnKind>)> {
+    let context = || format!("reading the columns of {schema}.{table}");
+    let schemas: Vec<String> = conn
+        .exec(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+            (schema,),
+        )
+        .await
+        .map_err(db_err(context()))?;
+    if !schemas.iter().any(|s| s == schema) {
+        return Err(Error::UnknownSchema {
+            schema: schema.to_string(),
+        });
+    }
+    let tables: Vec<(String, String)> = conn
+        .exec(
+            "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (schema, table),
+        )
+        .await
+        .map_err(db_err(context()))?;
+    let is_table = tables
+        .iter()
+        .any(|(name, kind)| name == table && (kind == "BASE TABLE" || kind == "SYSTEM VERSIONED"));
+    if !is_table {
+        return Err(Error::UnknownTable {
+            schema: schema.to_string(),
+            table: table.to_string(),
+        });
+    }
+    let columns: Vec<(String, String, String, String)> = conn
+        .exec(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (schema, table),
+        )
+        .await
+        .map_err(db_err(context()))?;
+    let key: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND INDEX_NAME = 'PRIMARY' \
+             ORDER BY SEQ_IN_INDEX",
+            (schema, table),
+        )
+        .await
+        .map_err(db_err(context()))?;
+    let key: Vec<String> = key
+        .into_iter()
+        .filter(|(s, t, _)| s == schema && t == table)
+        .map(|(_, _, c)| c)
+        .collect();
+    let mut kinds = HashMap::new();
+    let columns = columns
+        .into_iter()
+        .filter(|(s, t, _, _)| s == schema && t == table)
+        .map(|(_, _, name, data_type)| {
+            kinds.insert(name.clone(), ColumnKind::from_data_type(&data_type));
+            ColumnInfo {
+                pk_position: key.iter().position(|k| k == &name),
+                name,
+                has_equality: true,
+            }
+        })
+        .collect();
+    Ok((
+        TableInfo {
+            schema: schema.to_string(),
+            table: table.to_string(),
+            columns,
+        },
+        kinds,
+    ))
+}
+
+/// Whether `database` has sqlnotify's catalog table.
+pub(crate) async fn catalog_exists(conn: &mut Conn, database: &str) -> Result<bool> {
+    let names: Vec<String> = conn
+        .exec(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (database, CATALOG),
+        )
+        .await
+        .map_err(db_err("looking for the sqlnotify catalog"))?;
+    Ok(names.iter().any(|n| n == CATALOG))
+}
+
+/// The table the trigger `schema`.`name` is on, if it exists.
+async fn trigger_table(conn: &mut Conn, schema: &str, name: &str) -> Result<Option<String>> {
+    let rows: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS \
+             WHERE TRIGGER_SCHEMA = ? AND TRIGGER_NAME = ?",
+            (schema, name),
+        )
+        .await
+        .map_err(db_err(format!("looking for trigger {name}")))?;
+    Ok(rows
+        .into_iter()
+        .find(|(s, n, _)| s == schema && n == name)
+        .map(|(_, _, table)| table))
+}
+
+async fn installed_state(
+    conn: &mut Conn,
+    w: &ResolvedWatch,
+    database: &str,
+    kinds: &Kinds,
+    catalog: bool,
+) -> Result<Installed> {
+    if !catalog {
+        return Ok(Installed::Missing);
+    }
+    let name = &w.channel.name;
+    let recorded: Option<Vec<u8>> = conn
+        .exec_first(
+            format!(
+                "SELECT `definition` FROM {} WHERE `channel` = ?",
+                qualified(database, CATALOG)
+            ),
+            (name,),
+        )
+        .await
+        .map_err(db_err(format!("reading the catalog entry of {name}")))?;
+    let Some(recorded) = recorded else {
+        return Ok(Installed::Missing);
+    };
+    let table = trigger_table(conn, &w.channel.schema, name).await?;
+    Ok(Installed::Recorded {
+        same: recorded == ddl::trigger_sql(w, database, kinds).into_bytes(),
+        trigger: table.as_deref() == Some(w.channel.table.as_str()),
+    })
+}
+
+/// Takes the install lock (waiting up to `INSTALL_LOCK_WAIT_SECS` for another installer).
+async fn lock(conn: &mut Conn) -> Result<()> {
+    let got: Option<Option<i64>> = conn
+        .exec_first(
+            "SELECT GET_LOCK(?, ?)",
+            (INSTALL_LOCK, INSTALL_LOCK_WAIT_SECS),
+        )
+        .await
+        .map_err(db_err("taking the sqlnotify install lock"))?;
+    if got.flatten() != Some(1) {
+        return Err(Error::Database {
+            context: "taking the sqlnotify install lock".into(),
+            source: format!(
+                "GET_LOCK('{INSTALL_LOCK}') not granted within {INSTALL_LOCK_WAIT_SECS} s: \
+                 another sqlnotify install is running"
+            )
+            .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Releases the install lock, whatever `outcome` was; returns `outcome`.
+async fn unlock<T>(conn: &mut Conn, outcome: Result<T>) -> Result<T> {
+    let released = conn
+        .exec_drop("SELECT RELEASE_LOCK(?)", (INSTALL_LOCK,))
+        .await
+        .map_err(db_err("releasing the sqlnotify install lock"));
+    let value = outcome?;
+    released?;
+    Ok(value)
+}
+
+/// Installs (or, with `manage_triggers` off, verifies) `watches`.
+pub(crate) async fn install(
+    conn: &mut Conn,
+    database: &str,
+    watches: &[ResolvedWatch],
+    kinds: &Kinds,
+    options: InstallOptions,
+) -> Result<()> {
+    check_trigger_names(watches)?;
+    if !options.manage_triggers {
+        return verify(conn, database, watches, kinds).await;
+    }
+    let version: Option<String> = conn
+        .query_first("SELECT VERSION()")
+        .await
+        .map_err(db_err("reading the server version"))?;
+    let mariadb = version.is_some_and(|v| v.contains("MariaDB"));
+    lock(conn).await?;
+    let outcome = async {
+        for statement in ddl::setup_statements(database) {
+            conn.query_drop(statement)
+                .await
+                .map_err(db_err("creating the sqlnotify tables"))?;
+        }
+        if options.cleanup_on_start {
+            let removed = drop_all(conn, database).await?;
+            log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
+        }
+        // Plan every watch before changing any: MySQL DDL cannot be rolled back, so a drift
+        // error must come before the first trigger is touched.
+        let mut plan = Vec::new();
+        for w in watches {
+            let state = installed_state(conn, w, database, kinds, true).await?;
+            if let Some(action) = state.plan(w, options)? {
+                plan.push((w, action));
+            }
+        }
+        for (w, action) in plan {
+            install_one(conn, database, w, kinds, action, mariadb).await?;
+        }
+        Ok(())
+    }
+    .await;
+    unlock(conn, outcome).await
+}
+
+async fn install_one(
+    conn: &mut Conn,
+    database: &str,
+    w: &ResolvedWatch,
+    kinds: &Kinds,
+    action: &str,
+    mariadb: bool,
+) -> Result<()> {
+    let name = &w.channel.name;
+    log::info!(
+        "sqlnotify: {action} {name} on {}.{}",
+        w.channel.schema,
+        w.channel.table
+    );
+    let context = || format!("installing trigger {name}");
+    let create = ddl::trigger_sql(w, database, kinds);
+    if mariadb {
+        let replace = create.replacen("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER", 1);
+        conn.query_drop(replace).await.map_err(db_err(context()))?;
+    } else {
+        conn.query_drop(ddl::drop_sql(&w.channel.schema, name))
+            .await
+            .map_err(db_err(context()))?;
+        conn.query_drop(create).await.map_err(db_err(context()))?;
+    }
+    conn.query_drop(ddl::catalog_upsert_sql(w, database, kinds))
+        .await
+        .map_err(db_err(context()))
+}
+
+fn describe(w: &ResolvedWatch) -> String {
+    let c = &w.channel;
+    format!("{}.{} {}", c.schema, c.table, c.operation)
+}
+
+/// Trigger names are case-insensitive on some platforms (and with `lower_case_table_names`):
+/// two channels differing only in case could share one trigger, and installing the second
+/// would replace the first. Refused everywhere, so a program behaves the same on every server.
+fn check_trigger_names(watches: &[ResolvedWatch]) -> Result<()> {
+    for (i, a) in watches.iter().enumerate() {
+        for b in &watches[i + 1..] {
+            if a.channel.name.eq_ignore_ascii_case(&b.channel.name)
+                && a.channel.schema.eq_ignore_ascii_case(&b.channel.schema)
+            {
+                return Err(Error::DuplicateWatch {
+                    channel: b.channel.name.clone(),
+                    first: describe(a),
+                    second: describe(b),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn verify(
+    conn: &mut Conn,
+    database: &str,
+    watches: &[ResolvedWatch],
+    kinds: &Kinds,
+) -> Result<()> {
+    let catalog = catalog_exists(conn, database).await?;
+    for w in watches {
+        installed_state(conn, w, database, kinds, catalog)
+            .await?
+            .verify(w)?;
+    }
+    Ok(())
+}
+
+/// Drops every trigger recorded in the catalog, plus any `sqlnotify_…` trigger that writes to
+/// this database's journal, and empties the catalog. Returns how many triggers were dropped.
+async fn drop_all(conn: &mut Conn, database: &str) -> Result<u64> {
+    let context = "listing sqlnotify triggers";
+    let recorded: BTreeSet<(String, String)> = conn
+        .query::<(String, String), _>(format!(
+            "SELECT `table_schema`, `channel` FROM {}",
+            qualified(database, CATALOG)
+        ))
+        .await
+        .map_err(db_err(context))?
+        .into_iter()
+        .collect();
+    let journal = qualified(database, ddl::JOURNAL);
+    let existing: Vec<(String, String, Vec<u8>)> = conn
+        .query(
+            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, ACTION_STATEMENT FROM information_schema.TRIGGERS \
+             WHERE TRIGGER_NAME LIKE 'sqlnotify%'",
+        )
+        .await
+        .map_err(db_err(context))?;
+    let ours: Vec<(String, String)> = existing
+        .into_iter()
+        .filter(|(schema, name, statement)| {
+            recorded.contains(&(schema.clone(), name.clone()))
+                || String::from_utf8_lossy(statement).contains(&journal)
+        })
+        .map(|(schema, name, _)| (schema, name))
+        .collect();
+    for (schema, name) in &ours {
+        conn.query_drop(ddl::drop_sql(schema, name))
+            .await
+            .map_err(db_err(format!("removing trigger {name}")))?;
+    }
+    conn.query_drop(format!("DELETE FROM {}", qualified(database, CATALOG)))
+        .await
+        .map_err(db_err("emptying the sqlnotify catalog"))?;
+    Ok(ours.len() as u64)
+}
+
+/// Removes every sqlnotify trigger of this database's journal.
+pub(crate) async fn cleanup_all(conn: &mut Conn, database: &str) -> Result<u64> {
+    if !catalog_exists(conn, database).await? {
+        return Ok(0);
+    }
+    lock(conn).await?;
+    let outcome = drop_all(conn, database).await;
+    unlock(conn, outcome).await
+}
+
+/// Removes the triggers of `channels` and their catalog entries.
+pub(crate) async fn uninstall(conn: &mut Conn, database: &str, channels: &[String]) -> Result<()> {
+    if !catalog_exists(conn, database).await? {
+        return Ok(());
+    }
+    lock(conn).await?;
+    let outcome = async {
+        let catalog = qualified(database, CATALOG);
+        for channel in channels {
+            let context = || format!("removing trigger {channel}");
+            let schema: Option<String> = conn
+                .exec_first(
+                    format!("SELECT `table_schema` FROM {catalog} WHERE `channel` = ?"),
+                    (channel,),
+                )
+                .await
+                .map_err(db_err(context()))?;
+            let schema = schema.unwrap_or_else(|| database.to_string());
+            conn.query_drop(ddl::drop_sql(&schema, channel))
+                .await
+                .map_err(db_err(context()))?;
+            conn.exec_drop(
+                format!("DELETE FROM {catalog} WHERE `channel` = ?"),
+                (channel,),
+            )
+            .await
+            .map_err(db_err(format!("removing the catalog entry of {channel}")))?;
+        }
+        Ok(())
+    }
+    .await;
+    unlock(conn, outcome).await
+}

@@ -1,0 +1,362 @@
+//! SQL text for MySQL / MariaDB: quoting, sqlnotify's tables and one trigger per watch. Pure
+//! functions, unit-tested here.
+//!
+//! Quoting. Every identifier is wrapped in backticks, embedded backticks doubled. A string
+//! literal is written as `'…'` with single quotes doubled — which means the same under every
+//! `sql_mode` — unless it contains a backslash or a control character: a backslash is an
+//! escape character except under `NO_BACKSLASH_ESCAPES`, so such a string is written as a
+//! hexadecimal literal with a character-set introducer (`_utf8mb4 X'…'`), which no mode
+//! reinterprets. Double quotes (`ANSI_QUOTES`) and `||` (`PIPES_AS_CONCAT`) are never used.
+//!
+//! A trigger is a single statement (no `BEGIN … END`), so the install script applies through
+//! any client or migration tool without `DELIMITER` changes. An UPDATE watch with
+//! `trigger_columns` inserts through `INSERT … SELECT … FROM DUAL WHERE <changed>`, which is
+//! the single-statement form of `IF <changed> THEN INSERT … END IF`. "Changed" compares the
+//! binary images of the values (`NOT (CAST(OLD.c AS BINARY) <=> CAST(NEW.c AS BINARY))`), so a
+//! change of letter case under a case-insensitive collation, or of trailing spaces under a
+//! PAD SPACE one, counts as the real change it is, and NULL to NULL does not.
+//!
+//! Payloads are built with `JSON_OBJECT`. Values JSON cannot hold as such are converted:
+//! binary strings (BINARY, VARBINARY, BLOB) are sent as hex text, BIT as a number, spatial
+//! values as WKT. Should the object not be buildable (larger than `max_allowed_packet`), the
+//! event carries the key only, marked truncated: a trigger never makes the user's write fail.
+
+use std::collections::HashMap;
+
+use crate::payload::META_KEY;
+use crate::watch::ResolvedWatch;
+
+/// Named lock serialising installs across processes (`GET_LOCK`, session-scoped).
+pub(crate) const INSTALL_LOCK: &str = "sqlnotify_install";
+/// Seconds `GET_LOCK` waits for another installer.
+pub(crate) const INSTALL_LOCK_WAIT_SECS: u32 = 30;
+
+/// The journal table's name.
+pub(crate) const JOURNAL: &str = "sqlnotify_journal";
+/// The catalog table's name.
+pub(crate) const CATALOG: &str = "sqlnotify_catalog";
+/// The consumer cursor table's name.
+pub(crate) const CONSUMERS: &str = "sqlnotify_consumers";
+
+/// How a column's value goes into the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ColumnKind {
+    /// As is: numbers, text, dates, JSON, ENUM, SET …
+    #[default]
+    Plain,
+    /// Binary strings: hex text (JSON has no bytes, and they need not be valid text).
+    Binary,
+    /// BIT(n): its numeric value.
+    Bit,
+    /// Spatial types: well-known text.
+    Spatial,
+}
+
+impl ColumnKind {
+    /// The kind for an `information_schema.COLUMNS.DATA_TYPE`.
+    pub(crate) fn from_data_type(data_type: &str) -> Self {
+        match data_type.to_ascii_lowercase().as_str() {
+            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => {
+                ColumnKind::Binary
+            }
+            "bit" => ColumnKind::Bit,
+            "geometry" | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
+            | "multipolygon" | "geometrycollection" | "geomcollection" => ColumnKind::Spatial,
+            _ => ColumnKind::Plain,
+        }
+    }
+
+    fn expr(self, value: &str) -> String {
+        match self {
+            ColumnKind::Plain => value.to_string(),
+            ColumnKind::Binary => format!("HEX({value})"),
+            ColumnKind::Bit => format!("({value} + 0)"),
+            ColumnKind::Spatial => format!("ST_AsText({value})"),
+        }
+    }
+}
+
+/// Column kinds of the watched tables, by (schema, table), then column.
+pub(crate) type Kinds = HashMap<(String, String), HashMap<String, ColumnKind>>;
+
+/// Quotes an identifier with backticks, doubling embedded backticks.
+pub(crate) fn quote_ident(ident: &str) -> String {
+    format!("`{}`", ident.replace('`', "``"))
+}
+
+/// `schema`.`name`.
+pub(crate) fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Quotes a string literal so that it means the same under every `sql_mode` (see the module
+/// documentation).
+pub(crate) fn quote_literal(value: &str) -> String {
+    if value.chars().any(|c| c == '\\' || c.is_control()) {
+        let hex: String = value.bytes().map(|b| format!("{b:02X}")).collect();
+        return format!("_utf8mb4 X'{hex}'");
+    }
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Creates sqlnotify's tables in `database` if missing.
+pub(crate) fn setup_statements(database: &str) -> Vec<String> {
+    let text = "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin";
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+    `channel` VARCHAR(255) {text} NOT NULL,
+    `table_schema` VARCHAR(255) {text} NOT NULL,
+    `table_name` VARCHAR(255) {text} NOT NULL,
+    `operation` VARCHAR(16) NOT NULL,
+    `definition` LONGTEXT {text} NOT NULL,
+    `installed_at` TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (`channel`)
+) ENGINE=InnoDB",
+            qualified(database, CATALOG)
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+    `id` BIGINT NOT NULL AUTO_INCREMENT,
+    `channel` VARCHAR(255) {text} NOT NULL,
+    `payload` LONGTEXT {text} NOT NULL,
+    `created_at` TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (`id`)
+) ENGINE=InnoDB",
+            qualified(database, JOURNAL)
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+    `name` VARCHAR(255) {text} NOT NULL,
+    `watermark` BIGINT NOT NULL,
+    `updated_at` TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (`name`)
+) ENGINE=InnoDB",
+            qualified(database, CONSUMERS)
+        ),
+    ]
+}
+
+/// `JSON_OBJECT(...)` of `columns` of `row` (NEW or OLD), in order.
+fn json_object(
+    row: &str,
+    columns: &[&String],
+    kinds: Option<&HashMap<String, ColumnKind>>,
+) -> String {
+    let args: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            let kind = kinds.and_then(|k| k.get(*c)).copied().unwrap_or_default();
+            let value = kind.expr(&format!("{row}.{}", quote_ident(c)));
+            format!("{}, {value}", quote_literal(c))
+        })
+        .collect();
+    format!("JSON_OBJECT({})", args.join(", "))
+}
+
+/// The payload expression of a watch: the full object, or the key marked truncated when the
+/// full object cannot be built.
+fn payload_expr(w: &ResolvedWatch, kinds: &Kinds) -> String {
+    let channel = &w.channel;
+    let row = channel.operation.row_variable();
+    let kinds = kinds.get(&(channel.schema.clone(), channel.table.clone()));
+    let all = channel.payload_columns();
+    let keys: Vec<&String> = channel.key_columns.iter().collect();
+    let full = json_object(row, &all, kinds);
+    let key_only = json_object(row, &keys, kinds);
+    format!(
+        "COALESCE({full}, JSON_INSERT({key_only}, {}, JSON_OBJECT('truncated', TRUE)))",
+        quote_literal(&format!("$.{META_KEY}"))
+    )
+}
+
+/// `CREATE TRIGGER` for a watch (trigger in the table's schema, journal in `database`).
+pub(crate) fn trigger_sql(w: &ResolvedWatch, database: &str, kinds: &Kinds) -> String {
+    let channel = &w.channel;
+    let head = format!(
+        "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW INSERT INTO {journal} (`channel`, `payload`)",
+        name = qualified(&channel.schema, &channel.name),
+        event = channel.operation.sql_keyword(),
+        table = qualified(&channel.schema, &channel.table),
+        journal = qualified(database, JOURNAL),
+    );
+    let chan = quote_literal(&channel.name);
+    let payload = payload_expr(w, kinds);
+    if w.trigger_columns.is_empty() {
+        return format!("{head} VALUES ({chan}, {payload})");
+    }
+    let changed: Vec<String> = w
+        .trigger_columns
+        .iter()
+        .map(|(c, _)| {
+            let c = quote_ident(c);
+            format!("NOT (CAST(OLD.{c} AS BINARY) <=> CAST(NEW.{c} AS BINARY))")
+        })
+        .collect();
+    format!(
+        "{head} SELECT {chan}, {payload} FROM DUAL WHERE {}",
+        changed.join(" OR ")
+    )
+}
+
+/// Drops a watch's trigger.
+pub(crate) fn drop_sql(schema: &str, channel: &str) -> String {
+    format!("DROP TRIGGER IF EXISTS {}", qualified(schema, channel))
+}
+
+/// Records a watch in the catalog (replacing an older record).
+pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch, database: &str, kinds: &Kinds) -> String {
+    format!(
+        "REPLACE INTO {} (`channel`, `table_schema`, `table_name`, `operation`, `definition`, `installed_at`) \
+         VALUES ({}, {}, {}, {}, {}, CURRENT_TIMESTAMP(6))",
+        qualified(database, CATALOG),
+        quote_literal(&w.channel.name),
+        quote_literal(&w.channel.schema),
+        quote_literal(&w.channel.table),
+        quote_literal(w.channel.operation.as_str()),
+        quote_literal(&trigger_sql(w, database, kinds)),
+    )
+}
+
+/// A complete, idempotent install script for `watches`.
+pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &Kinds) -> String {
+    let mut sql = format!(
+        "-- sqlnotify install script (MySQL >= 5.7.2 / MariaDB >= 10.2.3), database {}\n\
+         -- Every statement is a single statement: apply it with any client, no delimiter change.\n\
+         SELECT GET_LOCK({}, {INSTALL_LOCK_WAIT_SECS});\n",
+        quote_ident(database),
+        quote_literal(INSTALL_LOCK)
+    );
+    for statement in setup_statements(database) {
+        sql.push_str(&statement);
+        sql.push_str(";\n");
+    }
+    for w in watches {
+        // A comment line must not carry what a command-line client could take for one of its
+        // own commands (`\q`, `\c` …) or a line break.
+        let shown: String = w
+            .channel
+            .name
+            .chars()
+            .map(|c| if c == '\\' || c.is_control() { '?' } else { c })
+            .collect();
+        sql.push_str(&format!("\n-- {shown}\n"));
+        sql.push_str(&drop_sql(&w.channel.schema, &w.channel.name));
+        sql.push_str(";\n");
+        sql.push_str(&trigger_sql(w, database, kinds));
+        sql.push_str(";\n");
+        sql.push_str(&catalog_upsert_sql(w, database, kinds));
+        sql.push_str(";\n");
+    }
+    sql.push_str(&format!(
+        "\nSELECT RELEASE_LOCK({});\n",
+        quote_literal(INSTALL_LOCK)
+    ));
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Channel, Operation};
+
+    fn watch(op: Operation, extra: &[&str]) -> ResolvedWatch {
+        ResolvedWatch {
+            channel: Channel {
+                name: "sqlnotify_o'brien\\x".into(),
+                schema: "app".into(),
+                table: "we`ird".into(),
+                operation: op,
+                label: Some("o'brien\\x".into()),
+                key_columns: vec!["select".into()],
+                extra_columns: extra.iter().map(|s| s.to_string()).collect(),
+                tier: crate::watch::Tier::Notify,
+            },
+            trigger_columns: vec![],
+            use_overflow_table: true,
+            tier: crate::watch::Tier::Notify,
+        }
+    }
+
+    #[test]
+    fn identifiers_and_literals() {
+        assert_eq!(quote_ident("users"), "`users`");
+        assert_eq!(quote_ident("a`b"), "`a``b`");
+        assert_eq!(
+            quote_ident("x`; DROP TABLE t; --"),
+            "`x``; DROP TABLE t; --`"
+        );
+        assert_eq!(quote_literal("abc"), "'abc'");
+        assert_eq!(quote_literal("o'brien"), "'o''brien'");
+        assert_eq!(quote_literal("a\\b"), "_utf8mb4 X'615C62'");
+        assert_eq!(quote_literal("a\nb"), "_utf8mb4 X'610A62'");
+        assert_eq!(quote_literal("café"), "'café'");
+    }
+
+    #[test]
+    fn triggers_quote_everything() {
+        let t = trigger_sql(&watch(Operation::Insert, &[]), "db`x", &Kinds::new());
+        assert!(
+            t.starts_with(
+                "CREATE TRIGGER `app`.`sqlnotify_o'brien\\x` AFTER INSERT ON `app`.`we``ird` \
+                 FOR EACH ROW INSERT INTO `db``x`.`sqlnotify_journal` (`channel`, `payload`) VALUES (_utf8mb4 X'"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("JSON_OBJECT('select', NEW.`select`)"), "{t}");
+        assert!(!t.contains("BEGIN"), "{t}");
+        let d = trigger_sql(&watch(Operation::Delete, &[]), "db", &Kinds::new());
+        assert!(d.contains("OLD.`select`") && !d.contains("NEW."), "{d}");
+    }
+
+    #[test]
+    fn updates_with_trigger_columns_compare_binary_images() {
+        let mut w = watch(Operation::Update, &["a"]);
+        w.trigger_columns = vec![("a".into(), true), ("b`".into(), true)];
+        let t = trigger_sql(&w, "db", &Kinds::new());
+        assert!(t.contains(
+            "FROM DUAL WHERE NOT (CAST(OLD.`a` AS BINARY) <=> CAST(NEW.`a` AS BINARY)) \
+             OR NOT (CAST(OLD.`b``` AS BINARY) <=> CAST(NEW.`b``` AS BINARY))"
+        ));
+        assert!(t.contains(" SELECT _utf8mb4 X'"), "{t}");
+    }
+
+    #[test]
+    fn column_kinds_convert_values() {
+        let w = watch(Operation::Insert, &["data", "flags", "shape", "name"]);
+        let mut kinds = Kinds::new();
+        kinds.insert(
+            ("app".into(), "we`ird".into()),
+            [
+                ("data".to_string(), ColumnKind::from_data_type("LONGBLOB")),
+                ("flags".to_string(), ColumnKind::from_data_type("bit")),
+                ("shape".to_string(), ColumnKind::from_data_type("point")),
+                ("name".to_string(), ColumnKind::from_data_type("varchar")),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        let t = trigger_sql(&w, "db", &kinds);
+        assert!(t.contains("'data', HEX(NEW.`data`)"), "{t}");
+        assert!(t.contains("'flags', (NEW.`flags` + 0)"), "{t}");
+        assert!(t.contains("'shape', ST_AsText(NEW.`shape`)"), "{t}");
+        assert!(t.contains("'name', NEW.`name`"), "{t}");
+        assert!(t.contains("COALESCE(JSON_OBJECT("), "{t}");
+        assert!(
+            t.contains("'$.__sqlnotify', JSON_OBJECT('truncated', TRUE)"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn install_script_is_locked_and_idempotent_in_form() {
+        let s = install_script(&[watch(Operation::Insert, &[])], "db", &Kinds::new());
+        assert!(s.contains("SELECT GET_LOCK('sqlnotify_install', 30);"));
+        assert!(s.contains("CREATE TABLE IF NOT EXISTS `db`.`sqlnotify_journal`"));
+        assert!(s.contains("DROP TRIGGER IF EXISTS `app`.`sqlnotify_o'brien\\x`;"));
+        assert!(s.contains("REPLACE INTO `db`.`sqlnotify_catalog`"));
+        assert!(s
+            .trim_end()
+            .ends_with("SELECT RELEASE_LOCK('sqlnotify_install');"));
+    }
+}

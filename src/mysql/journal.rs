@@ -1,0 +1,426 @@
+//! The MySQL journal: rows appended by the triggers, read by cursor without skipping late
+//! commits, trimmed by retention, and the consumer watermarks saved next to it.
+//!
+//! # The problem
+//!
+//! A journal row's id comes from `AUTO_INCREMENT` when the row is *inserted*, not when its
+//! transaction commits. Transaction A may take id 10 and B id 11; B commits, a reader sees 11
+//! — and if it only remembered "everything up to 11 is read", it would never read 10 when A
+//! commits a moment later. Ids are also burned for good: a rolled-back insert leaves a hole
+//! that never fills.
+//!
+//! # The method: a low watermark, the ids seen above it, and bounded gaps
+//!
+//! The [`Cursor`] keeps
+//!
+//! * `low`, the low watermark: every id up to it was delivered, or belonged to another
+//!   notifier's channels, or was given up on;
+//! * `seen`, the ids above `low` already read (delivered or not ours);
+//! * `high`, the highest id read; an id between `low` and `high` that is not in `seen` is a
+//!   *gap*: a transaction still running, or an id that will never commit;
+//! * when each gap was first noticed (the time `high` first passed it).
+//!
+//! Each poll reads, in id order, the rows in the gaps plus every row above `high`
+//! (`WHERE id > pos AND (id BETWEEN gap.start AND gap.end OR … OR id > high)`, paginated by
+//! `pos`), delivers those not in `seen`, and adds them to `seen`. A late commit fills its gap
+//! and is delivered then, however low its id. Then `low` moves up over every id in `seen`
+//! (dropping them from the set, which therefore stays as small as the number of rows read
+//! since the oldest open gap) and over gaps that have been open longer than the *gap
+//! timeout* (default 10 s): those are treated as rolled-back (burned) ids.
+//!
+//! The limitation: a transaction that commits more than the gap timeout after its trigger
+//! ran — a long transaction, or one whose insert waited on locks — has its events skipped
+//! (unless another gap below it still holds `low` back). Raise the timeout with the URL
+//! parameter `sqlnotify_gap_timeout_ms` if your transactions run longer.
+//!
+//! A named consumer saves `low`: restarting from it re-reads (and delivers again) the rows
+//! above it that were already delivered — at least once, never skipped.
+//!
+//! The cost: each open gap is one range in the read; beyond 64 open gaps the rest are read as
+//! one range up to `high` (rows already read in it are skipped by `seen`), so a workload that
+//! rolls back inserts on watched tables many times per gap timeout makes polls heavier.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::*;
+use mysql_async::Conn;
+
+use super::catalog::db_err;
+use super::ddl::{qualified, CONSUMERS, JOURNAL};
+use crate::error::Result;
+
+/// Rows deleted per statement when trimming, so locks are held only briefly.
+const PURGE_BATCH: u64 = 2_000;
+/// Most gap ranges spelled out in one read; the rest are read as one range (and deduped).
+const MAX_RANGES: usize = 64;
+
+/// Where a listener is in the journal (see the module documentation).
+#[derive(Debug, Clone)]
+pub(crate) struct Cursor {
+    low: i64,
+    high: i64,
+    seen: BTreeSet<i64>,
+    /// `(upto, when)`: gaps at ids up to `upto` (above the previous entry's) were first
+    /// noticed at `when`. Oldest first.
+    noticed: VecDeque<(i64, Instant)>,
+    gap_timeout: Duration,
+}
+
+impl Cursor {
+    /// A cursor for which every id up to `low` is settled.
+    pub fn new(low: i64, gap_timeout: Duration) -> Self {
+        Cursor {
+            low,
+            high: low,
+            seen: BTreeSet::new(),
+            noticed: VecDeque::new(),
+            gap_timeout,
+        }
+    }
+
+    /// The low watermark.
+    pub fn low(&self) -> i64 {
+        self.low
+    }
+
+    /// The highest id read.
+    #[cfg(test)]
+    pub fn high(&self) -> i64 {
+        self.high
+    }
+
+    /// Whether the row `id` has not been read yet.
+    pub fn is_new(&self, id: i64) -> bool {
+        id > self.low && !self.seen.contains(&id)
+    }
+
+    /// The open gaps, as inclusive id ranges, lowest first.
+    pub fn gaps(&self) -> Vec<(i64, i64)> {
+        let mut gaps = Vec::new();
+        let mut next = self.low + 1;
+        for &id in &self.seen {
+            if id > next {
+                gaps.push((next, id - 1));
+            }
+            next = id + 1;
+        }
+        if next <= self.high {
+            gaps.push((next, self.high));
+        }
+        gaps
+    }
+
+    /// A SQL condition on `id` matching every row not read yet: the gaps and everything above
+    /// `high`. Integers only, so it is safe to splice into SQL.
+    pub fn unread_condition(&self) -> String {
+        let mut gaps = self.gaps();
+        if gaps.len() > MAX_RANGES {
+            let start = gaps[MAX_RANGES - 1].0;
+            gaps.truncate(MAX_RANGES - 1);
+            gaps.push((start, self.high));
+        }
+        let mut parts: Vec<String> = gaps
+            .iter()
+            .map(|(a, b)| {
+                if a == b {
+                    format!("`id` = {a}")
+                } else {
+                    format!("`id` BETWEEN {a} AND {b}")
+                }
+            })
+            .collect();
+        parts.push(format!("`id` > {}", self.high));
+        parts.join(" OR ")
+    }
+
+    /// Records rows as read at `now`.
+    pub fn mark(&mut self, ids: impl IntoIterator<Item = i64>, now: Instant) {
+        let mut high = self.high;
+        for id in ids {
+            if id > self.low {
+                self.seen.insert(id);
+                high = high.max(id);
+            }
+        }
+        if high > self.high {
+            self.noticed.push_back((high, now));
+            self.high = high;
+        }
+    }
+
+    /// Moves the low watermark over read ids and expired gaps. Returns whether it moved.
+    pub fn advance(&mut self, now: Instant) -> bool {
+        let start = self.low;
+        loop {
+            let next = self.low + 1;
+            if self.seen.remove(&next) {
+                self.low = next;
+                continue;
+            }
+            if next > self.high {
+                break;
+            }
+            while self.noticed.front().is_some_and(|&(upto, _)| upto < next) {
+                self.noticed.pop_front();
+            }
+            let Some(&(upto, when)) = self.noticed.front() else {
+                break;
+            };
+            if now.saturating_duration_since(when) < self.gap_timeout {
+                break;
+            }
+            // Expired: give up on the missing ids up to the next read row (or the end of the
+            // ids noticed at that time).
+            let next_read = self.seen.range(next..).next().copied();
+            let end = next_read.map_or(upto, |r| (r - 1).min(upto));
+            log::debug!(
+                "sqlnotify: journal ids {next}..={end} stayed missing for {:?}; treating them as rolled back",
+                self.gap_timeout
+            );
+            self.low = end;
+        }
+        while self
+            .noticed
+            .front()
+            .is_some_and(|&(upto, _)| upto <= self.low)
+        {
+            self.noticed.pop_front();
+        }
+        self.low != start
+    }
+}
+
+/// One journal row: id, channel, payload.
+pub(crate) type Row = (i64, String, String);
+
+/// Reads up to `limit` rows with `id > pos` matching `condition` (from
+/// [`Cursor::unread_condition`]), in id order.
+pub(crate) async fn read_page(
+    conn: &mut Conn,
+    database: &str,
+    pos: i64,
+    condition: &str,
+    limit: usize,
+) -> Result<Vec<Row>> {
+    let sql = format!(
+        "SELECT `id`, `channel`, `payload` FROM {} WHERE `id` > {pos} AND ({condition}) ORDER BY `id` LIMIT {limit}",
+        qualified(database, JOURNAL)
+    );
+    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = conn
+        .query(sql)
+        .await
+        .map_err(db_err("reading the journal"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, channel, payload)| (id, lossy(channel), lossy(payload)))
+        .collect())
+}
+
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Where a listener without a saved watermark starts: ids up to the returned watermark were
+/// committed more than `gap_timeout` ago; the returned ids above it are already committed
+/// (to be marked read, not delivered). Ids above the watermark that are missing may be
+/// transactions still running: they are delivered when they commit.
+pub(crate) async fn placement(
+    conn: &mut Conn,
+    database: &str,
+    gap_timeout: Duration,
+) -> Result<(i64, Vec<i64>)> {
+    let journal = qualified(database, JOURNAL);
+    let context = "placing the journal cursor";
+    let low: Option<i64> = conn
+        .exec_first(
+            format!(
+                "SELECT `id` FROM {journal} WHERE `created_at` <= NOW(6) - INTERVAL ? MICROSECOND \
+                 ORDER BY `id` DESC LIMIT 1"
+            ),
+            (micros(gap_timeout),),
+        )
+        .await
+        .map_err(db_err(context))?;
+    let low = low.unwrap_or(0);
+    let ids: Vec<i64> = conn
+        .query(format!(
+            "SELECT `id` FROM {journal} WHERE `id` > {low} ORDER BY `id`"
+        ))
+        .await
+        .map_err(db_err(context))?;
+    Ok((low, ids))
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
+}
+
+/// Appends a row (custom notifications).
+pub(crate) async fn append(
+    conn: &mut Conn,
+    database: &str,
+    channel: &str,
+    payload: &str,
+) -> Result<()> {
+    conn.exec_drop(
+        format!(
+            "INSERT INTO {} (`channel`, `payload`) VALUES (?, ?)",
+            qualified(database, JOURNAL)
+        ),
+        (channel, payload),
+    )
+    .await
+    .map_err(db_err(format!("writing a notification on {channel}")))
+}
+
+/// The saved watermark of consumer `name`, if it has one.
+pub(crate) async fn load_watermark(
+    conn: &mut Conn,
+    database: &str,
+    name: &str,
+) -> Result<Option<i64>> {
+    conn.exec_first(
+        format!(
+            "SELECT `watermark` FROM {} WHERE `name` = ?",
+            qualified(database, CONSUMERS)
+        ),
+        (name,),
+    )
+    .await
+    .map_err(db_err(format!("reading the cursor of consumer {name:?}")))
+}
+
+/// Saves consumer `name`'s watermark (never moving it backwards) and marks it alive now.
+pub(crate) async fn save_watermark(
+    conn: &mut Conn,
+    database: &str,
+    name: &str,
+    watermark: i64,
+) -> Result<()> {
+    conn.exec_drop(
+        format!(
+            "INSERT INTO {} (`name`, `watermark`, `updated_at`) VALUES (?, ?, NOW(6)) \
+             ON DUPLICATE KEY UPDATE `watermark` = GREATEST(`watermark`, ?), `updated_at` = NOW(6)",
+            qualified(database, CONSUMERS)
+        ),
+        (name, watermark, watermark),
+    )
+    .await
+    .map_err(db_err(format!("saving the cursor of consumer {name:?}")))
+}
+
+/// Deletes journal rows older than `retention`, except rows a consumer seen within the
+/// retention window has not read yet, and the newest row (so that `AUTO_INCREMENT`, which
+/// older servers recompute from the table after a restart, never hands out an id again).
+/// Returns how many rows were deleted.
+pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) -> Result<u64> {
+    let journal = qualified(database, JOURNAL);
+    let context = "trimming the journal";
+    let newest: Option<Option<i64>> = conn
+        .query_first(format!("SELECT MAX(`id`) FROM {journal}"))
+        .await
+        .map_err(db_err(context))?;
+    let Some(newest) = newest.flatten() else {
+        return Ok(0);
+    };
+    let sql = format!(
+        "DELETE FROM {journal} WHERE `id` < ? AND `created_at` < NOW(6) - INTERVAL ? MICROSECOND \
+           AND `id` <= COALESCE((SELECT MIN(`watermark`) FROM {consumers} \
+                                  WHERE `updated_at` >= NOW(6) - INTERVAL ? MICROSECOND), 9223372036854775807) \
+         ORDER BY `id` LIMIT {PURGE_BATCH}",
+        consumers = qualified(database, CONSUMERS)
+    );
+    let keep = micros(retention);
+    let mut total = 0;
+    loop {
+        conn.exec_drop(&sql, (newest, keep, keep))
+            .await
+            .map_err(db_err(context))?;
+        let n = conn.affected_rows();
+        total += n;
+        if n < PURGE_BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn contiguous_rows_move_the_watermark() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        assert_eq!(c.unread_condition(), "`id` > 0");
+        c.mark([1, 2, 3], t0);
+        assert!(c.advance(t0));
+        assert_eq!((c.low(), c.high()), (3, 3));
+        assert!(c.gaps().is_empty());
+        assert!(!c.is_new(2) && c.is_new(4));
+        assert!(!c.advance(t0));
+    }
+
+    #[test]
+    fn a_late_commit_is_read_in_its_gap_then_the_watermark_moves() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        // id 1 taken by a running transaction; 2 and 3 committed
+        c.mark([2, 3], t0);
+        assert!(!c.advance(t0));
+        assert_eq!(c.low(), 0);
+        assert_eq!(c.gaps(), [(1, 1)]);
+        assert_eq!(c.unread_condition(), "`id` = 1 OR `id` > 3");
+        assert!(c.is_new(1) && !c.is_new(2));
+        // 1 commits
+        c.mark([1], t0 + Duration::from_secs(1));
+        assert!(c.advance(t0 + Duration::from_secs(1)));
+        assert_eq!(c.low(), 3);
+        assert!(c.gaps().is_empty());
+    }
+
+    #[test]
+    fn gaps_expire_after_the_timeout_in_the_order_they_were_noticed() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        c.mark([3], t0); // 1 and 2 missing since t0
+        let t5 = t0 + Duration::from_secs(5);
+        c.mark([5, 8], t5); // 4, 6, 7 missing since t5
+        assert_eq!(c.gaps(), [(1, 2), (4, 4), (6, 7)]);
+        assert!(!c.advance(t0 + Duration::from_secs(9)));
+        // 1-2 expire; 4 was noticed later and holds the watermark
+        assert!(c.advance(t0 + Duration::from_secs(10)));
+        assert_eq!(c.low(), 3);
+        // 6 commits meanwhile
+        c.mark([6], t0 + Duration::from_secs(12));
+        assert_eq!(c.gaps(), [(4, 4), (7, 7)]);
+        assert!(c.advance(t5 + Duration::from_secs(10)));
+        assert_eq!(c.low(), 8);
+        assert!(c.gaps().is_empty());
+        assert!(c.noticed.is_empty());
+    }
+
+    #[test]
+    fn many_gaps_are_read_as_one_tail_range() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        c.mark((1..=200).map(|i| i * 2), t0);
+        assert_eq!(c.gaps().len(), 200);
+        let cond = c.unread_condition();
+        assert_eq!(cond.matches(" OR ").count(), MAX_RANGES);
+        assert!(cond.contains(&format!("`id` BETWEEN {} AND 400", 2 * MAX_RANGES - 1)));
+        assert!(cond.ends_with("`id` > 400"));
+    }
+
+    #[test]
+    fn rows_at_or_below_the_watermark_are_never_new() {
+        let mut c = Cursor::new(10, TIMEOUT);
+        c.mark([5, 10], Instant::now());
+        assert!(!c.is_new(5) && !c.is_new(10));
+        assert_eq!(c.high(), 10);
+        assert!(c.seen.is_empty());
+    }
+}

@@ -1,0 +1,393 @@
+//! The MySQL / MariaDB dialect: triggers append to a journal table that listeners poll by
+//! cursor.
+//!
+//! Requirements: MySQL ≥ 5.7.2 or MariaDB ≥ 10.2.3 — every watch has a trigger of its own,
+//! and only these versions allow several triggers per table, timing and event (they fire in
+//! creation order) — with InnoDB. Tested on MariaDB 10.11; MySQL 8 uses the same SQL. The
+//! connecting user needs the TRIGGER privilege on the watched tables, CREATE/INSERT/DELETE
+//! on its database, and — when binary logging is on — SUPER or
+//! `log_bin_trust_function_creators = 1` to create triggers.
+//!
+//! What sqlnotify creates: three tables in the URL's database — `sqlnotify_catalog`,
+//! `sqlnotify_journal`, `sqlnotify_consumers` — and one trigger per watch, named after its
+//! channel, in the watched table's database. Triggers name the journal with its database, so
+//! tables of other databases on the same server can be watched too
+//! (`Watch::new("otherdb.table", …)`). Triggers do not fire for changes made by foreign-key
+//! cascades (a MySQL limitation).
+//!
+//! URLs: `mysql://user:password@host:3306/database` or `mariadb://…`; the database is
+//! required and is the default schema of watches. The driver is `mysql_async` built without
+//! TLS (its `minimal-rust` feature): connect over a trusted network or a unix socket (MySQL 8's
+//! `caching_sha2_password` works without TLS through the server's RSA key). The driver's URL
+//! parameters apply (`socket=…`, `prefer_socket=false`, …), plus sqlnotify's own
+//! `sqlnotify_gap_timeout_ms` (default 10000): how long a missing journal id is waited for
+//! before it is treated as rolled back — see `journal.rs`.
+
+mod catalog;
+mod ddl;
+mod journal;
+mod listener;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts};
+use tokio::sync::{Notify, OwnedMutexGuard};
+
+use self::ddl::Kinds;
+use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::error::{Error, Result};
+use crate::watch::{ResolvedWatch, TableInfo, Tier};
+
+/// Default time a journal id may stay missing before it is treated as rolled back.
+const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_secs(10);
+/// sqlnotify's own URL parameter (removed before the URL reaches the driver).
+const GAP_TIMEOUT_PARAM: &str = "sqlnotify_gap_timeout_ms";
+
+/// What a `mysql://` URL says.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub opts: Opts,
+    pub database: String,
+    pub gap_timeout: Duration,
+}
+
+/// Parses a `mysql://` or `mariadb://` URL. Errors never echo the URL (it may carry a
+/// password).
+pub(crate) fn parse_url(url: &str) -> Result<Target> {
+    let invalid = |reason: String| Error::InvalidUrl { reason };
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| invalid("expected mysql://user@host:port/database".into()))?;
+    if !matches!(scheme.to_ascii_lowercase().as_str(), "mysql" | "mariadb") {
+        return Err(invalid(format!(
+            "expected a mysql:// or mariadb:// URL, got {scheme}://"
+        )));
+    }
+    let (base, query) = match rest.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (rest, None),
+    };
+    let mut gap_timeout = DEFAULT_GAP_TIMEOUT;
+    let mut kept = Vec::new();
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        match pair.split_once('=') {
+            Some((GAP_TIMEOUT_PARAM, value)) => {
+                let ms: u64 = value.parse().map_err(|_| {
+                    invalid(format!(
+                        "{GAP_TIMEOUT_PARAM} must be a number of milliseconds, got {value:?}"
+                    ))
+                })?;
+                gap_timeout = Duration::from_millis(ms);
+            }
+            _ if pair.is_empty() => {}
+            _ => kept.push(pair),
+        }
+    }
+    let mut driver_url = format!("mysql://{base}");
+    if !kept.is_empty() {
+        driver_url.push('?');
+        driver_url.push_str(&kept.join("&"));
+    }
+    let opts = Opts::from_url(&driver_url).map_err(|e| invalid(e.to_string()))?;
+    let database = opts
+        .db_name()
+        .filter(|db| !db.is_empty())
+        .ok_or_else(|| {
+            invalid("the URL must name a database: mysql://user@host:3306/database".into())
+        })?
+        .to_string();
+    Ok(Target {
+        opts,
+        database,
+        gap_timeout,
+    })
+}
+
+/// `name` as a `&'static str`, leaked once per distinct name for the life of the process
+/// ([`Dialect::default_schema`] returns one; database names are few).
+fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(name) = names.get(name) {
+        return name;
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
+/// The dialect's own connection (catalog, install, notify, retention), opened on first use
+/// and reopened after a failure.
+struct Control {
+    opts: Opts,
+    /// The connection and when it was last used.
+    conn: Arc<tokio::sync::Mutex<Option<(Conn, Instant)>>>,
+}
+
+/// A control connection idle for longer than this is pinged before use: the server may have
+/// closed it meanwhile (`wait_timeout`, a restart, `KILL`), and the caller's statement must
+/// not be the one to find out.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
+/// How long that ping may take.
+const PING_LIMIT: Duration = Duration::from_secs(5);
+
+impl Control {
+    /// Runs `f` on the connection. A failed call drops the connection (the next call opens a
+    /// new one), so a broken connection is never reused.
+    fn run<T, F>(self: &Arc<Self>, f: F) -> BoxFuture<'static, Result<T>>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut Conn) -> BoxFuture<'c, Result<T>> + Send + 'static,
+    {
+        let control = self.clone();
+        Box::pin(async move {
+            let mut slot: OwnedMutexGuard<Option<(Conn, Instant)>> =
+                control.conn.clone().lock_owned().await;
+            if let Some((conn, used)) = slot.as_mut() {
+                if used.elapsed() > CHECK_IDLE_AFTER
+                    && !matches!(
+                        tokio::time::timeout(PING_LIMIT, conn.ping()).await,
+                        Ok(Ok(()))
+                    )
+                {
+                    slot.take();
+                }
+            }
+            if slot.is_none() {
+                let conn = Conn::new(control.opts.clone())
+                    .await
+                    .map_err(|e| Error::db("connecting to MySQL", e))?;
+                *slot = Some((conn, Instant::now()));
+            }
+            let (conn, used) = slot.as_mut().expect("just connected");
+            let result = f(conn).await;
+            *used = Instant::now();
+            if matches!(result, Err(Error::Database { .. })) {
+                if let Some((conn, _)) = slot.take() {
+                    let _ = conn.disconnect().await;
+                }
+            }
+            result
+        })
+    }
+
+    fn close(self: &Arc<Self>) -> BoxFuture<'static, ()> {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            if let Some((conn, _)) = conn.lock().await.take() {
+                let _ = conn.disconnect().await;
+            }
+        })
+    }
+}
+
+/// MySQL / MariaDB behind the [`Dialect`] interface.
+pub(crate) struct Mysql {
+    opts: Opts,
+    database: &'static str,
+    gap_timeout: Duration,
+    control: Arc<Control>,
+    /// Column kinds of the tables described, for generating triggers.
+    kinds: Arc<Mutex<Kinds>>,
+    /// Wakes this notifier's listener after its own writes.
+    wake: Arc<Notify>,
+}
+
+impl Mysql {
+    pub fn new(url: &str) -> Result<Self> {
+        let target = parse_url(url)?;
+        Ok(Mysql {
+            control: Arc::new(Control {
+                opts: target.opts.clone(),
+                conn: Arc::new(tokio::sync::Mutex::new(None)),
+            }),
+            opts: target.opts,
+            database: intern(&target.database),
+            gap_timeout: target.gap_timeout,
+            kinds: Arc::new(Mutex::new(Kinds::new())),
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    fn kinds(&self) -> Kinds {
+        self.kinds.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Dialect for Mysql {
+    fn name(&self) -> &'static str {
+        "mysql"
+    }
+
+    fn default_schema(&self) -> &'static str {
+        self.database
+    }
+
+    fn describe_tables(
+        &self,
+        tables: Vec<(String, String)>,
+    ) -> BoxFuture<'static, Result<Vec<TableInfo>>> {
+        let kinds = self.kinds.clone();
+        self.control.run(move |conn| {
+            Box::pin(async move {
+                let mut out = Vec::with_capacity(tables.len());
+                for (schema, table) in &tables {
+                    let (info, columns) = catalog::describe_table(conn, schema, table).await?;
+                    kinds
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((schema.clone(), table.clone()), columns);
+                    out.push(info);
+                }
+                Ok(out)
+            })
+        })
+    }
+
+    fn install(
+        &self,
+        watches: Vec<ResolvedWatch>,
+        options: InstallOptions,
+    ) -> BoxFuture<'static, Result<()>> {
+        let (database, kinds) = (self.database, self.kinds());
+        self.control.run(move |conn| {
+            Box::pin(
+                async move { catalog::install(conn, database, &watches, &kinds, options).await },
+            )
+        })
+    }
+
+    fn install_sql(&self, watches: &[ResolvedWatch]) -> String {
+        ddl::install_script(watches, self.database, &self.kinds())
+    }
+
+    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
+        let database = self.database;
+        self.control.run(move |conn| {
+            Box::pin(async move { catalog::uninstall(conn, database, &channels).await })
+        })
+    }
+
+    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>> {
+        let database = self.database;
+        self.control
+            .run(move |conn| Box::pin(async move { catalog::cleanup_all(conn, database).await }))
+    }
+
+    fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        Box::pin(listener::start(
+            self.opts.clone(),
+            self.database,
+            self.gap_timeout,
+            params,
+            self.wake.clone(),
+        ))
+    }
+
+    fn payload_limit(&self, _tier: Tier) -> Option<usize> {
+        None
+    }
+
+    fn notify(
+        &self,
+        channel: String,
+        _tier: Tier,
+        payload: String,
+    ) -> BoxFuture<'static, Result<()>> {
+        let (database, wake) = (self.database, self.wake.clone());
+        let appended = self.control.run(move |conn| {
+            Box::pin(async move { journal::append(conn, database, &channel, &payload).await })
+        });
+        Box::pin(async move {
+            appended.await?;
+            // Our own write: tell the listener now instead of waiting for its next poll.
+            wake.notify_one();
+            Ok(())
+        })
+    }
+
+    fn store_overflow(&self, channel: String, _payload: String) -> BoxFuture<'static, Result<i64>> {
+        Box::pin(async move {
+            Err(Error::InvalidPayload {
+                channel,
+                reason: "MySQL journal rows have no payload limit and no overflow table".into(),
+            })
+        })
+    }
+
+    fn overflow_store(&self) -> Arc<dyn OverflowStore> {
+        Arc::new(JournalStore {
+            control: self.control.clone(),
+            database: self.database,
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        self.control.close()
+    }
+}
+
+/// The decoder's view of MySQL: payloads are never references (no size limit), and the
+/// periodic purge trims the journal.
+struct JournalStore {
+    control: Arc<Control>,
+    database: &'static str,
+}
+
+impl OverflowStore for JournalStore {
+    fn fetch(&self, _reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
+        let database = self.database;
+        self.control.run(move |conn| {
+            Box::pin(async move { journal::purge(conn, database, retention).await })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = parse_url("mysql://root@127.0.0.1:3306/app").unwrap();
+        assert_eq!(t.database, "app");
+        assert_eq!(t.gap_timeout, DEFAULT_GAP_TIMEOUT);
+        assert_eq!(t.opts.user(), Some("root"));
+        let t = parse_url(
+            "MariaDB://u:secret@localhost/db?sqlnotify_gap_timeout_ms=250&prefer_socket=false",
+        )
+        .unwrap();
+        assert_eq!(t.database, "db");
+        assert_eq!(t.gap_timeout, Duration::from_millis(250));
+        assert!(!t.opts.prefer_socket());
+        for bad in [
+            "mysql://root@127.0.0.1:3306",
+            "mysql://root@127.0.0.1:3306/",
+            "mysql://u:secret@host/db?sqlnotify_gap_timeout_ms=soon",
+            "mysql://u:secret@host/db?no_such_parameter=1",
+            "postgres://u@host/db",
+        ] {
+            let e = parse_url(bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidUrl { .. }), "{bad}: {e:?}");
+            assert!(!e.to_string().contains("secret"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn database_names_are_interned_once() {
+        let a = intern("sqlnotify_intern_test");
+        let b = intern(&String::from("sqlnotify_intern_test"));
+        assert!(std::ptr::eq(a, b));
+    }
+}
