@@ -17,7 +17,7 @@ use crate::payload::META_KEY;
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// Schema assumed for a table named without one, before the dialect fills in its own default
-/// (`public` on PostgreSQL, `main` on SQLite).
+/// (`public` on PostgreSQL, `main` on SQLite, the URL's database on MySQL).
 const DEFAULT_SCHEMA: &str = "public";
 
 /// One table + operation to watch, with the columns its events carry.
@@ -46,8 +46,8 @@ pub struct Watch {
     pub(crate) tier: Tier,
 }
 
-/// How a watch's events travel from the trigger to the listener (PostgreSQL; SQLite always
-/// uses its journal).
+/// How a watch's events travel from the trigger to the listener (PostgreSQL; SQLite and MySQL
+/// always use their journal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Tier {
     /// The trigger sends the row with `pg_notify`. Lowest latency; at most once — events
@@ -67,10 +67,11 @@ pub enum Tier {
 }
 
 impl Watch {
-    /// Watches `operation` on `table`. `table` may be schema-qualified (`"shop.orders"`); without
-    /// a schema it is looked up in the database's default schema (`public` on PostgreSQL,
-    /// `main` on SQLite). Names are used exactly as given (case-sensitive, no
-    /// quoting needed): `Watch::new("CamelCase", …)` watches the table created as `"CamelCase"`.
+    /// Watches `operation` on `table`. `table` may be schema-qualified (`"shop.orders"`);
+    /// without a schema it is looked up in the database's default schema (`public` on
+    /// PostgreSQL, `main` on SQLite, the URL's database on MySQL). Names are used exactly as
+    /// given (case-sensitive, no quoting needed): `Watch::new("CamelCase", …)` watches the
+    /// table created as `"CamelCase"`.
     pub fn new(table: impl Into<String>, operation: Operation) -> Self {
         let table = table.into();
         let (schema, table) = match table.split_once('.') {
@@ -144,7 +145,7 @@ impl Watch {
     }
 
     /// How events travel (PostgreSQL): [`Tier::Notify`] (default), [`Tier::Durable`] or
-    /// [`Tier::Poll`]. Ignored on SQLite, which always journals.
+    /// [`Tier::Poll`]. Ignored on SQLite and MySQL, which always journal.
     pub fn tier(mut self, tier: Tier) -> Self {
         self.tier = tier;
         self
