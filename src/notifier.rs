@@ -122,9 +122,10 @@ impl NotifierBuilder {
     }
 
     /// How long delivered data is kept in the database: overflow rows (PostgreSQL), so every
-    /// listening process can resolve them, and journal rows (journal tiers, SQLite, MySQL), so every listener can
-    /// read them. Older rows are deleted in small batches; a journal row a named consumer has
-    /// not read yet is kept while that consumer was active within this window. Default: 1 hour.
+    /// listening process can resolve them, and journal rows (journal tiers, SQLite, MySQL), so
+    /// every listener can read them. Older rows are deleted in small batches; a journal row a
+    /// named consumer has not read yet is kept while that consumer was active within this
+    /// window. Default: 1 hour.
     pub fn retention(mut self, keep: Duration) -> Self {
         self.retention.keep = keep;
         self
@@ -136,9 +137,9 @@ impl NotifierBuilder {
         self
     }
 
-    /// Names this notifier as a durable consumer (journal tiers on PostgreSQL, SQLite, MySQL). Its read
-    /// position is saved in the database, so a restarted process resumes where the previous
-    /// one stopped instead of starting from "now". Delivery is then at least once: events
+    /// Names this notifier as a durable consumer (journal tiers on PostgreSQL, SQLite, MySQL).
+    /// Its read position is saved in the database, so a restarted process resumes where the
+    /// previous one stopped instead of starting from "now". Delivery is then at least once: events
     /// routed but not yet saved when a process dies are delivered again.
     ///
     /// A named consumer replays nothing until its first subscription exists; register the
