@@ -87,6 +87,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backoff;
+pub mod bench_support;
 pub mod blocking;
 mod decoder;
 mod dialect;

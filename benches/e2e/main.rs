@@ -1,0 +1,1101 @@
+//! End-to-end benchmark: latency, throughput and writer cost on a real PostgreSQL and a real
+//! SQLite file, against baselines taken in the same run.
+//!
+//! Writers are separate processes (this binary re-executed in writer mode, see `writer.rs`);
+//! each row carries the writer's wall-clock send time, and the subscriber — in this process —
+//! records when it arrives. Baselines: a raw tokio-postgres LISTEN loop behind a minimal
+//! `pg_notify` trigger (latency, throughput), and a table with no trigger at all (writer cost).
+//!
+//! PostgreSQL: `SQLNOTIFY_TEST_PG_URL`, else `postgres://postgres@127.0.0.1:5432/postgres`; a
+//! database of its own is created and dropped. SQLite: files in a temporary directory.
+//!
+//! Run: `scripts/bench [--quick]`, or `cargo bench --bench e2e -- [--quick] [--only=latency,…]`
+//! (sections: `latency`, `throughput`, `cost`, `idle`, with finer names such as
+//! `latency-200` or `throughput-1w-100r-small`).
+
+#[path = "../common/mod.rs"]
+mod common;
+mod recorder;
+mod writer;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlnotify::{Notifier, Operation, Subscription, Tier, Watch};
+use tokio_postgres::{Client, NoTls};
+
+use common::{count, ms, percentile, ratio, Args, Table};
+use recorder::{raw_trigger_sql, RawListener, Shared};
+use writer::{Report, Spec, Target, Writers};
+
+fn main() {
+    if let Ok(spec) = std::env::var(writer::WRITER_ENV) {
+        writer::child_main(&spec);
+        return;
+    }
+    let args = Args::parse();
+    if !common::refuse_unless_bench(&args, "e2e") {
+        return;
+    }
+    let _ = env_logger::builder().is_test(false).try_init();
+    actix::System::new().block_on(run(args));
+}
+
+/// Payload sizes: "small" and "~4 KB".
+const SMALL: usize = 16;
+const LARGE: usize = 4000;
+
+/// What listens, and how the table is set up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum System {
+    /// PostgreSQL, no trigger (writer-cost baseline).
+    NoTrigger,
+    /// PostgreSQL, a minimal `pg_notify` row trigger and a raw LISTEN loop.
+    Raw,
+    /// PostgreSQL, a sqlnotify notifier with one watch of this tier.
+    Tier(Tier),
+    /// PostgreSQL, the raw trigger with nobody LISTENing (trigger cost without a listener
+    /// competing for the CPU; writer cost only).
+    RawUnheard,
+    /// PostgreSQL, a prototype statement-level trigger journaling each row through a
+    /// transition table, then one NOTIFY (not in sqlnotify: writer cost only).
+    StatementJournal,
+    /// PostgreSQL, a prototype statement-level trigger writing one journal row per statement
+    /// (`json_agg` of the transition table), then one NOTIFY (writer cost only).
+    StatementBatch,
+    /// PostgreSQL, a prototype statement-level trigger writing one journal row per statement
+    /// holding the transition table as an array of the table's row type — no JSON on the
+    /// writer's side; a reader would format it (writer cost only).
+    StatementRows,
+    /// PostgreSQL, a statement-level trigger that only sends one empty NOTIFY: the floor of
+    /// any trigger-based capture (captures nothing; writer cost only).
+    StatementWake,
+    /// SQLite, no trigger (writer-cost baseline; WAL mode like sqlnotify sets it).
+    SqliteNoTrigger,
+    /// SQLite, a sqlnotify notifier.
+    Sqlite,
+}
+
+impl System {
+    fn label(self) -> &'static str {
+        match self {
+            System::NoTrigger => "no trigger",
+            System::Raw => "raw pg_notify trigger + LISTEN loop",
+            System::Tier(Tier::Notify) => "notify tier",
+            System::Tier(Tier::Durable) => "durable tier",
+            System::Tier(Tier::Poll) => "poll tier",
+            System::RawUnheard => "raw pg_notify trigger, nobody listening",
+            System::StatementJournal => {
+                "prototype: statement-level trigger, one journal row per row + one NOTIFY"
+            }
+            System::StatementBatch => {
+                "prototype: statement-level trigger, one journal row per statement (json_agg) + one NOTIFY"
+            }
+            System::StatementRows => {
+                "prototype: statement-level trigger, one journal row per statement (array of rows, no JSON) + one NOTIFY"
+            }
+            System::StatementWake => {
+                "floor: statement-level trigger sending one empty NOTIFY, capturing nothing"
+            }
+            System::SqliteNoTrigger => "SQLite, no trigger",
+            System::Sqlite => "SQLite",
+        }
+    }
+
+    fn sqlite(self) -> bool {
+        matches!(self, System::Sqlite | System::SqliteNoTrigger)
+    }
+
+    /// Whether events are delivered to this process.
+    fn delivers(self) -> bool {
+        matches!(self, System::Raw | System::Tier(_) | System::Sqlite)
+    }
+}
+
+/// The write load of one run.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    writers: u32,
+    /// Transactions per second per writer; 0 = as fast as possible.
+    rate: u32,
+    txn_rows: u32,
+    payload_bytes: usize,
+    duration: Duration,
+    /// Writers commit without waiting for the disk (see `Spec::async_commit`).
+    async_commit: bool,
+}
+
+/// What one system measured: one run, or several rounds merged.
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    rounds: usize,
+    committed: u64,
+    errors: u64,
+    unique: u64,
+    duplicates: u64,
+    malformed: u64,
+    lost: u64,
+    /// Rows committed per second (median over rounds).
+    commit_rate: f64,
+    /// Events delivered per second, from the first commit to the last arrival (median).
+    delivered_rate: f64,
+    /// From the last commit to the last arrival (worst round).
+    lag_ms: f64,
+    /// Writer send → subscriber arrival, ms, sorted (every round).
+    latency: Vec<f64>,
+    /// Commit acknowledged to the writer → subscriber arrival, ms, sorted (paced runs only;
+    /// negative when the event arrived before the writer heard of its commit).
+    after_commit: Vec<f64>,
+    /// Writers' commit round trips, ms, sorted.
+    commit: Vec<f64>,
+}
+
+impl Outcome {
+    fn p(&self, q: f64) -> f64 {
+        percentile(&self.latency, q)
+    }
+
+    fn max(&self) -> f64 {
+        self.latency.last().copied().unwrap_or(f64::NAN)
+    }
+
+    fn commit_p(&self, q: f64) -> f64 {
+        percentile(&self.commit, q)
+    }
+
+    fn after_commit_p(&self, q: f64) -> f64 {
+        percentile(&self.after_commit, q)
+    }
+
+    /// Several rounds as one: counts and samples add up, rates are the median, lag the worst.
+    fn merge(runs: Vec<Outcome>) -> Outcome {
+        let median = |f: fn(&Outcome) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            percentile(&v, 50.0)
+        };
+        let sum = |f: fn(&Outcome) -> u64| runs.iter().map(f).sum::<u64>();
+        let samples = |f: fn(&Outcome) -> &Vec<f64>| {
+            let mut v: Vec<f64> = runs.iter().flat_map(|o| f(o).iter().copied()).collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        Outcome {
+            rounds: runs.iter().map(|o| o.rounds).sum(),
+            committed: sum(|o| o.committed),
+            errors: sum(|o| o.errors),
+            unique: sum(|o| o.unique),
+            duplicates: sum(|o| o.duplicates),
+            malformed: sum(|o| o.malformed),
+            lost: sum(|o| o.lost),
+            commit_rate: median(|o| o.commit_rate),
+            delivered_rate: median(|o| o.delivered_rate),
+            lag_ms: runs.iter().map(|o| o.lag_ms).fold(0.0, f64::max),
+            latency: samples(|o| &o.latency),
+            after_commit: samples(|o| &o.after_commit),
+            commit: samples(|o| &o.commit),
+        }
+    }
+}
+
+struct Ctx {
+    args: Args,
+    url: String,
+    tmp: PathBuf,
+    next: Cell<u32>,
+}
+
+impl Ctx {
+    fn id(&self) -> u32 {
+        let n = self.next.get();
+        self.next.set(n + 1);
+        n
+    }
+
+    /// How long to wait for stragglers once nothing arrives any more, and at most.
+    fn waits(&self) -> (Duration, Duration) {
+        if self.args.quick {
+            (Duration::from_secs(3), Duration::from_secs(60))
+        } else {
+            (Duration::from_secs(5), Duration::from_secs(180))
+        }
+    }
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e} (set SQLNOTIFY_TEST_PG_URL)"));
+    actix_rt::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// `url` with its database replaced by `dbname` (URL or key=value form).
+fn with_dbname(url: &str, dbname: &str) -> String {
+    if url.contains("://") {
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (url, None),
+        };
+        let after_scheme = base.find("://").map_or(0, |i| i + 3);
+        let base = match base[after_scheme..].find('/') {
+            Some(slash) => &base[..after_scheme + slash],
+            None => base,
+        };
+        match query {
+            Some(q) => format!("{base}/{dbname}?{q}"),
+            None => format!("{base}/{dbname}"),
+        }
+    } else {
+        format!("{url} dbname={dbname}")
+    }
+}
+
+/// Today's date (UTC), `YYYY-MM-DD`.
+fn today() -> String {
+    let days = writer::now_us() / 86_400_000_000;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+async fn run(args: Args) {
+    let admin_url = std::env::var("SQLNOTIFY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let admin = connect(&admin_url).await;
+    remove_leftovers(&admin).await;
+    let db_name = format!("sqlnotify_bench_{}", std::process::id());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db_name} TEMPLATE template0"))
+        .await
+        .expect("create the benchmark database");
+    let url = with_dbname(&admin_url, &db_name);
+    let pg_version: String = admin
+        .query_one("SHOW server_version", &[])
+        .await
+        .expect("server version")
+        .get(0);
+    let settings: Vec<String> = {
+        let mut out = Vec::new();
+        for name in ["synchronous_commit", "shared_buffers", "max_wal_size"] {
+            let row = admin
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .expect("setting");
+            out.push(format!("{name}={}", row.get::<_, String>(0)));
+        }
+        out
+    };
+    let tmp = std::env::temp_dir().join(format!("sqlnotify-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("temp dir");
+    let sqlite_sync: i64 = {
+        let conn = rusqlite::Connection::open(tmp.join("probe.db")).expect("sqlite");
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("pragma")
+    };
+    let time = args.run_time();
+    println!("# sqlnotify end-to-end benchmark");
+    println!("date: {} (UTC)", today());
+    println!("machine: {}", common::machine());
+    println!(
+        "PostgreSQL {pg_version} ({}), loopback TCP; SQLite {} (bundled, WAL, synchronous={sqlite_sync}), file in {}",
+        settings.join(", "),
+        rusqlite::version(),
+        std::env::temp_dir().display()
+    );
+    println!(
+        "mode: {} — {} s per system and scenario{}; writers are separate processes",
+        if args.quick { "--quick" } else { "full" },
+        time.as_secs(),
+        if args.quick {
+            ""
+        } else {
+            ", in 5 interleaved rounds (rates: median round; lag: worst round; latency and losses: all rounds)"
+        }
+    );
+    println!(
+        "latency: subscriber arrival − writer send time (includes the commit; `after the commit ack` starts when the writer got its commit back); \
+         throughput: writers commit with synchronous_commit=off / SQLite synchronous=OFF (CPU-bound, not bound by this disk's flush time); \
+         writer cost: both settings; listeners run in this process"
+    );
+    let ctx = Ctx {
+        args: args.clone(),
+        url,
+        tmp: tmp.clone(),
+        next: Cell::new(0),
+    };
+    let mut table = Table::new(&[
+        "scenario",
+        "metric",
+        "baseline",
+        "sqlnotify",
+        "ratio",
+        "details",
+    ]);
+    latency(&ctx, &mut table).await;
+    throughput(&ctx, &mut table).await;
+    cost(&ctx, &mut table).await;
+    idle(&ctx, &mut table).await;
+    println!();
+    print!("{}", table.render());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+        .await
+        .expect("drop the benchmark database");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Drops the databases and temporary directories of earlier runs that were killed before they
+/// could clean up (their process is gone).
+async fn remove_leftovers(admin: &Client) {
+    let gone = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let rows = admin
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'sqlnotify\\_bench\\_%'",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    for row in rows {
+        let name: String = row.get(0);
+        if gone(&name, "sqlnotify_bench_") {
+            eprintln!("dropping {name}, left over by a killed run");
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if gone(&name, "sqlnotify-bench-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// A running listener of some kind.
+enum Running {
+    Nothing,
+    Raw(RawListener),
+    Notifier(Notifier),
+}
+
+impl Running {
+    async fn stop(self) {
+        match self {
+            Running::Nothing => {}
+            Running::Raw(raw) => raw.stop().await,
+            Running::Notifier(n) => n.stop().await.expect("stop the notifier"),
+        }
+    }
+}
+
+/// The table every run writes to.
+fn create_table_sql(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, sent_us bigint NOT NULL, payload text NOT NULL)"
+    )
+}
+
+/// The statement-level prototypes (see [`System`]): a journal like sqlnotify's (same
+/// columns and indexes) filled from the transition table, and one NOTIFY per statement.
+fn prototype_sql(system: System, table: &str) -> String {
+    let row_json = "json_build_object('id', n.id, 'sent_us', n.sent_us, 'payload', n.payload)";
+    let capture = match system {
+        System::StatementJournal => format!(
+            "INSERT INTO {table}_journal (channel, payload)
+               SELECT '{table}', {row_json}::text FROM new_rows n;"
+        ),
+        System::StatementBatch => format!(
+            "INSERT INTO {table}_journal (channel, payload)
+               SELECT '{table}', json_agg({row_json})::text FROM new_rows n;"
+        ),
+        System::StatementRows => format!(
+            "INSERT INTO {table}_journal (channel, payload, rows)
+               SELECT '{table}', '', array_agg(n::{table}) FROM new_rows n;"
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "CREATE TABLE {table}_journal (
+           id bigserial PRIMARY KEY,
+           xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+           channel text NOT NULL,
+           payload text NOT NULL,
+           rows {table}[],
+           created_at timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX ON {table}_journal (xid);
+         CREATE INDEX ON {table}_journal (created_at);
+         CREATE FUNCTION {table}_stmt() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           {capture}
+           PERFORM pg_notify('{table}_stmt', '');
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER {table}_stmt AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows
+           FOR EACH STATEMENT EXECUTE FUNCTION {table}_stmt();"
+    )
+}
+
+fn watch(table: &str, tier: Tier) -> Watch {
+    Watch::new(table, Operation::Insert)
+        .extra_columns(["sent_us", "payload"])
+        .tier(tier)
+}
+
+/// Subscribes the recorder to the table's inserts.
+async fn subscribe(notifier: &Notifier, table: &str, shared: &Shared) {
+    let shared = shared.clone();
+    notifier
+        .subscribe_fn(Subscription::new(table, Operation::Insert), move |event| {
+            shared.record(
+                event.id().as_i64(),
+                event.get("sent_us").and_then(Value::as_i64),
+            );
+        })
+        .await
+        .expect("subscribe");
+}
+
+/// Sets up `system`, runs the writers, waits for delivery, tears down.
+async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
+    let n = ctx.id();
+    let table = format!("bench_{n}");
+    let shared = Shared::default();
+    let (target, running, sqlite_dir) = if system.sqlite() {
+        let dir = ctx.tmp.join(format!("run{n}"));
+        std::fs::create_dir_all(&dir).expect("sqlite dir");
+        let path = dir.join("app.db");
+        {
+            let conn = rusqlite::Connection::open(&path).expect("create the SQLite file");
+            conn.execute_batch(&create_table_sql(&table))
+                .expect("create table");
+            // sqlnotify switches the file to WAL; the baseline gets the same.
+            conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+                .expect("WAL");
+        }
+        let running = if system == System::Sqlite {
+            let notifier = Notifier::builder(format!("sqlite://{}", path.display()))
+                .watch(watch(&table, Tier::Notify))
+                .start()
+                .await
+                .expect("start the SQLite notifier");
+            subscribe(&notifier, &table, &shared).await;
+            Running::Notifier(notifier)
+        } else {
+            Running::Nothing
+        };
+        (
+            Target::Sqlite(path.display().to_string()),
+            running,
+            Some(dir),
+        )
+    } else {
+        let client = connect(&ctx.url).await;
+        client
+            .batch_execute(&create_table_sql(&table))
+            .await
+            .expect("create table");
+        let running = match system {
+            System::Raw => {
+                let channel = format!("{table}_raw");
+                client
+                    .batch_execute(&raw_trigger_sql(&table, &channel))
+                    .await
+                    .expect("raw trigger");
+                Running::Raw(RawListener::start(&ctx.url, &channel, shared.clone()).await)
+            }
+            System::Tier(tier) => {
+                let notifier = Notifier::builder(&ctx.url)
+                    .watch(watch(&table, tier))
+                    .cleanup_on_stop(true)
+                    .start()
+                    .await
+                    .expect("start the notifier");
+                subscribe(&notifier, &table, &shared).await;
+                Running::Notifier(notifier)
+            }
+            System::RawUnheard => {
+                client
+                    .batch_execute(&raw_trigger_sql(&table, &format!("{table}_raw")))
+                    .await
+                    .expect("raw trigger");
+                Running::Nothing
+            }
+            System::StatementJournal
+            | System::StatementBatch
+            | System::StatementRows
+            | System::StatementWake => {
+                client
+                    .batch_execute(&prototype_sql(system, &table))
+                    .await
+                    .expect("prototype trigger");
+                Running::Nothing
+            }
+            _ => Running::Nothing,
+        };
+        (Target::Postgres(ctx.url.clone()), running, None)
+    };
+    let specs: Vec<Spec> = (0..load.writers)
+        .map(|w| Spec {
+            target: target.clone(),
+            table: table.clone(),
+            rate: load.rate,
+            duration_ms: load.duration.as_millis() as u64,
+            txn_rows: load.txn_rows,
+            payload_bytes: load.payload_bytes,
+            writer: w,
+            async_commit: load.async_commit,
+        })
+        .collect();
+    let mut writers = Writers::start(&specs).await;
+    writers.go();
+    let reports = writers.finish().await;
+    let committed: u64 = reports.iter().map(|r| r.committed).sum();
+    if system.delivers() {
+        let (idle, cap) = ctx.waits();
+        shared.wait_for(committed, idle, cap).await;
+    }
+    running.stop().await;
+    match sqlite_dir {
+        Some(dir) => {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        None => {
+            let client = connect(&ctx.url).await;
+            client
+                .batch_execute(&format!(
+                    "DROP TABLE {table} CASCADE; DROP TABLE IF EXISTS {table}_journal;
+                     DO $$ BEGIN
+                       IF to_regclass('sqlnotify.journal') IS NOT NULL THEN
+                         TRUNCATE sqlnotify.journal, sqlnotify.overflow;
+                       END IF;
+                     END $$;"
+                ))
+                .await
+                .expect("drop table");
+        }
+    }
+    outcome(&reports, &shared, system.delivers())
+}
+
+fn outcome(reports: &[Report], shared: &Shared, delivers: bool) -> Outcome {
+    let committed: u64 = reports.iter().map(|r| r.committed).sum();
+    let start = reports.iter().map(|r| r.start_us).min().unwrap_or(0);
+    let end = reports.iter().map(|r| r.end_us).max().unwrap_or(0);
+    let secs = |us: i64| (us as f64 / 1e6).max(1e-6);
+    let mut out = Outcome {
+        rounds: 1,
+        committed,
+        errors: reports.iter().map(|r| r.errors).sum(),
+        commit_rate: committed as f64 / secs(end - start),
+        commit: reports
+            .iter()
+            .flat_map(|r| r.commit_us.iter().map(|&us| f64::from(us) / 1e3))
+            .collect(),
+        ..Outcome::default()
+    };
+    out.commit.sort_by(f64::total_cmp);
+    if !delivers {
+        return out;
+    }
+    let rec = shared.recorder.borrow();
+    out.latency = rec.latency_us.iter().map(|&us| us as f64 / 1e3).collect();
+    out.latency.sort_by(f64::total_cmp);
+    let acks: HashMap<i64, i64> = reports
+        .iter()
+        .flat_map(|r| r.acks.iter().copied())
+        .collect();
+    if !acks.is_empty() {
+        out.after_commit = rec
+            .arrivals
+            .iter()
+            .filter_map(|(id, arrival)| acks.get(id).map(|ack| (arrival - ack) as f64 / 1e3))
+            .collect();
+        out.after_commit.sort_by(f64::total_cmp);
+    }
+    out.unique = rec.unique;
+    out.duplicates = rec.duplicates;
+    out.malformed = rec.malformed;
+    out.lost = committed.saturating_sub(rec.unique);
+    out.delivered_rate = rec.unique as f64 / secs(rec.last_arrival_us - start);
+    out.lag_ms = (rec.last_arrival_us - end).max(0) as f64 / 1e3;
+    out
+}
+
+/// Runs every system in turn, in rounds — 5 rounds of a fifth of the run time each, one
+/// round with `--quick` — so that a machine getting busier or quieter meanwhile affects all
+/// systems alike. Returns one merged outcome per system, in order.
+async fn interleaved(ctx: &Ctx, systems: &[System], load: Load) -> Vec<Outcome> {
+    let rounds = if ctx.args.quick { 1 } else { 5 };
+    let load = Load {
+        duration: load.duration / rounds,
+        ..load
+    };
+    let mut all: Vec<Vec<Outcome>> = vec![Vec::new(); systems.len()];
+    for _ in 0..rounds {
+        for (i, &system) in systems.iter().enumerate() {
+            all[i].push(measure(ctx, system, load).await);
+        }
+    }
+    all.into_iter().map(Outcome::merge).collect()
+}
+
+/// "lost 0 dup 0 of 2,000"
+fn losses(o: &Outcome) -> String {
+    let mut s = format!(
+        "lost {} dup {} of {}",
+        count(o.lost as f64),
+        count(o.duplicates as f64),
+        count(o.committed as f64)
+    );
+    if o.malformed > 0 {
+        s.push_str(&format!(", {} malformed", o.malformed));
+    }
+    if o.errors > 0 {
+        s.push_str(&format!(", {} failed txns", o.errors));
+    }
+    s
+}
+
+/// The systems compared in the latency and throughput sections; the first is the baseline.
+const DELIVERING: [System; 5] = [
+    System::Raw,
+    System::Tier(Tier::Notify),
+    System::Tier(Tier::Durable),
+    System::Tier(Tier::Poll),
+    System::Sqlite,
+];
+
+async fn latency(ctx: &Ctx, table: &mut Table) {
+    for rate in [200, 1000] {
+        if !ctx.args.wants(&format!("latency-{rate}")) {
+            continue;
+        }
+        eprintln!("latency at {rate} rows/s …");
+        let load = Load {
+            writers: 1,
+            rate,
+            txn_rows: 1,
+            payload_bytes: SMALL,
+            duration: ctx.args.run_time(),
+            async_commit: false,
+        };
+        let mut outcomes = interleaved(ctx, &DELIVERING, load).await.into_iter();
+        let raw = outcomes.next().expect("raw");
+        eprintln!(
+            "  raw baseline: p50 {} p95 {} p99 {} max {} ms; after commit p50 {} p99 {}; commit p50 {} p99 {} ms; {}",
+            ms(raw.p(50.0)),
+            ms(raw.p(95.0)),
+            ms(raw.p(99.0)),
+            ms(raw.max()),
+            ms(raw.after_commit_p(50.0)),
+            ms(raw.after_commit_p(99.0)),
+            ms(raw.commit_p(50.0)),
+            ms(raw.commit_p(99.0)),
+            losses(&raw)
+        );
+        for (system, o) in DELIVERING[1..].iter().zip(outcomes) {
+            let base = (*system != System::Sqlite).then_some(&raw);
+            let pair = |o: &Outcome| format!("{} / {}", ms(o.p(50.0)), ms(o.p(99.0)));
+            let details = match base {
+                Some(b) => format!(
+                    "p95 {} (raw {}) · max {} (raw {}) · after the commit ack p50/p99 {}/{} (raw {}/{}) · commit p50/p99 {}/{} (raw {}/{}) · {} (raw: {})",
+                    ms(o.p(95.0)),
+                    ms(b.p(95.0)),
+                    ms(o.max()),
+                    ms(b.max()),
+                    ms(o.after_commit_p(50.0)),
+                    ms(o.after_commit_p(99.0)),
+                    ms(b.after_commit_p(50.0)),
+                    ms(b.after_commit_p(99.0)),
+                    ms(o.commit_p(50.0)),
+                    ms(o.commit_p(99.0)),
+                    ms(b.commit_p(50.0)),
+                    ms(b.commit_p(99.0)),
+                    losses(&o),
+                    losses(b)
+                ),
+                None => format!(
+                    "p95 {} · max {} · after the commit ack p50/p99 {}/{} · commit p50/p99 {}/{} · {}",
+                    ms(o.p(95.0)),
+                    ms(o.max()),
+                    ms(o.after_commit_p(50.0)),
+                    ms(o.after_commit_p(99.0)),
+                    ms(o.commit_p(50.0)),
+                    ms(o.commit_p(99.0)),
+                    losses(&o)
+                ),
+            };
+            table.row(vec![
+                format!("latency {rate} rows/s · {}", system.label()),
+                "p50 / p99 ms".into(),
+                base.map_or("—".into(), pair),
+                pair(&o),
+                base.map_or("—".into(), |b| {
+                    format!(
+                        "{} / {}",
+                        ratio(o.p(50.0), b.p(50.0)),
+                        ratio(o.p(99.0), b.p(99.0))
+                    )
+                }),
+                details,
+            ]);
+        }
+    }
+}
+
+/// One throughput configuration.
+struct Shape {
+    writers: u32,
+    txn_rows: u32,
+    payload_bytes: usize,
+}
+
+impl Shape {
+    fn name(&self) -> String {
+        format!(
+            "{}w-{}r-{}",
+            self.writers,
+            self.txn_rows,
+            if self.payload_bytes >= LARGE {
+                "4kb"
+            } else {
+                "small"
+            }
+        )
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} writer{} × {}-row txns, {} payload",
+            self.writers,
+            if self.writers > 1 { "s" } else { "" },
+            self.txn_rows,
+            if self.payload_bytes >= LARGE {
+                "4 KB"
+            } else {
+                "16 B"
+            }
+        )
+    }
+}
+
+async fn throughput(ctx: &Ctx, table: &mut Table) {
+    let shape = |writers, txn_rows, payload_bytes| Shape {
+        writers,
+        txn_rows,
+        payload_bytes,
+    };
+    let shapes = if ctx.args.quick {
+        vec![
+            shape(1, 100, SMALL),
+            shape(4, 1, SMALL),
+            shape(1, 100, LARGE),
+        ]
+    } else {
+        let mut all = Vec::new();
+        for writers in [1, 4] {
+            for txn_rows in [1, 100] {
+                for payload in [SMALL, LARGE] {
+                    all.push(shape(writers, txn_rows, payload));
+                }
+            }
+        }
+        all
+    };
+    for s in shapes {
+        if !ctx.args.wants(&format!("throughput-{}", s.name())) {
+            continue;
+        }
+        eprintln!("throughput {} …", s.describe());
+        let load = Load {
+            writers: s.writers,
+            rate: 0,
+            txn_rows: s.txn_rows,
+            payload_bytes: s.payload_bytes,
+            duration: ctx.args.run_time(),
+            async_commit: true,
+        };
+        let mut outcomes = interleaved(ctx, &DELIVERING, load).await.into_iter();
+        let raw = outcomes.next().expect("raw");
+        eprintln!(
+            "  raw baseline: committed {} rows/s, delivered {} ev/s, lag {} ms, {}",
+            count(raw.commit_rate),
+            count(raw.delivered_rate),
+            ms(raw.lag_ms),
+            losses(&raw)
+        );
+        for (system, o) in DELIVERING[1..].iter().zip(outcomes) {
+            let base = (*system != System::Sqlite).then_some(&raw);
+            table.row(vec![
+                format!("throughput {} · {}", s.describe(), system.label()),
+                "delivered ev/s".into(),
+                base.map_or("—".into(), |b| count(b.delivered_rate)),
+                count(o.delivered_rate),
+                base.map_or("—".into(), |b| ratio(o.delivered_rate, b.delivered_rate)),
+                match base {
+                    Some(b) => format!(
+                        "committed {} rows/s (raw {}) · lag {} ms (raw {}) · p50/p99 {}/{} ms (raw {}/{}) · {} (raw: {})",
+                        count(o.commit_rate),
+                        count(b.commit_rate),
+                        ms(o.lag_ms),
+                        ms(b.lag_ms),
+                        ms(o.p(50.0)),
+                        ms(o.p(99.0)),
+                        ms(b.p(50.0)),
+                        ms(b.p(99.0)),
+                        losses(&o),
+                        losses(b)
+                    ),
+                    None => format!(
+                        "committed {} rows/s · lag {} ms · p50/p99 {}/{} ms · {}",
+                        count(o.commit_rate),
+                        ms(o.lag_ms),
+                        ms(o.p(50.0)),
+                        ms(o.p(99.0)),
+                        losses(&o)
+                    ),
+                },
+            ]);
+        }
+    }
+}
+
+async fn cost(ctx: &Ctx, table: &mut Table) {
+    for async_commit in [false, true] {
+        let name = if async_commit {
+            "cost-async"
+        } else {
+            "cost-sync"
+        };
+        if ctx.args.wants(name) {
+            cost_with(ctx, table, async_commit).await;
+        }
+    }
+}
+
+async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
+    let commit = if async_commit {
+        "synchronous_commit=off"
+    } else {
+        "synchronous_commit=on"
+    };
+    eprintln!("writer cost, {commit} …");
+    let load = Load {
+        writers: 1,
+        rate: 0,
+        txn_rows: 100,
+        payload_bytes: SMALL,
+        // Commit rates settle within a second: --quick spends one per system here.
+        duration: if ctx.args.quick {
+            Duration::from_secs(1)
+        } else {
+            ctx.args.run_time()
+        },
+        async_commit,
+    };
+    let what = format!("writer cost, 1 writer × 100-row txns, 16 B, {commit}");
+    let systems = [
+        System::NoTrigger,
+        System::Raw,
+        System::RawUnheard,
+        System::Tier(Tier::Notify),
+        System::Tier(Tier::Durable),
+        System::Tier(Tier::Poll),
+        System::StatementJournal,
+        System::StatementBatch,
+        System::StatementRows,
+        System::StatementWake,
+    ];
+    let mut outcomes: Vec<(System, Outcome)> = systems
+        .iter()
+        .copied()
+        .zip(interleaved(ctx, &systems, load).await)
+        .collect();
+    let none = outcomes.remove(0).1;
+    let raw = outcomes[0].1.clone();
+    for (system, o) in outcomes {
+        let mut details = format!(
+            "loses {:.0}% of the no-trigger rate",
+            (1.0 - o.commit_rate / none.commit_rate) * 100.0
+        );
+        if system != System::Raw {
+            details.push_str(&format!(
+                " · vs raw trigger {}",
+                ratio(o.commit_rate, raw.commit_rate)
+            ));
+        }
+        details.push_str(&format!(" · commit p50 {} ms", ms(o.commit_p(50.0))));
+        if system.delivers() {
+            details.push_str(&format!(" · listener running; {}", losses(&o)));
+        } else {
+            details.push_str(" · nobody listening");
+        }
+        table.row(vec![
+            format!("{what} · {}", system.label()),
+            "committed rows/s".into(),
+            format!("{} (no trigger)", count(none.commit_rate)),
+            count(o.commit_rate),
+            ratio(o.commit_rate, none.commit_rate),
+            details,
+        ]);
+    }
+    let mut sqlite = interleaved(ctx, &[System::SqliteNoTrigger, System::Sqlite], load).await;
+    let o = sqlite.pop().expect("sqlite");
+    let none = sqlite.pop().expect("no trigger");
+    let sqlite_commit = if async_commit {
+        "synchronous=OFF"
+    } else {
+        "synchronous=FULL"
+    };
+    table.row(vec![
+        format!("writer cost, 1 writer × 100-row txns, 16 B, {sqlite_commit} · SQLite"),
+        "committed rows/s".into(),
+        format!("{} (no trigger)", count(none.commit_rate)),
+        count(o.commit_rate),
+        ratio(o.commit_rate, none.commit_rate),
+        format!(
+            "loses {:.0}% of the no-trigger rate · listener running; {}",
+            (1.0 - o.commit_rate / none.commit_rate) * 100.0,
+            losses(&o)
+        ),
+    ]);
+}
+
+/// CPU used by this process over `window`, as a fraction of one core.
+async fn cpu_over(window: Duration) -> f64 {
+    let before = common::cpu_time();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(window).await; // the measuring window itself
+    (common::cpu_time() - before).as_secs_f64() / started.elapsed().as_secs_f64()
+}
+
+async fn idle(ctx: &Ctx, table: &mut Table) {
+    if !ctx.args.wants("idle") {
+        return;
+    }
+    eprintln!("idle listener CPU …");
+    let (window, settle) = if ctx.args.quick {
+        (Duration::from_secs(2), Duration::from_millis(500))
+    } else {
+        (Duration::from_secs(10), Duration::from_secs(1))
+    };
+    let nothing = cpu_over(window).await;
+    let mut raw = f64::NAN;
+    for system in [
+        System::Raw,
+        System::Tier(Tier::Notify),
+        System::Tier(Tier::Durable),
+        System::Tier(Tier::Poll),
+        System::Sqlite,
+    ] {
+        let n = ctx.id();
+        let table_name = format!("bench_{n}");
+        let shared = Shared::default();
+        let mut cleanup: Option<PathBuf> = None;
+        let running = if system == System::Sqlite {
+            let dir = ctx.tmp.join(format!("idle{n}"));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let path = dir.join("app.db");
+            rusqlite::Connection::open(&path)
+                .expect("sqlite")
+                .execute_batch(&create_table_sql(&table_name))
+                .expect("table");
+            cleanup = Some(dir);
+            let notifier = Notifier::builder(format!("sqlite://{}", path.display()))
+                .watch(watch(&table_name, Tier::Notify))
+                .start()
+                .await
+                .expect("start");
+            subscribe(&notifier, &table_name, &shared).await;
+            Running::Notifier(notifier)
+        } else {
+            let client = connect(&ctx.url).await;
+            client
+                .batch_execute(&create_table_sql(&table_name))
+                .await
+                .expect("table");
+            match system {
+                System::Raw => {
+                    let channel = format!("{table_name}_raw");
+                    client
+                        .batch_execute(&raw_trigger_sql(&table_name, &channel))
+                        .await
+                        .expect("raw trigger");
+                    Running::Raw(RawListener::start(&ctx.url, &channel, shared.clone()).await)
+                }
+                System::Tier(tier) => {
+                    let notifier = Notifier::builder(&ctx.url)
+                        .watch(watch(&table_name, tier))
+                        .cleanup_on_stop(true)
+                        .start()
+                        .await
+                        .expect("start");
+                    subscribe(&notifier, &table_name, &shared).await;
+                    Running::Notifier(notifier)
+                }
+                _ => unreachable!(),
+            }
+        };
+        // Let start-up work settle (the poll tier backs off to its idle interval).
+        cpu_over(settle).await;
+        let used = cpu_over(window).await;
+        running.stop().await;
+        match cleanup {
+            Some(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            None => connect(&ctx.url)
+                .await
+                .batch_execute(&format!("DROP TABLE {table_name} CASCADE"))
+                .await
+                .expect("drop"),
+        }
+        if system == System::Raw {
+            raw = used;
+            eprintln!(
+                "  idle: nothing listening {:.2}%, raw LISTEN loop {:.2}% of a core",
+                nothing * 100.0,
+                raw * 100.0
+            );
+            continue;
+        }
+        let baseline = if system == System::Sqlite {
+            format!("{:.2} (nothing listening)", nothing * 100.0)
+        } else {
+            format!("{:.2} (raw LISTEN loop)", raw * 100.0)
+        };
+        table.row(vec![
+            format!("idle listener · {}", system.label()),
+            "CPU, % of a core".into(),
+            baseline,
+            format!("{:.2}", used * 100.0),
+            "—".into(),
+            format!(
+                "this process over {} s, listener started, no writes (nothing listening: {:.2})",
+                window.as_secs(),
+                nothing * 100.0
+            ),
+        ]);
+    }
+}

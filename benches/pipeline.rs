@@ -1,0 +1,388 @@
+//! In-process pipeline benchmark: decoder + registry without a database.
+//!
+//! Notifications shaped like a sqlnotify trigger's payload are fed through
+//! `sqlnotify::bench_support::Pipeline`, which plays the listener's part (one unit of the
+//! in-flight budget per notification, waiting when the pipeline is full). Subscribers are
+//! closures (`subscribe_fn`) with a filter matching half of the events, or plain actors
+//! (`subscribe`). Everything runs on one thread (one actix arbiter), as in a notifier.
+//!
+//! The baseline does the least work the same job needs, on the same thread: parse each payload
+//! with serde_json and test each subscriber's filter, without actors.
+//!
+//! Scenarios: resident memory over 1,000,000 events (VmRSS before and after; must stay flat),
+//! events/s to 1, 10 and 100 filtered closure subscribers with the default in-flight budget
+//! (65,536), to 10 with a budget of 4,096, and to 10 plain actors (`subscribe`).
+//! Sections for `--only=`: `memory`, `memory-small-budget`, `throughput-1`, `throughput-10`,
+//! `throughput-100`, `small-budget-10`, `actors-10`.
+//!
+//! Run: `scripts/bench` or `cargo bench --bench pipeline [-- --quick]`.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::Value;
+use sqlnotify::bench_support::Pipeline;
+use sqlnotify::{ChangeEvent, Filter, Operation, RawNotification, Subscription, Watch};
+
+use common::{count, ratio, Args, Table};
+
+const CHANNEL: &str = "sqlnotify_public_users_insert";
+/// Notifications per batch (the PostgreSQL listener's largest batch).
+const BATCH: usize = 512;
+/// Distinct payloads cycled through.
+const POOL: usize = 4096;
+/// The notifier's default in-flight budget (`max_in_flight`).
+const BUDGET: usize = 65_536;
+/// A smaller budget, for comparison.
+const SMALL_BUDGET: usize = 4_096;
+/// Events sent before the memory scenario's first reading.
+const WARM_UP: usize = 300_000;
+
+fn main() {
+    let args = Args::parse();
+    if !common::refuse_unless_bench(&args, "pipeline") {
+        return;
+    }
+    actix::System::new().block_on(run(args));
+}
+
+fn watch() -> Watch {
+    Watch::new("users", Operation::Insert).extra_columns(["parity", "tenant", "email", "sent_us"])
+}
+
+/// Payloads as the notify-tier trigger writes them (`json_build_object(...)::text`).
+fn payloads() -> Vec<String> {
+    (0..POOL)
+        .map(|n| {
+            format!(
+                r#"{{"id" : {n}, "parity" : {}, "tenant" : {}, "email" : "user{n}@example.com", "sent_us" : 1732540000000000}}"#,
+                n % 2,
+                n % 100
+            )
+        })
+        .collect()
+}
+
+/// A batch of `BATCH` notifications starting at pool index `start`.
+fn batch(pool: &[String], start: usize) -> Vec<RawNotification> {
+    (0..BATCH)
+        .map(|i| RawNotification::new(CHANNEL, pool[(start + i) % pool.len()].clone()))
+        .collect()
+}
+
+async fn run(args: Args) {
+    let time = args.run_time();
+    println!("# sqlnotify in-process pipeline (decoder + registry, no database)");
+    println!("machine: {}", common::machine());
+    println!(
+        "mode: {} ({} s per scenario, baseline {} s); payload ~{} bytes; batches of {BATCH}; filters match half of the events",
+        if args.quick { "--quick" } else { "full" },
+        time.as_secs(),
+        time.as_secs_f64() / 2.0,
+        payloads()[1].len()
+    );
+    let mut table = Table::new(&["scenario", "baseline", "sqlnotify", "ratio", "details"]);
+    // Memory first, in a fresh process: nothing allocated by earlier scenarios hides growth.
+    // The smaller budget runs first so the default one's peak is its own.
+    for (name, budget) in [("memory-small-budget", SMALL_BUDGET), ("memory", BUDGET)] {
+        if !args.wants(name) {
+            continue;
+        }
+        let m = memory(budget).await;
+        table.row(vec![
+            format!(
+                "resident memory, 1,000,000 events to 10 filtered subscribers, max_in_flight {}",
+                count(budget as f64)
+            ),
+            format!("{} kB before", count(m.before_kb as f64)),
+            format!("{} kB after", count(m.after_kb as f64)),
+            ratio(m.after_kb as f64, m.before_kb as f64),
+            format!(
+                "VmRSS after a {}-event warm-up, then after 1,000,000 more (every 250,000 while flowing: {} kB); VmHWM {} kB; {} events/s; queued after flush {}",
+                count(WARM_UP as f64),
+                m.checkpoints
+                    .iter()
+                    .map(|kb| count(*kb as f64))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                count(m.peak_kb as f64),
+                count(m.events_per_s),
+                m.queued
+            ),
+        ]);
+    }
+    for subscribers in [1, 10, 100] {
+        if args.wants(&format!("throughput-{subscribers}")) {
+            let base = baseline(subscribers, time / 2);
+            let lib = pipeline(subscribers, Sink::Closure, BUDGET, time).await;
+            table.row(vec![
+                format!("events/s to {subscribers} filtered closure subscriber(s)"),
+                count(base.events_per_s),
+                count(lib.events_per_s),
+                ratio(lib.events_per_s, base.events_per_s),
+                format!(
+                    "{} deliveries/s; {} events in {:.1} s, CPU {:.0}% of a core ({} events per CPU-second; baseline {}); delivered {} of {} expected",
+                    count(lib.deliveries as f64 / lib.elapsed.as_secs_f64()),
+                    count(lib.events as f64),
+                    lib.elapsed.as_secs_f64(),
+                    lib.cpu * 100.0,
+                    count(lib.events_per_s / lib.cpu),
+                    count(base.events_per_s / base.cpu),
+                    count(lib.deliveries as f64),
+                    count(lib.expected as f64),
+                ),
+            ]);
+        }
+    }
+    if args.wants("small-budget-10") {
+        let base = baseline(10, time / 2);
+        let lib = pipeline(10, Sink::Closure, SMALL_BUDGET, time).await;
+        table.row(vec![
+            format!(
+                "events/s to 10 filtered closure subscribers, max_in_flight {}",
+                count(SMALL_BUDGET as f64)
+            ),
+            count(base.events_per_s),
+            count(lib.events_per_s),
+            ratio(lib.events_per_s, base.events_per_s),
+            format!(
+                "{} deliveries/s; CPU {:.0}% of a core ({} events per CPU-second; baseline {}); delivered {} of {} expected",
+                count(lib.deliveries as f64 / lib.elapsed.as_secs_f64()),
+                lib.cpu * 100.0,
+                count(lib.events_per_s / lib.cpu),
+                count(base.events_per_s / base.cpu),
+                count(lib.deliveries as f64),
+                count(lib.expected as f64),
+            ),
+        ]);
+    }
+    if args.wants("actors-10") {
+        let base = baseline(10, time / 2);
+        let lib = pipeline(10, Sink::Actor, BUDGET, time).await;
+        table.row(vec![
+            "events/s to 10 filtered actor subscribers (`subscribe`, default mailbox)".into(),
+            count(base.events_per_s),
+            count(lib.events_per_s),
+            ratio(lib.events_per_s, base.events_per_s),
+            format!(
+                "{} deliveries/s; CPU {:.0}% of a core; delivered {} of {} expected",
+                count(lib.deliveries as f64 / lib.elapsed.as_secs_f64()),
+                lib.cpu * 100.0,
+                count(lib.deliveries as f64),
+                count(lib.expected as f64),
+            ),
+        ]);
+    }
+    println!();
+    print!("{}", table.render());
+}
+
+struct Throughput {
+    events_per_s: f64,
+    events: u64,
+    deliveries: u64,
+    expected: u64,
+    elapsed: Duration,
+    /// CPU time used over wall time (1.0 = one core busy).
+    cpu: f64,
+}
+
+/// The least work: parse every payload and test every subscriber's filter, on this thread.
+fn baseline(subscribers: usize, time: Duration) -> Throughput {
+    let pool = payloads();
+    let wanted: Vec<Value> = (0..subscribers).map(|i| Value::from(i % 2)).collect();
+    let (mut events, mut deliveries, mut at) = (0u64, 0u64, 0usize);
+    let cpu = common::cpu_time();
+    let started = Instant::now();
+    while started.elapsed() < time {
+        for raw in batch(&pool, at) {
+            let value: Value = serde_json::from_str(&raw.payload).expect("valid JSON");
+            let parity = value.get("parity");
+            for w in &wanted {
+                if parity == Some(w) {
+                    deliveries += 1;
+                }
+            }
+            events += 1;
+        }
+        at += BATCH;
+    }
+    let elapsed = started.elapsed();
+    std::hint::black_box(deliveries);
+    Throughput {
+        events_per_s: events as f64 / elapsed.as_secs_f64(),
+        events,
+        deliveries,
+        expected: deliveries,
+        elapsed,
+        cpu: (common::cpu_time() - cpu).as_secs_f64() / elapsed.as_secs_f64(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Sink {
+    /// `subscribe_fn` closures.
+    Closure,
+    /// User actors through `subscribe(…, addr.recipient())`, default mailbox.
+    Actor,
+}
+
+/// Counts events (a user's actor).
+struct Counter(Rc<Cell<u64>>);
+
+impl Actor for Counter {
+    type Context = Context<Self>;
+}
+
+/// Answered once everything sent to the actor before it has been handled.
+struct Ping;
+
+impl Message for Ping {
+    type Result = ();
+}
+
+impl Handler<Ping> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
+}
+
+impl Handler<ChangeEvent> for Counter {
+    type Result = ();
+    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
+        std::hint::black_box(event.id());
+        self.0.set(self.0.get() + 1);
+    }
+}
+
+async fn subscribe_all(
+    pipeline: &Pipeline,
+    subscribers: usize,
+    sink: Sink,
+) -> (Rc<Cell<u64>>, Vec<Addr<Counter>>) {
+    let delivered = Rc::new(Cell::new(0u64));
+    let mut actors = Vec::new();
+    for i in 0..subscribers {
+        let subscription =
+            Subscription::new("users", Operation::Insert).filter(Filter::eq("parity", i % 2));
+        match sink {
+            Sink::Closure => {
+                let delivered = delivered.clone();
+                pipeline
+                    .subscribe_fn(subscription, move |event| {
+                        std::hint::black_box(event.id());
+                        delivered.set(delivered.get() + 1);
+                    })
+                    .await
+                    .expect("subscribe");
+            }
+            Sink::Actor => {
+                let actor = Counter(delivered.clone()).start();
+                pipeline
+                    .subscribe(subscription, actor.clone().recipient())
+                    .await
+                    .expect("subscribe");
+                actors.push(actor);
+            }
+        }
+    }
+    (delivered, actors)
+}
+
+/// Events per second through the pipeline for `time`, including the final flush.
+async fn pipeline(subscribers: usize, sink: Sink, budget: usize, time: Duration) -> Throughput {
+    let pool = payloads();
+    let pipeline = Pipeline::start(&[watch()], budget).expect("pipeline");
+    let (delivered, actors) = subscribe_all(&pipeline, subscribers, sink).await;
+    let per_pool_cycle: Vec<u64> = {
+        // Matching subscribers per event: subscribers with the event's parity.
+        let even = subscribers.div_ceil(2) as u64;
+        let odd = (subscribers / 2) as u64;
+        (0..POOL)
+            .map(|n| if n % 2 == 0 { even } else { odd })
+            .collect()
+    };
+    let (mut events, mut expected, mut at) = (0u64, 0u64, 0usize);
+    let cpu = common::cpu_time();
+    let started = Instant::now();
+    while started.elapsed() < time {
+        let b = batch(&pool, at);
+        for i in 0..BATCH {
+            expected += per_pool_cycle[(at + i) % POOL];
+        }
+        pipeline.send(b).await.expect("send");
+        events += BATCH as u64;
+        at += BATCH;
+    }
+    // Everything routed and handed over; closures have run. Actors may still hold their last
+    // events in their mailboxes: a message behind them answers once they are handled.
+    pipeline.flush().await;
+    futures_util::future::join_all(actors.iter().map(|a| a.send(Ping))).await;
+    let elapsed_all = started.elapsed();
+    let stats = pipeline.stats();
+    pipeline.stop().await;
+    assert_eq!(stats.malformed, 0);
+    Throughput {
+        events_per_s: events as f64 / elapsed_all.as_secs_f64(),
+        events,
+        deliveries: delivered.get(),
+        expected,
+        elapsed: elapsed_all,
+        cpu: (common::cpu_time() - cpu).as_secs_f64() / elapsed_all.as_secs_f64(),
+    }
+}
+
+struct Memory {
+    before_kb: u64,
+    after_kb: u64,
+    peak_kb: u64,
+    events_per_s: f64,
+    queued: u64,
+    /// VmRSS every 250,000 events (while they flow).
+    checkpoints: Vec<u64>,
+}
+
+/// VmRSS after a warm-up and after 1,000,000 events to 10 filtered subscribers.
+async fn memory(budget: usize) -> Memory {
+    let start_kb = common::proc_status_kb("VmRSS");
+    let pool = payloads();
+    let pipeline = Pipeline::start(&[watch()], budget).expect("pipeline");
+    let _subscribers = subscribe_all(&pipeline, 10, Sink::Closure).await;
+    // Long enough for the in-flight budget to fill up (its plateau) several times over.
+    let mut at = 0usize;
+    for _ in 0..(WARM_UP / BATCH) {
+        pipeline.send(batch(&pool, at)).await.expect("send");
+        at += BATCH;
+    }
+    pipeline.flush().await;
+    let before_kb = common::proc_status_kb("VmRSS");
+    eprintln!("  (VmRSS at start {start_kb} kB, after warm-up {before_kb} kB)");
+    let started = Instant::now();
+    let rounds = 1_000_000usize.div_ceil(BATCH);
+    let mut checkpoints = Vec::new();
+    for round in 1..=rounds {
+        pipeline.send(batch(&pool, at)).await.expect("send");
+        at += BATCH;
+        if round % (rounds / 4) == 0 {
+            checkpoints.push(common::proc_status_kb("VmRSS"));
+        }
+    }
+    pipeline.flush().await;
+    let events_per_s = (rounds * BATCH) as f64 / started.elapsed().as_secs_f64();
+    let after_kb = common::proc_status_kb("VmRSS");
+    let peak_kb = common::proc_status_kb("VmHWM");
+    let queued = pipeline.stats().queued;
+    pipeline.stop().await;
+    Memory {
+        before_kb,
+        after_kb,
+        peak_kb,
+        events_per_s,
+        queued,
+        checkpoints,
+    }
+}

@@ -1,0 +1,210 @@
+//! Benchmark support (hidden, unstable): the decoder + registry pipeline without a database.
+//!
+//! [`Pipeline::start`] builds the same actors a [`Notifier`](crate::Notifier) starts after its
+//! listener — decoder, registry, in-flight budget, counters — for a list of [`Watch`]es whose
+//! tables are described from the watches themselves (key columns from
+//! [`primary_keys`](Watch::primary_keys), default `id`; the extra columns). [`Pipeline::send`]
+//! then plays the listener's part exactly: it takes one unit of the in-flight budget per
+//! notification (waiting for room when the pipeline is full) before handing the batch to the
+//! decoder. Used by `benches/pipeline.rs`; not part of the supported API.
+#![doc(hidden)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::future::BoxFuture;
+use tokio::sync::Semaphore;
+
+use crate::decoder::{Decoder, RawBatch, Retention};
+use crate::dialect::OverflowStore;
+use crate::error::{Error, Result};
+use crate::event::{ChangeEvent, Channels, RawNotification};
+use crate::registry::{Registry, Shutdown, Subscribe};
+use crate::stats::{Counters, Stats};
+use crate::subscriber::{Flush, FnSubscriber, Sink};
+use crate::subscription::{Subscription, SubscriptionId};
+use crate::watch::{check_set, resolve, ColumnInfo, TableInfo, Watch};
+
+/// Schema assumed for watches named without one.
+const SCHEMA: &str = "public";
+
+/// A running decoder + registry pipeline fed by hand instead of by a listener.
+pub struct Pipeline {
+    decoder: Addr<Decoder>,
+    registry: Addr<Registry>,
+    budget: Arc<Semaphore>,
+    max_in_flight: usize,
+    stats: Arc<Counters>,
+}
+
+impl Pipeline {
+    /// Starts the actors for `watches` with an in-flight budget of `max_in_flight` events.
+    /// Must run inside an actix system. Fails like `start()` would on invalid watches.
+    pub fn start(watches: &[Watch], max_in_flight: usize) -> Result<Pipeline> {
+        let watches: Vec<Watch> = watches
+            .iter()
+            .map(|w| w.clone().or_schema(SCHEMA))
+            .collect();
+        for watch in &watches {
+            watch.precheck()?;
+        }
+        check_set(&watches)?;
+        let resolved = watches
+            .iter()
+            .map(|w| resolve(w, &describe(w)))
+            .collect::<Result<Vec<_>>>()?;
+        let channels = Arc::new(Channels::new(
+            resolved.into_iter().map(|w| w.channel),
+            SCHEMA,
+        ));
+        let stats = Arc::new(Counters::default());
+        let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let budget = Arc::new(Semaphore::new(max_in_flight));
+        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone()).start();
+        let retention = Retention {
+            keep: Duration::from_secs(3600),
+            every: Duration::from_secs(3600),
+        };
+        let decoder = Decoder::new(
+            channels,
+            Arc::new(NoOverflow),
+            registry.clone(),
+            stats.clone(),
+            retention,
+            budget.clone(),
+        )
+        .start();
+        Ok(Pipeline {
+            decoder,
+            registry,
+            budget,
+            max_in_flight,
+            stats,
+        })
+    }
+
+    /// The registry, for [`Subscribe`] messages with your own actors.
+    pub fn registry(&self) -> Addr<Registry> {
+        self.registry.clone()
+    }
+
+    /// Like [`Notifier::subscribe`](crate::Notifier::subscribe).
+    pub async fn subscribe(
+        &self,
+        subscription: Subscription,
+        recipient: Recipient<ChangeEvent>,
+    ) -> Result<SubscriptionId> {
+        self.registry
+            .send(Subscribe::new(subscription, recipient))
+            .await?
+    }
+
+    /// Like [`Notifier::subscribe_fn`](crate::Notifier::subscribe_fn): `f` runs in an actor
+    /// of its own on the current arbiter.
+    pub async fn subscribe_fn<F>(&self, subscription: Subscription, f: F) -> Result<SubscriptionId>
+    where
+        F: FnMut(ChangeEvent) + 'static,
+    {
+        let actor = FnSubscriber::new(f, self.stats.clone()).start();
+        self.registry
+            .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
+            .await?
+    }
+
+    /// Hands `batch` to the decoder the way a listener does: after taking one unit of the
+    /// in-flight budget per notification, waiting while the pipeline is full.
+    ///
+    /// # Panics
+    ///
+    /// If the batch is larger than the whole budget (it could never fit).
+    pub async fn send(&self, batch: Vec<RawNotification>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        assert!(
+            batch.len() <= self.max_in_flight,
+            "a batch of {} notifications can never fit an in-flight budget of {}",
+            batch.len(),
+            self.max_in_flight
+        );
+        let n = batch.len() as u32;
+        self.budget
+            .acquire_many(n)
+            .await
+            .map_err(|_| Error::NotRunning)?
+            .forget();
+        self.stats
+            .forwarded
+            .fetch_add(u64::from(n), Ordering::Relaxed);
+        self.decoder.do_send(RawBatch(batch));
+        Ok(())
+    }
+
+    /// Resolves once everything sent before has been routed and closure subscribers have run
+    /// it (what `stop()` waits for).
+    pub async fn flush(&self) {
+        let _ = self.decoder.send(Flush).await;
+    }
+
+    /// The pipeline's counters.
+    pub fn stats(&self) -> Stats {
+        self.stats.snapshot()
+    }
+
+    /// Flushes, then stops the actors.
+    pub async fn stop(self) {
+        self.flush().await;
+        self.decoder.do_send(Shutdown);
+        self.registry.do_send(Shutdown);
+    }
+}
+
+/// The table a watch implies: its key columns (default `id`) as the primary key, then every
+/// other column it names.
+fn describe(watch: &Watch) -> TableInfo {
+    let keys: Vec<String> = watch
+        .primary_keys
+        .clone()
+        .unwrap_or_else(|| vec!["id".to_string()]);
+    let mut columns: Vec<ColumnInfo> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, name)| ColumnInfo {
+            name: name.clone(),
+            pk_position: Some(i),
+            has_equality: true,
+        })
+        .collect();
+    let others: BTreeSet<&String> = watch
+        .extra_columns
+        .iter()
+        .chain(&watch.trigger_columns)
+        .filter(|c| !keys.contains(c))
+        .collect();
+    columns.extend(others.into_iter().map(|name| ColumnInfo {
+        name: name.clone(),
+        pk_position: None,
+        has_equality: true,
+    }));
+    TableInfo {
+        schema: watch.schema_name().to_string(),
+        table: watch.table.clone(),
+        columns,
+    }
+}
+
+/// No database behind the pipeline: overflow references resolve to nothing.
+struct NoOverflow;
+
+impl OverflowStore for NoOverflow {
+    fn fetch(&self, _reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn purge(&self, _retention: Duration) -> BoxFuture<'static, Result<u64>> {
+        Box::pin(async { Ok(0) })
+    }
+}
