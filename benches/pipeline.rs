@@ -11,9 +11,9 @@
 //!
 //! Scenarios: resident memory over 1,000,000 events (VmRSS before and after; must stay flat),
 //! events/s to 1, 10 and 100 filtered closure subscribers with the default in-flight budget
-//! (65,536), to 10 with a budget of 4,096, and to 10 plain actors (`subscribe`).
-//! Sections for `--only=`: `memory`, `memory-small-budget`, `throughput-1`, `throughput-10`,
-//! `throughput-100`, `small-budget-10`, `actors-10`.
+//! (4,096), to 10 with a budget of 65,536, and to 10 plain actors (`subscribe`).
+//! Sections for `--only=`: `memory`, `memory-large-budget`, `throughput-1`, `throughput-10`,
+//! `throughput-100`, `large-budget-10`, `actors-10`.
 //!
 //! Run: `scripts/bench` or `cargo bench --bench pipeline [-- --quick]`.
 
@@ -37,9 +37,9 @@ const BATCH: usize = 512;
 /// Distinct payloads cycled through.
 const POOL: usize = 4096;
 /// The notifier's default in-flight budget (`max_in_flight`).
-const BUDGET: usize = 65_536;
-/// A smaller budget, for comparison.
-const SMALL_BUDGET: usize = 4_096;
+const BUDGET: usize = 4_096;
+/// A larger budget, for comparison.
+const LARGE_BUDGET: usize = 65_536;
 /// Events sent before the memory scenario's first reading.
 const WARM_UP: usize = 300_000;
 
@@ -88,8 +88,8 @@ async fn run(args: Args) {
     );
     let mut table = Table::new(&["scenario", "baseline", "sqlnotify", "ratio", "details"]);
     // Memory first, in a fresh process: nothing allocated by earlier scenarios hides growth.
-    // The smaller budget runs first so the default one's peak is its own.
-    for (name, budget) in [("memory-small-budget", SMALL_BUDGET), ("memory", BUDGET)] {
+    // The larger budget runs first so the default one's peak is its own.
+    for (name, budget) in [("memory-large-budget", LARGE_BUDGET), ("memory", BUDGET)] {
         if !args.wants(name) {
             continue;
         }
@@ -139,13 +139,13 @@ async fn run(args: Args) {
             ]);
         }
     }
-    if args.wants("small-budget-10") {
+    if args.wants("large-budget-10") {
         let base = baseline(10, time / 2);
-        let lib = pipeline(10, Sink::Closure, SMALL_BUDGET, time).await;
+        let lib = pipeline(10, Sink::Closure, LARGE_BUDGET, time).await;
         table.row(vec![
             format!(
                 "events/s to 10 filtered closure subscribers, max_in_flight {}",
-                count(SMALL_BUDGET as f64)
+                count(LARGE_BUDGET as f64)
             ),
             count(base.events_per_s),
             count(lib.events_per_s),

@@ -31,6 +31,8 @@ use crate::subscription::{Subscription, SubscriptionId};
 
 /// Retry interval while a subscriber's mailbox stays full.
 const RETRY: Duration = Duration::from_millis(1);
+/// Retries after a yield without progress before falling back to the timer.
+const YIELD_RETRIES: u32 = 3;
 
 struct Subscriber {
     id: SubscriptionId,
@@ -57,6 +59,8 @@ pub struct Registry {
     budget: Arc<Semaphore>,
     /// A retry is already scheduled.
     retry_pending: bool,
+    /// Consecutive retries that handed nothing over.
+    idle_retries: u32,
     /// Waiting for every buffer to drain (stop()).
     flush_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -75,6 +79,7 @@ impl Registry {
             stats,
             budget,
             retry_pending: false,
+            idle_retries: 0,
             flush_waiters: Vec::new(),
         }
     }
@@ -119,48 +124,48 @@ impl Registry {
         Ok(id)
     }
 
-    /// Routes one event. Returns whether some buffer is now non-empty.
-    fn route(&mut self, event: ChangeEvent) -> bool {
+    /// Routes one event, adding to `tally`. The event's unit of in-flight budget goes into a
+    /// [`Ticket`] only if some buffer keeps the event; otherwise the caller gives it back.
+    fn route(&mut self, event: ChangeEvent, tally: &mut Tally) {
         if let Some(sequence) = event.sequence() {
-            self.stats
-                .routed_sequence
-                .fetch_max(sequence, Ordering::Relaxed);
+            tally.sequence = tally.sequence.max(sequence);
         }
-        self.stats.settled.fetch_add(1, Ordering::Relaxed);
-        // The event's unit of in-flight budget; given back when no buffer holds it any more.
-        let ticket = Ticket::new(&self.budget);
+        let budget = &self.budget;
         let Some(subscribers) = self.by_channel.get_mut(event.channel()) else {
-            Counters::add(&self.stats.unrouted, 1);
-            return false;
+            tally.unrouted += 1;
+            tally.release += 1;
+            return;
         };
-        let (mut delivered, mut filtered, mut dropped, mut buffered) = (0, 0, 0, false);
+        let (mut considered, mut ticket) = (false, None);
         for s in subscribers.iter_mut().filter(|s| !s.closed) {
+            considered = true;
             if !s.filters.iter().all(|f| f.matches(&event)) {
-                filtered += 1;
+                tally.filtered += 1;
                 continue;
             }
-            delivered += 1;
-            if s.buffer.is_empty() {
+            tally.delivered += 1;
+            let event = if s.buffer.is_empty() {
                 match s.sink.try_deliver(event.clone()) {
                     Ok(()) => continue,
                     Err(Refused::Closed) => {
                         s.closed = true;
                         continue;
                     }
-                    Err(Refused::Full(event)) => dropped += s.buffer.push(event, ticket.clone()),
+                    Err(Refused::Full(event)) => event,
                 }
             } else {
-                dropped += s.buffer.push(event.clone(), ticket.clone());
-            }
-            buffered = true;
+                event.clone()
+            };
+            let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
+            tally.dropped += s.buffer.push(event, ticket);
+            tally.buffered = true;
         }
-        if delivered == 0 && filtered == 0 {
-            Counters::add(&self.stats.unrouted, 1);
+        if !considered {
+            tally.unrouted += 1;
         }
-        Counters::add(&self.stats.delivered, delivered);
-        Counters::add(&self.stats.filtered_out, filtered);
-        Counters::add(&self.stats.dropped, dropped);
-        buffered
+        if ticket.is_none() {
+            tally.release += 1;
+        }
     }
 
     /// Hands buffered events over; reports lag; schedules the next retry if needed.
@@ -194,9 +199,19 @@ impl Registry {
             }
         } else if !self.retry_pending {
             self.retry_pending = true;
-            // Draining: try again right after the subscribers had their turn. Stuck: back off.
-            if progress {
-                ctx.notify(Retry);
+            // Draining: try again as soon as the subscribers had their turn on this thread (a
+            // yield, not a timer: a full mailbox of 16 would otherwise cap an actor at 16
+            // events per millisecond). Stuck for a few turns: back off to a timer.
+            self.idle_retries = if progress { 0 } else { self.idle_retries + 1 };
+            if self.idle_retries <= YIELD_RETRIES {
+                ctx.spawn(
+                    tokio::task::yield_now()
+                        .into_actor(self)
+                        .map(|_, act, ctx| {
+                            act.retry_pending = false;
+                            act.pump(ctx);
+                        }),
+                );
             } else {
                 ctx.notify_later(Retry, RETRY);
             }
@@ -323,6 +338,19 @@ impl Handler<StatusEvent> for Registry {
     }
 }
 
+/// What routing one batch did, applied to the shared counters once per batch.
+#[derive(Default)]
+struct Tally {
+    delivered: u64,
+    filtered: u64,
+    unrouted: u64,
+    dropped: u64,
+    /// Budget units to give back (events no buffer kept).
+    release: usize,
+    buffered: bool,
+    sequence: i64,
+}
+
 /// Decoded events, in commit order, from the decoder.
 pub(crate) struct Route(pub Vec<ChangeEvent>);
 
@@ -334,11 +362,23 @@ impl Handler<Route> for Registry {
     type Result = ();
 
     fn handle(&mut self, Route(events): Route, ctx: &mut Context<Self>) {
-        let mut buffered = false;
+        let mut tally = Tally::default();
+        let count = events.len() as u64;
         for event in events {
-            buffered |= self.route(event);
+            self.route(event, &mut tally);
         }
-        if buffered || self.stats.queued.load(Ordering::Relaxed) > 0 {
+        // Shared counters and the budget are touched once per batch, not once per event.
+        let stats = &self.stats;
+        stats
+            .routed_sequence
+            .fetch_max(tally.sequence, Ordering::Relaxed);
+        Counters::add(&stats.unrouted, tally.unrouted);
+        Counters::add(&stats.delivered, tally.delivered);
+        Counters::add(&stats.filtered_out, tally.filtered);
+        Counters::add(&stats.dropped, tally.dropped);
+        stats.settled.fetch_add(count, Ordering::Relaxed);
+        self.budget.add_permits(tally.release);
+        if tally.buffered || stats.queued.load(Ordering::Relaxed) > 0 {
             self.pump(ctx);
         }
     }
