@@ -5,6 +5,11 @@
 //! fetched the decoder handles nothing else (`ctx.wait`), so commit order is kept. A payload
 //! that cannot be decoded — someone else NOTIFYing garbage on our channel — is logged, counted
 //! and dropped. The decoder also expires old overflow rows on a schedule.
+//!
+//! A statement-capture journal row (a JSON array of rows) becomes one event per row. The
+//! listener took [`RawNotification::events`] units of in-flight budget for it; the decoder
+//! gives back whatever no event will carry (rows that did not decode), so the budget and the
+//! settled count stay exact whatever the payload holds.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::dialect::OverflowStore;
 use crate::event::{ChangeEvent, Channel, Channels, RawNotification};
-use crate::payload::{decode, Decoded};
+use crate::payload::{decode, decode_rows, Decoded};
 use crate::registry::{Registry, Route};
 use crate::stats::Counters;
 use crate::status::StatusEvent;
@@ -61,12 +66,23 @@ impl Decoder {
     /// row (blocking this actor's mailbox), and continues with the rest afterwards.
     fn process(&mut self, mut queue: VecDeque<RawNotification>, ctx: &mut Context<Self>) {
         let mut events = Vec::with_capacity(queue.len());
-        while let Some(raw) = queue.pop_front() {
+        while let Some(mut raw) = queue.pop_front() {
             let Some(channel) = self.channels.get(&raw.channel).cloned() else {
                 self.malformed(&raw, "not a channel of this notifier");
                 continue;
             };
-            match decode(&raw.payload, &channel) {
+            // Only a journal row can hold a statement's rows; a NOTIFY payload never does.
+            if raw.sequence.is_some() && raw.payload.starts_with('[') {
+                self.expand(&raw, channel, &mut events);
+                continue;
+            }
+            let decoded = decode(&raw.payload, &channel);
+            if decoded.is_ok() && raw.events > 1 {
+                // One object: the row's other units of budget carry nothing.
+                self.give_back(u64::from(raw.events - 1));
+                raw.events = 1;
+            }
+            match decoded {
                 Ok(Decoded::Row {
                     id,
                     extra,
@@ -134,6 +150,59 @@ impl Decoder {
         self.send(vec![event]);
     }
 
+    /// Turns a statement-capture journal row into one event per row, in order.
+    fn expand(&self, raw: &RawNotification, channel: Arc<Channel>, events: &mut Vec<ChangeEvent>) {
+        let rows = match decode_rows(&raw.payload, &channel) {
+            Ok(rows) if rows.len() <= raw.events as usize => rows,
+            Ok(rows) => {
+                let reason = format!(
+                    "journal row holds {} rows but says {} (budget accounting would break)",
+                    rows.len(),
+                    raw.events
+                );
+                return self.malformed(raw, &reason);
+            }
+            Err(reason) => return self.malformed(raw, &reason),
+        };
+        let mut carried = 0;
+        for row in rows {
+            match row {
+                Ok(Decoded::Row {
+                    id,
+                    extra,
+                    truncated,
+                }) => {
+                    events.push(ChangeEvent::new(channel.clone(), id, extra, raw, truncated));
+                    carried += 1;
+                }
+                other => {
+                    let reason = match other {
+                        Err(reason) => reason,
+                        Ok(_) => "overflow reference inside a statement payload".into(),
+                    };
+                    Counters::add(&self.stats.malformed, 1);
+                    log::warn!(
+                        "sqlnotify: dropping a malformed row of journal row {:?} on channel {:?}: {reason}",
+                        raw.sequence,
+                        raw.channel
+                    );
+                }
+            }
+        }
+        if carried == 0 {
+            return self.malformed(raw, "no row in it decoded");
+        }
+        self.give_back(u64::from(raw.events) - carried);
+    }
+
+    /// Returns `units` of in-flight budget that no event will carry, counting them settled.
+    fn give_back(&self, units: u64) {
+        if units > 0 {
+            self.budget.add_permits(units as usize);
+            self.stats.settle(units);
+        }
+    }
+
     fn send(&self, events: Vec<ChangeEvent>) {
         if !events.is_empty() {
             self.registry.do_send(Route(events));
@@ -142,11 +211,8 @@ impl Decoder {
 
     fn malformed(&self, raw: &RawNotification, reason: &str) {
         Counters::add(&self.stats.malformed, 1);
-        // No event will carry this notification's unit of in-flight budget: give it back.
-        self.budget.add_permits(1);
-        self.stats
-            .settled
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // No event will carry this notification's units of in-flight budget: give them back.
+        self.give_back(u64::from(raw.events));
         let preview: String = raw.payload.chars().take(200).collect();
         log::warn!(
             "sqlnotify: dropping malformed notification on channel {:?}: {reason} (payload: {preview:?})",
@@ -184,7 +250,10 @@ impl Handler<RawBatch> for Decoder {
     type Result = ();
 
     fn handle(&mut self, RawBatch(batch): RawBatch, ctx: &mut Context<Self>) {
-        Counters::add(&self.stats.received, batch.len() as u64);
+        Counters::add(
+            &self.stats.received,
+            batch.iter().map(|raw| u64::from(raw.events)).sum(),
+        );
         self.process(batch.into(), ctx);
     }
 }

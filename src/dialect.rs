@@ -55,6 +55,11 @@ pub(crate) struct ListenParams {
     pub budget: Arc<Semaphore>,
     /// How often the listener checks that its connection is alive.
     pub health_check: Duration,
+    /// How long a missing journal id is waited for before it counts as rolled back, when
+    /// set on the builder (`None`: the dialect's own default). Only the MySQL journal has
+    /// such gaps; other dialects ignore it.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+    pub gap_timeout: Option<Duration>,
 }
 
 /// A running listener, as the notifier holds it.

@@ -26,6 +26,13 @@ pub enum Error {
         /// What the driver said about it.
         reason: String,
     },
+    /// A builder option was given a value it cannot take.
+    InvalidOption {
+        /// The option, named as its builder method (e.g. `"gap_timeout"`).
+        option: &'static str,
+        /// Why the value cannot be used.
+        reason: String,
+    },
     /// A database call failed (connection refused, I/O error, SQL error …).
     Database {
         /// What sqlnotify was doing, e.g. `"installing trigger sqlnotify_public_users_insert"`.
@@ -78,6 +85,13 @@ pub enum Error {
         table: String,
         /// The watch's operation.
         operation: Operation,
+    },
+    /// A watch's options do not go together (e.g. statement capture on the notify tier).
+    InvalidWatch {
+        /// The watch, as `schema.table operation`.
+        watch: String,
+        /// What is wrong, and what to do instead.
+        reason: String,
     },
     /// Two watches describe the same channel.
     DuplicateWatch {
@@ -186,6 +200,7 @@ impl fmt::Display for Error {
                 write!(f, "unsupported database {scheme:?}: {reason}")
             }
             Error::InvalidUrl { reason } => write!(f, "invalid database URL: {reason}"),
+            Error::InvalidOption { option, reason } => write!(f, "invalid {option}: {reason}"),
             Error::Database { context, source } => {
                 // Driver errors often say little at the top ("db error") and the reason in
                 // their sources: print the whole chain.
@@ -220,6 +235,7 @@ impl fmt::Display for Error {
                 f,
                 "trigger_columns is only allowed for UPDATE watches, not {operation} (table {table:?})"
             ),
+            Error::InvalidWatch { watch, reason } => write!(f, "watch {watch}: {reason}"),
             Error::DuplicateWatch {
                 channel,
                 first,

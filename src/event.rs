@@ -91,6 +91,10 @@ pub struct RawNotification {
     pub received_at: SystemTime,
     /// Position in the dialect's journal, where there is one (SQLite); `None` for NOTIFY.
     pub sequence: Option<i64>,
+    /// How many events it carries: 1, or for a [`Capture::Statement`](crate::Capture)
+    /// journal row the number of rows in it. The listener takes this many units of the
+    /// in-flight budget for it.
+    pub events: u32,
 }
 
 impl RawNotification {
@@ -101,6 +105,7 @@ impl RawNotification {
             payload: payload.into(),
             received_at: SystemTime::now(),
             sequence: None,
+            events: 1,
         }
     }
 
@@ -287,8 +292,10 @@ impl ChangeEvent {
     pub fn timestamp(&self) -> SystemTime {
         self.inner.timestamp
     }
-    /// The event's position in the journal, on dialects that have one (SQLite): increasing in
-    /// commit order. `None` for PostgreSQL NOTIFY events.
+    /// The event's position in the journal, on dialects and tiers that have one (SQLite,
+    /// MySQL, PostgreSQL's durable and poll tiers): increasing in commit order. `None` for
+    /// PostgreSQL NOTIFY events. The events of one [`Capture::Statement`](crate::Capture)
+    /// journal row share its position.
     pub fn sequence(&self) -> Option<i64> {
         self.inner.sequence
     }

@@ -122,4 +122,4 @@ pub use crate::registry::{Registry, Subscribe, Unsubscribe};
 pub use crate::stats::Stats;
 pub use crate::status::{Status, StatusEvent};
 pub use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER};
-pub use crate::watch::{Tier, Watch, MAX_IDENTIFIER_BYTES};
+pub use crate::watch::{Capture, Tier, Watch, MAX_IDENTIFIER_BYTES, STATEMENT_CHUNK_ROWS};

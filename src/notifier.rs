@@ -51,6 +51,7 @@ pub struct NotifierBuilder {
     retention: Retention,
     max_in_flight: usize,
     health_check: Duration,
+    gap_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for NotifierBuilder {
@@ -64,6 +65,7 @@ impl std::fmt::Debug for NotifierBuilder {
             .field("cleanup_on_start", &self.cleanup_on_start)
             .field("cleanup_on_stop", &self.cleanup_on_stop)
             .field("manage_triggers", &self.manage_triggers)
+            .field("gap_timeout", &self.gap_timeout)
             .finish()
     }
 }
@@ -179,7 +181,25 @@ impl NotifierBuilder {
         self
     }
 
-    /// The dialect the URL selects: `"postgresql"` or `"sqlite"`.
+    /// MySQL / MariaDB: how long a missing journal id is waited for before it is treated as
+    /// rolled back. Journal ids are taken when a trigger runs, not when its transaction
+    /// commits, so a missing id is either a transaction still running — its events arrive,
+    /// late, when it commits — or a rolled-back insert that never fills. After this time the
+    /// listener moves past it: a transaction that commits later than this after writing to a
+    /// watched table has its events skipped. Raise it if your transactions run longer; a named
+    /// consumer's saved position never passes an id still waited for.
+    ///
+    /// Default: 10 s, or the URL parameter `sqlnotify_gap_timeout_ms`; this setting wins over
+    /// the URL parameter. Zero is refused by `start()` with [`Error::InvalidOption`]. The other
+    /// dialects have no such gaps (PostgreSQL fences its journal with transaction snapshots,
+    /// SQLite commits one writer at a time) and ignore it, so one configuration can serve
+    /// every database.
+    pub fn gap_timeout(mut self, wait: Duration) -> Self {
+        self.gap_timeout = Some(wait);
+        self
+    }
+
+    /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
         Ok(open_dialect(&self.url)?.name())
     }
@@ -238,6 +258,14 @@ impl NotifierBuilder {
     /// actors and resolves once the listener is listening. Must run inside an actix system.
     /// Nothing is installed if any watch is invalid.
     pub async fn start(&self) -> Result<Notifier> {
+        if self.gap_timeout == Some(Duration::ZERO) {
+            return Err(Error::InvalidOption {
+                option: "gap_timeout",
+                reason: "it must be longer than zero (a zero wait would skip every transaction \
+                         that commits after a later one)"
+                    .into(),
+            });
+        }
         let dialect: Arc<dyn Dialect> = Arc::from(open_dialect(&self.url)?);
         match self.start_with(dialect.clone()).await {
             Ok(notifier) => Ok(notifier),
@@ -292,6 +320,7 @@ impl NotifierBuilder {
             status: decoder.clone().recipient(),
             budget,
             health_check: self.health_check,
+            gap_timeout: self.gap_timeout,
         };
         let listener = match dialect.listen(params).await {
             Ok(listener) => listener,
@@ -361,7 +390,7 @@ fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
 /// Default in-flight budget (events).
 const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
 /// Smallest in-flight budget: one listener batch must fit.
-const MIN_IN_FLIGHT: usize = 1_024;
+pub(crate) const MIN_IN_FLIGHT: usize = 1_024;
 
 /// A custom event for [`Notifier::notify_with`]: a JSON object sent on a watched channel and
 /// delivered to subscribers exactly like a trigger's event.
@@ -448,6 +477,7 @@ impl Notifier {
             },
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             health_check: Duration::from_secs(10),
+            gap_timeout: None,
         }
     }
 

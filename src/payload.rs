@@ -8,6 +8,11 @@
 //! * `{"__sqlnotify": {"overflow": 17}, "id": 42}` — the full payload is overflow row 17;
 //! * `{"__sqlnotify": {"truncated": true}, "id": 42}` — too large and overflow unavailable:
 //!   the event carries the key only.
+//!
+//! A journal row written by a statement-capture trigger ([`Capture::Statement`]) holds a JSON
+//! array of such row objects, one per changed row, in order.
+//!
+//! [`Capture::Statement`]: crate::Capture::Statement
 
 use serde_json::{Map, Value};
 
@@ -34,11 +39,40 @@ pub(crate) enum Decoded {
 
 /// Parses a payload received on `channel`. The error says what is wrong, for the log.
 pub(crate) fn decode(payload: &str, channel: &Channel) -> Result<Decoded, String> {
-    let mut map: Map<String, Value> = match serde_json::from_str(payload) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => return Err("payload is JSON but not an object".into()),
-        Err(e) => return Err(format!("payload is not JSON: {e}")),
-    };
+    match serde_json::from_str(payload) {
+        Ok(Value::Object(map)) => decode_map(map, channel),
+        Ok(_) => Err("payload is JSON but not an object".into()),
+        Err(e) => Err(format!("payload is not JSON: {e}")),
+    }
+}
+
+/// Parses a statement-capture journal payload: a JSON array of row objects. The outer error
+/// rejects the whole payload; an element that is not a row gets its own error (the other
+/// rows are still good). Overflow references cannot occur in an array (journal rows have no
+/// size limit) and are rejected.
+pub(crate) fn decode_rows(
+    payload: &str,
+    channel: &Channel,
+) -> Result<Vec<Result<Decoded, String>>, String> {
+    let rows: Vec<Value> =
+        serde_json::from_str(payload).map_err(|e| format!("payload is not a JSON array: {e}"))?;
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| match row {
+            Value::Object(map) => match decode_map(map, channel) {
+                Ok(Decoded::Overflow { .. }) => Err(format!(
+                    "row {i}: overflow reference inside a statement payload"
+                )),
+                other => other.map_err(|e| format!("row {i}: {e}")),
+            },
+            _ => Err(format!("row {i} is not a JSON object")),
+        })
+        .collect())
+}
+
+/// Decodes one payload object.
+fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded, String> {
     let meta = map.remove(META_KEY);
     let id = take_key(&mut map, channel)?;
     match meta {
@@ -192,6 +226,28 @@ mod tests {
     }
 
     #[test]
+    fn statement_payloads_decode_row_by_row() {
+        let c = channel(&["id"]);
+        let rows = decode_rows(
+            r#"[{"id": 1, "email": "a"}, {"email": "x"}, 3, {"id": 2}]"#,
+            &c,
+        )
+        .unwrap();
+        assert_eq!(rows.len(), 4);
+        assert!(matches!(&rows[0], Ok(Decoded::Row { id: Key::Single(v), .. }) if v == &json!(1)));
+        assert!(rows[1].as_ref().unwrap_err().contains("row 1"));
+        assert!(rows[2].as_ref().unwrap_err().contains("not a JSON object"));
+        assert!(matches!(&rows[3], Ok(Decoded::Row { .. })));
+        assert!(decode_rows(r#"{"id": 1}"#, &c)
+            .unwrap_err()
+            .contains("array"));
+        assert!(decode_rows("[", &c).is_err());
+        let r = decode_rows(r#"[{"__sqlnotify": {"overflow": 3}, "id": 1}]"#, &c).unwrap();
+        assert!(r[0].as_ref().unwrap_err().contains("overflow"));
+        assert!(decode_rows("[]", &c).unwrap().is_empty());
+    }
+
+    #[test]
     fn custom_payloads_are_checked() {
         let c = channel(&["id"]);
         assert!(encode_custom(&json!({"id": 1, "x": 2}), &c).is_ok());
@@ -275,6 +331,13 @@ mod properties {
             map.insert("id".into(), id.clone());
             let decoded = decode(&Value::Object(map).to_string(), &channel(vec!["id".into()])).unwrap();
             prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: expected_extra, truncated: false });
+        }
+
+        /// Whatever a statement payload holds, decoding returns results or a reason.
+        #[test]
+        fn decoding_arbitrary_arrays_never_panics(value in json_value()) {
+            let _ = decode_rows(&value.to_string(), &channel(vec!["id".into()]));
+            let _ = decode_rows(&Value::Array(vec![value]).to_string(), &channel(vec!["id".into()]));
         }
 
         /// A custom payload accepted by `encode_custom` always decodes.

@@ -376,7 +376,7 @@ impl Handler<Route> for Registry {
         Counters::add(&stats.delivered, tally.delivered);
         Counters::add(&stats.filtered_out, tally.filtered);
         Counters::add(&stats.dropped, tally.dropped);
-        stats.settled.fetch_add(count, Ordering::Relaxed);
+        stats.settle(count);
         self.budget.add_permits(tally.release);
         if tally.buffered || stats.queued.load(Ordering::Relaxed) > 0 {
             self.pump(ctx);

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Notifications read by the listener (including malformed ones).
+    /// Notifications read by the listener (including malformed ones); a statement-capture
+    /// journal row counts as the rows it says it carries.
     pub received: u64,
     /// Events handed to subscribers (one per subscriber per event).
     pub delivered: u64,
@@ -60,6 +61,18 @@ pub(crate) struct Counters {
 impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` notifications' units as having left the pipeline. Listeners count
+    /// `forwarded` before handing over, so `settled` can never pass it; in debug builds (the
+    /// tests) a pipeline that settles more than it was given — budget handed back twice,
+    /// which would let a consumer save its horizon too early — stops right here.
+    pub fn settle(&self, n: u64) {
+        let settled = self.settled.fetch_add(n, Ordering::Relaxed) + n;
+        debug_assert!(
+            settled <= self.forwarded.load(Ordering::Relaxed),
+            "sqlnotify: settled {settled} events, more than were forwarded"
+        );
     }
 
     pub fn snapshot(&self) -> Stats {

@@ -44,6 +44,7 @@ pub struct Watch {
     pub(crate) channel_label: Option<String>,
     pub(crate) use_overflow_table: bool,
     pub(crate) tier: Tier,
+    pub(crate) capture: Capture,
 }
 
 /// How a watch's events travel from the trigger to the listener (PostgreSQL; SQLite and MySQL
@@ -65,6 +66,40 @@ pub enum Tier {
     /// mode.
     Poll,
 }
+
+/// How a watch's trigger captures changed rows (PostgreSQL journal tiers).
+///
+/// Either way every changed row becomes one [`ChangeEvent`](crate::ChangeEvent), in order;
+/// what differs is the work done inside the user's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Capture {
+    /// A row-level trigger: one journal row (or notification) per changed row. Default.
+    #[default]
+    Row,
+    /// A statement-level trigger with a transition table: one journal row per statement
+    /// (split every [`STATEMENT_CHUNK_ROWS`] rows) carrying all its rows as a JSON array, and,
+    /// on the durable tier, one wake-up per statement instead of one per row. Much cheaper
+    /// for writers that change many rows per statement (see README, "Benchmarks"); the same
+    /// for single-row statements.
+    ///
+    /// Needs [`Tier::Durable`] or [`Tier::Poll`] (the notify tier has no journal to carry
+    /// the array). Differences from [`Capture::Row`]:
+    /// * the events of one journal row share its [`sequence`](crate::ChangeEvent::sequence);
+    /// * an UPDATE watch with `trigger_columns` pairs old and new rows by the watch's key
+    ///   columns: a row whose key itself changed always counts as changed, and a key that is
+    ///   not unique (a `primary_keys` override) can pair a row with the wrong old version;
+    /// * PostgreSQL does not allow transition tables on views, on partitions or inheritance
+    ///   children (watch the partitioned parent instead) — installing fails with the
+    ///   server's reason.
+    ///
+    /// SQLite and MySQL have no statement-level triggers with transition tables: there a
+    /// `Statement` watch is captured per row, with the same events.
+    Statement,
+}
+
+/// Largest number of rows one statement-capture journal row carries; bigger statements are
+/// split. Kept below the smallest in-flight budget so one journal row always fits in it.
+pub const STATEMENT_CHUNK_ROWS: usize = 512;
 
 impl Watch {
     /// Watches `operation` on `table`. `table` may be schema-qualified (`"shop.orders"`);
@@ -88,6 +123,7 @@ impl Watch {
             channel_label: None,
             use_overflow_table: true,
             tier: Tier::Notify,
+            capture: Capture::Row,
         }
     }
 
@@ -151,6 +187,23 @@ impl Watch {
         self
     }
 
+    /// How the trigger captures rows: [`Capture::Row`] (default) or [`Capture::Statement`]
+    /// (one journal row per statement; needs [`Tier::Durable`] or [`Tier::Poll`]).
+    ///
+    /// ```
+    /// use sqlnotify::{Capture, Operation, Tier, Watch};
+    ///
+    /// // A bulk-loaded table: one journal row and one wake-up per INSERT statement.
+    /// let w = Watch::new("measurements", Operation::Insert)
+    ///     .tier(Tier::Durable)
+    ///     .capture(Capture::Statement);
+    /// # let _ = w;
+    /// ```
+    pub fn capture(mut self, capture: Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+
     /// The table's schema (given or default).
     pub fn schema_name(&self) -> &str {
         self.schema.as_deref().unwrap_or(DEFAULT_SCHEMA)
@@ -206,6 +259,14 @@ impl Watch {
             return Err(Error::InvalidIdentifier {
                 identifier: self.describe(),
                 reason: "primary_keys must name at least one column",
+            });
+        }
+        if self.capture == Capture::Statement && self.tier == Tier::Notify {
+            return Err(Error::InvalidWatch {
+                watch: self.describe(),
+                reason: "Capture::Statement needs a journal tier (Tier::Durable or Tier::Poll); \
+                         the notify tier sends one notification per row"
+                    .into(),
             });
         }
         let channel = self.channel_name();
@@ -285,6 +346,8 @@ pub struct ResolvedWatch {
     pub use_overflow_table: bool,
     /// How events travel.
     pub tier: Tier,
+    /// How the trigger captures rows.
+    pub capture: Capture,
 }
 
 impl ResolvedWatch {
@@ -383,6 +446,7 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
         trigger_columns,
         use_overflow_table: watch.use_overflow_table,
         tier: watch.tier,
+        capture: watch.capture,
     })
 }
 

@@ -587,11 +587,12 @@ async fn values_of_every_kind_arrive_as_json() {
     db.exec(
         "CREATE TABLE v (id BINARY(4) PRIMARY KEY, data BLOB, flags BIT(8), doc JSON, \
          price DECIMAL(10,2), at DATETIME, big BIGINT UNSIGNED, shape POINT, kind ENUM('a','b'), \
-         note TEXT CHARACTER SET latin1)",
+         note TEXT CHARACTER SET latin1, ratio FLOAT, span TIME, stamp TIMESTAMP(3) NULL)",
     )
     .await;
     let columns = [
-        "data", "flags", "doc", "price", "at", "big", "shape", "kind", "note",
+        "data", "flags", "doc", "price", "at", "big", "shape", "kind", "note", "ratio", "span",
+        "stamp",
     ];
     let notifier = Notifier::builder(&db.url)
         .watch(Watch::new("v", Operation::Insert).extra_columns(columns))
@@ -603,7 +604,8 @@ async fn values_of_every_kind_arrive_as_json() {
     let mut del = Events::subscribe(&notifier, Subscription::new("v", Operation::Delete)).await;
     db.exec(
         "INSERT INTO v VALUES (X'DEADBEEF', X'00FF10', b'101', '{\"a\": [1, 2]}', 12.50, \
-         '2024-01-02 03:04:05', 18446744073709551615, POINT(1, 2), 'b', 'caf\u{e9}')",
+         '2024-01-02 03:04:05', 18446744073709551615, POINT(1, 2), 'b', 'caf\u{e9}', 1.1, \
+         '-01:02:03', '2024-01-02 03:04:05.120')",
     )
     .await;
     let e = ins.next().await;
@@ -616,13 +618,12 @@ async fn values_of_every_kind_arrive_as_json() {
     assert_eq!(e.get("flags"), Some(&json!(5)));
     assert_eq!(e.get("doc"), Some(&json!({"a": [1, 2]})));
     assert_eq!(e.get("price").and_then(|v| v.as_f64()), Some(12.5));
-    assert!(
-        e.get("at")
-            .and_then(|v| v.as_str())
-            .is_some_and(|s| s.starts_with("2024-01-02 03:04:05")),
-        "{:?}",
-        e.get("at")
-    );
+    // The same text on MySQL and MariaDB, as the server shows the value: MySQL's JSON_OBJECT
+    // alone would send "2024-01-02 03:04:05.000000" and 1.100000023841858.
+    assert_eq!(e.get("at"), Some(&json!("2024-01-02 03:04:05")));
+    assert_eq!(e.get("span"), Some(&json!("-01:02:03")));
+    assert_eq!(e.get("stamp"), Some(&json!("2024-01-02 03:04:05.120")));
+    assert_eq!(e.get("ratio"), Some(&json!(1.1)));
     assert_eq!(e.get("big"), Some(&json!(18446744073709551615u64)));
     assert_eq!(e.get("shape"), Some(&json!("POINT(1 2)")));
     assert_eq!(e.get("kind"), Some(&json!("b")));
@@ -635,6 +636,90 @@ async fn values_of_every_kind_arrive_as_json() {
     );
     assert_eq!(notifier.stats().await.unwrap().malformed, 0);
     ins.assert_empty();
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_row_too_large_for_a_payload_commits_and_arrives_key_only_even_in_strict_mode() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE big (id INT PRIMARY KEY, a LONGTEXT, b LONGTEXT)")
+        .await;
+    let channel = db.channel("big", "insert");
+    let watch = Watch::new("big", Operation::Insert).extra_columns(["a", "b"]);
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch.clone())
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("big", Operation::Insert)).await;
+
+    // Two values of 5/8 of max_allowed_packet each (built on the server): the row is fine, its
+    // JSON object is over the limit. In a strict session — both servers' default — the
+    // insert must still commit.
+    let mut conn = db.conn().await;
+    conn.query_drop(
+        "SET SESSION sql_mode = 'STRICT_TRANS_TABLES,STRICT_ALL_TABLES'; \
+         SET @n = @@max_allowed_packet * 5 DIV 8; \
+         INSERT INTO big VALUES (1, REPEAT('x', @n), REPEAT('y', @n)); \
+         INSERT INTO big VALUES (2, 'small', 'row');",
+    )
+    .await
+    .expect("a row too large for a payload never fails the user's write");
+    let _ = conn.disconnect().await;
+    assert_eq!(db.count("SELECT COUNT(*) FROM big").await, 2);
+    let e = ev.next().await;
+    assert_eq!(e.id().as_i64(), Some(1));
+    assert!(e.is_truncated(), "{:?}", e.to_json());
+    assert_eq!(e.get("a"), None);
+    let e = ev.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("b")),
+        (Some(2), Some(&json!("row")))
+    );
+    assert!(!e.is_truncated());
+    notifier.stop().await.unwrap();
+
+    // A trigger with the same text but created under a strict sql_mode (by hand, by an older
+    // version) would fail such writes: it counts as changed.
+    async fn mode(db: &TestDb, channel: &str) -> Vec<String> {
+        db.strings(&format!(
+            "SELECT SQL_MODE FROM information_schema.TRIGGERS \
+             WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME = '{channel}'"
+        ))
+        .await
+    }
+    assert_eq!(mode(&db, &channel).await, [""]);
+    let definition = db
+        .strings(&format!(
+            "SELECT definition FROM sqlnotify_catalog WHERE channel = '{channel}'"
+        ))
+        .await
+        .remove(0);
+    db.exec(&format!(
+        "SET SESSION sql_mode = 'STRICT_TRANS_TABLES'; DROP TRIGGER `{channel}`; {definition}"
+    ))
+    .await;
+    assert_eq!(mode(&db, &channel).await, ["STRICT_TRANS_TABLES"]);
+    let e = Notifier::builder(&db.url)
+        .watch(watch.clone())
+        .revoke_on_model_change(false)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::DefinitionDrift { channel: c, .. } if c == &channel),
+        "{e:?}"
+    );
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        mode(&db, &channel).await,
+        [""],
+        "replaced under the non-strict mode"
+    );
     notifier.stop().await.unwrap();
 }
 
@@ -1158,6 +1243,141 @@ async fn install_sql_applied_by_hand_then_started_without_managing_triggers() {
     );
 }
 
+/// `url` with other credentials.
+fn with_user(url: &str, user: &str, password: &str) -> String {
+    let after_scheme = url.find("://").expect("a URL") + 3;
+    let host = match url[after_scheme..].find('@') {
+        Some(at) => after_scheme + at + 1,
+        None => after_scheme,
+    };
+    format!("{}{user}:{password}@{}", &url[..after_scheme], &url[host..])
+}
+
+/// A user of the test server with exactly the privileges the crate documents, on one test
+/// database (at any host, and at localhost: the driver may switch to the unix socket).
+/// Dropped when the test ends.
+struct TestUser {
+    name: String,
+    url: String,
+}
+
+impl TestUser {
+    async fn new(db: &TestDb) -> TestUser {
+        let name = format!("sqlnotify_u{}", &db.name["sqlnotify_test_".len()..]);
+        let name: String = name.chars().take(32).collect();
+        let password = "Pw-1-sqlnotify";
+        let mut admin = connect(&server_url()).await;
+        for host in ["%", "localhost"] {
+            admin
+                .query_drop(format!(
+                    "CREATE USER '{name}'@'{host}' IDENTIFIED BY '{password}'; \
+                     GRANT TRIGGER, CREATE, SELECT, INSERT, UPDATE, DELETE \
+                     ON `{db}`.* TO '{name}'@'{host}'",
+                    db = db.name
+                ))
+                .await
+                .expect("the test server's user may create users");
+        }
+        let _ = admin.disconnect().await;
+        TestUser {
+            url: with_user(&db.url, &name, password),
+            name,
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(opts) = Opts::from_url(&server_url()) {
+                    if let Ok(mut conn) = Conn::new(opts).await {
+                        let _ = conn
+                            .query_drop(format!(
+                                "DROP USER IF EXISTS '{name}'@'%', '{name}'@'localhost'"
+                            ))
+                            .await;
+                        let _ = conn.disconnect().await;
+                    }
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// MySQL 8+ has binary logging on by default; then only a user with SUPER may create triggers
+/// unless log_bin_trust_function_creators is on. A user with the documented privileges either
+/// installs (binary logging off, or the setting on) or gets an error naming the setting — and
+/// can start on triggers an administrator applied from install_sql().
+#[actix_rt::test]
+async fn a_user_without_super_installs_or_is_told_about_log_bin_trust_function_creators() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let user = TestUser::new(&db).await;
+    let refused = db
+        .count("SELECT @@GLOBAL.log_bin = 1 AND @@GLOBAL.log_bin_trust_function_creators = 0")
+        .await
+        == 1;
+    let builder = Notifier::builder(&user.url).watch(Watch::new("t", Operation::Insert));
+    let notifier = if refused {
+        let e = builder.start().await.unwrap_err();
+        assert!(matches!(e, Error::Database { .. }), "{e:?}");
+        let text = e.to_string();
+        for needle in [
+            "binary logging is on",
+            "log_bin_trust_function_creators = 1",
+            "manage_triggers(false)",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in: {text}");
+        }
+        assert!(db.triggers().await.is_empty());
+        // the way out without SUPER for the application: an administrator applies the script
+        db.exec(&builder.install_sql().await.unwrap()).await;
+        builder
+            .clone()
+            .manage_triggers(false)
+            .start()
+            .await
+            .unwrap()
+    } else {
+        builder.start().await.unwrap()
+    };
+    let channel = db.channel("t", "insert");
+    assert_eq!(db.triggers().await, [channel.as_str()]);
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    notifier.stop().await.unwrap();
+
+    if refused {
+        // A changed watch is refused before the installed trigger is touched (MySQL replaces
+        // a trigger by dropping it first): the old one keeps capturing.
+        db.exec("ALTER TABLE t ADD note TEXT").await;
+        let e = Notifier::builder(&user.url)
+            .watch(Watch::new("t", Operation::Insert).extra_columns(["note"]))
+            .start()
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("log_bin_trust_function_creators"),
+            "{e}"
+        );
+        assert_eq!(db.triggers().await, [channel.as_str()]);
+        let before = journal_head(&db).await;
+        db.exec("INSERT INTO t (id) VALUES (2)").await;
+        assert!(
+            journal_head(&db).await > before,
+            "the old trigger still fires"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Late commits and gaps
 // ---------------------------------------------------------------------------------------------
@@ -1277,6 +1497,111 @@ async fn rolled_back_ids_are_given_up_after_the_gap_timeout() {
         ev.next().await.id().as_i64(),
         Some(12),
         "10 was given up on"
+    );
+    ev.assert_empty();
+    notifier.stop().await.unwrap();
+}
+
+/// Opens a transaction that inserts `id` into `t` and stays open; returns its connection and
+/// the journal id its trigger took.
+async fn open_insert(db: &TestDb, id: i64) -> (Conn, i64) {
+    let mut conn = db.conn().await;
+    conn.query_drop(format!("START TRANSACTION; INSERT INTO t VALUES ({id});"))
+        .await
+        .unwrap();
+    let journal_id: i64 = conn
+        .query_first("SELECT MAX(id) FROM sqlnotify_journal")
+        .await
+        .unwrap()
+        .unwrap();
+    (conn, journal_id)
+}
+
+#[actix_rt::test]
+async fn the_builder_gap_timeout_is_used_and_wins_over_the_url_parameter() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+
+    // zero is refused before anything is installed (here and in the URL)
+    let e = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .gap_timeout(Duration::ZERO)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                option: "gap_timeout",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(db.triggers().await.is_empty());
+    let e = Notifier::builder(with_param(&db.url, "sqlnotify_gap_timeout_ms=0"))
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidUrl { .. }), "{e:?}");
+
+    // A short gap timeout on the builder (the URL says nothing: the default would be 10 s):
+    // the listener moves past the id of a transaction that stays open, well within the
+    // default's 10 s.
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .consumer("short")
+        .gap_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let (mut a, a_id) = open_insert(&db, 10).await;
+    db.exec("INSERT INTO t VALUES (11)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(11));
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            saved_watermark(&db, "short").await >= a_id
+        })
+        .await,
+        "the open transaction's id was given up on after the builder's 200 ms"
+    );
+    a.query_drop("COMMIT").await.unwrap();
+    let _ = a.disconnect().await;
+    db.exec("INSERT INTO t VALUES (12)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(12), "10 was skipped");
+    ev.assert_empty();
+    notifier.stop().await.unwrap();
+
+    // The URL asks for 200 ms, the builder for an hour: the builder wins, the open
+    // transaction holds the watermark and its event arrives when it commits.
+    let url = with_param(&db.url, "sqlnotify_gap_timeout_ms=200");
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("t", Operation::Insert))
+        .consumer("long")
+        .gap_timeout(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let (mut a, a_id) = open_insert(&db, 20).await;
+    db.exec("INSERT INTO t VALUES (21)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(21));
+    assert!(
+        !wait_until(Duration::from_millis(1500), || async {
+            saved_watermark(&db, "long").await >= a_id
+        })
+        .await,
+        "the watermark passed an open transaction after the URL's 200 ms"
+    );
+    a.query_drop("COMMIT").await.unwrap();
+    let _ = a.disconnect().await;
+    assert_eq!(
+        ev.next().await.id().as_i64(),
+        Some(20),
+        "the late commit arrives"
     );
     ev.assert_empty();
     notifier.stop().await.unwrap();

@@ -4,11 +4,10 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
-use common::{wait_until, Events, TestDb};
+use common::{gated, wait_until, Events, TestDb};
 use sqlnotify::Operation::{Insert, Update};
 use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Status, StatusEvent, Subscription, Watch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,45 +172,6 @@ async fn a_silently_dead_connection_is_detected_by_the_health_check() {
     db.exec("INSERT INTO t VALUES (2)").await;
     assert_eq!(events.next().await.id().as_i64(), Some(2));
     notifier.stop().await.unwrap();
-}
-
-/// A subscriber on its own arbiter that blocks on its first event until released, then
-/// forwards everything it gets.
-struct Gated {
-    gate: Option<std::sync::mpsc::Receiver<()>>,
-    out: mpsc::UnboundedSender<ChangeEvent>,
-}
-
-impl Actor for Gated {
-    type Context = Context<Self>;
-}
-
-impl Handler<ChangeEvent> for Gated {
-    type Result = ();
-    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
-        if let Some(gate) = self.gate.take() {
-            let _ = gate.recv();
-        }
-        let _ = self.out.send(event);
-    }
-}
-
-/// Starts a gated subscriber on a thread of its own; returns (recipient, release, events).
-fn gated() -> (
-    Recipient<ChangeEvent>,
-    std::sync::mpsc::Sender<()>,
-    mpsc::UnboundedReceiver<ChangeEvent>,
-    Arbiter,
-) {
-    let (release, gate) = std::sync::mpsc::channel();
-    let (out, events) = mpsc::unbounded_channel();
-    let arbiter = Arbiter::new();
-    let gate = Mutex::new(Some(gate));
-    let addr = Gated::start_in_arbiter(&arbiter.handle(), move |_| Gated {
-        gate: gate.lock().unwrap().take(),
-        out,
-    });
-    (addr.recipient(), release, events, arbiter)
 }
 
 async fn drain(rx: &mut mpsc::UnboundedReceiver<ChangeEvent>, until_id: i64) -> Vec<ChangeEvent> {

@@ -1513,3 +1513,37 @@ async fn a_watcher_that_fails_is_restarted_and_resumes_from_its_cursor() {
     assert!(notifier.stats().await.unwrap().restarts >= 1);
     notifier.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn statement_capture_falls_back_to_row_triggers_with_the_same_events() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+    let portable = |op| {
+        Watch::new("t", op)
+            .extra_columns(["v"])
+            .tier(sqlnotify::Tier::Durable)
+            .capture(sqlnotify::Capture::Statement)
+    };
+    let notifier = Notifier::builder(db.url())
+        .watch(portable(Operation::Insert))
+        .watch(portable(Operation::Update).trigger_columns(["v"]))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND sql LIKE '%FOR EACH ROW%'"),
+        2,
+        "SQLite has only row-level triggers"
+    );
+    let mut ins = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let mut upd = Events::subscribe(&notifier, Subscription::new("t", Operation::Update)).await;
+    db.exec("INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')");
+    assert_eq!(ids(&ins.take(3).await), [1, 2, 3]);
+    db.exec("UPDATE t SET v = CASE WHEN id = 2 THEN 'B' ELSE v END");
+    let e = upd.next().await;
+    assert_eq!((e.id().as_i64(), e.get("v")), (Some(2), Some(&json!("B"))));
+    db.exec("INSERT INTO t VALUES (4, 'd')");
+    assert_eq!(ins.next().await.id().as_i64(), Some(4));
+    upd.assert_empty();
+    notifier.stop().await.unwrap();
+}

@@ -10,6 +10,12 @@
 //! MariaDB (`CREATE OR REPLACE TRIGGER`); on MySQL it is dropped and created again, so writes
 //! to that table in the instant between the two are not seen.
 //!
+//! Triggers are created under `ddl::TRIGGER_SQL_MODE` (the session's mode is restored
+//! afterwards), and an installed trigger whose `information_schema.TRIGGERS.SQL_MODE` differs
+//! counts as changed: see `ddl.rs` for why. With binary logging on (the default on MySQL 8 and
+//! later) the server refuses CREATE TRIGGER to a user without SUPER unless
+//! `log_bin_trust_function_creators` is on; that refusal comes back as an error saying so.
+//!
 //! `information_schema` compares names case-insensitively on some servers, so every lookup
 //! also compares the returned names exactly.
 
@@ -20,6 +26,7 @@ use mysql_async::Conn;
 
 use super::ddl::{
     self, qualified, ColumnKind, Kinds, CATALOG, INSTALL_LOCK, INSTALL_LOCK_WAIT_SECS,
+    TRIGGER_SQL_MODE,
 };
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
@@ -125,20 +132,26 @@ pub(crate) async fn catalog_exists(conn: &mut Conn, database: &str) -> Result<bo
     Ok(names.iter().any(|n| n == CATALOG))
 }
 
-/// The table the trigger `schema`.`name` is on, if it exists.
-async fn trigger_table(conn: &mut Conn, schema: &str, name: &str) -> Result<Option<String>> {
-    let rows: Vec<(String, String, String)> = conn
+/// The table the trigger `schema`.`name` is on and the `sql_mode` it runs under, if it
+/// exists.
+async fn trigger_table(
+    conn: &mut Conn,
+    schema: &str,
+    name: &str,
+) -> Result<Option<(String, Vec<u8>)>> {
+    // SQL_MODE is a SET on MySQL and a VARCHAR on MariaDB: read as bytes on both.
+    let rows: Vec<(String, String, String, Vec<u8>)> = conn
         .exec(
-            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS \
-             WHERE TRIGGER_SCHEMA = ? AND TRIGGER_NAME = ?",
+            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE, SQL_MODE \
+             FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = ? AND TRIGGER_NAME = ?",
             (schema, name),
         )
         .await
         .map_err(db_err(format!("looking for trigger {name}")))?;
     Ok(rows
         .into_iter()
-        .find(|(s, n, _)| s == schema && n == name)
-        .map(|(_, _, table)| table))
+        .find(|(s, n, _, _)| s == schema && n == name)
+        .map(|(_, _, table, mode)| (table, mode)))
 }
 
 async fn installed_state(
@@ -165,10 +178,18 @@ async fn installed_state(
     let Some(recorded) = recorded else {
         return Ok(Installed::Missing);
     };
-    let table = trigger_table(conn, &w.channel.schema, name).await?;
+    let trigger = trigger_table(conn, &w.channel.schema, name).await?;
+    let on_table = trigger
+        .as_ref()
+        .is_some_and(|(table, _)| table == &w.channel.table);
+    // A trigger created under another sql_mode (by hand, or by an older version) could fail
+    // the user's writes: it counts as changed.
+    let mode_ok = trigger
+        .as_ref()
+        .map_or(true, |(_, mode)| mode == TRIGGER_SQL_MODE.as_bytes());
     Ok(Installed::Recorded {
-        same: recorded == ddl::trigger_sql(w, database, kinds).into_bytes(),
-        trigger: table.as_deref() == Some(w.channel.table.as_str()),
+        same: recorded == ddl::trigger_sql(w, database, kinds).into_bytes() && mode_ok,
+        trigger: on_table,
     })
 }
 
@@ -242,13 +263,80 @@ pub(crate) async fn install(
                 plan.push((w, action));
             }
         }
-        for (w, action) in plan {
-            install_one(conn, database, w, kinds, action, mariadb).await?;
+        if plan.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        if !mariadb {
+            // MySQL replaces a trigger by dropping it first: make sure the server will let us
+            // create one before any is dropped.
+            probe_trigger_privilege(conn, database).await?;
+        }
+        conn.query_drop(ddl::enter_trigger_sql_mode())
+            .await
+            .map_err(db_err("setting the sql_mode for creating triggers"))?;
+        let mut installed = Ok(());
+        for (w, action) in plan {
+            installed = install_one(conn, database, w, kinds, action, mariadb).await;
+            if installed.is_err() {
+                break;
+            }
+        }
+        let restored = conn
+            .query_drop(ddl::LEAVE_TRIGGER_SQL_MODE)
+            .await
+            .map_err(db_err("restoring the session's sql_mode"));
+        installed?;
+        restored
     }
     .await;
     unlock(conn, outcome).await
+}
+
+/// MySQL's and MariaDB's error for CREATE TRIGGER by a user without SUPER while binary
+/// logging is on and `log_bin_trust_function_creators` is off.
+const ER_BINLOG_CREATE_ROUTINE_NEED_SUPER: u16 = 1419;
+
+/// The error for a failed trigger statement (`doing`: what sqlnotify was doing); the
+/// binary-logging refusal says what to change.
+fn trigger_err(doing: String) -> impl FnOnce(mysql_async::Error) -> Error {
+    move |e| {
+        let context = match &e {
+            mysql_async::Error::Server(s) if s.code == ER_BINLOG_CREATE_ROUTINE_NEED_SUPER => {
+                format!(
+                    "{doing}: binary logging is on, and the server lets only a user with SUPER \
+                     create triggers unless log_bin_trust_function_creators = 1 (set it in the \
+                     server configuration, or SET PERSIST / SET GLOBAL \
+                     log_bin_trust_function_creators = 1 as an administrator); or have an \
+                     administrator apply install_sql() and start with manage_triggers(false)"
+                )
+            }
+            _ => doing,
+        };
+        Error::db(context, e)
+    }
+}
+
+/// Creates and drops a do-nothing trigger on sqlnotify's own catalog table: fails with
+/// [`trigger_err`]'s explanation when the server refuses this user triggers (binary logging
+/// without SUPER), before any of the user's triggers is touched.
+async fn probe_trigger_privilege(conn: &mut Conn, database: &str) -> Result<()> {
+    let probe = "sqlnotify_probe_privileges";
+    let drop = ddl::drop_sql(database, probe);
+    conn.query_drop(&drop)
+        .await
+        .map_err(db_err("checking the privilege to create triggers"))?;
+    conn.query_drop(format!(
+        "CREATE TRIGGER {} BEFORE DELETE ON {} FOR EACH ROW SET @sqlnotify_probe = 1",
+        qualified(database, probe),
+        qualified(database, CATALOG)
+    ))
+    .await
+    .map_err(trigger_err(
+        "checking the privilege to create triggers".into(),
+    ))?;
+    conn.query_drop(&drop)
+        .await
+        .map_err(db_err("checking the privilege to create triggers"))
 }
 
 async fn install_one(
@@ -265,20 +353,23 @@ async fn install_one(
         w.channel.schema,
         w.channel.table
     );
-    let context = || format!("installing trigger {name}");
     let create = ddl::trigger_sql(w, database, kinds);
     if mariadb {
         let replace = create.replacen("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER", 1);
-        conn.query_drop(replace).await.map_err(db_err(context()))?;
+        conn.query_drop(replace)
+            .await
+            .map_err(trigger_err(format!("installing trigger {name}")))?;
     } else {
         conn.query_drop(ddl::drop_sql(&w.channel.schema, name))
             .await
-            .map_err(db_err(context()))?;
-        conn.query_drop(create).await.map_err(db_err(context()))?;
+            .map_err(trigger_err(format!("installing trigger {name}")))?;
+        conn.query_drop(create)
+            .await
+            .map_err(trigger_err(format!("installing trigger {name}")))?;
     }
     conn.query_drop(ddl::catalog_upsert_sql(w, database, kinds))
         .await
-        .map_err(db_err(context()))
+        .map_err(db_err(format!("recording trigger {name} in the catalog")))
 }
 
 fn describe(w: &ResolvedWatch) -> String {

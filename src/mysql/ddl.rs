@@ -18,8 +18,20 @@
 //!
 //! Payloads are built with `JSON_OBJECT`. Values JSON cannot hold as such are converted:
 //! binary strings (BINARY, VARBINARY, BLOB) are sent as hex text, BIT as a number, spatial
-//! values as WKT. Should the object not be buildable (larger than `max_allowed_packet`), the
-//! event carries the key only, marked truncated: a trigger never makes the user's write fail.
+//! values as WKT. Two kinds are converted so that MySQL and MariaDB send the same JSON, as
+//! each server shows the value itself: DATETIME, TIMESTAMP and TIME go through
+//! `CAST(… AS CHAR)` (MySQL's `JSON_OBJECT` would append `.000000` whatever the column's
+//! precision), FLOAT through `CAST(CAST(… AS CHAR) AS DOUBLE)` (MySQL's would widen `1.1` to
+//! `1.100000023841858`; the text form has the 6 significant digits both servers display).
+//!
+//! Should the object not be buildable (larger than `max_allowed_packet`), the event carries
+//! the key only, marked truncated: a trigger never makes the user's write fail. That needs
+//! the trigger to run without strict mode: a trigger runs under the `sql_mode` it was created
+//! with, and under `STRICT_TRANS_TABLES` (the default of both servers) the "result was larger
+//! than max_allowed_packet" warning becomes an error that aborts the user's INSERT. So
+//! triggers are created under [`TRIGGER_SQL_MODE`], and a trigger found with another mode is
+//! treated as changed. Non-strict mode also keeps `NO_BACKSLASH_ESCAPES`, `ANSI_QUOTES` and
+//! the like out of the trigger body, whatever the installing session used.
 
 use std::collections::HashMap;
 
@@ -37,6 +49,19 @@ pub(crate) const JOURNAL: &str = "sqlnotify_journal";
 pub(crate) const CATALOG: &str = "sqlnotify_catalog";
 /// The consumer cursor table's name.
 pub(crate) const CONSUMERS: &str = "sqlnotify_consumers";
+/// The `sql_mode` triggers are created (and so run) under: none of the strict modes, so a
+/// payload over `max_allowed_packet` becomes NULL (and a key-only event) instead of failing
+/// the user's write. See the module documentation.
+pub(crate) const TRIGGER_SQL_MODE: &str = "";
+/// Saves the session's `sql_mode` in a user variable and switches to [`TRIGGER_SQL_MODE`].
+pub(crate) fn enter_trigger_sql_mode() -> String {
+    format!(
+        "SET @sqlnotify_saved_sql_mode = @@SESSION.sql_mode, SESSION sql_mode = {}",
+        quote_literal(TRIGGER_SQL_MODE)
+    )
+}
+/// Restores the `sql_mode` saved by [`enter_trigger_sql_mode`].
+pub(crate) const LEAVE_TRIGGER_SQL_MODE: &str = "SET SESSION sql_mode = @sqlnotify_saved_sql_mode";
 
 /// How a column's value goes into the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,6 +75,10 @@ pub(crate) enum ColumnKind {
     Bit,
     /// Spatial types: well-known text.
     Spatial,
+    /// DATETIME, TIMESTAMP, TIME: their text, with the column's own fractional digits.
+    Temporal,
+    /// FLOAT: a number with the digits the server displays.
+    Float,
 }
 
 impl ColumnKind {
@@ -62,6 +91,8 @@ impl ColumnKind {
             "bit" => ColumnKind::Bit,
             "geometry" | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
             | "multipolygon" | "geometrycollection" | "geomcollection" => ColumnKind::Spatial,
+            "datetime" | "timestamp" | "time" => ColumnKind::Temporal,
+            "float" => ColumnKind::Float,
             _ => ColumnKind::Plain,
         }
     }
@@ -72,6 +103,8 @@ impl ColumnKind {
             ColumnKind::Binary => format!("HEX({value})"),
             ColumnKind::Bit => format!("({value} + 0)"),
             ColumnKind::Spatial => format!("ST_AsText({value})"),
+            ColumnKind::Temporal => format!("CAST({value} AS CHAR)"),
+            ColumnKind::Float => format!("CAST(CAST({value} AS CHAR) AS DOUBLE)"),
         }
     }
 }
@@ -221,7 +254,7 @@ pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch, database: &str, kinds: &Kind
 /// A complete, idempotent install script for `watches`.
 pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &Kinds) -> String {
     let mut sql = format!(
-        "-- sqlnotify install script (MySQL >= 5.7.2 / MariaDB >= 10.2.3), database {}\n\
+        "-- sqlnotify install script (MySQL >= 8.0.17 / MariaDB >= 10.2.3), database {}\n\
          -- Every statement is a single statement: apply it with any client, no delimiter change.\n\
          SELECT GET_LOCK({}, {INSTALL_LOCK_WAIT_SECS});\n",
         quote_ident(database),
@@ -231,6 +264,12 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &
         sql.push_str(&statement);
         sql.push_str(";\n");
     }
+    sql.push_str(
+        "\n-- Triggers run under the sql_mode they were created with: non-strict, so that a row too\n\
+         -- large for a notification never fails the write (see the sqlnotify documentation).\n",
+    );
+    sql.push_str(&enter_trigger_sql_mode());
+    sql.push_str(";\n");
     for w in watches {
         // A comment line must not carry what a command-line client could take for one of its
         // own commands (`\q`, `\c` …) or a line break.
@@ -249,7 +288,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &
         sql.push_str(";\n");
     }
     sql.push_str(&format!(
-        "\nSELECT RELEASE_LOCK({});\n",
+        "\n{LEAVE_TRIGGER_SQL_MODE};\nSELECT RELEASE_LOCK({});\n",
         quote_literal(INSTALL_LOCK)
     ));
     sql
@@ -275,6 +314,7 @@ mod tests {
             trigger_columns: vec![],
             use_overflow_table: true,
             tier: crate::watch::Tier::Notify,
+            capture: crate::watch::Capture::Row,
         }
     }
 
@@ -323,7 +363,10 @@ mod tests {
 
     #[test]
     fn column_kinds_convert_values() {
-        let w = watch(Operation::Insert, &["data", "flags", "shape", "name"]);
+        let w = watch(
+            Operation::Insert,
+            &["data", "flags", "shape", "name", "at", "ratio"],
+        );
         let mut kinds = Kinds::new();
         kinds.insert(
             ("app".into(), "we`ird".into()),
@@ -332,6 +375,8 @@ mod tests {
                 ("flags".to_string(), ColumnKind::from_data_type("bit")),
                 ("shape".to_string(), ColumnKind::from_data_type("point")),
                 ("name".to_string(), ColumnKind::from_data_type("varchar")),
+                ("at".to_string(), ColumnKind::from_data_type("DATETIME")),
+                ("ratio".to_string(), ColumnKind::from_data_type("float")),
             ]
             .into_iter()
             .collect(),
@@ -341,6 +386,11 @@ mod tests {
         assert!(t.contains("'flags', (NEW.`flags` + 0)"), "{t}");
         assert!(t.contains("'shape', ST_AsText(NEW.`shape`)"), "{t}");
         assert!(t.contains("'name', NEW.`name`"), "{t}");
+        assert!(t.contains("'at', CAST(NEW.`at` AS CHAR)"), "{t}");
+        assert!(
+            t.contains("'ratio', CAST(CAST(NEW.`ratio` AS CHAR) AS DOUBLE)"),
+            "{t}"
+        );
         assert!(t.contains("COALESCE(JSON_OBJECT("), "{t}");
         assert!(
             t.contains("'$.__sqlnotify', JSON_OBJECT('truncated', TRUE)"),
@@ -355,6 +405,13 @@ mod tests {
         assert!(s.contains("CREATE TABLE IF NOT EXISTS `db`.`sqlnotify_journal`"));
         assert!(s.contains("DROP TRIGGER IF EXISTS `app`.`sqlnotify_o'brien\\x`;"));
         assert!(s.contains("REPLACE INTO `db`.`sqlnotify_catalog`"));
+        // triggers are created under the non-strict mode, and the session's mode is restored
+        let enter = s
+            .find(&enter_trigger_sql_mode())
+            .expect("sql_mode switched");
+        assert!(enter < s.find("CREATE TRIGGER").unwrap());
+        assert!(s.find(LEAVE_TRIGGER_SQL_MODE).unwrap() > s.rfind("REPLACE INTO").unwrap());
+        assert!(enter_trigger_sql_mode().ends_with("SESSION sql_mode = ''"));
         assert!(s
             .trim_end()
             .ends_with("SELECT RELEASE_LOCK('sqlnotify_install');"));

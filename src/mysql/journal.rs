@@ -30,8 +30,9 @@
 //!
 //! The limitation: a transaction that commits more than the gap timeout after its trigger
 //! ran — a long transaction, or one whose insert waited on locks — has its events skipped
-//! (unless another gap below it still holds `low` back). Raise the timeout with the URL
-//! parameter `sqlnotify_gap_timeout_ms` if your transactions run longer.
+//! (unless another gap below it still holds `low` back). Raise the timeout with
+//! `NotifierBuilder::gap_timeout` (or the URL parameter `sqlnotify_gap_timeout_ms`) if your
+//! transactions run longer.
 //!
 //! A named consumer saves `low`: restarting from it re-reads (and delivers again) the rows
 //! above it that were already delivered — at least once, never skipped.

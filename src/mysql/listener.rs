@@ -1,7 +1,10 @@
 //! The MySQL listener: a supervised actor that runs a watcher task polling the journal.
 //!
-//! MySQL has no LISTEN/NOTIFY. The watcher keeps a connection of its own (READ COMMITTED,
-//! autocommit: every poll sees everything committed so far, no snapshot is held) and reads
+//! MySQL has no LISTEN/NOTIFY. The watcher keeps a connection of its own (autocommit: every
+//! poll is a transaction of its own and sees everything committed before it, no snapshot is
+//! held — under REPEATABLE READ too; no isolation level is forced, because READ COMMITTED
+//! would make the consumer's watermark saves fail on servers logging with
+//! `binlog_format = STATEMENT`) and reads
 //! the journal by cursor (see `journal.rs` for how late commits are caught) at an adaptive
 //! interval: every millisecond while rows flow, backing off to 25 ms when idle. The
 //! notifier's own writes (`notify()`) wake it at once. Every query must answer within the
@@ -176,7 +179,9 @@ async fn connect(shared: &Shared) -> Result<Conn> {
         .await?;
     shared
         .within("configuring the listener connection", async {
-            conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            // Autocommit, whatever `init_connect` set: a transaction left open would hold
+            // one snapshot, and the polls would never see a new row.
+            conn.query_drop("SET SESSION autocommit = 1")
                 .await
                 .map_err(db_err("configuring the listener connection"))
         })
@@ -388,6 +393,7 @@ async fn read_all(conn: &mut Conn, shared: &Shared) -> Result<Option<u64>> {
                         payload,
                         received_at: now,
                         sequence: Some(id),
+                        events: 1,
                     });
                 }
             }

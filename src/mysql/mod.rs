@@ -1,12 +1,21 @@
 //! The MySQL / MariaDB dialect: triggers append to a journal table that listeners poll by
 //! cursor.
 //!
-//! Requirements: MySQL ≥ 5.7.2 or MariaDB ≥ 10.2.3 — every watch has a trigger of its own,
-//! and only these versions allow several triggers per table, timing and event (they fire in
-//! creation order) — with InnoDB. Tested on MariaDB 10.11; MySQL 8 uses the same SQL. The
-//! connecting user needs the TRIGGER privilege on the watched tables, CREATE/INSERT/DELETE
-//! on its database, and — when binary logging is on — SUPER or
-//! `log_bin_trust_function_creators = 1` to create triggers.
+//! Requirements: MySQL ≥ 8.0.17 or MariaDB ≥ 10.2.3, with InnoDB. Every watch has a trigger
+//! of its own, which needs several triggers per table, timing and event (they fire in
+//! creation order); payloads need `JSON_OBJECT` and, for FLOAT columns, `CAST(… AS DOUBLE)`
+//! (MySQL 8.0.17). Tested on MariaDB 10.11 and on Oracle MySQL 9.7 (as the stand-in for
+//! MySQL 8: same defaults for binary logging, authentication and isolation); the generated
+//! SQL is the same for both except that MariaDB replaces a changed trigger in one statement.
+//!
+//! Privileges: TRIGGER on the watched tables; CREATE, SELECT, INSERT, UPDATE and DELETE on
+//! the URL's database. Binary logging is on by default on MySQL 8 and later (and on many
+//! MariaDB setups): then the server lets only a user with SUPER create triggers unless
+//! `log_bin_trust_function_creators = 1` — otherwise `start()` fails with an error naming
+//! that setting. Either set it (server configuration, or `SET PERSIST` as an administrator),
+//! or have an administrator apply `install_sql()` and start with `manage_triggers(false)`.
+//! Triggers are created under a non-strict `sql_mode` so a row too large for a payload never
+//! fails the user's write (see `ddl.rs`).
 //!
 //! What sqlnotify creates: three tables in the URL's database — `sqlnotify_catalog`,
 //! `sqlnotify_journal`, `sqlnotify_consumers` — and one trigger per watch, named after its
@@ -18,10 +27,11 @@
 //! URLs: `mysql://user:password@host:3306/database` or `mariadb://…`; the database is
 //! required and is the default schema of watches. The driver is `mysql_async` built without
 //! TLS (its `minimal-rust` feature): connect over a trusted network or a unix socket (MySQL 8's
-//! `caching_sha2_password` works without TLS through the server's RSA key). The driver's URL
-//! parameters apply (`socket=…`, `prefer_socket=false`, …), plus sqlnotify's own
-//! `sqlnotify_gap_timeout_ms` (default 10000): how long a missing journal id is waited for
-//! before it is treated as rolled back — see `journal.rs`.
+//! `caching_sha2_password` works without TLS: the password goes encrypted with the server's
+//! RSA key). The driver's URL parameters apply (`socket=…`, `prefer_socket=false`, …), plus
+//! sqlnotify's own `sqlnotify_gap_timeout_ms` (default 10000, not zero): how long a missing
+//! journal id is waited for before it is treated as rolled back — see `journal.rs`.
+//! `NotifierBuilder::gap_timeout` sets the same and wins over the URL parameter.
 
 mod catalog;
 mod ddl;
@@ -81,6 +91,11 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
                         "{GAP_TIMEOUT_PARAM} must be a number of milliseconds, got {value:?}"
                     ))
                 })?;
+                if ms == 0 {
+                    return Err(invalid(format!(
+                        "{GAP_TIMEOUT_PARAM} must be longer than zero"
+                    )));
+                }
                 gap_timeout = Duration::from_millis(ms);
             }
             _ if pair.is_empty() => {}
@@ -282,10 +297,12 @@ impl Dialect for Mysql {
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        // The builder's setting wins over the URL parameter.
+        let gap_timeout = params.gap_timeout.unwrap_or(self.gap_timeout);
         Box::pin(listener::start(
             self.opts.clone(),
             self.database,
-            self.gap_timeout,
+            gap_timeout,
             params,
             self.wake.clone(),
         ))
@@ -375,6 +392,7 @@ mod tests {
             "mysql://root@127.0.0.1:3306",
             "mysql://root@127.0.0.1:3306/",
             "mysql://u:secret@host/db?sqlnotify_gap_timeout_ms=soon",
+            "mysql://u:secret@host/db?sqlnotify_gap_timeout_ms=0",
             "mysql://u:secret@host/db?no_such_parameter=1",
             "postgres://u@host/db",
         ] {

@@ -7,7 +7,7 @@
 
 use crate::payload::{META_KEY, NOTIFY_PAYLOAD_LIMIT};
 use crate::sql::{quote_ident, quote_literal};
-use crate::watch::{ResolvedWatch, Tier};
+use crate::watch::{Capture, ResolvedWatch, Tier, STATEMENT_CHUNK_ROWS};
 
 /// Schema holding every sqlnotify object except the triggers themselves.
 pub(crate) const SCHEMA: &str = "sqlnotify";
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS {s}.journal (
     payload text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE {s}.journal ADD COLUMN IF NOT EXISTS events integer NOT NULL DEFAULT 1;
 CREATE INDEX IF NOT EXISTS journal_xid_idx ON {s}.journal (xid);
 CREATE INDEX IF NOT EXISTS journal_created_at_idx ON {s}.journal (created_at);
 CREATE TABLE IF NOT EXISTS {s}.consumers (
@@ -87,10 +88,80 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
 /// table (inside its own exception block, so even a missing table or permission only degrades
 /// the event to "truncated"), and a payload that still does not fit is cut down to the key.
 pub(crate) fn function_sql(w: &ResolvedWatch) -> String {
-    match w.tier {
-        Tier::Notify => notify_function_sql(w),
-        Tier::Durable | Tier::Poll => journal_function_sql(w),
+    match (w.tier, w.capture) {
+        (Tier::Notify, _) => notify_function_sql(w),
+        (Tier::Durable | Tier::Poll, Capture::Row) => journal_function_sql(w),
+        (Tier::Durable | Tier::Poll, Capture::Statement) => statement_function_sql(w),
     }
+}
+
+/// Transition table names of statement-capture triggers.
+const NEW_TABLE: &str = "_sqn_new";
+const OLD_TABLE: &str = "_sqn_old";
+
+/// The journal tiers with [`Capture::Statement`]: one journal row per statement (per
+/// [`STATEMENT_CHUNK_ROWS`] rows) whose payload is a JSON array of the rows' payloads, in the
+/// transition table's order, and whose `events` column says how many rows it carries (the
+/// listener takes that much in-flight budget for it). The durable tier sends one empty
+/// NOTIFY per statement. An UPDATE watch with `trigger_columns` keeps a new row unless an old
+/// row with the same key has the same values in all of them (keys compared as text, which
+/// every type has, so the comparison cannot fail at run time).
+fn statement_function_sql(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let chan = quote_literal(&channel.name);
+    let table = match channel.operation {
+        crate::event::Operation::Delete => OLD_TABLE,
+        _ => NEW_TABLE,
+    };
+    let (_, changed) = w.trigger_event(|c, has_eq| {
+        if has_eq {
+            format!("_sqn_o.{c} IS DISTINCT FROM _sqn_t.{c}")
+        } else {
+            format!("_sqn_o.{c}::text IS DISTINCT FROM _sqn_t.{c}::text")
+        }
+    });
+    let filter = changed
+        .map(|changed| {
+            let same_key: Vec<String> = channel
+                .key_columns
+                .iter()
+                .map(|k| {
+                    let k = quote_ident(k);
+                    format!("_sqn_o.{k}::text = _sqn_t.{k}::text")
+                })
+                .collect();
+            format!(
+                "\n           WHERE NOT EXISTS (SELECT 1 FROM {OLD_TABLE} AS _sqn_o WHERE {} AND NOT ({changed}))",
+                same_key.join(" AND ")
+            )
+        })
+        .unwrap_or_default();
+    let wake = match w.tier {
+        Tier::Durable => {
+            format!("\n  IF FOUND THEN\n    PERFORM pg_catalog.pg_notify({chan}, '');\n  END IF;")
+        }
+        _ => String::new(),
+    };
+    let body = format!(
+        "
+BEGIN
+  INSERT INTO {schema}.journal (channel, payload, events)
+  SELECT {chan}, '[' || pg_catalog.string_agg(_sqn_p, ',' ORDER BY _sqn_n) || ']', pg_catalog.count(*)
+    FROM (SELECT {payload} AS _sqn_p, pg_catalog.row_number() OVER () AS _sqn_n
+            FROM {table} AS _sqn_t{filter}) AS _sqn_s
+   GROUP BY (_sqn_n - 1) / {STATEMENT_CHUNK_ROWS}
+   ORDER BY (_sqn_n - 1) / {STATEMENT_CHUNK_ROWS};{wake}
+  RETURN NULL;
+END
+",
+        schema = quote_ident(SCHEMA),
+        payload = json_expr("_sqn_t", &channel.payload_columns()),
+    );
+    format!(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
+        function_name(&channel.name),
+        quote_literal(&body)
+    )
 }
 
 /// The journal tiers: the row goes to `sqlnotify.journal` inside the user's transaction (so it
@@ -184,6 +255,25 @@ END
 /// operator (e.g. `json`) are compared as text.
 pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
+    if w.capture == Capture::Statement && w.tier != Tier::Notify {
+        // Transition tables cannot be combined with a column list (`UPDATE OF`): the function
+        // filters unchanged rows itself.
+        let referencing = match channel.operation {
+            crate::event::Operation::Insert => format!("NEW TABLE AS {NEW_TABLE}"),
+            crate::event::Operation::Delete => format!("OLD TABLE AS {OLD_TABLE}"),
+            crate::event::Operation::Update => {
+                format!("OLD TABLE AS {OLD_TABLE} NEW TABLE AS {NEW_TABLE}")
+            }
+        };
+        return format!(
+            "CREATE TRIGGER {} AFTER {} ON {}.{} REFERENCING {referencing} FOR EACH STATEMENT EXECUTE FUNCTION {}()",
+            quote_ident(&channel.name),
+            channel.operation.sql_keyword(),
+            quote_ident(&channel.schema),
+            quote_ident(&channel.table),
+            function_name(&channel.name),
+        );
+    }
     let (event, changed) = w.trigger_event(|c, has_eq| {
         if has_eq {
             format!("OLD.{c} IS DISTINCT FROM NEW.{c}")
@@ -269,6 +359,7 @@ mod tests {
             trigger_columns: vec![],
             use_overflow_table: true,
             tier: crate::watch::Tier::Notify,
+            capture: Capture::Row,
         }
     }
 
@@ -308,6 +399,75 @@ mod tests {
         let many: Vec<String> = (0..60).map(|i| format!("c{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(function_sql(&watch(Operation::Insert, None, &many)).contains("row_to_json"));
+    }
+
+    #[test]
+    fn statement_capture_uses_transition_tables_and_chunks() {
+        let mut w = watch(Operation::Insert, Some("o'brien"), &["v"]);
+        w.tier = Tier::Durable;
+        w.capture = Capture::Statement;
+        let t = trigger_sql(&w);
+        assert_eq!(
+            t,
+            "CREATE TRIGGER \"sqlnotify_o'brien\" AFTER INSERT ON \"public\".\"CamelCase\" \
+             REFERENCING NEW TABLE AS _sqn_new FOR EACH STATEMENT \
+             EXECUTE FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"()"
+        );
+        let f = function_sql(&w);
+        assert!(
+            f.contains("INSERT INTO \"sqlnotify\".journal (channel, payload, events)"),
+            "{f}"
+        );
+        assert!(f.contains("FROM _sqn_new AS _sqn_t"), "{f}");
+        assert!(
+            f.contains(&format!("GROUP BY (_sqn_n - 1) / {STATEMENT_CHUNK_ROWS}")),
+            "{f}"
+        );
+        assert!(
+            f.contains("string_agg(_sqn_p, '','' ORDER BY _sqn_n)"),
+            "{f}"
+        );
+        assert!(f.contains("_sqn_t.\"v\""), "{f}");
+        assert!(
+            f.contains("pg_notify(''sqlnotify_o''''brien'', '''')"),
+            "{f}"
+        );
+        w.tier = Tier::Poll;
+        assert!(!function_sql(&w).contains("pg_notify"));
+        // the notify tier never uses statement capture (precheck refuses the combination)
+        w.tier = Tier::Notify;
+        assert!(trigger_sql(&w).contains("FOR EACH ROW"));
+    }
+
+    #[test]
+    fn statement_capture_reads_old_rows_for_delete_and_filters_updates_by_key() {
+        let mut w = watch(Operation::Delete, None, &[]);
+        w.tier = Tier::Poll;
+        w.capture = Capture::Statement;
+        assert!(trigger_sql(&w).contains("REFERENCING OLD TABLE AS _sqn_old FOR EACH STATEMENT"));
+        assert!(function_sql(&w).contains("FROM _sqn_old AS _sqn_t"));
+        let mut w = watch(Operation::Update, None, &[]);
+        w.tier = Tier::Poll;
+        w.capture = Capture::Statement;
+        assert!(
+            !function_sql(&w).contains("NOT EXISTS"),
+            "no trigger_columns: every row"
+        );
+        w.trigger_columns = vec![("email".into(), true), ("doc".into(), false)];
+        let t = trigger_sql(&w);
+        assert!(
+            t.contains("AFTER UPDATE ON"),
+            "no column list with transition tables: {t}"
+        );
+        assert!(t.contains("REFERENCING OLD TABLE AS _sqn_old NEW TABLE AS _sqn_new"));
+        let f = function_sql(&w);
+        assert!(
+            f.contains(
+                "WHERE NOT EXISTS (SELECT 1 FROM _sqn_old AS _sqn_o WHERE _sqn_o.\"id\"::text = _sqn_t.\"id\"::text \
+                 AND NOT (_sqn_o.\"email\" IS DISTINCT FROM _sqn_t.\"email\" OR _sqn_o.\"doc\"::text IS DISTINCT FROM _sqn_t.\"doc\"::text))"
+            ),
+            "{f}"
+        );
     }
 
     #[test]

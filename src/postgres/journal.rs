@@ -32,9 +32,13 @@ use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::sql::quote_ident;
 use crate::stats::Counters;
+use crate::watch::STATEMENT_CHUNK_ROWS;
 
-/// Rows handed to the decoder per batch.
+/// Events handed to the decoder per batch (at least; a batch ends with the row that reaches
+/// it). A batch holds under `BATCH + STATEMENT_CHUNK_ROWS` units of budget, which must fit in
+/// the smallest budget, or the listener would wait for room that can never be made.
 const BATCH: usize = 512;
+const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::notifier::MIN_IN_FLIGHT);
 
 /// Where a listener is in the journal.
 #[derive(Debug, Default)]
@@ -71,10 +75,10 @@ impl JournalCursor {
         stats: &Counters,
     ) -> Result<ReadOutcome> {
         let sql = format!(
-            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload
+            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events
                FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS horizon) s
                LEFT JOIN LATERAL (
-                    SELECT id, xid, channel, payload FROM {}.journal
+                    SELECT id, xid, channel, payload, events FROM {}.journal
                      WHERE xid >= coalesce($1::text::xid8, s.horizon) AND channel = ANY($2)
                      ORDER BY id) j ON true",
             quote_ident(SCHEMA)
@@ -92,6 +96,7 @@ impl JournalCursor {
         // A row counts as seen only once it has been handed to the decoder: if this read is
         // abandoned (lost connection), rows collected but not handed over are read again.
         let (mut batch, mut ids, mut delivered, mut horizon) = (Vec::new(), Vec::new(), 0, None);
+        let mut units = 0;
         while let Some(row) = rows
             .try_next()
             .await
@@ -110,16 +115,22 @@ impl JournalCursor {
             if self.seen.contains_key(&id) {
                 continue;
             }
+            // A statement-capture row carries up to STATEMENT_CHUNK_ROWS events (a larger
+            // count is someone else's row: clamped, the decoder checks it against the payload).
+            let events = row.get::<_, i32>(5).clamp(1, STATEMENT_CHUNK_ROWS as i32) as u32;
             batch.push(RawNotification {
                 channel: row.get(3),
                 payload: row.get(4),
                 received_at: SystemTime::now(),
                 sequence: Some(id),
+                events,
             });
             ids.push((id, xid));
-            if batch.len() >= BATCH {
+            units += events as usize;
+            if units >= BATCH {
                 delivered += forward(&mut batch, decoder, budget, stats).await?;
                 self.seen.extend(ids.drain(..));
+                units = 0;
             }
         }
         delivered += forward(&mut batch, decoder, budget, stats).await?;
@@ -144,15 +155,15 @@ async fn forward(
     if batch.is_empty() {
         return Ok(0);
     }
-    let n = batch.len();
+    let n: u32 = batch.iter().map(|raw| raw.events).sum();
     budget
-        .acquire_many(n as u32)
+        .acquire_many(n)
         .await
         .map_err(|_| Error::NotRunning)?
         .forget();
-    stats.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+    stats.forwarded.fetch_add(u64::from(n), Ordering::Relaxed);
     decoder.do_send(RawBatch(std::mem::take(batch)));
-    Ok(n as u64)
+    Ok(u64::from(n))
 }
 
 fn parse_xid(text: &str) -> Result<u64> {

@@ -442,6 +442,7 @@ impl Reader {
                             payload: n.payload().to_owned(),
                             received_at: SystemTime::now(),
                             sequence: None,
+                            events: 1,
                         });
                         if batch.len() >= MAX_BATCH {
                             return Poll::Ready(None);

@@ -146,6 +146,7 @@ mod tests {
             trigger_columns: vec![],
             use_overflow_table: true,
             tier: crate::watch::Tier::Notify,
+            capture: crate::watch::Capture::Row,
         }
     }
 

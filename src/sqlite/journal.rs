@@ -64,6 +64,7 @@ pub(crate) fn read_after(
                 payload: text(row, 2)?,
                 received_at: now,
                 sequence: Some(id),
+                events: 1,
             });
         }
     }

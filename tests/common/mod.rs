@@ -436,3 +436,42 @@ impl Drop for Bouncer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A subscriber on its own arbiter that blocks on its first event until released, then
+/// forwards everything it gets.
+pub struct Gated {
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+    out: mpsc::UnboundedSender<ChangeEvent>,
+}
+
+impl actix::Actor for Gated {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<ChangeEvent> for Gated {
+    type Result = ();
+    fn handle(&mut self, event: ChangeEvent, _: &mut actix::Context<Self>) {
+        if let Some(gate) = self.gate.take() {
+            let _ = gate.recv();
+        }
+        let _ = self.out.send(event);
+    }
+}
+
+/// Starts a gated subscriber on a thread of its own; returns (recipient, release, events).
+pub fn gated() -> (
+    actix::Recipient<ChangeEvent>,
+    std::sync::mpsc::Sender<()>,
+    mpsc::UnboundedReceiver<ChangeEvent>,
+    actix::Arbiter,
+) {
+    let (release, gate) = std::sync::mpsc::channel();
+    let (out, events) = mpsc::unbounded_channel();
+    let arbiter = actix::Arbiter::new();
+    let gate = std::sync::Mutex::new(Some(gate));
+    let addr = <Gated as actix::Actor>::start_in_arbiter(&arbiter.handle(), move |_| Gated {
+        gate: gate.lock().unwrap().take(),
+        out,
+    });
+    (addr.recipient(), release, events, arbiter)
+}

@@ -1,0 +1,516 @@
+//! Statement-level capture (`Capture::Statement`) on PostgreSQL's journal tiers: one journal
+//! row per statement (split every `STATEMENT_CHUNK_ROWS` rows), decoded back into one event
+//! per row, in order, exactly once — through big statements, `trigger_columns`, a tight
+//! in-flight budget, killed listeners and hostile journal rows.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use common::{gated, wait_until, Events, TestDb};
+use serde_json::json;
+use sqlnotify::Operation::{Delete, Insert, Update};
+use sqlnotify::{
+    Capture, Error, Notifier, OverflowPolicy, Status, StatusEvent, Subscription, Tier, Watch,
+    STATEMENT_CHUNK_ROWS,
+};
+use tokio::sync::mpsc;
+
+const TIERS: [Tier; 2] = [Tier::Durable, Tier::Poll];
+
+fn watch(table: &str, op: sqlnotify::Operation, tier: Tier) -> Watch {
+    Watch::new(table, op).tier(tier).capture(Capture::Statement)
+}
+
+#[actix_rt::test]
+async fn every_row_of_a_statement_arrives_in_order_from_one_journal_row() {
+    for tier in TIERS {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY, name text, doc jsonb)")
+            .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(watch("t", Insert, tier).extra_columns(["name", "doc"]))
+            .watch(watch("t", Update, tier).extra_columns(["name"]))
+            .watch(watch("t", Delete, tier))
+            .start()
+            .await
+            .unwrap();
+        let mut ins = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        let mut upd = Events::subscribe(&notifier, Subscription::new("t", Update)).await;
+        let mut del = Events::subscribe(&notifier, Subscription::new("t", Delete)).await;
+
+        db.exec(
+            "INSERT INTO t SELECT i, 'n' || i, jsonb_build_object('i', i) FROM generate_series(1, 5) i",
+        )
+        .await;
+        let events = ins.take(5).await;
+        let ids: Vec<i64> = events.iter().map(|e| e.id().as_i64().unwrap()).collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5], "{tier:?}");
+        assert_eq!(events[2].get("name"), Some(&json!("n3")));
+        assert_eq!(events[2].get("doc"), Some(&json!({"i": 3})));
+        let sequence = events[0].sequence();
+        assert!(sequence.is_some());
+        assert!(
+            events.iter().all(|e| e.sequence() == sequence),
+            "one journal row"
+        );
+        assert_eq!(
+            db.count("SELECT count(*) FROM sqlnotify.journal WHERE channel LIKE '%insert'")
+                .await,
+            1
+        );
+
+        // a statement touching no row writes nothing; the next one still arrives
+        db.exec("UPDATE t SET name = 'x' WHERE id > 100").await;
+        db.exec("UPDATE t SET name = upper(name) WHERE id IN (2, 4)")
+            .await;
+        let events = upd.take(2).await;
+        assert_eq!(events[0].id().as_i64(), Some(2));
+        assert_eq!(events[1].get("name"), Some(&json!("N4")));
+        db.exec("DELETE FROM t WHERE id <= 3").await;
+        let ids: BTreeSet<i64> = del
+            .take(3)
+            .await
+            .iter()
+            .map(|e| e.id().as_i64().unwrap())
+            .collect();
+        assert_eq!(ids, BTreeSet::from([1, 2, 3]));
+        db.exec("INSERT INTO t VALUES (6, 'six', null)").await;
+        assert_eq!(ins.next().await.id().as_i64(), Some(6));
+        ins.assert_empty();
+        upd.assert_empty();
+        del.assert_empty();
+        notifier.stop().await.unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn a_big_statement_is_split_into_chunks_and_arrives_whole_and_in_order() {
+    let rows = 3 * STATEMENT_CHUNK_ROWS + 17;
+    for tier in TIERS {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY, body text)")
+            .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(watch("t", Insert, tier).extra_columns(["body"]))
+            .start()
+            .await
+            .unwrap();
+        let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        // inserted in descending id order: the events follow the statement's order
+        db.exec(&format!(
+            "INSERT INTO t SELECT i, repeat('x', 100) FROM generate_series({rows}, 1, -1) i"
+        ))
+        .await;
+        let ids: Vec<i64> = ev
+            .take(rows)
+            .await
+            .iter()
+            .map(|e| e.id().as_i64().unwrap())
+            .collect();
+        let expected: Vec<i64> = (1..=rows as i64).rev().collect();
+        assert_eq!(ids, expected, "{tier:?}");
+        let chunks = db
+            .count("SELECT count(*) FROM sqlnotify.journal WHERE events <= 512")
+            .await;
+        assert_eq!(
+            chunks, 4,
+            "{tier:?}: {rows} rows in chunks of {STATEMENT_CHUNK_ROWS}"
+        );
+        db.exec("INSERT INTO t VALUES (0, 'sentinel')").await;
+        assert_eq!(ev.next().await.id().as_i64(), Some(0));
+        ev.assert_empty();
+        let stats = notifier.stats().await.unwrap();
+        assert_eq!(stats.received, rows as u64 + 1);
+        assert_eq!(stats.malformed, 0);
+        notifier.stop().await.unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn trigger_columns_keep_only_rows_that_really_changed() {
+    for tier in TIERS {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY, email text, doc json, hits int)")
+            .await;
+        db.exec("INSERT INTO t SELECT i, 'e' || i, '{\"a\": 1}', 0 FROM generate_series(1, 6) i")
+            .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(
+                watch("t", Update, tier)
+                    .extra_columns(["email"])
+                    .trigger_columns(["email", "doc"]),
+            )
+            .start()
+            .await
+            .unwrap();
+        let mut ev = Events::subscribe(&notifier, Subscription::new("t", Update)).await;
+        // hits changes everywhere; email changes on 2 and 5 only; doc (json: no equality
+        // operator, compared as text) changes on 3; id 6's key changes
+        db.exec(
+            "UPDATE t SET hits = hits + 1,
+                          email = CASE WHEN id IN (2, 5) THEN 'new' || id ELSE email END,
+                          doc = CASE WHEN id = 3 THEN '{\"a\": 2}'::json ELSE doc END,
+                          id = CASE WHEN id = 6 THEN 60 ELSE id END",
+        )
+        .await;
+        let ids: BTreeSet<i64> = ev
+            .take(4)
+            .await
+            .iter()
+            .map(|e| e.id().as_i64().unwrap())
+            .collect();
+        assert_eq!(ids, BTreeSet::from([2, 3, 5, 60]), "{tier:?}");
+        // nothing really changed: no journal row at all
+        let before = db.count("SELECT count(*) FROM sqlnotify.journal").await;
+        db.exec("UPDATE t SET email = email, hits = 0").await;
+        assert_eq!(
+            db.count("SELECT count(*) FROM sqlnotify.journal").await,
+            before
+        );
+        // INSERT … ON CONFLICT DO UPDATE fires the UPDATE watch for the updated rows
+        db.exec(
+            "INSERT INTO t VALUES (1, 'e1', '{\"a\": 1}', 0), (4, 'upserted', '{\"a\": 1}', 0)
+             ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email",
+        )
+        .await;
+        let e = ev.next().await;
+        assert_eq!(
+            (e.id().as_i64(), e.get("email")),
+            (Some(4), Some(&json!("upserted")))
+        );
+        ev.assert_empty();
+        notifier.stop().await.unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn a_json_key_without_equality_never_fails_the_write() {
+    let db = TestDb::new().await;
+    // no primary key: the declared key is a json column, which has no `=` operator
+    db.exec("CREATE TABLE t (k json, v int)").await;
+    db.exec("INSERT INTO t VALUES ('{\"a\": 1}', 1), ('[2]', 2)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            watch("t", Update, Tier::Durable)
+                .primary_keys(["k"])
+                .trigger_columns(["v"]),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Update)).await;
+    db.exec("UPDATE t SET v = v + 1 WHERE v = 2").await;
+    let e = ev.next().await;
+    assert_eq!(e.id(), &sqlnotify::Key::Single(json!([2])));
+    ev.assert_empty();
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn the_notify_tier_refuses_statement_capture_and_installs_nothing() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let Err(err) = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).capture(Capture::Statement))
+        .start()
+        .await
+    else {
+        panic!("statement capture on the notify tier was accepted");
+    };
+    assert!(matches!(err, Error::InvalidWatch { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("public.t INSERT") && message.contains("Tier::Durable"),
+        "{message}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal")
+            .await,
+        0
+    );
+}
+
+#[actix_rt::test]
+async fn switching_capture_is_drift_and_reinstalls_on_request() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let row = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .start()
+        .await
+        .unwrap();
+    row.stop().await.unwrap();
+    let Err(err) = Notifier::builder(&db.url)
+        .watch(watch("t", Insert, Tier::Durable))
+        .revoke_on_model_change(false)
+        .start()
+        .await
+    else {
+        panic!("a changed capture was installed without revoke_on_model_change");
+    };
+    assert!(matches!(err, Error::DefinitionDrift { .. }), "{err:?}");
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch("t", Insert, Tier::Durable))
+        .revoke_on_model_change(true)
+        .start()
+        .await
+        .unwrap();
+    let statement_level = "SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass \
+                           AND NOT tgisinternal AND tgtype & 1 = 0";
+    assert_eq!(db.count(statement_level).await, 1);
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1), (2)").await;
+    assert_eq!(ev.take(2).await[1].id().as_i64(), Some(2));
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_partitioned_parent_is_watched_across_its_partitions() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE m (id int, at int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE m_low PARTITION OF m FOR VALUES FROM (0) TO (100);
+         CREATE TABLE m_high PARTITION OF m FOR VALUES FROM (100) TO (200);",
+    )
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch("m", Insert, Tier::Durable))
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("m", Insert)).await;
+    db.exec("INSERT INTO m VALUES (1, 5), (2, 150), (3, 50)")
+        .await;
+    let keys: Vec<serde_json::Value> = ev
+        .take(3)
+        .await
+        .iter()
+        .map(|e| serde_json::Value::Array(e.id().values().to_vec()))
+        .collect();
+    assert_eq!(keys, [json!([1, 5]), json!([2, 150]), json!([3, 50])]);
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn hostile_journal_rows_are_counted_and_the_budget_stays_exact() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch("t", Insert, Tier::Durable))
+        .consumer("hostile")
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    let channel = "sqlnotify_public_t_insert";
+    db.exec(&format!(
+        "INSERT INTO sqlnotify.journal (channel, payload, events) VALUES
+           ('{channel}', '[{{\"id\": 1}}, {{\"id\": 2}}, {{\"id\": 3}}]', 2),  -- says fewer rows than it holds
+           ('{channel}', '[{{\"id\": 4}}, 7, {{\"nope\": 1}}, {{\"id\": 5}}]', 4), -- two bad rows
+           ('{channel}', '[1, 2', 2),                                           -- not JSON
+           ('{channel}', '{{\"id\": 6}}', 300),                                 -- one object, big count
+           ('{channel}', '[]', 1);
+         NOTIFY {channel};"
+    ))
+    .await;
+    let ids: Vec<i64> = ev
+        .take(3)
+        .await
+        .iter()
+        .map(|e| e.id().as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [4, 5, 6]);
+    db.exec("INSERT INTO t VALUES (7)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(7));
+    ev.assert_empty();
+    assert_eq!(notifier.stats().await.unwrap().malformed, 5);
+    // every unit the listener took was accounted for: the consumer saves a horizon past
+    // all of it (a unit never given back would hold the save forever)
+    let saved = wait_until(Duration::from_secs(10), || async {
+        db.count(
+            "SELECT count(*) FROM sqlnotify.consumers \
+             WHERE name = 'hostile' AND horizon > (SELECT max(xid) FROM sqlnotify.journal)",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert!(
+        saved,
+        "the consumer's horizon was never saved past the hostile rows"
+    );
+    // the budget is intact: a statement of the smallest budget's size still gets through
+    // twice over (it could not if units had leaked or been over-returned)
+    for round in 0..2 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT i FROM generate_series({0} + 1, {0} + 1024) i",
+            1000 + round * 1024
+        ))
+        .await;
+        assert_eq!(ev.take(1024).await.len(), 1024);
+    }
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_stuck_subscriber_holds_reading_at_the_budget_then_everything_arrives() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch("t", Insert, Tier::Poll))
+        .max_in_flight(1024)
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, mut events, arbiter) = gated();
+    notifier
+        .subscribe(
+            Subscription::new("t", Insert)
+                .buffer(10)
+                .policy(OverflowPolicy::Wait),
+            slow,
+        )
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t SELECT i FROM generate_series(1, 6000) i")
+        .await;
+    // reading stops at the budget: of the 12 journal rows only the first few are read
+    let stalled = wait_until(Duration::from_secs(10), || async {
+        notifier.stats().await.unwrap().received >= 512
+    })
+    .await;
+    assert!(stalled, "{:?}", notifier.stats().await.unwrap());
+    let settled = wait_until(Duration::from_millis(500), || async {
+        notifier.stats().await.unwrap().received > 1024 + 512
+    })
+    .await;
+    let received = notifier.stats().await.unwrap().received;
+    assert!(
+        !settled && received < 6000,
+        "read past the budget: {received}"
+    );
+    release.send(()).unwrap();
+    for next in 1..=6000 {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("all rows arrive")
+            .unwrap();
+        assert_eq!(e.id().as_i64(), Some(next), "in order");
+    }
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
+
+#[actix_rt::test]
+async fn every_committed_row_arrives_once_while_the_listener_is_killed() {
+    for tier in TIERS {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(watch("t", Insert, tier))
+            .start()
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        notifier
+            .subscribe_fn(Subscription::new("t", Insert), move |e| {
+                let _ = tx.send(e.id().as_i64().unwrap());
+            })
+            .await
+            .unwrap();
+        let (status_tx, mut statuses) = mpsc::unbounded_channel();
+        notifier
+            .subscribe_status_fn(move |e: StatusEvent| {
+                let _ = status_tx.send(e.status);
+            })
+            .await
+            .unwrap();
+        // two writers commit multi-row statements (1–700 rows, so some are split), one
+        // transaction in five rolled back, while the listener is killed 10 times
+        let writers = (0..2i64).map(|w| {
+            let db = &db;
+            async move {
+                let client = db.client().await;
+                let mut committed = Vec::new();
+                let mut next = w * 10_000_000;
+                for n in 0..40i64 {
+                    let size = 1 + (n * 97 + w * 13) % 700;
+                    client.execute("BEGIN", &[]).await.unwrap();
+                    client
+                        .execute(
+                            "INSERT INTO t SELECT generate_series($1::int, $2::int)",
+                            &[&(next as i32), &((next + size - 1) as i32)],
+                        )
+                        .await
+                        .unwrap();
+                    if n % 5 == 2 {
+                        client.execute("ROLLBACK", &[]).await.unwrap();
+                    } else {
+                        client.execute("COMMIT", &[]).await.unwrap();
+                        committed.extend(next..next + size);
+                    }
+                    next += size;
+                }
+                committed
+            }
+        });
+        let killer = async {
+            let mut kills = 0;
+            while kills < 10 {
+                let pid: Option<i32> = db
+                    .client()
+                    .await
+                    .query_opt(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' \
+                         AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xmin%') AND pid <> pg_backend_pid() LIMIT 1",
+                        &[&db.name],
+                    )
+                    .await
+                    .unwrap()
+                    .map(|r| r.get(0));
+                if let Some(pid) = pid {
+                    db.exec(&format!("SELECT pg_terminate_backend({pid})"))
+                        .await;
+                    kills += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
+            }
+        };
+        let (committed, ()) = tokio::join!(futures_util::future::join_all(writers), killer);
+        let committed: HashSet<i64> = committed.into_iter().flatten().collect();
+        let mut seen = HashSet::new();
+        while seen.len() < committed.len() {
+            let id = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{tier:?}: {} of {} rows arrived",
+                        seen.len(),
+                        committed.len()
+                    )
+                })
+                .unwrap();
+            assert!(
+                committed.contains(&id),
+                "{tier:?}: rolled-back row {id} arrived"
+            );
+            assert!(seen.insert(id), "{tier:?}: row {id} arrived twice");
+        }
+        db.exec("INSERT INTO t VALUES (-1)").await;
+        assert_eq!(
+            rx.recv().await,
+            Some(-1),
+            "{tier:?}: nothing else was on its way"
+        );
+        let mut resynced = 0;
+        while let Ok(status) = statuses.try_recv() {
+            assert!(!matches!(status, Status::Gap { .. }), "{status:?}");
+            resynced += matches!(status, Status::Resynced { .. }) as u32;
+        }
+        assert!(resynced >= 10, "{tier:?}: {resynced} resyncs");
+        notifier.stop().await.unwrap();
+    }
+}
