@@ -29,6 +29,11 @@ pub struct Stats {
     pub dropped: u64,
     /// Events currently waiting in subscriber buffers.
     pub queued: u64,
+    /// Events read by the listener that have not reached the subscriptions yet (being
+    /// decoded, or waiting for the registry). With `queued`, what the in-flight budget
+    /// ([`max_in_flight`](crate::NotifierBuilder::max_in_flight)) holds; 0 when the pipeline
+    /// has caught up.
+    pub in_flight: u64,
     /// Journal position of the last event routed (SQLite); 0 when none or not journal-based.
     pub last_sequence: i64,
 }
@@ -89,6 +94,7 @@ impl Counters {
             subscriber_panics: get(&self.subscriber_panics),
             dropped: get(&self.dropped),
             queued: get(&self.queued),
+            in_flight: get(&self.forwarded).saturating_sub(get(&self.settled)),
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
         }
     }

@@ -468,3 +468,25 @@ async fn the_poll_tier_works_through_pgbouncer_in_transaction_mode() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     notifier.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn starting_never_waits_for_a_writer_in_the_middle_of_a_transaction() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url).watch(Watch::new("t", Insert).tier(Tier::Durable));
+    builder.start().await.unwrap().stop().await.unwrap();
+    // a writer holds its journal row (and its lock on the journal) uncommitted …
+    let mut writer = db.client().await;
+    let open = writer.transaction().await.unwrap();
+    open.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    // … while the service restarts: a lock on the journal here would wait for the writer and
+    // queue every other writer's trigger behind it
+    let notifier = tokio::time::timeout(Duration::from_secs(5), builder.start())
+        .await
+        .expect("start() waited for a writer's transaction")
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    open.commit().await.unwrap();
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    notifier.stop().await.unwrap();
+}

@@ -1,30 +1,41 @@
-//! End-to-end benchmark: latency, throughput and writer cost on a real PostgreSQL and a real
-//! SQLite file, against baselines taken in the same run.
+//! End-to-end benchmark: latency, throughput and writer cost on a real PostgreSQL, a real
+//! SQLite file and (feature `mysql`) a real MySQL / MariaDB server, against baselines taken in
+//! the same run.
 //!
 //! Writers are separate processes (this binary re-executed in writer mode, see `writer.rs`);
 //! each row carries the writer's wall-clock send time, and the subscriber — in this process —
 //! records when it arrives. Baselines: a raw tokio-postgres LISTEN loop behind a minimal
 //! `pg_notify` trigger (latency, throughput), and a table with no trigger at all (writer cost).
+//! MySQL has no LISTEN: its latency and throughput baseline is a raw 1 ms polling loop behind
+//! a minimal trigger (see `mysql.rs`).
 //!
 //! PostgreSQL: `SQLNOTIFY_TEST_PG_URL`, else `postgres://postgres@127.0.0.1:5432/postgres`; a
-//! database of its own is created and dropped. SQLite: files in a temporary directory.
+//! database of its own is created and dropped (only when a PostgreSQL or SQLite section runs).
+//! SQLite: files in a temporary directory. MySQL: `SQLNOTIFY_BENCH_MYSQL_URL`, else
+//! `SQLNOTIFY_TEST_MYSQL_URL`, else `mysql://root@127.0.0.1:3306/test`; a database of its own;
+//! skipped with a line saying so when no server answers.
 //!
-//! Run: `scripts/bench [--quick]`, or `cargo bench --bench e2e -- [--quick] [--only=latency,…]`
-//! (sections: `latency`, `throughput`, `cost`, `idle`, with finer names such as
-//! `latency-200` or `throughput-1w-100r-small`).
+//! Run: `scripts/bench [--quick]`, or `cargo bench [--features mysql] --bench e2e -- [--quick]
+//! [--only=latency,…]` (sections: `latency`, `throughput`, `cost`, `idle`, with finer names
+//! such as `latency-200` or `throughput-1w-100r-small`; MySQL: `mysql`, i.e.
+//! `mysql-latency-200`, `mysql-latency-1000`, `mysql-throughput-1w-100r-small`, `mysql-cost`,
+//! `mysql-idle`).
 
 #[path = "../common/mod.rs"]
 mod common;
+#[cfg(feature = "mysql")]
+mod mysql;
 mod recorder;
 mod writer;
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlnotify::{Notifier, Operation, Subscription, Tier, Watch};
+use sqlnotify::{Capture, Notifier, Operation, Subscription, Tier, Watch};
 use tokio_postgres::{Client, NoTls};
 
 use common::{count, ms, percentile, ratio, Args, Table};
@@ -48,7 +59,9 @@ fn main() {
 const SMALL: usize = 16;
 const LARGE: usize = 4000;
 
-/// What listens, and how the table is set up.
+/// What listens, and how the table is set up (PostgreSQL and SQLite; MySQL has its own in
+/// `mysql.rs`). A new system needs a label, a set-up arm in [`measure`], and a place in the
+/// system lists of the sections ([`DELIVERING`], [`cost_with`], [`idle`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum System {
     /// PostgreSQL, no trigger (writer-cost baseline).
@@ -60,16 +73,9 @@ enum System {
     /// PostgreSQL, the raw trigger with nobody LISTENing (trigger cost without a listener
     /// competing for the CPU; writer cost only).
     RawUnheard,
-    /// PostgreSQL, a prototype statement-level trigger journaling each row through a
-    /// transition table, then one NOTIFY (not in sqlnotify: writer cost only).
-    StatementJournal,
-    /// PostgreSQL, a prototype statement-level trigger writing one journal row per statement
-    /// (`json_agg` of the transition table), then one NOTIFY (writer cost only).
-    StatementBatch,
-    /// PostgreSQL, a prototype statement-level trigger writing one journal row per statement
-    /// holding the transition table as an array of the table's row type — no JSON on the
-    /// writer's side; a reader would format it (writer cost only).
-    StatementRows,
+    /// PostgreSQL, a sqlnotify notifier with one `Capture::Statement` watch of this tier
+    /// (durable or poll): one journal row per statement.
+    Statement(Tier),
     /// PostgreSQL, a statement-level trigger that only sends one empty NOTIFY: the floor of
     /// any trigger-based capture (captures nothing; writer cost only).
     StatementWake,
@@ -88,15 +94,8 @@ impl System {
             System::Tier(Tier::Durable) => "durable tier",
             System::Tier(Tier::Poll) => "poll tier",
             System::RawUnheard => "raw pg_notify trigger, nobody listening",
-            System::StatementJournal => {
-                "prototype: statement-level trigger, one journal row per row + one NOTIFY"
-            }
-            System::StatementBatch => {
-                "prototype: statement-level trigger, one journal row per statement (json_agg) + one NOTIFY"
-            }
-            System::StatementRows => {
-                "prototype: statement-level trigger, one journal row per statement (array of rows, no JSON) + one NOTIFY"
-            }
+            System::Statement(Tier::Durable) => "durable tier, statement capture",
+            System::Statement(_) => "poll tier, statement capture",
             System::StatementWake => {
                 "floor: statement-level trigger sending one empty NOTIFY, capturing nothing"
             }
@@ -111,7 +110,10 @@ impl System {
 
     /// Whether events are delivered to this process.
     fn delivers(self) -> bool {
-        matches!(self, System::Raw | System::Tier(_) | System::Sqlite)
+        matches!(
+            self,
+            System::Raw | System::Tier(_) | System::Statement(_) | System::Sqlite
+        )
     }
 }
 
@@ -272,50 +274,46 @@ fn today() -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The PostgreSQL and SQLite section names (every throughput shape of a full run).
+fn pg_sections() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "latency-200",
+        "latency-1000",
+        "cost-sync",
+        "cost-async",
+        "idle",
+    ]
+    .map(String::from)
+    .to_vec();
+    names.extend(
+        shapes(false)
+            .iter()
+            .map(|s| format!("throughput-{}", s.name())),
+    );
+    names
+}
+
 async fn run(args: Args) {
-    let admin_url = std::env::var("SQLNOTIFY_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let admin = connect(&admin_url).await;
-    remove_leftovers(&admin).await;
-    let db_name = format!("sqlnotify_bench_{}", std::process::id());
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db_name} TEMPLATE template0"))
-        .await
-        .expect("create the benchmark database");
-    let url = with_dbname(&admin_url, &db_name);
-    let pg_version: String = admin
-        .query_one("SHOW server_version", &[])
-        .await
-        .expect("server version")
-        .get(0);
-    let settings: Vec<String> = {
-        let mut out = Vec::new();
-        for name in ["synchronous_commit", "shared_buffers", "max_wal_size"] {
-            let row = admin
-                .query_one(&format!("SHOW {name}"), &[])
-                .await
-                .expect("setting");
-            out.push(format!("{name}={}", row.get::<_, String>(0)));
-        }
-        out
-    };
-    let tmp = std::env::temp_dir().join(format!("sqlnotify-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("temp dir");
-    let sqlite_sync: i64 = {
-        let conn = rusqlite::Connection::open(tmp.join("probe.db")).expect("sqlite");
-        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .expect("pragma")
-    };
     let time = args.run_time();
     println!("# sqlnotify end-to-end benchmark");
     println!("date: {} (UTC)", today());
     println!("machine: {}", common::machine());
-    println!(
-        "PostgreSQL {pg_version} ({}), loopback TCP; SQLite {} (bundled, WAL, synchronous={sqlite_sync}), file in {}",
-        settings.join(", "),
-        rusqlite::version(),
-        std::env::temp_dir().display()
-    );
+    let tmp = std::env::temp_dir().join(format!("sqlnotify-bench-{}", std::process::id()));
+    // PostgreSQL (and SQLite, whose rows sit in the same sections) only when one of their
+    // sections runs, so that `--only=mysql` needs no PostgreSQL.
+    let pg = if pg_sections().iter().any(|name| args.wants(name)) {
+        Some(Pg::setup(&tmp).await)
+    } else {
+        None
+    };
+    #[cfg(feature = "mysql")]
+    let my = mysql::MysqlBench::setup(&args).await;
+    #[cfg(not(feature = "mysql"))]
+    if args.only.is_empty() || args.only.iter().any(|o| o.starts_with("mysql")) {
+        println!(
+            "MySQL: skipped: this build has no `mysql` feature (cargo bench --features mysql --bench e2e)"
+        );
+    }
     println!(
         "mode: {} — {} s per system and scenario{}; writers are separate processes",
         if args.quick { "--quick" } else { "full" },
@@ -333,7 +331,7 @@ async fn run(args: Args) {
     );
     let ctx = Ctx {
         args: args.clone(),
-        url,
+        url: pg.as_ref().map(|pg| pg.url.clone()).unwrap_or_default(),
         tmp: tmp.clone(),
         next: Cell::new(0),
     };
@@ -345,17 +343,90 @@ async fn run(args: Args) {
         "ratio",
         "details",
     ]);
-    latency(&ctx, &mut table).await;
-    throughput(&ctx, &mut table).await;
-    cost(&ctx, &mut table).await;
-    idle(&ctx, &mut table).await;
+    if pg.is_some() {
+        latency(&ctx, &mut table).await;
+        throughput(&ctx, &mut table).await;
+        cost(&ctx, &mut table).await;
+        idle(&ctx, &mut table).await;
+    }
+    #[cfg(feature = "mysql")]
+    if let Some(my) = my {
+        my.run(&ctx, &mut table).await;
+        my.teardown().await;
+    }
     println!();
     print!("{}", table.render());
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .await
-        .expect("drop the benchmark database");
+    if let Some(pg) = pg {
+        pg.teardown().await;
+    }
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The benchmark's own PostgreSQL database.
+struct Pg {
+    admin: Client,
+    db_name: String,
+    url: String,
+}
+
+impl Pg {
+    /// Creates the database and the SQLite directory `tmp`, and prints what runs (PostgreSQL
+    /// and SQLite versions, settings).
+    async fn setup(tmp: &std::path::Path) -> Pg {
+        let admin_url = std::env::var("SQLNOTIFY_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let admin = connect(&admin_url).await;
+        remove_leftovers(&admin).await;
+        let db_name = format!("sqlnotify_bench_{}", std::process::id());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name} TEMPLATE template0"))
+            .await
+            .expect("create the benchmark database");
+        let url = with_dbname(&admin_url, &db_name);
+        let pg_version: String = admin
+            .query_one("SHOW server_version", &[])
+            .await
+            .expect("server version")
+            .get(0);
+        let settings: Vec<String> = {
+            let mut out = Vec::new();
+            for name in ["synchronous_commit", "shared_buffers", "max_wal_size"] {
+                let row = admin
+                    .query_one(&format!("SHOW {name}"), &[])
+                    .await
+                    .expect("setting");
+                out.push(format!("{name}={}", row.get::<_, String>(0)));
+            }
+            out
+        };
+        std::fs::create_dir_all(tmp).expect("temp dir");
+        let sqlite_sync: i64 = {
+            let conn = rusqlite::Connection::open(tmp.join("probe.db")).expect("sqlite");
+            conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("pragma")
+        };
+        println!(
+            "PostgreSQL {pg_version} ({}), loopback TCP; SQLite {} (bundled, WAL, synchronous={sqlite_sync}), file in {}",
+            settings.join(", "),
+            rusqlite::version(),
+            std::env::temp_dir().display()
+        );
+        Pg {
+            admin,
+            db_name,
+            url,
+        }
+    }
+
+    async fn teardown(self) {
+        self.admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .await
+            .expect("drop the benchmark database");
+    }
 }
 
 /// Drops the databases and temporary directories of earlier runs that were killed before they
@@ -416,42 +487,16 @@ fn create_table_sql(table: &str) -> String {
     )
 }
 
-/// The statement-level prototypes (see [`System`]): a journal like sqlnotify's (same
-/// columns and indexes) filled from the transition table, and one NOTIFY per statement.
-fn prototype_sql(system: System, table: &str) -> String {
-    let row_json = "json_build_object('id', n.id, 'sent_us', n.sent_us, 'payload', n.payload)";
-    let capture = match system {
-        System::StatementJournal => format!(
-            "INSERT INTO {table}_journal (channel, payload)
-               SELECT '{table}', {row_json}::text FROM new_rows n;"
-        ),
-        System::StatementBatch => format!(
-            "INSERT INTO {table}_journal (channel, payload)
-               SELECT '{table}', json_agg({row_json})::text FROM new_rows n;"
-        ),
-        System::StatementRows => format!(
-            "INSERT INTO {table}_journal (channel, payload, rows)
-               SELECT '{table}', '', array_agg(n::{table}) FROM new_rows n;"
-        ),
-        _ => String::new(),
-    };
+/// The floor of any trigger-based capture (see [`System::StatementWake`]): a statement-level
+/// trigger that sends one empty NOTIFY and captures nothing.
+fn wake_floor_sql(table: &str) -> String {
     format!(
-        "CREATE TABLE {table}_journal (
-           id bigserial PRIMARY KEY,
-           xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
-           channel text NOT NULL,
-           payload text NOT NULL,
-           rows {table}[],
-           created_at timestamptz NOT NULL DEFAULT now());
-         CREATE INDEX ON {table}_journal (xid);
-         CREATE INDEX ON {table}_journal (created_at);
-         CREATE FUNCTION {table}_stmt() RETURNS trigger LANGUAGE plpgsql AS $$
+        "CREATE FUNCTION {table}_stmt() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-           {capture}
            PERFORM pg_notify('{table}_stmt', '');
            RETURN NULL;
          END $$;
-         CREATE TRIGGER {table}_stmt AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows
+         CREATE TRIGGER {table}_stmt AFTER INSERT ON {table}
            FOR EACH STATEMENT EXECUTE FUNCTION {table}_stmt();"
     )
 }
@@ -460,6 +505,10 @@ fn watch(table: &str, tier: Tier) -> Watch {
     Watch::new(table, Operation::Insert)
         .extra_columns(["sent_us", "payload"])
         .tier(tier)
+}
+
+fn statement_watch(table: &str, tier: Tier) -> Watch {
+    watch(table, tier).capture(Capture::Statement)
 }
 
 /// Subscribes the recorder to the table's inserts.
@@ -524,9 +573,14 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
                     .expect("raw trigger");
                 Running::Raw(RawListener::start(&ctx.url, &channel, shared.clone()).await)
             }
-            System::Tier(tier) => {
+            System::Tier(_) | System::Statement(_) => {
+                let w = match system {
+                    System::Statement(tier) => statement_watch(&table, tier),
+                    System::Tier(tier) => watch(&table, tier),
+                    _ => unreachable!("matched above"),
+                };
                 let notifier = Notifier::builder(&ctx.url)
-                    .watch(watch(&table, tier))
+                    .watch(w)
                     .cleanup_on_stop(true)
                     .start()
                     .await
@@ -541,14 +595,11 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
                     .expect("raw trigger");
                 Running::Nothing
             }
-            System::StatementJournal
-            | System::StatementBatch
-            | System::StatementRows
-            | System::StatementWake => {
+            System::StatementWake => {
                 client
-                    .batch_execute(&prototype_sql(system, &table))
+                    .batch_execute(&wake_floor_sql(&table))
                     .await
-                    .expect("prototype trigger");
+                    .expect("wake-up trigger");
                 Running::Nothing
             }
             _ => Running::Nothing,
@@ -646,6 +697,19 @@ fn outcome(reports: &[Report], shared: &Shared, delivers: bool) -> Outcome {
 /// round with `--quick` — so that a machine getting busier or quieter meanwhile affects all
 /// systems alike. Returns one merged outcome per system, in order.
 async fn interleaved(ctx: &Ctx, systems: &[System], load: Load) -> Vec<Outcome> {
+    in_rounds(ctx, systems, load, |system, load| {
+        measure(ctx, system, load)
+    })
+    .await
+}
+
+/// [`interleaved`] for any kind of system: `measure` runs one system once.
+async fn in_rounds<S, F, Fut>(ctx: &Ctx, systems: &[S], load: Load, mut measure: F) -> Vec<Outcome>
+where
+    S: Copy,
+    F: FnMut(S, Load) -> Fut,
+    Fut: Future<Output = Outcome>,
+{
     let rounds = if ctx.args.quick { 1 } else { 5 };
     let load = Load {
         duration: load.duration / rounds,
@@ -654,7 +718,7 @@ async fn interleaved(ctx: &Ctx, systems: &[System], load: Load) -> Vec<Outcome> 
     let mut all: Vec<Vec<Outcome>> = vec![Vec::new(); systems.len()];
     for _ in 0..rounds {
         for (i, &system) in systems.iter().enumerate() {
-            all[i].push(measure(ctx, system, load).await);
+            all[i].push(measure(system, load).await);
         }
     }
     all.into_iter().map(Outcome::merge).collect()
@@ -678,11 +742,13 @@ fn losses(o: &Outcome) -> String {
 }
 
 /// The systems compared in the latency and throughput sections; the first is the baseline.
-const DELIVERING: [System; 5] = [
+const DELIVERING: [System; 7] = [
     System::Raw,
     System::Tier(Tier::Notify),
     System::Tier(Tier::Durable),
     System::Tier(Tier::Poll),
+    System::Statement(Tier::Durable),
+    System::Statement(Tier::Poll),
     System::Sqlite,
 ];
 
@@ -715,53 +781,62 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
             losses(&raw)
         );
         for (system, o) in DELIVERING[1..].iter().zip(outcomes) {
-            let base = (*system != System::Sqlite).then_some(&raw);
-            let pair = |o: &Outcome| format!("{} / {}", ms(o.p(50.0)), ms(o.p(99.0)));
-            let details = match base {
-                Some(b) => format!(
-                    "p95 {} (raw {}) · max {} (raw {}) · after the commit ack p50/p99 {}/{} (raw {}/{}) · commit p50/p99 {}/{} (raw {}/{}) · {} (raw: {})",
-                    ms(o.p(95.0)),
-                    ms(b.p(95.0)),
-                    ms(o.max()),
-                    ms(b.max()),
-                    ms(o.after_commit_p(50.0)),
-                    ms(o.after_commit_p(99.0)),
-                    ms(b.after_commit_p(50.0)),
-                    ms(b.after_commit_p(99.0)),
-                    ms(o.commit_p(50.0)),
-                    ms(o.commit_p(99.0)),
-                    ms(b.commit_p(50.0)),
-                    ms(b.commit_p(99.0)),
-                    losses(&o),
-                    losses(b)
-                ),
-                None => format!(
-                    "p95 {} · max {} · after the commit ack p50/p99 {}/{} · commit p50/p99 {}/{} · {}",
-                    ms(o.p(95.0)),
-                    ms(o.max()),
-                    ms(o.after_commit_p(50.0)),
-                    ms(o.after_commit_p(99.0)),
-                    ms(o.commit_p(50.0)),
-                    ms(o.commit_p(99.0)),
-                    losses(&o)
-                ),
-            };
-            table.row(vec![
+            let base = (*system != System::Sqlite).then_some((&raw, "raw"));
+            table.row(latency_row(
                 format!("latency {rate} rows/s · {}", system.label()),
-                "p50 / p99 ms".into(),
-                base.map_or("—".into(), pair),
-                pair(&o),
-                base.map_or("—".into(), |b| {
-                    format!(
-                        "{} / {}",
-                        ratio(o.p(50.0), b.p(50.0)),
-                        ratio(o.p(99.0), b.p(99.0))
-                    )
-                }),
-                details,
-            ]);
+                &o,
+                base,
+            ));
         }
     }
+}
+
+/// A latency row; `base` is the same-run baseline and its short name in the details.
+fn latency_row(scenario: String, o: &Outcome, base: Option<(&Outcome, &str)>) -> Vec<String> {
+    let pair = |o: &Outcome| format!("{} / {}", ms(o.p(50.0)), ms(o.p(99.0)));
+    let details = match base {
+        Some((b, name)) => format!(
+            "p95 {} ({name} {}) · max {} ({name} {}) · after the commit ack p50/p99 {}/{} ({name} {}/{}) · commit p50/p99 {}/{} ({name} {}/{}) · {} ({name}: {})",
+            ms(o.p(95.0)),
+            ms(b.p(95.0)),
+            ms(o.max()),
+            ms(b.max()),
+            ms(o.after_commit_p(50.0)),
+            ms(o.after_commit_p(99.0)),
+            ms(b.after_commit_p(50.0)),
+            ms(b.after_commit_p(99.0)),
+            ms(o.commit_p(50.0)),
+            ms(o.commit_p(99.0)),
+            ms(b.commit_p(50.0)),
+            ms(b.commit_p(99.0)),
+            losses(o),
+            losses(b)
+        ),
+        None => format!(
+            "p95 {} · max {} · after the commit ack p50/p99 {}/{} · commit p50/p99 {}/{} · {}",
+            ms(o.p(95.0)),
+            ms(o.max()),
+            ms(o.after_commit_p(50.0)),
+            ms(o.after_commit_p(99.0)),
+            ms(o.commit_p(50.0)),
+            ms(o.commit_p(99.0)),
+            losses(o)
+        ),
+    };
+    vec![
+        scenario,
+        "p50 / p99 ms".into(),
+        base.map_or("—".into(), |(b, _)| pair(b)),
+        pair(o),
+        base.map_or("—".into(), |(b, _)| {
+            format!(
+                "{} / {}",
+                ratio(o.p(50.0), b.p(50.0)),
+                ratio(o.p(99.0), b.p(99.0))
+            )
+        }),
+        details,
+    ]
 }
 
 /// One throughput configuration.
@@ -800,13 +875,14 @@ impl Shape {
     }
 }
 
-async fn throughput(ctx: &Ctx, table: &mut Table) {
+/// The throughput shapes of a run.
+fn shapes(quick: bool) -> Vec<Shape> {
     let shape = |writers, txn_rows, payload_bytes| Shape {
         writers,
         txn_rows,
         payload_bytes,
     };
-    let shapes = if ctx.args.quick {
+    if quick {
         vec![
             shape(1, 100, SMALL),
             shape(4, 1, SMALL),
@@ -822,8 +898,11 @@ async fn throughput(ctx: &Ctx, table: &mut Table) {
             }
         }
         all
-    };
-    for s in shapes {
+    }
+}
+
+async fn throughput(ctx: &Ctx, table: &mut Table) {
+    for s in shapes(ctx.args.quick) {
         if !ctx.args.wants(&format!("throughput-{}", s.name())) {
             continue;
         }
@@ -846,39 +925,48 @@ async fn throughput(ctx: &Ctx, table: &mut Table) {
             losses(&raw)
         );
         for (system, o) in DELIVERING[1..].iter().zip(outcomes) {
-            let base = (*system != System::Sqlite).then_some(&raw);
-            table.row(vec![
+            let base = (*system != System::Sqlite).then_some((&raw, "raw"));
+            table.row(throughput_row(
                 format!("throughput {} · {}", s.describe(), system.label()),
-                "delivered ev/s".into(),
-                base.map_or("—".into(), |b| count(b.delivered_rate)),
-                count(o.delivered_rate),
-                base.map_or("—".into(), |b| ratio(o.delivered_rate, b.delivered_rate)),
-                match base {
-                    Some(b) => format!(
-                        "committed {} rows/s (raw {}) · lag {} ms (raw {}) · p50/p99 {}/{} ms (raw {}/{}) · {} (raw: {})",
-                        count(o.commit_rate),
-                        count(b.commit_rate),
-                        ms(o.lag_ms),
-                        ms(b.lag_ms),
-                        ms(o.p(50.0)),
-                        ms(o.p(99.0)),
-                        ms(b.p(50.0)),
-                        ms(b.p(99.0)),
-                        losses(&o),
-                        losses(b)
-                    ),
-                    None => format!(
-                        "committed {} rows/s · lag {} ms · p50/p99 {}/{} ms · {}",
-                        count(o.commit_rate),
-                        ms(o.lag_ms),
-                        ms(o.p(50.0)),
-                        ms(o.p(99.0)),
-                        losses(&o)
-                    ),
-                },
-            ]);
+                &o,
+                base,
+            ));
         }
     }
+}
+
+/// A throughput row; `base` is the same-run baseline and its short name in the details.
+fn throughput_row(scenario: String, o: &Outcome, base: Option<(&Outcome, &str)>) -> Vec<String> {
+    vec![
+        scenario,
+        "delivered ev/s".into(),
+        base.map_or("—".into(), |(b, _)| count(b.delivered_rate)),
+        count(o.delivered_rate),
+        base.map_or("—".into(), |(b, _)| ratio(o.delivered_rate, b.delivered_rate)),
+        match base {
+            Some((b, name)) => format!(
+                "committed {} rows/s ({name} {}) · lag {} ms ({name} {}) · p50/p99 {}/{} ms ({name} {}/{}) · {} ({name}: {})",
+                count(o.commit_rate),
+                count(b.commit_rate),
+                ms(o.lag_ms),
+                ms(b.lag_ms),
+                ms(o.p(50.0)),
+                ms(o.p(99.0)),
+                ms(b.p(50.0)),
+                ms(b.p(99.0)),
+                losses(o),
+                losses(b)
+            ),
+            None => format!(
+                "committed {} rows/s · lag {} ms · p50/p99 {}/{} ms · {}",
+                count(o.commit_rate),
+                ms(o.lag_ms),
+                ms(o.p(50.0)),
+                ms(o.p(99.0)),
+                losses(o)
+            ),
+        },
+    ]
 }
 
 async fn cost(ctx: &Ctx, table: &mut Table) {
@@ -922,9 +1010,8 @@ async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
         System::Tier(Tier::Notify),
         System::Tier(Tier::Durable),
         System::Tier(Tier::Poll),
-        System::StatementJournal,
-        System::StatementBatch,
-        System::StatementRows,
+        System::Statement(Tier::Durable),
+        System::Statement(Tier::Poll),
         System::StatementWake,
     ];
     let mut outcomes: Vec<(System, Outcome)> = systems
@@ -935,30 +1022,14 @@ async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
     let none = outcomes.remove(0).1;
     let raw = outcomes[0].1.clone();
     for (system, o) in outcomes {
-        let mut details = format!(
-            "loses {:.0}% of the no-trigger rate",
-            (1.0 - o.commit_rate / none.commit_rate) * 100.0
-        );
-        if system != System::Raw {
-            details.push_str(&format!(
-                " · vs raw trigger {}",
-                ratio(o.commit_rate, raw.commit_rate)
-            ));
-        }
-        details.push_str(&format!(" · commit p50 {} ms", ms(o.commit_p(50.0))));
-        if system.delivers() {
-            details.push_str(&format!(" · listener running; {}", losses(&o)));
-        } else {
-            details.push_str(" · nobody listening");
-        }
-        table.row(vec![
+        let vs_raw = (system != System::Raw).then_some(&raw);
+        table.row(cost_row(
             format!("{what} · {}", system.label()),
-            "committed rows/s".into(),
-            format!("{} (no trigger)", count(none.commit_rate)),
-            count(o.commit_rate),
-            ratio(o.commit_rate, none.commit_rate),
-            details,
-        ]);
+            &o,
+            &none,
+            vs_raw,
+            system.delivers(),
+        ));
     }
     let mut sqlite = interleaved(ctx, &[System::SqliteNoTrigger, System::Sqlite], load).await;
     let o = sqlite.pop().expect("sqlite");
@@ -980,6 +1051,41 @@ async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
             losses(&o)
         ),
     ]);
+}
+
+/// A writer-cost row against the no-trigger rate `none`; `vs_raw`: the raw trigger's outcome,
+/// when the row should compare with it too.
+fn cost_row(
+    scenario: String,
+    o: &Outcome,
+    none: &Outcome,
+    vs_raw: Option<&Outcome>,
+    delivers: bool,
+) -> Vec<String> {
+    let mut details = format!(
+        "loses {:.0}% of the no-trigger rate",
+        (1.0 - o.commit_rate / none.commit_rate) * 100.0
+    );
+    if let Some(raw) = vs_raw {
+        details.push_str(&format!(
+            " · vs raw trigger {}",
+            ratio(o.commit_rate, raw.commit_rate)
+        ));
+    }
+    details.push_str(&format!(" · commit p50 {} ms", ms(o.commit_p(50.0))));
+    if delivers {
+        details.push_str(&format!(" · listener running; {}", losses(o)));
+    } else {
+        details.push_str(" · nobody listening");
+    }
+    vec![
+        scenario,
+        "committed rows/s".into(),
+        format!("{} (no trigger)", count(none.commit_rate)),
+        count(o.commit_rate),
+        ratio(o.commit_rate, none.commit_rate),
+        details,
+    ]
 }
 
 /// CPU used by this process over `window`, as a fraction of one core.

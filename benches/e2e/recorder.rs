@@ -114,10 +114,11 @@ pub struct RawListener {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The id and send time in a raw baseline's JSON payload.
 #[derive(Deserialize)]
-struct RawRow {
-    id: i64,
-    sent_us: i64,
+pub struct RawRow {
+    pub id: i64,
+    pub sent_us: i64,
 }
 
 impl RawListener {

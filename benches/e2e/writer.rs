@@ -24,6 +24,9 @@ pub enum Target {
     Postgres(String),
     /// A SQLite database file.
     Sqlite(String),
+    /// A MySQL / MariaDB URL (feature `mysql`).
+    #[cfg(feature = "mysql")]
+    Mysql(String),
 }
 
 /// What one writer process does.
@@ -42,6 +45,8 @@ pub struct Spec {
     pub writer: u32,
     /// PostgreSQL: `SET synchronous_commit = off` (commits do not wait for the WAL flush, so
     /// the rate shows CPU cost rather than disk latency). SQLite: `PRAGMA synchronous = OFF`.
+    /// MySQL: not available per session (`innodb_flush_log_at_trx_commit` is global), so the
+    /// server's setting applies and this must be false.
     pub async_commit: bool,
 }
 
@@ -98,6 +103,14 @@ pub fn child_main(spec_json: &str) {
             rt.block_on(write_postgres(url, &spec))
         }
         Target::Sqlite(path) => write_sqlite(path, &spec),
+        #[cfg(feature = "mysql")]
+        Target::Mysql(url) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(write_mysql(url, &spec))
+        }
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&report).expect("report")).expect("stdout");
@@ -298,6 +311,66 @@ fn write_sqlite(path: &str, spec: &Spec) -> Report {
         }
     }
     report.end_us = now_us();
+    report
+}
+
+/// MySQL / MariaDB: each transaction is one autocommitted multi-row `INSERT … VALUES (…), …`
+/// (a prepared statement with three parameters per row).
+#[cfg(feature = "mysql")]
+async fn write_mysql(url: &str, spec: &Spec) -> Report {
+    use mysql_async::prelude::Queryable;
+    use mysql_async::Value;
+
+    assert!(
+        !spec.async_commit,
+        "MySQL has no per-session asynchronous commit"
+    );
+    let opts = mysql_async::Opts::from_url(url).expect("writer: MySQL URL");
+    let mut conn = mysql_async::Conn::new(opts)
+        .await
+        .expect("writer: connect to MySQL");
+    let rows = spec.txn_rows.max(1);
+    let sql = format!(
+        "INSERT INTO {} (id, sent_us, payload) VALUES {}",
+        spec.table,
+        vec!["(?, ?, ?)"; rows as usize].join(", ")
+    );
+    let statement = conn.prep(sql).await.expect("writer: prepare");
+    let text = payload(spec.payload_bytes, spec.writer).into_bytes();
+    let base = i64::from(spec.writer) * ID_SPAN;
+    ready_and_wait();
+    let mut pace = Pace::new(spec);
+    let mut report = Report {
+        start_us: now_us(),
+        ..Report::default()
+    };
+    while pace.next().await {
+        let first = base + report.committed as i64;
+        let sent = now_us();
+        let mut params = Vec::with_capacity(3 * rows as usize);
+        for i in 0..i64::from(rows) {
+            params.push(Value::Int(first + i));
+            params.push(Value::Int(sent));
+            params.push(Value::Bytes(text.clone()));
+        }
+        match conn.exec_drop(&statement, params).await {
+            Ok(()) => {
+                let done = now_us();
+                report.committed += u64::from(rows);
+                report.transactions += 1;
+                report.commit_us.push((done - sent) as u32);
+                if spec.rate > 0 {
+                    report.acks.push((first, done));
+                }
+            }
+            Err(e) => {
+                eprintln!("writer {}: {e}", spec.writer);
+                report.errors += 1;
+            }
+        }
+    }
+    report.end_us = now_us();
+    let _ = conn.disconnect().await;
     report
 }
 

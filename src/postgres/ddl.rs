@@ -18,7 +18,14 @@ pub(crate) const INSTALL_LOCK: i64 = 0x7371_6c6e_6f74_6966;
 /// `json_build_object` takes at most 100 arguments (50 columns); wider payloads use `row_to_json`.
 const MAX_BUILD_OBJECT_COLUMNS: usize = 50;
 
-/// Creates the schema, the catalog and the overflow table if missing. Run under the install lock.
+/// Creates the schema, the catalog, the overflow table, the journal and the consumers table if
+/// missing, and upgrades a journal of an older version (the `events` column). Run under the
+/// install lock, at every start.
+///
+/// Only what is missing is touched: `CREATE INDEX IF NOT EXISTS` and `ALTER TABLE … IF NOT
+/// EXISTS` lock the table *before* finding there is nothing to do, and a lock on the journal
+/// at start would queue every writer's trigger behind the longest running transaction — so
+/// those run in a DO block only when the catalog says the object is absent.
 pub(crate) fn setup_sql() -> String {
     format!(
         "CREATE SCHEMA IF NOT EXISTS {s};
@@ -37,22 +44,36 @@ CREATE TABLE IF NOT EXISTS {s}.overflow (
     payload text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS overflow_created_at_idx ON {s}.overflow (created_at);
 CREATE TABLE IF NOT EXISTS {s}.journal (
     id bigserial PRIMARY KEY,
     xid xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
     channel text NOT NULL,
     payload text NOT NULL,
+    events integer NOT NULL DEFAULT 1,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-ALTER TABLE {s}.journal ADD COLUMN IF NOT EXISTS events integer NOT NULL DEFAULT 1;
-CREATE INDEX IF NOT EXISTS journal_xid_idx ON {s}.journal (xid);
-CREATE INDEX IF NOT EXISTS journal_created_at_idx ON {s}.journal (created_at);
 CREATE TABLE IF NOT EXISTS {s}.consumers (
     name text PRIMARY KEY,
     horizon xid8 NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
-);",
+);
+DO $sqn$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                  WHERE attrelid = '{s}.journal'::regclass AND attname = 'events' AND NOT attisdropped) THEN
+    ALTER TABLE {s}.journal ADD COLUMN events integer NOT NULL DEFAULT 1;
+  END IF;
+  IF pg_catalog.to_regclass('{s}.overflow_created_at_idx') IS NULL THEN
+    CREATE INDEX overflow_created_at_idx ON {s}.overflow (created_at);
+  END IF;
+  IF pg_catalog.to_regclass('{s}.journal_xid_idx') IS NULL THEN
+    CREATE INDEX journal_xid_idx ON {s}.journal (xid);
+  END IF;
+  IF pg_catalog.to_regclass('{s}.journal_created_at_idx') IS NULL THEN
+    CREATE INDEX journal_created_at_idx ON {s}.journal (created_at);
+  END IF;
+END
+$sqn$;",
         s = quote_ident(SCHEMA)
     )
 }
@@ -142,20 +163,48 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
         }
         _ => String::new(),
     };
+    let schema = quote_ident(SCHEMA);
+    // Any size, in order: chunks of STATEMENT_CHUNK_ROWS rows, each ordered explicitly.
+    let chunked = format!(
+        "INSERT INTO {schema}.journal (channel, payload, events)
+    SELECT {chan}, '[' || pg_catalog.string_agg(_sqn_p, ',' ORDER BY _sqn_n) || ']', pg_catalog.count(*)
+      FROM (SELECT {payload} AS _sqn_p, pg_catalog.row_number() OVER () AS _sqn_n
+              FROM {table} AS _sqn_t{filter}) AS _sqn_s
+     GROUP BY (_sqn_n - 1) / {STATEMENT_CHUNK_ROWS}
+     ORDER BY (_sqn_n - 1) / {STATEMENT_CHUNK_ROWS};",
+        payload = json_expr("_sqn_t", &channel.payload_columns()),
+    );
+    let capture = if filter.is_empty() {
+        // The common case, a statement of at most one chunk, takes a cheaper path (a third
+        // less trigger time, measured): `json_agg` over the projected rows, in scan order,
+        // without numbering or grouping. Counting the transition table first is cheap (no
+        // JSON is built) and keeps an oversized aggregate from ever being attempted.
+        let columns: Vec<String> = channel
+            .payload_columns()
+            .iter()
+            .map(|c| format!("_sqn_t.{}", quote_ident(c)))
+            .collect();
+        format!(
+            "IF (SELECT pg_catalog.count(*) FROM {table}) <= {STATEMENT_CHUNK_ROWS} THEN
+    INSERT INTO {schema}.journal (channel, payload, events)
+    SELECT {chan}, pg_catalog.json_agg(_sqn_s)::text, pg_catalog.count(*)
+      FROM (SELECT {} FROM {table} AS _sqn_t) AS _sqn_s
+    HAVING pg_catalog.count(*) > 0;
+  ELSE
+    {chunked}
+  END IF;",
+            columns.join(", ")
+        )
+    } else {
+        chunked
+    };
     let body = format!(
         "
 BEGIN
-  INSERT INTO {schema}.journal (channel, payload, events)
-  SELECT {chan}, '[' || pg_catalog.string_agg(_sqn_p, ',' ORDER BY _sqn_n) || ']', pg_catalog.count(*)
-    FROM (SELECT {payload} AS _sqn_p, pg_catalog.row_number() OVER () AS _sqn_n
-            FROM {table} AS _sqn_t{filter}) AS _sqn_s
-   GROUP BY (_sqn_n - 1) / {STATEMENT_CHUNK_ROWS}
-   ORDER BY (_sqn_n - 1) / {STATEMENT_CHUNK_ROWS};{wake}
+  {capture}{wake}
   RETURN NULL;
 END
-",
-        schema = quote_ident(SCHEMA),
-        payload = json_expr("_sqn_t", &channel.payload_columns()),
+"
     );
     format!(
         "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
