@@ -73,8 +73,10 @@
 //! once, a [`Status::Gap`] after reconnects), `Durable` (a journal row in the writer's
 //! transaction; at least once, replayed after reconnects and — for a named
 //! [`consumer`](NotifierBuilder::consumer) — after restarts) or `Poll` (the journal without
-//! NOTIFY). SQLite always journals. Delivery to subscribers is bounded: each subscription has a
-//! buffer and an [`OverflowPolicy`].
+//! NOTIFY). On the journal tiers [`Capture::Statement`] writes one journal row per statement
+//! instead of one per row — far cheaper for writers that change many rows per statement, same
+//! events. SQLite and MySQL always journal. Delivery to subscribers is bounded: each
+//! subscription has a buffer and an [`OverflowPolicy`].
 //!
 //! # Database objects
 //!

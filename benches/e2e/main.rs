@@ -76,6 +76,10 @@ enum System {
     /// PostgreSQL, a sqlnotify notifier with one `Capture::Statement` watch of this tier
     /// (durable or poll): one journal row per statement.
     Statement(Tier),
+    /// PostgreSQL, the durable tier's statement-capture trigger installed and nobody
+    /// listening: the trigger's own cost, without a listener competing for the CPU (writer
+    /// cost only).
+    StatementUnheard,
     /// PostgreSQL, a statement-level trigger that only sends one empty NOTIFY: the floor of
     /// any trigger-based capture (captures nothing; writer cost only).
     StatementWake,
@@ -96,6 +100,7 @@ impl System {
             System::RawUnheard => "raw pg_notify trigger, nobody listening",
             System::Statement(Tier::Durable) => "durable tier, statement capture",
             System::Statement(_) => "poll tier, statement capture",
+            System::StatementUnheard => "durable tier, statement capture, nobody listening",
             System::StatementWake => {
                 "floor: statement-level trigger sending one empty NOTIFY, capturing nothing"
             }
@@ -595,6 +600,18 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
                     .expect("raw trigger");
                 Running::Nothing
             }
+            System::StatementUnheard => {
+                // install the trigger, then stop listening (the trigger stays)
+                Notifier::builder(&ctx.url)
+                    .watch(statement_watch(&table, Tier::Durable))
+                    .start()
+                    .await
+                    .expect("start the notifier")
+                    .stop()
+                    .await
+                    .expect("stop the notifier");
+                Running::Nothing
+            }
             System::StatementWake => {
                 client
                     .batch_execute(&wake_floor_sql(&table))
@@ -1012,6 +1029,7 @@ async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
         System::Tier(Tier::Poll),
         System::Statement(Tier::Durable),
         System::Statement(Tier::Poll),
+        System::StatementUnheard,
         System::StatementWake,
     ];
     let mut outcomes: Vec<(System, Outcome)> = systems

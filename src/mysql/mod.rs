@@ -4,9 +4,9 @@
 //! Requirements: MySQL ≥ 8.0.17 or MariaDB ≥ 10.2.3, with InnoDB. Every watch has a trigger
 //! of its own, which needs several triggers per table, timing and event (they fire in
 //! creation order); payloads need `JSON_OBJECT` and, for FLOAT columns, `CAST(… AS DOUBLE)`
-//! (MySQL 8.0.17). Tested on MariaDB 10.11 and on Oracle MySQL 9.7 (as the stand-in for
-//! MySQL 8: same defaults for binary logging, authentication and isolation); the generated
-//! SQL is the same for both except that MariaDB replaces a changed trigger in one statement.
+//! (MySQL 8.0.17). Tested on MariaDB 10.11, Oracle MySQL 8.0.46 and Oracle MySQL 9.7.4 (with
+//! their defaults: binary logging on, `caching_sha2_password`, strict mode); the generated
+//! SQL is the same for all except that MariaDB replaces a changed trigger in one statement.
 //!
 //! Privileges: TRIGGER on the watched tables; CREATE, SELECT, INSERT, UPDATE and DELETE on
 //! the URL's database. Binary logging is on by default on MySQL 8 and later (and on many
