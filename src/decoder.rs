@@ -164,6 +164,7 @@ impl Decoder {
             }
             Err(reason) => return self.malformed(raw, &reason),
         };
+        let rows_len = rows.len();
         let mut carried = 0;
         for row in rows {
             match row {
@@ -189,8 +190,8 @@ impl Decoder {
                 }
             }
         }
-        if carried == 0 {
-            return self.malformed(raw, "no row in it decoded");
+        if carried == 0 && rows_len == 0 {
+            return self.malformed(raw, "it holds no row");
         }
         self.give_back(u64::from(raw.events) - carried);
     }

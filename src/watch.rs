@@ -85,17 +85,31 @@ pub enum Capture {
     /// Needs [`Tier::Durable`] or [`Tier::Poll`] (the notify tier has no journal to carry
     /// the array). Differences from [`Capture::Row`]:
     /// * the events of one journal row share its [`sequence`](crate::ChangeEvent::sequence);
-    /// * an UPDATE watch with `trigger_columns` pairs old and new rows by the watch's key
-    ///   columns: a row whose key itself changed always counts as changed, and a key that is
-    ///   not unique (a `primary_keys` override) can pair a row with the wrong old version;
-    /// * PostgreSQL does not allow transition tables on views, on partitions or inheritance
-    ///   children (watch the partitioned parent instead) — installing fails with the
-    ///   server's reason.
+    ///   a journal row carries at most [`STATEMENT_CHUNK_ROWS`] rows and about 1 MiB of
+    ///   stored data, so big statements and big rows are split;
+    /// * an UPDATE watch with `trigger_columns` compares each new row with the old row of the
+    ///   same key: a row whose key changed to one no old row had counts as changed, while an
+    ///   update that swaps keys between rows compares each with the other's old values; a key
+    ///   that is not unique (a `primary_keys` override) may compare with the wrong old row;
+    /// * within one statement, events of different watches (e.g. the INSERT and UPDATE
+    ///   watches of one `INSERT … ON CONFLICT DO UPDATE`) are grouped per watch instead of
+    ///   interleaved row by row;
+    /// * partitioned tables, partitions and inheritance parents or children are refused
+    ///   ([`Error::InvalidWatch`](crate::Error::InvalidWatch)): a statement-level trigger
+    ///   fires only for the table a statement names, so it would miss writes through the
+    ///   parent or to a partition directly; views have no transition tables either;
+    /// * watched column names may not start with `_sqn_` (the trigger's internal names);
+    /// * a process running an older sqlnotify drops statement journal rows as malformed:
+    ///   upgrade every listener before switching a watch to `Statement`.
     ///
     /// SQLite and MySQL have no statement-level triggers with transition tables: there a
     /// `Statement` watch is captured per row, with the same events.
     Statement,
 }
+
+/// Prefix of the names statement-capture triggers use internally; a watched column may not
+/// start with it under [`Capture::Statement`].
+const RESERVED_PREFIX: &str = "_sqn_";
 
 /// Largest number of rows one statement-capture journal row carries; bigger statements are
 /// split. Kept below the smallest in-flight budget so one journal row always fits in it.
@@ -431,6 +445,22 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             .column(&name)
             .ok_or_else(|| unknown(&name, "trigger_columns"))?;
         trigger_columns.push((name, column.has_equality));
+    }
+    if watch.capture == Capture::Statement {
+        let reserved = key_columns
+            .iter()
+            .chain(&extra_columns)
+            .chain(trigger_columns.iter().map(|(c, _)| c))
+            .find(|c| c.starts_with(RESERVED_PREFIX));
+        if let Some(column) = reserved {
+            return Err(Error::InvalidWatch {
+                watch: watch.describe(),
+                reason: format!(
+                    "column {column:?}: names starting with {RESERVED_PREFIX:?} are reserved for \
+                     the statement-capture trigger's own names; use Capture::Row for this table"
+                ),
+            });
+        }
     }
     Ok(ResolvedWatch {
         channel: Channel {

@@ -406,6 +406,24 @@ fn install_sql_prints_the_ddl_and_installs_nothing() {
     assert!(status.success(), "{status:?} {err}");
     assert!(out.contains("CREATE TRIGGER"), "{out}");
     assert!(out.contains("sqlnotify_public_users_delete"), "{out}");
+    assert!(out.contains("FOR EACH ROW"), "{out}");
+
+    // Statement capture, on a journal tier only.
+    let statement = ["install-sql", &pg.url, "-t", "users", "-o", "insert"];
+    let (status, out, err) = run(&[
+        &statement[..],
+        &["--tier", "durable", "--capture", "statement"],
+    ]
+    .concat());
+    assert!(status.success(), "{status:?} {err}");
+    assert!(
+        out.contains("REFERENCING NEW TABLE AS _sqn_new FOR EACH STATEMENT"),
+        "{out}"
+    );
+    let (status, _, err) = run(&[&statement[..], &["--capture", "statement"]].concat());
+    assert!(!status.success());
+    assert!(err.contains("Tier::Durable"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
 }
 
 #[test]

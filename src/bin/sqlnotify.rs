@@ -17,8 +17,8 @@ use std::rc::Rc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
+use sqlnotify::{Capture, Tier, Watch};
 use sqlnotify::{ChangeEvent, Key, Notifier, NotifierBuilder, Operation, Status, Subscription};
-use sqlnotify::{Tier, Watch};
 
 /// Row changes in PostgreSQL and SQLite, from the command line.
 ///
@@ -105,6 +105,26 @@ struct WatchArgs {
     /// at least once) or poll (journal, no NOTIFY). SQLite always uses its journal.
     #[arg(long, value_enum, default_value_t = TierArg::Notify)]
     tier: TierArg,
+    /// How the trigger captures rows (PostgreSQL journal tiers): row (one journal row per
+    /// changed row) or statement (one per statement: much cheaper for batched writes; needs
+    /// --tier durable or poll).
+    #[arg(long, value_enum, default_value_t = CaptureArg::Row)]
+    capture: CaptureArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CaptureArg {
+    Row,
+    Statement,
+}
+
+impl From<CaptureArg> for Capture {
+    fn from(capture: CaptureArg) -> Capture {
+        match capture {
+            CaptureArg::Row => Capture::Row,
+            CaptureArg::Statement => Capture::Statement,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -256,7 +276,8 @@ fn watches(args: &WatchArgs) -> Result<Vec<(String, Operation, Watch)>, Failure>
         for &op in &ops {
             let mut watch = Watch::new(table.clone(), op)
                 .extra_columns(args.columns.iter().cloned())
-                .tier(args.tier.into());
+                .tier(args.tier.into())
+                .capture(args.capture.into());
             if !args.key.is_empty() {
                 watch = watch.primary_keys(args.key.iter().cloned());
             }

@@ -12,7 +12,7 @@ use super::ddl;
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::sql::quote_ident;
-use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+use crate::watch::{Capture, ColumnInfo, ResolvedWatch, TableInfo, Tier};
 
 /// Reads one table's columns, primary-key positions and equality support.
 pub(crate) async fn describe_table(
@@ -133,6 +133,7 @@ pub(crate) async fn install(
     watches: &[ResolvedWatch],
     options: InstallOptions,
 ) -> Result<()> {
+    check_statement_capture(client, watches).await?;
     if !options.manage_triggers {
         return verify(client, watches).await;
     }
@@ -178,11 +179,73 @@ pub(crate) async fn install(
         .map_err(|e| Error::db("committing the install transaction", e))
 }
 
-/// Checks that every watch is installed exactly as generated (for externally managed DDL).
+/// Checks that every watch is installed exactly as generated (for externally managed DDL),
+/// and that the journal has this version's columns (an install script of an older version
+/// lacks `events`; the listener could not read the journal).
 async fn verify(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
     let exists = catalog_exists(client).await?;
     for w in watches {
         installed_state(client, w, exists).await?.verify(w)?;
+    }
+    let Some(journaled) = watches.iter().find(|w| w.tier != Tier::Notify) else {
+        return Ok(());
+    };
+    let current = client
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                             WHERE attrelid = pg_catalog.to_regclass('sqlnotify.journal')
+                               AND attname = 'events' AND NOT attisdropped)",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db("checking the journal's columns", e))?
+        .get::<_, bool>(0);
+    if current {
+        return Ok(());
+    }
+    Err(Error::DefinitionDrift {
+        channel: journaled.channel.name.clone(),
+        table: format!("{}.{}", journaled.channel.schema, journaled.channel.table),
+        detail: "the table sqlnotify.journal lacks the `events` column this version reads \
+                 (it was created by an older install script): apply this version's \
+                 install_sql(), which adds it"
+            .into(),
+    })
+}
+
+/// Refuses [`Capture::Statement`] where a statement-level trigger cannot see every write:
+/// it fires only for the table a statement names, so on a partitioned or inheritance parent
+/// it misses writes that name a partition or child, and on a partition or child it misses
+/// writes made through the parent. Row triggers have neither problem (PostgreSQL clones them
+/// to every partition), so such tables keep [`Capture::Row`].
+async fn check_statement_capture(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
+    const SQL: &str = "
+        SELECT c.relkind = 'p' OR c.relispartition
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i
+                           WHERE i.inhrelid = c.oid OR i.inhparent = c.oid)
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $2";
+    for w in watches
+        .iter()
+        .filter(|w| w.capture == Capture::Statement && w.tier != Tier::Notify)
+    {
+        let (schema, table) = (&w.channel.schema, &w.channel.table);
+        let inherited = client
+            .query_typed_opt(SQL, &[(schema, Type::TEXT), (table, Type::TEXT)])
+            .await
+            .map_err(|e| Error::db(format!("checking partitions of {schema}.{table}"), e))?
+            .is_some_and(|r| r.get::<_, bool>(0));
+        if inherited {
+            return Err(Error::InvalidWatch {
+                watch: format!("{schema}.{table} {}", w.channel.operation),
+                reason: "Capture::Statement cannot see every write to a partitioned or \
+                         inheritance table (a statement-level trigger fires only for the table \
+                         a statement names); use Capture::Row, whose trigger PostgreSQL clones \
+                         to every partition"
+                    .into(),
+            });
+        }
     }
     Ok(())
 }
