@@ -81,6 +81,11 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         &self,
         tables: Vec<(String, String)>,
     ) -> BoxFuture<'static, Result<Vec<TableInfo>>>;
+    /// Dialect-specific checks of resolved watches, before anything is installed or an
+    /// install script is produced (PostgreSQL: where statement capture cannot work).
+    fn check_watches(&self, _watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Installs (or verifies) the objects for `watches`.
     fn install(
         &self,

@@ -221,7 +221,7 @@ impl NotifierBuilder {
         let tables = dialect
             .describe_tables(tables.into_iter().collect())
             .await?;
-        watches
+        let resolved = watches
             .iter()
             .map(|w| {
                 let table = tables
@@ -230,7 +230,9 @@ impl NotifierBuilder {
                     .expect("every watched table was described");
                 resolve(w, table)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        dialect.check_watches(&resolved).await?;
+        Ok(resolved)
     }
 
     /// The DDL `start()` would apply for these watches (schema, catalog, trigger functions,

@@ -82,8 +82,9 @@ pub enum Capture {
     /// for writers that change many rows per statement (see README, "Benchmarks"); the same
     /// for single-row statements.
     ///
-    /// Needs [`Tier::Durable`] or [`Tier::Poll`] (the notify tier has no journal to carry
-    /// the array). Differences from [`Capture::Row`]:
+    /// On PostgreSQL it needs [`Tier::Durable`] or [`Tier::Poll`]: with the notify tier, which
+    /// has no journal to carry a statement's rows, `start()` and `install_sql()` fail with
+    /// [`Error::InvalidWatch`](crate::Error::InvalidWatch). Differences from [`Capture::Row`]:
     /// * the events of one journal row share its [`sequence`](crate::ChangeEvent::sequence);
     ///   a journal row carries at most [`STATEMENT_CHUNK_ROWS`] rows and about 1 MiB of
     ///   stored data, so big statements and big rows are split;
@@ -273,14 +274,6 @@ impl Watch {
             return Err(Error::InvalidIdentifier {
                 identifier: self.describe(),
                 reason: "primary_keys must name at least one column",
-            });
-        }
-        if self.capture == Capture::Statement && self.tier == Tier::Notify {
-            return Err(Error::InvalidWatch {
-                watch: self.describe(),
-                reason: "Capture::Statement needs a journal tier (Tier::Durable or Tier::Poll); \
-                         the notify tier sends one notification per row"
-                    .into(),
             });
         }
         let channel = self.channel_name();

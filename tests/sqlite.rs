@@ -1546,4 +1546,11 @@ async fn statement_capture_falls_back_to_row_triggers_with_the_same_events() {
     assert_eq!(ins.next().await.id().as_i64(), Some(4));
     upd.assert_empty();
     notifier.stop().await.unwrap();
+    // the tier means nothing here: a statement watch without one is accepted too
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Delete).capture(sqlnotify::Capture::Statement))
+        .start()
+        .await
+        .unwrap();
+    notifier.stop().await.unwrap();
 }

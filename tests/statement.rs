@@ -632,9 +632,29 @@ async fn a_journal_of_an_older_version_is_upgraded_at_start() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let builder = Notifier::builder(&db.url).watch(watch("t", Insert, Tier::Durable));
     builder.start().await.unwrap().stop().await.unwrap();
-    // the journal as versions before statement capture created it
+    // the journal as versions before statement capture created it, written to by a
+    // row-capture watch of that version
     db.exec("ALTER TABLE sqlnotify.journal DROP COLUMN events")
         .await;
+    db.exec(
+        "CREATE TABLE old_t (id int PRIMARY KEY);
+         CREATE FUNCTION old_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO sqlnotify.journal (channel, payload) VALUES ('x', '{}'); RETURN NULL; END $$;
+         CREATE TRIGGER old_capture AFTER INSERT ON old_t FOR EACH ROW EXECUTE FUNCTION old_capture();",
+    )
+    .await;
+    // while a writer holds a journal row uncommitted, the upgrade gives up after its lock
+    // timeout with an error saying what to do, instead of queueing every writer behind it
+    let mut writer = db.client().await;
+    let open = writer.transaction().await.unwrap();
+    open.execute("INSERT INTO old_t VALUES (1)", &[])
+        .await
+        .unwrap();
+    let Err(err) = builder.start().await else {
+        panic!("upgraded under an open writer");
+    };
+    assert!(err.to_string().contains("retry start()"), "{err}");
+    open.commit().await.unwrap();
     let notifier = builder.start().await.unwrap();
     let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
     db.exec("INSERT INTO t VALUES (1), (2)").await;

@@ -133,7 +133,6 @@ pub(crate) async fn install(
     watches: &[ResolvedWatch],
     options: InstallOptions,
 ) -> Result<()> {
-    check_statement_capture(client, watches).await?;
     if !options.manage_triggers {
         return verify(client, watches).await;
     }
@@ -213,12 +212,33 @@ async fn verify(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
     })
 }
 
-/// Refuses [`Capture::Statement`] where a statement-level trigger cannot see every write:
+/// Refuses [`Capture::Statement`] on the notify tier (it has no journal to carry a
+/// statement's rows) and where a statement-level trigger cannot see every write:
 /// it fires only for the table a statement names, so on a partitioned or inheritance parent
 /// it misses writes that name a partition or child, and on a partition or child it misses
 /// writes made through the parent. Row triggers have neither problem (PostgreSQL clones them
 /// to every partition), so such tables keep [`Capture::Row`].
-async fn check_statement_capture(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
+pub(crate) async fn check_statement_capture(
+    client: &Client,
+    watches: &[ResolvedWatch],
+) -> Result<()> {
+    let describe = |w: &ResolvedWatch| {
+        format!(
+            "{}.{} {}",
+            w.channel.schema, w.channel.table, w.channel.operation
+        )
+    };
+    if let Some(w) = watches
+        .iter()
+        .find(|w| w.capture == Capture::Statement && w.tier == Tier::Notify)
+    {
+        return Err(Error::InvalidWatch {
+            watch: describe(w),
+            reason: "Capture::Statement needs a journal tier (Tier::Durable or Tier::Poll); \
+                     the notify tier sends one notification per row"
+                .into(),
+        });
+    }
     const SQL: &str = "
         SELECT c.relkind = 'p' OR c.relispartition
                OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i
@@ -238,7 +258,7 @@ async fn check_statement_capture(client: &Client, watches: &[ResolvedWatch]) -> 
             .is_some_and(|r| r.get::<_, bool>(0));
         if inherited {
             return Err(Error::InvalidWatch {
-                watch: format!("{schema}.{table} {}", w.channel.operation),
+                watch: describe(w),
                 reason: "Capture::Statement cannot see every write to a partitioned or \
                          inheritance table (a statement-level trigger fires only for the table \
                          a statement names); use Capture::Row, whose trigger PostgreSQL clones \

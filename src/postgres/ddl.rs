@@ -58,10 +58,20 @@ CREATE TABLE IF NOT EXISTS {s}.consumers (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 DO $sqn$
+DECLARE
+  _sqn_lock text := pg_catalog.current_setting('lock_timeout');
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                   WHERE attrelid = '{s}.journal'::regclass AND attname = 'events' AND NOT attisdropped) THEN
-    ALTER TABLE {s}.journal ADD COLUMN events integer NOT NULL DEFAULT 1;
+    -- once, on upgrade: wait at most 5 s for writers' open transactions rather than queue
+    -- every new writer behind the lock
+    PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+    BEGIN
+      ALTER TABLE {s}.journal ADD COLUMN events integer NOT NULL DEFAULT 1;
+    EXCEPTION WHEN lock_not_available THEN
+      RAISE EXCEPTION 'sqlnotify: upgrading {s}.journal (adding the events column) needs a moment with no open transaction writing to it; retry start()';
+    END;
+    PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
   END IF;
   IF pg_catalog.to_regclass('{s}.overflow_created_at_idx') IS NULL THEN
     CREATE INDEX overflow_created_at_idx ON {s}.overflow (created_at);

@@ -21,7 +21,7 @@ use self::control::Control;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
 use crate::sql::quote_ident;
-use crate::watch::{ResolvedWatch, TableInfo, Tier};
+use crate::watch::{Capture, ResolvedWatch, TableInfo, Tier};
 
 /// PostgreSQL behind the [`Dialect`] interface.
 pub(crate) struct Postgres {
@@ -72,6 +72,17 @@ impl Dialect for Postgres {
                 out.push(catalog::describe_table(&client, &schema, &table).await?);
             }
             Ok(out)
+        })
+    }
+
+    fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
+        let (control, watches) = (self.control.clone(), watches.to_vec());
+        Box::pin(async move {
+            if !watches.iter().any(|w| w.capture == Capture::Statement) {
+                return Ok(());
+            }
+            let client = control.client().await?;
+            catalog::check_statement_capture(&client, &watches).await
         })
     }
 
