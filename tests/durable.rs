@@ -191,8 +191,14 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed_20_times(
             );
             resynced += matches!(status, Status::Resynced { .. }) as u32;
         }
-        assert!(resynced >= 20, "{tier:?}: {resynced} resyncs");
-        assert!(notifier.stats().await.unwrap().restarts >= 20);
+        // Each completed reconnection says Resynced; a kill that lands during a reconnection's
+        // catch-up read ends that attempt before it can, so there may be fewer than kills.
+        let restarts = notifier.stats().await.unwrap().restarts;
+        assert!(restarts >= 20, "{tier:?}: {restarts} restarts");
+        assert!(
+            resynced >= 1 && u64::from(resynced) <= restarts,
+            "{tier:?}: {resynced} resyncs for {restarts} restarts"
+        );
         notifier.stop().await.unwrap();
     }
 }
