@@ -150,12 +150,15 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed_20_times(
             .unwrap();
 
         let killer = async {
-            let mut kills = 0;
+            let (mut kills, mut last) = (0, None);
             while kills < 20 {
-                if let Some(pid) = listener_pid(&db).await {
-                    db.exec(&format!("SELECT pg_terminate_backend({pid})"))
-                        .await;
-                    kills += 1;
+                // a backend already signalled may still be listed: each kill must be a new one
+                if let Some(pid) = listener_pid(&db).await.filter(|pid| Some(*pid) != last) {
+                    let sql = format!("SELECT pg_terminate_backend({pid})::int::bigint");
+                    if db.count(&sql).await == 1 {
+                        kills += 1;
+                        last = Some(pid);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
             }
