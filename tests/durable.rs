@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use common::{wait_until, Events, TestDb};
+use common::{kill_listener, wait_until, Events, TestDb};
 use futures_util::future::join_all;
 use sqlnotify::Operation::Insert;
 use sqlnotify::{Notifier, Status, StatusEvent, Subscription, Tier, Watch};
@@ -111,19 +111,6 @@ async fn write_concurrently(db: &TestDb, per_writer: i64) -> BTreeSet<i64> {
     join_all(writers).await.into_iter().flatten().collect()
 }
 
-async fn listener_pid(db: &TestDb) -> Option<i32> {
-    db.client()
-        .await
-        .query_opt(
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' \
-             AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xmin%') AND pid <> pg_backend_pid() LIMIT 1",
-            &[&db.name],
-        )
-        .await
-        .unwrap()
-        .map(|r| r.get(0))
-}
-
 #[actix_rt::test]
 async fn every_committed_row_arrives_once_while_the_listener_is_killed_20_times() {
     for tier in TIERS {
@@ -149,21 +136,7 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed_20_times(
             .await
             .unwrap();
 
-        let killer = async {
-            let (mut kills, mut last) = (0, None);
-            while kills < 20 {
-                // a backend already signalled may still be listed: each kill must be a new one
-                if let Some(pid) = listener_pid(&db).await.filter(|pid| Some(*pid) != last) {
-                    let sql = format!("SELECT pg_terminate_backend({pid})::int::bigint");
-                    if db.count(&sql).await == 1 {
-                        kills += 1;
-                        last = Some(pid);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
-            }
-        };
-        let (committed, ()) = tokio::join!(write_concurrently(&db, 5_000), killer);
+        let (committed, ()) = tokio::join!(write_concurrently(&db, 5_000), kill_listener(&db, 20));
 
         let mut seen = HashSet::new();
         while seen.len() < committed.len() {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gated, wait_until, Events, TestDb};
+use common::{gated, listener_pid, wait_until, Events, TestDb};
 use sqlnotify::Operation::{Insert, Update};
 use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Status, StatusEvent, Subscription, Watch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,18 +30,6 @@ async fn next_status(rx: &mut mpsc::UnboundedReceiver<Status>) -> Status {
         .await
         .expect("a status should have arrived")
         .unwrap()
-}
-
-async fn listener_pid(db: &TestDb) -> Option<i32> {
-    db.client()
-        .await
-        .query_opt(
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN %'",
-            &[&db.name],
-        )
-        .await
-        .unwrap()
-        .map(|r| r.get(0))
 }
 
 #[actix_rt::test]

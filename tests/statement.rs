@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use common::{gated, wait_until, Events, TestDb};
+use common::{gated, kill_listener, wait_until, Events, TestDb};
 use serde_json::json;
 use sqlnotify::Operation::{Delete, Insert, Update};
 use sqlnotify::{
@@ -568,32 +568,10 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed() {
                 committed
             }
         });
-        let killer = async {
-            let (mut kills, mut last) = (0, None);
-            while kills < 10 {
-                let pid: Option<i32> = db
-                    .client()
-                    .await
-                    .query_opt(
-                        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' \
-                         AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xmin%') AND pid <> pg_backend_pid() LIMIT 1",
-                        &[&db.name],
-                    )
-                    .await
-                    .unwrap()
-                    .map(|r| r.get(0));
-                // a backend already signalled may still be listed: each kill must be a new one
-                if let Some(pid) = pid.filter(|pid| Some(*pid) != last) {
-                    let sql = format!("SELECT pg_terminate_backend({pid})::int::bigint");
-                    if db.count(&sql).await == 1 {
-                        kills += 1;
-                        last = Some(pid);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
-            }
-        };
-        let (committed, ()) = tokio::join!(futures_util::future::join_all(writers), killer);
+        let (committed, ()) = tokio::join!(
+            futures_util::future::join_all(writers),
+            kill_listener(&db, 10)
+        );
         let committed: HashSet<i64> = committed.into_iter().flatten().collect();
         let mut seen = HashSet::new();
         while seen.len() < committed.len() {

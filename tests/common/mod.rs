@@ -475,3 +475,34 @@ pub fn gated() -> (
     });
     (addr.recipient(), release, events, arbiter)
 }
+
+/// The pid of the notifier's listener backend in `db` (its connection LISTENs or reads the
+/// journal), if one is connected.
+pub async fn listener_pid(db: &TestDb) -> Option<i32> {
+    db.client()
+        .await
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' \
+             AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xmin%') AND pid <> pg_backend_pid() LIMIT 1",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// Terminates the listener's backend `kills` times (`pg_terminate_backend`), each time a new
+/// one: a backend already signalled may still be listed, and does not count again.
+pub async fn kill_listener(db: &TestDb, kills: usize) {
+    let (mut done, mut last) = (0, None);
+    while done < kills {
+        if let Some(pid) = listener_pid(db).await.filter(|pid| Some(*pid) != last) {
+            let sql = format!("SELECT pg_terminate_backend({pid})::int::bigint");
+            if db.count(&sql).await == 1 {
+                done += 1;
+                last = Some(pid);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
+    }
+}
