@@ -5,76 +5,18 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::sqlite_file::SqliteFile as TempDb;
 use common::{TestDb, ARRIVES_WITHIN};
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 fn sqlnotify() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sqlnotify"));
     cmd.stdin(Stdio::null());
     cmd
-}
-
-/// A SQLite database file in a directory of its own, removed on drop.
-struct TempDb {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl TempDb {
-    fn new(schema: &str) -> TempDb {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "sqlnotify-cli-test-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = TempDb {
-            path: dir.join("app.db"),
-            dir,
-        };
-        db.exec(schema);
-        db
-    }
-
-    fn url(&self) -> String {
-        format!("sqlite://{}", self.path.display())
-    }
-
-    fn exec(&self, sql: &str) {
-        let conn = Connection::open(&self.path).unwrap();
-        conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn.execute_batch(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    fn triggers(&self) -> i64 {
-        Connection::open(&self.path)
-            .unwrap()
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'sqlnotify_%'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// A running `sqlnotify tail`, its stdout and stderr read line by line on threads of their

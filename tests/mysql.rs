@@ -9,29 +9,23 @@
 //! `SQLNOTIFY_TEST_MYSQL_URL` (default `mysql://root@127.0.0.1:3306/test`) and drops it at the
 //! end. scripts/test starts a throwaway MariaDB when none is reachable.
 
+mod common;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use actix::prelude::*;
+use common::{init_logging, wait_until, Events, Forward, ARRIVES_WITHIN};
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts};
 use serde_json::json;
 use sqlnotify::{
-    ChangeEvent, Error, Filter, Key, Notifier, Operation, Status, StatusEvent, Subscription,
-    SubscriptionId, Watch,
+    ChangeEvent, Error, Filter, Key, Notifier, Operation, Status, StatusEvent, Subscription, Watch,
 };
 use tokio::sync::mpsc;
-
-/// How long a test waits for an event that must arrive.
-const ARRIVES_WITHIN: Duration = Duration::from_secs(10);
 
 fn server_url() -> String {
     std::env::var("SQLNOTIFY_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
-}
-
-fn init_logging() {
-    let _ = env_logger::builder().is_test(true).try_init();
 }
 
 /// `url` with its database replaced by `db` (query parameters kept).
@@ -176,66 +170,6 @@ impl Drop for TestDb {
             })
         })
         .join();
-    }
-}
-
-/// Events collected by a closure subscriber.
-struct Events {
-    #[allow(dead_code)]
-    id: SubscriptionId,
-    rx: mpsc::UnboundedReceiver<ChangeEvent>,
-}
-
-impl Events {
-    async fn subscribe(notifier: &Notifier, subscription: Subscription) -> Events {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let id = notifier
-            .subscribe_fn(subscription, move |e| {
-                let _ = tx.send(e);
-            })
-            .await
-            .expect("subscribe");
-        Events { id, rx }
-    }
-
-    async fn next(&mut self) -> ChangeEvent {
-        tokio::time::timeout(ARRIVES_WITHIN, self.rx.recv())
-            .await
-            .expect("an event should have arrived")
-            .expect("subscription closed")
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<ChangeEvent> {
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            out.push(self.next().await);
-        }
-        out
-    }
-
-    /// Asserts nothing is queued right now (use after a sentinel event proved ordering).
-    fn assert_empty(&mut self) {
-        if let Ok(e) = self.rx.try_recv() {
-            panic!("unexpected event: {:?} {:?}", e.channel(), e.to_json());
-        }
-    }
-}
-
-/// Waits until `check` returns true, polling every 20 ms, up to `limit`.
-async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1718,20 +1652,6 @@ async fn notifiers_starting_together_on_a_fresh_database_all_start() {
 // 8. Named consumers
 // ---------------------------------------------------------------------------------------------
 
-/// A user's actor forwarding its events into a channel.
-struct Forward(mpsc::UnboundedSender<ChangeEvent>);
-
-impl Actor for Forward {
-    type Context = Context<Self>;
-}
-
-impl Handler<ChangeEvent> for Forward {
-    type Result = ();
-    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
-        let _ = self.0.send(event);
-    }
-}
-
 /// Starts a notifier on `t` inserts, with a `Forward` actor subscribed on the builder.
 async fn start_forwarding(
     db: &TestDb,
@@ -1742,7 +1662,7 @@ async fn start_forwarding(
         .watch(Watch::new("t", Operation::Insert))
         .subscribe(
             Subscription::new("t", Operation::Insert),
-            Forward(tx).start().recipient(),
+            Forward(tx).start_actor().recipient(),
         );
     if let Some(name) = consumer {
         builder = builder.consumer(name);

@@ -9,7 +9,6 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use actix::prelude::*;
 use common::{wait_until, Events, ARRIVES_WITHIN};
 use rusqlite::Connection;
 use serde_json::json;
@@ -1178,20 +1177,6 @@ async fn notifiers_starting_together_on_a_fresh_file_all_start() {
 // 8. Named consumers
 // ---------------------------------------------------------------------------------------------
 
-/// A user's actor forwarding its events into a channel.
-struct Forward(mpsc::UnboundedSender<ChangeEvent>);
-
-impl Actor for Forward {
-    type Context = Context<Self>;
-}
-
-impl Handler<ChangeEvent> for Forward {
-    type Result = ();
-    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
-        let _ = self.0.send(event);
-    }
-}
-
 /// Starts a notifier on `t` inserts, with a `Forward` actor subscribed on the builder.
 async fn start_forwarding(
     db: &TempDb,
@@ -1202,7 +1187,7 @@ async fn start_forwarding(
         .watch(Watch::new("t", Operation::Insert))
         .subscribe(
             Subscription::new("t", Operation::Insert),
-            Forward(tx).start().recipient(),
+            common::Forward(tx).start_actor().recipient(),
         );
     if let Some(name) = consumer {
         builder = builder.consumer(name);

@@ -2,6 +2,9 @@
 //! bounded waits (never bare sleeps).
 #![allow(dead_code)]
 
+#[cfg(feature = "sqlite")]
+pub mod sqlite_file;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
