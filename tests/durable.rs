@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{kill_listener, wait_until, Events, TestDb};
+use common::{assert_every_row_once_through_kills, wait_until, Events, TestDb};
 use futures_util::future::join_all;
 use sqlnotify::Operation::Insert;
 use sqlnotify::{Notifier, Status, StatusEvent, Subscription, Tier, Watch};
@@ -121,60 +121,14 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed_20_times(
             .start()
             .await
             .unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        notifier
-            .subscribe_fn(Subscription::new("t", Insert), move |e| {
-                let _ = tx.send(e.id().as_i64().unwrap());
-            })
-            .await
-            .unwrap();
-        let (status_tx, mut statuses) = mpsc::unbounded_channel();
-        notifier
-            .subscribe_status_fn(move |e: StatusEvent| {
-                let _ = status_tx.send(e.status);
-            })
-            .await
-            .unwrap();
-
-        let (committed, ()) = tokio::join!(write_concurrently(&db, 5_000), kill_listener(&db, 20));
-
-        let mut seen = HashSet::new();
-        while seen.len() < committed.len() {
-            let id = tokio::time::timeout(Duration::from_secs(30), rx.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "{tier:?}: {} of {} rows arrived",
-                        seen.len(),
-                        committed.len()
-                    )
-                })
-                .unwrap();
-            assert!(
-                committed.contains(&id),
-                "{tier:?}: row {id} was rolled back but arrived"
-            );
-            assert!(seen.insert(id), "{tier:?}: row {id} arrived twice");
-        }
-        // a sentinel proves nothing else is on its way
-        db.exec("INSERT INTO t VALUES (-1)").await;
-        assert_eq!(rx.recv().await, Some(-1));
-        let mut resynced = 0;
-        while let Ok(status) = statuses.try_recv() {
-            assert!(
-                !matches!(status, Status::Gap { .. }),
-                "journal tiers lose nothing: {status:?}"
-            );
-            resynced += matches!(status, Status::Resynced { .. }) as u32;
-        }
-        // Each completed reconnection says Resynced; a kill that lands during a reconnection's
-        // catch-up read ends that attempt before it can, so there may be fewer than kills.
-        let restarts = notifier.stats().await.unwrap().restarts;
-        assert!(restarts >= 20, "{tier:?}: {restarts} restarts");
-        assert!(
-            resynced >= 1 && u64::from(resynced) <= restarts,
-            "{tier:?}: {resynced} resyncs for {restarts} restarts"
-        );
+        assert_every_row_once_through_kills(
+            &db,
+            &notifier,
+            20,
+            write_concurrently(&db, 5_000),
+            &format!("{tier:?}"),
+        )
+        .await;
         notifier.stop().await.unwrap();
     }
 }

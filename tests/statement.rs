@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{gated, kill_listener, wait_until, Events, TestDb};
+use common::{assert_every_row_once_through_kills, gated, wait_until, Events, TestDb};
 use serde_json::json;
 use sqlnotify::Operation::{Delete, Insert, Update};
 use sqlnotify::{
-    Capture, Error, Notifier, OverflowPolicy, Status, StatusEvent, Subscription, Tier, Watch,
-    STATEMENT_CHUNK_ROWS,
+    Capture, Error, Notifier, OverflowPolicy, Subscription, Tier, Watch, STATEMENT_CHUNK_ROWS,
 };
-use tokio::sync::mpsc;
 
 const TIERS: [Tier; 2] = [Tier::Durable, Tier::Poll];
 
@@ -525,20 +523,6 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed() {
             .start()
             .await
             .unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        notifier
-            .subscribe_fn(Subscription::new("t", Insert), move |e| {
-                let _ = tx.send(e.id().as_i64().unwrap());
-            })
-            .await
-            .unwrap();
-        let (status_tx, mut statuses) = mpsc::unbounded_channel();
-        notifier
-            .subscribe_status_fn(move |e: StatusEvent| {
-                let _ = status_tx.send(e.status);
-            })
-            .await
-            .unwrap();
         // two writers commit multi-row statements (1–700 rows, so some are split), one
         // transaction in five rolled back, while the listener is killed 10 times
         let writers = (0..2i64).map(|w| {
@@ -568,47 +552,11 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed() {
                 committed
             }
         });
-        let (committed, ()) = tokio::join!(
-            futures_util::future::join_all(writers),
-            kill_listener(&db, 10)
-        );
-        let committed: HashSet<i64> = committed.into_iter().flatten().collect();
-        let mut seen = HashSet::new();
-        while seen.len() < committed.len() {
-            let id = tokio::time::timeout(Duration::from_secs(30), rx.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "{tier:?}: {} of {} rows arrived",
-                        seen.len(),
-                        committed.len()
-                    )
-                })
-                .unwrap();
-            assert!(
-                committed.contains(&id),
-                "{tier:?}: rolled-back row {id} arrived"
-            );
-            assert!(seen.insert(id), "{tier:?}: row {id} arrived twice");
-        }
-        db.exec("INSERT INTO t VALUES (-1)").await;
-        assert_eq!(
-            rx.recv().await,
-            Some(-1),
-            "{tier:?}: nothing else was on its way"
-        );
-        let mut resynced = 0;
-        while let Ok(status) = statuses.try_recv() {
-            assert!(!matches!(status, Status::Gap { .. }), "{status:?}");
-            resynced += matches!(status, Status::Resynced { .. }) as u32;
-        }
-        // a kill during a reconnection's catch-up read ends it before its Resynced
-        let restarts = notifier.stats().await.unwrap().restarts;
-        assert!(restarts >= 10, "{tier:?}: {restarts} restarts");
-        assert!(
-            resynced >= 1 && u64::from(resynced) <= restarts,
-            "{tier:?}: {resynced} resyncs for {restarts} restarts"
-        );
+        let writes = async {
+            let committed = futures_util::future::join_all(writers).await;
+            committed.into_iter().flatten()
+        };
+        assert_every_row_once_through_kills(&db, &notifier, 10, writes, &format!("{tier:?}")).await;
         notifier.stop().await.unwrap();
     }
 }

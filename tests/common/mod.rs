@@ -509,3 +509,78 @@ pub async fn kill_listener(db: &TestDb, kills: usize) {
         tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
     }
 }
+
+/// Runs `writes` (which commit rows into table `t` and return the ids committed) while the
+/// listener is killed `kills` times, then asserts what a journal tier promises: every
+/// committed id arrives exactly once, no rolled-back one does, nothing else is on its way
+/// (a sentinel row -1 arrives next), no `Gap` was reported, there were at least `kills`
+/// restarts, and Resynced was announced between once and once per restart (a kill that lands
+/// during a reconnection's catch-up read ends it before it can announce).
+pub async fn assert_every_row_once_through_kills<W>(
+    db: &TestDb,
+    notifier: &Notifier,
+    kills: usize,
+    writes: W,
+    label: &str,
+) where
+    W: std::future::Future,
+    W::Output: IntoIterator<Item = i64>,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_fn(
+            Subscription::new("t", sqlnotify::Operation::Insert),
+            move |e| {
+                let _ = tx.send(e.id().as_i64().unwrap());
+            },
+        )
+        .await
+        .unwrap();
+    let (status_tx, mut statuses) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |e: sqlnotify::StatusEvent| {
+            let _ = status_tx.send(e.status);
+        })
+        .await
+        .unwrap();
+    let (committed, ()) = tokio::join!(writes, kill_listener(db, kills));
+    let committed: std::collections::HashSet<i64> = committed.into_iter().collect();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < committed.len() {
+        let id = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{label}: {} of {} rows arrived",
+                    seen.len(),
+                    committed.len()
+                )
+            })
+            .unwrap();
+        assert!(
+            committed.contains(&id),
+            "{label}: rolled-back row {id} arrived"
+        );
+        assert!(seen.insert(id), "{label}: row {id} arrived twice");
+    }
+    db.exec("INSERT INTO t VALUES (-1)").await;
+    assert_eq!(
+        rx.recv().await,
+        Some(-1),
+        "{label}: nothing else was on its way"
+    );
+    let mut resynced = 0u64;
+    while let Ok(status) = statuses.try_recv() {
+        assert!(
+            !matches!(status, sqlnotify::Status::Gap { .. }),
+            "{label}: journal tiers lose nothing: {status:?}"
+        );
+        resynced += matches!(status, sqlnotify::Status::Resynced { .. }) as u64;
+    }
+    let restarts = notifier.stats().await.unwrap().restarts;
+    assert!(restarts >= kills as u64, "{label}: {restarts} restarts");
+    assert!(
+        resynced >= 1 && resynced <= restarts,
+        "{label}: {resynced} resyncs for {restarts} restarts"
+    );
+}
