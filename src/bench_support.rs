@@ -200,7 +200,11 @@ fn describe(watch: &Watch) -> TableInfo {
 struct NoOverflow;
 
 impl OverflowStore for NoOverflow {
-    fn fetch(&self, _reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+    fn fetch(
+        &self,
+        _channel: String,
+        _reference: String,
+    ) -> BoxFuture<'static, Result<Option<String>>> {
         Box::pin(async { Ok(None) })
     }
 

@@ -92,7 +92,9 @@ impl Decoder {
                 }
                 Ok(Decoded::Overflow { reference, id }) => {
                     self.send(std::mem::take(&mut events));
-                    let fetch = self.store.fetch(reference);
+                    let fetch = self
+                        .store
+                        .fetch(channel.name().to_string(), reference.clone());
                     ctx.wait(fetch.into_actor(self).map(move |result, act, ctx| {
                         act.resolved(channel, reference, id, raw, result);
                         act.process(queue, ctx);
@@ -108,7 +110,7 @@ impl Decoder {
     fn resolved(
         &mut self,
         channel: Arc<Channel>,
-        reference: i64,
+        reference: String,
         id: crate::Key,
         raw: RawNotification,
         result: crate::Result<Option<String>>,

@@ -15,6 +15,7 @@ use futures_util::future::BoxFuture;
 
 use crate::decoder::RawBatch;
 use crate::error::Result;
+use crate::event::Channel;
 use crate::stats::Counters;
 use crate::status::StatusEvent;
 use crate::watch::{ResolvedWatch, TableInfo, Tier};
@@ -33,8 +34,13 @@ pub(crate) struct InstallOptions {
 
 /// Reads (and expires) rows of the overflow table.
 pub(crate) trait OverflowStore: Send + Sync + 'static {
-    /// The payload stored under `reference`, or `None` if it is gone.
-    fn fetch(&self, reference: i64) -> BoxFuture<'static, Result<Option<String>>>;
+    /// The payload stored under `reference` for `channel`, or `None` if there is none: a
+    /// reference resolves only the row written for the channel it arrived on.
+    fn fetch(
+        &self,
+        channel: String,
+        reference: String,
+    ) -> BoxFuture<'static, Result<Option<String>>>;
     /// Deletes overflow rows older than `retention`; returns how many.
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>>;
 }
@@ -45,6 +51,10 @@ pub(crate) struct ListenParams {
     pub channels: Vec<(String, Tier)>,
     /// A named consumer resumes from its persisted cursor (journal-based dialects).
     pub consumer: Option<String>,
+    /// Channels whose payloads carry a signature to verify (PostgreSQL's notify tier with
+    /// signing on); anything on them that does not verify is dropped and counted.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub signed: std::collections::HashSet<String>,
     /// Where notifications go.
     pub decoder: Recipient<RawBatch>,
     /// Counters (also: whether a subscriber exists, and how far routing got).
@@ -92,25 +102,29 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
     ) -> BoxFuture<'static, Result<()>>;
-    /// The DDL `install` would run for `watches`, for users who apply migrations themselves.
-    fn install_sql(&self, watches: &[ResolvedWatch]) -> String;
+    /// The DDL `install` would run for `watches`, for users who apply migrations themselves;
+    /// with `grant_to`, followed by the grants that role needs to run a notifier.
+    fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String>;
     /// Removes the objects of these channels.
     fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>>;
     /// Removes every sqlnotify object in the database; returns how many watches were removed.
     fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>>;
     /// Starts a listener; resolves once it is listening.
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
-    /// Largest payload a notification can carry, if the dialect has a limit.
-    fn payload_limit(&self, tier: Tier) -> Option<usize>;
+    /// Whether notify-tier payloads can be signed (PostgreSQL: anyone may NOTIFY).
+    fn signs_notifications(&self) -> bool {
+        false
+    }
+    /// Largest payload a notification on `channel` can carry, if the dialect has a limit.
+    fn payload_limit(&self, channel: &Channel) -> Option<usize>;
     /// Sends `payload` on `channel` (on a connection other than the listener's).
-    fn notify(
+    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>>;
+    /// Stores an oversized payload; returns its reference.
+    fn store_overflow(
         &self,
         channel: String,
-        tier: Tier,
         payload: String,
-    ) -> BoxFuture<'static, Result<()>>;
-    /// Stores an oversized payload; returns its reference.
-    fn store_overflow(&self, channel: String, payload: String) -> BoxFuture<'static, Result<i64>>;
+    ) -> BoxFuture<'static, Result<String>>;
     /// The overflow table reader, for the decoder.
     fn overflow_store(&self) -> Arc<dyn OverflowStore>;
     /// Closes the dialect's connections.

@@ -128,6 +128,8 @@ pub struct Channel {
     pub(crate) key_columns: Vec<String>,
     pub(crate) extra_columns: Vec<String>,
     pub(crate) tier: crate::watch::Tier,
+    /// PostgreSQL notify tier: payloads carry an HMAC the listener verifies.
+    pub(crate) signed: bool,
 }
 
 impl Channel {
@@ -360,6 +362,7 @@ mod tests {
             key_columns: keys.iter().map(|s| s.to_string()).collect(),
             extra_columns: extra.iter().map(|s| s.to_string()).collect(),
             tier: crate::watch::Tier::Notify,
+            signed: false,
         })
     }
 
@@ -427,6 +430,15 @@ impl Channels {
         self.by_name
             .values()
             .map(|c| (c.name.clone(), c.tier))
+            .collect()
+    }
+
+    /// The channels whose payloads are signed.
+    pub fn signed(&self) -> std::collections::HashSet<String> {
+        self.by_name
+            .values()
+            .filter(|c| c.signed)
+            .map(|c| c.name.clone())
             .collect()
     }
 

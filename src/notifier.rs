@@ -24,7 +24,7 @@ use crate::stats::{Counters, Stats};
 use crate::status::StatusEvent;
 use crate::subscriber::{Flush, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
-use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
+use crate::watch::{check_set, resolve, ResolvedWatch, Tier, Watch};
 
 /// Configures and starts a [`Notifier`]. Made by [`Notifier::builder`].
 ///
@@ -52,6 +52,7 @@ pub struct NotifierBuilder {
     max_in_flight: usize,
     health_check: Duration,
     gap_timeout: Option<Duration>,
+    sign_notifications: bool,
 }
 
 impl std::fmt::Debug for NotifierBuilder {
@@ -66,6 +67,7 @@ impl std::fmt::Debug for NotifierBuilder {
             .field("cleanup_on_stop", &self.cleanup_on_stop)
             .field("manage_triggers", &self.manage_triggers)
             .field("gap_timeout", &self.gap_timeout)
+            .field("sign_notifications", &self.sign_notifications)
             .finish()
     }
 }
@@ -199,6 +201,18 @@ impl NotifierBuilder {
         self
     }
 
+    /// PostgreSQL's notify tier: sign every payload (HMAC-SHA256 over channel and payload,
+    /// computed by the trigger with a key only sqlnotify's owner can read) and drop — counting
+    /// them in [`Stats::forged`] — notifications that do not verify. Any role that can connect
+    /// can NOTIFY on any channel; with signing, what it sends on ours never reaches a
+    /// subscriber. The journal tiers, SQLite and MySQL need no signature: their events are
+    /// rows only privileged roles can write. Costs the writer one HMAC per row (README,
+    /// "Security", has the numbers). Default: true.
+    pub fn sign_notifications(mut self, yes: bool) -> Self {
+        self.sign_notifications = yes;
+        self
+    }
+
     /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
         Ok(open_dialect(&self.url)?.name())
@@ -221,6 +235,7 @@ impl NotifierBuilder {
         let tables = dialect
             .describe_tables(tables.into_iter().collect())
             .await?;
+        let sign = self.sign_notifications && dialect.signs_notifications();
         let resolved = watches
             .iter()
             .map(|w| {
@@ -228,7 +243,9 @@ impl NotifierBuilder {
                     .iter()
                     .find(|t| t.schema == w.schema_name() && t.table == w.table)
                     .expect("every watched table was described");
-                resolve(w, table)
+                let mut resolved = resolve(w, table)?;
+                resolved.channel.signed = sign && resolved.tier == Tier::Notify;
+                Ok(resolved)
             })
             .collect::<Result<Vec<_>>>()?;
         dialect.check_watches(&resolved).await?;
@@ -238,9 +255,22 @@ impl NotifierBuilder {
     /// The DDL `start()` would apply for these watches (schema, catalog, trigger functions,
     /// triggers), as one idempotent script. Validates against the live schema; installs nothing.
     pub async fn install_sql(&self) -> Result<String> {
+        self.script(None).await
+    }
+
+    /// [`install_sql`](Self::install_sql) followed by the grants that `role` needs to run a
+    /// notifier with [`manage_triggers(false)`](Self::manage_triggers) against what an
+    /// administrator installed: on PostgreSQL a role name, on MySQL an account (`user` or
+    /// `user@host`). Roles that only write to watched tables need nothing (README,
+    /// "Security"). SQLite has no roles: [`Error::InvalidOption`].
+    pub async fn install_sql_granting(&self, role: &str) -> Result<String> {
+        self.script(Some(role)).await
+    }
+
+    async fn script(&self, grant_to: Option<&str>) -> Result<String> {
         let dialect = open_dialect(&self.url)?;
         let watches = self.resolve(&*dialect).await;
-        let sql = watches.map(|w| dialect.install_sql(&w));
+        let sql = watches.and_then(|w| dialect.install_sql(&w, grant_to));
         dialect.close().await;
         sql
     }
@@ -316,6 +346,7 @@ impl NotifierBuilder {
         }
         let params = ListenParams {
             channels: channels.tiers(),
+            signed: channels.signed(),
             consumer: self.consumer.clone(),
             decoder: decoder.clone().recipient(),
             stats: stats.clone(),
@@ -480,6 +511,7 @@ impl Notifier {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             health_check: Duration::from_secs(10),
             gap_timeout: None,
+            sign_notifications: true,
         }
     }
 
@@ -606,14 +638,9 @@ impl Notifier {
                 reason,
             })?;
         let dialect = &self.inner.dialect;
-        let tier = channel.tier();
-        let limit = match dialect.payload_limit(tier) {
+        let limit = match dialect.payload_limit(&channel) {
             Some(limit) if payload.len() > limit => limit,
-            _ => {
-                return dialect
-                    .notify(channel.name().to_string(), tier, payload)
-                    .await
-            }
+            _ => return dialect.notify(&channel, payload).await,
         };
         let too_large = || Error::PayloadTooLarge {
             channel: channel.name().to_string(),
@@ -626,11 +653,11 @@ impl Notifier {
         let reference = dialect
             .store_overflow(channel.name().to_string(), payload.clone())
             .await?;
-        let stub = encode_overflow_ref(reference, &event.payload, &channel);
+        let stub = encode_overflow_ref(&reference, &event.payload, &channel);
         if stub.len() > limit {
             return Err(too_large());
         }
-        dialect.notify(channel.name().to_string(), tier, stub).await
+        dialect.notify(&channel, stub).await
     }
 
     /// The pipeline's counters.

@@ -5,7 +5,9 @@
 //! sends a reference instead, marked by the reserved member `"__sqlnotify"` (no watched column
 //! may have that name):
 //!
-//! * `{"__sqlnotify": {"overflow": 17}, "id": 42}` — the full payload is overflow row 17;
+//! * `{"__sqlnotify": {"overflow": "0b6f…-…"}, "id": 42}` — the full payload is the overflow
+//!   row with that random token (a UUID: references cannot be guessed or walked), written for
+//!   the channel the reference arrived on;
 //! * `{"__sqlnotify": {"truncated": true}, "id": 42}` — too large and overflow unavailable:
 //!   the event carries the key only.
 //!
@@ -33,8 +35,9 @@ pub(crate) enum Decoded {
         extra: Map<String, Value>,
         truncated: bool,
     },
-    /// The row is stored in the overflow table under this id; `id` is the key sent along.
-    Overflow { reference: i64, id: Key },
+    /// The row is stored in the overflow table under this token (canonical lower-case UUID
+    /// text); `id` is the key sent along.
+    Overflow { reference: String, id: Key },
 }
 
 /// Parses a payload received on `channel`. The error says what is wrong, for the log.
@@ -84,9 +87,13 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
         Some(Value::Object(meta)) => {
             if let Some(reference) = meta.get("overflow") {
                 let reference = reference
-                    .as_i64()
-                    .ok_or_else(|| format!("overflow reference {reference} is not an integer"))?;
-                Ok(Decoded::Overflow { reference, id })
+                    .as_str()
+                    .filter(|r| is_token(r))
+                    .ok_or_else(|| format!("overflow reference {reference} is not a token"))?;
+                Ok(Decoded::Overflow {
+                    reference: reference.to_string(),
+                    id,
+                })
             } else if meta.get("truncated") == Some(&Value::Bool(true)) {
                 Ok(Decoded::Row {
                     id,
@@ -102,6 +109,16 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
         }
         Some(other) => Err(format!("{META_KEY} metadata is not an object: {other}")),
     }
+}
+
+/// Whether `text` is a UUID in PostgreSQL's canonical output form (8-4-4-4-12 lower-case hex
+/// digits), the only form a trigger writes.
+fn is_token(text: &str) -> bool {
+    text.len() == 36
+        && text.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
 }
 
 /// Removes the key columns from `map` and returns them as a [`Key`].
@@ -135,8 +152,8 @@ pub(crate) fn encode_custom(payload: &Value, channel: &Channel) -> Result<String
     Ok(payload.to_string())
 }
 
-/// The reference payload that stands in for a payload stored as overflow row `reference`.
-pub(crate) fn encode_overflow_ref(reference: i64, payload: &Value, channel: &Channel) -> String {
+/// The reference payload that stands in for a payload stored under token `reference`.
+pub(crate) fn encode_overflow_ref(reference: &str, payload: &Value, channel: &Channel) -> String {
     let mut map = Map::new();
     map.insert(
         META_KEY.into(),
@@ -167,6 +184,7 @@ mod tests {
             key_columns: keys.iter().map(|s| s.to_string()).collect(),
             extra_columns: vec!["email".into()],
             tier: crate::watch::Tier::Notify,
+            signed: false,
         }
     }
 
@@ -198,12 +216,33 @@ mod tests {
     fn decodes_references_and_truncation() {
         let c = channel(&["id"]);
         assert_eq!(
-            decode(r#"{"__sqlnotify": {"overflow": 17}, "id": 5}"#, &c).unwrap(),
+            decode(
+                r#"{"__sqlnotify": {"overflow": "0b6f1e9a-3c1d-4f2e-9a7b-5d8c2e1f0a93"}, "id": 5}"#,
+                &c
+            )
+            .unwrap(),
             Decoded::Overflow {
-                reference: 17,
+                reference: "0b6f1e9a-3c1d-4f2e-9a7b-5d8c2e1f0a93".into(),
                 id: Key::Single(json!(5))
             }
         );
+        // sequential ids (the old format) and anything but a canonical token are refused
+        for reference in [
+            "17",
+            "\"17\"",
+            "\"0B6F1E9A-3C1D-4F2E-9A7B-5D8C2E1F0A93\"",
+            "\"0b6f1e9a3c1d4f2e9a7b5d8c2e1f0a93\"",
+            "\"0b6f1e9a-3c1d-4f2e-9a7b-5d8c2e1f0a93x\"",
+            "\"0b6f1e9a_3c1d_4f2e_9a7b_5d8c2e1f0a93\"",
+            "null",
+            "{}",
+        ] {
+            let payload = format!(r#"{{"__sqlnotify": {{"overflow": {reference}}}, "id": 5}}"#);
+            assert!(
+                decode(&payload, &c).unwrap_err().contains("not a token"),
+                "{payload}"
+            );
+        }
         match decode(r#"{"__sqlnotify": {"truncated": true}, "id": 5}"#, &c).unwrap() {
             Decoded::Row {
                 truncated, extra, ..
@@ -258,11 +297,15 @@ mod tests {
             .unwrap_err()
             .contains("\"id\""));
         assert!(encode_custom(&json!({"id": 1, "__sqlnotify": 1}), &c).is_err());
-        let r = encode_overflow_ref(9, &json!({"id": 1, "x": 2}), &c);
+        let r = encode_overflow_ref(
+            "0b6f1e9a-3c1d-4f2e-9a7b-5d8c2e1f0a93",
+            &json!({"id": 1, "x": 2}),
+            &c,
+        );
         assert_eq!(
             decode(&r, &c).unwrap(),
             Decoded::Overflow {
-                reference: 9,
+                reference: "0b6f1e9a-3c1d-4f2e-9a7b-5d8c2e1f0a93".into(),
                 id: Key::Single(json!(1))
             }
         );
@@ -285,6 +328,7 @@ mod properties {
             key_columns: keys,
             extra_columns: vec![],
             tier: crate::watch::Tier::Notify,
+            signed: false,
         }
     }
 

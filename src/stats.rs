@@ -15,6 +15,10 @@ pub struct Stats {
     pub filtered_out: u64,
     /// Notifications on our channels that could not be decoded (logged and dropped).
     pub malformed: u64,
+    /// Notifications on our signed channels (PostgreSQL notify tier) whose signature is
+    /// missing or wrong: sent by someone other than sqlnotify's triggers, dropped unread.
+    /// See [`sign_notifications`](crate::NotifierBuilder::sign_notifications).
+    pub forged: u64,
     /// Events whose payload was resolved from the overflow table.
     pub overflow_resolved: u64,
     /// Overflow references whose row was already gone (delivered truncated).
@@ -45,6 +49,7 @@ pub(crate) struct Counters {
     pub delivered: AtomicU64,
     pub filtered_out: AtomicU64,
     pub malformed: AtomicU64,
+    pub forged: AtomicU64,
     pub overflow_resolved: AtomicU64,
     pub overflow_missing: AtomicU64,
     pub unrouted: AtomicU64,
@@ -87,6 +92,7 @@ impl Counters {
             delivered: get(&self.delivered),
             filtered_out: get(&self.filtered_out),
             malformed: get(&self.malformed),
+            forged: get(&self.forged),
             overflow_resolved: get(&self.overflow_resolved),
             overflow_missing: get(&self.overflow_missing),
             unrouted: get(&self.unrouted),

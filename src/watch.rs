@@ -465,6 +465,7 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             key_columns,
             extra_columns,
             tier: watch.tier,
+            signed: false,
         },
         trigger_columns,
         use_overflow_table: watch.use_overflow_table,

@@ -124,8 +124,11 @@ async fn expired_overflow_rows_are_purged_and_a_missing_row_degrades_to_truncate
     );
 
     // A reference to a row that no longer exists: delivered with the key, marked truncated.
-    db.exec(r#"SELECT pg_notify('sqlnotify_public_docs_insert', '{"__sqlnotify":{"overflow":987654},"id":9}')"#)
-        .await;
+    db.notify_signed(
+        "sqlnotify_public_docs_insert",
+        r#"{"__sqlnotify":{"overflow":"00000000-0000-4000-8000-000000000000"},"id":9}"#,
+    )
+    .await;
     let e = ev.next().await;
     assert_eq!((e.id().as_i64(), e.is_truncated()), (Some(9), true));
     assert_eq!(notifier.stats().await.unwrap().overflow_missing, 1);
@@ -134,10 +137,19 @@ async fn expired_overflow_rows_are_purged_and_a_missing_row_degrades_to_truncate
 
 #[actix_rt::test]
 async fn garbage_on_our_channel_is_counted_and_dropped() {
+    // Signed channels (the default) drop it as forged before decoding; unsigned ones decode
+    // it and drop it as malformed. Either way the listener lives on.
+    for signed in [true, false] {
+        garbage_is_dropped(signed).await;
+    }
+}
+
+async fn garbage_is_dropped(signed: bool) {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let notifier = Notifier::builder(&db.url)
         .watch(Watch::new("t", Operation::Insert))
+        .sign_notifications(signed)
         .start()
         .await
         .unwrap();
@@ -166,7 +178,12 @@ async fn garbage_on_our_channel_is_counted_and_dropped() {
     );
     ev.assert_empty();
     let stats = notifier.stats().await.unwrap();
-    assert_eq!((stats.malformed, stats.received), (5, 6), "{stats:?}");
+    let expected = if signed { (0, 5, 1) } else { (5, 0, 6) };
+    assert_eq!(
+        (stats.malformed, stats.forged, stats.received),
+        expected,
+        "signed: {signed}, {stats:?}"
+    );
     notifier.stop().await.unwrap();
 }
 
@@ -226,7 +243,8 @@ async fn custom_notifications_reach_subscribers_like_trigger_events() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::PayloadTooLarge { size, limit: 7999, .. } if *size > BIG),
+        // NOTIFY's 7,999 bytes less the 44 of the signature
+        matches!(&err, Error::PayloadTooLarge { size, limit: 7955, .. } if *size > BIG),
         "{err}"
     );
     let err = sender

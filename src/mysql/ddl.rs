@@ -294,6 +294,30 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &
     sql
 }
 
+/// The privileges account `account` (`user` or `user@host`; host `%` when absent) needs to
+/// run a notifier against objects someone else installed: read the catalog, read and trim the
+/// journal, write custom events to it, keep consumer positions. Writers need none: triggers
+/// run with their definer's privileges.
+pub(crate) fn grant_sql(database: &str, account: &str) -> crate::Result<String> {
+    let (user, host) = account.split_once('@').unwrap_or((account, "%"));
+    if user.is_empty() || host.is_empty() {
+        return Err(crate::Error::InvalidOption {
+            option: "grant_to",
+            reason: format!("{account:?} is not a MySQL account (`user` or `user@host`)"),
+        });
+    }
+    let to = format!("{}@{}", quote_literal(user), quote_literal(host));
+    Ok(format!(
+        "\n-- what the notifier's account {to} needs\n\
+         GRANT SELECT ON {} TO {to};\n\
+         GRANT SELECT, INSERT, DELETE ON {} TO {to};\n\
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n",
+        qualified(database, CATALOG),
+        qualified(database, JOURNAL),
+        qualified(database, CONSUMERS),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +334,7 @@ mod tests {
                 key_columns: vec!["select".into()],
                 extra_columns: extra.iter().map(|s| s.to_string()).collect(),
                 tier: crate::watch::Tier::Notify,
+                signed: false,
             },
             trigger_columns: vec![],
             use_overflow_table: true,

@@ -50,7 +50,8 @@ use tokio::sync::{Notify, OwnedMutexGuard};
 use self::ddl::Kinds;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
-use crate::watch::{ResolvedWatch, TableInfo, Tier};
+use crate::event::Channel;
+use crate::watch::{ResolvedWatch, TableInfo};
 
 /// Default time a journal id may stay missing before it is treated as rolled back.
 const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -279,8 +280,12 @@ impl Dialect for Mysql {
         })
     }
 
-    fn install_sql(&self, watches: &[ResolvedWatch]) -> String {
-        ddl::install_script(watches, self.database, &self.kinds())
+    fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
+        let mut sql = ddl::install_script(watches, self.database, &self.kinds());
+        if let Some(account) = grant_to {
+            sql.push_str(&ddl::grant_sql(self.database, account)?);
+        }
+        Ok(sql)
     }
 
     fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
@@ -308,17 +313,13 @@ impl Dialect for Mysql {
         ))
     }
 
-    fn payload_limit(&self, _tier: Tier) -> Option<usize> {
+    fn payload_limit(&self, _channel: &Channel) -> Option<usize> {
         None
     }
 
-    fn notify(
-        &self,
-        channel: String,
-        _tier: Tier,
-        payload: String,
-    ) -> BoxFuture<'static, Result<()>> {
+    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
         let (database, wake) = (self.database, self.wake.clone());
+        let channel = channel.name.clone();
         let appended = self.control.run(move |conn| {
             Box::pin(async move { journal::append(conn, database, &channel, &payload).await })
         });
@@ -330,7 +331,11 @@ impl Dialect for Mysql {
         })
     }
 
-    fn store_overflow(&self, channel: String, _payload: String) -> BoxFuture<'static, Result<i64>> {
+    fn store_overflow(
+        &self,
+        channel: String,
+        _payload: String,
+    ) -> BoxFuture<'static, Result<String>> {
         Box::pin(async move {
             Err(Error::InvalidPayload {
                 channel,
@@ -359,7 +364,11 @@ struct JournalStore {
 }
 
 impl OverflowStore for JournalStore {
-    fn fetch(&self, _reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+    fn fetch(
+        &self,
+        _channel: String,
+        _reference: String,
+    ) -> BoxFuture<'static, Result<Option<String>>> {
         Box::pin(async { Ok(None) })
     }
 

@@ -67,18 +67,27 @@ impl Control {
 }
 
 impl OverflowStore for Arc<Control> {
-    fn fetch(&self, reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+    fn fetch(
+        &self,
+        channel: String,
+        reference: String,
+    ) -> BoxFuture<'static, Result<Option<String>>> {
         let this = self.clone();
         Box::pin(async move {
             let client = this.client().await?;
+            // Bound to the channel: a reference seen on one channel never reads another's row.
+            // The decoder only passes references in the canonical UUID form (see payload.rs),
+            // so the cast cannot fail.
             let sql = format!(
-                "SELECT payload FROM {}.overflow WHERE id = $1",
+                "SELECT payload FROM {}.overflow WHERE token = $1::uuid AND channel = $2",
                 quote_ident(SCHEMA)
             );
             let row = client
-                .query_typed_opt(&sql, &[(&reference, Type::INT8)])
+                .query_typed_opt(&sql, &[(&reference, Type::TEXT), (&channel, Type::TEXT)])
                 .await
-                .map_err(|e| Error::db(format!("reading overflow row {reference}"), e))?;
+                .map_err(|e| {
+                    Error::db(format!("reading overflow row {reference} of {channel}"), e)
+                })?;
             Ok(row.map(|r| r.get(0)))
         })
     }

@@ -5,6 +5,7 @@
 //! trigger `"<channel>"` on the watched table. The channel name is unique in the database, so
 //! one name identifies a watch everywhere (catalog row, function, trigger, LISTEN).
 
+use super::signing::{self, SIGNATURE_LEN};
 use crate::payload::{META_KEY, NOTIFY_PAYLOAD_LIMIT};
 use crate::sql::{quote_ident, quote_literal};
 use crate::watch::{Capture, ResolvedWatch, Tier, STATEMENT_CHUNK_ROWS};
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS {s}.catalog (
 );
 CREATE TABLE IF NOT EXISTS {s}.overflow (
     id bigserial PRIMARY KEY,
+    token uuid DEFAULT pg_catalog.gen_random_uuid(),
     channel text NOT NULL,
     payload text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
@@ -52,6 +54,12 @@ CREATE TABLE IF NOT EXISTS {s}.journal (
     events integer NOT NULL DEFAULT 1,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS {s}.signing (
+    id integer PRIMARY KEY CHECK (id = 1),
+    key bytea NOT NULL,
+    ipad bytea NOT NULL,
+    opad bytea NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {s}.consumers (
     name text PRIMARY KEY,
     horizon xid8 NOT NULL,
@@ -60,6 +68,10 @@ CREATE TABLE IF NOT EXISTS {s}.consumers (
 DO $sqn$
 DECLARE
   _sqn_lock text := pg_catalog.current_setting('lock_timeout');
+  _sqn_key bytea;
+  _sqn_pad bytea;
+  _sqn_ipad bytea;
+  _sqn_opad bytea;
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                   WHERE attrelid = '{s}.journal'::regclass AND attname = 'events' AND NOT attisdropped) THEN
@@ -73,6 +85,21 @@ BEGIN
     END;
     PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
   END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                  WHERE attrelid = '{s}.overflow'::regclass AND attname = 'token' AND NOT attisdropped) THEN
+    -- once, on upgrade: overflow rows are referenced by an unguessable token, not their id.
+    -- Rows of older versions keep a NULL token: nothing can reference them any more.
+    PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+    BEGIN
+      ALTER TABLE {s}.overflow ADD COLUMN token uuid, ALTER COLUMN token SET DEFAULT pg_catalog.gen_random_uuid();
+    EXCEPTION WHEN lock_not_available THEN
+      RAISE EXCEPTION 'sqlnotify: upgrading {s}.overflow (adding the token column) needs a moment with no open transaction writing to it; retry start()';
+    END;
+    PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
+  END IF;
+  IF pg_catalog.to_regclass('{s}.overflow_token_idx') IS NULL THEN
+    CREATE UNIQUE INDEX overflow_token_idx ON {s}.overflow (token);
+  END IF;
   IF pg_catalog.to_regclass('{s}.overflow_created_at_idx') IS NULL THEN
     CREATE INDEX overflow_created_at_idx ON {s}.overflow (created_at);
   END IF;
@@ -82,15 +109,50 @@ BEGIN
   IF pg_catalog.to_regclass('{s}.journal_created_at_idx') IS NULL THEN
     CREATE INDEX journal_created_at_idx ON {s}.journal (created_at);
   END IF;
+  {key}
+  -- Nothing in the schema is anyone else's business: PUBLIC gets no privilege (not even the
+  -- EXECUTE that new functions get by default, or what ALTER DEFAULT PRIVILEGES may grant).
+  -- Checked first, so an unchanged install rewrites no catalog row.
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n,
+                    pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a
+              WHERE n.nspname = {lit} AND a.grantee = 0) THEN
+    REVOKE ALL ON SCHEMA {s} FROM PUBLIC;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.relnamespace = {lit}::regnamespace AND a.grantee = 0) THEN
+    REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM PUBLIC;
+    REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM PUBLIC;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc p,
+                    pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+              WHERE p.pronamespace = {lit}::regnamespace AND a.grantee = 0) THEN
+    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {s} FROM PUBLIC;
+  END IF;
 END
 $sqn$;",
-        s = quote_ident(SCHEMA)
+        s = quote_ident(SCHEMA),
+        lit = quote_literal(SCHEMA),
+        key = signing::create_key_sql(),
     )
 }
 
 /// The qualified name of a watch's trigger function.
 pub(crate) fn function_name(channel: &str) -> String {
     format!("{}.{}", quote_ident(SCHEMA), quote_ident(channel))
+}
+
+/// `CREATE OR REPLACE FUNCTION` for a trigger function with `body`. Every trigger function
+/// runs as its owner (`SECURITY DEFINER`): writers need no privilege on sqlnotify's tables,
+/// and cannot read the signing key their events are signed with. The search path is pinned so
+/// that nothing a writer creates (a `pg_temp` function, a schema earlier in the path) can stand
+/// in for what the body calls; the body qualifies every name anyway.
+fn function_header(channel: &str, body: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+         SET search_path = pg_catalog, pg_temp AS {}",
+        function_name(channel),
+        quote_literal(body)
+    )
 }
 
 /// A JSON-text expression of the given columns of `row` (NEW or OLD), in order.
@@ -255,11 +317,7 @@ BEGIN
 END
 "
     );
-    format!(
-        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
-        function_name(&channel.name),
-        quote_literal(&body)
-    )
+    function_header(&channel.name, &body)
 }
 
 /// The journal tiers: the row goes to `sqlnotify.journal` inside the user's transaction (so it
@@ -285,11 +343,7 @@ END
         schema = quote_ident(SCHEMA),
         payload = json_expr(row, &all),
     );
-    format!(
-        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
-        function_name(&channel.name),
-        quote_literal(&body)
-    )
+    function_header(&channel.name, &body)
 }
 
 /// The notify tier: the payload travels in the notification itself.
@@ -301,20 +355,29 @@ fn notify_function_sql(w: &ResolvedWatch) -> String {
     let full = json_expr(row, &all);
     let key_only = json_expr(row, &keys);
     let chan = quote_literal(&channel.name);
-    let limit = NOTIFY_PAYLOAD_LIMIT;
+    // A signed payload leaves room for its signature in front of it.
+    let (limit, send) = if channel.signed {
+        let signature = signing::signature_sql(&chan, "_sqn_payload");
+        (
+            NOTIFY_PAYLOAD_LIMIT - SIGNATURE_LEN,
+            format!("coalesce({signature}, '') || _sqn_payload"),
+        )
+    } else {
+        (NOTIFY_PAYLOAD_LIMIT, "_sqn_payload".to_string())
+    };
     let meta = |inner: &str| quote_literal(&format!("{{\"{META_KEY}\":{inner}")); // opening part
     let overflow_block = if w.use_overflow_table {
         format!(
             "
     BEGIN
-      INSERT INTO {schema}.overflow (channel, payload) VALUES ({chan}, _sqn_payload) RETURNING id INTO _sqn_ref;
-      _sqn_payload := {open_ref} || _sqn_ref || '}},' || pg_catalog.substr({key_only}, 2);
+      INSERT INTO {schema}.overflow (channel, payload) VALUES ({chan}, _sqn_payload) RETURNING token INTO _sqn_ref;
+      _sqn_payload := {open_ref} || _sqn_ref::text || '\"}},' || pg_catalog.substr({key_only}, 2);
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'sqlnotify: cannot store an overflow row for channel %: %', {chan}, SQLERRM;
       _sqn_ref := NULL;
     END;",
             schema = quote_ident(SCHEMA),
-            open_ref = meta("{\"overflow\":"),
+            open_ref = meta("{\"overflow\":\""),
         )
     } else {
         String::new()
@@ -323,7 +386,7 @@ fn notify_function_sql(w: &ResolvedWatch) -> String {
         "
 DECLARE
   _sqn_payload text;
-  _sqn_ref bigint;
+  _sqn_ref uuid;
 BEGIN
   _sqn_payload := {full};
   IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN{overflow_block}
@@ -334,18 +397,14 @@ BEGIN
       END IF;
     END IF;
   END IF;
-  PERFORM pg_catalog.pg_notify({chan}, _sqn_payload);
+  PERFORM pg_catalog.pg_notify({chan}, {send});
   RETURN NULL;
 END
 ",
         open_trunc = meta("{\"truncated\":true},"),
         bare_trunc = quote_literal(&format!("{{\"{META_KEY}\":{{\"truncated\":true}}}}")),
     );
-    format!(
-        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
-        function_name(&channel.name),
-        quote_literal(&body)
-    )
+    function_header(&channel.name, &body)
 }
 
 /// `CREATE TRIGGER` for a watch. For UPDATE with `trigger_columns` the trigger is limited to
@@ -391,7 +450,12 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
 
 /// The full definition of a watch's objects; its hash is what drift detection compares.
 pub(crate) fn definition(w: &ResolvedWatch) -> String {
-    format!("{};\n{};\n", function_sql(w), trigger_sql(w))
+    format!(
+        "{};\nREVOKE ALL ON FUNCTION {}() FROM PUBLIC;\n{};\n",
+        function_sql(w),
+        function_name(&w.channel.name),
+        trigger_sql(w)
+    )
 }
 
 /// Drops a watch's function and, through CASCADE, its trigger on whatever table it is on.
@@ -419,9 +483,26 @@ ON CONFLICT (channel) DO UPDATE SET table_schema = EXCLUDED.table_schema, table_
     )
 }
 
+/// The privileges a role needs to run a notifier against objects someone else installed
+/// (`manage_triggers(false)`): read the catalog (verification) and the signing key (verifying
+/// notifications), read and expire the overflow table and the journal, write custom events to
+/// them, and keep consumer positions. Writers need none of this: trigger functions run as
+/// their owner.
+pub(crate) fn grant_sql(role: &str) -> String {
+    let (s, r) = (quote_ident(SCHEMA), quote_ident(role));
+    format!(
+        "GRANT USAGE ON SCHEMA {s} TO {r};
+GRANT SELECT ON {s}.catalog, {s}.signing TO {r};
+GRANT SELECT, INSERT, DELETE ON {s}.overflow, {s}.journal TO {r};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.consumers TO {r};
+GRANT USAGE ON SEQUENCE {s}.overflow_id_seq, {s}.journal_id_seq TO {r};
+"
+    )
+}
+
 /// A complete, idempotent install script for `watches`: what `start()` would do, for users who
 /// apply DDL through their own migrations (then start with `manage_triggers(false)`).
-pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
+pub(crate) fn install_script(watches: &[ResolvedWatch], grant_to: Option<&str>) -> String {
     let mut sql = format!(
         "-- sqlnotify install script (apply in one transaction)\nBEGIN;\nSELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK});\n{};\n",
         setup_sql()
@@ -431,6 +512,13 @@ pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
         sql.push_str(&drop_sql(&w.channel.name));
         sql.push_str(&definition(w));
         sql.push_str(&catalog_upsert_sql(w));
+    }
+    if let Some(role) = grant_to {
+        sql.push_str(&format!(
+            "\n-- what the notifier's role {} needs\n{}",
+            quote_ident(role),
+            grant_sql(role)
+        ));
     }
     sql.push_str("COMMIT;\n");
     sql
@@ -453,6 +541,7 @@ mod tests {
                 key_columns: vec!["id".into()],
                 extra_columns: extra.iter().map(|s| s.to_string()).collect(),
                 tier: crate::watch::Tier::Notify,
+                signed: false,
             },
             trigger_columns: vec![],
             use_overflow_table: true,

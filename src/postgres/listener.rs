@@ -37,6 +37,7 @@ use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
 
 use super::control::Control;
 use super::journal::{self, JournalCursor};
+use super::signing::{Refused, Verifier};
 use crate::backoff::Backoff;
 use crate::decoder::RawBatch;
 use crate::dialect::{ListenParams, ListenerHandle};
@@ -58,6 +59,8 @@ const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(25);
 /// How often a named consumer's horizon may be saved while events flow.
 const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// How often a forged notification is logged at most (each one is counted).
+const FORGERY_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often an idle named consumer refreshes its "alive" mark (for retention).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 
@@ -93,6 +96,9 @@ pub(crate) struct PgListener {
     listen: Vec<String>,
     /// Durable channels, whose notifications only wake a journal read.
     wake: Arc<HashSet<String>>,
+    /// Signed notify-tier channels, and the key their payloads are verified with.
+    signed: Arc<HashSet<String>>,
+    verifier: Option<Arc<Verifier>>,
     /// Notify-tier channels (a reconnect may have lost their events).
     notify: Vec<String>,
     journal: Option<Journal>,
@@ -124,6 +130,8 @@ impl PgListener {
             budget: self.params.budget.clone(),
             stats: self.params.stats.clone(),
             wake: self.wake.clone(),
+            signed: self.signed.clone(),
+            verifier: self.verifier.clone(),
             listener: ctx.address().downgrade(),
             generation: self.generation,
         };
@@ -419,13 +427,28 @@ struct Reader {
     budget: Arc<Semaphore>,
     stats: Arc<Counters>,
     wake: Arc<HashSet<String>>,
+    /// Signed channels and the key to verify them with.
+    signed: Arc<HashSet<String>>,
+    verifier: Option<Arc<Verifier>>,
     listener: WeakAddr<PgListener>,
     generation: u64,
 }
 
 impl Reader {
+    /// The payload of a notification on `channel`, without its signature if the channel is
+    /// signed; refused when that signature does not verify.
+    fn open<'a>(&self, channel: &str, payload: &'a str) -> std::result::Result<&'a str, Refused> {
+        match &self.verifier {
+            Some(verifier) if self.signed.contains(channel) => verifier.open(channel, payload),
+            _ => Ok(payload),
+        }
+    }
+
     async fn run(self, mut connection: Connection<Socket, NoTlsStream>) {
         let mut batch = Vec::new();
+        // Forgeries are counted one by one but logged at most once a minute: whoever sends
+        // them must not be able to flood the application's log.
+        let mut forgery_logged: Option<Instant> = None;
         let outcome = loop {
             // Collect what is ready (at least one notification), or learn that the
             // connection ended.
@@ -434,12 +457,27 @@ impl Reader {
                 match connection.poll_message(cx) {
                     Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
                         if self.wake.contains(n.channel()) {
+                            // A journal tier's wake-up: its payload is never read.
                             wake = true;
                             continue;
                         }
+                        let payload = match self.open(n.channel(), n.payload()) {
+                            Ok(payload) => payload,
+                            Err(refused) => {
+                                self.stats.forged.fetch_add(1, Ordering::Relaxed);
+                                if forgery_logged.map_or(true, |at| at.elapsed() >= FORGERY_LOG_EVERY) {
+                                    forgery_logged = Some(Instant::now());
+                                    log::warn!(
+                                        "sqlnotify: dropping a notification on {:?} that sqlnotify's trigger did not send: {refused} (counted in stats().forged; further ones are logged at most once a minute)",
+                                        n.channel()
+                                    );
+                                }
+                                continue;
+                            }
+                        };
                         batch.push(RawNotification {
                             channel: n.channel().to_owned(),
-                            payload: n.payload().to_owned(),
+                            payload: payload.to_owned(),
                             received_at: SystemTime::now(),
                             sequence: None,
                             events: 1,
@@ -628,7 +666,10 @@ impl ListenerHandle for PgListenerHandle {
 pub(crate) async fn start(
     mut config: Config,
     params: ListenParams,
+    verifier: Option<Verifier>,
 ) -> Result<Box<dyn ListenerHandle>> {
+    let signed = Arc::new(params.signed.clone());
+    let verifier = verifier.map(Arc::new);
     config.keepalives(true);
     if config.get_keepalives_idle() == DRIVER_DEFAULT_KEEPALIVE_IDLE {
         // The kernel takes whole seconds (and refuses 0).
@@ -667,6 +708,8 @@ pub(crate) async fn start(
                 params,
                 listen,
                 wake,
+                signed,
+                verifier,
                 notify,
                 journal,
                 backoff: Backoff::default(),

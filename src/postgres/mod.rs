@@ -10,6 +10,7 @@ mod control;
 mod ddl;
 mod journal;
 mod listener;
+mod signing;
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tokio_postgres::Config;
 use self::control::Control;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
+use crate::event::Channel;
 use crate::sql::quote_ident;
 use crate::watch::{Capture, ResolvedWatch, TableInfo, Tier};
 
@@ -99,8 +101,8 @@ impl Dialect for Postgres {
         })
     }
 
-    fn install_sql(&self, watches: &[ResolvedWatch]) -> String {
-        ddl::install_script(watches)
+    fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
+        Ok(ddl::install_script(watches, grant_to))
     }
 
     fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
@@ -131,27 +133,45 @@ impl Dialect for Postgres {
                 "sqlnotify: consumer {consumer:?} has no effect without durable or poll watches (NOTIFY cannot be replayed)"
             );
         }
-        Box::pin(listener::start(self.config(), params))
+        let (config, control) = (self.config(), self.control.clone());
+        Box::pin(async move {
+            // Read once: the key never changes while its table exists.
+            let verifier = if params.signed.is_empty() {
+                None
+            } else {
+                Some(signing::load(&*control.client().await?).await?)
+            };
+            listener::start(config, params, verifier).await
+        })
     }
 
-    fn payload_limit(&self, tier: Tier) -> Option<usize> {
-        if tier != Tier::Notify {
+    fn signs_notifications(&self) -> bool {
+        true
+    }
+
+    fn payload_limit(&self, channel: &Channel) -> Option<usize> {
+        if channel.tier != Tier::Notify {
             return None; // journal rows have no size limit
         }
-        Some(crate::payload::NOTIFY_PAYLOAD_LIMIT)
+        let signature = if channel.signed {
+            signing::SIGNATURE_LEN
+        } else {
+            0
+        };
+        Some(crate::payload::NOTIFY_PAYLOAD_LIMIT - signature)
     }
 
     /// Custom events take the channel's own path: a NOTIFY carrying the payload, or a journal
     /// row (plus an empty wake-up NOTIFY on the durable tier), so listeners treat them exactly
     /// like trigger events.
-    fn notify(
-        &self,
-        channel: String,
-        tier: Tier,
-        payload: String,
-    ) -> BoxFuture<'static, Result<()>> {
+    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
         let control = self.control.clone();
-        let sql = match tier {
+        let sql = match channel.tier {
+            // Signed like a trigger's payload, by the server: the key never leaves it.
+            Tier::Notify if channel.signed => format!(
+                "SELECT pg_catalog.pg_notify($1, coalesce({}, '') || $2)",
+                signing::signature_sql("$1", "$2")
+            ),
             Tier::Notify => "SELECT pg_catalog.pg_notify($1, $2)".to_string(),
             Tier::Durable => format!(
                 "WITH j AS (INSERT INTO {}.journal (channel, payload) VALUES ($1, $2) RETURNING 1) \
@@ -163,6 +183,7 @@ impl Dialect for Postgres {
                 quote_ident(ddl::SCHEMA)
             ),
         };
+        let channel = channel.name.clone();
         Box::pin(async move {
             let client = control.client().await?;
             client
@@ -173,12 +194,16 @@ impl Dialect for Postgres {
         })
     }
 
-    fn store_overflow(&self, channel: String, payload: String) -> BoxFuture<'static, Result<i64>> {
+    fn store_overflow(
+        &self,
+        channel: String,
+        payload: String,
+    ) -> BoxFuture<'static, Result<String>> {
         let control = self.control.clone();
         Box::pin(async move {
             let client = control.client().await?;
             let sql = format!(
-                "INSERT INTO {}.overflow (channel, payload) VALUES ($1, $2) RETURNING id",
+                "INSERT INTO {}.overflow (channel, payload) VALUES ($1, $2) RETURNING token::text",
                 quote_ident(ddl::SCHEMA)
             );
             let row = client

@@ -142,6 +142,7 @@ mod tests {
                 key_columns: vec!["select".into()],
                 extra_columns: (0..extra).map(|i| format!("c{i}")).collect(),
                 tier: crate::watch::Tier::Notify,
+                signed: false,
             },
             trigger_columns: vec![],
             use_overflow_table: true,

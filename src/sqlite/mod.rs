@@ -25,7 +25,8 @@ use rusqlite::{Connection, OpenFlags};
 use self::listener::Wake;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
-use crate::watch::{ResolvedWatch, TableInfo, Tier};
+use crate::event::Channel;
+use crate::watch::{ResolvedWatch, TableInfo};
 
 /// How long a sqlnotify connection waits for a lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -153,8 +154,16 @@ impl Dialect for Sqlite {
         self.blocking(move |conn| catalog::install(conn, &watches, options))
     }
 
-    fn install_sql(&self, watches: &[ResolvedWatch]) -> String {
-        ddl::install_script(watches)
+    fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
+        if grant_to.is_some() {
+            return Err(Error::InvalidOption {
+                option: "grant_to",
+                reason: "SQLite has no roles: who may read and write the events is whoever may \
+                         read and write the database file"
+                    .into(),
+            });
+        }
+        Ok(ddl::install_script(watches))
     }
 
     fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
@@ -173,17 +182,13 @@ impl Dialect for Sqlite {
         ))
     }
 
-    fn payload_limit(&self, _tier: Tier) -> Option<usize> {
+    fn payload_limit(&self, _channel: &Channel) -> Option<usize> {
         None
     }
 
-    fn notify(
-        &self,
-        channel: String,
-        _tier: Tier,
-        payload: String,
-    ) -> BoxFuture<'static, Result<()>> {
+    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
         let wake = self.wake.0.clone();
+        let channel = channel.name.clone();
         let appended = self.blocking(move |conn| journal::append(conn, &channel, &payload));
         Box::pin(async move {
             appended.await?;
@@ -193,7 +198,11 @@ impl Dialect for Sqlite {
         })
     }
 
-    fn store_overflow(&self, channel: String, _payload: String) -> BoxFuture<'static, Result<i64>> {
+    fn store_overflow(
+        &self,
+        channel: String,
+        _payload: String,
+    ) -> BoxFuture<'static, Result<String>> {
         Box::pin(async move {
             Err(Error::InvalidPayload {
                 channel,
@@ -228,7 +237,11 @@ struct JournalStore {
 }
 
 impl OverflowStore for JournalStore {
-    fn fetch(&self, _reference: i64) -> BoxFuture<'static, Result<Option<String>>> {
+    fn fetch(
+        &self,
+        _channel: String,
+        _reference: String,
+    ) -> BoxFuture<'static, Result<Option<String>>> {
         Box::pin(async { Ok(None) })
     }
 

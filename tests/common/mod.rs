@@ -54,6 +54,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     admin_url: String,
+    /// Login roles made by [`TestDb::role`], dropped after the database.
+    roles: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestDb {
@@ -81,7 +83,40 @@ impl TestDb {
             name,
             url,
             admin_url,
+            roles: Default::default(),
         }
+    }
+
+    /// A login role of this test's own with no privilege beyond what every role has (the
+    /// test grants what it needs), dropped when the test ends; returns its name and a URL of
+    /// this database connecting as it.
+    pub async fn role(&self, suffix: &str) -> (String, String) {
+        let role = format!("{}_{suffix}", self.name);
+        connect(&self.admin_url)
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE \"{role}\" LOGIN PASSWORD 'sqlnotify-test'"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("CREATE ROLE {role}: {e}"));
+        self.roles.lock().unwrap().push(role.clone());
+        let url = with_user(&self.url, &role, "sqlnotify-test");
+        (role, url)
+    }
+
+    /// Sends `payload` on `channel` signed with the database's signing key, the way a trigger
+    /// signs it (for tests that forge references a trigger could have sent).
+    pub async fn notify_signed(&self, channel: &str, payload: &str) {
+        self.client()
+            .await
+            .execute(
+                "SELECT pg_notify($1, (SELECT encode(sha256(opad || sha256(ipad || \
+                   convert_to($1 || chr(10) || $2, 'UTF8'))), 'base64') \
+                   FROM sqlnotify.signing) || $2)",
+                &[&channel, &payload],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("signed NOTIFY on {channel}: {e}"));
     }
 
     pub async fn client(&self) -> Client {
@@ -111,6 +146,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let roles = std::mem::take(&mut *self.roles.lock().unwrap_or_else(|p| p.into_inner()));
         // Drop runs outside async; use a runtime of our own on a plain thread.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -123,10 +159,27 @@ impl Drop for TestDb {
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                         .await;
+                    // Privileges lived in the dropped database only: the roles can go now.
+                    for role in roles {
+                        let _ = client
+                            .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
+                            .await;
+                    }
                 }
             })
         })
         .join();
+    }
+}
+
+/// `url` connecting as `user` with `password` (URL or key=value form).
+pub fn with_user(url: &str, user: &str, password: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("{scheme}://{user}:{password}@{host}")
+        }
+        None => format!("{url} user={user} password={password}"),
     }
 }
 
