@@ -1,0 +1,501 @@
+//! PostgreSQL security with real roles: what a role that can connect but holds no privilege
+//! can do to the event stream (forge, walk overflow references, read sqlnotify's tables), and
+//! what the roles that do the work need (a writer: only its own table; a notifier run against
+//! an administrator's install: exactly the grants `install_sql_granting` prints).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{connect, Events, TestDb, ARRIVES_WITHIN};
+use futures_util::StreamExt;
+use serde_json::json;
+use sqlnotify::{Capture, Error, Notifier, Operation, Subscription, Tier, Watch};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+const BIG: usize = 9_000;
+
+/// A connection as `url` that LISTENs on `channel` and hands every payload it hears over.
+async fn eavesdrop(
+    url: &str,
+    channel: &str,
+) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect as the eavesdropper: {e}"));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await
+        .expect("any role may LISTEN");
+    (client, rx)
+}
+
+/// The attack of the issue, on signed and on unsigned channels: a role with no privilege on
+/// `secret` hears the reference to secret's large row (any role may LISTEN) and sends every
+/// payload shape the decoder accepts on `pub`'s channel. Nothing of `secret` ever reaches a
+/// subscriber of `pub`; with signing (the default) nothing forged reaches it at all.
+#[actix_rt::test]
+async fn forged_notifications_never_read_another_tables_rows() {
+    for signed in [true, false] {
+        forged_notifications(signed).await;
+    }
+}
+
+async fn forged_notifications(signed: bool) {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE pub (id int PRIMARY KEY, v text); CREATE TABLE secret (id int PRIMARY KEY, body text)")
+        .await;
+    let (_, mallory) = db.role("mallory").await;
+    let builder = Notifier::builder(&db.url).sign_notifications(signed);
+    // The application owning `secret` …
+    let owner = builder
+        .clone()
+        .watch(Watch::new("secret", Operation::Insert).extra_columns(["body"]))
+        .start()
+        .await
+        .unwrap();
+    // … and a browser-facing one that serves `pub`.
+    let victim = builder
+        .watch(Watch::new("pub", Operation::Insert).extra_columns(["v"]))
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&victim, Subscription::new("pub", Operation::Insert)).await;
+
+    let (attacker, mut heard) = eavesdrop(&mallory, "sqlnotify_public_secret_insert").await;
+    db.exec(&format!(
+        "INSERT INTO secret VALUES (1, 'TOP-SECRET' || repeat('s', {BIG}))"
+    ))
+    .await;
+    let observed = tokio::time::timeout(ARRIVES_WITHIN, heard.recv())
+        .await
+        .expect("the reference is visible to any listener")
+        .unwrap();
+    assert!(!observed.contains("TOP-SECRET"), "a reference, not the row");
+    let start = observed.find('{').expect("a JSON payload");
+    let (signature, reference) = observed.split_at(start);
+    assert_eq!(signature.len(), if signed { 44 } else { 0 }, "{observed}");
+    let token = serde_json::from_str::<serde_json::Value>(reference).unwrap()["__sqlnotify"]
+        ["overflow"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    assert_eq!(token.len(), 36, "a UUID, not a sequence: {token}");
+
+    let stolen = format!(r#"{{"__sqlnotify":{{"overflow":"{token}"}},"id":1000}}"#);
+    let forged = [
+        observed.clone(),               // the real, signed reference, moved to our channel
+        reference.to_string(),          // the same without its signature
+        stolen.clone(),                 // the stolen token with the attacker's key
+        format!("{signature}{stolen}"), // … under secret's signature
+        r#"{"__sqlnotify":{"overflow":1},"id":1000}"#.into(), // walking ids (old format)
+        r#"{"__sqlnotify":{"overflow":"00000000-0000-4000-8000-000000000001"},"id":1000}"#.into(),
+        r#"{"__sqlnotify":{"truncated":true},"id":1000}"#.into(),
+        r#"{"id":1000,"v":"forged"}"#.into(),
+        r#"[{"id":1000,"v":"forged"}]"#.into(),
+        format!("{}{{\"id\":1000,\"v\":\"forged\"}}", "A".repeat(43) + "="),
+    ];
+    for payload in &forged {
+        attacker
+            .execute(
+                "SELECT pg_notify('sqlnotify_public_pub_insert', $1)",
+                &[payload],
+            )
+            .await
+            .expect("any role may NOTIFY");
+    }
+    db.exec("INSERT INTO pub VALUES (1, 'sentinel')").await;
+
+    let mut arrived = Vec::new();
+    loop {
+        let e = events.next().await;
+        let sentinel = e.get("v") == Some(&json!("sentinel"));
+        arrived.push(e);
+        if sentinel {
+            break;
+        }
+    }
+    for e in &arrived {
+        assert!(
+            !e.to_json().to_string().contains("TOP-SECRET"),
+            "secret's row reached pub's subscriber (signed: {signed}): {}",
+            e.to_json()
+        );
+    }
+    let stats = victim.stats().await.unwrap();
+    assert_eq!(stats.overflow_resolved, 0, "{stats:?}");
+    if signed {
+        assert_eq!(arrived.len(), 1, "only the real row: {arrived:?}");
+        assert_eq!(stats.forged, forged.len() as u64, "{stats:?}");
+        assert_eq!((stats.received, stats.malformed), (1, 0), "{stats:?}");
+    } else {
+        // Unsigned, forged events do arrive (that is what signing is for) — but a reference
+        // resolves only rows written for the channel it arrived on, so the stolen token finds
+        // nothing and its event carries the key alone.
+        assert_eq!(stats.forged, 0);
+        // Truncated: the 5 references (none resolves) and the forged "truncated" one;
+        // malformed: the walked id (not a token), the array, the bogus signature prefix.
+        let truncated = arrived.iter().filter(|e| e.is_truncated()).count();
+        assert_eq!(truncated, 6, "{arrived:?}");
+        assert_eq!(
+            (stats.overflow_missing, stats.malformed),
+            (5, 3),
+            "{stats:?}"
+        );
+    }
+    // The owner's own subscriber still resolves its row.
+    let mut own = Events::subscribe(&owner, Subscription::new("secret", Operation::Insert)).await;
+    db.exec("INSERT INTO secret VALUES (2, repeat('t', 9000))")
+        .await;
+    assert_eq!(
+        own.next()
+            .await
+            .get("body")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .len(),
+        9000
+    );
+    victim.stop().await.unwrap();
+    owner.stop().await.unwrap();
+}
+
+/// The journal tiers never read a NOTIFY's payload: a forged one only wakes the listener.
+#[actix_rt::test]
+async fn journal_tiers_ignore_notify_payloads() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let (_, mallory) = db.role("mallory").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("t", Operation::Insert)
+                .extra_columns(["v"])
+                .tier(Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let attacker = connect(&mallory).await;
+    for payload in [
+        r#"{"id":1000,"v":"forged"}"#,
+        r#"[{"id":1000,"v":"forged"}]"#,
+        r#"{"__sqlnotify":{"overflow":"00000000-0000-4000-8000-000000000001"},"id":1000}"#,
+        "garbage",
+    ] {
+        attacker
+            .execute(
+                "SELECT pg_notify('sqlnotify_public_t_insert', $1)",
+                &[&payload],
+            )
+            .await
+            .unwrap();
+    }
+    db.exec("INSERT INTO t VALUES (1, 'real')").await;
+    let e = events.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("v")),
+        (Some(1), Some(&json!("real")))
+    );
+    events.assert_none_within(Duration::from_millis(300)).await;
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(
+        (stats.received, stats.malformed, stats.forged),
+        (1, 0, 0),
+        "{stats:?}"
+    );
+    notifier.stop().await.unwrap();
+}
+
+/// A role that was granted nothing can read, write and run nothing of sqlnotify's — even when
+/// default privileges would have handed PUBLIC everything created afterwards.
+#[actix_rt::test]
+async fn nothing_in_the_sqlnotify_schema_is_open_to_other_roles() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO PUBLIC;
+         ALTER DEFAULT PRIVILEGES GRANT ALL ON SEQUENCES TO PUBLIC;
+         ALTER DEFAULT PRIVILEGES GRANT ALL ON SCHEMAS TO PUBLIC;",
+    )
+    .await;
+    let (role, mallory) = db.role("mallory").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert).extra_columns(["v"]))
+        .watch(
+            Watch::new("t", Operation::Update)
+                .extra_columns(["v"])
+                .tier(Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap();
+    db.exec(&format!("INSERT INTO t VALUES (1, repeat('x', {BIG}))"))
+        .await;
+    let attacker = connect(&mallory).await;
+    for sql in [
+        "SELECT * FROM sqlnotify.overflow",
+        "SELECT * FROM sqlnotify.journal",
+        "SELECT * FROM sqlnotify.signing",
+        "SELECT * FROM sqlnotify.catalog",
+        "SELECT * FROM sqlnotify.consumers",
+        "INSERT INTO sqlnotify.journal (channel, payload) VALUES ('sqlnotify_public_t_update', '{\"id\":1}')",
+        "UPDATE sqlnotify.consumers SET horizon = '0'",
+        "DELETE FROM sqlnotify.overflow",
+        "SELECT nextval('sqlnotify.journal_id_seq')",
+    ] {
+        let err = attacker
+            .batch_execute(sql)
+            .await
+            .expect_err(&format!("{role} must not be allowed: {sql}"));
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err:?}"
+        );
+    }
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT bool_or(has_function_privilege($1, p.oid, 'EXECUTE')),
+                    bool_and(p.prosecdef),
+                    bool_and(p.proconfig = ARRAY['search_path=pg_catalog, pg_temp']),
+                    count(*)
+               FROM pg_proc p WHERE p.pronamespace = 'sqlnotify'::regnamespace",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, bool>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, bool>(2),
+            row.get::<_, i64>(3)
+        ),
+        (false, true, true, 2),
+        "trigger functions: no EXECUTE for others, SECURITY DEFINER, pinned search_path"
+    );
+    notifier.stop().await.unwrap();
+}
+
+/// A writer needs INSERT/UPDATE/DELETE on its own table and nothing else, on every tier and
+/// capture (the trigger functions run as their owner).
+#[actix_rt::test]
+async fn a_writer_with_only_table_privileges_writes_on_every_tier() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE n (id int PRIMARY KEY, body text);
+         CREATE TABLE d (id int PRIMARY KEY, body text);
+         CREATE TABLE p (id int PRIMARY KEY, body text);
+         CREATE TABLE s (id int PRIMARY KEY, body text);",
+    )
+    .await;
+    let (role, writer_url) = db.role("writer").await;
+    db.exec(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON n, d, p, s TO \"{role}\""
+    ))
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("n", Operation::Insert).extra_columns(["body"]))
+        .watch(
+            Watch::new("d", Operation::Insert)
+                .extra_columns(["body"])
+                .tier(Tier::Durable),
+        )
+        .watch(
+            Watch::new("p", Operation::Insert)
+                .extra_columns(["body"])
+                .tier(Tier::Poll),
+        )
+        .watch(
+            Watch::new("s", Operation::Insert)
+                .extra_columns(["body"])
+                .tier(Tier::Durable)
+                .capture(Capture::Statement),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    for table in ["n", "d", "p", "s"] {
+        all.push(Events::subscribe(&notifier, Subscription::new(table, Operation::Insert)).await);
+    }
+    let writer = connect(&writer_url).await;
+    for table in ["n", "d", "p", "s"] {
+        // a small row, and one that takes the overflow path on the notify tier
+        writer
+            .batch_execute(&format!(
+                "INSERT INTO {table} VALUES (1, 'small'), (2, repeat('b', {BIG}))"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("the writer's INSERT into {table} failed: {e:?}"));
+    }
+    for (events, table) in all.iter_mut().zip(["n", "d", "p", "s"]) {
+        let small = events.next().await;
+        let big = events.next().await;
+        assert_eq!(small.get("body"), Some(&json!("small")), "{table}");
+        assert_eq!(
+            big.get("body").and_then(|b| b.as_str()).map(str::len),
+            Some(BIG),
+            "{table}: {}",
+            big.to_json()
+        );
+    }
+    notifier.stop().await.unwrap();
+}
+
+/// An administrator applies `install_sql_granting(app)`; the application runs as `app` with
+/// `manage_triggers(false)` — verification, listening on every tier, signed notifications,
+/// custom events with overflow, a named consumer — and a writer role writes. A role that was
+/// not granted the script's privileges gets a clear error at start.
+#[actix_rt::test]
+async fn an_application_role_runs_against_an_administrators_install() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);
+         CREATE TABLE orders (id int PRIMARY KEY, total int);",
+    )
+    .await;
+    let (app, app_url) = db.role("app").await;
+    let (stranger, stranger_url) = db.role("stranger").await;
+    let (writer, writer_url) = db.role("writer").await;
+    db.exec(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON users, orders TO \"{writer}\""
+    ))
+    .await;
+    let watches = |url: &str| {
+        Notifier::builder(url)
+            .watch(Watch::new("users", Operation::Insert).extra_columns(["email"]))
+            .watch(
+                Watch::new("orders", Operation::Insert)
+                    .extra_columns(["total"])
+                    .tier(Tier::Durable),
+            )
+            .watch(Watch::new("orders", Operation::Delete).tier(Tier::Poll))
+    };
+    let script = watches(&db.url).install_sql_granting(&app).await.unwrap();
+    assert!(script.contains(&format!("GRANT USAGE ON SCHEMA \"sqlnotify\" TO \"{app}\"")));
+    db.exec(&script).await;
+
+    let err = watches(&stranger_url)
+        .manage_triggers(false)
+        .start()
+        .await
+        .expect_err(&format!("{stranger} was granted nothing"));
+    assert!(
+        matches!(err, Error::Database { .. }) && err.to_string().contains("permission denied"),
+        "{err}"
+    );
+
+    let notifier = watches(&app_url)
+        .manage_triggers(false)
+        .consumer("app")
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("{app} with the script's grants: {e}"));
+    let mut users =
+        Events::subscribe(&notifier, Subscription::new("users", Operation::Insert)).await;
+    let mut orders =
+        Events::subscribe(&notifier, Subscription::new("orders", Operation::Insert)).await;
+    let mut deletes =
+        Events::subscribe(&notifier, Subscription::new("orders", Operation::Delete)).await;
+    let w = connect(&writer_url).await;
+    w.batch_execute(&format!(
+        "INSERT INTO users VALUES (1, 'a@b.c'), (2, repeat('e', {BIG}));
+         INSERT INTO orders VALUES (10, 99);
+         DELETE FROM orders WHERE id = 10;"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(users.next().await.get("email"), Some(&json!("a@b.c")));
+    assert_eq!(
+        users
+            .next()
+            .await
+            .get("email")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .len(),
+        BIG
+    );
+    assert_eq!(orders.next().await.get("total"), Some(&json!(99)));
+    assert_eq!(deletes.next().await.id().as_i64(), Some(10));
+    // custom events from the application role: signed by the server, and through overflow
+    notifier
+        .notify(
+            "users",
+            Operation::Insert,
+            json!({"id": 3, "email": "c@d.e"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(users.next().await.get("email"), Some(&json!("c@d.e")));
+    notifier
+        .notify(
+            "users",
+            Operation::Insert,
+            json!({"id": 4, "email": "f".repeat(BIG)}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        users
+            .next()
+            .await
+            .get("email")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .len(),
+        BIG
+    );
+    notifier
+        .notify("orders", Operation::Insert, json!({"id": 11, "total": 5}))
+        .await
+        .unwrap();
+    assert_eq!(orders.next().await.get("total"), Some(&json!(5)));
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!((stats.forged, stats.malformed), (0, 0), "{stats:?}");
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlnotify.consumers WHERE name = 'app'")
+            .await,
+        1,
+        "the consumer's position was saved by {app}"
+    );
+}
+
+/// SQLite has no roles to grant to: a typed error, not a script that pretends.
+#[cfg(feature = "sqlite")]
+#[actix_rt::test]
+async fn grants_are_refused_where_there_are_no_roles() {
+    let file = common::sqlite_file::SqliteFile::new("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    let err = Notifier::builder(file.url())
+        .watch(Watch::new("t", Operation::Insert))
+        .install_sql_granting("app")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidOption {
+                option: "grant_to",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
