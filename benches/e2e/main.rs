@@ -70,6 +70,8 @@ enum System {
     Raw,
     /// PostgreSQL, a sqlnotify notifier with one watch of this tier.
     Tier(Tier),
+    /// PostgreSQL, the notify tier with `sign_notifications(false)`: what the signature costs.
+    NotifyUnsigned,
     /// PostgreSQL, the raw trigger with nobody LISTENing (trigger cost without a listener
     /// competing for the CPU; writer cost only).
     RawUnheard,
@@ -95,6 +97,7 @@ impl System {
             System::NoTrigger => "no trigger",
             System::Raw => "raw pg_notify trigger + LISTEN loop",
             System::Tier(Tier::Notify) => "notify tier",
+            System::NotifyUnsigned => "notify tier, unsigned",
             System::Tier(Tier::Durable) => "durable tier",
             System::Tier(Tier::Poll) => "poll tier",
             System::RawUnheard => "raw pg_notify trigger, nobody listening",
@@ -117,7 +120,11 @@ impl System {
     fn delivers(self) -> bool {
         matches!(
             self,
-            System::Raw | System::Tier(_) | System::Statement(_) | System::Sqlite
+            System::Raw
+                | System::Tier(_)
+                | System::NotifyUnsigned
+                | System::Statement(_)
+                | System::Sqlite
         )
     }
 }
@@ -578,13 +585,15 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
                     .expect("raw trigger");
                 Running::Raw(RawListener::start(&ctx.url, &channel, shared.clone()).await)
             }
-            System::Tier(_) | System::Statement(_) => {
+            System::Tier(_) | System::NotifyUnsigned | System::Statement(_) => {
                 let w = match system {
                     System::Statement(tier) => statement_watch(&table, tier),
                     System::Tier(tier) => watch(&table, tier),
+                    System::NotifyUnsigned => watch(&table, Tier::Notify),
                     _ => unreachable!("matched above"),
                 };
                 let notifier = Notifier::builder(&ctx.url)
+                    .sign_notifications(system != System::NotifyUnsigned)
                     .watch(w)
                     .cleanup_on_stop(true)
                     .start()
@@ -759,9 +768,10 @@ fn losses(o: &Outcome) -> String {
 }
 
 /// The systems compared in the latency and throughput sections; the first is the baseline.
-const DELIVERING: [System; 7] = [
+const DELIVERING: [System; 8] = [
     System::Raw,
     System::Tier(Tier::Notify),
+    System::NotifyUnsigned,
     System::Tier(Tier::Durable),
     System::Tier(Tier::Poll),
     System::Statement(Tier::Durable),
@@ -1025,6 +1035,7 @@ async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
         System::Raw,
         System::RawUnheard,
         System::Tier(Tier::Notify),
+        System::NotifyUnsigned,
         System::Tier(Tier::Durable),
         System::Tier(Tier::Poll),
         System::Statement(Tier::Durable),

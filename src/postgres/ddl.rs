@@ -357,13 +357,19 @@ fn notify_function_sql(w: &ResolvedWatch) -> String {
     let chan = quote_literal(&channel.name);
     // A signed payload leaves room for its signature in front of it.
     let (limit, send) = if channel.signed {
-        let signature = signing::signature_sql(&chan, "_sqn_payload");
+        let signature = signing::hmac_sql("_sqn_ipad", "_sqn_opad", &chan, "_sqn_payload");
         (
             NOTIFY_PAYLOAD_LIMIT - SIGNATURE_LEN,
-            format!("coalesce({signature}, '') || _sqn_payload"),
+            format!(
+                "{}\n  PERFORM pg_catalog.pg_notify({chan}, coalesce({signature}, '') || _sqn_payload);",
+                signing::read_pads_sql()
+            ),
         )
     } else {
-        (NOTIFY_PAYLOAD_LIMIT, "_sqn_payload".to_string())
+        (
+            NOTIFY_PAYLOAD_LIMIT,
+            format!("PERFORM pg_catalog.pg_notify({chan}, _sqn_payload);"),
+        )
     };
     let meta = |inner: &str| quote_literal(&format!("{{\"{META_KEY}\":{inner}")); // opening part
     let overflow_block = if w.use_overflow_table {
@@ -387,6 +393,8 @@ fn notify_function_sql(w: &ResolvedWatch) -> String {
 DECLARE
   _sqn_payload text;
   _sqn_ref uuid;
+  _sqn_ipad bytea;
+  _sqn_opad bytea;
 BEGIN
   _sqn_payload := {full};
   IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN{overflow_block}
@@ -397,7 +405,7 @@ BEGIN
       END IF;
     END IF;
   END IF;
-  PERFORM pg_catalog.pg_notify({chan}, {send});
+  {send}
   RETURN NULL;
 END
 ",
