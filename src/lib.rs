@@ -85,6 +85,16 @@
 //! prefixed `sqlnotify_`. The triggers sit on the watched tables and are named after their
 //! channel: `sqlnotify_{schema}_{table}_{operation}`, or
 //! `sqlnotify_{label}` for a watch with a [`channel_label`](Watch::channel_label).
+//!
+//! # Security
+//!
+//! Writers need no privilege on sqlnotify's objects (trigger functions run as their owner), and
+//! roles that were granted nothing can read nothing of them. PostgreSQL lets any role that can
+//! connect LISTEN and NOTIFY on any channel: notify-tier payloads are therefore signed
+//! ([`sign_notifications`](NotifierBuilder::sign_notifications)) and forgeries are dropped and
+//! counted; overflow references are random tokens bound to their channel. README's "Security"
+//! section has the threat model per tier and the grants each role needs
+//! ([`install_sql_granting`](NotifierBuilder::install_sql_granting)).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

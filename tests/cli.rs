@@ -350,6 +350,46 @@ fn install_sql_prints_the_ddl_and_installs_nothing() {
     assert!(out.contains("sqlnotify_public_users_delete"), "{out}");
     assert!(out.contains("FOR EACH ROW"), "{out}");
 
+    // With the grants an application role needs; applied, the role can read the catalog.
+    let (role, _) = rt.block_on(pg.role("app"));
+    let (status, out, err) = run(&[
+        "install-sql",
+        &pg.url,
+        "-t",
+        "users",
+        "-o",
+        "delete",
+        "--grant-to",
+        &role,
+    ]);
+    assert!(status.success(), "{status:?} {err}");
+    assert!(
+        out.contains(&format!(
+            "GRANT SELECT ON \"sqlnotify\".catalog, \"sqlnotify\".signing TO \"{role}\""
+        )),
+        "{out}"
+    );
+    rt.block_on(pg.exec(&out));
+    let readable = |kind: &str, privilege: &str| {
+        rt.block_on(pg.count(&format!(
+            "SELECT coalesce(sum(CASE WHEN relkind = '{kind}' \
+             THEN has_{}_privilege('{role}', oid, '{privilege}')::int END), 0) \
+             FROM pg_class WHERE relnamespace = 'sqlnotify'::regnamespace",
+            if kind == "S" { "sequence" } else { "table" }
+        )))
+    };
+    assert_eq!(
+        readable("r", "SELECT"),
+        5,
+        "catalog, signing, overflow, journal, consumers"
+    );
+    assert_eq!(
+        readable("S", "USAGE"),
+        2,
+        "the journal's and overflow's ids"
+    );
+    assert_eq!(readable("r", "UPDATE"), 1, "consumers only");
+
     // Statement capture, on a journal tier only.
     let statement = ["install-sql", &pg.url, "-t", "users", "-o", "insert"];
     let (status, out, err) = run(&[

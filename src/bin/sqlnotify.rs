@@ -56,6 +56,11 @@ enum Command {
     InstallSql {
         #[command(flatten)]
         watch: WatchArgs,
+        /// Also grant ROLE what it needs to run a notifier against this install with
+        /// manage_triggers(false) (PostgreSQL: a role; MySQL: `user` or `user@host`). Roles
+        /// that only write to the watched tables need no grant.
+        #[arg(long, value_name = "ROLE")]
+        grant_to: Option<String>,
     },
     /// Remove every sqlnotify watch from the database: its triggers (and, on PostgreSQL, their
     /// functions) and catalog entries, including those installed by other applications.
@@ -242,8 +247,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             watch,
             cleanup_on_exit,
         } => tail(&watch, cleanup_on_exit).await,
-        Command::InstallSql { watch } => {
-            let sql = builder(&watch)?.install_sql().await?;
+        Command::InstallSql { watch, grant_to } => {
+            let builder = builder(&watch)?;
+            let sql = match grant_to {
+                Some(role) => builder.install_sql_granting(&role).await?,
+                None => builder.install_sql().await?,
+            };
             print!("{sql}");
             if !sql.ends_with('\n') {
                 println!();
