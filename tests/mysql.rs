@@ -1936,3 +1936,109 @@ async fn a_listener_whose_connection_is_killed_is_restarted_and_resumes() {
     assert_eq!(events.next().await.id().as_i64(), Some(6));
     notifier.stop().await.unwrap();
 }
+
+/// An account of this test's own with a password and no privilege, dropped by the guard.
+struct Account {
+    name: String,
+    url: String,
+}
+
+impl Account {
+    async fn new(db: &TestDb, suffix: &str) -> Account {
+        // MySQL user names hold at most 32 characters.
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "sqn_{}_{}_{suffix}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        db.exec(&format!(
+            "CREATE USER '{name}'@'%' IDENTIFIED BY 'sqlnotify-test'"
+        ))
+        .await;
+        let rest = db.url.split_once("://").expect("a URL").1;
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let url = format!("mysql://{name}:sqlnotify-test@{host}");
+        Account { name, url }
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut admin) = Conn::new(Opts::from_url(&server_url()).unwrap()).await {
+                    let _ = admin
+                        .query_drop(format!("DROP USER IF EXISTS '{name}'@'%'"))
+                        .await;
+                    let _ = admin.disconnect().await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// An administrator applies `install_sql_granting(account)`; the application runs as that
+/// account with `manage_triggers(false)` and a named consumer; events written by another
+/// account arrive, custom events work, the position is saved. An account granted nothing
+/// gets an error at start.
+#[actix_rt::test]
+async fn an_application_account_runs_against_an_administrators_install() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE users (id INT PRIMARY KEY, email VARCHAR(100))")
+        .await;
+    let app = Account::new(&db, "app").await;
+    let stranger = Account::new(&db, "no").await;
+    let watches = |url: &str| {
+        Notifier::builder(url)
+            .watch(Watch::new("users", Operation::Insert).extra_columns(["email"]))
+    };
+    let script = watches(&db.url)
+        .install_sql_granting(&app.name)
+        .await
+        .unwrap();
+    assert!(
+        script.contains(&format!("TO '{}'@'%'", app.name)),
+        "{script}"
+    );
+    db.exec(&script).await;
+
+    let err = watches(&stranger.url)
+        .manage_triggers(false)
+        .start()
+        .await
+        .expect_err("an account granted nothing");
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+
+    let notifier = watches(&app.url)
+        .manage_triggers(false)
+        .consumer("app")
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("the granted account: {e}"));
+    let mut events =
+        Events::subscribe(&notifier, Subscription::new("users", Operation::Insert)).await;
+    db.exec("INSERT INTO users VALUES (1, 'a@b.c')").await;
+    assert_eq!(events.next().await.get("email"), Some(&json!("a@b.c")));
+    notifier
+        .notify(
+            "users",
+            Operation::Insert,
+            json!({"id": 2, "email": "c@d.e"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.next().await.get("email"), Some(&json!("c@d.e")));
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM sqlnotify_consumers WHERE name = 'app'")
+            .await,
+        1
+    );
+}

@@ -295,10 +295,16 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &
 }
 
 /// The privileges account `account` (`user` or `user@host`; host `%` when absent) needs to
-/// run a notifier against objects someone else installed: read the catalog, read and trim the
-/// journal, write custom events to it, keep consumer positions. Writers need none: triggers
-/// run with their definer's privileges.
-pub(crate) fn grant_sql(database: &str, account: &str) -> crate::Result<String> {
+/// run a notifier against objects someone else installed: see the watched tables and their
+/// triggers (MySQL shows a table's columns only to accounts with a privilege on it, and its
+/// triggers only to accounts with `TRIGGER` on it: verification reads both), read the catalog, read
+/// and trim the journal, write custom events to it, keep consumer positions. Writers need
+/// none: triggers run with their definer's privileges.
+pub(crate) fn grant_sql(
+    watches: &[ResolvedWatch],
+    database: &str,
+    account: &str,
+) -> crate::Result<String> {
     let (user, host) = account.split_once('@').unwrap_or((account, "%"));
     if user.is_empty() || host.is_empty() {
         return Err(crate::Error::InvalidOption {
@@ -307,8 +313,17 @@ pub(crate) fn grant_sql(database: &str, account: &str) -> crate::Result<String> 
         });
     }
     let to = format!("{}@{}", quote_literal(user), quote_literal(host));
+    let mut tables: Vec<String> = watches
+        .iter()
+        .map(|w| qualified(&w.channel.schema, &w.channel.table))
+        .collect();
+    tables.dedup();
+    let see: String = tables
+        .iter()
+        .map(|t| format!("GRANT SELECT, TRIGGER ON {t} TO {to};\n"))
+        .collect();
     Ok(format!(
-        "\n-- what the notifier's account {to} needs\n\
+        "\n-- what the notifier's account {to} needs\n{see}\
          GRANT SELECT ON {} TO {to};\n\
          GRANT SELECT, INSERT, DELETE ON {} TO {to};\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n",

@@ -283,7 +283,7 @@ impl Dialect for Mysql {
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
         let mut sql = ddl::install_script(watches, self.database, &self.kinds());
         if let Some(account) = grant_to {
-            sql.push_str(&ddl::grant_sql(self.database, account)?);
+            sql.push_str(&ddl::grant_sql(watches, self.database, account)?);
         }
         Ok(sql)
     }
