@@ -96,6 +96,7 @@ mod dialect;
 mod error;
 mod event;
 mod filter;
+mod lockwait;
 mod notifier;
 mod payload;
 mod registry;

@@ -63,13 +63,17 @@ DECLARE
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                   WHERE attrelid = '{s}.journal'::regclass AND attname = 'events' AND NOT attisdropped) THEN
-    -- once, on upgrade: wait at most 5 s for writers' open transactions rather than queue
-    -- every new writer behind the lock
-    PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+    -- once, on upgrade: never wait for writers' open transactions without bound (every new
+    -- writer would queue behind the lock). start() sets a short lock_timeout and retries; a
+    -- script applied without one waits at most 5 s.
+    IF _sqn_lock = '0' THEN
+      PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+    END IF;
     BEGIN
       ALTER TABLE {s}.journal ADD COLUMN events integer NOT NULL DEFAULT 1;
     EXCEPTION WHEN lock_not_available THEN
-      RAISE EXCEPTION 'sqlnotify: upgrading {s}.journal (adding the events column) needs a moment with no open transaction writing to it; retry start()';
+      RAISE EXCEPTION 'sqlnotify: upgrading {s}.journal (adding the events column) needs a moment with no open transaction writing to it; retry'
+        USING ERRCODE = 'lock_not_available';
     END;
     PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
   END IF;
