@@ -229,7 +229,8 @@ async fn start_waits_for_an_open_writer_without_holding_up_the_application() {
             "installing triggers: waiting for a lock on public.t (held by pid {})",
             blocker.pid
         )),
-        "the wait was logged with the table and the holder"
+        "the wait was logged with the table and the holder: {:?}",
+        logs().lock().unwrap()
     );
     let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
     db.exec("INSERT INTO t VALUES (3)").await;

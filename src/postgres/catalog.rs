@@ -246,7 +246,7 @@ async fn install_attempt(
         tx.batch_execute(&sql).await.map_err(|e| {
             Failed::from_db(
                 e,
-                || Busy::Tables(targets.into_vec()),
+                || Busy::Tables(targets.into_vec(), Vec::new()),
                 format!("installing trigger {name}"),
             )
         })?;
@@ -315,6 +315,11 @@ async fn attempt_locks(tx: &Transaction<'_>, locks: &Locks, wait: &LockWait) -> 
         if !lockable {
             continue;
         }
+        // Who would make us wait, asked before waiting: by the time a timed-out attempt is
+        // rolled back and asks again, the holder may just have finished.
+        let holding = holders(tx, schema, table, *mode)
+            .await
+            .map_err(Failed::Error)?;
         let left = budget.saturating_sub(started.elapsed());
         set_lock_timeout(tx, left).await?;
         let sql = format!(
@@ -326,7 +331,7 @@ async fn attempt_locks(tx: &Transaction<'_>, locks: &Locks, wait: &LockWait) -> 
         tx.batch_execute(&sql).await.map_err(|e| {
             Failed::from_db(
                 e,
-                || Busy::Tables(vec![((schema.clone(), table.clone()), *mode)]),
+                || Busy::Tables(vec![((schema.clone(), table.clone()), *mode)], holding),
                 format!("locking {schema}.{table}"),
             )
         })?;
@@ -428,8 +433,10 @@ enum Busy {
     InstallLock,
     /// sqlnotify's own tables (setup: the journal upgrade, a missing index).
     OwnTables,
-    /// These user tables, in these modes.
-    Tables(Vec<((String, String), Mode)>),
+    /// These user tables, in these modes; with the sessions seen holding a conflicting lock on
+    /// the one table an attempt waited for, asked just before the wait (by the time the
+    /// attempt is rolled back, they may be gone and others may hold the table).
+    Tables(Vec<((String, String), Mode)>, Vec<u64>),
 }
 
 /// Why an attempt stopped.
@@ -527,46 +534,61 @@ impl Busy {
                     holder_pids,
                 })
             }
-            Busy::Tables(tables) => {
-                let mut found = None;
+            Busy::Tables(tables, seen) => {
                 for ((schema, table), mode) in &tables {
-                    let rows = client
-                        .query(
-                            "WITH RECURSIVE rel(oid) AS (
-                                 SELECT c.oid FROM pg_catalog.pg_class c
-                                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                                  WHERE n.nspname = $1 AND c.relname = $2
-                               UNION
-                                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i
-                                   JOIN rel ON i.inhparent = rel.oid)
-                             SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l JOIN rel ON l.relation = rel.oid
-                              WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid()
-                                AND l.mode = ANY($3)
-                                AND l.database = (SELECT oid FROM pg_catalog.pg_database
-                                                   WHERE datname = pg_catalog.current_database())
-                              ORDER BY 1",
-                            &[schema, table, &mode.conflicts()],
-                        )
-                        .await
-                        .map_err(|e| Error::db(context, e))?;
-                    if !rows.is_empty() {
-                        found = Some(Blocked {
+                    // Those seen before the wait are the ones waited for; asking now may also
+                    // find writers that got their lock after the attempt gave up.
+                    let holder_pids = match (tables.len(), seen.is_empty()) {
+                        (1, false) => seen.clone(),
+                        _ => holders(client, schema, table, *mode).await?,
+                    };
+                    if !holder_pids.is_empty() {
+                        return Ok(Blocked {
                             object: format!("{schema}.{table}"),
-                            holder_pids: pids(rows),
+                            holder_pids,
                         });
-                        break;
                     }
                 }
-                Ok(found.unwrap_or_else(|| Blocked {
+                Ok(Blocked {
                     object: tables
                         .first()
                         .map(|((s, t), _)| format!("{s}.{t}"))
                         .unwrap_or_else(|| "a table".into()),
                     holder_pids: Vec::new(),
-                }))
+                })
             }
         }
     }
+}
+
+/// The sessions holding a lock on `schema.table` (or one of its partitions or children, which
+/// `LOCK TABLE` and trigger DDL lock too) that conflicts with `mode`.
+async fn holders(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    mode: Mode,
+) -> Result<Vec<u64>> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE rel(oid) AS (
+                 SELECT c.oid FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2
+               UNION
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+                   JOIN rel ON i.inhparent = rel.oid)
+             SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l JOIN rel ON l.relation = rel.oid
+              WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid()
+                AND l.mode = ANY($3)
+                AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                   WHERE datname = pg_catalog.current_database())
+              ORDER BY 1",
+            &[&schema, &table, &mode.conflicts()],
+        )
+        .await
+        .map_err(|e| Error::db("looking for the session holding a lock", e))?;
+    Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u64).collect())
 }
 
 /// Every sqlnotify trigger function (by name, which is its channel) with the tables its
@@ -704,7 +726,7 @@ async fn drop_all(
                 locks.add_all(tables, Mode::AccessExclusive);
                 Failed::from_db(
                     e,
-                    || Busy::Tables(locks.into_vec()),
+                    || Busy::Tables(locks.into_vec(), Vec::new()),
                     format!("removing trigger {channel}"),
                 )
             })?;
@@ -790,7 +812,7 @@ async fn uninstall_attempt(
                 locks.add_all(tables, Mode::AccessExclusive);
                 Failed::from_db(
                     e,
-                    || Busy::Tables(locks.into_vec()),
+                    || Busy::Tables(locks.into_vec(), Vec::new()),
                     format!("removing trigger {channel}"),
                 )
             })?;
