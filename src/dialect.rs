@@ -30,6 +30,8 @@ pub(crate) struct InstallOptions {
     pub cleanup_on_start: bool,
     /// Create/replace objects; when false only verify they are installed as expected.
     pub manage_triggers: bool,
+    /// How long to keep retrying when a lock is held by another session.
+    pub timeout: Duration,
 }
 
 /// Reads (and expires) rows of the overflow table.
@@ -105,10 +107,12 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// The DDL `install` would run for `watches`, for users who apply migrations themselves;
     /// with `grant_to`, followed by the grants that role needs to run a notifier.
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String>;
-    /// Removes the objects of these channels.
-    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>>;
-    /// Removes every sqlnotify object in the database; returns how many watches were removed.
-    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>>;
+    /// Removes the objects of these channels, retrying lock waits for up to `timeout`.
+    fn uninstall(&self, channels: Vec<String>, timeout: Duration)
+        -> BoxFuture<'static, Result<()>>;
+    /// Removes every sqlnotify object in the database, retrying lock waits for up to
+    /// `timeout`; returns how many watches were removed.
+    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>>;
     /// Starts a listener; resolves once it is listening.
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
     /// Whether notify-tier payloads can be signed (PostgreSQL: anyone may NOTIFY).

@@ -178,6 +178,21 @@ pub enum Error {
     },
     /// The notifier is stopped (or its actors are gone).
     NotRunning,
+    /// Installing, replacing or removing triggers (or upgrading sqlnotify's tables) needed a
+    /// lock that another session held for longer than
+    /// [`install_timeout`](crate::NotifierBuilder::install_timeout). Nothing was changed by
+    /// the attempt that gave up; start again once that session has finished.
+    LockTimeout {
+        /// What was waited for: a table as `schema.table`, a SQLite database file, or the
+        /// sqlnotify install lock (another instance installing).
+        object: String,
+        /// The server's ids of the sessions holding the lock (PostgreSQL backend pids, MySQL
+        /// connection ids). Empty when the database does not say (SQLite; MySQL without
+        /// `performance_schema` or the `metadata_lock_info` plugin).
+        holder_pids: Vec<u64>,
+        /// How long sqlnotify waited before giving up.
+        waited: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -306,6 +321,30 @@ impl fmt::Display for Error {
             ),
             Error::UnknownSubscription { id } => write!(f, "no subscription with id {id}"),
             Error::NotRunning => write!(f, "the notifier is not running"),
+            Error::LockTimeout {
+                object,
+                holder_pids,
+                waited,
+            } => {
+                write!(
+                    f,
+                    "gave up after {:.1} s (install_timeout) waiting for a lock on {object}, ",
+                    waited.as_secs_f64()
+                )?;
+                match holder_pids.as_slice() {
+                    [] => write!(f, "held by a session the database does not name")?,
+                    [pid] => write!(f, "held by pid {pid}")?,
+                    pids => {
+                        let pids: Vec<String> = pids.iter().map(u64::to_string).collect();
+                        write!(f, "held by pids {}", pids.join(", "))?
+                    }
+                }
+                write!(
+                    f,
+                    "; nothing was changed — retry once that transaction has ended, or raise \
+                     install_timeout"
+                )
+            }
         }
     }
 }
@@ -360,5 +399,23 @@ mod tests {
             max: 63,
         };
         assert!(e.to_string().contains("70 bytes"));
+    }
+
+    #[test]
+    fn lock_timeouts_name_the_object_and_the_holders() {
+        let e = |pids: Vec<u64>| Error::LockTimeout {
+            object: "public.t".into(),
+            holder_pids: pids,
+            waited: std::time::Duration::from_millis(1500),
+        };
+        assert_eq!(
+            e(vec![42]).to_string(),
+            "gave up after 1.5 s (install_timeout) waiting for a lock on public.t, held by pid 42; \
+             nothing was changed — retry once that transaction has ended, or raise install_timeout"
+        );
+        assert!(e(vec![7, 9]).to_string().contains("held by pids 7, 9;"));
+        assert!(e(vec![])
+            .to_string()
+            .contains("held by a session the database does not name"));
     }
 }

@@ -85,6 +85,10 @@
 //! prefixed `sqlnotify_`. The triggers sit on the watched tables and are named after their
 //! channel: `sqlnotify_{schema}_{table}_{operation}`, or
 //! `sqlnotify_{label}` for a watch with a [`channel_label`](Watch::channel_label).
+//! Creating or dropping a trigger locks its table: sqlnotify waits for such a lock in short
+//! attempts that never hold up your writes for long, and gives up with [`Error::LockTimeout`]
+//! after [`install_timeout`](NotifierBuilder::install_timeout).
+
 //!
 //! # Security
 //!
@@ -106,6 +110,7 @@ mod dialect;
 mod error;
 mod event;
 mod filter;
+mod lockwait;
 mod notifier;
 mod payload;
 mod registry;

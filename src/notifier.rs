@@ -53,6 +53,7 @@ pub struct NotifierBuilder {
     health_check: Duration,
     gap_timeout: Option<Duration>,
     sign_notifications: bool,
+    install_timeout: Duration,
 }
 
 impl std::fmt::Debug for NotifierBuilder {
@@ -213,6 +214,34 @@ impl NotifierBuilder {
         self
     }
 
+    /// How long installing, replacing or removing triggers (in `start()`, in `stop()` with
+    /// [`cleanup_on_stop`](Self::cleanup_on_stop), in [`cleanup`](Self::cleanup)) keeps trying
+    /// when another session holds a lock it needs — an open transaction that wrote to a
+    /// watched table, or another instance installing. Then it fails with
+    /// [`Error::LockTimeout`], which names the table and the holding session's pid.
+    ///
+    /// Meanwhile your application is not held up: sqlnotify never waits for a lock for longer
+    /// than one short attempt (200 ms on PostgreSQL and SQLite, MySQL's minimum of 1 s), then
+    /// rolls that attempt back — releasing every lock it took — and retries after a backoff,
+    /// logging (at `warn`) which table it waits for and who holds it. So a write that arrives
+    /// while sqlnotify waits is delayed by at most one attempt instead of queueing behind it.
+    ///
+    /// Default: 30 s. Zero is refused with [`Error::InvalidOption`].
+    pub fn install_timeout(mut self, wait: Duration) -> Self {
+        self.install_timeout = wait;
+        self
+    }
+
+    fn check_install_timeout(&self) -> Result<()> {
+        if self.install_timeout.is_zero() {
+            return Err(Error::InvalidOption {
+                option: "install_timeout",
+                reason: "it must be longer than zero (a zero wait could never take a lock)".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
         Ok(open_dialect(&self.url)?.name())
@@ -280,8 +309,9 @@ impl NotifierBuilder {
     /// watches were removed. sqlnotify's own tables (journal, overflow, consumers) are kept:
     /// other processes may still be reading them. Needs no watches.
     pub async fn cleanup(&self) -> Result<u64> {
+        self.check_install_timeout()?;
         let dialect = open_dialect(&self.url)?;
-        let n = dialect.cleanup_all().await;
+        let n = dialect.cleanup_all(self.install_timeout).await;
         dialect.close().await;
         n
     }
@@ -298,6 +328,7 @@ impl NotifierBuilder {
                     .into(),
             });
         }
+        self.check_install_timeout()?;
         let dialect: Arc<dyn Dialect> = Arc::from(open_dialect(&self.url)?);
         match self.start_with(dialect.clone()).await {
             Ok(notifier) => Ok(notifier),
@@ -317,6 +348,7 @@ impl NotifierBuilder {
                     revoke_on_model_change: self.revoke_on_model_change,
                     cleanup_on_start: self.cleanup_on_start,
                     manage_triggers: self.manage_triggers,
+                    timeout: self.install_timeout,
                 },
             )
             .await?;
@@ -370,6 +402,7 @@ impl NotifierBuilder {
                 registry,
                 stats,
                 cleanup_on_stop: self.cleanup_on_stop,
+                install_timeout: self.install_timeout,
                 running: Mutex::new(Some(Running { listener, decoder })),
             }),
         })
@@ -470,6 +503,7 @@ struct Inner {
     registry: Addr<Registry>,
     stats: Arc<Counters>,
     cleanup_on_stop: bool,
+    install_timeout: Duration,
     running: Mutex<Option<Running>>,
 }
 
@@ -512,6 +546,7 @@ impl Notifier {
             health_check: Duration::from_secs(10),
             gap_timeout: None,
             sign_notifications: true,
+            install_timeout: crate::lockwait::DEFAULT_INSTALL_TIMEOUT,
         }
     }
 
@@ -693,7 +728,11 @@ impl Notifier {
         let mut result = running.listener.finish().await;
         if self.inner.cleanup_on_stop {
             let names = self.inner.channels.names().map(str::to_string).collect();
-            let uninstalled = self.inner.dialect.uninstall(names).await;
+            let uninstalled = self
+                .inner
+                .dialect
+                .uninstall(names, self.inner.install_timeout)
+                .await;
             result = result.and(uninstalled);
         }
         self.inner.dialect.close().await;

@@ -528,3 +528,67 @@ fn help_describes_every_command() {
     assert!(status.success());
     assert!(out.starts_with("sqlnotify "), "{out}");
 }
+
+#[test]
+fn tail_says_which_lock_it_waits_for_and_gives_up_after_the_install_timeout() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = rt.block_on(TestDb::new());
+    rt.block_on(db.exec("CREATE TABLE t (id bigint PRIMARY KEY)"));
+    // an open transaction that wrote to t
+    let blocker = rt.block_on(db.client());
+    let pid: i32 = rt
+        .block_on(blocker.query_one("SELECT pg_backend_pid()", &[]))
+        .unwrap()
+        .get(0);
+    rt.block_on(blocker.batch_execute("BEGIN; INSERT INTO t VALUES (1)"))
+        .unwrap();
+    let waiting = format!("waiting for a lock on public.t (held by pid {pid})");
+
+    let (status, out, err) = run(&[
+        "tail",
+        &db.url,
+        "--table",
+        "t",
+        "--op",
+        "insert",
+        "--install-timeout",
+        "1",
+    ]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains(&waiting), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.starts_with("sqlnotify: error: gave up after")
+            && last.contains(&format!("public.t, held by pid {pid};")),
+        "{err}"
+    );
+
+    // with the default timeout it waits, says so, and tails once the transaction ends
+    let mut child = sqlnotify()
+        .args(["tail", &db.url, "--table", "t", "--op", "insert"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tail = Tail {
+        stdout: lines(child.stdout.take().unwrap()),
+        stderr: lines(child.stderr.take().unwrap()),
+        child,
+        errors: Vec::new(),
+    };
+    tail.wait_for_stderr(&waiting);
+    rt.block_on(blocker.batch_execute("COMMIT")).unwrap();
+    tail.wait_for_stderr("tailing");
+    rt.block_on(db.exec("INSERT INTO t VALUES (2)"));
+    assert_eq!(tail.next_event()["id"], 2);
+    let status = tail.interrupt();
+    assert!(status.success(), "{status:?}; stderr: {:?}", tail.errors);
+
+    let (status, _, err) = run(&["cleanup", &db.url, "--install-timeout", "0"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--install-timeout must be a number of seconds above zero"));
+}

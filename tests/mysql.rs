@@ -2042,3 +2042,214 @@ async fn an_application_account_runs_against_an_administrators_install() {
         1
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lock contention: installing and removing triggers next to open transactions
+// ---------------------------------------------------------------------------------------------
+
+/// Whether the server can name a metadata lock's holders (MariaDB's `metadata_lock_info`
+/// plugin, or `performance_schema` with its metadata lock instrument).
+async fn names_metadata_lock_holders(db: &TestDb) -> bool {
+    let mut conn = db.conn().await;
+    let plugin: Option<i64> = conn
+        .query_first(
+            "SELECT COUNT(*) FROM information_schema.PLUGINS \
+             WHERE PLUGIN_NAME = 'METADATA_LOCK_INFO' AND PLUGIN_STATUS = 'ACTIVE'",
+        )
+        .await
+        .unwrap();
+    let ps: Option<i64> = conn
+        .query_first(
+            "SELECT COUNT(*) FROM performance_schema.setup_instruments \
+             WHERE NAME = 'wait/lock/metadata/sql/mdl' AND ENABLED = 'YES' \
+             AND @@GLOBAL.performance_schema = 1",
+        )
+        .await
+        .unwrap_or(Some(0));
+    let _ = conn.disconnect().await;
+    plugin.unwrap_or(0) + ps.unwrap_or(0) > 0
+}
+
+/// A session with an open transaction that wrote to `t` (holding its metadata lock).
+async fn open_writer(db: &TestDb, id: i64) -> (Conn, u64) {
+    let mut conn = db.conn().await;
+    let pid: Option<u64> = conn.query_first("SELECT CONNECTION_ID()").await.unwrap();
+    conn.query_drop(format!("START TRANSACTION; INSERT INTO t VALUES ({id});"))
+        .await
+        .unwrap();
+    (conn, pid.unwrap())
+}
+
+/// Waits until a session waits for a metadata lock in the test database: sqlnotify's DDL is
+/// in the lock queue, where the application's statements would queue behind it.
+async fn someone_waits_for_a_metadata_lock(db: &TestDb) {
+    let sql = format!(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = '{}' \
+         AND STATE LIKE 'Waiting for table metadata lock%'",
+        db.name
+    );
+    let seen = wait_until(Duration::from_secs(10), || async {
+        db.count(&sql).await > 0
+    })
+    .await;
+    assert!(seen, "nobody queued for a metadata lock");
+}
+
+/// The application's write, by a session that waits at most 4 s for a metadata lock.
+async fn app_insert(db: &TestDb, id: i64) -> Result<(), String> {
+    let mut conn = db.conn().await;
+    conn.query_drop("SET SESSION lock_wait_timeout = 4")
+        .await
+        .unwrap();
+    let written = conn
+        .query_drop(format!("INSERT INTO t VALUES ({id})"))
+        .await
+        .map_err(|e| format!("INSERT {id}: {e}"));
+    let _ = conn.disconnect().await;
+    written
+}
+
+/// Fails (instead of hanging) when the code under test waits for a lock without bound.
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("finished instead of waiting for a lock without bound")
+}
+
+fn assert_lock_timeout<T>(
+    outcome: sqlnotify::Result<T>,
+    object: &str,
+    pids: &[u64],
+    timeout: Duration,
+) {
+    let Err(err) = outcome else {
+        panic!("expected a lock timeout on {object}, but it succeeded");
+    };
+    let text = err.to_string();
+    match err {
+        Error::LockTimeout {
+            object: got,
+            holder_pids,
+            waited,
+        } => {
+            assert_eq!(
+                (got.as_str(), holder_pids.as_slice()),
+                (object, pids),
+                "{text}"
+            );
+            assert!(
+                waited >= timeout && waited < timeout + Duration::from_secs(5),
+                "{waited:?}"
+            );
+            match pids {
+                [] => assert!(
+                    text.contains("a session the database does not name"),
+                    "{text}"
+                ),
+                [pid] => assert!(text.contains(&format!("held by pid {pid};")), "{text}"),
+                _ => {}
+            }
+        }
+        other => panic!("expected a lock timeout on {object}, got {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn installing_next_to_an_open_transaction_never_holds_up_writers_and_is_bounded() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB")
+        .await;
+    // sqlnotify's own tables first (a watch on another table), so only the trigger waits
+    db.exec("CREATE TABLE u (id INT PRIMARY KEY) ENGINE=InnoDB")
+        .await;
+    Notifier::builder(&db.url)
+        .watch(Watch::new("u", Operation::Insert))
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
+    let builder = Notifier::builder(&db.url).watch(Watch::new("t", Operation::Insert));
+    let named = names_metadata_lock_holders(&db).await;
+    let table = format!("{}.t", db.name);
+
+    let (blocker, pid) = open_writer(&db, 1).await;
+    let holders: Vec<u64> = if named { vec![pid] } else { vec![] };
+    let timeout = Duration::from_secs(3);
+    let short = builder.clone().install_timeout(timeout);
+    let (outcome, written) = bounded(async {
+        tokio::join!(short.start(), async {
+            someone_waits_for_a_metadata_lock(&db).await;
+            app_insert(&db, 2).await
+        })
+    })
+    .await;
+    assert_lock_timeout(outcome, &table, &holders, timeout);
+    written.expect("the application's insert went through while sqlnotify waited");
+    assert!(!db.triggers().await.contains(&db.channel("t", "insert")));
+
+    // the blocker commits while start() waits: start() finishes
+    let mut blocker = blocker;
+    let (started, written) = bounded(async {
+        tokio::join!(builder.start(), async {
+            someone_waits_for_a_metadata_lock(&db).await;
+            let written = app_insert(&db, 3).await;
+            blocker.query_drop("COMMIT").await.unwrap();
+            written
+        })
+    })
+    .await;
+    written.expect("the application's insert went through while sqlnotify waited");
+    let notifier = started.expect("installed once the transaction committed");
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    insert_rows(&db, "t", [4]).await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(4));
+    notifier.stop().await.unwrap();
+
+    // removing is bounded the same way
+    let (mut blocker, pid) = open_writer(&db, 5).await;
+    let holders: Vec<u64> = if named { vec![pid] } else { vec![] };
+    let outcome = bounded(
+        Notifier::builder(&db.url)
+            .install_timeout(timeout)
+            .cleanup(),
+    )
+    .await;
+    assert_lock_timeout(outcome, &table, &holders, timeout);
+    blocker.query_drop("COMMIT").await.unwrap();
+    let _ = blocker.disconnect().await;
+}
+
+#[actix_rt::test]
+async fn a_second_installer_waits_for_the_install_lock_at_most_the_install_timeout() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB")
+        .await;
+    let mut other = db.conn().await;
+    let pid: Option<u64> = other.query_first("SELECT CONNECTION_ID()").await.unwrap();
+    let got: Option<i64> = other
+        .query_first("SELECT GET_LOCK('sqlnotify_install', 0)")
+        .await
+        .unwrap();
+    assert_eq!(got, Some(1));
+    let timeout = Duration::from_secs(1);
+    let outcome = bounded(
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Operation::Insert))
+            .install_timeout(timeout)
+            .start(),
+    )
+    .await;
+    assert_lock_timeout(
+        outcome,
+        "the sqlnotify install lock",
+        &[pid.unwrap()],
+        timeout,
+    );
+    other
+        .query_drop("SELECT RELEASE_LOCK('sqlnotify_install')")
+        .await
+        .unwrap();
+    let _ = other.disconnect().await;
+}

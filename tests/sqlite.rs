@@ -1539,3 +1539,84 @@ async fn statement_capture_falls_back_to_row_triggers_with_the_same_events() {
         .unwrap();
     notifier.stop().await.unwrap();
 }
+
+/// Asserts a lock timeout on the database file (SQLite does not say who holds its lock).
+fn assert_file_lock_timeout<T>(db: &TempDb, outcome: sqlnotify::Result<T>, timeout: Duration) {
+    match outcome {
+        Err(Error::LockTimeout {
+            object,
+            holder_pids,
+            waited,
+        }) => {
+            assert_eq!(object, format!("the SQLite database {}", db.path.display()));
+            assert!(holder_pids.is_empty());
+            assert!(
+                waited >= timeout && waited < timeout + Duration::from_secs(5),
+                "{waited:?}"
+            );
+        }
+        Err(other) => panic!("expected a lock timeout, got {other:?}"),
+        Ok(_) => panic!("expected a lock timeout, but it succeeded"),
+    }
+}
+
+#[actix_rt::test]
+async fn installing_and_removing_wait_for_another_writer_at_most_the_install_timeout() {
+    let db = TempDb::new();
+    db.exec("PRAGMA journal_mode = WAL; CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    let builder = Notifier::builder(db.url()).watch(Watch::new("t", Operation::Insert));
+    let short = Duration::from_secs(1);
+
+    // another connection's write transaction, never finished: start() gives up, typed
+    let blocker = db.conn();
+    blocker
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1)")
+        .unwrap();
+    let outcome = builder.clone().install_timeout(short).start().await;
+    assert_file_lock_timeout(&db, outcome, short);
+    assert!(db.triggers().is_empty(), "nothing installed");
+
+    // held for longer than a connection's 5 s busy timeout, then committed: start() waits
+    // it out (the install timeout bounds the wait, not the busy timeout)
+    let held = Duration::from_millis(5500);
+    let patient = builder.clone().install_timeout(Duration::from_secs(20));
+    let started = std::time::Instant::now();
+    let (notifier, ()) = tokio::join!(patient.start(), async {
+        tokio::time::sleep(held).await; // how long the other writer works
+        blocker.execute_batch("COMMIT").unwrap();
+    });
+    let notifier = notifier.expect("installed once the other writer committed");
+    assert!(started.elapsed() >= held);
+    assert_eq!(db.triggers(), ["sqlnotify_main_t_insert"]);
+    notifier.stop().await.unwrap();
+
+    // removing is bounded the same way
+    blocker
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (2)")
+        .unwrap();
+    let outcome = builder.clone().install_timeout(short).cleanup().await;
+    assert_file_lock_timeout(&db, outcome, short);
+    let notifier = {
+        blocker.execute_batch("COMMIT").unwrap();
+        let n = builder
+            .clone()
+            .cleanup_on_stop(true)
+            .install_timeout(short)
+            .start()
+            .await
+            .unwrap();
+        blocker
+            .execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (3)")
+            .unwrap();
+        n
+    };
+    assert_file_lock_timeout(&db, notifier.stop().await, short);
+    blocker.execute_batch("COMMIT").unwrap();
+    assert_eq!(
+        db.triggers(),
+        ["sqlnotify_main_t_insert"],
+        "still installed"
+    );
+    assert_eq!(builder.cleanup().await.unwrap(), 1);
+    assert!(db.triggers().is_empty());
+}

@@ -47,6 +47,8 @@ enum Command {
         /// On exit (Ctrl-C or SIGTERM), remove the triggers this command installed.
         #[arg(long)]
         cleanup_on_exit: bool,
+        #[command(flatten)]
+        locks: LockArgs,
     },
     /// Print the DDL the watches need, as one idempotent script; installs nothing.
     ///
@@ -69,7 +71,53 @@ enum Command {
     Cleanup {
         /// The database URL.
         url: String,
+        #[command(flatten)]
+        locks: LockArgs,
     },
+}
+
+/// How long to wait for locks held by other sessions.
+#[derive(Debug, Args)]
+struct LockArgs {
+    /// Seconds to keep trying when another session holds a lock on a watched table (an open
+    /// transaction) before giving up; the wait is reported on stderr, and your application's
+    /// writes are not held up meanwhile.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    install_timeout: f64,
+}
+
+impl LockArgs {
+    fn timeout(&self) -> Result<std::time::Duration, Failure> {
+        std::time::Duration::try_from_secs_f64(self.install_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Failure::usage(format!(
+                    "--install-timeout must be a number of seconds above zero, not {}",
+                    self.install_timeout
+                ))
+            })
+    }
+}
+
+/// Prints the library's warnings (a wait for a lock, a listener reconnecting …) on stderr,
+/// one line each.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn && metadata.target().starts_with("sqlnotify")
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let text = record.args().to_string();
+            let text = text.strip_prefix("sqlnotify: ").unwrap_or(&text);
+            eprintln!("sqlnotify: {}", one_line(text));
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// What to watch: every --table × every --op.
@@ -195,6 +243,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     match actix::System::new().block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -246,7 +297,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tail {
             watch,
             cleanup_on_exit,
-        } => tail(&watch, cleanup_on_exit).await,
+            locks,
+        } => tail(&watch, cleanup_on_exit, &locks).await,
         Command::InstallSql { watch, grant_to } => {
             let builder = builder(&watch)?;
             let sql = match grant_to {
@@ -259,8 +311,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Cleanup { url } => {
-            let removed = Notifier::builder(url).cleanup().await?;
+        Command::Cleanup { url, locks } => {
+            let removed = Notifier::builder(url)
+                .install_timeout(locks.timeout()?)
+                .cleanup()
+                .await?;
             eprintln!("sqlnotify: removed {removed} watch(es)");
             Ok(())
         }
@@ -307,10 +362,11 @@ fn builder(args: &WatchArgs) -> Result<NotifierBuilder, Failure> {
     Ok(builder)
 }
 
-async fn tail(args: &WatchArgs, cleanup_on_exit: bool) -> Result<(), Failure> {
+async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Result<(), Failure> {
     let watches = watches(args)?;
     let notifier = builder(args)?
         .cleanup_on_stop(cleanup_on_exit)
+        .install_timeout(locks.timeout()?)
         .start()
         .await?;
 

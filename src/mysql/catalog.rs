@@ -3,8 +3,14 @@
 //!
 //! MySQL runs DDL outside transactions (each statement commits), so instead of one install
 //! transaction, installs are serialised across processes with the named lock
-//! `GET_LOCK('sqlnotify_install', 30)`, released at the end whatever happened, and every
-//! watch is planned (drift errors included) before the first trigger is touched. Drift detection
+//! `GET_LOCK('sqlnotify_install', …)`, released at the end whatever happened, and every
+//! watch is planned (drift errors included) before the first trigger is touched.
+//!
+//! `CREATE TRIGGER` and `DROP TRIGGER` need the table's exclusive metadata lock, which waits
+//! for every open transaction that touched the table — and every later statement on the table
+//! queues behind that wait. So each DDL statement runs with `lock_wait_timeout` = 1 s and is
+//! retried with backoff until the install timeout (`ddl_statement`), then fails with
+//! `Error::LockTimeout`; waiting for the install lock is bounded by the same timeout. Drift detection
 //! compares the generated trigger text with the one recorded in `sqlnotify_catalog` at install
 //! time; unchanged triggers are left alone. A changed trigger is replaced in one statement on
 //! MariaDB (`CREATE OR REPLACE TRIGGER`); on MySQL it is dropped and created again, so writes
@@ -20,16 +26,15 @@
 //! also compares the returned names exactly.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use mysql_async::prelude::*;
 use mysql_async::Conn;
 
-use super::ddl::{
-    self, qualified, ColumnKind, Kinds, CATALOG, INSTALL_LOCK, INSTALL_LOCK_WAIT_SECS,
-    TRIGGER_SQL_MODE,
-};
+use super::ddl::{self, qualified, ColumnKind, Kinds, CATALOG, INSTALL_LOCK, TRIGGER_SQL_MODE};
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
+use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
 use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
 
 /// Wraps a driver error with what sqlnotify was doing.
@@ -193,35 +198,123 @@ async fn installed_state(
     })
 }
 
-/// Takes the install lock (waiting up to `INSTALL_LOCK_WAIT_SECS` for another installer).
-async fn lock(conn: &mut Conn) -> Result<()> {
-    let got: Option<Option<i64>> = conn
-        .exec_first(
-            "SELECT GET_LOCK(?, ?)",
-            (INSTALL_LOCK, INSTALL_LOCK_WAIT_SECS),
-        )
+/// Takes the install lock, waiting for another installer in slices of at most a second (so
+/// the wait is logged with the holder's connection id) until `wait` runs out; then sets the
+/// session's `lock_wait_timeout` for DDL (see [`ddl`]). [`unlock`] undoes both.
+async fn lock(conn: &mut Conn, wait: &mut LockWait) -> Result<()> {
+    loop {
+        let slice = wait.remaining().min(Duration::from_secs(1));
+        let got: Option<Option<i64>> = conn
+            .exec_first("SELECT GET_LOCK(?, ?)", (INSTALL_LOCK, slice.as_secs_f64()))
+            .await
+            .map_err(db_err("taking the sqlnotify install lock"))?;
+        if got.flatten() == Some(1) {
+            break;
+        }
+        let holder: Option<Option<u64>> = conn
+            .exec_first("SELECT IS_USED_LOCK(?)", (INSTALL_LOCK,))
+            .await
+            .map_err(db_err(
+                "looking for the holder of the sqlnotify install lock",
+            ))?;
+        let blocked = Blocked {
+            object: INSTALL_LOCK_OBJECT.to_string(),
+            holder_pids: holder.flatten().into_iter().collect(),
+        };
+        // Give up when the time is over; no backoff sleep: GET_LOCK itself waited.
+        wait.note(blocked)?;
+    }
+    let set = conn
+        .query_drop(format!(
+            "SET @sqlnotify_saved_lock_wait = @@SESSION.lock_wait_timeout, \
+             SESSION lock_wait_timeout = {DDL_LOCK_WAIT_SECS}"
+        ))
         .await
-        .map_err(db_err("taking the sqlnotify install lock"))?;
-    if got.flatten() != Some(1) {
-        return Err(Error::Database {
-            context: "taking the sqlnotify install lock".into(),
-            source: format!(
-                "GET_LOCK('{INSTALL_LOCK}') not granted within {INSTALL_LOCK_WAIT_SECS} s: \
-                 another sqlnotify install is running"
-            )
-            .into(),
-        });
+        .map_err(db_err("setting lock_wait_timeout"));
+    if let Err(e) = set {
+        return unlock(conn, Err(e)).await;
     }
     Ok(())
 }
 
-/// Releases the install lock, whatever `outcome` was; returns `outcome`.
+/// How long one DDL statement waits for a table's metadata lock: the smallest wait MySQL
+/// allows (whole seconds; MariaDB's 0 would be "no wait at all", which never gets a lock on
+/// a busy table).
+const DDL_LOCK_WAIT_SECS: u32 = 1;
+
+/// MySQL's and MariaDB's error for a lock wait over `lock_wait_timeout`.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+
+/// Runs one DDL statement that locks `table` (`schema`, `name`), retrying while another
+/// session holds the table's metadata lock: each try waits at most [`DDL_LOCK_WAIT_SECS`], so
+/// the application's writes queued behind it wait at most that long. DDL statements commit
+/// on their own, so no lock is held between tries or across statements. Other errors go
+/// through `on_error`.
+async fn ddl_statement(
+    conn: &mut Conn,
+    wait: &mut LockWait,
+    sql: &str,
+    table: (&str, &str),
+    on_error: impl FnOnce(mysql_async::Error) -> Error,
+) -> Result<()> {
+    loop {
+        match conn.query_drop(sql).await {
+            Ok(()) => return Ok(()),
+            Err(mysql_async::Error::Server(e)) if e.code == ER_LOCK_WAIT_TIMEOUT => {
+                let holder_pids = metadata_lock_holders(conn, table.0, table.1).await;
+                let blocked = Blocked {
+                    object: format!("{}.{}", table.0, table.1),
+                    holder_pids,
+                };
+                wait.retry_after(blocked).await?;
+            }
+            Err(e) => return Err(on_error(e)),
+        }
+    }
+}
+
+/// The connection ids of the sessions holding a metadata lock on `schema`.`table`, from
+/// MariaDB's `metadata_lock_info` plugin or from `performance_schema` (on by default in
+/// MySQL, off in MariaDB); empty when neither is available — never guessed.
+async fn metadata_lock_holders(conn: &mut Conn, schema: &str, table: &str) -> Vec<u64> {
+    const SOURCES: [&str; 2] = [
+        "SELECT DISTINCT THREAD_ID FROM information_schema.METADATA_LOCK_INFO \
+         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND THREAD_ID <> CONNECTION_ID() \
+         ORDER BY THREAD_ID",
+        "SELECT DISTINCT t.PROCESSLIST_ID FROM performance_schema.metadata_locks m \
+         JOIN performance_schema.threads t ON t.THREAD_ID = m.OWNER_THREAD_ID \
+         WHERE m.OBJECT_TYPE = 'TABLE' AND m.OBJECT_SCHEMA = ? AND m.OBJECT_NAME = ? \
+         AND m.LOCK_STATUS = 'GRANTED' AND t.PROCESSLIST_ID <> CONNECTION_ID() \
+         ORDER BY t.PROCESSLIST_ID",
+    ];
+    for sql in SOURCES {
+        // A missing plugin or schema is an error here: try the next source.
+        if let Ok(ids) = conn.exec::<Option<u64>, _, _>(sql, (schema, table)).await {
+            let ids: Vec<u64> = ids.into_iter().flatten().collect();
+            if !ids.is_empty() {
+                return ids;
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// Restores the session's `lock_wait_timeout` and releases the install lock, whatever
+/// `outcome` was; returns `outcome`.
 async fn unlock<T>(conn: &mut Conn, outcome: Result<T>) -> Result<T> {
+    let restored = conn
+        .query_drop(
+            "SET SESSION lock_wait_timeout = \
+             COALESCE(@sqlnotify_saved_lock_wait, @@GLOBAL.lock_wait_timeout)",
+        )
+        .await
+        .map_err(db_err("restoring lock_wait_timeout"));
     let released = conn
         .exec_drop("SELECT RELEASE_LOCK(?)", (INSTALL_LOCK,))
         .await
         .map_err(db_err("releasing the sqlnotify install lock"));
     let value = outcome?;
+    restored?;
     released?;
     Ok(value)
 }
@@ -243,15 +336,25 @@ pub(crate) async fn install(
         .await
         .map_err(db_err("reading the server version"))?;
     let mariadb = version.is_some_and(|v| v.contains("MariaDB"));
-    lock(conn).await?;
+    let mut wait = LockWait::new("installing triggers", options.timeout);
+    lock(conn, &mut wait).await?;
     let outcome = async {
-        for statement in ddl::setup_statements(database) {
-            conn.query_drop(statement)
-                .await
-                .map_err(db_err("creating the sqlnotify tables"))?;
+        for (statement, table) in
+            ddl::setup_statements(database)
+                .into_iter()
+                .zip([CATALOG, ddl::JOURNAL, ddl::CONSUMERS])
+        {
+            ddl_statement(
+                conn,
+                &mut wait,
+                &statement,
+                (database, table),
+                db_err("creating the sqlnotify tables"),
+            )
+            .await?;
         }
         if options.cleanup_on_start {
-            let removed = drop_all(conn, database).await?;
+            let removed = drop_all(conn, database, &mut wait).await?;
             log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
         }
         // Plan every watch before changing any: MySQL DDL cannot be rolled back, so a drift
@@ -269,14 +372,14 @@ pub(crate) async fn install(
         if !mariadb {
             // MySQL replaces a trigger by dropping it first: make sure the server will let us
             // create one before any is dropped.
-            probe_trigger_privilege(conn, database).await?;
+            probe_trigger_privilege(conn, database, &mut wait).await?;
         }
         conn.query_drop(ddl::enter_trigger_sql_mode())
             .await
             .map_err(db_err("setting the sql_mode for creating triggers"))?;
         let mut installed = Ok(());
         for (w, action) in plan {
-            installed = install_one(conn, database, w, kinds, action, mariadb).await;
+            installed = install_one(conn, database, w, kinds, action, mariadb, &mut wait).await;
             if installed.is_err() {
                 break;
             }
@@ -319,24 +422,26 @@ fn trigger_err(doing: String) -> impl FnOnce(mysql_async::Error) -> Error {
 /// Creates and drops a do-nothing trigger on sqlnotify's own catalog table: fails with
 /// [`trigger_err`]'s explanation when the server refuses this user triggers (binary logging
 /// without SUPER), before any of the user's triggers is touched.
-async fn probe_trigger_privilege(conn: &mut Conn, database: &str) -> Result<()> {
+async fn probe_trigger_privilege(
+    conn: &mut Conn,
+    database: &str,
+    wait: &mut LockWait,
+) -> Result<()> {
     let probe = "sqlnotify_probe_privileges";
     let drop = ddl::drop_sql(database, probe);
-    conn.query_drop(&drop)
-        .await
-        .map_err(db_err("checking the privilege to create triggers"))?;
-    conn.query_drop(format!(
+    let context = "checking the privilege to create triggers";
+    let table = (database, CATALOG);
+    ddl_statement(conn, wait, &drop, table, db_err(context)).await?;
+    let create = format!(
         "CREATE TRIGGER {} BEFORE DELETE ON {} FOR EACH ROW SET @sqlnotify_probe = 1",
         qualified(database, probe),
         qualified(database, CATALOG)
-    ))
-    .await
-    .map_err(trigger_err(
-        "checking the privilege to create triggers".into(),
-    ))?;
-    conn.query_drop(&drop)
-        .await
-        .map_err(db_err("checking the privilege to create triggers"))
+    );
+    ddl_statement(conn, wait, &create, table, |e| {
+        trigger_err(context.into())(e)
+    })
+    .await?;
+    ddl_statement(conn, wait, &drop, table, db_err(context)).await
 }
 
 async fn install_one(
@@ -346,6 +451,7 @@ async fn install_one(
     kinds: &Kinds,
     action: &str,
     mariadb: bool,
+    wait: &mut LockWait,
 ) -> Result<()> {
     let name = &w.channel.name;
     log::info!(
@@ -354,18 +460,18 @@ async fn install_one(
         w.channel.table
     );
     let create = ddl::trigger_sql(w, database, kinds);
+    let table = (w.channel.schema.as_str(), w.channel.table.as_str());
+    let context = format!("installing trigger {name}");
+    let on_error = |e| trigger_err(context.clone())(e);
     if mariadb {
         let replace = create.replacen("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER", 1);
-        conn.query_drop(replace)
-            .await
-            .map_err(trigger_err(format!("installing trigger {name}")))?;
+        ddl_statement(conn, wait, &replace, table, on_error).await?;
     } else {
-        conn.query_drop(ddl::drop_sql(&w.channel.schema, name))
-            .await
-            .map_err(trigger_err(format!("installing trigger {name}")))?;
-        conn.query_drop(create)
-            .await
-            .map_err(trigger_err(format!("installing trigger {name}")))?;
+        // A trigger of this name on another table (a label moved) locks that table: it is
+        // named in the error only as this watch's table.
+        let drop = ddl::drop_sql(&w.channel.schema, name);
+        ddl_statement(conn, wait, &drop, table, on_error).await?;
+        ddl_statement(conn, wait, &create, table, on_error).await?;
     }
     conn.query_drop(ddl::catalog_upsert_sql(w, database, kinds))
         .await
@@ -414,7 +520,7 @@ async fn verify(
 
 /// Drops every trigger recorded in the catalog, plus any `sqlnotify_…` trigger that writes to
 /// this database's journal, and empties the catalog. Returns how many triggers were dropped.
-async fn drop_all(conn: &mut Conn, database: &str) -> Result<u64> {
+async fn drop_all(conn: &mut Conn, database: &str, wait: &mut LockWait) -> Result<u64> {
     let context = "listing sqlnotify triggers";
     let recorded: BTreeSet<(String, String)> = conn
         .query::<(String, String), _>(format!(
@@ -426,25 +532,30 @@ async fn drop_all(conn: &mut Conn, database: &str) -> Result<u64> {
         .into_iter()
         .collect();
     let journal = qualified(database, ddl::JOURNAL);
-    let existing: Vec<(String, String, Vec<u8>)> = conn
+    let existing: Vec<(String, String, String, Vec<u8>)> = conn
         .query(
-            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, ACTION_STATEMENT FROM information_schema.TRIGGERS \
-             WHERE TRIGGER_NAME LIKE 'sqlnotify%'",
+            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE, ACTION_STATEMENT \
+             FROM information_schema.TRIGGERS WHERE TRIGGER_NAME LIKE 'sqlnotify%'",
         )
         .await
         .map_err(db_err(context))?;
-    let ours: Vec<(String, String)> = existing
+    let ours: Vec<(String, String, String)> = existing
         .into_iter()
-        .filter(|(schema, name, statement)| {
+        .filter(|(schema, name, _, statement)| {
             recorded.contains(&(schema.clone(), name.clone()))
                 || String::from_utf8_lossy(statement).contains(&journal)
         })
-        .map(|(schema, name, _)| (schema, name))
+        .map(|(schema, name, table, _)| (schema, name, table))
         .collect();
-    for (schema, name) in &ours {
-        conn.query_drop(ddl::drop_sql(schema, name))
-            .await
-            .map_err(db_err(format!("removing trigger {name}")))?;
+    for (schema, name, table) in &ours {
+        ddl_statement(
+            conn,
+            wait,
+            &ddl::drop_sql(schema, name),
+            (schema, table),
+            db_err(format!("removing trigger {name}")),
+        )
+        .await?;
     }
     conn.query_drop(format!("DELETE FROM {}", qualified(database, CATALOG)))
         .await
@@ -453,36 +564,54 @@ async fn drop_all(conn: &mut Conn, database: &str) -> Result<u64> {
 }
 
 /// Removes every sqlnotify trigger of this database's journal.
-pub(crate) async fn cleanup_all(conn: &mut Conn, database: &str) -> Result<u64> {
+pub(crate) async fn cleanup_all(conn: &mut Conn, database: &str, timeout: Duration) -> Result<u64> {
     if !catalog_exists(conn, database).await? {
         return Ok(0);
     }
-    lock(conn).await?;
-    let outcome = drop_all(conn, database).await;
+    let mut wait = LockWait::new("removing triggers", timeout);
+    lock(conn, &mut wait).await?;
+    let outcome = drop_all(conn, database, &mut wait).await;
     unlock(conn, outcome).await
 }
 
 /// Removes the triggers of `channels` and their catalog entries.
-pub(crate) async fn uninstall(conn: &mut Conn, database: &str, channels: &[String]) -> Result<()> {
+pub(crate) async fn uninstall(
+    conn: &mut Conn,
+    database: &str,
+    channels: &[String],
+    timeout: Duration,
+) -> Result<()> {
     if !catalog_exists(conn, database).await? {
         return Ok(());
     }
-    lock(conn).await?;
+    let mut wait = LockWait::new("removing triggers", timeout);
+    lock(conn, &mut wait).await?;
     let outcome = async {
         let catalog = qualified(database, CATALOG);
         for channel in channels {
             let context = || format!("removing trigger {channel}");
-            let schema: Option<String> = conn
+            let recorded: Option<(String, String)> = conn
                 .exec_first(
-                    format!("SELECT `table_schema` FROM {catalog} WHERE `channel` = ?"),
+                    format!(
+                        "SELECT `table_schema`, `table_name` FROM {catalog} WHERE `channel` = ?"
+                    ),
                     (channel,),
                 )
                 .await
                 .map_err(db_err(context()))?;
-            let schema = schema.unwrap_or_else(|| database.to_string());
-            conn.query_drop(ddl::drop_sql(&schema, channel))
-                .await
-                .map_err(db_err(context()))?;
+            let (schema, table) = recorded.unwrap_or_else(|| (database.to_string(), String::new()));
+            let table = match trigger_table(conn, &schema, channel).await? {
+                Some((on, _)) => on,
+                None => table,
+            };
+            ddl_statement(
+                conn,
+                &mut wait,
+                &ddl::drop_sql(&schema, channel),
+                (&schema, &table),
+                db_err(context()),
+            )
+            .await?;
             conn.exec_drop(
                 format!("DELETE FROM {catalog} WHERE `channel` = ?"),
                 (channel,),

@@ -288,17 +288,22 @@ impl Dialect for Mysql {
         Ok(sql)
     }
 
-    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
+    fn uninstall(
+        &self,
+        channels: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<()>> {
         let database = self.database;
         self.control.run(move |conn| {
-            Box::pin(async move { catalog::uninstall(conn, database, &channels).await })
+            Box::pin(async move { catalog::uninstall(conn, database, &channels, timeout).await })
         })
     }
 
-    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>> {
+    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>> {
         let database = self.database;
-        self.control
-            .run(move |conn| Box::pin(async move { catalog::cleanup_all(conn, database).await }))
+        self.control.run(move |conn| {
+            Box::pin(async move { catalog::cleanup_all(conn, database, timeout).await })
+        })
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {

@@ -5,12 +5,17 @@
 //! at install time. Unchanged watches are left alone — no DROP on every start, because
 //! dropping a trigger takes an ACCESS EXCLUSIVE lock on the user's table.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use super::ddl;
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
+use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
 use crate::sql::quote_ident;
 use crate::watch::{Capture, ColumnInfo, ResolvedWatch, TableInfo, Tier};
 
@@ -128,6 +133,11 @@ async fn catalog_exists(client: &impl GenericClient) -> Result<bool> {
 }
 
 /// Installs (or, with `manage_triggers` off, verifies) `watches`, atomically.
+///
+/// Two transactions, each retried until `options.timeout` whenever a lock is busy: first
+/// sqlnotify's own tables (created, or upgraded: see `ddl::setup_sql`), committed on their
+/// own so an upgrade never holds the journal while user tables are locked; then every
+/// watch's objects, all or nothing. See [`attempt_locks`] for how an attempt takes its locks.
 pub(crate) async fn install(
     client: &mut Client,
     watches: &[ResolvedWatch],
@@ -136,28 +146,92 @@ pub(crate) async fn install(
     if !options.manage_triggers {
         return verify(client, watches).await;
     }
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| Error::db("starting the install transaction", e))?;
-    tx.execute(
-        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-        &[&ddl::INSTALL_LOCK],
-    )
-    .await
-    .map_err(|e| Error::db("taking the install lock", e))?;
+    let mut wait = LockWait::new("installing triggers", options.timeout);
+    loop {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| Error::db("starting the install transaction", e))?;
+        let outcome = setup_attempt(&tx, &wait).await;
+        match finish(tx, outcome).await? {
+            Ok(()) => break,
+            Err(busy) => wait.retry_after(busy.resolve(client).await?).await?,
+        }
+    }
+    loop {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| Error::db("starting the install transaction", e))?;
+        let outcome = install_attempt(&tx, watches, options, &wait).await;
+        match finish(tx, outcome).await? {
+            Ok(()) => return Ok(()),
+            Err(busy) => wait.retry_after(busy.resolve(client).await?).await?,
+        }
+    }
+}
+
+/// Creates (or upgrades) sqlnotify's schema and tables.
+async fn setup_attempt(tx: &Transaction<'_>, wait: &LockWait) -> Result<(), Failed> {
+    take_install_lock(tx, wait).await?;
+    set_lock_timeout(tx, wait.attempt_budget()).await?;
+    // The journal upgrade and a missing index lock sqlnotify's own tables: bounded by the
+    // lock_timeout just set (the DO block keeps it when one is set).
     tx.batch_execute(&ddl::setup_sql())
         .await
-        .map_err(|e| Error::db("creating the sqlnotify schema", e))?;
+        .map_err(|e| Failed::from_db(e, || Busy::OwnTables, "creating the sqlnotify schema"))
+}
+
+/// One attempt at installing every watch that needs it.
+async fn install_attempt(
+    tx: &Transaction<'_>,
+    watches: &[ResolvedWatch],
+    options: InstallOptions,
+    wait: &LockWait,
+) -> Result<(), Failed> {
+    take_install_lock(tx, wait).await?;
+    let triggers = existing_triggers(tx).await?;
+    let mut locks = Locks::default();
     if options.cleanup_on_start {
-        let removed = drop_all(&tx).await?;
+        for tables in triggers.values() {
+            locks.add_all(tables, Mode::AccessExclusive);
+        }
+    }
+    let mut plan = Vec::new();
+    for w in watches {
+        let action = if options.cleanup_on_start {
+            "installing" // everything is dropped first
+        } else {
+            match installed_state(tx, w, true).await?.plan(w, options)? {
+                Some(action) => action,
+                None => continue,
+            }
+        };
+        let mut targets = Locks::default();
+        // Dropping the old function drops its triggers, wherever they are (a labelled
+        // channel may have moved to another table).
+        if !options.cleanup_on_start {
+            if let Some(tables) = triggers.get(&w.channel.name) {
+                targets.add_all(tables, Mode::AccessExclusive);
+            }
+        }
+        targets.add(
+            (w.channel.schema.clone(), w.channel.table.clone()),
+            Mode::ShareRowExclusive,
+        );
+        locks.merge(&targets);
+        plan.push((w, action, targets));
+    }
+    if !options.cleanup_on_start && plan.is_empty() {
+        return Ok(()); // nothing to change: no table is locked
+    }
+    attempt_locks(tx, &locks, wait).await?;
+    if options.cleanup_on_start {
+        let removed = drop_all(tx, &triggers).await?;
         log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
     }
-    for w in watches {
+    for (w, action, targets) in plan {
         let name = &w.channel.name;
-        let Some(action) = installed_state(&tx, w, true).await?.plan(w, options)? else {
-            continue;
-        };
         log::info!(
             "sqlnotify: {action} {name} on {}.{}",
             w.channel.schema,
@@ -169,13 +243,381 @@ pub(crate) async fn install(
             ddl::definition(w),
             ddl::catalog_upsert_sql(w)
         );
-        tx.batch_execute(&sql)
-            .await
-            .map_err(|e| Error::db(format!("installing trigger {name}"), e))?;
+        tx.batch_execute(&sql).await.map_err(|e| {
+            Failed::from_db(
+                e,
+                || Busy::Tables(targets.into_vec(), Vec::new()),
+                format!("installing trigger {name}"),
+            )
+        })?;
     }
-    tx.commit()
+    Ok(())
+}
+
+/// How long an attempt waits for the install lock of another instance: waiting for it holds
+/// up no writer, so longer than a table lock, but short enough to log who holds it.
+const INSTALL_LOCK_SLICE: Duration = Duration::from_secs(1);
+
+/// Takes the advisory install lock for the transaction, waiting at most one slice.
+async fn take_install_lock(tx: &Transaction<'_>, wait: &LockWait) -> Result<(), Failed> {
+    let slice = INSTALL_LOCK_SLICE
+        .min(wait.remaining())
+        .max(Duration::from_millis(1));
+    set_lock_timeout(tx, slice).await?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[&ddl::INSTALL_LOCK],
+    )
+    .await
+    .map_err(|e| Failed::from_db(e, || Busy::InstallLock, "taking the install lock"))?;
+    Ok(())
+}
+
+async fn set_lock_timeout(tx: &Transaction<'_>, timeout: Duration) -> Result<(), Failed> {
+    // An integer is milliseconds; 0 would mean "wait forever".
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))
         .await
-        .map_err(|e| Error::db("committing the install transaction", e))
+        .map_err(|e| Failed::Error(Error::db("setting lock_timeout", e)))
+}
+
+/// Takes every table lock an attempt needs before its first DDL statement, one table at a
+/// time in a fixed order, all within one lock budget ([`LockWait::attempt_budget`], counted
+/// from the first lock): a writer of a table locked early waits at most that budget for the
+/// attempt to get its other locks or give up (a rollback releases them all), never for as
+/// long as someone else's transaction runs. The DDL then finds its locks already held.
+///
+/// `LOCK TABLE` needs UPDATE, DELETE or TRUNCATE on the table; where the installing role has
+/// only TRIGGER, the table is left to the DDL, which waits at most one budget for it too.
+async fn attempt_locks(tx: &Transaction<'_>, locks: &Locks, wait: &LockWait) -> Result<(), Failed> {
+    let budget = wait.attempt_budget();
+    let (schemas, tables): (Vec<&str>, Vec<&str>) = locks
+        .0
+        .keys()
+        .map(|(s, t)| (s.as_str(), t.as_str()))
+        .unzip();
+    let lockable: Vec<bool> = tx
+        .query(
+            "SELECT c.oid IS NOT NULL AND pg_catalog.has_table_privilege(c.oid, 'UPDATE, DELETE, TRUNCATE')
+               FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(s, t, i)
+               LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = u.s
+               LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = u.t
+              ORDER BY u.i",
+            &[&schemas, &tables],
+        )
+        .await
+        .map_err(|e| Failed::Error(Error::db("checking table privileges", e)))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let started = Instant::now();
+    for (((schema, table), mode), lockable) in locks.0.iter().zip(lockable) {
+        if !lockable {
+            continue;
+        }
+        // Who would make us wait, asked before waiting: by the time a timed-out attempt is
+        // rolled back and asks again, the holder may just have finished.
+        let holding = holders(tx, schema, table, *mode)
+            .await
+            .map_err(Failed::Error)?;
+        let left = budget.saturating_sub(started.elapsed());
+        set_lock_timeout(tx, left).await?;
+        let sql = format!(
+            "LOCK TABLE {}.{} IN {} MODE",
+            quote_ident(schema),
+            quote_ident(table),
+            mode.sql()
+        );
+        tx.batch_execute(&sql).await.map_err(|e| {
+            Failed::from_db(
+                e,
+                || Busy::Tables(vec![((schema.clone(), table.clone()), *mode)], holding),
+                format!("locking {schema}.{table}"),
+            )
+        })?;
+    }
+    // For whatever the DDL still has to lock itself (see above).
+    set_lock_timeout(tx, budget).await
+}
+
+/// Commits an attempt that succeeded; rolls back one that did not (releasing its locks).
+async fn finish<T>(tx: Transaction<'_>, outcome: Result<T, Failed>) -> Result<Result<T, Busy>> {
+    match outcome {
+        Ok(value) => {
+            tx.commit()
+                .await
+                .map_err(|e| Error::db("committing the install transaction", e))?;
+            Ok(Ok(value))
+        }
+        Err(Failed::Busy(busy)) => {
+            tx.rollback()
+                .await
+                .map_err(|e| Error::db("rolling back an install attempt", e))?;
+            Ok(Err(busy))
+        }
+        Err(Failed::Error(e)) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+/// A table lock mode sqlnotify's DDL takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    /// `CREATE TRIGGER`.
+    ShareRowExclusive,
+    /// `DROP TRIGGER` (and `DROP FUNCTION … CASCADE`).
+    AccessExclusive,
+}
+
+impl Mode {
+    fn sql(self) -> &'static str {
+        match self {
+            Mode::ShareRowExclusive => "SHARE ROW EXCLUSIVE",
+            Mode::AccessExclusive => "ACCESS EXCLUSIVE",
+        }
+    }
+
+    /// The `pg_locks.mode`s this mode waits for.
+    fn conflicts(self) -> &'static [&'static str] {
+        const ALL: [&str; 8] = [
+            "AccessShareLock",
+            "RowShareLock",
+            "RowExclusiveLock",
+            "ShareUpdateExclusiveLock",
+            "ShareLock",
+            "ShareRowExclusiveLock",
+            "ExclusiveLock",
+            "AccessExclusiveLock",
+        ];
+        match self {
+            Mode::ShareRowExclusive => &ALL[2..],
+            Mode::AccessExclusive => &ALL,
+        }
+    }
+}
+
+/// The tables an attempt locks, each in the strongest mode it needs, in lock order.
+#[derive(Debug, Clone, Default)]
+struct Locks(BTreeMap<(String, String), Mode>);
+
+impl Locks {
+    fn add(&mut self, table: (String, String), mode: Mode) {
+        let slot = self.0.entry(table).or_insert(mode);
+        *slot = (*slot).max(mode);
+    }
+
+    fn add_all(&mut self, tables: &[(String, String)], mode: Mode) {
+        for table in tables {
+            self.add(table.clone(), mode);
+        }
+    }
+
+    fn merge(&mut self, other: &Locks) {
+        for (table, mode) in &other.0 {
+            self.add(table.clone(), *mode);
+        }
+    }
+
+    fn into_vec(self) -> Vec<((String, String), Mode)> {
+        self.0.into_iter().collect()
+    }
+}
+
+/// What an attempt could not get in time; resolved into a [`Blocked`] (with the holders'
+/// pids) after the attempt's rollback.
+#[derive(Debug)]
+enum Busy {
+    /// The advisory install lock: another instance is installing.
+    InstallLock,
+    /// sqlnotify's own tables (setup: the journal upgrade, a missing index).
+    OwnTables,
+    /// These user tables, in these modes; with the sessions seen holding a conflicting lock on
+    /// the one table an attempt waited for, asked just before the wait (by the time the
+    /// attempt is rolled back, they may be gone and others may hold the table).
+    Tables(Vec<((String, String), Mode)>, Vec<u64>),
+}
+
+/// Why an attempt stopped.
+#[derive(Debug)]
+enum Failed {
+    /// A lock wait hit `lock_timeout`: roll back and retry.
+    Busy(Busy),
+    /// Anything else: roll back and fail.
+    Error(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Self {
+        Failed::Error(e)
+    }
+}
+
+impl Failed {
+    /// A failed statement: a lock timeout becomes `busy()`, anything else an error.
+    fn from_db(
+        e: tokio_postgres::Error,
+        busy: impl FnOnce() -> Busy,
+        context: impl Into<String>,
+    ) -> Failed {
+        if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+            Failed::Busy(busy())
+        } else {
+            Failed::Error(Error::db(context, e))
+        }
+    }
+}
+
+impl Busy {
+    /// Finds who holds the lock (after the attempt was rolled back, so on the plain
+    /// connection). The holder may have finished meanwhile: then no pid is named.
+    async fn resolve(self, client: &Client) -> Result<Blocked> {
+        let context = "looking for the session holding a lock";
+        let pids = |rows: Vec<tokio_postgres::Row>| -> Vec<u64> {
+            rows.iter().map(|r| r.get::<_, i32>(0) as u64).collect()
+        };
+        match self {
+            Busy::InstallLock => {
+                let key = ddl::INSTALL_LOCK as u64;
+                let rows = client
+                    .query(
+                        "SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l
+                          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                            AND l.classid::int8 = $1 AND l.objid::int8 = $2
+                            AND l.pid <> pg_catalog.pg_backend_pid()
+                            AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                               WHERE datname = pg_catalog.current_database())
+                          ORDER BY 1",
+                        &[&((key >> 32) as i64), &((key & 0xffff_ffff) as i64)],
+                    )
+                    .await
+                    .map_err(|e| Error::db(context, e))?;
+                Ok(Blocked {
+                    object: INSTALL_LOCK_OBJECT.to_string(),
+                    holder_pids: pids(rows),
+                })
+            }
+            Busy::OwnTables => {
+                let rows = client
+                    .query(
+                        "SELECT c.relname::text, pg_catalog.array_agg(DISTINCT l.pid ORDER BY l.pid)
+                           FROM pg_catalog.pg_locks l
+                           JOIN pg_catalog.pg_class c ON c.oid = l.relation
+                           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname = $1 AND c.relkind = 'r' AND l.granted
+                            AND l.pid <> pg_catalog.pg_backend_pid()
+                            AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                               WHERE datname = pg_catalog.current_database())
+                          GROUP BY 1 ORDER BY 1",
+                        &[&ddl::SCHEMA],
+                    )
+                    .await
+                    .map_err(|e| Error::db(context, e))?;
+                let names: Vec<String> = rows
+                    .iter()
+                    .map(|r| format!("{}.{}", ddl::SCHEMA, r.get::<_, String>(0)))
+                    .collect();
+                let mut holder_pids: Vec<u64> = rows
+                    .iter()
+                    .flat_map(|r| r.get::<_, Vec<i32>>(1))
+                    .map(|pid| pid as u64)
+                    .collect();
+                holder_pids.sort_unstable();
+                holder_pids.dedup();
+                Ok(Blocked {
+                    object: if names.is_empty() {
+                        format!("the tables of the {} schema", ddl::SCHEMA)
+                    } else {
+                        names.join(", ")
+                    },
+                    holder_pids,
+                })
+            }
+            Busy::Tables(tables, seen) => {
+                for ((schema, table), mode) in &tables {
+                    // Those seen before the wait are the ones waited for; asking now may also
+                    // find writers that got their lock after the attempt gave up.
+                    let holder_pids = match (tables.len(), seen.is_empty()) {
+                        (1, false) => seen.clone(),
+                        _ => holders(client, schema, table, *mode).await?,
+                    };
+                    if !holder_pids.is_empty() {
+                        return Ok(Blocked {
+                            object: format!("{schema}.{table}"),
+                            holder_pids,
+                        });
+                    }
+                }
+                Ok(Blocked {
+                    object: tables
+                        .first()
+                        .map(|((s, t), _)| format!("{s}.{t}"))
+                        .unwrap_or_else(|| "a table".into()),
+                    holder_pids: Vec::new(),
+                })
+            }
+        }
+    }
+}
+
+/// The sessions holding a lock on `schema.table` (or one of its partitions or children, which
+/// `LOCK TABLE` and trigger DDL lock too) that conflicts with `mode`.
+async fn holders(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    mode: Mode,
+) -> Result<Vec<u64>> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE rel(oid) AS (
+                 SELECT c.oid FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2
+               UNION
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+                   JOIN rel ON i.inhparent = rel.oid)
+             SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l JOIN rel ON l.relation = rel.oid
+              WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid()
+                AND l.mode = ANY($3)
+                AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                   WHERE datname = pg_catalog.current_database())
+              ORDER BY 1",
+            &[&schema, &table, &mode.conflicts()],
+        )
+        .await
+        .map_err(|e| Error::db("looking for the session holding a lock", e))?;
+    Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u64).collect())
+}
+
+/// Every sqlnotify trigger function (by name, which is its channel) with the tables its
+/// triggers are on (partition clones left out: locking a parent locks its partitions).
+async fn existing_triggers(
+    tx: &impl GenericClient,
+) -> Result<BTreeMap<String, Vec<(String, String)>>, Failed> {
+    let rows = tx
+        .query(
+            "SELECT p.proname::text, n.nspname::text, c.relname::text
+               FROM pg_catalog.pg_proc p
+               JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
+               LEFT JOIN pg_catalog.pg_trigger t ON t.tgfoid = p.oid AND t.tgparentid = 0
+               LEFT JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+               LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE pn.nspname = $1
+              ORDER BY 1, 2, 3",
+            &[&ddl::SCHEMA],
+        )
+        .await
+        .map_err(|e| Failed::Error(Error::db("listing sqlnotify triggers", e)))?;
+    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for row in rows {
+        let tables = out.entry(row.get(0)).or_default();
+        if let (Some(schema), Some(table)) = (row.get(1), row.get(2)) {
+            tables.push((schema, table));
+        }
+    }
+    Ok(out)
 }
 
 /// Checks that every watch is installed exactly as generated (for externally managed DDL),
@@ -271,77 +713,118 @@ pub(crate) async fn check_statement_capture(
 }
 
 /// Drops every sqlnotify trigger function (and, by CASCADE, trigger) and empties the catalog.
-async fn drop_all(tx: &impl GenericClient) -> Result<u64> {
-    let rows = tx
-        .query(
-            "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
-               JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1",
-            &[&ddl::SCHEMA],
-        )
-        .await
-        .map_err(|e| Error::db("listing sqlnotify functions", e))?;
-    let mut sql = String::new();
-    for row in &rows {
-        let function: String = row.get(0);
-        sql.push_str(&format!("DROP FUNCTION IF EXISTS {function} CASCADE;\n"));
+/// The tables are locked already ([`attempt_locks`]).
+async fn drop_all(
+    tx: &Transaction<'_>,
+    triggers: &BTreeMap<String, Vec<(String, String)>>,
+) -> Result<u64, Failed> {
+    for (channel, tables) in triggers {
+        tx.batch_execute(&ddl::drop_sql(channel))
+            .await
+            .map_err(|e| {
+                let mut locks = Locks::default();
+                locks.add_all(tables, Mode::AccessExclusive);
+                Failed::from_db(
+                    e,
+                    || Busy::Tables(locks.into_vec(), Vec::new()),
+                    format!("removing trigger {channel}"),
+                )
+            })?;
     }
     if catalog_exists(tx).await? {
-        sql.push_str(&format!(
+        tx.batch_execute(&format!(
             "DELETE FROM {}.catalog;\n",
             quote_ident(ddl::SCHEMA)
-        ));
+        ))
+        .await
+        .map_err(|e| Failed::Error(Error::db("emptying the sqlnotify catalog", e)))?;
     }
-    tx.batch_execute(&sql)
-        .await
-        .map_err(|e| Error::db("removing sqlnotify objects", e))?;
-    Ok(rows.len() as u64)
+    Ok(triggers.len() as u64)
 }
 
-/// Removes every sqlnotify object in the database (triggers, functions, catalog entries).
-pub(crate) async fn cleanup_all(client: &mut Client) -> Result<u64> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| Error::db("starting the cleanup transaction", e))?;
-    tx.execute(
-        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-        &[&ddl::INSTALL_LOCK],
-    )
-    .await
-    .map_err(|e| Error::db("taking the install lock", e))?;
-    let n = drop_all(&tx).await?;
-    tx.commit()
-        .await
-        .map_err(|e| Error::db("committing the cleanup", e))?;
-    Ok(n)
+/// Removes every sqlnotify object in the database (triggers, functions, catalog entries),
+/// retrying busy locks until `timeout`.
+pub(crate) async fn cleanup_all(client: &mut Client, timeout: Duration) -> Result<u64> {
+    let mut wait = LockWait::new("removing triggers", timeout);
+    loop {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| Error::db("starting the cleanup transaction", e))?;
+        let outcome = cleanup_attempt(&tx, &wait).await;
+        match finish(tx, outcome).await? {
+            Ok(n) => return Ok(n),
+            Err(busy) => wait.retry_after(busy.resolve(client).await?).await?,
+        }
+    }
 }
 
-/// Removes the objects of `channels` and their catalog entries.
-pub(crate) async fn uninstall(client: &mut Client, channels: &[String]) -> Result<()> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| Error::db("starting the uninstall transaction", e))?;
-    tx.execute(
-        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-        &[&ddl::INSTALL_LOCK],
-    )
-    .await
-    .map_err(|e| Error::db("taking the install lock", e))?;
-    let sql: String = channels.iter().map(|c| ddl::drop_sql(c)).collect();
-    tx.batch_execute(&sql)
-        .await
-        .map_err(|e| Error::db(format!("removing triggers {channels:?}"), e))?;
-    if catalog_exists(&tx).await? {
+async fn cleanup_attempt(tx: &Transaction<'_>, wait: &LockWait) -> Result<u64, Failed> {
+    take_install_lock(tx, wait).await?;
+    let triggers = existing_triggers(tx).await?;
+    let mut locks = Locks::default();
+    for tables in triggers.values() {
+        locks.add_all(tables, Mode::AccessExclusive);
+    }
+    attempt_locks(tx, &locks, wait).await?;
+    drop_all(tx, &triggers).await
+}
+
+/// Removes the objects of `channels` and their catalog entries, retrying busy locks until
+/// `timeout`.
+pub(crate) async fn uninstall(
+    client: &mut Client,
+    channels: &[String],
+    timeout: Duration,
+) -> Result<()> {
+    let mut wait = LockWait::new("removing triggers", timeout);
+    loop {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| Error::db("starting the uninstall transaction", e))?;
+        let outcome = uninstall_attempt(&tx, channels, &wait).await;
+        match finish(tx, outcome).await? {
+            Ok(()) => return Ok(()),
+            Err(busy) => wait.retry_after(busy.resolve(client).await?).await?,
+        }
+    }
+}
+
+async fn uninstall_attempt(
+    tx: &Transaction<'_>,
+    channels: &[String],
+    wait: &LockWait,
+) -> Result<(), Failed> {
+    take_install_lock(tx, wait).await?;
+    let mut triggers = existing_triggers(tx).await?;
+    triggers.retain(|channel, _| channels.contains(channel));
+    let mut locks = Locks::default();
+    for tables in triggers.values() {
+        locks.add_all(tables, Mode::AccessExclusive);
+    }
+    attempt_locks(tx, &locks, wait).await?;
+    for (channel, tables) in &triggers {
+        tx.batch_execute(&ddl::drop_sql(channel))
+            .await
+            .map_err(|e| {
+                let mut locks = Locks::default();
+                locks.add_all(tables, Mode::AccessExclusive);
+                Failed::from_db(
+                    e,
+                    || Busy::Tables(locks.into_vec(), Vec::new()),
+                    format!("removing trigger {channel}"),
+                )
+            })?;
+    }
+    if catalog_exists(tx).await? {
         let delete = format!(
             "DELETE FROM {}.catalog WHERE channel = ANY($1)",
             quote_ident(ddl::SCHEMA)
         );
         tx.execute(&delete, &[&channels])
             .await
-            .map_err(|e| Error::db("removing catalog entries", e))?;
+            .map_err(|e| Failed::Error(Error::db("removing catalog entries", e)))?;
     }
-    tx.commit()
-        .await
-        .map_err(|e| Error::db("committing the uninstall", e))
+    Ok(())
 }

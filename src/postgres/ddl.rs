@@ -75,13 +75,17 @@ DECLARE
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                   WHERE attrelid = '{s}.journal'::regclass AND attname = 'events' AND NOT attisdropped) THEN
-    -- once, on upgrade: wait at most 5 s for writers' open transactions rather than queue
-    -- every new writer behind the lock
-    PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+    -- once, on upgrade: never wait for writers' open transactions without bound (every new
+    -- writer would queue behind the lock). start() sets a short lock_timeout and retries; a
+    -- script applied without one waits at most 5 s.
+    IF _sqn_lock = '0' THEN
+      PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+    END IF;
     BEGIN
       ALTER TABLE {s}.journal ADD COLUMN events integer NOT NULL DEFAULT 1;
     EXCEPTION WHEN lock_not_available THEN
-      RAISE EXCEPTION 'sqlnotify: upgrading {s}.journal (adding the events column) needs a moment with no open transaction writing to it; retry start()';
+      RAISE EXCEPTION 'sqlnotify: upgrading {s}.journal (adding the events column) needs a moment with no open transaction writing to it; retry'
+        USING ERRCODE = 'lock_not_available';
     END;
     PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
   END IF;
@@ -510,16 +514,21 @@ GRANT USAGE ON SEQUENCE {s}.overflow_id_seq, {s}.journal_id_seq TO {r};
 
 /// A complete, idempotent install script for `watches`: what `start()` would do, for users who
 /// apply DDL through their own migrations (then start with `manage_triggers(false)`).
+///
+/// Applying it again changes nothing that is unchanged: each watch is (re)created by a DO
+/// block only when the catalog does not record its exact definition or its trigger is gone
+/// (the same test `start()` makes), so an unchanged watch takes no lock on its table.
 pub(crate) fn install_script(watches: &[ResolvedWatch], grant_to: Option<&str>) -> String {
     let mut sql = format!(
-        "-- sqlnotify install script (apply in one transaction)\nBEGIN;\nSELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK});\n{};\n",
+        "-- sqlnotify install script (apply in one transaction)\n\
+         -- A watch is recreated only when its definition changed or its trigger is missing;\n\
+         -- only that locks its table (consider SET LOCAL lock_timeout for your migration).\n\
+         BEGIN;\nSELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK});\n{};\n",
         setup_sql()
     );
     for w in watches {
         sql.push_str(&format!("\n-- {}\n", w.channel.name));
-        sql.push_str(&drop_sql(&w.channel.name));
-        sql.push_str(&definition(w));
-        sql.push_str(&catalog_upsert_sql(w));
+        sql.push_str(&install_if_changed_sql(w));
     }
     if let Some(role) = grant_to {
         sql.push_str(&format!(
@@ -530,6 +539,47 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], grant_to: Option<&str>) 
     }
     sql.push_str("COMMIT;\n");
     sql
+}
+
+/// A DO block installing one watch unless it is installed as generated.
+fn install_if_changed_sql(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let name = quote_literal(&channel.name);
+    let body = format!(
+        "
+BEGIN
+  IF EXISTS (SELECT 1 FROM {s}.catalog
+              WHERE channel = {name} AND definition_hash = pg_catalog.md5({definition}))
+     AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                   JOIN pg_catalog.pg_class r ON r.oid = t.tgrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+                  WHERE t.tgname = {name} AND n.nspname = {schema} AND r.relname = {table}) THEN
+    RETURN; -- installed as generated: nothing to do, no lock taken
+  END IF;
+{drop}{create}{record}END
+",
+        s = quote_ident(SCHEMA),
+        definition = quote_literal(&definition(w)),
+        schema = quote_literal(&channel.schema),
+        table = quote_literal(&channel.table),
+        drop = drop_sql(&channel.name),
+        create = definition(w),
+        record = catalog_upsert_sql(w),
+    );
+    format!("DO {};\n", dollar_quote(&body))
+}
+
+/// `text` as a dollar-quoted literal whose tag does not occur in it (so nothing in a watch —
+/// a column or label containing `$sqn$` — can end it early).
+fn dollar_quote(text: &str) -> String {
+    let tag = (0..)
+        .map(|i| match i {
+            0 => "$sqn$".to_string(),
+            i => format!("$sqn{i}$"),
+        })
+        .find(|tag| !text.contains(tag.as_str()))
+        .expect("some tag is free");
+    format!("{tag}{text}{tag}")
 }
 
 #[cfg(test)]
@@ -673,6 +723,37 @@ mod tests {
             ),
             "{f}"
         );
+    }
+
+    #[test]
+    fn the_install_script_recreates_only_what_changed() {
+        let w = watch(Operation::Insert, Some("o'brien"), &["v"]);
+        let script = install_script(std::slice::from_ref(&w), None);
+        assert!(
+            script.contains("DO $sqn$\nBEGIN\n  IF EXISTS (SELECT 1 FROM \"sqlnotify\".catalog")
+        );
+        assert!(script.contains("WHERE t.tgname = 'sqlnotify_o''brien' AND n.nspname = 'public' AND r.relname = 'CamelCase') THEN\n    RETURN;"), "{script}");
+        let guard = script.find("RETURN;").unwrap();
+        let after = format!(
+            "END IF;\n{}{}{}END\n$sqn$;\n",
+            drop_sql(&w.channel.name),
+            definition(&w),
+            catalog_upsert_sql(&w)
+        );
+        assert!(script[guard..].contains(&after), "DDL only after the check");
+        assert!(script.contains(&format!(
+            "definition_hash = pg_catalog.md5({}))",
+            quote_literal(&definition(&w))
+        )));
+    }
+
+    #[test]
+    fn dollar_quotes_pick_a_tag_the_text_does_not_contain() {
+        assert_eq!(dollar_quote("x"), "$sqn$x$sqn$");
+        assert_eq!(dollar_quote("a $sqn$ b"), "$sqn1$a $sqn$ b$sqn1$");
+        assert_eq!(dollar_quote("$sqn$ $sqn1$"), "$sqn2$$sqn$ $sqn1$$sqn2$");
+        let w = watch(Operation::Insert, None, &["$sqn$"]);
+        assert!(install_script(&[w], None).contains("DO $sqn1$"));
     }
 
     #[test]

@@ -105,19 +105,23 @@ impl Dialect for Postgres {
         Ok(ddl::install_script(watches, grant_to))
     }
 
-    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
+    fn uninstall(
+        &self,
+        channels: Vec<String>,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'static, Result<()>> {
         let config = self.config();
         Box::pin(async move {
             let mut client = Control::connect(&config, "uninstall").await?;
-            catalog::uninstall(&mut client, &channels).await
+            catalog::uninstall(&mut client, &channels, timeout).await
         })
     }
 
-    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>> {
+    fn cleanup_all(&self, timeout: std::time::Duration) -> BoxFuture<'static, Result<u64>> {
         let config = self.config();
         Box::pin(async move {
             let mut client = Control::connect(&config, "cleanup").await?;
-            catalog::cleanup_all(&mut client).await
+            catalog::cleanup_all(&mut client, timeout).await
         })
     }
 

@@ -2,15 +2,19 @@
 //! verifying and removing triggers. Synchronous; the dialect runs these on blocking threads.
 //!
 //! Installation runs in one `BEGIN IMMEDIATE` transaction, which SQLite serialises with every
-//! other writer, so instances starting together do not race. Drift detection compares the
+//! other writer, so instances starting together do not race; waiting for it is bounded by the
+//! install timeout (see `in_write_transaction`). Drift detection compares the
 //! generated trigger text with the one recorded at install time; unchanged triggers are left
 //! alone.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::time::Duration;
 
-use super::ddl;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{ddl, BUSY_TIMEOUT};
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
+use crate::lockwait::{Blocked, LockWait};
 use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
 
 pub(crate) fn db_err(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error {
@@ -127,32 +131,90 @@ pub(crate) fn install(
         return verify(conn, watches);
     }
     enable_wal(conn)?;
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err("starting the install transaction"))?;
-    tx.execute_batch(&ddl::setup_sql())
-        .map_err(db_err("creating the sqlnotify tables"))?;
-    if options.cleanup_on_start {
-        let removed = drop_all(&tx)?;
-        log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
+    in_write_transaction(conn, "installing triggers", options.timeout, |tx| {
+        tx.execute_batch(&ddl::setup_sql())
+            .map_err(db_err("creating the sqlnotify tables"))?;
+        if options.cleanup_on_start {
+            let removed = drop_all(tx)?;
+            log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
+        }
+        for w in watches {
+            let name = &w.channel.name;
+            let Some(action) = installed_state(tx, w, true)?.plan(w, options)? else {
+                continue;
+            };
+            log::info!("sqlnotify: {action} {name} on {}", w.channel.table);
+            let sql = format!(
+                "{}{};\n{}",
+                ddl::drop_sql(name),
+                ddl::trigger_sql(w),
+                ddl::catalog_upsert_sql(w)
+            );
+            tx.execute_batch(&sql)
+                .map_err(db_err(format!("installing trigger {name}")))?;
+        }
+        Ok(())
+    })
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Runs `f` in a write transaction (`BEGIN IMMEDIATE`, which SQLite serialises with every
+/// other writer) and commits it, or rolls it back when `f` fails.
+///
+/// While another connection holds a write transaction, `BEGIN IMMEDIATE` waits in attempts of
+/// [`LOCK_ATTEMPT`](crate::lockwait::LOCK_ATTEMPT) (the busy handler's wait), logging each
+/// wait, until `timeout`: then [`Error::LockTimeout`] names the database file (SQLite does not
+/// say which process holds the lock). Waiting holds no lock, so the application's writers are
+/// never held up by it.
+fn in_write_transaction<T>(
+    conn: &mut Connection,
+    doing: &'static str,
+    timeout: Duration,
+    f: impl FnOnce(&Connection) -> Result<T>,
+) -> Result<T> {
+    let mut wait = LockWait::new(doing, timeout);
+    loop {
+        conn.busy_timeout(wait.attempt_budget())
+            .map_err(db_err("setting the busy timeout"))?;
+        let begun = conn.execute_batch("BEGIN IMMEDIATE");
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(db_err("setting the busy timeout"))?;
+        match begun {
+            Ok(()) => break,
+            Err(e) if is_busy(&e) => {
+                let object = format!(
+                    "the SQLite database {}",
+                    conn.path().filter(|p| !p.is_empty()).unwrap_or("(unnamed)")
+                );
+                let delay = wait.note(Blocked {
+                    object,
+                    holder_pids: Vec::new(),
+                })?;
+                std::thread::sleep(delay);
+            }
+            Err(e) => {
+                return Err(Error::db(
+                    format!("starting a write transaction ({doing})"),
+                    e,
+                ))
+            }
+        }
     }
-    for w in watches {
-        let name = &w.channel.name;
-        let Some(action) = installed_state(&tx, w, true)?.plan(w, options)? else {
-            continue;
-        };
-        log::info!("sqlnotify: {action} {name} on {}", w.channel.table);
-        let sql = format!(
-            "{}{};\n{}",
-            ddl::drop_sql(name),
-            ddl::trigger_sql(w),
-            ddl::catalog_upsert_sql(w)
-        );
-        tx.execute_batch(&sql)
-            .map_err(db_err(format!("installing trigger {name}")))?;
+    let outcome = f(conn).and_then(|value| {
+        conn.execute_batch("COMMIT")
+            .map_err(db_err(format!("committing ({doing})")))?;
+        Ok(value)
+    });
+    if outcome.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
     }
-    tx.commit()
-        .map_err(db_err("committing the install transaction"))
+    outcome
 }
 
 fn describe(w: &ResolvedWatch) -> String {
@@ -206,34 +268,32 @@ fn drop_all(conn: &Connection) -> Result<u64> {
 }
 
 /// Removes every sqlnotify trigger in the database.
-pub(crate) fn cleanup_all(conn: &mut Connection) -> Result<u64> {
+pub(crate) fn cleanup_all(conn: &mut Connection, timeout: Duration) -> Result<u64> {
     if !catalog_exists(conn)? {
         return Ok(0);
     }
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err("starting the cleanup transaction"))?;
-    let n = drop_all(&tx)?;
-    tx.commit().map_err(db_err("committing the cleanup"))?;
-    Ok(n)
+    in_write_transaction(conn, "removing triggers", timeout, drop_all)
 }
 
 /// Removes the triggers of `channels` and their catalog entries.
-pub(crate) fn uninstall(conn: &mut Connection, channels: &[String]) -> Result<()> {
+pub(crate) fn uninstall(
+    conn: &mut Connection,
+    channels: &[String],
+    timeout: Duration,
+) -> Result<()> {
     if !catalog_exists(conn)? {
         return Ok(());
     }
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err("starting the uninstall transaction"))?;
-    for channel in channels {
-        tx.execute_batch(&ddl::drop_sql(channel))
-            .map_err(db_err(format!("removing trigger {channel}")))?;
-        tx.execute(
-            "DELETE FROM sqlnotify_catalog WHERE channel = ?1",
-            params![channel],
-        )
-        .map_err(db_err(format!("removing the catalog entry of {channel}")))?;
-    }
-    tx.commit().map_err(db_err("committing the uninstall"))
+    in_write_transaction(conn, "removing triggers", timeout, |tx| {
+        for channel in channels {
+            tx.execute_batch(&ddl::drop_sql(channel))
+                .map_err(db_err(format!("removing trigger {channel}")))?;
+            tx.execute(
+                "DELETE FROM sqlnotify_catalog WHERE channel = ?1",
+                params![channel],
+            )
+            .map_err(db_err(format!("removing the catalog entry of {channel}")))?;
+        }
+        Ok(())
+    })
 }

@@ -29,7 +29,7 @@ use crate::event::Channel;
 use crate::watch::{ResolvedWatch, TableInfo};
 
 /// How long a sqlnotify connection waits for a lock before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens a connection to an existing database file, with sqlnotify's settings.
 pub(crate) fn open(path: &Path) -> Result<Connection> {
@@ -166,12 +166,16 @@ impl Dialect for Sqlite {
         Ok(ddl::install_script(watches))
     }
 
-    fn uninstall(&self, channels: Vec<String>) -> BoxFuture<'static, Result<()>> {
-        self.blocking(move |conn| catalog::uninstall(conn, &channels))
+    fn uninstall(
+        &self,
+        channels: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<()>> {
+        self.blocking(move |conn| catalog::uninstall(conn, &channels, timeout))
     }
 
-    fn cleanup_all(&self) -> BoxFuture<'static, Result<u64>> {
-        self.blocking(catalog::cleanup_all)
+    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>> {
+        self.blocking(move |conn| catalog::cleanup_all(conn, timeout))
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
