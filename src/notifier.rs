@@ -52,6 +52,7 @@ pub struct NotifierBuilder {
     max_in_flight: usize,
     health_check: Duration,
     gap_timeout: Option<Duration>,
+    lag_interval: Duration,
 }
 
 impl std::fmt::Debug for NotifierBuilder {
@@ -199,6 +200,17 @@ impl NotifierBuilder {
         self
     }
 
+    /// The shortest time between two [`Status::Lagged`](crate::Status::Lagged) notices for one
+    /// subscription. A subscription's first drop is reported at once; drops within the next
+    /// interval are added up and reported in one notice when it has passed (so a subscriber
+    /// that lags constantly gets one notice per interval, carrying the count), and whatever is
+    /// unreported when the subscription ends or the notifier stops is reported then. Zero
+    /// reports every batch of drops as it happens. Default: 1 s.
+    pub fn lag_report_interval(mut self, every: Duration) -> Self {
+        self.lag_interval = every;
+        self
+    }
+
     /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
         Ok(open_dialect(&self.url)?.name())
@@ -296,7 +308,9 @@ impl NotifierBuilder {
         ));
         let stats = Arc::new(Counters::default());
         let budget = Arc::new(Semaphore::new(self.max_in_flight));
-        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone()).start();
+        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
+            .lag_interval(self.lag_interval)
+            .start();
         let decoder = Decoder::new(
             channels.clone(),
             dialect.overflow_store(),
@@ -480,6 +494,7 @@ impl Notifier {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             health_check: Duration::from_secs(10),
             gap_timeout: None,
+            lag_interval: crate::registry::LAG_INTERVAL,
         }
     }
 

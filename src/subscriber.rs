@@ -78,7 +78,8 @@ pub(crate) struct Buffer {
     queue: VecDeque<(ChangeEvent, Rc<Ticket>)>,
     policy: OverflowPolicy,
     capacity: usize,
-    /// Events dropped by the policy since the last `Lagged` notice.
+    /// Events this subscriber lost (dropped by the policy, or discarded because the
+    /// subscriber went away) since the last `Lagged` notice.
     pub dropped: u64,
 }
 
@@ -130,20 +131,34 @@ impl Buffer {
         }
     }
 
-    /// Hands buffered events to `sink` until it refuses. Returns (handed over, sink closed).
-    pub fn drain_into(&mut self, sink: &Sink) -> (u64, bool) {
+    /// Hands buffered events to `sink` until it refuses. Returns how many were handed over,
+    /// and — when the sink is gone — how many were lost with it (every event still buffered,
+    /// counted in `dropped`).
+    pub fn drain_into(&mut self, sink: &Sink) -> (u64, Option<u64>) {
         let mut handed = 0;
         while let Some((event, ticket)) = self.queue.pop_front() {
             match sink.try_deliver(event) {
                 Ok(()) => handed += 1,
                 Err(Refused::Full(event)) => {
                     self.queue.push_front((event, ticket));
-                    return (handed, false);
+                    return (handed, None);
                 }
-                Err(Refused::Closed) => return (handed, true),
+                Err(Refused::Closed) => {
+                    self.dropped += 1;
+                    return (handed, Some(1 + self.discard()));
+                }
             }
         }
-        (handed, false)
+        (handed, None)
+    }
+
+    /// Throws away every buffered event (the subscriber is gone or removed), counting them in
+    /// `dropped`. Returns how many there were.
+    pub fn discard(&mut self) -> u64 {
+        let lost = self.queue.len() as u64;
+        self.queue.clear();
+        self.dropped += lost;
+        lost
     }
 }
 
