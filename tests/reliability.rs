@@ -593,3 +593,26 @@ async fn lagged_is_reported_at_most_once_a_second_per_subscription_and_adds_up()
     drop((a_rx, b_rx));
     notifier.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn a_disconnect_carries_the_server_s_message() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    common::kill_listener(&db, 1).await;
+    match next_status(&mut status).await {
+        // Not tokio-postgres' bare "db error": what the server said when it closed.
+        Status::Disconnected { error } => assert_eq!(
+            error,
+            "FATAL: terminating connection due to administrator command"
+        ),
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    assert_eq!(next_status(&mut status).await, Status::Connected);
+    notifier.stop().await.unwrap();
+}
