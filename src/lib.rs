@@ -98,6 +98,7 @@ mod event;
 mod filter;
 mod notifier;
 mod payload;
+mod redact;
 mod registry;
 mod sql;
 mod stats;

@@ -58,7 +58,7 @@ pub struct NotifierBuilder {
 impl std::fmt::Debug for NotifierBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NotifierBuilder")
-            .field("url", &redact(&self.url))
+            .field("url", &crate::redact::redact(&self.url))
             .field("watches", &self.watches)
             .field("consumer", &self.consumer)
             .field("subscriptions", &self.subscriptions.len())
@@ -68,20 +68,6 @@ impl std::fmt::Debug for NotifierBuilder {
             .field("manage_triggers", &self.manage_triggers)
             .field("gap_timeout", &self.gap_timeout)
             .finish()
-    }
-}
-
-/// The URL without its password, for logs and debug output.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
     }
 }
 
