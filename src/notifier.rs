@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::Value;
+use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::Semaphore;
 
 use crate::decoder::{Decoder, Retention};
@@ -22,7 +23,7 @@ use crate::payload::{encode_custom, encode_overflow_ref};
 use crate::registry::{Registry, Shutdown, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
 use crate::stats::{Counters, Stats};
 use crate::status::StatusEvent;
-use crate::subscriber::{Flush, FnSubscriber, Sink};
+use crate::subscriber::{spawn_blocking_subscriber, Flush, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
 use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
 
@@ -340,6 +341,7 @@ impl NotifierBuilder {
                 stats,
                 cleanup_on_stop: self.cleanup_on_stop,
                 running: Mutex::new(Some(Running { listener, decoder })),
+                blocking: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -440,6 +442,8 @@ struct Inner {
     stats: Arc<Counters>,
     cleanup_on_stop: bool,
     running: Mutex<Option<Running>>,
+    /// Resolve when the thread of a blocking subscriber has run its last event.
+    blocking: Mutex<Vec<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 /// A running notifier. Cheap to clone; every clone controls the same pipeline.
@@ -519,8 +523,15 @@ impl Notifier {
             .await?
     }
 
-    /// Runs `f` for every event `subscription` selects, in an actor of its own (on the current
-    /// arbiter). A panic in `f` is caught, logged and counted; later events still arrive.
+    /// Runs `f` for every event `subscription` selects, in an actor of its own on the current
+    /// arbiter — the thread the notifier's own actors run on. **`f` must be quick**: while it
+    /// runs, nothing else is routed, so a closure that blocks (a sleep, blocking I/O, a lock
+    /// held long, a synchronous database call) delays every other subscriber and, once the
+    /// in-flight budget is used up, the listener. Give such handlers
+    /// [`subscribe_blocking`](Self::subscribe_blocking) instead, or an actor of your own on
+    /// another [`Arbiter`](actix::Arbiter) with [`subscribe`](Self::subscribe).
+    ///
+    /// A panic in `f` is caught, logged and counted; later events still arrive.
     pub async fn subscribe_fn<F>(&self, subscription: Subscription, f: F) -> Result<SubscriptionId>
     where
         F: FnMut(ChangeEvent) + 'static,
@@ -529,6 +540,60 @@ impl Notifier {
         self.inner
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
+            .await?
+    }
+
+    /// Runs `f` for every event `subscription` selects on a thread of its own, so a handler
+    /// that blocks or takes long never stalls the pipeline or the other subscribers: use it
+    /// for blocking I/O, synchronous database or HTTP calls, sleeps, or heavy work.
+    ///
+    /// Events reach the thread through a bounded channel whose capacity is the subscription's
+    /// [`buffer`](Subscription::buffer); when it is full, events wait in the subscription's
+    /// buffer under its [`policy`](Subscription::policy) like any subscriber's — with
+    /// [`Wait`](crate::OverflowPolicy::Wait) (the default) a handler that falls far enough
+    /// behind makes the whole notifier wait for it; with
+    /// [`DropOldest`](crate::OverflowPolicy::DropOldest) or
+    /// [`KeepLatestPerKey`](crate::OverflowPolicy::KeepLatestPerKey) it only loses events of
+    /// its own (reported as [`Status::Lagged`](crate::Status::Lagged)). Events are counted as
+    /// delivered when they enter the channel.
+    ///
+    /// Events arrive in commit order. A panic in `f` is caught, logged and counted; later
+    /// events still arrive. After [`unsubscribe`](Self::unsubscribe) the thread runs what is
+    /// already in its channel, then ends; [`stop`](Self::stop) returns once every such thread
+    /// has run every event it was handed (so a handler that never returns keeps `stop` waiting).
+    ///
+    /// ```no_run
+    /// # use sqlnotify::{Notifier, Operation, Subscription};
+    /// # async fn run(notifier: Notifier) -> sqlnotify::Result<()> {
+    /// notifier
+    ///     .subscribe_blocking(Subscription::new("orders", Operation::Insert), |event| {
+    ///         // a blocking call is fine here
+    ///         std::thread::sleep(std::time::Duration::from_millis(5));
+    ///         println!("order {}", event.id());
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe_blocking<F>(
+        &self,
+        subscription: Subscription,
+        f: F,
+    ) -> Result<SubscriptionId>
+    where
+        F: FnMut(ChangeEvent) + Send + 'static,
+    {
+        let (tx, finished) =
+            spawn_blocking_subscriber(subscription.buffer, f, self.inner.stats.clone())
+                .map_err(|e| Error::db("starting the thread of a blocking subscriber", e))?;
+        if let Ok(mut threads) = self.inner.blocking.lock() {
+            // Forget the threads of subscriptions that are gone.
+            threads.retain_mut(|t| t.try_recv().is_err_and(|e| e == TryRecvError::Empty));
+            threads.push(finished);
+        }
+        // On an error the sender is dropped with the message, and the thread ends.
+        self.inner
+            .registry
+            .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await?
     }
 
@@ -665,6 +730,13 @@ impl Notifier {
         running.decoder.do_send(Shutdown);
         self.inner.registry.do_send(Shutdown);
         let mut result = running.listener.finish().await;
+        // The registry is gone with its senders: blocking subscribers run what they were
+        // handed, then their threads end.
+        let threads = match self.inner.blocking.lock() {
+            Ok(mut threads) => std::mem::take(&mut *threads),
+            Err(_) => Vec::new(),
+        };
+        futures_util::future::join_all(threads).await;
         if self.inner.cleanup_on_stop {
             let names = self.inner.channels.names().map(str::to_string).collect();
             let uninstalled = self.inner.dialect.uninstall(names).await;

@@ -2,7 +2,8 @@
 //!
 //! [`Sink`] is the registry's view of a subscriber: a user's actor, a closure running in an
 //! actor of its own ([`FnSubscriber`], which catches panics), or a bounded channel for
-//! blocking code. Delivery is non-blocking (`try_send`); what does not fit waits in the
+//! blocking code — read by the user, or by a thread of its own that runs a blocking closure
+//! ([`spawn_blocking_subscriber`]). Delivery is non-blocking (`try_send`); what does not fit waits in the
 //! subscriber's [`Buffer`], where its [`OverflowPolicy`] decides what happens when full.
 //! Each buffered event holds a [`Ticket`]: a unit of the pipeline's in-flight budget, given
 //! back when the event is handed over or dropped, so a stalled subscriber eventually stops the
@@ -180,11 +181,40 @@ impl<M> FnSubscriber<M> {
     }
 
     fn call(&mut self, message: M) {
-        if catch_unwind(AssertUnwindSafe(|| (self.f)(message))).is_err() {
-            Counters::add(&self.stats.subscriber_panics, 1);
-            log::error!("sqlnotify: a subscriber closure panicked; continuing with the next event");
-        }
+        call_catching(&mut self.f, message, &self.stats);
     }
+}
+
+/// Runs a subscriber closure; a panic is caught, logged and counted.
+fn call_catching<M>(f: &mut dyn FnMut(M), message: M, stats: &Counters) {
+    if catch_unwind(AssertUnwindSafe(|| f(message))).is_err() {
+        Counters::add(&stats.subscriber_panics, 1);
+        log::error!("sqlnotify: a subscriber closure panicked; continuing with the next event");
+    }
+}
+
+/// Starts a thread (`sqlnotify-subscriber`) that runs `f` for every event sent into the
+/// returned bounded channel of `capacity`, catching panics, until the sender is dropped and
+/// the channel is empty; then `finished` resolves.
+pub(crate) fn spawn_blocking_subscriber(
+    capacity: usize,
+    mut f: impl FnMut(ChangeEvent) + Send + 'static,
+    stats: Arc<Counters>,
+) -> std::io::Result<(
+    crossbeam_channel::Sender<ChangeEvent>,
+    tokio::sync::oneshot::Receiver<()>,
+)> {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let (finished_tx, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sqlnotify-subscriber".into())
+        .spawn(move || {
+            for event in rx {
+                call_catching(&mut f, event, &stats);
+            }
+            let _ = finished_tx.send(());
+        })?;
+    Ok((tx, finished))
 }
 
 impl<M: 'static> Actor for FnSubscriber<M> {
