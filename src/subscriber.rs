@@ -254,3 +254,102 @@ impl<M: 'static> Handler<Flush> for FnSubscriber<M> {
 
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Channel, Key, Operation, RawNotification};
+    use serde_json::{json, Map};
+    use std::sync::atomic::Ordering;
+
+    fn event(id: i64) -> ChangeEvent {
+        let channel = Arc::new(Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: vec!["id".into()],
+            extra_columns: Vec::new(),
+            tier: crate::watch::Tier::Notify,
+        });
+        let raw = RawNotification::new("c", "");
+        ChangeEvent::new(channel, Key::Single(json!(id)), Map::new(), &raw, false)
+    }
+
+    fn ids(rx: &crossbeam_channel::Receiver<ChangeEvent>) -> Vec<i64> {
+        rx.try_iter().map(|e| e.id().as_i64().unwrap()).collect()
+    }
+
+    #[test]
+    fn drain_counts_what_was_handed_over_and_what_a_gone_sink_lost() {
+        let budget = Arc::new(Semaphore::new(0));
+        let mut buffer = Buffer::new(OverflowPolicy::DropOldest, 3);
+        for id in 1..=5 {
+            buffer.push(event(id), Ticket::new(&budget));
+        }
+        assert_eq!((buffer.len(), buffer.dropped), (3, 2));
+        assert_eq!(
+            budget.available_permits(),
+            2,
+            "dropped events gave their budget back"
+        );
+
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let sink = Sink::Channel(tx);
+        assert_eq!(
+            buffer.drain_into(&sink),
+            (1, None),
+            "one fits; the rest wait"
+        );
+        assert_eq!(ids(&rx), [3]);
+        drop(rx);
+        assert_eq!(
+            buffer.drain_into(&sink),
+            (0, Some(2)),
+            "the receiver is gone"
+        );
+        assert_eq!((buffer.len(), buffer.dropped), (0, 4));
+        assert_eq!(budget.available_permits(), 5);
+    }
+
+    #[test]
+    fn discard_counts_every_waiting_event_as_dropped() {
+        let budget = Arc::new(Semaphore::new(0));
+        let mut buffer = Buffer::new(OverflowPolicy::Wait, 1);
+        for id in 1..=4 {
+            buffer.push(event(id), Ticket::new(&budget));
+        }
+        assert_eq!((buffer.len(), buffer.dropped), (4, 0), "Wait never drops");
+        assert_eq!(buffer.discard(), 4);
+        assert_eq!((buffer.len(), buffer.dropped), (0, 4));
+        assert_eq!(buffer.discard(), 0);
+        assert_eq!(budget.available_permits(), 4);
+    }
+
+    #[test]
+    fn a_blocking_subscriber_runs_every_event_in_order_and_survives_panics() {
+        let stats = Arc::new(Counters::default());
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (tx, mut finished) = spawn_blocking_subscriber(
+            2,
+            move |e: ChangeEvent| {
+                let id = e.id().as_i64().unwrap();
+                if id == 2 {
+                    panic!("handler fails on 2");
+                }
+                seen_tx.send(id).unwrap();
+            },
+            stats.clone(),
+        )
+        .unwrap();
+        for id in 1..=4 {
+            tx.send(event(id)).unwrap();
+        }
+        drop(tx);
+        assert_eq!(seen.iter().collect::<Vec<_>>(), [1, 3, 4]);
+        // The thread has ended (its closure, and with it `seen_tx`, is gone).
+        assert_eq!(finished.try_recv(), Ok(()));
+        assert_eq!(stats.subscriber_panics.load(Ordering::Relaxed), 1);
+    }
+}
