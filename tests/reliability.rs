@@ -616,3 +616,82 @@ async fn a_disconnect_carries_the_server_s_message() {
     assert_eq!(next_status(&mut status).await, Status::Connected);
     notifier.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn drops_not_yet_reported_are_reported_on_unsubscribe_and_on_stop() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    // An interval no test outlives: after the first notice, only the end of a subscription
+    // or of the notifier can report.
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .lag_report_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let stuck = Subscription::new("t", Insert)
+        .policy(OverflowPolicy::DropOldest)
+        .buffer(1);
+    let (a, a_rx) = notifier.subscribe_channel(stuck.clone()).await.unwrap();
+    let (b, b_rx) = notifier.subscribe_channel(stuck).await.unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+
+    // Each takes 1 into its channel, keeps 1 in its buffer and drops 3: reported at once.
+    db.exec("INSERT INTO t SELECT generate_series(1, 5)").await;
+    assert_eq!(fast.take(5).await.len(), 5);
+    let mut first = vec![
+        next_status(&mut status).await,
+        next_status(&mut status).await,
+    ];
+    first.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(
+        first,
+        [
+            Status::Lagged {
+                subscription: a,
+                dropped: 3
+            },
+            Status::Lagged {
+                subscription: b,
+                dropped: 3
+            }
+        ]
+    );
+    // 5 more: each drops its buffered event and 4 of the new ones; not reported yet.
+    db.exec("INSERT INTO t SELECT generate_series(6, 10)").await;
+    assert_eq!(fast.take(5).await.len(), 5);
+    let s = stats_when(&notifier, |s| s.dropped == 2 * 8).await;
+    assert_eq!((s.dropped, s.queued), (16, 2), "{s:?}");
+
+    // Unsubscribing reports what a lost since its notice, the event still waiting included.
+    notifier.unsubscribe(a).await.unwrap();
+    assert_eq!(
+        next_status(&mut status).await,
+        Status::Lagged {
+            subscription: a,
+            dropped: 5 + 1
+        }
+    );
+    assert_eq!(notifier.stats().await.unwrap().dropped, 17);
+    drop(a_rx);
+
+    // Stopping reports b's (its buffer drains into its channel first).
+    assert_eq!(receive(&b_rx, 1).await, [1]);
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        next_status(&mut status).await,
+        Status::Lagged {
+            subscription: b,
+            dropped: 5
+        }
+    );
+    assert_eq!(receive(&b_rx, 1).await, [10]);
+    let s = notifier.stats().await.unwrap();
+    assert_eq!(
+        (s.delivered, s.dropped, s.queued),
+        (10 + 1 + 2, 17, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.delivered + s.dropped, 3 * 10);
+}
