@@ -35,7 +35,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Subscription::new("sqlnotify_example_users", op),
                 move |event| {
                     println!(
-                        "{} {} id={:?} {}",
+                        "{} {} id={} {}",
                         event.operation(),
                         event.table(),
                         event.id(),

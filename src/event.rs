@@ -178,6 +178,18 @@ impl Channel {
 
 /// The key of the changed row: one value for a single-column key, several (in the declared
 /// key order) for a composite key.
+///
+/// `Display` writes a single key as its value — a string without quotes, anything else as
+/// JSON — and a composite key as a tuple of JSON values:
+///
+/// ```
+/// use serde_json::json;
+/// use sqlnotify::Key;
+///
+/// assert_eq!(Key::Single(json!(42)).to_string(), "42");
+/// assert_eq!(Key::Single(json!("alice")).to_string(), "alice");
+/// assert_eq!(Key::Composite(vec![json!(1), json!("a")]).to_string(), r#"(1, "a")"#);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum Key {
     /// A single-column key.
@@ -208,6 +220,25 @@ impl Key {
         match self {
             Key::Single(v) => v.as_str(),
             Key::Composite(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Single(Value::String(s)) => f.write_str(s),
+            Key::Single(v) => write!(f, "{v}"),
+            Key::Composite(values) => {
+                f.write_str("(")?;
+                for (i, v) in values.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{v}")?;
+                }
+                f.write_str(")")
+            }
         }
     }
 }
@@ -364,6 +395,30 @@ mod tests {
             tier: crate::watch::Tier::Notify,
             signed: false,
         })
+    }
+
+    #[test]
+    fn keys_display_as_their_values() {
+        assert_eq!(Key::Single(json!(1)).to_string(), "1");
+        assert_eq!(Key::Single(json!(-7)).to_string(), "-7");
+        assert_eq!(Key::Single(json!(1.5)).to_string(), "1.5");
+        assert_eq!(Key::Single(json!("a b")).to_string(), "a b");
+        assert_eq!(Key::Single(json!("")).to_string(), "");
+        assert_eq!(Key::Single(json!(true)).to_string(), "true");
+        assert_eq!(Key::Single(Value::Null).to_string(), "null");
+        assert_eq!(
+            Key::Single(json!({"k": [1, "x"]})).to_string(),
+            r#"{"k":[1,"x"]}"#
+        );
+        assert_eq!(
+            Key::Composite(vec![json!(1), json!("a")]).to_string(),
+            r#"(1, "a")"#
+        );
+        assert_eq!(
+            Key::Composite(vec![json!("x, y"), Value::Null, json!(2)]).to_string(),
+            r#"("x, y", null, 2)"#
+        );
+        assert_eq!(Key::Composite(vec![]).to_string(), "()");
     }
 
     #[test]

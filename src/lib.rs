@@ -31,7 +31,7 @@
 //! impl Handler<ChangeEvent> for Mailer {
 //!     type Result = ();
 //!     fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
-//!         println!("new user {:?}: {:?}", event.id(), event.get("email"));
+//!         println!("new user {}: {:?}", event.id(), event.get("email"));
 //!     }
 //! }
 //!
@@ -78,6 +78,15 @@
 //! events. SQLite and MySQL always journal. Delivery to subscribers is bounded: each
 //! subscription has a buffer and an [`OverflowPolicy`].
 //!
+//! # Which subscription
+//!
+//! An actor of yours ([`Notifier::subscribe`]) runs wherever you started it. A closure given to
+//! [`Notifier::subscribe_fn`] runs on the notifier's own thread and must be quick: while it
+//! runs nothing else is routed. A closure that blocks — I/O, sleeps, synchronous calls — goes
+//! to [`Notifier::subscribe_blocking`], which runs it on a thread of its own and cannot stall
+//! the pipeline. Blocking code that wants to pull events reads a channel
+//! ([`Notifier::subscribe_channel`]).
+//!
 //! # Database objects
 //!
 //! On PostgreSQL everything sqlnotify creates is in the `sqlnotify` schema (catalog, overflow
@@ -113,6 +122,7 @@ mod filter;
 mod lockwait;
 mod notifier;
 mod payload;
+mod redact;
 mod registry;
 mod sql;
 mod stats;

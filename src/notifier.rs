@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::Value;
+use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::Semaphore;
 
 use crate::decoder::{Decoder, Retention};
@@ -22,7 +23,7 @@ use crate::payload::{encode_custom, encode_overflow_ref};
 use crate::registry::{Registry, Shutdown, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
 use crate::stats::{Counters, Stats};
 use crate::status::StatusEvent;
-use crate::subscriber::{Flush, FnSubscriber, Sink};
+use crate::subscriber::{spawn_blocking_subscriber, Flush, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
 use crate::watch::{check_set, resolve, ResolvedWatch, Tier, Watch};
 
@@ -54,12 +55,13 @@ pub struct NotifierBuilder {
     gap_timeout: Option<Duration>,
     sign_notifications: bool,
     install_timeout: Duration,
+    lag_interval: Duration,
 }
 
 impl std::fmt::Debug for NotifierBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NotifierBuilder")
-            .field("url", &redact(&self.url))
+            .field("url", &crate::redact::redact(&self.url))
             .field("watches", &self.watches)
             .field("consumer", &self.consumer)
             .field("subscriptions", &self.subscriptions.len())
@@ -69,21 +71,9 @@ impl std::fmt::Debug for NotifierBuilder {
             .field("manage_triggers", &self.manage_triggers)
             .field("gap_timeout", &self.gap_timeout)
             .field("sign_notifications", &self.sign_notifications)
+            .field("install_timeout", &self.install_timeout)
+            .field("lag_report_interval", &self.lag_interval)
             .finish()
-    }
-}
-
-/// The URL without its password, for logs and debug output.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -242,6 +232,17 @@ impl NotifierBuilder {
         Ok(())
     }
 
+    /// The shortest time between two [`Status::Lagged`](crate::Status::Lagged) notices for one
+    /// subscription. A subscription's first drop is reported at once; drops within the next
+    /// interval are added up and reported in one notice when it has passed (so a subscriber
+    /// that lags constantly gets one notice per interval, carrying the count), and whatever is
+    /// unreported when the subscription ends or the notifier stops is reported then. Zero
+    /// reports every batch of drops as it happens. Default: 1 s.
+    pub fn lag_report_interval(mut self, every: Duration) -> Self {
+        self.lag_interval = every;
+        self
+    }
+
     /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
         Ok(open_dialect(&self.url)?.name())
@@ -358,7 +359,9 @@ impl NotifierBuilder {
         ));
         let stats = Arc::new(Counters::default());
         let budget = Arc::new(Semaphore::new(self.max_in_flight));
-        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone()).start();
+        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
+            .lag_interval(self.lag_interval)
+            .start();
         let decoder = Decoder::new(
             channels.clone(),
             dialect.overflow_store(),
@@ -404,6 +407,7 @@ impl NotifierBuilder {
                 cleanup_on_stop: self.cleanup_on_stop,
                 install_timeout: self.install_timeout,
                 running: Mutex::new(Some(Running { listener, decoder })),
+                blocking: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -505,6 +509,8 @@ struct Inner {
     cleanup_on_stop: bool,
     install_timeout: Duration,
     running: Mutex<Option<Running>>,
+    /// Resolve when the thread of a blocking subscriber has run its last event.
+    blocking: Mutex<Vec<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 /// A running notifier. Cheap to clone; every clone controls the same pipeline.
@@ -547,6 +553,7 @@ impl Notifier {
             gap_timeout: None,
             sign_notifications: true,
             install_timeout: crate::lockwait::DEFAULT_INSTALL_TIMEOUT,
+            lag_interval: crate::registry::LAG_INTERVAL,
         }
     }
 
@@ -585,8 +592,15 @@ impl Notifier {
             .await?
     }
 
-    /// Runs `f` for every event `subscription` selects, in an actor of its own (on the current
-    /// arbiter). A panic in `f` is caught, logged and counted; later events still arrive.
+    /// Runs `f` for every event `subscription` selects, in an actor of its own on the current
+    /// arbiter — the thread the notifier's own actors run on. **`f` must be quick**: while it
+    /// runs, nothing else is routed, so a closure that blocks (a sleep, blocking I/O, a lock
+    /// held long, a synchronous database call) delays every other subscriber and, once the
+    /// in-flight budget is used up, the listener. Give such handlers
+    /// [`subscribe_blocking`](Self::subscribe_blocking) instead, or an actor of your own on
+    /// another [`Arbiter`](actix::Arbiter) with [`subscribe`](Self::subscribe).
+    ///
+    /// A panic in `f` is caught, logged and counted; later events still arrive.
     pub async fn subscribe_fn<F>(&self, subscription: Subscription, f: F) -> Result<SubscriptionId>
     where
         F: FnMut(ChangeEvent) + 'static,
@@ -595,6 +609,60 @@ impl Notifier {
         self.inner
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
+            .await?
+    }
+
+    /// Runs `f` for every event `subscription` selects on a thread of its own, so a handler
+    /// that blocks or takes long never stalls the pipeline or the other subscribers: use it
+    /// for blocking I/O, synchronous database or HTTP calls, sleeps, or heavy work.
+    ///
+    /// Events reach the thread through a bounded channel whose capacity is the subscription's
+    /// [`buffer`](Subscription::buffer); when it is full, events wait in the subscription's
+    /// buffer under its [`policy`](Subscription::policy) like any subscriber's — with
+    /// [`Wait`](crate::OverflowPolicy::Wait) (the default) a handler that falls far enough
+    /// behind makes the whole notifier wait for it; with
+    /// [`DropOldest`](crate::OverflowPolicy::DropOldest) or
+    /// [`KeepLatestPerKey`](crate::OverflowPolicy::KeepLatestPerKey) it only loses events of
+    /// its own (reported as [`Status::Lagged`](crate::Status::Lagged)). Events are counted as
+    /// delivered when they enter the channel.
+    ///
+    /// Events arrive in commit order. A panic in `f` is caught, logged and counted; later
+    /// events still arrive. After [`unsubscribe`](Self::unsubscribe) the thread runs what is
+    /// already in its channel, then ends; [`stop`](Self::stop) returns once every such thread
+    /// has run every event it was handed (so a handler that never returns keeps `stop` waiting).
+    ///
+    /// ```no_run
+    /// # use sqlnotify::{Notifier, Operation, Subscription};
+    /// # async fn run(notifier: Notifier) -> sqlnotify::Result<()> {
+    /// notifier
+    ///     .subscribe_blocking(Subscription::new("orders", Operation::Insert), |event| {
+    ///         // a blocking call is fine here
+    ///         std::thread::sleep(std::time::Duration::from_millis(5));
+    ///         println!("order {}", event.id());
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe_blocking<F>(
+        &self,
+        subscription: Subscription,
+        f: F,
+    ) -> Result<SubscriptionId>
+    where
+        F: FnMut(ChangeEvent) + Send + 'static,
+    {
+        let (tx, finished) =
+            spawn_blocking_subscriber(subscription.buffer, f, self.inner.stats.clone())
+                .map_err(|e| Error::db("starting the thread of a blocking subscriber", e))?;
+        if let Ok(mut threads) = self.inner.blocking.lock() {
+            // Forget the threads of subscriptions that are gone.
+            threads.retain_mut(|t| t.try_recv().is_err_and(|e| e == TryRecvError::Empty));
+            threads.push(finished);
+        }
+        // On an error the sender is dropped with the message, and the thread ends.
+        self.inner
+            .registry
+            .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await?
     }
 
@@ -726,6 +794,13 @@ impl Notifier {
         running.decoder.do_send(Shutdown);
         self.inner.registry.do_send(Shutdown);
         let mut result = running.listener.finish().await;
+        // The registry is gone with its senders: blocking subscribers run what they were
+        // handed, then their threads end.
+        let threads = match self.inner.blocking.lock() {
+            Ok(mut threads) => std::mem::take(&mut *threads),
+            Err(_) => Vec::new(),
+        };
+        futures_util::future::join_all(threads).await;
         if self.inner.cleanup_on_stop {
             let names = self.inner.channels.names().map(str::to_string).collect();
             let uninstalled = self

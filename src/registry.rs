@@ -11,11 +11,18 @@
 //! buffer (under its overflow policy) and the registry retries — at once while the subscriber
 //! is draining, every millisecond while it is stuck — so one slow subscriber never delays the
 //! others unless its policy is to wait. Status messages go to status subscribers.
+//!
+//! Counting: an event a subscription selects is `delivered` once it is handed to the
+//! subscriber (its mailbox, channel or closure actor), or `dropped` if it never is — its
+//! policy discarded it, its receiver was gone, or it was unsubscribed while the event waited.
+//! Drops are reported per subscription in [`Status::Lagged`], at most once per lag interval
+//! (the first drop at once, then what accumulated, when the interval has passed); what is still
+//! unreported when a subscription ends or the notifier stops is reported then.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::future::join_all;
@@ -33,6 +40,8 @@ use crate::subscription::{Subscription, SubscriptionId};
 const RETRY: Duration = Duration::from_millis(1);
 /// Retries after a yield without progress before falling back to the timer.
 const YIELD_RETRIES: u32 = 3;
+/// Default shortest time between two `Lagged` notices for one subscription.
+pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Subscriber {
     id: SubscriptionId,
@@ -40,6 +49,8 @@ struct Subscriber {
     sink: Sink,
     buffer: Buffer,
     closed: bool,
+    /// When its last `Lagged` notice went out.
+    lag_reported: Option<Instant>,
 }
 
 /// Where status messages go.
@@ -63,6 +74,10 @@ pub struct Registry {
     idle_retries: u32,
     /// Waiting for every buffer to drain (stop()).
     flush_waiters: Vec<oneshot::Sender<()>>,
+    /// Shortest time between two `Lagged` notices for one subscription.
+    lag_interval: Duration,
+    /// The pending report of drops not yet announced: when it runs, and its handle.
+    lag_timer: Option<(Instant, SpawnHandle)>,
 }
 
 impl Registry {
@@ -81,7 +96,15 @@ impl Registry {
             retry_pending: false,
             idle_retries: 0,
             flush_waiters: Vec::new(),
+            lag_interval: LAG_INTERVAL,
+            lag_timer: None,
         }
+    }
+
+    /// Sets the shortest time between two `Lagged` notices for one subscription.
+    pub(crate) fn lag_interval(mut self, every: Duration) -> Self {
+        self.lag_interval = every;
+        self
     }
 
     fn add(&mut self, subscription: Subscription, sink: Sink) -> Result<SubscriptionId> {
@@ -118,6 +141,7 @@ impl Registry {
                 sink,
                 buffer: Buffer::new(subscription.policy, subscription.buffer),
                 closed: false,
+                lag_reported: None,
             });
         log::debug!("sqlnotify: subscription {id} on {}", channel.name());
         self.stats.has_subscriber.store(true, Ordering::Release);
@@ -143,12 +167,18 @@ impl Registry {
                 tally.filtered += 1;
                 continue;
             }
-            tally.delivered += 1;
             let event = if s.buffer.is_empty() {
                 match s.sink.try_deliver(event.clone()) {
-                    Ok(()) => continue,
+                    Ok(()) => {
+                        tally.delivered += 1;
+                        continue;
+                    }
                     Err(Refused::Closed) => {
+                        // Lost with its subscriber; pump() reports and removes it.
                         s.closed = true;
+                        s.buffer.dropped += 1;
+                        tally.dropped += 1;
+                        tally.pump = true;
                         continue;
                     }
                     Err(Refused::Full(event)) => event,
@@ -158,7 +188,7 @@ impl Registry {
             };
             let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
             tally.dropped += s.buffer.push(event, ticket);
-            tally.buffered = true;
+            tally.pump = true;
         }
         if !considered {
             tally.unrouted += 1;
@@ -170,29 +200,28 @@ impl Registry {
 
     /// Hands buffered events over; reports lag; schedules the next retry if needed.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        let (mut progress, mut waiting, mut lagged, mut queued) = (false, false, Vec::new(), 0);
+        let (mut progress, mut waiting, mut queued) = (false, false, 0);
+        let (mut delivered, mut lost) = (0, 0);
         for s in self.by_channel.values_mut().flatten() {
             if !s.buffer.is_empty() && !s.closed {
-                let (handed, closed) = s.buffer.drain_into(&s.sink);
+                let (handed, gone) = s.buffer.drain_into(&s.sink);
                 progress |= handed > 0;
-                s.closed |= closed;
-            }
-            if s.buffer.dropped > 0 {
-                lagged.push((s.id, std::mem::take(&mut s.buffer.dropped)));
+                delivered += handed;
+                if let Some(n) = gone {
+                    s.closed = true;
+                    lost += n;
+                }
             }
             if !s.closed {
                 waiting |= !s.buffer.is_empty();
                 queued += s.buffer.len();
             }
         }
-        self.prune();
+        Counters::add(&self.stats.delivered, delivered);
+        Counters::add(&self.stats.dropped, lost);
         self.stats.queued.store(queued as u64, Ordering::Relaxed);
-        for (subscription, dropped) in lagged {
-            self.publish(Status::Lagged {
-                subscription,
-                dropped,
-            });
-        }
+        self.report_lag(ctx, false);
+        self.prune();
         if !waiting {
             for waiter in self.flush_waiters.drain(..) {
                 let _ = waiter.send(());
@@ -216,6 +245,47 @@ impl Registry {
                 ctx.notify_later(Retry, RETRY);
             }
         }
+    }
+
+    /// Publishes a `Lagged` notice for every subscription with unreported drops whose last
+    /// notice is at least the lag interval old (or that is gone, or when `now` is set), and
+    /// schedules the report of the others for when their interval has passed.
+    fn report_lag(&mut self, ctx: &mut Context<Self>, now: bool) {
+        let at = Instant::now();
+        let (mut due, mut next) = (Vec::new(), None::<Instant>);
+        for s in self.by_channel.values_mut().flatten() {
+            if s.buffer.dropped == 0 {
+                continue;
+            }
+            let ready = match s.lag_reported {
+                Some(last) if !now && !s.closed => last + self.lag_interval,
+                _ => at,
+            };
+            if ready <= at {
+                due.push((s.id, std::mem::take(&mut s.buffer.dropped)));
+                s.lag_reported = Some(at);
+            } else {
+                next = Some(next.map_or(ready, |n| n.min(ready)));
+            }
+        }
+        for (subscription, dropped) in due {
+            self.publish(Status::Lagged {
+                subscription,
+                dropped,
+            });
+        }
+        let Some(next) = next else { return };
+        if let Some((scheduled, handle)) = self.lag_timer {
+            if scheduled <= next {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let handle = ctx.run_later(next - at, |act, ctx| {
+            act.lag_timer = None;
+            act.report_lag(ctx, false);
+        });
+        self.lag_timer = Some((next, handle));
     }
 
     /// Removes subscriptions whose receiver is gone.
@@ -304,14 +374,24 @@ impl Message for Unsubscribe {
 impl Handler<Unsubscribe> for Registry {
     type Result = Result<()>;
 
-    fn handle(&mut self, Unsubscribe(id): Unsubscribe, _: &mut Context<Self>) -> Self::Result {
-        for subscribers in self.by_channel.values_mut() {
-            if let Some(pos) = subscribers.iter().position(|s| s.id == id) {
-                subscribers.remove(pos);
-                return Ok(());
-            }
+    fn handle(&mut self, Unsubscribe(id): Unsubscribe, ctx: &mut Context<Self>) -> Self::Result {
+        let removed = self.by_channel.values_mut().find_map(|subscribers| {
+            let pos = subscribers.iter().position(|s| s.id == id)?;
+            Some(subscribers.remove(pos))
+        });
+        let Some(mut s) = removed else {
+            return Err(Error::UnknownSubscription { id: id.0 });
+        };
+        // What was still waiting for it is lost: count and report it with the rest.
+        Counters::add(&self.stats.dropped, s.buffer.discard());
+        if s.buffer.dropped > 0 {
+            self.publish(Status::Lagged {
+                subscription: s.id,
+                dropped: s.buffer.dropped,
+            });
         }
-        Err(Error::UnknownSubscription { id: id.0 })
+        self.pump(ctx);
+        Ok(())
     }
 }
 
@@ -347,7 +427,8 @@ struct Tally {
     dropped: u64,
     /// Budget units to give back (events no buffer kept).
     release: usize,
-    buffered: bool,
+    /// Some buffer kept an event, or a subscriber is gone: pump() has work.
+    pump: bool,
     sequence: i64,
 }
 
@@ -378,7 +459,7 @@ impl Handler<Route> for Registry {
         Counters::add(&stats.dropped, tally.dropped);
         stats.settle(count);
         self.budget.add_permits(tally.release);
-        if tally.buffered || stats.queued.load(Ordering::Relaxed) > 0 {
+        if tally.pump || stats.queued.load(Ordering::Relaxed) > 0 {
             self.pump(ctx);
         }
     }
@@ -445,6 +526,15 @@ impl Handler<Shutdown> for Registry {
     type Result = ();
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+        // Whatever still waits is lost; every drop not yet reported is reported now.
+        let lost: u64 = self
+            .by_channel
+            .values_mut()
+            .flatten()
+            .map(|s| s.buffer.discard())
+            .sum();
+        Counters::add(&self.stats.dropped, lost);
+        self.report_lag(ctx, true);
         self.by_channel.clear();
         self.status.clear();
         ctx.stop();

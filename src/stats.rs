@@ -9,7 +9,11 @@ pub struct Stats {
     /// Notifications read by the listener (including malformed ones); a statement-capture
     /// journal row counts as the rows it says it carries.
     pub received: u64,
-    /// Events handed to subscribers (one per subscriber per event).
+    /// Events handed to subscribers (one per subscriber per event): put into the subscriber's
+    /// mailbox, channel or closure actor. An event a subscriber never got is `dropped` instead,
+    /// so once nothing is `queued`, `delivered + dropped` is the number of (event,
+    /// subscription) pairs the filters matched. A closure that panics on an event was still
+    /// handed it (and counts in `subscriber_panics`).
     pub delivered: u64,
     /// Events a subscriber did not get because its filters rejected them.
     pub filtered_out: u64,
@@ -29,7 +33,10 @@ pub struct Stats {
     pub restarts: u64,
     /// Subscriber closures that panicked (caught; routing continued).
     pub subscriber_panics: u64,
-    /// Events subscribers' policies dropped (each is also reported as `Status::Lagged`).
+    /// Events a subscription selected but never handed over: dropped by its overflow policy
+    /// (`DropOldest`, `KeepLatestPerKey` replacements), or still waiting in its buffer when its
+    /// receiver went away, it was unsubscribed or the notifier stopped. Every one is also
+    /// reported, per subscription, in a [`Status::Lagged`](crate::Status::Lagged).
     pub dropped: u64,
     /// Events currently waiting in subscriber buffers.
     pub queued: u64,

@@ -28,11 +28,16 @@ pub enum Status {
         /// The channels concerned.
         channels: Vec<String>,
     },
-    /// A subscriber's buffer was full and its policy dropped events.
+    /// A subscriber lost events: its buffer was full and its policy dropped them, or they
+    /// were still waiting when it went away or was unsubscribed. Coalesced: at most one notice
+    /// per subscription per [`lag_report_interval`](crate::NotifierBuilder::lag_report_interval)
+    /// (default 1 s) — the first drop is reported at once, later ones added up and reported
+    /// when the interval has passed, and what is left when the subscription ends or the
+    /// notifier stops is reported then. The counts add up to [`Stats::dropped`](crate::Stats::dropped).
     Lagged {
         /// The subscription that lost events.
         subscription: SubscriptionId,
-        /// How many events it lost since the last `Lagged` notice.
+        /// How many events it lost since its last `Lagged` notice.
         dropped: u64,
     },
 }

@@ -2,7 +2,8 @@
 //!
 //! [`Sink`] is the registry's view of a subscriber: a user's actor, a closure running in an
 //! actor of its own ([`FnSubscriber`], which catches panics), or a bounded channel for
-//! blocking code. Delivery is non-blocking (`try_send`); what does not fit waits in the
+//! blocking code — read by the user, or by a thread of its own that runs a blocking closure
+//! ([`spawn_blocking_subscriber`]). Delivery is non-blocking (`try_send`); what does not fit waits in the
 //! subscriber's [`Buffer`], where its [`OverflowPolicy`] decides what happens when full.
 //! Each buffered event holds a [`Ticket`]: a unit of the pipeline's in-flight budget, given
 //! back when the event is handed over or dropped, so a stalled subscriber eventually stops the
@@ -78,7 +79,8 @@ pub(crate) struct Buffer {
     queue: VecDeque<(ChangeEvent, Rc<Ticket>)>,
     policy: OverflowPolicy,
     capacity: usize,
-    /// Events dropped by the policy since the last `Lagged` notice.
+    /// Events this subscriber lost (dropped by the policy, or discarded because the
+    /// subscriber went away) since the last `Lagged` notice.
     pub dropped: u64,
 }
 
@@ -130,20 +132,34 @@ impl Buffer {
         }
     }
 
-    /// Hands buffered events to `sink` until it refuses. Returns (handed over, sink closed).
-    pub fn drain_into(&mut self, sink: &Sink) -> (u64, bool) {
+    /// Hands buffered events to `sink` until it refuses. Returns how many were handed over,
+    /// and — when the sink is gone — how many were lost with it (every event still buffered,
+    /// counted in `dropped`).
+    pub fn drain_into(&mut self, sink: &Sink) -> (u64, Option<u64>) {
         let mut handed = 0;
         while let Some((event, ticket)) = self.queue.pop_front() {
             match sink.try_deliver(event) {
                 Ok(()) => handed += 1,
                 Err(Refused::Full(event)) => {
                     self.queue.push_front((event, ticket));
-                    return (handed, false);
+                    return (handed, None);
                 }
-                Err(Refused::Closed) => return (handed, true),
+                Err(Refused::Closed) => {
+                    self.dropped += 1;
+                    return (handed, Some(1 + self.discard()));
+                }
             }
         }
-        (handed, false)
+        (handed, None)
+    }
+
+    /// Throws away every buffered event (the subscriber is gone or removed), counting them in
+    /// `dropped`. Returns how many there were.
+    pub fn discard(&mut self) -> u64 {
+        let lost = self.queue.len() as u64;
+        self.queue.clear();
+        self.dropped += lost;
+        lost
     }
 }
 
@@ -165,11 +181,40 @@ impl<M> FnSubscriber<M> {
     }
 
     fn call(&mut self, message: M) {
-        if catch_unwind(AssertUnwindSafe(|| (self.f)(message))).is_err() {
-            Counters::add(&self.stats.subscriber_panics, 1);
-            log::error!("sqlnotify: a subscriber closure panicked; continuing with the next event");
-        }
+        call_catching(&mut self.f, message, &self.stats);
     }
+}
+
+/// Runs a subscriber closure; a panic is caught, logged and counted.
+fn call_catching<M>(f: &mut dyn FnMut(M), message: M, stats: &Counters) {
+    if catch_unwind(AssertUnwindSafe(|| f(message))).is_err() {
+        Counters::add(&stats.subscriber_panics, 1);
+        log::error!("sqlnotify: a subscriber closure panicked; continuing with the next event");
+    }
+}
+
+/// Starts a thread (`sqlnotify-subscriber`) that runs `f` for every event sent into the
+/// returned bounded channel of `capacity`, catching panics, until the sender is dropped and
+/// the channel is empty; then `finished` resolves.
+pub(crate) fn spawn_blocking_subscriber(
+    capacity: usize,
+    mut f: impl FnMut(ChangeEvent) + Send + 'static,
+    stats: Arc<Counters>,
+) -> std::io::Result<(
+    crossbeam_channel::Sender<ChangeEvent>,
+    tokio::sync::oneshot::Receiver<()>,
+)> {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let (finished_tx, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sqlnotify-subscriber".into())
+        .spawn(move || {
+            for event in rx {
+                call_catching(&mut f, event, &stats);
+            }
+            let _ = finished_tx.send(());
+        })?;
+    Ok((tx, finished))
 }
 
 impl<M: 'static> Actor for FnSubscriber<M> {
@@ -208,4 +253,104 @@ impl<M: 'static> Handler<Flush> for FnSubscriber<M> {
     type Result = ();
 
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Channel, Key, Operation, RawNotification};
+    use serde_json::{json, Map};
+    use std::sync::atomic::Ordering;
+
+    fn event(id: i64) -> ChangeEvent {
+        let channel = Arc::new(Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: vec!["id".into()],
+            extra_columns: Vec::new(),
+            tier: crate::watch::Tier::Notify,
+            signed: false,
+        });
+        let raw = RawNotification::new("c", "");
+        ChangeEvent::new(channel, Key::Single(json!(id)), Map::new(), &raw, false)
+    }
+
+    fn ids(rx: &crossbeam_channel::Receiver<ChangeEvent>) -> Vec<i64> {
+        rx.try_iter().map(|e| e.id().as_i64().unwrap()).collect()
+    }
+
+    #[test]
+    fn drain_counts_what_was_handed_over_and_what_a_gone_sink_lost() {
+        let budget = Arc::new(Semaphore::new(0));
+        let mut buffer = Buffer::new(OverflowPolicy::DropOldest, 3);
+        for id in 1..=5 {
+            buffer.push(event(id), Ticket::new(&budget));
+        }
+        assert_eq!((buffer.len(), buffer.dropped), (3, 2));
+        assert_eq!(
+            budget.available_permits(),
+            2,
+            "dropped events gave their budget back"
+        );
+
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let sink = Sink::Channel(tx);
+        assert_eq!(
+            buffer.drain_into(&sink),
+            (1, None),
+            "one fits; the rest wait"
+        );
+        assert_eq!(ids(&rx), [3]);
+        drop(rx);
+        assert_eq!(
+            buffer.drain_into(&sink),
+            (0, Some(2)),
+            "the receiver is gone"
+        );
+        assert_eq!((buffer.len(), buffer.dropped), (0, 4));
+        assert_eq!(budget.available_permits(), 5);
+    }
+
+    #[test]
+    fn discard_counts_every_waiting_event_as_dropped() {
+        let budget = Arc::new(Semaphore::new(0));
+        let mut buffer = Buffer::new(OverflowPolicy::Wait, 1);
+        for id in 1..=4 {
+            buffer.push(event(id), Ticket::new(&budget));
+        }
+        assert_eq!((buffer.len(), buffer.dropped), (4, 0), "Wait never drops");
+        assert_eq!(buffer.discard(), 4);
+        assert_eq!((buffer.len(), buffer.dropped), (0, 4));
+        assert_eq!(buffer.discard(), 0);
+        assert_eq!(budget.available_permits(), 4);
+    }
+
+    #[test]
+    fn a_blocking_subscriber_runs_every_event_in_order_and_survives_panics() {
+        let stats = Arc::new(Counters::default());
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (tx, mut finished) = spawn_blocking_subscriber(
+            2,
+            move |e: ChangeEvent| {
+                let id = e.id().as_i64().unwrap();
+                if id == 2 {
+                    panic!("handler fails on 2");
+                }
+                seen_tx.send(id).unwrap();
+            },
+            stats.clone(),
+        )
+        .unwrap();
+        for id in 1..=4 {
+            tx.send(event(id)).unwrap();
+        }
+        drop(tx);
+        assert_eq!(seen.iter().collect::<Vec<_>>(), [1, 3, 4]);
+        // The thread has ended (its closure, and with it `seen_tx`, is gone).
+        assert_eq!(finished.try_recv(), Ok(()));
+        assert_eq!(stats.subscriber_panics.load(Ordering::Relaxed), 1);
+    }
 }

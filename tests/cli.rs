@@ -43,7 +43,8 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
 }
 
 impl Tail {
-    /// Starts `sqlnotify tail ARGS` and waits until it is listening.
+    /// Starts `sqlnotify tail ARGS` and waits until it is listening (having said, on stderr,
+    /// first that it installs the triggers, then what it listens on).
     fn start(args: &[&str]) -> Tail {
         let mut child = sqlnotify()
             .arg("tail")
@@ -60,7 +61,12 @@ impl Tail {
             stderr,
             errors: Vec::new(),
         };
-        tail.wait_for_stderr("tailing");
+        tail.wait_for_stderr("installing triggers for");
+        let listening = tail.wait_for_stderr("tailing");
+        assert!(
+            listening.contains("listening on sqlnotify_") && listening.contains("waiting for"),
+            "{listening}"
+        );
         tail
     }
 
@@ -192,7 +198,9 @@ fn tail_prints_json_lines_and_cleans_up_on_ctrl_c() {
     let status = tail.interrupt();
     assert!(status.success(), "{status:?}; stderr: {:?}", tail.errors);
     assert!(
-        tail.errors.iter().any(|l| l.contains("interrupted")),
+        tail.errors
+            .iter()
+            .any(|l| l == "sqlnotify: interrupted; stopping and removing the triggers …"),
         "{:?}",
         tail.errors
     );
@@ -403,9 +411,10 @@ fn install_sql_prints_the_ddl_and_installs_nothing() {
         "{out}"
     );
     let (status, _, err) = run(&[&statement[..], &["--capture", "statement"]].concat());
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(2), "bad usage: {err}");
     assert!(err.contains("Tier::Durable"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    let errors = err.lines().filter(|l| l.starts_with("sqlnotify: error: "));
+    assert_eq!(errors.count(), 1, "one-line error: {err}");
 }
 
 #[test]
@@ -427,7 +436,13 @@ fn cleanup_removes_every_watch() {
     let (status, out, err) = run(&["cleanup", &url]);
     assert!(status.success(), "{status:?} {err}");
     assert!(out.is_empty(), "{out}");
-    assert!(err.contains("removed 2 watch"), "{err}");
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            "sqlnotify: removing every sqlnotify watch from the sqlite database …",
+            "sqlnotify: removed 2 watch(es)"
+        ]
+    );
     assert_eq!(db.triggers(), 0);
     // Nothing left: a second run removes nothing and still succeeds.
     let (status, _, err) = run(&["cleanup", &url]);
@@ -440,22 +455,34 @@ fn bad_input_is_one_line_on_stderr_and_a_non_zero_exit() {
     let db = TempDb::new("CREATE TABLE t (id INTEGER PRIMARY KEY)");
     let url = db.url();
     let missing = format!("sqlite://{}", db.dir.join("missing.db").display());
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec![], "a command is required"),
-        (vec!["frobnicate"], "frobnicate"),
-        (vec!["tail"], "--table"),
-        (vec!["tail", &url], "--table"),
+    // (arguments, exit status: 2 bad usage / 1 the database refuses or lacks it, message)
+    let mut cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec![], 2, "a command is required"),
+        (vec!["frobnicate"], 2, "frobnicate"),
+        (vec!["tail"], 2, "--table"),
+        (vec!["tail", &url], 2, "--table"),
         (
             vec!["tail", &url, "--table", "t", "--op", "upsert"],
+            2,
             "upsert",
         ),
-        (vec!["tail", &url, "--table", "t", "--tier", "fast"], "fast"),
-        (vec!["tail", &url, "--tabel", "t"], "--tabel"),
+        (
+            vec!["tail", &url, "--table", "t", "--tier", "fast"],
+            2,
+            "fast",
+        ),
+        (vec!["tail", &url, "--tabel", "t"], 2, "--tabel"),
         (
             vec!["tail", &url, "--table", "t", "--label", "x"],
+            2,
             "--label names one table and one operation",
         ),
-        (vec!["tail", &url, "--table", "nope"], "\"nope\""),
+        (
+            vec!["tail", &url, "-t", "t", "-o", "insert", "--label", ""],
+            2,
+            "invalid name \"\"",
+        ),
+        (vec!["tail", &url, "--table", "nope"], 1, "\"nope\""),
         (
             vec![
                 "tail",
@@ -467,27 +494,56 @@ fn bad_input_is_one_line_on_stderr_and_a_non_zero_exit() {
                 "--columns",
                 "zzz",
             ],
+            1,
             "\"zzz\"",
         ),
-        (vec!["install-sql", &url, "--table", "nope"], "\"nope\""),
-        (vec!["tail", &missing, "--table", "t"], "missing.db"),
-        (vec!["cleanup", "oracle://localhost/x"], "oracle"),
-        (vec!["cleanup", "sqlite::memory:"], "in-memory"),
+        (vec!["install-sql", &url, "--table", "nope"], 1, "\"nope\""),
+        (vec!["tail", &missing, "--table", "t"], 1, "missing.db"),
+        (vec!["cleanup", "oracle://localhost/x"], 2, "oracle"),
+        (vec!["tail", "ftp://h/x", "-t", "t"], 2, "ftp"),
+        (vec!["cleanup", "localhost/x"], 2, "no scheme"),
+        (vec!["cleanup", "sqlite::memory:"], 2, "in-memory"),
         (
             vec!["cleanup", "postgres://u:s3cr3t@127.0.0.1:1/x"],
+            1,
             "connecting to PostgreSQL",
         ),
     ];
-    for (args, expected) in cases {
+    if cfg!(feature = "mysql") {
+        cases.push((
+            vec!["cleanup", "mysql://u:s3cr3t@127.0.0.1:1/x"],
+            1,
+            "MySQL",
+        ));
+    } else {
+        cases.push((
+            vec!["cleanup", "mysql://u:s3cr3t@127.0.0.1:1/x"],
+            2,
+            "`mysql` feature disabled",
+        ));
+    }
+    for (args, code, expected) in cases {
         let (status, out, err) = run(&args);
-        assert!(!status.success(), "{args:?} succeeded");
-        assert!(
-            matches!(status.code(), Some(1) | Some(2)),
-            "{args:?}: {status:?}"
-        );
+        assert_eq!(status.code(), Some(code), "{args:?}: {err}");
         assert!(out.is_empty(), "{args:?}: stdout {out:?}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: stderr {err:?}");
-        assert!(err.starts_with("sqlnotify: error: "), "{args:?}: {err:?}");
+        // One error line, the last; before it at most the progress line of what failed.
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(
+            lines
+                .last()
+                .is_some_and(|l| l.starts_with("sqlnotify: error: ")),
+            "{args:?}: {err:?}"
+        );
+        assert!(
+            lines.len() == 1 || (lines.len() == 2 && lines[0].ends_with(" …")),
+            "{args:?}: stderr {err:?}"
+        );
+        if code == 2 && lines.len() == 2 {
+            assert!(
+                lines[0].contains("installing triggers"),
+                "{args:?}: {err:?}"
+            );
+        }
         assert!(
             err.contains(expected),
             "{args:?}: {err:?} lacks {expected:?}"
@@ -504,7 +560,20 @@ fn bad_input_is_one_line_on_stderr_and_a_non_zero_exit() {
 fn help_describes_every_command() {
     let (status, out, _) = run(&["--help"]);
     assert!(status.success());
-    for word in ["tail", "install-sql", "cleanup", "sqlite://", "postgres://"] {
+    for word in [
+        "tail",
+        "install-sql",
+        "cleanup",
+        "sqlite://",
+        "postgres://",
+        "mysql://",
+        "mariadb://",
+        "PostgreSQL, SQLite and MySQL / MariaDB",
+        "stderr",
+        "Exit status: 0 on success",
+        "2 on bad usage",
+        "1 when the database refuses",
+    ] {
         assert!(out.contains(word), "--help lacks {word}: {out}");
     }
     let (status, out, _) = run(&["tail", "--help"]);

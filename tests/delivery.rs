@@ -456,3 +456,128 @@ async fn actor_recipients_receive_typed_events() {
     }
     notifier.stop().await.unwrap();
 }
+
+/// A blocking handler for `subscribe_blocking`: on its first event it reports that it started
+/// and blocks until the test opens the gate; then it takes 5 ms per event (a stand-in for a
+/// blocking call) and reports each event's id.
+fn slow_handler(
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+    gate: std::sync::mpsc::Receiver<()>,
+    done: tokio::sync::mpsc::UnboundedSender<i64>,
+) -> impl FnMut(ChangeEvent) + Send + 'static {
+    let mut gate = Some(gate);
+    move |event| {
+        if let Some(gate) = gate.take() {
+            let _ = started.send(());
+            let _ = gate.recv();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let _ = done.send(event.id().as_i64().unwrap());
+    }
+}
+
+async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(common::ARRIVES_WITHIN, rx.recv())
+        .await
+        .expect("should have arrived")
+        .unwrap()
+}
+
+#[actix_rt::test]
+async fn a_blocking_handler_runs_on_its_own_thread_and_never_stalls_the_others() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let (release, gate) = std::sync::mpsc::channel();
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    notifier
+        .subscribe_blocking(
+            Subscription::new("t", Operation::Insert),
+            slow_handler(started_tx, gate, done_tx),
+        )
+        .await
+        .unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+
+    const N: i64 = 200;
+    db.exec(&format!("INSERT INTO t SELECT generate_series(1, {N})"))
+        .await;
+    // The slow handler is blocked inside its first event …
+    next(&mut started).await;
+    // … and yet the other subscriber gets every event, in order.
+    let ids: Vec<i64> = fast
+        .take(N as usize)
+        .await
+        .iter()
+        .map(|e| e.id().as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=N).collect::<Vec<_>>());
+    assert!(
+        done.try_recv().is_err(),
+        "the slow handler finished nothing yet"
+    );
+
+    release.send(()).unwrap();
+    for id in 1..=N {
+        assert_eq!(next(&mut done).await, id, "in commit order");
+    }
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!((stats.delivered, stats.dropped), (2 * N as u64, 0));
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_blocking_handler_s_buffer_follows_its_policy_and_stop_waits_for_it() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let (release, gate) = std::sync::mpsc::channel();
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    notifier
+        .subscribe_blocking(
+            Subscription::new("t", Operation::Insert)
+                .policy(sqlnotify::OverflowPolicy::DropOldest)
+                .buffer(10),
+            slow_handler(started_tx, gate, done_tx),
+        )
+        .await
+        .unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+
+    db.exec("INSERT INTO t VALUES (1)").await;
+    next(&mut started).await;
+    // The handler holds event 1; its channel takes 2..=11, its buffer keeps the newest ten
+    // (92..=101), and the 80 in between are dropped.
+    db.exec("INSERT INTO t SELECT generate_series(2, 101)")
+        .await;
+    assert_eq!(fast.take(101).await.len(), 101);
+    let want = |s: &sqlnotify::Stats| (s.delivered, s.dropped, s.queued);
+    common::wait_until(common::ARRIVES_WITHIN, || async {
+        want(&notifier.stats().await.unwrap()) == (101 + 1 + 10, 80, 10)
+    })
+    .await;
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(want(&stats), (101 + 1 + 10, 80, 10), "{stats:?}");
+
+    // stop() returns only once the handler has run every event it was handed.
+    release.send(()).unwrap();
+    notifier.stop().await.unwrap();
+    let mut ids = Vec::new();
+    while let Ok(id) = done.try_recv() {
+        ids.push(id);
+    }
+    let expected: Vec<i64> = (1..=11).chain(92..=101).collect();
+    assert_eq!(ids, expected);
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(want(&stats), (101 + 21, 80, 0), "{stats:?}");
+}

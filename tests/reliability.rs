@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::{gated, listener_pid, wait_until, Events, TestDb};
 use sqlnotify::Operation::{Insert, Update};
-use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Status, StatusEvent, Subscription, Watch};
+use sqlnotify::{
+    ChangeEvent, Notifier, OverflowPolicy, Stats, Status, StatusEvent, Subscription, Watch,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -363,4 +365,326 @@ async fn wait_delivers_everything_to_a_slow_subscriber_with_bounded_memory() {
     assert_eq!(notifier.stats().await.unwrap().dropped, 0);
     notifier.stop().await.unwrap();
     arbiter.stop();
+}
+
+/// Receives `n` events from a channel subscription, off the actix thread (a blocking receive
+/// there would stall the very pipeline that fills the channel); returns their ids.
+async fn receive(rx: &crossbeam_channel::Receiver<ChangeEvent>, n: usize) -> Vec<i64> {
+    let rx = rx.clone();
+    tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| {
+                let e = rx
+                    .recv_timeout(common::ARRIVES_WITHIN)
+                    .expect("an event should have arrived");
+                e.id().as_i64().unwrap()
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// The counters once `done` holds for them (bounded wait); the last snapshot otherwise.
+async fn stats_when(notifier: &Notifier, done: impl Fn(&Stats) -> bool) -> Stats {
+    wait_until(common::ARRIVES_WITHIN, || async {
+        done(&notifier.stats().await.unwrap())
+    })
+    .await;
+    notifier.stats().await.unwrap()
+}
+
+#[actix_rt::test]
+async fn delivered_counts_only_what_a_drop_oldest_subscriber_was_handed() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    // Nobody reads this channel: it takes the first 100 events, its buffer keeps the newest
+    // 100, and the policy drops the 1,800 in between.
+    let (_, stuck) = notifier
+        .subscribe_channel(
+            Subscription::new("t", Insert)
+                .policy(OverflowPolicy::DropOldest)
+                .buffer(100),
+        )
+        .await
+        .unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t SELECT generate_series(1, 2000)")
+        .await;
+    assert_eq!(fast.take(2000).await.len(), 2000);
+
+    let s = stats_when(&notifier, |s| s.delivered + s.dropped + s.queued == 4000).await;
+    assert_eq!(
+        (s.received, s.delivered, s.dropped, s.queued),
+        (2000, 2000 + 100, 1800, 100),
+        "{s:?}"
+    );
+    let got = receive(&stuck, 200).await;
+    let expected: Vec<i64> = (1..=100).chain(1901..=2000).collect();
+    assert_eq!(got, expected);
+    let s = stats_when(&notifier, |s| s.queued == 0 && s.delivered == 2200).await;
+    assert_eq!((s.delivered, s.dropped, s.queued), (2200, 1800, 0), "{s:?}");
+    assert_eq!(
+        s.delivered + s.dropped,
+        2 * 2000,
+        "every routed event is one or the other"
+    );
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn keep_latest_per_key_replacements_count_as_dropped_not_delivered() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Update).extra_columns(["v"]))
+        .start()
+        .await
+        .unwrap();
+    // The channel takes the first 10 events; the buffer then keeps the newest state of each
+    // of the 10 rows, so 80 of the other 90 are replaced.
+    let (_, stuck) = notifier
+        .subscribe_channel(
+            Subscription::new("t", Update)
+                .policy(OverflowPolicy::KeepLatestPerKey)
+                .buffer(10),
+        )
+        .await
+        .unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Update)).await;
+    for _ in 0..10 {
+        db.exec("UPDATE t SET v = v + 1").await;
+    }
+    assert_eq!(fast.take(100).await.len(), 100);
+
+    let s = stats_when(&notifier, |s| s.delivered + s.dropped + s.queued == 200).await;
+    assert_eq!(
+        (s.delivered, s.dropped, s.queued),
+        (100 + 10, 80, 10),
+        "{s:?}"
+    );
+    let mut got = receive(&stuck, 20).await;
+    got[10..].sort();
+    assert_eq!(
+        got[10..],
+        (1..=10).collect::<Vec<_>>(),
+        "each row's newest state"
+    );
+    let s = stats_when(&notifier, |s| s.queued == 0 && s.delivered == 120).await;
+    assert_eq!((s.delivered, s.dropped, s.queued), (120, 80, 0), "{s:?}");
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_gone_subscriber_s_waiting_events_count_as_dropped_and_are_reported() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    // Wait policy, channel of 2: the first 2 events are handed over, 8 wait in the buffer.
+    let (gone_id, gone) = notifier
+        .subscribe_channel(Subscription::new("t", Insert).buffer(2))
+        .await
+        .unwrap();
+    // A closure that panics on every event was still handed every event.
+    notifier
+        .subscribe_fn(Subscription::new("t", Insert), |_| panic!("boom"))
+        .await
+        .unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t SELECT generate_series(1, 10)").await;
+    assert_eq!(fast.take(10).await.len(), 10);
+    let s = stats_when(&notifier, |s| s.subscriber_panics == 10 && s.queued == 8).await;
+    assert_eq!(
+        (s.delivered, s.dropped, s.queued, s.subscriber_panics),
+        (2 + 10 + 10, 0, 8, 10),
+        "{s:?}"
+    );
+
+    // The receiver goes away with 8 events still waiting for it: they are lost, not delivered.
+    drop(gone);
+    let s = stats_when(&notifier, |s| s.dropped == 8 && s.queued == 0).await;
+    assert_eq!((s.delivered, s.dropped, s.queued), (22, 8, 0), "{s:?}");
+    assert_eq!(s.delivered + s.dropped, 3 * 10);
+    assert_eq!(
+        next_status(&mut status).await,
+        Status::Lagged {
+            subscription: gone_id,
+            dropped: 8
+        }
+    );
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn lagged_is_reported_at_most_once_a_second_per_subscription_and_adds_up() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let stuck = Subscription::new("t", Insert)
+        .policy(OverflowPolicy::DropOldest)
+        .buffer(10);
+    let (a, a_rx) = notifier.subscribe_channel(stuck.clone()).await.unwrap();
+    let (b, b_rx) = notifier.subscribe_channel(stuck).await.unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+
+    // One transaction per row: the listener reads (and the registry drops) a few at a time.
+    const N: usize = 1000;
+    let started = std::time::Instant::now();
+    let client = db.client().await;
+    for id in 1..=N as i32 {
+        client
+            .execute("INSERT INTO t VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+    }
+    assert_eq!(fast.take(N).await.len(), N);
+    // Each stuck subscription holds 10 in its channel and 10 in its buffer.
+    let dropped_each = (N - 20) as u64;
+    let s = stats_when(&notifier, |s| s.dropped == 2 * dropped_each).await;
+    assert_eq!(s.dropped, 2 * dropped_each, "{s:?}");
+
+    // Every drop is reported (the last ones within a second of happening), in few notices.
+    let mut reported = std::collections::HashMap::new();
+    let mut notices = std::collections::HashMap::new();
+    while reported.values().sum::<u64>() < 2 * dropped_each {
+        match next_status(&mut status).await {
+            Status::Lagged {
+                subscription,
+                dropped,
+            } => {
+                assert!(subscription == a || subscription == b, "{subscription}");
+                *reported.entry(subscription).or_insert(0) += dropped;
+                *notices.entry(subscription).or_insert(0u64) += 1;
+            }
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(reported[&a], dropped_each);
+    assert_eq!(reported[&b], dropped_each);
+    // At most one notice per second per subscription: one at the first drop, then one per
+    // full second since.
+    let bound = 1 + elapsed.as_secs();
+    for id in [a, b] {
+        assert!(
+            notices[&id] <= bound,
+            "{} Lagged notices for {id} in {elapsed:?}",
+            notices[&id]
+        );
+    }
+    // stop() waits for every buffer to drain; these never would.
+    drop((a_rx, b_rx));
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_disconnect_carries_the_server_s_message() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    common::kill_listener(&db, 1).await;
+    match next_status(&mut status).await {
+        // Not tokio-postgres' bare "db error": what the server said when it closed.
+        Status::Disconnected { error } => assert_eq!(
+            error,
+            "FATAL: terminating connection due to administrator command"
+        ),
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    assert_eq!(next_status(&mut status).await, Status::Connected);
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn drops_not_yet_reported_are_reported_on_unsubscribe_and_on_stop() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    // An interval no test outlives: after the first notice, only the end of a subscription
+    // or of the notifier can report.
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .lag_report_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let stuck = Subscription::new("t", Insert)
+        .policy(OverflowPolicy::DropOldest)
+        .buffer(1);
+    let (a, a_rx) = notifier.subscribe_channel(stuck.clone()).await.unwrap();
+    let (b, b_rx) = notifier.subscribe_channel(stuck).await.unwrap();
+    let mut fast = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+
+    // Each takes 1 into its channel, keeps 1 in its buffer and drops 3. A subscription's first
+    // drop is reported at once (with whatever else its batch dropped).
+    db.exec("INSERT INTO t SELECT generate_series(1, 5)").await;
+    assert_eq!(fast.take(5).await.len(), 5);
+    let mut reported = std::collections::HashMap::new();
+    while reported.len() < 2 {
+        match next_status(&mut status).await {
+            Status::Lagged {
+                subscription,
+                dropped,
+            } => assert!(reported.insert(subscription, dropped).is_none()),
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    // 5 more: each drops its buffered event and 4 of the new ones: 8 in all for each.
+    db.exec("INSERT INTO t SELECT generate_series(6, 10)").await;
+    assert_eq!(fast.take(5).await.len(), 5);
+    let s = stats_when(&notifier, |s| s.dropped == 2 * 8).await;
+    assert_eq!((s.dropped, s.queued), (16, 2), "{s:?}");
+
+    // Unsubscribing reports the rest of what a lost, the event still waiting included.
+    notifier.unsubscribe(a).await.unwrap();
+    assert_eq!(
+        next_status(&mut status).await,
+        Status::Lagged {
+            subscription: a,
+            dropped: 8 + 1 - reported[&a]
+        }
+    );
+    assert_eq!(notifier.stats().await.unwrap().dropped, 17);
+    drop(a_rx);
+
+    // Stopping reports the rest of b's (its buffer drains into its channel first).
+    assert_eq!(receive(&b_rx, 1).await, [1]);
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        next_status(&mut status).await,
+        Status::Lagged {
+            subscription: b,
+            dropped: 8 - reported[&b]
+        }
+    );
+    assert_eq!(receive(&b_rx, 1).await, [10]);
+    let s = notifier.stats().await.unwrap();
+    assert_eq!(
+        (s.delivered, s.dropped, s.queued),
+        (10 + 1 + 2, 17, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.delivered + s.dropped, 3 * 10);
 }

@@ -1,14 +1,19 @@
-//! The `sqlnotify` command-line tool (feature `cli`): tail a table's changes as JSON lines,
-//! print the DDL for your migrations, or remove every sqlnotify watch from a database.
+//! The `sqlnotify` command-line tool (feature `cli`): tail a table's changes in PostgreSQL,
+//! SQLite or MySQL / MariaDB as JSON lines, print the DDL for your migrations, or remove every
+//! sqlnotify watch from a database.
 //!
 //! ```text
 //! sqlnotify tail sqlite://app.db --table users --op insert,update --columns email
 //! sqlnotify install-sql postgres://postgres@127.0.0.1/app --table users --op insert
-//! sqlnotify cleanup postgres://postgres@127.0.0.1/app
+//! sqlnotify cleanup mysql://root@127.0.0.1:3306/app
 //! ```
 //!
-//! Exit status: 0 on success (and after Ctrl-C), 1 when the database refuses something, 2 on
-//! bad usage. Errors are one line on stderr, starting with `sqlnotify: error:`.
+//! Exit status: 0 on success (and after Ctrl-C or SIGTERM); 2 on bad usage — arguments that do
+//! not parse, a URL with an unknown scheme (or one this build lacks) or that is malformed, names
+//! or option combinations no database accepts; 1 when the database refuses or lacks something
+//! (unreachable, no such table or column, permission denied …). Events go to stdout; progress,
+//! connection status and errors go to stderr, errors as one line starting with
+//! `sqlnotify: error:`.
 
 use std::cell::Cell;
 use std::io::Write;
@@ -20,12 +25,22 @@ use serde_json::Value;
 use sqlnotify::{Capture, Tier, Watch};
 use sqlnotify::{ChangeEvent, Key, Notifier, NotifierBuilder, Operation, Status, Subscription};
 
-/// Row changes in PostgreSQL and SQLite, from the command line.
+/// Row changes in PostgreSQL, SQLite and MySQL / MariaDB, from the command line.
 ///
 /// URLs: postgres://user:password@host:port/db (or postgresql://…),
-/// sqlite:///absolute/path.db, sqlite://relative/path.db (the file must exist).
+/// sqlite:///absolute/path.db, sqlite://relative/path.db (the file must exist),
+/// mysql://user:password@host:3306/db (or mariadb://…; MySQL / MariaDB needs a build with the
+/// `mysql` feature).
+///
+/// Events go to stdout; progress (installing, listening, stopping), connection status and
+/// errors go to stderr.
 #[derive(Debug, Parser)]
-#[command(name = "sqlnotify", version, propagate_version = true)]
+#[command(
+    name = "sqlnotify",
+    version,
+    propagate_version = true,
+    after_help = EXIT_STATUS
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,6 +81,7 @@ enum Command {
     },
     /// Remove every sqlnotify watch from the database: its triggers (and, on PostgreSQL, their
     /// functions) and catalog entries, including those installed by other applications.
+    /// sqlnotify's tables (journal, overflow, consumers, catalog) and their rows are kept.
     ///
     /// Example: sqlnotify cleanup sqlite://app.db
     Cleanup {
@@ -120,10 +136,16 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
+/// The exit statuses, as `--help` shows them.
+const EXIT_STATUS: &str = "Exit status: 0 on success (and after Ctrl-C or SIGTERM); 2 on bad \
+usage (arguments that do not parse, an unknown or malformed URL, names or option combinations \
+no database accepts); 1 when the database refuses or lacks something (unreachable, no such \
+table or column, permission denied).";
+
 /// What to watch: every --table × every --op.
 #[derive(Debug, Args)]
 struct WatchArgs {
-    /// The database URL (postgres://…, postgresql://…, sqlite://…).
+    /// The database URL (postgres://…, postgresql://…, sqlite://…, mysql://…, mariadb://…).
     url: String,
     /// Table(s) to watch, optionally schema-qualified (shop.orders); repeat or separate with
     /// commas.
@@ -155,12 +177,13 @@ struct WatchArgs {
     #[arg(long)]
     label: Option<String>,
     /// How events travel on PostgreSQL: notify (fastest, at most once), durable (journal,
-    /// at least once) or poll (journal, no NOTIFY). SQLite always uses its journal.
+    /// at least once) or poll (journal, no NOTIFY). SQLite and MySQL / MariaDB always use
+    /// their journal.
     #[arg(long, value_enum, default_value_t = TierArg::Notify)]
     tier: TierArg,
     /// How the trigger captures rows (PostgreSQL journal tiers): row (one journal row per
     /// changed row) or statement (one per statement: much cheaper for batched writes; needs
-    /// --tier durable or poll).
+    /// --tier durable or poll). SQLite and MySQL / MariaDB capture per row either way.
     #[arg(long, value_enum, default_value_t = CaptureArg::Row)]
     capture: CaptureArg,
 }
@@ -231,9 +254,24 @@ impl Failure {
 
 impl From<sqlnotify::Error> for Failure {
     fn from(e: sqlnotify::Error) -> Self {
+        use sqlnotify::Error as E;
+        // Bad usage: wrong whatever the database holds. Everything else comes from the
+        // database (unreachable, refused, no such table …).
+        let usage = matches!(
+            e,
+            E::UnsupportedDatabase { .. }
+                | E::InvalidUrl { .. }
+                | E::InvalidOption { .. }
+                | E::InvalidWatch { .. }
+                | E::InvalidIdentifier { .. }
+                | E::IdentifierTooLong { .. }
+                | E::TriggerColumnsNotAllowed { .. }
+                | E::DuplicateWatch { .. }
+                | E::LabelReused { .. }
+        );
         Failure {
             message: e.to_string(),
-            code: 1,
+            code: if usage { 2 } else { 1 },
         }
     }
 }
@@ -301,6 +339,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => tail(&watch, cleanup_on_exit, &locks).await,
         Command::InstallSql { watch, grant_to } => {
             let builder = builder(&watch)?;
+            eprintln!(
+                "sqlnotify: checking {} in the {} database …",
+                described(&watches(&watch)?),
+                builder.dialect_name()?
+            );
             let sql = match grant_to {
                 Some(role) => builder.install_sql_granting(&role).await?,
                 None => builder.install_sql().await?,
@@ -312,10 +355,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Cleanup { url, locks } => {
-            let removed = Notifier::builder(url)
-                .install_timeout(locks.timeout()?)
-                .cleanup()
-                .await?;
+            let builder = Notifier::builder(url).install_timeout(locks.timeout()?);
+            eprintln!(
+                "sqlnotify: removing every sqlnotify watch from the {} database …",
+                builder.dialect_name()?
+            );
+            let removed = builder.cleanup().await?;
             eprintln!("sqlnotify: removed {removed} watch(es)");
             Ok(())
         }
@@ -362,13 +407,26 @@ fn builder(args: &WatchArgs) -> Result<NotifierBuilder, Failure> {
     Ok(builder)
 }
 
+/// "users INSERT, users UPDATE".
+fn described(watches: &[(String, Operation, Watch)]) -> String {
+    let what: Vec<String> = watches
+        .iter()
+        .map(|(table, op, _)| format!("{table} {op}"))
+        .collect();
+    what.join(", ")
+}
+
 async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Result<(), Failure> {
     let watches = watches(args)?;
-    let notifier = builder(args)?
+    let builder = builder(args)?
         .cleanup_on_stop(cleanup_on_exit)
-        .install_timeout(locks.timeout()?)
-        .start()
-        .await?;
+        .install_timeout(locks.timeout()?);
+    eprintln!(
+        "sqlnotify: installing triggers for {} in the {} database …",
+        described(&watches),
+        builder.dialect_name()?
+    );
+    let notifier = builder.start().await?;
 
     // stdout closed (`| head`): stop as if interrupted.
     let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -395,14 +453,16 @@ async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Resu
         .subscribe_status_fn(move |status| report_status(&status.status, &disconnected))
         .await?;
 
-    let what: Vec<String> = watches
+    let channels: Vec<String> = notifier
+        .channels()
         .iter()
-        .map(|(table, op, _)| format!("{table} {op}"))
+        .map(|c| c.name().to_string())
         .collect();
     eprintln!(
-        "sqlnotify: tailing {} on {} (Ctrl-C to stop)",
-        what.join(", "),
-        notifier.dialect_name()
+        "sqlnotify: tailing {} on {}: listening on {}; waiting for changes (Ctrl-C to stop)",
+        described(&watches),
+        notifier.dialect_name(),
+        channels.join(", ")
     );
 
     let reason = tokio::select! {
@@ -413,7 +473,11 @@ async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Resu
         _ = terminated() => "terminated",
         _ = closed_rx.recv() => "stdout closed",
     };
-    eprintln!("sqlnotify: {reason}; stopping");
+    if cleanup_on_exit {
+        eprintln!("sqlnotify: {reason}; stopping and removing the triggers …");
+    } else {
+        eprintln!("sqlnotify: {reason}; stopping …");
+    }
     notifier.stop().await?;
     if cleanup_on_exit {
         eprintln!("sqlnotify: removed the triggers");

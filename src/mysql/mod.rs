@@ -59,11 +59,23 @@ const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_secs(10);
 const GAP_TIMEOUT_PARAM: &str = "sqlnotify_gap_timeout_ms";
 
 /// What a `mysql://` URL says.
-#[derive(Debug)]
 pub(crate) struct Target {
     pub opts: Opts,
     pub database: String,
     pub gap_timeout: Duration,
+}
+
+impl std::fmt::Debug for Target {
+    /// Without the driver options: their `Debug` shows the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("host", &self.opts.ip_or_hostname())
+            .field("port", &self.opts.tcp_port())
+            .field("user", &self.opts.user())
+            .field("database", &self.database)
+            .field("gap_timeout", &self.gap_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses a `mysql://` or `mariadb://` URL. Errors never echo the URL (it may carry a
@@ -402,12 +414,18 @@ mod tests {
         assert_eq!(t.database, "db");
         assert_eq!(t.gap_timeout, Duration::from_millis(250));
         assert!(!t.opts.prefer_socket());
+        let shown = format!("{t:?}");
+        assert!(
+            shown.contains("\"db\"") && !shown.contains("secret"),
+            "{shown}"
+        );
         for bad in [
             "mysql://root@127.0.0.1:3306",
             "mysql://root@127.0.0.1:3306/",
             "mysql://u:secret@host/db?sqlnotify_gap_timeout_ms=soon",
             "mysql://u:secret@host/db?sqlnotify_gap_timeout_ms=0",
             "mysql://u:secret@host/db?no_such_parameter=1",
+            "mysql://u@host/db?password=secret",
             "postgres://u@host/db",
         ] {
             let e = parse_url(bad).unwrap_err();

@@ -358,7 +358,7 @@ impl PgListener {
         let check = async move {
             match tokio::time::timeout(limit, client.simple_query("")).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Err(e)) => Err(describe(&e)),
                 Err(_) => Err(format!("health check got no answer within {limit:?}")),
             }
         };
@@ -520,9 +520,18 @@ impl Reader {
         if let Some(listener) = self.listener.upgrade() {
             listener.do_send(ConnectionLost {
                 generation: self.generation,
-                error: outcome.map(|e| e.to_string()),
+                error: outcome.map(|e| describe(&e)),
             });
         }
+    }
+}
+
+/// Why the connection failed, in the server's words when it sent any ("FATAL: terminating
+/// connection due to administrator command"): tokio-postgres' own text is just "db error".
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.to_string(),
+        None => crate::error::chain(e),
     }
 }
 

@@ -46,7 +46,7 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
 /// The file a `sqlite://` URL names.
 pub(crate) fn parse_url(url: &str) -> Result<PathBuf> {
     let invalid = |reason: &str| Error::InvalidUrl {
-        reason: format!("{url:?}: {reason}"),
+        reason: format!("{:?}: {reason}", crate::redact::redact(url)),
     };
     let rest = url
         .strip_prefix("sqlite://")
