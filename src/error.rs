@@ -178,6 +178,11 @@ pub enum Error {
     },
     /// The notifier is stopped (or its actors are gone).
     NotRunning,
+    /// No named consumer of this name is registered in the database (dropping one).
+    UnknownConsumer {
+        /// The name asked for.
+        name: String,
+    },
 }
 
 impl Error {
@@ -306,6 +311,11 @@ impl fmt::Display for Error {
             ),
             Error::UnknownSubscription { id } => write!(f, "no subscription with id {id}"),
             Error::NotRunning => write!(f, "the notifier is not running"),
+            Error::UnknownConsumer { name } => write!(
+                f,
+                "no consumer named {name:?} is registered in this database (see `consumers()` \
+                 or `sqlnotify consumers list`)"
+            ),
         }
     }
 }

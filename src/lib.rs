@@ -91,6 +91,7 @@
 mod backoff;
 pub mod bench_support;
 pub mod blocking;
+mod consumer;
 mod decoder;
 mod dialect;
 mod error;
@@ -114,6 +115,7 @@ mod postgres;
 mod sqlite;
 
 pub use crate::backoff::Backoff;
+pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
 pub use crate::decoder::RawBatch;
 pub use crate::error::{Error, Result};
 pub use crate::event::{ChangeEvent, Channel, Key, Operation, RawNotification};

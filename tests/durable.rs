@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{assert_every_row_once_through_kills, wait_until, Events, TestDb};
 use futures_util::future::join_all;
 use sqlnotify::Operation::Insert;
-use sqlnotify::{Notifier, Status, StatusEvent, Subscription, Tier, Watch};
+use sqlnotify::{ConsumerPosition, Notifier, Status, StatusEvent, Subscription, Tier, Watch};
 use tokio::sync::mpsc;
 
 const TIERS: [Tier; 2] = [Tier::Durable, Tier::Poll];
@@ -271,16 +271,30 @@ async fn the_journal_is_trimmed_but_a_live_consumer_keeps_what_it_has_not_read()
         10,
         "kept for the consumer"
     );
+    // A registered consumer keeps protecting its rows however long ago it was last seen …
     db.exec("UPDATE sqlnotify.consumers SET updated_at = now() - interval '1 hour'")
         .await;
+    db.exec(
+        "INSERT INTO sqlnotify.overflow (channel, payload, created_at) VALUES ('x', 'y', now())",
+    )
+    .await;
+    let purged = wait_until(Duration::from_secs(10), || async {
+        db.count("SELECT count(*) FROM sqlnotify.overflow").await == 0
+    })
+    .await;
+    assert!(purged);
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlnotify.journal").await,
+        10,
+        "kept for a consumer last seen an hour ago"
+    );
+    // … until it is dropped on purpose.
+    notifier.drop_consumer("reader").await.unwrap();
     let trimmed = wait_until(Duration::from_secs(10), || async {
         db.count("SELECT count(*) FROM sqlnotify.journal").await == 0
     })
     .await;
-    assert!(
-        trimmed,
-        "a consumer not seen within the retention window protects nothing"
-    );
+    assert!(trimmed, "a dropped consumer protects nothing");
     notifier.stop().await.unwrap();
 }
 
@@ -426,3 +440,83 @@ async fn starting_never_waits_for_a_writer_in_the_middle_of_a_transaction() {
     assert_eq!(ev.next().await.id().as_i64(), Some(1));
     notifier.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Registered consumers and retention (issue 11 §2); the scenarios are in common/consumers.rs
+// ---------------------------------------------------------------------------------------------
+
+impl common::consumers::ConsumerDb for TestDb {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn watch(&self, table: &str) -> Watch {
+        Watch::new(table, Insert).tier(Tier::Durable)
+    }
+
+    async fn insert(&self, table: &str, ids: std::ops::RangeInclusive<i64>) {
+        let client = self.client().await;
+        for id in ids {
+            client
+                .execute(&format!("INSERT INTO \"{table}\" (id) VALUES ($1)"), &[&id])
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn journal_head(&self) -> i64 {
+        self.count("SELECT coalesce(max(id), 0) FROM sqlnotify.journal")
+            .await
+    }
+
+    async fn journal_has(&self, id: i64) -> bool {
+        self.count(&format!(
+            "SELECT count(*) FROM sqlnotify.journal WHERE id = {id}"
+        ))
+        .await
+            == 1
+    }
+
+    fn channel(&self, table: &str) -> String {
+        format!("sqlnotify_public_{table}_insert")
+    }
+
+    async fn make_stale(&self, name: &str) {
+        self.exec(&format!(
+            "UPDATE sqlnotify.consumers SET updated_at = to_timestamp({}) WHERE name = '{name}'",
+            common::consumers::LONG_AGO
+        ))
+        .await;
+    }
+
+    async fn saved_position(&self, name: &str) -> ConsumerPosition {
+        let horizon: String = self
+            .client()
+            .await
+            .query_one(
+                "SELECT horizon::text FROM sqlnotify.consumers WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ConsumerPosition::Horizon(horizon.parse().unwrap())
+    }
+}
+
+/// A test database with the scenarios' tables `t` and `other`.
+async fn consumer_db() -> TestDb {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY); CREATE TABLE other (id bigint PRIMARY KEY)")
+        .await;
+    db
+}
+
+consumer_scenarios!(
+    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
+    a_named_consumer_replays_nothing_until_its_first_subscription,
+    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
+    a_dropped_consumer_that_comes_back_gets_a_gap,
+    an_expired_consumer_that_comes_back_gets_a_gap,
+    stats_count_the_backlog_of_a_running_consumer,
+);

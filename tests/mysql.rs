@@ -1839,12 +1839,15 @@ async fn retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_r
     let expected: Vec<String> = ((watermark + 1)..=last).map(|i| i.to_string()).collect();
     assert_eq!(kept, expected);
 
-    // once the consumer has not been seen for longer than the retention, it protects nothing
+    // a consumer last seen long ago still protects its rows (see
+    // a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen); once dropped on
+    // purpose, it protects nothing
     db.exec("UPDATE sqlnotify_consumers SET updated_at = '2001-01-01' WHERE name = 'reader'")
         .await;
+    notifier.drop_consumer("reader").await.unwrap();
     assert!(
         wait_until(ARRIVES_WITHIN, || async { journal_len().await == 1 }).await,
-        "an inactive consumer kept rows"
+        "a dropped consumer kept rows"
     );
     ev.assert_empty();
     notifier.stop().await.unwrap();
@@ -1936,3 +1939,76 @@ async fn a_listener_whose_connection_is_killed_is_restarted_and_resumes() {
     assert_eq!(events.next().await.id().as_i64(), Some(6));
     notifier.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. Registered consumers and retention (issue 11 §2); scenarios in common/consumers.rs
+// ---------------------------------------------------------------------------------------------
+
+impl common::consumers::ConsumerDb for TestDb {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn builder(&self) -> sqlnotify::NotifierBuilder {
+        Notifier::builder(&self.url).gap_timeout(Duration::from_millis(500))
+    }
+
+    fn watch(&self, table: &str) -> Watch {
+        Watch::new(table, Operation::Insert)
+    }
+
+    async fn insert(&self, table: &str, ids: std::ops::RangeInclusive<i64>) {
+        insert_rows(self, table, ids).await;
+    }
+
+    async fn journal_head(&self) -> i64 {
+        self.count("SELECT COALESCE(MAX(id), 0) FROM sqlnotify_journal")
+            .await
+    }
+
+    async fn journal_has(&self, id: i64) -> bool {
+        self.count(&format!(
+            "SELECT COUNT(*) FROM sqlnotify_journal WHERE id = {id}"
+        ))
+        .await
+            == 1
+    }
+
+    fn channel(&self, table: &str) -> String {
+        format!("sqlnotify_{}_{table}_insert", self.name)
+    }
+
+    async fn make_stale(&self, name: &str) {
+        self.exec(&format!(
+            "UPDATE sqlnotify_consumers SET updated_at = FROM_UNIXTIME({}) WHERE name = '{name}'",
+            common::consumers::LONG_AGO
+        ))
+        .await;
+    }
+
+    async fn saved_position(&self, name: &str) -> sqlnotify::ConsumerPosition {
+        sqlnotify::ConsumerPosition::JournalId(
+            self.count(&format!(
+                "SELECT watermark FROM sqlnotify_consumers WHERE name = '{name}'"
+            ))
+            .await,
+        )
+    }
+}
+
+/// A test database with the scenarios' tables `t` and `other`.
+async fn consumer_db() -> TestDb {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY); CREATE TABLE other (id BIGINT PRIMARY KEY)")
+        .await;
+    db
+}
+
+consumer_scenarios!(
+    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
+    a_named_consumer_replays_nothing_until_its_first_subscription,
+    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
+    a_dropped_consumer_that_comes_back_gets_a_gap,
+    an_expired_consumer_that_comes_back_gets_a_gap,
+    stats_count_the_backlog_of_a_running_consumer,
+);

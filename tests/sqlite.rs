@@ -1353,11 +1353,14 @@ async fn retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_r
         ((cursor + 1)..=last).collect::<Vec<_>>()
     );
 
-    // once the consumer has not been seen for longer than the retention, it protects nothing
+    // a consumer last seen long ago still protects its rows (see
+    // a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen); once dropped on
+    // purpose, it protects nothing
     db.exec("UPDATE sqlnotify_consumers SET updated_at = 0 WHERE name = 'reader'");
+    notifier.drop_consumer("reader").await.unwrap();
     assert!(
         wait_until(ARRIVES_WITHIN, || async { journal_len().await == 0 }).await,
-        "an inactive consumer kept rows"
+        "a dropped consumer kept rows"
     );
     ev.assert_empty();
     notifier.stop().await.unwrap();
@@ -1539,3 +1542,64 @@ async fn statement_capture_falls_back_to_row_triggers_with_the_same_events() {
         .unwrap();
     notifier.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. Registered consumers and retention (issue 11 §2); scenarios in common/consumers.rs
+// ---------------------------------------------------------------------------------------------
+
+impl common::consumers::ConsumerDb for TempDb {
+    fn url(&self) -> String {
+        TempDb::url(self)
+    }
+
+    fn watch(&self, table: &str) -> Watch {
+        Watch::new(table, Operation::Insert)
+    }
+
+    async fn insert(&self, table: &str, ids: std::ops::RangeInclusive<i64>) {
+        insert_rows(self, table, ids).await;
+    }
+
+    async fn journal_head(&self) -> i64 {
+        self.count("SELECT coalesce(max(id), 0) FROM sqlnotify_journal")
+    }
+
+    async fn journal_has(&self, id: i64) -> bool {
+        self.count(&format!(
+            "SELECT count(*) FROM sqlnotify_journal WHERE id = {id}"
+        )) == 1
+    }
+
+    fn channel(&self, table: &str) -> String {
+        format!("sqlnotify_main_{table}_insert")
+    }
+
+    async fn make_stale(&self, name: &str) {
+        self.exec(&format!(
+            "UPDATE sqlnotify_consumers SET updated_at = {} WHERE name = '{name}'",
+            common::consumers::LONG_AGO
+        ));
+    }
+
+    async fn saved_position(&self, name: &str) -> sqlnotify::ConsumerPosition {
+        sqlnotify::ConsumerPosition::JournalId(self.count(&format!(
+            "SELECT cursor FROM sqlnotify_consumers WHERE name = '{name}'"
+        )))
+    }
+}
+
+/// A test database with the scenarios' tables `t` and `other`.
+async fn consumer_db() -> TempDb {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY); CREATE TABLE other (id INTEGER PRIMARY KEY)");
+    db
+}
+
+consumer_scenarios!(
+    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
+    a_named_consumer_replays_nothing_until_its_first_subscription,
+    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
+    a_dropped_consumer_that_comes_back_gets_a_gap,
+    an_expired_consumer_that_comes_back_gets_a_gap,
+    stats_count_the_backlog_of_a_running_consumer,
+);

@@ -83,8 +83,10 @@ BEGIN
     CREATE INDEX journal_created_at_idx ON {s}.journal (created_at);
   END IF;
 END
-$sqn$;",
-        s = quote_ident(SCHEMA)
+$sqn$;
+{consumers}",
+        s = quote_ident(SCHEMA),
+        consumers = super::consumers::setup_sql(),
     )
 }
 
