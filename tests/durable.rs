@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::consumers::ConsumerDb;
 use common::{assert_every_row_once_through_kills, wait_until, Events, TestDb};
 use futures_util::future::join_all;
 use sqlnotify::Operation::Insert;
@@ -445,7 +446,7 @@ async fn starting_never_waits_for_a_writer_in_the_middle_of_a_transaction() {
 // Registered consumers and retention (issue 11 §2); the scenarios are in common/consumers.rs
 // ---------------------------------------------------------------------------------------------
 
-impl common::consumers::ConsumerDb for TestDb {
+impl ConsumerDb for TestDb {
     fn url(&self) -> String {
         self.url.clone()
     }
@@ -502,6 +503,20 @@ impl common::consumers::ConsumerDb for TestDb {
             .get(0);
         ConsumerPosition::Horizon(horizon.parse().unwrap())
     }
+
+    async fn create_old_consumer(&self, name: &str) {
+        self.exec(&format!(
+            "CREATE SCHEMA sqlnotify;
+             CREATE TABLE sqlnotify.consumers (
+                 name text PRIMARY KEY,
+                 horizon xid8 NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now()
+             );
+             INSERT INTO sqlnotify.consumers VALUES ('{name}', pg_current_xact_id(), to_timestamp({}))",
+            common::consumers::LONG_AGO
+        ))
+        .await;
+    }
 }
 
 /// A test database with the scenarios' tables `t` and `other`.
@@ -519,4 +534,134 @@ consumer_scenarios!(
     a_dropped_consumer_that_comes_back_gets_a_gap,
     an_expired_consumer_that_comes_back_gets_a_gap,
     stats_count_the_backlog_of_a_running_consumer,
+    a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
 );
+
+/// Roles of one test (roles are cluster-wide), dropped when it ends: declare it before the
+/// test's database, so the database (and the privileges in it) goes first.
+struct Roles(Vec<String>);
+
+impl Roles {
+    fn new(kinds: &[&str]) -> Roles {
+        let unique = format!(
+            "{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        Roles(kinds.iter().map(|k| format!("sqn_{k}_{unique}")).collect())
+    }
+
+    /// `url` connecting as role `i`.
+    fn url(&self, url: &str, i: usize) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let rest = rest.split_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}@{rest}", self.0[i])
+    }
+
+    /// Creates the roles, with what an application needs on sqlnotify's objects and the
+    /// scenarios' tables, and nothing more.
+    async fn grant(&self, db: &TestDb) {
+        for role in &self.0 {
+            db.exec(&format!(
+                "CREATE ROLE {role} LOGIN;
+                 GRANT USAGE ON SCHEMA sqlnotify TO {role};
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA sqlnotify TO {role};
+                 GRANT USAGE ON ALL SEQUENCES IN SCHEMA sqlnotify TO {role};
+                 GRANT SELECT ON t, other TO {role};"
+            ))
+            .await;
+        }
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        let names = self.0.join(", ");
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let admin = common::connect(&common::server_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP ROLE IF EXISTS {names}"))
+                    .await;
+            })
+        })
+        .join();
+    }
+}
+
+#[actix_rt::test]
+async fn applications_with_roles_of_their_own_keep_each_others_rows() {
+    let roles = Roles::new(&["consumer", "purger"]);
+    let db = consumer_db().await;
+    common::consumers::install_as_owner(&db).await;
+    roles.grant(&db).await;
+    let apps = common::consumers::AsRoles {
+        db: &db,
+        consumer_url: roles.url(&db.url, 0),
+        purger_url: roles.url(&db.url, 1),
+    };
+    common::consumers::a_stopped_consumer_gets_every_row_through_another_notifiers_purge(&apps)
+        .await;
+}
+
+#[actix_rt::test]
+async fn a_purge_by_another_role_expires_a_consumer_and_it_gets_a_gap() {
+    let roles = Roles::new(&["consumer", "purger"]);
+    let db = consumer_db().await;
+    common::consumers::install_as_owner(&db).await;
+    roles.grant(&db).await;
+    let apps = common::consumers::AsRoles {
+        db: &db,
+        consumer_url: roles.url(&db.url, 0),
+        purger_url: roles.url(&db.url, 1),
+    };
+    common::consumers::an_expired_consumer_that_comes_back_gets_a_gap(&apps).await;
+}
+
+#[actix_rt::test]
+async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_users() {
+    let db = consumer_db().await;
+    db.create_old_consumer("legacy").await;
+    // another session reads the table and keeps its transaction open
+    let mut holder = db.client().await;
+    let open = holder.transaction().await.unwrap();
+    open.query("SELECT * FROM sqlnotify.consumers", &[])
+        .await
+        .unwrap();
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("legacy");
+    let e = tokio::time::timeout(Duration::from_secs(30), builder.start())
+        .await
+        .expect("start() waited for the open transaction")
+        .unwrap_err();
+    assert!(
+        matches!(e, sqlnotify::Error::Database { .. }) && e.to_string().contains("retry"),
+        "{e}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sqlnotify%'")
+            .await,
+        0,
+        "nothing was installed"
+    );
+    // the reader was never blocked, and once it is done the upgrade goes through
+    open.query("SELECT * FROM sqlnotify.consumers", &[])
+        .await
+        .unwrap();
+    open.commit().await.unwrap();
+    let notifier = builder.start().await.unwrap();
+    let legacy = notifier.consumers().await.unwrap();
+    assert_eq!(
+        (legacy[0].name.as_str(), legacy[0].state),
+        ("legacy", sqlnotify::ConsumerState::Active)
+    );
+    notifier.stop().await.unwrap();
+}

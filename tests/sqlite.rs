@@ -1586,6 +1586,18 @@ impl common::consumers::ConsumerDb for TempDb {
             "SELECT cursor FROM sqlnotify_consumers WHERE name = '{name}'"
         )))
     }
+
+    async fn create_old_consumer(&self, name: &str) {
+        self.exec(&format!(
+            "CREATE TABLE sqlnotify_consumers (
+                 name TEXT PRIMARY KEY,
+                 cursor INTEGER NOT NULL,
+                 updated_at REAL NOT NULL
+             );
+             INSERT INTO sqlnotify_consumers VALUES ('{name}', 0, {})",
+            common::consumers::LONG_AGO
+        ));
+    }
 }
 
 /// A test database with the scenarios' tables `t` and `other`.
@@ -1602,4 +1614,5 @@ consumer_scenarios!(
     a_dropped_consumer_that_comes_back_gets_a_gap,
     an_expired_consumer_that_comes_back_gets_a_gap,
     stats_count_the_backlog_of_a_running_consumer,
+    a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
 );

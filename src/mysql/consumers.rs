@@ -259,10 +259,8 @@ fn backlog_sql(database: &str) -> String {
 }
 
 /// Journal rows after consumer `name`'s watermark on its channels; `None` if not registered.
+/// (Registration upgraded the table: no [`ensure`] here, this runs every few seconds.)
 pub(crate) async fn backlog(conn: &mut Conn, database: &str, name: &str) -> Result<Option<u64>> {
-    if !ensure(conn, database).await? {
-        return Ok(None);
-    }
     let n: Option<i64> = conn
         .exec_first(
             format!(

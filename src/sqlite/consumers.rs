@@ -197,10 +197,8 @@ fn backlog_sql() -> String {
 }
 
 /// Journal rows after consumer `name`'s cursor on its channels; `None` if not registered.
+/// (Registration upgraded the table: no [`ensure`] here, this runs every few seconds.)
 pub(crate) fn backlog(conn: &mut Connection, name: &str) -> Result<Option<u64>> {
-    if !ensure(conn)? {
-        return Ok(None);
-    }
     conn.query_row(
         &format!(
             "SELECT {} FROM sqlnotify_consumers c WHERE c.name = ?1",

@@ -27,10 +27,18 @@ pub const PURGE_WITHIN: Duration = Duration::from_secs(30);
 pub trait ConsumerDb {
     /// The database URL.
     fn url(&self) -> String;
-    /// A builder for the database, with the dialect's test settings (MySQL: a short gap
-    /// timeout, so a cursor moves past ids purged under it quickly).
+    /// A builder for `url`, with the dialect's test settings (MySQL: a short gap timeout, so
+    /// a cursor moves past ids purged under it quickly).
+    fn builder_at(&self, url: &str) -> NotifierBuilder {
+        Notifier::builder(url)
+    }
+    /// A builder for the consumer under test.
     fn builder(&self) -> NotifierBuilder {
-        Notifier::builder(self.url())
+        self.builder_at(&self.url())
+    }
+    /// A builder for the other application, the one that purges.
+    fn purger_builder(&self) -> NotifierBuilder {
+        self.builder()
     }
     /// A watch of `table`'s inserts on the dialect's journal (PostgreSQL: the durable tier).
     fn watch(&self, table: &str) -> Watch;
@@ -46,6 +54,9 @@ pub trait ConsumerDb {
     async fn make_stale(&self, name: &str);
     /// Consumer `name`'s position, read from its table.
     async fn saved_position(&self, name: &str) -> ConsumerPosition;
+    /// Creates the consumers table as sqlnotify 0.1 did (before consumers were registered),
+    /// with consumer `name` at the start of the journal, last active [`LONG_AGO`].
+    async fn create_old_consumer(&self, name: &str);
 }
 
 /// 2001-01-01T00:00:00Z, as Unix seconds: a last activity long ago.
@@ -66,7 +77,7 @@ pub async fn await_purge_round(db: &impl ConsumerDb, n: i64) {
 
 /// Another application on the same database: no consumer, a short retention, its own watch.
 pub async fn start_purger(db: &impl ConsumerDb, retention: Duration) -> Notifier {
-    db.builder()
+    db.purger_builder()
         .watch(db.watch("other"))
         .retention(retention)
         .purge_interval(Duration::from_millis(50))
@@ -393,4 +404,116 @@ macro_rules! consumer_scenarios {
             }
         )*
     };
+}
+
+/// A consumer registered by an older sqlnotify (its table without the new columns) is kept
+/// after the upgrade: it protects every channel, however long ago it was seen, and gets its
+/// rows when it starts again (a purge round is proven by another consumer's expiry, since
+/// the old consumer protects the marker rows of every channel too).
+pub async fn a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade(db: &impl ConsumerDb) {
+    db.create_old_consumer("legacy").await;
+    db.builder()
+        .watch(db.watch("t"))
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
+    db.insert("t", 1..=5).await;
+    let probe = db
+        .builder()
+        .watch(db.watch("other"))
+        .consumer("probe")
+        .consumer_expiry(Duration::from_secs(1));
+    probe.start().await.unwrap().stop().await.unwrap();
+    let purger = start_purger(db, Duration::from_millis(300)).await;
+    let expired = wait_until(PURGE_WITHIN, || async {
+        listed(db, "probe").await.state == ConsumerState::Expired
+    })
+    .await;
+    assert!(expired, "no purge round expired the probe");
+    purger.stop().await.unwrap();
+    let legacy = listed(db, "legacy").await;
+    assert_eq!(
+        (
+            legacy.state,
+            legacy.channels,
+            legacy.last_active,
+            legacy.backlog
+        ),
+        (ConsumerState::Active, None, long_ago(), 5),
+        "an old consumer protects every channel"
+    );
+
+    let legacy = db.builder().watch(db.watch("t")).consumer("legacy");
+    let (notifier, mut rx) = start_collecting(&legacy).await;
+    assert_eq!(next_ids(&mut rx, 5).await, [1, 2, 3, 4, 5]);
+    assert_eq!(
+        listed(db, "legacy").await.channels,
+        Some(vec![db.channel("t")])
+    );
+    notifier.stop().await.unwrap();
+}
+
+/// The consumer under test and the purging application each connect with a role (user) of
+/// their own, without the right to change the schema (`manage_triggers(false)`): the
+/// watches were installed by the owner, who also writes the rows.
+pub struct AsRoles<'a, D> {
+    /// The owner's database.
+    pub db: &'a D,
+    /// The consumer's URL.
+    pub consumer_url: String,
+    /// The purging application's URL.
+    pub purger_url: String,
+}
+
+impl<D: ConsumerDb> ConsumerDb for AsRoles<'_, D> {
+    fn url(&self) -> String {
+        self.consumer_url.clone()
+    }
+    fn builder_at(&self, url: &str) -> NotifierBuilder {
+        self.db.builder_at(url).manage_triggers(false)
+    }
+    fn purger_builder(&self) -> NotifierBuilder {
+        self.builder_at(&self.purger_url)
+    }
+    fn watch(&self, table: &str) -> Watch {
+        self.db.watch(table)
+    }
+    async fn insert(&self, table: &str, ids: std::ops::RangeInclusive<i64>) {
+        self.db.insert(table, ids).await
+    }
+    async fn journal_head(&self) -> i64 {
+        self.db.journal_head().await
+    }
+    async fn journal_has(&self, id: i64) -> bool {
+        self.db.journal_has(id).await
+    }
+    fn channel(&self, table: &str) -> String {
+        self.db.channel(table)
+    }
+    async fn make_stale(&self, name: &str) {
+        self.db.make_stale(name).await
+    }
+    async fn saved_position(&self, name: &str) -> ConsumerPosition {
+        self.db.saved_position(name).await
+    }
+    async fn create_old_consumer(&self, name: &str) {
+        self.db.create_old_consumer(name).await
+    }
+}
+
+/// Installs the scenarios' watches (`t` and `other`) as the owner, so applications without
+/// the right to change the schema can start with `manage_triggers(false)`.
+pub async fn install_as_owner(db: &impl ConsumerDb) {
+    db.builder()
+        .watch(db.watch("t"))
+        .watch(db.watch("other"))
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
 }
