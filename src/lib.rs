@@ -73,7 +73,10 @@
 //! once, a [`Status::Gap`] after reconnects), `Durable` (a journal row in the writer's
 //! transaction; at least once, replayed after reconnects and — for a named
 //! [`consumer`](NotifierBuilder::consumer) — after restarts) or `Poll` (the journal without
-//! NOTIFY). On the journal tiers [`Capture::Statement`] writes one journal row per statement
+//! NOTIFY). A named consumer is registered in the database: no purge deletes a journal row it
+//! has not read until it is dropped ([`Notifier::drop_consumer`]) or expires, and one that
+//! comes back after such a purge gets a [`Status::Gap`] ([`Notifier::consumers`] lists them
+//! with their backlog). On the journal tiers [`Capture::Statement`] writes one journal row per statement
 //! instead of one per row — far cheaper for writers that change many rows per statement, same
 //! events. SQLite and MySQL always journal. Delivery to subscribers is bounded: each
 //! subscription has a buffer and an [`OverflowPolicy`].

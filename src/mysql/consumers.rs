@@ -378,7 +378,8 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
                 .query(format!(
                     "SELECT `name` FROM {consumers} WHERE `state` NOT IN ('dropped', 'expired') \
                      AND `expire_after_us` IS NOT NULL \
-                     AND `updated_at` < NOW(6) - INTERVAL `expire_after_us` MICROSECOND"
+                     AND `updated_at` < NOW(6) - INTERVAL `expire_after_us` MICROSECOND \
+                     ORDER BY `name`"
                 ))
                 .await
                 .map_err(db_err(context))?;
@@ -402,12 +403,13 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
                 }
             }
         }
-        // The inactive consumers, then their rows locked by primary key (only those: the
-        // active consumers keep saving meanwhile). One that came back in between is active
-        // again and is left out.
+        // The inactive consumers, then their rows locked by primary key, in name order (two
+        // purging processes lock in the same order), and only those: the active consumers keep
+        // saving meanwhile. One that came back in between is active again and is left out.
         let names: Vec<Vec<u8>> = tx
             .query(format!(
-                "SELECT `name` FROM {consumers} WHERE `state` IN ('dropped', 'expired')"
+                "SELECT `name` FROM {consumers} WHERE `state` IN ('dropped', 'expired') \
+                 ORDER BY `name`"
             ))
             .await
             .map_err(db_err(context))?;
