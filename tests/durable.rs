@@ -517,6 +517,28 @@ impl ConsumerDb for TestDb {
         ))
         .await;
     }
+
+    type Open = OpenPg;
+
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> OpenPg {
+        let client = self.client().await;
+        client
+            .batch_execute(&format!(
+                "BEGIN; UPDATE sqlnotify.consumers SET missed = ARRAY['{channel}'] WHERE name = '{name}'"
+            ))
+            .await
+            .unwrap();
+        OpenPg(client)
+    }
+}
+
+/// A transaction left open on a connection of its own.
+pub struct OpenPg(tokio_postgres::Client);
+
+impl common::consumers::OpenTransaction for OpenPg {
+    async fn commit(self) {
+        self.0.batch_execute("COMMIT").await.unwrap();
+    }
 }
 
 /// A test database with the scenarios' tables `t` and `other`.
@@ -535,6 +557,7 @@ consumer_scenarios!(
     an_expired_consumer_that_comes_back_gets_a_gap,
     stats_count_the_backlog_of_a_running_consumer,
     a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
+    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
 );
 
 /// Roles of one test (roles are cluster-wide), dropped when it ends: declare it before the

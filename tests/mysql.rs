@@ -2009,6 +2009,29 @@ impl ConsumerDb for TestDb {
         ))
         .await;
     }
+
+    type Open = OpenMysql;
+
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> OpenMysql {
+        let mut conn = self.conn().await;
+        conn.query_drop(format!(
+            "START TRANSACTION; UPDATE sqlnotify_consumers SET missed = JSON_ARRAY('{channel}') \
+             WHERE name = '{name}'"
+        ))
+        .await
+        .unwrap();
+        OpenMysql(conn)
+    }
+}
+
+/// A transaction left open on a connection of its own.
+pub struct OpenMysql(Conn);
+
+impl common::consumers::OpenTransaction for OpenMysql {
+    async fn commit(mut self) {
+        self.0.query_drop("COMMIT").await.unwrap();
+        let _ = self.0.disconnect().await;
+    }
 }
 
 /// A test database with the scenarios' tables `t` and `other`.
@@ -2027,6 +2050,7 @@ consumer_scenarios!(
     an_expired_consumer_that_comes_back_gets_a_gap,
     stats_count_the_backlog_of_a_running_consumer,
     a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
+    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
 );
 
 /// Users of one test (users are server-wide), dropped when it ends.

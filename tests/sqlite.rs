@@ -1598,6 +1598,27 @@ impl common::consumers::ConsumerDb for TempDb {
             common::consumers::LONG_AGO
         ));
     }
+
+    type Open = OpenSqlite;
+
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> OpenSqlite {
+        let conn = self.conn();
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; UPDATE sqlnotify_consumers SET missed = json_array('{channel}') \
+             WHERE name = '{name}'"
+        ))
+        .unwrap();
+        OpenSqlite(conn)
+    }
+}
+
+/// A write transaction left open on a connection of its own.
+pub struct OpenSqlite(Connection);
+
+impl common::consumers::OpenTransaction for OpenSqlite {
+    async fn commit(self) {
+        self.0.execute_batch("COMMIT").unwrap();
+    }
 }
 
 /// A test database with the scenarios' tables `t` and `other`.
@@ -1615,4 +1636,5 @@ consumer_scenarios!(
     an_expired_consumer_that_comes_back_gets_a_gap,
     stats_count_the_backlog_of_a_running_consumer,
     a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
+    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
 );

@@ -57,6 +57,18 @@ pub trait ConsumerDb {
     /// Creates the consumers table as sqlnotify 0.1 did (before consumers were registered),
     /// with consumer `name` at the start of the journal, last active [`LONG_AGO`].
     async fn create_old_consumer(&self, name: &str);
+    /// A transaction left open.
+    type Open: OpenTransaction;
+    /// Does what a purge does to an inactive consumer before it commits — locks its row and
+    /// records that it missed rows on `channel` — and leaves the transaction open.
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> Self::Open;
+}
+
+/// A transaction a test keeps open.
+#[allow(async_fn_in_trait)]
+pub trait OpenTransaction {
+    /// Commits it.
+    async fn commit(self);
 }
 
 /// 2001-01-01T00:00:00Z, as Unix seconds: a last activity long ago.
@@ -502,6 +514,10 @@ impl<D: ConsumerDb> ConsumerDb for AsRoles<'_, D> {
     async fn create_old_consumer(&self, name: &str) {
         self.db.create_old_consumer(name).await
     }
+    type Open = D::Open;
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> D::Open {
+        self.db.purge_in_progress(name, channel).await
+    }
 }
 
 /// Installs the scenarios' watches (`t` and `other`) as the owner, so applications without
@@ -516,4 +532,38 @@ pub async fn install_as_owner(db: &impl ConsumerDb) {
         .stop()
         .await
         .unwrap();
+}
+
+/// A dropped consumer that starts while a purge is recording what it missed waits for that
+/// purge to commit (its row is locked), then sees what was recorded: a `Gap` — the purge and
+/// a returning consumer never cross without a word.
+pub async fn a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed(
+    db: &impl ConsumerDb,
+) {
+    let consumer = db.builder().watch(db.watch("t")).consumer("c");
+    consumer.start().await.unwrap().stop().await.unwrap();
+    Notifier::builder(db.url())
+        .drop_consumer("c")
+        .await
+        .unwrap();
+    let purge = db.purge_in_progress("c", &db.channel("t")).await;
+    let starting = {
+        let consumer = consumer.clone();
+        actix::spawn(async move { start_watching_status(&consumer).await })
+    };
+    let mut starting = std::pin::pin!(starting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut starting)
+            .await
+            .is_err(),
+        "the consumer registered without waiting for the purge holding its row"
+    );
+    purge.commit().await;
+    let (notifier, _events, mut statuses) = tokio::time::timeout(ARRIVES_WITHIN, starting)
+        .await
+        .expect("start() still waits after the purge committed")
+        .unwrap();
+    assert_eq!(next_gap(&mut statuses).await, [db.channel("t")]);
+    assert_eq!(listed(db, "c").await.state, ConsumerState::Active);
+    notifier.stop().await.unwrap();
 }
