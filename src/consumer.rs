@@ -103,9 +103,10 @@ pub struct ConsumerInfo {
     pub state: ConsumerState,
     /// Its saved position.
     pub position: ConsumerPosition,
-    /// Journal rows on its channels at or after its position: what a restart would replay
-    /// (and, while it is active, what the purge keeps for it). On PostgreSQL, while a
-    /// transaction older than the position stays open, rows already delivered can count too.
+    /// Journal rows on its channels after its position: what a restart would deliver (and,
+    /// while it is active, what the purge keeps for it). On PostgreSQL rows already delivered
+    /// count too when more than 1,000 were delivered above its horizon (a transaction
+    /// somewhere in the cluster stayed open long): a restart would deliver them again.
     pub backlog: u64,
     /// When it last saved its position or said it was alive (every 10 s while running, more
     /// often with a short expiry).
@@ -180,15 +181,24 @@ impl BacklogWarning {
     }
 }
 
+/// The task counting a running consumer's backlog; dropping it stops the task.
+pub(crate) struct BacklogWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for BacklogWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Counts a running consumer's backlog every [`BACKLOG_EVERY`] into `stats`, warning past
-/// `threshold`. Runs until aborted (by `stop()`).
+/// `threshold`, until the returned handle is dropped.
 pub(crate) fn watch_backlog(
     dialect: Arc<dyn Dialect>,
     name: String,
     stats: Arc<Counters>,
     threshold: u64,
-) -> tokio::task::JoinHandle<()> {
-    actix::spawn(async move {
+) -> BacklogWatch {
+    BacklogWatch(actix::spawn(async move {
         let mut warning = BacklogWarning::new(threshold);
         loop {
             match dialect.consumer_backlog(name.clone()).await {
@@ -207,7 +217,7 @@ pub(crate) fn watch_backlog(
             }
             tokio::time::sleep(BACKLOG_EVERY).await;
         }
-    })
+    }))
 }
 
 /// Channels recorded as missed, read from the database: `None` (nothing missed) stays

@@ -64,7 +64,7 @@
 //! |------------|---------|-----------------|
 //! | `postgres` | yes     | the PostgreSQL dialect (`postgres://`, `postgresql://`), via tokio-postgres |
 //! | `sqlite`   | yes     | the SQLite dialect (`sqlite:///path.db`), via rusqlite with bundled SQLite |
-//! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`) |
+//! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`, `consumers`) |
 //! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async without TLS |
 //!
 //! # Delivery guarantees

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::consumer::{watch_backlog, ConsumerInfo, ConsumerParams, MIN_EXPIRY};
+use crate::consumer::{watch_backlog, BacklogWatch, ConsumerInfo, ConsumerParams, MIN_EXPIRY};
 use crate::decoder::{Decoder, Retention};
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
@@ -537,8 +537,8 @@ impl CustomEvent {
 struct Running {
     listener: Box<dyn ListenerHandle>,
     decoder: Addr<Decoder>,
-    /// Counts a named consumer's backlog.
-    backlog: Option<tokio::task::JoinHandle<()>>,
+    /// Counts a named consumer's backlog (stops when dropped).
+    backlog: Option<BacklogWatch>,
 }
 
 struct Inner {
@@ -788,9 +788,7 @@ impl Notifier {
             .map_err(|_| Error::NotRunning)?
             .take()
             .ok_or(Error::NotRunning)?;
-        if let Some(backlog) = running.backlog.take() {
-            backlog.abort();
-        }
+        drop(running.backlog.take());
         running.listener.shutdown().await;
         let _ = running.decoder.send(Flush).await;
         running.decoder.do_send(Shutdown);
