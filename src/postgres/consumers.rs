@@ -34,7 +34,8 @@ const PURGE_BATCH: i64 = 5_000;
 
 /// The columns registered consumers need, added to a `sqlnotify.consumers` of an older
 /// version (small table, never written by application transactions — but listeners of other
-/// processes save to it: wait at most 5 s for them rather than queue everyone). Part of the
+/// processes save to it: wait at most 5 s for them, or the caller's own `lock_timeout`,
+/// rather than queue everyone; a lock not obtained fails with `lock_not_available`). Part of the
 /// install script; also run before every use, so a database installed by someone else's
 /// migrations is upgraded by the first notifier that needs it. Does nothing when sqlnotify was
 /// never installed.
@@ -49,7 +50,10 @@ BEGIN
     IF (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute
          WHERE attrelid = pg_catalog.to_regclass({name}) AND NOT attisdropped
            AND attname IN ('state', 'channels', 'expire_after', 'missed', 'seen')) < 5 THEN
-      PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+      -- never wait without bound: a caller that set its own lock_timeout keeps it
+      IF _sqn_lock = '0' THEN
+        PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+      END IF;
       BEGIN
         ALTER TABLE {table}
           ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'active',
@@ -58,7 +62,8 @@ BEGIN
           ADD COLUMN IF NOT EXISTS missed text[],
           ADD COLUMN IF NOT EXISTS seen bigint[];
       EXCEPTION WHEN lock_not_available THEN
-        RAISE EXCEPTION 'sqlnotify: upgrading {table} (adding the columns of registered consumers) needs a moment when no other session is using it; retry';
+        RAISE EXCEPTION 'sqlnotify: upgrading {table} (adding the columns of registered consumers) needs a moment when no other session is using it; retry'
+          USING ERRCODE = 'lock_not_available';
       END;
       PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
     END IF;
