@@ -13,6 +13,7 @@ use std::time::Duration;
 use actix::Recipient;
 use futures_util::future::BoxFuture;
 
+use crate::consumer::{ConsumerInfo, ConsumerParams};
 use crate::decoder::RawBatch;
 use crate::error::Result;
 use crate::event::Channel;
@@ -51,8 +52,9 @@ pub(crate) trait OverflowStore: Send + Sync + 'static {
 pub(crate) struct ListenParams {
     /// The channels to listen on, with the tier each uses.
     pub channels: Vec<(String, Tier)>,
-    /// A named consumer resumes from its persisted cursor (journal-based dialects).
-    pub consumer: Option<String>,
+    /// A named consumer registers and resumes from its persisted position (journal-based
+    /// dialects).
+    pub consumer: Option<ConsumerParams>,
     /// Channels whose payloads carry a signature to verify (PostgreSQL's notify tier with
     /// signing on); anything on them that does not verify is dropped and counted.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
@@ -133,6 +135,15 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn overflow_store(&self) -> Arc<dyn OverflowStore>;
     /// Closes the dialect's connections.
     fn close(&self) -> BoxFuture<'static, ()>;
+    /// The named consumers registered in the database (none if sqlnotify was never
+    /// installed), by name.
+    fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>>;
+    /// Marks consumer `name` dropped (it protects nothing from then on); fails with
+    /// `Error::UnknownConsumer` when no consumer has that name.
+    fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>>;
+    /// Journal rows on consumer `name`'s channels at or after its saved position; `None` when
+    /// it is not registered.
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>>;
 }
 
 /// What a dialect's catalog says about one watch: the input to install planning, which is the

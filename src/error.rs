@@ -193,6 +193,11 @@ pub enum Error {
         /// How long sqlnotify waited before giving up.
         waited: std::time::Duration,
     },
+    /// No named consumer of this name is registered in the database (dropping one).
+    UnknownConsumer {
+        /// The name asked for.
+        name: String,
+    },
 }
 
 impl Error {
@@ -345,6 +350,11 @@ impl fmt::Display for Error {
                      install_timeout"
                 )
             }
+            Error::UnknownConsumer { name } => write!(
+                f,
+                "no consumer named {name:?} is registered in this database (see `consumers()` \
+                 or `sqlnotify consumers list`)"
+            ),
         }
     }
 }

@@ -64,7 +64,7 @@
 //! |------------|---------|-----------------|
 //! | `postgres` | yes     | the PostgreSQL dialect (`postgres://`, `postgresql://`), via tokio-postgres |
 //! | `sqlite`   | yes     | the SQLite dialect (`sqlite:///path.db`), via rusqlite with bundled SQLite |
-//! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`) |
+//! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`, `consumers`) |
 //! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async without TLS |
 //!
 //! # Delivery guarantees
@@ -73,7 +73,10 @@
 //! once, a [`Status::Gap`] after reconnects), `Durable` (a journal row in the writer's
 //! transaction; at least once, replayed after reconnects and — for a named
 //! [`consumer`](NotifierBuilder::consumer) — after restarts) or `Poll` (the journal without
-//! NOTIFY). On the journal tiers [`Capture::Statement`] writes one journal row per statement
+//! NOTIFY). A named consumer is registered in the database: no purge deletes a journal row it
+//! has not read until it is dropped ([`Notifier::drop_consumer`]) or expires, and one that
+//! comes back after such a purge gets a [`Status::Gap`] ([`Notifier::consumers`] lists them
+//! with their backlog). On the journal tiers [`Capture::Statement`] writes one journal row per statement
 //! instead of one per row — far cheaper for writers that change many rows per statement, same
 //! events. SQLite and MySQL always journal. Delivery to subscribers is bounded: each
 //! subscription has a buffer and an [`OverflowPolicy`].
@@ -114,6 +117,7 @@
 mod backoff;
 pub mod bench_support;
 pub mod blocking;
+mod consumer;
 mod decoder;
 mod dialect;
 mod error;
@@ -139,6 +143,7 @@ mod postgres;
 mod sqlite;
 
 pub use crate::backoff::Backoff;
+pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
 pub use crate::decoder::RawBatch;
 pub use crate::error::{Error, Result};
 pub use crate::event::{ChangeEvent, Channel, Key, Operation, RawNotification};

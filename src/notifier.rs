@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::Semaphore;
 
+use crate::consumer::{watch_backlog, BacklogWatch, ConsumerInfo, ConsumerParams, MIN_EXPIRY};
 use crate::decoder::{Decoder, Retention};
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
@@ -56,6 +57,9 @@ pub struct NotifierBuilder {
     sign_notifications: bool,
     install_timeout: Duration,
     lag_interval: Duration,
+    consumer_expiry: Option<Duration>,
+    backlog_warning: u64,
+    status_subscribers: Vec<Recipient<StatusEvent>>,
 }
 
 impl std::fmt::Debug for NotifierBuilder {
@@ -118,9 +122,10 @@ impl NotifierBuilder {
 
     /// How long delivered data is kept in the database: overflow rows (PostgreSQL), so every
     /// listening process can resolve them, and journal rows (journal tiers, SQLite, MySQL), so
-    /// every listener can read them. Older rows are deleted in small batches; a journal row a
-    /// named consumer has not read yet is kept while that consumer was active within this
-    /// window. Default: 1 hour.
+    /// every listener can read them. Older rows are deleted in small batches — except journal
+    /// rows a registered [`consumer`](Self::consumer) reading their channel has not read yet,
+    /// whoever runs the purge and whatever its retention, however long ago that consumer was
+    /// last seen (unless it set a [`consumer_expiry`](Self::consumer_expiry)). Default: 1 hour.
     pub fn retention(mut self, keep: Duration) -> Self {
         self.retention.keep = keep;
         self
@@ -140,6 +145,16 @@ impl NotifierBuilder {
     /// A named consumer replays nothing until its first subscription exists; register the
     /// subscriptions with [`subscribe`](Self::subscribe) on the builder so every one of them
     /// sees the replay. Default: none (start from the events committed after `start()`).
+    ///
+    /// `start()` registers the consumer in the database (a new one at "now"), with the
+    /// channels it reads: from then on no purge deletes a row of those channels it has not
+    /// read, however long it stays stopped, until it is dropped
+    /// ([`Notifier::drop_consumer`], `sqlnotify consumers drop`) or expires
+    /// ([`consumer_expiry`](Self::consumer_expiry)). A consumer that comes back after rows it
+    /// had not read were purged resumes with what is left and first gets a
+    /// [`Status::Gap`](crate::Status::Gap) naming the channels (subscribe to status on the
+    /// builder with [`subscribe_status`](Self::subscribe_status) to see it). An empty name is
+    /// refused by `start()` ([`Error::InvalidOption`]).
     pub fn consumer(mut self, name: impl Into<String>) -> Self {
         self.consumer = Some(name.into());
         self
@@ -243,6 +258,56 @@ impl NotifierBuilder {
         self
     }
 
+    /// Lets the purge expire this notifier's [`consumer`](Self::consumer) once it has been
+    /// away (not running) longer than `away`: from then on it protects nothing, and if it
+    /// comes back after rows it had not read were purged, it gets
+    /// [`Status::Gap`](crate::Status::Gap) naming their channels. The expiry is stored with the
+    /// consumer, so whichever notifier purges honours this consumer's own setting. While it
+    /// runs, the consumer says it is alive at least every quarter of `away`.
+    ///
+    /// Default: off (a registered consumer is kept until dropped). Under 1 s, or without a
+    /// consumer name, `start()` fails with [`Error::InvalidOption`].
+    pub fn consumer_expiry(mut self, away: Duration) -> Self {
+        self.consumer_expiry = Some(away);
+        self
+    }
+
+    /// The backlog of this notifier's [`consumer`](Self::consumer) (journal rows on its
+    /// channels it has not yet handed to every subscription, counted every 2 s, see
+    /// [`Stats::backlog`]) above which a warning is logged — once when it is reached, then at
+    /// most once a minute while it stays there. 0 turns the warning off. Default: 10,000.
+    pub fn backlog_warning(mut self, rows: u64) -> Self {
+        self.backlog_warning = rows;
+        self
+    }
+
+    /// Sends [`StatusEvent`]s to an actor from the very start, including what `start()`
+    /// itself finds — such as a consumer's [`Status::Gap`](crate::Status::Gap) when rows it
+    /// had not read were purged while it was away, which a status subscription made after
+    /// `start()` would miss.
+    pub fn subscribe_status(mut self, recipient: Recipient<StatusEvent>) -> Self {
+        self.status_subscribers.push(recipient);
+        self
+    }
+
+    /// The named consumers registered in the database at the URL, without starting a
+    /// notifier: see [`Notifier::consumers`].
+    pub async fn consumers(&self) -> Result<Vec<ConsumerInfo>> {
+        let dialect = open_dialect(&self.url)?;
+        let list = dialect.consumers().await;
+        dialect.close().await;
+        list
+    }
+
+    /// Drops a named consumer of the database at the URL, without starting a notifier: see
+    /// [`Notifier::drop_consumer`].
+    pub async fn drop_consumer(&self, name: &str) -> Result<()> {
+        let dialect = open_dialect(&self.url)?;
+        let dropped = dialect.drop_consumer(name.to_string()).await;
+        dialect.close().await;
+        dropped
+    }
+
     /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
         Ok(open_dialect(&self.url)?.name())
@@ -330,6 +395,7 @@ impl NotifierBuilder {
             });
         }
         self.check_install_timeout()?;
+        self.check_consumer()?;
         let dialect: Arc<dyn Dialect> = Arc::from(open_dialect(&self.url)?);
         match self.start_with(dialect.clone()).await {
             Ok(notifier) => Ok(notifier),
@@ -337,6 +403,29 @@ impl NotifierBuilder {
                 dialect.close().await;
                 Err(e)
             }
+        }
+    }
+
+    fn check_consumer(&self) -> Result<()> {
+        if self.consumer.as_deref() == Some("") {
+            return Err(Error::InvalidOption {
+                option: "consumer",
+                reason: "a consumer needs a non-empty name".into(),
+            });
+        }
+        match self.consumer_expiry {
+            Some(_) if self.consumer.is_none() => Err(Error::InvalidOption {
+                option: "consumer_expiry",
+                reason: "it applies to a named consumer: set consumer(name) too".into(),
+            }),
+            Some(away) if away < MIN_EXPIRY => Err(Error::InvalidOption {
+                option: "consumer_expiry",
+                reason: format!(
+                    "{away:?} is too short: a running consumer says it is alive every quarter \
+                     of its expiry; use at least {MIN_EXPIRY:?}"
+                ),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -379,10 +468,18 @@ impl NotifierBuilder {
                 return Err(e);
             }
         }
+        for recipient in &self.status_subscribers {
+            let sink = StatusSink::Recipient(recipient.clone());
+            registry.send(SubscribeStatus(sink)).await?;
+        }
+        let consumer = self.consumer.clone().map(|name| ConsumerParams {
+            name,
+            expire_after: self.consumer_expiry,
+        });
         let params = ListenParams {
             channels: channels.tiers(),
             signed: channels.signed(),
-            consumer: self.consumer.clone(),
+            consumer: consumer.clone(),
             decoder: decoder.clone().recipient(),
             stats: stats.clone(),
             status: decoder.clone().recipient(),
@@ -398,6 +495,8 @@ impl NotifierBuilder {
                 return Err(e);
             }
         };
+        let backlog = consumer
+            .map(|c| watch_backlog(dialect.clone(), c.name, stats.clone(), self.backlog_warning));
         Ok(Notifier {
             inner: Arc::new(Inner {
                 dialect,
@@ -406,7 +505,11 @@ impl NotifierBuilder {
                 stats,
                 cleanup_on_stop: self.cleanup_on_stop,
                 install_timeout: self.install_timeout,
-                running: Mutex::new(Some(Running { listener, decoder })),
+                running: Mutex::new(Some(Running {
+                    listener,
+                    decoder,
+                    backlog,
+                })),
                 blocking: Mutex::new(Vec::new()),
             }),
         })
@@ -457,6 +560,9 @@ fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
     }
 }
 
+/// Default backlog (journal rows) past which a named consumer's backlog is logged.
+const DEFAULT_BACKLOG_WARNING: u64 = 10_000;
+
 /// Default in-flight budget (events).
 const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
 /// Smallest in-flight budget: one listener batch must fit.
@@ -499,6 +605,8 @@ impl CustomEvent {
 struct Running {
     listener: Box<dyn ListenerHandle>,
     decoder: Addr<Decoder>,
+    /// Counts a named consumer's backlog (stops when dropped).
+    backlog: Option<BacklogWatch>,
 }
 
 struct Inner {
@@ -554,6 +662,9 @@ impl Notifier {
             sign_notifications: true,
             install_timeout: crate::lockwait::DEFAULT_INSTALL_TIMEOUT,
             lag_interval: crate::registry::LAG_INTERVAL,
+            consumer_expiry: None,
+            backlog_warning: DEFAULT_BACKLOG_WARNING,
+            status_subscribers: Vec::new(),
         }
     }
 
@@ -768,6 +879,24 @@ impl Notifier {
         Ok(self.inner.stats.snapshot())
     }
 
+    /// The named consumers registered in this database — this notifier's and every other
+    /// application's — with their state, position, backlog and last activity, by name. Works
+    /// on every dialect, also after `stop()`; empty when sqlnotify was never installed.
+    pub async fn consumers(&self) -> Result<Vec<ConsumerInfo>> {
+        self.inner.dialect.consumers().await
+    }
+
+    /// Drops the named consumer `name` on purpose: from now on it protects nothing, so the
+    /// purge deletes journal rows it has not read once they are older than the retention. Its
+    /// record stays, marked dropped: if a consumer of that name starts again, it resumes from
+    /// where it was with what is left, and first gets a [`Status::Gap`](crate::Status::Gap)
+    /// naming the channels on which rows it had not read were purged. Dropping a consumer
+    /// that is running lasts until its next save (at most 10 s): it registers again. Fails
+    /// with [`Error::UnknownConsumer`] when no consumer has that name.
+    pub async fn drop_consumer(&self, name: &str) -> Result<()> {
+        self.inner.dialect.drop_consumer(name.to_string()).await
+    }
+
     /// Whether [`stop`](Self::stop) has not been called yet.
     pub fn is_running(&self) -> bool {
         self.inner
@@ -789,6 +918,7 @@ impl Notifier {
             .map_err(|_| Error::NotRunning)?
             .take()
             .ok_or(Error::NotRunning)?;
+        drop(running.backlog.take());
         running.listener.shutdown().await;
         let _ = running.decoder.send(Flush).await;
         running.decoder.do_send(Shutdown);

@@ -47,6 +47,11 @@ pub struct Stats {
     pub in_flight: u64,
     /// Journal position of the last event routed (SQLite); 0 when none or not journal-based.
     pub last_sequence: i64,
+    /// A named consumer's backlog: journal rows on its channels at or after its saved
+    /// position — read but not yet handed to every subscription, or not read yet. Counted in
+    /// the database every 2 s (so up to that old); 0 without a named consumer. Past
+    /// [`backlog_warning`](crate::NotifierBuilder::backlog_warning) it is also logged.
+    pub backlog: u64,
 }
 
 /// The live counters behind [`Stats`].
@@ -73,6 +78,8 @@ pub(crate) struct Counters {
     pub settled: AtomicU64,
     /// Set when the first subscription is registered: journal replay waits for it.
     pub has_subscriber: AtomicBool,
+    /// The named consumer's backlog, as last counted.
+    pub backlog: AtomicU64,
 }
 
 impl Counters {
@@ -109,6 +116,7 @@ impl Counters {
             queued: get(&self.queued),
             in_flight: get(&self.forwarded).saturating_sub(get(&self.settled)),
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
+            backlog: get(&self.backlog),
         }
     }
 }

@@ -22,8 +22,12 @@ pub enum Status {
         /// Events read while catching up.
         replayed: u64,
     },
-    /// Events on these channels may have been lost while the listener was disconnected
-    /// (NOTIFY is fire-and-forget). Treat cached state derived from them as stale.
+    /// Events on these channels may have been lost: while the listener was disconnected
+    /// (NOTIFY is fire-and-forget), or — for a named consumer that comes back after it was
+    /// dropped or expired — journal rows it had not read were purged meanwhile (it gets this
+    /// before any event; subscribe with
+    /// [`NotifierBuilder::subscribe_status`](crate::NotifierBuilder::subscribe_status) to see
+    /// it). Treat cached state derived from them as stale.
     Gap {
         /// The channels concerned.
         channels: Vec<String>,

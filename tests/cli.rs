@@ -661,3 +661,73 @@ fn tail_says_which_lock_it_waits_for_and_gives_up_after_the_install_timeout() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("--install-timeout must be a number of seconds above zero"));
 }
+
+#[test]
+fn consumers_list_shows_each_consumer_and_drop_drops_it() {
+    let db = TempDb::new(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY); CREATE TABLE u (id INTEGER PRIMARY KEY)",
+    );
+    let url = db.url();
+    let header = "NAME  STATE  POSITION  BACKLOG  LAST ACTIVE  EXPIRY  CHANNELS";
+    // sqlnotify not installed yet: nothing registered
+    let (status, out, err) = run(&["consumers", "list", &url]);
+    assert!(status.success(), "{status:?} {err}");
+    assert_eq!(out.trim_end(), header);
+    assert!(err.contains("no named consumer"), "{err}");
+
+    // two consumers registered (started and stopped), then rows only one of them reads
+    for (name, table, expiry) in [("billing", "t", None), ("audit", "u", Some(3600))] {
+        let mut builder = sqlnotify::Notifier::builder(&url)
+            .watch(sqlnotify::Watch::new(table, sqlnotify::Operation::Insert))
+            .consumer(name);
+        if let Some(secs) = expiry {
+            builder = builder.consumer_expiry(Duration::from_secs(secs));
+        }
+        sqlnotify::blocking::Notifier::start(builder)
+            .unwrap()
+            .stop()
+            .unwrap();
+    }
+    db.exec("INSERT INTO t VALUES (1), (2), (3)");
+    let (status, out, err) = run(&["consumers", "list", &url]);
+    assert!(status.success(), "{status:?} {err}");
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(out.starts_with("NAME "), "{out}");
+    // NAME STATE POSITION(2) BACKLOG LAST-ACTIVE(2) EXPIRY CHANNELS
+    let (audit, billing) = (&lines[1], &lines[2]);
+    assert_eq!(
+        (audit[0], audit[1], audit[2], audit[3], audit[4]),
+        ("audit", "active", "id", "0", "0")
+    );
+    assert!(audit[5].ends_with('s') && audit[6] == "ago", "{out}");
+    assert_eq!((audit[7], audit[8]), ("1h", "sqlnotify_main_u_insert"));
+    assert_eq!(
+        (billing[0], billing[1], billing[2], billing[3], billing[4]),
+        ("billing", "active", "id", "0", "3")
+    );
+    assert_eq!((billing[7], billing[8]), ("-", "sqlnotify_main_t_insert"));
+
+    let (status, out, err) = run(&["consumers", "drop", &url, "billing"]);
+    assert!(status.success(), "{status:?} {err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("dropped consumer \"billing\""), "{err}");
+    let (_, out, _) = run(&["consumers", "list", &url]);
+    let billing: Vec<&str> = out.lines().nth(2).unwrap().split_whitespace().collect();
+    assert_eq!(
+        (billing[0], billing[1], billing[4]),
+        ("billing", "dropped", "3")
+    );
+
+    let (status, out, err) = run(&["consumers", "drop", &url, "nobody"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("sqlnotify: error: no consumer named \"nobody\""),
+        "{err}"
+    );
+}

@@ -7,10 +7,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::consumers::ConsumerDb;
 use common::{assert_every_row_once_through_kills, wait_until, Events, TestDb};
 use futures_util::future::join_all;
 use sqlnotify::Operation::Insert;
-use sqlnotify::{Notifier, Status, StatusEvent, Subscription, Tier, Watch};
+use sqlnotify::{ConsumerPosition, Notifier, Status, StatusEvent, Subscription, Tier, Watch};
 use tokio::sync::mpsc;
 
 const TIERS: [Tier; 2] = [Tier::Durable, Tier::Poll];
@@ -271,16 +272,30 @@ async fn the_journal_is_trimmed_but_a_live_consumer_keeps_what_it_has_not_read()
         10,
         "kept for the consumer"
     );
+    // A registered consumer keeps protecting its rows however long ago it was last seen …
     db.exec("UPDATE sqlnotify.consumers SET updated_at = now() - interval '1 hour'")
         .await;
+    db.exec(
+        "INSERT INTO sqlnotify.overflow (channel, payload, created_at) VALUES ('x', 'y', now())",
+    )
+    .await;
+    let purged = wait_until(Duration::from_secs(10), || async {
+        db.count("SELECT count(*) FROM sqlnotify.overflow").await == 0
+    })
+    .await;
+    assert!(purged);
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlnotify.journal").await,
+        10,
+        "kept for a consumer last seen an hour ago"
+    );
+    // … until it is dropped on purpose.
+    notifier.drop_consumer("reader").await.unwrap();
     let trimmed = wait_until(Duration::from_secs(10), || async {
         db.count("SELECT count(*) FROM sqlnotify.journal").await == 0
     })
     .await;
-    assert!(
-        trimmed,
-        "a consumer not seen within the retention window protects nothing"
-    );
+    assert!(trimmed, "a dropped consumer protects nothing");
     notifier.stop().await.unwrap();
 }
 
@@ -424,5 +439,253 @@ async fn starting_never_waits_for_a_writer_in_the_middle_of_a_transaction() {
     let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
     open.commit().await.unwrap();
     assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    notifier.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registered consumers and retention (issue 11 §2); the scenarios are in common/consumers.rs
+// ---------------------------------------------------------------------------------------------
+
+impl ConsumerDb for TestDb {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn watch(&self, table: &str) -> Watch {
+        Watch::new(table, Insert).tier(Tier::Durable)
+    }
+
+    async fn insert(&self, table: &str, ids: std::ops::RangeInclusive<i64>) {
+        let client = self.client().await;
+        for id in ids {
+            client
+                .execute(&format!("INSERT INTO \"{table}\" (id) VALUES ($1)"), &[&id])
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn journal_head(&self) -> i64 {
+        self.count("SELECT coalesce(max(id), 0) FROM sqlnotify.journal")
+            .await
+    }
+
+    async fn journal_has(&self, id: i64) -> bool {
+        self.count(&format!(
+            "SELECT count(*) FROM sqlnotify.journal WHERE id = {id}"
+        ))
+        .await
+            == 1
+    }
+
+    fn channel(&self, table: &str) -> String {
+        format!("sqlnotify_public_{table}_insert")
+    }
+
+    async fn make_stale(&self, name: &str) {
+        self.exec(&format!(
+            "UPDATE sqlnotify.consumers SET updated_at = to_timestamp({}) WHERE name = '{name}'",
+            common::consumers::LONG_AGO
+        ))
+        .await;
+    }
+
+    async fn saved_position(&self, name: &str) -> ConsumerPosition {
+        let horizon: String = self
+            .client()
+            .await
+            .query_one(
+                "SELECT horizon::text FROM sqlnotify.consumers WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ConsumerPosition::Horizon(horizon.parse().unwrap())
+    }
+
+    async fn create_old_consumer(&self, name: &str) {
+        self.exec(&format!(
+            "CREATE SCHEMA sqlnotify;
+             CREATE TABLE sqlnotify.consumers (
+                 name text PRIMARY KEY,
+                 horizon xid8 NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now()
+             );
+             INSERT INTO sqlnotify.consumers VALUES ('{name}', pg_current_xact_id(), to_timestamp({}))",
+            common::consumers::LONG_AGO
+        ))
+        .await;
+    }
+
+    type Open = OpenPg;
+
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> OpenPg {
+        let client = self.client().await;
+        client
+            .batch_execute(&format!(
+                "BEGIN; UPDATE sqlnotify.consumers SET missed = ARRAY['{channel}'] WHERE name = '{name}'"
+            ))
+            .await
+            .unwrap();
+        OpenPg(client)
+    }
+}
+
+/// A transaction left open on a connection of its own.
+pub struct OpenPg(tokio_postgres::Client);
+
+impl common::consumers::OpenTransaction for OpenPg {
+    async fn commit(self) {
+        self.0.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+/// A test database with the scenarios' tables `t` and `other`.
+async fn consumer_db() -> TestDb {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY); CREATE TABLE other (id bigint PRIMARY KEY)")
+        .await;
+    db
+}
+
+consumer_scenarios!(
+    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
+    a_named_consumer_replays_nothing_until_its_first_subscription,
+    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
+    a_dropped_consumer_that_comes_back_gets_a_gap,
+    an_expired_consumer_that_comes_back_gets_a_gap,
+    stats_count_the_backlog_of_a_running_consumer,
+    a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
+    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
+);
+
+/// Roles of one test (roles are cluster-wide), dropped when it ends: declare it before the
+/// test's database, so the database (and the privileges in it) goes first.
+struct Roles(Vec<String>);
+
+impl Roles {
+    fn new(kinds: &[&str]) -> Roles {
+        let unique = format!(
+            "{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        Roles(kinds.iter().map(|k| format!("sqn_{k}_{unique}")).collect())
+    }
+
+    /// `url` connecting as role `i`.
+    fn url(&self, url: &str, i: usize) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let rest = rest.split_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}@{rest}", self.0[i])
+    }
+
+    /// Creates the roles, with what an application needs on sqlnotify's objects and the
+    /// scenarios' tables, and nothing more.
+    async fn grant(&self, db: &TestDb) {
+        for role in &self.0 {
+            db.exec(&format!(
+                "CREATE ROLE {role} LOGIN;
+                 GRANT USAGE ON SCHEMA sqlnotify TO {role};
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA sqlnotify TO {role};
+                 GRANT USAGE ON ALL SEQUENCES IN SCHEMA sqlnotify TO {role};
+                 GRANT SELECT ON t, other TO {role};"
+            ))
+            .await;
+        }
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        let names = self.0.join(", ");
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let admin = common::connect(&common::server_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP ROLE IF EXISTS {names}"))
+                    .await;
+            })
+        })
+        .join();
+    }
+}
+
+#[actix_rt::test]
+async fn applications_with_roles_of_their_own_keep_each_others_rows() {
+    let roles = Roles::new(&["consumer", "purger"]);
+    let db = consumer_db().await;
+    common::consumers::install_as_owner(&db).await;
+    roles.grant(&db).await;
+    let apps = common::consumers::AsRoles {
+        db: &db,
+        consumer_url: roles.url(&db.url, 0),
+        purger_url: roles.url(&db.url, 1),
+    };
+    common::consumers::a_stopped_consumer_gets_every_row_through_another_notifiers_purge(&apps)
+        .await;
+}
+
+#[actix_rt::test]
+async fn a_purge_by_another_role_expires_a_consumer_and_it_gets_a_gap() {
+    let roles = Roles::new(&["consumer", "purger"]);
+    let db = consumer_db().await;
+    common::consumers::install_as_owner(&db).await;
+    roles.grant(&db).await;
+    let apps = common::consumers::AsRoles {
+        db: &db,
+        consumer_url: roles.url(&db.url, 0),
+        purger_url: roles.url(&db.url, 1),
+    };
+    common::consumers::an_expired_consumer_that_comes_back_gets_a_gap(&apps).await;
+}
+
+#[actix_rt::test]
+async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_users() {
+    let db = consumer_db().await;
+    db.create_old_consumer("legacy").await;
+    // another session reads the table and keeps its transaction open
+    let mut holder = db.client().await;
+    let open = holder.transaction().await.unwrap();
+    open.query("SELECT * FROM sqlnotify.consumers", &[])
+        .await
+        .unwrap();
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("legacy")
+        .install_timeout(Duration::from_secs(2));
+    let e = tokio::time::timeout(Duration::from_secs(30), builder.start())
+        .await
+        .expect("start() waited for the open transaction")
+        .unwrap_err();
+    assert!(
+        matches!(&e, sqlnotify::Error::LockTimeout { object, .. } if object.contains("consumers")),
+        "{e:?}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sqlnotify%'")
+            .await,
+        0,
+        "nothing was installed"
+    );
+    // the reader was never blocked, and once it is done the upgrade goes through
+    open.query("SELECT * FROM sqlnotify.consumers", &[])
+        .await
+        .unwrap();
+    open.commit().await.unwrap();
+    let notifier = builder.start().await.unwrap();
+    let legacy = notifier.consumers().await.unwrap();
+    assert_eq!(
+        (legacy[0].name.as_str(), legacy[0].state),
+        ("legacy", sqlnotify::ConsumerState::Active)
+    );
     notifier.stop().await.unwrap();
 }

@@ -14,6 +14,7 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::consumers::ConsumerDb;
 use common::{init_logging, wait_until, Events, Forward, ARRIVES_WITHIN};
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts};
@@ -1839,12 +1840,15 @@ async fn retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_r
     let expected: Vec<String> = ((watermark + 1)..=last).map(|i| i.to_string()).collect();
     assert_eq!(kept, expected);
 
-    // once the consumer has not been seen for longer than the retention, it protects nothing
+    // a consumer last seen long ago still protects its rows (see
+    // a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen); once dropped on
+    // purpose, it protects nothing
     db.exec("UPDATE sqlnotify_consumers SET updated_at = '2001-01-01' WHERE name = 'reader'")
         .await;
+    notifier.drop_consumer("reader").await.unwrap();
     assert!(
         wait_until(ARRIVES_WITHIN, || async { journal_len().await == 1 }).await,
-        "an inactive consumer kept rows"
+        "a dropped consumer kept rows"
     );
     ev.assert_empty();
     notifier.stop().await.unwrap();
@@ -2252,4 +2256,242 @@ async fn a_second_installer_waits_for_the_install_lock_at_most_the_install_timeo
         .await
         .unwrap();
     let _ = other.disconnect().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Registered consumers and retention (issue 11 §2); scenarios in common/consumers.rs
+// ---------------------------------------------------------------------------------------------
+
+impl ConsumerDb for TestDb {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn builder_at(&self, url: &str) -> sqlnotify::NotifierBuilder {
+        Notifier::builder(url).gap_timeout(Duration::from_millis(500))
+    }
+
+    fn watch(&self, table: &str) -> Watch {
+        Watch::new(table, Operation::Insert)
+    }
+
+    async fn insert(&self, table: &str, ids: std::ops::RangeInclusive<i64>) {
+        insert_rows(self, table, ids).await;
+    }
+
+    async fn journal_head(&self) -> i64 {
+        self.count("SELECT COALESCE(MAX(id), 0) FROM sqlnotify_journal")
+            .await
+    }
+
+    async fn journal_has(&self, id: i64) -> bool {
+        self.count(&format!(
+            "SELECT COUNT(*) FROM sqlnotify_journal WHERE id = {id}"
+        ))
+        .await
+            == 1
+    }
+
+    fn channel(&self, table: &str) -> String {
+        format!("sqlnotify_{}_{table}_insert", self.name)
+    }
+
+    async fn make_stale(&self, name: &str) {
+        self.exec(&format!(
+            "UPDATE sqlnotify_consumers SET updated_at = FROM_UNIXTIME({}) WHERE name = '{name}'",
+            common::consumers::LONG_AGO
+        ))
+        .await;
+    }
+
+    async fn saved_position(&self, name: &str) -> sqlnotify::ConsumerPosition {
+        sqlnotify::ConsumerPosition::JournalId(
+            self.count(&format!(
+                "SELECT watermark FROM sqlnotify_consumers WHERE name = '{name}'"
+            ))
+            .await,
+        )
+    }
+
+    async fn create_old_consumer(&self, name: &str) {
+        self.exec(&format!(
+            "CREATE TABLE sqlnotify_consumers (
+                 `name` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+                 `watermark` BIGINT NOT NULL,
+                 `updated_at` TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+                 PRIMARY KEY (`name`)
+             ) ENGINE=InnoDB;
+             INSERT INTO sqlnotify_consumers VALUES ('{name}', 0, FROM_UNIXTIME({}))",
+            common::consumers::LONG_AGO
+        ))
+        .await;
+    }
+
+    type Open = OpenMysql;
+
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> OpenMysql {
+        let mut conn = self.conn().await;
+        conn.query_drop(format!(
+            "START TRANSACTION; UPDATE sqlnotify_consumers SET missed = JSON_ARRAY('{channel}') \
+             WHERE name = '{name}'"
+        ))
+        .await
+        .unwrap();
+        OpenMysql(conn)
+    }
+}
+
+/// A transaction left open on a connection of its own.
+pub struct OpenMysql(Conn);
+
+impl common::consumers::OpenTransaction for OpenMysql {
+    async fn commit(mut self) {
+        self.0.query_drop("COMMIT").await.unwrap();
+        let _ = self.0.disconnect().await;
+    }
+}
+
+/// A test database with the scenarios' tables `t` and `other`.
+async fn consumer_db() -> TestDb {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY); CREATE TABLE other (id BIGINT PRIMARY KEY)")
+        .await;
+    db
+}
+
+consumer_scenarios!(
+    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
+    a_named_consumer_replays_nothing_until_its_first_subscription,
+    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
+    a_dropped_consumer_that_comes_back_gets_a_gap,
+    an_expired_consumer_that_comes_back_gets_a_gap,
+    stats_count_the_backlog_of_a_running_consumer,
+    a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
+    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
+);
+
+/// Users of one test (users are server-wide), dropped when it ends.
+struct Users(Vec<String>);
+
+impl Users {
+    fn new(kinds: &[&str]) -> Users {
+        let unique = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        Users(
+            kinds
+                .iter()
+                .map(|k| format!("sqn_{k}_{}_{unique}", std::process::id()))
+                .collect(),
+        )
+    }
+
+    /// `url` connecting as user `i`.
+    fn url(&self, url: &str, i: usize) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let rest = rest.split_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}@{rest}", self.0[i])
+    }
+
+    /// Creates the users, with what an application needs in the test's database.
+    async fn grant(&self, db: &TestDb) {
+        for user in &self.0 {
+            db.exec(&format!(
+                "CREATE USER '{user}'@'%';
+                 GRANT SELECT, INSERT, UPDATE, DELETE, TRIGGER ON `{}`.* TO '{user}'@'%';",
+                db.name
+            ))
+            .await;
+        }
+    }
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        let users: Vec<String> = self.0.iter().map(|u| format!("'{u}'@'%'")).collect();
+        let sql = format!("DROP USER IF EXISTS {}", users.join(", "));
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(opts) = Opts::from_url(&server_url()) {
+                    if let Ok(mut conn) = Conn::new(opts).await {
+                        let _ = conn.query_drop(sql).await;
+                        let _ = conn.disconnect().await;
+                    }
+                }
+            })
+        })
+        .join();
+    }
+}
+
+#[actix_rt::test]
+async fn applications_with_users_of_their_own_keep_each_others_rows() {
+    let users = Users::new(&["consumer", "purger"]);
+    let db = consumer_db().await;
+    common::consumers::install_as_owner(&db).await;
+    users.grant(&db).await;
+    let apps = common::consumers::AsRoles {
+        db: &db,
+        consumer_url: users.url(&db.url, 0),
+        purger_url: users.url(&db.url, 1),
+    };
+    common::consumers::a_stopped_consumer_gets_every_row_through_another_notifiers_purge(&apps)
+        .await;
+}
+
+#[actix_rt::test]
+async fn a_purge_by_another_user_expires_a_consumer_and_it_gets_a_gap() {
+    let users = Users::new(&["consumer", "purger"]);
+    let db = consumer_db().await;
+    common::consumers::install_as_owner(&db).await;
+    users.grant(&db).await;
+    let apps = common::consumers::AsRoles {
+        db: &db,
+        consumer_url: users.url(&db.url, 0),
+        purger_url: users.url(&db.url, 1),
+    };
+    common::consumers::an_expired_consumer_that_comes_back_gets_a_gap(&apps).await;
+}
+
+#[actix_rt::test]
+async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_users() {
+    let db = consumer_db().await;
+    db.create_old_consumer("legacy").await;
+    // another session reads the table and keeps its transaction (and metadata lock) open
+    let mut holder = db.conn().await;
+    holder.query_drop("START TRANSACTION").await.unwrap();
+    holder
+        .query_drop("SELECT * FROM sqlnotify_consumers")
+        .await
+        .unwrap();
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .consumer("legacy");
+    let e = tokio::time::timeout(Duration::from_secs(30), builder.start())
+        .await
+        .expect("start() waited for the open transaction")
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Database { .. }) && e.to_string().contains("retry"),
+        "{e}"
+    );
+    // the reader was never blocked, and once it is done the upgrade goes through
+    holder
+        .query_drop("SELECT * FROM sqlnotify_consumers")
+        .await
+        .unwrap();
+    holder.query_drop("COMMIT").await.unwrap();
+    let _ = holder.disconnect().await;
+    let notifier = builder.start().await.unwrap();
+    let legacy = notifier.consumers().await.unwrap();
+    assert_eq!(
+        (legacy[0].name.as_str(), legacy[0].state),
+        ("legacy", sqlnotify::ConsumerState::Active)
+    );
+    notifier.stop().await.unwrap();
 }

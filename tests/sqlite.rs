@@ -1353,11 +1353,14 @@ async fn retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_r
         ((cursor + 1)..=last).collect::<Vec<_>>()
     );
 
-    // once the consumer has not been seen for longer than the retention, it protects nothing
+    // a consumer last seen long ago still protects its rows (see
+    // a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen); once dropped on
+    // purpose, it protects nothing
     db.exec("UPDATE sqlnotify_consumers SET updated_at = 0 WHERE name = 'reader'");
+    notifier.drop_consumer("reader").await.unwrap();
     assert!(
         wait_until(ARRIVES_WITHIN, || async { journal_len().await == 0 }).await,
-        "an inactive consumer kept rows"
+        "a dropped consumer kept rows"
     );
     ev.assert_empty();
     notifier.stop().await.unwrap();
@@ -1620,3 +1623,99 @@ async fn installing_and_removing_wait_for_another_writer_at_most_the_install_tim
     assert_eq!(builder.cleanup().await.unwrap(), 1);
     assert!(db.triggers().is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. Registered consumers and retention (issue 11 §2); scenarios in common/consumers.rs
+// ---------------------------------------------------------------------------------------------
+
+impl common::consumers::ConsumerDb for TempDb {
+    fn url(&self) -> String {
+        TempDb::url(self)
+    }
+
+    fn watch(&self, table: &str) -> Watch {
+        Watch::new(table, Operation::Insert)
+    }
+
+    async fn insert(&self, table: &str, ids: std::ops::RangeInclusive<i64>) {
+        insert_rows(self, table, ids).await;
+    }
+
+    async fn journal_head(&self) -> i64 {
+        self.count("SELECT coalesce(max(id), 0) FROM sqlnotify_journal")
+    }
+
+    async fn journal_has(&self, id: i64) -> bool {
+        self.count(&format!(
+            "SELECT count(*) FROM sqlnotify_journal WHERE id = {id}"
+        )) == 1
+    }
+
+    fn channel(&self, table: &str) -> String {
+        format!("sqlnotify_main_{table}_insert")
+    }
+
+    async fn make_stale(&self, name: &str) {
+        self.exec(&format!(
+            "UPDATE sqlnotify_consumers SET updated_at = {} WHERE name = '{name}'",
+            common::consumers::LONG_AGO
+        ));
+    }
+
+    async fn saved_position(&self, name: &str) -> sqlnotify::ConsumerPosition {
+        sqlnotify::ConsumerPosition::JournalId(self.count(&format!(
+            "SELECT cursor FROM sqlnotify_consumers WHERE name = '{name}'"
+        )))
+    }
+
+    async fn create_old_consumer(&self, name: &str) {
+        self.exec(&format!(
+            "CREATE TABLE sqlnotify_consumers (
+                 name TEXT PRIMARY KEY,
+                 cursor INTEGER NOT NULL,
+                 updated_at REAL NOT NULL
+             );
+             INSERT INTO sqlnotify_consumers VALUES ('{name}', 0, {})",
+            common::consumers::LONG_AGO
+        ));
+    }
+
+    type Open = OpenSqlite;
+
+    async fn purge_in_progress(&self, name: &str, channel: &str) -> OpenSqlite {
+        let conn = self.conn();
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; UPDATE sqlnotify_consumers SET missed = json_array('{channel}') \
+             WHERE name = '{name}'"
+        ))
+        .unwrap();
+        OpenSqlite(conn)
+    }
+}
+
+/// A write transaction left open on a connection of its own.
+pub struct OpenSqlite(Connection);
+
+impl common::consumers::OpenTransaction for OpenSqlite {
+    async fn commit(self) {
+        self.0.execute_batch("COMMIT").unwrap();
+    }
+}
+
+/// A test database with the scenarios' tables `t` and `other`.
+async fn consumer_db() -> TempDb {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY); CREATE TABLE other (id INTEGER PRIMARY KEY)");
+    db
+}
+
+consumer_scenarios!(
+    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
+    a_named_consumer_replays_nothing_until_its_first_subscription,
+    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
+    a_dropped_consumer_that_comes_back_gets_a_gap,
+    an_expired_consumer_that_comes_back_gets_a_gap,
+    stats_count_the_backlog_of_a_running_consumer,
+    a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
+    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
+);

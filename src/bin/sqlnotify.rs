@@ -6,6 +6,9 @@
 //! sqlnotify tail sqlite://app.db --table users --op insert,update --columns email
 //! sqlnotify install-sql postgres://postgres@127.0.0.1/app --table users --op insert
 //! sqlnotify cleanup mysql://root@127.0.0.1:3306/app
+//! sqlnotify cleanup postgres://postgres@127.0.0.1/app
+//! sqlnotify consumers list sqlite://app.db
+//! sqlnotify consumers drop sqlite://app.db billing
 //! ```
 //!
 //! Exit status: 0 on success (and after Ctrl-C or SIGTERM); 2 on bad usage — arguments that do
@@ -19,9 +22,11 @@ use std::cell::Cell;
 use std::io::Write;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
+use sqlnotify::ConsumerInfo;
 use sqlnotify::{Capture, Tier, Watch};
 use sqlnotify::{ChangeEvent, Key, Notifier, NotifierBuilder, Operation, Status, Subscription};
 
@@ -89,6 +94,41 @@ enum Command {
         url: String,
         #[command(flatten)]
         locks: LockArgs,
+    },
+    /// List or drop the named consumers registered in the database.
+    ///
+    /// A named consumer (a notifier built with `.consumer("name")`) keeps every journal row it
+    /// has not read from the purge, however long it is stopped, until it is dropped (or its
+    /// own expiry passes).
+    ///
+    /// Example: sqlnotify consumers list sqlite://app.db
+    Consumers {
+        #[command(subcommand)]
+        action: ConsumersAction,
+    },
+}
+
+/// What to do with the registered consumers.
+#[derive(Debug, Subcommand)]
+enum ConsumersAction {
+    /// Print the registered consumers as a table on stdout.
+    ///
+    /// One line per consumer: name, state (active, dropped, expired), position, backlog
+    /// (journal rows on its channels it has not read), last activity, expiry and channels.
+    List {
+        /// The database URL.
+        url: String,
+    },
+    /// Drop a consumer on purpose.
+    ///
+    /// From now on it protects nothing: the purge deletes the rows it has not read once they
+    /// are older than the retention. If it starts again it resumes with what is left and is
+    /// told (Status::Gap) about what was purged meanwhile.
+    Drop {
+        /// The database URL.
+        url: String,
+        /// The consumer's name.
+        name: String,
     },
 }
 
@@ -364,6 +404,75 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("sqlnotify: removed {removed} watch(es)");
             Ok(())
         }
+        Command::Consumers {
+            action: ConsumersAction::List { url },
+        } => {
+            let consumers = Notifier::builder(url).consumers().await?;
+            print!("{}", consumer_table(&consumers, SystemTime::now()));
+            if consumers.is_empty() {
+                eprintln!("sqlnotify: no named consumer is registered in this database");
+            }
+            Ok(())
+        }
+        Command::Consumers {
+            action: ConsumersAction::Drop { url, name },
+        } => {
+            Notifier::builder(url).drop_consumer(&name).await?;
+            eprintln!("sqlnotify: dropped consumer {name:?}");
+            Ok(())
+        }
+    }
+}
+
+/// The consumers as an aligned table, one line each after a header.
+fn consumer_table(consumers: &[ConsumerInfo], now: SystemTime) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "STATE".into(),
+        "POSITION".into(),
+        "BACKLOG".into(),
+        "LAST ACTIVE".into(),
+        "EXPIRY".into(),
+        "CHANNELS".into(),
+    ]];
+    for c in consumers {
+        let ago = now.duration_since(c.last_active).unwrap_or_default();
+        rows.push([
+            c.name.clone(),
+            c.state.to_string(),
+            c.position.to_string(),
+            c.backlog.to_string(),
+            format!("{} ago", short_duration(ago)),
+            c.expire_after.map_or("-".into(), short_duration),
+            c.channels
+                .as_ref()
+                .map_or("(all)".into(), |channels| channels.join(",")),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A duration in its largest whole unit: 45s, 12m, 3h, 2d.
+fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3_599 => format!("{}m", secs / 60),
+        3_600..=86_399 => format!("{}h", secs / 3_600),
+        _ => format!("{}d", secs / 86_400),
     }
 }
 
@@ -550,4 +659,28 @@ fn event_json(event: &ChangeEvent) -> String {
         event.sequence().map_or("null".to_string(), |s| s.to_string()),
         event.is_truncated(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_shown_in_their_largest_whole_unit() {
+        let d = Duration::from_secs;
+        assert_eq!(short_duration(d(0)), "0s");
+        assert_eq!(short_duration(d(59)), "59s");
+        assert_eq!(short_duration(d(60)), "1m");
+        assert_eq!(short_duration(d(3_599)), "59m");
+        assert_eq!(short_duration(d(7_200)), "2h");
+        assert_eq!(short_duration(d(3 * 86_400 + 5)), "3d");
+    }
+
+    #[test]
+    fn an_empty_list_is_just_the_header() {
+        assert_eq!(
+            consumer_table(&[], SystemTime::now()),
+            "NAME  STATE  POSITION  BACKLOG  LAST ACTIVE  EXPIRY  CHANNELS\n"
+        );
+    }
 }

@@ -163,6 +163,10 @@ pub(crate) fn setup_statements(database: &str) -> Vec<String> {
     `name` VARCHAR(255) {text} NOT NULL,
     `watermark` BIGINT NOT NULL,
     `updated_at` TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    `state` VARCHAR(16) NOT NULL DEFAULT 'active',
+    `channels` LONGTEXT {text} NULL,
+    `expire_after_us` BIGINT NULL,
+    `missed` LONGTEXT {text} NULL,
     PRIMARY KEY (`name`)
 ) ENGINE=InnoDB",
             qualified(database, CONSUMERS)

@@ -1,5 +1,5 @@
 //! The MySQL journal: rows appended by the triggers, read by cursor without skipping late
-//! commits, trimmed by retention, and the consumer watermarks saved next to it.
+//! commits (trimmed by retention, and consumers' watermarks kept, in `consumers.rs`).
 //!
 //! # The problem
 //!
@@ -48,11 +48,9 @@ use mysql_async::prelude::*;
 use mysql_async::Conn;
 
 use super::catalog::db_err;
-use super::ddl::{qualified, CONSUMERS, JOURNAL};
+use super::ddl::{qualified, JOURNAL};
 use crate::error::Result;
 
-/// Rows deleted per statement when trimming, so locks are held only briefly.
-const PURGE_BATCH: u64 = 2_000;
 /// Most gap ranges spelled out in one read; the rest are read as one range (and deduped).
 const MAX_RANGES: usize = 64;
 
@@ -273,77 +271,6 @@ pub(crate) async fn append(
     )
     .await
     .map_err(db_err(format!("writing a notification on {channel}")))
-}
-
-/// The saved watermark of consumer `name`, if it has one.
-pub(crate) async fn load_watermark(
-    conn: &mut Conn,
-    database: &str,
-    name: &str,
-) -> Result<Option<i64>> {
-    conn.exec_first(
-        format!(
-            "SELECT `watermark` FROM {} WHERE `name` = ?",
-            qualified(database, CONSUMERS)
-        ),
-        (name,),
-    )
-    .await
-    .map_err(db_err(format!("reading the cursor of consumer {name:?}")))
-}
-
-/// Saves consumer `name`'s watermark (never moving it backwards) and marks it alive now.
-pub(crate) async fn save_watermark(
-    conn: &mut Conn,
-    database: &str,
-    name: &str,
-    watermark: i64,
-) -> Result<()> {
-    conn.exec_drop(
-        format!(
-            "INSERT INTO {} (`name`, `watermark`, `updated_at`) VALUES (?, ?, NOW(6)) \
-             ON DUPLICATE KEY UPDATE `watermark` = GREATEST(`watermark`, ?), `updated_at` = NOW(6)",
-            qualified(database, CONSUMERS)
-        ),
-        (name, watermark, watermark),
-    )
-    .await
-    .map_err(db_err(format!("saving the cursor of consumer {name:?}")))
-}
-
-/// Deletes journal rows older than `retention`, except rows a consumer seen within the
-/// retention window has not read yet, and the newest row (so that `AUTO_INCREMENT`, which
-/// older servers recompute from the table after a restart, never hands out an id again).
-/// Returns how many rows were deleted.
-pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) -> Result<u64> {
-    let journal = qualified(database, JOURNAL);
-    let context = "trimming the journal";
-    let newest: Option<Option<i64>> = conn
-        .query_first(format!("SELECT MAX(`id`) FROM {journal}"))
-        .await
-        .map_err(db_err(context))?;
-    let Some(newest) = newest.flatten() else {
-        return Ok(0);
-    };
-    let sql = format!(
-        "DELETE FROM {journal} WHERE `id` < ? AND `created_at` < NOW(6) - INTERVAL ? MICROSECOND \
-           AND `id` <= COALESCE((SELECT MIN(`watermark`) FROM {consumers} \
-                                  WHERE `updated_at` >= NOW(6) - INTERVAL ? MICROSECOND), 9223372036854775807) \
-         ORDER BY `id` LIMIT {PURGE_BATCH}",
-        consumers = qualified(database, CONSUMERS)
-    );
-    let keep = micros(retention);
-    let mut total = 0;
-    loop {
-        conn.exec_drop(&sql, (newest, keep, keep))
-            .await
-            .map_err(db_err(context))?;
-        let n = conn.affected_rows();
-        total += n;
-        if n < PURGE_BATCH {
-            return Ok(total);
-        }
-    }
 }
 
 #[cfg(test)]

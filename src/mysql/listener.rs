@@ -11,9 +11,10 @@
 //! health-check interval, else the connection counts as dead.
 //!
 //! Rows are handed to the decoder in batches, after taking one unit of the in-flight budget
-//! per row: when the pipeline is full the cursor simply waits. A named consumer saves its low
-//! watermark once everything read up to it has left the pipeline, and refreshes its "alive"
-//! mark while idle (retention keeps what it has not read).
+//! per row: when the pipeline is full the cursor simply waits. A named consumer registers when
+//! it is placed (one that was dropped or expired and missed purged rows announces
+//! [`Status::Gap`]), reads nothing before its first subscription, saves its low watermark once
+//! everything read up to it has left the pipeline, and refreshes its "alive" mark while idle.
 //!
 //! If the watcher fails (lost connection, failed query), the actor stops and its supervisor
 //! restarts it after a jittered backoff; the new watcher resumes from the shared cursor and
@@ -34,8 +35,10 @@ use mysql_async::{Conn, Opts};
 use tokio::sync::{oneshot, watch, Notify, Semaphore};
 
 use super::catalog::db_err;
+use super::consumers;
 use super::journal::{self, Cursor};
 use crate::backoff::Backoff;
+use crate::consumer::{report_gap, ConsumerParams};
 use crate::decoder::RawBatch;
 use crate::dialect::{ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
@@ -53,8 +56,6 @@ const STAY_ACTIVE: Duration = Duration::from_millis(500);
 const READ_BATCH: usize = 1_000;
 /// How often a named consumer saves its watermark while events flow.
 const SAVE_EVERY: Duration = Duration::from_millis(100);
-/// How often an idle named consumer refreshes its "alive" mark (for retention).
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// Shortest time a query may take before the connection counts as dead.
 const MIN_QUERY_LIMIT: Duration = Duration::from_secs(2);
 
@@ -75,7 +76,9 @@ struct Shared {
     gap_timeout: Duration,
     query_limit: Duration,
     channels: Arc<HashSet<String>>,
-    consumer: Option<String>,
+    /// The same channels, sorted (what a named consumer registers).
+    channel_list: Arc<Vec<String>>,
+    consumer: Option<ConsumerParams>,
     decoder: Recipient<RawBatch>,
     status: Recipient<StatusEvent>,
     budget: Arc<Semaphore>,
@@ -200,13 +203,17 @@ async fn place(conn: &mut Conn, shared: &Shared) -> Result<()> {
     }
     let db = shared.database;
     let saved = match &shared.consumer {
-        Some(name) => journal::load_watermark(conn, db, name).await?,
+        Some(consumer) => {
+            consumers::ensure(conn, db).await?;
+            consumers::reactivate(conn, db, consumer, &shared.channel_list).await?
+        }
         None => None,
     };
     let now = Instant::now();
     let cursor = match saved {
-        Some(low) => {
+        Some((low, missed)) => {
             log::debug!("sqlnotify: MySQL consumer resumes after journal id {low}");
+            gap(shared, missed);
             shared.saving().saved = Some((low, now));
             Cursor::new(low, shared.gap_timeout)
         }
@@ -216,8 +223,8 @@ async fn place(conn: &mut Conn, shared: &Shared) -> Result<()> {
             let mut cursor = Cursor::new(low, shared.gap_timeout);
             cursor.mark(ids, now);
             cursor.advance(now);
-            if let Some(name) = &shared.consumer {
-                journal::save_watermark(conn, db, name, head).await?;
+            if let Some(consumer) = &shared.consumer {
+                consumers::insert(conn, db, consumer, &shared.channel_list, head).await?;
                 shared.saving().saved = Some((head, now));
             }
             log::debug!("sqlnotify: MySQL listener starts after journal id {head}");
@@ -297,13 +304,20 @@ async fn watch_journal(
                 .await?;
             last_query = Instant::now();
         }
-        if let (Some(name), Some(watermark)) = (&shared.consumer, save_due(shared)) {
-            shared
+        if let (Some(consumer), Some(watermark)) = (&shared.consumer, save_due(shared)) {
+            let missed = shared
                 .within(
                     "saving the consumer cursor",
-                    journal::save_watermark(&mut conn, shared.database, name, watermark),
+                    consumers::save_running(
+                        &mut conn,
+                        shared.database,
+                        consumer,
+                        &shared.channel_list,
+                        watermark,
+                    ),
                 )
                 .await?;
+            gap(shared, missed);
             shared.saving().saved = Some((watermark, Instant::now()));
         }
         if last_row.elapsed() > STAY_ACTIVE {
@@ -321,6 +335,7 @@ async fn watch_journal(
 /// it has left the pipeline, and it moved (at most every `SAVE_EVERY`) or the heartbeat is
 /// due.
 fn save_due(shared: &Shared) -> Option<i64> {
+    let heartbeat = shared.consumer.as_ref()?.heartbeat();
     let settled = shared.stats.settled.load(Ordering::Relaxed);
     let mut saving = shared.saving();
     let settled_entries = saving
@@ -341,7 +356,7 @@ fn save_due(shared: &Shared) -> Option<i64> {
     let due = match saving.saved {
         None => true,
         Some((saved, at)) => {
-            (safe > saved && at.elapsed() >= SAVE_EVERY) || at.elapsed() >= HEARTBEAT_EVERY
+            (safe > saved && at.elapsed() >= SAVE_EVERY) || at.elapsed() >= heartbeat
         }
     };
     if !due {
@@ -349,6 +364,16 @@ fn save_due(shared: &Shared) -> Option<i64> {
     }
     saving.unsaved.drain(..settled_entries);
     Some(safe)
+}
+
+/// Announces that a (re)registered consumer missed purged rows on `missed`, if any.
+fn gap(shared: &Shared, missed: Vec<String>) {
+    if let (false, Some(consumer)) = (missed.is_empty(), &shared.consumer) {
+        report_gap(&consumer.name, &missed);
+        shared
+            .status
+            .do_send(StatusEvent::now(Status::Gap { channels: missed }));
+    }
 }
 
 /// Reads and forwards every unread row. Returns how many events were forwarded, or `None`
@@ -565,7 +590,9 @@ impl ListenerHandle for MysqlListenerHandle {
             let mut conn = Conn::new(opts)
                 .await
                 .map_err(db_err("connecting to save the consumer cursor"))?;
-            let saved = journal::save_watermark(&mut conn, database, &name, latest).await;
+            let saved = consumers::save(&mut conn, database, &name, latest)
+                .await
+                .map(|_| ());
             let _ = conn.disconnect().await;
             saved
         })
@@ -583,13 +610,18 @@ pub(crate) async fn start(
     let (ready, is_ready) = oneshot::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let latest = Arc::new(AtomicI64::new(-1));
+    let mut channel_list: Vec<String> = params.channels.into_iter().map(|(name, _)| name).collect();
+    channel_list.sort();
+    channel_list.dedup();
+    let consumer_name = params.consumer.as_ref().map(|c| c.name.clone());
     let shared = Shared {
         opts: opts.clone(),
         database,
         gap_timeout,
         query_limit: params.health_check.max(MIN_QUERY_LIMIT),
-        channels: Arc::new(params.channels.into_iter().map(|(name, _)| name).collect()),
-        consumer: params.consumer.clone(),
+        channels: Arc::new(channel_list.iter().cloned().collect()),
+        channel_list: Arc::new(channel_list),
+        consumer: params.consumer,
         decoder: params.decoder,
         status: params.status,
         budget: params.budget,
@@ -616,7 +648,7 @@ pub(crate) async fn start(
             addr,
             opts,
             database,
-            consumer: params.consumer,
+            consumer: consumer_name,
             latest,
         })),
         Ok(Err(e)) => {

@@ -18,8 +18,8 @@
 //! fails the user's write (see `ddl.rs`).
 //!
 //! What sqlnotify creates: three tables in the URL's database — `sqlnotify_catalog`,
-//! `sqlnotify_journal`, `sqlnotify_consumers` — and one trigger per watch, named after its
-//! channel, in the watched table's database. Triggers name the journal with its database, so
+//! `sqlnotify_journal`, `sqlnotify_consumers` (registered consumers, see `consumers.rs`) — and
+//! one trigger per watch, named after its channel, in the watched table's database. Triggers name the journal with its database, so
 //! tables of other databases on the same server can be watched too
 //! (`Watch::new("otherdb.table", …)`). Triggers do not fire for changes made by foreign-key
 //! cascades (a MySQL limitation).
@@ -34,6 +34,7 @@
 //! `NotifierBuilder::gap_timeout` sets the same and wins over the URL parameter.
 
 mod catalog;
+mod consumers;
 mod ddl;
 mod journal;
 mod listener;
@@ -48,6 +49,7 @@ use mysql_async::{Conn, Opts};
 use tokio::sync::{Notify, OwnedMutexGuard};
 
 use self::ddl::Kinds;
+use crate::consumer::ConsumerInfo;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
 use crate::event::Channel;
@@ -371,6 +373,26 @@ impl Dialect for Mysql {
     fn close(&self) -> BoxFuture<'static, ()> {
         self.control.close()
     }
+
+    fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>> {
+        let database = self.database;
+        self.control
+            .run(move |conn| Box::pin(async move { consumers::list(conn, database).await }))
+    }
+
+    fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>> {
+        let database = self.database;
+        self.control.run(move |conn| {
+            Box::pin(async move { consumers::drop_consumer(conn, database, &name).await })
+        })
+    }
+
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
+        let database = self.database;
+        self.control.run(move |conn| {
+            Box::pin(async move { consumers::backlog(conn, database, &name).await })
+        })
+    }
 }
 
 /// The decoder's view of MySQL: payloads are never references (no size limit), and the
@@ -392,7 +414,7 @@ impl OverflowStore for JournalStore {
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
         let database = self.database;
         self.control.run(move |conn| {
-            Box::pin(async move { journal::purge(conn, database, retention).await })
+            Box::pin(async move { consumers::purge(conn, database, retention).await })
         })
     }
 }

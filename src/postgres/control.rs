@@ -102,34 +102,25 @@ impl OverflowStore for Arc<Control> {
                  RETURNING 1) SELECT count(*) FROM d",
                 s = quote_ident(SCHEMA)
             );
-            // Journal rows a consumer seen within the retention window has not read yet
-            // (its horizon is at or below their transaction) are kept.
-            let journal = format!(
-                "WITH d AS (DELETE FROM {s}.journal WHERE id IN (SELECT j.id FROM {s}.journal j \
-                 WHERE j.created_at < now() - pg_catalog.make_interval(secs => $1) \
-                 AND NOT EXISTS (SELECT 1 FROM {s}.consumers c WHERE j.xid >= c.horizon \
-                   AND c.updated_at >= now() - pg_catalog.make_interval(secs => $1)) \
-                                  ORDER BY j.id LIMIT $2) RETURNING 1) SELECT count(*) FROM d",
-                s = quote_ident(SCHEMA)
-            );
             let secs = retention.as_secs_f64();
             let mut total = 0;
-            for (sql, what) in [(&sql, "overflow"), (&journal, "journal")] {
-                loop {
-                    let n = client
-                        .query_typed_one(
-                            sql.as_str(),
-                            &[(&secs, Type::FLOAT8), (&PURGE_BATCH, Type::INT8)],
-                        )
-                        .await
-                        .map_err(|e| Error::db(format!("deleting expired {what} rows"), e))?
-                        .get::<_, i64>(0) as u64;
-                    total += n;
-                    if n < PURGE_BATCH as u64 {
-                        break;
-                    }
+            loop {
+                let n = client
+                    .query_typed_one(
+                        sql.as_str(),
+                        &[(&secs, Type::FLOAT8), (&PURGE_BATCH, Type::INT8)],
+                    )
+                    .await
+                    .map_err(|e| Error::db("deleting expired overflow rows", e))?
+                    .get::<_, i64>(0) as u64;
+                total += n;
+                if n < PURGE_BATCH as u64 {
+                    break;
                 }
             }
+            drop(client);
+            // Journal rows: only those no registered consumer still has to read.
+            total += super::consumers::purge_journal(&this, retention).await?;
             Ok(total)
         })
     }

@@ -133,10 +133,12 @@ BEGIN
     REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {s} FROM PUBLIC;
   END IF;
 END
-$sqn$;",
+$sqn$;
+{consumers}",
         s = quote_ident(SCHEMA),
         lit = quote_literal(SCHEMA),
         key = signing::create_key_sql(),
+        consumers = super::consumers::setup_sql(),
     )
 }
 

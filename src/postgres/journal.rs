@@ -13,7 +13,10 @@
 //! picked up however low its id. Rows read twice that way are suppressed with a set of the
 //! ids already delivered whose xid is at or above the horizon; ids below it can never come
 //! back, so the set stays as small as the set of recently committed rows. The horizon is what
-//! a named consumer saves: restarting from it replays at least everything not yet delivered.
+//! a named consumer saves, with the ids in that set (a [`Position`]): restarting from it
+//! replays exactly what was not delivered — or, when the set is too large to store (a
+//! transaction somewhere in the cluster stayed open long, holding every horizon back), at
+//! least that.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -40,6 +43,17 @@ use crate::watch::STATEMENT_CHUNK_ROWS;
 const BATCH: usize = 512;
 const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::notifier::MIN_IN_FLIGHT);
 
+/// Most delivered ids a saved position carries; beyond that it saves the horizon alone.
+pub(crate) const MAX_SAVED_SEEN: usize = 1_000;
+
+/// What a named consumer saves: its horizon, and the ids at or above it already delivered
+/// (`None` when there were more than [`MAX_SAVED_SEEN`]: a restart delivers them again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub horizon: u64,
+    pub seen: Option<Vec<i64>>,
+}
+
 /// Where a listener is in the journal.
 #[derive(Debug, Default)]
 pub(crate) struct JournalCursor {
@@ -55,12 +69,24 @@ pub(crate) struct ReadOutcome {
 }
 
 impl JournalCursor {
-    /// A cursor resuming from a saved horizon.
-    pub fn resume(horizon: u64) -> Self {
+    /// A cursor resuming from a saved horizon and the ids at or above it already delivered
+    /// (with their transaction ids).
+    pub fn resume(horizon: u64, seen: HashMap<i64, u64>) -> Self {
         JournalCursor {
             horizon: Some(horizon),
-            seen: HashMap::new(),
+            seen,
         }
+    }
+
+    /// The position to save once everything read so far has left the pipeline.
+    pub fn position(&self) -> Option<Position> {
+        let horizon = self.horizon?;
+        let seen = (self.seen.len() <= MAX_SAVED_SEEN).then(|| {
+            let mut ids: Vec<i64> = self.seen.keys().copied().collect();
+            ids.sort_unstable();
+            ids
+        });
+        Some(Position { horizon, seen })
     }
 
     /// Reads every row past the horizon on `channels`; delivers those not seen yet (or, when
@@ -166,40 +192,28 @@ async fn forward(
     Ok(u64::from(n))
 }
 
+/// The transaction ids of the journal rows `ids` still there (rows a saved position says were
+/// delivered; purged ones cannot come back anyway).
+pub(crate) async fn seen_xids(client: &Client, ids: &[i64]) -> Result<HashMap<i64, u64>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = format!(
+        "SELECT id, xid::text FROM {}.journal WHERE id = ANY($1)",
+        quote_ident(SCHEMA)
+    );
+    let rows = client
+        .query_typed(&sql, &[(&ids, Type::INT8_ARRAY)])
+        .await
+        .map_err(|e| Error::db("reading the journal", e))?;
+    rows.iter()
+        .map(|r| Ok((r.get::<_, i64>(0), parse_xid(&r.get::<_, String>(1))?)))
+        .collect()
+}
+
 fn parse_xid(text: &str) -> Result<u64> {
     text.parse().map_err(|_| Error::InvalidPayload {
         channel: "journal".into(),
         reason: format!("unexpected transaction id {text:?}"),
     })
-}
-
-/// The saved horizon of consumer `name`.
-pub(crate) async fn load_horizon(client: &Client, name: &str) -> Result<Option<u64>> {
-    let sql = format!(
-        "SELECT horizon::text FROM {}.consumers WHERE name = $1",
-        quote_ident(SCHEMA)
-    );
-    let row = client
-        .query_typed_opt(&sql, &[(&name, Type::TEXT)])
-        .await
-        .map_err(|e| Error::db(format!("reading the cursor of consumer {name:?}"), e))?;
-    row.map(|r| parse_xid(&r.get::<_, String>(0))).transpose()
-}
-
-/// Saves consumer `name`'s horizon (never moving it backwards) and marks it alive.
-pub(crate) async fn save_horizon(client: &Client, name: &str, horizon: u64) -> Result<()> {
-    let sql = format!(
-        "INSERT INTO {s}.consumers (name, horizon, updated_at) VALUES ($1, $2::text::xid8, now())
-         ON CONFLICT (name) DO UPDATE SET horizon = GREATEST({s}.consumers.horizon, EXCLUDED.horizon),
-                                          updated_at = now()",
-        s = quote_ident(SCHEMA)
-    );
-    client
-        .query_typed(
-            &sql,
-            &[(&name, Type::TEXT), (&horizon.to_string(), Type::TEXT)],
-        )
-        .await
-        .map_err(|e| Error::db(format!("saving the cursor of consumer {name:?}"), e))?;
-    Ok(())
 }

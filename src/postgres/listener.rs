@@ -18,8 +18,10 @@
 //! Journal tiers (see `journal.rs`): durable channels are LISTENed to as well, but their
 //! (empty) notifications only wake a journal read; poll channels are read on an adaptive
 //! timer. After a reconnect the journal is read right after LISTEN, and the catch-up is
-//! announced as [`Status::Resynced`]. A named consumer saves its horizon once everything read
-//! up to it has left the pipeline.
+//! announced as [`Status::Resynced`]. A named consumer registers when it first connects (a
+//! consumer that was dropped or expired and missed purged rows announces [`Status::Gap`] then),
+//! reads nothing until its first subscription exists, and saves its horizon once everything
+//! read up to it has left the pipeline.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
@@ -35,10 +37,12 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
 
+use super::consumers;
 use super::control::Control;
-use super::journal::{self, JournalCursor};
+use super::journal::{self, JournalCursor, Position};
 use super::signing::{Refused, Verifier};
 use crate::backoff::Backoff;
+use crate::consumer::{report_gap, ConsumerParams};
 use crate::decoder::RawBatch;
 use crate::dialect::{ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
@@ -61,8 +65,6 @@ const POLL_MAX: Duration = Duration::from_millis(25);
 const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// How often a forged notification is logged at most (each one is counted).
 const FORGERY_LOG_EVERY: Duration = Duration::from_secs(60);
-/// How often an idle named consumer refreshes its "alive" mark (for retention).
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 
 /// A live connection: the client (shared with health checks and journal reads) and its
 /// reader task.
@@ -79,14 +81,18 @@ struct Journal {
     cursor: Arc<tokio::sync::Mutex<JournalCursor>>,
     /// A wake-up arrived during a read: read again when it finishes.
     dirty: bool,
+    /// A read was held back: a named consumer reads nothing before its first subscription.
+    held: bool,
     poll: bool,
     poll_interval: Duration,
-    /// (notifications forwarded when a read ended, horizon after it), oldest first.
-    unsaved: VecDeque<(u64, u64)>,
-    /// Last saved horizon and when.
-    saved: Option<(u64, Instant)>,
-    /// The newest horizon, for the final save after stop.
-    latest: Arc<Mutex<Option<u64>>>,
+    /// (notifications forwarded when a read ended, position after it), oldest first.
+    unsaved: VecDeque<(u64, Position)>,
+    /// The newest position whose events have all left the pipeline, not saved yet.
+    pending: Option<Position>,
+    /// Last saved position and when.
+    saved: Option<(Position, Instant)>,
+    /// The newest position, for the final save after stop.
+    latest: Arc<Mutex<Option<Position>>>,
 }
 
 pub(crate) struct PgListener {
@@ -147,6 +153,11 @@ impl PgListener {
             .map(|j| (j.cursor.clone(), j.channels.clone()));
         let placer = Placer {
             consumer: self.params.consumer.clone(),
+            channels: self
+                .journal
+                .as_ref()
+                .map(|j| j.channels.clone())
+                .unwrap_or_default(),
             decoder: self.params.decoder.clone(),
             budget: self.params.budget.clone(),
             stats: self.params.stats.clone(),
@@ -167,12 +178,13 @@ impl PgListener {
                 // LISTEN first, then place the cursor: nothing committed in between is missed.
                 if let Some((cursor, channels)) = place {
                     let mut cursor = cursor.lock().await;
+                    let mut missed = Vec::new();
                     if cursor.horizon.is_none() {
-                        placer.place(&client, &mut cursor, &channels).await?;
+                        missed = placer.place(&client, &mut cursor, &channels).await?;
                     }
-                    return Ok(cursor.horizon);
+                    return Ok((cursor.position(), missed));
                 }
-                Ok(None)
+                Ok((None, Vec::new()))
             }
             .await;
             match prepared {
@@ -193,18 +205,22 @@ impl PgListener {
             connecting
                 .into_actor(self)
                 .map(|result, act, ctx| match result {
-                    Ok((live, placed)) => {
+                    Ok((live, (placed, missed))) => {
                         log::info!(
                             "sqlnotify: listening on {} channels",
                             act.params.channels.len()
                         );
                         act.live = Some(live);
                         act.attempt = 0;
-                        if let (Some(journal), Some(horizon)) = (act.journal.as_mut(), placed) {
+                        if let (Some(journal), Some(position)) = (act.journal.as_mut(), placed) {
                             *journal.latest.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(horizon);
+                                Some(position);
                         }
                         act.status(Status::Connected);
+                        if let (false, Some(consumer)) = (missed.is_empty(), &act.params.consumer) {
+                            report_gap(&consumer.name, &missed);
+                            act.status(Status::Gap { channels: missed });
+                        }
                         if act.was_connected && !act.notify.is_empty() {
                             act.status(Status::Gap {
                                 channels: act.notify.clone(),
@@ -237,6 +253,13 @@ impl PgListener {
         let (Some(journal), Some(live)) = (self.journal.as_mut(), self.live.as_ref()) else {
             return;
         };
+        if self.params.consumer.is_some()
+            && !self.params.stats.has_subscriber.load(Ordering::Acquire)
+        {
+            // Rows read now would reach nobody, and the saved horizon would pass them.
+            journal.held = true;
+            return;
+        }
         let Ok(mut cursor) = journal.cursor.clone().try_lock_owned() else {
             journal.dirty = true; // a read is running
             return;
@@ -252,19 +275,19 @@ impl PgListener {
             let outcome = cursor
                 .read(&client, &channels, true, &decoder, &budget, &stats)
                 .await;
-            (cursor.horizon, outcome)
+            (cursor.position(), outcome)
         };
         ctx.spawn(
             read.into_actor(self)
-                .map(move |(horizon, outcome), act, ctx| {
-                    act.journal_read(horizon, outcome, resync, ctx);
+                .map(move |(position, outcome), act, ctx| {
+                    act.journal_read(position, outcome, resync, ctx);
                 }),
         );
     }
 
     fn journal_read(
         &mut self,
-        horizon: Option<u64>,
+        position: Option<Position>,
         outcome: Result<journal::ReadOutcome>,
         resync: bool,
         ctx: &mut Context<Self>,
@@ -273,9 +296,9 @@ impl PgListener {
         let Some(journal) = self.journal.as_mut() else {
             return;
         };
-        if let Some(horizon) = horizon {
-            journal.unsaved.push_back((forwarded, horizon));
-            *journal.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(horizon);
+        if let Some(position) = position {
+            *journal.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(position.clone());
+            journal.unsaved.push_back((forwarded, position));
         }
         let delivered = match outcome {
             Ok(outcome) => outcome.delivered,
@@ -309,37 +332,52 @@ impl PgListener {
     /// Saves a named consumer's horizon once everything read up to it has left the pipeline.
     fn save_horizon(&mut self, ctx: &mut Context<Self>) {
         let settled = self.params.stats.settled.load(Ordering::Relaxed);
-        let (Some(name), Some(journal), Some(live)) = (
+        let (Some(consumer), Some(journal), Some(live)) = (
             self.params.consumer.clone(),
             self.journal.as_mut(),
             self.live.as_ref(),
         ) else {
             return;
         };
-        let mut safe = journal.saved.map(|(h, _)| h);
-        while let Some(&(forwarded, horizon)) = journal.unsaved.front() {
-            if forwarded > settled {
-                break;
-            }
-            safe = Some(safe.map_or(horizon, |s| s.max(horizon)));
-            journal.unsaved.pop_front();
+        let heartbeat = consumer.heartbeat();
+        while journal
+            .unsaved
+            .front()
+            .is_some_and(|(forwarded, _)| *forwarded <= settled)
+        {
+            journal.pending = journal.unsaved.pop_front().map(|(_, position)| position);
         }
-        let Some(horizon) = safe else { return };
-        let due = match journal.saved {
+        let Some(position) = journal
+            .pending
+            .clone()
+            .or_else(|| journal.saved.as_ref().map(|(p, _)| p.clone()))
+        else {
+            return;
+        };
+        let due = match &journal.saved {
             None => true,
             Some((saved, at)) => {
-                (horizon > saved && at.elapsed() >= SAVE_EVERY) || at.elapsed() >= HEARTBEAT_EVERY
+                (position != *saved && at.elapsed() >= SAVE_EVERY) || at.elapsed() >= heartbeat
             }
         };
         if !due {
             return;
         }
-        journal.saved = Some((horizon, Instant::now()));
-        let client = live.client.clone();
+        journal.pending = None;
+        journal.saved = Some((position.clone(), Instant::now()));
+        let (client, channels) = (live.client.clone(), journal.channels.clone());
+        let status = self.params.status.clone();
         ctx.spawn(
             async move {
-                if let Err(e) = journal::save_horizon(&client, &name, horizon).await {
-                    log::warn!("sqlnotify: {e}");
+                match consumers::save_running(&client, &consumer, &channels, &position).await {
+                    Ok(missed) if !missed.is_empty() => {
+                        // Dropped or expired while running, and rows it had not read were
+                        // purged meanwhile: registered again, and says so.
+                        report_gap(&consumer.name, &missed);
+                        status.do_send(StatusEvent::now(Status::Gap { channels: missed }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!("sqlnotify: {e}"),
                 }
             }
             .into_actor(self),
@@ -381,26 +419,37 @@ impl PgListener {
     }
 }
 
-/// Places a new journal cursor: at a named consumer's saved horizon, else at "now".
+/// Places a new journal cursor: at a named consumer's saved horizon, else at "now" (and
+/// registers a new named consumer there).
 struct Placer {
-    consumer: Option<String>,
+    consumer: Option<ConsumerParams>,
+    channels: Vec<String>,
     decoder: Recipient<RawBatch>,
     budget: Arc<Semaphore>,
     stats: Arc<Counters>,
 }
 
 impl Placer {
+    /// Returns the channels on which a returning consumer missed purged rows.
     async fn place(
         self,
         client: &Client,
         cursor: &mut JournalCursor,
         channels: &[String],
-    ) -> Result<()> {
-        if let Some(name) = &self.consumer {
-            if let Some(horizon) = journal::load_horizon(client, name).await? {
-                log::debug!("sqlnotify: consumer {name:?} resumes at horizon {horizon}");
-                *cursor = JournalCursor::resume(horizon);
-                return Ok(());
+    ) -> Result<Vec<String>> {
+        if let Some(consumer) = &self.consumer {
+            consumers::ensure(client).await?;
+            let registered = consumers::reactivate(client, consumer, &self.channels).await?;
+            if let Some((position, missed)) = registered {
+                log::debug!(
+                    "sqlnotify: consumer {:?} resumes at horizon {}",
+                    consumer.name,
+                    position.horizon
+                );
+                let seen = position.seen.unwrap_or_default();
+                let seen = journal::seen_xids(client, &seen).await?;
+                *cursor = JournalCursor::resume(position.horizon, seen);
+                return Ok(missed);
             }
         }
         // Mark what is already committed as seen, without delivering it.
@@ -414,10 +463,10 @@ impl Placer {
                 &self.stats,
             )
             .await?;
-        if let (Some(name), Some(horizon)) = (&self.consumer, cursor.horizon) {
-            journal::save_horizon(client, name, horizon).await?;
+        if let (Some(consumer), Some(position)) = (&self.consumer, cursor.position()) {
+            consumers::insert(client, consumer, &self.channels, &position).await?;
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }
 
@@ -560,7 +609,15 @@ impl Actor for PgListener {
             act.read_journal(ctx, false);
         });
         if self.params.consumer.is_some() && self.journal.is_some() {
-            ctx.run_interval(SAVE_EVERY, |act, ctx| act.save_horizon(ctx));
+            ctx.run_interval(SAVE_EVERY, |act, ctx| {
+                let gate_opened = act.params.stats.has_subscriber.load(Ordering::Acquire);
+                if let (Some(journal), true) = (act.journal.as_mut(), gate_opened) {
+                    if std::mem::take(&mut journal.held) {
+                        act.read_journal(ctx, false);
+                    }
+                }
+                act.save_horizon(ctx);
+            });
         }
         if self.attempt == 0 {
             self.connect(ctx);
@@ -642,7 +699,7 @@ pub(crate) struct PgListenerHandle {
     addr: Addr<PgListener>,
     config: Config,
     consumer: Option<String>,
-    latest: Option<Arc<Mutex<Option<u64>>>>,
+    latest: Option<Arc<Mutex<Option<Position>>>>,
 }
 
 impl ListenerHandle for PgListenerHandle {
@@ -656,17 +713,17 @@ impl ListenerHandle for PgListenerHandle {
     /// The pipeline is flushed: a named consumer saves the newest horizon. Dropping the last
     /// Addr then lets the idle actor stop without being restarted.
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        let horizon = self
+        let position = self
             .latest
             .as_ref()
-            .and_then(|l| *l.lock().unwrap_or_else(|p| p.into_inner()));
-        let (Some(name), Some(horizon)) = (self.consumer.clone(), horizon) else {
+            .and_then(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let (Some(name), Some(position)) = (self.consumer.clone(), position) else {
             return Box::pin(async { Ok(()) });
         };
         let config = self.config.clone();
         Box::pin(async move {
             let client = Control::connect(&config, "consumer cursor").await?;
-            journal::save_horizon(&client, &name, horizon).await
+            consumers::save(&client, &name, &position).await.map(|_| ())
         })
     }
 }
@@ -700,13 +757,15 @@ pub(crate) async fn start(
         channels: journal_channels,
         cursor: Arc::new(tokio::sync::Mutex::new(JournalCursor::default())),
         dirty: false,
+        held: false,
         poll: params.channels.iter().any(|(_, t)| *t == Tier::Poll),
         poll_interval: POLL_MIN,
         unsaved: VecDeque::new(),
+        pending: None,
         saved: None,
         latest: Arc::new(Mutex::new(None)),
     });
-    let consumer = params.consumer.clone();
+    let consumer = params.consumer.as_ref().map(|c| c.name.clone());
     let handle_latest = journal.as_ref().map(|j| j.latest.clone());
     let handle = PgListenerHandle {
         addr: {

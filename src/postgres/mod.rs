@@ -6,6 +6,7 @@
 //! password, dbname, `sslmode`, `application_name`, `options` — applies to the listener too.
 
 mod catalog;
+mod consumers;
 mod control;
 mod ddl;
 mod journal;
@@ -19,6 +20,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Config;
 
 use self::control::Control;
+use crate::consumer::ConsumerInfo;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
 use crate::event::Channel;
@@ -134,7 +136,8 @@ impl Dialect for Postgres {
                 .any(|(_, t)| *t != crate::watch::Tier::Notify),
         ) {
             log::warn!(
-                "sqlnotify: consumer {consumer:?} has no effect without durable or poll watches (NOTIFY cannot be replayed)"
+                "sqlnotify: consumer {:?} has no effect without durable or poll watches (NOTIFY cannot be replayed)",
+                consumer.name
             );
         }
         let (config, control) = (self.config(), self.control.clone());
@@ -225,5 +228,20 @@ impl Dialect for Postgres {
     fn close(&self) -> BoxFuture<'static, ()> {
         let control = self.control.clone();
         Box::pin(async move { control.close().await })
+    }
+
+    fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>> {
+        let control = self.control.clone();
+        Box::pin(async move { consumers::list(&*control.client().await?).await })
+    }
+
+    fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>> {
+        let control = self.control.clone();
+        Box::pin(async move { consumers::drop_consumer(&*control.client().await?, &name).await })
+    }
+
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
+        let control = self.control.clone();
+        Box::pin(async move { consumers::backlog(&*control.client().await?, &name).await })
     }
 }

@@ -18,7 +18,8 @@ pub(crate) const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";
 /// `json_object` takes at most 127 arguments by default; wider payloads are built in pieces.
 const MAX_OBJECT_COLUMNS: usize = 60;
 
-/// Creates sqlnotify's tables if missing. Runs inside the install transaction.
+/// Creates sqlnotify's tables if missing. Runs inside the install transaction. (A consumers
+/// table of an older version gets its new columns from `consumers::ensure`.)
 pub(crate) fn setup_sql() -> String {
     "CREATE TABLE IF NOT EXISTS sqlnotify_catalog (
     channel TEXT PRIMARY KEY,
@@ -36,7 +37,11 @@ CREATE TABLE IF NOT EXISTS sqlnotify_journal (
 CREATE TABLE IF NOT EXISTS sqlnotify_consumers (
     name TEXT PRIMARY KEY,
     cursor INTEGER NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active',
+    channels TEXT,
+    expire_after REAL,
+    missed TEXT
 );"
     .to_string()
 }

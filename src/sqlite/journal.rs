@@ -1,5 +1,5 @@
-//! The SQLite journal: rows appended by the triggers, read by cursor, trimmed by retention,
-//! and the consumer cursors saved next to it. Synchronous helpers over one connection.
+//! The SQLite journal: rows appended by the triggers, read by cursor (trimmed by retention and
+//! the consumers' cursors in `consumers.rs`). Synchronous helpers over one connection.
 //!
 //! Listeners never delete what they read, so any number of listeners in any number of
 //! processes each see every row. SQLite has one writer at a time and AUTOINCREMENT ids are
@@ -7,17 +7,14 @@
 //! (`id > last`) cannot skip a row that commits late.
 
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
 use super::catalog::db_err;
 use super::ddl::NOW;
 use crate::error::Result;
 use crate::event::RawNotification;
-
-/// Rows deleted per statement when trimming, so the write lock is held only briefly.
-const PURGE_BATCH: i64 = 2_000;
 
 /// `PRAGMA data_version`: changes whenever another connection commits to the database.
 pub(crate) fn data_version(conn: &Connection) -> Result<i64> {
@@ -89,49 +86,4 @@ pub(crate) fn append(conn: &Connection, channel: &str, payload: &str) -> Result<
     ))
     .and_then(|mut s| s.insert(params![channel, payload]))
     .map_err(db_err(format!("writing a notification on {channel}")))
-}
-
-/// The saved cursor of consumer `name`, if it has one.
-pub(crate) fn load_cursor(conn: &Connection, name: &str) -> Result<Option<i64>> {
-    conn.query_row(
-        "SELECT cursor FROM sqlnotify_consumers WHERE name = ?1",
-        [name],
-        |r| r.get(0),
-    )
-    .optional()
-    .map_err(db_err(format!("reading the cursor of consumer {name:?}")))
-}
-
-/// Saves consumer `name`'s cursor (never moving it backwards) and marks it alive now.
-pub(crate) fn save_cursor(conn: &Connection, name: &str, cursor: i64) -> Result<()> {
-    conn.prepare_cached(&format!(
-        "INSERT INTO sqlnotify_consumers (name, cursor, updated_at) VALUES (?1, ?2, {NOW}) \
-         ON CONFLICT (name) DO UPDATE SET cursor = max(cursor, excluded.cursor), updated_at = excluded.updated_at"
-    ))
-    .and_then(|mut s| s.execute(params![name, cursor]))
-    .map_err(db_err(format!("saving the cursor of consumer {name:?}")))?;
-    Ok(())
-}
-
-/// Deletes journal rows older than `retention`, except rows a consumer seen within the
-/// retention window has not read yet. Returns how many rows were deleted.
-pub(crate) fn purge(conn: &Connection, retention: Duration) -> Result<u64> {
-    let sql = format!(
-        "DELETE FROM sqlnotify_journal WHERE id IN (
-            SELECT id FROM sqlnotify_journal
-             WHERE created_at < {NOW} - ?1
-               AND id <= coalesce((SELECT min(cursor) FROM sqlnotify_consumers WHERE updated_at >= {NOW} - ?1),
-                                  9223372036854775807)
-             ORDER BY id LIMIT ?2)"
-    );
-    let mut total = 0;
-    loop {
-        let n = conn
-            .execute(&sql, params![retention.as_secs_f64(), PURGE_BATCH])
-            .map_err(db_err("trimming the journal"))?;
-        total += n as u64;
-        if (n as i64) < PURGE_BATCH {
-            return Ok(total);
-        }
-    }
 }

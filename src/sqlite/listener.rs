@@ -9,6 +9,10 @@
 //!
 //! If the thread fails (I/O error, database replaced), the actor stops and its supervisor
 //! restarts it after a jittered backoff; the new thread resumes from the shared cursor.
+//!
+//! A named consumer registers when the first thread starts (see `consumers.rs`; one that was
+//! dropped or expired and missed purged rows announces [`Status::Gap`]), reads nothing until
+//! its first subscription exists, and saves its cursor as events are routed.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -23,9 +27,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
+use super::consumers;
 use super::journal;
 use super::open;
 use crate::backoff::Backoff;
+use crate::consumer::{report_gap, ConsumerParams};
 use crate::decoder::RawBatch;
 use crate::dialect::{ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
@@ -43,8 +49,6 @@ const STAY_ACTIVE: Duration = Duration::from_millis(500);
 const READ_BATCH: i64 = 1_000;
 /// How often a named consumer saves its cursor while events flow.
 const SAVE_EVERY: Duration = Duration::from_millis(100);
-/// How often an idle named consumer refreshes its "alive" mark (for retention).
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 
 /// Messages to the watcher thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +64,9 @@ pub(crate) enum Wake {
 struct Shared {
     path: PathBuf,
     channels: Arc<HashSet<String>>,
-    consumer: Option<String>,
+    /// The same channels, sorted (what a named consumer registers).
+    channel_list: Arc<Vec<String>>,
+    consumer: Option<ConsumerParams>,
     decoder: Recipient<RawBatch>,
     status: Recipient<StatusEvent>,
     budget: Arc<Semaphore>,
@@ -125,17 +131,15 @@ fn watch(
     restarted: bool,
 ) -> Result<()> {
     let setup = || -> Result<_> {
-        let conn = open(&shared.path)?;
+        let mut conn = open(&shared.path)?;
         if shared.cursor.load(Ordering::Acquire) < 0 {
             let start = match &shared.consumer {
-                Some(name) => match journal::load_cursor(&conn, name)? {
-                    Some(saved) => saved,
-                    None => {
-                        let head = journal::head(&conn)?;
-                        journal::save_cursor(&conn, name, head)?;
-                        head
-                    }
-                },
+                Some(consumer) => {
+                    let (cursor, missed) =
+                        consumers::register(&mut conn, consumer, &shared.channel_list)?;
+                    gap(shared, consumer, missed);
+                    cursor
+                }
                 None => journal::head(&conn)?,
             };
             log::debug!("sqlnotify: SQLite listener starts after journal id {start}");
@@ -143,7 +147,7 @@ fn watch(
         }
         Ok(conn)
     };
-    let conn = match setup() {
+    let mut conn = match setup() {
         Ok(conn) => conn,
         Err(e) => {
             if let Some(ready) = ready.take() {
@@ -188,11 +192,14 @@ fn watch(
                 }
             }
         }
-        if let Some(name) = &shared.consumer {
+        if let Some(consumer) = &shared.consumer {
             if save_due(shared, saved) {
                 let routed = shared.stats.routed_sequence.load(Ordering::Relaxed);
-                journal::save_cursor(&conn, name, routed.max(saved.0))?;
-                saved = (routed.max(saved.0), Instant::now());
+                let cursor = routed.max(saved.0);
+                let missed =
+                    consumers::save_running(&mut conn, consumer, &shared.channel_list, cursor)?;
+                gap(shared, consumer, missed);
+                saved = (cursor, Instant::now());
             }
         }
         // Wait until the database changes, the notifier wakes us, or we are told to stop.
@@ -222,10 +229,22 @@ fn watch(
 /// Whether a named consumer should save its cursor now: events were routed since the last
 /// save (at most every `SAVE_EVERY`), or the heartbeat is due.
 fn save_due(shared: &Shared, saved: (i64, Instant)) -> bool {
+    let Some(consumer) = &shared.consumer else {
+        return false;
+    };
     let routed = shared.stats.routed_sequence.load(Ordering::Relaxed);
-    shared.consumer.is_some()
-        && ((routed > saved.0 && saved.1.elapsed() >= SAVE_EVERY)
-            || saved.1.elapsed() >= HEARTBEAT_EVERY)
+    (routed > saved.0 && saved.1.elapsed() >= SAVE_EVERY)
+        || saved.1.elapsed() >= consumer.heartbeat()
+}
+
+/// Announces that a (re)registered consumer missed purged rows on `missed`, if any.
+fn gap(shared: &Shared, consumer: &ConsumerParams, missed: Vec<String>) {
+    if !missed.is_empty() {
+        report_gap(&consumer.name, &missed);
+        shared
+            .status
+            .do_send(StatusEvent::now(Status::Gap { channels: missed }));
+    }
 }
 
 /// Reads and forwards every row past the cursor. Returns how many events were forwarded, or
@@ -376,9 +395,11 @@ impl ListenerHandle for SqliteListenerHandle {
             if cursor < 0 {
                 return Ok(());
             }
-            tokio::task::spawn_blocking(move || journal::save_cursor(&open(&path)?, &name, cursor))
-                .await
-                .map_err(|e| Error::db("saving the consumer cursor", e))?
+            tokio::task::spawn_blocking(move || {
+                consumers::save(&open(&path)?, &name, cursor).map(|_| ())
+            })
+            .await
+            .map_err(|e| Error::db("saving the consumer cursor", e))?
         })
     }
 }
@@ -391,10 +412,15 @@ pub(crate) async fn start(
 ) -> Result<Box<dyn ListenerHandle>> {
     let (ready, is_ready) = oneshot::channel();
     let cursor = Arc::new(AtomicI64::new(-1));
+    let mut channel_list: Vec<String> = params.channels.into_iter().map(|(name, _)| name).collect();
+    channel_list.sort();
+    channel_list.dedup();
+    let consumer_name = params.consumer.as_ref().map(|c| c.name.clone());
     let shared = Shared {
         path: path.clone(),
-        channels: Arc::new(params.channels.into_iter().map(|(name, _)| name).collect()),
-        consumer: params.consumer.clone(),
+        channels: Arc::new(channel_list.iter().cloned().collect()),
+        channel_list: Arc::new(channel_list),
+        consumer: params.consumer,
         decoder: params.decoder,
         status: params.status,
         budget: params.budget,
@@ -416,7 +442,7 @@ pub(crate) async fn start(
             addr,
             wake: wake.0,
             path,
-            consumer: params.consumer,
+            consumer: consumer_name,
             cursor,
         })),
         Ok(Err(e)) => {

@@ -2,15 +2,16 @@
 //!
 //! What sqlnotify changes on a SQLite database: it switches it to WAL mode (persistent, so
 //! the application's writers are never blocked by a listener's reads), and creates three
-//! tables — `sqlnotify_catalog`, `sqlnotify_journal`, `sqlnotify_consumers` — and one trigger
-//! per watch, named after its channel. Every connection it opens sets a busy timeout and keeps
-//! its transactions short.
+//! tables — `sqlnotify_catalog`, `sqlnotify_journal`, `sqlnotify_consumers` (registered
+//! consumers, see `consumers.rs`) — and one trigger per watch, named after its channel. Every
+//! connection it opens sets a busy timeout and keeps its transactions short.
 //!
 //! URLs: `sqlite:///absolute/path.db` and `sqlite://relative/path.db`. The file must exist.
 //! In-memory databases are refused: each connection to `:memory:` has a private database,
 //! so a listener could never see the application's writes.
 
 mod catalog;
+mod consumers;
 mod ddl;
 mod journal;
 mod listener;
@@ -23,6 +24,7 @@ use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags};
 
 use self::listener::Wake;
+use crate::consumer::ConsumerInfo;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
 use crate::event::Channel;
@@ -231,6 +233,17 @@ impl Dialect for Sqlite {
             }
         })
     }
+    fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>> {
+        self.blocking(consumers::list)
+    }
+
+    fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>> {
+        self.blocking(move |conn| consumers::drop_consumer(conn, &name))
+    }
+
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
+        self.blocking(move |conn| consumers::backlog(conn, &name))
+    }
 }
 
 /// The decoder's view of SQLite: payloads are never references (no size limit), and the
@@ -251,7 +264,7 @@ impl OverflowStore for JournalStore {
 
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
         run_blocking(self.control.clone(), self.path.clone(), move |conn| {
-            journal::purge(conn, retention)
+            consumers::purge(conn, retention)
         })
     }
 }

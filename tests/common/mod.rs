@@ -2,6 +2,7 @@
 //! bounded waits (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod consumers;
 #[cfg(feature = "sqlite")]
 pub mod sqlite_file;
 

@@ -1,0 +1,357 @@
+//! Named consumers as the database records them: what [`Notifier::consumers`] lists
+//! ([`ConsumerInfo`]), their lifecycle ([`ConsumerState`]), and the backlog watch a running
+//! consumer keeps (the [`Stats::backlog`] figure and its rate-limited warning).
+//!
+//! The contract, the same on every dialect (each dialect's `consumers.rs` implements it):
+//!
+//! * A named consumer is **registered** in the database when it starts: its position is
+//!   placed and saved before `start()` returns, together with the channels it reads.
+//! * The purge (run by every notifier on the database, whatever its own retention) deletes a
+//!   journal row only when it is older than the retention **and** no registered consumer
+//!   reading its channel is still before it. How long ago a consumer was last active does not
+//!   matter — unless that consumer asked for an expiry.
+//! * A consumer leaves on purpose: [`Notifier::drop_consumer`] (or the CLI) marks it
+//!   `dropped`, or the purge marks it `expired` once it has been away longer than its own
+//!   [`consumer_expiry`](crate::NotifierBuilder::consumer_expiry). Either way its row stays
+//!   (a few bytes): when the purge then deletes rows it had not read, it records the channels
+//!   on that row, and a consumer of that name that starts again resumes from its old position
+//!   and receives [`Status::Gap`] naming them before any event — never silence.
+//!
+//! [`Notifier::consumers`]: crate::Notifier::consumers
+//! [`Notifier::drop_consumer`]: crate::Notifier::drop_consumer
+//! [`Stats::backlog`]: crate::Stats::backlog
+//! [`Status::Gap`]: crate::Status::Gap
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::dialect::Dialect;
+use crate::stats::Counters;
+
+/// Where a registered consumer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ConsumerState {
+    /// Registered: the journal keeps every row it has not read.
+    Active,
+    /// Dropped on purpose ([`Notifier::drop_consumer`](crate::Notifier::drop_consumer)): it
+    /// protects nothing; if it starts again it resumes, told of what was purged meanwhile.
+    Dropped,
+    /// Away longer than its expiry: as `Dropped`, but done by the purge.
+    Expired,
+}
+
+impl ConsumerState {
+    /// `"active"`, `"dropped"` or `"expired"`: how the state is stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerState::Active => "active",
+            ConsumerState::Dropped => "dropped",
+            ConsumerState::Expired => "expired",
+        }
+    }
+
+    /// Reads a stored state. Anything unknown counts as active: a row sqlnotify cannot read
+    /// keeps protecting the journal rather than letting it be purged.
+    pub(crate) fn parse(stored: &str) -> Self {
+        match stored {
+            "dropped" => ConsumerState::Dropped,
+            "expired" => ConsumerState::Expired,
+            _ => ConsumerState::Active,
+        }
+    }
+}
+
+impl fmt::Display for ConsumerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A consumer's saved position in the journal: every row before it has been handed to its
+/// subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ConsumerPosition {
+    /// PostgreSQL: a transaction-id horizon (`xid8`). Rows of transactions at or after it are
+    /// replayed on restart; every older transaction had finished and was read.
+    Horizon(u64),
+    /// SQLite, MySQL / MariaDB: the journal id up to which every row was read.
+    JournalId(i64),
+}
+
+impl fmt::Display for ConsumerPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsumerPosition::Horizon(xid) => write!(f, "xid {xid}"),
+            ConsumerPosition::JournalId(id) => write!(f, "id {id}"),
+        }
+    }
+}
+
+/// A named consumer registered in the database, as [`Notifier::consumers`] lists it.
+///
+/// [`Notifier::consumers`]: crate::Notifier::consumers
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerInfo {
+    /// The name given to [`NotifierBuilder::consumer`](crate::NotifierBuilder::consumer).
+    pub name: String,
+    /// Registered, dropped or expired.
+    pub state: ConsumerState,
+    /// Its saved position.
+    pub position: ConsumerPosition,
+    /// Journal rows on its channels after its position: what a restart would deliver (and,
+    /// while it is active, what the purge keeps for it). On PostgreSQL rows already delivered
+    /// count too when more than 1,000 were delivered above its horizon (a transaction
+    /// somewhere in the cluster stayed open long): a restart would deliver them again.
+    pub backlog: u64,
+    /// When it last saved its position or said it was alive (every 10 s while running, more
+    /// often with a short expiry).
+    pub last_active: SystemTime,
+    /// The journal channels it reads; `None` for a consumer registered by an older sqlnotify
+    /// (it protects every channel).
+    pub channels: Option<Vec<String>>,
+    /// Its expiry, if it asked for one.
+    pub expire_after: Option<Duration>,
+}
+
+/// What a listener needs to know about its named consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConsumerParams {
+    /// The consumer's name.
+    pub name: String,
+    /// Expire it when away longer than this (`None`: never).
+    pub expire_after: Option<Duration>,
+}
+
+/// How often a running consumer says it is alive without an expiry.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// Shortest consumer expiry: the heartbeat runs at a quarter of it.
+pub(crate) const MIN_EXPIRY: Duration = Duration::from_secs(1);
+
+impl ConsumerParams {
+    /// How often the listener refreshes the consumer's last activity while idle: well within
+    /// its expiry, so a running consumer never expires.
+    pub fn heartbeat(&self) -> Duration {
+        match self.expire_after {
+            Some(expiry) => (expiry / 4).min(HEARTBEAT_EVERY),
+            None => HEARTBEAT_EVERY,
+        }
+    }
+}
+
+/// How often a running consumer's backlog is counted.
+pub(crate) const BACKLOG_EVERY: Duration = Duration::from_secs(2);
+/// How often the backlog warning may repeat while the backlog stays over the threshold.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Decides when a backlog is worth a warning: when it first reaches the threshold, then at
+/// most every [`WARN_EVERY`] while it stays there; falling below re-arms it.
+#[derive(Debug)]
+pub(crate) struct BacklogWarning {
+    threshold: u64,
+    last: Option<Instant>,
+}
+
+impl BacklogWarning {
+    /// A threshold of 0 never warns.
+    pub fn new(threshold: u64) -> Self {
+        BacklogWarning {
+            threshold,
+            last: None,
+        }
+    }
+
+    /// Whether `backlog`, observed at `now`, should be logged as a warning.
+    pub fn observe(&mut self, backlog: u64, now: Instant) -> bool {
+        if self.threshold == 0 || backlog < self.threshold {
+            self.last = None;
+            return false;
+        }
+        match self.last {
+            Some(at) if now.saturating_duration_since(at) < WARN_EVERY => false,
+            _ => {
+                self.last = Some(now);
+                true
+            }
+        }
+    }
+}
+
+/// The task counting a running consumer's backlog; dropping it stops the task.
+pub(crate) struct BacklogWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for BacklogWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counts a running consumer's backlog every [`BACKLOG_EVERY`] into `stats`, warning past
+/// `threshold`, until the returned handle is dropped.
+pub(crate) fn watch_backlog(
+    dialect: Arc<dyn Dialect>,
+    name: String,
+    stats: Arc<Counters>,
+    threshold: u64,
+) -> BacklogWatch {
+    BacklogWatch(actix::spawn(async move {
+        let mut warning = BacklogWarning::new(threshold);
+        loop {
+            match dialect.consumer_backlog(name.clone()).await {
+                Ok(backlog) => {
+                    let backlog = backlog.unwrap_or(0);
+                    stats.backlog.store(backlog, Ordering::Relaxed);
+                    if warning.observe(backlog, Instant::now()) {
+                        log::warn!(
+                            "sqlnotify: consumer {name:?} has {backlog} journal rows not yet \
+                             handed to its subscribers (warning threshold {threshold}); they are \
+                             kept in the database until it reads them"
+                        );
+                    }
+                }
+                Err(e) => log::debug!("sqlnotify: cannot count the backlog of {name:?}: {e}"),
+            }
+            tokio::time::sleep(BACKLOG_EVERY).await;
+        }
+    }))
+}
+
+/// Channels recorded as missed, read from the database: `None` (nothing missed) stays
+/// `None`; a value that is not a list of channel names counts as "every channel".
+pub(crate) fn missed_channels(stored: Option<&str>, channels: &[String]) -> Vec<String> {
+    let Some(stored) = stored else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<Vec<String>>(stored) {
+        Ok(mut missed) => {
+            missed.sort();
+            missed.dedup();
+            missed
+        }
+        Err(_) => channels.to_vec(),
+    }
+}
+
+/// A channel list read from the database (JSON): `None` when absent or unreadable, which
+/// means "every channel" (the safe reading: it protects more, never less).
+pub(crate) fn stored_channels(stored: Option<&str>) -> Option<Vec<String>> {
+    serde_json::from_str::<Vec<String>>(stored?).ok()
+}
+
+/// What a non-active consumer has `missed` once rows it had not read are deleted on
+/// `unread` channels: `None` when that adds nothing, else the new sorted list. Only channels
+/// it reads count (`channels`; `None`: all).
+pub(crate) fn add_missed<'a>(
+    missed: &[String],
+    channels: Option<&[String]>,
+    unread: impl IntoIterator<Item = &'a String>,
+) -> Option<Vec<String>> {
+    let mut out: Vec<String> = missed.to_vec();
+    let mut added = false;
+    for channel in unread {
+        let reads = channels.map_or(true, |c| c.contains(channel));
+        if reads && !out.contains(channel) {
+            out.push(channel.clone());
+            added = true;
+        }
+    }
+    out.sort();
+    added.then_some(out)
+}
+
+/// A time stored as Unix seconds (fractional); unreadable values (negative, NaN) are the epoch.
+pub(crate) fn unix_time(secs: f64) -> SystemTime {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Logs and announces a gap found when a consumer (re)registered.
+pub(crate) fn report_gap(name: &str, channels: &[String]) {
+    log::warn!(
+        "sqlnotify: consumer {name:?} was dropped or expired and journal rows it had not read \
+         were purged meanwhile on {}; subscribers get Status::Gap",
+        channels.join(", ")
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warning_fires_once_per_minute_while_over_and_rearms_below() {
+        let t0 = Instant::now();
+        let mut w = BacklogWarning::new(100);
+        assert!(!w.observe(99, t0));
+        assert!(w.observe(100, t0));
+        assert!(!w.observe(5_000, t0 + Duration::from_secs(59)));
+        assert!(w.observe(5_000, t0 + Duration::from_secs(60)));
+        assert!(!w.observe(10, t0 + Duration::from_secs(61)));
+        assert!(w.observe(100, t0 + Duration::from_secs(62)), "re-armed");
+        let mut off = BacklogWarning::new(0);
+        assert!(!off.observe(u64::MAX, t0));
+    }
+
+    #[test]
+    fn heartbeat_stays_within_a_quarter_of_the_expiry() {
+        let p = |expire_after| ConsumerParams {
+            name: "c".into(),
+            expire_after,
+        };
+        assert_eq!(p(None).heartbeat(), Duration::from_secs(10));
+        assert_eq!(
+            p(Some(Duration::from_secs(1))).heartbeat(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            p(Some(Duration::from_secs(3600))).heartbeat(),
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn unknown_states_protect_and_positions_display() {
+        assert_eq!(ConsumerState::parse("dropped"), ConsumerState::Dropped);
+        assert_eq!(ConsumerState::parse("expired"), ConsumerState::Expired);
+        assert_eq!(ConsumerState::parse("garbage"), ConsumerState::Active);
+        assert_eq!(ConsumerPosition::Horizon(7).to_string(), "xid 7");
+        assert_eq!(ConsumerPosition::JournalId(42).to_string(), "id 42");
+    }
+
+    #[test]
+    fn missed_channels_are_read_defensively() {
+        let all = vec!["a".to_string(), "b".to_string()];
+        assert!(missed_channels(None, &all).is_empty());
+        assert_eq!(missed_channels(Some(r#"["b","a","b"]"#), &all), ["a", "b"]);
+        assert_eq!(missed_channels(Some("not json"), &all), all);
+        assert_eq!(stored_channels(Some(r#"["x"]"#)), Some(vec!["x".into()]));
+        assert_eq!(stored_channels(Some("{")), None);
+        assert_eq!(stored_channels(None), None);
+    }
+
+    #[test]
+    fn only_channels_it_reads_count_as_missed() {
+        let (a, b) = ("a".to_string(), "b".to_string());
+        let chans = vec![a.clone()];
+        assert_eq!(
+            add_missed(&[], Some(&chans), [&a, &b]),
+            Some(vec![a.clone()])
+        );
+        assert_eq!(add_missed(&[], Some(&chans), [&b]), None, "not its channel");
+        assert_eq!(
+            add_missed(std::slice::from_ref(&b), None, [&a]),
+            Some(vec![a.clone(), b.clone()])
+        );
+        assert_eq!(
+            add_missed(std::slice::from_ref(&a), Some(&chans), [&a]),
+            None,
+            "nothing new"
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! MySQL's record of named consumers (`sqlnotify_consumers`): registering, saving
+//! watermarks, the journal purge that respects them, backlog, listing and dropping. The
+//! contract is in `crate::consumer`.
+//!
+//! A consumer's position is its low watermark (see `journal.rs`): a row is unread by it when
+//! `id > watermark` and it is on one of the consumer's `channels` (a JSON array; NULL or
+//! unreadable: every channel).
+//!
+//! The purge and a consumer coming back must not cross (see `postgres/consumers.rs` for the
+//! long story): each purge batch is one transaction on the control connection that locks the
+//! rows of the inactive consumers (`SELECT … FOR UPDATE` by primary key; a consumer coming
+//! back locks its row the same way, so it waits and then reads what was recorded), and treats
+//! every consumer it did not lock — active, new, or dropped meanwhile — as protecting its
+//! rows, whatever its snapshot says.
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+use mysql_async::Conn;
+
+use super::catalog::db_err;
+use super::ddl::{qualified, CONSUMERS, JOURNAL};
+use crate::consumer::{
+    add_missed, missed_channels, stored_channels, unix_time, ConsumerInfo, ConsumerParams,
+    ConsumerPosition, ConsumerState,
+};
+use crate::error::{Error, Result};
+
+/// Journal rows deleted per transaction when trimming, so locks are held only briefly.
+const PURGE_BATCH: usize = 2_000;
+
+/// The columns registered consumers need, with their definitions (also in the table's
+/// `CREATE TABLE`, `ddl.rs`).
+pub(crate) const COLUMNS: [(&str, &str); 4] = [
+    ("state", "VARCHAR(16) NOT NULL DEFAULT 'active'"),
+    (
+        "channels",
+        "LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
+    ),
+    ("expire_after_us", "BIGINT NULL"),
+    (
+        "missed",
+        "LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
+    ),
+];
+
+/// "Consumer `c` reads journal row `j`'s channel" (SQL), read defensively: anything but a
+/// JSON array means every channel.
+const READS_CHANNEL: &str =
+    "(CASE WHEN c.`channels` IS NULL OR NOT JSON_VALID(c.`channels`) THEN 1 \
+     WHEN JSON_TYPE(c.`channels`) <> 'ARRAY' THEN 1 \
+     ELSE JSON_CONTAINS(c.`channels`, JSON_QUOTE(j.`channel`)) END)";
+
+/// Seconds `ALTER TABLE` waits for the table's metadata lock when upgrading.
+const UPGRADE_LOCK_WAIT_SECS: u32 = 5;
+
+async fn columns(conn: &mut Conn, database: &str) -> Result<Vec<String>> {
+    conn.exec(
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+        (database, CONSUMERS),
+    )
+    .await
+    .map_err(db_err("reading the columns of sqlnotify_consumers"))
+}
+
+/// Adds the columns an older `sqlnotify_consumers` lacks (waiting at most a few seconds for
+/// other sessions using it); returns whether the table exists (sqlnotify installed).
+pub(crate) async fn ensure(conn: &mut Conn, database: &str) -> Result<bool> {
+    let have = columns(conn, database).await?;
+    if have.is_empty() {
+        return Ok(false);
+    }
+    let missing: Vec<String> = COLUMNS
+        .iter()
+        .filter(|(name, _)| !have.iter().any(|h| h.eq_ignore_ascii_case(name)))
+        .map(|(name, definition)| format!("ADD COLUMN `{name}` {definition}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    conn.query_drop(format!(
+        "SET @sqlnotify_saved_lock_wait = @@SESSION.lock_wait_timeout, \
+         SESSION lock_wait_timeout = {UPGRADE_LOCK_WAIT_SECS}"
+    ))
+    .await
+    .map_err(db_err("upgrading sqlnotify_consumers"))?;
+    let altered = conn
+        .query_drop(format!(
+            "ALTER TABLE {} {}",
+            qualified(database, CONSUMERS),
+            missing.join(", ")
+        ))
+        .await;
+    conn.query_drop("SET SESSION lock_wait_timeout = @sqlnotify_saved_lock_wait")
+        .await
+        .map_err(db_err("upgrading sqlnotify_consumers"))?;
+    if let Err(e) = altered {
+        // Another process may have upgraded it meanwhile.
+        let have = columns(conn, database).await?;
+        if COLUMNS
+            .iter()
+            .any(|(name, _)| !have.iter().any(|h| h.eq_ignore_ascii_case(name)))
+        {
+            return Err(Error::db(
+                "upgrading sqlnotify_consumers (adding the columns of registered consumers; it \
+                 needs a moment when no other session is using the table — retry)",
+                e,
+            ));
+        }
+    }
+    Ok(true)
+}
+
+fn channels_json(channels: &[String]) -> String {
+    serde_json::to_string(channels).expect("strings serialize")
+}
+
+fn lossy(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+fn expire_us(consumer: &ConsumerParams) -> Option<u64> {
+    consumer
+        .expire_after
+        .map(|d| d.as_micros().min(i64::MAX as u128) as u64)
+}
+
+/// A consumer of this name that is registered already takes up again (active, channels and
+/// expiry updated, what it missed taken and cleared), in one transaction that locks its row
+/// first. Returns its watermark and missed channels; `None` when no consumer has this name.
+pub(crate) async fn reactivate(
+    conn: &mut Conn,
+    database: &str,
+    consumer: &ConsumerParams,
+    channels: &[String],
+) -> Result<Option<(i64, Vec<String>)>> {
+    let name = consumer.name.as_str();
+    let context = || format!("registering consumer {name:?}");
+    let table = qualified(database, CONSUMERS);
+    let mut tx = conn
+        .start_transaction(Default::default())
+        .await
+        .map_err(db_err(context()))?;
+    let row: Option<(i64, Option<Vec<u8>>)> = tx
+        .exec_first(
+            format!("SELECT `watermark`, `missed` FROM {table} WHERE `name` = ? FOR UPDATE"),
+            (name,),
+        )
+        .await
+        .map_err(db_err(context()))?;
+    let Some((watermark, missed)) = row else {
+        tx.commit().await.map_err(db_err(context()))?;
+        return Ok(None);
+    };
+    tx.exec_drop(
+        format!(
+            "UPDATE {table} SET `state` = 'active', `missed` = NULL, `channels` = ?, \
+             `expire_after_us` = ?, `updated_at` = NOW(6) WHERE `name` = ?"
+        ),
+        (channels_json(channels), expire_us(consumer), name),
+    )
+    .await
+    .map_err(db_err(context()))?;
+    tx.commit().await.map_err(db_err(context()))?;
+    Ok(Some((
+        watermark,
+        missed_channels(lossy(missed).as_deref(), channels),
+    )))
+}
+
+/// Registers a new consumer at `watermark`.
+pub(crate) async fn insert(
+    conn: &mut Conn,
+    database: &str,
+    consumer: &ConsumerParams,
+    channels: &[String],
+    watermark: i64,
+) -> Result<()> {
+    conn.exec_drop(
+        format!(
+            "INSERT INTO {} (`name`, `watermark`, `updated_at`, `state`, `channels`, `expire_after_us`) \
+             VALUES (?, ?, NOW(6), 'active', ?, ?) \
+             ON DUPLICATE KEY UPDATE `watermark` = GREATEST(`watermark`, VALUES(`watermark`)), `updated_at` = NOW(6)",
+            qualified(database, CONSUMERS)
+        ),
+        (
+            consumer.name.as_str(),
+            watermark,
+            channels_json(channels),
+            expire_us(consumer),
+        ),
+    )
+    .await
+    .map_err(db_err(format!("registering consumer {:?}", consumer.name)))
+}
+
+/// Saves consumer `name`'s watermark (never moving it backwards) and marks it alive; returns
+/// whether it is still registered and active (`None`: its row is gone). Does not change its
+/// state.
+pub(crate) async fn save(
+    conn: &mut Conn,
+    database: &str,
+    name: &str,
+    watermark: i64,
+) -> Result<Option<bool>> {
+    let context = || format!("saving the cursor of consumer {name:?}");
+    let table = qualified(database, CONSUMERS);
+    conn.exec_drop(
+        format!(
+            "UPDATE {table} SET `watermark` = GREATEST(`watermark`, ?), `updated_at` = NOW(6) \
+             WHERE `name` = ?"
+        ),
+        (watermark, name),
+    )
+    .await
+    .map_err(db_err(context()))?;
+    let row: Option<(Vec<u8>, i64)> = conn
+        .exec_first(
+            format!("SELECT `state`, `missed` IS NULL FROM {table} WHERE `name` = ?"),
+            (name,),
+        )
+        .await
+        .map_err(db_err(context()))?;
+    Ok(row.map(|(state, clear)| {
+        ConsumerState::parse(&String::from_utf8_lossy(&state)) == ConsumerState::Active
+            && clear == 1
+    }))
+}
+
+/// A running listener's save: as [`save`], and a consumer dropped or expired while it runs
+/// (or whose row was deleted) registers again. Returns the channels on which rows it had not
+/// read were purged meanwhile (every channel when its row was deleted).
+pub(crate) async fn save_running(
+    conn: &mut Conn,
+    database: &str,
+    consumer: &ConsumerParams,
+    channels: &[String],
+    watermark: i64,
+) -> Result<Vec<String>> {
+    match save(conn, database, &consumer.name, watermark).await? {
+        Some(true) => Ok(Vec::new()),
+        Some(false) => Ok(reactivate(conn, database, consumer, channels)
+            .await?
+            .map(|(_, missed)| missed)
+            .unwrap_or_default()),
+        None => {
+            insert(conn, database, consumer, channels, watermark).await?;
+            Ok(channels.to_vec())
+        }
+    }
+}
+
+/// The backlog of consumer row `c` (a correlated subquery).
+fn backlog_sql(database: &str) -> String {
+    format!(
+        "(SELECT COUNT(*) FROM {} j WHERE j.`id` > c.`watermark` AND {READS_CHANNEL})",
+        qualified(database, JOURNAL)
+    )
+}
+
+/// Journal rows after consumer `name`'s watermark on its channels; `None` if not registered.
+/// (Registration upgraded the table: no [`ensure`] here, this runs every few seconds.)
+pub(crate) async fn backlog(conn: &mut Conn, database: &str, name: &str) -> Result<Option<u64>> {
+    let n: Option<i64> = conn
+        .exec_first(
+            format!(
+                "SELECT {} FROM {} c WHERE c.`name` = ?",
+                backlog_sql(database),
+                qualified(database, CONSUMERS)
+            ),
+            (name,),
+        )
+        .await
+        .map_err(db_err(format!("counting the backlog of consumer {name:?}")))?;
+    Ok(n.map(|n| n.max(0) as u64))
+}
+
+/// One row of the consumers table, as listed.
+type ListRow = (
+    Vec<u8>,
+    Vec<u8>,
+    i64,
+    f64,
+    Option<Vec<u8>>,
+    Option<i64>,
+    i64,
+);
+
+/// Every registered consumer.
+pub(crate) async fn list(conn: &mut Conn, database: &str) -> Result<Vec<ConsumerInfo>> {
+    if !ensure(conn, database).await? {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<ListRow> = conn
+        .query(format!(
+            "SELECT c.`name`, c.`state`, c.`watermark`, CAST(UNIX_TIMESTAMP(c.`updated_at`) AS DOUBLE), \
+                    c.`channels`, c.`expire_after_us`, {} \
+               FROM {} c ORDER BY c.`name`",
+            backlog_sql(database),
+            qualified(database, CONSUMERS)
+        ))
+        .await
+        .map_err(db_err("listing the consumers"))?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(name, state, watermark, updated, channels, expire, backlog)| ConsumerInfo {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                state: ConsumerState::parse(&String::from_utf8_lossy(&state)),
+                position: ConsumerPosition::JournalId(watermark),
+                last_active: unix_time(updated),
+                channels: stored_channels(lossy(channels).as_deref()),
+                expire_after: expire
+                    .filter(|us| *us >= 0)
+                    .map(|us| Duration::from_micros(us as u64)),
+                backlog: backlog.max(0) as u64,
+            },
+        )
+        .collect())
+}
+
+/// Marks consumer `name` dropped.
+pub(crate) async fn drop_consumer(conn: &mut Conn, database: &str, name: &str) -> Result<()> {
+    if !ensure(conn, database).await? {
+        return Err(Error::UnknownConsumer { name: name.into() });
+    }
+    let context = || format!("dropping consumer {name:?}");
+    let table = qualified(database, CONSUMERS);
+    let known: Option<i64> = conn
+        .exec_first(format!("SELECT 1 FROM {table} WHERE `name` = ?"), (name,))
+        .await
+        .map_err(db_err(context()))?;
+    if known.is_none() {
+        return Err(Error::UnknownConsumer { name: name.into() });
+    }
+    conn.exec_drop(
+        format!("UPDATE {table} SET `state` = 'dropped' WHERE `name` = ?"),
+        (name,),
+    )
+    .await
+    .map_err(db_err(context()))?;
+    log::info!("sqlnotify: consumer {name:?} dropped");
+    Ok(())
+}
+
+/// An inactive consumer's row as the purge locks it: state, watermark, channels, missed.
+type LockedRow = (Vec<u8>, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// An inactive consumer, as the purge locked it: name, watermark, channels, missed.
+type Locked = (String, i64, Option<Vec<String>>, Vec<String>);
+
+/// Expires consumers away longer than their expiry, then deletes journal rows older than
+/// `retention` that no registered consumer still has to read — except the newest row (so that
+/// `AUTO_INCREMENT`, which older servers recompute from the table after a restart, never hands
+/// out an id again) — recording them on the inactive consumers that had not read them.
+/// Returns how many journal rows were deleted.
+pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) -> Result<u64> {
+    if !ensure(conn, database).await? {
+        return Ok(0);
+    }
+    let context = "trimming the journal";
+    let journal = qualified(database, JOURNAL);
+    let consumers = qualified(database, CONSUMERS);
+    let newest: Option<Option<i64>> = conn
+        .query_first(format!("SELECT MAX(`id`) FROM {journal}"))
+        .await
+        .map_err(db_err(context))?;
+    let newest = newest.flatten().unwrap_or(0);
+    let keep = retention.as_micros().min(u64::MAX as u128) as u64;
+    let (mut total, mut first) = (0u64, true);
+    loop {
+        let mut tx = conn
+            .start_transaction(Default::default())
+            .await
+            .map_err(db_err(context))?;
+        if std::mem::take(&mut first) {
+            let due: Vec<Vec<u8>> = tx
+                .query(format!(
+                    "SELECT `name` FROM {consumers} WHERE `state` NOT IN ('dropped', 'expired') \
+                     AND `expire_after_us` IS NOT NULL \
+                     AND `updated_at` < NOW(6) - INTERVAL `expire_after_us` MICROSECOND \
+                     ORDER BY `name`"
+                ))
+                .await
+                .map_err(db_err(context))?;
+            for name in due {
+                // Checked again on the row itself: it may have saved meanwhile.
+                tx.exec_drop(
+                    format!(
+                        "UPDATE {consumers} SET `state` = 'expired' WHERE `name` = ? \
+                         AND `state` NOT IN ('dropped', 'expired') \
+                         AND `updated_at` < NOW(6) - INTERVAL `expire_after_us` MICROSECOND"
+                    ),
+                    (&name,),
+                )
+                .await
+                .map_err(db_err(context))?;
+                if tx.affected_rows() > 0 {
+                    log::info!(
+                        "sqlnotify: consumer {:?} expired (away longer than its expiry)",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+        }
+        // The inactive consumers, then their rows locked by primary key, in name order (two
+        // purging processes lock in the same order), and only those: the active consumers keep
+        // saving meanwhile. One that came back in between is active again and is left out.
+        let names: Vec<Vec<u8>> = tx
+            .query(format!(
+                "SELECT `name` FROM {consumers} WHERE `state` IN ('dropped', 'expired') \
+                 ORDER BY `name`"
+            ))
+            .await
+            .map_err(db_err(context))?;
+        let mut locked: Vec<Locked> = Vec::new();
+        for name in &names {
+            let row: Option<LockedRow> = tx
+                .exec_first(
+                    format!(
+                        "SELECT `state`, `watermark`, `channels`, `missed` FROM {consumers} \
+                         WHERE `name` = ? FOR UPDATE"
+                    ),
+                    (name,),
+                )
+                .await
+                .map_err(db_err(context))?;
+            let Some((state, watermark, channels, missed)) = row else {
+                continue;
+            };
+            if ConsumerState::parse(&String::from_utf8_lossy(&state)) == ConsumerState::Active {
+                continue;
+            }
+            let channels = stored_channels(lossy(channels).as_deref());
+            let missed =
+                missed_channels(lossy(missed).as_deref(), channels.as_deref().unwrap_or(&[]));
+            let name = String::from_utf8_lossy(name).into_owned();
+            locked.push((name, watermark, channels, missed));
+        }
+        let locked_json =
+            serde_json::to_string(&locked.iter().map(|(name, ..)| name).collect::<Vec<_>>())
+                .expect("strings serialize");
+        let rows: Vec<(i64, Vec<u8>)> = tx
+            .exec(
+                format!(
+                    "SELECT j.`id`, j.`channel` FROM {journal} j \
+                      WHERE j.`id` < ? AND j.`created_at` < NOW(6) - INTERVAL ? MICROSECOND \
+                        AND NOT EXISTS (SELECT 1 FROM {consumers} c \
+                                         WHERE NOT JSON_CONTAINS(?, JSON_QUOTE(c.`name`)) \
+                                           AND j.`id` > c.`watermark` AND {READS_CHANNEL}) \
+                      ORDER BY j.`id` LIMIT {PURGE_BATCH}"
+                ),
+                (newest, keep, &locked_json),
+            )
+            .await
+            .map_err(db_err(context))?;
+        let deleted: Vec<(i64, String)> = rows
+            .into_iter()
+            .map(|(id, channel)| (id, String::from_utf8_lossy(&channel).into_owned()))
+            .collect();
+        if !deleted.is_empty() {
+            let ids: Vec<String> = deleted.iter().map(|(id, _)| id.to_string()).collect();
+            tx.query_drop(format!(
+                "DELETE FROM {journal} WHERE `id` IN ({})",
+                ids.join(", ")
+            ))
+            .await
+            .map_err(db_err(context))?;
+        }
+        for (name, watermark, channels, missed) in &locked {
+            let unread = deleted
+                .iter()
+                .filter(|(id, _)| id > watermark)
+                .map(|(_, channel)| channel);
+            if let Some(now_missed) = add_missed(missed, channels.as_deref(), unread) {
+                tx.exec_drop(
+                    format!("UPDATE {consumers} SET `missed` = ? WHERE `name` = ?"),
+                    (channels_json(&now_missed), name.as_str()),
+                )
+                .await
+                .map_err(db_err(context))?;
+            }
+        }
+        tx.commit().await.map_err(db_err(context))?;
+        let n = deleted.len() as u64;
+        total += n;
+        if deleted.len() < PURGE_BATCH {
+            return Ok(total);
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! PostgreSQL's record of named consumers (`sqlnotify.consumers`): registering, saving
+//! positions, the journal purge that respects them, backlog, listing and dropping. The
+//! contract is in `crate::consumer`; this file is its SQL.
+//!
+//! A consumer's position is a transaction-id horizon and the ids at or above it it has
+//! already delivered (`seen`; see `journal.rs`): a journal row is unread by a consumer when
+//! `xid >= horizon`, its id is not in `seen`, and it is on one of the consumer's `channels`
+//! (NULL: every channel, for consumers registered by an older sqlnotify). The purge keeps every
+//! row at or above the horizon (simpler, and `seen` rows are few).
+//!
+//! Why the purge runs in a transaction of its own, on a connection of its own. A dropped or
+//! expired consumer that starts again sets itself active and reads what it `missed`; the purge
+//! deletes what no active consumer protects and records what it deleted on the inactive ones.
+//! If the purge decided from a snapshot taken before a consumer came back, and recorded the
+//! miss after that consumer had looked, the rows would be gone without a word. So the purge
+//! first locks the rows of the inactive consumers (`FOR UPDATE`: a consumer coming back waits
+//! for the purge to commit, then sees what it missed), and then deletes with a later snapshot
+//! in which every consumer *not* among the locked ones — active, new, or dropped meanwhile —
+//! protects its rows. The control connection cannot hold a transaction (other calls share it),
+//! hence the purge's own connection, opened only when there is something to purge.
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+use super::control::Control;
+use super::ddl::SCHEMA;
+use super::journal::Position;
+use crate::consumer::{add_missed, ConsumerInfo, ConsumerParams, ConsumerPosition, ConsumerState};
+use crate::error::{Error, Result};
+use crate::sql::{quote_ident, quote_literal};
+
+/// Journal rows deleted per purge transaction, so no lock is held long.
+const PURGE_BATCH: i64 = 5_000;
+
+/// The columns registered consumers need, added to a `sqlnotify.consumers` of an older
+/// version (small table, never written by application transactions — but listeners of other
+/// processes save to it: wait at most 5 s for them, or the caller's own `lock_timeout`,
+/// rather than queue everyone; a lock not obtained fails with `lock_not_available`). Part of the
+/// install script; also run before every use, so a database installed by someone else's
+/// migrations is upgraded by the first notifier that needs it. Does nothing when sqlnotify was
+/// never installed.
+pub(crate) fn setup_sql() -> String {
+    let table = format!("{}.consumers", quote_ident(SCHEMA));
+    format!(
+        "DO $sqn_consumers$
+DECLARE
+  _sqn_lock text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+  IF pg_catalog.to_regclass({name}) IS NOT NULL THEN
+    IF (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute
+         WHERE attrelid = pg_catalog.to_regclass({name}) AND NOT attisdropped
+           AND attname IN ('state', 'channels', 'expire_after', 'missed', 'seen')) < 5 THEN
+      -- never wait without bound: a caller that set its own lock_timeout keeps it
+      IF _sqn_lock = '0' THEN
+        PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+      END IF;
+      BEGIN
+        ALTER TABLE {table}
+          ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'active',
+          ADD COLUMN IF NOT EXISTS channels text[],
+          ADD COLUMN IF NOT EXISTS expire_after interval,
+          ADD COLUMN IF NOT EXISTS missed text[],
+          ADD COLUMN IF NOT EXISTS seen bigint[];
+      EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION 'sqlnotify: upgrading {table} (adding the columns of registered consumers) needs a moment when no other session is using it; retry'
+          USING ERRCODE = 'lock_not_available';
+      END;
+      PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
+    END IF;
+  END IF;
+END
+$sqn_consumers$;",
+        name = quote_literal(&table),
+    )
+}
+
+/// Upgrades the consumers table if needed; returns whether sqlnotify is installed at all.
+pub(crate) async fn ensure(client: &Client) -> Result<bool> {
+    client
+        .batch_execute(&setup_sql())
+        .await
+        .map_err(|e| Error::db("upgrading sqlnotify.consumers", e))?;
+    let installed = client
+        .query_typed_one(
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            &[(&format!("{}.consumers", quote_ident(SCHEMA)), Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db("looking for sqlnotify.consumers", e))?;
+    Ok(installed.get(0))
+}
+
+fn secs(consumer: &ConsumerParams) -> Option<f64> {
+    consumer.expire_after.map(|d| d.as_secs_f64())
+}
+
+fn parse_xid(text: &str) -> Result<u64> {
+    text.parse().map_err(|_| Error::InvalidPayload {
+        channel: "consumers".into(),
+        reason: format!("unexpected transaction id {text:?}"),
+    })
+}
+
+/// A consumer of this name that is registered already takes up again: active, its channels
+/// and expiry updated, what it missed (as recorded by purges while it was dropped or expired)
+/// taken and cleared. Returns its saved position and the missed channels; `None` when no
+/// consumer has this name. The inner `FOR UPDATE` waits for a purge that holds the row and
+/// returns the row as that purge left it.
+pub(crate) async fn reactivate(
+    client: &Client,
+    consumer: &ConsumerParams,
+    channels: &[String],
+) -> Result<Option<(Position, Vec<String>)>> {
+    let sql = format!(
+        "UPDATE {s}.consumers c SET state = 'active', missed = NULL, channels = $2,
+                expire_after = pg_catalog.make_interval(secs => $3), updated_at = now()
+           FROM (SELECT name, missed FROM {s}.consumers WHERE name = $1 FOR UPDATE) o
+          WHERE c.name = o.name
+         RETURNING c.horizon::text, o.missed, c.seen",
+        s = quote_ident(SCHEMA)
+    );
+    let name = &consumer.name;
+    let row = client
+        .query_typed_opt(
+            &sql,
+            &[
+                (name, Type::TEXT),
+                (&channels, Type::TEXT_ARRAY),
+                (&secs(consumer), Type::FLOAT8),
+            ],
+        )
+        .await
+        .map_err(|e| Error::db(format!("registering consumer {name:?}"), e))?;
+    let Some(row) = row else { return Ok(None) };
+    let horizon = parse_xid(&row.get::<_, String>(0))?;
+    let mut missed: Vec<String> = row.get::<_, Option<Vec<String>>>(1).unwrap_or_default();
+    missed.sort();
+    missed.dedup();
+    let seen: Option<Vec<i64>> = row.get(2);
+    Ok(Some((Position { horizon, seen }, missed)))
+}
+
+/// Registers a new consumer at `position`.
+pub(crate) async fn insert(
+    client: &Client,
+    consumer: &ConsumerParams,
+    channels: &[String],
+    position: &Position,
+) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO {s}.consumers (name, horizon, seen, updated_at, state, channels, expire_after)
+         VALUES ($1, $2::text::xid8, $5, now(), 'active', $3, pg_catalog.make_interval(secs => $4))
+         ON CONFLICT (name) DO UPDATE SET horizon = GREATEST({s}.consumers.horizon, EXCLUDED.horizon),
+                                          seen = NULL, updated_at = now()",
+        s = quote_ident(SCHEMA)
+    );
+    let name = &consumer.name;
+    client
+        .query_typed(
+            &sql,
+            &[
+                (name, Type::TEXT),
+                (&position.horizon.to_string(), Type::TEXT),
+                (&channels, Type::TEXT_ARRAY),
+                (&secs(consumer), Type::FLOAT8),
+                (&position.seen, Type::INT8_ARRAY),
+            ],
+        )
+        .await
+        .map_err(|e| Error::db(format!("registering consumer {name:?}"), e))?;
+    Ok(())
+}
+
+/// What a position save found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Saved {
+    /// Saved; the consumer is active.
+    Active,
+    /// Saved, but the consumer had been dropped or expired meanwhile.
+    Inactive,
+    /// Its row is gone (deleted by hand).
+    Missing,
+}
+
+/// Saves consumer `name`'s position (never moving it backwards) and marks it alive. Does not
+/// change its state: see [`save_running`] for a running listener.
+pub(crate) async fn save(client: &Client, name: &str, position: &Position) -> Result<Saved> {
+    // SET reads the row's old values: `seen` follows the horizon it belongs to.
+    let sql = format!(
+        "UPDATE {s}.consumers SET horizon = GREATEST(horizon, $2::text::xid8),
+                seen = CASE WHEN $2::text::xid8 >= horizon THEN $3 ELSE seen END,
+                updated_at = now()
+          WHERE name = $1 RETURNING state, missed IS NOT NULL",
+        s = quote_ident(SCHEMA)
+    );
+    let row = client
+        .query_typed_opt(
+            &sql,
+            &[
+                (&name, Type::TEXT),
+                (&position.horizon.to_string(), Type::TEXT),
+                (&position.seen, Type::INT8_ARRAY),
+            ],
+        )
+        .await
+        .map_err(|e| Error::db(format!("saving the position of consumer {name:?}"), e))?;
+    Ok(match row {
+        None => Saved::Missing,
+        Some(row) => {
+            let state = ConsumerState::parse(&row.get::<_, String>(0));
+            if state == ConsumerState::Active && !row.get::<_, bool>(1) {
+                Saved::Active
+            } else {
+                Saved::Inactive
+            }
+        }
+    })
+}
+
+/// A running listener's save: as [`save`], and a consumer dropped or expired while it runs
+/// (or whose row was deleted) registers again. Returns the channels on which rows it had not
+/// read were purged meanwhile — every channel when its row was deleted, since nothing says
+/// what was purged then.
+pub(crate) async fn save_running(
+    client: &Client,
+    consumer: &ConsumerParams,
+    channels: &[String],
+    position: &Position,
+) -> Result<Vec<String>> {
+    match save(client, &consumer.name, position).await? {
+        Saved::Active => Ok(Vec::new()),
+        Saved::Inactive => Ok(reactivate(client, consumer, channels)
+            .await?
+            .map(|(_, missed)| missed)
+            .unwrap_or_default()),
+        Saved::Missing => {
+            insert(client, consumer, channels, position).await?;
+            Ok(channels.to_vec())
+        }
+    }
+}
+
+/// The backlog of every consumer row `c` (a correlated subquery).
+fn backlog_sql() -> String {
+    format!(
+        "(SELECT pg_catalog.count(*) FROM {s}.journal j
+           WHERE j.xid >= c.horizon AND (c.channels IS NULL OR j.channel = ANY(c.channels))
+             AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))",
+        s = quote_ident(SCHEMA)
+    )
+}
+
+/// Journal rows at or after consumer `name`'s horizon on its channels.
+pub(crate) async fn backlog(client: &Client, name: &str) -> Result<Option<u64>> {
+    let sql = format!(
+        "SELECT {} FROM {s}.consumers c WHERE c.name = $1",
+        backlog_sql(),
+        s = quote_ident(SCHEMA)
+    );
+    let row = client
+        .query_typed_opt(&sql, &[(&name, Type::TEXT)])
+        .await
+        .map_err(|e| Error::db(format!("counting the backlog of consumer {name:?}"), e))?;
+    Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+}
+
+/// Every registered consumer.
+pub(crate) async fn list(client: &Client) -> Result<Vec<ConsumerInfo>> {
+    if !ensure(client).await? {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT c.name, c.state, c.horizon::text, extract(epoch FROM c.updated_at)::float8,
+                c.channels, extract(epoch FROM c.expire_after)::float8, {}
+           FROM {s}.consumers c ORDER BY c.name",
+        backlog_sql(),
+        s = quote_ident(SCHEMA)
+    );
+    let rows = client
+        .query_typed(&sql, &[])
+        .await
+        .map_err(|e| Error::db("listing the consumers", e))?;
+    rows.iter()
+        .map(|r| {
+            Ok(ConsumerInfo {
+                name: r.get(0),
+                state: ConsumerState::parse(&r.get::<_, String>(1)),
+                position: ConsumerPosition::Horizon(parse_xid(&r.get::<_, String>(2))?),
+                last_active: crate::consumer::unix_time(r.get(3)),
+                channels: r.get(4),
+                expire_after: r
+                    .get::<_, Option<f64>>(5)
+                    .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()),
+                backlog: r.get::<_, i64>(6).max(0) as u64,
+            })
+        })
+        .collect()
+}
+
+/// Marks consumer `name` dropped.
+pub(crate) async fn drop_consumer(client: &Client, name: &str) -> Result<()> {
+    if !ensure(client).await? {
+        return Err(Error::UnknownConsumer { name: name.into() });
+    }
+    let sql = format!(
+        "UPDATE {s}.consumers SET state = 'dropped' WHERE name = $1 RETURNING 1",
+        s = quote_ident(SCHEMA)
+    );
+    let row = client
+        .query_typed_opt(&sql, &[(&name, Type::TEXT)])
+        .await
+        .map_err(|e| Error::db(format!("dropping consumer {name:?}"), e))?;
+    match row {
+        Some(_) => {
+            log::info!("sqlnotify: consumer {name:?} dropped");
+            Ok(())
+        }
+        None => Err(Error::UnknownConsumer { name: name.into() }),
+    }
+}
+
+/// The condition "no consumer still has to read journal row `j`", where the consumers that
+/// protect nothing are those named in parameter `names` and, when given, those whose state is
+/// in parameter `states`. The delete passes only `names`, the inactive consumers it locked: a
+/// consumer dropped after that lock is not among them and keeps its rows for this round —
+/// deleting them would leave nothing on record for it.
+fn unprotected(s: &str, names: u8, states: Option<u8>) -> String {
+    let states = states
+        .map(|p| format!(" AND c.state <> ALL(${p})"))
+        .unwrap_or_default();
+    format!(
+        "NOT EXISTS (SELECT 1 FROM {s}.consumers c
+                      WHERE NOT (c.name = ANY(${names})){states}
+                        AND j.xid >= c.horizon AND (c.channels IS NULL OR j.channel = ANY(c.channels)))"
+    )
+}
+
+/// States that protect nothing.
+fn inactive() -> Vec<String> {
+    vec![
+        ConsumerState::Dropped.as_str().to_string(),
+        ConsumerState::Expired.as_str().to_string(),
+    ]
+}
+
+/// Expires consumers away longer than their expiry, then deletes journal rows older than
+/// `retention` that no registered consumer still has to read, recording them on the inactive
+/// consumers that had not read them. Returns how many journal rows were deleted.
+pub(crate) async fn purge_journal(
+    control: &Control,
+    retention: std::time::Duration,
+) -> Result<u64> {
+    let client = control.client().await?;
+    if !ensure(&client).await? {
+        return Ok(0);
+    }
+    let s = quote_ident(SCHEMA);
+    let secs = retention.as_secs_f64();
+    let none: Vec<String> = Vec::new();
+    let inactive = inactive();
+    // Cheap check on the shared connection first: most rounds have nothing to do.
+    let check = format!(
+        "SELECT EXISTS (SELECT 1 FROM {s}.journal j
+                         WHERE j.created_at < now() - pg_catalog.make_interval(secs => $1)
+                           AND {})
+             OR EXISTS (SELECT 1 FROM {s}.consumers c WHERE c.state <> ALL($3)
+                           AND c.expire_after IS NOT NULL AND c.updated_at < now() - c.expire_after)",
+        unprotected(&s, 2, Some(3))
+    );
+    let params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&secs, Type::FLOAT8),
+        (&none, Type::TEXT_ARRAY),
+        (&inactive, Type::TEXT_ARRAY),
+    ];
+    let work: bool = client
+        .query_typed_one(&check, &params)
+        .await
+        .map_err(|e| Error::db("looking for expired journal rows", e))?
+        .get(0);
+    drop(client);
+    if !work {
+        return Ok(0);
+    }
+    let mut client = Control::connect(control.config(), "purge").await?;
+    purge_in_transactions(&mut client, retention).await
+}
+
+async fn purge_in_transactions(client: &mut Client, retention: std::time::Duration) -> Result<u64> {
+    let s = quote_ident(SCHEMA);
+    let secs = retention.as_secs_f64();
+    let inactive = inactive();
+    let err = |e| Error::db("deleting expired journal rows", e);
+    let expire = format!(
+        "UPDATE {s}.consumers SET state = 'expired'
+          WHERE state <> ALL($1) AND expire_after IS NOT NULL AND updated_at < now() - expire_after
+         RETURNING name, extract(epoch FROM now() - updated_at)::float8"
+    );
+    let lock = format!(
+        "SELECT name, horizon::text, channels, missed FROM {s}.consumers
+          WHERE state = ANY($1) ORDER BY name FOR UPDATE"
+    );
+    let delete = format!(
+        "WITH d AS (DELETE FROM {s}.journal WHERE id IN (
+                      SELECT j.id FROM {s}.journal j
+                       WHERE j.created_at < now() - pg_catalog.make_interval(secs => $1) AND {}
+                       ORDER BY j.id LIMIT $2)
+                    RETURNING channel, xid)
+         SELECT channel, max(xid::text::numeric)::text, pg_catalog.count(*) FROM d GROUP BY channel",
+        unprotected(&s, 3, None)
+    );
+    let mark = format!("UPDATE {s}.consumers SET missed = $2 WHERE name = $1");
+    let (mut total, mut first) = (0u64, true);
+    loop {
+        let tx = client.transaction().await.map_err(err)?;
+        if std::mem::take(&mut first) {
+            for row in tx
+                .query_typed(&expire, &[(&inactive, Type::TEXT_ARRAY)])
+                .await
+                .map_err(err)?
+            {
+                log::info!(
+                    "sqlnotify: consumer {:?} expired (not seen for {:.0} s, longer than its expiry)",
+                    row.get::<_, String>(0),
+                    row.get::<_, f64>(1)
+                );
+            }
+        }
+        // Inactive consumers, locked: one coming back waits for this transaction.
+        let mut locked = Vec::new();
+        for row in tx
+            .query_typed(&lock, &[(&inactive, Type::TEXT_ARRAY)])
+            .await
+            .map_err(err)?
+        {
+            let name: String = row.get(0);
+            let horizon = parse_xid(&row.get::<_, String>(1))?;
+            let channels: Option<Vec<String>> = row.get(2);
+            let missed: Vec<String> = row.get::<_, Option<Vec<String>>>(3).unwrap_or_default();
+            locked.push((name, horizon, channels, missed));
+        }
+        let names: Vec<String> = locked.iter().map(|(name, ..)| name.clone()).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&secs, Type::FLOAT8),
+            (&PURGE_BATCH, Type::INT8),
+            (&names, Type::TEXT_ARRAY),
+        ];
+        let mut deleted = Vec::new();
+        let mut n = 0u64;
+        for row in tx.query_typed(&delete, &params).await.map_err(err)? {
+            let channel: String = row.get(0);
+            let newest = parse_xid(&row.get::<_, String>(1))?;
+            n += row.get::<_, i64>(2).max(0) as u64;
+            deleted.push((channel, newest));
+        }
+        for (name, horizon, channels, missed) in &locked {
+            let unread = deleted
+                .iter()
+                .filter(|(_, newest)| newest >= horizon)
+                .map(|(channel, _)| channel);
+            if let Some(now_missed) = add_missed(missed, channels.as_deref(), unread) {
+                tx.query_typed(
+                    &mark,
+                    &[(name, Type::TEXT), (&now_missed, Type::TEXT_ARRAY)],
+                )
+                .await
+                .map_err(err)?;
+            }
+        }
+        tx.commit().await.map_err(err)?;
+        total += n;
+        if n < PURGE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
