@@ -440,22 +440,29 @@ fn bad_input_is_one_line_on_stderr_and_a_non_zero_exit() {
     let db = TempDb::new("CREATE TABLE t (id INTEGER PRIMARY KEY)");
     let url = db.url();
     let missing = format!("sqlite://{}", db.dir.join("missing.db").display());
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec![], "a command is required"),
-        (vec!["frobnicate"], "frobnicate"),
-        (vec!["tail"], "--table"),
-        (vec!["tail", &url], "--table"),
+    // Exit status 2: bad usage (the arguments); 1: what the database (or its URL) refused.
+    let cases: Vec<(Vec<&str>, &str, i32)> = vec![
+        (vec![], "a command is required", 2),
+        (vec!["frobnicate"], "frobnicate", 2),
+        (vec!["tail"], "--table", 2),
+        (vec!["tail", &url], "--table", 2),
         (
             vec!["tail", &url, "--table", "t", "--op", "upsert"],
             "upsert",
+            2,
         ),
-        (vec!["tail", &url, "--table", "t", "--tier", "fast"], "fast"),
-        (vec!["tail", &url, "--tabel", "t"], "--tabel"),
+        (
+            vec!["tail", &url, "--table", "t", "--tier", "fast"],
+            "fast",
+            2,
+        ),
+        (vec!["tail", &url, "--tabel", "t"], "--tabel", 2),
         (
             vec!["tail", &url, "--table", "t", "--label", "x"],
             "--label names one table and one operation",
+            2,
         ),
-        (vec!["tail", &url, "--table", "nope"], "\"nope\""),
+        (vec!["tail", &url, "--table", "nope"], "\"nope\"", 1),
         (
             vec![
                 "tail",
@@ -468,23 +475,21 @@ fn bad_input_is_one_line_on_stderr_and_a_non_zero_exit() {
                 "zzz",
             ],
             "\"zzz\"",
+            1,
         ),
-        (vec!["install-sql", &url, "--table", "nope"], "\"nope\""),
-        (vec!["tail", &missing, "--table", "t"], "missing.db"),
-        (vec!["cleanup", "oracle://localhost/x"], "oracle"),
-        (vec!["cleanup", "sqlite::memory:"], "in-memory"),
+        (vec!["install-sql", &url, "--table", "nope"], "\"nope\"", 1),
+        (vec!["tail", &missing, "--table", "t"], "missing.db", 1),
+        (vec!["cleanup", "oracle://localhost/x"], "oracle", 1),
+        (vec!["cleanup", "sqlite::memory:"], "in-memory", 1),
         (
             vec!["cleanup", "postgres://u:s3cr3t@127.0.0.1:1/x"],
             "connecting to PostgreSQL",
+            1,
         ),
     ];
-    for (args, expected) in cases {
+    for (args, expected, code) in cases {
         let (status, out, err) = run(&args);
-        assert!(!status.success(), "{args:?} succeeded");
-        assert!(
-            matches!(status.code(), Some(1) | Some(2)),
-            "{args:?}: {status:?}"
-        );
+        assert_eq!(status.code(), Some(code), "{args:?}: {status:?} {err:?}");
         assert!(out.is_empty(), "{args:?}: stdout {out:?}");
         assert_eq!(err.lines().count(), 1, "{args:?}: stderr {err:?}");
         assert!(err.starts_with("sqlnotify: error: "), "{args:?}: {err:?}");
