@@ -135,6 +135,11 @@ mod subscriber;
 mod subscription;
 mod watch;
 
+// README.md's Rust code blocks are compiled (and run, unless marked `no_run`) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]

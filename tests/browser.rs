@@ -5,7 +5,8 @@
 //! the others, and a client that goes away loses its subscriptions.
 //!
 //! The browser test needs Debian's `chromium` and `chromium-driver` packages (scripts/test
-//! installs them when it runs as root); without them it prints why it is skipped and passes.
+//! installs them when it runs as root); without them it prints why it is skipped and passes,
+//! unless `CI` is set: then it fails.
 //! The example binary is the one `cargo test` builds; it is (re)built here when missing or
 //! older than its sources.
 
@@ -387,10 +388,12 @@ fn the_page_shows_rows_from_the_endpoint_and_from_another_connection_within_a_se
         .filter(|p| !Path::new(p).exists())
         .collect();
     if !missing.is_empty() {
-        eprintln!(
-            "SKIPPED browser test: {} not found (install Debian's chromium and chromium-driver \
-             packages; scripts/test does when run as root)",
-            missing.join(" and ")
+        common::prerequisite_missing(
+            "the browser test",
+            &format!(
+                "{} not found (Debian's chromium and chromium-driver packages)",
+                missing.join(" and ")
+            ),
         );
         return;
     }

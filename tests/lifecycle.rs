@@ -292,7 +292,13 @@ async fn a_panicking_subscriber_is_isolated() {
     let mut healthy = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
     db.exec("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)")
         .await;
-    assert_eq!(healthy.take(2).await.len(), 2);
+    let ids: Vec<_> = healthy
+        .take(2)
+        .await
+        .iter()
+        .map(|e| e.id().as_i64())
+        .collect();
+    assert_eq!(ids, [Some(1), Some(2)]);
     notifier.stop().await.unwrap();
     assert_eq!(
         calls.load(Ordering::SeqCst),

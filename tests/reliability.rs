@@ -200,14 +200,16 @@ async fn drop_oldest_bounds_a_stuck_subscriber_and_never_delays_the_others() {
         .await
         .unwrap();
     let fast = Arc::new(AtomicU64::new(0));
-    let f = fast.clone();
+    let out_of_order = Arc::new(AtomicU64::new(0));
+    let (f, o) = (fast.clone(), out_of_order.clone());
     notifier
         .subscribe_fn(Subscription::new("t", Insert), move |e| {
-            // in order, nothing skipped
-            assert_eq!(
-                e.id().as_i64(),
-                Some(f.fetch_add(1, Ordering::SeqCst) as i64 + 1)
-            );
+            // in order, nothing skipped; counted here and asserted by the test (a panic in a
+            // subscriber closure is caught by the notifier: it could not fail the test)
+            let expected = f.fetch_add(1, Ordering::SeqCst) as i64 + 1;
+            if e.id().as_i64() != Some(expected) {
+                o.fetch_add(1, Ordering::SeqCst);
+            }
         })
         .await
         .unwrap();
@@ -222,6 +224,11 @@ async fn drop_oldest_bounds_a_stuck_subscriber_and_never_delays_the_others() {
     assert!(
         all_fast,
         "the fast subscriber got all {N} events while the slow one was stuck"
+    );
+    assert_eq!(
+        out_of_order.load(Ordering::SeqCst),
+        0,
+        "the fast subscriber got events 1..={N} in order"
     );
     let stats = notifier.stats().await.unwrap();
     assert!(

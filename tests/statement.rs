@@ -454,13 +454,23 @@ async fn hostile_journal_rows_are_counted_and_the_budget_stays_exact() {
     // the budget is intact: a statement of the smallest budget's size still gets through
     // twice over (it could not if units had leaked or been over-returned)
     for round in 0..2 {
+        let first = 1000 + round * 1024 + 1;
         db.exec(&format!(
-            "INSERT INTO t SELECT i FROM generate_series({0} + 1, {0} + 1024) i",
-            1000 + round * 1024
+            "INSERT INTO t SELECT i FROM generate_series({first}, {first} + 1023) i"
         ))
         .await;
-        assert_eq!(ev.take(1024).await.len(), 1024);
+        let ids: Vec<i64> = ev
+            .take(1024)
+            .await
+            .iter()
+            .map(|e| e.id().as_i64().unwrap())
+            .collect();
+        assert_eq!(ids, (first..first + 1024).collect::<Vec<_>>());
     }
+    // sentinel: nothing else (no repeat of those rows) was on its way
+    db.exec("INSERT INTO t VALUES (9999)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(9999));
+    ev.assert_empty();
     notifier.stop().await.unwrap();
 }
 

@@ -702,11 +702,28 @@ async fn the_listener_uses_the_users_connection_settings() {
 
 #[actix_rt::test]
 async fn a_unix_socket_url_works() {
-    let Some((socket_dir, port)) = common::socket() else {
-        eprintln!("skipping a_unix_socket_url_works: the test server's socket is unknown");
-        return;
+    // The test server's socket when it is known, else a cluster of the test's own.
+    let (cluster, (socket_dir, port)) = match common::socket() {
+        Some(socket) => (None, socket),
+        None => match common::Cluster::start() {
+            Some(cluster) => {
+                let socket = cluster.socket();
+                (Some(cluster), socket)
+            }
+            None => {
+                common::prerequisite_missing(
+                    "a_unix_socket_url_works",
+                    "the test server's socket is unknown (set SQLNOTIFY_TEST_PG_SOCKET=dir:port) \
+                     and no PostgreSQL cluster of its own could be started",
+                );
+                return;
+            }
+        },
     };
-    let db = TestDb::new().await;
+    let db = match &cluster {
+        Some(cluster) => TestDb::on(&cluster.url()).await,
+        None => TestDb::new().await,
+    };
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let url = format!(
         "postgresql:///{}?host={socket_dir}&port={port}&user=postgres&application_name=sqlnotify_socket_test",

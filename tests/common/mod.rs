@@ -40,6 +40,26 @@ pub fn init_logging() {
     let _ = env_logger::builder().is_test(true).try_init();
 }
 
+/// Whether this run must not skip anything: `CI` is set (to anything but "", "0" or "false";
+/// `.ci/run` sets it, and scripts/test provides every prerequisite).
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// A test cannot run because `what` is missing: with [`ci`] that is a failure (a skipped test
+/// must not pass as green); otherwise the caller returns after this says on stderr what was
+/// skipped and why (written past the test harness's capture, so it shows in a passing run).
+pub fn prerequisite_missing(test: &str, what: &str) {
+    if ci() {
+        panic!("{test} cannot run: {what} (CI is set: a missing prerequisite is a failure)");
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {what} (scripts/test provides it; with CI set this fails)"
+    );
+}
+
 pub async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
@@ -61,6 +81,11 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        TestDb::on(&server_url()).await
+    }
+
+    /// A database of its own on the server `admin_url` connects to (a [`Cluster`], say).
+    pub async fn on(admin_url: &str) -> TestDb {
         init_logging();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
@@ -73,7 +98,7 @@ impl TestDb {
             COUNTER.fetch_add(1, Ordering::Relaxed),
             nanos % 100_000
         );
-        let admin_url = server_url();
+        let admin_url = admin_url.to_string();
         let admin = connect(&admin_url).await;
         admin
             .batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE template0"))
@@ -366,6 +391,11 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The server's unix socket: (directory, port).
+    pub fn socket(&self) -> (String, u16) {
+        (self.dir.display().to_string(), self.port)
+    }
+
     /// Stops the server (fast shutdown: clients are disconnected).
     pub fn stop(&self) {
         self.pg_ctl("stop").expect("pg_ctl stop");
@@ -548,16 +578,27 @@ pub async fn listener_pid(db: &TestDb) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
+/// How long [`kill_listener`] waits for each new listener backend to kill.
+pub const LISTENER_BACK_WITHIN: Duration = Duration::from_secs(30);
+
 /// Terminates the listener's backend `kills` times (`pg_terminate_backend`), each time a new
-/// one: a backend already signalled may still be listed, and does not count again.
+/// one: a backend already signalled may still be listed, and does not count again. Panics
+/// when no new listener backend shows up within [`LISTENER_BACK_WITHIN`] of the last kill.
 pub async fn kill_listener(db: &TestDb, kills: usize) {
     let (mut done, mut last) = (0, None);
+    let mut deadline = tokio::time::Instant::now() + LISTENER_BACK_WITHIN;
     while done < kills {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kill {} of {kills}: no new listener backend within {LISTENER_BACK_WITHIN:?}",
+            done + 1
+        );
         if let Some(pid) = listener_pid(db).await.filter(|pid| Some(*pid) != last) {
             let sql = format!("SELECT pg_terminate_backend({pid})::int::bigint");
             if db.count(&sql).await == 1 {
                 done += 1;
                 last = Some(pid);
+                deadline = tokio::time::Instant::now() + LISTENER_BACK_WITHIN;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
@@ -619,7 +660,9 @@ pub async fn assert_every_row_once_through_kills<W>(
     }
     db.exec("INSERT INTO t VALUES (-1)").await;
     assert_eq!(
-        rx.recv().await,
+        tokio::time::timeout(ARRIVES_WITHIN, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{label}: the sentinel row did not arrive")),
         Some(-1),
         "{label}: nothing else was on its way"
     );
@@ -637,4 +680,145 @@ pub async fn assert_every_row_once_through_kills<W>(
         resynced >= 1 && resynced <= restarts,
         "{label}: {resynced} resyncs for {restarts} restarts"
     );
+}
+
+/// A TCP proxy in front of the test server that records what its clients send: the SQL a
+/// notifier really puts on the wire (`pg_stat_activity` only shows each session's last
+/// statement).
+pub struct WireTap {
+    pub port: u16,
+    /// Per connection, the bytes the client sent.
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WireTap {
+    pub async fn start() -> WireTap {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config: tokio_postgres::Config = server_url().parse().expect("the test server URL");
+        let server = match (config.get_hosts().first(), config.get_ports().first()) {
+            (Some(tokio_postgres::config::Host::Tcp(host)), port) => {
+                format!("{host}:{}", port.copied().unwrap_or(5432))
+            }
+            other => panic!("WireTap needs a TCP test server, not {other:?}"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = sent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(&server).await else {
+                    continue;
+                };
+                let index = {
+                    let mut sent = record.lock().unwrap();
+                    sent.push(Vec::new());
+                    sent.len() - 1
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = upstream.into_split();
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from_client.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        record.lock().unwrap()[index].extend_from_slice(&buf[..n]);
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_server.shutdown().await;
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                    let _ = to_client.shutdown().await;
+                });
+            }
+        });
+        WireTap { port, sent, task }
+    }
+
+    /// A URL of database `dbname` through the tap, as the test server's user.
+    pub fn url(&self, dbname: &str) -> String {
+        let config: tokio_postgres::Config = server_url().parse().unwrap();
+        let user = config.get_user().unwrap_or("postgres");
+        let password = config
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        format!(
+            "postgres://{user}{password}@127.0.0.1:{}/{dbname}",
+            self.port
+        )
+    }
+
+    /// How many connections went through the tap.
+    pub fn connections(&self) -> usize {
+        self.sent.lock().unwrap().len()
+    }
+
+    /// Every SQL text clients sent so far (simple queries and prepared statements), in order
+    /// per connection.
+    pub fn statements(&self) -> Vec<String> {
+        let sent = self.sent.lock().unwrap();
+        sent.iter().flat_map(|bytes| frontend_sql(bytes)).collect()
+    }
+}
+
+impl Drop for WireTap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The SQL in a client's side of a PostgreSQL connection: the text of every Query ('Q') and
+/// Parse ('P') message after the startup packets.
+fn frontend_sql(bytes: &[u8]) -> Vec<String> {
+    let int = |at: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize)
+    };
+    let cstr = |from: usize, to: usize| -> Option<(String, usize)> {
+        let end = from + bytes.get(from..to)?.iter().position(|b| *b == 0)?;
+        Some((
+            String::from_utf8_lossy(&bytes[from..end]).into_owned(),
+            end + 1,
+        ))
+    };
+    let mut at = 0;
+    // Startup phase: untyped packets; an SSL or GSS encryption request is followed by another.
+    while let (Some(len), Some(code)) = (int(at), int(at + 4)) {
+        at += len;
+        if code != 80877103 && code != 80877104 {
+            break;
+        }
+    }
+    let mut sql = Vec::new();
+    while let (Some(&kind), Some(len)) = (bytes.get(at), int(at + 1)) {
+        let (body, end) = (at + 5, at + 1 + len);
+        match kind {
+            b'Q' => sql.extend(cstr(body, end).map(|(q, _)| q)),
+            b'P' => sql.extend(
+                cstr(body, end)
+                    .and_then(|(_, next)| cstr(next, end))
+                    .map(|(q, _)| q),
+            ),
+            _ => {}
+        }
+        at = end;
+    }
+    sql
+}
+
+/// Whether `sql` holds a LISTEN statement.
+pub fn is_listen(sql: &str) -> bool {
+    sql.split(';').any(|statement| {
+        let statement = statement.trim_start().to_ascii_lowercase();
+        statement
+            .strip_prefix("listen")
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_whitespace() || c == '"'))
+    })
 }
