@@ -104,8 +104,9 @@
 //!
 //! # Security
 //!
-//! Writers need no privilege on sqlnotify's objects (trigger functions run as their owner), and
-//! roles that were granted nothing can read nothing of them. PostgreSQL lets any role that can
+//! Writers need no privilege on sqlnotify's objects (each watch's helper function writes for
+//! them, after checking the caller may write to the table), and roles that were granted
+//! nothing can read nothing of them. PostgreSQL lets any role that can
 //! connect LISTEN and NOTIFY on any channel: notify-tier payloads are therefore signed
 //! ([`sign_notifications`](NotifierBuilder::sign_notifications)) and forgeries are dropped and
 //! counted; overflow references are random tokens bound to their channel. README's "Security"

@@ -218,7 +218,8 @@ async fn the_poll_tier_never_listens() {
             .client()
             .await
             .query_one(
-                "SELECT prosrc FROM pg_proc WHERE proname = 'sqlnotify_public_t_insert'",
+                "SELECT prosrc FROM pg_proc WHERE proname = 'sqlnotify_public_t_insert' \
+                 AND prorettype = 'trigger'::regtype",
                 &[],
             )
             .await

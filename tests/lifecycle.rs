@@ -139,7 +139,8 @@ async fn cleanup_on_start_removes_watches_dropped_from_the_code() {
     assert_eq!(
         db.count("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE nspname = 'sqlnotify'")
             .await,
-        1
+        2,
+        "the remaining watch's trigger function and its helper"
     );
     let mut ev = Events::subscribe(&notifier, Subscription::new("users", Operation::Insert)).await;
     db.exec("INSERT INTO users VALUES (1)").await;

@@ -266,26 +266,32 @@ async fn nothing_in_the_sqlnotify_schema_is_open_to_other_roles() {
         );
     }
     let client = db.client().await;
-    let row = client
-        .query_one(
-            "SELECT bool_or(has_function_privilege($1, p.oid, 'EXECUTE')),
+    let rows = client
+        .query(
+            "SELECT p.prorettype = 'trigger'::regtype AS trigger_function,
+                    bool_or(has_function_privilege($1, p.oid, 'EXECUTE')),
                     bool_and(p.prosecdef),
-                    bool_and(p.proconfig = ARRAY['search_path=pg_catalog, pg_temp']),
+                    bool_and(coalesce(p.proconfig = ARRAY['search_path=pg_catalog, pg_temp'], false)),
                     count(*)
-               FROM pg_proc p WHERE p.pronamespace = 'sqlnotify'::regnamespace",
+               FROM pg_proc p WHERE p.pronamespace = 'sqlnotify'::regnamespace
+              GROUP BY 1 ORDER BY 1",
             &[&role],
         )
         .await
         .unwrap();
+    let functions: Vec<(bool, bool, bool, bool, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
     assert_eq!(
-        (
-            row.get::<_, bool>(0),
-            row.get::<_, bool>(1),
-            row.get::<_, bool>(2),
-            row.get::<_, i64>(3)
-        ),
-        (false, true, true, 2),
-        "trigger functions: no EXECUTE for others, SECURITY DEFINER, pinned search_path"
+        functions,
+        [
+            // helpers: callable by anyone (they check the caller), run as their owner with a
+            // pinned search path, and take text only
+            (false, true, true, true, 2),
+            // trigger functions: nobody else may call them; they run as the writer
+            (true, false, false, false, 2),
+        ]
     );
     notifier.stop().await.unwrap();
 }
@@ -498,4 +504,222 @@ async fn grants_are_refused_where_there_are_no_roles() {
         ),
         "{err}"
     );
+}
+
+/// The owner of a watched table controls what turning its rows into JSON runs (a cast of a
+/// type it owns to `json`): that must run as the writer, never as whoever installed
+/// sqlnotify. Here the installer is a superuser and the owner tries to make itself one.
+#[actix_rt::test]
+async fn the_owner_of_a_watched_table_cannot_act_as_sqlnotify_s_owner() {
+    let db = TestDb::new().await;
+    let (app, app_url) = db.role("app").await;
+    db.exec(&format!("GRANT CREATE ON SCHEMA public TO \"{app}\""))
+        .await;
+    let owner = connect(&app_url).await;
+    owner
+        .batch_execute("CREATE TABLE pub (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    for tier in [Tier::Notify, Tier::Durable] {
+        let op = if tier == Tier::Notify {
+            Operation::Insert
+        } else {
+            Operation::Update
+        };
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("pub", op).extra_columns(["v"]).tier(tier))
+            .start()
+            .await
+            .unwrap();
+        notifier.stop().await.unwrap();
+    }
+    owner
+        .batch_execute(&format!(
+            "CREATE TYPE evil AS ENUM ('a', 'b');
+             CREATE FUNCTION evil_json(evil) RETURNS json LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE 'ALTER ROLE \"{app}\" SUPERUSER'; RETURN '\"a\"'; END $$;
+             CREATE CAST (evil AS json) WITH FUNCTION evil_json(evil);
+             INSERT INTO pub VALUES (1, 'a');
+             ALTER TABLE pub ALTER COLUMN v TYPE evil USING 'a';"
+        ))
+        .await
+        .unwrap();
+    // The cast runs as the owner itself: it may not ALTER ROLE, so its own write fails.
+    // (a new session: the old one planned the trigger for the text column)
+    let writer = connect(&app_url).await;
+    let insert = writer
+        .batch_execute("INSERT INTO pub VALUES (2, 'a')")
+        .await;
+    let update = writer.batch_execute("UPDATE pub SET v = 'b'").await;
+    let superuser = db
+        .count(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{app}' AND rolsuper"
+        ))
+        .await;
+    assert_eq!(
+        superuser, 0,
+        "the table owner became superuser (insert: {insert:?}, update: {update:?})"
+    );
+    let denied = |r: &Result<(), tokio_postgres::Error>| {
+        r.as_ref().err().and_then(|e| e.code()).cloned()
+            == Some(tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    };
+    assert!(denied(&insert), "{insert:?}");
+    assert!(denied(&update), "{update:?}");
+}
+
+/// The helpers any role may call check that the caller may write to the watched table:
+/// called by a role that may not, they send nothing, and the caller's statement succeeds.
+#[actix_rt::test]
+async fn a_helper_called_without_the_table_s_privilege_sends_nothing() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE n (id int PRIMARY KEY, v text); CREATE TABLE d (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let (_, mallory) = db.role("mallory").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("n", Operation::Insert).extra_columns(["v"]))
+        .watch(
+            Watch::new("d", Operation::Insert)
+                .extra_columns(["v"])
+                .tier(Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut n = Events::subscribe(&notifier, Subscription::new("n", Operation::Insert)).await;
+    let mut d = Events::subscribe(&notifier, Subscription::new("d", Operation::Insert)).await;
+    let attacker = connect(&mallory).await;
+    attacker
+        .batch_execute(
+            r#"SELECT sqlnotify.sqlnotify_public_n_insert('{"id":1000,"v":"forged"}', NULL);
+               SELECT sqlnotify.sqlnotify_public_d_insert('{"id":1000,"v":"forged"}', 1);
+               SELECT pg_notify('sqlnotify_public_d_insert', '')"#,
+        )
+        .await
+        .expect("the call succeeds and does nothing");
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlnotify.journal").await,
+        0,
+        "no journal row"
+    );
+    db.exec("INSERT INTO n VALUES (1, 'real'); INSERT INTO d VALUES (1, 'real')")
+        .await;
+    for events in [&mut n, &mut d] {
+        let e = events.next().await;
+        assert_eq!(
+            (e.id().as_i64(), e.get("v")),
+            (Some(1), Some(&json!("real")))
+        );
+        events.assert_none_within(Duration::from_millis(200)).await;
+    }
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!((stats.forged, stats.malformed), (0, 0), "{stats:?}");
+    notifier.stop().await.unwrap();
+}
+
+/// Columns of extension types keep their own comparison (hstore has no `=` in pg_catalog;
+/// citext's `=` ignores case): the trigger runs with the writer's search path.
+#[actix_rt::test]
+async fn extension_types_compare_with_their_own_operators() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE EXTENSION hstore; CREATE EXTENSION citext;
+         CREATE TABLE h (id int PRIMARY KEY, m hstore, c citext);
+         INSERT INTO h VALUES (1, 'a=>1', 'abc');",
+    )
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("h", Operation::Update)
+                .extra_columns(["m", "c"])
+                .trigger_columns(["m", "c"])
+                .tier(Tier::Durable)
+                .capture(Capture::Statement),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("h", Operation::Update)).await;
+    db.exec("UPDATE h SET c = 'ABC'").await; // equal as citext: no change
+    db.exec("UPDATE h SET m = 'a=>2'").await; // a change, compared with hstore's `=`
+    let e = events.next().await;
+    // (hstore has a cast to json of its own, which the trigger uses)
+    assert_eq!(e.get("m"), Some(&json!({"a": "2"})), "{}", e.to_json());
+    events.assert_none_within(Duration::from_millis(300)).await;
+    notifier.stop().await.unwrap();
+}
+
+/// A `SQL_ASCII` database stores whatever bytes it is given; signing must not fail a write
+/// whose text is not UTF-8, and UTF-8 text still verifies.
+#[actix_rt::test]
+async fn a_sql_ascii_database_never_fails_the_write() {
+    let db = TestDb::sql_ascii().await;
+    db.exec("CREATE TABLE pub (id int PRIMARY KEY, v text)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("pub", Operation::Insert).extra_columns(["v"]))
+        .start()
+        .await
+        .unwrap();
+    let mut events =
+        Events::subscribe(&notifier, Subscription::new("pub", Operation::Insert)).await;
+    // UTF-8 text signs and verifies as on any database …
+    db.exec("INSERT INTO pub VALUES (2, 'été')").await;
+    let e = events.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("v")),
+        (Some(2), Some(&json!("été")))
+    );
+    // … and bytes that are not UTF-8 never fail the write (what the listener makes of such
+    // a payload is the driver's business: it only reads UTF-8)
+    db.client()
+        .await
+        .batch_execute("INSERT INTO pub VALUES (1, convert_from('\\xe974e9', 'SQL_ASCII'))")
+        .await
+        .unwrap_or_else(|e| panic!("the write failed: {e:?}"));
+    assert_eq!(db.count("SELECT count(*) FROM pub").await, 2);
+    assert_eq!(notifier.stats().await.unwrap().forged, 0);
+    notifier.stop().await.unwrap();
+}
+
+/// Notifiers of one channel must agree on signing: a second one with the other setting is
+/// refused instead of replacing the trigger under the first (which would then drop every
+/// event as forged, or receive signatures it does not expect).
+#[actix_rt::test]
+async fn a_notifier_may_not_flip_the_signing_of_an_installed_channel() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let watch = || Watch::new("t", Operation::Insert);
+    let first = Notifier::builder(&db.url)
+        .watch(watch())
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&first, Subscription::new("t", Operation::Insert)).await;
+    let err = Notifier::builder(&db.url)
+        .watch(watch())
+        .sign_notifications(false)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidOption { option: "sign_notifications", reason }
+            if reason.contains("sqlnotify_public_t_insert is installed signed")),
+        "{err}"
+    );
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    assert_eq!(first.stats().await.unwrap().forged, 0);
+    first.stop().await.unwrap();
+    // Once removed, the watch may be installed unsigned.
+    Notifier::builder(&db.url).cleanup().await.unwrap();
+    let unsigned = Notifier::builder(&db.url)
+        .watch(watch())
+        .sign_notifications(false)
+        .start()
+        .await
+        .unwrap();
+    unsigned.stop().await.unwrap();
 }

@@ -146,6 +146,7 @@ pub(crate) async fn install(
     if !options.manage_triggers {
         return verify(client, watches).await;
     }
+    check_signing(client, watches).await?;
     let mut wait = LockWait::new("installing triggers", options.timeout);
     loop {
         let tx = client
@@ -169,6 +170,46 @@ pub(crate) async fn install(
             Err(busy) => wait.retry_after(busy.resolve(client).await?).await?,
         }
     }
+}
+
+/// Refuses to flip a notify-tier channel between signed and unsigned when this version
+/// installed it: the notifiers already listening on it verify (or not) by their own setting,
+/// and replacing the trigger would make them drop every event. Installs of older versions
+/// (no helper yet) are upgraded whatever the setting: nothing of theirs verifies signatures.
+async fn check_signing(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
+    let notify: Vec<&ResolvedWatch> = watches.iter().filter(|w| w.tier == Tier::Notify).collect();
+    if notify.is_empty() || !catalog_exists(client).await? {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT channel, definition LIKE '%.signing WHERE id = 1;%' FROM {}.catalog
+          WHERE channel = ANY($1) AND definition LIKE '%(_sqn_full text, _sqn_key text)%'",
+        quote_ident(ddl::SCHEMA)
+    );
+    let names: Vec<String> = notify.iter().map(|w| w.channel.name.clone()).collect();
+    let rows = client
+        .query_typed(&sql, &[(&names, Type::TEXT_ARRAY)])
+        .await
+        .map_err(|e| Error::db("reading how notify channels are signed", e))?;
+    for row in rows {
+        let (channel, signed): (String, bool) = (row.get(0), row.get(1));
+        let Some(w) = notify.iter().find(|w| w.channel.name == channel) else {
+            continue;
+        };
+        if w.channel.signed != signed {
+            let installed = if signed { "signed" } else { "unsigned" };
+            return Err(Error::InvalidOption {
+                option: "sign_notifications",
+                reason: format!(
+                    "channel {channel} is installed {installed} (by another notifier, or an \
+                     earlier start); the notifiers listening on it would drop every event if its \
+                     trigger changed. Give every notifier of this database the same \
+                     sign_notifications setting, or remove the watch first (cleanup())"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Creates (or upgrades) sqlnotify's schema and tables.

@@ -72,6 +72,7 @@ DECLARE
   _sqn_pad bytea;
   _sqn_ipad bytea;
   _sqn_opad bytea;
+  _sqn_fn text;
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                   WHERE attrelid = '{s}.journal'::regclass AND attname = 'events' AND NOT attisdropped) THEN
@@ -114,24 +115,32 @@ BEGIN
     CREATE INDEX journal_created_at_idx ON {s}.journal (created_at);
   END IF;
   {key}
-  -- Nothing in the schema is anyone else's business: PUBLIC gets no privilege (not even the
-  -- EXECUTE that new functions get by default, or what ALTER DEFAULT PRIVILEGES may grant).
-  -- Checked first, so an unchanged install rewrites no catalog row.
+  -- Nothing in the schema is anyone else's business: PUBLIC gets no privilege on its tables,
+  -- sequences and trigger functions (not the EXECUTE that new functions get by default, nor
+  -- what ALTER DEFAULT PRIVILEGES may grant) — only USAGE on the schema and EXECUTE on the
+  -- watches' helpers, which writers call from their triggers and which check the caller
+  -- themselves. Checked first, so an unchanged install rewrites no catalog row.
   IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n,
                     pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a
-              WHERE n.nspname = {lit} AND a.grantee = 0) THEN
+              WHERE n.nspname = {lit} AND a.grantee = 0 AND a.privilege_type <> 'USAGE') THEN
     REVOKE ALL ON SCHEMA {s} FROM PUBLIC;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n,
+                        pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a
+                  WHERE n.nspname = {lit} AND a.grantee = 0 AND a.privilege_type = 'USAGE') THEN
+    GRANT USAGE ON SCHEMA {s} TO PUBLIC;
   END IF;
   IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
               WHERE c.relnamespace = {lit}::regnamespace AND a.grantee = 0) THEN
     REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM PUBLIC;
     REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM PUBLIC;
   END IF;
-  IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc p,
-                    pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
-              WHERE p.pronamespace = {lit}::regnamespace AND a.grantee = 0) THEN
-    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {s} FROM PUBLIC;
-  END IF;
+  FOR _sqn_fn IN SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p,
+                        pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+                  WHERE p.pronamespace = {lit}::regnamespace AND a.grantee = 0
+                    AND p.prorettype = 'pg_catalog.trigger'::pg_catalog.regtype LOOP
+    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', _sqn_fn);
+  END LOOP;
 END
 $sqn$;
 {consumers}",
@@ -147,17 +156,85 @@ pub(crate) fn function_name(channel: &str) -> String {
     format!("{}.{}", quote_ident(SCHEMA), quote_ident(channel))
 }
 
-/// `CREATE OR REPLACE FUNCTION` for a trigger function with `body`. Every trigger function
-/// runs as its owner (`SECURITY DEFINER`): writers need no privilege on sqlnotify's tables,
-/// and cannot read the signing key their events are signed with. The search path is pinned so
-/// that nothing a writer creates (a `pg_temp` function, a schema earlier in the path) can stand
-/// in for what the body calls; the body qualifies every name anyway.
+/// `CREATE OR REPLACE FUNCTION` for a trigger function with `body`.
+///
+/// Privileges are split in two. The trigger function runs as the writer (`SECURITY INVOKER`):
+/// it turns the row into JSON, which may call functions of the table's owner (a cast to
+/// `json` of a type they own, an output function …) — those must never run with sqlnotify's
+/// privileges, or the owner of a watched table could act as whoever installed sqlnotify. It
+/// hands the finished text to the watch's helper (see [`helper_sql`]), the only part that runs
+/// as sqlnotify's owner and touches its tables and signing key.
 fn function_header(channel: &str, body: &str) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
-         SET search_path = pg_catalog, pg_temp AS {}",
+        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}",
         function_name(channel),
         quote_literal(body)
+    )
+}
+
+/// The argument types of a watch's helper: the notify tier's `(payload, key-only payload)`,
+/// the journal tiers' `(payload, events)`.
+fn helper_args(w: &ResolvedWatch) -> &'static str {
+    match w.tier {
+        Tier::Notify => "text, text",
+        Tier::Durable | Tier::Poll => "text, integer",
+    }
+}
+
+/// The helper of a watch: `sqlnotify."<channel>"(…)`, an overload of the trigger function's
+/// name (its arguments tell them apart). It runs as its owner (`SECURITY DEFINER`, search path
+/// pinned to `pg_catalog, pg_temp`, every name qualified) and takes text only, so no function
+/// of anyone else runs inside it. Any role may call it (writers need no privilege on
+/// sqlnotify's objects), so it first checks that the calling session may write to the watched
+/// table the way the watch reports (`INSERT`, `UPDATE` or `DELETE` privilege, held by the
+/// session's role or a role it belongs to): otherwise it sends nothing and warns — it never
+/// fails the write. A role that may write to the table could send the same event by writing
+/// a row, so a call by it forges nothing it could not cause anyway.
+///
+/// Notify tier: stores an oversized payload in the overflow table (falling back to the key,
+/// marked truncated), signs it when the channel is signed, and sends it. Journal tiers:
+/// appends the journal row.
+pub(crate) fn helper_sql(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let chan = quote_literal(&channel.name);
+    let table = quote_literal(&format!(
+        "{}.{}",
+        quote_ident(&channel.schema),
+        quote_ident(&channel.table)
+    ));
+    let privilege = quote_literal(channel.operation.sql_keyword());
+    let authorize = format!(
+        "IF NOT coalesce(pg_catalog.has_table_privilege(session_user, pg_catalog.to_regclass({table}), {privilege}), false)
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles _sqn_r
+                      WHERE pg_catalog.pg_has_role(session_user, _sqn_r.oid, 'MEMBER')
+                        AND pg_catalog.has_table_privilege(_sqn_r.oid, pg_catalog.to_regclass({table}), {privilege})) THEN
+    RAISE WARNING 'sqlnotify: role % may not % on %: no event sent on %', session_user, {privilege}, {table}, {chan};
+    RETURN;
+  END IF;"
+    );
+    let schema = quote_ident(SCHEMA);
+    let body = match w.tier {
+        Tier::Durable | Tier::Poll => format!(
+            "
+BEGIN
+  {authorize}
+  INSERT INTO {schema}.journal (channel, payload, events) VALUES ({chan}, _sqn_payload, _sqn_events);
+END
+"
+        ),
+        Tier::Notify => notify_helper_body(w, &authorize),
+    };
+    let (name, args) = (function_name(&channel.name), helper_args(w));
+    let params = match w.tier {
+        Tier::Notify => "_sqn_full text, _sqn_key text",
+        Tier::Durable | Tier::Poll => "_sqn_payload text, _sqn_events integer",
+    };
+    format!(
+        "CREATE OR REPLACE FUNCTION {name}({params}) RETURNS void LANGUAGE plpgsql SECURITY DEFINER \
+         SET search_path = pg_catalog, pg_temp AS {};\n\
+         REVOKE ALL ON FUNCTION {name}({args}) FROM PUBLIC;\n\
+         GRANT EXECUTE ON FUNCTION {name}({args}) TO PUBLIC",
+        quote_literal(&body)
     )
 }
 
@@ -277,18 +354,17 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
         }
         _ => String::new(),
     };
-    let schema = quote_ident(SCHEMA);
     let (rows, bytes) = (STATEMENT_CHUNK_ROWS, STATEMENT_CHUNK_STORED_BYTES);
     // Any statement: numbered, filtered, cut into chunks by rows and by stored bytes.
     let chunked = format!(
-        "INSERT INTO {schema}.journal (channel, payload, events)
-    SELECT {chan}, '[' || pg_catalog.string_agg(_sqn_p, ',' ORDER BY _sqn_n) || ']', pg_catalog.count(*)
+        "PERFORM {helper}('[' || pg_catalog.string_agg(_sqn_p, ',' ORDER BY _sqn_n) || ']', pg_catalog.count(*)::integer)
       FROM (SELECT {json} AS _sqn_p, _sqn_t._sqn_n, (_sqn_t._sqn_n - 1) / {rows} AS _sqn_c,
                    (pg_catalog.sum({size}) OVER (ORDER BY _sqn_t._sqn_n) - ({size})) / {bytes} AS _sqn_d
               FROM (SELECT {projected}, pg_catalog.row_number() OVER () AS _sqn_n
                       FROM {table} AS _sqn_r) AS _sqn_t{filter}) AS _sqn_s
      GROUP BY _sqn_c, _sqn_d
      ORDER BY _sqn_c, _sqn_d;",
+        helper = function_name(&channel.name),
         json = json_expr("_sqn_t", &payload),
         projected = projected.join(", "),
     );
@@ -303,14 +379,14 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
         format!(
             "IF (SELECT pg_catalog.count(*) <= {rows} AND coalesce(pg_catalog.sum({size}), 0) <= {bytes}
         FROM {table} AS _sqn_t) THEN
-    INSERT INTO {schema}.journal (channel, payload, events)
-    SELECT {chan}, pg_catalog.json_agg(_sqn_s.*)::text, pg_catalog.count(*)
+    PERFORM {helper}(pg_catalog.json_agg(_sqn_s.*)::text, pg_catalog.count(*)::integer)
       FROM (SELECT {} FROM {table} AS _sqn_t) AS _sqn_s
     HAVING pg_catalog.count(*) > 0;
   ELSE
     {chunked}
   END IF;",
-            columns.join(", ")
+            columns.join(", "),
+            helper = function_name(&channel.name),
         )
     } else {
         chunked
@@ -342,40 +418,71 @@ fn journal_function_sql(w: &ResolvedWatch) -> String {
     let body = format!(
         "
 BEGIN
-  INSERT INTO {schema}.journal (channel, payload) VALUES ({chan}, {payload});{wake}
+  PERFORM {helper}({payload}, 1);{wake}
   RETURN NULL;
 END
 ",
-        schema = quote_ident(SCHEMA),
+        helper = function_name(&channel.name),
         payload = json_expr(row, &all),
     );
     function_header(&channel.name, &body)
 }
 
-/// The notify tier: the payload travels in the notification itself.
+/// The largest payload the notify tier sends on `channel`: NOTIFY's limit, less the signature
+/// in front of a signed payload.
+fn notify_limit(channel: &crate::event::Channel) -> usize {
+    if channel.signed {
+        NOTIFY_PAYLOAD_LIMIT - SIGNATURE_LEN
+    } else {
+        NOTIFY_PAYLOAD_LIMIT
+    }
+}
+
+/// The notify tier's trigger function: builds the payload (and, only when it is too large for
+/// a notification, the key-only payload) as the writer, and hands both to the helper.
 fn notify_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
     let row = channel.operation.row_variable();
     let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
-    let full = json_expr(row, &all);
-    let key_only = json_expr(row, &keys);
+    let body = format!(
+        "
+DECLARE
+  _sqn_payload text;
+  _sqn_key text;
+BEGIN
+  _sqn_payload := {full};
+  IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN
+    _sqn_key := {key_only};
+  END IF;
+  PERFORM {helper}(_sqn_payload, _sqn_key);
+  RETURN NULL;
+END
+",
+        full = json_expr(row, &all),
+        key_only = json_expr(row, &keys),
+        limit = notify_limit(channel),
+        helper = function_name(&channel.name),
+    );
+    function_header(&channel.name, &body)
+}
+
+/// The notify tier's helper body: an oversized payload goes to the overflow table (inside its
+/// own exception block, so even a missing table only degrades the event to "truncated"), and a
+/// payload that still does not fit is cut down to the key; then it is signed (when the channel
+/// is) and sent.
+fn notify_helper_body(w: &ResolvedWatch, authorize: &str) -> String {
+    let channel = &w.channel;
     let chan = quote_literal(&channel.name);
-    // A signed payload leaves room for its signature in front of it.
-    let (limit, send) = if channel.signed {
+    let limit = notify_limit(channel);
+    let send = if channel.signed {
         let signature = signing::hmac_sql("_sqn_ipad", "_sqn_opad", &chan, "_sqn_payload");
-        (
-            NOTIFY_PAYLOAD_LIMIT - SIGNATURE_LEN,
-            format!(
-                "{}\n  PERFORM pg_catalog.pg_notify({chan}, coalesce({signature}, '') || _sqn_payload);",
-                signing::read_pads_sql()
-            ),
+        format!(
+            "{}\n  PERFORM pg_catalog.pg_notify({chan}, coalesce({signature}, '') || _sqn_payload);",
+            signing::read_pads_sql()
         )
     } else {
-        (
-            NOTIFY_PAYLOAD_LIMIT,
-            format!("PERFORM pg_catalog.pg_notify({chan}, _sqn_payload);"),
-        )
+        format!("PERFORM pg_catalog.pg_notify({chan}, _sqn_payload);")
     };
     let meta = |inner: &str| quote_literal(&format!("{{\"{META_KEY}\":{inner}")); // opening part
     let overflow_block = if w.use_overflow_table {
@@ -383,7 +490,7 @@ fn notify_function_sql(w: &ResolvedWatch) -> String {
             "
     BEGIN
       INSERT INTO {schema}.overflow (channel, payload) VALUES ({chan}, _sqn_payload) RETURNING token INTO _sqn_ref;
-      _sqn_payload := {open_ref} || _sqn_ref::text || '\"}},' || pg_catalog.substr({key_only}, 2);
+      _sqn_payload := {open_ref} || _sqn_ref::text || '\"}},' || pg_catalog.substr(_sqn_key, 2);
     EXCEPTION WHEN OTHERS THEN
       RAISE WARNING 'sqlnotify: cannot store an overflow row for channel %: %', {chan}, SQLERRM;
       _sqn_ref := NULL;
@@ -394,31 +501,30 @@ fn notify_function_sql(w: &ResolvedWatch) -> String {
     } else {
         String::new()
     };
-    let body = format!(
+    format!(
         "
 DECLARE
-  _sqn_payload text;
+  _sqn_payload text := _sqn_full;
   _sqn_ref uuid;
   _sqn_ipad bytea;
   _sqn_opad bytea;
 BEGIN
-  _sqn_payload := {full};
-  IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN{overflow_block}
+  {authorize}
+  IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN
+    _sqn_key := coalesce(_sqn_key, '{{}}');{overflow_block}
     IF _sqn_ref IS NULL OR pg_catalog.octet_length(_sqn_payload) > {limit} THEN
-      _sqn_payload := {open_trunc} || pg_catalog.substr({key_only}, 2);
+      _sqn_payload := {open_trunc} || pg_catalog.substr(_sqn_key, 2);
       IF pg_catalog.octet_length(_sqn_payload) > {limit} THEN
         _sqn_payload := {bare_trunc};
       END IF;
     END IF;
   END IF;
   {send}
-  RETURN NULL;
 END
 ",
         open_trunc = meta("{\"truncated\":true},"),
         bare_trunc = quote_literal(&format!("{{\"{META_KEY}\":{{\"truncated\":true}}}}")),
-    );
-    function_header(&channel.name, &body)
+    )
 }
 
 /// `CREATE TRIGGER` for a watch. For UPDATE with `trigger_columns` the trigger is limited to
@@ -465,7 +571,8 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
 /// The full definition of a watch's objects; its hash is what drift detection compares.
 pub(crate) fn definition(w: &ResolvedWatch) -> String {
     format!(
-        "{};\nREVOKE ALL ON FUNCTION {}() FROM PUBLIC;\n{};\n",
+        "{};\n{};\nREVOKE ALL ON FUNCTION {}() FROM PUBLIC;\n{};\n",
+        helper_sql(w),
         function_sql(w),
         function_name(&w.channel.name),
         trigger_sql(w)
@@ -473,10 +580,13 @@ pub(crate) fn definition(w: &ResolvedWatch) -> String {
 }
 
 /// Drops a watch's function and, through CASCADE, its trigger on whatever table it is on.
+/// Drops its helper too, whichever tier it was made for.
 pub(crate) fn drop_sql(channel: &str) -> String {
+    let name = function_name(channel);
     format!(
-        "DROP FUNCTION IF EXISTS {}() CASCADE;\n",
-        function_name(channel)
+        "DROP FUNCTION IF EXISTS {name}() CASCADE;\n\
+         DROP FUNCTION IF EXISTS {name}(text, text);\n\
+         DROP FUNCTION IF EXISTS {name}(text, integer);\n"
     )
 }
 
@@ -615,9 +725,39 @@ mod tests {
         let w = watch(Operation::Insert, Some("o'brien"), &["select"]);
         let f = function_sql(&w);
         assert!(f.starts_with("CREATE OR REPLACE FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"()"));
-        // the channel literal inside the body is quoted, then the body is quoted again
-        assert!(f.contains("pg_notify(''sqlnotify_o''''brien''"), "{f}");
         assert!(f.contains("NEW.\"select\""));
+        assert!(
+            !f.contains("SECURITY DEFINER"),
+            "the row is read as the writer: {f}"
+        );
+        assert!(
+            f.contains("PERFORM \"sqlnotify\".\"sqlnotify_o''brien\"(_sqn_payload, _sqn_key)"),
+            "{f}"
+        );
+        // the helper: the channel literal inside the body is quoted, then the body again
+        let h = helper_sql(&w);
+        assert!(
+            h.starts_with(
+                "CREATE OR REPLACE FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"(_sqn_full text, \
+                 _sqn_key text) RETURNS void LANGUAGE plpgsql SECURITY DEFINER \
+                 SET search_path = pg_catalog, pg_temp AS"
+            ),
+            "{h}"
+        );
+        assert!(h.contains("pg_notify(''sqlnotify_o''''brien''"), "{h}");
+        assert!(
+            h.contains(
+                "has_table_privilege(session_user, \
+                 pg_catalog.to_regclass(''\"public\".\"CamelCase\"''), ''INSERT'')"
+            ),
+            "{h}"
+        );
+        assert!(
+            h.ends_with(
+                "GRANT EXECUTE ON FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"(text, text) TO PUBLIC"
+            ),
+            "{h}"
+        );
         let t = trigger_sql(&w);
         assert_eq!(
             t,
@@ -662,9 +802,13 @@ mod tests {
         );
         let f = function_sql(&w);
         assert!(
-            f.contains("INSERT INTO \"sqlnotify\".journal (channel, payload, events)"),
+            f.contains("PERFORM \"sqlnotify\".\"sqlnotify_o''brien\"(pg_catalog.json_agg"),
             "{f}"
         );
+        assert!(helper_sql(&w).contains(
+            "INSERT INTO \"sqlnotify\".journal (channel, payload, events) \
+             VALUES (''sqlnotify_o''''brien'', _sqn_payload, _sqn_events)"
+        ));
         assert!(f.contains("FROM _sqn_new AS _sqn_t"), "{f}");
         assert!(f.contains("GROUP BY _sqn_c, _sqn_d"), "{f}");
         assert!(

@@ -4,8 +4,8 @@
 //! Why: PostgreSQL has no privilege on NOTIFY — any role that can connect can send anything on
 //! any channel, including ours. Without a signature, a forged payload is indistinguishable
 //! from a trigger's. The key is 32 random bytes in `sqlnotify.signing`, a table only its owner
-//! (and roles granted the listener's privileges) can read; trigger functions run as that owner
-//! (`SECURITY DEFINER`), so writers sign without being able to read the key.
+//! (and roles granted the listener's privileges) can read; each watch's helper runs as that
+//! owner (`SECURITY DEFINER`), so writers' events are signed without writers reading the key.
 //!
 //! The signature covers the channel name too, so a payload cannot be moved to another
 //! channel. It does not stop a role that can LISTEN (any role) from re-sending a payload it
@@ -120,11 +120,16 @@ pub(crate) fn read_pads_sql() -> String {
     )
 }
 
-/// SQL expression: HMAC-SHA256 (base64) of `channel` ‖ LF ‖ `payload` from the pads.
+/// SQL expression: HMAC-SHA256 (base64) of `channel` ‖ LF ‖ `payload` from the pads, over the
+/// UTF-8 bytes the listener receives. A `SQL_ASCII` database stores bytes as they came and
+/// sends them unconverted, so its text is hashed as stored (a conversion to `SQL_ASCII` is
+/// none): converting it to UTF-8 would fail on bytes that are not, and the write with it.
 pub(crate) fn hmac_sql(ipad: &str, opad: &str, channel: &str, payload: &str) -> String {
+    let message = format!("{channel} || pg_catalog.chr(10) || {payload}");
     format!(
         "pg_catalog.encode(pg_catalog.sha256({opad} || pg_catalog.sha256({ipad} || \
-         pg_catalog.convert_to({channel} || pg_catalog.chr(10) || {payload}, 'UTF8'))), 'base64')"
+         CASE WHEN pg_catalog.current_setting('server_encoding') = 'SQL_ASCII' \
+         THEN pg_catalog.convert_to({message}, 'SQL_ASCII') ELSE pg_catalog.convert_to({message}, 'UTF8') END)), 'base64')"
     )
 }
 

@@ -86,6 +86,19 @@ impl TestDb {
 
     /// A database of its own on the server `admin_url` connects to (a [`Cluster`], say).
     pub async fn on(admin_url: &str) -> TestDb {
+        TestDb::create(admin_url, "").await
+    }
+
+    /// A database of its own whose server encoding is `SQL_ASCII` (bytes stored as given).
+    pub async fn sql_ascii() -> TestDb {
+        TestDb::create(
+            &server_url(),
+            " ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'",
+        )
+        .await
+    }
+
+    async fn create(admin_url: &str, options: &str) -> TestDb {
         init_logging();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
@@ -101,7 +114,9 @@ impl TestDb {
         let admin_url = admin_url.to_string();
         let admin = connect(&admin_url).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE template0"))
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{name}\" TEMPLATE template0{options}"
+            ))
             .await
             .expect("create test database");
         let url = with_dbname(&admin_url, &name);
