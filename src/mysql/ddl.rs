@@ -321,6 +321,7 @@ pub(crate) fn grant_sql(
         .iter()
         .map(|w| qualified(&w.channel.schema, &w.channel.table))
         .collect();
+    tables.sort();
     tables.dedup();
     let see: String = tables
         .iter()
