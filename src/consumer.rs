@@ -222,6 +222,7 @@ pub(crate) fn watch_backlog(
 
 /// Channels recorded as missed, read from the database: `None` (nothing missed) stays
 /// `None`; a value that is not a list of channel names counts as "every channel".
+#[cfg_attr(not(any(feature = "sqlite", feature = "mysql")), allow(dead_code))]
 pub(crate) fn missed_channels(stored: Option<&str>, channels: &[String]) -> Vec<String> {
     let Some(stored) = stored else {
         return Vec::new();
@@ -238,6 +239,7 @@ pub(crate) fn missed_channels(stored: Option<&str>, channels: &[String]) -> Vec<
 
 /// A channel list read from the database (JSON): `None` when absent or unreadable, which
 /// means "every channel" (the safe reading: it protects more, never less).
+#[cfg_attr(not(any(feature = "sqlite", feature = "mysql")), allow(dead_code))]
 pub(crate) fn stored_channels(stored: Option<&str>) -> Option<Vec<String>> {
     serde_json::from_str::<Vec<String>>(stored?).ok()
 }

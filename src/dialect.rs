@@ -68,6 +68,7 @@ pub(crate) struct ListenParams {
     /// In-flight budget: acquire one unit per notification before passing it on.
     pub budget: Arc<Semaphore>,
     /// How often the listener checks that its connection is alive.
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub health_check: Duration,
     /// How long a missing journal id is waited for before it counts as rolled back, when
     /// set on the builder (`None`: the dialect's own default). Only the MySQL journal has

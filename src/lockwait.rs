@@ -38,6 +38,7 @@ pub(crate) struct Blocked {
 }
 
 /// The object name for the install lock (another instance installing).
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
 pub(crate) const INSTALL_LOCK_OBJECT: &str = "the sqlnotify install lock";
 
 /// One bounded wait: attempts until the timeout, with the state needed to log and to fail.
@@ -69,6 +70,7 @@ impl LockWait {
 
     /// How long the next attempt may wait for a lock: [`LOCK_ATTEMPT`], or what is left of
     /// the timeout when that is less (never zero: zero means "wait forever" to PostgreSQL).
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub fn attempt_budget(&self) -> Duration {
         LOCK_ATTEMPT
             .min(self.remaining())
@@ -117,6 +119,7 @@ impl LockWait {
     }
 
     /// [`note`](Self::note), then sleeps through the backoff.
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub async fn retry_after(&mut self, blocked: Blocked) -> Result<()> {
         let delay = self.note(blocked)?;
         tokio::time::sleep(delay).await;

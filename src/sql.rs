@@ -7,6 +7,7 @@
 /// Quotes an identifier: wraps it in double quotes and doubles embedded double quotes.
 ///
 /// Always quotes (even `users`), so case is preserved and keywords like `select` work.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn quote_ident(ident: &str) -> String {
     let mut out = String::with_capacity(ident.len() + 2);
     out.push('"');
@@ -24,6 +25,7 @@ pub(crate) fn quote_ident(ident: &str) -> String {
 ///
 /// A string containing a backslash is written as an escape string (`E'…'`) with doubled
 /// backslashes, so it means the same whatever `standard_conforming_strings` is set to.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn quote_literal(value: &str) -> String {
     let has_backslash = value.contains('\\');
     let mut out = String::with_capacity(value.len() + 3);

@@ -362,6 +362,7 @@ impl ResolvedWatch {
     /// `trigger_columns`, the condition "one of them really changed": `changed` renders the
     /// test for one quoted column (given whether its type has an equality operator) and the
     /// tests are OR-ed. Shared by the dialects' trigger generators.
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn trigger_event(
         &self,
         changed: impl Fn(&str, bool) -> String,

@@ -197,7 +197,8 @@ async fn function_oid(db: &TestDb, name: &str) -> Option<i64> {
         .await
         .query_opt(
             "SELECT p.oid::bigint FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-             WHERE n.nspname = 'sqlnotify' AND p.proname = $1",
+             WHERE n.nspname = 'sqlnotify' AND p.proname = $1 \
+               AND p.prorettype = 'trigger'::regtype",
             &[&name],
         )
         .await

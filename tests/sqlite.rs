@@ -1158,7 +1158,10 @@ async fn notifiers_starting_together_on_a_fresh_file_all_start() {
         async move { builder.start().await }
     }))
     .await;
-    let notifiers: Vec<Notifier> = started.into_iter().map(Result::unwrap).collect();
+    let notifiers: Vec<Notifier> = started
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("a racing start() failed: {e:?}")))
+        .collect();
     assert_eq!(db.triggers(), ["sqlnotify_main_t_insert"]);
     let mut events = Vec::new();
     for n in &notifiers {

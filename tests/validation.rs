@@ -437,7 +437,7 @@ async fn drift_state(db: &TestDb) -> String {
         .query_one(
             "SELECT (SELECT count(*) FROM sqlnotify.catalog)
                  || ':' || (SELECT definition_hash FROM sqlnotify.catalog WHERE channel = 'sqlnotify_public_t1_insert')
-                 || ':' || (SELECT md5(prosrc) FROM pg_proc WHERE proname = 'sqlnotify_public_t1_insert')
+                 || ':' || (SELECT string_agg(md5(prosrc), ',' ORDER BY oid) FROM pg_proc WHERE proname = 'sqlnotify_public_t1_insert')
                  || ':' || (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sqlnotify%')",
             &[],
         )

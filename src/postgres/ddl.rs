@@ -214,6 +214,16 @@ pub(crate) fn helper_sql(w: &ResolvedWatch) -> String {
     );
     let schema = quote_ident(SCHEMA);
     let body = match w.tier {
+        // Row capture leaves `events` to its default (1), so its helper also writes to a
+        // journal of a version before that column, until start() upgrades it.
+        Tier::Durable | Tier::Poll if w.capture == Capture::Row => format!(
+            "
+BEGIN
+  {authorize}
+  INSERT INTO {schema}.journal (channel, payload) VALUES ({chan}, _sqn_payload);
+END
+"
+        ),
         Tier::Durable | Tier::Poll => format!(
             "
 BEGIN
