@@ -11,7 +11,7 @@ use std::time::Duration;
 /// Delay policy: `base * 2^(attempt-1)`, capped at `max`, then scaled by a random factor in
 /// `[0.5, 1.0]` ("equal jitter").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     /// Delay before the first retry (before jitter).
     pub base: Duration,
     /// Largest delay (before jitter).

@@ -243,7 +243,7 @@ impl Actor for Decoder {
 /// one unit of the notifier's in-flight budget per notification (listeners acquire them
 /// before reading on); the pipeline gives each back once its event is handed over or dropped.
 #[derive(Debug)]
-pub struct RawBatch(pub Vec<RawNotification>);
+pub(crate) struct RawBatch(pub Vec<RawNotification>);
 
 impl Message for RawBatch {
     type Result = ();

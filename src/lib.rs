@@ -65,6 +65,7 @@
 //! | `postgres` | yes     | the PostgreSQL dialect (`postgres://`, `postgresql://`), via tokio-postgres |
 //! | `sqlite`   | yes     | the SQLite dialect (`sqlite:///path.db`), via rusqlite with bundled SQLite |
 //! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`, `consumers`) |
+//! | `bench`    | no      | `bench_support`, the pipeline without a database for the benchmarks (not a supported API) |
 //! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async without TLS |
 //!
 //! # Delivery guarantees
@@ -116,6 +117,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backoff;
+#[cfg(feature = "bench")]
 pub mod bench_support;
 pub mod blocking;
 mod consumer;
@@ -148,9 +150,7 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use crate::backoff::Backoff;
 pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
-pub use crate::decoder::RawBatch;
 pub use crate::error::{Error, Result};
 pub use crate::event::{ChangeEvent, Channel, Key, Operation, RawNotification};
 pub use crate::filter::Filter;
