@@ -108,10 +108,31 @@ fn installed_state(conn: &Connection, w: &ResolvedWatch, catalog: bool) -> Resul
 
 /// Switches the database to WAL mode (persistent), so readers never block the application's
 /// writers. A no-op when it already is.
-pub(crate) fn enable_wal(conn: &Connection) -> Result<()> {
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(db_err("switching the database to WAL mode"))?;
+///
+/// The switch needs the database to itself, and SQLite answers "busy" at once — without
+/// waiting the busy timeout — when another connection is switching or reading at that moment
+/// (several instances starting together on a new file): retried with backoff for up to
+/// `timeout`.
+pub(crate) fn enable_wal(conn: &Connection, timeout: std::time::Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let backoff = crate::backoff::Backoff::default();
+    let mut attempt = 0;
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                attempt += 1;
+                std::thread::sleep(
+                    backoff
+                        .delay(attempt)
+                        .min(std::time::Duration::from_millis(100)),
+                );
+            }
+            other => break other.map_err(db_err("switching the database to WAL mode"))?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         log::warn!(
             "sqlnotify: the database stays in {mode} journal mode; listeners may make writers wait"
@@ -130,7 +151,7 @@ pub(crate) fn install(
     if !options.manage_triggers {
         return verify(conn, watches);
     }
-    enable_wal(conn)?;
+    enable_wal(conn, options.timeout)?;
     in_write_transaction(conn, "installing triggers", options.timeout, |tx| {
         tx.execute_batch(&ddl::setup_sql())
             .map_err(db_err("creating the sqlnotify tables"))?;
