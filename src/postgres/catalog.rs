@@ -753,12 +753,21 @@ pub(crate) async fn check_statement_capture(
     Ok(())
 }
 
-/// Drops every sqlnotify trigger function (and, by CASCADE, trigger) and empties the catalog.
-/// The tables are locked already ([`attempt_locks`]).
-async fn drop_all(
+/// The locks dropping the triggers of `triggers` takes (channel → its tables).
+fn drop_locks(triggers: &BTreeMap<String, Vec<(String, String)>>) -> Locks {
+    let mut locks = Locks::default();
+    for tables in triggers.values() {
+        locks.add_all(tables, Mode::AccessExclusive);
+    }
+    locks
+}
+
+/// Drops the watches of `triggers` (functions, helpers and, by CASCADE, triggers); their
+/// tables are locked already ([`attempt_locks`]). A lock failure names the watch's tables.
+async fn drop_triggers(
     tx: &Transaction<'_>,
     triggers: &BTreeMap<String, Vec<(String, String)>>,
-) -> Result<u64, Failed> {
+) -> Result<(), Failed> {
     for (channel, tables) in triggers {
         tx.batch_execute(&ddl::drop_sql(channel))
             .await
@@ -772,6 +781,16 @@ async fn drop_all(
                 )
             })?;
     }
+    Ok(())
+}
+
+/// Drops every sqlnotify trigger function (and, by CASCADE, trigger) and empties the catalog.
+/// The tables are locked already ([`attempt_locks`]).
+async fn drop_all(
+    tx: &Transaction<'_>,
+    triggers: &BTreeMap<String, Vec<(String, String)>>,
+) -> Result<u64, Failed> {
+    drop_triggers(tx, triggers).await?;
     if catalog_exists(tx).await? {
         tx.batch_execute(&format!(
             "DELETE FROM {}.catalog;\n",
@@ -803,11 +822,7 @@ pub(crate) async fn cleanup_all(client: &mut Client, timeout: Duration) -> Resul
 async fn cleanup_attempt(tx: &Transaction<'_>, wait: &LockWait) -> Result<u64, Failed> {
     take_install_lock(tx, wait).await?;
     let triggers = existing_triggers(tx).await?;
-    let mut locks = Locks::default();
-    for tables in triggers.values() {
-        locks.add_all(tables, Mode::AccessExclusive);
-    }
-    attempt_locks(tx, &locks, wait).await?;
+    attempt_locks(tx, &drop_locks(&triggers), wait).await?;
     drop_all(tx, &triggers).await
 }
 
@@ -840,24 +855,8 @@ async fn uninstall_attempt(
     take_install_lock(tx, wait).await?;
     let mut triggers = existing_triggers(tx).await?;
     triggers.retain(|channel, _| channels.contains(channel));
-    let mut locks = Locks::default();
-    for tables in triggers.values() {
-        locks.add_all(tables, Mode::AccessExclusive);
-    }
-    attempt_locks(tx, &locks, wait).await?;
-    for (channel, tables) in &triggers {
-        tx.batch_execute(&ddl::drop_sql(channel))
-            .await
-            .map_err(|e| {
-                let mut locks = Locks::default();
-                locks.add_all(tables, Mode::AccessExclusive);
-                Failed::from_db(
-                    e,
-                    || Busy::Tables(locks.into_vec(), Vec::new()),
-                    format!("removing trigger {channel}"),
-                )
-            })?;
-    }
+    attempt_locks(tx, &drop_locks(&triggers), wait).await?;
+    drop_triggers(tx, &triggers).await?;
     if catalog_exists(tx).await? {
         let delete = format!(
             "DELETE FROM {}.catalog WHERE channel = ANY($1)",
