@@ -126,6 +126,7 @@ mod dialect;
 mod error;
 mod event;
 mod filter;
+mod listener;
 mod lockwait;
 mod notifier;
 mod payload;

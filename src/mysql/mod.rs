@@ -323,13 +323,20 @@ impl Dialect for Mysql {
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
         // The builder's setting wins over the URL parameter.
         let gap_timeout = params.gap_timeout.unwrap_or(self.gap_timeout);
-        Box::pin(listener::start(
+        let channels = params
+            .channels
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect();
+        let source = listener::MysqlSource::new(
             self.opts.clone(),
             self.database,
             gap_timeout,
-            params,
+            params.health_check,
+            channels,
             self.wake.clone(),
-        ))
+        );
+        Box::pin(crate::listener::start(source, params))
     }
 
     fn payload_limit(&self, _channel: &Channel) -> Option<usize> {

@@ -19,22 +19,17 @@
 //! least that.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use actix::Recipient;
 use futures_util::{pin_mut, TryStreamExt};
-use tokio::sync::Semaphore;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use super::ddl::SCHEMA;
-use crate::decoder::RawBatch;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
+use crate::listener::Outlet;
 use crate::sql::quote_ident;
-use crate::stats::Counters;
 use crate::watch::STATEMENT_CHUNK_ROWS;
 
 /// Events handed to the decoder per batch (at least; a batch ends with the row that reaches
@@ -63,11 +58,6 @@ pub(crate) struct JournalCursor {
     seen: HashMap<i64, u64>,
 }
 
-/// What one read did.
-pub(crate) struct ReadOutcome {
-    pub delivered: u64,
-}
-
 impl JournalCursor {
     /// A cursor resuming from a saved horizon and the ids at or above it already delivered
     /// (with their transaction ids).
@@ -89,17 +79,15 @@ impl JournalCursor {
         Some(Position { horizon, seen })
     }
 
-    /// Reads every row past the horizon on `channels`; delivers those not seen yet (or, when
-    /// `deliver` is false — placing a new cursor at "now" — only marks them seen).
+    /// Reads every row past the horizon on `channels`; hands those not seen yet to `outlet`
+    /// (or, without one — placing a new cursor at "now" — only marks them seen). Returns how
+    /// many events went, or `None` when told to stop while waiting for room in the pipeline.
     pub async fn read(
         &mut self,
         client: &Client,
         channels: &[String],
-        deliver: bool,
-        decoder: &Recipient<RawBatch>,
-        budget: &Arc<Semaphore>,
-        stats: &Counters,
-    ) -> Result<ReadOutcome> {
+        outlet: Option<&Outlet>,
+    ) -> Result<Option<u64>> {
         let sql = format!(
             "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events
                FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS horizon) s
@@ -134,10 +122,10 @@ impl JournalCursor {
                 continue;
             };
             let xid = parse_xid(&row.get::<_, String>(2))?;
-            if !deliver {
+            let Some(outlet) = outlet else {
                 self.seen.insert(id, xid);
                 continue;
-            }
+            };
             if self.seen.contains_key(&id) {
                 continue;
             }
@@ -154,42 +142,29 @@ impl JournalCursor {
             ids.push((id, xid));
             units += events as usize;
             if units >= BATCH {
-                delivered += forward(&mut batch, decoder, budget, stats).await?;
+                let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
+                    return Ok(None);
+                };
+                delivered += n;
                 self.seen.extend(ids.drain(..));
                 units = 0;
             }
         }
-        delivered += forward(&mut batch, decoder, budget, stats).await?;
-        self.seen.extend(ids.drain(..));
+        if let Some(outlet) = outlet {
+            let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
+                return Ok(None);
+            };
+            delivered += n;
+            self.seen.extend(ids.drain(..));
+        }
         let horizon = horizon.ok_or_else(|| Error::InvalidPayload {
             channel: "journal".into(),
             reason: "the journal read returned no snapshot horizon".into(),
         })?;
         self.seen.retain(|_, xid| *xid >= horizon);
         self.horizon = Some(horizon);
-        Ok(ReadOutcome { delivered })
+        Ok(Some(delivered))
     }
-}
-
-/// Hands a batch to the decoder once the pipeline has room for it.
-async fn forward(
-    batch: &mut Vec<RawNotification>,
-    decoder: &Recipient<RawBatch>,
-    budget: &Arc<Semaphore>,
-    stats: &Counters,
-) -> Result<u64> {
-    if batch.is_empty() {
-        return Ok(0);
-    }
-    let n: u32 = batch.iter().map(|raw| raw.events).sum();
-    budget
-        .acquire_many(n)
-        .await
-        .map_err(|_| Error::NotRunning)?
-        .forget();
-    stats.forwarded.fetch_add(u64::from(n), Ordering::Relaxed);
-    decoder.do_send(RawBatch(std::mem::take(batch)));
-    Ok(u64::from(n))
 }
 
 /// The transaction ids of the journal rows `ids` still there (rows a saved position says were

@@ -128,18 +128,6 @@ impl Dialect for Postgres {
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
-        if let (Some(consumer), false) = (
-            &params.consumer,
-            params
-                .channels
-                .iter()
-                .any(|(_, t)| *t != crate::watch::Tier::Notify),
-        ) {
-            log::warn!(
-                "sqlnotify: consumer {:?} has no effect without durable or poll watches (NOTIFY cannot be replayed)",
-                consumer.name
-            );
-        }
         let (config, control) = (self.config(), self.control.clone());
         Box::pin(async move {
             // Read once: the key never changes while its table exists.
@@ -148,7 +136,14 @@ impl Dialect for Postgres {
             } else {
                 Some(signing::load(&*control.client().await?).await?)
             };
-            listener::start(config, params, verifier).await
+            let source = listener::PgSource::new(
+                config,
+                &params.channels,
+                params.signed.clone(),
+                verifier,
+                params.health_check,
+            );
+            crate::listener::start(source, params).await
         })
     }
 

@@ -23,7 +23,6 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags};
 
-use self::listener::Wake;
 use crate::consumer::ConsumerInfo;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
 use crate::error::{Error, Result};
@@ -78,10 +77,8 @@ pub(crate) fn parse_url(url: &str) -> Result<PathBuf> {
 pub(crate) struct Sqlite {
     path: PathBuf,
     control: Arc<Mutex<Option<Connection>>>,
-    wake: (
-        crossbeam_channel::Sender<Wake>,
-        crossbeam_channel::Receiver<Wake>,
-    ),
+    /// Wakes this notifier's listener after its own writes.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Sqlite {
@@ -89,7 +86,7 @@ impl Sqlite {
         Ok(Sqlite {
             path: parse_url(url)?,
             control: Arc::new(Mutex::new(None)),
-            wake: crossbeam_channel::unbounded(),
+            wake: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -181,11 +178,13 @@ impl Dialect for Sqlite {
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
-        Box::pin(listener::start(
-            self.path.clone(),
-            params,
-            self.wake.clone(),
-        ))
+        let channels = params
+            .channels
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect();
+        let source = listener::SqliteSource::new(self.path.clone(), channels, self.wake.clone());
+        Box::pin(crate::listener::start(source, params))
     }
 
     fn payload_limit(&self, _channel: &Channel) -> Option<usize> {
@@ -193,13 +192,13 @@ impl Dialect for Sqlite {
     }
 
     fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
-        let wake = self.wake.0.clone();
+        let wake = self.wake.clone();
         let channel = channel.name.clone();
         let appended = self.blocking(move |conn| journal::append(conn, &channel, &payload));
         Box::pin(async move {
             appended.await?;
             // Our own write: tell the watcher now instead of waiting for its next check.
-            let _ = wake.send(Wake::Now);
+            wake.notify_one();
             Ok(())
         })
     }

@@ -1,0 +1,274 @@
+//! One session of a listener: connect, place the position (first session only), then read,
+//! save, check and wait until stopped or failed. Runs on the listener's arbiter; everything a
+//! dialect does in it goes through [`Source`].
+
+use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{select, Either};
+use tokio::sync::oneshot;
+
+use super::{Pace, Shell, Source, State};
+use crate::consumer::report_gap;
+use crate::error::Result;
+use crate::status::Status;
+
+/// How often a named consumer waiting for its first subscription looks again.
+const GATE_CHECK: Duration = Duration::from_millis(10);
+
+/// How a session ended.
+pub(super) struct Outcome {
+    /// It connected (so the next restart starts the backoff from the beginning).
+    pub connected: bool,
+    /// Why it failed; `None` when it stopped as told or its first start failed (reported to
+    /// `start()` through the ready signal).
+    pub failure: Option<String>,
+}
+
+pub(super) struct Session<P> {
+    pub shell: Arc<Shell<P>>,
+    /// The first session reports readiness (or its failure) here.
+    pub ready: Option<oneshot::Sender<Result<()>>>,
+}
+
+impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
+    /// Runs the session to its end and gives the state back.
+    pub async fn run<S: Source<Position = P>>(
+        mut self,
+        mut state: State<S>,
+    ) -> (State<S>, Outcome) {
+        let outlet = self.shell.outlet.clone();
+        let setup = async {
+            let mut conn = state.source.connect(&outlet).await?;
+            let mut missed = Vec::new();
+            if !state.placed {
+                missed = state
+                    .source
+                    .place(&mut conn, self.shell.consumer.as_ref())
+                    .await?;
+                state.placed = true;
+                if let Some(position) = state.source.position() {
+                    state.saving.placed(position.clone(), Instant::now());
+                    self.set_latest(position);
+                }
+            }
+            Ok::<_, crate::Error>((conn, missed))
+        };
+        let (mut conn, missed) = match setup.await {
+            Ok(connected) => connected,
+            Err(e) => {
+                let failure = match self.ready.take() {
+                    Some(ready) => {
+                        let _ = ready.send(Err(e));
+                        None
+                    }
+                    None => Some(state.source.describe(None, &e)),
+                };
+                return (
+                    state,
+                    Outcome {
+                        connected: false,
+                        failure,
+                    },
+                );
+            }
+        };
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        let restarted = std::mem::replace(&mut state.was_connected, true);
+        self.shell.status(Status::Connected);
+        self.gap(missed);
+        if restarted {
+            let lossy = state.source.lossy_channels();
+            if !lossy.is_empty() {
+                self.shell.status(Status::Gap { channels: lossy });
+            }
+        }
+        let failure = match self.serve(&mut state, &mut conn, restarted).await {
+            Ok(()) => {
+                state.source.close(conn).await;
+                None
+            }
+            Err(e) => Some(state.source.describe(Some(&conn), &e)),
+        };
+        (
+            state,
+            Outcome {
+                connected: true,
+                failure,
+            },
+        )
+    }
+
+    /// Reads, saves, checks and waits until told to stop (Ok) or the connection fails.
+    async fn serve<S: Source<Position = P>>(
+        &self,
+        state: &mut State<S>,
+        conn: &mut S::Conn,
+        restarted: bool,
+    ) -> Result<()> {
+        let shell = &*self.shell;
+        let reads = state.source.reads();
+        let mut pacer = Pacer::new(state.source.pace());
+        let mut resync = restarted && reads;
+        let mut may_have_rows = true;
+        let mut last_read = Instant::now();
+        let mut last_io = Instant::now();
+        loop {
+            if shell.outlet.stopped() {
+                return Ok(());
+            }
+            let gate_open =
+                shell.consumer.is_none() || shell.stats.has_subscriber.load(Ordering::Acquire);
+            let safety_net = last_read.elapsed() >= shell.health_check;
+            if reads && gate_open && (may_have_rows || resync || safety_net) {
+                let Some(forwarded) = state.source.read(conn, &shell.outlet).await? else {
+                    return Ok(()); // told to stop while waiting for room
+                };
+                (last_read, last_io) = (Instant::now(), Instant::now());
+                may_have_rows = false;
+                pacer.read(forwarded);
+                if std::mem::take(&mut resync) {
+                    shell.status(Status::Resynced {
+                        replayed: forwarded,
+                    });
+                }
+                if let Some(position) = state.source.position() {
+                    if shell.consumer.is_some() {
+                        let forwarded = shell.stats.forwarded.load(Ordering::Relaxed);
+                        state.saving.note(forwarded, position.clone());
+                    }
+                    self.set_latest(position);
+                }
+            }
+            if let Some(consumer) = &shell.consumer {
+                let settled = shell.stats.settled.load(Ordering::Relaxed);
+                let due = state
+                    .saving
+                    .due(settled, consumer.heartbeat(), Instant::now());
+                if let Some(position) = due {
+                    let missed = state.source.save(conn, consumer, &position).await?;
+                    state.saving.saved(position, Instant::now());
+                    last_io = Instant::now();
+                    self.gap(missed);
+                }
+            }
+            if last_io.elapsed() >= shell.health_check {
+                state.source.check(conn, shell.health_check).await?;
+                last_io = Instant::now();
+            }
+            // Wait for a sign of new rows, but no longer than the next thing due.
+            let mut timeout = pacer.interval();
+            timeout = timeout.min(shell.health_check.saturating_sub(last_io.elapsed()));
+            if reads {
+                timeout = timeout.min(shell.health_check.saturating_sub(last_read.elapsed()));
+            }
+            if let Some(consumer) = &shell.consumer {
+                let next = state
+                    .saving
+                    .next_check(consumer.heartbeat(), Instant::now());
+                timeout = timeout.min(next.max(Duration::from_millis(1)));
+                if !gate_open {
+                    timeout = timeout.min(GATE_CHECK);
+                }
+            }
+            let woke = {
+                let wait = pin!(state.source.wait(conn, timeout));
+                let stopping = pin!(shell.outlet.stopping());
+                match select(wait, stopping).await {
+                    Either::Left((woke, _)) => woke?,
+                    Either::Right(_) => return Ok(()),
+                }
+            };
+            may_have_rows |= woke;
+            pacer.waited();
+        }
+    }
+
+    fn set_latest(&self, position: P) {
+        *self.shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(position);
+    }
+
+    /// Announces that a (re)registered consumer missed purged rows on `missed`, if any.
+    fn gap(&self, missed: Vec<String>) {
+        if let (false, Some(consumer)) = (missed.is_empty(), &self.shell.consumer) {
+            report_gap(&consumer.name, &missed);
+            self.shell.status(Status::Gap { channels: missed });
+        }
+    }
+}
+
+/// The adaptive polling interval: `active` right after events, doubling up to `idle` once
+/// none came for `stay_active`.
+#[derive(Debug)]
+struct Pacer {
+    pace: Pace,
+    interval: Duration,
+    last_event: Instant,
+}
+
+impl Pacer {
+    fn new(pace: Pace) -> Self {
+        Pacer {
+            pace,
+            interval: pace.active,
+            last_event: Instant::now(),
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// A read forwarded `events`.
+    fn read(&mut self, events: u64) {
+        if events > 0 {
+            self.interval = self.pace.active;
+            self.last_event = Instant::now();
+        }
+    }
+
+    /// A wait ended.
+    fn waited(&mut self) {
+        if self.last_event.elapsed() >= self.pace.stay_active {
+            self.interval = (self.interval * 2).min(self.pace.idle);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_stays_active_after_events_then_doubles_to_idle() {
+        let ms = Duration::from_millis;
+        let mut p = Pacer::new(Pace {
+            active: ms(1),
+            idle: ms(10),
+            stay_active: Duration::ZERO,
+        });
+        assert_eq!(p.interval(), ms(1));
+        p.waited();
+        assert_eq!(p.interval(), ms(2));
+        p.waited();
+        p.waited();
+        p.waited();
+        assert_eq!(p.interval(), ms(10));
+        p.read(0);
+        assert_eq!(p.interval(), ms(10));
+        p.read(3);
+        assert_eq!(p.interval(), ms(1));
+
+        let mut p = Pacer::new(Pace {
+            active: ms(1),
+            idle: ms(10),
+            stay_active: Duration::from_secs(3600),
+        });
+        p.waited();
+        assert_eq!(p.interval(), ms(1), "stays active within stay_active");
+    }
+}
