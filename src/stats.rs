@@ -69,7 +69,7 @@ pub(crate) struct Counters {
     pub subscriber_panics: AtomicU64,
     pub dropped: AtomicU64,
     pub queued: AtomicU64,
-    /// Journal position up to which events have been routed (what a consumer cursor may save).
+    /// Journal id of the last event routed (reported as `Stats::last_sequence`).
     pub routed_sequence: AtomicI64,
     /// Notifications handed to the decoder, and of those, how many were routed or dropped as
     /// malformed: when `settled` reaches a value `forwarded` had, everything forwarded up to

@@ -1,9 +1,9 @@
 //! MySQL's record of named consumers (`sqlnotify_consumers`): registering, saving
-//! watermarks, the journal purge that respects them, backlog, listing and dropping. The
+//! positions, the journal purge that respects them, backlog, listing and dropping. The
 //! contract is in `crate::consumer`.
 //!
-//! A consumer's position is its low watermark (see `journal.rs`): a row is unread by it when
-//! `id > watermark` and it is on one of the consumer's `channels` (a JSON array; NULL or
+//! A consumer's position is the journal cursor's low watermark (see `journal.rs`), stored in
+//! the `watermark` column: a row is unread by it when `id > watermark` and it is on one of the consumer's `channels` (a JSON array; NULL or
 //! unreadable: every channel).
 //!
 //! The purge and a consumer coming back must not cross (see `postgres/consumers.rs` for the
@@ -127,7 +127,7 @@ fn expire_us(consumer: &ConsumerParams) -> Option<u64> {
 
 /// A consumer of this name that is registered already takes up again (active, channels and
 /// expiry updated, what it missed taken and cleared), in one transaction that locks its row
-/// first. Returns its watermark and missed channels; `None` when no consumer has this name.
+/// first. Returns its position and missed channels; `None` when no consumer has this name.
 pub(crate) async fn reactivate(
     conn: &mut Conn,
     database: &str,
@@ -148,7 +148,7 @@ pub(crate) async fn reactivate(
         )
         .await
         .map_err(db_err(context()))?;
-    let Some((watermark, missed)) = row else {
+    let Some((position, missed)) = row else {
         tx.commit().await.map_err(db_err(context()))?;
         return Ok(None);
     };
@@ -163,7 +163,7 @@ pub(crate) async fn reactivate(
     .map_err(db_err(context()))?;
     tx.commit().await.map_err(db_err(context()))?;
     Ok(Some((
-        watermark,
+        position,
         missed_channels(lossy(missed).as_deref(), channels),
     )))
 }
@@ -174,7 +174,7 @@ pub(crate) async fn insert(
     database: &str,
     consumer: &ConsumerParams,
     channels: &[String],
-    watermark: i64,
+    position: i64,
 ) -> Result<()> {
     conn.exec_drop(
         format!(
@@ -185,7 +185,7 @@ pub(crate) async fn insert(
         ),
         (
             consumer.name.as_str(),
-            watermark,
+            position,
             channels_json(channels),
             expire_us(consumer),
         ),
@@ -194,23 +194,23 @@ pub(crate) async fn insert(
     .map_err(db_err(format!("registering consumer {:?}", consumer.name)))
 }
 
-/// Saves consumer `name`'s watermark (never moving it backwards) and marks it alive; returns
+/// Saves consumer `name`'s position (never moving it backwards) and marks it alive; returns
 /// whether it is still registered and active (`None`: its row is gone). Does not change its
 /// state.
 pub(crate) async fn save(
     conn: &mut Conn,
     database: &str,
     name: &str,
-    watermark: i64,
+    position: i64,
 ) -> Result<Option<bool>> {
-    let context = || format!("saving the cursor of consumer {name:?}");
+    let context = || format!("saving the position of consumer {name:?}");
     let table = qualified(database, CONSUMERS);
     conn.exec_drop(
         format!(
             "UPDATE {table} SET `watermark` = GREATEST(`watermark`, ?), `updated_at` = NOW(6) \
              WHERE `name` = ?"
         ),
-        (watermark, name),
+        (position, name),
     )
     .await
     .map_err(db_err(context()))?;
@@ -235,16 +235,16 @@ pub(crate) async fn save_running(
     database: &str,
     consumer: &ConsumerParams,
     channels: &[String],
-    watermark: i64,
+    position: i64,
 ) -> Result<Vec<String>> {
-    match save(conn, database, &consumer.name, watermark).await? {
+    match save(conn, database, &consumer.name, position).await? {
         Some(true) => Ok(Vec::new()),
         Some(false) => Ok(reactivate(conn, database, consumer, channels)
             .await?
             .map(|(_, missed)| missed)
             .unwrap_or_default()),
         None => {
-            insert(conn, database, consumer, channels, watermark).await?;
+            insert(conn, database, consumer, channels, position).await?;
             Ok(channels.to_vec())
         }
     }
@@ -258,7 +258,7 @@ fn backlog_sql(database: &str) -> String {
     )
 }
 
-/// Journal rows after consumer `name`'s watermark on its channels; `None` if not registered.
+/// Journal rows after consumer `name`'s position on its channels; `None` if not registered.
 /// (Registration upgraded the table: no [`ensure`] here, this runs every few seconds.)
 pub(crate) async fn backlog(conn: &mut Conn, database: &str, name: &str) -> Result<Option<u64>> {
     let n: Option<i64> = conn
@@ -304,10 +304,10 @@ pub(crate) async fn list(conn: &mut Conn, database: &str) -> Result<Vec<Consumer
     Ok(rows
         .into_iter()
         .map(
-            |(name, state, watermark, updated, channels, expire, backlog)| ConsumerInfo {
+            |(name, state, position, updated, channels, expire, backlog)| ConsumerInfo {
                 name: String::from_utf8_lossy(&name).into_owned(),
                 state: ConsumerState::parse(&String::from_utf8_lossy(&state)),
-                position: ConsumerPosition::JournalId(watermark),
+                position: ConsumerPosition::JournalId(position),
                 last_active: unix_time(updated),
                 channels: stored_channels(lossy(channels).as_deref()),
                 expire_after: expire
@@ -343,10 +343,10 @@ pub(crate) async fn drop_consumer(conn: &mut Conn, database: &str, name: &str) -
     Ok(())
 }
 
-/// An inactive consumer's row as the purge locks it: state, watermark, channels, missed.
+/// An inactive consumer's row as the purge locks it: state, position, channels, missed.
 type LockedRow = (Vec<u8>, i64, Option<Vec<u8>>, Option<Vec<u8>>);
 
-/// An inactive consumer, as the purge locked it: name, watermark, channels, missed.
+/// An inactive consumer, as the purge locked it: name, position, channels, missed.
 type Locked = (String, i64, Option<Vec<String>>, Vec<String>);
 
 /// Expires consumers away longer than their expiry, then deletes journal rows older than
@@ -425,7 +425,7 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
                 )
                 .await
                 .map_err(db_err(context))?;
-            let Some((state, watermark, channels, missed)) = row else {
+            let Some((state, position, channels, missed)) = row else {
                 continue;
             };
             if ConsumerState::parse(&String::from_utf8_lossy(&state)) == ConsumerState::Active {
@@ -435,7 +435,7 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
             let missed =
                 missed_channels(lossy(missed).as_deref(), channels.as_deref().unwrap_or(&[]));
             let name = String::from_utf8_lossy(name).into_owned();
-            locked.push((name, watermark, channels, missed));
+            locked.push((name, position, channels, missed));
         }
         let locked_json =
             serde_json::to_string(&locked.iter().map(|(name, ..)| name).collect::<Vec<_>>())
@@ -467,10 +467,10 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
             .await
             .map_err(db_err(context))?;
         }
-        for (name, watermark, channels, missed) in &locked {
+        for (name, position, channels, missed) in &locked {
             let unread = deleted
                 .iter()
-                .filter(|(id, _)| id > watermark)
+                .filter(|(id, _)| id > position)
                 .map(|(_, channel)| channel);
             if let Some(now_missed) = add_missed(missed, channels.as_deref(), unread) {
                 tx.exec_drop(

@@ -1,9 +1,10 @@
-//! SQLite's record of named consumers (`sqlnotify_consumers`): registering, saving cursors,
+//! SQLite's record of named consumers (`sqlnotify_consumers`): registering, saving positions,
 //! the journal purge that respects them, backlog, listing and dropping. Synchronous helpers
 //! over one connection; the contract is in `crate::consumer`.
 //!
-//! A consumer's position is a journal id: a row is unread by it when `id > cursor` and it is
-//! on one of the consumer's `channels` (a JSON array; NULL or unreadable: every channel).
+//! A consumer's position is a journal id (stored in the `cursor` column): a row is unread by it
+//! when `id > cursor` and it is on one of the consumer's `channels` (a JSON array; NULL or
+//! unreadable: every channel).
 //! SQLite runs one write transaction at a time, and every step that must not interleave — a
 //! purge batch with the record of what it took from inactive consumers, a consumer taking up
 //! again with what it missed — is one `BEGIN IMMEDIATE` transaction, so a consumer coming
@@ -89,8 +90,8 @@ fn channels_json(channels: &[String]) -> String {
 }
 
 /// Registers consumer `consumer` reading `channels`: a known one takes up again (active,
-/// what it missed taken and cleared) at its saved cursor; a new one starts at the journal's
-/// head. Returns the cursor and the channels on which it missed purged rows.
+/// what it missed taken and cleared) at its saved position; a new one starts at the journal's
+/// head. Returns the position and the channels on which it missed purged rows.
 pub(crate) fn register(
     conn: &mut Connection,
     consumer: &ConsumerParams,
@@ -112,7 +113,7 @@ pub(crate) fn register(
         .map_err(db_err(context()))?;
     let expire = consumer.expire_after.map(|d| d.as_secs_f64());
     let registered = match known {
-        Some((cursor, missed)) => {
+        Some((position, missed)) => {
             tx.execute(
                 &format!(
                     "UPDATE sqlnotify_consumers SET state = 'active', missed = NULL, channels = ?2, \
@@ -121,7 +122,7 @@ pub(crate) fn register(
                 params![name, channels_json(channels), expire],
             )
             .map_err(db_err(context()))?;
-            (cursor, missed_channels(missed.as_deref(), channels))
+            (position, missed_channels(missed.as_deref(), channels))
         }
         None => {
             let head = journal::head(&tx)?;
@@ -140,23 +141,23 @@ pub(crate) fn register(
     Ok(registered)
 }
 
-/// Saves consumer `name`'s cursor (never moving it backwards) and marks it alive; returns
+/// Saves consumer `name`'s position (never moving it backwards) and marks it alive; returns
 /// whether it is still registered and active (`None`: its row is gone). Does not change its
 /// state.
-pub(crate) fn save(conn: &Connection, name: &str, cursor: i64) -> Result<Option<bool>> {
+pub(crate) fn save(conn: &Connection, name: &str, position: i64) -> Result<Option<bool>> {
     conn.prepare_cached(&format!(
         "UPDATE sqlnotify_consumers SET cursor = max(cursor, ?2), updated_at = {NOW} \
          WHERE name = ?1 RETURNING state, missed IS NULL"
     ))
     .and_then(|mut s| {
-        s.query_row(params![name, cursor], |r| {
+        s.query_row(params![name, position], |r| {
             let state: String = r.get(0)?;
             let clear: bool = r.get(1)?;
             Ok(ConsumerState::parse(&state) == ConsumerState::Active && clear)
         })
         .optional()
     })
-    .map_err(db_err(format!("saving the cursor of consumer {name:?}")))
+    .map_err(db_err(format!("saving the position of consumer {name:?}")))
 }
 
 /// A running listener's save: as [`save`], and a consumer dropped or expired while it runs
@@ -167,9 +168,9 @@ pub(crate) fn save_running(
     conn: &mut Connection,
     consumer: &ConsumerParams,
     channels: &[String],
-    cursor: i64,
+    position: i64,
 ) -> Result<Vec<String>> {
-    match save(conn, &consumer.name, cursor)? {
+    match save(conn, &consumer.name, position)? {
         Some(true) => Ok(Vec::new()),
         Some(false) => Ok(register(conn, consumer, channels)?.1),
         None => {
@@ -180,7 +181,7 @@ pub(crate) fn save_running(
                 ),
                 params![
                     consumer.name,
-                    cursor,
+                    position,
                     channels_json(channels),
                     consumer.expire_after.map(|d| d.as_secs_f64())
                 ],
@@ -196,7 +197,7 @@ fn backlog_sql() -> String {
     format!("(SELECT count(*) FROM sqlnotify_journal j WHERE j.id > c.cursor AND {READS_CHANNEL})")
 }
 
-/// Journal rows after consumer `name`'s cursor on its channels; `None` if not registered.
+/// Journal rows after consumer `name`'s position on its channels; `None` if not registered.
 /// (Registration upgraded the table: no [`ensure`] here, this runs every few seconds.)
 pub(crate) fn backlog(conn: &mut Connection, name: &str) -> Result<Option<u64>> {
     conn.query_row(
@@ -279,7 +280,7 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
             SELECT j.id FROM sqlnotify_journal j
              WHERE j.created_at < {NOW} - ?1
                AND NOT EXISTS (SELECT 1 FROM sqlnotify_consumers c
-                                WHERE c.state NOT IN ('dropped', 'expired') AND j.id > c.cursor
+                                WHERE c.state NOT IN ('dropped', 'expired') AND j.id > c.position
                                   AND {READS_CHANNEL})
              ORDER BY j.id LIMIT ?2)
          RETURNING id, channel"
@@ -329,12 +330,12 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
                 .map_err(db_err(context))?;
             rows
         };
-        for (name, cursor, channels, missed) in inactive {
+        for (name, position, channels, missed) in inactive {
             let channels = stored_channels(channels.as_deref());
             let missed = missed_channels(missed.as_deref(), channels.as_deref().unwrap_or(&[]));
             let unread = deleted
                 .iter()
-                .filter(|(id, _)| *id > cursor)
+                .filter(|(id, _)| *id > position)
                 .map(|(_, channel)| channel);
             if let Some(now_missed) = add_missed(&missed, channels.as_deref(), unread) {
                 tx.execute(
