@@ -341,3 +341,316 @@ pub(crate) async fn start<S: Source>(
         Err(_) => Err(Error::NotRunning),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The shell's lifecycle over an in-memory journal: the dialects' own tests run the same
+    //! shell against real databases; these pin its rules without one.
+
+    use std::collections::HashSet;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, SystemTime};
+
+    use tokio::sync::{mpsc, Notify, Semaphore};
+
+    use super::*;
+    use crate::decoder::RawBatch;
+    use crate::event::RawNotification;
+
+    /// An in-memory journal: rows by id, and faults to inject.
+    #[derive(Default)]
+    struct Journal {
+        rows: Vec<String>,
+        /// The next wait fails (the connection is lost).
+        fail: bool,
+        /// Positions saved by a running consumer, in order.
+        saves: Vec<i64>,
+        /// Connections opened.
+        connects: u32,
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared {
+        journal: Arc<Mutex<Journal>>,
+        wake: Arc<Notify>,
+    }
+
+    impl Shared {
+        fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+            self.journal.lock().unwrap()
+        }
+
+        fn write(&self, payload: &str) {
+            self.lock().rows.push(payload.to_string());
+            self.wake.notify_one();
+        }
+
+        fn fail(&self) {
+            self.lock().fail = true;
+            self.wake.notify_one();
+        }
+    }
+
+    struct MemorySource {
+        shared: Shared,
+        position: Option<i64>,
+    }
+
+    impl Source for MemorySource {
+        type Conn = ();
+        type Position = i64;
+        const NAME: &'static str = "memory";
+
+        async fn connect(&mut self, _: &Outlet) -> Result<()> {
+            self.shared.lock().connects += 1;
+            Ok(())
+        }
+
+        async fn place(&mut self, _: &mut (), _: Option<&ConsumerParams>) -> Result<Vec<String>> {
+            self.position = Some(self.shared.lock().rows.len() as i64);
+            Ok(Vec::new())
+        }
+
+        async fn read(&mut self, _: &mut (), outlet: &Outlet) -> Result<Option<u64>> {
+            let from = self.position.expect("placed") as usize;
+            let rows: Vec<String> = self.shared.lock().rows[from..].to_vec();
+            let batch = rows
+                .iter()
+                .enumerate()
+                .map(|(i, payload)| RawNotification {
+                    channel: "c".into(),
+                    payload: payload.clone(),
+                    received_at: SystemTime::now(),
+                    sequence: Some((from + i + 1) as i64),
+                    events: 1,
+                })
+                .collect();
+            let Some(n) = outlet.forward(batch).await else {
+                return Ok(None);
+            };
+            self.position = Some((from + rows.len()) as i64);
+            Ok(Some(n))
+        }
+
+        fn position(&self) -> Option<i64> {
+            self.position
+        }
+
+        async fn wait(&mut self, _: &mut (), timeout: Duration) -> Result<bool> {
+            let woken = tokio::time::timeout(timeout, self.shared.wake.notified())
+                .await
+                .is_ok();
+            if std::mem::take(&mut self.shared.lock().fail) {
+                return Err(Error::NotRunning);
+            }
+            Ok(woken)
+        }
+
+        async fn check(&mut self, _: &mut (), _: Duration) -> Result<()> {
+            Ok(())
+        }
+
+        async fn save(
+            &mut self,
+            _: &mut (),
+            _: &ConsumerParams,
+            position: &i64,
+        ) -> Result<Vec<String>> {
+            self.shared.lock().saves.push(*position);
+            Ok(Vec::new())
+        }
+
+        fn final_save(&self) -> FinalSave<i64> {
+            let shared = self.shared.clone();
+            Box::new(move |_, position| {
+                shared.lock().saves.push(-position);
+                Box::pin(async { Ok(()) })
+            })
+        }
+
+        async fn close(&mut self, _: ()) {}
+
+        fn pace(&self) -> Pace {
+            Pace {
+                active: Duration::from_millis(1),
+                idle: Duration::from_millis(20),
+                stay_active: Duration::ZERO,
+            }
+        }
+    }
+
+    /// Collects what the listener hands over; gives the budget back and settles each batch
+    /// unless `hold` is set.
+    struct Sink {
+        batches: mpsc::UnboundedSender<Vec<String>>,
+        statuses: mpsc::UnboundedSender<Status>,
+        budget: Arc<Semaphore>,
+        stats: Arc<Counters>,
+        hold: bool,
+    }
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<RawBatch> for Sink {
+        type Result = ();
+        fn handle(&mut self, RawBatch(batch): RawBatch, _: &mut Context<Self>) {
+            if !self.hold {
+                self.budget.add_permits(batch.len());
+                self.stats.settle(batch.len() as u64);
+            }
+            let _ = self
+                .batches
+                .send(batch.into_iter().map(|raw| raw.payload).collect());
+        }
+    }
+
+    impl Handler<StatusEvent> for Sink {
+        type Result = ();
+        fn handle(&mut self, event: StatusEvent, _: &mut Context<Self>) {
+            let _ = self.statuses.send(event.status);
+        }
+    }
+
+    struct Rig {
+        shared: Shared,
+        stats: Arc<Counters>,
+        batches: mpsc::UnboundedReceiver<Vec<String>>,
+        statuses: mpsc::UnboundedReceiver<Status>,
+        handle: Box<dyn ListenerHandle>,
+    }
+
+    const WITHIN: Duration = Duration::from_secs(5);
+
+    impl Rig {
+        async fn start(consumer: bool, budget: usize, hold: bool) -> Rig {
+            let shared = Shared::default();
+            let stats = Arc::new(Counters::default());
+            let budget = Arc::new(Semaphore::new(budget));
+            let (batches_tx, batches) = mpsc::unbounded_channel();
+            let (statuses_tx, statuses) = mpsc::unbounded_channel();
+            let sink = Sink {
+                batches: batches_tx,
+                statuses: statuses_tx,
+                budget: budget.clone(),
+                stats: stats.clone(),
+                hold,
+            }
+            .start();
+            let params = ListenParams {
+                channels: vec![("c".into(), crate::watch::Tier::Durable)],
+                consumer: consumer.then(|| ConsumerParams {
+                    name: "app".into(),
+                    expire_after: None,
+                }),
+                signed: HashSet::new(),
+                decoder: sink.clone().recipient(),
+                stats: stats.clone(),
+                status: sink.recipient(),
+                budget,
+                health_check: Duration::from_secs(10),
+                gap_timeout: None,
+            };
+            let source = MemorySource {
+                shared: shared.clone(),
+                position: None,
+            };
+            let handle = start(source, params).await.unwrap();
+            Rig {
+                shared,
+                stats,
+                batches,
+                statuses,
+                handle,
+            }
+        }
+
+        async fn batch(&mut self) -> Vec<String> {
+            tokio::time::timeout(WITHIN, self.batches.recv())
+                .await
+                .expect("a batch in time")
+                .unwrap()
+        }
+
+        async fn status(&mut self) -> Status {
+            tokio::time::timeout(WITHIN, self.statuses.recv())
+                .await
+                .expect("a status in time")
+                .unwrap()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_failed_session_is_announced_restarted_and_resumes_where_it_stopped() {
+        let mut rig = Rig::start(false, 100, false).await;
+        assert_eq!(rig.status().await, Status::Connected);
+        rig.shared.write("a");
+        assert_eq!(rig.batch().await, ["a"]);
+        // Rows written while disconnected are read after the restart, and counted.
+        rig.shared
+            .lock()
+            .rows
+            .extend(["b".to_string(), "c".to_string()]);
+        rig.shared.fail();
+        assert!(matches!(rig.status().await, Status::Disconnected { .. }));
+        assert_eq!(rig.status().await, Status::Connected);
+        assert_eq!(rig.status().await, Status::Resynced { replayed: 2 });
+        assert_eq!(rig.batch().await, ["b", "c"]);
+        assert_eq!(rig.stats.restarts.load(Ordering::Relaxed), 1);
+        assert_eq!(rig.shared.lock().connects, 2);
+        rig.handle.shutdown().await;
+        rig.handle.finish().await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn a_consumer_reads_nothing_before_its_first_subscription_and_saves_settled_positions() {
+        let mut rig = Rig::start(true, 100, false).await;
+        rig.shared.write("a");
+        rig.shared.write("b");
+        // No subscriber yet: the gate holds the read.
+        assert_eq!(rig.status().await, Status::Connected);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), rig.batches.recv())
+                .await
+                .is_err(),
+            "read before the first subscription"
+        );
+        rig.stats.has_subscriber.store(true, Ordering::Release);
+        assert_eq!(rig.batch().await, ["a", "b"]);
+        // Settled by the sink: the position after both rows is saved within a save interval.
+        let deadline = std::time::Instant::now() + WITHIN;
+        while !rig.shared.lock().saves.contains(&2) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "position 2 never saved"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rig.handle.shutdown().await;
+        rig.handle.finish().await.unwrap();
+        assert_eq!(rig.shared.lock().saves.last(), Some(&-2), "the final save");
+    }
+
+    #[actix_rt::test]
+    async fn an_unsettled_position_is_never_saved_and_stop_cuts_a_wait_for_room_short() {
+        // A budget of one event, never given back: the second row waits for room.
+        let mut rig = Rig::start(true, 1, true).await;
+        rig.stats.has_subscriber.store(true, Ordering::Release);
+        rig.shared.write("a");
+        assert_eq!(rig.batch().await, ["a"]);
+        rig.shared.write("b");
+        tokio::time::timeout(WITHIN, rig.handle.shutdown())
+            .await
+            .expect("stop while the pipeline is full");
+        assert!(
+            rig.batches.try_recv().is_err(),
+            "nothing handed over without room"
+        );
+        assert!(
+            rig.shared.lock().saves.iter().all(|p| *p <= 0),
+            "saved a position whose events never settled: {:?}",
+            rig.shared.lock().saves
+        );
+    }
+}
