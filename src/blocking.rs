@@ -49,8 +49,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Channel, Operation};
+use crate::event::{ChangeEvent, Channel};
 use crate::notifier::{CustomEvent, NotifierBuilder};
+use crate::operation::Operation;
 use crate::stats::Stats;
 use crate::status::StatusEvent;
 use crate::subscription::{Subscription, SubscriptionId};

@@ -19,7 +19,8 @@ use crate::error::Result;
 use crate::event::Channel;
 use crate::stats::Counters;
 use crate::status::StatusEvent;
-use crate::watch::{ResolvedWatch, TableInfo, Tier};
+use crate::tier::Tier;
+use crate::watch::{ResolvedWatch, TableInfo};
 use tokio::sync::Semaphore;
 
 /// How `start()` treats existing database objects.

@@ -128,6 +128,7 @@ mod event;
 mod filter;
 mod lockwait;
 mod notifier;
+mod operation;
 mod payload;
 mod redact;
 mod registry;
@@ -136,6 +137,7 @@ mod stats;
 mod status;
 mod subscriber;
 mod subscription;
+mod tier;
 mod watch;
 
 // README.md's Rust code blocks are compiled (and run, unless marked `no_run`) as doc tests.
@@ -152,12 +154,14 @@ mod sqlite;
 
 pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
 pub use crate::error::{Error, Result};
-pub use crate::event::{ChangeEvent, Channel, Key, Operation, RawNotification};
+pub use crate::event::{ChangeEvent, Channel, Key, RawNotification};
 pub use crate::filter::Filter;
 pub use crate::notifier::{CustomEvent, Notifier, NotifierBuilder};
+pub use crate::operation::Operation;
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
 pub use crate::stats::Stats;
 pub use crate::status::{Status, StatusEvent};
 pub use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER};
-pub use crate::watch::{Capture, Tier, Watch, MAX_IDENTIFIER_BYTES, STATEMENT_CHUNK_ROWS};
+pub use crate::tier::{Capture, Tier, STATEMENT_CHUNK_ROWS};
+pub use crate::watch::{Watch, MAX_IDENTIFIER_BYTES};

@@ -19,14 +19,16 @@ use crate::consumer::{watch_backlog, BacklogWatch, ConsumerInfo, ConsumerParams,
 use crate::decoder::{Decoder, Retention};
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Channel, Channels, Operation};
+use crate::event::{ChangeEvent, Channel, Channels};
+use crate::operation::Operation;
 use crate::payload::{encode_custom, encode_overflow_ref};
 use crate::registry::{Registry, Shutdown, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
 use crate::stats::{Counters, Stats};
 use crate::status::StatusEvent;
 use crate::subscriber::{spawn_blocking_subscriber, Flush, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
-use crate::watch::{check_set, resolve, ResolvedWatch, Tier, Watch};
+use crate::tier::Tier;
+use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
 
 /// Configures and starts a [`Notifier`]. Made by [`Notifier::builder`].
 ///

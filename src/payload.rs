@@ -171,7 +171,7 @@ pub(crate) fn encode_overflow_ref(reference: &str, payload: &Value, channel: &Ch
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Operation;
+    use crate::operation::Operation;
     use serde_json::json;
 
     fn channel(keys: &[&str]) -> Channel {
@@ -183,7 +183,7 @@ mod tests {
             label: None,
             key_columns: keys.iter().map(|s| s.to_string()).collect(),
             extra_columns: vec!["email".into()],
-            tier: crate::watch::Tier::Notify,
+            tier: crate::tier::Tier::Notify,
             signed: false,
         }
     }
@@ -315,7 +315,7 @@ mod tests {
 #[cfg(test)]
 mod properties {
     use super::*;
-    use crate::event::Operation;
+    use crate::operation::Operation;
     use proptest::prelude::*;
 
     fn channel(keys: Vec<String>) -> Channel {
@@ -327,7 +327,7 @@ mod properties {
             label: None,
             key_columns: keys,
             extra_columns: vec![],
-            tier: crate::watch::Tier::Notify,
+            tier: crate::tier::Tier::Notify,
             signed: false,
         }
     }

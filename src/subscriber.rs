@@ -258,7 +258,8 @@ impl<M: 'static> Handler<Flush> for FnSubscriber<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Channel, Key, Operation, RawNotification};
+    use crate::event::{Channel, Key, RawNotification};
+    use crate::operation::Operation;
     use serde_json::{json, Map};
     use std::sync::atomic::Ordering;
 
@@ -271,7 +272,7 @@ mod tests {
             label: None,
             key_columns: vec!["id".into()],
             extra_columns: Vec::new(),
-            tier: crate::watch::Tier::Notify,
+            tier: crate::tier::Tier::Notify,
             signed: false,
         });
         let raw = RawNotification::new("c", "");

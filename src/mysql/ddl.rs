@@ -341,7 +341,8 @@ pub(crate) fn grant_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Channel, Operation};
+    use crate::event::Channel;
+    use crate::operation::Operation;
 
     fn watch(op: Operation, extra: &[&str]) -> ResolvedWatch {
         ResolvedWatch {
@@ -353,13 +354,13 @@ mod tests {
                 label: Some("o'brien\\x".into()),
                 key_columns: vec!["select".into()],
                 extra_columns: extra.iter().map(|s| s.to_string()).collect(),
-                tier: crate::watch::Tier::Notify,
+                tier: crate::tier::Tier::Notify,
                 signed: false,
             },
             trigger_columns: vec![],
             use_overflow_table: true,
-            tier: crate::watch::Tier::Notify,
-            capture: crate::watch::Capture::Row,
+            tier: crate::tier::Tier::Notify,
+            capture: crate::tier::Capture::Row,
         }
     }
 

@@ -17,7 +17,8 @@ use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
 use crate::sql::quote_ident;
-use crate::watch::{Capture, ColumnInfo, ResolvedWatch, TableInfo, Tier};
+use crate::tier::{Capture, Tier};
+use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
 
 /// Reads one table's columns, primary-key positions and equality support.
 pub(crate) async fn describe_table(

@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::sql::quote_ident;
 use crate::stats::Counters;
-use crate::watch::STATEMENT_CHUNK_ROWS;
+use crate::tier::STATEMENT_CHUNK_ROWS;
 
 /// Events handed to the decoder per batch (at least; a batch ends with the row that reaches
 /// it). A batch holds under `BATCH + STATEMENT_CHUNK_ROWS` units of budget, which must fit in

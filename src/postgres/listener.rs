@@ -50,7 +50,7 @@ use crate::event::RawNotification;
 use crate::sql::quote_ident;
 use crate::stats::Counters;
 use crate::status::{Status, StatusEvent};
-use crate::watch::Tier;
+use crate::tier::Tier;
 
 /// Most notifications handed to the decoder in one message (bounds latency and batch memory).
 const MAX_BATCH: usize = 512;

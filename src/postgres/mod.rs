@@ -25,7 +25,8 @@ use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, Over
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::sql::quote_ident;
-use crate::watch::{Capture, ResolvedWatch, TableInfo, Tier};
+use crate::tier::{Capture, Tier};
+use crate::watch::{ResolvedWatch, TableInfo};
 
 /// PostgreSQL behind the [`Dialect`] interface.
 pub(crate) struct Postgres {
@@ -133,7 +134,7 @@ impl Dialect for Postgres {
             params
                 .channels
                 .iter()
-                .any(|(_, t)| *t != crate::watch::Tier::Notify),
+                .any(|(_, t)| *t != crate::tier::Tier::Notify),
         ) {
             log::warn!(
                 "sqlnotify: consumer {:?} has no effect without durable or poll watches (NOTIFY cannot be replayed)",

@@ -134,7 +134,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
 mod tests {
     use super::*;
     use crate::event::Channel;
-    use crate::event::Operation;
+    use crate::operation::Operation;
 
     fn watch(op: Operation, extra: usize) -> ResolvedWatch {
         ResolvedWatch {
@@ -146,13 +146,13 @@ mod tests {
                 label: Some("o'brien\\x".into()),
                 key_columns: vec!["select".into()],
                 extra_columns: (0..extra).map(|i| format!("c{i}")).collect(),
-                tier: crate::watch::Tier::Notify,
+                tier: crate::tier::Tier::Notify,
                 signed: false,
             },
             trigger_columns: vec![],
             use_overflow_table: true,
-            tier: crate::watch::Tier::Notify,
-            capture: crate::watch::Capture::Row,
+            tier: crate::tier::Tier::Notify,
+            capture: crate::tier::Capture::Row,
         }
     }
 
