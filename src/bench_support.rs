@@ -19,12 +19,13 @@ use futures_util::future::BoxFuture;
 use tokio::sync::Semaphore;
 
 use crate::decoder::{Decoder, RawBatch, Retention};
-use crate::dialect::OverflowStore;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels, RawNotification};
-use crate::registry::{Registry, Shutdown, Subscribe};
+use crate::lifecycle::{Flush, Shutdown};
+use crate::overflow::OverflowStore;
+use crate::registry::{Registry, Subscribe};
 use crate::stats::{Counters, Stats};
-use crate::subscriber::{Flush, FnSubscriber, Sink};
+use crate::subscriber::{FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
 use crate::watch::{check_set, resolve, ColumnInfo, TableInfo, Watch};
 
@@ -200,14 +201,6 @@ fn describe(watch: &Watch) -> TableInfo {
 struct NoOverflow;
 
 impl OverflowStore for NoOverflow {
-    fn fetch(
-        &self,
-        _channel: String,
-        _reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>> {
-        Box::pin(async { Ok(None) })
-    }
-
     fn purge(&self, _retention: Duration) -> BoxFuture<'static, Result<u64>> {
         Box::pin(async { Ok(0) })
     }

@@ -17,6 +17,7 @@ use crate::consumer::{ConsumerInfo, ConsumerParams};
 use crate::decoder::RawBatch;
 use crate::error::Result;
 use crate::event::Channel;
+use crate::overflow::OverflowStore;
 use crate::stats::Counters;
 use crate::status::StatusEvent;
 use crate::tier::Tier;
@@ -34,19 +35,6 @@ pub(crate) struct InstallOptions {
     pub manage_triggers: bool,
     /// How long to keep retrying when a lock is held by another session.
     pub timeout: Duration,
-}
-
-/// Reads (and expires) rows of the overflow table.
-pub(crate) trait OverflowStore: Send + Sync + 'static {
-    /// The payload stored under `reference` for `channel`, or `None` if there is none: a
-    /// reference resolves only the row written for the channel it arrived on.
-    fn fetch(
-        &self,
-        channel: String,
-        reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>>;
-    /// Deletes overflow rows older than `retention`; returns how many.
-    fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>>;
 }
 
 /// What a listener is asked to listen to, and where its notifications go.

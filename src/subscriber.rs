@@ -18,6 +18,7 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 
 use crate::event::ChangeEvent;
+use crate::lifecycle::Flush;
 use crate::stats::Counters;
 use crate::status::StatusEvent;
 use crate::subscription::OverflowPolicy;
@@ -240,13 +241,6 @@ impl Handler<StatusEvent> for FnSubscriber<StatusEvent> {
     fn handle(&mut self, status: StatusEvent, _: &mut Context<Self>) {
         self.call(status);
     }
-}
-
-/// Resolves once every message sent before it has been handled.
-pub(crate) struct Flush;
-
-impl Message for Flush {
-    type Result = ();
 }
 
 impl<M: 'static> Handler<Flush> for FnSubscriber<M> {

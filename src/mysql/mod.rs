@@ -50,9 +50,10 @@ use tokio::sync::{Notify, OwnedMutexGuard};
 
 use self::ddl::Kinds;
 use crate::consumer::ConsumerInfo;
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::Channel;
+use crate::overflow::OverflowStore;
 use crate::watch::{ResolvedWatch, TableInfo};
 
 /// Default time a journal id may stay missing before it is treated as rolled back.
@@ -403,14 +404,6 @@ struct JournalStore {
 }
 
 impl OverflowStore for JournalStore {
-    fn fetch(
-        &self,
-        _channel: String,
-        _reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>> {
-        Box::pin(async { Ok(None) })
-    }
-
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
         let database = self.database;
         self.control.run(move |conn| {

@@ -21,9 +21,10 @@ use tokio_postgres::Config;
 
 use self::control::Control;
 use crate::consumer::ConsumerInfo;
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::Channel;
+use crate::overflow::OverflowStore;
 use crate::sql::quote_ident;
 use crate::tier::{Capture, Tier};
 use crate::watch::{ResolvedWatch, TableInfo};

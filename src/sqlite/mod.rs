@@ -25,9 +25,10 @@ use rusqlite::{Connection, OpenFlags};
 
 use self::listener::Wake;
 use crate::consumer::ConsumerInfo;
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::Channel;
+use crate::overflow::OverflowStore;
 use crate::watch::{ResolvedWatch, TableInfo};
 
 /// How long a sqlnotify connection waits for a lock before giving up.
@@ -254,14 +255,6 @@ struct JournalStore {
 }
 
 impl OverflowStore for JournalStore {
-    fn fetch(
-        &self,
-        _channel: String,
-        _reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>> {
-        Box::pin(async { Ok(None) })
-    }
-
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
         run_blocking(self.control.clone(), self.path.clone(), move |conn| {
             consumers::purge(conn, retention)
