@@ -132,6 +132,7 @@ mod notifier;
 mod operation;
 mod overflow;
 mod payload;
+mod pipeline;
 mod redact;
 mod registry;
 mod sql;

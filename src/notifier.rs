@@ -16,15 +16,15 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::Semaphore;
 
 use crate::consumer::{watch_backlog, BacklogWatch, ConsumerInfo, ConsumerParams, MIN_EXPIRY};
-use crate::decoder::{Decoder, Retention};
+use crate::decoder::Retention;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel, Channels};
-use crate::lifecycle::{Flush, Shutdown};
 use crate::operation::Operation;
 use crate::payload::{encode_custom, encode_overflow_ref};
+use crate::pipeline::{Pipeline, PipelineOptions, DEFAULT_MAX_IN_FLIGHT, MIN_IN_FLIGHT};
 use crate::registry::{Registry, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
-use crate::stats::{Counters, Stats};
+use crate::stats::Stats;
 use crate::status::StatusEvent;
 use crate::subscriber::{spawn_blocking_subscriber, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
@@ -53,13 +53,11 @@ pub struct NotifierBuilder {
     cleanup_on_start: bool,
     cleanup_on_stop: bool,
     manage_triggers: bool,
-    retention: Retention,
-    max_in_flight: usize,
+    pipeline: PipelineOptions,
     health_check: Duration,
     gap_timeout: Option<Duration>,
     sign_notifications: bool,
     install_timeout: Duration,
-    lag_interval: Duration,
     consumer_expiry: Option<Duration>,
     backlog_warning: u64,
     status_subscribers: Vec<Recipient<StatusEvent>>,
@@ -79,7 +77,7 @@ impl std::fmt::Debug for NotifierBuilder {
             .field("gap_timeout", &self.gap_timeout)
             .field("sign_notifications", &self.sign_notifications)
             .field("install_timeout", &self.install_timeout)
-            .field("lag_report_interval", &self.lag_interval)
+            .field("lag_report_interval", &self.pipeline.lag_interval)
             .finish()
     }
 }
@@ -130,13 +128,13 @@ impl NotifierBuilder {
     /// whoever runs the purge and whatever its retention, however long ago that consumer was
     /// last seen (unless it set a [`consumer_expiry`](Self::consumer_expiry)). Default: 1 hour.
     pub fn retention(mut self, keep: Duration) -> Self {
-        self.retention.keep = keep;
+        self.pipeline.retention.keep = keep;
         self
     }
 
     /// How often expired rows are deleted. Default: every minute.
     pub fn purge_interval(mut self, every: Duration) -> Self {
-        self.retention.every = every.max(Duration::from_millis(10));
+        self.pipeline.retention.every = every.max(Duration::from_millis(10));
         self
     }
 
@@ -180,7 +178,7 @@ impl NotifierBuilder {
     /// until there is room, so memory stays bounded. Default: 4,096 (larger budgets measured
     /// slower: more memory in flight, more allocator work, no extra throughput).
     pub fn max_in_flight(mut self, events: usize) -> Self {
-        self.max_in_flight = events.clamp(MIN_IN_FLIGHT, Semaphore::MAX_PERMITS);
+        self.pipeline.max_in_flight = events.clamp(MIN_IN_FLIGHT, Semaphore::MAX_PERMITS);
         self
     }
 
@@ -257,7 +255,7 @@ impl NotifierBuilder {
     /// unreported when the subscription ends or the notifier stops is reported then. Zero
     /// reports every batch of drops as it happens. Default: 1 s.
     pub fn lag_report_interval(mut self, every: Duration) -> Self {
-        self.lag_interval = every;
+        self.pipeline.lag_interval = every;
         self
     }
 
@@ -445,74 +443,59 @@ impl NotifierBuilder {
                 },
             )
             .await?;
-        let channels = Arc::new(Channels::new(
+        let channels = Channels::new(
             watches.into_iter().map(|w| w.channel),
             dialect.default_schema(),
-        ));
-        let stats = Arc::new(Counters::default());
-        let budget = Arc::new(Semaphore::new(self.max_in_flight));
-        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
-            .lag_interval(self.lag_interval)
-            .start();
-        let decoder = Decoder::new(
-            channels.clone(),
-            dialect.overflow_store(),
-            registry.clone(),
-            stats.clone(),
-            self.retention,
-            budget.clone(),
-        )
-        .start();
+        );
+        let pipeline = Pipeline::start(channels, dialect.overflow_store(), self.pipeline);
         for (subscription, recipient) in &self.subscriptions {
             let subscribe = Subscribe::new(subscription.clone(), recipient.clone());
-            if let Err(e) = registry.send(subscribe).await? {
-                decoder.do_send(Shutdown);
-                registry.do_send(Shutdown);
+            if let Err(e) = pipeline.registry.send(subscribe).await? {
+                pipeline.shutdown();
                 return Err(e);
             }
         }
         for recipient in &self.status_subscribers {
             let sink = StatusSink::Recipient(recipient.clone());
-            registry.send(SubscribeStatus(sink)).await?;
+            pipeline.registry.send(SubscribeStatus(sink)).await?;
         }
         let consumer = self.consumer.clone().map(|name| ConsumerParams {
             name,
             expire_after: self.consumer_expiry,
         });
         let params = ListenParams {
-            channels: channels.tiers(),
-            signed: channels.signed(),
+            channels: pipeline.channels.tiers(),
+            signed: pipeline.channels.signed(),
             consumer: consumer.clone(),
-            decoder: decoder.clone().recipient(),
-            stats: stats.clone(),
-            status: decoder.clone().recipient(),
-            budget,
+            decoder: pipeline.decoder.clone().recipient(),
+            stats: pipeline.stats.clone(),
+            status: pipeline.decoder.clone().recipient(),
+            budget: pipeline.budget.clone(),
             health_check: self.health_check,
             gap_timeout: self.gap_timeout,
         };
         let listener = match dialect.listen(params).await {
             Ok(listener) => listener,
             Err(e) => {
-                decoder.do_send(Shutdown);
-                registry.do_send(Shutdown);
+                pipeline.shutdown();
                 return Err(e);
             }
         };
-        let backlog = consumer
-            .map(|c| watch_backlog(dialect.clone(), c.name, stats.clone(), self.backlog_warning));
+        let backlog = consumer.map(|c| {
+            watch_backlog(
+                dialect.clone(),
+                c.name,
+                pipeline.stats.clone(),
+                self.backlog_warning,
+            )
+        });
         Ok(Notifier {
             inner: Arc::new(Inner {
                 dialect,
-                channels,
-                registry,
-                stats,
+                pipeline,
                 cleanup_on_stop: self.cleanup_on_stop,
                 install_timeout: self.install_timeout,
-                running: Mutex::new(Some(Running {
-                    listener,
-                    decoder,
-                    backlog,
-                })),
+                running: Mutex::new(Some(Running { listener, backlog })),
                 blocking: Mutex::new(Vec::new()),
             }),
         })
@@ -566,11 +549,6 @@ fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
 /// Default backlog (journal rows) past which a named consumer's backlog is logged.
 const DEFAULT_BACKLOG_WARNING: u64 = 10_000;
 
-/// Default in-flight budget (events).
-const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
-/// Smallest in-flight budget: one listener batch must fit.
-pub(crate) const MIN_IN_FLIGHT: usize = 1_024;
-
 /// A custom event for [`Notifier::notify_with`]: a JSON object sent on a watched channel and
 /// delivered to subscribers exactly like a trigger's event.
 #[derive(Debug, Clone, PartialEq)]
@@ -607,16 +585,14 @@ impl CustomEvent {
 
 struct Running {
     listener: Box<dyn ListenerHandle>,
-    decoder: Addr<Decoder>,
     /// Counts a named consumer's backlog (stops when dropped).
     backlog: Option<BacklogWatch>,
 }
 
 struct Inner {
     dialect: Arc<dyn Dialect>,
-    channels: Arc<Channels>,
-    registry: Addr<Registry>,
-    stats: Arc<Counters>,
+    /// Decoder, registry and what they share.
+    pipeline: Pipeline,
     cleanup_on_stop: bool,
     install_timeout: Duration,
     running: Mutex<Option<Running>>,
@@ -655,16 +631,18 @@ impl Notifier {
             cleanup_on_start: false,
             cleanup_on_stop: false,
             manage_triggers: true,
-            retention: Retention {
-                keep: Duration::from_secs(3600),
-                every: Duration::from_secs(60),
+            pipeline: PipelineOptions {
+                max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+                lag_interval: crate::registry::LAG_INTERVAL,
+                retention: Retention {
+                    keep: Duration::from_secs(3600),
+                    every: Duration::from_secs(60),
+                },
             },
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             health_check: Duration::from_secs(10),
             gap_timeout: None,
             sign_notifications: true,
             install_timeout: crate::lockwait::DEFAULT_INSTALL_TIMEOUT,
-            lag_interval: crate::registry::LAG_INTERVAL,
             consumer_expiry: None,
             backlog_warning: DEFAULT_BACKLOG_WARNING,
             status_subscribers: Vec::new(),
@@ -680,9 +658,10 @@ impl Notifier {
     pub fn channels(&self) -> Vec<Channel> {
         let mut channels: Vec<Channel> = self
             .inner
+            .pipeline
             .channels
             .names()
-            .filter_map(|n| self.inner.channels.get(n))
+            .filter_map(|n| self.inner.pipeline.channels.get(n))
             .map(|c| (**c).clone())
             .collect();
         channels.sort_by(|a, b| a.name().cmp(b.name()));
@@ -691,7 +670,7 @@ impl Notifier {
 
     /// The registry actor, for sending [`Subscribe`] / [`Unsubscribe`] yourself.
     pub fn registry(&self) -> Addr<Registry> {
-        self.inner.registry.clone()
+        self.inner.pipeline.registry.clone()
     }
 
     /// Delivers the events `subscription` selects to an actor.
@@ -701,6 +680,7 @@ impl Notifier {
         recipient: Recipient<ChangeEvent>,
     ) -> Result<SubscriptionId> {
         self.inner
+            .pipeline
             .registry
             .send(Subscribe::new(subscription, recipient))
             .await?
@@ -719,8 +699,9 @@ impl Notifier {
     where
         F: FnMut(ChangeEvent) + 'static,
     {
-        let actor = FnSubscriber::new(f, self.inner.stats.clone()).start();
+        let actor = FnSubscriber::new(f, self.inner.pipeline.stats.clone()).start();
         self.inner
+            .pipeline
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
             .await?
@@ -766,7 +747,7 @@ impl Notifier {
         F: FnMut(ChangeEvent) + Send + 'static,
     {
         let (tx, finished) =
-            spawn_blocking_subscriber(subscription.buffer, f, self.inner.stats.clone())
+            spawn_blocking_subscriber(subscription.buffer, f, self.inner.pipeline.stats.clone())
                 .map_err(|e| Error::db("starting the thread of a blocking subscriber", e))?;
         if let Ok(mut threads) = self.inner.blocking.lock() {
             // Forget the threads of subscriptions that are gone.
@@ -775,6 +756,7 @@ impl Notifier {
         }
         // On an error the sender is dropped with the message, and the thread ends.
         self.inner
+            .pipeline
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await?
@@ -790,6 +772,7 @@ impl Notifier {
         let (tx, rx) = crossbeam_channel::bounded(subscription.buffer);
         let id = self
             .inner
+            .pipeline
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await??;
@@ -800,6 +783,7 @@ impl Notifier {
     pub async fn subscribe_status(&self, recipient: Recipient<StatusEvent>) -> Result<()> {
         Ok(self
             .inner
+            .pipeline
             .registry
             .send(SubscribeStatus(StatusSink::Recipient(recipient)))
             .await?)
@@ -810,9 +794,10 @@ impl Notifier {
     where
         F: FnMut(StatusEvent) + 'static,
     {
-        let actor = FnSubscriber::new(f, self.inner.stats.clone()).start();
+        let actor = FnSubscriber::new(f, self.inner.pipeline.stats.clone()).start();
         Ok(self
             .inner
+            .pipeline
             .registry
             .send(SubscribeStatus(StatusSink::Fn(actor)))
             .await?)
@@ -820,7 +805,7 @@ impl Notifier {
 
     /// Removes a subscription. No event is delivered to it once this returns.
     pub async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
-        self.inner.registry.send(Unsubscribe(id)).await?
+        self.inner.pipeline.registry.send(Unsubscribe(id)).await?
     }
 
     /// Sends a custom event on the channel of the watch of `operation` on `table`; see
@@ -841,6 +826,7 @@ impl Notifier {
         let s = &event.subscription;
         let channel = self
             .inner
+            .pipeline
             .channels
             .find(
                 s.schema.as_deref(),
@@ -879,7 +865,7 @@ impl Notifier {
 
     /// The pipeline's counters.
     pub async fn stats(&self) -> Result<Stats> {
-        Ok(self.inner.stats.snapshot())
+        Ok(self.inner.pipeline.stats.snapshot())
     }
 
     /// The named consumers registered in this database — this notifier's and every other
@@ -923,9 +909,8 @@ impl Notifier {
             .ok_or(Error::NotRunning)?;
         drop(running.backlog.take());
         running.listener.shutdown().await;
-        let _ = running.decoder.send(Flush).await;
-        running.decoder.do_send(Shutdown);
-        self.inner.registry.do_send(Shutdown);
+        self.inner.pipeline.flush().await;
+        self.inner.pipeline.shutdown();
         let mut result = running.listener.finish().await;
         // The registry is gone with its senders: blocking subscribers run what they were
         // handed, then their threads end.
@@ -935,7 +920,13 @@ impl Notifier {
         };
         futures_util::future::join_all(threads).await;
         if self.inner.cleanup_on_stop {
-            let names = self.inner.channels.names().map(str::to_string).collect();
+            let names = self
+                .inner
+                .pipeline
+                .channels
+                .names()
+                .map(str::to_string)
+                .collect();
             let uninstalled = self
                 .inner
                 .dialect

@@ -41,7 +41,7 @@ use crate::tier::STATEMENT_CHUNK_ROWS;
 /// it). A batch holds under `BATCH + STATEMENT_CHUNK_ROWS` units of budget, which must fit in
 /// the smallest budget, or the listener would wait for room that can never be made.
 const BATCH: usize = 512;
-const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::notifier::MIN_IN_FLIGHT);
+const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::pipeline::MIN_IN_FLIGHT);
 
 /// Most delivered ids a saved position carries; beyond that it saves the horizon alone.
 pub(crate) const MAX_SAVED_SEEN: usize = 1_000;
