@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use actix::Recipient;
 use futures_util::future::BoxFuture;
+use serde_json::Value;
+
+pub(crate) mod open;
 
 use crate::consumer::{ConsumerInfo, ConsumerParams};
 use crate::decoder::RawBatch;
@@ -74,17 +77,27 @@ pub(crate) trait ListenerHandle: Send {
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
 }
 
+/// Builder settings that only some dialects act on, given when a dialect is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DialectOptions {
+    /// Sign notify-tier payloads, where any client may send notifications (PostgreSQL).
+    pub sign_notifications: bool,
+}
+
 /// One database family.
 pub(crate) trait Dialect: Send + Sync + 'static {
-    /// `"postgresql"`, `"sqlite"`.
+    /// `"postgresql"`, `"sqlite"`, `"mysql"`.
     fn name(&self) -> &'static str;
-    /// Schema of tables named without one: `public`, `main`.
-    fn default_schema(&self) -> &'static str;
+    /// Schema of tables named without one: `public`, `main`, the URL's database.
+    fn default_schema(&self) -> String;
     /// Reads each `(schema, table)` from the catalog, failing on the first unknown one.
     fn describe_tables(
         &self,
         tables: Vec<(String, String)>,
     ) -> BoxFuture<'static, Result<Vec<TableInfo>>>;
+    /// Completes a watch just resolved against its table with what only the dialect decides
+    /// (PostgreSQL: whether its channel's payloads are signed).
+    fn finish_watch(&self, _watch: &mut ResolvedWatch) {}
     /// Dialect-specific checks of resolved watches, before anything is installed or an
     /// install script is produced (PostgreSQL: where statement capture cannot work).
     fn check_watches(&self, _watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
@@ -107,20 +120,18 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>>;
     /// Starts a listener; resolves once it is listening.
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
-    /// Whether notify-tier payloads can be signed (PostgreSQL: anyone may NOTIFY).
-    fn signs_notifications(&self) -> bool {
-        false
-    }
-    /// Largest payload a notification on `channel` can carry, if the dialect has a limit.
-    fn payload_limit(&self, channel: &Channel) -> Option<usize>;
-    /// Sends `payload` on `channel` (on a connection other than the listener's).
-    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>>;
-    /// Stores an oversized payload; returns its reference.
-    fn store_overflow(
+    /// Sends a custom event on `channel` (on a connection other than the listener's) the way
+    /// the channel's trigger would, so listeners treat it like a trigger's event. `payload` is
+    /// `value` checked and rendered. Where the channel limits payload sizes (PostgreSQL's
+    /// notify tier), a larger payload goes to the overflow table when `allow_overflow`, and
+    /// otherwise fails with `Error::PayloadTooLarge`.
+    fn send_custom(
         &self,
-        channel: String,
+        channel: &Channel,
         payload: String,
-    ) -> BoxFuture<'static, Result<String>>;
+        value: &Value,
+        allow_overflow: bool,
+    ) -> BoxFuture<'static, Result<()>>;
     /// The overflow table reader, for the decoder.
     fn overflow_store(&self) -> Arc<dyn OverflowStore>;
     /// Closes the dialect's connections.

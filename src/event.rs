@@ -394,13 +394,16 @@ mod tests {
 #[derive(Debug, Default)]
 pub(crate) struct Channels {
     by_name: std::collections::HashMap<String, Arc<Channel>>,
-    default_schema: &'static str,
+    default_schema: String,
 }
 
 impl Channels {
-    pub fn new(channels: impl IntoIterator<Item = Channel>, default_schema: &'static str) -> Self {
+    pub fn new(
+        channels: impl IntoIterator<Item = Channel>,
+        default_schema: impl Into<String>,
+    ) -> Self {
         Channels {
-            default_schema,
+            default_schema: default_schema.into(),
             by_name: channels
                 .into_iter()
                 .map(|c| (c.name.clone(), Arc::new(c)))
@@ -442,7 +445,7 @@ impl Channels {
         operation: Operation,
         label: Option<&str>,
     ) -> Result<&Arc<Channel>> {
-        let schema = schema.unwrap_or(self.default_schema);
+        let schema = schema.unwrap_or(&self.default_schema);
         self.by_name
             .values()
             .find(|c| {

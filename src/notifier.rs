@@ -17,18 +17,18 @@ use tokio::sync::Semaphore;
 
 use crate::consumer::{watch_backlog, BacklogWatch, ConsumerInfo, ConsumerParams, MIN_EXPIRY};
 use crate::decoder::Retention;
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
+use crate::dialect::open::open_dialect;
+use crate::dialect::{Dialect, DialectOptions, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel, Channels};
 use crate::operation::Operation;
-use crate::payload::{encode_custom, encode_overflow_ref};
+use crate::payload::encode_custom;
 use crate::pipeline::{Pipeline, PipelineOptions, DEFAULT_MAX_IN_FLIGHT, MIN_IN_FLIGHT};
 use crate::registry::{Registry, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
 use crate::stats::Stats;
 use crate::status::StatusEvent;
 use crate::subscriber::{spawn_blocking_subscriber, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
-use crate::tier::Tier;
 use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
 
 /// Configures and starts a [`Notifier`]. Made by [`Notifier::builder`].
@@ -238,6 +238,16 @@ impl NotifierBuilder {
         self
     }
 
+    /// The dialect the URL selects, with this builder's settings; connects to nothing yet.
+    fn open_dialect(&self) -> Result<Box<dyn Dialect>> {
+        open_dialect(
+            &self.url,
+            DialectOptions {
+                sign_notifications: self.sign_notifications,
+            },
+        )
+    }
+
     fn check_install_timeout(&self) -> Result<()> {
         if self.install_timeout.is_zero() {
             return Err(Error::InvalidOption {
@@ -294,7 +304,7 @@ impl NotifierBuilder {
     /// The named consumers registered in the database at the URL, without starting a
     /// notifier: see [`Notifier::consumers`].
     pub async fn consumers(&self) -> Result<Vec<ConsumerInfo>> {
-        let dialect = open_dialect(&self.url)?;
+        let dialect = self.open_dialect()?;
         let list = dialect.consumers().await;
         dialect.close().await;
         list
@@ -303,7 +313,7 @@ impl NotifierBuilder {
     /// Drops a named consumer of the database at the URL, without starting a notifier: see
     /// [`Notifier::drop_consumer`].
     pub async fn drop_consumer(&self, name: &str) -> Result<()> {
-        let dialect = open_dialect(&self.url)?;
+        let dialect = self.open_dialect()?;
         let dropped = dialect.drop_consumer(name.to_string()).await;
         dialect.close().await;
         dropped
@@ -311,14 +321,15 @@ impl NotifierBuilder {
 
     /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> Result<&'static str> {
-        Ok(open_dialect(&self.url)?.name())
+        Ok(self.open_dialect()?.name())
     }
 
     async fn resolve(&self, dialect: &dyn Dialect) -> Result<Vec<ResolvedWatch>> {
+        let schema = dialect.default_schema();
         let watches: Vec<Watch> = self
             .watches
             .iter()
-            .map(|w| w.clone().or_schema(dialect.default_schema()))
+            .map(|w| w.clone().or_schema(&schema))
             .collect();
         for watch in &watches {
             watch.precheck()?;
@@ -331,7 +342,6 @@ impl NotifierBuilder {
         let tables = dialect
             .describe_tables(tables.into_iter().collect())
             .await?;
-        let sign = self.sign_notifications && dialect.signs_notifications();
         let resolved = watches
             .iter()
             .map(|w| {
@@ -340,7 +350,7 @@ impl NotifierBuilder {
                     .find(|t| t.schema == w.schema_name() && t.table == w.table)
                     .expect("every watched table was described");
                 let mut resolved = resolve(w, table)?;
-                resolved.channel.signed = sign && resolved.tier == Tier::Notify;
+                dialect.finish_watch(&mut resolved);
                 Ok(resolved)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -364,7 +374,7 @@ impl NotifierBuilder {
     }
 
     async fn script(&self, grant_to: Option<&str>) -> Result<String> {
-        let dialect = open_dialect(&self.url)?;
+        let dialect = self.open_dialect()?;
         let watches = self.resolve(&*dialect).await;
         let sql = watches.and_then(|w| dialect.install_sql(&w, grant_to));
         dialect.close().await;
@@ -377,7 +387,7 @@ impl NotifierBuilder {
     /// other processes may still be reading them. Needs no watches.
     pub async fn cleanup(&self) -> Result<u64> {
         self.check_install_timeout()?;
-        let dialect = open_dialect(&self.url)?;
+        let dialect = self.open_dialect()?;
         let n = dialect.cleanup_all(self.install_timeout).await;
         dialect.close().await;
         n
@@ -397,7 +407,7 @@ impl NotifierBuilder {
         }
         self.check_install_timeout()?;
         self.check_consumer()?;
-        let dialect: Arc<dyn Dialect> = Arc::from(open_dialect(&self.url)?);
+        let dialect: Arc<dyn Dialect> = Arc::from(self.open_dialect()?);
         match self.start_with(dialect.clone()).await {
             Ok(notifier) => Ok(notifier),
             Err(e) => {
@@ -499,50 +509,6 @@ impl NotifierBuilder {
                 blocking: Mutex::new(Vec::new()),
             }),
         })
-    }
-}
-
-fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
-    let scheme = url
-        .split_once("://")
-        .map(|(s, _)| s)
-        .or_else(|| url.strip_prefix("sqlite:").map(|_| "sqlite"))
-        .unwrap_or("");
-    match scheme.to_ascii_lowercase().as_str() {
-        #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(Box::new(crate::postgres::Postgres::new(url)?)),
-        #[cfg(not(feature = "postgres"))]
-        "postgres" | "postgresql" => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "this build of sqlnotify has the `postgres` feature disabled".into(),
-        }),
-        #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Box::new(crate::sqlite::Sqlite::new(url)?)),
-        #[cfg(not(feature = "sqlite"))]
-        "sqlite" => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "this build of sqlnotify has the `sqlite` feature disabled".into(),
-        }),
-        #[cfg(feature = "mysql")]
-        "mysql" | "mariadb" => Ok(Box::new(crate::mysql::Mysql::new(url)?)),
-        #[cfg(not(feature = "mysql"))]
-        "mysql" | "mariadb" => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "this build of sqlnotify has the `mysql` feature disabled".into(),
-        }),
-        // Not echoing the URL: it may carry a password.
-        "" => Err(Error::UnsupportedDatabase {
-            scheme: String::new(),
-            reason: "the URL has no scheme; use postgres://…, postgresql://…, sqlite://…, \
-                     mysql://… or mariadb://…"
-                .into(),
-        }),
-        _ => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "supported schemes are postgres://, postgresql://, sqlite://, mysql:// and \
-                     mariadb://"
-                .into(),
-        }),
     }
 }
 
@@ -840,27 +806,10 @@ impl Notifier {
                 channel: channel.name().to_string(),
                 reason,
             })?;
-        let dialect = &self.inner.dialect;
-        let limit = match dialect.payload_limit(&channel) {
-            Some(limit) if payload.len() > limit => limit,
-            _ => return dialect.notify(&channel, payload).await,
-        };
-        let too_large = || Error::PayloadTooLarge {
-            channel: channel.name().to_string(),
-            size: payload.len(),
-            limit,
-        };
-        if !event.allow_overflow {
-            return Err(too_large());
-        }
-        let reference = dialect
-            .store_overflow(channel.name().to_string(), payload.clone())
-            .await?;
-        let stub = encode_overflow_ref(&reference, &event.payload, &channel);
-        if stub.len() > limit {
-            return Err(too_large());
-        }
-        dialect.notify(&channel, stub).await
+        self.inner
+            .dialect
+            .send_custom(&channel, payload, &event.payload, event.allow_overflow)
+            .await
     }
 
     /// The pipeline's counters.

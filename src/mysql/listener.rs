@@ -72,7 +72,7 @@ struct Saving {
 #[derive(Clone)]
 struct Shared {
     opts: Opts,
-    database: &'static str,
+    database: Arc<str>,
     gap_timeout: Duration,
     query_limit: Duration,
     channels: Arc<HashSet<String>>,
@@ -201,7 +201,7 @@ async fn place(conn: &mut Conn, shared: &Shared) -> Result<()> {
     if shared.cursor().is_some() {
         return Ok(());
     }
-    let db = shared.database;
+    let db = &*shared.database;
     let saved = match &shared.consumer {
         Some(consumer) => {
             consumers::ensure(conn, db).await?;
@@ -310,7 +310,7 @@ async fn watch_journal(
                     "saving the consumer cursor",
                     consumers::save_running(
                         &mut conn,
-                        shared.database,
+                        &shared.database,
                         consumer,
                         &shared.channel_list,
                         watermark,
@@ -394,7 +394,7 @@ async fn read_all(conn: &mut Conn, shared: &Shared) -> Result<Option<u64>> {
         let rows = shared
             .within(
                 "reading the journal",
-                journal::read_page(conn, shared.database, pos, &condition, READ_BATCH),
+                journal::read_page(conn, &shared.database, pos, &condition, READ_BATCH),
             )
             .await?;
         let full = rows.len() == READ_BATCH;
@@ -565,7 +565,7 @@ impl Handler<Shutdown> for MysqlListener {
 pub(crate) struct MysqlListenerHandle {
     addr: Addr<MysqlListener>,
     opts: Opts,
-    database: &'static str,
+    database: Arc<str>,
     consumer: Option<String>,
     latest: Arc<AtomicI64>,
 }
@@ -585,12 +585,12 @@ impl ListenerHandle for MysqlListenerHandle {
         let (Some(name), true) = (self.consumer.clone(), latest >= 0) else {
             return Box::pin(async { Ok(()) });
         };
-        let (opts, database) = (self.opts.clone(), self.database);
+        let (opts, database) = (self.opts.clone(), self.database.clone());
         Box::pin(async move {
             let mut conn = Conn::new(opts)
                 .await
                 .map_err(db_err("connecting to save the consumer cursor"))?;
-            let saved = consumers::save(&mut conn, database, &name, latest)
+            let saved = consumers::save(&mut conn, &database, &name, latest)
                 .await
                 .map(|_| ());
             let _ = conn.disconnect().await;
@@ -602,7 +602,7 @@ impl ListenerHandle for MysqlListenerHandle {
 /// Starts a supervised MySQL listener; resolves once its cursor is placed.
 pub(crate) async fn start(
     opts: Opts,
-    database: &'static str,
+    database: Arc<str>,
     gap_timeout: Duration,
     params: ListenParams,
     wake: Arc<Notify>,
@@ -616,7 +616,7 @@ pub(crate) async fn start(
     let consumer_name = params.consumer.as_ref().map(|c| c.name.clone());
     let shared = Shared {
         opts: opts.clone(),
-        database,
+        database: database.clone(),
         gap_timeout,
         query_limit: params.health_check.max(MIN_QUERY_LIMIT),
         channels: Arc::new(channel_list.iter().cloned().collect()),

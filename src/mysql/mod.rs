@@ -39,13 +39,13 @@ mod ddl;
 mod journal;
 mod listener;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
+use serde_json::Value;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
 use self::ddl::Kinds;
@@ -138,22 +138,6 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
     })
 }
 
-/// `name` as a `&'static str`, leaked once per distinct name for the life of the process
-/// ([`Dialect::default_schema`] returns one; database names are few).
-fn intern(name: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(name) = names.get(name) {
-        return name;
-    }
-    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
-    names.insert(leaked);
-    leaked
-}
-
 /// The dialect's own connection (catalog, install, notify, retention), opened on first use
 /// and reopened after a failure.
 struct Control {
@@ -222,7 +206,7 @@ impl Control {
 /// MySQL / MariaDB behind the [`Dialect`] interface.
 pub(crate) struct Mysql {
     opts: Opts,
-    database: &'static str,
+    database: Arc<str>,
     gap_timeout: Duration,
     control: Arc<Control>,
     /// Column kinds of the tables described, for generating triggers.
@@ -240,7 +224,7 @@ impl Mysql {
                 conn: Arc::new(tokio::sync::Mutex::new(None)),
             }),
             opts: target.opts,
-            database: intern(&target.database),
+            database: Arc::from(target.database),
             gap_timeout: target.gap_timeout,
             kinds: Arc::new(Mutex::new(Kinds::new())),
             wake: Arc::new(Notify::new()),
@@ -257,8 +241,8 @@ impl Dialect for Mysql {
         "mysql"
     }
 
-    fn default_schema(&self) -> &'static str {
-        self.database
+    fn default_schema(&self) -> String {
+        self.database.to_string()
     }
 
     fn describe_tables(
@@ -287,18 +271,18 @@ impl Dialect for Mysql {
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
     ) -> BoxFuture<'static, Result<()>> {
-        let (database, kinds) = (self.database, self.kinds());
+        let (database, kinds) = (self.database.clone(), self.kinds());
         self.control.run(move |conn| {
             Box::pin(
-                async move { catalog::install(conn, database, &watches, &kinds, options).await },
+                async move { catalog::install(conn, &database, &watches, &kinds, options).await },
             )
         })
     }
 
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
-        let mut sql = ddl::install_script(watches, self.database, &self.kinds());
+        let mut sql = ddl::install_script(watches, &self.database, &self.kinds());
         if let Some(account) = grant_to {
-            sql.push_str(&ddl::grant_sql(watches, self.database, account)?);
+            sql.push_str(&ddl::grant_sql(watches, &self.database, account)?);
         }
         Ok(sql)
     }
@@ -308,16 +292,16 @@ impl Dialect for Mysql {
         channels: Vec<String>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<()>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { catalog::uninstall(conn, database, &channels, timeout).await })
+            Box::pin(async move { catalog::uninstall(conn, &database, &channels, timeout).await })
         })
     }
 
     fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { catalog::cleanup_all(conn, database, timeout).await })
+            Box::pin(async move { catalog::cleanup_all(conn, &database, timeout).await })
         })
     }
 
@@ -326,22 +310,26 @@ impl Dialect for Mysql {
         let gap_timeout = params.gap_timeout.unwrap_or(self.gap_timeout);
         Box::pin(listener::start(
             self.opts.clone(),
-            self.database,
+            self.database.clone(),
             gap_timeout,
             params,
             self.wake.clone(),
         ))
     }
 
-    fn payload_limit(&self, _channel: &Channel) -> Option<usize> {
-        None
-    }
-
-    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
-        let (database, wake) = (self.database, self.wake.clone());
+    /// A journal row, like a trigger's: MySQL journal rows have no payload limit, so nothing
+    /// overflows.
+    fn send_custom(
+        &self,
+        channel: &Channel,
+        payload: String,
+        _value: &Value,
+        _allow_overflow: bool,
+    ) -> BoxFuture<'static, Result<()>> {
+        let (database, wake) = (self.database.clone(), self.wake.clone());
         let channel = channel.name.clone();
         let appended = self.control.run(move |conn| {
-            Box::pin(async move { journal::append(conn, database, &channel, &payload).await })
+            Box::pin(async move { journal::append(conn, &database, &channel, &payload).await })
         });
         Box::pin(async move {
             appended.await?;
@@ -351,23 +339,10 @@ impl Dialect for Mysql {
         })
     }
 
-    fn store_overflow(
-        &self,
-        channel: String,
-        _payload: String,
-    ) -> BoxFuture<'static, Result<String>> {
-        Box::pin(async move {
-            Err(Error::InvalidPayload {
-                channel,
-                reason: "MySQL journal rows have no payload limit and no overflow table".into(),
-            })
-        })
-    }
-
     fn overflow_store(&self) -> Arc<dyn OverflowStore> {
         Arc::new(JournalStore {
             control: self.control.clone(),
-            database: self.database,
+            database: self.database.clone(),
         })
     }
 
@@ -376,22 +351,22 @@ impl Dialect for Mysql {
     }
 
     fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control
-            .run(move |conn| Box::pin(async move { consumers::list(conn, database).await }))
+            .run(move |conn| Box::pin(async move { consumers::list(conn, &database).await }))
     }
 
     fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { consumers::drop_consumer(conn, database, &name).await })
+            Box::pin(async move { consumers::drop_consumer(conn, &database, &name).await })
         })
     }
 
     fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { consumers::backlog(conn, database, &name).await })
+            Box::pin(async move { consumers::backlog(conn, &database, &name).await })
         })
     }
 }
@@ -400,14 +375,14 @@ impl Dialect for Mysql {
 /// periodic purge trims the journal.
 struct JournalStore {
     control: Arc<Control>,
-    database: &'static str,
+    database: Arc<str>,
 }
 
 impl OverflowStore for JournalStore {
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { consumers::purge(conn, database, retention).await })
+            Box::pin(async move { consumers::purge(conn, &database, retention).await })
         })
     }
 }
@@ -447,12 +422,5 @@ mod tests {
             assert!(matches!(e, Error::InvalidUrl { .. }), "{bad}: {e:?}");
             assert!(!e.to_string().contains("secret"), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn database_names_are_interned_once() {
-        let a = intern("sqlnotify_intern_test");
-        let b = intern(&String::from("sqlnotify_intern_test"));
-        assert!(std::ptr::eq(a, b));
     }
 }

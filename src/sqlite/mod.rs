@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags};
+use serde_json::Value;
 
 use self::listener::Wake;
 use crate::consumer::ConsumerInfo;
@@ -133,8 +134,8 @@ impl Dialect for Sqlite {
         "sqlite"
     }
 
-    fn default_schema(&self) -> &'static str {
-        "main"
+    fn default_schema(&self) -> String {
+        "main".to_string()
     }
 
     fn describe_tables(
@@ -189,11 +190,14 @@ impl Dialect for Sqlite {
         ))
     }
 
-    fn payload_limit(&self, _channel: &Channel) -> Option<usize> {
-        None
-    }
-
-    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
+    /// A journal row, like a trigger's: SQLite has no payload limit, so nothing overflows.
+    fn send_custom(
+        &self,
+        channel: &Channel,
+        payload: String,
+        _value: &Value,
+        _allow_overflow: bool,
+    ) -> BoxFuture<'static, Result<()>> {
         let wake = self.wake.0.clone();
         let channel = channel.name.clone();
         let appended = self.blocking(move |conn| journal::append(conn, &channel, &payload));
@@ -202,19 +206,6 @@ impl Dialect for Sqlite {
             // Our own write: tell the watcher now instead of waiting for its next check.
             let _ = wake.send(Wake::Now);
             Ok(())
-        })
-    }
-
-    fn store_overflow(
-        &self,
-        channel: String,
-        _payload: String,
-    ) -> BoxFuture<'static, Result<String>> {
-        Box::pin(async move {
-            Err(Error::InvalidPayload {
-                channel,
-                reason: "SQLite has no payload limit and no overflow table".into(),
-            })
         })
     }
 
