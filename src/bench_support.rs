@@ -163,6 +163,7 @@ fn describe(watch: &Watch) -> TableInfo {
             name: name.clone(),
             pk_position: Some(i),
             has_equality: true,
+            data_type: String::new(),
         })
         .collect();
     let others: BTreeSet<&String> = watch
@@ -175,6 +176,7 @@ fn describe(watch: &Watch) -> TableInfo {
         name: name.clone(),
         pk_position: None,
         has_equality: true,
+        data_type: String::new(),
     }));
     TableInfo {
         schema: watch.schema_name().to_string(),

@@ -7,7 +7,7 @@
 //! rejects duplicate channels and reused labels across all watches of a notifier. Nothing is
 //! installed until every watch has passed all three.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
 use crate::event::Channel;
@@ -249,6 +249,10 @@ pub struct ColumnInfo {
     /// Whether the column's type has an equality operator (PostgreSQL's `json` has none, so it
     /// is compared as text in `trigger_columns` checks).
     pub has_equality: bool,
+    /// The column's type as the catalog names it (PostgreSQL's `format_type`, SQLite's
+    /// declared type, MySQL's `DATA_TYPE`); MySQL's triggers convert some types' values for
+    /// the payload. Empty when unknown.
+    pub data_type: String,
 }
 
 /// A watched table as read from the catalog.
@@ -286,6 +290,8 @@ pub struct ResolvedWatch {
     pub channel: Channel,
     /// UPDATE-only change columns, with whether their type has an equality operator.
     pub trigger_columns: Vec<(String, bool)>,
+    /// The catalog type ([`ColumnInfo::data_type`]) of every column the payload carries.
+    pub data_types: BTreeMap<String, String>,
     /// Whether oversized rows go to the overflow table.
     pub use_overflow_table: bool,
     /// How events travel.
@@ -393,6 +399,11 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             });
         }
     }
+    let data_types = key_columns
+        .iter()
+        .chain(&extra_columns)
+        .filter_map(|name| Some((name.clone(), table.column(name)?.data_type.clone())))
+        .collect();
     Ok(ResolvedWatch {
         channel: Channel {
             name: watch.channel_name(),
@@ -406,6 +417,7 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             signed: false,
         },
         trigger_columns,
+        data_types,
         use_overflow_table: watch.use_overflow_table,
         tier: watch.tier,
         capture: watch.capture,
@@ -463,6 +475,7 @@ mod tests {
             name: name.into(),
             pk_position: pk,
             has_equality: eq,
+            data_type: "text".into(),
         };
         TableInfo {
             schema: "public".into(),

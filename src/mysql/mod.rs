@@ -39,7 +39,7 @@ mod ddl;
 mod journal;
 mod listener;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -48,7 +48,6 @@ use mysql_async::{Conn, Opts};
 use serde_json::Value;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
-use self::ddl::Kinds;
 use crate::consumer::ConsumerInfo;
 use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
@@ -209,8 +208,6 @@ pub(crate) struct Mysql {
     database: Arc<str>,
     gap_timeout: Duration,
     control: Arc<Control>,
-    /// Column kinds of the tables described, for generating triggers.
-    kinds: Arc<Mutex<Kinds>>,
     /// Wakes this notifier's listener after its own writes.
     wake: Arc<Notify>,
 }
@@ -226,13 +223,8 @@ impl Mysql {
             opts: target.opts,
             database: Arc::from(target.database),
             gap_timeout: target.gap_timeout,
-            kinds: Arc::new(Mutex::new(Kinds::new())),
             wake: Arc::new(Notify::new()),
         })
-    }
-
-    fn kinds(&self) -> Kinds {
-        self.kinds.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -249,17 +241,11 @@ impl Dialect for Mysql {
         &self,
         tables: Vec<(String, String)>,
     ) -> BoxFuture<'static, Result<Vec<TableInfo>>> {
-        let kinds = self.kinds.clone();
         self.control.run(move |conn| {
             Box::pin(async move {
                 let mut out = Vec::with_capacity(tables.len());
                 for (schema, table) in &tables {
-                    let (info, columns) = catalog::describe_table(conn, schema, table).await?;
-                    kinds
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert((schema.clone(), table.clone()), columns);
-                    out.push(info);
+                    out.push(catalog::describe_table(conn, schema, table).await?);
                 }
                 Ok(out)
             })
@@ -271,16 +257,14 @@ impl Dialect for Mysql {
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
     ) -> BoxFuture<'static, Result<()>> {
-        let (database, kinds) = (self.database.clone(), self.kinds());
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(
-                async move { catalog::install(conn, &database, &watches, &kinds, options).await },
-            )
+            Box::pin(async move { catalog::install(conn, &database, &watches, options).await })
         })
     }
 
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
-        let mut sql = ddl::install_script(watches, &self.database, &self.kinds());
+        let mut sql = ddl::install_script(watches, &self.database);
         if let Some(account) = grant_to {
             sql.push_str(&ddl::grant_sql(watches, &self.database, account)?);
         }

@@ -32,7 +32,8 @@ pub(crate) async fn describe_table(
                (SELECT pg_catalog.array_position(i.indkey::int2[], a.attnum) - pg_catalog.array_lower(i.indkey::int2[], 1)
                   FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS pk_pos,
                EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
-                        WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) AS has_eq
+                        WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) AS has_eq,
+               pg_catalog.format_type(a.atttypid, a.atttypmod)
           FROM pg_catalog.pg_class c
           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
           JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -69,6 +70,7 @@ pub(crate) async fn describe_table(
             name: r.get(0),
             pk_position: r.get::<_, Option<i32>>(1).map(|p| p as usize),
             has_equality: r.get(2),
+            data_type: r.get(3),
         })
         .collect();
     Ok(TableInfo {

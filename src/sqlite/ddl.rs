@@ -150,6 +150,7 @@ mod tests {
                 signed: false,
             },
             trigger_columns: vec![],
+            data_types: Default::default(),
             use_overflow_table: true,
             tier: crate::tier::Tier::Notify,
             capture: crate::tier::Capture::Row,
