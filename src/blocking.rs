@@ -48,9 +48,10 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::builder::NotifierBuilder;
+use crate::custom::CustomEvent;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel};
-use crate::notifier::{CustomEvent, NotifierBuilder};
 use crate::operation::Operation;
 use crate::stats::Stats;
 use crate::status::StatusEvent;

@@ -120,7 +120,9 @@ mod backoff;
 #[cfg(feature = "bench")]
 pub mod bench_support;
 pub mod blocking;
+mod builder;
 mod consumer;
+mod custom;
 mod decoder;
 mod dialect;
 mod error;
@@ -155,11 +157,13 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+pub use crate::builder::NotifierBuilder;
 pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
+pub use crate::custom::CustomEvent;
 pub use crate::error::{Error, Result};
 pub use crate::event::{ChangeEvent, Channel, Key, RawNotification};
 pub use crate::filter::Filter;
-pub use crate::notifier::{CustomEvent, Notifier, NotifierBuilder};
+pub use crate::notifier::Notifier;
 pub use crate::operation::Operation;
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
