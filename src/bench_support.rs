@@ -24,10 +24,11 @@ use crate::event::{ChangeEvent, Channels, RawNotification};
 use crate::overflow::OverflowStore;
 use crate::pipeline::PipelineOptions;
 use crate::registry::{Registry, Subscribe, LAG_INTERVAL};
+use crate::resolve::{resolve, ColumnInfo, TableInfo};
 use crate::stats::Stats;
 use crate::subscriber::{FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
-use crate::watch::{check_set, resolve, ColumnInfo, TableInfo, Watch};
+use crate::watch::{check_set, Watch};
 
 /// Schema assumed for watches named without one.
 const SCHEMA: &str = "public";

@@ -22,9 +22,10 @@ use crate::event::{ChangeEvent, Channels};
 use crate::notifier::{Notifier, Started};
 use crate::pipeline::{Pipeline, PipelineOptions, DEFAULT_MAX_IN_FLIGHT, MIN_IN_FLIGHT};
 use crate::registry::{StatusSink, Subscribe, SubscribeStatus};
+use crate::resolve::{resolve, ResolvedWatch};
 use crate::status::StatusEvent;
 use crate::subscription::Subscription;
-use crate::watch::{check_set, resolve, ResolvedWatch, Watch};
+use crate::watch::{check_set, Watch};
 
 /// Configures and starts a [`Notifier`]. Made by [`Notifier::builder`].
 ///
@@ -536,3 +537,12 @@ impl NotifierBuilder {
 
 /// Default backlog (journal rows) past which a named consumer's backlog is logged.
 const DEFAULT_BACKLOG_WARNING: u64 = 10_000;
+
+impl Notifier {
+    /// Starts configuring a notifier for the database at `url` (`postgres://…`,
+    /// `postgresql://…`, `sqlite://…`, `mysql://…` or `mariadb://…`). The scheme picks the
+    /// dialect; it is checked by `start()`.
+    pub fn builder(url: impl Into<String>) -> NotifierBuilder {
+        NotifierBuilder::new(url.into())
+    }
+}

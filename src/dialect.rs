@@ -21,10 +21,10 @@ use crate::decoder::RawBatch;
 use crate::error::Result;
 use crate::event::Channel;
 use crate::overflow::OverflowStore;
+use crate::resolve::{ResolvedWatch, TableInfo};
 use crate::stats::Counters;
 use crate::status::StatusEvent;
 use crate::tier::Tier;
-use crate::watch::{ResolvedWatch, TableInfo};
 use tokio::sync::Semaphore;
 
 /// How `start()` treats existing database objects.

@@ -137,6 +137,7 @@ mod payload;
 mod pipeline;
 mod redact;
 mod registry;
+mod resolve;
 mod sql;
 mod stats;
 mod status;

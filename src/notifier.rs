@@ -1,5 +1,6 @@
 //! [`Notifier`], the handle on a running pipeline: subscribe, notify, stats, stop. A notifier
-//! is configured and started by [`NotifierBuilder`](crate::NotifierBuilder).
+//! is configured and started by [`NotifierBuilder`](crate::NotifierBuilder) (`Notifier::builder`
+//! is defined in `builder.rs`, so that this module does not import the builder).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,7 +9,6 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot::error::TryRecvError;
 
-use crate::builder::NotifierBuilder;
 use crate::consumer::{BacklogWatch, ConsumerInfo};
 use crate::custom::CustomEvent;
 use crate::dialect::{Dialect, ListenerHandle};
@@ -89,13 +89,6 @@ impl Notifier {
                 blocking: Mutex::new(Vec::new()),
             }),
         }
-    }
-
-    /// Starts configuring a notifier for the database at `url` (`postgres://…`,
-    /// `postgresql://…`, `sqlite://…`, `mysql://…` or `mariadb://…`). The scheme picks the
-    /// dialect; it is checked by `start()`.
-    pub fn builder(url: impl Into<String>) -> NotifierBuilder {
-        NotifierBuilder::new(url.into())
     }
 
     /// `"postgresql"`, `"sqlite"` or `"mysql"`.

@@ -35,7 +35,7 @@ use super::ddl::{self, qualified, CATALOG, INSTALL_LOCK, TRIGGER_SQL_MODE};
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
-use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+use crate::resolve::{ColumnInfo, ResolvedWatch, TableInfo};
 
 /// Wraps a driver error with what sqlnotify was doing.
 pub(crate) fn db_err(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {

@@ -36,7 +36,7 @@
 use std::collections::BTreeMap;
 
 use crate::payload::META_KEY;
-use crate::watch::ResolvedWatch;
+use crate::resolve::ResolvedWatch;
 
 /// Named lock serialising installs across processes (`GET_LOCK`, session-scoped).
 pub(crate) const INSTALL_LOCK: &str = "sqlnotify_install";

@@ -53,7 +53,7 @@ use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::overflow::OverflowStore;
-use crate::watch::{ResolvedWatch, TableInfo};
+use crate::resolve::{ResolvedWatch, TableInfo};
 
 /// Default time a journal id may stay missing before it is treated as rolled back.
 const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_secs(10);

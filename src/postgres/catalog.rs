@@ -16,9 +16,9 @@ use super::ddl;
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
+use crate::resolve::{ColumnInfo, ResolvedWatch, TableInfo};
 use crate::sql::quote_ident;
 use crate::tier::{Capture, Tier};
-use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
 
 /// Reads one table's columns, primary-key positions and equality support.
 pub(crate) async fn describe_table(

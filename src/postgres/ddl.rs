@@ -7,9 +7,9 @@
 
 use super::signing::{self, SIGNATURE_LEN};
 use crate::payload::{META_KEY, NOTIFY_PAYLOAD_LIMIT};
+use crate::resolve::ResolvedWatch;
 use crate::sql::{quote_ident, quote_literal};
 use crate::tier::{Capture, Tier, STATEMENT_CHUNK_ROWS};
-use crate::watch::ResolvedWatch;
 
 /// Schema holding every sqlnotify object except the triggers themselves.
 pub(crate) const SCHEMA: &str = "sqlnotify";

@@ -26,8 +26,8 @@ use crate::dialect::{Dialect, DialectOptions, InstallOptions, ListenParams, List
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::overflow::OverflowStore;
+use crate::resolve::{ResolvedWatch, TableInfo};
 use crate::tier::{Capture, Tier};
-use crate::watch::{ResolvedWatch, TableInfo};
 
 /// PostgreSQL behind the [`Dialect`] interface.
 pub(crate) struct Postgres {

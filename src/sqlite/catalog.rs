@@ -15,7 +15,7 @@ use super::{ddl, BUSY_TIMEOUT};
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait};
-use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+use crate::resolve::{ColumnInfo, ResolvedWatch, TableInfo};
 
 pub(crate) fn db_err(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error {
     let context = context.into();

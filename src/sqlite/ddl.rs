@@ -9,8 +9,8 @@
 //! Infinite REALs are sent as the strings `"Infinity"` / `"-Infinity"` (as PostgreSQL does):
 //! SQLite's JSON writes them as `9.0e+999`, which JSON parsers reject, and the event was lost.
 
+use crate::resolve::ResolvedWatch;
 use crate::sql::{quote_ident, quote_sqlite_literal};
-use crate::watch::ResolvedWatch;
 
 /// Current time as fractional Unix seconds, in SQL every SQLite version understands.
 pub(crate) const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";

@@ -30,7 +30,7 @@ use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::overflow::OverflowStore;
-use crate::watch::{ResolvedWatch, TableInfo};
+use crate::resolve::{ResolvedWatch, TableInfo};
 
 /// How long a sqlnotify connection waits for a lock before giving up.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
