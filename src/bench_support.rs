@@ -18,26 +18,25 @@ use actix::prelude::*;
 use futures_util::future::BoxFuture;
 use tokio::sync::Semaphore;
 
-use crate::decoder::{Decoder, RawBatch, Retention};
-use crate::dialect::OverflowStore;
+use crate::decoder::{RawBatch, Retention};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels, RawNotification};
-use crate::registry::{Registry, Shutdown, Subscribe};
-use crate::stats::{Counters, Stats};
-use crate::subscriber::{Flush, FnSubscriber, Sink};
+use crate::overflow::OverflowStore;
+use crate::pipeline::PipelineOptions;
+use crate::registry::{Registry, Subscribe, LAG_INTERVAL};
+use crate::resolve::{resolve, ColumnInfo, TableInfo};
+use crate::stats::Stats;
+use crate::subscriber::{FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
-use crate::watch::{check_set, resolve, ColumnInfo, TableInfo, Watch};
+use crate::watch::{check_set, Watch};
 
 /// Schema assumed for watches named without one.
 const SCHEMA: &str = "public";
 
 /// A running decoder + registry pipeline fed by hand instead of by a listener.
 pub struct Pipeline {
-    decoder: Addr<Decoder>,
-    registry: Addr<Registry>,
-    budget: Arc<Semaphore>,
+    pipeline: crate::pipeline::Pipeline,
     max_in_flight: usize,
-    stats: Arc<Counters>,
 }
 
 impl Pipeline {
@@ -56,39 +55,25 @@ impl Pipeline {
             .iter()
             .map(|w| resolve(w, &describe(w)))
             .collect::<Result<Vec<_>>>()?;
-        let channels = Arc::new(Channels::new(
-            resolved.into_iter().map(|w| w.channel),
-            SCHEMA,
-        ));
-        let stats = Arc::new(Counters::default());
+        let channels = Channels::new(resolved.into_iter().map(|w| w.channel), SCHEMA);
         let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
-        let budget = Arc::new(Semaphore::new(max_in_flight));
-        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone()).start();
-        let retention = Retention {
-            keep: Duration::from_secs(3600),
-            every: Duration::from_secs(3600),
-        };
-        let decoder = Decoder::new(
-            channels,
-            Arc::new(NoOverflow),
-            registry.clone(),
-            stats.clone(),
-            retention,
-            budget.clone(),
-        )
-        .start();
-        Ok(Pipeline {
-            decoder,
-            registry,
-            budget,
+        let options = PipelineOptions {
             max_in_flight,
-            stats,
+            lag_interval: LAG_INTERVAL,
+            retention: Retention {
+                keep: Duration::from_secs(3600),
+                every: Duration::from_secs(3600),
+            },
+        };
+        Ok(Pipeline {
+            pipeline: crate::pipeline::Pipeline::start(channels, Arc::new(NoOverflow), options),
+            max_in_flight,
         })
     }
 
     /// The registry, for [`Subscribe`] messages with your own actors.
     pub fn registry(&self) -> Addr<Registry> {
-        self.registry.clone()
+        self.pipeline.registry.clone()
     }
 
     /// Like [`Notifier::subscribe`](crate::Notifier::subscribe).
@@ -97,7 +82,8 @@ impl Pipeline {
         subscription: Subscription,
         recipient: Recipient<ChangeEvent>,
     ) -> Result<SubscriptionId> {
-        self.registry
+        self.pipeline
+            .registry
             .send(Subscribe::new(subscription, recipient))
             .await?
     }
@@ -108,8 +94,9 @@ impl Pipeline {
     where
         F: FnMut(ChangeEvent) + 'static,
     {
-        let actor = FnSubscriber::new(f, self.stats.clone()).start();
-        self.registry
+        let actor = FnSubscriber::new(f, self.pipeline.stats.clone()).start();
+        self.pipeline
+            .registry
             .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
             .await?
     }
@@ -131,34 +118,35 @@ impl Pipeline {
             self.max_in_flight
         );
         let n = batch.len() as u32;
-        self.budget
+        self.pipeline
+            .budget
             .acquire_many(n)
             .await
             .map_err(|_| Error::NotRunning)?
             .forget();
-        self.stats
+        self.pipeline
+            .stats
             .forwarded
             .fetch_add(u64::from(n), Ordering::Relaxed);
-        self.decoder.do_send(RawBatch(batch));
+        self.pipeline.decoder.do_send(RawBatch(batch));
         Ok(())
     }
 
     /// Resolves once everything sent before has been routed and closure subscribers have run
     /// it (what `stop()` waits for).
     pub async fn flush(&self) {
-        let _ = self.decoder.send(Flush).await;
+        self.pipeline.flush().await;
     }
 
     /// The pipeline's counters.
     pub fn stats(&self) -> Stats {
-        self.stats.snapshot()
+        self.pipeline.stats.snapshot()
     }
 
     /// Flushes, then stops the actors.
     pub async fn stop(self) {
         self.flush().await;
-        self.decoder.do_send(Shutdown);
-        self.registry.do_send(Shutdown);
+        self.pipeline.shutdown();
     }
 }
 
@@ -176,6 +164,7 @@ fn describe(watch: &Watch) -> TableInfo {
             name: name.clone(),
             pk_position: Some(i),
             has_equality: true,
+            data_type: String::new(),
         })
         .collect();
     let others: BTreeSet<&String> = watch
@@ -188,6 +177,7 @@ fn describe(watch: &Watch) -> TableInfo {
         name: name.clone(),
         pk_position: None,
         has_equality: true,
+        data_type: String::new(),
     }));
     TableInfo {
         schema: watch.schema_name().to_string(),
@@ -200,14 +190,6 @@ fn describe(watch: &Watch) -> TableInfo {
 struct NoOverflow;
 
 impl OverflowStore for NoOverflow {
-    fn fetch(
-        &self,
-        _channel: String,
-        _reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>> {
-        Box::pin(async { Ok(None) })
-    }
-
     fn purge(&self, _retention: Duration) -> BoxFuture<'static, Result<u64>> {
         Box::pin(async { Ok(0) })
     }

@@ -48,9 +48,11 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::builder::NotifierBuilder;
+use crate::custom::CustomEvent;
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Channel, Operation};
-use crate::notifier::{CustomEvent, NotifierBuilder};
+use crate::event::{ChangeEvent, Channel};
+use crate::operation::Operation;
 use crate::stats::Stats;
 use crate::status::StatusEvent;
 use crate::subscription::{Subscription, SubscriptionId};

@@ -18,13 +18,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::Semaphore;
 
-use crate::dialect::OverflowStore;
 use crate::event::{ChangeEvent, Channel, Channels, RawNotification};
+use crate::lifecycle::{Flush, Shutdown};
+use crate::overflow::OverflowStore;
 use crate::payload::{decode, decode_rows, Decoded};
 use crate::registry::{Registry, Route};
 use crate::stats::Counters;
 use crate::status::StatusEvent;
-use crate::subscriber::Flush;
 
 /// Overflow retention: how long overflow rows are kept, and how often old ones are deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,10 +282,10 @@ impl Handler<Flush> for Decoder {
     }
 }
 
-impl Handler<crate::registry::Shutdown> for Decoder {
+impl Handler<Shutdown> for Decoder {
     type Result = ();
 
-    fn handle(&mut self, _: crate::registry::Shutdown, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         ctx.stop();
     }
 }

@@ -10,17 +10,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Recipient;
 use futures_util::future::BoxFuture;
+use serde_json::Value;
 
-use crate::consumer::{ConsumerInfo, ConsumerParams};
-use crate::decoder::RawBatch;
+pub(crate) mod open;
+
+use crate::consumer::ConsumerInfo;
 use crate::error::Result;
 use crate::event::Channel;
-use crate::stats::Counters;
-use crate::status::StatusEvent;
-use crate::watch::{ResolvedWatch, TableInfo, Tier};
-use tokio::sync::Semaphore;
+use crate::listener::{ListenParams, ListenerHandle};
+use crate::overflow::OverflowStore;
+use crate::resolve::{ResolvedWatch, TableInfo};
 
 /// How `start()` treats existing database objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,67 +35,31 @@ pub(crate) struct InstallOptions {
     pub timeout: Duration,
 }
 
-/// Reads (and expires) rows of the overflow table.
-pub(crate) trait OverflowStore: Send + Sync + 'static {
-    /// The payload stored under `reference` for `channel`, or `None` if there is none: a
-    /// reference resolves only the row written for the channel it arrived on.
-    fn fetch(
-        &self,
-        channel: String,
-        reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>>;
-    /// Deletes overflow rows older than `retention`; returns how many.
-    fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>>;
-}
-
-/// What a listener is asked to listen to, and where its notifications go.
-pub(crate) struct ListenParams {
-    /// The channels to listen on, with the tier each uses.
-    pub channels: Vec<(String, Tier)>,
-    /// A named consumer registers and resumes from its persisted position (journal-based
-    /// dialects).
-    pub consumer: Option<ConsumerParams>,
-    /// Channels whose payloads carry a signature to verify (PostgreSQL's notify tier with
-    /// signing on); anything on them that does not verify is dropped and counted.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub signed: std::collections::HashSet<String>,
-    /// Where notifications go.
-    pub decoder: Recipient<RawBatch>,
-    /// Counters (also: whether a subscriber exists, and how far routing got).
-    pub stats: Arc<Counters>,
-    /// Where status messages go (the decoder, so they stay in order with events).
-    pub status: Recipient<StatusEvent>,
-    /// In-flight budget: acquire one unit per notification before passing it on.
-    pub budget: Arc<Semaphore>,
-    /// How often the listener checks that its connection is alive.
-    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
-    pub health_check: Duration,
-    /// How long a missing journal id is waited for before it counts as rolled back, when
-    /// set on the builder (`None`: the dialect's own default). Only the MySQL journal has
-    /// such gaps; other dialects ignore it.
-    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+/// Builder settings that only some dialects act on, given when a dialect is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DialectOptions {
+    /// Sign notify-tier payloads, where any client may send notifications (PostgreSQL).
+    pub sign_notifications: bool,
+    /// How long a missing journal id is waited for before it counts as rolled back, when set
+    /// on the builder (`None`: the URL's or the dialect's default). Only MySQL's journal has
+    /// such gaps.
     pub gap_timeout: Option<Duration>,
-}
-
-/// A running listener, as the notifier holds it.
-pub(crate) trait ListenerHandle: Send {
-    /// Stops reading; resolves after everything already read was passed to the decoder.
-    fn shutdown(&mut self) -> BoxFuture<'static, ()>;
-    /// Called once the pipeline is flushed: saves what must survive (a consumer's cursor).
-    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
 }
 
 /// One database family.
 pub(crate) trait Dialect: Send + Sync + 'static {
-    /// `"postgresql"`, `"sqlite"`.
+    /// `"postgresql"`, `"sqlite"`, `"mysql"`.
     fn name(&self) -> &'static str;
-    /// Schema of tables named without one: `public`, `main`.
-    fn default_schema(&self) -> &'static str;
+    /// Schema of tables named without one: `public`, `main`, the URL's database.
+    fn default_schema(&self) -> String;
     /// Reads each `(schema, table)` from the catalog, failing on the first unknown one.
     fn describe_tables(
         &self,
         tables: Vec<(String, String)>,
     ) -> BoxFuture<'static, Result<Vec<TableInfo>>>;
+    /// Completes a watch just resolved against its table with what only the dialect decides
+    /// (PostgreSQL: whether its channel's payloads are signed).
+    fn finish_watch(&self, _watch: &mut ResolvedWatch) {}
     /// Dialect-specific checks of resolved watches, before anything is installed or an
     /// install script is produced (PostgreSQL: where statement capture cannot work).
     fn check_watches(&self, _watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
@@ -118,20 +82,18 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>>;
     /// Starts a listener; resolves once it is listening.
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
-    /// Whether notify-tier payloads can be signed (PostgreSQL: anyone may NOTIFY).
-    fn signs_notifications(&self) -> bool {
-        false
-    }
-    /// Largest payload a notification on `channel` can carry, if the dialect has a limit.
-    fn payload_limit(&self, channel: &Channel) -> Option<usize>;
-    /// Sends `payload` on `channel` (on a connection other than the listener's).
-    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>>;
-    /// Stores an oversized payload; returns its reference.
-    fn store_overflow(
+    /// Sends a custom event on `channel` (on a connection other than the listener's) the way
+    /// the channel's trigger would, so listeners treat it like a trigger's event. `payload` is
+    /// `value` checked and rendered. Where the channel limits payload sizes (PostgreSQL's
+    /// notify tier), a larger payload goes to the overflow table when `allow_overflow`, and
+    /// otherwise fails with `Error::PayloadTooLarge`.
+    fn send_custom(
         &self,
-        channel: String,
+        channel: &Channel,
         payload: String,
-    ) -> BoxFuture<'static, Result<String>>;
+        value: &Value,
+        allow_overflow: bool,
+    ) -> BoxFuture<'static, Result<()>>;
     /// The overflow table reader, for the decoder.
     fn overflow_store(&self) -> Arc<dyn OverflowStore>;
     /// Closes the dialect's connections.

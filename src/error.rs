@@ -4,8 +4,9 @@
 //! channel, label), so a failed `start()` can be fixed from the message alone.
 
 use std::fmt;
+use std::str::FromStr;
 
-use crate::event::Operation;
+use crate::operation::Operation;
 
 /// A `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -379,6 +380,25 @@ impl std::error::Error for Error {
         match self {
             Error::Database { source, .. } => Some(&**source),
             _ => None,
+        }
+    }
+}
+
+/// Operation names, as the CLI and configuration give them. Here rather than in
+/// `operation.rs`, so that `Operation` stays a leaf the error type can name.
+impl FromStr for Operation {
+    type Err = Error;
+
+    /// Parses `insert`, `update` or `delete`, in any case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "insert" => Ok(Operation::Insert),
+            "update" => Ok(Operation::Update),
+            "delete" => Ok(Operation::Delete),
+            _ => Err(Error::InvalidIdentifier {
+                identifier: s.to_string(),
+                reason: "not an operation (expected insert, update or delete)",
+            }),
         }
     }
 }

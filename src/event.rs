@@ -1,9 +1,8 @@
 //! The values that flow through the pipeline: [`RawNotification`] (what a listener read, before
-//! decoding), [`ChangeEvent`] (what subscribers receive), [`Operation`], the row [`Key`], and
-//! [`Channel`], the static description of one watched channel that events share.
+//! decoding), [`ChangeEvent`] (what subscribers receive), the row [`Key`], and [`Channel`], the
+//! static description of one watched channel that events share.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -11,71 +10,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-
-/// The kind of row change a watch reacts to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Operation {
-    /// A row was inserted.
-    Insert,
-    /// A row was updated.
-    Update,
-    /// A row was deleted.
-    Delete,
-}
-
-impl Operation {
-    /// All operations, in a fixed order.
-    pub const ALL: [Operation; 3] = [Operation::Insert, Operation::Update, Operation::Delete];
-
-    /// Lower-case name used in channel names: `"insert"`, `"update"`, `"delete"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Insert => "insert",
-            Operation::Update => "update",
-            Operation::Delete => "delete",
-        }
-    }
-
-    /// The trigger row variable holding the changed row: `OLD` for DELETE, else `NEW`.
-    pub(crate) fn row_variable(self) -> &'static str {
-        match self {
-            Operation::Delete => "OLD",
-            Operation::Insert | Operation::Update => "NEW",
-        }
-    }
-
-    /// The SQL keyword: `INSERT`, `UPDATE` or `DELETE`.
-    pub fn sql_keyword(self) -> &'static str {
-        match self {
-            Operation::Insert => "INSERT",
-            Operation::Update => "UPDATE",
-            Operation::Delete => "DELETE",
-        }
-    }
-}
-
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.sql_keyword())
-    }
-}
-
-impl FromStr for Operation {
-    type Err = Error;
-
-    /// Parses `insert`, `update` or `delete`, in any case.
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "insert" => Ok(Operation::Insert),
-            "update" => Ok(Operation::Update),
-            "delete" => Ok(Operation::Delete),
-            _ => Err(Error::InvalidIdentifier {
-                identifier: s.to_string(),
-                reason: "not an operation (expected insert, update or delete)",
-            }),
-        }
-    }
-}
+use crate::operation::Operation;
+use crate::tier::Tier;
 
 /// A notification as a listener read it from the database, before decoding.
 ///
@@ -127,7 +63,7 @@ pub struct Channel {
     pub(crate) label: Option<String>,
     pub(crate) key_columns: Vec<String>,
     pub(crate) extra_columns: Vec<String>,
-    pub(crate) tier: crate::watch::Tier,
+    pub(crate) tier: Tier,
     /// PostgreSQL notify tier: payloads carry an HMAC the listener verifies.
     pub(crate) signed: bool,
 }
@@ -162,7 +98,7 @@ impl Channel {
         &self.extra_columns
     }
     /// How events travel on this channel.
-    pub fn tier(&self) -> crate::watch::Tier {
+    pub fn tier(&self) -> Tier {
         self.tier
     }
     /// Every column the payload carries: the key columns, then the extra columns.
@@ -392,7 +328,7 @@ mod tests {
             label: None,
             key_columns: keys.iter().map(|s| s.to_string()).collect(),
             extra_columns: extra.iter().map(|s| s.to_string()).collect(),
-            tier: crate::watch::Tier::Notify,
+            tier: Tier::Notify,
             signed: false,
         })
     }
@@ -458,13 +394,16 @@ mod tests {
 #[derive(Debug, Default)]
 pub(crate) struct Channels {
     by_name: std::collections::HashMap<String, Arc<Channel>>,
-    default_schema: &'static str,
+    default_schema: String,
 }
 
 impl Channels {
-    pub fn new(channels: impl IntoIterator<Item = Channel>, default_schema: &'static str) -> Self {
+    pub fn new(
+        channels: impl IntoIterator<Item = Channel>,
+        default_schema: impl Into<String>,
+    ) -> Self {
         Channels {
-            default_schema,
+            default_schema: default_schema.into(),
             by_name: channels
                 .into_iter()
                 .map(|c| (c.name.clone(), Arc::new(c)))
@@ -480,21 +419,9 @@ impl Channels {
         self.by_name.keys().map(String::as_str)
     }
 
-    /// Every channel with its tier.
-    pub fn tiers(&self) -> Vec<(String, crate::watch::Tier)> {
-        self.by_name
-            .values()
-            .map(|c| (c.name.clone(), c.tier))
-            .collect()
-    }
-
-    /// The channels whose payloads are signed.
-    pub fn signed(&self) -> std::collections::HashSet<String> {
-        self.by_name
-            .values()
-            .filter(|c| c.signed)
-            .map(|c| c.name.clone())
-            .collect()
+    /// Every channel.
+    pub fn list(&self) -> Vec<Channel> {
+        self.by_name.values().map(|c| (**c).clone()).collect()
     }
 
     /// The channel of the watch on `schema.table`/`operation` with this label (or none);
@@ -506,7 +433,7 @@ impl Channels {
         operation: Operation,
         label: Option<&str>,
     ) -> Result<&Arc<Channel>> {
-        let schema = schema.unwrap_or(self.default_schema);
+        let schema = schema.unwrap_or(&self.default_schema);
         self.by_name
             .values()
             .find(|c| {

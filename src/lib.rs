@@ -120,23 +120,31 @@ mod backoff;
 #[cfg(feature = "bench")]
 pub mod bench_support;
 pub mod blocking;
+mod builder;
 mod consumer;
+mod custom;
 mod decoder;
 mod dialect;
 mod error;
 mod event;
 mod filter;
+mod lifecycle;
 mod listener;
 mod lockwait;
 mod notifier;
+mod operation;
+mod overflow;
 mod payload;
+mod pipeline;
 mod redact;
 mod registry;
+mod resolve;
 mod sql;
 mod stats;
 mod status;
 mod subscriber;
 mod subscription;
+mod tier;
 mod watch;
 
 // README.md's Rust code blocks are compiled (and run, unless marked `no_run`) as doc tests.
@@ -151,14 +159,18 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+pub use crate::builder::NotifierBuilder;
 pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
+pub use crate::custom::CustomEvent;
 pub use crate::error::{Error, Result};
-pub use crate::event::{ChangeEvent, Channel, Key, Operation, RawNotification};
+pub use crate::event::{ChangeEvent, Channel, Key, RawNotification};
 pub use crate::filter::Filter;
-pub use crate::notifier::{CustomEvent, Notifier, NotifierBuilder};
+pub use crate::notifier::Notifier;
+pub use crate::operation::Operation;
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
 pub use crate::stats::Stats;
 pub use crate::status::{Status, StatusEvent};
 pub use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER};
-pub use crate::watch::{Capture, Tier, Watch, MAX_IDENTIFIER_BYTES, STATEMENT_CHUNK_ROWS};
+pub use crate::tier::{Capture, Tier, STATEMENT_CHUNK_ROWS};
+pub use crate::watch::{Watch, MAX_IDENTIFIER_BYTES};

@@ -1,619 +1,50 @@
-//! The public entry point: [`NotifierBuilder`] (URL, options, watches) and [`Notifier`], the
-//! handle to a running pipeline (subscribe, notify, stats, stop).
-//!
-//! `start()` does everything that can fail before anything runs: it checks the watches,
-//! validates them against the live schema, installs (or verifies) the triggers in one
-//! transaction, then spawns registry, decoder and listener, and returns once the listener is
-//! LISTENing — so a row committed after `start()` returns is delivered.
+//! [`Notifier`], the handle on a running pipeline: subscribe, notify, stats, stop. A notifier
+//! is configured and started by [`NotifierBuilder`](crate::NotifierBuilder) (`Notifier::builder`
+//! is defined in `builder.rs`, so that this module does not import the builder).
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot::error::TryRecvError;
-use tokio::sync::Semaphore;
 
-use crate::consumer::{watch_backlog, BacklogWatch, ConsumerInfo, ConsumerParams, MIN_EXPIRY};
-use crate::decoder::{Decoder, Retention};
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle};
+use crate::consumer::{BacklogWatch, ConsumerInfo};
+use crate::custom::CustomEvent;
+use crate::dialect::Dialect;
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Channel, Channels, Operation};
-use crate::payload::{encode_custom, encode_overflow_ref};
-use crate::registry::{Registry, Shutdown, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
-use crate::stats::{Counters, Stats};
+use crate::event::{ChangeEvent, Channel};
+use crate::listener::ListenerHandle;
+use crate::operation::Operation;
+use crate::payload::encode_custom;
+use crate::pipeline::Pipeline;
+use crate::registry::{Registry, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
+use crate::stats::Stats;
 use crate::status::StatusEvent;
-use crate::subscriber::{spawn_blocking_subscriber, Flush, FnSubscriber, Sink};
+use crate::subscriber::{spawn_blocking_subscriber, FnSubscriber, Sink};
 use crate::subscription::{Subscription, SubscriptionId};
-use crate::watch::{check_set, resolve, ResolvedWatch, Tier, Watch};
 
-/// Configures and starts a [`Notifier`]. Made by [`Notifier::builder`].
-///
-/// ```no_run
-/// use sqlnotify::{Notifier, Operation, Watch};
-///
-/// # async fn run() -> sqlnotify::Result<()> {
-/// let notifier = Notifier::builder("postgres://app@127.0.0.1/app")
-///     .watch(Watch::new("users", Operation::Insert).extra_columns(["email"]))
-///     .start()
-///     .await?;
-/// # notifier.stop().await }
-/// ```
-#[derive(Clone)]
-pub struct NotifierBuilder {
-    url: String,
-    watches: Vec<Watch>,
-    consumer: Option<String>,
-    subscriptions: Vec<(Subscription, Recipient<ChangeEvent>)>,
-    revoke_on_model_change: bool,
-    cleanup_on_start: bool,
-    cleanup_on_stop: bool,
-    manage_triggers: bool,
-    retention: Retention,
-    max_in_flight: usize,
-    health_check: Duration,
-    gap_timeout: Option<Duration>,
-    sign_notifications: bool,
-    install_timeout: Duration,
-    lag_interval: Duration,
-    consumer_expiry: Option<Duration>,
-    backlog_warning: u64,
-    status_subscribers: Vec<Recipient<StatusEvent>>,
-}
-
-impl std::fmt::Debug for NotifierBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NotifierBuilder")
-            .field("url", &crate::redact::redact(&self.url))
-            .field("watches", &self.watches)
-            .field("consumer", &self.consumer)
-            .field("subscriptions", &self.subscriptions.len())
-            .field("revoke_on_model_change", &self.revoke_on_model_change)
-            .field("cleanup_on_start", &self.cleanup_on_start)
-            .field("cleanup_on_stop", &self.cleanup_on_stop)
-            .field("manage_triggers", &self.manage_triggers)
-            .field("gap_timeout", &self.gap_timeout)
-            .field("sign_notifications", &self.sign_notifications)
-            .field("install_timeout", &self.install_timeout)
-            .field("lag_report_interval", &self.lag_interval)
-            .finish()
-    }
-}
-
-impl NotifierBuilder {
-    /// Adds a watch.
-    pub fn watch(mut self, watch: Watch) -> Self {
-        self.watches.push(watch);
-        self
-    }
-
-    /// When an installed trigger's definition differs from its watch (columns, key, options,
-    /// or a new sqlnotify version), drop and recreate it. When false, `start()` fails with
-    /// [`Error::DefinitionDrift`] instead. Unchanged triggers are never touched. Default: true.
-    pub fn revoke_on_model_change(mut self, yes: bool) -> Self {
-        self.revoke_on_model_change = yes;
-        self
-    }
-
-    /// Before installing, remove every sqlnotify trigger in the database — including those of
-    /// watches no longer in the code, and those of other applications using sqlnotify on the
-    /// same database. Default: false.
-    pub fn cleanup_on_start(mut self, yes: bool) -> Self {
-        self.cleanup_on_start = yes;
-        self
-    }
-
-    /// On [`Notifier::stop`], remove this notifier's triggers. Default: false (triggers stay
-    /// installed; the next start finds them unchanged and does nothing).
-    pub fn cleanup_on_stop(mut self, yes: bool) -> Self {
-        self.cleanup_on_stop = yes;
-        self
-    }
-
-    /// Whether `start()` creates and replaces database objects. Set it to false when you apply
-    /// [`install_sql`](Self::install_sql) through your own migrations: `start()` then only
-    /// verifies that every watch is installed as generated ([`Error::DefinitionDrift`] if not).
-    /// Default: true.
-    pub fn manage_triggers(mut self, yes: bool) -> Self {
-        self.manage_triggers = yes;
-        self
-    }
-
-    /// How long delivered data is kept in the database: overflow rows (PostgreSQL), so every
-    /// listening process can resolve them, and journal rows (journal tiers, SQLite, MySQL), so
-    /// every listener can read them. Older rows are deleted in small batches — except journal
-    /// rows a registered [`consumer`](Self::consumer) reading their channel has not read yet,
-    /// whoever runs the purge and whatever its retention, however long ago that consumer was
-    /// last seen (unless it set a [`consumer_expiry`](Self::consumer_expiry)). Default: 1 hour.
-    pub fn retention(mut self, keep: Duration) -> Self {
-        self.retention.keep = keep;
-        self
-    }
-
-    /// How often expired rows are deleted. Default: every minute.
-    pub fn purge_interval(mut self, every: Duration) -> Self {
-        self.retention.every = every.max(Duration::from_millis(10));
-        self
-    }
-
-    /// Names this notifier as a durable consumer (journal tiers on PostgreSQL, SQLite, MySQL).
-    /// Its read position is saved in the database, so a restarted process resumes where the
-    /// previous one stopped instead of starting from "now". Delivery is then at least once: events
-    /// routed but not yet saved when a process dies are delivered again.
-    ///
-    /// A named consumer replays nothing until its first subscription exists; register the
-    /// subscriptions with [`subscribe`](Self::subscribe) on the builder so every one of them
-    /// sees the replay. Default: none (start from the events committed after `start()`).
-    ///
-    /// `start()` registers the consumer in the database (a new one at "now"), with the
-    /// channels it reads: from then on no purge deletes a row of those channels it has not
-    /// read, however long it stays stopped, until it is dropped
-    /// ([`Notifier::drop_consumer`], `sqlnotify consumers drop`) or expires
-    /// ([`consumer_expiry`](Self::consumer_expiry)). A consumer that comes back after rows it
-    /// had not read were purged resumes with what is left and first gets a
-    /// [`Status::Gap`](crate::Status::Gap) naming the channels (subscribe to status on the
-    /// builder with [`subscribe_status`](Self::subscribe_status) to see it). An empty name is
-    /// refused by `start()` ([`Error::InvalidOption`]).
-    pub fn consumer(mut self, name: impl Into<String>) -> Self {
-        self.consumer = Some(name.into());
-        self
-    }
-
-    /// Registers a subscription before the listener starts, so it receives everything from
-    /// the first event on (including a named consumer's replay).
-    pub fn subscribe(
-        mut self,
-        subscription: Subscription,
-        recipient: Recipient<ChangeEvent>,
-    ) -> Self {
-        self.subscriptions.push((subscription, recipient));
-        self
-    }
-
-    /// The pipeline's in-flight budget: how many events may be on their way (read but not yet
-    /// handed to every subscriber) at once. When it is used up — a subscriber with the
-    /// [`Wait`](crate::OverflowPolicy::Wait) policy is behind — the listener stops reading
-    /// until there is room, so memory stays bounded. Default: 4,096 (larger budgets measured
-    /// slower: more memory in flight, more allocator work, no extra throughput).
-    pub fn max_in_flight(mut self, events: usize) -> Self {
-        self.max_in_flight = events.clamp(MIN_IN_FLIGHT, Semaphore::MAX_PERMITS);
-        self
-    }
-
-    /// How often the listener checks that its connection is alive (a query that must answer
-    /// within this interval; TCP keepalive is also set to it unless the URL sets its own).
-    /// A connection that fails the check is dropped and re-established. Default: 10 s.
-    pub fn health_check_interval(mut self, every: Duration) -> Self {
-        self.health_check = every.max(Duration::from_millis(100));
-        self
-    }
-
-    /// MySQL / MariaDB: how long a missing journal id is waited for before it is treated as
-    /// rolled back. Journal ids are taken when a trigger runs, not when its transaction
-    /// commits, so a missing id is either a transaction still running — its events arrive,
-    /// late, when it commits — or a rolled-back insert that never fills. After this time the
-    /// listener moves past it: a transaction that commits later than this after writing to a
-    /// watched table has its events skipped. Raise it if your transactions run longer; a named
-    /// consumer's saved position never passes an id still waited for.
-    ///
-    /// Default: 10 s, or the URL parameter `sqlnotify_gap_timeout_ms`; this setting wins over
-    /// the URL parameter. Zero is refused by `start()` with [`Error::InvalidOption`]. The other
-    /// dialects have no such gaps (PostgreSQL fences its journal with transaction snapshots,
-    /// SQLite commits one writer at a time) and ignore it, so one configuration can serve
-    /// every database.
-    pub fn gap_timeout(mut self, wait: Duration) -> Self {
-        self.gap_timeout = Some(wait);
-        self
-    }
-
-    /// PostgreSQL's notify tier: sign every payload (HMAC-SHA256 over channel and payload,
-    /// computed by the trigger with a key only sqlnotify's owner can read) and drop — counting
-    /// them in [`Stats::forged`] — notifications that do not verify. Any role that can connect
-    /// can NOTIFY on any channel; with signing, what it sends on ours never reaches a
-    /// subscriber. The journal tiers, SQLite and MySQL need no signature: their events are
-    /// rows only privileged roles can write. Costs the writer one HMAC per row (README,
-    /// "Security", has the numbers). Default: true.
-    pub fn sign_notifications(mut self, yes: bool) -> Self {
-        self.sign_notifications = yes;
-        self
-    }
-
-    /// How long installing, replacing or removing triggers (in `start()`, in `stop()` with
-    /// [`cleanup_on_stop`](Self::cleanup_on_stop), in [`cleanup`](Self::cleanup)) keeps trying
-    /// when another session holds a lock it needs — an open transaction that wrote to a
-    /// watched table, or another instance installing. Then it fails with
-    /// [`Error::LockTimeout`], which names the table and the holding session's pid.
-    ///
-    /// Meanwhile your application is not held up: sqlnotify never waits for a lock for longer
-    /// than one short attempt (200 ms on PostgreSQL and SQLite, MySQL's minimum of 1 s), then
-    /// rolls that attempt back — releasing every lock it took — and retries after a backoff,
-    /// logging (at `warn`) which table it waits for and who holds it. So a write that arrives
-    /// while sqlnotify waits is delayed by at most one attempt instead of queueing behind it.
-    ///
-    /// Default: 30 s. Zero is refused with [`Error::InvalidOption`].
-    pub fn install_timeout(mut self, wait: Duration) -> Self {
-        self.install_timeout = wait;
-        self
-    }
-
-    fn check_install_timeout(&self) -> Result<()> {
-        if self.install_timeout.is_zero() {
-            return Err(Error::InvalidOption {
-                option: "install_timeout",
-                reason: "it must be longer than zero (a zero wait could never take a lock)".into(),
-            });
-        }
-        Ok(())
-    }
-
-    /// The shortest time between two [`Status::Lagged`](crate::Status::Lagged) notices for one
-    /// subscription. A subscription's first drop is reported at once; drops within the next
-    /// interval are added up and reported in one notice when it has passed (so a subscriber
-    /// that lags constantly gets one notice per interval, carrying the count), and whatever is
-    /// unreported when the subscription ends or the notifier stops is reported then. Zero
-    /// reports every batch of drops as it happens. Default: 1 s.
-    pub fn lag_report_interval(mut self, every: Duration) -> Self {
-        self.lag_interval = every;
-        self
-    }
-
-    /// Lets the purge expire this notifier's [`consumer`](Self::consumer) once it has been
-    /// away (not running) longer than `away`: from then on it protects nothing, and if it
-    /// comes back after rows it had not read were purged, it gets
-    /// [`Status::Gap`](crate::Status::Gap) naming their channels. The expiry is stored with the
-    /// consumer, so whichever notifier purges honours this consumer's own setting. While it
-    /// runs, the consumer says it is alive at least every quarter of `away`.
-    ///
-    /// Default: off (a registered consumer is kept until dropped). Under 1 s, or without a
-    /// consumer name, `start()` fails with [`Error::InvalidOption`].
-    pub fn consumer_expiry(mut self, away: Duration) -> Self {
-        self.consumer_expiry = Some(away);
-        self
-    }
-
-    /// The backlog of this notifier's [`consumer`](Self::consumer) (journal rows on its
-    /// channels it has not yet handed to every subscription, counted every 2 s, see
-    /// [`Stats::backlog`]) above which a warning is logged — once when it is reached, then at
-    /// most once a minute while it stays there. 0 turns the warning off. Default: 10,000.
-    pub fn backlog_warning(mut self, rows: u64) -> Self {
-        self.backlog_warning = rows;
-        self
-    }
-
-    /// Sends [`StatusEvent`]s to an actor from the very start, including what `start()`
-    /// itself finds — such as a consumer's [`Status::Gap`](crate::Status::Gap) when rows it
-    /// had not read were purged while it was away, which a status subscription made after
-    /// `start()` would miss.
-    pub fn subscribe_status(mut self, recipient: Recipient<StatusEvent>) -> Self {
-        self.status_subscribers.push(recipient);
-        self
-    }
-
-    /// The named consumers registered in the database at the URL, without starting a
-    /// notifier: see [`Notifier::consumers`].
-    pub async fn consumers(&self) -> Result<Vec<ConsumerInfo>> {
-        let dialect = open_dialect(&self.url)?;
-        let list = dialect.consumers().await;
-        dialect.close().await;
-        list
-    }
-
-    /// Drops a named consumer of the database at the URL, without starting a notifier: see
-    /// [`Notifier::drop_consumer`].
-    pub async fn drop_consumer(&self, name: &str) -> Result<()> {
-        let dialect = open_dialect(&self.url)?;
-        let dropped = dialect.drop_consumer(name.to_string()).await;
-        dialect.close().await;
-        dropped
-    }
-
-    /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.
-    pub fn dialect_name(&self) -> Result<&'static str> {
-        Ok(open_dialect(&self.url)?.name())
-    }
-
-    async fn resolve(&self, dialect: &dyn Dialect) -> Result<Vec<ResolvedWatch>> {
-        let watches: Vec<Watch> = self
-            .watches
-            .iter()
-            .map(|w| w.clone().or_schema(dialect.default_schema()))
-            .collect();
-        for watch in &watches {
-            watch.precheck()?;
-        }
-        check_set(&watches)?;
-        let tables: BTreeSet<(String, String)> = watches
-            .iter()
-            .map(|w| (w.schema_name().to_string(), w.table.clone()))
-            .collect();
-        let tables = dialect
-            .describe_tables(tables.into_iter().collect())
-            .await?;
-        let sign = self.sign_notifications && dialect.signs_notifications();
-        let resolved = watches
-            .iter()
-            .map(|w| {
-                let table = tables
-                    .iter()
-                    .find(|t| t.schema == w.schema_name() && t.table == w.table)
-                    .expect("every watched table was described");
-                let mut resolved = resolve(w, table)?;
-                resolved.channel.signed = sign && resolved.tier == Tier::Notify;
-                Ok(resolved)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        dialect.check_watches(&resolved).await?;
-        Ok(resolved)
-    }
-
-    /// The DDL `start()` would apply for these watches (schema, catalog, trigger functions,
-    /// triggers), as one idempotent script. Validates against the live schema; installs nothing.
-    pub async fn install_sql(&self) -> Result<String> {
-        self.script(None).await
-    }
-
-    /// [`install_sql`](Self::install_sql) followed by the grants that `role` needs to run a
-    /// notifier with [`manage_triggers(false)`](Self::manage_triggers) against what an
-    /// administrator installed: on PostgreSQL a role name, on MySQL an account (`user` or
-    /// `user@host`). Roles that only write to watched tables need nothing (README,
-    /// "Security"). SQLite has no roles: [`Error::InvalidOption`].
-    pub async fn install_sql_granting(&self, role: &str) -> Result<String> {
-        self.script(Some(role)).await
-    }
-
-    async fn script(&self, grant_to: Option<&str>) -> Result<String> {
-        let dialect = open_dialect(&self.url)?;
-        let watches = self.resolve(&*dialect).await;
-        let sql = watches.and_then(|w| dialect.install_sql(&w, grant_to));
-        dialect.close().await;
-        sql
-    }
-
-    /// Removes every sqlnotify trigger (and, on PostgreSQL, trigger function) from the
-    /// database — the watches of every notifier — and empties the catalog; returns how many
-    /// watches were removed. sqlnotify's own tables (journal, overflow, consumers) are kept:
-    /// other processes may still be reading them. Needs no watches.
-    pub async fn cleanup(&self) -> Result<u64> {
-        self.check_install_timeout()?;
-        let dialect = open_dialect(&self.url)?;
-        let n = dialect.cleanup_all(self.install_timeout).await;
-        dialect.close().await;
-        n
-    }
-
-    /// Validates the watches against the live schema, installs their triggers, starts the
-    /// actors and resolves once the listener is listening. Must run inside an actix system.
-    /// Nothing is installed if any watch is invalid.
-    pub async fn start(&self) -> Result<Notifier> {
-        if self.gap_timeout == Some(Duration::ZERO) {
-            return Err(Error::InvalidOption {
-                option: "gap_timeout",
-                reason: "it must be longer than zero (a zero wait would skip every transaction \
-                         that commits after a later one)"
-                    .into(),
-            });
-        }
-        self.check_install_timeout()?;
-        self.check_consumer()?;
-        let dialect: Arc<dyn Dialect> = Arc::from(open_dialect(&self.url)?);
-        match self.start_with(dialect.clone()).await {
-            Ok(notifier) => Ok(notifier),
-            Err(e) => {
-                dialect.close().await;
-                Err(e)
-            }
-        }
-    }
-
-    fn check_consumer(&self) -> Result<()> {
-        if self.consumer.as_deref() == Some("") {
-            return Err(Error::InvalidOption {
-                option: "consumer",
-                reason: "a consumer needs a non-empty name".into(),
-            });
-        }
-        match self.consumer_expiry {
-            Some(_) if self.consumer.is_none() => Err(Error::InvalidOption {
-                option: "consumer_expiry",
-                reason: "it applies to a named consumer: set consumer(name) too".into(),
-            }),
-            Some(away) if away < MIN_EXPIRY => Err(Error::InvalidOption {
-                option: "consumer_expiry",
-                reason: format!(
-                    "{away:?} is too short: a running consumer says it is alive every quarter \
-                     of its expiry; use at least {MIN_EXPIRY:?}"
-                ),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    async fn start_with(&self, dialect: Arc<dyn Dialect>) -> Result<Notifier> {
-        let watches = self.resolve(&*dialect).await?;
-        dialect
-            .install(
-                watches.clone(),
-                InstallOptions {
-                    revoke_on_model_change: self.revoke_on_model_change,
-                    cleanup_on_start: self.cleanup_on_start,
-                    manage_triggers: self.manage_triggers,
-                    timeout: self.install_timeout,
-                },
-            )
-            .await?;
-        let channels = Arc::new(Channels::new(
-            watches.into_iter().map(|w| w.channel),
-            dialect.default_schema(),
-        ));
-        let stats = Arc::new(Counters::default());
-        let budget = Arc::new(Semaphore::new(self.max_in_flight));
-        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
-            .lag_interval(self.lag_interval)
-            .start();
-        let decoder = Decoder::new(
-            channels.clone(),
-            dialect.overflow_store(),
-            registry.clone(),
-            stats.clone(),
-            self.retention,
-            budget.clone(),
-        )
-        .start();
-        for (subscription, recipient) in &self.subscriptions {
-            let subscribe = Subscribe::new(subscription.clone(), recipient.clone());
-            if let Err(e) = registry.send(subscribe).await? {
-                decoder.do_send(Shutdown);
-                registry.do_send(Shutdown);
-                return Err(e);
-            }
-        }
-        for recipient in &self.status_subscribers {
-            let sink = StatusSink::Recipient(recipient.clone());
-            registry.send(SubscribeStatus(sink)).await?;
-        }
-        let consumer = self.consumer.clone().map(|name| ConsumerParams {
-            name,
-            expire_after: self.consumer_expiry,
-        });
-        let params = ListenParams {
-            channels: channels.tiers(),
-            signed: channels.signed(),
-            consumer: consumer.clone(),
-            decoder: decoder.clone().recipient(),
-            stats: stats.clone(),
-            status: decoder.clone().recipient(),
-            budget,
-            health_check: self.health_check,
-            gap_timeout: self.gap_timeout,
-        };
-        let listener = match dialect.listen(params).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                decoder.do_send(Shutdown);
-                registry.do_send(Shutdown);
-                return Err(e);
-            }
-        };
-        let backlog = consumer
-            .map(|c| watch_backlog(dialect.clone(), c.name, stats.clone(), self.backlog_warning));
-        Ok(Notifier {
-            inner: Arc::new(Inner {
-                dialect,
-                channels,
-                registry,
-                stats,
-                cleanup_on_stop: self.cleanup_on_stop,
-                install_timeout: self.install_timeout,
-                running: Mutex::new(Some(Running {
-                    listener,
-                    decoder,
-                    backlog,
-                })),
-                blocking: Mutex::new(Vec::new()),
-            }),
-        })
-    }
-}
-
-fn open_dialect(url: &str) -> Result<Box<dyn Dialect>> {
-    let scheme = url
-        .split_once("://")
-        .map(|(s, _)| s)
-        .or_else(|| url.strip_prefix("sqlite:").map(|_| "sqlite"))
-        .unwrap_or("");
-    match scheme.to_ascii_lowercase().as_str() {
-        #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(Box::new(crate::postgres::Postgres::new(url)?)),
-        #[cfg(not(feature = "postgres"))]
-        "postgres" | "postgresql" => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "this build of sqlnotify has the `postgres` feature disabled".into(),
-        }),
-        #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Box::new(crate::sqlite::Sqlite::new(url)?)),
-        #[cfg(not(feature = "sqlite"))]
-        "sqlite" => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "this build of sqlnotify has the `sqlite` feature disabled".into(),
-        }),
-        #[cfg(feature = "mysql")]
-        "mysql" | "mariadb" => Ok(Box::new(crate::mysql::Mysql::new(url)?)),
-        #[cfg(not(feature = "mysql"))]
-        "mysql" | "mariadb" => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "this build of sqlnotify has the `mysql` feature disabled".into(),
-        }),
-        // Not echoing the URL: it may carry a password.
-        "" => Err(Error::UnsupportedDatabase {
-            scheme: String::new(),
-            reason: "the URL has no scheme; use postgres://…, postgresql://…, sqlite://…, \
-                     mysql://… or mariadb://…"
-                .into(),
-        }),
-        _ => Err(Error::UnsupportedDatabase {
-            scheme: scheme.to_string(),
-            reason: "supported schemes are postgres://, postgresql://, sqlite://, mysql:// and \
-                     mariadb://"
-                .into(),
-        }),
-    }
-}
-
-/// Default backlog (journal rows) past which a named consumer's backlog is logged.
-const DEFAULT_BACKLOG_WARNING: u64 = 10_000;
-
-/// Default in-flight budget (events).
-const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
-/// Smallest in-flight budget: one listener batch must fit.
-pub(crate) const MIN_IN_FLIGHT: usize = 1_024;
-
-/// A custom event for [`Notifier::notify_with`]: a JSON object sent on a watched channel and
-/// delivered to subscribers exactly like a trigger's event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CustomEvent {
-    subscription: Subscription,
-    payload: Value,
-    allow_overflow: bool,
-}
-
-impl CustomEvent {
-    /// An event for the watch of `operation` on `table` (no channel label). `payload` must be
-    /// a JSON object carrying at least the channel's key columns.
-    pub fn new(table: impl Into<String>, operation: Operation, payload: Value) -> Self {
-        CustomEvent {
-            subscription: Subscription::new(table, operation),
-            payload,
-            allow_overflow: true,
-        }
-    }
-
-    /// Sends it on the watch with this channel label instead.
-    pub fn channel_label(mut self, label: impl Into<String>) -> Self {
-        self.subscription = self.subscription.channel_label(label);
-        self
-    }
-
-    /// Whether a payload over the NOTIFY limit may go through the overflow table. When false,
-    /// such a payload fails with [`Error::PayloadTooLarge`] and nothing is sent. Default: true.
-    pub fn allow_overflow(mut self, yes: bool) -> Self {
-        self.allow_overflow = yes;
-        self
-    }
+/// Everything `NotifierBuilder::start` set up, handed to the [`Notifier`] it returns.
+pub(crate) struct Started {
+    pub dialect: Arc<dyn Dialect>,
+    pub pipeline: Pipeline,
+    pub listener: Box<dyn ListenerHandle>,
+    /// Counts a named consumer's backlog (stops when dropped).
+    pub backlog: Option<BacklogWatch>,
+    pub cleanup_on_stop: bool,
+    pub install_timeout: Duration,
 }
 
 struct Running {
     listener: Box<dyn ListenerHandle>,
-    decoder: Addr<Decoder>,
     /// Counts a named consumer's backlog (stops when dropped).
     backlog: Option<BacklogWatch>,
 }
 
 struct Inner {
     dialect: Arc<dyn Dialect>,
-    channels: Arc<Channels>,
-    registry: Addr<Registry>,
-    stats: Arc<Counters>,
+    /// Decoder, registry and what they share.
+    pipeline: Pipeline,
     cleanup_on_stop: bool,
     install_timeout: Duration,
     running: Mutex<Option<Running>>,
@@ -640,35 +71,28 @@ impl std::fmt::Debug for Notifier {
 }
 
 impl Notifier {
-    /// Starts configuring a notifier for the database at `url` (`postgres://…`,
-    /// `postgresql://…`). The scheme picks the dialect; it is checked by `start()`.
-    pub fn builder(url: impl Into<String>) -> NotifierBuilder {
-        NotifierBuilder {
-            url: url.into(),
-            watches: Vec::new(),
-            consumer: None,
-            subscriptions: Vec::new(),
-            revoke_on_model_change: true,
-            cleanup_on_start: false,
-            cleanup_on_stop: false,
-            manage_triggers: true,
-            retention: Retention {
-                keep: Duration::from_secs(3600),
-                every: Duration::from_secs(60),
-            },
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            health_check: Duration::from_secs(10),
-            gap_timeout: None,
-            sign_notifications: true,
-            install_timeout: crate::lockwait::DEFAULT_INSTALL_TIMEOUT,
-            lag_interval: crate::registry::LAG_INTERVAL,
-            consumer_expiry: None,
-            backlog_warning: DEFAULT_BACKLOG_WARNING,
-            status_subscribers: Vec::new(),
+    pub(crate) fn new(started: Started) -> Notifier {
+        let Started {
+            dialect,
+            pipeline,
+            listener,
+            backlog,
+            cleanup_on_stop,
+            install_timeout,
+        } = started;
+        Notifier {
+            inner: Arc::new(Inner {
+                dialect,
+                pipeline,
+                cleanup_on_stop,
+                install_timeout,
+                running: Mutex::new(Some(Running { listener, backlog })),
+                blocking: Mutex::new(Vec::new()),
+            }),
         }
     }
 
-    /// `"postgresql"` (or `"sqlite"`).
+    /// `"postgresql"`, `"sqlite"` or `"mysql"`.
     pub fn dialect_name(&self) -> &'static str {
         self.inner.dialect.name()
     }
@@ -677,9 +101,10 @@ impl Notifier {
     pub fn channels(&self) -> Vec<Channel> {
         let mut channels: Vec<Channel> = self
             .inner
+            .pipeline
             .channels
             .names()
-            .filter_map(|n| self.inner.channels.get(n))
+            .filter_map(|n| self.inner.pipeline.channels.get(n))
             .map(|c| (**c).clone())
             .collect();
         channels.sort_by(|a, b| a.name().cmp(b.name()));
@@ -688,7 +113,7 @@ impl Notifier {
 
     /// The registry actor, for sending [`Subscribe`] / [`Unsubscribe`] yourself.
     pub fn registry(&self) -> Addr<Registry> {
-        self.inner.registry.clone()
+        self.inner.pipeline.registry.clone()
     }
 
     /// Delivers the events `subscription` selects to an actor.
@@ -698,6 +123,7 @@ impl Notifier {
         recipient: Recipient<ChangeEvent>,
     ) -> Result<SubscriptionId> {
         self.inner
+            .pipeline
             .registry
             .send(Subscribe::new(subscription, recipient))
             .await?
@@ -716,8 +142,9 @@ impl Notifier {
     where
         F: FnMut(ChangeEvent) + 'static,
     {
-        let actor = FnSubscriber::new(f, self.inner.stats.clone()).start();
+        let actor = FnSubscriber::new(f, self.inner.pipeline.stats.clone()).start();
         self.inner
+            .pipeline
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
             .await?
@@ -763,7 +190,7 @@ impl Notifier {
         F: FnMut(ChangeEvent) + Send + 'static,
     {
         let (tx, finished) =
-            spawn_blocking_subscriber(subscription.buffer, f, self.inner.stats.clone())
+            spawn_blocking_subscriber(subscription.buffer, f, self.inner.pipeline.stats.clone())
                 .map_err(|e| Error::db("starting the thread of a blocking subscriber", e))?;
         if let Ok(mut threads) = self.inner.blocking.lock() {
             // Forget the threads of subscriptions that are gone.
@@ -772,6 +199,7 @@ impl Notifier {
         }
         // On an error the sender is dropped with the message, and the thread ends.
         self.inner
+            .pipeline
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await?
@@ -787,6 +215,7 @@ impl Notifier {
         let (tx, rx) = crossbeam_channel::bounded(subscription.buffer);
         let id = self
             .inner
+            .pipeline
             .registry
             .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await??;
@@ -797,6 +226,7 @@ impl Notifier {
     pub async fn subscribe_status(&self, recipient: Recipient<StatusEvent>) -> Result<()> {
         Ok(self
             .inner
+            .pipeline
             .registry
             .send(SubscribeStatus(StatusSink::Recipient(recipient)))
             .await?)
@@ -807,9 +237,10 @@ impl Notifier {
     where
         F: FnMut(StatusEvent) + 'static,
     {
-        let actor = FnSubscriber::new(f, self.inner.stats.clone()).start();
+        let actor = FnSubscriber::new(f, self.inner.pipeline.stats.clone()).start();
         Ok(self
             .inner
+            .pipeline
             .registry
             .send(SubscribeStatus(StatusSink::Fn(actor)))
             .await?)
@@ -817,7 +248,7 @@ impl Notifier {
 
     /// Removes a subscription. No event is delivered to it once this returns.
     pub async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
-        self.inner.registry.send(Unsubscribe(id)).await?
+        self.inner.pipeline.registry.send(Unsubscribe(id)).await?
     }
 
     /// Sends a custom event on the channel of the watch of `operation` on `table`; see
@@ -838,6 +269,7 @@ impl Notifier {
         let s = &event.subscription;
         let channel = self
             .inner
+            .pipeline
             .channels
             .find(
                 s.schema.as_deref(),
@@ -851,32 +283,15 @@ impl Notifier {
                 channel: channel.name().to_string(),
                 reason,
             })?;
-        let dialect = &self.inner.dialect;
-        let limit = match dialect.payload_limit(&channel) {
-            Some(limit) if payload.len() > limit => limit,
-            _ => return dialect.notify(&channel, payload).await,
-        };
-        let too_large = || Error::PayloadTooLarge {
-            channel: channel.name().to_string(),
-            size: payload.len(),
-            limit,
-        };
-        if !event.allow_overflow {
-            return Err(too_large());
-        }
-        let reference = dialect
-            .store_overflow(channel.name().to_string(), payload.clone())
-            .await?;
-        let stub = encode_overflow_ref(&reference, &event.payload, &channel);
-        if stub.len() > limit {
-            return Err(too_large());
-        }
-        dialect.notify(&channel, stub).await
+        self.inner
+            .dialect
+            .send_custom(&channel, payload, &event.payload, event.allow_overflow)
+            .await
     }
 
     /// The pipeline's counters.
     pub async fn stats(&self) -> Result<Stats> {
-        Ok(self.inner.stats.snapshot())
+        Ok(self.inner.pipeline.stats.snapshot())
     }
 
     /// The named consumers registered in this database — this notifier's and every other
@@ -920,9 +335,8 @@ impl Notifier {
             .ok_or(Error::NotRunning)?;
         drop(running.backlog.take());
         running.listener.shutdown().await;
-        let _ = running.decoder.send(Flush).await;
-        running.decoder.do_send(Shutdown);
-        self.inner.registry.do_send(Shutdown);
+        self.inner.pipeline.flush().await;
+        self.inner.pipeline.shutdown();
         let mut result = running.listener.finish().await;
         // The registry is gone with its senders: blocking subscribers run what they were
         // handed, then their threads end.
@@ -932,7 +346,13 @@ impl Notifier {
         };
         futures_util::future::join_all(threads).await;
         if self.inner.cleanup_on_stop {
-            let names = self.inner.channels.names().map(str::to_string).collect();
+            let names = self
+                .inner
+                .pipeline
+                .channels
+                .names()
+                .map(str::to_string)
+                .collect();
             let uninstalled = self
                 .inner
                 .dialect

@@ -152,7 +152,9 @@ pub(crate) fn encode_custom(payload: &Value, channel: &Channel) -> Result<String
     Ok(payload.to_string())
 }
 
-/// The reference payload that stands in for a payload stored under token `reference`.
+/// The reference payload that stands in for a payload stored under token `reference` (custom
+/// events on PostgreSQL's notify tier; the triggers build theirs in SQL).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn encode_overflow_ref(reference: &str, payload: &Value, channel: &Channel) -> String {
     let mut map = Map::new();
     map.insert(
@@ -171,7 +173,7 @@ pub(crate) fn encode_overflow_ref(reference: &str, payload: &Value, channel: &Ch
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Operation;
+    use crate::operation::Operation;
     use serde_json::json;
 
     fn channel(keys: &[&str]) -> Channel {
@@ -183,7 +185,7 @@ mod tests {
             label: None,
             key_columns: keys.iter().map(|s| s.to_string()).collect(),
             extra_columns: vec!["email".into()],
-            tier: crate::watch::Tier::Notify,
+            tier: crate::tier::Tier::Notify,
             signed: false,
         }
     }
@@ -315,7 +317,7 @@ mod tests {
 #[cfg(test)]
 mod properties {
     use super::*;
-    use crate::event::Operation;
+    use crate::operation::Operation;
     use proptest::prelude::*;
 
     fn channel(keys: Vec<String>) -> Channel {
@@ -327,7 +329,7 @@ mod properties {
             label: None,
             key_columns: keys,
             extra_columns: vec![],
-            tier: crate::watch::Tier::Notify,
+            tier: crate::tier::Tier::Notify,
             signed: false,
         }
     }

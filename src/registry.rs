@@ -31,9 +31,10 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels};
 use crate::filter::Filter;
+use crate::lifecycle::{Flush, Shutdown};
 use crate::stats::Counters;
 use crate::status::{Status, StatusEvent};
-use crate::subscriber::{Buffer, Flush, FnSubscriber, Refused, Sink, Ticket};
+use crate::subscriber::{Buffer, FnSubscriber, Refused, Sink, Ticket};
 use crate::subscription::{Subscription, SubscriptionId};
 
 /// Retry interval while a subscriber's mailbox stays full.
@@ -513,13 +514,6 @@ impl Handler<Flush> for Registry {
             join_all(status_closures.iter().map(|a| a.send(Flush))).await;
         })
     }
-}
-
-/// Stops the actor (after what is already in its mailbox).
-pub(crate) struct Shutdown;
-
-impl Message for Shutdown {
-    type Result = ();
 }
 
 impl Handler<Shutdown> for Registry {

@@ -18,6 +18,7 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 
 use crate::event::ChangeEvent;
+use crate::lifecycle::Flush;
 use crate::stats::Counters;
 use crate::status::StatusEvent;
 use crate::subscription::OverflowPolicy;
@@ -242,13 +243,6 @@ impl Handler<StatusEvent> for FnSubscriber<StatusEvent> {
     }
 }
 
-/// Resolves once every message sent before it has been handled.
-pub(crate) struct Flush;
-
-impl Message for Flush {
-    type Result = ();
-}
-
 impl<M: 'static> Handler<Flush> for FnSubscriber<M> {
     type Result = ();
 
@@ -258,7 +252,8 @@ impl<M: 'static> Handler<Flush> for FnSubscriber<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Channel, Key, Operation, RawNotification};
+    use crate::event::{Channel, Key, RawNotification};
+    use crate::operation::Operation;
     use serde_json::{json, Map};
     use std::sync::atomic::Ordering;
 
@@ -271,7 +266,7 @@ mod tests {
             label: None,
             key_columns: vec!["id".into()],
             extra_columns: Vec::new(),
-            tier: crate::watch::Tier::Notify,
+            tier: crate::tier::Tier::Notify,
             signed: false,
         });
         let raw = RawNotification::new("c", "");

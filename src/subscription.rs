@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-use crate::event::Operation;
 use crate::filter::Filter;
+use crate::operation::Operation;
 
 /// Identifies a subscription, for [`Notifier::unsubscribe`](crate::Notifier::unsubscribe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,17 +1,17 @@
-//! What to watch: the [`Watch`] builder users fill in, and its validation against the live
-//! table description a dialect reads from the database catalog.
+//! What to watch: the [`Watch`] builder users fill in, and its checks that need no database.
 //!
-//! Validation is split in two. [`Watch::precheck`] needs no database (names, lengths, option
-//! combinations); [`resolve`] checks the watch against a [`TableInfo`] read from the catalog and
-//! yields a [`ResolvedWatch`], from which a dialect generates its trigger. [`check_set`] then
-//! rejects duplicate channels and reused labels across all watches of a notifier. Nothing is
-//! installed until every watch has passed all three.
+//! Validation comes in three steps. [`Watch::precheck`] needs no database (names, lengths,
+//! option combinations); [`check_set`] rejects duplicate channels and reused labels across all
+//! watches of a notifier; `resolve.rs` then checks each watch against the table description a
+//! dialect reads from the database catalog. Nothing is installed until every watch has passed
+//! all three.
 
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::event::{Channel, Operation};
+use crate::operation::Operation;
 use crate::payload::META_KEY;
+use crate::tier::{Capture, Tier};
 
 /// Longest identifier (channel, trigger, function name) PostgreSQL accepts, in bytes.
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -46,75 +46,6 @@ pub struct Watch {
     pub(crate) tier: Tier,
     pub(crate) capture: Capture,
 }
-
-/// How a watch's events travel from the trigger to the listener (PostgreSQL; SQLite and MySQL
-/// always use their journal).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Tier {
-    /// The trigger sends the row with `pg_notify`. Lowest latency; at most once — events
-    /// committed while the listener is disconnected are lost, and subscribers are told with a
-    /// [`Status::Gap`](crate::Status::Gap).
-    #[default]
-    Notify,
-    /// The trigger writes a journal row in the user's transaction and NOTIFY only wakes the
-    /// listener. At least once: after a reconnect (and, for a named
-    /// [`consumer`](crate::NotifierBuilder::consumer), after a restart) the listener replays
-    /// from its cursor; duplicates are suppressed within a running process.
-    Durable,
-    /// Like `Durable`, without any NOTIFY: the listener polls the journal adaptively. Keeps
-    /// NOTIFY's commit-time lock off the writers and works through poolers in transaction
-    /// mode.
-    Poll,
-}
-
-/// How a watch's trigger captures changed rows (PostgreSQL journal tiers).
-///
-/// Either way every changed row becomes one [`ChangeEvent`](crate::ChangeEvent), in order;
-/// what differs is the work done inside the user's transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Capture {
-    /// A row-level trigger: one journal row (or notification) per changed row. Default.
-    #[default]
-    Row,
-    /// A statement-level trigger with a transition table: one journal row per statement
-    /// (split every [`STATEMENT_CHUNK_ROWS`] rows) carrying all its rows as a JSON array, and,
-    /// on the durable tier, one wake-up per statement instead of one per row. Much cheaper
-    /// for writers that change many rows per statement (see README, "Benchmarks"); the same
-    /// for single-row statements.
-    ///
-    /// On PostgreSQL it needs [`Tier::Durable`] or [`Tier::Poll`]: with the notify tier, which
-    /// has no journal to carry a statement's rows, `start()` and `install_sql()` fail with
-    /// [`Error::InvalidWatch`](crate::Error::InvalidWatch). Differences from [`Capture::Row`]:
-    /// * the events of one journal row share its [`sequence`](crate::ChangeEvent::sequence);
-    ///   a journal row carries at most [`STATEMENT_CHUNK_ROWS`] rows and about 1 MiB of
-    ///   stored data, so big statements and big rows are split;
-    /// * an UPDATE watch with `trigger_columns` compares each new row with the old row of the
-    ///   same key: a row whose key changed to one no old row had counts as changed, while an
-    ///   update that swaps keys between rows compares each with the other's old values; a key
-    ///   that is not unique (a `primary_keys` override) may compare with the wrong old row;
-    /// * within one statement, events of different watches (e.g. the INSERT and UPDATE
-    ///   watches of one `INSERT … ON CONFLICT DO UPDATE`) are grouped per watch instead of
-    ///   interleaved row by row;
-    /// * partitioned tables, partitions and inheritance parents or children are refused
-    ///   ([`Error::InvalidWatch`](crate::Error::InvalidWatch)): a statement-level trigger
-    ///   fires only for the table a statement names, so it would miss writes through the
-    ///   parent or to a partition directly; views have no transition tables either;
-    /// * watched column names may not start with `_sqn_` (the trigger's internal names);
-    /// * a process running an older sqlnotify drops statement journal rows as malformed:
-    ///   upgrade every listener before switching a watch to `Statement`.
-    ///
-    /// SQLite and MySQL have no statement-level triggers with transition tables: there a
-    /// `Statement` watch is captured per row, with the same events.
-    Statement,
-}
-
-/// Prefix of the names statement-capture triggers use internally; a watched column may not
-/// start with it under [`Capture::Statement`].
-const RESERVED_PREFIX: &str = "_sqn_";
-
-/// Largest number of rows one statement-capture journal row carries; bigger statements are
-/// split. Kept below the smallest in-flight budget so one journal row always fits in it.
-pub const STATEMENT_CHUNK_ROWS: usize = 512;
 
 impl Watch {
     /// Watches `operation` on `table`. `table` may be schema-qualified (`"shop.orders"`);
@@ -302,189 +233,6 @@ fn check_name(name: &str) -> Result<()> {
     })
 }
 
-/// One column of a watched table, as read from the database catalog.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnInfo {
-    /// Column name.
-    pub name: String,
-    /// Position (0-based) in the table's primary key, if it is part of it.
-    pub pk_position: Option<usize>,
-    /// Whether the column's type has an equality operator (PostgreSQL's `json` has none, so it
-    /// is compared as text in `trigger_columns` checks).
-    pub has_equality: bool,
-}
-
-/// A watched table as read from the catalog.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableInfo {
-    /// Schema.
-    pub schema: String,
-    /// Table.
-    pub table: String,
-    /// Columns in table order.
-    pub columns: Vec<ColumnInfo>,
-}
-
-impl TableInfo {
-    fn column(&self, name: &str) -> Option<&ColumnInfo> {
-        self.columns.iter().find(|c| c.name == name)
-    }
-
-    /// The primary key columns in key order.
-    pub fn primary_key(&self) -> Vec<String> {
-        let mut pk: Vec<&ColumnInfo> = self
-            .columns
-            .iter()
-            .filter(|c| c.pk_position.is_some())
-            .collect();
-        pk.sort_by_key(|c| c.pk_position);
-        pk.into_iter().map(|c| c.name.clone()).collect()
-    }
-}
-
-/// A watch validated against its table: everything a dialect needs to generate its trigger.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedWatch {
-    /// The channel description events will share.
-    pub channel: Channel,
-    /// UPDATE-only change columns, with whether their type has an equality operator.
-    pub trigger_columns: Vec<(String, bool)>,
-    /// Whether oversized rows go to the overflow table.
-    pub use_overflow_table: bool,
-    /// How events travel.
-    pub tier: Tier,
-    /// How the trigger captures rows.
-    pub capture: Capture,
-}
-
-impl ResolvedWatch {
-    /// The trigger event (`INSERT`, `DELETE`, `UPDATE` or `UPDATE OF "a", "b"`) and, for
-    /// `trigger_columns`, the condition "one of them really changed": `changed` renders the
-    /// test for one quoted column (given whether its type has an equality operator) and the
-    /// tests are OR-ed. Shared by the dialects' trigger generators.
-    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
-    pub(crate) fn trigger_event(
-        &self,
-        changed: impl Fn(&str, bool) -> String,
-    ) -> (String, Option<String>) {
-        let keyword = self.channel.operation.sql_keyword();
-        if self.trigger_columns.is_empty() {
-            return (keyword.to_string(), None);
-        }
-        let quoted: Vec<String> = self
-            .trigger_columns
-            .iter()
-            .map(|(c, _)| crate::sql::quote_ident(c))
-            .collect();
-        let tests: Vec<String> = quoted
-            .iter()
-            .zip(&self.trigger_columns)
-            .map(|(q, (_, has_eq))| changed(q, *has_eq))
-            .collect();
-        (
-            format!("{keyword} OF {}", quoted.join(", ")),
-            Some(tests.join(" OR ")),
-        )
-    }
-}
-
-/// Validates `watch` against `table` (read from the catalog) and resolves its defaults.
-pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
-    let unknown = |column: &str, list| Error::UnknownColumn {
-        schema: table.schema.clone(),
-        table: table.table.clone(),
-        column: column.to_string(),
-        list,
-    };
-    let table_pk = table.primary_key();
-    let key_columns = match &watch.primary_keys {
-        Some(keys) => {
-            for key in keys {
-                let column = table
-                    .column(key)
-                    .ok_or_else(|| unknown(key, "primary_keys"))?;
-                if !table_pk.is_empty() && column.pk_position.is_none() {
-                    return Err(Error::NotPrimaryKey {
-                        schema: table.schema.clone(),
-                        table: table.table.clone(),
-                        column: key.clone(),
-                    });
-                }
-            }
-            dedup(keys.iter().cloned())
-        }
-        None if table_pk.is_empty() => {
-            return Err(Error::NoPrimaryKey {
-                schema: table.schema.clone(),
-                table: table.table.clone(),
-            })
-        }
-        None => table_pk,
-    };
-    for column in &watch.extra_columns {
-        table
-            .column(column)
-            .ok_or_else(|| unknown(column, "extra_columns"))?;
-    }
-    let extra_columns = dedup(
-        watch
-            .extra_columns
-            .iter()
-            .filter(|c| !key_columns.contains(c))
-            .cloned(),
-    );
-    let mut trigger_columns = Vec::new();
-    for name in dedup(watch.trigger_columns.iter().cloned()) {
-        let column = table
-            .column(&name)
-            .ok_or_else(|| unknown(&name, "trigger_columns"))?;
-        trigger_columns.push((name, column.has_equality));
-    }
-    if watch.capture == Capture::Statement {
-        let reserved = key_columns
-            .iter()
-            .chain(&extra_columns)
-            .chain(trigger_columns.iter().map(|(c, _)| c))
-            .find(|c| c.starts_with(RESERVED_PREFIX));
-        if let Some(column) = reserved {
-            return Err(Error::InvalidWatch {
-                watch: watch.describe(),
-                reason: format!(
-                    "column {column:?}: names starting with {RESERVED_PREFIX:?} are reserved for \
-                     the statement-capture trigger's own names; use Capture::Row for this table"
-                ),
-            });
-        }
-    }
-    Ok(ResolvedWatch {
-        channel: Channel {
-            name: watch.channel_name(),
-            schema: table.schema.clone(),
-            table: table.table.clone(),
-            operation: watch.operation,
-            label: watch.channel_label.clone(),
-            key_columns,
-            extra_columns,
-            tier: watch.tier,
-            signed: false,
-        },
-        trigger_columns,
-        use_overflow_table: watch.use_overflow_table,
-        tier: watch.tier,
-        capture: watch.capture,
-    })
-}
-
-fn dedup(items: impl Iterator<Item = String>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for item in items {
-        if !out.contains(&item) {
-            out.push(item);
-        }
-    }
-    out
-}
-
 /// Rejects two watches on one channel and one label on different tables or operations.
 pub fn check_set(watches: &[Watch]) -> Result<()> {
     let mut channels: HashMap<String, &Watch> = HashMap::new();
@@ -520,79 +268,6 @@ pub fn check_set(watches: &[Watch]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn users() -> TableInfo {
-        let col = |name: &str, pk: Option<usize>, eq: bool| ColumnInfo {
-            name: name.into(),
-            pk_position: pk,
-            has_equality: eq,
-        };
-        TableInfo {
-            schema: "public".into(),
-            table: "users".into(),
-            columns: vec![
-                col("tenant", Some(0), true),
-                col("id", Some(1), true),
-                col("email", None, true),
-                col("doc", None, false),
-            ],
-        }
-    }
-
-    #[test]
-    fn default_key_is_the_real_composite_primary_key() {
-        let r = resolve(
-            &Watch::new("users", Operation::Insert).extra_columns(["email", "id"]),
-            &users(),
-        )
-        .unwrap();
-        assert_eq!(r.channel.key_columns, ["tenant", "id"]);
-        assert_eq!(r.channel.extra_columns, ["email"]);
-        assert_eq!(r.channel.name, "sqlnotify_public_users_insert");
-    }
-
-    #[test]
-    fn each_list_reports_its_unknown_column() {
-        let t = users();
-        for (watch, list) in [
-            (
-                Watch::new("users", Operation::Update).extra_columns(["nope"]),
-                "extra_columns",
-            ),
-            (
-                Watch::new("users", Operation::Update).trigger_columns(["nope"]),
-                "trigger_columns",
-            ),
-            (
-                Watch::new("users", Operation::Update).primary_keys(["nope"]),
-                "primary_keys",
-            ),
-        ] {
-            match resolve(&watch, &t) {
-                Err(Error::UnknownColumn {
-                    column, list: l, ..
-                }) => assert_eq!((column.as_str(), l), ("nope", list)),
-                other => panic!("{other:?}"),
-            }
-        }
-        assert!(matches!(
-            resolve(&Watch::new("users", Operation::Update).primary_keys(["email"]), &t),
-            Err(Error::NotPrimaryKey { column, .. }) if column == "email"
-        ));
-    }
-
-    #[test]
-    fn trigger_columns_remember_equality() {
-        let r = resolve(
-            &Watch::new("users", Operation::Update).trigger_columns(["email", "doc"]),
-            &users(),
-        )
-        .unwrap();
-        assert_eq!(
-            r.trigger_columns,
-            [("email".to_string(), true), ("doc".to_string(), false)]
-        );
-    }
 
     #[test]
     fn prechecks() {

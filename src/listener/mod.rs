@@ -33,10 +33,49 @@ use self::saving::Saving;
 use self::session::{Outcome, Session};
 use crate::backoff::Backoff;
 use crate::consumer::ConsumerParams;
-use crate::dialect::{ListenParams, ListenerHandle};
+use crate::decoder::RawBatch;
 use crate::error::{Error, Result};
+use crate::event::Channel;
 use crate::stats::Counters;
 use crate::status::{Status, StatusEvent};
+
+/// What a listener is asked to listen to, and where its notifications go.
+pub(crate) struct ListenParams {
+    /// The channels to listen on (each with its tier and whether its payloads are signed:
+    /// PostgreSQL reads them, the journal dialects only need the names).
+    pub channels: Vec<Channel>,
+    /// A named consumer registers and resumes from its saved position (journal tiers).
+    pub consumer: Option<ConsumerParams>,
+    /// Where notifications go.
+    pub decoder: Recipient<RawBatch>,
+    /// Counters (also: whether a subscriber exists, and how far the pipeline got).
+    pub stats: Arc<Counters>,
+    /// Where status messages go (the decoder, so they stay in order with events).
+    pub status: Recipient<StatusEvent>,
+    /// In-flight budget: one unit per event before it is passed on.
+    pub budget: Arc<tokio::sync::Semaphore>,
+    /// How often a quiet connection is checked.
+    pub health_check: Duration,
+}
+
+impl ListenParams {
+    /// The channels' names, sorted.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "mysql")), allow(dead_code))]
+    pub fn channel_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.channels.iter().map(|c| c.name().to_string()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// A running listener, as the notifier holds it.
+pub(crate) trait ListenerHandle: Send {
+    /// Stops reading; resolves after everything already read was passed to the decoder.
+    fn shutdown(&mut self) -> BoxFuture<'static, ()>;
+    /// Called once the pipeline is flushed: saves what must survive (a consumer's position).
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
+}
 
 /// How a source wants to be polled: every `active` while events flow, slowing down (doubling)
 /// to `idle` once none came for `stay_active`.
@@ -347,7 +386,6 @@ mod tests {
     //! The shell's lifecycle over an in-memory journal: the dialects' own tests run the same
     //! shell against real databases; these pin its rules without one.
 
-    use std::collections::HashSet;
     use std::sync::atomic::Ordering;
     use std::time::{Duration, SystemTime};
 
@@ -539,18 +577,16 @@ mod tests {
             }
             .start();
             let params = ListenParams {
-                channels: vec![("c".into(), crate::watch::Tier::Durable)],
+                channels: Vec::new(),
                 consumer: consumer.then(|| ConsumerParams {
                     name: "app".into(),
                     expire_after: None,
                 }),
-                signed: HashSet::new(),
                 decoder: sink.clone().recipient(),
                 stats: stats.clone(),
                 status: sink.recipient(),
                 budget,
                 health_check: Duration::from_secs(10),
-                gap_timeout: None,
             };
             let source = MemorySource {
                 shared: shared.clone(),

@@ -38,6 +38,7 @@ impl Outlet {
     }
 
     /// The pipeline's counters.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub fn stats(&self) -> &Counters {
         &self.stats
     }

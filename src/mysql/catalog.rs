@@ -25,17 +25,17 @@
 //! `information_schema` compares names case-insensitively on some servers, so every lookup
 //! also compares the returned names exactly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use mysql_async::prelude::*;
 use mysql_async::Conn;
 
-use super::ddl::{self, qualified, ColumnKind, Kinds, CATALOG, INSTALL_LOCK, TRIGGER_SQL_MODE};
+use super::ddl::{self, qualified, CATALOG, INSTALL_LOCK, TRIGGER_SQL_MODE};
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
-use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+use crate::resolve::{ColumnInfo, ResolvedWatch, TableInfo};
 
 /// Wraps a driver error with what sqlnotify was doing.
 pub(crate) fn db_err(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
@@ -49,7 +49,7 @@ pub(crate) async fn describe_table(
     conn: &mut Conn,
     schema: &str,
     table: &str,
-) -> Result<(TableInfo, HashMap<String, ColumnKind>)> {
+) -> Result<TableInfo> {
     let context = || format!("reading the columns of {schema}.{table}");
     let schemas: Vec<String> = conn
         .exec(
@@ -102,27 +102,21 @@ pub(crate) async fn describe_table(
         .filter(|(s, t, _)| s == schema && t == table)
         .map(|(_, _, c)| c)
         .collect();
-    let mut kinds = HashMap::new();
     let columns = columns
         .into_iter()
         .filter(|(s, t, _, _)| s == schema && t == table)
-        .map(|(_, _, name, data_type)| {
-            kinds.insert(name.clone(), ColumnKind::from_data_type(&data_type));
-            ColumnInfo {
-                pk_position: key.iter().position(|k| k == &name),
-                name,
-                has_equality: true,
-            }
+        .map(|(_, _, name, data_type)| ColumnInfo {
+            pk_position: key.iter().position(|k| k == &name),
+            name,
+            has_equality: true,
+            data_type,
         })
         .collect();
-    Ok((
-        TableInfo {
-            schema: schema.to_string(),
-            table: table.to_string(),
-            columns,
-        },
-        kinds,
-    ))
+    Ok(TableInfo {
+        schema: schema.to_string(),
+        table: table.to_string(),
+        columns,
+    })
 }
 
 /// Whether `database` has sqlnotify's catalog table.
@@ -163,7 +157,6 @@ async fn installed_state(
     conn: &mut Conn,
     w: &ResolvedWatch,
     database: &str,
-    kinds: &Kinds,
     catalog: bool,
 ) -> Result<Installed> {
     if !catalog {
@@ -193,7 +186,7 @@ async fn installed_state(
         .as_ref()
         .map_or(true, |(_, mode)| mode == TRIGGER_SQL_MODE.as_bytes());
     Ok(Installed::Recorded {
-        same: recorded == ddl::trigger_sql(w, database, kinds).into_bytes() && mode_ok,
+        same: recorded == ddl::trigger_sql(w, database).into_bytes() && mode_ok,
         trigger: on_table,
     })
 }
@@ -324,12 +317,11 @@ pub(crate) async fn install(
     conn: &mut Conn,
     database: &str,
     watches: &[ResolvedWatch],
-    kinds: &Kinds,
     options: InstallOptions,
 ) -> Result<()> {
     check_trigger_names(watches)?;
     if !options.manage_triggers {
-        return verify(conn, database, watches, kinds).await;
+        return verify(conn, database, watches).await;
     }
     let version: Option<String> = conn
         .query_first("SELECT VERSION()")
@@ -361,7 +353,7 @@ pub(crate) async fn install(
         // error must come before the first trigger is touched.
         let mut plan = Vec::new();
         for w in watches {
-            let state = installed_state(conn, w, database, kinds, true).await?;
+            let state = installed_state(conn, w, database, true).await?;
             if let Some(action) = state.plan(w, options)? {
                 plan.push((w, action));
             }
@@ -379,7 +371,7 @@ pub(crate) async fn install(
             .map_err(db_err("setting the sql_mode for creating triggers"))?;
         let mut installed = Ok(());
         for (w, action) in plan {
-            installed = install_one(conn, database, w, kinds, action, mariadb, &mut wait).await;
+            installed = install_one(conn, database, w, action, mariadb, &mut wait).await;
             if installed.is_err() {
                 break;
             }
@@ -448,7 +440,6 @@ async fn install_one(
     conn: &mut Conn,
     database: &str,
     w: &ResolvedWatch,
-    kinds: &Kinds,
     action: &str,
     mariadb: bool,
     wait: &mut LockWait,
@@ -459,7 +450,7 @@ async fn install_one(
         w.channel.schema,
         w.channel.table
     );
-    let create = ddl::trigger_sql(w, database, kinds);
+    let create = ddl::trigger_sql(w, database);
     let table = (w.channel.schema.as_str(), w.channel.table.as_str());
     let context = format!("installing trigger {name}");
     let on_error = |e| trigger_err(context.clone())(e);
@@ -473,7 +464,7 @@ async fn install_one(
         ddl_statement(conn, wait, &drop, table, on_error).await?;
         ddl_statement(conn, wait, &create, table, on_error).await?;
     }
-    conn.query_drop(ddl::catalog_upsert_sql(w, database, kinds))
+    conn.query_drop(ddl::catalog_upsert_sql(w, database))
         .await
         .map_err(db_err(format!("recording trigger {name} in the catalog")))
 }
@@ -503,15 +494,10 @@ fn check_trigger_names(watches: &[ResolvedWatch]) -> Result<()> {
     Ok(())
 }
 
-async fn verify(
-    conn: &mut Conn,
-    database: &str,
-    watches: &[ResolvedWatch],
-    kinds: &Kinds,
-) -> Result<()> {
+async fn verify(conn: &mut Conn, database: &str, watches: &[ResolvedWatch]) -> Result<()> {
     let catalog = catalog_exists(conn, database).await?;
     for w in watches {
-        installed_state(conn, w, database, kinds, catalog)
+        installed_state(conn, w, database, catalog)
             .await?
             .verify(w)?;
     }

@@ -33,10 +33,10 @@
 //! treated as changed. Non-strict mode also keeps `NO_BACKSLASH_ESCAPES`, `ANSI_QUOTES` and
 //! the like out of the trigger body, whatever the installing session used.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use crate::payload::META_KEY;
-use crate::watch::ResolvedWatch;
+use crate::resolve::ResolvedWatch;
 
 /// Named lock serialising installs across processes (`GET_LOCK`, session-scoped).
 pub(crate) const INSTALL_LOCK: &str = "sqlnotify_install";
@@ -109,9 +109,6 @@ impl ColumnKind {
     }
 }
 
-/// Column kinds of the watched tables, by (schema, table), then column.
-pub(crate) type Kinds = HashMap<(String, String), HashMap<String, ColumnKind>>;
-
 /// Quotes an identifier with backticks, doubling embedded backticks.
 pub(crate) fn quote_ident(ident: &str) -> String {
     format!("`{}`", ident.replace('`', "``"))
@@ -174,16 +171,15 @@ pub(crate) fn setup_statements(database: &str) -> Vec<String> {
     ]
 }
 
-/// `JSON_OBJECT(...)` of `columns` of `row` (NEW or OLD), in order.
-fn json_object(
-    row: &str,
-    columns: &[&String],
-    kinds: Option<&HashMap<String, ColumnKind>>,
-) -> String {
+/// `JSON_OBJECT(...)` of `columns` of `row` (NEW or OLD), in order, each converted by its kind
+/// (looked up in `data_types`).
+fn json_object(row: &str, columns: &[&String], data_types: &BTreeMap<String, String>) -> String {
     let args: Vec<String> = columns
         .iter()
         .map(|c| {
-            let kind = kinds.and_then(|k| k.get(*c)).copied().unwrap_or_default();
+            let kind = data_types
+                .get(*c)
+                .map_or(ColumnKind::Plain, |t| ColumnKind::from_data_type(t));
             let value = kind.expr(&format!("{row}.{}", quote_ident(c)));
             format!("{}, {value}", quote_literal(c))
         })
@@ -193,14 +189,13 @@ fn json_object(
 
 /// The payload expression of a watch: the full object, or the key marked truncated when the
 /// full object cannot be built.
-fn payload_expr(w: &ResolvedWatch, kinds: &Kinds) -> String {
+fn payload_expr(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
     let row = channel.operation.row_variable();
-    let kinds = kinds.get(&(channel.schema.clone(), channel.table.clone()));
     let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
-    let full = json_object(row, &all, kinds);
-    let key_only = json_object(row, &keys, kinds);
+    let full = json_object(row, &all, &w.data_types);
+    let key_only = json_object(row, &keys, &w.data_types);
     format!(
         "COALESCE({full}, JSON_INSERT({key_only}, {}, JSON_OBJECT('truncated', TRUE)))",
         quote_literal(&format!("$.{META_KEY}"))
@@ -208,7 +203,7 @@ fn payload_expr(w: &ResolvedWatch, kinds: &Kinds) -> String {
 }
 
 /// `CREATE TRIGGER` for a watch (trigger in the table's schema, journal in `database`).
-pub(crate) fn trigger_sql(w: &ResolvedWatch, database: &str, kinds: &Kinds) -> String {
+pub(crate) fn trigger_sql(w: &ResolvedWatch, database: &str) -> String {
     let channel = &w.channel;
     let head = format!(
         "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW INSERT INTO {journal} (`channel`, `payload`)",
@@ -218,7 +213,7 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch, database: &str, kinds: &Kinds) -> S
         journal = qualified(database, JOURNAL),
     );
     let chan = quote_literal(&channel.name);
-    let payload = payload_expr(w, kinds);
+    let payload = payload_expr(w);
     if w.trigger_columns.is_empty() {
         return format!("{head} VALUES ({chan}, {payload})");
     }
@@ -242,7 +237,7 @@ pub(crate) fn drop_sql(schema: &str, channel: &str) -> String {
 }
 
 /// Records a watch in the catalog (replacing an older record).
-pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch, database: &str, kinds: &Kinds) -> String {
+pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch, database: &str) -> String {
     format!(
         "REPLACE INTO {} (`channel`, `table_schema`, `table_name`, `operation`, `definition`, `installed_at`) \
          VALUES ({}, {}, {}, {}, {}, CURRENT_TIMESTAMP(6))",
@@ -251,12 +246,12 @@ pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch, database: &str, kinds: &Kind
         quote_literal(&w.channel.schema),
         quote_literal(&w.channel.table),
         quote_literal(w.channel.operation.as_str()),
-        quote_literal(&trigger_sql(w, database, kinds)),
+        quote_literal(&trigger_sql(w, database)),
     )
 }
 
 /// A complete, idempotent install script for `watches`.
-pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &Kinds) -> String {
+pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str) -> String {
     let mut sql = format!(
         "-- sqlnotify install script (MySQL >= 8.0.17 / MariaDB >= 10.2.3), database {}\n\
          -- Every statement is a single statement: apply it with any client, no delimiter change.\n\
@@ -286,9 +281,9 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str, kinds: &
         sql.push_str(&format!("\n-- {shown}\n"));
         sql.push_str(&drop_sql(&w.channel.schema, &w.channel.name));
         sql.push_str(";\n");
-        sql.push_str(&trigger_sql(w, database, kinds));
+        sql.push_str(&trigger_sql(w, database));
         sql.push_str(";\n");
-        sql.push_str(&catalog_upsert_sql(w, database, kinds));
+        sql.push_str(&catalog_upsert_sql(w, database));
         sql.push_str(";\n");
     }
     sql.push_str(&format!(
@@ -341,7 +336,8 @@ pub(crate) fn grant_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Channel, Operation};
+    use crate::event::Channel;
+    use crate::operation::Operation;
 
     fn watch(op: Operation, extra: &[&str]) -> ResolvedWatch {
         ResolvedWatch {
@@ -353,13 +349,14 @@ mod tests {
                 label: Some("o'brien\\x".into()),
                 key_columns: vec!["select".into()],
                 extra_columns: extra.iter().map(|s| s.to_string()).collect(),
-                tier: crate::watch::Tier::Notify,
+                tier: crate::tier::Tier::Notify,
                 signed: false,
             },
             trigger_columns: vec![],
+            data_types: Default::default(),
             use_overflow_table: true,
-            tier: crate::watch::Tier::Notify,
-            capture: crate::watch::Capture::Row,
+            tier: crate::tier::Tier::Notify,
+            capture: crate::tier::Capture::Row,
         }
     }
 
@@ -380,7 +377,7 @@ mod tests {
 
     #[test]
     fn triggers_quote_everything() {
-        let t = trigger_sql(&watch(Operation::Insert, &[]), "db`x", &Kinds::new());
+        let t = trigger_sql(&watch(Operation::Insert, &[]), "db`x");
         assert!(
             t.starts_with(
                 "CREATE TRIGGER `app`.`sqlnotify_o'brien\\x` AFTER INSERT ON `app`.`we``ird` \
@@ -390,7 +387,7 @@ mod tests {
         );
         assert!(t.contains("JSON_OBJECT('select', NEW.`select`)"), "{t}");
         assert!(!t.contains("BEGIN"), "{t}");
-        let d = trigger_sql(&watch(Operation::Delete, &[]), "db", &Kinds::new());
+        let d = trigger_sql(&watch(Operation::Delete, &[]), "db");
         assert!(d.contains("OLD.`select`") && !d.contains("NEW."), "{d}");
     }
 
@@ -398,7 +395,7 @@ mod tests {
     fn updates_with_trigger_columns_compare_binary_images() {
         let mut w = watch(Operation::Update, &["a"]);
         w.trigger_columns = vec![("a".into(), true), ("b`".into(), true)];
-        let t = trigger_sql(&w, "db", &Kinds::new());
+        let t = trigger_sql(&w, "db");
         assert!(t.contains(
             "FROM DUAL WHERE NOT (CAST(OLD.`a` AS BINARY) <=> CAST(NEW.`a` AS BINARY)) \
              OR NOT (CAST(OLD.`b``` AS BINARY) <=> CAST(NEW.`b``` AS BINARY))"
@@ -412,21 +409,19 @@ mod tests {
             Operation::Insert,
             &["data", "flags", "shape", "name", "at", "ratio"],
         );
-        let mut kinds = Kinds::new();
-        kinds.insert(
-            ("app".into(), "we`ird".into()),
-            [
-                ("data".to_string(), ColumnKind::from_data_type("LONGBLOB")),
-                ("flags".to_string(), ColumnKind::from_data_type("bit")),
-                ("shape".to_string(), ColumnKind::from_data_type("point")),
-                ("name".to_string(), ColumnKind::from_data_type("varchar")),
-                ("at".to_string(), ColumnKind::from_data_type("DATETIME")),
-                ("ratio".to_string(), ColumnKind::from_data_type("float")),
-            ]
-            .into_iter()
-            .collect(),
-        );
-        let t = trigger_sql(&w, "db", &kinds);
+        let mut w = w;
+        w.data_types = [
+            ("data", "LONGBLOB"),
+            ("flags", "bit"),
+            ("shape", "point"),
+            ("name", "varchar"),
+            ("at", "DATETIME"),
+            ("ratio", "float"),
+        ]
+        .into_iter()
+        .map(|(c, t)| (c.to_string(), t.to_string()))
+        .collect();
+        let t = trigger_sql(&w, "db");
         assert!(t.contains("'data', HEX(NEW.`data`)"), "{t}");
         assert!(t.contains("'flags', (NEW.`flags` + 0)"), "{t}");
         assert!(t.contains("'shape', ST_AsText(NEW.`shape`)"), "{t}");
@@ -445,7 +440,7 @@ mod tests {
 
     #[test]
     fn install_script_is_locked_and_idempotent_in_form() {
-        let s = install_script(&[watch(Operation::Insert, &[])], "db", &Kinds::new());
+        let s = install_script(&[watch(Operation::Insert, &[])], "db");
         assert!(s.contains("SELECT GET_LOCK('sqlnotify_install', 30);"));
         assert!(s.contains("CREATE TABLE IF NOT EXISTS `db`.`sqlnotify_journal`"));
         assert!(s.contains("DROP TRIGGER IF EXISTS `app`.`sqlnotify_o'brien\\x`;"));

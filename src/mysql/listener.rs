@@ -39,7 +39,7 @@ const MIN_QUERY_LIMIT: Duration = Duration::from_secs(2);
 /// Reads a MySQL database's journal.
 pub(crate) struct MysqlSource {
     opts: Opts,
-    database: &'static str,
+    database: Arc<str>,
     gap_timeout: Duration,
     query_limit: Duration,
     channels: HashSet<String>,
@@ -53,7 +53,7 @@ pub(crate) struct MysqlSource {
 impl MysqlSource {
     pub fn new(
         opts: Opts,
-        database: &'static str,
+        database: Arc<str>,
         gap_timeout: Duration,
         health_check: Duration,
         channels: Vec<String>,
@@ -130,7 +130,7 @@ impl Source for MysqlSource {
         conn: &mut Conn,
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>> {
-        let (db, gap_timeout) = (self.database, self.gap_timeout);
+        let (db, gap_timeout) = (&*self.database, self.gap_timeout);
         let channels = &self.channel_list;
         let placing = async {
             let saved = match consumer {
@@ -175,7 +175,7 @@ impl Source for MysqlSource {
             let rows = self
                 .within(
                     "reading the journal",
-                    journal::read_page(conn, self.database, pos, &condition, READ_BATCH),
+                    journal::read_page(conn, &self.database, pos, &condition, READ_BATCH),
                 )
                 .await?;
             let full = rows.len() == READ_BATCH;
@@ -242,19 +242,25 @@ impl Source for MysqlSource {
     ) -> Result<Vec<String>> {
         self.within(
             "saving the consumer position",
-            consumers::save_running(conn, self.database, consumer, &self.channel_list, *position),
+            consumers::save_running(
+                conn,
+                &self.database,
+                consumer,
+                &self.channel_list,
+                *position,
+            ),
         )
         .await
     }
 
     fn final_save(&self) -> FinalSave<i64> {
-        let (opts, database) = (self.opts.clone(), self.database);
+        let (opts, database) = (self.opts.clone(), self.database.clone());
         Box::new(move |name, position| {
             Box::pin(async move {
                 let mut conn = Conn::new(opts)
                     .await
                     .map_err(db_err("connecting to save the consumer position"))?;
-                let saved = consumers::save(&mut conn, database, &name, position)
+                let saved = consumers::save(&mut conn, &database, &name, position)
                     .await
                     .map(|_| ());
                 let _ = conn.disconnect().await;

@@ -39,21 +39,22 @@ mod ddl;
 mod journal;
 mod listener;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
+use serde_json::Value;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
-use self::ddl::Kinds;
 use crate::consumer::ConsumerInfo;
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::dialect::{Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
-use crate::watch::{ResolvedWatch, TableInfo};
+use crate::listener::{ListenParams, ListenerHandle};
+use crate::overflow::OverflowStore;
+use crate::resolve::{ResolvedWatch, TableInfo};
 
 /// Default time a journal id may stay missing before it is treated as rolled back.
 const DEFAULT_GAP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,22 +138,6 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
     })
 }
 
-/// `name` as a `&'static str`, leaked once per distinct name for the life of the process
-/// ([`Dialect::default_schema`] returns one; database names are few).
-fn intern(name: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(name) = names.get(name) {
-        return name;
-    }
-    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
-    names.insert(leaked);
-    leaked
-}
-
 /// The dialect's own connection (catalog, install, notify, retention), opened on first use
 /// and reopened after a failure.
 struct Control {
@@ -221,17 +206,16 @@ impl Control {
 /// MySQL / MariaDB behind the [`Dialect`] interface.
 pub(crate) struct Mysql {
     opts: Opts,
-    database: &'static str,
+    database: Arc<str>,
     gap_timeout: Duration,
     control: Arc<Control>,
-    /// Column kinds of the tables described, for generating triggers.
-    kinds: Arc<Mutex<Kinds>>,
     /// Wakes this notifier's listener after its own writes.
     wake: Arc<Notify>,
 }
 
 impl Mysql {
-    pub fn new(url: &str) -> Result<Self> {
+    /// The dialect for `url`; the builder's gap timeout, when set, wins over the URL's.
+    pub fn new(url: &str, options: DialectOptions) -> Result<Self> {
         let target = parse_url(url)?;
         Ok(Mysql {
             control: Arc::new(Control {
@@ -239,15 +223,10 @@ impl Mysql {
                 conn: Arc::new(tokio::sync::Mutex::new(None)),
             }),
             opts: target.opts,
-            database: intern(&target.database),
-            gap_timeout: target.gap_timeout,
-            kinds: Arc::new(Mutex::new(Kinds::new())),
+            database: Arc::from(target.database),
+            gap_timeout: options.gap_timeout.unwrap_or(target.gap_timeout),
             wake: Arc::new(Notify::new()),
         })
-    }
-
-    fn kinds(&self) -> Kinds {
-        self.kinds.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -256,25 +235,19 @@ impl Dialect for Mysql {
         "mysql"
     }
 
-    fn default_schema(&self) -> &'static str {
-        self.database
+    fn default_schema(&self) -> String {
+        self.database.to_string()
     }
 
     fn describe_tables(
         &self,
         tables: Vec<(String, String)>,
     ) -> BoxFuture<'static, Result<Vec<TableInfo>>> {
-        let kinds = self.kinds.clone();
         self.control.run(move |conn| {
             Box::pin(async move {
                 let mut out = Vec::with_capacity(tables.len());
                 for (schema, table) in &tables {
-                    let (info, columns) = catalog::describe_table(conn, schema, table).await?;
-                    kinds
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert((schema.clone(), table.clone()), columns);
-                    out.push(info);
+                    out.push(catalog::describe_table(conn, schema, table).await?);
                 }
                 Ok(out)
             })
@@ -286,18 +259,16 @@ impl Dialect for Mysql {
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
     ) -> BoxFuture<'static, Result<()>> {
-        let (database, kinds) = (self.database, self.kinds());
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(
-                async move { catalog::install(conn, database, &watches, &kinds, options).await },
-            )
+            Box::pin(async move { catalog::install(conn, &database, &watches, options).await })
         })
     }
 
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
-        let mut sql = ddl::install_script(watches, self.database, &self.kinds());
+        let mut sql = ddl::install_script(watches, &self.database);
         if let Some(account) = grant_to {
-            sql.push_str(&ddl::grant_sql(watches, self.database, account)?);
+            sql.push_str(&ddl::grant_sql(watches, &self.database, account)?);
         }
         Ok(sql)
     }
@@ -307,47 +278,44 @@ impl Dialect for Mysql {
         channels: Vec<String>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<()>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { catalog::uninstall(conn, database, &channels, timeout).await })
+            Box::pin(async move { catalog::uninstall(conn, &database, &channels, timeout).await })
         })
     }
 
     fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { catalog::cleanup_all(conn, database, timeout).await })
+            Box::pin(async move { catalog::cleanup_all(conn, &database, timeout).await })
         })
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
-        // The builder's setting wins over the URL parameter.
-        let gap_timeout = params.gap_timeout.unwrap_or(self.gap_timeout);
-        let channels = params
-            .channels
-            .iter()
-            .map(|(name, _)| name.clone())
-            .collect();
         let source = listener::MysqlSource::new(
             self.opts.clone(),
-            self.database,
-            gap_timeout,
+            self.database.clone(),
+            self.gap_timeout,
             params.health_check,
-            channels,
+            params.channel_names(),
             self.wake.clone(),
         );
         Box::pin(crate::listener::start(source, params))
     }
 
-    fn payload_limit(&self, _channel: &Channel) -> Option<usize> {
-        None
-    }
-
-    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
-        let (database, wake) = (self.database, self.wake.clone());
+    /// A journal row, like a trigger's: MySQL journal rows have no payload limit, so nothing
+    /// overflows.
+    fn send_custom(
+        &self,
+        channel: &Channel,
+        payload: String,
+        _value: &Value,
+        _allow_overflow: bool,
+    ) -> BoxFuture<'static, Result<()>> {
+        let (database, wake) = (self.database.clone(), self.wake.clone());
         let channel = channel.name.clone();
         let appended = self.control.run(move |conn| {
-            Box::pin(async move { journal::append(conn, database, &channel, &payload).await })
+            Box::pin(async move { journal::append(conn, &database, &channel, &payload).await })
         });
         Box::pin(async move {
             appended.await?;
@@ -357,23 +325,10 @@ impl Dialect for Mysql {
         })
     }
 
-    fn store_overflow(
-        &self,
-        channel: String,
-        _payload: String,
-    ) -> BoxFuture<'static, Result<String>> {
-        Box::pin(async move {
-            Err(Error::InvalidPayload {
-                channel,
-                reason: "MySQL journal rows have no payload limit and no overflow table".into(),
-            })
-        })
-    }
-
     fn overflow_store(&self) -> Arc<dyn OverflowStore> {
         Arc::new(JournalStore {
             control: self.control.clone(),
-            database: self.database,
+            database: self.database.clone(),
         })
     }
 
@@ -382,22 +337,22 @@ impl Dialect for Mysql {
     }
 
     fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control
-            .run(move |conn| Box::pin(async move { consumers::list(conn, database).await }))
+            .run(move |conn| Box::pin(async move { consumers::list(conn, &database).await }))
     }
 
     fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { consumers::drop_consumer(conn, database, &name).await })
+            Box::pin(async move { consumers::drop_consumer(conn, &database, &name).await })
         })
     }
 
     fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { consumers::backlog(conn, database, &name).await })
+            Box::pin(async move { consumers::backlog(conn, &database, &name).await })
         })
     }
 }
@@ -406,22 +361,14 @@ impl Dialect for Mysql {
 /// periodic purge trims the journal.
 struct JournalStore {
     control: Arc<Control>,
-    database: &'static str,
+    database: Arc<str>,
 }
 
 impl OverflowStore for JournalStore {
-    fn fetch(
-        &self,
-        _channel: String,
-        _reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>> {
-        Box::pin(async { Ok(None) })
-    }
-
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
-        let database = self.database;
+        let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { consumers::purge(conn, database, retention).await })
+            Box::pin(async move { consumers::purge(conn, &database, retention).await })
         })
     }
 }
@@ -461,12 +408,5 @@ mod tests {
             assert!(matches!(e, Error::InvalidUrl { .. }), "{bad}: {e:?}");
             assert!(!e.to_string().contains("secret"), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn database_names_are_interned_once() {
-        let a = intern("sqlnotify_intern_test");
-        let b = intern(&String::from("sqlnotify_intern_test"));
-        assert!(std::ptr::eq(a, b));
     }
 }

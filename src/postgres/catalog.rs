@@ -16,8 +16,9 @@ use super::ddl;
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
+use crate::resolve::{ColumnInfo, ResolvedWatch, TableInfo};
 use crate::sql::quote_ident;
-use crate::watch::{Capture, ColumnInfo, ResolvedWatch, TableInfo, Tier};
+use crate::tier::{Capture, Tier};
 
 /// Reads one table's columns, primary-key positions and equality support.
 pub(crate) async fn describe_table(
@@ -31,7 +32,8 @@ pub(crate) async fn describe_table(
                (SELECT pg_catalog.array_position(i.indkey::int2[], a.attnum) - pg_catalog.array_lower(i.indkey::int2[], 1)
                   FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS pk_pos,
                EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
-                        WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) AS has_eq
+                        WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) AS has_eq,
+               pg_catalog.format_type(a.atttypid, a.atttypmod)
           FROM pg_catalog.pg_class c
           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
           JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -68,6 +70,7 @@ pub(crate) async fn describe_table(
             name: r.get(0),
             pk_position: r.get::<_, Option<i32>>(1).map(|p| p as usize),
             has_equality: r.get(2),
+            data_type: r.get(3),
         })
         .collect();
     Ok(TableInfo {

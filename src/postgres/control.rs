@@ -11,8 +11,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::ddl::SCHEMA;
-use crate::dialect::OverflowStore;
 use crate::error::{Error, Result};
+use crate::overflow::OverflowStore;
 use crate::sql::quote_ident;
 
 /// Overflow rows deleted per statement, so expiry never holds long locks.

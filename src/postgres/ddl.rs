@@ -7,8 +7,9 @@
 
 use super::signing::{self, SIGNATURE_LEN};
 use crate::payload::{META_KEY, NOTIFY_PAYLOAD_LIMIT};
+use crate::resolve::ResolvedWatch;
 use crate::sql::{quote_ident, quote_literal};
-use crate::watch::{Capture, ResolvedWatch, Tier, STATEMENT_CHUNK_ROWS};
+use crate::tier::{Capture, Tier, STATEMENT_CHUNK_ROWS};
 
 /// Schema holding every sqlnotify object except the triggers themselves.
 pub(crate) const SCHEMA: &str = "sqlnotify";
@@ -309,7 +310,7 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
     let chan = quote_literal(&channel.name);
     let table = match channel.operation {
-        crate::event::Operation::Delete => OLD_TABLE,
+        crate::operation::Operation::Delete => OLD_TABLE,
         _ => NEW_TABLE,
     };
     let payload = channel.payload_columns();
@@ -546,9 +547,9 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
         // Transition tables cannot be combined with a column list (`UPDATE OF`): the function
         // filters unchanged rows itself.
         let referencing = match channel.operation {
-            crate::event::Operation::Insert => format!("NEW TABLE AS {NEW_TABLE}"),
-            crate::event::Operation::Delete => format!("OLD TABLE AS {OLD_TABLE}"),
-            crate::event::Operation::Update => {
+            crate::operation::Operation::Insert => format!("NEW TABLE AS {NEW_TABLE}"),
+            crate::operation::Operation::Delete => format!("OLD TABLE AS {OLD_TABLE}"),
+            crate::operation::Operation::Update => {
                 format!("OLD TABLE AS {OLD_TABLE} NEW TABLE AS {NEW_TABLE}")
             }
         };
@@ -708,7 +709,7 @@ fn dollar_quote(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::event::Channel;
-    use crate::event::Operation;
+    use crate::operation::Operation;
 
     fn watch(op: Operation, label: Option<&str>, extra: &[&str]) -> ResolvedWatch {
         ResolvedWatch {
@@ -720,12 +721,13 @@ mod tests {
                 label: label.map(str::to_string),
                 key_columns: vec!["id".into()],
                 extra_columns: extra.iter().map(|s| s.to_string()).collect(),
-                tier: crate::watch::Tier::Notify,
+                tier: crate::tier::Tier::Notify,
                 signed: false,
             },
             trigger_columns: vec![],
+            data_types: Default::default(),
             use_overflow_table: true,
-            tier: crate::watch::Tier::Notify,
+            tier: crate::tier::Tier::Notify,
             capture: Capture::Row,
         }
     }

@@ -30,13 +30,13 @@ use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::listener::Outlet;
 use crate::sql::quote_ident;
-use crate::watch::STATEMENT_CHUNK_ROWS;
+use crate::tier::STATEMENT_CHUNK_ROWS;
 
 /// Events handed to the decoder per batch (at least; a batch ends with the row that reaches
 /// it). A batch holds under `BATCH + STATEMENT_CHUNK_ROWS` units of budget, which must fit in
 /// the smallest budget, or the listener would wait for room that can never be made.
 const BATCH: usize = 512;
-const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::notifier::MIN_IN_FLIGHT);
+const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::pipeline::MIN_IN_FLIGHT);
 
 /// Most delivered ids a saved position carries; beyond that it saves the horizon alone.
 pub(crate) const MAX_SAVED_SEEN: usize = 1_000;

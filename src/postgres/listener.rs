@@ -38,10 +38,10 @@ use super::journal::{self, JournalCursor, Position};
 use super::signing::{Refused, Verifier};
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
-use crate::event::RawNotification;
+use crate::event::{Channel, RawNotification};
 use crate::listener::{FinalSave, Outlet, Pace, Source};
 use crate::sql::quote_ident;
-use crate::watch::Tier;
+use crate::tier::Tier;
 
 /// Most notifications handed to the pipeline in one batch (bounds latency and batch memory).
 const MAX_BATCH: usize = 512;
@@ -122,8 +122,7 @@ pub(crate) struct PgSource {
 impl PgSource {
     pub fn new(
         mut config: Config,
-        channels: &[(String, Tier)],
-        signed: HashSet<String>,
+        channels: &[Channel],
         verifier: Option<Verifier>,
         health_check: Duration,
     ) -> Self {
@@ -135,10 +134,15 @@ impl PgSource {
         let by_tier = |tiers: &[Tier]| -> Vec<String> {
             channels
                 .iter()
-                .filter(|(_, t)| tiers.contains(t))
-                .map(|(c, _)| c.clone())
+                .filter(|c| tiers.contains(&c.tier))
+                .map(|c| c.name.clone())
                 .collect()
         };
+        let signed = channels
+            .iter()
+            .filter(|c| c.signed)
+            .map(|c| c.name.clone())
+            .collect();
         let journal_channels = by_tier(&[Tier::Durable, Tier::Poll]);
         PgSource {
             config,
@@ -150,7 +154,7 @@ impl PgSource {
             journal: (!journal_channels.is_empty()).then(|| Journal {
                 channels: journal_channels,
                 cursor: JournalCursor::default(),
-                poll: channels.iter().any(|(_, t)| *t == Tier::Poll),
+                poll: channels.iter().any(|c| c.tier == Tier::Poll),
             }),
             health_check,
         }

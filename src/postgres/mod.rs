@@ -8,6 +8,7 @@
 mod catalog;
 mod consumers;
 mod control;
+mod custom;
 mod ddl;
 mod journal;
 mod listener;
@@ -16,25 +17,29 @@ mod signing;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use tokio_postgres::types::Type;
+use serde_json::Value;
 use tokio_postgres::Config;
 
 use self::control::Control;
 use crate::consumer::ConsumerInfo;
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::dialect::{Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
-use crate::sql::quote_ident;
-use crate::watch::{Capture, ResolvedWatch, TableInfo, Tier};
+use crate::listener::{ListenParams, ListenerHandle};
+use crate::overflow::OverflowStore;
+use crate::resolve::{ResolvedWatch, TableInfo};
+use crate::tier::{Capture, Tier};
 
 /// PostgreSQL behind the [`Dialect`] interface.
 pub(crate) struct Postgres {
     control: Arc<Control>,
+    /// Whether notify-tier payloads are signed (anyone who can connect may NOTIFY).
+    sign_notifications: bool,
 }
 
 impl Postgres {
     /// Parses a `postgres://` / `postgresql://` URL (or key=value string). Does not connect.
-    pub fn new(url: &str) -> Result<Self> {
+    pub fn new(url: &str, options: DialectOptions) -> Result<Self> {
         // tokio-postgres only accepts lower-case schemes; the notifier matched case-insensitively.
         let url = match url.split_once("://") {
             Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
@@ -47,6 +52,7 @@ impl Postgres {
             })?;
         Ok(Postgres {
             control: Arc::new(Control::new(config)),
+            sign_notifications: options.sign_notifications,
         })
     }
 
@@ -60,8 +66,8 @@ impl Dialect for Postgres {
         "postgresql"
     }
 
-    fn default_schema(&self) -> &'static str {
-        "public"
+    fn default_schema(&self) -> String {
+        "public".to_string()
     }
 
     fn describe_tables(
@@ -77,6 +83,10 @@ impl Dialect for Postgres {
             }
             Ok(out)
         })
+    }
+
+    fn finish_watch(&self, watch: &mut ResolvedWatch) {
+        watch.channel.signed = self.sign_notifications && watch.tier == Tier::Notify;
     }
 
     fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
@@ -131,89 +141,25 @@ impl Dialect for Postgres {
         let (config, control) = (self.config(), self.control.clone());
         Box::pin(async move {
             // Read once: the key never changes while its table exists.
-            let verifier = if params.signed.is_empty() {
-                None
-            } else {
+            let verifier = if params.channels.iter().any(|c| c.signed) {
                 Some(signing::load(&*control.client().await?).await?)
+            } else {
+                None
             };
-            let source = listener::PgSource::new(
-                config,
-                &params.channels,
-                params.signed.clone(),
-                verifier,
-                params.health_check,
-            );
+            let source =
+                listener::PgSource::new(config, &params.channels, verifier, params.health_check);
             crate::listener::start(source, params).await
         })
     }
 
-    fn signs_notifications(&self) -> bool {
-        true
-    }
-
-    fn payload_limit(&self, channel: &Channel) -> Option<usize> {
-        if channel.tier != Tier::Notify {
-            return None; // journal rows have no size limit
-        }
-        let signature = if channel.signed {
-            signing::SIGNATURE_LEN
-        } else {
-            0
-        };
-        Some(crate::payload::NOTIFY_PAYLOAD_LIMIT - signature)
-    }
-
-    /// Custom events take the channel's own path: a NOTIFY carrying the payload, or a journal
-    /// row (plus an empty wake-up NOTIFY on the durable tier), so listeners treat them exactly
-    /// like trigger events.
-    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
-        let control = self.control.clone();
-        let sql = match channel.tier {
-            // Signed like a trigger's payload, by the server: the key never leaves it.
-            Tier::Notify if channel.signed => format!(
-                "SELECT pg_catalog.pg_notify($1, coalesce({}, '') || $2)",
-                signing::signature_sql("$1", "$2")
-            ),
-            Tier::Notify => "SELECT pg_catalog.pg_notify($1, $2)".to_string(),
-            Tier::Durable => format!(
-                "WITH j AS (INSERT INTO {}.journal (channel, payload) VALUES ($1, $2) RETURNING 1) \
-                 SELECT pg_catalog.pg_notify($1, '') FROM j",
-                quote_ident(ddl::SCHEMA)
-            ),
-            Tier::Poll => format!(
-                "INSERT INTO {}.journal (channel, payload) VALUES ($1, $2)",
-                quote_ident(ddl::SCHEMA)
-            ),
-        };
-        let channel = channel.name.clone();
-        Box::pin(async move {
-            let client = control.client().await?;
-            client
-                .query_typed(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
-                .await
-                .map_err(|e| Error::db(format!("sending a notification on {channel}"), e))?;
-            Ok(())
-        })
-    }
-
-    fn store_overflow(
+    fn send_custom(
         &self,
-        channel: String,
+        channel: &Channel,
         payload: String,
-    ) -> BoxFuture<'static, Result<String>> {
-        let control = self.control.clone();
-        Box::pin(async move {
-            let client = control.client().await?;
-            let sql = format!(
-                "INSERT INTO {}.overflow (channel, payload) VALUES ($1, $2) RETURNING token::text",
-                quote_ident(ddl::SCHEMA)
-            );
-            let row = client
-                .query_typed_one(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
-                .await
-                .map_err(|e| Error::db(format!("storing an overflow row for {channel}"), e))?;
-            Ok(row.get(0))
-        })
+        value: &Value,
+        allow_overflow: bool,
+    ) -> BoxFuture<'static, Result<()>> {
+        custom::send(&self.control, channel, payload, value, allow_overflow)
     }
 
     fn overflow_store(&self) -> Arc<dyn OverflowStore> {

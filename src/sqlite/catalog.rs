@@ -15,7 +15,7 @@ use super::{ddl, BUSY_TIMEOUT};
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait};
-use crate::watch::{ColumnInfo, ResolvedWatch, TableInfo};
+use crate::resolve::{ColumnInfo, ResolvedWatch, TableInfo};
 
 pub(crate) fn db_err(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error {
     let context = context.into();
@@ -46,7 +46,7 @@ pub(crate) fn describe_table(conn: &Connection, schema: &str, table: &str) -> Re
         });
     }
     let mut stmt = conn
-        .prepare("SELECT name, pk FROM pragma_table_info(?1, 'main') ORDER BY cid")
+        .prepare("SELECT name, pk, type FROM pragma_table_info(?1, 'main') ORDER BY cid")
         .map_err(db_err(context()))?;
     let columns = stmt
         .query_map([table], |r| {
@@ -55,6 +55,7 @@ pub(crate) fn describe_table(conn: &Connection, schema: &str, table: &str) -> Re
                 name: r.get(0)?,
                 pk_position: (pk > 0).then(|| (pk - 1) as usize),
                 has_equality: true,
+                data_type: r.get(2)?,
             })
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())

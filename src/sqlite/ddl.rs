@@ -9,8 +9,8 @@
 //! Infinite REALs are sent as the strings `"Infinity"` / `"-Infinity"` (as PostgreSQL does):
 //! SQLite's JSON writes them as `9.0e+999`, which JSON parsers reject, and the event was lost.
 
+use crate::resolve::ResolvedWatch;
 use crate::sql::{quote_ident, quote_sqlite_literal};
-use crate::watch::ResolvedWatch;
 
 /// Current time as fractional Unix seconds, in SQL every SQLite version understands.
 pub(crate) const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";
@@ -134,7 +134,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
 mod tests {
     use super::*;
     use crate::event::Channel;
-    use crate::event::Operation;
+    use crate::operation::Operation;
 
     fn watch(op: Operation, extra: usize) -> ResolvedWatch {
         ResolvedWatch {
@@ -146,13 +146,14 @@ mod tests {
                 label: Some("o'brien\\x".into()),
                 key_columns: vec!["select".into()],
                 extra_columns: (0..extra).map(|i| format!("c{i}")).collect(),
-                tier: crate::watch::Tier::Notify,
+                tier: crate::tier::Tier::Notify,
                 signed: false,
             },
             trigger_columns: vec![],
+            data_types: Default::default(),
             use_overflow_table: true,
-            tier: crate::watch::Tier::Notify,
-            capture: crate::watch::Capture::Row,
+            tier: crate::tier::Tier::Notify,
+            capture: crate::tier::Capture::Row,
         }
     }
 

@@ -22,12 +22,15 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags};
+use serde_json::Value;
 
 use crate::consumer::ConsumerInfo;
-use crate::dialect::{Dialect, InstallOptions, ListenParams, ListenerHandle, OverflowStore};
+use crate::dialect::{Dialect, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
-use crate::watch::{ResolvedWatch, TableInfo};
+use crate::listener::{ListenParams, ListenerHandle};
+use crate::overflow::OverflowStore;
+use crate::resolve::{ResolvedWatch, TableInfo};
 
 /// How long a sqlnotify connection waits for a lock before giving up.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -129,8 +132,8 @@ impl Dialect for Sqlite {
         "sqlite"
     }
 
-    fn default_schema(&self) -> &'static str {
-        "main"
+    fn default_schema(&self) -> String {
+        "main".to_string()
     }
 
     fn describe_tables(
@@ -178,20 +181,22 @@ impl Dialect for Sqlite {
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
-        let channels = params
-            .channels
-            .iter()
-            .map(|(name, _)| name.clone())
-            .collect();
-        let source = listener::SqliteSource::new(self.path.clone(), channels, self.wake.clone());
+        let source = listener::SqliteSource::new(
+            self.path.clone(),
+            params.channel_names(),
+            self.wake.clone(),
+        );
         Box::pin(crate::listener::start(source, params))
     }
 
-    fn payload_limit(&self, _channel: &Channel) -> Option<usize> {
-        None
-    }
-
-    fn notify(&self, channel: &Channel, payload: String) -> BoxFuture<'static, Result<()>> {
+    /// A journal row, like a trigger's: SQLite has no payload limit, so nothing overflows.
+    fn send_custom(
+        &self,
+        channel: &Channel,
+        payload: String,
+        _value: &Value,
+        _allow_overflow: bool,
+    ) -> BoxFuture<'static, Result<()>> {
         let wake = self.wake.clone();
         let channel = channel.name.clone();
         let appended = self.blocking(move |conn| journal::append(conn, &channel, &payload));
@@ -200,19 +205,6 @@ impl Dialect for Sqlite {
             // Our own write: tell the watcher now instead of waiting for its next check.
             wake.notify_one();
             Ok(())
-        })
-    }
-
-    fn store_overflow(
-        &self,
-        channel: String,
-        _payload: String,
-    ) -> BoxFuture<'static, Result<String>> {
-        Box::pin(async move {
-            Err(Error::InvalidPayload {
-                channel,
-                reason: "SQLite has no payload limit and no overflow table".into(),
-            })
         })
     }
 
@@ -253,14 +245,6 @@ struct JournalStore {
 }
 
 impl OverflowStore for JournalStore {
-    fn fetch(
-        &self,
-        _channel: String,
-        _reference: String,
-    ) -> BoxFuture<'static, Result<Option<String>>> {
-        Box::pin(async { Ok(None) })
-    }
-
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
         run_blocking(self.control.clone(), self.path.clone(), move |conn| {
             consumers::purge(conn, retention)

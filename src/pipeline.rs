@@ -1,0 +1,95 @@
+//! The pipeline after the listener, wired in one place: the in-flight budget, the counters,
+//! the registry and the decoder, for a notifier's channels. `NotifierBuilder::start` puts a
+//! listener in front of it; `bench_support` feeds it by hand.
+//!
+//! The in-flight budget (a `Semaphore`) is what keeps memory bounded: a listener takes one
+//! unit per event before it reads on, and the registry and the subscriber buffers give the
+//! units back once an event is handed over or dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::Semaphore;
+
+use crate::decoder::{Decoder, Retention};
+use crate::event::Channels;
+use crate::lifecycle::{Flush, Shutdown};
+use crate::overflow::OverflowStore;
+use crate::registry::Registry;
+use crate::stats::Counters;
+
+/// Default in-flight budget (events).
+pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
+/// Smallest in-flight budget a notifier accepts: one listener batch must fit.
+pub(crate) const MIN_IN_FLIGHT: usize = 1_024;
+
+/// How the pipeline is sized and paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PipelineOptions {
+    /// The in-flight budget, in events.
+    pub max_in_flight: usize,
+    /// Shortest time between two `Lagged` notices for one subscription.
+    pub lag_interval: Duration,
+    /// How long delivered rows are kept, and how often older ones are purged.
+    pub retention: Retention,
+}
+
+/// A running decoder and registry, with what they share.
+pub(crate) struct Pipeline {
+    /// The channels events arrive on.
+    pub channels: Arc<Channels>,
+    /// The counters every stage adds to.
+    pub stats: Arc<Counters>,
+    /// The in-flight budget: whoever hands the decoder a batch holds one unit per event.
+    pub budget: Arc<Semaphore>,
+    /// Routes events to subscribers.
+    pub registry: Addr<Registry>,
+    /// Decodes batches (resolving references through the store) and passes them on.
+    pub decoder: Addr<Decoder>,
+}
+
+impl Pipeline {
+    /// Starts the registry and the decoder for `channels`; `store` resolves overflow
+    /// references and runs the retention purge. Must run inside an actix system.
+    pub fn start(
+        channels: Channels,
+        store: Arc<dyn OverflowStore>,
+        options: PipelineOptions,
+    ) -> Pipeline {
+        let channels = Arc::new(channels);
+        let stats = Arc::new(Counters::default());
+        let budget = Arc::new(Semaphore::new(options.max_in_flight));
+        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
+            .lag_interval(options.lag_interval)
+            .start();
+        let decoder = Decoder::new(
+            channels.clone(),
+            store,
+            registry.clone(),
+            stats.clone(),
+            options.retention,
+            budget.clone(),
+        )
+        .start();
+        Pipeline {
+            channels,
+            stats,
+            budget,
+            registry,
+            decoder,
+        }
+    }
+
+    /// Resolves once everything handed to the decoder before has been routed and handed
+    /// over, and closure subscribers have run it.
+    pub async fn flush(&self) {
+        let _ = self.decoder.send(Flush).await;
+    }
+
+    /// Stops the decoder and the registry, after what is already in their mailboxes.
+    pub fn shutdown(&self) {
+        self.decoder.do_send(Shutdown);
+        self.registry.do_send(Shutdown);
+    }
+}

@@ -1,0 +1,290 @@
+//! A watch resolved against its table: what a dialect reads from the database catalog
+//! ([`TableInfo`], [`ColumnInfo`]), and the [`ResolvedWatch`] that [`resolve`] makes of a
+//! [`Watch`] and its table — key columns defaulted, every named column checked — from which a
+//! dialect generates its trigger.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::event::Channel;
+use crate::tier::{Capture, Tier};
+use crate::watch::Watch;
+
+/// Prefix of the names statement-capture triggers use internally; a watched column may not
+/// start with it under [`Capture::Statement`].
+const RESERVED_PREFIX: &str = "_sqn_";
+
+/// One column of a watched table, as read from the database catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    /// Column name.
+    pub name: String,
+    /// Position (0-based) in the table's primary key, if it is part of it.
+    pub pk_position: Option<usize>,
+    /// Whether the column's type has an equality operator (PostgreSQL's `json` has none, so it
+    /// is compared as text in `trigger_columns` checks).
+    pub has_equality: bool,
+    /// The column's type as the catalog names it (PostgreSQL's `format_type`, SQLite's
+    /// declared type, MySQL's `DATA_TYPE`); MySQL's triggers convert some types' values for
+    /// the payload. Empty when unknown.
+    pub data_type: String,
+}
+
+/// A watched table as read from the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// Columns in table order.
+    pub columns: Vec<ColumnInfo>,
+}
+
+impl TableInfo {
+    fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The primary key columns in key order.
+    pub fn primary_key(&self) -> Vec<String> {
+        let mut pk: Vec<&ColumnInfo> = self
+            .columns
+            .iter()
+            .filter(|c| c.pk_position.is_some())
+            .collect();
+        pk.sort_by_key(|c| c.pk_position);
+        pk.into_iter().map(|c| c.name.clone()).collect()
+    }
+}
+
+/// A watch validated against its table: everything a dialect needs to generate its trigger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedWatch {
+    /// The channel description events will share.
+    pub channel: Channel,
+    /// UPDATE-only change columns, with whether their type has an equality operator.
+    pub trigger_columns: Vec<(String, bool)>,
+    /// The catalog type ([`ColumnInfo::data_type`]) of every column the payload carries.
+    pub data_types: BTreeMap<String, String>,
+    /// Whether oversized rows go to the overflow table.
+    pub use_overflow_table: bool,
+    /// How events travel.
+    pub tier: Tier,
+    /// How the trigger captures rows.
+    pub capture: Capture,
+}
+
+impl ResolvedWatch {
+    /// The trigger event (`INSERT`, `DELETE`, `UPDATE` or `UPDATE OF "a", "b"`) and, for
+    /// `trigger_columns`, the condition "one of them really changed": `changed` renders the
+    /// test for one quoted column (given whether its type has an equality operator) and the
+    /// tests are OR-ed. Shared by the dialects' trigger generators.
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    pub(crate) fn trigger_event(
+        &self,
+        changed: impl Fn(&str, bool) -> String,
+    ) -> (String, Option<String>) {
+        let keyword = self.channel.operation.sql_keyword();
+        if self.trigger_columns.is_empty() {
+            return (keyword.to_string(), None);
+        }
+        let quoted: Vec<String> = self
+            .trigger_columns
+            .iter()
+            .map(|(c, _)| crate::sql::quote_ident(c))
+            .collect();
+        let tests: Vec<String> = quoted
+            .iter()
+            .zip(&self.trigger_columns)
+            .map(|(q, (_, has_eq))| changed(q, *has_eq))
+            .collect();
+        (
+            format!("{keyword} OF {}", quoted.join(", ")),
+            Some(tests.join(" OR ")),
+        )
+    }
+}
+
+/// Validates `watch` against `table` (read from the catalog) and resolves its defaults.
+pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
+    let unknown = |column: &str, list| Error::UnknownColumn {
+        schema: table.schema.clone(),
+        table: table.table.clone(),
+        column: column.to_string(),
+        list,
+    };
+    let table_pk = table.primary_key();
+    let key_columns = match &watch.primary_keys {
+        Some(keys) => {
+            for key in keys {
+                let column = table
+                    .column(key)
+                    .ok_or_else(|| unknown(key, "primary_keys"))?;
+                if !table_pk.is_empty() && column.pk_position.is_none() {
+                    return Err(Error::NotPrimaryKey {
+                        schema: table.schema.clone(),
+                        table: table.table.clone(),
+                        column: key.clone(),
+                    });
+                }
+            }
+            dedup(keys.iter().cloned())
+        }
+        None if table_pk.is_empty() => {
+            return Err(Error::NoPrimaryKey {
+                schema: table.schema.clone(),
+                table: table.table.clone(),
+            })
+        }
+        None => table_pk,
+    };
+    for column in &watch.extra_columns {
+        table
+            .column(column)
+            .ok_or_else(|| unknown(column, "extra_columns"))?;
+    }
+    let extra_columns = dedup(
+        watch
+            .extra_columns
+            .iter()
+            .filter(|c| !key_columns.contains(c))
+            .cloned(),
+    );
+    let mut trigger_columns = Vec::new();
+    for name in dedup(watch.trigger_columns.iter().cloned()) {
+        let column = table
+            .column(&name)
+            .ok_or_else(|| unknown(&name, "trigger_columns"))?;
+        trigger_columns.push((name, column.has_equality));
+    }
+    if watch.capture == Capture::Statement {
+        let reserved = key_columns
+            .iter()
+            .chain(&extra_columns)
+            .chain(trigger_columns.iter().map(|(c, _)| c))
+            .find(|c| c.starts_with(RESERVED_PREFIX));
+        if let Some(column) = reserved {
+            return Err(Error::InvalidWatch {
+                watch: watch.describe(),
+                reason: format!(
+                    "column {column:?}: names starting with {RESERVED_PREFIX:?} are reserved for \
+                     the statement-capture trigger's own names; use Capture::Row for this table"
+                ),
+            });
+        }
+    }
+    let data_types = key_columns
+        .iter()
+        .chain(&extra_columns)
+        .filter_map(|name| Some((name.clone(), table.column(name)?.data_type.clone())))
+        .collect();
+    Ok(ResolvedWatch {
+        channel: Channel {
+            name: watch.channel_name(),
+            schema: table.schema.clone(),
+            table: table.table.clone(),
+            operation: watch.operation,
+            label: watch.channel_label.clone(),
+            key_columns,
+            extra_columns,
+            tier: watch.tier,
+            signed: false,
+        },
+        trigger_columns,
+        data_types,
+        use_overflow_table: watch.use_overflow_table,
+        tier: watch.tier,
+        capture: watch.capture,
+    })
+}
+
+fn dedup(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operation::Operation;
+
+    fn users() -> TableInfo {
+        let col = |name: &str, pk: Option<usize>, eq: bool| ColumnInfo {
+            name: name.into(),
+            pk_position: pk,
+            has_equality: eq,
+            data_type: "text".into(),
+        };
+        TableInfo {
+            schema: "public".into(),
+            table: "users".into(),
+            columns: vec![
+                col("tenant", Some(0), true),
+                col("id", Some(1), true),
+                col("email", None, true),
+                col("doc", None, false),
+            ],
+        }
+    }
+
+    #[test]
+    fn default_key_is_the_real_composite_primary_key() {
+        let r = resolve(
+            &Watch::new("users", Operation::Insert).extra_columns(["email", "id"]),
+            &users(),
+        )
+        .unwrap();
+        assert_eq!(r.channel.key_columns, ["tenant", "id"]);
+        assert_eq!(r.channel.extra_columns, ["email"]);
+        assert_eq!(r.channel.name, "sqlnotify_public_users_insert");
+    }
+
+    #[test]
+    fn each_list_reports_its_unknown_column() {
+        let t = users();
+        for (watch, list) in [
+            (
+                Watch::new("users", Operation::Update).extra_columns(["nope"]),
+                "extra_columns",
+            ),
+            (
+                Watch::new("users", Operation::Update).trigger_columns(["nope"]),
+                "trigger_columns",
+            ),
+            (
+                Watch::new("users", Operation::Update).primary_keys(["nope"]),
+                "primary_keys",
+            ),
+        ] {
+            match resolve(&watch, &t) {
+                Err(Error::UnknownColumn {
+                    column, list: l, ..
+                }) => assert_eq!((column.as_str(), l), ("nope", list)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            resolve(&Watch::new("users", Operation::Update).primary_keys(["email"]), &t),
+            Err(Error::NotPrimaryKey { column, .. }) if column == "email"
+        ));
+    }
+
+    #[test]
+    fn trigger_columns_remember_equality() {
+        let r = resolve(
+            &Watch::new("users", Operation::Update).trigger_columns(["email", "doc"]),
+            &users(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.trigger_columns,
+            [("email".to_string(), true), ("doc".to_string(), false)]
+        );
+    }
+}
