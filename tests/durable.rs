@@ -3,6 +3,7 @@
 //! a running process never sees a duplicate.
 
 mod common;
+mod scenarios;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -130,62 +131,6 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed_20_times(
             &format!("{tier:?}"),
         )
         .await;
-        notifier.stop().await.unwrap();
-    }
-}
-
-#[actix_rt::test]
-async fn a_named_consumer_resumes_after_a_restart_and_a_new_one_starts_at_now() {
-    for tier in TIERS {
-        let db = TestDb::new().await;
-        db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-        let builder = Notifier::builder(&db.url)
-            .watch(Watch::new("t", Insert).tier(tier))
-            .consumer("billing");
-        let notifier = builder.start().await.unwrap();
-        let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
-        db.exec("INSERT INTO t VALUES (1), (2), (3)").await;
-        let ids: Vec<_> = ev.take(3).await.iter().map(|e| e.id().as_i64()).collect();
-        assert_eq!(ids, [Some(1), Some(2), Some(3)], "{tier:?}");
-        notifier.stop().await.unwrap();
-
-        db.exec("INSERT INTO t VALUES (4); INSERT INTO t VALUES (5)")
-            .await; // while stopped
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let collector = common::Forward(tx).start_actor();
-        let notifier = builder
-            .clone()
-            .subscribe(Subscription::new("t", Insert), collector.recipient())
-            .start()
-            .await
-            .unwrap();
-        db.exec("INSERT INTO t VALUES (6)").await;
-        let mut ids = Vec::new();
-        while ids.len() < 3 {
-            let e = tokio::time::timeout(common::ARRIVES_WITHIN, rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            ids.push(e.id().as_i64().unwrap());
-        }
-        assert_eq!(
-            ids,
-            [4, 5, 6],
-            "{tier:?}: the rows missed while down, then new ones, no repeats"
-        );
-
-        // A consumer that never ran starts at "now".
-        let fresh = Notifier::builder(&db.url)
-            .watch(Watch::new("t", Insert).tier(tier))
-            .consumer("audit")
-            .start()
-            .await
-            .unwrap();
-        let mut fresh_ev = Events::subscribe(&fresh, Subscription::new("t", Insert)).await;
-        db.exec("INSERT INTO t VALUES (7)").await;
-        assert_eq!(fresh_ev.next().await.id().as_i64(), Some(7));
-        fresh_ev.assert_empty();
-        fresh.stop().await.unwrap();
         notifier.stop().await.unwrap();
     }
 }
@@ -702,4 +647,22 @@ async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_us
         ("legacy", sqlnotify::ConsumerState::Active)
     );
     notifier.stop().await.unwrap();
+}
+
+// The shared journal scenarios (tests/scenarios/), on both journal tiers.
+
+mod durable_tier {
+    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Durable).await =>
+        resume::a_named_consumer_resumes_where_it_stopped,
+        resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
+        custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
+    );
+}
+
+mod poll_tier {
+    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Poll).await =>
+        resume::a_named_consumer_resumes_where_it_stopped,
+        resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
+        custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
+    );
 }

@@ -2,6 +2,7 @@
 //! start/stop, externally managed DDL, stop semantics, restart, stats and subscriber panics.
 
 mod common;
+mod scenarios;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -307,4 +308,20 @@ async fn a_panicking_subscriber_is_isolated() {
         "the panicking subscriber got the next event too"
     );
     assert_eq!(notifier.stats().await.unwrap().subscriber_panics, 1);
+}
+
+// The shared lifecycle scenarios (tests/scenarios/lifecycle.rs), on both kinds of tier.
+
+mod notify_tier {
+    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Notify).await =>
+        lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
+        lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
+    );
+}
+
+mod durable_tier {
+    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Durable).await =>
+        lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
+        lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
+    );
 }

@@ -1,8 +1,14 @@
-//! Shared test helpers: a throwaway PostgreSQL database per test, and event collection with
-//! bounded waits (never bare sleeps).
+//! Shared test helpers: a throwaway PostgreSQL database per test (and in [`sqlite`] and
+//! [`mysql`] their SQLite and MySQL counterparts, behind [`backend::Backend`] for the shared
+//! scenarios), and event collection with bounded waits (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod consumers;
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 #[cfg(feature = "sqlite")]
 pub mod sqlite_file;
 
@@ -243,6 +249,14 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
     } else {
         format!("{url} dbname={dbname}")
     }
+}
+
+/// The integer keys of `events`, in order.
+pub fn ids(events: &[ChangeEvent]) -> Vec<i64> {
+    events
+        .iter()
+        .map(|e| e.id().as_i64().expect("an integer key"))
+        .collect()
 }
 
 /// Events collected by a closure subscriber.
