@@ -936,12 +936,15 @@ mod tests {
     }
 
     /// A subscriber whose channel holds one event, with a buffer of `buffer` under `policy`:
-    /// routes `events` (id, email) while nobody reads, then reads until the buffer is empty.
+    /// routes `events` (id, email) in one batch while nobody reads, then reads until the
+    /// buffer is empty, and asserts it got `expected`, in order, and that what it lost was
+    /// counted and reported to it in one `Lagged` notice.
     async fn through_a_stuck_subscriber(
         policy: OverflowPolicy,
         buffer: usize,
         events: &[(i64, &str)],
-    ) -> (Vec<(i64, String)>, Vec<Status>, crate::Stats) {
+        expected: &[(i64, &str)],
+    ) {
         let h = Harness::start();
         let mut statuses = statuses(&h).await;
         let (id, rx) = h
@@ -984,80 +987,54 @@ mod tests {
             rx.try_iter()
                 .map(|e| (e.id().as_i64().unwrap(), "late".into())),
         );
+        let expected: Vec<(i64, String)> =
+            expected.iter().map(|(i, e)| (*i, e.to_string())).collect();
+        assert_eq!(got, expected);
+        let lost = (events.len() - expected.len()) as u64;
         let stats = h.stats.snapshot();
-        let mut lagged = Vec::new();
-        if stats.dropped > 0 {
-            lagged.push(next_status(&mut statuses).await);
-        }
-        while let Ok(status) = statuses.try_recv() {
-            lagged.push(status);
-        }
-        assert!(
-            lagged
-                .iter()
-                .all(|s| matches!(s, Status::Lagged { subscription, .. } if *subscription == id)),
-            "{lagged:?}"
+        assert_eq!(
+            (stats.delivered, stats.dropped),
+            (expected.len() as u64, lost)
         );
-        (got, lagged, stats)
-    }
-
-    fn owned(events: &[(i64, &str)]) -> Vec<(i64, String)> {
-        events.iter().map(|(i, e)| (*i, e.to_string())).collect()
+        if lost > 0 {
+            assert_eq!(
+                next_status(&mut statuses).await,
+                Status::Lagged {
+                    subscription: id,
+                    dropped: lost
+                }
+            );
+        }
+        assert_eq!(statuses.try_recv().ok(), None);
     }
 
     #[actix_rt::test]
     async fn wait_hands_over_every_event_in_order_however_small_the_buffer() {
         let events = [(1, "a"), (2, "b"), (1, "c"), (3, "d"), (4, "e"), (5, "f")];
-        let (got, lagged, stats) =
-            through_a_stuck_subscriber(OverflowPolicy::Wait, 1, &events).await;
-        assert_eq!(got, owned(&events));
-        assert_eq!(lagged, []);
-        assert_eq!((stats.delivered, stats.dropped), (6, 0));
+        through_a_stuck_subscriber(OverflowPolicy::Wait, 1, &events, &events).await;
     }
 
     #[actix_rt::test]
     async fn drop_oldest_keeps_the_newest_events_in_order_and_reports_the_rest() {
         let events = [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e"), (6, "f")];
-        let (got, lagged, stats) =
-            through_a_stuck_subscriber(OverflowPolicy::DropOldest, 2, &events).await;
         // 1 fills the channel; of 2..=6 the buffer of 2 keeps the newest
-        assert_eq!(got, owned(&[(1, "a"), (5, "e"), (6, "f")]));
-        assert_eq!((stats.delivered, stats.dropped), (3, 3));
-        let reported: u64 = lagged
-            .iter()
-            .map(|s| match s {
-                Status::Lagged { dropped, .. } => *dropped,
-                _ => 0,
-            })
-            .sum();
-        assert_eq!(reported, 3);
+        let expected = [(1, "a"), (5, "e"), (6, "f")];
+        through_a_stuck_subscriber(OverflowPolicy::DropOldest, 2, &events, &expected).await;
     }
 
     #[actix_rt::test]
     async fn keep_latest_per_key_replaces_a_waiting_event_of_the_same_row_in_place() {
         let events = [(1, "a"), (2, "b"), (3, "c"), (2, "d"), (3, "e"), (2, "f")];
-        let (got, lagged, stats) =
-            through_a_stuck_subscriber(OverflowPolicy::KeepLatestPerKey, 10, &events).await;
         // 1 fills the channel; 2 and 3 wait and are replaced where they stand
-        assert_eq!(got, owned(&[(1, "a"), (2, "f"), (3, "e")]));
-        assert_eq!((stats.delivered, stats.dropped), (3, 3));
-        let reported: u64 = lagged
-            .iter()
-            .map(|s| match s {
-                Status::Lagged { dropped, .. } => *dropped,
-                _ => 0,
-            })
-            .sum();
-        assert_eq!(reported, 3);
+        let expected = [(1, "a"), (2, "f"), (3, "e")];
+        through_a_stuck_subscriber(OverflowPolicy::KeepLatestPerKey, 10, &events, &expected).await;
     }
 
     #[actix_rt::test]
     async fn keep_latest_per_key_drops_the_oldest_row_when_full_of_distinct_rows() {
         let events = [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (3, "e")];
-        let (got, _, stats) =
-            through_a_stuck_subscriber(OverflowPolicy::KeepLatestPerKey, 2, &events).await;
         // 1 fills the channel; 2, 3 wait; 4 pushes 2 out; 3's newer state replaces it
-        assert_eq!(got, owned(&[(1, "a"), (3, "e"), (4, "d")]));
-        assert_eq!((stats.delivered, stats.dropped), (3, 2));
+        let expected = [(1, "a"), (3, "e"), (4, "d")];
+        through_a_stuck_subscriber(OverflowPolicy::KeepLatestPerKey, 2, &events, &expected).await;
     }
 }

@@ -12,7 +12,7 @@ use common::consumers::ConsumerDb;
 use common::{assert_every_row_once_through_kills, wait_until, Events, TestDb};
 use futures_util::future::join_all;
 use sqlnotify::Operation::Insert;
-use sqlnotify::{ConsumerPosition, Notifier, Status, StatusEvent, Subscription, Tier, Watch};
+use sqlnotify::{ConsumerPosition, Notifier, Status, Subscription, Tier, Watch};
 use tokio::sync::mpsc;
 
 const TIERS: [Tier; 2] = [Tier::Durable, Tier::Poll];
@@ -281,13 +281,7 @@ async fn a_server_restart_loses_nothing_on_the_durable_tier() {
         })
         .await
         .unwrap();
-    let (status_tx, mut statuses) = mpsc::unbounded_channel();
-    notifier
-        .subscribe_status_fn(move |e: StatusEvent| {
-            let _ = status_tx.send(e.status);
-        })
-        .await
-        .unwrap();
+    let mut statuses = common::statuses(&notifier).await;
     let writer = common::connect(&cluster.url()).await;
     writer
         .batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
@@ -562,19 +556,12 @@ impl Roles {
 impl Drop for Roles {
     fn drop(&mut self) {
         let names = self.0.join(", ");
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let admin = common::connect(&common::server_url()).await;
-                let _ = admin
-                    .batch_execute(&format!("DROP ROLE IF EXISTS {names}"))
-                    .await;
-            })
-        })
-        .join();
+        common::on_a_runtime_of_its_own(async move {
+            let admin = common::connect(&common::server_url()).await;
+            let _ = admin
+                .batch_execute(&format!("DROP ROLE IF EXISTS {names}"))
+                .await;
+        });
     }
 }
 

@@ -499,21 +499,14 @@ impl TriggerOnlyRole {
 impl Drop for TriggerOnlyRole {
     fn drop(&mut self) {
         let (name, db) = (self.name.clone(), self.db.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let client = common::connect(&with_dbname(&common::server_url(), &db)).await;
-                let _ = client
-                    .batch_execute(&format!(
-                        "DROP OWNED BY \"{name}\" CASCADE; DROP ROLE IF EXISTS \"{name}\""
-                    ))
-                    .await;
-            })
-        })
-        .join();
+        common::on_a_runtime_of_its_own(async move {
+            let client = common::connect(&with_dbname(&common::server_url(), &db)).await;
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP OWNED BY \"{name}\" CASCADE; DROP ROLE IF EXISTS \"{name}\""
+                ))
+                .await;
+        });
     }
 }
 

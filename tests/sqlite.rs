@@ -14,7 +14,6 @@ use common::{ids, wait_until, Events, ARRIVES_WITHIN};
 use rusqlite::Connection;
 use serde_json::json;
 use sqlnotify::{Error, Notifier, Operation, Subscription, Watch};
-use tokio::sync::mpsc;
 
 /// Set in a child process re-executing this test binary: the database file it writes to.
 const CHILD_ENV: &str = "SQLNOTIFY_SQLITE_CHILD";
@@ -297,84 +296,36 @@ async fn text_that_is_not_utf8_does_not_wedge_the_listener() {
 // 3. Validation
 // ---------------------------------------------------------------------------------------------
 
+/// SQLite's own schemas (what the shared validation scenario cannot name): `temp` and a
+/// database that is not attached are unknown; nothing is installed.
 #[actix_rt::test]
-async fn invalid_watches_fail_through_the_catalog_and_install_nothing() {
+async fn watches_in_temp_or_an_unattached_database_name_the_schema_and_install_nothing() {
     let db = TempDb::new();
-    db.exec(
-        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT); \
-         CREATE TABLE logs (msg TEXT, at REAL); \
-         CREATE VIEW active AS SELECT * FROM users;",
-    );
+    db.exec("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)");
     let ok = Watch::new("users", Operation::Insert).extra_columns(["email"]);
-    let start = |bad: Watch| {
-        let builder = Notifier::builder(db.url()).watch(ok.clone()).watch(bad);
-        async move { builder.start().await.unwrap_err() }
-    };
-
-    let e = start(Watch::new("nope", Operation::Insert)).await;
-    assert!(
-        matches!(&e, Error::UnknownTable { schema, table } if schema == "main" && table == "nope"),
-        "{e:?}"
-    );
-    let e = start(Watch::new("users", Operation::Update).extra_columns(["name"])).await;
-    assert!(
-        matches!(&e, Error::UnknownColumn { column, list: "extra_columns", .. } if column == "name"),
-        "{e:?}"
-    );
-    let e = start(Watch::new("users", Operation::Update).trigger_columns(["name"])).await;
-    assert!(
-        matches!(&e, Error::UnknownColumn { column, list: "trigger_columns", .. } if column == "name"),
-        "{e:?}"
-    );
-    let e = start(Watch::new("users", Operation::Update).primary_keys(["name"])).await;
-    assert!(
-        matches!(&e, Error::UnknownColumn { column, list: "primary_keys", .. } if column == "name"),
-        "{e:?}"
-    );
-    let e = start(Watch::new("users", Operation::Update).primary_keys(["email"])).await;
-    assert!(
-        matches!(&e, Error::NotPrimaryKey { column, table, .. } if column == "email" && table == "users"),
-        "{e:?}"
-    );
-    let e = start(Watch::new("logs", Operation::Insert)).await;
-    assert!(
-        matches!(&e, Error::NoPrimaryKey { table, .. } if table == "logs"),
-        "{e:?}"
-    );
-    let e = start(Watch::new("active", Operation::Insert)).await;
-    assert!(
-        matches!(&e, Error::UnknownTable { table, .. } if table == "active"),
-        "a view is not a table: {e:?}"
-    );
-    let e = start(Watch::new("other.t", Operation::Insert)).await;
-    assert!(
-        matches!(&e, Error::UnknownSchema { schema } if schema == "other"),
-        "{e:?}"
-    );
-    let e = start(Watch::new("users", Operation::Insert).schema("temp")).await;
-    assert!(
-        matches!(&e, Error::UnknownSchema { schema } if schema == "temp"),
-        "{e:?}"
-    );
-
-    // nothing was installed by any failed start
+    for (bad, schema) in [
+        (Watch::new("other.t", Operation::Insert), "other"),
+        (
+            Watch::new("users", Operation::Insert).schema("temp"),
+            "temp",
+        ),
+    ] {
+        let e = Notifier::builder(db.url())
+            .watch(ok.clone())
+            .watch(bad)
+            .start()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::UnknownSchema { schema: s } if s == schema),
+            "{e:?}"
+        );
+    }
     assert_eq!(db.triggers(), Vec::<String>::new());
     assert_eq!(
         db.count("SELECT count(*) FROM sqlite_master WHERE name LIKE 'sqlnotify%'"),
         0
     );
-
-    // a table without a primary key works when the watch names the key columns
-    let notifier = Notifier::builder(db.url())
-        .watch(ok)
-        .watch(Watch::new("logs", Operation::Insert).primary_keys(["msg"]))
-        .start()
-        .await
-        .unwrap();
-    let mut ev = Events::subscribe(&notifier, Subscription::new("logs", Operation::Insert)).await;
-    db.exec("INSERT INTO logs VALUES ('hello', 1.0)");
-    assert_eq!(ev.next().await.id().as_str(), Some("hello"));
-    notifier.stop().await.unwrap();
 }
 
 #[actix_rt::test]
@@ -701,25 +652,14 @@ async fn a_watcher_that_fails_is_restarted_and_resumes_from_its_cursor() {
         .await
         .unwrap();
     let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
-    let (status_tx, mut statuses) = mpsc::unbounded_channel();
-    notifier
-        .subscribe_status_fn(move |e: sqlnotify::StatusEvent| {
-            let _ = status_tx.send(e.status);
-        })
-        .await
-        .unwrap();
+    let mut statuses = common::statuses(&notifier).await;
     db.exec("INSERT INTO t VALUES (1)");
     assert_eq!(events.next().await.id().as_i64(), Some(1));
 
     db.exec("ALTER TABLE sqlnotify_journal RENAME TO sqlnotify_journal_away");
     db.exec("INSERT INTO t VALUES (2), (3), (4)");
-    async fn next_status(rx: &mut mpsc::UnboundedReceiver<sqlnotify::Status>) -> sqlnotify::Status {
-        tokio::time::timeout(Duration::from_secs(30), rx.recv())
-            .await
-            .expect("a status should arrive")
-            .unwrap()
-    }
-    match next_status(&mut statuses).await {
+    let within = Duration::from_secs(30);
+    match common::next_status_within(&mut statuses, within).await {
         sqlnotify::Status::Disconnected { error } => {
             assert!(error.contains("sqlnotify_journal"), "{error}")
         }
@@ -728,14 +668,14 @@ async fn a_watcher_that_fails_is_restarted_and_resumes_from_its_cursor() {
     db.exec("ALTER TABLE sqlnotify_journal_away RENAME TO sqlnotify_journal");
     // Restarted (possibly after more failed attempts while the journal was away).
     loop {
-        match next_status(&mut statuses).await {
+        match common::next_status_within(&mut statuses, within).await {
             sqlnotify::Status::Disconnected { .. } => continue,
             sqlnotify::Status::Connected => break,
             other => panic!("unexpected {other:?}"),
         }
     }
     assert!(matches!(
-        next_status(&mut statuses).await,
+        common::next_status_within(&mut statuses, within).await,
         sqlnotify::Status::Resynced { replayed: 3 }
     ));
     let ids: Vec<i64> = events
@@ -903,6 +843,7 @@ scenarios!(TempDb::new() =>
     custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
     lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
     lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
+    validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
     resume::a_named_consumer_resumes_where_it_stopped,
     resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
     resume::a_running_consumer_saves_its_cursor_while_the_database_is_idle,

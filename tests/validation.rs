@@ -3,6 +3,7 @@
 //! listener connects with exactly the settings the user gave.
 
 mod common;
+mod scenarios;
 
 use common::{Events, TestDb};
 use serde_json::json;
@@ -749,4 +750,12 @@ async fn a_unix_socket_url_works() {
     db.exec("INSERT INTO t VALUES (5)").await;
     assert_eq!(ev.next().await.id().as_i64(), Some(5));
     notifier.stop().await.unwrap();
+}
+
+// The shared validation scenario (tests/scenarios/validation.rs).
+
+mod notify_tier {
+    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Notify).await =>
+        validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
+    );
 }

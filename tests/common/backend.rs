@@ -65,6 +65,9 @@ pub trait Backend {
     async fn installed_triggers(&self) -> Vec<String>;
     /// The channels recorded in the catalog, sorted.
     async fn catalog_channels(&self) -> Vec<String>;
+    /// How many sqlnotify objects there are besides triggers (tables, functions; PostgreSQL:
+    /// functions and catalog rows).
+    async fn sqlnotify_objects(&self) -> i64;
     /// The journal table (PostgreSQL: of the journal tiers).
     fn journal_table(&self) -> &'static str {
         match self.kind() {
@@ -144,6 +147,28 @@ impl Backend for Pg {
             "SELECT channel FROM sqlnotify.catalog ORDER BY channel",
         )
         .await
+    }
+    async fn sqlnotify_objects(&self) -> i64 {
+        let functions = self
+            .db
+            .count(
+                "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = 'sqlnotify'",
+            )
+            .await;
+        let catalog = self
+            .db
+            .count("SELECT (to_regclass('sqlnotify.catalog') IS NOT NULL)::int::int8")
+            .await;
+        let rows = match catalog {
+            1 => {
+                self.db
+                    .count("SELECT count(*) FROM sqlnotify.catalog")
+                    .await
+            }
+            _ => 0,
+        };
+        functions + rows
     }
     async fn definition(&self, channel: &str) -> String {
         strings(

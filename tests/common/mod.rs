@@ -106,17 +106,7 @@ impl TestDb {
 
     async fn create(admin_url: &str, options: &str) -> TestDb {
         init_logging();
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "sqlnotify_test_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos % 100_000
-        );
+        let name = unique_name("sqlnotify_test");
         let admin_url = admin_url.to_string();
         let admin = connect(&admin_url).await;
         admin
@@ -195,28 +185,50 @@ impl Drop for TestDb {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         let roles = std::mem::take(&mut *self.roles.lock().unwrap_or_else(|p| p.into_inner()));
         // Drop runs outside async; use a runtime of our own on a plain thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url, NoTls).await {
-                    tokio::spawn(conn);
+        on_a_runtime_of_its_own(async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(&admin_url, NoTls).await {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+                // Privileges lived in the dropped database only: the roles can go now.
+                for role in roles {
                     let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
                         .await;
-                    // Privileges lived in the dropped database only: the roles can go now.
-                    for role in roles {
-                        let _ = client
-                            .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
-                            .await;
-                    }
                 }
-            })
-        })
-        .join();
+            }
+        });
     }
+}
+
+/// Runs `work` to completion on a runtime of its own on a plain thread, and waits for it:
+/// for `Drop` implementations, which run outside async code (also inside a test's runtime).
+pub fn on_a_runtime_of_its_own(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work)
+    })
+    .join();
+}
+
+/// A name no other test (in this process or another) uses: `prefix`, the process id, a
+/// counter and the clock's nanoseconds.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos % 100_000
+    )
 }
 
 /// `url` connecting as `user` with `password` (URL or key=value form).
@@ -309,6 +321,34 @@ impl Events {
             panic!("unexpected event: {:?} {:?}", e.channel(), e.to_json());
         }
     }
+}
+
+/// The status messages of `notifier`, through a channel.
+pub async fn statuses(notifier: &Notifier) -> mpsc::UnboundedReceiver<sqlnotify::Status> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |e: sqlnotify::StatusEvent| {
+            let _ = tx.send(e.status);
+        })
+        .await
+        .unwrap();
+    rx
+}
+
+/// The next status message; panics if none arrives within [`ARRIVES_WITHIN`].
+pub async fn next_status(rx: &mut mpsc::UnboundedReceiver<sqlnotify::Status>) -> sqlnotify::Status {
+    next_status_within(rx, ARRIVES_WITHIN).await
+}
+
+/// The next status message; panics if none arrives within `within`.
+pub async fn next_status_within(
+    rx: &mut mpsc::UnboundedReceiver<sqlnotify::Status>,
+    within: Duration,
+) -> sqlnotify::Status {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .expect("a status should have arrived")
+        .expect("the status subscription is alive")
 }
 
 /// Waits until `check` returns true, polling every 20 ms, up to `limit`.
@@ -660,13 +700,7 @@ pub async fn assert_every_row_once_through_kills<W>(
         )
         .await
         .unwrap();
-    let (status_tx, mut statuses) = mpsc::unbounded_channel();
-    notifier
-        .subscribe_status_fn(move |e: sqlnotify::StatusEvent| {
-            let _ = status_tx.send(e.status);
-        })
-        .await
-        .unwrap();
+    let mut statuses = statuses(notifier).await;
     let (committed, ()) = tokio::join!(writes, kill_listener(db, kills));
     let committed: std::collections::HashSet<i64> = committed.into_iter().collect();
     let mut seen = std::collections::HashSet::new();

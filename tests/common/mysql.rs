@@ -2,8 +2,7 @@
 //! `SQLNOTIFY_TEST_MYSQL_URL` ([`TestDb`]), with the [`Backend`] and [`ConsumerDb`]
 //! implementations the shared scenarios run on.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts};
@@ -67,17 +66,7 @@ impl TestDb {
     /// A database of its own on the server `server` (an administrator's URL) connects to.
     pub async fn on(server: &str) -> TestDb {
         super::init_logging();
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "sqlnotify_test_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos % 100_000
-        );
+        let name = super::unique_name("sqlnotify_test");
         let mut admin = connect(server).await;
         admin
             .query_drop(format!(
@@ -154,23 +143,16 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let (name, server) = (self.name.clone(), self.server.clone());
         // Drop runs outside async; use a runtime of our own on a plain thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(opts) = Opts::from_url(&server) {
-                    if let Ok(mut conn) = Conn::new(opts).await {
-                        let _ = conn
-                            .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                            .await;
-                        let _ = conn.disconnect().await;
-                    }
+        super::on_a_runtime_of_its_own(async move {
+            if let Ok(opts) = Opts::from_url(&server) {
+                if let Ok(mut conn) = Conn::new(opts).await {
+                    let _ = conn
+                        .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                        .await;
+                    let _ = conn.disconnect().await;
                 }
-            })
-        })
-        .join();
+            }
+        });
     }
 }
 
@@ -306,6 +288,14 @@ impl Backend for TestDb {
     }
     async fn catalog_channels(&self) -> Vec<String> {
         self.catalog().await
+    }
+    async fn sqlnotify_objects(&self) -> i64 {
+        self.count(&format!(
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}' \
+             AND TABLE_NAME LIKE 'sqlnotify%'",
+            self.name
+        ))
+        .await
     }
     async fn definition(&self, channel: &str) -> String {
         installed(self, channel).await.2

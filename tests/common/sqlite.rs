@@ -2,8 +2,7 @@
 //! [`Backend`] and [`ConsumerDb`] implementations the shared scenarios run on.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::Connection;
 use sqlnotify::{Operation, Watch};
@@ -20,17 +19,7 @@ pub struct TempDb {
 impl TempDb {
     pub fn new() -> TempDb {
         super::init_logging();
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "sqlnotify-sqlite-test-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos
-        ));
+        let dir = std::env::temp_dir().join(super::unique_name("sqlnotify-sqlite-test"));
         std::fs::create_dir_all(&dir).expect("create the test directory");
         let path = dir.join("app.db");
         // Creates the file (sqlnotify itself never creates one).
@@ -226,6 +215,9 @@ impl Backend for TempDb {
     }
     async fn catalog_channels(&self) -> Vec<String> {
         self.catalog()
+    }
+    async fn sqlnotify_objects(&self) -> i64 {
+        self.count("SELECT count(*) FROM sqlite_master WHERE name LIKE 'sqlnotify%'")
     }
     async fn definition(&self, channel: &str) -> String {
         self.conn()

@@ -4,7 +4,7 @@
 //!
 //! By topic: [`delivery`] (operations, keys, filters, trigger columns, several notifiers),
 //! [`custom`] (custom notifications), [`lifecycle`] (drift, revoke, cleanup) and [`resume`]
-//! (named consumers resuming after a restart). Named-consumer retention scenarios are in
+//! (named consumers resuming after a restart) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
 //! `common/consumers.rs`.
 #![allow(dead_code)]
 
@@ -12,6 +12,7 @@ pub mod custom;
 pub mod delivery;
 pub mod lifecycle;
 pub mod resume;
+pub mod validation;
 
 /// `#[actix_rt::test]` functions running scenarios on the backend `$backend` (an expression
 /// evaluated afresh in every test, e.g. `TempDb::new()` or `Pg::new(Tier::Durable).await`):
