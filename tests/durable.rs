@@ -551,6 +551,18 @@ impl Roles {
             .await;
         }
     }
+
+    /// The owner installs the scenarios' watches; then the consumer (user 0) and the purging
+    /// application (user 1) get what an application needs and connect as roles of their own.
+    async fn apps<'a>(&self, db: &'a TestDb) -> common::consumers::AsRoles<'a, TestDb> {
+        common::consumers::install_as_owner(db).await;
+        self.grant(db).await;
+        common::consumers::AsRoles {
+            db,
+            consumer_url: self.url(&db.url, 0),
+            purger_url: self.url(&db.url, 1),
+        }
+    }
 }
 
 impl Drop for Roles {
@@ -569,13 +581,7 @@ impl Drop for Roles {
 async fn applications_with_roles_of_their_own_keep_each_others_rows() {
     let roles = Roles::new(&["consumer", "purger"]);
     let db = consumer_db().await;
-    common::consumers::install_as_owner(&db).await;
-    roles.grant(&db).await;
-    let apps = common::consumers::AsRoles {
-        db: &db,
-        consumer_url: roles.url(&db.url, 0),
-        purger_url: roles.url(&db.url, 1),
-    };
+    let apps = roles.apps(&db).await;
     common::consumers::a_stopped_consumer_gets_every_row_through_another_notifiers_purge(&apps)
         .await;
 }
@@ -584,13 +590,7 @@ async fn applications_with_roles_of_their_own_keep_each_others_rows() {
 async fn a_purge_by_another_role_expires_a_consumer_and_it_gets_a_gap() {
     let roles = Roles::new(&["consumer", "purger"]);
     let db = consumer_db().await;
-    common::consumers::install_as_owner(&db).await;
-    roles.grant(&db).await;
-    let apps = common::consumers::AsRoles {
-        db: &db,
-        consumer_url: roles.url(&db.url, 0),
-        purger_url: roles.url(&db.url, 1),
-    };
+    let apps = roles.apps(&db).await;
     common::consumers::an_expired_consumer_that_comes_back_gets_a_gap(&apps).await;
 }
 

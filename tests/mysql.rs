@@ -1459,6 +1459,18 @@ impl Users {
             .await;
         }
     }
+
+    /// The owner installs the scenarios' watches; then the consumer (user 0) and the purging
+    /// application (user 1) get what an application needs and connect as users of their own.
+    async fn apps<'a>(&self, db: &'a TestDb) -> common::consumers::AsRoles<'a, TestDb> {
+        common::consumers::install_as_owner(db).await;
+        self.grant(db).await;
+        common::consumers::AsRoles {
+            db,
+            consumer_url: self.url(&db.url, 0),
+            purger_url: self.url(&db.url, 1),
+        }
+    }
 }
 
 impl Drop for Users {
@@ -1480,13 +1492,7 @@ impl Drop for Users {
 async fn applications_with_users_of_their_own_keep_each_others_rows() {
     let users = Users::new(&["consumer", "purger"]);
     let db = consumer_db().await;
-    common::consumers::install_as_owner(&db).await;
-    users.grant(&db).await;
-    let apps = common::consumers::AsRoles {
-        db: &db,
-        consumer_url: users.url(&db.url, 0),
-        purger_url: users.url(&db.url, 1),
-    };
+    let apps = users.apps(&db).await;
     common::consumers::a_stopped_consumer_gets_every_row_through_another_notifiers_purge(&apps)
         .await;
 }
@@ -1495,13 +1501,7 @@ async fn applications_with_users_of_their_own_keep_each_others_rows() {
 async fn a_purge_by_another_user_expires_a_consumer_and_it_gets_a_gap() {
     let users = Users::new(&["consumer", "purger"]);
     let db = consumer_db().await;
-    common::consumers::install_as_owner(&db).await;
-    users.grant(&db).await;
-    let apps = common::consumers::AsRoles {
-        db: &db,
-        consumer_url: users.url(&db.url, 0),
-        purger_url: users.url(&db.url, 1),
-    };
+    let apps = users.apps(&db).await;
     common::consumers::an_expired_consumer_that_comes_back_gets_a_gap(&apps).await;
 }
 
@@ -1547,18 +1547,4 @@ async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_us
 // 12. The shared scenarios (tests/scenarios/), on a database of their own each
 // ---------------------------------------------------------------------------------------------
 
-scenarios!(TestDb::new().await =>
-    delivery::insert_update_delete_carry_key_and_extra_columns_in_commit_order,
-    delivery::composite_keys_come_in_key_order_unless_declared,
-    delivery::trigger_columns_fire_only_on_a_real_change,
-    delivery::filters_match_typed_values,
-    delivery::two_notifiers_each_receive_every_event,
-    delivery::notifiers_starting_together_on_a_fresh_database_all_start,
-    custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
-    lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
-    lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
-    validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
-    resume::a_named_consumer_resumes_where_it_stopped,
-    resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
-    resume::a_running_consumer_saves_its_cursor_while_the_database_is_idle,
-);
+journal_dialect_scenarios!(TestDb::new().await);

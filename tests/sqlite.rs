@@ -833,18 +833,4 @@ consumer_scenarios!(
 // 12. The shared scenarios (tests/scenarios/), on a database file of their own each
 // ---------------------------------------------------------------------------------------------
 
-scenarios!(TempDb::new() =>
-    delivery::insert_update_delete_carry_key_and_extra_columns_in_commit_order,
-    delivery::composite_keys_come_in_key_order_unless_declared,
-    delivery::trigger_columns_fire_only_on_a_real_change,
-    delivery::filters_match_typed_values,
-    delivery::two_notifiers_each_receive_every_event,
-    delivery::notifiers_starting_together_on_a_fresh_database_all_start,
-    custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
-    lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
-    lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
-    validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
-    resume::a_named_consumer_resumes_where_it_stopped,
-    resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
-    resume::a_running_consumer_saves_its_cursor_while_the_database_is_idle,
-);
+journal_dialect_scenarios!(TempDb::new());

@@ -65,7 +65,7 @@ pub async fn unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_re
     // revoke on: replaced, the new column is carried
     let n = db
         .builder()
-        .watch(v2)
+        .watch(v2.clone())
         .revoke_on_model_change(true)
         .start()
         .await
@@ -87,32 +87,15 @@ pub async fn unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_re
         Kind::Postgres(_) => format!("DROP TRIGGER \"{channel}\" ON users"),
     })
     .await;
-    let n = db
-        .builder()
-        .watch(
-            db.watch("users", Operation::Update)
-                .extra_columns(["email", "name"]),
-        )
-        .revoke_on_model_change(false)
-        .start()
-        .await
-        .unwrap();
+    let unchanged = db.builder().watch(v2).revoke_on_model_change(false);
+    let n = unchanged.start().await.unwrap();
     assert_eq!(db.installed_triggers().await, [channel.as_str()]);
     n.stop().await.unwrap();
 
     if db.kind() == Kind::Mysql {
         // a column whose type changes (text -> blob) changes the trigger: drift
         db.run("ALTER TABLE users MODIFY name BLOB").await;
-        let e = db
-            .builder()
-            .watch(
-                db.watch("users", Operation::Update)
-                    .extra_columns(["email", "name"]),
-            )
-            .revoke_on_model_change(false)
-            .start()
-            .await
-            .unwrap_err();
+        let e = unchanged.start().await.unwrap_err();
         assert!(matches!(e, Error::DefinitionDrift { .. }), "{e:?}");
     }
 }
