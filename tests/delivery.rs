@@ -474,35 +474,11 @@ async fn a_blocking_handler_s_buffer_follows_its_policy_and_stop_waits_for_it() 
 
 // The shared delivery scenarios (tests/scenarios/delivery.rs), on every tier.
 
-mod notify_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Notify).await =>
-        delivery::insert_update_delete_carry_key_and_extra_columns_in_commit_order,
-        delivery::composite_keys_come_in_key_order_unless_declared,
-        delivery::trigger_columns_fire_only_on_a_real_change,
-        delivery::filters_match_typed_values,
-        delivery::two_notifiers_each_receive_every_event,
-        delivery::notifiers_starting_together_on_a_fresh_database_all_start,
-    );
-}
-
-mod durable_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Durable).await =>
-        delivery::insert_update_delete_carry_key_and_extra_columns_in_commit_order,
-        delivery::composite_keys_come_in_key_order_unless_declared,
-        delivery::trigger_columns_fire_only_on_a_real_change,
-        delivery::filters_match_typed_values,
-        delivery::two_notifiers_each_receive_every_event,
-        delivery::notifiers_starting_together_on_a_fresh_database_all_start,
-    );
-}
-
-mod poll_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Poll).await =>
-        delivery::insert_update_delete_carry_key_and_extra_columns_in_commit_order,
-        delivery::composite_keys_come_in_key_order_unless_declared,
-        delivery::trigger_columns_fire_only_on_a_real_change,
-        delivery::filters_match_typed_values,
-        delivery::two_notifiers_each_receive_every_event,
-        delivery::notifiers_starting_together_on_a_fresh_database_all_start,
-    );
-}
+pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable, poll_tier: Poll] {
+    delivery::insert_update_delete_carry_key_and_extra_columns_in_commit_order,
+    delivery::composite_keys_come_in_key_order_unless_declared,
+    delivery::trigger_columns_fire_only_on_a_real_change,
+    delivery::filters_match_typed_values,
+    delivery::two_notifiers_each_receive_every_event,
+    delivery::notifiers_starting_together_on_a_fresh_database_all_start,
+});

@@ -638,18 +638,8 @@ async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_us
 
 // The shared journal scenarios (tests/scenarios/), on both journal tiers.
 
-mod durable_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Durable).await =>
-        resume::a_named_consumer_resumes_where_it_stopped,
-        resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
-        custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
-    );
-}
-
-mod poll_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Poll).await =>
-        resume::a_named_consumer_resumes_where_it_stopped,
-        resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
-        custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
-    );
-}
+pg_tier_scenarios!([durable_tier: Durable, poll_tier: Poll] {
+    resume::a_named_consumer_resumes_where_it_stopped,
+    resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
+    custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
+});

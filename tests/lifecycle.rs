@@ -312,16 +312,7 @@ async fn a_panicking_subscriber_is_isolated() {
 
 // The shared lifecycle scenarios (tests/scenarios/lifecycle.rs), on both kinds of tier.
 
-mod notify_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Notify).await =>
-        lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
-        lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
-    );
-}
-
-mod durable_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Durable).await =>
-        lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
-        lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
-    );
-}
+pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable] {
+    lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
+    lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
+});

@@ -9,8 +9,8 @@ mod scenarios;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use common::sqlite::{consumer_db, insert_rows, TempDb};
-use common::{ids, wait_until, Events, ARRIVES_WITHIN};
+use common::sqlite::{consumer_db, TempDb};
+use common::{ids, Events};
 use rusqlite::Connection;
 use serde_json::json;
 use sqlnotify::{Error, Notifier, Operation, Subscription, Watch};
@@ -504,68 +504,6 @@ async fn a_writer_in_another_process_is_seen_exactly_once_in_order() {
 // ---------------------------------------------------------------------------------------------
 // 9. Retention
 // ---------------------------------------------------------------------------------------------
-
-#[actix_rt::test]
-async fn retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_read() {
-    let db = TempDb::new();
-    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY)");
-    let notifier = Notifier::builder(db.url())
-        .watch(Watch::new("t", Operation::Insert))
-        .retention(Duration::from_millis(300))
-        .purge_interval(Duration::from_millis(50))
-        .start()
-        .await
-        .unwrap();
-    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
-    insert_rows(&db, "t", 1..=20).await;
-    assert_eq!(ids(&ev.take(20).await), (1..=20).collect::<Vec<_>>());
-    let journal_len = || async { db.count("SELECT count(*) FROM sqlnotify_journal") };
-    assert!(
-        wait_until(ARRIVES_WITHIN, || async { journal_len().await == 0 }).await,
-        "the journal was not trimmed"
-    );
-
-    // a consumer seen recently protects the rows it has not read yet
-    let (cursor, last) = {
-        let mut conn = db.conn();
-        let tx = conn.transaction().unwrap();
-        for id in 21..=30 {
-            tx.execute("INSERT INTO t VALUES (?1)", [id]).unwrap();
-        }
-        let last: i64 = tx
-            .query_row("SELECT max(id) FROM sqlnotify_journal", [], |r| r.get(0))
-            .unwrap();
-        let cursor = last - 4;
-        tx.execute(
-            "INSERT INTO sqlnotify_consumers (name, cursor, updated_at) VALUES ('reader', ?1, 1e12)",
-            [cursor],
-        )
-        .unwrap();
-        tx.commit().unwrap();
-        (cursor, last)
-    };
-    assert_eq!(ids(&ev.take(10).await), (21..=30).collect::<Vec<_>>());
-    assert!(
-        wait_until(ARRIVES_WITHIN, || async { journal_len().await == 4 }).await,
-        "rows up to the consumer's cursor should have been trimmed"
-    );
-    assert_eq!(
-        db.ids("SELECT id FROM sqlnotify_journal ORDER BY id"),
-        ((cursor + 1)..=last).collect::<Vec<_>>()
-    );
-
-    // a consumer last seen long ago still protects its rows (see
-    // a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen); once dropped on
-    // purpose, it protects nothing
-    db.exec("UPDATE sqlnotify_consumers SET updated_at = 0 WHERE name = 'reader'");
-    notifier.drop_consumer("reader").await.unwrap();
-    assert!(
-        wait_until(ARRIVES_WITHIN, || async { journal_len().await == 0 }).await,
-        "a dropped consumer kept rows"
-    );
-    ev.assert_empty();
-    notifier.stop().await.unwrap();
-}
 
 // ---------------------------------------------------------------------------------------------
 // 10. The application never sees SQLITE_BUSY

@@ -754,8 +754,6 @@ async fn a_unix_socket_url_works() {
 
 // The shared validation scenario (tests/scenarios/validation.rs).
 
-mod notify_tier {
-    crate::scenarios!(crate::common::backend::Pg::new(sqlnotify::Tier::Notify).await =>
-        validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
-    );
-}
+pg_tier_scenarios!([notify_tier: Notify] {
+    validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
+});

@@ -4,7 +4,7 @@
 //!
 //! By topic: [`delivery`] (operations, keys, filters, trigger columns, several notifiers),
 //! [`custom`] (custom notifications), [`lifecycle`] (drift, revoke, cleanup) and [`resume`]
-//! (named consumers resuming after a restart) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
+//! (named consumers resuming after a restart), [`retention`] (journal purge) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
 //! `common/consumers.rs`.
 #![allow(dead_code)]
 
@@ -12,6 +12,7 @@ pub mod custom;
 pub mod delivery;
 pub mod lifecycle;
 pub mod resume;
+pub mod retention;
 pub mod validation;
 
 /// Every scenario, as `#[actix_rt::test]` functions for a journal dialect (SQLite, MySQL)
@@ -33,6 +34,7 @@ macro_rules! journal_dialect_scenarios {
             resume::a_named_consumer_resumes_where_it_stopped,
             resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
             resume::a_running_consumer_saves_its_cursor_while_the_database_is_idle,
+            retention::retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_read,
         );
     };
 }
@@ -42,12 +44,30 @@ macro_rules! journal_dialect_scenarios {
 /// `scenarios!(backend => delivery::a_scenario, lifecycle::another);`
 #[macro_export]
 macro_rules! scenarios {
+    ($backend:expr => { $($topic:ident :: $scenario:ident),* $(,)? }) => {
+        $crate::scenarios!($backend => $($topic::$scenario),*);
+    };
     ($backend:expr => $($topic:ident :: $scenario:ident),* $(,)?) => {
         $(
             #[actix_rt::test]
             async fn $scenario() {
                 let db = $backend;
                 $crate::scenarios::$topic::$scenario(&db).await;
+            }
+        )*
+    };
+}
+
+/// The scenarios in braces on each PostgreSQL tier listed, in a module per tier:
+/// `pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable] { delivery::a_scenario });`
+#[macro_export]
+macro_rules! pg_tier_scenarios {
+    ([$($module:ident: $tier:ident),* $(,)?] $list:tt) => {
+        $(
+            mod $module {
+                $crate::scenarios!(
+                    $crate::common::backend::Pg::new(sqlnotify::Tier::$tier).await => $list
+                );
             }
         )*
     };
