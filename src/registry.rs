@@ -632,6 +632,20 @@ mod tests {
             Ok((id, rx))
         }
 
+        /// Subscribes a bounded channel of `capacity` to every `users` insert.
+        async fn inserts(
+            &self,
+            capacity: usize,
+        ) -> (SubscriptionId, crossbeam_channel::Receiver<ChangeEvent>) {
+            self.subscribe(Subscription::new("users", Operation::Insert), capacity)
+                .await
+                .unwrap()
+        }
+
+        async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
+            self.registry.send(Unsubscribe(id)).await.unwrap()
+        }
+
         /// Routes `events` the way the decoder does (after the listener took their budget).
         async fn route(&self, events: Vec<ChangeEvent>) {
             let n = events.len();
@@ -829,14 +843,8 @@ mod tests {
     async fn an_unsubscribed_subscription_gets_nothing_more_and_its_waiting_events_are_reported() {
         let h = Harness::start();
         let mut statuses = statuses(&h).await;
-        let (gone, gone_rx) = h
-            .subscribe(Subscription::new("users", Operation::Insert), 1)
-            .await
-            .unwrap();
-        let (_, kept) = h
-            .subscribe(Subscription::new("users", Operation::Insert), 64)
-            .await
-            .unwrap();
+        let (gone, gone_rx) = h.inserts(1).await;
+        let (_, kept) = h.inserts(64).await;
         // 1 fills its channel, 2 and 3 wait in its buffer
         h.route(
             (1..=3)
@@ -845,7 +853,7 @@ mod tests {
         )
         .await;
         assert_eq!(h.stats.snapshot().queued, 2);
-        h.registry.send(Unsubscribe(gone)).await.unwrap().unwrap();
+        h.unsubscribe(gone).await.unwrap();
         assert_eq!(
             next_status(&mut statuses).await,
             Status::Lagged {
@@ -857,12 +865,7 @@ mod tests {
         h.flush().await;
         assert_eq!(ids(&gone_rx), [1], "nothing after the unsubscribe");
         assert_eq!(ids(&kept), [1, 2, 3, 4]);
-        let e = h
-            .registry
-            .send(Unsubscribe(gone))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = h.unsubscribe(gone).await.unwrap_err();
         assert!(
             matches!(e, Error::UnknownSubscription { id } if id == gone.get()),
             "{e:?}"
@@ -876,14 +879,8 @@ mod tests {
     async fn a_subscriber_whose_receiver_is_gone_is_removed_and_its_loss_reported() {
         let h = Harness::start();
         let mut statuses = statuses(&h).await;
-        let (gone, gone_rx) = h
-            .subscribe(Subscription::new("users", Operation::Insert), 8)
-            .await
-            .unwrap();
-        let (_, kept) = h
-            .subscribe(Subscription::new("users", Operation::Insert), 8)
-            .await
-            .unwrap();
+        let (gone, gone_rx) = h.inserts(8).await;
+        let (_, kept) = h.inserts(8).await;
         drop(gone_rx);
         h.route(vec![h.event("users_insert", 1, json!({}))]).await;
         assert_eq!(
@@ -896,12 +893,7 @@ mod tests {
         h.route(vec![h.event("users_insert", 2, json!({}))]).await;
         h.flush().await;
         assert_eq!(ids(&kept), [1, 2]);
-        let e = h
-            .registry
-            .send(Unsubscribe(gone))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let e = h.unsubscribe(gone).await.unwrap_err();
         assert!(
             matches!(e, Error::UnknownSubscription { .. }),
             "pruned: {e:?}"

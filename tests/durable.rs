@@ -502,16 +502,7 @@ async fn consumer_db() -> TestDb {
     db
 }
 
-consumer_scenarios!(
-    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
-    a_named_consumer_replays_nothing_until_its_first_subscription,
-    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
-    a_dropped_consumer_that_comes_back_gets_a_gap,
-    an_expired_consumer_that_comes_back_gets_a_gap,
-    stats_count_the_backlog_of_a_running_consumer,
-    a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
-    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
-);
+consumer_scenarios!();
 
 /// Roles of one test (roles are cluster-wide), dropped when it ends: declare it before the
 /// test's database, so the database (and the privileges in it) goes first.
