@@ -136,39 +136,14 @@ async fn waits_without_holding_up_writers<T>(
     outcome.unwrap_or_else(|e| panic!("the operation failed after the blocker committed: {e}"))
 }
 
-/// `outcome` is a lock timeout on `object` held by exactly `pid`, after about `timeout`.
+/// A lock timeout on `object` held by backend `pid`.
 fn assert_lock_timeout<T>(
     outcome: sqlnotify::Result<T>,
     object: &str,
     pid: i32,
     timeout: Duration,
 ) {
-    let Err(err) = outcome else {
-        panic!("expected a lock timeout on {object}, but it succeeded");
-    };
-    let text = err.to_string();
-    match err {
-        Error::LockTimeout {
-            object: got,
-            holder_pids,
-            waited,
-        } => {
-            assert_eq!(
-                (got.as_str(), holder_pids),
-                (object, vec![pid as u64]),
-                "{text}"
-            );
-            assert!(
-                waited >= timeout && waited < timeout + Duration::from_secs(5),
-                "{waited:?}"
-            );
-            assert!(
-                text.contains(object) && text.contains(&format!("pid {pid}")),
-                "{text}"
-            );
-        }
-        other => panic!("expected a lock timeout on {object}, got {other:?}"),
-    }
+    common::assert_lock_timeout(outcome, object, &[pid as u64], timeout);
 }
 
 /// Gives up (a bounded wait) instead of hanging when the code under test would wait forever.

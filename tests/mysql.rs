@@ -19,7 +19,7 @@ use common::consumers::ConsumerDb;
 use common::mysql::{
     connect, consumer_db, insert_rows, installed, server_url, with_db, with_param, TestDb,
 };
-use common::{ids, wait_until, Events, ARRIVES_WITHIN};
+use common::{assert_lock_timeout, ids, wait_until, Events, ARRIVES_WITHIN};
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts};
 use serde_json::json;
@@ -1198,44 +1198,6 @@ async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(60), f)
         .await
         .expect("finished instead of waiting for a lock without bound")
-}
-
-fn assert_lock_timeout<T>(
-    outcome: sqlnotify::Result<T>,
-    object: &str,
-    pids: &[u64],
-    timeout: Duration,
-) {
-    let Err(err) = outcome else {
-        panic!("expected a lock timeout on {object}, but it succeeded");
-    };
-    let text = err.to_string();
-    match err {
-        Error::LockTimeout {
-            object: got,
-            holder_pids,
-            waited,
-        } => {
-            assert_eq!(
-                (got.as_str(), holder_pids.as_slice()),
-                (object, pids),
-                "{text}"
-            );
-            assert!(
-                waited >= timeout && waited < timeout + Duration::from_secs(5),
-                "{waited:?}"
-            );
-            match pids {
-                [] => assert!(
-                    text.contains("a session the database does not name"),
-                    "{text}"
-                ),
-                [pid] => assert!(text.contains(&format!("held by pid {pid};")), "{text}"),
-                _ => {}
-            }
-        }
-        other => panic!("expected a lock timeout on {object}, got {other:?}"),
-    }
 }
 
 #[actix_rt::test]

@@ -351,6 +351,48 @@ pub async fn next_status_within(
         .expect("the status subscription is alive")
 }
 
+/// Asserts that `outcome` is a lock timeout on `object` held by the sessions `pids` (none:
+/// the database does not say), given up after `timeout` (and not much later), with a message
+/// that names the object and the holder.
+pub fn assert_lock_timeout<T>(
+    outcome: sqlnotify::Result<T>,
+    object: &str,
+    pids: &[u64],
+    timeout: Duration,
+) {
+    let Err(err) = outcome else {
+        panic!("expected a lock timeout on {object}, but it succeeded");
+    };
+    let text = err.to_string();
+    match err {
+        sqlnotify::Error::LockTimeout {
+            object: got,
+            holder_pids,
+            waited,
+        } => {
+            assert_eq!(
+                (got.as_str(), holder_pids.as_slice()),
+                (object, pids),
+                "{text}"
+            );
+            assert!(
+                waited >= timeout && waited < timeout + Duration::from_secs(5),
+                "{waited:?}"
+            );
+            assert!(text.contains(object), "{text}");
+            match pids {
+                [] => assert!(
+                    text.contains("a session the database does not name"),
+                    "{text}"
+                ),
+                [pid] => assert!(text.contains(&format!("held by pid {pid};")), "{text}"),
+                _ => {}
+            }
+        }
+        other => panic!("expected a lock timeout on {object}, got {other:?}"),
+    }
+}
+
 /// Waits until `check` returns true, polling every 20 ms, up to `limit`.
 pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
 where
