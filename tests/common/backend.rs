@@ -80,6 +80,8 @@ pub trait Backend {
         self.number(&format!("SELECT count(*) FROM {}", self.journal_table()))
             .await
     }
+    /// When `channel` was installed, per its catalog row, as text that sorts in time order.
+    async fn installed_at(&self, channel: &str) -> String;
     /// What `channel`'s trigger runs, as the database shows it (PostgreSQL: the trigger and
     /// its function).
     async fn definition(&self, channel: &str) -> String;
@@ -147,6 +149,18 @@ impl Backend for Pg {
             "SELECT channel FROM sqlnotify.catalog ORDER BY channel",
         )
         .await
+    }
+    async fn installed_at(&self, channel: &str) -> String {
+        strings(
+            &self.db,
+            &format!(
+                "SELECT to_char(installed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') \
+                 FROM sqlnotify.catalog WHERE channel = '{channel}'"
+            ),
+        )
+        .await
+        .pop()
+        .unwrap_or_else(|| panic!("{channel} is not in the catalog"))
     }
     async fn sqlnotify_objects(&self) -> i64 {
         let functions = self

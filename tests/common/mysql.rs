@@ -289,6 +289,9 @@ impl Backend for TestDb {
     async fn catalog_channels(&self) -> Vec<String> {
         self.catalog().await
     }
+    async fn installed_at(&self, channel: &str) -> String {
+        installed(self, channel).await.0
+    }
     async fn sqlnotify_objects(&self) -> i64 {
         self.count(&format!(
             "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{}' \

@@ -216,6 +216,17 @@ impl Backend for TempDb {
     async fn catalog_channels(&self) -> Vec<String> {
         self.catalog()
     }
+    async fn installed_at(&self, channel: &str) -> String {
+        let at: f64 = self
+            .conn()
+            .query_row(
+                "SELECT installed_at FROM sqlnotify_catalog WHERE channel = ?1",
+                [channel],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{channel} is not in the catalog: {e}"));
+        format!("{at:030.9}")
+    }
     async fn sqlnotify_objects(&self) -> i64 {
         self.count("SELECT count(*) FROM sqlite_master WHERE name LIKE 'sqlnotify%'")
     }

@@ -276,9 +276,10 @@ pub async fn two_notifiers_each_receive_every_event(db: &impl Backend) {
     for events in [&mut e1, &mut e2] {
         assert_eq!(ids(&events.take(200).await), (1..=200).collect::<Vec<_>>());
     }
-    db.run("INSERT INTO t VALUES (201)").await;
+    // and the rows of one statement, in order
+    db.run("INSERT INTO t VALUES (201), (202), (203)").await;
     for events in [&mut e1, &mut e2] {
-        assert_eq!(events.next().await.id().as_i64(), Some(201));
+        assert_eq!(ids(&events.take(3).await), [201, 202, 203]);
         events.assert_empty();
     }
     n1.stop().await.unwrap();

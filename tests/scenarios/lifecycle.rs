@@ -22,9 +22,10 @@ pub async fn unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_re
         .extra_columns(["email"]);
     let n = db.builder().watch(v1.clone()).start().await.unwrap();
     n.stop().await.unwrap();
-    let (before, definition) = (
+    let (before, definition, at) = (
         db.fingerprint(&channel).await,
         db.definition(&channel).await,
+        db.installed_at(&channel).await,
     );
 
     // unchanged: not touched at all
@@ -72,6 +73,7 @@ pub async fn unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_re
         .unwrap();
     assert_ne!(db.fingerprint(&channel).await, before);
     assert_ne!(db.definition(&channel).await, definition);
+    assert!(db.installed_at(&channel).await >= at);
     let mut ev = Events::subscribe(&n, Subscription::new("users", Operation::Update)).await;
     db.run("INSERT INTO users VALUES (1, 'a', 'Ann'); UPDATE users SET email = 'b';")
         .await;
