@@ -328,32 +328,6 @@ async fn watches_in_temp_or_an_unattached_database_name_the_schema_and_install_n
     );
 }
 
-#[actix_rt::test]
-async fn labels_differing_only_in_case_are_rejected() {
-    let db = TempDb::new();
-    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY)");
-    // SQLite trigger names ignore case: both would be trigger "sqlnotify_a".
-    let e = Notifier::builder(db.url())
-        .watch(Watch::new("t", Operation::Insert).channel_label("Changes"))
-        .watch(Watch::new("t", Operation::Update).channel_label("changes"))
-        .start()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, Error::DuplicateWatch { channel, .. } if channel == "sqlnotify_changes"),
-        "{e:?}"
-    );
-    assert!(db.triggers().is_empty());
-    let e = Notifier::builder(db.url())
-        .watch(Watch::new("t", Operation::Insert))
-        .watch(Watch::new("t", Operation::Update).channel_label("MAIN_T_INSERT"))
-        .start()
-        .await
-        .unwrap_err();
-    assert!(matches!(e, Error::DuplicateWatch { .. }), "{e:?}");
-    assert!(db.triggers().is_empty());
-}
-
 // ---------------------------------------------------------------------------------------------
 // 4. Custom notifications
 // ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ macro_rules! journal_dialect_scenarios {
             lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
             lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
             validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
+            validation::labels_differing_only_in_case_are_rejected,
             resume::a_named_consumer_resumes_where_it_stopped,
             resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
             resume::a_running_consumer_saves_its_cursor_while_the_database_is_idle,

@@ -92,3 +92,34 @@ pub async fn invalid_watches_fail_through_the_catalog_and_install_nothing(db: &i
     ev.assert_empty();
     notifier.stop().await.unwrap();
 }
+
+/// Where trigger names ignore case (SQLite, MySQL), two watches whose channels differ only in
+/// case would be one trigger: refused, whether both are labels or a label matches a plain
+/// channel; nothing is installed.
+pub async fn labels_differing_only_in_case_are_rejected(db: &impl Backend) {
+    db.run("CREATE TABLE t (id INTEGER PRIMARY KEY)").await;
+    let e = db
+        .builder()
+        .watch(db.watch("t", Operation::Insert).channel_label("Changes"))
+        .watch(db.watch("t", Operation::Update).channel_label("changes"))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::DuplicateWatch { channel, .. } if channel == "sqlnotify_changes"),
+        "{e:?}"
+    );
+    assert!(db.installed_triggers().await.is_empty());
+    let plain = db.channel_of("t", Operation::Insert);
+    let shouting = plain["sqlnotify_".len()..].to_uppercase();
+    let e = db
+        .builder()
+        .watch(db.watch("t", Operation::Insert))
+        .watch(db.watch("t", Operation::Update).channel_label(shouting))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DuplicateWatch { .. }), "{e:?}");
+    assert!(db.installed_triggers().await.is_empty());
+    assert_eq!(db.sqlnotify_objects().await, 0);
+}
