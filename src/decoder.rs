@@ -289,3 +289,246 @@ impl Handler<Shutdown> for Decoder {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Ordering without a database: an in-memory overflow store that answers after a delay,
+    //! and a registry whose subscriber is a bounded channel.
+
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+
+    use futures_util::future::BoxFuture;
+    use serde_json::json;
+
+    use super::*;
+    use crate::operation::Operation;
+    use crate::registry::Subscribe;
+    use crate::subscriber::Sink;
+    use crate::subscription::Subscription;
+    use crate::tier::Tier;
+
+    const BUDGET: usize = 64;
+
+    /// Overflow rows in memory; each fetch answers after `delay` and is recorded.
+    struct SlowStore {
+        rows: HashMap<(String, String), String>,
+        delay: Duration,
+        fetched: Mutex<Vec<String>>,
+    }
+
+    impl OverflowStore for Arc<SlowStore> {
+        fn fetch(
+            &self,
+            channel: String,
+            reference: String,
+        ) -> BoxFuture<'static, crate::Result<Option<String>>> {
+            let store = self.clone();
+            Box::pin(async move {
+                // Stands for the round trip to the database.
+                tokio::time::sleep(store.delay).await;
+                store.fetched.lock().unwrap().push(reference.clone());
+                if reference == BROKEN {
+                    return Err(crate::Error::NotRunning);
+                }
+                Ok(store.rows.get(&(channel, reference)).cloned())
+            })
+        }
+
+        fn purge(&self, _retention: Duration) -> BoxFuture<'static, crate::Result<u64>> {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    const STORED: &str = "00000000-0000-4000-8000-000000000001";
+    const STORED_TOO: &str = "00000000-0000-4000-8000-000000000002";
+    const MISSING: &str = "00000000-0000-4000-8000-000000000003";
+    const BROKEN: &str = "00000000-0000-4000-8000-000000000004";
+
+    fn reference(token: &str, id: i64) -> String {
+        json!({ "__sqlnotify": { "overflow": token }, "id": id }).to_string()
+    }
+
+    fn row(id: i64, v: &str) -> String {
+        json!({ "id": id, "v": v }).to_string()
+    }
+
+    struct Pipeline {
+        decoder: Addr<Decoder>,
+        stats: Arc<Counters>,
+        budget: Arc<Semaphore>,
+        events: crossbeam_channel::Receiver<ChangeEvent>,
+        store: Arc<SlowStore>,
+    }
+
+    async fn pipeline(delay: Duration) -> Pipeline {
+        let channels = Arc::new(Channels::new(
+            [Channel {
+                name: "c".into(),
+                schema: "public".into(),
+                table: "t".into(),
+                operation: Operation::Insert,
+                label: None,
+                key_columns: vec!["id".into()],
+                extra_columns: vec!["v".into()],
+                tier: Tier::Notify,
+                signed: false,
+            }],
+            "public",
+        ));
+        let rows = [
+            (STORED, row(2, "from overflow")),
+            (STORED_TOO, row(5, "also from overflow")),
+        ]
+        .into_iter()
+        .map(|(token, payload)| (("c".to_string(), token.to_string()), payload))
+        .collect();
+        let store = Arc::new(SlowStore {
+            rows,
+            delay,
+            fetched: Mutex::new(Vec::new()),
+        });
+        let stats = Arc::new(Counters::default());
+        let budget = Arc::new(Semaphore::new(BUDGET));
+        let registry = Registry::new(channels.clone(), stats.clone(), budget.clone()).start();
+        let (tx, events) = crossbeam_channel::bounded(BUDGET);
+        registry
+            .send(Subscribe::with_sink(
+                Subscription::new("t", Operation::Insert),
+                Sink::Channel(tx),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let retention = Retention {
+            keep: Duration::from_secs(3600),
+            every: Duration::from_secs(3600),
+        };
+        let decoder = Decoder::new(
+            channels,
+            Arc::new(store.clone()),
+            registry,
+            stats.clone(),
+            retention,
+            budget.clone(),
+        )
+        .start();
+        Pipeline {
+            decoder,
+            stats,
+            budget,
+            events,
+            store,
+        }
+    }
+
+    impl Pipeline {
+        /// Hands `payloads` (on channel `c`) to the decoder the way a listener does.
+        async fn send(&self, payloads: Vec<String>) {
+            let n = payloads.len();
+            self.budget.acquire_many(n as u32).await.unwrap().forget();
+            Counters::add(&self.stats.forwarded, n as u64);
+            self.decoder.do_send(RawBatch(
+                payloads
+                    .into_iter()
+                    .map(|p| RawNotification::new("c", p))
+                    .collect(),
+            ));
+        }
+
+        /// Everything delivered once all that was sent has been decoded and routed.
+        async fn delivered(&self) -> Vec<(i64, Option<String>, bool)> {
+            tokio::time::timeout(Duration::from_secs(10), self.decoder.send(Flush))
+                .await
+                .expect("the pipeline drains")
+                .unwrap();
+            self.events
+                .try_iter()
+                .map(|e| {
+                    (
+                        e.id().as_i64().unwrap(),
+                        e.get("v").and_then(|v| v.as_str()).map(str::to_string),
+                        e.is_truncated(),
+                    )
+                })
+                .collect()
+        }
+    }
+
+    fn plain(id: i64, v: &str) -> (i64, Option<String>, bool) {
+        (id, Some(v.to_string()), false)
+    }
+
+    #[actix_rt::test]
+    async fn events_leave_in_order_while_overflow_rows_are_fetched() {
+        let p = pipeline(Duration::from_millis(30)).await;
+        p.send(vec![
+            row(1, "a"),
+            reference(STORED, 2),
+            row(3, "c"),
+            reference(MISSING, 4),
+        ])
+        .await;
+        // A second batch arrives while the first still waits for its fetches.
+        p.send(vec![reference(STORED_TOO, 5), row(6, "f")]).await;
+        p.send(vec![row(7, "g")]).await;
+        assert_eq!(
+            p.delivered().await,
+            [
+                plain(1, "a"),
+                plain(2, "from overflow"),
+                plain(3, "c"),
+                (4, None, true),
+                plain(5, "also from overflow"),
+                plain(6, "f"),
+                plain(7, "g"),
+            ]
+        );
+        assert_eq!(
+            *p.store.fetched.lock().unwrap(),
+            [STORED, MISSING, STORED_TOO],
+            "one fetch per reference, in order"
+        );
+        let stats = p.stats.snapshot();
+        assert_eq!((stats.received, stats.delivered), (7, 7));
+        assert_eq!((stats.overflow_resolved, stats.overflow_missing), (2, 1));
+        assert_eq!((stats.malformed, stats.in_flight), (0, 0));
+        assert_eq!(p.budget.available_permits(), BUDGET);
+        assert_eq!(p.stats.settled.load(Ordering::Relaxed), 7);
+    }
+
+    #[actix_rt::test]
+    async fn a_failed_fetch_or_a_bad_payload_drops_nothing_else_and_keeps_the_order() {
+        let p = pipeline(Duration::from_millis(10)).await;
+        p.send(vec![
+            row(1, "a"),
+            "not json".into(),
+            reference(BROKEN, 2),
+            json!({ "v": "no key" }).to_string(),
+            reference(STORED, 2),
+            row(3, "c"),
+        ])
+        .await;
+        assert_eq!(
+            p.delivered().await,
+            [
+                plain(1, "a"),
+                (2, None, true),
+                plain(2, "from overflow"),
+                plain(3, "c"),
+            ]
+        );
+        let stats = p.stats.snapshot();
+        assert_eq!(
+            (stats.received, stats.delivered, stats.malformed),
+            (6, 4, 2)
+        );
+        assert_eq!((stats.overflow_resolved, stats.overflow_missing), (1, 1));
+        assert_eq!(
+            p.budget.available_permits(),
+            BUDGET,
+            "malformed ones gave theirs back"
+        );
+    }
+}

@@ -534,3 +534,494 @@ impl Handler<Shutdown> for Registry {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Routing without a database: hand-made channels, events routed straight into the
+    //! registry, subscribers that are bounded channels (an event handed over is in the channel
+    //! at once, so what arrived — and what did not — is read exactly, with no waiting).
+
+    use super::*;
+    use crate::event::{Channel, Key, RawNotification};
+    use crate::operation::Operation;
+    use crate::subscription::OverflowPolicy;
+    use crate::tier::Tier;
+    use serde_json::{json, Value};
+
+    const BUDGET: usize = 100;
+
+    fn channel(name: &str, table: &str, op: Operation, label: Option<&str>) -> Channel {
+        Channel {
+            name: name.into(),
+            schema: "public".into(),
+            table: table.into(),
+            operation: op,
+            label: label.map(Into::into),
+            key_columns: vec!["id".into()],
+            extra_columns: vec!["email".into(), "score".into()],
+            tier: Tier::Notify,
+            signed: false,
+        }
+    }
+
+    /// A registry over `users` insert / update / delete, a labelled `users` insert
+    /// (`vip`) and `orders` insert.
+    struct Harness {
+        registry: Addr<Registry>,
+        channels: Arc<Channels>,
+        stats: Arc<Counters>,
+        budget: Arc<Semaphore>,
+    }
+
+    impl Harness {
+        fn start() -> Harness {
+            let channels = Arc::new(Channels::new(
+                [
+                    channel("users_insert", "users", Operation::Insert, None),
+                    channel("users_update", "users", Operation::Update, None),
+                    channel("users_delete", "users", Operation::Delete, None),
+                    channel("vip", "users", Operation::Insert, Some("vip")),
+                    channel("orders_insert", "orders", Operation::Insert, None),
+                ],
+                "public",
+            ));
+            let stats = Arc::new(Counters::default());
+            let budget = Arc::new(Semaphore::new(BUDGET));
+            let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
+                .lag_interval(Duration::from_secs(3600))
+                .start();
+            Harness {
+                registry,
+                channels,
+                stats,
+                budget,
+            }
+        }
+
+        fn event(&self, channel: &str, id: i64, extra: Value) -> ChangeEvent {
+            let Value::Object(extra) = extra else {
+                panic!("extra columns are an object")
+            };
+            let channel = self.channels.get(channel).expect("a test channel").clone();
+            ChangeEvent::new(
+                channel,
+                Key::Single(json!(id)),
+                extra,
+                &RawNotification::new("", ""),
+                false,
+            )
+        }
+
+        /// Subscribes a bounded channel of `capacity`.
+        async fn subscribe(
+            &self,
+            subscription: Subscription,
+            capacity: usize,
+        ) -> Result<(SubscriptionId, crossbeam_channel::Receiver<ChangeEvent>)> {
+            let (tx, rx) = crossbeam_channel::bounded(capacity);
+            let id = self
+                .registry
+                .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
+                .await
+                .unwrap()?;
+            Ok((id, rx))
+        }
+
+        /// Subscribes a bounded channel of `capacity` to every `users` insert.
+        async fn inserts(
+            &self,
+            capacity: usize,
+        ) -> (SubscriptionId, crossbeam_channel::Receiver<ChangeEvent>) {
+            self.subscribe(Subscription::new("users", Operation::Insert), capacity)
+                .await
+                .unwrap()
+        }
+
+        async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
+            self.registry.send(Unsubscribe(id)).await.unwrap()
+        }
+
+        /// Routes `events` the way the decoder does (after the listener took their budget).
+        async fn route(&self, events: Vec<ChangeEvent>) {
+            let n = events.len();
+            self.budget.acquire_many(n as u32).await.unwrap().forget();
+            Counters::add(&self.stats.forwarded, n as u64);
+            self.registry.send(Route(events)).await.unwrap();
+        }
+
+        async fn flush(&self) {
+            self.registry.send(Flush).await.unwrap();
+        }
+    }
+
+    fn ids(rx: &crossbeam_channel::Receiver<ChangeEvent>) -> Vec<i64> {
+        rx.try_iter().map(|e| e.id().as_i64().unwrap()).collect()
+    }
+
+    /// Status messages, into a channel.
+    struct Statuses(tokio::sync::mpsc::UnboundedSender<Status>);
+
+    impl Actor for Statuses {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<StatusEvent> for Statuses {
+        type Result = ();
+        fn handle(&mut self, event: StatusEvent, _: &mut Context<Self>) {
+            let _ = self.0.send(event.status);
+        }
+    }
+
+    async fn statuses(h: &Harness) -> tokio::sync::mpsc::UnboundedReceiver<Status> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let addr = Statuses(tx).start();
+        h.registry
+            .send(SubscribeStatus(StatusSink::Recipient(addr.recipient())))
+            .await
+            .unwrap();
+        rx
+    }
+
+    async fn next_status(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Status>) -> Status {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a status should have arrived")
+            .unwrap()
+    }
+
+    #[actix_rt::test]
+    async fn each_event_reaches_exactly_the_subscriptions_whose_channel_and_filters_match() {
+        let h = Harness::start();
+        let sub = |table: &str, op| Subscription::new(table, op);
+        let (_, all) = h
+            .subscribe(sub("users", Operation::Insert), 64)
+            .await
+            .unwrap();
+        let (_, schema) = h
+            .subscribe(sub("users", Operation::Insert).schema("public"), 64)
+            .await
+            .unwrap();
+        let (_, email_a) = h
+            .subscribe(
+                sub("users", Operation::Insert).filter(Filter::eq("email", "a")),
+                64,
+            )
+            .await
+            .unwrap();
+        let (_, both) = h
+            .subscribe(
+                sub("users", Operation::Insert)
+                    .filter(Filter::gt("score", 10))
+                    .filter(Filter::ne("email", "c")),
+                64,
+            )
+            .await
+            .unwrap();
+        let (_, updates) = h
+            .subscribe(sub("users", Operation::Update), 64)
+            .await
+            .unwrap();
+        let (_, vip) = h
+            .subscribe(sub("users", Operation::Insert).channel_label("vip"), 64)
+            .await
+            .unwrap();
+
+        h.route(vec![
+            h.event("users_insert", 1, json!({"email": "a", "score": 5})),
+            h.event("users_insert", 2, json!({"email": "b", "score": 20})),
+            h.event("users_insert", 3, json!({"email": "c", "score": 30})),
+            h.event("users_update", 1, json!({"email": "a", "score": 6})),
+            h.event("vip", 4, json!({"email": "v", "score": 1})),
+            h.event("users_delete", 5, json!({})),
+            h.event("orders_insert", 6, json!({})),
+        ])
+        .await;
+        h.flush().await;
+
+        assert_eq!(ids(&all), [1, 2, 3]);
+        assert_eq!(ids(&schema), [1, 2, 3], "the default schema spelled out");
+        assert_eq!(ids(&email_a), [1]);
+        assert_eq!(ids(&both), [2], "filters combine with AND");
+        assert_eq!(ids(&updates), [1]);
+        assert_eq!(ids(&vip), [4], "a label is a channel of its own");
+        let stats = h.stats.snapshot();
+        assert_eq!(stats.delivered, 3 + 3 + 1 + 1 + 1 + 1);
+        assert_eq!(stats.filtered_out, 2 + 2, "{stats:?}");
+        assert_eq!(stats.unrouted, 2, "delete and orders have no subscriber");
+        assert_eq!((stats.dropped, stats.queued, stats.in_flight), (0, 0, 0));
+        assert_eq!(h.budget.available_permits(), BUDGET, "every unit came back");
+    }
+
+    #[actix_rt::test]
+    async fn subscribing_to_what_is_not_watched_or_not_carried_is_an_error() {
+        let h = Harness::start();
+        let err = |r: Result<(SubscriptionId, _)>| r.map(|_| ()).unwrap_err();
+        let e = err(h
+            .subscribe(Subscription::new("nope", Operation::Insert), 1)
+            .await);
+        assert!(
+            matches!(&e, Error::NotWatched { table, operation: Operation::Insert, label: None }
+                if table == "public.nope"),
+            "{e:?}"
+        );
+        let e = err(h
+            .subscribe(Subscription::new("orders", Operation::Delete), 1)
+            .await);
+        assert!(
+            matches!(
+                &e,
+                Error::NotWatched {
+                    operation: Operation::Delete,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = err(h
+            .subscribe(
+                Subscription::new("users", Operation::Insert).channel_label("other"),
+                1,
+            )
+            .await);
+        assert!(
+            matches!(&e, Error::NotWatched { label: Some(l), .. } if l == "other"),
+            "{e:?}"
+        );
+        let e = err(h
+            .subscribe(
+                Subscription::new("users", Operation::Insert).schema("elsewhere"),
+                1,
+            )
+            .await);
+        assert!(
+            matches!(&e, Error::NotWatched { table, .. } if table == "elsewhere.users"),
+            "{e:?}"
+        );
+        let e = err(h
+            .subscribe(
+                Subscription::new("users", Operation::Insert).filter(Filter::eq("name", "x")),
+                1,
+            )
+            .await);
+        match e {
+            Error::UnknownFilterColumn {
+                channel,
+                column,
+                available,
+            } => {
+                assert_eq!(
+                    (channel.as_str(), column.as_str()),
+                    ("users_insert", "name")
+                );
+                assert_eq!(available, ["id", "email", "score"]);
+            }
+            other => panic!("expected UnknownFilterColumn, got {other:?}"),
+        }
+        assert!(!h.stats.has_subscriber.load(Ordering::Acquire));
+        let (first, _) = h
+            .subscribe(Subscription::new("users", Operation::Insert), 1)
+            .await
+            .unwrap();
+        let (second, _) = h
+            .subscribe(Subscription::new("users", Operation::Insert), 1)
+            .await
+            .unwrap();
+        assert!(h.stats.has_subscriber.load(Ordering::Acquire));
+        assert_eq!(
+            (first.get(), second.get()),
+            (1, 2),
+            "failed attempts use no id"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn an_unsubscribed_subscription_gets_nothing_more_and_its_waiting_events_are_reported() {
+        let h = Harness::start();
+        let mut statuses = statuses(&h).await;
+        let (gone, gone_rx) = h.inserts(1).await;
+        let (_, kept) = h.inserts(64).await;
+        // 1 fills its channel, 2 and 3 wait in its buffer
+        h.route(
+            (1..=3)
+                .map(|id| h.event("users_insert", id, json!({})))
+                .collect(),
+        )
+        .await;
+        assert_eq!(h.stats.snapshot().queued, 2);
+        h.unsubscribe(gone).await.unwrap();
+        assert_eq!(
+            next_status(&mut statuses).await,
+            Status::Lagged {
+                subscription: gone,
+                dropped: 2
+            }
+        );
+        h.route(vec![h.event("users_insert", 4, json!({}))]).await;
+        h.flush().await;
+        assert_eq!(ids(&gone_rx), [1], "nothing after the unsubscribe");
+        assert_eq!(ids(&kept), [1, 2, 3, 4]);
+        let e = h.unsubscribe(gone).await.unwrap_err();
+        assert!(
+            matches!(e, Error::UnknownSubscription { id } if id == gone.get()),
+            "{e:?}"
+        );
+        let stats = h.stats.snapshot();
+        assert_eq!((stats.delivered, stats.dropped, stats.queued), (5, 2, 0));
+        assert_eq!(h.budget.available_permits(), BUDGET);
+    }
+
+    #[actix_rt::test]
+    async fn a_subscriber_whose_receiver_is_gone_is_removed_and_its_loss_reported() {
+        let h = Harness::start();
+        let mut statuses = statuses(&h).await;
+        let (gone, gone_rx) = h.inserts(8).await;
+        let (_, kept) = h.inserts(8).await;
+        drop(gone_rx);
+        h.route(vec![h.event("users_insert", 1, json!({}))]).await;
+        assert_eq!(
+            next_status(&mut statuses).await,
+            Status::Lagged {
+                subscription: gone,
+                dropped: 1
+            }
+        );
+        h.route(vec![h.event("users_insert", 2, json!({}))]).await;
+        h.flush().await;
+        assert_eq!(ids(&kept), [1, 2]);
+        let e = h.unsubscribe(gone).await.unwrap_err();
+        assert!(
+            matches!(e, Error::UnknownSubscription { .. }),
+            "pruned: {e:?}"
+        );
+        let stats = h.stats.snapshot();
+        assert_eq!((stats.delivered, stats.dropped), (2, 1));
+    }
+
+    #[actix_rt::test]
+    async fn status_messages_reach_every_status_subscriber_in_order() {
+        let h = Harness::start();
+        let (mut one, mut two) = (statuses(&h).await, statuses(&h).await);
+        for status in [
+            Status::Connected,
+            Status::Gap {
+                channels: vec!["users_insert".into()],
+            },
+            Status::Resynced { replayed: 3 },
+        ] {
+            h.registry.do_send(StatusEvent::now(status));
+        }
+        for rx in [&mut one, &mut two] {
+            assert_eq!(next_status(rx).await, Status::Connected);
+            assert_eq!(
+                next_status(rx).await,
+                Status::Gap {
+                    channels: vec!["users_insert".into()]
+                }
+            );
+            assert_eq!(next_status(rx).await, Status::Resynced { replayed: 3 });
+        }
+    }
+
+    /// A subscriber whose channel holds one event, with a buffer of `buffer` under `policy`:
+    /// routes `events` (id, email) in one batch while nobody reads, then reads until the
+    /// buffer is empty, and asserts it got `expected`, in order, and that what it lost was
+    /// counted and reported to it in one `Lagged` notice.
+    async fn through_a_stuck_subscriber(
+        policy: OverflowPolicy,
+        buffer: usize,
+        events: &[(i64, &str)],
+        expected: &[(i64, &str)],
+    ) {
+        let h = Harness::start();
+        let mut statuses = statuses(&h).await;
+        let (id, rx) = h
+            .subscribe(
+                Subscription::new("users", Operation::Insert)
+                    .policy(policy)
+                    .buffer(buffer),
+                1,
+            )
+            .await
+            .unwrap();
+        h.route(
+            events
+                .iter()
+                .map(|(id, email)| h.event("users_insert", *id, json!({ "email": email })))
+                .collect(),
+        )
+        .await;
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match rx.try_recv() {
+                Ok(e) => got.push((
+                    e.id().as_i64().unwrap(),
+                    e.get("email").unwrap().as_str().unwrap().to_string(),
+                )),
+                Err(_)
+                    if h.stats.snapshot().queued == 0 && h.budget.available_permits() == BUDGET =>
+                {
+                    break
+                }
+                Err(_) => {
+                    assert!(tokio::time::Instant::now() < deadline, "got only {got:?}");
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        h.flush().await;
+        got.extend(
+            rx.try_iter()
+                .map(|e| (e.id().as_i64().unwrap(), "late".into())),
+        );
+        let expected: Vec<(i64, String)> =
+            expected.iter().map(|(i, e)| (*i, e.to_string())).collect();
+        assert_eq!(got, expected);
+        let lost = (events.len() - expected.len()) as u64;
+        let stats = h.stats.snapshot();
+        assert_eq!(
+            (stats.delivered, stats.dropped),
+            (expected.len() as u64, lost)
+        );
+        if lost > 0 {
+            assert_eq!(
+                next_status(&mut statuses).await,
+                Status::Lagged {
+                    subscription: id,
+                    dropped: lost
+                }
+            );
+        }
+        assert_eq!(statuses.try_recv().ok(), None);
+    }
+
+    #[actix_rt::test]
+    async fn wait_hands_over_every_event_in_order_however_small_the_buffer() {
+        let events = [(1, "a"), (2, "b"), (1, "c"), (3, "d"), (4, "e"), (5, "f")];
+        through_a_stuck_subscriber(OverflowPolicy::Wait, 1, &events, &events).await;
+    }
+
+    #[actix_rt::test]
+    async fn drop_oldest_keeps_the_newest_events_in_order_and_reports_the_rest() {
+        let events = [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e"), (6, "f")];
+        // 1 fills the channel; of 2..=6 the buffer of 2 keeps the newest
+        let expected = [(1, "a"), (5, "e"), (6, "f")];
+        through_a_stuck_subscriber(OverflowPolicy::DropOldest, 2, &events, &expected).await;
+    }
+
+    #[actix_rt::test]
+    async fn keep_latest_per_key_replaces_a_waiting_event_of_the_same_row_in_place() {
+        let events = [(1, "a"), (2, "b"), (3, "c"), (2, "d"), (3, "e"), (2, "f")];
+        // 1 fills the channel; 2 and 3 wait and are replaced where they stand
+        let expected = [(1, "a"), (2, "f"), (3, "e")];
+        through_a_stuck_subscriber(OverflowPolicy::KeepLatestPerKey, 10, &events, &expected).await;
+    }
+
+    #[actix_rt::test]
+    async fn keep_latest_per_key_drops_the_oldest_row_when_full_of_distinct_rows() {
+        let events = [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (3, "e")];
+        // 1 fills the channel; 2, 3 wait; 4 pushes 2 out; 3's newer state replaces it
+        let expected = [(1, "a"), (3, "e"), (4, "d")];
+        through_a_stuck_subscriber(OverflowPolicy::KeepLatestPerKey, 2, &events, &expected).await;
+    }
+}

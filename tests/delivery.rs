@@ -2,99 +2,12 @@
 //! subscribers, for every operation, key shape, naming oddity, filter and subscription kind.
 
 mod common;
+mod scenarios;
 
 use actix::prelude::*;
 use common::{Events, TestDb};
 use serde_json::json;
-use sqlnotify::{ChangeEvent, Error, Filter, Key, Notifier, Operation, Subscription, Watch};
-
-#[actix_rt::test]
-async fn insert_update_delete_arrive_with_key_and_extra_columns() {
-    let db = TestDb::new().await;
-    db.exec("CREATE TABLE users (id bigint PRIMARY KEY, email text, name text)")
-        .await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("users", Operation::Insert).extra_columns(["email", "name"]))
-        .watch(Watch::new("users", Operation::Update).extra_columns(["email"]))
-        .watch(Watch::new("users", Operation::Delete))
-        .start()
-        .await
-        .unwrap();
-    assert_eq!(notifier.dialect_name(), "postgresql");
-    let mut ins = Events::subscribe(&notifier, Subscription::new("users", Operation::Insert)).await;
-    let mut upd = Events::subscribe(&notifier, Subscription::new("users", Operation::Update)).await;
-    let mut del = Events::subscribe(
-        &notifier,
-        Subscription::new("public.users", Operation::Delete),
-    )
-    .await;
-
-    db.exec("INSERT INTO users VALUES (1, 'a@b.c', 'Ann')")
-        .await;
-    let e = ins.next().await;
-    assert_eq!(e.channel(), "sqlnotify_public_users_insert");
-    assert_eq!(
-        (e.schema(), e.table(), e.operation()),
-        ("public", "users", Operation::Insert)
-    );
-    assert_eq!(e.id(), &Key::Single(json!(1)));
-    assert_eq!(e.extra_columns().get("email"), Some(&json!("a@b.c")));
-    assert_eq!(e.get("name"), Some(&json!("Ann")));
-    assert!(!e.is_truncated());
-
-    db.exec("UPDATE users SET email = 'x@y.z' WHERE id = 1")
-        .await;
-    let e = upd.next().await;
-    assert_eq!(
-        (e.id().as_i64(), e.get("email")),
-        (Some(1), Some(&json!("x@y.z")))
-    );
-    assert_eq!(e.get("name"), None, "only the watched columns are carried");
-
-    db.exec("DELETE FROM users WHERE id = 1").await;
-    let e = del.next().await;
-    assert_eq!(e.id().as_i64(), Some(1));
-    assert!(e.extra_columns().is_empty());
-
-    ins.assert_empty();
-    upd.assert_empty();
-    notifier.stop().await.unwrap();
-}
-
-#[actix_rt::test]
-async fn composite_keys_come_in_declared_order() {
-    let db = TestDb::new().await;
-    db.exec(
-        "CREATE TABLE order_items (item_id int, order_id int, qty int, PRIMARY KEY (order_id, item_id))",
-    )
-    .await;
-    let notifier = Notifier::builder(&db.url)
-        // default: the real primary key, in key order (order_id, item_id)
-        .watch(Watch::new("order_items", Operation::Insert).extra_columns(["qty"]))
-        // declared order wins
-        .watch(Watch::new("order_items", Operation::Update).primary_keys(["item_id", "order_id"]))
-        .start()
-        .await
-        .unwrap();
-    let mut ins = Events::subscribe(
-        &notifier,
-        Subscription::new("order_items", Operation::Insert),
-    )
-    .await;
-    let mut upd = Events::subscribe(
-        &notifier,
-        Subscription::new("order_items", Operation::Update),
-    )
-    .await;
-    db.exec("INSERT INTO order_items VALUES (7, 100, 2)").await;
-    let e = ins.next().await;
-    assert_eq!(e.id(), &Key::Composite(vec![json!(100), json!(7)]));
-    assert_eq!(e.key_columns(), ["order_id", "item_id"]);
-    db.exec("UPDATE order_items SET qty = 3").await;
-    let e = upd.next().await;
-    assert_eq!(e.id(), &Key::Composite(vec![json!(7), json!(100)]));
-    notifier.stop().await.unwrap();
-}
+use sqlnotify::{ChangeEvent, Error, Filter, Notifier, Operation, Subscription, Watch};
 
 #[actix_rt::test]
 async fn mixed_case_names_keyword_columns_and_quotes_in_labels_work() {
@@ -225,31 +138,6 @@ async fn a_row_committed_right_after_start_arrives() {
         assert_eq!(ev.next().await.id().as_i64(), Some(round as i64));
         notifier.stop().await.unwrap();
     }
-}
-
-#[actix_rt::test]
-async fn two_notifiers_on_one_database_each_receive_every_event() {
-    let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let builder = Notifier::builder(&db.url).watch(Watch::new("t", Operation::Insert));
-    let (n1, n2) = (
-        builder.start().await.unwrap(),
-        builder.start().await.unwrap(),
-    );
-    let mut e1 = Events::subscribe(&n1, Subscription::new("t", Operation::Insert)).await;
-    let mut e2 = Events::subscribe(&n2, Subscription::new("t", Operation::Insert)).await;
-    db.exec("INSERT INTO t SELECT generate_series(1, 50)").await;
-    for events in [&mut e1, &mut e2] {
-        let ids: Vec<i64> = events
-            .take(50)
-            .await
-            .iter()
-            .map(|e| e.id().as_i64().unwrap())
-            .collect();
-        assert_eq!(ids, (1..=50).collect::<Vec<_>>());
-    }
-    n1.stop().await.unwrap();
-    n2.stop().await.unwrap();
 }
 
 #[actix_rt::test]
@@ -583,3 +471,14 @@ async fn a_blocking_handler_s_buffer_follows_its_policy_and_stop_waits_for_it() 
     let stats = notifier.stats().await.unwrap();
     assert_eq!(want(&stats), (101 + 21, 80, 0), "{stats:?}");
 }
+
+// The shared delivery scenarios (tests/scenarios/delivery.rs), on every tier.
+
+pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable, poll_tier: Poll] {
+    delivery::insert_update_delete_carry_key_and_extra_columns_in_commit_order,
+    delivery::composite_keys_come_in_key_order_unless_declared,
+    delivery::trigger_columns_fire_only_on_a_real_change,
+    delivery::filters_match_typed_values,
+    delivery::two_notifiers_each_receive_every_event,
+    delivery::notifiers_starting_together_on_a_fresh_database_all_start,
+});

@@ -3,6 +3,7 @@
 //! a running process never sees a duplicate.
 
 mod common;
+mod scenarios;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use common::consumers::ConsumerDb;
 use common::{assert_every_row_once_through_kills, wait_until, Events, TestDb};
 use futures_util::future::join_all;
 use sqlnotify::Operation::Insert;
-use sqlnotify::{ConsumerPosition, Notifier, Status, StatusEvent, Subscription, Tier, Watch};
+use sqlnotify::{ConsumerPosition, Notifier, Status, Subscription, Tier, Watch};
 use tokio::sync::mpsc;
 
 const TIERS: [Tier; 2] = [Tier::Durable, Tier::Poll];
@@ -130,62 +131,6 @@ async fn every_committed_row_arrives_once_while_the_listener_is_killed_20_times(
             &format!("{tier:?}"),
         )
         .await;
-        notifier.stop().await.unwrap();
-    }
-}
-
-#[actix_rt::test]
-async fn a_named_consumer_resumes_after_a_restart_and_a_new_one_starts_at_now() {
-    for tier in TIERS {
-        let db = TestDb::new().await;
-        db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-        let builder = Notifier::builder(&db.url)
-            .watch(Watch::new("t", Insert).tier(tier))
-            .consumer("billing");
-        let notifier = builder.start().await.unwrap();
-        let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
-        db.exec("INSERT INTO t VALUES (1), (2), (3)").await;
-        let ids: Vec<_> = ev.take(3).await.iter().map(|e| e.id().as_i64()).collect();
-        assert_eq!(ids, [Some(1), Some(2), Some(3)], "{tier:?}");
-        notifier.stop().await.unwrap();
-
-        db.exec("INSERT INTO t VALUES (4); INSERT INTO t VALUES (5)")
-            .await; // while stopped
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let collector = common::Forward(tx).start_actor();
-        let notifier = builder
-            .clone()
-            .subscribe(Subscription::new("t", Insert), collector.recipient())
-            .start()
-            .await
-            .unwrap();
-        db.exec("INSERT INTO t VALUES (6)").await;
-        let mut ids = Vec::new();
-        while ids.len() < 3 {
-            let e = tokio::time::timeout(common::ARRIVES_WITHIN, rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            ids.push(e.id().as_i64().unwrap());
-        }
-        assert_eq!(
-            ids,
-            [4, 5, 6],
-            "{tier:?}: the rows missed while down, then new ones, no repeats"
-        );
-
-        // A consumer that never ran starts at "now".
-        let fresh = Notifier::builder(&db.url)
-            .watch(Watch::new("t", Insert).tier(tier))
-            .consumer("audit")
-            .start()
-            .await
-            .unwrap();
-        let mut fresh_ev = Events::subscribe(&fresh, Subscription::new("t", Insert)).await;
-        db.exec("INSERT INTO t VALUES (7)").await;
-        assert_eq!(fresh_ev.next().await.id().as_i64(), Some(7));
-        fresh_ev.assert_empty();
-        fresh.stop().await.unwrap();
         notifier.stop().await.unwrap();
     }
 }
@@ -336,13 +281,7 @@ async fn a_server_restart_loses_nothing_on_the_durable_tier() {
         })
         .await
         .unwrap();
-    let (status_tx, mut statuses) = mpsc::unbounded_channel();
-    notifier
-        .subscribe_status_fn(move |e: StatusEvent| {
-            let _ = status_tx.send(e.status);
-        })
-        .await
-        .unwrap();
+    let mut statuses = common::statuses(&notifier).await;
     let writer = common::connect(&cluster.url()).await;
     writer
         .batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
@@ -563,16 +502,7 @@ async fn consumer_db() -> TestDb {
     db
 }
 
-consumer_scenarios!(
-    a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
-    a_named_consumer_replays_nothing_until_its_first_subscription,
-    a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
-    a_dropped_consumer_that_comes_back_gets_a_gap,
-    an_expired_consumer_that_comes_back_gets_a_gap,
-    stats_count_the_backlog_of_a_running_consumer,
-    a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
-    a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
-);
+consumer_scenarios!();
 
 /// Roles of one test (roles are cluster-wide), dropped when it ends: declare it before the
 /// test's database, so the database (and the privileges in it) goes first.
@@ -612,24 +542,29 @@ impl Roles {
             .await;
         }
     }
+
+    /// The owner installs the scenarios' watches; then the consumer (user 0) and the purging
+    /// application (user 1) get what an application needs and connect as roles of their own.
+    async fn apps<'a>(&self, db: &'a TestDb) -> common::consumers::AsRoles<'a, TestDb> {
+        common::consumers::install_as_owner(db).await;
+        self.grant(db).await;
+        common::consumers::AsRoles {
+            db,
+            consumer_url: self.url(&db.url, 0),
+            purger_url: self.url(&db.url, 1),
+        }
+    }
 }
 
 impl Drop for Roles {
     fn drop(&mut self) {
         let names = self.0.join(", ");
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let admin = common::connect(&common::server_url()).await;
-                let _ = admin
-                    .batch_execute(&format!("DROP ROLE IF EXISTS {names}"))
-                    .await;
-            })
-        })
-        .join();
+        common::on_a_runtime_of_its_own(async move {
+            let admin = common::connect(&common::server_url()).await;
+            let _ = admin
+                .batch_execute(&format!("DROP ROLE IF EXISTS {names}"))
+                .await;
+        });
     }
 }
 
@@ -637,13 +572,7 @@ impl Drop for Roles {
 async fn applications_with_roles_of_their_own_keep_each_others_rows() {
     let roles = Roles::new(&["consumer", "purger"]);
     let db = consumer_db().await;
-    common::consumers::install_as_owner(&db).await;
-    roles.grant(&db).await;
-    let apps = common::consumers::AsRoles {
-        db: &db,
-        consumer_url: roles.url(&db.url, 0),
-        purger_url: roles.url(&db.url, 1),
-    };
+    let apps = roles.apps(&db).await;
     common::consumers::a_stopped_consumer_gets_every_row_through_another_notifiers_purge(&apps)
         .await;
 }
@@ -652,13 +581,7 @@ async fn applications_with_roles_of_their_own_keep_each_others_rows() {
 async fn a_purge_by_another_role_expires_a_consumer_and_it_gets_a_gap() {
     let roles = Roles::new(&["consumer", "purger"]);
     let db = consumer_db().await;
-    common::consumers::install_as_owner(&db).await;
-    roles.grant(&db).await;
-    let apps = common::consumers::AsRoles {
-        db: &db,
-        consumer_url: roles.url(&db.url, 0),
-        purger_url: roles.url(&db.url, 1),
-    };
+    let apps = roles.apps(&db).await;
     common::consumers::an_expired_consumer_that_comes_back_gets_a_gap(&apps).await;
 }
 
@@ -703,3 +626,11 @@ async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_us
     );
     notifier.stop().await.unwrap();
 }
+
+// The shared journal scenarios (tests/scenarios/), on both journal tiers.
+
+pg_tier_scenarios!([durable_tier: Durable, poll_tier: Poll] {
+    resume::a_named_consumer_resumes_where_it_stopped,
+    resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
+    custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
+});

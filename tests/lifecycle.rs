@@ -2,6 +2,7 @@
 //! start/stop, externally managed DDL, stop semantics, restart, stats and subscriber panics.
 
 mod common;
+mod scenarios;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -308,3 +309,10 @@ async fn a_panicking_subscriber_is_isolated() {
     );
     assert_eq!(notifier.stats().await.unwrap().subscriber_panics, 1);
 }
+
+// The shared lifecycle scenarios (tests/scenarios/lifecycle.rs), on both kinds of tier.
+
+pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable] {
+    lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
+    lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
+});

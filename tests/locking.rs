@@ -136,39 +136,14 @@ async fn waits_without_holding_up_writers<T>(
     outcome.unwrap_or_else(|e| panic!("the operation failed after the blocker committed: {e}"))
 }
 
-/// `outcome` is a lock timeout on `object` held by exactly `pid`, after about `timeout`.
+/// A lock timeout on `object` held by backend `pid`.
 fn assert_lock_timeout<T>(
     outcome: sqlnotify::Result<T>,
     object: &str,
     pid: i32,
     timeout: Duration,
 ) {
-    let Err(err) = outcome else {
-        panic!("expected a lock timeout on {object}, but it succeeded");
-    };
-    let text = err.to_string();
-    match err {
-        Error::LockTimeout {
-            object: got,
-            holder_pids,
-            waited,
-        } => {
-            assert_eq!(
-                (got.as_str(), holder_pids),
-                (object, vec![pid as u64]),
-                "{text}"
-            );
-            assert!(
-                waited >= timeout && waited < timeout + Duration::from_secs(5),
-                "{waited:?}"
-            );
-            assert!(
-                text.contains(object) && text.contains(&format!("pid {pid}")),
-                "{text}"
-            );
-        }
-        other => panic!("expected a lock timeout on {object}, got {other:?}"),
-    }
+    common::assert_lock_timeout(outcome, object, &[pid as u64], timeout);
 }
 
 /// Gives up (a bounded wait) instead of hanging when the code under test would wait forever.
@@ -499,21 +474,14 @@ impl TriggerOnlyRole {
 impl Drop for TriggerOnlyRole {
     fn drop(&mut self) {
         let (name, db) = (self.name.clone(), self.db.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let client = common::connect(&with_dbname(&common::server_url(), &db)).await;
-                let _ = client
-                    .batch_execute(&format!(
-                        "DROP OWNED BY \"{name}\" CASCADE; DROP ROLE IF EXISTS \"{name}\""
-                    ))
-                    .await;
-            })
-        })
-        .join();
+        common::on_a_runtime_of_its_own(async move {
+            let client = common::connect(&with_dbname(&common::server_url(), &db)).await;
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP OWNED BY \"{name}\" CASCADE; DROP ROLE IF EXISTS \"{name}\""
+                ))
+                .await;
+        });
     }
 }
 

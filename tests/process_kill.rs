@@ -486,20 +486,13 @@ mod mysql {
         fn drop(&mut self) {
             let name = self.name.clone();
             // Drop runs outside async: a runtime of its own on a plain thread.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let mut admin = connect(&server_url()).await;
-                    let _ = admin
-                        .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                        .await;
-                    let _ = admin.disconnect().await;
-                })
-            })
-            .join();
+            crate::common::on_a_runtime_of_its_own(async move {
+                let mut admin = connect(&server_url()).await;
+                let _ = admin
+                    .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                    .await;
+                let _ = admin.disconnect().await;
+            });
         }
     }
 }

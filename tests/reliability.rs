@@ -7,32 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{gated, listener_pid, wait_until, Events, TestDb};
+use common::{gated, listener_pid, next_status, statuses, wait_until, Events, TestDb};
 use sqlnotify::Operation::{Insert, Update};
-use sqlnotify::{
-    ChangeEvent, Notifier, OverflowPolicy, Stats, Status, StatusEvent, Subscription, Watch,
-};
+use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Stats, Status, Subscription, Watch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-
-/// Status messages collected through a channel.
-async fn statuses(notifier: &Notifier) -> mpsc::UnboundedReceiver<Status> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    notifier
-        .subscribe_status_fn(move |e: StatusEvent| {
-            let _ = tx.send(e.status);
-        })
-        .await
-        .unwrap();
-    rx
-}
-
-async fn next_status(rx: &mut mpsc::UnboundedReceiver<Status>) -> Status {
-    tokio::time::timeout(common::ARRIVES_WITHIN, rx.recv())
-        .await
-        .expect("a status should have arrived")
-        .unwrap()
-}
 
 #[actix_rt::test]
 async fn a_terminated_backend_is_reconnected_and_reported_as_a_gap_every_time() {

@@ -3,6 +3,7 @@
 //! listener connects with exactly the settings the user gave.
 
 mod common;
+mod scenarios;
 
 use common::{Events, TestDb};
 use serde_json::json;
@@ -751,51 +752,8 @@ async fn a_unix_socket_url_works() {
     notifier.stop().await.unwrap();
 }
 
-#[actix_rt::test]
-async fn concurrent_starts_on_a_fresh_database_all_succeed() {
-    let db = TestDb::new().await;
-    db.exec("CREATE TABLE users (id int PRIMARY KEY, email text)")
-        .await;
-    let builders: Vec<NotifierBuilder> = (0..4)
-        .map(|_| {
-            Notifier::builder(&db.url)
-                .watch(Watch::new("users", Operation::Insert).extra_columns(["email"]))
-                .watch(Watch::new("users", Operation::Delete))
-        })
-        .collect();
-    let results = futures_util::future::join_all(builders.iter().map(|b| b.start())).await;
-    let notifiers: Vec<Notifier> = results
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| r.unwrap_or_else(|e| panic!("start #{i} failed: {e}")))
-        .collect();
-    assert_eq!(
-        db.count("SELECT count(*) FROM sqlnotify.catalog").await,
-        2,
-        "one catalog row per watch"
-    );
-    assert_eq!(
-        db.count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sqlnotify%'")
-            .await,
-        2,
-        "one trigger per watch"
-    );
-    let mut events = Vec::new();
-    for n in &notifiers {
-        events.push(Events::subscribe(n, Subscription::new("users", Operation::Insert)).await);
-    }
-    db.exec("INSERT INTO users VALUES (1, 'a@b.c')").await;
-    for ev in &mut events {
-        let e = ev.next().await;
-        assert_eq!(
-            (e.id().as_i64(), e.get("email")),
-            (Some(1), Some(&json!("a@b.c")))
-        );
-    }
-    for ev in &mut events {
-        ev.assert_empty();
-    }
-    for n in notifiers {
-        n.stop().await.unwrap();
-    }
-}
+// The shared validation scenario (tests/scenarios/validation.rs).
+
+pg_tier_scenarios!([notify_tier: Notify] {
+    validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
+});

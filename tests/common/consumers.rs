@@ -403,10 +403,22 @@ pub async fn stats_count_the_backlog_of_a_running_consumer(db: &impl ConsumerDb)
     notifier.stop().await.unwrap();
 }
 
-/// Every scenario above, as `#[actix_rt::test]` functions for a test file whose async
-/// `consumer_db()` returns its [`ConsumerDb`].
+/// Scenarios of this file (without a list: every one), as `#[actix_rt::test]` functions for a
+/// test file whose async `consumer_db()` returns its [`ConsumerDb`].
 #[macro_export]
 macro_rules! consumer_scenarios {
+    () => {
+        $crate::consumer_scenarios!(
+            a_stopped_consumer_gets_every_row_through_another_notifiers_purge,
+            a_named_consumer_replays_nothing_until_its_first_subscription,
+            a_registered_consumer_protects_its_rows_however_long_ago_it_was_seen,
+            a_dropped_consumer_that_comes_back_gets_a_gap,
+            an_expired_consumer_that_comes_back_gets_a_gap,
+            stats_count_the_backlog_of_a_running_consumer,
+            a_consumer_of_an_older_version_keeps_its_rows_after_the_upgrade,
+            a_consumer_coming_back_during_a_purge_waits_and_sees_what_it_missed,
+        );
+    };
     ($($scenario:ident),* $(,)?) => {
         $(
             #[actix_rt::test]

@@ -1,8 +1,14 @@
-//! Shared test helpers: a throwaway PostgreSQL database per test, and event collection with
-//! bounded waits (never bare sleeps).
+//! Shared test helpers: a throwaway PostgreSQL database per test (and in [`sqlite`] and
+//! [`mysql`] their SQLite and MySQL counterparts, behind [`backend::Backend`] for the shared
+//! scenarios), and event collection with bounded waits (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod consumers;
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 #[cfg(feature = "sqlite")]
 pub mod sqlite_file;
 
@@ -100,17 +106,7 @@ impl TestDb {
 
     async fn create(admin_url: &str, options: &str) -> TestDb {
         init_logging();
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "sqlnotify_test_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos % 100_000
-        );
+        let name = unique_name("sqlnotify_test");
         let admin_url = admin_url.to_string();
         let admin = connect(&admin_url).await;
         admin
@@ -189,28 +185,50 @@ impl Drop for TestDb {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         let roles = std::mem::take(&mut *self.roles.lock().unwrap_or_else(|p| p.into_inner()));
         // Drop runs outside async; use a runtime of our own on a plain thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url, NoTls).await {
-                    tokio::spawn(conn);
+        on_a_runtime_of_its_own(async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(&admin_url, NoTls).await {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+                // Privileges lived in the dropped database only: the roles can go now.
+                for role in roles {
                     let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
                         .await;
-                    // Privileges lived in the dropped database only: the roles can go now.
-                    for role in roles {
-                        let _ = client
-                            .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
-                            .await;
-                    }
                 }
-            })
-        })
-        .join();
+            }
+        });
     }
+}
+
+/// Runs `work` to completion on a runtime of its own on a plain thread, and waits for it:
+/// for `Drop` implementations, which run outside async code (also inside a test's runtime).
+pub fn on_a_runtime_of_its_own(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work)
+    })
+    .join();
+}
+
+/// A name no other test (in this process or another) uses: `prefix`, the process id, a
+/// counter and the clock's nanoseconds.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos % 100_000
+    )
 }
 
 /// `url` connecting as `user` with `password` (URL or key=value form).
@@ -243,6 +261,14 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
     } else {
         format!("{url} dbname={dbname}")
     }
+}
+
+/// The integer keys of `events`, in order.
+pub fn ids(events: &[ChangeEvent]) -> Vec<i64> {
+    events
+        .iter()
+        .map(|e| e.id().as_i64().expect("an integer key"))
+        .collect()
 }
 
 /// Events collected by a closure subscriber.
@@ -294,6 +320,76 @@ impl Events {
         if let Ok(Some(e)) = tokio::time::timeout(wait, self.rx.recv()).await {
             panic!("unexpected event: {:?} {:?}", e.channel(), e.to_json());
         }
+    }
+}
+
+/// The status messages of `notifier`, through a channel.
+pub async fn statuses(notifier: &Notifier) -> mpsc::UnboundedReceiver<sqlnotify::Status> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |e: sqlnotify::StatusEvent| {
+            let _ = tx.send(e.status);
+        })
+        .await
+        .unwrap();
+    rx
+}
+
+/// The next status message; panics if none arrives within [`ARRIVES_WITHIN`].
+pub async fn next_status(rx: &mut mpsc::UnboundedReceiver<sqlnotify::Status>) -> sqlnotify::Status {
+    next_status_within(rx, ARRIVES_WITHIN).await
+}
+
+/// The next status message; panics if none arrives within `within`.
+pub async fn next_status_within(
+    rx: &mut mpsc::UnboundedReceiver<sqlnotify::Status>,
+    within: Duration,
+) -> sqlnotify::Status {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .expect("a status should have arrived")
+        .expect("the status subscription is alive")
+}
+
+/// Asserts that `outcome` is a lock timeout on `object` held by the sessions `pids` (none:
+/// the database does not say), given up after `timeout` (and not much later), with a message
+/// that names the object and the holder.
+pub fn assert_lock_timeout<T>(
+    outcome: sqlnotify::Result<T>,
+    object: &str,
+    pids: &[u64],
+    timeout: Duration,
+) {
+    let Err(err) = outcome else {
+        panic!("expected a lock timeout on {object}, but it succeeded");
+    };
+    let text = err.to_string();
+    match err {
+        sqlnotify::Error::LockTimeout {
+            object: got,
+            holder_pids,
+            waited,
+        } => {
+            assert_eq!(
+                (got.as_str(), holder_pids.as_slice()),
+                (object, pids),
+                "{text}"
+            );
+            assert!(
+                waited >= timeout && waited < timeout + Duration::from_secs(5),
+                "{waited:?}"
+            );
+            assert!(text.contains(object), "{text}");
+            match pids {
+                [] => assert!(
+                    text.contains("a session the database does not name"),
+                    "{text}"
+                ),
+                [pid] => assert!(text.contains(&format!("held by pid {pid};")), "{text}"),
+                _ => {}
+            }
+        }
+        other => panic!("expected a lock timeout on {object}, got {other:?}"),
     }
 }
 
@@ -646,13 +742,7 @@ pub async fn assert_every_row_once_through_kills<W>(
         )
         .await
         .unwrap();
-    let (status_tx, mut statuses) = mpsc::unbounded_channel();
-    notifier
-        .subscribe_status_fn(move |e: sqlnotify::StatusEvent| {
-            let _ = status_tx.send(e.status);
-        })
-        .await
-        .unwrap();
+    let mut statuses = statuses(notifier).await;
     let (committed, ()) = tokio::join!(writes, kill_listener(db, kills));
     let committed: std::collections::HashSet<i64> = committed.into_iter().collect();
     let mut seen = std::collections::HashSet::new();

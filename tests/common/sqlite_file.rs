@@ -2,8 +2,7 @@
 //! the dialect's own test helpers (blocking API, CLI).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::Connection;
 
@@ -17,16 +16,7 @@ impl SqliteFile {
     /// A new file with `schema` applied.
     pub fn new(schema: &str) -> SqliteFile {
         super::init_logging();
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "sqlnotify-test-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-        ));
+        let dir = std::env::temp_dir().join(super::unique_name("sqlnotify-test"));
         std::fs::create_dir_all(&dir).unwrap();
         let db = SqliteFile {
             path: dir.join("app.db"),
