@@ -20,6 +20,7 @@
 mod outlet;
 mod saving;
 mod session;
+mod wake;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use tokio::sync::{oneshot, watch};
 pub(crate) use self::outlet::Outlet;
 use self::saving::Saving;
 use self::session::{Outcome, Session};
+pub(crate) use self::wake::Wake;
 use crate::backoff::Backoff;
 use crate::consumer::ConsumerParams;
 use crate::decoder::RawBatch;

@@ -14,14 +14,11 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::future::select;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts};
-use tokio::sync::Notify;
 
 use super::catalog::db_err;
 use super::consumers;
@@ -29,7 +26,7 @@ use super::journal::{self, Cursor};
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
-use crate::listener::{FinalSave, Outlet, Pace, Source};
+use crate::listener::{FinalSave, Outlet, Pace, Source, Wake};
 
 /// Rows read per query.
 const READ_BATCH: usize = 1_000;
@@ -47,7 +44,7 @@ pub(crate) struct MysqlSource {
     channel_list: Vec<String>,
     /// `None` until placed.
     cursor: Option<Cursor>,
-    wake: Arc<Notify>,
+    wake: Wake,
 }
 
 impl MysqlSource {
@@ -57,7 +54,7 @@ impl MysqlSource {
         gap_timeout: Duration,
         health_check: Duration,
         channels: Vec<String>,
-        wake: Arc<Notify>,
+        wake: Wake,
     ) -> Self {
         let mut channel_list = channels;
         channel_list.sort();
@@ -219,9 +216,7 @@ impl Source for MysqlSource {
     }
 
     async fn wait(&mut self, _: &mut Conn, timeout: Duration) -> Result<bool> {
-        let sleep = pin!(tokio::time::sleep(timeout));
-        let woken = pin!(self.wake.notified());
-        let _ = select(sleep, woken).await;
+        self.wake.wait(timeout).await;
         Ok(true) // every poll reads: that is how MySQL learns of new rows
     }
 

@@ -46,7 +46,7 @@ use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 use serde_json::Value;
-use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::consumer::ConsumerInfo;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};
@@ -210,7 +210,7 @@ pub(crate) struct Mysql {
     gap_timeout: Duration,
     control: Arc<Control>,
     /// Wakes this notifier's listener after its own writes.
-    wake: Arc<Notify>,
+    wake: crate::listener::Wake,
 }
 
 impl Mysql {
@@ -225,7 +225,7 @@ impl Mysql {
             opts: target.opts,
             database: Arc::from(target.database),
             gap_timeout: options.gap_timeout.unwrap_or(target.gap_timeout),
-            wake: Arc::new(Notify::new()),
+            wake: crate::listener::Wake::default(),
         })
     }
 }
@@ -312,17 +312,10 @@ impl Dialect for Mysql {
         _value: &Value,
         _allow_overflow: bool,
     ) -> BoxFuture<'static, Result<()>> {
-        let (database, wake) = (self.database.clone(), self.wake.clone());
-        let channel = channel.name.clone();
-        let appended = self.control.run(move |conn| {
+        let (database, channel) = (self.database.clone(), channel.name.clone());
+        self.wake.after(self.control.run(move |conn| {
             Box::pin(async move { journal::append(conn, &database, &channel, &payload).await })
-        });
-        Box::pin(async move {
-            appended.await?;
-            // Our own write: tell the listener now instead of waiting for its next poll.
-            wake.notify_one();
-            Ok(())
-        })
+        }))
     }
 
     fn overflow_store(&self) -> Arc<dyn OverflowStore> {

@@ -28,7 +28,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::{select, Either};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
 
@@ -39,7 +39,7 @@ use super::signing::{Refused, Verifier};
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::{Channel, RawNotification};
-use crate::listener::{FinalSave, Outlet, Pace, Source};
+use crate::listener::{FinalSave, Outlet, Pace, Source, Wake};
 use crate::sql::quote_ident;
 use crate::tier::Tier;
 
@@ -60,7 +60,7 @@ pub(crate) struct PgConn {
     client: Client,
     reader: Option<tokio::task::JoinHandle<()>>,
     /// A durable channel was notified: read the journal.
-    wake: Arc<Notify>,
+    wake: Wake,
     /// Set (with the reason) when the reader found the connection closed.
     lost: watch::Receiver<Option<String>>,
 }
@@ -172,7 +172,7 @@ impl Source for PgSource {
             .connect(NoTls)
             .await
             .map_err(|e| Error::db("connecting the listener to PostgreSQL", e))?;
-        let wake = Arc::new(Notify::new());
+        let wake = Wake::default();
         let (lost_tx, lost) = watch::channel(None);
         let reader = Reader {
             outlet: outlet.clone(),
@@ -270,11 +270,7 @@ impl Source for PgSource {
     }
 
     async fn wait(&mut self, conn: &mut PgConn, timeout: Duration) -> Result<bool> {
-        let woken = conn.guard(async {
-            let sleep = pin!(tokio::time::sleep(timeout));
-            let woken = pin!(conn.wake.notified());
-            Ok(matches!(select(sleep, woken).await, Either::Right(_)))
-        });
+        let woken = conn.guard(async { Ok(conn.wake.wait(timeout).await) });
         let woken = woken.await?;
         Ok(woken || self.journal.as_ref().is_some_and(|j| j.poll))
     }
@@ -371,7 +367,7 @@ impl Source for PgSource {
 struct Reader {
     outlet: Outlet,
     wake_channels: Arc<HashSet<String>>,
-    wake: Arc<Notify>,
+    wake: Wake,
     /// Signed channels and the key to verify them with.
     signed: Arc<HashSet<String>>,
     verifier: Option<Arc<Verifier>>,
@@ -442,7 +438,7 @@ impl Reader {
             })
             .await;
             if wake {
-                self.wake.notify_one();
+                self.wake.wake();
             }
             // Meanwhile nothing is read from the socket.
             if self

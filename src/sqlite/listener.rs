@@ -14,16 +14,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::future::{select, Either};
 use rusqlite::Connection;
-use tokio::sync::Notify;
 
 use super::consumers;
 use super::journal;
 use super::open;
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
-use crate::listener::{FinalSave, Outlet, Pace, Source};
+use crate::listener::{FinalSave, Outlet, Pace, Source, Wake};
 
 /// Rows read per query.
 const READ_BATCH: i64 = 1_000;
@@ -58,11 +56,11 @@ pub(crate) struct SqliteSource {
     /// Id of the last journal row read; `None` until placed.
     position: Option<i64>,
     /// Woken by the notifier's own writes.
-    wake: Arc<Notify>,
+    wake: Wake,
 }
 
 impl SqliteSource {
-    pub fn new(path: PathBuf, channels: Vec<String>, wake: Arc<Notify>) -> Self {
+    pub fn new(path: PathBuf, channels: Vec<String>, wake: Wake) -> Self {
         let mut channel_list = channels;
         channel_list.sort();
         channel_list.dedup();
@@ -150,9 +148,7 @@ impl Source for SqliteSource {
     }
 
     async fn wait(&mut self, conn: &mut SqliteConn, timeout: Duration) -> Result<bool> {
-        let sleep = std::pin::pin!(tokio::time::sleep(timeout));
-        let woken = std::pin::pin!(self.wake.notified());
-        if let Either::Right(_) = select(sleep, woken).await {
+        if self.wake.wait(timeout).await {
             return Ok(true);
         }
         let seen = conn.version;

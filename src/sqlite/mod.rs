@@ -81,7 +81,7 @@ pub(crate) struct Sqlite {
     path: PathBuf,
     control: Arc<Mutex<Option<Connection>>>,
     /// Wakes this notifier's listener after its own writes.
-    wake: Arc<tokio::sync::Notify>,
+    wake: crate::listener::Wake,
 }
 
 impl Sqlite {
@@ -89,7 +89,7 @@ impl Sqlite {
         Ok(Sqlite {
             path: parse_url(url)?,
             control: Arc::new(Mutex::new(None)),
-            wake: Arc::new(tokio::sync::Notify::new()),
+            wake: crate::listener::Wake::default(),
         })
     }
 
@@ -197,15 +197,9 @@ impl Dialect for Sqlite {
         _value: &Value,
         _allow_overflow: bool,
     ) -> BoxFuture<'static, Result<()>> {
-        let wake = self.wake.clone();
         let channel = channel.name.clone();
-        let appended = self.blocking(move |conn| journal::append(conn, &channel, &payload));
-        Box::pin(async move {
-            appended.await?;
-            // Our own write: tell the watcher now instead of waiting for its next check.
-            wake.notify_one();
-            Ok(())
-        })
+        self.wake
+            .after(self.blocking(move |conn| journal::append(conn, &channel, &payload)))
     }
 
     fn overflow_store(&self) -> Arc<dyn OverflowStore> {
