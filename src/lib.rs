@@ -158,7 +158,7 @@ pub use crate::filter::Filter;
 pub use crate::notifier::{CustomEvent, Notifier, NotifierBuilder};
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
-pub use crate::stats::Stats;
+pub use crate::stats::{Role, Stats};
 pub use crate::status::{Status, StatusEvent};
 pub use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER};
 pub use crate::watch::{Capture, Tier, Watch, MAX_IDENTIFIER_BYTES, STATEMENT_CHUNK_ROWS};
