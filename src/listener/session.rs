@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 use super::saving::Saving;
 use super::{Pace, Shell, Source, State};
 use crate::consumer::{report_gap, ConsumerParams};
-use crate::stats::Role;
 use crate::error::Result;
+use crate::stats::Role;
 use crate::status::Status;
 
 /// How often a named consumer waiting for its first subscription looks again.
@@ -182,7 +182,10 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             }
         }
         state.held_lease = true;
-        log::info!("sqlnotify: consumer {:?} is active in this process", consumer.name);
+        log::info!(
+            "sqlnotify: consumer {:?} is active in this process",
+            consumer.name
+        );
         shell.stats.set_role(Role::Active);
         shell.status(Status::Active);
         Ok(true)

@@ -92,7 +92,10 @@ fn lease_path(db: &std::path::Path, name: &str) -> PathBuf {
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
-    let file = db.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let file = db
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     db.with_file_name(format!("{file}.sqlnotify-{readable}-{hash:016x}.lock"))
 }
 
@@ -136,7 +139,13 @@ impl Source for SqliteSource {
             return Ok(true);
         }
         let path = lease_path(&self.path, &consumer.name);
-        let context = || format!("taking the lease of consumer {:?} ({})", consumer.name, path.display());
+        let context = || {
+            format!(
+                "taking the lease of consumer {:?} ({})",
+                consumer.name,
+                path.display()
+            )
+        };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -256,7 +265,11 @@ mod tests {
         let db = std::path::Path::new("/data/app.db");
         let a = lease_path(db, "mailer");
         assert_eq!(a.parent(), db.parent());
-        assert!(a.to_string_lossy().starts_with("/data/app.db.sqlnotify-mailer-"), "{a:?}");
+        assert!(
+            a.to_string_lossy()
+                .starts_with("/data/app.db.sqlnotify-mailer-"),
+            "{a:?}"
+        );
         assert_eq!(a, lease_path(db, "mailer"), "stable");
         assert_ne!(a, lease_path(db, "mailer2"));
         assert_ne!(lease_path(db, "a/b"), lease_path(db, "ab"));
