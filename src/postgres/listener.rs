@@ -437,7 +437,7 @@ impl Reader {
                             Ok(payload) => payload,
                             Err(refused) => {
                                 self.outlet.stats().forged.fetch_add(1, Ordering::Relaxed);
-                                if forgery_logged.map_or(true, |at| at.elapsed() >= FORGERY_LOG_EVERY) {
+                                if forgery_logged.is_none_or(|at| at.elapsed() >= FORGERY_LOG_EVERY) {
                                     forgery_logged = Some(Instant::now());
                                     log::warn!(
                                         "sqlnotify: dropping a notification on {:?} that sqlnotify's trigger did not send: {refused} (counted in stats().forged; further ones are logged at most once a minute)",
