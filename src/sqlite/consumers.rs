@@ -280,7 +280,7 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
             SELECT j.id FROM sqlnotify_journal j
              WHERE j.created_at < {NOW} - ?1
                AND NOT EXISTS (SELECT 1 FROM sqlnotify_consumers c
-                                WHERE c.state NOT IN ('dropped', 'expired') AND j.id > c.position
+                                WHERE c.state NOT IN ('dropped', 'expired') AND j.id > c.cursor
                                   AND {READS_CHANNEL})
              ORDER BY j.id LIMIT ?2)
          RETURNING id, channel"
