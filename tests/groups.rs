@@ -50,6 +50,16 @@ const ROWS_PER_SECOND: f64 = 1_500.0;
 /// committed or being committed, so the last sixth is committed after the last kill.
 const STRETCH: i64 = ROWS / (KILLS as i64 + 1);
 
+/// An active process is killed once it handled this many events (it is delivering).
+const HANDLED_BEFORE_KILL: usize = 100;
+/// The longest a failover may take.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(5);
+/// How long a process may take to start (or a takeover to show up at all, so that a slow
+/// one is measured and reported rather than timed out), and the rows to arrive.
+const WITHIN: Duration = Duration::from_secs(60);
+/// Polling interval of the bounded waits on record files.
+const POLL: Duration = Duration::from_millis(10);
+
 /// How far the writers may go before kill `kills` (the next one): half a stretch past its
 /// mark, so each kill falls in the middle of the stream however slow the previous failover.
 fn gate(kills: usize) -> i64 {
@@ -64,15 +74,6 @@ fn gate(kills: usize) -> i64 {
 fn mark(k: usize) -> i64 {
     (k as i64 + 1) * STRETCH
 }
-/// An active process is killed once it handled this many events (it is delivering).
-const HANDLED_BEFORE_KILL: usize = 100;
-/// The longest a failover may take.
-const FAILOVER_LIMIT: Duration = Duration::from_secs(5);
-/// How long a process may take to start (or a takeover to show up at all, so that a slow
-/// one is measured and reported rather than timed out), and the rows to arrive.
-const WITHIN: Duration = Duration::from_secs(60);
-/// Polling interval of the bounded waits on record files.
-const POLL: Duration = Duration::from_millis(10);
 
 // ---------------------------------------------------------------------------------------------
 // A group's process
