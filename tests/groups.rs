@@ -5,7 +5,8 @@
 //! rolled-back one; at any time at most one process was active, and a standby handled
 //! nothing; every duplicate is explained by a failover (first handled by a process that was
 //! killed later); every failover (SIGKILL → the next process's `Status::Active`) took at most
-//! 5 s. On PostgreSQL's durable tier, on SQLite and (feature `mysql`) on MySQL / MariaDB.
+//! 5 s. On PostgreSQL's durable and poll tiers, on SQLite and (feature `mysql`) on MySQL /
+//! MariaDB.
 //!
 //! The test binary re-executes itself as the group's processes (the same test, with
 //! `SQLNOTIFY_GROUP_CHILD_URL` set). Each one appends what it handles to a record file of its
@@ -131,8 +132,10 @@ async fn group_process() -> bool {
         .unwrap_or_else(|e| panic!("the group's process: open {record}: {e}"));
     let recorder = Recorder { file }.start();
     let mut watch = Watch::new("t", Insert);
-    if std::env::var(CHILD_TIER).as_deref() == Ok("durable") {
-        watch = watch.tier(Tier::Durable);
+    match std::env::var(CHILD_TIER).as_deref() {
+        Ok("durable") => watch = watch.tier(Tier::Durable),
+        Ok("poll") => watch = watch.tier(Tier::Poll),
+        _ => {}
     }
     // Subscribed on the builder (events and status), so nothing is missed, replay included.
     let notifier = Notifier::builder(&url)
@@ -272,6 +275,7 @@ impl Group {
         let stderr = self.dir.join(format!("member-{n}.stderr"));
         let tier = match self.tier {
             Some(Tier::Durable) => "durable",
+            Some(Tier::Poll) => "poll",
             _ => "",
         };
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -790,6 +794,22 @@ async fn postgres_durable_tier_group_fails_over_without_losing_rows() {
         "postgres_durable_tier_group_fails_over_without_losing_rows",
         &db.url,
         Some(Tier::Durable),
+        Target::Postgres(db.url.clone()),
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn postgres_poll_tier_group_fails_over_without_losing_rows() {
+    if group_process().await {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    fail_over_under_writes(
+        "postgres_poll_tier_group_fails_over_without_losing_rows",
+        &db.url,
+        Some(Tier::Poll),
         Target::Postgres(db.url.clone()),
     )
     .await;
