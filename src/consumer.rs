@@ -255,7 +255,7 @@ pub(crate) fn add_missed<'a>(
     let mut out: Vec<String> = missed.to_vec();
     let mut added = false;
     for channel in unread {
-        let reads = channels.map_or(true, |c| c.contains(channel));
+        let reads = channels.is_none_or(|c| c.contains(channel));
         if reads && !out.contains(channel) {
             out.push(channel.clone());
             added = true;

@@ -169,7 +169,7 @@ pub use crate::notifier::Notifier;
 pub use crate::operation::Operation;
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
-pub use crate::stats::Stats;
+pub use crate::stats::{Role, Stats};
 pub use crate::status::{Status, StatusEvent};
 pub use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER};
 pub use crate::tier::{Capture, Tier, STATEMENT_CHUNK_ROWS};

@@ -1,6 +1,6 @@
 //! Pipeline counters: shared atomics the actors bump, and the [`Stats`] snapshot users read.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 
 /// A snapshot of a notifier's counters since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,6 +52,43 @@ pub struct Stats {
     /// the database every 2 s (so up to that old); 0 without a named consumer. Past
     /// [`backlog_warning`](crate::NotifierBuilder::backlog_warning) it is also logged.
     pub backlog: u64,
+    /// This notifier's part in its named consumer's group.
+    pub role: Role,
+}
+
+/// A notifier's part in the group of processes running the same named consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Role {
+    /// No named consumer (or one on PostgreSQL's notify tier alone): every notifier delivers.
+    #[default]
+    Independent,
+    /// Connecting, or waiting for its first lease attempt.
+    Starting,
+    /// Holds the consumer's lease: reads and delivers.
+    Active,
+    /// Another process holds the lease: delivers nothing, ready to take over.
+    Standby,
+}
+
+impl Role {
+    fn from_u8(n: u8) -> Self {
+        match n {
+            1 => Role::Starting,
+            2 => Role::Active,
+            3 => Role::Standby,
+            _ => Role::Independent,
+        }
+    }
+
+    pub(crate) fn as_u8(self) -> u8 {
+        match self {
+            Role::Independent => 0,
+            Role::Starting => 1,
+            Role::Active => 2,
+            Role::Standby => 3,
+        }
+    }
 }
 
 /// The live counters behind [`Stats`].
@@ -80,9 +117,15 @@ pub(crate) struct Counters {
     pub has_subscriber: AtomicBool,
     /// The named consumer's backlog, as last counted.
     pub backlog: AtomicU64,
+    /// [`Role`], as its `as_u8`.
+    pub role: AtomicU8,
 }
 
 impl Counters {
+    pub fn set_role(&self, role: Role) {
+        self.role.store(role.as_u8(), Ordering::Relaxed);
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -117,6 +160,7 @@ impl Counters {
             in_flight: get(&self.forwarded).saturating_sub(get(&self.settled)),
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
             backlog: get(&self.backlog),
+            role: Role::from_u8(self.role.load(Ordering::Relaxed)),
         }
     }
 }

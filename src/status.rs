@@ -44,6 +44,18 @@ pub enum Status {
         /// How many events it lost since its last `Lagged` notice.
         dropped: u64,
     },
+    /// This notifier holds its named consumer's lease: of all the processes running that
+    /// consumer (a consumer group), it is the one that reads and delivers. Sent when it takes
+    /// the lease — at start, or when it takes over from an active process that died.
+    Active,
+    /// Another process holds the lease of this notifier's named consumer: this one delivers
+    /// nothing and stands by, ready to take over when the active one dies.
+    Standby,
+    /// This notifier held the lease and lost it (its connection to the database was lost
+    /// and another process took over meanwhile): it stopped delivering and stands by.
+    /// Events it delivered after the new active process's last saved position are delivered
+    /// again by that process.
+    LostLease,
 }
 
 /// A [`Status`] with the time it was observed.

@@ -287,7 +287,7 @@ async fn keep_latest_per_key_keeps_the_newest_state_of_each_row() {
             e.get("v").unwrap().as_i64().unwrap(),
         );
         assert!(
-            latest.get(&id).map_or(true, |&old| old < v),
+            latest.get(&id).is_none_or(|&old| old < v),
             "row {id} went back in time"
         );
         latest.insert(id, v);

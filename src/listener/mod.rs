@@ -115,6 +115,13 @@ pub(crate) trait Source: Unpin + 'static {
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>>;
 
+    /// Tries to take named consumer `consumer`'s lease, without waiting: true when this
+    /// process holds it now (taken, or still held). Of all the processes running one
+    /// consumer, only the holder reads. The lease must be released by the holder's death —
+    /// a session lock on the connection that also saves the position, or a lock the OS drops
+    /// with the process — never by a timer alone, so two holders cannot overlap.
+    async fn lease(&mut self, conn: &mut Self::Conn, consumer: &ConsumerParams) -> Result<bool>;
+
     /// Whether there is a journal to read (false: PostgreSQL's notify tier alone).
     fn reads(&self) -> bool {
         true
@@ -190,6 +197,8 @@ pub(crate) struct State<S: Source> {
     pub saving: Saving<S::Position>,
     pub placed: bool,
     pub was_connected: bool,
+    /// The last session held the consumer's lease.
+    pub held_lease: bool,
 }
 
 /// The supervised actor.
@@ -357,6 +366,7 @@ pub(crate) async fn start<S: Source>(
         saving: Saving::default(),
         placed: false,
         was_connected: false,
+        held_lease: false,
     };
     let addr = Supervisor::start(move |_| Listener {
         shell,
@@ -401,8 +411,13 @@ mod tests {
     #[derive(Default)]
     struct Journal {
         rows: Vec<String>,
-        /// The next wait fails (the connection is lost).
-        fail: bool,
+        /// The next wait of this listener fails (its connection is lost, and with it the
+        /// lease it held).
+        fail: Option<usize>,
+        /// The listener holding the consumer's lease.
+        holder: Option<usize>,
+        /// A listener that cannot connect.
+        down: Option<usize>,
         /// Positions saved by a running consumer, in order.
         saves: Vec<i64>,
         /// Connections opened.
@@ -425,13 +440,14 @@ mod tests {
             self.wake.notify_one();
         }
 
-        fn fail(&self) {
-            self.lock().fail = true;
-            self.wake.notify_one();
+        fn fail(&self, listener: usize) {
+            self.lock().fail = Some(listener);
+            self.wake.notify_waiters();
         }
     }
 
     struct MemorySource {
+        id: usize,
         shared: Shared,
         position: Option<i64>,
     }
@@ -442,8 +458,20 @@ mod tests {
         const NAME: &'static str = "memory";
 
         async fn connect(&mut self, _: &Outlet) -> Result<()> {
-            self.shared.lock().connects += 1;
+            let mut journal = self.shared.lock();
+            if journal.down == Some(self.id) {
+                return Err(Error::NotRunning);
+            }
+            journal.connects += 1;
             Ok(())
+        }
+
+        async fn lease(&mut self, _: &mut (), _: &ConsumerParams) -> Result<bool> {
+            let mut journal = self.shared.lock();
+            if journal.holder.is_none() {
+                journal.holder = Some(self.id);
+            }
+            Ok(journal.holder == Some(self.id))
         }
 
         async fn place(&mut self, _: &mut (), _: Option<&ConsumerParams>) -> Result<Vec<String>> {
@@ -480,7 +508,12 @@ mod tests {
             let woken = tokio::time::timeout(timeout, self.shared.wake.notified())
                 .await
                 .is_ok();
-            if std::mem::take(&mut self.shared.lock().fail) {
+            let mut journal = self.shared.lock();
+            if journal.fail == Some(self.id) {
+                journal.fail = None;
+                if journal.holder == Some(self.id) {
+                    journal.holder = None;
+                }
                 return Err(Error::NotRunning);
             }
             Ok(woken)
@@ -565,7 +598,11 @@ mod tests {
 
     impl Rig {
         async fn start(consumer: bool, budget: usize, hold: bool) -> Rig {
-            let shared = Shared::default();
+            Rig::join(Shared::default(), 0, consumer, budget, hold).await
+        }
+
+        /// Another listener on the same journal.
+        async fn join(shared: Shared, id: usize, consumer: bool, budget: usize, hold: bool) -> Rig {
             let stats = Arc::new(Counters::default());
             let budget = Arc::new(Semaphore::new(budget));
             let (batches_tx, batches) = mpsc::unbounded_channel();
@@ -591,6 +628,7 @@ mod tests {
                 health_check: Duration::from_secs(10),
             };
             let source = MemorySource {
+                id,
                 shared: shared.clone(),
                 position: None,
             };
@@ -630,7 +668,7 @@ mod tests {
             .lock()
             .rows
             .extend(["b".to_string(), "c".to_string()]);
-        rig.shared.fail();
+        rig.shared.fail(0);
         assert!(matches!(rig.status().await, Status::Disconnected { .. }));
         assert_eq!(rig.status().await, Status::Connected);
         assert_eq!(rig.status().await, Status::Resynced { replayed: 2 });
@@ -690,5 +728,41 @@ mod tests {
             "saved a position whose events never settled: {:?}",
             rig.shared.lock().saves
         );
+    }
+
+    #[actix_rt::test]
+    async fn one_process_of_a_group_is_active_and_a_standby_takes_over_when_it_dies() {
+        let mut a = Rig::start(true, 100, false).await;
+        a.stats.has_subscriber.store(true, Ordering::Release);
+        assert_eq!(a.status().await, Status::Connected);
+        assert_eq!(a.status().await, Status::Active);
+        assert_eq!(a.stats.snapshot().role, crate::Role::Active);
+        let mut b = Rig::join(a.shared.clone(), 1, true, 100, false).await;
+        b.stats.has_subscriber.store(true, Ordering::Release);
+        assert_eq!(b.status().await, Status::Connected);
+        assert_eq!(b.status().await, Status::Standby);
+        assert_eq!(b.stats.snapshot().role, crate::Role::Standby);
+        a.shared.write("x");
+        assert_eq!(a.batch().await, ["x"]);
+        // The active one loses its connection, and with it the lease: the standby takes over
+        // and reads what was not saved as read; the old holder comes back as a standby.
+        a.shared.lock().down = Some(0);
+        a.shared.fail(0);
+        assert!(matches!(a.status().await, Status::Disconnected { .. }));
+        assert_eq!(b.status().await, Status::Active);
+        a.shared.lock().down = None;
+        let mut status = a.status().await;
+        while matches!(status, Status::Disconnected { .. }) {
+            status = a.status().await; // reconnect attempts while it was down
+        }
+        assert_eq!(status, Status::Connected);
+        assert_eq!(a.status().await, Status::LostLease);
+        assert_eq!(a.status().await, Status::Standby);
+        a.shared.write("y");
+        assert!(b.batch().await.ends_with(&["y".to_string()]));
+        assert!(a.batches.try_recv().is_err(), "a standby delivered");
+        for rig in [&mut a, &mut b] {
+            rig.handle.shutdown().await;
+        }
     }
 }

@@ -10,13 +10,18 @@ use std::time::{Duration, Instant};
 use futures_util::future::{select, Either};
 use tokio::sync::oneshot;
 
+use super::saving::Saving;
 use super::{Pace, Shell, Source, State};
-use crate::consumer::report_gap;
+use crate::consumer::{report_gap, ConsumerParams};
 use crate::error::Result;
+use crate::stats::Role;
 use crate::status::Status;
 
 /// How often a named consumer waiting for its first subscription looks again.
 const GATE_CHECK: Duration = Duration::from_millis(10);
+/// How often a standby tries to take its consumer's lease (what a takeover adds to the time
+/// the database takes to notice the holder's death).
+pub(crate) const LEASE_RETRY: Duration = Duration::from_millis(250);
 
 /// How a session ended.
 pub(super) struct Outcome {
@@ -40,46 +45,52 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         mut state: State<S>,
     ) -> (State<S>, Outcome) {
         let outlet = self.shell.outlet.clone();
-        let setup = async {
-            let mut conn = state.source.connect(&outlet).await?;
-            let mut missed = Vec::new();
-            if !state.placed {
-                missed = state
-                    .source
-                    .place(&mut conn, self.shell.consumer.as_ref())
-                    .await?;
-                state.placed = true;
-                if let Some(position) = state.source.position() {
-                    state.saving.placed(position.clone(), Instant::now());
-                    self.set_latest(position);
+        let mut conn = match state.source.connect(&outlet).await {
+            Ok(conn) => conn,
+            Err(e) => return self.failed(state, None, e),
+        };
+        self.shell.status(Status::Connected);
+        let group = match &self.shell.consumer {
+            Some(consumer) if state.source.reads() => Some(consumer.clone()),
+            _ => None,
+        };
+        if let Some(consumer) = &group {
+            match self.take_lease(&mut state, &mut conn, consumer).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Told to stop while standing by.
+                    state.source.close(conn).await;
+                    return (
+                        state,
+                        Outcome {
+                            connected: true,
+                            failure: None,
+                        },
+                    );
                 }
+                Err(e) => return self.failed(state, Some(conn), e),
             }
-            Ok::<_, crate::Error>((conn, missed))
-        };
-        let (mut conn, missed) = match setup.await {
-            Ok(connected) => connected,
-            Err(e) => {
-                let failure = match self.ready.take() {
-                    Some(ready) => {
-                        let _ = ready.send(Err(e));
-                        None
-                    }
-                    None => Some(state.source.describe(None, &e)),
-                };
-                return (
-                    state,
-                    Outcome {
-                        connected: false,
-                        failure,
-                    },
-                );
+        }
+        let mut missed = Vec::new();
+        if !state.placed {
+            match state
+                .source
+                .place(&mut conn, self.shell.consumer.as_ref())
+                .await
+            {
+                Ok(m) => missed = m,
+                Err(e) => return self.failed(state, Some(conn), e),
             }
-        };
+            state.placed = true;
+            if let Some(position) = state.source.position() {
+                state.saving.placed(position.clone(), Instant::now());
+                self.set_latest(position);
+            }
+        }
+        let restarted = std::mem::replace(&mut state.was_connected, true);
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Ok(()));
         }
-        let restarted = std::mem::replace(&mut state.was_connected, true);
-        self.shell.status(Status::Connected);
         self.gap(missed);
         if restarted {
             let lossy = state.source.lossy_channels();
@@ -101,6 +112,83 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 failure,
             },
         )
+    }
+
+    /// Ends a session that failed before serving: the first one reports to `start()`.
+    fn failed<S: Source<Position = P>>(
+        &mut self,
+        state: State<S>,
+        conn: Option<S::Conn>,
+        e: crate::Error,
+    ) -> (State<S>, Outcome) {
+        let failure = match self.ready.take() {
+            Some(ready) => {
+                let _ = ready.send(Err(e));
+                None
+            }
+            None => Some(state.source.describe(conn.as_ref(), &e)),
+        };
+        let connected = false;
+        (state, Outcome { connected, failure })
+    }
+
+    /// Takes the consumer's lease, standing by while another process holds it. Returns
+    /// false when told to stop meanwhile. A standby reports readiness: `start()` returns.
+    async fn take_lease<S: Source<Position = P>>(
+        &mut self,
+        state: &mut State<S>,
+        conn: &mut S::Conn,
+        consumer: &ConsumerParams,
+    ) -> Result<bool> {
+        let shell = self.shell.clone();
+        shell.stats.set_role(Role::Starting);
+        let mut standing_by = false;
+        let mut last_io = Instant::now();
+        loop {
+            if state.source.lease(conn, consumer).await? {
+                break;
+            }
+            if !standing_by {
+                standing_by = true;
+                if std::mem::take(&mut state.held_lease) {
+                    // Another process took over while this one was away: what it knew is
+                    // stale, the new holder's saved position is what counts.
+                    log::warn!(
+                        "sqlnotify: consumer {:?} lost its lease to another process; standing by",
+                        consumer.name
+                    );
+                    state.placed = false;
+                    state.saving = Saving::default();
+                    shell.status(Status::LostLease);
+                }
+                log::info!(
+                    "sqlnotify: consumer {:?} is active in another process; standing by",
+                    consumer.name
+                );
+                shell.stats.set_role(Role::Standby);
+                shell.status(Status::Standby);
+                if let Some(ready) = self.ready.take() {
+                    let _ = ready.send(Ok(()));
+                }
+            }
+            if last_io.elapsed() >= shell.health_check {
+                state.source.check(conn, shell.health_check).await?;
+                last_io = Instant::now();
+            }
+            let retry = pin!(tokio::time::sleep(LEASE_RETRY));
+            let stopping = pin!(shell.outlet.stopping());
+            if let Either::Right(_) = select(retry, stopping).await {
+                return Ok(false);
+            }
+        }
+        state.held_lease = true;
+        log::info!(
+            "sqlnotify: consumer {:?} is active in this process",
+            consumer.name
+        );
+        shell.stats.set_role(Role::Active);
+        shell.status(Status::Active);
+        Ok(true)
     }
 
     /// Reads, saves, checks and waits until told to stop (Ok) or the connection fails.

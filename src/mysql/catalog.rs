@@ -184,7 +184,7 @@ async fn installed_state(
     // the user's writes: it counts as changed.
     let mode_ok = trigger
         .as_ref()
-        .map_or(true, |(_, mode)| mode == TRIGGER_SQL_MODE.as_bytes());
+        .is_none_or(|(_, mode)| mode == TRIGGER_SQL_MODE.as_bytes());
     Ok(Installed::Recorded {
         same: recorded == ddl::trigger_sql(w, database).into_bytes() && mode_ok,
         trigger: on_table,

@@ -159,6 +159,30 @@ impl Source for MysqlSource {
         Ok(missed)
     }
 
+    /// `GET_LOCK` on the listener's own connection, named after the database and the
+    /// consumer: the server releases it when that connection ends (the process killed, its
+    /// connection killed), and position saves run on the same connection.
+    async fn lease(&mut self, conn: &mut Conn, consumer: &ConsumerParams) -> Result<bool> {
+        let taken: Option<Option<i64>> = self
+            .within(
+                "taking the consumer's lease",
+                async {
+                    // Lock names are at most 64 characters: a hash of database and name.
+                    conn.exec_first(
+                        "SELECT GET_LOCK(CONCAT('sqlnotify:', LEFT(SHA2(CONCAT(?, '.', ?), 256), 48)), 0)",
+                        (&*self.database, &consumer.name),
+                    )
+                    .await
+                    .map_err(db_err(format!(
+                        "taking the lease of consumer {:?}",
+                        consumer.name
+                    )))
+                },
+            )
+            .await?;
+        Ok(taken.flatten() == Some(1))
+    }
+
     async fn read(&mut self, conn: &mut Conn, outlet: &Outlet) -> Result<Option<u64>> {
         let (mut pos, condition) = {
             let cursor = self.cursor();

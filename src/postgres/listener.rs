@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::future::{select, Either};
 use tokio::sync::watch;
 use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
 
 use super::consumers;
@@ -52,6 +53,10 @@ const DRIVER_DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60)
 const POLL_MIN: Duration = Duration::from_millis(1);
 /// Slowest poll-tier interval (when idle).
 const POLL_MAX: Duration = Duration::from_millis(25);
+/// Server-side TCP keepalive on a lease holder's connection: a machine gone silent loses its
+/// backend — and its lease — within about 2 + 3 × 1 s (ignored on Unix sockets).
+const LEASE_KEEPALIVE: &str =
+    "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3";
 /// How often a forged notification is logged at most (each one is counted).
 const FORGERY_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -249,6 +254,33 @@ impl Source for PgSource {
         conn.guard(placing).await
     }
 
+    /// A session advisory lock on the listener's own connection, keyed by the consumer's
+    /// name: the server releases it the moment that connection ends — the process killed, its
+    /// backend terminated, or (with the server-side keepalive set here) its machine gone
+    /// silent — and position saves run on the same connection, so a process whose lease is
+    /// gone cannot save a position any more.
+    async fn lease(&mut self, conn: &mut PgConn, consumer: &ConsumerParams) -> Result<bool> {
+        let key = format!("sqlnotify consumer {}", consumer.name);
+        let client = &conn.client;
+        conn.guard(async {
+            let context = || format!("taking the lease of consumer {:?}", consumer.name);
+            client
+                .batch_execute(LEASE_KEEPALIVE)
+                .await
+                .map_err(|e| Error::db(context(), e))?;
+            let row = client
+                .query_typed_one(
+                    "SELECT pg_catalog.pg_try_advisory_lock(\
+                     ('x' || pg_catalog.substr(pg_catalog.md5($1), 1, 16))::bit(64)::bigint)",
+                    &[(&key, Type::TEXT)],
+                )
+                .await
+                .map_err(|e| Error::db(context(), e))?;
+            Ok(row.get::<_, bool>(0))
+        })
+        .await
+    }
+
     fn reads(&self) -> bool {
         self.journal.is_some()
     }
@@ -405,7 +437,7 @@ impl Reader {
                             Ok(payload) => payload,
                             Err(refused) => {
                                 self.outlet.stats().forged.fetch_add(1, Ordering::Relaxed);
-                                if forgery_logged.map_or(true, |at| at.elapsed() >= FORGERY_LOG_EVERY) {
+                                if forgery_logged.is_none_or(|at| at.elapsed() >= FORGERY_LOG_EVERY) {
                                     forgery_logged = Some(Instant::now());
                                     log::warn!(
                                         "sqlnotify: dropping a notification on {:?} that sqlnotify's trigger did not send: {refused} (counted in stats().forged; further ones are logged at most once a minute)",

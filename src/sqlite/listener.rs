@@ -57,6 +57,9 @@ pub(crate) struct SqliteSource {
     position: Option<i64>,
     /// Woken by the notifier's own writes.
     wake: Wake,
+    /// The consumer's lease, once taken: a lock on a file next to the database, which the
+    /// OS releases when this process ends.
+    lease: Option<std::fs::File>,
 }
 
 impl SqliteSource {
@@ -70,8 +73,28 @@ impl SqliteSource {
             channel_list: Arc::new(channel_list),
             position: None,
             wake,
+            lease: None,
         }
     }
+}
+
+/// The lease file of consumer `name` of the database at `db`: the name's letters and digits
+/// (for people listing the directory) and a hash of the whole name (FNV-1a, stable across
+/// builds, so every process of the group finds the same file).
+fn lease_path(db: &std::path::Path, name: &str) -> PathBuf {
+    let readable: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect();
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let file = db
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    db.with_file_name(format!("{file}.sqlnotify-{readable}-{hash:016x}.lock"))
 }
 
 impl Source for SqliteSource {
@@ -105,6 +128,36 @@ impl Source for SqliteSource {
         log::debug!("sqlnotify: SQLite listener starts after journal id {start}");
         self.position = Some(start);
         Ok(missed)
+    }
+
+    /// A lock on `<database>.sqlnotify-<consumer>.lock` next to the database file: the OS
+    /// releases it when the holding process ends, however it ends.
+    async fn lease(&mut self, _: &mut SqliteConn, consumer: &ConsumerParams) -> Result<bool> {
+        if self.lease.is_some() {
+            return Ok(true);
+        }
+        let path = lease_path(&self.path, &consumer.name);
+        let context = || {
+            format!(
+                "taking the lease of consumer {:?} ({})",
+                consumer.name,
+                path.display()
+            )
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::db(context(), e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                self.lease = Some(file);
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::db(context(), e)),
+        }
     }
 
     async fn read(&mut self, conn: &mut SqliteConn, outlet: &Outlet) -> Result<Option<u64>> {
@@ -196,5 +249,27 @@ impl Source for SqliteSource {
             idle: Duration::from_millis(10),
             stay_active: Duration::from_millis(500),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_files_sit_next_to_the_database_and_differ_by_name() {
+        let db = std::path::Path::new("/data/app.db");
+        let a = lease_path(db, "mailer");
+        assert_eq!(a.parent(), db.parent());
+        assert!(
+            a.to_string_lossy()
+                .starts_with("/data/app.db.sqlnotify-mailer-"),
+            "{a:?}"
+        );
+        assert_eq!(a, lease_path(db, "mailer"), "stable");
+        assert_ne!(a, lease_path(db, "mailer2"));
+        assert_ne!(lease_path(db, "a/b"), lease_path(db, "ab"));
+        let odd = lease_path(db, "../../etc/x y");
+        assert_eq!(odd.parent(), db.parent(), "{odd:?}");
     }
 }

@@ -1,0 +1,935 @@
+//! Consumer groups under fault: three processes run one named consumer, four writers commit
+//! 20,000 rows in overlapping transactions (some rolled back), and the active process is
+//! SIGKILLed five times in a row, each time once the next one has taken over (a fresh process
+//! joins after every kill, so three remain). Then: every committed row was handled, no
+//! rolled-back one; at any time at most one process was active, and a standby handled
+//! nothing; every duplicate is explained by a failover (first handled by a process that was
+//! killed later); every failover (SIGKILL → the next process's `Status::Active`) took at most
+//! 5 s. On PostgreSQL's durable and poll tiers, on SQLite and (feature `mysql`) on MySQL /
+//! MariaDB.
+//!
+//! The test binary re-executes itself as the group's processes (the same test, with
+//! `SQLNOTIFY_GROUP_CHILD_URL` set). Each one appends what it handles to a record file of its
+//! own with one plain `write` per line — which a SIGKILL cannot take back: `e <id>` per event,
+//! `active <ns>` / `standby <ns>` (Unix time of the status) and `status <ns> <status>` for any
+//! other status. It runs until killed (or until its stdin closes: then it stops gracefully).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use sqlnotify::Operation::Insert;
+use sqlnotify::{ChangeEvent, Notifier, Status, StatusEvent, Subscription, Tier, Watch};
+
+/// Set in a group's process: the database URL, the tier (PostgreSQL) and its record file.
+const CHILD_URL: &str = "SQLNOTIFY_GROUP_CHILD_URL";
+const CHILD_TIER: &str = "SQLNOTIFY_GROUP_CHILD_TIER";
+const CHILD_RECORD: &str = "SQLNOTIFY_GROUP_CHILD_RECORD";
+/// The consumer every process of the group runs as.
+const CONSUMER: &str = "group";
+
+/// Processes running at once, writers, committed rows, kills (the issue's numbers).
+const PROCESSES: usize = 3;
+const WRITERS: u64 = 4;
+const ROWS: i64 = 20_000;
+const KILLS: usize = 5;
+/// Rows per transaction (1 to this), and how many transactions in a hundred roll back.
+const MAX_TRANSACTION: u64 = 20;
+const ROLLBACK_PERCENT: u64 = 10;
+/// Committed rows per second, over all writers (about 13 s for all of them).
+const ROWS_PER_SECOND: f64 = 1_500.0;
+/// The kills are spread over the stream: kill `k` (from 0) once `(k + 1) × STRETCH` rows are
+/// committed or being committed, so the last sixth is committed after the last kill.
+const STRETCH: i64 = ROWS / (KILLS as i64 + 1);
+
+/// An active process is killed once it handled this many events (it is delivering).
+const HANDLED_BEFORE_KILL: usize = 100;
+/// The longest a failover may take.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(5);
+/// How long a process may take to start (or a takeover to show up at all, so that a slow
+/// one is measured and reported rather than timed out), and the rows to arrive.
+const WITHIN: Duration = Duration::from_secs(60);
+/// Polling interval of the bounded waits on record files.
+const POLL: Duration = Duration::from_millis(10);
+
+/// How far the writers may go before kill `kills` (the next one): half a stretch past its
+/// mark, so each kill falls in the middle of the stream however slow the previous failover.
+fn gate(kills: usize) -> i64 {
+    if kills == KILLS {
+        ROWS
+    } else {
+        mark(kills) + STRETCH / 2
+    }
+}
+
+/// The rows committed or being committed when kill `k` is due.
+fn mark(k: usize) -> i64 {
+    (k as i64 + 1) * STRETCH
+}
+
+// ---------------------------------------------------------------------------------------------
+// A group's process
+// ---------------------------------------------------------------------------------------------
+
+/// Appends every event and status it gets to the record file, one `write` per line.
+struct Recorder {
+    file: File,
+}
+
+impl Recorder {
+    fn line(&mut self, line: String) {
+        self.file
+            .write_all(line.as_bytes())
+            .expect("the group's process: write its record");
+    }
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<ChangeEvent> for Recorder {
+    type Result = ();
+    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
+        let id = event.id().as_i64().expect("an integer key");
+        self.line(format!("e {id}\n"));
+    }
+}
+
+impl Handler<StatusEvent> for Recorder {
+    type Result = ();
+    fn handle(&mut self, event: StatusEvent, _: &mut Context<Self>) {
+        let ns = event.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let line = match event.status {
+            Status::Active => format!("active {ns}\n"),
+            Status::Standby => format!("standby {ns}\n"),
+            other => format!("status {ns} {}\n", format!("{other:?}").replace('\n', " ")),
+        };
+        self.line(line);
+    }
+}
+
+/// In a group's process: runs it and returns true; in the test's own process: false.
+async fn group_process() -> bool {
+    let Ok(url) = std::env::var(CHILD_URL) else {
+        return false;
+    };
+    common::init_logging();
+    let record = std::env::var(CHILD_RECORD).expect("the record file");
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&record)
+        .unwrap_or_else(|e| panic!("the group's process: open {record}: {e}"));
+    let recorder = Recorder { file }.start();
+    let mut watch = Watch::new("t", Insert);
+    match std::env::var(CHILD_TIER).as_deref() {
+        Ok("durable") => watch = watch.tier(Tier::Durable),
+        Ok("poll") => watch = watch.tier(Tier::Poll),
+        _ => {}
+    }
+    // Subscribed on the builder (events and status), so nothing is missed, replay included.
+    let notifier = Notifier::builder(&url)
+        .watch(watch)
+        .consumer(CONSUMER)
+        .subscribe(Subscription::new("t", Insert), recorder.clone().recipient())
+        .subscribe_status(recorder.recipient())
+        .start()
+        .await
+        .expect("the group's process: start");
+    // Runs until killed, or until the test closes stdin (or dies).
+    let (closed, stdin_closed) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        let _ = closed.send(());
+    });
+    let _ = stdin_closed.await;
+    notifier.stop().await.expect("the group's process: stop");
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test's side: the group's processes and their records
+// ---------------------------------------------------------------------------------------------
+
+/// What a process's record file says so far (complete lines only).
+#[derive(Default)]
+struct Record {
+    /// When it became active, each time (more than once is a failure).
+    active: Vec<SystemTime>,
+    standby: bool,
+    /// The ids it handled, in order.
+    events: Vec<i64>,
+    /// Events it handled before its first `active` line (a standby delivering: a failure).
+    before_active: usize,
+    /// Its other statuses, for failure messages.
+    other: Vec<String>,
+}
+
+impl Record {
+    fn read(path: &Path) -> Record {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // A line being written may be incomplete: only what ends with a newline counts.
+        let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
+        let mut record = Record::default();
+        for line in complete.lines() {
+            let (kind, rest) = line.split_once(' ').unwrap_or((line, ""));
+            let time = || {
+                let ns: u64 = rest.split(' ').next().unwrap().parse().expect("a time");
+                UNIX_EPOCH + Duration::from_nanos(ns)
+            };
+            match kind {
+                "e" => {
+                    record.events.push(rest.parse().expect("an id"));
+                    if record.active.is_empty() {
+                        record.before_active += 1;
+                    }
+                }
+                "active" => record.active.push(time()),
+                "standby" => record.standby = true,
+                "status" => {
+                    let status = rest.split_once(' ').map_or("", |(_, status)| status);
+                    record.other.push(status.to_string());
+                }
+                _ => panic!("unexpected record line {line:?}"),
+            }
+        }
+        record
+    }
+}
+
+/// One process of the group.
+struct Member {
+    child: Child,
+    /// Closing it stops the process gracefully (kept open until then).
+    _stdin: ChildStdin,
+    record: PathBuf,
+    stderr: PathBuf,
+    /// When the test sent it SIGKILL to make the group fail over.
+    killed_at: Option<SystemTime>,
+}
+
+impl Member {
+    fn record(&self) -> Record {
+        Record::read(&self.record)
+    }
+
+    /// The end of what it wrote on stderr, for failure messages.
+    fn stderr(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let start = text.len().saturating_sub(4_000);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[start..].to_string()
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+}
+
+/// The group's processes (every one started, killed ones included), SIGKILLed on drop; their
+/// records are kept in a directory of the test's own, removed unless the test failed.
+struct Group {
+    test: String,
+    url: String,
+    tier: Option<Tier>,
+    dir: PathBuf,
+    members: Vec<Member>,
+}
+
+impl Group {
+    fn new(test: &str, url: &str, tier: Option<Tier>) -> Group {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "sqlnotify-groups-{}-{nanos}-{test}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Group {
+            test: test.to_string(),
+            url: url.to_string(),
+            tier,
+            dir,
+            members: Vec::new(),
+        }
+    }
+
+    /// Starts another process of the group; returns its index.
+    fn spawn(&mut self) -> usize {
+        let n = self.members.len();
+        let record = self.dir.join(format!("member-{n}.record"));
+        let stderr = self.dir.join(format!("member-{n}.stderr"));
+        let tier = match self.tier {
+            Some(Tier::Durable) => "durable",
+            Some(Tier::Poll) => "poll",
+            _ => "",
+        };
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &self.test, "--nocapture", "--test-threads=1"])
+            .env(CHILD_URL, &self.url)
+            .env(CHILD_TIER, tier)
+            .env(CHILD_RECORD, &record)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start a group's process");
+        let stdin = child.stdin.take().unwrap();
+        self.members.push(Member {
+            child,
+            _stdin: stdin,
+            record,
+            stderr,
+            killed_at: None,
+        });
+        n
+    }
+
+    /// Waits (bounded) until member `n`'s record satisfies `done`.
+    async fn wait_for(&mut self, n: usize, what: &str, done: impl Fn(&Record) -> bool) {
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let record = self.members[n].record();
+            if done(&record) {
+                return;
+            }
+            let exited = self.members[n].exited();
+            assert!(
+                !exited && Instant::now() < deadline,
+                "{}: member {n} {} {what} within {WITHIN:?} (statuses {:?})\n{}",
+                self.test,
+                if exited {
+                    "exited before it was"
+                } else {
+                    "was not"
+                },
+                record.other,
+                self.members[n].stderr()
+            );
+            tokio::time::sleep(POLL).await; // bounded poll of the record file
+        }
+    }
+
+    /// Waits (bounded) until member `n`, started while another one is active, stands by.
+    async fn wait_standby(&mut self, n: usize) {
+        self.wait_for(n, "standing by", |r| r.standby || !r.active.is_empty())
+            .await;
+        assert!(
+            self.members[n].record().active.is_empty(),
+            "{}: member {n} became active while another one was",
+            self.test
+        );
+    }
+
+    /// The members running now, not counting those killed.
+    fn alive(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&n| self.members[n].killed_at.is_none())
+            .collect()
+    }
+
+    /// SIGKILL to member `n` (no chance to save a position or hand anything over).
+    fn kill(&mut self, n: usize) {
+        let member = &mut self.members[n];
+        member.killed_at = Some(SystemTime::now());
+        member.child.kill().expect("kill a group's process");
+        let status = member.child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    }
+
+    /// Waits (bounded) until one of the running members other than `old` is active; returns
+    /// it.
+    async fn next_active(&mut self, old: usize) -> usize {
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let active: Vec<usize> = self
+                .alive()
+                .into_iter()
+                .filter(|&n| !self.members[n].record().active.is_empty())
+                .collect();
+            match active[..] {
+                [] => {}
+                [n] => return n,
+                _ => panic!("{}: several members took over: {active:?}", self.test),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no member took over from member {old} within {WITHIN:?}",
+                self.test
+            );
+            tokio::time::sleep(POLL).await; // bounded poll of the record files
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            let _ = member.child.kill();
+            let _ = member.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "{}: the group's records are in {}",
+                self.test,
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test's side: the writers
+// ---------------------------------------------------------------------------------------------
+
+/// Where the rows are committed.
+#[derive(Clone)]
+enum Target {
+    Postgres(String),
+    Sqlite(PathBuf),
+    #[cfg(feature = "mysql")]
+    Mysql(String),
+}
+
+/// One writer's connection.
+enum Writer {
+    Postgres(tokio_postgres::Client),
+    Sqlite(Arc<Mutex<rusqlite::Connection>>),
+    #[cfg(feature = "mysql")]
+    Mysql(mysql_async::Conn),
+}
+
+impl Target {
+    async fn writer(&self) -> Writer {
+        match self {
+            Target::Postgres(url) => Writer::Postgres(common::connect(url).await),
+            Target::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.busy_timeout(Duration::from_secs(30)).unwrap();
+                Writer::Sqlite(Arc::new(Mutex::new(conn)))
+            }
+            #[cfg(feature = "mysql")]
+            Target::Mysql(url) => Writer::Mysql(mysql::connect(url).await),
+        }
+    }
+}
+
+impl Writer {
+    /// One transaction of `rows` rows, each with the next id (drawn row by row, so the
+    /// writers' ids interleave), committed or rolled back; returns the ids.
+    async fn transaction(&mut self, ids: &Arc<AtomicI64>, rows: u64, commit: bool) -> Vec<i64> {
+        let end = if commit { "COMMIT" } else { "ROLLBACK" };
+        let next = || ids.fetch_add(1, Ordering::Relaxed);
+        match self {
+            Writer::Postgres(client) => {
+                client.batch_execute("BEGIN").await.unwrap();
+                let mut written = Vec::new();
+                for _ in 0..rows {
+                    let id = next();
+                    client
+                        .execute("INSERT INTO t VALUES ($1)", &[&id])
+                        .await
+                        .unwrap();
+                    written.push(id);
+                }
+                client.batch_execute(end).await.unwrap();
+                written
+            }
+            Writer::Sqlite(conn) => {
+                let (conn, ids) = (conn.clone(), ids.clone());
+                tokio::task::spawn_blocking(move || {
+                    let conn = conn.lock().unwrap();
+                    // One writer at a time on SQLite: IMMEDIATE takes the write lock up front
+                    // (waiting in the busy handler) rather than failing on an upgrade.
+                    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                    let mut written = Vec::new();
+                    for _ in 0..rows {
+                        let id = ids.fetch_add(1, Ordering::Relaxed);
+                        conn.execute("INSERT INTO t VALUES (?1)", [id]).unwrap();
+                        written.push(id);
+                    }
+                    conn.execute_batch(end).unwrap();
+                    written
+                })
+                .await
+                .unwrap()
+            }
+            #[cfg(feature = "mysql")]
+            Writer::Mysql(conn) => {
+                use mysql_async::prelude::Queryable;
+                conn.query_drop("BEGIN").await.unwrap();
+                let mut written = Vec::new();
+                for _ in 0..rows {
+                    let id = next();
+                    conn.exec_drop("INSERT INTO t VALUES (?)", (id,))
+                        .await
+                        .unwrap();
+                    written.push(id);
+                }
+                conn.query_drop(end).await.unwrap();
+                written
+            }
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift64*): the transactions' sizes and fates.
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// What the writers did.
+#[derive(Default)]
+struct Written {
+    committed: BTreeSet<i64>,
+    rolled_back: BTreeSet<i64>,
+    transactions: usize,
+}
+
+/// Writer `w`: transactions of 1–20 rows, about one in ten rolled back, until `ROWS` rows
+/// are committed over all writers (`reserved` counts the rows committed or being committed).
+/// Paced at `ROWS_PER_SECOND` from `start`, and held at [`gate`]`(kills)`.
+async fn write(
+    w: u64,
+    target: &Target,
+    ids: &Arc<AtomicI64>,
+    reserved: &AtomicI64,
+    kills: &AtomicUsize,
+    start: tokio::time::Instant,
+    written: &Mutex<Written>,
+) {
+    let mut conn = target.writer().await;
+    let mut dice = Dice(0x9e37_79b9_7f4a_7c15 ^ (w + 1).wrapping_mul(0x1234_5678_9abc_def1));
+    loop {
+        let rows = 1 + dice.next() % MAX_TRANSACTION;
+        let commit = dice.next() % 100 >= ROLLBACK_PERCENT;
+        let mut rows_to_write = rows;
+        if commit {
+            let Ok(before) = reserved.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r < ROWS).then(|| (r + rows as i64).min(ROWS))
+            }) else {
+                return; // all rows committed (or being committed by the others)
+            };
+            rows_to_write = (ROWS - before).min(rows as i64) as u64;
+            let after = before + rows_to_write as i64;
+            let held = common::wait_until(WITHIN, || async {
+                after <= gate(kills.load(Ordering::Relaxed))
+            })
+            .await;
+            assert!(
+                held,
+                "writer {w}: the kills did not go on within {WITHIN:?}"
+            );
+            // Pacing (not synchronisation): this transaction's rows are due at this time.
+            let due = start + Duration::from_secs_f64(before as f64 / ROWS_PER_SECOND);
+            tokio::time::sleep_until(due).await;
+        }
+        let ids = conn.transaction(ids, rows_to_write, commit).await;
+        let mut written = written.lock().unwrap();
+        written.transactions += 1;
+        if commit {
+            written.committed.extend(ids);
+        } else {
+            written.rolled_back.extend(ids);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenario
+// ---------------------------------------------------------------------------------------------
+
+/// The scenario: `test` is the calling test's name (the group's processes run it).
+async fn fail_over_under_writes(test: &str, url: &str, tier: Option<Tier>, target: Target) {
+    let started = SystemTime::now();
+    let mut group = Group::new(test, url, tier);
+    // The first process takes the lease (and registers the consumer: rows count from here);
+    // the others stand by.
+    let first = group.spawn();
+    group
+        .wait_for(first, "active", |r| !r.active.is_empty())
+        .await;
+    for _ in 1..PROCESSES {
+        let n = group.spawn();
+        group.wait_standby(n).await;
+    }
+
+    let ids = Arc::new(AtomicI64::new(1));
+    let reserved = AtomicI64::new(0);
+    let kills = AtomicUsize::new(0);
+    let written = Mutex::new(Written::default());
+    let start = tokio::time::Instant::now();
+    let writers = futures_util::future::join_all(
+        (0..WRITERS).map(|w| write(w, &target, &ids, &reserved, &kills, start, &written)),
+    );
+    // Rows committed or being committed at each kill.
+    let mut at_kill = Vec::new();
+    let killer = async {
+        let mut active = first;
+        for k in 0..KILLS {
+            let due = common::wait_until(WITHIN, || async {
+                reserved.load(Ordering::Relaxed) >= mark(k)
+            })
+            .await;
+            assert!(due, "{test}: the writers did not reach row {}", mark(k));
+            group
+                .wait_for(active, "delivering", |r| {
+                    r.events.len() >= HANDLED_BEFORE_KILL
+                })
+                .await;
+            group.kill(active);
+            kills.store(k + 1, Ordering::Relaxed);
+            at_kill.push(reserved.load(Ordering::Relaxed));
+            active = group.next_active(active).await;
+            let fresh = group.spawn();
+            group.wait_standby(fresh).await;
+        }
+    };
+    futures_util::join!(writers, killer);
+    let written = written.into_inner().unwrap();
+    let writing = start.elapsed();
+    assert_eq!(
+        written.committed.len() as i64,
+        ROWS,
+        "{test}: rows committed"
+    );
+
+    // Every committed row reaches some process.
+    let union = |group: &Group| -> BTreeSet<i64> {
+        group
+            .members
+            .iter()
+            .flat_map(|m| m.record().events)
+            .collect()
+    };
+    let complete = common::wait_until(WITHIN, || async {
+        union(&group).is_superset(&written.committed)
+    })
+    .await;
+    let missing: Vec<i64> = written
+        .committed
+        .difference(&union(&group))
+        .copied()
+        .collect();
+    assert!(
+        complete,
+        "{test}: {} committed rows never reached a process, the first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)],
+    );
+    let handled = union(&group);
+    let rolled_back: Vec<_> = handled.intersection(&written.rolled_back).collect();
+    assert!(
+        rolled_back.is_empty(),
+        "{test}: rolled-back rows were handled: {rolled_back:?}"
+    );
+    let foreign: Vec<_> = handled
+        .difference(&written.committed)
+        .filter(|id| !written.rolled_back.contains(id))
+        .collect();
+    assert!(foreign.is_empty(), "{test}: ids never written: {foreign:?}");
+
+    // Who was active when: one at a time, each taking over only after the previous one's
+    // SIGKILL, within the limit; a standby delivered nothing.
+    let records: Vec<Record> = group.members.iter().map(Member::record).collect();
+    let mut actives: Vec<(SystemTime, usize)> = Vec::new();
+    for (n, record) in records.iter().enumerate() {
+        assert!(
+            record.active.len() <= 1,
+            "{test}: member {n} became active {} times",
+            record.active.len()
+        );
+        assert_eq!(
+            record.before_active, 0,
+            "{test}: member {n} handled events while it was not active"
+        );
+        actives.extend(record.active.iter().map(|&at| (at, n)));
+    }
+    actives.sort();
+    assert_eq!(
+        actives.len(),
+        KILLS + 1,
+        "{test}: the first active process and one per kill: {actives:?}"
+    );
+    assert_eq!(
+        actives[0].1, first,
+        "{test}: the first process was active first"
+    );
+    let mut failovers = Vec::new();
+    for pair in actives.windows(2) {
+        let ((_, old), (at, new)) = (pair[0], pair[1]);
+        let killed = group.members[old].killed_at.unwrap_or_else(|| {
+            panic!("{test}: member {new} became active while member {old} was, and alive")
+        });
+        let failover = at.duration_since(killed).unwrap_or_else(|_| {
+            panic!(
+                "{test}: member {new} became active {:?} before member {old}, active, was killed",
+                killed.duration_since(at).unwrap()
+            )
+        });
+        failovers.push((old, new, failover));
+    }
+    // (Any standby may take over, the newest as well as the oldest.)
+    let mut kills_in_order: Vec<(SystemTime, usize)> = (0..group.members.len())
+        .filter_map(|n| group.members[n].killed_at.map(|at| (at, n)))
+        .collect();
+    kills_in_order.sort();
+    assert_eq!(
+        kills_in_order.iter().map(|&(_, n)| n).collect::<Vec<_>>(),
+        actives[..KILLS].iter().map(|&(_, n)| n).collect::<Vec<_>>(),
+        "{test}: each kill hit the active process"
+    );
+
+    // Duplicates: an id handled by several processes, by none twice, and by each but the
+    // last in the order they were active only if that one was killed later (events it
+    // delivered after its last saved position, delivered again by its successor).
+    let order: BTreeMap<usize, usize> = actives
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, n))| (n, i))
+        .collect();
+    let mut handlers: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for (n, record) in records.iter().enumerate() {
+        for &id in &record.events {
+            handlers.entry(id).or_default().push(order[&n]);
+        }
+    }
+    let mut duplicates = [0usize; KILLS];
+    for (id, by) in &mut handlers {
+        if by.len() < 2 {
+            continue;
+        }
+        by.sort();
+        let distinct: BTreeSet<usize> = by.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            by.len(),
+            "{test}: row {id} handled twice by one process (in activation order: {by:?})"
+        );
+        for &i in &by[..by.len() - 1] {
+            assert!(
+                i < KILLS,
+                "{test}: row {id} handled by processes {by:?} (activation order), the \
+                 earlier of which was never killed"
+            );
+        }
+        duplicates[by[0]] += by.len() - 1;
+    }
+
+    eprintln!(
+        "{test}: {} rows committed, {} rolled back, in {} transactions by {WRITERS} writers \
+         over {writing:.1?}; {} processes started, {KILLS} killed",
+        written.committed.len(),
+        written.rolled_back.len(),
+        written.transactions,
+        group.members.len(),
+    );
+    for (k, &(old, new, failover)) in failovers.iter().enumerate() {
+        eprintln!(
+            "{test}: failover {}: member {old} killed at row {} → member {new} active in \
+             {failover:.3?}; {} extra deliveries of rows member {old} handled first",
+            k + 1,
+            at_kill[k],
+            duplicates[k]
+        );
+    }
+    eprintln!(
+        "{test}: {} duplicates (extra deliveries) in all",
+        duplicates.iter().sum::<usize>()
+    );
+    for (n, record) in records.iter().enumerate() {
+        eprintln!(
+            "{test}: member {n}: handled {} rows, active at {:?}, killed at {:?}, other statuses {:?}",
+            record.events.len(),
+            record.active.first().map(|at| at.duration_since(started).unwrap()),
+            group.members[n].killed_at.map(|at| at.duration_since(started).unwrap()),
+            record.other
+        );
+    }
+    for (k, &(old, new, failover)) in failovers.iter().enumerate() {
+        assert!(
+            failover <= FAILOVER_LIMIT,
+            "{test}: failover {} (member {old} → member {new}) took {failover:?}, more than \
+             {FAILOVER_LIMIT:?}",
+            k + 1
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn postgres_durable_tier_group_fails_over_without_losing_rows() {
+    if group_process().await {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    fail_over_under_writes(
+        "postgres_durable_tier_group_fails_over_without_losing_rows",
+        &db.url,
+        Some(Tier::Durable),
+        Target::Postgres(db.url.clone()),
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn postgres_poll_tier_group_fails_over_without_losing_rows() {
+    if group_process().await {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    fail_over_under_writes(
+        "postgres_poll_tier_group_fails_over_without_losing_rows",
+        &db.url,
+        Some(Tier::Poll),
+        Target::Postgres(db.url.clone()),
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn sqlite_group_fails_over_without_losing_rows() {
+    if group_process().await {
+        return;
+    }
+    let db = common::sqlite_file::SqliteFile::new("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    fail_over_under_writes(
+        "sqlite_group_fails_over_without_losing_rows",
+        &db.url(),
+        None,
+        Target::Sqlite(db.path.clone()),
+    )
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn mysql_group_fails_over_without_losing_rows() {
+    if group_process().await {
+        return;
+    }
+    let db = mysql::TestDb::new().await;
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY)").await;
+    fail_over_under_writes(
+        "mysql_group_fails_over_without_losing_rows",
+        &db.url,
+        None,
+        Target::Mysql(db.url.clone()),
+    )
+    .await;
+}
+
+/// A MySQL / MariaDB database of the test's own (`SQLNOTIFY_TEST_MYSQL_URL`, like
+/// tests/mysql.rs), dropped at the end.
+#[cfg(feature = "mysql")]
+mod mysql {
+    use mysql_async::prelude::*;
+    use mysql_async::{Conn, Opts};
+
+    fn server_url() -> String {
+        std::env::var("SQLNOTIFY_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+    }
+
+    pub async fn connect(url: &str) -> Conn {
+        Conn::new(Opts::from_url(url).expect("a MySQL URL"))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to {url}: {e} (set SQLNOTIFY_TEST_MYSQL_URL)")
+            })
+    }
+
+    pub struct TestDb {
+        name: String,
+        pub url: String,
+    }
+
+    impl TestDb {
+        pub async fn new() -> TestDb {
+            super::common::init_logging();
+            let name = format!(
+                "sqlnotify_test_groups_{}_{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .subsec_nanos()
+            );
+            let server = server_url();
+            let mut admin = connect(&server).await;
+            admin
+                .query_drop(format!("CREATE DATABASE `{name}`"))
+                .await
+                .expect("create the test database");
+            let _ = admin.disconnect().await;
+            let (base, query) = match server.split_once('?') {
+                Some((base, query)) => (base, format!("?{query}")),
+                None => (server.as_str(), String::new()),
+            };
+            let after_scheme = base.find("://").expect("a URL") + 3;
+            let base = match base[after_scheme..].find('/') {
+                Some(slash) => &base[..after_scheme + slash],
+                None => base,
+            };
+            let url = format!("{base}/{name}{query}");
+            TestDb { name, url }
+        }
+
+        pub async fn exec(&self, sql: &str) {
+            let mut conn = connect(&self.url).await;
+            conn.query_drop(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let _ = conn.disconnect().await;
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let name = self.name.clone();
+            // Drop runs outside async: a runtime of its own on a plain thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let mut admin = connect(&server_url()).await;
+                    let _ = admin
+                        .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                        .await;
+                    let _ = admin.disconnect().await;
+                })
+            })
+            .join();
+        }
+    }
+}
