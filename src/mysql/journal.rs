@@ -133,6 +133,16 @@ impl Cursor {
         parts.join(" OR ")
     }
 
+    /// Gaps at ids up to `upto` were (or could have been) first noticed at `when`: a cursor
+    /// resuming a saved position ages the gaps it finds by the journal's own times, so a
+    /// rolled-back id that a previous process had already waited for is not waited for again
+    /// from the start. Entries must come in increasing `upto`, before any read.
+    pub fn noticed(&mut self, upto: i64, when: Instant) {
+        if upto > self.low && self.noticed.back().is_none_or(|&(last, _)| upto > last) {
+            self.noticed.push_back((upto, when));
+        }
+    }
+
     /// Records rows as read at `now`.
     pub fn mark(&mut self, ids: impl IntoIterator<Item = i64>, now: Instant) {
         let mut high = self.high;
@@ -251,6 +261,36 @@ pub(crate) async fn placement(
     Ok((low, ids))
 }
 
+/// Most gaps a resuming cursor ages from the journal's times (later ones age from when they
+/// are read).
+const MAX_AGED_GAPS: usize = 1_000;
+
+/// For a cursor resuming at `low`: each journal row above it that follows a missing id, and
+/// how long ago it was written — since then, a reader could have noticed that gap.
+pub(crate) async fn gap_ages(
+    conn: &mut Conn,
+    database: &str,
+    low: i64,
+) -> Result<Vec<(i64, Duration)>> {
+    let journal = qualified(database, JOURNAL);
+    let rows: Vec<(i64, i64)> = conn
+        .exec(
+            format!(
+                "SELECT j.`id`, GREATEST(TIMESTAMPDIFF(MICROSECOND, j.`created_at`, NOW(6)), 0) \
+                 FROM {journal} j WHERE j.`id` > ? + 1 \
+                 AND NOT EXISTS (SELECT 1 FROM {journal} p WHERE p.`id` = j.`id` - 1) \
+                 ORDER BY j.`id` LIMIT {MAX_AGED_GAPS}"
+            ),
+            (low,),
+        )
+        .await
+        .map_err(db_err("reading the journal's gaps"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, age)| (id, Duration::from_micros(age.max(0) as u64)))
+        .collect())
+}
+
 fn micros(d: Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
 }
@@ -278,6 +318,27 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_resumed_cursor_ages_its_gaps_by_the_journal_not_from_the_start() {
+        let t0 = Instant::now();
+        // Resumed at 0: rows 3 and 6 follow gaps written 8 s and 1 s before the resume.
+        let mut c = Cursor::new(0, TIMEOUT);
+        c.noticed(3, t0);
+        c.noticed(6, t0 + Duration::from_secs(7));
+        c.noticed(2, t0); // out of order: ignored
+        let resume = t0 + Duration::from_secs(8);
+        c.mark([3, 4, 6], resume);
+        assert!(!c.advance(resume));
+        // 2 s after the resume, the first gap (1..=2) has waited its 10 s: given up; the second
+        // (5) has waited 3 s and holds the position.
+        let later = resume + Duration::from_secs(2);
+        assert!(c.advance(later));
+        assert_eq!(c.low(), 4);
+        assert_eq!(c.gaps(), [(5, 5)]);
+        assert!(c.advance(t0 + Duration::from_secs(17)));
+        assert_eq!(c.low(), 6);
+    }
 
     #[test]
     fn contiguous_rows_move_the_watermark() {

@@ -139,7 +139,12 @@ impl Source for MysqlSource {
             };
             if let Some((low, missed)) = saved {
                 log::debug!("sqlnotify: MySQL consumer resumes after journal id {low}");
-                return Ok((Cursor::new(low, gap_timeout), missed));
+                let mut cursor = Cursor::new(low, gap_timeout);
+                let now = Instant::now();
+                for (id, age) in journal::gap_ages(conn, db, low).await? {
+                    cursor.noticed(id, now.checked_sub(age).unwrap_or(now));
+                }
+                return Ok((cursor, missed));
             }
             let now = Instant::now();
             let (low, ids) = journal::placement(conn, db, gap_timeout).await?;
