@@ -33,13 +33,15 @@ const CONSUMER: &str = "survivor";
 const READY: &str = "sqlnotify-kill-test: ready";
 const EVENT: &str = "sqlnotify-kill-test: event ";
 
-/// Rows committed while the first process runs (it is killed on the way), then while no
-/// process runs, then after the second one started.
+/// Rows committed in the first stretch (the first process is killed on the way, after the
+/// first `HOLD_AT` of them), then while no process runs, then after the second one started.
 const WHILE_RUNNING: i64 = 600;
 const WHILE_DEAD: i64 = 100;
 const AFTER_RESTART: i64 = 100;
 /// The first process is killed once it has handled this many rows.
 const KILL_AFTER: usize = 100;
+/// The writer waits for the kill after this many rows.
+const HOLD_AT: i64 = 2 * KILL_AFTER as i64;
 /// How long a process may take to start, and the rows to arrive.
 const WITHIN: Duration = Duration::from_secs(60);
 
@@ -272,10 +274,15 @@ async fn killed_mid_stream_then_restarted(
 ) {
     let label = format!("{test} {tier:?}");
     let mut first = NotifierProcess::start(test, url, tier).await;
-    // Rows are committed while the first process handles them; it is killed on the way.
+    // Rows are committed while the first process handles them; it is killed on the way. The
+    // writer holds the rest back until the kill, so a fast reader cannot have handled every
+    // row before the kill lands.
+    let (killed, is_killed) = tokio::sync::oneshot::channel::<()>();
     tokio::join!(
         async {
-            target.commit(1..=WHILE_RUNNING).await;
+            target.commit(1..=HOLD_AT).await;
+            let _ = is_killed.await;
+            target.commit(HOLD_AT + 1..=WHILE_RUNNING).await;
         },
         async {
             let handled_some = wait_until(WITHIN, || async {
@@ -288,6 +295,7 @@ async fn killed_mid_stream_then_restarted(
                 first.handled()
             );
             first.kill();
+            let _ = killed.send(());
         }
     );
     let before_kill = first.handled();
