@@ -33,14 +33,15 @@ pub(crate) fn head(conn: &Connection) -> Result<i64> {
     .map_err(db_err("reading the journal head"))
 }
 
-/// Reads up to `limit` rows after `cursor`; keeps those on `channels`. Returns the kept rows
-/// and the id of the last row looked at (the new cursor).
+/// Reads up to `limit` rows after `cursor`; keeps those on `channels`. Returns the kept rows,
+/// the id of the last row looked at (the new cursor), and whether that was every row there
+/// is (fewer than `limit` came back).
 pub(crate) fn read_after(
     conn: &Connection,
     cursor: i64,
     limit: i64,
     channels: &HashSet<String>,
-) -> Result<(Vec<RawNotification>, i64)> {
+) -> Result<(Vec<RawNotification>, i64, bool)> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT id, channel, payload FROM sqlnotify_journal WHERE id > ?1 ORDER BY id LIMIT ?2",
@@ -49,11 +50,12 @@ pub(crate) fn read_after(
     let mut rows = stmt
         .query(params![cursor, limit])
         .map_err(db_err("reading the journal"))?;
-    let (mut out, mut last) = (Vec::new(), cursor);
+    let (mut out, mut last, mut looked) = (Vec::new(), cursor, 0);
     let now = SystemTime::now();
     while let Some(row) = rows.next().map_err(db_err("reading the journal"))? {
         let id: i64 = row.get(0).map_err(db_err("reading the journal"))?;
         last = id;
+        looked += 1;
         let channel = text(row, 1)?;
         if channels.contains(&channel) {
             out.push(RawNotification {
@@ -65,7 +67,7 @@ pub(crate) fn read_after(
             });
         }
     }
-    Ok((out, last))
+    Ok((out, last, looked < limit))
 }
 
 /// A TEXT column as a `String`. SQLite lets an application store text that is not UTF-8
