@@ -608,7 +608,7 @@ async fn fail_over_under_writes(test: &str, url: &str, tier: Option<Tier>, targe
             group.wait_standby(fresh).await;
         }
     };
-    futures_util::join!(writers, killer);
+    tokio::join!(writers, killer);
     let written = written.into_inner().unwrap();
     let writing = start.elapsed();
     assert_eq!(

@@ -20,18 +20,22 @@ use mysql_async::Conn;
 
 use super::catalog::db_err;
 use super::ddl::{qualified, CONSUMERS, JOURNAL};
+use super::journal::{Above, Position};
 use crate::consumer::{
     add_missed, missed_channels, stored_channels, unix_time, ConsumerInfo, ConsumerParams,
     ConsumerPosition, ConsumerState,
 };
 use crate::error::{Error, Result};
 
+/// A consumer's row as `reactivate` reads it: watermark, missed channels, seen ids.
+type StoredPosition = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Journal rows deleted per transaction when trimming, so locks are held only briefly.
 const PURGE_BATCH: usize = 2_000;
 
 /// The columns registered consumers need, with their definitions (also in the table's
 /// `CREATE TABLE`, `ddl.rs`).
-pub(crate) const COLUMNS: [(&str, &str); 4] = [
+pub(crate) const COLUMNS: [(&str, &str); 5] = [
     ("state", "VARCHAR(16) NOT NULL DEFAULT 'active'"),
     (
         "channels",
@@ -40,6 +44,10 @@ pub(crate) const COLUMNS: [(&str, &str); 4] = [
     ("expire_after_us", "BIGINT NULL"),
     (
         "missed",
+        "LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
+    ),
+    (
+        "seen",
         "LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
     ),
 ];
@@ -133,7 +141,7 @@ pub(crate) async fn reactivate(
     database: &str,
     consumer: &ConsumerParams,
     channels: &[String],
-) -> Result<Option<(i64, Vec<String>)>> {
+) -> Result<Option<(Position, Vec<String>)>> {
     let name = consumer.name.as_str();
     let context = || format!("registering consumer {name:?}");
     let table = qualified(database, CONSUMERS);
@@ -141,14 +149,16 @@ pub(crate) async fn reactivate(
         .start_transaction(Default::default())
         .await
         .map_err(db_err(context()))?;
-    let row: Option<(i64, Option<Vec<u8>>)> = tx
+    let row: Option<StoredPosition> = tx
         .exec_first(
-            format!("SELECT `watermark`, `missed` FROM {table} WHERE `name` = ? FOR UPDATE"),
+            format!(
+                "SELECT `watermark`, `missed`, `seen` FROM {table} WHERE `name` = ? FOR UPDATE"
+            ),
             (name,),
         )
         .await
         .map_err(db_err(context()))?;
-    let Some((position, missed)) = row else {
+    let Some((low, missed, seen)) = row else {
         tx.commit().await.map_err(db_err(context()))?;
         return Ok(None);
     };
@@ -162,8 +172,11 @@ pub(crate) async fn reactivate(
     .await
     .map_err(db_err(context()))?;
     tx.commit().await.map_err(db_err(context()))?;
+    // Read defensively: anything unreadable is ignored (the rows above the watermark are read
+    // again, never skipped).
+    let above = lossy(seen).and_then(|text| Above::from_json(&text));
     Ok(Some((
-        position,
+        Position { low, above },
         missed_channels(lossy(missed).as_deref(), channels),
     )))
 }
@@ -201,16 +214,19 @@ pub(crate) async fn save(
     conn: &mut Conn,
     database: &str,
     name: &str,
-    position: i64,
+    position: &Position,
 ) -> Result<Option<bool>> {
     let context = || format!("saving the position of consumer {name:?}");
     let table = qualified(database, CONSUMERS);
+    let seen = position.above.as_ref().map(Above::to_json);
+    // `seen` first: it belongs to the watermark it was read with, compared before that moves
+    // (MySQL assigns left to right; MariaDB may assign simultaneously — same result).
     conn.exec_drop(
         format!(
-            "UPDATE {table} SET `watermark` = GREATEST(`watermark`, ?), `updated_at` = NOW(6) \
-             WHERE `name` = ?"
+            "UPDATE {table} SET `seen` = CASE WHEN ? >= `watermark` THEN ? ELSE `seen` END, \
+             `watermark` = GREATEST(`watermark`, ?), `updated_at` = NOW(6) WHERE `name` = ?"
         ),
-        (position, name),
+        (position.low, seen, position.low, name),
     )
     .await
     .map_err(db_err(context()))?;
@@ -235,7 +251,7 @@ pub(crate) async fn save_running(
     database: &str,
     consumer: &ConsumerParams,
     channels: &[String],
-    position: i64,
+    position: &Position,
 ) -> Result<Vec<String>> {
     match save(conn, database, &consumer.name, position).await? {
         Some(true) => Ok(Vec::new()),
@@ -244,7 +260,7 @@ pub(crate) async fn save_running(
             .map(|(_, missed)| missed)
             .unwrap_or_default()),
         None => {
-            insert(conn, database, consumer, channels, position).await?;
+            insert(conn, database, consumer, channels, position.low).await?;
             Ok(channels.to_vec())
         }
     }

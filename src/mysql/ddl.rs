@@ -164,6 +164,7 @@ pub(crate) fn setup_statements(database: &str) -> Vec<String> {
     `channels` LONGTEXT {text} NULL,
     `expire_after_us` BIGINT NULL,
     `missed` LONGTEXT {text} NULL,
+    `seen` LONGTEXT {text} NULL,
     PRIMARY KEY (`name`)
 ) ENGINE=InnoDB",
             qualified(database, CONSUMERS)

@@ -54,6 +54,53 @@ use crate::error::Result;
 /// Most gap ranges spelled out in one read; the rest are read as one range (and deduped).
 const MAX_RANGES: usize = 64;
 
+/// Most open gaps a saved position carries (beyond that it saves the watermark alone).
+pub(crate) const MAX_SAVED_GAPS: usize = 1_000;
+/// Widest span above the watermark a saved position describes.
+const MAX_SAVED_SPAN: i64 = 10_000_000;
+
+/// Where a named consumer stands: every id up to `low` is settled (read, or given up as
+/// rolled back); with `above`, every id up to `above.high` was read too except the open
+/// `above.gaps` — so a process that takes over reads again only what was read after the last
+/// save, not everything above a gap that may still fill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub low: i64,
+    pub above: Option<Above>,
+}
+
+/// What was read above a position's watermark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Above {
+    /// The highest id read.
+    pub high: i64,
+    /// The ids not read yet below `high`, as inclusive ranges, lowest first.
+    pub gaps: Vec<(i64, i64)>,
+}
+
+impl Above {
+    /// As stored: `{"high": 18, "gaps": [[13, 13], [16, 17]]}`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({ "high": self.high, "gaps": self.gaps }).to_string()
+    }
+
+    /// Reads what [`to_json`](Self::to_json) wrote; `None` for anything else (then the rows
+    /// above the watermark are read again — never skipped).
+    pub fn from_json(text: &str) -> Option<Above> {
+        let value: serde_json::Value = serde_json::from_str(text).ok()?;
+        let high = value.get("high")?.as_i64()?;
+        let gaps = value
+            .get("gaps")?
+            .as_array()?
+            .iter()
+            .map(|g| Some((g.get(0)?.as_i64()?, g.get(1)?.as_i64()?)))
+            .collect::<Option<Vec<_>>>()?;
+        let ordered = gaps.windows(2).all(|w| w[0].1 < w[1].0)
+            && gaps.iter().all(|(a, b)| a <= b && *b < high);
+        ordered.then_some(Above { high, gaps })
+    }
+}
+
 /// Where a listener is in the journal (see the module documentation).
 #[derive(Debug, Clone)]
 pub(crate) struct Cursor {
@@ -75,6 +122,40 @@ impl Cursor {
             seen: BTreeSet::new(),
             noticed: VecDeque::new(),
             gap_timeout,
+        }
+    }
+
+    /// A cursor resuming a saved position: every id up to `position.low` is settled, and what
+    /// it says was read above that counts as read.
+    pub fn resume(position: &Position, gap_timeout: Duration, now: Instant) -> Self {
+        let mut cursor = Cursor::new(position.low, gap_timeout);
+        if let Some(above) = &position.above {
+            if above.high > position.low && above.high - position.low <= MAX_SAVED_SPAN {
+                let mut gaps = above.gaps.iter().peekable();
+                let read = (position.low + 1..=above.high).filter(|id| {
+                    while gaps.peek().is_some_and(|(_, end)| end < id) {
+                        gaps.next();
+                    }
+                    !gaps
+                        .peek()
+                        .is_some_and(|(start, end)| start <= id && id <= end)
+                });
+                cursor.mark(read.collect::<Vec<_>>(), now);
+            }
+        }
+        cursor
+    }
+
+    /// What a named consumer saves: the watermark, and what was read above it (`None` with
+    /// more than [`MAX_SAVED_GAPS`] open gaps: a restart reads those rows again).
+    pub fn position(&self) -> Position {
+        let gaps = self.gaps();
+        Position {
+            low: self.low,
+            above: (self.high > self.low && gaps.len() <= MAX_SAVED_GAPS).then_some(Above {
+                high: self.high,
+                gaps,
+            }),
         }
     }
 
@@ -318,6 +399,50 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_saved_position_resumes_with_what_was_read_above_the_watermark() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(10, TIMEOUT);
+        c.mark([11, 12, 14, 15, 18], t0);
+        c.advance(t0);
+        let saved = c.position();
+        assert_eq!(
+            saved,
+            Position {
+                low: 12,
+                above: Some(Above {
+                    high: 18,
+                    gaps: vec![(13, 13), (16, 17)]
+                })
+            }
+        );
+        let r = Cursor::resume(&saved, TIMEOUT, t0);
+        assert_eq!((r.low(), r.high()), (12, 18));
+        assert_eq!(r.gaps(), [(13, 13), (16, 17)]);
+        assert!(r.is_new(13) && r.is_new(16) && r.is_new(19));
+        assert!(!r.is_new(14) && !r.is_new(18));
+        let above = saved.above.clone().unwrap();
+        assert_eq!(Above::from_json(&above.to_json()), Some(above));
+        for junk in [
+            "",
+            "[]",
+            r#"{"high": 9, "gaps": [[5, 3]]}"#,
+            r#"{"high": 9, "gaps": [[1, 9]]}"#,
+        ] {
+            assert_eq!(Above::from_json(junk), None, "{junk}");
+        }
+        // Nothing read above: the watermark alone.
+        let plain = Cursor::new(5, TIMEOUT).position();
+        assert_eq!(
+            plain,
+            Position {
+                low: 5,
+                above: None
+            }
+        );
+        assert!(Cursor::resume(&plain, TIMEOUT, t0).is_new(6));
+    }
 
     #[test]
     fn a_resumed_cursor_ages_its_gaps_by_the_journal_not_from_the_start() {

@@ -22,7 +22,7 @@ use mysql_async::{Conn, Opts};
 
 use super::catalog::db_err;
 use super::consumers;
-use super::journal::{self, Cursor};
+use super::journal::{self, Cursor, Position};
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
@@ -95,7 +95,7 @@ async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = Result
 
 impl Source for MysqlSource {
     type Conn = Conn;
-    type Position = i64;
+    type Position = Position;
     const NAME: &'static str = "MySQL";
 
     async fn connect(&mut self, _: &Outlet) -> Result<Conn> {
@@ -137,11 +137,14 @@ impl Source for MysqlSource {
                 }
                 None => None,
             };
-            if let Some((low, missed)) = saved {
-                log::debug!("sqlnotify: MySQL consumer resumes after journal id {low}");
-                let mut cursor = Cursor::new(low, gap_timeout);
+            if let Some((position, missed)) = saved {
+                log::debug!(
+                    "sqlnotify: MySQL consumer resumes after journal id {}",
+                    position.low
+                );
                 let now = Instant::now();
-                for (id, age) in journal::gap_ages(conn, db, low).await? {
+                let mut cursor = Cursor::resume(&position, gap_timeout, now);
+                for (id, age) in journal::gap_ages(conn, db, position.low).await? {
                     cursor.noticed(id, now.checked_sub(age).unwrap_or(now));
                 }
                 return Ok((cursor, missed));
@@ -240,8 +243,8 @@ impl Source for MysqlSource {
         Ok(Some(forwarded))
     }
 
-    fn position(&self) -> Option<i64> {
-        self.cursor.as_ref().map(Cursor::low)
+    fn position(&self) -> Option<Position> {
+        self.cursor.as_ref().map(Cursor::position)
     }
 
     async fn wait(&mut self, _: &mut Conn, timeout: Duration) -> Result<bool> {
@@ -262,29 +265,23 @@ impl Source for MysqlSource {
         &mut self,
         conn: &mut Conn,
         consumer: &ConsumerParams,
-        position: &i64,
+        position: &Position,
     ) -> Result<Vec<String>> {
         self.within(
             "saving the consumer position",
-            consumers::save_running(
-                conn,
-                &self.database,
-                consumer,
-                &self.channel_list,
-                *position,
-            ),
+            consumers::save_running(conn, &self.database, consumer, &self.channel_list, position),
         )
         .await
     }
 
-    fn final_save(&self) -> FinalSave<i64> {
+    fn final_save(&self) -> FinalSave<Position> {
         let (opts, database) = (self.opts.clone(), self.database.clone());
         Box::new(move |name, position| {
             Box::pin(async move {
                 let mut conn = Conn::new(opts)
                     .await
                     .map_err(db_err("connecting to save the consumer position"))?;
-                let saved = consumers::save(&mut conn, &database, &name, position)
+                let saved = consumers::save(&mut conn, &database, &name, &position)
                     .await
                     .map(|_| ());
                 let _ = conn.disconnect().await;
