@@ -425,7 +425,7 @@ impl Target {
                 Writer::Sqlite(Arc::new(Mutex::new(conn)))
             }
             #[cfg(feature = "mysql")]
-            Target::Mysql(url) => Writer::Mysql(mysql::connect(url).await),
+            Target::Mysql(url) => Writer::Mysql(common::mysql::connect(url).await),
         }
     }
 }
@@ -836,7 +836,7 @@ async fn mysql_group_fails_over_without_losing_rows() {
     if group_process().await {
         return;
     }
-    let db = mysql::TestDb::new().await;
+    let db = common::mysql::TestDb::new().await;
     db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY)").await;
     fail_over_under_writes(
         "mysql_group_fails_over_without_losing_rows",
@@ -845,91 +845,4 @@ async fn mysql_group_fails_over_without_losing_rows() {
         Target::Mysql(db.url.clone()),
     )
     .await;
-}
-
-/// A MySQL / MariaDB database of the test's own (`SQLNOTIFY_TEST_MYSQL_URL`, like
-/// tests/mysql.rs), dropped at the end.
-#[cfg(feature = "mysql")]
-mod mysql {
-    use mysql_async::prelude::*;
-    use mysql_async::{Conn, Opts};
-
-    fn server_url() -> String {
-        std::env::var("SQLNOTIFY_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
-    }
-
-    pub async fn connect(url: &str) -> Conn {
-        Conn::new(Opts::from_url(url).expect("a MySQL URL"))
-            .await
-            .unwrap_or_else(|e| {
-                panic!("cannot connect to {url}: {e} (set SQLNOTIFY_TEST_MYSQL_URL)")
-            })
-    }
-
-    pub struct TestDb {
-        name: String,
-        pub url: String,
-    }
-
-    impl TestDb {
-        pub async fn new() -> TestDb {
-            super::common::init_logging();
-            let name = format!(
-                "sqlnotify_test_groups_{}_{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos()
-            );
-            let server = server_url();
-            let mut admin = connect(&server).await;
-            admin
-                .query_drop(format!("CREATE DATABASE `{name}`"))
-                .await
-                .expect("create the test database");
-            let _ = admin.disconnect().await;
-            let (base, query) = match server.split_once('?') {
-                Some((base, query)) => (base, format!("?{query}")),
-                None => (server.as_str(), String::new()),
-            };
-            let after_scheme = base.find("://").expect("a URL") + 3;
-            let base = match base[after_scheme..].find('/') {
-                Some(slash) => &base[..after_scheme + slash],
-                None => base,
-            };
-            let url = format!("{base}/{name}{query}");
-            TestDb { name, url }
-        }
-
-        pub async fn exec(&self, sql: &str) {
-            let mut conn = connect(&self.url).await;
-            conn.query_drop(sql)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let _ = conn.disconnect().await;
-        }
-    }
-
-    impl Drop for TestDb {
-        fn drop(&mut self) {
-            let name = self.name.clone();
-            // Drop runs outside async: a runtime of its own on a plain thread.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let mut admin = connect(&server_url()).await;
-                    let _ = admin
-                        .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                        .await;
-                    let _ = admin.disconnect().await;
-                })
-            })
-            .join();
-        }
-    }
 }

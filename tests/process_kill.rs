@@ -232,7 +232,7 @@ enum Target<'a> {
     Postgres(&'a common::TestDb),
     Sqlite(&'a common::sqlite_file::SqliteFile),
     #[cfg(feature = "mysql")]
-    Mysql(&'a mysql::TestDb),
+    Mysql(&'a common::mysql::TestDb),
 }
 
 impl Target<'_> {
@@ -260,7 +260,7 @@ impl Target<'_> {
                 .unwrap();
             }
             #[cfg(feature = "mysql")]
-            Target::Mysql(db) => db.commit(ids).await,
+            Target::Mysql(db) => common::mysql::insert_rows(db, "t", ids).await,
         }
     }
 }
@@ -403,7 +403,7 @@ async fn mysql_loses_nothing_when_the_process_is_killed() {
     if notifier_process().await {
         return;
     }
-    let db = mysql::TestDb::new().await;
+    let db = common::mysql::TestDb::new().await;
     db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY)").await;
     killed_mid_stream_then_restarted(
         "mysql_loses_nothing_when_the_process_is_killed",
@@ -412,95 +412,4 @@ async fn mysql_loses_nothing_when_the_process_is_killed() {
         Target::Mysql(&db),
     )
     .await;
-}
-
-/// A MySQL / MariaDB database of the test's own (`SQLNOTIFY_TEST_MYSQL_URL`, like
-/// tests/mysql.rs), dropped at the end.
-#[cfg(feature = "mysql")]
-mod mysql {
-    use mysql_async::prelude::*;
-    use mysql_async::{Conn, Opts};
-
-    fn server_url() -> String {
-        std::env::var("SQLNOTIFY_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
-    }
-
-    async fn connect(url: &str) -> Conn {
-        Conn::new(Opts::from_url(url).expect("a MySQL URL"))
-            .await
-            .unwrap_or_else(|e| {
-                panic!("cannot connect to {url}: {e} (set SQLNOTIFY_TEST_MYSQL_URL)")
-            })
-    }
-
-    pub struct TestDb {
-        name: String,
-        pub url: String,
-    }
-
-    impl TestDb {
-        pub async fn new() -> TestDb {
-            super::common::init_logging();
-            let name = format!(
-                "sqlnotify_test_kill_{}_{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos()
-            );
-            let server = server_url();
-            let mut admin = connect(&server).await;
-            admin
-                .query_drop(format!("CREATE DATABASE `{name}`"))
-                .await
-                .expect("create the test database");
-            let _ = admin.disconnect().await;
-            let (base, query) = match server.split_once('?') {
-                Some((base, query)) => (base, format!("?{query}")),
-                None => (server.as_str(), String::new()),
-            };
-            let after_scheme = base.find("://").expect("a URL") + 3;
-            let base = match base[after_scheme..].find('/') {
-                Some(slash) => &base[..after_scheme + slash],
-                None => base,
-            };
-            let url = format!("{base}/{name}{query}");
-            TestDb { name, url }
-        }
-
-        pub async fn exec(&self, sql: &str) {
-            let mut conn = connect(&self.url).await;
-            conn.query_drop(sql)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let _ = conn.disconnect().await;
-        }
-
-        /// Commits `ids` into `t`, one transaction per row.
-        pub async fn commit(&self, ids: std::ops::RangeInclusive<i64>) {
-            let mut conn = connect(&self.url).await;
-            for id in ids {
-                conn.exec_drop("INSERT INTO t VALUES (?)", (id,))
-                    .await
-                    .unwrap();
-            }
-            let _ = conn.disconnect().await;
-        }
-    }
-
-    impl Drop for TestDb {
-        fn drop(&mut self) {
-            let name = self.name.clone();
-            // Drop runs outside async: a runtime of its own on a plain thread.
-            crate::common::on_a_runtime_of_its_own(async move {
-                let mut admin = connect(&server_url()).await;
-                let _ = admin
-                    .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                    .await;
-                let _ = admin.disconnect().await;
-            });
-        }
-    }
 }
