@@ -13,7 +13,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::Semaphore;
 
-use crate::consumer::{watch_backlog, ConsumerInfo, ConsumerParams, MIN_EXPIRY};
+use crate::backlog::watch_backlog;
+use crate::consumer::{ConsumerInfo, ConsumerParams, MIN_EXPIRY};
 use crate::decoder::Retention;
 use crate::dialect::open::open_dialect;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};

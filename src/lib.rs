@@ -116,6 +116,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backlog;
 mod backoff;
 #[cfg(feature = "bench")]
 pub mod bench_support;

@@ -9,7 +9,8 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot::error::TryRecvError;
 
-use crate::consumer::{BacklogWatch, ConsumerInfo};
+use crate::backlog::BacklogWatch;
+use crate::consumer::ConsumerInfo;
 use crate::custom::CustomEvent;
 use crate::dialect::Dialect;
 use crate::error::{Error, Result};
