@@ -63,7 +63,8 @@ pub enum Role {
     /// No named consumer (or one on PostgreSQL's notify tier alone): every notifier delivers.
     #[default]
     Independent,
-    /// Connecting, or waiting for its first lease attempt.
+    /// Connecting — at start, or reconnecting after its connection was lost (it holds no
+    /// lease then) — or waiting for its first lease attempt.
     Starting,
     /// Holds the consumer's lease: reads and delivers.
     Active,

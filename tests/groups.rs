@@ -846,3 +846,117 @@ async fn mysql_group_fails_over_without_losing_rows() {
     )
     .await;
 }
+
+/// The lease holder's connection is terminated (`pg_terminate_backend`, as an administrator
+/// or a pooler's reaper would): the lease goes with it, and a member of the group — the
+/// standby, or the old holder once reconnected — holds it again within the failover bound.
+/// Rows written around the terminations all arrive, and the group ends with one active member.
+#[actix_rt::test]
+async fn postgres_a_terminated_lease_connection_hands_the_lease_on() {
+    if group_process().await {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
+    let mut members = Vec::new();
+    for _ in 0..2 {
+        let tx = tx.clone();
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Durable))
+            .consumer(CONSUMER)
+            .start()
+            .await
+            .expect("start a member");
+        notifier
+            .subscribe_fn(Subscription::new("t", Insert), move |e| {
+                let _ = tx.send(e.id().as_i64().expect("an integer key"));
+            })
+            .await
+            .expect("subscribe");
+        members.push(notifier);
+    }
+    // The backend holding the consumer's lease: the one granted advisory lock in this database.
+    let holder = || async {
+        db.count(
+            "SELECT coalesce(max(pid), 0)::bigint FROM pg_catalog.pg_locks \
+             WHERE locktype = 'advisory' AND granted \
+               AND database = (SELECT oid FROM pg_catalog.pg_database \
+                                WHERE datname = pg_catalog.current_database())",
+        )
+        .await
+    };
+    let client = db.client().await;
+    let insert = |ids: std::ops::RangeInclusive<i64>| {
+        let client = &client;
+        async move {
+            for id in ids {
+                client
+                    .execute("INSERT INTO t VALUES ($1)", &[&id])
+                    .await
+                    .expect("insert");
+            }
+        }
+    };
+    for round in 0..3_i64 {
+        insert(round * 50 + 1..=round * 50 + 50).await;
+        assert!(
+            common::wait_until(FAILOVER_LIMIT, || async { holder().await != 0 }).await,
+            "round {round}: nobody holds the lease"
+        );
+        let pid = holder().await;
+        let killed = db
+            .count(&format!(
+                "SELECT pg_catalog.pg_terminate_backend({pid})::int::bigint"
+            ))
+            .await;
+        assert_eq!(killed, 1, "round {round}: terminate the holder {pid}");
+        let at = Instant::now();
+        assert!(
+            common::wait_until(FAILOVER_LIMIT, || async {
+                let now = holder().await;
+                now != 0 && now != pid
+            })
+            .await,
+            "round {round}: the lease was not held again within {FAILOVER_LIMIT:?}"
+        );
+        println!(
+            "termination {round}: lease held again in {:?}",
+            at.elapsed()
+        );
+    }
+    insert(151..=200).await;
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while seen.len() < 200 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(id)) => {
+                seen.insert(id);
+            }
+            _ => panic!(
+                "rows missing: {:?}",
+                (1..=200)
+                    .filter(|id| !seen.contains(id))
+                    .collect::<Vec<_>>()
+            ),
+        }
+    }
+    assert_eq!(seen, (1..=200).collect::<BTreeSet<i64>>());
+    // The group settles with one active member and one standing by.
+    let settled = common::wait_until(FAILOVER_LIMIT, || async {
+        let mut roles = Vec::new();
+        for member in &members {
+            roles.push(member.stats().await.expect("stats").role);
+        }
+        roles.sort_by_key(|r| format!("{r:?}"));
+        roles == [sqlnotify::Role::Active, sqlnotify::Role::Standby]
+    })
+    .await;
+    assert!(
+        settled,
+        "the group did not settle with one active and one standby member"
+    );
+    for member in members {
+        member.stop().await.expect("stop");
+    }
+}

@@ -38,7 +38,7 @@ use crate::consumer::ConsumerParams;
 use crate::decoder::RawBatch;
 use crate::error::{Error, Result};
 use crate::event::Channel;
-use crate::stats::Counters;
+use crate::stats::{Counters, Role};
 use crate::status::{Status, StatusEvent};
 
 /// What a listener is asked to listen to, and where its notifications go.
@@ -243,6 +243,13 @@ impl<S: Source> Listener<S> {
         self.state = Some(state);
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(());
+        }
+        if matches!(
+            self.shell.stats.snapshot().role,
+            Role::Active | Role::Standby
+        ) {
+            // Between sessions it holds no lease, whatever it held before.
+            self.shell.stats.set_role(Role::Starting);
         }
         match outcome.failure {
             Some(error) if !self.shutting_down => {
