@@ -960,3 +960,39 @@ async fn postgres_a_terminated_lease_connection_hands_the_lease_on() {
         member.stop().await.expect("stop");
     }
 }
+
+/// Consumers of different names are different groups: each holds a lease of its own, so two
+/// running at once on one database are both active and both receive every row (on every
+/// dialect the lease is keyed by the consumer's name).
+#[actix_rt::test]
+async fn consumers_of_different_names_are_both_active() {
+    if group_process().await {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    let mut running = Vec::new();
+    for name in ["billing", "audit"] {
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Durable))
+            .consumer(name)
+            .start()
+            .await
+            .expect("start");
+        let events = common::Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        running.push((notifier, events));
+    }
+    db.exec("INSERT INTO t SELECT generate_series(1, 10)").await;
+    for (notifier, events) in &mut running {
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.push(events.next().await.id().as_i64().expect("an integer key"));
+        }
+        assert_eq!(ids, (1..=10).collect::<Vec<_>>());
+        let role = notifier.stats().await.expect("stats").role;
+        assert_eq!(role, sqlnotify::Role::Active);
+    }
+    for (notifier, _) in running {
+        notifier.stop().await.expect("stop");
+    }
+}
