@@ -123,6 +123,10 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    pub fn role(&self) -> Role {
+        Role::from_u8(self.role.load(Ordering::Relaxed))
+    }
+
     pub fn set_role(&self, role: Role) {
         self.role.store(role.as_u8(), Ordering::Relaxed);
     }
@@ -161,7 +165,7 @@ impl Counters {
             in_flight: get(&self.forwarded).saturating_sub(get(&self.settled)),
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
             backlog: get(&self.backlog),
-            role: Role::from_u8(self.role.load(Ordering::Relaxed)),
+            role: self.role(),
         }
     }
 }

@@ -244,10 +244,7 @@ impl<S: Source> Listener<S> {
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(());
         }
-        if matches!(
-            self.shell.stats.snapshot().role,
-            Role::Active | Role::Standby
-        ) {
+        if matches!(self.shell.stats.role(), Role::Active | Role::Standby) {
             // Between sessions it holds no lease, whatever it held before.
             self.shell.stats.set_role(Role::Starting);
         }

@@ -128,8 +128,13 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             }
             None => Some(state.source.describe(conn.as_ref(), &e)),
         };
-        let connected = false;
-        (state, Outcome { connected, failure })
+        (
+            state,
+            Outcome {
+                connected: false,
+                failure,
+            },
+        )
     }
 
     /// Takes the consumer's lease, standing by while another process holds it. Returns
@@ -224,11 +229,10 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                         replayed: forwarded,
                     });
                 }
-                if let Some(position) = state.source.position() {
-                    if shell.consumer.is_some() {
-                        let forwarded = shell.stats.forwarded.load(Ordering::Relaxed);
-                        state.saving.note(forwarded, position.clone());
-                    }
+                // Only a named consumer saves a position: without one, none is built.
+                if let (Some(_), Some(position)) = (&shell.consumer, state.source.position()) {
+                    let forwarded = shell.stats.forwarded.load(Ordering::Relaxed);
+                    state.saving.note(forwarded, position.clone());
                     self.set_latest(position);
                 }
             }

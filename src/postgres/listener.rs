@@ -53,9 +53,10 @@ const DRIVER_DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60)
 const POLL_MIN: Duration = Duration::from_millis(1);
 /// Slowest poll-tier interval (when idle).
 const POLL_MAX: Duration = Duration::from_millis(25);
-/// Server-side TCP keepalive on a lease holder's connection: a machine gone silent loses its
-/// backend — and its lease — within about 2 + 3 × 1 s (ignored on Unix sockets).
-const LEASE_KEEPALIVE: &str =
+/// Server-side TCP keepalive on the listener's connection: a machine gone silent loses its
+/// backend — and a consumer's lease on it — within about 2 + 3 × 1 s (ignored on Unix
+/// sockets).
+const KEEPALIVE: &str =
     "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3";
 /// How often a forged notification is logged at most (each one is counted).
 const FORGERY_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -193,20 +194,21 @@ impl Source for PgSource {
             wake,
             lost,
         };
-        let listen: String = self
+        // The LISTENs and the server-side keepalive in one round trip: a connection whose
+        // machine goes silent is ended by the server — with a consumer's lease on it.
+        let setup: String = self
             .listen
             .iter()
             .map(|c| format!("LISTEN {};", quote_ident(c)))
+            .chain(std::iter::once(format!("{KEEPALIVE};")))
             .collect();
-        if !listen.is_empty() {
-            conn.guard(async {
-                conn.client
-                    .batch_execute(&listen)
-                    .await
-                    .map_err(|e| Error::db("LISTENing on the watched channels", e))
-            })
-            .await?;
-        }
+        conn.guard(async {
+            conn.client
+                .batch_execute(&setup)
+                .await
+                .map_err(|e| Error::db("setting up the listener connection (keepalive, LISTEN)", e))
+        })
+        .await?;
         log::info!("sqlnotify: listening on {} channels", self.listen.len());
         Ok(conn)
     }
@@ -256,7 +258,7 @@ impl Source for PgSource {
 
     /// A session advisory lock on the listener's own connection, keyed by the consumer's
     /// name: the server releases it the moment that connection ends — the process killed, its
-    /// backend terminated, or (with the server-side keepalive set here) its machine gone
+    /// backend terminated, or (with the server-side keepalive set at connect) its machine gone
     /// silent — and position saves run on the same connection, so a process whose lease is
     /// gone cannot save a position any more.
     async fn lease(&mut self, conn: &mut PgConn, consumer: &ConsumerParams) -> Result<bool> {
@@ -264,10 +266,6 @@ impl Source for PgSource {
         let client = &conn.client;
         conn.guard(async {
             let context = || format!("taking the lease of consumer {:?}", consumer.name);
-            client
-                .batch_execute(LEASE_KEEPALIVE)
-                .await
-                .map_err(|e| Error::db(context(), e))?;
             let row = client
                 .query_typed_one(
                     "SELECT pg_catalog.pg_try_advisory_lock(\
