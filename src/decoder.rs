@@ -41,6 +41,10 @@ pub(crate) struct Decoder {
     registry: Addr<Registry>,
     stats: Arc<Counters>,
     retention: Retention,
+    /// Units of every notification taken so far: the ordinal of the next one's first event.
+    units: u64,
+    /// Units no event will carry, not yet sent to the registry to be settled in order.
+    skipped: u64,
 }
 
 impl Decoder {
@@ -59,6 +63,8 @@ impl Decoder {
             registry,
             stats,
             retention,
+            units: 0,
+            skipped: 0,
         }
     }
 
@@ -67,13 +73,15 @@ impl Decoder {
     fn process(&mut self, mut queue: VecDeque<RawNotification>, ctx: &mut Context<Self>) {
         let mut events = Vec::with_capacity(queue.len());
         while let Some(mut raw) = queue.pop_front() {
+            let start = self.units;
+            self.units += u64::from(raw.events);
             let Some(channel) = self.channels.get(&raw.channel).cloned() else {
                 self.malformed(&raw, "not a channel of this notifier");
                 continue;
             };
             // Only a journal row can hold a statement's rows; a NOTIFY payload never does.
             if raw.sequence.is_some() && raw.payload.starts_with('[') {
-                self.expand(&raw, channel, &mut events);
+                self.expand(&raw, start, channel, &mut events);
                 continue;
             }
             let decoded = decode(&raw.payload, &channel);
@@ -88,7 +96,9 @@ impl Decoder {
                     extra,
                     truncated,
                 }) => {
-                    events.push(ChangeEvent::new(channel, id, extra, &raw, truncated));
+                    events.push(
+                        ChangeEvent::new(channel, id, extra, &raw, truncated).placed(start, 0),
+                    );
                 }
                 Ok(Decoded::Overflow { reference, id }) => {
                     self.send(std::mem::take(&mut events));
@@ -96,7 +106,7 @@ impl Decoder {
                         .store
                         .fetch(channel.name().to_string(), reference.clone());
                     ctx.wait(fetch.into_actor(self).map(move |result, act, ctx| {
-                        act.resolved(channel, reference, id, raw, result);
+                        act.resolved(channel, reference, id, (raw, start), result);
                         act.process(queue, ctx);
                     }));
                     return;
@@ -112,7 +122,7 @@ impl Decoder {
         channel: Arc<Channel>,
         reference: String,
         id: crate::Key,
-        raw: RawNotification,
+        (raw, start): (RawNotification, u64),
         result: crate::Result<Option<String>>,
     ) {
         let event = match result {
@@ -149,11 +159,17 @@ impl Decoder {
                 ChangeEvent::new(channel, id, Default::default(), &raw, true)
             }
         };
-        self.send(vec![event]);
+        self.send(vec![event.placed(start, 0)]);
     }
 
     /// Turns a statement-capture journal row into one event per row, in order.
-    fn expand(&self, raw: &RawNotification, channel: Arc<Channel>, events: &mut Vec<ChangeEvent>) {
+    fn expand(
+        &mut self,
+        raw: &RawNotification,
+        start: u64,
+        channel: Arc<Channel>,
+        events: &mut Vec<ChangeEvent>,
+    ) {
         let rows = match decode_rows(&raw.payload, &channel) {
             Ok(rows) if rows.len() <= raw.events as usize => rows,
             Ok(rows) => {
@@ -168,14 +184,15 @@ impl Decoder {
         };
         let rows_len = rows.len();
         let mut carried = 0;
-        for row in rows {
+        for (part, row) in (0u32..).zip(rows) {
             match row {
                 Ok(Decoded::Row {
                     id,
                     extra,
                     truncated,
                 }) => {
-                    events.push(ChangeEvent::new(channel.clone(), id, extra, raw, truncated));
+                    let event = ChangeEvent::new(channel.clone(), id, extra, raw, truncated);
+                    events.push(event.placed(start, part));
                     carried += 1;
                 }
                 other => {
@@ -198,21 +215,23 @@ impl Decoder {
         self.give_back(u64::from(raw.events) - carried);
     }
 
-    /// Returns `units` of in-flight budget that no event will carry, counting them settled.
-    fn give_back(&self, units: u64) {
+    /// Returns `units` of in-flight budget that no event will carry; the registry counts them
+    /// settled with the next events it routes, after every event before them.
+    fn give_back(&mut self, units: u64) {
         if units > 0 {
             self.budget.add_permits(units as usize);
-            self.stats.settle(units);
+            self.skipped += units;
         }
     }
 
-    fn send(&self, events: Vec<ChangeEvent>) {
-        if !events.is_empty() {
-            self.registry.do_send(Route(events));
+    fn send(&mut self, events: Vec<ChangeEvent>) {
+        if !events.is_empty() || self.skipped > 0 {
+            let skipped = std::mem::take(&mut self.skipped);
+            self.registry.do_send(Route { events, skipped });
         }
     }
 
-    fn malformed(&self, raw: &RawNotification, reason: &str) {
+    fn malformed(&mut self, raw: &RawNotification, reason: &str) {
         Counters::add(&self.stats.malformed, 1);
         // No event will carry this notification's units of in-flight budget: give them back.
         self.give_back(u64::from(raw.events));

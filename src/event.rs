@@ -196,6 +196,11 @@ struct EventInner {
     timestamp: SystemTime,
     truncated: bool,
     sequence: Option<i64>,
+    /// How many units the listener forwarded before this event's notification, plus its row
+    /// index in a statement-capture journal row (see `src/holds.rs`).
+    ordinal: u64,
+    /// Its row index in a statement-capture journal row (0 otherwise).
+    part: u32,
 }
 
 impl ChangeEvent {
@@ -214,8 +219,30 @@ impl ChangeEvent {
                 timestamp: raw.received_at,
                 truncated,
                 sequence: raw.sequence,
+                ordinal: 0,
+                part: 0,
             }),
         }
+    }
+
+    /// The same (just built) event, `part` rows into a notification that starts at `ordinal`.
+    pub(crate) fn placed(mut self, ordinal: u64, part: u32) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ordinal = ordinal + u64::from(part);
+            inner.part = part;
+        }
+        self
+    }
+
+    /// See `EventInner::ordinal`.
+    pub(crate) fn ordinal(&self) -> u64 {
+        self.inner.ordinal
+    }
+
+    /// Its row index in a statement-capture journal row, 0 otherwise: with
+    /// [`sequence`](Self::sequence), what tells one change from every other.
+    pub fn part(&self) -> u32 {
+        self.inner.part
     }
 
     /// The channel the event arrived on.

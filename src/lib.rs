@@ -116,6 +116,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod acked;
 mod backlog;
 mod backoff;
 #[cfg(feature = "bench")]
@@ -129,6 +130,7 @@ mod dialect;
 mod error;
 mod event;
 mod filter;
+mod holds;
 mod lifecycle;
 mod listener;
 mod lockwait;
@@ -160,12 +162,14 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+pub use crate::acked::{Deliveries, Delivery};
 pub use crate::builder::NotifierBuilder;
 pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
 pub use crate::custom::CustomEvent;
 pub use crate::error::{Error, Result};
 pub use crate::event::{ChangeEvent, Channel, Key, RawNotification};
 pub use crate::filter::Filter;
+pub use crate::holds::Ack;
 pub use crate::notifier::Notifier;
 pub use crate::operation::Operation;
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;

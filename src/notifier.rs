@@ -9,6 +9,7 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot::error::TryRecvError;
 
+use crate::acked::{held_channel, Deliveries};
 use crate::backlog::BacklogWatch;
 use crate::consumer::ConsumerInfo;
 use crate::custom::CustomEvent;
@@ -221,6 +222,33 @@ impl Notifier {
             .send(Subscribe::with_sink(subscription, Sink::Channel(tx)))
             .await??;
         Ok((id, rx))
+    }
+
+    /// An acknowledged subscription: the events `subscription` selects, each with an
+    /// [`Ack`](crate::Ack), in commit order. A named consumer's position moves past an event
+    /// only once every acknowledged subscription that selected it has acknowledged it (and
+    /// every event before it), so an event whose handling did not finish — the process was
+    /// killed, or the handler dropped the `Ack` — is delivered again after a restart. Without
+    /// a named consumer, or on PostgreSQL's notify tier, there is no position: the ack only
+    /// keeps [`Notifier::stop`] waiting (a bounded while) for the events in hand.
+    ///
+    /// The subscription's overflow policy is always [`OverflowPolicy::Wait`](crate::OverflowPolicy):
+    /// an acknowledged event is never dropped. Up to the subscription's buffer of deliveries
+    /// wait in the channel, and as many again in its buffer; beyond that the listener waits.
+    pub async fn subscribe_acked(
+        &self,
+        subscription: Subscription,
+    ) -> Result<(SubscriptionId, Deliveries)> {
+        let subscription = subscription.policy(crate::OverflowPolicy::Wait);
+        let holds = self.inner.pipeline.stats.holds.clone();
+        let (sink, deliveries) = held_channel(subscription.buffer, holds);
+        let id = self
+            .inner
+            .pipeline
+            .registry
+            .send(Subscribe::with_sink(subscription, Sink::Held(sink)))
+            .await??;
+        Ok((id, deliveries))
     }
 
     /// Sends [`StatusEvent`]s (connected, disconnected, gap, lagged …) to an actor.

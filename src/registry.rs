@@ -168,6 +168,7 @@ impl Registry {
                 tally.filtered += 1;
                 continue;
             }
+            s.sink.selected(&event);
             let event = if s.buffer.is_empty() {
                 match s.sink.try_deliver(event.clone()) {
                     Ok(()) => {
@@ -384,7 +385,7 @@ impl Handler<Unsubscribe> for Registry {
             return Err(Error::UnknownSubscription { id: id.0 });
         };
         // What was still waiting for it is lost: count and report it with the rest.
-        Counters::add(&self.stats.dropped, s.buffer.discard());
+        Counters::add(&self.stats.dropped, s.buffer.discard(&s.sink));
         if s.buffer.dropped > 0 {
             self.publish(Status::Lagged {
                 subscription: s.id,
@@ -433,8 +434,13 @@ struct Tally {
     sequence: i64,
 }
 
-/// Decoded events, in commit order, from the decoder.
-pub(crate) struct Route(pub Vec<ChangeEvent>);
+/// Decoded events, in commit order, from the decoder; then `skipped` units no event carries
+/// (malformed input), settled after the events so the settled count never runs ahead of an
+/// event still on its way.
+pub(crate) struct Route {
+    pub events: Vec<ChangeEvent>,
+    pub skipped: u64,
+}
 
 impl Message for Route {
     type Result = ();
@@ -443,9 +449,9 @@ impl Message for Route {
 impl Handler<Route> for Registry {
     type Result = ();
 
-    fn handle(&mut self, Route(events): Route, ctx: &mut Context<Self>) {
+    fn handle(&mut self, Route { events, skipped }: Route, ctx: &mut Context<Self>) {
         let mut tally = Tally::default();
-        let count = events.len() as u64;
+        let count = events.len() as u64 + skipped;
         for event in events {
             self.route(event, &mut tally);
         }
@@ -525,7 +531,7 @@ impl Handler<Shutdown> for Registry {
             .by_channel
             .values_mut()
             .flatten()
-            .map(|s| s.buffer.discard())
+            .map(|s| s.buffer.discard(&s.sink))
             .sum();
         Counters::add(&self.stats.dropped, lost);
         self.report_lag(ctx, true);
@@ -646,7 +652,10 @@ mod tests {
             let n = events.len();
             self.budget.acquire_many(n as u32).await.unwrap().forget();
             Counters::add(&self.stats.forwarded, n as u64);
-            self.registry.send(Route(events)).await.unwrap();
+            self.registry
+                .send(Route { events, skipped: 0 })
+                .await
+                .unwrap();
         }
 
         async fn flush(&self) {

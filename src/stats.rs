@@ -1,6 +1,9 @@
 //! Pipeline counters: shared atomics the actors bump, and the [`Stats`] snapshot users read.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::holds::Holds;
 
 /// A snapshot of a notifier's counters since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,6 +123,8 @@ pub(crate) struct Counters {
     pub backlog: AtomicU64,
     /// [`Role`], as its `as_u8`.
     pub role: AtomicU8,
+    /// Events acknowledged subscriptions have not acknowledged yet.
+    pub holds: Arc<Holds>,
 }
 
 impl Counters {
@@ -140,11 +145,22 @@ impl Counters {
     /// tests) a pipeline that settles more than it was given — budget handed back twice,
     /// which would let a consumer save its horizon too early — stops right here.
     pub fn settle(&self, n: u64) {
-        let settled = self.settled.fetch_add(n, Ordering::Relaxed) + n;
+        // Release: whoever sees the new count also sees the holds taken before it.
+        let settled = self.settled.fetch_add(n, Ordering::Release) + n;
         debug_assert!(
             settled <= self.forwarded.load(Ordering::Relaxed),
             "sqlnotify: settled {settled} events, more than were forwarded"
         );
+    }
+
+    /// How many forwarded units have fully left the pipeline: settled, and none before them
+    /// still held by an acknowledged subscription. What a named consumer may save against.
+    pub fn safe(&self) -> u64 {
+        let settled = self.settled.load(Ordering::Acquire);
+        match self.holds.floor() {
+            Some(floor) => floor.min(settled),
+            None => settled,
+        }
     }
 
     pub fn snapshot(&self) -> Stats {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::Semaphore;
 
+use crate::acked::{HeldRefused, HeldSink};
 use crate::event::ChangeEvent;
 use crate::lifecycle::Flush;
 use crate::stats::Counters;
@@ -31,6 +32,8 @@ pub(crate) enum Sink {
     Fn(Addr<FnSubscriber<ChangeEvent>>),
     /// A bounded channel read by blocking code.
     Channel(crossbeam_channel::Sender<ChangeEvent>),
+    /// An acknowledged subscription: each event is held until acknowledged.
+    Held(HeldSink),
 }
 
 /// Why an event could not be handed over.
@@ -56,6 +59,24 @@ impl Sink {
                 crossbeam_channel::TrySendError::Full(event) => Refused::Full(event),
                 crossbeam_channel::TrySendError::Disconnected(_) => Refused::Closed,
             }),
+            Sink::Held(held) => held.try_deliver(event).map_err(|e| match e {
+                HeldRefused::Full(event) => Refused::Full(event),
+                HeldRefused::Closed => Refused::Closed,
+            }),
+        }
+    }
+
+    /// Called for an event this sink selected before it is buffered or handed over.
+    pub fn selected(&self, event: &ChangeEvent) {
+        if let Sink::Held(held) = self {
+            held.hold(event);
+        }
+    }
+
+    /// Called for a selected event this sink will never hand over.
+    fn lost(&self, event: &ChangeEvent) {
+        if let Sink::Held(held) = self {
+            held.lost(event);
         }
     }
 }
@@ -147,7 +168,7 @@ impl Buffer {
                 }
                 Err(Refused::Closed) => {
                     self.dropped += 1;
-                    return (handed, Some(1 + self.discard()));
+                    return (handed, Some(1 + self.discard(sink)));
                 }
             }
         }
@@ -156,9 +177,11 @@ impl Buffer {
 
     /// Throws away every buffered event (the subscriber is gone or removed), counting them in
     /// `dropped`. Returns how many there were.
-    pub fn discard(&mut self) -> u64 {
+    pub fn discard(&mut self, sink: &Sink) -> u64 {
         let lost = self.queue.len() as u64;
-        self.queue.clear();
+        for (event, _) in self.queue.drain(..) {
+            sink.lost(&event);
+        }
         self.dropped += lost;
         lost
     }
@@ -310,16 +333,23 @@ mod tests {
     }
 
     #[test]
-    fn discard_counts_every_waiting_event_as_dropped() {
+    fn discard_counts_every_waiting_event_as_dropped_and_releases_its_holds() {
         let budget = Arc::new(Semaphore::new(0));
+        let holds = Arc::new(crate::holds::Holds::default());
+        let (held, _deliveries) = crate::acked::held_channel(1, holds.clone());
+        let sink = Sink::Held(held);
         let mut buffer = Buffer::new(OverflowPolicy::Wait, 1);
         for id in 1..=4 {
-            buffer.push(event(id), Ticket::new(&budget));
+            let event = event(id).placed(id as u64, 0);
+            sink.selected(&event);
+            buffer.push(event, Ticket::new(&budget));
         }
         assert_eq!((buffer.len(), buffer.dropped), (4, 0), "Wait never drops");
-        assert_eq!(buffer.discard(), 4);
+        assert_eq!(holds.floor(), Some(1));
+        assert_eq!(buffer.discard(&sink), 4);
         assert_eq!((buffer.len(), buffer.dropped), (0, 4));
-        assert_eq!(buffer.discard(), 0);
+        assert_eq!(holds.floor(), None, "a discarded event holds nothing back");
+        assert_eq!(buffer.discard(&sink), 0);
         assert_eq!(budget.available_permits(), 4);
     }
 

@@ -631,6 +631,7 @@ async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_us
 
 pg_tier_scenarios!([durable_tier: Durable, poll_tier: Poll] {
     resume::a_named_consumer_resumes_where_it_stopped,
+    resume::an_unacknowledged_event_is_delivered_again_after_a_restart,
     resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
     custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
 });

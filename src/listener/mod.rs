@@ -320,7 +320,12 @@ struct Handle<S: Source> {
     consumer: Option<String>,
     latest: Arc<Mutex<Option<S::Position>>>,
     final_save: FinalSave<S::Position>,
+    stats: Arc<Counters>,
 }
+
+/// How long stopping waits for acknowledged subscriptions to acknowledge the events in hand
+/// before the final save; past it, the last periodic save stands.
+pub(crate) const ACK_WAIT_ON_STOP: Duration = Duration::from_secs(5);
 
 impl<S: Source> ListenerHandle for Handle<S> {
     fn shutdown(&mut self) -> BoxFuture<'static, ()> {
@@ -331,17 +336,32 @@ impl<S: Source> ListenerHandle for Handle<S> {
     }
 
     /// The pipeline is flushed: everything read has left it, so a named consumer saves the
-    /// newest position. Dropping the last address then lets the idle actor stop.
+    /// newest position — once acknowledged subscriptions acknowledged what they hold (for up
+    /// to [`ACK_WAIT_ON_STOP`]; otherwise the last periodic save stands and they are
+    /// delivered again). Dropping the last address then lets the idle actor stop.
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         let latest = self
             .latest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        match (self.consumer, latest) {
-            (Some(name), Some(position)) => (self.final_save)(name, position),
-            _ => Box::pin(async { Ok(()) }),
-        }
+        let (Some(name), Some(position)) = (self.consumer, latest) else {
+            return Box::pin(async { Ok(()) });
+        };
+        let holds = self.stats.holds.clone();
+        let final_save = self.final_save;
+        Box::pin(async move {
+            let acked = tokio::time::timeout(ACK_WAIT_ON_STOP, holds.emptied()).await;
+            if acked.is_err() {
+                log::warn!(
+                    "sqlnotify: consumer {name:?} stopped with {} events unacknowledged; \
+                     they will be delivered again",
+                    holds.len()
+                );
+                return Ok(());
+            }
+            final_save(name, position).await
+        })
     }
 }
 
@@ -356,6 +376,7 @@ pub(crate) async fn start<S: Source>(
     let latest = Arc::new(Mutex::new(None));
     let final_save = source.final_save();
     let consumer = params.consumer.as_ref().map(|c| c.name.clone());
+    let stats = params.stats.clone();
     let shell = Arc::new(Shell {
         consumer: params.consumer,
         status: params.status,
@@ -388,6 +409,7 @@ pub(crate) async fn start<S: Source>(
             consumer,
             latest,
             final_save,
+            stats,
         })),
         Ok(Err(e)) => {
             let _ = addr.send(Shutdown).await;

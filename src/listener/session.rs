@@ -237,10 +237,8 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 }
             }
             if let Some(consumer) = &shell.consumer {
-                let settled = shell.stats.settled.load(Ordering::Relaxed);
-                let due = state
-                    .saving
-                    .due(settled, consumer.heartbeat(), Instant::now());
+                let safe = shell.stats.safe();
+                let due = state.saving.due(safe, consumer.heartbeat(), Instant::now());
                 if let Some(position) = due {
                     let missed = state.source.save(conn, consumer, &position).await?;
                     state.saving.saved(position, Instant::now());

@@ -33,6 +33,7 @@ macro_rules! journal_dialect_scenarios {
             validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
             validation::labels_differing_only_in_case_are_rejected,
             resume::a_named_consumer_resumes_where_it_stopped,
+            resume::an_unacknowledged_event_is_delivered_again_after_a_restart,
             resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
             resume::a_running_consumer_saves_its_cursor_while_the_database_is_idle,
             retention::retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_read,

@@ -1,0 +1,144 @@
+//! Events an acknowledged subscription still holds: a named consumer's position may not move
+//! past the first of them until it is acknowledged.
+//!
+//! Every unit a listener forwards has an ordinal — how many units were forwarded before it —
+//! which the decoder stamps on the event it becomes. The registry holds an event's ordinal
+//! before it counts the event settled; an [`Ack`] releases it. The save rule
+//! (`src/listener/saving.rs`) then treats `min(settled, first held ordinal)` as the number of
+//! units that have fully left the pipeline.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+/// The ordinals held by acknowledged subscriptions (with how many subscriptions hold each).
+#[derive(Debug, Default)]
+pub(crate) struct Holds {
+    held: Mutex<BTreeMap<u64, u32>>,
+    /// Woken whenever the last hold is released.
+    empty: Notify,
+}
+
+impl Holds {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, u32>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One more subscription holds the event at `ordinal`.
+    pub fn hold(&self, ordinal: u64) {
+        *self.lock().entry(ordinal).or_insert(0) += 1;
+    }
+
+    /// One subscription is done with the event at `ordinal`.
+    pub fn release(&self, ordinal: u64) {
+        let now_empty = {
+            let mut held = self.lock();
+            if let Some(n) = held.get_mut(&ordinal) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&ordinal);
+                }
+            }
+            held.is_empty()
+        };
+        if now_empty {
+            self.empty.notify_waiters();
+        }
+    }
+
+    /// The first held ordinal: every unit before it is released (or was never held).
+    pub fn floor(&self) -> Option<u64> {
+        self.lock().keys().next().copied()
+    }
+
+    /// How many events are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Resolves once nothing is held.
+    pub async fn emptied(&self) {
+        loop {
+            let notified = self.empty.notified();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The acknowledgement of one event delivered to an acknowledged subscription
+/// ([`Notifier::subscribe_acked`](crate::Notifier::subscribe_acked)).
+///
+/// [`ack`](Ack::ack) says the event is done with: the named consumer's position may move past
+/// it. An `Ack` dropped without `ack` keeps the event held — the position stays before it, so
+/// the event is delivered again after the notifier restarts. Acknowledgements may come in any
+/// order; the position moves only past a run of acknowledged events.
+#[derive(Debug)]
+#[must_use = "an event whose Ack is dropped unacknowledged holds the consumer's position back"]
+pub struct Ack {
+    ordinal: u64,
+    holds: Arc<Holds>,
+}
+
+impl Ack {
+    pub(crate) fn new(ordinal: u64, holds: Arc<Holds>) -> Self {
+        Ack { ordinal, holds }
+    }
+
+    /// The event is done with.
+    pub fn ack(self) {
+        self.holds.release(self.ordinal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_is_the_first_ordinal_still_held() {
+        let holds = Holds::default();
+        assert_eq!(holds.floor(), None);
+        holds.hold(3);
+        holds.hold(5);
+        holds.hold(5);
+        assert_eq!(holds.floor(), Some(3));
+        holds.release(5);
+        assert_eq!(holds.floor(), Some(3));
+        holds.release(3);
+        assert_eq!(
+            holds.floor(),
+            Some(5),
+            "a second subscription still holds 5"
+        );
+        holds.release(5);
+        assert_eq!(holds.floor(), None);
+        assert_eq!(holds.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn emptied_resolves_once_the_last_hold_goes() {
+        let holds = Arc::new(Holds::default());
+        holds.hold(1);
+        let ack = Ack::new(1, holds.clone());
+        let waiter = tokio::spawn({
+            let holds = holds.clone();
+            async move { holds.emptied().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        ack.ack();
+        waiter.await.unwrap();
+    }
+
+    #[test]
+    fn a_dropped_ack_keeps_its_event_held() {
+        let holds = Arc::new(Holds::default());
+        holds.hold(7);
+        drop(Ack::new(7, holds.clone()));
+        assert_eq!(holds.floor(), Some(7));
+    }
+}
