@@ -188,6 +188,12 @@ impl NotifierBuilder {
         self
     }
 
+    /// The named consumer, if one is set.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn consumer_name(&self) -> Option<&str> {
+        self.consumer.as_deref()
+    }
+
     /// Registers a subscription before the listener starts, so it receives everything from
     /// the first event on (including a named consumer's replay).
     pub fn subscribe(

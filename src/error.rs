@@ -199,9 +199,29 @@ pub enum Error {
         /// The name asked for.
         name: String,
     },
+    /// A message broker call failed (the relay: connecting to NATS, checking or creating
+    /// the stream, publishing).
+    Broker {
+        /// What sqlnotify was doing, e.g. `"publishing to stream ORDERS"`.
+        context: String,
+        /// The client's error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 impl Error {
+    /// Wraps a broker client's error with what sqlnotify was doing.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn broker(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Broker {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
     /// Wraps a driver error with what sqlnotify was doing.
     pub(crate) fn db(
         context: impl Into<String>,
@@ -351,6 +371,7 @@ impl fmt::Display for Error {
                      install_timeout"
                 )
             }
+            Error::Broker { context, source } => write!(f, "{context}: {source}"),
             Error::UnknownConsumer { name } => write!(
                 f,
                 "no consumer named {name:?} is registered in this database (see `consumers()` \
@@ -378,7 +399,7 @@ pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Database { source, .. } => Some(&**source),
+            Error::Database { source, .. } | Error::Broker { source, .. } => Some(&**source),
             _ => None,
         }
     }

@@ -313,6 +313,37 @@ impl ChangeEvent {
         Value::Object(map)
     }
 
+    /// The whole event as one JSON object, what `sqlnotify tail` prints and the relay
+    /// publishes: `{"channel", "schema", "table", "operation", "id", "columns", "sequence",
+    /// "truncated"}`. `id` is the key value (an array for a composite key), `columns` the
+    /// extra columns, `sequence` the journal position (`null` on PostgreSQL's notify tier).
+    ///
+    /// ```
+    /// # fn show(event: &sqlnotify::ChangeEvent) {
+    /// let record: serde_json::Value = serde_json::from_str(&event.to_record()).unwrap();
+    /// assert_eq!(record["table"], event.table());
+    /// # }
+    /// ```
+    pub fn to_record(&self) -> String {
+        let id = match self.id() {
+            Key::Single(v) => v.clone(),
+            Key::Composite(vs) => Value::Array(vs.clone()),
+        };
+        let json = |v: &Value| serde_json::to_string(v).expect("JSON values serialize");
+        let string = |s: &str| json(&Value::String(s.to_string()));
+        format!(
+            "{{\"channel\":{},\"schema\":{},\"table\":{},\"operation\":{},\"id\":{},\"columns\":{},\"sequence\":{},\"truncated\":{}}}",
+            string(self.channel()),
+            string(self.schema()),
+            string(self.table()),
+            string(self.operation().as_str()),
+            json(&id),
+            json(&Value::Object(self.inner.extra.clone())),
+            self.sequence().map_or("null".to_string(), |s| s.to_string()),
+            self.is_truncated(),
+        )
+    }
+
     /// Deserializes the carried columns (key and extra) into a user type.
     ///
     /// ```

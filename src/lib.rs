@@ -141,6 +141,8 @@ mod payload;
 mod pipeline;
 mod redact;
 mod registry;
+#[cfg(feature = "nats")]
+pub mod relay;
 mod resolve;
 mod sql;
 mod stats;

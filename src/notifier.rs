@@ -20,7 +20,9 @@ use crate::listener::ListenerHandle;
 use crate::operation::Operation;
 use crate::payload::encode_custom;
 use crate::pipeline::Pipeline;
-use crate::registry::{Registry, StatusSink, Subscribe, SubscribeStatus, Unsubscribe};
+use crate::registry::{
+    Registry, StatusSink, Subscribe, SubscribeEvery, SubscribeStatus, Unsubscribe,
+};
 use crate::stats::Stats;
 use crate::status::StatusEvent;
 use crate::subscriber::{spawn_blocking_subscriber, FnSubscriber, Sink};
@@ -249,6 +251,23 @@ impl Notifier {
             .send(Subscribe::with_sink(subscription, Sink::Held(sink)))
             .await??;
         Ok((id, deliveries))
+    }
+
+    /// An acknowledged subscription to every event of every watched channel, in commit order
+    /// across channels (the relay's feed); `buffer` deliveries wait in the channel.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) async fn subscribe_acked_every(&self, buffer: usize) -> Result<Deliveries> {
+        let holds = self.inner.pipeline.stats.holds.clone();
+        let (sink, deliveries) = held_channel(buffer, holds);
+        self.inner
+            .pipeline
+            .registry
+            .send(SubscribeEvery {
+                sink: Sink::Held(sink),
+                buffer,
+            })
+            .await?;
+        Ok(deliveries)
     }
 
     /// Sends [`StatusEvent`]s (connected, disconnected, gap, lagged …) to an actor.

@@ -20,6 +20,7 @@
 //! unreported when a subscription ends or the notifier stops is reported then.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use crate::lifecycle::{Flush, Shutdown};
 use crate::stats::Counters;
 use crate::status::{Status, StatusEvent};
 use crate::subscriber::{Buffer, FnSubscriber, Refused, Sink, Ticket};
-use crate::subscription::{Subscription, SubscriptionId};
+use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId};
 
 /// Retry interval while a subscriber's mailbox stays full.
 const RETRY: Duration = Duration::from_millis(1);
@@ -131,22 +132,34 @@ impl Registry {
                     .collect(),
             });
         }
+        let buffer = Buffer::new(subscription.policy, subscription.buffer);
+        let name = channel.name().to_string();
+        Ok(self.insert(&name, subscription.filters, sink, buffer))
+    }
+
+    fn insert(
+        &mut self,
+        channel: &str,
+        filters: Vec<Filter>,
+        sink: Sink,
+        buffer: Buffer,
+    ) -> SubscriptionId {
         let id = SubscriptionId(self.next_id);
         self.next_id += 1;
         self.by_channel
-            .entry(channel.name().to_string())
+            .entry(channel.to_string())
             .or_default()
             .push(Subscriber {
                 id,
-                filters: subscription.filters,
+                filters,
                 sink,
-                buffer: Buffer::new(subscription.policy, subscription.buffer),
+                buffer,
                 closed: false,
                 lag_reported: None,
             });
-        log::debug!("sqlnotify: subscription {id} on {}", channel.name());
+        log::debug!("sqlnotify: subscription {id} on {channel:?}");
         self.stats.has_subscriber.store(true, Ordering::Release);
-        Ok(id)
+        id
     }
 
     /// Routes one event, adding to `tally`. The event's unit of in-flight budget goes into a
@@ -156,41 +169,18 @@ impl Registry {
             tally.sequence = tally.sequence.max(sequence);
         }
         let budget = &self.budget;
-        let Some(subscribers) = self.by_channel.get_mut(event.channel()) else {
-            tally.unrouted += 1;
-            tally.release += 1;
-            return;
-        };
         let (mut considered, mut ticket) = (false, None);
-        for s in subscribers.iter_mut().filter(|s| !s.closed) {
-            considered = true;
-            if !s.filters.iter().all(|f| f.matches(&event)) {
-                tally.filtered += 1;
-                continue;
+        for key in [event.channel(), EVERY_CHANNEL] {
+            if let Some(subscribers) = self.by_channel.get_mut(key) {
+                offer(
+                    subscribers,
+                    &event,
+                    budget,
+                    tally,
+                    &mut considered,
+                    &mut ticket,
+                );
             }
-            s.sink.selected(&event);
-            let event = if s.buffer.is_empty() {
-                match s.sink.try_deliver(event.clone()) {
-                    Ok(()) => {
-                        tally.delivered += 1;
-                        continue;
-                    }
-                    Err(Refused::Closed) => {
-                        // Lost with its subscriber; pump() reports and removes it.
-                        s.closed = true;
-                        s.buffer.dropped += 1;
-                        tally.dropped += 1;
-                        tally.pump = true;
-                        continue;
-                    }
-                    Err(Refused::Full(event)) => event,
-                }
-            } else {
-                event.clone()
-            };
-            let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
-            tally.dropped += s.buffer.push(event, ticket);
-            tally.pump = true;
         }
         if !considered {
             tally.unrouted += 1;
@@ -432,6 +422,75 @@ struct Tally {
     /// Some buffer kept an event, or a subscriber is gone: pump() has work.
     pump: bool,
     sequence: i64,
+}
+
+/// Offers `event` to `subscribers`: filters, then hands it over or buffers it (taking one
+/// [`Ticket`] for every buffer that keeps it).
+fn offer(
+    subscribers: &mut [Subscriber],
+    event: &ChangeEvent,
+    budget: &Arc<Semaphore>,
+    tally: &mut Tally,
+    considered: &mut bool,
+    ticket: &mut Option<Rc<Ticket>>,
+) {
+    for s in subscribers.iter_mut().filter(|s| !s.closed) {
+        *considered = true;
+        if !s.filters.iter().all(|f| f.matches(event)) {
+            tally.filtered += 1;
+            continue;
+        }
+        s.sink.selected(event);
+        let event = if s.buffer.is_empty() {
+            match s.sink.try_deliver(event.clone()) {
+                Ok(()) => {
+                    tally.delivered += 1;
+                    continue;
+                }
+                Err(Refused::Closed) => {
+                    // Lost with its subscriber; pump() reports and removes it.
+                    s.closed = true;
+                    s.buffer.dropped += 1;
+                    tally.dropped += 1;
+                    tally.pump = true;
+                    continue;
+                }
+                Err(Refused::Full(event)) => event,
+            }
+        } else {
+            event.clone()
+        };
+        let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
+        tally.dropped += s.buffer.push(event, ticket);
+        tally.pump = true;
+    }
+}
+
+/// Where subscriptions to every channel are kept in `by_channel` (no channel has this name).
+const EVERY_CHANNEL: &str = "";
+
+/// Subscribes a sink to every event of every channel, in commit order (the relay's feed).
+pub(crate) struct SubscribeEvery {
+    pub sink: Sink,
+    pub buffer: usize,
+}
+
+impl Message for SubscribeEvery {
+    type Result = SubscriptionId;
+}
+
+impl Handler<SubscribeEvery> for Registry {
+    type Result = MessageResult<SubscribeEvery>;
+
+    fn handle(&mut self, msg: SubscribeEvery, _: &mut Context<Self>) -> Self::Result {
+        let id = self.insert(
+            EVERY_CHANNEL,
+            Vec::new(),
+            msg.sink,
+            Buffer::new(OverflowPolicy::Wait, msg.buffer),
+        );
+        MessageResult(id)
+    }
 }
 
 /// Decoded events, in commit order, from the decoder; then `skipped` units no event carries

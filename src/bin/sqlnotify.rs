@@ -25,10 +25,10 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::Value;
+
 use sqlnotify::ConsumerInfo;
 use sqlnotify::{Capture, Tier, Watch};
-use sqlnotify::{ChangeEvent, Key, Notifier, NotifierBuilder, Operation, Status, Subscription};
+use sqlnotify::{ChangeEvent, Notifier, NotifierBuilder, Operation, Status, Subscription};
 
 /// Row changes in PostgreSQL, SQLite and MySQL / MariaDB, from the command line.
 ///
@@ -634,33 +634,13 @@ fn report_status(status: &Status, disconnected: &Cell<bool>) {
 
 /// Writes one event as a JSON line and flushes it.
 fn print_event(event: &ChangeEvent) -> std::io::Result<()> {
-    let line = event_json(event);
+    let line = event.to_record();
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
     out.flush()
 }
 
 /// The event as one JSON object, fields in a fixed order.
-fn event_json(event: &ChangeEvent) -> String {
-    let id = match event.id() {
-        Key::Single(v) => v.clone(),
-        Key::Composite(vs) => Value::Array(vs.clone()),
-    };
-    let json = |v: &Value| serde_json::to_string(v).expect("JSON values serialize");
-    let string = |s: &str| json(&Value::String(s.to_string()));
-    format!(
-        "{{\"channel\":{},\"schema\":{},\"table\":{},\"operation\":{},\"id\":{},\"columns\":{},\"sequence\":{},\"truncated\":{}}}",
-        string(event.channel()),
-        string(event.schema()),
-        string(event.table()),
-        string(event.operation().as_str()),
-        json(&id),
-        json(&Value::Object(event.extra_columns().clone())),
-        event.sequence().map_or("null".to_string(), |s| s.to_string()),
-        event.is_truncated(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

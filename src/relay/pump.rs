@@ -1,0 +1,183 @@
+//! The relay's loop: takes the notifier's acknowledged deliveries in commit order, publishes
+//! them pipelined, and acknowledges each delivery — letting the consumer's position move past
+//! it — only once the broker confirmed storing it and everything before it.
+//!
+//! On a failed confirmation or a lost link, the link is dropped and a new one opened (capped,
+//! jittered backoff); every unconfirmed message is sent again in order, with the same id, so
+//! the broker stores what it had not and drops what it had. After a new link the first
+//! message goes alone: the pipeline opens only once the broker stores again, so a message that
+//! a recovering server refuses cannot be overtaken by the next one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::watch;
+
+use super::broker::{Broker, Link, Outgoing};
+use super::subject::{key_text, Naming};
+use crate::acked::{Deliveries, Delivery};
+use crate::backoff::Backoff;
+use crate::holds::Ack;
+
+/// The relay's live counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub published: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub pending: AtomicU64,
+    pub links: AtomicU64,
+    pub failures: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+/// What the loop needs besides the broker.
+pub(crate) struct Pump {
+    pub naming: Naming,
+    /// Channel name → subject without the partition token.
+    pub bases: HashMap<String, String>,
+    pub max_pending: usize,
+    pub counters: Arc<Counters>,
+    pub backoff: Backoff,
+}
+
+impl Pump {
+    fn message(&self, delivery: &Delivery) -> Outgoing {
+        let event = &delivery.event;
+        let base = self
+            .bases
+            .get(event.channel())
+            .expect("the relay subscribed to its own channels only");
+        let sequence = event.sequence().unwrap_or_default();
+        Outgoing {
+            subject: self.naming.subject(base, event),
+            id: self
+                .naming
+                .message_id(event)
+                .expect("the relay watches journal tiers only"),
+            headers: vec![
+                ("Sqlnotify-Sequence", sequence.to_string()),
+                ("Sqlnotify-Part", event.part().to_string()),
+                (
+                    "Sqlnotify-Table",
+                    format!("{}.{}", event.schema(), event.table()),
+                ),
+                (
+                    "Sqlnotify-Operation",
+                    event.operation().as_str().to_string(),
+                ),
+                ("Sqlnotify-Key", key_text(event)),
+            ],
+            body: Bytes::from(event.to_record()),
+        }
+    }
+
+    /// Runs until the deliveries end (the notifier stopped) and every one is confirmed, or
+    /// `stop` is set.
+    pub async fn run<B: Broker>(
+        self,
+        broker: B,
+        mut deliveries: Deliveries,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        // Messages taken, oldest first, with their deliveries' acks; the first `sent` of them
+        // went out on the current link.
+        let mut unconfirmed: VecDeque<(Outgoing, Ack)> = VecDeque::new();
+        let mut ended = false;
+        let mut attempt = 0u32;
+        loop {
+            if ended && unconfirmed.is_empty() || *stop.borrow() {
+                return;
+            }
+            if attempt > 0 {
+                let delay = self.backoff.delay(attempt);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            attempt = attempt.saturating_add(1);
+            let mut link = tokio::select! {
+                link = broker.open() => match link {
+                    Ok(link) => link,
+                    Err(e) => {
+                        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("sqlnotify: relay cannot use the broker (attempt {attempt}): {e}");
+                        continue;
+                    }
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            self.counters.links.fetch_add(1, Ordering::Relaxed);
+            self.counters.connected.store(true, Ordering::Relaxed);
+            if attempt > 1 {
+                log::info!(
+                    "sqlnotify: relay reconnected; sending {} unconfirmed messages again",
+                    unconfirmed.len()
+                );
+            }
+            let mut confirmations = FuturesOrdered::new();
+            // Until the broker stores one message on this link, one at a time.
+            let mut proven = false;
+            let failed = 'link: loop {
+                // Send what waits, as far as the window allows.
+                let window = if proven { self.max_pending } else { 1 };
+                while confirmations.len() < unconfirmed.len() && confirmations.len() < window {
+                    let (message, _) = &unconfirmed[confirmations.len()];
+                    match link.send(message).await {
+                        Ok(confirmation) => confirmations.push_back(confirmation),
+                        Err(e) => break 'link Some(e.to_string()),
+                    }
+                }
+                if ended && unconfirmed.is_empty() {
+                    break None;
+                }
+                let room = unconfirmed.len() < self.max_pending;
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => break None,
+                    confirmed = confirmations.next(), if !confirmations.is_empty() => {
+                        match confirmed.expect("not empty") {
+                            Ok(stored) => {
+                                let (_, ack) = unconfirmed.pop_front().expect("one per confirmation");
+                                ack.ack();
+                                proven = true;
+                                attempt = 0;
+                                let counter = if stored.duplicate {
+                                    &self.counters.duplicates
+                                } else {
+                                    &self.counters.published
+                                };
+                                counter.fetch_add(1, Ordering::Relaxed);
+                                self.counters.pending.store(unconfirmed.len() as u64, Ordering::Relaxed);
+                            }
+                            Err(e) => break Some(e.to_string()),
+                        }
+                    }
+                    delivery = deliveries.recv(), if room && !ended => match delivery {
+                        Some(delivery) => {
+                            let message = self.message(&delivery);
+                            unconfirmed.push_back((message, delivery.ack));
+                            self.counters.pending.store(unconfirmed.len() as u64, Ordering::Relaxed);
+                        }
+                        None => ended = true,
+                    },
+                    _ = link.lost() => break Some("the connection was lost".to_string()),
+                }
+            };
+            self.counters.connected.store(false, Ordering::Relaxed);
+            if let Some(e) = failed {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "sqlnotify: relay link failed with {} messages unconfirmed: {e}",
+                    unconfirmed.len()
+                );
+            }
+            // The old link and its confirmations go; nothing more is sent on it.
+            drop(confirmations);
+            drop(link);
+        }
+    }
+}
