@@ -12,7 +12,7 @@ use sqlnotify::relay::Relay;
 use sqlnotify::Operation::{Delete, Insert, Update};
 use sqlnotify::{Error, Notifier, NotifierBuilder, Tier, Watch};
 
-use common::nats::{delete_stream, read_stream, shared_url, stream_messages, NatsServer, Stored};
+use common::nats::{delete_stream, read_stream, shared, stream_messages, NatsServer, Stored};
 use common::{prerequisite_missing, unique_name, wait_until, TestDb};
 
 /// How long everything written may take to reach the stream.
@@ -65,7 +65,9 @@ async fn every_committed_change_is_stored_once_with_its_subject_headers_and_part
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
         .await;
-    let url = shared_url();
+    let Some(url) = shared("every_committed_change_is_stored_once") else {
+        return;
+    };
     let stream = unique_name("RELAY");
     let prefix = unique_name("relaytest");
     let relay = Relay::builder(notifier(&db.url), &url, &stream)
@@ -141,7 +143,9 @@ async fn a_relay_needs_a_named_consumer_a_journal_tier_and_a_stream_that_fits() 
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
         .await;
-    let url = shared_url();
+    let Some(url) = shared("a_relay_needs_a_named_consumer") else {
+        return;
+    };
 
     let unnamed = Notifier::builder(&db.url).watch(Watch::new("t", Insert).tier(Tier::Durable));
     let err = Relay::builder(unnamed, &url, "X")

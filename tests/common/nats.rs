@@ -16,6 +16,18 @@ pub fn shared_url() -> String {
     std::env::var("SQLNOTIFY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+/// The shared server's URL, or `None` (after [`prerequisite_missing`](super::prerequisite_missing))
+/// when nothing answers there.
+pub fn shared(test: &str) -> Option<String> {
+    let url = shared_url();
+    let address = url.trim_start_matches("nats://");
+    if std::net::TcpStream::connect(address).is_ok() {
+        return Some(url);
+    }
+    super::prerequisite_missing(test, &format!("no NATS server answers at {url}"));
+    None
+}
+
 /// The `nats-server` binary: `SQLNOTIFY_NATS_SERVER`, else the first on PATH or in /usr/sbin.
 fn server_binary() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("SQLNOTIFY_NATS_SERVER") {

@@ -1,0 +1,2 @@
+//! Placeholder replaced by the workers example.
+fn main() {}
