@@ -1,1 +1,509 @@
-//! Placeholder replaced by the relay group test.
+//! The relay under fault: three relay processes of one consumer group publish a PostgreSQL
+//! table's changes into a JetStream stream of a `nats-server` of the test's own (4
+//! partitions); four writers commit 20,000 new rows and updates of earlier rows in
+//! overlapping transactions (some rolled back); meanwhile the active relay is SIGKILLed three
+//! times (a fresh process joins after each kill, so three remain) and NATS is restarted twice.
+//! Then the whole stream is read back: every committed change exactly once (count and message
+//! ids), no rolled-back one, and each key's changes in commit order (version 0 from its
+//! insert, then 1, 2, … from its updates) within its one partition subject. Failovers and NATS
+//! outages are measured and printed.
+//!
+//! The test binary re-executes itself as the relay processes (`SQLNOTIFY_RELAY_CHILD_URL`
+//! set). Each appends `active <ns>` / `standby <ns>` lines to a record file of its own with
+//! one plain `write` per line, which a SIGKILL cannot take back; it runs until killed (or
+//! until its stdin closes: then it stops gracefully).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use sqlnotify::relay::Relay;
+use sqlnotify::Operation::{Insert, Update};
+use sqlnotify::{Notifier, Status, StatusEvent, Tier, Watch};
+
+use common::nats::{read_stream, NatsServer};
+use common::{prerequisite_missing, TestDb};
+
+const TEST: &str = "three_relays_through_kills_and_nats_restarts_store_every_change_once_in_order";
+const CHILD_URL: &str = "SQLNOTIFY_RELAY_CHILD_URL";
+const CHILD_NATS: &str = "SQLNOTIFY_RELAY_CHILD_NATS";
+const CHILD_RECORD: &str = "SQLNOTIFY_RELAY_CHILD_RECORD";
+const STREAM: &str = "GROUP";
+const PARTITIONS: u32 = 4;
+
+const PROCESSES: usize = 3;
+const WRITERS: usize = 4;
+const ROWS: i64 = 20_000;
+/// New rows per transaction (1 to this); earlier rows updated per transaction (0 to this).
+const MAX_INSERTS: i64 = 20;
+const MAX_UPDATES: i64 = 3;
+const ROLLBACK_PERCENT: u64 = 10;
+/// New rows per second over all writers.
+const ROWS_PER_SECOND: f64 = 1_500.0;
+/// The faults, in order, each once this many new rows are committed or being committed.
+const FAULTS: [(i64, Fault); 5] = [
+    (3_000, Fault::KillActive),
+    (6_000, Fault::RestartNats),
+    (9_000, Fault::KillActive),
+    (12_000, Fault::RestartNats),
+    (15_000, Fault::KillActive),
+];
+const WITHIN: Duration = Duration::from_secs(90);
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    KillActive,
+    RestartNats,
+}
+
+// ---------------------------------------------------------------------------------------------
+// A relay process
+// ---------------------------------------------------------------------------------------------
+
+/// Appends `active <ns>` / `standby <ns>` to the record file, one `write` per line.
+struct Recorder {
+    file: File,
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<StatusEvent> for Recorder {
+    type Result = ();
+    fn handle(&mut self, event: StatusEvent, _: &mut Context<Self>) {
+        let ns = event.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let line = match event.status {
+            Status::Active => format!("active {ns}\n"),
+            Status::Standby => format!("standby {ns}\n"),
+            _ => return,
+        };
+        self.file
+            .write_all(line.as_bytes())
+            .expect("a relay process: write its record");
+    }
+}
+
+async fn relay_process() -> bool {
+    let Ok(url) = std::env::var(CHILD_URL) else {
+        return false;
+    };
+    common::init_logging();
+    let nats = std::env::var(CHILD_NATS).expect("the NATS URL");
+    let record = std::env::var(CHILD_RECORD).expect("the record file");
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&record)
+        .unwrap_or_else(|e| panic!("a relay process: open {record}: {e}"));
+    // Subscribed on the builder: the first status (Active or Standby) comes during start.
+    let recorder = Recorder { file }.start();
+    let builder = Notifier::builder(&url)
+        .watch(
+            Watch::new("t", Insert)
+                .extra_columns(["version"])
+                .tier(Tier::Durable),
+        )
+        .watch(
+            Watch::new("t", Update)
+                .extra_columns(["version"])
+                .tier(Tier::Durable),
+        )
+        .consumer("relay-group")
+        .subscribe_status(recorder.recipient());
+    let relay = Relay::builder(builder, nats, STREAM)
+        .partitions(PARTITIONS)
+        .ack_timeout(Duration::from_secs(2))
+        .start()
+        .await
+        .expect("a relay process: start");
+    let (closed, stdin_closed) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        let _ = closed.send(());
+    });
+    let _ = stdin_closed.await;
+    relay.stop().await.expect("a relay process: stop");
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test's side: the relay processes
+// ---------------------------------------------------------------------------------------------
+
+struct Member {
+    child: Child,
+    _stdin: ChildStdin,
+    record: PathBuf,
+    stderr: PathBuf,
+    killed: bool,
+}
+
+impl Member {
+    /// When it became active, if it did (complete lines only).
+    fn active_since(&self) -> Option<SystemTime> {
+        let text = std::fs::read_to_string(&self.record).unwrap_or_default();
+        let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
+        complete.lines().find_map(|line| {
+            let ns: u64 = line.strip_prefix("active ")?.parse().ok()?;
+            Some(UNIX_EPOCH + Duration::from_nanos(ns))
+        })
+    }
+
+    fn stderr(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let start = text.len().saturating_sub(3_000);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[start..].to_string()
+    }
+}
+
+struct Group {
+    url: String,
+    nats: String,
+    dir: PathBuf,
+    members: Vec<Member>,
+}
+
+impl Group {
+    fn spawn(&mut self) {
+        let n = self.members.len();
+        let record = self.dir.join(format!("relay-{n}.record"));
+        let stderr = self.dir.join(format!("relay-{n}.stderr"));
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+            .env(CHILD_URL, &self.url)
+            .env(CHILD_NATS, &self.nats)
+            .env(CHILD_RECORD, &record)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start a relay process");
+        let stdin = child.stdin.take().unwrap();
+        self.members.push(Member {
+            child,
+            _stdin: stdin,
+            record,
+            stderr,
+            killed: false,
+        });
+    }
+
+    /// Waits (bounded) until exactly one running member is active; returns it and when it
+    /// became active.
+    async fn active(&mut self) -> (usize, SystemTime) {
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let active: Vec<(usize, SystemTime)> = (0..self.members.len())
+                .filter(|&n| !self.members[n].killed)
+                .filter_map(|n| Some((n, self.members[n].active_since()?)))
+                .collect();
+            match active[..] {
+                [] => {}
+                [one] => return one,
+                _ => panic!("several relays active at once: {active:?}"),
+            }
+            for member in &mut self.members {
+                if !member.killed {
+                    assert!(
+                        member.child.try_wait().unwrap().is_none(),
+                        "a relay process exited:\n{}",
+                        member.stderr()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no relay became active within {WITHIN:?}"
+            );
+            tokio::time::sleep(POLL).await; // bounded poll of the record files
+        }
+    }
+
+    fn kill(&mut self, n: usize) -> SystemTime {
+        let member = &mut self.members[n];
+        let at = SystemTime::now();
+        member.killed = true;
+        member.child.kill().expect("SIGKILL a relay");
+        member.child.wait().unwrap();
+        at
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            let _ = member.child.kill();
+            let _ = member.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{TEST}: the relays' records are in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test's side: the writers
+// ---------------------------------------------------------------------------------------------
+
+/// What the writers committed: each key's committed version (0 = inserted, +1 per update:
+/// the stream must show a key's versions 0, 1, … in order). Locked only between awaits.
+#[derive(Default)]
+struct Committed {
+    versions: HashMap<i64, i64>,
+    rolled_back: HashSet<i64>,
+    changes: u64,
+}
+
+/// Commits rows `next..` until `ROWS` are taken, at `ROWS_PER_SECOND / WRITERS`, never past
+/// `gate` (the faults wait for their mark before the writers go on).
+async fn writer(
+    url: String,
+    seed: u64,
+    next: Arc<AtomicI64>,
+    gate: Arc<AtomicI64>,
+    committed: Arc<Mutex<Committed>>,
+) {
+    let mut client = common::connect(&url).await;
+    let mut rng = seed;
+    let mut random = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n.max(1)
+    };
+    let per_second = ROWS_PER_SECOND / WRITERS as f64;
+    let started = Instant::now();
+    let mut taken = 0i64;
+    loop {
+        let inserts = 1 + random(MAX_INSERTS as u64) as i64;
+        // The last transaction is cut at ROWS; below ROWS the gate holds.
+        while next.load(Ordering::SeqCst) + inserts > gate.load(Ordering::SeqCst)
+            && gate.load(Ordering::SeqCst) < ROWS
+        {
+            tokio::time::sleep(POLL).await; // waits for the fault schedule
+        }
+        let first = next.fetch_add(inserts, Ordering::SeqCst) + 1;
+        if first > ROWS {
+            return;
+        }
+        let last = (first + inserts - 1).min(ROWS);
+        // Updates of rows committed earlier, in key order (no deadlock between writers).
+        let mut updates: Vec<i64> = {
+            let c = committed.lock().unwrap();
+            let n = random(MAX_UPDATES as u64 + 1);
+            (0..n)
+                .filter_map(|_| {
+                    let key = 1 + random(first.max(2) as u64 - 1) as i64;
+                    c.versions.contains_key(&key).then_some(key)
+                })
+                .collect()
+        };
+        updates.sort_unstable();
+        updates.dedup();
+        let rollback = random(100) < ROLLBACK_PERCENT;
+        let tx = client.transaction().await.unwrap();
+        tx.execute(
+            "INSERT INTO t (id, version) SELECT g, 0 FROM generate_series($1::bigint, $2::bigint) g",
+            &[&first, &last],
+        )
+        .await
+        .unwrap();
+        for key in &updates {
+            tx.execute("UPDATE t SET version = version + 1 WHERE id = $1", &[key])
+                .await
+                .unwrap();
+        }
+        if rollback {
+            tx.rollback().await.unwrap();
+            committed.lock().unwrap().rolled_back.extend(first..=last);
+        } else {
+            tx.commit().await.unwrap();
+            let mut c = committed.lock().unwrap();
+            for key in first..=last {
+                c.versions.insert(key, 0);
+            }
+            for key in &updates {
+                *c.versions.get_mut(key).expect("updates committed rows") += 1;
+            }
+            c.changes += (last - first + 1) as u64 + updates.len() as u64;
+        }
+        taken += last - first + 1;
+        let due = Duration::from_secs_f64(taken as f64 / per_second);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await; // paces the writer
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn three_relays_through_kills_and_nats_restarts_store_every_change_once_in_order() {
+    if relay_process().await {
+        return;
+    }
+    let Some(mut nats) = NatsServer::start() else {
+        return prerequisite_missing(TEST, "no nats-server binary");
+    };
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, version int NOT NULL)")
+        .await;
+    let dir = std::env::temp_dir().join(format!(
+        "sqlnotify-relay-group-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut group = Group {
+        url: db.url.clone(),
+        nats: nats.url(),
+        dir,
+        members: Vec::new(),
+    };
+    group.spawn();
+    let (first, _) = group.active().await;
+    for _ in 1..PROCESSES {
+        group.spawn();
+    }
+    let _ = first;
+
+    let next = Arc::new(AtomicI64::new(0));
+    let gate = Arc::new(AtomicI64::new(FAULTS[0].0 + 500));
+    let committed = Arc::new(Mutex::new(Committed::default()));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            tokio::spawn(writer(
+                db.url.clone(),
+                0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1),
+                next.clone(),
+                gate.clone(),
+                committed.clone(),
+            ))
+        })
+        .collect();
+
+    let mut failovers = Vec::new();
+    let mut outages = Vec::new();
+    for (i, (mark, fault)) in FAULTS.iter().enumerate() {
+        let deadline = Instant::now() + WITHIN;
+        while next.load(Ordering::SeqCst) < *mark {
+            assert!(
+                Instant::now() < deadline,
+                "the writers stalled before {mark}"
+            );
+            tokio::time::sleep(POLL).await; // bounded wait for the writers' progress
+        }
+        match fault {
+            Fault::KillActive => {
+                let (active, _) = group.active().await;
+                let killed_at = group.kill(active);
+                group.spawn();
+                let (next_active, since) = group.active().await;
+                assert_ne!(next_active, active);
+                failovers.push(since.duration_since(killed_at).unwrap_or_default());
+            }
+            Fault::RestartNats => {
+                let down = Instant::now();
+                nats.stop();
+                // Written while NATS is down: the writers go on meanwhile.
+                let deadline = Instant::now() + WITHIN;
+                while next.load(Ordering::SeqCst) < mark + 300 {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the writers stalled while NATS was down"
+                    );
+                    tokio::time::sleep(POLL).await; // bounded wait for the writers' progress
+                }
+                nats.start_again();
+                outages.push(down.elapsed());
+            }
+        }
+        let following = FAULTS.get(i + 1).map_or(ROWS, |(m, _)| m + 500);
+        gate.store(following, Ordering::SeqCst);
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    let (changes, versions, rolled_back) = {
+        let c = committed.lock().unwrap();
+        (c.changes, c.versions.clone(), c.rolled_back.clone())
+    };
+    // Everything reaches the stream (the last relay sends what is left).
+    let url = nats.url();
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let stored = common::nats::stream_messages(&url, STREAM).await;
+        if stored >= changes {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {stored} of {changes} changes in the stream within {WITHIN:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // bounded poll of the stream
+    }
+    let stored = read_stream(&url, STREAM).await;
+    assert_eq!(
+        stored.len() as u64,
+        changes,
+        "every committed change once, nothing more"
+    );
+    let mut ids = HashSet::new();
+    let mut per_key: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+    for m in &stored {
+        assert!(ids.insert(m.id.clone()), "message id {} stored twice", m.id);
+        let key: i64 = m.key.parse().unwrap();
+        assert!(!rolled_back.contains(&key), "rolled-back row {key} relayed");
+        let version = m.body["columns"]["version"].as_i64().expect("a version");
+        per_key
+            .entry(key)
+            .or_default()
+            .push((version, m.subject.clone()));
+    }
+    assert_eq!(per_key.len(), versions.len(), "every committed row");
+    for (key, changes) in &per_key {
+        let got: Vec<i64> = changes.iter().map(|(v, _)| *v).collect();
+        let want: Vec<i64> = (0..=versions[key]).collect();
+        assert_eq!(
+            got, want,
+            "key {key}: its insert, then its updates, in commit order"
+        );
+        let subjects: HashSet<&str> = changes
+            .iter()
+            .map(|(_, s)| s.rsplit_once('.').unwrap().1)
+            .collect();
+        assert_eq!(
+            subjects.len(),
+            1,
+            "key {key} stays in one partition: {subjects:?}"
+        );
+    }
+    eprintln!(
+        "{TEST}: {} changes ({} rows, {} rolled back) stored once each; failovers {failovers:?}; \
+         NATS outages {outages:?}",
+        changes,
+        versions.len(),
+        rolled_back.len()
+    );
+    assert!(
+        failovers.iter().all(|f| *f <= Duration::from_secs(5)),
+        "each failover within 5 s: {failovers:?}"
+    );
+}
