@@ -67,6 +67,7 @@
 //! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`, `consumers`) |
 //! | `bench`    | no      | `bench_support`, the pipeline without a database for the benchmarks (not a supported API) |
 //! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async without TLS |
+//! | `nats`     | no      | `sqlnotify::relay`: a named consumer's events into NATS JetStream, exactly once, via async-nats (and `sqlnotify relay` with `cli`) |
 //!
 //! # Delivery guarantees
 //!
