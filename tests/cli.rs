@@ -1,6 +1,8 @@
 //! The `sqlnotify` binary (feature `cli`), run as a user would: `tail` printing JSON lines on
 //! SQLite and PostgreSQL and stopping cleanly on SIGINT (with and without cleanup), stdout
-//! closed under it, `install-sql`, `cleanup`, `--help`, and one-line errors on bad input.
+//! closed under it, `install-sql`, `cleanup`, `consumers`, `relay` into NATS (feature `nats`:
+//! active, standby, taking over, stopping on SIGTERM), `--help`, and one-line errors on bad
+//! input.
 
 mod common;
 
@@ -19,9 +21,9 @@ fn sqlnotify() -> Command {
     cmd
 }
 
-/// A running `sqlnotify tail`, its stdout and stderr read line by line on threads of their
-/// own. Killed on drop if still running.
-struct Tail {
+/// A running `sqlnotify` command (`tail`, `relay`), its stdout and stderr read line by line on
+/// threads of their own. Killed on drop if still running.
+struct Running {
     child: Child,
     stdout: mpsc::Receiver<String>,
     stderr: mpsc::Receiver<String>,
@@ -42,12 +44,10 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
     rx
 }
 
-impl Tail {
-    /// Starts `sqlnotify tail ARGS` and waits until it is listening (having said, on stderr,
-    /// first that it installs the triggers, then what it listens on).
-    fn start(args: &[&str]) -> Tail {
+impl Running {
+    /// Starts `sqlnotify ARGS` (the command first).
+    fn spawn(args: &[&str]) -> Running {
         let mut child = sqlnotify()
-            .arg("tail")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -55,12 +55,18 @@ impl Tail {
             .expect("run sqlnotify");
         let stdout = lines(child.stdout.take().unwrap());
         let stderr = lines(child.stderr.take().unwrap());
-        let mut tail = Tail {
+        Running {
             child,
             stdout,
             stderr,
             errors: Vec::new(),
-        };
+        }
+    }
+
+    /// Starts `sqlnotify tail ARGS` and waits until it is listening (having said, on stderr,
+    /// first that it installs the triggers, then what it listens on).
+    fn tail(args: &[&str]) -> Running {
+        let mut tail = Running::spawn(&[&["tail"], args].concat());
         tail.wait_for_stderr("installing triggers for");
         let listening = tail.wait_for_stderr("tailing");
         assert!(
@@ -90,6 +96,15 @@ impl Tail {
         }
     }
 
+    /// A stderr line containing `text`: one already read, else the next such (bounded).
+    #[cfg(feature = "nats")]
+    fn seen_or_wait(&mut self, text: &str) -> String {
+        match self.errors.iter().find(|l| l.contains(text)) {
+            Some(line) => line.clone(),
+            None => self.wait_for_stderr(text),
+        }
+    }
+
     /// The next JSON line on stdout, within [`ARRIVES_WITHIN`].
     fn next_event(&mut self) -> Value {
         let line = self
@@ -101,8 +116,13 @@ impl Tail {
 
     /// Sends SIGINT (what Ctrl-C sends) and waits (bounded) for the process to exit.
     fn interrupt(&mut self) -> ExitStatus {
+        self.signal("INT")
+    }
+
+    /// Sends signal `name` (INT, TERM) and waits (bounded) for the process to exit.
+    fn signal(&mut self, name: &str) -> ExitStatus {
         let status = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
         assert!(status.success());
@@ -121,14 +141,15 @@ impl Tail {
             }
             assert!(
                 Instant::now() < deadline,
-                "sqlnotify tail did not exit within {ARRIVES_WITHIN:?}"
+                "sqlnotify did not exit within {ARRIVES_WITHIN:?}; stderr: {:?}",
+                self.errors
             );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
 
-impl Drop for Tail {
+impl Drop for Running {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
@@ -151,7 +172,7 @@ fn run(args: &[&str]) -> (ExitStatus, String, String) {
 fn tail_prints_json_lines_and_cleans_up_on_ctrl_c() {
     let db = TempDb::new("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, name TEXT)");
     let url = db.url();
-    let mut tail = Tail::start(&[
+    let mut tail = Running::tail(&[
         &url,
         "--table",
         "users",
@@ -214,7 +235,7 @@ fn tail_keeps_triggers_without_cleanup_and_prints_composite_keys_and_labels() {
          PRIMARY KEY (order_id, item_id))",
     );
     let url = db.url();
-    let mut tail = Tail::start(&[
+    let mut tail = Running::tail(&[
         &url,
         "-t",
         "order_items",
@@ -247,7 +268,7 @@ fn tail_stops_when_stdout_is_closed() {
         .unwrap();
     // Close the read end of stdout right away (as `| head -0` would).
     drop(child.stdout.take());
-    let mut tail = Tail {
+    let mut tail = Running {
         stdout: mpsc::channel().1,
         stderr: lines(child.stderr.take().unwrap()),
         child,
@@ -275,7 +296,7 @@ fn tail_on_postgres_with_the_durable_tier() {
         "CREATE TABLE users (id bigint PRIMARY KEY, email text); \
          CREATE TABLE orders (id bigint PRIMARY KEY)",
     ));
-    let mut tail = Tail::start(&[
+    let mut tail = Running::tail(&[
         &db.url,
         "--table",
         "users,public.orders",
@@ -590,6 +611,28 @@ fn help_describes_every_command() {
     ] {
         assert!(out.contains(word), "tail --help lacks {word}: {out}");
     }
+    if cfg!(feature = "nats") {
+        let (status, out, _) = run(&["relay", "--help"]);
+        assert!(status.success());
+        for word in [
+            "--nats",
+            "--stream",
+            "--consumer",
+            "--watch <TABLE:OP[:COLS]>",
+            "insert+update",
+            "--subject-prefix",
+            "--partitions",
+            "--source",
+            "--duplicate-window-secs",
+            "[possible values: durable, poll]",
+            "consumer group",
+            "Example: sqlnotify relay",
+        ] {
+            assert!(out.contains(word), "relay --help lacks {word}: {out}");
+        }
+        let (_, out, _) = run(&["--help"]);
+        assert!(out.contains("relay"), "{out}");
+    }
     let (status, out, _) = run(&["help", "install-sql"]);
     assert!(status.success());
     assert!(out.contains("DDL"), "{out}");
@@ -637,18 +680,7 @@ fn tail_says_which_lock_it_waits_for_and_gives_up_after_the_install_timeout() {
     );
 
     // with the default timeout it waits, says so, and tails once the transaction ends
-    let mut child = sqlnotify()
-        .args(["tail", &db.url, "--table", "t", "--op", "insert"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut tail = Tail {
-        stdout: lines(child.stdout.take().unwrap()),
-        stderr: lines(child.stderr.take().unwrap()),
-        child,
-        errors: Vec::new(),
-    };
+    let mut tail = Running::spawn(&["tail", &db.url, "--table", "t", "--op", "insert"]);
     tail.wait_for_stderr(&waiting);
     rt.block_on(blocker.batch_execute("COMMIT")).unwrap();
     tail.wait_for_stderr("tailing");
@@ -730,4 +762,295 @@ fn consumers_list_shows_each_consumer_and_drop_drops_it() {
         err.starts_with("sqlnotify: error: no consumer named \"nobody\""),
         "{err}"
     );
+}
+
+/// Deletes a NATS stream when dropped (also when the test fails).
+#[cfg(feature = "nats")]
+struct StreamCleanup {
+    nats: String,
+    stream: String,
+}
+
+#[cfg(feature = "nats")]
+impl Drop for StreamCleanup {
+    fn drop(&mut self) {
+        let (nats, stream) = (self.nats.clone(), self.stream.clone());
+        common::on_a_runtime_of_its_own(async move {
+            common::nats::delete_stream(&nats, &stream).await;
+        });
+    }
+}
+
+/// How many messages `stream` holds: 0 while it does not exist yet.
+#[cfg(feature = "nats")]
+async fn stored_count(nats: &str, stream: &str) -> u64 {
+    let js = common::nats::jetstream(nats).await;
+    match js.get_stream(stream).await {
+        Ok(mut handle) => handle.info().await.map_or(0, |info| info.state.messages),
+        Err(_) => 0,
+    }
+}
+
+#[cfg(feature = "nats")]
+#[test]
+fn relay_publishes_each_change_once_stands_by_takes_over_and_stops_on_sigterm() {
+    use std::collections::{BTreeMap, HashSet};
+
+    use common::nats::{read_stream, shared};
+    use common::{unique_name, wait_until};
+
+    const STORED_WITHIN: Duration = Duration::from_secs(30);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = rt.block_on(TestDb::new());
+    rt.block_on(db.exec(
+        "CREATE SCHEMA shop; \
+         CREATE TABLE shop.orders (id bigint PRIMARY KEY, status text, total int)",
+    ));
+    let Some(nats) = shared("relay_publishes_each_change_once_stands_by_takes_over") else {
+        return;
+    };
+    let stream = unique_name("CLI_RELAY");
+    let prefix = unique_name("clirelay");
+    let _cleanup = StreamCleanup {
+        nats: nats.clone(),
+        stream: stream.clone(),
+    };
+    let args = [
+        "relay",
+        &db.url,
+        "--nats",
+        &nats,
+        "--stream",
+        &stream,
+        "--consumer",
+        "cli-relay",
+        "--watch",
+        "shop.orders:insert+update:status",
+        "--subject-prefix",
+        &prefix,
+        "--stats-interval",
+        "1",
+    ];
+    let mut first = Running::spawn(&args);
+    first.wait_for_stderr(
+        "sqlnotify: installing triggers for shop.orders INSERT, shop.orders UPDATE in the \
+         postgresql database …",
+    );
+    let relaying = first.wait_for_stderr("sqlnotify: relaying");
+    assert_eq!(
+        relaying,
+        format!(
+            "sqlnotify: relaying shop.orders INSERT, shop.orders UPDATE on postgresql as consumer \
+             \"cli-relay\" into stream {stream} (subjects {prefix}.>); Ctrl-C to stop"
+        )
+    );
+    first.seen_or_wait(&format!(
+        "sqlnotify: active: this relay publishes consumer \"cli-relay\"'s events into stream \
+         {stream}"
+    ));
+
+    // A second relay of the same consumer stands by.
+    let mut second = Running::spawn(&args);
+    second.wait_for_stderr("sqlnotify: relaying");
+    second.seen_or_wait("sqlnotify: standby: another relay of consumer \"cli-relay\" is active");
+
+    // 5 inserts and 2 updates relayed; the delete is not watched.
+    rt.block_on(db.exec(
+        "INSERT INTO shop.orders SELECT g, 'new', g * 10 FROM generate_series(1, 5) g; \
+         UPDATE shop.orders SET status = 'paid' WHERE id <= 2; \
+         DELETE FROM shop.orders WHERE id = 5",
+    ));
+    assert!(
+        rt.block_on(wait_until(STORED_WITHIN, || async {
+            stored_count(&nats, &stream).await >= 7
+        })),
+        "the stream holds {} of 7 messages; stderr: {:?}",
+        rt.block_on(stored_count(&nats, &stream)),
+        first.errors
+    );
+    // The counters say so too (a stats line every second).
+    first.wait_for_stderr(
+        "sqlnotify: stats: active; published 7, duplicates 0, pending 0; NATS connected",
+    );
+    second.wait_for_stderr("sqlnotify: stats: standby; published 0");
+
+    let stored = rt.block_on(read_stream(&nats, &stream));
+    assert_eq!(stored.len(), 7, "nothing more, nothing twice: {stored:?}");
+    let ids: HashSet<&str> = stored.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids.len(), 7, "message ids are unique: {stored:?}");
+    let mut per_key: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+    for m in &stored {
+        assert_eq!(m.subject, format!("{prefix}.shop.orders.{}", m.operation));
+        assert_eq!(m.table, "shop.orders");
+        assert!(
+            m.id.starts_with("cli-relay:"),
+            "source = consumer: {}",
+            m.id
+        );
+        assert_eq!(m.body["schema"], "shop");
+        assert_eq!(m.body["operation"], m.operation.as_str());
+        assert_eq!(m.body["id"].to_string(), m.key);
+        let status = if m.operation == "update" {
+            "paid"
+        } else {
+            "new"
+        };
+        assert_eq!(m.body["columns"], json!({ "status": status }), "{m:?}");
+        per_key
+            .entry(m.key.parse().unwrap())
+            .or_default()
+            .push(&m.operation);
+    }
+    assert_eq!(
+        per_key.into_iter().collect::<Vec<_>>(),
+        [
+            (1, vec!["insert", "update"]),
+            (2, vec!["insert", "update"]),
+            (3, vec!["insert"]),
+            (4, vec!["insert"]),
+            (5, vec!["insert"]),
+        ]
+    );
+
+    // SIGTERM: the first stops gracefully (exit 0), the second takes over.
+    let status = first.signal("TERM");
+    assert!(status.success(), "{status:?}; stderr: {:?}", first.errors);
+    assert!(
+        first.errors.iter().any(|l| l
+            == "sqlnotify: terminated; stopping (the publishes in flight are confirmed first) …"),
+        "{:?}",
+        first.errors
+    );
+    assert_eq!(
+        first.errors.last().map(String::as_str),
+        Some("sqlnotify: stopped; published 7, duplicates 0, pending 0")
+    );
+    assert!(
+        !first.errors.iter().any(|l| l.contains("error")),
+        "{:?}",
+        first.errors
+    );
+    second.wait_for_stderr("sqlnotify: active: this relay publishes consumer \"cli-relay\"");
+    rt.block_on(db.exec("INSERT INTO shop.orders VALUES (6, 'new', 60)"));
+    assert!(
+        rt.block_on(wait_until(STORED_WITHIN, || async {
+            stored_count(&nats, &stream).await >= 8
+        })),
+        "the row written after the takeover was not stored; stderr: {:?}",
+        second.errors
+    );
+    let status = second.signal("TERM");
+    assert!(status.success(), "{status:?}; stderr: {:?}", second.errors);
+    let stored = rt.block_on(read_stream(&nats, &stream));
+    assert_eq!(stored.len(), 8, "{stored:?}");
+    assert_eq!(
+        (stored[7].key.as_str(), stored[7].operation.as_str()),
+        ("6", "insert")
+    );
+    let ids: HashSet<&str> = stored.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids.len(), 8, "message ids are unique: {stored:?}");
+}
+
+#[cfg(feature = "nats")]
+#[test]
+fn relay_rejects_bad_arguments_with_one_line_naming_the_bad_part() {
+    let db = TempDb::new("CREATE TABLE orders (id INTEGER PRIMARY KEY, status TEXT)");
+    let url = db.url();
+    // Nothing reaches NATS: every case fails before the relay connects.
+    let base = [
+        "relay",
+        &url,
+        "--nats",
+        "nats://127.0.0.1:1",
+        "--stream",
+        "S",
+        "--consumer",
+        "c",
+    ];
+    // (extra arguments, exit status, message)
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["--watch", "orders:upsert"],
+            2,
+            "invalid value 'orders:upsert' for '--watch <TABLE:OP[:COLS]>': unknown operation \
+             \"upsert\" (OP is insert, update or delete; join several with '+'",
+        ),
+        (
+            vec!["--watch", "orders"],
+            2,
+            "no operation after the table \"orders\" (expected TABLE:OP[:COLS]",
+        ),
+        (
+            vec!["--watch", "orders:insert,update"],
+            2,
+            "operations \"insert,update\": join several with '+', not ','",
+        ),
+        (
+            vec!["--watch", "orders:insert:status,,total"],
+            2,
+            "an empty column name in \"status,,total\"",
+        ),
+        (
+            vec!["--watch", "orders:insert:a:b"],
+            2,
+            "4 ':'-separated parts, at most 3",
+        ),
+        (vec![], 2, "--watch"),
+        (
+            vec!["--watch", "orders:insert", "--tier", "notify"],
+            2,
+            "'notify' for '--tier <TIER>' [possible values: durable, poll]",
+        ),
+        (
+            vec!["--watch", "orders:insert", "--partitions", "0"],
+            2,
+            "--partitions",
+        ),
+        (
+            vec!["--watch", "orders:insert", "--subject-prefix", "a b"],
+            2,
+            "\"a b\" is not a NATS subject prefix",
+        ),
+        (vec!["--watch", "nope:insert"], 1, "\"nope\""),
+        (vec!["--watch", "orders:insert:nope"], 1, "\"nope\""),
+    ];
+    for (extra, code, expected) in cases {
+        let args = [&base[..], &extra].concat();
+        let (status, out, err) = run(&args);
+        assert_eq!(status.code(), Some(code), "{extra:?}: {err}");
+        assert!(out.is_empty(), "{extra:?}: stdout {out:?}");
+        let lines: Vec<&str> = err.lines().collect();
+        // One error line, the last; before it at most the progress line of what failed.
+        assert!(
+            lines
+                .last()
+                .is_some_and(|l| l.starts_with("sqlnotify: error: ")),
+            "{extra:?}: {err:?}"
+        );
+        assert!(
+            lines.len() == 1 || (lines.len() == 2 && lines[0].contains("installing triggers")),
+            "{extra:?}: stderr {err:?}"
+        );
+        assert!(
+            err.contains(expected),
+            "{extra:?}: {err:?} lacks {expected:?}"
+        );
+    }
+    // --consumer is required.
+    let (status, _, err) = run(&[
+        "relay",
+        &url,
+        "--nats",
+        "n",
+        "--stream",
+        "S",
+        "--watch",
+        "orders:insert",
+    ]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--consumer"), "{err}");
+    assert_eq!(db.triggers(), 0, "nothing was installed by bad input");
 }

@@ -1,6 +1,7 @@
 //! The `sqlnotify` command-line tool (feature `cli`): tail a table's changes in PostgreSQL,
-//! SQLite or MySQL / MariaDB as JSON lines, print the DDL for your migrations, or remove every
-//! sqlnotify watch from a database.
+//! SQLite or MySQL / MariaDB as JSON lines, print the DDL for your migrations, remove every
+//! sqlnotify watch from a database, list or drop named consumers, and (with feature `nats`)
+//! relay changes into a NATS JetStream stream.
 //!
 //! ```text
 //! sqlnotify tail sqlite://app.db --table users --op insert,update --columns email
@@ -9,6 +10,8 @@
 //! sqlnotify cleanup postgres://postgres@127.0.0.1/app
 //! sqlnotify consumers list sqlite://app.db
 //! sqlnotify consumers drop sqlite://app.db billing
+//! sqlnotify relay postgres://postgres@127.0.0.1/app --nats nats://127.0.0.1:4222 \
+//!     --stream ORDERS --consumer orders-relay --watch shop.orders:insert+update:status
 //! ```
 //!
 //! Exit status: 0 on success (and after Ctrl-C or SIGTERM); 2 on bad usage — arguments that do
@@ -106,6 +109,27 @@ enum Command {
         #[command(subcommand)]
         action: ConsumersAction,
     },
+    /// Publish row changes into a NATS JetStream stream, exactly once, until interrupted.
+    ///
+    /// The relay reads as the named consumer --consumer: relays of the same name form a
+    /// consumer group, one publishes and the others stand by, taking over when it stops. Each
+    /// event goes to subject PREFIX.schema.table.operation (with a partition number appended
+    /// under --partitions), its body the JSON line `tail` prints, its Nats-Msg-Id
+    /// SOURCE:SEQUENCE:PART, so the stream drops what is sent again after a failure or a
+    /// failover. A missing stream is created (subjects PREFIX.>); an existing one is checked.
+    /// On PostgreSQL the watches use the durable tier (or --tier poll: the relay needs a
+    /// journal); SQLite and MySQL / MariaDB always use their journal.
+    ///
+    /// On stderr: when this relay becomes active or stands by, connection trouble, and every
+    /// --stats-interval seconds one line of counters (published, duplicates, pending, NATS
+    /// connected). Ctrl-C or SIGTERM stops it gracefully: the publishes in flight are
+    /// confirmed first.
+    ///
+    /// Example: sqlnotify relay postgres://postgres@127.0.0.1/app --nats nats://127.0.0.1:4222
+    /// --stream ORDERS --consumer orders-relay --watch shop.orders:insert+update:status,total
+    /// --watch shop.refunds:insert --partitions 8
+    #[cfg(feature = "nats")]
+    Relay(relay::RelayArgs),
 }
 
 /// What to do with the registered consumers.
@@ -341,10 +365,12 @@ fn clap_error(e: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        eprintln!(
-            "sqlnotify: error: a command is required: tail, install-sql or cleanup \
-             (see 'sqlnotify --help')"
-        );
+        let commands = if cfg!(feature = "nats") {
+            "tail, install-sql, cleanup, consumers or relay"
+        } else {
+            "tail, install-sql, cleanup or consumers"
+        };
+        eprintln!("sqlnotify: error: a command is required: {commands} (see 'sqlnotify --help')");
         return ExitCode::from(2);
     }
     let text = e.render().to_string();
@@ -421,6 +447,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("sqlnotify: dropped consumer {name:?}");
             Ok(())
         }
+        #[cfg(feature = "nats")]
+        Command::Relay(args) => relay::run(args).await,
     }
 }
 
@@ -567,6 +595,7 @@ async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Resu
         .iter()
         .map(|c| c.name().to_string())
         .collect();
+    let mut signals = StopSignals::listen();
     eprintln!(
         "sqlnotify: tailing {} on {}: listening on {}; waiting for changes (Ctrl-C to stop)",
         described(&watches),
@@ -575,11 +604,7 @@ async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Resu
     );
 
     let reason = tokio::select! {
-        r = actix_rt::signal::ctrl_c() => match r {
-            Ok(()) => "interrupted",
-            Err(_) => "signal handling failed",
-        },
-        _ = terminated() => "terminated",
+        reason = signals.requested() => reason,
         _ = closed_rx.recv() => "stdout closed",
     };
     if cleanup_on_exit {
@@ -594,17 +619,47 @@ async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Resu
     Ok(())
 }
 
-/// Resolves on SIGTERM (never elsewhere).
-async fn terminated() {
+/// Ctrl-C (SIGINT) and SIGTERM, caught from [`listen`](Self::listen) on: a signal that
+/// arrives before [`requested`](Self::requested) is awaited is kept, not lost or fatal. Listen
+/// once a command is running, and say "Ctrl-C to stop" after it.
+struct StopSignals {
+    /// SIGINT and SIGTERM (None where they cannot be caught: Ctrl-C alone, then).
     #[cfg(unix)]
-    {
-        use actix_rt::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            term.recv().await;
-            return;
+    unix: Option<(
+        actix_rt::signal::unix::Signal,
+        actix_rt::signal::unix::Signal,
+    )>,
+}
+
+impl StopSignals {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use actix_rt::signal::unix::{signal, SignalKind};
+            let unix = signal(SignalKind::interrupt())
+                .and_then(|int| Ok((int, signal(SignalKind::terminate())?)))
+                .ok();
+            StopSignals { unix }
+        }
+        #[cfg(not(unix))]
+        StopSignals {}
+    }
+
+    /// Resolves when asked to stop, with what asked: "interrupted" (Ctrl-C), "terminated"
+    /// (SIGTERM) or "signal handling failed".
+    async fn requested(&mut self) -> &'static str {
+        #[cfg(unix)]
+        if let Some((int, term)) = &mut self.unix {
+            return tokio::select! {
+                _ = int.recv() => "interrupted",
+                _ = term.recv() => "terminated",
+            };
+        }
+        match actix_rt::signal::ctrl_c().await {
+            Ok(()) => "interrupted",
+            Err(_) => "signal handling failed",
         }
     }
-    std::future::pending::<()>().await
 }
 
 /// Tells the user about connection trouble and lost events, on stderr.
@@ -640,7 +695,478 @@ fn print_event(event: &ChangeEvent) -> std::io::Result<()> {
     out.flush()
 }
 
-/// The event as one JSON object, fields in a fixed order.
+/// The `relay` command (feature `nats`): its arguments, `--watch TABLE:OP[:COLS]` parsing,
+/// and running a [`Relay`](sqlnotify::relay::Relay) until Ctrl-C or SIGTERM.
+#[cfg(feature = "nats")]
+mod relay {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    use actix::{Actor, Context, Handler};
+    use clap::{Args, ValueEnum};
+
+    use sqlnotify::relay::{
+        Relay, RelayStats, DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_PENDING, DEFAULT_SUBJECT_PREFIX,
+    };
+    use sqlnotify::{Notifier, Operation, Role, Status, StatusEvent, Tier, Watch};
+
+    use super::{described, report_status, Failure, LockArgs, StopSignals};
+
+    /// `sqlnotify relay`'s arguments.
+    #[derive(Debug, Args)]
+    pub(super) struct RelayArgs {
+        /// The database URL (postgres://…, postgresql://…, sqlite://…, mysql://…, mariadb://…).
+        #[arg(value_name = "DATABASE_URL")]
+        url: String,
+        /// The NATS server, nats://host:port.
+        #[arg(long, value_name = "URL")]
+        nats: String,
+        /// The JetStream stream to publish into: created when missing, else checked (its
+        /// subjects must cover the relay's, its duplicate window be long enough).
+        #[arg(long, value_name = "NAME")]
+        stream: String,
+        /// The named consumer the relay reads as. Relays of the same name form a consumer
+        /// group: one publishes, the others stand by and take over when it stops.
+        #[arg(long, value_name = "NAME")]
+        consumer: String,
+        /// What to relay, as TABLE:OP[:COLS]: a table, optionally schema-qualified
+        /// (shop.orders); one operation (insert, update or delete) or several joined with '+'
+        /// (insert+update+delete); optionally a comma-separated list of extra columns each
+        /// event carries besides the key. Repeat for more tables. Example:
+        /// --watch shop.orders:insert+update:status,total --watch users:delete
+        #[arg(
+            long = "watch",
+            required = true,
+            value_name = "TABLE:OP[:COLS]",
+            value_parser = parse_watch
+        )]
+        watches: Vec<WatchSpec>,
+        /// The first subject token(s): events go to PREFIX.schema.table.operation.
+        #[arg(long, value_name = "PREFIX", default_value = DEFAULT_SUBJECT_PREFIX)]
+        subject_prefix: String,
+        /// Append a partition number 0..N to every subject, chosen by a hash of the row's
+        /// key: one worker per partition gets every change of its keys, in order.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        partitions: Option<u32>,
+        /// What makes message ids unique to this database (default: the consumer's name); set
+        /// one per database when several databases relay into one stream.
+        #[arg(long, value_name = "SOURCE")]
+        source: Option<String>,
+        /// How long the stream remembers message ids to drop what is sent again: it must
+        /// outlast the longest time a relay group may be down. A stream the relay creates gets
+        /// this window; an existing one must have at least this.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = DEFAULT_DUPLICATE_WINDOW.as_secs(),
+            value_parser = clap::value_parser!(u64).range(1..)
+        )]
+        duplicate_window_secs: u64,
+        /// Publishes awaiting the stream's confirmation at most.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = DEFAULT_MAX_PENDING as u32,
+            value_parser = clap::value_parser!(u32).range(1..)
+        )]
+        max_pending: u32,
+        /// How events travel on PostgreSQL: durable (journal and NOTIFY) or poll (journal, no
+        /// NOTIFY); the relay needs the journal, so not notify. SQLite and MySQL / MariaDB
+        /// always use their journal.
+        #[arg(long, value_enum, default_value_t = RelayTier::Durable)]
+        tier: RelayTier,
+        /// Seconds between the counter lines on stderr; 0 for none.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        stats_interval: u64,
+        #[command(flatten)]
+        locks: LockArgs,
+    }
+
+    /// The tiers a relay can read (both journal tiers).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+    enum RelayTier {
+        Durable,
+        Poll,
+    }
+
+    impl From<RelayTier> for Tier {
+        fn from(tier: RelayTier) -> Tier {
+            match tier {
+                RelayTier::Durable => Tier::Durable,
+                RelayTier::Poll => Tier::Poll,
+            }
+        }
+    }
+
+    /// One `--watch`: a table, its operations (each once, in the order given) and the extra
+    /// columns its events carry.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(super) struct WatchSpec {
+        table: String,
+        ops: Vec<Operation>,
+        columns: Vec<String>,
+    }
+
+    /// What `--watch` expects, for its error messages.
+    const WATCH_FORMAT: &str =
+        "expected TABLE:OP[:COLS], e.g. shop.orders:insert+update:status,total";
+
+    /// Parses `TABLE:OP[+OP…][:COL,…]`; an error names the part that is wrong.
+    fn parse_watch(text: &str) -> Result<WatchSpec, String> {
+        if text.is_empty() {
+            return Err(format!("it is empty ({WATCH_FORMAT})"));
+        }
+        let parts: Vec<&str> = text.split(':').collect();
+        let (table, ops, columns) = match parts[..] {
+            [table, ops] => (table, ops, None),
+            [table, ops, columns] => (table, ops, Some(columns)),
+            [table] => {
+                return Err(format!(
+                    "no operation after the table {table:?} ({WATCH_FORMAT})"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "{} ':'-separated parts, at most 3 ({WATCH_FORMAT})",
+                    parts.len()
+                ))
+            }
+        };
+        if table.is_empty() {
+            return Err(format!(
+                "the table before the first ':' is empty ({WATCH_FORMAT})"
+            ));
+        }
+        if table.split('.').any(str::is_empty) {
+            return Err(format!(
+                "the table {table:?} has an empty schema or table name (schema-qualify it as \
+                 schema.table)"
+            ));
+        }
+        let mut operations = Vec::new();
+        for op in ops.split('+') {
+            let operation = match op.to_ascii_lowercase().as_str() {
+                "insert" => Operation::Insert,
+                "update" => Operation::Update,
+                "delete" => Operation::Delete,
+                _ if op.contains(',') => {
+                    return Err(format!(
+                        "operations {op:?}: join several with '+', not ',' (e.g. insert+update)"
+                    ))
+                }
+                "" => {
+                    return Err(format!(
+                        "an empty operation in {ops:?} (OP is insert, update or delete; join \
+                         several with '+', e.g. insert+update)"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown operation {op:?} (OP is insert, update or delete; join several \
+                         with '+', e.g. insert+update)"
+                    ))
+                }
+            };
+            if !operations.contains(&operation) {
+                operations.push(operation);
+            }
+        }
+        let columns: Vec<String> = match columns {
+            None => Vec::new(),
+            Some("") => {
+                return Err(format!(
+                    "no columns after the second ':' (leave out ':COLS' for none; {WATCH_FORMAT})"
+                ))
+            }
+            Some(columns) => {
+                if columns.split(',').any(str::is_empty) {
+                    return Err(format!(
+                        "an empty column name in {columns:?} (COLS is a comma-separated list)"
+                    ));
+                }
+                columns.split(',').map(str::to_string).collect()
+            }
+        };
+        Ok(WatchSpec {
+            table: table.to_string(),
+            ops: operations,
+            columns,
+        })
+    }
+
+    /// One watch per `--watch` table and operation, with the table and operation it watches.
+    fn watches(specs: &[WatchSpec], tier: Tier) -> Vec<(String, Operation, Watch)> {
+        let mut watches = Vec::new();
+        for spec in specs {
+            for &op in &spec.ops {
+                let watch = Watch::new(spec.table.clone(), op)
+                    .extra_columns(spec.columns.iter().cloned())
+                    .tier(tier);
+                watches.push((spec.table.clone(), op, watch));
+            }
+        }
+        watches
+    }
+
+    /// Prints on stderr when the relay becomes active or stands by, and (through
+    /// [`report_status`]) connection trouble.
+    struct StatusPrinter {
+        consumer: String,
+        stream: String,
+        disconnected: Cell<bool>,
+    }
+
+    impl Actor for StatusPrinter {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<StatusEvent> for StatusPrinter {
+        type Result = ();
+
+        fn handle(&mut self, event: StatusEvent, _: &mut Context<Self>) {
+            let consumer = &self.consumer;
+            match &event.status {
+                Status::Active => eprintln!(
+                    "sqlnotify: active: this relay publishes consumer {consumer:?}'s events \
+                     into stream {}",
+                    self.stream
+                ),
+                Status::Standby => eprintln!(
+                    "sqlnotify: standby: another relay of consumer {consumer:?} is active; \
+                     this one takes over when it stops"
+                ),
+                Status::LostLease => eprintln!(
+                    "sqlnotify: another relay of consumer {consumer:?} took over while this one \
+                     was disconnected"
+                ),
+                other => report_status(other, &self.disconnected),
+            }
+        }
+    }
+
+    /// The group role as the stats line shows it.
+    fn role_name(role: Role) -> &'static str {
+        match role {
+            Role::Active => "active",
+            Role::Standby => "standby",
+            Role::Starting => "starting",
+            _ => "independent",
+        }
+    }
+
+    /// "published 7, duplicates 0, pending 0".
+    fn counts(stats: &RelayStats) -> String {
+        format!(
+            "published {}, duplicates {}, pending {}",
+            stats.published, stats.duplicates, stats.pending
+        )
+    }
+
+    /// The periodic stats line (without the `sqlnotify: ` prefix).
+    fn stats_line(role: Role, stats: &RelayStats) -> String {
+        format!(
+            "stats: {}; {}; NATS {}",
+            role_name(role),
+            counts(stats),
+            if stats.connected {
+                "connected"
+            } else {
+                "not connected"
+            }
+        )
+    }
+
+    /// Waits for the next tick, or forever without one.
+    async fn next_tick(ticks: &mut Option<tokio::time::Interval>) {
+        match ticks {
+            Some(ticks) => {
+                ticks.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Runs the relay until Ctrl-C or SIGTERM, then stops it gracefully.
+    pub(super) async fn run(args: RelayArgs) -> Result<(), Failure> {
+        let watches = watches(&args.watches, args.tier.into());
+        let printer = StatusPrinter {
+            consumer: args.consumer.clone(),
+            stream: args.stream.clone(),
+            disconnected: Cell::new(false),
+        }
+        .start();
+        let mut notifier = Notifier::builder(args.url.clone())
+            .consumer(args.consumer.clone())
+            .install_timeout(args.locks.timeout()?)
+            .subscribe_status(printer.recipient());
+        for (_, _, watch) in &watches {
+            notifier = notifier.watch(watch.clone());
+        }
+        eprintln!(
+            "sqlnotify: installing triggers for {} in the {} database …",
+            described(&watches),
+            notifier.dialect_name()?
+        );
+        let mut builder = Relay::builder(notifier, args.nats.clone(), args.stream.clone())
+            .subject_prefix(args.subject_prefix.clone())
+            .duplicate_window(Duration::from_secs(args.duplicate_window_secs))
+            .max_pending(args.max_pending as usize);
+        if let Some(n) = args.partitions {
+            builder = builder.partitions(n);
+        }
+        if let Some(source) = &args.source {
+            builder = builder.source(source.clone());
+        }
+        let relay = builder.start().await?;
+
+        let mut signals = StopSignals::listen();
+        eprintln!(
+            "sqlnotify: relaying {} on {} as consumer {:?} into stream {} (subjects {}.>); \
+             Ctrl-C to stop",
+            described(&watches),
+            relay.notifier().dialect_name(),
+            args.consumer,
+            args.stream,
+            args.subject_prefix
+        );
+        let mut ticks = (args.stats_interval > 0).then(|| {
+            let every = Duration::from_secs(args.stats_interval);
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        let reason = {
+            let stop = signals.requested();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    reason = &mut stop => break reason,
+                    _ = next_tick(&mut ticks) => {
+                        let role = relay.notifier().stats().await.map_or(Role::Starting, |s| s.role);
+                        eprintln!("sqlnotify: {}", stats_line(role, &relay.stats()));
+                    }
+                }
+            }
+        };
+        eprintln!("sqlnotify: {reason}; stopping (the publishes in flight are confirmed first) …");
+        let stopped = relay.stop().await;
+        let stats = relay.stats();
+        if stats.pending > 0 {
+            eprintln!(
+                "sqlnotify: stopped; {}: the next relay of consumer {:?} sends the pending ones",
+                counts(&stats),
+                args.consumer
+            );
+        } else {
+            eprintln!("sqlnotify: stopped; {}", counts(&stats));
+        }
+        Ok(stopped?)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use sqlnotify::Operation::{Delete, Insert, Update};
+
+        fn spec(table: &str, ops: &[Operation], columns: &[&str]) -> WatchSpec {
+            WatchSpec {
+                table: table.into(),
+                ops: ops.to_vec(),
+                columns: columns.iter().map(|c| c.to_string()).collect(),
+            }
+        }
+
+        #[test]
+        fn a_watch_is_a_table_its_operations_and_columns() {
+            assert_eq!(
+                parse_watch("orders:insert"),
+                Ok(spec("orders", &[Insert], &[]))
+            );
+            assert_eq!(
+                parse_watch("shop.orders:insert+update:status,total"),
+                Ok(spec("shop.orders", &[Insert, Update], &["status", "total"]))
+            );
+            assert_eq!(
+                parse_watch("t:DELETE+update+delete:v"),
+                Ok(spec("t", &[Delete, Update], &["v"])),
+                "case-insensitive, each operation once in the order given"
+            );
+            assert_eq!(
+                parse_watch("t:insert+update+delete"),
+                Ok(spec("t", &[Insert, Update, Delete], &[]))
+            );
+        }
+
+        #[test]
+        fn a_bad_watch_names_the_bad_part() {
+            let cases = [
+                ("", "it is empty"),
+                ("orders", "no operation after the table \"orders\""),
+                (":insert", "the table before the first ':' is empty"),
+                (
+                    "shop.:insert",
+                    "\"shop.\" has an empty schema or table name",
+                ),
+                ("orders:upsert", "unknown operation \"upsert\""),
+                ("orders:insert+upsert:a", "unknown operation \"upsert\""),
+                ("orders:", "an empty operation in \"\""),
+                ("orders:insert+", "an empty operation in \"insert+\""),
+                (
+                    "orders:insert,update",
+                    "operations \"insert,update\": join several with '+', not ','",
+                ),
+                ("orders:insert:", "no columns after the second ':'"),
+                ("orders:insert:a,,b", "an empty column name in \"a,,b\""),
+                ("orders:insert:a:b", "4 ':'-separated parts, at most 3"),
+            ];
+            for (text, expected) in cases {
+                let error = parse_watch(text).expect_err(text);
+                assert!(
+                    error.contains(expected),
+                    "{text:?}: {error:?} lacks {expected:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn every_table_and_operation_becomes_a_watch_on_the_tier() {
+            let specs = [
+                spec("shop.orders", &[Insert, Update], &["status"]),
+                spec("users", &[Delete], &[]),
+            ];
+            let watches = watches(&specs, Tier::Poll);
+            assert_eq!(
+                described(&watches),
+                "shop.orders INSERT, shop.orders UPDATE, users DELETE"
+            );
+            assert_eq!(
+                watches[1].2,
+                Watch::new("shop.orders", Update)
+                    .extra_columns(["status"])
+                    .tier(Tier::Poll)
+            );
+        }
+
+        #[test]
+        fn the_stats_line_shows_role_counters_and_connection() {
+            let mut stats = RelayStats::default();
+            stats.published = 7;
+            stats.duplicates = 1;
+            stats.pending = 2;
+            stats.connected = true;
+            assert_eq!(
+                stats_line(Role::Active, &stats),
+                "stats: active; published 7, duplicates 1, pending 2; NATS connected"
+            );
+            stats.connected = false;
+            assert_eq!(
+                stats_line(Role::Standby, &stats),
+                "stats: standby; published 7, duplicates 1, pending 2; NATS not connected"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
