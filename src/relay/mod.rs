@@ -68,7 +68,6 @@ pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 pub const DEFAULT_MAX_PENDING: usize = 4096;
 
 /// Builds a [`Relay`]: [`Relay::builder`].
-#[derive(Debug)]
 #[must_use = "a relay builder does nothing until started"]
 pub struct RelayBuilder {
     notifier: NotifierBuilder,
@@ -81,6 +80,22 @@ pub struct RelayBuilder {
     max_age: Duration,
     max_pending: usize,
     ack_timeout: Duration,
+}
+
+impl std::fmt::Debug for RelayBuilder {
+    /// The NATS URL with its password hidden.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("notifier", &self.notifier)
+            .field("nats", &crate::redact::redact(&self.nats))
+            .field("stream", &self.stream)
+            .field("prefix", &self.prefix)
+            .field("partitions", &self.partitions)
+            .field("source", &self.source)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("max_pending", &self.max_pending)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RelayBuilder {

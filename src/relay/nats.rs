@@ -15,9 +15,10 @@ use tokio::sync::watch;
 use super::broker::{Broker, Confirmation, Link, Outgoing, Stored};
 use super::subject::covers;
 use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// Where and how the relay publishes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Nats {
     pub url: String,
     pub stream: String,
@@ -69,10 +70,9 @@ impl Broker for Nats {
                     }
                 }
             });
-        let client = options
-            .connect(self.url.as_str())
-            .await
-            .map_err(|e| Error::broker(format!("connecting to NATS at {}", self.url), e))?;
+        let client = options.connect(self.url.as_str()).await.map_err(|e| {
+            Error::broker(format!("connecting to NATS at {}", redact(&self.url)), e)
+        })?;
         connected.store(true, Ordering::Relaxed);
         let js = ContextBuilder::new()
             .timeout(self.ack_timeout)
