@@ -46,6 +46,7 @@ pub(crate) trait Link {
     /// Sends `message` without waiting for the broker to store it; the confirmation does.
     fn send(&mut self, message: &Outgoing) -> impl Future<Output = Result<Confirmation>>;
 
-    /// Resolves once the connection is lost.
-    fn lost(&mut self) -> impl Future<Output = ()>;
+    /// Resolves once the connection is lost (owns what it needs, so a send can be raced
+    /// against it).
+    fn lost(&self) -> impl Future<Output = ()> + 'static;
 }

@@ -203,7 +203,10 @@ impl Link for NatsLink {
         }))
     }
 
-    async fn lost(&mut self) {
-        let _ = self.lost.wait_for(|lost| *lost).await;
+    fn lost(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let mut lost = self.lost.clone();
+        async move {
+            let _ = lost.wait_for(|lost| *lost).await;
+        }
     }
 }

@@ -126,9 +126,15 @@ impl Pump {
                 let window = if proven { self.max_pending } else { 1 };
                 while confirmations.len() < unconfirmed.len() && confirmations.len() < window {
                     let (message, _) = &unconfirmed[confirmations.len()];
-                    match link.send(message).await {
-                        Ok(confirmation) => confirmations.push_back(confirmation),
-                        Err(e) => break 'link Some(e.to_string()),
+                    // A send can wait for room in the client's buffer, which a lost
+                    // connection never empties: race it against the loss.
+                    let lost = link.lost();
+                    tokio::select! {
+                        sent = link.send(message) => match sent {
+                            Ok(confirmation) => confirmations.push_back(confirmation),
+                            Err(e) => break 'link Some(e.to_string()),
+                        },
+                        _ = lost => break 'link Some("the connection was lost".to_string()),
                     }
                 }
                 if ended && unconfirmed.is_empty() {
