@@ -420,10 +420,23 @@ pub struct Cluster {
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
     as_postgres: bool,
+    /// The server's `listen_addresses`.
+    listen: String,
 }
 
 impl Cluster {
     pub fn start() -> Option<Cluster> {
+        Cluster::start_listening(None)
+    }
+
+    /// A cluster that also listens on `address` (which must exist on this machine) and trusts
+    /// the clients of `network` (CIDR), as it trusts local ones: for clients in a network
+    /// namespace of the test's own.
+    pub fn start_also_on(address: &str, network: &str) -> Option<Cluster> {
+        Cluster::start_listening(Some((address, network)))
+    }
+
+    fn start_listening(also: Option<(&str, &str)>) -> Option<Cluster> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -437,11 +450,16 @@ impl Cluster {
             std::env::temp_dir().join(format!("sqlnotify-cluster-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
         let as_postgres = running_as_root();
+        let listen = match also {
+            Some((address, _)) => format!("127.0.0.1,{address}"),
+            None => "127.0.0.1".to_string(),
+        };
         let cluster = Cluster {
             port,
             dir,
             bin,
             as_postgres,
+            listen,
         };
         if as_postgres {
             std::process::Command::new("chown")
@@ -454,6 +472,15 @@ impl Cluster {
             "initdb",
             &["-D", data.to_str()?, "-U", "postgres", "--auth=trust"],
         )?;
+        if let Some((_, network)) = also {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .ok()?
+                .write_all(format!("host all all {network} trust\n").as_bytes())
+                .ok()?;
+        }
         cluster.pg_ctl("start")?;
         Some(cluster)
     }
@@ -479,9 +506,10 @@ impl Cluster {
         let data = self.dir.join("data");
         let log = self.dir.join("log");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses={}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.listen
         );
         self.run(
             "pg_ctl",
