@@ -21,9 +21,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,6 +31,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use sqlnotify::Operation::Insert;
 use sqlnotify::{ChangeEvent, Notifier, Status, StatusEvent, Subscription, Tier, Watch};
+
+use common::children::{self, RecordDir};
 
 /// Set in a member's process: the database URL and its record file.
 const CHILD_URL: &str = "SQLNOTIFY_SILENT_CHILD_URL";
@@ -126,12 +128,7 @@ async fn member_process() -> bool {
         .await
         .expect("a member: start");
     // Runs until killed, or until the test closes stdin (or dies).
-    let (closed, stdin_closed) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        let _ = closed.send(());
-    });
-    let _ = stdin_closed.await;
+    let _ = children::stdin_closed().await;
     notifier.stop().await.expect("a member: stop");
     true
 }
@@ -272,12 +269,9 @@ struct Record {
 
 impl Record {
     fn read(path: &Path) -> Record {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        // A line being written may be incomplete: only what ends with a newline counts.
-        let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
         let mut record = Record::default();
         let time = |ns: &str| UNIX_EPOCH + Duration::from_nanos(ns.parse().expect("a time"));
-        for line in complete.lines() {
+        for line in children::complete_lines(path).lines() {
             let mut words = line.splitn(3, ' ');
             let (kind, first, rest) = (words.next(), words.next(), words.next());
             match (kind, first, rest) {
@@ -333,16 +327,11 @@ impl Member {
 
     /// The end of what it wrote on stderr, for failure messages.
     fn stderr(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let start = text.len().saturating_sub(6_000);
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len());
         format!(
             "--- member {} stderr ({}), the end:\n{}",
             self.name,
             self.stderr.display(),
-            &text[start..]
+            children::tail(&self.stderr, 6_000)
         )
     }
 
@@ -384,14 +373,13 @@ impl Member {
 /// The members, SIGKILLed on drop; their records are kept in a directory of the test's own,
 /// removed unless the test failed.
 struct Group {
-    dir: PathBuf,
+    dir: RecordDir,
     members: Vec<Member>,
 }
 
 impl Group {
     fn new() -> Group {
-        let dir = std::env::temp_dir().join(common::unique_name("sqlnotify-silent"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = RecordDir::new("sqlnotify-silent", format!("{TEST}: the members' records"));
         Group {
             dir,
             members: Vec::new(),
@@ -400,21 +388,16 @@ impl Group {
 
     /// Starts a member through `command` (the test binary, possibly wrapped); returns its
     /// index.
-    fn spawn(&mut self, name: &'static str, mut command: Command, url: &str) -> usize {
+    fn spawn(&mut self, name: &'static str, command: Command, url: &str) -> usize {
         let record = self.dir.join(format!("member-{name}.record"));
         let stderr = self.dir.join(format!("member-{name}.stderr"));
         let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "sqlnotify=debug".into());
-        let mut child = command
-            .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        let mut command = children::rerun_through(command, TEST, &stderr);
+        command
             .env(CHILD_URL, url)
             .env(CHILD_RECORD, &record)
-            .env("RUST_LOG", log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start a member");
-        let stdin = child.stdin.take().unwrap();
+            .env("RUST_LOG", log);
+        let (child, stdin) = children::spawn(command, "start a member");
         self.members.push(Member {
             name,
             child,
@@ -432,11 +415,7 @@ impl Drop for Group {
             let _ = member.child.kill();
             let _ = member.child.wait();
         }
-        if std::thread::panicking() {
-            eprintln!("{TEST}: the members' records are in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        // The records' directory goes next (kept if the test failed).
     }
 }
 

@@ -18,10 +18,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use sqlnotify::Operation::Insert;
 use sqlnotify::{ChangeEvent, Notifier, Status, StatusEvent, Subscription, Tier, Watch};
+
+use common::children::{self, RecordDir};
 
 /// Set in a group's process: the database URL, the tier (PostgreSQL) and its record file.
 const CHILD_URL: &str = "SQLNOTIFY_GROUP_CHILD_URL";
@@ -147,12 +149,7 @@ async fn group_process() -> bool {
         .await
         .expect("the group's process: start");
     // Runs until killed, or until the test closes stdin (or dies).
-    let (closed, stdin_closed) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        let _ = closed.send(());
-    });
-    let _ = stdin_closed.await;
+    let _ = children::stdin_closed().await;
     notifier.stop().await.expect("the group's process: stop");
     true
 }
@@ -177,11 +174,8 @@ struct Record {
 
 impl Record {
     fn read(path: &Path) -> Record {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        // A line being written may be incomplete: only what ends with a newline counts.
-        let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
         let mut record = Record::default();
-        for line in complete.lines() {
+        for line in children::complete_lines(path).lines() {
             let (kind, rest) = line.split_once(' ').unwrap_or((line, ""));
             let time = || {
                 let ns: u64 = rest.split(' ').next().unwrap().parse().expect("a time");
@@ -225,12 +219,7 @@ impl Member {
 
     /// The end of what it wrote on stderr, for failure messages.
     fn stderr(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let start = text.len().saturating_sub(4_000);
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len());
-        text[start..].to_string()
+        children::tail(&self.stderr, 4_000)
     }
 
     fn exited(&mut self) -> bool {
@@ -244,21 +233,16 @@ struct Group {
     test: String,
     url: String,
     tier: Option<Tier>,
-    dir: PathBuf,
+    dir: RecordDir,
     members: Vec<Member>,
 }
 
 impl Group {
     fn new(test: &str, url: &str, tier: Option<Tier>) -> Group {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "sqlnotify-groups-{}-{nanos}-{test}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = RecordDir::new(
+            &format!("sqlnotify-groups-{test}"),
+            format!("{test}: the group's records"),
+        );
         Group {
             test: test.to_string(),
             url: url.to_string(),
@@ -278,17 +262,12 @@ impl Group {
             Some(Tier::Poll) => "poll",
             _ => "",
         };
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", &self.test, "--nocapture", "--test-threads=1"])
+        let mut command = children::rerun(&self.test, &stderr);
+        command
             .env(CHILD_URL, &self.url)
             .env(CHILD_TIER, tier)
-            .env(CHILD_RECORD, &record)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start a group's process");
-        let stdin = child.stdin.take().unwrap();
+            .env(CHILD_RECORD, &record);
+        let (child, stdin) = children::spawn(command, "start a group's process");
         self.members.push(Member {
             child,
             _stdin: stdin,
@@ -382,15 +361,7 @@ impl Drop for Group {
             let _ = member.child.kill();
             let _ = member.child.wait();
         }
-        if std::thread::panicking() {
-            eprintln!(
-                "{}: the group's records are in {}",
-                self.test,
-                self.dir.display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        // The records' directory goes next (kept if the test failed).
     }
 }
 

@@ -17,9 +17,9 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +29,7 @@ use sqlnotify::relay::Relay;
 use sqlnotify::Operation::{Insert, Update};
 use sqlnotify::{Notifier, Status, StatusEvent, Tier, Watch};
 
+use common::children::{self, RecordDir};
 use common::nats::{read_stream, NatsServer};
 use common::{prerequisite_missing, TestDb};
 
@@ -126,12 +127,7 @@ async fn relay_process() -> bool {
         .start()
         .await
         .expect("a relay process: start");
-    let (closed, stdin_closed) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        let _ = closed.send(());
-    });
-    let _ = stdin_closed.await;
+    let _ = children::stdin_closed().await;
     relay.stop().await.expect("a relay process: stop");
     true
 }
@@ -151,28 +147,23 @@ struct Member {
 impl Member {
     /// When it became active, if it did (complete lines only).
     fn active_since(&self) -> Option<SystemTime> {
-        let text = std::fs::read_to_string(&self.record).unwrap_or_default();
-        let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
-        complete.lines().find_map(|line| {
-            let ns: u64 = line.strip_prefix("active ")?.parse().ok()?;
-            Some(UNIX_EPOCH + Duration::from_nanos(ns))
-        })
+        children::complete_lines(&self.record)
+            .lines()
+            .find_map(|line| {
+                let ns: u64 = line.strip_prefix("active ")?.parse().ok()?;
+                Some(UNIX_EPOCH + Duration::from_nanos(ns))
+            })
     }
 
     fn stderr(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let start = text.len().saturating_sub(3_000);
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len());
-        text[start..].to_string()
+        children::tail(&self.stderr, 3_000)
     }
 }
 
 struct Group {
     url: String,
     nats: String,
-    dir: PathBuf,
+    dir: RecordDir,
     members: Vec<Member>,
 }
 
@@ -181,17 +172,12 @@ impl Group {
         let n = self.members.len();
         let record = self.dir.join(format!("relay-{n}.record"));
         let stderr = self.dir.join(format!("relay-{n}.stderr"));
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        let mut command = children::rerun(TEST, &stderr);
+        command
             .env(CHILD_URL, &self.url)
             .env(CHILD_NATS, &self.nats)
-            .env(CHILD_RECORD, &record)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start a relay process");
-        let stdin = child.stdin.take().unwrap();
+            .env(CHILD_RECORD, &record);
+        let (child, stdin) = children::spawn(command, "start a relay process");
         self.members.push(Member {
             child,
             _stdin: stdin,
@@ -248,11 +234,7 @@ impl Drop for Group {
             let _ = member.child.kill();
             let _ = member.child.wait();
         }
-        if std::thread::panicking() {
-            eprintln!("{TEST}: the relays' records are in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        // The records' directory goes next (kept if the test failed).
     }
 }
 
@@ -361,15 +343,10 @@ async fn three_relays_through_kills_and_nats_restarts_store_every_change_once_in
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id bigint PRIMARY KEY, version int NOT NULL)")
         .await;
-    let dir = std::env::temp_dir().join(format!(
-        "sqlnotify-relay-group-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = RecordDir::new(
+        "sqlnotify-relay-group",
+        format!("{TEST}: the relays' records"),
+    );
     let mut group = Group {
         url: db.url.clone(),
         nats: nats.url(),

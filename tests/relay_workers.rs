@@ -16,11 +16,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::process::{Child, ChildStdin};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use futures_util::StreamExt;
@@ -28,6 +28,7 @@ use sqlnotify::relay::Relay;
 use sqlnotify::Operation::Insert;
 use sqlnotify::{Notifier, Tier, Watch};
 
+use common::children::{self, RecordDir};
 use common::nats::{delete_stream, jetstream, read_stream, shared};
 use common::{unique_name, wait_until, TestDb};
 
@@ -120,11 +121,7 @@ async fn worker_process() -> bool {
     recorder.line("ready\n".into());
 
     // Runs until killed, or until the test closes stdin (or dies).
-    let (closed, mut stop) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        let _ = closed.send(());
-    });
+    let mut stop = children::stdin_closed();
     let mut handled = 0;
     loop {
         let message = tokio::select! {
@@ -184,11 +181,8 @@ struct Record {
 
 impl Record {
     fn read(path: &Path) -> Record {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        // A line being written may be incomplete: only what ends with a newline counts.
-        let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
         let mut record = Record::default();
-        for line in complete.lines() {
+        for line in children::complete_lines(path).lines() {
             let fields: Vec<&str> = line.split(' ').collect();
             let key = || fields[1].parse::<i64>().expect("an integer key");
             match fields[0] {
@@ -224,12 +218,7 @@ impl Worker {
 
     /// The end of what it wrote on stderr, for failure messages.
     fn stderr(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let start = text.len().saturating_sub(4_000);
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len());
-        text[start..].to_string()
+        children::tail(&self.stderr, 4_000)
     }
 }
 
@@ -237,21 +226,16 @@ impl Worker {
 /// test's own, removed unless the test failed.
 struct Pool {
     test: String,
-    dir: PathBuf,
+    dir: RecordDir,
     workers: Vec<Worker>,
 }
 
 impl Pool {
     fn new(test: &str) -> Pool {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "sqlnotify-workers-{}-{nanos}-{test}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = RecordDir::new(
+            &format!("sqlnotify-workers-{test}"),
+            format!("{test}: the workers' records"),
+        );
         Pool {
             test: test.to_string(),
             dir,
@@ -264,25 +248,20 @@ impl Pool {
         let n = self.workers.len();
         let record = self.dir.join(format!("worker-{n}.record"));
         let stderr = self.dir.join(format!("worker-{n}.stderr"));
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        let mut command = children::rerun(&self.test, &stderr);
         command
-            .args(["--exact", &self.test, "--nocapture", "--test-threads=1"])
             .env(CHILD_NATS, url)
             .env(CHILD_STREAM, stream)
             .env(CHILD_FILTER, filter)
             .env(CHILD_RECORD, &record)
-            .env_remove(CHILD_HANG_AFTER)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap());
+            .env_remove(CHILD_HANG_AFTER);
         if let Some(after) = hang_after {
             command.env(CHILD_HANG_AFTER, after.to_string());
         }
-        let mut child = command.spawn().expect("start a worker");
-        let stdin = child.stdin.take();
+        let (child, stdin) = children::spawn(command, "start a worker");
         self.workers.push(Worker {
             child,
-            stdin,
+            stdin: Some(stdin),
             record,
             stderr,
             killed: false,
@@ -355,15 +334,7 @@ impl Drop for Pool {
             let _ = worker.child.kill();
             let _ = worker.child.wait();
         }
-        if std::thread::panicking() {
-            eprintln!(
-                "{}: the workers' records are in {}",
-                self.test,
-                self.dir.display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        // The records' directory goes next (kept if the test failed).
     }
 }
 
