@@ -20,7 +20,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command};
@@ -111,12 +111,7 @@ async fn member_process() -> bool {
         return false;
     };
     common::init_logging();
-    let record = std::env::var(CHILD_RECORD).expect("the record file");
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&record)
-        .unwrap_or_else(|e| panic!("a member: open {record}: {e}"));
+    let file = children::record_file(CHILD_RECORD, "a member");
     let recorder = Recorder { file }.start();
     // Subscribed on the builder (events and status), so nothing is missed, replay included.
     let notifier = Notifier::builder(&url)
@@ -411,10 +406,7 @@ impl Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        for member in &mut self.members {
-            let _ = member.child.kill();
-            let _ = member.child.wait();
-        }
+        children::kill_all(self.members.iter_mut().map(|m| &mut m.child));
         // The records' directory goes next (kept if the test failed).
     }
 }

@@ -17,7 +17,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -126,12 +126,7 @@ async fn group_process() -> bool {
         return false;
     };
     common::init_logging();
-    let record = std::env::var(CHILD_RECORD).expect("the record file");
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&record)
-        .unwrap_or_else(|e| panic!("the group's process: open {record}: {e}"));
+    let file = children::record_file(CHILD_RECORD, "the group's process");
     let recorder = Recorder { file }.start();
     let mut watch = Watch::new("t", Insert);
     match std::env::var(CHILD_TIER).as_deref() {
@@ -357,10 +352,7 @@ impl Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        for member in &mut self.members {
-            let _ = member.child.kill();
-            let _ = member.child.wait();
-        }
+        children::kill_all(self.members.iter_mut().map(|m| &mut m.child));
         // The records' directory goes next (kept if the test failed).
     }
 }

@@ -16,7 +16,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin};
@@ -100,12 +100,7 @@ async fn relay_process() -> bool {
     };
     common::init_logging();
     let nats = std::env::var(CHILD_NATS).expect("the NATS URL");
-    let record = std::env::var(CHILD_RECORD).expect("the record file");
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&record)
-        .unwrap_or_else(|e| panic!("a relay process: open {record}: {e}"));
+    let file = children::record_file(CHILD_RECORD, "a relay process");
     // Subscribed on the builder: the first status (Active or Standby) comes during start.
     let recorder = Recorder { file }.start();
     let builder = Notifier::builder(&url)
@@ -230,10 +225,7 @@ impl Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        for member in &mut self.members {
-            let _ = member.child.kill();
-            let _ = member.child.wait();
-        }
+        children::kill_all(self.members.iter_mut().map(|m| &mut m.child));
         // The records' directory goes next (kept if the test failed).
     }
 }

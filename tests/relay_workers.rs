@@ -15,7 +15,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -93,17 +93,10 @@ async fn worker_process() -> bool {
     common::init_logging();
     let stream = std::env::var(CHILD_STREAM).expect("the stream");
     let filter = std::env::var(CHILD_FILTER).expect("the subject filter");
-    let record = std::env::var(CHILD_RECORD).expect("the record file");
     let hang_after: Option<usize> = std::env::var(CHILD_HANG_AFTER)
         .ok()
         .map(|n| n.parse().expect("a count"));
-    let mut recorder = Recorder(
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&record)
-            .unwrap_or_else(|e| panic!("a worker: open {record}: {e}")),
-    );
+    let mut recorder = Recorder(children::record_file(CHILD_RECORD, "a worker"));
     let js = jetstream(&url).await;
     let consumer: PullConsumer = js
         .get_stream(&stream)
@@ -330,10 +323,7 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        for worker in &mut self.workers {
-            let _ = worker.child.kill();
-            let _ = worker.child.wait();
-        }
+        children::kill_all(self.workers.iter_mut().map(|w| &mut w.child));
         // The records' directory goes next (kept if the test failed).
     }
 }

@@ -35,6 +35,26 @@ pub fn spawn(mut command: Command, what: &str) -> (Child, ChildStdin) {
     (child, stdin)
 }
 
+/// SIGKILLs each of `children` and waits for it (for a `Drop`: errors, such as a child
+/// already reaped, are ignored).
+pub fn kill_all<'a>(children: impl IntoIterator<Item = &'a mut Child>) {
+    for child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// In a child: its record file, named by the environment variable `var`, opened for appending
+/// (created if need be). Panics naming `who` ("a worker", say) when it cannot.
+pub fn record_file(var: &str, who: &str) -> File {
+    let record = std::env::var(var).expect("the record file");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&record)
+        .unwrap_or_else(|e| panic!("{who}: open {record}: {e}"))
+}
+
 /// In a child: receives (or errs: either way) once its stdin closes — the test closed it, or
 /// died. A thread of its own reads stdin to its end from the call on.
 pub fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
