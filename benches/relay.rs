@@ -1,0 +1,2 @@
+//! Placeholder replaced by the relay benchmark.
+fn main() {}
