@@ -943,11 +943,13 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
     let base = run_direct(ctx, load).await;
     eprintln!("relay latency: relay + JetStream worker …");
     let relay = run_relay_latency(ctx, load).await;
-    let goal = if relay.p(99.0) <= GOAL_P99_MS {
-        "met"
-    } else {
-        "NOT met"
-    };
+    let verdict = |p99: f64| if p99 <= GOAL_P99_MS { "met" } else { "NOT met" };
+    // The headline counts the commit's own flush; say how the part after it fares too.
+    let goal = format!(
+        "{} (after the commit ack: {})",
+        verdict(relay.p(99.0)),
+        verdict(percentile(&relay.after_commit, 99.0))
+    );
     let pair = |o: &Outcome| format!("{} / {}", ms(o.p(50.0)), ms(o.p(99.0)));
     table.row(vec![
         format!(
