@@ -1,5 +1,5 @@
 //! The relay into NATS JetStream on real servers: subjects, headers, ids and partitions of
-//! what it stores; the checks of an existing stream; NATS unreachable at start and killed
+//! what it stores (PostgreSQL durable and poll tiers, SQLite, MySQL); the checks of an existing stream; NATS unreachable at start and killed
 //! mid-stream (a `nats-server` of the test's own) — every committed change stored exactly
 //! once, in order.
 
@@ -299,4 +299,66 @@ async fn nats_down_at_start_and_stopped_mid_stream_loses_and_duplicates_nothing(
     );
     eprintln!("relay through NATS faults: {:?}", relay.stats());
     relay.stop().await.unwrap();
+}
+
+/// The relay on any journal dialect: 200 inserts, each stored once, in order, on
+/// `PREFIX.<schema>.t.insert`, with ids from the consumer's name and the journal sequence.
+async fn every_row_once_in_order(db: &impl common::backend::Backend, test: &str) {
+    let Some(url) = shared(test) else {
+        return;
+    };
+    db.run("CREATE TABLE t (id INTEGER PRIMARY KEY)").await;
+    let stream = unique_name("RELAYDIALECT");
+    let prefix = unique_name("relaydialect");
+    let relay = Relay::builder(
+        db.builder()
+            .watch(db.watch("t", Insert))
+            .consumer("dialect"),
+        &url,
+        &stream,
+    )
+    .subject_prefix(&prefix)
+    .start()
+    .await
+    .unwrap();
+    db.insert_ids("t", 1..=200).await;
+    assert!(
+        wait_until(STORED_WITHIN, || async { relay.stats().published >= 200 }).await,
+        "{:?}",
+        relay.stats()
+    );
+    relay.stop().await.unwrap();
+    let stored = read_stream(&url, &stream).await;
+    assert_ids_unique(&stored);
+    let keys: Vec<i64> = stored.iter().map(|m| m.key.parse().unwrap()).collect();
+    assert_eq!(
+        keys,
+        (1..=200).collect::<Vec<_>>(),
+        "every row once, in commit order"
+    );
+    let subject = format!("{prefix}.{}.t.insert", db.schema());
+    for m in &stored {
+        assert_eq!(m.subject, subject);
+        assert_eq!(m.id, format!("dialect:{}:0", m.sequence));
+    }
+    delete_stream(&url, &stream).await;
+}
+
+#[actix_rt::test]
+async fn the_relay_on_sqlite() {
+    let db = common::sqlite::TempDb::new();
+    every_row_once_in_order(&db, "the_relay_on_sqlite").await;
+}
+
+#[actix_rt::test]
+async fn the_relay_on_postgres_poll_tier() {
+    let db = common::backend::Pg::new(Tier::Poll).await;
+    every_row_once_in_order(&db, "the_relay_on_postgres_poll_tier").await;
+}
+
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn the_relay_on_mysql() {
+    let db = common::mysql::TestDb::new().await;
+    every_row_once_in_order(&db, "the_relay_on_mysql").await;
 }

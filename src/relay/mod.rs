@@ -177,8 +177,10 @@ impl RelayBuilder {
         let setup = async {
             let mut bases = HashMap::new();
             let mut subjects = Vec::new();
+            // Only PostgreSQL honours the tier; SQLite and MySQL always journal.
+            let notify_exists = notifier.dialect_name() == "postgresql";
             for channel in notifier.channels() {
-                if channel.tier() == Tier::Notify {
+                if notify_exists && channel.tier() == Tier::Notify {
                     return Err(Error::InvalidOption {
                         option: "tier",
                         reason: format!(
