@@ -1,7 +1,7 @@
 //! The relay into NATS JetStream on real servers: subjects, headers, ids and partitions of
-//! what it stores (PostgreSQL durable and poll tiers, SQLite, MySQL); the checks of an existing stream; NATS unreachable at start and killed
-//! mid-stream (a `nats-server` of the test's own) — every committed change stored exactly
-//! once, in order.
+//! what it stores (PostgreSQL durable and poll tiers, SQLite, MySQL); the checks of an
+//! existing stream; NATS unreachable at start and stopped mid-stream (a `nats-server` of the
+//! test's own) — every committed change stored exactly once, in order.
 
 mod common;
 

@@ -54,12 +54,13 @@ const POLL_MIN: Duration = Duration::from_millis(1);
 /// Slowest poll-tier interval (when idle).
 const POLL_MAX: Duration = Duration::from_millis(25);
 /// Server-side TCP keepalive on the listener's connection: a machine gone silent loses its
-/// backend — and a consumer's lease on it — within about 2 + 3 × 1 s while the connection is
-/// idle, and (PostgreSQL 12+, `tcp_user_timeout`) within 5 s while the server has data on its
-/// way to it, when keepalive probes are not sent (ignored on Unix sockets).
+/// backend — and a consumer's lease on it — within about 1 + 3 × 1 s while the connection is
+/// idle, and (PostgreSQL 12+, `tcp_user_timeout`) within 4 s while the server has data on its
+/// way to it, when keepalive probes are not sent (ignored on Unix sockets). A standby takes
+/// over within 5 s of the silence.
 const KEEPALIVE: &str =
-    "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3; \
-     SELECT set_config('tcp_user_timeout', '5000', false) \
+    "SET tcp_keepalives_idle = 1; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3; \
+     SELECT set_config('tcp_user_timeout', '4000', false) \
      WHERE current_setting('server_version_num')::int >= 120000";
 /// How often a forged notification is logged at most (each one is counted).
 const FORGERY_LOG_EVERY: Duration = Duration::from_secs(60);
