@@ -27,13 +27,15 @@
 //! deleted afterwards; skipped with a line saying so when no server answers.
 //!
 //! Run: `scripts/bench [--quick]`, or `cargo bench --features nats,postgres --bench relay --
-//! [--quick] [--only=relay-throughput,relay-latency]` (`--only=relay` selects both).
+//! [--quick] [--only=relay-throughput,relay-latency,relay-drain]` (`--only=relay` selects all;
+//! `relay-drain` is the relay's own ceiling: a backlog written before it starts).
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::cell::Cell;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +53,7 @@ use common::{count, ms, percentile, ratio, Args, Table};
 /// The sections, for `--only`.
 const THROUGHPUT: &str = "relay-throughput";
 const LATENCY: &str = "relay-latency";
+const DRAIN: &str = "relay-drain";
 
 /// Rows per transaction of the throughput run.
 const THROUGHPUT_TXN_ROWS: u32 = 100;
@@ -73,9 +76,10 @@ fn main() {
         return;
     }
     let _ = env_logger::builder().is_test(false).try_init();
-    if !args.wants(THROUGHPUT) && !args.wants(LATENCY) {
+    if !args.wants(THROUGHPUT) && !args.wants(LATENCY) && !args.wants(DRAIN) {
         println!(
-            "relay: nothing selected (sections: {THROUGHPUT}, {LATENCY}; --only=relay for both)"
+            "relay: nothing selected (sections: {THROUGHPUT}, {LATENCY}, {DRAIN}; --only=relay \
+             for all)"
         );
         return;
     }
@@ -205,6 +209,9 @@ async fn run(args: Args, nats: String) {
     }
     if ctx.args.wants(LATENCY) {
         latency(&ctx, &mut table).await;
+    }
+    if ctx.args.wants(DRAIN) {
+        drain(&ctx, &mut table).await;
     }
     println!();
     print!("{}", table.render());
@@ -989,4 +996,194 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
             base.losses()
         ),
     ]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drain: the relay's own ceiling, with no writer setting the pace
+
+/// Rows in the journal before the drain starts.
+fn drain_rows(ctx: &Ctx) -> u64 {
+    if ctx.args.quick {
+        100_000
+    } else {
+        300_000
+    }
+}
+
+/// A named consumer registered on `table` (started and stopped, triggers kept), so that it
+/// will read everything written from now on.
+async fn register(ctx: &Ctx, table: &str, consumer: &str) {
+    let notifier = Notifier::builder(&ctx.url)
+        .watch(watch(table))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("register the consumer");
+    notifier.stop().await.expect("stop");
+}
+
+/// Both consumers registered, `rows` rows committed in 10,000-row statements while neither
+/// runs; then each drains the backlog alone: the direct subscription, then the relay.
+async fn drain(ctx: &Ctx, table: &mut Table) {
+    let rows = drain_rows(ctx);
+    let n = ctx.id();
+    let name = format!("relay_drain_{n}");
+    create_table(ctx, &name).await;
+    let direct_consumer = format!("bench-drain-direct-{n}");
+    let relay_consumer = format!("bench-drain-relay-{n}");
+    register(ctx, &name, &direct_consumer).await;
+    register(ctx, &name, &relay_consumer).await;
+    eprintln!("relay drain: writing {rows} rows …");
+    let client = connect(&ctx.url).await;
+    let mut written = 0u64;
+    while written < rows {
+        let upto = (written + 10_000).min(rows);
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {name} (id, sent_us, payload) \
+                     SELECT g, 0, 'p' FROM generate_series($1::bigint, $2::bigint) g"
+                ),
+                &[&(written as i64 + 1), &(upto as i64)],
+            )
+            .await
+            .expect("write the backlog");
+        written = upto;
+    }
+    let (idle, cap) = ctx.waits();
+
+    eprintln!("relay drain: direct subscription …");
+    let received = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let counter = received.clone();
+    // A named consumer reads nothing before its first subscription: none is missed.
+    let notifier = Notifier::builder(&ctx.url)
+        .watch(watch(&name))
+        .consumer(&direct_consumer)
+        .start()
+        .await
+        .expect("start the direct consumer");
+    notifier
+        .subscribe_fn(Subscription::new(&name, Operation::Insert), move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+        .await
+        .expect("subscribe");
+    wait_for(rows, idle, cap, || received.load(Ordering::Relaxed)).await;
+    let direct_s = started.elapsed().as_secs_f64();
+    let direct_got = received.load(Ordering::Relaxed);
+    notifier.stop().await.expect("stop");
+
+    eprintln!("relay drain: relay …");
+    let pid = std::process::id();
+    let started = Instant::now();
+    let relay = Relay::builder(
+        Notifier::builder(&ctx.url)
+            .watch(watch(&name))
+            .consumer(&relay_consumer)
+            .cleanup_on_stop(true),
+        &ctx.nats,
+        format!("SQLNOTIFY_BENCH_DRAIN_{pid}_{n}"),
+    )
+    .subject_prefix(format!("sqlnotifydrain{pid}x{n}"))
+    .max_age(Duration::from_secs(3600))
+    .start()
+    .await
+    .expect("start the relay");
+    wait_for(rows, idle, cap, || relay.stats().published).await;
+    let relay_s = started.elapsed().as_secs_f64();
+    let (stored, stats) = finish_relay(ctx, relay).await;
+    drop_table(ctx, &name).await;
+
+    eprintln!("relay drain: raw async-nats publishing …");
+    let (raw_rate, raw_stored) = raw_publish(ctx, rows, n).await;
+
+    let direct_rate = direct_got as f64 / direct_s;
+    let relay_rate = stats.published as f64 / relay_s;
+    table.row(vec![
+        format!(
+            "relay drain · a backlog of {} journal rows, read from a standing start by a named \
+             consumer: relay into a JetStream stream (stored) vs direct subscription (received)",
+            count(rows as f64)
+        ),
+        "events/s".into(),
+        count(direct_rate),
+        count(relay_rate),
+        ratio(relay_rate, direct_rate),
+        format!(
+            "goal ≥ {} ev/s stored: {} · the broker's ceiling here: a raw async-nats loop \
+             publishing {} same-size messages with ids, 4,096 acks outstanding, stored {} ev/s \
+             (relay {}) · direct got {direct_got} in {direct_s:.2} s; relay published {} in \
+             {relay_s:.2} s, stream holds {stored}, duplicates {}, failures {}",
+            count(GOAL_EVENTS_PER_S),
+            if relay_rate >= GOAL_EVENTS_PER_S {
+                "met"
+            } else {
+                "NOT met"
+            },
+            count(raw_stored as f64),
+            count(raw_rate),
+            ratio(relay_rate, raw_rate),
+            stats.published,
+            stats.duplicates,
+            stats.failures
+        ),
+    ]);
+}
+
+/// The broker's own ceiling: `rows` messages like the relay's (a ~230-byte JSON body, an id
+/// and five headers) published by a bare async-nats loop with up to 4,096 acks outstanding
+/// into a stream of its own. Returns (stored/s, stored).
+async fn raw_publish(ctx: &Ctx, rows: u64, n: u32) -> (f64, u64) {
+    let pid = std::process::id();
+    let name = format!("SQLNOTIFY_BENCH_RAW_{pid}_{n}");
+    let prefix = format!("sqlnotifyraw{pid}x{n}");
+    let js = jetstream(ctx).await;
+    js.create_stream(jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{prefix}.>")],
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .expect("create the raw stream");
+    let body = bytes::Bytes::from_static(
+        br#"{"channel":"sqlnotify_public_t_insert","schema":"public","table":"t","operation":"insert","id":1,"columns":{"sent_us":0,"payload":"p"},"sequence":1,"truncated":false}"#,
+    );
+    let subject = format!("{prefix}.public.t.insert");
+    let started = Instant::now();
+    let mut pending = futures_util::stream::FuturesOrdered::new();
+    let mut stored = 0u64;
+    for i in 0..rows {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("raw:{i}:0").as_str());
+        for (name, value) in [
+            ("Sqlnotify-Sequence", i.to_string()),
+            ("Sqlnotify-Part", "0".to_string()),
+            ("Sqlnotify-Table", "public.t".to_string()),
+            ("Sqlnotify-Operation", "insert".to_string()),
+            ("Sqlnotify-Key", i.to_string()),
+        ] {
+            headers.insert(name, value.as_str());
+        }
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, body.clone())
+            .await
+            .expect("publish");
+        pending.push_back(std::future::IntoFuture::into_future(ack));
+        if pending.len() >= 4096 {
+            pending.next().await.expect("one").expect("stored");
+            stored += 1;
+        }
+    }
+    while let Some(ack) = pending.next().await {
+        ack.expect("stored");
+        stored += 1;
+    }
+    let rate = stored as f64 / started.elapsed().as_secs_f64();
+    js.delete_stream(&name)
+        .await
+        .expect("delete the raw stream");
+    (rate, stored)
 }
