@@ -222,3 +222,24 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
+
+/// `url` with its database replaced by `dbname` (URL or key=value form).
+pub fn with_dbname(url: &str, dbname: &str) -> String {
+    if url.contains("://") {
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (url, None),
+        };
+        let after_scheme = base.find("://").map_or(0, |i| i + 3);
+        let base = match base[after_scheme..].find('/') {
+            Some(slash) => &base[..after_scheme + slash],
+            None => base,
+        };
+        match query {
+            Some(q) => format!("{base}/{dbname}?{q}"),
+            None => format!("{base}/{dbname}"),
+        }
+    } else {
+        format!("{url} dbname={dbname}")
+    }
+}

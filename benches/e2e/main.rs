@@ -38,7 +38,7 @@ use serde_json::Value;
 use sqlnotify::{Capture, Notifier, Operation, Subscription, Tier, Watch};
 use tokio_postgres::{Client, NoTls};
 
-use common::{count, ms, percentile, ratio, Args, Table};
+use common::{count, ms, percentile, ratio, with_dbname, Args, Table};
 use recorder::{raw_trigger_sql, RawListener, Shared};
 use writer::{Report, Spec, Target, Writers};
 
@@ -247,27 +247,6 @@ async fn connect(url: &str) -> Client {
         let _ = connection.await;
     });
     client
-}
-
-/// `url` with its database replaced by `dbname` (URL or key=value form).
-fn with_dbname(url: &str, dbname: &str) -> String {
-    if url.contains("://") {
-        let (base, query) = match url.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (url, None),
-        };
-        let after_scheme = base.find("://").map_or(0, |i| i + 3);
-        let base = match base[after_scheme..].find('/') {
-            Some(slash) => &base[..after_scheme + slash],
-            None => base,
-        };
-        match query {
-            Some(q) => format!("{base}/{dbname}?{q}"),
-            None => format!("{base}/{dbname}"),
-        }
-    } else {
-        format!("{url} dbname={dbname}")
-    }
 }
 
 /// Today's date (UTC), `YYYY-MM-DD`.
