@@ -149,15 +149,6 @@ impl Ctx {
         self.next.set(n + 1);
         n
     }
-
-    /// How long to wait for stragglers once nothing arrives any more, and at most.
-    fn waits(&self) -> (Duration, Duration) {
-        if self.args.quick {
-            (Duration::from_secs(3), Duration::from_secs(60))
-        } else {
-            (Duration::from_secs(5), Duration::from_secs(180))
-        }
-    }
 }
 
 async fn run(args: Args, nats: String) {
@@ -820,7 +811,7 @@ async fn run_direct(ctx: &Ctx, load: Load) -> Outcome {
     let shared = Shared::default();
     let notifier = direct(ctx, &table, &shared).await;
     let report = Writer::start(&ctx.url, &table, load).await.run().await;
-    let (idle, cap) = ctx.waits();
+    let (idle, cap) = ctx.args.waits();
     wait_for(report.committed, idle, cap, || {
         shared.lock().expect("recorder").unique
     })
@@ -837,7 +828,7 @@ async fn run_relay_throughput(ctx: &Ctx, load: Load) -> Outcome {
     create_table(ctx, &table).await;
     let relay = relay(ctx, &table, n).await;
     let report = Writer::start(&ctx.url, &table, load).await.run().await;
-    let (idle, cap) = ctx.waits();
+    let (idle, cap) = ctx.args.waits();
     let stored_us = wait_for(report.committed, idle, cap, || relay.stats().published).await;
     let stored = relay.stats().published;
     let (messages, stats) = finish_relay(ctx, relay).await;
@@ -857,7 +848,7 @@ async fn run_relay_latency(ctx: &Ctx, load: Load) -> Outcome {
     let shared = Shared::default();
     let worker = Worker::start(&ctx.nats, relay.stream(), &shared).await;
     let report = Writer::start(&ctx.url, &table, load).await.run().await;
-    let (idle, cap) = ctx.waits();
+    let (idle, cap) = ctx.args.waits();
     wait_for(report.committed, idle, cap, || {
         shared.lock().expect("recorder").unique
     })
@@ -1029,7 +1020,7 @@ async fn drain(ctx: &Ctx, table: &mut Table) {
             .expect("write the backlog");
         written = upto;
     }
-    let (idle, cap) = ctx.waits();
+    let (idle, cap) = ctx.args.waits();
 
     eprintln!("relay drain: direct subscription …");
     let received = Arc::new(AtomicU64::new(0));

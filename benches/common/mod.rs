@@ -18,6 +18,15 @@ pub struct Args {
 }
 
 impl Args {
+    /// How long a run waits for stragglers once nothing arrives any more, and at most.
+    pub fn waits(&self) -> (Duration, Duration) {
+        if self.quick {
+            (Duration::from_secs(3), Duration::from_secs(60))
+        } else {
+            (Duration::from_secs(5), Duration::from_secs(180))
+        }
+    }
+
     pub fn parse() -> Args {
         let mut args = Args {
             quick: std::env::var("SQLNOTIFY_BENCH_QUICK").is_ok_and(|v| v == "1"),

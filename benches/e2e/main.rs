@@ -228,15 +228,6 @@ impl Ctx {
         self.next.set(n + 1);
         n
     }
-
-    /// How long to wait for stragglers once nothing arrives any more, and at most.
-    fn waits(&self) -> (Duration, Duration) {
-        if self.args.quick {
-            (Duration::from_secs(3), Duration::from_secs(60))
-        } else {
-            (Duration::from_secs(5), Duration::from_secs(180))
-        }
-    }
 }
 
 async fn connect(url: &str) -> Client {
@@ -628,7 +619,7 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
     let reports = writers.finish().await;
     let committed: u64 = reports.iter().map(|r| r.committed).sum();
     if system.delivers() {
-        let (idle, cap) = ctx.waits();
+        let (idle, cap) = ctx.args.waits();
         shared.wait_for(committed, idle, cap).await;
     }
     running.stop().await;

@@ -491,7 +491,7 @@ impl MysqlBench {
         let reports = writers.finish().await;
         let committed: u64 = reports.iter().map(|r| r.committed).sum();
         if system.delivers() {
-            let (idle, cap) = ctx.waits();
+            let (idle, cap) = ctx.args.waits();
             shared.wait_for(committed, idle, cap).await;
         }
         running.stop().await;
