@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::backlog::watch_backlog;
 use crate::consumer::{ConsumerInfo, ConsumerParams, MIN_EXPIRY};
+use crate::dead_letters::DeadLetters;
 use crate::decoder::Retention;
 use crate::dialect::open::open_dialect;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};
@@ -351,6 +352,13 @@ impl NotifierBuilder {
         let dropped = dialect.drop_consumer(name.to_string()).await;
         dialect.close().await;
         dropped
+    }
+
+    /// The dead letters of the database at the URL, without starting a notifier: see
+    /// [`Notifier::dead_letters`]. Each call opens its own connection when it runs.
+    pub fn dead_letters(&self) -> Result<DeadLetters> {
+        let dialect: Arc<dyn Dialect> = self.open_dialect()?.into();
+        Ok(DeadLetters::new(dialect.dead_letter_store()?))
     }
 
     /// The dialect the URL selects: `"postgresql"`, `"sqlite"` or `"mysql"`.

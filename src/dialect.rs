@@ -16,6 +16,7 @@ use serde_json::Value;
 pub(crate) mod open;
 
 use crate::consumer::ConsumerInfo;
+use crate::dead_letters::DeadLetterStore;
 use crate::error::Result;
 use crate::event::Channel;
 use crate::listener::{ListenParams, ListenerHandle};
@@ -107,6 +108,12 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Journal rows on consumer `name`'s channels at or after its saved position; `None` when
     /// it is not registered.
     fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>>;
+    /// The dead-letter table of handlers ([`DeadLetterStore`]).
+    fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>> {
+        Err(crate::Error::Unsupported {
+            what: format!("dead letters are not stored on {} yet", self.name()),
+        })
+    }
 }
 
 /// What a dialect's catalog says about one watch: the input to install planning, which is the

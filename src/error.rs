@@ -199,6 +199,17 @@ pub enum Error {
         /// The name asked for.
         name: String,
     },
+    /// No dead letter has this id ([`DeadLetters::get`](crate::DeadLetters::get)).
+    UnknownDeadLetter {
+        /// The id asked for.
+        id: i64,
+    },
+    /// What was asked for does not exist on this dialect or tier (e.g. a transactional
+    /// handler on MySQL).
+    Unsupported {
+        /// What was asked for and why it cannot be had, naming what to use instead.
+        what: String,
+    },
     /// A message broker call failed (the relay: connecting to NATS, checking or creating
     /// the stream, publishing).
     Broker {
@@ -377,6 +388,12 @@ impl fmt::Display for Error {
                 "no consumer named {name:?} is registered in this database (see `consumers()` \
                  or `sqlnotify consumers list`)"
             ),
+            Error::UnknownDeadLetter { id } => write!(
+                f,
+                "no dead letter has id {id} (see `dead_letters().list()` or `sqlnotify \
+                 dead-letters list`)"
+            ),
+            Error::Unsupported { what } => f.write_str(what),
         }
     }
 }

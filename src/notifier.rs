@@ -13,6 +13,7 @@ use crate::acked::{held_channel, Deliveries};
 use crate::backlog::BacklogWatch;
 use crate::consumer::ConsumerInfo;
 use crate::custom::CustomEvent;
+use crate::dead_letters::DeadLetters;
 use crate::dialect::Dialect;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel};
@@ -358,6 +359,12 @@ impl Notifier {
     /// with [`Error::UnknownConsumer`] when no consumer has that name.
     pub async fn drop_consumer(&self, name: &str) -> Result<()> {
         self.inner.dialect.drop_consumer(name.to_string()).await
+    }
+
+    /// The dead letters of this database: the events handlers ([`Notifier::handle`]) failed
+    /// on, to list, inspect, retry and discard.
+    pub fn dead_letters(&self) -> Result<DeadLetters> {
+        Ok(DeadLetters::new(self.inner.dialect.dead_letter_store()?))
     }
 
     /// Whether [`stop`](Self::stop) has not been called yet.
