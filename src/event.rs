@@ -344,6 +344,55 @@ impl ChangeEvent {
         )
     }
 
+    /// The event [`to_record`](Self::to_record) wrote, rebuilt against the notifier's
+    /// `channels` (a dead letter delivered again), `part` rows into its journal row. The
+    /// record is read as untrusted: it must name a watched channel and match its key.
+    pub(crate) fn from_record(record: &str, part: u32, channels: &Channels) -> Result<Self> {
+        let invalid = |channel: &str, reason: String| Error::InvalidPayload {
+            channel: channel.to_string(),
+            reason,
+        };
+        let value: Value = serde_json::from_str(record)
+            .map_err(|e| invalid("dead letter", format!("the stored event is not JSON: {e}")))?;
+        let name = value["channel"]
+            .as_str()
+            .ok_or_else(|| invalid("dead letter", "the stored event names no channel".into()))?;
+        let channel = channels.get(name).ok_or_else(|| {
+            invalid(
+                name,
+                "the stored event's channel is not watched by this notifier".into(),
+            )
+        })?;
+        let keys = channel.key_columns.len();
+        let id = match (&value["id"], keys) {
+            (Value::Array(values), n) if n > 1 && values.len() == n => {
+                Key::Composite(values.clone())
+            }
+            (v, 1) => Key::Single(v.clone()),
+            _ => {
+                return Err(invalid(
+                    name,
+                    format!("the stored event's key does not have {keys} value(s)"),
+                ))
+            }
+        };
+        let extra = match &value["columns"] {
+            Value::Object(map) => map.clone(),
+            Value::Null => Map::new(),
+            _ => return Err(invalid(name, "the stored event's columns are not an object".into())),
+        };
+        let mut raw = RawNotification::new(name, String::new());
+        if let Some(sequence) = value["sequence"].as_i64() {
+            raw = raw.with_sequence(sequence);
+        }
+        let truncated = value["truncated"].as_bool().unwrap_or(false);
+        let mut event = ChangeEvent::new(channel.clone(), id, extra, &raw, truncated);
+        if let Some(inner) = Arc::get_mut(&mut event.inner) {
+            inner.part = part;
+        }
+        Ok(event)
+    }
+
     /// Deserializes the carried columns (key and extra) into a user type.
     ///
     /// ```

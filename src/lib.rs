@@ -132,6 +132,7 @@ mod dialect;
 mod error;
 mod event;
 mod filter;
+mod handling;
 mod holds;
 mod lifecycle;
 mod listener;
@@ -174,6 +175,7 @@ pub use crate::dead_letters::{DeadLetter, DeadLetterCounts, DeadLetterState, Dea
 pub use crate::error::{Error, Result};
 pub use crate::event::{ChangeEvent, Channel, Key, RawNotification};
 pub use crate::filter::Filter;
+pub use crate::handling::{Attempt, HandlerError, Handling, MAX_HANDLER_NAME};
 pub use crate::holds::Ack;
 pub use crate::notifier::Notifier;
 pub use crate::operation::Operation;

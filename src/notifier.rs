@@ -17,6 +17,8 @@ use crate::dead_letters::DeadLetters;
 use crate::dialect::Dialect;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel};
+use crate::handling::engine::{ActorCall, Call, Engine, FnCall};
+use crate::handling::{Attempt, HandlerError, Handling};
 use crate::listener::ListenerHandle;
 use crate::operation::Operation;
 use crate::payload::encode_custom;
@@ -252,6 +254,92 @@ impl Notifier {
             .send(Subscribe::with_sink(subscription, Sink::Held(sink)))
             .await??;
         Ok((id, deliveries))
+    }
+
+    /// Runs `handler` on the events `subscription` selects, with retries, dead letters and
+    /// per-key order (see [`Handling`]). The handler answers `Ok(())` when an event is
+    /// handled, or an error ([`HandlerError`]; a panic counts as one) to have it tried again
+    /// after a capped, jittered delay; once [`max_attempts`](Handling::max_attempts) failed,
+    /// the event is stored as a dead letter ([`Notifier::dead_letters`]) and the handler goes
+    /// on. Events with the same table and key are handled one at a time, in commit order, also
+    /// across retries: a failing key holds back only its own later events, while up to
+    /// [`keys_in_flight`](Handling::keys_in_flight) other keys are handled meanwhile.
+    ///
+    /// With a named consumer on a journal tier, the consumer's position moves past an event
+    /// only once it was handled or dead-lettered, so an event whose handling did not finish
+    /// (the process was killed mid-handler or mid-retry) is delivered again after a restart,
+    /// or to the process that takes over a consumer group — which continues its attempt count.
+    /// Events handled after it may be delivered again too (at least once). Without a named
+    /// consumer, or on PostgreSQL's notify tier, retries and dead letters work the same within
+    /// the process, but nothing is delivered again after a restart.
+    ///
+    /// The subscription's overflow policy is always `Wait` (nothing is dropped). Runs on the
+    /// current actix arbiter; `handler` need not be `Send`.
+    ///
+    /// ```no_run
+    /// # async fn run(notifier: sqlnotify::Notifier) -> sqlnotify::Result<()> {
+    /// use sqlnotify::{Handling, Subscription};
+    ///
+    /// notifier
+    ///     .handle(
+    ///         Subscription::to("users_insert"),
+    ///         Handling::new("welcome-mail").max_attempts(8),
+    ///         |event| async move {
+    ///             let email = event.get("email").and_then(|v| v.as_str()).ok_or("no email")?;
+    ///             println!("sending a welcome mail to {email}");
+    ///             Ok(())
+    ///         },
+    ///     )
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn handle<F, Fut>(
+        &self,
+        subscription: Subscription,
+        handling: Handling,
+        handler: F,
+    ) -> Result<SubscriptionId>
+    where
+        F: Fn(ChangeEvent) -> Fut + 'static,
+        Fut: std::future::Future<Output = std::result::Result<(), HandlerError>> + 'static,
+    {
+        self.start_handler(subscription, handling, FnCall(handler))
+            .await
+    }
+
+    /// [`Notifier::handle`] with an actor: it receives an [`Attempt`] per try and answers
+    /// `Ok(())` or an error. An actor that handles messages concurrently (returning a
+    /// future) gets up to [`keys_in_flight`](Handling::keys_in_flight) attempts at once, each
+    /// on a different key. If the actor stops, the handler ends; events it did not handle
+    /// stay unacknowledged (delivered again after a restart on a named consumer).
+    pub async fn handle_actor(
+        &self,
+        subscription: Subscription,
+        handling: Handling,
+        handler: Recipient<Attempt>,
+    ) -> Result<SubscriptionId> {
+        self.start_handler(subscription, handling, ActorCall(handler))
+            .await
+    }
+
+    async fn start_handler<C: Call>(
+        &self,
+        subscription: Subscription,
+        handling: Handling,
+        call: C,
+    ) -> Result<SubscriptionId> {
+        handling.check()?;
+        let store = self.inner.dialect.dead_letter_store()?;
+        let (id, deliveries) = self.subscribe_acked(subscription).await?;
+        let engine = Engine {
+            handling,
+            store,
+            counters: self.inner.pipeline.stats.clone(),
+            channels: self.inner.pipeline.channels.clone(),
+        };
+        actix::spawn(engine.run(call, deliveries));
+        Ok(id)
     }
 
     /// An acknowledged subscription to every event of every watched channel, in commit order

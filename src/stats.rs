@@ -57,6 +57,21 @@ pub struct Stats {
     pub backlog: u64,
     /// This notifier's part in its named consumer's group.
     pub role: Role,
+    /// Events handlers ([`Notifier::handle`](crate::Notifier::handle)) handled successfully
+    /// (a dead letter delivered again and handled counts too).
+    pub handled: u64,
+    /// Handler attempts that failed (errors and panics).
+    pub handler_errors: u64,
+    /// Failed attempts scheduled to be tried again.
+    pub retries: u64,
+    /// Events stored as dead letters after their last attempt failed.
+    pub dead_lettered: u64,
+    /// Dead letters taken to be delivered again after a retry was asked for.
+    pub redelivered: u64,
+    /// Dead letters of this notifier's handlers waiting in the database (retry or discard
+    /// them: [`DeadLetters`](crate::DeadLetters)), counted by each handler's active process
+    /// at its redelivery poll (every second by default).
+    pub dead_letters: u64,
 }
 
 /// A notifier's part in the group of processes running the same named consumer.
@@ -125,6 +140,12 @@ pub(crate) struct Counters {
     pub role: AtomicU8,
     /// Events acknowledged subscriptions have not acknowledged yet.
     pub holds: Arc<Holds>,
+    pub handled: AtomicU64,
+    pub handler_errors: AtomicU64,
+    pub retries: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub redelivered: AtomicU64,
+    pub dead_letters: AtomicU64,
 }
 
 impl Counters {
@@ -182,6 +203,12 @@ impl Counters {
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
             backlog: get(&self.backlog),
             role: self.role(),
+            handled: get(&self.handled),
+            handler_errors: get(&self.handler_errors),
+            retries: get(&self.retries),
+            dead_lettered: get(&self.dead_lettered),
+            redelivered: get(&self.redelivered),
+            dead_letters: get(&self.dead_letters),
         }
     }
 }

@@ -1,0 +1,396 @@
+//! A handler's loop: takes an acknowledged subscription's deliveries, runs the handler per
+//! key in commit order (several keys at once), retries failures after a jittered delay,
+//! stores the failures (and, after the last attempt, the dead letter) and acknowledges an
+//! event only once it was handled or its dead letter is stored. Its active process also
+//! delivers again the dead letters a retry was asked for.
+//!
+//! What survives the process: the attempt counts of failing events are stored with their
+//! rows (`retrying`), and a process that becomes active — after a restart or a
+//! consumer-group failover — reads them back, so the count (and the dead-lettering after the
+//! last attempt) continues where the previous process stopped. The events themselves come
+//! back from the journal in commit order, since the position never moved past them.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::Recipient;
+use futures_util::future::LocalBoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+
+use super::keys::{key_of, KeyId, KeyQueues};
+use super::{Attempt, HandlerError, Handling};
+use crate::acked::Deliveries;
+use crate::dead_letters::{DeadLetterStore, Failure, Retrying};
+use crate::event::{ChangeEvent, Channels, Key};
+use crate::holds::Ack;
+use crate::stats::{Counters, Role};
+
+/// A handler as the loop calls it.
+pub(crate) trait Call: 'static {
+    /// One attempt; `None` when the handler is gone (its actor stopped).
+    fn call(
+        &self,
+        attempt: Attempt,
+    ) -> LocalBoxFuture<'static, Option<std::result::Result<(), HandlerError>>>;
+}
+
+/// A closure handler.
+pub(crate) struct FnCall<F>(pub F);
+
+impl<F, Fut> Call for FnCall<F>
+where
+    F: Fn(ChangeEvent) -> Fut + 'static,
+    Fut: std::future::Future<Output = std::result::Result<(), HandlerError>> + 'static,
+{
+    fn call(
+        &self,
+        attempt: Attempt,
+    ) -> LocalBoxFuture<'static, Option<std::result::Result<(), HandlerError>>> {
+        let done = (self.0)(attempt.event);
+        Box::pin(async move { Some(done.await) })
+    }
+}
+
+/// An actor handler.
+pub(crate) struct ActorCall(pub Recipient<Attempt>);
+
+impl Call for ActorCall {
+    fn call(
+        &self,
+        attempt: Attempt,
+    ) -> LocalBoxFuture<'static, Option<std::result::Result<(), HandlerError>>> {
+        let sent = self.0.send(attempt);
+        Box::pin(async move { sent.await.ok() })
+    }
+}
+
+/// An event in the handler's hands.
+struct Item {
+    event: ChangeEvent,
+    /// `None` for a dead letter delivered again (the position is past it already).
+    ack: Option<Ack>,
+    /// Attempts that failed so far.
+    failed: u32,
+    /// Its dead-letter row, once it has one.
+    row: Option<i64>,
+}
+
+enum Outcome {
+    /// Handled, or stored as a dead letter: the key's next event may run.
+    Done(KeyId),
+    /// Failed; to be tried again after a delay.
+    Retry(KeyId, Item),
+    /// The handler is gone.
+    Gone,
+}
+
+/// What a look at the dead-letter table brought.
+struct Polled {
+    /// Attempt counts of events failing when the previous active process stopped, by
+    /// `(sequence, part)` (only when this process just became active).
+    resumed: Option<Vec<Retrying>>,
+    /// Dead letters to deliver again.
+    redeliver: Vec<Item>,
+    /// Rows of this handler that are dead.
+    dead: Option<u64>,
+}
+
+/// The loop and what it shares with its attempts.
+pub(crate) struct Engine {
+    pub handling: Handling,
+    pub store: Arc<dyn DeadLetterStore>,
+    pub counters: Arc<Counters>,
+    pub channels: Arc<Channels>,
+}
+
+/// The key as stored with a dead letter: JSON, an array for a composite key.
+fn key_text(event: &ChangeEvent) -> String {
+    match event.id() {
+        Key::Single(v) => v.to_string(),
+        Key::Composite(vs) => serde_json::Value::Array(vs.clone()).to_string(),
+    }
+}
+
+/// The text of a caught panic.
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".into())
+}
+
+impl Engine {
+    /// Runs until the deliveries end (unsubscribed, or the notifier stopped) and the calls
+    /// running then have finished, or the handler is gone. Events not started by then stay
+    /// unacknowledged: a named consumer delivers them again after a restart.
+    pub async fn run<C: Call>(self, call: C, mut deliveries: Deliveries) {
+        let engine = Rc::new(self);
+        let call = Rc::new(call);
+        let mut queues: KeyQueues<Item> = KeyQueues::new(engine.handling.keys_in_flight);
+        let mut running = FuturesUnordered::new();
+        let mut timers = FuturesUnordered::new();
+        let mut resume: HashMap<(i64, u32), Retrying> = HashMap::new();
+        let mut poll = tokio::time::interval(engine.handling.poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut polling: Option<LocalBoxFuture<'static, Polled>> = None;
+        let mut active = false;
+        let mut ended = false;
+        let mut dead_counted = 0u64;
+        loop {
+            if !ended {
+                while let Some((key, item)) = queues.next() {
+                    running.push(engine.clone().attempt(call.clone(), key, item));
+                }
+            }
+            if ended && running.is_empty() {
+                return;
+            }
+            let room = queues.len() < engine.handling.max_waiting;
+            tokio::select! {
+                biased;
+                Some(outcome) = running.next(), if !running.is_empty() => match outcome {
+                    Outcome::Done(key) => queues.done(key),
+                    Outcome::Retry(key, item) => {
+                        queues.retry_later(key);
+                        let delay = engine.handling.backoff.delay(item.failed);
+                        timers.push(async move {
+                            tokio::time::sleep(delay).await;
+                            (key, item)
+                        });
+                    }
+                    Outcome::Gone => {
+                        log::error!(
+                            "sqlnotify: handler {:?} is gone (its actor stopped); its \
+                             subscription delivers nothing more, and the events it did not \
+                             handle are delivered again after a restart",
+                            engine.handling.name
+                        );
+                        return;
+                    }
+                },
+                Some((key, item)) = timers.next(), if !timers.is_empty() => {
+                    queues.retry_now(key, item);
+                }
+                polled = async { polling.as_mut().expect("checked").await }, if polling.is_some() => {
+                    polling = None;
+                    if let Some(rows) = polled.resumed {
+                        resume = rows.into_iter().map(|r| ((r.sequence, r.part), r)).collect();
+                    }
+                    if let Some(dead) = polled.dead {
+                        // The gauge adds up every handler of the notifier.
+                        engine.counters.dead_letters.fetch_add(dead, Ordering::Relaxed);
+                        engine.counters.dead_letters.fetch_sub(dead_counted, Ordering::Relaxed);
+                        dead_counted = dead;
+                    }
+                    for item in polled.redeliver {
+                        Counters::add(&engine.counters.redelivered, 1);
+                        queues.push(key_of(&item.event), item);
+                    }
+                }
+                _ = poll.tick(), if polling.is_none() && !ended => {
+                    let may = matches!(engine.counters.role(), Role::Active | Role::Independent);
+                    let became_active = may && !active;
+                    active = may;
+                    if !may {
+                        resume.clear();
+                    } else {
+                        let room = engine.handling.max_waiting.saturating_sub(queues.len());
+                        polling = Some(Box::pin(engine.clone().poll(became_active, room)));
+                    }
+                }
+                delivery = deliveries.recv(), if room && !ended => match delivery {
+                    Some(delivery) => {
+                        let event = delivery.event;
+                        let mut item = Item { event, ack: Some(delivery.ack), failed: 0, row: None };
+                        if let Some(sequence) = item.event.sequence() {
+                            if let Some(r) = resume.remove(&(sequence, item.event.part())) {
+                                item.failed = r.attempts;
+                                item.row = Some(r.id);
+                            }
+                        }
+                        queues.push(key_of(&item.event), item);
+                    }
+                    None => ended = true,
+                },
+            }
+        }
+    }
+
+    /// One attempt at `item`, and what follows from it.
+    async fn attempt<C: Call>(self: Rc<Self>, call: Rc<C>, key: KeyId, mut item: Item) -> Outcome {
+        let number = item.failed + 1;
+        let attempt = Attempt {
+            event: item.event.clone(),
+            attempt: number,
+        };
+        let result = match AssertUnwindSafe(call.call(attempt)).catch_unwind().await {
+            Ok(Some(result)) => result,
+            Ok(None) => return Outcome::Gone,
+            Err(panic) => {
+                Counters::add(&self.counters.subscriber_panics, 1);
+                Err(format!("the handler panicked: {}", panic_text(panic)).into())
+            }
+        };
+        let error = match result {
+            Ok(()) => {
+                if let Some(row) = item.row {
+                    if let Err(e) = self.store.resolve(row).await {
+                        log::warn!(
+                            "sqlnotify: handler {:?} handled {}.{} key {} but could not \
+                             remove its dead-letter row {row}: {e}",
+                            self.handling.name,
+                            item.event.schema(),
+                            item.event.table(),
+                            item.event.id()
+                        );
+                    }
+                }
+                if let Some(ack) = item.ack.take() {
+                    ack.ack();
+                }
+                Counters::add(&self.counters.handled, 1);
+                return Outcome::Done(key);
+            }
+            Err(e) => e.to_string(),
+        };
+        Counters::add(&self.counters.handler_errors, 1);
+        item.failed = number;
+        let dead = number >= self.handling.max_attempts;
+        let event = &item.event;
+        let failure = Failure {
+            id: item.row,
+            handler: self.handling.name.clone(),
+            channel: event.channel().to_string(),
+            sequence: event.sequence(),
+            part: event.part(),
+            key: key_text(event),
+            event: event.to_record(),
+            attempts: number,
+            error: error.clone(),
+            dead,
+        };
+        match self.store.record(failure).await {
+            Ok(row) => item.row = Some(row),
+            Err(e) if dead => {
+                // Never acknowledged without its dead letter: try again (the handler too).
+                log::warn!(
+                    "sqlnotify: handler {:?} could not store the dead letter of {}.{} key {} \
+                     (tried again later): {e}",
+                    self.handling.name,
+                    event.schema(),
+                    event.table(),
+                    event.id()
+                );
+                Counters::add(&self.counters.retries, 1);
+                return Outcome::Retry(key, item);
+            }
+            Err(e) => log::warn!(
+                "sqlnotify: handler {:?} could not record attempt {number} on {}.{} key {}: {e}",
+                self.handling.name,
+                event.schema(),
+                event.table(),
+                event.id()
+            ),
+        }
+        if dead {
+            log::warn!(
+                "sqlnotify: handler {:?} gave up on {}.{} key {} after {number} attempt(s); \
+                 stored as dead letter {}: {error}",
+                self.handling.name,
+                event.schema(),
+                event.table(),
+                event.id(),
+                item.row.unwrap_or_default()
+            );
+            Counters::add(&self.counters.dead_lettered, 1);
+            if let Some(ack) = item.ack.take() {
+                ack.ack();
+            }
+            Outcome::Done(key)
+        } else {
+            log::debug!(
+                "sqlnotify: handler {:?} failed on {}.{} key {} (attempt {number} of {}): {error}",
+                self.handling.name,
+                event.schema(),
+                event.table(),
+                event.id(),
+                self.handling.max_attempts
+            );
+            Counters::add(&self.counters.retries, 1);
+            Outcome::Retry(key, item)
+        }
+    }
+
+    /// A look at the dead-letter table: when this process just became active, the failing
+    /// events it continues (and the redeliveries a gone process left half done); the dead
+    /// letters a retry was asked for (at most `room`); the count of dead ones.
+    async fn poll(self: Rc<Self>, became_active: bool, room: usize) -> Polled {
+        let name = self.handling.name.clone();
+        let warn = |what: &str, e: crate::Error| {
+            log::warn!("sqlnotify: handler {name:?} could not {what}: {e}");
+        };
+        let mut resumed = None;
+        if became_active {
+            if let Err(e) = self.store.reset_redelivering(name.clone()).await {
+                warn("take back the dead letters a previous process was delivering", e);
+            }
+            match self.store.retrying(name.clone()).await {
+                Ok(rows) => resumed = Some(rows),
+                Err(e) => warn("read the attempt counts of failing events", e),
+            }
+        }
+        let mut redeliver = Vec::new();
+        if room > 0 {
+            let limit = room.min(1_000) as u32;
+            match self.store.take_requested(name.clone(), limit).await {
+                Ok(letters) => {
+                    for letter in letters {
+                        match ChangeEvent::from_record(&letter.event, letter.part, &self.channels) {
+                            Ok(event) => redeliver.push(Item {
+                                event,
+                                ack: None,
+                                failed: 0,
+                                row: Some(letter.id),
+                            }),
+                            Err(e) => {
+                                let failure = Failure {
+                                    id: Some(letter.id),
+                                    handler: letter.handler,
+                                    channel: letter.channel,
+                                    sequence: letter.sequence,
+                                    part: letter.part,
+                                    key: letter.key,
+                                    event: letter.event,
+                                    attempts: letter.attempts,
+                                    error: format!("cannot be delivered again: {e}"),
+                                    dead: true,
+                                };
+                                if let Err(e) = self.store.record(failure).await {
+                                    warn("mark an undeliverable dead letter dead again", e);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn("look for dead letters to deliver again", e),
+            }
+        }
+        let dead = match self.store.counts(Some(name.clone())).await {
+            Ok(counts) => Some(counts.dead),
+            Err(e) => {
+                warn("count its dead letters", e);
+                None
+            }
+        };
+        Polled {
+            resumed,
+            redeliver,
+            dead,
+        }
+    }
+}
