@@ -379,7 +379,12 @@ impl ChangeEvent {
         let extra = match &value["columns"] {
             Value::Object(map) => map.clone(),
             Value::Null => Map::new(),
-            _ => return Err(invalid(name, "the stored event's columns are not an object".into())),
+            _ => {
+                return Err(invalid(
+                    name,
+                    "the stored event's columns are not an object".into(),
+                ))
+            }
         };
         let mut raw = RawNotification::new(name, String::new());
         if let Some(sequence) = value["sequence"].as_i64() {

@@ -15,32 +15,40 @@ use tokio::sync::Notify;
 /// The ordinals held by acknowledged subscriptions (with how many subscriptions hold each).
 #[derive(Debug, Default)]
 pub(crate) struct Holds {
-    held: Mutex<BTreeMap<u64, u32>>,
-    /// Woken whenever the last hold is released.
+    held: Mutex<Held>,
+    /// Woken whenever the last hold is released, or the last live [`Ack`] goes.
     empty: Notify,
 }
 
+#[derive(Debug, Default)]
+struct Held {
+    /// Held ordinals, with how many subscriptions hold each.
+    ordinals: BTreeMap<u64, u32>,
+    /// [`Ack`]s not used or dropped yet: what could still release a hold.
+    live: usize,
+}
+
 impl Holds {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, u32>> {
+    fn lock(&self) -> MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One more subscription holds the event at `ordinal`.
     pub fn hold(&self, ordinal: u64) {
-        *self.lock().entry(ordinal).or_insert(0) += 1;
+        *self.lock().ordinals.entry(ordinal).or_insert(0) += 1;
     }
 
     /// One subscription is done with the event at `ordinal`.
     pub fn release(&self, ordinal: u64) {
         let now_empty = {
             let mut held = self.lock();
-            if let Some(n) = held.get_mut(&ordinal) {
+            if let Some(n) = held.ordinals.get_mut(&ordinal) {
                 *n -= 1;
                 if *n == 0 {
-                    held.remove(&ordinal);
+                    held.ordinals.remove(&ordinal);
                 }
             }
-            held.is_empty()
+            held.ordinals.is_empty()
         };
         if now_empty {
             self.empty.notify_waiters();
@@ -49,22 +57,41 @@ impl Holds {
 
     /// The first held ordinal: every unit before it is released (or was never held).
     pub fn floor(&self) -> Option<u64> {
-        self.lock().keys().next().copied()
+        self.lock().ordinals.keys().next().copied()
     }
 
     /// How many events are held.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().ordinals.len()
     }
 
-    /// Resolves once nothing is held.
-    pub async fn emptied(&self) {
+    /// Resolves once nothing is held, or once nothing held can be released any more: every
+    /// [`Ack`] was used or dropped (a handler that gave up, a subscription that ended).
+    pub async fn settled(&self) {
         loop {
             let notified = self.empty.notified();
-            if self.lock().is_empty() {
-                return;
+            {
+                let held = self.lock();
+                if held.ordinals.is_empty() || held.live == 0 {
+                    return;
+                }
             }
             notified.await;
+        }
+    }
+
+    fn ack_born(&self) {
+        self.lock().live += 1;
+    }
+
+    fn ack_gone(&self) {
+        let none_left = {
+            let mut held = self.lock();
+            held.live -= 1;
+            held.live == 0
+        };
+        if none_left {
+            self.empty.notify_waiters();
         }
     }
 }
@@ -85,12 +112,21 @@ pub struct Ack {
 
 impl Ack {
     pub(crate) fn new(ordinal: u64, holds: Arc<Holds>) -> Self {
+        holds.ack_born();
         Ack { ordinal, holds }
     }
 
     /// The event is done with.
     pub fn ack(self) {
+        // Released before this Ack counts as gone (on drop), so a stop waiting for the
+        // holds sees the release, not an Ack that vanished with its event still held.
         self.holds.release(self.ordinal);
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        self.holds.ack_gone();
     }
 }
 
@@ -120,18 +156,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn emptied_resolves_once_the_last_hold_goes() {
+    async fn settled_resolves_once_the_last_hold_goes() {
         let holds = Arc::new(Holds::default());
         holds.hold(1);
         let ack = Ack::new(1, holds.clone());
         let waiter = tokio::spawn({
             let holds = holds.clone();
-            async move { holds.emptied().await }
+            async move { holds.settled().await }
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         ack.ack();
         waiter.await.unwrap();
+        assert_eq!(holds.floor(), None);
+    }
+
+    #[tokio::test]
+    async fn settled_resolves_once_no_ack_can_release_a_hold() {
+        let holds = Arc::new(Holds::default());
+        holds.hold(1);
+        holds.hold(2);
+        let one = Ack::new(1, holds.clone());
+        let two = Ack::new(2, holds.clone());
+        let waiter = tokio::spawn({
+            let holds = holds.clone();
+            async move { holds.settled().await }
+        });
+        drop(one);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the Ack of 2 could still release it");
+        drop(two);
+        waiter.await.unwrap();
+        assert_eq!(holds.floor(), Some(1), "a dropped Ack keeps its hold");
     }
 
     #[test]

@@ -634,4 +634,10 @@ pg_tier_scenarios!([durable_tier: Durable, poll_tier: Poll] {
     resume::an_unacknowledged_event_is_delivered_again_after_a_restart,
     resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
     custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
+    handling::a_restart_in_the_middle_of_a_retry_continues_it,
+});
+
+pg_tier_scenarios!([notify_handling: Notify, durable_handling: Durable] {
+    handling::a_flaky_handler_handles_every_event_once_in_key_order,
+    handling::a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_again,
 });

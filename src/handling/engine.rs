@@ -90,9 +90,6 @@ enum Outcome {
 
 /// What a look at the dead-letter table brought.
 struct Polled {
-    /// Attempt counts of events failing when the previous active process stopped, by
-    /// `(sequence, part)` (only when this process just became active).
-    resumed: Option<Vec<Retrying>>,
     /// Dead letters to deliver again.
     redeliver: Vec<Item>,
     /// Rows of this handler that are dead.
@@ -138,7 +135,9 @@ impl Engine {
         let mut poll = tokio::time::interval(engine.handling.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut polling: Option<LocalBoxFuture<'static, Polled>> = None;
-        let mut active = false;
+        // Whether this process read back what the previous active one left, since it last
+        // became active (or independent).
+        let mut activated = false;
         let mut ended = false;
         let mut dead_counted = 0u64;
         loop {
@@ -178,9 +177,6 @@ impl Engine {
                 }
                 polled = async { polling.as_mut().expect("checked").await }, if polling.is_some() => {
                     polling = None;
-                    if let Some(rows) = polled.resumed {
-                        resume = rows.into_iter().map(|r| ((r.sequence, r.part), r)).collect();
-                    }
                     if let Some(dead) = polled.dead {
                         // The gauge adds up every handler of the notifier.
                         engine.counters.dead_letters.fetch_add(dead, Ordering::Relaxed);
@@ -193,18 +189,26 @@ impl Engine {
                     }
                 }
                 _ = poll.tick(), if polling.is_none() && !ended => {
-                    let may = matches!(engine.counters.role(), Role::Active | Role::Independent);
-                    let became_active = may && !active;
-                    active = may;
-                    if !may {
-                        resume.clear();
-                    } else {
+                    if matches!(engine.counters.role(), Role::Active | Role::Independent) {
+                        if !activated {
+                            resume = engine.activate().await;
+                            activated = true;
+                        }
                         let room = engine.handling.max_waiting.saturating_sub(queues.len());
-                        polling = Some(Box::pin(engine.clone().poll(became_active, room)));
+                        polling = Some(Box::pin(engine.clone().poll(room)));
+                    } else {
+                        activated = false;
+                        resume.clear();
                     }
                 }
                 delivery = deliveries.recv(), if room && !ended => match delivery {
                     Some(delivery) => {
+                        // Only an active process gets events: it continues what the
+                        // previous one left before it handles any.
+                        if !activated {
+                            resume = engine.activate().await;
+                            activated = true;
+                        }
                         let event = delivery.event;
                         let mut item = Item { event, ack: Some(delivery.ack), failed: 0, row: None };
                         if let Some(sequence) = item.event.sequence() {
@@ -326,24 +330,39 @@ impl Engine {
         }
     }
 
-    /// A look at the dead-letter table: when this process just became active, the failing
-    /// events it continues (and the redeliveries a gone process left half done); the dead
-    /// letters a retry was asked for (at most `room`); the count of dead ones.
-    async fn poll(self: Rc<Self>, became_active: bool, room: usize) -> Polled {
+    /// What a process that becomes active continues: the attempt counts of the events that
+    /// were failing, by `(sequence, part)`; and the dead letters a gone process was
+    /// delivering again go back to `requested`.
+    async fn activate(&self) -> HashMap<(i64, u32), Retrying> {
+        let name = &self.handling.name;
+        if let Err(e) = self.store.reset_redelivering(name.clone()).await {
+            log::warn!(
+                "sqlnotify: handler {name:?} could not take back the dead letters a previous \
+                 process was delivering again: {e}"
+            );
+        }
+        match self.store.retrying(name.clone()).await {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|r| ((r.sequence, r.part), r))
+                .collect(),
+            Err(e) => {
+                log::warn!(
+                    "sqlnotify: handler {name:?} could not read the attempt counts of failing \
+                     events (they start again from 1): {e}"
+                );
+                HashMap::new()
+            }
+        }
+    }
+
+    /// A look at the dead-letter table: the dead letters a retry was asked for (at most
+    /// `room`), and the count of dead ones.
+    async fn poll(self: Rc<Self>, room: usize) -> Polled {
         let name = self.handling.name.clone();
         let warn = |what: &str, e: crate::Error| {
             log::warn!("sqlnotify: handler {name:?} could not {what}: {e}");
         };
-        let mut resumed = None;
-        if became_active {
-            if let Err(e) = self.store.reset_redelivering(name.clone()).await {
-                warn("take back the dead letters a previous process was delivering", e);
-            }
-            match self.store.retrying(name.clone()).await {
-                Ok(rows) => resumed = Some(rows),
-                Err(e) => warn("read the attempt counts of failing events", e),
-            }
-        }
         let mut redeliver = Vec::new();
         if room > 0 {
             let limit = room.min(1_000) as u32;
@@ -387,10 +406,6 @@ impl Engine {
                 None
             }
         };
-        Polled {
-            resumed,
-            redeliver,
-            dead,
-        }
+        Polled { redeliver, dead }
     }
 }

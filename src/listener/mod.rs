@@ -337,8 +337,8 @@ impl<S: Source> ListenerHandle for Handle<S> {
 
     /// The pipeline is flushed: everything read has left it, so a named consumer saves the
     /// newest position — once acknowledged subscriptions acknowledged what they hold (for up
-    /// to [`ACK_WAIT_ON_STOP`]; otherwise the last periodic save stands and they are
-    /// delivered again). Dropping the last address then lets the idle actor stop.
+    /// to [`ACK_WAIT_ON_STOP`], and no longer than an unused `Ack` is alive; otherwise the last
+    /// periodic save stands and they are delivered again). Dropping the last address then lets the idle actor stop.
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         let latest = self
             .latest
@@ -351,8 +351,8 @@ impl<S: Source> ListenerHandle for Handle<S> {
         let holds = self.stats.holds.clone();
         let final_save = self.final_save;
         Box::pin(async move {
-            let acked = tokio::time::timeout(ACK_WAIT_ON_STOP, holds.emptied()).await;
-            if acked.is_err() {
+            let settled = tokio::time::timeout(ACK_WAIT_ON_STOP, holds.settled()).await;
+            if settled.is_err() || holds.len() > 0 {
                 log::warn!(
                     "sqlnotify: consumer {name:?} stopped with {} events unacknowledged; \
                      they will be delivered again",

@@ -4,12 +4,13 @@
 //!
 //! By topic: [`delivery`] (operations, keys, filters, trigger columns, several notifiers),
 //! [`custom`] (custom notifications), [`lifecycle`] (drift, revoke, cleanup) and [`resume`]
-//! (named consumers resuming after a restart), [`retention`] (journal purge) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
+//! (named consumers resuming after a restart), [`handling`] (handlers: retries, dead letters, per-key order), [`retention`] (journal purge) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
 //! `common/consumers.rs`.
 #![allow(dead_code)]
 
 pub mod custom;
 pub mod delivery;
+pub mod handling;
 pub mod lifecycle;
 pub mod resume;
 pub mod retention;
@@ -37,6 +38,9 @@ macro_rules! journal_dialect_scenarios {
             resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
             resume::a_running_consumer_saves_its_cursor_while_the_database_is_idle,
             retention::retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_read,
+            handling::a_flaky_handler_handles_every_event_once_in_key_order,
+            handling::a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_again,
+            handling::a_restart_in_the_middle_of_a_retry_continues_it,
         );
     };
 }

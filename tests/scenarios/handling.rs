@@ -1,0 +1,418 @@
+//! Handlers (`Notifier::handle`) on every dialect and tier: failures retried until handled,
+//! per-key order across retries, dead letters after the last attempt while other keys go on,
+//! a dead letter delivered again by `sqlnotify dead-letters retry`, and a restart in the
+//! middle of a retry continuing its attempt count.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::rc::Rc;
+use std::time::Duration;
+
+use sqlnotify::{ChangeEvent, Handling, Notifier, Operation, Subscription};
+
+use crate::common::backend::Backend;
+use crate::common::wait_until;
+
+/// Keys of the flaky-handler scenario, and events in all.
+const KEYS: i64 = 100;
+const EVENTS: i64 = 10_000;
+
+fn value(event: &ChangeEvent, column: &str) -> i64 {
+    event
+        .get(column)
+        .and_then(|v| v.as_i64())
+        .unwrap_or_else(|| panic!("{column} missing from {}", event.to_record()))
+}
+
+/// Whether the handler "fails" this attempt: 30% of attempts, decided by a hash so the run
+/// is the same every time.
+fn flaky(key: i64, version: i64, attempt: u32) -> bool {
+    let mut h = DefaultHasher::new();
+    (key, version, attempt).hash(&mut h);
+    h.finish() % 100 < 30
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Per key, the versions handled successfully, in the order they were.
+    handled: HashMap<i64, Vec<i64>>,
+    calls: u64,
+    failures: u64,
+    /// Attempt numbers seen per (key, version): 1, 2, … with no gap.
+    attempts: HashMap<(i64, i64), u32>,
+}
+
+/// A handler failing at random 30% of the time over 10,000 events on 100 keys (100 inserts,
+/// then 9,900 updates spread over the keys): every event is handled successfully exactly
+/// once, each key's versions in commit order, and the attempts add up — in the handler's own
+/// count and in `stats()`.
+pub async fn a_flaky_handler_handles_every_event_once_in_key_order(db: &impl Backend) {
+    db.run("CREATE TABLE h (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+        .await;
+    let notifier = db
+        .builder()
+        .watch(db.watch("h", Operation::Insert).extra_columns(["v"]))
+        .watch(db.watch("h", Operation::Update).extra_columns(["v"]))
+        .start()
+        .await
+        .unwrap();
+    let tally = Rc::new(RefCell::new(Tally::default()));
+    for op in [Operation::Insert, Operation::Update] {
+        let tally = tally.clone();
+        notifier
+            .handle(
+                Subscription::new("h", op),
+                // Each operation its own handler (and name); keys shared by both are the same
+                // rows, but an insert always comes before every update of its row.
+                Handling::new(format!("flaky-{}", op.as_str()))
+                    .max_attempts(50)
+                    .backoff(Duration::from_millis(1), Duration::from_millis(20))
+                    .keys_in_flight(8),
+                move |event| {
+                    let tally = tally.clone();
+                    async move {
+                        let (key, version) = (value(&event, "id"), value(&event, "v"));
+                        let mut t = tally.borrow_mut();
+                        t.calls += 1;
+                        let attempt = t.attempts.entry((key, version)).or_insert(0);
+                        *attempt += 1;
+                        let attempt = *attempt;
+                        // Give other keys a chance to interleave.
+                        drop(t);
+                        tokio::task::yield_now().await;
+                        let mut t = tally.borrow_mut();
+                        if flaky(key, version, attempt) {
+                            t.failures += 1;
+                            return Err(format!("flaky failure on {key}@{version}").into());
+                        }
+                        t.handled.entry(key).or_default().push(version);
+                        Ok(())
+                    }
+                },
+            )
+            .await
+            .unwrap();
+    }
+    // 100 inserts (version 0), then 9,900 updates in transactions of 300, keys interleaved.
+    let inserts: Vec<String> = (1..=KEYS)
+        .map(|k| format!("INSERT INTO h VALUES ({k}, 0);"))
+        .collect();
+    db.run(&inserts.join("\n")).await;
+    let updates: Vec<String> = (0..EVENTS - KEYS)
+        .map(|i| format!("UPDATE h SET v = v + 1 WHERE id = {};", (i * 37) % KEYS + 1))
+        .collect();
+    for chunk in updates.chunks(300) {
+        db.run(&format!("BEGIN;\n{}\nCOMMIT;", chunk.join("\n")))
+            .await;
+    }
+    let done = || async {
+        let t = tally.borrow();
+        t.handled.values().map(Vec::len).sum::<usize>() as i64 >= EVENTS
+    };
+    let finished = wait_until(Duration::from_secs(120), done).await;
+    let stats = notifier.stats().await.unwrap();
+    notifier.stop().await.unwrap();
+    let t = tally.borrow();
+    let handled: usize = t.handled.values().map(Vec::len).sum();
+    assert!(
+        finished,
+        "only {handled} of {EVENTS} events handled in 120 s ({stats:?})"
+    );
+    assert_eq!(handled as i64, EVENTS, "an event handled twice");
+    for (key, versions) in &t.handled {
+        let expected: Vec<i64> = (0..versions.len() as i64).collect();
+        assert_eq!(
+            versions, &expected,
+            "key {key}: versions out of order, missing or repeated"
+        );
+    }
+    assert!(
+        t.failures > EVENTS as u64 / 5,
+        "the handler should have failed about 30% of its attempts: {} of {}",
+        t.failures,
+        t.calls
+    );
+    assert_eq!(
+        t.calls,
+        EVENTS as u64 + t.failures,
+        "attempts = events + failures"
+    );
+    assert_eq!(stats.handled, EVENTS as u64, "{stats:?}");
+    assert_eq!(stats.handler_errors, t.failures, "{stats:?}");
+    assert_eq!(
+        stats.retries, t.failures,
+        "every failure retried: {stats:?}"
+    );
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    // Every failure was recorded as retrying and removed once its event was handled.
+    let left = notifier_dead_letters(db).await;
+    assert!(left.is_empty(), "rows left: {left:?}");
+    eprintln!(
+        "flaky handler: {EVENTS} events on {KEYS} keys, {} attempts, {} failures",
+        t.calls, t.failures
+    );
+}
+
+async fn notifier_dead_letters(db: &impl Backend) -> Vec<sqlnotify::DeadLetter> {
+    db.builder()
+        .dead_letters()
+        .unwrap()
+        .list(None, None)
+        .await
+        .unwrap()
+}
+
+/// Runs the CLI on `args`, returning its stdout; fails the test on a non-zero exit.
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sqlnotify"))
+        .args(args)
+        .output()
+        .expect("the sqlnotify binary runs");
+    assert!(
+        out.status.success(),
+        "sqlnotify {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A poison event (row 7) fails every attempt: after 3 it is a dead letter — its error,
+/// attempts and times stored — while the other keys were handled meanwhile; once the cause
+/// is fixed, `sqlnotify dead-letters retry` has the running handler deliver it again, and the
+/// row goes.
+pub async fn a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_again(
+    db: &impl Backend,
+) {
+    db.run("CREATE TABLE p (id INTEGER PRIMARY KEY)").await;
+    let notifier = db
+        .builder()
+        .watch(db.watch("p", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let handled = Rc::new(RefCell::new(Vec::<(i64, u32)>::new()));
+    let poisoned = Rc::new(std::cell::Cell::new(true));
+    let (h, p) = (handled.clone(), poisoned.clone());
+    let (tx, mut attempts7) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |attempt: sqlnotify::Attempt| {
+        let (h, p, tx) = (h.clone(), p.clone(), tx.clone());
+        async move {
+            let id = attempt.event.id().as_i64().unwrap();
+            if id == 7 {
+                let _ = tx.send(attempt.attempt);
+                if p.get() {
+                    return Err("row 7 is poison".into());
+                }
+            }
+            h.borrow_mut().push((id, attempt.attempt));
+            Ok::<(), sqlnotify::HandlerError>(())
+        }
+    };
+    // The actor form: an attempt per message.
+    let actor = AttemptActor(Box::new(move |a| Box::pin(handler(a)))).start_actor();
+    notifier
+        .handle_actor(
+            Subscription::new("p", Operation::Insert),
+            Handling::new("poison")
+                .max_attempts(3)
+                .backoff(Duration::from_millis(50), Duration::from_millis(200))
+                .redelivery_poll(Duration::from_millis(100)),
+            actor.recipient(),
+        )
+        .await
+        .unwrap();
+    db.insert_ids("p", 1..=20).await;
+    // Three attempts at 7, then the dead letter.
+    for n in 1..=3 {
+        let got = tokio::time::timeout(Duration::from_secs(10), attempts7.recv())
+            .await
+            .expect("attempt at row 7");
+        assert_eq!(got, Some(n));
+    }
+    let letters = db.builder().dead_letters().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            letters.counts(Some("poison")).await.unwrap().dead == 1
+        })
+        .await,
+        "row 7 never became a dead letter: {:?}",
+        letters.list(None, None).await
+    );
+    let others: Vec<i64> = handled.borrow().iter().map(|(id, _)| *id).collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            handled.borrow().len() == 19
+        })
+        .await,
+        "the other keys go on: handled {others:?}"
+    );
+    let list = letters.list(Some("poison"), None).await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let letter = &list[0];
+    assert_eq!(letter.state, sqlnotify::DeadLetterState::Dead);
+    assert_eq!(letter.attempts, 3);
+    assert_eq!(letter.error, "row 7 is poison");
+    assert_eq!(letter.key, "7");
+    assert_eq!(letter.channel, db.channel_of("p", Operation::Insert));
+    assert!(letter.first_failed <= letter.last_failed);
+    assert!(letter.event.contains("\"table\":\"p\""), "{}", letter.event);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            notifier.stats().await.unwrap().dead_letters == 1
+        })
+        .await,
+        "stats counts the dead letter: {:?}",
+        notifier.stats().await
+    );
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(stats.handler_errors, 3, "{stats:?}");
+
+    // Fixed: the CLI asks for a retry, the running handler delivers it again.
+    poisoned.set(false);
+    let url = db.url();
+    let id = letter.id.to_string();
+    tokio::task::spawn_blocking(move || cli(&["dead-letters", "retry", &url, &id]))
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), attempts7.recv())
+        .await
+        .expect("row 7 delivered again");
+    assert_eq!(
+        again,
+        Some(1),
+        "a retried dead letter starts its attempts again"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            letters.list(None, None).await.unwrap().is_empty()
+        })
+        .await,
+        "the handled dead letter's row goes: {:?}",
+        letters.list(None, None).await
+    );
+    assert!(handled.borrow().contains(&(7, 1)));
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(stats.redelivered, 1, "{stats:?}");
+    assert_eq!(stats.handled, 20, "{stats:?}");
+    notifier.stop().await.unwrap();
+}
+
+type Boxed =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), sqlnotify::HandlerError>>>>;
+
+/// An actor whose handler of [`sqlnotify::Attempt`] runs a closure's future.
+struct AttemptActor(Box<dyn Fn(sqlnotify::Attempt) -> Boxed>);
+
+impl AttemptActor {
+    fn start_actor(self) -> actix::Addr<Self> {
+        actix::Actor::start(self)
+    }
+}
+
+impl actix::Actor for AttemptActor {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<sqlnotify::Attempt> for AttemptActor {
+    type Result = actix::ResponseFuture<Result<(), sqlnotify::HandlerError>>;
+
+    fn handle(&mut self, attempt: sqlnotify::Attempt, _: &mut Self::Context) -> Self::Result {
+        (self.0)(attempt)
+    }
+}
+
+/// Starts consumer `retry-restart` with a handler that fails on row 3 (reporting each call
+/// on the channel) and handles the rest.
+async fn start_failing_on_3(
+    db: &impl Backend,
+) -> (Notifier, tokio::sync::mpsc::UnboundedReceiver<i64>) {
+    let notifier = db
+        .builder()
+        .watch(db.watch("r", Operation::Insert))
+        .consumer("retry-restart")
+        .start()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    notifier
+        .handle(
+            Subscription::new("r", Operation::Insert),
+            Handling::new("retry-restart")
+                .max_attempts(4)
+                .backoff(Duration::from_millis(200), Duration::from_millis(200)),
+            move |event| {
+                let tx = tx.clone();
+                async move {
+                    let id = event.id().as_i64().unwrap();
+                    let _ = tx.send(id);
+                    if id == 3 {
+                        return Err("3 fails".into());
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    (notifier, rx)
+}
+
+/// The attempt count stored for the handler's one failing event, and its state.
+async fn stored_attempts(db: &impl Backend) -> Option<(u32, sqlnotify::DeadLetterState)> {
+    let list = notifier_dead_letters(db).await;
+    list.first().map(|l| (l.attempts, l.state))
+}
+
+/// A named consumer stopped while its handler waits to retry row 3 (2 of 4 attempts failed):
+/// after the restart row 3 comes back, its attempts continue at 3, and after the 4th it is a
+/// dead letter — 4 attempts in all, not 4 more.
+pub async fn a_restart_in_the_middle_of_a_retry_continues_it(db: &impl Backend) {
+    db.run("CREATE TABLE r (id INTEGER PRIMARY KEY)").await;
+    let (notifier, mut calls) = start_failing_on_3(db).await;
+    db.insert_ids("r", 1..=5).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stored_attempts(db).await == Some((2, sqlnotify::DeadLetterState::Retrying))
+        })
+        .await,
+        "row 3 never failed twice: {:?}",
+        notifier_dead_letters(db).await
+    );
+    notifier.stop().await.unwrap();
+    let mut first = Vec::new();
+    while let Ok(id) = calls.try_recv() {
+        first.push(id);
+    }
+    let threes = first.iter().filter(|&&id| id == 3).count();
+    assert!(
+        (2..=3).contains(&threes),
+        "2 attempts failed before the stop (a 3rd may have been running): {first:?}"
+    );
+    // The stop may have caught a third attempt running: it is recorded before the ack.
+    let (stored, _) = stored_attempts(db).await.expect("row 3 is recorded");
+    assert_eq!(stored as usize, threes, "each failed attempt recorded");
+
+    let (notifier, mut calls) = start_failing_on_3(db).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stored_attempts(db).await == Some((4, sqlnotify::DeadLetterState::Dead))
+        })
+        .await,
+        "row 3 never became a dead letter after 4 attempts: {:?}",
+        notifier_dead_letters(db).await
+    );
+    let stats = notifier.stats().await.unwrap();
+    notifier.stop().await.unwrap();
+    let mut second = Vec::new();
+    while let Ok(id) = calls.try_recv() {
+        second.push(id);
+    }
+    assert_eq!(
+        second.iter().filter(|&&id| id == 3).count(),
+        4 - threes,
+        "the count continued: {second:?}"
+    );
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+}
