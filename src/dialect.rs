@@ -97,6 +97,12 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<()>>;
     /// The overflow table reader, for the decoder.
     fn overflow_store(&self) -> Arc<dyn OverflowStore>;
+    /// The connection settings of a PostgreSQL database (transactional handlers open their
+    /// own connections); `None` on other dialects.
+    #[cfg(feature = "postgres")]
+    fn postgres_config(&self) -> Option<tokio_postgres::Config> {
+        None
+    }
     /// Closes the dialect's connections.
     fn close(&self) -> BoxFuture<'static, ()>;
     /// The named consumers registered in the database (none if sqlnotify was never

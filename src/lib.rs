@@ -180,6 +180,8 @@ pub use crate::holds::Ack;
 pub use crate::notifier::Notifier;
 pub use crate::operation::Operation;
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
+#[cfg(feature = "postgres")]
+pub use crate::postgres::effects::Transaction;
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
 pub use crate::stats::{Role, Stats};
 pub use crate::status::{Status, StatusEvent};

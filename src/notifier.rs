@@ -278,11 +278,11 @@ impl Notifier {
     ///
     /// ```no_run
     /// # async fn run(notifier: sqlnotify::Notifier) -> sqlnotify::Result<()> {
-    /// use sqlnotify::{Handling, Subscription};
+    /// use sqlnotify::{Handling, Operation, Subscription};
     ///
     /// notifier
     ///     .handle(
-    ///         Subscription::to("users_insert"),
+    ///         Subscription::new("users", Operation::Insert),
     ///         Handling::new("welcome-mail").max_attempts(8),
     ///         |event| async move {
     ///             let email = event.get("email").and_then(|v| v.as_str()).ok_or("no email")?;
@@ -321,6 +321,95 @@ impl Notifier {
     ) -> Result<SubscriptionId> {
         self.start_handler(subscription, handling, ActorCall(handler))
             .await
+    }
+
+    /// [`Notifier::handle`] with exactly-once effects on the source database (PostgreSQL,
+    /// durable or poll tier): each attempt runs in a [`Transaction`](crate::Transaction) that
+    /// first records the event as done for this handler (`sqlnotify.effects`) and commits the
+    /// handler's writes together with that record when it returns `Ok(())` (an error rolls
+    /// both back and the attempt is retried). An event delivered again — after a crash at any
+    /// point, a restart or a consumer-group failover, before the consumer's position passed it
+    /// — finds its record and is skipped without calling the handler
+    /// ([`Stats::effects_skipped`](crate::Stats::effects_skipped)).
+    ///
+    /// What is exactly once: the writes the handler makes through the transaction, in this
+    /// database. What is not: anything else the handler does (calls to other services, other
+    /// databases, files) — those happen at least once, since a process can die after them and
+    /// before the commit. A handler that fails every attempt leaves no effect and becomes a
+    /// dead letter like any other.
+    ///
+    /// One connection per key in flight is opened beside the notifier's own. Fails with
+    /// [`Error::Unsupported`] on SQLite and MySQL (use [`Notifier::handle`] and make the
+    /// effect idempotent, e.g. keyed by the event's sequence) and when the subscription's
+    /// channel is on the notify tier (no journal id to record).
+    ///
+    /// ```no_run
+    /// # async fn run(notifier: sqlnotify::Notifier) -> sqlnotify::Result<()> {
+    /// use sqlnotify::{Handling, Operation, Subscription};
+    ///
+    /// notifier
+    ///     .handle_in_transaction(
+    ///         Subscription::new("orders", Operation::Insert),
+    ///         Handling::new("order-totals"),
+    ///         |event, tx| async move {
+    ///             let customer = event.get("customer_id").and_then(|v| v.as_i64()).ok_or("no customer")?;
+    ///             tx.client()
+    ///                 .execute("UPDATE totals SET orders = orders + 1 WHERE customer_id = $1", &[&customer])
+    ///                 .await?;
+    ///             Ok(())
+    ///         },
+    ///     )
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub async fn handle_in_transaction<F, Fut>(
+        &self,
+        subscription: Subscription,
+        handling: Handling,
+        handler: F,
+    ) -> Result<SubscriptionId>
+    where
+        F: Fn(ChangeEvent, crate::Transaction) -> Fut + 'static,
+        Fut: std::future::Future<Output = std::result::Result<(), HandlerError>> + 'static,
+    {
+        let Some(config) = self.inner.dialect.postgres_config() else {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "handler {:?}: transactional handlers need PostgreSQL, not {}; use \
+                     handle() and make the effect idempotent",
+                    handling.name,
+                    self.dialect_name()
+                ),
+            });
+        };
+        if let Ok(channel) = self.inner.pipeline.channels.find(
+            subscription.schema.as_deref(),
+            &subscription.table,
+            subscription.operation,
+            subscription.label.as_deref(),
+        ) {
+            if channel.tier() == crate::Tier::Notify {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "handler {:?}: transactional handlers need a journal (durable or poll \
+                         tier); channel {} is on the notify tier",
+                        handling.name,
+                        channel.name()
+                    ),
+                });
+            }
+        }
+        handling.check()?;
+        crate::postgres::effects::ensure(&config).await?;
+        let call = crate::postgres::effects::TxCall::new(
+            handler,
+            handling.name.clone(),
+            config,
+            self.inner.pipeline.stats.effects_skipped.clone(),
+        );
+        self.start_handler(subscription, handling, call).await
     }
 
     async fn start_handler<C: Call>(

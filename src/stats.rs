@@ -68,6 +68,11 @@ pub struct Stats {
     pub dead_lettered: u64,
     /// Dead letters taken to be delivered again after a retry was asked for.
     pub redelivered: u64,
+    /// Events a transactional handler
+    /// ([`Notifier::handle_in_transaction`](crate::Notifier::handle_in_transaction)) skipped
+    /// because their transaction had committed before: delivered again after a crash, a
+    /// restart or a failover, and not applied twice.
+    pub effects_skipped: u64,
     /// Dead letters of this notifier's handlers waiting in the database (retry or discard
     /// them: [`DeadLetters`](crate::DeadLetters)), counted by each handler's active process
     /// at its redelivery poll (every second by default).
@@ -145,6 +150,7 @@ pub(crate) struct Counters {
     pub retries: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub redelivered: AtomicU64,
+    pub effects_skipped: Arc<AtomicU64>,
     pub dead_letters: AtomicU64,
 }
 
@@ -208,6 +214,7 @@ impl Counters {
             retries: get(&self.retries),
             dead_lettered: get(&self.dead_lettered),
             redelivered: get(&self.redelivered),
+            effects_skipped: get(&self.effects_skipped),
             dead_letters: get(&self.dead_letters),
         }
     }

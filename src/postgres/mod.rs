@@ -10,6 +10,7 @@ mod consumers;
 mod control;
 mod custom;
 mod ddl;
+pub(crate) mod effects;
 mod journal;
 mod listener;
 mod signing;
@@ -164,6 +165,10 @@ impl Dialect for Postgres {
 
     fn overflow_store(&self) -> Arc<dyn OverflowStore> {
         Arc::new(self.control.clone())
+    }
+
+    fn postgres_config(&self) -> Option<Config> {
+        Some(self.config())
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {
