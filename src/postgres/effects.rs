@@ -258,7 +258,10 @@ where
             .await;
             match outcome {
                 Ok(true) => {
-                    if handled.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == 0 {
+                    if handled
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(PRUNE_EVERY)
+                    {
                         Self::prune(&client, &name).await;
                     }
                 }
