@@ -100,7 +100,8 @@ pub async fn a_flaky_handler_handles_every_event_once_in_key_order(db: &impl Bac
         .map(|i| format!("UPDATE h SET v = v + 1 WHERE id = {};", (i * 37) % KEYS + 1))
         .collect();
     for chunk in updates.chunks(250) {
-        db.run(&format!("BEGIN;\n{}\nCOMMIT;", chunk.join("\n"))).await;
+        db.run(&format!("BEGIN;\n{}\nCOMMIT;", chunk.join("\n")))
+            .await;
     }
     let done = || async {
         let t = tally.borrow();
@@ -411,4 +412,158 @@ pub async fn a_restart_in_the_middle_of_a_retry_continues_it(db: &impl Backend) 
         "the count continued: {second:?}"
     );
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+}
+
+/// One attempt as a process of the group saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Seen {
+    process: char,
+    id: i64,
+    v: i64,
+    attempt: u32,
+    ok: bool,
+}
+
+/// Starts process `process` of consumer group `grp`, whose handler fails `(3, v=1)` until its
+/// 4th attempt (counted across the group) and logs every attempt.
+async fn start_member(db: &impl Backend, process: char, log: Rc<RefCell<Vec<Seen>>>) -> Notifier {
+    let notifier = db
+        .builder()
+        .watch(db.watch("g", Operation::Update).extra_columns(["v"]))
+        .consumer("grp")
+        .start()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Seen>();
+    let log2 = log.clone();
+    actix::spawn(async move {
+        let mut rx = rx;
+        while let Some(seen) = rx.recv().await {
+            log2.borrow_mut().push(seen);
+        }
+    });
+    drop(log);
+    let recorder = tx;
+    notifier
+        .handle_actor(
+            Subscription::new("g", Operation::Update),
+            Handling::new("grp-h")
+                .max_attempts(10)
+                .backoff(Duration::from_millis(300), Duration::from_millis(300))
+                .redelivery_poll(Duration::from_millis(50)),
+            AttemptActor(Box::new(move |a: sqlnotify::Attempt| {
+                let (id, v) = (value(&a.event, "id"), value(&a.event, "v"));
+                let ok = !(id == 3 && v == 1 && a.attempt < 4);
+                let _ = recorder.send(Seen {
+                    process,
+                    id,
+                    v,
+                    attempt: a.attempt,
+                    ok,
+                });
+                Box::pin(async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err("3@1 fails until its 4th attempt".into())
+                    }
+                })
+            }))
+            .start_actor()
+            .recipient(),
+        )
+        .await
+        .unwrap();
+    notifier
+}
+
+/// A consumer group's active process stops while its handler retries row 3's first update
+/// (2 attempts failed): the standby takes over, continues the attempt count (its first attempt
+/// at it is the 3rd or later, not the 1st) and handles row 3's later updates only after it, in
+/// commit order — while the old process, once it stopped, handles nothing more.
+pub async fn a_failover_continues_retries_and_key_order(db: &impl Backend) {
+    db.run("CREATE TABLE g (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+        .await;
+    db.run(
+        "INSERT INTO g VALUES (1, 0); INSERT INTO g VALUES (2, 0); INSERT INTO g VALUES (3, 0); \
+         INSERT INTO g VALUES (4, 0); INSERT INTO g VALUES (5, 0);",
+    )
+    .await;
+    let log = Rc::new(RefCell::new(Vec::<Seen>::new()));
+    let a = start_member(db, 'A', log.clone()).await;
+    assert_eq!(a.stats().await.unwrap().role, sqlnotify::Role::Active);
+    let b = start_member(db, 'B', log.clone()).await;
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
+    let bump = |id: i64| format!("UPDATE g SET v = v + 1 WHERE id = {id};");
+    let script: Vec<String> = [3, 1, 2, 3, 4, 5, 3, 1, 2, 4, 5]
+        .iter()
+        .map(|&id| bump(id))
+        .collect();
+    for statement in &script {
+        db.run(statement).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stored_attempts(db).await.is_some_and(|(n, _)| n >= 2)
+        })
+        .await,
+        "row 3 never failed twice: {:?}",
+        log.borrow()
+    );
+    a.stop().await.unwrap();
+    let stopped_at = log.borrow().len();
+    // Every row's last version handled (row 3: v = 3), by the new active process.
+    let finished = || {
+        let log = log.borrow();
+        [(1, 2), (2, 2), (3, 3), (4, 2), (5, 2)]
+            .iter()
+            .all(|&(id, v)| {
+                log.iter()
+                    .any(|s| s.process == 'B' && s.id == id && s.v == v && s.ok)
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || async { finished() }).await,
+        "the standby did not finish: {:?}",
+        log.borrow()
+    );
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Active);
+    b.stop().await.unwrap();
+    let log = log.borrow();
+    let after: Vec<Seen> = log[stopped_at..].to_vec();
+    assert!(
+        after.iter().all(|s| s.process == 'B'),
+        "the stopped process handled something: {after:?}"
+    );
+    let threes: Vec<&Seen> = log.iter().filter(|s| s.id == 3).collect();
+    let first_b = threes
+        .iter()
+        .find(|s| s.process == 'B')
+        .expect("B attempted row 3");
+    assert_eq!(
+        first_b.v, 1,
+        "row 3's first update comes back first: {threes:?}"
+    );
+    assert!(
+        first_b.attempt >= 3,
+        "the attempt count continued across the failover: {threes:?}"
+    );
+    let b_ok: Vec<i64> = threes
+        .iter()
+        .filter(|s| s.process == 'B' && s.ok)
+        .map(|s| s.v)
+        .collect();
+    assert_eq!(
+        b_ok,
+        [1, 2, 3],
+        "row 3's updates in commit order: {threes:?}"
+    );
+    assert!(
+        !threes.iter().any(|s| s.process == 'A' && s.v > 1),
+        "row 3's later updates waited for the failing one: {threes:?}"
+    );
+    assert!(
+        notifier_dead_letters(db).await.is_empty(),
+        "the row of 3@1 goes once it is handled"
+    );
 }
