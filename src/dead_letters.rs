@@ -432,7 +432,8 @@ mod tests {
 
     #[test]
     fn what_no_dead_letter_holds_is_an_error_naming_the_table_and_the_row() {
-        let cases: [(fn(&mut StoredRow), &str); 6] = [
+        type Spoil = fn(&mut StoredRow);
+        let cases: [(Spoil, &str); 6] = [
             (
                 |r| r.state = "Dead".into(),
                 "dead letter 7 has an unknown state \"Dead\"",
