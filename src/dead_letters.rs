@@ -191,8 +191,8 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
 ///
 /// The table is sqlnotify's (`sqlnotify.dead_letters` on PostgreSQL, `sqlnotify_dead_letters`
 /// on SQLite and MySQL), created with its other tables or by the first failure recorded;
-/// reading a database where none was finds nothing and creates nothing. Every call runs on a
-/// connection of its own, never the listener's.
+/// reading a database where none was finds nothing and creates nothing. No call uses the
+/// listener's connection.
 #[derive(Clone)]
 pub struct DeadLetters {
     store: Arc<dyn DeadLetterStore>,
