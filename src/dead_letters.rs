@@ -150,7 +150,9 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
     /// row is updated; otherwise an event with a sequence is upserted on `(handler, sequence,
     /// part)` — an earlier process may have recorded it — and one without is inserted. Sets
     /// `attempts`, `error`, `last_failed` (and `first_failed` on insert), and the state
-    /// `dead` or `retrying`. Returns the row's id.
+    /// `dead` or `retrying`. Returns the row's id (a new one when the row of `failure.id` was
+    /// deleted meanwhile, by hand: the failure is recorded afresh). The other methods find no
+    /// table as no rows and create nothing.
     fn record(&self, failure: Failure) -> BoxFuture<'static, Result<i64>>;
     /// The event of row `id` was handled: the row goes.
     fn resolve(&self, id: i64) -> BoxFuture<'static, Result<()>>;
@@ -186,6 +188,11 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
 /// discard. From [`Notifier::dead_letters`](crate::Notifier::dead_letters), or without a
 /// running notifier from
 /// [`NotifierBuilder::dead_letters`](crate::NotifierBuilder::dead_letters).
+///
+/// The table is sqlnotify's (`sqlnotify.dead_letters` on PostgreSQL, `sqlnotify_dead_letters`
+/// on SQLite and MySQL), created with its other tables or by the first failure recorded;
+/// reading a database where none was finds nothing and creates nothing. No call uses the
+/// listener's connection.
 #[derive(Clone)]
 pub struct DeadLetters {
     store: Arc<dyn DeadLetterStore>,
@@ -432,7 +439,8 @@ mod tests {
 
     #[test]
     fn what_no_dead_letter_holds_is_an_error_naming_the_table_and_the_row() {
-        let cases: [(fn(&mut StoredRow), &str); 6] = [
+        type Spoil = fn(&mut StoredRow);
+        let cases: [(Spoil, &str); 6] = [
             (
                 |r| r.state = "Dead".into(),
                 "dead letter 7 has an unknown state \"Dead\"",

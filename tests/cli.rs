@@ -1,6 +1,6 @@
 //! The `sqlnotify` binary (feature `cli`), run as a user would: `tail` printing JSON lines on
 //! SQLite and PostgreSQL and stopping cleanly on SIGINT (with and without cleanup), stdout
-//! closed under it, `install-sql`, `cleanup`, `consumers`, `relay` into NATS (feature `nats`:
+//! closed under it, `install-sql`, `cleanup`, `consumers`, `dead-letters`, `relay` into NATS (feature `nats`:
 //! active, standby, taking over, stopping on SIGTERM), `--help`, and one-line errors on bad
 //! input.
 
@@ -523,6 +523,37 @@ fn bad_input_is_one_line_on_stderr_and_a_non_zero_exit() {
             "\"zzz\"",
         ),
         (vec!["install-sql", &url, "--table", "nope"], 1, "\"nope\""),
+        (
+            vec!["consumers"],
+            2,
+            "consumers needs an action: list or drop",
+        ),
+        (
+            vec!["dead-letters"],
+            2,
+            "dead-letters needs an action: list, show, retry or drop",
+        ),
+        (
+            vec!["dead-letters", "retry", &url],
+            2,
+            "<ID|--handler <NAME>>",
+        ),
+        (
+            vec!["dead-letters", "drop", &url, "1", "--handler", "billing"],
+            2,
+            "cannot be used with",
+        ),
+        (vec!["dead-letters", "show", &url, "x"], 2, "'x'"),
+        (
+            vec!["dead-letters", "list", &url, "--limit", "0"],
+            2,
+            "--limit",
+        ),
+        (
+            vec!["dead-letters", "show", &url, "99"],
+            1,
+            "no dead letter has id 99",
+        ),
         (vec!["tail", &missing, "--table", "t"], 1, "missing.db"),
         (vec!["cleanup", "oracle://localhost/x"], 2, "oracle"),
         (vec!["tail", "ftp://h/x", "-t", "t"], 2, "ftp"),
@@ -589,6 +620,8 @@ fn help_describes_every_command() {
         "tail",
         "install-sql",
         "cleanup",
+        "consumers",
+        "dead-letters",
         "sqlite://",
         "postgres://",
         "mysql://",
@@ -614,6 +647,21 @@ fn help_describes_every_command() {
         "Example:",
     ] {
         assert!(out.contains(word), "tail --help lacks {word}: {out}");
+    }
+    for (action, words) in [
+        ("list", &["--handler", "--limit", "--json", "Example:"][..]),
+        ("show", &["<ID>", "Example:"][..]),
+        ("retry", &["[ID]...", "--handler", "Example:"][..]),
+        ("drop", &["[ID]...", "--handler", "Example:"][..]),
+    ] {
+        let (status, out, _) = run(&["dead-letters", action, "--help"]);
+        assert!(status.success());
+        for word in words {
+            assert!(
+                out.contains(word),
+                "dead-letters {action} --help lacks {word}: {out}"
+            );
+        }
     }
     if cfg!(feature = "nats") {
         let (status, out, _) = run(&["relay", "--help"]);
@@ -766,6 +814,186 @@ fn consumers_list_shows_each_consumer_and_drop_drops_it() {
         err.starts_with("sqlnotify: error: no consumer named \"nobody\""),
         "{err}"
     );
+}
+
+/// Three rows in a dead-letter table `table` (times through `at`, from Unix seconds): 1 and 2
+/// of handler billing (dead with a two-line error; retrying), 3 of handler audit (dead, no
+/// sequence).
+fn dead_letter_rows(table: &str, at: fn(f64) -> String) -> String {
+    let event = r#"{"channel":"sqlnotify_main_orders_insert","id":7,"columns":{"total":3}}"#;
+    format!(
+        "INSERT INTO {table} (handler, channel, sequence, part, key, event, attempts, \
+         first_failed, last_failed, error, state) VALUES \
+         ('billing', 'sqlnotify_main_orders_insert', 7, 0, '[7]', '{event}', 5, {}, {}, \
+          'payment gateway said no:\n  502 Bad Gateway', 'dead'), \
+         ('billing', 'sqlnotify_main_orders_insert', 8, 0, '[8]', '{{}}', 2, {}, {}, 'boom', \
+          'retrying'), \
+         ('audit', 'sqlnotify_main_orders_insert', NULL, 0, '[9]', '{{}}', 3, {}, {}, 'nope', \
+          'dead')",
+        at(1_714_564_800.5),
+        at(1_714_565_100.0),
+        at(1_714_564_800.0),
+        at(1_714_564_801.0),
+        at(1_714_564_802.0),
+        at(1_714_564_803.0),
+    )
+}
+
+/// `dead-letters list` as JSON lines.
+fn dead_letters_json(args: &[&str]) -> Vec<Value> {
+    let (status, out, err) = run(&[&["dead-letters", "list"], args, &["--json"]].concat());
+    assert!(status.success(), "{status:?} {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+/// `dead-letters list / show / retry / drop` on the rows of [`dead_letter_rows`].
+fn dead_letters_commands_on(url: &str) {
+    let (status, out, err) = run(&["dead-letters", "list", url]);
+    assert!(status.success(), "{status:?} {err}");
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(
+        lines[0],
+        [
+            "ID", "HANDLER", "STATE", "ATTEMPTS", "FIRST", "FAILED", "LAST", "FAILED", "CHANNEL",
+            "KEY", "ERROR"
+        ]
+    );
+    // ID HANDLER STATE ATTEMPTS FIRST-FAILED(2) LAST-FAILED(2) CHANNEL KEY ERROR…
+    assert_eq!(&lines[1][..4], ["1", "billing", "dead", "5"]);
+    assert_eq!(lines[1][5], "ago");
+    assert_eq!(&lines[1][8..10], ["sqlnotify_main_orders_insert", "[7]"]);
+    assert_eq!(
+        lines[1][10..].join(" "),
+        "payment gateway said no: 502 Bad Gateway",
+        "the error on one line"
+    );
+    assert_eq!(&lines[2][..4], ["2", "billing", "retrying", "2"]);
+    assert_eq!(&lines[3][..4], ["3", "audit", "dead", "3"]);
+
+    // --json: every field, the key and the event as JSON; --handler, --limit
+    let all = dead_letters_json(&[url]);
+    assert_eq!(
+        all[0],
+        json!({
+            "id": 1, "handler": "billing", "state": "dead", "attempts": 5,
+            "first_failed": "2024-05-01T12:00:00.500000Z",
+            "last_failed": "2024-05-01T12:05:00.000000Z",
+            "channel": "sqlnotify_main_orders_insert", "sequence": 7, "part": 0, "key": [7],
+            "event": {"channel": "sqlnotify_main_orders_insert", "id": 7, "columns": {"total": 3}},
+            "error": "payment gateway said no:\n  502 Bad Gateway",
+        })
+    );
+    assert_eq!(all[2]["sequence"], Value::Null);
+    let audit = dead_letters_json(&[url, "--handler", "audit"]);
+    assert_eq!(
+        audit.iter().map(|l| l["id"].clone()).collect::<Vec<_>>(),
+        [json!(3)]
+    );
+    let oldest = dead_letters_json(&[url, "--limit", "1"]);
+    assert_eq!(
+        oldest.iter().map(|l| l["id"].clone()).collect::<Vec<_>>(),
+        [json!(1)]
+    );
+    let (status, out, err) = run(&["dead-letters", "list", url, "--handler", "nobody"]);
+    assert!(status.success(), "{status:?} {err}");
+    assert_eq!(out.lines().count(), 1, "the header only: {out}");
+    assert!(
+        err.contains("handler \"nobody\" has no dead letters"),
+        "{err}"
+    );
+
+    // show: every field, the error and the event whole
+    let (status, out, err) = run(&["dead-letters", "show", url, "1"]);
+    assert!(status.success(), "{status:?} {err}");
+    for line in [
+        "id:           1",
+        "state:        dead",
+        "first failed: 2024-05-01T12:00:00.500000Z (",
+        "error:        payment gateway said no:",
+        "                502 Bad Gateway",
+        "event:        {",
+        "                \"id\": 7",
+    ] {
+        assert!(out.contains(line), "{line:?} not in {out}");
+    }
+
+    // drop and retry act on dead letters only, and say how many they did
+    let (status, out, err) = run(&["dead-letters", "drop", url, "3", "2"]);
+    assert!(status.success(), "{status:?} {err}");
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(
+        err.trim_end(),
+        "sqlnotify: dropped 1 dead letter(s); 1 of the 2 id(s) given are not dead letters \
+         (unknown, still being retried, or already requested)"
+    );
+    let (status, _, err) = run(&["dead-letters", "retry", url, "1", "99"]);
+    assert!(status.success(), "{status:?} {err}");
+    assert!(
+        err.starts_with("sqlnotify: 1 dead letter(s) requested for retry; 1 of the 2 id(s)"),
+        "{err}"
+    );
+    let states: Vec<(Value, Value)> = dead_letters_json(&[url])
+        .into_iter()
+        .map(|l| (l["id"].clone(), l["state"].clone()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (json!(1), json!("requested")),
+            (json!(2), json!("retrying"))
+        ]
+    );
+    for action in ["retry", "drop"] {
+        let (status, _, err) = run(&["dead-letters", action, url, "--handler", "billing"]);
+        assert!(status.success(), "{status:?} {err}");
+        assert!(err.contains(" 0 dead letter(s)"), "{action}: {err}");
+    }
+}
+
+#[test]
+fn dead_letters_lists_shows_retries_and_drops() {
+    let db = TempDb::new("CREATE TABLE orders (id INTEGER PRIMARY KEY)");
+    let url = db.url();
+    // the table comes with the install
+    sqlnotify::blocking::Notifier::start(sqlnotify::Notifier::builder(&url).watch(
+        sqlnotify::Watch::new("orders", sqlnotify::Operation::Insert),
+    ))
+    .unwrap()
+    .stop()
+    .unwrap();
+    db.exec(&dead_letter_rows("sqlnotify_dead_letters", |secs| {
+        secs.to_string()
+    }));
+    dead_letters_commands_on(&url);
+
+    // And on PostgreSQL.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pg = rt.block_on(TestDb::new());
+    let (status, out, err) = run(&["dead-letters", "list", &pg.url]);
+    assert!(status.success(), "{status:?} {err}");
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "sqlnotify not installed: the header only: {out}"
+    );
+    assert!(err.contains("no dead letters in this database"), "{err}");
+    rt.block_on(pg.exec("CREATE TABLE orders (id bigint PRIMARY KEY)"));
+    let (status, out, err) = run(&["install-sql", &pg.url, "-t", "orders", "-o", "insert"]);
+    assert!(status.success(), "{status:?} {err}");
+    rt.block_on(pg.exec(&out));
+    rt.block_on(pg.exec(&dead_letter_rows("sqlnotify.dead_letters", |secs| {
+        format!("to_timestamp({secs})")
+    })));
+    dead_letters_commands_on(&pg.url);
 }
 
 /// Deletes a NATS stream when dropped (also when the test fails).

@@ -1,7 +1,7 @@
 //! The `sqlnotify` command-line tool (feature `cli`): tail a table's changes in PostgreSQL,
 //! SQLite or MySQL / MariaDB as JSON lines, print the DDL for your migrations, remove every
-//! sqlnotify watch from a database, list or drop named consumers, and (with feature `nats`)
-//! relay changes into a NATS JetStream stream.
+//! sqlnotify watch from a database, list or drop named consumers, list, inspect, retry or drop
+//! dead letters, and (with feature `nats`) relay changes into a NATS JetStream stream.
 //!
 //! ```text
 //! sqlnotify tail sqlite://app.db --table users --op insert,update --columns email
@@ -10,6 +10,9 @@
 //! sqlnotify cleanup postgres://postgres@127.0.0.1/app
 //! sqlnotify consumers list sqlite://app.db
 //! sqlnotify consumers drop sqlite://app.db billing
+//! sqlnotify dead-letters list postgres://postgres@127.0.0.1/app --handler billing
+//! sqlnotify dead-letters show postgres://postgres@127.0.0.1/app 17
+//! sqlnotify dead-letters retry postgres://postgres@127.0.0.1/app --handler billing
 //! sqlnotify relay postgres://postgres@127.0.0.1/app --nats nats://127.0.0.1:4222 \
 //!     --stream ORDERS --consumer orders-relay --watch shop.orders:insert+update:status
 //! ```
@@ -29,9 +32,10 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use sqlnotify::ConsumerInfo;
+use serde_json::{json, Value};
 use sqlnotify::{Capture, Tier, Watch};
 use sqlnotify::{ChangeEvent, Notifier, NotifierBuilder, Operation, Status, Subscription};
+use sqlnotify::{ConsumerInfo, DeadLetter, DeadLetters};
 
 /// Row changes in PostgreSQL, SQLite and MySQL / MariaDB, from the command line.
 ///
@@ -89,7 +93,8 @@ enum Command {
     },
     /// Remove every sqlnotify watch from the database: its triggers (and, on PostgreSQL, their
     /// functions) and catalog entries, including those installed by other applications.
-    /// sqlnotify's tables (journal, overflow, consumers, catalog) and their rows are kept.
+    /// sqlnotify's tables (journal, overflow, consumers, dead letters, catalog) and their rows
+    /// are kept.
     ///
     /// Example: sqlnotify cleanup sqlite://app.db
     Cleanup {
@@ -108,6 +113,17 @@ enum Command {
     Consumers {
         #[command(subcommand)]
         action: ConsumersAction,
+    },
+    /// List, inspect, retry or drop dead letters: events a handler failed on.
+    ///
+    /// An event whose every allowed attempt failed waits in the dead-letter table until it is
+    /// retried (its handler's active process delivers it again within a second) or dropped.
+    /// Events still being retried are listed too, in state retrying.
+    ///
+    /// Example: sqlnotify dead-letters list postgres://postgres@127.0.0.1/app --handler billing
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLettersAction,
     },
     /// Publish row changes into a NATS JetStream stream, exactly once, until interrupted.
     ///
@@ -154,6 +170,84 @@ enum ConsumersAction {
         /// The consumer's name.
         name: String,
     },
+}
+
+/// What to do with the dead letters.
+#[derive(Debug, Subcommand)]
+enum DeadLettersAction {
+    /// Print the dead letters (and the events being retried), oldest first, as a table on
+    /// stdout.
+    ///
+    /// One line each: id, handler, state (retrying, dead, requested, redelivering), failed
+    /// attempts, when the first and the last attempt failed, channel, key and the last error
+    /// (on one line, shortened). With --json, one JSON object per line instead, with every
+    /// field and the whole event.
+    ///
+    /// Example: sqlnotify dead-letters list sqlite://app.db --handler billing --json
+    List {
+        /// The database URL.
+        url: String,
+        /// Only this handler's.
+        #[arg(long, value_name = "NAME")]
+        handler: Option<String>,
+        /// At most N (the oldest).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// One JSON object per line: id, handler, state, attempts, first_failed, last_failed
+        /// (RFC 3339, UTC), channel, sequence, part, key, event and error.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print everything about one dead letter: its fields, the whole error and the event.
+    ///
+    /// Example: sqlnotify dead-letters show sqlite://app.db 17
+    Show {
+        /// The database URL.
+        url: String,
+        /// The dead letter's id (see `dead-letters list`).
+        id: i64,
+    },
+    /// Deliver dead letters again: their handler's active process takes them within a second.
+    ///
+    /// Only dead letters are retried (not events still being retried, nor ones already
+    /// requested); how many were is printed on stderr. A retried event that fails every
+    /// attempt again becomes a dead letter again.
+    ///
+    /// Example: sqlnotify dead-letters retry sqlite://app.db 17 18
+    #[command(override_usage = "sqlnotify dead-letters retry <URL> <ID>...\n       \
+                                sqlnotify dead-letters retry <URL> --handler <NAME>")]
+    Retry {
+        /// The database URL.
+        url: String,
+        #[command(flatten)]
+        which: WhichDeadLetters,
+    },
+    /// Delete dead letters for good.
+    ///
+    /// Only dead letters are deleted (events still being retried, or being delivered again,
+    /// are left alone); how many were is printed on stderr.
+    ///
+    /// Example: sqlnotify dead-letters drop sqlite://app.db --handler billing
+    #[command(override_usage = "sqlnotify dead-letters drop <URL> <ID>...\n       \
+                                sqlnotify dead-letters drop <URL> --handler <NAME>")]
+    Drop {
+        /// The database URL.
+        url: String,
+        #[command(flatten)]
+        which: WhichDeadLetters,
+    },
+}
+
+/// The dead letters `retry` and `drop` act on: ids, or a handler's.
+#[derive(Debug, Args)]
+#[group(id = "which", required = true, multiple = false)]
+struct WhichDeadLetters {
+    /// The dead letters' ids (see `dead-letters list`).
+    #[arg(value_name = "ID")]
+    ids: Vec<i64>,
+    /// Every dead letter of this handler instead.
+    #[arg(long, value_name = "NAME")]
+    handler: Option<String>,
 }
 
 /// How long to wait for locks held by other sessions.
@@ -365,12 +459,8 @@ fn clap_error(e: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        let commands = if cfg!(feature = "nats") {
-            "tail, install-sql, cleanup, consumers or relay"
-        } else {
-            "tail, install-sql, cleanup or consumers"
-        };
-        eprintln!("sqlnotify: error: a command is required: {commands} (see 'sqlnotify --help')");
+        let command = std::env::args().nth(1);
+        eprintln!("sqlnotify: error: {}", missing_command(command.as_deref()));
         return ExitCode::from(2);
     }
     let text = e.render().to_string();
@@ -389,6 +479,27 @@ fn clap_error(e: clap::Error) -> ExitCode {
         .unwrap_or_default();
     eprintln!("sqlnotify: error: {first}{tip} (see 'sqlnotify --help')");
     ExitCode::from(2)
+}
+
+/// What is missing when a command (or, after `command`, an action) is: the choices and where
+/// to read about them.
+fn missing_command(command: Option<&str>) -> String {
+    match command {
+        Some("consumers") => {
+            "consumers needs an action: list or drop (see 'sqlnotify consumers --help')".into()
+        }
+        Some("dead-letters") => "dead-letters needs an action: list, show, retry or drop (see \
+                                 'sqlnotify dead-letters --help')"
+            .into(),
+        _ => {
+            let commands = if cfg!(feature = "nats") {
+                "tail, install-sql, cleanup, consumers, dead-letters or relay"
+            } else {
+                "tail, install-sql, cleanup, consumers or dead-letters"
+            };
+            format!("a command is required: {commands} (see 'sqlnotify --help')")
+        }
+    }
 }
 
 /// Multi-line driver messages (DETAIL, HINT …) folded into one line.
@@ -447,9 +558,288 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("sqlnotify: dropped consumer {name:?}");
             Ok(())
         }
+        Command::DeadLetters { action } => dead_letters(action).await,
         #[cfg(feature = "nats")]
         Command::Relay(args) => relay::run(args).await,
     }
+}
+
+/// `sqlnotify dead-letters …`.
+async fn dead_letters(action: DeadLettersAction) -> Result<(), Failure> {
+    let open = |url: String| -> Result<DeadLetters, Failure> {
+        Ok(Notifier::builder(url).dead_letters()?)
+    };
+    match action {
+        DeadLettersAction::List {
+            url,
+            handler,
+            limit,
+            json,
+        } => {
+            let letters: Vec<Letter> = open(url)?
+                .list(handler.as_deref(), limit)
+                .await?
+                .into_iter()
+                .map(Letter::from)
+                .collect();
+            if json {
+                let mut out = std::io::stdout().lock();
+                for letter in &letters {
+                    let _ = writeln!(out, "{}", dead_letter_json(letter));
+                }
+            } else {
+                print!("{}", dead_letter_table(&letters, SystemTime::now()));
+            }
+            if letters.is_empty() {
+                match handler {
+                    Some(handler) => {
+                        eprintln!("sqlnotify: handler {handler:?} has no dead letters")
+                    }
+                    None => eprintln!("sqlnotify: no dead letters in this database"),
+                }
+            }
+            Ok(())
+        }
+        DeadLettersAction::Show { url, id } => {
+            let letter = Letter::from(open(url)?.get(id).await?);
+            print!("{}", dead_letter_details(&letter, SystemTime::now()));
+            Ok(())
+        }
+        DeadLettersAction::Retry { url, which } => {
+            let letters = open(url)?;
+            let n = match &which.handler {
+                Some(handler) => letters.retry_handler(handler).await?,
+                None => letters.retry(&which.ids).await?,
+            };
+            eprintln!(
+                "sqlnotify: {n} dead letter(s) requested for retry{}",
+                not_dead(&which, n)
+            );
+            Ok(())
+        }
+        DeadLettersAction::Drop { url, which } => {
+            let letters = open(url)?;
+            let n = match &which.handler {
+                Some(handler) => letters.discard_handler(handler).await?,
+                None => letters.discard(&which.ids).await?,
+            };
+            eprintln!(
+                "sqlnotify: dropped {n} dead letter(s){}",
+                not_dead(&which, n)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A dead letter as the commands show it: [`DeadLetter`]'s fields (which the library may add
+/// to, so it cannot be built here; the formatting below is tested on this).
+#[derive(Debug, Clone, PartialEq)]
+struct Letter {
+    id: i64,
+    handler: String,
+    channel: String,
+    sequence: Option<i64>,
+    part: u32,
+    key: String,
+    event: String,
+    attempts: u32,
+    first_failed: SystemTime,
+    last_failed: SystemTime,
+    error: String,
+    state: sqlnotify::DeadLetterState,
+}
+
+impl From<DeadLetter> for Letter {
+    fn from(l: DeadLetter) -> Self {
+        Letter {
+            id: l.id,
+            handler: l.handler,
+            channel: l.channel,
+            sequence: l.sequence,
+            part: l.part,
+            key: l.key,
+            event: l.event,
+            attempts: l.attempts,
+            first_failed: l.first_failed,
+            last_failed: l.last_failed,
+            error: l.error,
+            state: l.state,
+        }
+    }
+}
+
+/// What `retry` and `drop` add when fewer ids than given were acted on.
+fn not_dead(which: &WhichDeadLetters, acted_on: u64) -> String {
+    let mut given = which.ids.clone();
+    given.sort_unstable();
+    given.dedup();
+    let missing = (given.len() as u64).saturating_sub(acted_on);
+    if which.handler.is_some() || missing == 0 {
+        return String::new();
+    }
+    format!(
+        "; {missing} of the {} id(s) given are not dead letters (unknown, still being \
+         retried, or already requested)",
+        given.len()
+    )
+}
+
+/// The dead letters as an aligned table, one line each after a header.
+fn dead_letter_table(letters: &[Letter], now: SystemTime) -> String {
+    let ago = |t: SystemTime| {
+        format!(
+            "{} ago",
+            short_duration(now.duration_since(t).unwrap_or_default())
+        )
+    };
+    let mut rows = vec![[
+        "ID".to_string(),
+        "HANDLER".into(),
+        "STATE".into(),
+        "ATTEMPTS".into(),
+        "FIRST FAILED".into(),
+        "LAST FAILED".into(),
+        "CHANNEL".into(),
+        "KEY".into(),
+        "ERROR".into(),
+    ]];
+    for l in letters {
+        rows.push([
+            l.id.to_string(),
+            l.handler.clone(),
+            l.state.to_string(),
+            l.attempts.to_string(),
+            ago(l.first_failed),
+            ago(l.last_failed),
+            l.channel.clone(),
+            shortened(&one_line(&l.key), 40),
+            shortened(&one_line(&l.error), 80),
+        ]);
+    }
+    aligned(&rows)
+}
+
+/// Rows of cells as lines, each column as wide as its widest cell, two spaces apart.
+fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `text` cut to at most `max` characters, ending in `…` when cut.
+fn shortened(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// Stored JSON text as JSON (the key and the event are JSON text), or as a string when it is
+/// not JSON.
+fn stored_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// One dead letter, every field, as a JSON object (`dead-letters list --json`).
+fn dead_letter_json(l: &Letter) -> Value {
+    json!({
+        "id": l.id,
+        "handler": l.handler,
+        "state": l.state.as_str(),
+        "attempts": l.attempts,
+        "first_failed": rfc3339(l.first_failed),
+        "last_failed": rfc3339(l.last_failed),
+        "channel": l.channel,
+        "sequence": l.sequence,
+        "part": l.part,
+        "key": stored_json(&l.key),
+        "event": stored_json(&l.event),
+        "error": l.error,
+    })
+}
+
+/// Everything about one dead letter, a field per line; the error and the event (pretty JSON)
+/// in full, their further lines indented under the first.
+fn dead_letter_details(l: &Letter, now: SystemTime) -> String {
+    let when = |t: SystemTime| {
+        format!(
+            "{} ({} ago)",
+            rfc3339(t),
+            short_duration(now.duration_since(t).unwrap_or_default())
+        )
+    };
+    let event = match serde_json::from_str::<Value>(&l.event) {
+        Ok(value) => serde_json::to_string_pretty(&value).unwrap_or_else(|_| l.event.clone()),
+        Err(_) => l.event.clone(),
+    };
+    let fields = [
+        ("id", l.id.to_string()),
+        ("handler", l.handler.clone()),
+        ("state", l.state.to_string()),
+        ("attempts", l.attempts.to_string()),
+        ("first failed", when(l.first_failed)),
+        ("last failed", when(l.last_failed)),
+        ("channel", l.channel.clone()),
+        ("sequence", l.sequence.map_or("-".into(), |s| s.to_string())),
+        ("part", l.part.to_string()),
+        ("key", l.key.clone()),
+        ("error", l.error.clone()),
+        ("event", event),
+    ];
+    let mut out = String::new();
+    for (name, value) in fields {
+        let mut lines = value.lines();
+        out.push_str(&format!(
+            "{:<14}{}\n",
+            format!("{name}:"),
+            lines.next().unwrap_or("")
+        ));
+        for line in lines {
+            out.push_str(&format!("{:14}{line}\n", ""));
+        }
+    }
+    out
+}
+
+/// A time as RFC 3339 in UTC with microseconds: `2024-05-01T12:00:00.123456Z`.
+fn rfc3339(t: SystemTime) -> String {
+    let micros: i128 = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i128,
+        Err(e) => -(e.duration().as_micros() as i128),
+    };
+    let secs = micros.div_euclid(1_000_000);
+    let (days, of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to a civil date (proleptic Gregorian; Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        of_day / 3_600,
+        of_day % 3_600 / 60,
+        of_day % 60,
+        micros.rem_euclid(1_000_000)
+    )
 }
 
 /// The consumers as an aligned table, one line each after a header.
@@ -477,20 +867,7 @@ fn consumer_table(consumers: &[ConsumerInfo], now: SystemTime) -> String {
                 .map_or("(all)".into(), |channels| channels.join(",")),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    aligned(&rows)
 }
 
 /// A duration in its largest whole unit: 45s, 12m, 3h, 2d.
@@ -1180,6 +1557,171 @@ mod tests {
         assert_eq!(short_duration(d(3_599)), "59m");
         assert_eq!(short_duration(d(7_200)), "2h");
         assert_eq!(short_duration(d(3 * 86_400 + 5)), "3d");
+    }
+
+    #[test]
+    fn a_missing_action_names_the_choices_of_its_command() {
+        assert!(missing_command(None).starts_with("a command is required: tail, install-sql"));
+        assert!(missing_command(Some("--verbose")).contains("dead-letters"));
+        assert_eq!(
+            missing_command(Some("consumers")),
+            "consumers needs an action: list or drop (see 'sqlnotify consumers --help')"
+        );
+        assert!(missing_command(Some("dead-letters"))
+            .starts_with("dead-letters needs an action: list, show, retry or drop"));
+    }
+
+    fn letter() -> Letter {
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        Letter {
+            id: 17,
+            handler: "billing".into(),
+            channel: "sqlnotify_public_orders_insert".into(),
+            sequence: Some(1234),
+            part: 2,
+            key: "[42]".into(),
+            event: r#"{"channel":"sqlnotify_public_orders_insert","id":42,"columns":{"total":3}}"#
+                .into(),
+            attempts: 5,
+            first_failed: at(1_714_564_800) + Duration::from_micros(500_000),
+            last_failed: at(1_714_565_100),
+            error: "payment gateway said no:\n  502 Bad Gateway".into(),
+            state: sqlnotify::DeadLetterState::Dead,
+        }
+    }
+
+    #[test]
+    fn times_are_rfc3339_in_utc_with_microseconds() {
+        let at = |secs: u64, micros: u64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros)
+        };
+        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(at(1_714_564_800, 500_000)),
+            "2024-05-01T12:00:00.500000Z"
+        );
+        assert_eq!(rfc3339(at(951_782_400, 1)), "2000-02-29T00:00:00.000001Z");
+        assert_eq!(
+            rfc3339(at(4_102_444_799, 999_999)),
+            "2099-12-31T23:59:59.999999Z"
+        );
+        let before = SystemTime::UNIX_EPOCH - Duration::from_micros(1);
+        assert_eq!(rfc3339(before), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn the_list_shows_one_line_per_dead_letter_with_the_error_shortened() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_568_400);
+        assert_eq!(
+            dead_letter_table(&[], now),
+            "ID  HANDLER  STATE  ATTEMPTS  FIRST FAILED  LAST FAILED  CHANNEL  KEY  ERROR\n"
+        );
+        let mut long = letter();
+        long.id = 18;
+        long.error = "x".repeat(100);
+        let table = dead_letter_table(&[letter(), long], now);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        let first: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            first,
+            [
+                "17",
+                "billing",
+                "dead",
+                "5",
+                "59m",
+                "ago",
+                "55m",
+                "ago",
+                "sqlnotify_public_orders_insert",
+                "[42]",
+                "payment",
+                "gateway",
+                "said",
+                "no:",
+                "502",
+                "Bad",
+                "Gateway"
+            ]
+        );
+        assert!(
+            lines[2].ends_with(&format!("{}…", "x".repeat(79))),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_every_field_and_the_event_as_json() {
+        let line = dead_letter_json(&letter());
+        assert_eq!(
+            line,
+            json!({
+                "id": 17,
+                "handler": "billing",
+                "state": "dead",
+                "attempts": 5,
+                "first_failed": "2024-05-01T12:00:00.500000Z",
+                "last_failed": "2024-05-01T12:05:00.000000Z",
+                "channel": "sqlnotify_public_orders_insert",
+                "sequence": 1234,
+                "part": 2,
+                "key": [42],
+                "event": {"channel": "sqlnotify_public_orders_insert", "id": 42, "columns": {"total": 3}},
+                "error": "payment gateway said no:\n  502 Bad Gateway",
+            })
+        );
+        let mut odd = letter();
+        odd.event = "not json".into();
+        odd.sequence = None;
+        let line = dead_letter_json(&odd);
+        assert_eq!(
+            (&line["event"], &line["sequence"]),
+            (&json!("not json"), &Value::Null)
+        );
+    }
+
+    #[test]
+    fn show_prints_every_field_and_the_error_and_event_whole() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_568_400);
+        assert_eq!(
+            dead_letter_details(&letter(), now),
+            "id:           17
+handler:      billing
+state:        dead
+attempts:     5
+first failed: 2024-05-01T12:00:00.500000Z (59m ago)
+last failed:  2024-05-01T12:05:00.000000Z (55m ago)
+channel:      sqlnotify_public_orders_insert
+sequence:     1234
+part:         2
+key:          [42]
+error:        payment gateway said no:
+                502 Bad Gateway
+event:        {
+                \"channel\": \"sqlnotify_public_orders_insert\",
+                \"columns\": {
+                  \"total\": 3
+                },
+                \"id\": 42
+              }
+"
+        );
+    }
+
+    #[test]
+    fn retry_and_drop_say_how_many_ids_were_not_dead_letters() {
+        let which = |ids: &[i64], handler: Option<&str>| WhichDeadLetters {
+            ids: ids.to_vec(),
+            handler: handler.map(str::to_string),
+        };
+        assert_eq!(not_dead(&which(&[1, 2], None), 2), "");
+        assert_eq!(
+            not_dead(&which(&[1, 2, 2, 3], None), 1),
+            "; 2 of the 3 id(s) given are not dead letters (unknown, still being retried, or \
+             already requested)"
+        );
+        assert_eq!(not_dead(&which(&[], Some("billing")), 0), "");
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! create nothing.
 //!
 //! Text columns are `utf8mb4_bin`, so handler names and states compare exactly, as on the
-//! other databases. Taking requested rows is one transaction whose `SELECT … FOR UPDATE` makes
-//! a second process taking at the same time wait and then find them taken.
+//! other databases. Taking requested rows is one transaction that moves each candidate by its
+//! primary key while it is still `requested` (see [`take_once`]): a second process taking at
+//! the same time waits for such a row and then finds it taken.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -277,52 +278,92 @@ async fn on_target(conn: &mut Conn, sql: &str, target: Target, doing: &str) -> R
     }
 }
 
+/// MySQL's error for a transaction it rolled back to break a deadlock.
+const ER_LOCK_DEADLOCK: u16 = 1213;
+/// Attempts at taking requested rows when MySQL keeps choosing this transaction to break a
+/// deadlock (with another statement on the table's index; takers do not deadlock each other).
+const TAKE_ATTEMPTS: u32 = 5;
+
 async fn take_requested(
     conn: &mut Conn,
     table: &str,
     handler: &str,
     limit: u32,
 ) -> Result<Vec<DeadLetter>> {
-    let context = || {
-        format!(
-            "taking the dead letters of handler {handler:?} requested for retry from \
-             {DEAD_LETTERS}"
-        )
-    };
-    let mut tx = conn
-        .start_transaction(Default::default())
-        .await
-        .map_err(db_err(context()))?;
-    let ids: Vec<i64> = tx
+    let mut attempt = 1;
+    loop {
+        match take_once(conn, table, handler, limit).await {
+            Err(mysql_async::Error::Server(e))
+                if e.code == ER_LOCK_DEADLOCK && attempt < TAKE_ATTEMPTS =>
+            {
+                log::debug!("sqlnotify: taking requested dead letters: deadlock, again ({e})");
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(Error::db(
+                    format!(
+                        "taking the dead letters of handler {handler:?} requested for retry \
+                         from {DEAD_LETTERS}"
+                    ),
+                    e,
+                ))
+            }
+            Ok(rows) => return dead_letters(rows),
+        }
+    }
+}
+
+/// One transaction taking requested rows: the candidates are read without locks, then each is
+/// moved by its primary key only while it is still `requested` (MySQL reads the latest
+/// version for that) — so two takers never take one row twice. Rows are locked one at a
+/// time, by primary key, in id order, and no range of the `(handler, state)` index is locked:
+/// `SELECT … FOR UPDATE` over that index took next-key locks whose gaps the other taker's
+/// moved rows had to be inserted into, and two takers deadlocked.
+async fn take_once(
+    conn: &mut Conn,
+    table: &str,
+    handler: &str,
+    limit: u32,
+) -> std::result::Result<Vec<Row>, mysql_async::Error> {
+    let mut tx = conn.start_transaction(Default::default()).await?;
+    let candidates: Vec<i64> = tx
         .exec(
             format!(
                 "SELECT `id` FROM {table} WHERE `handler` = ? AND `state` = 'requested' \
-                 ORDER BY `id` LIMIT ? FOR UPDATE"
+                 ORDER BY `id` LIMIT ?"
             ),
             (handler, limit),
         )
-        .await
-        .map_err(db_err(context()))?;
-    if ids.is_empty() {
-        tx.commit().await.map_err(db_err(context()))?;
+        .await?;
+    let mut taken = Vec::with_capacity(candidates.len());
+    for id in candidates {
+        tx.exec_drop(
+            format!(
+                "UPDATE {table} SET `state` = 'redelivering' WHERE `id` = ? AND `state` = 'requested'"
+            ),
+            (id,),
+        )
+        .await?;
+        if tx.affected_rows() == 1 {
+            taken.push(id);
+        }
+    }
+    if taken.is_empty() {
+        tx.commit().await?;
         return Ok(Vec::new());
     }
-    let within = placeholders(ids.len());
-    tx.exec_drop(
-        format!("UPDATE {table} SET `state` = 'redelivering' WHERE `id` IN ({within})"),
-        ids_params(&ids),
-    )
-    .await
-    .map_err(db_err(context()))?;
+    // Locking read: the rows as this transaction left them (they are its own, locked).
     let rows: Vec<Row> = tx
         .exec(
-            format!("SELECT {COLUMNS} FROM {table} WHERE `id` IN ({within}) ORDER BY `id`"),
-            ids_params(&ids),
+            format!(
+                "SELECT {COLUMNS} FROM {table} WHERE `id` IN ({}) ORDER BY `id` FOR UPDATE",
+                placeholders(taken.len())
+            ),
+            ids_params(&taken),
         )
-        .await
-        .map_err(db_err(context()))?;
-    tx.commit().await.map_err(db_err(context()))?;
-    dead_letters(rows)
+        .await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 impl DeadLetterStore for MysqlDeadLetters {
