@@ -7,6 +7,10 @@
 //! then plays the listener's part exactly: it takes one unit of the in-flight budget per
 //! notification (waiting for room when the pipeline is full) before handing the batch to the
 //! decoder. Used by `benches/pipeline.rs`; not part of the supported API.
+//!
+//! [`DeadLetterCalls`] makes the calls the handler engine makes on a database's dead-letter
+//! table (record a failure, resolve, take requested rows …), so `tests/dead_letters.rs` can
+//! seed and drive the table through the same code on every dialect.
 #![doc(hidden)]
 
 use std::collections::BTreeSet;
@@ -18,6 +22,7 @@ use actix::prelude::*;
 use futures_util::future::BoxFuture;
 use tokio::sync::Semaphore;
 
+use crate::dead_letters::{DeadLetter, DeadLetterStore, DeadLetters, Failure};
 use crate::decoder::{RawBatch, Retention};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels, RawNotification};
@@ -192,5 +197,89 @@ struct NoOverflow;
 impl OverflowStore for NoOverflow {
     fn purge(&self, _retention: Duration) -> BoxFuture<'static, Result<u64>> {
         Box::pin(async { Ok(0) })
+    }
+}
+
+/// A failed attempt of a handler on an event, to record (see [`DeadLetterCalls::record`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedAttempt {
+    /// The row already recorded for this event, if any.
+    pub id: Option<i64>,
+    /// The handler's name.
+    pub handler: String,
+    /// The channel the event arrived on.
+    pub channel: String,
+    /// The event's journal position (`None` on PostgreSQL's notify tier).
+    pub sequence: Option<i64>,
+    /// The event's row index in a statement-capture journal row.
+    pub part: u32,
+    /// The event's key, as JSON text.
+    pub key: String,
+    /// The whole event, as JSON text.
+    pub event: String,
+    /// Failed attempts including this one.
+    pub attempts: u32,
+    /// The attempt's error text.
+    pub error: String,
+    /// Out of attempts: the row becomes `dead` (else `retrying`).
+    pub dead: bool,
+}
+
+/// The handler engine's calls on the dead-letter table behind a [`DeadLetters`].
+#[derive(Clone)]
+pub struct DeadLetterCalls {
+    store: Arc<dyn DeadLetterStore>,
+}
+
+impl DeadLetterCalls {
+    /// The calls on the table `dead_letters` manages.
+    pub fn new(dead_letters: &DeadLetters) -> Self {
+        DeadLetterCalls {
+            store: dead_letters.store().clone(),
+        }
+    }
+
+    /// Records a failed attempt; returns the row's id.
+    pub async fn record(&self, attempt: FailedAttempt) -> Result<i64> {
+        self.store
+            .record(Failure {
+                id: attempt.id,
+                handler: attempt.handler,
+                channel: attempt.channel,
+                sequence: attempt.sequence,
+                part: attempt.part,
+                key: attempt.key,
+                event: attempt.event,
+                attempts: attempt.attempts,
+                error: attempt.error,
+                dead: attempt.dead,
+            })
+            .await
+    }
+
+    /// The event of row `id` was handled: the row goes.
+    pub async fn resolve(&self, id: i64) -> Result<()> {
+        self.store.resolve(id).await
+    }
+
+    /// `handler`'s `retrying` rows with a sequence, as `(id, sequence, part, attempts)`.
+    pub async fn retrying(&self, handler: &str) -> Result<Vec<(i64, i64, u32, u32)>> {
+        Ok(self
+            .store
+            .retrying(handler.to_string())
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.sequence, r.part, r.attempts))
+            .collect())
+    }
+
+    /// Takes up to `limit` of `handler`'s `requested` rows, marking them `redelivering`.
+    pub async fn take_requested(&self, handler: &str, limit: u32) -> Result<Vec<DeadLetter>> {
+        self.store.take_requested(handler.to_string(), limit).await
+    }
+
+    /// Marks `handler`'s `redelivering` rows `requested` again; returns how many.
+    pub async fn reset_redelivering(&self, handler: &str) -> Result<u64> {
+        self.store.reset_redelivering(handler.to_string()).await
     }
 }

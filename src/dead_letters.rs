@@ -202,6 +202,12 @@ impl DeadLetters {
         DeadLetters { store }
     }
 
+    /// The store behind it (for `bench_support`, which tests drive it through).
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
+    pub(crate) fn store(&self) -> &Arc<dyn DeadLetterStore> {
+        &self.store
+    }
+
     /// The dead letters (and events being retried), oldest first, of `handler` or of every
     /// handler, at most `limit`.
     pub async fn list(&self, handler: Option<&str>, limit: Option<u64>) -> Result<Vec<DeadLetter>> {
@@ -248,6 +254,129 @@ impl DeadLetters {
     }
 }
 
+/// A dead-letter row as a dialect read it, before what it holds is checked. The table is
+/// untrusted input like every table of sqlnotify's (whoever may write it may store anything):
+/// [`StoredRow::check`] turns what cannot be a dead letter into an error naming the table and
+/// the row, never a panic.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredRow {
+    pub id: i64,
+    pub handler: String,
+    pub channel: String,
+    pub sequence: Option<i64>,
+    pub part: i64,
+    pub key: String,
+    pub event: String,
+    pub attempts: i64,
+    /// Unix seconds; `None` where the dialect could not read a number.
+    pub first_failed: Option<f64>,
+    pub last_failed: Option<f64>,
+    pub error: String,
+    pub state: String,
+}
+
+impl StoredRow {
+    /// The dead letter this row holds; `table` names the table in errors.
+    pub fn check(self, table: &str) -> Result<DeadLetter> {
+        let id = self.id;
+        Ok(DeadLetter {
+            id,
+            part: stored_count(table, id, "part", self.part)?,
+            attempts: stored_count(table, id, "attempts", self.attempts)?,
+            first_failed: stored_time(table, id, "first_failed", self.first_failed)?,
+            last_failed: stored_time(table, id, "last_failed", self.last_failed)?,
+            state: stored_state(table, id, &self.state)?,
+            handler: self.handler,
+            channel: self.channel,
+            sequence: self.sequence,
+            key: self.key,
+            event: self.event,
+            error: self.error,
+        })
+    }
+}
+
+impl Retrying {
+    /// A `retrying` row as read (with a sequence), checked like [`StoredRow::check`].
+    pub fn checked(table: &str, id: i64, sequence: i64, part: i64, attempts: i64) -> Result<Self> {
+        Ok(Retrying {
+            id,
+            sequence,
+            part: stored_count(table, id, "part", part)?,
+            attempts: stored_count(table, id, "attempts", attempts)?,
+        })
+    }
+}
+
+/// The error for a row of the dead-letter table that holds what no dead letter can.
+pub(crate) fn invalid_row(table: &str, id: i64, what: impl std::fmt::Display) -> Error {
+    Error::InvalidPayload {
+        channel: table.to_string(),
+        reason: format!("dead letter {id} {what}"),
+    }
+}
+
+/// A stored state name, checked.
+pub(crate) fn stored_state(table: &str, id: i64, text: &str) -> Result<DeadLetterState> {
+    DeadLetterState::parse(text).ok_or_else(|| {
+        invalid_row(
+            table,
+            id,
+            format_args!(
+                "has an unknown state {text:?} (expected retrying, dead, requested or redelivering)"
+            ),
+        )
+    })
+}
+
+/// A stored count (`part`, `attempts`), checked: not negative, within `u32`.
+fn stored_count(table: &str, id: i64, column: &str, value: i64) -> Result<u32> {
+    u32::try_from(value)
+        .map_err(|_| invalid_row(table, id, format_args!("has {column} {value}, not a count")))
+}
+
+/// A stored time in Unix seconds, checked: a finite number.
+fn stored_time(table: &str, id: i64, column: &str, secs: Option<f64>) -> Result<SystemTime> {
+    let bad = || {
+        let shown = secs.map_or("no number".to_string(), |s| s.to_string());
+        invalid_row(table, id, format_args!("has {column} {shown}, not a time"))
+    };
+    let secs = secs.filter(|s| s.is_finite()).ok_or_else(bad)?;
+    let offset = std::time::Duration::try_from_secs_f64(secs.abs()).map_err(|_| bad())?;
+    let time = if secs >= 0.0 {
+        SystemTime::UNIX_EPOCH.checked_add(offset)
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(offset)
+    };
+    time.ok_or_else(bad)
+}
+
+/// The counts per state from `(state, rows)` pairs as a dialect read them; an unknown state
+/// is an error, like a row's.
+pub(crate) fn stored_counts(
+    table: &str,
+    rows: impl IntoIterator<Item = (String, i64)>,
+) -> Result<DeadLetterCounts> {
+    let mut counts = DeadLetterCounts::default();
+    for (state, n) in rows {
+        let n = n.max(0) as u64;
+        let state = DeadLetterState::parse(&state).ok_or_else(|| Error::InvalidPayload {
+            channel: table.to_string(),
+            reason: format!(
+                "{n} dead letter(s) have an unknown state {state:?} (expected retrying, dead, \
+                 requested or redelivering)"
+            ),
+        })?;
+        *match state {
+            DeadLetterState::Retrying => &mut counts.retrying,
+            DeadLetterState::Dead => &mut counts.dead,
+            DeadLetterState::Requested => &mut counts.requested,
+            DeadLetterState::Redelivering => &mut counts.redelivering,
+        } += n;
+    }
+    Ok(counts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +392,115 @@ mod tests {
             assert_eq!(DeadLetterState::parse(state.as_str()), Some(state));
         }
         assert_eq!(DeadLetterState::parse("Dead"), None);
+    }
+
+    fn row() -> StoredRow {
+        StoredRow {
+            id: 7,
+            handler: "billing".into(),
+            channel: "sqlnotify_public_orders_insert".into(),
+            sequence: Some(42),
+            part: 1,
+            key: "[42]".into(),
+            event: "{}".into(),
+            attempts: 3,
+            first_failed: Some(1_700_000_000.25),
+            last_failed: Some(1_700_000_060.5),
+            error: "boom".into(),
+            state: "dead".into(),
+        }
+    }
+
+    #[test]
+    fn a_stored_row_becomes_a_dead_letter() {
+        let letter = row().check("sqlnotify.dead_letters").unwrap();
+        assert_eq!((letter.id, letter.part, letter.attempts), (7, 1, 3));
+        assert_eq!(letter.state, DeadLetterState::Dead);
+        let since = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(since(letter.first_failed).as_millis(), 1_700_000_000_250);
+        assert_eq!(since(letter.last_failed).as_millis(), 1_700_000_060_500);
+        let mut early = row();
+        early.first_failed = Some(-1.5);
+        let letter = early.check("t").unwrap();
+        assert_eq!(
+            SystemTime::UNIX_EPOCH
+                .duration_since(letter.first_failed)
+                .unwrap(),
+            std::time::Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn what_no_dead_letter_holds_is_an_error_naming_the_table_and_the_row() {
+        let cases: [(fn(&mut StoredRow), &str); 6] = [
+            (
+                |r| r.state = "Dead".into(),
+                "dead letter 7 has an unknown state \"Dead\"",
+            ),
+            (
+                |r| r.attempts = -1,
+                "dead letter 7 has attempts -1, not a count",
+            ),
+            (
+                |r| r.part = 1 << 40,
+                "dead letter 7 has part 1099511627776, not a count",
+            ),
+            (
+                |r| r.first_failed = None,
+                "dead letter 7 has first_failed no number, not a time",
+            ),
+            (
+                |r| r.last_failed = Some(f64::INFINITY),
+                "has last_failed inf, not a time",
+            ),
+            (
+                |r| r.last_failed = Some(f64::NAN),
+                "has last_failed NaN, not a time",
+            ),
+        ];
+        for (spoil, expected) in cases {
+            let mut stored = row();
+            spoil(&mut stored);
+            let e = stored.check("sqlnotify.dead_letters").unwrap_err();
+            assert!(matches!(e, Error::InvalidPayload { .. }), "{e:?}");
+            let text = e.to_string();
+            assert!(
+                text.contains("\"sqlnotify.dead_letters\"") && text.contains(expected),
+                "{text}"
+            );
+        }
+        let e = Retrying::checked("t", 3, 10, 0, -2).unwrap_err();
+        assert!(
+            e.to_string().contains("dead letter 3 has attempts -2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn counts_add_up_per_state_and_refuse_unknown_states() {
+        let counts = stored_counts(
+            "t",
+            [
+                ("dead".to_string(), 2),
+                ("retrying".to_string(), 5),
+                ("redelivering".to_string(), 1),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                counts.retrying,
+                counts.dead,
+                counts.requested,
+                counts.redelivering
+            ),
+            (5, 2, 0, 1)
+        );
+        let e = stored_counts("t", [("gone".to_string(), 4)]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("4 dead letter(s) have an unknown state \"gone\""),
+            "{e}"
+        );
     }
 }

@@ -114,12 +114,9 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Journal rows on consumer `name`'s channels at or after its saved position; `None` when
     /// it is not registered.
     fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>>;
-    /// The dead-letter table of handlers ([`DeadLetterStore`]).
-    fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>> {
-        Err(crate::Error::Unsupported {
-            what: format!("dead letters are not stored on {} yet", self.name()),
-        })
-    }
+    /// The dead-letter table of handlers ([`DeadLetterStore`]), on the dialect's own
+    /// connections (never the listener's); usable whether a notifier runs or not.
+    fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>>;
 }
 
 /// What a dialect's catalog says about one watch: the input to install planning, which is the

@@ -325,23 +325,35 @@ impl ChangeEvent {
     /// # }
     /// ```
     pub fn to_record(&self) -> String {
-        let id = match self.id() {
-            Key::Single(v) => v.clone(),
-            Key::Composite(vs) => Value::Array(vs.clone()),
-        };
-        let json = |v: &Value| serde_json::to_string(v).expect("JSON values serialize");
-        let string = |s: &str| json(&Value::String(s.to_string()));
-        format!(
-            "{{\"channel\":{},\"schema\":{},\"table\":{},\"operation\":{},\"id\":{},\"columns\":{},\"sequence\":{},\"truncated\":{}}}",
-            string(self.channel()),
-            string(self.schema()),
-            string(self.table()),
-            string(self.operation().as_str()),
-            json(&id),
-            json(&Value::Object(self.inner.extra.clone())),
-            self.sequence().map_or("null".to_string(), |s| s.to_string()),
-            self.is_truncated(),
-        )
+        // Written straight into one buffer: the relay and `tail` call this per event.
+        fn put<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+            serde_json::to_writer(&mut *out, value).expect("JSON values serialize");
+        }
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(b"{\"channel\":");
+        put(&mut out, self.channel());
+        out.extend_from_slice(b",\"schema\":");
+        put(&mut out, self.schema());
+        out.extend_from_slice(b",\"table\":");
+        put(&mut out, self.table());
+        out.extend_from_slice(b",\"operation\":");
+        put(&mut out, self.operation().as_str());
+        out.extend_from_slice(b",\"id\":");
+        match self.id() {
+            Key::Single(v) => put(&mut out, v),
+            Key::Composite(vs) => put(&mut out, vs),
+        }
+        out.extend_from_slice(b",\"columns\":");
+        put(&mut out, &self.inner.extra);
+        out.extend_from_slice(b",\"sequence\":");
+        match self.sequence() {
+            Some(s) => put(&mut out, &s),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"truncated\":");
+        put(&mut out, &self.is_truncated());
+        out.push(b'}');
+        String::from_utf8(out).expect("serde_json writes UTF-8")
     }
 
     /// The event [`to_record`](Self::to_record) wrote, rebuilt against the notifier's
@@ -492,6 +504,48 @@ mod tests {
         let row: Row = ev.decode().unwrap();
         assert_eq!((row.a, row.b.as_str(), row.c), (1, "x", Some(true)));
         assert!(ev.decode::<Vec<i32>>().is_err());
+    }
+
+    #[test]
+    fn a_record_is_one_json_object_and_reads_back_as_the_same_event() {
+        let mut extra = Map::new();
+        extra.insert("note".into(), json!("a \"quoted\" ü"));
+        let ev = ChangeEvent::new(
+            channel(&["a", "b"], &["note"]),
+            Key::Composite(vec![json!(1), json!("x")]),
+            extra,
+            &RawNotification::new("sqlnotify_public_t_insert", "").with_sequence(42),
+            false,
+        )
+        .placed(0, 3);
+        let record = ev.to_record();
+        assert_eq!(
+            record,
+            r#"{"channel":"sqlnotify_public_t_insert","schema":"public","table":"t","operation":"insert","id":[1,"x"],"columns":{"note":"a \"quoted\" ü"},"sequence":42,"truncated":false}"#
+        );
+        let channels = Channels::new([(*channel(&["a", "b"], &["note"])).clone()], "public");
+        let back = ChangeEvent::from_record(&record, 3, &channels).unwrap();
+        assert_eq!(back.to_record(), record);
+        assert_eq!(back.part(), 3);
+        assert_eq!(back.sequence(), Some(42));
+
+        for (bad, needle) in [
+            ("not json", "not JSON"),
+            (r#"{"channel":"other","id":1}"#, "not watched"),
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":1}"#,
+                "does not have 2",
+            ),
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"columns":3}"#,
+                "not an object",
+            ),
+        ] {
+            let e = ChangeEvent::from_record(bad, 0, &channels)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -409,15 +409,19 @@ fn install_sql_prints_the_ddl_and_installs_nothing() {
     };
     assert_eq!(
         readable("r", "SELECT"),
-        5,
-        "catalog, signing, overflow, journal, consumers"
+        6,
+        "catalog, signing, overflow, journal, consumers, dead_letters"
     );
     assert_eq!(
         readable("S", "USAGE"),
-        2,
-        "the journal's and overflow's ids"
+        3,
+        "the journal's, overflow's and dead letters' ids"
     );
-    assert_eq!(readable("r", "UPDATE"), 1, "consumers only");
+    assert_eq!(
+        readable("r", "UPDATE"),
+        2,
+        "consumers and dead_letters only"
+    );
 
     // Statement capture, on a journal tier only.
     let statement = ["install-sql", &pg.url, "-t", "users", "-o", "insert"];

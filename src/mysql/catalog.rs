@@ -331,11 +331,12 @@ pub(crate) async fn install(
     let mut wait = LockWait::new("installing triggers", options.timeout);
     lock(conn, &mut wait).await?;
     let outcome = async {
-        for (statement, table) in
-            ddl::setup_statements(database)
-                .into_iter()
-                .zip([CATALOG, ddl::JOURNAL, ddl::CONSUMERS])
-        {
+        for (statement, table) in ddl::setup_statements(database).into_iter().zip([
+            CATALOG,
+            ddl::JOURNAL,
+            ddl::CONSUMERS,
+            ddl::DEAD_LETTERS,
+        ]) {
             ddl_statement(
                 conn,
                 &mut wait,

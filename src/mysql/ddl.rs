@@ -49,6 +49,8 @@ pub(crate) const JOURNAL: &str = "sqlnotify_journal";
 pub(crate) const CATALOG: &str = "sqlnotify_catalog";
 /// The consumer cursor table's name.
 pub(crate) const CONSUMERS: &str = "sqlnotify_consumers";
+/// The dead-letter table's name (see `dead_letters.rs`).
+pub(crate) const DEAD_LETTERS: &str = "sqlnotify_dead_letters";
 /// The `sql_mode` triggers are created (and so run) under: none of the strict modes, so a
 /// payload over `max_allowed_packet` becomes NULL (and a key-only event) instead of failing
 /// the user's write. See the module documentation.
@@ -169,6 +171,7 @@ pub(crate) fn setup_statements(database: &str) -> Vec<String> {
 ) ENGINE=InnoDB",
             qualified(database, CONSUMERS)
         ),
+        super::dead_letters::create_table_sql(database),
     ]
 }
 
@@ -298,7 +301,8 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str) -> Strin
 /// run a notifier against objects someone else installed: see the watched tables and their
 /// triggers (MySQL shows a table's columns only to accounts with a privilege on it, and its
 /// triggers only to accounts with `TRIGGER` on it: verification reads both), read the catalog, read
-/// and trim the journal, write custom events to it, keep consumer positions. Writers need
+/// and trim the journal, write custom events to it, keep consumer positions, record dead
+/// letters. Writers need
 /// none: triggers run with their definer's privileges.
 pub(crate) fn grant_sql(
     watches: &[ResolvedWatch],
@@ -327,10 +331,12 @@ pub(crate) fn grant_sql(
         "\n-- what the notifier's account {to} needs\n{see}\
          GRANT SELECT ON {} TO {to};\n\
          GRANT SELECT, INSERT, DELETE ON {} TO {to};\n\
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n",
         qualified(database, CATALOG),
         qualified(database, JOURNAL),
         qualified(database, CONSUMERS),
+        qualified(database, DEAD_LETTERS),
     ))
 }
 
@@ -444,6 +450,7 @@ mod tests {
         let s = install_script(&[watch(Operation::Insert, &[])], "db");
         assert!(s.contains("SELECT GET_LOCK('sqlnotify_install', 30);"));
         assert!(s.contains("CREATE TABLE IF NOT EXISTS `db`.`sqlnotify_journal`"));
+        assert!(s.contains("CREATE TABLE IF NOT EXISTS `db`.`sqlnotify_dead_letters`"));
         assert!(s.contains("DROP TRIGGER IF EXISTS `app`.`sqlnotify_o'brien\\x`;"));
         assert!(s.contains("REPLACE INTO `db`.`sqlnotify_catalog`"));
         // triggers are created under the non-strict mode, and the session's mode is restored

@@ -17,9 +17,9 @@
 //! Triggers are created under a non-strict `sql_mode` so a row too large for a payload never
 //! fails the user's write (see `ddl.rs`).
 //!
-//! What sqlnotify creates: three tables in the URL's database — `sqlnotify_catalog`,
-//! `sqlnotify_journal`, `sqlnotify_consumers` (registered consumers, see `consumers.rs`) — and
-//! one trigger per watch, named after its channel, in the watched table's database. Triggers name the journal with its database, so
+//! What sqlnotify creates: four tables in the URL's database — `sqlnotify_catalog`,
+//! `sqlnotify_journal`, `sqlnotify_consumers` (registered consumers, see `consumers.rs`),
+//! `sqlnotify_dead_letters` (see `dead_letters.rs`) — and one trigger per watch, named after its channel, in the watched table's database. Triggers name the journal with its database, so
 //! tables of other databases on the same server can be watched too
 //! (`Watch::new("otherdb.table", …)`). Triggers do not fire for changes made by foreign-key
 //! cascades (a MySQL limitation).
@@ -36,6 +36,7 @@
 mod catalog;
 mod consumers;
 mod ddl;
+mod dead_letters;
 mod journal;
 mod listener;
 
@@ -49,6 +50,7 @@ use serde_json::Value;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::consumer::ConsumerInfo;
+use crate::dead_letters::DeadLetterStore;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
@@ -347,6 +349,13 @@ impl Dialect for Mysql {
         self.control.run(move |conn| {
             Box::pin(async move { consumers::backlog(conn, &database, &name).await })
         })
+    }
+
+    fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>> {
+        Ok(Arc::new(dead_letters::MysqlDeadLetters::new(
+            self.control.clone(),
+            self.database.clone(),
+        )))
     }
 }
 

@@ -20,8 +20,8 @@ pub(crate) const INSTALL_LOCK: i64 = 0x7371_6c6e_6f74_6966;
 /// `json_build_object` takes at most 100 arguments (50 columns); wider payloads use `row_to_json`.
 const MAX_BUILD_OBJECT_COLUMNS: usize = 50;
 
-/// Creates the schema, the catalog, the overflow table, the journal and the consumers table if
-/// missing, and upgrades a journal of an older version (the `events` column). Run under the
+/// Creates the schema, the catalog, the overflow table, the journal, the consumers table and
+/// the dead-letter table if missing, and upgrades a journal of an older version (the `events` column). Run under the
 /// install lock, at every start.
 ///
 /// Only what is missing is touched: `CREATE INDEX IF NOT EXISTS` and `ALTER TABLE … IF NOT
@@ -144,11 +144,13 @@ BEGIN
   END LOOP;
 END
 $sqn$;
-{consumers}",
+{consumers}
+{dead_letters}",
         s = quote_ident(SCHEMA),
         lit = quote_literal(SCHEMA),
         key = signing::create_key_sql(),
         consumers = super::consumers::setup_sql(),
+        dead_letters = super::dead_letters::setup_sql(),
     )
 }
 
@@ -621,16 +623,16 @@ ON CONFLICT (channel) DO UPDATE SET table_schema = EXCLUDED.table_schema, table_
 /// The privileges a role needs to run a notifier against objects someone else installed
 /// (`manage_triggers(false)`): read the catalog (verification) and the signing key (verifying
 /// notifications), read and expire the overflow table and the journal, write custom events to
-/// them, and keep consumer positions. Writers need none of this: trigger functions run as
-/// their owner.
+/// them, keep consumer positions and record dead letters. Writers need none of this: trigger
+/// functions run as their owner.
 pub(crate) fn grant_sql(role: &str) -> String {
     let (s, r) = (quote_ident(SCHEMA), quote_ident(role));
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
 GRANT SELECT ON {s}.catalog, {s}.signing TO {r};
 GRANT SELECT, INSERT, DELETE ON {s}.overflow, {s}.journal TO {r};
-GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.consumers TO {r};
-GRANT USAGE ON SEQUENCE {s}.overflow_id_seq, {s}.journal_id_seq TO {r};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.consumers, {s}.dead_letters TO {r};
+GRANT USAGE ON SEQUENCE {s}.overflow_id_seq, {s}.journal_id_seq, {s}.dead_letters_id_seq TO {r};
 "
     )
 }
@@ -903,6 +905,32 @@ mod tests {
             "definition_hash = pg_catalog.md5({}))",
             quote_literal(&definition(&w))
         )));
+    }
+
+    #[test]
+    fn the_install_script_creates_every_table_and_grants_them() {
+        let script = install_script(&[], Some("app"));
+        for table in [
+            "catalog",
+            "overflow",
+            "journal",
+            "signing",
+            "consumers",
+            "dead_letters",
+        ] {
+            assert!(
+                script.contains(&format!(
+                    "CREATE TABLE IF NOT EXISTS \"sqlnotify\".{table} ("
+                )),
+                "{table}"
+            );
+        }
+        let grants = script.find("-- what the notifier's role").unwrap();
+        assert!(script.find("dead_letters (").unwrap() < grants);
+        assert!(script[grants..].contains(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON \"sqlnotify\".consumers, \"sqlnotify\".dead_letters TO \"app\";"
+        ));
+        assert!(script[grants..].contains("\"sqlnotify\".dead_letters_id_seq TO \"app\";"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The PostgreSQL dialect: triggers that `pg_notify`, a LISTENing connection per notifier,
-//! and the `sqlnotify` schema (catalog + overflow table).
+//! and the `sqlnotify` schema (catalog, overflow table, journal, consumers, dead letters).
 //!
 //! The connection URL is parsed by tokio-postgres' own [`Config`] and used unchanged for every
 //! connection, so everything the user put in it — host or unix-socket directory, port, user,
@@ -10,6 +10,7 @@ mod consumers;
 mod control;
 mod custom;
 mod ddl;
+mod dead_letters;
 pub(crate) mod effects;
 mod journal;
 mod listener;
@@ -23,6 +24,7 @@ use tokio_postgres::Config;
 
 use self::control::Control;
 use crate::consumer::ConsumerInfo;
+use crate::dead_letters::DeadLetterStore;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
@@ -189,5 +191,11 @@ impl Dialect for Postgres {
     fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
         let control = self.control.clone();
         Box::pin(async move { consumers::backlog(&*control.client().await?, &name).await })
+    }
+
+    fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>> {
+        Ok(Arc::new(dead_letters::PgDeadLetters::new(
+            self.control.clone(),
+        )))
     }
 }

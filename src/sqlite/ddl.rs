@@ -21,7 +21,8 @@ const MAX_OBJECT_COLUMNS: usize = 60;
 /// Creates sqlnotify's tables if missing. Runs inside the install transaction. (A consumers
 /// table of an older version gets its new columns from `consumers::ensure`.)
 pub(crate) fn setup_sql() -> String {
-    "CREATE TABLE IF NOT EXISTS sqlnotify_catalog (
+    format!(
+        "CREATE TABLE IF NOT EXISTS sqlnotify_catalog (
     channel TEXT PRIMARY KEY,
     table_name TEXT NOT NULL,
     operation TEXT NOT NULL,
@@ -42,8 +43,10 @@ CREATE TABLE IF NOT EXISTS sqlnotify_consumers (
     channels TEXT,
     expire_after REAL,
     missed TEXT
-);"
-    .to_string()
+);
+{}",
+        super::dead_letters::setup_sql()
+    )
 }
 
 /// A JSON-text expression of `columns` of `row` (NEW or OLD), in order.
@@ -177,6 +180,20 @@ mod tests {
         assert!(t.contains("AFTER UPDATE OF \"a\", \"b\" ON"));
         assert!(t.contains("WHEN OLD.\"a\" IS NOT NEW.\"a\" OR OLD.\"b\" IS NOT NEW.\"b\""));
         assert!(trigger_sql(&watch(Operation::Delete, 0)).contains("OLD.\"select\""));
+    }
+
+    #[test]
+    fn the_install_script_creates_every_table() {
+        let script = install_script(&[]);
+        for table in ["catalog", "journal", "consumers", "dead_letters"] {
+            assert!(
+                script.contains(&format!("CREATE TABLE IF NOT EXISTS sqlnotify_{table} (")),
+                "{table}"
+            );
+        }
+        assert!(script.contains(
+            "CREATE INDEX IF NOT EXISTS sqlnotify_dead_letters_handler_state\n    ON sqlnotify_dead_letters (handler, state);"
+        ));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The SQLite dialect: triggers append to a journal table that listeners read by cursor.
 //!
 //! What sqlnotify changes on a SQLite database: it switches it to WAL mode (persistent, so
-//! the application's writers are never blocked by a listener's reads), and creates three
+//! the application's writers are never blocked by a listener's reads), and creates four
 //! tables — `sqlnotify_catalog`, `sqlnotify_journal`, `sqlnotify_consumers` (registered
-//! consumers, see `consumers.rs`) — and one trigger per watch, named after its channel. Every
+//! consumers, see `consumers.rs`), `sqlnotify_dead_letters` (see `dead_letters.rs`) — and one
+//! trigger per watch, named after its channel. Every
 //! connection it opens sets a busy timeout and keeps its transactions short.
 //!
 //! URLs: `sqlite:///absolute/path.db` and `sqlite://relative/path.db`. The file must exist.
@@ -13,6 +14,7 @@
 mod catalog;
 mod consumers;
 mod ddl;
+mod dead_letters;
 mod journal;
 mod listener;
 
@@ -25,6 +27,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 
 use crate::consumer::ConsumerInfo;
+use crate::dead_letters::DeadLetterStore;
 use crate::dialect::{Dialect, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
@@ -228,6 +231,13 @@ impl Dialect for Sqlite {
 
     fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
         self.blocking(move |conn| consumers::backlog(conn, &name))
+    }
+
+    fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>> {
+        Ok(Arc::new(dead_letters::SqliteDeadLetters::new(
+            self.control.clone(),
+            self.path.clone(),
+        )))
     }
 }
 

@@ -1,0 +1,603 @@
+//! The dead-letter table on PostgreSQL, SQLite and MySQL / MariaDB (feature `mysql`): the
+//! handler engine's calls (recording failures, upserts across processes, resolving, taking
+//! requested rows, handing them back) through `sqlnotify::bench_support::DeadLetterCalls`,
+//! and the public `DeadLetters` API (list, get, retry, discard, counts) — from a builder
+//! without a notifier and from a running one. Also: reads create nothing, the first record
+//! creates the table (several at once), the install and its script create it, cleanup keeps
+//! it, two processes taking requested rows at once never take one twice, and rows holding
+//! what no dead letter can are errors naming the table.
+//!
+//! Each test uses a database of its own (a file for SQLite), dropped at the end.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use common::backend::{Backend, Kind, Pg};
+use sqlnotify::bench_support::{DeadLetterCalls, FailedAttempt};
+use sqlnotify::{DeadLetterCounts, DeadLetterState, DeadLetters, Error, Operation, Tier};
+
+/// The dead-letter table's name on `db`'s dialect.
+fn table(db: &impl Backend) -> &'static str {
+    match db.kind() {
+        Kind::Postgres(_) => "sqlnotify.dead_letters",
+        _ => "sqlnotify_dead_letters",
+    }
+}
+
+/// Whether the dead-letter table exists in `db`.
+async fn has_table(db: &impl Backend) -> bool {
+    let sql = match db.kind() {
+        Kind::Postgres(_) => {
+            "SELECT (to_regclass('sqlnotify.dead_letters') IS NOT NULL)::int::int8".to_string()
+        }
+        Kind::Sqlite => "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+                         AND name = 'sqlnotify_dead_letters'"
+            .to_string(),
+        Kind::Mysql => "SELECT COUNT(*) FROM information_schema.TABLES \
+                        WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'sqlnotify_dead_letters'"
+            .to_string(),
+    };
+    db.number(&sql).await == 1
+}
+
+fn dead_letters(db: &impl Backend) -> DeadLetters {
+    db.builder().dead_letters().expect("a dead-letter store")
+}
+
+/// A first failed attempt of `handler` on event (`sequence`, `part`).
+fn attempt(handler: &str, sequence: Option<i64>, part: u32) -> FailedAttempt {
+    let key = format!("[{}]", sequence.unwrap_or(0));
+    FailedAttempt {
+        id: None,
+        handler: handler.into(),
+        channel: "sqlnotify_app_orders_insert".into(),
+        sequence,
+        part,
+        event: format!(
+            r#"{{"channel":"sqlnotify_app_orders_insert","id":{},"sequence":{}}}"#,
+            sequence.unwrap_or(0),
+            sequence.map_or("null".to_string(), |s| s.to_string())
+        ),
+        key,
+        attempts: 1,
+        error: "first try failed".into(),
+        dead: false,
+    }
+}
+
+fn counts(retrying: u64, dead: u64, requested: u64, redelivering: u64) -> DeadLetterCounts {
+    let mut counts = DeadLetterCounts::default();
+    counts.retrying = retrying;
+    counts.dead = dead;
+    counts.requested = requested;
+    counts.redelivering = redelivering;
+    counts
+}
+
+/// Within a minute of now (the database's clock is this machine's).
+fn recent(t: SystemTime) -> bool {
+    let now = SystemTime::now();
+    let off = now
+        .duration_since(t)
+        .or_else(|_| t.duration_since(now))
+        .unwrap();
+    off < Duration::from_secs(60)
+}
+
+fn ids(letters: &[sqlnotify::DeadLetter]) -> Vec<i64> {
+    letters.iter().map(|l| l.id).collect()
+}
+
+/// Every call on a database where sqlnotify was never installed: no rows, nothing created.
+async fn reads_find_nothing_and_create_nothing(db: &impl Backend) {
+    let letters = dead_letters(db);
+    let calls = DeadLetterCalls::new(&letters);
+    assert!(letters.list(None, None).await.unwrap().is_empty());
+    assert_eq!(
+        letters.counts(None).await.unwrap(),
+        DeadLetterCounts::default()
+    );
+    let e = letters.get(1).await.unwrap_err();
+    assert!(matches!(e, Error::UnknownDeadLetter { id: 1 }), "{e:?}");
+    assert_eq!(letters.retry(&[1, 2]).await.unwrap(), 0);
+    assert_eq!(letters.retry_handler("billing").await.unwrap(), 0);
+    assert_eq!(letters.discard(&[1]).await.unwrap(), 0);
+    assert_eq!(letters.discard_handler("billing").await.unwrap(), 0);
+    assert!(calls.retrying("billing").await.unwrap().is_empty());
+    assert!(calls
+        .take_requested("billing", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(calls.reset_redelivering("billing").await.unwrap(), 0);
+    calls.resolve(1).await.unwrap();
+    assert!(!has_table(db).await, "reading created the table");
+}
+
+/// A row's whole life, and the API around it.
+async fn a_failure_is_recorded_retried_and_discarded(db: &impl Backend) {
+    reads_find_nothing_and_create_nothing(db).await;
+    let letters = dead_letters(db);
+    let calls = DeadLetterCalls::new(&letters);
+
+    // the first failure creates the table and a `retrying` row
+    let id = calls.record(attempt("billing", Some(10), 0)).await.unwrap();
+    assert!(has_table(db).await);
+    let first = letters.get(id).await.unwrap();
+    assert_eq!(
+        (
+            first.id,
+            first.handler.as_str(),
+            first.state,
+            first.attempts
+        ),
+        (id, "billing", DeadLetterState::Retrying, 1)
+    );
+    assert_eq!((first.sequence, first.part), (Some(10), 0));
+    assert_eq!(first.channel, "sqlnotify_app_orders_insert");
+    assert_eq!(first.key, "[10]");
+    assert_eq!(
+        first.event,
+        r#"{"channel":"sqlnotify_app_orders_insert","id":10,"sequence":10}"#
+    );
+    assert_eq!(first.error, "first try failed");
+    assert!(recent(first.first_failed), "{:?}", first.first_failed);
+    assert!(first.last_failed >= first.first_failed);
+
+    // another process (restart, failover) failing on the same event: the same row
+    let mut again = attempt("billing", Some(10), 0);
+    again.attempts = 2;
+    again.error = "second try failed".into();
+    assert_eq!(calls.record(again).await.unwrap(), id);
+    // and this process again, by id, with a multi-line error kept whole
+    let mut third = attempt("billing", Some(10), 0);
+    third.id = Some(id);
+    third.attempts = 3;
+    third.error = "third try failed:\n  connection reset".into();
+    assert_eq!(calls.record(third.clone()).await.unwrap(), id);
+    let now = letters.get(id).await.unwrap();
+    assert_eq!(now.attempts, 3);
+    assert_eq!(now.error, "third try failed:\n  connection reset");
+    assert_eq!(now.first_failed, first.first_failed, "first_failed is kept");
+    assert!(now.last_failed >= first.last_failed);
+
+    // another row of the same statement-capture journal row; events without a sequence are
+    // new rows each time; another handler's failure on the same event is its own row
+    let part1 = calls.record(attempt("billing", Some(10), 1)).await.unwrap();
+    let loose1 = calls.record(attempt("billing", None, 0)).await.unwrap();
+    let loose2 = calls.record(attempt("billing", None, 0)).await.unwrap();
+    let audit = calls.record(attempt("audit", Some(10), 0)).await.unwrap();
+    let all = [id, part1, loose1, loose2, audit];
+    assert_eq!(all.iter().collect::<BTreeSet<_>>().len(), 5, "{all:?}");
+    assert_eq!(
+        ids(&letters.list(None, None).await.unwrap()),
+        all,
+        "oldest first"
+    );
+    assert_eq!(
+        ids(&letters.list(Some("billing"), Some(2)).await.unwrap()),
+        [id, part1]
+    );
+    assert!(letters.list(Some("nobody"), None).await.unwrap().is_empty());
+    let loose = letters.get(loose1).await.unwrap();
+    assert_eq!((loose.sequence, loose.key.as_str()), (None, "[0]"));
+
+    // what a process taking over continues: the rows with a sequence
+    assert_eq!(
+        calls.retrying("billing").await.unwrap(),
+        [(id, 10, 0, 3), (part1, 10, 1, 1)]
+    );
+    assert_eq!(calls.retrying("audit").await.unwrap(), [(audit, 10, 0, 1)]);
+
+    // retry and discard act on dead rows only
+    assert_eq!(letters.retry(&all).await.unwrap(), 0);
+    assert_eq!(letters.retry_handler("billing").await.unwrap(), 0);
+    assert_eq!(letters.discard(&all).await.unwrap(), 0);
+    assert_eq!(letters.discard_handler("billing").await.unwrap(), 0);
+    assert_eq!(letters.counts(None).await.unwrap(), counts(5, 0, 0, 0));
+
+    // out of attempts: dead (by id), and by upsert for an event recorded by another process
+    let mut last = third;
+    last.attempts = 5;
+    last.dead = true;
+    last.error = "gave up".into();
+    assert_eq!(calls.record(last).await.unwrap(), id);
+    let mut dead_part = attempt("billing", Some(10), 1);
+    dead_part.attempts = 5;
+    dead_part.dead = true;
+    assert_eq!(calls.record(dead_part).await.unwrap(), part1);
+    let mut dead_loose = attempt("billing", None, 0);
+    dead_loose.id = Some(loose2);
+    dead_loose.dead = true;
+    assert_eq!(calls.record(dead_loose).await.unwrap(), loose2);
+    let dead = letters.get(id).await.unwrap();
+    assert_eq!(
+        (dead.state, dead.attempts, dead.error.as_str()),
+        (DeadLetterState::Dead, 5, "gave up")
+    );
+    assert_eq!(letters.counts(None).await.unwrap(), counts(2, 3, 0, 0));
+    assert_eq!(
+        letters.counts(Some("billing")).await.unwrap(),
+        counts(1, 3, 0, 0)
+    );
+    assert_eq!(
+        letters.counts(Some("audit")).await.unwrap(),
+        counts(1, 0, 0, 0)
+    );
+    assert_eq!(
+        calls.retrying("billing").await.unwrap(),
+        [],
+        "loose1 has no sequence"
+    );
+
+    // retry: dead → requested (unknown ids and rows not dead are left alone), once
+    assert_eq!(letters.retry(&[id, loose1, 999_999]).await.unwrap(), 1);
+    assert_eq!(letters.retry(&[id]).await.unwrap(), 0);
+    assert_eq!(
+        letters.get(id).await.unwrap().state,
+        DeadLetterState::Requested
+    );
+    assert_eq!(
+        letters.get(loose1).await.unwrap().state,
+        DeadLetterState::Retrying
+    );
+    assert_eq!(letters.retry_handler("billing").await.unwrap(), 2);
+    assert_eq!(letters.counts(None).await.unwrap(), counts(2, 0, 3, 0));
+
+    // taking: oldest first, at most `limit`, each once; marked redelivering
+    assert_eq!(calls.take_requested("audit", 10).await.unwrap(), []);
+    let taken = calls.take_requested("billing", 2).await.unwrap();
+    assert_eq!(ids(&taken), [id, part1]);
+    assert!(taken
+        .iter()
+        .all(|l| l.state == DeadLetterState::Redelivering));
+    assert_eq!((taken[0].attempts, taken[0].sequence), (5, Some(10)));
+    assert_eq!(taken[0].event, first.event, "the whole event comes back");
+    assert_eq!(
+        ids(&calls.take_requested("billing", 10).await.unwrap()),
+        [loose2]
+    );
+    assert_eq!(calls.take_requested("billing", 10).await.unwrap(), []);
+    assert_eq!(letters.counts(None).await.unwrap(), counts(2, 0, 0, 3));
+    // neither retried nor discarded while being delivered again
+    assert_eq!(letters.retry(&[id]).await.unwrap(), 0);
+    assert_eq!(letters.discard(&[id]).await.unwrap(), 0);
+
+    // the process delivering them is gone: handed back, taken again
+    assert_eq!(calls.reset_redelivering("audit").await.unwrap(), 0);
+    assert_eq!(calls.reset_redelivering("billing").await.unwrap(), 3);
+    assert_eq!(letters.counts(None).await.unwrap(), counts(2, 0, 3, 0));
+    assert_eq!(
+        ids(&calls.take_requested("billing", 10).await.unwrap()),
+        [id, part1, loose2]
+    );
+
+    // delivered again: one succeeds (the row goes), one fails (dead again, by id)
+    calls.resolve(id).await.unwrap();
+    let e = letters.get(id).await.unwrap_err();
+    assert!(
+        matches!(e, Error::UnknownDeadLetter { id: gone } if gone == id),
+        "{e:?}"
+    );
+    let mut failed_again = attempt("billing", Some(10), 1);
+    failed_again.id = Some(part1);
+    failed_again.dead = true;
+    failed_again.error = "still failing".into();
+    assert_eq!(calls.record(failed_again).await.unwrap(), part1);
+    let mut loose_again = attempt("billing", None, 0);
+    loose_again.id = Some(loose2);
+    loose_again.dead = true;
+    assert_eq!(calls.record(loose_again).await.unwrap(), loose2);
+    assert_eq!(letters.counts(None).await.unwrap(), counts(2, 2, 0, 0));
+
+    // discard: dead rows only, by id or by handler
+    assert_eq!(letters.discard(&[part1, loose1]).await.unwrap(), 1);
+    assert_eq!(letters.discard_handler("audit").await.unwrap(), 0);
+    assert_eq!(letters.discard_handler("billing").await.unwrap(), 1);
+    assert_eq!(
+        ids(&letters.list(None, None).await.unwrap()),
+        [loose1, audit]
+    );
+
+    // a row deleted by hand while its event was retried: recorded afresh
+    db.run(&format!("DELETE FROM {} WHERE id = {audit}", table(db)))
+        .await;
+    let mut gone = attempt("audit", Some(10), 0);
+    gone.id = Some(audit);
+    gone.attempts = 2;
+    let fresh = calls.record(gone).await.unwrap();
+    assert_ne!(fresh, audit, "ids are not reused");
+    assert_eq!(letters.get(fresh).await.unwrap().attempts, 2);
+}
+
+/// Two stores (two processes) taking requested rows at the same time never take one twice,
+/// and together take them all.
+async fn concurrent_takers_take_each_row_once(db: &impl Backend) {
+    let (a, b) = (dead_letters(db), dead_letters(db));
+    let (calls_a, calls_b) = (DeadLetterCalls::new(&a), DeadLetterCalls::new(&b));
+    let mut recorded = BTreeSet::new();
+    for seq in 1..=40 {
+        let mut failure = attempt("billing", Some(seq), 0);
+        failure.dead = true;
+        recorded.insert(calls_a.record(failure).await.unwrap());
+    }
+    assert_eq!(a.retry_handler("billing").await.unwrap(), 40);
+    let take = |calls: DeadLetterCalls| async move {
+        let mut taken = Vec::new();
+        loop {
+            let batch = calls.take_requested("billing", 3).await.unwrap();
+            if batch.is_empty() {
+                return taken;
+            }
+            taken.extend(ids(&batch));
+        }
+    };
+    let (took_a, took_b) = futures_util::join!(take(calls_a), take(calls_b));
+    let mut all = took_a.clone();
+    all.extend(&took_b);
+    let unique: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        all.len(),
+        "taken twice: {took_a:?} {took_b:?}"
+    );
+    assert_eq!(unique, recorded);
+    assert_eq!(a.counts(None).await.unwrap(), counts(0, 0, 0, 40));
+}
+
+/// Rows holding what no dead letter can: errors naming the table and the row, no panic.
+async fn rows_that_cannot_be_dead_letters_are_errors(db: &impl Backend, bad_time: Option<&str>) {
+    let letters = dead_letters(db);
+    let calls = DeadLetterCalls::new(&letters);
+    let id = calls.record(attempt("billing", Some(1), 0)).await.unwrap();
+    let t = table(db);
+    let check = |e: Error, what: &str| {
+        let text = e.to_string();
+        assert!(matches!(e, Error::InvalidPayload { .. }), "{e:?}");
+        assert!(text.contains(t) && text.contains(what), "{text}");
+    };
+    db.run(&format!("UPDATE {t} SET state = 'Dead' WHERE id = {id}"))
+        .await;
+    check(
+        letters.get(id).await.unwrap_err(),
+        &format!("dead letter {id} has an unknown state \"Dead\""),
+    );
+    check(
+        letters.list(None, None).await.unwrap_err(),
+        "unknown state \"Dead\"",
+    );
+    check(
+        letters.counts(None).await.unwrap_err(),
+        "unknown state \"Dead\"",
+    );
+    db.run(&format!(
+        "UPDATE {t} SET state = 'retrying', attempts = -1 WHERE id = {id}"
+    ))
+    .await;
+    check(
+        letters.get(id).await.unwrap_err(),
+        "has attempts -1, not a count",
+    );
+    check(
+        calls.retrying("billing").await.unwrap_err(),
+        "has attempts -1, not a count",
+    );
+    if let Some(value) = bad_time {
+        db.run(&format!(
+            "UPDATE {t} SET attempts = 1, first_failed = {value} WHERE id = {id}"
+        ))
+        .await;
+        check(letters.get(id).await.unwrap_err(), "has first_failed");
+    }
+}
+
+/// Starting a notifier creates the table with sqlnotify's others; a running notifier's
+/// `dead_letters()` works (and still after `stop()`); `cleanup()` keeps the table and its rows.
+async fn the_install_creates_the_table_and_cleanup_keeps_it(db: &impl Backend) {
+    db.run("CREATE TABLE orders (id INTEGER PRIMARY KEY)").await;
+    let builder = db.builder().watch(db.watch("orders", Operation::Insert));
+    let notifier = builder.clone().start().await.unwrap();
+    assert!(has_table(db).await, "installed with the other tables");
+    let letters = notifier.dead_letters().unwrap();
+    let id = DeadLetterCalls::new(&letters)
+        .record(attempt("billing", Some(1), 0))
+        .await
+        .unwrap();
+    assert_eq!(letters.list(None, None).await.unwrap().len(), 1);
+    notifier.stop().await.unwrap();
+    assert_eq!(letters.get(id).await.unwrap().id, id, "after stop()");
+    assert_eq!(builder.cleanup().await.unwrap(), 1);
+    assert!(has_table(db).await);
+    assert_eq!(ids(&dead_letters(db).list(None, None).await.unwrap()), [id]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn postgres_records_retries_and_discards() {
+    a_failure_is_recorded_retried_and_discarded(&Pg::new(Tier::Durable).await).await;
+}
+
+#[actix_rt::test]
+async fn postgres_takers_take_each_row_once() {
+    concurrent_takers_take_each_row_once(&Pg::new(Tier::Durable).await).await;
+}
+
+#[actix_rt::test]
+async fn postgres_rows_that_cannot_be_dead_letters_are_errors() {
+    let db = Pg::new(Tier::Durable).await;
+    rows_that_cannot_be_dead_letters_are_errors(&db, Some("'infinity'")).await;
+}
+
+#[actix_rt::test]
+async fn postgres_install_creates_the_table_and_cleanup_keeps_it() {
+    the_install_creates_the_table_and_cleanup_keeps_it(&Pg::new(Tier::Durable).await).await;
+}
+
+/// Several processes recording their first failures at once on a database without the table:
+/// it is created once (under the install lock) and every record lands.
+#[actix_rt::test]
+async fn postgres_first_records_at_once_create_the_table_once() {
+    let db = Pg::new(Tier::Durable).await;
+    let records = (0..6).map(|i| {
+        let calls = DeadLetterCalls::new(&dead_letters(&db));
+        async move { calls.record(attempt("billing", Some(i), 0)).await }
+    });
+    let recorded = futures_util::future::join_all(records).await;
+    let ids: BTreeSet<i64> = recorded.into_iter().map(Result::unwrap).collect();
+    assert_eq!(ids.len(), 6);
+    assert_eq!(
+        db.number("SELECT count(*) FROM sqlnotify.dead_letters")
+            .await,
+        6
+    );
+}
+
+/// The install script creates the table (and a role granted what a notifier needs may record).
+#[actix_rt::test]
+async fn postgres_install_script_creates_the_table_and_grants_it() {
+    let db = Pg::new(Tier::Durable).await;
+    db.run("CREATE TABLE orders (id bigint PRIMARY KEY)").await;
+    let (role, role_url) = db.role("app").await;
+    let builder = db.builder().watch(db.watch("orders", Operation::Insert));
+    let script = builder.install_sql_granting(&role).await.unwrap();
+    assert!(!has_table(&db).await);
+    db.run(&script).await;
+    assert!(has_table(&db).await);
+    let letters = sqlnotify::Notifier::builder(role_url)
+        .dead_letters()
+        .unwrap();
+    let id = DeadLetterCalls::new(&letters)
+        .record(attempt("billing", Some(1), 0))
+        .await
+        .unwrap();
+    assert_eq!(letters.get(id).await.unwrap().handler, "billing");
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQLite
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn sqlite_records_retries_and_discards() {
+    a_failure_is_recorded_retried_and_discarded(&common::sqlite::TempDb::new()).await;
+}
+
+#[actix_rt::test]
+async fn sqlite_takers_take_each_row_once() {
+    concurrent_takers_take_each_row_once(&common::sqlite::TempDb::new()).await;
+}
+
+#[actix_rt::test]
+async fn sqlite_rows_that_cannot_be_dead_letters_are_errors() {
+    let db = common::sqlite::TempDb::new();
+    rows_that_cannot_be_dead_letters_are_errors(&db, Some("'yesterday'")).await;
+}
+
+#[actix_rt::test]
+async fn sqlite_install_creates_the_table_and_cleanup_keeps_it() {
+    the_install_creates_the_table_and_cleanup_keeps_it(&common::sqlite::TempDb::new()).await;
+}
+
+#[actix_rt::test]
+async fn sqlite_install_script_creates_the_table() {
+    let db = common::sqlite::TempDb::new();
+    db.exec("CREATE TABLE orders (id INTEGER PRIMARY KEY)");
+    let script = db
+        .builder()
+        .watch(db.watch("orders", Operation::Insert))
+        .install_sql()
+        .await
+        .unwrap();
+    assert!(!has_table(&db).await);
+    db.exec(&script);
+    assert!(has_table(&db).await);
+}
+
+// ---------------------------------------------------------------------------------------------
+// MySQL / MariaDB
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::*;
+    use common::mysql::TestDb;
+    use mysql_async::prelude::Queryable;
+
+    #[actix_rt::test]
+    async fn mysql_records_retries_and_discards() {
+        a_failure_is_recorded_retried_and_discarded(&TestDb::new().await).await;
+    }
+
+    #[actix_rt::test]
+    async fn mysql_takers_take_each_row_once() {
+        concurrent_takers_take_each_row_once(&TestDb::new().await).await;
+    }
+
+    /// (A TIMESTAMP column holds only times.)
+    #[actix_rt::test]
+    async fn mysql_rows_that_cannot_be_dead_letters_are_errors() {
+        rows_that_cannot_be_dead_letters_are_errors(&TestDb::new().await, None).await;
+    }
+
+    #[actix_rt::test]
+    async fn mysql_install_creates_the_table_and_cleanup_keeps_it() {
+        the_install_creates_the_table_and_cleanup_keeps_it(&TestDb::new().await).await;
+    }
+
+    /// A MySQL account of one test (accounts are server-wide), dropped when it ends.
+    struct Account {
+        name: String,
+    }
+
+    impl Drop for Account {
+        fn drop(&mut self) {
+            let sql = format!("DROP USER IF EXISTS '{}'@'%'", self.name);
+            common::on_a_runtime_of_its_own(async move {
+                let mut admin = common::mysql::connect(&common::mysql::server_url()).await;
+                let _ = admin.query_drop(sql).await;
+                let _ = admin.disconnect().await;
+            });
+        }
+    }
+
+    /// The install script creates the table, and an account granted what a notifier needs
+    /// may record.
+    #[actix_rt::test]
+    async fn mysql_install_script_creates_the_table_and_grants_it() {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE orders (id INT PRIMARY KEY)").await;
+        // MySQL account names hold at most 32 characters.
+        let account = Account {
+            name: format!("sqn_dl_{}", &db.name[db.name.len().saturating_sub(20)..]),
+        };
+        db.exec(&format!(
+            "CREATE USER '{}'@'%' IDENTIFIED BY 'sqlnotify-test'",
+            account.name
+        ))
+        .await;
+        let script = db
+            .builder()
+            .watch(db.watch("orders", Operation::Insert))
+            .install_sql_granting(&account.name)
+            .await
+            .unwrap();
+        assert!(!has_table(&db).await);
+        db.exec(&script).await;
+        assert!(has_table(&db).await);
+        let host = db.url.split_once("://").unwrap().1;
+        let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
+        let url = format!("mysql://{}:sqlnotify-test@{host}", account.name);
+        let letters = sqlnotify::Notifier::builder(url).dead_letters().unwrap();
+        let id = DeadLetterCalls::new(&letters)
+            .record(attempt("billing", Some(1), 0))
+            .await
+            .unwrap();
+        assert_eq!(letters.retry(&[id]).await.unwrap(), 0);
+        assert_eq!(letters.get(id).await.unwrap().handler, "billing");
+    }
+}
