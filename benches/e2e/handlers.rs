@@ -20,8 +20,10 @@
 //!   full run, in 5 rounds of 20,000) is committed while it does not run; then it starts and
 //!   drains it. Events/s from the first handler call to the last, so start-up is left out.
 //! * `handlers-latency-1000`: one writer process, single-row transactions at 1,000 rows/s for
-//!   the run time, the consumer running; writer send → handler call (includes the commit),
-//!   and from the writer's commit acknowledgement (`after the commit ack`).
+//!   the run time (5 interleaved rounds in a full run), the consumer running: from the
+//!   writer's commit acknowledgement to the handler call (p50 / p99; it can be negative, the
+//!   event overtaking the ack), and in the details from the writer's send (which includes the
+//!   commit and its flush).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -33,9 +35,7 @@ use tokio_postgres::Client;
 use crate::common::{count, ms, ratio, Table};
 use crate::recorder::Shared;
 use crate::writer::{Spec, Target, Writers};
-use crate::{
-    connect, create_table_sql, latency_row, losses, outcome, watch, Ctx, Load, Outcome, SMALL,
-};
+use crate::{connect, create_table_sql, losses, outcome, watch, Ctx, Load, Outcome, SMALL};
 
 /// The sections, for `--only`.
 pub const BACKLOG: &str = "handlers-backlog";
@@ -340,8 +340,13 @@ async fn backlog(ctx: &Ctx, table: &mut Table) {
     for (kind, (o, effects)) in KINDS[1..].iter().zip(merged) {
         table.row(vec![
             format!(
-                "handlers · a backlog of {} rows drained by a named consumer, durable tier · {}",
-                count((rows * rounds) as f64),
+                "handlers · a backlog of {} rows{} drained by a named consumer, durable tier · {}",
+                count(rows as f64),
+                if rounds > 1 {
+                    format!(" (× {rounds} rounds)")
+                } else {
+                    String::new()
+                },
                 kind.label()
             ),
             "handled ev/s".into(),
@@ -394,15 +399,42 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
         losses(&plain)
     );
     for (kind, (o, effects)) in KINDS[1..].iter().zip(merged) {
-        let mut row = latency_row(
-            format!(
-                "handlers · latency 1000 rows/s, named consumer, durable tier, send → handler call · {}",
-                kind.label()
-            ),
-            &o,
-            Some((&plain, "plain")),
-        );
-        row[5] = format!("{}{}", effects_note(effects, &o), row[5]);
-        table.row(row);
+        table.row(latency_row(kind, &o, effects, &plain));
     }
+}
+
+/// A latency row: commit acknowledged to the writer → handler call, against plain delivery;
+/// send → handler call (which includes the commit) in the details.
+fn latency_row(kind: &Kind, o: &Outcome, effects: Option<i64>, plain: &Outcome) -> Vec<String> {
+    let pair = |a: f64, b: f64| format!("{} / {}", ms(a), ms(b));
+    vec![
+        format!(
+            "handlers · latency 1000 rows/s, named consumer, durable tier, commit ack → handler \
+             call · {}",
+            kind.label()
+        ),
+        "p50 / p99 ms".into(),
+        pair(plain.after_commit_p(50.0), plain.after_commit_p(99.0)),
+        pair(o.after_commit_p(50.0), o.after_commit_p(99.0)),
+        format!(
+            "{} / {}",
+            ratio(o.after_commit_p(50.0), plain.after_commit_p(50.0)),
+            ratio(o.after_commit_p(99.0), plain.after_commit_p(99.0))
+        ),
+        format!(
+            "{}send → handler call (includes the commit) p50/p99 {} (plain {}) · p95 {} (plain \
+             {}) · max {} (plain {}) · commit p50/p99 {} (plain {}) · {} (plain: {})",
+            effects_note(effects, o),
+            pair(o.p(50.0), o.p(99.0)),
+            pair(plain.p(50.0), plain.p(99.0)),
+            ms(o.after_commit_p(95.0)),
+            ms(plain.after_commit_p(95.0)),
+            ms(o.after_commit.last().copied().unwrap_or(f64::NAN)),
+            ms(plain.after_commit.last().copied().unwrap_or(f64::NAN)),
+            pair(o.commit_p(50.0), o.commit_p(99.0)),
+            pair(plain.commit_p(50.0), plain.commit_p(99.0)),
+            losses(o),
+            losses(plain)
+        ),
+    ]
 }
