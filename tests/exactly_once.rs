@@ -19,9 +19,11 @@
 //!
 //! The smaller tests: a failed attempt (an error returned, or an error the handler caught and
 //! ignored, which leaves its transaction aborted) rolls back its writes and the retry applies
-//! them once; a handler failing every attempt leaves no effect and a dead letter; and
-//! `handle_in_transaction` is `Error::Unsupported`, saying why, on SQLite, on MySQL (feature
-//! `mysql`) and on PostgreSQL's notify tier.
+//! them once; a handler failing every attempt leaves no effect and a dead letter; a dead
+//! letter delivered again after its journal row was purged is applied once even when its row
+//! could not be removed after the commit; and `handle_in_transaction` is
+//! `Error::Unsupported`, saying why, on SQLite, on MySQL (feature `mysql`) and on PostgreSQL's
+//! notify tier.
 
 mod common;
 
@@ -819,6 +821,147 @@ async fn a_failed_attempt_rolls_back_its_writes_and_the_retry_applies_them_once(
         letter.error.contains("row 3 always fails"),
         "{:?}",
         letter.error
+    );
+}
+
+/// Starts consumer `redeliver` with a transactional handler `redeliver` on inserts into `src`
+/// that inserts the row's effect and fails on row 1 while `fail` is set (one attempt: a dead
+/// letter at once).
+async fn start_failing_on_1(db: &common::TestDb, fail: Rc<std::cell::Cell<bool>>) -> Notifier {
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("src", Insert).tier(Tier::Durable))
+        .consumer("redeliver")
+        .start()
+        .await
+        .expect("start");
+    notifier
+        .handle_in_transaction(
+            Subscription::new("src", Insert),
+            Handling::new("redeliver")
+                .max_attempts(1)
+                .redelivery_poll(Duration::from_millis(100)),
+            move |event, tx| {
+                let fail = fail.clone();
+                async move {
+                    let id = event.id().as_i64().ok_or("an integer key")?;
+                    tx.client()
+                        .execute("INSERT INTO effects_t VALUES ($1)", &[&id])
+                        .await?;
+                    if id == 1 && fail.get() {
+                        return Err("row 1 fails".into());
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .expect("handle_in_transaction");
+    notifier
+}
+
+/// A dead letter delivered again after its journal row was purged commits its effect; if its
+/// dead-letter row then cannot be removed (here a trigger makes the delete fail once; a crash
+/// at that moment does the same), the record of its effect must outlive the prune of records
+/// of purged rows (1,000 events later), so that the next process, which delivers it again,
+/// skips it rather than applying it a second time.
+#[actix_rt::test]
+async fn a_dead_letter_delivered_again_is_applied_once_even_if_its_row_stays() {
+    if handler_process().await {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE effects_t (src_id bigint NOT NULL);",
+    )
+    .await;
+    let fail = Rc::new(std::cell::Cell::new(true));
+    let notifier = start_failing_on_1(&db, fail.clone()).await;
+    db.exec("INSERT INTO src VALUES (1)").await;
+    db.exec("INSERT INTO src VALUES (2)").await;
+    let stats = || async { notifier.stats().await.expect("stats") };
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            let s = stats().await;
+            s.dead_lettered == 1 && s.handled == 1
+        })
+        .await,
+        "row 1 dead, row 2 handled: {:?}",
+        stats().await
+    );
+    // Row 1's journal row is purged (as the retention does once the position passed it).
+    let sequence = db.count("SELECT min(id) FROM sqlnotify.journal").await;
+    db.exec(&format!(
+        "DELETE FROM sqlnotify.journal WHERE id = {sequence}"
+    ))
+    .await;
+    // Its dead-letter row cannot be deleted for now.
+    db.exec(
+        "CREATE FUNCTION keep_dead_letters() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'dead letters cannot be deleted right now'; END $$;
+         CREATE TRIGGER keep_dead_letters BEFORE DELETE ON sqlnotify.dead_letters
+           FOR EACH ROW EXECUTE FUNCTION keep_dead_letters();",
+    )
+    .await;
+    fail.set(false);
+    let dead_letters = notifier.dead_letters().expect("dead letters");
+    assert_eq!(dead_letters.retry_handler("redeliver").await.unwrap(), 1);
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            stats().await.handled == 2
+        })
+        .await,
+        "row 1 delivered again and handled: {:?}",
+        stats().await
+    );
+    db.exec("DROP TRIGGER keep_dead_letters ON sqlnotify.dead_letters")
+        .await;
+    let effects_of_1 = || async {
+        db.count("SELECT count(*) FROM effects_t WHERE src_id = 1")
+            .await
+    };
+    assert_eq!(effects_of_1().await, 1);
+    let left = dead_letters.counts(Some("redeliver")).await.unwrap();
+    assert_eq!(left.redelivering, 1, "its row stayed: {left:?}");
+    // 1,000 more events: the records of purged rows are pruned.
+    db.exec("INSERT INTO src SELECT g FROM generate_series(3, 1002) g")
+        .await;
+    assert!(
+        common::wait_until(Duration::from_secs(60), || async {
+            stats().await.handled == 1002
+        })
+        .await,
+        "1,000 more handled: {:?}",
+        stats().await
+    );
+    notifier.stop().await.expect("stop");
+
+    // The next process takes the row back and delivers row 1 again: a skip.
+    let notifier = start_failing_on_1(&db, fail).await;
+    let gone = common::wait_until(Duration::from_secs(10), || async {
+        dead_letters.counts(Some("redeliver")).await.unwrap() == Default::default()
+    })
+    .await;
+    let stats = notifier.stats().await.expect("stats");
+    notifier.stop().await.expect("stop");
+    assert!(
+        gone,
+        "the dead letter was delivered again and removed: {stats:?}"
+    );
+    assert_eq!(
+        effects_of_1().await,
+        1,
+        "row 1's effect applied again after a prune: {stats:?}"
+    );
+    assert_eq!(
+        (stats.redelivered, stats.effects_skipped),
+        (1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM effects_t").await,
+        1002,
+        "one effect per row"
     );
 }
 
