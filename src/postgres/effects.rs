@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn the_record_table_is_keyed_by_handler_sequence_and_part() {
         let sql = create_sql();
-        assert!(sql.contains("sqlnotify.effects"), "{sql}");
+        assert!(sql.contains("\"sqlnotify\".effects ("), "{sql}");
         assert!(
             sql.contains("PRIMARY KEY (handler, sequence, part)"),
             "{sql}"
