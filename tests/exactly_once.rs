@@ -287,8 +287,13 @@ impl Processes {
         let record = self.dir.join(format!("process-{n}.record"));
         let stderr = self.dir.join(format!("process-{n}.stderr"));
         let application = common::unique_name(&format!("exactly-{n}"));
-        let separator = if self.url.contains('?') { '&' } else { '?' };
-        let url = format!("{}{separator}application_name={application}", self.url);
+        let url = if !self.url.contains("://") {
+            format!("{} application_name={application}", self.url)
+        } else if self.url.contains('?') {
+            format!("{}&application_name={application}", self.url)
+        } else {
+            format!("{}?application_name={application}", self.url)
+        };
         let mut command = children::rerun(&self.test, &stderr);
         command
             .env(CHILD_URL, url)

@@ -307,6 +307,15 @@ fn merge(runs: Vec<Vec<Run>>) -> Vec<(Outcome, Option<i64>)> {
         .collect()
 }
 
+/// "1/144 of plain delivery's rate · " when the ratio is too small for two decimals.
+fn fraction(rate: f64, plain: f64) -> String {
+    if rate > 0.0 && rate < plain / 10.0 {
+        format!("1/{:.0} of plain delivery's rate · ", plain / rate)
+    } else {
+        String::new()
+    }
+}
+
 /// "effect rows committed 50,000 of 50,000 · " for the exactly-once handler.
 fn effects_note(effects: Option<i64>, o: &Outcome) -> String {
     match effects {
@@ -358,7 +367,8 @@ async fn backlog(ctx: &Ctx, table: &mut Table) {
             ratio(o.delivered_rate, plain.delivered_rate),
             format!(
                 "baseline: plain delivery (subscribe_fn), same consumer setup; from the first \
-                 handler call to the last; {}{} (plain: {})",
+                 handler call to the last; {}{}{} (plain: {})",
+                fraction(o.delivered_rate, plain.delivered_rate),
                 effects_note(effects, &o),
                 losses(&o),
                 losses(&plain)
