@@ -44,7 +44,7 @@ use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, consumer:
 use futures_util::StreamExt;
 use serde_json::Value;
 use sqlnotify::relay::{Relay, RelayStats};
-use sqlnotify::{Notifier, Operation, Subscription, Tier, Watch};
+use sqlnotify::{Capture, Notifier, Operation, Subscription, Tier, Watch};
 use tokio::sync::oneshot;
 use tokio_postgres::{Client, NoTls};
 
@@ -328,10 +328,11 @@ async fn drop_table(ctx: &Ctx, table: &str) {
         .expect("drop table");
 }
 
-fn watch(table: &str) -> Watch {
+fn watch(table: &str, capture: Capture) -> Watch {
     Watch::new(table, Operation::Insert)
         .extra_columns(["sent_us", "payload"])
         .tier(Tier::Durable)
+        .capture(capture)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,6 +347,8 @@ struct Load {
     duration: Duration,
     /// `SET synchronous_commit = off`.
     async_commit: bool,
+    /// How the watch captures the writer's rows.
+    capture: Capture,
 }
 
 /// What the writer reports when done.
@@ -559,9 +562,9 @@ async fn wait_for(target: u64, idle: Duration, cap: Duration, progress: impl Fn(
 }
 
 /// A plain durable-tier notifier on `table` with a counting subscription: the baseline.
-async fn direct(ctx: &Ctx, table: &str, shared: &Shared) -> Notifier {
+async fn direct(ctx: &Ctx, table: &str, shared: &Shared, capture: Capture) -> Notifier {
     let notifier = Notifier::builder(&ctx.url)
-        .watch(watch(table))
+        .watch(watch(table, capture))
         .cleanup_on_stop(true)
         .start()
         .await
@@ -582,11 +585,11 @@ async fn direct(ctx: &Ctx, table: &str, shared: &Shared) -> Notifier {
 }
 
 /// A relay of `table` into a stream and subject prefix of its own, connected to NATS.
-async fn relay(ctx: &Ctx, table: &str, n: u32) -> Relay {
+async fn relay(ctx: &Ctx, table: &str, n: u32, capture: Capture) -> Relay {
     let pid = std::process::id();
     let relay = Relay::builder(
         Notifier::builder(&ctx.url)
-            .watch(watch(table))
+            .watch(watch(table, capture))
             .consumer(format!("bench-relay-{n}"))
             .cleanup_on_stop(true),
         &ctx.nats,
@@ -809,7 +812,7 @@ async fn run_direct(ctx: &Ctx, load: Load) -> Outcome {
     let table = format!("relay_bench_{}", ctx.id());
     create_table(ctx, &table).await;
     let shared = Shared::default();
-    let notifier = direct(ctx, &table, &shared).await;
+    let notifier = direct(ctx, &table, &shared, load.capture).await;
     let report = Writer::start(&ctx.url, &table, load).await.run().await;
     let (idle, cap) = ctx.args.waits();
     wait_for(report.committed, idle, cap, || {
@@ -826,7 +829,7 @@ async fn run_relay_throughput(ctx: &Ctx, load: Load) -> Outcome {
     let n = ctx.id();
     let table = format!("relay_bench_{n}");
     create_table(ctx, &table).await;
-    let relay = relay(ctx, &table, n).await;
+    let relay = relay(ctx, &table, n, load.capture).await;
     let report = Writer::start(&ctx.url, &table, load).await.run().await;
     let (idle, cap) = ctx.args.waits();
     let stored_us = wait_for(report.committed, idle, cap, || relay.stats().published).await;
@@ -844,7 +847,7 @@ async fn run_relay_latency(ctx: &Ctx, load: Load) -> Outcome {
     let n = ctx.id();
     let table = format!("relay_bench_{n}");
     create_table(ctx, &table).await;
-    let relay = relay(ctx, &table, n).await;
+    let relay = relay(ctx, &table, n, load.capture).await;
     let shared = Shared::default();
     let worker = Worker::start(&ctx.nats, relay.stream(), &shared).await;
     let report = Writer::start(&ctx.url, &table, load).await.run().await;
@@ -863,15 +866,28 @@ async fn run_relay_latency(ctx: &Ctx, load: Load) -> Outcome {
 }
 
 async fn throughput(ctx: &Ctx, table: &mut Table) {
+    // Row capture is what most watches use; statement capture takes the trigger's cost off
+    // the writer, so the relay rather than the writer sets the pace.
+    for capture in [Capture::Row, Capture::Statement] {
+        throughput_with(ctx, table, capture).await;
+    }
+}
+
+async fn throughput_with(ctx: &Ctx, table: &mut Table, capture: Capture) {
     let load = Load {
         txn_rows: THROUGHPUT_TXN_ROWS,
         interval: None,
         duration: ctx.args.run_time(),
         async_commit: true,
+        capture,
     };
-    eprintln!("relay throughput: direct subscription …");
+    let capture_name = match capture {
+        Capture::Row => "row capture",
+        _ => "statement capture",
+    };
+    eprintln!("relay throughput ({capture_name}): direct subscription …");
     let base = run_direct(ctx, load).await;
-    eprintln!("relay throughput: relay …");
+    eprintln!("relay throughput ({capture_name}): relay …");
     let relay = run_relay_throughput(ctx, load).await;
     let goal = if relay.rate >= GOAL_EVENTS_PER_S {
         "met"
@@ -887,8 +903,8 @@ async fn throughput(ctx: &Ctx, table: &mut Table) {
     };
     table.row(vec![
         format!(
-            "relay throughput · 1 writer × {THROUGHPUT_TXN_ROWS}-row txns, {PAYLOAD_BYTES} B payload · \
-             relay into a JetStream stream (stored) vs direct subscription (received)"
+            "relay throughput · 1 writer × {THROUGHPUT_TXN_ROWS}-row txns, {PAYLOAD_BYTES} B payload, \
+             {capture_name} · relay into a JetStream stream (stored) vs direct subscription (received)"
         ),
         "events/s".into(),
         count(base.rate),
@@ -914,6 +930,7 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
         interval: Some(LATENCY_INTERVAL),
         duration: ctx.args.run_time(),
         async_commit: false,
+        capture: Capture::Row,
     };
     let rate = f64::from(LATENCY_TXN_ROWS) / LATENCY_INTERVAL.as_secs_f64();
     eprintln!("relay latency: direct subscription …");
@@ -984,7 +1001,7 @@ fn drain_rows(ctx: &Ctx) -> u64 {
 /// will read everything written from now on.
 async fn register(ctx: &Ctx, table: &str, consumer: &str) {
     let notifier = Notifier::builder(&ctx.url)
-        .watch(watch(table))
+        .watch(watch(table, Capture::Row))
         .consumer(consumer)
         .start()
         .await
@@ -1028,7 +1045,7 @@ async fn drain(ctx: &Ctx, table: &mut Table) {
     let counter = received.clone();
     // A named consumer reads nothing before its first subscription: none is missed.
     let notifier = Notifier::builder(&ctx.url)
-        .watch(watch(&name))
+        .watch(watch(&name, Capture::Row))
         .consumer(&direct_consumer)
         .start()
         .await
@@ -1049,7 +1066,7 @@ async fn drain(ctx: &Ctx, table: &mut Table) {
     let started = Instant::now();
     let relay = Relay::builder(
         Notifier::builder(&ctx.url)
-            .watch(watch(&name))
+            .watch(watch(&name, Capture::Row))
             .consumer(&relay_consumer)
             .cleanup_on_stop(true),
         &ctx.nats,

@@ -55,6 +55,14 @@ impl Holds {
         }
     }
 
+    /// Forgets every hold: the events were read under a consumer-group lease this process
+    /// lost, and the process that holds it now delivers them again. Their `Ack`s, if used
+    /// later, release nothing; ordinals read from now on are all larger.
+    pub fn forget(&self) {
+        self.lock().ordinals.clear();
+        self.empty.notify_waiters();
+    }
+
     /// The first held ordinal: every unit before it is released (or was never held).
     pub fn floor(&self) -> Option<u64> {
         self.lock().ordinals.keys().next().copied()
@@ -188,6 +196,18 @@ mod tests {
         drop(two);
         waiter.await.unwrap();
         assert_eq!(holds.floor(), Some(1), "a dropped Ack keeps its hold");
+    }
+
+    #[test]
+    fn forgotten_holds_release_nothing_later() {
+        let holds = Arc::new(Holds::default());
+        holds.hold(4);
+        let ack = Ack::new(4, holds.clone());
+        holds.forget();
+        assert_eq!(holds.floor(), None);
+        holds.hold(9);
+        ack.ack();
+        assert_eq!(holds.floor(), Some(9));
     }
 
     #[test]

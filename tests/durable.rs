@@ -635,6 +635,7 @@ pg_tier_scenarios!([durable_tier: Durable, poll_tier: Poll] {
     resume::a_new_consumer_and_an_unnamed_notifier_start_at_the_head,
     custom::custom_notifications_reach_every_notifier_and_bad_payloads_are_rejected,
     handling::a_restart_in_the_middle_of_a_retry_continues_it,
+    handling::a_failover_continues_retries_and_key_order,
 });
 
 pg_tier_scenarios!([notify_handling: Notify, durable_handling: Durable] {

@@ -140,10 +140,30 @@ impl Engine {
         let mut activated = false;
         let mut ended = false;
         let mut dead_counted = 0u64;
+        // Bumped when this process stands by: outcomes of attempts started before are stale.
+        let mut generation = 0u64;
         loop {
-            if !ended {
+            let role = engine.counters.role();
+            if role == Role::Standby && (!queues.is_empty() || !timers.is_empty()) {
+                // Another process of the consumer group took over: it delivers these again,
+                // in order. Handling them here too would run a key's events in two places.
+                log::info!(
+                    "sqlnotify: handler {:?} stands by; {} events it held are the active \
+                     process's now",
+                    engine.handling.name,
+                    queues.len()
+                );
+                generation += 1;
+                queues = KeyQueues::new(engine.handling.keys_in_flight);
+                timers = FuturesUnordered::new();
+                resume.clear();
+                activated = false;
+            }
+            // Starting (reconnecting): attempts wait until the lease is known again.
+            if !ended && matches!(role, Role::Active | Role::Independent) {
                 while let Some((key, item)) = queues.next() {
-                    running.push(engine.clone().attempt(call.clone(), key, item));
+                    let attempt = engine.clone().attempt(call.clone(), key, item);
+                    running.push(attempt.map(move |outcome| (generation, outcome)));
                 }
             }
             if ended && running.is_empty() {
@@ -152,7 +172,8 @@ impl Engine {
             let room = queues.len() < engine.handling.max_waiting;
             tokio::select! {
                 biased;
-                Some(outcome) = running.next(), if !running.is_empty() => match outcome {
+                Some((started, outcome)) = running.next(), if !running.is_empty() => match outcome {
+                    _ if started != generation => {}
                     Outcome::Done(key) => queues.done(key),
                     Outcome::Retry(key, item) => {
                         queues.retry_later(key);

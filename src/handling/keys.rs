@@ -62,7 +62,6 @@ impl<T> KeyQueues<T> {
     }
 
     /// Whether nothing is held.
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

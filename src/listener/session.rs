@@ -164,6 +164,9 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     );
                     state.placed = false;
                     state.saving = Saving::default();
+                    // What acknowledged subscriptions still hold is the new holder's to
+                    // deliver: held here, it would keep this process from ever saving again.
+                    shell.stats.holds.forget();
                     shell.status(Status::LostLease);
                 }
                 log::info!(

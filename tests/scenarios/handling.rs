@@ -43,67 +43,63 @@ struct Tally {
     attempts: HashMap<(i64, i64), u32>,
 }
 
-/// A handler failing at random 30% of the time over 10,000 events on 100 keys (100 inserts,
-/// then 9,900 updates spread over the keys): every event is handled successfully exactly
+/// A handler failing at random 30% of the time over 10,000 events on 100 keys (updates
+/// spread over 100 rows): every event is handled successfully exactly
 /// once, each key's versions in commit order, and the attempts add up — in the handler's own
 /// count and in `stats()`.
 pub async fn a_flaky_handler_handles_every_event_once_in_key_order(db: &impl Backend) {
     db.run("CREATE TABLE h (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
         .await;
+    // The rows exist before the watch: 10,000 updates spread over them are the events.
+    let inserts: Vec<String> = (1..=KEYS)
+        .map(|k| format!("INSERT INTO h VALUES ({k}, 0);"))
+        .collect();
+    db.run(&inserts.join("\n")).await;
     let notifier = db
         .builder()
-        .watch(db.watch("h", Operation::Insert).extra_columns(["v"]))
         .watch(db.watch("h", Operation::Update).extra_columns(["v"]))
         .start()
         .await
         .unwrap();
     let tally = Rc::new(RefCell::new(Tally::default()));
-    for op in [Operation::Insert, Operation::Update] {
-        let tally = tally.clone();
-        notifier
-            .handle(
-                Subscription::new("h", op),
-                // Each operation its own handler (and name); keys shared by both are the same
-                // rows, but an insert always comes before every update of its row.
-                Handling::new(format!("flaky-{}", op.as_str()))
-                    .max_attempts(50)
-                    .backoff(Duration::from_millis(1), Duration::from_millis(20))
-                    .keys_in_flight(8),
-                move |event| {
-                    let tally = tally.clone();
-                    async move {
-                        let (key, version) = (value(&event, "id"), value(&event, "v"));
-                        let attempt = {
-                            let mut t = tally.borrow_mut();
-                            t.calls += 1;
-                            let attempt = t.attempts.entry((key, version)).or_insert(0);
-                            *attempt += 1;
-                            *attempt
-                        };
-                        // Give other keys a chance to interleave.
-                        tokio::task::yield_now().await;
+    let t = tally.clone();
+    notifier
+        .handle(
+            Subscription::new("h", Operation::Update),
+            Handling::new("flaky")
+                .max_attempts(50)
+                .backoff(Duration::from_millis(1), Duration::from_millis(20))
+                .keys_in_flight(8),
+            move |event| {
+                let tally = t.clone();
+                async move {
+                    let (key, version) = (value(&event, "id"), value(&event, "v"));
+                    let attempt = {
                         let mut t = tally.borrow_mut();
-                        if flaky(key, version, attempt) {
-                            t.failures += 1;
-                            return Err(format!("flaky failure on {key}@{version}").into());
-                        }
-                        t.handled.entry(key).or_default().push(version);
-                        Ok(())
+                        t.calls += 1;
+                        let attempt = t.attempts.entry((key, version)).or_insert(0);
+                        *attempt += 1;
+                        *attempt
+                    };
+                    // Give other keys a chance to interleave.
+                    tokio::task::yield_now().await;
+                    let mut t = tally.borrow_mut();
+                    if flaky(key, version, attempt) {
+                        t.failures += 1;
+                        return Err(format!("flaky failure on {key}@{version}").into());
                     }
-                },
-            )
-            .await
-            .unwrap();
-    }
-    // 100 inserts (version 0), then 9,900 updates in transactions of 300, keys interleaved.
-    let inserts: Vec<String> = (1..=KEYS)
-        .map(|k| format!("INSERT INTO h VALUES ({k}, 0);"))
-        .collect();
-    db.run(&inserts.join("\n")).await;
-    let updates: Vec<String> = (0..EVENTS - KEYS)
+                    t.handled.entry(key).or_default().push(version);
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    // 10,000 updates in transactions of 250, keys interleaved.
+    let updates: Vec<String> = (0..EVENTS)
         .map(|i| format!("UPDATE h SET v = v + 1 WHERE id = {};", (i * 37) % KEYS + 1))
         .collect();
-    for chunk in updates.chunks(300) {
+    for chunk in updates.chunks(250) {
         db.run(&format!("BEGIN;\n{}\nCOMMIT;", chunk.join("\n")))
             .await;
     }
@@ -125,7 +121,7 @@ pub async fn a_flaky_handler_handles_every_event_once_in_key_order(db: &impl Bac
     );
     assert_eq!(handled as i64, EVENTS, "an event handled twice");
     for (key, versions) in &t.handled {
-        let expected: Vec<i64> = (0..versions.len() as i64).collect();
+        let expected: Vec<i64> = (1..=versions.len() as i64).collect();
         assert_eq!(
             versions, &expected,
             "key {key}: versions out of order, missing or repeated"
@@ -416,4 +412,158 @@ pub async fn a_restart_in_the_middle_of_a_retry_continues_it(db: &impl Backend) 
         "the count continued: {second:?}"
     );
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+}
+
+/// One attempt as a process of the group saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Seen {
+    process: char,
+    id: i64,
+    v: i64,
+    attempt: u32,
+    ok: bool,
+}
+
+/// Starts process `process` of consumer group `grp`, whose handler fails `(3, v=1)` until its
+/// 4th attempt (counted across the group) and logs every attempt.
+async fn start_member(db: &impl Backend, process: char, log: Rc<RefCell<Vec<Seen>>>) -> Notifier {
+    let notifier = db
+        .builder()
+        .watch(db.watch("g", Operation::Update).extra_columns(["v"]))
+        .consumer("grp")
+        .start()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Seen>();
+    let log2 = log.clone();
+    actix::spawn(async move {
+        let mut rx = rx;
+        while let Some(seen) = rx.recv().await {
+            log2.borrow_mut().push(seen);
+        }
+    });
+    drop(log);
+    let recorder = tx;
+    notifier
+        .handle_actor(
+            Subscription::new("g", Operation::Update),
+            Handling::new("grp-h")
+                .max_attempts(10)
+                .backoff(Duration::from_millis(300), Duration::from_millis(300))
+                .redelivery_poll(Duration::from_millis(50)),
+            AttemptActor(Box::new(move |a: sqlnotify::Attempt| {
+                let (id, v) = (value(&a.event, "id"), value(&a.event, "v"));
+                let ok = !(id == 3 && v == 1 && a.attempt < 4);
+                let _ = recorder.send(Seen {
+                    process,
+                    id,
+                    v,
+                    attempt: a.attempt,
+                    ok,
+                });
+                Box::pin(async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err("3@1 fails until its 4th attempt".into())
+                    }
+                })
+            }))
+            .start_actor()
+            .recipient(),
+        )
+        .await
+        .unwrap();
+    notifier
+}
+
+/// A consumer group's active process stops while its handler retries row 3's first update
+/// (2 attempts failed): the standby takes over, continues the attempt count (its first attempt
+/// at it is the 3rd or later, not the 1st) and handles row 3's later updates only after it, in
+/// commit order — while the old process, once it stopped, handles nothing more.
+pub async fn a_failover_continues_retries_and_key_order(db: &impl Backend) {
+    db.run("CREATE TABLE g (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+        .await;
+    db.run(
+        "INSERT INTO g VALUES (1, 0); INSERT INTO g VALUES (2, 0); INSERT INTO g VALUES (3, 0); \
+         INSERT INTO g VALUES (4, 0); INSERT INTO g VALUES (5, 0);",
+    )
+    .await;
+    let log = Rc::new(RefCell::new(Vec::<Seen>::new()));
+    let a = start_member(db, 'A', log.clone()).await;
+    assert_eq!(a.stats().await.unwrap().role, sqlnotify::Role::Active);
+    let b = start_member(db, 'B', log.clone()).await;
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
+    let bump = |id: i64| format!("UPDATE g SET v = v + 1 WHERE id = {id};");
+    let script: Vec<String> = [3, 1, 2, 3, 4, 5, 3, 1, 2, 4, 5]
+        .iter()
+        .map(|&id| bump(id))
+        .collect();
+    for statement in &script {
+        db.run(statement).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stored_attempts(db).await.is_some_and(|(n, _)| n >= 2)
+        })
+        .await,
+        "row 3 never failed twice: {:?}",
+        log.borrow()
+    );
+    a.stop().await.unwrap();
+    let stopped_at = log.borrow().len();
+    // Every row's last version handled (row 3: v = 3), by the new active process.
+    let finished = || {
+        let log = log.borrow();
+        [(1, 2), (2, 2), (3, 3), (4, 2), (5, 2)]
+            .iter()
+            .all(|&(id, v)| {
+                log.iter()
+                    .any(|s| s.process == 'B' && s.id == id && s.v == v && s.ok)
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || async { finished() }).await,
+        "the standby did not finish: {:?}",
+        log.borrow()
+    );
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Active);
+    b.stop().await.unwrap();
+    let log = log.borrow();
+    let after: Vec<Seen> = log[stopped_at..].to_vec();
+    assert!(
+        after.iter().all(|s| s.process == 'B'),
+        "the stopped process handled something: {after:?}"
+    );
+    let threes: Vec<&Seen> = log.iter().filter(|s| s.id == 3).collect();
+    let first_b = threes
+        .iter()
+        .find(|s| s.process == 'B')
+        .expect("B attempted row 3");
+    assert_eq!(
+        first_b.v, 1,
+        "row 3's first update comes back first: {threes:?}"
+    );
+    assert!(
+        first_b.attempt >= 3,
+        "the attempt count continued across the failover: {threes:?}"
+    );
+    let b_ok: Vec<i64> = threes
+        .iter()
+        .filter(|s| s.process == 'B' && s.ok)
+        .map(|s| s.v)
+        .collect();
+    assert_eq!(
+        b_ok,
+        [1, 2, 3],
+        "row 3's updates in commit order: {threes:?}"
+    );
+    assert!(
+        !threes.iter().any(|s| s.process == 'A' && s.v > 1),
+        "row 3's later updates waited for the failing one: {threes:?}"
+    );
+    assert!(
+        notifier_dead_letters(db).await.is_empty(),
+        "the row of 3@1 goes once it is handled"
+    );
 }

@@ -41,6 +41,7 @@ macro_rules! journal_dialect_scenarios {
             handling::a_flaky_handler_handles_every_event_once_in_key_order,
             handling::a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_again,
             handling::a_restart_in_the_middle_of_a_retry_continues_it,
+            handling::a_failover_continues_retries_and_key_order,
         );
     };
 }
