@@ -17,12 +17,14 @@
 //!
 //! Run: `scripts/bench [--quick]`, or `cargo bench [--features mysql] --bench e2e -- [--quick]
 //! [--only=latency,…]` (sections: `latency`, `throughput`, `cost`, `idle`, with finer names
-//! such as `latency-200` or `throughput-1w-100r-small`; MySQL: `mysql`, i.e.
-//! `mysql-latency-200`, `mysql-latency-1000`, `mysql-throughput-1w-100r-small`, `mysql-cost`,
-//! `mysql-idle`).
+//! such as `latency-200` or `throughput-1w-100r-small`; handlers against plain delivery on a
+//! named consumer: `handlers`, i.e. `handlers-backlog`, `handlers-latency-1000` (see
+//! `handlers.rs`); MySQL: `mysql`, i.e. `mysql-latency-200`, `mysql-latency-1000`,
+//! `mysql-throughput-1w-100r-small`, `mysql-cost`, `mysql-idle`).
 
 #[path = "../common/mod.rs"]
 mod common;
+mod handlers;
 #[cfg(feature = "mysql")]
 mod mysql;
 mod recorder;
@@ -264,6 +266,8 @@ fn pg_sections() -> Vec<String> {
         "cost-sync",
         "cost-async",
         "idle",
+        handlers::BACKLOG,
+        handlers::LATENCY,
     ]
     .map(String::from)
     .to_vec();
@@ -330,6 +334,7 @@ async fn run(args: Args) {
         throughput(&ctx, &mut table).await;
         cost(&ctx, &mut table).await;
         idle(&ctx, &mut table).await;
+        handlers::run(&ctx, &mut table).await;
     }
     #[cfg(feature = "mysql")]
     if let Some(my) = my {

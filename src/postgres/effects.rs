@@ -9,7 +9,11 @@
 //! same time waits for the first transaction and then skips. Before `COMMIT` one `SELECT 1`
 //! goes in the same round trip, so a transaction the handler left aborted (an error it caught
 //! and ignored) is a failure, not a `COMMIT` that silently rolls back. Records whose journal
-//! row is purged can never be delivered again: they are deleted every `PRUNE_EVERY` events.
+//! row is purged can no longer come from the journal: they are deleted every `PRUNE_EVERY`
+//! events — except those of an event that still has a dead-letter row. A dead letter delivered
+//! again long after its journal row was purged commits its record like any event, and its row
+//! goes only after that commit; if it does not go (the process died in between, or the delete
+//! failed), the next process delivers it again, and only the record makes that a skip.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -206,14 +210,17 @@ impl<F> TxCall<F> {
         ))
     }
 
-    /// Deletes the records of events whose journal rows are purged (they cannot be delivered
-    /// again); failures only cost a later try.
+    /// Deletes the records of events whose journal rows are purged and that have no dead-letter
+    /// row: neither the journal nor a retry can deliver them again. A record whose event has a
+    /// dead-letter row stays (see the module docs). Failures only cost a later try.
     async fn prune(client: &Client, name: &str) {
         let s = quote_ident(SCHEMA);
         let sql = format!(
-            "DELETE FROM {s}.effects WHERE handler = $1 AND sequence < \
+            "DELETE FROM {s}.effects e WHERE e.handler = $1 AND e.sequence < \
              coalesce((SELECT min(id) FROM {s}.journal), \
-                      (SELECT last_value FROM {s}.journal_id_seq))"
+                      (SELECT last_value FROM {s}.journal_id_seq)) \
+             AND NOT EXISTS (SELECT 1 FROM {s}.dead_letters d WHERE d.handler = e.handler \
+                              AND d.sequence = e.sequence AND d.part = e.part)"
         );
         if let Err(e) = client.execute_typed(&sql, &[(&name, Type::TEXT)]).await {
             log::debug!("sqlnotify: handler {name:?} could not prune sqlnotify.effects: {e}");
@@ -293,7 +300,7 @@ mod tests {
     #[test]
     fn the_record_table_is_keyed_by_handler_sequence_and_part() {
         let sql = create_sql();
-        assert!(sql.contains("sqlnotify.effects"), "{sql}");
+        assert!(sql.contains("\"sqlnotify\".effects ("), "{sql}");
         assert!(
             sql.contains("PRIMARY KEY (handler, sequence, part)"),
             "{sql}"
