@@ -529,7 +529,7 @@ pub async fn a_failover_continues_retries_and_key_order(db: &impl Backend) {
     );
     assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Active);
     b.stop().await.unwrap();
-    let log = log.borrow();
+    let log = log.borrow().clone();
     let after: Vec<Seen> = log[stopped_at..].to_vec();
     assert!(
         after.iter().all(|s| s.process == 'B'),
