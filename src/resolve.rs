@@ -73,6 +73,12 @@ pub struct ResolvedWatch {
     pub tier: Tier,
     /// How the trigger captures rows.
     pub capture: Capture,
+    /// UPDATE and DELETE watches with [`Watch::old_values`]: the payload also carries the old
+    /// values (and, on UPDATE, the changed columns). Always false for INSERT watches.
+    pub old_values: bool,
+    /// Every column of the table, in table order, with whether its type has an equality
+    /// operator: what an UPDATE watch with `old_values` compares for its changed list.
+    pub table_columns: Vec<(String, bool)>,
 }
 
 impl ResolvedWatch {
@@ -103,6 +109,26 @@ impl ResolvedWatch {
             format!("{keyword} OF {}", quoted.join(", ")),
             Some(tests.join(" OR ")),
         )
+    }
+}
+
+/// Refuses the first watch in `watches` that has `old_values` and `unsupported` says cannot
+/// carry them (with `reason`, naming what to use instead).
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
+pub(crate) fn refuse_old_values(
+    watches: &[ResolvedWatch],
+    unsupported: impl Fn(&ResolvedWatch) -> bool,
+    reason: &str,
+) -> Result<()> {
+    match watches.iter().find(|w| w.old_values && unsupported(w)) {
+        Some(w) => Err(Error::InvalidWatch {
+            watch: format!(
+                "{}.{} {}",
+                w.channel.schema, w.channel.table, w.channel.operation
+            ),
+            reason: reason.to_string(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -196,6 +222,12 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
         use_overflow_table: watch.use_overflow_table,
         tier: watch.tier,
         capture: watch.capture,
+        old_values: watch.old_values && watch.operation != crate::operation::Operation::Insert,
+        table_columns: table
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.has_equality))
+            .collect(),
     })
 }
 
@@ -273,6 +305,25 @@ mod tests {
             resolve(&Watch::new("users", Operation::Update).primary_keys(["email"]), &t),
             Err(Error::NotPrimaryKey { column, .. }) if column == "email"
         ));
+    }
+
+    #[test]
+    fn old_values_apply_to_updates_and_deletes_only() {
+        for (op, expected) in [
+            (Operation::Insert, false),
+            (Operation::Update, true),
+            (Operation::Delete, true),
+        ] {
+            let r = resolve(&Watch::new("users", op).old_values(true), &users()).unwrap();
+            assert_eq!(r.old_values, expected, "{op}");
+            assert_eq!(r.table_columns.len(), 4);
+            assert_eq!(r.table_columns[3], ("doc".to_string(), false));
+        }
+        assert!(
+            !resolve(&Watch::new("users", Operation::Update), &users())
+                .unwrap()
+                .old_values
+        );
     }
 
     #[test]

@@ -723,3 +723,5 @@ consumer_scenarios!();
 // ---------------------------------------------------------------------------------------------
 
 journal_dialect_scenarios!(TempDb::new());
+
+scenarios!(TempDb::new() => old_values::old_values_and_changed_columns_on_update_and_delete);

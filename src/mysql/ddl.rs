@@ -364,6 +364,8 @@ mod tests {
             use_overflow_table: true,
             tier: crate::tier::Tier::Notify,
             capture: crate::tier::Capture::Row,
+            old_values: false,
+            table_columns: vec![],
         }
     }
 

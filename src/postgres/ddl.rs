@@ -731,6 +731,8 @@ mod tests {
             use_overflow_table: true,
             tier: crate::tier::Tier::Notify,
             capture: Capture::Row,
+            old_values: false,
+            table_columns: vec![],
         }
     }
 

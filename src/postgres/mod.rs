@@ -95,6 +95,11 @@ impl Dialect for Postgres {
     fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
         let (control, watches) = (self.control.clone(), watches.to_vec());
         Box::pin(async move {
+            crate::resolve::refuse_old_values(
+                &watches,
+                |_| true,
+                "old_values(true) is not available on PostgreSQL yet",
+            )?;
             if !watches.iter().any(|w| w.capture == Capture::Statement) {
                 return Ok(());
             }
