@@ -233,15 +233,6 @@ impl Mysql {
 }
 
 impl Dialect for Mysql {
-    fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
-        let refused = crate::resolve::refuse_old_values(
-            watches,
-            |_| true,
-            "old_values(true) is not available on MySQL yet",
-        );
-        Box::pin(async move { refused })
-    }
-
     fn name(&self) -> &'static str {
         "mysql"
     }
