@@ -230,6 +230,41 @@ async fn the_notify_tier_refuses_statement_capture_and_installs_nothing() {
 }
 
 #[actix_rt::test]
+async fn old_values_with_statement_capture_are_refused_and_install_nothing() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    for op in [Update, Delete] {
+        let Err(err) = Notifier::builder(&db.url)
+            .watch(watch("t", op, Tier::Durable).old_values(true))
+            .start()
+            .await
+        else {
+            panic!("old values with statement capture were accepted");
+        };
+        assert!(matches!(err, Error::InvalidWatch { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("public.t {op}"))
+                && message.contains("old_values")
+                && message.contains("Capture::Row"),
+            "{message}"
+        );
+    }
+    // an INSERT watch has no old row: the option changes nothing there
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch("t", Insert, Tier::Durable).old_values(true))
+        .start()
+        .await
+        .unwrap();
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND (tgname LIKE '%update' OR tgname LIKE '%delete')")
+            .await,
+        0
+    );
+}
+
+#[actix_rt::test]
 async fn switching_capture_is_drift_and_reinstalls_on_request() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;

@@ -271,6 +271,48 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
     }
 }
 
+/// The JSON text a row trigger sends for a watch: the carried columns of the row, and for a
+/// watch with `old_values` the metadata member with the old row's carried columns and, on
+/// UPDATE, the names of the table's columns that changed — `IS DISTINCT FROM` with the type's
+/// own equality (so `jsonb` compares as values), as text for types without one (`json`: a
+/// cast to `jsonb` could fail on a document `jsonb` refuses, and the trigger must never fail
+/// the write). The member is spliced in as text: the object `json_expr` renders ends in `}`.
+fn row_payload(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let all = channel.payload_columns();
+    let full = json_expr(channel.operation.row_variable(), &all);
+    if !w.old_values {
+        return full;
+    }
+    let old = format!("'old', ({})::json", json_expr("OLD", &all));
+    let meta = if channel.operation == crate::operation::Operation::Update {
+        let tests: Vec<String> = w
+            .table_columns
+            .iter()
+            .map(|(c, has_eq)| {
+                let q = quote_ident(c);
+                let test = if *has_eq {
+                    format!("OLD.{q} IS DISTINCT FROM NEW.{q}")
+                } else {
+                    format!("OLD.{q}::text IS DISTINCT FROM NEW.{q}::text")
+                };
+                format!("CASE WHEN {test} THEN {} END", quote_literal(c))
+            })
+            .collect();
+        format!(
+            "pg_catalog.json_build_object({old}, 'changed', \
+             pg_catalog.to_json(pg_catalog.array_remove(ARRAY[{}]::text[], NULL)))",
+            tests.join(", ")
+        )
+    } else {
+        format!("pg_catalog.json_build_object({old})")
+    };
+    format!(
+        "pg_catalog.left({full}, -1) || {} || ({meta})::text || '}}'",
+        quote_literal(&format!(",\"{META_KEY}\":"))
+    )
+}
+
 /// `CREATE OR REPLACE FUNCTION` for a watch's trigger function.
 ///
 /// The function never raises because of sqlnotify: an oversized payload goes to the overflow
@@ -421,8 +463,6 @@ END
 /// folded into one by PostgreSQL), the poll tier nothing at all.
 fn journal_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let row = channel.operation.row_variable();
-    let all = channel.payload_columns();
     let chan = quote_literal(&channel.name);
     let wake = match w.tier {
         Tier::Durable => format!("\n  PERFORM pg_catalog.pg_notify({chan}, '');"),
@@ -436,7 +476,7 @@ BEGIN
 END
 ",
         helper = function_name(&channel.name),
-        payload = json_expr(row, &all),
+        payload = row_payload(w),
     );
     function_header(&channel.name, &body)
 }
@@ -456,7 +496,6 @@ fn notify_limit(channel: &crate::event::Channel) -> usize {
 fn notify_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
     let row = channel.operation.row_variable();
-    let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
     let body = format!(
         "
@@ -472,7 +511,7 @@ BEGIN
   RETURN NULL;
 END
 ",
-        full = json_expr(row, &all),
+        full = row_payload(w),
         key_only = json_expr(row, &keys),
         limit = notify_limit(channel),
         helper = function_name(&channel.name),
@@ -792,6 +831,33 @@ mod tests {
         assert!(t.contains(
             "WHEN (OLD.\"email\" IS DISTINCT FROM NEW.\"email\" OR OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text)"
         ));
+    }
+
+    #[test]
+    fn old_values_add_the_old_row_and_the_changed_columns() {
+        let mut w = watch(Operation::Update, None, &["v"]);
+        assert!(!function_sql(&w).contains("OLD."));
+        w.old_values = true;
+        w.table_columns = vec![("id".into(), true), ("doc".into(), false)];
+        for tier in [Tier::Notify, Tier::Durable, Tier::Poll] {
+            w.tier = tier;
+            let f = function_sql(&w);
+            assert!(
+                f.contains(
+                    "pg_catalog.left(pg_catalog.json_build_object(''id'', NEW.\"id\", ''v'', NEW.\"v\")::text, -1) \
+                     || '',\"__sqlnotify\":'' || (pg_catalog.json_build_object(''old'', \
+                     (pg_catalog.json_build_object(''id'', OLD.\"id\", ''v'', OLD.\"v\")::text)::json, ''changed'', \
+                     pg_catalog.to_json(pg_catalog.array_remove(ARRAY[\
+                     CASE WHEN OLD.\"id\" IS DISTINCT FROM NEW.\"id\" THEN ''id'' END, \
+                     CASE WHEN OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text THEN ''doc'' END]::text[], NULL))))::text || ''}''"
+                ),
+                "{tier:?}: {f}"
+            );
+        }
+        w.channel.operation = Operation::Delete;
+        let f = function_sql(&w);
+        assert!(f.contains("(pg_catalog.json_build_object(''old'', (pg_catalog.json_build_object(''id'', OLD.\"id\", ''v'', OLD.\"v\")::text)::json))::text"), "{f}");
+        assert!(!f.contains("changed"), "{f}");
     }
 
     #[test]

@@ -97,8 +97,9 @@ impl Dialect for Postgres {
         Box::pin(async move {
             crate::resolve::refuse_old_values(
                 &watches,
-                |_| true,
-                "old_values(true) is not available on PostgreSQL yet",
+                |w| w.capture == Capture::Statement,
+                "old_values(true) is not available with Capture::Statement yet; \
+                 use Capture::Row for this watch",
             )?;
             if !watches.iter().any(|w| w.capture == Capture::Statement) {
                 return Ok(());
