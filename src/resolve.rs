@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::event::Channel;
+use crate::operation::Operation;
 use crate::tier::{Capture, Tier};
 use crate::watch::Watch;
 
@@ -112,26 +113,6 @@ impl ResolvedWatch {
     }
 }
 
-/// Refuses the first watch in `watches` that has `old_values` and `unsupported` says cannot
-/// carry them (with `reason`, naming what to use instead).
-#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
-pub(crate) fn refuse_old_values(
-    watches: &[ResolvedWatch],
-    unsupported: impl Fn(&ResolvedWatch) -> bool,
-    reason: &str,
-) -> Result<()> {
-    match watches.iter().find(|w| w.old_values && unsupported(w)) {
-        Some(w) => Err(Error::InvalidWatch {
-            watch: format!(
-                "{}.{} {}",
-                w.channel.schema, w.channel.table, w.channel.operation
-            ),
-            reason: reason.to_string(),
-        }),
-        None => Ok(()),
-    }
-}
-
 /// Validates `watch` against `table` (read from the catalog) and resolves its defaults.
 pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
     let unknown = |column: &str, list| Error::UnknownColumn {
@@ -185,10 +166,17 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
         trigger_columns.push((name, column.has_equality));
     }
     if watch.capture == Capture::Statement {
+        // An UPDATE with old values compares (so projects) every column of the table.
+        let compared: Vec<&String> = if watch.old_values && watch.operation == Operation::Update {
+            table.columns.iter().map(|c| &c.name).collect()
+        } else {
+            Vec::new()
+        };
         let reserved = key_columns
             .iter()
             .chain(&extra_columns)
             .chain(trigger_columns.iter().map(|(c, _)| c))
+            .chain(compared)
             .find(|c| c.starts_with(RESERVED_PREFIX));
         if let Some(column) = reserved {
             return Err(Error::InvalidWatch {
@@ -222,7 +210,7 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
         use_overflow_table: watch.use_overflow_table,
         tier: watch.tier,
         capture: watch.capture,
-        old_values: watch.old_values && watch.operation != crate::operation::Operation::Insert,
+        old_values: watch.old_values && watch.operation != Operation::Insert,
         table_columns: table
             .columns
             .iter()
@@ -244,7 +232,6 @@ fn dedup(items: impl Iterator<Item = String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operation::Operation;
 
     fn users() -> TableInfo {
         let col = |name: &str, pk: Option<usize>, eq: bool| ColumnInfo {
@@ -324,6 +311,23 @@ mod tests {
                 .unwrap()
                 .old_values
         );
+    }
+
+    #[test]
+    fn statement_capture_with_old_values_refuses_reserved_names_anywhere_in_the_table() {
+        let mut t = users();
+        t.columns[3].name = "_sqn_n".into();
+        let w = |op| {
+            Watch::new("users", op)
+                .tier(Tier::Durable)
+                .capture(Capture::Statement)
+        };
+        assert!(resolve(&w(Operation::Update), &t).is_ok());
+        assert!(resolve(&w(Operation::Delete).old_values(true), &t).is_ok());
+        assert!(matches!(
+            resolve(&w(Operation::Update).old_values(true), &t),
+            Err(Error::InvalidWatch { reason, .. }) if reason.contains("_sqn_n")
+        ));
     }
 
     #[test]

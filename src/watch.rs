@@ -158,9 +158,9 @@ impl Watch {
     /// ([`ChangeEvent::changed_columns`](crate::ChangeEvent::changed_columns), `IS DISTINCT
     /// FROM` semantics: NULL to a value is a change, NULL to NULL is not). On INSERT it changes
     /// nothing (there is no old row). Part of the watch's definition: turning it on or off is a
-    /// changed watch (drift, or a reinstall with `revoke_on_model_change`). Not available with
-    /// [`Capture::Statement`] on PostgreSQL yet (start fails with [`Error::InvalidWatch`]; the
-    /// other dialects capture such watches per row anyway). Default: false.
+    /// changed watch (drift, or a reinstall with `revoke_on_model_change`). With
+    /// [`Capture::Statement`] on PostgreSQL each new row is paired with its old row by position
+    /// in the transition tables (so statements that change keys pair correctly). Default: false.
     ///
     /// How each dialect compares values for the changed list: PostgreSQL with the column
     /// type's `IS DISTINCT FROM` (`jsonb` as values; `json` and other types without an equality

@@ -95,12 +95,6 @@ impl Dialect for Postgres {
     fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
         let (control, watches) = (self.control.clone(), watches.to_vec());
         Box::pin(async move {
-            crate::resolve::refuse_old_values(
-                &watches,
-                |w| w.capture == Capture::Statement,
-                "old_values(true) is not available with Capture::Statement yet; \
-                 use Capture::Row for this watch",
-            )?;
             if !watches.iter().any(|w| w.capture == Capture::Statement) {
                 return Ok(());
             }
