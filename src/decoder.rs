@@ -95,9 +95,12 @@ impl Decoder {
                     id,
                     extra,
                     truncated,
+                    change,
                 }) => {
                     events.push(
-                        ChangeEvent::new(channel, id, extra, &raw, truncated).placed(start, 0),
+                        ChangeEvent::new(channel, id, extra, &raw, truncated)
+                            .with_change(change)
+                            .placed(start, 0),
                     );
                 }
                 Ok(Decoded::Overflow { reference, id }) => {
@@ -131,9 +134,10 @@ impl Decoder {
                     id,
                     extra,
                     truncated,
+                    change,
                 }) => {
                     Counters::add(&self.stats.overflow_resolved, 1);
-                    ChangeEvent::new(channel, id, extra, &raw, truncated)
+                    ChangeEvent::new(channel, id, extra, &raw, truncated).with_change(change)
                 }
                 Ok(Decoded::Overflow { .. }) => {
                     return self.malformed(&raw, "overflow row is itself a reference");
@@ -190,8 +194,10 @@ impl Decoder {
                     id,
                     extra,
                     truncated,
+                    change,
                 }) => {
-                    let event = ChangeEvent::new(channel.clone(), id, extra, raw, truncated);
+                    let event = ChangeEvent::new(channel.clone(), id, extra, raw, truncated)
+                        .with_change(change);
                     events.push(event.placed(start, part));
                     carried += 1;
                 }

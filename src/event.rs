@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::operation::Operation;
+use crate::payload::Change;
 use crate::tier::Tier;
 
 /// A notification as a listener read it from the database, before decoding.
@@ -201,6 +202,8 @@ struct EventInner {
     ordinal: u64,
     /// Its row index in a statement-capture journal row (0 otherwise).
     part: u32,
+    /// Old values and changed columns ([`Watch::old_values`](crate::Watch::old_values)).
+    change: Change,
 }
 
 impl ChangeEvent {
@@ -221,8 +224,17 @@ impl ChangeEvent {
                 sequence: raw.sequence,
                 ordinal: 0,
                 part: 0,
+                change: Change::default(),
             }),
         }
+    }
+
+    /// The same (just built) event, carrying the old values and changed columns of `change`.
+    pub(crate) fn with_change(mut self, change: Change) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.change = change;
+        }
+        self
     }
 
     /// The same (just built) event, `part` rows into a notification that starts at `ordinal`.
@@ -301,6 +313,25 @@ impl ChangeEvent {
         self.inner.truncated
     }
 
+    /// A carried column's value *before* the change (key or extra column), on UPDATE and DELETE
+    /// events of a watch with [`old_values`](crate::Watch::old_values); `None` otherwise (and
+    /// always on INSERT). A column whose old value was NULL gives `Some(&Value::Null)`.
+    pub fn old(&self, column: &str) -> Option<&Value> {
+        self.inner.change.old.as_ref()?.get(column)
+    }
+    /// The old values of the carried columns (key and extra columns), on UPDATE and DELETE
+    /// events of a watch with [`old_values`](crate::Watch::old_values); `None` otherwise.
+    pub fn old_values(&self) -> Option<&Map<String, Value>> {
+        self.inner.change.old.as_ref()
+    }
+    /// The names of the table's columns (every column, carried or not) whose values really
+    /// changed, in table order, on UPDATE events of a watch with
+    /// [`old_values`](crate::Watch::old_values); `None` otherwise. An UPDATE that set every
+    /// column to its old value gives an empty list.
+    pub fn changed_columns(&self) -> Option<&[String]> {
+        self.inner.change.changed.as_deref()
+    }
+
     /// All carried columns (key columns first, then extra columns) as one JSON object.
     pub fn to_json(&self) -> Value {
         let mut map = Map::with_capacity(self.key_columns().len() + self.inner.extra.len());
@@ -352,6 +383,14 @@ impl ChangeEvent {
         }
         out.extend_from_slice(b",\"truncated\":");
         put(&mut out, &self.is_truncated());
+        if let Some(old) = &self.inner.change.old {
+            out.extend_from_slice(b",\"old\":");
+            put(&mut out, old);
+        }
+        if let Some(changed) = &self.inner.change.changed {
+            out.extend_from_slice(b",\"changed\":");
+            put(&mut out, changed);
+        }
         out.push(b'}');
         String::from_utf8(out).expect("serde_json writes UTF-8")
     }
@@ -403,7 +442,41 @@ impl ChangeEvent {
             raw = raw.with_sequence(sequence);
         }
         let truncated = value["truncated"].as_bool().unwrap_or(false);
-        let mut event = ChangeEvent::new(channel.clone(), id, extra, &raw, truncated);
+        let change = crate::payload::Change {
+            old: match &value["old"] {
+                Value::Object(map) => Some(map.clone()),
+                Value::Null => None,
+                _ => {
+                    return Err(invalid(
+                        name,
+                        "the stored event's old values are not an object".into(),
+                    ))
+                }
+            },
+            changed: match &value["changed"] {
+                Value::Null => None,
+                Value::Array(items) => Some(
+                    items
+                        .iter()
+                        .map(|item| item.as_str().map(str::to_string))
+                        .collect::<Option<Vec<String>>>()
+                        .ok_or_else(|| {
+                            invalid(
+                                name,
+                                "the stored event's changed columns are not all names".into(),
+                            )
+                        })?,
+                ),
+                _ => {
+                    return Err(invalid(
+                        name,
+                        "the stored event's changed columns are not an array".into(),
+                    ))
+                }
+            },
+        };
+        let mut event =
+            ChangeEvent::new(channel.clone(), id, extra, &raw, truncated).with_change(change);
         if let Some(inner) = Arc::get_mut(&mut event.inner) {
             inner.part = part;
         }
@@ -529,7 +602,48 @@ mod tests {
         assert_eq!(back.part(), 3);
         assert_eq!(back.sequence(), Some(42));
 
+        // no old values: no "old"/"changed" fields (the string above); with them: at the end,
+        // and they read back
+        let mut old = Map::new();
+        old.insert("note".into(), Value::Null);
+        let with_old = ChangeEvent::new(
+            channel(&["a", "b"], &["note"]),
+            Key::Composite(vec![json!(1), json!("x")]),
+            Map::new(),
+            &RawNotification::new("sqlnotify_public_t_insert", ""),
+            false,
+        )
+        .with_change(Change {
+            old: Some(old),
+            changed: Some(vec!["note".into()]),
+        });
+        assert_eq!(with_old.old("note"), Some(&Value::Null));
+        assert_eq!(with_old.old("a"), None);
+        assert_eq!(with_old.changed_columns(), Some(&["note".to_string()][..]));
+        assert_eq!(ev.old("note"), None);
+        assert!(ev.old_values().is_none() && ev.changed_columns().is_none());
+        let record = with_old.to_record();
+        assert!(
+            record.ends_with(r#","truncated":false,"old":{"note":null},"changed":["note"]}"#),
+            "{record}"
+        );
+        let back = ChangeEvent::from_record(&record, 0, &channels).unwrap();
+        assert_eq!(back.to_record(), record);
+        assert_eq!(back.old_values(), with_old.old_values());
+
         for (bad, needle) in [
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"old":[1]}"#,
+                "old values are not an object",
+            ),
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"changed":{}}"#,
+                "not an array",
+            ),
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"changed":["a",2]}"#,
+                "not all names",
+            ),
             ("not json", "not JSON"),
             (r#"{"channel":"other","id":1}"#, "not watched"),
             (

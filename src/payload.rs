@@ -11,6 +11,12 @@
 //! * `{"__sqlnotify": {"truncated": true}, "id": 42}` — too large and overflow unavailable:
 //!   the event carries the key only.
 //!
+//! A watch with [`old_values`](crate::Watch::old_values) adds the old row and, on UPDATE, the
+//! changed columns to the metadata of a full payload:
+//! `{"id": 42, "email": "new@b.c", "__sqlnotify": {"old": {"id": 42, "email": "a@b.c"},
+//! "changed": ["email", "updated_at"]}}`. Both are read as untrusted: `old` must be an object,
+//! `changed` an array of strings, and no other member may appear beside them.
+//!
 //! A journal row written by a statement-capture trigger ([`Capture::Statement`]) holds a JSON
 //! array of such row objects, one per changed row, in order.
 //!
@@ -34,10 +40,21 @@ pub(crate) enum Decoded {
         id: Key,
         extra: Map<String, Value>,
         truncated: bool,
+        change: Change,
     },
     /// The row is stored in the overflow table under this token (canonical lower-case UUID
     /// text); `id` is the key sent along.
     Overflow { reference: String, id: Key },
+}
+
+/// The old values and changed columns a payload of an [`old_values`](crate::Watch::old_values)
+/// watch carries (both `None` otherwise).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Change {
+    /// The old values of the carried columns (UPDATE and DELETE).
+    pub old: Option<Map<String, Value>>,
+    /// The table's columns whose values changed (UPDATE).
+    pub changed: Option<Vec<String>>,
 }
 
 /// Parses a payload received on `channel`. The error says what is wrong, for the log.
@@ -83,6 +100,7 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
             id,
             extra: map,
             truncated: false,
+            change: Change::default(),
         }),
         Some(Value::Object(meta)) => {
             if let Some(reference) = meta.get("overflow") {
@@ -99,6 +117,14 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
                     id,
                     extra: Map::new(),
                     truncated: true,
+                    change: Change::default(),
+                })
+            } else if !meta.is_empty() && meta.keys().all(|k| k == "old" || k == "changed") {
+                Ok(Decoded::Row {
+                    id,
+                    extra: map,
+                    truncated: false,
+                    change: take_change(meta)?,
                 })
             } else {
                 Err(format!(
@@ -109,6 +135,32 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
         }
         Some(other) => Err(format!("{META_KEY} metadata is not an object: {other}")),
     }
+}
+
+/// Reads the `old` and `changed` members of a payload's metadata (untrusted: wrong types are
+/// an error naming the member).
+fn take_change(mut meta: Map<String, Value>) -> Result<Change, String> {
+    let old = match meta.remove("old") {
+        None => None,
+        Some(Value::Object(old)) => Some(old),
+        Some(other) => return Err(format!("{META_KEY}.old is not an object: {other}")),
+    };
+    let changed = match meta.remove("changed") {
+        None => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(column) => Ok(column),
+                    other => Err(format!(
+                        "{META_KEY}.changed holds {other}, not a column name"
+                    )),
+                })
+                .collect::<Result<Vec<String>, String>>()?,
+        ),
+        Some(other) => return Err(format!("{META_KEY}.changed is not an array: {other}")),
+    };
+    Ok(Change { old, changed })
 }
 
 /// Whether `text` is a UUID in PostgreSQL's canonical output form (8-4-4-4-12 lower-case hex
@@ -200,9 +252,77 @@ mod tests {
             Decoded::Row {
                 id: Key::Single(json!(42)),
                 extra,
-                truncated: false
+                truncated: false,
+                change: Change::default(),
             }
         );
+    }
+
+    #[test]
+    fn decodes_old_values_and_changed_columns() {
+        let c = channel(&["id"]);
+        let d = decode(
+            r#"{"id": 1, "email": "new", "__sqlnotify": {"old": {"id": 1, "email": null}, "changed": ["email", "at"]}}"#,
+            &c,
+        )
+        .unwrap();
+        match d {
+            Decoded::Row {
+                extra,
+                change,
+                truncated,
+                ..
+            } => {
+                assert!(!truncated);
+                assert_eq!(extra.get("email"), Some(&json!("new")));
+                assert_eq!(extra.len(), 1);
+                let old = change.old.unwrap();
+                assert_eq!(old.get("email"), Some(&Value::Null));
+                assert_eq!(change.changed.unwrap(), ["email", "at"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // old alone (a DELETE), and an empty changed list
+        match decode(r#"{"id": 1, "__sqlnotify": {"old": {"id": 1}}}"#, &c).unwrap() {
+            Decoded::Row { change, .. } => {
+                assert_eq!(change.old.unwrap().len(), 1);
+                assert!(change.changed.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        match decode(r#"{"id": 1, "__sqlnotify": {"changed": []}}"#, &c).unwrap() {
+            Decoded::Row { change, .. } => assert_eq!(change.changed, Some(vec![])),
+            other => panic!("{other:?}"),
+        }
+        for (bad, needle) in [
+            (
+                r#"{"id": 1, "__sqlnotify": {"old": 3}}"#,
+                "old is not an object",
+            ),
+            (
+                r#"{"id": 1, "__sqlnotify": {"old": [1]}}"#,
+                "old is not an object",
+            ),
+            (
+                r#"{"id": 1, "__sqlnotify": {"changed": "a"}}"#,
+                "changed is not an array",
+            ),
+            (
+                r#"{"id": 1, "__sqlnotify": {"changed": ["a", 1]}}"#,
+                "not a column name",
+            ),
+            (
+                r#"{"id": 1, "__sqlnotify": {"changed": [null]}}"#,
+                "not a column name",
+            ),
+            (
+                r#"{"id": 1, "__sqlnotify": {"old": {}, "x": 1}}"#,
+                "unknown",
+            ),
+        ] {
+            let e = decode(bad, &c).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -376,7 +496,35 @@ mod properties {
             let expected_extra = map.clone();
             map.insert("id".into(), id.clone());
             let decoded = decode(&Value::Object(map).to_string(), &channel(vec!["id".into()])).unwrap();
-            prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: expected_extra, truncated: false });
+            prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: expected_extra, truncated: false, change: Change::default() });
+        }
+
+        /// Old values and changed columns round-trip; any other value in their place is a
+        /// reason, never a panic and never a silently accepted event.
+        #[test]
+        fn old_values_round_trip_and_wrong_types_are_rejected(
+            old in prop::collection::btree_map("[a-z]{1,8}", json_value(), 0..6),
+            changed in prop::collection::vec(".*", 0..5),
+            junk in json_value(),
+        ) {
+            let c = channel(vec!["id".into()]);
+            let old: Map<String, Value> = old.into_iter().collect();
+            let meta = serde_json::json!({"old": old.clone(), "changed": changed.clone()});
+            let payload = serde_json::json!({"id": 1, META_KEY: meta}).to_string();
+            let expected = Change { old: Some(old), changed: Some(changed) };
+            match decode(&payload, &c) {
+                Ok(Decoded::Row { change, .. }) => prop_assert_eq!(change, expected),
+                other => prop_assert!(false, "{:?}", other),
+            }
+            for member in ["old", "changed"] {
+                let payload = serde_json::json!({"id": 1, META_KEY: {member: junk.clone()}}).to_string();
+                let valid = match (member, &junk) {
+                    ("old", Value::Object(_)) => true,
+                    ("changed", Value::Array(items)) => items.iter().all(Value::is_string),
+                    _ => false,
+                };
+                prop_assert_eq!(decode(&payload, &c).is_ok(), valid, "{}", payload);
+            }
         }
 
         /// Whatever a statement payload holds, decoding returns results or a reason.

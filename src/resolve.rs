@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::event::Channel;
+use crate::operation::Operation;
 use crate::tier::{Capture, Tier};
 use crate::watch::Watch;
 
@@ -73,6 +74,12 @@ pub struct ResolvedWatch {
     pub tier: Tier,
     /// How the trigger captures rows.
     pub capture: Capture,
+    /// UPDATE and DELETE watches with [`Watch::old_values`]: the payload also carries the old
+    /// values (and, on UPDATE, the changed columns). Always false for INSERT watches.
+    pub old_values: bool,
+    /// Every column of the table, in table order, with whether its type has an equality
+    /// operator: what an UPDATE watch with `old_values` compares for its changed list.
+    pub table_columns: Vec<(String, bool)>,
 }
 
 impl ResolvedWatch {
@@ -159,10 +166,17 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
         trigger_columns.push((name, column.has_equality));
     }
     if watch.capture == Capture::Statement {
+        // An UPDATE with old values compares (so projects) every column of the table.
+        let compared: Vec<&String> = if watch.old_values && watch.operation == Operation::Update {
+            table.columns.iter().map(|c| &c.name).collect()
+        } else {
+            Vec::new()
+        };
         let reserved = key_columns
             .iter()
             .chain(&extra_columns)
             .chain(trigger_columns.iter().map(|(c, _)| c))
+            .chain(compared)
             .find(|c| c.starts_with(RESERVED_PREFIX));
         if let Some(column) = reserved {
             return Err(Error::InvalidWatch {
@@ -196,6 +210,12 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
         use_overflow_table: watch.use_overflow_table,
         tier: watch.tier,
         capture: watch.capture,
+        old_values: watch.old_values && watch.operation != Operation::Insert,
+        table_columns: table
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.has_equality))
+            .collect(),
     })
 }
 
@@ -212,7 +232,6 @@ fn dedup(items: impl Iterator<Item = String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operation::Operation;
 
     fn users() -> TableInfo {
         let col = |name: &str, pk: Option<usize>, eq: bool| ColumnInfo {
@@ -272,6 +291,42 @@ mod tests {
         assert!(matches!(
             resolve(&Watch::new("users", Operation::Update).primary_keys(["email"]), &t),
             Err(Error::NotPrimaryKey { column, .. }) if column == "email"
+        ));
+    }
+
+    #[test]
+    fn old_values_apply_to_updates_and_deletes_only() {
+        for (op, expected) in [
+            (Operation::Insert, false),
+            (Operation::Update, true),
+            (Operation::Delete, true),
+        ] {
+            let r = resolve(&Watch::new("users", op).old_values(true), &users()).unwrap();
+            assert_eq!(r.old_values, expected, "{op}");
+            assert_eq!(r.table_columns.len(), 4);
+            assert_eq!(r.table_columns[3], ("doc".to_string(), false));
+        }
+        assert!(
+            !resolve(&Watch::new("users", Operation::Update), &users())
+                .unwrap()
+                .old_values
+        );
+    }
+
+    #[test]
+    fn statement_capture_with_old_values_refuses_reserved_names_anywhere_in_the_table() {
+        let mut t = users();
+        t.columns[3].name = "_sqn_n".into();
+        let w = |op| {
+            Watch::new("users", op)
+                .tier(Tier::Durable)
+                .capture(Capture::Statement)
+        };
+        assert!(resolve(&w(Operation::Update), &t).is_ok());
+        assert!(resolve(&w(Operation::Delete).old_values(true), &t).is_ok());
+        assert!(matches!(
+            resolve(&w(Operation::Update).old_values(true), &t),
+            Err(Error::InvalidWatch { reason, .. }) if reason.contains("_sqn_n")
         ));
     }
 

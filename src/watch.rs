@@ -45,6 +45,7 @@ pub struct Watch {
     pub(crate) use_overflow_table: bool,
     pub(crate) tier: Tier,
     pub(crate) capture: Capture,
+    pub(crate) old_values: bool,
 }
 
 impl Watch {
@@ -70,6 +71,7 @@ impl Watch {
             use_overflow_table: true,
             tier: Tier::Notify,
             capture: Capture::Row,
+            old_values: false,
         }
     }
 
@@ -147,6 +149,35 @@ impl Watch {
     /// ```
     pub fn capture(mut self, capture: Capture) -> Self {
         self.capture = capture;
+        self
+    }
+
+    /// UPDATE and DELETE watches: also carry the row's *old* values of the watch's columns (key
+    /// and extra columns), read with [`ChangeEvent::old`](crate::ChangeEvent::old), and on
+    /// UPDATE the names of the table's columns whose values really changed
+    /// ([`ChangeEvent::changed_columns`](crate::ChangeEvent::changed_columns), `IS DISTINCT
+    /// FROM` semantics: NULL to a value is a change, NULL to NULL is not). On INSERT it changes
+    /// nothing (there is no old row). Part of the watch's definition: turning it on or off is a
+    /// changed watch (drift, or a reinstall with `revoke_on_model_change`). With
+    /// [`Capture::Statement`] on PostgreSQL each new row is paired with its old row by position
+    /// in the transition tables (so statements that change keys pair correctly). Default: false.
+    ///
+    /// How each dialect compares values for the changed list: PostgreSQL with the column
+    /// type's `IS DISTINCT FROM` (`jsonb` as values; `json` and other types without an equality
+    /// operator as their text), SQLite with `IS NOT` (JSON held in TEXT compares as text),
+    /// MySQL / MariaDB by binary image (`<=>` of `CAST(… AS BINARY)`: MySQL's `JSON` type
+    /// compares its normalised form, so as values; MariaDB's JSON is text and compares as text).
+    ///
+    /// ```
+    /// use sqlnotify::{Operation, Watch};
+    ///
+    /// let w = Watch::new("users", Operation::Update)
+    ///     .extra_columns(["email"])
+    ///     .old_values(true);
+    /// # let _ = w;
+    /// ```
+    pub fn old_values(mut self, yes: bool) -> Self {
+        self.old_values = yes;
         self
     }
 
@@ -295,6 +326,10 @@ mod tests {
         ));
         assert!(Watch::new("users", Operation::Insert)
             .channel_label("o'brien")
+            .precheck()
+            .is_ok());
+        assert!(Watch::new("users", Operation::Insert)
+            .old_values(true)
             .precheck()
             .is_ok());
         let w = Watch::new("shop.orders", Operation::Delete);

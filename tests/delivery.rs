@@ -482,3 +482,7 @@ pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable, poll_tier: Poll]
     delivery::two_notifiers_each_receive_every_event,
     delivery::notifiers_starting_together_on_a_fresh_database_all_start,
 });
+
+pg_tier_scenarios!([old_values_notify: Notify, old_values_durable: Durable, old_values_poll: Poll] {
+    old_values::old_values_and_changed_columns_on_update_and_delete,
+});

@@ -1419,3 +1419,5 @@ async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_us
 // ---------------------------------------------------------------------------------------------
 
 journal_dialect_scenarios!(TestDb::new().await);
+
+scenarios!(TestDb::new().await => old_values::old_values_and_changed_columns_on_update_and_delete);

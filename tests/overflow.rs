@@ -77,6 +77,57 @@ async fn without_overflow_the_event_carries_the_key_only_and_the_write_succeeds(
     notifier.stop().await.unwrap();
 }
 
+/// Old values make a row larger: a 20 kB old value goes through the overflow table with the
+/// rest (stored once, with the old values, and resolved whole); without the overflow table
+/// the event is cut down to the key and carries no old values.
+#[actix_rt::test]
+async fn old_values_overflow_with_the_row_or_are_cut_with_it() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, n int); \
+         INSERT INTO docs VALUES (1, repeat('x', {BIG}), NULL), (2, repeat('x', {BIG}), NULL)"
+    ))
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("docs", Operation::Update)
+                .extra_columns(["body"])
+                .old_values(true),
+        )
+        .watch(
+            Watch::new("docs", Operation::Delete)
+                .extra_columns(["body"])
+                .old_values(true)
+                .use_overflow_table(false),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut upd = Events::subscribe(&notifier, Subscription::new("docs", Operation::Update)).await;
+    let mut del = Events::subscribe(&notifier, Subscription::new("docs", Operation::Delete)).await;
+    // only the old value is big: the event overflows because of it
+    db.exec("UPDATE docs SET body = 'small', n = 1 WHERE id = 1")
+        .await;
+    let e = upd.next().await;
+    assert!(!e.is_truncated());
+    assert_eq!(e.get("body"), Some(&json!("small")));
+    assert_eq!(e.old("body"), Some(&json!("x".repeat(BIG))));
+    assert_eq!(e.changed_columns().unwrap(), ["body", "n"]);
+    assert_eq!(db.count("SELECT count(*) FROM sqlnotify.overflow").await, 1);
+
+    db.exec("DELETE FROM docs WHERE id = 2").await;
+    let e = del.next().await;
+    assert_eq!(e.id().as_i64(), Some(2));
+    assert!(e.is_truncated());
+    assert!(e.old_values().is_none() && e.extra_columns().is_empty());
+    assert_eq!(
+        db.count("SELECT count(*) FROM docs").await,
+        1,
+        "the write was committed"
+    );
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn a_broken_overflow_table_degrades_to_truncated_instead_of_failing_the_write() {
     let db = TestDb::new().await;

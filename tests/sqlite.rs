@@ -723,3 +723,56 @@ consumer_scenarios!();
 // ---------------------------------------------------------------------------------------------
 
 journal_dialect_scenarios!(TempDb::new());
+
+scenarios!(TempDb::new() => old_values::old_values_and_changed_columns_on_update_and_delete);
+
+/// Turning `old_values` on is a changed watch: drift with `revoke_on_model_change(false)`, a
+/// reinstall with it on (and the reinstalled trigger carries old values). An INSERT watch has no
+/// old row: the option leaves its trigger as it is.
+#[actix_rt::test]
+async fn switching_old_values_is_drift_and_reinstalls_on_request() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)");
+    let watches = |old: bool| {
+        [
+            Watch::new("users", Operation::Insert).old_values(old),
+            Watch::new("users", Operation::Update)
+                .extra_columns(["email"])
+                .old_values(old),
+        ]
+    };
+    let [ins, upd] = watches(false);
+    let n = Notifier::builder(db.url())
+        .watch(ins)
+        .watch(upd)
+        .start()
+        .await
+        .unwrap();
+    n.stop().await.unwrap();
+
+    let [ins, upd] = watches(true);
+    let e = Notifier::builder(db.url())
+        .watch(ins.clone())
+        .watch(upd.clone())
+        .revoke_on_model_change(false)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::DefinitionDrift { channel, .. } if channel == "sqlnotify_main_users_update"),
+        "{e:?}"
+    );
+    let n = Notifier::builder(db.url())
+        .watch(ins)
+        .watch(upd)
+        .revoke_on_model_change(true)
+        .start()
+        .await
+        .unwrap();
+    let mut upd = Events::subscribe(&n, Subscription::new("users", Operation::Update)).await;
+    db.exec("INSERT INTO users VALUES (1, NULL); UPDATE users SET email = 'a@b.c' WHERE id = 1");
+    let e = upd.next().await;
+    assert_eq!(e.old("email"), Some(&json!(null)));
+    assert_eq!(e.changed_columns(), Some(&["email".to_string()][..]));
+    n.stop().await.unwrap();
+}

@@ -229,6 +229,122 @@ async fn the_notify_tier_refuses_statement_capture_and_installs_nothing() {
     );
 }
 
+/// Old values under statement capture: each new row is paired with its own old row, also when
+/// the statement changes keys (two ids swapped); changed columns per row, NULL ↔ value, jsonb
+/// as values; a DELETE's old values are the deleted rows; a statement cut into several
+/// journal rows keeps them.
+#[actix_rt::test]
+async fn old_values_pair_each_row_with_its_old_row() {
+    for tier in TIERS {
+        let db = TestDb::new().await;
+        db.exec(
+            "CREATE TABLE t (id int PRIMARY KEY DEFERRABLE, v text, n int, doc jsonb); \
+             INSERT INTO t VALUES (1, 'one', NULL, '{\"a\": 1}'), (2, 'two', 2, NULL), (3, 'three', 3, NULL)",
+        )
+        .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(
+                watch("t", Update, tier)
+                    .extra_columns(["v"])
+                    .old_values(true),
+            )
+            .watch(
+                watch("t", Delete, tier)
+                    .extra_columns(["v"])
+                    .old_values(true),
+            )
+            .start()
+            .await
+            .unwrap();
+        let mut upd = Events::subscribe(&notifier, Subscription::new("t", Update)).await;
+        let mut del = Events::subscribe(&notifier, Subscription::new("t", Delete)).await;
+
+        // swap the keys of rows 1 and 2 (the key is checked at the end of the statement); row 3
+        // keeps its key; NULL -> 5, 2 -> NULL, NULL -> NULL; jsonb with other spacing: no change
+        db.exec(
+            "UPDATE t SET id = CASE id WHEN 1 THEN 2 WHEN 2 THEN 1 ELSE id END, \
+             n = CASE id WHEN 1 THEN 5 WHEN 2 THEN NULL ELSE n END, \
+             doc = CASE id WHEN 1 THEN '{\"a\":1}'::jsonb ELSE doc END",
+        )
+        .await;
+        let mut events = upd.take(3).await;
+        events.sort_by_key(|e| e.get("v").unwrap().as_str().unwrap().to_string());
+        let seen: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.get("v").unwrap().clone(),
+                    e.id().as_i64(),
+                    e.old("id").cloned(),
+                    e.old("v").cloned(),
+                    e.changed_columns().unwrap().to_vec(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    json!("one"),
+                    Some(2),
+                    Some(json!(1)),
+                    Some(json!("one")),
+                    vec!["id".to_string(), "n".into()]
+                ),
+                (
+                    json!("three"),
+                    Some(3),
+                    Some(json!(3)),
+                    Some(json!("three")),
+                    vec![]
+                ),
+                (
+                    json!("two"),
+                    Some(1),
+                    Some(json!(2)),
+                    Some(json!("two")),
+                    vec!["id".to_string(), "n".into()]
+                ),
+            ],
+            "{tier:?}"
+        );
+        assert!(
+            events.iter().all(|e| e.old("n").is_none()),
+            "n is not carried"
+        );
+
+        // a statement larger than one journal row
+        let rows = STATEMENT_CHUNK_ROWS as i64 + 10;
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, 'r' || g FROM generate_series(10, {}) g",
+            rows + 9
+        ))
+        .await;
+        db.exec("UPDATE t SET v = v || '!' WHERE id >= 10").await;
+        let events = upd.take(rows as usize).await;
+        for e in &events {
+            let id = e.id().as_i64().unwrap();
+            assert_eq!(e.old("v"), Some(&json!(format!("r{id}"))), "{tier:?}");
+            assert_eq!(e.get("v"), Some(&json!(format!("r{id}!"))));
+            assert_eq!(e.changed_columns().unwrap(), ["v"]);
+        }
+
+        db.exec("DELETE FROM t WHERE id <= 3").await;
+        let mut events = del.take(3).await;
+        events.sort_by_key(|e| e.id().as_i64());
+        let olds: Vec<_> = events.iter().map(|e| e.old("v").cloned()).collect();
+        assert_eq!(
+            olds,
+            [Some(json!("two")), Some(json!("one")), Some(json!("three"))],
+            "{tier:?}"
+        );
+        assert!(events.iter().all(|e| e.changed_columns().is_none()));
+        upd.assert_empty();
+        del.assert_empty();
+        notifier.stop().await.unwrap();
+    }
+}
+
 #[actix_rt::test]
 async fn switching_capture_is_drift_and_reinstalls_on_request() {
     let db = TestDb::new().await;

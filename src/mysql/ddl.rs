@@ -191,6 +191,34 @@ fn json_object(row: &str, columns: &[&String], data_types: &BTreeMap<String, Str
     format!("JSON_OBJECT({})", args.join(", "))
 }
 
+/// The metadata object of a watch with `old_values`: the old row's carried columns and, on
+/// UPDATE, the names of the table's columns whose binary images differ (`<=>` of
+/// `CAST(… AS BINARY)`, as for `trigger_columns`: NULL to NULL is no change). The list is
+/// joined by `CONCAT_WS`, which skips the NULLs of unchanged columns, and parsed back to JSON.
+fn old_values_meta(w: &ResolvedWatch) -> String {
+    let all = w.channel.payload_columns();
+    let old = format!("'old', {}", json_object("OLD", &all, &w.data_types));
+    if w.channel.operation != crate::operation::Operation::Update {
+        return format!("JSON_OBJECT({old})");
+    }
+    let tests: Vec<String> = w
+        .table_columns
+        .iter()
+        .map(|(c, _)| {
+            let name = serde_json::to_string(c).expect("a string serializes");
+            let c = quote_ident(c);
+            format!(
+                "IF(NOT (CAST(OLD.{c} AS BINARY) <=> CAST(NEW.{c} AS BINARY)), {}, NULL)",
+                quote_literal(&name)
+            )
+        })
+        .collect();
+    format!(
+        "JSON_OBJECT({old}, 'changed', JSON_EXTRACT(CONCAT('[', CONCAT_WS(',', {}), ']'), '$'))",
+        tests.join(", ")
+    )
+}
+
 /// The payload expression of a watch: the full object, or the key marked truncated when the
 /// full object cannot be built.
 fn payload_expr(w: &ResolvedWatch) -> String {
@@ -198,7 +226,14 @@ fn payload_expr(w: &ResolvedWatch) -> String {
     let row = channel.operation.row_variable();
     let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
-    let full = json_object(row, &all, &w.data_types);
+    let mut full = json_object(row, &all, &w.data_types);
+    if w.old_values {
+        full = format!(
+            "JSON_INSERT({full}, {}, {})",
+            quote_literal(&format!("$.{META_KEY}")),
+            old_values_meta(w)
+        );
+    }
     let key_only = json_object(row, &keys, &w.data_types);
     format!(
         "COALESCE({full}, JSON_INSERT({key_only}, {}, JSON_OBJECT('truncated', TRUE)))",
@@ -364,6 +399,8 @@ mod tests {
             use_overflow_table: true,
             tier: crate::tier::Tier::Notify,
             capture: crate::tier::Capture::Row,
+            old_values: false,
+            table_columns: vec![],
         }
     }
 
@@ -443,6 +480,33 @@ mod tests {
             t.contains("'$.__sqlnotify', JSON_OBJECT('truncated', TRUE)"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn old_values_add_the_old_row_and_the_changed_columns() {
+        let mut w = watch(Operation::Update, &["a"]);
+        assert!(!trigger_sql(&w, "db").contains("OLD."));
+        w.old_values = true;
+        w.table_columns = vec![("select".into(), true), ("a\\b".into(), true)];
+        let t = trigger_sql(&w, "db");
+        assert!(
+            t.contains(
+                "COALESCE(JSON_INSERT(JSON_OBJECT('select', NEW.`select`, 'a', NEW.`a`), '$.__sqlnotify', \
+                 JSON_OBJECT('old', JSON_OBJECT('select', OLD.`select`, 'a', OLD.`a`), 'changed', \
+                 JSON_EXTRACT(CONCAT('[', CONCAT_WS(',', \
+                 IF(NOT (CAST(OLD.`select` AS BINARY) <=> CAST(NEW.`select` AS BINARY)), '\"select\"', NULL), \
+                 IF(NOT (CAST(OLD.`a\\b` AS BINARY) <=> CAST(NEW.`a\\b` AS BINARY)), _utf8mb4 X'22615C5C6222', NULL)), ']'), '$'))), \
+                 JSON_INSERT(JSON_OBJECT('select', NEW.`select`)"
+            ),
+            "{t}"
+        );
+        w.channel.operation = Operation::Delete;
+        let t = trigger_sql(&w, "db");
+        assert!(
+            t.contains("'$.__sqlnotify', JSON_OBJECT('old', JSON_OBJECT('select', OLD.`select`, 'a', OLD.`a`)))"),
+            "{t}"
+        );
+        assert!(!t.contains("changed"), "{t}");
     }
 
     #[test]

@@ -271,6 +271,58 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
     }
 }
 
+/// The JSON text a row trigger sends for a watch: the carried columns of the row, and for a
+/// watch with `old_values` the metadata member with the old row's carried columns and, on
+/// UPDATE, the names of the table's columns that changed — `IS DISTINCT FROM` with the type's
+/// own equality (so `jsonb` compares as values), as text for types without one (`json`: a
+/// cast to `jsonb` could fail on a document `jsonb` refuses, and the trigger must never fail
+/// the write). The member is spliced in as text: the object `json_expr` renders ends in `}`.
+fn row_payload(w: &ResolvedWatch) -> String {
+    let new = match w.channel.operation {
+        crate::operation::Operation::Delete => "OLD",
+        _ => "NEW",
+    };
+    payload_with_old(w, new, "OLD")
+}
+
+/// [`row_payload`] for rows named `row` (the row the event reports) and `old` (its old row;
+/// for a DELETE the same row).
+fn payload_with_old(w: &ResolvedWatch, row: &str, old: &str) -> String {
+    let channel = &w.channel;
+    let all = channel.payload_columns();
+    let full = json_expr(row, &all);
+    if !w.old_values {
+        return full;
+    }
+    let old_json = format!("'old', ({})::json", json_expr(old, &all));
+    let meta = if channel.operation == crate::operation::Operation::Update {
+        let tests: Vec<String> = w
+            .table_columns
+            .iter()
+            .map(|(c, has_eq)| {
+                let q = quote_ident(c);
+                let test = if *has_eq {
+                    format!("{old}.{q} IS DISTINCT FROM {row}.{q}")
+                } else {
+                    format!("{old}.{q}::text IS DISTINCT FROM {row}.{q}::text")
+                };
+                format!("CASE WHEN {test} THEN {} END", quote_literal(c))
+            })
+            .collect();
+        format!(
+            "pg_catalog.json_build_object({old_json}, 'changed', \
+             pg_catalog.to_json(pg_catalog.array_remove(ARRAY[{}]::text[], NULL)))",
+            tests.join(", ")
+        )
+    } else {
+        format!("pg_catalog.json_build_object({old_json})")
+    };
+    format!(
+        "pg_catalog.left({full}, -1) || {} || ({meta})::text || '}}'",
+        quote_literal(&format!(",\"{META_KEY}\":"))
+    )
+}
+
 /// `CREATE OR REPLACE FUNCTION` for a watch's trigger function.
 ///
 /// The function never raises because of sqlnotify: an oversized payload goes to the overflow
@@ -342,7 +394,13 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
     // The columns the payload and the change test read (the only ones projected, so no other
     // column of the table can clash with the internal names).
     let mut needed: Vec<&String> = payload.clone();
-    for (c, _) in &w.trigger_columns {
+    let update_with_old = w.old_values && channel.operation == crate::operation::Operation::Update;
+    let changed_list: Vec<&String> = if update_with_old {
+        w.table_columns.iter().map(|(c, _)| c).collect()
+    } else {
+        Vec::new()
+    };
+    for c in w.trigger_columns.iter().map(|(c, _)| c).chain(changed_list) {
         if !needed.contains(&c) {
             needed.push(c);
         }
@@ -351,16 +409,45 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
         .iter()
         .map(|c| format!("_sqn_r.{}", quote_ident(c)))
         .collect();
-    let size = payload
-        .iter()
-        .map(|c| {
+    let size_of = |alias: &str| {
+        payload
+            .iter()
+            .map(|c| {
+                format!(
+                    "coalesce(pg_catalog.pg_column_size({alias}.{}), 0)",
+                    quote_ident(c)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" + ")
+    };
+    // Old values: an UPDATE pairs each new row with its old row by position — PostgreSQL
+    // stores the old and the new tuple of each updated row together, so the n-th rows of
+    // the two transition tables are the same row (a key is no help: a statement may change
+    // keys, even swap them). A DELETE's old row is the row itself.
+    let (size, json, pair) = if update_with_old {
+        (
+            format!("{} + {}", size_of("_sqn_t"), size_of("_sqn_w")),
+            payload_with_old(w, "_sqn_t", "_sqn_w"),
             format!(
-                "coalesce(pg_catalog.pg_column_size(_sqn_t.{}), 0)",
-                quote_ident(c)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" + ");
+                "\n              JOIN (SELECT {}, pg_catalog.row_number() OVER () AS _sqn_n\n                      \
+                 FROM {OLD_TABLE} AS _sqn_r) AS _sqn_w ON _sqn_w._sqn_n = _sqn_t._sqn_n",
+                projected.join(", ")
+            ),
+        )
+    } else if w.old_values {
+        (
+            format!("2 * ({})", size_of("_sqn_t")),
+            payload_with_old(w, "_sqn_t", "_sqn_t"),
+            String::new(),
+        )
+    } else {
+        (
+            size_of("_sqn_t"),
+            json_expr("_sqn_t", &payload),
+            String::new(),
+        )
+    };
     let wake = match w.tier {
         Tier::Durable => {
             format!("\n  IF FOUND THEN\n    PERFORM pg_catalog.pg_notify({chan}, '');\n  END IF;")
@@ -374,14 +461,13 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
       FROM (SELECT {json} AS _sqn_p, _sqn_t._sqn_n, (_sqn_t._sqn_n - 1) / {rows} AS _sqn_c,
                    (pg_catalog.sum({size}) OVER (ORDER BY _sqn_t._sqn_n) - ({size})) / {bytes} AS _sqn_d
               FROM (SELECT {projected}, pg_catalog.row_number() OVER () AS _sqn_n
-                      FROM {table} AS _sqn_r) AS _sqn_t{filter}) AS _sqn_s
+                      FROM {table} AS _sqn_r) AS _sqn_t{pair}{filter}) AS _sqn_s
      GROUP BY _sqn_c, _sqn_d
      ORDER BY _sqn_c, _sqn_d;",
         helper = function_name(&channel.name),
-        json = json_expr("_sqn_t", &payload),
         projected = projected.join(", "),
     );
-    let capture = if filter.is_empty() {
+    let capture = if filter.is_empty() && !w.old_values {
         // The common case, a statement that fits one chunk, takes a cheaper path (about half
         // the trigger time, measured): `json_agg` over the projected rows in scan order,
         // without numbering, windows or grouping. The check reads stored sizes only.
@@ -421,8 +507,6 @@ END
 /// folded into one by PostgreSQL), the poll tier nothing at all.
 fn journal_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let row = channel.operation.row_variable();
-    let all = channel.payload_columns();
     let chan = quote_literal(&channel.name);
     let wake = match w.tier {
         Tier::Durable => format!("\n  PERFORM pg_catalog.pg_notify({chan}, '');"),
@@ -436,7 +520,7 @@ BEGIN
 END
 ",
         helper = function_name(&channel.name),
-        payload = json_expr(row, &all),
+        payload = row_payload(w),
     );
     function_header(&channel.name, &body)
 }
@@ -456,7 +540,6 @@ fn notify_limit(channel: &crate::event::Channel) -> usize {
 fn notify_function_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
     let row = channel.operation.row_variable();
-    let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
     let body = format!(
         "
@@ -472,7 +555,7 @@ BEGIN
   RETURN NULL;
 END
 ",
-        full = json_expr(row, &all),
+        full = row_payload(w),
         key_only = json_expr(row, &keys),
         limit = notify_limit(channel),
         helper = function_name(&channel.name),
@@ -731,6 +814,8 @@ mod tests {
             use_overflow_table: true,
             tier: crate::tier::Tier::Notify,
             capture: Capture::Row,
+            old_values: false,
+            table_columns: vec![],
         }
     }
 
@@ -790,6 +875,33 @@ mod tests {
         assert!(t.contains(
             "WHEN (OLD.\"email\" IS DISTINCT FROM NEW.\"email\" OR OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text)"
         ));
+    }
+
+    #[test]
+    fn old_values_add_the_old_row_and_the_changed_columns() {
+        let mut w = watch(Operation::Update, None, &["v"]);
+        assert!(!function_sql(&w).contains("OLD."));
+        w.old_values = true;
+        w.table_columns = vec![("id".into(), true), ("doc".into(), false)];
+        for tier in [Tier::Notify, Tier::Durable, Tier::Poll] {
+            w.tier = tier;
+            let f = function_sql(&w);
+            assert!(
+                f.contains(
+                    "pg_catalog.left(pg_catalog.json_build_object(''id'', NEW.\"id\", ''v'', NEW.\"v\")::text, -1) \
+                     || '',\"__sqlnotify\":'' || (pg_catalog.json_build_object(''old'', \
+                     (pg_catalog.json_build_object(''id'', OLD.\"id\", ''v'', OLD.\"v\")::text)::json, ''changed'', \
+                     pg_catalog.to_json(pg_catalog.array_remove(ARRAY[\
+                     CASE WHEN OLD.\"id\" IS DISTINCT FROM NEW.\"id\" THEN ''id'' END, \
+                     CASE WHEN OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text THEN ''doc'' END]::text[], NULL))))::text || ''}''"
+                ),
+                "{tier:?}: {f}"
+            );
+        }
+        w.channel.operation = Operation::Delete;
+        let f = function_sql(&w);
+        assert!(f.contains("(pg_catalog.json_build_object(''old'', (pg_catalog.json_build_object(''id'', OLD.\"id\", ''v'', OLD.\"v\")::text)::json))::text"), "{f}");
+        assert!(!f.contains("changed"), "{f}");
     }
 
     #[test]
@@ -883,6 +995,37 @@ mod tests {
             ),
             "{f}"
         );
+    }
+
+    #[test]
+    fn statement_capture_pairs_old_rows_by_position() {
+        let mut w = watch(Operation::Update, None, &["v"]);
+        w.tier = Tier::Durable;
+        w.capture = Capture::Statement;
+        w.old_values = true;
+        w.table_columns = vec![("id".into(), true), ("v".into(), true), ("x".into(), true)];
+        let f = function_sql(&w);
+        assert!(!f.contains("json_agg"), "no fast path: {f}");
+        assert!(
+            f.contains(
+                "JOIN (SELECT _sqn_r.\"id\", _sqn_r.\"v\", _sqn_r.\"x\", pg_catalog.row_number() OVER () AS _sqn_n\n                      \
+                 FROM _sqn_old AS _sqn_r) AS _sqn_w ON _sqn_w._sqn_n = _sqn_t._sqn_n"
+            ),
+            "{f}"
+        );
+        assert!(f.contains("(pg_catalog.json_build_object(''id'', _sqn_w.\"id\", ''v'', _sqn_w.\"v\")::text)::json"), "{f}");
+        assert!(
+            f.contains("CASE WHEN _sqn_w.\"x\" IS DISTINCT FROM _sqn_t.\"x\" THEN ''x'' END"),
+            "{f}"
+        );
+        w.channel.operation = Operation::Delete;
+        let f = function_sql(&w);
+        assert!(!f.contains("JOIN") && !f.contains("changed"), "{f}");
+        assert!(
+            f.contains("FROM _sqn_old AS _sqn_r) AS _sqn_t) AS _sqn_s"),
+            "{f}"
+        );
+        assert!(f.contains("(pg_catalog.json_build_object(''old'', (pg_catalog.json_build_object(''id'', _sqn_t.\"id\", ''v'', _sqn_t.\"v\")::text)::json))::text"), "{f}");
     }
 
     #[test]

@@ -81,11 +81,47 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
     format!("('{{' || {} || '}}')", inner.join(" || ',' || "))
 }
 
+/// The payload expression of a watch: the row's columns, and for a watch with `old_values`
+/// the old row (and on UPDATE the changed columns) in the metadata member. Changed means
+/// `OLD.c IS NOT NEW.c`: SQLite's own comparison of the stored values (NULL to NULL is no
+/// change; JSON held in TEXT compares as text).
+fn payload_expr(w: &ResolvedWatch) -> String {
+    let channel = &w.channel;
+    let columns = channel.payload_columns();
+    let row = json_expr(channel.operation.row_variable(), &columns);
+    if !w.old_values {
+        return row;
+    }
+    let old = format!("'old', json({})", json_expr("OLD", &columns));
+    let meta = if channel.operation == crate::operation::Operation::Update {
+        let tests: Vec<String> = w
+            .table_columns
+            .iter()
+            .map(|(c, _)| {
+                let q = quote_ident(c);
+                let name = serde_json::to_string(c).expect("a string serializes");
+                format!(
+                    "CASE WHEN OLD.{q} IS NOT NEW.{q} THEN {} ELSE '' END",
+                    quote_sqlite_literal(&format!("{name},"))
+                )
+            })
+            .collect();
+        format!(
+            "json_object({old}, 'changed', json('[' || rtrim({}, ',') || ']'))",
+            tests.join(" || ")
+        )
+    } else {
+        format!("json_object({old})")
+    };
+    format!(
+        "json_set({row}, {}, {meta})",
+        quote_sqlite_literal(&format!("$.{}", crate::payload::META_KEY))
+    )
+}
+
 /// `CREATE TRIGGER` for a watch: append the payload to the journal.
 pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let row = channel.operation.row_variable();
-    let columns = channel.payload_columns();
     let (event, changed) = w.trigger_event(|c, _| format!("OLD.{c} IS NOT NEW.{c}"));
     let when = changed.map(|c| format!(" WHEN {c}")).unwrap_or_default();
     format!(
@@ -94,7 +130,7 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
         name = quote_ident(&channel.name),
         table = quote_ident(&channel.table),
         chan = quote_sqlite_literal(&channel.name),
-        payload = json_expr(row, &columns),
+        payload = payload_expr(w),
     )
 }
 
@@ -157,6 +193,8 @@ mod tests {
             use_overflow_table: true,
             tier: crate::tier::Tier::Notify,
             capture: crate::tier::Capture::Row,
+            old_values: false,
+            table_columns: vec![],
         }
     }
 
@@ -194,6 +232,28 @@ mod tests {
         assert!(script.contains(
             "CREATE INDEX IF NOT EXISTS sqlnotify_dead_letters_handler_state\n    ON sqlnotify_dead_letters (handler, state);"
         ));
+    }
+
+    #[test]
+    fn old_values_add_the_old_row_and_the_changed_columns() {
+        let mut w = watch(Operation::Update, 1);
+        assert!(!trigger_sql(&w).contains("OLD."));
+        w.old_values = true;
+        w.table_columns = vec![("select".into(), true), ("we\"ird,".into(), true)];
+        let t = trigger_sql(&w);
+        assert!(t.contains("json_set(json_object('select', "), "{t}");
+        assert!(t.contains("'$.__sqlnotify', json_object('old', json(json_object('select', CASE WHEN typeof(OLD.\"select\")"), "{t}");
+        assert!(
+            t.contains("'changed', json('[' || rtrim(CASE WHEN OLD.\"select\" IS NOT NEW.\"select\" THEN '\"select\",' ELSE '' END || CASE WHEN OLD.\"we\"\"ird,\" IS NOT NEW.\"we\"\"ird,\" THEN '\"we\\\"ird,\",' ELSE '' END, ',') || ']')"),
+            "{t}"
+        );
+        w.channel.operation = Operation::Delete;
+        let t = trigger_sql(&w);
+        assert!(
+            t.contains("json_object('old', json(json_object('select'"),
+            "{t}"
+        );
+        assert!(!t.contains("changed"), "{t}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! By topic: [`delivery`] (operations, keys, filters, trigger columns, several notifiers),
 //! [`custom`] (custom notifications), [`lifecycle`] (drift, revoke, cleanup) and [`resume`]
-//! (named consumers resuming after a restart), [`handling`] (handlers: retries, dead letters, per-key order), [`retention`] (journal purge) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
+//! (named consumers resuming after a restart), [`handling`] (handlers: retries, dead letters, per-key order), [`old_values`] (old values and changed columns), [`retention`] (journal purge) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
 //! `common/consumers.rs`.
 #![allow(dead_code)]
 
@@ -12,6 +12,7 @@ pub mod custom;
 pub mod delivery;
 pub mod handling;
 pub mod lifecycle;
+pub mod old_values;
 pub mod resume;
 pub mod retention;
 pub mod validation;
