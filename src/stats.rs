@@ -58,7 +58,8 @@ pub struct Stats {
     /// This notifier's part in its named consumer's group.
     pub role: Role,
     /// Events handlers ([`Notifier::handle`](crate::Notifier::handle)) handled successfully
-    /// (a dead letter delivered again and handled counts too).
+    /// (a dead letter delivered again and handled counts too, and so does an event a
+    /// transactional handler skipped as done before: see `effects_skipped`).
     pub handled: u64,
     /// Handler attempts that failed (errors and panics).
     pub handler_errors: u64,

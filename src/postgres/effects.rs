@@ -176,13 +176,19 @@ where
         client: client.clone(),
     })
     .await;
-    if let Err(e) = result {
-        client
-            .batch_execute("ROLLBACK")
-            .await
-            .map_err(|e| failed("ROLLBACK after the handler's error", e))?;
-        *clean = true;
-        return Err(e);
+    if let Err(error) = result {
+        // The handler's error is what the dead letter should say, whatever the ROLLBACK does.
+        match client.batch_execute("ROLLBACK").await {
+            Ok(()) => *clean = true,
+            Err(e) => {
+                return Err(format!(
+                    "{error} (and the ROLLBACK after it failed: {})",
+                    crate::error::chain(&e)
+                )
+                .into())
+            }
+        }
+        return Err(error);
     }
     if let Err(e) = client.batch_execute("SELECT 1; COMMIT").await {
         *clean = client.batch_execute("ROLLBACK").await.is_ok();
