@@ -958,11 +958,11 @@ async fn a_dead_letter_delivered_again_is_applied_once_even_if_its_row_stays() {
         1,
         "row 1's effect applied again after a prune: {stats:?}"
     );
-    assert_eq!(
-        (stats.redelivered, stats.effects_skipped),
-        (1, 1),
-        "{stats:?}"
-    );
+    // Row 1 comes back as the dead letter; how much of the journal is read again besides
+    // depends on the saved position (an open transaction elsewhere on the server holds the
+    // durable tier's horizon back), and whatever comes again is skipped, not applied.
+    assert_eq!(stats.redelivered, 1, "{stats:?}");
+    assert!(stats.effects_skipped >= 1, "{stats:?}");
     assert_eq!(
         db.count("SELECT count(*) FROM effects_t").await,
         1002,
