@@ -401,6 +401,7 @@ mod tests {
             capture: crate::tier::Capture::Row,
             old_values: false,
             table_columns: vec![],
+            context: vec![],
         }
     }
 

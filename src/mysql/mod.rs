@@ -237,6 +237,16 @@ impl Dialect for Mysql {
         "mysql"
     }
 
+    fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
+        let checked = crate::resolve::check_context(
+            watches,
+            0,
+            |_| false,
+            "context is not available on MySQL / MariaDB yet",
+        );
+        Box::pin(async move { checked })
+    }
+
     fn default_schema(&self) -> String {
         self.database.to_string()
     }

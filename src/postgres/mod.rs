@@ -95,6 +95,12 @@ impl Dialect for Postgres {
     fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
         let (control, watches) = (self.control.clone(), watches.to_vec());
         Box::pin(async move {
+            crate::resolve::check_context(
+                &watches,
+                ddl::MAX_CONTEXT_NAMES,
+                |_| false,
+                "context is not available on PostgreSQL yet",
+            )?;
             if !watches.iter().any(|w| w.capture == Capture::Statement) {
                 return Ok(());
             }
