@@ -347,7 +347,7 @@ pub(crate) fn context_expr(name: &str) -> Option<String> {
         "client_addr" => "pg_catalog.host(pg_catalog.inet_client_addr())".to_string(),
         "backend_pid" => "pg_catalog.pg_backend_pid()".to_string(),
         custom if is_custom_setting(custom) => format!(
-            "pg_catalog.nullif(pg_catalog.current_setting({}, true), '')",
+            "NULLIF(pg_catalog.current_setting({}, true), '')",
             quote_literal(custom)
         ),
         _ => return None,
@@ -934,6 +934,60 @@ mod tests {
         assert!(t.contains(
             "WHEN (OLD.\"email\" IS DISTINCT FROM NEW.\"email\" OR OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text)"
         ));
+    }
+
+    #[test]
+    fn context_values_are_read_without_fail_in_every_function() {
+        assert_eq!(
+            context_expr("app.user_id").as_deref(),
+            Some("NULLIF(pg_catalog.current_setting('app.user_id', true), '')")
+        );
+        for bad in [
+            "user_id",
+            "app.",
+            ".x",
+            "app.user id",
+            "app.x'y",
+            "1app.x",
+            "data_directory",
+        ] {
+            assert!(context_expr(bad).is_none(), "{bad}");
+        }
+        assert!(context_expr("a_1.b$2.c").is_some());
+        assert!(context_expr(&format!("a.{}", "b".repeat(62))).is_none());
+        let mut w = watch(Operation::Insert, None, &["v"]);
+        w.context = vec!["current_user".into(), "my.tenant".into()];
+        let meta = "|| '',\"__sqlnotify\":'' || (pg_catalog.json_build_object(''context'', \
+                    pg_catalog.json_build_object(''current_user'', current_user, ''my.tenant'', \
+                    NULLIF(pg_catalog.current_setting(''my.tenant'', true), ''''))))::text || ''}''";
+        for tier in [Tier::Notify, Tier::Durable, Tier::Poll] {
+            w.tier = tier;
+            let f = function_sql(&w);
+            assert!(f.contains(meta), "{tier:?}: {f}");
+        }
+        // statement capture: every row, the chunked path only
+        w.tier = Tier::Durable;
+        w.capture = Capture::Statement;
+        let f = function_sql(&w);
+        assert!(!f.contains("json_agg"), "{f}");
+        assert!(
+            f.contains(&format!(
+                "pg_catalog.left(pg_catalog.json_build_object(''id'', _sqn_t.\"id\", ''v'', _sqn_t.\"v\")::text, -1) {meta}"
+            )),
+            "{f}"
+        );
+        // beside old values
+        w.capture = Capture::Row;
+        w.channel.operation = Operation::Delete;
+        w.old_values = true;
+        let f = function_sql(&w);
+        assert!(
+            f.contains(
+                "(pg_catalog.json_build_object(''old'', (pg_catalog.json_build_object(''id'', OLD.\"id\", ''v'', OLD.\"v\")::text)::json, \
+                 ''context'', pg_catalog.json_build_object(''current_user''"
+            ),
+            "{f}"
+        );
     }
 
     #[test]

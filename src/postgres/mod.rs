@@ -98,8 +98,9 @@ impl Dialect for Postgres {
             crate::resolve::check_context(
                 &watches,
                 ddl::MAX_CONTEXT_NAMES,
-                |_| false,
-                "context is not available on PostgreSQL yet",
+                |name| ddl::context_expr(name).is_some(),
+                "PostgreSQL offers current_user, session_user, application_name, client_addr, \
+                 backend_pid and custom settings whose name has a dot (such as app.user_id)",
             )?;
             if !watches.iter().any(|w| w.capture == Capture::Statement) {
                 return Ok(());

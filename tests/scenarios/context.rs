@@ -137,6 +137,18 @@ pub async fn context_comes_from_the_writers_session(db: &impl Backend) {
         assert!(stats.overflow_resolved >= 1, "{stats:?}");
     }
 
+    if let Kind::Postgres(_) = db.kind() {
+        // SET LOCAL ends with its transaction: the next write of the same session reads the
+        // setting as empty, which is null
+        db.run(
+            "BEGIN; SET LOCAL app.user_id = '5'; UPDATE items SET name = 'd' WHERE id = 1; COMMIT; \
+             UPDATE items SET name = 'e' WHERE id = 1;",
+        )
+        .await;
+        assert_eq!(upd.next().await.context(user), Some(&json!("5")));
+        assert_eq!(upd.next().await.context(user), Some(&Value::Null));
+    }
+
     // DELETE: no context asked, none carried
     db.run_with_context(&[(user, "9")], "DELETE FROM items WHERE id = 2")
         .await;
