@@ -240,9 +240,10 @@ impl Dialect for Mysql {
     fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
         let checked = crate::resolve::check_context(
             watches,
-            0,
-            |_| false,
-            "context is not available on MySQL / MariaDB yet",
+            ddl::MAX_CONTEXT_NAMES,
+            |name| ddl::context_expr(name).is_some(),
+            "MySQL / MariaDB offer current_user, user, connection_id and user variables named \
+             with @ (such as @app_user_id)",
         );
         Box::pin(async move { checked })
     }

@@ -114,6 +114,13 @@ pub async fn context_comes_from_the_writers_session(db: &impl Backend) {
         assert_ne!(e.context("application_name"), Some(&json!("ctx-writer")));
     }
 
+    if db.kind() == Kind::Mysql {
+        // user variables keep their type: a number stays a number
+        db.run("SET @app_user_id = 42; INSERT INTO items (id, name) VALUES (3, 'n')")
+            .await;
+        assert_eq!(ins.next().await.context(user), Some(&json!(42)));
+    }
+
     // UPDATE: context beside old values; a row large enough to overflow a notification
     // carries both
     db.run_with_context(&[(user, "7")], "UPDATE items SET name = 'c' WHERE id = 1")
