@@ -843,3 +843,38 @@ async fn sqlite_context_values_follow_the_writing_connection() {
     ins.assert_empty();
     n.stop().await.unwrap();
 }
+
+/// Changing a watch's context list changes its trigger: drift with
+/// `revoke_on_model_change(false)`, a reinstall with it on.
+#[actix_rt::test]
+async fn changing_the_context_list_is_drift() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE users (id INTEGER PRIMARY KEY)");
+    let watch = |names: &[&str]| Watch::new("users", Operation::Insert).context(names.to_vec());
+    let n = Notifier::builder(db.url())
+        .watch(watch(&["a"]))
+        .start()
+        .await
+        .unwrap();
+    n.stop().await.unwrap();
+    let e = Notifier::builder(db.url())
+        .watch(watch(&["a", "b"]))
+        .revoke_on_model_change(false)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DefinitionDrift { .. }), "{e:?}");
+    let n = Notifier::builder(db.url())
+        .watch(watch(&["a", "b"]))
+        .start()
+        .await
+        .unwrap();
+    let mut ins = Events::subscribe(&n, Subscription::new("users", Operation::Insert)).await;
+    let conn = db.conn();
+    sqlnotify::sqlite_context::set(&conn, "b", "x").unwrap();
+    conn.execute_batch("INSERT INTO users VALUES (1)").unwrap();
+    let e = ins.next().await;
+    assert_eq!(e.context("a"), Some(&json!(null)));
+    assert_eq!(e.context("b"), Some(&json!("x")));
+    n.stop().await.unwrap();
+}
