@@ -332,6 +332,19 @@ impl ChangeEvent {
         self.inner.change.changed.as_deref()
     }
 
+    /// A context value the trigger captured from the writer's session (see
+    /// [`Watch::context`](crate::Watch::context) for the names each dialect offers), on events
+    /// of a watch that names it; `None` for a name the watch does not capture. A value that was
+    /// not set in the writer's session gives `Some(&Value::Null)`.
+    pub fn context(&self, name: &str) -> Option<&Value> {
+        self.inner.change.context.as_ref()?.get(name)
+    }
+    /// Every context value the trigger captured, by name, on events of a watch with
+    /// [`context`](crate::Watch::context); `None` otherwise (and on events cut to their key).
+    pub fn context_values(&self) -> Option<&Map<String, Value>> {
+        self.inner.change.context.as_ref()
+    }
+
     /// All carried columns (key columns first, then extra columns) as one JSON object.
     pub fn to_json(&self) -> Value {
         let mut map = Map::with_capacity(self.key_columns().len() + self.inner.extra.len());
@@ -390,6 +403,10 @@ impl ChangeEvent {
         if let Some(changed) = &self.inner.change.changed {
             out.extend_from_slice(b",\"changed\":");
             put(&mut out, changed);
+        }
+        if let Some(context) = &self.inner.change.context {
+            out.extend_from_slice(b",\"context\":");
+            put(&mut out, context);
         }
         out.push(b'}');
         String::from_utf8(out).expect("serde_json writes UTF-8")
@@ -471,6 +488,16 @@ impl ChangeEvent {
                     return Err(invalid(
                         name,
                         "the stored event's changed columns are not an array".into(),
+                    ))
+                }
+            },
+            context: match &value["context"] {
+                Value::Object(map) => Some(map.clone()),
+                Value::Null => None,
+                _ => {
+                    return Err(invalid(
+                        name,
+                        "the stored event's context values are not an object".into(),
                     ))
                 }
             },
@@ -616,6 +643,7 @@ mod tests {
         .with_change(Change {
             old: Some(old),
             changed: Some(vec!["note".into()]),
+            context: None,
         });
         assert_eq!(with_old.old("note"), Some(&Value::Null));
         assert_eq!(with_old.old("a"), None);
@@ -631,7 +659,44 @@ mod tests {
         assert_eq!(back.to_record(), record);
         assert_eq!(back.old_values(), with_old.old_values());
 
+        // context values: after old and changed, and they read back
+        let mut context = Map::new();
+        context.insert("app.user_id".into(), json!("42"));
+        context.insert("@unset".into(), Value::Null);
+        let with_context = ChangeEvent::new(
+            channel(&["a", "b"], &["note"]),
+            Key::Composite(vec![json!(1), json!("x")]),
+            Map::new(),
+            &RawNotification::new("sqlnotify_public_t_insert", ""),
+            false,
+        )
+        .with_change(Change {
+            old: None,
+            changed: Some(vec![]),
+            context: Some(context),
+        });
+        assert_eq!(with_context.context("app.user_id"), Some(&json!("42")));
+        assert_eq!(with_context.context("@unset"), Some(&Value::Null));
+        assert_eq!(with_context.context("current_user"), None);
+        assert_eq!(with_context.context_values().map(Map::len), Some(2));
+        assert!(ev.context("app.user_id").is_none() && ev.context_values().is_none());
+        assert!(!ev.to_record().contains("context"));
+        let record = with_context.to_record();
+        assert!(
+            record.ends_with(
+                r#","truncated":false,"changed":[],"context":{"@unset":null,"app.user_id":"42"}}"#
+            ),
+            "{record}"
+        );
+        let back = ChangeEvent::from_record(&record, 0, &channels).unwrap();
+        assert_eq!(back.to_record(), record);
+        assert_eq!(back.context_values(), with_context.context_values());
+
         for (bad, needle) in [
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"context":"x"}"#,
+                "context values are not an object",
+            ),
             (
                 r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"old":[1]}"#,
                 "old values are not an object",

@@ -166,6 +166,9 @@ mod mysql;
 mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+/// Context values on SQLite, set per connection ([`Watch::context`]).
+#[cfg(feature = "sqlite")]
+pub use crate::sqlite::context as sqlite_context;
 
 pub use crate::acked::{Deliveries, Delivery};
 pub use crate::builder::NotifierBuilder;

@@ -17,6 +17,11 @@
 //! "changed": ["email", "updated_at"]}}`. Both are read as untrusted: `old` must be an object,
 //! `changed` an array of strings, and no other member may appear beside them.
 //!
+//! A watch with [`context`](crate::Watch::context) adds the values the trigger captured from
+//! the writer's session (one member per name, `null` when unset) to the same metadata:
+//! `{"id": 42, "__sqlnotify": {"context": {"current_user": "app", "app.user_id": "7"}}}`.
+//! Read as untrusted too: `context` must be an object.
+//!
 //! A journal row written by a statement-capture trigger ([`Capture::Statement`]) holds a JSON
 //! array of such row objects, one per changed row, in order.
 //!
@@ -48,13 +53,16 @@ pub(crate) enum Decoded {
 }
 
 /// The old values and changed columns a payload of an [`old_values`](crate::Watch::old_values)
-/// watch carries (both `None` otherwise).
+/// watch carries, and the context values of a [`context`](crate::Watch::context) watch (each
+/// `None` otherwise).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Change {
     /// The old values of the carried columns (UPDATE and DELETE).
     pub old: Option<Map<String, Value>>,
     /// The table's columns whose values changed (UPDATE).
     pub changed: Option<Vec<String>>,
+    /// The context values the trigger captured ([`Watch::context`](crate::Watch::context)).
+    pub context: Option<Map<String, Value>>,
 }
 
 /// Parses a payload received on `channel`. The error says what is wrong, for the log.
@@ -119,7 +127,11 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
                     truncated: true,
                     change: Change::default(),
                 })
-            } else if !meta.is_empty() && meta.keys().all(|k| k == "old" || k == "changed") {
+            } else if !meta.is_empty()
+                && meta
+                    .keys()
+                    .all(|k| k == "old" || k == "changed" || k == "context")
+            {
                 Ok(Decoded::Row {
                     id,
                     extra: map,
@@ -137,8 +149,8 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
     }
 }
 
-/// Reads the `old` and `changed` members of a payload's metadata (untrusted: wrong types are
-/// an error naming the member).
+/// Reads the `old`, `changed` and `context` members of a payload's metadata (untrusted: wrong
+/// types are an error naming the member).
 fn take_change(mut meta: Map<String, Value>) -> Result<Change, String> {
     let old = match meta.remove("old") {
         None => None,
@@ -160,7 +172,16 @@ fn take_change(mut meta: Map<String, Value>) -> Result<Change, String> {
         ),
         Some(other) => return Err(format!("{META_KEY}.changed is not an array: {other}")),
     };
-    Ok(Change { old, changed })
+    let context = match meta.remove("context") {
+        None => None,
+        Some(Value::Object(context)) => Some(context),
+        Some(other) => return Err(format!("{META_KEY}.context is not an object: {other}")),
+    };
+    Ok(Change {
+        old,
+        changed,
+        context,
+    })
 }
 
 /// Whether `text` is a UUID in PostgreSQL's canonical output form (8-4-4-4-12 lower-case hex
@@ -256,6 +277,34 @@ mod tests {
                 change: Change::default(),
             }
         );
+    }
+
+    #[test]
+    fn decodes_context_values() {
+        let c = channel(&["id"]);
+        match decode(
+            r#"{"id": 1, "__sqlnotify": {"context": {"app.user_id": "42", "@x": null, "backend_pid": 7}}}"#,
+            &c,
+        )
+        .unwrap()
+        {
+            Decoded::Row { change, extra, .. } => {
+                let context = change.context.unwrap();
+                assert_eq!(context.get("app.user_id"), Some(&json!("42")));
+                assert_eq!(context.get("@x"), Some(&Value::Null));
+                assert_eq!(context.get("backend_pid"), Some(&json!(7)));
+                assert!(change.old.is_none() && extra.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"id": 1, "__sqlnotify": {"context": "app"}}"#,
+            r#"{"id": 1, "__sqlnotify": {"context": ["app"]}}"#,
+            r#"{"id": 1, "__sqlnotify": {"context": null}}"#,
+        ] {
+            let e = decode(bad, &c).unwrap_err();
+            assert!(e.contains("context is not an object"), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -511,20 +560,53 @@ mod properties {
             let old: Map<String, Value> = old.into_iter().collect();
             let meta = serde_json::json!({"old": old.clone(), "changed": changed.clone()});
             let payload = serde_json::json!({"id": 1, META_KEY: meta}).to_string();
-            let expected = Change { old: Some(old), changed: Some(changed) };
+            let expected = Change { old: Some(old), changed: Some(changed), context: None };
             match decode(&payload, &c) {
                 Ok(Decoded::Row { change, .. }) => prop_assert_eq!(change, expected),
                 other => prop_assert!(false, "{:?}", other),
             }
-            for member in ["old", "changed"] {
+            for member in ["old", "changed", "context"] {
                 let payload = serde_json::json!({"id": 1, META_KEY: {member: junk.clone()}}).to_string();
                 let valid = match (member, &junk) {
-                    ("old", Value::Object(_)) => true,
+                    ("old" | "context", Value::Object(_)) => true,
                     ("changed", Value::Array(items)) => items.iter().all(Value::is_string),
                     _ => false,
                 };
                 prop_assert_eq!(decode(&payload, &c).is_ok(), valid, "{}", payload);
             }
+        }
+
+        /// Context values round-trip beside old values or alone, whatever the names and values
+        /// (the trigger writes any JSON the session held); the extra columns stay untouched.
+        #[test]
+        fn context_round_trips_alone_or_with_old_values(
+            context in prop::collection::btree_map(".{0,12}", json_value(), 0..6),
+            with_old in any::<bool>(),
+            extra in prop::collection::btree_map("[a-z]{1,8}", json_value(), 0..4),
+        ) {
+            let c = channel(vec!["id".into()]);
+            let context: Map<String, Value> = context.into_iter().collect();
+            let extra: Map<String, Value> = extra.into_iter().filter(|(k, _)| k != "id").collect();
+            let mut meta = Map::new();
+            meta.insert("context".into(), Value::Object(context.clone()));
+            if with_old {
+                meta.insert("old".into(), serde_json::json!({"id": 1}));
+            }
+            let mut row = extra.clone();
+            row.insert("id".into(), serde_json::json!(1));
+            row.insert(META_KEY.into(), Value::Object(meta));
+            match decode(&Value::Object(row.clone()).to_string(), &c) {
+                Ok(Decoded::Row { change, extra: got, truncated: false, .. }) => {
+                    prop_assert_eq!(change.context, Some(context));
+                    prop_assert_eq!(change.old.is_some(), with_old);
+                    prop_assert_eq!(got, extra);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+            // the same row inside a statement payload
+            let rows = decode_rows(&Value::Array(vec![Value::Object(row)]).to_string(), &c).unwrap();
+            let carried = matches!(&rows[..], [Ok(Decoded::Row { change, .. })] if change.context.is_some());
+            prop_assert!(carried, "{:?}", rows);
         }
 
         /// Whatever a statement payload holds, decoding returns results or a reason.

@@ -80,6 +80,9 @@ pub struct ResolvedWatch {
     /// Every column of the table, in table order, with whether its type has an equality
     /// operator: what an UPDATE watch with `old_values` compares for its changed list.
     pub table_columns: Vec<(String, bool)>,
+    /// The names of the context values the trigger captures ([`Watch::context`]), each once,
+    /// in the order given; the dialect checks them ([`check_context`]).
+    pub context: Vec<String>,
 }
 
 impl ResolvedWatch {
@@ -111,6 +114,38 @@ impl ResolvedWatch {
             Some(tests.join(" OR ")),
         )
     }
+}
+
+/// Refuses the first watch in `watches` with more than `max` context names, or with a name
+/// that `known` says the dialect cannot capture (or, with `known` always false, any context at
+/// all), with `available` saying what the dialect offers.
+pub(crate) fn check_context(
+    watches: &[ResolvedWatch],
+    max: usize,
+    known: impl Fn(&str) -> bool,
+    available: &str,
+) -> Result<()> {
+    for w in watches {
+        let refuse = |reason: String| Error::InvalidWatch {
+            watch: format!(
+                "{}.{} {}",
+                w.channel.schema, w.channel.table, w.channel.operation
+            ),
+            reason,
+        };
+        if let Some(name) = w.context.iter().find(|n| !known(n)) {
+            return Err(refuse(format!(
+                "context {name:?} cannot be captured: {available}"
+            )));
+        }
+        if w.context.len() > max {
+            return Err(refuse(format!(
+                "{} context names; at most {max} can be captured",
+                w.context.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Validates `watch` against `table` (read from the catalog) and resolves its defaults.
@@ -216,6 +251,7 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             .iter()
             .map(|c| (c.name.clone(), c.has_equality))
             .collect(),
+        context: dedup(watch.context.iter().cloned()),
     })
 }
 
@@ -291,6 +327,35 @@ mod tests {
         assert!(matches!(
             resolve(&Watch::new("users", Operation::Update).primary_keys(["email"]), &t),
             Err(Error::NotPrimaryKey { column, .. }) if column == "email"
+        ));
+    }
+
+    #[test]
+    fn context_names_count_once_and_unknown_ones_name_the_watch() {
+        let r = resolve(
+            &Watch::new("users", Operation::Insert).context(["b", "a.x", "b"]),
+            &users(),
+        )
+        .unwrap();
+        assert_eq!(r.context, ["b", "a.x"]);
+        let known = |n: &str| n.contains('.');
+        match check_context(std::slice::from_ref(&r), 5, known, "only dotted names") {
+            Err(Error::InvalidWatch { watch, reason }) => {
+                assert!(
+                    watch.contains("users") && watch.contains("INSERT"),
+                    "{watch}"
+                );
+                assert!(
+                    reason.contains("\"b\"") && reason.contains("only dotted"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(check_context(std::slice::from_ref(&r), 5, |_| true, "").is_ok());
+        assert!(matches!(
+            check_context(&[r], 1, |_| true, ""),
+            Err(Error::InvalidWatch { reason, .. }) if reason.contains("at most 1")
         ));
     }
 

@@ -46,6 +46,7 @@ pub struct Watch {
     pub(crate) tier: Tier,
     pub(crate) capture: Capture,
     pub(crate) old_values: bool,
+    pub(crate) context: Vec<String>,
 }
 
 impl Watch {
@@ -72,6 +73,7 @@ impl Watch {
             tier: Tier::Notify,
             capture: Capture::Row,
             old_values: false,
+            context: Vec::new(),
         }
     }
 
@@ -178,6 +180,52 @@ impl Watch {
     /// ```
     pub fn old_values(mut self, yes: bool) -> Self {
         self.old_values = yes;
+        self
+    }
+
+    /// Context to capture with each event: the names of values the trigger reads from the
+    /// *writer's* session when the row changes, carried in the event
+    /// ([`ChangeEvent::context`](crate::ChangeEvent::context), and `"context"` in
+    /// [`to_record`](crate::ChangeEvent::to_record)) — who made the change. A value that is not
+    /// set is `null`, never an error in the user's write. Names a dialect does not offer fail
+    /// [`start`](crate::NotifierBuilder::start) with [`Error::InvalidWatch`] naming the watch.
+    /// Part of the watch's definition (changing the list is drift, or a reinstall with
+    /// `revoke_on_model_change`). Repeated names count once. Default: none.
+    ///
+    /// What each dialect offers:
+    ///
+    /// * **PostgreSQL**: `current_user` (the role the trigger runs as: the writer's, as
+    ///   sqlnotify's trigger functions are not `SECURITY DEFINER`), `session_user` (the role
+    ///   that logged in), `application_name`, `client_addr` (`inet_client_addr()`, `null` over
+    ///   a Unix socket), `backend_pid` (a number), and any custom setting whose name has a dot,
+    ///   such as `app.user_id`, which the application sets with `SET LOCAL app.user_id = '42'`
+    ///   (or `set_config('app.user_id', '42', true)`) in the writing transaction. Custom
+    ///   settings are text, read with `current_setting(name, true)`; an unset setting — and an
+    ///   empty one, which is what PostgreSQL reports for a setting once set in the session and
+    ///   gone since — is `null`. Statement capture and rows that overflow carry the values too.
+    /// * **MySQL / MariaDB**: `current_user` (`CURRENT_USER()`: inside a trigger, the account
+    ///   the trigger runs as — its `DEFINER` — not the writer), `user` (`USER()`: the writer's
+    ///   `user@host` as it connected), `connection_id` (a number) and user variables named
+    ///   with `@`, such as `@app_user_id`, which the application sets with
+    ///   `SET @app_user_id = 42` in the writer's session (numbers stay numbers; unset is
+    ///   `null`).
+    /// * **SQLite** has no server session: the application sets per-connection values with
+    ///   [`sqlite_context::set`](crate::sqlite_context::set) on the connection it writes with,
+    ///   under any non-empty name; a name not set on the writing connection is `null`.
+    ///
+    /// ```
+    /// use sqlnotify::{Operation, Watch};
+    ///
+    /// // PostgreSQL: the application runs `SET LOCAL app.user_id = '42'` before it writes
+    /// let w = Watch::new("orders", Operation::Update).context(["app.user_id", "application_name"]);
+    /// # let _ = w;
+    /// ```
+    pub fn context<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.context = names.into_iter().map(Into::into).collect();
         self
     }
 

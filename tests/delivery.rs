@@ -486,3 +486,8 @@ pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable, poll_tier: Poll]
 pg_tier_scenarios!([old_values_notify: Notify, old_values_durable: Durable, old_values_poll: Poll] {
     old_values::old_values_and_changed_columns_on_update_and_delete,
 });
+
+pg_tier_scenarios!([context_notify: Notify, context_durable: Durable, context_poll: Poll] {
+    context::context_comes_from_the_writers_session,
+    context::unknown_context_names_are_refused_at_start,
+});

@@ -1421,3 +1421,8 @@ async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_us
 journal_dialect_scenarios!(TestDb::new().await);
 
 scenarios!(TestDb::new().await => old_values::old_values_and_changed_columns_on_update_and_delete);
+
+scenarios!(TestDb::new().await => {
+    context::context_comes_from_the_writers_session,
+    context::unknown_context_names_are_refused_at_start,
+});

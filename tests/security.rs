@@ -723,3 +723,58 @@ async fn a_notifier_may_not_flip_the_signing_of_an_installed_channel() {
         .unwrap();
     unsigned.stop().await.unwrap();
 }
+
+/// Context names who wrote: `current_user` is the writing role (the trigger function runs as
+/// the writer, the helper that sends as sqlnotify's owner only afterwards), `session_user` the
+/// role that logged in — also when a session switched roles with `SET ROLE`. A custom setting
+/// is whatever the writer set, and nothing when it set nothing.
+#[actix_rt::test]
+async fn context_names_the_writing_role_not_sqlnotifys_owner() {
+    for tier in [Tier::Notify, Tier::Durable] {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+        let (role, url) = db.role("writer").await;
+        db.exec(&format!("GRANT INSERT ON t TO \"{role}\"")).await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Operation::Insert).tier(tier).context([
+                "current_user",
+                "session_user",
+                "app.user_id",
+            ]))
+            .start()
+            .await
+            .unwrap();
+        let mut ins = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+
+        connect(&url)
+            .await
+            .batch_execute(
+                "BEGIN; SET LOCAL app.user_id = 'alice'; INSERT INTO t VALUES (1); COMMIT;",
+            )
+            .await
+            .unwrap();
+        let e = ins.next().await;
+        assert_eq!(e.context("current_user"), Some(&json!(role)), "{tier:?}");
+        assert_eq!(e.context("session_user"), Some(&json!(role)));
+        assert_eq!(e.context("app.user_id"), Some(&json!("alice")));
+
+        // the owner's session, switched to the writer's role
+        db.exec(&format!(
+            "SET ROLE \"{role}\"; INSERT INTO t VALUES (2); RESET ROLE;"
+        ))
+        .await;
+        let e = ins.next().await;
+        let owner: String = db
+            .client()
+            .await
+            .query_one("SELECT session_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(e.context("current_user"), Some(&json!(role)));
+        assert_eq!(e.context("session_user"), Some(&json!(owner)));
+        assert_eq!(e.context("app.user_id"), Some(&json!(null)));
+        ins.assert_empty();
+        notifier.stop().await.unwrap();
+    }
+}

@@ -726,6 +726,11 @@ journal_dialect_scenarios!(TempDb::new());
 
 scenarios!(TempDb::new() => old_values::old_values_and_changed_columns_on_update_and_delete);
 
+scenarios!(TempDb::new() => {
+    context::context_comes_from_the_writers_session,
+    context::unknown_context_names_are_refused_at_start,
+});
+
 /// Turning `old_values` on is a changed watch: drift with `revoke_on_model_change(false)`, a
 /// reinstall with it on (and the reinstalled trigger carries old values). An INSERT watch has no
 /// old row: the option leaves its trigger as it is.
@@ -774,5 +779,102 @@ async fn switching_old_values_is_drift_and_reinstalls_on_request() {
     let e = upd.next().await;
     assert_eq!(e.old("email"), Some(&json!(null)));
     assert_eq!(e.changed_columns(), Some(&["email".to_string()][..]));
+    n.stop().await.unwrap();
+}
+
+/// SQLite context values live on the writing connection: `clear` and a rolled-back `set` take
+/// them away again, a value that is not JSON (written to the table by hand) is null and never
+/// fails the write, other connections write null, and `set` before sqlnotify is installed says
+/// so.
+#[actix_rt::test]
+async fn sqlite_context_values_follow_the_writing_connection() {
+    use sqlnotify::sqlite_context;
+
+    let db = TempDb::new();
+    db.exec("CREATE TABLE users (id INTEGER PRIMARY KEY)");
+    let early = sqlite_context::set(&db.conn(), "app.user_id", 1).unwrap_err();
+    assert!(
+        matches!(&early, Error::Database { context, .. } if context.contains("start a notifier")),
+        "{early}"
+    );
+    assert!(matches!(
+        sqlite_context::set(&db.conn(), "", 1),
+        Err(Error::InvalidOption { .. })
+    ));
+    let n = Notifier::builder(db.url())
+        .watch(Watch::new("users", Operation::Insert).context(["app.user_id", "tenant"]))
+        .start()
+        .await
+        .unwrap();
+    let mut ins = Events::subscribe(&n, Subscription::new("users", Operation::Insert)).await;
+    let conn = db.conn();
+    sqlite_context::set(&conn, "app.user_id", 42).unwrap();
+    sqlite_context::set(&conn, "tenant", json!({"id": "t1"})).unwrap();
+    assert_eq!(
+        sqlite_context::values(&conn).unwrap().get("app.user_id"),
+        Some(&json!(42))
+    );
+    conn.execute_batch("INSERT INTO users VALUES (1)").unwrap();
+    let e = ins.next().await;
+    assert_eq!(e.context("app.user_id"), Some(&json!(42)));
+    assert_eq!(e.context("tenant"), Some(&json!({"id": "t1"})));
+
+    // another connection: null
+    db.exec("INSERT INTO users VALUES (2)");
+    assert_eq!(ins.next().await.context("app.user_id"), Some(&json!(null)));
+
+    // a set inside a transaction that rolls back is undone; clear removes one value
+    conn.execute_batch("BEGIN").unwrap();
+    sqlite_context::set(&conn, "app.user_id", 7).unwrap();
+    conn.execute_batch("ROLLBACK").unwrap();
+    sqlite_context::clear(&conn, "tenant").unwrap();
+    conn.execute_batch("INSERT INTO users VALUES (3)").unwrap();
+    let e = ins.next().await;
+    assert_eq!(e.context("app.user_id"), Some(&json!(42)));
+    assert_eq!(e.context("tenant"), Some(&json!(null)));
+
+    // a value that is not JSON text: null, and the write goes through
+    conn.execute_batch("UPDATE temp.sqlnotify_context SET value = 'not json{'")
+        .unwrap();
+    conn.execute_batch("INSERT INTO users VALUES (4)").unwrap();
+    assert_eq!(ins.next().await.context("app.user_id"), Some(&json!(null)));
+    sqlite_context::clear_all(&conn).unwrap();
+    assert!(sqlite_context::values(&conn).unwrap().is_empty());
+    ins.assert_empty();
+    n.stop().await.unwrap();
+}
+
+/// Changing a watch's context list changes its trigger: drift with
+/// `revoke_on_model_change(false)`, a reinstall with it on.
+#[actix_rt::test]
+async fn changing_the_context_list_is_drift() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE users (id INTEGER PRIMARY KEY)");
+    let watch = |names: &[&str]| Watch::new("users", Operation::Insert).context(names.to_vec());
+    let n = Notifier::builder(db.url())
+        .watch(watch(&["a"]))
+        .start()
+        .await
+        .unwrap();
+    n.stop().await.unwrap();
+    let e = Notifier::builder(db.url())
+        .watch(watch(&["a", "b"]))
+        .revoke_on_model_change(false)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DefinitionDrift { .. }), "{e:?}");
+    let n = Notifier::builder(db.url())
+        .watch(watch(&["a", "b"]))
+        .start()
+        .await
+        .unwrap();
+    let mut ins = Events::subscribe(&n, Subscription::new("users", Operation::Insert)).await;
+    let conn = db.conn();
+    sqlnotify::sqlite_context::set(&conn, "b", "x").unwrap();
+    conn.execute_batch("INSERT INTO users VALUES (1)").unwrap();
+    let e = ins.next().await;
+    assert_eq!(e.context("a"), Some(&json!(null)));
+    assert_eq!(e.context("b"), Some(&json!("x")));
     n.stop().await.unwrap();
 }

@@ -756,3 +756,43 @@ async fn journal_events(db: &TestDb) -> Vec<i32> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// Context with statement capture: every row of a statement carries the values of the writing
+/// transaction (`SET LOCAL`), a statement over one chunk too; a custom setting that is not set
+/// is null and never fails the write.
+#[actix_rt::test]
+async fn context_is_carried_by_every_row_of_a_statement() {
+    for tier in TIERS {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(watch("t", Insert, tier).context([
+                "app.user_id",
+                "app.unset",
+                "application_name",
+            ]))
+            .start()
+            .await
+            .unwrap();
+        let mut ins = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        let rows = STATEMENT_CHUNK_ROWS as i64 + 5;
+        db.exec(&format!(
+            "BEGIN; SET LOCAL app.user_id = 'u-7'; SET LOCAL application_name = 'bulk-loader'; \
+             INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, {rows}) AS g; COMMIT;"
+        ))
+        .await;
+        let events = ins.take(rows as usize).await;
+        for e in &events {
+            assert_eq!(e.context("app.user_id"), Some(&json!("u-7")), "{tier:?}");
+            assert_eq!(e.context("app.unset"), Some(&json!(null)));
+            assert_eq!(e.context("application_name"), Some(&json!("bulk-loader")));
+        }
+        let ids: Vec<i64> = events.iter().map(|e| e.id().as_i64().unwrap()).collect();
+        assert_eq!(ids, (1..=rows).collect::<Vec<_>>(), "in order");
+        // a writer that sets nothing: null
+        db.exec("INSERT INTO t VALUES (0, 'z')").await;
+        assert_eq!(ins.next().await.context("app.user_id"), Some(&json!(null)));
+        ins.assert_empty();
+        notifier.stop().await.unwrap();
+    }
+}

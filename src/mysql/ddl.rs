@@ -191,15 +191,15 @@ fn json_object(row: &str, columns: &[&String], data_types: &BTreeMap<String, Str
     format!("JSON_OBJECT({})", args.join(", "))
 }
 
-/// The metadata object of a watch with `old_values`: the old row's carried columns and, on
+/// The metadata members of a watch with `old_values`: the old row's carried columns and, on
 /// UPDATE, the names of the table's columns whose binary images differ (`<=>` of
 /// `CAST(… AS BINARY)`, as for `trigger_columns`: NULL to NULL is no change). The list is
 /// joined by `CONCAT_WS`, which skips the NULLs of unchanged columns, and parsed back to JSON.
-fn old_values_meta(w: &ResolvedWatch) -> String {
+fn old_values_members(w: &ResolvedWatch) -> Vec<String> {
     let all = w.channel.payload_columns();
     let old = format!("'old', {}", json_object("OLD", &all, &w.data_types));
     if w.channel.operation != crate::operation::Operation::Update {
-        return format!("JSON_OBJECT({old})");
+        return vec![old];
     }
     let tests: Vec<String> = w
         .table_columns
@@ -213,10 +213,42 @@ fn old_values_meta(w: &ResolvedWatch) -> String {
             )
         })
         .collect();
-    format!(
-        "JSON_OBJECT({old}, 'changed', JSON_EXTRACT(CONCAT('[', CONCAT_WS(',', {}), ']'), '$'))",
-        tests.join(", ")
-    )
+    vec![
+        old,
+        format!(
+            "'changed', JSON_EXTRACT(CONCAT('[', CONCAT_WS(',', {}), ']'), '$')",
+            tests.join(", ")
+        ),
+    ]
+}
+
+/// The most context names one watch may capture on MySQL (MySQL's `JSON_OBJECT` has no
+/// argument limit of its own; this keeps trigger bodies small).
+pub(crate) const MAX_CONTEXT_NAMES: usize = 50;
+
+/// The SQL expression that reads context value `name` in the writer's session, or `None` for
+/// a name MySQL does not offer: `current_user` (`CURRENT_USER()`, which inside a trigger is the
+/// trigger's definer), `user` (`USER()`, the writer as it connected), `connection_id`, and user
+/// variables `@name` (letters, digits, `_`, `$` and `.`, at most 64 bytes; NULL when unset),
+/// read back-quoted.
+pub(crate) fn context_expr(name: &str) -> Option<String> {
+    Some(match name {
+        "current_user" => "CURRENT_USER()".to_string(),
+        "user" => "USER()".to_string(),
+        "connection_id" => "CONNECTION_ID()".to_string(),
+        _ => {
+            let var = name.strip_prefix('@')?;
+            let valid = !var.is_empty()
+                && var.len() <= 64
+                && var
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '.'));
+            if !valid {
+                return None;
+            }
+            format!("@{}", quote_ident(var))
+        }
+    })
 }
 
 /// The payload expression of a watch: the full object, or the key marked truncated when the
@@ -227,11 +259,24 @@ fn payload_expr(w: &ResolvedWatch) -> String {
     let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
     let mut full = json_object(row, &all, &w.data_types);
-    if w.old_values {
+    let mut members = if w.old_values {
+        old_values_members(w)
+    } else {
+        Vec::new()
+    };
+    if !w.context.is_empty() {
+        let values: Vec<String> = w
+            .context
+            .iter()
+            .filter_map(|n| Some(format!("{}, {}", quote_literal(n), context_expr(n)?)))
+            .collect();
+        members.push(format!("'context', JSON_OBJECT({})", values.join(", ")));
+    }
+    if !members.is_empty() {
         full = format!(
-            "JSON_INSERT({full}, {}, {})",
+            "JSON_INSERT({full}, {}, JSON_OBJECT({}))",
             quote_literal(&format!("$.{META_KEY}")),
-            old_values_meta(w)
+            members.join(", ")
         );
     }
     let key_only = json_object(row, &keys, &w.data_types);
@@ -401,6 +446,7 @@ mod tests {
             capture: crate::tier::Capture::Row,
             old_values: false,
             table_columns: vec![],
+            context: vec![],
         }
     }
 
@@ -478,6 +524,39 @@ mod tests {
         assert!(t.contains("COALESCE(JSON_OBJECT("), "{t}");
         assert!(
             t.contains("'$.__sqlnotify', JSON_OBJECT('truncated', TRUE)"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn context_reads_session_functions_and_user_variables() {
+        assert_eq!(
+            context_expr("@app_user_id").as_deref(),
+            Some("@`app_user_id`")
+        );
+        assert_eq!(context_expr("@a.b$1").as_deref(), Some("@`a.b$1`"));
+        assert_eq!(context_expr("user").as_deref(), Some("USER()"));
+        for bad in ["@", "app.user_id", "@a`b", "@a b", "@x'", "session_user"] {
+            assert!(context_expr(bad).is_none(), "{bad}");
+        }
+        let mut w = watch(Operation::Update, &["a"]);
+        w.context = vec!["@app_user_id".into(), "connection_id".into()];
+        let t = trigger_sql(&w, "db");
+        assert!(
+            t.contains(
+                "COALESCE(JSON_INSERT(JSON_OBJECT('select', NEW.`select`, 'a', NEW.`a`), '$.__sqlnotify', \
+                 JSON_OBJECT('context', JSON_OBJECT('@app_user_id', @`app_user_id`, 'connection_id', CONNECTION_ID()))), "
+            ),
+            "{t}"
+        );
+        w.old_values = true;
+        let t = trigger_sql(&w, "db");
+        assert!(
+            t.contains("'$.__sqlnotify', JSON_OBJECT('old', JSON_OBJECT("),
+            "{t}"
+        );
+        assert!(
+            t.contains("'$'), 'context', JSON_OBJECT('@app_user_id'"),
             "{t}"
         );
     }

@@ -237,6 +237,17 @@ impl Dialect for Mysql {
         "mysql"
     }
 
+    fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
+        let checked = crate::resolve::check_context(
+            watches,
+            ddl::MAX_CONTEXT_NAMES,
+            |name| ddl::context_expr(name).is_some(),
+            "MySQL / MariaDB offer current_user, user, connection_id and user variables named \
+             with @ (such as @app_user_id)",
+        );
+        Box::pin(async move { checked })
+    }
+
     fn default_schema(&self) -> String {
         self.database.to_string()
     }

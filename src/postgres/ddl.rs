@@ -271,8 +271,9 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
     }
 }
 
-/// The JSON text a row trigger sends for a watch: the carried columns of the row, and for a
-/// watch with `old_values` the metadata member with the old row's carried columns and, on
+/// The JSON text a row trigger sends for a watch: the carried columns of the row, the watch's
+/// context values ([`context_expr`]) in the metadata member, and for a watch with
+/// `old_values` the metadata member with the old row's carried columns and, on
 /// UPDATE, the names of the table's columns that changed — `IS DISTINCT FROM` with the type's
 /// own equality (so `jsonb` compares as values), as text for types without one (`json`: a
 /// cast to `jsonb` could fail on a document `jsonb` refuses, and the trigger must never fail
@@ -286,41 +287,97 @@ fn row_payload(w: &ResolvedWatch) -> String {
 }
 
 /// [`row_payload`] for rows named `row` (the row the event reports) and `old` (its old row;
-/// for a DELETE the same row).
+/// for a DELETE the same row), with the metadata member when the watch carries old values or
+/// context.
 fn payload_with_old(w: &ResolvedWatch, row: &str, old: &str) -> String {
     let channel = &w.channel;
     let all = channel.payload_columns();
     let full = json_expr(row, &all);
-    if !w.old_values {
+    let mut members: Vec<String> = Vec::new();
+    if w.old_values {
+        members.push(format!("'old', ({})::json", json_expr(old, &all)));
+        if channel.operation == crate::operation::Operation::Update {
+            let tests: Vec<String> = w
+                .table_columns
+                .iter()
+                .map(|(c, has_eq)| {
+                    let q = quote_ident(c);
+                    let test = if *has_eq {
+                        format!("{old}.{q} IS DISTINCT FROM {row}.{q}")
+                    } else {
+                        format!("{old}.{q}::text IS DISTINCT FROM {row}.{q}::text")
+                    };
+                    format!("CASE WHEN {test} THEN {} END", quote_literal(c))
+                })
+                .collect();
+            members.push(format!(
+                "'changed', pg_catalog.to_json(pg_catalog.array_remove(ARRAY[{}]::text[], NULL))",
+                tests.join(", ")
+            ));
+        }
+    }
+    if let Some(context) = context_object(&w.context) {
+        members.push(format!("'context', {context}"));
+    }
+    if members.is_empty() {
         return full;
     }
-    let old_json = format!("'old', ({})::json", json_expr(old, &all));
-    let meta = if channel.operation == crate::operation::Operation::Update {
-        let tests: Vec<String> = w
-            .table_columns
-            .iter()
-            .map(|(c, has_eq)| {
-                let q = quote_ident(c);
-                let test = if *has_eq {
-                    format!("{old}.{q} IS DISTINCT FROM {row}.{q}")
-                } else {
-                    format!("{old}.{q}::text IS DISTINCT FROM {row}.{q}::text")
-                };
-                format!("CASE WHEN {test} THEN {} END", quote_literal(c))
-            })
-            .collect();
-        format!(
-            "pg_catalog.json_build_object({old_json}, 'changed', \
-             pg_catalog.to_json(pg_catalog.array_remove(ARRAY[{}]::text[], NULL)))",
-            tests.join(", ")
-        )
-    } else {
-        format!("pg_catalog.json_build_object({old_json})")
-    };
     format!(
-        "pg_catalog.left({full}, -1) || {} || ({meta})::text || '}}'",
-        quote_literal(&format!(",\"{META_KEY}\":"))
+        "pg_catalog.left({full}, -1) || {} || (pg_catalog.json_build_object({}))::text || '}}'",
+        quote_literal(&format!(",\"{META_KEY}\":")),
+        members.join(", ")
     )
+}
+
+/// The most context names one watch may capture on PostgreSQL (`json_build_object` takes at
+/// most 100 arguments).
+pub(crate) const MAX_CONTEXT_NAMES: usize = 50;
+
+/// The SQL expression that reads context value `name` in the writer's session, or `None` for
+/// a name PostgreSQL does not offer. None of them can fail: a custom setting (a dotted name
+/// whose parts are identifiers, so no server setting that needs a privilege to read) is read
+/// with `current_setting(name, true)`, NULL when unset — and NULL too when empty, which is
+/// what PostgreSQL reports for a custom setting set earlier in the session and gone since
+/// (`SET LOCAL` after its transaction).
+pub(crate) fn context_expr(name: &str) -> Option<String> {
+    Some(match name {
+        "current_user" => "current_user".to_string(),
+        "session_user" => "session_user".to_string(),
+        "application_name" => "pg_catalog.current_setting('application_name')".to_string(),
+        "client_addr" => "pg_catalog.host(pg_catalog.inet_client_addr())".to_string(),
+        "backend_pid" => "pg_catalog.pg_backend_pid()".to_string(),
+        custom if is_custom_setting(custom) => format!(
+            "NULLIF(pg_catalog.current_setting({}, true), '')",
+            quote_literal(custom)
+        ),
+        _ => return None,
+    })
+}
+
+/// Whether `name` is a custom setting name: two or more dot-separated parts, each an
+/// identifier (a letter or `_`, then letters, digits, `_` or `$`), at most 63 bytes.
+fn is_custom_setting(name: &str) -> bool {
+    name.len() <= 63
+        && name.contains('.')
+        && name.split('.').all(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+        })
+}
+
+/// The JSON object of a watch's context values (`None` when it captures none).
+fn context_object(names: &[String]) -> Option<String> {
+    if names.is_empty() {
+        return None;
+    }
+    let args: Vec<String> = names
+        .iter()
+        .filter_map(|n| Some(format!("{}, {}", quote_literal(n), context_expr(n)?)))
+        .collect();
+    Some(format!("pg_catalog.json_build_object({})", args.join(", ")))
 }
 
 /// `CREATE OR REPLACE FUNCTION` for a watch's trigger function.
@@ -442,9 +499,10 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
             String::new(),
         )
     } else {
+        // (with context: the same values in every row of the statement)
         (
             size_of("_sqn_t"),
-            json_expr("_sqn_t", &payload),
+            payload_with_old(w, "_sqn_t", "_sqn_t"),
             String::new(),
         )
     };
@@ -467,7 +525,7 @@ fn statement_function_sql(w: &ResolvedWatch) -> String {
         helper = function_name(&channel.name),
         projected = projected.join(", "),
     );
-    let capture = if filter.is_empty() && !w.old_values {
+    let capture = if filter.is_empty() && !w.old_values && w.context.is_empty() {
         // The common case, a statement that fits one chunk, takes a cheaper path (about half
         // the trigger time, measured): `json_agg` over the projected rows in scan order,
         // without numbering, windows or grouping. The check reads stored sizes only.
@@ -816,6 +874,7 @@ mod tests {
             capture: Capture::Row,
             old_values: false,
             table_columns: vec![],
+            context: vec![],
         }
     }
 
@@ -875,6 +934,60 @@ mod tests {
         assert!(t.contains(
             "WHEN (OLD.\"email\" IS DISTINCT FROM NEW.\"email\" OR OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text)"
         ));
+    }
+
+    #[test]
+    fn context_values_are_read_without_fail_in_every_function() {
+        assert_eq!(
+            context_expr("app.user_id").as_deref(),
+            Some("NULLIF(pg_catalog.current_setting('app.user_id', true), '')")
+        );
+        for bad in [
+            "user_id",
+            "app.",
+            ".x",
+            "app.user id",
+            "app.x'y",
+            "1app.x",
+            "data_directory",
+        ] {
+            assert!(context_expr(bad).is_none(), "{bad}");
+        }
+        assert!(context_expr("a_1.b$2.c").is_some());
+        assert!(context_expr(&format!("a.{}", "b".repeat(62))).is_none());
+        let mut w = watch(Operation::Insert, None, &["v"]);
+        w.context = vec!["current_user".into(), "my.tenant".into()];
+        let meta = "|| '',\"__sqlnotify\":'' || (pg_catalog.json_build_object(''context'', \
+                    pg_catalog.json_build_object(''current_user'', current_user, ''my.tenant'', \
+                    NULLIF(pg_catalog.current_setting(''my.tenant'', true), ''''))))::text || ''}''";
+        for tier in [Tier::Notify, Tier::Durable, Tier::Poll] {
+            w.tier = tier;
+            let f = function_sql(&w);
+            assert!(f.contains(meta), "{tier:?}: {f}");
+        }
+        // statement capture: every row, the chunked path only
+        w.tier = Tier::Durable;
+        w.capture = Capture::Statement;
+        let f = function_sql(&w);
+        assert!(!f.contains("json_agg"), "{f}");
+        assert!(
+            f.contains(&format!(
+                "pg_catalog.left(pg_catalog.json_build_object(''id'', _sqn_t.\"id\", ''v'', _sqn_t.\"v\")::text, -1) {meta}"
+            )),
+            "{f}"
+        );
+        // beside old values
+        w.capture = Capture::Row;
+        w.channel.operation = Operation::Delete;
+        w.old_values = true;
+        let f = function_sql(&w);
+        assert!(
+            f.contains(
+                "(pg_catalog.json_build_object(''old'', (pg_catalog.json_build_object(''id'', OLD.\"id\", ''v'', OLD.\"v\")::text)::json, \
+                 ''context'', pg_catalog.json_build_object(''current_user''"
+            ),
+            "{f}"
+        );
     }
 
     #[test]

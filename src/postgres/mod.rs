@@ -95,6 +95,13 @@ impl Dialect for Postgres {
     fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
         let (control, watches) = (self.control.clone(), watches.to_vec());
         Box::pin(async move {
+            crate::resolve::check_context(
+                &watches,
+                ddl::MAX_CONTEXT_NAMES,
+                |name| ddl::context_expr(name).is_some(),
+                "PostgreSQL offers current_user, session_user, application_name, client_addr, \
+                 backend_pid and custom settings whose name has a dot (such as app.user_id)",
+            )?;
             if !watches.iter().any(|w| w.capture == Capture::Statement) {
                 return Ok(());
             }

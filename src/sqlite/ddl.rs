@@ -81,43 +81,88 @@ fn json_expr(row: &str, columns: &[&String]) -> String {
     format!("('{{' || {} || '}}')", inner.join(" || ',' || "))
 }
 
-/// The payload expression of a watch: the row's columns, and for a watch with `old_values`
-/// the old row (and on UPDATE the changed columns) in the metadata member. Changed means
-/// `OLD.c IS NOT NEW.c`: SQLite's own comparison of the stored values (NULL to NULL is no
-/// change; JSON held in TEXT compares as text).
+/// The payload expression of a watch: the row's columns, and in the metadata member the old
+/// row (and on UPDATE the changed columns) for a watch with `old_values`, and the context
+/// object — every name `null` — for a watch with `context` (the writer's connection fills it in
+/// if it set values, see [`CONTEXT_TRIGGER`]). Changed means `OLD.c IS NOT NEW.c`: SQLite's own
+/// comparison of the stored values (NULL to NULL is no change; JSON held in TEXT compares as
+/// text).
 fn payload_expr(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
     let columns = channel.payload_columns();
     let row = json_expr(channel.operation.row_variable(), &columns);
-    if !w.old_values {
+    let mut members: Vec<String> = Vec::new();
+    if w.old_values {
+        members.push(format!("'old', json({})", json_expr("OLD", &columns)));
+        if channel.operation == crate::operation::Operation::Update {
+            let tests: Vec<String> = w
+                .table_columns
+                .iter()
+                .map(|(c, _)| {
+                    let q = quote_ident(c);
+                    let name = serde_json::to_string(c).expect("a string serializes");
+                    format!(
+                        "CASE WHEN OLD.{q} IS NOT NEW.{q} THEN {} ELSE '' END",
+                        quote_sqlite_literal(&format!("{name},"))
+                    )
+                })
+                .collect();
+            members.push(format!(
+                "'changed', json('[' || rtrim({}, ',') || ']')",
+                tests.join(" || ")
+            ));
+        }
+    }
+    if !w.context.is_empty() {
+        let names: Vec<String> = w
+            .context
+            .iter()
+            .map(|n| format!("{}, NULL", quote_sqlite_literal(n)))
+            .collect();
+        members.push(format!("'context', json_object({})", names.join(", ")));
+    }
+    if members.is_empty() {
         return row;
     }
-    let old = format!("'old', json({})", json_expr("OLD", &columns));
-    let meta = if channel.operation == crate::operation::Operation::Update {
-        let tests: Vec<String> = w
-            .table_columns
-            .iter()
-            .map(|(c, _)| {
-                let q = quote_ident(c);
-                let name = serde_json::to_string(c).expect("a string serializes");
-                format!(
-                    "CASE WHEN OLD.{q} IS NOT NEW.{q} THEN {} ELSE '' END",
-                    quote_sqlite_literal(&format!("{name},"))
-                )
-            })
-            .collect();
-        format!(
-            "json_object({old}, 'changed', json('[' || rtrim({}, ',') || ']'))",
-            tests.join(" || ")
-        )
-    } else {
-        format!("json_object({old})")
-    };
     format!(
-        "json_set({row}, {}, {meta})",
-        quote_sqlite_literal(&format!("$.{}", crate::payload::META_KEY))
+        "json_set({row}, {}, json_object({}))",
+        quote_sqlite_literal(&format!("$.{}", crate::payload::META_KEY)),
+        members.join(", ")
     )
 }
+
+/// The most context names one watch may capture on SQLite (`json_object` takes at most 127
+/// arguments by default).
+pub(crate) const MAX_CONTEXT_NAMES: usize = MAX_OBJECT_COLUMNS;
+
+/// Whether SQLite can capture context value `name`: any non-empty name without control
+/// characters (it is only ever a quoted literal and a JSON key).
+pub(crate) fn is_context_name(name: &str) -> bool {
+    !name.is_empty() && !name.chars().any(char::is_control)
+}
+
+/// The per-connection table the application's context values live in
+/// ([`crate::sqlite_context::set`]): `name`, and `value` as JSON text.
+pub(crate) const CONTEXT_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS sqlnotify_context \
+     (name TEXT PRIMARY KEY, value TEXT NOT NULL)";
+
+/// The per-connection trigger that fills in a journal row's context values from the
+/// connection's [`CONTEXT_TABLE`]. A trigger in the main schema may not read a TEMP table, and
+/// an application-defined SQL function would fail the write on every connection that did not
+/// register it; a TEMP trigger may read any schema, and exists only on connections that set
+/// values — elsewhere the names the watch's trigger wrote as `null` stay `null`. It fires on
+/// every journal insert of its connection and rewrites only rows that carry a context object;
+/// nothing in it can raise: the payload is checked to be JSON before it is read, and a stored
+/// value that is not JSON text reads as `null`. Dropping the journal drops it too.
+pub(crate) const CONTEXT_TRIGGER: &str = "CREATE TEMP TRIGGER IF NOT EXISTS sqlnotify_context \
+     AFTER INSERT ON main.sqlnotify_journal FOR EACH ROW \
+     WHEN CASE WHEN json_valid(NEW.payload) \
+     THEN json_type(NEW.payload, '$.__sqlnotify.context') = 'object' END \
+     BEGIN UPDATE sqlnotify_journal SET payload = json_set(payload, '$.__sqlnotify.context', \
+     json((SELECT json_group_object(k.key, CASE WHEN json_valid(c.value) THEN json(c.value) END) \
+     FROM json_each(NEW.payload, '$.__sqlnotify.context') AS k \
+     LEFT JOIN temp.sqlnotify_context AS c ON c.name = k.key))) \
+     WHERE id = NEW.id; END";
 
 /// `CREATE TRIGGER` for a watch: append the payload to the journal.
 pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
@@ -195,6 +240,7 @@ mod tests {
             capture: crate::tier::Capture::Row,
             old_values: false,
             table_columns: vec![],
+            context: vec![],
         }
     }
 
@@ -232,6 +278,28 @@ mod tests {
         assert!(script.contains(
             "CREATE INDEX IF NOT EXISTS sqlnotify_dead_letters_handler_state\n    ON sqlnotify_dead_letters (handler, state);"
         ));
+    }
+
+    #[test]
+    fn context_names_are_written_null_beside_old_values() {
+        let mut w = watch(Operation::Update, 1);
+        w.context = vec!["app.user_id".into(), "o'brien".into()];
+        let t = trigger_sql(&w);
+        assert!(
+            t.contains(
+                "'$.__sqlnotify', json_object('context', json_object('app.user_id', NULL, 'o''brien', NULL)))"
+            ),
+            "{t}"
+        );
+        w.old_values = true;
+        let t = trigger_sql(&w);
+        assert!(
+            t.contains("json_object('old', json(json_object(")
+                && t.contains("'context', json_object('app.user_id', NULL"),
+            "{t}"
+        );
+        assert!(is_context_name("app.user_id") && is_context_name("who am i?"));
+        assert!(!is_context_name("") && !is_context_name("a\nb"));
     }
 
     #[test]

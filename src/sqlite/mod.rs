@@ -13,6 +13,7 @@
 
 mod catalog;
 mod consumers;
+pub mod context;
 mod ddl;
 mod dead_letters;
 mod journal;
@@ -133,6 +134,17 @@ where
 impl Dialect for Sqlite {
     fn name(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn check_watches(&self, watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
+        let checked = crate::resolve::check_context(
+            watches,
+            ddl::MAX_CONTEXT_NAMES,
+            ddl::is_context_name,
+            "SQLite context names are the names the application sets with \
+             sqlite_context::set: any non-empty name without control characters",
+        );
+        Box::pin(async move { checked })
     }
 
     fn default_schema(&self) -> String {

@@ -57,6 +57,11 @@ pub trait Backend {
     }
     /// Runs SQL (several statements allowed) on a fresh connection.
     async fn run(&self, sql: &str);
+    /// Runs `sql` on a fresh connection that first sets the context values `context` (name,
+    /// text value) the way an application does on this dialect: PostgreSQL `SET LOCAL` in one
+    /// transaction with `sql` (`set_config(name, value, true)`), MySQL `SET @name = 'value'`
+    /// (names given with their `@`), SQLite `sqlite_context::set` on the writing connection.
+    async fn run_with_context(&self, context: &[(&str, &str)], sql: &str);
     /// A query returning one integer.
     async fn number(&self, sql: &str) -> i64;
     /// Inserts `ids` into `table (id)`, one transaction per row.
@@ -124,6 +129,21 @@ impl Backend for Pg {
     }
     async fn run(&self, sql: &str) {
         self.db.exec(sql).await
+    }
+    async fn run_with_context(&self, context: &[(&str, &str)], sql: &str) {
+        let sets: Vec<String> = context
+            .iter()
+            .map(|(name, value)| {
+                format!(
+                    "SELECT pg_catalog.set_config('{}', '{}', true);",
+                    name.replace('\'', "''"),
+                    value.replace('\'', "''")
+                )
+            })
+            .collect();
+        self.db
+            .exec(&format!("BEGIN; {} {sql}; COMMIT;", sets.join(" ")))
+            .await
     }
     async fn number(&self, sql: &str) -> i64 {
         self.db.count(sql).await

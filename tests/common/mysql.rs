@@ -277,6 +277,13 @@ impl Backend for TestDb {
     async fn run(&self, sql: &str) {
         self.exec(sql).await
     }
+    async fn run_with_context(&self, context: &[(&str, &str)], sql: &str) {
+        let sets: Vec<String> = context
+            .iter()
+            .map(|(name, value)| format!("SET {name} = '{}';", value.replace('\'', "''")))
+            .collect();
+        self.exec(&format!("{} {sql}", sets.join(" "))).await
+    }
     async fn number(&self, sql: &str) -> i64 {
         self.count(sql).await
     }

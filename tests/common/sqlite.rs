@@ -204,6 +204,14 @@ impl Backend for TempDb {
     async fn run(&self, sql: &str) {
         self.exec(sql)
     }
+    async fn run_with_context(&self, context: &[(&str, &str)], sql: &str) {
+        let conn = self.conn();
+        for (name, value) in context {
+            sqlnotify::sqlite_context::set(&conn, name, *value).unwrap();
+        }
+        conn.execute_batch(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
     async fn number(&self, sql: &str) -> i64 {
         self.count(sql)
     }

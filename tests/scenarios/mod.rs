@@ -4,10 +4,11 @@
 //!
 //! By topic: [`delivery`] (operations, keys, filters, trigger columns, several notifiers),
 //! [`custom`] (custom notifications), [`lifecycle`] (drift, revoke, cleanup) and [`resume`]
-//! (named consumers resuming after a restart), [`handling`] (handlers: retries, dead letters, per-key order), [`old_values`] (old values and changed columns), [`retention`] (journal purge) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
+//! (named consumers resuming after a restart), [`handling`] (handlers: retries, dead letters, per-key order), [`old_values`] (old values and changed columns), [`context`] (who: the writer's session values), [`retention`] (journal purge) and [`validation`] (watches the catalog refutes). Named-consumer retention scenarios are in
 //! `common/consumers.rs`.
 #![allow(dead_code)]
 
+pub mod context;
 pub mod custom;
 pub mod delivery;
 pub mod handling;
