@@ -15,6 +15,18 @@
 //! Sections for `--only=`: `memory`, `memory-large-budget`, `throughput-1`, `throughput-10`,
 //! `throughput-100`, `large-budget-10`, `actors-10`.
 //!
+//! Routing by value (`routing-…`, selected together by `--only=routing`): 10,000 and 100,000
+//! closure subscriptions each `eq("user_id", i)`, events spread over every id, so each event
+//! goes to exactly one subscriber (`routing-10000`, `routing-100000`), timed until the last
+//! closure ran (the final flush, which messages every closure subscriber, is reported apart);
+//! the baseline parses each
+//! payload and looks its `user_id` up in a hash map of the subscribers. `routing-memory`: VmRSS
+//! and VmHWM before and after making 100,000 idle subscriptions, per subscription (closure actor
+//! included); `routing-shared-10000`, `routing-shared-100000`: the same subscriptions as
+//! recipients of one actor (`subscribe`), which counts (a closure actor per subscription costs
+//! a task wake-up per event; one actor drains its mailbox in turns). It runs first among the routing sections, and `--only=routing` runs it in a
+//! process where nothing larger was allocated before.
+//!
 //! Run: `scripts/bench` or `cargo bench --bench pipeline [-- --quick]`.
 
 #[path = "common/mod.rs"]
@@ -179,8 +191,274 @@ async fn run(args: Args) {
             ),
         ]);
     }
+    if args.wants("routing-memory") {
+        let m = idle_memory(ROUTING_MEMORY).await;
+        table.row(vec![
+            format!(
+                "memory per idle subscription, {} `eq(\"user_id\", i)` closure subscriptions",
+                count(ROUTING_MEMORY as f64)
+            ),
+            "–".into(),
+            format!("{} bytes", count(m.per_subscription)),
+            "–".into(),
+            format!(
+                "VmRSS {} → {} kB, VmHWM {} → {} kB (per subscription by VmHWM: {} bytes); subscribing took {:.2} s",
+                count(m.rss_before as f64),
+                count(m.rss_after as f64),
+                count(m.hwm_before as f64),
+                count(m.hwm_after as f64),
+                count(m.per_subscription_hwm),
+                m.subscribe_s,
+            ),
+        ]);
+    }
+    for (shared, subscribers) in [
+        (false, 10_000),
+        (false, 100_000),
+        (true, 10_000),
+        (true, 100_000),
+    ] {
+        let name = if shared { "routing-shared" } else { "routing" };
+        if args.wants(&format!("{name}-{subscribers}")) {
+            let base = routing_baseline(subscribers, time / 2);
+            let lib = routing(subscribers, shared, time).await;
+            table.row(vec![
+                format!(
+                    "events/s routed by value, {} subscriptions `eq(\"user_id\", i)` {}, each event to its one subscriber",
+                    count(subscribers as f64),
+                    if shared {
+                        "to one actor (`subscribe`, a recipient each)"
+                    } else {
+                        "each a closure"
+                    }
+                ),
+                count(base.events_per_s),
+                count(lib.events_per_s),
+                ratio(lib.events_per_s, base.events_per_s),
+                format!(
+                    "{} events in {:.1} s, CPU {:.0}% of a core ({} events per CPU-second; baseline {}); delivered {} of {} expected, {} to a subscriber whose id differs; timed until the last event reached its subscriber, the final flush apart ({:.2} s)",
+                    count(lib.events as f64),
+                    lib.elapsed.as_secs_f64(),
+                    lib.cpu * 100.0,
+                    count(lib.events_per_s / lib.cpu),
+                    count(base.events_per_s / base.cpu),
+                    count(lib.deliveries as f64),
+                    count(lib.expected as f64),
+                    lib.misrouted,
+                    lib.flush_s,
+                ),
+            ]);
+        }
+    }
     println!();
     print!("{}", table.render());
+}
+
+/// Subscriptions of the memory-per-idle-subscription scenario.
+const ROUTING_MEMORY: usize = 100_000;
+
+/// The routing scenarios' watch: a `user_id` column to route on.
+fn routing_watch() -> Watch {
+    Watch::new("users", Operation::Insert).extra_columns(["user_id", "email", "sent_us"])
+}
+
+/// One payload per user id in `0..users`, in an order that spreads consecutive events over
+/// the ids (a stride coprime with `users`).
+fn routing_payloads(users: usize) -> Vec<String> {
+    let stride = 7_919; // prime; neither 10,000 nor 100,000 is a multiple
+    (0..users)
+        .map(|n| {
+            let user = (n * stride) % users;
+            format!(
+                r#"{{"id" : {n}, "user_id" : {user}, "email" : "user{user}@example.com", "sent_us" : 1732540000000000}}"#
+            )
+        })
+        .collect()
+}
+
+struct Routed {
+    events_per_s: f64,
+    events: u64,
+    deliveries: u64,
+    expected: u64,
+    misrouted: u64,
+    elapsed: Duration,
+    cpu: f64,
+    /// The final flush (a message to every closure subscriber), not in `elapsed`.
+    flush_s: f64,
+}
+
+/// The least work: parse every payload, find its subscriber by `user_id` in a hash map, count.
+fn routing_baseline(users: usize, time: Duration) -> Throughput {
+    let pool = routing_payloads(users);
+    let subscribers: std::collections::HashMap<i64, usize> =
+        (0..users).map(|i| (i as i64, i)).collect();
+    let mut counts = vec![0u64; users];
+    let (mut events, mut at) = (0u64, 0usize);
+    let cpu = common::cpu_time();
+    let started = Instant::now();
+    while started.elapsed() < time {
+        for raw in batch(&pool, at) {
+            let value: Value = serde_json::from_str(&raw.payload).expect("valid JSON");
+            if let Some(i) = value
+                .get("user_id")
+                .and_then(Value::as_i64)
+                .and_then(|id| subscribers.get(&id))
+            {
+                counts[*i] += 1;
+            }
+            events += 1;
+        }
+        at += BATCH;
+    }
+    let elapsed = started.elapsed();
+    let deliveries = counts.iter().sum();
+    std::hint::black_box(&counts);
+    Throughput {
+        events_per_s: events as f64 / elapsed.as_secs_f64(),
+        events,
+        deliveries,
+        expected: deliveries,
+        elapsed,
+        cpu: (common::cpu_time() - cpu).as_secs_f64() / elapsed.as_secs_f64(),
+    }
+}
+
+/// Subscribes `users` closures, the `i`th to `eq("user_id", i)`; they count what they get, and
+/// what they get with another `user_id`.
+async fn subscribe_users(pipeline: &Pipeline, users: usize) -> (Rc<Cell<u64>>, Rc<Cell<u64>>) {
+    let (delivered, misrouted) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+    for i in 0..users {
+        let (delivered, misrouted) = (delivered.clone(), misrouted.clone());
+        let mine = Value::from(i);
+        pipeline
+            .subscribe_fn(
+                Subscription::new("users", Operation::Insert).filter(Filter::eq("user_id", i)),
+                move |event| {
+                    if event.get("user_id") == Some(&mine) {
+                        delivered.set(delivered.get() + 1);
+                    } else {
+                        misrouted.set(misrouted.get() + 1);
+                    }
+                },
+            )
+            .await
+            .expect("subscribe");
+    }
+    (delivered, misrouted)
+}
+
+/// Subscribes `users` recipients of one actor, the `i`th to `eq("user_id", i)`; the actor
+/// counts what it gets.
+async fn subscribe_users_to_one(
+    pipeline: &Pipeline,
+    users: usize,
+) -> (Rc<Cell<u64>>, Addr<Counter>) {
+    let delivered = Rc::new(Cell::new(0u64));
+    let actor = Counter(delivered.clone()).start();
+    for i in 0..users {
+        pipeline
+            .subscribe(
+                Subscription::new("users", Operation::Insert).filter(Filter::eq("user_id", i)),
+                actor.clone().recipient(),
+            )
+            .await
+            .expect("subscribe");
+    }
+    (delivered, actor)
+}
+
+/// Events per second routed to `users` subscriptions by value (closures, or recipients of one
+/// `shared` actor), until every event reached its subscriber.
+async fn routing(users: usize, shared: bool, time: Duration) -> Routed {
+    let pool = routing_payloads(users);
+    let pipeline = Pipeline::start(&[routing_watch()], BUDGET).expect("pipeline");
+    let (delivered, misrouted, _actor) = if shared {
+        let (delivered, actor) = subscribe_users_to_one(&pipeline, users).await;
+        (delivered, Rc::new(Cell::new(0)), Some(actor))
+    } else {
+        let (delivered, misrouted) = subscribe_users(&pipeline, users).await;
+        (delivered, misrouted, None)
+    };
+    let (mut events, mut at) = (0u64, 0usize);
+    let cpu = common::cpu_time();
+    let started = Instant::now();
+    while started.elapsed() < time {
+        pipeline.send(batch(&pool, at)).await.expect("send");
+        events += BATCH as u64;
+        at += BATCH;
+    }
+    // Until every event has reached its subscriber's closure (not the final flush, which
+    // sends a message to every closure subscriber: its time is reported apart).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered.get() + misrouted.get() < events {
+        assert!(Instant::now() < deadline, "events lost on the way");
+        tokio::task::yield_now().await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = (common::cpu_time() - cpu).as_secs_f64() / elapsed.as_secs_f64();
+    let flushing = Instant::now();
+    pipeline.flush().await;
+    let flush_s = flushing.elapsed().as_secs_f64();
+    let stats = pipeline.stats();
+    pipeline.stop().await;
+    assert_eq!(stats.malformed, 0);
+    Routed {
+        events_per_s: events as f64 / elapsed.as_secs_f64(),
+        events,
+        deliveries: delivered.get(),
+        expected: events,
+        misrouted: misrouted.get(),
+        elapsed,
+        cpu,
+        flush_s,
+    }
+}
+
+struct IdleMemory {
+    rss_before: u64,
+    rss_after: u64,
+    hwm_before: u64,
+    hwm_after: u64,
+    /// Bytes per subscription by VmRSS.
+    per_subscription: f64,
+    /// Bytes per subscription by VmHWM.
+    per_subscription_hwm: f64,
+    subscribe_s: f64,
+}
+
+/// VmRSS and VmHWM before and after making `users` idle subscriptions (one event routed
+/// first, so the pipeline's own first-use allocations are not counted).
+async fn idle_memory(users: usize) -> IdleMemory {
+    let pipeline = Pipeline::start(&[routing_watch()], BUDGET).expect("pipeline");
+    pipeline
+        .send(batch(&routing_payloads(1), 0))
+        .await
+        .expect("send");
+    pipeline.flush().await;
+    let (rss_before, hwm_before) = (
+        common::proc_status_kb("VmRSS"),
+        common::proc_status_kb("VmHWM"),
+    );
+    let started = Instant::now();
+    let subscribed = subscribe_users(&pipeline, users).await;
+    let subscribe_s = started.elapsed().as_secs_f64();
+    let (rss_after, hwm_after) = (
+        common::proc_status_kb("VmRSS"),
+        common::proc_status_kb("VmHWM"),
+    );
+    drop(subscribed);
+    pipeline.stop().await;
+    let per = |before: u64, after: u64| after.saturating_sub(before) as f64 * 1024.0 / users as f64;
+    IdleMemory {
+        rss_before,
+        rss_after,
+        hwm_before,
+        hwm_after,
+        per_subscription: per(rss_before, rss_after),
+        per_subscription_hwm: per(hwm_before, hwm_after),
+        subscribe_s,
+    }
 }
 
 struct Throughput {

@@ -90,6 +90,16 @@ impl Filter {
         &self.column
     }
 
+    /// The values this filter's column must equal one of, for `eq` and `is_in` (what the
+    /// routing index keys on); `None` for every other condition.
+    pub(crate) fn equals_one_of(&self) -> Option<&[Value]> {
+        match &self.condition {
+            Condition::Eq(value) => Some(std::slice::from_ref(value)),
+            Condition::In(values) => Some(values),
+            _ => None,
+        }
+    }
+
     /// Whether `event` satisfies this filter.
     pub fn matches(&self, event: &ChangeEvent) -> bool {
         event

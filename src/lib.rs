@@ -147,6 +147,7 @@ mod registry;
 #[cfg(feature = "nats")]
 pub mod relay;
 mod resolve;
+mod route_index;
 mod sql;
 mod stats;
 mod status;

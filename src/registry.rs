@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels};
 use crate::filter::Filter;
 use crate::lifecycle::{Flush, Shutdown};
+use crate::route_index::RouteIndex;
 use crate::stats::Counters;
 use crate::status::{Status, StatusEvent};
 use crate::subscriber::{Buffer, FnSubscriber, Refused, Sink, Ticket};
@@ -47,12 +48,25 @@ pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Subscriber {
     id: SubscriptionId,
+    /// Its channel's place in `Registry::routes`.
+    route: usize,
     filters: Vec<Filter>,
     sink: Sink,
     buffer: Buffer,
     closed: bool,
+    /// Listed in `Registry::attention`.
+    listed: bool,
     /// When its last `Lagged` notice went out.
     lag_reported: Option<Instant>,
+}
+
+/// The subscriptions of one channel.
+#[derive(Default)]
+struct ChannelRoute {
+    /// Which of them an event can match, by the values their filters require.
+    index: RouteIndex,
+    /// How many of them have a receiver not known to be gone.
+    open: usize,
 }
 
 /// Where status messages go.
@@ -65,7 +79,18 @@ pub(crate) enum StatusSink {
 /// [`Notifier::registry`](crate::Notifier::registry).
 pub struct Registry {
     channels: Arc<Channels>,
-    by_channel: HashMap<String, Vec<Subscriber>>,
+    /// Each channel's place in `routes`.
+    by_channel: HashMap<String, usize>,
+    routes: Vec<ChannelRoute>,
+    /// Every subscriber, in a slot that stays its own while it lives (`None`: free).
+    slots: Vec<Option<Subscriber>>,
+    free: Vec<usize>,
+    by_id: HashMap<SubscriptionId, usize>,
+    /// The subscribers `pump` and lag reports look at — something buffered, drops not yet
+    /// reported, or a receiver gone — by slot and id (an entry whose slot holds another
+    /// subscription by now is stale and skipped). Idle subscribers are not here, so they cost
+    /// nothing per event.
+    attention: Vec<(usize, SubscriptionId)>,
     status: Vec<StatusSink>,
     next_id: u64,
     stats: Arc<Counters>,
@@ -91,6 +116,11 @@ impl Registry {
         Registry {
             channels,
             by_channel: HashMap::new(),
+            routes: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: HashMap::new(),
+            attention: Vec::new(),
             status: Vec::new(),
             next_id: 1,
             stats,
@@ -146,17 +176,32 @@ impl Registry {
     ) -> SubscriptionId {
         let id = SubscriptionId(self.next_id);
         self.next_id += 1;
-        self.by_channel
-            .entry(channel.to_string())
-            .or_default()
-            .push(Subscriber {
-                id,
-                filters,
-                sink,
-                buffer,
-                closed: false,
-                lag_reported: None,
-            });
+        let route = match self.by_channel.get(channel) {
+            Some(&route) => route,
+            None => {
+                self.routes.push(ChannelRoute::default());
+                self.by_channel
+                    .insert(channel.to_string(), self.routes.len() - 1);
+                self.routes.len() - 1
+            }
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        self.routes[route].index.insert(slot, &filters);
+        self.routes[route].open += 1;
+        self.slots[slot] = Some(Subscriber {
+            id,
+            route,
+            filters,
+            sink,
+            buffer,
+            closed: false,
+            listed: false,
+            lag_reported: None,
+        });
+        self.by_id.insert(id, slot);
         log::debug!("sqlnotify: subscription {id} on {channel:?}");
         self.stats.has_subscriber.store(true, Ordering::Release);
         id
@@ -168,16 +213,18 @@ impl Registry {
         if let Some(sequence) = event.sequence() {
             tally.sequence = tally.sequence.max(sequence);
         }
-        let budget = &self.budget;
         let (mut considered, mut ticket) = (false, None);
         for key in [event.channel(), EVERY_CHANNEL] {
-            if let Some(subscribers) = self.by_channel.get_mut(key) {
-                offer(
-                    subscribers,
+            if let Some(&route) = self.by_channel.get(key) {
+                let route = &mut self.routes[route];
+                considered |= route.open > 0;
+                route.open -= offer(
+                    route,
+                    &mut self.slots,
+                    &mut self.attention,
                     &event,
-                    budget,
+                    &self.budget,
                     tally,
-                    &mut considered,
                     &mut ticket,
                 );
             }
@@ -194,13 +241,17 @@ impl Registry {
     fn pump(&mut self, ctx: &mut Context<Self>) {
         let (mut progress, mut waiting, mut queued) = (false, false, 0);
         let (mut delivered, mut lost) = (0, 0);
-        for s in self.by_channel.values_mut().flatten() {
+        for &(slot, id) in &self.attention {
+            let Some(s) = live(&mut self.slots, slot, id) else {
+                continue;
+            };
             if !s.buffer.is_empty() && !s.closed {
                 let (handed, gone) = s.buffer.drain_into(&s.sink);
                 progress |= handed > 0;
                 delivered += handed;
                 if let Some(n) = gone {
                     s.closed = true;
+                    self.routes[s.route].open -= 1;
                     lost += n;
                 }
             }
@@ -245,7 +296,10 @@ impl Registry {
     fn report_lag(&mut self, ctx: &mut Context<Self>, now: bool) {
         let at = Instant::now();
         let (mut due, mut next) = (Vec::new(), None::<Instant>);
-        for s in self.by_channel.values_mut().flatten() {
+        for &(slot, id) in &self.attention {
+            let Some(s) = live(&mut self.slots, slot, id) else {
+                continue;
+            };
             if s.buffer.dropped == 0 {
                 continue;
             }
@@ -280,16 +334,37 @@ impl Registry {
         self.lag_timer = Some((next, handle));
     }
 
-    /// Removes subscriptions whose receiver is gone.
+    /// Removes subscriptions whose receiver is gone, and takes those with nothing left to
+    /// hand over or report off the attention list.
     fn prune(&mut self) {
-        for subscribers in self.by_channel.values_mut() {
-            subscribers.retain(|s| {
-                if s.closed {
-                    log::debug!("sqlnotify: subscriber {} is gone; removing it", s.id);
-                }
-                !s.closed
-            });
+        let mut keep = Vec::new();
+        for (slot, id) in std::mem::take(&mut self.attention) {
+            let Some(s) = live(&mut self.slots, slot, id) else {
+                continue;
+            };
+            if s.closed {
+                log::debug!("sqlnotify: subscriber {id} is gone; removing it");
+                self.remove(slot);
+            } else if !s.buffer.is_empty() || s.buffer.dropped > 0 {
+                keep.push((slot, id));
+            } else {
+                s.listed = false;
+            }
         }
+        self.attention = keep;
+    }
+
+    /// Takes the subscriber in `slot` out of its slot, its channel's index and the counts.
+    fn remove(&mut self, slot: usize) -> Option<Subscriber> {
+        let s = self.slots.get_mut(slot)?.take()?;
+        let route = &mut self.routes[s.route];
+        route.index.remove(slot, &s.filters);
+        if !s.closed {
+            route.open -= 1;
+        }
+        self.by_id.remove(&s.id);
+        self.free.push(slot);
+        Some(s)
     }
 
     fn publish(&mut self, status: Status) {
@@ -367,10 +442,11 @@ impl Handler<Unsubscribe> for Registry {
     type Result = Result<()>;
 
     fn handle(&mut self, Unsubscribe(id): Unsubscribe, ctx: &mut Context<Self>) -> Self::Result {
-        let removed = self.by_channel.values_mut().find_map(|subscribers| {
-            let pos = subscribers.iter().position(|s| s.id == id)?;
-            Some(subscribers.remove(pos))
-        });
+        let removed = self
+            .by_id
+            .get(&id)
+            .copied()
+            .and_then(|slot| self.remove(slot));
         let Some(mut s) = removed else {
             return Err(Error::UnknownSubscription { id: id.0 });
         };
@@ -424,46 +500,77 @@ struct Tally {
     sequence: i64,
 }
 
-/// Offers `event` to `subscribers`: filters, then hands it over or buffers it (taking one
-/// [`Ticket`] for every buffer that keeps it).
+/// Offers `event` to the subscriptions of `route` that it can match (its index's candidates):
+/// filters, then hands it over or buffers it (taking one [`Ticket`] for every buffer that
+/// keeps it). Every open subscription of the route that does not take the event is counted as
+/// filtered out, without being looked at. Returns how many subscribers turned out to be gone.
 fn offer(
-    subscribers: &mut [Subscriber],
+    route: &ChannelRoute,
+    slots: &mut [Option<Subscriber>],
+    attention: &mut Vec<(usize, SubscriptionId)>,
     event: &ChangeEvent,
     budget: &Arc<Semaphore>,
     tally: &mut Tally,
-    considered: &mut bool,
     ticket: &mut Option<Rc<Ticket>>,
-) {
-    for s in subscribers.iter_mut().filter(|s| !s.closed) {
-        *considered = true;
-        if !s.filters.iter().all(|f| f.matches(event)) {
-            tally.filtered += 1;
-            continue;
-        }
-        s.sink.selected(event);
-        let event = if s.buffer.is_empty() {
-            match s.sink.try_deliver(event.clone()) {
-                Ok(()) => {
-                    tally.delivered += 1;
-                    continue;
-                }
-                Err(Refused::Closed) => {
-                    // Lost with its subscriber; pump() reports and removes it.
-                    s.closed = true;
-                    s.buffer.dropped += 1;
-                    tally.dropped += 1;
-                    tally.pump = true;
-                    continue;
-                }
-                Err(Refused::Full(event)) => event,
+) -> usize {
+    let (mut selected, mut gone) = (0, 0);
+    route.index.candidates(
+        |column| event.get(column),
+        |slot| {
+            let Some(s) = slots.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            if s.closed || !s.filters.iter().all(|f| f.matches(event)) {
+                return;
             }
-        } else {
-            event.clone()
-        };
-        let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
-        tally.dropped += s.buffer.push(event, ticket);
-        tally.pump = true;
+            selected += 1;
+            s.sink.selected(event);
+            let event = if s.buffer.is_empty() {
+                match s.sink.try_deliver(event.clone()) {
+                    Ok(()) => {
+                        tally.delivered += 1;
+                        return;
+                    }
+                    Err(Refused::Closed) => {
+                        // Lost with its subscriber; pump() reports and removes it.
+                        s.closed = true;
+                        gone += 1;
+                        s.buffer.dropped += 1;
+                        tally.dropped += 1;
+                        tally.pump = true;
+                        attend(s, slot, attention);
+                        return;
+                    }
+                    Err(Refused::Full(event)) => event,
+                }
+            } else {
+                event.clone()
+            };
+            let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
+            tally.dropped += s.buffer.push(event, ticket);
+            tally.pump = true;
+            attend(s, slot, attention);
+        },
+    );
+    tally.filtered += (route.open - selected) as u64;
+    gone
+}
+
+/// Puts `s` (in `slot`) on the attention list, once.
+fn attend(s: &mut Subscriber, slot: usize, attention: &mut Vec<(usize, SubscriptionId)>) {
+    if !s.listed {
+        s.listed = true;
+        attention.push((slot, s.id));
     }
+}
+
+/// The subscriber in `slot`, if it is still subscription `id`.
+fn live(
+    slots: &mut [Option<Subscriber>],
+    slot: usize,
+    id: SubscriptionId,
+) -> Option<&mut Subscriber> {
+    slots.get_mut(slot)?.as_mut().filter(|s| s.id == id)
 }
 
 /// Where subscriptions to every channel are kept in `by_channel` (no channel has this name).
@@ -557,8 +664,8 @@ impl Handler<Flush> for Registry {
         self.flush_waiters.push(drained);
         self.pump(ctx);
         let closures: Vec<_> = self
-            .by_channel
-            .values()
+            .slots
+            .iter()
             .flatten()
             .filter_map(|s| match &s.sink {
                 Sink::Fn(addr) => Some(addr.clone()),
@@ -586,15 +693,23 @@ impl Handler<Shutdown> for Registry {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         // Whatever still waits is lost; every drop not yet reported is reported now.
-        let lost: u64 = self
-            .by_channel
-            .values_mut()
-            .flatten()
-            .map(|s| s.buffer.discard(&s.sink))
-            .sum();
+        let mut lost = 0;
+        for (slot, s) in self.slots.iter_mut().enumerate() {
+            if let Some(s) = s {
+                lost += s.buffer.discard(&s.sink);
+                if s.buffer.dropped > 0 {
+                    attend(s, slot, &mut self.attention);
+                }
+            }
+        }
         Counters::add(&self.stats.dropped, lost);
         self.report_lag(ctx, true);
         self.by_channel.clear();
+        self.routes.clear();
+        self.slots.clear();
+        self.free.clear();
+        self.by_id.clear();
+        self.attention.clear();
         self.status.clear();
         ctx.stop();
     }
@@ -1091,5 +1206,157 @@ mod tests {
         // 1 fills the channel; 2, 3 wait; 4 pushes 2 out; 3's newer state replaces it
         let expected = [(1, "a"), (3, "e"), (4, "d")];
         through_a_stuck_subscriber(OverflowPolicy::KeepLatestPerKey, 2, &events, &expected).await;
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! The registry's routing against a linear scan of the same filters: what each subscriber
+    //! receives, and the delivered / filtered-out / dropped counts.
+
+    use super::*;
+    use crate::event::{Channel, Key, RawNotification};
+    use crate::operation::Operation;
+    use crate::tier::Tier;
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    const COLUMNS: [&str; 3] = ["id", "email", "score"];
+
+    fn channels() -> Arc<Channels> {
+        Arc::new(Channels::new(
+            [Channel {
+                name: "users_insert".into(),
+                schema: "public".into(),
+                table: "users".into(),
+                operation: Operation::Insert,
+                label: None,
+                key_columns: vec!["id".into()],
+                extra_columns: vec!["email".into(), "score".into()],
+                tier: Tier::Notify,
+                signed: false,
+            }],
+            "public",
+        ))
+    }
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-2i64..3).prop_map(Value::from),
+            (-2i64..3).prop_map(|n| Value::from(n as f64)),
+            Just(Value::from(1.5)),
+            "[xy]{0,1}".prop_map(Value::String),
+        ]
+    }
+
+    fn filter() -> impl Strategy<Value = Filter> {
+        let column = prop::sample::select(&COLUMNS[..]);
+        prop_oneof![
+            (column.clone(), scalar()).prop_map(|(c, v)| Filter::eq(c, v)),
+            (column.clone(), prop::collection::vec(scalar(), 0..3))
+                .prop_map(|(c, v)| Filter::is_in(c, v)),
+            (column.clone(), scalar()).prop_map(|(c, v)| Filter::ne(c, v)),
+            (column.clone(), scalar()).prop_map(|(c, v)| Filter::gt(c, v)),
+            column.prop_map(Filter::is_null),
+        ]
+    }
+
+    /// A subscription: its filters, whether it is unsubscribed before routing, and whether its
+    /// receiver is dropped before routing.
+    fn subscription() -> impl Strategy<Value = (Vec<Filter>, bool, bool)> {
+        (
+            prop::collection::vec(filter(), 0..3),
+            prop::bool::weighted(0.2),
+            prop::bool::weighted(0.1),
+        )
+    }
+
+    /// An event: its key, and some of the extra columns.
+    fn event() -> impl Strategy<Value = (Value, Vec<(bool, Value)>)> {
+        (
+            scalar(),
+            prop::collection::vec((any::<bool>(), scalar()), 0..2),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn indexed_routing_delivers_and_counts_what_a_linear_scan_does(
+            subscriptions in prop::collection::vec(subscription(), 0..20),
+            events in prop::collection::vec(event(), 1..12),
+        ) {
+            let channels = channels();
+            let channel = channels.get("users_insert").unwrap().clone();
+            let stats = Arc::new(Counters::default());
+            let budget = Arc::new(Semaphore::new(1_000));
+            let mut registry = Registry::new(channels, stats, budget);
+            let mut receivers = Vec::new();
+            for (filters, unsubscribed, gone) in &subscriptions {
+                let (tx, rx) = crossbeam_channel::bounded(64);
+                let mut subscription = Subscription::new("users", Operation::Insert);
+                for f in filters {
+                    subscription = subscription.filter(f.clone());
+                }
+                let id = registry.add(subscription, Sink::Channel(tx)).unwrap();
+                receivers.push((id, (!gone).then_some(rx)));
+                if *unsubscribed {
+                    let slot = registry.by_id[&id];
+                    registry.remove(slot).unwrap();
+                }
+            }
+            let events: Vec<ChangeEvent> = events
+                .into_iter()
+                .map(|(key, extra)| {
+                    let extra: Map<String, Value> = extra
+                        .into_iter()
+                        .map(|(email, v)| ((if email { "email" } else { "score" }).to_string(), v))
+                        .collect();
+                    ChangeEvent::new(channel.clone(), Key::Single(key), extra, &RawNotification::new("", ""), false)
+                })
+                .collect();
+            let mut tally = Tally::default();
+            for event in &events {
+                registry.route(event.clone(), &mut tally);
+            }
+            // The linear scan: every subscription still subscribed, every event; a gone
+            // receiver loses the first event it is selected for and is counted as filtered
+            // for nothing after that.
+            let (mut delivered, mut filtered, mut dropped) = (0, 0, 0);
+            for (i, (filters, unsubscribed, gone)) in subscriptions.iter().enumerate() {
+                if *unsubscribed {
+                    continue;
+                }
+                let mut open = true;
+                let mut expected = Vec::new();
+                for (n, event) in events.iter().enumerate() {
+                    if !open {
+                        continue;
+                    }
+                    if filters.iter().all(|f| f.matches(event)) {
+                        if *gone {
+                            open = false;
+                            dropped += 1;
+                        } else {
+                            delivered += 1;
+                            expected.push(n);
+                        }
+                    } else {
+                        filtered += 1;
+                    }
+                }
+                if let Some(rx) = &receivers[i].1 {
+                    let got: Vec<usize> = rx
+                        .try_iter()
+                        .map(|e| events.iter().position(|x| x.id() == e.id() && x.extra_columns() == e.extra_columns()).unwrap())
+                        .collect();
+                    // Events may repeat (same key and columns): compare what they carry.
+                    let carried = |ns: &[usize]| ns.iter().map(|n| (events[*n].id().to_string(), events[*n].extra_columns().clone())).collect::<Vec<_>>();
+                    prop_assert_eq!(carried(&got), carried(&expected), "subscription {}", i);
+                }
+            }
+            prop_assert_eq!((tally.delivered, tally.filtered, tally.dropped), (delivered, filtered, dropped));
+        }
     }
 }
