@@ -263,6 +263,8 @@ impl Engine {
         };
         let error = match result {
             Ok(()) => {
+                // Counted before the row goes: whoever sees the row gone sees the count.
+                Counters::add(&self.counters.handled, 1);
                 if let Some(row) = item.row {
                     if let Err(e) = self.store.resolve(row).await {
                         log::warn!(
@@ -278,7 +280,6 @@ impl Engine {
                 if let Some(ack) = item.ack.take() {
                     ack.ack();
                 }
-                Counters::add(&self.counters.handled, 1);
                 return Outcome::Done(key);
             }
             Err(e) => e.to_string(),
