@@ -151,6 +151,26 @@ pub async fn a_flaky_handler_handles_every_event_once_in_key_order(db: &impl Bac
     );
 }
 
+/// Waits (at most 5 s) until `notifier`'s counter `name`, read by `get`, is `want`; fails
+/// the test with the stats otherwise. For counters that follow a database write the test
+/// may see first.
+async fn stat_reaches(
+    notifier: &Notifier,
+    name: &str,
+    get: fn(&sqlnotify::Stats) -> u64,
+    want: u64,
+) {
+    let reached = wait_until(Duration::from_secs(5), || async {
+        get(&notifier.stats().await.unwrap()) == want
+    })
+    .await;
+    assert!(
+        reached,
+        "stats().{name} never reached {want}: {:?}",
+        notifier.stats().await
+    );
+}
+
 async fn notifier_dead_letters(db: &impl Backend) -> Vec<sqlnotify::DeadLetter> {
     db.builder()
         .dead_letters()
@@ -254,23 +274,9 @@ pub async fn a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_ag
     assert_eq!(letter.channel, db.channel_of("p", Operation::Insert));
     assert!(letter.first_failed <= letter.last_failed);
     assert!(letter.event.contains("\"table\":\"p\""), "{}", letter.event);
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            notifier.stats().await.unwrap().dead_letters == 1
-        })
-        .await,
-        "stats counts the dead letter: {:?}",
-        notifier.stats().await
-    );
+    stat_reaches(&notifier, "dead_letters", |s| s.dead_letters, 1).await;
     // Counted once the dead letter is stored, which the count above may see first.
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            notifier.stats().await.unwrap().dead_lettered == 1
-        })
-        .await,
-        "{:?}",
-        notifier.stats().await
-    );
+    stat_reaches(&notifier, "dead_lettered", |s| s.dead_lettered, 1).await;
     let stats = notifier.stats().await.unwrap();
     assert_eq!(stats.handler_errors, 3, "{stats:?}");
 
@@ -298,14 +304,7 @@ pub async fn a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_ag
         letters.list(None, None).await
     );
     assert!(handled.borrow().contains(&(7, 1)));
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            notifier.stats().await.unwrap().handled == 20
-        })
-        .await,
-        "{:?}",
-        notifier.stats().await
-    );
+    stat_reaches(&notifier, "handled", |s| s.handled, 20).await;
     let stats = notifier.stats().await.unwrap();
     assert_eq!(stats.redelivered, 1, "{stats:?}");
     notifier.stop().await.unwrap();
@@ -416,14 +415,7 @@ pub async fn a_restart_in_the_middle_of_a_retry_continues_it(db: &impl Backend) 
         notifier_dead_letters(db).await
     );
     // Counted once the dead letter is stored, which the look above may see first.
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            notifier.stats().await.unwrap().dead_lettered == 1
-        })
-        .await,
-        "{:?}",
-        notifier.stats().await
-    );
+    stat_reaches(&notifier, "dead_lettered", |s| s.dead_lettered, 1).await;
     let stats = notifier.stats().await.unwrap();
     notifier.stop().await.unwrap();
     let mut second = Vec::new();
