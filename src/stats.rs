@@ -70,7 +70,7 @@ pub struct Stats {
     /// Dead letters taken to be delivered again after a retry was asked for.
     pub redelivered: u64,
     /// Events a transactional handler
-    /// ([`Notifier::handle_in_transaction`](crate::Notifier::handle_in_transaction)) skipped
+    /// (`Notifier::handle_in_transaction`, PostgreSQL) skipped
     /// because their transaction had committed before: delivered again after a crash, a
     /// restart or a failover, and not applied twice.
     pub effects_skipped: u64,

@@ -210,7 +210,7 @@ impl Watch {
     ///   `SET @app_user_id = 42` in the writer's session (numbers stay numbers; unset is
     ///   `null`).
     /// * **SQLite** has no server session: the application sets per-connection values with
-    ///   [`sqlite_context::set`](crate::sqlite_context::set) on the connection it writes with,
+    ///   `sqlite_context::set` (feature `sqlite`) on the connection it writes with,
     ///   under any non-empty name; a name not set on the writing connection is `null`.
     ///
     /// ```
