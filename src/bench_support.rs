@@ -22,7 +22,7 @@ use actix::prelude::*;
 use futures_util::future::BoxFuture;
 use tokio::sync::Semaphore;
 
-use crate::dead_letters::{DeadLetter, DeadLetterStore, DeadLetters, Failure};
+use crate::dead_letters::{DeadLetter, DeadLetterStore, DeadLetters};
 use crate::decoder::{RawBatch, Retention};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels, RawNotification};
@@ -201,29 +201,7 @@ impl OverflowStore for NoOverflow {
 }
 
 /// A failed attempt of a handler on an event, to record (see [`DeadLetterCalls::record`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailedAttempt {
-    /// The row already recorded for this event, if any.
-    pub id: Option<i64>,
-    /// The handler's name.
-    pub handler: String,
-    /// The channel the event arrived on.
-    pub channel: String,
-    /// The event's journal position (`None` on PostgreSQL's notify tier).
-    pub sequence: Option<i64>,
-    /// The event's row index in a statement-capture journal row.
-    pub part: u32,
-    /// The event's key, as JSON text.
-    pub key: String,
-    /// The whole event, as JSON text.
-    pub event: String,
-    /// Failed attempts including this one.
-    pub attempts: u32,
-    /// The attempt's error text.
-    pub error: String,
-    /// Out of attempts: the row becomes `dead` (else `retrying`).
-    pub dead: bool,
-}
+pub use crate::dead_letters::Failure as FailedAttempt;
 
 /// The handler engine's calls on the dead-letter table behind a [`DeadLetters`].
 #[derive(Clone)]
@@ -241,20 +219,7 @@ impl DeadLetterCalls {
 
     /// Records a failed attempt; returns the row's id.
     pub async fn record(&self, attempt: FailedAttempt) -> Result<i64> {
-        self.store
-            .record(Failure {
-                id: attempt.id,
-                handler: attempt.handler,
-                channel: attempt.channel,
-                sequence: attempt.sequence,
-                part: attempt.part,
-                key: attempt.key,
-                event: attempt.event,
-                attempts: attempt.attempts,
-                error: attempt.error,
-                dead: attempt.dead,
-            })
-            .await
+        self.store.record(attempt).await
     }
 
     /// The event of row `id` was handled: the row goes.

@@ -114,20 +114,28 @@ pub(crate) enum Target {
     Handler(String),
 }
 
-/// A failed attempt to record: the insert or update of the event's row.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Failure {
+/// A failed attempt to record: the insert or update of the event's row. Public only through
+/// `bench_support` (as `FailedAttempt`), for tests that seed the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
     /// The row already recorded for this event (known after its first failure, or for a
     /// dead letter being delivered again); `None` on a first failure.
     pub id: Option<i64>,
+    /// The handler's name.
     pub handler: String,
+    /// The channel the event arrived on.
     pub channel: String,
+    /// The event's journal position (`None` on PostgreSQL's notify tier).
     pub sequence: Option<i64>,
+    /// The event's row index in a statement-capture journal row.
     pub part: u32,
+    /// The event's key, as JSON text.
     pub key: String,
+    /// The whole event, as JSON text.
     pub event: String,
     /// Failed attempts including this one.
     pub attempts: u32,
+    /// The attempt's error text.
     pub error: String,
     /// Out of attempts: the row becomes `dead` (else `retrying`).
     pub dead: bool,
