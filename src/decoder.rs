@@ -218,6 +218,13 @@ impl Decoder {
         if carried == 0 && rows_len == 0 {
             return self.malformed(raw, "it holds no row");
         }
+        // The row's last-of-transaction mark belongs to its last event only.
+        if carried > 1 {
+            let end = events.len();
+            for event in &mut events[end - carried as usize..end - 1] {
+                event.set_last_in_transaction(false);
+            }
+        }
         self.give_back(u64::from(raw.events) - carried);
     }
 

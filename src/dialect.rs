@@ -22,6 +22,7 @@ use crate::event::Channel;
 use crate::listener::{ListenParams, ListenerHandle};
 use crate::overflow::OverflowStore;
 use crate::resolve::{ResolvedWatch, TableInfo};
+use crate::snapshot::reader::SnapshotReader;
 
 /// How `start()` treats existing database objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +118,21 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// The dead-letter table of handlers ([`DeadLetterStore`]), on the dialect's own
     /// connections (never the listener's); usable whether a notifier runs or not.
     fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>>;
+    /// Opens a consistent read of `channel`'s table for a snapshot feed, returning its rows
+    /// `chunk_rows` at a time as `channel`'s payloads.
+    fn open_snapshot(
+        &self,
+        channel: Arc<Channel>,
+        _chunk_rows: usize,
+    ) -> BoxFuture<'static, Result<Box<dyn SnapshotReader>>> {
+        let what = format!(
+            "a snapshot of {}.{} on {}: not available on this dialect yet (PostgreSQL has it)",
+            channel.schema(),
+            channel.table(),
+            self.name()
+        );
+        Box::pin(async move { Err(crate::Error::Unsupported { what }) })
+    }
 }
 
 /// What a dialect's catalog says about one watch: the input to install planning, which is the

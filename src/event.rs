@@ -32,6 +32,12 @@ pub struct RawNotification {
     /// journal row the number of rows in it. The listener takes this many units of the
     /// in-flight budget for it.
     pub events: u32,
+    /// The id of the writer's transaction, where the journal records it (PostgreSQL's durable
+    /// and poll tiers); `None` otherwise (a payload may carry it instead).
+    pub transaction: Option<u64>,
+    /// Whether this is the last journal row of its transaction among the rows the listener
+    /// read (PostgreSQL's durable and poll tiers); `None` where that is not known.
+    pub last_in_transaction: Option<bool>,
 }
 
 impl RawNotification {
@@ -43,12 +49,22 @@ impl RawNotification {
             received_at: SystemTime::now(),
             sequence: None,
             events: 1,
+            transaction: None,
+            last_in_transaction: None,
         }
     }
 
     /// The same notification, at journal position `sequence`.
     pub fn with_sequence(mut self, sequence: i64) -> Self {
         self.sequence = Some(sequence);
+        self
+    }
+
+    /// The same notification, from transaction `id`; `last` says whether it is the last
+    /// journal row of that transaction.
+    pub fn with_transaction(mut self, id: u64, last: bool) -> Self {
+        self.transaction = Some(id);
+        self.last_in_transaction = Some(last);
         self
     }
 }
@@ -204,6 +220,12 @@ struct EventInner {
     part: u32,
     /// Old values and changed columns ([`Watch::old_values`](crate::Watch::old_values)).
     change: Change,
+    /// The writer's transaction id (from the journal row, else from the payload).
+    transaction: Option<u64>,
+    /// Whether it is the last event of its transaction (journal tiers that know it).
+    last_in_transaction: Option<bool>,
+    /// A row of a snapshot rather than a change.
+    snapshot: bool,
 }
 
 impl ChangeEvent {
@@ -225,16 +247,41 @@ impl ChangeEvent {
                 ordinal: 0,
                 part: 0,
                 change: Change::default(),
+                transaction: raw.transaction,
+                last_in_transaction: raw.last_in_transaction,
+                snapshot: false,
             }),
         }
     }
 
-    /// The same (just built) event, carrying the old values and changed columns of `change`.
+    /// The same (just built) event, carrying the old values and changed columns of `change`
+    /// (and its transaction id, unless the journal row gave one).
     pub(crate) fn with_change(mut self, change: Change) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            if inner.transaction.is_none() {
+                inner.transaction = change.transaction;
+            }
             inner.change = change;
         }
         self
+    }
+
+    /// The same (just built) event, as a row of a snapshot.
+    pub(crate) fn into_snapshot(mut self) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.snapshot = true;
+        }
+        self
+    }
+
+    /// Sets the (just built) event's last-of-transaction mark to `last` (the rows
+    /// of a statement-capture journal row share the row's mark; only the last one ends it).
+    pub(crate) fn set_last_in_transaction(&mut self, last: bool) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            if inner.last_in_transaction.is_some() {
+                inner.last_in_transaction = Some(last);
+            }
+        }
     }
 
     /// The same (just built) event, `part` rows into a notification that starts at `ordinal`.
@@ -345,6 +392,31 @@ impl ChangeEvent {
         self.inner.change.context.as_ref()
     }
 
+    /// The id of the transaction that made the change: the same for every event of one
+    /// transaction, different across transactions. On PostgreSQL it is the writer's top-level
+    /// transaction id (`xid8`, as `pg_current_xact_id()` reports it; a savepoint's rows carry
+    /// their top-level transaction's id), on every tier. `None` on SQLite and MySQL, whose
+    /// triggers have no transaction id to read, and on custom notifications.
+    pub fn transaction_id(&self) -> Option<u64> {
+        self.inner.transaction
+    }
+    /// Whether this is the last event of its transaction, on PostgreSQL's durable and poll
+    /// tiers (`None` elsewhere). The events of one transaction arrive together, one after
+    /// another, so a subscriber can collect them and apply the transaction as a unit when it
+    /// sees `Some(true)`. The mark is counted over the notifier's watches: a subscription
+    /// whose filters drop the transaction's last event does not see it — such a subscriber
+    /// can also take a change of [`transaction_id`](Self::transaction_id) as the boundary.
+    pub fn last_in_transaction(&self) -> Option<bool> {
+        self.inner.last_in_transaction
+    }
+
+    /// Whether the event is a row of a [`Snapshot`](crate::Snapshot) (the row as it was when
+    /// the snapshot was read) rather than a change. Its [`operation`](Self::operation) is
+    /// that of the watch it was read for.
+    pub fn is_snapshot(&self) -> bool {
+        self.inner.snapshot
+    }
+
     /// All carried columns (key columns first, then extra columns) as one JSON object.
     pub fn to_json(&self) -> Value {
         let mut map = Map::with_capacity(self.key_columns().len() + self.inner.extra.len());
@@ -359,7 +431,8 @@ impl ChangeEvent {
 
     /// The whole event as one JSON object, what `sqlnotify tail` prints and the relay
     /// publishes: `{"channel", "schema", "table", "operation", "id", "columns", "sequence",
-    /// "truncated"}`. `id` is the key value (an array for a composite key), `columns` the
+    /// "truncated"}`, plus `old`, `changed`, `context`, `transaction`,
+    /// `last_in_transaction` and `snapshot` when the event carries them. `id` is the key value (an array for a composite key), `columns` the
     /// extra columns, `sequence` the journal position (`null` on PostgreSQL's notify tier).
     ///
     /// ```
@@ -407,6 +480,17 @@ impl ChangeEvent {
         if let Some(context) = &self.inner.change.context {
             out.extend_from_slice(b",\"context\":");
             put(&mut out, context);
+        }
+        if let Some(transaction) = self.inner.transaction {
+            out.extend_from_slice(b",\"transaction\":");
+            put(&mut out, &transaction);
+        }
+        if let Some(last) = self.inner.last_in_transaction {
+            out.extend_from_slice(b",\"last_in_transaction\":");
+            put(&mut out, &last);
+        }
+        if self.inner.snapshot {
+            out.extend_from_slice(b",\"snapshot\":true");
         }
         out.push(b'}');
         String::from_utf8(out).expect("serde_json writes UTF-8")
@@ -458,6 +542,24 @@ impl ChangeEvent {
         if let Some(sequence) = value["sequence"].as_i64() {
             raw = raw.with_sequence(sequence);
         }
+        raw.transaction = match &value["transaction"] {
+            Value::Null => None,
+            v => Some(v.as_u64().ok_or_else(|| {
+                invalid(
+                    name,
+                    "the stored event's transaction id is not a number".into(),
+                )
+            })?),
+        };
+        raw.last_in_transaction = match &value["last_in_transaction"] {
+            Value::Null => None,
+            v => Some(v.as_bool().ok_or_else(|| {
+                invalid(
+                    name,
+                    "the stored event's last_in_transaction is not a boolean".into(),
+                )
+            })?),
+        };
         let truncated = value["truncated"].as_bool().unwrap_or(false);
         let change = crate::payload::Change {
             old: match &value["old"] {
@@ -501,11 +603,13 @@ impl ChangeEvent {
                     ))
                 }
             },
+            transaction: None,
         };
         let mut event =
             ChangeEvent::new(channel.clone(), id, extra, &raw, truncated).with_change(change);
         if let Some(inner) = Arc::get_mut(&mut event.inner) {
             inner.part = part;
+            inner.snapshot = value["snapshot"] == Value::Bool(true);
         }
         Ok(event)
     }
@@ -644,6 +748,7 @@ mod tests {
             old: Some(old),
             changed: Some(vec!["note".into()]),
             context: None,
+            transaction: None,
         });
         assert_eq!(with_old.old("note"), Some(&Value::Null));
         assert_eq!(with_old.old("a"), None);
@@ -674,6 +779,7 @@ mod tests {
             old: None,
             changed: Some(vec![]),
             context: Some(context),
+            transaction: None,
         });
         assert_eq!(with_context.context("app.user_id"), Some(&json!("42")));
         assert_eq!(with_context.context("@unset"), Some(&Value::Null));
@@ -692,7 +798,56 @@ mod tests {
         assert_eq!(back.to_record(), record);
         assert_eq!(back.context_values(), with_context.context_values());
 
+        // a transaction id and mark from the journal row: last in the record, and they read
+        // back; a payload's id (the notify tier) carries no mark
+        let in_tx = ChangeEvent::new(
+            channel(&["a", "b"], &["note"]),
+            Key::Composite(vec![json!(1), json!("x")]),
+            Map::new(),
+            &RawNotification::new("sqlnotify_public_t_insert", "").with_transaction(747, true),
+            false,
+        )
+        .with_change(Change {
+            transaction: Some(1),
+            ..Change::default()
+        });
+        assert_eq!(
+            in_tx.transaction_id(),
+            Some(747),
+            "the journal row's id wins"
+        );
+        assert_eq!(in_tx.last_in_transaction(), Some(true));
+        let record = in_tx.to_record();
+        assert!(
+            record.ends_with(r#","truncated":false,"transaction":747,"last_in_transaction":true}"#),
+            "{record}"
+        );
+        let back = ChangeEvent::from_record(&record, 0, &channels).unwrap();
+        assert_eq!(back.to_record(), record);
+        let notified = ChangeEvent::new(
+            channel(&["a", "b"], &["note"]),
+            Key::Composite(vec![json!(1), json!("x")]),
+            Map::new(),
+            &RawNotification::new("sqlnotify_public_t_insert", ""),
+            false,
+        )
+        .with_change(Change {
+            transaction: Some(9),
+            ..Change::default()
+        });
+        assert_eq!(notified.transaction_id(), Some(9));
+        assert_eq!(notified.last_in_transaction(), None);
+        assert!(ev.transaction_id().is_none() && !ev.to_record().contains("transaction"));
+
         for (bad, needle) in [
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"transaction":"x"}"#,
+                "transaction id is not a number",
+            ),
+            (
+                r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"last_in_transaction":1}"#,
+                "not a boolean",
+            ),
             (
                 r#"{"channel":"sqlnotify_public_t_insert","id":[1,2],"context":"x"}"#,
                 "context values are not an object",

@@ -148,6 +148,7 @@ mod registry;
 pub mod relay;
 mod resolve;
 mod route_index;
+mod snapshot;
 mod sql;
 mod stats;
 mod status;
@@ -187,6 +188,7 @@ pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 #[cfg(feature = "postgres")]
 pub use crate::postgres::effects::Transaction;
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
+pub use crate::snapshot::{Snapshot, SnapshotFeed, SnapshotProgress, DEFAULT_CHUNK_ROWS};
 pub use crate::stats::{Role, Stats};
 pub use crate::status::{Status, StatusEvent};
 pub use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER};

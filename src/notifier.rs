@@ -26,6 +26,7 @@ use crate::pipeline::Pipeline;
 use crate::registry::{
     Registry, StatusSink, Subscribe, SubscribeEvery, SubscribeStatus, Unsubscribe,
 };
+use crate::snapshot::{Feeder, Snapshot, SnapshotFeed};
 use crate::stats::Stats;
 use crate::status::StatusEvent;
 use crate::subscriber::{spawn_blocking_subscriber, FnSubscriber, Sink};
@@ -134,6 +135,80 @@ impl Notifier {
             .registry
             .send(Subscribe::new(subscription, recipient))
             .await?
+    }
+
+    /// The current rows of a watched table, then every change after them, in one feed (see
+    /// [`Snapshot`]): first each row that passes the snapshot's filters as an event with
+    /// [`is_snapshot`](ChangeEvent::is_snapshot) set (in key order, read in chunks as the
+    /// feed is read, so memory stays flat on a table of any size), then the changes of every
+    /// watch on the table that commit after the snapshot, in commit order, filtered the same
+    /// way.
+    ///
+    /// No change is missed and none is delivered twice: a change whose transaction the
+    /// snapshot already reflects is skipped, every later one is delivered. On PostgreSQL's
+    /// journal tiers (durable and poll) that holds without condition; on the notify tier it
+    /// holds for the notifications the listener receives (a NOTIFY sent while the listener
+    /// is disconnected is lost there as it is for any subscription). While the rows stream,
+    /// changes wait in the feed's buffer and, once it is full, the pipeline waits (the other
+    /// subscribers of this notifier pause for as long; nothing is dropped).
+    ///
+    /// PostgreSQL only for now: the read is a `REPEATABLE READ` transaction on a connection
+    /// of its own (the notifier's role needs `SELECT` on the table), and its snapshot decides
+    /// which changes it reflects, by transaction id. Other dialects answer
+    /// [`Error::Unsupported`]. A filter on a column the watches do not carry is refused with
+    /// [`Error::UnknownFilterColumn`]; a table without a watch with [`Error::NotWatched`].
+    pub async fn subscribe_snapshot(&self, snapshot: Snapshot) -> Result<SnapshotFeed> {
+        let channels = &self.inner.pipeline.channels;
+        let schema = snapshot.schema.as_deref();
+        let label = snapshot.label.as_deref();
+        let mut found = Vec::new();
+        for operation in [Operation::Insert, Operation::Update, Operation::Delete] {
+            if let Ok(channel) = channels.find(schema, &snapshot.table, operation, label) {
+                found.push(channel.clone());
+            }
+        }
+        let channel = match found.first() {
+            Some(channel) => channel.clone(),
+            // No watch on the table at all: the error names it (and the label).
+            None => channels
+                .find(schema, &snapshot.table, Operation::Insert, label)?
+                .clone(),
+        };
+        if let Some(f) = snapshot
+            .filters
+            .iter()
+            .find(|f| !channel.carries(f.column()))
+        {
+            return Err(Error::UnknownFilterColumn {
+                channel: channel.name().to_string(),
+                column: f.column().to_string(),
+                available: channel
+                    .key_columns()
+                    .iter()
+                    .chain(channel.extra_columns())
+                    .cloned()
+                    .collect(),
+            });
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(snapshot.buffer);
+        let progress = Arc::new(crate::snapshot::Progress::new());
+        let start = crate::snapshot::feeder::Start {
+            dialect: self.inner.dialect.clone(),
+            registry: self.inner.pipeline.registry.clone(),
+            chunk_rows: snapshot.chunk_rows,
+            buffer: snapshot.buffer,
+        };
+        Feeder::new(
+            found.iter().map(|c| c.name().to_string()).collect(),
+            channel,
+            snapshot.filters,
+            tx,
+            progress.clone(),
+            self.inner.pipeline.stats.clone(),
+            start,
+        )
+        .start();
+        Ok(SnapshotFeed::new(rx, progress))
     }
 
     /// Runs `f` for every event `subscription` selects, in an actor of its own on the current

@@ -63,6 +63,9 @@ pub(crate) struct Change {
     pub changed: Option<Vec<String>>,
     /// The context values the trigger captured ([`Watch::context`](crate::Watch::context)).
     pub context: Option<Map<String, Value>>,
+    /// The writer's transaction id, where the payload carries it (PostgreSQL's notify tier;
+    /// the journal tiers read it from the journal row instead).
+    pub transaction: Option<u64>,
 }
 
 /// Parses a payload received on `channel`. The error says what is wrong, for the log.
@@ -125,12 +128,15 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
                     id,
                     extra: Map::new(),
                     truncated: true,
-                    change: Change::default(),
+                    change: Change {
+                        transaction: transaction(meta.get("tx"))?,
+                        ..Change::default()
+                    },
                 })
             } else if !meta.is_empty()
                 && meta
                     .keys()
-                    .all(|k| k == "old" || k == "changed" || k == "context")
+                    .all(|k| k == "old" || k == "changed" || k == "context" || k == "tx")
             {
                 Ok(Decoded::Row {
                     id,
@@ -177,11 +183,30 @@ fn take_change(mut meta: Map<String, Value>) -> Result<Change, String> {
         Some(Value::Object(context)) => Some(context),
         Some(other) => return Err(format!("{META_KEY}.context is not an object: {other}")),
     };
+    let transaction = transaction(meta.get("tx"))?;
     Ok(Change {
         old,
         changed,
         context,
+        transaction,
     })
+}
+
+/// Reads the `tx` member of a payload's metadata: a transaction id, written by the trigger as
+/// a number (or as the text of one: `json_build_object` writes an `xid8` as a string).
+fn transaction(value: Option<&Value>) -> Result<Option<u64>, String> {
+    match value {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("{META_KEY}.tx is not a transaction id: {n}")),
+        Some(Value::String(text)) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{META_KEY}.tx is not a transaction id: {text:?}")),
+        Some(other) => Err(format!("{META_KEY}.tx is not a transaction id: {other}")),
+    }
 }
 
 /// Whether `text` is a UUID in PostgreSQL's canonical output form (8-4-4-4-12 lower-case hex
@@ -375,6 +400,46 @@ mod tests {
     }
 
     #[test]
+    fn decodes_transaction_ids() {
+        let c = channel(&["id"]);
+        let tx = |payload: &str| match decode(payload, &c) {
+            Ok(Decoded::Row { change, .. }) => Ok(change.transaction),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        // the fast path writes a number, json_build_object a string
+        assert_eq!(
+            tx(r#"{"id": 1, "__sqlnotify": {"tx": 747}}"#),
+            Ok(Some(747))
+        );
+        assert_eq!(
+            tx(r#"{"id": 1, "__sqlnotify": {"changed": [], "tx": "4294967299"}}"#),
+            Ok(Some(4_294_967_299))
+        );
+        // a payload cut to its key keeps the id
+        match decode(
+            r#"{"__sqlnotify": {"truncated": true, "tx": 12}, "id": 1}"#,
+            &c,
+        ) {
+            Ok(Decoded::Row {
+                truncated, change, ..
+            }) => assert!(truncated && change.transaction == Some(12)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(tx(r#"{"id": 1}"#), Ok(None));
+        for bad in [
+            r#"{"id": 1, "__sqlnotify": {"tx": -1}}"#,
+            r#"{"id": 1, "__sqlnotify": {"tx": 1.5}}"#,
+            r#"{"id": 1, "__sqlnotify": {"tx": "x"}}"#,
+            r#"{"id": 1, "__sqlnotify": {"tx": [1]}}"#,
+            r#"{"__sqlnotify": {"truncated": true, "tx": null}, "id": 1}"#,
+        ] {
+            let e = tx(bad).unwrap_err();
+            assert!(e.contains("tx is not a transaction id"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn composite_keys_come_out_in_declared_order() {
         let d = decode(r#"{"b": 2, "a": 1}"#, &channel(&["a", "b"])).unwrap();
         match d {
@@ -560,7 +625,7 @@ mod properties {
             let old: Map<String, Value> = old.into_iter().collect();
             let meta = serde_json::json!({"old": old.clone(), "changed": changed.clone()});
             let payload = serde_json::json!({"id": 1, META_KEY: meta}).to_string();
-            let expected = Change { old: Some(old), changed: Some(changed), context: None };
+            let expected = Change { old: Some(old), changed: Some(changed), context: None, transaction: None };
             match decode(&payload, &c) {
                 Ok(Decoded::Row { change, .. }) => prop_assert_eq!(change, expected),
                 other => prop_assert!(false, "{:?}", other),

@@ -78,6 +78,11 @@ pub struct Stats {
     /// them: [`DeadLetters`](crate::DeadLetters)), counted by each handler's active process
     /// at its redelivery poll (every second by default).
     pub dead_letters: u64,
+    /// Rows read by [snapshot feeds](crate::Snapshot) so far (before their filters).
+    pub snapshot_rows: u64,
+    /// Rows the snapshot feeds opened so far hold, counted when each opens: with
+    /// `snapshot_rows`, how far the snapshots have come (equal once all are read).
+    pub snapshot_rows_total: u64,
 }
 
 /// A notifier's part in the group of processes running the same named consumer.
@@ -153,6 +158,8 @@ pub(crate) struct Counters {
     pub redelivered: AtomicU64,
     pub effects_skipped: Arc<AtomicU64>,
     pub dead_letters: AtomicU64,
+    pub snapshot_rows: AtomicU64,
+    pub snapshot_rows_total: AtomicU64,
 }
 
 impl Counters {
@@ -217,6 +224,8 @@ impl Counters {
             redelivered: get(&self.redelivered),
             effects_skipped: get(&self.effects_skipped),
             dead_letters: get(&self.dead_letters),
+            snapshot_rows: get(&self.snapshot_rows),
+            snapshot_rows_total: get(&self.snapshot_rows_total),
         }
     }
 }

@@ -517,6 +517,8 @@ mod tests {
                     received_at: SystemTime::now(),
                     sequence: Some((from + i + 1) as i64),
                     events: 1,
+                    transaction: None,
+                    last_in_transaction: None,
                 })
                 .collect();
             let Some(n) = outlet.forward(batch).await else {

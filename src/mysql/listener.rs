@@ -226,6 +226,8 @@ impl Source for MysqlSource {
                         received_at: now,
                         sequence: Some(id),
                         events: 1,
+                        transaction: None,
+                        last_in_transaction: None,
                     });
                 }
             }

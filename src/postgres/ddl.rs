@@ -252,7 +252,7 @@ END
 }
 
 /// A JSON-text expression of the given columns of `row` (NEW or OLD), in order.
-fn json_expr(row: &str, columns: &[&String]) -> String {
+pub(crate) fn json_expr(row: &str, columns: &[&String]) -> String {
     if columns.len() <= MAX_BUILD_OBJECT_COLUMNS {
         let args: Vec<String> = columns
             .iter()
@@ -319,8 +319,20 @@ fn payload_with_old(w: &ResolvedWatch, row: &str, old: &str) -> String {
     if let Some(context) = context_object(&w.context) {
         members.push(format!("'context', {context}"));
     }
+    // The notify tier carries the writer's transaction id in the payload (the journal tiers
+    // read it from the journal row's xid column).
+    let tx = w.tier == Tier::Notify;
     if members.is_empty() {
-        return full;
+        if !tx {
+            return full;
+        }
+        return format!(
+            "pg_catalog.left({full}, -1) || {} || pg_catalog.pg_current_xact_id()::text || '}}}}'",
+            quote_literal(&format!(",\"{META_KEY}\":{{\"tx\":"))
+        );
+    }
+    if tx {
+        members.push(format!("'tx', {TX_EXPR}"));
     }
     format!(
         "pg_catalog.left({full}, -1) || {} || (pg_catalog.json_build_object({}))::text || '}}'",
@@ -328,6 +340,10 @@ fn payload_with_old(w: &ResolvedWatch, row: &str, old: &str) -> String {
         members.join(", ")
     )
 }
+
+/// The writer's transaction id as JSON text can carry it (`json_build_object` writes an `xid8`
+/// as a string; the decoder reads both forms).
+const TX_EXPR: &str = "pg_catalog.pg_current_xact_id()";
 
 /// The most context names one watch may capture on PostgreSQL (`json_build_object` takes at
 /// most 100 arguments).
@@ -655,6 +671,15 @@ fn notify_helper_body(w: &ResolvedWatch, authorize: &str) -> String {
     } else {
         String::new()
     };
+    // Cut to the key: the metadata says so and keeps the transaction id.
+    let open_trunc = format!(
+        "{} || {TX_EXPR}::text || '}},'",
+        meta("{\"truncated\":true,\"tx\":")
+    );
+    let bare_trunc = format!(
+        "{} || {TX_EXPR}::text || '}}}}'",
+        quote_literal(&format!("{{\"{META_KEY}\":{{\"truncated\":true,\"tx\":"))
+    );
     format!(
         "
 DECLARE
@@ -676,8 +701,8 @@ BEGIN
   {send}
 END
 ",
-        open_trunc = meta("{\"truncated\":true},"),
-        bare_trunc = quote_literal(&format!("{{\"{META_KEY}\":{{\"truncated\":true}}}}")),
+        open_trunc = open_trunc,
+        bare_trunc = bare_trunc,
     )
 }
 
@@ -963,7 +988,15 @@ mod tests {
         for tier in [Tier::Notify, Tier::Durable, Tier::Poll] {
             w.tier = tier;
             let f = function_sql(&w);
-            assert!(f.contains(meta), "{tier:?}: {f}");
+            // the notify tier's payload carries the transaction id too
+            let expected = match tier {
+                Tier::Notify => meta.replace(
+                    "''))))::text",
+                    "'')), ''tx'', pg_catalog.pg_current_xact_id()))::text",
+                ),
+                _ => meta.to_string(),
+            };
+            assert!(f.contains(&expected), "{tier:?}: {f}");
         }
         // statement capture: every row, the chunked path only
         w.tier = Tier::Durable;
@@ -999,17 +1032,21 @@ mod tests {
         for tier in [Tier::Notify, Tier::Durable, Tier::Poll] {
             w.tier = tier;
             let f = function_sql(&w);
-            assert!(
-                f.contains(
-                    "pg_catalog.left(pg_catalog.json_build_object(''id'', NEW.\"id\", ''v'', NEW.\"v\")::text, -1) \
+            let expected = "pg_catalog.left(pg_catalog.json_build_object(''id'', NEW.\"id\", ''v'', NEW.\"v\")::text, -1) \
                      || '',\"__sqlnotify\":'' || (pg_catalog.json_build_object(''old'', \
                      (pg_catalog.json_build_object(''id'', OLD.\"id\", ''v'', OLD.\"v\")::text)::json, ''changed'', \
                      pg_catalog.to_json(pg_catalog.array_remove(ARRAY[\
                      CASE WHEN OLD.\"id\" IS DISTINCT FROM NEW.\"id\" THEN ''id'' END, \
-                     CASE WHEN OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text THEN ''doc'' END]::text[], NULL))))::text || ''}''"
+                     CASE WHEN OLD.\"doc\"::text IS DISTINCT FROM NEW.\"doc\"::text THEN ''doc'' END]::text[], NULL))))::text || ''}''";
+            // the notify tier's payload carries the transaction id too
+            let expected = match tier {
+                Tier::Notify => expected.replace(
+                    "NULL))))::text",
+                    "NULL)), ''tx'', pg_catalog.pg_current_xact_id()))::text",
                 ),
-                "{tier:?}: {f}"
-            );
+                _ => expected.to_string(),
+            };
+            assert!(f.contains(&expected), "{tier:?}: {f}");
         }
         w.channel.operation = Operation::Delete;
         let f = function_sql(&w);

@@ -17,6 +17,15 @@
 //! replays exactly what was not delivered — or, when the set is too large to store (a
 //! transaction somewhere in the cluster stayed open long, holding every horizon back), at
 //! least that.
+//!
+//! Transactions stay whole and in order. A read sees each transaction's rows all or not at
+//! all (they commit together), and returns them grouped by transaction, the groups ordered
+//! by their last journal id, each group in id order, the last row marked. A transaction that
+//! wrote after another one committed (the only order two transactions can be seen in, e.g.
+//! two updates of one row) took its ids after all of the other's, so its group comes later;
+//! transactions that overlapped without waiting for each other come in the order of their
+//! last writes. Across reads, a transaction read later committed after every transaction an
+//! earlier read returned (it was not visible then).
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -89,12 +98,14 @@ impl JournalCursor {
         outlet: Option<&Outlet>,
     ) -> Result<Option<u64>> {
         let sql = format!(
-            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events
+            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.id = j.tx_last
                FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS horizon) s
                LEFT JOIN LATERAL (
-                    SELECT id, xid, channel, payload, events FROM {}.journal
+                    SELECT id, xid, channel, payload, events,
+                           pg_catalog.max(id) OVER (PARTITION BY xid) AS tx_last
+                      FROM {}.journal
                      WHERE xid >= coalesce($1::text::xid8, s.horizon) AND channel = ANY($2)
-                     ORDER BY id) j ON true",
+                     ORDER BY tx_last, id) j ON true",
             quote_ident(SCHEMA)
         );
         let floor = self.horizon.map(|h| h.to_string());
@@ -138,6 +149,8 @@ impl JournalCursor {
                 received_at: SystemTime::now(),
                 sequence: Some(id),
                 events,
+                transaction: Some(xid),
+                last_in_transaction: Some(row.get::<_, bool>(6)),
             });
             ids.push((id, xid));
             units += events as usize;

@@ -455,6 +455,8 @@ impl Reader {
                             received_at: SystemTime::now(),
                             sequence: None,
                             events: 1,
+                            transaction: None,
+                            last_in_transaction: None,
                         });
                         if batch.len() >= MAX_BATCH {
                             return Poll::Ready(None);

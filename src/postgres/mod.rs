@@ -15,6 +15,7 @@ pub(crate) mod effects;
 mod journal;
 mod listener;
 mod signing;
+mod snapshot;
 
 use std::sync::Arc;
 
@@ -204,5 +205,17 @@ impl Dialect for Postgres {
         Ok(Arc::new(dead_letters::PgDeadLetters::new(
             self.control.clone(),
         )))
+    }
+
+    fn open_snapshot(
+        &self,
+        channel: Arc<Channel>,
+        chunk_rows: usize,
+    ) -> BoxFuture<'static, Result<Box<dyn crate::snapshot::reader::SnapshotReader>>> {
+        let config = self.config();
+        Box::pin(async move {
+            let reader = snapshot::PgSnapshot::open(&config, channel, chunk_rows).await?;
+            Ok(Box::new(reader) as Box<dyn crate::snapshot::reader::SnapshotReader>)
+        })
     }
 }

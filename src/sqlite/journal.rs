@@ -64,6 +64,8 @@ pub(crate) fn read_after(
                 received_at: now,
                 sequence: Some(id),
                 events: 1,
+                transaction: None,
+                last_in_transaction: None,
             });
         }
     }

@@ -1,0 +1,145 @@
+//! The fence between a snapshot and the stream after it: which live events a snapshot already
+//! reflects (and must not be delivered again) and which come after it.
+
+use crate::event::ChangeEvent;
+
+/// Where a snapshot was taken, in the terms of the events that may still arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// A PostgreSQL snapshot (`pg_current_snapshot()`): every transaction below `xmin` had
+    /// finished, none from `xmax` on had started, and of those between, the ones in `running`
+    /// were still running. A transaction is in the snapshot when it finished before it was
+    /// taken, that is when it is neither at or past `xmax` nor in `running`.
+    Postgres {
+        xmin: u64,
+        xmax: u64,
+        running: Vec<u64>,
+    },
+    /// A journal in commit order (SQLite): the snapshot saw every row up to `head`.
+    Journal { head: i64 },
+}
+
+impl Fence {
+    /// Parses PostgreSQL's text form of a snapshot, `xmin:xmax:xip,xip,…`.
+    pub fn parse_postgres(text: &str) -> Option<Fence> {
+        let mut parts = text.splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let running = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        (xmin <= xmax).then_some(Fence::Postgres {
+            xmin,
+            xmax,
+            running,
+        })
+    }
+
+    /// Whether the snapshot already reflects `event` (its transaction had committed when the
+    /// snapshot was taken), so the stream after the snapshot must skip it. An event that says
+    /// nothing about its transaction or position is never skipped: a duplicate is better than
+    /// a gap.
+    pub fn covers(&self, event: &ChangeEvent) -> bool {
+        match self {
+            Fence::Postgres {
+                xmin,
+                xmax,
+                running,
+            } => match event.transaction_id() {
+                Some(x) => x < *xmin || (x < *xmax && !running.contains(&x)),
+                None => false,
+            },
+            Fence::Journal { head } => event.sequence().is_some_and(|s| s <= *head),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::event::{Channel, Key, RawNotification};
+    use crate::operation::Operation;
+    use crate::tier::Tier;
+
+    fn event(raw: RawNotification) -> ChangeEvent {
+        let channel = Arc::new(Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: vec!["id".into()],
+            extra_columns: vec![],
+            tier: Tier::Durable,
+            signed: false,
+        });
+        ChangeEvent::new(
+            channel,
+            Key::Single(1.into()),
+            Default::default(),
+            &raw,
+            false,
+        )
+    }
+
+    fn in_tx(x: u64) -> ChangeEvent {
+        event(RawNotification::new("c", "").with_transaction(x, true))
+    }
+
+    #[test]
+    fn parses_postgres_snapshots() {
+        assert_eq!(
+            Fence::parse_postgres("10:20:12,15"),
+            Some(Fence::Postgres {
+                xmin: 10,
+                xmax: 20,
+                running: vec![12, 15]
+            })
+        );
+        assert_eq!(
+            Fence::parse_postgres("7:7:"),
+            Some(Fence::Postgres {
+                xmin: 7,
+                xmax: 7,
+                running: vec![]
+            })
+        );
+        for bad in ["", "1", "1:2", "3:2:", "a:2:", "1:2:x", "1:2:3,,4"] {
+            assert_eq!(Fence::parse_postgres(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_transaction_is_covered_when_it_had_committed() {
+        let fence = Fence::parse_postgres("10:20:12,15").unwrap();
+        for (x, covered) in [
+            (1, true),
+            (9, true),
+            (10, true),
+            (11, true),
+            (12, false),
+            (15, false),
+            (19, true),
+            (20, false),
+            (99, false),
+        ] {
+            assert_eq!(fence.covers(&in_tx(x)), covered, "xid {x}");
+        }
+        // no transaction id: delivered (a duplicate rather than a gap)
+        assert!(!fence.covers(&event(RawNotification::new("c", ""))));
+    }
+
+    #[test]
+    fn a_journal_fence_covers_rows_up_to_its_head() {
+        let fence = Fence::Journal { head: 100 };
+        assert!(fence.covers(&event(RawNotification::new("c", "").with_sequence(100))));
+        assert!(!fence.covers(&event(RawNotification::new("c", "").with_sequence(101))));
+        assert!(!fence.covers(&event(RawNotification::new("c", ""))));
+    }
+}

@@ -1,0 +1,168 @@
+//! Snapshot, then stream (issue 15 §2): the current rows of a watched table, then every change
+//! committed after them — no gap and no duplicate — in one feed.
+//!
+//! How it holds together: the feed's subscription to the table's channels is in place
+//! *before* the dialect opens its consistent read, so every change that commits after the
+//! read was taken reaches the subscription; changes the read already reflects (a [`Fence`]
+//! tells which: on PostgreSQL the read's snapshot decides by transaction id, on SQLite the
+//! journal's head at the read) are skipped when they arrive. While the rows stream, the live
+//! events wait in the subscription's buffer (and, when it is full, the pipeline waits: nothing
+//! is dropped), so they come after the last snapshot row. Rows are read in key order in
+//! chunks, each sent only when the feed's reader has room, so memory stays flat however large
+//! the table.
+
+pub(crate) mod feeder;
+pub(crate) mod fence;
+pub(crate) mod reader;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::event::ChangeEvent;
+use crate::filter::Filter;
+
+pub(crate) use feeder::Feeder;
+
+/// Rows read per chunk unless [`Snapshot::chunk_rows`] says otherwise.
+pub const DEFAULT_CHUNK_ROWS: usize = 1_000;
+
+/// What a snapshot feed reads: the current rows of one watched table (narrowed by filters),
+/// then the changes of every watch on that table.
+///
+/// ```
+/// use sqlnotify::{Filter, Snapshot};
+///
+/// let s = Snapshot::new("orders").filter(Filter::eq("customer_id", 42)).chunk_rows(500);
+/// # let _ = s;
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub(crate) schema: Option<String>,
+    pub(crate) table: String,
+    pub(crate) label: Option<String>,
+    pub(crate) filters: Vec<Filter>,
+    pub(crate) chunk_rows: usize,
+    pub(crate) buffer: usize,
+}
+
+impl Snapshot {
+    /// The rows and changes of `table` (`"schema.table"`, or a table in the database's default
+    /// schema), from its watches without a channel label.
+    pub fn new(table: impl Into<String>) -> Self {
+        let table = table.into();
+        let (schema, table) = match table.split_once('.') {
+            Some((schema, table)) => (Some(schema.to_string()), table.to_string()),
+            None => (None, table),
+        };
+        Snapshot {
+            schema,
+            table,
+            label: None,
+            filters: Vec::new(),
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+            buffer: crate::subscription::DEFAULT_BUFFER,
+        }
+    }
+
+    /// Sets the schema explicitly (for table names that contain a dot).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// The table's watches with this channel label instead.
+    pub fn channel_label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Adds a filter, applied to the snapshot's rows and to the changes after them; all must
+    /// match (AND). A change whose event does not carry a filtered column does not match (a
+    /// DELETE watch that carries only the key, say): carry the column on every watch of the
+    /// table to see those.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filters.push(filter);
+        self
+    }
+
+    /// Rows read from the database per round trip (default 1,000; at least 1).
+    pub fn chunk_rows(mut self, rows: usize) -> Self {
+        self.chunk_rows = rows.max(1);
+        self
+    }
+
+    /// How many events may wait for the feed's reader (default 1,024; at least 1). Live
+    /// changes wait in as many again while the rows stream; beyond that the pipeline waits.
+    pub fn buffer(mut self, events: usize) -> Self {
+        self.buffer = events.max(1);
+        self
+    }
+}
+
+/// How far a snapshot has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    /// Rows of the snapshot read so far (before filters).
+    pub rows: u64,
+    /// Rows the snapshot holds, counted in the same consistent read (known once it is open).
+    pub total: Option<u64>,
+    /// Whether every row was handed to the feed; what follows are changes.
+    pub done: bool,
+}
+
+/// Shared between the feeder and the feed: what the snapshot read so far.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    rows: AtomicU64,
+    /// `u64::MAX` until known.
+    total: AtomicU64,
+    done: AtomicBool,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Self {
+        Progress {
+            total: AtomicU64::new(u64::MAX),
+            ..Progress::default()
+        }
+    }
+
+    fn get(&self) -> SnapshotProgress {
+        let total = self.total.load(Ordering::Relaxed);
+        SnapshotProgress {
+            rows: self.rows.load(Ordering::Relaxed),
+            total: (total != u64::MAX).then_some(total),
+            done: self.done.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The events of a [`Snapshot`]: first the table's current rows
+/// ([`ChangeEvent::is_snapshot`] is true; they report the table's INSERT watch, or its first
+/// watch when there is none), then its changes from every watch on the table, in commit
+/// order. Dropping the feed ends its subscription.
+#[derive(Debug)]
+pub struct SnapshotFeed {
+    rx: mpsc::Receiver<Result<ChangeEvent>>,
+    progress: Arc<Progress>,
+}
+
+impl SnapshotFeed {
+    pub(crate) fn new(rx: mpsc::Receiver<Result<ChangeEvent>>, progress: Arc<Progress>) -> Self {
+        SnapshotFeed { rx, progress }
+    }
+
+    /// The next event; `None` once the notifier stopped. An error means the snapshot could not
+    /// be read (the feed ends after it: nothing after an incomplete snapshot could be trusted).
+    pub async fn next(&mut self) -> Option<Result<ChangeEvent>> {
+        self.rx.recv().await
+    }
+
+    /// How far the snapshot has come.
+    pub fn progress(&self) -> SnapshotProgress {
+        self.progress.get()
+    }
+}

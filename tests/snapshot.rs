@@ -1,0 +1,297 @@
+//! Snapshot, then stream (issue 15 §2) on PostgreSQL: a feed gets the table's current rows,
+//! then every change committed after them — no gap, no duplicate — while writers keep
+//! writing. The replica check: a subscriber applies the feed to an in-memory map while 4
+//! writers insert, update, delete and roll back on a 200,000-row table; once they stop the
+//! map equals the table, and every step on the way was consistent (an insert of a key the map
+//! lacks, an update of a row it holds to the next version, a delete of a row it holds).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use sqlnotify::{Error, Filter, Notifier, Operation, Snapshot, SnapshotFeed, Tier, Watch};
+
+/// Rows in the replica test's table before the writers start.
+const ROWS: i64 = 200_000;
+
+async fn start(db: &TestDb, tier: Tier, extra: &[&str]) -> Notifier {
+    let mut builder = Notifier::builder(&db.url);
+    for op in [Operation::Insert, Operation::Update, Operation::Delete] {
+        let carried: &[&str] = if op == Operation::Delete { &[] } else { extra };
+        builder = builder.watch(
+            Watch::new("t", op)
+                .extra_columns(carried.iter().copied())
+                .tier(tier),
+        );
+    }
+    builder.start().await.unwrap()
+}
+
+/// The next event of `feed`, within a generous bound.
+async fn next(feed: &mut SnapshotFeed) -> sqlnotify::ChangeEvent {
+    tokio::time::timeout(Duration::from_secs(60), feed.next())
+        .await
+        .expect("an event in time")
+        .expect("the feed is open")
+        .expect("the snapshot reads")
+}
+
+/// Applies one event to the replica `map` (id → v), checking it fits: snapshot rows and
+/// inserts are new keys, updates move a held row to its next version, deletes remove a held
+/// row. Returns whether it was a snapshot row.
+fn apply(map: &mut BTreeMap<i64, i64>, e: &sqlnotify::ChangeEvent, snapshot_over: bool) -> bool {
+    let id = e.id().as_i64().unwrap();
+    if e.is_snapshot() {
+        assert!(!snapshot_over, "snapshot row {id} after a change");
+        let v = e.get("v").and_then(|v| v.as_i64()).unwrap();
+        assert!(map.insert(id, v).is_none(), "snapshot row {id} twice");
+        return true;
+    }
+    match e.operation() {
+        Operation::Insert => {
+            let v = e.get("v").and_then(|v| v.as_i64()).unwrap();
+            assert!(
+                map.insert(id, v).is_none(),
+                "insert of {id}, which the replica holds"
+            );
+        }
+        Operation::Update => {
+            let v = e.get("v").and_then(|v| v.as_i64()).unwrap();
+            let old = map.insert(id, v);
+            assert_eq!(old, Some(v - 1), "update of {id} to version {v}");
+        }
+        Operation::Delete => {
+            assert!(
+                map.remove(&id).is_some(),
+                "delete of {id}, which the replica lacks"
+            );
+        }
+    }
+    false
+}
+
+async fn table(db: &TestDb) -> BTreeMap<i64, i64> {
+    let client = db.client().await;
+    client
+        .query("SELECT id::int8, v::int8 FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The replica check on `tier`.
+async fn replica(tier: Tier) {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, {ROWS})"
+    ))
+    .await;
+    let notifier = start(&db, tier, &["v"]).await;
+    // Writers first, so the snapshot is read while they write.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut writers = Vec::new();
+    for w in 0..4i64 {
+        let client = db.client().await;
+        let stop = stop_rx.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = 0i64;
+            while !*stop.borrow() || i < 50 {
+                i += 1;
+                client.batch_execute("BEGIN").await.unwrap();
+                // updates spread over the table, in id order within a transaction
+                let first = 1 + (w * 7919 + i * 104_729) % (ROWS - 10);
+                client
+                    .execute(
+                        "UPDATE t SET v = v + 1 WHERE id IN ($1, $2)",
+                        &[&(first as i32), &((first + 3) as i32)],
+                    )
+                    .await
+                    .unwrap();
+                // new rows of this writer's own, and deletes of one of them now and then
+                let new = (ROWS + 1 + w * 1_000_000 + i) as i32;
+                client
+                    .execute("INSERT INTO t (id) VALUES ($1)", &[&new])
+                    .await
+                    .unwrap();
+                if i % 5 == 0 {
+                    client
+                        .execute("DELETE FROM t WHERE id = $1", &[&(new - 2)])
+                        .await
+                        .unwrap();
+                }
+                if i % 9 == 4 {
+                    client.batch_execute("ROLLBACK").await.unwrap();
+                } else {
+                    client.batch_execute("COMMIT").await.unwrap();
+                }
+            }
+            i
+        }));
+    }
+    let started = Instant::now();
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
+        .await
+        .unwrap();
+    let mut map = BTreeMap::new();
+    let (mut snapshot_rows, mut changes) = (0u64, 0u64);
+    // The snapshot, then 200 changes with the writers still writing.
+    while changes < 200 {
+        let e = next(&mut feed).await;
+        if apply(&mut map, &e, changes > 0) {
+            snapshot_rows += 1;
+        } else {
+            if changes == 0 {
+                assert!(feed.progress().done, "a change before the snapshot's end");
+            }
+            changes += 1;
+        }
+    }
+    assert!(
+        snapshot_rows >= ROWS as u64 - 2_000,
+        "{snapshot_rows} snapshot rows"
+    );
+    let progress = feed.progress();
+    assert!(progress.done);
+    assert_eq!(progress.rows, snapshot_rows);
+    assert_eq!(progress.total, Some(snapshot_rows));
+    stop_tx.send(true).unwrap();
+    let mut transactions = 0;
+    for w in writers {
+        transactions += w.await.unwrap();
+    }
+    // Drain until the replica equals the table (bounded), checking every step.
+    let want = table(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while map != want {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never caught up ({} rows vs {})",
+            map.len(),
+            want.len()
+        );
+        let e = next(&mut feed).await;
+        apply(&mut map, &e, true);
+        changes += 1;
+    }
+    // and nothing more comes (a duplicate would fail apply)
+    if let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await {
+        panic!("an event after the replica caught up: {}", e.to_record());
+    }
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(stats.snapshot_rows, snapshot_rows);
+    assert_eq!(stats.snapshot_rows_total, snapshot_rows);
+    println!(
+        "{tier:?}: snapshot of {snapshot_rows} rows + {changes} changes from {transactions} \
+         transactions of 4 writers; replica equal to the table ({} rows) after {:?}",
+        want.len(),
+        started.elapsed()
+    );
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn durable_tier_replica_equals_the_table() {
+    replica(Tier::Durable).await;
+}
+
+#[actix_rt::test]
+async fn poll_tier_replica_equals_the_table() {
+    replica(Tier::Poll).await;
+}
+
+#[actix_rt::test]
+async fn notify_tier_replica_equals_the_table() {
+    replica(Tier::Notify).await;
+}
+
+/// Filters narrow both the rows and the changes; an empty table gives an empty snapshot.
+#[actix_rt::test]
+async fn filters_apply_to_rows_and_changes() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, owner int NOT NULL, v int NOT NULL DEFAULT 0);
+         INSERT INTO t (id, owner) SELECT i, i % 10 FROM generate_series(1, 1000) i;
+         CREATE TABLE e (id int PRIMARY KEY, v int)",
+    )
+    .await;
+    let mut builder = Notifier::builder(&db.url);
+    for op in [Operation::Insert, Operation::Update] {
+        builder = builder.watch(Watch::new("t", op).extra_columns(["owner", "v"]));
+    }
+    let notifier = builder
+        .watch(Watch::new("e", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut feed = notifier
+        .subscribe_snapshot(
+            Snapshot::new("t")
+                .filter(Filter::eq("owner", 7))
+                .chunk_rows(33),
+        )
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        let e = next(&mut feed).await;
+        assert!(e.is_snapshot());
+        assert_eq!(e.get("owner"), Some(&serde_json::json!(7)));
+        assert!(
+            e.to_record().ends_with(",\"snapshot\":true}"),
+            "{}",
+            e.to_record()
+        );
+        ids.push(e.id().as_i64().unwrap());
+    }
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted, "key order");
+    db.exec(
+        "UPDATE t SET v = 1 WHERE id IN (7, 8); INSERT INTO t VALUES (1001, 7, 0), (1002, 1, 0)",
+    )
+    .await;
+    let e = next(&mut feed).await;
+    assert_eq!(
+        (e.operation(), e.id().as_i64(), e.is_snapshot()),
+        (Operation::Update, Some(7), false)
+    );
+    let e = next(&mut feed).await;
+    assert_eq!(
+        (e.operation(), e.id().as_i64()),
+        (Operation::Insert, Some(1001))
+    );
+    assert!(feed.progress().done);
+    assert_eq!(feed.progress().rows, 1000, "rows read before the filter");
+
+    let mut empty = notifier
+        .subscribe_snapshot(Snapshot::new("e"))
+        .await
+        .unwrap();
+    db.exec("INSERT INTO e VALUES (1, 1)").await;
+    let e = next(&mut empty).await;
+    assert!(!e.is_snapshot() && e.id().as_i64() == Some(1));
+    assert_eq!(empty.progress().total, Some(0));
+
+    // errors name what is wrong
+    match notifier
+        .subscribe_snapshot(Snapshot::new("t").filter(Filter::eq("nope", 1)))
+        .await
+    {
+        Err(Error::UnknownFilterColumn { column, .. }) => assert_eq!(column, "nope"),
+        other => panic!("{other:?}"),
+    }
+    match notifier
+        .subscribe_snapshot(Snapshot::new("unwatched"))
+        .await
+    {
+        Err(Error::NotWatched { table, .. }) => assert_eq!(table, "public.unwatched"),
+        other => panic!("{other:?}"),
+    }
+    notifier.stop().await.unwrap();
+}
