@@ -11,7 +11,6 @@
 //! place (reordering by design), so a sink for it is unordered.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, Notify};
@@ -41,10 +40,21 @@ impl Gate {
 struct Shared {
     gate: Mutex<Gate>,
     ordered: bool,
-    /// Events lost since the reader last took the count.
-    lost: AtomicU64,
+    /// Events lost since the reader last took them.
+    lost: Mutex<Lost>,
     /// Woken when events are lost.
     lost_notice: Notify,
+}
+
+/// Events lost since the reader last took them: how many, and the newest journal position
+/// among them (so a reader that has every event up to some position from elsewhere — a
+/// client resuming from the journal — can tell a loss it need not report).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lost {
+    /// How many.
+    pub count: u64,
+    /// The largest `sequence` among them; `None` when one had none (a NOTIFY event).
+    pub newest: Option<i64>,
 }
 
 impl Shared {
@@ -83,7 +93,7 @@ pub(crate) fn stream_channel(capacity: usize, ordered: bool) -> (StreamSink, Str
     let shared = Arc::new(Shared {
         gate: Mutex::new(Gate::default()),
         ordered,
-        lost: AtomicU64::new(0),
+        lost: Mutex::new(Lost::default()),
         lost_notice: Notify::new(),
     });
     (
@@ -122,7 +132,15 @@ impl StreamSink {
                 return;
             }
         }
-        self.shared.lost.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut lost = self.shared.lost.lock().unwrap_or_else(|p| p.into_inner());
+            lost.newest = match (lost.count, lost.newest, event.sequence()) {
+                (0, _, sequence) => sequence,
+                (_, Some(newest), Some(sequence)) => Some(newest.max(sequence)),
+                _ => None,
+            };
+            lost.count += 1;
+        }
         self.shared.lost_notice.notify_one();
     }
 
@@ -164,8 +182,8 @@ fn refused(e: mpsc::error::TrySendError<ChangeEvent>) -> StreamRefused {
 pub(crate) enum Received {
     /// The next event.
     Event(ChangeEvent),
-    /// This many events were lost before the events still to come.
-    Lost(u64),
+    /// These events were lost before the events still to come.
+    Lost(Lost),
     /// Every subscription feeding the receiver is gone (unsubscribed, or the notifier
     /// stopped).
     Closed,
@@ -195,8 +213,9 @@ impl StreamReceiver {
         }
     }
 
-    fn take_lost(&self) -> Option<u64> {
-        Some(self.shared.lost.swap(0, Ordering::AcqRel)).filter(|&n| n > 0)
+    fn take_lost(&self) -> Option<Lost> {
+        let mut lost = self.shared.lost.lock().unwrap_or_else(|p| p.into_inner());
+        Some(std::mem::take(&mut *lost)).filter(|l| l.count > 0)
     }
 
     #[cfg(test)]
@@ -268,7 +287,13 @@ mod tests {
         sink.selected(&b);
         sink.lost(&a);
         assert!(accepted(&sink, &b));
-        assert_eq!(rx.take_lost(), Some(1));
+        assert_eq!(
+            rx.take_lost(),
+            Some(Lost {
+                count: 1,
+                newest: Some(1)
+            })
+        );
         assert_eq!(rx.take_lost(), None);
         sink.selected(&b);
         sink.lost(&b);
@@ -276,6 +301,38 @@ mod tests {
             rx.take_lost(),
             None,
             "the reader has 2 through the other subscription"
+        );
+    }
+
+    #[test]
+    fn a_loss_carries_its_count_and_newest_position() {
+        let (sink, rx) = stream_channel(8, false);
+        sink.lost(&event(5));
+        sink.lost(&event(3));
+        assert_eq!(
+            rx.take_lost(),
+            Some(Lost {
+                count: 2,
+                newest: Some(5)
+            })
+        );
+        let channel = event(1).channel_info().clone();
+        let unsequenced = ChangeEvent::new(
+            Arc::new(channel),
+            Key::Single(json!(9)),
+            Map::new(),
+            &RawNotification::new("c", ""),
+            false,
+        );
+        sink.lost(&event(7));
+        sink.lost(&unsequenced);
+        assert_eq!(
+            rx.take_lost(),
+            Some(Lost {
+                count: 2,
+                newest: None
+            }),
+            "an event without a position: the newest is unknown"
         );
     }
 

@@ -503,16 +503,68 @@ async fn contained(s: &Server, buffer: u64) -> TcpStream {
     stalled
 }
 
+/// The SSE frames of a raw HTTP/1.1 response read to its end (chunked body).
+fn frames_of_raw_response(raw: &[u8]) -> Vec<Frame> {
+    let start = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
+    let (mut rest, mut body) = (&raw[start..], Vec::new());
+    while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap(), 16).unwrap();
+        if size == 0 || rest.len() < end + 2 + size {
+            break;
+        }
+        body.extend_from_slice(&rest[end + 2..end + 2 + size]);
+        rest = &rest[end + 2 + size + 2..];
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    read_frames(&body[..], tx);
+    std::iter::from_fn(|| match rx.try_recv() {
+        Ok(Msg::Frame(f)) => Some(f),
+        _ => None,
+    })
+    .collect()
+}
+
 #[actix_rt::test]
-async fn a_stalled_client_is_disconnected_and_holds_up_nobody() {
+async fn a_stalled_client_is_disconnected_holds_up_nobody_and_resumes_without_a_gap() {
     let s = serve(|n| n, |e| e.slow_client(SlowClient::Disconnect).buffer(8)).await;
     let mut stalled = contained(&s, 8).await;
     assert_eq!(s.sse.stats().slow_disconnects, 1);
     // Its stream ends: what was sent before the end, then EOF.
     stalled.set_read_timeout(Some(ARRIVES_WITHIN)).unwrap();
-    let mut sink = Vec::new();
-    stalled.read_to_end(&mut sink).unwrap();
+    let mut raw = Vec::new();
+    stalled.read_to_end(&mut raw).unwrap();
     assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 0 }).await);
+    let got: Vec<Frame> = frames_of_raw_response(&raw)
+        .into_iter()
+        .filter(|f| f.data.is_some())
+        .collect();
+    let rows: Vec<i64> = got.iter().map(Frame::row).collect();
+    assert!(rows.len() < 1500, "it was cut off: {}", rows.len());
+    assert_eq!(
+        rows,
+        (1..=rows.len() as i64).collect::<Vec<_>>(),
+        "in order, no gap"
+    );
+
+    // It comes back with the last id it got, and gets the rest from the journal.
+    let last = got
+        .last()
+        .and_then(|f| f.id.clone())
+        .unwrap_or_else(|| "0".into());
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    for id in rows.len() as i64 + 1..=1500 {
+        assert_eq!(client.next_event().await.row(), id);
+    }
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    drop(client);
     s.stop().await;
 }
 

@@ -231,7 +231,15 @@ impl Connection {
                     Counters::add(&self.config.counters.events, 1);
                     return Some(event_frame(&event));
                 }
-                Received::Lost(dropped) => {
+                Received::Lost(lost) => {
+                    if self
+                        .floor
+                        .is_some_and(|floor| lost.newest.is_some_and(|n| n <= floor))
+                    {
+                        // Waiting live events the journal replay sent already.
+                        continue;
+                    }
+                    let dropped = lost.count;
                     Counters::add(&self.config.counters.lost, dropped);
                     if self.config.slow_client == SlowClient::Disconnect {
                         Counters::add(&self.config.counters.slow_disconnects, 1);
