@@ -2,8 +2,9 @@
 //! 127.0.0.1:0 serving `sqlnotify::web::Sse` on a SQLite notifier, read by ureq (and, for the
 //! client that never reads, a bare TCP socket). Events arrive framed; a grant cannot be
 //! widened by query parameters; heartbeats arrive; slow clients are contained; a client that
-//! resumes with `Last-Event-ID` gets every event after it once, or an explicit `reset`; and
-//! `Sse::shutdown` lets the server stop gracefully at once.
+//! resumes with `Last-Event-ID` gets every event after it once, or an explicit `reset` (always
+//! on PostgreSQL, which cannot resume yet); and `Sse::shutdown` lets the server stop
+//! gracefully at once.
 
 mod common;
 
@@ -199,6 +200,26 @@ async fn serve(
             .heartbeat(Duration::from_millis(200)),
     )
     .build();
+    let (url, handle, server) = listen(&sse);
+    Server {
+        url,
+        sse,
+        handle,
+        server,
+        notifier,
+        db,
+    }
+}
+
+/// An actix-web server on 127.0.0.1:0 serving `sse` at `/events`: its URL, its handle, and
+/// the task it runs in.
+fn listen(
+    sse: &Sse,
+) -> (
+    String,
+    ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let endpoint = sse.clone();
     let server = HttpServer::new(move || App::new().route("/events", endpoint.route()))
         .workers(2)
@@ -208,15 +229,7 @@ async fn serve(
         .unwrap();
     let url = format!("http://{}/events", server.addrs()[0]);
     let server = server.run();
-    let handle = server.handle();
-    Server {
-        url,
-        sse,
-        handle,
-        server: tokio::spawn(server),
-        notifier,
-        db,
-    }
+    (url, server.handle(), tokio::spawn(server))
 }
 
 impl Server {
@@ -615,4 +628,54 @@ async fn shutdown_ends_every_stream_and_the_server_stops_at_once() {
     );
     assert_eq!(s.sse.clients(), 0);
     s.notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn on_postgresql_a_last_event_id_gets_a_reset_then_live_events() {
+    let db = common::TestDb::new().await;
+    db.exec(SCHEMA).await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("orders", Operation::Insert)
+                .extra_columns(["owner_id", "status"])
+                .tier(sqlnotify::Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap();
+    let sse = Sse::builder(notifier.clone(), grant_own_orders).build();
+    let (url, handle, server) = listen(&sse);
+    let insert =
+        |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
+
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    db.exec(&insert(1)).await;
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    let last = first.id.expect("a durable event has a position");
+    drop(client);
+    db.exec(&insert(2)).await;
+
+    // PostgreSQL cannot resume yet: never a silent gap, an explicit reset.
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    let reset = client.next_event().await;
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    assert!(reset.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("postgresql"));
+    db.exec(&insert(3)).await;
+    // Then live events (row 2 too when the notifier routed it after this client subscribed).
+    let mut rows = vec![client.next_event().await.row()];
+    if rows == [2] {
+        rows.push(client.next_event().await.row());
+    }
+    assert_eq!(rows.last(), Some(&3), "{rows:?}");
+    drop(client);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
 }
