@@ -10,6 +10,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::dev::ServerHandle;
@@ -186,6 +188,22 @@ async fn serve(
     notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
     endpoint: impl FnOnce(SseBuilder) -> SseBuilder,
 ) -> Server {
+    serve_with(notifier, |notifier| {
+        endpoint(
+            Sse::builder(notifier, grant_own_orders)
+                .param("status", Param::eq("status", ParamType::Text))
+                .param("secret", Param::eq("secret", ParamType::Text))
+                .heartbeat(Duration::from_millis(200)),
+        )
+    })
+    .await
+}
+
+/// A SQLite notifier watching `orders` inserts, and the endpoint `endpoint` builds on it.
+async fn serve_with(
+    notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
+    endpoint: impl FnOnce(Notifier) -> SseBuilder,
+) -> Server {
     let db = SqliteFile::new(SCHEMA);
     let notifier = notifier(Notifier::builder(db.url()).watch(
         Watch::new("orders", Operation::Insert).extra_columns(["owner_id", "status", "note"]),
@@ -193,13 +211,7 @@ async fn serve(
     .start()
     .await
     .unwrap();
-    let sse = endpoint(
-        Sse::builder(notifier.clone(), grant_own_orders)
-            .param("status", Param::eq("status", ParamType::Text))
-            .param("secret", Param::eq("secret", ParamType::Text))
-            .heartbeat(Duration::from_millis(200)),
-    )
-    .build();
+    let sse = endpoint(notifier.clone()).build();
     let (url, handle, server) = listen(&sse);
     Server {
         url,
@@ -315,6 +327,53 @@ async fn a_client_gets_only_its_grant_and_query_parameters_only_narrow_it() {
     }
     assert_eq!(s.sse.stats().refused, 3);
     drop((all, only_paid, nothing));
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_async_hook_runs_once_per_connection_not_once_per_event() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let s = serve_with(
+        |n| n,
+        move |notifier| {
+            Sse::builder_async(notifier, move |req| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    // A session store that must be awaited.
+                    tokio::task::yield_now().await;
+                    let user = match req.headers().get("x-session").map(|v| v.as_bytes()) {
+                        Some(b"token-of-7") => 7,
+                        _ => return Err(Denied::unauthorized("unknown session")),
+                    };
+                    Ok(Grant::new().subscription(
+                        Subscription::new("orders", Operation::Insert)
+                            .filter(Filter::eq("owner_id", user)),
+                    ))
+                }
+            })
+        },
+    )
+    .await;
+    let (status, _) = connect(&s.url, &[("x-session", "forged")])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+    let mut client = connect(&s.url, &[("x-session", "token-of-7")])
+        .await
+        .unwrap();
+    for id in 1..=20 {
+        s.insert(id, if id % 2 == 0 { 7 } else { 8 }, "new");
+    }
+    for id in (2..=20).step_by(2) {
+        assert_eq!(client.next_event().await.row(), id);
+    }
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "once per connection");
+    drop(client);
     s.stop().await;
 }
 

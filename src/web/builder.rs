@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::HttpRequest;
+use futures_util::future::LocalBoxFuture;
 use tokio::sync::watch;
 
 use super::grant::{Denied, Grant};
@@ -43,13 +44,31 @@ impl SlowClient {
     }
 }
 
+/// `Sse::builder`'s hook.
+type SyncHook = dyn Fn(&HttpRequest) -> Result<Grant, Denied> + Send + Sync;
+/// `Sse::builder_async`'s hook (a session looked up in a database, say).
+type AsyncHook =
+    dyn Fn(HttpRequest) -> LocalBoxFuture<'static, Result<Grant, Denied>> + Send + Sync;
+
 /// The authorization hook: runs once per connection, before anything is subscribed.
-pub(crate) type Authorize = dyn Fn(&HttpRequest) -> Result<Grant, Denied> + Send + Sync;
+pub(crate) enum Authorize {
+    Sync(Box<SyncHook>),
+    Async(Box<AsyncHook>),
+}
+
+impl Authorize {
+    pub async fn grant(&self, req: &HttpRequest) -> Result<Grant, Denied> {
+        match self {
+            Authorize::Sync(f) => f(req),
+            Authorize::Async(f) => f(req.clone()).await,
+        }
+    }
+}
 
 /// What every connection of one endpoint shares.
 pub(crate) struct Config {
     pub notifier: Notifier,
-    pub authorize: Box<Authorize>,
+    pub authorize: Authorize,
     pub params: Vec<(String, Param)>,
     pub heartbeat: Duration,
     pub retry: Duration,
@@ -64,7 +83,7 @@ pub(crate) struct Config {
 /// Builds an [`Sse`] endpoint; made by [`Sse::builder`].
 pub struct SseBuilder {
     notifier: Notifier,
-    authorize: Box<Authorize>,
+    authorize: Authorize,
     params: Vec<(String, Param)>,
     heartbeat: Duration,
     retry: Duration,
@@ -85,13 +104,10 @@ impl std::fmt::Debug for SseBuilder {
 }
 
 impl SseBuilder {
-    pub(crate) fn new(
-        notifier: Notifier,
-        authorize: impl Fn(&HttpRequest) -> Result<Grant, Denied> + Send + Sync + 'static,
-    ) -> Self {
+    pub(crate) fn new(notifier: Notifier, authorize: Authorize) -> Self {
         SseBuilder {
             notifier,
-            authorize: Box::new(authorize),
+            authorize,
             params: Vec::new(),
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(3),

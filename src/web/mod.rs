@@ -114,7 +114,43 @@ impl Sse {
         notifier: Notifier,
         authorize: impl Fn(&HttpRequest) -> Result<Grant, Denied> + Send + Sync + 'static,
     ) -> SseBuilder {
-        SseBuilder::new(notifier, authorize)
+        SseBuilder::new(notifier, builder::Authorize::Sync(Box::new(authorize)))
+    }
+
+    /// [`Sse::builder`] with a hook that awaits (a session looked up in a database, a call
+    /// to an auth service). It runs once per connection, on the worker's thread, so its future
+    /// need not be `Send`.
+    ///
+    /// ```no_run
+    /// # async fn run(notifier: sqlnotify::Notifier) {
+    /// use sqlnotify::web::{Denied, Grant, Sse};
+    /// use sqlnotify::{Filter, Operation, Subscription};
+    ///
+    /// async fn user_of(session: Option<String>) -> Option<i64> {
+    ///     // SELECT user_id FROM sessions WHERE token = $1 …
+    /// #   session?.parse().ok()
+    /// }
+    ///
+    /// let sse = Sse::builder_async(notifier, |req| async move {
+    ///     let session = req.headers().get("x-session").and_then(|v| v.to_str().ok()).map(String::from);
+    ///     let user = user_of(session).await.ok_or_else(|| Denied::unauthorized("log in first"))?;
+    ///     Ok(Grant::new().subscription(
+    ///         Subscription::new("orders", Operation::Insert).filter(Filter::eq("owner_id", user)),
+    ///     ))
+    /// })
+    /// .build();
+    /// # let _ = sse;
+    /// # }
+    /// ```
+    pub fn builder_async<F, Fut>(notifier: Notifier, authorize: F) -> SseBuilder
+    where
+        F: Fn(HttpRequest) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Grant, Denied>> + 'static,
+    {
+        SseBuilder::new(
+            notifier,
+            builder::Authorize::Async(Box::new(move |req| Box::pin(authorize(req)))),
+        )
     }
 
     /// A `GET` route serving the endpoint: `App::new().route("/events", sse.route())`.
@@ -163,7 +199,7 @@ impl Sse {
         let query = actix_web::web::Query::<Vec<(String, String)>>::from_query(req.query_string())
             .map_err(|e| Denied::bad_request(format!("query string: {e}")))?;
         let narrowing = params::filters(&query, &config.params).map_err(Denied::bad_request)?;
-        let grant = (config.authorize)(req)?;
+        let grant = config.authorize.grant(req).await?;
         if grant.subscriptions.is_empty() {
             return Err(Denied::forbidden("nothing is granted to this client"));
         }
