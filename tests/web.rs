@@ -738,3 +738,16 @@ async fn on_postgresql_a_last_event_id_gets_a_reset_then_live_events() {
     server.await.unwrap().unwrap();
     notifier.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn streams_end_when_the_notifier_stops() {
+    let s = serve(|n| n, |e| e.heartbeat(Duration::from_secs(60))).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 1 }).await);
+    s.notifier.stop().await.unwrap();
+    assert!(client.ends().await, "the stream outlived its notifier");
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 0 }).await);
+    s.sse.shutdown();
+    s.handle.stop(true).await;
+    s.server.await.unwrap().unwrap();
+}
