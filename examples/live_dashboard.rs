@@ -18,34 +18,28 @@
 //! How it is put together:
 //! * The notifier is started before the server accepts connections and stopped after the
 //!   server has shut down (Ctrl-C or SIGTERM).
-//! * Each browser gets subscriptions of its own, delivered to an actor that writes into that
-//!   browser's response stream. They use [`OverflowPolicy::DropOldest`]: a browser that cannot
-//!   keep up loses its oldest pending events (and is told how many), and never slows down the
-//!   notifier or the other browsers.
-//! * When a browser goes away its response stream is dropped, which removes its
-//!   subscriptions. A comment line every few seconds makes sure a silent disconnect is noticed.
+//! * `/events` is `sqlnotify::web::Sse` (feature `web`): every browser gets the `items`
+//!   events as server-sent events (`event: items/insert`, `id:` the event's journal position,
+//!   `data:` its JSON record). A browser that reconnects sends `Last-Event-ID` and, on SQLite,
+//!   gets what it missed from the journal (elsewhere: an `event: reset`, and the page reloads).
+//! * A browser that cannot keep up loses its oldest pending events (`SlowClient::DropOldest`,
+//!   and an `event: lag`) and never slows down the notifier or the other browsers.
+//! * On Ctrl-C / SIGTERM the event streams are ended first (`Sse::shutdown`), so the graceful
+//!   stop of the server does not wait for them.
 
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use actix::prelude::*;
-use actix_web::web::{self, Bytes};
+use actix_web::web;
 use actix_web::{App, HttpResponse, HttpServer};
-use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::json;
-use sqlnotify::{
-    ChangeEvent, Key, Notifier, Operation, OverflowPolicy, Status, Subscription, SubscriptionId,
-    Unsubscribe, Watch,
-};
-use tokio::sync::mpsc;
+use sqlnotify::web::{Grant, SlowClient, Sse};
+use sqlnotify::{Notifier, Operation, Subscription, Watch};
 
 /// How often an idle event stream sends a comment line (so a closed browser is noticed).
-const KEEPALIVE: Duration = Duration::from_secs(5);
-/// Events waiting for one browser before the oldest are dropped.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Events waiting for one browser (per operation) before the oldest are dropped.
 const CLIENT_BUFFER: usize = 256;
 
 type Error = Box<dyn std::error::Error>;
@@ -120,134 +114,16 @@ impl Db {
 /// What every request handler shares.
 struct State {
     notifier: Notifier,
+    sse: Sse,
     db: Db,
-    clients: AtomicUsize,
 }
 
-/// A change event as the browser gets it.
-fn event_json(event: &ChangeEvent) -> String {
-    let id = match event.id() {
-        Key::Single(v) => v.clone(),
-        Key::Composite(vs) => json!(vs),
-    };
-    json!({
-        "table": event.table(),
-        "operation": event.operation().as_str(),
-        "id": id,
-        "columns": event.extra_columns(),
-        "sequence": event.sequence(),
-    })
-    .to_string()
-}
-
-/// One browser's subscriber: turns events into SSE frames and writes them into the browser's
-/// response stream, waiting while that stream is full. While it waits its mailbox fills up and
-/// the notifier buffers this browser's events under [`OverflowPolicy::DropOldest`].
-struct Browser {
-    frames: mpsc::Sender<Bytes>,
-}
-
-impl Actor for Browser {
-    type Context = Context<Self>;
-}
-
-impl Handler<ChangeEvent> for Browser {
-    type Result = ();
-
-    fn handle(&mut self, event: ChangeEvent, ctx: &mut Context<Self>) {
-        let frame = Bytes::from(format!("data: {}\n\n", event_json(&event)));
-        let frames = self.frames.clone();
-        // `wait`: the next event is handled only once this one is in the stream.
-        ctx.wait(
-            async move { frames.send(frame).await }
-                .into_actor(self)
-                .map(|sent, _, ctx| {
-                    if sent.is_err() {
-                        ctx.stop(); // the browser is gone
-                    }
-                }),
-        );
-    }
-}
-
-/// Removes a browser's subscriptions when its response stream is dropped.
-struct Subscriptions {
-    state: web::Data<State>,
-    ids: Vec<SubscriptionId>,
-}
-
-impl Drop for Subscriptions {
-    fn drop(&mut self) {
-        let registry = self.state.notifier.registry();
-        for id in self.ids.drain(..) {
-            registry.do_send(Unsubscribe(id));
-        }
-        let left = self.state.clients.fetch_sub(1, Ordering::Relaxed) - 1;
-        println!("browser disconnected ({left} connected)");
-    }
-}
-
-/// A browser's response body: the frames its [`Browser`] actor writes, plus keepalives.
-struct EventStream {
-    frames: mpsc::Receiver<Bytes>,
-    keepalive: tokio::time::Interval,
-    _subscriptions: Subscriptions,
-}
-
-impl Stream for EventStream {
-    type Item = Result<Bytes, actix_web::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        if let Poll::Ready(frame) = self.frames.poll_recv(cx) {
-            return Poll::Ready(frame.map(Ok));
-        }
-        if self.keepalive.poll_tick(cx).is_ready() {
-            return Poll::Ready(Some(Ok(Bytes::from_static(b": keepalive\n\n"))));
-        }
-        Poll::Pending
-    }
-}
-
-/// `GET /events`: subscribes this browser and streams its events.
-async fn events(state: web::Data<State>) -> actix_web::Result<HttpResponse> {
-    let (frames, rx) = mpsc::channel(16);
-    let browser = Browser {
-        frames: frames.clone(),
-    }
-    .start();
-    state.clients.fetch_add(1, Ordering::Relaxed);
-    let mut subscriptions = Subscriptions {
-        state: state.clone(),
-        ids: Vec::new(),
-    };
-    for op in Operation::ALL {
-        let subscription = Subscription::new("items", op)
-            .policy(OverflowPolicy::DropOldest)
-            .buffer(CLIENT_BUFFER);
-        let id = state
-            .notifier
-            .subscribe(subscription, browser.clone().recipient())
-            .await
-            .map_err(actix_web::error::ErrorInternalServerError)?;
-        subscriptions.ids.push(id);
-    }
-    println!(
-        "browser connected ({} connected)",
-        state.clients.load(Ordering::Relaxed)
-    );
-    // Subscribed: from here on no change is missed. Tell the page.
-    let _ = frames.try_send(Bytes::from_static(b"event: ready\ndata: {}\n\n"));
-    let mut keepalive = tokio::time::interval(KEEPALIVE);
-    keepalive.reset(); // the first tick after one period, not now
-    Ok(HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("Cache-Control", "no-cache"))
-        .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(EventStream {
-            frames: rx,
-            keepalive,
-            _subscriptions: subscriptions,
-        }))
+/// Every browser may see every change of `items` (a real app decides per request: see
+/// `Sse::builder`).
+fn grant_items(_: &actix_web::HttpRequest) -> Result<Grant, sqlnotify::web::Denied> {
+    Ok(Operation::ALL.iter().fold(Grant::new(), |grant, &op| {
+        grant.subscription(Subscription::new("items", op))
+    }))
 }
 
 #[derive(Deserialize)]
@@ -283,7 +159,7 @@ async fn stats(state: web::Data<State>) -> actix_web::Result<HttpResponse> {
         .await
         .map_err(actix_web::error::ErrorInternalServerError)?;
     Ok(HttpResponse::Ok().json(json!({
-        "clients": state.clients.load(Ordering::Relaxed),
+        "clients": state.sse.stats().clients,
         "received": s.received,
         "delivered": s.delivered,
         "dropped": s.dropped,
@@ -321,20 +197,16 @@ async fn main() -> Result<(), Error> {
         .watch(Watch::new("items", Operation::Delete))
         .start()
         .await?;
-    notifier
-        .subscribe_status_fn(|status| match status.status {
-            Status::Lagged {
-                subscription,
-                dropped,
-            } => eprintln!("slow browser: subscription {subscription} dropped {dropped} events"),
-            other => eprintln!("sqlnotify: {other:?}"),
-        })
-        .await?;
+    let sse = Sse::builder(notifier.clone(), grant_items)
+        .slow_client(SlowClient::DropOldest)
+        .buffer(CLIENT_BUFFER)
+        .heartbeat(HEARTBEAT)
+        .build();
 
     let state = web::Data::new(State {
         notifier: notifier.clone(),
+        sse: sse.clone(),
         db,
-        clients: AtomicUsize::new(0),
     });
     let addr =
         std::env::var("LIVE_DASHBOARD_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_string());
@@ -344,14 +216,14 @@ async fn main() -> Result<(), Error> {
             App::new()
                 .app_data(state.clone())
                 .route("/", web::get().to(index))
-                .route("/events", web::get().to(events))
+                .route("/events", state.sse.route())
                 .route("/items", web::post().to(add_item))
                 .route("/stats", web::get().to(stats))
         }
     })
     .workers(2)
-    // Event streams never end by themselves: do not wait long for them on shutdown.
-    .shutdown_timeout(1)
+    // Ctrl-C / SIGTERM are handled below: the event streams end first.
+    .disable_signals()
     .bind(&addr)?;
     println!("database: {url}");
     for addr in server.addrs() {
@@ -359,7 +231,21 @@ async fn main() -> Result<(), Error> {
     }
 
     // Runs until Ctrl-C / SIGTERM.
-    let served = server.run().await;
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        let mut terminate = actix_web::rt::signal::unix::signal(
+            actix_web::rt::signal::unix::SignalKind::terminate(),
+        )
+        .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = actix_web::rt::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        sse.shutdown();
+        handle.stop(true).await;
+    });
+    let served = server.await;
     let stopped = notifier.stop().await;
     drop(state);
     if let Some(dir) = temp_dir {
@@ -402,10 +288,18 @@ const list = document.getElementById("events");
 const status = document.getElementById("status");
 function setStatus(state, text) { status.dataset.state = state; status.textContent = text; }
 
+// Open: subscribed, nothing is missed from here on. A reconnect resumes after the last event
+// shown (Last-Event-ID); "reset" means it could not, "lag" that this page fell behind.
 const source = new EventSource("/events");
-source.addEventListener("ready", () => setStatus("live", "live"));
+source.onopen = () => setStatus("live", "live");
 source.onerror = () => setStatus("down", "reconnecting…");
-source.onmessage = (message) => {
+source.addEventListener("reset", () => location.reload());
+source.addEventListener("lag", (message) => {
+  const li = document.createElement("li");
+  li.textContent = "(missed " + JSON.parse(message.data).dropped + " changes)";
+  list.prepend(li);
+});
+const show = (message) => {
   const e = JSON.parse(message.data);
   const li = document.createElement("li");
   li.dataset.op = e.operation;
@@ -414,6 +308,7 @@ source.onmessage = (message) => {
   li.textContent = e.operation.toUpperCase() + " #" + JSON.stringify(e.id) + name;
   list.prepend(li);
 };
+for (const op of ["insert", "update", "delete"]) source.addEventListener("items/" + op, show);
 
 // Leaving the page closes the stream (also when the browser keeps the page in its
 // back/forward cache); coming back from that cache starts afresh.

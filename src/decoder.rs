@@ -322,6 +322,86 @@ impl Handler<Shutdown> for Decoder {
     }
 }
 
+/// Notifications read outside the pipeline (journal rows a client that resumes asks for)
+/// decoded into events the way the decoder decodes them: statement rows expanded (each event
+/// placed at its row index), overflow references resolved through `store` (the key only when
+/// the row is gone), malformed payloads and rows logged and skipped. Nothing is counted in the
+/// pipeline's stats: these events never went through it.
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) async fn decode_replayed(
+    raws: Vec<RawNotification>,
+    channels: &Channels,
+    store: &dyn OverflowStore,
+) -> Vec<ChangeEvent> {
+    let skip = |raw: &RawNotification, reason: &str| {
+        log::warn!(
+            "sqlnotify: skipping a malformed journal row {:?} on channel {:?} while replaying: {reason}",
+            raw.sequence,
+            raw.channel
+        );
+    };
+    let mut events = Vec::with_capacity(raws.len());
+    for raw in raws {
+        let Some(channel) = channels.get(&raw.channel).cloned() else {
+            continue;
+        };
+        if raw.sequence.is_some() && raw.payload.starts_with('[') {
+            match decode_rows(&raw.payload, &channel) {
+                Ok(rows) => {
+                    for (part, row) in (0u32..).zip(rows) {
+                        match row {
+                            Ok(Decoded::Row {
+                                id,
+                                extra,
+                                truncated,
+                                change,
+                            }) => events.push(
+                                ChangeEvent::new(channel.clone(), id, extra, &raw, truncated)
+                                    .with_change(change)
+                                    .placed(0, part),
+                            ),
+                            Ok(Decoded::Overflow { .. }) => {
+                                skip(&raw, "overflow reference inside a statement payload")
+                            }
+                            Err(reason) => skip(&raw, &reason),
+                        }
+                    }
+                }
+                Err(reason) => skip(&raw, &reason),
+            }
+            continue;
+        }
+        let event = match decode(&raw.payload, &channel) {
+            Ok(Decoded::Row {
+                id,
+                extra,
+                truncated,
+                change,
+            }) => ChangeEvent::new(channel, id, extra, &raw, truncated).with_change(change),
+            Ok(Decoded::Overflow { reference, id }) => {
+                let fetched = store.fetch(channel.name().to_string(), reference).await;
+                match fetched.ok().flatten().map(|p| decode(&p, &channel)) {
+                    Some(Ok(Decoded::Row {
+                        id,
+                        extra,
+                        truncated,
+                        change,
+                    })) => {
+                        ChangeEvent::new(channel, id, extra, &raw, truncated).with_change(change)
+                    }
+                    _ => ChangeEvent::new(channel, id, Default::default(), &raw, true),
+                }
+            }
+            Err(reason) => {
+                skip(&raw, &reason);
+                continue;
+            }
+        };
+        events.push(event.placed(0, 0));
+    }
+    events
+}
+
 #[cfg(test)]
 mod tests {
     //! Ordering without a database: an in-memory overflow store that answers after a delay,

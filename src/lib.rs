@@ -68,6 +68,7 @@
 //! | `bench`    | no      | `bench_support`, the pipeline without a database for the benchmarks (not a supported API) |
 //! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async without TLS |
 //! | `nats`     | no      | `sqlnotify::relay`: a named consumer's events into NATS JetStream, exactly once, via async-nats (and `sqlnotify relay` with `cli`) |
+//! | `web`      | no      | `sqlnotify::web`: a server-sent-events endpoint for actix-web, with authorization per connection and `Last-Event-ID` resume |
 //!
 //! # Delivery guarantees
 //!
@@ -152,10 +153,13 @@ mod snapshot;
 mod sql;
 mod stats;
 mod status;
+mod stream_sink;
 mod subscriber;
 mod subscription;
 mod tier;
 mod watch;
+#[cfg(feature = "web")]
+pub mod web;
 
 // README.md's Rust code blocks are compiled (and run, unless marked `no_run`) as doc tests.
 #[cfg(doctest)]

@@ -304,6 +304,56 @@ impl Notifier {
         Ok((id, rx))
     }
 
+    /// The events of every subscription in `subscriptions` through one bounded channel of
+    /// `capacity` (see `src/stream_sink.rs`): in commit order across them unless `ordered` is
+    /// false, each event once; what their overflow policies drop is counted on the receiver.
+    /// On an error, the subscriptions already made are removed again.
+    #[cfg_attr(not(feature = "web"), allow(dead_code))]
+    pub(crate) async fn subscribe_stream(
+        &self,
+        subscriptions: Vec<Subscription>,
+        capacity: usize,
+        ordered: bool,
+    ) -> Result<(Vec<SubscriptionId>, crate::stream_sink::StreamReceiver)> {
+        let (sink, receiver) = crate::stream_sink::stream_channel(capacity, ordered);
+        let mut ids = Vec::with_capacity(subscriptions.len());
+        for subscription in subscriptions {
+            let subscribed = self
+                .inner
+                .pipeline
+                .registry
+                .send(Subscribe::with_sink(
+                    subscription,
+                    Sink::Stream(sink.clone()),
+                ))
+                .await
+                .map_err(Error::from)
+                .and_then(|r| r);
+            match subscribed {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        let _ = self.unsubscribe(id).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok((ids, receiver))
+    }
+
+    /// The dialect (journal reads for clients that resume).
+    #[cfg_attr(not(feature = "web"), allow(dead_code))]
+    pub(crate) fn dialect(&self) -> &Arc<dyn Dialect> {
+        &self.inner.dialect
+    }
+
+    /// The watched channels, by name.
+    #[cfg_attr(not(feature = "web"), allow(dead_code))]
+    pub(crate) fn channel_set(&self) -> &Arc<crate::event::Channels> {
+        &self.inner.pipeline.channels
+    }
+
     /// An acknowledged subscription: the events `subscription` selects, each with an
     /// [`Ack`](crate::Ack), in commit order. A named consumer's position moves past an event
     /// only once every acknowledged subscription that selected it has acknowledged it (and

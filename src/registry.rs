@@ -547,7 +547,7 @@ fn offer(
                 event.clone()
             };
             let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
-            tally.dropped += s.buffer.push(event, ticket);
+            tally.dropped += s.buffer.push(event, ticket, &s.sink);
             tally.pump = true;
             attend(s, slot, attention);
         },

@@ -22,6 +22,7 @@ use crate::event::ChangeEvent;
 use crate::lifecycle::Flush;
 use crate::stats::Counters;
 use crate::status::StatusEvent;
+use crate::stream_sink::{StreamRefused, StreamSink};
 use crate::subscription::OverflowPolicy;
 
 /// Where a subscription's events go.
@@ -34,6 +35,8 @@ pub(crate) enum Sink {
     Channel(crossbeam_channel::Sender<ChangeEvent>),
     /// An acknowledged subscription: each event is held until acknowledged.
     Held(HeldSink),
+    /// One async reader's channel, shared by its subscriptions (the SSE endpoint).
+    Stream(StreamSink),
 }
 
 /// Why an event could not be handed over.
@@ -63,20 +66,28 @@ impl Sink {
                 HeldRefused::Full(event) => Refused::Full(event),
                 HeldRefused::Closed => Refused::Closed,
             }),
+            Sink::Stream(stream) => stream.try_deliver(event).map_err(|e| match e {
+                StreamRefused::Full(event) => Refused::Full(event),
+                StreamRefused::Closed => Refused::Closed,
+            }),
         }
     }
 
     /// Called for an event this sink selected before it is buffered or handed over.
     pub fn selected(&self, event: &ChangeEvent) {
-        if let Sink::Held(held) = self {
-            held.hold(event);
+        match self {
+            Sink::Held(held) => held.hold(event),
+            Sink::Stream(stream) => stream.selected(event),
+            _ => {}
         }
     }
 
     /// Called for a selected event this sink will never hand over.
     fn lost(&self, event: &ChangeEvent) {
-        if let Sink::Held(held) = self {
-            held.lost(event);
+        match self {
+            Sink::Held(held) => held.lost(event),
+            Sink::Stream(stream) => stream.lost(event),
+            _ => {}
         }
     }
 }
@@ -124,8 +135,9 @@ impl Buffer {
         self.queue.len()
     }
 
-    /// Buffers `event`, applying the policy if full. Returns how many events were dropped.
-    pub fn push(&mut self, event: ChangeEvent, ticket: Rc<Ticket>) -> u64 {
+    /// Buffers `event`, applying the policy if full; `sink` is told of every event dropped.
+    /// Returns how many events were dropped.
+    pub fn push(&mut self, event: ChangeEvent, ticket: Rc<Ticket>, sink: &Sink) -> u64 {
         let before = self.dropped;
         match self.policy {
             OverflowPolicy::Wait => {}
@@ -135,21 +147,24 @@ impl Buffer {
                     .iter()
                     .position(|(e, _)| e.channel() == event.channel() && e.id() == event.id());
                 if let Some(pos) = same {
-                    self.queue[pos] = (event, ticket);
+                    let (replaced, _) = std::mem::replace(&mut self.queue[pos], (event, ticket));
+                    sink.lost(&replaced);
                     self.dropped += 1;
                     return self.dropped - before;
                 }
-                self.make_room();
+                self.make_room(sink);
             }
-            OverflowPolicy::DropOldest => self.make_room(),
+            OverflowPolicy::DropOldest => self.make_room(sink),
         }
         self.queue.push_back((event, ticket));
         self.dropped - before
     }
 
-    fn make_room(&mut self) {
+    fn make_room(&mut self, sink: &Sink) {
         while self.queue.len() >= self.capacity {
-            self.queue.pop_front();
+            if let Some((event, _)) = self.queue.pop_front() {
+                sink.lost(&event);
+            }
             self.dropped += 1;
         }
     }
@@ -304,8 +319,10 @@ mod tests {
     fn drain_counts_what_was_handed_over_and_what_a_gone_sink_lost() {
         let budget = Arc::new(Semaphore::new(0));
         let mut buffer = Buffer::new(OverflowPolicy::DropOldest, 3);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let sink = Sink::Channel(tx);
         for id in 1..=5 {
-            buffer.push(event(id), Ticket::new(&budget));
+            buffer.push(event(id), Ticket::new(&budget), &sink);
         }
         assert_eq!((buffer.len(), buffer.dropped), (3, 2));
         assert_eq!(
@@ -314,8 +331,6 @@ mod tests {
             "dropped events gave their budget back"
         );
 
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let sink = Sink::Channel(tx);
         assert_eq!(
             buffer.drain_into(&sink),
             (1, None),
@@ -342,7 +357,7 @@ mod tests {
         for id in 1..=4 {
             let event = event(id).placed(id as u64, 0);
             sink.selected(&event);
-            buffer.push(event, Ticket::new(&budget));
+            buffer.push(event, Ticket::new(&budget), &sink);
         }
         assert_eq!((buffer.len(), buffer.dropped), (4, 0), "Wait never drops");
         assert_eq!(holds.floor(), Some(1));

@@ -72,6 +72,37 @@ pub(crate) fn read_after(
     Ok((out, last, looked < limit))
 }
 
+/// [`read_after`] `cursor` for a client that resumes, or `TooOld` when a row after `since`
+/// may be gone: ids are AUTOINCREMENT and only the purge deletes rows, so a row missing
+/// between `since` and the oldest row left — or `since` past the newest id ever given — means
+/// the client cannot continue without a gap.
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) fn replay(
+    conn: &Connection,
+    (since, cursor): (i64, i64),
+    limit: i64,
+    channels: &HashSet<String>,
+) -> Result<crate::dialect::Replay> {
+    use crate::dialect::Replay;
+    let (oldest, given): (Option<i64>, i64) = conn
+        .query_row(
+            "SELECT (SELECT min(id) FROM sqlnotify_journal),
+                    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'sqlnotify_journal'), 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db_err("reading the journal's bounds"))?;
+    let gone = match oldest {
+        Some(oldest) => since + 1 < oldest,
+        None => since < given,
+    };
+    if since < 0 || since > given || gone {
+        return Ok(Replay::TooOld);
+    }
+    let (rows, last, done) = read_after(conn, cursor, limit, channels)?;
+    Ok(Replay::Rows { rows, last, done })
+}
+
 /// A TEXT column as a `String`. SQLite lets an application store text that is not UTF-8
 /// (`CAST(x'ff' AS TEXT)`), and the triggers copy it into the payload as is: read it lossily,
 /// so one such row cannot fail every read of the journal (and wedge the listener on it).

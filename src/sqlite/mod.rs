@@ -245,6 +245,17 @@ impl Dialect for Sqlite {
         self.blocking(move |conn| consumers::backlog(conn, &name))
     }
 
+    fn replay(
+        &self,
+        channels: Vec<String>,
+        since: i64,
+        cursor: i64,
+        limit: i64,
+    ) -> BoxFuture<'static, Result<crate::dialect::Replay>> {
+        let channels = channels.into_iter().collect();
+        self.blocking(move |conn| journal::replay(conn, (since, cursor), limit, &channels))
+    }
+
     fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>> {
         Ok(Arc::new(dead_letters::SqliteDeadLetters::new(
             self.control.clone(),

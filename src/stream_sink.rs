@@ -1,0 +1,353 @@
+//! One async reader's events from several subscriptions through one bounded channel
+//! ([`StreamSink`] on the registry's side, [`StreamReceiver`] on the reader's): in commit
+//! order across the subscriptions, each event once, and every event a subscription's overflow
+//! policy threw away counted where the reader sees it before the events handed over after it.
+//!
+//! The registry buffers per subscription, so two subscriptions feeding one reader could
+//! overtake each other while the reader is slow. In ordered mode the sink refuses (as a full
+//! mailbox) every event but the oldest one selected and not yet handed over or lost; the
+//! registry's retry hands the older one over first. An event that two subscriptions of the
+//! same reader select is handed over once. `KeepLatestPerKey` replaces a waiting event in
+//! place (reordering by design), so a sink for it is unordered.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::event::ChangeEvent;
+
+#[derive(Default)]
+struct Gate {
+    /// Ordinals selected and neither handed over nor lost, with how many subscriptions hold them.
+    pending: BTreeMap<u64, u32>,
+    /// The ordinal of the last event handed over (ordered mode).
+    handed: Option<u64>,
+}
+
+impl Gate {
+    fn release(&mut self, ordinal: u64) {
+        if let Some(count) = self.pending.get_mut(&ordinal) {
+            *count -= 1;
+            if *count == 0 {
+                self.pending.remove(&ordinal);
+            }
+        }
+    }
+}
+
+/// What the sink and the receiver share.
+struct Shared {
+    gate: Mutex<Gate>,
+    ordered: bool,
+    /// Events lost since the reader last took them.
+    lost: Mutex<Lost>,
+    /// Woken when events are lost.
+    lost_notice: Notify,
+}
+
+/// Events lost since the reader last took them: how many, and the newest journal position
+/// among them (so a reader that has every event up to some position from elsewhere — a
+/// client resuming from the journal — can tell a loss it need not report).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lost {
+    /// How many.
+    pub count: u64,
+    /// The largest `sequence` among them; `None` when one had none (a NOTIFY event).
+    pub newest: Option<i64>,
+}
+
+impl Shared {
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The registry's side (a `Sink::Stream`); cloned into every subscription of one reader.
+#[derive(Clone)]
+pub(crate) struct StreamSink {
+    tx: mpsc::Sender<ChangeEvent>,
+    shared: Arc<Shared>,
+}
+
+/// Why a stream sink did not take an event.
+pub(crate) enum StreamRefused {
+    /// Full, or an older event must go first: keep it and retry.
+    Full(ChangeEvent),
+    /// The reader is gone.
+    Closed,
+}
+
+/// The reader's side.
+pub(crate) struct StreamReceiver {
+    rx: mpsc::Receiver<ChangeEvent>,
+    shared: Arc<Shared>,
+    /// An event received after a loss was counted: handed out after the loss.
+    stashed: Option<ChangeEvent>,
+}
+
+/// A sink and its receiver: `capacity` events wait in the channel; `ordered` as the module
+/// says (false for `KeepLatestPerKey`).
+pub(crate) fn stream_channel(capacity: usize, ordered: bool) -> (StreamSink, StreamReceiver) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let shared = Arc::new(Shared {
+        gate: Mutex::new(Gate::default()),
+        ordered,
+        lost: Mutex::new(Lost::default()),
+        lost_notice: Notify::new(),
+    });
+    (
+        StreamSink {
+            tx,
+            shared: shared.clone(),
+        },
+        StreamReceiver {
+            rx,
+            shared,
+            stashed: None,
+        },
+    )
+}
+
+impl StreamSink {
+    /// A subscription selected `event` (before it is handed over or buffered).
+    pub fn selected(&self, event: &ChangeEvent) {
+        if self.shared.ordered {
+            *self
+                .shared
+                .gate()
+                .pending
+                .entry(event.ordinal())
+                .or_insert(0) += 1;
+        }
+    }
+
+    /// A selected event will never be handed over (the policy dropped it, or its subscription
+    /// ended): counted as lost unless the reader has it through another subscription.
+    pub fn lost(&self, event: &ChangeEvent) {
+        if self.shared.ordered {
+            let mut gate = self.shared.gate();
+            gate.release(event.ordinal());
+            if gate.handed.is_some_and(|h| event.ordinal() <= h) {
+                return;
+            }
+        }
+        {
+            let mut lost = self.shared.lost.lock().unwrap_or_else(|p| p.into_inner());
+            lost.newest = match (lost.count, lost.newest, event.sequence()) {
+                (0, _, sequence) => sequence,
+                (_, Some(newest), Some(sequence)) => Some(newest.max(sequence)),
+                _ => None,
+            };
+            lost.count += 1;
+        }
+        self.shared.lost_notice.notify_one();
+    }
+
+    pub fn try_deliver(&self, event: ChangeEvent) -> Result<(), StreamRefused> {
+        if !self.shared.ordered {
+            return self.tx.try_send(event).map_err(refused);
+        }
+        let ordinal = event.ordinal();
+        let mut gate = self.shared.gate();
+        if gate.handed.is_some_and(|h| ordinal <= h) {
+            // Another subscription of this reader handed it over already.
+            gate.release(ordinal);
+            return Ok(());
+        }
+        if gate
+            .pending
+            .keys()
+            .next()
+            .is_some_and(|&first| first < ordinal)
+        {
+            return Err(StreamRefused::Full(event));
+        }
+        self.tx.try_send(event).map_err(refused)?;
+        gate.release(ordinal);
+        gate.handed = Some(ordinal);
+        Ok(())
+    }
+}
+
+fn refused(e: mpsc::error::TrySendError<ChangeEvent>) -> StreamRefused {
+    match e {
+        mpsc::error::TrySendError::Full(event) => StreamRefused::Full(event),
+        mpsc::error::TrySendError::Closed(_) => StreamRefused::Closed,
+    }
+}
+
+/// What [`StreamReceiver::next`] found.
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) enum Received {
+    /// The next event.
+    Event(ChangeEvent),
+    /// These events were lost before the events still to come.
+    Lost(Lost),
+    /// Every subscription feeding the receiver is gone (unsubscribed, or the notifier
+    /// stopped).
+    Closed,
+}
+
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+impl StreamReceiver {
+    /// The next event — or, first, how many were lost before it: an event the policy dropped
+    /// is counted before any event handed over after it, so a loss is reported before the
+    /// events that follow it.
+    pub async fn next(&mut self) -> Received {
+        loop {
+            if let Some(lost) = self.take_lost() {
+                return Received::Lost(lost);
+            }
+            if let Some(event) = self.stashed.take() {
+                return Received::Event(event);
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.lost_notice.notified() => {}
+                event = self.rx.recv() => match event {
+                    Some(event) => self.stashed = Some(event),
+                    None => return Received::Closed,
+                },
+            }
+        }
+    }
+
+    fn take_lost(&self) -> Option<Lost> {
+        let mut lost = self.shared.lost.lock().unwrap_or_else(|p| p.into_inner());
+        Some(std::mem::take(&mut *lost)).filter(|l| l.count > 0)
+    }
+
+    #[cfg(test)]
+    fn try_recv(&mut self) -> Option<ChangeEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Channel, Key, RawNotification};
+    use crate::operation::Operation;
+    use serde_json::{json, Map};
+
+    fn event(ordinal: u64) -> ChangeEvent {
+        let channel = Arc::new(Channel {
+            name: "c".into(),
+            schema: "main".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: vec!["id".into()],
+            extra_columns: Vec::new(),
+            tier: crate::tier::Tier::Durable,
+            signed: false,
+        });
+        let raw = RawNotification::new("c", "").with_sequence(ordinal as i64);
+        ChangeEvent::new(
+            channel,
+            Key::Single(json!(ordinal)),
+            Map::new(),
+            &raw,
+            false,
+        )
+        .placed(ordinal, 0)
+    }
+
+    fn accepted(sink: &StreamSink, e: &ChangeEvent) -> bool {
+        sink.try_deliver(e.clone()).is_ok()
+    }
+
+    #[test]
+    fn an_event_waits_for_older_selected_events_and_a_duplicate_goes_once() {
+        let (sink, mut rx) = stream_channel(8, true);
+        let (a, b) = (event(1), event(2));
+        sink.selected(&a);
+        sink.selected(&b);
+        sink.selected(&b);
+        assert!(!accepted(&sink, &b), "1 is still waiting elsewhere");
+        assert!(accepted(&sink, &a));
+        assert!(accepted(&sink, &b));
+        assert!(
+            accepted(&sink, &b),
+            "the second subscription's copy is taken"
+        );
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv())
+            .map(|e| e.ordinal())
+            .collect();
+        assert_eq!(got, [1, 2]);
+        assert_eq!(rx.take_lost(), None);
+    }
+
+    #[test]
+    fn a_lost_event_lets_later_ones_pass_and_is_counted_once() {
+        let (sink, rx) = stream_channel(8, true);
+        let (a, b) = (event(1), event(2));
+        sink.selected(&a);
+        sink.selected(&b);
+        sink.lost(&a);
+        assert!(accepted(&sink, &b));
+        assert_eq!(
+            rx.take_lost(),
+            Some(Lost {
+                count: 1,
+                newest: Some(1)
+            })
+        );
+        assert_eq!(rx.take_lost(), None);
+        sink.selected(&b);
+        sink.lost(&b);
+        assert_eq!(
+            rx.take_lost(),
+            None,
+            "the reader has 2 through the other subscription"
+        );
+    }
+
+    #[test]
+    fn a_loss_carries_its_count_and_newest_position() {
+        let (sink, rx) = stream_channel(8, false);
+        sink.lost(&event(5));
+        sink.lost(&event(3));
+        assert_eq!(
+            rx.take_lost(),
+            Some(Lost {
+                count: 2,
+                newest: Some(5)
+            })
+        );
+        let channel = event(1).channel_info().clone();
+        let unsequenced = ChangeEvent::new(
+            Arc::new(channel),
+            Key::Single(json!(9)),
+            Map::new(),
+            &RawNotification::new("c", ""),
+            false,
+        );
+        sink.lost(&event(7));
+        sink.lost(&unsequenced);
+        assert_eq!(
+            rx.take_lost(),
+            Some(Lost {
+                count: 2,
+                newest: None
+            }),
+            "an event without a position: the newest is unknown"
+        );
+    }
+
+    #[test]
+    fn a_full_channel_refuses_and_a_closed_one_is_closed() {
+        let (sink, rx) = stream_channel(1, false);
+        assert!(accepted(&sink, &event(1)));
+        assert!(matches!(
+            sink.try_deliver(event(2)),
+            Err(StreamRefused::Full(_))
+        ));
+        drop(rx);
+        assert!(matches!(
+            sink.try_deliver(event(3)),
+            Err(StreamRefused::Closed)
+        ));
+    }
+}

@@ -1,0 +1,177 @@
+//! [`SseBuilder`]: the endpoint's settings — the authorization hook, the allow-list of query
+//! parameters, heartbeats, the reconnect delay and what happens to a slow client
+//! ([`SlowClient`]) — validated into the shared configuration of an `Sse`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::HttpRequest;
+use futures_util::future::LocalBoxFuture;
+use tokio::sync::watch;
+
+use super::grant::{Denied, Grant};
+use super::params::Param;
+use super::stats::Counters;
+use super::Sse;
+use crate::notifier::Notifier;
+use crate::subscription::OverflowPolicy;
+
+/// What happens to a client that reads its stream slower than events arrive, once its buffer
+/// is full. A slow client never holds up the notifier or the other clients, and never makes
+/// the server's memory grow: each client has a bounded buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowClient {
+    /// Close its stream. A browser reconnects with `Last-Event-ID` and, where the dialect can
+    /// resume (SQLite), gets what it missed from the journal: no gap, no duplicate. Where it
+    /// cannot, it gets a `reset` event. The default.
+    #[default]
+    Disconnect,
+    /// Drop its oldest waiting events; it gets an `event: lag` (`data: {"dropped": n}`)
+    /// before the events that follow the loss.
+    DropOldest,
+    /// Keep only the newest waiting event per row (then drop the oldest if still full): for
+    /// clients that show the latest state. Replaced events are reported as `lag`; events of
+    /// different rows may arrive out of commit order once the client fell behind.
+    KeepLatestPerKey,
+}
+
+impl SlowClient {
+    pub(crate) fn policy(self) -> OverflowPolicy {
+        match self {
+            SlowClient::Disconnect | SlowClient::DropOldest => OverflowPolicy::DropOldest,
+            SlowClient::KeepLatestPerKey => OverflowPolicy::KeepLatestPerKey,
+        }
+    }
+}
+
+/// `Sse::builder`'s hook.
+type SyncHook = dyn Fn(&HttpRequest) -> Result<Grant, Denied> + Send + Sync;
+/// `Sse::builder_async`'s hook (a session looked up in a database, say).
+type AsyncHook =
+    dyn Fn(HttpRequest) -> LocalBoxFuture<'static, Result<Grant, Denied>> + Send + Sync;
+
+/// The authorization hook: runs once per connection, before anything is subscribed.
+pub(crate) enum Authorize {
+    Sync(Box<SyncHook>),
+    Async(Box<AsyncHook>),
+}
+
+impl Authorize {
+    pub async fn grant(&self, req: &HttpRequest) -> Result<Grant, Denied> {
+        match self {
+            Authorize::Sync(f) => f(req),
+            Authorize::Async(f) => f(req.clone()).await,
+        }
+    }
+}
+
+/// What every connection of one endpoint shares.
+pub(crate) struct Config {
+    pub notifier: Notifier,
+    pub authorize: Authorize,
+    pub params: Vec<(String, Param)>,
+    pub heartbeat: Duration,
+    pub retry: Duration,
+    pub slow_client: SlowClient,
+    pub buffer: usize,
+    pub channel: usize,
+    pub replay_page: i64,
+    pub counters: Counters,
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Builds an [`Sse`] endpoint; made by [`Sse::builder`].
+pub struct SseBuilder {
+    notifier: Notifier,
+    authorize: Authorize,
+    params: Vec<(String, Param)>,
+    heartbeat: Duration,
+    retry: Duration,
+    slow_client: SlowClient,
+    buffer: usize,
+}
+
+impl std::fmt::Debug for SseBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseBuilder")
+            .field("params", &self.params)
+            .field("heartbeat", &self.heartbeat)
+            .field("retry", &self.retry)
+            .field("slow_client", &self.slow_client)
+            .field("buffer", &self.buffer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SseBuilder {
+    pub(crate) fn new(notifier: Notifier, authorize: Authorize) -> Self {
+        SseBuilder {
+            notifier,
+            authorize,
+            params: Vec::new(),
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(3),
+            slow_client: SlowClient::default(),
+            buffer: 256,
+        }
+    }
+
+    /// Allows the query parameter `name`: its value becomes `param`'s filter, added to every
+    /// granted subscription (AND), so it can only narrow the grant. A request with a
+    /// parameter that is not allowed, or a value that does not parse, is refused with 400;
+    /// so is one whose filter names a column a granted subscription's watch does not carry.
+    /// Default: none allowed.
+    pub fn param(mut self, name: impl Into<String>, param: Param) -> Self {
+        let name = name.into();
+        self.params.retain(|(n, _)| *n != name);
+        self.params.push((name, param));
+        self
+    }
+
+    /// How often an idle stream gets a comment line, so proxies do not close it (and a client
+    /// that went away is noticed). Default: 15 s; at least 10 ms.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The `retry:` sent at the start of each stream: how long a browser waits before it
+    /// reconnects. Default: 3 s.
+    pub fn retry(mut self, after: Duration) -> Self {
+        self.retry = after;
+        self
+    }
+
+    /// What happens to a client that cannot keep up. Default: [`SlowClient::Disconnect`].
+    pub fn slow_client(mut self, slow_client: SlowClient) -> Self {
+        self.slow_client = slow_client;
+        self
+    }
+
+    /// How many events may wait for one client, per granted subscription, before
+    /// [`slow_client`](Self::slow_client) applies. Default: 256; at least 1.
+    pub fn buffer(mut self, events: usize) -> Self {
+        self.buffer = events.max(1);
+        self
+    }
+
+    /// The endpoint.
+    pub fn build(self) -> Sse {
+        let (shutdown, _) = watch::channel(false);
+        Sse {
+            config: Arc::new(Config {
+                notifier: self.notifier,
+                authorize: self.authorize,
+                params: self.params,
+                heartbeat: self.heartbeat,
+                retry: self.retry,
+                slow_client: self.slow_client,
+                buffer: self.buffer,
+                channel: 16,
+                replay_page: 500,
+                counters: Counters::default(),
+                shutdown,
+            }),
+        }
+    }
+}

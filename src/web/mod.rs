@@ -1,0 +1,282 @@
+//! Row changes to browsers (feature `web`): a server-sent-events endpoint for actix-web.
+//!
+//! Each client gets the events of the subscriptions an authorization hook grants it, as
+//! server-sent events: `id:` the event's position in the journal, `event:` `table/operation`
+//! (`orders/insert`), `data:` the event's JSON record ([`ChangeEvent::to_record`]). The hook
+//! runs once per connection and fixes the subscriptions and their filters; query parameters
+//! map to filters only through an allow-list declared on the builder and are added to the
+//! grant's filters (AND), so a client can narrow its stream but never widen it.
+//!
+//! A client that reconnects with `Last-Event-ID` gets everything after that position from the
+//! journal, then live events, without a gap or a duplicate — on SQLite, whose journal ids are
+//! in commit order. Where the events after the position are no longer in the journal, or on a
+//! dialect that cannot resume yet (PostgreSQL, whose journal ids are not in commit order, and
+//! MySQL), the client gets an explicit `event: reset` instead: it should reload its state. A
+//! gap is never silent.
+//!
+//! A slow client is contained by its buffer and the endpoint's [`SlowClient`] policy, never by
+//! memory growth or by holding up anyone else; idle streams get heartbeat comments;
+//! [`Sse::shutdown`] ends every stream, so actix-web's graceful shutdown does not wait for
+//! them.
+//!
+//! ```no_run
+//! use actix_web::{App, HttpServer};
+//! use sqlnotify::web::{Denied, Grant, Param, ParamType, Sse};
+//! use sqlnotify::{Filter, Notifier, Operation, Subscription, Watch};
+//!
+//! #[actix_web::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let notifier = Notifier::builder("sqlite:///var/lib/app/app.db")
+//!         .watch(Watch::new("orders", Operation::Insert).extra_columns(["owner_id", "status"]))
+//!         .start()
+//!         .await
+//!         .expect("notifier");
+//!     let sse = Sse::builder(notifier.clone(), |req| {
+//!         // Your session lookup: here a header set by an authenticating proxy.
+//!         let user: i64 = req
+//!             .headers()
+//!             .get("x-user-id")
+//!             .and_then(|v| v.to_str().ok()?.parse().ok())
+//!             .ok_or_else(|| Denied::unauthorized("log in first"))?;
+//!         Ok(Grant::new().subscription(
+//!             Subscription::new("orders", Operation::Insert).filter(Filter::eq("owner_id", user)),
+//!         ))
+//!     })
+//!     .param("status", Param::eq("status", ParamType::Text))
+//!     .build();
+//!
+//!     let endpoint = sse.clone();
+//!     let server = HttpServer::new(move || App::new().route("/events", endpoint.route()))
+//!         .bind(("127.0.0.1", 8080))?
+//!         .run();
+//!     let handle = server.handle();
+//!     actix_web::rt::spawn(async move {
+//!         let _ = actix_web::rt::signal::ctrl_c().await;
+//!         sse.shutdown(); // end the streams, so the graceful stop does not wait for them
+//!         handle.stop(true).await;
+//!     });
+//!     server.await?;
+//!     notifier.stop().await.ok();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! [`ChangeEvent::to_record`]: crate::ChangeEvent::to_record
+
+mod builder;
+mod frame;
+mod grant;
+mod params;
+mod stats;
+mod stream;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix_web::http::header;
+use actix_web::web::Bytes;
+use actix_web::{HttpRequest, HttpResponse};
+
+pub use self::builder::{SlowClient, SseBuilder};
+pub use self::grant::{Denied, Grant};
+pub use self::params::{Param, ParamType};
+pub use self::stats::SseStats;
+
+use self::builder::Config;
+use self::frame::Position;
+use self::stats::Counters;
+use self::stream::{Connection, Start};
+use crate::error::Error;
+use crate::notifier::Notifier;
+use crate::subscription::OverflowPolicy;
+
+/// A server-sent-events endpoint on a notifier. Cheap to clone: every clone serves the same
+/// endpoint (share one between actix-web's workers).
+#[derive(Clone)]
+pub struct Sse {
+    config: Arc<Config>,
+}
+
+impl std::fmt::Debug for Sse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sse")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sse {
+    /// An endpoint for `notifier`'s events. `authorize` runs once per connection, on the
+    /// request (its headers, cookies, peer address …), and answers what the client gets — a
+    /// [`Grant`] — or why it gets nothing ([`Denied`]: that status and message are the
+    /// response).
+    pub fn builder(
+        notifier: Notifier,
+        authorize: impl Fn(&HttpRequest) -> Result<Grant, Denied> + Send + Sync + 'static,
+    ) -> SseBuilder {
+        SseBuilder::new(notifier, builder::Authorize::Sync(Box::new(authorize)))
+    }
+
+    /// [`Sse::builder`] with a hook that awaits (a session looked up in a database, a call
+    /// to an auth service). It runs once per connection, on the worker's thread, so its future
+    /// need not be `Send`.
+    ///
+    /// ```no_run
+    /// # async fn run(notifier: sqlnotify::Notifier) {
+    /// use sqlnotify::web::{Denied, Grant, Sse};
+    /// use sqlnotify::{Filter, Operation, Subscription};
+    ///
+    /// async fn user_of(session: Option<String>) -> Option<i64> {
+    ///     // SELECT user_id FROM sessions WHERE token = $1 …
+    /// #   session?.parse().ok()
+    /// }
+    ///
+    /// let sse = Sse::builder_async(notifier, |req| async move {
+    ///     let session = req.headers().get("x-session").and_then(|v| v.to_str().ok()).map(String::from);
+    ///     let user = user_of(session).await.ok_or_else(|| Denied::unauthorized("log in first"))?;
+    ///     Ok(Grant::new().subscription(
+    ///         Subscription::new("orders", Operation::Insert).filter(Filter::eq("owner_id", user)),
+    ///     ))
+    /// })
+    /// .build();
+    /// # let _ = sse;
+    /// # }
+    /// ```
+    pub fn builder_async<F, Fut>(notifier: Notifier, authorize: F) -> SseBuilder
+    where
+        F: Fn(HttpRequest) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Grant, Denied>> + 'static,
+    {
+        SseBuilder::new(
+            notifier,
+            builder::Authorize::Async(Box::new(move |req| Box::pin(authorize(req)))),
+        )
+    }
+
+    /// A `GET` route serving the endpoint: `App::new().route("/events", sse.route())`.
+    pub fn route(&self) -> actix_web::Route {
+        let sse = self.clone();
+        actix_web::web::get().to(move |req: HttpRequest| {
+            let sse = sse.clone();
+            async move { sse.respond(req).await }
+        })
+    }
+
+    /// Answers one request: the event stream, or the error response (401/403 from the hook,
+    /// 400 for a query parameter that is not allowed or does not fit, 503 after
+    /// [`shutdown`](Self::shutdown)). For handlers of your own.
+    pub async fn respond(&self, req: HttpRequest) -> HttpResponse {
+        match self.open(&req).await {
+            Ok(connection) => {
+                let body = futures_util::stream::unfold(connection, |mut c| async move {
+                    let chunk = c.next().await?;
+                    Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), c))
+                });
+                HttpResponse::Ok()
+                    .content_type("text/event-stream")
+                    .insert_header((header::CACHE_CONTROL, "no-cache"))
+                    // nginx: do not buffer the stream.
+                    .insert_header(("X-Accel-Buffering", "no"))
+                    .streaming(body)
+            }
+            Err(denied) => {
+                Counters::add(&self.config.counters.refused, 1);
+                HttpResponse::build(denied.status)
+                    .content_type("text/plain; charset=utf-8")
+                    .body(denied.message)
+            }
+        }
+    }
+
+    async fn open(&self, req: &HttpRequest) -> Result<Connection, Denied> {
+        let config = &self.config;
+        if *config.shutdown.borrow() {
+            return Err(Denied {
+                status: actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                message: "the server is shutting down".into(),
+            });
+        }
+        let query = actix_web::web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+            .map_err(|e| Denied::bad_request(format!("query string: {e}")))?;
+        let narrowing = params::filters(&query, &config.params).map_err(Denied::bad_request)?;
+        let grant = config.authorize.grant(req).await?;
+        if grant.subscriptions.is_empty() {
+            return Err(Denied::forbidden("nothing is granted to this client"));
+        }
+        let start = match req.headers().get("last-event-id") {
+            None => Start::Live,
+            Some(value) => match value.to_str().ok().and_then(Position::parse) {
+                Some(position) => Start::After(position),
+                None => Start::Unknown,
+            },
+        };
+        let policy = config.slow_client.policy();
+        let mut subscriptions = Vec::with_capacity(grant.subscriptions.len());
+        let mut routes = Vec::with_capacity(grant.subscriptions.len());
+        for mut subscription in grant.subscriptions {
+            subscription.filters.extend(narrowing.iter().cloned());
+            let subscription = subscription.policy(policy).buffer(config.buffer);
+            let channel = config
+                .notifier
+                .channel_set()
+                .find(
+                    subscription.schema.as_deref(),
+                    &subscription.table,
+                    subscription.operation,
+                    subscription.label.as_deref(),
+                )
+                .map_err(refused)?;
+            routes.push((channel.name().to_string(), subscription.filters.clone()));
+            subscriptions.push(subscription);
+        }
+        let (ids, events) = config
+            .notifier
+            .subscribe_stream(
+                subscriptions,
+                config.channel,
+                policy != OverflowPolicy::KeepLatestPerKey,
+            )
+            .await
+            .map_err(refused)?;
+        Ok(Connection::new(config.clone(), ids, events, routes, start))
+    }
+
+    /// The endpoint's counters: clients connected now, events, lag notices, resets, heartbeats.
+    pub fn stats(&self) -> SseStats {
+        self.config.counters.snapshot()
+    }
+
+    /// Ends every open stream (at once, after the chunk each is sending) and refuses new ones
+    /// with 503. Call it before stopping actix-web's server gracefully, which otherwise waits
+    /// for open streams until its shutdown timeout. A browser reconnects on its own and, once
+    /// a server is back, resumes with its `Last-Event-ID`. Streams also end when the notifier
+    /// stops.
+    pub fn shutdown(&self) {
+        self.config.shutdown.send_replace(true);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shut_down(&self) -> bool {
+        *self.config.shutdown.borrow()
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> u64 {
+        self.config.counters.clients.load(Ordering::Relaxed)
+    }
+}
+
+/// A granted subscription the notifier refused: the client's filter names a column the watch
+/// does not carry (400), or the grant names what is not watched (a server error, 500).
+fn refused(e: Error) -> Denied {
+    match e {
+        Error::UnknownFilterColumn { .. } => Denied::bad_request(e.to_string()),
+        e => {
+            log::error!("sqlnotify: an event stream's grant cannot be subscribed: {e}");
+            Denied {
+                status: actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+                message: "this stream cannot be served".into(),
+            }
+        }
+    }
+}

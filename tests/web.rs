@@ -1,0 +1,753 @@
+//! The server-sent-events endpoint (feature `web`) over real HTTP: an actix-web server on
+//! 127.0.0.1:0 serving `sqlnotify::web::Sse` on a SQLite notifier, read by ureq (and, for the
+//! client that never reads, a bare TCP socket). Events arrive framed; a grant cannot be
+//! widened by query parameters; heartbeats arrive; slow clients are contained; a client that
+//! resumes with `Last-Event-ID` gets every event after it once, or an explicit `reset` (always
+//! on PostgreSQL, which cannot resume yet); and `Sse::shutdown` lets the server stop
+//! gracefully at once.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServerHandle;
+use actix_web::{App, HttpServer};
+use common::sqlite_file::SqliteFile;
+use common::{wait_until, ARRIVES_WITHIN};
+use serde_json::Value;
+use sqlnotify::web::{Denied, Grant, Param, ParamType, SlowClient, Sse, SseBuilder};
+use sqlnotify::{Filter, Notifier, Operation, Subscription, Watch};
+use tokio::sync::mpsc;
+
+const SCHEMA: &str = "CREATE TABLE orders (id INTEGER PRIMARY KEY, owner_id INTEGER NOT NULL, \
+                      status TEXT NOT NULL, note TEXT NOT NULL DEFAULT '', secret TEXT)";
+
+/// An SSE frame as a client sees it.
+#[derive(Debug, Default, Clone)]
+struct Frame {
+    id: Option<String>,
+    event: Option<String>,
+    data: Option<String>,
+    comment: Option<String>,
+}
+
+impl Frame {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.data.as_deref().expect("data")).expect("JSON data")
+    }
+
+    /// The `orders.id` of a change event's frame.
+    fn row(&self) -> i64 {
+        self.json()["id"].as_i64().expect("an order id")
+    }
+}
+
+enum Msg {
+    Frame(Frame),
+    End,
+}
+
+/// A streaming SSE client: ureq on a thread of its own, frames into a channel. Dropping it
+/// closes the connection (the thread notices at the next frame; heartbeats make one come).
+struct Client {
+    rx: mpsc::UnboundedReceiver<Msg>,
+}
+
+/// Parses an SSE stream into frames until it ends or nobody listens any more.
+fn read_frames(reader: impl Read, tx: mpsc::UnboundedSender<Msg>) {
+    let mut frame = Frame::default();
+    let mut any = false;
+    for line in BufReader::new(reader).lines() {
+        let Ok(line) = line else { break };
+        if line.is_empty() {
+            if any && tx.send(Msg::Frame(std::mem::take(&mut frame))).is_err() {
+                return;
+            }
+            any = false;
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value).to_string();
+        any = true;
+        match field {
+            "" => frame.comment = Some(value),
+            "id" => frame.id = Some(value),
+            "event" => frame.event = Some(value),
+            "data" => {
+                frame.data = Some(match frame.data.take() {
+                    Some(data) => data + "\n" + &value,
+                    None => value,
+                })
+            }
+            _ => any = frame.id.is_some() || frame.event.is_some() || frame.data.is_some(),
+        }
+    }
+    let _ = tx.send(Msg::End);
+}
+
+/// Opens the stream; `Err((status, body))` when it is refused.
+async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Client, (u16, String)> {
+    let url = url.to_string();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let response = tokio::task::spawn_blocking(move || {
+        let mut request = ureq::get(&url);
+        for (name, value) in &headers {
+            request = request.set(name, value);
+        }
+        match request.call() {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(code, r)) => Err((code, r.into_string().unwrap())),
+            Err(e) => panic!("GET {e}"),
+        }
+    })
+    .await
+    .unwrap()?;
+    assert_eq!(response.content_type(), "text/event-stream");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reader = response.into_reader();
+    std::thread::spawn(move || read_frames(reader, tx));
+    Ok(Client { rx })
+}
+
+impl Client {
+    /// The next frame (comments and `retry:` included), or `None` when the stream ended.
+    async fn next_frame(&mut self) -> Option<Frame> {
+        match tokio::time::timeout(ARRIVES_WITHIN, self.rx.recv()).await {
+            Ok(Some(Msg::Frame(f))) => Some(f),
+            Ok(Some(Msg::End)) | Ok(None) => None,
+            Err(_) => panic!("no frame within {ARRIVES_WITHIN:?}"),
+        }
+    }
+
+    /// The next frame that is an event (not a comment, not `retry:` alone).
+    async fn next_event(&mut self) -> Frame {
+        loop {
+            let frame = self.next_frame().await.expect("the stream ended");
+            if frame.event.is_some() || frame.data.is_some() {
+                return frame;
+            }
+        }
+    }
+
+    /// Asserts that no event arrives within `wait` (comments may).
+    async fn assert_no_event_within(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(msg) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            match msg {
+                Some(Msg::Frame(f)) if f.event.is_none() && f.data.is_none() => {}
+                Some(Msg::Frame(f)) => panic!("unexpected event {f:?}"),
+                _ => panic!("the stream ended"),
+            }
+        }
+    }
+
+    /// Waits for the end of the stream, skipping what comes before it.
+    async fn ends(&mut self) -> bool {
+        tokio::time::timeout(ARRIVES_WITHIN, async {
+            loop {
+                match self.rx.recv().await {
+                    Some(Msg::Frame(_)) => {}
+                    _ => return,
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+struct Server {
+    url: String,
+    sse: Sse,
+    handle: ServerHandle,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    notifier: Notifier,
+    db: SqliteFile,
+}
+
+/// Users see only their own orders: the `x-user` header names the user (no header: 401).
+fn grant_own_orders(req: &actix_web::HttpRequest) -> Result<Grant, Denied> {
+    let user: i64 = req
+        .headers()
+        .get("x-user")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .ok_or_else(|| Denied::unauthorized("who are you?"))?;
+    Ok(Grant::new().subscription(
+        Subscription::new("orders", Operation::Insert).filter(Filter::eq("owner_id", user)),
+    ))
+}
+
+async fn serve(
+    notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
+    endpoint: impl FnOnce(SseBuilder) -> SseBuilder,
+) -> Server {
+    serve_with(notifier, |notifier| {
+        endpoint(
+            Sse::builder(notifier, grant_own_orders)
+                .param("status", Param::eq("status", ParamType::Text))
+                .param("secret", Param::eq("secret", ParamType::Text))
+                .heartbeat(Duration::from_millis(200)),
+        )
+    })
+    .await
+}
+
+/// A SQLite notifier watching `orders` inserts, and the endpoint `endpoint` builds on it.
+async fn serve_with(
+    notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
+    endpoint: impl FnOnce(Notifier) -> SseBuilder,
+) -> Server {
+    let db = SqliteFile::new(SCHEMA);
+    let notifier = notifier(Notifier::builder(db.url()).watch(
+        Watch::new("orders", Operation::Insert).extra_columns(["owner_id", "status", "note"]),
+    ))
+    .start()
+    .await
+    .unwrap();
+    let sse = endpoint(notifier.clone()).build();
+    let (url, handle, server) = listen(&sse);
+    Server {
+        url,
+        sse,
+        handle,
+        server,
+        notifier,
+        db,
+    }
+}
+
+/// An actix-web server on 127.0.0.1:0 serving `sse` at `/events`: its URL, its handle, and
+/// the task it runs in.
+fn listen(
+    sse: &Sse,
+) -> (
+    String,
+    ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let endpoint = sse.clone();
+    let server = HttpServer::new(move || App::new().route("/events", endpoint.route()))
+        .workers(2)
+        .shutdown_timeout(60)
+        .disable_signals()
+        .bind(("127.0.0.1", 0))
+        .unwrap();
+    let url = format!("http://{}/events", server.addrs()[0]);
+    let server = server.run();
+    (url, server.handle(), tokio::spawn(server))
+}
+
+impl Server {
+    fn insert(&self, id: i64, owner: i64, status: &str) {
+        self.db.exec(&format!(
+            "INSERT INTO orders (id, owner_id, status) VALUES ({id}, {owner}, '{status}')"
+        ));
+    }
+
+    async fn stop(self) {
+        self.sse.shutdown();
+        self.handle.stop(true).await;
+        self.server.await.unwrap().unwrap();
+        self.notifier.stop().await.unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn events_arrive_framed_with_their_position_table_and_operation() {
+    let s = serve(|n| n, |e| e).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    let first = client.next_frame().await.unwrap();
+    assert!(
+        first.event.is_none() && first.data.is_none(),
+        "retry: first, {first:?}"
+    );
+    s.insert(10, 1, "new");
+    let frame = client.next_event().await;
+    assert_eq!(frame.event.as_deref(), Some("orders/insert"));
+    let record = frame.json();
+    assert_eq!(record["table"], "orders");
+    assert_eq!(record["operation"], "insert");
+    assert_eq!(record["id"], 10);
+    assert_eq!(record["columns"]["owner_id"], 1);
+    assert_eq!(
+        frame.id.as_deref(),
+        Some(record["sequence"].to_string().as_str()),
+        "id: is the event's journal position"
+    );
+    // A value with line breaks arrives whole.
+    s.db.exec(
+        "INSERT INTO orders (id, owner_id, status, note) VALUES (11, 1, 'new', 'a' || char(10) || 'b' || char(13, 10) || 'c')",
+    );
+    let frame = client.next_event().await;
+    assert_eq!(frame.json()["columns"]["note"], "a\nb\r\nc");
+    assert_eq!(s.sse.stats().clients, 1);
+    drop(client);
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_client_gets_only_its_grant_and_query_parameters_only_narrow_it() {
+    let s = serve(|n| n, |e| e).await;
+    // No session: the hook refuses.
+    let (status, body) = connect(&s.url, &[]).await.err().unwrap();
+    assert_eq!((status, body.as_str()), (401, "who are you?"));
+    // A parameter that is not on the allow-list, e.g. one that names the grant's own column.
+    let widen = format!("{}?owner_id=2", s.url);
+    let (status, body) = connect(&widen, &[("x-user", "1")]).await.err().unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"owner_id\" is not allowed"), "{body}");
+    // An allowed parameter on a column the watch does not carry.
+    let uncarried = format!("{}?secret=x", s.url);
+    let (status, body) = connect(&uncarried, &[("x-user", "1")]).await.err().unwrap();
+    assert_eq!(status, 400, "{body}");
+
+    let mut all = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    let paid = format!("{}?status=paid", s.url);
+    let mut only_paid = connect(&paid, &[("x-user", "1")]).await.unwrap();
+    // A second status parameter narrows further (AND), never widens.
+    let both = format!("{}?status=paid&status=new", s.url);
+    let mut nothing = connect(&both, &[("x-user", "1")]).await.unwrap();
+    s.insert(1, 2, "paid"); // someone else's
+    s.insert(2, 1, "new");
+    s.insert(3, 1, "paid");
+    assert_eq!(all.next_event().await.row(), 2);
+    assert_eq!(all.next_event().await.row(), 3);
+    assert_eq!(only_paid.next_event().await.row(), 3);
+    for client in [&mut all, &mut only_paid, &mut nothing] {
+        client
+            .assert_no_event_within(Duration::from_millis(300))
+            .await;
+    }
+    assert_eq!(s.sse.stats().refused, 3);
+    drop((all, only_paid, nothing));
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_async_hook_runs_once_per_connection_not_once_per_event() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let s = serve_with(
+        |n| n,
+        move |notifier| {
+            Sse::builder_async(notifier, move |req| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    // A session store that must be awaited.
+                    tokio::task::yield_now().await;
+                    let user = match req.headers().get("x-session").map(|v| v.as_bytes()) {
+                        Some(b"token-of-7") => 7,
+                        _ => return Err(Denied::unauthorized("unknown session")),
+                    };
+                    Ok(Grant::new().subscription(
+                        Subscription::new("orders", Operation::Insert)
+                            .filter(Filter::eq("owner_id", user)),
+                    ))
+                }
+            })
+        },
+    )
+    .await;
+    let (status, _) = connect(&s.url, &[("x-session", "forged")])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+    let mut client = connect(&s.url, &[("x-session", "token-of-7")])
+        .await
+        .unwrap();
+    for id in 1..=20 {
+        s.insert(id, if id % 2 == 0 { 7 } else { 8 }, "new");
+    }
+    for id in (2..=20).step_by(2) {
+        assert_eq!(client.next_event().await.row(), id);
+    }
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "once per connection");
+    drop(client);
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_idle_stream_gets_heartbeats() {
+    let s = serve(|n| n, |e| e.heartbeat(Duration::from_millis(100))).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    let started = Instant::now();
+    let mut heartbeats = 0;
+    while heartbeats < 2 {
+        let frame = client.next_frame().await.unwrap();
+        assert!(frame.data.is_none(), "no event expected: {frame:?}");
+        heartbeats += usize::from(frame.comment.is_some());
+    }
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert!(s.sse.stats().heartbeats >= 2);
+    drop(client);
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_client_that_resumes_gets_every_event_after_its_last_id_once_even_under_writes() {
+    let s = serve(|n| n, |e| e).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    for id in 1..=3 {
+        s.insert(id, 1, "new");
+        s.insert(1000 + id, 2, "new"); // someone else's, in between
+    }
+    let mut last = None;
+    for id in 1..=3 {
+        let frame = client.next_event().await;
+        assert_eq!(frame.row(), id);
+        last = frame.id;
+    }
+    let last = last.unwrap();
+    drop(client);
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 0 }).await);
+
+    // Written while the client is away, and while it comes back.
+    for id in 4..=50 {
+        s.insert(id, 1, "new");
+    }
+    let path = s.db.path.clone();
+    let writer = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        for id in 51..=300 {
+            conn.execute(
+                "INSERT INTO orders (id, owner_id, status) VALUES (?1, 1, 'new')",
+                [id],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO orders (id, owner_id, status) VALUES (?1, 2, 'new')",
+                [1000 + id],
+            )
+            .unwrap();
+        }
+    });
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    let mut rows = Vec::new();
+    let mut ids = Vec::new();
+    while rows.last() != Some(&300) {
+        let frame = client.next_event().await;
+        assert_eq!(frame.event.as_deref(), Some("orders/insert"), "{frame:?}");
+        rows.push(frame.row());
+        ids.push(frame.id.unwrap().parse::<i64>().unwrap());
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        rows,
+        (4..=300).collect::<Vec<_>>(),
+        "no gap, no duplicate, in order"
+    );
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "positions increase");
+    assert!(s.sse.stats().replayed > 0, "{:?}", s.sse.stats());
+    s.insert(301, 1, "new");
+    assert_eq!(client.next_event().await.row(), 301);
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    drop(client);
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_position_that_cannot_be_resumed_gets_an_explicit_reset() {
+    let s = serve(
+        |n| {
+            n.retention(Duration::ZERO)
+                .purge_interval(Duration::from_millis(50))
+        },
+        |e| e,
+    )
+    .await;
+    // Not one of ours, and one from the future (another database).
+    for bad in ["abc", "999999"] {
+        let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", bad)])
+            .await
+            .unwrap();
+        let reset = client.next_event().await;
+        assert_eq!(reset.event.as_deref(), Some("reset"), "{bad}: {reset:?}");
+        assert!(reset.id.is_none());
+        // Live events follow.
+        s.insert(i64::from(bad == "abc") + 1, 1, "new");
+        assert_eq!(
+            client.next_event().await.event.as_deref(),
+            Some("orders/insert")
+        );
+    }
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    s.insert(3, 1, "new");
+    let last = client.next_event().await.id.unwrap();
+    drop(client);
+    s.insert(4, 1, "new");
+    // Retention trims what the client has not seen.
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            rusqlite::Connection::open(&s.db.path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM sqlnotify_journal", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .unwrap()
+                == 0
+        })
+        .await
+    );
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    let reset = client.next_event().await;
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    assert!(reset.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("retention"));
+    assert_eq!(s.sse.stats().resets, 3);
+    drop(client);
+    s.stop().await;
+}
+
+/// Inserts `n` orders of user 1 with a 16 KB note each: more than socket buffers hold.
+fn flood(s: &Server, n: i64) {
+    let mut conn = rusqlite::Connection::open(&s.db.path).unwrap();
+    let tx = conn.transaction().unwrap();
+    for id in 1..=n {
+        tx.execute(
+            "INSERT INTO orders (id, owner_id, status, note) VALUES (?1, 1, 'new', printf('%.16384c', 'x'))",
+            [id],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+/// A client that sends its request and never reads a byte.
+fn stalled_client(url: &str) -> TcpStream {
+    let address = url.trim_start_matches("http://").split('/').next().unwrap();
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "GET /events HTTP/1.1\r\nHost: {address}\r\nx-user: 1\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    stream
+}
+
+/// A flood that a stalled client (user 1) cannot take: it is contained (its waiting events
+/// stay within its buffer), and another client (user 2) gets its events meanwhile.
+async fn contained(s: &Server, buffer: u64) -> TcpStream {
+    let stalled = stalled_client(&s.url);
+    let mut other = connect(&s.url, &[("x-user", "2")]).await.unwrap();
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 2 }).await);
+    flood(s, 1500);
+    s.insert(10_000, 2, "new");
+    assert_eq!(other.next_event().await.row(), 10_000);
+    let max_queued = std::cell::Cell::new(0);
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            let queued = s.notifier.stats().await.unwrap().queued;
+            max_queued.set(max_queued.get().max(queued));
+            s.sse.stats().lost > 0
+        })
+        .await,
+        "{:?}",
+        s.sse.stats()
+    );
+    assert!(
+        max_queued.get() <= buffer,
+        "the stalled client's waiting events stay within its buffer: {}",
+        max_queued.get()
+    );
+    let stats = s.notifier.stats().await.unwrap();
+    assert!(stats.queued <= buffer, "{stats:?}");
+    drop(other);
+    stalled
+}
+
+/// The SSE frames of a raw HTTP/1.1 response read to its end (chunked body).
+fn frames_of_raw_response(raw: &[u8]) -> Vec<Frame> {
+    let start = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
+    let (mut rest, mut body) = (&raw[start..], Vec::new());
+    while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap(), 16).unwrap();
+        if size == 0 || rest.len() < end + 2 + size {
+            break;
+        }
+        body.extend_from_slice(&rest[end + 2..end + 2 + size]);
+        rest = &rest[end + 2 + size + 2..];
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    read_frames(&body[..], tx);
+    std::iter::from_fn(|| match rx.try_recv() {
+        Ok(Msg::Frame(f)) => Some(f),
+        _ => None,
+    })
+    .collect()
+}
+
+#[actix_rt::test]
+async fn a_stalled_client_is_disconnected_holds_up_nobody_and_resumes_without_a_gap() {
+    let s = serve(|n| n, |e| e.slow_client(SlowClient::Disconnect).buffer(8)).await;
+    let mut stalled = contained(&s, 8).await;
+    assert_eq!(s.sse.stats().slow_disconnects, 1);
+    // Its stream ends: what was sent before the end, then EOF.
+    stalled.set_read_timeout(Some(ARRIVES_WITHIN)).unwrap();
+    let mut raw = Vec::new();
+    stalled.read_to_end(&mut raw).unwrap();
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 0 }).await);
+    let got: Vec<Frame> = frames_of_raw_response(&raw)
+        .into_iter()
+        .filter(|f| f.data.is_some())
+        .collect();
+    let rows: Vec<i64> = got.iter().map(Frame::row).collect();
+    assert!(rows.len() < 1500, "it was cut off: {}", rows.len());
+    assert_eq!(
+        rows,
+        (1..=rows.len() as i64).collect::<Vec<_>>(),
+        "in order, no gap"
+    );
+
+    // It comes back with the last id it got, and gets the rest from the journal.
+    let last = got
+        .last()
+        .and_then(|f| f.id.clone())
+        .unwrap_or_else(|| "0".into());
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    for id in rows.len() as i64 + 1..=1500 {
+        assert_eq!(client.next_event().await.row(), id);
+    }
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    drop(client);
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_stalled_client_under_drop_oldest_is_told_it_lagged() {
+    let s = serve(|n| n, |e| e.slow_client(SlowClient::DropOldest).buffer(8)).await;
+    let stalled = contained(&s, 8).await;
+    assert!(s.sse.stats().lag_notices > 0);
+    // When it finally reads: a lag event before the events that follow the loss.
+    stalled.set_read_timeout(Some(ARRIVES_WITHIN)).unwrap();
+    let mut lines = BufReader::new(stalled).lines();
+    let (mut lag, mut after_lag) = (None, 0);
+    while let Some(Ok(line)) = lines.next() {
+        if line == "event: lag" {
+            let data = lines.next().unwrap().unwrap();
+            lag = Some(data);
+        } else if lag.is_some() && line == "event: orders/insert" {
+            after_lag += 1;
+            if after_lag == 1 {
+                break;
+            }
+        }
+    }
+    let lag = lag.expect("an event: lag");
+    let dropped: Value = serde_json::from_str(lag.strip_prefix("data: ").unwrap()).unwrap();
+    assert!(dropped["dropped"].as_u64().unwrap() > 0, "{lag}");
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn shutdown_ends_every_stream_and_the_server_stops_at_once() {
+    let s = serve(|n| n, |e| e.heartbeat(Duration::from_secs(60))).await;
+    let mut a = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    let mut b = connect(&s.url, &[("x-user", "2")]).await.unwrap();
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 2 }).await);
+    let started = Instant::now();
+    s.sse.shutdown();
+    assert!(a.ends().await && b.ends().await);
+    // A new client is refused meanwhile.
+    let (status, _) = connect(&s.url, &[("x-user", "1")]).await.err().unwrap();
+    assert_eq!(status, 503);
+    s.handle.stop(true).await;
+    s.server.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the graceful stop did not wait for the streams (its timeout is 60 s): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.sse.clients(), 0);
+    s.notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn on_postgresql_a_last_event_id_gets_a_reset_then_live_events() {
+    let db = common::TestDb::new().await;
+    db.exec(SCHEMA).await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("orders", Operation::Insert)
+                .extra_columns(["owner_id", "status"])
+                .tier(sqlnotify::Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap();
+    let sse = Sse::builder(notifier.clone(), grant_own_orders).build();
+    let (url, handle, server) = listen(&sse);
+    let insert =
+        |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
+
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    db.exec(&insert(1)).await;
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    let last = first.id.expect("a durable event has a position");
+    drop(client);
+    db.exec(&insert(2)).await;
+
+    // PostgreSQL cannot resume yet: never a silent gap, an explicit reset.
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    let reset = client.next_event().await;
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    assert!(reset.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("postgresql"));
+    db.exec(&insert(3)).await;
+    // Then live events (row 2 too when the notifier routed it after this client subscribed).
+    let mut rows = vec![client.next_event().await.row()];
+    if rows == [2] {
+        rows.push(client.next_event().await.row());
+    }
+    assert_eq!(rows.last(), Some(&3), "{rows:?}");
+    drop(client);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn streams_end_when_the_notifier_stops() {
+    let s = serve(|n| n, |e| e.heartbeat(Duration::from_secs(60))).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 1 }).await);
+    s.notifier.stop().await.unwrap();
+    assert!(client.ends().await, "the stream outlived its notifier");
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 0 }).await);
+    s.sse.shutdown();
+    s.handle.stop(true).await;
+    s.server.await.unwrap().unwrap();
+}
