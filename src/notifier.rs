@@ -146,17 +146,20 @@ impl Notifier {
     ///
     /// No change is missed and none is delivered twice: a change whose transaction the
     /// snapshot already reflects is skipped, every later one is delivered. On PostgreSQL's
-    /// journal tiers (durable and poll) that holds without condition; on the notify tier it
+    /// journal tiers (durable and poll) and on SQLite that holds without condition; on the notify tier it
     /// holds for the notifications the listener receives (a NOTIFY sent while the listener
     /// is disconnected is lost there as it is for any subscription). While the rows stream,
     /// changes wait in the feed's buffer and, once it is full, the pipeline waits (the other
     /// subscribers of this notifier pause for as long; nothing is dropped).
     ///
-    /// PostgreSQL only for now: the read is a `REPEATABLE READ` transaction on a connection
-    /// of its own (the notifier's role needs `SELECT` on the table), and its snapshot decides
-    /// which changes it reflects, by transaction id. Other dialects answer
-    /// [`Error::Unsupported`]. A filter on a column the watches do not carry is refused with
-    /// [`Error::UnknownFilterColumn`]; a table without a watch with [`Error::NotWatched`].
+    /// How the read is taken: on PostgreSQL, a `REPEATABLE READ` read-only transaction on a
+    /// connection of its own (the notifier's role needs `SELECT` on the table), whose
+    /// snapshot decides by transaction id which changes it reflects; on SQLite, one read
+    /// transaction on a connection of its own (WAL mode: it blocks no writer) that reads the
+    /// journal's head first, so the changes it reflects are the journal rows up to that head.
+    /// MySQL answers [`Error::Unsupported`] for now. A filter on a column the watches do not
+    /// carry is refused with [`Error::UnknownFilterColumn`]; a table without a watch with
+    /// [`Error::NotWatched`].
     pub async fn subscribe_snapshot(&self, snapshot: Snapshot) -> Result<SnapshotFeed> {
         let channels = &self.inner.pipeline.channels;
         let schema = snapshot.schema.as_deref();

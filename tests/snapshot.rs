@@ -26,7 +26,7 @@ async fn start(db: &TestDb, tier: Tier, extra: &[&str]) -> Notifier {
                 .tier(tier),
         );
     }
-    builder.start().await.unwrap()
+    builder.max_in_flight(1_024).start().await.unwrap()
 }
 
 /// The next event of `feed`, within a generous bound.
@@ -36,6 +36,42 @@ async fn next(feed: &mut SnapshotFeed) -> sqlnotify::ChangeEvent {
         .expect("an event in time")
         .expect("the feed is open")
         .expect("the snapshot reads")
+}
+
+/// Stalls `notifier`'s pipeline: a subscriber that reads nothing (policy `Wait`) until its
+/// in-flight budget is used up, so changes committed now wait in the listener and reach the
+/// feed only after its snapshot was taken — the case the fence is for. Returns the stalled
+/// subscription's channel; [`drain`] releases it.
+async fn stall(notifier: &Notifier) -> crossbeam_channel::Receiver<sqlnotify::ChangeEvent> {
+    let (_, rx) = notifier
+        .subscribe_channel(sqlnotify::Subscription::new("t", Operation::Update).buffer(1))
+        .await
+        .unwrap();
+    let full = common::wait_until(Duration::from_secs(60), || async {
+        let s = notifier.stats().await.unwrap();
+        s.in_flight + s.queued >= 1_000
+    })
+    .await;
+    assert!(full, "the pipeline never stalled");
+    rx
+}
+
+/// Reads `stalled` on a thread of its own until the notifier stops.
+fn drain(stalled: crossbeam_channel::Receiver<sqlnotify::ChangeEvent>) {
+    std::thread::spawn(move || while stalled.recv().is_ok() {});
+}
+
+/// Waits until `feed`'s snapshot is open (its rows counted), then releases `stalled`.
+async fn release_once_open(
+    feed: &SnapshotFeed,
+    stalled: crossbeam_channel::Receiver<sqlnotify::ChangeEvent>,
+) {
+    let open = common::wait_until(Duration::from_secs(60), || async {
+        feed.progress().total.is_some()
+    })
+    .await;
+    assert!(open, "the snapshot never opened");
+    drain(stalled);
 }
 
 /// Applies one event to the replica `map` (id → v), checking it fits: snapshot rows and
@@ -133,11 +169,13 @@ async fn replica(tier: Tier) {
             i
         }));
     }
+    let stalled = stall(&notifier).await;
     let started = Instant::now();
     let mut feed = notifier
         .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
         .await
         .unwrap();
+    release_once_open(&feed, stalled).await;
     let mut map = BTreeMap::new();
     let (mut snapshot_rows, mut changes) = (0u64, 0u64);
     // The snapshot, then 200 changes with the writers still writing.
@@ -273,6 +311,8 @@ async fn filters_apply_to_rows_and_changes() {
         .subscribe_snapshot(Snapshot::new("e"))
         .await
         .unwrap();
+    // (a row written before the read opens would be a snapshot row)
+    assert!(common::wait_until(Duration::from_secs(30), || async { empty.progress().done }).await);
     db.exec("INSERT INTO e VALUES (1, 1)").await;
     let e = next(&mut empty).await;
     assert!(!e.is_snapshot() && e.id().as_i64() == Some(1));
@@ -293,5 +333,114 @@ async fn filters_apply_to_rows_and_changes() {
         Err(Error::NotWatched { table, .. }) => assert_eq!(table, "public.unwatched"),
         other => panic!("{other:?}"),
     }
+    notifier.stop().await.unwrap();
+}
+
+/// The replica check on SQLite: 4 writer threads, each on its own connection, writing
+/// (`BEGIN IMMEDIATE`: SQLite has one writer at a time) while the snapshot is read.
+#[actix_rt::test]
+async fn sqlite_replica_equals_the_table() {
+    use common::sqlite::TempDb;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let db = TempDb::new();
+    db.exec(&format!(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL DEFAULT 0);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
+         INSERT INTO t (id) SELECT i FROM n"
+    ));
+    let mut builder = Notifier::builder(db.url());
+    for op in [Operation::Insert, Operation::Update, Operation::Delete] {
+        let carried: &[&str] = if op == Operation::Delete { &[] } else { &["v"] };
+        builder = builder.watch(Watch::new("t", op).extra_columns(carried.iter().copied()));
+    }
+    let notifier = builder.max_in_flight(1_024).start().await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4i64 {
+        let conn = db.conn();
+        conn.busy_timeout(Duration::from_secs(30)).unwrap();
+        let stop = stop.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) || i < 50 {
+                i += 1;
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                let first = 1 + (w * 7919 + i * 104_729) % (ROWS - 10);
+                conn.execute(
+                    "UPDATE t SET v = v + 1 WHERE id IN (?1, ?2)",
+                    [first, first + 3],
+                )
+                .unwrap();
+                let new = ROWS + 1 + w * 1_000_000 + i;
+                conn.execute("INSERT INTO t (id) VALUES (?1)", [new])
+                    .unwrap();
+                if i % 5 == 0 {
+                    conn.execute("DELETE FROM t WHERE id = ?1", [new - 2])
+                        .unwrap();
+                }
+                if i % 9 == 4 {
+                    conn.execute_batch("ROLLBACK").unwrap();
+                } else {
+                    conn.execute_batch("COMMIT").unwrap();
+                }
+            }
+            i
+        }));
+    }
+    let stalled = stall(&notifier).await;
+    let started = Instant::now();
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
+        .await
+        .unwrap();
+    release_once_open(&feed, stalled).await;
+    let mut map = BTreeMap::new();
+    let (mut snapshot_rows, mut changes) = (0u64, 0u64);
+    while changes < 200 {
+        let e = next(&mut feed).await;
+        if apply(&mut map, &e, changes > 0) {
+            snapshot_rows += 1;
+        } else {
+            if changes == 0 {
+                assert!(feed.progress().done, "a change before the snapshot's end");
+            }
+            changes += 1;
+        }
+    }
+    assert_eq!(feed.progress().total, Some(snapshot_rows));
+    stop.store(true, Ordering::Relaxed);
+    let mut transactions = 0;
+    for w in writers {
+        transactions += w.join().unwrap();
+    }
+    let want: BTreeMap<i64, i64> = {
+        let conn = db.conn();
+        let mut stmt = conn.prepare("SELECT id, v FROM t").unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while map != want {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never caught up ({} rows vs {})",
+            map.len(),
+            want.len()
+        );
+        let e = next(&mut feed).await;
+        apply(&mut map, &e, true);
+        changes += 1;
+    }
+    if let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await {
+        panic!("an event after the replica caught up: {}", e.to_record());
+    }
+    println!(
+        "SQLite: snapshot of {snapshot_rows} rows + {changes} changes from {transactions} \
+         transactions of 4 writers; replica equal to the table ({} rows) after {:?}",
+        want.len(),
+        started.elapsed()
+    );
     notifier.stop().await.unwrap();
 }

@@ -5,6 +5,7 @@ use crate::event::ChangeEvent;
 
 /// Where a snapshot was taken, in the terms of the events that may still arrive.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(all(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) enum Fence {
     /// A PostgreSQL snapshot (`pg_current_snapshot()`): every transaction below `xmin` had
     /// finished, none from `xmax` on had started, and of those between, the ones in `running`
@@ -21,6 +22,7 @@ pub(crate) enum Fence {
 
 impl Fence {
     /// Parses PostgreSQL's text form of a snapshot, `xmin:xmax:xip,xip,…`.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub fn parse_postgres(text: &str) -> Option<Fence> {
         let mut parts = text.splitn(3, ':');
         let xmin = parts.next()?.parse().ok()?;

@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS sqlnotify_consumers (
 }
 
 /// A JSON-text expression of `columns` of `row` (NEW or OLD), in order.
-fn json_expr(row: &str, columns: &[&String]) -> String {
+pub(crate) fn json_expr(row: &str, columns: &[&String]) -> String {
     let pieces: Vec<String> = columns
         .chunks(MAX_OBJECT_COLUMNS)
         .map(|chunk| {

@@ -18,6 +18,7 @@ mod ddl;
 mod dead_letters;
 mod journal;
 mod listener;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -254,6 +255,18 @@ impl Dialect for Sqlite {
     ) -> BoxFuture<'static, Result<crate::dialect::Replay>> {
         let channels = channels.into_iter().collect();
         self.blocking(move |conn| journal::replay(conn, (since, cursor), limit, &channels))
+    }
+
+    fn open_snapshot(
+        &self,
+        channel: Arc<Channel>,
+        chunk_rows: usize,
+    ) -> BoxFuture<'static, Result<Box<dyn crate::snapshot::reader::SnapshotReader>>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            let reader = snapshot::SqliteSnapshot::open(path, channel, chunk_rows).await?;
+            Ok(Box::new(reader) as Box<dyn crate::snapshot::reader::SnapshotReader>)
+        })
     }
 
     fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>> {

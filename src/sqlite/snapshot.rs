@@ -1,0 +1,146 @@
+//! Snapshots on SQLite: one read transaction on a connection of its own, on a thread of its
+//! own, that reads the journal's head (the fence: journal ids are in commit order) and then
+//! the table's rows in key order. The database is in WAL mode, so the open read never blocks
+//! a writer (it only keeps a checkpoint from going past it until it ends).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::catalog::db_err;
+use super::ddl::json_expr;
+use crate::error::{Error, Result};
+use crate::event::Channel;
+use crate::snapshot::fence::Fence;
+use crate::snapshot::reader::SnapshotReader;
+use crate::sql::quote_ident;
+
+/// An open snapshot: chunks come from the reading thread.
+pub(crate) struct SqliteSnapshot {
+    fence: Fence,
+    total: u64,
+    chunks: mpsc::Receiver<Result<Vec<String>>>,
+}
+
+/// `SELECT` of `channel`'s payloads (the JSON its triggers write) in key order.
+fn rows_sql(channel: &Channel) -> String {
+    let keys: Vec<String> = channel
+        .key_columns()
+        .iter()
+        .map(|k| format!("_sqn_r.{}", quote_ident(k)))
+        .collect();
+    format!(
+        "SELECT {} FROM {} AS _sqn_r ORDER BY {}",
+        json_expr("_sqn_r", &channel.payload_columns()),
+        quote_ident(channel.table()),
+        keys.join(", ")
+    )
+}
+
+/// The thread's side: opens the read, reports the fence and count, then sends chunks (an
+/// empty one at the end) while the feed wants them.
+fn read(
+    path: PathBuf,
+    channel: Arc<Channel>,
+    chunk_rows: usize,
+    opened: oneshot::Sender<Result<(Fence, u64)>>,
+    chunks: mpsc::Sender<Result<Vec<String>>>,
+) {
+    let what = format!("reading a snapshot of {}", channel.table());
+    let open = || -> Result<(Connection, Fence, u64)> {
+        let conn = super::open(&path)?;
+        conn.execute_batch("BEGIN").map_err(db_err(what.clone()))?;
+        // The first read starts the transaction's view: the journal head and every row
+        // read afterwards belong to it.
+        let head: i64 = conn
+            .query_row(
+                "SELECT coalesce(max(id), 0) FROM sqlnotify_journal",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err(what.clone()))?;
+        let total: i64 = conn
+            .query_row(
+                &format!("SELECT count(*) FROM {}", quote_ident(channel.table())),
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err(what.clone()))?;
+        Ok((conn, Fence::Journal { head }, total.max(0) as u64))
+    };
+    let conn = match open() {
+        Ok((conn, fence, total)) => {
+            if opened.send(Ok((fence, total))).is_err() {
+                return;
+            }
+            conn
+        }
+        Err(e) => {
+            let _ = opened.send(Err(e));
+            return;
+        }
+    };
+    let result = (|| -> Result<()> {
+        let mut stmt = conn
+            .prepare(&rows_sql(&channel))
+            .map_err(db_err(what.clone()))?;
+        let mut rows = stmt.query([]).map_err(db_err(what.clone()))?;
+        let mut chunk = Vec::with_capacity(chunk_rows);
+        while let Some(row) = rows.next().map_err(db_err(what.clone()))? {
+            chunk.push(row.get::<_, String>(0).map_err(db_err(what.clone()))?);
+            if chunk.len() == chunk_rows
+                && chunks
+                    .blocking_send(Ok(std::mem::take(&mut chunk)))
+                    .is_err()
+            {
+                return Ok(()); // the feed is gone
+            }
+        }
+        if !chunk.is_empty() && chunks.blocking_send(Ok(chunk)).is_err() {
+            return Ok(());
+        }
+        let _ = chunks.blocking_send(Ok(Vec::new()));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = chunks.blocking_send(Err(e));
+    }
+    let _ = conn.execute_batch("COMMIT");
+}
+
+impl SqliteSnapshot {
+    /// Starts the reading thread and waits for the read to be open.
+    pub async fn open(path: PathBuf, channel: Arc<Channel>, chunk_rows: usize) -> Result<Self> {
+        let (opened_tx, opened) = oneshot::channel();
+        let (tx, chunks) = mpsc::channel(1);
+        std::thread::Builder::new()
+            .name("sqlnotify-snapshot".into())
+            .spawn(move || read(path, channel, chunk_rows, opened_tx, tx))
+            .map_err(|e| Error::db("starting the snapshot thread", e))?;
+        let (fence, total) = opened
+            .await
+            .map_err(|e| Error::db("opening a snapshot", e))??;
+        Ok(SqliteSnapshot {
+            fence,
+            total,
+            chunks,
+        })
+    }
+}
+
+impl SnapshotReader for SqliteSnapshot {
+    fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    fn total(&self) -> u64 {
+        self.total
+    }
+
+    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move { self.chunks.recv().await.unwrap_or_else(|| Ok(Vec::new())) })
+    }
+}
