@@ -177,22 +177,7 @@ impl Notifier {
                 .find(schema, &snapshot.table, Operation::Insert, label)?
                 .clone(),
         };
-        if let Some(f) = snapshot
-            .filters
-            .iter()
-            .find(|f| !channel.carries(f.column()))
-        {
-            return Err(Error::UnknownFilterColumn {
-                channel: channel.name().to_string(),
-                column: f.column().to_string(),
-                available: channel
-                    .key_columns()
-                    .iter()
-                    .chain(channel.extra_columns())
-                    .cloned()
-                    .collect(),
-            });
-        }
+        crate::snapshot::check_filters(&channel, &snapshot.filters)?;
         let (tx, rx) = tokio::sync::mpsc::channel(snapshot.buffer);
         let progress = Arc::new(crate::snapshot::Progress::new());
         let start = crate::snapshot::feeder::Start {
@@ -201,9 +186,9 @@ impl Notifier {
             chunk_rows: snapshot.chunk_rows,
             buffer: snapshot.buffer,
         };
-        Feeder::new(
+        let feeder = Feeder::new(
             found.iter().map(|c| c.name().to_string()).collect(),
-            channel,
+            channel.clone(),
             snapshot.filters,
             tx,
             progress.clone(),
@@ -211,7 +196,7 @@ impl Notifier {
             start,
         )
         .start();
-        Ok(SnapshotFeed::new(rx, progress))
+        Ok(SnapshotFeed::new(rx, progress, feeder, channel))
     }
 
     /// Runs `f` for every event `subscription` selects, in an actor of its own on the current

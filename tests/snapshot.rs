@@ -8,6 +8,8 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
@@ -341,8 +343,6 @@ async fn filters_apply_to_rows_and_changes() {
 #[actix_rt::test]
 async fn sqlite_replica_equals_the_table() {
     use common::sqlite::TempDb;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     let db = TempDb::new();
     db.exec(&format!(
@@ -442,5 +442,206 @@ async fn sqlite_replica_equals_the_table() {
         want.len(),
         started.elapsed()
     );
+    notifier.stop().await.unwrap();
+}
+
+/// Applies an event of a feed with backfills: a snapshot row after the first snapshot is a
+/// backfilled row, which must not be older than what the feed showed for its key; an update
+/// must be the next version of what it showed (so a change that came before the row it
+/// follows, or twice, fails).
+fn apply_backfilled(map: &mut BTreeMap<i64, i64>, e: &sqlnotify::ChangeEvent) -> bool {
+    let id = e.id().as_i64().unwrap();
+    let v = e.get("v").and_then(|v| v.as_i64()).unwrap();
+    if e.is_snapshot() {
+        let shown = map
+            .insert(id, v)
+            .expect("a backfilled row the feed had shown");
+        assert!(
+            v >= shown,
+            "backfilled row {id} at version {v} after version {shown}"
+        );
+        return true;
+    }
+    assert_eq!(e.operation(), Operation::Update);
+    let old = map.insert(id, v);
+    assert_eq!(old, Some(v - 1), "update of {id} to version {v}");
+    false
+}
+
+/// Backfill while updates flow: 2 writers (started by `writers`, which write until the flag
+/// is set) keep updating rows, one or two per transaction, while the feed backfills ids
+/// 1..=500 twice — the pipeline stalled during the first, so changes it reflects arrive after
+/// it. Every backfilled row comes once per backfill, never older than what the feed had shown
+/// for its key, the changes continue from it, and the feed ends equal to the table.
+async fn backfill_while_updates_flow<S, F>(
+    notifier: &Notifier,
+    writers: impl FnOnce(Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>>,
+    state: S,
+) where
+    S: Fn() -> F,
+    F: std::future::Future<Output = BTreeMap<i64, i64>>,
+{
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(300))
+        .await
+        .unwrap();
+    let mut map = BTreeMap::new();
+    for _ in 0..2_000 {
+        let e = next(&mut feed).await;
+        assert!(e.is_snapshot());
+        map.insert(
+            e.id().as_i64().unwrap(),
+            e.get("v").unwrap().as_i64().unwrap(),
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    // writers stop when the test ends, also when it fails (the runtime waits for blocking
+    // tasks before a failing test can end)
+    let _stop_on_drop = StopOnDrop(stop.clone());
+    let writers = writers(stop.clone());
+    let mut backfilled = 0;
+    for round in 0..2 {
+        // some changes first
+        for _ in 0..100 {
+            let e = next(&mut feed).await;
+            apply_backfilled(&mut map, &e);
+        }
+        let stalled = if round == 0 {
+            Some(stall(notifier).await)
+        } else {
+            None
+        };
+        feed.backfill([Filter::le("id", 500)]).unwrap();
+        if let Some(stalled) = stalled {
+            release_once_open(&feed, stalled).await;
+        }
+        let mut rows = 0;
+        while rows < 500 {
+            let e = next(&mut feed).await;
+            if apply_backfilled(&mut map, &e) {
+                assert!(e.id().as_i64().unwrap() <= 500);
+                rows += 1;
+            }
+        }
+        backfilled += rows;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let want = state().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while map != want {
+        assert!(Instant::now() < deadline, "the feed never caught up");
+        let e = next(&mut feed).await;
+        assert!(!apply_backfilled(&mut map, &e), "a backfilled row too many");
+    }
+    if let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await {
+        panic!("an event after the feed caught up: {}", e.to_record());
+    }
+    assert_eq!(backfilled, 1_000);
+    // rows read: the table three times (filters apply to the rows read)
+    assert_eq!(feed.progress().rows, 6_000);
+    // a filter on a column the watches do not carry is refused
+    assert!(matches!(
+        feed.backfill([Filter::eq("nope", 1)]),
+        Err(Error::UnknownFilterColumn { .. })
+    ));
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The row ids writer `w`'s `i`-th transaction updates.
+fn rows_of(w: i64, i: i64) -> (i64, i64) {
+    let id = 1 + (w * 7_919 + i * 104_729) % 1_990;
+    (id, if i % 4 == 0 { id + 5 } else { id })
+}
+
+#[actix_rt::test]
+async fn postgres_backfill_while_updates_flow() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 2000)",
+    )
+    .await;
+    let notifier = start(&db, Tier::Durable, &["v"]).await;
+    let clients = vec![db.client().await, db.client().await];
+    let writers = move |stop: Arc<AtomicBool>| {
+        clients
+            .into_iter()
+            .zip(0i64..)
+            .map(|(client, w)| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) || i < 100 {
+                        i += 1;
+                        let (a, b) = rows_of(w, i);
+                        client
+                            .execute(
+                                "UPDATE t SET v = v + 1 WHERE id IN ($1, $2)",
+                                &[&(a as i32), &(b as i32)],
+                            )
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect()
+    };
+    backfill_while_updates_flow(&notifier, writers, || table(&db)).await;
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn sqlite_backfill_while_updates_flow() {
+    use common::sqlite::TempDb;
+    let db = TempDb::new();
+    db.exec(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL DEFAULT 0);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+         INSERT INTO t (id) SELECT i FROM n",
+    );
+    let mut builder = Notifier::builder(db.url());
+    for op in [Operation::Insert, Operation::Update, Operation::Delete] {
+        let carried: &[&str] = if op == Operation::Delete { &[] } else { &["v"] };
+        builder = builder.watch(Watch::new("t", op).extra_columns(carried.iter().copied()));
+    }
+    let notifier = builder.max_in_flight(1_024).start().await.unwrap();
+    let conns = vec![db.conn(), db.conn()];
+    let writers = move |stop: Arc<AtomicBool>| {
+        conns
+            .into_iter()
+            .zip(0i64..)
+            .map(|(conn, w)| {
+                let stop = stop.clone();
+                tokio::task::spawn_blocking(move || {
+                    conn.busy_timeout(Duration::from_secs(30)).unwrap();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) || i < 100 {
+                        i += 1;
+                        let (a, b) = rows_of(w, i);
+                        conn.execute("UPDATE t SET v = v + 1 WHERE id IN (?1, ?2)", [a, b])
+                            .unwrap();
+                    }
+                })
+            })
+            .collect()
+    };
+    let state = || async {
+        let conn = db.conn();
+        let mut stmt = conn.prepare("SELECT id, v FROM t").unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.map(Result::unwrap).collect::<BTreeMap<i64, i64>>()
+    };
+    backfill_while_updates_flow(&notifier, writers, state).await;
     notifier.stop().await.unwrap();
 }

@@ -28,20 +28,24 @@ pub(crate) struct Start {
     pub buffer: usize,
 }
 
+/// Most backfill fences a feeder keeps (see [`Feeder::backfills`]).
+const MAX_BACKFILL_FENCES: usize = 64;
+
 /// Feeds one [`SnapshotFeed`](super::SnapshotFeed). Its mailbox holds at most the feed's
-/// buffer of live events; while the snapshot streams it reads none (so they wait, in order,
-/// in the mailbox and then in the registry's buffer for it).
+/// buffer of live events; while a snapshot or a backfill streams it reads none (so they wait,
+/// in order, in the mailbox and then in the registry's buffer for it).
 pub(crate) struct Feeder {
     /// The table's channels: the live events it passes on.
     channels: HashSet<String>,
-    /// The channel snapshot rows are read for (and report).
-    channel: Arc<Channel>,
-    filters: Vec<Filter>,
+    /// How to read the table (the channel, the feed's filters, where rows go).
+    read: Read,
     /// Set once every snapshot row was handed over.
     fence: Option<Fence>,
-    tx: mpsc::Sender<Result<ChangeEvent>>,
-    progress: Arc<Progress>,
-    stats: Arc<Counters>,
+    /// The fences of backfills, each with the filters it was read with: a change one of them
+    /// already reflects (and that its filters select) is not passed on. The oldest is
+    /// forgotten beyond [`MAX_BACKFILL_FENCES`] (a change it would have skipped then comes
+    /// after the row: a duplicate, never a gap).
+    backfills: Vec<(Fence, Vec<Filter>)>,
     start: Option<Start>,
 }
 
@@ -58,28 +62,35 @@ impl Feeder {
     ) -> Self {
         Feeder {
             channels,
-            channel,
-            filters,
+            read: Read {
+                dialect: start.dialect.clone(),
+                channel,
+                chunk_rows: start.chunk_rows,
+                filters,
+                tx,
+                progress,
+                stats,
+            },
             fence: None,
-            tx,
-            progress,
-            stats,
+            backfills: Vec::new(),
             start: Some(start),
         }
     }
+
+    /// Whether a snapshot or backfill already reflects `event`.
+    fn covered(&self, event: &ChangeEvent) -> bool {
+        self.fence.as_ref().is_some_and(|f| f.covers(event))
+            || self.backfills.iter().any(|(fence, filters)| {
+                fence.covers(event) && filters.iter().all(|f| f.matches(event))
+            })
+    }
 }
 
-/// Subscribes `me`, opens the snapshot and hands every row that passes `filters` to `tx`.
-/// Returns the fence, or `None` when the feed was dropped.
-#[allow(clippy::too_many_arguments)]
-async fn read(
+/// Subscribes `me`, then reads the snapshot into `tx` ([`read_rows`]).
+async fn subscribe_and_read(
     start: Start,
     me: Recipient<ChangeEvent>,
-    channel: Arc<Channel>,
-    filters: Vec<Filter>,
-    tx: mpsc::Sender<Result<ChangeEvent>>,
-    progress: Arc<Progress>,
-    stats: Arc<Counters>,
+    read: Read,
 ) -> Result<Option<Fence>> {
     // The subscription first: every change committed after the read is taken reaches it.
     start
@@ -89,12 +100,37 @@ async fn read(
             buffer: start.buffer,
         })
         .await?;
-    let mut reader = start
-        .dialect
-        .open_snapshot(channel.clone(), start.chunk_rows)
-        .await?;
+    read_rows(read).await
+}
+
+/// What one read of the table needs.
+#[derive(Clone)]
+struct Read {
+    dialect: Arc<dyn Dialect>,
+    channel: Arc<Channel>,
+    chunk_rows: usize,
+    filters: Vec<Filter>,
+    tx: mpsc::Sender<Result<ChangeEvent>>,
+    progress: Arc<Progress>,
+    stats: Arc<Counters>,
+}
+
+/// Opens a consistent read of the table and hands every row that passes the filters to the
+/// feed, as snapshot events. Returns the read's fence, or `None` when the feed was dropped.
+async fn read_rows(read: Read) -> Result<Option<Fence>> {
+    let Read {
+        dialect,
+        channel,
+        chunk_rows,
+        filters,
+        tx,
+        progress,
+        stats,
+    } = read;
+    let mut reader = dialect.open_snapshot(channel.clone(), chunk_rows).await?;
     let total = reader.total();
-    progress.total.store(total, Ordering::Relaxed);
+    progress.total.fetch_add(total, Ordering::Relaxed);
+    progress.opened.store(true, Ordering::Release);
     Counters::add(&stats.snapshot_rows_total, total);
     loop {
         let rows = reader.next_chunk().await?;
@@ -141,7 +177,6 @@ async fn read(
             }
         }
     }
-    progress.done.store(true, Ordering::Release);
     Ok(Some(reader.fence().clone()))
 }
 
@@ -153,26 +188,22 @@ impl Actor for Feeder {
             return;
         };
         ctx.set_mailbox_capacity(start.buffer);
-        let read = read(
-            start,
-            ctx.address().recipient(),
-            self.channel.clone(),
-            self.filters.clone(),
-            self.tx.clone(),
-            self.progress.clone(),
-            self.stats.clone(),
-        );
+        let read = subscribe_and_read(start, ctx.address().recipient(), self.read.clone());
         // ctx.wait: no live event is looked at before the last snapshot row went out.
         ctx.wait(read.into_actor(self).map(|result, act, ctx| match result {
-            Ok(Some(fence)) => act.fence = Some(fence),
+            Ok(Some(fence)) => {
+                act.fence = Some(fence);
+                act.read.progress.done.store(true, Ordering::Release);
+            }
             Ok(None) => ctx.stop(),
             Err(e) => {
+                let channel = &act.read.channel;
                 log::warn!(
                     "sqlnotify: the snapshot of {}.{} failed: {e}",
-                    act.channel.schema(),
-                    act.channel.table()
+                    channel.schema(),
+                    channel.table()
                 );
-                let _ = act.tx.try_send(Err(e));
+                let _ = act.read.tx.try_send(Err(e));
                 ctx.stop();
             }
         }));
@@ -183,16 +214,16 @@ impl Handler<ChangeEvent> for Feeder {
     type Result = ();
 
     fn handle(&mut self, event: ChangeEvent, ctx: &mut Context<Self>) {
-        let Some(fence) = &self.fence else {
+        if self.fence.is_none() {
             return; // stopping after a failed read
-        };
+        }
         if !self.channels.contains(event.channel())
-            || fence.covers(&event)
-            || !self.filters.iter().all(|f| f.matches(&event))
+            || self.covered(&event)
+            || !self.read.filters.iter().all(|f| f.matches(&event))
         {
             return;
         }
-        let tx = self.tx.clone();
+        let tx = self.read.tx.clone();
         // One at a time: the next event waits (in the mailbox) until the feed took this one.
         ctx.wait(
             async move { tx.send(Ok(event)).await.is_ok() }
@@ -200,6 +231,49 @@ impl Handler<ChangeEvent> for Feeder {
                 .map(|open, _, ctx| {
                     if !open {
                         ctx.stop();
+                    }
+                }),
+        );
+    }
+}
+
+/// Reads the table's current rows again (those `filters` select, besides the feed's own) into
+/// the feed, between the changes: see [`SnapshotFeed::backfill`](super::SnapshotFeed::backfill).
+pub(crate) struct Backfill {
+    pub filters: Vec<Filter>,
+}
+
+impl Message for Backfill {
+    type Result = ();
+}
+
+impl Handler<Backfill> for Feeder {
+    type Result = ();
+
+    fn handle(&mut self, msg: Backfill, ctx: &mut Context<Self>) {
+        let mut read = self.read.clone();
+        read.filters.extend(msg.filters.iter().cloned());
+        let filters = msg.filters;
+        // ctx.wait: the changes after the backfill's read wait until its last row went out.
+        ctx.wait(
+            read_rows(read)
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(Some(fence)) => {
+                        if act.backfills.len() == MAX_BACKFILL_FENCES {
+                            act.backfills.remove(0);
+                        }
+                        act.backfills.push((fence, filters));
+                    }
+                    Ok(None) => ctx.stop(),
+                    Err(e) => {
+                        let channel = &act.read.channel;
+                        log::warn!(
+                            "sqlnotify: a backfill of {}.{} failed: {e}",
+                            channel.schema(),
+                            channel.table()
+                        );
+                        let _ = act.read.tx.try_send(Err(e));
                     }
                 }),
         );

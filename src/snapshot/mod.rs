@@ -18,10 +18,11 @@ pub(crate) mod reader;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use actix::Addr;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Channel};
 use crate::filter::Filter;
 
 pub(crate) use feeder::Feeder;
@@ -105,9 +106,10 @@ impl Snapshot {
 /// How far a snapshot has come.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SnapshotProgress {
-    /// Rows of the snapshot read so far (before filters).
+    /// Rows of the snapshot read so far (before filters), backfills included.
     pub rows: u64,
-    /// Rows the snapshot holds, counted in the same consistent read (known once it is open).
+    /// Rows the snapshot holds, counted in the same consistent read (known once it is open),
+    /// plus those of the backfills opened since.
     pub total: Option<u64>,
     /// Whether every row was handed to the feed; what follows are changes.
     pub done: bool,
@@ -117,24 +119,24 @@ pub struct SnapshotProgress {
 #[derive(Debug, Default)]
 pub(crate) struct Progress {
     rows: AtomicU64,
-    /// `u64::MAX` until known.
     total: AtomicU64,
+    /// Whether the first read is open (`total` counts its rows).
+    opened: AtomicBool,
     done: AtomicBool,
 }
 
 impl Progress {
     pub(crate) fn new() -> Self {
-        Progress {
-            total: AtomicU64::new(u64::MAX),
-            ..Progress::default()
-        }
+        Progress::default()
     }
 
     fn get(&self) -> SnapshotProgress {
-        let total = self.total.load(Ordering::Relaxed);
         SnapshotProgress {
             rows: self.rows.load(Ordering::Relaxed),
-            total: (total != u64::MAX).then_some(total),
+            total: self
+                .opened
+                .load(Ordering::Acquire)
+                .then(|| self.total.load(Ordering::Relaxed)),
             done: self.done.load(Ordering::Acquire),
         }
     }
@@ -148,21 +150,85 @@ impl Progress {
 pub struct SnapshotFeed {
     rx: mpsc::Receiver<Result<ChangeEvent>>,
     progress: Arc<Progress>,
+    feeder: Addr<Feeder>,
+    channel: Arc<Channel>,
 }
 
 impl SnapshotFeed {
-    pub(crate) fn new(rx: mpsc::Receiver<Result<ChangeEvent>>, progress: Arc<Progress>) -> Self {
-        SnapshotFeed { rx, progress }
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Result<ChangeEvent>>,
+        progress: Arc<Progress>,
+        feeder: Addr<Feeder>,
+        channel: Arc<Channel>,
+    ) -> Self {
+        SnapshotFeed {
+            rx,
+            progress,
+            feeder,
+            channel,
+        }
     }
 
-    /// The next event; `None` once the notifier stopped. An error means the snapshot could not
-    /// be read (the feed ends after it: nothing after an incomplete snapshot could be trusted).
+    /// The next event; `None` once the notifier stopped. An error from the first snapshot
+    /// means it could not be read, and the feed ends after it (nothing after an incomplete
+    /// snapshot could be trusted); an error from a [`backfill`](Self::backfill) means that
+    /// backfill stopped, and the changes go on.
     pub async fn next(&mut self) -> Option<Result<ChangeEvent>> {
         self.rx.recv().await
     }
 
-    /// How far the snapshot has come.
+    /// How far the snapshot (and any backfill) has come.
     pub fn progress(&self) -> SnapshotProgress {
         self.progress.get()
+    }
+
+    /// Sends the table's current rows again — those `filters` select (a key range, say, with
+    /// [`Filter::ge`] and [`Filter::le`] on the key; none: every row), within the feed's own
+    /// filters — as snapshot events, while changes keep flowing. Returns once the backfill
+    /// is queued; its rows follow the changes already passed on, and read them from the feed
+    /// as usual.
+    ///
+    /// The rule for a key changed during the backfill: the backfilled row is the row as of the
+    /// backfill's consistent read, and it never overtakes a later change of its key — changes
+    /// committed after that read come after the row. A change committed *before* the read
+    /// and not passed on yet is not passed on at all for the keys the backfill selects: the
+    /// row already reflects it. So for each backfilled key the feed shows the changes it had
+    /// shown, then the row, then the changes after it — never an older state after a newer
+    /// one.
+    ///
+    /// A filter on a column the watches do not carry is refused with
+    /// [`Error::UnknownFilterColumn`](crate::Error::UnknownFilterColumn).
+    pub fn backfill(&self, filters: impl IntoIterator<Item = Filter>) -> Result<()> {
+        let filters: Vec<Filter> = filters.into_iter().collect();
+        check_filters(&self.channel, &filters)?;
+        if !self.feeder.connected() {
+            return Err(crate::Error::Unsupported {
+                what: format!(
+                    "a backfill of {}.{}: the feed has ended",
+                    self.channel.schema(),
+                    self.channel.table()
+                ),
+            });
+        }
+        // (past the mailbox's capacity, which bounds the live events only)
+        self.feeder.do_send(feeder::Backfill { filters });
+        Ok(())
+    }
+}
+
+/// Refuses a filter on a column `channel` does not carry.
+pub(crate) fn check_filters(channel: &Channel, filters: &[Filter]) -> Result<()> {
+    match filters.iter().find(|f| !channel.carries(f.column())) {
+        None => Ok(()),
+        Some(f) => Err(crate::Error::UnknownFilterColumn {
+            channel: channel.name().to_string(),
+            column: f.column().to_string(),
+            available: channel
+                .key_columns()
+                .iter()
+                .chain(channel.extra_columns())
+                .cloned()
+                .collect(),
+        }),
     }
 }
