@@ -1,5 +1,7 @@
 //! The metrics sqlnotify emits through the `metrics` facade, read back from a real recorder
-//! while SQLite notifiers deliver, filter, drop, lag, handle and fall behind. A binary of its
+//! while SQLite notifiers deliver, filter, drop, lag, handle and fall behind (and a
+//! PostgreSQL one — a MySQL one too with the `mysql` feature — falls behind: each dialect
+//! counts a consumer's backlog its own way). A binary of its
 //! own: a recorder is process-global, and the unlabelled counters add up every notifier of
 //! the process — so this binary runs one test.
 //!
@@ -16,12 +18,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::sqlite_file::SqliteFile;
-use common::{wait_until, Events, ARRIVES_WITHIN};
+use common::{wait_until, Events, TestDb, ARRIVES_WITHIN};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use metrics_util::registry::{AtomicStorage, Registry};
 use sqlnotify::metrics::*;
 use sqlnotify::{
-    Filter, Handling, Notifier, Operation, OverflowPolicy, Stats, Status, Subscription, Watch,
+    Filter, Handling, Notifier, Operation, OverflowPolicy, Stats, Status, Subscription, Tier, Watch,
 };
 
 /// Counters and gauges in a registry that reading leaves as they are.
@@ -226,7 +228,6 @@ async fn the_metrics_count_what_the_notifiers_delivered_filtered_dropped_and_han
 
     // A named consumer with no subscription reads nothing: its backlog and lag grow.
     let consumer = "metrics_test_consumer";
-    let by_consumer = [(LABEL_CONSUMER, consumer)];
     let behind = Notifier::builder(db.url())
         .watch(Watch::new("b", Operation::Insert))
         .consumer(consumer)
@@ -234,37 +235,76 @@ async fn the_metrics_count_what_the_notifiers_delivered_filtered_dropped_and_han
         .await
         .unwrap();
     db.exec("INSERT INTO b VALUES (1), (2), (3)");
-    // counted every 2 s: the oldest row is over half a second old by the second count
+    falls_behind_then_catches_up(&behind, consumer).await;
+
+    // The same on PostgreSQL, whose backlog is counted against a horizon and seen ids.
+    let pg = TestDb::new().await;
+    pg.exec("CREATE TABLE b (id bigint PRIMARY KEY)").await;
+    let consumer = "metrics_test_pg_consumer";
+    let behind = Notifier::builder(pg.url.clone())
+        .watch(Watch::new("b", Operation::Insert).tier(Tier::Durable))
+        .consumer(consumer)
+        .start()
+        .await
+        .unwrap();
+    pg.exec("INSERT INTO b VALUES (1), (2), (3)").await;
+    falls_behind_then_catches_up(&behind, consumer).await;
+    #[cfg(feature = "mysql")]
+    {
+        let my = common::mysql::TestDb::new().await;
+        my.exec("CREATE TABLE b (id bigint PRIMARY KEY)").await;
+        let consumer = "metrics_test_mysql_consumer";
+        let behind = Notifier::builder(my.url.clone())
+            .watch(Watch::new("b", Operation::Insert))
+            .consumer(consumer)
+            .start()
+            .await
+            .unwrap();
+        my.exec("INSERT INTO b VALUES (1), (2), (3)").await;
+        falls_behind_then_catches_up(&behind, consumer).await;
+    }
+
+    let mysql = if cfg!(feature = "mysql") { 3 } else { 0 };
+    assert_eq!(counter(EVENTS_RECEIVED, &[]), 10 + 4 + 3 + 3 + mysql);
+    assert_eq!(value(EVENTS_IN_FLIGHT, &[]), Some(0.0));
+    assert_eq!(value(SSE_CLIENTS, &[]), None, "the library never sets it");
+}
+
+/// `notifier`, a named consumer with no subscription yet and 3 rows of table `b` unread:
+/// its backlog and lag gauges show them (the lag growing past half a second: counted every
+/// 2 s), and go back to 0 once a subscription has read them. Stops the notifier.
+async fn falls_behind_then_catches_up(notifier: &Notifier, consumer: &str) {
+    let by_consumer = [(LABEL_CONSUMER, consumer)];
+    let gauges = || {
+        (
+            value(CONSUMER_BACKLOG, &by_consumer),
+            value(CONSUMER_LAG, &by_consumer),
+        )
+    };
     assert!(
         wait_until(ARRIVES_WITHIN, || async {
-            value(CONSUMER_BACKLOG, &by_consumer) == Some(3.0)
-                && value(CONSUMER_LAG, &by_consumer).is_some_and(|lag| lag > 0.5)
+            let (backlog, lag) = gauges();
+            backlog == Some(3.0) && lag.is_some_and(|lag| lag > 0.5)
         })
         .await,
-        "backlog {:?}, lag {:?}",
-        value(CONSUMER_BACKLOG, &by_consumer),
-        value(CONSUMER_LAG, &by_consumer)
+        "{consumer}: backlog and lag {:?}",
+        gauges()
     );
-    let lag = value(CONSUMER_LAG, &by_consumer).unwrap();
+    let lag = gauges().1.unwrap();
     assert!(
         lag < 60.0,
         "the rows were written just now, not {lag} s ago"
     );
-    assert_eq!(stats(&behind).await.backlog, 3);
-    let mut events = Events::subscribe(&behind, Subscription::new("b", Operation::Insert)).await;
+    assert_eq!(stats(notifier).await.backlog, 3);
+    let mut events = Events::subscribe(notifier, Subscription::new("b", Operation::Insert)).await;
     events.take(3).await;
     assert!(
         wait_until(ARRIVES_WITHIN, || async {
-            value(CONSUMER_BACKLOG, &by_consumer) == Some(0.0)
-                && value(CONSUMER_LAG, &by_consumer) == Some(0.0)
+            gauges() == (Some(0.0), Some(0.0))
         })
         .await,
-        "caught up: backlog {:?}, lag {:?}",
-        value(CONSUMER_BACKLOG, &by_consumer),
-        value(CONSUMER_LAG, &by_consumer)
+        "{consumer}: caught up, yet backlog and lag {:?}",
+        gauges()
     );
-    behind.stop().await.unwrap();
-    assert_eq!(counter(EVENTS_RECEIVED, &[]), 10 + 4 + 3);
-    assert_eq!(value(EVENTS_IN_FLIGHT, &[]), Some(0.0));
-    assert_eq!(value(SSE_CLIENTS, &[]), None, "the library never sets it");
+    notifier.stop().await.unwrap();
 }
