@@ -249,6 +249,26 @@ async fn the_metrics_count_what_the_notifiers_delivered_filtered_dropped_and_han
         .unwrap();
     pg.exec("INSERT INTO b VALUES (1), (2), (3)").await;
     falls_behind_then_catches_up(&behind, consumer).await;
+
+    // A listener whose connection is cut restarts, and is counted by dialect.
+    let restarting = Notifier::builder(pg.url.clone())
+        .watch(Watch::new("b", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    common::kill_listener(&pg, 1).await;
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            stats(&restarting).await.restarts >= 1
+        })
+        .await
+    );
+    let by_dialect = [(LABEL_DIALECT, "PostgreSQL")];
+    assert_eq!(
+        counter(LISTENER_RESTARTS, &by_dialect),
+        stats(&restarting).await.restarts
+    );
+    restarting.stop().await.unwrap();
     #[cfg(feature = "mysql")]
     {
         let my = common::mysql::TestDb::new().await;
