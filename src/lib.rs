@@ -114,6 +114,14 @@
 //! counted; overflow references are random tokens bound to their channel. README's "Security"
 //! section has the threat model per tier and the grants each role needs
 //! ([`install_sql_granting`](NotifierBuilder::install_sql_granting)).
+//!
+//! # Metrics
+//!
+//! Counters and gauges (`sqlnotify_events_delivered_total{channel}`, a named consumer's
+//! `sqlnotify_consumer_lag_seconds{consumer}`, handler outcomes …) go through the
+//! [`metrics`](https://docs.rs/metrics) facade to whatever exporter the application installs —
+//! before it starts a notifier; sqlnotify never installs one. Their names are in
+//! [`sqlnotify::metrics`](crate::metrics).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
