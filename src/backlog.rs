@@ -1,11 +1,13 @@
 //! A running named consumer's backlog: counted in the database every few seconds into
-//! [`Stats::backlog`](crate::Stats::backlog), with a rate-limited warning past a threshold.
+//! [`Stats::backlog`](crate::Stats::backlog) and the consumer's backlog and lag gauges, with a
+//! rate-limited warning past a threshold.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dialect::Dialect;
+use crate::instruments::ConsumerMetrics;
 use crate::stats::Counters;
 
 /// How often a running consumer's backlog is counted.
@@ -55,7 +57,8 @@ impl Drop for BacklogWatch {
     }
 }
 
-/// Counts a running consumer's backlog every [`BACKLOG_EVERY`] into `stats`, warning past
+/// Counts a running consumer's backlog every [`BACKLOG_EVERY`] into `stats` and its gauges
+/// (the oldest row's age too), warning past
 /// `threshold`, until the returned handle is dropped.
 pub(crate) fn watch_backlog(
     dialect: Arc<dyn Dialect>,
@@ -65,11 +68,20 @@ pub(crate) fn watch_backlog(
 ) -> BacklogWatch {
     BacklogWatch(actix::spawn(async move {
         let mut warning = BacklogWarning::new(threshold);
+        let metrics = ConsumerMetrics::new(&name);
         loop {
             match dialect.consumer_backlog(name.clone()).await {
-                Ok(backlog) => {
-                    let backlog = backlog.unwrap_or(0);
+                Ok(counted) => {
+                    let counted = counted.unwrap_or_default();
+                    let backlog = counted.rows;
                     stats.backlog.store(backlog, Ordering::Relaxed);
+                    metrics.backlog.set(backlog as f64);
+                    metrics.lag.set(
+                        counted
+                            .oldest_age
+                            .filter(|_| backlog > 0)
+                            .map_or(0.0, |age| age.as_secs_f64()),
+                    );
                     if warning.observe(backlog, Instant::now()) {
                         log::warn!(
                             "sqlnotify: consumer {name:?} has {backlog} journal rows not yet \

@@ -14,7 +14,6 @@
 #![doc(hidden)]
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,10 +128,7 @@ impl Pipeline {
             .await
             .map_err(|_| Error::NotRunning)?
             .forget();
-        self.pipeline
-            .stats
-            .forwarded
-            .fetch_add(u64::from(n), Ordering::Relaxed);
+        self.pipeline.stats.forward(u64::from(n));
         self.pipeline.decoder.do_send(RawBatch(batch));
         Ok(())
     }

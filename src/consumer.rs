@@ -113,6 +113,26 @@ pub struct ConsumerInfo {
     pub expire_after: Option<Duration>,
 }
 
+/// A running named consumer's backlog, as counted every few seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Backlog {
+    /// Journal rows on its channels at or after its saved position.
+    pub rows: u64,
+    /// How long ago the oldest of them was written, by the database's clock (`None`: no
+    /// row, or a clock running behind the row's time).
+    pub oldest_age: Option<Duration>,
+}
+
+impl Backlog {
+    /// `rows`, and the oldest one's age in seconds as the database computed it.
+    pub fn new(rows: i64, oldest_age_secs: Option<f64>) -> Self {
+        Backlog {
+            rows: rows.max(0) as u64,
+            oldest_age: oldest_age_secs.and_then(|s| Duration::try_from_secs_f64(s).ok()),
+        }
+    }
+}
+
 /// What a listener needs to know about its named consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ConsumerParams {

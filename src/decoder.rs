@@ -207,6 +207,7 @@ impl Decoder {
                         Ok(_) => "overflow reference inside a statement payload".into(),
                     };
                     Counters::add(&self.stats.malformed, 1);
+                    self.stats.metrics.malformed.increment(1);
                     log::warn!(
                         "sqlnotify: dropping a malformed row of journal row {:?} on channel {:?}: {reason}",
                         raw.sequence,
@@ -246,6 +247,7 @@ impl Decoder {
 
     fn malformed(&mut self, raw: &RawNotification, reason: &str) {
         Counters::add(&self.stats.malformed, 1);
+        self.stats.metrics.malformed.increment(1);
         // No event will carry this notification's units of in-flight budget: give them back.
         self.give_back(u64::from(raw.events));
         let preview: String = raw.payload.chars().take(200).collect();
@@ -285,10 +287,9 @@ impl Handler<RawBatch> for Decoder {
     type Result = ();
 
     fn handle(&mut self, RawBatch(batch): RawBatch, ctx: &mut Context<Self>) {
-        Counters::add(
-            &self.stats.received,
-            batch.iter().map(|raw| u64::from(raw.events)).sum(),
-        );
+        let received = batch.iter().map(|raw| u64::from(raw.events)).sum();
+        Counters::add(&self.stats.received, received);
+        self.stats.metrics.received.increment(received);
         self.process(batch.into(), ctx);
     }
 }

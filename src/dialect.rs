@@ -15,7 +15,7 @@ use serde_json::Value;
 
 pub(crate) mod open;
 
-use crate::consumer::ConsumerInfo;
+use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
 use crate::error::Result;
 use crate::event::Channel;
@@ -112,9 +112,9 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// Marks consumer `name` dropped (it protects nothing from then on); fails with
     /// `Error::UnknownConsumer` when no consumer has that name.
     fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>>;
-    /// Journal rows on consumer `name`'s channels at or after its saved position; `None` when
-    /// it is not registered.
-    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>>;
+    /// Journal rows on consumer `name`'s channels at or after its saved position, and the
+    /// oldest one's age; `None` when it is not registered.
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<Backlog>>>;
     /// The dead-letter table of handlers ([`DeadLetterStore`]), on the dialect's own
     /// connections (never the listener's); usable whether a notifier runs or not.
     fn dead_letter_store(&self) -> Result<Arc<dyn DeadLetterStore>>;

@@ -115,6 +115,14 @@
 //! counted; overflow references are random tokens bound to their channel. README's "Security"
 //! section has the threat model per tier and the grants each role needs
 //! ([`install_sql_granting`](NotifierBuilder::install_sql_granting)).
+//!
+//! # Metrics
+//!
+//! Counters and gauges (`sqlnotify_events_delivered_total{channel}`, a named consumer's
+//! `sqlnotify_consumer_lag_seconds{consumer}`, handler outcomes …) go through the
+//! [`metrics`](https://docs.rs/metrics) facade to whatever exporter the application installs —
+//! before it starts a notifier; sqlnotify never installs one. Their names are in
+//! [`sqlnotify::metrics`](crate::metrics).
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -135,9 +143,11 @@ mod event;
 mod filter;
 mod handling;
 mod holds;
+mod instruments;
 mod lifecycle;
 mod listener;
 mod lockwait;
+pub mod metrics;
 mod notifier;
 mod operation;
 mod overflow;

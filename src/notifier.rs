@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel};
 use crate::handling::engine::{ActorCall, Call, Engine, FnCall};
 use crate::handling::{Attempt, HandlerError, Handling};
+use crate::instruments::HandlerMetrics;
 use crate::listener::ListenerHandle;
 use crate::operation::Operation;
 use crate::payload::encode_custom;
@@ -535,6 +536,7 @@ impl Notifier {
         let store = self.inner.dialect.dead_letter_store()?;
         let (id, deliveries) = self.subscribe_acked(subscription).await?;
         let engine = Engine {
+            metrics: HandlerMetrics::new(&handling.name),
             handling,
             store,
             counters: self.inner.pipeline.stats.clone(),

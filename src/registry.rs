@@ -32,6 +32,7 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels};
 use crate::filter::Filter;
+use crate::instruments::ChannelMetrics;
 use crate::lifecycle::{Flush, Shutdown};
 use crate::route_index::RouteIndex;
 use crate::stats::Counters;
@@ -61,12 +62,39 @@ struct Subscriber {
 }
 
 /// The subscriptions of one channel.
-#[derive(Default)]
 struct ChannelRoute {
     /// Which of them an event can match, by the values their filters require.
     index: RouteIndex,
     /// How many of them have a receiver not known to be gone.
     open: usize,
+    /// The channel's counters, and what routing the current batch added to them so far.
+    metrics: ChannelMetrics,
+    counted: RouteCounts,
+}
+
+impl ChannelRoute {
+    fn new(channel: &str) -> Self {
+        // The subscriptions to every channel are counted apart, as channel `*`.
+        let label = if channel == EVERY_CHANNEL {
+            "*"
+        } else {
+            channel
+        };
+        ChannelRoute {
+            index: RouteIndex::default(),
+            open: 0,
+            metrics: ChannelMetrics::new(label),
+            counted: RouteCounts::default(),
+        }
+    }
+}
+
+/// What routing a batch did on one channel, emitted to its metrics once per batch.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+struct RouteCounts {
+    delivered: u64,
+    filtered: u64,
+    dropped: u64,
 }
 
 /// Where status messages go.
@@ -91,6 +119,8 @@ pub struct Registry {
     /// subscription by now is stale and skipped). Idle subscribers are not here, so they cost
     /// nothing per event.
     attention: Vec<(usize, SubscriptionId)>,
+    /// The routes whose `counted` the current batch added to.
+    counted: Vec<usize>,
     status: Vec<StatusSink>,
     next_id: u64,
     stats: Arc<Counters>,
@@ -121,6 +151,7 @@ impl Registry {
             free: Vec::new(),
             by_id: HashMap::new(),
             attention: Vec::new(),
+            counted: Vec::new(),
             status: Vec::new(),
             next_id: 1,
             stats,
@@ -179,7 +210,7 @@ impl Registry {
         let route = match self.by_channel.get(channel) {
             Some(&route) => route,
             None => {
-                self.routes.push(ChannelRoute::default());
+                self.routes.push(ChannelRoute::new(channel));
                 self.by_channel
                     .insert(channel.to_string(), self.routes.len() - 1);
                 self.routes.len() - 1
@@ -215,9 +246,10 @@ impl Registry {
         }
         let (mut considered, mut ticket) = (false, None);
         for key in [event.channel(), EVERY_CHANNEL] {
-            if let Some(&route) = self.by_channel.get(key) {
-                let route = &mut self.routes[route];
+            if let Some(&r) = self.by_channel.get(key) {
+                let route = &mut self.routes[r];
                 considered |= route.open > 0;
+                let before = (tally.delivered, tally.filtered, tally.dropped);
                 route.open -= offer(
                     route,
                     &mut self.slots,
@@ -227,6 +259,14 @@ impl Registry {
                     tally,
                     &mut ticket,
                 );
+                // Per channel, for its metrics: emitted once per batch (`emit_counted`).
+                let idle = route.counted == RouteCounts::default();
+                route.counted.delivered += tally.delivered - before.0;
+                route.counted.filtered += tally.filtered - before.1;
+                route.counted.dropped += tally.dropped - before.2;
+                if idle && route.counted != RouteCounts::default() {
+                    self.counted.push(r);
+                }
             }
         }
         if !considered {
@@ -234,6 +274,34 @@ impl Registry {
         }
         if ticket.is_none() {
             tally.release += 1;
+        }
+    }
+
+    /// Adds what routing the batch counted per channel to the channels' metrics.
+    fn emit_counted(&mut self) {
+        for r in self.counted.drain(..) {
+            let route = &mut self.routes[r];
+            let counted = std::mem::take(&mut route.counted);
+            for (counter, n) in [
+                (&route.metrics.delivered, counted.delivered),
+                (&route.metrics.filtered, counted.filtered),
+                (&route.metrics.dropped, counted.dropped),
+            ] {
+                if n > 0 {
+                    counter.increment(n);
+                }
+            }
+        }
+    }
+
+    /// Sets the queued count (and moves the gauge of every notifier's queued events with it).
+    fn set_queued(&self, queued: u64) {
+        let before = self.stats.queued.swap(queued, Ordering::Relaxed);
+        if before != queued {
+            self.stats
+                .metrics
+                .queued
+                .increment(queued as f64 - before as f64);
         }
     }
 
@@ -249,10 +317,15 @@ impl Registry {
                 let (handed, gone) = s.buffer.drain_into(&s.sink);
                 progress |= handed > 0;
                 delivered += handed;
+                let route = &mut self.routes[s.route];
+                if handed > 0 {
+                    route.metrics.delivered.increment(handed);
+                }
                 if let Some(n) = gone {
                     s.closed = true;
-                    self.routes[s.route].open -= 1;
+                    route.open -= 1;
                     lost += n;
+                    route.metrics.dropped.increment(n);
                 }
             }
             if !s.closed {
@@ -262,7 +335,7 @@ impl Registry {
         }
         Counters::add(&self.stats.delivered, delivered);
         Counters::add(&self.stats.dropped, lost);
-        self.stats.queued.store(queued as u64, Ordering::Relaxed);
+        self.set_queued(queued as u64);
         self.report_lag(ctx, false);
         self.prune();
         if !waiting {
@@ -310,6 +383,7 @@ impl Registry {
             if ready <= at {
                 due.push((s.id, std::mem::take(&mut s.buffer.dropped)));
                 s.lag_reported = Some(at);
+                self.routes[s.route].metrics.lagged.increment(1);
             } else {
                 next = Some(next.map_or(ready, |n| n.min(ready)));
             }
@@ -451,8 +525,14 @@ impl Handler<Unsubscribe> for Registry {
             return Err(Error::UnknownSubscription { id: id.0 });
         };
         // What was still waiting for it is lost: count and report it with the rest.
-        Counters::add(&self.stats.dropped, s.buffer.discard(&s.sink));
+        let lost = s.buffer.discard(&s.sink);
+        Counters::add(&self.stats.dropped, lost);
+        let metrics = self.routes[s.route].metrics.clone();
+        if lost > 0 {
+            metrics.dropped.increment(lost);
+        }
         if s.buffer.dropped > 0 {
+            metrics.lagged.increment(1);
             self.publish(Status::Lagged {
                 subscription: s.id,
                 dropped: s.buffer.dropped,
@@ -621,7 +701,8 @@ impl Handler<Route> for Registry {
         for event in events {
             self.route(event, &mut tally);
         }
-        // Shared counters and the budget are touched once per batch, not once per event.
+        // Shared counters, metrics and the budget are touched once per batch, not per event.
+        self.emit_counted();
         let stats = &self.stats;
         stats
             .routed_sequence
@@ -696,13 +777,18 @@ impl Handler<Shutdown> for Registry {
         let mut lost = 0;
         for (slot, s) in self.slots.iter_mut().enumerate() {
             if let Some(s) = s {
-                lost += s.buffer.discard(&s.sink);
+                let discarded = s.buffer.discard(&s.sink);
+                if discarded > 0 {
+                    self.routes[s.route].metrics.dropped.increment(discarded);
+                }
+                lost += discarded;
                 if s.buffer.dropped > 0 {
                     attend(s, slot, &mut self.attention);
                 }
             }
         }
         Counters::add(&self.stats.dropped, lost);
+        self.set_queued(0);
         self.report_lag(ctx, true);
         self.by_channel.clear();
         self.routes.clear();

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::holds::Holds;
+use crate::instruments::PipelineMetrics;
 
 /// A snapshot of a notifier's counters since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -160,6 +161,8 @@ pub(crate) struct Counters {
     pub dead_letters: AtomicU64,
     pub snapshot_rows: AtomicU64,
     pub snapshot_rows_total: AtomicU64,
+    /// The pipeline's unlabelled metrics (`metrics.rs`), registered with the counters.
+    pub metrics: PipelineMetrics,
 }
 
 impl Counters {
@@ -175,6 +178,12 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts `n` notifications' units as handed to the decoder (their budget taken).
+    pub fn forward(&self, n: u64) {
+        self.forwarded.fetch_add(n, Ordering::Relaxed);
+        self.metrics.in_flight.increment(n as f64);
+    }
+
     /// Counts `n` notifications' units as having left the pipeline. Listeners count
     /// `forwarded` before handing over, so `settled` can never pass it; in debug builds (the
     /// tests) a pipeline that settles more than it was given — budget handed back twice,
@@ -182,6 +191,7 @@ impl Counters {
     pub fn settle(&self, n: u64) {
         // Release: whoever sees the new count also sees the holds taken before it.
         let settled = self.settled.fetch_add(n, Ordering::Release) + n;
+        self.metrics.in_flight.decrement(n as f64);
         debug_assert!(
             settled <= self.forwarded.load(Ordering::Relaxed),
             "sqlnotify: settled {settled} events, more than were forwarded"

@@ -27,6 +27,7 @@ use crate::acked::Deliveries;
 use crate::dead_letters::{DeadLetterStore, Failure, Retrying};
 use crate::event::{ChangeEvent, Channels, Key};
 use crate::holds::Ack;
+use crate::instruments::HandlerMetrics;
 use crate::stats::{Counters, Role};
 
 /// A handler as the loop calls it.
@@ -102,6 +103,8 @@ pub(crate) struct Engine {
     pub store: Arc<dyn DeadLetterStore>,
     pub counters: Arc<Counters>,
     pub channels: Arc<Channels>,
+    /// This handler's outcome counters, labelled with its name.
+    pub metrics: HandlerMetrics,
 }
 
 /// The key as stored with a dead letter: JSON, an array for a composite key.
@@ -265,6 +268,7 @@ impl Engine {
             Ok(()) => {
                 // Counted before the row goes: whoever sees the row gone sees the count.
                 Counters::add(&self.counters.handled, 1);
+                self.metrics.handled.increment(1);
                 if let Some(row) = item.row {
                     if let Err(e) = self.store.resolve(row).await {
                         log::warn!(
@@ -285,6 +289,7 @@ impl Engine {
             Err(e) => e.to_string(),
         };
         Counters::add(&self.counters.handler_errors, 1);
+        self.metrics.errors.increment(1);
         item.failed = number;
         let dead = number >= self.handling.max_attempts;
         let event = &item.event;
@@ -313,6 +318,7 @@ impl Engine {
                     event.id()
                 );
                 Counters::add(&self.counters.retries, 1);
+                self.metrics.retries.increment(1);
                 return Outcome::Retry(key, item);
             }
             Err(e) => log::warn!(
@@ -334,6 +340,7 @@ impl Engine {
                 item.row.unwrap_or_default()
             );
             Counters::add(&self.counters.dead_lettered, 1);
+            self.metrics.dead_lettered.increment(1);
             if let Some(ack) = item.ack.take() {
                 ack.ack();
             }
@@ -348,6 +355,7 @@ impl Engine {
                 self.handling.max_attempts
             );
             Counters::add(&self.counters.retries, 1);
+            self.metrics.retries.increment(1);
             Outcome::Retry(key, item)
         }
     }

@@ -284,6 +284,7 @@ impl<S: Source> Supervised for Listener<S> {
         if !self.shutting_down {
             self.attempt = self.attempt.saturating_add(1);
             Counters::add(&self.shell.stats.restarts, 1);
+            crate::instruments::listener_restarted(S::NAME);
         }
     }
 }

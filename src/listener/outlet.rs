@@ -2,7 +2,6 @@
 //! unit of the in-flight budget per event it carries, and stopping cuts any wait for room short.
 
 use std::pin::pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::Recipient;
@@ -74,9 +73,7 @@ impl Outlet {
                 }
             }
         }
-        self.stats
-            .forwarded
-            .fetch_add(u64::from(units), Ordering::Relaxed);
+        self.stats.forward(u64::from(units));
         self.decoder.do_send(RawBatch(batch));
         Some(u64::from(units))
     }

@@ -22,7 +22,7 @@ use super::catalog::db_err;
 use super::ddl::{qualified, CONSUMERS, JOURNAL};
 use super::journal::{Above, Position};
 use crate::consumer::{
-    add_missed, missed_channels, stored_channels, unix_time, ConsumerInfo, ConsumerParams,
+    add_missed, missed_channels, stored_channels, unix_time, Backlog, ConsumerInfo, ConsumerParams,
     ConsumerPosition, ConsumerState,
 };
 use crate::error::{Error, Result};
@@ -276,19 +276,27 @@ fn backlog_sql(database: &str) -> String {
 
 /// Journal rows after consumer `name`'s position on its channels; `None` if not registered.
 /// (Registration upgraded the table: no [`ensure`] here, this runs every few seconds.)
-pub(crate) async fn backlog(conn: &mut Conn, database: &str, name: &str) -> Result<Option<u64>> {
-    let n: Option<i64> = conn
+pub(crate) async fn backlog(
+    conn: &mut Conn,
+    database: &str,
+    name: &str,
+) -> Result<Option<Backlog>> {
+    let row: Option<(i64, Option<i64>)> = conn
         .exec_first(
             format!(
-                "SELECT {} FROM {} c WHERE c.`name` = ?",
+                "SELECT {}, (SELECT TIMESTAMPDIFF(MICROSECOND, j.`created_at`, CURRENT_TIMESTAMP(6)) \
+                               FROM {} j WHERE j.`id` > c.`watermark` AND {READS_CHANNEL} \
+                              ORDER BY j.`id` LIMIT 1) \
+                 FROM {} c WHERE c.`name` = ?",
                 backlog_sql(database),
+                qualified(database, JOURNAL),
                 qualified(database, CONSUMERS)
             ),
             (name,),
         )
         .await
         .map_err(db_err(format!("counting the backlog of consumer {name:?}")))?;
-    Ok(n.map(|n| n.max(0) as u64))
+    Ok(row.map(|(n, micros)| Backlog::new(n, micros.map(|us| us as f64 / 1e6))))
 }
 
 /// One row of the consumers table, as listed.

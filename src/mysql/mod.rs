@@ -49,7 +49,7 @@ use mysql_async::{Conn, Opts};
 use serde_json::Value;
 use tokio::sync::OwnedMutexGuard;
 
-use crate::consumer::ConsumerInfo;
+use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
@@ -355,7 +355,7 @@ impl Dialect for Mysql {
         })
     }
 
-    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<Backlog>>> {
         let database = self.database.clone();
         self.control.run(move |conn| {
             Box::pin(async move { consumers::backlog(conn, &database, &name).await })

@@ -25,7 +25,9 @@ use tokio_postgres::Client;
 use super::control::Control;
 use super::ddl::SCHEMA;
 use super::journal::Position;
-use crate::consumer::{add_missed, ConsumerInfo, ConsumerParams, ConsumerPosition, ConsumerState};
+use crate::consumer::{
+    add_missed, Backlog, ConsumerInfo, ConsumerParams, ConsumerPosition, ConsumerState,
+};
 use crate::error::{Error, Result};
 use crate::sql::{quote_ident, quote_literal};
 
@@ -250,10 +252,16 @@ fn backlog_sql() -> String {
     )
 }
 
-/// Journal rows at or after consumer `name`'s horizon on its channels.
-pub(crate) async fn backlog(client: &Client, name: &str) -> Result<Option<u64>> {
+/// Journal rows at or after consumer `name`'s horizon on its channels, and the oldest one's
+/// age.
+pub(crate) async fn backlog(client: &Client, name: &str) -> Result<Option<Backlog>> {
     let sql = format!(
-        "SELECT {} FROM {s}.consumers c WHERE c.name = $1",
+        "SELECT {},
+                (SELECT extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(j.created_at))::float8
+                   FROM {s}.journal j
+                  WHERE j.xid >= c.horizon AND (c.channels IS NULL OR j.channel = ANY(c.channels))
+                    AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))
+           FROM {s}.consumers c WHERE c.name = $1",
         backlog_sql(),
         s = quote_ident(SCHEMA)
     );
@@ -261,7 +269,7 @@ pub(crate) async fn backlog(client: &Client, name: &str) -> Result<Option<u64>> 
         .query_typed_opt(&sql, &[(&name, Type::TEXT)])
         .await
         .map_err(|e| Error::db(format!("counting the backlog of consumer {name:?}"), e))?;
-    Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+    Ok(row.map(|r| Backlog::new(r.get(0), r.get(1))))
 }
 
 /// Every registered consumer.

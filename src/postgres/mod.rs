@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio_postgres::Config;
 
 use self::control::Control;
-use crate::consumer::ConsumerInfo;
+use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
@@ -196,7 +196,7 @@ impl Dialect for Postgres {
         Box::pin(async move { consumers::drop_consumer(&*control.client().await?, &name).await })
     }
 
-    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<Backlog>>> {
         let control = self.control.clone();
         Box::pin(async move { consumers::backlog(&*control.client().await?, &name).await })
     }

@@ -18,7 +18,7 @@ use super::catalog::db_err;
 use super::ddl::NOW;
 use super::journal;
 use crate::consumer::{
-    add_missed, missed_channels, stored_channels, unix_time, ConsumerInfo, ConsumerParams,
+    add_missed, missed_channels, stored_channels, unix_time, Backlog, ConsumerInfo, ConsumerParams,
     ConsumerPosition, ConsumerState,
 };
 use crate::error::{Error, Result};
@@ -197,19 +197,21 @@ fn backlog_sql() -> String {
     format!("(SELECT count(*) FROM sqlnotify_journal j WHERE j.id > c.cursor AND {READS_CHANNEL})")
 }
 
-/// Journal rows after consumer `name`'s position on its channels; `None` if not registered.
-/// (Registration upgraded the table: no [`ensure`] here, this runs every few seconds.)
-pub(crate) fn backlog(conn: &mut Connection, name: &str) -> Result<Option<u64>> {
+/// Journal rows after consumer `name`'s position on its channels, and the oldest one's age;
+/// `None` if not registered. (Registration upgraded the table: no [`ensure`] here, this runs
+/// every few seconds.)
+pub(crate) fn backlog(conn: &mut Connection, name: &str) -> Result<Option<Backlog>> {
     conn.query_row(
         &format!(
-            "SELECT {} FROM sqlnotify_consumers c WHERE c.name = ?1",
+            "SELECT {}, (SELECT {NOW} - j.created_at FROM sqlnotify_journal j \
+                         WHERE j.id > c.cursor AND {READS_CHANNEL} ORDER BY j.id LIMIT 1) \
+             FROM sqlnotify_consumers c WHERE c.name = ?1",
             backlog_sql()
         ),
         [name],
-        |r| r.get::<_, i64>(0),
+        |r| Ok(Backlog::new(r.get(0)?, r.get(1)?)),
     )
     .optional()
-    .map(|n| n.map(|n| n.max(0) as u64))
     .map_err(db_err(format!("counting the backlog of consumer {name:?}")))
 }
 

@@ -28,7 +28,7 @@ use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 
-use crate::consumer::ConsumerInfo;
+use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
 use crate::dialect::{Dialect, InstallOptions};
 use crate::error::{Error, Result};
@@ -242,7 +242,7 @@ impl Dialect for Sqlite {
         self.blocking(move |conn| consumers::drop_consumer(conn, &name))
     }
 
-    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<u64>>> {
+    fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<Backlog>>> {
         self.blocking(move |conn| consumers::backlog(conn, &name))
     }
 

@@ -76,6 +76,7 @@ impl Connection {
         let shutdown = config.shutdown.subscribe();
         Counters::add(&config.counters.clients, 1);
         Counters::add(&config.counters.connections, 1);
+        metrics::gauge!(crate::metrics::SSE_CLIENTS).increment(1.0);
         Connection {
             config,
             subscriptions,
@@ -272,5 +273,6 @@ impl Drop for Connection {
             .counters
             .clients
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::SSE_CLIENTS).decrement(1.0);
     }
 }
