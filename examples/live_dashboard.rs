@@ -2,8 +2,10 @@
 //!
 //! Serves a page at `/` that lists every change of the `items` table as it happens, the SSE
 //! stream it reads at `/events` (one JSON object per change), `POST /items` (`{"name": "…"}`)
-//! to insert a row, and `GET /stats` (connected clients and the notifier's counters). Rows
-//! written by any other connection or process show up the same way.
+//! to insert a row, `GET /stats` (connected clients and the notifier's counters) and
+//! `GET /metrics` (every `sqlnotify_*` metric in Prometheus' text format, through
+//! `metrics-exporter-prometheus`). Rows written by any other connection or process show up
+//! the same way.
 //!
 //! ```text
 //! cargo run --example live_dashboard                                  # SQLite in a temp dir
@@ -32,6 +34,7 @@ use std::time::Duration;
 
 use actix_web::web;
 use actix_web::{App, HttpResponse, HttpServer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
 use sqlnotify::web::{Grant, SlowClient, Sse};
@@ -166,6 +169,13 @@ async fn stats(state: web::Data<State>) -> actix_web::Result<HttpResponse> {
     })))
 }
 
+/// `GET /metrics`: the Prometheus text format.
+async fn render_metrics(prometheus: web::Data<PrometheusHandle>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(prometheus.render())
+}
+
 async fn index() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
@@ -189,6 +199,8 @@ async fn main() -> Result<(), Error> {
         }
     };
     let db = Db::open(&url).await?;
+    // Installed before the notifier starts, which registers its metrics with it.
+    let prometheus = PrometheusBuilder::new().install_recorder()?;
 
     // Started before the server accepts anyone: no browser can miss a change.
     let notifier = Notifier::builder(&url)
@@ -219,6 +231,8 @@ async fn main() -> Result<(), Error> {
                 .route("/events", state.sse.route())
                 .route("/items", web::post().to(add_item))
                 .route("/stats", web::get().to(stats))
+                .route("/metrics", web::get().to(render_metrics))
+                .app_data(web::Data::new(prometheus.clone()))
         }
     })
     .workers(2)

@@ -453,6 +453,23 @@ fn the_page_shows_rows_from_the_endpoint_and_from_another_connection_within_a_se
         ])
     );
 
+    // The dashboard's /metrics: Prometheus text with the notifier's counters and the
+    // endpoint's connected browser.
+    let metrics = ureq::get(&dashboard.url("/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    for line in [
+        "sqlnotify_sse_clients 1",
+        "sqlnotify_events_delivered_total{channel=",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line:?} not in /metrics:\n{metrics}"
+        );
+    }
+
     // Updates and deletes show up too.
     conn.execute(
         "UPDATE items SET name = 'renamed' WHERE id = ?1",
