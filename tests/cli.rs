@@ -228,6 +228,44 @@ fn tail_prints_json_lines_and_cleans_up_on_ctrl_c() {
     assert_eq!(db.triggers(), 0, "--cleanup-on-exit removed the triggers");
 }
 
+/// `tail --snapshot`: every current row first ("snapshot": true, in key order), then the
+/// changes after them; progress on stderr (not a terminal here: plain lines, the last saying
+/// it is done).
+#[test]
+fn tail_with_a_snapshot_prints_the_rows_then_the_changes() {
+    let db = TempDb::new(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 250)
+         INSERT INTO t SELECT i, 'row ' || i FROM n",
+    );
+    let url = db.url();
+    let mut tail = Running::tail(&[&url, "--table", "t", "--columns", "v", "--snapshot"]);
+    for id in 1..=250 {
+        let e = tail.next_event();
+        assert_eq!(
+            (e["id"].as_i64(), &e["snapshot"]),
+            (Some(id), &json!(true)),
+            "{e}"
+        );
+        assert_eq!(e["columns"]["v"], json!(format!("row {id}")));
+    }
+    let done = tail.wait_for_stderr("done; now the changes");
+    assert!(done.contains("250 / 250 rows (100%), done"), "{done}");
+    db.exec("UPDATE t SET v = 'changed' WHERE id = 7; DELETE FROM t WHERE id = 8");
+    let e = tail.next_event();
+    assert_eq!(
+        (e["operation"].as_str(), e["id"].as_i64()),
+        (Some("update"), Some(7))
+    );
+    assert!(e.get("snapshot").is_none(), "{e}");
+    let e = tail.next_event();
+    assert_eq!(
+        (e["operation"].as_str(), e["id"].as_i64()),
+        (Some("delete"), Some(8))
+    );
+    assert!(tail.interrupt().success());
+}
+
 #[test]
 fn tail_keeps_triggers_without_cleanup_and_prints_composite_keys_and_labels() {
     let db = TempDb::new(

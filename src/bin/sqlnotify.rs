@@ -74,6 +74,11 @@ enum Command {
         /// On exit (Ctrl-C or SIGTERM), remove the triggers this command installed.
         #[arg(long)]
         cleanup_on_exit: bool,
+        /// First print every current row of each table (lines with "snapshot": true, in key
+        /// order), then its changes after them — no gap, no duplicate (PostgreSQL, SQLite).
+        /// Progress goes to stderr.
+        #[arg(long)]
+        snapshot: bool,
         #[command(flatten)]
         locks: LockArgs,
     },
@@ -512,8 +517,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tail {
             watch,
             cleanup_on_exit,
+            snapshot,
             locks,
-        } => tail(&watch, cleanup_on_exit, &locks).await,
+        } => tail(&watch, cleanup_on_exit, snapshot, &locks).await,
         Command::InstallSql { watch, grant_to } => {
             let builder = builder(&watch)?;
             eprintln!(
@@ -930,7 +936,12 @@ fn described(watches: &[(String, Operation, Watch)]) -> String {
     what.join(", ")
 }
 
-async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Result<(), Failure> {
+async fn tail(
+    args: &WatchArgs,
+    cleanup_on_exit: bool,
+    snapshot: bool,
+    locks: &LockArgs,
+) -> Result<(), Failure> {
     let watches = watches(args)?;
     let builder = builder(args)?
         .cleanup_on_stop(cleanup_on_exit)
@@ -944,7 +955,28 @@ async fn tail(args: &WatchArgs, cleanup_on_exit: bool, locks: &LockArgs) -> Resu
 
     // stdout closed (`| head`): stop as if interrupted.
     let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    for (table, op, _) in &watches {
+    // --snapshot: one feed per table, covering every operation watched on it.
+    let mut tables: Vec<&String> = Vec::new();
+    for (table, _, _) in &watches {
+        if snapshot && !tables.contains(&table) {
+            tables.push(table);
+        }
+    }
+    for table in tables {
+        let mut request = sqlnotify::Snapshot::new(table.clone());
+        if let Some(label) = &args.label {
+            request = request.channel_label(label.clone());
+        }
+        let feed = match notifier.subscribe_snapshot(request).await {
+            Ok(feed) => feed,
+            Err(e) => {
+                let _ = notifier.stop().await;
+                return Err(e.into());
+            }
+        };
+        actix_rt::spawn(print_feed(table.clone(), feed, closed_tx.clone()));
+    }
+    for (table, op, _) in watches.iter().filter(|_| !snapshot) {
         let mut subscription = Subscription::new(table.clone(), *op);
         if let Some(label) = &args.label {
             subscription = subscription.channel_label(label.clone());
@@ -1061,6 +1093,99 @@ fn report_status(status: &Status, disconnected: &Cell<bool>) {
             eprintln!("sqlnotify: caught up ({replayed} events replayed)")
         }
         other => eprintln!("sqlnotify: {other:?}"),
+    }
+}
+
+/// Prints a snapshot feed's events, and its progress on stderr until the snapshot is done
+/// (a bar redrawn in place on a terminal, a line every few seconds otherwise, and a last line
+/// once done). A failed snapshot is reported and stops the command, as a closed stdout does.
+async fn print_feed(
+    table: String,
+    mut feed: sqlnotify::SnapshotFeed,
+    closed: tokio::sync::mpsc::UnboundedSender<()>,
+) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let mut ticks = Some(tokio::time::interval(if terminal {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(5)
+    }));
+    loop {
+        let tick = async {
+            match &mut ticks {
+                Some(ticks) => {
+                    ticks.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = feed.next() => match event {
+                Some(Ok(event)) => {
+                    if print_event(&event).is_err() {
+                        let _ = closed.send(());
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    eprintln!("\nsqlnotify: the snapshot of {table} failed: {e}");
+                    let _ = closed.send(());
+                    return;
+                }
+                None => return,
+            },
+            () = tick => {
+                let progress = feed.progress();
+                let line = progress_line(&table, &progress);
+                match (terminal, progress.done) {
+                    (true, false) => eprint!("\r{line}"),
+                    (true, true) => eprintln!("\r{line}"),
+                    (false, _) => eprintln!("{line}"),
+                }
+                if progress.done {
+                    ticks = None;
+                }
+            }
+        }
+        // once done, say so at the next tick without waiting the whole interval
+        if feed.progress().done {
+            if let Some(ticks) = &mut ticks {
+                ticks.reset_immediately();
+            }
+        }
+    }
+}
+
+/// `sqlnotify: snapshot of TABLE [#####-----] 5,000 / 10,000 rows (50%)`.
+fn progress_line(table: &str, p: &sqlnotify::SnapshotProgress) -> String {
+    const WIDTH: u64 = 30;
+    match p.total {
+        Some(total) if total > 0 => {
+            let filled = (p.rows.min(total) * WIDTH / total) as usize;
+            format!(
+                "sqlnotify: snapshot of {table} [{}{}] {} / {} rows ({}%){}",
+                "#".repeat(filled),
+                "-".repeat(WIDTH as usize - filled),
+                p.rows,
+                total,
+                p.rows.min(total) * 100 / total,
+                if p.done {
+                    ", done; now the changes"
+                } else {
+                    ""
+                }
+            )
+        }
+        _ => format!(
+            "sqlnotify: snapshot of {table}: {} rows{}",
+            p.rows,
+            if p.done {
+                ", done; now the changes"
+            } else {
+                ""
+            }
+        ),
     }
 }
 
