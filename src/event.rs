@@ -226,6 +226,8 @@ struct EventInner {
     last_in_transaction: Option<bool>,
     /// A row of a snapshot rather than a change.
     snapshot: bool,
+    /// The last row a snapshot (or backfill) read hands over.
+    snapshot_end: bool,
 }
 
 impl ChangeEvent {
@@ -250,6 +252,7 @@ impl ChangeEvent {
                 transaction: raw.transaction,
                 last_in_transaction: raw.last_in_transaction,
                 snapshot: false,
+                snapshot_end: false,
             }),
         }
     }
@@ -272,6 +275,13 @@ impl ChangeEvent {
             inner.snapshot = true;
         }
         self
+    }
+
+    /// Marks the (just built) snapshot event as the last one its read hands over.
+    pub(crate) fn set_ends_snapshot(&mut self) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.snapshot_end = true;
+        }
     }
 
     /// Sets the (just built) event's last-of-transaction mark to `last` (the rows
@@ -416,6 +426,12 @@ impl ChangeEvent {
     pub fn is_snapshot(&self) -> bool {
         self.inner.snapshot
     }
+    /// Whether this is the last row a snapshot (or a backfill) hands over: what follows in its
+    /// feed are changes. A snapshot none of whose rows passes the filters has no such event:
+    /// `SnapshotFeed::progress` says when it is done.
+    pub fn ends_snapshot(&self) -> bool {
+        self.inner.snapshot_end
+    }
 
     /// All carried columns (key columns first, then extra columns) as one JSON object.
     pub fn to_json(&self) -> Value {
@@ -491,6 +507,9 @@ impl ChangeEvent {
         }
         if self.inner.snapshot {
             out.extend_from_slice(b",\"snapshot\":true");
+        }
+        if self.inner.snapshot_end {
+            out.extend_from_slice(b",\"snapshot_end\":true");
         }
         out.push(b'}');
         String::from_utf8(out).expect("serde_json writes UTF-8")
@@ -610,6 +629,7 @@ impl ChangeEvent {
         if let Some(inner) = Arc::get_mut(&mut event.inner) {
             inner.part = part;
             inner.snapshot = value["snapshot"] == Value::Bool(true);
+            inner.snapshot_end = value["snapshot_end"] == Value::Bool(true);
         }
         Ok(event)
     }

@@ -149,6 +149,28 @@ fn json_cmp(a: &Value, b: &Value) -> Option<Ordering> {
     }
 }
 
+/// Refuses a filter on a column `channel` does not carry, with
+/// [`Error::UnknownFilterColumn`](crate::Error::UnknownFilterColumn) naming the channel, the
+/// column and the columns it carries.
+pub(crate) fn check_columns(
+    channel: &crate::event::Channel,
+    filters: &[Filter],
+) -> crate::Result<()> {
+    match filters.iter().find(|f| !channel.carries(f.column())) {
+        None => Ok(()),
+        Some(f) => Err(crate::Error::UnknownFilterColumn {
+            channel: channel.name().to_string(),
+            column: f.column().to_string(),
+            available: channel
+                .key_columns()
+                .iter()
+                .chain(channel.extra_columns())
+                .cloned()
+                .collect(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -178,7 +178,7 @@ impl Notifier {
                 .find(schema, &snapshot.table, Operation::Insert, label)?
                 .clone(),
         };
-        crate::snapshot::check_filters(&channel, &snapshot.filters)?;
+        crate::filter::check_columns(&channel, &snapshot.filters)?;
         let (tx, rx) = tokio::sync::mpsc::channel(snapshot.buffer);
         let progress = Arc::new(crate::snapshot::Progress::new());
         let start = crate::snapshot::feeder::Start {

@@ -177,22 +177,7 @@ impl Registry {
             subscription.operation,
             subscription.label.as_deref(),
         )?;
-        if let Some(f) = subscription
-            .filters
-            .iter()
-            .find(|f| !channel.carries(f.column()))
-        {
-            return Err(Error::UnknownFilterColumn {
-                channel: channel.name().to_string(),
-                column: f.column().to_string(),
-                available: channel
-                    .key_columns()
-                    .iter()
-                    .chain(channel.extra_columns())
-                    .cloned()
-                    .collect(),
-            });
-        }
+        crate::filter::check_columns(channel, &subscription.filters)?;
         let buffer = Buffer::new(subscription.policy, subscription.buffer);
         let name = channel.name().to_string();
         Ok(self.insert(&name, subscription.filters, sink, buffer))

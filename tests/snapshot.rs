@@ -110,6 +110,73 @@ fn apply(map: &mut BTreeMap<i64, i64>, e: &sqlnotify::ChangeEvent, snapshot_over
     false
 }
 
+/// A replica fed by a snapshot feed: the map, and what came.
+#[derive(Default)]
+struct Replica {
+    map: BTreeMap<i64, i64>,
+    snapshot_rows: u64,
+    changes: u64,
+    /// Whether the row that ends the snapshot came.
+    ended: bool,
+}
+
+impl Replica {
+    /// Reads the snapshot, then 200 changes (the writers still writing), checking each step.
+    async fn snapshot_then_changes(&mut self, feed: &mut SnapshotFeed) {
+        while self.changes < 200 {
+            let e = next(feed).await;
+            if apply(&mut self.map, &e, self.changes > 0) {
+                self.snapshot_rows += 1;
+                if e.ends_snapshot() {
+                    assert!(feed.progress().done, "the last row came before done");
+                    self.ended = true;
+                }
+            } else {
+                assert!(self.ended, "a change before the snapshot's last row");
+                self.changes += 1;
+            }
+        }
+        assert!(
+            self.snapshot_rows >= ROWS as u64 - 2_000,
+            "{} snapshot rows",
+            self.snapshot_rows
+        );
+        let progress = feed.progress();
+        assert!(progress.done);
+        assert_eq!(progress.rows, self.snapshot_rows);
+        assert_eq!(progress.total, Some(self.snapshot_rows));
+    }
+
+    /// Once the writers stopped: reads until the replica equals `want` (bounded), checking
+    /// every step, then makes sure nothing more comes (a duplicate would fail `apply`).
+    async fn catch_up(&mut self, feed: &mut SnapshotFeed, want: &BTreeMap<i64, i64>) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while &self.map != want {
+            assert!(
+                Instant::now() < deadline,
+                "the replica never caught up ({} rows vs {})",
+                self.map.len(),
+                want.len()
+            );
+            let e = next(feed).await;
+            apply(&mut self.map, &e, true);
+            self.changes += 1;
+        }
+        if let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await
+        {
+            panic!("an event after the replica caught up: {}", e.to_record());
+        }
+    }
+}
+
+/// The rows of `t` in a SQLite database.
+fn sqlite_table(db: &common::sqlite::TempDb) -> BTreeMap<i64, i64> {
+    let conn = db.conn();
+    let mut stmt = conn.prepare("SELECT id, v FROM t").unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
 async fn table(db: &TestDb) -> BTreeMap<i64, i64> {
     let client = db.client().await;
     client
@@ -178,51 +245,20 @@ async fn replica(tier: Tier) {
         .await
         .unwrap();
     release_once_open(&feed, stalled).await;
-    let mut map = BTreeMap::new();
-    let (mut snapshot_rows, mut changes) = (0u64, 0u64);
-    // The snapshot, then 200 changes with the writers still writing.
-    while changes < 200 {
-        let e = next(&mut feed).await;
-        if apply(&mut map, &e, changes > 0) {
-            snapshot_rows += 1;
-        } else {
-            if changes == 0 {
-                assert!(feed.progress().done, "a change before the snapshot's end");
-            }
-            changes += 1;
-        }
-    }
-    assert!(
-        snapshot_rows >= ROWS as u64 - 2_000,
-        "{snapshot_rows} snapshot rows"
-    );
-    let progress = feed.progress();
-    assert!(progress.done);
-    assert_eq!(progress.rows, snapshot_rows);
-    assert_eq!(progress.total, Some(snapshot_rows));
+    let mut replica = Replica::default();
+    replica.snapshot_then_changes(&mut feed).await;
     stop_tx.send(true).unwrap();
     let mut transactions = 0;
     for w in writers {
         transactions += w.await.unwrap();
     }
-    // Drain until the replica equals the table (bounded), checking every step.
     let want = table(&db).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while map != want {
-        assert!(
-            Instant::now() < deadline,
-            "the replica never caught up ({} rows vs {})",
-            map.len(),
-            want.len()
-        );
-        let e = next(&mut feed).await;
-        apply(&mut map, &e, true);
-        changes += 1;
-    }
-    // and nothing more comes (a duplicate would fail apply)
-    if let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await {
-        panic!("an event after the replica caught up: {}", e.to_record());
-    }
+    replica.catch_up(&mut feed, &want).await;
+    let Replica {
+        snapshot_rows,
+        changes,
+        ..
+    } = replica;
     let stats = notifier.stats().await.unwrap();
     assert_eq!(stats.snapshot_rows, snapshot_rows);
     assert_eq!(stats.snapshot_rows_total, snapshot_rows);
@@ -278,12 +314,21 @@ async fn filters_apply_to_rows_and_changes() {
         .await
         .unwrap();
     let mut ids = Vec::new();
-    for _ in 0..100 {
+    for i in 0..100 {
         let e = next(&mut feed).await;
         assert!(e.is_snapshot());
+        // the last row that passes the filter ends the snapshot (the table's last row, which
+        // does not pass it, comes after it), and the snapshot is done by then
+        assert_eq!(e.ends_snapshot(), i == 99, "row {i}");
+        if i == 99 {
+            assert!(feed.progress().done);
+            assert!(e
+                .to_record()
+                .ends_with(",\"snapshot\":true,\"snapshot_end\":true}"));
+        }
         assert_eq!(e.get("owner"), Some(&serde_json::json!(7)));
         assert!(
-            e.to_record().ends_with(",\"snapshot\":true}"),
+            e.to_record().contains(",\"snapshot\":true"),
             "{}",
             e.to_record()
         );
@@ -396,46 +441,20 @@ async fn sqlite_replica_equals_the_table() {
         .await
         .unwrap();
     release_once_open(&feed, stalled).await;
-    let mut map = BTreeMap::new();
-    let (mut snapshot_rows, mut changes) = (0u64, 0u64);
-    while changes < 200 {
-        let e = next(&mut feed).await;
-        if apply(&mut map, &e, changes > 0) {
-            snapshot_rows += 1;
-        } else {
-            if changes == 0 {
-                assert!(feed.progress().done, "a change before the snapshot's end");
-            }
-            changes += 1;
-        }
-    }
-    assert_eq!(feed.progress().total, Some(snapshot_rows));
+    let mut replica = Replica::default();
+    replica.snapshot_then_changes(&mut feed).await;
     stop.store(true, Ordering::Relaxed);
     let mut transactions = 0;
     for w in writers {
         transactions += w.join().unwrap();
     }
-    let want: BTreeMap<i64, i64> = {
-        let conn = db.conn();
-        let mut stmt = conn.prepare("SELECT id, v FROM t").unwrap();
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-        rows.map(Result::unwrap).collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while map != want {
-        assert!(
-            Instant::now() < deadline,
-            "the replica never caught up ({} rows vs {})",
-            map.len(),
-            want.len()
-        );
-        let e = next(&mut feed).await;
-        apply(&mut map, &e, true);
-        changes += 1;
-    }
-    if let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await {
-        panic!("an event after the replica caught up: {}", e.to_record());
-    }
+    let want = sqlite_table(&db);
+    replica.catch_up(&mut feed, &want).await;
+    let Replica {
+        snapshot_rows,
+        changes,
+        ..
+    } = replica;
     println!(
         "SQLite: snapshot of {snapshot_rows} rows + {changes} changes from {transactions} \
          transactions of 4 writers; replica equal to the table ({} rows) after {:?}",
@@ -636,12 +655,7 @@ async fn sqlite_backfill_while_updates_flow() {
             })
             .collect()
     };
-    let state = || async {
-        let conn = db.conn();
-        let mut stmt = conn.prepare("SELECT id, v FROM t").unwrap();
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-        rows.map(Result::unwrap).collect::<BTreeMap<i64, i64>>()
-    };
+    let state = || async { sqlite_table(&db) };
     backfill_while_updates_flow(&notifier, writers, state).await;
     notifier.stop().await.unwrap();
 }

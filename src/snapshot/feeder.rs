@@ -100,7 +100,7 @@ async fn subscribe_and_read(
             buffer: start.buffer,
         })
         .await?;
-    read_rows(read).await
+    read_rows(read, true).await
 }
 
 /// What one read of the table needs.
@@ -116,68 +116,96 @@ struct Read {
 }
 
 /// Opens a consistent read of the table and hands every row that passes the filters to the
-/// feed, as snapshot events. Returns the read's fence, or `None` when the feed was dropped.
-async fn read_rows(read: Read) -> Result<Option<Fence>> {
-    let Read {
-        dialect,
-        channel,
-        chunk_rows,
-        filters,
-        tx,
-        progress,
-        stats,
-    } = read;
-    let mut reader = dialect.open_snapshot(channel.clone(), chunk_rows).await?;
+/// feed, as snapshot events, the last one marked
+/// ([`ChangeEvent::ends_snapshot`]); for the `initial` read, marks the snapshot done just
+/// before that last event goes out. Each chunk is handed over while the next one is fetched.
+/// Returns the read's fence, or `None` when the feed was dropped.
+async fn read_rows(read: Read, initial: bool) -> Result<Option<Fence>> {
+    let mut reader = read
+        .dialect
+        .open_snapshot(read.channel.clone(), read.chunk_rows)
+        .await?;
     let total = reader.total();
-    progress.total.fetch_add(total, Ordering::Relaxed);
-    progress.opened.store(true, Ordering::Release);
-    Counters::add(&stats.snapshot_rows_total, total);
-    loop {
-        let rows = reader.next_chunk().await?;
-        if rows.is_empty() {
-            break;
-        }
-        progress
-            .rows
-            .fetch_add(rows.len() as u64, Ordering::Relaxed);
-        Counters::add(&stats.snapshot_rows, rows.len() as u64);
-        for payload in rows {
-            let event = match decode(&payload, &channel) {
-                Ok(Decoded::Row {
-                    id,
-                    extra,
-                    truncated,
-                    change,
-                }) => ChangeEvent::new(
-                    channel.clone(),
-                    id,
-                    extra,
-                    &RawNotification::new(channel.name(), String::new()),
-                    truncated,
-                )
-                .with_change(change)
-                .into_snapshot(),
-                other => {
-                    let reason = match other {
-                        Err(reason) => reason,
-                        Ok(_) => "an overflow reference".to_string(),
-                    };
-                    return Err(Error::InvalidPayload {
-                        channel: channel.name().to_string(),
-                        reason: format!(
-                            "a snapshot row of {}.{}: {reason}",
-                            channel.schema(),
-                            channel.table()
-                        ),
-                    });
-                }
-            };
-            if filters.iter().all(|f| f.matches(&event)) && tx.send(Ok(event)).await.is_err() {
-                return Ok(None);
+    read.progress.total.fetch_add(total, Ordering::Relaxed);
+    read.progress.opened.store(true, Ordering::Release);
+    Counters::add(&read.stats.snapshot_rows_total, total);
+    // One receipt time for the whole read: the rows are as of its snapshot.
+    let raw = RawNotification::new(read.channel.name(), String::new());
+    // The last event that passed the filters, held back until it is known whether another
+    // one follows.
+    let mut held: Option<ChangeEvent> = None;
+    let mut current = reader.next_chunk().await?;
+    while !current.is_empty() {
+        let rows = current.len() as u64;
+        read.progress.rows.fetch_add(rows, Ordering::Relaxed);
+        Counters::add(&read.stats.snapshot_rows, rows);
+        let mut events = Vec::with_capacity(current.len() + 1);
+        events.extend(held.take());
+        for payload in current {
+            let event = snapshot_event(&read.channel, &raw, &payload)?;
+            if read.filters.iter().all(|f| f.matches(&event)) {
+                events.push(event);
             }
+        }
+        held = events.pop();
+        let (next, open) = tokio::join!(reader.next_chunk(), send(&read.tx, events));
+        if !open {
+            return Ok(None);
+        }
+        current = next?;
+    }
+    if initial {
+        read.progress.done.store(true, Ordering::Release);
+    }
+    if let Some(mut last) = held {
+        last.set_ends_snapshot();
+        if !send(&read.tx, vec![last]).await {
+            return Ok(None);
         }
     }
     Ok(Some(reader.fence().clone()))
+}
+
+/// A snapshot row (payload JSON a dialect's read produced) as a snapshot event.
+fn snapshot_event(
+    channel: &Arc<Channel>,
+    raw: &RawNotification,
+    payload: &str,
+) -> Result<ChangeEvent> {
+    match decode(payload, channel) {
+        Ok(Decoded::Row {
+            id,
+            extra,
+            truncated,
+            change,
+        }) => Ok(ChangeEvent::new(channel.clone(), id, extra, raw, truncated)
+            .with_change(change)
+            .into_snapshot()),
+        other => {
+            let reason = match other {
+                Err(reason) => reason,
+                Ok(_) => "an overflow reference".to_string(),
+            };
+            Err(Error::InvalidPayload {
+                channel: channel.name().to_string(),
+                reason: format!(
+                    "a snapshot row of {}.{}: {reason}",
+                    channel.schema(),
+                    channel.table()
+                ),
+            })
+        }
+    }
+}
+
+/// Sends `events` to the feed in order; `false` when the feed was dropped.
+async fn send(tx: &mpsc::Sender<Result<ChangeEvent>>, events: Vec<ChangeEvent>) -> bool {
+    for event in events {
+        if tx.send(Ok(event)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 impl Actor for Feeder {
@@ -255,27 +283,25 @@ impl Handler<Backfill> for Feeder {
         read.filters.extend(msg.filters.iter().cloned());
         let filters = msg.filters;
         // ctx.wait: the changes after the backfill's read wait until its last row went out.
-        ctx.wait(
-            read_rows(read)
-                .into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Ok(Some(fence)) => {
-                        if act.backfills.len() == MAX_BACKFILL_FENCES {
-                            act.backfills.remove(0);
-                        }
-                        act.backfills.push((fence, filters));
+        ctx.wait(read_rows(read, false).into_actor(self).map(
+            move |result, act, ctx| match result {
+                Ok(Some(fence)) => {
+                    if act.backfills.len() == MAX_BACKFILL_FENCES {
+                        act.backfills.remove(0);
                     }
-                    Ok(None) => ctx.stop(),
-                    Err(e) => {
-                        let channel = &act.read.channel;
-                        log::warn!(
-                            "sqlnotify: a backfill of {}.{} failed: {e}",
-                            channel.schema(),
-                            channel.table()
-                        );
-                        let _ = act.read.tx.try_send(Err(e));
-                    }
-                }),
-        );
+                    act.backfills.push((fence, filters));
+                }
+                Ok(None) => ctx.stop(),
+                Err(e) => {
+                    let channel = &act.read.channel;
+                    log::warn!(
+                        "sqlnotify: a backfill of {}.{} failed: {e}",
+                        channel.schema(),
+                        channel.table()
+                    );
+                    let _ = act.read.tx.try_send(Err(e));
+                }
+            },
+        ));
     }
 }

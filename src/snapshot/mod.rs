@@ -111,7 +111,9 @@ pub struct SnapshotProgress {
     /// Rows the snapshot holds, counted in the same consistent read (known once it is open),
     /// plus those of the backfills opened since.
     pub total: Option<u64>,
-    /// Whether every row was handed to the feed; what follows are changes.
+    /// Whether the snapshot's read is over: set just before its last row (the one that
+    /// [ends the snapshot](ChangeEvent::ends_snapshot)) is handed to the feed, so a reader that
+    /// got that row sees it done; what follows are changes.
     pub done: bool,
 }
 
@@ -200,7 +202,7 @@ impl SnapshotFeed {
     /// [`Error::UnknownFilterColumn`](crate::Error::UnknownFilterColumn).
     pub fn backfill(&self, filters: impl IntoIterator<Item = Filter>) -> Result<()> {
         let filters: Vec<Filter> = filters.into_iter().collect();
-        check_filters(&self.channel, &filters)?;
+        crate::filter::check_columns(&self.channel, &filters)?;
         if !self.feeder.connected() {
             return Err(crate::Error::Unsupported {
                 what: format!(
@@ -213,22 +215,5 @@ impl SnapshotFeed {
         // (past the mailbox's capacity, which bounds the live events only)
         self.feeder.do_send(feeder::Backfill { filters });
         Ok(())
-    }
-}
-
-/// Refuses a filter on a column `channel` does not carry.
-pub(crate) fn check_filters(channel: &Channel, filters: &[Filter]) -> Result<()> {
-    match filters.iter().find(|f| !channel.carries(f.column())) {
-        None => Ok(()),
-        Some(f) => Err(crate::Error::UnknownFilterColumn {
-            channel: channel.name().to_string(),
-            column: f.column().to_string(),
-            available: channel
-                .key_columns()
-                .iter()
-                .chain(channel.extra_columns())
-                .cloned()
-                .collect(),
-        }),
     }
 }
