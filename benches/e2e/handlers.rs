@@ -269,6 +269,8 @@ async fn paced(ctx: &Ctx, kind: Kind, load: Load) -> Run {
             payload_bytes: load.payload_bytes,
             writer: w,
             async_commit: load.async_commit,
+            update_previous: false,
+            session_sql: None,
         })
         .collect();
     let mut writers = Writers::start(&specs).await;

@@ -19,9 +19,14 @@
 //! [--only=latency,…]` (sections: `latency`, `throughput`, `cost`, `idle`, with finer names
 //! such as `latency-200` or `throughput-1w-100r-small`; handlers against plain delivery on a
 //! named consumer: `handlers`, i.e. `handlers-backlog`, `handlers-latency-1000` (see
-//! `handlers.rs`); MySQL: `mysql`, i.e. `mysql-latency-200`, `mysql-latency-1000`,
-//! `mysql-throughput-1w-100r-small`, `mysql-cost`, `mysql-idle`).
+//! `handlers.rs`); change data (issue 15, see `change_data.rs`): `snapshot-1m` (also selected
+//! by `snapshot`: a 1,000,000-row table read by `subscribe_snapshot` against a plain cursor
+//! read, PostgreSQL and SQLite, with peak memory) and `cost-change-data` (also selected by
+//! `cost`: writer cost of `old_values` and `context` on INSERT+UPDATE transactions); MySQL:
+//! `mysql`, i.e. `mysql-latency-200`, `mysql-latency-1000`, `mysql-throughput-1w-100r-small`,
+//! `mysql-cost`, `mysql-idle`).
 
+mod change_data;
 #[path = "../common/mod.rs"]
 mod common;
 mod handlers;
@@ -268,6 +273,8 @@ fn pg_sections() -> Vec<String> {
         "idle",
         handlers::BACKLOG,
         handlers::LATENCY,
+        change_data::SNAPSHOT,
+        change_data::COST,
     ]
     .map(String::from)
     .to_vec();
@@ -335,6 +342,7 @@ async fn run(args: Args) {
         cost(&ctx, &mut table).await;
         idle(&ctx, &mut table).await;
         handlers::run(&ctx, &mut table).await;
+        change_data::run(&ctx, &mut table).await;
     }
     #[cfg(feature = "mysql")]
     if let Some(my) = my {
@@ -617,6 +625,8 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
             payload_bytes: load.payload_bytes,
             writer: w,
             async_commit: load.async_commit,
+            update_previous: false,
+            session_sql: None,
         })
         .collect();
     let mut writers = Writers::start(&specs).await;

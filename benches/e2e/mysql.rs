@@ -484,6 +484,8 @@ impl MysqlBench {
                 payload_bytes: load.payload_bytes,
                 writer: w,
                 async_commit: false,
+                update_previous: false,
+                session_sql: None,
             })
             .collect();
         let mut writers = Writers::start(&specs).await;

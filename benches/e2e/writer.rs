@@ -48,6 +48,16 @@ pub struct Spec {
     /// MySQL: not available per session (`innodb_flush_log_at_trx_commit` is global), so the
     /// server's setting applies and this must be false.
     pub async_commit: bool,
+    /// PostgreSQL only: each transaction also updates the rows the previous one inserted
+    /// (`sent_us` and a different payload of the same length), in the same statement — a
+    /// data-modifying `WITH … UPDATE` before the `INSERT` — so old values have something to
+    /// capture. [`Report::updated`] counts them.
+    #[serde(default)]
+    pub update_previous: bool,
+    /// PostgreSQL only: SQL run once on the connection before the first transaction (e.g.
+    /// `SET app.user_id = '42'`).
+    #[serde(default)]
+    pub session_sql: Option<String>,
 }
 
 /// What a writer reports when done.
@@ -57,6 +67,9 @@ pub struct Report {
     pub committed: u64,
     /// Transactions committed.
     pub transactions: u64,
+    /// Rows updated (`Spec::update_previous`), not counted in `committed`.
+    #[serde(default)]
+    pub updated: u64,
     /// Wall clock (µs since the epoch) before the first and after the last commit.
     pub start_us: i64,
     pub end_us: i64,
@@ -211,7 +224,13 @@ async fn write_postgres(url: &str, spec: &Spec) -> Report {
             .await
             .expect("writer: synchronous_commit");
     }
-    let sql = if spec.txn_rows <= 1 {
+    if let Some(sql) = &spec.session_sql {
+        client
+            .batch_execute(sql)
+            .await
+            .expect("writer: session set-up");
+    }
+    let mut sql = if spec.txn_rows <= 1 {
         format!(
             "INSERT INTO {} (id, sent_us, payload) VALUES ($1, $2, $3)",
             spec.table
@@ -224,8 +243,18 @@ async fn write_postgres(url: &str, spec: &Spec) -> Report {
             spec.txn_rows - 1
         )
     };
+    if spec.update_previous {
+        // The previous transaction's rows: ids $1 - rows … $1 - 1 (none before the first).
+        sql = format!(
+            "WITH _prev AS (UPDATE {} SET sent_us = $2, payload = $4 \
+             WHERE id BETWEEN $1::bigint - {} AND $1::bigint - 1) {sql}",
+            spec.table,
+            spec.txn_rows.max(1)
+        );
+    }
     let statement = client.prepare(&sql).await.expect("writer: prepare");
     let text = payload(spec.payload_bytes, spec.writer);
+    let changed = payload(spec.payload_bytes, spec.writer + 1_000);
     let base = i64::from(spec.writer) * ID_SPAN;
     let rows = u64::from(spec.txn_rows.max(1));
     ready_and_wait();
@@ -237,9 +266,19 @@ async fn write_postgres(url: &str, spec: &Spec) -> Report {
     while pace.next().await {
         let id = base + report.committed as i64;
         let sent = now_us();
-        match client.execute(&statement, &[&id, &sent, &text]).await {
+        let result = if spec.update_previous {
+            client
+                .execute(&statement, &[&id, &sent, &text, &changed])
+                .await
+        } else {
+            client.execute(&statement, &[&id, &sent, &text]).await
+        };
+        match result {
             Ok(_) => {
                 let done = now_us();
+                if spec.update_previous && report.transactions > 0 {
+                    report.updated += rows;
+                }
                 report.committed += rows;
                 report.transactions += 1;
                 report.commit_us.push((done - sent) as u32);
