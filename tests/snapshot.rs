@@ -381,6 +381,12 @@ async fn filters_apply_to_rows_and_changes() {
         other => panic!("{other:?}"),
     }
     notifier.stop().await.unwrap();
+    // the feeds end with the notifier
+    for feed in [&mut feed, &mut empty] {
+        let end = tokio::time::timeout(Duration::from_secs(10), feed.next()).await;
+        assert!(matches!(end, Ok(None)), "{end:?}");
+        assert!(feed.backfill([]).is_err());
+    }
 }
 
 /// The replica check on SQLite: 4 writer threads, each on its own connection, writing

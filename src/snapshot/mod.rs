@@ -18,7 +18,7 @@ pub(crate) mod reader;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use actix::Addr;
+use actix::{Addr, WeakAddr};
 use tokio::sync::mpsc;
 
 use crate::error::Result;
@@ -152,7 +152,9 @@ impl Progress {
 pub struct SnapshotFeed {
     rx: mpsc::Receiver<Result<ChangeEvent>>,
     progress: Arc<Progress>,
-    feeder: Addr<Feeder>,
+    /// Weak: the feeder lives as long as its subscription in the registry (so the feed ends
+    /// when the notifier stops) or until the feed is dropped.
+    feeder: WeakAddr<Feeder>,
     channel: Arc<Channel>,
 }
 
@@ -166,7 +168,7 @@ impl SnapshotFeed {
         SnapshotFeed {
             rx,
             progress,
-            feeder,
+            feeder: feeder.downgrade(),
             channel,
         }
     }
@@ -203,7 +205,7 @@ impl SnapshotFeed {
     pub fn backfill(&self, filters: impl IntoIterator<Item = Filter>) -> Result<()> {
         let filters: Vec<Filter> = filters.into_iter().collect();
         crate::filter::check_columns(&self.channel, &filters)?;
-        if !self.feeder.connected() {
+        let Some(feeder) = self.feeder.upgrade().filter(|f| f.connected()) else {
             return Err(crate::Error::Unsupported {
                 what: format!(
                     "a backfill of {}.{}: the feed has ended",
@@ -211,9 +213,9 @@ impl SnapshotFeed {
                     self.channel.table()
                 ),
             });
-        }
+        };
         // (past the mailbox's capacity, which bounds the live events only)
-        self.feeder.do_send(feeder::Backfill { filters });
+        feeder.do_send(feeder::Backfill { filters });
         Ok(())
     }
 }
