@@ -1,8 +1,9 @@
 //! Live dashboard: push database changes to browsers with actix-web and Server-Sent Events.
 //!
-//! Serves a page at `/` that lists every change of the `items` table as it happens, the SSE
-//! stream it reads at `/events` (one JSON object per change), `POST /items` (`{"name": "…"}`)
-//! to insert a row, `GET /stats` (connected clients and the notifier's counters) and
+//! Serves a page at `/` that shows the rows of the `items` table and keeps them current, with a
+//! log of every change as it happens; the SSE stream it reads at `/events` (one JSON object
+//! per change); `GET /items` (the rows, and the journal position they were read at);
+//! `POST /items` (`{"name": "…"}`) to insert a row; `GET /stats` (connected clients and the notifier's counters) and
 //! `GET /metrics` (every `sqlnotify_*` metric in Prometheus' text format, through
 //! `metrics-exporter-prometheus`). Rows written by any other connection or process show up
 //! the same way.
@@ -18,6 +19,12 @@
 //! lines on stdout are `database: URL` and `listening on http://ADDR/`.
 //!
 //! How it is put together:
+//! * The page first reads the rows (`GET /items`), then opens the event stream from the
+//!   position they were read at (`/events?last_event_id=POSITION`: `EventSource` cannot set
+//!   the `Last-Event-ID` header). On SQLite the rows and the position come from one read
+//!   transaction, so no change falls between the two and none is shown twice. (On PostgreSQL
+//!   there is no position to resume from: the stream starts live, and a change committed
+//!   between the read and the subscription can be missed.)
 //! * The notifier is started before the server accepts connections and stopped after the
 //!   server has shut down (Ctrl-C or SIGTERM).
 //! * `/events` is `sqlnotify::web::Sse` (feature `web`): every browser gets the `items`
@@ -27,7 +34,9 @@
 //! * A browser that cannot keep up loses its oldest pending events (`SlowClient::DropOldest`,
 //!   and an `event: lag`) and never slows down the notifier or the other browsers.
 //! * On Ctrl-C / SIGTERM the event streams are ended first (`Sse::shutdown`), so the graceful
-//!   stop of the server does not wait for them.
+//!   stop of the server does not wait for them. After a restart (or a crash) on the same
+//!   database the browsers reconnect on their own with `Last-Event-ID` and get, from the
+//!   journal, what was written while the server was away.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,7 +44,7 @@ use std::time::Duration;
 use actix_web::web;
 use actix_web::{App, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlnotify::web::{Grant, SlowClient, Sse};
 use sqlnotify::{Notifier, Operation, Subscription, Watch};
@@ -86,6 +95,56 @@ impl Db {
         Err(format!("unsupported database URL {url:?} (use sqlite://… or postgres://…)").into())
     }
 
+    /// Every row, by id, and the journal position they were read at (`None` where the stream
+    /// cannot resume from one: PostgreSQL).
+    async fn rows(&self) -> Result<(Vec<Item>, Option<String>), Error> {
+        match self {
+            Db::Sqlite(path) => {
+                let path = path.clone();
+                let read = web::block(move || -> rusqlite::Result<(Vec<Item>, i64)> {
+                    let mut conn = rusqlite::Connection::open(path)?;
+                    conn.busy_timeout(Duration::from_secs(5))?;
+                    // One read transaction: the rows and the position are of the same moment.
+                    let tx = conn.transaction()?;
+                    let rows = tx
+                        .prepare("SELECT id, name FROM items ORDER BY id")?
+                        .query_map([], |r| {
+                            Ok(Item {
+                                id: r.get(0)?,
+                                name: r.get(1)?,
+                            })
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    // The newest journal id ever given (AUTOINCREMENT): right even when the
+                    // purge has emptied the journal, where max(id) would be 0.
+                    let position = tx.query_row(
+                        "SELECT coalesce((SELECT seq FROM sqlite_sequence \
+                         WHERE name = 'sqlnotify_journal'), 0)",
+                        [],
+                        |r| r.get(0),
+                    )?;
+                    tx.commit()?;
+                    Ok((rows, position))
+                })
+                .await??;
+                Ok((read.0, Some(read.1.to_string())))
+            }
+            #[cfg(feature = "postgres")]
+            Db::Postgres(client) => {
+                let rows = client
+                    .query("SELECT id, name FROM items ORDER BY id", &[])
+                    .await?
+                    .iter()
+                    .map(|r| Item {
+                        id: r.get(0),
+                        name: r.get(1),
+                    })
+                    .collect();
+                Ok((rows, None))
+            }
+        }
+    }
+
     /// Inserts an item; returns its id.
     async fn insert(&self, name: String) -> Result<i64, Error> {
         match self {
@@ -129,6 +188,13 @@ fn grant_items(_: &actix_web::HttpRequest) -> Result<Grant, sqlnotify::web::Deni
     }))
 }
 
+/// A row of `items`, as `GET /items` returns it.
+#[derive(Serialize)]
+struct Item {
+    id: i64,
+    name: String,
+}
+
 #[derive(Deserialize)]
 struct NewItem {
     name: String,
@@ -152,6 +218,19 @@ async fn add_item(
         .await
         .map_err(|e| actix_web::error::ErrorInternalServerError(e.to_string()))?;
     Ok(HttpResponse::Created().json(json!({ "id": id })))
+}
+
+/// `GET /items`: `{"rows": [{"id": 1, "name": "…"}, …], "position": "17"}` — every row, and
+/// the journal position to open `/events` from (`null` on PostgreSQL).
+async fn list_items(state: web::Data<State>) -> actix_web::Result<HttpResponse> {
+    let (rows, position) = state
+        .db
+        .rows()
+        .await
+        .map_err(|e| actix_web::error::ErrorInternalServerError(e.to_string()))?;
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(json!({ "rows": rows, "position": position })))
 }
 
 /// `GET /stats`: connected browsers and the notifier's counters.
@@ -229,6 +308,7 @@ async fn main() -> Result<(), Error> {
                 .app_data(state.clone())
                 .route("/", web::get().to(index))
                 .route("/events", state.sse.route())
+                .route("/items", web::get().to(list_items))
                 .route("/items", web::post().to(add_item))
                 .route("/stats", web::get().to(stats))
                 .route("/metrics", web::get().to(render_metrics))
@@ -271,8 +351,9 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
-/// The page: a form, a connection indicator and the list of changes (newest first). Item names
-/// are inserted as text, never as HTML.
+/// The page: a form, a connection indicator, the rows (kept current by the stream) and the log
+/// of changes since the page was loaded (newest first). Item names are inserted as text, never
+/// as HTML.
 const PAGE: &str = r#"<!doctype html>
 <html lang="en">
 <head>
@@ -280,9 +361,17 @@ const PAGE: &str = r#"<!doctype html>
 <title>sqlnotify live dashboard</title>
 <style>
   body { font: 15px/1.4 system-ui, sans-serif; margin: 2rem auto; max-width: 40rem; }
+  h2 { font-size: 1.05rem; margin: 1.5rem 0 .5rem; }
   #status { display: inline-block; padding: 0 .5em; border-radius: .3em; background: #eee; }
   #status[data-state="live"] { background: #c8f0c8; }
   #status[data-state="down"] { background: #f6c6c6; }
+  table { border-collapse: collapse; width: 100%; }
+  th, td { text-align: left; padding: .2em .6em; border-bottom: 1px solid #e4e4e4; }
+  th { font-weight: 600; color: #555; }
+  td:first-child, th:first-child { width: 5em; font-family: ui-monospace, monospace; }
+  tr.changed { animation: flash 1.2s ease-out; }
+  @keyframes flash { from { background: #fff3b0; } to { background: transparent; } }
+  #empty { color: #888; }
   li { font-family: ui-monospace, monospace; }
   li[data-op="insert"] { color: #176317; }
   li[data-op="update"] { color: #6a4a00; }
@@ -296,24 +385,47 @@ const PAGE: &str = r#"<!doctype html>
   <input id="name" name="name" placeholder="item name" required maxlength="200">
   <button>Add</button>
 </form>
+<h2>Rows (<span id="count">0</span>)</h2>
+<table>
+  <thead><tr><th>id</th><th>name</th></tr></thead>
+  <tbody id="rows"></tbody>
+</table>
+<p id="empty">no rows yet</p>
+<h2>Changes since this page was loaded</h2>
 <ul id="events"></ul>
 <script>
 const list = document.getElementById("events");
+const table = document.getElementById("rows");
 const status = document.getElementById("status");
 function setStatus(state, text) { status.dataset.state = state; status.textContent = text; }
 
-// Open: subscribed, nothing is missed from here on. A reconnect resumes after the last event
-// shown (Last-Event-ID); "reset" means it could not, "lag" that this page fell behind.
-const source = new EventSource("/events");
-source.onopen = () => setStatus("live", "live");
-source.onerror = () => setStatus("down", "reconnecting…");
-source.addEventListener("reset", () => location.reload());
-source.addEventListener("lag", (message) => {
-  const li = document.createElement("li");
-  li.textContent = "(missed " + JSON.parse(message.data).dropped + " changes)";
-  list.prepend(li);
-});
+// The rows, by id, in id order.
+function showCount() {
+  document.getElementById("count").textContent = table.rows.length;
+  document.getElementById("empty").hidden = table.rows.length > 0;
+}
+function putRow(id, name, flash) {
+  const key = JSON.stringify(id);
+  let tr = table.querySelector(`tr[data-id='${CSS.escape(key)}']`);
+  if (!tr) {
+    tr = document.createElement("tr");
+    tr.dataset.id = key;
+    tr.append(document.createElement("td"), document.createElement("td"));
+    tr.cells[0].textContent = key;
+    const after = Array.from(table.rows).find((r) => JSON.parse(r.dataset.id) > id);
+    table.insertBefore(tr, after || null);
+  }
+  tr.cells[1].textContent = name;
+  if (flash) { tr.classList.remove("changed"); void tr.offsetWidth; tr.classList.add("changed"); }
+}
+function removeRow(id) {
+  const tr = table.querySelector(`tr[data-id='${CSS.escape(JSON.stringify(id))}']`);
+  if (tr) tr.remove();
+}
+
+// One change: into the log, and onto the rows.
 const show = (message) => {
+  lastId = message.lastEventId || lastId;
   const e = JSON.parse(message.data);
   const li = document.createElement("li");
   li.dataset.op = e.operation;
@@ -321,12 +433,54 @@ const show = (message) => {
   const name = e.columns && e.columns.name !== undefined ? " " + e.columns.name : "";
   li.textContent = e.operation.toUpperCase() + " #" + JSON.stringify(e.id) + name;
   list.prepend(li);
+  if (e.operation === "delete") removeRow(e.id);
+  else if (e.columns && e.columns.name !== undefined) putRow(e.id, e.columns.name, true);
+  showCount();
 };
-for (const op of ["insert", "update", "delete"]) source.addEventListener("items/" + op, show);
+
+// The stream, from `lastId` on. Open: subscribed, nothing is missed from here on. The browser
+// reconnects by itself with the last id it got (Last-Event-ID), also after a server restart;
+// should it give up, a new stream resumes from the same place. "reset" means the server
+// could not resume (start again from the rows), "lag" that this page fell behind.
+let lastId = null;
+let source = null;
+function connect() {
+  const url = lastId === null ? "/events" : "/events?last_event_id=" + encodeURIComponent(lastId);
+  source = new EventSource(url);
+  source.onopen = () => setStatus("live", "live");
+  source.onerror = () => {
+    setStatus("down", "reconnecting…");
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
+  };
+  source.addEventListener("reset", () => location.reload());
+  source.addEventListener("lag", (message) => {
+    const li = document.createElement("li");
+    li.textContent = "(missed " + JSON.parse(message.data).dropped + " changes)";
+    list.prepend(li);
+  });
+  for (const op of ["insert", "update", "delete"]) source.addEventListener("items/" + op, show);
+}
+
+// First the rows and the position they were read at, then the changes after it.
+async function start() {
+  try {
+    const response = await fetch("/items", { cache: "no-store" });
+    if (!response.ok) throw new Error("GET /items: HTTP " + response.status);
+    const { rows, position } = await response.json();
+    for (const row of rows) putRow(row.id, row.name, false);
+    showCount();
+    lastId = position;
+    connect();
+  } catch (err) {
+    setStatus("down", "cannot read the rows, retrying…");
+    setTimeout(start, 3000);
+  }
+}
+start();
 
 // Leaving the page closes the stream (also when the browser keeps the page in its
 // back/forward cache); coming back from that cache starts afresh.
-window.addEventListener("pagehide", () => source.close());
+window.addEventListener("pagehide", () => { if (source) source.close(); });
 window.addEventListener("pageshow", (ev) => { if (ev.persisted) location.reload(); });
 
 document.getElementById("add").addEventListener("submit", async (ev) => {

@@ -144,9 +144,14 @@ struct Dashboard {
 
 impl Dashboard {
     fn start(url: &str) -> Dashboard {
+        Self::start_at(url, "127.0.0.1:0")
+    }
+
+    /// Started on `addr` (`host:port`; port 0 picks a free one).
+    fn start_at(url: &str, addr: &str) -> Dashboard {
         let mut child = Command::new(example_binary())
             .arg(url)
-            .env("LIVE_DASHBOARD_ADDR", "127.0.0.1:0")
+            .env("LIVE_DASHBOARD_ADDR", addr)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -200,6 +205,17 @@ impl Dashboard {
             .into_json()
             .unwrap();
         response["id"].as_i64().expect("an id")
+    }
+
+    /// `host:port` it listens on.
+    fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// SIGKILL, as in a crash: no stream is ended, nothing is cleaned up.
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL the example");
+        self.child.wait().unwrap();
     }
 
     /// SIGINT, then a bounded wait for a clean exit.
@@ -607,5 +623,162 @@ fn a_client_that_stops_reading_does_not_hold_up_the_others() {
         dashboard.stats()
     );
     drop(lines);
+    dashboard.stop();
+}
+
+/// The page's rows (`[id, name]`, in page order) and its log of changes (`[op, id, text]`,
+/// newest first).
+fn page_state(session: &Session<'_>) -> (Value, Value) {
+    let state = session.eval(
+        "return [Array.from(document.querySelectorAll('#rows tr'))\
+                   .map(tr => [tr.dataset.id, tr.cells[1].textContent]),\
+                 Array.from(document.querySelectorAll('#events li'))\
+                   .map(li => [li.dataset.op, li.dataset.id, li.textContent])];",
+    );
+    (state[0].clone(), state[1].clone())
+}
+
+/// `[id, name]` as the page shows a row.
+fn shown(rows: &[(i64, String)]) -> Value {
+    Value::from(
+        rows.iter()
+            .map(|(id, name)| json!([id.to_string(), name]))
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[test]
+fn the_page_shows_the_rows_then_every_change_once_across_a_crash_restart_and_reload() {
+    let missing: Vec<&str> = [CHROMIUM, CHROMEDRIVER]
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
+    if !missing.is_empty() {
+        common::prerequisite_missing(
+            "the browser test",
+            &format!(
+                "{} not found (Debian's chromium and chromium-driver packages)",
+                missing.join(" and ")
+            ),
+        );
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    common::init_logging();
+    let tmp = TempDir::new();
+    let db = tmp.db_path();
+    let url = format!("sqlite://{}", db.display());
+    let dashboard = Dashboard::start(&url);
+    let addr = dashboard.addr();
+    let base = dashboard.base.clone();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let insert = |name: &str| -> (i64, String) {
+        conn.execute("INSERT INTO items (name) VALUES (?1)", [name])
+            .unwrap();
+        (conn.last_insert_rowid(), name.to_string())
+    };
+
+    // Rows from before the page: shown as rows, not as changes.
+    let mut rows = vec![insert("before 1"), insert("before 2")];
+    let driver = ChromeDriver::start();
+    let profile = tmp.dir.join("chromium-profile");
+    std::fs::create_dir_all(&profile).unwrap();
+    let session = driver.session(&profile);
+    session.open(&format!("{base}/"));
+    let live = || session.eval("return document.getElementById('status').dataset.state;") == "live";
+    assert!(wait_until(ARRIVES_WITHIN, live), "the page never went live");
+    let (shown_rows, changes) = page_state(&session);
+    assert_eq!(shown_rows, shown(&rows));
+    assert_eq!(changes, json!([]));
+
+    // Changes while it is up: through the endpoint and through another connection.
+    let mut changed = Vec::new();
+    for name in ["live 1", "live 2"] {
+        changed.push((dashboard.add_item(name), name.to_string()));
+    }
+    changed.push(insert("live 3"));
+    let mut state = (Value::Null, Value::Null);
+    assert!(
+        wait_until(ARRIVES_WITHIN, || {
+            state = page_state(&session);
+            state.1.as_array().is_some_and(|c| c.len() == changed.len())
+        }),
+        "{state:?}"
+    );
+
+    // A crash mid-stream; rows written while the server is down.
+    dashboard.kill();
+    assert!(
+        wait_until(ARRIVES_WITHIN, || !live()),
+        "the page did not notice the server went away"
+    );
+    for name in ["while down 1", "while down 2", "while down 3"] {
+        changed.push(insert(name));
+    }
+
+    // The same port and database again: the page reconnects by itself with Last-Event-ID
+    // and gets what it missed from the journal; then live changes go on.
+    let dashboard = Dashboard::start_at(&url, &addr);
+    assert_eq!(dashboard.base, base);
+    changed.push((dashboard.add_item("after restart"), "after restart".into()));
+    rows.extend(changed.iter().cloned());
+    let expected_changes = Value::from(
+        changed
+            .iter()
+            .rev()
+            .map(|(id, name)| json!(["insert", id.to_string(), format!("INSERT #{id} {name}")]))
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            state = page_state(&session);
+            state.1.as_array().is_some_and(|c| c.len() >= changed.len())
+        }),
+        "the page did not catch up after the restart: {state:?}"
+    );
+    // Nothing more comes: no duplicate on its way.
+    let settled = Instant::now() + Duration::from_millis(500);
+    wait_until(Duration::from_millis(600), || {
+        state = page_state(&session);
+        Instant::now() > settled
+    });
+    assert_eq!(
+        state.1, expected_changes,
+        "every change exactly once, in order"
+    );
+    assert_eq!(state.0, shown(&rows), "every row exactly once");
+    assert!(live(), "the page is not live again");
+
+    // A reload shows every row, and no change yet.
+    session.open(&format!("{base}/"));
+    assert!(
+        wait_until(ARRIVES_WITHIN, live),
+        "the reloaded page never went live"
+    );
+    let (shown_rows, changes) = page_state(&session);
+    assert_eq!(shown_rows, shown(&rows));
+    assert_eq!(changes, json!([]));
+    let last = insert("after reload");
+    assert!(
+        wait_until(ARRIVES_WITHIN, || {
+            state = page_state(&session);
+            state.1.as_array().is_some_and(|c| !c.is_empty())
+        }),
+        "{state:?}"
+    );
+    assert_eq!(
+        state.1,
+        json!([[
+            "insert",
+            last.0.to_string(),
+            format!("INSERT #{} after reload", last.0)
+        ]])
+    );
+    rows.push(last);
+    assert_eq!(state.0, shown(&rows));
+
+    drop(session);
+    drop(driver);
     dashboard.stop();
 }

@@ -462,6 +462,50 @@ async fn a_client_that_resumes_gets_every_event_after_its_last_id_once_even_unde
 }
 
 #[actix_rt::test]
+async fn a_last_event_id_query_parameter_resumes_where_the_header_is_absent() {
+    let s = serve(|n| n, |e| e).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    s.insert(1, 1, "new");
+    s.insert(2, 1, "new");
+    let first = client.next_event().await;
+    let second = client.next_event().await;
+    assert_eq!((first.row(), second.row()), (1, 2));
+    let (first, second) = (first.id.unwrap(), second.id.unwrap());
+    drop(client);
+    s.insert(3, 1, "new");
+
+    // No header: the query parameter is the position; it is no filter, and a filter
+    // parameter beside it still narrows.
+    let url = format!("{}?last_event_id={first}&status=new", s.url);
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    assert_eq!(client.next_event().await.row(), 2);
+    assert_eq!(client.next_event().await.row(), 3);
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    drop(client);
+
+    // The header wins over the parameter (a browser's reconnect keeps the URL).
+    let url = format!("{}?last_event_id={first}", s.url);
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &second)])
+        .await
+        .unwrap();
+    assert_eq!(client.next_event().await.row(), 3);
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    drop(client);
+
+    // A value that is not a position: a reset, as with the header.
+    let url = format!("{}?last_event_id=abc", s.url);
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    assert_eq!(client.next_event().await.event.as_deref(), Some("reset"));
+    drop(client);
+    assert_eq!(s.sse.stats().resets, 1);
+    s.stop().await;
+}
+
+#[actix_rt::test]
 async fn a_position_that_cannot_be_resumed_gets_an_explicit_reset() {
     let s = serve(
         |n| {

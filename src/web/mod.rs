@@ -8,7 +8,12 @@
 //! grant's filters (AND), so a client can narrow its stream but never widen it.
 //!
 //! A client that reconnects with `Last-Event-ID` gets everything after that position from the
-//! journal, then live events, without a gap or a duplicate — on SQLite, whose journal ids are
+//! journal, then live events, without a gap or a duplicate. A client that cannot set the
+//! header (a browser's `EventSource` on its first connection) may give the position as the
+//! query parameter `last_event_id` instead ([`LAST_EVENT_ID_PARAM`]): a page that read the
+//! table and the journal's position in one transaction opens
+//! `/events?last_event_id=POSITION` and misses nothing between the two. The header, when
+//! present, wins (a browser's reconnect sends the last id it got) — on SQLite, whose journal ids are
 //! in commit order. Where the events after the position are no longer in the journal, or on a
 //! dialect that cannot resume yet (PostgreSQL, whose journal ids are not in commit order, and
 //! MySQL), the client gets an explicit `event: reset` instead: it should reload its state. A
@@ -89,6 +94,11 @@ use self::stream::{Connection, Start};
 use crate::error::Error;
 use crate::notifier::Notifier;
 use crate::subscription::OverflowPolicy;
+
+/// The query parameter a client may give its `Last-Event-ID` in (`/events?last_event_id=17`)
+/// where it cannot set the header — a browser's `EventSource` cannot. It is used only when the
+/// request has no `Last-Event-ID` header, and is never a filter parameter.
+pub const LAST_EVENT_ID_PARAM: &str = "last_event_id";
 
 /// A server-sent-events endpoint on a notifier. Cheap to clone: every clone serves the same
 /// endpoint (share one between actix-web's workers).
@@ -198,14 +208,25 @@ impl Sse {
         }
         let query = actix_web::web::Query::<Vec<(String, String)>>::from_query(req.query_string())
             .map_err(|e| Denied::bad_request(format!("query string: {e}")))?;
+        // `last_event_id` is the stream's own parameter, never a filter.
+        let (resume, query): (Vec<_>, Vec<_>) = query
+            .into_inner()
+            .into_iter()
+            .partition(|(name, _)| name == LAST_EVENT_ID_PARAM);
         let narrowing = params::filters(&query, &config.params).map_err(Denied::bad_request)?;
         let grant = config.authorize.grant(req).await?;
         if grant.subscriptions.is_empty() {
             return Err(Denied::forbidden("nothing is granted to this client"));
         }
-        let start = match req.headers().get("last-event-id") {
+        // The header wins: a browser sends it on reconnect, with the last id it got, while
+        // the URL still carries the position the page started from.
+        let last_event_id = match req.headers().get("last-event-id") {
+            Some(value) => Some(value.to_str().ok()),
+            None => resume.last().map(|(_, text)| Some(text.as_str())),
+        };
+        let start = match last_event_id {
             None => Start::Live,
-            Some(value) => match value.to_str().ok().and_then(Position::parse) {
+            Some(text) => match text.and_then(Position::parse) {
                 Some(position) => Start::After(position),
                 None => Start::Unknown,
             },
