@@ -51,6 +51,15 @@ pub(crate) fn quote_sqlite_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// Splits a table name as watches, subscriptions and snapshots take it: `"schema.table"` at
+/// its first dot, a name without one in the database's default schema (`None`).
+pub(crate) fn split_table(table: String) -> (Option<String>, String) {
+    match table.split_once('.') {
+        Some((schema, table)) => (Some(schema.to_string()), table.to_string()),
+        None => (None, table),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,11 +67,7 @@ impl Subscription {
     /// Events of `operation` on `table` (`"schema.table"`, or a table in the database's default
     /// schema), from the watch without a channel label.
     pub fn new(table: impl Into<String>, operation: Operation) -> Self {
-        let table = table.into();
-        let (schema, table) = match table.split_once('.') {
-            Some((schema, table)) => (Some(schema.to_string()), table.to_string()),
-            None => (None, table),
-        };
+        let (schema, table) = crate::sql::split_table(table.into());
         Subscription {
             schema,
             table,

@@ -56,11 +56,7 @@ impl Watch {
     /// given (case-sensitive, no quoting needed): `Watch::new("CamelCase", …)` watches the
     /// table created as `"CamelCase"`.
     pub fn new(table: impl Into<String>, operation: Operation) -> Self {
-        let table = table.into();
-        let (schema, table) = match table.split_once('.') {
-            Some((schema, table)) => (Some(schema.to_string()), table.to_string()),
-            None => (None, table),
-        };
+        let (schema, table) = crate::sql::split_table(table.into());
         Watch {
             schema,
             table,

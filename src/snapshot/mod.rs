@@ -53,11 +53,7 @@ impl Snapshot {
     /// The rows and changes of `table` (`"schema.table"`, or a table in the database's default
     /// schema), from its watches without a channel label.
     pub fn new(table: impl Into<String>) -> Self {
-        let table = table.into();
-        let (schema, table) = match table.split_once('.') {
-            Some((schema, table)) => (Some(schema.to_string()), table.to_string()),
-            None => (None, table),
-        };
+        let (schema, table) = crate::sql::split_table(table.into());
         Snapshot {
             schema,
             table,
