@@ -21,6 +21,7 @@ use crate::error::Result;
 use crate::event::Channel;
 use crate::listener::{ListenParams, ListenerHandle};
 use crate::overflow::OverflowStore;
+use crate::replay::{Replay, ReplayFrom};
 use crate::resolve::{ResolvedWatch, TableInfo};
 use crate::snapshot::reader::SnapshotReader;
 
@@ -133,40 +134,20 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         );
         Box::pin(async move { Err(crate::Error::Unsupported { what }) })
     }
-    /// Up to `limit` journal rows on `channels` after journal id `cursor`, in commit order —
-    /// or `TooOld` when a row after journal id `since` (at most `cursor + 1`) may have been
-    /// trimmed. Only where journal ids are in commit order (SQLite); `Unsupported` elsewhere.
+    /// Up to `limit` journal rows on `channels` after `from`, in the order the listener
+    /// delivers them — or `TooOld` when a row the client lacks may have been trimmed. `all`:
+    /// the notifier's journal channels (those its listener reads). `Unsupported` where a
+    /// dialect cannot say what came after a position.
     #[cfg_attr(not(feature = "web"), allow(dead_code))]
     fn replay(
         &self,
+        _from: ReplayFrom,
         _channels: Vec<String>,
-        _since: i64,
-        _cursor: i64,
+        _all: Vec<String>,
         _limit: i64,
     ) -> BoxFuture<'static, Result<Replay>> {
         Box::pin(async { Ok(Replay::Unsupported) })
     }
-}
-
-/// What a journal holds after a position, for a client that resumes from it (the SSE
-/// endpoint's `Last-Event-ID`).
-#[derive(Debug)]
-#[cfg_attr(not(all(feature = "web", feature = "sqlite")), allow(dead_code))]
-pub(crate) enum Replay {
-    /// Rows after the position on the channels asked for, in commit order.
-    Rows {
-        /// The rows.
-        rows: Vec<crate::event::RawNotification>,
-        /// The id of the last row looked at (on any channel): where the next page starts.
-        last: i64,
-        /// Whether that was every row there was when it was read.
-        done: bool,
-    },
-    /// Rows after the position may be gone (trimmed by retention), or the position is not one
-    /// of this journal's: the client must start over.
-    TooOld,
-    /// This dialect or tier cannot resume from a position.
-    Unsupported,
 }
 
 /// What a dialect's catalog says about one watch: the input to install planning, which is the

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::operation::Operation;
 use crate::payload::Change;
+use crate::read_point::ReadPoint;
 use crate::tier::Tier;
 
 /// A notification as a listener read it from the database, before decoding.
@@ -38,6 +39,9 @@ pub struct RawNotification {
     /// Whether this is the last journal row of its transaction among the rows the listener
     /// read (PostgreSQL's durable and poll tiers); `None` where that is not known.
     pub last_in_transaction: Option<bool>,
+    /// Where the row stands in the journal read that delivered it (PostgreSQL's durable and
+    /// poll tiers), for resuming a stream right after it; `None` elsewhere.
+    pub read_point: Option<ReadPoint>,
 }
 
 impl RawNotification {
@@ -51,6 +55,7 @@ impl RawNotification {
             events: 1,
             transaction: None,
             last_in_transaction: None,
+            read_point: None,
         }
     }
 
@@ -224,6 +229,8 @@ struct EventInner {
     transaction: Option<u64>,
     /// Whether it is the last event of its transaction (journal tiers that know it).
     last_in_transaction: Option<bool>,
+    /// Where its journal row stands in the read that delivered it.
+    read_point: Option<ReadPoint>,
     /// A row of a snapshot rather than a change.
     snapshot: bool,
     /// The last row a snapshot (or backfill) read hands over.
@@ -251,6 +258,7 @@ impl ChangeEvent {
                 change: Change::default(),
                 transaction: raw.transaction,
                 last_in_transaction: raw.last_in_transaction,
+                read_point: raw.read_point.clone(),
                 snapshot: false,
                 snapshot_end: false,
             }),
@@ -418,6 +426,13 @@ impl ChangeEvent {
     /// can also take a change of [`transaction_id`](Self::transaction_id) as the boundary.
     pub fn last_in_transaction(&self) -> Option<bool> {
         self.inner.last_in_transaction
+    }
+
+    /// Where its journal row stands in the read that delivered it (PostgreSQL's durable and
+    /// poll tiers).
+    #[cfg_attr(not(feature = "web"), allow(dead_code))]
+    pub(crate) fn read_point(&self) -> Option<&ReadPoint> {
+        self.inner.read_point.as_ref()
     }
 
     /// Whether the event is a row of a [`Snapshot`](crate::Snapshot) (the row as it was when

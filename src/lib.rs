@@ -153,10 +153,12 @@ mod operation;
 mod overflow;
 mod payload;
 mod pipeline;
+mod read_point;
 mod redact;
 mod registry;
 #[cfg(feature = "nats")]
 pub mod relay;
+mod replay;
 mod resolve;
 mod route_index;
 mod snapshot;
@@ -201,6 +203,7 @@ pub use crate::operation::Operation;
 pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 #[cfg(feature = "postgres")]
 pub use crate::postgres::effects::Transaction;
+pub use crate::read_point::{ReadPoint, ReadSnapshots};
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
 pub use crate::snapshot::{Snapshot, SnapshotFeed, SnapshotProgress, DEFAULT_CHUNK_ROWS};
 pub use crate::stats::{Role, Stats};

@@ -2,8 +2,9 @@
 //! 127.0.0.1:0 serving `sqlnotify::web::Sse` on a SQLite notifier, read by ureq (and, for the
 //! client that never reads, a bare TCP socket). Events arrive framed; a grant cannot be
 //! widened by query parameters; heartbeats arrive; slow clients are contained; a client that
-//! resumes with `Last-Event-ID` gets every event after it once, or an explicit `reset` (always
-//! on PostgreSQL, which cannot resume yet); and `Sse::shutdown` lets the server stop
+//! resumes with `Last-Event-ID` gets every event after it once, or an explicit `reset` — on
+//! SQLite and on PostgreSQL's durable and poll tiers, with writers interleaving transactions
+//! while the client drops and resumes again and again; and `Sse::shutdown` lets the server stop
 //! gracefully at once.
 
 mod common;
@@ -733,50 +734,235 @@ async fn shutdown_ends_every_stream_and_the_server_stops_at_once() {
     s.notifier.stop().await.unwrap();
 }
 
-#[actix_rt::test]
-async fn on_postgresql_a_last_event_id_gets_a_reset_then_live_events() {
-    let db = common::TestDb::new().await;
+/// A PostgreSQL notifier watching `orders` inserts on `tier` (built further by `notifier`),
+/// and the endpoint on it.
+async fn serve_postgres(
+    db: &common::TestDb,
+    tier: sqlnotify::Tier,
+    notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
+) -> (
+    Notifier,
+    Sse,
+    String,
+    ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     db.exec(SCHEMA).await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(
+    let notifier = notifier(
+        Notifier::builder(&db.url).watch(
             Watch::new("orders", Operation::Insert)
                 .extra_columns(["owner_id", "status"])
-                .tier(sqlnotify::Tier::Durable),
-        )
-        .start()
-        .await
-        .unwrap();
-    let sse = Sse::builder(notifier.clone(), grant_own_orders).build();
+                .tier(tier),
+        ),
+    )
+    .start()
+    .await
+    .unwrap();
+    let sse = Sse::builder(notifier.clone(), grant_own_orders)
+        .heartbeat(Duration::from_millis(200))
+        .build();
     let (url, handle, server) = listen(&sse);
+    (notifier, sse, url, handle, server)
+}
+
+/// A small deterministic generator (xorshift): random enough to interleave, and repeatable.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Four writers commit overlapping transactions of 1–3 orders (of user 1 or 2; one in five
+/// rolled back) while user 1's client reads a few events, drops the connection and resumes
+/// with its `Last-Event-ID`, again and again: it gets every order of user 1 that committed,
+/// once, and no rolled-back one — and never a reset.
+async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) = serve_postgres(&db, tier, |n| n).await;
+    // The first connection is live from before the first write.
+    let mut first = Some(connect(&url, &[("x-user", "1")]).await.unwrap());
+    assert!(wait_until(ARRIVES_WITHIN, || async { sse.clients() == 1 }).await);
+    let next_id = Arc::new(std::sync::atomic::AtomicI64::new(1));
+    let committed = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (client, next_id, committed) = (db.client().await, next_id.clone(), committed.clone());
+        writers.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w + 1));
+            for _ in 0..150 {
+                let mut mine = Vec::new();
+                client.batch_execute("BEGIN").await.unwrap();
+                for _ in 0..=rng.below(3) {
+                    let id = next_id.fetch_add(1, Ordering::SeqCst);
+                    let owner = 1 + rng.below(2) as i64;
+                    client
+                        .execute(
+                            "INSERT INTO orders (id, owner_id, status) VALUES ($1, $2, 'new')",
+                            &[&(id as i32), &(owner as i32)],
+                        )
+                        .await
+                        .unwrap();
+                    if owner == 1 {
+                        mine.push(id);
+                    }
+                    // Let the other writers' transactions overlap this one.
+                    tokio::task::yield_now().await;
+                }
+                if rng.below(4) == 0 {
+                    // Held open while others commit after taking higher ids: commit order
+                    // differs from id order, and the listener reads in between.
+                    client.batch_execute("SELECT pg_sleep(0.01)").await.unwrap();
+                }
+                if rng.below(5) == 0 {
+                    client.batch_execute("ROLLBACK").await.unwrap();
+                } else {
+                    client.batch_execute("COMMIT").await.unwrap();
+                    committed.lock().unwrap().extend(mine);
+                }
+            }
+        }));
+    }
+    let mut rng = Rng(42);
+    let (mut received, mut last, mut connections) = (Vec::new(), None::<String>, 0);
+    let committed_count = || committed.lock().unwrap().len();
+    loop {
+        // Something to read: a commit not received yet (or the writers are done).
+        let writing = || writers.iter().any(|w| !w.is_finished());
+        assert!(
+            wait_until(ARRIVES_WITHIN, || async {
+                committed_count() > received.len() || !writing()
+            })
+            .await
+        );
+        let done = !writing();
+        let mut headers = vec![("x-user", "1")];
+        if let Some(last) = &last {
+            headers.push(("Last-Event-ID", last.as_str()));
+        }
+        let mut client = match first.take() {
+            Some(client) => client,
+            None => connect(&url, &headers).await.unwrap(),
+        };
+        connections += 1;
+        // A few events, then the connection drops; once the writers are done, everything.
+        let take = if done {
+            usize::MAX
+        } else {
+            1 + rng.below(25) as usize
+        };
+        for _ in 0..take {
+            // Only what has surely committed is waited for.
+            if received.len() >= committed_count() {
+                break;
+            }
+            let Ok(frame) = tokio::time::timeout(ARRIVES_WITHIN, client.next_event()).await else {
+                let got: std::collections::BTreeSet<i64> = received.iter().copied().collect();
+                let missing: Vec<i64> = committed
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|id| !got.contains(id))
+                    .copied()
+                    .collect();
+                panic!(
+                    "no event within {ARRIVES_WITHIN:?} after {} received over {connections} \
+                     connections (last {last:?}); missing {missing:?}",
+                    received.len()
+                );
+            };
+            assert_eq!(frame.event.as_deref(), Some("orders/insert"), "{frame:?}");
+            received.push(frame.row());
+            last = Some(frame.id.expect("a journal event has a position"));
+        }
+        drop(client);
+        if done && received.len() >= committed_count() {
+            break;
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let committed: Vec<i64> = committed.lock().unwrap().iter().copied().collect();
+    let mut sorted = received.clone();
+    sorted.sort_unstable();
+    let duplicates: Vec<_> = sorted.windows(2).filter(|w| w[0] == w[1]).collect();
+    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
+    assert_eq!(sorted, committed, "every committed order of user 1, once");
+    let stats = sse.stats();
+    assert_eq!(stats.resets, 0, "{stats:?}");
+    assert!(stats.replayed > 0, "{stats:?}");
+    eprintln!(
+        "{tier:?}: {} orders over {connections} connections, {} from the journal",
+        received.len(),
+        stats.replayed
+    );
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn on_postgresql_durable_a_client_that_resumes_again_and_again_gets_every_committed_row_once()
+{
+    postgres_resume_under_writes(sqlnotify::Tier::Durable).await;
+}
+
+#[actix_rt::test]
+async fn on_postgresql_poll_a_client_that_resumes_again_and_again_gets_every_committed_row_once() {
+    postgres_resume_under_writes(sqlnotify::Tier::Poll).await;
+}
+
+#[actix_rt::test]
+async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_reset() {
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+        n.retention(Duration::from_millis(1))
+            .purge_interval(Duration::from_millis(20))
+    })
+    .await;
     let insert =
         |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
-
     let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
     db.exec(&insert(1)).await;
     let first = client.next_event().await;
     assert_eq!(first.row(), 1);
     let last = first.id.expect("a durable event has a position");
+    assert!(
+        last.contains('@'),
+        "a PostgreSQL position names its read: {last}"
+    );
     drop(client);
     db.exec(&insert(2)).await;
-
-    // PostgreSQL cannot resume yet: never a silent gap, an explicit reset.
-    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+    // Retention removes what the client lacks.
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            db.count("SELECT count(*) FROM sqlnotify.journal").await == 0
+        })
         .await
-        .unwrap();
-    let reset = client.next_event().await;
-    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
-    assert!(reset.json()["reason"]
-        .as_str()
-        .unwrap()
-        .contains("postgresql"));
-    db.exec(&insert(3)).await;
-    // Then live events (row 2 too when the notifier routed it after this client subscribed).
-    let mut rows = vec![client.next_event().await.row()];
-    if rows == [2] {
-        rows.push(client.next_event().await.row());
+    );
+    for position in [last.as_str(), "1", "1@1@1:1:@1:1:"] {
+        let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", position)])
+            .await
+            .unwrap();
+        let reset = client.next_event().await;
+        assert_eq!(
+            reset.event.as_deref(),
+            Some("reset"),
+            "{position}: {reset:?}"
+        );
+        assert!(reset.id.is_none());
+        // Then live events.
+        let id = 10 + sse.stats().resets as i64;
+        db.exec(&insert(id)).await;
+        assert_eq!(client.next_event().await.row(), id, "{position}");
     }
-    assert_eq!(rows.last(), Some(&3), "{rows:?}");
-    drop(client);
+    assert_eq!(sse.stats().resets, 3);
     sse.shutdown();
     handle.stop(true).await;
     server.await.unwrap().unwrap();

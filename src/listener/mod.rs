@@ -520,6 +520,7 @@ mod tests {
                     events: 1,
                     transaction: None,
                     last_in_transaction: None,
+                    read_point: None,
                 })
                 .collect();
             let Some(n) = outlet.forward(batch).await else {

@@ -228,6 +228,7 @@ impl Source for MysqlSource {
                         events: 1,
                         transaction: None,
                         last_in_transaction: None,
+                        read_point: None,
                     });
                 }
             }

@@ -417,6 +417,10 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
         unprotected(&s, 3, None)
     );
     let mark = format!("UPDATE {s}.consumers SET missed = $2 WHERE name = $1");
+    let trimmed = format!(
+        "INSERT INTO {s}.trimmed AS t (id, xid) VALUES (1, $1::text::xid8)
+         ON CONFLICT (id) DO UPDATE SET xid = GREATEST(t.xid, excluded.xid)"
+    );
     let (mut total, mut first) = (0u64, true);
     loop {
         let tx = client.transaction().await.map_err(err)?;
@@ -459,6 +463,12 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
             let newest = parse_xid(&row.get::<_, String>(1))?;
             n += row.get::<_, i64>(2).max(0) as u64;
             deleted.push((channel, newest));
+        }
+        if let Some(newest) = deleted.iter().map(|(_, newest)| *newest).max() {
+            // What a client resuming from an older position may lack (`replay.rs`).
+            tx.query_typed(&trimmed, &[(&newest.to_string(), Type::TEXT)])
+                .await
+                .map_err(err)?;
         }
         for (name, horizon, channels, missed) in &locked {
             let unread = deleted

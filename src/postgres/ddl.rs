@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS {s}.signing (
     ipad bytea NOT NULL,
     opad bytea NOT NULL
 );
+CREATE TABLE IF NOT EXISTS {s}.trimmed (
+    id integer PRIMARY KEY CHECK (id = 1),
+    xid xid8 NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {s}.consumers (
     name text PRIMARY KEY,
     horizon xid8 NOT NULL,

@@ -38,6 +38,7 @@ use super::ddl::SCHEMA;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::listener::Outlet;
+use crate::read_point::{ReadPoint, ReadSnapshots};
 use crate::sql::quote_ident;
 use crate::tier::STATEMENT_CHUNK_ROWS;
 
@@ -65,6 +66,10 @@ pub(crate) struct JournalCursor {
     pub horizon: Option<u64>,
     /// Ids delivered whose xid is at or above the horizon (they can be read again).
     seen: HashMap<i64, u64>,
+    /// The snapshot of the last complete read (`xmin:xmax:xip,…`): every transaction visible
+    /// to it has been delivered. The rows of the next read carry it in their
+    /// [`ReadPoint`](crate::ReadPoint)s.
+    snapshot: Option<String>,
 }
 
 impl JournalCursor {
@@ -74,6 +79,10 @@ impl JournalCursor {
         JournalCursor {
             horizon: Some(horizon),
             seen,
+            // Everything below the horizon was delivered (by an earlier run); what it
+            // delivered at or above it is in `seen`, which a snapshot cannot say: a client
+            // resuming from the first read's rows may get those again (see README, "Resume").
+            snapshot: Some(format!("{horizon}:{horizon}:")),
         }
     }
 
@@ -98,8 +107,9 @@ impl JournalCursor {
         outlet: Option<&Outlet>,
     ) -> Result<Option<u64>> {
         let sql = format!(
-            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.id = j.tx_last
-               FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS horizon) s
+            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last, s.snapshot::text
+               FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS horizon,
+                            pg_catalog.pg_current_snapshot() AS snapshot) s
                LEFT JOIN LATERAL (
                     SELECT id, xid, channel, payload, events,
                            pg_catalog.max(id) OVER (PARTITION BY xid) AS tx_last
@@ -121,14 +131,18 @@ impl JournalCursor {
         // A row counts as seen only once it has been handed to the decoder: if this read is
         // abandoned (lost connection), rows collected but not handed over are read again.
         let (mut batch, mut ids, mut delivered, mut horizon) = (Vec::new(), Vec::new(), 0, None);
-        let mut units = 0;
+        let (mut units, mut read) = (0, None);
         while let Some(row) = rows
             .try_next()
             .await
             .map_err(|e| Error::db("reading the journal", e))?
         {
-            let h: String = row.get(0);
-            horizon.get_or_insert(parse_xid(&h)?);
+            if horizon.is_none() {
+                let h = parse_xid(&row.get::<_, String>(0))?;
+                horizon = Some(h);
+                let before = self.snapshot.clone().unwrap_or_else(|| format!("{h}:{h}:"));
+                read = Some(ReadSnapshots::new(before, row.get(7)));
+            }
             let Some(id) = row.get::<_, Option<i64>>(1) else {
                 continue;
             };
@@ -143,6 +157,7 @@ impl JournalCursor {
             // A statement-capture row carries up to STATEMENT_CHUNK_ROWS events (a larger
             // count is someone else's row: clamped, the decoder checks it against the payload).
             let events = row.get::<_, i32>(5).clamp(1, STATEMENT_CHUNK_ROWS as i32) as u32;
+            let group: i64 = row.get(6);
             batch.push(RawNotification {
                 channel: row.get(3),
                 payload: row.get(4),
@@ -150,7 +165,8 @@ impl JournalCursor {
                 sequence: Some(id),
                 events,
                 transaction: Some(xid),
-                last_in_transaction: Some(row.get::<_, bool>(6)),
+                last_in_transaction: Some(id == group),
+                read_point: read.clone().map(|read| ReadPoint::new(read, group)),
             });
             ids.push((id, xid));
             units += events as usize;
@@ -176,6 +192,7 @@ impl JournalCursor {
         })?;
         self.seen.retain(|_, xid| *xid >= horizon);
         self.horizon = Some(horizon);
+        self.snapshot = read.map(|read| read.during.clone());
         Ok(Some(delivered))
     }
 }
@@ -199,7 +216,7 @@ pub(crate) async fn seen_xids(client: &Client, ids: &[i64]) -> Result<HashMap<i6
         .collect()
 }
 
-fn parse_xid(text: &str) -> Result<u64> {
+pub(crate) fn parse_xid(text: &str) -> Result<u64> {
     text.parse().map_err(|_| Error::InvalidPayload {
         channel: "journal".into(),
         reason: format!("unexpected transaction id {text:?}"),

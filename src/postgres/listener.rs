@@ -457,6 +457,7 @@ impl Reader {
                             events: 1,
                             transaction: None,
                             last_in_transaction: None,
+                            read_point: None,
                         });
                         if batch.len() >= MAX_BATCH {
                             return Poll::Ready(None);

@@ -14,6 +14,7 @@ mod dead_letters;
 pub(crate) mod effects;
 mod journal;
 mod listener;
+mod replay;
 mod signing;
 mod snapshot;
 
@@ -205,6 +206,19 @@ impl Dialect for Postgres {
         Ok(Arc::new(dead_letters::PgDeadLetters::new(
             self.control.clone(),
         )))
+    }
+
+    fn replay(
+        &self,
+        from: crate::replay::ReplayFrom,
+        channels: Vec<String>,
+        all: Vec<String>,
+        limit: i64,
+    ) -> BoxFuture<'static, Result<crate::replay::Replay>> {
+        let control = self.control.clone();
+        Box::pin(async move {
+            replay::replay(&*control.client().await?, from, &channels, &all, limit).await
+        })
     }
 
     fn open_snapshot(

@@ -41,6 +41,22 @@ impl Fence {
         })
     }
 
+    /// PostgreSQL's text form of a [`Fence::Postgres`] (`xmin:xmax:xip,…`).
+    #[cfg_attr(not(all(feature = "postgres", feature = "web")), allow(dead_code))]
+    pub fn postgres_text(&self) -> Option<String> {
+        match self {
+            Fence::Postgres {
+                xmin,
+                xmax,
+                running,
+            } => {
+                let running: Vec<String> = running.iter().map(u64::to_string).collect();
+                Some(format!("{xmin}:{xmax}:{}", running.join(",")))
+            }
+            Fence::Journal { .. } => None,
+        }
+    }
+
     /// Whether the snapshot already reflects `event` (its transaction had committed when the
     /// snapshot was taken), so the stream after the snapshot must skip it. An event that says
     /// nothing about its transaction or position is never skipped: a duplicate is better than

@@ -66,6 +66,7 @@ pub(crate) fn read_after(
                 events: 1,
                 transaction: None,
                 last_in_transaction: None,
+                read_point: None,
             });
         }
     }
@@ -82,8 +83,9 @@ pub(crate) fn replay(
     (since, cursor): (i64, i64),
     limit: i64,
     channels: &HashSet<String>,
-) -> Result<crate::dialect::Replay> {
-    use crate::dialect::Replay;
+) -> Result<crate::replay::Replay> {
+    use crate::replay::{Replay, ReplayFrom};
+    use crate::snapshot::fence::Fence;
     let (oldest, given): (Option<i64>, i64) = conn
         .query_row(
             "SELECT (SELECT min(id) FROM sqlnotify_journal),
@@ -100,7 +102,14 @@ pub(crate) fn replay(
         return Ok(Replay::TooOld);
     }
     let (rows, last, done) = read_after(conn, cursor, limit, channels)?;
-    Ok(Replay::Rows { rows, last, done })
+    Ok(Replay::Rows {
+        rows,
+        next: (!done).then_some(ReplayFrom::Journal {
+            since: last,
+            cursor: last,
+        }),
+        fence: Fence::Journal { head: last },
+    })
 }
 
 /// A TEXT column as a `String`. SQLite lets an application store text that is not UTF-8

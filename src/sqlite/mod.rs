@@ -248,11 +248,15 @@ impl Dialect for Sqlite {
 
     fn replay(
         &self,
+        from: crate::replay::ReplayFrom,
         channels: Vec<String>,
-        since: i64,
-        cursor: i64,
+        _all: Vec<String>,
         limit: i64,
-    ) -> BoxFuture<'static, Result<crate::dialect::Replay>> {
+    ) -> BoxFuture<'static, Result<crate::replay::Replay>> {
+        let crate::replay::ReplayFrom::Journal { since, cursor } = from else {
+            // A position of another dialect's journal.
+            return Box::pin(async { Ok(crate::replay::Replay::TooOld) });
+        };
         let channels = channels.into_iter().collect();
         self.blocking(move |conn| journal::replay(conn, (since, cursor), limit, &channels))
     }

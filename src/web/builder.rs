@@ -22,7 +22,8 @@ use crate::subscription::OverflowPolicy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SlowClient {
     /// Close its stream. A browser reconnects with `Last-Event-ID` and, where the dialect can
-    /// resume (SQLite), gets what it missed from the journal: no gap, no duplicate. Where it
+    /// resume (SQLite, PostgreSQL's journal tiers), gets what it missed from the journal: no
+    /// gap, no duplicate. Where it
     /// cannot, it gets a `reset` event. The default.
     #[default]
     Disconnect,

@@ -8,13 +8,30 @@
 use std::fmt::Write;
 
 use crate::event::ChangeEvent;
+use crate::read_point::is_snapshot_text;
+use crate::replay::ReplayFrom;
 
-/// Where an event stands in the journal: its journal row and its index in that row (statement
-/// capture), the `id:` of its frame — `"17"` for row 17 (index 0), `"17.2"` for its third row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Where an event stands in the journal: the `id:` of its frame, what a client sends back in
+/// `Last-Event-ID`.
+///
+/// * A journal in commit order (SQLite): its journal row and its index in that row (statement
+///   capture) — `"17"` for row 17 (index 0), `"17.2"` for its third row.
+/// * PostgreSQL's durable and poll tiers, whose journal ids are not in commit order: the same,
+///   then the point of the read that delivered it (`src/read_point.rs`) — `"17.2@19@A@B"`:
+///   the last journal id of its transaction, the snapshot of the read before and of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Position {
     pub sequence: i64,
     pub part: u32,
+    pub read: Option<ReadAt>,
+}
+
+/// The read a PostgreSQL journal row was delivered in (see [`Position`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReadAt {
+    pub group: i64,
+    pub before: String,
+    pub during: String,
 }
 
 impl Position {
@@ -23,28 +40,98 @@ impl Position {
         event.sequence().map(|sequence| Position {
             sequence,
             part: event.part(),
+            read: event.read_point().map(|point| ReadAt {
+                group: point.group,
+                before: point.read.before.clone(),
+                during: point.read.during.clone(),
+            }),
         })
     }
 
     /// Reads a `Last-Event-ID`; `None` when it is not one of ours.
     pub fn parse(text: &str) -> Option<Position> {
         let text = text.trim();
-        let (sequence, part) = match text.split_once('.') {
+        let mut fields = text.split('@');
+        let row = fields.next()?;
+        let read = match (fields.next(), fields.next(), fields.next(), fields.next()) {
+            (None, ..) => None,
+            (Some(group), Some(before), Some(during), None)
+                if !group.is_empty()
+                    && group.bytes().all(|b| b.is_ascii_digit())
+                    && is_snapshot_text(before)
+                    && is_snapshot_text(during) =>
+            {
+                Some(ReadAt {
+                    group: group.parse().ok()?,
+                    before: before.to_string(),
+                    during: during.to_string(),
+                })
+            }
+            _ => return None,
+        };
+        let (sequence, part) = match row.split_once('.') {
             Some((s, p)) => (s, p.parse().ok()?),
-            None => (text, 0),
+            None => (row, 0),
         };
         let sequence: i64 = sequence.parse().ok()?;
-        (sequence >= 0 && !text.starts_with('+')).then_some(Position { sequence, part })
+        (sequence >= 0 && !row.starts_with('+')).then_some(Position {
+            sequence,
+            part,
+            read,
+        })
+    }
+
+    /// Whether `event` (read from the journal for a client resuming from this position) is
+    /// one the client has: this position's row, up to this position's part — or, in a journal
+    /// in commit order, any row before it.
+    pub fn has(&self, event: &ChangeEvent) -> bool {
+        let (Some(sequence), part) = (event.sequence(), event.part()) else {
+            return false;
+        };
+        match self.read {
+            None => (sequence, part) <= (self.sequence, self.part),
+            Some(_) => sequence == self.sequence && part <= self.part,
+        }
+    }
+
+    /// Where a replay of the journal for a client at this position starts.
+    pub fn replay_from(&self) -> ReplayFrom {
+        match &self.read {
+            // Row `sequence` is read again: the client may lack its later statement rows.
+            // It must still be there when the client surely lacks some (`17.2` is a
+            // statement's row); after `17` it may be gone (trimmed after the client got it)
+            // — an ordinary row is one event. The one case this misses: the first event of a
+            // statement's journal row received, the row trimmed by retention before the
+            // client came back for the rest.
+            None => ReplayFrom::Journal {
+                since: if self.part > 0 {
+                    self.sequence - 1
+                } else {
+                    self.sequence
+                },
+                cursor: self.sequence - 1,
+            },
+            Some(read) => ReplayFrom::Read {
+                before: read.before.clone(),
+                during: read.during.clone(),
+                group: read.group,
+                id: self.sequence,
+                page: None,
+            },
+        }
     }
 }
 
 impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.part == 0 {
-            write!(f, "{}", self.sequence)
-        } else {
-            write!(f, "{}.{}", self.sequence, self.part)
+        write!(f, "{}", self.sequence)?;
+        if self.part != 0 {
+            write!(f, ".{}", self.part)?;
         }
+        if let Some(read) = &self.read {
+            write!(f, "@{}@{}@{}", read.group, read.before, read.during)?;
+        }
+        Ok(())
     }
 }
 
@@ -72,7 +159,12 @@ pub(crate) fn frame(id: Option<&str>, event: Option<&str>, data: &str) -> String
 /// The frame of a change event: `id` its position, `event` `table/operation`, `data` its
 /// JSON record ([`ChangeEvent::to_record`]).
 pub(crate) fn event_frame(event: &ChangeEvent) -> String {
-    let id = Position::of(event).map(|p| p.to_string());
+    event_frame_at(event, Position::of(event))
+}
+
+/// The frame of a change event at `position`.
+pub(crate) fn event_frame_at(event: &ChangeEvent, position: Option<Position>) -> String {
+    let id = position.map(|p| p.to_string());
     let name = format!("{}/{}", event.table(), event.operation().as_str());
     frame(id.as_deref(), Some(&name), &event.to_record())
 }
@@ -112,20 +204,86 @@ mod tests {
 
     #[test]
     fn positions_round_trip_and_reject_what_is_not_ours() {
-        for text in ["0", "17", "17.2"] {
+        for text in [
+            "0",
+            "17",
+            "17.2",
+            "17@19@5:9:6,7@5:12:",
+            "17.2@17@5:5:@5:6:",
+        ] {
             assert_eq!(Position::parse(text).unwrap().to_string(), text);
         }
         assert_eq!(
             Position::parse("17"),
             Some(Position {
                 sequence: 17,
-                part: 0
+                part: 0,
+                read: None,
             })
         );
-        assert!(Position::parse("17.0") < Position::parse("17.1"));
-        assert!(Position::parse("17.9") < Position::parse("18"));
-        for bad in ["", "-1", "+3", "x", "1.x", "1.-1", "1.2.3"] {
+        assert_eq!(
+            Position::parse("17@19@5:9:6,7@5:12:").unwrap().read,
+            Some(ReadAt {
+                group: 19,
+                before: "5:9:6,7".into(),
+                during: "5:12:".into(),
+            })
+        );
+        for bad in [
+            "",
+            "-1",
+            "+3",
+            "x",
+            "1.x",
+            "1.-1",
+            "1.2.3",
+            "17@19",
+            "17@19@5:9:",
+            "17@19@5:9:@5:9:@1",
+            "17@+19@5:9:@5:9:",
+            "17@-1@5:9:@5:9:",
+            "17@19@5:9:'@5:9:",
+            "17@19@5:9:@5;9:",
+        ] {
             assert_eq!(Position::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_position_has_the_rows_before_it_in_commit_order_and_its_own_row_up_to_its_part() {
+        use crate::event::{Channel, RawNotification};
+        use std::sync::Arc;
+        let channel = Arc::new(Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: crate::operation::Operation::Insert,
+            label: None,
+            key_columns: vec!["id".into()],
+            extra_columns: vec![],
+            tier: crate::tier::Tier::Durable,
+            signed: false,
+        });
+        let event = |sequence: i64, part: u32| {
+            let raw = RawNotification::new("c", "{}").with_sequence(sequence);
+            crate::event::ChangeEvent::new(
+                channel.clone(),
+                crate::event::Key::Single(1.into()),
+                Default::default(),
+                &raw,
+                false,
+            )
+            .placed(0, part)
+        };
+        let journal = Position::parse("17.1").unwrap();
+        assert!(journal.has(&event(16, 5)) && journal.has(&event(17, 1)));
+        assert!(!journal.has(&event(17, 2)) && !journal.has(&event(18, 0)));
+        let read = Position::parse("17.1@20@5:9:@5:12:").unwrap();
+        assert!(read.has(&event(17, 0)) && read.has(&event(17, 1)));
+        assert!(!read.has(&event(17, 2)), "a later row of its statement");
+        assert!(
+            !read.has(&event(16, 0)),
+            "a lower id can be a later transaction"
+        );
     }
 }

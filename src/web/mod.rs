@@ -13,11 +13,12 @@
 //! query parameter `last_event_id` instead ([`LAST_EVENT_ID_PARAM`]): a page that read the
 //! table and the journal's position in one transaction opens
 //! `/events?last_event_id=POSITION` and misses nothing between the two. The header, when
-//! present, wins (a browser's reconnect sends the last id it got) — on SQLite, whose journal ids are
-//! in commit order. Where the events after the position are no longer in the journal, or on a
-//! dialect that cannot resume yet (PostgreSQL, whose journal ids are not in commit order, and
-//! MySQL), the client gets an explicit `event: reset` instead: it should reload its state. A
-//! gap is never silent.
+//! present, wins (a browser's reconnect sends the last id it got). Resuming works on SQLite and
+//! on PostgreSQL's durable and poll tiers (a PostgreSQL event's id names the journal read that
+//! delivered it, since its journal ids are not in commit order — see README, "Resume"). Where
+//! the events after the position are no longer in the journal, on PostgreSQL's notify tier
+//! (no journal, no ids) and on MySQL, the client gets an explicit `event: reset` instead: it
+//! should reload its state. A gap is never silent.
 //!
 //! A slow client is contained by its buffer and the endpoint's [`SlowClient`] policy, never by
 //! memory growth or by holding up anyone else; idle streams get heartbeat comments;

@@ -4,9 +4,11 @@
 //! notifier stops.
 //!
 //! Resuming without a gap or a duplicate: the live subscriptions are made before the journal
-//! is read, so a row committed meanwhile is in both; every live event at or below the last
-//! journal row read is dropped. Journal ids are in commit order where a dialect resumes
-//! (SQLite), so what is above that row arrives live, in order.
+//! is read, so a row committed meanwhile is in both; every live event the replay read covers
+//! (its [`Fence`]) is dropped. SQLite: journal ids are in commit order, so the fence is the
+//! last journal row read and what is above it arrives live, in order. PostgreSQL: the replay
+//! reads in one snapshot (`src/postgres/replay.rs`), and the live events of transactions that
+//! snapshot saw are dropped.
 
 use std::sync::Arc;
 
@@ -14,12 +16,14 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::builder::{Config, SlowClient};
-use super::frame::{comment, event_frame, frame, retry, Position};
+use super::frame::{comment, event_frame, event_frame_at, frame, retry, Position};
 use super::stats::Counters;
-use crate::dialect::Replay;
 use crate::event::ChangeEvent;
 use crate::filter::Filter;
+use crate::read_point::later_snapshot;
 use crate::registry::Unsubscribe;
+use crate::replay::{Replay, ReplayFrom};
+use crate::snapshot::fence::Fence;
 use crate::stream_sink::{Received, StreamReceiver};
 use crate::subscription::SubscriptionId;
 
@@ -36,11 +40,10 @@ pub(crate) enum Start {
 
 enum Phase {
     Start(Start),
-    /// Reading the journal: the next page starts after journal id `cursor`; every row after
-    /// `since` must still be there; events at or before `after` are the client's already.
+    /// Reading the journal: the next page starts at `from`; the client has `after` and what
+    /// came before it.
     Replaying {
-        since: i64,
-        cursor: i64,
+        from: ReplayFrom,
         after: Position,
     },
     Live,
@@ -56,8 +59,8 @@ pub(crate) struct Connection {
     /// journal rows as the registry selects live events.
     routes: Vec<(String, Vec<Filter>)>,
     phase: Phase,
-    /// Live events at or below this journal id were sent from the journal.
-    floor: Option<i64>,
+    /// The live events the journal replay sent already.
+    floor: Option<Fence>,
     heartbeat: Interval,
     shutdown: watch::Receiver<bool>,
 }
@@ -100,11 +103,7 @@ impl Connection {
                 None
             }
             Phase::Start(start) => Some(self.start(start)),
-            Phase::Replaying {
-                since,
-                cursor,
-                after,
-            } => self.replay(since, cursor, after).await,
+            Phase::Replaying { from, after } => self.replay(from, after).await,
             Phase::Live => self.live().await,
         }
     }
@@ -114,20 +113,8 @@ impl Connection {
         match start {
             Start::Live => {}
             Start::After(after) => {
-                // Row `after.sequence` is read again: the client may lack its later statement
-                // rows. It must still be there when the client surely lacks some (`17.2` is
-                // a statement's row); after `17` it may be gone (trimmed after the client
-                // got it) — an ordinary row is one event. The one case this misses: the
-                // first event of a statement's journal row received, the row trimmed by
-                // retention before the client came back for the rest.
-                let since = if after.part > 0 {
-                    after.sequence - 1
-                } else {
-                    after.sequence
-                };
                 self.phase = Phase::Replaying {
-                    since,
-                    cursor: after.sequence - 1,
+                    from: after.replay_from(),
                     after,
                 };
             }
@@ -142,36 +129,41 @@ impl Connection {
         frame(None, Some("reset"), &data)
     }
 
-    async fn replay(&mut self, since: i64, cursor: i64, after: Position) -> Option<String> {
+    async fn replay(&mut self, from: ReplayFrom, after: Position) -> Option<String> {
         let notifier = &self.config.notifier;
         let mut channels: Vec<String> = self.routes.iter().map(|(c, _)| c.clone()).collect();
         channels.sort();
         channels.dedup();
+        // The channels the listener reads the journal for: the order of a PostgreSQL read
+        // depends on them.
+        let all: Vec<String> = notifier
+            .channel_set()
+            .list()
+            .into_iter()
+            .filter(|c| matches!(c.tier(), crate::Tier::Durable | crate::Tier::Poll))
+            .map(|c| c.name().to_string())
+            .collect();
         let read = notifier
             .dialect()
-            .replay(channels, since, cursor, self.config.replay_page)
+            .replay(from, channels, all, self.config.replay_page)
             .await;
         match read {
-            Ok(Replay::Rows { rows, last, done }) => {
+            Ok(Replay::Rows { rows, next, fence }) => {
                 let store = notifier.dialect().overflow_store();
                 let events =
                     crate::decoder::decode_replayed(rows, notifier.channel_set(), &*store).await;
                 let mut out = String::new();
                 for event in events {
-                    if Position::of(&event).is_some_and(|p| p <= after) || !self.selects(&event) {
+                    if after.has(&event) || !self.selects(&event) {
                         continue;
                     }
                     Counters::add(&self.config.counters.replayed, 1);
                     Counters::add(&self.config.counters.events, 1);
                     out += &event_frame(&event);
                 }
-                self.floor = Some(last);
-                if !done {
-                    self.phase = Phase::Replaying {
-                        since: last,
-                        cursor: last,
-                        after,
-                    };
+                self.floor = Some(fence);
+                if let Some(from) = next {
+                    self.phase = Phase::Replaying { from, after };
                 }
                 if out.is_empty() {
                     // Nothing of this client's on that page: go on at once.
@@ -195,6 +187,22 @@ impl Connection {
                 None
             }
         }
+    }
+
+    /// The position of a live event, as this client has it. After a PostgreSQL replay the
+    /// client has every transaction the replay's snapshot saw — also those the listener, if
+    /// it lags, delivers only later, in the same read as this event or after it: the snapshot
+    /// of what it had before this event's read is the later of the two (`src/read_point.rs`),
+    /// so a resume from here does not send those again.
+    fn position(&self, event: &ChangeEvent) -> Option<Position> {
+        let mut position = Position::of(event)?;
+        if let (Some(read), Some(replayed)) = (
+            position.read.as_mut(),
+            self.floor.as_ref().and_then(Fence::postgres_text),
+        ) {
+            read.before = later_snapshot(&read.before, &replayed).to_string();
+        }
+        Some(position)
     }
 
     /// Whether a granted subscription selects `event` (a journal row read for a resume).
@@ -222,21 +230,23 @@ impl Connection {
             };
             match received {
                 Received::Event(event) => {
-                    let position = event.sequence();
                     if self
                         .floor
-                        .is_some_and(|floor| position.is_some_and(|p| p <= floor))
+                        .as_ref()
+                        .is_some_and(|floor| floor.covers(&event))
                     {
                         continue;
                     }
                     Counters::add(&self.config.counters.events, 1);
-                    return Some(event_frame(&event));
+                    return Some(event_frame_at(&event, self.position(&event)));
                 }
                 Received::Lost(lost) => {
-                    if self
-                        .floor
-                        .is_some_and(|floor| lost.newest.is_some_and(|n| n <= floor))
-                    {
+                    if self.floor.as_ref().is_some_and(|floor| match floor {
+                        Fence::Journal { head } => lost.newest.is_some_and(|n| n <= *head),
+                        // Which transactions the lost events were of is not known: counted
+                        // as lost (a lag notice), though the replay may have sent them.
+                        _ => false,
+                    }) {
                         // Waiting live events the journal replay sent already.
                         continue;
                     }

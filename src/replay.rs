@@ -1,0 +1,57 @@
+//! The dialect boundary of resuming a stream (the SSE endpoint's `Last-Event-ID`): where a
+//! replay of the journal for a client stands ([`ReplayFrom`]) and what a dialect reads for it
+//! ([`Replay`]).
+
+use crate::event::RawNotification;
+use crate::snapshot::fence::Fence;
+
+/// Where a client's replay of the journal stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) enum ReplayFrom {
+    /// A journal in commit order (SQLite): the rows after journal id `cursor`; every row
+    /// after `since` must still be there.
+    Journal { since: i64, cursor: i64 },
+    /// After a row of a PostgreSQL journal read (see `src/read_point.rs`): that read's
+    /// snapshots, the last journal id of the row's transaction (`group`) and the row's id.
+    /// `page`: where the replay is, once its first page was read.
+    Read {
+        before: String,
+        during: String,
+        group: i64,
+        id: i64,
+        page: Option<ReadPage>,
+    },
+}
+
+/// How far a PostgreSQL replay got: the snapshot its first page was read in (every page reads
+/// what that snapshot saw, so the pages add up to one consistent read) and the key of the last
+/// row read — (read after the client's read, its transaction's last id, its id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) struct ReadPage {
+    pub snapshot: String,
+    pub key: (bool, i64, i64),
+}
+
+/// What a journal holds after a position, for a client that resumes from it.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) enum Replay {
+    /// Rows after the position on the channels asked for, in the order the listener delivers
+    /// them.
+    Rows {
+        /// The rows.
+        rows: Vec<RawNotification>,
+        /// Where the next page starts; `None` when this was the last one.
+        next: Option<ReplayFrom>,
+        /// The live events the replay read so far covers (a client drops them when they
+        /// arrive live).
+        fence: Fence,
+    },
+    /// Rows after the position may be gone (trimmed by retention), or the position is not one
+    /// of this journal's: the client must start over.
+    TooOld,
+    /// This dialect or tier cannot resume from a position.
+    Unsupported,
+}
