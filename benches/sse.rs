@@ -127,10 +127,11 @@ fn main() {
     ];
     let started = Instant::now();
     println!(
-        "SSE fan-out benchmark: {} clients on loopback, {} s of writing per scenario; {}",
+        "SSE fan-out benchmark: {} clients on loopback, {} s of writing per scenario; {}; load average {}",
         count(clients as f64),
         run_time.as_secs(),
-        common::machine()
+        common::machine(),
+        load_average()
     );
     let mut table = Table::new(&[
         "scenario",
@@ -149,7 +150,18 @@ fn main() {
         }
     }
     println!("\n{}", table.render());
-    println!("({:.0} s in all)", started.elapsed().as_secs_f64());
+    println!(
+        "({:.0} s in all; load average {})",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+}
+
+/// The 1, 5 and 15 minute load averages (/proc/loadavg): how busy the shared machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// The soft limit on open files (`Max open files` of /proc/self/limits).
@@ -433,9 +445,10 @@ fn run_in(
             after_connect.cpu_pct(&idle_end)
         ),
         format!(
-            "connecting {:.0}% over {:.2} s",
+            "connecting: {:.0}% of a core over {:.2} s, {:.0} µs of server CPU per connection",
             before.cpu_pct(&after_connect),
-            connect_time.as_secs_f64()
+            connect_time.as_secs_f64(),
+            after_connect.cpu.saturating_sub(before.cpu).as_secs_f64() * 1e6 / connected as f64
         ),
         format!(
             "server RSS {} kB before connecting, +{} kB with the clients ({:.1} kB per client), {} kB after the run, VmHWM {} kB",
