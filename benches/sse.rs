@@ -371,6 +371,8 @@ fn run_in(
     let (mut received, mut duplicates, mut misrouted, mut notices, mut closed) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut last_arrival = 0u64;
+    // Per row: its last arrival at any client (every client's, with `/all`).
+    let mut row_last = vec![0u64; written.commit_ns.len()];
     for outcome in &outcomes {
         received += outcome.arrivals.len() as u64;
         misrouted += outcome.misrouted;
@@ -383,6 +385,9 @@ fn run_in(
             }
             newest = newest.max(id);
             last_arrival = last_arrival.max(at);
+            if let Some(last) = row_last.get_mut(id as usize) {
+                *last = (*last).max(at);
+            }
             let (Some(&sent), Some(&commit)) = (
                 written.sent_ns.get(id as usize),
                 written.commit_ns.get(id as usize),
@@ -398,6 +403,14 @@ fn run_in(
     }
     after_commit.sort_by(f64::total_cmp);
     after_send.sort_by(f64::total_cmp);
+    // Commit → the row's last client, per row (with `/all`: how long one row's fan-out takes).
+    let mut fan_out_ms: Vec<f64> = row_last
+        .iter()
+        .zip(&written.commit_ns)
+        .filter(|(&last, &commit)| last > 0 && commit > 0)
+        .map(|(&last, &commit)| (last as f64 - commit as f64) / 1e6)
+        .collect();
+    fan_out_ms.sort_by(f64::total_cmp);
     let unique = received - duplicates;
     let missing = expected.saturating_sub(unique);
     let first_commit = written
@@ -421,6 +434,7 @@ fn run_in(
     let p = |v: &[f64], q: f64| ms(percentile(v, q));
     let max = |v: &[f64]| v.last().map_or("—".into(), |&m| ms(m));
 
+    let idle_pct = after_connect.cpu_pct(&idle_end);
     let mut details = vec![
         format!(
             "{} of {} clients connected in {:.2} s",
@@ -440,10 +454,7 @@ fn run_in(
             p(&after_send, 50.0),
             p(&after_send, 99.0)
         ),
-        format!(
-            "server CPU idle with every client connected {:.1}%",
-            after_connect.cpu_pct(&idle_end)
-        ),
+        format!("server CPU idle with every client connected {idle_pct:.1}%"),
         format!(
             "connecting: {:.0}% of a core over {:.2} s, {:.0} µs of server CPU per connection",
             before.cpu_pct(&after_connect),
@@ -466,6 +477,29 @@ fn run_in(
             "duplicates {duplicates}, misrouted {misrouted}, lag/reset notices {notices}, streams closed early {closed}"
         ),
     ];
+    if unique > 0 {
+        details.insert(
+            2,
+            format!(
+                "server CPU per delivery {:.1} µs (while writing, above its idle CPU)",
+                (write_end.cpu.saturating_sub(write_start.cpu).as_secs_f64()
+                    - idle_pct / 100.0 * write_wall.as_secs_f64())
+                .max(0.0)
+                    * 1e6
+                    / unique as f64
+            ),
+        );
+    }
+    if scenario.fan_out == FanOut::Everyone {
+        details.insert(
+            2,
+            format!(
+                "commit → a row's last client p50/p99 {} / {} ms",
+                p(&fan_out_ms, 50.0),
+                p(&fan_out_ms, 99.0)
+            ),
+        );
+    }
     if let Some(stats) = stats {
         details.push(format!("server: {stats}"));
     }
