@@ -38,7 +38,10 @@
 //! every 15 s, the default); write for the run time (10 s, 2 s with `--quick`) and sample at
 //! its start and end; wait until every expected event arrived (or nothing arrived for a while,
 //! bounded; then the missing ones are reported); stop the clients and the server, which prints
-//! its endpoint's counters. Nothing is asserted: numbers are printed, as a markdown table.
+//! its endpoint's counters. Besides the latency percentiles over every delivery: per row, the
+//! commit → its last client (how long a row's fan-out takes), the server's CPU per delivery
+//! above its idle CPU, and its memory per connected client. Nothing is asserted: numbers are
+//! printed, as a markdown table.
 //!
 //! Run: `cargo bench --features web --bench sse -- [--quick] [--clients=N] [--only=…]`
 //! (default 10,000 clients, 2,000 with `--quick`). The process needs a file descriptor per
