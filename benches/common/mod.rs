@@ -83,7 +83,12 @@ pub fn refuse_unless_bench(args: &Args, name: &str) -> bool {
 
 /// A field of /proc/self/status, in kB (VmRSS, VmHWM …).
 pub fn proc_status_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_status_kb_of("self", field)
+}
+
+/// A field of /proc/PID/status of another process (`pid` a number, or `self`), in kB.
+pub fn proc_status_kb_of(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -96,7 +101,12 @@ pub fn proc_status_kb(field: &str) -> u64 {
 
 /// CPU time (user + system) this process has used so far.
 pub fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_time_of("self")
+}
+
+/// CPU time (user + system, all its threads) process `pid` (a number, or `self`) has used so far.
+pub fn cpu_time_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses and may contain spaces).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
