@@ -413,13 +413,16 @@ impl ChangeEvent {
     /// The id of the transaction that made the change: the same for every event of one
     /// transaction, different across transactions. On PostgreSQL it is the writer's top-level
     /// transaction id (`xid8`, as `pg_current_xact_id()` reports it; a savepoint's rows carry
-    /// their top-level transaction's id), on every tier. `None` on SQLite and MySQL, whose
-    /// triggers have no transaction id to read, and on custom notifications.
+    /// their top-level transaction's id), on every tier. On SQLite, for writes on connections
+    /// that track their transactions (`sqlnotify::sqlite_transactions::track`): the id of the
+    /// transaction's first journal row. `None` for other SQLite writers, on MySQL (whose
+    /// triggers have no transaction id to read: see README, "Transactions") and on custom
+    /// notifications.
     pub fn transaction_id(&self) -> Option<u64> {
         self.inner.transaction
     }
     /// Whether this is the last event of its transaction, on PostgreSQL's durable and poll
-    /// tiers (`None` elsewhere). The events of one transaction arrive together, one after
+    /// tiers and for SQLite writers that track their transactions (`None` elsewhere). The events of one transaction arrive together, one after
     /// another, so a subscriber can collect them and apply the transaction as a unit when it
     /// sees `Some(true)`. The mark is counted over the notifier's watches: a subscription
     /// whose filters drop the transaction's last event does not see it — such a subscriber

@@ -187,6 +187,9 @@ mod sqlite;
 /// Context values on SQLite, set per connection ([`Watch::context`]).
 #[cfg(feature = "sqlite")]
 pub use crate::sqlite::context as sqlite_context;
+/// Transaction ids on SQLite, tracked per connection ([`ChangeEvent::transaction_id`]).
+#[cfg(feature = "sqlite")]
+pub use crate::sqlite::transactions as sqlite_transactions;
 
 pub use crate::acked::{Deliveries, Delivery};
 pub use crate::builder::NotifierBuilder;

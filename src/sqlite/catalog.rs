@@ -142,6 +142,17 @@ pub(crate) fn enable_wal(conn: &Connection, timeout: std::time::Duration) -> Res
     Ok(())
 }
 
+/// Whether the journal has its `tx` column (journals of older versions lack it).
+pub(crate) fn journal_has_tx(conn: &Connection) -> Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('sqlnotify_journal', 'main') WHERE name = 'tx'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+    .map_err(db_err("reading the columns of sqlnotify_journal"))
+}
+
 /// Installs (or, with `manage_triggers` off, verifies) `watches`, atomically.
 pub(crate) fn install(
     conn: &mut Connection,
@@ -156,6 +167,10 @@ pub(crate) fn install(
     in_write_transaction(conn, "installing triggers", options.timeout, |tx| {
         tx.execute_batch(&ddl::setup_sql())
             .map_err(db_err("creating the sqlnotify tables"))?;
+        if !journal_has_tx(tx)? {
+            tx.execute_batch(ddl::JOURNAL_TX_UPGRADE)
+                .map_err(db_err("adding the tx column to sqlnotify_journal"))?;
+        }
         if options.cleanup_on_start {
             let removed = drop_all(tx)?;
             log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");

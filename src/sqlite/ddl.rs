@@ -19,7 +19,8 @@ pub(crate) const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";
 const MAX_OBJECT_COLUMNS: usize = 60;
 
 /// Creates sqlnotify's tables if missing. Runs inside the install transaction. (A consumers
-/// table of an older version gets its new columns from `consumers::ensure`.)
+/// table of an older version gets its new columns from `consumers::ensure`, a journal its
+/// `tx` column from [`JOURNAL_TX_UPGRADE`].)
 pub(crate) fn setup_sql() -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS sqlnotify_catalog (
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS sqlnotify_journal (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     channel TEXT NOT NULL,
     payload TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    tx INTEGER
 );
 CREATE TABLE IF NOT EXISTS sqlnotify_consumers (
     name TEXT PRIMARY KEY,
@@ -163,6 +165,17 @@ pub(crate) const CONTEXT_TRIGGER: &str = "CREATE TEMP TRIGGER IF NOT EXISTS sqln
      FROM json_each(NEW.payload, '$.__sqlnotify.context') AS k \
      LEFT JOIN temp.sqlnotify_context AS c ON c.name = k.key))) \
      WHERE id = NEW.id; END";
+
+/// Adds the `tx` column to a journal of an older version (run when `pragma_table_info` lacks
+/// it: SQLite has no `ADD COLUMN IF NOT EXISTS`). Adding a nullable column rewrites nothing.
+pub(crate) const JOURNAL_TX_UPGRADE: &str = "ALTER TABLE sqlnotify_journal ADD COLUMN tx INTEGER";
+
+/// The per-connection trigger that records the writer's transaction in each journal row of a
+/// connection that tracks its transactions ([`crate::sqlite_transactions::track`]):
+/// `sqlnotify_tx(id)` is a function registered on that connection only (like the TEMP
+/// trigger itself, so no other connection can fail on it) that answers the id of the
+/// transaction's first journal row. Dropping the journal drops it too.
+pub(crate) const TRANSACTION_TRIGGER: &str = "CREATE TEMP TRIGGER IF NOT EXISTS sqlnotify_tx      AFTER INSERT ON main.sqlnotify_journal FOR EACH ROW      BEGIN UPDATE sqlnotify_journal SET tx = sqlnotify_tx(NEW.id) WHERE id = NEW.id; END";
 
 /// `CREATE TRIGGER` for a watch: append the payload to the journal.
 pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {

@@ -33,29 +33,57 @@ pub(crate) fn head(conn: &Connection) -> Result<i64> {
     .map_err(db_err("reading the journal head"))
 }
 
-/// Reads up to `limit` rows after `cursor`; keeps those on `channels`. Returns the kept rows,
-/// the id of the last row looked at (the new cursor), and whether that was every row there
-/// is (fewer than `limit` came back).
+/// Most rows a read takes past its `limit` to end on a transaction's last row.
+const MAX_EXTENSION: i64 = 100_000;
+
+/// Reads up to `limit` rows after `cursor` — more to end with a whole transaction, when its
+/// rows say which (`tx`, written for connections that track their transactions; see
+/// [`crate::sqlite_transactions`]) — and keeps those on `channels`, the last kept row of each
+/// transaction marked. Returns the kept rows, the id of the last row looked at (the new
+/// cursor), and whether that was every row there is.
+///
+/// A transaction's journal rows are consecutive (one writer at a time), so a read that ends
+/// where the next row belongs to another transaction (or where there is none: a transaction
+/// commits all of its rows at once) has every row of its last transaction; one larger than
+/// [`MAX_EXTENSION`] rows past `limit` is cut, and its last kept row there says `None`.
 pub(crate) fn read_after(
     conn: &Connection,
     cursor: i64,
     limit: i64,
     channels: &HashSet<String>,
 ) -> Result<(Vec<RawNotification>, i64, bool)> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT id, channel, payload FROM sqlnotify_journal WHERE id > ?1 ORDER BY id LIMIT ?2",
-        )
-        .map_err(db_err("reading the journal"))?;
+    // A journal of an older version, where sqlnotify does not manage the tables, has no `tx`.
+    let mut stmt = match conn.prepare_cached(
+        "SELECT id, channel, payload, tx FROM sqlnotify_journal WHERE id > ?1 ORDER BY id",
+    ) {
+        Ok(stmt) => stmt,
+        Err(_) => conn
+            .prepare_cached(
+                "SELECT id, channel, payload, NULL FROM sqlnotify_journal WHERE id > ?1 ORDER BY id",
+            )
+            .map_err(db_err("reading the journal"))?,
+    };
     let mut rows = stmt
-        .query(params![cursor, limit])
+        .query(params![cursor])
         .map_err(db_err("reading the journal"))?;
-    let (mut out, mut last, mut looked) = (Vec::new(), cursor, 0);
+    let (mut out, mut last, mut looked) = (Vec::new(), cursor, 0i64);
+    let (mut previous_tx, mut done, mut cut) = (None::<i64>, true, false);
     let now = SystemTime::now();
     while let Some(row) = rows.next().map_err(db_err("reading the journal"))? {
+        let tx: Option<i64> = row.get(3).unwrap_or(None);
+        if looked >= limit {
+            let same = tx.is_some() && tx == previous_tx;
+            if !same || looked >= limit + MAX_EXTENSION {
+                // Left for the next read.
+                done = false;
+                cut = same;
+                break;
+            }
+        }
         let id: i64 = row.get(0).map_err(db_err("reading the journal"))?;
         last = id;
         looked += 1;
+        previous_tx = tx;
         let channel = text(row, 1)?;
         if channels.contains(&channel) {
             out.push(RawNotification {
@@ -64,13 +92,31 @@ pub(crate) fn read_after(
                 received_at: now,
                 sequence: Some(id),
                 events: 1,
-                transaction: None,
-                last_in_transaction: None,
+                transaction: tx.map(|t| t as u64),
+                last_in_transaction: tx.map(|_| true),
                 read_point: None,
             });
         }
     }
-    Ok((out, last, looked < limit))
+    mark_transactions(&mut out, cut);
+    Ok((out, last, done))
+}
+
+/// Marks the last row of each transaction among `rows` (consecutive per transaction, each
+/// marked last so far): a row followed by one of the same transaction is not. `cut`: the
+/// read stopped inside the last row's transaction, so whether that row is its last is not
+/// known.
+fn mark_transactions(rows: &mut [RawNotification], cut: bool) {
+    for i in 1..rows.len() {
+        if rows[i].transaction.is_some() && rows[i].transaction == rows[i - 1].transaction {
+            rows[i - 1].last_in_transaction = Some(false);
+        }
+    }
+    if cut {
+        if let Some(row) = rows.last_mut() {
+            row.last_in_transaction = None;
+        }
+    }
 }
 
 /// [`read_after`] `cursor` for a client that resumes, or `TooOld` when a row after `since`
@@ -130,4 +176,93 @@ pub(crate) fn append(conn: &Connection, channel: &str, payload: &str) -> Result<
     ))
     .and_then(|mut s| s.insert(params![channel, payload]))
     .map_err(db_err(format!("writing a notification on {channel}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(tx: Option<u64>) -> RawNotification {
+        let mut raw = RawNotification::new("c", "{}");
+        raw.transaction = tx;
+        raw.last_in_transaction = tx.map(|_| true);
+        raw
+    }
+
+    fn marks(rows: &[RawNotification]) -> Vec<Option<bool>> {
+        rows.iter().map(|r| r.last_in_transaction).collect()
+    }
+
+    #[test]
+    fn the_last_row_of_each_transaction_is_marked() {
+        let mut rows = vec![
+            row(Some(1)),
+            row(Some(1)),
+            row(None),
+            row(Some(4)),
+            row(Some(5)),
+        ];
+        mark_transactions(&mut rows, false);
+        assert_eq!(
+            marks(&rows),
+            [Some(false), Some(true), None, Some(true), Some(true)]
+        );
+    }
+
+    #[test]
+    fn a_read_cut_inside_a_transaction_does_not_guess_its_last_row() {
+        let mut rows = vec![row(Some(1)), row(Some(2)), row(Some(2))];
+        mark_transactions(&mut rows, true);
+        assert_eq!(marks(&rows), [Some(true), Some(false), None]);
+    }
+
+    #[test]
+    fn reads_end_with_a_whole_transaction_and_mark_it() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&crate::sqlite::ddl::setup_sql())
+            .unwrap();
+        let insert = |channel: &str, tx: Option<i64>| {
+            conn.execute(
+                "INSERT INTO sqlnotify_journal (channel, payload, created_at, tx) VALUES (?1, '{}', 0, ?2)",
+                params![channel, tx],
+            )
+            .unwrap();
+        };
+        // Transaction 1: rows 1-3 (row 3 on another channel); untracked row 4; transaction 5:
+        // rows 5-6.
+        for (channel, tx) in [("a", Some(1)), ("a", Some(1)), ("b", Some(1)), ("a", None)] {
+            insert(channel, tx);
+        }
+        insert("a", Some(5));
+        insert("a", Some(5));
+        let channels: HashSet<String> = ["a".to_string()].into();
+        // A limit of 1 still reads transaction 1 whole: its last kept row is row 2.
+        let (rows, last, done) = read_after(&conn, 0, 1, &channels).unwrap();
+        assert_eq!((last, done), (3, false));
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.sequence, r.transaction, r.last_in_transaction))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(1), Some(1), Some(false)),
+                (Some(2), Some(1), Some(true))
+            ]
+        );
+        let (rows, last, done) = read_after(&conn, 3, 10, &channels).unwrap();
+        assert_eq!((last, done), (6, true));
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.sequence, r.transaction, r.last_in_transaction))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(4), None, None),
+                (Some(5), Some(5), Some(false)),
+                (Some(6), Some(5), Some(true))
+            ]
+        );
+    }
 }

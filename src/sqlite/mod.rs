@@ -19,6 +19,7 @@ mod dead_letters;
 mod journal;
 mod listener;
 mod snapshot;
+pub mod transactions;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,170 @@
+//! Transaction ids on SQLite (issue 15 §1): a connection that calls
+//! `sqlnotify::sqlite_transactions::track` gives every event of one transaction the same id
+//! and every transaction another one, the last event of each marked — across watches,
+//! autocommit statements, savepoints rolled back to and rollbacks; connections that do not
+//! track write as before and their events say `None`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sqlite_file::SqliteFile;
+use rusqlite::Connection;
+use sqlnotify::{ChangeEvent, Notifier, Operation, Subscription, Watch};
+
+/// How long nothing more must arrive after the expected events.
+const QUIET: Duration = Duration::from_millis(300);
+
+fn writer(db: &SqliteFile) -> Connection {
+    let conn = Connection::open(&db.path).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn
+}
+
+/// (row id, operation, transaction id, last mark) of each event.
+fn summary(events: &[ChangeEvent]) -> Vec<(i64, &'static str, Option<u64>, Option<bool>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.id().as_i64().unwrap(),
+                e.operation().as_str(),
+                e.transaction_id(),
+                e.last_in_transaction(),
+            )
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn tracked_connections_give_each_transaction_one_id_and_mark_its_last_event() {
+    let db =
+        SqliteFile::new("CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL DEFAULT 0)");
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Insert).extra_columns(["v"]))
+        .watch(Watch::new("t", Operation::Update).extra_columns(["v"]))
+        .start()
+        .await
+        .unwrap();
+    // Both watches into one channel; sorted by journal position below (commit order).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for op in [Operation::Insert, Operation::Update] {
+        let tx = tx.clone();
+        notifier
+            .subscribe_fn(Subscription::new("t", op), move |e| {
+                let _ = tx.send(e);
+            })
+            .await
+            .unwrap();
+    }
+    let (mut a, mut c, b) = (writer(&db), writer(&db), writer(&db));
+    sqlnotify::sqlite_transactions::track(&a).unwrap();
+    sqlnotify::sqlite_transactions::track(&a).unwrap(); // twice does no harm
+    sqlnotify::sqlite_transactions::track(&c).unwrap();
+
+    // A: one transaction over two watches.
+    let tx = a.transaction().unwrap();
+    tx.execute("INSERT INTO t (id) VALUES (1)", []).unwrap();
+    tx.execute("INSERT INTO t (id) VALUES (2)", []).unwrap();
+    tx.execute("UPDATE t SET v = 1 WHERE id = 1", []).unwrap();
+    tx.commit().unwrap();
+    // C: an autocommit statement is a transaction of its own; so is the next one.
+    c.execute("INSERT INTO t (id) VALUES (3)", []).unwrap();
+    c.execute("INSERT INTO t (id) VALUES (4)", []).unwrap();
+    // A: a savepoint rolled back to, the first row of the transaction with it.
+    let mut tx = a.transaction().unwrap();
+    {
+        let sp = tx.savepoint().unwrap();
+        sp.execute("INSERT INTO t (id) VALUES (5)", []).unwrap();
+        // dropped: rolled back
+    }
+    tx.execute("INSERT INTO t (id) VALUES (6)", []).unwrap();
+    tx.execute("INSERT INTO t (id) VALUES (7)", []).unwrap();
+    tx.commit().unwrap();
+    // C: rolled back — no event, and the next transaction gets an id of its own.
+    let tx = c.transaction().unwrap();
+    tx.execute("INSERT INTO t (id) VALUES (8)", []).unwrap();
+    tx.rollback().unwrap();
+    let tx = c.transaction().unwrap();
+    tx.execute("INSERT INTO t (id) VALUES (9)", []).unwrap();
+    tx.execute("INSERT INTO t (id) VALUES (10)", []).unwrap();
+    tx.commit().unwrap();
+    // B does not track: its write works as ever, its event has no transaction.
+    b.execute("INSERT INTO t (id) VALUES (11)", []).unwrap();
+
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let event = tokio::time::timeout(common::ARRIVES_WITHIN, rx.recv())
+            .await
+            .expect("an event should have arrived")
+            .unwrap();
+        got.push(event);
+    }
+    assert!(
+        tokio::time::timeout(QUIET, rx.recv()).await.is_err(),
+        "nothing more (no rolled-back row)"
+    );
+    got.sort_by_key(|e| (e.sequence(), e.part()));
+    let s = summary(&got);
+    let rows: Vec<(i64, &str)> = s.iter().map(|(id, op, ..)| (*id, *op)).collect();
+    assert_eq!(
+        rows,
+        [
+            (1, "insert"),
+            (2, "insert"),
+            (1, "update"),
+            (3, "insert"),
+            (4, "insert"),
+            (6, "insert"),
+            (7, "insert"),
+            (9, "insert"),
+            (10, "insert"),
+            (11, "insert")
+        ],
+        "commit order"
+    );
+    let tx: Vec<Option<u64>> = s.iter().map(|e| e.2).collect();
+    let marks: Vec<Option<bool>> = s.iter().map(|e| e.3).collect();
+    let groups = [&tx[0..3], &tx[3..4], &tx[4..5], &tx[5..7], &tx[7..9]];
+    for group in groups {
+        assert!(group[0].is_some(), "{s:?}");
+        assert!(
+            group.iter().all(|t| *t == group[0]),
+            "one id per transaction: {s:?}"
+        );
+    }
+    let mut ids: Vec<u64> = groups.iter().map(|g| g[0].unwrap()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "another id for every transaction: {s:?}");
+    assert_eq!(tx[9], None, "an untracked connection: {s:?}");
+    assert_eq!(
+        marks,
+        [
+            Some(false),
+            Some(false),
+            Some(true),
+            Some(true),
+            Some(true),
+            Some(false),
+            Some(true),
+            Some(false),
+            Some(true),
+            None
+        ],
+        "{s:?}"
+    );
+    drop((a, b, c));
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn tracking_before_the_journal_exists_is_a_clear_error_and_breaks_no_write() {
+    let db = SqliteFile::new("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    let conn = writer(&db);
+    let err = sqlnotify::sqlite_transactions::track(&conn).unwrap_err();
+    assert!(
+        matches!(&err, sqlnotify::Error::UnknownTable { table, .. } if table.contains("sqlnotify_journal")),
+        "{err}"
+    );
+    conn.execute("INSERT INTO t (id) VALUES (1)", []).unwrap();
+}
