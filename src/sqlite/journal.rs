@@ -237,12 +237,16 @@ mod tests {
         insert("a", Some(5));
         let channels: HashSet<String> = ["a".to_string()].into();
         // A limit of 1 still reads transaction 1 whole: its last kept row is row 2.
-        let (rows, last, done) = read_after(&conn, 0, 1, &channels).unwrap();
+        let read = |cursor, limit| {
+            let (rows, last, done) = read_after(&conn, cursor, limit, &channels).unwrap();
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|r| (r.sequence, r.transaction, r.last_in_transaction))
+                .collect();
+            (rows, last, done)
+        };
+        let (got, last, done) = read(0, 1);
         assert_eq!((last, done), (3, false));
-        let got: Vec<_> = rows
-            .iter()
-            .map(|r| (r.sequence, r.transaction, r.last_in_transaction))
-            .collect();
         assert_eq!(
             got,
             [
@@ -250,12 +254,8 @@ mod tests {
                 (Some(2), Some(1), Some(true))
             ]
         );
-        let (rows, last, done) = read_after(&conn, 3, 10, &channels).unwrap();
+        let (got, last, done) = read(3, 10);
         assert_eq!((last, done), (6, true));
-        let got: Vec<_> = rows
-            .iter()
-            .map(|r| (r.sequence, r.transaction, r.last_in_transaction))
-            .collect();
         assert_eq!(
             got,
             [
