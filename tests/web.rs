@@ -827,6 +827,35 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
             }
         }));
     }
+    // Meanwhile the listener's connection is terminated again and again (a read may be cut
+    // part way; the listener reconnects and finishes it).
+    let killer = {
+        let db_name = db.name.clone();
+        let admin = db.client().await;
+        tokio::spawn(async move {
+            let mut kills = 0;
+            let mut every = tokio::time::interval(Duration::from_millis(150));
+            for _ in 0..100 {
+                if kills == 8 {
+                    break;
+                }
+                every.tick().await;
+                let killed = admin
+                    .query_opt(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = $1 AND backend_type = 'client backend' \
+                         AND pid <> pg_backend_pid() \
+                         AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xmin(c.snapshot)%') \
+                         LIMIT 1",
+                        &[&db_name],
+                    )
+                    .await
+                    .unwrap();
+                kills += usize::from(killed.is_some());
+            }
+            kills
+        })
+    };
     let mut rng = Rng(42);
     let (mut received, mut last, mut connections) = (Vec::new(), None::<String>, 0);
     let committed_count = || committed.lock().unwrap().len();
@@ -860,7 +889,18 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
             if received.len() >= committed_count() {
                 break;
             }
-            let Ok(frame) = tokio::time::timeout(ARRIVES_WITHIN, client.next_event()).await else {
+            let Ok(frame) = tokio::time::timeout(ARRIVES_WITHIN, async {
+                loop {
+                    match client.next_frame().await {
+                        Some(f) if f.event.is_some() || f.data.is_some() => return Some(f),
+                        Some(_) => {}
+                        // Ended by the server (a replay that lost its connection): resume.
+                        None => return None,
+                    }
+                }
+            })
+            .await
+            else {
                 let got: std::collections::BTreeSet<i64> = received.iter().copied().collect();
                 let missing: Vec<i64> = committed
                     .lock()
@@ -875,6 +915,7 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
                     received.len()
                 );
             };
+            let Some(frame) = frame else { break };
             assert_eq!(frame.event.as_deref(), Some("orders/insert"), "{frame:?}");
             received.push(frame.row());
             last = Some(frame.id.expect("a journal event has a position"));
@@ -887,6 +928,8 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
     for w in writers {
         w.await.unwrap();
     }
+    let kills = killer.await.unwrap();
+    assert!(kills > 0, "the listener's connection was never terminated");
     let committed: Vec<i64> = committed.lock().unwrap().iter().copied().collect();
     let mut sorted = received.clone();
     sorted.sort_unstable();
@@ -897,7 +940,8 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
     assert_eq!(stats.resets, 0, "{stats:?}");
     assert!(stats.replayed > 0, "{stats:?}");
     eprintln!(
-        "{tier:?}: {} orders over {connections} connections, {} from the journal",
+        "{tier:?}: {} orders over {connections} connections, {} from the journal, \
+         listener connection terminated {kills} times",
         received.len(),
         stats.replayed
     );

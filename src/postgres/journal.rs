@@ -70,6 +70,10 @@ pub(crate) struct JournalCursor {
     /// to it has been delivered. The rows of the next read carry it in their
     /// [`ReadPoint`](crate::ReadPoint)s.
     snapshot: Option<String>,
+    /// The snapshot of a read that failed part way (its connection lost): the next read
+    /// finishes it — the same rows, in the same snapshot — before reading on, so the events
+    /// of one read always name the same snapshots (`src/read_point.rs`).
+    unfinished: Option<String>,
 }
 
 impl JournalCursor {
@@ -83,6 +87,7 @@ impl JournalCursor {
             // delivered at or above it is in `seen`, which a snapshot cannot say: a client
             // resuming from the first read's rows may get those again (see README, "Resume").
             snapshot: Some(format!("{horizon}:{horizon}:")),
+            unfinished: None,
         }
     }
 
@@ -108,21 +113,26 @@ impl JournalCursor {
     ) -> Result<Option<u64>> {
         let sql = format!(
             "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last, s.snapshot::text
-               FROM (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS horizon,
-                            pg_catalog.pg_current_snapshot() AS snapshot) s
+               FROM (SELECT pg_catalog.pg_snapshot_xmin(c.snapshot) AS horizon, c.snapshot
+                       FROM (SELECT coalesce($3::text::pg_snapshot, pg_catalog.pg_current_snapshot()) AS snapshot) c) s
                LEFT JOIN LATERAL (
                     SELECT id, xid, channel, payload, events,
                            pg_catalog.max(id) OVER (PARTITION BY xid) AS tx_last
                       FROM {}.journal
                      WHERE xid >= coalesce($1::text::xid8, s.horizon) AND channel = ANY($2)
+                       AND ($3 IS NULL OR pg_catalog.pg_visible_in_snapshot(xid, s.snapshot))
                      ORDER BY tx_last, id) j ON true",
             quote_ident(SCHEMA)
         );
         let floor = self.horizon.map(|h| h.to_string());
         // query_typed: one round trip, unnamed statement — works through PgBouncer in
         // transaction mode, where a named prepared statement may live on another server.
-        let params: [(&(dyn ToSql + Sync), Type); 2] =
-            [(&floor, Type::TEXT), (&channels, Type::TEXT_ARRAY)];
+        let unfinished = self.unfinished.clone();
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&floor, Type::TEXT),
+            (&channels, Type::TEXT_ARRAY),
+            (&unfinished, Type::TEXT),
+        ];
         let rows = client
             .query_typed_raw(&sql, params)
             .await
@@ -141,7 +151,10 @@ impl JournalCursor {
                 let h = parse_xid(&row.get::<_, String>(0))?;
                 horizon = Some(h);
                 let before = self.snapshot.clone().unwrap_or_else(|| format!("{h}:{h}:"));
-                read = Some(ReadSnapshots::new(before, row.get(7)));
+                let during: String = row.get(7);
+                // Until it completes, this read's rows are what the next read returns.
+                self.unfinished = Some(during.clone());
+                read = Some(ReadSnapshots::new(before, during));
             }
             let Some(id) = row.get::<_, Option<i64>>(1) else {
                 continue;
@@ -193,6 +206,7 @@ impl JournalCursor {
         self.seen.retain(|_, xid| *xid >= horizon);
         self.horizon = Some(horizon);
         self.snapshot = read.map(|read| read.during.clone());
+        self.unfinished = None;
         Ok(Some(delivered))
     }
 }
