@@ -8,8 +8,8 @@
 //! their defaults: binary logging on, `caching_sha2_password`, strict mode); the generated
 //! SQL is the same for all except that MariaDB replaces a changed trigger in one statement.
 //!
-//! Privileges: TRIGGER on the watched tables; CREATE, SELECT, INSERT, UPDATE and DELETE on
-//! the URL's database. Binary logging is on by default on MySQL 8 and later (and on many
+//! Privileges: TRIGGER on the watched tables (and SELECT, for snapshot feeds: see
+//! `snapshot.rs`); CREATE, SELECT, INSERT, UPDATE and DELETE on the URL's database. Binary logging is on by default on MySQL 8 and later (and on many
 //! MariaDB setups): then the server lets only a user with SUPER create triggers unless
 //! `log_bin_trust_function_creators = 1` — otherwise `start()` fails with an error naming
 //! that setting. Either set it (server configuration, or `SET PERSIST` as an administrator),
