@@ -127,7 +127,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         _chunk_rows: usize,
     ) -> BoxFuture<'static, Result<Box<dyn SnapshotReader>>> {
         let what = format!(
-            "a snapshot of {}.{} on {}: not available on this dialect yet (PostgreSQL and SQLite have it)",
+            "a snapshot of {}.{} on {}: not available on this dialect",
             channel.schema(),
             channel.table(),
             self.name()

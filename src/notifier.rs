@@ -147,7 +147,9 @@ impl Notifier {
     ///
     /// No change is missed and none is delivered twice: a change whose transaction the
     /// snapshot already reflects is skipped, every later one is delivered. On PostgreSQL's
-    /// journal tiers (durable and poll) and on SQLite that holds without condition; on the notify tier it
+    /// journal tiers (durable and poll), on SQLite and on MySQL that holds without condition
+    /// (on MySQL, as for every subscription there, short of a transaction that commits more
+    /// than the gap timeout after its write); on the notify tier it
     /// holds for the notifications the listener receives (a NOTIFY sent while the listener
     /// is disconnected is lost there as it is for any subscription). While the rows stream,
     /// changes wait in the feed's buffer and, once it is full, the pipeline waits (the other
@@ -157,8 +159,12 @@ impl Notifier {
     /// connection of its own (the notifier's role needs `SELECT` on the table), whose
     /// snapshot decides by transaction id which changes it reflects; on SQLite, one read
     /// transaction on a connection of its own (WAL mode: it blocks no writer) that reads the
-    /// journal's head first, so the changes it reflects are the journal rows up to that head.
-    /// MySQL answers [`Error::Unsupported`] for now. A filter on a column the watches do not
+    /// journal's head first, so the changes it reflects are the journal rows up to that head;
+    /// on MySQL / MariaDB, a `REPEATABLE READ` transaction `WITH CONSISTENT SNAPSHOT` on a
+    /// connection of its own (the notifier's user needs `SELECT` on the table; InnoDB) that
+    /// reads the journal ids it sees above the listener's low watermark, so the changes it
+    /// reflects are those at or below the watermark and those ids (journal ids are not in
+    /// commit order there), and pages through the rows by key. A filter on a column the watches do not
     /// carry is refused with [`Error::UnknownFilterColumn`]; a table without a watch with
     /// [`Error::NotWatched`].
     pub async fn subscribe_snapshot(&self, snapshot: Snapshot) -> Result<SnapshotFeed> {

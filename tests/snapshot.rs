@@ -1,4 +1,4 @@
-//! Snapshot, then stream (issue 15 §2) on PostgreSQL: a feed gets the table's current rows,
+//! Snapshot, then stream (issue 15 §2) on PostgreSQL, SQLite and MySQL / MariaDB: a feed gets the table's current rows,
 //! then every change committed after them — no gap, no duplicate — while writers keep
 //! writing. The replica check: a subscriber applies the feed to an in-memory map while 4
 //! writers insert, update, delete and roll back on a 200,000-row table; once they stop the
@@ -121,8 +121,9 @@ struct Replica {
 }
 
 impl Replica {
-    /// Reads the snapshot, then 200 changes (the writers still writing), checking each step.
-    async fn snapshot_then_changes(&mut self, feed: &mut SnapshotFeed) {
+    /// Reads the snapshot of a table that started with `rows` rows, then 200 changes (the
+    /// writers still writing), checking each step.
+    async fn snapshot_then_changes(&mut self, feed: &mut SnapshotFeed, rows: i64) {
         while self.changes < 200 {
             let e = next(feed).await;
             if apply(&mut self.map, &e, self.changes > 0) {
@@ -137,7 +138,7 @@ impl Replica {
             }
         }
         assert!(
-            self.snapshot_rows >= ROWS as u64 - 2_000,
+            self.snapshot_rows >= rows as u64 - 2_000,
             "{} snapshot rows",
             self.snapshot_rows
         );
@@ -246,7 +247,7 @@ async fn replica(tier: Tier) {
         .unwrap();
     release_once_open(&feed, stalled).await;
     let mut replica = Replica::default();
-    replica.snapshot_then_changes(&mut feed).await;
+    replica.snapshot_then_changes(&mut feed, ROWS).await;
     stop_tx.send(true).unwrap();
     let mut transactions = 0;
     for w in writers {
@@ -448,7 +449,7 @@ async fn sqlite_replica_equals_the_table() {
         .unwrap();
     release_once_open(&feed, stalled).await;
     let mut replica = Replica::default();
-    replica.snapshot_then_changes(&mut feed).await;
+    replica.snapshot_then_changes(&mut feed, ROWS).await;
     stop.store(true, Ordering::Relaxed);
     let mut transactions = 0;
     for w in writers {
@@ -664,4 +665,322 @@ async fn sqlite_backfill_while_updates_flow() {
     let state = || async { sqlite_table(&db) };
     backfill_while_updates_flow(&notifier, writers, state).await;
     notifier.stop().await.unwrap();
+}
+
+/// The same checks on MySQL / MariaDB, whose journal ids are not in commit order: the fence is
+/// the set of journal ids the consistent snapshot saw above the listener's watermark.
+#[cfg(feature = "mysql")]
+mod mysql {
+    use mysql_async::prelude::*;
+
+    use super::*;
+    use common::mysql::TestDb;
+
+    /// Rows in the MySQL replica test's table (as on the other dialects).
+    const MYSQL_ROWS: i64 = ROWS;
+
+    /// A table `t (id, v)` of ids 1..=`rows` (a cross join of digits: no recursive CTE,
+    /// whose depth MySQL limits to 1,000 by default).
+    async fn table_of(db: &TestDb, rows: i64) {
+        db.exec(&format!(
+            "CREATE TABLE t (id BIGINT PRIMARY KEY, v BIGINT NOT NULL DEFAULT 0);
+             CREATE TABLE d (i INT PRIMARY KEY);
+             INSERT INTO d VALUES (0), (1), (2), (3), (4), (5), (6), (7), (8), (9);
+             INSERT INTO t (id)
+               SELECT 1 + a.i + 10 * b.i + 100 * c.i + 1000 * e.i + 10000 * f.i + 100000 * g.i AS n
+               FROM d a, d b, d c, d e, d f, d g
+               WHERE 1 + a.i + 10 * b.i + 100 * c.i + 1000 * e.i + 10000 * f.i + 100000 * g.i <= {rows};
+             DROP TABLE d"
+        ))
+        .await;
+    }
+
+    async fn start(db: &TestDb) -> Notifier {
+        let mut builder = Notifier::builder(&db.url);
+        for op in [Operation::Insert, Operation::Update, Operation::Delete] {
+            let carried: &[&str] = if op == Operation::Delete { &[] } else { &["v"] };
+            builder = builder.watch(Watch::new("t", op).extra_columns(carried.iter().copied()));
+        }
+        builder.max_in_flight(1_024).start().await.unwrap()
+    }
+
+    async fn table(db: &TestDb) -> BTreeMap<i64, i64> {
+        let mut conn = db.conn().await;
+        let rows: Vec<(i64, i64)> = conn.query("SELECT id, v FROM t").await.unwrap();
+        let _ = conn.disconnect().await;
+        rows.into_iter().collect()
+    }
+
+    /// Runs one writer transaction; on an error (a deadlock, a lock wait timeout) rolls back
+    /// what is left of it: the table and the events stay consistent either way.
+    async fn transaction(conn: &mut mysql_async::Conn, statements: &[String], commit: bool) {
+        conn.query_drop("START TRANSACTION").await.unwrap();
+        for sql in statements {
+            if conn.query_drop(sql).await.is_err() {
+                conn.query_drop("ROLLBACK").await.unwrap();
+                return;
+            }
+        }
+        let end = if commit { "COMMIT" } else { "ROLLBACK" };
+        if conn.query_drop(end).await.is_err() {
+            conn.query_drop("ROLLBACK").await.unwrap();
+        }
+    }
+
+    /// The replica check on MySQL / MariaDB: 4 writers (inserts, updates, deletes,
+    /// rollbacks), the pipeline stalled while the snapshot is taken.
+    #[actix_rt::test]
+    async fn mysql_replica_equals_the_table() {
+        let db = TestDb::new().await;
+        table_of(&db, MYSQL_ROWS).await;
+        let notifier = start(&db).await;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut writers = Vec::new();
+        for w in 0..4i64 {
+            let mut conn = db.conn().await;
+            let stop = stop_rx.clone();
+            writers.push(tokio::spawn(async move {
+                let mut i = 0i64;
+                while !*stop.borrow() || i < 50 {
+                    i += 1;
+                    let first = 1 + (w * 7919 + i * 104_729) % (MYSQL_ROWS - 10);
+                    let new = MYSQL_ROWS + 1 + w * 1_000_000 + i;
+                    let mut statements = vec![
+                        format!(
+                            "UPDATE t SET v = v + 1 WHERE id IN ({first}, {})",
+                            first + 3
+                        ),
+                        format!("INSERT INTO t (id) VALUES ({new})"),
+                    ];
+                    if i % 5 == 0 {
+                        statements.push(format!("DELETE FROM t WHERE id = {}", new - 2));
+                    }
+                    transaction(&mut conn, &statements, i % 9 != 4).await;
+                }
+                let _ = conn.disconnect().await;
+                i
+            }));
+        }
+        let stalled = stall(&notifier).await;
+        let started = Instant::now();
+        let mut feed = notifier
+            .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
+            .await
+            .unwrap();
+        release_once_open(&feed, stalled).await;
+        let mut replica = Replica::default();
+        replica.snapshot_then_changes(&mut feed, MYSQL_ROWS).await;
+        stop_tx.send(true).unwrap();
+        let mut transactions = 0;
+        for w in writers {
+            transactions += w.await.unwrap();
+        }
+        let want = table(&db).await;
+        replica.catch_up(&mut feed, &want).await;
+        let Replica {
+            snapshot_rows,
+            changes,
+            ..
+        } = replica;
+        let stats = notifier.stats().await.unwrap();
+        assert_eq!(stats.snapshot_rows, snapshot_rows);
+        println!(
+            "MySQL: snapshot of {snapshot_rows} rows + {changes} changes from {transactions} \
+             transactions of 4 writers; replica equal to the table ({} rows) after {:?}",
+            want.len(),
+            started.elapsed()
+        );
+        notifier.stop().await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn mysql_backfill_while_updates_flow() {
+        let db = TestDb::new().await;
+        table_of(&db, 2_000).await;
+        let notifier = start(&db).await;
+        let conns = vec![db.conn().await, db.conn().await];
+        let writers = move |stop: Arc<AtomicBool>| {
+            conns
+                .into_iter()
+                .zip(0i64..)
+                .map(|(mut conn, w)| {
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        let mut i = 0;
+                        while !stop.load(Ordering::Relaxed) || i < 100 {
+                            i += 1;
+                            let (a, b) = rows_of(w, i);
+                            let update = format!("UPDATE t SET v = v + 1 WHERE id IN ({a}, {b})");
+                            transaction(&mut conn, &[update], true).await;
+                        }
+                        let _ = conn.disconnect().await;
+                    })
+                })
+                .collect()
+        };
+        backfill_while_updates_flow(&notifier, writers, || table(&db)).await;
+        notifier.stop().await.unwrap();
+    }
+
+    /// The case that makes MySQL's fence differ from SQLite's: a transaction takes a journal
+    /// id, a later one takes a higher id and commits, the snapshot is read (it sees the
+    /// higher id, not the lower), then the first commits. Its change is not in the snapshot,
+    /// so the feed must deliver it — a fence at the journal's head would skip it — and the
+    /// other change, which the snapshot reflects, must not come again.
+    #[actix_rt::test]
+    async fn mysql_a_lower_journal_id_committed_after_the_snapshot_is_delivered() {
+        let db = TestDb::new().await;
+        table_of(&db, 10).await;
+        let notifier = start(&db).await;
+        let mut early = db.conn().await;
+        early
+            .query_drop("START TRANSACTION; INSERT INTO t (id) VALUES (100)")
+            .await
+            .unwrap();
+        db.exec("INSERT INTO t (id) VALUES (101)").await;
+        let mut feed = notifier
+            .subscribe_snapshot(Snapshot::new("t"))
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        loop {
+            let e = next(&mut feed).await;
+            assert!(e.is_snapshot());
+            ids.push(e.id().as_i64().unwrap());
+            if e.ends_snapshot() {
+                break;
+            }
+        }
+        assert_eq!(ids, (1..=10).chain([101]).collect::<Vec<_>>());
+        early.query_drop("COMMIT").await.unwrap();
+        let _ = early.disconnect().await;
+        let e = next(&mut feed).await;
+        assert_eq!(
+            (e.operation(), e.id().as_i64(), e.is_snapshot()),
+            (Operation::Insert, Some(100), false)
+        );
+        let lower = db
+            .count("SELECT id FROM sqlnotify_journal WHERE payload LIKE '{\"id\": 100%'")
+            .await;
+        assert_eq!(e.sequence(), Some(lower));
+        let higher = db
+            .count("SELECT id FROM sqlnotify_journal WHERE payload LIKE '{\"id\": 101%'")
+            .await;
+        assert!(lower < higher, "journal ids {lower} and {higher}");
+        if let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await
+        {
+            panic!("an event the snapshot reflects: {}", e.to_record());
+        }
+        notifier.stop().await.unwrap();
+    }
+
+    /// A snapshot row decodes exactly as the trigger's payload of the same row (the same
+    /// conversions: temporal text, FLOAT digits, hex of binary strings, BIT as a number), and
+    /// keys come in order (a composite key, then a table without a primary key whose key
+    /// values repeat across page boundaries).
+    #[actix_rt::test]
+    async fn mysql_rows_match_the_triggers_and_page_by_key() {
+        let db = TestDb::new().await;
+        db.exec(
+            "CREATE TABLE k (a INT NOT NULL, b VARCHAR(10) NOT NULL, at DATETIME(3), f FLOAT,
+               bin VARBINARY(4), bits BIT(5), d DECIMAL(6, 2), s VARCHAR(20), j JSON,
+               PRIMARY KEY (a, b));
+             CREATE TABLE n (k INT NULL, v INT NOT NULL)",
+        )
+        .await;
+        let carried = ["at", "f", "bin", "bits", "d", "s", "j"];
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("k", Operation::Insert).extra_columns(carried))
+            .watch(
+                Watch::new("n", Operation::Insert)
+                    .primary_keys(["k"])
+                    .extra_columns(["v"]),
+            )
+            .start()
+            .await
+            .unwrap();
+        let mut live = notifier
+            .subscribe_snapshot(Snapshot::new("k"))
+            .await
+            .unwrap();
+        assert!(
+            common::wait_until(Duration::from_secs(30), || async { live.progress().done }).await
+        );
+        db.exec(
+            "INSERT INTO k VALUES (1, 'x', '2024-01-02 03:04:05.678', 1.1, X'00ff', b'10101', \
+             12.50, 'caf\u{e9} \"q\"', '{\"a\": [1, 2.5, null]}')",
+        )
+        .await;
+        let change = next(&mut live).await;
+        assert!(!change.is_snapshot());
+        let mut feed = notifier
+            .subscribe_snapshot(Snapshot::new("k"))
+            .await
+            .unwrap();
+        let row = next(&mut feed).await;
+        assert!(row.is_snapshot() && row.ends_snapshot());
+        assert_eq!(row.id(), change.id());
+        assert_eq!(row.extra_columns(), change.extra_columns());
+        assert_eq!(row.get("f"), Some(&serde_json::json!(1.1)));
+        assert_eq!(row.get("bin"), Some(&serde_json::json!("00FF")));
+
+        // composite key, in key order across pages of 7
+        let values: Vec<String> = (0..40)
+            .map(|i| format!("({}, '{}')", i % 4, (b'a' + (i / 4) as u8) as char))
+            .collect();
+        db.exec(&format!(
+            "INSERT INTO k (a, b) VALUES {}",
+            values.join(", ")
+        ))
+        .await;
+        let mut feed = notifier
+            .subscribe_snapshot(Snapshot::new("k").chunk_rows(7))
+            .await
+            .unwrap();
+        let mut keys = Vec::new();
+        loop {
+            let e = next(&mut feed).await;
+            let id = e.id().values().to_vec();
+            keys.push((id[0].as_i64().unwrap(), id[1].as_str().unwrap().to_string()));
+            if e.ends_snapshot() {
+                break;
+            }
+        }
+        let mut sorted = keys.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(keys, sorted, "key order, each row once");
+        assert_eq!(keys.len(), 41);
+        assert_eq!(feed.progress().total, Some(41));
+
+        // no primary key: keys repeat (and one is NULL); pages of 3 never split a key
+        db.exec(
+            "INSERT INTO n VALUES (NULL, 0), (NULL, 1), (2, 2), (2, 3), (2, 4), (2, 5), (3, 6),
+             (1, 7), (1, 8), (4, 9), (4, 10), (4, 11), (5, 12)",
+        )
+        .await;
+        let mut feed = notifier
+            .subscribe_snapshot(Snapshot::new("n").chunk_rows(3))
+            .await
+            .unwrap();
+        let mut rows = Vec::new();
+        loop {
+            let e = next(&mut feed).await;
+            rows.push((
+                e.id().as_i64(),
+                e.get("v").and_then(|v| v.as_i64()).unwrap(),
+            ));
+            if e.ends_snapshot() {
+                break;
+            }
+        }
+        let keys: Vec<Option<i64>> = rows.iter().map(|(k, _)| *k).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "key order (NULL first)");
+        let mut vs: Vec<i64> = rows.iter().map(|(_, v)| *v).collect();
+        vs.sort_unstable();
+        assert_eq!(vs, (0..13).collect::<Vec<_>>(), "each row once");
+        notifier.stop().await.unwrap();
+    }
 }

@@ -75,7 +75,7 @@ enum Command {
         #[arg(long)]
         cleanup_on_exit: bool,
         /// First print every current row of each table (lines with "snapshot": true, in key
-        /// order), then its changes after them — no gap, no duplicate (PostgreSQL, SQLite).
+        /// order), then its changes after them — no gap, no duplicate.
         /// Progress goes to stderr.
         #[arg(long)]
         snapshot: bool,

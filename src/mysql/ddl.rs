@@ -279,11 +279,36 @@ fn payload_expr(w: &ResolvedWatch) -> String {
             members.join(", ")
         );
     }
-    let key_only = json_object(row, &keys, &w.data_types);
+    or_key_only(full, row, &keys, &w.data_types)
+}
+
+/// `full`, or — when it cannot be built (NULL: larger than `max_allowed_packet`) — the `keys`
+/// of `row` marked truncated.
+fn or_key_only(
+    full: String,
+    row: &str,
+    keys: &[&String],
+    data_types: &BTreeMap<String, String>,
+) -> String {
+    let key_only = json_object(row, keys, data_types);
     format!(
         "COALESCE({full}, JSON_INSERT({key_only}, {}, JSON_OBJECT('truncated', TRUE)))",
         quote_literal(&format!("$.{META_KEY}"))
     )
+}
+
+/// The payload a trigger of `channel` writes for a row, as an expression on the row `alias`
+/// of its table — the same expression (conversions and the truncated fallback included),
+/// without the change's metadata (old values, context), which a row read by a snapshot does
+/// not have. `data_types` as in a resolved watch (`DATA_TYPE` by column).
+pub(crate) fn row_payload_expr(
+    alias: &str,
+    channel: &crate::event::Channel,
+    data_types: &BTreeMap<String, String>,
+) -> String {
+    let keys: Vec<&String> = channel.key_columns.iter().collect();
+    let full = json_object(alias, &channel.payload_columns(), data_types);
+    or_key_only(full, alias, &keys, data_types)
 }
 
 /// `CREATE TRIGGER` for a watch (trigger in the table's schema, journal in `database`).

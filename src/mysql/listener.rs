@@ -23,6 +23,7 @@ use mysql_async::{Conn, Opts};
 use super::catalog::db_err;
 use super::consumers;
 use super::journal::{self, Cursor, Position};
+use super::snapshot::Watermark;
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
@@ -45,6 +46,8 @@ pub(crate) struct MysqlSource {
     /// `None` until placed.
     cursor: Option<Cursor>,
     wake: Wake,
+    /// The cursor's low watermark, published for snapshots (see `snapshot.rs`).
+    settled: Arc<Watermark>,
 }
 
 impl MysqlSource {
@@ -55,6 +58,7 @@ impl MysqlSource {
         health_check: Duration,
         channels: Vec<String>,
         wake: Wake,
+        settled: Arc<Watermark>,
     ) -> Self {
         let mut channel_list = channels;
         channel_list.sort();
@@ -68,6 +72,7 @@ impl MysqlSource {
             channel_list,
             cursor: None,
             wake,
+            settled,
         }
     }
 
@@ -163,6 +168,7 @@ impl Source for MysqlSource {
         };
         let (cursor, missed) =
             within(self.query_limit, "placing the journal cursor", placing).await?;
+        self.settled.set(cursor.low());
         self.cursor = Some(cursor);
         Ok(missed)
     }
@@ -242,7 +248,11 @@ impl Source for MysqlSource {
                 break;
             }
         }
-        self.cursor().advance(Instant::now());
+        if self.cursor().advance(Instant::now()) {
+            // Only now: every id up to the new watermark was handed over (or given up).
+            let low = self.cursor().low();
+            self.settled.set(low);
+        }
         Ok(Some(forwarded))
     }
 

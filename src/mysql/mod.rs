@@ -8,8 +8,8 @@
 //! their defaults: binary logging on, `caching_sha2_password`, strict mode); the generated
 //! SQL is the same for all except that MariaDB replaces a changed trigger in one statement.
 //!
-//! Privileges: TRIGGER on the watched tables; CREATE, SELECT, INSERT, UPDATE and DELETE on
-//! the URL's database. Binary logging is on by default on MySQL 8 and later (and on many
+//! Privileges: TRIGGER on the watched tables (and SELECT, for snapshot feeds: see
+//! `snapshot.rs`); CREATE, SELECT, INSERT, UPDATE and DELETE on the URL's database. Binary logging is on by default on MySQL 8 and later (and on many
 //! MariaDB setups): then the server lets only a user with SUPER create triggers unless
 //! `log_bin_trust_function_creators = 1` — otherwise `start()` fails with an error naming
 //! that setting. Either set it (server configuration, or `SET PERSIST` as an administrator),
@@ -39,6 +39,7 @@ mod ddl;
 mod dead_letters;
 mod journal;
 mod listener;
+mod snapshot;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -213,6 +214,11 @@ pub(crate) struct Mysql {
     control: Arc<Control>,
     /// Wakes this notifier's listener after its own writes.
     wake: crate::listener::Wake,
+    /// The listener's settled low watermark, where snapshots fence (see `snapshot.rs`).
+    settled: Arc<snapshot::Watermark>,
+    /// The channels the listener reads (set by `listen`): a snapshot's fence keeps the
+    /// journal ids of its table's channels only.
+    listened: Arc<std::sync::Mutex<Vec<Channel>>>,
 }
 
 impl Mysql {
@@ -228,6 +234,8 @@ impl Mysql {
             database: Arc::from(target.database),
             gap_timeout: options.gap_timeout.unwrap_or(target.gap_timeout),
             wake: crate::listener::Wake::default(),
+            settled: Arc::new(snapshot::Watermark::default()),
+            listened: Arc::default(),
         })
     }
 }
@@ -305,6 +313,7 @@ impl Dialect for Mysql {
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        *self.listened.lock().unwrap_or_else(|p| p.into_inner()) = params.channels.clone();
         let source = listener::MysqlSource::new(
             self.opts.clone(),
             self.database.clone(),
@@ -312,6 +321,7 @@ impl Dialect for Mysql {
             params.health_check,
             params.channel_names(),
             self.wake.clone(),
+            self.settled.clone(),
         );
         Box::pin(crate::listener::start(source, params))
     }
@@ -367,6 +377,37 @@ impl Dialect for Mysql {
             self.control.clone(),
             self.database.clone(),
         )))
+    }
+
+    /// A consistent snapshot fenced by the journal ids it saw above the listener's watermark
+    /// (see `snapshot.rs`).
+    fn open_snapshot(
+        &self,
+        channel: Arc<Channel>,
+        chunk_rows: usize,
+    ) -> BoxFuture<'static, Result<Box<dyn crate::snapshot::reader::SnapshotReader>>> {
+        // The watermark first: before the read opens (see `snapshot.rs`).
+        let low = self.settled.get();
+        let mut channels: Vec<String> = self
+            .listened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|c| c.schema == channel.schema && c.table == channel.table)
+            .map(|c| c.name.clone())
+            .collect();
+        if channels.is_empty() {
+            channels.push(channel.name.clone());
+        }
+        channels.sort();
+        channels.dedup();
+        let (opts, database) = (self.opts.clone(), self.database.clone());
+        Box::pin(async move {
+            let reader =
+                snapshot::MysqlSnapshot::open(opts, &database, channel, channels, low, chunk_rows)
+                    .await?;
+            Ok(Box::new(reader) as Box<dyn crate::snapshot::reader::SnapshotReader>)
+        })
     }
 }
 

@@ -1,11 +1,17 @@
 //! The fence between a snapshot and the stream after it: which live events a snapshot already
 //! reflects (and must not be delivered again) and which come after it.
+//!
+//! A fence only has to be right for the events that can still reach a feed once its
+//! subscription is in place; the dialects' snapshot readers say why theirs is.
 
 use crate::event::ChangeEvent;
 
 /// Where a snapshot was taken, in the terms of the events that may still arrive.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(not(all(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+#[cfg_attr(
+    not(all(feature = "postgres", feature = "sqlite", feature = "mysql")),
+    allow(dead_code)
+)]
 pub(crate) enum Fence {
     /// A PostgreSQL snapshot (`pg_current_snapshot()`): every transaction below `xmin` had
     /// finished, none from `xmax` on had started, and of those between, the ones in `running`
@@ -18,6 +24,12 @@ pub(crate) enum Fence {
     },
     /// A journal in commit order (SQLite): the snapshot saw every row up to `head`.
     Journal { head: i64 },
+    /// A journal whose ids are not in commit order (MySQL / MariaDB: they are taken at insert
+    /// time), read in one consistent snapshot: the snapshot reflects every row up to `low`
+    /// that may still arrive, and above `low` exactly the rows whose ids are in `visible`
+    /// (sorted, no duplicates) — those its read saw. Why no row at or below `low` can arrive
+    /// unreflected, and what bounds `visible`: `mysql/snapshot.rs`.
+    Visible { low: i64, visible: Vec<i64> },
 }
 
 impl Fence {
@@ -53,8 +65,19 @@ impl Fence {
                 let running: Vec<String> = running.iter().map(u64::to_string).collect();
                 Some(format!("{xmin}:{xmax}:{}", running.join(",")))
             }
-            Fence::Journal { .. } => None,
+            Fence::Journal { .. } | Fence::Visible { .. } => None,
         }
+    }
+
+    /// A [`Fence::Visible`] from the ids a read saw above `low` (in any order; those at or
+    /// below `low` are dropped, being covered anyway).
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+    pub fn visible(low: i64, ids: impl IntoIterator<Item = i64>) -> Fence {
+        let mut visible: Vec<i64> = ids.into_iter().filter(|&id| id > low).collect();
+        visible.sort_unstable();
+        visible.dedup();
+        visible.shrink_to_fit();
+        Fence::Visible { low, visible }
     }
 
     /// Whether the snapshot already reflects `event` (its transaction had committed when the
@@ -72,6 +95,9 @@ impl Fence {
                 None => false,
             },
             Fence::Journal { head } => event.sequence().is_some_and(|s| s <= *head),
+            Fence::Visible { low, visible } => event
+                .sequence()
+                .is_some_and(|s| s <= *low || visible.binary_search(&s).is_ok()),
         }
     }
 }
@@ -159,5 +185,41 @@ mod tests {
         assert!(fence.covers(&event(RawNotification::new("c", "").with_sequence(100))));
         assert!(!fence.covers(&event(RawNotification::new("c", "").with_sequence(101))));
         assert!(!fence.covers(&event(RawNotification::new("c", ""))));
+    }
+
+    #[test]
+    fn a_visible_fence_covers_its_watermark_and_the_ids_its_read_saw() {
+        // read at watermark 10; the snapshot saw 11, 12, 15 and 20 (13, 14: transactions still
+        // running or rolled back; 16-19: not committed yet or on other tables)
+        let fence = Fence::visible(10, [20, 12, 15, 11, 12, 3, 10]);
+        assert_eq!(
+            fence,
+            Fence::Visible {
+                low: 10,
+                visible: vec![11, 12, 15, 20]
+            }
+        );
+        let at = |s| event(RawNotification::new("c", "").with_sequence(s));
+        for (s, covered) in [
+            (1, true),
+            (10, true),
+            (11, true),
+            (12, true),
+            (13, false),
+            (14, false),
+            (15, true),
+            (16, false),
+            (20, true),
+            (21, false),
+            (i64::MAX, false),
+        ] {
+            assert_eq!(fence.covers(&at(s)), covered, "journal id {s}");
+        }
+        // no journal id: delivered (a duplicate rather than a gap)
+        assert!(!fence.covers(&event(RawNotification::new("c", ""))));
+        // nothing seen above the watermark
+        let empty = Fence::visible(0, []);
+        assert!(!empty.covers(&at(1)));
+        assert!(empty.covers(&at(0)));
     }
 }
