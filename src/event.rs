@@ -415,9 +415,8 @@ impl ChangeEvent {
     /// transaction id (`xid8`, as `pg_current_xact_id()` reports it; a savepoint's rows carry
     /// their top-level transaction's id), on every tier. On SQLite, for writes on connections
     /// that track their transactions (`sqlnotify::sqlite_transactions::track`): the id of the
-    /// transaction's first journal row. `None` for other SQLite writers, on MySQL (whose
-    /// triggers have no transaction id to read: see README, "Transactions") and on custom
-    /// notifications.
+    /// transaction's first journal row. `None` for other SQLite writers, on MySQL (see README,
+    /// "Transactions") and on custom notifications.
     pub fn transaction_id(&self) -> Option<u64> {
         self.inner.transaction
     }
