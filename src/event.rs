@@ -326,6 +326,10 @@ impl ChangeEvent {
     pub fn channel(&self) -> &str {
         &self.inner.channel.name
     }
+    /// The channel the event arrived on, shared.
+    pub(crate) fn channel_arc(&self) -> &Arc<Channel> {
+        &self.inner.channel
+    }
     /// The description of the channel (table, operation, carried columns).
     pub fn channel_info(&self) -> &Channel {
         &self.inner.channel
