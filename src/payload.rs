@@ -29,7 +29,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::{Channel, Key};
+use crate::event::{Channel, Extra, Key};
 
 /// Reserved payload member carrying sqlnotify's own metadata.
 pub(crate) const META_KEY: &str = "__sqlnotify";
@@ -43,7 +43,7 @@ pub(crate) enum Decoded {
     /// The payload carried the row.
     Row {
         id: Key,
-        extra: Map<String, Value>,
+        extra: Extra,
         truncated: bool,
         change: Change,
     },
@@ -89,12 +89,13 @@ struct Parts {
     first: Option<Value>,
     rest: Vec<Option<Value>>,
     meta: Option<Value>,
-    extra: Map<String, Value>,
+    extra: Extra,
 }
 
-/// Parses `payload` as one JSON object straight into [`Parts`]: the key columns' names are
-/// never allocated and no member is inserted into a map only to be taken out again. A member
-/// that occurs twice keeps its last value, as when parsing into a [`Value`].
+/// Parses `payload` as one JSON object straight into [`Parts`]: the key and extra columns'
+/// names are never allocated (their values are kept by position), and no member is inserted
+/// into a map only to be taken out again. A member that occurs twice keeps its last value, as
+/// when parsing into a [`Value`].
 fn parse_object(payload: &str, channel: &Channel) -> serde_json::Result<Parts> {
     use serde::de::Deserializer as _;
     let mut de = serde_json::Deserializer::from_str(payload);
@@ -114,11 +115,17 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor<'_> {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Parts, A::Error> {
         let key_columns = &self.0.key_columns;
+        let extra_columns = &self.0.extra_columns;
+        // Payloads list the extra columns in the channel's order: the next one is tried first.
+        let mut next = 0;
         let mut parts = Parts {
             first: None,
             rest: vec![None; key_columns.len().saturating_sub(1)],
             meta: None,
-            extra: Map::new(),
+            extra: Extra {
+                known: vec![None; extra_columns.len()],
+                others: Map::new(),
+            },
         };
         while let Some(name) = access.next_key::<Name<'de>>()? {
             let value: Value = access.next_value()?;
@@ -130,8 +137,16 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor<'_> {
                     None => parts.first = Some(value),
                     Some(at) => parts.rest[at] = Some(value),
                 }
+            } else if let Some(at) = extra_columns
+                .get(next)
+                .filter(|c| *c == name)
+                .map(|_| next)
+                .or_else(|| extra_columns.iter().position(|c| c == name))
+            {
+                parts.extra.known[at] = Some(value);
+                next = at + 1;
             } else {
-                parts.extra.insert(name.to_string(), value);
+                parts.extra.others.insert(name.to_string(), value);
             }
         }
         Ok(parts)
@@ -206,12 +221,17 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
     let mut keys = channel.key_columns.iter().map(|column| map.remove(column));
     let first = keys.next().flatten();
     let rest = keys.collect();
+    let known = channel
+        .extra_columns
+        .iter()
+        .map(|column| map.remove(column))
+        .collect();
     decode_parts(
         Parts {
             first,
             rest,
             meta,
-            extra: map,
+            extra: Extra { known, others: map },
         },
         channel,
     )
@@ -246,7 +266,7 @@ fn decode_parts(parts: Parts, channel: &Channel) -> Result<Decoded, String> {
             } else if meta.get("truncated") == Some(&Value::Bool(true)) {
                 Ok(Decoded::Row {
                     id,
-                    extra: Map::new(),
+                    extra: Extra::default(),
                     truncated: true,
                     change: Change {
                         transaction: transaction(meta.get("tx"))?,
@@ -418,8 +438,10 @@ mod tests {
     #[test]
     fn decodes_a_row() {
         let d = decode(r#"{"id": 42, "email": "a@b.c"}"#, &channel(&["id"])).unwrap();
-        let mut extra = Map::new();
-        extra.insert("email".into(), json!("a@b.c"));
+        let extra = Extra {
+            known: vec![Some(json!("a@b.c"))],
+            others: Map::new(),
+        };
         assert_eq!(
             d,
             Decoded::Row {
@@ -445,7 +467,7 @@ mod tests {
                 assert_eq!(context.get("app.user_id"), Some(&json!("42")));
                 assert_eq!(context.get("@x"), Some(&Value::Null));
                 assert_eq!(context.get("backend_pid"), Some(&json!(7)));
-                assert!(change.old.is_none() && extra.is_empty());
+                assert!(change.old.is_none() && extra == Extra { known: vec![None], others: Map::new() });
             }
             other => panic!("{other:?}"),
         }
@@ -475,8 +497,8 @@ mod tests {
                 ..
             } => {
                 assert!(!truncated);
-                assert_eq!(extra.get("email"), Some(&json!("new")));
-                assert_eq!(extra.len(), 1);
+                assert_eq!(extra.known, [Some(json!("new"))]);
+                assert!(extra.others.is_empty());
                 let old = change.old.unwrap();
                 assert_eq!(old.get("email"), Some(&Value::Null));
                 assert_eq!(change.changed.unwrap(), ["email", "at"]);
@@ -609,7 +631,7 @@ mod tests {
         match decode(r#"{"__sqlnotify": {"truncated": true}, "id": 5}"#, &c).unwrap() {
             Decoded::Row {
                 truncated, extra, ..
-            } => assert!(truncated && extra.is_empty()),
+            } => assert!(truncated && extra == Extra::default()),
             other => panic!("{other:?}"),
         }
     }
@@ -772,7 +794,7 @@ mod properties {
             let expected_extra = map.clone();
             map.insert("id".into(), id.clone());
             let decoded = decode(&Value::Object(map).to_string(), &channel(vec!["id".into()])).unwrap();
-            prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: expected_extra, truncated: false, change: Change::default() });
+            prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: Extra::from(expected_extra), truncated: false, change: Change::default() });
         }
 
         /// Old values and changed columns round-trip; any other value in their place is a
@@ -826,7 +848,7 @@ mod properties {
                 Ok(Decoded::Row { change, extra: got, truncated: false, .. }) => {
                     prop_assert_eq!(change.context, Some(context));
                     prop_assert_eq!(change.old.is_some(), with_old);
-                    prop_assert_eq!(got, extra);
+                    prop_assert_eq!(got, Extra::from(extra));
                 }
                 other => prop_assert!(false, "{:?}", other),
             }
