@@ -18,7 +18,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::Semaphore;
 
-use crate::event::{ChangeEvent, Channel, Channels, RawNotification};
+use crate::event::{ChangeEvent, Channel, Channels, Extra, RawNotification};
 use crate::lifecycle::{Flush, Shutdown};
 use crate::overflow::OverflowStore;
 use crate::payload::{decode, decode_rows, Decoded};
@@ -152,7 +152,7 @@ impl Decoder {
                     channel.name()
                 );
                 Counters::add(&self.stats.overflow_missing, 1);
-                ChangeEvent::new(channel, id, Default::default(), &raw, true)
+                ChangeEvent::new(channel, id, Extra::default(), &raw, true)
             }
             Err(e) => {
                 log::error!(
@@ -160,7 +160,7 @@ impl Decoder {
                     channel.name()
                 );
                 Counters::add(&self.stats.overflow_missing, 1);
-                ChangeEvent::new(channel, id, Default::default(), &raw, true)
+                ChangeEvent::new(channel, id, Extra::default(), &raw, true)
             }
         };
         self.send(vec![event.placed(start, 0)]);
@@ -390,7 +390,7 @@ pub(crate) async fn decode_replayed(
                     })) => {
                         ChangeEvent::new(channel, id, extra, &raw, truncated).with_change(change)
                     }
-                    _ => ChangeEvent::new(channel, id, Default::default(), &raw, true),
+                    _ => ChangeEvent::new(channel, id, Extra::default(), &raw, true),
                 }
             }
             Err(reason) => {

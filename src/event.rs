@@ -3,7 +3,7 @@
 //! static description of one watched channel that events share.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
@@ -210,11 +210,55 @@ pub struct ChangeEvent {
     inner: Arc<EventInner>,
 }
 
+/// An event's extra columns. The decoder keeps the values of its channel's extra columns by
+/// position, allocating no column name per event; any other member a payload carries, and
+/// every column of an event made from a map, is kept by name. The name → value map
+/// [`ChangeEvent::extra_columns`] returns is built the first time it is asked for.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Extra {
+    /// The values of the channel's extra columns, in its order (`None`: not carried); empty,
+    /// or as long as the channel's list.
+    pub known: Vec<Option<Value>>,
+    /// Every other carried column.
+    pub others: Map<String, Value>,
+}
+
+impl From<Map<String, Value>> for Extra {
+    fn from(others: Map<String, Value>) -> Self {
+        Extra {
+            known: Vec::new(),
+            others,
+        }
+    }
+}
+
+impl Extra {
+    /// Every carried column with its name (`names`: the channel's extra columns), unordered.
+    fn pairs<'a>(&'a self, names: &'a [String]) -> impl Iterator<Item = (&'a str, &'a Value)> {
+        names
+            .iter()
+            .zip(&self.known)
+            .filter_map(|(name, value)| Some((name.as_str(), value.as_ref()?)))
+            .chain(
+                self.others
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value)),
+            )
+    }
+
+    /// Whether it holds nothing by position (then `others` is every carried column).
+    fn by_name_only(&self) -> bool {
+        self.known.iter().all(Option::is_none)
+    }
+}
+
 #[derive(Debug)]
 struct EventInner {
     channel: Arc<Channel>,
     id: Key,
-    extra: Map<String, Value>,
+    extra: Extra,
+    /// `extra` as a map by name, once asked for (when `extra` holds columns by position).
+    extra_map: OnceLock<Map<String, Value>>,
     timestamp: SystemTime,
     truncated: bool,
     sequence: Option<i64>,
@@ -241,7 +285,7 @@ impl ChangeEvent {
     pub(crate) fn new(
         channel: Arc<Channel>,
         id: Key,
-        extra: Map<String, Value>,
+        extra: impl Into<Extra>,
         raw: &RawNotification,
         truncated: bool,
     ) -> Self {
@@ -249,7 +293,8 @@ impl ChangeEvent {
             inner: Arc::new(EventInner {
                 channel,
                 id,
-                extra,
+                extra: extra.into(),
+                extra_map: OnceLock::new(),
                 timestamp: raw.received_at,
                 truncated,
                 sequence: raw.sequence,
@@ -326,6 +371,10 @@ impl ChangeEvent {
     pub fn channel(&self) -> &str {
         &self.inner.channel.name
     }
+    /// The channel the event arrived on, shared.
+    pub(crate) fn channel_arc(&self) -> &Arc<Channel> {
+        &self.inner.channel
+    }
     /// The description of the channel (table, operation, carried columns).
     pub fn channel_info(&self) -> &Channel {
         &self.inner.channel
@@ -352,14 +401,28 @@ impl ChangeEvent {
     }
     /// The extra columns the watch asked for (empty when [`ChangeEvent::is_truncated`]).
     pub fn extra_columns(&self) -> &Map<String, Value> {
-        &self.inner.extra
+        let extra = &self.inner.extra;
+        if extra.by_name_only() {
+            return &extra.others;
+        }
+        self.inner.extra_map.get_or_init(|| {
+            extra
+                .pairs(&self.inner.channel.extra_columns)
+                .map(|(name, value)| (name.to_string(), value.clone()))
+                .collect()
+        })
     }
     /// A column's value, key or extra; `None` when the payload does not carry it.
     pub fn get(&self, column: &str) -> Option<&Value> {
         if let Some(pos) = self.key_columns().iter().position(|c| c == column) {
             return self.inner.id.values().get(pos);
         }
-        self.inner.extra.get(column)
+        let extra = &self.inner.extra;
+        let names = &self.inner.channel.extra_columns;
+        match names.iter().position(|c| c == column) {
+            Some(at) if at < extra.known.len() => extra.known[at].as_ref(),
+            _ => extra.others.get(column),
+        }
     }
     /// Wall-clock time at which the listener received the notification.
     pub fn timestamp(&self) -> SystemTime {
@@ -452,12 +515,12 @@ impl ChangeEvent {
 
     /// All carried columns (key columns first, then extra columns) as one JSON object.
     pub fn to_json(&self) -> Value {
-        let mut map = Map::with_capacity(self.key_columns().len() + self.inner.extra.len());
+        let mut map = Map::new();
         for (name, value) in self.key_columns().iter().zip(self.inner.id.values()) {
             map.insert(name.clone(), value.clone());
         }
-        for (name, value) in &self.inner.extra {
-            map.insert(name.clone(), value.clone());
+        for (name, value) in self.inner.extra.pairs(&self.inner.channel.extra_columns) {
+            map.insert(name.to_string(), value.clone());
         }
         Value::Object(map)
     }
@@ -494,7 +557,7 @@ impl ChangeEvent {
             Key::Composite(vs) => put(&mut out, vs),
         }
         out.extend_from_slice(b",\"columns\":");
-        put(&mut out, &self.inner.extra);
+        put(&mut out, &Columns(self));
         out.extend_from_slice(b",\"sequence\":");
         match self.sequence() {
             Some(s) => put(&mut out, &s),
@@ -679,6 +742,22 @@ impl actix::Message for ChangeEvent {
     type Result = ();
 }
 
+/// An event's extra columns, serialized as one JSON object in name order (as a map of them
+/// would be), without building the map.
+struct Columns<'a>(&'a ChangeEvent);
+
+impl serde::Serialize for Columns<'_> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let inner = &self.0.inner;
+        let mut pairs: Vec<_> = inner.extra.pairs(&inner.channel.extra_columns).collect();
+        pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        serializer.collect_map(pairs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,6 +775,47 @@ mod tests {
             tier: Tier::Notify,
             signed: false,
         })
+    }
+
+    /// Columns kept by position (as the decoder keeps them) read exactly like the same columns
+    /// kept by name: `get`, `extra_columns`, `to_json` and `to_record`, whatever the order.
+    #[test]
+    fn columns_by_position_read_like_columns_by_name() {
+        let c = channel(&["id"], &["b", "a", "c"]);
+        let raw = RawNotification::new("c", "");
+        let payload = r#"{"z": [1], "a": null, "id": 1, "b": {"x": 2}, "a": "last"}"#;
+        let Ok(crate::payload::Decoded::Row { id, extra, .. }) =
+            crate::payload::decode(payload, &c)
+        else {
+            panic!("decodes");
+        };
+        assert_eq!(
+            extra.known,
+            [Some(json!({"x": 2})), Some(json!("last")), None]
+        );
+        let by_position = ChangeEvent::new(c.clone(), id.clone(), extra, &raw, false);
+        let mut map = Map::new();
+        map.insert("z".into(), json!([1]));
+        map.insert("a".into(), json!("last"));
+        map.insert("b".into(), json!({"x": 2}));
+        let by_name = ChangeEvent::new(c, id, map.clone(), &raw, false);
+        for event in [&by_position, &by_name] {
+            assert_eq!(event.extra_columns(), &map);
+            for (column, value) in [
+                ("a", Some(json!("last"))),
+                ("b", Some(json!({"x": 2}))),
+                ("c", None),
+                ("z", Some(json!([1]))),
+                ("id", Some(json!(1))),
+            ] {
+                assert_eq!(event.get(column), value.as_ref(), "{column}");
+            }
+        }
+        assert_eq!(by_position.to_json(), by_name.to_json());
+        assert_eq!(by_position.to_record(), by_name.to_record());
+        assert!(by_position
+            .to_record()
+            .contains(r#""columns":{"a":"last","b":{"x":2},"z":[1]}"#));
     }
 
     #[test]

@@ -29,7 +29,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::{Channel, Key};
+use crate::event::{Channel, Extra, Key};
 
 /// Reserved payload member carrying sqlnotify's own metadata.
 pub(crate) const META_KEY: &str = "__sqlnotify";
@@ -43,7 +43,7 @@ pub(crate) enum Decoded {
     /// The payload carried the row.
     Row {
         id: Key,
-        extra: Map<String, Value>,
+        extra: Extra,
         truncated: bool,
         change: Change,
     },
@@ -70,10 +70,123 @@ pub(crate) struct Change {
 
 /// Parses a payload received on `channel`. The error says what is wrong, for the log.
 pub(crate) fn decode(payload: &str, channel: &Channel) -> Result<Decoded, String> {
-    match serde_json::from_str(payload) {
-        Ok(Value::Object(map)) => decode_map(map, channel),
-        Ok(_) => Err("payload is JSON but not an object".into()),
-        Err(e) => Err(format!("payload is not JSON: {e}")),
+    match parse_object(payload, channel) {
+        Ok(parts) => decode_parts(parts, channel),
+        // Not a JSON object: parsed again as any JSON value, for the same message as ever.
+        Err(_) => match serde_json::from_str(payload) {
+            Ok(Value::Object(map)) => decode_map(map, channel),
+            Ok(_) => Err("payload is JSON but not an object".into()),
+            Err(e) => Err(format!("payload is not JSON: {e}")),
+        },
+    }
+}
+
+/// A payload object taken apart while it is parsed: the values of `channel`'s key columns (in
+/// declared order, `None` where missing), the reserved member, and every other member.
+struct Parts {
+    /// The first key column's value, then the others' (most keys are one column: no
+    /// allocation).
+    first: Option<Value>,
+    rest: Vec<Option<Value>>,
+    meta: Option<Value>,
+    extra: Extra,
+}
+
+/// Parses `payload` as one JSON object straight into [`Parts`]: the key and extra columns'
+/// names are never allocated (their values are kept by position), and no member is inserted
+/// into a map only to be taken out again. A member that occurs twice keeps its last value, as
+/// when parsing into a [`Value`].
+fn parse_object(payload: &str, channel: &Channel) -> serde_json::Result<Parts> {
+    use serde::de::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_str(payload);
+    let parts = (&mut de).deserialize_any(PartsVisitor(channel))?;
+    de.end()?;
+    Ok(parts)
+}
+
+struct PartsVisitor<'c>(&'c Channel);
+
+impl<'de> serde::de::Visitor<'de> for PartsVisitor<'_> {
+    type Value = Parts;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Parts, A::Error> {
+        let key_columns = &self.0.key_columns;
+        let extra_columns = &self.0.extra_columns;
+        // Payloads list the extra columns in the channel's order: the next one is tried first.
+        let mut next = 0;
+        let mut parts = Parts {
+            first: None,
+            rest: vec![None; key_columns.len().saturating_sub(1)],
+            meta: None,
+            extra: Extra {
+                known: vec![None; extra_columns.len()],
+                others: Map::new(),
+            },
+        };
+        while let Some(name) = access.next_key::<Name<'de>>()? {
+            let value: Value = access.next_value()?;
+            let name = name.as_str();
+            if name == META_KEY {
+                parts.meta = Some(value);
+            } else if let Some(at) = key_columns.iter().position(|c| c == name) {
+                match at.checked_sub(1) {
+                    None => parts.first = Some(value),
+                    Some(at) => parts.rest[at] = Some(value),
+                }
+            } else if let Some(at) = extra_columns
+                .get(next)
+                .filter(|c| *c == name)
+                .map(|_| next)
+                .or_else(|| extra_columns.iter().position(|c| c == name))
+            {
+                parts.extra.known[at] = Some(value);
+                next = at + 1;
+            } else {
+                parts.extra.others.insert(name.to_string(), value);
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// A member name, borrowed from the payload unless it holds an escape.
+enum Name<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl Name<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Name::Borrowed(s) => s,
+            Name::Owned(s) => s,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> serde::de::Visitor<'de> for NameVisitor {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name::Borrowed(s))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Name<'de>, E> {
+                Ok(Name::Owned(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Name<'de>, E> {
+                Ok(Name::Owned(s))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
     }
 }
 
@@ -105,7 +218,34 @@ pub(crate) fn decode_rows(
 /// Decodes one payload object.
 fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded, String> {
     let meta = map.remove(META_KEY);
-    let id = take_key(&mut map, channel)?;
+    let mut keys = channel.key_columns.iter().map(|column| map.remove(column));
+    let first = keys.next().flatten();
+    let rest = keys.collect();
+    let known = channel
+        .extra_columns
+        .iter()
+        .map(|column| map.remove(column))
+        .collect();
+    decode_parts(
+        Parts {
+            first,
+            rest,
+            meta,
+            extra: Extra { known, others: map },
+        },
+        channel,
+    )
+}
+
+/// Decodes one payload object, taken apart.
+fn decode_parts(parts: Parts, channel: &Channel) -> Result<Decoded, String> {
+    let Parts {
+        first,
+        rest,
+        meta,
+        extra: map,
+    } = parts;
+    let id = key_of(first, rest, channel)?;
     match meta {
         None => Ok(Decoded::Row {
             id,
@@ -126,7 +266,7 @@ fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded,
             } else if meta.get("truncated") == Some(&Value::Bool(true)) {
                 Ok(Decoded::Row {
                     id,
-                    extra: Map::new(),
+                    extra: Extra::default(),
                     truncated: true,
                     change: Change {
                         transaction: transaction(meta.get("tx"))?,
@@ -219,20 +359,27 @@ fn is_token(text: &str) -> bool {
         })
 }
 
-/// Removes the key columns from `map` and returns them as a [`Key`].
-fn take_key(map: &mut Map<String, Value>, channel: &Channel) -> Result<Key, String> {
-    let mut values = Vec::with_capacity(channel.key_columns.len());
-    for column in &channel.key_columns {
-        match map.remove(column) {
-            Some(v) => values.push(v),
-            None => return Err(format!("payload lacks key column {column:?}")),
+/// The [`Key`] made of the key columns' values: the first one's, then the others' in
+/// declared order.
+fn key_of(
+    first: Option<Value>,
+    rest: Vec<Option<Value>>,
+    channel: &Channel,
+) -> Result<Key, String> {
+    let lacks = |at: usize| format!("payload lacks key column {:?}", channel.key_columns[at]);
+    match channel.key_columns.len() {
+        0 => Ok(Key::Composite(Vec::new())),
+        1 => first.map(Key::Single).ok_or_else(|| lacks(0)),
+        _ => {
+            let first = first.ok_or_else(|| lacks(0))?;
+            let mut values = Vec::with_capacity(rest.len() + 1);
+            values.push(first);
+            for (at, value) in rest.into_iter().enumerate() {
+                values.push(value.ok_or_else(|| lacks(at + 1))?);
+            }
+            Ok(Key::Composite(values))
         }
     }
-    Ok(if values.len() == 1 {
-        Key::Single(values.pop().expect("one value"))
-    } else {
-        Key::Composite(values)
-    })
 }
 
 /// Checks a custom notification payload and renders it: a JSON object carrying every key
@@ -291,8 +438,10 @@ mod tests {
     #[test]
     fn decodes_a_row() {
         let d = decode(r#"{"id": 42, "email": "a@b.c"}"#, &channel(&["id"])).unwrap();
-        let mut extra = Map::new();
-        extra.insert("email".into(), json!("a@b.c"));
+        let extra = Extra {
+            known: vec![Some(json!("a@b.c"))],
+            others: Map::new(),
+        };
         assert_eq!(
             d,
             Decoded::Row {
@@ -318,7 +467,7 @@ mod tests {
                 assert_eq!(context.get("app.user_id"), Some(&json!("42")));
                 assert_eq!(context.get("@x"), Some(&Value::Null));
                 assert_eq!(context.get("backend_pid"), Some(&json!(7)));
-                assert!(change.old.is_none() && extra.is_empty());
+                assert!(change.old.is_none() && extra == Extra { known: vec![None], others: Map::new() });
             }
             other => panic!("{other:?}"),
         }
@@ -348,8 +497,8 @@ mod tests {
                 ..
             } => {
                 assert!(!truncated);
-                assert_eq!(extra.get("email"), Some(&json!("new")));
-                assert_eq!(extra.len(), 1);
+                assert_eq!(extra.known, [Some(json!("new"))]);
+                assert!(extra.others.is_empty());
                 let old = change.old.unwrap();
                 assert_eq!(old.get("email"), Some(&Value::Null));
                 assert_eq!(change.changed.unwrap(), ["email", "at"]);
@@ -482,7 +631,7 @@ mod tests {
         match decode(r#"{"__sqlnotify": {"truncated": true}, "id": 5}"#, &c).unwrap() {
             Decoded::Row {
                 truncated, extra, ..
-            } => assert!(truncated && extra.is_empty()),
+            } => assert!(truncated && extra == Extra::default()),
             other => panic!("{other:?}"),
         }
     }
@@ -600,6 +749,41 @@ mod properties {
             let _ = decode(&value.to_string(), &channel(vec!["id".into()]));
         }
 
+        /// Parsing a payload object straight into its parts decodes exactly as parsing it into
+        /// a `Value` first does: repeated members (the last one wins), escaped names, missing
+        /// or composite keys, metadata, garbage members and trailing text alike.
+        #[test]
+        fn direct_parsing_decodes_like_parsing_a_value(
+            members in prop::collection::vec(
+                (prop_oneof![
+                    Just("id".to_string()),
+                    Just("k2".to_string()),
+                    Just("i\\u0064".to_string()),
+                    Just(META_KEY.to_string()),
+                    "[a-z]{1,3}",
+                ], prop_oneof![
+                    json_value().prop_map(|v| v.to_string()),
+                    Just(r#"{"truncated": true}"#.to_string()),
+                    Just(r#"{"old": {"id": 1}, "tx": "7"}"#.to_string()),
+                    Just("[1,".to_string()),
+                ]),
+                0..6,
+            ),
+            trailing in prop_oneof![Just(""), Just(" "), Just("x"), Just("}")],
+            composite in any::<bool>(),
+        ) {
+            let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+            let payload = format!("{{{}}}{trailing}", body.join(", "));
+            let keys = if composite { vec!["id".into(), "k2".into()] } else { vec!["id".into()] };
+            let c = channel(keys);
+            let via_value = match serde_json::from_str(&payload) {
+                Ok(Value::Object(map)) => decode_map(map, &c),
+                Ok(_) => Err("payload is JSON but not an object".into()),
+                Err(e) => Err(format!("payload is not JSON: {e}")),
+            };
+            prop_assert_eq!(decode(&payload, &c), via_value);
+        }
+
         /// A payload built from a key and extra columns decodes back to the same key and columns.
         #[test]
         fn rows_round_trip(
@@ -610,7 +794,7 @@ mod properties {
             let expected_extra = map.clone();
             map.insert("id".into(), id.clone());
             let decoded = decode(&Value::Object(map).to_string(), &channel(vec!["id".into()])).unwrap();
-            prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: expected_extra, truncated: false, change: Change::default() });
+            prop_assert_eq!(decoded, Decoded::Row { id: Key::Single(id), extra: Extra::from(expected_extra), truncated: false, change: Change::default() });
         }
 
         /// Old values and changed columns round-trip; any other value in their place is a
@@ -664,7 +848,7 @@ mod properties {
                 Ok(Decoded::Row { change, extra: got, truncated: false, .. }) => {
                     prop_assert_eq!(change.context, Some(context));
                     prop_assert_eq!(change.old.is_some(), with_old);
-                    prop_assert_eq!(got, extra);
+                    prop_assert_eq!(got, Extra::from(extra));
                 }
                 other => prop_assert!(false, "{:?}", other),
             }

@@ -30,7 +30,7 @@ use futures_util::future::join_all;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Channels};
+use crate::event::{ChangeEvent, Channel, Channels};
 use crate::filter::Filter;
 use crate::instruments::ChannelMetrics;
 use crate::lifecycle::{Flush, Shutdown};
@@ -225,33 +225,40 @@ impl Registry {
 
     /// Routes one event, adding to `tally`. The event's unit of in-flight budget goes into a
     /// [`Ticket`] only if some buffer keeps the event; otherwise the caller gives it back.
-    fn route(&mut self, event: ChangeEvent, tally: &mut Tally) {
+    fn route(&mut self, event: ChangeEvent, tally: &mut Tally, found: &mut Found) {
         if let Some(sequence) = event.sequence() {
             tally.sequence = tally.sequence.max(sequence);
         }
+        let channel = event.channel_arc();
+        let own = match &found.last {
+            Some((last, route)) if Arc::ptr_eq(last, channel) => *route,
+            _ => {
+                let route = self.by_channel.get(event.channel()).copied();
+                found.last = Some((channel.clone(), route));
+                route
+            }
+        };
         let (mut considered, mut ticket) = (false, None);
-        for key in [event.channel(), EVERY_CHANNEL] {
-            if let Some(&r) = self.by_channel.get(key) {
-                let route = &mut self.routes[r];
-                considered |= route.open > 0;
-                let before = (tally.delivered, tally.filtered, tally.dropped);
-                route.open -= offer(
-                    route,
-                    &mut self.slots,
-                    &mut self.attention,
-                    &event,
-                    &self.budget,
-                    tally,
-                    &mut ticket,
-                );
-                // Per channel, for its metrics: emitted once per batch (`emit_counted`).
-                let idle = route.counted == RouteCounts::default();
-                route.counted.delivered += tally.delivered - before.0;
-                route.counted.filtered += tally.filtered - before.1;
-                route.counted.dropped += tally.dropped - before.2;
-                if idle && route.counted != RouteCounts::default() {
-                    self.counted.push(r);
-                }
+        for r in [own, found.every].into_iter().flatten() {
+            let route = &mut self.routes[r];
+            considered |= route.open > 0;
+            let before = (tally.delivered, tally.filtered, tally.dropped);
+            route.open -= offer(
+                route,
+                &mut self.slots,
+                &mut self.attention,
+                &event,
+                &self.budget,
+                tally,
+                &mut ticket,
+            );
+            // Per channel, for its metrics: emitted once per batch (`emit_counted`).
+            let idle = route.counted == RouteCounts::default();
+            route.counted.delivered += tally.delivered - before.0;
+            route.counted.filtered += tally.filtered - before.1;
+            route.counted.dropped += tally.dropped - before.2;
+            if idle && route.counted != RouteCounts::default() {
+                self.counted.push(r);
             }
         }
         if !considered {
@@ -259,6 +266,14 @@ impl Registry {
         }
         if ticket.is_none() {
             tally.release += 1;
+        }
+    }
+
+    /// Where a batch's routing starts: no channel looked up yet.
+    fn found(&self) -> Found {
+        Found {
+            last: None,
+            every: self.by_channel.get(EVERY_CHANNEL).copied(),
         }
     }
 
@@ -621,6 +636,16 @@ fn offer(
     gone
 }
 
+/// The routes of a batch's events, looked up once per batch (subscriptions to every channel)
+/// and once per run of events on one channel, not twice per event: no subscription comes or
+/// goes while a batch is routed.
+struct Found {
+    /// The channel of the event routed last, and its route.
+    last: Option<(Arc<Channel>, Option<usize>)>,
+    /// The route of the subscriptions to every channel.
+    every: Option<usize>,
+}
+
 /// Puts `s` (in `slot`) on the attention list, once.
 fn attend(s: &mut Subscriber, slot: usize, attention: &mut Vec<(usize, SubscriptionId)>) {
     if !s.listed {
@@ -683,8 +708,9 @@ impl Handler<Route> for Registry {
     fn handle(&mut self, Route { events, skipped }: Route, ctx: &mut Context<Self>) {
         let mut tally = Tally::default();
         let count = events.len() as u64 + skipped;
+        let mut found = self.found();
         for event in events {
-            self.route(event, &mut tally);
+            self.route(event, &mut tally, &mut found);
         }
         // Shared counters, metrics and the budget are touched once per batch, not per event.
         self.emit_counted();
@@ -1387,9 +1413,9 @@ mod properties {
                     ChangeEvent::new(channel.clone(), Key::Single(key), extra, &RawNotification::new("", ""), false)
                 })
                 .collect();
-            let mut tally = Tally::default();
+            let (mut tally, mut found) = (Tally::default(), registry.found());
             for event in &events {
-                registry.route(event.clone(), &mut tally);
+                registry.route(event.clone(), &mut tally, &mut found);
             }
             // The linear scan: every subscription still subscribed, every event; a gone
             // receiver loses the first event it is selected for and is counted as filtered

@@ -15,6 +15,7 @@
 //! are not indexed. Subscriptions are named by slot numbers the caller chooses (stable while
 //! the subscription lives).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use serde_json::Value;
@@ -24,36 +25,137 @@ use crate::filter::Filter;
 /// The key of a scalar value under typed equality.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
+    Scalar(Scalar),
+    String(Box<str>),
+}
+
+/// The key of a scalar value other than a string (`Copy`: looked up without allocating).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Scalar {
     Null,
     Bool(bool),
     /// The bits of the number's `f64`, `-0.0` folded into `0.0`.
     Number(u64),
-    String(Box<str>),
 }
 
 impl Key {
     /// The key of `value`, or `None` for an array or object (never indexed).
     fn of(value: &Value) -> Option<Key> {
+        match value {
+            Value::String(s) => Some(Key::String(s.as_str().into())),
+            other => Scalar::of(other).map(Key::Scalar),
+        }
+    }
+}
+
+impl Scalar {
+    /// The key of `value` when it is neither a string, an array nor an object.
+    fn of(value: &Value) -> Option<Scalar> {
         Some(match value {
-            Value::Null => Key::Null,
-            Value::Bool(b) => Key::Bool(*b),
+            Value::Null => Scalar::Null,
+            Value::Bool(b) => Scalar::Bool(*b),
             Value::Number(n) => {
                 let f = n.as_f64()?;
-                Key::Number(if f == 0.0 { 0.0f64 } else { f }.to_bits())
+                Scalar::Number(if f == 0.0 { 0.0f64 } else { f }.to_bits())
             }
-            Value::String(s) => Key::String(s.as_str().into()),
-            Value::Array(_) | Value::Object(_) => return None,
+            Value::String(_) | Value::Array(_) | Value::Object(_) => return None,
         })
     }
 }
 
-/// The subscriptions kept under one column, by value.
+/// The subscriptions kept under one value: most values have one, kept inline (no allocation,
+/// and one memory access fewer per lookup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Slots {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Slots {
+    fn push(&mut self, slot: usize) {
+        match self {
+            Slots::One(first) => *self = Slots::Many(vec![*first, slot]),
+            Slots::Many(slots) => slots.push(slot),
+        }
+    }
+
+    /// Removes `slot`; returns whether it was there and whether none is left.
+    fn remove(&mut self, slot: usize) -> (bool, bool) {
+        match self {
+            Slots::One(only) => (*only == slot, *only == slot),
+            Slots::Many(slots) => match slots.iter().position(|s| *s == slot) {
+                Some(pos) => {
+                    slots.swap_remove(pos);
+                    (true, slots.is_empty())
+                }
+                None => (false, slots.is_empty()),
+            },
+        }
+    }
+
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Slots::One(slot) => std::slice::from_ref(slot),
+            Slots::Many(slots) => slots,
+        }
+    }
+}
+
+/// The subscriptions kept under one column, by value: strings apart, so that an event's string
+/// is looked up as the `&str` it is.
 #[derive(Debug)]
 struct ColumnIndex {
     column: String,
-    by_value: HashMap<Key, Vec<usize>>,
+    by_scalar: HashMap<Scalar, Slots>,
+    by_string: HashMap<Box<str>, Slots>,
     /// Subscriptions kept under this column.
     subscriptions: usize,
+}
+
+impl ColumnIndex {
+    fn add(&mut self, key: Key, slot: usize) {
+        match key {
+            Key::Scalar(key) => add_to(&mut self.by_scalar, key, slot),
+            Key::String(key) => add_to(&mut self.by_string, key, slot),
+        }
+    }
+
+    /// Removes `slot` from under `key`; returns whether it was there.
+    fn take(&mut self, key: &Key, slot: usize) -> bool {
+        match key {
+            Key::Scalar(key) => take_from(&mut self.by_scalar, key, slot),
+            Key::String(key) => take_from(&mut self.by_string, key, slot),
+        }
+    }
+
+    /// The subscriptions kept under `value`.
+    fn under(&self, value: &Value) -> &[usize] {
+        let slots = match value {
+            Value::String(s) => self.by_string.get(s.as_str()),
+            other => Scalar::of(other).and_then(|key| self.by_scalar.get(&key)),
+        };
+        slots.map_or(&[], Slots::as_slice)
+    }
+}
+
+fn add_to<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slots>, key: K, slot: usize) {
+    match map.entry(key) {
+        Entry::Occupied(mut slots) => slots.get_mut().push(slot),
+        Entry::Vacant(entry) => {
+            entry.insert(Slots::One(slot));
+        }
+    }
+}
+
+fn take_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slots>, key: &K, slot: usize) -> bool {
+    let Some(slots) = map.get_mut(key) else {
+        return false;
+    };
+    let (found, empty) = slots.remove(slot);
+    if empty {
+        map.remove(key);
+    }
+    found
 }
 
 /// Where a subscription is kept: under a column and its distinct value keys, or in the
@@ -107,7 +209,8 @@ impl RouteIndex {
                     None => {
                         self.columns.push(ColumnIndex {
                             column,
-                            by_value: HashMap::new(),
+                            by_scalar: HashMap::new(),
+                            by_string: HashMap::new(),
                             subscriptions: 0,
                         });
                         self.columns.len() - 1
@@ -116,7 +219,7 @@ impl RouteIndex {
                 let index = &mut self.columns[at];
                 index.subscriptions += 1;
                 for key in keys {
-                    index.by_value.entry(key).or_default().push(slot);
+                    index.add(key, slot);
                 }
             }
         }
@@ -140,16 +243,8 @@ impl RouteIndex {
                 };
                 let index = &mut self.columns[at];
                 let mut found = false;
-                for key in keys {
-                    if let Some(slots) = index.by_value.get_mut(&key) {
-                        if let Some(pos) = slots.iter().position(|s| *s == slot) {
-                            slots.swap_remove(pos);
-                            found = true;
-                        }
-                        if slots.is_empty() {
-                            index.by_value.remove(&key);
-                        }
-                    }
+                for key in &keys {
+                    found |= index.take(key, slot);
                 }
                 if found {
                     index.subscriptions -= 1;
@@ -173,13 +268,11 @@ impl RouteIndex {
             each(slot);
         }
         for index in &self.columns {
-            let Some(key) = value(&index.column).and_then(Key::of) else {
+            let Some(value) = value(&index.column) else {
                 continue;
             };
-            if let Some(slots) = index.by_value.get(&key) {
-                for &slot in slots {
-                    each(slot);
-                }
+            for &slot in index.under(value) {
+                each(slot);
             }
         }
     }

@@ -126,7 +126,7 @@ mod tests {
         ChangeEvent::new(
             channel,
             Key::Single(1.into()),
-            Default::default(),
+            crate::event::Extra::default(),
             &raw,
             false,
         )

@@ -269,7 +269,7 @@ mod tests {
             crate::event::ChangeEvent::new(
                 channel.clone(),
                 crate::event::Key::Single(1.into()),
-                Default::default(),
+                crate::event::Extra::default(),
                 &raw,
                 false,
             )
