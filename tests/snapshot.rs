@@ -189,6 +189,45 @@ async fn table(db: &TestDb) -> BTreeMap<i64, i64> {
         .collect()
 }
 
+/// The replica check's run, the same on every dialect: with the writers running, stalls the
+/// pipeline, opens a snapshot feed of `t` (`rows` rows) and applies it — the rows, then changes
+/// until `stop_writers` has stopped the writers (returning how many transactions they ran),
+/// then until the replica equals `table`. Prints what it took under `label`; returns the
+/// replica and the table it equals.
+async fn replicate<S, T>(
+    notifier: &Notifier,
+    label: &str,
+    rows: i64,
+    stop_writers: impl FnOnce() -> S,
+    table: impl FnOnce() -> T,
+) -> (Replica, BTreeMap<i64, i64>)
+where
+    S: std::future::Future<Output = i64>,
+    T: std::future::Future<Output = BTreeMap<i64, i64>>,
+{
+    let stalled = stall(notifier).await;
+    let started = Instant::now();
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
+        .await
+        .unwrap();
+    release_once_open(&feed, stalled).await;
+    let mut replica = Replica::default();
+    replica.snapshot_then_changes(&mut feed, rows).await;
+    let transactions = stop_writers().await;
+    let want = table().await;
+    replica.catch_up(&mut feed, &want).await;
+    println!(
+        "{label}: snapshot of {} rows + {} changes from {transactions} transactions of 4 \
+         writers; replica equal to the table ({} rows) after {:?}",
+        replica.snapshot_rows,
+        replica.changes,
+        want.len(),
+        started.elapsed()
+    );
+    (replica, want)
+}
+
 /// The replica check on `tier`.
 async fn replica(tier: Tier) {
     let db = TestDb::new().await;
@@ -239,36 +278,21 @@ async fn replica(tier: Tier) {
             i
         }));
     }
-    let stalled = stall(&notifier).await;
-    let started = Instant::now();
-    let mut feed = notifier
-        .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
-        .await
-        .unwrap();
-    release_once_open(&feed, stalled).await;
-    let mut replica = Replica::default();
-    replica.snapshot_then_changes(&mut feed, ROWS).await;
-    stop_tx.send(true).unwrap();
-    let mut transactions = 0;
-    for w in writers {
-        transactions += w.await.unwrap();
-    }
-    let want = table(&db).await;
-    replica.catch_up(&mut feed, &want).await;
-    let Replica {
-        snapshot_rows,
-        changes,
-        ..
-    } = replica;
+    let stop_writers = || async {
+        stop_tx.send(true).unwrap();
+        let mut transactions = 0;
+        for w in writers {
+            transactions += w.await.unwrap();
+        }
+        transactions
+    };
+    let (replica, _) = replicate(&notifier, &format!("{tier:?}"), ROWS, stop_writers, || {
+        table(&db)
+    })
+    .await;
     let stats = notifier.stats().await.unwrap();
-    assert_eq!(stats.snapshot_rows, snapshot_rows);
-    assert_eq!(stats.snapshot_rows_total, snapshot_rows);
-    println!(
-        "{tier:?}: snapshot of {snapshot_rows} rows + {changes} changes from {transactions} \
-         transactions of 4 writers; replica equal to the table ({} rows) after {:?}",
-        want.len(),
-        started.elapsed()
-    );
+    assert_eq!(stats.snapshot_rows, replica.snapshot_rows);
+    assert_eq!(stats.snapshot_rows_total, replica.snapshot_rows);
     notifier.stop().await.unwrap();
 }
 
@@ -441,33 +465,18 @@ async fn sqlite_replica_equals_the_table() {
             i
         }));
     }
-    let stalled = stall(&notifier).await;
-    let started = Instant::now();
-    let mut feed = notifier
-        .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
-        .await
-        .unwrap();
-    release_once_open(&feed, stalled).await;
-    let mut replica = Replica::default();
-    replica.snapshot_then_changes(&mut feed, ROWS).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut transactions = 0;
-    for w in writers {
-        transactions += w.join().unwrap();
-    }
-    let want = sqlite_table(&db);
-    replica.catch_up(&mut feed, &want).await;
-    let Replica {
-        snapshot_rows,
-        changes,
-        ..
-    } = replica;
-    println!(
-        "SQLite: snapshot of {snapshot_rows} rows + {changes} changes from {transactions} \
-         transactions of 4 writers; replica equal to the table ({} rows) after {:?}",
-        want.len(),
-        started.elapsed()
-    );
+    let stop_writers = || async {
+        stop.store(true, Ordering::Relaxed);
+        let mut transactions = 0;
+        for w in writers {
+            transactions += w.join().unwrap();
+        }
+        transactions
+    };
+    replicate(&notifier, "SQLite", ROWS, stop_writers, || async {
+        sqlite_table(&db)
+    })
+    .await;
     notifier.stop().await.unwrap();
 }
 
@@ -761,35 +770,18 @@ mod mysql {
                 i
             }));
         }
-        let stalled = stall(&notifier).await;
-        let started = Instant::now();
-        let mut feed = notifier
-            .subscribe_snapshot(Snapshot::new("t").chunk_rows(2_000))
-            .await
-            .unwrap();
-        release_once_open(&feed, stalled).await;
-        let mut replica = Replica::default();
-        replica.snapshot_then_changes(&mut feed, MYSQL_ROWS).await;
-        stop_tx.send(true).unwrap();
-        let mut transactions = 0;
-        for w in writers {
-            transactions += w.await.unwrap();
-        }
-        let want = table(&db).await;
-        replica.catch_up(&mut feed, &want).await;
-        let Replica {
-            snapshot_rows,
-            changes,
-            ..
-        } = replica;
+        let stop_writers = || async {
+            stop_tx.send(true).unwrap();
+            let mut transactions = 0;
+            for w in writers {
+                transactions += w.await.unwrap();
+            }
+            transactions
+        };
+        let (replica, _) =
+            replicate(&notifier, "MySQL", MYSQL_ROWS, stop_writers, || table(&db)).await;
         let stats = notifier.stats().await.unwrap();
-        assert_eq!(stats.snapshot_rows, snapshot_rows);
-        println!(
-            "MySQL: snapshot of {snapshot_rows} rows + {changes} changes from {transactions} \
-             transactions of 4 writers; replica equal to the table ({} rows) after {:?}",
-            want.len(),
-            started.elapsed()
-        );
+        assert_eq!(stats.snapshot_rows, replica.snapshot_rows);
         notifier.stop().await.unwrap();
     }
 
