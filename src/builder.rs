@@ -55,6 +55,7 @@ pub struct NotifierBuilder {
     pipeline: PipelineOptions,
     health_check: Duration,
     gap_timeout: Option<Duration>,
+    mysql_transaction_ids: bool,
     sign_notifications: bool,
     install_timeout: Duration,
     consumer_expiry: Option<Duration>,
@@ -74,6 +75,7 @@ impl std::fmt::Debug for NotifierBuilder {
             .field("cleanup_on_stop", &self.cleanup_on_stop)
             .field("manage_triggers", &self.manage_triggers)
             .field("gap_timeout", &self.gap_timeout)
+            .field("mysql_transaction_ids", &self.mysql_transaction_ids)
             .field("sign_notifications", &self.sign_notifications)
             .field("install_timeout", &self.install_timeout)
             .field("lag_report_interval", &self.pipeline.lag_interval)
@@ -103,6 +105,7 @@ impl NotifierBuilder {
             },
             health_check: Duration::from_secs(10),
             gap_timeout: None,
+            mysql_transaction_ids: false,
             sign_notifications: true,
             install_timeout: crate::lockwait::DEFAULT_INSTALL_TIMEOUT,
             consumer_expiry: None,
@@ -242,6 +245,25 @@ impl NotifierBuilder {
         self
     }
 
+    /// MariaDB: record each journal row's transaction, so that events carry
+    /// [`transaction_id`](crate::ChangeEvent::transaction_id) and
+    /// [`last_in_transaction`](crate::ChangeEvent::last_in_transaction), and arrive
+    /// transaction by transaction in commit order. A trigger cannot learn its transaction on
+    /// MySQL or MariaDB; MariaDB's server can stamp it: `start()` makes the journal
+    /// transaction-precise system-versioned (`GENERATED ALWAYS AS ROW START`), once, for every
+    /// notifier of the database. What it costs and how the journal and MariaDB's
+    /// `mysql.transaction_registry` are trimmed: README, "Transactions".
+    ///
+    /// Default: false (events say `None`), unless the journal already records them — then
+    /// every listener reads them. Oracle MySQL has no such stamp: `start()` fails with
+    /// [`Error::Unsupported`]. The other dialects ignore it (PostgreSQL always records
+    /// transactions; SQLite per writing connection, see
+    /// [`sqlite_transactions`](crate::sqlite_transactions)).
+    pub fn mysql_transaction_ids(mut self, yes: bool) -> Self {
+        self.mysql_transaction_ids = yes;
+        self
+    }
+
     /// PostgreSQL's notify tier: sign every payload (HMAC-SHA256 over channel and payload,
     /// computed by the trigger with a key only sqlnotify's owner can read) and drop — counting
     /// them in [`Stats::forged`](crate::Stats::forged) — notifications that do not verify. Any role that can connect
@@ -279,6 +301,7 @@ impl NotifierBuilder {
             DialectOptions {
                 sign_notifications: self.sign_notifications,
                 gap_timeout: self.gap_timeout,
+                mysql_transaction_ids: self.mysql_transaction_ids,
             },
         )
     }

@@ -47,6 +47,8 @@ pub(crate) struct DialectOptions {
     /// on the builder (`None`: the URL's or the dialect's default). Only MySQL's journal has
     /// such gaps.
     pub gap_timeout: Option<Duration>,
+    /// Make the journal record each row's transaction (MariaDB).
+    pub mysql_transaction_ids: bool,
 }
 
 /// One database family.

@@ -478,13 +478,17 @@ impl ChangeEvent {
     /// transaction id (`xid8`, as `pg_current_xact_id()` reports it; a savepoint's rows carry
     /// their top-level transaction's id), on every tier. On SQLite, for writes on connections
     /// that track their transactions (`sqlnotify::sqlite_transactions::track`): the id of the
-    /// transaction's first journal row. `None` for other SQLite writers, on MySQL (see README,
+    /// transaction's first journal row. On MariaDB, once the journal records transactions
+    /// ([`mysql_transaction_ids`](crate::NotifierBuilder::mysql_transaction_ids)): the InnoDB
+    /// transaction id the server stamped on the journal row. `None` for other SQLite writers,
+    /// on Oracle MySQL and MariaDB journals that do not record them (see README,
     /// "Transactions") and on custom notifications.
     pub fn transaction_id(&self) -> Option<u64> {
         self.inner.transaction
     }
     /// Whether this is the last event of its transaction, on PostgreSQL's durable and poll
-    /// tiers and for SQLite writers that track their transactions (`None` elsewhere). The events of one transaction arrive together, one after
+    /// tiers, for SQLite writers that track their transactions and on MariaDB journals that
+    /// record them (`None` elsewhere). The events of one transaction arrive together, one after
     /// another, so a subscriber can collect them and apply the transaction as a unit when it
     /// sees `Some(true)`. The mark is counted over the notifier's watches: a subscription
     /// whose filters drop the transaction's last event does not see it — such a subscriber

@@ -32,6 +32,7 @@ use mysql_async::prelude::*;
 use mysql_async::Conn;
 
 use super::ddl::{self, qualified, CATALOG, INSTALL_LOCK, TRIGGER_SQL_MODE};
+use super::journal;
 use crate::dialect::{InstallOptions, Installed};
 use crate::error::{Error, Result};
 use crate::lockwait::{Blocked, LockWait, INSTALL_LOCK_OBJECT};
@@ -318,16 +319,39 @@ pub(crate) async fn install(
     database: &str,
     watches: &[ResolvedWatch],
     options: InstallOptions,
+    transaction_ids: bool,
 ) -> Result<()> {
     check_trigger_names(watches)?;
     if !options.manage_triggers {
-        return verify(conn, database, watches).await;
+        verify(conn, database, watches).await?;
+        if transaction_ids && !journal::records_transactions(conn, database).await? {
+            return Err(Error::InvalidOption {
+                option: "mysql_transaction_ids",
+                reason: format!(
+                    "the journal of {database:?} does not record transactions, and with \
+                     manage_triggers(false) sqlnotify changes nothing: apply install_sql()'s \
+                     transaction part (`{}`) as an administrator",
+                    ddl::journal_transactions_statement(database)
+                ),
+            });
+        }
+        return Ok(());
     }
     let version: Option<String> = conn
         .query_first("SELECT VERSION()")
         .await
         .map_err(db_err("reading the server version"))?;
-    let mariadb = version.is_some_and(|v| v.contains("MariaDB"));
+    let mariadb = version.as_deref().is_some_and(|v| v.contains("MariaDB"));
+    if transaction_ids && !mariadb {
+        return Err(Error::Unsupported {
+            what: format!(
+                "mysql_transaction_ids on {} (MySQL): a MySQL trigger cannot learn its \
+                 transaction and the server has no per-row transaction stamp; MariaDB (10.3.4 \
+                 or later) has one (transaction-precise system versioning)",
+                version.as_deref().unwrap_or("this server")
+            ),
+        });
+    }
     let mut wait = LockWait::new("installing triggers", options.timeout);
     lock(conn, &mut wait).await?;
     let outcome = async {
@@ -345,6 +369,9 @@ pub(crate) async fn install(
                 db_err("creating the sqlnotify tables"),
             )
             .await?;
+        }
+        if transaction_ids {
+            record_transactions(conn, database, &mut wait).await?;
         }
         if options.cleanup_on_start {
             let removed = drop_all(conn, database, &mut wait).await?;
@@ -386,6 +413,57 @@ pub(crate) async fn install(
     }
     .await;
     unlock(conn, outcome).await
+}
+
+/// Makes the journal record each row's transaction (MariaDB), unless it does. The rows it
+/// already has are stamped with that change's own transaction: the journal's comment says up
+/// to which id, so that they read as rows without a transaction rather than as one.
+async fn record_transactions(conn: &mut Conn, database: &str, wait: &mut LockWait) -> Result<()> {
+    if journal::records_transactions(conn, database).await? {
+        return Ok(());
+    }
+    let context = "making the journal record transactions";
+    let journal_table = qualified(database, ddl::JOURNAL);
+    let had_rows: Option<Option<i64>> = conn
+        .query_first(format!("SELECT MAX(`id`) FROM {journal_table}"))
+        .await
+        .map_err(db_err(context))?;
+    ddl_statement(
+        conn,
+        wait,
+        &ddl::journal_transactions_statement(database),
+        (database, ddl::JOURNAL),
+        db_err(context),
+    )
+    .await?;
+    // Every row there was before has the lowest row's stamp (ids only grow).
+    let before: Option<Option<i64>> = conn
+        .query_first(format!(
+            "SELECT MAX(`id`) FROM {journal_table} WHERE `{tx}` = \
+             (SELECT `{tx}` FROM {journal_table} ORDER BY `id` LIMIT 1)",
+            tx = ddl::JOURNAL_TX
+        ))
+        .await
+        .map_err(db_err(context))?;
+    let before = match had_rows.flatten() {
+        Some(_) => before.flatten().unwrap_or(0),
+        None => 0,
+    };
+    ddl_statement(
+        conn,
+        wait,
+        &format!(
+            "ALTER TABLE {journal_table} COMMENT = {}",
+            ddl::quote_literal(&journal::journal_comment(before))
+        ),
+        (database, ddl::JOURNAL),
+        db_err(context),
+    )
+    .await?;
+    log::info!(
+        "sqlnotify: the journal of {database:?} records transactions after journal id {before}"
+    );
+    Ok(())
 }
 
 /// MySQL's and MariaDB's error for CREATE TRIGGER by a user without SUPER while binary

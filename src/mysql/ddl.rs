@@ -131,6 +131,65 @@ pub(crate) fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// The journal's transaction column on MariaDB with transaction ids on: the id of the InnoDB
+/// transaction that inserted the row, stamped by the server (transaction-precise system
+/// versioning, `GENERATED ALWAYS AS ROW START`), invisible to `SELECT *`.
+pub(crate) const JOURNAL_TX: &str = "tx_start";
+/// The end column system versioning needs beside [`JOURNAL_TX`].
+const JOURNAL_TX_END: &str = "tx_end";
+/// MariaDB's table of committed transactions of transaction-precise versioned tables (their
+/// commit order and times): one row per transaction that writes to the journal, which the
+/// server never trims. sqlnotify does not read it; the purge empties it (`journal.rs`).
+pub(crate) const TRANSACTION_REGISTRY: &str = "`mysql`.`transaction_registry`";
+
+/// Turns an existing journal into one that records each row's transaction (MariaDB only):
+/// adds [`JOURNAL_TX`] and makes the table transaction-precise system-versioned. Existing rows
+/// are stamped with this statement's own transaction.
+pub(crate) fn journal_transactions_statement(database: &str) -> String {
+    format!(
+        "ALTER TABLE {} \
+         ADD COLUMN {tx} BIGINT UNSIGNED GENERATED ALWAYS AS ROW START INVISIBLE, \
+         ADD COLUMN {end} BIGINT UNSIGNED GENERATED ALWAYS AS ROW END INVISIBLE, \
+         ADD PERIOD FOR SYSTEM_TIME ({tx}, {end}), ADD SYSTEM VERSIONING",
+        qualified(database, JOURNAL),
+        tx = quote_ident(JOURNAL_TX),
+        end = quote_ident(JOURNAL_TX_END),
+    )
+}
+
+/// The install script's part for `mysql_transaction_ids` (MariaDB): the journal made to record
+/// transactions. Not repeatable: a journal that already records them refuses it.
+pub(crate) fn transactions_script(database: &str) -> String {
+    format!(
+        "\n-- Transaction ids (MariaDB): the journal records each row's transaction. Run once: a\n\
+         -- journal that already records them answers \"Duplicate column name\".\n{};\n",
+        journal_transactions_statement(database)
+    )
+}
+
+/// What the notifier's account needs beyond [`grant_sql`] when the journal records
+/// transactions: to remove the journal's history and empty MariaDB's transaction registry.
+pub(crate) fn transactions_grant_sql(database: &str, account: &str) -> crate::Result<String> {
+    let to = account_sql(account)?;
+    Ok(format!(
+        "GRANT DELETE HISTORY ON {} TO {to};\n\
+         GRANT DROP ON {TRANSACTION_REGISTRY} TO {to};\n",
+        qualified(database, JOURNAL)
+    ))
+}
+
+/// `'user'@'host'` for `user` or `user@host`.
+fn account_sql(account: &str) -> crate::Result<String> {
+    let (user, host) = account.split_once('@').unwrap_or((account, "%"));
+    if user.is_empty() || host.is_empty() {
+        return Err(crate::Error::InvalidOption {
+            option: "grant_to",
+            reason: format!("{account:?} is not a MySQL account (`user` or `user@host`)"),
+        });
+    }
+    Ok(format!("{}@{}", quote_literal(user), quote_literal(host)))
+}
+
 /// Creates sqlnotify's tables in `database` if missing.
 pub(crate) fn setup_statements(database: &str) -> Vec<String> {
     let text = "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin";
@@ -414,14 +473,7 @@ pub(crate) fn grant_sql(
     database: &str,
     account: &str,
 ) -> crate::Result<String> {
-    let (user, host) = account.split_once('@').unwrap_or((account, "%"));
-    if user.is_empty() || host.is_empty() {
-        return Err(crate::Error::InvalidOption {
-            option: "grant_to",
-            reason: format!("{account:?} is not a MySQL account (`user` or `user@host`)"),
-        });
-    }
-    let to = format!("{}@{}", quote_literal(user), quote_literal(host));
+    let to = account_sql(account)?;
     let mut tables: Vec<String> = watches
         .iter()
         .map(|w| qualified(&w.channel.schema, &w.channel.table))
@@ -473,6 +525,24 @@ mod tests {
             table_columns: vec![],
             context: vec![],
         }
+    }
+
+    #[test]
+    fn transaction_ids_script_and_grants() {
+        let script = transactions_script("d`b");
+        assert!(script.contains(
+            "ALTER TABLE `d``b`.`sqlnotify_journal` ADD COLUMN `tx_start` BIGINT UNSIGNED \
+             GENERATED ALWAYS AS ROW START INVISIBLE"
+        ));
+        assert!(script
+            .contains("ADD PERIOD FOR SYSTEM_TIME (`tx_start`, `tx_end`), ADD SYSTEM VERSIONING;"));
+        let grants = transactions_grant_sql("db", "app@10.0.0.%").unwrap();
+        assert_eq!(
+            grants,
+            "GRANT DELETE HISTORY ON `db`.`sqlnotify_journal` TO 'app'@'10.0.0.%';\n\
+             GRANT DROP ON `mysql`.`transaction_registry` TO 'app'@'10.0.0.%';\n"
+        );
+        assert!(transactions_grant_sql("db", "@host").is_err());
     }
 
     #[test]

@@ -37,19 +37,28 @@
 //! A named consumer saves `low`: restarting from it re-reads (and delivers again) the rows
 //! above it that were already delivered — at least once, never skipped.
 //!
+//! # Transactions (MariaDB)
+//!
+//! A journal made transaction-precise system-versioned (`mysql_transaction_ids`) carries each
+//! row's InnoDB transaction id in [`JOURNAL_TX`], stamped by the server. The listener then
+//! reads in one consistent snapshot per poll (each transaction seen whole or not at all), up
+//! to its batch plus the rest of the transactions it has begun, and [`in_transactions`] puts
+//! them in delivery order with their last rows marked. The purge removes the history the
+//! versioning keeps and empties MariaDB's transaction registry ([`trim_history`]).
+//!
 //! The cost: each open gap is one range in the read; beyond 64 open gaps the rest are read as
 //! one range up to `high` (rows already read in it are skipped by `seen`), so a workload that
 //! rolls back inserts on watched tables many times per gap timeout makes polls heavier.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
 use mysql_async::Conn;
 
 use super::catalog::db_err;
-use super::ddl::{qualified, JOURNAL};
-use crate::error::Result;
+use super::ddl::{qualified, JOURNAL, JOURNAL_TX, TRANSACTION_REGISTRY};
+use crate::error::{Error, Result};
 
 /// Most gap ranges spelled out in one read; the rest are read as one range (and deduped).
 const MAX_RANGES: usize = 64;
@@ -307,6 +316,199 @@ pub(crate) async fn read_page(
         .collect())
 }
 
+/// Whether the journal records transactions (see [`tracking`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tracking {
+    /// No transaction column: rows are read and delivered in id order, without transactions.
+    Off,
+    /// Rows with ids above this one carry their transaction; those up to it were written
+    /// before the journal recorded transactions (see [`JOURNAL_COMMENT`]).
+    After(i64),
+}
+
+/// The journal's table comment once it records transactions: the rows it had then were
+/// stamped with that change's own transaction, so they must not read as one.
+pub(crate) const JOURNAL_COMMENT: &str = "sqlnotify: transactions recorded after id ";
+
+/// The comment saying the journal's rows up to `id` predate its transactions.
+pub(crate) fn journal_comment(id: i64) -> String {
+    format!("{JOURNAL_COMMENT}{id}")
+}
+
+/// Where a [`journal_comment`] says transactions start; 0 for any other comment.
+fn recorded_after(comment: &str) -> i64 {
+    comment
+        .strip_prefix(JOURNAL_COMMENT)
+        .and_then(|id| id.parse().ok())
+        .filter(|id: &i64| *id >= 0)
+        .unwrap_or(0)
+}
+
+/// How the journal records transactions: [`Tracking::Off`] unless it has the transaction
+/// column (MariaDB, `NotifierBuilder::mysql_transaction_ids`).
+pub(crate) async fn tracking(conn: &mut Conn, database: &str) -> Result<Tracking> {
+    if !records_transactions(conn, database).await? {
+        return Ok(Tracking::Off);
+    }
+    let comment: Option<String> = conn
+        .exec_first(
+            "SELECT TABLE_COMMENT FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (database, JOURNAL),
+        )
+        .await
+        .map_err(db_err("reading how the journal records transactions"))?;
+    Ok(Tracking::After(recorded_after(
+        &comment.unwrap_or_default(),
+    )))
+}
+
+/// Whether the journal has the transaction column.
+pub(crate) async fn records_transactions(conn: &mut Conn, database: &str) -> Result<bool> {
+    let columns: Option<i64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? \
+             AND TABLE_NAME = ? AND COLUMN_NAME = ? AND GENERATION_EXPRESSION = 'ROW START'",
+            (database, JOURNAL, JOURNAL_TX),
+        )
+        .await
+        .map_err(db_err("reading how the journal records transactions"))?;
+    Ok(columns.unwrap_or(0) > 0)
+}
+
+/// After the purge deleted journal rows from a journal that records transactions: removes them
+/// for good (a system-versioned table keeps deleted rows as history), then empties MariaDB's
+/// transaction registry, which gains a row for every transaction that writes to the journal
+/// and which the server never trims (nor lets anyone `DELETE` from: only `TRUNCATE`).
+/// sqlnotify never reads the registry; other transaction-precise versioned tables do, so it is
+/// emptied only when every such table this account can see is a sqlnotify journal. Without
+/// the privileges (`DELETE HISTORY` on the journal, `DROP` on `mysql.transaction_registry`)
+/// that part is skipped with a warning.
+pub(crate) async fn trim_history(conn: &mut Conn, database: &str) -> Result<()> {
+    let context = "trimming the journal's history";
+    let journal = qualified(database, JOURNAL);
+    let versioned: Vec<(String, String)> = conn
+        .query(
+            "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.COLUMNS \
+             WHERE GENERATION_EXPRESSION = 'ROW START' AND DATA_TYPE = 'bigint' \
+             ORDER BY TABLE_SCHEMA",
+        )
+        .await
+        .map_err(db_err(context))?;
+    let others = versioned.iter().find(|(_, table)| table != JOURNAL);
+    let mut steps = vec![format!("DELETE HISTORY FROM {journal}")];
+    match others {
+        None => steps.push(format!("TRUNCATE TABLE {TRANSACTION_REGISTRY}")),
+        Some((schema, table)) => log::debug!(
+            "sqlnotify: {TRANSACTION_REGISTRY} is left as is: {schema}.{table} records \
+             transactions too"
+        ),
+    }
+    for step in steps {
+        match conn.query_drop(&step).await {
+            Ok(()) => {}
+            Err(mysql_async::Error::Server(e)) => {
+                log::warn!(
+                    "sqlnotify: {step}: {} (the journal of {database:?} records transactions; \
+                     without this, deleted journal rows and MariaDB's transaction registry \
+                     keep growing)",
+                    e.message
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(Error::db(context, e)),
+        }
+    }
+    Ok(())
+}
+
+/// One journal row read with its transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TxRow {
+    pub id: i64,
+    pub channel: String,
+    pub payload: String,
+    /// The writer's transaction; `None` for rows written before the journal recorded them.
+    pub tx: Option<u64>,
+}
+
+/// Like [`read_page`], with each row's transaction (rows up to `after` have none); with
+/// `only`, just the rows of those transactions. Runs on whatever `conn` is: the listener reads
+/// inside one consistent snapshot, so a transaction is either wholly visible or not at all.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn read_tx_page(
+    conn: &mut impl Queryable,
+    database: &str,
+    after: i64,
+    pos: i64,
+    condition: &str,
+    only: Option<&[u64]>,
+    limit: usize,
+) -> Result<Vec<TxRow>> {
+    let only = only.map_or(String::new(), |txs| {
+        let list: Vec<String> = txs.iter().map(u64::to_string).collect();
+        format!(" AND `{JOURNAL_TX}` IN ({})", list.join(", "))
+    });
+    let sql = format!(
+        "SELECT `id`, `channel`, `payload`, `{JOURNAL_TX}` FROM {} \
+         WHERE `id` > {pos} AND ({condition}){only} ORDER BY `id` LIMIT {limit}",
+        qualified(database, JOURNAL)
+    );
+    type Raw = (i64, Vec<u8>, Vec<u8>, Option<u64>);
+    let rows: Vec<Raw> = conn
+        .query(sql)
+        .await
+        .map_err(db_err("reading the journal"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, channel, payload, tx)| TxRow {
+            id,
+            channel: lossy(channel),
+            payload: lossy(payload),
+            tx: tx.filter(|_| id > after),
+        })
+        .collect())
+}
+
+/// Puts the rows of one read in delivery order and marks the last row of each transaction:
+/// rows without a transaction first, in id order; then each transaction's rows together, in
+/// id order, the transactions ordered by their last id — which is commit order for any two
+/// that wrote the same row (the second waited for the first's commit before its trigger took
+/// a higher id). Returns each row with its mark: `Some(true)` on a transaction's last row among
+/// `rows`, `Some(false)` on the others, `None` without a transaction — and on the last row of a
+/// transaction in `cut`, one the read may not have seen whole.
+pub(crate) fn in_transactions(rows: Vec<TxRow>, cut: &HashSet<u64>) -> Vec<(TxRow, Option<bool>)> {
+    let mut last: HashMap<u64, i64> = HashMap::new();
+    for row in &rows {
+        if let Some(tx) = row.tx {
+            let id = last.entry(tx).or_insert(row.id);
+            *id = (*id).max(row.id);
+        }
+    }
+    let mut rows = rows;
+    // (has a transaction, its last id, the transaction, the row's id)
+    rows.sort_by_key(|row| match row.tx {
+        None => (false, row.id, 0, row.id),
+        Some(tx) => (true, last[&tx], tx, row.id),
+    });
+    let mut out: Vec<(TxRow, Option<bool>)> = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some((previous, mark)) = out.last_mut() {
+            if previous.tx.is_some() && previous.tx == row.tx {
+                *mark = Some(false);
+            }
+        }
+        let mark = row.tx.map(|_| true);
+        out.push((row, mark));
+    }
+    for (row, mark) in &mut out {
+        if *mark == Some(true) && row.tx.is_some_and(|tx| cut.contains(&tx)) {
+            *mark = None;
+        }
+    }
+    out
+}
+
 fn lossy(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
@@ -527,6 +729,64 @@ mod tests {
         assert_eq!(cond.matches(" OR ").count(), MAX_RANGES);
         assert!(cond.contains(&format!("`id` BETWEEN {} AND 400", 2 * MAX_RANGES - 1)));
         assert!(cond.ends_with("`id` > 400"));
+    }
+
+    fn tx_row(id: i64, tx: Option<u64>) -> TxRow {
+        TxRow {
+            id,
+            channel: "c".into(),
+            payload: "{}".into(),
+            tx,
+        }
+    }
+
+    fn summary(rows: &[(TxRow, Option<bool>)]) -> Vec<(i64, Option<bool>)> {
+        rows.iter().map(|(r, mark)| (r.id, *mark)).collect()
+    }
+
+    #[test]
+    fn transactions_go_together_ordered_by_their_last_row_which_is_marked() {
+        // Transaction 7 took ids 1 and 4, transaction 9 ids 2 and 3 (so 9 ends first).
+        // Row 5 predates the journal recording transactions.
+        let rows = vec![
+            tx_row(1, Some(7)),
+            tx_row(2, Some(9)),
+            tx_row(3, Some(9)),
+            tx_row(4, Some(7)),
+            tx_row(5, None),
+        ];
+        let out = in_transactions(rows, &HashSet::new());
+        assert_eq!(
+            summary(&out),
+            [
+                (5, None),
+                (2, Some(false)),
+                (3, Some(true)),
+                (1, Some(false)),
+                (4, Some(true))
+            ]
+        );
+        // A transaction the read may not have whole: its last row here is not called last.
+        let out = in_transactions(
+            vec![tx_row(1, Some(7)), tx_row(2, Some(7))],
+            &HashSet::from([7]),
+        );
+        assert_eq!(summary(&out), [(1, Some(false)), (2, None)]);
+        assert!(in_transactions(Vec::new(), &HashSet::new()).is_empty());
+    }
+
+    #[test]
+    fn the_journal_comment_says_where_transactions_start() {
+        assert_eq!(recorded_after(&journal_comment(42)), 42);
+        for other in [
+            "",
+            "42",
+            "sqlnotify: transactions recorded after id x",
+            "hello",
+        ] {
+            assert_eq!(recorded_after(other), 0, "{other}");
+        }
+        assert_eq!(recorded_after(&journal_comment(-3)), 0);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use mysql_async::{Conn, Opts};
 
 use super::catalog::db_err;
 use super::consumers;
-use super::journal::{self, Cursor, Position};
+use super::journal::{self, Cursor, Position, Tracking, TxRow};
 use super::snapshot::Watermark;
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
@@ -31,6 +31,11 @@ use crate::listener::{FinalSave, Outlet, Pace, Source, Wake};
 
 /// Rows read per query.
 const READ_BATCH: usize = 1_000;
+/// Rows a read takes in one snapshot before it ends (with transactions recorded: reading more
+/// only to complete the transactions it has begun).
+const READ_MAX: usize = 10 * READ_BATCH;
+/// Most rows a read takes past [`READ_MAX`] to complete its transactions.
+const COMPLETE_MAX: usize = 100_000;
 /// Shortest time a query may take before the connection counts as dead.
 const MIN_QUERY_LIMIT: Duration = Duration::from_secs(2);
 
@@ -48,6 +53,8 @@ pub(crate) struct MysqlSource {
     wake: Wake,
     /// The cursor's low watermark, published for snapshots (see `snapshot.rs`).
     settled: Arc<Watermark>,
+    /// Whether the journal records transactions (read when the cursor is placed).
+    tracking: Tracking,
 }
 
 impl MysqlSource {
@@ -73,6 +80,7 @@ impl MysqlSource {
             cursor: None,
             wake,
             settled,
+            tracking: Tracking::Off,
         }
     }
 
@@ -88,13 +96,148 @@ impl MysqlSource {
     }
 }
 
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+pub(super) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
     match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
         Err(_) => Err(Error::Database {
             context: what.to_string(),
             source: format!("no answer within {limit:?}").into(),
         }),
+    }
+}
+
+impl MysqlSource {
+    /// A read of a journal that records transactions: up to [`READ_MAX`] rows and the rest of
+    /// the transactions among them, all in one consistent snapshot (so each transaction is
+    /// seen whole or not at all), handed over transaction by transaction in commit order, the
+    /// last row of each marked.
+    async fn read_transactions(
+        &mut self,
+        conn: &mut Conn,
+        outlet: &Outlet,
+        after: i64,
+    ) -> Result<Option<u64>> {
+        let (low, condition) = {
+            let cursor = self.cursor();
+            (cursor.low(), cursor.unread_condition())
+        };
+        let (db, limit) = (&*self.database, self.query_limit);
+        let reading = "reading the journal";
+        let opts = {
+            let mut opts = mysql_async::TxOpts::default();
+            opts.with_consistent_snapshot(true)
+                .with_isolation_level(mysql_async::IsolationLevel::RepeatableRead)
+                .with_readonly(Some(true));
+            opts
+        };
+        let mut tx = within(limit, reading, async {
+            conn.start_transaction(opts).await.map_err(db_err(reading))
+        })
+        .await?;
+        let mut rows: Vec<TxRow> = Vec::new();
+        let mut pos = low;
+        let mut more = false;
+        loop {
+            let page = within(
+                limit,
+                reading,
+                journal::read_tx_page(&mut tx, db, after, pos, &condition, None, READ_BATCH),
+            )
+            .await?;
+            let full = page.len() == READ_BATCH;
+            if let Some(last) = page.last() {
+                pos = last.id;
+            }
+            rows.extend(page);
+            if !full {
+                break;
+            }
+            if rows.len() >= READ_MAX || outlet.stopped() {
+                more = true;
+                break;
+            }
+        }
+        let mut cut = HashSet::new();
+        if more {
+            // Complete the transactions begun: their other rows are visible in this snapshot.
+            let mut begun: Vec<u64> = rows.iter().filter_map(|r| r.tx).collect();
+            begun.sort_unstable();
+            begun.dedup();
+            if !begun.is_empty() {
+                let rest = within(
+                    limit,
+                    reading,
+                    journal::read_tx_page(
+                        &mut tx,
+                        db,
+                        after,
+                        pos,
+                        &condition,
+                        Some(&begun),
+                        COMPLETE_MAX + 1,
+                    ),
+                )
+                .await?;
+                if rest.len() > COMPLETE_MAX {
+                    // Still more: none of these transactions is known to be whole.
+                    cut.extend(begun);
+                }
+                rows.extend(rest.into_iter().take(COMPLETE_MAX));
+            }
+        }
+        within(limit, reading, async {
+            tx.commit().await.map_err(db_err(reading))
+        })
+        .await?;
+
+        let now = SystemTime::now();
+        let mut others = Vec::new();
+        let mut ours = Vec::new();
+        for row in rows {
+            if !self.cursor().is_new(row.id) {
+                continue;
+            }
+            if self.channels.contains(&row.channel) {
+                ours.push(row);
+            } else {
+                others.push(row.id);
+            }
+        }
+        let mut forwarded = 0;
+        let mut ordered = journal::in_transactions(ours, &cut).into_iter().peekable();
+        while ordered.peek().is_some() {
+            let mut batch = Vec::new();
+            let mut ids = Vec::new();
+            for (row, last) in ordered.by_ref().take(READ_BATCH) {
+                ids.push(row.id);
+                batch.push(RawNotification {
+                    channel: row.channel,
+                    payload: row.payload,
+                    received_at: now,
+                    sequence: Some(row.id),
+                    events: 1,
+                    transaction: row.tx,
+                    last_in_transaction: last,
+                    read_point: None,
+                });
+            }
+            // Rows count as read only once handed over.
+            match outlet.forward(batch).await {
+                Some(n) => forwarded += n,
+                None => return Ok(None),
+            }
+            self.cursor().mark(ids, Instant::now());
+        }
+        self.cursor().mark(others, Instant::now());
+        if self.cursor().advance(Instant::now()) {
+            let low = self.cursor().low();
+            self.settled.set(low);
+        }
+        Ok(Some(forwarded))
     }
 }
 
@@ -168,6 +311,12 @@ impl Source for MysqlSource {
         };
         let (cursor, missed) =
             within(self.query_limit, "placing the journal cursor", placing).await?;
+        self.tracking = within(
+            self.query_limit,
+            "reading how the journal records transactions",
+            journal::tracking(conn, &self.database),
+        )
+        .await?;
         self.settled.set(cursor.low());
         self.cursor = Some(cursor);
         Ok(missed)
@@ -198,6 +347,9 @@ impl Source for MysqlSource {
     }
 
     async fn read(&mut self, conn: &mut Conn, outlet: &Outlet) -> Result<Option<u64>> {
+        if let Tracking::After(after) = self.tracking {
+            return self.read_transactions(conn, outlet, after).await;
+        }
         let (mut pos, condition) = {
             let cursor = self.cursor();
             (cursor.low(), cursor.unread_condition())

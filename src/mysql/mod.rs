@@ -211,6 +211,8 @@ pub(crate) struct Mysql {
     opts: Opts,
     database: Arc<str>,
     gap_timeout: Duration,
+    /// Make the journal record transactions at install (`mysql_transaction_ids`).
+    transaction_ids: bool,
     control: Arc<Control>,
     /// Wakes this notifier's listener after its own writes.
     wake: crate::listener::Wake,
@@ -233,6 +235,7 @@ impl Mysql {
             opts: target.opts,
             database: Arc::from(target.database),
             gap_timeout: options.gap_timeout.unwrap_or(target.gap_timeout),
+            transaction_ids: options.mysql_transaction_ids,
             wake: crate::listener::Wake::default(),
             settled: Arc::new(snapshot::Watermark::default()),
             listened: Arc::default(),
@@ -280,16 +283,24 @@ impl Dialect for Mysql {
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
     ) -> BoxFuture<'static, Result<()>> {
-        let database = self.database.clone();
+        let (database, transaction_ids) = (self.database.clone(), self.transaction_ids);
         self.control.run(move |conn| {
-            Box::pin(async move { catalog::install(conn, &database, &watches, options).await })
+            Box::pin(async move {
+                catalog::install(conn, &database, &watches, options, transaction_ids).await
+            })
         })
     }
 
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
         let mut sql = ddl::install_script(watches, &self.database);
+        if self.transaction_ids {
+            sql.push_str(&ddl::transactions_script(&self.database));
+        }
         if let Some(account) = grant_to {
             sql.push_str(&ddl::grant_sql(watches, &self.database, account)?);
+            if self.transaction_ids {
+                sql.push_str(&ddl::transactions_grant_sql(&self.database, account)?);
+            }
         }
         Ok(sql)
     }
@@ -422,7 +433,13 @@ impl OverflowStore for JournalStore {
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
         let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { consumers::purge(conn, &database, retention).await })
+            Box::pin(async move {
+                let deleted = consumers::purge(conn, &database, retention).await?;
+                if deleted > 0 && journal::records_transactions(conn, &database).await? {
+                    journal::trim_history(conn, &database).await?;
+                }
+                Ok(deleted)
+            })
         })
     }
 }

@@ -1,0 +1,344 @@
+//! Transaction ids on MariaDB (issue 15 §1): with `mysql_transaction_ids(true)` the journal
+//! records each row's transaction (transaction-precise system versioning), and events carry it:
+//! one id per transaction across watches, each transaction's events together and its last one
+//! marked, transactions that wrote the same rows in commit order — with interleaved and
+//! concurrent writers, savepoints and rollbacks; a journal that had rows before keeps them
+//! without a transaction; the purge removes the journal's history and empties MariaDB's
+//! transaction registry.
+//!
+//! Each test has a database of its own on the server named by `SQLNOTIFY_TEST_MYSQL_URL`
+//! (default `mysql://root@127.0.0.1:3306/test`, which must be MariaDB).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use common::mysql::TestDb;
+use common::wait_until;
+use mysql_async::prelude::*;
+use sqlnotify::{ChangeEvent, Notifier, NotifierBuilder, Operation, Subscription, Watch};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// How long nothing more must arrive after the expected events.
+const QUIET: Duration = Duration::from_millis(500);
+/// Longest wait for expected events.
+const ARRIVES: Duration = Duration::from_secs(30);
+
+fn builder(db: &TestDb) -> NotifierBuilder {
+    Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert).extra_columns(["v"]))
+        .watch(Watch::new("t", Operation::Update).extra_columns(["v"]))
+}
+
+/// Both watches into one stream, in arrival order.
+async fn stream(notifier: &Notifier) -> UnboundedReceiver<ChangeEvent> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for op in [Operation::Insert, Operation::Update] {
+        let tx = tx.clone();
+        notifier
+            .subscribe_fn(Subscription::new("t", op), move |e| {
+                let _ = tx.send(e);
+            })
+            .await
+            .unwrap();
+    }
+    rx
+}
+
+async fn take(rx: &mut UnboundedReceiver<ChangeEvent>, n: usize) -> Vec<ChangeEvent> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout(ARRIVES, rx.recv()).await {
+            Ok(Some(e)) => got.push(e),
+            _ => panic!("{} of {n} events arrived: {:?}", got.len(), summary(&got)),
+        }
+    }
+    got
+}
+
+async fn assert_quiet(rx: &mut UnboundedReceiver<ChangeEvent>) {
+    if let Ok(Some(e)) = tokio::time::timeout(QUIET, rx.recv()).await {
+        panic!("unexpected event {}", e.to_record());
+    }
+}
+
+/// (row id, operation, transaction id, last mark) of each event.
+fn summary(events: &[ChangeEvent]) -> Vec<(i64, &'static str, Option<u64>, Option<bool>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.id().as_i64().unwrap(),
+                e.operation().as_str(),
+                e.transaction_id(),
+                e.last_in_transaction(),
+            )
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn events_carry_their_transaction_arrive_whole_and_mark_its_last() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
+        .await;
+    let notifier = builder(&db)
+        .mysql_transaction_ids(true)
+        .start()
+        .await
+        .unwrap();
+    let mut rx = stream(&notifier).await;
+    let (mut a, mut b) = (db.conn().await, db.conn().await);
+
+    // A takes id 1, B takes 2 and 3 and commits first, A goes on over two watches.
+    a.query_drop("BEGIN").await.unwrap();
+    a.query_drop("INSERT INTO t (id) VALUES (1)").await.unwrap();
+    b.query_drop("BEGIN; INSERT INTO t (id) VALUES (2); INSERT INTO t (id) VALUES (3); COMMIT")
+        .await
+        .unwrap();
+    a.query_drop("INSERT INTO t (id) VALUES (4); UPDATE t SET v = 1 WHERE id = 1; COMMIT")
+        .await
+        .unwrap();
+    // Autocommit statements: a transaction each.
+    b.query_drop("INSERT INTO t (id) VALUES (5)").await.unwrap();
+    b.query_drop("INSERT INTO t (id) VALUES (6)").await.unwrap();
+    // A savepoint rolled back to, then a rollback.
+    a.query_drop(
+        "BEGIN; INSERT INTO t (id) VALUES (7); SAVEPOINT s; INSERT INTO t (id) VALUES (8); \
+         ROLLBACK TO SAVEPOINT s; INSERT INTO t (id) VALUES (9); COMMIT",
+    )
+    .await
+    .unwrap();
+    a.query_drop("BEGIN; INSERT INTO t (id) VALUES (10); ROLLBACK")
+        .await
+        .unwrap();
+
+    let got = take(&mut rx, 9).await;
+    let s = summary(&got);
+    let tx: Vec<u64> = s.iter().map(|e| e.2.expect("a transaction id")).collect();
+    let shape: Vec<(i64, &str, Option<bool>)> = s.iter().map(|e| (e.0, e.1, e.3)).collect();
+    assert_eq!(
+        shape,
+        [
+            (2, "insert", Some(false)),
+            (3, "insert", Some(true)),
+            (1, "insert", Some(false)),
+            (4, "insert", Some(false)),
+            (1, "update", Some(true)),
+            (5, "insert", Some(true)),
+            (6, "insert", Some(true)),
+            (7, "insert", Some(false)),
+            (9, "insert", Some(true)),
+        ],
+        "{s:?}"
+    );
+    assert_eq!(tx[0], tx[1]);
+    assert_eq!((tx[2], tx[2]), (tx[3], tx[4]));
+    assert_eq!(tx[7], tx[8]);
+    let distinct: HashSet<u64> = [tx[0], tx[2], tx[5], tx[6], tx[7]].into();
+    assert_eq!(distinct.len(), 5, "one id per transaction: {s:?}");
+    assert_quiet(&mut rx).await;
+
+    // A notifier that did not ask reads them too: the journal records them for everyone.
+    let other = builder(&db).start().await.unwrap();
+    let mut rx2 = stream(&other).await;
+    a.query_drop("BEGIN; INSERT INTO t (id) VALUES (11); INSERT INTO t (id) VALUES (12); COMMIT")
+        .await
+        .unwrap();
+    let got = summary(&take(&mut rx2, 2).await);
+    assert!(got[0].2.is_some() && got[0].2 == got[1].2, "{got:?}");
+    assert_eq!((got[0].3, got[1].3), (Some(false), Some(true)));
+    other.stop().await.unwrap();
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_journal_that_had_rows_keeps_them_without_a_transaction() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
+        .await;
+    let plain = builder(&db).consumer("c").start().await.unwrap();
+    let mut rx = stream(&plain).await;
+    db.exec("INSERT INTO t (id) VALUES (1)").await;
+    assert_eq!(summary(&take(&mut rx, 1).await)[0].2, None);
+    plain.stop().await.unwrap();
+    // Written while nobody listens, before the journal records transactions.
+    db.exec("BEGIN; INSERT INTO t (id) VALUES (2); INSERT INTO t (id) VALUES (3); COMMIT")
+        .await;
+
+    let notifier = builder(&db)
+        .consumer("c")
+        .mysql_transaction_ids(true)
+        .start()
+        .await
+        .unwrap();
+    let mut rx = stream(&notifier).await;
+    let comment = db
+        .strings(&format!(
+            "SELECT TABLE_COMMENT FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = 'sqlnotify_journal'",
+            db.name
+        ))
+        .await;
+    let head = db.count("SELECT MAX(id) FROM sqlnotify_journal").await;
+    assert_eq!(
+        comment,
+        [format!("sqlnotify: transactions recorded after id {head}")]
+    );
+    db.exec("BEGIN; INSERT INTO t (id) VALUES (4); INSERT INTO t (id) VALUES (5); COMMIT")
+        .await;
+    let got = summary(&take(&mut rx, 4).await);
+    assert_eq!(
+        got[..2],
+        [(2, "insert", None, None), (3, "insert", None, None)],
+        "{got:?}"
+    );
+    assert!(got[2].2.is_some() && got[2].2 == got[3].2, "{got:?}");
+    assert_eq!((got[2].3, got[3].3), (Some(false), Some(true)));
+    assert_quiet(&mut rx).await;
+    notifier.stop().await.unwrap();
+}
+
+/// Four writers, 60 transactions each, updating one to three of 12 shared rows (in id order,
+/// so they wait for each other instead of deadlocking) in overlapping transactions, one in
+/// seven rolled back: every committed transaction arrives as one run of consecutive events
+/// ending with the one marked last, no transaction id comes back after its run ended, and each
+/// row's versions arrive in order.
+#[actix_rt::test]
+async fn concurrent_writers_transactions_arrive_whole_and_in_order() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0);
+         INSERT INTO t (id) VALUES (1),(2),(3),(4),(5),(6),(7),(8),(9),(10),(11),(12)",
+    )
+    .await;
+    let notifier = builder(&db)
+        .mysql_transaction_ids(true)
+        .start()
+        .await
+        .unwrap();
+    let mut rx = stream(&notifier).await;
+    let mut writers = Vec::new();
+    for w in 0..4i32 {
+        let mut conn = db.conn().await;
+        writers.push(tokio::spawn(async move {
+            let mut committed = 0;
+            for i in 0..60i32 {
+                conn.query_drop("BEGIN").await.unwrap();
+                let rows = 1 + (i % 3);
+                let first = 1 + (w * 5 + i * 7) % 10;
+                for r in 0..rows {
+                    conn.exec_drop("UPDATE t SET v = v + 1 WHERE id = ?", (first + r,))
+                        .await
+                        .unwrap();
+                }
+                if i % 7 == 3 {
+                    conn.query_drop("ROLLBACK").await.unwrap();
+                } else {
+                    conn.query_drop("COMMIT").await.unwrap();
+                    committed += rows as usize;
+                }
+            }
+            committed
+        }));
+    }
+    let mut expected = 0;
+    for w in writers {
+        expected += w.await.unwrap();
+    }
+    let got = take(&mut rx, expected).await;
+    let mut ended: HashMap<u64, usize> = HashMap::new();
+    let mut current: Option<u64> = None;
+    let mut transactions = 0;
+    let mut versions: BTreeMap<i64, i64> = BTreeMap::new();
+    for (i, e) in got.iter().enumerate() {
+        let x = e.transaction_id().expect("a transaction id");
+        assert!(
+            !ended.contains_key(&x),
+            "event {i} of transaction {x}, which ended at event {}",
+            ended[&x]
+        );
+        if let Some(c) = current {
+            assert_eq!(
+                c, x,
+                "event {i}: transaction {c} ended without its last mark"
+            );
+        }
+        current = Some(x);
+        if e.last_in_transaction() == Some(true) {
+            ended.insert(x, i);
+            current = None;
+            transactions += 1;
+        }
+        let v = e.get("v").and_then(|v| v.as_i64()).unwrap();
+        let previous = versions.insert(e.id().as_i64().unwrap(), v).unwrap_or(0);
+        assert_eq!(v, previous + 1, "row {:?} out of order", e.id());
+    }
+    assert!(current.is_none(), "the stream ends inside a transaction");
+    assert_eq!(
+        transactions,
+        4 * (60 - 9),
+        "every committed transaction, once"
+    );
+    let total: i64 = versions.values().sum();
+    assert_eq!(
+        total,
+        db.count("SELECT CAST(SUM(v) AS SIGNED) FROM t").await
+    );
+    assert_quiet(&mut rx).await;
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn the_purge_removes_the_journals_history_and_empties_the_transaction_registry() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
+        .await;
+    let notifier = builder(&db)
+        .mysql_transaction_ids(true)
+        .start()
+        .await
+        .unwrap();
+    let mut rx = stream(&notifier).await;
+    db.exec("BEGIN; INSERT INTO t (id) VALUES (1); INSERT INTO t (id) VALUES (2); COMMIT")
+        .await;
+    let tx = take(&mut rx, 2).await[0].transaction_id().unwrap();
+    let registered =
+        format!("SELECT COUNT(*) FROM mysql.transaction_registry WHERE transaction_id = {tx}");
+    assert_eq!(db.count(&registered).await, 1, "MariaDB registers it");
+    for id in 3..=5 {
+        db.exec(&format!("INSERT INTO t (id) VALUES ({id})")).await;
+    }
+    take(&mut rx, 3).await;
+
+    // Another notifier purges everything but the newest row.
+    let purger = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Delete))
+        .retention(Duration::from_millis(1))
+        .purge_interval(Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap();
+    let history = "SELECT COUNT(*) FROM sqlnotify_journal FOR SYSTEM_TIME ALL";
+    let purged = wait_until(ARRIVES, || async {
+        db.count("SELECT COUNT(*) FROM sqlnotify_journal").await == 1
+            && db.count(history).await == 1
+            && db.count(&registered).await == 0
+    })
+    .await;
+    assert!(
+        purged,
+        "journal {} rows, {} with history, registry has the transaction: {}",
+        db.count("SELECT COUNT(*) FROM sqlnotify_journal").await,
+        db.count(history).await,
+        db.count(&registered).await
+    );
+    // Events keep flowing with their transactions after the registry was emptied.
+    db.exec("BEGIN; INSERT INTO t (id) VALUES (6); INSERT INTO t (id) VALUES (7); COMMIT")
+        .await;
+    let got = summary(&take(&mut rx, 2).await);
+    assert!(got[0].2.is_some() && got[0].2 == got[1].2, "{got:?}");
+    purger.stop().await.unwrap();
+    notifier.stop().await.unwrap();
+}
