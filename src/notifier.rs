@@ -140,10 +140,10 @@ impl Notifier {
 
     /// The current rows of a watched table, then every change after them, in one feed (see
     /// [`Snapshot`]): first each row that passes the snapshot's filters as an event with
-    /// [`is_snapshot`](ChangeEvent::is_snapshot) set (in key order, read in chunks as the
-    /// feed is read, so memory stays flat on a table of any size), then the changes of every
-    /// watch on the table that commit after the snapshot, in commit order, filtered the same
-    /// way.
+    /// [`is_snapshot`](ChangeEvent::is_snapshot) set (in key order — on MySQL in an index's
+    /// order when none has the key's — read in chunks as the feed is read, so memory stays
+    /// flat on a table of any size), then the changes of every watch on the table that commit
+    /// after the snapshot, in commit order, filtered the same way.
     ///
     /// No change is missed and none is delivered twice: a change whose transaction the
     /// snapshot already reflects is skipped, every later one is delivered. On PostgreSQL's

@@ -866,6 +866,120 @@ mod mysql {
         notifier.stop().await.unwrap();
     }
 
+    /// The `v` and first key value of every snapshot row of `table`, read in pages of 4.
+    async fn decimal_snapshot(notifier: &Notifier, table: &str) -> Vec<(i64, f64)> {
+        let mut feed = notifier
+            .subscribe_snapshot(Snapshot::new(table).chunk_rows(4))
+            .await
+            .unwrap();
+        let mut rows = Vec::new();
+        loop {
+            let e = next(&mut feed).await;
+            assert!(e.is_snapshot());
+            let key = e.id().values()[0].as_f64().expect("a decimal key");
+            rows.push((e.get("v").and_then(|v| v.as_i64()).expect("v"), key));
+            if e.ends_snapshot() {
+                break;
+            }
+        }
+        rows
+    }
+
+    /// DECIMAL keys, alone and in a composite key, across pages of 4: every row once, in
+    /// numeric key order — where the text order differs (`10.00` and `9.99`, `-1.10` and
+    /// `-1.01`), for values a double cannot tell apart (`0.1` and `0.10000000000000000001`),
+    /// for `1.1` written as `1.10`, and negative. `v` numbers the rows in the server's own key
+    /// order.
+    #[actix_rt::test]
+    async fn mysql_decimal_keys_page_in_key_order() {
+        let db = TestDb::new().await;
+        let singles = [
+            "-12.5",
+            "-10",
+            "-9.5",
+            "-1.1",
+            "-1.01",
+            "-0.5",
+            "-0.00000000000000000001",
+            "0",
+            "0.00000000000000000001",
+            "0.1",
+            "0.10000000000000000001",
+            "0.10000000000000000002",
+            "0.10000000000000000003",
+            "1.01",
+            "1.10",
+            "1.10000000000000000001",
+            "1.9",
+            "9.5",
+            "9.99",
+            "10",
+            "10.01",
+            "12345678.9",
+            "9999999999.99999999999999999999",
+        ];
+        let firsts = [
+            "-1.10", "-1.01", "-0.01", "1.01", "1.1", "1.9", "9.99", "10.00",
+        ];
+        let seconds = [
+            "-0.5",
+            "0.1",
+            "0.10000000000000000001",
+            "0.10000000000000000002",
+        ];
+        let pairs: Vec<String> = firsts
+            .iter()
+            .flat_map(|a| seconds.iter().map(move |b| format!("({a}, {b}, 0)")))
+            .collect();
+        let values: Vec<String> = singles.iter().map(|d| format!("({d}, 0)")).collect();
+        db.exec(&format!(
+            "CREATE TABLE dk (d DECIMAL(30, 20) PRIMARY KEY, v INT NOT NULL);
+             CREATE TABLE dc (a DECIMAL(6, 2), b DECIMAL(30, 20), v INT NOT NULL,
+               PRIMARY KEY (a, b));
+             INSERT INTO dk VALUES {};
+             INSERT INTO dc VALUES {};
+             SET @r := -1;
+             UPDATE dk SET v = (@r := @r + 1) ORDER BY d;
+             SET @r := -1;
+             UPDATE dc SET v = (@r := @r + 1) ORDER BY a, b",
+            values.join(", "),
+            pairs.join(", ")
+        ))
+        .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("dk", Operation::Insert).extra_columns(["v"]))
+            .watch(Watch::new("dc", Operation::Insert).extra_columns(["v"]))
+            .start()
+            .await
+            .unwrap();
+
+        let rows = decimal_snapshot(&notifier, "dk").await;
+        let vs: Vec<i64> = rows.iter().map(|(v, _)| *v).collect();
+        assert_eq!(
+            vs,
+            (0..singles.len() as i64).collect::<Vec<_>>(),
+            "dk: each row once, in key order: {rows:?}"
+        );
+        let keys: Vec<f64> = rows.iter().map(|(_, k)| *k).collect();
+        let want: Vec<f64> = singles.iter().map(|d| d.parse().unwrap()).collect();
+        assert_eq!(keys, want, "dk: the keys as the events carry them");
+
+        let rows = decimal_snapshot(&notifier, "dc").await;
+        let vs: Vec<i64> = rows.iter().map(|(v, _)| *v).collect();
+        assert_eq!(
+            vs,
+            (0..pairs.len() as i64).collect::<Vec<_>>(),
+            "dc: each row once, in key order: {rows:?}"
+        );
+        let firsts_seen: Vec<f64> = rows.iter().map(|(_, a)| *a).collect();
+        let want: Vec<f64> = firsts
+            .iter()
+            .flat_map(|a| std::iter::repeat_n(a.parse::<f64>().unwrap(), seconds.len()))
+            .collect();
+        assert_eq!(firsts_seen, want, "dc: the first key column, in order");
+        notifier.stop().await.unwrap();
+    }
+
     /// A snapshot row decodes exactly as the trigger's payload of the same row (the same
     /// conversions: temporal text, FLOAT digits, hex of binary strings, BIT as a number), and
     /// keys come in order (a composite key, then a table without a primary key whose key

@@ -15,6 +15,13 @@
 //!   `chunk_rows(1000)`, read until `progress().done` and every row of `total` arrived. Rows/s
 //!   from the start of each read (the connection included) to its last row; VmHWM (peak
 //!   resident memory) before and after the snapshot.
+//! * `mysql-snapshot-1m` (feature `mysql`; `snapshot-1m`, `snapshot` and `mysql` select it):
+//!   the same on MySQL / MariaDB (`id INT` key, an `INT`, a `VARCHAR(40)`, a `DATETIME`,
+//!   InnoDB), in the database of `mysql.rs`. The baseline is one plain `SELECT` of the same
+//!   `JSON_OBJECT` in key order, streamed through mysql_async in a `REPEATABLE READ`
+//!   transaction `WITH CONSISTENT SNAPSHOT`; the details add the snapshot's own keyset pages
+//!   (`WHERE id > last ORDER BY id LIMIT 1000`, as `src/mysql/snapshot.rs` reads) from
+//!   mysql_async, to tell the paging's share from sqlnotify's.
 //! * `cost-change-data` (`cost` selects it, like `cost-sync` and `cost-async`): one writer
 //!   process, 100-row transactions that each insert 100 rows and update the 100 rows the
 //!   previous one inserted (one statement; `synchronous_commit=off`, so the rate is CPU, not
@@ -37,6 +44,9 @@ use crate::{
 
 /// The sections, for `--only`.
 pub const SNAPSHOT: &str = "snapshot-1m";
+/// The MySQL / MariaDB snapshot row (also selected by [`SNAPSHOT`] and by `mysql`).
+#[cfg(feature = "mysql")]
+pub const MYSQL_SNAPSHOT: &str = "mysql-snapshot-1m";
 pub const COST: &str = "cost-change-data";
 
 /// Rows of the snapshot table: a full run, and `--quick`.
@@ -50,16 +60,21 @@ const COLUMNS: [&str; 4] = ["id", "n", "note", "at"];
 /// Runs the change-data sections that `--only` selects.
 pub async fn run(ctx: &Ctx, table: &mut Table) {
     if ctx.args.wants(SNAPSHOT) {
-        let rows = if ctx.args.quick {
-            SNAPSHOT_ROWS_QUICK
-        } else {
-            SNAPSHOT_ROWS
-        };
+        let rows = snapshot_rows(ctx);
         snapshot_postgres(ctx, table, rows).await;
         snapshot_sqlite(ctx, table, rows).await;
     }
     if ctx.args.wants(COST) {
         cost(ctx, table).await;
+    }
+}
+
+/// Rows of the snapshot table in this run.
+fn snapshot_rows(ctx: &Ctx) -> u64 {
+    if ctx.args.quick {
+        SNAPSHOT_ROWS_QUICK
+    } else {
+        SNAPSHOT_ROWS
     }
 }
 
@@ -303,6 +318,181 @@ async fn snapshot_postgres(ctx: &Ctx, out: &mut Table, rows: u64) {
              in {} ms; table {} MB, count(*) alone {} ms){} · {}",
             count(parsed.rate()),
             ms(parsed.elapsed.as_secs_f64() * 1e3),
+            count(snap.rows as f64),
+            ms(snap.elapsed.as_secs_f64() * 1e3),
+            count(base.rows as f64),
+            ms(base.elapsed.as_secs_f64() * 1e3),
+            size / 1024 / 1024,
+            ms(count_ms),
+            if other > 0 {
+                format!(" · {other} change events too")
+            } else {
+                String::new()
+            },
+            memory.describe(base.bytes)
+        ),
+    ));
+}
+
+/// Whether the MySQL / MariaDB snapshot row runs.
+#[cfg(feature = "mysql")]
+pub fn wants_mysql(args: &crate::common::Args) -> bool {
+    args.wants(SNAPSHOT) || args.wants(MYSQL_SNAPSHOT)
+}
+
+/// MySQL's snapshot JSON for the snapshot table's row `_sqn_r`: what `row_payload_expr` in
+/// `src/mysql/ddl.rs` renders for these columns (the `COALESCE` fallback to the key alone
+/// left out: it never applies here).
+#[cfg(feature = "mysql")]
+const MYSQL_JSON: &str = "JSON_OBJECT('id', _sqn_r.`id`, 'n', _sqn_r.`n`, 'note', _sqn_r.`note`, \
+                          'at', CAST(_sqn_r.`at` AS CHAR))";
+
+/// The MySQL baselines, on a new connection in a `REPEATABLE READ` transaction `WITH
+/// CONSISTENT SNAPSHOT` as sqlnotify's read: with `pages`, the snapshot's own keyset query
+/// (`WHERE id > last ORDER BY id LIMIT 1000`, one query per page); without, one plain
+/// `SELECT` of every row in key order, streamed.
+#[cfg(feature = "mysql")]
+async fn mysql_baseline(url: &str, table: &str, pages: bool) -> Read {
+    use mysql_async::prelude::Queryable;
+    let started = Instant::now();
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(url).expect("MySQL URL"))
+        .await
+        .expect("baseline: connect");
+    conn.query_drop("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .expect("baseline: isolation");
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        .await
+        .expect("baseline: begin");
+    let mut read = Read::default();
+    if pages {
+        let mut last = 0i64;
+        loop {
+            let page: Vec<(String, i64)> = conn
+                .exec(
+                    format!(
+                        "SELECT {MYSQL_JSON}, _sqn_r.`id` FROM `{table}` AS _sqn_r \
+                         WHERE _sqn_r.`id` > ? ORDER BY _sqn_r.`id` LIMIT {CHUNK}"
+                    ),
+                    (last,),
+                )
+                .await
+                .expect("baseline: page");
+            for (text, id) in &page {
+                read.rows += 1;
+                read.bytes += text.len() as u64;
+                last = *id;
+            }
+            if page.len() < CHUNK {
+                break;
+            }
+        }
+    } else {
+        let mut result = conn
+            .query_iter(format!(
+                "SELECT {MYSQL_JSON} FROM `{table}` AS _sqn_r ORDER BY _sqn_r.`id`"
+            ))
+            .await
+            .expect("baseline: query");
+        result
+            .for_each(|row| {
+                let text: String = mysql_async::from_row(row);
+                read.rows += 1;
+                read.bytes += text.len() as u64;
+            })
+            .await
+            .expect("baseline: rows");
+    }
+    conn.query_drop("COMMIT").await.expect("baseline: commit");
+    read.elapsed = started.elapsed();
+    let _ = conn.disconnect().await;
+    read
+}
+
+/// The snapshot section on MySQL / MariaDB (`url`: the benchmark's database there).
+#[cfg(feature = "mysql")]
+pub async fn snapshot_mysql(ctx: &Ctx, out: &mut Table, url: &str, flavor: &str) {
+    use mysql_async::prelude::Queryable;
+    if !wants_mysql(&ctx.args) {
+        return;
+    }
+    let rows = snapshot_rows(ctx);
+    eprintln!("change data: snapshot of {rows} rows, {flavor} …");
+    let table = format!("cd_{}", ctx.id());
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(url).expect("MySQL URL"))
+        .await
+        .expect("connect to MySQL");
+    let filled = Instant::now();
+    // ids 1..=rows from a cross join of digits (no recursive CTE: MySQL limits its depth)
+    conn.query_drop(format!(
+        "CREATE TABLE `{table}` (id INT PRIMARY KEY, n INT NOT NULL, note VARCHAR(40) NOT NULL,
+                                 at DATETIME NOT NULL) ENGINE=InnoDB;
+         CREATE TABLE `{table}_d` (i INT PRIMARY KEY);
+         INSERT INTO `{table}_d` VALUES (0), (1), (2), (3), (4), (5), (6), (7), (8), (9);
+         INSERT INTO `{table}`
+           SELECT g, g % 1000, LEFT(CONCAT(MD5(g), MD5(g * 7)), 40),
+                  TIMESTAMP '2026-01-01 00:00:00' + INTERVAL g SECOND
+           FROM (SELECT 1 + a.i + 10 * b.i + 100 * c.i + 1000 * d.i + 10000 * e.i
+                        + 100000 * f.i AS g
+                 FROM `{table}_d` a, `{table}_d` b, `{table}_d` c, `{table}_d` d, `{table}_d` e,
+                      `{table}_d` f) x
+           WHERE g <= {rows};
+         DROP TABLE `{table}_d`;
+         ANALYZE TABLE `{table}`"
+    ))
+    .await
+    .expect("fill the MySQL snapshot table");
+    let size: Option<u64> = conn
+        .exec_first(
+            "SELECT CAST(DATA_LENGTH + INDEX_LENGTH AS UNSIGNED) FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            (&table,),
+        )
+        .await
+        .expect("table size");
+    let size = size.unwrap_or(0);
+    eprintln!(
+        "  table filled in {:.1} s ({} MB)",
+        filled.elapsed().as_secs_f64(),
+        size / 1024 / 1024
+    );
+    let mut builder = Notifier::builder(url).cleanup_on_stop(true);
+    for w in snapshot_watches(&table, None) {
+        builder = builder.watch(w);
+    }
+    let notifier = builder.start().await.expect("start the MySQL notifier");
+    // A warm-up read, so neither measured read pays for a cold buffer pool.
+    let _ = mysql_baseline(url, &table, false).await;
+    let base = mysql_baseline(url, &table, false).await;
+    let paged = mysql_baseline(url, &table, true).await;
+    let (snap, memory, other) = read_snapshot(&notifier, &table, ctx.args.waits()).await;
+    // The COUNT(*) the snapshot runs when it opens (the baselines do not).
+    let counted = Instant::now();
+    let _: Option<i64> = conn
+        .query_first(format!("SELECT COUNT(*) FROM `{table}`"))
+        .await
+        .expect("count");
+    let count_ms = counted.elapsed().as_secs_f64() * 1e3;
+    notifier.stop().await.expect("stop the notifier");
+    conn.query_drop(format!("DROP TABLE `{table}`"))
+        .await
+        .expect("drop the MySQL snapshot table");
+    let _ = conn.disconnect().await;
+    out.row(snapshot_row(
+        format!(
+            "snapshot of {} rows (id, int, 40-byte varchar, datetime) · {flavor}",
+            count(rows as f64)
+        ),
+        &base,
+        &snap,
+        format!(
+            "baseline: mysql_async, one plain SELECT of the snapshot's JSON_OBJECT in key order, \
+             streamed, in a consistent-snapshot transaction (the snapshot's own keyset pages, \
+             WHERE id > last … LIMIT {CHUNK}, from mysql_async: {} rows/s, {} ms) · sqlnotify: \
+             subscribe_snapshot, chunk_rows({CHUNK}), {} rows in {} ms (baseline {} in {} ms; \
+             table {} MB, COUNT(*) alone {} ms){} · {}",
+            count(paged.rate()),
+            ms(paged.elapsed.as_secs_f64() * 1e3),
             count(snap.rows as f64),
             ms(snap.elapsed.as_secs_f64() * 1e3),
             count(base.rows as f64),

@@ -21,7 +21,7 @@
 //! named consumer: `handlers`, i.e. `handlers-backlog`, `handlers-latency-1000` (see
 //! `handlers.rs`); change data (issue 15, see `change_data.rs`): `snapshot-1m` (also selected
 //! by `snapshot`: a 1,000,000-row table read by `subscribe_snapshot` against a plain cursor
-//! read, PostgreSQL and SQLite, with peak memory) and `cost-change-data` (also selected by
+//! read, PostgreSQL, SQLite and — as `mysql-snapshot-1m` — MySQL, with peak memory) and `cost-change-data` (also selected by
 //! `cost`: writer cost of `old_values` and `context` on INSERT+UPDATE transactions); MySQL:
 //! `mysql`, i.e. `mysql-latency-200`, `mysql-latency-1000`, `mysql-throughput-1w-100r-small`,
 //! `mysql-cost`, `mysql-idle`).

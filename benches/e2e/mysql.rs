@@ -27,7 +27,8 @@
 //! which use `synchronous_commit=off`).
 //!
 //! Sections (`--only=`): `mysql-latency-200`, `mysql-latency-1000`,
-//! `mysql-throughput-1w-100r-small`, `mysql-cost`, `mysql-idle`; `mysql` selects them all.
+//! `mysql-throughput-1w-100r-small`, `mysql-cost`, `mysql-idle`, and `mysql-snapshot-1m`
+//! (in `change_data.rs`; `snapshot-1m` selects it too); `mysql` selects them all.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -96,6 +97,7 @@ fn wanted(args: &crate::common::Args) -> bool {
     ]
     .iter()
     .any(|name| args.wants(name))
+        || crate::change_data::wants_mysql(args)
 }
 
 /// `url` with its password (if any) replaced by `***`, for printing.
@@ -216,6 +218,7 @@ impl MysqlBench {
         self.throughput(ctx, table).await;
         self.cost(ctx, table).await;
         self.idle(ctx, table).await;
+        crate::change_data::snapshot_mysql(ctx, table, &self.url, self.flavor).await;
     }
 
     async fn latency(&self, ctx: &Ctx, table: &mut Table) {

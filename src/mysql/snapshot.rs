@@ -1,6 +1,6 @@
 //! Snapshots on MySQL / MariaDB: one `REPEATABLE READ` transaction `WITH CONSISTENT SNAPSHOT`
 //! on a connection of its own reads the row count, the journal ids the snapshot sees (the
-//! fence) and the table's rows, page by page in key order.
+//! fence) and the table's rows, page by page in the order of an index.
 //!
 //! # The fence
 //!
@@ -45,16 +45,29 @@
 //!
 //! Each row's payload is the expression its triggers use (`ddl::row_payload_expr`:
 //! `JSON_OBJECT` with the same conversions), so a snapshot row and a change of the same row
-//! decode alike. Rows are read by keyset pagination — `WHERE (keys) > (last keys) ORDER BY
-//! keys LIMIT n` — in the same transaction, each page a short query of its own: a streamed
+//! decode alike. Rows are read by keyset pagination — `WHERE (cols) > (last cols) ORDER BY
+//! cols LIMIT n`, the comparison spelt out as plain `c > ?` / `c = ?` terms the range
+//! optimizer reads — in the same transaction, each page a short query of its own: a streamed
 //! result set left unread while the feed is slow would be cut by the server's
-//! `net_write_timeout`. On a table with a primary key the pages order by the watch's key
-//! columns, then the primary key's others (unique: the pages never overlap). On a table
-//! without one (keys named with `primary_keys`), the `n`-th next key is looked up first and
-//! the page runs up to and including every row with that key, so rows sharing a key are never
-//! split between pages. The transaction stays open until the last page (it holds InnoDB's
-//! purge back meanwhile, as PostgreSQL's snapshot holds its xmin); the notifier's user needs
-//! `SELECT` on the table. The watched table must be InnoDB (a MyISAM table has no snapshot).
+//! `net_write_timeout`. A `DECIMAL` value goes back as `CAST(? AS DECIMAL(p, s))`: it comes
+//! as text, and MySQL compares a decimal with text as doubles.
+//!
+//! The columns (`choose_order`) are those of an index, so that each page is a range read of
+//! `n` index entries — ordering by columns no index has would sort the rest of the table on
+//! every page. The watch's key order when an index has it (the primary key, or an index the
+//! key columns lead; a non-unique one followed by the primary key's other columns), else the
+//! primary key's order, else a unique index on `NOT NULL` columns. The fence does not care
+//! about the order (it is by journal visibility), only that every page uses the same total
+//! order, so that no row is read twice or missed. On a table with neither (keys named with
+//! `primary_keys`), the pages follow the key columns: the `n`-th next key is looked up first
+//! and the page runs up to and including every row with that key, so rows sharing a key are
+//! never split between pages; an index the key columns lead serves both queries, and without
+//! one each page scans and sorts the table (a warning says so).
+//!
+//! The transaction stays open until the last page (it holds InnoDB's purge back meanwhile, as
+//! PostgreSQL's snapshot holds its xmin); the notifier's user needs `SELECT` on the table.
+//! The watched table must be InnoDB (a MyISAM table has no snapshot). Each page's query, its
+//! parameters inlined, is logged at trace level (for `EXPLAIN`).
 //!
 //! [`Cursor::is_new`]: super::journal::Cursor::is_new
 
@@ -110,16 +123,139 @@ pub(crate) struct MysqlSnapshot {
     what: String,
 }
 
+/// An index of the table, as the snapshot's choice of order sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct Index {
+    /// `PRIMARY` for the primary key.
+    name: String,
+    /// Its columns in index order.
+    columns: Vec<String>,
+    /// A unique index.
+    unique: bool,
+    /// One of its columns is nullable (so a unique index does not order the rows totally:
+    /// NULLs repeat).
+    nullable: bool,
+}
+
+impl Index {
+    /// Whether its columns order the rows totally: unique, on `NOT NULL` columns.
+    fn total(&self) -> bool {
+        self.unique && !self.nullable
+    }
+}
+
+/// The order pages are read in: columns, and whether they order the rows totally.
+#[derive(Debug, Clone, PartialEq)]
+struct Order {
+    columns: Vec<String>,
+    /// The columns are unique (`LIMIT n` pages never overlap); otherwise pages end on a
+    /// key boundary (see [`Pages::boundary_sql`]).
+    unique: bool,
+    /// Whether the rows come in the watch's key order.
+    key_order: bool,
+    /// The index that serves the order (otherwise each page scans the table).
+    index: Option<String>,
+}
+
+impl Order {
+    fn indexed(index: &str, columns: Vec<String>, key_order: bool) -> Self {
+        Order {
+            columns,
+            unique: true,
+            key_order,
+            index: Some(index.to_string()),
+        }
+    }
+}
+
+/// Chooses the order of the pages so that an index serves it — each page a range read of
+/// `chunk_rows` index entries, no sort — preferring one that is also the watch's key order
+/// (the page queries name that index with `FORCE INDEX`: on a first page, which has no range,
+/// the optimizer would otherwise often scan and sort the table for the top `n`):
+///
+/// 1. the primary key, when the key columns lead it;
+/// 2. an index that the key columns lead: a unique one on `NOT NULL` columns as it is; a
+///    non-unique one followed by the primary key's other columns (InnoDB keeps them in every
+///    secondary index entry, and the optimizer reads the index in that order);
+/// 3. otherwise the primary key (rows come in its order, not the key's);
+/// 4. without one, a unique index on `NOT NULL` columns (InnoDB's clustered index then);
+/// 5. without any, the key columns, in pages that end on a key boundary — served by an index
+///    that the key columns lead if there is one; if not, each page scans the table.
+///
+/// The order of the rows does not matter to the fence (which is by journal visibility): it
+/// only has to be the same on every page, and total or cut on key boundaries, so that no row
+/// is read twice or never. A unique index on nullable columns is not total (NULLs repeat), and
+/// is not extended with the primary key either: the optimizer does not read a unique index in
+/// that order, and would sort every page.
+fn choose_order(keys: &[String], primary_key: &[String], indexes: &[Index]) -> Order {
+    let leads = |columns: &[String]| {
+        !keys.is_empty() && columns.len() >= keys.len() && columns[..keys.len()] == *keys
+    };
+    if !primary_key.is_empty() && leads(primary_key) {
+        return Order::indexed("PRIMARY", primary_key.to_vec(), true);
+    }
+    // (sorted: the same choice every time)
+    let mut indexes: Vec<&Index> = indexes.iter().filter(|i| i.name != "PRIMARY").collect();
+    indexes.sort_by(|a, b| (a.columns.len(), &a.name).cmp(&(b.columns.len(), &b.name)));
+    // each index's total order, if it has one: a unique index on NOT NULL columns, or a
+    // non-unique one followed by the primary key's other columns
+    let total = |index: &Index| -> Option<Vec<String>> {
+        if index.total() {
+            Some(index.columns.clone())
+        } else if !index.unique && !primary_key.is_empty() {
+            let mut columns = index.columns.clone();
+            columns.extend(
+                primary_key
+                    .iter()
+                    .filter(|c| !index.columns.contains(c))
+                    .cloned(),
+            );
+            Some(columns)
+        } else {
+            None
+        }
+    };
+    // unique ones first
+    for unique in [true, false] {
+        for index in indexes.iter().filter(|i| i.total() == unique) {
+            if let Some(columns) = total(index).filter(|c| leads(c)) {
+                return Order::indexed(&index.name, columns, true);
+            }
+        }
+    }
+    if !primary_key.is_empty() {
+        return Order::indexed("PRIMARY", primary_key.to_vec(), false);
+    }
+    if let Some(index) = indexes.iter().find(|i| i.total()) {
+        return Order::indexed(&index.name, index.columns.clone(), false);
+    }
+    Order {
+        columns: keys.to_vec(),
+        unique: false,
+        key_order: true,
+        index: indexes
+            .iter()
+            .find(|i| leads(&i.columns))
+            .map(|i| i.name.clone()),
+    }
+}
+
 /// How the rows are read, page by page.
 #[derive(Debug, Clone, PartialEq)]
 struct Pages {
-    /// `FROM` the table with its alias.
+    /// The table with its alias.
+    table: String,
+    /// `FROM` the table with its alias and the index hint.
     from: String,
     /// The payload expression.
     payload: String,
     /// The columns pages are ordered by (qualified with the alias).
     order: Vec<String>,
-    /// Whether `order` is unique (it holds the primary key).
+    /// The placeholder of each of `order`'s values: `?`, or `CAST(? AS DECIMAL(p, s))` for a
+    /// `DECIMAL` column (its value comes back as text, and MySQL compares a decimal with text
+    /// as a double, which would confuse keys that differ beyond a double's 17 digits).
+    placeholders: Vec<String>,
+    /// Whether `order` is unique.
     unique: bool,
     chunk_rows: usize,
     /// The order columns' values of the last row read.
@@ -130,32 +266,53 @@ impl Pages {
     fn new(
         channel: &Channel,
         data_types: &BTreeMap<String, String>,
-        primary_key: &[String],
+        order: &Order,
+        decimals: &BTreeMap<String, (u32, u32)>,
         chunk_rows: usize,
     ) -> Self {
-        let keys = &channel.key_columns;
-        let order: Vec<&String> = keys
-            .iter()
-            .chain(primary_key.iter().filter(|c| !keys.contains(c)))
-            .collect();
+        let table = format!("{} AS {ALIAS}", qualified(&channel.schema, &channel.table));
         Pages {
-            from: format!("{} AS {ALIAS}", qualified(&channel.schema, &channel.table)),
+            from: match &order.index {
+                Some(index) => format!("{table} FORCE INDEX ({})", quote_ident(index)),
+                None => table.clone(),
+            },
+            table,
             payload: row_payload_expr(ALIAS, channel, data_types),
             order: order
+                .columns
                 .iter()
                 .map(|c| format!("{ALIAS}.{}", quote_ident(c)))
                 .collect(),
-            unique: !primary_key.is_empty(),
+            placeholders: order
+                .columns
+                .iter()
+                .map(|c| match decimals.get(c) {
+                    Some((precision, scale)) => {
+                        format!("CAST(? AS DECIMAL({precision}, {scale}))")
+                    }
+                    None => "?".to_string(),
+                })
+                .collect(),
+            unique: order.unique,
             chunk_rows: chunk_rows.max(1),
             after: None,
         }
+    }
+
+    /// The order columns with their placeholders.
+    fn columns(&self) -> Vec<(&str, &str)> {
+        self.order
+            .iter()
+            .map(String::as_str)
+            .zip(self.placeholders.iter().map(String::as_str))
+            .collect()
     }
 
     /// The `WHERE` clause after the last row read (empty before the first page).
     fn after_clause(&self) -> (Vec<String>, Vec<Value>) {
         match &self.after {
             Some(after) => {
-                let (sql, params) = beyond(&self.order, after, false);
+                let (sql, params) = compare(&self.columns(), after, Side::After);
                 (vec![sql], params)
             }
             None => (Vec::new(), Vec::new()),
@@ -163,15 +320,15 @@ impl Pages {
     }
 
     /// The next page's query and its parameters: `chunk_rows` rows, or — for a table without a
-    /// primary key — every row up to and including the key `upto` (from [`boundary_sql`]), or
-    /// all the rest when there is none.
+    /// unique order — every row up to and including the key `upto` (from [`boundary_sql`]),
+    /// or all the rest when there is none.
     ///
     /// [`boundary_sql`]: Self::boundary_sql
     fn page_sql(&self, upto: Option<&[Value]>) -> (String, Vec<Value>) {
         let (mut conditions, mut params) = self.after_clause();
         if let Some(upto) = upto {
-            let (sql, more) = beyond(&self.order, upto, true);
-            conditions.push(format!("NOT ({sql})"));
+            let (sql, more) = compare(&self.columns(), upto, Side::UpTo);
+            conditions.push(sql);
             params.extend(more);
         }
         let mut sql = format!(
@@ -190,7 +347,7 @@ impl Pages {
         (sql, params)
     }
 
-    /// For a table without a primary key: the query of the `chunk_rows`-th next key.
+    /// For a table without a unique order: the query of the `chunk_rows`-th next key.
     fn boundary_sql(&self) -> (String, Vec<Value>) {
         let (conditions, params) = self.after_clause();
         let mut sql = format!("SELECT {} FROM {}", self.order.join(", "), self.from);
@@ -206,32 +363,55 @@ impl Pages {
     }
 }
 
-/// A condition on `columns` (in `ORDER BY … ASC` order, where NULL comes first) selecting the
-/// rows strictly after `values`. With `negatable`, every test is wrapped in
-/// `COALESCE(…, FALSE)` so that the condition is never unknown (`c = ?` and `c > ?` are
-/// unknown, where they mean false, on a NULL column) and `NOT (…)` selects exactly the rows
-/// up to and including `values`; without, it stays plain for the range optimizer.
-fn beyond(columns: &[String], values: &[Value], negatable: bool) -> (String, Vec<Value>) {
-    // for some i: equal on the first i columns and greater on column i
+/// Which rows [`compare`] selects.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Side {
+    /// Strictly after the values.
+    After,
+    /// Up to and including the values.
+    UpTo,
+}
+
+/// A condition on `columns` (each with its placeholder, in `ORDER BY … ASC` order, where NULL
+/// comes first) selecting the rows strictly after `values`, or up to and including them. It
+/// is a disjunction of plain comparisons (`c > ?`, `c = ?`, `c IS NULL`, …) that the range
+/// optimizer turns into ranges of an index on the columns. A comparison with a NULL column is
+/// unknown, which is false here: the condition is only ever used as it is, never negated.
+fn compare(columns: &[(&str, &str)], values: &[Value], side: Side) -> (String, Vec<Value>) {
+    // for some i: equal on the first i columns and beyond on column i (UpTo: or equal on all)
     let mut alternatives = Vec::new();
     let mut params = Vec::new();
-    for i in 0..columns.len() {
+    let equal = |column: &str, placeholder: &str, value: &Value, params: &mut Vec<Value>| {
+        if *value == Value::NULL {
+            format!("{column} IS NULL")
+        } else {
+            params.push(value.clone());
+            format!("{column} = {placeholder}")
+        }
+    };
+    for i in 0..=columns.len() {
+        if i == columns.len() && side == Side::After {
+            break;
+        }
         let mut terms = Vec::new();
         let mut term_params = Vec::new();
-        for (column, value) in columns[..i].iter().zip(values) {
-            if *value == Value::NULL {
-                terms.push(format!("{column} IS NULL"));
-            } else {
-                terms.push(format!("{column} = ?"));
-                term_params.push(value.clone());
-            }
+        for ((column, placeholder), value) in columns[..i].iter().zip(values) {
+            terms.push(equal(column, placeholder, value, &mut term_params));
         }
-        let (column, value) = (&columns[i], &values[i]);
-        if *value == Value::NULL {
-            terms.push(format!("{column} IS NOT NULL"));
-        } else {
-            terms.push(format!("{column} > ?"));
-            term_params.push(value.clone());
+        if let (Some((column, placeholder)), Some(value)) = (columns.get(i), values.get(i)) {
+            match (side, *value == Value::NULL) {
+                (Side::After, true) => terms.push(format!("{column} IS NOT NULL")),
+                (Side::After, false) => {
+                    terms.push(format!("{column} > {placeholder}"));
+                    term_params.push(value.clone());
+                }
+                // nothing comes before NULL
+                (Side::UpTo, true) => continue,
+                (Side::UpTo, false) => {
+                    terms.push(format!("({column} < {placeholder} OR {column} IS NULL)"));
+                    term_params.push(value.clone());
+                }
+            }
         }
         alternatives.push(format!("({})", terms.join(" AND ")));
         params.extend(term_params);
@@ -239,16 +419,119 @@ fn beyond(columns: &[String], values: &[Value], negatable: bool) -> (String, Vec
     if alternatives.is_empty() {
         return ("FALSE".to_string(), params);
     }
-    let sql = alternatives.join(" OR ");
-    if !negatable {
-        (format!("({sql})"), params)
-    } else {
-        let wrapped: Vec<String> = alternatives
-            .iter()
-            .map(|a| format!("COALESCE({a}, FALSE)"))
-            .collect();
-        (format!("({})", wrapped.join(" OR ")), params)
+    (format!("({})", alternatives.join(" OR ")), params)
+}
+
+/// `sql` with its `?` placeholders replaced by `params` as SQL literals, for the trace log
+/// (a statement to run `EXPLAIN` on). Placeholders inside quoted strings and identifiers
+/// are left alone.
+fn inline(sql: &str, params: &[Value]) -> String {
+    let mut params = params.iter();
+    let mut out = String::with_capacity(sql.len());
+    let mut quote: Option<char> = None;
+    for c in sql.chars() {
+        match (quote, c) {
+            (None, '\'' | '`') => quote = Some(c),
+            (Some(q), _) if q == c => quote = None,
+            (None, '?') => {
+                out.push_str(&match params.next() {
+                    Some(Value::Bytes(bytes)) => match std::str::from_utf8(bytes) {
+                        Ok(text) => quote_literal(text),
+                        Err(_) => {
+                            let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+                            format!("X'{hex}'")
+                        }
+                    },
+                    Some(Value::Int(i)) => i.to_string(),
+                    Some(Value::UInt(u)) => u.to_string(),
+                    Some(Value::Float(f)) => f.to_string(),
+                    Some(Value::Double(d)) => d.to_string(),
+                    Some(value) => value.as_sql(false),
+                    None => "?".to_string(),
+                });
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
     }
+    out
+}
+
+/// The table's B-tree indexes that order rows by whole column values (no prefix or
+/// functional parts), and its `DECIMAL` columns' precision and scale.
+async fn describe_indexes(
+    conn: &mut Conn,
+    schema: &str,
+    table: &str,
+) -> std::result::Result<(Vec<Index>, BTreeMap<String, (u32, u32)>), mysql_async::Error> {
+    type Part = (
+        String,
+        String,
+        String,
+        i64,
+        Option<String>,
+        i64,
+        String,
+        String,
+    );
+    let parts: Vec<Part> = conn
+        .exec(
+            "SELECT s.TABLE_SCHEMA, s.TABLE_NAME, s.INDEX_NAME, CAST(s.NON_UNIQUE AS SIGNED), \
+               s.COLUMN_NAME, CAST(s.SUB_PART IS NOT NULL AS SIGNED), s.INDEX_TYPE, \
+               COALESCE(c.IS_NULLABLE, '') \
+             FROM information_schema.STATISTICS s LEFT JOIN information_schema.COLUMNS c \
+               ON c.TABLE_SCHEMA = s.TABLE_SCHEMA AND c.TABLE_NAME = s.TABLE_NAME \
+               AND c.COLUMN_NAME = s.COLUMN_NAME \
+             WHERE s.TABLE_SCHEMA = ? AND s.TABLE_NAME = ? ORDER BY s.INDEX_NAME, s.SEQ_IN_INDEX",
+            (schema, table),
+        )
+        .await?;
+    let mut indexes: Vec<(Index, bool)> = Vec::new();
+    for (s, t, name, non_unique, column, prefix, kind, nullable) in parts {
+        if s != schema || t != table {
+            continue;
+        }
+        if indexes.last().is_none_or(|(i, _)| i.name != name) {
+            indexes.push((
+                Index {
+                    name: name.clone(),
+                    columns: Vec::new(),
+                    unique: non_unique == 0,
+                    nullable: false,
+                },
+                true,
+            ));
+        }
+        let (index, usable) = indexes.last_mut().expect("just pushed");
+        match column {
+            Some(column) if prefix == 0 && kind.eq_ignore_ascii_case("BTREE") => {
+                index.columns.push(column);
+                index.nullable |= nullable.eq_ignore_ascii_case("YES");
+            }
+            _ => *usable = false,
+        }
+    }
+    let indexes = indexes
+        .into_iter()
+        .filter(|(i, usable)| *usable && !i.columns.is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    let decimals: Vec<(String, String, String, u32, u32)> = conn
+        .exec(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, CAST(NUMERIC_PRECISION AS UNSIGNED), \
+               CAST(NUMERIC_SCALE AS UNSIGNED) \
+             FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND DATA_TYPE = 'decimal'",
+            (schema, table),
+        )
+        .await?;
+    let decimals = decimals
+        .into_iter()
+        .filter(|(s, t, ..)| s == schema && t == table)
+        .map(|(_, _, column, precision, scale)| (column, (precision, scale)))
+        .collect();
+    Ok((indexes, decimals))
 }
 
 impl MysqlSnapshot {
@@ -277,7 +560,29 @@ impl MysqlSnapshot {
             .filter(|c| channel.carries(&c.name))
             .map(|c| (c.name.clone(), c.data_type.clone()))
             .collect();
-        let pages = Pages::new(&channel, &data_types, &table.primary_key(), chunk_rows);
+        let (indexes, decimals) = describe_indexes(&mut conn, channel.schema(), channel.table())
+            .await
+            .map_err(db_err(format!("{what}: reading its indexes")))?;
+        let order = choose_order(&channel.key_columns, &table.primary_key(), &indexes);
+        if order.index.is_some() {
+            log::debug!(
+                "sqlnotify: {what}: pages ordered by {:?}, {}",
+                order.columns,
+                if order.key_order {
+                    "the key's order"
+                } else {
+                    "an index's order, not the key's"
+                }
+            );
+        } else {
+            log::warn!(
+                "sqlnotify: {what}: the table has no primary key, no unique index on NOT NULL \
+                 columns and no index that its key ({}) leads, so every page of {chunk_rows} \
+                 rows scans and sorts the table; an index on the key makes each page a range read",
+                channel.key_columns.join(", ")
+            );
+        }
+        let pages = Pages::new(&channel, &data_types, &order, &decimals, chunk_rows);
         conn.query_drop("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .await
             .map_err(db_err(what.clone()))?;
@@ -287,7 +592,7 @@ impl MysqlSnapshot {
             .await
             .map_err(db_err(what.clone()))?;
         let total: Option<i64> = conn
-            .query_first(format!("SELECT COUNT(*) FROM {}", pages.from))
+            .query_first(format!("SELECT COUNT(*) FROM {}", pages.table))
             .await
             .map_err(db_err(what.clone()))?;
         let names: Vec<String> = channels.iter().map(|c| quote_literal(c)).collect();
@@ -321,14 +626,20 @@ impl MysqlSnapshot {
         let what = &self.what;
         let (rows, last): (Vec<Row>, bool) = if pages.unique {
             let (sql, params) = pages.page_sql(None);
+            log::trace!("sqlnotify: {what}: page: {}", inline(&sql, &params));
             let rows: Vec<Row> = conn.exec(sql, params).await.map_err(db_err(what))?;
             let last = rows.len() < pages.chunk_rows;
             (rows, last)
         } else {
             let (sql, params) = pages.boundary_sql();
+            log::trace!(
+                "sqlnotify: {what}: page boundary: {}",
+                inline(&sql, &params)
+            );
             let upto: Option<Row> = conn.exec_first(sql, params).await.map_err(db_err(what))?;
             let upto = upto.map(Row::unwrap);
             let (sql, params) = pages.page_sql(upto.as_deref());
+            log::trace!("sqlnotify: {what}: page: {}", inline(&sql, &params));
             let rows: Vec<Row> = conn.exec(sql, params).await.map_err(db_err(what))?;
             (rows, upto.is_none())
         };
@@ -416,14 +727,113 @@ mod tests {
         [("at".to_string(), "datetime".to_string())].into()
     }
 
+    fn strings(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn index(name: &str, columns: &[&str], unique: bool, nullable: bool) -> Index {
+        Index {
+            name: name.into(),
+            columns: strings(columns),
+            unique,
+            nullable,
+        }
+    }
+
+    /// The columns, uniqueness, key order and index of an order.
+    fn summary(o: Order) -> (Vec<String>, bool, bool, Option<String>) {
+        (o.columns, o.unique, o.key_order, o.index)
+    }
+
+    fn expect(
+        columns: &[&str],
+        unique: bool,
+        key_order: bool,
+        index: Option<&str>,
+    ) -> (Vec<String>, bool, bool, Option<String>) {
+        (strings(columns), unique, key_order, index.map(String::from))
+    }
+
     #[test]
-    fn pages_follow_the_key_then_the_rest_of_the_primary_key() {
-        let mut pages = Pages::new(
-            &channel(&["b"]),
-            &types(),
-            &["a".to_string(), "b".to_string()],
-            500,
+    fn the_order_is_an_index_and_the_key_order_when_one_is() {
+        let ab = strings(&["a", "b"]);
+        let primary = index("PRIMARY", &["a", "b"], true, false);
+        // the key leads the primary key
+        let o = choose_order(&ab, &ab, std::slice::from_ref(&primary));
+        assert_eq!(summary(o), expect(&["a", "b"], true, true, Some("PRIMARY")));
+        let o = choose_order(&strings(&["a"]), &ab, std::slice::from_ref(&primary));
+        assert_eq!(summary(o), expect(&["a", "b"], true, true, Some("PRIMARY")));
+        // a unique NOT NULL index the key leads, as it is (not extended: the optimizer would
+        // sort); preferred to a non-unique one
+        let unique_b = index("ub", &["b"], true, false);
+        let plain_b = index("b", &["b"], false, false);
+        let o = choose_order(
+            &strings(&["b"]),
+            &ab,
+            &[primary.clone(), plain_b.clone(), unique_b],
         );
+        assert_eq!(summary(o), expect(&["b"], true, true, Some("ub")));
+        // a non-unique index the key leads, then the primary key's other columns
+        let o = choose_order(&strings(&["b"]), &ab, &[primary.clone(), plain_b.clone()]);
+        assert_eq!(summary(o), expect(&["b", "a"], true, true, Some("b")));
+        let o = choose_order(&strings(&["b", "a"]), &ab, &[plain_b]);
+        assert_eq!(summary(o), expect(&["b", "a"], true, true, Some("b")));
+        let wide = index("wide", &["b", "c"], false, false);
+        let o = choose_order(&strings(&["b"]), &strings(&["a", "b", "d"]), &[wide]);
+        assert_eq!(o.columns, ["b", "c", "a", "d"]);
+        // no index the key leads (or only a unique one on nullable columns): the primary key
+        for others in [
+            vec![],
+            vec![primary.clone()],
+            vec![index("nu", &["b"], true, true)],
+            vec![index("late", &["c", "b"], false, false)],
+        ] {
+            let o = choose_order(&strings(&["b"]), &ab, &others);
+            assert_eq!(
+                summary(o),
+                expect(&["a", "b"], true, false, Some("PRIMARY"))
+            );
+        }
+        let o = choose_order(&strings(&["b", "a"]), &ab, &[]);
+        assert_eq!(
+            summary(o),
+            expect(&["a", "b"], true, false, Some("PRIMARY"))
+        );
+        // no primary key: a unique index the key leads; else a unique NOT NULL index, the
+        // narrowest
+        let o = choose_order(
+            &strings(&["u"]),
+            &[],
+            &[index("u", &["u", "w"], true, false)],
+        );
+        assert_eq!(summary(o), expect(&["u", "w"], true, true, Some("u")));
+        let o = choose_order(
+            &strings(&["k"]),
+            &[],
+            &[
+                index("wide", &["a", "b"], true, false),
+                index("nu", &["c"], true, true),
+                index("u", &["u"], true, false),
+            ],
+        );
+        assert_eq!(summary(o), expect(&["u"], true, false, Some("u")));
+        // none: the key columns on key boundaries, through an index they lead or a scan
+        let o = choose_order(
+            &strings(&["k"]),
+            &[],
+            &[index("k", &["k", "v"], false, true)],
+        );
+        assert_eq!(summary(o), expect(&["k"], false, true, Some("k")));
+        let o = choose_order(&strings(&["k"]), &[], &[index("nu", &["k"], true, true)]);
+        assert_eq!(summary(o), expect(&["k"], false, true, Some("nu")));
+        let o = choose_order(&strings(&["k"]), &[], &[index("v", &["v"], false, false)]);
+        assert_eq!(summary(o), expect(&["k"], false, true, None));
+    }
+
+    #[test]
+    fn pages_follow_the_order_with_plain_comparisons() {
+        let order = Order::indexed("i`x", strings(&["b", "a"]), true);
+        let mut pages = Pages::new(&channel(&["b"]), &types(), &order, &BTreeMap::new(), 500);
         assert!(pages.unique);
         assert_eq!(pages.order, ["_sqn_r.`b`", "_sqn_r.`a`"]);
         let (sql, params) = pages.page_sql(None);
@@ -431,14 +841,16 @@ mod tests {
             sql,
             "SELECT COALESCE(JSON_OBJECT('b', _sqn_r.`b`, 'at', CAST(_sqn_r.`at` AS CHAR)), \
              JSON_INSERT(JSON_OBJECT('b', _sqn_r.`b`), '$.__sqlnotify', JSON_OBJECT('truncated', TRUE))), \
-             _sqn_r.`b`, _sqn_r.`a` FROM `Shop`.`order``s` AS _sqn_r ORDER BY _sqn_r.`b`, _sqn_r.`a` LIMIT 500"
+             _sqn_r.`b`, _sqn_r.`a` FROM `Shop`.`order``s` AS _sqn_r FORCE INDEX (`i``x`) \
+             ORDER BY _sqn_r.`b`, _sqn_r.`a` LIMIT 500"
         );
         assert!(params.is_empty());
         pages.after = Some(vec![Value::Int(7), Value::Bytes(b"x".to_vec())]);
         let (sql, params) = pages.page_sql(None);
         assert!(
             sql.ends_with(
-                " FROM `Shop`.`order``s` AS _sqn_r WHERE ((_sqn_r.`b` > ?) OR (_sqn_r.`b` = ? AND _sqn_r.`a` > ?)) \
+                " FROM `Shop`.`order``s` AS _sqn_r FORCE INDEX (`i``x`) \
+                 WHERE ((_sqn_r.`b` > ?) OR (_sqn_r.`b` = ? AND _sqn_r.`a` > ?)) \
                  ORDER BY _sqn_r.`b`, _sqn_r.`a` LIMIT 500"
             ),
             "{sql}"
@@ -450,8 +862,26 @@ mod tests {
     }
 
     #[test]
-    fn without_a_primary_key_pages_end_on_a_key_boundary() {
-        let mut pages = Pages::new(&channel(&["k"]), &types(), &[], 100);
+    fn decimal_values_are_compared_as_decimals() {
+        let order = Order::indexed("PRIMARY", strings(&["d", "id"]), true);
+        let decimals: BTreeMap<String, (u32, u32)> = [("d".to_string(), (30, 20))].into();
+        let mut pages = Pages::new(&channel(&["d", "id"]), &types(), &order, &decimals, 10);
+        pages.after = Some(vec![Value::Bytes(b"-1.10".to_vec()), Value::Int(3)]);
+        let (sql, params) = pages.page_sql(None);
+        assert!(
+            sql.contains(
+                " WHERE ((_sqn_r.`d` > CAST(? AS DECIMAL(30, 20))) OR \
+                 (_sqn_r.`d` = CAST(? AS DECIMAL(30, 20)) AND _sqn_r.`id` > ?)) "
+            ),
+            "{sql}"
+        );
+        assert_eq!(params.len(), 3);
+    }
+
+    #[test]
+    fn without_a_unique_order_pages_end_on_a_key_boundary() {
+        let order = choose_order(&strings(&["k"]), &[], &[]);
+        let mut pages = Pages::new(&channel(&["k"]), &types(), &order, &BTreeMap::new(), 100);
         assert!(!pages.unique);
         let (sql, params) = pages.boundary_sql();
         assert_eq!(
@@ -463,12 +893,136 @@ mod tests {
         let (sql, params) = pages.page_sql(Some(&[Value::Int(5)]));
         assert!(
             sql.ends_with(
-                " WHERE ((_sqn_r.`k` IS NOT NULL)) AND NOT ((COALESCE((_sqn_r.`k` > ?), FALSE))) \
-                 ORDER BY _sqn_r.`k`"
+                " WHERE ((_sqn_r.`k` IS NOT NULL)) AND (((_sqn_r.`k` < ? OR _sqn_r.`k` IS NULL)) \
+                 OR (_sqn_r.`k` = ?)) ORDER BY _sqn_r.`k`"
             ),
             "{sql}"
         );
-        assert_eq!(params, [Value::Int(5)]);
+        assert_eq!(params, [Value::Int(5), Value::Int(5)]);
+        // up to a NULL key: the NULLs only
+        pages.after = None;
+        let (sql, _) = pages.page_sql(Some(&[Value::NULL]));
+        assert!(
+            sql.ends_with(" WHERE ((_sqn_r.`k` IS NULL)) ORDER BY _sqn_r.`k`"),
+            "{sql}"
+        );
+    }
+
+    /// `compare` against a reference: the lexicographic order with NULL first, where SQL's
+    /// unknown is false — over every pair of 2-column values from {NULL, 1, 2}.
+    #[test]
+    fn comparisons_select_exactly_the_rows_after_or_up_to() {
+        let domain = [None, Some(1), Some(2)];
+        let mut all = Vec::new();
+        for a in domain {
+            for b in domain {
+                all.push([a, b]);
+            }
+        }
+        let columns = [("a", "?"), ("b", "?")];
+        let value = |v: Option<i64>| v.map_or(Value::NULL, Value::Int);
+        for bound in &all {
+            let values: Vec<Value> = bound.iter().map(|v| value(*v)).collect();
+            for side in [Side::After, Side::UpTo] {
+                let (sql, params) = compare(&columns, &values, side);
+                for row in &all {
+                    let expected = match side {
+                        Side::After => row > bound,
+                        Side::UpTo => row <= bound,
+                    };
+                    assert_eq!(
+                        eval(&sql, &params, row),
+                        expected,
+                        "{sql} on {row:?} (bound {bound:?})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Evaluates the conditions `compare` writes on a row of columns `a` and `b` (SQL's
+    /// three-valued logic, unknown as `None`).
+    fn eval(sql: &str, params: &[Value], row: &[Option<i64>; 2]) -> bool {
+        let mut params = params.iter().map(|p| match p {
+            Value::Int(i) => *i,
+            other => panic!("{other:?}"),
+        });
+        // (alternatives of conjunctions of terms; a term may be a parenthesised `x OR y`)
+        let column = |name: &str| if name == "a" { row[0] } else { row[1] };
+        let term = |t: &str, params: &mut dyn Iterator<Item = i64>| -> Option<bool> {
+            let parts: Vec<&str> = t.split(' ').collect();
+            let c = column(parts[0]);
+            match &parts[1..] {
+                ["IS", "NULL"] => Some(c.is_none()),
+                ["IS", "NOT", "NULL"] => Some(c.is_some()),
+                [op, "?"] => {
+                    let p = params.next().expect("a parameter");
+                    c.map(|c| match *op {
+                        ">" => c > p,
+                        "<" => c < p,
+                        "=" => c == p,
+                        other => panic!("{other}"),
+                    })
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let or3 = |x: Option<bool>, y: Option<bool>| match (x, y) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (Some(false), Some(false)) => Some(false),
+            _ => None,
+        };
+        let and3 = |x: Option<bool>, y: Option<bool>| match (x, y) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        };
+        if sql == "FALSE" {
+            return false;
+        }
+        let body = &sql[1..sql.len() - 1];
+        let mut result = Some(false);
+        let pieces: Vec<&str> = body.split(") OR (").collect();
+        for (i, mut alternative) in pieces.iter().copied().enumerate() {
+            // (the split took the parentheses between alternatives; these are the outer ones)
+            if i == 0 {
+                alternative = alternative.strip_prefix('(').expect("(");
+            }
+            if i == pieces.len() - 1 {
+                alternative = alternative.strip_suffix(')').expect(")");
+            }
+            let mut all = Some(true);
+            for t in alternative.split(" AND ") {
+                let value = if let Some(inner) = t.strip_prefix('(') {
+                    let mut halves = inner.split(" OR ");
+                    let x = term(halves.next().unwrap(), &mut params);
+                    let y = term(halves.next().unwrap().trim_end_matches(')'), &mut params);
+                    or3(x, y)
+                } else {
+                    term(t, &mut params)
+                };
+                all = and3(all, value);
+            }
+            result = or3(result, all);
+        }
+        assert!(params.next().is_none(), "every parameter used: {sql}");
+        result == Some(true)
+    }
+
+    #[test]
+    fn traced_queries_carry_their_parameters_as_literals() {
+        assert_eq!(
+            inline(
+                "SELECT 'a?', `b?``?` FROM t WHERE x > ? AND y = ? AND z = ? AND w = ?",
+                &[
+                    Value::Int(-3),
+                    Value::Bytes(b"it's".to_vec()),
+                    Value::Bytes(vec![0xff, 0]),
+                    Value::NULL
+                ]
+            ),
+            "SELECT 'a?', `b?``?` FROM t WHERE x > -3 AND y = 'it''s' AND z = X'FF00' AND w = NULL"
+        );
     }
 
     #[test]

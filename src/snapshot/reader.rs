@@ -12,8 +12,8 @@ pub(crate) trait SnapshotReader: Send {
     fn fence(&self) -> &Fence;
     /// How many rows the read holds (counted in the same read).
     fn total(&self) -> u64;
-    /// The next rows in key order, each as the JSON text a trigger of the channel would write
-    /// for it (its key and carried columns); empty once every row was read, which also ends
-    /// the read.
+    /// The next rows in one order for the whole read (the key's, or on MySQL an index's), each
+    /// as the JSON text a trigger of the channel would write for it (its key and carried
+    /// columns); empty once every row was read, which also ends the read.
     fn next_chunk(&mut self) -> BoxFuture<'_, Result<Vec<String>>>;
 }
