@@ -154,6 +154,7 @@ mod overflow;
 mod payload;
 mod pipeline;
 mod read_point;
+mod read_set;
 mod redact;
 mod registry;
 #[cfg(feature = "nats")]
@@ -207,6 +208,7 @@ pub use crate::payload::NOTIFY_PAYLOAD_LIMIT;
 #[cfg(feature = "postgres")]
 pub use crate::postgres::effects::Transaction;
 pub use crate::read_point::{ReadPoint, ReadSnapshots};
+pub use crate::read_set::{CursorPage, ReadSet};
 pub use crate::registry::{Registry, Subscribe, Unsubscribe};
 pub use crate::snapshot::{Snapshot, SnapshotFeed, SnapshotProgress, DEFAULT_CHUNK_ROWS};
 pub use crate::stats::{Role, Stats};

@@ -37,19 +37,45 @@ impl ReadSnapshots {
     }
 }
 
-/// Where a journal row stands in the read that delivered it: that read's snapshots (shared by
-/// its rows) and the last journal id of the row's transaction (its place in the read).
+/// Where a journal row stands in the read that delivered it — on PostgreSQL that read's
+/// snapshots (shared by its rows) and the last journal id of the row's transaction (its place
+/// in the read); on MySQL / MariaDB the batch the cursor handed it over in and its place there
+/// (`src/read_set.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadPoint {
-    pub(crate) read: Arc<ReadSnapshots>,
-    pub(crate) group: i64,
+    pub(crate) at: PointAt,
+}
+
+/// The kinds of [`ReadPoint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PointAt {
+    /// A PostgreSQL journal read.
+    Snapshots {
+        read: Arc<ReadSnapshots>,
+        group: i64,
+    },
+    /// A batch of a gap-aware cursor (MySQL / MariaDB): the row is its `index`-th.
+    Cursor {
+        page: Arc<crate::read_set::CursorPage>,
+        index: usize,
+    },
 }
 
 impl ReadPoint {
     /// The point of a row whose transaction's last journal id is `group`, in read `read`.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn new(read: Arc<ReadSnapshots>, group: i64) -> Self {
-        ReadPoint { read, group }
+        ReadPoint {
+            at: PointAt::Snapshots { read, group },
+        }
+    }
+
+    /// The point of the `index`-th row of a cursor's batch.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+    pub(crate) fn in_page(page: Arc<crate::read_set::CursorPage>, index: usize) -> Self {
+        ReadPoint {
+            at: PointAt::Cursor { page, index },
+        }
     }
 }
 

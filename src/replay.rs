@@ -3,6 +3,7 @@
 //! ([`Replay`]).
 
 use crate::event::RawNotification;
+use crate::read_set::ReadSet;
 use crate::snapshot::fence::Fence;
 
 /// Where a client's replay of the journal stands.
@@ -22,6 +23,10 @@ pub(crate) enum ReplayFrom {
         id: i64,
         page: Option<ReadPage>,
     },
+    /// After a row of a journal read by a gap-aware cursor (MySQL / MariaDB, see
+    /// `src/read_set.rs`): the ids the client had (`read`, grown by the replay's pages) and
+    /// where the next page starts (`pos`: the last id the replay read).
+    Cursor { read: ReadSet, pos: Option<i64> },
 }
 
 /// How far a PostgreSQL replay got: the snapshot its first page was read in (every page reads

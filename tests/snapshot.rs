@@ -49,7 +49,8 @@ async fn stall(notifier: &Notifier) -> crossbeam_channel::Receiver<sqlnotify::Ch
         .subscribe_channel(sqlnotify::Subscription::new("t", Operation::Update).buffer(1))
         .await
         .unwrap();
-    let full = common::wait_until(Duration::from_secs(60), || async {
+    // Bounded generously: the writers of a loaded machine's MySQL may take a while.
+    let full = common::wait_until(Duration::from_secs(180), || async {
         let s = notifier.stats().await.unwrap();
         s.in_flight + s.queued >= 1_000
     })

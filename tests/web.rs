@@ -3,7 +3,8 @@
 //! client that never reads, a bare TCP socket). Events arrive framed; a grant cannot be
 //! widened by query parameters; heartbeats arrive; slow clients are contained; a client that
 //! resumes with `Last-Event-ID` gets every event after it once, or an explicit `reset` — on
-//! SQLite and on PostgreSQL's durable and poll tiers, with writers interleaving transactions
+//! SQLite, on PostgreSQL's durable and poll tiers and on MySQL / MariaDB, with writers
+//! interleaving transactions
 //! while the client drops and resumes again and again; and `Sse::shutdown` lets the server stop
 //! gracefully at once.
 
@@ -777,6 +778,88 @@ impl Rng {
     }
 }
 
+/// User 1's client reads a few events, drops the connection and resumes with its
+/// `Last-Event-ID`, again and again (`first` is its first connection, live from before the
+/// writes), until the `writers` are done and it got as many events as `committed` holds.
+/// Returns the orders it got, in order, and how many connections it took.
+async fn resume_while_writing(
+    url: &str,
+    mut first: Option<Client>,
+    writers: &[tokio::task::JoinHandle<()>],
+    committed: &std::sync::Mutex<std::collections::BTreeSet<i64>>,
+) -> (Vec<i64>, usize) {
+    let mut rng = Rng(42);
+    let (mut received, mut last, mut connections) = (Vec::new(), None::<String>, 0);
+    let committed_count = || committed.lock().unwrap().len();
+    loop {
+        // Something to read: a commit not received yet (or the writers are done).
+        let writing = || writers.iter().any(|w| !w.is_finished());
+        assert!(
+            wait_until(ARRIVES_WITHIN, || async {
+                committed_count() > received.len() || !writing()
+            })
+            .await
+        );
+        let done = !writing();
+        let mut headers = vec![("x-user", "1")];
+        if let Some(last) = &last {
+            headers.push(("Last-Event-ID", last.as_str()));
+        }
+        let mut client = match first.take() {
+            Some(client) => client,
+            None => connect(url, &headers).await.unwrap(),
+        };
+        connections += 1;
+        // A few events, then the connection drops; once the writers are done, everything.
+        let take = if done {
+            usize::MAX
+        } else {
+            1 + rng.below(25) as usize
+        };
+        for _ in 0..take {
+            // Only what has surely committed is waited for.
+            if received.len() >= committed_count() {
+                break;
+            }
+            let Ok(frame) = tokio::time::timeout(ARRIVES_WITHIN, async {
+                loop {
+                    match client.next_frame().await {
+                        Some(f) if f.event.is_some() || f.data.is_some() => return Some(f),
+                        Some(_) => {}
+                        // Ended by the server (a replay that lost its connection): resume.
+                        None => return None,
+                    }
+                }
+            })
+            .await
+            else {
+                let got: std::collections::BTreeSet<i64> = received.iter().copied().collect();
+                let missing: Vec<i64> = committed
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|id| !got.contains(id))
+                    .copied()
+                    .collect();
+                panic!(
+                    "no event within {ARRIVES_WITHIN:?} after {} received over {connections} \
+                     connections (last {last:?}); missing {missing:?}",
+                    received.len()
+                );
+            };
+            let Some(frame) = frame else { break };
+            assert_eq!(frame.event.as_deref(), Some("orders/insert"), "{frame:?}");
+            received.push(frame.row());
+            last = Some(frame.id.expect("a journal event has a position"));
+        }
+        drop(client);
+        if done && received.len() >= committed_count() {
+            break;
+        }
+    }
+    (received, connections)
+}
+
 /// Four writers commit overlapping transactions of 1–3 orders (of user 1 or 2; one in five
 /// rolled back) while user 1's client reads a few events, drops the connection and resumes
 /// with its `Last-Event-ID`, again and again: it gets every order of user 1 that committed,
@@ -856,75 +939,8 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
             kills
         })
     };
-    let mut rng = Rng(42);
-    let (mut received, mut last, mut connections) = (Vec::new(), None::<String>, 0);
-    let committed_count = || committed.lock().unwrap().len();
-    loop {
-        // Something to read: a commit not received yet (or the writers are done).
-        let writing = || writers.iter().any(|w| !w.is_finished());
-        assert!(
-            wait_until(ARRIVES_WITHIN, || async {
-                committed_count() > received.len() || !writing()
-            })
-            .await
-        );
-        let done = !writing();
-        let mut headers = vec![("x-user", "1")];
-        if let Some(last) = &last {
-            headers.push(("Last-Event-ID", last.as_str()));
-        }
-        let mut client = match first.take() {
-            Some(client) => client,
-            None => connect(&url, &headers).await.unwrap(),
-        };
-        connections += 1;
-        // A few events, then the connection drops; once the writers are done, everything.
-        let take = if done {
-            usize::MAX
-        } else {
-            1 + rng.below(25) as usize
-        };
-        for _ in 0..take {
-            // Only what has surely committed is waited for.
-            if received.len() >= committed_count() {
-                break;
-            }
-            let Ok(frame) = tokio::time::timeout(ARRIVES_WITHIN, async {
-                loop {
-                    match client.next_frame().await {
-                        Some(f) if f.event.is_some() || f.data.is_some() => return Some(f),
-                        Some(_) => {}
-                        // Ended by the server (a replay that lost its connection): resume.
-                        None => return None,
-                    }
-                }
-            })
-            .await
-            else {
-                let got: std::collections::BTreeSet<i64> = received.iter().copied().collect();
-                let missing: Vec<i64> = committed
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|id| !got.contains(id))
-                    .copied()
-                    .collect();
-                panic!(
-                    "no event within {ARRIVES_WITHIN:?} after {} received over {connections} \
-                     connections (last {last:?}); missing {missing:?}",
-                    received.len()
-                );
-            };
-            let Some(frame) = frame else { break };
-            assert_eq!(frame.event.as_deref(), Some("orders/insert"), "{frame:?}");
-            received.push(frame.row());
-            last = Some(frame.id.expect("a journal event has a position"));
-        }
-        drop(client);
-        if done && received.len() >= committed_count() {
-            break;
-        }
-    }
+    let (received, connections) =
+        resume_while_writing(&url, first.take(), &writers, &committed).await;
     for w in writers {
         w.await.unwrap();
     }
@@ -960,6 +976,218 @@ async fn on_postgresql_durable_a_client_that_resumes_again_and_again_gets_every_
 #[actix_rt::test]
 async fn on_postgresql_poll_a_client_that_resumes_again_and_again_gets_every_committed_row_once() {
     postgres_resume_under_writes(sqlnotify::Tier::Poll).await;
+}
+
+/// A MySQL notifier watching `orders` inserts (built further by `notifier`), and the endpoint
+/// on it.
+#[cfg(feature = "mysql")]
+async fn serve_mysql(
+    db: &common::mysql::TestDb,
+    notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
+) -> (
+    Notifier,
+    Sse,
+    String,
+    ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    db.exec(
+        "CREATE TABLE orders (id INT PRIMARY KEY, owner_id INT NOT NULL, \
+         status VARCHAR(20) NOT NULL, note TEXT, secret TEXT)",
+    )
+    .await;
+    let notifier = notifier(
+        Notifier::builder(&db.url)
+            .watch(Watch::new("orders", Operation::Insert).extra_columns(["owner_id", "status"])),
+    )
+    .start()
+    .await
+    .unwrap();
+    let sse = Sse::builder(notifier.clone(), grant_own_orders)
+        .heartbeat(Duration::from_millis(200))
+        .build();
+    let (url, handle, server) = listen(&sse);
+    (notifier, sse, url, handle, server)
+}
+
+/// MySQL / MariaDB (`transaction_ids`: with the journal recording transactions): four writers
+/// commit overlapping transactions of 1–3 orders (some held open while others commit, one in
+/// five rolled back: journal ids are not in commit order, and rolled-back ids leave gaps)
+/// while user 1's client drops and resumes again and again and the notifier's connections are
+/// killed now and then: it gets every order of user 1 that committed, once, and never a reset.
+#[cfg(feature = "mysql")]
+async fn mysql_resume_under_writes(transaction_ids: bool) {
+    use mysql_async::prelude::*;
+    let db = common::mysql::TestDb::new().await;
+    // Rolled-back ids stay open gaps for the gap timeout, and a position spells out at most 64
+    // gaps (beyond that a resume may send some rows again, README "Resume"): the writers are
+    // paced (4 × 40 transactions a second, one in five rolled back) and the timeout is 1 s.
+    let (notifier, sse, url, handle, server) = serve_mysql(&db, |n| {
+        n.gap_timeout(Duration::from_secs(1))
+            .mysql_transaction_ids(transaction_ids)
+    })
+    .await;
+    let first = Some(connect(&url, &[("x-user", "1")]).await.unwrap());
+    assert!(wait_until(ARRIVES_WITHIN, || async { sse.clients() == 1 }).await);
+    let next_id = Arc::new(std::sync::atomic::AtomicI64::new(1));
+    let committed = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let mut writers = Vec::new();
+    let mut writer_ids = Vec::new();
+    for w in 0..4u64 {
+        let (mut conn, next_id, committed) = (db.conn().await, next_id.clone(), committed.clone());
+        let id: Option<u64> = conn.query_first("SELECT CONNECTION_ID()").await.unwrap();
+        writer_ids.push(id.unwrap().to_string());
+        writers.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w + 1));
+            let mut pace = tokio::time::interval(Duration::from_millis(25));
+            for _ in 0..150 {
+                pace.tick().await;
+                let mut mine = Vec::new();
+                conn.query_drop("BEGIN").await.unwrap();
+                for _ in 0..=rng.below(3) {
+                    let id = next_id.fetch_add(1, Ordering::SeqCst);
+                    let owner = 1 + rng.below(2) as i64;
+                    conn.exec_drop(
+                        "INSERT INTO orders (id, owner_id, status) VALUES (?, ?, 'new')",
+                        (id, owner),
+                    )
+                    .await
+                    .unwrap();
+                    if owner == 1 {
+                        mine.push(id);
+                    }
+                    tokio::task::yield_now().await;
+                }
+                if rng.below(4) == 0 {
+                    // Held open while others commit after taking higher ids.
+                    conn.query_drop("DO SLEEP(0.01)").await.unwrap();
+                }
+                if rng.below(5) == 0 {
+                    conn.query_drop("ROLLBACK").await.unwrap();
+                } else {
+                    conn.query_drop("COMMIT").await.unwrap();
+                    committed.lock().unwrap().extend(mine);
+                }
+            }
+        }));
+    }
+    // Meanwhile the notifier's own connections (the listener's, and the one replays read on)
+    // are killed again and again.
+    let killer = {
+        let mut admin = db.conn().await;
+        let (db_name, spared) = (db.name.clone(), writer_ids.join(", "));
+        tokio::spawn(async move {
+            let mut kills = 0;
+            let mut every = tokio::time::interval(Duration::from_millis(150));
+            for _ in 0..100 {
+                if kills == 8 {
+                    break;
+                }
+                every.tick().await;
+                let ids: Vec<u64> = admin
+                    .exec(
+                        format!(
+                            "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ? \
+                             AND ID <> CONNECTION_ID() AND ID NOT IN ({spared})"
+                        ),
+                        (&db_name,),
+                    )
+                    .await
+                    .unwrap();
+                for id in &ids {
+                    // It may have gone meanwhile.
+                    let _ = admin.query_drop(format!("KILL {id}")).await;
+                }
+                kills += usize::from(!ids.is_empty());
+            }
+            kills
+        })
+    };
+    let (received, connections) = resume_while_writing(&url, first, &writers, &committed).await;
+    for w in writers {
+        w.await.unwrap();
+    }
+    let kills = killer.await.unwrap();
+    assert!(kills > 0, "the notifier's connections were never killed");
+    let committed: Vec<i64> = committed.lock().unwrap().iter().copied().collect();
+    let mut sorted = received.clone();
+    sorted.sort_unstable();
+    let duplicates: Vec<_> = sorted.windows(2).filter(|w| w[0] == w[1]).collect();
+    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
+    assert_eq!(sorted, committed, "every committed order of user 1, once");
+    let stats = sse.stats();
+    assert_eq!(stats.resets, 0, "{stats:?}");
+    assert!(stats.replayed > 0, "{stats:?}");
+    eprintln!(
+        "MySQL (transaction ids {transaction_ids}): {} orders over {connections} connections, \
+         {} from the journal, connections killed {kills} times",
+        received.len(),
+        stats.replayed
+    );
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn on_mysql_a_client_that_resumes_again_and_again_gets_every_committed_row_once() {
+    mysql_resume_under_writes(false).await;
+}
+
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn on_mariadb_with_transaction_ids_a_client_that_resumes_gets_every_committed_row_once() {
+    mysql_resume_under_writes(true).await;
+}
+
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn on_mysql_a_position_past_retention_or_of_another_journal_gets_a_reset() {
+    let db = common::mysql::TestDb::new().await;
+    let (notifier, sse, url, handle, server) = serve_mysql(&db, |n| {
+        n.retention(Duration::from_millis(1))
+            .purge_interval(Duration::from_millis(20))
+    })
+    .await;
+    let insert =
+        |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    db.exec(&insert(1)).await;
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    let last = first.id.expect("a MySQL event has a position");
+    assert_eq!(last, "1@1:1:", "row 1, and every id up to it read");
+    drop(client);
+    db.exec(&insert(2)).await;
+    db.exec(&insert(3)).await;
+    // Retention removes row 2, which the client lacks (the purge keeps the newest row).
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            db.count("SELECT COUNT(*) FROM sqlnotify_journal").await == 1
+        })
+        .await
+    );
+    for position in [last.as_str(), "1", "1@1@1:1:@1:1:"] {
+        let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", position)])
+            .await
+            .unwrap();
+        let reset = client.next_event().await;
+        assert_eq!(
+            reset.event.as_deref(),
+            Some("reset"),
+            "{position}: {reset:?}"
+        );
+        let id = 10 + sse.stats().resets as i64;
+        db.exec(&insert(id)).await;
+        assert_eq!(client.next_event().await.row(), id, "{position}");
+    }
+    assert_eq!(sse.stats().resets, 3);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
 }
 
 #[actix_rt::test]

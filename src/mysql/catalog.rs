@@ -360,6 +360,7 @@ pub(crate) async fn install(
             ddl::JOURNAL,
             ddl::CONSUMERS,
             ddl::DEAD_LETTERS,
+            ddl::TRIMMED,
         ]) {
             ddl_statement(
                 conn,

@@ -19,7 +19,7 @@ use mysql_async::prelude::*;
 use mysql_async::Conn;
 
 use super::catalog::db_err;
-use super::ddl::{qualified, CONSUMERS, JOURNAL};
+use super::ddl::{qualified, CONSUMERS, JOURNAL, TRIMMED};
 use super::journal::{Above, Position};
 use crate::consumer::{
     add_missed, missed_channels, stored_channels, unix_time, Backlog, ConsumerInfo, ConsumerParams,
@@ -482,12 +482,23 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
             .into_iter()
             .map(|(id, channel)| (id, String::from_utf8_lossy(&channel).into_owned()))
             .collect();
-        if !deleted.is_empty() {
+        if let Some(upto) = deleted.iter().map(|(id, _)| *id).max() {
             let ids: Vec<String> = deleted.iter().map(|(id, _)| id.to_string()).collect();
             tx.query_drop(format!(
                 "DELETE FROM {journal} WHERE `id` IN ({})",
                 ids.join(", ")
             ))
+            .await
+            .map_err(db_err(context))?;
+            // For clients that resume a stream (`replay.rs`): what they lacked may be gone.
+            tx.exec_drop(
+                format!(
+                    "INSERT INTO {} (`id`, `upto`) VALUES (1, ?) \
+                     ON DUPLICATE KEY UPDATE `upto` = GREATEST(`upto`, VALUES(`upto`))",
+                    qualified(database, TRIMMED)
+                ),
+                (upto,),
+            )
             .await
             .map_err(db_err(context))?;
         }

@@ -51,6 +51,9 @@ pub(crate) const CATALOG: &str = "sqlnotify_catalog";
 pub(crate) const CONSUMERS: &str = "sqlnotify_consumers";
 /// The dead-letter table's name (see `dead_letters.rs`).
 pub(crate) const DEAD_LETTERS: &str = "sqlnotify_dead_letters";
+/// The one-row table where the purge records the highest journal id it deleted: a client that
+/// resumes from before it may lack rows that are gone (see `replay.rs`).
+pub(crate) const TRIMMED: &str = "sqlnotify_trimmed";
 /// The `sql_mode` triggers are created (and so run) under: none of the strict modes, so a
 /// payload over `max_allowed_packet` becomes NULL (and a key-only event) instead of failing
 /// the user's write. See the module documentation.
@@ -231,6 +234,14 @@ pub(crate) fn setup_statements(database: &str) -> Vec<String> {
             qualified(database, CONSUMERS)
         ),
         super::dead_letters::create_table_sql(database),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+    `id` TINYINT NOT NULL,
+    `upto` BIGINT NOT NULL,
+    PRIMARY KEY (`id`)
+) ENGINE=InnoDB",
+            qualified(database, TRIMMED)
+        ),
     ]
 }
 
@@ -489,11 +500,13 @@ pub(crate) fn grant_sql(
          GRANT SELECT ON {} TO {to};\n\
          GRANT SELECT, INSERT, DELETE ON {} TO {to};\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n\
-         GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n",
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n\
+         GRANT SELECT, INSERT, UPDATE ON {} TO {to};\n",
         qualified(database, CATALOG),
         qualified(database, JOURNAL),
         qualified(database, CONSUMERS),
         qualified(database, DEAD_LETTERS),
+        qualified(database, TRIMMED),
     ))
 }
 

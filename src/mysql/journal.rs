@@ -59,6 +59,7 @@ use mysql_async::Conn;
 use super::catalog::db_err;
 use super::ddl::{qualified, JOURNAL, JOURNAL_TX, TRANSACTION_REGISTRY};
 use crate::error::{Error, Result};
+use crate::read_set::ReadSet;
 
 /// Most gap ranges spelled out in one read; the rest are read as one range (and deduped).
 const MAX_RANGES: usize = 64;
@@ -168,6 +169,12 @@ impl Cursor {
         }
     }
 
+    /// The ids read, as a [`ReadSet`] (what an SSE client that had every event so far has).
+    pub fn read_set(&self) -> ReadSet {
+        ReadSet::from_parts(self.low, self.high, self.gaps())
+            .expect("a cursor's gaps lie between its watermark and its highest id")
+    }
+
     /// The low watermark.
     pub fn low(&self) -> i64 {
         self.low
@@ -203,24 +210,7 @@ impl Cursor {
     /// A SQL condition on `id` matching every row not read yet: the gaps and everything above
     /// `high`. Integers only, so it is safe to splice into SQL.
     pub fn unread_condition(&self) -> String {
-        let mut gaps = self.gaps();
-        if gaps.len() > MAX_RANGES {
-            let start = gaps[MAX_RANGES - 1].0;
-            gaps.truncate(MAX_RANGES - 1);
-            gaps.push((start, self.high));
-        }
-        let mut parts: Vec<String> = gaps
-            .iter()
-            .map(|(a, b)| {
-                if a == b {
-                    format!("`id` = {a}")
-                } else {
-                    format!("`id` BETWEEN {a} AND {b}")
-                }
-            })
-            .collect();
-        parts.push(format!("`id` > {}", self.high));
-        parts.join(" OR ")
+        unread_sql(&self.gaps(), self.high)
     }
 
     /// Gaps at ids up to `upto` were (or could have been) first noticed at `when`: a cursor
@@ -288,6 +278,30 @@ impl Cursor {
         }
         self.low != start
     }
+}
+
+/// A SQL condition on `id` matching the ids in `gaps` (inclusive ranges, ascending) and above
+/// `high`; beyond [`MAX_RANGES`] gaps the rest are one range up to `high` (a reader skips what
+/// it has read there). Integers only, so it is safe to splice into SQL.
+pub(crate) fn unread_sql(gaps: &[(i64, i64)], high: i64) -> String {
+    let mut gaps = gaps.to_vec();
+    if gaps.len() > MAX_RANGES {
+        let start = gaps[MAX_RANGES - 1].0;
+        gaps.truncate(MAX_RANGES - 1);
+        gaps.push((start, high));
+    }
+    let mut parts: Vec<String> = gaps
+        .iter()
+        .map(|(a, b)| {
+            if a == b {
+                format!("`id` = {a}")
+            } else {
+                format!("`id` BETWEEN {a} AND {b}")
+            }
+        })
+        .collect();
+    parts.push(format!("`id` > {high}"));
+    parts.join(" OR ")
 }
 
 /// One journal row: id, channel, payload.

@@ -28,6 +28,8 @@ use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::listener::{FinalSave, Outlet, Pace, Source, Wake};
+use crate::read_point::ReadPoint;
+use crate::read_set::CursorPage;
 
 /// Rows read per query.
 const READ_BATCH: usize = 1_000;
@@ -208,11 +210,27 @@ impl MysqlSource {
             }
         }
         let mut forwarded = 0;
-        let mut ordered = journal::in_transactions(ours, &cut).into_iter().peekable();
+        let ordered = journal::in_transactions(ours, &cut);
+        // The set read after each row: the cursor's now plus the rows up to it, in this order
+        // — after the other channels' rows of this read, which no subscriber lacks.
+        let page = CursorPage::new(
+            self.cursor().read_set(),
+            others
+                .iter()
+                .copied()
+                .chain(ordered.iter().map(|(row, _)| row.id))
+                .collect(),
+        );
+        let skip = others.len();
+        let mut ordered = ordered
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| (i + skip, row))
+            .peekable();
         while ordered.peek().is_some() {
             let mut batch = Vec::new();
             let mut ids = Vec::new();
-            for (row, last) in ordered.by_ref().take(READ_BATCH) {
+            for (index, (row, last)) in ordered.by_ref().take(READ_BATCH) {
                 ids.push(row.id);
                 batch.push(RawNotification {
                     channel: row.channel,
@@ -222,7 +240,7 @@ impl MysqlSource {
                     events: 1,
                     transaction: row.tx,
                     last_in_transaction: last,
-                    read_point: None,
+                    read_point: Some(ReadPoint::in_page(page.clone(), index)),
                 });
             }
             // Rows count as read only once handed over.
@@ -370,13 +388,16 @@ impl Source for MysqlSource {
                 pos = *last;
             }
             let now = SystemTime::now();
+            let rows: Vec<(i64, String, String)> = rows
+                .into_iter()
+                .filter(|(id, ..)| self.cursor().is_new(*id))
+                .collect();
+            let ids: Vec<i64> = rows.iter().map(|(id, ..)| *id).collect();
+            // Rows go out in id order: the set read after each is the cursor's plus the page's
+            // ids up to it.
+            let page = CursorPage::new(self.cursor().read_set(), ids.clone());
             let mut batch = Vec::new();
-            let mut ids = Vec::new();
-            for (id, channel, payload) in rows {
-                if !self.cursor().is_new(id) {
-                    continue;
-                }
-                ids.push(id);
+            for (index, (id, channel, payload)) in rows.into_iter().enumerate() {
                 if self.channels.contains(&channel) {
                     batch.push(RawNotification {
                         channel,
@@ -386,7 +407,7 @@ impl Source for MysqlSource {
                         events: 1,
                         transaction: None,
                         last_in_transaction: None,
-                        read_point: None,
+                        read_point: Some(ReadPoint::in_page(page.clone(), index)),
                     });
                 }
             }

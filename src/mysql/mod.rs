@@ -17,9 +17,10 @@
 //! Triggers are created under a non-strict `sql_mode` so a row too large for a payload never
 //! fails the user's write (see `ddl.rs`).
 //!
-//! What sqlnotify creates: four tables in the URL's database — `sqlnotify_catalog`,
+//! What sqlnotify creates: five tables in the URL's database — `sqlnotify_catalog`,
 //! `sqlnotify_journal`, `sqlnotify_consumers` (registered consumers, see `consumers.rs`),
-//! `sqlnotify_dead_letters` (see `dead_letters.rs`) — and one trigger per watch, named after its channel, in the watched table's database. Triggers name the journal with its database, so
+//! `sqlnotify_dead_letters` (see `dead_letters.rs`), `sqlnotify_trimmed` (how far the purge
+//! went, for streams that resume, see `replay.rs`) — and one trigger per watch, named after its channel, in the watched table's database. Triggers name the journal with its database, so
 //! tables of other databases on the same server can be watched too
 //! (`Watch::new("otherdb.table", …)`). Triggers do not fire for changes made by foreign-key
 //! cascades (a MySQL limitation).
@@ -39,6 +40,7 @@ mod ddl;
 mod dead_letters;
 mod journal;
 mod listener;
+mod replay;
 mod snapshot;
 
 use std::sync::Arc;
@@ -157,8 +159,8 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 const PING_LIMIT: Duration = Duration::from_secs(5);
 
 impl Control {
-    /// Runs `f` on the connection. A failed call drops the connection (the next call opens a
-    /// new one), so a broken connection is never reused.
+    /// Runs `f` on the connection. A failed or abandoned call drops the connection (the next
+    /// call opens a new one), so a broken connection is never reused.
     fn run<T, F>(self: &Arc<Self>, f: F) -> BoxFuture<'static, Result<T>>
     where
         T: Send + 'static,
@@ -184,13 +186,15 @@ impl Control {
                     .map_err(|e| Error::db("connecting to MySQL", e))?;
                 *slot = Some((conn, Instant::now()));
             }
-            let (conn, used) = slot.as_mut().expect("just connected");
-            let result = f(conn).await;
-            *used = Instant::now();
+            // Out of the slot while in use: should this future be dropped part way (a
+            // client that resumes a stream and goes), the connection, its reply half read,
+            // goes with it instead of handing that reply to the next statement.
+            let (mut conn, _) = slot.take().expect("just connected");
+            let result = f(&mut conn).await;
             if matches!(result, Err(Error::Database { .. })) {
-                if let Some((conn, _)) = slot.take() {
-                    let _ = conn.disconnect().await;
-                }
+                let _ = conn.disconnect().await;
+            } else {
+                *slot = Some((conn, Instant::now()));
             }
             result
         })
@@ -392,6 +396,26 @@ impl Dialect for Mysql {
 
     /// A consistent snapshot fenced by the journal ids it saw above the listener's watermark
     /// (see `snapshot.rs`).
+    fn replay(
+        &self,
+        from: crate::replay::ReplayFrom,
+        channels: Vec<String>,
+        _all: Vec<String>,
+        limit: i64,
+    ) -> BoxFuture<'static, Result<crate::replay::Replay>> {
+        let crate::replay::ReplayFrom::Cursor { read, pos } = from else {
+            // A position of another dialect's journal.
+            return Box::pin(async { Ok(crate::replay::Replay::TooOld) });
+        };
+        let (database, settled) = (self.database.clone(), self.settled.clone());
+        self.control.run(move |conn| {
+            Box::pin(async move {
+                let settled = settled.get();
+                replay::replay(conn, &database, read, pos, &channels, limit, settled).await
+            })
+        })
+    }
+
     fn open_snapshot(
         &self,
         channel: Arc<Channel>,

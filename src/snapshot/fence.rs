@@ -30,6 +30,9 @@ pub(crate) enum Fence {
     /// (sorted, no duplicates) — those its read saw. Why no row at or below `low` can arrive
     /// unreflected, and what bounds `visible`: `mysql/snapshot.rs`.
     Visible { low: i64, visible: Vec<i64> },
+    /// The same kind of journal, and the exact set of ids a client has: those it had when it
+    /// resumed, and those the journal replay for it sent (`src/read_set.rs`).
+    Set(crate::read_set::ReadSet),
 }
 
 impl Fence {
@@ -65,7 +68,7 @@ impl Fence {
                 let running: Vec<String> = running.iter().map(u64::to_string).collect();
                 Some(format!("{xmin}:{xmax}:{}", running.join(",")))
             }
-            Fence::Journal { .. } | Fence::Visible { .. } => None,
+            Fence::Journal { .. } | Fence::Visible { .. } | Fence::Set(_) => None,
         }
     }
 
@@ -98,6 +101,7 @@ impl Fence {
             Fence::Visible { low, visible } => event
                 .sequence()
                 .is_some_and(|s| s <= *low || visible.binary_search(&s).is_ok()),
+            Fence::Set(read) => event.sequence().is_some_and(|s| read.contains(s)),
         }
     }
 }

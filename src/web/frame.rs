@@ -8,7 +8,8 @@
 use std::fmt::Write;
 
 use crate::event::ChangeEvent;
-use crate::read_point::is_snapshot_text;
+use crate::read_point::{is_snapshot_text, PointAt};
+use crate::read_set::ReadSet;
 use crate::replay::ReplayFrom;
 
 /// Where an event stands in the journal: the `id:` of its frame, what a client sends back in
@@ -19,6 +20,10 @@ use crate::replay::ReplayFrom;
 /// * PostgreSQL's durable and poll tiers, whose journal ids are not in commit order: the same,
 ///   then the point of the read that delivered it (`src/read_point.rs`) — `"17.2@19@A@B"`:
 ///   the last journal id of its transaction, the snapshot of the read before and of its own.
+/// * MySQL / MariaDB, whose journal ids are not in commit order either: the row, then the set
+///   of journal ids the listener had handed over once it handed over this row
+///   (`src/read_set.rs`) — `"17@12:18:13,16-17"`: every id up to 12, and up to 18 all but 13,
+///   16 and 17.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Position {
     pub sequence: i64,
@@ -26,25 +31,39 @@ pub(crate) struct Position {
     pub read: Option<ReadAt>,
 }
 
-/// The read a PostgreSQL journal row was delivered in (see [`Position`]).
+/// The read a journal row was delivered in (see [`Position`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ReadAt {
-    pub group: i64,
-    pub before: String,
-    pub during: String,
+pub(crate) enum ReadAt {
+    /// PostgreSQL: the last journal id of the row's transaction and the read's snapshots.
+    Snapshots {
+        group: i64,
+        before: String,
+        during: String,
+    },
+    /// MySQL / MariaDB: the ids read once the row was handed over.
+    Cursor(ReadSet),
 }
 
 impl Position {
     /// The position of `event`; `None` without a journal (PostgreSQL's notify tier).
     pub fn of(event: &ChangeEvent) -> Option<Position> {
-        event.sequence().map(|sequence| Position {
+        let sequence = event.sequence()?;
+        let read = match event.read_point().map(|point| &point.at) {
+            None => None,
+            Some(PointAt::Snapshots { read, group }) => Some(ReadAt::Snapshots {
+                group: *group,
+                before: read.before.clone(),
+                during: read.during.clone(),
+            }),
+            // A batch always has the set after each of its rows.
+            Some(PointAt::Cursor { page, index }) => {
+                Some(ReadAt::Cursor(page.after(*index)?.clone()))
+            }
+        };
+        Some(Position {
             sequence,
             part: event.part(),
-            read: event.read_point().map(|point| ReadAt {
-                group: point.group,
-                before: point.read.before.clone(),
-                during: point.read.during.clone(),
-            }),
+            read,
         })
     }
 
@@ -55,13 +74,14 @@ impl Position {
         let row = fields.next()?;
         let read = match (fields.next(), fields.next(), fields.next(), fields.next()) {
             (None, ..) => None,
+            (Some(set), None, ..) => Some(ReadAt::Cursor(ReadSet::parse(set)?)),
             (Some(group), Some(before), Some(during), None)
                 if !group.is_empty()
                     && group.bytes().all(|b| b.is_ascii_digit())
                     && is_snapshot_text(before)
                     && is_snapshot_text(during) =>
             {
-                Some(ReadAt {
+                Some(ReadAt::Snapshots {
                     group: group.parse().ok()?,
                     before: before.to_string(),
                     during: during.to_string(),
@@ -83,14 +103,15 @@ impl Position {
 
     /// Whether `event` (read from the journal for a client resuming from this position) is
     /// one the client has: this position's row, up to this position's part — or, in a journal
-    /// in commit order, any row before it.
+    /// in commit order, any row before it; with a set of ids read, any row in it.
     pub fn has(&self, event: &ChangeEvent) -> bool {
         let (Some(sequence), part) = (event.sequence(), event.part()) else {
             return false;
         };
-        match self.read {
+        match &self.read {
             None => (sequence, part) <= (self.sequence, self.part),
-            Some(_) => sequence == self.sequence && part <= self.part,
+            Some(ReadAt::Snapshots { .. }) => sequence == self.sequence && part <= self.part,
+            Some(ReadAt::Cursor(set)) => set.contains(sequence),
         }
     }
 
@@ -111,12 +132,20 @@ impl Position {
                 },
                 cursor: self.sequence - 1,
             },
-            Some(read) => ReplayFrom::Read {
-                before: read.before.clone(),
-                during: read.during.clone(),
-                group: read.group,
+            Some(ReadAt::Snapshots {
+                group,
+                before,
+                during,
+            }) => ReplayFrom::Read {
+                before: before.clone(),
+                during: during.clone(),
+                group: *group,
                 id: self.sequence,
                 page: None,
+            },
+            Some(ReadAt::Cursor(set)) => ReplayFrom::Cursor {
+                read: set.clone(),
+                pos: None,
             },
         }
     }
@@ -128,8 +157,14 @@ impl std::fmt::Display for Position {
         if self.part != 0 {
             write!(f, ".{}", self.part)?;
         }
-        if let Some(read) = &self.read {
-            write!(f, "@{}@{}@{}", read.group, read.before, read.during)?;
+        match &self.read {
+            None => {}
+            Some(ReadAt::Snapshots {
+                group,
+                before,
+                during,
+            }) => write!(f, "@{group}@{before}@{during}")?,
+            Some(ReadAt::Cursor(set)) => write!(f, "@{set}")?,
         }
         Ok(())
     }
@@ -210,6 +245,8 @@ mod tests {
             "17.2",
             "17@19@5:9:6,7@5:12:",
             "17.2@17@5:5:@5:6:",
+            "17@12:18:13,16-17",
+            "17@17:17:",
         ] {
             assert_eq!(Position::parse(text).unwrap().to_string(), text);
         }
@@ -223,11 +260,17 @@ mod tests {
         );
         assert_eq!(
             Position::parse("17@19@5:9:6,7@5:12:").unwrap().read,
-            Some(ReadAt {
+            Some(ReadAt::Snapshots {
                 group: 19,
                 before: "5:9:6,7".into(),
                 during: "5:12:".into(),
             })
+        );
+        assert_eq!(
+            Position::parse("17@12:18:13,16-17").unwrap().read,
+            Some(ReadAt::Cursor(
+                ReadSet::from_parts(12, 18, vec![(13, 13), (16, 17)]).unwrap()
+            ))
         );
         for bad in [
             "",
@@ -244,6 +287,9 @@ mod tests {
             "17@-1@5:9:@5:9:",
             "17@19@5:9:'@5:9:",
             "17@19@5:9:@5;9:",
+            "17@12:18:13;1",
+            "17@12:18:18",
+            "17@12:18@5:9:",
         ] {
             assert_eq!(Position::parse(bad), None, "{bad:?}");
         }
@@ -285,5 +331,8 @@ mod tests {
             !read.has(&event(16, 0)),
             "a lower id can be a later transaction"
         );
+        let set = Position::parse("17@12:18:13,16").unwrap();
+        assert!(set.has(&event(12, 0)) && set.has(&event(14, 0)) && set.has(&event(17, 0)));
+        assert!(!set.has(&event(13, 0)) && !set.has(&event(16, 0)) && !set.has(&event(19, 0)));
     }
 }

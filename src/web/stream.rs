@@ -8,7 +8,8 @@
 //! (its [`Fence`]) is dropped. SQLite: journal ids are in commit order, so the fence is the
 //! last journal row read and what is above it arrives live, in order. PostgreSQL: the replay
 //! reads in one snapshot (`src/postgres/replay.rs`), and the live events of transactions that
-//! snapshot saw are dropped.
+//! snapshot saw are dropped. MySQL: the replay reads the ids the client's set lacks
+//! (`src/mysql/replay.rs`), and live events whose ids are in the grown set are dropped.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::builder::{Config, SlowClient};
-use super::frame::{comment, event_frame, event_frame_at, frame, retry, Position};
+use super::frame::{comment, event_frame, event_frame_at, frame, retry, Position, ReadAt};
 use super::stats::Counters;
 use crate::event::ChangeEvent;
 use crate::filter::Filter;
@@ -194,13 +195,20 @@ impl Connection {
     /// it lags, delivers only later, in the same read as this event or after it: the snapshot
     /// of what it had before this event's read is the later of the two (`src/read_point.rs`),
     /// so a resume from here does not send those again.
+    ///
+    /// On MySQL the same for the set of ids it has: the listener's, and the replay's.
     fn position(&self, event: &ChangeEvent) -> Option<Position> {
         let mut position = Position::of(event)?;
-        if let (Some(read), Some(replayed)) = (
-            position.read.as_mut(),
-            self.floor.as_ref().and_then(Fence::postgres_text),
-        ) {
-            read.before = later_snapshot(&read.before, &replayed).to_string();
+        match (position.read.as_mut(), self.floor.as_ref()) {
+            (Some(ReadAt::Snapshots { before, .. }), Some(floor)) => {
+                if let Some(replayed) = floor.postgres_text() {
+                    *before = later_snapshot(before, &replayed).to_string();
+                }
+            }
+            (Some(ReadAt::Cursor(read)), Some(Fence::Set(replayed))) => {
+                *read = read.union(replayed);
+            }
+            _ => {}
         }
         Some(position)
     }
