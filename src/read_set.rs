@@ -32,13 +32,18 @@ impl ReadSet {
         }
     }
 
-    /// A set from its parts; `None` unless `gaps` are ascending, disjoint ranges strictly
-    /// between `low` and `high`.
+    /// A set from its parts, with the ids read right above `low` folded into it (one form for
+    /// one set); `None` unless `gaps` are ascending, disjoint ranges strictly between `low`
+    /// and `high`.
     pub(crate) fn from_parts(low: i64, high: i64, gaps: Vec<(i64, i64)>) -> Option<Self> {
         let ordered = low <= high
             && gaps.iter().all(|&(a, b)| low < a && a <= b && b < high)
             && gaps.windows(2).all(|w| w[0].1 + 1 < w[1].0);
-        ordered.then_some(ReadSet { low, high, gaps })
+        if !ordered {
+            return None;
+        }
+        let low = gaps.first().map_or(high, |&(a, _)| a - 1);
+        Some(ReadSet { low, high, gaps })
     }
 
     /// Whether `id` was read.
@@ -201,7 +206,7 @@ impl ReadSet {
 }
 
 /// `low:high:a-b,c` (a single-id gap is written once): digits, colons, commas and hyphens only,
-/// at most [`MAX_TEXT_GAPS`] gaps (see [`ReadSet::bounded`]).
+/// at most `MAX_TEXT_GAPS` (64) gaps: beyond that the oldest are merged.
 impl std::fmt::Display for ReadSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let set = self.bounded();
@@ -289,8 +294,9 @@ mod tests {
         s.mark(15);
         assert_eq!(s, set(16, 16, &[]));
         let mut s = set(0, 10, &[(2, 8)]);
+        assert_eq!(s.low, 1, "the read id 1 is folded into the watermark");
         s.mark(5);
-        assert_eq!(s, set(0, 10, &[(2, 4), (6, 8)]));
+        assert_eq!(s, set(1, 10, &[(2, 4), (6, 8)]));
         for id in [0, 1, 5, 9, 10] {
             assert!(s.contains(id), "{id}");
         }
@@ -313,16 +319,19 @@ mod tests {
             );
         }
         assert_eq!(u, b.union(&a));
-        assert_eq!(u, set(10, 25, &[(12, 12)]));
+        assert_eq!(u, set(11, 25, &[(12, 12), (21, 21)]));
         let far = set(40, 40, &[]);
         assert_eq!(a.union(&far), far);
     }
 
     #[test]
     fn text_round_trips_and_rejects_what_is_not_a_set() {
-        for text in ["0:0:", "10:20:12-13,17", "3:9:5"] {
+        for text in ["0:0:", "11:20:12-13,17", "4:9:5"] {
             assert_eq!(ReadSet::parse(text).unwrap().to_string(), text);
         }
+        // One form for one set.
+        assert_eq!(ReadSet::parse("3:9:5").unwrap().to_string(), "4:9:5");
+        assert_eq!(ReadSet::parse("3:9:").unwrap().to_string(), "9:9:");
         for bad in [
             "",
             "1",
