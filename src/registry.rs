@@ -29,6 +29,7 @@ use actix::prelude::*;
 use futures_util::future::join_all;
 use tokio::sync::{oneshot, Semaphore};
 
+use crate::closure_host::{ClosureHost, Outbox};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel, Channels};
 use crate::filter::Filter;
@@ -121,6 +122,8 @@ pub struct Registry {
     attention: Vec<(usize, SubscriptionId)>,
     /// The routes whose `counted` the current batch added to.
     counted: Vec<usize>,
+    /// Events handed to closures, sent to their hosts once per batch, retry or removal.
+    outbox: Outbox,
     status: Vec<StatusSink>,
     next_id: u64,
     stats: Arc<Counters>,
@@ -152,6 +155,7 @@ impl Registry {
             by_id: HashMap::new(),
             attention: Vec::new(),
             counted: Vec::new(),
+            outbox: Outbox::default(),
             status: Vec::new(),
             next_id: 1,
             stats,
@@ -247,6 +251,7 @@ impl Registry {
                 route,
                 &mut self.slots,
                 &mut self.attention,
+                &mut self.outbox,
                 &event,
                 &self.budget,
                 tally,
@@ -314,7 +319,7 @@ impl Registry {
                 continue;
             };
             if !s.buffer.is_empty() && !s.closed {
-                let (handed, gone) = s.buffer.drain_into(&s.sink);
+                let (handed, gone) = s.buffer.drain_into(&s.sink, &mut self.outbox);
                 progress |= handed > 0;
                 delivered += handed;
                 let route = &mut self.routes[s.route];
@@ -333,6 +338,7 @@ impl Registry {
                 queued += s.buffer.len();
             }
         }
+        self.outbox.flush();
         Counters::add(&self.stats.delivered, delivered);
         Counters::add(&self.stats.dropped, lost);
         self.set_queued(queued as u64);
@@ -430,6 +436,8 @@ impl Registry {
 
     /// Takes the subscriber in `slot` out of its slot, its channel's index and the counts.
     fn remove(&mut self, slot: usize) -> Option<Subscriber> {
+        // A closure's sink, once dropped, tells its host to drop it: after its events.
+        self.outbox.flush();
         let s = self.slots.get_mut(slot)?.take()?;
         let route = &mut self.routes[s.route];
         route.index.remove(slot, &s.filters);
@@ -588,6 +596,7 @@ fn offer(
     route: &ChannelRoute,
     slots: &mut [Option<Subscriber>],
     attention: &mut Vec<(usize, SubscriptionId)>,
+    outbox: &mut Outbox,
     event: &ChangeEvent,
     budget: &Arc<Semaphore>,
     tally: &mut Tally,
@@ -606,7 +615,7 @@ fn offer(
             selected += 1;
             s.sink.selected(event);
             let event = if s.buffer.is_empty() {
-                match s.sink.try_deliver(event.clone()) {
+                match s.sink.try_deliver(event.clone(), outbox) {
                     Ok(()) => {
                         tally.delivered += 1;
                         return;
@@ -712,6 +721,7 @@ impl Handler<Route> for Registry {
         for event in events {
             self.route(event, &mut tally, &mut found);
         }
+        self.outbox.flush();
         // Shared counters, metrics and the budget are touched once per batch, not per event.
         self.emit_counted();
         let stats = &self.stats;
@@ -755,15 +765,15 @@ impl Handler<Flush> for Registry {
         let (drained, is_drained) = oneshot::channel();
         self.flush_waiters.push(drained);
         self.pump(ctx);
-        let closures: Vec<_> = self
-            .slots
-            .iter()
-            .flatten()
-            .filter_map(|s| match &s.sink {
-                Sink::Fn(addr) => Some(addr.clone()),
-                _ => None,
-            })
-            .collect();
+        // Every closure host (a pipeline has one per arbiter closures were subscribed on).
+        let mut closures: Vec<Addr<ClosureHost>> = Vec::new();
+        for s in self.slots.iter().flatten() {
+            if let Sink::Fn(sink) = &s.sink {
+                if !closures.contains(sink.host()) {
+                    closures.push(sink.host().clone());
+                }
+            }
+        }
         let status_closures: Vec<_> = self
             .status
             .iter()
