@@ -68,7 +68,7 @@ impl Actor for ClosureHost {
 }
 
 /// Events to run, in order: each with its closure's key.
-pub(crate) struct Run(pub Vec<(usize, ChangeEvent)>);
+pub(crate) struct Run(pub Keyed);
 
 impl Message for Run {
     type Result = ();
@@ -161,7 +161,7 @@ impl FnSink {
 
 impl Drop for FnSink {
     fn drop(&mut self) {
-        let _ = self.host.do_send(Remove(self.key));
+        self.host.do_send(Remove(self.key));
     }
 }
 
@@ -169,8 +169,11 @@ impl Drop for FnSink {
 /// [`flush`](Outbox::flush) (the registry calls it before anything else can reach a host).
 #[derive(Default)]
 pub(crate) struct Outbox {
-    runs: Vec<(Addr<ClosureHost>, Vec<(usize, ChangeEvent)>)>,
+    runs: Vec<(Addr<ClosureHost>, Keyed)>,
 }
+
+/// Events, each with its closure's key.
+type Keyed = Vec<(usize, ChangeEvent)>;
 
 impl Outbox {
     fn push(&mut self, host: &Addr<ClosureHost>, key: usize, event: ChangeEvent) {
@@ -189,7 +192,7 @@ impl Outbox {
     pub fn flush(&mut self) {
         for (host, run) in self.runs.drain(..) {
             // A host that is gone takes nothing: `FnSink::try_deliver` refused its events.
-            let _ = host.do_send(Run(run));
+            host.do_send(Run(run));
         }
     }
 }

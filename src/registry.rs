@@ -246,7 +246,11 @@ impl Registry {
                 route
             }
         };
-        let (mut considered, mut ticket) = (false, None);
+        let mut considered = false;
+        let mut unit = Unit {
+            budget: &self.budget,
+            ticket: None,
+        };
         for r in [own, found.every].into_iter().flatten() {
             let route = &mut self.routes[r];
             considered |= route.open > 0;
@@ -257,9 +261,8 @@ impl Registry {
                 &mut self.attention,
                 &mut self.outbox,
                 &event,
-                &self.budget,
                 tally,
-                &mut ticket,
+                &mut unit,
             );
             // Per channel, for its metrics: emitted once per batch (`emit_counted`).
             let idle = route.counted == RouteCounts::default();
@@ -273,7 +276,7 @@ impl Registry {
         if !considered {
             tally.unrouted += 1;
         }
-        if ticket.is_none() {
+        if unit.ticket.is_none() {
             tally.release += 1;
         }
     }
@@ -602,9 +605,8 @@ fn offer(
     attention: &mut Vec<(usize, SubscriptionId)>,
     outbox: &mut Outbox,
     event: &ChangeEvent,
-    budget: &Arc<Semaphore>,
     tally: &mut Tally,
-    ticket: &mut Option<Rc<Ticket>>,
+    unit: &mut Unit,
 ) -> usize {
     let (mut selected, mut gone) = (0, 0);
     route.index.candidates(
@@ -639,14 +641,29 @@ fn offer(
             } else {
                 event.clone()
             };
-            let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
-            tally.dropped += s.buffer.push(event, ticket, &s.sink);
+            tally.dropped += s.buffer.push(event, unit.ticket(), &s.sink);
             tally.pump = true;
             attend(s, slot, attention);
         },
     );
     tally.filtered += (route.open - selected) as u64;
     gone
+}
+
+/// An event's unit of in-flight budget: put in a [`Ticket`] when the first buffer keeps the
+/// event (every buffer that keeps it shares the ticket), else given back after routing.
+struct Unit<'a> {
+    budget: &'a Arc<Semaphore>,
+    ticket: Option<Rc<Ticket>>,
+}
+
+impl Unit<'_> {
+    fn ticket(&mut self) -> Rc<Ticket> {
+        let budget = self.budget;
+        self.ticket
+            .get_or_insert_with(|| Ticket::new(budget))
+            .clone()
+    }
 }
 
 /// The routes of a batch's events, looked up once per batch (subscriptions to every channel)
