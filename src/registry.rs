@@ -13,7 +13,7 @@
 //! others unless its policy is to wait. Status messages go to status subscribers.
 //!
 //! Counting: an event a subscription selects is `delivered` once it is handed to the
-//! subscriber (its mailbox, channel or closure actor), or `dropped` if it never is — its
+//! subscriber (its mailbox, channel or closure host), or `dropped` if it never is — its
 //! policy discarded it, its receiver was gone, or it was unsubscribed while the event waited.
 //! Drops are reported per subscription in [`Status::Lagged`], at most once per lag interval
 //! (the first drop at once, then what accumulated, when the interval has passed); what is still
