@@ -21,11 +21,14 @@
 //! closure ran (the final flush, which messages every closure subscriber, is reported apart);
 //! the baseline parses each
 //! payload and looks its `user_id` up in a hash map of the subscribers. `routing-memory`: VmRSS
-//! and VmHWM before and after making 100,000 idle subscriptions, per subscription (closure actor
-//! included); `routing-shared-10000`, `routing-shared-100000`: the same subscriptions as
-//! recipients of one actor (`subscribe`), which counts (a closure actor per subscription costs
-//! a task wake-up per event; one actor drains its mailbox in turns). It runs first among the routing sections, and `--only=routing` runs it in a
-//! process where nothing larger was allocated before.
+//! and VmHWM before and after making 100,000 idle closure subscriptions, per subscription (what
+//! the closure host keeps for each included); `routing-shared-10000`, `routing-shared-100000`:
+//! the same subscriptions as recipients of one actor (`subscribe`), which counts (each
+//! delivery is an actix message to it; closures instead get a routed batch's events as one
+//! message to their host). `routing-memory` runs first among the routing sections, and
+//! `--only=routing` runs it in a process where nothing larger was allocated before; run one
+//! section per process (`--only=routing-shared-10000`) to keep one scenario's heap from
+//! moving the next one's baseline.
 //!
 //! Run: `scripts/bench` or `cargo bench --bench pipeline [-- --quick]`.
 

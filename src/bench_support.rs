@@ -30,7 +30,7 @@ use crate::pipeline::PipelineOptions;
 use crate::registry::{Registry, Subscribe, LAG_INTERVAL};
 use crate::resolve::{resolve, ColumnInfo, TableInfo};
 use crate::stats::Stats;
-use crate::subscriber::{FnSubscriber, Sink};
+use crate::subscriber::Sink;
 use crate::subscription::{Subscription, SubscriptionId};
 use crate::watch::{check_set, Watch};
 
@@ -98,10 +98,10 @@ impl Pipeline {
     where
         F: FnMut(ChangeEvent) + 'static,
     {
-        let actor = FnSubscriber::new(f, self.pipeline.stats.clone()).start();
+        let sink = Sink::Fn(self.pipeline.closures.add(f));
         self.pipeline
             .registry
-            .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
+            .send(Subscribe::with_sink(subscription, sink))
             .await?
     }
 

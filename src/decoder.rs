@@ -72,12 +72,21 @@ impl Decoder {
     /// row (blocking this actor's mailbox), and continues with the rest afterwards.
     fn process(&mut self, mut queue: VecDeque<RawNotification>, ctx: &mut Context<Self>) {
         let mut events = Vec::with_capacity(queue.len());
+        // The channel of the notification before: a batch's are mostly one channel's.
+        let mut last: Option<Arc<Channel>> = None;
         while let Some(mut raw) = queue.pop_front() {
             let start = self.units;
             self.units += u64::from(raw.events);
-            let Some(channel) = self.channels.get(&raw.channel).cloned() else {
-                self.malformed(&raw, "not a channel of this notifier");
-                continue;
+            let channel = match &last {
+                Some(channel) if channel.name() == raw.channel => channel.clone(),
+                _ => {
+                    let Some(channel) = self.channels.get(&raw.channel).cloned() else {
+                        self.malformed(&raw, "not a channel of this notifier");
+                        continue;
+                    };
+                    last = Some(channel.clone());
+                    channel
+                }
             };
             // Only a journal row can hold a statement's rows; a NOTIFY payload never does.
             if raw.sequence.is_some() && raw.payload.starts_with('[') {

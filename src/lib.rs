@@ -133,6 +133,7 @@ mod backoff;
 pub mod bench_support;
 pub mod blocking;
 mod builder;
+mod closure_host;
 mod consumer;
 mod custom;
 mod dead_letters;

@@ -206,11 +206,12 @@ impl Notifier {
         Ok(SnapshotFeed::new(rx, progress, feeder, channel))
     }
 
-    /// Runs `f` for every event `subscription` selects, in an actor of its own on the current
-    /// arbiter — the thread the notifier's own actors run on. **`f` must be quick**: while it
-    /// runs, nothing else is routed, so a closure that blocks (a sleep, blocking I/O, a lock
-    /// held long, a synchronous database call) delays every other subscriber and, once the
-    /// in-flight budget is used up, the listener. Give such handlers
+    /// Runs `f` for every event `subscription` selects, on the current arbiter — the thread the
+    /// notifier's own actors run on — in one actor that runs every closure subscribed to this
+    /// notifier there (a routed batch's events for all of them arrive as one message).
+    /// **`f` must be quick**: while it runs, nothing else is routed, so a closure that blocks
+    /// (a sleep, blocking I/O, a lock held long, a synchronous database call) delays every
+    /// other subscriber and, once the in-flight budget is used up, the listener. Give such handlers
     /// [`subscribe_blocking`](Self::subscribe_blocking) instead, or an actor of your own on
     /// another [`Arbiter`](actix::Arbiter) with [`subscribe`](Self::subscribe).
     ///
@@ -219,11 +220,11 @@ impl Notifier {
     where
         F: FnMut(ChangeEvent) + 'static,
     {
-        let actor = FnSubscriber::new(f, self.inner.pipeline.stats.clone()).start();
+        let sink = Sink::Fn(self.inner.pipeline.closures.add(f));
         self.inner
             .pipeline
             .registry
-            .send(Subscribe::with_sink(subscription, Sink::Fn(actor)))
+            .send(Subscribe::with_sink(subscription, sink))
             .await?
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::Semaphore;
 
+use crate::closure_host::ClosureHosts;
 use crate::decoder::{Decoder, Retention};
 use crate::event::Channels;
 use crate::lifecycle::{Flush, Shutdown};
@@ -47,6 +48,8 @@ pub(crate) struct Pipeline {
     pub registry: Addr<Registry>,
     /// Decodes batches (resolving references through the store) and passes them on.
     pub decoder: Addr<Decoder>,
+    /// Where closure subscribers run.
+    pub closures: ClosureHosts,
 }
 
 impl Pipeline {
@@ -73,6 +76,7 @@ impl Pipeline {
         )
         .start();
         Pipeline {
+            closures: ClosureHosts::new(stats.clone()),
             channels,
             stats,
             budget,

@@ -13,7 +13,7 @@
 //! others unless its policy is to wait. Status messages go to status subscribers.
 //!
 //! Counting: an event a subscription selects is `delivered` once it is handed to the
-//! subscriber (its mailbox, channel or closure actor), or `dropped` if it never is — its
+//! subscriber (its mailbox, channel or closure host), or `dropped` if it never is — its
 //! policy discarded it, its receiver was gone, or it was unsubscribed while the event waited.
 //! Drops are reported per subscription in [`Status::Lagged`], at most once per lag interval
 //! (the first drop at once, then what accumulated, when the interval has passed); what is still
@@ -29,6 +29,7 @@ use actix::prelude::*;
 use futures_util::future::join_all;
 use tokio::sync::{oneshot, Semaphore};
 
+use crate::closure_host::{ClosureHost, Outbox};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel, Channels};
 use crate::filter::Filter;
@@ -52,6 +53,9 @@ struct Subscriber {
     /// Its channel's place in `Registry::routes`.
     route: usize,
     filters: Vec<Filter>,
+    /// Being its channel index's candidate for an event means its filters match
+    /// (`RouteIndex::settles`): they are not checked again.
+    settled: bool,
     sink: Sink,
     buffer: Buffer,
     closed: bool,
@@ -121,6 +125,8 @@ pub struct Registry {
     attention: Vec<(usize, SubscriptionId)>,
     /// The routes whose `counted` the current batch added to.
     counted: Vec<usize>,
+    /// Events handed to closures, sent to their hosts once per batch, retry or removal.
+    outbox: Outbox,
     status: Vec<StatusSink>,
     next_id: u64,
     stats: Arc<Counters>,
@@ -152,6 +158,7 @@ impl Registry {
             by_id: HashMap::new(),
             attention: Vec::new(),
             counted: Vec::new(),
+            outbox: Outbox::default(),
             status: Vec::new(),
             next_id: 1,
             stats,
@@ -210,6 +217,7 @@ impl Registry {
         self.slots[slot] = Some(Subscriber {
             id,
             route,
+            settled: RouteIndex::settles(&filters),
             filters,
             sink,
             buffer,
@@ -238,7 +246,11 @@ impl Registry {
                 route
             }
         };
-        let (mut considered, mut ticket) = (false, None);
+        let mut considered = false;
+        let mut unit = Unit {
+            budget: &self.budget,
+            ticket: None,
+        };
         for r in [own, found.every].into_iter().flatten() {
             let route = &mut self.routes[r];
             considered |= route.open > 0;
@@ -247,10 +259,10 @@ impl Registry {
                 route,
                 &mut self.slots,
                 &mut self.attention,
+                &mut self.outbox,
                 &event,
-                &self.budget,
                 tally,
-                &mut ticket,
+                &mut unit,
             );
             // Per channel, for its metrics: emitted once per batch (`emit_counted`).
             let idle = route.counted == RouteCounts::default();
@@ -264,7 +276,7 @@ impl Registry {
         if !considered {
             tally.unrouted += 1;
         }
-        if ticket.is_none() {
+        if unit.ticket.is_none() {
             tally.release += 1;
         }
     }
@@ -314,7 +326,7 @@ impl Registry {
                 continue;
             };
             if !s.buffer.is_empty() && !s.closed {
-                let (handed, gone) = s.buffer.drain_into(&s.sink);
+                let (handed, gone) = s.buffer.drain_into(&s.sink, &mut self.outbox);
                 progress |= handed > 0;
                 delivered += handed;
                 let route = &mut self.routes[s.route];
@@ -333,6 +345,7 @@ impl Registry {
                 queued += s.buffer.len();
             }
         }
+        self.outbox.flush();
         Counters::add(&self.stats.delivered, delivered);
         Counters::add(&self.stats.dropped, lost);
         self.set_queued(queued as u64);
@@ -430,6 +443,8 @@ impl Registry {
 
     /// Takes the subscriber in `slot` out of its slot, its channel's index and the counts.
     fn remove(&mut self, slot: usize) -> Option<Subscriber> {
+        // A closure's sink, once dropped, tells its host to drop it: after its events.
+        self.outbox.flush();
         let s = self.slots.get_mut(slot)?.take()?;
         let route = &mut self.routes[s.route];
         route.index.remove(slot, &s.filters);
@@ -588,10 +603,10 @@ fn offer(
     route: &ChannelRoute,
     slots: &mut [Option<Subscriber>],
     attention: &mut Vec<(usize, SubscriptionId)>,
+    outbox: &mut Outbox,
     event: &ChangeEvent,
-    budget: &Arc<Semaphore>,
     tally: &mut Tally,
-    ticket: &mut Option<Rc<Ticket>>,
+    unit: &mut Unit,
 ) -> usize {
     let (mut selected, mut gone) = (0, 0);
     route.index.candidates(
@@ -600,13 +615,13 @@ fn offer(
             let Some(s) = slots.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
-            if s.closed || !s.filters.iter().all(|f| f.matches(event)) {
+            if s.closed || !(s.settled || s.filters.iter().all(|f| f.matches(event))) {
                 return;
             }
             selected += 1;
             s.sink.selected(event);
             let event = if s.buffer.is_empty() {
-                match s.sink.try_deliver(event.clone()) {
+                match s.sink.try_deliver(event.clone(), outbox) {
                     Ok(()) => {
                         tally.delivered += 1;
                         return;
@@ -626,14 +641,29 @@ fn offer(
             } else {
                 event.clone()
             };
-            let ticket = ticket.get_or_insert_with(|| Ticket::new(budget)).clone();
-            tally.dropped += s.buffer.push(event, ticket, &s.sink);
+            tally.dropped += s.buffer.push(event, unit.ticket(), &s.sink);
             tally.pump = true;
             attend(s, slot, attention);
         },
     );
     tally.filtered += (route.open - selected) as u64;
     gone
+}
+
+/// An event's unit of in-flight budget: put in a [`Ticket`] when the first buffer keeps the
+/// event (every buffer that keeps it shares the ticket), else given back after routing.
+struct Unit<'a> {
+    budget: &'a Arc<Semaphore>,
+    ticket: Option<Rc<Ticket>>,
+}
+
+impl Unit<'_> {
+    fn ticket(&mut self) -> Rc<Ticket> {
+        let budget = self.budget;
+        self.ticket
+            .get_or_insert_with(|| Ticket::new(budget))
+            .clone()
+    }
 }
 
 /// The routes of a batch's events, looked up once per batch (subscriptions to every channel)
@@ -712,6 +742,7 @@ impl Handler<Route> for Registry {
         for event in events {
             self.route(event, &mut tally, &mut found);
         }
+        self.outbox.flush();
         // Shared counters, metrics and the budget are touched once per batch, not per event.
         self.emit_counted();
         let stats = &self.stats;
@@ -755,15 +786,15 @@ impl Handler<Flush> for Registry {
         let (drained, is_drained) = oneshot::channel();
         self.flush_waiters.push(drained);
         self.pump(ctx);
-        let closures: Vec<_> = self
-            .slots
-            .iter()
-            .flatten()
-            .filter_map(|s| match &s.sink {
-                Sink::Fn(addr) => Some(addr.clone()),
-                _ => None,
-            })
-            .collect();
+        // Every closure host (a pipeline has one per arbiter closures were subscribed on).
+        let mut closures: Vec<Addr<ClosureHost>> = Vec::new();
+        for s in self.slots.iter().flatten() {
+            if let Sink::Fn(sink) = &s.sink {
+                if !closures.contains(sink.host()) {
+                    closures.push(sink.host().clone());
+                }
+            }
+        }
         let status_closures: Vec<_> = self
             .status
             .iter()
@@ -1344,6 +1375,9 @@ mod properties {
             (-2i64..3).prop_map(Value::from),
             (-2i64..3).prop_map(|n| Value::from(n as f64)),
             Just(Value::from(1.5)),
+            // Integers that share a routing key (2^53 and 2^53 + 1).
+            Just(Value::from(9_007_199_254_740_992i64)),
+            Just(Value::from(9_007_199_254_740_993i64)),
             "[xy]{0,1}".prop_map(Value::String),
         ]
     }

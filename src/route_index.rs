@@ -18,6 +18,8 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use serde_json::Value;
 
 use crate::filter::Filter;
@@ -106,8 +108,8 @@ impl Slots {
 #[derive(Debug)]
 struct ColumnIndex {
     column: String,
-    by_scalar: HashMap<Scalar, Slots>,
-    by_string: HashMap<Box<str>, Slots>,
+    by_scalar: HashMap<Scalar, Slots, RandomState>,
+    by_string: HashMap<Box<str>, Slots, RandomState>,
     /// Subscriptions kept under this column.
     subscriptions: usize,
 }
@@ -138,7 +140,7 @@ impl ColumnIndex {
     }
 }
 
-fn add_to<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slots>, key: K, slot: usize) {
+fn add_to<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slots, RandomState>, key: K, slot: usize) {
     match map.entry(key) {
         Entry::Occupied(mut slots) => slots.get_mut().push(slot),
         Entry::Vacant(entry) => {
@@ -147,7 +149,11 @@ fn add_to<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slots>, key: K, slot: us
     }
 }
 
-fn take_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slots>, key: &K, slot: usize) -> bool {
+fn take_from<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Slots, RandomState>,
+    key: &K,
+    slot: usize,
+) -> bool {
     let Some(slots) = map.get_mut(key) else {
         return false;
     };
@@ -196,6 +202,26 @@ impl RouteIndex {
         Place::Unindexed
     }
 
+    /// Whether being a candidate is enough for a subscription with `filters`: its one filter is
+    /// the one it is indexed under, and a value with the key of one of the filter's values
+    /// equals that value under typed equality (strings, booleans, null, fractional numbers,
+    /// integers of magnitude below 2⁵³ — a larger integer shares its key with its neighbours).
+    /// Then the caller need not check the filter again.
+    pub(crate) fn settles(filters: &[Filter]) -> bool {
+        let [filter] = filters else {
+            return false;
+        };
+        const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+        matches!(Self::place(filters), Place::Column(..))
+            && filter.equals_one_of().is_some_and(|values| {
+                values.iter().all(|v| match v {
+                    Value::Number(n) if n.is_f64() => true,
+                    Value::Number(n) => n.as_f64().is_some_and(|f| f.abs() < EXACT),
+                    _ => true,
+                })
+            })
+    }
+
     /// Adds the subscription in `slot` with `filters`.
     pub(crate) fn insert(&mut self, slot: usize, filters: &[Filter]) {
         match Self::place(filters) {
@@ -209,8 +235,8 @@ impl RouteIndex {
                     None => {
                         self.columns.push(ColumnIndex {
                             column,
-                            by_scalar: HashMap::new(),
-                            by_string: HashMap::new(),
+                            by_scalar: HashMap::default(),
+                            by_string: HashMap::default(),
                             subscriptions: 0,
                         });
                         self.columns.len() - 1
@@ -311,6 +337,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_lone_indexed_filter_whose_key_decides_equality_settles() {
+        let settles = |filters: &[Filter]| RouteIndex::settles(filters);
+        assert!(settles(&[Filter::eq("user", 1)]));
+        assert!(settles(&[Filter::eq("user", 1.5)]));
+        assert!(settles(&[Filter::eq("user", -9_007_199_254_740_991i64)]));
+        assert!(settles(&[Filter::is_in("tenant", ["a", "b"])]));
+        assert!(settles(&[Filter::eq("flag", json!(null))]));
+        // 2^53 + 1 shares its key with 2^53.
+        assert!(!settles(&[Filter::eq("user", 9_007_199_254_740_992i64)]));
+        assert!(!settles(&[Filter::is_in(
+            "user",
+            [json!(1), json!(u64::MAX)]
+        )]));
+        assert!(!settles(&[Filter::eq("user", json!([1]))]), "not indexed");
+        assert!(!settles(&[Filter::ne("user", 1)]));
+        assert!(!settles(&[]));
+        assert!(!settles(&[Filter::eq("user", 1), Filter::gt("score", 3)]));
+    }
+
+    #[test]
     fn removing_takes_every_entry_away() {
         let mut index = RouteIndex::default();
         let filters = [Filter::is_in("user", [json!(1), json!(1.0), json!(2)])];
@@ -346,6 +392,7 @@ mod properties {
             Just(Value::from(-0.0)),
             Just(Value::from(u64::MAX)),
             Just(Value::from(9_007_199_254_740_993i64)),
+            Just(Value::from(9_007_199_254_740_992i64)),
             Just(Value::from(9_007_199_254_740_992.0)),
             "[xy]{0,2}".prop_map(Value::String),
             Just(serde_json::json!([1])),
@@ -407,6 +454,13 @@ mod properties {
                 distinct.dedup();
                 prop_assert_eq!(distinct.len(), named.len(), "a candidate named twice: {:?}", named);
                 prop_assert!(named.iter().all(|s| !subscriptions[*s].1), "a removed one: {:?}", named);
+                for s in &named {
+                    let filters = &subscriptions[*s].0;
+                    prop_assert!(
+                        !RouteIndex::settles(filters) || matches(filters, event),
+                        "settled without matching: {:?} for {:?}", filters, event
+                    );
+                }
                 let selected: Vec<usize> = distinct
                     .into_iter()
                     .filter(|s| matches(&subscriptions[*s].0, event))

@@ -14,7 +14,7 @@ pub struct Stats {
     /// journal row counts as the rows it says it carries.
     pub received: u64,
     /// Events handed to subscribers (one per subscriber per event): put into the subscriber's
-    /// mailbox, channel or closure actor. An event a subscriber never got is `dropped` instead,
+    /// mailbox, channel or closure host. An event a subscriber never got is `dropped` instead,
     /// so once nothing is `queued`, `delivered + dropped` is the number of (event,
     /// subscription) pairs the filters matched. A closure that panics on an event was still
     /// handed it (and counts in `subscriber_panics`).

@@ -1,7 +1,7 @@
 //! Subscriber adapters and per-subscriber buffering.
 //!
-//! [`Sink`] is the registry's view of a subscriber: a user's actor, a closure running in an
-//! actor of its own ([`FnSubscriber`], which catches panics), or a bounded channel for
+//! [`Sink`] is the registry's view of a subscriber: a user's actor, a closure run by its
+//! arbiter's closure host (`src/closure_host.rs`, which catches panics), or a bounded channel for
 //! blocking code — read by the user, or by a thread of its own that runs a blocking closure
 //! ([`spawn_blocking_subscriber`]). Delivery is non-blocking (`try_send`); what does not fit waits in the
 //! subscriber's [`Buffer`], where its [`OverflowPolicy`] decides what happens when full.
@@ -18,6 +18,7 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 
 use crate::acked::{HeldRefused, HeldSink};
+use crate::closure_host::{FnSink, Outbox};
 use crate::event::ChangeEvent;
 use crate::lifecycle::Flush;
 use crate::stats::Counters;
@@ -29,8 +30,8 @@ use crate::subscription::OverflowPolicy;
 pub(crate) enum Sink {
     /// A user's actor.
     Recipient(Recipient<ChangeEvent>),
-    /// A closure running in its own actor.
-    Fn(Addr<FnSubscriber<ChangeEvent>>),
+    /// A closure, run by its arbiter's closure host.
+    Fn(FnSink),
     /// A bounded channel read by blocking code.
     Channel(crossbeam_channel::Sender<ChangeEvent>),
     /// An acknowledged subscription: each event is held until acknowledged.
@@ -48,15 +49,17 @@ pub(crate) enum Refused {
 }
 
 impl Sink {
-    pub fn try_deliver(&self, event: ChangeEvent) -> Result<(), Refused> {
+    /// Hands `event` over; a closure's events go into `outbox`, sent to its host when the
+    /// registry flushes it.
+    pub fn try_deliver(&self, event: ChangeEvent, outbox: &mut Outbox) -> Result<(), Refused> {
         match self {
             Sink::Recipient(r) => r.try_send(event).map_err(|e| match e {
                 SendError::Full(event) => Refused::Full(event),
                 SendError::Closed(_) => Refused::Closed,
             }),
-            Sink::Fn(addr) => addr.try_send(event).map_err(|e| match e {
-                SendError::Full(event) => Refused::Full(event),
-                SendError::Closed(_) => Refused::Closed,
+            Sink::Fn(sink) => sink.try_deliver(event, outbox).map_err(|e| match e {
+                Some(event) => Refused::Full(event),
+                None => Refused::Closed,
             }),
             Sink::Channel(tx) => tx.try_send(event).map_err(|e| match e {
                 crossbeam_channel::TrySendError::Full(event) => Refused::Full(event),
@@ -172,10 +175,10 @@ impl Buffer {
     /// Hands buffered events to `sink` until it refuses. Returns how many were handed over,
     /// and — when the sink is gone — how many were lost with it (every event still buffered,
     /// counted in `dropped`).
-    pub fn drain_into(&mut self, sink: &Sink) -> (u64, Option<u64>) {
+    pub fn drain_into(&mut self, sink: &Sink, outbox: &mut Outbox) -> (u64, Option<u64>) {
         let mut handed = 0;
         while let Some((event, ticket)) = self.queue.pop_front() {
-            match sink.try_deliver(event) {
+            match sink.try_deliver(event, outbox) {
                 Ok(()) => handed += 1,
                 Err(Refused::Full(event)) => {
                     self.queue.push_front((event, ticket));
@@ -202,10 +205,10 @@ impl Buffer {
     }
 }
 
-/// Mailbox capacity of closure subscribers.
+/// Mailbox capacity of status closures.
 pub(crate) const FN_MAILBOX_CAPACITY: usize = 1024;
 
-/// An actor that runs a closure for every event (or status), catching panics.
+/// An actor that runs a closure for every status message, catching panics.
 pub(crate) struct FnSubscriber<M> {
     f: Box<dyn FnMut(M)>,
     stats: Arc<Counters>,
@@ -225,7 +228,7 @@ impl<M> FnSubscriber<M> {
 }
 
 /// Runs a subscriber closure; a panic is caught, logged and counted.
-fn call_catching<M>(f: &mut dyn FnMut(M), message: M, stats: &Counters) {
+pub(crate) fn call_catching<M>(f: &mut dyn FnMut(M), message: M, stats: &Counters) {
     if catch_unwind(AssertUnwindSafe(|| f(message))).is_err() {
         Counters::add(&stats.subscriber_panics, 1);
         log::error!("sqlnotify: a subscriber closure panicked; continuing with the next event");
@@ -262,14 +265,6 @@ impl<M: 'static> Actor for FnSubscriber<M> {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Bursts go straight into the mailbox instead of waiting in the registry's buffer.
         ctx.set_mailbox_capacity(FN_MAILBOX_CAPACITY);
-    }
-}
-
-impl Handler<ChangeEvent> for FnSubscriber<ChangeEvent> {
-    type Result = ();
-
-    fn handle(&mut self, event: ChangeEvent, _: &mut Context<Self>) {
-        self.call(event);
     }
 }
 
@@ -332,14 +327,14 @@ mod tests {
         );
 
         assert_eq!(
-            buffer.drain_into(&sink),
+            buffer.drain_into(&sink, &mut Outbox::default()),
             (1, None),
             "one fits; the rest wait"
         );
         assert_eq!(ids(&rx), [3]);
         drop(rx);
         assert_eq!(
-            buffer.drain_into(&sink),
+            buffer.drain_into(&sink, &mut Outbox::default()),
             (0, Some(2)),
             "the receiver is gone"
         );
