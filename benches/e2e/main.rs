@@ -107,6 +107,7 @@ impl System {
             System::NotifyUnsigned => "notify tier, unsigned",
             System::Tier(Tier::Durable) => "durable tier",
             System::Tier(Tier::Poll) => "poll tier",
+            System::Tier(Tier::Logical) => "logical tier (replication slot)",
             System::RawUnheard => "raw pg_notify trigger, nobody listening",
             System::Statement(Tier::Durable) => "durable tier, statement capture",
             System::Statement(_) => "poll tier, statement capture",
