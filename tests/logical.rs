@@ -467,3 +467,56 @@ async fn dropping_a_consumer_drops_its_slot_and_publication() {
         .unwrap_err();
     assert!(matches!(e, Error::UnknownConsumer { .. }), "{e:?}");
 }
+
+#[actix_rt::test]
+async fn a_consumer_whose_slot_the_server_invalidated_gets_a_distinct_error() {
+    let Some(cluster) = Cluster::start_with(&format!(
+        "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
+    )) else {
+        common::prerequisite_missing(
+            "a_consumer_whose_slot_was_invalidated",
+            "PostgreSQL's binaries",
+        );
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .await;
+    let start = || async {
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Logical))
+            .consumer("late")
+            .start()
+            .await
+    };
+    start().await.unwrap().stop().await.unwrap();
+    // Stopped, it falls far behind: more WAL than max_slot_wal_keep_size, then a checkpoint.
+    for round in 0..6 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
+             SELECT pg_switch_wal()",
+            round
+        ))
+        .await;
+    }
+    db.exec("CHECKPOINT").await;
+    let status: String = db
+        .client()
+        .await
+        .query_one("SELECT wal_status FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "lost", "the server invalidated the slot");
+    let e = start().await.unwrap_err();
+    assert!(
+        matches!(&e, Error::SlotLost { slot, .. } if slot.starts_with("sqlnotify_late_")),
+        "{e:?}"
+    );
+    // Dropping the consumer is the way out: it starts again, from now.
+    Notifier::builder(&db.url)
+        .drop_consumer("late")
+        .await
+        .unwrap();
+    start().await.unwrap().stop().await.unwrap();
+}

@@ -271,6 +271,20 @@ pub(crate) async fn ensure(
             .await
             .map_err(|e| Error::db(format!("naming publication {name}"), e))?;
     }
+    let status = client
+        .query_typed_opt(
+            "SELECT COALESCE(wal_status, '') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[(&name, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db(format!("reading replication slot {name}"), e))?;
+    if status.is_some_and(|r| r.get::<_, String>(0) == "lost") {
+        return Err(Error::SlotLost {
+            slot: name.to_string(),
+            detail: "its wal_status is lost: it fell behind by more than max_slot_wal_keep_size"
+                .into(),
+        });
+    }
     let created = client
         .query_typed(
             "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')
