@@ -427,6 +427,14 @@ async fn a_named_consumer_resumes_from_its_slot_and_cleanup_removes_it() {
         "slot lag in stats"
     );
     idle.stop().await.unwrap();
+    let listed = Notifier::builder(&db.url).consumers().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].name, "app");
+    assert!(
+        matches!(listed[0].position, sqlnotify::ConsumerPosition::Slot { lag_bytes, .. } if lag_bytes > 0),
+        "{listed:?}"
+    );
+    assert_eq!(listed[0].channels, Some(vec!["public.t".to_string()]));
     assert_eq!(
         Notifier::builder(&db.url).cleanup().await.unwrap(),
         0,

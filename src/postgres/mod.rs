@@ -350,7 +350,17 @@ impl Dialect for Postgres {
 
     fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>> {
         let control = self.control.clone();
-        Box::pin(async move { consumers::list(&*control.client().await?).await })
+        Box::pin(async move {
+            let client = control.client().await?;
+            #[allow(unused_mut)]
+            let mut list = consumers::list(&client).await?;
+            #[cfg(feature = "logical")]
+            {
+                list.extend(logical::list(&client).await?);
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            Ok(list)
+        })
     }
 
     fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>> {

@@ -20,6 +20,7 @@ use tokio_postgres::Client;
 
 pub(crate) use self::changes::Route;
 pub(crate) use self::source::LogicalSource;
+use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
 use crate::error::{Error, Result};
 use crate::operation::Operation;
 use crate::resolve::ResolvedWatch;
@@ -386,6 +387,65 @@ pub(crate) async fn cleanup(client: &Client, wait: Duration) -> Result<u64> {
         }
     }
     Ok(n)
+}
+
+/// The named consumers of the logical tier in this database: every sqlnotify slot whose
+/// publication names its consumer. `backlog` is 0 (the lag is in the position); `last_active`
+/// is now while a session reads the slot, else unknown (the UNIX epoch); `channels` lists the
+/// published tables as `schema.table`.
+pub(crate) async fn list(client: &Client) -> Result<Vec<ConsumerInfo>> {
+    let rows = client
+        .query_typed(
+            "SELECT pg_catalog.obj_description(p.oid, 'pg_publication'),
+                    (s.confirmed_flush_lsn - '0/0'::pg_lsn)::text,
+                    COALESCE(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(),
+                                                      s.confirmed_flush_lsn), 0)::bigint,
+                    s.active,
+                    COALESCE(s.wal_status, ''),
+                    (SELECT pg_catalog.array_agg(t.schemaname || '.' || t.tablename ORDER BY 1)
+                       FROM pg_catalog.pg_publication_tables t WHERE t.pubname = p.pubname)
+               FROM pg_catalog.pg_replication_slots s
+               JOIN pg_catalog.pg_publication p ON p.pubname = s.slot_name
+              WHERE s.slot_name LIKE $1 AND s.database = pg_catalog.current_database()",
+            &[(&PREFIX_LIKE, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db("listing the replication slots", e))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let Some(name) = r
+            .get::<_, Option<String>>(0)
+            .and_then(|c| c.strip_prefix(COMMENT).map(str::to_string))
+        else {
+            continue;
+        };
+        let confirmed = r
+            .get::<_, Option<String>>(1)
+            .and_then(|t| t.split('.').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let status: String = r.get(4);
+        out.push(ConsumerInfo {
+            name,
+            state: if status == "lost" {
+                ConsumerState::Expired
+            } else {
+                ConsumerState::Active
+            },
+            position: ConsumerPosition::Slot {
+                confirmed,
+                lag_bytes: r.get::<_, i64>(2).max(0) as u64,
+            },
+            backlog: 0,
+            last_active: if r.get::<_, bool>(3) {
+                std::time::SystemTime::now()
+            } else {
+                std::time::UNIX_EPOCH
+            },
+            channels: r.get(5),
+            expire_after: None,
+        });
+    }
+    Ok(out)
 }
 
 /// A slot's lag: WAL bytes the server keeps for it past its confirmed position, and its
