@@ -528,3 +528,49 @@ async fn a_consumer_whose_slot_the_server_invalidated_gets_a_distinct_error() {
         .unwrap();
     start().await.unwrap().stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn custom_events_and_a_standby_of_the_same_consumer() {
+    let Some(cluster) = cluster("custom_events_and_a_standby") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let start = || async {
+        let notifier = Notifier::builder(&db.url)
+            .watch(
+                Watch::new("t", Insert)
+                    .extra_columns(["v"])
+                    .tier(Tier::Logical),
+            )
+            .consumer("group")
+            .start()
+            .await
+            .unwrap();
+        let ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        (notifier, ev)
+    };
+    let (a, mut a_ev) = start().await;
+    // A custom event travels through the slot as a logical-decoding message.
+    a.notify("t", Insert, serde_json::json!({"id": 7, "v": "custom"}))
+        .await
+        .unwrap();
+    let e = a_ev.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("v")),
+        (Some(7), Some(&serde_json::json!("custom")))
+    );
+    // A second process of the same consumer stands by; it takes over when the first stops.
+    let (b, mut b_ev) = start().await;
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
+    db.exec("INSERT INTO t VALUES (1, 'a')").await;
+    assert_eq!(a_ev.next().await.id().as_i64(), Some(1));
+    a.stop().await.unwrap();
+    db.exec("INSERT INTO t VALUES (2, 'b')").await;
+    assert_eq!(
+        b_ev.next().await.id().as_i64(),
+        Some(2),
+        "the standby took over after 1"
+    );
+    b.stop().await.unwrap();
+}
