@@ -532,7 +532,13 @@ impl NotifierBuilder {
                 return Err(e);
             }
         };
-        let backlog = consumer.map(|c| {
+        // A logical consumer has no journal backlog: its slot's lag is read by its listener.
+        let journal = !pipeline
+            .channels
+            .list()
+            .iter()
+            .any(|c| c.tier() == crate::Tier::Logical);
+        let backlog = consumer.filter(|_| journal).map(|c| {
             watch_backlog(
                 dialect.clone(),
                 c.name,

@@ -30,6 +30,8 @@ mod change_data;
 #[path = "../common/mod.rs"]
 mod common;
 mod handlers;
+#[cfg(feature = "logical")]
+mod logical;
 #[cfg(feature = "mysql")]
 mod mysql;
 mod recorder;
@@ -345,6 +347,8 @@ async fn run(args: Args) {
         handlers::run(&ctx, &mut table).await;
         change_data::run(&ctx, &mut table).await;
     }
+    #[cfg(feature = "logical")]
+    logical::run(&ctx, &mut table).await;
     #[cfg(feature = "mysql")]
     if let Some(my) = my {
         my.run(&ctx, &mut table).await;
