@@ -512,21 +512,27 @@ impl Source for LogicalSource {
     }
 }
 
-/// Moves slot `slot`'s confirmed position to `lsn` (not backwards), waiting up to 5 s for the
-/// walsender of the closed stream to let go of it.
+/// Moves slot `slot`'s confirmed position to `lsn` (not backwards), waiting up to a second for
+/// the walsender of the closed stream to let go of it. A slot still in use after that belongs
+/// to another process of the consumer that took over: it confirms from now on, and what this
+/// one did not confirm is delivered again (at least once), so stop does not fail over it.
 async fn advance(client: &tokio_postgres::Client, slot: &str, lsn: u64) -> Result<()> {
     let target = format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff);
     let sql = "SELECT pg_catalog.pg_replication_slot_advance($1, $2::text::pg_lsn)
                  FROM pg_catalog.pg_replication_slots
                 WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn";
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     loop {
         match client.execute(sql, &[&slot, &target]).await {
             Ok(_) => return Ok(()),
-            Err(e)
-                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
-                    && tokio::time::Instant::now() < deadline =>
-            {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                if tokio::time::Instant::now() >= deadline {
+                    log::info!(
+                        "sqlnotify: replication slot {slot} is read by another process now; \
+                         not advancing it to {target}"
+                    );
+                    return Ok(());
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => return Err(Error::db(format!("advancing replication slot {slot}"), e)),
