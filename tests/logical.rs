@@ -416,6 +416,28 @@ async fn a_named_consumer_resumes_from_its_slot_and_cleanup_removes_it() {
     db.exec("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)")
         .await;
     assert_eq!(common::ids(&ev.take(2).await), [1, 2]);
+    // While it runs, the slot is confirmed past what was delivered (not only at stop).
+    let client = db.client().await;
+    let written: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let confirmed = wait_until(Duration::from_secs(10), || async {
+        client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+                &[&written],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    assert!(
+        confirmed,
+        "the running consumer confirmed its slot past {written}"
+    );
     notifier.stop().await.unwrap();
     assert_eq!(slots(&db).await.len(), 1, "a consumer's slot stays");
     db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
