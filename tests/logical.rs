@@ -601,6 +601,19 @@ async fn custom_events_and_a_standby_of_the_same_consumer() {
         (e.id().as_i64(), e.get("v")),
         (Some(7), Some(&serde_json::json!("custom")))
     );
+    // Snapshot feeds are not built for this tier: a typed refusal, not a wrong fence.
+    let mut feed = a
+        .subscribe_snapshot(sqlnotify::Snapshot::new("t"))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .expect("the feed answers");
+    assert!(
+        matches!(first, Some(Err(Error::Unsupported { .. }))),
+        "{first:?}"
+    );
+    drop(feed);
     // A second process of the same consumer stands by; it takes over when the first stops.
     let (b, mut b_ev) = start().await;
     assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);

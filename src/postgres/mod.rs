@@ -413,6 +413,15 @@ impl Dialect for Postgres {
         chunk_rows: usize,
     ) -> BoxFuture<'static, Result<Box<dyn crate::snapshot::reader::SnapshotReader>>> {
         let config = self.config();
+        if channel.tier == Tier::Logical {
+            // The snapshot's fence compares 64-bit transaction ids with the events'; the
+            // logical tier's are the log's 32-bit ones. Not built yet.
+            let what = format!(
+                "a snapshot of {}.{}: not available on Tier::Logical yet; use Tier::Durable",
+                channel.schema, channel.table
+            );
+            return Box::pin(async move { Err(Error::Unsupported { what }) });
+        }
         Box::pin(async move {
             let reader = snapshot::PgSnapshot::open(&config, channel, chunk_rows).await?;
             Ok(Box::new(reader) as Box<dyn crate::snapshot::reader::SnapshotReader>)

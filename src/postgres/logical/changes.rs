@@ -51,6 +51,7 @@ pub(crate) struct Changes {
 }
 
 impl Changes {
+    /// Decodes for `routes`, with an empty Relation cache.
     pub fn new(routes: Arc<Vec<Route>>) -> Self {
         Changes {
             routes,

@@ -79,6 +79,8 @@ pub(crate) struct LogicalSource {
 }
 
 impl LogicalSource {
+    /// Reads slot (and publication) `slot` of the database `config` connects to, decoding for
+    /// `routes`; `named`: a named consumer confirms through the shell's saves.
     pub fn new(
         config: Config,
         slot: String,
@@ -149,7 +151,7 @@ impl LogicalSource {
         }
     }
 
-    /// Handles one event; returns whether a transaction was completed into `batch`.
+    /// Handles one event: a Commit moves its transaction's rows into `batch`.
     fn handle(
         &mut self,
         conn: &mut LogicalConn,
