@@ -419,6 +419,7 @@ impl NotifierBuilder {
                 Ok(resolved)
             })
             .collect::<Result<Vec<_>>>()?;
+        check_logical(dialect.name(), &resolved)?;
         dialect.check_watches(&resolved).await?;
         Ok(resolved)
     }
@@ -554,7 +555,13 @@ impl NotifierBuilder {
                 return Err(e);
             }
         };
-        let backlog = consumer.map(|c| {
+        // A logical consumer has no journal backlog: its slot's lag is read by its listener.
+        let journal = !pipeline
+            .channels
+            .list()
+            .iter()
+            .any(|c| c.tier() == crate::Tier::Logical);
+        let backlog = consumer.filter(|_| journal).map(|c| {
             watch_backlog(
                 dialect.clone(),
                 c.name,
@@ -571,6 +578,39 @@ impl NotifierBuilder {
             install_timeout: self.install_timeout,
         }))
     }
+}
+
+/// [`Tier::Logical`](crate::Tier::Logical) is PostgreSQL's, and a notifier's watches use it
+/// all or not at all (one listener per notifier keeps commit order: a slot and a journal
+/// cannot be read in one order).
+fn check_logical(dialect: &str, watches: &[ResolvedWatch]) -> Result<()> {
+    let logical = |w: &&ResolvedWatch| w.tier == crate::Tier::Logical;
+    let Some(first) = watches.iter().find(logical) else {
+        return Ok(());
+    };
+    let describe = |w: &ResolvedWatch| {
+        format!(
+            "{}.{} {}",
+            w.channel.schema,
+            w.channel.table,
+            w.channel.operation.as_str()
+        )
+    };
+    if dialect != "postgresql" {
+        return Err(Error::InvalidWatch {
+            watch: describe(first),
+            reason: format!("Tier::Logical is PostgreSQL's logical decoding; {dialect} has none"),
+        });
+    }
+    if let Some(other) = watches.iter().find(|w| w.tier != crate::Tier::Logical) {
+        return Err(Error::InvalidWatch {
+            watch: describe(other),
+            reason: "a notifier with Tier::Logical watches reads a replication slot only: give \
+                     every watch Tier::Logical, or use a second notifier for the others"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// Default backlog (journal rows) past which a named consumer's backlog is logged.

@@ -75,6 +75,15 @@ pub enum ConsumerPosition {
     Horizon(u64),
     /// SQLite, MySQL / MariaDB: the journal id up to which every row was read.
     JournalId(i64),
+    /// PostgreSQL's logical tier: the replication slot's confirmed position (an LSN; changes
+    /// of transactions committed after it are read on restart) and how many bytes of WAL the
+    /// server keeps for the slot past it (its lag).
+    Slot {
+        /// `confirmed_flush_lsn`.
+        confirmed: u64,
+        /// `pg_current_wal_lsn() - confirmed_flush_lsn`, in bytes.
+        lag_bytes: u64,
+    },
 }
 
 impl fmt::Display for ConsumerPosition {
@@ -82,6 +91,15 @@ impl fmt::Display for ConsumerPosition {
         match self {
             ConsumerPosition::Horizon(xid) => write!(f, "xid {xid}"),
             ConsumerPosition::JournalId(id) => write!(f, "id {id}"),
+            ConsumerPosition::Slot {
+                confirmed,
+                lag_bytes,
+            } => write!(
+                f,
+                "lsn {:X}/{:X}, lag {lag_bytes} B",
+                confirmed >> 32,
+                confirmed & 0xffff_ffff
+            ),
         }
     }
 }
@@ -248,6 +266,11 @@ mod tests {
         assert_eq!(ConsumerState::parse("garbage"), ConsumerState::Active);
         assert_eq!(ConsumerPosition::Horizon(7).to_string(), "xid 7");
         assert_eq!(ConsumerPosition::JournalId(42).to_string(), "id 42");
+        let slot = ConsumerPosition::Slot {
+            confirmed: 0x1_0000_00AB,
+            lag_bytes: 512,
+        };
+        assert_eq!(slot.to_string(), "lsn 1/AB, lag 512 B");
     }
 
     #[test]

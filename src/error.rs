@@ -210,6 +210,32 @@ pub enum Error {
         /// What was asked for and why it cannot be had, naming what to use instead.
         what: String,
     },
+    /// The logical-decoding tier ([`Tier::Logical`](crate::Tier::Logical)) needs the server's
+    /// `wal_level` to be `logical`.
+    WalLevelNotLogical {
+        /// The server's `wal_level` (`replica`, `minimal`).
+        wal_level: String,
+    },
+    /// A table cannot be watched on the logical-decoding tier as asked: publishing it would
+    /// make the application's UPDATEs and DELETEs fail (it has no replica identity), or its
+    /// replica identity does not log the values the watch needs.
+    ReplicaIdentity {
+        /// The table, as `schema.table`.
+        table: String,
+        /// What is missing and the `ALTER TABLE` that fixes it.
+        detail: String,
+    },
+    /// A logical-decoding consumer's replication slot was invalidated by the server (its
+    /// `wal_status` is `lost`: it fell further behind than `max_slot_wal_keep_size`). The
+    /// changes it had not read are gone; it cannot resume. Drop it
+    /// ([`Notifier::drop_consumer`](crate::Notifier::drop_consumer), `sqlnotify consumers
+    /// drop`) and start again, from "now".
+    SlotLost {
+        /// The slot.
+        slot: String,
+        /// The server's words.
+        detail: String,
+    },
     /// A message broker call failed (the relay: connecting to NATS, checking or creating
     /// the stream, publishing).
     Broker {
@@ -394,6 +420,20 @@ impl fmt::Display for Error {
                  dead-letters list`)"
             ),
             Error::Unsupported { what } => f.write_str(what),
+            Error::WalLevelNotLogical { wal_level } => write!(
+                f,
+                "Tier::Logical needs wal_level = logical, and the server has wal_level = \
+                 {wal_level}: set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET \
+                 wal_level = logical) and restart the server (a reload is not enough)"
+            ),
+            Error::ReplicaIdentity { table, detail } => {
+                write!(f, "table {table} cannot be watched with Tier::Logical: {detail}")
+            }
+            Error::SlotLost { slot, detail } => write!(
+                f,
+                "replication slot {slot} was invalidated by the server ({detail}): the changes \
+                 it had not read are lost; drop the consumer and start again"
+            ),
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Stats {
     /// the database every 2 s (so up to that old); 0 without a named consumer. Past
     /// [`backlog_warning`](crate::NotifierBuilder::backlog_warning) it is also logged.
     pub backlog: u64,
+    /// [`Tier::Logical`](crate::Tier::Logical): bytes of WAL the server keeps for this
+    /// notifier's replication slot past its confirmed position, read every 2 s; past 1 GiB it
+    /// is also logged. 0 on the other tiers.
+    pub slot_lag: u64,
     /// This notifier's part in its named consumer's group.
     pub role: Role,
     /// Events handlers ([`Notifier::handle`](crate::Notifier::handle)) handled successfully
@@ -148,6 +152,8 @@ pub(crate) struct Counters {
     pub has_subscriber: AtomicBool,
     /// The named consumer's backlog, as last counted.
     pub backlog: AtomicU64,
+    /// The logical tier's slot lag in bytes, as last read.
+    pub slot_lag: AtomicU64,
     /// [`Role`], as its `as_u8`.
     pub role: AtomicU8,
     /// Events acknowledged subscriptions have not acknowledged yet.
@@ -226,6 +232,7 @@ impl Counters {
             in_flight: get(&self.forwarded).saturating_sub(get(&self.settled)),
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
             backlog: get(&self.backlog),
+            slot_lag: get(&self.slot_lag),
             role: self.role(),
             handled: get(&self.handled),
             handler_errors: get(&self.handler_errors),

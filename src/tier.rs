@@ -20,6 +20,17 @@ pub enum Tier {
     /// NOTIFY's commit-time lock off the writers and works through poolers in transaction
     /// mode.
     Poll,
+    /// No trigger at all: changes are read from PostgreSQL's write-ahead log through logical
+    /// decoding (a publication of the watched tables and a replication slot, which sqlnotify
+    /// creates at `start()`; pgoutput over the streaming replication protocol). Writers pay
+    /// only the extra WAL. Needs the `logical` feature, `wal_level = logical` on the server
+    /// (else [`Error::WalLevelNotLogical`](crate::Error::WalLevelNotLogical)), the
+    /// `REPLICATION` attribute, and tables with a replica identity
+    /// ([`Error::ReplicaIdentity`](crate::Error::ReplicaIdentity)). At least once, like
+    /// `Durable`: a named [`consumer`](crate::NotifierBuilder::consumer) resumes from its
+    /// slot's confirmed position after a restart. See README, "The logical tier", for what it
+    /// carries per replica identity and how to operate the slot. PostgreSQL only.
+    Logical,
 }
 
 /// How a watch's trigger captures changed rows (PostgreSQL journal tiers).

@@ -1,7 +1,8 @@
 //! The notifier's process killed (SIGKILL, no chance to save anything) in the middle of a
 //! stream of commits, then started again with the same named consumer: every committed row
 //! reaches a subscriber at least once over the two runs — on PostgreSQL's durable and poll
-//! tiers, on SQLite and (feature `mysql`) on MySQL / MariaDB.
+//! tiers, (feature `logical`) its logical tier, on SQLite and (feature `mysql`) on MySQL /
+//! MariaDB.
 //!
 //! The test binary re-executes itself as the notifier's process (the same test, with
 //! `SQLNOTIFY_KILL_CHILD_URL` set): it starts a notifier with the consumer and a subscriber
@@ -73,6 +74,7 @@ async fn notifier_process() -> bool {
     match std::env::var(CHILD_TIER).as_deref() {
         Ok("durable") => watch = watch.tier(Tier::Durable),
         Ok("poll") => watch = watch.tier(Tier::Poll),
+        Ok("logical") => watch = watch.tier(Tier::Logical),
         _ => {}
     }
     // Subscribed on the builder, so the subscriber sees the consumer's replay.
@@ -117,6 +119,7 @@ impl NotifierProcess {
         let tier = match tier {
             Some(Tier::Durable) => "durable",
             Some(Tier::Poll) => "poll",
+            Some(Tier::Logical) => "logical",
             _ => "",
         };
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -380,6 +383,27 @@ async fn postgres_poll_tier_loses_nothing_when_the_process_is_killed() {
         Target::Postgres(&db),
     )
     .await;
+}
+
+/// On a cluster of its own with `wal_level=logical`: the second process resumes from the slot's
+/// confirmed position.
+#[cfg(feature = "logical")]
+#[actix_rt::test]
+async fn postgres_logical_tier_loses_nothing_when_the_process_is_killed() {
+    if notifier_process().await {
+        return;
+    }
+    let test = "postgres_logical_tier_loses_nothing_when_the_process_is_killed";
+    let Some(cluster) = common::Cluster::start_with(
+        "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10",
+    ) else {
+        common::prerequisite_missing(test, "PostgreSQL's binaries (initdb, pg_ctl)");
+        return;
+    };
+    let db = common::TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    killed_mid_stream_then_restarted(test, &db.url, Some(Tier::Logical), Target::Postgres(&db))
+        .await;
 }
 
 #[actix_rt::test]

@@ -30,6 +30,8 @@ mod change_data;
 #[path = "../common/mod.rs"]
 mod common;
 mod handlers;
+#[cfg(feature = "logical")]
+mod logical;
 #[cfg(feature = "mysql")]
 mod mysql;
 mod recorder;
@@ -107,6 +109,7 @@ impl System {
             System::NotifyUnsigned => "notify tier, unsigned",
             System::Tier(Tier::Durable) => "durable tier",
             System::Tier(Tier::Poll) => "poll tier",
+            System::Tier(Tier::Logical) => "logical tier (replication slot)",
             System::RawUnheard => "raw pg_notify trigger, nobody listening",
             System::Statement(Tier::Durable) => "durable tier, statement capture",
             System::Statement(_) => "poll tier, statement capture",
@@ -344,6 +347,8 @@ async fn run(args: Args) {
         handlers::run(&ctx, &mut table).await;
         change_data::run(&ctx, &mut table).await;
     }
+    #[cfg(feature = "logical")]
+    logical::run(&ctx, &mut table).await;
     #[cfg(feature = "mysql")]
     if let Some(my) = my {
         my.run(&ctx, &mut table).await;

@@ -90,6 +90,12 @@ fn notify(
             "INSERT INTO {}.journal (channel, payload) VALUES ($1, $2)",
             quote_ident(SCHEMA)
         ),
+        // A transactional logical-decoding message, which the slot's reader takes as an event
+        // on the channel its prefix names (only roles with REPLICATION may emit one).
+        Tier::Logical => {
+            "SELECT pg_catalog.pg_logical_emit_message(true, 'sqlnotify:' || $1, $2)::text"
+                .to_string()
+        }
     };
     let channel = channel.name.clone();
     Box::pin(async move {

@@ -184,7 +184,8 @@ fn function_header(channel: &str, body: &str) -> String {
 fn helper_args(w: &ResolvedWatch) -> &'static str {
     match w.tier {
         Tier::Notify => "text, text",
-        Tier::Durable | Tier::Poll => "text, integer",
+        // Logical watches have no helper (`Postgres::install` never passes them here).
+        Tier::Durable | Tier::Poll | Tier::Logical => "text, integer",
     }
 }
 
@@ -223,7 +224,7 @@ pub(crate) fn helper_sql(w: &ResolvedWatch) -> String {
     let body = match w.tier {
         // Row capture leaves `events` to its default (1), so its helper also writes to a
         // journal of a version before that column, until start() upgrades it.
-        Tier::Durable | Tier::Poll if w.capture == Capture::Row => format!(
+        Tier::Durable | Tier::Poll | Tier::Logical if w.capture == Capture::Row => format!(
             "
 BEGIN
   {authorize}
@@ -231,7 +232,7 @@ BEGIN
 END
 "
         ),
-        Tier::Durable | Tier::Poll => format!(
+        Tier::Durable | Tier::Poll | Tier::Logical => format!(
             "
 BEGIN
   {authorize}
@@ -244,7 +245,7 @@ END
     let (name, args) = (function_name(&channel.name), helper_args(w));
     let params = match w.tier {
         Tier::Notify => "_sqn_full text, _sqn_key text",
-        Tier::Durable | Tier::Poll => "_sqn_payload text, _sqn_events integer",
+        Tier::Durable | Tier::Poll | Tier::Logical => "_sqn_payload text, _sqn_events integer",
     };
     format!(
         "CREATE OR REPLACE FUNCTION {name}({params}) RETURNS void LANGUAGE plpgsql SECURITY DEFINER \
@@ -408,8 +409,11 @@ fn context_object(names: &[String]) -> Option<String> {
 pub(crate) fn function_sql(w: &ResolvedWatch) -> String {
     match (w.tier, w.capture) {
         (Tier::Notify, _) => notify_function_sql(w),
-        (Tier::Durable | Tier::Poll, Capture::Row) => journal_function_sql(w),
-        (Tier::Durable | Tier::Poll, Capture::Statement) => statement_function_sql(w),
+        // Logical watches install no trigger (`Postgres::install` never passes them here).
+        (Tier::Durable | Tier::Poll | Tier::Logical, Capture::Row) => journal_function_sql(w),
+        (Tier::Durable | Tier::Poll | Tier::Logical, Capture::Statement) => {
+            statement_function_sql(w)
+        }
     }
 }
 

@@ -14,11 +14,13 @@ mod dead_letters;
 pub(crate) mod effects;
 mod journal;
 mod listener;
+#[cfg(feature = "logical")]
+mod logical;
 mod replay;
 mod signing;
 mod snapshot;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -40,6 +42,11 @@ pub(crate) struct Postgres {
     control: Arc<Control>,
     /// Whether notify-tier payloads are signed (anyone who can connect may NOTIFY).
     sign_notifications: bool,
+    /// The logical tier's watches, as the last install saw them (what its listener decodes).
+    logical: Mutex<Vec<ResolvedWatch>>,
+    /// The throwaway slot and publication of a logical listener without a consumer, dropped
+    /// by `close`.
+    temporary: Arc<Mutex<Option<String>>>,
 }
 
 impl Postgres {
@@ -58,11 +65,106 @@ impl Postgres {
         Ok(Postgres {
             control: Arc::new(Control::new(config)),
             sign_notifications: options.sign_notifications,
+            logical: Mutex::new(Vec::new()),
+            temporary: Arc::new(Mutex::new(None)),
         })
     }
 
     fn config(&self) -> Config {
         self.control.config().clone()
+    }
+}
+
+/// The watch options the logical tier refuses; without the `logical` feature, the tier.
+fn check_logical_options(watches: &[ResolvedWatch]) -> Result<()> {
+    #[cfg(feature = "logical")]
+    for w in watches.iter().filter(|w| w.tier == Tier::Logical) {
+        logical::check_options(w)?;
+    }
+    #[cfg(not(feature = "logical"))]
+    if let Some(w) = watches.iter().find(|w| w.tier == Tier::Logical) {
+        return Err(Error::Unsupported {
+            what: format!(
+                "watch {}.{}: Tier::Logical needs sqlnotify's `logical` feature",
+                w.channel.schema, w.channel.table
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `wal_level` and the tables' replica identity, for the logical tier's watches.
+#[cfg(feature = "logical")]
+async fn check_logical_tables(
+    client: &tokio_postgres::Client,
+    watches: &[ResolvedWatch],
+) -> Result<()> {
+    logical::check_server(client).await?;
+    logical::check_tables(client, &watches.iter().collect::<Vec<_>>()).await
+}
+
+#[cfg(not(feature = "logical"))]
+async fn check_logical_tables(_: &tokio_postgres::Client, watches: &[ResolvedWatch]) -> Result<()> {
+    check_logical_options(watches)
+}
+
+impl Postgres {
+    /// Starts the logical tier's listener: the publication and the slot (a consumer's, else a
+    /// throwaway one dropped by `close`), then the shell over a [`logical::LogicalSource`].
+    #[cfg(feature = "logical")]
+    fn listen_logical(
+        &self,
+        params: ListenParams,
+    ) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        let (config, control) = (self.config(), self.control.clone());
+        let watches = self
+            .logical
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let name = match &params.consumer {
+            Some(consumer) => logical::consumer_object(&consumer.name),
+            None => {
+                let name = logical::temporary_object();
+                *self.temporary.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.clone());
+                name
+            }
+        };
+        Box::pin(async move {
+            let tables: Vec<(String, String)> = watches
+                .iter()
+                .map(|w| (w.channel.schema.clone(), w.channel.table.clone()))
+                .collect();
+            let client = control.client().await?;
+            logical::ensure(
+                &client,
+                &name,
+                &tables,
+                params.consumer.as_ref().map(|c| c.name.as_str()),
+            )
+            .await?;
+            drop(client);
+            let source = logical::LogicalSource::new(
+                config,
+                name,
+                params.consumer.is_some(),
+                logical::routes(&watches),
+                params.health_check,
+            )?;
+            crate::listener::start(source, params).await
+        })
+    }
+
+    #[cfg(not(feature = "logical"))]
+    fn listen_logical(
+        &self,
+        _: ListenParams,
+    ) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
+        Box::pin(async {
+            Err(Error::Unsupported {
+                what: "Tier::Logical needs sqlnotify's `logical` feature".into(),
+            })
+        })
     }
 }
 
@@ -104,6 +206,7 @@ impl Dialect for Postgres {
                 "PostgreSQL offers current_user, session_user, application_name, client_addr, \
                  backend_pid and custom settings whose name has a dot (such as app.user_id)",
             )?;
+            check_logical_options(&watches)?;
             if !watches.iter().any(|w| w.capture == Capture::Statement) {
                 return Ok(());
             }
@@ -118,15 +221,41 @@ impl Dialect for Postgres {
         options: InstallOptions,
     ) -> BoxFuture<'static, Result<()>> {
         let config = self.config();
+        let (logical, watches): (Vec<ResolvedWatch>, Vec<ResolvedWatch>) =
+            watches.into_iter().partition(|w| w.tier == Tier::Logical);
+        *self.logical.lock().unwrap_or_else(|p| p.into_inner()) = logical.clone();
         Box::pin(async move {
             // Its own connection: the install transaction must not interleave with other calls.
             let mut client = Control::connect(&config, "install").await?;
+            if !logical.is_empty() {
+                check_logical_tables(&client, &logical).await?;
+            }
+            if watches.is_empty() && !options.cleanup_on_start {
+                return Ok(());
+            }
             catalog::install(&mut client, &watches, options).await
         })
     }
 
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String> {
-        Ok(ddl::install_script(watches, grant_to))
+        let (logical, watches): (Vec<ResolvedWatch>, Vec<ResolvedWatch>) = watches
+            .iter()
+            .cloned()
+            .partition(|w| w.tier == Tier::Logical);
+        if !logical.is_empty() && watches.is_empty() {
+            return Ok(format!(
+                "-- Tier::Logical watches install no trigger: start() creates a publication and a \
+                 replication slot for them\n-- (the role needs REPLICATION, and ownership of {}).\n",
+                logical
+                    .iter()
+                    .map(|w| format!("{}.{}", w.channel.schema, w.channel.table))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(ddl::install_script(&watches, grant_to))
     }
 
     fn uninstall(
@@ -145,12 +274,22 @@ impl Dialect for Postgres {
         let config = self.config();
         Box::pin(async move {
             let mut client = Control::connect(&config, "cleanup").await?;
+            #[cfg(feature = "logical")]
+            {
+                let n = logical::cleanup(&client, timeout).await?;
+                if n > 0 {
+                    log::info!("sqlnotify: cleanup removed {n} replication slots and publications");
+                }
+            }
             catalog::cleanup_all(&mut client, timeout).await
         })
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
         let (config, control) = (self.config(), self.control.clone());
+        if params.channels.iter().any(|c| c.tier == Tier::Logical) {
+            return self.listen_logical(params);
+        }
         Box::pin(async move {
             // Read once: the key never changes while its table exists.
             let verifier = if params.channels.iter().any(|c| c.signed) {
@@ -184,17 +323,64 @@ impl Dialect for Postgres {
 
     fn close(&self) -> BoxFuture<'static, ()> {
         let control = self.control.clone();
-        Box::pin(async move { control.close().await })
+        let temporary = self
+            .temporary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        Box::pin(async move {
+            #[cfg(feature = "logical")]
+            if let Some(name) = temporary {
+                let dropped = match control.client().await {
+                    Ok(client) => {
+                        logical::drop_objects(&client, &name, std::time::Duration::from_secs(5))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = dropped {
+                    log::warn!("sqlnotify: could not drop replication slot {name}: {e}; drop it with cleanup() — it keeps WAL on the server");
+                }
+            }
+            #[cfg(not(feature = "logical"))]
+            let _ = temporary;
+            control.close().await
+        })
     }
 
     fn consumers(&self) -> BoxFuture<'static, Result<Vec<ConsumerInfo>>> {
         let control = self.control.clone();
-        Box::pin(async move { consumers::list(&*control.client().await?).await })
+        Box::pin(async move {
+            let client = control.client().await?;
+            #[allow(unused_mut)]
+            let mut list = consumers::list(&client).await?;
+            #[cfg(feature = "logical")]
+            {
+                list.extend(logical::list(&client).await?);
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            Ok(list)
+        })
     }
 
     fn drop_consumer(&self, name: String) -> BoxFuture<'static, Result<()>> {
         let control = self.control.clone();
-        Box::pin(async move { consumers::drop_consumer(&*control.client().await?, &name).await })
+        Box::pin(async move {
+            let client = control.client().await?;
+            let journal = consumers::drop_consumer(&client, &name).await;
+            #[cfg(feature = "logical")]
+            {
+                let object = logical::consumer_object(&name);
+                let wait = std::time::Duration::from_secs(5);
+                if logical::drop_objects(&client, &object, wait).await? {
+                    return match journal {
+                        Err(Error::UnknownConsumer { .. }) => Ok(()),
+                        other => other,
+                    };
+                }
+            }
+            journal
+        })
     }
 
     fn consumer_backlog(&self, name: String) -> BoxFuture<'static, Result<Option<Backlog>>> {
@@ -227,6 +413,15 @@ impl Dialect for Postgres {
         chunk_rows: usize,
     ) -> BoxFuture<'static, Result<Box<dyn crate::snapshot::reader::SnapshotReader>>> {
         let config = self.config();
+        if channel.tier == Tier::Logical {
+            // The snapshot's fence compares 64-bit transaction ids with the events'; the
+            // logical tier's are the log's 32-bit ones. Not built yet.
+            let what = format!(
+                "a snapshot of {}.{}: not available on Tier::Logical yet; use Tier::Durable",
+                channel.schema, channel.table
+            );
+            return Box::pin(async move { Err(Error::Unsupported { what }) });
+        }
         Box::pin(async move {
             let reader = snapshot::PgSnapshot::open(&config, channel, chunk_rows).await?;
             Ok(Box::new(reader) as Box<dyn crate::snapshot::reader::SnapshotReader>)

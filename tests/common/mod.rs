@@ -423,21 +423,28 @@ pub struct Cluster {
     as_postgres: bool,
     /// The server's `listen_addresses`.
     listen: String,
+    /// More server settings, as `-c name=value …`.
+    settings: String,
 }
 
 impl Cluster {
     pub fn start() -> Option<Cluster> {
-        Cluster::start_listening(None)
+        Cluster::start_listening(None, "")
+    }
+
+    /// A cluster started with more server settings (`-c wal_level=logical …`).
+    pub fn start_with(settings: &str) -> Option<Cluster> {
+        Cluster::start_listening(None, settings)
     }
 
     /// A cluster that also listens on `address` (which must exist on this machine) and trusts
     /// the clients of `network` (CIDR), as it trusts local ones: for clients in a network
     /// namespace of the test's own.
     pub fn start_also_on(address: &str, network: &str) -> Option<Cluster> {
-        Cluster::start_listening(Some((address, network)))
+        Cluster::start_listening(Some((address, network)), "")
     }
 
-    fn start_listening(also: Option<(&str, &str)>) -> Option<Cluster> {
+    fn start_listening(also: Option<(&str, &str)>, settings: &str) -> Option<Cluster> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -461,6 +468,7 @@ impl Cluster {
             bin,
             as_postgres,
             listen,
+            settings: settings.to_string(),
         };
         if as_postgres {
             std::process::Command::new("chown")
@@ -507,10 +515,11 @@ impl Cluster {
         let data = self.dir.join("data");
         let log = self.dir.join("log");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses={}",
+            "-p {} -k {} -c listen_addresses={} {}",
             self.port,
             self.dir.display(),
-            self.listen
+            self.listen,
+            self.settings
         );
         self.run(
             "pg_ctl",

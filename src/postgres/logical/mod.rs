@@ -1,0 +1,498 @@
+//! The logical-decoding tier ([`Tier::Logical`](crate::Tier::Logical)): watches install no
+//! trigger; changes are read from a replication slot over the streaming replication protocol
+//! (`pgwire-replication`) and decoded from pgoutput here. This module owns the database
+//! objects: the server check (`wal_level`), the tables' replica identity check, one
+//! publication and one slot per notifier — named after its consumer, or a throwaway name for a
+//! notifier without one (dropped at stop) — their removal, and the slot's lag.
+//! `source.rs` is the listener's [`Source`](crate::listener::Source), `changes.rs` turns
+//! changes into payloads, `pgoutput.rs` parses the messages, `values.rs` converts values.
+
+mod changes;
+mod pgoutput;
+mod source;
+mod values;
+
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
+use tokio_postgres::Client;
+
+pub(crate) use self::changes::Route;
+pub(crate) use self::source::LogicalSource;
+use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
+use crate::error::{Error, Result};
+use crate::operation::Operation;
+use crate::resolve::ResolvedWatch;
+use crate::sql::quote_ident;
+use crate::tier::Tier;
+
+/// Every slot and publication sqlnotify creates starts with this (`_` escaped for `LIKE`).
+const PREFIX: &str = "sqlnotify_";
+const PREFIX_LIKE: &str = "sqlnotify\\_%";
+/// A consumer's publication's comment: this, then the consumer's name.
+const COMMENT: &str = "sqlnotify consumer ";
+/// Throwaway names of notifiers without a consumer.
+const TEMPORARY: &str = "sqlnotify_tmp_";
+
+/// The name of the slot and the publication of named consumer `consumer`: `sqlnotify_`, the
+/// name's letters and digits (lower case, others as `_`, at most 40), `_`, and 8 hex digits
+/// of a hash of the exact name — so names that differ only in case or punctuation do not
+/// meet. Always `[a-z0-9_]`, at most 63 bytes.
+pub(crate) fn consumer_object(consumer: &str) -> String {
+    let readable: String = consumer
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '_',
+        })
+        .take(40)
+        .collect();
+    // FNV-1a: stable across versions and platforms (std's hasher is not).
+    let hash = consumer.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{PREFIX}{readable}_{hash:08x}")
+}
+
+/// A throwaway name for a notifier without a consumer.
+pub(crate) fn temporary_object() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mix = nanos ^ (u64::from(std::process::id()) << 40) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    format!("{TEMPORARY}{mix:016x}")
+}
+
+/// The watch options the logical tier cannot honour, refused by `start()`.
+pub(crate) fn check_options(w: &ResolvedWatch) -> Result<()> {
+    let refuse = |reason: &str| {
+        Err(Error::InvalidWatch {
+            watch: format!(
+                "{}.{} {}",
+                w.channel.schema,
+                w.channel.table,
+                w.channel.operation.as_str()
+            ),
+            reason: reason.into(),
+        })
+    };
+    if !w.context.is_empty() {
+        return refuse(
+            "Tier::Logical cannot capture context values: they live in the writer's session, \
+             which the write-ahead log does not record; use Tier::Durable",
+        );
+    }
+    if !w.trigger_columns.is_empty() {
+        return refuse(
+            "Tier::Logical does not support trigger_columns (the log has no old row to compare \
+             with unless the table has REPLICA IDENTITY FULL); filter on the subscriber or use \
+             Tier::Durable",
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless the server can decode its log: `wal_level` must be `logical`.
+pub(crate) async fn check_server(client: &Client) -> Result<()> {
+    let row = client
+        .query_one("SELECT pg_catalog.current_setting('wal_level')", &[])
+        .await
+        .map_err(|e| Error::db("reading wal_level", e))?;
+    let level: String = row.get(0);
+    if level != "logical" {
+        return Err(Error::WalLevelNotLogical { wal_level: level });
+    }
+    Ok(())
+}
+
+/// Refuses a table whose replica identity would make publishing it break the application's
+/// UPDATEs and DELETEs (no primary key and `DEFAULT`, or `NOTHING`) — the server fails every
+/// such write once the table is in a publication that publishes them — and a watch that needs
+/// values the identity does not log: a DELETE watch's columns must be in the identity, an
+/// `old_values` watch needs `FULL`.
+pub(crate) async fn check_tables(client: &Client, watches: &[&ResolvedWatch]) -> Result<()> {
+    for w in watches {
+        let (schema, table) = (&w.channel.schema, &w.channel.table);
+        let row = client
+            .query_typed_opt(
+                "SELECT c.relreplident::text, c.relkind::text,
+                        (SELECT pg_catalog.array_agg(a.attname::text)
+                           FROM pg_catalog.pg_index i
+                           JOIN pg_catalog.pg_attribute a
+                             ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                          WHERE i.indrelid = c.oid
+                            AND ((c.relreplident = 'd' AND i.indisprimary)
+                              OR (c.relreplident = 'i' AND i.indisreplident)))
+                   FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2",
+                &[(schema, Type::TEXT), (table, Type::TEXT)],
+            )
+            .await
+            .map_err(|e| {
+                Error::db(
+                    format!("reading the replica identity of {schema}.{table}"),
+                    e,
+                )
+            })?
+            .ok_or_else(|| Error::UnknownTable {
+                schema: schema.clone(),
+                table: table.clone(),
+            })?;
+        let (identity, kind): (String, String) = (row.get(0), row.get(1));
+        let columns: Option<Vec<String>> = row.get(2);
+        let refuse = |detail: String| Error::ReplicaIdentity {
+            table: format!("{schema}.{table}"),
+            detail,
+        };
+        if !matches!(kind.as_str(), "r" | "p") {
+            return Err(refuse(
+                "only tables can be published (a view or foreign table has no change log)".into(),
+            ));
+        }
+        let identity_columns =
+            match (identity.as_str(), columns) {
+                ("f", _) => None, // every column
+                (_, Some(columns)) if !columns.is_empty() => Some(columns),
+                _ => return Err(refuse(
+                    "it has no replica identity (no primary key, or REPLICA IDENTITY NOTHING): \
+                     publishing it would make every UPDATE and DELETE on it fail. Add a primary \
+                     key, or run ALTER TABLE … REPLICA IDENTITY FULL (or USING INDEX)"
+                        .into(),
+                )),
+            };
+        if w.old_values && identity != "f" {
+            return Err(refuse(format!(
+                "the {} watch wants old_values, which the log carries only under REPLICA \
+                 IDENTITY FULL: run ALTER TABLE {}.{} REPLICA IDENTITY FULL, or drop old_values",
+                w.channel.operation.as_str(),
+                quote_ident(schema),
+                quote_ident(table)
+            )));
+        }
+        if let (Operation::Delete, Some(identity)) = (w.channel.operation, &identity_columns) {
+            let missing: Vec<&String> = w
+                .channel
+                .payload_columns()
+                .into_iter()
+                .filter(|c| !identity.contains(c))
+                .collect();
+            if !missing.is_empty() {
+                return Err(refuse(format!(
+                    "a DELETE logs only the replica identity's columns ({}), not {missing:?}: \
+                     run ALTER TABLE {}.{} REPLICA IDENTITY FULL, or watch fewer columns",
+                    identity.join(", "),
+                    quote_ident(schema),
+                    quote_ident(table)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The logical watches among `watches`.
+pub(crate) fn logical(watches: &[ResolvedWatch]) -> Vec<&ResolvedWatch> {
+    watches.iter().filter(|w| w.tier == Tier::Logical).collect()
+}
+
+/// The routes the source decodes for.
+pub(crate) fn routes(watches: &[ResolvedWatch]) -> Vec<Route> {
+    logical(watches)
+        .into_iter()
+        .map(|w| Route {
+            channel: w.channel.name.clone(),
+            schema: w.channel.schema.clone(),
+            table: w.channel.table.clone(),
+            operation: w.channel.operation,
+            columns: w.channel.payload_columns().into_iter().cloned().collect(),
+            old_values: w.old_values,
+        })
+        .collect()
+}
+
+/// Creates (or updates) publication `name` for `tables` and, when missing, logical slot
+/// `name`. A new slot reads changes committed after it was created. The publication's
+/// comment keeps the consumer's own name (the object's name is derived from it).
+pub(crate) async fn ensure(
+    client: &Client,
+    name: &str,
+    tables: &[(String, String)],
+    consumer: Option<&str>,
+) -> Result<()> {
+    check_server(client).await?;
+    let mut list: Vec<String> = tables
+        .iter()
+        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .collect();
+    list.sort();
+    list.dedup();
+    let list = list.join(", ");
+    let exists = client
+        .query_typed_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[(&name, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db("reading publications", e))?
+        .is_some();
+    let sql = if exists {
+        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(name))
+    } else {
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish = 'insert, update, delete', \
+             publish_via_partition_root = true)",
+            quote_ident(name)
+        )
+    };
+    match client.batch_execute(&sql).await {
+        Ok(()) => {}
+        // Created meanwhile by another process of the same consumer.
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+        Err(e) => {
+            return Err(Error::db(
+                format!("creating publication {name} for {list}"),
+                e,
+            ))
+        }
+    }
+    if let Some(consumer) = consumer {
+        let comment = format!("{COMMENT}{consumer}");
+        client
+            .batch_execute(&format!(
+                "COMMENT ON PUBLICATION {} IS {}",
+                quote_ident(name),
+                crate::sql::quote_literal(&comment)
+            ))
+            .await
+            .map_err(|e| Error::db(format!("naming publication {name}"), e))?;
+    }
+    let status = client
+        .query_typed_opt(
+            "SELECT COALESCE(wal_status, '') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[(&name, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db(format!("reading replication slot {name}"), e))?;
+    if status.is_some_and(|r| r.get::<_, String>(0) == "lost") {
+        return Err(Error::SlotLost {
+            slot: name.to_string(),
+            detail: "its wal_status is lost: it fell behind by more than max_slot_wal_keep_size"
+                .into(),
+        });
+    }
+    let created = client
+        .query_typed(
+            "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')
+              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+            &[(&name, Type::TEXT)],
+        )
+        .await;
+    match created {
+        Ok(rows) if !rows.is_empty() => {
+            log::info!("sqlnotify: created replication slot {name}");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) => Err(Error::db(format!("creating replication slot {name}"), e)),
+    }
+}
+
+/// Drops slot `name` (terminating the session still reading it, waiting up to `wait` for it
+/// to end) and publication `name`. Returns whether either existed.
+pub(crate) async fn drop_objects(client: &Client, name: &str, wait: Duration) -> Result<bool> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut slot = false;
+    loop {
+        let row = client
+            .query_typed_opt(
+                "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[(&name, Type::TEXT)],
+            )
+            .await
+            .map_err(|e| Error::db(format!("reading replication slot {name}"), e))?;
+        let Some(row) = row else { break };
+        slot = true;
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            if tokio::time::Instant::now() >= deadline {
+                let _ = client
+                    .query_typed(
+                        "SELECT pg_catalog.pg_terminate_backend($1)",
+                        &[(&pid, Type::INT4)],
+                    )
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        match client
+            .query_typed(
+                "SELECT pg_catalog.pg_drop_replication_slot($1)",
+                &[(&name, Type::TEXT)],
+            )
+            .await
+        {
+            Ok(_) => {
+                log::info!("sqlnotify: dropped replication slot {name}");
+                break;
+            }
+            // Gone meanwhile, or taken again for a moment: look again.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => break,
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => continue,
+            Err(e) => return Err(Error::db(format!("dropping replication slot {name}"), e)),
+        }
+    }
+    let publication = client
+        .query_typed(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[(&name, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db("reading publications", e))?
+        .len()
+        == 1;
+    if publication {
+        client
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
+            .await
+            .map_err(|e| Error::db(format!("dropping publication {name}"), e))?;
+    }
+    Ok(slot || publication)
+}
+
+/// Drops every sqlnotify slot of this database and every sqlnotify publication; returns how
+/// many slots and publications there were.
+pub(crate) async fn cleanup(client: &Client, wait: Duration) -> Result<u64> {
+    let rows = client
+        .query_typed(
+            "SELECT slot_name::text FROM pg_catalog.pg_replication_slots
+              WHERE slot_name LIKE $1 AND database = pg_catalog.current_database()
+             UNION
+             SELECT pubname::text FROM pg_catalog.pg_publication WHERE pubname LIKE $1",
+            &[(&PREFIX_LIKE, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db("listing sqlnotify's slots and publications", e))?;
+    let mut n = 0;
+    for row in rows {
+        let name: String = row.get(0);
+        if drop_objects(client, &name, wait).await? {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The named consumers of the logical tier in this database: every sqlnotify slot whose
+/// publication names its consumer. `backlog` is 0 (the lag is in the position); `last_active`
+/// is now while a session reads the slot, else unknown (the UNIX epoch); `channels` lists the
+/// published tables as `schema.table`.
+pub(crate) async fn list(client: &Client) -> Result<Vec<ConsumerInfo>> {
+    let rows = client
+        .query_typed(
+            "SELECT pg_catalog.obj_description(p.oid, 'pg_publication'),
+                    (s.confirmed_flush_lsn - '0/0'::pg_lsn)::text,
+                    COALESCE(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(),
+                                                      s.confirmed_flush_lsn), 0)::bigint,
+                    s.active,
+                    COALESCE(s.wal_status, ''),
+                    (SELECT pg_catalog.array_agg(t.schemaname || '.' || t.tablename ORDER BY 1)
+                       FROM pg_catalog.pg_publication_tables t WHERE t.pubname = p.pubname)
+               FROM pg_catalog.pg_replication_slots s
+               JOIN pg_catalog.pg_publication p ON p.pubname = s.slot_name
+              WHERE s.slot_name LIKE $1 AND s.database = pg_catalog.current_database()",
+            &[(&PREFIX_LIKE, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db("listing the replication slots", e))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let Some(name) = r
+            .get::<_, Option<String>>(0)
+            .and_then(|c| c.strip_prefix(COMMENT).map(str::to_string))
+        else {
+            continue;
+        };
+        let confirmed = r
+            .get::<_, Option<String>>(1)
+            .and_then(|t| t.split('.').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let status: String = r.get(4);
+        out.push(ConsumerInfo {
+            name,
+            state: if status == "lost" {
+                ConsumerState::Expired
+            } else {
+                ConsumerState::Active
+            },
+            position: ConsumerPosition::Slot {
+                confirmed,
+                lag_bytes: r.get::<_, i64>(2).max(0) as u64,
+            },
+            backlog: 0,
+            last_active: if r.get::<_, bool>(3) {
+                std::time::SystemTime::now()
+            } else {
+                std::time::UNIX_EPOCH
+            },
+            channels: r.get(5),
+            expire_after: None,
+        });
+    }
+    Ok(out)
+}
+
+/// A slot's lag: WAL bytes the server keeps for it past its confirmed position, and its
+/// `wal_status` (`reserved`, `extended`, `unreserved` or `lost`); `None` without the slot.
+pub(crate) async fn lag(client: &Client, name: &str) -> Result<Option<(u64, String)>> {
+    let row = client
+        .query_typed_opt(
+            "SELECT COALESCE(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(),
+                                                      confirmed_flush_lsn), 0)::bigint,
+                    COALESCE(wal_status, '')
+               FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[(&name, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db(format!("reading the lag of replication slot {name}"), e))?;
+    Ok(row.map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get(1))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_are_safe_identifiers_that_keep_names_apart() {
+        for name in [
+            "app",
+            "App",
+            "a-b",
+            "a b",
+            "é",
+            &"x".repeat(300),
+            "'; DROP TABLE t; --",
+        ] {
+            let n = consumer_object(name);
+            assert!(n.len() <= 63, "{n}");
+            assert!(
+                n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{n}"
+            );
+            assert!(n.starts_with(PREFIX));
+        }
+        assert_ne!(consumer_object("app"), consumer_object("App"));
+        assert_ne!(consumer_object("a-b"), consumer_object("a_b"));
+        assert_eq!(consumer_object("app"), consumer_object("app"));
+        let (a, b) = (temporary_object(), temporary_object());
+        assert_ne!(a, b);
+        assert!(a.starts_with(TEMPORARY) && a.len() <= 63);
+    }
+}

@@ -1,0 +1,543 @@
+//! The logical tier's [`Source`] for the listener shell: one replication connection
+//! (`pgwire-replication`, `replication=database`) streaming pgoutput from the notifier's slot.
+//!
+//! A session connects without starting the stream, so a named consumer can take its lease —
+//! a session advisory lock held by the walsender itself, so it goes with the connection —
+//! then starts `START_REPLICATION … LOGICAL 0/0`, which resumes at the slot's confirmed
+//! position. Transactions arrive whole and in commit order; their rows are handed to the
+//! [`Outlet`] only at their Commit, each with the Begin's xid and the last one marked. The
+//! position is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive:
+//! nothing before it is still to come). The slot is confirmed (`update_applied_lsn`, sent
+//! with the next status update) only with a position the shell's save rule declared safe —
+//! every event up to it left the pipeline — for a named consumer in [`Source::save`], for a
+//! notifier without one by the same count here. After a reconnect the server sends again
+//! what was not confirmed; transactions whose commit LSN was already handed over are skipped.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::FutureExt;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_postgres::config::Host;
+use tokio_postgres::Config;
+
+use super::changes::{Changes, Route, Row};
+use crate::consumer::ConsumerParams;
+use crate::error::{Error, Result};
+use crate::event::RawNotification;
+use crate::listener::{FinalSave, Outlet, Pace, Source};
+use crate::postgres::control::Control;
+
+/// The prefix of the logical-decoding messages that carry custom events (`src/postgres/custom.rs`).
+const MESSAGE_PREFIX: &str = "sqlnotify:";
+/// Most events handed to the pipeline in one batch.
+const MAX_BATCH: usize = 512;
+/// How often the confirmed position is sent to the server at most (the crate's status
+/// interval): what a crash may deliver again on top of the save rule's own delay.
+const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the slot's lag is read.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+/// Slot lag (WAL bytes kept for the slot) past which a warning is logged.
+pub(crate) const LAG_WARNING: u64 = 1 << 30;
+
+/// A transaction being received.
+struct Open {
+    xid: u32,
+    commit_lsn: u64,
+    rows: Vec<Row>,
+}
+
+/// One replication connection.
+pub(crate) struct LogicalConn {
+    client: ReplicationClient,
+    started: bool,
+    /// An event `wait` received, for the next `read`.
+    pending: Option<ReplicationEvent>,
+    open: Option<Open>,
+}
+
+/// Reads a notifier's replication slot.
+pub(crate) struct LogicalSource {
+    replication: ReplicationConfig,
+    config: Config,
+    slot: String,
+    named: bool,
+    /// The channels read (custom events name theirs).
+    channels: Vec<String>,
+    changes: Changes,
+    /// The commit LSN of the last transaction handed over: one at or below it came again.
+    delivered: u64,
+    /// The position after everything read so far (an end LSN).
+    position: Option<u64>,
+    /// Without a consumer: (events forwarded, position) not confirmed yet.
+    unconfirmed: VecDeque<(u64, u64)>,
+    outlet: Option<Outlet>,
+    health_check: Duration,
+    lag: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LogicalSource {
+    /// Reads slot (and publication) `slot` of the database `config` connects to, decoding for
+    /// `routes`; `named`: a named consumer confirms through the shell's saves.
+    pub fn new(
+        config: Config,
+        slot: String,
+        named: bool,
+        routes: Vec<Route>,
+        health_check: Duration,
+    ) -> Result<Self> {
+        let replication = replication_config(&config, &slot)?;
+        Ok(LogicalSource {
+            replication,
+            config,
+            slot,
+            named,
+            channels: routes.iter().map(|r| r.channel.clone()).collect(),
+            changes: Changes::new(Arc::new(routes)),
+            delivered: 0,
+            position: None,
+            unconfirmed: VecDeque::new(),
+            outlet: None,
+            health_check,
+            lag: None,
+        })
+    }
+
+    /// Without a consumer: confirms the newest position whose events all left the pipeline.
+    fn confirm_settled(&mut self, conn: &LogicalConn) {
+        if self.named {
+            return;
+        }
+        let Some(outlet) = &self.outlet else { return };
+        let safe = outlet.stats().safe();
+        let mut newest = None;
+        while self.unconfirmed.front().is_some_and(|(n, _)| *n <= safe) {
+            newest = self.unconfirmed.pop_front().map(|(_, lsn)| lsn);
+        }
+        if let Some(lsn) = newest {
+            conn.client.update_applied_lsn(Lsn(lsn));
+        }
+    }
+
+    async fn start(&mut self, conn: &mut LogicalConn) -> Result<()> {
+        if conn.started {
+            return Ok(());
+        }
+        conn.client.start().await.map_err(|e| self.error(e))?;
+        conn.client
+            .wait_started()
+            .await
+            .map_err(|e| self.error(e))?;
+        conn.started = true;
+        log::debug!("sqlnotify: streaming replication slot {}", self.slot);
+        Ok(())
+    }
+
+    fn error(&self, e: pgwire_replication::PgWireError) -> Error {
+        let text = e.to_string();
+        if text.contains("can no longer get changes from replication slot")
+            || text.contains("has been invalidated")
+        {
+            return Error::SlotLost {
+                slot: self.slot.clone(),
+                detail: text,
+            };
+        }
+        Error::Database {
+            context: format!("streaming replication slot {}", self.slot),
+            source: text.into(),
+        }
+    }
+
+    /// Handles one event: a Commit moves its transaction's rows into `batch`.
+    fn handle(
+        &mut self,
+        conn: &mut LogicalConn,
+        event: ReplicationEvent,
+        batch: &mut Vec<RawNotification>,
+    ) {
+        log::trace!("sqlnotify: slot {}: {event:?}", self.slot);
+        match event {
+            ReplicationEvent::Begin { final_lsn, xid, .. } => {
+                conn.open = Some(Open {
+                    xid,
+                    commit_lsn: final_lsn.0,
+                    rows: Vec::new(),
+                });
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let Some(open) = conn.open.as_mut() else {
+                    return;
+                };
+                if let Err(e) = self.changes.read(&data, wal_start.0, &mut open.rows) {
+                    if let Some(outlet) = &self.outlet {
+                        outlet.stats().malformed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    log::warn!("sqlnotify: slot {}: skipping a change: {e}", self.slot);
+                }
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
+                let Some(open) = conn.open.take() else { return };
+                let commit = if open.commit_lsn != 0 {
+                    open.commit_lsn
+                } else {
+                    lsn.0
+                };
+                if commit <= self.delivered {
+                    return; // sent again after a reconnect: handed over before
+                }
+                let last = open.rows.len().saturating_sub(1);
+                let received_at = SystemTime::now();
+                for (i, row) in open.rows.into_iter().enumerate() {
+                    batch.push(RawNotification {
+                        channel: row.channel,
+                        payload: row.payload,
+                        received_at,
+                        sequence: Some(row.lsn.min(i64::MAX as u64) as i64),
+                        events: 1,
+                        transaction: Some(u64::from(open.xid)),
+                        last_in_transaction: Some(i == last),
+                        read_point: None,
+                    });
+                }
+                self.delivered = commit;
+                self.position = Some(self.position.unwrap_or(0).max(end_lsn.0));
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Idle: everything committed before the server's WAL end has been sent.
+                if conn.open.is_none() && conn.pending.is_none() {
+                    self.position = Some(self.position.unwrap_or(0).max(wal_end.0));
+                }
+            }
+            ReplicationEvent::Message {
+                transactional: true,
+                lsn,
+                prefix,
+                content,
+            } => {
+                // A custom event (`Notifier::notify_with`), in its transaction.
+                let (Some(open), Some(channel)) =
+                    (conn.open.as_mut(), prefix.strip_prefix(MESSAGE_PREFIX))
+                else {
+                    return;
+                };
+                if self.channels.iter().any(|c| c == channel) {
+                    open.rows.push(Row {
+                        channel: channel.to_string(),
+                        payload: String::from_utf8_lossy(&content).into_owned(),
+                        lsn: lsn.0,
+                    });
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+    }
+
+    /// Reads the slot's lag every [`LAG_EVERY`] into the counters, warning past
+    /// [`LAG_WARNING`] and when the server invalidated the slot.
+    fn watch_lag(&mut self, outlet: &Outlet) {
+        if self.lag.is_some() {
+            return;
+        }
+        let (config, slot, outlet) = (self.config.clone(), self.slot.clone(), outlet.clone());
+        self.lag = Some(tokio::task::spawn_local(async move {
+            let mut client = None;
+            let mut warned = false;
+            while !outlet.stopped() {
+                if client.is_none() {
+                    client = Control::connect(&config, "slot lag").await.ok();
+                }
+                if let Some(c) = &client {
+                    match super::lag(c, &slot).await {
+                        Ok(Some((bytes, status))) => {
+                            outlet.stats().slot_lag.store(bytes, Ordering::Relaxed);
+                            if status == "lost" {
+                                log::error!("sqlnotify: replication slot {slot} was invalidated by the server (wal_status lost): the changes it had not read are gone; drop the consumer and start again");
+                            } else if bytes > LAG_WARNING && !warned {
+                                warned = true;
+                                log::warn!("sqlnotify: replication slot {slot} holds {bytes} bytes of WAL on the server (wal_status {status}); a consumer that stops reading fills the server's disk: drop it if it will not come back");
+                            } else if bytes <= LAG_WARNING / 2 {
+                                warned = false;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => client = None,
+                    }
+                }
+                let stop = outlet.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(LAG_EVERY) => {}
+                    _ = stop.stopping() => {}
+                }
+            }
+        }));
+    }
+}
+
+impl Drop for LogicalSource {
+    fn drop(&mut self) {
+        if let Some(lag) = &self.lag {
+            lag.abort();
+        }
+    }
+}
+
+/// The replication connection's settings from the URL's: first host and port, user,
+/// password, database. TLS is not supported on this connection.
+fn replication_config(config: &Config, slot: &str) -> Result<ReplicationConfig> {
+    use tokio_postgres::config::SslMode;
+    if config.get_ssl_mode() == SslMode::Require {
+        return Err(Error::Unsupported {
+            what: "Tier::Logical over TLS (sslmode=require): its replication connection has no \
+                   TLS support yet; use sslmode=disable or prefer, or a journal tier"
+                .into(),
+        });
+    }
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config
+        .get_user()
+        .map(str::to_string)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "postgres".into());
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = config
+        .get_dbname()
+        .map_or_else(|| user.clone(), str::to_string);
+    let mut c = ReplicationConfig::new(host, user, password, database, slot, slot);
+    c.port = port;
+    c.status_interval = STATUS_INTERVAL;
+    c.application_name = Some("sqlnotify logical".into());
+    Ok(c)
+}
+
+impl Source for LogicalSource {
+    type Conn = LogicalConn;
+    type Position = u64;
+    const NAME: &'static str = "PostgreSQL (logical)";
+
+    async fn connect(&mut self, outlet: &Outlet) -> Result<LogicalConn> {
+        self.outlet = Some(outlet.clone());
+        self.watch_lag(outlet);
+        self.changes.reset();
+        let client = ReplicationClient::connect_gated(self.replication.clone())
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(LogicalConn {
+            client,
+            started: false,
+            pending: None,
+            open: None,
+        })
+    }
+
+    /// The slot holds the position: reading starts at its confirmed position.
+    async fn place(
+        &mut self,
+        _: &mut LogicalConn,
+        _: Option<&ConsumerParams>,
+    ) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn lease(&mut self, conn: &mut LogicalConn, consumer: &ConsumerParams) -> Result<bool> {
+        if conn.started {
+            return Ok(true); // held by this walsender since it was taken
+        }
+        let key = format!("sqlnotify consumer {}", consumer.name).replace('\'', "''");
+        let rows = conn
+            .client
+            .simple_query(&format!(
+                "SELECT pg_catalog.pg_try_advisory_lock(('x' || pg_catalog.substr(\
+                 pg_catalog.md5('{key}'), 1, 16))::bit(64)::bigint)"
+            ))
+            .await
+            .map_err(|e| self.error(e))?;
+        let held = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .is_some_and(|v| v.as_ref() == b"t");
+        Ok(held)
+    }
+
+    async fn read(&mut self, conn: &mut LogicalConn, outlet: &Outlet) -> Result<Option<u64>> {
+        self.start(conn).await?;
+        let mut batch = Vec::new();
+        let mut forwarded = 0;
+        // A failure ends the read once the transactions already complete are handed over:
+        // they count as delivered (a reconnect skips them), so they must not be dropped.
+        let mut failure = None;
+        loop {
+            let event = match conn.pending.take() {
+                Some(event) => Some(event),
+                None => match conn.client.recv().now_or_never() {
+                    None => None,
+                    Some(Ok(Some(event))) => Some(event),
+                    Some(Ok(None)) => {
+                        failure = Some(Error::Database {
+                            context: format!("streaming replication slot {}", self.slot),
+                            source: "the server ended the stream".into(),
+                        });
+                        None
+                    }
+                    Some(Err(e)) => {
+                        failure = Some(self.error(e));
+                        None
+                    }
+                },
+            };
+            let Some(event) = event else { break };
+            self.handle(conn, event, &mut batch);
+            if batch.len() >= MAX_BATCH {
+                let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
+                    return Ok(None);
+                };
+                forwarded += n;
+            }
+        }
+        let Some(n) = outlet.forward(batch).await else {
+            return Ok(None);
+        };
+        forwarded += n;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let Some(position) = self.position {
+            if !self.named {
+                let count = outlet.stats().forwarded.load(Ordering::Relaxed);
+                if self.unconfirmed.back().is_none_or(|(_, p)| *p != position) {
+                    self.unconfirmed.push_back((count, position));
+                }
+            }
+        }
+        self.confirm_settled(conn);
+        Ok(Some(forwarded))
+    }
+
+    fn position(&self) -> Option<u64> {
+        self.position
+    }
+
+    async fn wait(&mut self, conn: &mut LogicalConn, timeout: Duration) -> Result<bool> {
+        if conn.pending.is_some() {
+            // Not read: a consumer waiting for its first subscription. Wait as asked.
+            tokio::time::sleep(timeout).await;
+            return Ok(true);
+        }
+        self.start(conn).await?;
+        self.confirm_settled(conn);
+        match tokio::time::timeout(timeout, conn.client.recv()).await {
+            Err(_) => Ok(false),
+            Ok(Ok(Some(event))) => {
+                conn.pending = Some(event);
+                Ok(true)
+            }
+            Ok(Ok(None)) => Err(Error::Database {
+                context: format!("streaming replication slot {}", self.slot),
+                source: "the server ended the stream".into(),
+            }),
+            Ok(Err(e)) => Err(self.error(e)),
+        }
+    }
+
+    async fn check(&mut self, conn: &mut LogicalConn, _limit: Duration) -> Result<()> {
+        // The crate answers the server's keepalives and fails the stream when the socket
+        // does; before the stream starts, a query.
+        if conn.started {
+            if conn.client.is_running() || conn.pending.is_some() {
+                return Ok(());
+            }
+            return Err(Error::Database {
+                context: format!("streaming replication slot {}", self.slot),
+                source: "the replication connection ended".into(),
+            });
+        }
+        conn.client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(e))
+    }
+
+    async fn save(
+        &mut self,
+        conn: &mut LogicalConn,
+        _: &ConsumerParams,
+        position: &u64,
+    ) -> Result<Vec<String>> {
+        if *position > 0 {
+            conn.client.update_applied_lsn(Lsn(*position));
+        }
+        Ok(Vec::new())
+    }
+
+    /// After stop the stream is closed: the slot is advanced on a connection of its own.
+    fn final_save(&self) -> FinalSave<u64> {
+        let (config, slot) = (self.config.clone(), self.slot.clone());
+        Box::new(move |_, position| {
+            Box::pin(async move {
+                if position == 0 {
+                    return Ok(());
+                }
+                let client = Control::connect(&config, "advancing the replication slot").await?;
+                advance(&client, &slot, position).await
+            })
+        })
+    }
+
+    async fn close(&mut self, mut conn: LogicalConn) {
+        self.confirm_settled(&conn);
+        conn.client.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.client.shutdown()).await;
+        conn.client.abort();
+    }
+
+    /// Woken by the stream itself; the interval only bounds how long a wait lasts.
+    fn pace(&self) -> Pace {
+        Pace {
+            active: self.health_check,
+            idle: self.health_check,
+            stay_active: Duration::ZERO,
+        }
+    }
+}
+
+/// Moves slot `slot`'s confirmed position to `lsn` (not backwards), waiting up to a second for
+/// the walsender of the closed stream to let go of it. A slot still in use after that belongs
+/// to another process of the consumer that took over: it confirms from now on, and what this
+/// one did not confirm is delivered again (at least once), so stop does not fail over it.
+async fn advance(client: &tokio_postgres::Client, slot: &str, lsn: u64) -> Result<()> {
+    let target = format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff);
+    let sql = "SELECT pg_catalog.pg_replication_slot_advance($1, $2::text::pg_lsn)
+                 FROM pg_catalog.pg_replication_slots
+                WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match client.execute(sql, &[&slot, &target]).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                if tokio::time::Instant::now() >= deadline {
+                    log::info!(
+                        "sqlnotify: replication slot {slot} is read by another process now; \
+                         not advancing it to {target}"
+                    );
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(Error::db(format!("advancing replication slot {slot}"), e)),
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The logical-decoding tier (`Tier::Logical`) on a throwaway cluster with `wal_level=logical`
+//! that each test starts from the local PostgreSQL binaries: events equal the durable tier's
+//! for every operation and column type, the checks that refuse a server or table, at least
+//! once through walsender kills, a named consumer's resume, slot lag, and cleanup.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{wait_until, Cluster, Events, TestDb};
+use futures_util::future::join_all;
+use sqlnotify::Operation::{Delete, Insert, Update};
+use sqlnotify::{Error, Notifier, Subscription, Tier, Watch};
+use tokio::sync::mpsc;
+
+const SETTINGS: &str =
+    "-c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20 -c wal_sender_timeout=10s";
+
+/// A cluster with `wal_level=logical`, or `None` (the test is skipped, or fails under CI)
+/// without PostgreSQL's binaries.
+fn cluster(test: &str) -> Option<Cluster> {
+    let cluster = Cluster::start_with(SETTINGS);
+    if cluster.is_none() {
+        common::prerequisite_missing(test, "PostgreSQL's binaries (initdb, pg_ctl)");
+    }
+    cluster
+}
+
+async fn slots(db: &TestDb) -> Vec<String> {
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+async fn publications(db: &TestDb) -> Vec<String> {
+    let rows = db
+        .client()
+        .await
+        .query("SELECT pubname::text FROM pg_publication ORDER BY 1", &[])
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+const TYPES: &str = "CREATE TABLE t (
+    id int PRIMARY KEY, small smallint, big bigint, num numeric, dbl float8, flt real,
+    yes boolean, txt text, vc varchar(20), doc jsonb, raw json, at timestamptz, local timestamp,
+    day date, uid uuid, bin bytea, ints int[], words text[], nan float8, huge text)";
+
+const COLUMNS: [&str; 19] = [
+    "small", "big", "num", "dbl", "flt", "yes", "txt", "vc", "doc", "raw", "at", "local", "day",
+    "uid", "bin", "ints", "words", "nan", "huge",
+];
+
+fn watches(tier: Tier) -> Vec<Watch> {
+    [Insert, Update, Delete]
+        .into_iter()
+        .map(|op| {
+            let w = Watch::new("t", op).extra_columns(COLUMNS).tier(tier);
+            if op == Insert {
+                w
+            } else {
+                w.old_values(true)
+            }
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn every_operation_and_column_type_arrives_as_the_durable_tier_delivers_it() {
+    let Some(cluster) = cluster("every_operation_and_column_type") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec(TYPES).await;
+    db.exec("ALTER TABLE t REPLICA IDENTITY FULL").await;
+    let mut notifiers = Vec::new();
+    let mut events = Vec::new();
+    for tier in [Tier::Logical, Tier::Durable] {
+        let mut builder = Notifier::builder(&db.url);
+        for w in watches(tier) {
+            builder = builder.watch(w);
+        }
+        let notifier = builder.start().await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        for op in [Insert, Update, Delete] {
+            let tx = tx.clone();
+            notifier
+                .subscribe_fn(Subscription::new("t", op), move |e| {
+                    let _ = tx.send(e);
+                })
+                .await
+                .unwrap();
+        }
+        notifiers.push(notifier);
+        events.push(rx);
+    }
+    db.exec(
+        "INSERT INTO t VALUES (1, -32768, 9223372036854775807, 12.50, 1.5e300, 0.25, true, \
+         'héllo \"q\"', 'v', '{\"a\": [1, null, \"x\"]}', '{\"b\":2}', '2024-05-01 12:00:00.5+02', \
+         '2024-05-01 12:00:00', '2024-05-01', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\x00ff', \
+         '{1,NULL,3}', '{\"a b\",c}', 'NaN', repeat('z', 100000)); \
+         INSERT INTO t (id) VALUES (2)",
+    )
+    .await;
+    db.exec(
+        "BEGIN; UPDATE t SET txt = 'changed', small = 1 WHERE id = 1; UPDATE t SET yes = false WHERE id = 2; COMMIT; \
+         DELETE FROM t WHERE id = 2; UPDATE t SET id = 3 WHERE id = 1",
+    )
+    .await;
+    let mut got = Vec::new();
+    for rx in &mut events {
+        let mut list = Vec::new();
+        for _ in 0..6 {
+            let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an event in time")
+                .unwrap();
+            list.push(e);
+        }
+        // Each operation has its own subscription, delivered by its own actor: order only
+        // within one; (operation, key) is unique in this script.
+        list.sort_by_key(|e| (e.operation().as_str(), e.id().to_string()));
+        got.push(list);
+    }
+    let (logical, durable) = (&got[0], &got[1]);
+    let find = |op: sqlnotify::Operation, id: i64| {
+        logical
+            .iter()
+            .find(|e| e.operation() == op && e.id().as_i64() == Some(id))
+            .unwrap_or_else(|| panic!("no {} {id}", op.as_str()))
+    };
+    for (l, d) in logical.iter().zip(durable) {
+        let what = format!("{} {}", d.operation().as_str(), d.id());
+        assert_eq!(l.operation(), d.operation(), "{what}");
+        assert_eq!(l.id(), d.id(), "{what}");
+        for c in COLUMNS {
+            assert_eq!(l.get(c), d.get(c), "{what}: column {c}");
+        }
+        assert_eq!(l.old_values(), d.old_values(), "{what}: old values");
+        assert_eq!(
+            l.changed_columns()
+                .map(|c| c.iter().collect::<BTreeSet<_>>()),
+            d.changed_columns()
+                .map(|c| c.iter().collect::<BTreeSet<_>>()),
+            "{what}: changed columns"
+        );
+        assert_eq!(
+            l.transaction_id(),
+            d.transaction_id(),
+            "{what}: transaction"
+        );
+        assert_eq!(
+            l.last_in_transaction(),
+            d.last_in_transaction(),
+            "{what}: last mark"
+        );
+    }
+    // The huge value is TOASTed: an UPDATE that left it alone still carries it (FULL).
+    let huge = find(Insert, 1).get("huge").expect("the huge value");
+    assert_eq!(huge.to_string().len(), 100_002);
+    for (op, id) in [(Update, 1), (Update, 3)] {
+        assert_eq!(find(op, id).get("huge"), Some(huge), "{} {id}", op.as_str());
+    }
+    assert_eq!(find(Update, 1).last_in_transaction(), Some(false));
+    assert_eq!(find(Update, 2).last_in_transaction(), Some(true));
+    assert_eq!(
+        find(Update, 1).transaction_id(),
+        find(Update, 2).transaction_id()
+    );
+    assert_ne!(
+        find(Insert, 1).transaction_id(),
+        find(Update, 1).transaction_id()
+    );
+    for n in notifiers {
+        n.stop().await.unwrap();
+    }
+    assert!(
+        slots(&db).await.is_empty(),
+        "a notifier without a consumer leaves no slot"
+    );
+    assert!(publications(&db).await.is_empty(), "nor a publication");
+}
+
+#[actix_rt::test]
+async fn start_refuses_a_server_without_wal_level_logical() {
+    let db = TestDb::new().await; // the shared server
+    let level: String = db
+        .client()
+        .await
+        .query_one("SHOW wal_level", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if level == "logical" {
+        common::prerequisite_missing(
+            "start_refuses_a_server_without_wal_level_logical",
+            "a server whose wal_level is not logical",
+        );
+        return;
+    }
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let e = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::WalLevelNotLogical { wal_level } if *wal_level == level),
+        "{e:?}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("wal_level = logical")
+            && text.contains("postgresql.conf")
+            && text.contains("restart"),
+        "{text}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_table_whose_identity_cannot_publish_is_refused_and_its_writes_still_work() {
+    let Some(cluster) = cluster("a_table_whose_identity_cannot_publish_is_refused") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec(
+        "CREATE TABLE nopk (id int, v text); INSERT INTO nopk VALUES (1, 'a'); \
+         CREATE TABLE t (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    for watch in [
+        Watch::new("nopk", Insert)
+            .primary_keys(["id"])
+            .tier(Tier::Logical),
+        Watch::new("nopk", Update)
+            .primary_keys(["id"])
+            .tier(Tier::Logical),
+    ] {
+        let e = Notifier::builder(&db.url)
+            .watch(watch)
+            .start()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::ReplicaIdentity { table, .. } if table == "public.nopk"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("REPLICA IDENTITY FULL"), "{e}");
+    }
+    // The application's writes were never broken: no publication holds the table.
+    db.exec("UPDATE nopk SET v = 'b'; DELETE FROM nopk").await;
+    assert!(publications(&db).await.is_empty());
+    assert!(slots(&db).await.is_empty());
+    // What a DEFAULT identity does not log is refused too, naming the fix.
+    for watch in [
+        Watch::new("t", Update).old_values(true).tier(Tier::Logical),
+        Watch::new("t", Delete)
+            .extra_columns(["v"])
+            .tier(Tier::Logical),
+    ] {
+        let e = Notifier::builder(&db.url)
+            .watch(watch)
+            .start()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::ReplicaIdentity { table, .. } if table == "public.t"),
+            "{e:?}"
+        );
+    }
+    // Mixing tiers in one notifier is refused.
+    let e = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .watch(Watch::new("t", Update).tier(Tier::Durable))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidWatch { .. }), "{e:?}");
+}
+
+/// Four writers commit `per_writer` rows each in overlapping transactions of 1–20 rows, one in
+/// ten rolled back; returns the ids that were committed.
+async fn write_concurrently(db: &TestDb, per_writer: i64) -> BTreeSet<i64> {
+    let writers = (0..4i64).map(|w| async move {
+        let mut client = db.client().await;
+        let mut committed = Vec::new();
+        let (mut next, mut txn_no) = (0i64, 0u64);
+        while next < per_writer {
+            txn_no += 1;
+            let size = 1 + (txn_no * 7 + w as u64) % 20;
+            let tx = client.transaction().await.unwrap();
+            let mut ids = Vec::new();
+            for _ in 0..size.min((per_writer - next) as u64) {
+                let id = w * 1_000_000 + next;
+                tx.execute("INSERT INTO t VALUES ($1)", &[&(id as i32)])
+                    .await
+                    .unwrap();
+                ids.push(id);
+                next += 1;
+            }
+            if txn_no % 10 == 3 {
+                tx.rollback().await.unwrap();
+            } else {
+                tx.commit().await.unwrap();
+                committed.extend(ids);
+            }
+        }
+        committed
+    });
+    join_all(writers).await.into_iter().flatten().collect()
+}
+
+/// The pid of the walsender streaming slot-owning notifier's changes in `db`.
+async fn walsender_pid(db: &TestDb) -> Option<i32> {
+    db.client()
+        .await
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE database = $1 AND active_pid IS NOT NULL LIMIT 1",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// Terminates the walsender `kills` times, each time a new one.
+async fn kill_walsender(db: &TestDb, kills: usize) {
+    let (mut done, mut last) = (0, None);
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while done < kills {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kill {}: no new walsender",
+            done + 1
+        );
+        if let Some(pid) = walsender_pid(db).await.filter(|pid| Some(*pid) != last) {
+            let sql = format!("SELECT pg_terminate_backend({pid})::int::bigint");
+            if db.count(&sql).await == 1 {
+                done += 1;
+                last = Some(pid);
+                deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // pacing, not synchronisation
+    }
+}
+
+#[actix_rt::test]
+async fn every_committed_row_arrives_once_while_the_walsender_is_killed_20_times() {
+    let Some(cluster) = cluster("every_committed_row_arrives_once_while_killed") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_fn(Subscription::new("t", Insert), move |e| {
+            let _ = tx.send((e.id().as_i64().unwrap(), e.transaction_id()));
+        })
+        .await
+        .unwrap();
+    let (committed, ()) = tokio::join!(write_concurrently(&db, 1500), kill_walsender(&db, 20));
+    let mut seen = BTreeSet::new();
+    while seen.len() < committed.len() {
+        let (id, xid) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} rows arrived", seen.len(), committed.len()))
+            .unwrap();
+        assert!(committed.contains(&id), "rolled-back row {id} arrived");
+        assert!(xid.is_some(), "row {id} without its transaction id");
+        assert!(seen.insert(id), "row {id} arrived twice in one process");
+    }
+    db.exec("INSERT INTO t VALUES (-1)").await;
+    let next = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.0, -1, "nothing else was on its way");
+    let restarts = notifier.stats().await.unwrap().restarts;
+    assert!(restarts >= 20, "{restarts} restarts");
+    notifier.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_named_consumer_resumes_from_its_slot_and_cleanup_removes_it() {
+    let Some(cluster) = cluster("a_named_consumer_resumes_from_its_slot") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let start = || async {
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Logical))
+            .consumer("app")
+            .start()
+            .await
+            .unwrap();
+        let ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        (notifier, ev)
+    };
+    let (notifier, mut ev) = start().await;
+    db.exec("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)")
+        .await;
+    assert_eq!(common::ids(&ev.take(2).await), [1, 2]);
+    // While it runs, the slot is confirmed past what was delivered (not only at stop).
+    let client = db.client().await;
+    let written: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let confirmed = wait_until(Duration::from_secs(10), || async {
+        client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+                &[&written],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    assert!(
+        confirmed,
+        "the running consumer confirmed its slot past {written}"
+    );
+    notifier.stop().await.unwrap();
+    assert_eq!(slots(&db).await.len(), 1, "a consumer's slot stays");
+    db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
+        .await;
+    let (notifier, mut ev) = start().await;
+    assert_eq!(
+        common::ids(&ev.take(2).await),
+        [3, 4],
+        "resumed after the confirmed position"
+    );
+    db.exec("INSERT INTO t VALUES (5)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(5));
+    notifier.stop().await.unwrap();
+    // Slot lag: a consumer with no subscription reads nothing, and its lag shows.
+    let idle = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .start()
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t SELECT g FROM generate_series(100, 2000) g")
+        .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            idle.stats().await.unwrap().slot_lag > 0
+        })
+        .await,
+        "slot lag in stats"
+    );
+    idle.stop().await.unwrap();
+    let listed = Notifier::builder(&db.url).consumers().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].name, "app");
+    assert!(
+        matches!(listed[0].position, sqlnotify::ConsumerPosition::Slot { lag_bytes, .. } if lag_bytes > 0),
+        "{listed:?}"
+    );
+    assert_eq!(listed[0].channels, Some(vec!["public.t".to_string()]));
+    assert_eq!(
+        Notifier::builder(&db.url).cleanup().await.unwrap(),
+        0,
+        "no trigger watch was installed"
+    );
+    assert!(
+        slots(&db).await.is_empty(),
+        "cleanup drops the slot: {:?}",
+        slots(&db).await
+    );
+    assert!(publications(&db).await.is_empty(), "and the publication");
+}
+
+#[actix_rt::test]
+async fn dropping_a_consumer_drops_its_slot_and_publication() {
+    let Some(cluster) = cluster("dropping_a_consumer_drops_its_slot") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("Billing Service")
+        .start()
+        .await
+        .unwrap();
+    notifier.stop().await.unwrap();
+    assert_eq!(slots(&db).await.len(), 1);
+    Notifier::builder(&db.url)
+        .drop_consumer("Billing Service")
+        .await
+        .unwrap();
+    assert!(slots(&db).await.is_empty());
+    assert!(publications(&db).await.is_empty());
+    let e = Notifier::builder(&db.url)
+        .drop_consumer("Billing Service")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::UnknownConsumer { .. }), "{e:?}");
+}
+
+#[actix_rt::test]
+async fn a_consumer_whose_slot_the_server_invalidated_gets_a_distinct_error() {
+    let Some(cluster) = Cluster::start_with(&format!(
+        "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
+    )) else {
+        common::prerequisite_missing(
+            "a_consumer_whose_slot_was_invalidated",
+            "PostgreSQL's binaries",
+        );
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .await;
+    let start = || async {
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Logical))
+            .consumer("late")
+            .start()
+            .await
+    };
+    start().await.unwrap().stop().await.unwrap();
+    // Stopped, it falls far behind: more WAL than max_slot_wal_keep_size, then a checkpoint.
+    for round in 0..6 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
+             SELECT pg_switch_wal()",
+            round
+        ))
+        .await;
+    }
+    db.exec("CHECKPOINT").await;
+    let status: String = db
+        .client()
+        .await
+        .query_one("SELECT wal_status FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "lost", "the server invalidated the slot");
+    let e = start().await.unwrap_err();
+    assert!(
+        matches!(&e, Error::SlotLost { slot, .. } if slot.starts_with("sqlnotify_late_")),
+        "{e:?}"
+    );
+    // Dropping the consumer is the way out: it starts again, from now.
+    Notifier::builder(&db.url)
+        .drop_consumer("late")
+        .await
+        .unwrap();
+    start().await.unwrap().stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn custom_events_and_a_standby_of_the_same_consumer() {
+    let Some(cluster) = cluster("custom_events_and_a_standby") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let start = || async {
+        let notifier = Notifier::builder(&db.url)
+            .watch(
+                Watch::new("t", Insert)
+                    .extra_columns(["v"])
+                    .tier(Tier::Logical),
+            )
+            .consumer("group")
+            .start()
+            .await
+            .unwrap();
+        let ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        (notifier, ev)
+    };
+    let (a, mut a_ev) = start().await;
+    // A custom event travels through the slot as a logical-decoding message.
+    a.notify("t", Insert, serde_json::json!({"id": 7, "v": "custom"}))
+        .await
+        .unwrap();
+    let e = a_ev.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("v")),
+        (Some(7), Some(&serde_json::json!("custom")))
+    );
+    // Snapshot feeds are not built for this tier: a typed refusal, not a wrong fence.
+    let mut feed = a
+        .subscribe_snapshot(sqlnotify::Snapshot::new("t"))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .expect("the feed answers");
+    assert!(
+        matches!(first, Some(Err(Error::Unsupported { .. }))),
+        "{first:?}"
+    );
+    drop(feed);
+    // A second process of the same consumer stands by; it takes over when the first stops.
+    let (b, mut b_ev) = start().await;
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
+    db.exec("INSERT INTO t VALUES (1, 'a')").await;
+    assert_eq!(a_ev.next().await.id().as_i64(), Some(1));
+    a.stop().await.unwrap();
+    db.exec("INSERT INTO t VALUES (2, 'b')").await;
+    assert_eq!(
+        b_ev.next().await.id().as_i64(),
+        Some(2),
+        "the standby took over after 1"
+    );
+    b.stop().await.unwrap();
+}
