@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use common::{Events, TestDb};
@@ -228,40 +227,12 @@ async fn concurrent_writers_transactions_arrive_whole_and_in_order() {
         expected += w.await.unwrap();
     }
     let got: Vec<ChangeEvent> = events.take(expected).await;
-    let mut ended: HashMap<u64, usize> = HashMap::new();
-    let mut current: Option<u64> = None;
-    let mut transactions = 0;
-    let mut versions: BTreeMap<i64, i64> = BTreeMap::new();
-    for (i, e) in got.iter().enumerate() {
-        let x = e.transaction_id().unwrap();
-        assert!(
-            !ended.contains_key(&x),
-            "event {i} of transaction {x}, which ended at event {}",
-            ended[&x]
-        );
-        if let Some(c) = current {
-            assert_eq!(
-                c, x,
-                "event {i}: transaction {c} ended without its last mark"
-            );
-        }
-        current = Some(x);
-        if e.last_in_transaction() == Some(true) {
-            ended.insert(x, i);
-            current = None;
-            transactions += 1;
-        }
-        let v = e.get("v").and_then(|v| v.as_i64()).unwrap();
-        let previous = versions.insert(e.id().as_i64().unwrap(), v).unwrap_or(0);
-        assert_eq!(v, previous + 1, "row {:?} out of order", e.id());
-    }
-    assert!(current.is_none(), "the stream ends inside a transaction");
+    let (transactions, total) = common::assert_transactions_whole_and_in_order(&got);
     assert_eq!(
         transactions,
         4 * (60 - 9),
         "every committed transaction, once"
     );
-    let total: i64 = versions.values().sum();
     assert_eq!(total, db.count("SELECT sum(v) FROM t").await);
     events.assert_none_within(QUIET).await;
     notifier.stop().await.unwrap();

@@ -778,6 +778,25 @@ impl Rng {
     }
 }
 
+/// `received` holds every order of `committed` once, none twice, with no reset and some from
+/// the journal. Returns the endpoint's stats.
+fn assert_every_committed_once(
+    received: &[i64],
+    committed: &std::sync::Mutex<std::collections::BTreeSet<i64>>,
+    sse: &Sse,
+) -> sqlnotify::web::SseStats {
+    let committed: Vec<i64> = committed.lock().unwrap().iter().copied().collect();
+    let mut sorted = received.to_vec();
+    sorted.sort_unstable();
+    let duplicates: Vec<_> = sorted.windows(2).filter(|w| w[0] == w[1]).collect();
+    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
+    assert_eq!(sorted, committed, "every committed order of user 1, once");
+    let stats = sse.stats();
+    assert_eq!(stats.resets, 0, "{stats:?}");
+    assert!(stats.replayed > 0, "{stats:?}");
+    stats
+}
+
 /// User 1's client reads a few events, drops the connection and resumes with its
 /// `Last-Event-ID`, again and again (`first` is its first connection, live from before the
 /// writes), until the `writers` are done and it got as many events as `committed` holds.
@@ -946,15 +965,7 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
     }
     let kills = killer.await.unwrap();
     assert!(kills > 0, "the listener's connection was never terminated");
-    let committed: Vec<i64> = committed.lock().unwrap().iter().copied().collect();
-    let mut sorted = received.clone();
-    sorted.sort_unstable();
-    let duplicates: Vec<_> = sorted.windows(2).filter(|w| w[0] == w[1]).collect();
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    assert_eq!(sorted, committed, "every committed order of user 1, once");
-    let stats = sse.stats();
-    assert_eq!(stats.resets, 0, "{stats:?}");
-    assert!(stats.replayed > 0, "{stats:?}");
+    let stats = assert_every_committed_once(&received, &committed, &sse);
     eprintln!(
         "{tier:?}: {} orders over {connections} connections, {} from the journal, \
          listener connection terminated {kills} times",
@@ -1109,15 +1120,7 @@ async fn mysql_resume_under_writes(transaction_ids: bool) {
     }
     let kills = killer.await.unwrap();
     assert!(kills > 0, "the notifier's connections were never killed");
-    let committed: Vec<i64> = committed.lock().unwrap().iter().copied().collect();
-    let mut sorted = received.clone();
-    sorted.sort_unstable();
-    let duplicates: Vec<_> = sorted.windows(2).filter(|w| w[0] == w[1]).collect();
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    assert_eq!(sorted, committed, "every committed order of user 1, once");
-    let stats = sse.stats();
-    assert_eq!(stats.resets, 0, "{stats:?}");
-    assert!(stats.replayed > 0, "{stats:?}");
+    let stats = assert_every_committed_once(&received, &committed, &sse);
     eprintln!(
         "MySQL (transaction ids {transaction_ids}): {} orders over {connections} connections, \
          {} from the journal, connections killed {kills} times",

@@ -266,6 +266,44 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
     }
 }
 
+/// Checks a stream of events of writers' transactions, each updating rows' `v` by one: every
+/// transaction arrives as one run of consecutive events ending with the one marked last, no
+/// transaction id comes back after its run ended, and each row's versions (`v`) arrive in
+/// order. Returns how many transactions ended and the sum of the rows' last versions.
+#[allow(dead_code)]
+pub fn assert_transactions_whole_and_in_order(events: &[ChangeEvent]) -> (usize, i64) {
+    use std::collections::{BTreeMap, HashMap};
+    let mut ended: HashMap<u64, usize> = HashMap::new();
+    let mut current: Option<u64> = None;
+    let mut transactions = 0;
+    let mut versions: BTreeMap<i64, i64> = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        let x = e.transaction_id().expect("a transaction id");
+        assert!(
+            !ended.contains_key(&x),
+            "event {i} of transaction {x}, which ended at event {}",
+            ended[&x]
+        );
+        if let Some(c) = current {
+            assert_eq!(
+                c, x,
+                "event {i}: transaction {c} ended without its last mark"
+            );
+        }
+        current = Some(x);
+        if e.last_in_transaction() == Some(true) {
+            ended.insert(x, i);
+            current = None;
+            transactions += 1;
+        }
+        let v = e.get("v").and_then(|v| v.as_i64()).expect("a version");
+        let previous = versions.insert(e.id().as_i64().unwrap(), v).unwrap_or(0);
+        assert_eq!(v, previous + 1, "row {:?} out of order", e.id());
+    }
+    assert!(current.is_none(), "the stream ends inside a transaction");
+    (transactions, versions.values().sum())
+}
+
 /// The integer keys of `events`, in order.
 pub fn ids(events: &[ChangeEvent]) -> Vec<i64> {
     events
