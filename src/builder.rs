@@ -258,7 +258,7 @@ impl NotifierBuilder {
     /// every listener reads them. Oracle MySQL has no such stamp: `start()` fails with
     /// [`Error::Unsupported`]. The other dialects ignore it (PostgreSQL always records
     /// transactions; SQLite per writing connection, see
-    /// [`sqlite_transactions`](crate::sqlite_transactions)).
+    /// `sqlnotify::sqlite_transactions`).
     pub fn mysql_transaction_ids(mut self, yes: bool) -> Self {
         self.mysql_transaction_ids = yes;
         self
