@@ -15,6 +15,9 @@ pub struct Args {
     pub quick: bool,
     /// `--only=a,b`: run only these sections (see [`Args::wants`]).
     pub only: Vec<String>,
+    /// `--systems=a,b`: in sections that compare several systems, only these (by short name;
+    /// the baseline always runs). Empty: all.
+    pub systems: Vec<String>,
 }
 
 impl Args {
@@ -37,12 +40,16 @@ impl Args {
                 "--bench" => args.bench = true,
                 "--quick" => args.quick = true,
                 other => {
+                    let words = |list: &str| -> Vec<String> {
+                        list.split(',')
+                            .map(str::to_string)
+                            .filter(|s| !s.is_empty())
+                            .collect()
+                    };
                     if let Some(list) = other.strip_prefix("--only=") {
-                        args.only.extend(
-                            list.split(',')
-                                .map(str::to_string)
-                                .filter(|s| !s.is_empty()),
-                        );
+                        args.only.extend(words(list));
+                    } else if let Some(list) = other.strip_prefix("--systems=") {
+                        args.systems.extend(words(list));
                     }
                 }
             }
@@ -99,9 +106,33 @@ pub fn proc_status_kb_of(pid: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system) this process has used so far.
+/// CPU time (user + system, every thread, exited ones too) this process has used so far, to
+/// the nanosecond (`CLOCK_PROCESS_CPUTIME_ID`; `/proc/self/stat`'s 10 ms ticks are too coarse
+/// for a few seconds of a listener's work).
 pub fn cpu_time() -> Duration {
-    cpu_time_of("self")
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    } else {
+        cpu_time_of("self")
+    }
+}
+
+/// Times this process (every thread) has gone to sleep waiting for something so far
+/// (`getrusage`'s voluntary context switches): its wake-ups.
+pub fn wakeups() -> u64 {
+    // SAFETY: an all-zero rusage is valid, and getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+        usage.ru_nvcsw as u64
+    } else {
+        0
+    }
 }
 
 /// CPU time (user + system, all its threads) process `pid` (a number, or `self`) has used so far.

@@ -24,7 +24,12 @@
 //! read, PostgreSQL, SQLite and — as `mysql-snapshot-1m` — MySQL, with peak memory) and `cost-change-data` (also selected by
 //! `cost`: writer cost of `old_values` and `context` on INSERT+UPDATE transactions); MySQL:
 //! `mysql`, i.e. `mysql-latency-200`, `mysql-latency-1000`, `mysql-throughput-1w-100r-small`,
-//! `mysql-cost`, `mysql-idle`).
+//! `mysql-cost`, `mysql-idle`); the listener's CPU per event at a fixed rate: `cpu`, i.e.
+//! `cpu-15000-100r`, `cpu-2000-1r`. `--systems=notify,notify-unsigned,…` narrows the latency and
+//! throughput sections to those systems (short names in `System::short`) beside the raw
+//! baseline. Throughput rows give the listener's CPU per delivered event: this process's CPU
+//! time (listener, pipeline, subscriber — the writers are other processes) from the writers'
+//! start to the last arrival, over the events delivered.
 
 mod change_data;
 #[path = "../common/mod.rs"]
@@ -101,6 +106,26 @@ enum System {
 }
 
 impl System {
+    /// The name `--systems=` selects it by.
+    fn short(self) -> &'static str {
+        match self {
+            System::NoTrigger => "none",
+            System::Raw => "raw",
+            System::Tier(Tier::Notify) => "notify",
+            System::NotifyUnsigned => "notify-unsigned",
+            System::Tier(Tier::Durable) => "durable",
+            System::Tier(Tier::Poll) => "poll",
+            System::Tier(Tier::Logical) => "logical",
+            System::RawUnheard => "raw-unheard",
+            System::Statement(Tier::Durable) => "durable-statement",
+            System::Statement(_) => "poll-statement",
+            System::StatementUnheard => "statement-unheard",
+            System::StatementWake => "statement-wake",
+            System::SqliteNoTrigger => "sqlite-none",
+            System::Sqlite => "sqlite",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             System::NoTrigger => "no trigger",
@@ -175,6 +200,11 @@ struct Outcome {
     after_commit: Vec<f64>,
     /// Writers' commit round trips, ms, sorted.
     commit: Vec<f64>,
+    /// CPU this process (listener, pipeline, subscriber; the writers are other processes)
+    /// used from the writers' start until the last event arrived, seconds (every round).
+    cpu_s: f64,
+    /// This process's wake-ups (voluntary context switches) over the same span (every round).
+    wakeups: u64,
 }
 
 impl Outcome {
@@ -221,7 +251,25 @@ impl Outcome {
             latency: samples(|o| &o.latency),
             after_commit: samples(|o| &o.after_commit),
             commit: samples(|o| &o.commit),
+            cpu_s: runs.iter().map(|o| o.cpu_s).sum(),
+            wakeups: sum(|o| o.wakeups),
         }
+    }
+
+    /// CPU per delivered event, µs (NaN when nothing arrived).
+    fn cpu_us_per_event(&self) -> f64 {
+        if self.unique == 0 {
+            return f64::NAN;
+        }
+        self.cpu_s * 1e6 / self.unique as f64
+    }
+
+    /// Wake-ups of this process per delivered event (NaN when nothing arrived).
+    fn wakeups_per_event(&self) -> f64 {
+        if self.unique == 0 {
+            return f64::NAN;
+        }
+        self.wakeups as f64 / self.unique as f64
     }
 }
 
@@ -270,6 +318,8 @@ fn today() -> String {
 fn pg_sections() -> Vec<String> {
     let mut names: Vec<String> = [
         "latency-200",
+        "cpu-15000-100r",
+        "cpu-2000-1r",
         "latency-1000",
         "cost-sync",
         "cost-async",
@@ -342,6 +392,7 @@ async fn run(args: Args) {
     if pg.is_some() {
         latency(&ctx, &mut table).await;
         throughput(&ctx, &mut table).await;
+        cpu(&ctx, &mut table).await;
         cost(&ctx, &mut table).await;
         idle(&ctx, &mut table).await;
         handlers::run(&ctx, &mut table).await;
@@ -635,6 +686,8 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
         })
         .collect();
     let mut writers = Writers::start(&specs).await;
+    let cpu_before = common::cpu_time();
+    let wakeups_before = common::wakeups();
     writers.go();
     let reports = writers.finish().await;
     let committed: u64 = reports.iter().map(|r| r.committed).sum();
@@ -642,6 +695,8 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
         let (idle, cap) = ctx.args.waits();
         shared.wait_for(committed, idle, cap).await;
     }
+    let cpu_s = (common::cpu_time() - cpu_before).as_secs_f64();
+    let wakeups = common::wakeups() - wakeups_before;
     running.stop().await;
     match sqlite_dir {
         Some(dir) => {
@@ -662,7 +717,11 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
                 .expect("drop table");
         }
     }
-    outcome(&reports, &shared, system.delivers())
+    Outcome {
+        cpu_s,
+        wakeups,
+        ..outcome(&reports, &shared, system.delivers())
+    }
 }
 
 fn outcome(reports: &[Report], shared: &Shared, delivers: bool) -> Outcome {
@@ -769,6 +828,18 @@ const DELIVERING: [System; 8] = [
     System::Sqlite,
 ];
 
+/// [`DELIVERING`] as `--systems=` narrows it (the baseline always stays first).
+fn delivering(ctx: &Ctx) -> Vec<System> {
+    DELIVERING
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, s)| {
+            i == 0 || ctx.args.systems.is_empty() || ctx.args.systems.iter().any(|n| n == s.short())
+        })
+        .map(|(_, s)| s)
+        .collect()
+}
+
 async fn latency(ctx: &Ctx, table: &mut Table) {
     for rate in [200, 1000] {
         if !ctx.args.wants(&format!("latency-{rate}")) {
@@ -783,7 +854,8 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
             duration: ctx.args.run_time(),
             async_commit: false,
         };
-        let mut outcomes = interleaved(ctx, &DELIVERING, load).await.into_iter();
+        let systems = delivering(ctx);
+        let mut outcomes = interleaved(ctx, &systems, load).await.into_iter();
         let raw = outcomes.next().expect("raw");
         eprintln!(
             "  raw baseline: p50 {} p95 {} p99 {} max {} ms; after commit p50 {} p99 {}; commit p50 {} p99 {} ms; {}",
@@ -797,7 +869,7 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
             ms(raw.commit_p(99.0)),
             losses(&raw)
         );
-        for (system, o) in DELIVERING[1..].iter().zip(outcomes) {
+        for (system, o) in systems[1..].iter().zip(outcomes) {
             let base = (*system != System::Sqlite).then_some((&raw, "raw"));
             table.row(latency_row(
                 format!("latency {rate} rows/s · {}", system.label()),
@@ -932,16 +1004,18 @@ async fn throughput(ctx: &Ctx, table: &mut Table) {
             duration: ctx.args.run_time(),
             async_commit: true,
         };
-        let mut outcomes = interleaved(ctx, &DELIVERING, load).await.into_iter();
+        let systems = delivering(ctx);
+        let mut outcomes = interleaved(ctx, &systems, load).await.into_iter();
         let raw = outcomes.next().expect("raw");
         eprintln!(
-            "  raw baseline: committed {} rows/s, delivered {} ev/s, lag {} ms, {}",
+            "  raw baseline: committed {} rows/s, delivered {} ev/s, lag {} ms, listener CPU {} µs/event, {}",
             count(raw.commit_rate),
             count(raw.delivered_rate),
             ms(raw.lag_ms),
+            us(raw.cpu_us_per_event()),
             losses(&raw)
         );
-        for (system, o) in DELIVERING[1..].iter().zip(outcomes) {
+        for (system, o) in systems[1..].iter().zip(outcomes) {
             let base = (*system != System::Sqlite).then_some((&raw, "raw"));
             table.row(throughput_row(
                 format!("throughput {} · {}", s.describe(), system.label()),
@@ -962,7 +1036,7 @@ fn throughput_row(scenario: String, o: &Outcome, base: Option<(&Outcome, &str)>)
         base.map_or("—".into(), |(b, _)| ratio(o.delivered_rate, b.delivered_rate)),
         match base {
             Some((b, name)) => format!(
-                "committed {} rows/s ({name} {}) · lag {} ms ({name} {}) · p50/p99 {}/{} ms ({name} {}/{}) · {} ({name}: {})",
+                "committed {} rows/s ({name} {}) · lag {} ms ({name} {}) · p50/p99 {}/{} ms ({name} {}/{}) · listener CPU {} µs/event ({name} {}) · {} ({name}: {})",
                 count(o.commit_rate),
                 count(b.commit_rate),
                 ms(o.lag_ms),
@@ -971,19 +1045,94 @@ fn throughput_row(scenario: String, o: &Outcome, base: Option<(&Outcome, &str)>)
                 ms(o.p(99.0)),
                 ms(b.p(50.0)),
                 ms(b.p(99.0)),
+                us(o.cpu_us_per_event()),
+                us(b.cpu_us_per_event()),
                 losses(o),
                 losses(b)
             ),
             None => format!(
-                "committed {} rows/s · lag {} ms · p50/p99 {}/{} ms · {}",
+                "committed {} rows/s · lag {} ms · p50/p99 {}/{} ms · listener CPU {} µs/event · {}",
                 count(o.commit_rate),
                 ms(o.lag_ms),
                 ms(o.p(50.0)),
                 ms(o.p(99.0)),
+                us(o.cpu_us_per_event()),
                 losses(o)
             ),
         },
     ]
+}
+
+/// The listener's CPU per event at a fixed rate, so that every system gets the same events in
+/// the same batches (at full speed a slower system gets fewer events per wake-up, and its CPU
+/// per event would include more wake-ups): this process's CPU from the writers' start to the
+/// last arrival, over the events delivered.
+async fn cpu(ctx: &Ctx, table: &mut Table) {
+    for (rows_per_s, txn_rows) in [(15_000, 100), (2_000, 1)] {
+        let name = format!("cpu-{rows_per_s}-{txn_rows}r");
+        if !ctx.args.wants(&name) {
+            continue;
+        }
+        let shape = if txn_rows == 1 {
+            "1-row txns".to_string()
+        } else {
+            format!("{txn_rows}-row txns")
+        };
+        eprintln!("listener CPU at {rows_per_s} rows/s in {shape} …");
+        let load = Load {
+            writers: 1,
+            rate: rows_per_s / txn_rows,
+            txn_rows,
+            payload_bytes: SMALL,
+            duration: ctx.args.run_time(),
+            async_commit: true,
+        };
+        let systems = delivering(ctx);
+        let mut outcomes = interleaved(ctx, &systems, load).await.into_iter();
+        let raw = outcomes.next().expect("raw");
+        eprintln!(
+            "  raw baseline: listener CPU {} µs/event, {:.3} wake-ups/event, delivered {} ev/s, {}",
+            us(raw.cpu_us_per_event()),
+            raw.wakeups_per_event(),
+            count(raw.delivered_rate),
+            losses(&raw)
+        );
+        for (system, o) in systems[1..].iter().zip(outcomes) {
+            let base = *system != System::Sqlite;
+            table.row(vec![
+                format!(
+                    "listener CPU at {} rows/s, {shape} · {}",
+                    count(f64::from(rows_per_s)),
+                    system.label()
+                ),
+                "µs of CPU per event".into(),
+                if base {
+                    us(raw.cpu_us_per_event())
+                } else {
+                    "—".into()
+                },
+                us(o.cpu_us_per_event()),
+                if base {
+                    ratio(o.cpu_us_per_event(), raw.cpu_us_per_event())
+                } else {
+                    "—".into()
+                },
+                format!(
+                    "this process (listener, pipeline, subscriber; the writer is another) · {:.3} wake-ups/event (raw {:.3}) · delivered {} ev/s (raw {}) · p50/p99 {}/{} ms (raw {}/{}) · {} (raw: {})",
+                    o.wakeups_per_event(),
+                    raw.wakeups_per_event(),
+                    count(o.delivered_rate),
+                    count(raw.delivered_rate),
+                    ms(o.p(50.0)),
+                    ms(o.p(99.0)),
+                    ms(raw.p(50.0)),
+                    ms(raw.p(99.0)),
+                    losses(&o),
+                    losses(&raw)
+                ),
+            ]);
+        }
+    }
 }
 
 async fn cost(ctx: &Ctx, table: &mut Table) {
@@ -1222,5 +1371,14 @@ async fn idle(ctx: &Ctx, table: &mut Table) {
                 nothing * 100.0
             ),
         ]);
+    }
+}
+
+/// Microseconds, two decimals; `—` when not measured.
+fn us(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value:.2}")
+    } else {
+        "—".into()
     }
 }
