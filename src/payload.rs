@@ -88,8 +88,254 @@ struct Parts {
     /// allocation).
     first: Option<Value>,
     rest: Vec<Option<Value>>,
-    meta: Option<Value>,
+    meta: Option<Meta>,
     extra: Extra,
+}
+
+/// The reserved member of a payload, taken apart while it is parsed: most payloads carry only
+/// a transaction id, which then costs no map, member name, string or allocation (the other
+/// members live behind one box, so that moving a payload's parts stays cheap). Every member
+/// sqlnotify's triggers may write has its field; anything else lands in `others` (an error,
+/// unless an overflow reference or a truncation mark decides first). A member that occurs
+/// twice keeps its last value, as in a map.
+#[derive(Debug, Default)]
+struct Meta {
+    tx: Option<Tx>,
+    rest: Option<Box<MetaRest>>,
+}
+
+/// The members of [`Meta`] other than `tx`.
+#[derive(Debug, Default)]
+struct MetaRest {
+    /// Not an object at all (an error): the value as sent.
+    not_object: Option<Value>,
+    overflow: Option<Value>,
+    truncated: Option<Value>,
+    old: Option<Value>,
+    changed: Option<Value>,
+    context: Option<Value>,
+    others: Map<String, Value>,
+}
+
+/// A metadata `tx` member: a transaction id written as a number (the fast path) or as the text
+/// of one (`json_build_object` writes an `xid8` as a string), or anything else (an error).
+#[derive(Debug)]
+enum Tx {
+    Number(u64),
+    Text(u64),
+    Other(Value),
+}
+
+impl Tx {
+    fn from_value(value: Value) -> Tx {
+        match &value {
+            Value::Number(n) => n.as_u64().map_or(Tx::Other(value), Tx::Number),
+            Value::String(text) => text.parse().map_or(Tx::Other(value), Tx::Text),
+            _ => Tx::Other(value),
+        }
+    }
+
+    fn into_value(self) -> Value {
+        match self {
+            Tx::Number(n) => Value::from(n),
+            Tx::Text(n) => Value::String(n.to_string()),
+            Tx::Other(value) => value,
+        }
+    }
+
+    /// The transaction id; an error naming the member when it is not one.
+    fn id(&self) -> Result<u64, String> {
+        match self {
+            Tx::Number(n) | Tx::Text(n) => Ok(*n),
+            Tx::Other(Value::Number(n)) => {
+                Err(format!("{META_KEY}.tx is not a transaction id: {n}"))
+            }
+            Tx::Other(Value::String(text)) => {
+                Err(format!("{META_KEY}.tx is not a transaction id: {text:?}"))
+            }
+            Tx::Other(other) => Err(format!("{META_KEY}.tx is not a transaction id: {other}")),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Tx {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        use serde::Deserialize as _;
+        struct TxVisitor;
+        impl<'de> serde::de::Visitor<'de> for TxVisitor {
+            type Value = Tx;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a transaction id")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Tx, E> {
+                Ok(Tx::Number(n))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Tx, E> {
+                Ok(Tx::from_value(Value::from(n)))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Tx, E> {
+                Ok(Tx::from_value(Value::from(n)))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Tx, E> {
+                Ok(text
+                    .parse()
+                    .map_or_else(|_| Tx::Other(Value::String(text.into())), Tx::Text))
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Tx, E> {
+                Ok(Tx::Other(Value::Bool(b)))
+            }
+            fn visit_unit<E>(self) -> Result<Tx, E> {
+                Ok(Tx::Other(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Tx, A::Error> {
+                Value::deserialize(SeqAccessDeserializer::new(seq)).map(Tx::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Tx, A::Error> {
+                Value::deserialize(MapAccessDeserializer::new(map)).map(Tx::Other)
+            }
+        }
+        deserializer.deserialize_any(TxVisitor)
+    }
+}
+
+impl MetaRest {
+    /// No member at all.
+    fn is_empty(&self) -> bool {
+        self.not_object.is_none()
+            && self.overflow.is_none()
+            && self.truncated.is_none()
+            && self.old.is_none()
+            && self.changed.is_none()
+            && self.context.is_none()
+            && self.others.is_empty()
+    }
+}
+
+impl Meta {
+    /// Stores member `name`; `value` is parsed as the member requires.
+    fn set<'de, A: serde::de::MapAccess<'de>>(
+        &mut self,
+        name: &str,
+        access: &mut A,
+    ) -> Result<(), A::Error> {
+        if name == "tx" {
+            self.tx = Some(access.next_value()?);
+            return Ok(());
+        }
+        let value = access.next_value()?;
+        let rest = self.rest.get_or_insert_with(Box::default);
+        match name {
+            "overflow" => rest.overflow = Some(value),
+            "truncated" => rest.truncated = Some(value),
+            "old" => rest.old = Some(value),
+            "changed" => rest.changed = Some(value),
+            "context" => rest.context = Some(value),
+            _ => {
+                rest.others.insert(name.to_string(), value);
+            }
+        }
+        Ok(())
+    }
+
+    /// The metadata member of a payload parsed into a [`Value`] first.
+    fn from_value(value: Value) -> Meta {
+        let Value::Object(mut map) = value else {
+            return Meta {
+                tx: None,
+                rest: Some(Box::new(MetaRest {
+                    not_object: Some(value),
+                    ..MetaRest::default()
+                })),
+            };
+        };
+        let tx = map.remove("tx").map(Tx::from_value);
+        let rest = (!map.is_empty()).then(|| {
+            Box::new(MetaRest {
+                not_object: None,
+                overflow: map.remove("overflow"),
+                truncated: map.remove("truncated"),
+                old: map.remove("old"),
+                changed: map.remove("changed"),
+                context: map.remove("context"),
+                others: map,
+            })
+        });
+        Meta { tx, rest }
+    }
+
+    /// No member at all.
+    fn is_empty(&self) -> bool {
+        self.tx.is_none() && self.rest.as_deref().is_none_or(MetaRest::is_empty)
+    }
+
+    /// The metadata as sent (for an error message).
+    fn into_value(self) -> Value {
+        let rest = *self.rest.unwrap_or_default();
+        if let Some(value) = rest.not_object {
+            return value;
+        }
+        let mut map = rest.others;
+        for (name, value) in [
+            ("overflow", rest.overflow),
+            ("truncated", rest.truncated),
+            ("old", rest.old),
+            ("changed", rest.changed),
+            ("context", rest.context),
+            ("tx", self.tx.map(Tx::into_value)),
+        ] {
+            if let Some(value) = value {
+                map.insert(name.into(), value);
+            }
+        }
+        Value::Object(map)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Meta {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::value::SeqAccessDeserializer;
+        use serde::Deserialize as _;
+        struct MetaVisitor;
+        impl<'de> serde::de::Visitor<'de> for MetaVisitor {
+            type Value = Meta;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("sqlnotify's metadata")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<Meta, A::Error> {
+                let mut meta = Meta::default();
+                while let Some(name) = access.next_key::<Name<'de>>()? {
+                    meta.set(name.as_str(), &mut access)?;
+                }
+                Ok(meta)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Meta, A::Error> {
+                Value::deserialize(SeqAccessDeserializer::new(seq)).map(Meta::from_value)
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Meta, E> {
+                Ok(Meta::from_value(Value::from(n)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Meta, E> {
+                Ok(Meta::from_value(Value::from(n)))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Meta, E> {
+                Ok(Meta::from_value(Value::from(n)))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Meta, E> {
+                Ok(Meta::from_value(Value::String(text.into())))
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Meta, E> {
+                Ok(Meta::from_value(Value::Bool(b)))
+            }
+            fn visit_unit<E>(self) -> Result<Meta, E> {
+                Ok(Meta::from_value(Value::Null))
+            }
+        }
+        deserializer.deserialize_any(MetaVisitor)
+    }
 }
 
 /// Parses `payload` as one JSON object straight into [`Parts`]: the key and extra columns'
@@ -128,11 +374,13 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor<'_> {
             },
         };
         while let Some(name) = access.next_key::<Name<'de>>()? {
-            let value: Value = access.next_value()?;
             let name = name.as_str();
             if name == META_KEY {
-                parts.meta = Some(value);
-            } else if let Some(at) = key_columns.iter().position(|c| c == name) {
+                parts.meta = Some(access.next_value()?);
+                continue;
+            }
+            let value: Value = access.next_value()?;
+            if let Some(at) = key_columns.iter().position(|c| c == name) {
                 match at.checked_sub(1) {
                     None => parts.first = Some(value),
                     Some(at) => parts.rest[at] = Some(value),
@@ -217,7 +465,7 @@ pub(crate) fn decode_rows(
 
 /// Decodes one payload object.
 fn decode_map(mut map: Map<String, Value>, channel: &Channel) -> Result<Decoded, String> {
-    let meta = map.remove(META_KEY);
+    let meta = map.remove(META_KEY).map(Meta::from_value);
     let mut keys = channel.key_columns.iter().map(|column| map.remove(column));
     let first = keys.next().flatten();
     let rest = keys.collect();
@@ -246,64 +494,66 @@ fn decode_parts(parts: Parts, channel: &Channel) -> Result<Decoded, String> {
         extra: map,
     } = parts;
     let id = key_of(first, rest, channel)?;
-    match meta {
-        None => Ok(Decoded::Row {
+    let Some(meta) = meta else {
+        return Ok(Decoded::Row {
             id,
             extra: map,
             truncated: false,
             change: Change::default(),
-        }),
-        Some(Value::Object(meta)) => {
-            if let Some(reference) = meta.get("overflow") {
-                let reference = reference
-                    .as_str()
-                    .filter(|r| is_token(r))
-                    .ok_or_else(|| format!("overflow reference {reference} is not a token"))?;
-                Ok(Decoded::Overflow {
-                    reference: reference.to_string(),
-                    id,
-                })
-            } else if meta.get("truncated") == Some(&Value::Bool(true)) {
-                Ok(Decoded::Row {
-                    id,
-                    extra: Extra::default(),
-                    truncated: true,
-                    change: Change {
-                        transaction: transaction(meta.get("tx"))?,
-                        ..Change::default()
-                    },
-                })
-            } else if !meta.is_empty()
-                && meta
-                    .keys()
-                    .all(|k| k == "old" || k == "changed" || k == "context" || k == "tx")
-            {
-                Ok(Decoded::Row {
-                    id,
-                    extra: map,
-                    truncated: false,
-                    change: take_change(meta)?,
-                })
-            } else {
-                Err(format!(
-                    "unknown {META_KEY} metadata {}",
-                    Value::Object(meta)
-                ))
-            }
-        }
-        Some(other) => Err(format!("{META_KEY} metadata is not an object: {other}")),
+        });
+    };
+    let rest = meta.rest.as_deref();
+    if let Some(other) = rest.and_then(|r| r.not_object.as_ref()) {
+        return Err(format!("{META_KEY} metadata is not an object: {other}"));
     }
+    if let Some(reference) = rest.and_then(|r| r.overflow.as_ref()) {
+        let reference = reference
+            .as_str()
+            .filter(|r| is_token(r))
+            .ok_or_else(|| format!("overflow reference {reference} is not a token"))?;
+        return Ok(Decoded::Overflow {
+            reference: reference.to_string(),
+            id,
+        });
+    }
+    if rest.and_then(|r| r.truncated.as_ref()) == Some(&Value::Bool(true)) {
+        return Ok(Decoded::Row {
+            id,
+            extra: Extra::default(),
+            truncated: true,
+            change: Change {
+                transaction: meta.tx.as_ref().map(Tx::id).transpose()?,
+                ..Change::default()
+            },
+        });
+    }
+    if meta.is_empty() || rest.is_some_and(|r| r.truncated.is_some() || !r.others.is_empty()) {
+        return Err(format!("unknown {META_KEY} metadata {}", meta.into_value()));
+    }
+    Ok(Decoded::Row {
+        id,
+        extra: map,
+        truncated: false,
+        change: take_change(meta)?,
+    })
 }
 
-/// Reads the `old`, `changed` and `context` members of a payload's metadata (untrusted: wrong
-/// types are an error naming the member).
-fn take_change(mut meta: Map<String, Value>) -> Result<Change, String> {
-    let old = match meta.remove("old") {
+/// Reads the `old`, `changed`, `context` and `tx` members of a payload's metadata (untrusted:
+/// wrong types are an error naming the member).
+fn take_change(meta: Meta) -> Result<Change, String> {
+    let transaction = meta.tx.as_ref().map(Tx::id).transpose()?;
+    let Some(rest) = meta.rest else {
+        return Ok(Change {
+            transaction,
+            ..Change::default()
+        });
+    };
+    let old = match rest.old {
         None => None,
         Some(Value::Object(old)) => Some(old),
         Some(other) => return Err(format!("{META_KEY}.old is not an object: {other}")),
     };
-    let changed = match meta.remove("changed") {
+    let changed = match rest.changed {
         None => None,
         Some(Value::Array(items)) => Some(
             items
@@ -318,35 +568,17 @@ fn take_change(mut meta: Map<String, Value>) -> Result<Change, String> {
         ),
         Some(other) => return Err(format!("{META_KEY}.changed is not an array: {other}")),
     };
-    let context = match meta.remove("context") {
+    let context = match rest.context {
         None => None,
         Some(Value::Object(context)) => Some(context),
         Some(other) => return Err(format!("{META_KEY}.context is not an object: {other}")),
     };
-    let transaction = transaction(meta.get("tx"))?;
     Ok(Change {
         old,
         changed,
         context,
         transaction,
     })
-}
-
-/// Reads the `tx` member of a payload's metadata: a transaction id, written by the trigger as
-/// a number (or as the text of one: `json_build_object` writes an `xid8` as a string).
-fn transaction(value: Option<&Value>) -> Result<Option<u64>, String> {
-    match value {
-        None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("{META_KEY}.tx is not a transaction id: {n}")),
-        Some(Value::String(text)) => text
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("{META_KEY}.tx is not a transaction id: {text:?}")),
-        Some(other) => Err(format!("{META_KEY}.tx is not a transaction id: {other}")),
-    }
 }
 
 /// Whether `text` is a UUID in PostgreSQL's canonical output form (8-4-4-4-12 lower-case hex
@@ -765,6 +997,12 @@ mod properties {
                     json_value().prop_map(|v| v.to_string()),
                     Just(r#"{"truncated": true}"#.to_string()),
                     Just(r#"{"old": {"id": 1}, "tx": "7"}"#.to_string()),
+                    Just(r#"{"tx": 7, "changed": ["a"], "tx": "\u0038"}"#.to_string()),
+                    Just(r#"{"tx": 18446744073709551616, "context": {}}"#.to_string()),
+                    Just(r#"{"tx": -3, "truncated": true}"#.to_string()),
+                    Just(r#"{"tx": [1, {"a": null}], "q": 1}"#.to_string()),
+                    Just(r#"{"truncated": false, "tx": 1}"#.to_string()),
+                    Just(r#"{"overflow": "0b6f1e9a-3c1d-4f2e-9a7b-5d8c2e1f0a93", "x": 1}"#.to_string()),
                     Just("[1,".to_string()),
                 ]),
                 0..6,

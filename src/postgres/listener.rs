@@ -478,9 +478,12 @@ impl Reader {
                 self.wake.wake();
             }
             // Meanwhile nothing is read from the socket.
+            // The next batch is likely as long as this one: room for it up front instead of
+            // growing (and copying) it notification by notification.
+            let room = batch.len();
             if self
                 .outlet
-                .forward(std::mem::take(&mut batch))
+                .forward(std::mem::replace(&mut batch, Vec::with_capacity(room)))
                 .await
                 .is_none()
             {
