@@ -828,6 +828,15 @@ const DELIVERING: [System; 8] = [
     System::Sqlite,
 ];
 
+/// Runs the raw baseline and the other systems `--systems=` selects under `load`, interleaved:
+/// the baseline's outcome, then each other system's.
+async fn against_raw(ctx: &Ctx, load: Load) -> (Outcome, Vec<(System, Outcome)>) {
+    let systems = delivering(ctx);
+    let mut outcomes = interleaved(ctx, &systems, load).await.into_iter();
+    let raw = outcomes.next().expect("the raw baseline runs first");
+    (raw, systems[1..].iter().copied().zip(outcomes).collect())
+}
+
 /// [`DELIVERING`] as `--systems=` narrows it (the baseline always stays first).
 fn delivering(ctx: &Ctx) -> Vec<System> {
     DELIVERING
@@ -854,9 +863,7 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
             duration: ctx.args.run_time(),
             async_commit: false,
         };
-        let systems = delivering(ctx);
-        let mut outcomes = interleaved(ctx, &systems, load).await.into_iter();
-        let raw = outcomes.next().expect("raw");
+        let (raw, outcomes) = against_raw(ctx, load).await;
         eprintln!(
             "  raw baseline: p50 {} p95 {} p99 {} max {} ms; after commit p50 {} p99 {}; commit p50 {} p99 {} ms; {}",
             ms(raw.p(50.0)),
@@ -869,8 +876,8 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
             ms(raw.commit_p(99.0)),
             losses(&raw)
         );
-        for (system, o) in systems[1..].iter().zip(outcomes) {
-            let base = (*system != System::Sqlite).then_some((&raw, "raw"));
+        for (system, o) in outcomes {
+            let base = (system != System::Sqlite).then_some((&raw, "raw"));
             table.row(latency_row(
                 format!("latency {rate} rows/s · {}", system.label()),
                 &o,
@@ -1004,9 +1011,7 @@ async fn throughput(ctx: &Ctx, table: &mut Table) {
             duration: ctx.args.run_time(),
             async_commit: true,
         };
-        let systems = delivering(ctx);
-        let mut outcomes = interleaved(ctx, &systems, load).await.into_iter();
-        let raw = outcomes.next().expect("raw");
+        let (raw, outcomes) = against_raw(ctx, load).await;
         eprintln!(
             "  raw baseline: committed {} rows/s, delivered {} ev/s, lag {} ms, listener CPU {} µs/event, {}",
             count(raw.commit_rate),
@@ -1015,8 +1020,8 @@ async fn throughput(ctx: &Ctx, table: &mut Table) {
             us(raw.cpu_us_per_event()),
             losses(&raw)
         );
-        for (system, o) in systems[1..].iter().zip(outcomes) {
-            let base = (*system != System::Sqlite).then_some((&raw, "raw"));
+        for (system, o) in outcomes {
+            let base = (system != System::Sqlite).then_some((&raw, "raw"));
             table.row(throughput_row(
                 format!("throughput {} · {}", s.describe(), system.label()),
                 &o,
@@ -1087,9 +1092,7 @@ async fn cpu(ctx: &Ctx, table: &mut Table) {
             duration: ctx.args.run_time(),
             async_commit: true,
         };
-        let systems = delivering(ctx);
-        let mut outcomes = interleaved(ctx, &systems, load).await.into_iter();
-        let raw = outcomes.next().expect("raw");
+        let (raw, outcomes) = against_raw(ctx, load).await;
         eprintln!(
             "  raw baseline: listener CPU {} µs/event, {:.3} wake-ups/event, delivered {} ev/s, {}",
             us(raw.cpu_us_per_event()),
@@ -1097,8 +1100,8 @@ async fn cpu(ctx: &Ctx, table: &mut Table) {
             count(raw.delivered_rate),
             losses(&raw)
         );
-        for (system, o) in systems[1..].iter().zip(outcomes) {
-            let base = *system != System::Sqlite;
+        for (system, o) in outcomes {
+            let base = system != System::Sqlite;
             table.row(vec![
                 format!(
                     "listener CPU at {} rows/s, {shape} · {}",
