@@ -198,6 +198,8 @@ struct Outcome {
     /// Commit acknowledged to the writer → subscriber arrival, ms, sorted (paced runs only;
     /// negative when the event arrived before the writer heard of its commit).
     after_commit: Vec<f64>,
+    /// sqlnotify only: the listener's read → the subscriber's call, µs, sorted (every round).
+    inside_us: Vec<f64>,
     /// Writers' commit round trips, ms, sorted.
     commit: Vec<f64>,
     /// CPU this process (listener, pipeline, subscriber; the writers are other processes)
@@ -250,6 +252,7 @@ impl Outcome {
             lag_ms: runs.iter().map(|o| o.lag_ms).fold(0.0, f64::max),
             latency: samples(|o| &o.latency),
             after_commit: samples(|o| &o.after_commit),
+            inside_us: samples(|o| &o.inside_us),
             commit: samples(|o| &o.commit),
             cpu_s: runs.iter().map(|o| o.cpu_s).sum(),
             wakeups: sum(|o| o.wakeups),
@@ -567,6 +570,7 @@ async fn subscribe(notifier: &Notifier, table: &str, shared: &Shared) {
     let shared = shared.clone();
     notifier
         .subscribe_fn(Subscription::new(table, Operation::Insert), move |event| {
+            shared.inside(event.timestamp());
             shared.record(
                 event.id().as_i64(),
                 event.get("sent_us").and_then(Value::as_i64),
@@ -759,6 +763,8 @@ fn outcome(reports: &[Report], shared: &Shared, delivers: bool) -> Outcome {
             .collect();
         out.after_commit.sort_by(f64::total_cmp);
     }
+    out.inside_us = rec.inside_us.clone();
+    out.inside_us.sort_by(f64::total_cmp);
     out.unique = rec.unique;
     out.duplicates = rec.duplicates;
     out.malformed = rec.malformed;
@@ -890,6 +896,15 @@ async fn latency(ctx: &Ctx, table: &mut Table) {
 /// A latency row; `base` is the same-run baseline and its short name in the details.
 fn latency_row(scenario: String, o: &Outcome, base: Option<(&Outcome, &str)>) -> Vec<String> {
     let pair = |o: &Outcome| format!("{} / {}", ms(o.p(50.0)), ms(o.p(99.0)));
+    let inside = if o.inside_us.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " · inside the pipeline (listener read → subscriber call) p50/p99 {}/{} µs",
+            ms(percentile(&o.inside_us, 50.0)),
+            ms(percentile(&o.inside_us, 99.0))
+        )
+    };
     let details = match base {
         Some((b, name)) => format!(
             "p95 {} ({name} {}) · max {} ({name} {}) · after the commit ack p50/p99 {}/{} ({name} {}/{}) · commit p50/p99 {}/{} ({name} {}/{}) · {} ({name}: {})",
@@ -907,7 +922,7 @@ fn latency_row(scenario: String, o: &Outcome, base: Option<(&Outcome, &str)>) ->
             ms(b.commit_p(99.0)),
             losses(o),
             losses(b)
-        ),
+        ) + &inside,
         None => format!(
             "p95 {} · max {} · after the commit ack p50/p99 {}/{} · commit p50/p99 {}/{} · {}",
             ms(o.p(95.0)),
@@ -917,7 +932,7 @@ fn latency_row(scenario: String, o: &Outcome, base: Option<(&Outcome, &str)>) ->
             ms(o.commit_p(50.0)),
             ms(o.commit_p(99.0)),
             losses(o)
-        ),
+        ) + &inside,
     };
     vec![
         scenario,

@@ -28,6 +28,10 @@ pub struct Recorder {
     pub malformed: u64,
     pub first_arrival_us: i64,
     pub last_arrival_us: i64,
+    /// sqlnotify only: from the listener's read of each event
+    /// ([`ChangeEvent::timestamp`](sqlnotify::ChangeEvent::timestamp)) to the subscriber's
+    /// call, in µs — the time spent inside the pipeline.
+    pub inside_us: Vec<f64>,
 }
 
 impl Recorder {
@@ -70,6 +74,14 @@ impl Shared {
             _ => self.recorder.borrow_mut().malformed += 1,
         }
         self.arrived.notify_one();
+    }
+
+    /// The pipeline delivered an event the listener read at `read_at`.
+    pub fn inside(&self, read_at: std::time::SystemTime) {
+        if let Ok(spent) = std::time::SystemTime::now().duration_since(read_at) {
+            let us = spent.as_secs_f64() * 1e6;
+            self.recorder.borrow_mut().inside_us.push(us);
+        }
     }
 
     pub fn unique(&self) -> u64 {
