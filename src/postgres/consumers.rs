@@ -428,15 +428,25 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
         "SELECT name, horizon::text, channels, missed FROM {s}.consumers
           WHERE state = ANY($1) ORDER BY name FOR UPDATE"
     );
+    // The bound once per run, not per batch: finding it reads the expired rows, which a
+    // backlog of many batches would otherwise read again for each one. It only grows, so the
+    // run's first is safe for every batch.
+    let bound: i64 = client
+        .query_typed_one(
+            &format!("SELECT {}", purge_bound(&s, 1)),
+            &[(&secs, Type::FLOAT8)],
+        )
+        .await
+        .map_err(err)?
+        .get(0);
     let delete = format!(
         "WITH d AS (DELETE FROM {s}.journal WHERE id IN (
                       SELECT j.id FROM {s}.journal j
-                       WHERE j.id < {} AND j.created_at < now() - pg_catalog.make_interval(secs => $1)
+                       WHERE j.id < $4 AND j.created_at < now() - pg_catalog.make_interval(secs => $1)
                          AND {}
                        ORDER BY j.id LIMIT $2)
                     RETURNING channel, xid)
          SELECT channel, max(xid::text::numeric)::text, pg_catalog.count(*) FROM d GROUP BY channel",
-        purge_bound(&s, 1),
         unprotected(&s, 3, None)
     );
     let mark = format!("UPDATE {s}.consumers SET missed = $2 WHERE name = $1");
@@ -474,10 +484,11 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
             locked.push((name, horizon, channels, missed));
         }
         let names: Vec<String> = locked.iter().map(|(name, ..)| name.clone()).collect();
-        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+        let params: [(&(dyn ToSql + Sync), Type); 4] = [
             (&secs, Type::FLOAT8),
             (&PURGE_BATCH, Type::INT8),
             (&names, Type::TEXT_ARRAY),
+            (&bound, Type::INT8),
         ];
         let mut deleted = Vec::new();
         let mut n = 0u64;
