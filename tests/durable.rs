@@ -233,6 +233,42 @@ async fn an_older_journal_loses_its_created_at_index_and_the_purge_walks_the_key
     notifier.stop().await.unwrap();
 }
 
+/// Dropping the older journal's `created_at` index is optional: while a writer holds the
+/// journal, `start()` keeps the index and starts anyway (after the install timeout's lock
+/// wait, not failing), and the next start drops it.
+#[actix_rt::test]
+async fn a_busy_journal_keeps_its_created_at_index_until_a_later_start() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .install_timeout(Duration::from_secs(1));
+    builder.clone().start().await.unwrap().stop().await.unwrap();
+    db.exec("CREATE INDEX journal_created_at_idx ON sqlnotify.journal (created_at)")
+        .await;
+    let index =
+        "SELECT count(*) FROM pg_class WHERE oid = to_regclass('sqlnotify.journal_created_at_idx')";
+    let mut writer = db.client().await;
+    let open = writer.transaction().await.unwrap();
+    open.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    let notifier = builder
+        .clone()
+        .start()
+        .await
+        .expect("starts with the index kept");
+    assert_eq!(
+        db.count(index).await,
+        1,
+        "kept while a writer holds the journal"
+    );
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    open.commit().await.unwrap();
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    notifier.stop().await.unwrap();
+    builder.start().await.unwrap().stop().await.unwrap();
+    assert_eq!(db.count(index).await, 0, "dropped by the next start");
+}
+
 #[actix_rt::test]
 async fn the_journal_is_trimmed_but_a_live_consumer_keeps_what_it_has_not_read() {
     let db = TestDb::new().await;

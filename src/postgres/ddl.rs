@@ -120,9 +120,8 @@ BEGIN
     -- once, on upgrade: versions before this one indexed created_at for the purge, which now
     -- walks the primary key instead (the index cost every journal row ~5 µs of its writer's
     -- time). Optional: when the journal stays busy, the index is kept until the next start.
-    PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
-    IF _sqn_lock <> '0' THEN
-      PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
+    IF _sqn_lock = '0' THEN
+      PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
     END IF;
     BEGIN
       DROP INDEX {s}.journal_created_at_idx;
