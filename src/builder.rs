@@ -157,7 +157,10 @@ impl NotifierBuilder {
     /// every listener can read them. Older rows are deleted in small batches — except journal
     /// rows a registered [`consumer`](Self::consumer) reading their channel has not read yet,
     /// whoever runs the purge and whatever its retention, however long ago that consumer was
-    /// last seen (unless it set a [`consumer_expiry`](Self::consumer_expiry)). Default: 1 hour.
+    /// last seen (unless it set a [`consumer_expiry`](Self::consumer_expiry)). On PostgreSQL a
+    /// journal row counts from its transaction's start, and is deleted once it and every row
+    /// written before it are older (so a long transaction's rows may stay a little longer,
+    /// never shorter). Default: 1 hour.
     pub fn retention(mut self, keep: Duration) -> Self {
         self.pipeline.retention.keep = keep;
         self

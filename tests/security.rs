@@ -619,6 +619,47 @@ async fn a_helper_called_without_the_table_s_privilege_sends_nothing() {
     notifier.stop().await.unwrap();
 }
 
+/// The helper's privilege test has two steps (the session's own role, then the roles it is a
+/// member of): a writer whose INSERT privilege comes only from a group role has its rows
+/// captured, on both tiers, and one without any still sends nothing.
+#[actix_rt::test]
+async fn a_writer_privileged_through_a_group_role_has_its_rows_captured() {
+    for tier in [Tier::Notify, Tier::Durable] {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+        let (group, _) = db.role("group").await;
+        let (member, member_url) = db.role("member").await;
+        let (_, mallory) = db.role("mallory").await;
+        db.exec(&format!(
+            "GRANT INSERT ON t TO \"{group}\"; GRANT \"{group}\" TO \"{member}\""
+        ))
+        .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Operation::Insert).tier(tier))
+            .start()
+            .await
+            .unwrap();
+        let mut ins = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+        connect(&member_url)
+            .await
+            .batch_execute("INSERT INTO t VALUES (1)")
+            .await
+            .unwrap();
+        assert_eq!(ins.next().await.id().as_i64(), Some(1), "{tier:?}");
+        let helper = match tier {
+            Tier::Notify => "SELECT sqlnotify.sqlnotify_public_t_insert('{\"id\":1000}', NULL)",
+            _ => "SELECT sqlnotify.sqlnotify_public_t_insert('{\"id\":1000}', 1)",
+        };
+        connect(&mallory)
+            .await
+            .batch_execute(helper)
+            .await
+            .expect("the call succeeds and does nothing");
+        ins.assert_none_within(Duration::from_millis(200)).await;
+        notifier.stop().await.unwrap();
+    }
+}
+
 /// Columns of extension types keep their own comparison (hstore has no `=` in pg_catalog;
 /// citext's `=` ignores case): the trigger runs with the writer's search path.
 #[actix_rt::test]
