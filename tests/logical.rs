@@ -790,3 +790,85 @@ async fn a_snapshot_waits_for_a_commit_the_stream_sent_before_it_was_visible() {
     assert_eq!((next.is_snapshot(), next.id().as_i64()), (false, Some(2)));
     notifier.stop().await.unwrap();
 }
+
+/// A slot the server invalidates while the notifier runs stops its listener for good: one
+/// `Status::Failed`, `Stats::failed`, `Notifier::failure()` and `stop()` give
+/// `Error::SlotLost`, and no reconnect follows (each would fail the same way).
+#[actix_rt::test]
+async fn a_slot_invalidated_while_running_stops_the_listener_for_good() {
+    let Some(cluster) = Cluster::start_with(&format!(
+        "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
+    )) else {
+        common::prerequisite_missing(
+            "a_slot_invalidated_while_running_stops_the_listener",
+            "PostgreSQL's binaries",
+        );
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("late")
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut statuses) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |s| {
+            let _ = tx.send(s.status);
+        })
+        .await
+        .unwrap();
+    // No subscription: the consumer reads nothing and its slot falls behind, past
+    // max_slot_wal_keep_size; the checkpoint invalidates it (terminating its walsender).
+    for round in 0..6 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
+             SELECT pg_switch_wal()",
+            round
+        ))
+        .await;
+    }
+    db.exec("CHECKPOINT").await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            notifier.failure().is_some()
+        })
+        .await,
+        "the listener never failed; stats {:?}",
+        notifier.stats().await.unwrap()
+    );
+    let failure = notifier.failure().unwrap();
+    assert!(
+        matches!(&failure, Error::SlotLost { slot, .. } if slot.starts_with("sqlnotify_late_")),
+        "{failure:?}"
+    );
+    let stats = notifier.stats().await.unwrap();
+    assert!(stats.failed);
+    // It stays down: no reconnect within several backoff intervals (the first is ~100 ms).
+    let restarts = stats.restarts;
+    assert!(
+        !wait_until(Duration::from_secs(3), || async {
+            notifier.stats().await.unwrap().restarts > restarts
+        })
+        .await,
+        "the listener restarted after a lost slot"
+    );
+    let mut failed = 0;
+    while let Ok(status) = statuses.try_recv() {
+        if let sqlnotify::Status::Failed { error } = status {
+            assert!(error.contains("sqlnotify_late_"), "{error}");
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 1, "one Status::Failed");
+    let e = notifier.stop().await.unwrap_err();
+    assert!(matches!(e, Error::SlotLost { .. }), "{e:?}");
+    // The way out, as for a slot lost while stopped: drop the consumer, start again.
+    Notifier::builder(&db.url)
+        .drop_consumer("late")
+        .await
+        .unwrap();
+}

@@ -530,6 +530,22 @@ impl Source for LogicalSource {
             return Ok(true);
         }
         self.check_lost()?;
+        let gated = self.named
+            && !conn.started
+            && !self.outlet.as_ref().is_some_and(|o| {
+                o.stats()
+                    .has_subscriber
+                    .load(std::sync::atomic::Ordering::Acquire)
+            });
+        if gated {
+            // A consumer before its first subscription reads nothing: the stream is not
+            // started yet, so no walsender waits on a socket nobody reads (one that does
+            // blocks a checkpoint that must invalidate the slot).
+            return match tokio::time::timeout(timeout, self.wake.notified()).await {
+                Ok(()) => self.check_lost().map(|()| true),
+                Err(_) => Ok(false),
+            };
+        }
         self.start(conn).await?;
         self.confirm_settled(conn);
         let received = tokio::select! {
