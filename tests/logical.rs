@@ -793,9 +793,21 @@ async fn a_snapshot_waits_for_a_commit_the_stream_sent_before_it_was_visible() {
 
 /// A slot the server invalidates while the notifier runs stops its listener for good: one
 /// `Status::Failed`, `Stats::failed`, `Notifier::failure()` and `stop()` give
-/// `Error::SlotLost`, and no reconnect follows (each would fail the same way).
+/// `Error::SlotLost`, and no reconnect follows (each would fail the same way). Here the
+/// consumer has no subscription yet: the lag task sees `wal_status` lost.
 #[actix_rt::test]
 async fn a_slot_invalidated_while_running_stops_the_listener_for_good() {
+    slot_invalidated_while_running(false).await;
+}
+
+/// The same while the stream runs and delivers: the server terminates the walsender, and
+/// reading the slot again fails with the server's own words (or the lag task saw it first).
+#[actix_rt::test]
+async fn a_slot_invalidated_while_streaming_stops_the_listener_for_good() {
+    slot_invalidated_while_running(true).await;
+}
+
+async fn slot_invalidated_while_running(streaming: bool) {
     let Some(cluster) = Cluster::start_with(&format!(
         "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
     )) else {
@@ -821,8 +833,18 @@ async fn a_slot_invalidated_while_running_stops_the_listener_for_good() {
         })
         .await
         .unwrap();
-    // No subscription: the consumer reads nothing and its slot falls behind, past
-    // max_slot_wal_keep_size; the checkpoint invalidates it (terminating its walsender).
+    let _events = if streaming {
+        let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        db.exec("INSERT INTO t VALUES (-1, '')").await;
+        assert_eq!(ev.next().await.id().as_i64(), Some(-1));
+        Some(ev)
+    } else {
+        None
+    };
+    // Without a subscription the consumer reads nothing and its slot falls behind; with one,
+    // the slot's restart position still moves only at the server's periodic snapshots of
+    // running transactions: either way more WAL than max_slot_wal_keep_size is past it, and
+    // the checkpoint invalidates it (terminating its walsender).
     for round in 0..6 {
         db.exec(&format!(
             "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
@@ -871,4 +893,39 @@ async fn a_slot_invalidated_while_running_stops_the_listener_for_good() {
         .drop_consumer("late")
         .await
         .unwrap();
+}
+
+/// A transaction of more rows than the in-flight budget (default 4,096) arrives whole: it is
+/// handed to the pipeline in pieces (as one batch it waited for more units than exist, and
+/// nothing arrived any more).
+#[actix_rt::test]
+async fn a_transaction_larger_than_the_in_flight_budget_arrives() {
+    let Some(cluster) = cluster("a_transaction_larger_than_the_in_flight_budget_arrives") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_fn(Subscription::new("t", Insert), move |e| {
+            let _ = tx.send((e.id().as_i64().unwrap(), e.last_in_transaction()));
+        })
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t SELECT g FROM generate_series(1, 10000) g")
+        .await;
+    for want in 1..=10_000 {
+        let (id, last) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("row {want} of 10000 never arrived"))
+            .unwrap();
+        assert_eq!(id, want, "in order");
+        assert_eq!(last, Some(want == 10_000), "row {id}: the last mark");
+    }
+    notifier.stop().await.unwrap();
 }

@@ -34,8 +34,10 @@ use crate::postgres::snapshot::SentXids;
 
 /// The prefix of the logical-decoding messages that carry custom events (`src/postgres/custom.rs`).
 const MESSAGE_PREFIX: &str = "sqlnotify:";
-/// Most events handed to the pipeline in one batch.
+/// Most events handed to the pipeline in one batch: at most the smallest in-flight budget,
+/// so a batch can always get its units.
 const MAX_BATCH: usize = 512;
+const _: () = assert!(MAX_BATCH <= crate::pipeline::MIN_IN_FLIGHT);
 /// How often the confirmed position is sent to the server at most (the crate's status
 /// interval): what a crash may deliver again on top of the save rule's own delay.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
@@ -198,7 +200,10 @@ impl LogicalSource {
 
     fn error(&self, e: pgwire_replication::PgWireError) -> Error {
         let text = e.to_string();
+        // PostgreSQL 15 refuses to start an invalidated slot with "cannot read from logical
+        // replication slot" (the detail, "has been invalidated…", may not be in the text).
         if text.contains("can no longer get changes from replication slot")
+            || text.contains("cannot read from logical replication slot")
             || text.contains("has been invalidated")
         {
             return Error::SlotLost {
@@ -466,6 +471,7 @@ impl Source for LogicalSource {
     }
 
     async fn read(&mut self, conn: &mut LogicalConn, outlet: &Outlet) -> Result<Option<u64>> {
+        self.check_lost()?;
         self.start(conn).await?;
         let mut batch = Vec::new();
         let mut forwarded = 0;
@@ -493,8 +499,11 @@ impl Source for LogicalSource {
             };
             let Some(event) = event else { break };
             self.handle(conn, event, &mut batch);
-            if batch.len() >= MAX_BATCH {
-                let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
+            // In pieces: a transaction larger than the in-flight budget, handed over at its
+            // Commit, would otherwise wait for more units than exist.
+            while batch.len() >= MAX_BATCH {
+                let rest = batch.split_off(MAX_BATCH);
+                let Some(n) = outlet.forward(std::mem::replace(&mut batch, rest)).await else {
                     return Ok(None);
                 };
                 forwarded += n;
