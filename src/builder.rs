@@ -138,6 +138,17 @@ impl NotifierBuilder {
 
     /// On [`Notifier::stop`], remove this notifier's triggers. Default: false (triggers stay
     /// installed; the next start finds them unchanged and does nothing).
+    ///
+    /// [`Tier::Logical`](crate::Tier::Logical) installs no trigger. A notifier without a named
+    /// consumer drops its throwaway replication slot and publication at every stop, whatever
+    /// this says. A [named consumer](Self::consumer)'s slot and publication are kept, also
+    /// with `cleanup_on_stop(true)`: the slot is the consumer's position, and keeping the WAL
+    /// after it is how the consumer resumes after a restart without missing the changes
+    /// committed meanwhile — dropping it on stop would make every restart a silent gap. Drop
+    /// a consumer that will not come back on purpose, with
+    /// [`Notifier::drop_consumer`] (or `sqlnotify consumers drop`, or
+    /// [`cleanup`](Self::cleanup), which drops every sqlnotify slot): until then its slot
+    /// keeps WAL on the server.
     pub fn cleanup_on_stop(mut self, yes: bool) -> Self {
         self.cleanup_on_stop = yes;
         self

@@ -453,6 +453,25 @@ pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+impl Error {
+    /// Whether a listener that fails with this error must stop for good instead of
+    /// reconnecting: retrying cannot help ([`Error::SlotLost`]: the slot cannot be read again).
+    pub(crate) fn is_fatal(&self) -> bool {
+        matches!(self, Error::SlotLost { .. })
+    }
+
+    /// A copy of a fatal error ([`is_fatal`](Self::is_fatal)), which holds only text.
+    pub(crate) fn fatal_copy(&self) -> Option<Error> {
+        match self {
+            Error::SlotLost { slot, detail } => Some(Error::SlotLost {
+                slot: slot.clone(),
+                detail: detail.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

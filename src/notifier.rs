@@ -642,6 +642,15 @@ impl Notifier {
         Ok(self.inner.pipeline.stats.snapshot())
     }
 
+    /// The error that stopped the listener for good, if one did: it reads nothing more (see
+    /// [`Status::Failed`](crate::Status::Failed)). Today that is only
+    /// [`Error::SlotLost`], a [`Tier::Logical`](crate::Tier::Logical) slot the server
+    /// invalidated; every other failure is retried with backoff. [`stop`](Self::stop) returns
+    /// it too.
+    pub fn failure(&self) -> Option<Error> {
+        self.inner.pipeline.stats.failure()
+    }
+
     /// The named consumers registered in this database — this notifier's and every other
     /// application's — with their state, position, backlog and last activity, by name. Works
     /// on every dialect, also after `stop()`; empty when sqlnotify was never installed.
@@ -678,7 +687,9 @@ impl Notifier {
     /// Stops the notifier: stops listening, hands every notification already received to the
     /// subscribers (closure subscribers have run by the time this returns; actor subscribers
     /// have it in their mailbox), removes this notifier's triggers if `cleanup_on_stop`, and
-    /// closes the connections. A second call returns [`Error::NotRunning`].
+    /// closes the connections. A second call returns [`Error::NotRunning`]. When the listener
+    /// had stopped for good ([`failure`](Self::failure)), stop still does all this and then
+    /// returns that error.
     pub async fn stop(&self) -> Result<()> {
         let mut running = self
             .inner

@@ -62,6 +62,11 @@ pub struct Stats {
     pub slot_lag: u64,
     /// This notifier's part in its named consumer's group.
     pub role: Role,
+    /// Whether the listener stopped for good after an error it cannot recover from (a
+    /// [`Tier::Logical`](crate::Tier::Logical) slot the server invalidated): nothing more is
+    /// read. Announced as [`Status::Failed`](crate::Status::Failed); the error is
+    /// [`Notifier::failure`](crate::Notifier::failure), and `stop()` returns it.
+    pub failed: bool,
     /// Events handlers ([`Notifier::handle`](crate::Notifier::handle)) handled successfully
     /// (a dead letter delivered again and handled counts too, and so does an event a
     /// transactional handler skipped as done before: see `effects_skipped`).
@@ -156,6 +161,8 @@ pub(crate) struct Counters {
     pub slot_lag: AtomicU64,
     /// [`Role`], as its `as_u8`.
     pub role: AtomicU8,
+    /// The error that stopped the listener for good.
+    pub failure: std::sync::Mutex<Option<crate::Error>>,
     /// Events acknowledged subscriptions have not acknowledged yet.
     pub holds: Arc<Holds>,
     pub handled: AtomicU64,
@@ -214,6 +221,21 @@ impl Counters {
         }
     }
 
+    /// Records the error that stopped the listener for good (the first one stays).
+    pub fn fail(&self, error: crate::Error) {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        failure.get_or_insert(error);
+    }
+
+    /// A copy of the error that stopped the listener for good, if one did.
+    pub fn failure(&self) -> Option<crate::Error> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(crate::Error::fatal_copy)
+    }
+
     pub fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
@@ -234,6 +256,7 @@ impl Counters {
             backlog: get(&self.backlog),
             slot_lag: get(&self.slot_lag),
             role: self.role(),
+            failed: self.failure().is_some(),
             handled: get(&self.handled),
             handler_errors: get(&self.handler_errors),
             retries: get(&self.retries),

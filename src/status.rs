@@ -17,6 +17,17 @@ pub enum Status {
         /// Why.
         error: String,
     },
+    /// The listener stopped for good after an error it cannot recover from, and reads
+    /// nothing more: a [`Tier::Logical`](crate::Tier::Logical) replication slot the server
+    /// invalidated ([`Error::SlotLost`](crate::Error::SlotLost)) — the changes it had not read
+    /// are gone, so reconnecting would only fail again. Sent once;
+    /// [`Stats::failed`](crate::Stats::failed) is set and
+    /// [`Notifier::failure`](crate::Notifier::failure) gives the error. Stop the notifier (and,
+    /// for a lost slot, drop the consumer before starting again).
+    Failed {
+        /// Why.
+        error: String,
+    },
     /// After a reconnect, the listener caught up with a journal: `replayed` events were read.
     Resynced {
         /// Events read while catching up.

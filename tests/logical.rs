@@ -601,19 +601,6 @@ async fn custom_events_and_a_standby_of_the_same_consumer() {
         (e.id().as_i64(), e.get("v")),
         (Some(7), Some(&serde_json::json!("custom")))
     );
-    // Snapshot feeds are not built for this tier: a typed refusal, not a wrong fence.
-    let mut feed = a
-        .subscribe_snapshot(sqlnotify::Snapshot::new("t"))
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), feed.next())
-        .await
-        .expect("the feed answers");
-    assert!(
-        matches!(first, Some(Err(Error::Unsupported { .. }))),
-        "{first:?}"
-    );
-    drop(feed);
     // A second process of the same consumer stands by; it takes over when the first stops.
     let (b, mut b_ev) = start().await;
     assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
@@ -627,4 +614,318 @@ async fn custom_events_and_a_standby_of_the_same_consumer() {
         "the standby took over after 1"
     );
     b.stop().await.unwrap();
+}
+
+/// Transaction ids are the full `xid8`s the durable tier records, also in a later epoch and
+/// across the 32-bit wrap: a logical and a durable notifier see every row of ~300 concurrent
+/// transactions with the same id, some before the wrap and some after.
+#[actix_rt::test]
+async fn transaction_ids_equal_the_durable_tiers_across_the_32_bit_wrap() {
+    const WRAP: u64 = 3 << 32;
+    let Some(cluster) = Cluster::start_at_xid(SETTINGS, WRAP - 5_000) else {
+        common::prerequisite_missing(
+            "transaction_ids_equal_the_durable_tiers_across_the_32_bit_wrap",
+            "PostgreSQL's binaries (initdb, pg_resetwal)",
+        );
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut feeds = Vec::new();
+    let mut notifiers = Vec::new();
+    for tier in [Tier::Logical, Tier::Durable] {
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(tier))
+            .start()
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        notifier
+            .subscribe_fn(Subscription::new("t", Insert), move |e| {
+                let _ = tx.send((e.id().as_i64().unwrap(), e.transaction_id()));
+            })
+            .await
+            .unwrap();
+        feeds.push(rx);
+        notifiers.push(notifier);
+    }
+    // Up to 100 ids before the wrap, one transaction each.
+    let next: i64 = db
+        .count("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8")
+        .await;
+    let burn = WRAP as i64 - next - 100;
+    assert!(burn > 0, "the setup took {} ids", 5_000 - burn);
+    db.exec(&format!(
+        "DO $$ BEGIN FOR i IN 1..{burn} LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
+    ))
+    .await;
+    let committed = write_concurrently(&db, 400).await;
+    let mut ids = Vec::new();
+    for rx in &mut feeds {
+        let mut got = std::collections::BTreeMap::new();
+        while got.len() < committed.len() {
+            let (id, xid) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{} of {} rows arrived", got.len(), committed.len()))
+                .unwrap();
+            got.insert(id, xid.expect("a transaction id"));
+        }
+        ids.push(got);
+    }
+    assert_eq!(
+        ids[0], ids[1],
+        "the logical tier's ids are the durable tier's"
+    );
+    let before = ids[0].values().filter(|x| **x < WRAP).count();
+    assert!(
+        before > 0 && before < ids[0].len(),
+        "{before} of {} rows before the wrap",
+        ids[0].len()
+    );
+    assert!(ids[0]
+        .values()
+        .all(|x| *x > WRAP - 5_000 && *x < WRAP + 5_000));
+    for n in notifiers {
+        n.stop().await.unwrap();
+    }
+}
+
+/// The walsender sends a transaction once its commit is flushed, before it is visible to new
+/// snapshots — for as long as it waits for a synchronous standby. A snapshot feed opened then
+/// waits until the transaction is visible: otherwise its snapshot would lack the row, and the
+/// change, routed before the feed subscribed, would never reach it.
+#[actix_rt::test]
+async fn a_snapshot_waits_for_a_commit_the_stream_sent_before_it_was_visible() {
+    let Some(cluster) = cluster("a_snapshot_waits_for_a_commit_the_stream_sent") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    // From now on a commit waits for a standby that never comes.
+    db.exec("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        .await;
+    db.exec("SELECT pg_reload_conf()").await;
+    let writer = db.client().await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            writer
+                .query_one("SHOW synchronous_standby_names", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+                == "nobody"
+        })
+        .await
+    );
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waiting =
+        tokio::spawn(async move { writer.execute("INSERT INTO t VALUES (1)", &[]).await });
+    // The stream delivers it while the writer still waits.
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    assert!(!waiting.is_finished(), "the commit waits for the standby");
+    let mut feed = notifier
+        .subscribe_snapshot(sqlnotify::Snapshot::new("t"))
+        .await
+        .unwrap();
+    // The snapshot is being taken (and, listing the transaction as running, taken again) —
+    // or, if that were not so, open already: then release the writer.
+    let admin = db.client().await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            feed.progress().total.is_some()
+                || admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+                         AND (query LIKE '%pg_snapshot_xip%' OR query = 'ROLLBACK')",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+                    > 0
+        })
+        .await
+    );
+    admin
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    waiting.await.unwrap().expect("committed locally");
+    admin
+        .batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), feed.next())
+        .await
+        .expect("the feed answers")
+        .expect("the feed is open")
+        .expect("the snapshot reads");
+    assert_eq!(
+        (first.is_snapshot(), first.id().as_i64()),
+        (true, Some(1)),
+        "the snapshot has the row"
+    );
+    assert!(first.ends_snapshot());
+    db.exec("SET synchronous_commit = local; INSERT INTO t VALUES (2)")
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(20), feed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((next.is_snapshot(), next.id().as_i64()), (false, Some(2)));
+    notifier.stop().await.unwrap();
+}
+
+/// A slot the server invalidates while the notifier runs stops its listener for good: one
+/// `Status::Failed`, `Stats::failed`, `Notifier::failure()` and `stop()` give
+/// `Error::SlotLost`, and no reconnect follows (each would fail the same way). Here the
+/// consumer has no subscription yet: the lag task sees `wal_status` lost.
+#[actix_rt::test]
+async fn a_slot_invalidated_while_running_stops_the_listener_for_good() {
+    slot_invalidated_while_running(false).await;
+}
+
+/// The same while the stream runs and delivers: the server terminates the walsender, and
+/// reading the slot again fails with the server's own words (or the lag task saw it first).
+#[actix_rt::test]
+async fn a_slot_invalidated_while_streaming_stops_the_listener_for_good() {
+    slot_invalidated_while_running(true).await;
+}
+
+async fn slot_invalidated_while_running(streaming: bool) {
+    let Some(cluster) = Cluster::start_with(&format!(
+        "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
+    )) else {
+        common::prerequisite_missing(
+            "a_slot_invalidated_while_running_stops_the_listener",
+            "PostgreSQL's binaries",
+        );
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("late")
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut statuses) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |s| {
+            let _ = tx.send(s.status);
+        })
+        .await
+        .unwrap();
+    let _events = if streaming {
+        let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+        db.exec("INSERT INTO t VALUES (-1, '')").await;
+        assert_eq!(ev.next().await.id().as_i64(), Some(-1));
+        Some(ev)
+    } else {
+        None
+    };
+    // Without a subscription the consumer reads nothing and its slot falls behind; with one,
+    // the slot's restart position still moves only at the server's periodic snapshots of
+    // running transactions: either way more WAL than max_slot_wal_keep_size is past it, and
+    // the checkpoint invalidates it (terminating its walsender).
+    for round in 0..6 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
+             SELECT pg_switch_wal()",
+            round
+        ))
+        .await;
+    }
+    db.exec("CHECKPOINT").await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            notifier.failure().is_some()
+        })
+        .await,
+        "the listener never failed; stats {:?}",
+        notifier.stats().await.unwrap()
+    );
+    let failure = notifier.failure().unwrap();
+    assert!(
+        matches!(&failure, Error::SlotLost { slot, .. } if slot.starts_with("sqlnotify_late_")),
+        "{failure:?}"
+    );
+    let stats = notifier.stats().await.unwrap();
+    assert!(stats.failed);
+    // It stays down: no reconnect within several backoff intervals (the first is ~100 ms).
+    let restarts = stats.restarts;
+    assert!(
+        !wait_until(Duration::from_secs(3), || async {
+            notifier.stats().await.unwrap().restarts > restarts
+        })
+        .await,
+        "the listener restarted after a lost slot"
+    );
+    let mut failed = 0;
+    while let Ok(status) = statuses.try_recv() {
+        if let sqlnotify::Status::Failed { error } = status {
+            assert!(error.contains("sqlnotify_late_"), "{error}");
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 1, "one Status::Failed");
+    let e = notifier.stop().await.unwrap_err();
+    assert!(matches!(e, Error::SlotLost { .. }), "{e:?}");
+    // The way out, as for a slot lost while stopped: drop the consumer, start again.
+    Notifier::builder(&db.url)
+        .drop_consumer("late")
+        .await
+        .unwrap();
+}
+
+/// A transaction of more rows than the in-flight budget (default 4,096) arrives whole: it is
+/// handed to the pipeline in pieces (as one batch it waited for more units than exist, and
+/// nothing arrived any more).
+#[actix_rt::test]
+async fn a_transaction_larger_than_the_in_flight_budget_arrives() {
+    let Some(cluster) = cluster("a_transaction_larger_than_the_in_flight_budget_arrives") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_fn(Subscription::new("t", Insert), move |e| {
+            let _ = tx.send((e.id().as_i64().unwrap(), e.last_in_transaction()));
+        })
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t SELECT g FROM generate_series(1, 10000) g")
+        .await;
+    for want in 1..=10_000 {
+        let (id, last) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("row {want} of 10000 never arrived"))
+            .unwrap();
+        assert_eq!(id, want, "in order");
+        assert_eq!(last, Some(want == 10_000), "row {id}: the last mark");
+    }
+    notifier.stop().await.unwrap();
 }

@@ -231,13 +231,17 @@ where
 
 /// The replica check on `tier`.
 async fn replica(tier: Tier) {
-    let db = TestDb::new().await;
+    replica_on(&TestDb::new().await, tier, ROWS).await;
+}
+
+/// The replica check on `tier` in `db`, with a table of `rows` rows.
+async fn replica_on(db: &TestDb, tier: Tier, rows: i64) {
     db.exec(&format!(
         "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, {ROWS})"
+         INSERT INTO t (id) SELECT generate_series(1, {rows})"
     ))
     .await;
-    let notifier = start(&db, tier, &["v"]).await;
+    let notifier = start(db, tier, &["v"]).await;
     // Writers first, so the snapshot is read while they write.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut writers = Vec::new();
@@ -250,7 +254,7 @@ async fn replica(tier: Tier) {
                 i += 1;
                 client.batch_execute("BEGIN").await.unwrap();
                 // updates spread over the table, in id order within a transaction
-                let first = 1 + (w * 7919 + i * 104_729) % (ROWS - 10);
+                let first = 1 + (w * 7919 + i * 104_729) % (rows - 10);
                 client
                     .execute(
                         "UPDATE t SET v = v + 1 WHERE id IN ($1, $2)",
@@ -259,7 +263,7 @@ async fn replica(tier: Tier) {
                     .await
                     .unwrap();
                 // new rows of this writer's own, and deletes of one of them now and then
-                let new = (ROWS + 1 + w * 1_000_000 + i) as i32;
+                let new = (rows + 1 + w * 1_000_000 + i) as i32;
                 client
                     .execute("INSERT INTO t (id) VALUES ($1)", &[&new])
                     .await
@@ -287,8 +291,8 @@ async fn replica(tier: Tier) {
         }
         transactions
     };
-    let (replica, _) = replicate(&notifier, &format!("{tier:?}"), ROWS, stop_writers, || {
-        table(&db)
+    let (replica, _) = replicate(&notifier, &format!("{tier:?}"), rows, stop_writers, || {
+        table(db)
     })
     .await;
     let stats = notifier.stats().await.unwrap();
@@ -602,13 +606,17 @@ fn rows_of(w: i64, i: i64) -> (i64, i64) {
 
 #[actix_rt::test]
 async fn postgres_backfill_while_updates_flow() {
-    let db = TestDb::new().await;
+    postgres_backfill_on(&TestDb::new().await, Tier::Durable).await;
+}
+
+/// The backfill check on PostgreSQL's `tier` in `db`.
+async fn postgres_backfill_on(db: &TestDb, tier: Tier) {
     db.exec(
         "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
          INSERT INTO t (id) SELECT generate_series(1, 2000)",
     )
     .await;
-    let notifier = start(&db, Tier::Durable, &["v"]).await;
+    let notifier = start(db, tier, &["v"]).await;
     let clients = vec![db.client().await, db.client().await];
     let writers = move |stop: Arc<AtomicBool>| {
         clients
@@ -633,8 +641,49 @@ async fn postgres_backfill_while_updates_flow() {
             })
             .collect()
     };
-    backfill_while_updates_flow(&notifier, writers, || table(&db)).await;
+    backfill_while_updates_flow(&notifier, writers, || table(db)).await;
     notifier.stop().await.unwrap();
+}
+
+/// The same checks on PostgreSQL's logical-decoding tier, on a cluster of their own with
+/// `wal_level=logical` whose transaction ids are in a later epoch (past 2³²), so events whose
+/// ids were the log's 32-bit ones would meet the snapshot's 64-bit ones wrongly: every one
+/// would count as reflected by the snapshot.
+#[cfg(feature = "logical")]
+mod logical {
+    use super::*;
+    use common::Cluster;
+
+    const SETTINGS: &str = "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10";
+
+    /// Epoch 5, a million ids past its start.
+    const NEXT_XID: u64 = (5 << 32) + 1_000_000;
+
+    fn cluster(test: &str) -> Option<Cluster> {
+        let cluster = Cluster::start_at_xid(SETTINGS, NEXT_XID);
+        if cluster.is_none() {
+            common::prerequisite_missing(test, "PostgreSQL's binaries (initdb, pg_resetwal)");
+        }
+        cluster
+    }
+
+    #[actix_rt::test]
+    async fn logical_tier_replica_equals_the_table() {
+        let Some(cluster) = cluster("logical_tier_replica_equals_the_table") else {
+            return;
+        };
+        let db = TestDb::on(&cluster.url()).await;
+        replica_on(&db, Tier::Logical, 20_000).await;
+    }
+
+    #[actix_rt::test]
+    async fn logical_backfill_while_updates_flow() {
+        let Some(cluster) = cluster("logical_backfill_while_updates_flow") else {
+            return;
+        };
+        let db = TestDb::on(&cluster.url()).await;
+        postgres_backfill_on(&db, Tier::Logical).await;
+    }
 }
 
 #[actix_rt::test]

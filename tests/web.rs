@@ -1256,3 +1256,71 @@ async fn streams_end_when_the_notifier_stops() {
     s.handle.stop(true).await;
     s.server.await.unwrap().unwrap();
 }
+
+/// The logical-decoding tier has no journal to replay from: a client that resumes with
+/// `Last-Event-ID` (header or query parameter) gets a `reset` naming the tier, then live
+/// events — never an error, never a silent gap.
+#[cfg(feature = "logical")]
+#[actix_rt::test]
+async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tier() {
+    let Some(cluster) = common::Cluster::start_with(
+        "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10",
+    ) else {
+        common::prerequisite_missing(
+            "on_postgresql_logical_a_client_that_resumes_gets_a_reset",
+            "PostgreSQL's binaries (initdb, pg_ctl)",
+        );
+        return;
+    };
+    let db = common::TestDb::on(&cluster.url()).await;
+    let (notifier, sse, url, handle, server) =
+        serve_postgres(&db, sqlnotify::Tier::Logical, |b| b).await;
+    let insert = |id: i64| {
+        let db = &db;
+        async move {
+            db.exec(&format!(
+                "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')"
+            ))
+            .await
+        }
+    };
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    insert(1).await;
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    let last = first.id.clone().expect("a logical event has an id");
+    drop(client);
+    insert(2).await; // while the client is away
+    let resumed = [
+        (
+            vec![("x-user", "1"), ("Last-Event-ID", last.as_str())],
+            url.clone(),
+        ),
+        (vec![("x-user", "1")], format!("{url}?last_event_id={last}")),
+    ];
+    for (round, (headers, url)) in resumed.into_iter().enumerate() {
+        let mut client = connect(&url, &headers).await.unwrap();
+        let reset = client.next_event().await;
+        assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+        assert!(reset.id.is_none());
+        let reason = reset.json()["reason"].as_str().unwrap().to_string();
+        assert!(reason.contains("Tier::Logical"), "{reason}");
+        // Live events follow (order 2 too, if it was still on its way when it subscribed).
+        let id = 3 + round as i64;
+        insert(id).await;
+        loop {
+            let e = client.next_event().await;
+            assert_eq!(e.event.as_deref(), Some("orders/insert"), "{e:?}");
+            assert!(e.row() > 1, "order 1 again");
+            if e.row() == id {
+                break;
+            }
+        }
+        drop(client);
+    }
+    assert_eq!(sse.stats().resets, 2);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}

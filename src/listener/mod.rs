@@ -5,7 +5,9 @@
 //! connect, place the position on the first connection, then read / save / check / wait until
 //! stopped or failed (see `session.rs`). A failed session is announced as
 //! [`Status::Disconnected`]; the supervisor restarts the actor, which starts the next session
-//! after a jittered [`Backoff`]. The first session reports readiness (or its failure) to
+//! after a jittered [`Backoff`] — unless the error is fatal (`Error::is_fatal`: a replication
+//! slot the server invalidated), which stops the listener for good, announced as
+//! [`Status::Failed`] and kept in the counters for `Notifier::failure` and `stop()`. The first session reports readiness (or its failure) to
 //! `start()` instead, so a notifier that cannot listen fails to start. Reading state — the
 //! source's position, and the consumer's [`Saving`] state — lives across sessions: a new one
 //! resumes where the last stopped and announces the catch-up as [`Status::Resynced`].
@@ -249,6 +251,15 @@ impl<S: Source> Listener<S> {
             self.shell.stats.set_role(Role::Starting);
         }
         match outcome.failure {
+            Some(error) if !self.shutting_down && outcome.fatal.is_some() => {
+                // Retrying cannot help: stop for good, and say so.
+                log::error!("sqlnotify: {} listener stopped for good: {error}", S::NAME);
+                if let Some(fatal) = outcome.fatal {
+                    self.shell.stats.fail(fatal);
+                }
+                self.shell.status(Status::Failed { error });
+                self.shutting_down = true;
+            }
             Some(error) if !self.shutting_down => {
                 log::warn!("sqlnotify: {} listener failed: {error}", S::NAME);
                 self.shell.status(Status::Disconnected { error });
@@ -340,7 +351,12 @@ impl<S: Source> ListenerHandle for Handle<S> {
     /// newest position — once acknowledged subscriptions acknowledged what they hold (for up
     /// to [`ACK_WAIT_ON_STOP`], and no longer than an unused `Ack` is alive; otherwise the last
     /// periodic save stands and they are delivered again). Dropping the last address then lets the idle actor stop.
+    /// A listener that stopped for good saves nothing and returns its error.
     fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        if let Some(failure) = self.stats.failure() {
+            // Nothing to save where reading cannot go on: say why it stopped.
+            return Box::pin(async move { Err(failure) });
+        }
         let latest = self
             .latest
             .lock()

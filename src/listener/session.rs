@@ -30,6 +30,9 @@ pub(super) struct Outcome {
     /// Why it failed; `None` when it stopped as told or its first start failed (reported to
     /// `start()` through the ready signal).
     pub failure: Option<String>,
+    /// The failure's error when it is fatal ([`Error::is_fatal`](crate::Error)): the listener
+    /// stops for good.
+    pub fatal: Option<crate::Error>,
 }
 
 pub(super) struct Session<P> {
@@ -65,6 +68,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                         Outcome {
                             connected: true,
                             failure: None,
+                            fatal: None,
                         },
                     );
                 }
@@ -98,18 +102,22 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 self.shell.status(Status::Gap { channels: lossy });
             }
         }
-        let failure = match self.serve(&mut state, &mut conn, restarted).await {
+        let (failure, fatal) = match self.serve(&mut state, &mut conn, restarted).await {
             Ok(()) => {
                 state.source.close(conn).await;
-                None
+                (None, None)
             }
-            Err(e) => Some(state.source.describe(Some(&conn), &e)),
+            Err(e) => (
+                Some(state.source.describe(Some(&conn), &e)),
+                e.is_fatal().then_some(e),
+            ),
         };
         (
             state,
             Outcome {
                 connected: true,
                 failure,
+                fatal,
             },
         )
     }
@@ -121,18 +129,22 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         conn: Option<S::Conn>,
         e: crate::Error,
     ) -> (State<S>, Outcome) {
-        let failure = match self.ready.take() {
+        let (failure, fatal) = match self.ready.take() {
             Some(ready) => {
                 let _ = ready.send(Err(e));
-                None
+                (None, None)
             }
-            None => Some(state.source.describe(conn.as_ref(), &e)),
+            None => (
+                Some(state.source.describe(conn.as_ref(), &e)),
+                e.is_fatal().then_some(e),
+            ),
         };
         (
             state,
             Outcome {
                 connected: false,
                 failure,
+                fatal,
             },
         )
     }

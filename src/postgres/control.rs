@@ -96,6 +96,22 @@ impl OverflowStore for Arc<Control> {
         let this = self.clone();
         Box::pin(async move {
             let client = this.client().await?;
+            // Nothing to purge where sqlnotify's tables were never installed (a notifier with
+            // only Tier::Logical watches): no warning every interval.
+            let installed: bool = client
+                .query_one(
+                    &format!(
+                        "SELECT pg_catalog.to_regclass({}) IS NOT NULL",
+                        crate::sql::quote_literal(&format!("{}.overflow", quote_ident(SCHEMA)))
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| Error::db("deleting expired overflow rows", e))?
+                .get(0);
+            if !installed {
+                return Ok(0);
+            }
             let sql = format!(
                 "WITH d AS (DELETE FROM {s}.overflow WHERE id IN (SELECT id FROM {s}.overflow \
                  WHERE created_at < now() - pg_catalog.make_interval(secs => $1) ORDER BY id LIMIT $2) \

@@ -47,6 +47,9 @@ pub(crate) struct Postgres {
     /// The throwaway slot and publication of a logical listener without a consumer, dropped
     /// by `close`.
     temporary: Arc<Mutex<Option<String>>>,
+    /// The transactions the logical tier's stream handed over that the server may still list
+    /// as running: what its snapshots are checked against (`snapshot.rs`).
+    sent: Arc<snapshot::SentXids>,
 }
 
 impl Postgres {
@@ -67,6 +70,7 @@ impl Postgres {
             sign_notifications: options.sign_notifications,
             logical: Mutex::new(Vec::new()),
             temporary: Arc::new(Mutex::new(None)),
+            sent: Arc::default(),
         })
     }
 
@@ -116,7 +120,7 @@ impl Postgres {
         &self,
         params: ListenParams,
     ) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {
-        let (config, control) = (self.config(), self.control.clone());
+        let (config, control, sent) = (self.config(), self.control.clone(), self.sent.clone());
         let watches = self
             .logical
             .lock()
@@ -150,6 +154,7 @@ impl Postgres {
                 params.consumer.is_some(),
                 logical::routes(&watches),
                 params.health_check,
+                sent,
             )?;
             crate::listener::start(source, params).await
         })
@@ -413,17 +418,9 @@ impl Dialect for Postgres {
         chunk_rows: usize,
     ) -> BoxFuture<'static, Result<Box<dyn crate::snapshot::reader::SnapshotReader>>> {
         let config = self.config();
-        if channel.tier == Tier::Logical {
-            // The snapshot's fence compares 64-bit transaction ids with the events'; the
-            // logical tier's are the log's 32-bit ones. Not built yet.
-            let what = format!(
-                "a snapshot of {}.{}: not available on Tier::Logical yet; use Tier::Durable",
-                channel.schema, channel.table
-            );
-            return Box::pin(async move { Err(Error::Unsupported { what }) });
-        }
+        let sent = (channel.tier == Tier::Logical).then(|| self.sent.clone());
         Box::pin(async move {
-            let reader = snapshot::PgSnapshot::open(&config, channel, chunk_rows).await?;
+            let reader = snapshot::PgSnapshot::open(&config, channel, chunk_rows, sent).await?;
             Ok(Box::new(reader) as Box<dyn crate::snapshot::reader::SnapshotReader>)
         })
     }

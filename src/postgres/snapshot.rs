@@ -1,8 +1,30 @@
 //! Snapshots on PostgreSQL: a `REPEATABLE READ` read-only transaction on a connection of its
 //! own, whose snapshot (`pg_current_snapshot()`) is the fence, read through a cursor in key
 //! order.
+//!
+//! The fence compares the snapshot with each event's transaction id (`xid8`), on every tier:
+//! a transaction is reflected by the rows exactly when the snapshot sees it, which is what a
+//! snapshot's `xmin:xmax:xip` says. On the journal tiers nothing reaches the pipeline before
+//! the listener's own snapshot sees it, so a transaction the feed's subscription missed (routed
+//! before it existed) is seen by the later snapshot too. The logical tier's walsender sends a
+//! transaction once its commit record is flushed, which is before the transaction leaves the
+//! server's list of running ones (`ProcArray`), so new snapshots do not see it — the whole wait for synchronous standbys lies
+//! in between, and `pg_xact_status` reports such a transaction as in progress, so SQL cannot
+//! tell. Such a transaction could be routed before the feed's subscription and still be
+//! running to the snapshot taken after it: a gap. So the logical source records the
+//! transactions it handed over ([`SentXids`]) for as long as the server may still report them
+//! running, and a [`Tier::Logical`](crate::Tier::Logical) snapshot that does not see one of
+//! them is taken again, until it sees them all (up to [`SETTLE_LIMIT`]).
+//!
+//! Why a fence by transaction id and not by WAL position: a transaction is reflected by the
+//! rows exactly when the snapshot sees it, and that is what `xmin:xmax:xip` says. Comparing
+//! the snapshot's `pg_current_wal_lsn()` with commit LSNs would have the window above and be
+//! wrong for asynchronous commits too (visible before their record is written, so past the
+//! write position); a snapshot exported by creating a replication slot fits only a stream that
+//! starts at that slot, not a feed opened while the notifier's slot streams.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use tokio_postgres::{Client, Config};
@@ -14,6 +36,80 @@ use crate::event::Channel;
 use crate::snapshot::fence::Fence;
 use crate::snapshot::reader::SnapshotReader;
 use crate::sql::quote_ident;
+
+/// How long a [`Tier::Logical`](crate::Tier::Logical) snapshot is taken again while a transaction it lists as
+/// running was already handed over (see the module documentation) before the read fails.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The transactions ([`Tier::Logical`](crate::Tier::Logical)) the stream handed over that the server may still list
+/// as running — kept until the lag task saw each one finished, and, while a snapshot is being
+/// checked against them, all of them (a transaction the check needs must not be forgotten
+/// between its snapshot and the check).
+#[derive(Debug, Default)]
+#[cfg_attr(not(feature = "logical"), allow(dead_code))]
+pub(crate) struct SentXids {
+    inner: Mutex<Sent>,
+}
+
+#[derive(Debug, Default)]
+struct Sent {
+    xids: HashSet<u64>,
+    /// Snapshots being checked.
+    checking: usize,
+}
+
+#[cfg_attr(not(feature = "logical"), allow(dead_code))]
+impl SentXids {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sent> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A transaction handed over (before its rows are).
+    pub fn insert(&self, xid: u64) {
+        self.lock().xids.insert(xid);
+    }
+
+    /// The transactions to ask the server about.
+    pub fn list(&self) -> Vec<u64> {
+        self.lock().xids.iter().copied().collect()
+    }
+
+    /// Forgets the transactions of `asked` that are not `running` (the server said so after
+    /// `list`), unless a snapshot is being checked.
+    pub fn finished(&self, asked: &[u64], running: &HashSet<u64>) {
+        let mut sent = self.lock();
+        if sent.checking == 0 {
+            for xid in asked.iter().filter(|x| !running.contains(x)) {
+                sent.xids.remove(xid);
+            }
+        }
+    }
+
+    /// Starts checking a snapshot: nothing is forgotten until the guard is dropped.
+    fn checking(self: &Arc<Self>) -> Checking {
+        self.lock().checking += 1;
+        Checking(self.clone())
+    }
+}
+
+/// A snapshot being checked against [`SentXids`].
+struct Checking(Arc<SentXids>);
+
+impl Checking {
+    /// Whether a transaction handed over already is one snapshot `fence` does not see (one
+    /// it lists as running, or one at or past its `xmax`: the server's last completed
+    /// transaction plus one — a transaction still waiting in its commit has not completed).
+    fn any_unseen(&self, fence: &Fence) -> bool {
+        let sent = self.0.lock();
+        sent.xids.iter().any(|x| !fence.sees(*x))
+    }
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        self.0.lock().checking -= 1;
+    }
+}
 
 /// An open snapshot of one table.
 pub(crate) struct PgSnapshot {
@@ -43,8 +139,15 @@ pub(crate) fn rows_sql(channel: &Channel) -> String {
 }
 
 impl PgSnapshot {
-    /// Opens the read: the transaction, its snapshot, the row count and the cursor.
-    pub async fn open(config: &Config, channel: Arc<Channel>, chunk_rows: usize) -> Result<Self> {
+    /// Opens the read: the transaction, its snapshot, the row count and the cursor. With
+    /// `sent` (the logical tier), a snapshot that lists as running a transaction already
+    /// handed over is taken again (see the module documentation).
+    pub async fn open(
+        config: &Config,
+        channel: Arc<Channel>,
+        chunk_rows: usize,
+        sent: Option<Arc<SentXids>>,
+    ) -> Result<Self> {
         let what = format!(
             "reading a snapshot of {}.{}",
             channel.schema(),
@@ -56,26 +159,52 @@ impl PgSnapshot {
             quote_ident(channel.schema()),
             quote_ident(channel.table())
         );
-        client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(|e| Error::db(what.clone(), e))?;
-        // The first statement takes the transaction's snapshot: the count and every row read
-        // afterwards see exactly what it says.
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT pg_catalog.pg_current_snapshot()::text, (SELECT pg_catalog.count(*) FROM {table})"
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| Error::db(what.clone(), e))?;
-        let text: String = row.get(0);
-        let fence = Fence::parse_postgres(&text).ok_or_else(|| Error::InvalidPayload {
-            channel: channel.name().to_string(),
-            reason: format!("unexpected snapshot {text:?}"),
-        })?;
+        let checking = sent.as_ref().map(SentXids::checking);
+        let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
+        let mut pause = std::time::Duration::from_millis(1);
+        let (row, fence) = loop {
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| Error::db(what.clone(), e))?;
+            // The first statement takes the transaction's snapshot: the count and every row
+            // read afterwards see exactly what it says.
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT pg_catalog.pg_current_snapshot()::text, (SELECT pg_catalog.count(*) FROM {table})"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| Error::db(what.clone(), e))?;
+            let text: String = row.get(0);
+            let fence = Fence::parse_postgres(&text).ok_or_else(|| Error::InvalidPayload {
+                channel: channel.name().to_string(),
+                reason: format!("unexpected snapshot {text:?}"),
+            })?;
+            if !checking.as_ref().is_some_and(|c| c.any_unseen(&fence)) {
+                break (row, fence);
+            }
+            client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| Error::db(what.clone(), e))?;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Database {
+                    context: what,
+                    source: format!(
+                        "for {SETTLE_LIMIT:?}, every snapshot listed as running a transaction \
+                         the stream had delivered (its commit waits, for a synchronous standby?): \
+                         a snapshot taken then would miss that change"
+                    )
+                    .into(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        };
+        drop(checking);
         let total = row.get::<_, i64>(1).max(0) as u64;
         client
             .batch_execute(&format!(

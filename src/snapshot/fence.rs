@@ -83,20 +83,27 @@ impl Fence {
         Fence::Visible { low, visible }
     }
 
+    /// Whether a [`Fence::Postgres`] snapshot sees transaction `xid` (`xid8`): it had
+    /// committed when the snapshot was taken. False for the other fences.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub fn sees(&self, xid: u64) -> bool {
+        match self {
+            Fence::Postgres {
+                xmin,
+                xmax,
+                running,
+            } => xid < *xmin || (xid < *xmax && !running.contains(&xid)),
+            Fence::Journal { .. } | Fence::Visible { .. } | Fence::Set(_) => false,
+        }
+    }
+
     /// Whether the snapshot already reflects `event` (its transaction had committed when the
     /// snapshot was taken), so the stream after the snapshot must skip it. An event that says
     /// nothing about its transaction or position is never skipped: a duplicate is better than
     /// a gap.
     pub fn covers(&self, event: &ChangeEvent) -> bool {
         match self {
-            Fence::Postgres {
-                xmin,
-                xmax,
-                running,
-            } => match event.transaction_id() {
-                Some(x) => x < *xmin || (x < *xmax && !running.contains(&x)),
-                None => false,
-            },
+            Fence::Postgres { .. } => event.transaction_id().is_some_and(|x| self.sees(x)),
             Fence::Journal { head } => event.sequence().is_some_and(|s| s <= *head),
             Fence::Visible { low, visible } => event
                 .sequence()

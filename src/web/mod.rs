@@ -18,7 +18,10 @@
 //! delivered it, since its journal ids are not in commit order — see README, "Resume"). Where
 //! the events after the position are no longer in the journal, on PostgreSQL's notify tier
 //! (no journal, no ids) and on MySQL, the client gets an explicit `event: reset` instead: it
-//! should reload its state. A gap is never silent.
+//! should reload its state. A gap is never silent. On the logical-decoding tier
+//! ([`Tier::Logical`](crate::Tier::Logical)) events have ids (their WAL positions) but there
+//! is no journal to replay from — the replication slot moves past what was delivered — so a
+//! client that resumes always gets a `reset` whose reason names the tier, then live events.
 //!
 //! A slow client is contained by its buffer and the endpoint's [`SlowClient`] policy, never by
 //! memory growth or by holding up anyone else; idle streams get heartbeat comments;
@@ -235,6 +238,7 @@ impl Sse {
         let policy = config.slow_client.policy();
         let mut subscriptions = Vec::with_capacity(grant.subscriptions.len());
         let mut routes = Vec::with_capacity(grant.subscriptions.len());
+        let mut logical = false;
         for mut subscription in grant.subscriptions {
             subscription.filters.extend(narrowing.iter().cloned());
             let subscription = subscription.policy(policy).buffer(config.buffer);
@@ -248,6 +252,7 @@ impl Sse {
                     subscription.label.as_deref(),
                 )
                 .map_err(refused)?;
+            logical |= channel.tier() == crate::Tier::Logical;
             routes.push((channel.name().to_string(), subscription.filters.clone()));
             subscriptions.push(subscription);
         }
@@ -260,6 +265,11 @@ impl Sse {
             )
             .await
             .map_err(refused)?;
+        // The logical tier has no journal to replay: a client that resumes starts over.
+        let start = match start {
+            Start::After(_) | Start::Unknown if logical => Start::NoJournal,
+            start => start,
+        };
         Ok(Connection::new(config.clone(), ids, events, routes, start))
     }
 

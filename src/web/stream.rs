@@ -37,6 +37,11 @@ pub(crate) enum Start {
     After(Position),
     /// A `Last-Event-ID` that is not one of ours: a `reset`, then live events.
     Unknown,
+    /// A `Last-Event-ID` on a stream with no journal to replay ([`Tier::Logical`]): a `reset`
+    /// naming the tier, then live events.
+    ///
+    /// [`Tier::Logical`]: crate::Tier::Logical
+    NoJournal,
 }
 
 enum Phase {
@@ -120,6 +125,13 @@ impl Connection {
                 };
             }
             Start::Unknown => out += &self.reset("Last-Event-ID is not a position of this stream"),
+            Start::NoJournal => {
+                out += &self.reset(
+                    "resuming from Last-Event-ID is not possible on Tier::Logical: it has no \
+                     journal to replay from (its replication slot moves past what was \
+                     delivered); reload your state, live events follow",
+                )
+            }
         }
         out
     }

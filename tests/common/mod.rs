@@ -482,6 +482,53 @@ impl Cluster {
         Cluster::start_listening(Some((address, network)), "")
     }
 
+    /// A cluster with more server settings whose next transaction id is the full (`xid8`)
+    /// `next_xid` — a later epoch, and as near the 32-bit wrap as wanted: the existing rows
+    /// are frozen first, then `pg_resetwal -e -x` sets the id and a zeroed commit-log segment
+    /// covers it.
+    pub fn start_at_xid(settings: &str, next_xid: u64) -> Option<Cluster> {
+        let cluster = Cluster::start_listening(None, settings)?;
+        let (epoch, xid) = ((next_xid >> 32).to_string(), (next_xid as u32).max(3));
+        cluster.run(
+            "vacuumdb",
+            &[
+                "-h",
+                cluster.dir.to_str()?,
+                "-p",
+                &cluster.port.to_string(),
+                "-U",
+                "postgres",
+                "--all",
+                "--freeze",
+                "-q",
+            ],
+        )?;
+        cluster.pg_ctl("stop")?;
+        let data = cluster.dir.join("data");
+        cluster.run(
+            "pg_resetwal",
+            &["-e", &epoch, "-x", &xid.to_string(), "-D", data.to_str()?],
+        )?;
+        // One segment of the commit log covers 2^20 transactions: make it whole (zeroed).
+        let segment = data.join(format!("pg_xact/{:04X}", xid >> 20));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&segment)
+            .ok()?;
+        if file.metadata().ok()?.len() < 256 * 1024 {
+            file.set_len(256 * 1024).ok()?;
+        }
+        if cluster.as_postgres {
+            std::process::Command::new("chown")
+                .args(["postgres", segment.to_str()?])
+                .status()
+                .ok()?;
+        }
+        cluster.pg_ctl("start")?;
+        Some(cluster)
+    }
+
     fn start_listening(also: Option<(&str, &str)>, settings: &str) -> Option<Cluster> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?

@@ -448,20 +448,59 @@ pub(crate) async fn list(client: &Client) -> Result<Vec<ConsumerInfo>> {
     Ok(out)
 }
 
-/// A slot's lag: WAL bytes the server keeps for it past its confirmed position, and its
-/// `wal_status` (`reserved`, `extended`, `unreserved` or `lost`); `None` without the slot.
-pub(crate) async fn lag(client: &Client, name: &str) -> Result<Option<(u64, String)>> {
+/// What the lag task reads of a slot ([`lag`]).
+pub(crate) struct SlotState {
+    /// WAL bytes the server keeps for the slot past its confirmed position.
+    pub lag: u64,
+    /// Its `wal_status`: `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: String,
+    /// The server's next full transaction id (`xid8`).
+    pub next_xid: u64,
+}
+
+/// Slot `name`'s lag and `wal_status`, with the server's next transaction id; `None` without
+/// the slot.
+pub(crate) async fn lag(client: &Client, name: &str) -> Result<Option<SlotState>> {
     let row = client
         .query_typed_opt(
             "SELECT COALESCE(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(),
                                                       confirmed_flush_lsn), 0)::bigint,
-                    COALESCE(wal_status, '')
+                    COALESCE(wal_status, ''),
+                    pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text
                FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
             &[(&name, Type::TEXT)],
         )
         .await
         .map_err(|e| Error::db(format!("reading the lag of replication slot {name}"), e))?;
-    Ok(row.map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get(1))))
+    Ok(row.map(|r| SlotState {
+        lag: r.get::<_, i64>(0).max(0) as u64,
+        wal_status: r.get(1),
+        next_xid: source::parse_xid8(&r.get::<_, String>(2)).unwrap_or(0),
+    }))
+}
+
+/// Which of `xids` the server reports in progress (`pg_xact_status`): for transactions the
+/// stream handed over, those whose commit is not visible to new snapshots yet.
+pub(crate) async fn running(
+    client: &Client,
+    xids: &[u64],
+) -> Result<std::collections::HashSet<u64>> {
+    if xids.is_empty() {
+        return Ok(Default::default());
+    }
+    let list: Vec<String> = xids.iter().map(u64::to_string).collect();
+    let rows = client
+        .query_typed(
+            "SELECT x FROM pg_catalog.unnest($1::text[]) AS x
+              WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress'",
+            &[(&list, Type::TEXT_ARRAY)],
+        )
+        .await
+        .map_err(|e| Error::db("reading the status of transactions", e))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| source::parse_xid8(r.get::<_, &str>(0)))
+        .collect())
 }
 
 #[cfg(test)]

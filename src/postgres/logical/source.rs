@@ -5,7 +5,8 @@
 //! a session advisory lock held by the walsender itself, so it goes with the connection —
 //! then starts `START_REPLICATION … LOGICAL 0/0`, which resumes at the slot's confirmed
 //! position. Transactions arrive whole and in commit order; their rows are handed to the
-//! [`Outlet`] only at their Commit, each with the Begin's xid and the last one marked. The
+//! [`Outlet`] only at their Commit, each with the Begin's xid — widened to the 64-bit `xid8`
+//! the journal tiers record ([`widen_xid`]) — and the last one marked. The
 //! position is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive:
 //! nothing before it is still to come). The slot is confirmed (`update_applied_lsn`, sent
 //! with the next status update) only with a position the shell's save rule declared safe —
@@ -14,7 +15,7 @@
 //! what was not confirmed; transactions whose commit LSN was already handed over are skipped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,11 +30,14 @@ use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::listener::{FinalSave, Outlet, Pace, Source};
 use crate::postgres::control::Control;
+use crate::postgres::snapshot::SentXids;
 
 /// The prefix of the logical-decoding messages that carry custom events (`src/postgres/custom.rs`).
 const MESSAGE_PREFIX: &str = "sqlnotify:";
-/// Most events handed to the pipeline in one batch.
+/// Most events handed to the pipeline in one batch: at most the smallest in-flight budget,
+/// so a batch can always get its units.
 const MAX_BATCH: usize = 512;
+const _: () = assert!(MAX_BATCH <= crate::pipeline::MIN_IN_FLIGHT);
 /// How often the confirmed position is sent to the server at most (the crate's status
 /// interval): what a crash may deliver again on top of the save rule's own delay.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
@@ -42,9 +46,39 @@ const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Slot lag (WAL bytes kept for the slot) past which a warning is logged.
 pub(crate) const LAG_WARNING: u64 = 1 << 30;
 
+/// The server's next full transaction id (`xid8`): the reference [`widen_xid`] needs.
+const NEXT_XID_SQL: &str =
+    "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text";
+
+/// The full transaction id (`xid8`, epoch and xid, as `pg_current_xact_id()` reports it) of
+/// `xid`, the 32-bit id pgoutput's Begin carries: of the full ids whose low 32 bits are `xid`,
+/// the one nearest `reference`, a full id the server reported (its next one, or one widened
+/// before).
+///
+/// Why nearest is right: every transaction the slot still has to send is younger than the
+/// slot's `catalog_xmin`, which holds back the database's freeze horizon, and the server stops
+/// assigning ids before the next one is 2³¹ past that horizon; so each such id is less than
+/// 2³¹ below the server's next id at any time since. The reference is read when a session
+/// connects and every [`LAG_EVERY`] after, and ids are not assigned 2³¹ apart in that time:
+/// a transaction committed later is less than 2³¹ above it. Either way the nearest full id is
+/// the transaction's own, also across an epoch's wrap.
+pub(crate) fn widen_xid(xid: u32, reference: u64) -> u64 {
+    // The signed 32-bit distance from the reference's low half to `xid`.
+    let distance = xid.wrapping_sub(reference as u32) as i32;
+    reference
+        .checked_add_signed(i64::from(distance))
+        .unwrap_or(u64::from(xid))
+}
+
+/// Parses a `xid8`'s text form.
+pub(crate) fn parse_xid8(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
 /// A transaction being received.
 struct Open {
-    xid: u32,
+    /// Its full id ([`widen_xid`]).
+    xid: u64,
     commit_lsn: u64,
     rows: Vec<Row>,
 }
@@ -76,17 +110,29 @@ pub(crate) struct LogicalSource {
     outlet: Option<Outlet>,
     health_check: Duration,
     lag: Option<tokio::task::JoinHandle<()>>,
+    /// The newest full transaction id known (the server's next one, read at connect and by
+    /// the lag task, or one widened since): the reference of [`widen_xid`].
+    next_xid: Arc<AtomicU64>,
+    /// Set by the lag task when the server invalidated the slot (`wal_status` `lost`).
+    lost: Arc<AtomicBool>,
+    /// Wakes a session's `wait` when `lost` is set.
+    wake: Arc<tokio::sync::Notify>,
+    /// The transactions handed over that the server may still list as running (snapshot
+    /// feeds check theirs against them: `src/postgres/snapshot.rs`).
+    sent: Arc<SentXids>,
 }
 
 impl LogicalSource {
     /// Reads slot (and publication) `slot` of the database `config` connects to, decoding for
-    /// `routes`; `named`: a named consumer confirms through the shell's saves.
+    /// `routes`; `named`: a named consumer confirms through the shell's saves; every
+    /// transaction handed over is recorded in `sent`.
     pub fn new(
         config: Config,
         slot: String,
         named: bool,
         routes: Vec<Route>,
         health_check: Duration,
+        sent: Arc<SentXids>,
     ) -> Result<Self> {
         let replication = replication_config(&config, &slot)?;
         Ok(LogicalSource {
@@ -102,6 +148,10 @@ impl LogicalSource {
             outlet: None,
             health_check,
             lag: None,
+            next_xid: Arc::new(AtomicU64::new(0)),
+            lost: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            sent,
         })
     }
 
@@ -135,9 +185,25 @@ impl LogicalSource {
         Ok(())
     }
 
+    /// [`Error::SlotLost`] once the lag task saw the server invalidate the slot.
+    fn check_lost(&self) -> Result<()> {
+        if self.lost.load(Ordering::Relaxed) {
+            return Err(Error::SlotLost {
+                slot: self.slot.clone(),
+                detail: "its wal_status is lost: it fell behind by more than \
+                         max_slot_wal_keep_size"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     fn error(&self, e: pgwire_replication::PgWireError) -> Error {
         let text = e.to_string();
+        // PostgreSQL 15 refuses to start an invalidated slot with "cannot read from logical
+        // replication slot" (the detail, "has been invalidated…", may not be in the text).
         if text.contains("can no longer get changes from replication slot")
+            || text.contains("cannot read from logical replication slot")
             || text.contains("has been invalidated")
         {
             return Error::SlotLost {
@@ -161,6 +227,8 @@ impl LogicalSource {
         log::trace!("sqlnotify: slot {}: {event:?}", self.slot);
         match event {
             ReplicationEvent::Begin { final_lsn, xid, .. } => {
+                let xid = widen_xid(xid, self.next_xid.load(Ordering::Relaxed));
+                self.next_xid.fetch_max(xid, Ordering::Relaxed);
                 conn.open = Some(Open {
                     xid,
                     commit_lsn: final_lsn.0,
@@ -190,6 +258,7 @@ impl LogicalSource {
                 if commit <= self.delivered {
                     return; // sent again after a reconnect: handed over before
                 }
+                self.sent.insert(open.xid);
                 let last = open.rows.len().saturating_sub(1);
                 let received_at = SystemTime::now();
                 for (i, row) in open.rows.into_iter().enumerate() {
@@ -199,7 +268,7 @@ impl LogicalSource {
                         received_at,
                         sequence: Some(row.lsn.min(i64::MAX as u64) as i64),
                         events: 1,
-                        transaction: Some(u64::from(open.xid)),
+                        transaction: Some(open.xid),
                         last_in_transaction: Some(i == last),
                         read_point: None,
                     });
@@ -238,12 +307,16 @@ impl LogicalSource {
     }
 
     /// Reads the slot's lag every [`LAG_EVERY`] into the counters, warning past
-    /// [`LAG_WARNING`] and when the server invalidated the slot.
+    /// [`LAG_WARNING`]; also the server's next transaction id (the reference of
+    /// [`widen_xid`]), and whether the server invalidated the slot (`wal_status` `lost`: the
+    /// session fails with [`Error::SlotLost`] at its next step, and the shell stops for good).
     fn watch_lag(&mut self, outlet: &Outlet) {
         if self.lag.is_some() {
             return;
         }
         let (config, slot, outlet) = (self.config.clone(), self.slot.clone(), outlet.clone());
+        let (next_xid, lost) = (self.next_xid.clone(), self.lost.clone());
+        let (wake, sent) = (self.wake.clone(), self.sent.clone());
         self.lag = Some(tokio::task::spawn_local(async move {
             let mut client = None;
             let mut warned = false;
@@ -253,18 +326,29 @@ impl LogicalSource {
                 }
                 if let Some(c) = &client {
                     match super::lag(c, &slot).await {
-                        Ok(Some((bytes, status))) => {
-                            outlet.stats().slot_lag.store(bytes, Ordering::Relaxed);
-                            if status == "lost" {
-                                log::error!("sqlnotify: replication slot {slot} was invalidated by the server (wal_status lost): the changes it had not read are gone; drop the consumer and start again");
+                        Ok(Some(state)) => {
+                            outlet.stats().slot_lag.store(state.lag, Ordering::Relaxed);
+                            next_xid.fetch_max(state.next_xid, Ordering::Relaxed);
+                            let bytes = state.lag;
+                            if state.wal_status == "lost" {
+                                if !lost.swap(true, Ordering::Relaxed) {
+                                    wake.notify_one();
+                                }
                             } else if bytes > LAG_WARNING && !warned {
                                 warned = true;
-                                log::warn!("sqlnotify: replication slot {slot} holds {bytes} bytes of WAL on the server (wal_status {status}); a consumer that stops reading fills the server's disk: drop it if it will not come back");
+                                log::warn!("sqlnotify: replication slot {slot} holds {bytes} bytes of WAL on the server (wal_status {}); a consumer that stops reading fills the server's disk: drop it if it will not come back", state.wal_status);
                             } else if bytes <= LAG_WARNING / 2 {
                                 warned = false;
                             }
                         }
                         Ok(None) => {}
+                        Err(_) => client = None,
+                    }
+                }
+                if let Some(c) = &client {
+                    let asked = sent.list();
+                    match super::running(c, &asked).await {
+                        Ok(running) => sent.finished(&asked, &running),
                         Err(_) => client = None,
                     }
                 }
@@ -332,9 +416,23 @@ impl Source for LogicalSource {
         self.outlet = Some(outlet.clone());
         self.watch_lag(outlet);
         self.changes.reset();
-        let client = ReplicationClient::connect_gated(self.replication.clone())
+        let mut client = ReplicationClient::connect_gated(self.replication.clone())
             .await
             .map_err(|e| self.error(e))?;
+        // The reference for widening transaction ids, before the stream starts.
+        let rows = client
+            .simple_query(NEXT_XID_SQL)
+            .await
+            .map_err(|e| self.error(e))?;
+        let next = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|v| parse_xid8(&String::from_utf8_lossy(v.as_ref())))
+            .ok_or_else(|| Error::Database {
+                context: format!("streaming replication slot {}", self.slot),
+                source: "the server did not report its next transaction id".into(),
+            })?;
+        self.next_xid.fetch_max(next, Ordering::Relaxed);
         Ok(LogicalConn {
             client,
             started: false,
@@ -373,6 +471,7 @@ impl Source for LogicalSource {
     }
 
     async fn read(&mut self, conn: &mut LogicalConn, outlet: &Outlet) -> Result<Option<u64>> {
+        self.check_lost()?;
         self.start(conn).await?;
         let mut batch = Vec::new();
         let mut forwarded = 0;
@@ -400,8 +499,11 @@ impl Source for LogicalSource {
             };
             let Some(event) = event else { break };
             self.handle(conn, event, &mut batch);
-            if batch.len() >= MAX_BATCH {
-                let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
+            // In pieces: a transaction larger than the in-flight budget, handed over at its
+            // Commit, would otherwise wait for more units than exist.
+            while batch.len() >= MAX_BATCH {
+                let rest = batch.split_off(MAX_BATCH);
+                let Some(n) = outlet.forward(std::mem::replace(&mut batch, rest)).await else {
                     return Ok(None);
                 };
                 forwarded += n;
@@ -436,9 +538,30 @@ impl Source for LogicalSource {
             tokio::time::sleep(timeout).await;
             return Ok(true);
         }
+        self.check_lost()?;
+        let gated = self.named
+            && !conn.started
+            && !self.outlet.as_ref().is_some_and(|o| {
+                o.stats()
+                    .has_subscriber
+                    .load(std::sync::atomic::Ordering::Acquire)
+            });
+        if gated {
+            // A consumer before its first subscription reads nothing: the stream is not
+            // started yet, so no walsender waits on a socket nobody reads (one that does
+            // blocks a checkpoint that must invalidate the slot).
+            return match tokio::time::timeout(timeout, self.wake.notified()).await {
+                Ok(()) => self.check_lost().map(|()| true),
+                Err(_) => Ok(false),
+            };
+        }
         self.start(conn).await?;
         self.confirm_settled(conn);
-        match tokio::time::timeout(timeout, conn.client.recv()).await {
+        let received = tokio::select! {
+            received = tokio::time::timeout(timeout, conn.client.recv()) => received,
+            () = self.wake.notified() => return self.check_lost().map(|()| true),
+        };
+        match received {
             Err(_) => Ok(false),
             Ok(Ok(Some(event))) => {
                 conn.pending = Some(event);
@@ -453,6 +576,7 @@ impl Source for LogicalSource {
     }
 
     async fn check(&mut self, conn: &mut LogicalConn, _limit: Duration) -> Result<()> {
+        self.check_lost()?;
         // The crate answers the server's keepalives and fails the stream when the socket
         // does; before the stream starts, a query.
         if conn.started {
@@ -539,5 +663,37 @@ async fn advance(client: &tokio_postgres::Client, slot: &str, lsn: u64) -> Resul
             }
             Err(e) => return Err(Error::db(format!("advancing replication slot {slot}"), e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_32_bit_xid_widens_to_the_full_id_nearest_the_reference() {
+        const EPOCH: u64 = 1 << 32;
+        // epoch 0, as on a new cluster: unchanged
+        assert_eq!(widen_xid(750, 800), 750);
+        assert_eq!(widen_xid(900, 800), 900);
+        // a later epoch: older and newer transactions keep it
+        assert_eq!(widen_xid(1_000, 3 * EPOCH + 5_000), 3 * EPOCH + 1_000);
+        assert_eq!(widen_xid(9_000, 3 * EPOCH + 5_000), 3 * EPOCH + 9_000);
+        // across a wrap: a transaction of the epoch before, and one of the next
+        assert_eq!(
+            widen_xid(u32::MAX - 10, 3 * EPOCH + 20),
+            2 * EPOCH + u64::from(u32::MAX) - 10
+        );
+        assert_eq!(widen_xid(5, 3 * EPOCH - 100), 3 * EPOCH + 5);
+        // up to 2³¹ either way
+        assert_eq!(
+            widen_xid((1 << 31) + 99, 3 * EPOCH + 100),
+            3 * EPOCH + (1 << 31) + 99
+        );
+        assert_eq!(widen_xid(101, 3 * EPOCH + (1 << 31) + 100), 3 * EPOCH + 101);
+        // the reference of a new cluster is never older than 2³¹ below epoch 0: no underflow
+        assert_eq!(widen_xid(u32::MAX - 1, 10), u64::from(u32::MAX) - 1);
+        assert_eq!(parse_xid8(" 12884902098\n"), Some(12_884_902_098));
+        assert_eq!(parse_xid8("x"), None);
     }
 }
