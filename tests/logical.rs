@@ -27,6 +27,20 @@ fn cluster(test: &str) -> Option<Cluster> {
     cluster
 }
 
+/// [`cluster`] with a database of its own holding `t (id int PRIMARY KEY)`, and a notifier
+/// watching its inserts on the logical tier.
+async fn watching_t(test: &str) -> Option<(Cluster, TestDb, Notifier)> {
+    let cluster = cluster(test)?;
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    Some((cluster, db, notifier))
+}
+
 async fn slots(db: &TestDb) -> Vec<String> {
     let rows = db
         .client()
@@ -356,16 +370,11 @@ async fn kill_walsender(db: &TestDb, kills: usize) {
 
 #[actix_rt::test]
 async fn every_committed_row_arrives_once_while_the_walsender_is_killed_20_times() {
-    let Some(cluster) = cluster("every_committed_row_arrives_once_while_killed") else {
+    let Some((_cluster, db, notifier)) =
+        watching_t("every_committed_row_arrives_once_while_killed").await
+    else {
         return;
     };
-    let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Insert).tier(Tier::Logical))
-        .start()
-        .await
-        .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     notifier
         .subscribe_fn(Subscription::new("t", Insert), move |e| {
@@ -696,16 +705,11 @@ async fn transaction_ids_equal_the_durable_tiers_across_the_32_bit_wrap() {
 /// change, routed before the feed subscribed, would never reach it.
 #[actix_rt::test]
 async fn a_snapshot_waits_for_a_commit_the_stream_sent_before_it_was_visible() {
-    let Some(cluster) = cluster("a_snapshot_waits_for_a_commit_the_stream_sent") else {
+    let Some((_cluster, db, notifier)) =
+        watching_t("a_snapshot_waits_for_a_commit_the_stream_sent").await
+    else {
         return;
     };
-    let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Insert).tier(Tier::Logical))
-        .start()
-        .await
-        .unwrap();
     let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
     // From now on a commit waits for a standby that never comes.
     db.exec("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
@@ -900,16 +904,11 @@ async fn slot_invalidated_while_running(streaming: bool) {
 /// nothing arrived any more).
 #[actix_rt::test]
 async fn a_transaction_larger_than_the_in_flight_budget_arrives() {
-    let Some(cluster) = cluster("a_transaction_larger_than_the_in_flight_budget_arrives") else {
+    let Some((_cluster, db, notifier)) =
+        watching_t("a_transaction_larger_than_the_in_flight_budget_arrives").await
+    else {
         return;
     };
-    let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Insert).tier(Tier::Logical))
-        .start()
-        .await
-        .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     notifier
         .subscribe_fn(Subscription::new("t", Insert), move |e| {
