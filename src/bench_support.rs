@@ -184,6 +184,7 @@ fn describe(watch: &Watch) -> TableInfo {
         schema: watch.schema_name().to_string(),
         table: watch.table.clone(),
         columns,
+        in_hierarchy: false,
     }
 }
 

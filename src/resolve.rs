@@ -11,8 +11,9 @@ use crate::operation::Operation;
 use crate::tier::{Capture, Tier};
 use crate::watch::Watch;
 
-/// Prefix of the names statement-capture triggers use internally; a watched column may not
-/// start with it under [`Capture::Statement`].
+/// Prefix of the names statement-level triggers use internally; a watched column may not
+/// start with it under [`Capture::Statement`] (under [`Capture::Row`], such a watch keeps a
+/// row-level trigger).
 const RESERVED_PREFIX: &str = "_sqn_";
 
 /// One column of a watched table, as read from the database catalog.
@@ -40,6 +41,10 @@ pub struct TableInfo {
     pub table: String,
     /// Columns in table order.
     pub columns: Vec<ColumnInfo>,
+    /// PostgreSQL: the table is partitioned, a partition, or a parent or child in an
+    /// inheritance tree — a statement-level trigger on it would not see every write to it.
+    /// False for the other dialects.
+    pub in_hierarchy: bool,
 }
 
 impl TableInfo {
@@ -83,9 +88,30 @@ pub struct ResolvedWatch {
     /// The names of the context values the trigger captures ([`Watch::context`]), each once,
     /// in the order given; the dialect checks them ([`check_context`]).
     pub context: Vec<String>,
+    /// [`TableInfo::in_hierarchy`] of the watched table.
+    pub in_hierarchy: bool,
 }
 
 impl ResolvedWatch {
+    /// A column a statement-level trigger would project whose name starts with the prefix of
+    /// that trigger's own names (`_sqn_`): carried, compared by `trigger_columns`, or — an
+    /// UPDATE with old values compares them all — any column of the table.
+    pub(crate) fn reserved_column(&self) -> Option<&String> {
+        let compared: Vec<&String> =
+            if self.old_values && self.channel.operation == Operation::Update {
+                self.table_columns.iter().map(|(c, _)| c).collect()
+            } else {
+                Vec::new()
+            };
+        self.channel
+            .key_columns
+            .iter()
+            .chain(&self.channel.extra_columns)
+            .chain(self.trigger_columns.iter().map(|(c, _)| c))
+            .chain(compared)
+            .find(|c| c.starts_with(RESERVED_PREFIX))
+    }
+
     /// The trigger event (`INSERT`, `DELETE`, `UPDATE` or `UPDATE OF "a", "b"`) and, for
     /// `trigger_columns`, the condition "one of them really changed": `changed` renders the
     /// test for one quoted column (given whether its type has an equality operator) and the
@@ -200,35 +226,12 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             .ok_or_else(|| unknown(&name, "trigger_columns"))?;
         trigger_columns.push((name, column.has_equality));
     }
-    if watch.capture == Capture::Statement {
-        // An UPDATE with old values compares (so projects) every column of the table.
-        let compared: Vec<&String> = if watch.old_values && watch.operation == Operation::Update {
-            table.columns.iter().map(|c| &c.name).collect()
-        } else {
-            Vec::new()
-        };
-        let reserved = key_columns
-            .iter()
-            .chain(&extra_columns)
-            .chain(trigger_columns.iter().map(|(c, _)| c))
-            .chain(compared)
-            .find(|c| c.starts_with(RESERVED_PREFIX));
-        if let Some(column) = reserved {
-            return Err(Error::InvalidWatch {
-                watch: watch.describe(),
-                reason: format!(
-                    "column {column:?}: names starting with {RESERVED_PREFIX:?} are reserved for \
-                     the statement-capture trigger's own names; use Capture::Row for this table"
-                ),
-            });
-        }
-    }
     let data_types = key_columns
         .iter()
         .chain(&extra_columns)
         .filter_map(|name| Some((name.clone(), table.column(name)?.data_type.clone())))
         .collect();
-    Ok(ResolvedWatch {
+    let resolved = ResolvedWatch {
         channel: Channel {
             name: watch.channel_name(),
             schema: table.schema.clone(),
@@ -252,7 +255,20 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             .map(|c| (c.name.clone(), c.has_equality))
             .collect(),
         context: dedup(watch.context.iter().cloned()),
-    })
+        in_hierarchy: table.in_hierarchy,
+    };
+    if resolved.capture == Capture::Statement {
+        if let Some(column) = resolved.reserved_column() {
+            return Err(Error::InvalidWatch {
+                watch: watch.describe(),
+                reason: format!(
+                    "column {column:?}: names starting with {RESERVED_PREFIX:?} are reserved for \
+                     the statement-capture trigger's own names; use Capture::Row for this table"
+                ),
+            });
+        }
+    }
+    Ok(resolved)
 }
 
 fn dedup(items: impl Iterator<Item = String>) -> Vec<String> {
@@ -285,6 +301,7 @@ mod tests {
                 col("email", None, true),
                 col("doc", None, false),
             ],
+            in_hierarchy: false,
         }
     }
 

@@ -570,6 +570,8 @@ async fn the_owner_of_a_watched_table_cannot_act_as_sqlnotify_s_owner() {
 
 /// The helpers any role may call check that the caller may write to the watched table:
 /// called by a role that may not, they send nothing, and the caller's statement succeeds.
+/// (The durable watch's helper is the one of row capture on a plain table: it takes one
+/// payload per changed row.)
 #[actix_rt::test]
 async fn a_helper_called_without_the_table_s_privilege_sends_nothing() {
     let db = TestDb::new().await;
@@ -594,7 +596,7 @@ async fn a_helper_called_without_the_table_s_privilege_sends_nothing() {
     attacker
         .batch_execute(
             r#"SELECT sqlnotify.sqlnotify_public_n_insert('{"id":1000,"v":"forged"}', NULL);
-               SELECT sqlnotify.sqlnotify_public_d_insert('{"id":1000,"v":"forged"}', 1);
+               SELECT sqlnotify.sqlnotify_public_d_insert(ARRAY['{"id":1000,"v":"forged"}']);
                SELECT pg_notify('sqlnotify_public_d_insert', '')"#,
         )
         .await
@@ -648,7 +650,8 @@ async fn a_writer_privileged_through_a_group_role_has_its_rows_captured() {
         assert_eq!(ins.next().await.id().as_i64(), Some(1), "{tier:?}");
         let helper = match tier {
             Tier::Notify => "SELECT sqlnotify.sqlnotify_public_t_insert('{\"id\":1000}', NULL)",
-            _ => "SELECT sqlnotify.sqlnotify_public_t_insert('{\"id\":1000}', 1)",
+            // (row capture on a plain table: one payload per row, see README "Row capture")
+            _ => "SELECT sqlnotify.sqlnotify_public_t_insert(ARRAY['{\"id\":1000}'])",
         };
         connect(&mallory)
             .await

@@ -117,6 +117,7 @@ pub(crate) async fn describe_table(
         schema: schema.to_string(),
         table: table.to_string(),
         columns,
+        in_hierarchy: false,
     })
 }
 

@@ -33,7 +33,10 @@ pub(crate) async fn describe_table(
                   FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS pk_pos,
                EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
                         WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) AS has_eq,
-               pg_catalog.format_type(a.atttypid, a.atttypmod)
+               pg_catalog.format_type(a.atttypid, a.atttypmod),
+               c.relkind = 'p' OR c.relispartition
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i
+                             WHERE i.inhrelid = c.oid OR i.inhparent = c.oid) AS in_hierarchy
           FROM pg_catalog.pg_class c
           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
           JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -77,6 +80,7 @@ pub(crate) async fn describe_table(
         schema: schema.to_string(),
         table: table.to_string(),
         columns,
+        in_hierarchy: rows[0].get(4),
     })
 }
 
@@ -90,10 +94,11 @@ async fn installed_state(
     }
     let sql = format!(
         "SELECT c.definition_hash = pg_catalog.md5($2),
-                EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                          JOIN pg_catalog.pg_class r ON r.oid = t.tgrelid
-                          JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
-                         WHERE t.tgname = $1 AND n.nspname = $3 AND r.relname = $4)
+                (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger t
+                   JOIN pg_catalog.pg_class r ON r.oid = t.tgrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+                  WHERE t.tgname = ANY($5) AND n.nspname = $3 AND r.relname = $4)
+                  = pg_catalog.cardinality($5)
            FROM {}.catalog c WHERE c.channel = $1",
         quote_ident(ddl::SCHEMA)
     );
@@ -106,6 +111,7 @@ async fn installed_state(
                 (&ddl::definition(w), Type::TEXT),
                 (&channel.schema, Type::TEXT),
                 (&channel.table, Type::TEXT),
+                (&ddl::trigger_names(w), Type::TEXT_ARRAY),
             ],
         )
         .await
@@ -642,7 +648,7 @@ async fn existing_triggers(
 ) -> Result<BTreeMap<String, Vec<(String, String)>>, Failed> {
     let rows = tx
         .query(
-            "SELECT p.proname::text, n.nspname::text, c.relname::text
+            "SELECT DISTINCT p.proname::text, n.nspname::text, c.relname::text
                FROM pg_catalog.pg_proc p
                JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
                LEFT JOIN pg_catalog.pg_trigger t ON t.tgfoid = p.oid AND t.tgparentid = 0

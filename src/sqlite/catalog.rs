@@ -64,6 +64,7 @@ pub(crate) fn describe_table(conn: &Connection, schema: &str, table: &str) -> Re
         schema: schema.to_string(),
         table: table.to_string(),
         columns,
+        in_hierarchy: false,
     })
 }
 

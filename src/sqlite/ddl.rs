@@ -254,6 +254,7 @@ mod tests {
             old_values: false,
             table_columns: vec![],
             context: vec![],
+            in_hierarchy: false,
         }
     }
 
