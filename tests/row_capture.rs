@@ -714,14 +714,15 @@ async fn a_role_without_the_privilege_gets_no_events_and_its_write_succeeds() {
         updated.sort();
         assert_eq!(updated, (1..=30).collect::<Vec<_>>(), "{tier:?}");
 
-        let forged = r#"[{"id": 1000, "v": "forged"}, {"id": 1001, "v": "forged"}]"#;
+        // the helper of row capture on a plain table takes one payload per row
         connect(&mallory)
             .await
-            .batch_execute(&format!(
-                "SELECT sqlnotify.sqlnotify_public_t_insert('{forged}', 2);
-                 SELECT sqlnotify.sqlnotify_public_t_insert('{{\"id\": 1002}}', 1);
-                 SELECT pg_notify('sqlnotify_public_t_insert', '')"
-            ))
+            .batch_execute(
+                r#"SELECT sqlnotify.sqlnotify_public_t_insert(
+                       ARRAY['{"id": 1000, "v": "forged"}', '{"id": 1001, "v": "forged"}']);
+                   SELECT sqlnotify.sqlnotify_public_t_insert(ARRAY['{"id": 1002}']);
+                   SELECT pg_notify('sqlnotify_public_t_insert', '')"#,
+            )
             .await
             .expect("the calls succeed and do nothing");
         assert_eq!(journal_rows(&db, "t", "insert").await, 600, "{tier:?}");
