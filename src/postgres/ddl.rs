@@ -1372,6 +1372,137 @@ mod tests {
         assert!(function_sql(&watch(Operation::Insert, None, &many)).contains("row_to_json"));
     }
 
+    /// Row capture on a plain table: a statement-level trigger writing one journal row per
+    /// row through one helper call per chunk, and the guard that keeps the table from
+    /// becoming a partition or an inheritance child.
+    #[test]
+    fn row_capture_on_a_plain_table_is_batched_per_statement() {
+        let mut w = watch(Operation::Insert, Some("o'brien"), &["v"]);
+        w.tier = Tier::Durable;
+        assert!(batched(&w));
+        let guard = guard_name("sqlnotify_o'brien");
+        assert_eq!(
+            trigger_sql(&w),
+            format!(
+                "CREATE TRIGGER \"sqlnotify_o'brien\" AFTER INSERT ON \"public\".\"CamelCase\" \
+                 REFERENCING NEW TABLE AS _sqn_new FOR EACH STATEMENT \
+                 EXECUTE FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"();\n\
+                 CREATE TRIGGER \"{guard}\" AFTER INSERT ON \"public\".\"CamelCase\" \
+                 REFERENCING NEW TABLE AS _sqn_guarded FOR EACH ROW WHEN (false) \
+                 EXECUTE FUNCTION \"sqlnotify\".\"sqlnotify_o'brien\"()"
+            )
+        );
+        assert_eq!(trigger_names(&w), ["sqlnotify_o'brien".to_string(), guard]);
+        let h = helper_sql(&w);
+        assert!(
+            h.contains("\"sqlnotify_o'brien\"(_sqn_payloads text[])"),
+            "{h}"
+        );
+        assert!(
+            h.contains(
+                "INSERT INTO \"sqlnotify\".journal (channel, payload)\n  \
+                 SELECT ''sqlnotify_o''''brien'', _sqn_u.p FROM pg_catalog.unnest(_sqn_payloads) \
+                 WITH ORDINALITY AS _sqn_u(p, n)\n   ORDER BY _sqn_u.n;"
+            ),
+            "{h}"
+        );
+        assert!(h.contains("(text[]) TO PUBLIC"), "{h}");
+        let f = function_sql(&w);
+        // counted first; a statement that fits one chunk: one aggregate, one helper call
+        assert!(
+            f.contains(&format!(
+                "IF _sqn_count <= {STATEMENT_CHUNK_ROWS} AND _sqn_bytes <= {STATEMENT_CHUNK_STORED_BYTES} THEN\n    \
+                 SELECT pg_catalog.array_agg(pg_catalog.json_build_object(''id'', _sqn_t.\"id\", ''v'', _sqn_t.\"v\")::text) \
+                 INTO _sqn_payloads FROM _sqn_new AS _sqn_t;\n    \
+                 _sqn_done := \"sqlnotify\".\"sqlnotify_o''brien\"(_sqn_payloads) IS NULL;"
+            )),
+            "{f}"
+        );
+        assert!(
+            f.contains("IF _sqn_count = 0 THEN\n    RETURN NULL;"),
+            "{f}"
+        );
+        // a bigger one: chunks, each an array of its rows in order
+        assert!(
+            f.contains(
+                "PERFORM \"sqlnotify\".\"sqlnotify_o''brien\"(pg_catalog.array_agg(_sqn_p ORDER BY _sqn_n))"
+            ),
+            "{f}"
+        );
+        assert!(f.contains("GROUP BY _sqn_c, _sqn_d"), "{f}");
+        // one wake-up per statement, on the durable tier only
+        assert_eq!(f.matches("pg_notify").count(), 1, "{f}");
+        w.tier = Tier::Poll;
+        assert!(!function_sql(&w).contains("pg_notify"));
+        // UPDATE reads only the new rows, unless the payload carries old values: then the
+        // old rows too, paired by position, always through the numbered path
+        w.channel.operation = Operation::Update;
+        assert!(trigger_sql(&w).contains("REFERENCING NEW TABLE AS _sqn_new FOR EACH STATEMENT"));
+        w.old_values = true;
+        w.table_columns = vec![("id".into(), true), ("v".into(), true)];
+        assert!(trigger_sql(&w).contains(
+            "REFERENCING OLD TABLE AS _sqn_old NEW TABLE AS _sqn_new FOR EACH STATEMENT"
+        ));
+        let f = function_sql(&w);
+        assert!(!f.contains("_sqn_bytes <="), "{f}");
+        assert!(f.contains("ON _sqn_w._sqn_n = _sqn_t._sqn_n"), "{f}");
+        // DELETE reads the old rows, its guard too
+        w.channel.operation = Operation::Delete;
+        let t = trigger_sql(&w);
+        assert!(
+            t.contains("REFERENCING OLD TABLE AS _sqn_old FOR EACH STATEMENT"),
+            "{t}"
+        );
+        assert!(
+            t.contains("REFERENCING OLD TABLE AS _sqn_guarded FOR EACH ROW WHEN (false)"),
+            "{t}"
+        );
+        assert!(function_sql(&w).contains("FROM _sqn_old AS _sqn_t;"));
+        // dropping a watch drops this helper too
+        assert!(drop_sql("c").contains("DROP FUNCTION IF EXISTS \"sqlnotify\".\"c\"(text[]);"));
+    }
+
+    /// Where a statement-level trigger would not see every write, or a row trigger is
+    /// cheaper, row capture keeps the row-level trigger.
+    #[test]
+    fn row_capture_keeps_the_row_trigger_where_a_statement_trigger_would_not_do() {
+        let mut base = watch(Operation::Update, None, &["v"]);
+        base.tier = Tier::Durable;
+        let mut cases = Vec::new();
+        let mut w = base.clone();
+        w.in_hierarchy = true; // partitioned, a partition, or in an inheritance tree
+        cases.push(w);
+        let mut w = base.clone();
+        w.trigger_columns = vec![("v".into(), true)];
+        cases.push(w);
+        let mut w = base.clone();
+        w.channel.extra_columns = vec!["_sqn_n".into()];
+        cases.push(w);
+        let mut w = base.clone();
+        w.tier = Tier::Notify;
+        cases.push(w);
+        for w in cases {
+            assert!(!batched(&w), "{w:?}");
+            let t = trigger_sql(&w);
+            assert!(
+                t.contains("FOR EACH ROW") && !t.contains("REFERENCING"),
+                "{t}"
+            );
+            assert_eq!(trigger_names(&w), [w.channel.name.clone()]);
+        }
+    }
+
+    #[test]
+    fn guard_names_are_short_stable_and_per_channel() {
+        let long = "x".repeat(63);
+        for channel in ["a", "a_guard", "sqlnotify_public_t_insert", long.as_str()] {
+            let name = guard_name(channel);
+            assert_eq!(name, guard_name(channel));
+            assert_eq!(name.len(), "_sqn_guard_".len() + 16, "{name}");
+        }
+        assert_ne!(guard_name("a"), guard_name("b"));
+    }
+
     #[test]
     fn statement_capture_uses_transition_tables_and_chunks() {
         let mut w = watch(Operation::Insert, Some("o'brien"), &["v"]);
