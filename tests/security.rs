@@ -822,3 +822,67 @@ async fn context_names_the_writing_role_not_sqlnotifys_owner() {
         notifier.stop().await.unwrap();
     }
 }
+
+/// A writer granted INSERT or UPDATE on some columns only (`GRANT INSERT (id, v) ON t`) writes
+/// rows like any other: their events arrive on every tier and capture (the helpers' privilege
+/// test accepts a privilege on any column; before, such a writer's events were dropped with a
+/// warning). A role with no privilege at all still sends nothing through the helper.
+#[actix_rt::test]
+async fn a_writer_granted_some_columns_only_has_its_rows_captured() {
+    for (tier, capture) in [
+        (Tier::Notify, Capture::Row),
+        (Tier::Durable, Capture::Row),
+        (Tier::Durable, Capture::Statement),
+    ] {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY, v text, secret text)")
+            .await;
+        let (writer, writer_url) = db.role("columns").await;
+        db.exec(&format!(
+            "GRANT INSERT (id, v), UPDATE (v), SELECT (id) ON t TO \"{writer}\""
+        ))
+        .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(
+                Watch::new("t", Operation::Insert)
+                    .extra_columns(["v"])
+                    .tier(tier)
+                    .capture(capture),
+            )
+            .watch(
+                Watch::new("t", Operation::Update)
+                    .extra_columns(["v"])
+                    .tier(tier)
+                    .capture(capture),
+            )
+            .start()
+            .await
+            .unwrap();
+        let mut ins = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+        let mut upd = Events::subscribe(&notifier, Subscription::new("t", Operation::Update)).await;
+        connect(&writer_url)
+            .await
+            .batch_execute(
+                "INSERT INTO t (id, v) VALUES (1, 'a'), (2, 'b');
+                 UPDATE t SET v = 'c' WHERE id = 2",
+            )
+            .await
+            .expect("the column-privileged writes succeed");
+        let inserted = ins.take(2).await;
+        assert_eq!(
+            inserted
+                .iter()
+                .map(|e| (e.id().as_i64(), e.get("v").cloned()))
+                .collect::<Vec<_>>(),
+            [(Some(1), Some(json!("a"))), (Some(2), Some(json!("b")))],
+            "{tier:?} {capture:?}"
+        );
+        let e = upd.next().await;
+        assert_eq!(
+            (e.id().as_i64(), e.get("v")),
+            (Some(2), Some(&json!("c"))),
+            "{tier:?} {capture:?}"
+        );
+        notifier.stop().await.unwrap();
+    }
+}

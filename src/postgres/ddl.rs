@@ -208,9 +208,12 @@ fn helper_args(w: &ResolvedWatch) -> &'static str {
 /// of anyone else runs inside it. Any role may call it (writers need no privilege on
 /// sqlnotify's objects), so it first checks that the calling session may write to the watched
 /// table the way the watch reports (`INSERT`, `UPDATE` or `DELETE` privilege, held by the
-/// session's role or a role it belongs to): otherwise it sends nothing and warns — it never
-/// fails the write. A role that may write to the table could send the same event by writing
-/// a row, so a call by it forges nothing it could not cause anyway.
+/// session's role or a role it belongs to; for INSERT and UPDATE, on the table or on any of
+/// its columns): otherwise it sends nothing and warns — it never fails the write. A role that
+/// may write to the table could send the same event by writing a row, so a call by it forges
+/// nothing it could not cause anyway — except, for a role granted some columns only, values
+/// in the columns it may not write: events are as trustworthy as the roles that may write to
+/// the watched table.
 ///
 /// Notify tier: stores an oversized payload in the overflow table (falling back to the key,
 /// marked truncated), signs it when the channel is signed, and sends it. Journal tiers:
@@ -224,14 +227,21 @@ pub(crate) fn helper_sql(w: &ResolvedWatch) -> String {
         quote_ident(&channel.table)
     ));
     let privilege = quote_literal(channel.operation.sql_keyword());
+    // INSERT and UPDATE may be granted on some columns only, and such a role writes rows
+    // whose events must not be lost: `has_any_column_privilege` is true for a privilege on
+    // the table or on any of its columns. DELETE has no column privileges.
+    let holds = match channel.operation {
+        crate::operation::Operation::Delete => "has_table_privilege",
+        _ => "has_any_column_privilege",
+    };
     // Two nested tests rather than one `A AND NOT EXISTS (…)`: the outer one, the common case
     // (the session's own role holds the privilege), has no subquery, so plpgsql evaluates it
     // as a simple expression, without starting an executor on every call (every changed row).
     let authorize = format!(
-        "IF NOT coalesce(pg_catalog.has_table_privilege(session_user, pg_catalog.to_regclass({table}), {privilege}), false) THEN
+        "IF NOT coalesce(pg_catalog.{holds}(session_user, pg_catalog.to_regclass({table}), {privilege}), false) THEN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles _sqn_r
                     WHERE pg_catalog.pg_has_role(session_user, _sqn_r.oid, 'MEMBER')
-                      AND pg_catalog.has_table_privilege(_sqn_r.oid, pg_catalog.to_regclass({table}), {privilege})) THEN
+                      AND pg_catalog.{holds}(_sqn_r.oid, pg_catalog.to_regclass({table}), {privilege})) THEN
       RAISE WARNING 'sqlnotify: role % may not % on %: no event sent on %', session_user, {privilege}, {table}, {chan};
       RETURN;
     END IF;
@@ -1199,10 +1209,16 @@ mod tests {
         assert!(h.contains("pg_notify(''sqlnotify_o''''brien''"), "{h}");
         assert!(
             h.contains(
-                "has_table_privilege(session_user, \
+                "has_any_column_privilege(session_user, \
                  pg_catalog.to_regclass(''\"public\".\"CamelCase\"''), ''INSERT'')"
             ),
             "{h}"
+        );
+        // DELETE has no column privileges
+        let d = helper_sql(&watch(Operation::Delete, None, &[]));
+        assert!(
+            d.contains("has_table_privilege(session_user, pg_catalog.to_regclass(''\"public\".\"CamelCase\"''), ''DELETE'')"),
+            "{d}"
         );
         assert!(
             h.ends_with(
@@ -1243,7 +1259,7 @@ mod tests {
             );
             let h = helper_sql(&w);
             let first_test = h
-                .split("IF NOT coalesce(pg_catalog.has_table_privilege(session_user")
+                .split("IF NOT coalesce(pg_catalog.has_any_column_privilege(session_user")
                 .nth(1)
                 .and_then(|rest| rest.split(" THEN").next())
                 .unwrap_or_else(|| panic!("{tier:?}: no privilege test in {h}"));
