@@ -25,7 +25,9 @@
 //! `cost`: writer cost of `old_values` and `context` on INSERT+UPDATE transactions); MySQL:
 //! `mysql`, i.e. `mysql-latency-200`, `mysql-latency-1000`, `mysql-throughput-1w-100r-small`,
 //! `mysql-cost`, `mysql-idle`); the listener's CPU per event at a fixed rate: `cpu`, i.e.
-//! `cpu-15000-100r`, `cpu-2000-1r`. `--systems=notify,notify-unsigned,…` narrows the latency and
+//! `cpu-15000-100r`, `cpu-2000-1r`; writer cost with single-row transactions (asynchronous
+//! commit), where a statement-level trigger's price per statement shows most: `cost-1row`
+//! (also selected by `cost`). `--systems=notify,notify-unsigned,…` narrows the latency and
 //! throughput sections to those systems (short names in `System::short`) beside the raw
 //! baseline. Throughput rows give the listener's CPU per delivered event: this process's CPU
 //! time (listener, pipeline, subscriber — the writers are other processes) from the writers'
@@ -326,6 +328,7 @@ fn pg_sections() -> Vec<String> {
         "latency-1000",
         "cost-sync",
         "cost-async",
+        "cost-1row",
         "idle",
         handlers::BACKLOG,
         handlers::LATENCY,
@@ -1161,22 +1164,27 @@ async fn cost(ctx: &Ctx, table: &mut Table) {
             "cost-sync"
         };
         if ctx.args.wants(name) {
-            cost_with(ctx, table, async_commit).await;
+            cost_with(ctx, table, async_commit, 100).await;
         }
+    }
+    // Single-row transactions: what a statement-level trigger's fixed price per statement
+    // costs the most (asynchronous commit, or the commit's flush would hide it).
+    if ctx.args.wants("cost-1row") {
+        cost_with(ctx, table, true, 1).await;
     }
 }
 
-async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
+async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool, txn_rows: u32) {
     let commit = if async_commit {
         "synchronous_commit=off"
     } else {
         "synchronous_commit=on"
     };
-    eprintln!("writer cost, {commit} …");
+    eprintln!("writer cost, {txn_rows}-row txns, {commit} …");
     let load = Load {
         writers: 1,
         rate: 0,
-        txn_rows: 100,
+        txn_rows,
         payload_bytes: SMALL,
         // Commit rates settle within a second: --quick spends one per system here.
         duration: if ctx.args.quick {
@@ -1186,7 +1194,7 @@ async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
         },
         async_commit,
     };
-    let what = format!("writer cost, 1 writer × 100-row txns, 16 B, {commit}");
+    let what = format!("writer cost, 1 writer × {txn_rows}-row txns, 16 B, {commit}");
     let systems = [
         System::NoTrigger,
         System::Raw,
@@ -1226,7 +1234,7 @@ async fn cost_with(ctx: &Ctx, table: &mut Table, async_commit: bool) {
         "synchronous=FULL"
     };
     table.row(vec![
-        format!("writer cost, 1 writer × 100-row txns, 16 B, {sqlite_commit} · SQLite"),
+        format!("writer cost, 1 writer × {txn_rows}-row txns, 16 B, {sqlite_commit} · SQLite"),
         "committed rows/s".into(),
         format!("{} (no trigger)", count(none.commit_rate)),
         count(o.commit_rate),
