@@ -38,6 +38,19 @@ fn assert_sequences_increase(events: &[ChangeEvent], label: &str) {
     }
 }
 
+/// Asserts that the next event on each subscription is the sentinel row `id` and that none
+/// follows it: nothing before it came twice, nothing extra is on its way.
+async fn assert_last_is(subscriptions: &mut [&mut Events], id: i64, label: &str) {
+    for (i, events) in subscriptions.iter_mut().enumerate() {
+        assert_eq!(
+            events.next().await.id().as_i64(),
+            Some(id),
+            "{label}: subscription {i}"
+        );
+        events.assert_empty();
+    }
+}
+
 /// How many journal rows channel `t`/`operation` has.
 async fn journal_rows(db: &TestDb, table: &str, operation: &str) -> i64 {
     db.count(&format!(
@@ -170,14 +183,12 @@ async fn multi_row_statements_give_one_event_and_one_sequence_per_row() {
             .await;
         db.exec("INSERT INTO t (id) VALUES (1000); UPDATE t SET note = 's' WHERE id = 1000; DELETE FROM t WHERE id = 1000")
             .await;
-        for (events, label) in [
-            (&mut ins, "insert"),
-            (&mut upd, "update"),
-            (&mut del, "delete"),
-        ] {
-            assert_eq!(events.next().await.id().as_i64(), Some(1000), "{label}");
-            events.assert_empty();
-        }
+        assert_last_is(
+            &mut [&mut ins, &mut upd, &mut del],
+            1000,
+            &format!("{tier:?}"),
+        )
+        .await;
         let stats = notifier.stats().await.unwrap();
         assert_eq!(stats.malformed, 0, "{stats:?}");
         notifier.stop().await.unwrap();
@@ -249,8 +260,7 @@ async fn a_statement_larger_than_a_chunk_arrives_whole_and_in_order() {
 
         // sentinel: nothing was on its way twice
         db.exec("INSERT INTO t VALUES (0, 'sentinel')").await;
-        assert_eq!(ev.next().await.id().as_i64(), Some(0));
-        ev.assert_empty();
+        assert_last_is(&mut [&mut ev], 0, &format!("{tier:?}")).await;
         let stats = notifier.stats().await.unwrap();
         assert_eq!((stats.received, stats.malformed), (1541, 0), "{stats:?}");
         notifier.stop().await.unwrap();
@@ -501,10 +511,7 @@ async fn insert_on_conflict_delivers_every_insert_and_update() {
         // sentinels: nothing else was on its way on either channel
         db.exec("INSERT INTO t VALUES (100, 's'); UPDATE t SET name = 'u' WHERE id = 100")
             .await;
-        assert_eq!(ins.next().await.id().as_i64(), Some(100));
-        assert_eq!(upd.next().await.id().as_i64(), Some(100));
-        ins.assert_empty();
-        upd.assert_empty();
+        assert_last_is(&mut [&mut ins, &mut upd], 100, &format!("{tier:?}")).await;
         notifier.stop().await.unwrap();
     }
 }
@@ -668,8 +675,7 @@ async fn trigger_columns_still_filter_per_row() {
         db.exec("UPDATE t SET name = name, hits = 0").await;
         assert_eq!(journal_rows(&db, "t", "update").await, 3, "{tier:?}");
         db.exec("UPDATE t SET name = 'last' WHERE id = 1").await;
-        assert_eq!(ev.next().await.id().as_i64(), Some(1));
-        ev.assert_empty();
+        assert_last_is(&mut [&mut ev], 1, &format!("{tier:?}")).await;
         notifier.stop().await.unwrap();
     }
 }
@@ -872,10 +878,7 @@ async fn ctes_nested_statements_and_before_triggers_deliver_every_final_row_once
 
         db.exec("INSERT INTO t VALUES (-1, 's'); UPDATE t SET v = 'z' WHERE id = -1")
             .await;
-        assert_eq!(ins.next().await.id().as_i64(), Some(-1));
-        assert_eq!(upd.next().await.id().as_i64(), Some(-1));
-        ins.assert_empty();
-        upd.assert_empty();
+        assert_last_is(&mut [&mut ins, &mut upd], -1, &format!("{tier:?}")).await;
         notifier.stop().await.unwrap();
     }
 }

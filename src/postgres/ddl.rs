@@ -966,16 +966,16 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
 /// reinstall the watch after the change (`start()` then installs the row-level trigger).
 fn batched_trigger_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
+    // (the guard references the table of the rows the watch reports)
     let (referencing, guarded) = match channel.operation {
-        crate::operation::Operation::Insert => (format!("NEW TABLE AS {NEW_TABLE}"), NEW_TABLE),
-        crate::operation::Operation::Delete => (format!("OLD TABLE AS {OLD_TABLE}"), OLD_TABLE),
+        crate::operation::Operation::Insert => (format!("NEW TABLE AS {NEW_TABLE}"), "NEW"),
+        crate::operation::Operation::Delete => (format!("OLD TABLE AS {OLD_TABLE}"), "OLD"),
         crate::operation::Operation::Update if w.old_values => (
             format!("OLD TABLE AS {OLD_TABLE} NEW TABLE AS {NEW_TABLE}"),
-            NEW_TABLE,
+            "NEW",
         ),
-        crate::operation::Operation::Update => (format!("NEW TABLE AS {NEW_TABLE}"), NEW_TABLE),
+        crate::operation::Operation::Update => (format!("NEW TABLE AS {NEW_TABLE}"), "NEW"),
     };
-    let guarded = if guarded == NEW_TABLE { "NEW" } else { "OLD" };
     let table = format!(
         "{}.{}",
         quote_ident(&channel.schema),
