@@ -899,6 +899,97 @@ async fn slot_invalidated_while_running(streaming: bool) {
         .unwrap();
 }
 
+/// A consumer whose subscriber has stopped taking events (the pipeline is stalled, so the
+/// walsender blocks on a socket nobody reads) must not hold up the checkpoint that
+/// invalidates its slot: a walsender blocked that way ignores the termination invalidation
+/// sends, and the checkpoint would wait for it for ever (with it, every later checkpoint and
+/// the WAL removal `max_slot_wal_keep_size` is there for). The lag task sees the slot doomed
+/// (`wal_status` `unreserved`) while the stream is stalled and closes the stream; the
+/// checkpoint completes, the slot is lost, and once the subscriber moves again the listener
+/// stops with `Error::SlotLost`.
+#[actix_rt::test]
+async fn a_stalled_consumer_does_not_hold_up_the_checkpoint_that_invalidates_its_slot() {
+    let Some(cluster) = Cluster::start_with(&format!(
+        "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
+    )) else {
+        common::prerequisite_missing(
+            "a_stalled_consumer_does_not_hold_up_the_checkpoint",
+            "PostgreSQL's binaries",
+        );
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("stalled")
+        .max_in_flight(16)
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, mut slow_events, _arbiter) = common::gated();
+    notifier
+        .subscribe(Subscription::new("t", Insert).buffer(1), slow)
+        .await
+        .unwrap();
+    // Far more change data than the pipeline, the replication client and the socket hold:
+    // the walsender ends up blocked writing, its slot far behind.
+    for round in 0..6 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
+             SELECT pg_switch_wal()",
+            round
+        ))
+        .await;
+    }
+    // A checkpoint waits for the walsender holding the slot to end; until the slot is doomed
+    // and its stream closed, a checkpoint may complete without invalidating it: again.
+    let client = db.client().await;
+    let invalidated = wait_until(Duration::from_secs(60), || async {
+        client.batch_execute("CHECKPOINT").await.unwrap();
+        let status: String = client
+            .query_one("SELECT wal_status FROM pg_replication_slots", &[])
+            .await
+            .unwrap()
+            .get(0);
+        status == "lost"
+    });
+    let invalidated = tokio::time::timeout(Duration::from_secs(90), invalidated)
+        .await
+        .expect("a checkpoint waited for the stalled consumer's walsender");
+    assert!(invalidated, "the server never invalidated the slot");
+    release.send(()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            notifier.failure().is_some()
+        })
+        .await,
+        "the listener never failed; stats {:?}",
+        notifier.stats().await.unwrap()
+    );
+    let failure = notifier.failure().unwrap();
+    assert!(
+        matches!(&failure, Error::SlotLost { slot, .. } if slot.starts_with("sqlnotify_stalled_")),
+        "{failure:?}"
+    );
+    // What it delivered before is still in order, no duplicates: nothing past the lost slot.
+    let mut last = -1;
+    while let Ok(e) = slow_events.try_recv() {
+        let id = e.id().as_i64().unwrap();
+        assert!(id > last, "{id} after {last}");
+        last = id;
+    }
+    assert!(matches!(
+        notifier.stop().await.unwrap_err(),
+        Error::SlotLost { .. }
+    ));
+    Notifier::builder(&db.url)
+        .drop_consumer("stalled")
+        .await
+        .unwrap();
+}
+
 /// A transaction of more rows than the in-flight budget (default 4,096) arrives whole: it is
 /// handed to the pipeline in pieces (as one batch it waited for more units than exist, and
 /// nothing arrived any more).

@@ -45,6 +45,9 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(200);
 const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Slot lag (WAL bytes kept for the slot) past which a warning is logged.
 pub(crate) const LAG_WARNING: u64 = 1 << 30;
+/// How long a read waits for room in the pipeline, its slot doomed, before it closes the
+/// stream (see [`LogicalSource::forward`]).
+const DOOMED_STALL: Duration = Duration::from_secs(1);
 
 /// The server's next full transaction id (`xid8`): the reference [`widen_xid`] needs.
 const NEXT_XID_SQL: &str =
@@ -117,6 +120,9 @@ pub(crate) struct LogicalSource {
     lost: Arc<AtomicBool>,
     /// Wakes a session's `wait` when `lost` is set.
     wake: Arc<tokio::sync::Notify>,
+    /// Set by the lag task while the slot's `wal_status` is `unreserved`: past
+    /// `max_slot_wal_keep_size`, the next checkpoint invalidates it unless it catches up.
+    doomed: Arc<AtomicBool>,
     /// The transactions handed over that the server may still list as running (snapshot
     /// feeds check theirs against them: `src/postgres/snapshot.rs`).
     sent: Arc<SentXids>,
@@ -150,6 +156,7 @@ impl LogicalSource {
             lag: None,
             next_xid: Arc::new(AtomicU64::new(0)),
             lost: Arc::new(AtomicBool::new(false)),
+            doomed: Arc::new(AtomicBool::new(false)),
             wake: Arc::new(tokio::sync::Notify::new()),
             sent,
         })
@@ -214,6 +221,42 @@ impl LogicalSource {
         Error::Database {
             context: format!("streaming replication slot {}", self.slot),
             source: text.into(),
+        }
+    }
+
+    /// Hands `batch` over ([`Outlet::forward`]). While it waits for room — the pipeline is
+    /// stalled, a subscriber takes no events — the walsender soon blocks writing to a socket
+    /// nobody reads, and such a walsender ignores the termination the server sends to
+    /// invalidate its slot: the checkpoint that must invalidate it would wait for it for ever,
+    /// and with it every later checkpoint and the WAL removal `max_slot_wal_keep_size` is set
+    /// for. So once the wait has lasted [`DOOMED_STALL`] while the slot is doomed (the lag
+    /// task saw `wal_status` `unreserved`), the stream is closed: its walsender ends, the
+    /// checkpoint goes on. The batch is still handed over when there is room (it was read
+    /// before); the closed stream then ends the session, and the next one fails with
+    /// [`Error::SlotLost`] if the slot was invalidated, or resumes from the slot.
+    async fn forward(
+        &self,
+        conn: &mut LogicalConn,
+        outlet: &Outlet,
+        batch: Vec<RawNotification>,
+    ) -> Option<u64> {
+        let mut forward = std::pin::pin!(outlet.forward(batch));
+        loop {
+            tokio::select! {
+                biased;
+                forwarded = &mut forward => return forwarded,
+                () = tokio::time::sleep(DOOMED_STALL) => {}
+            }
+            if self.doomed.load(Ordering::Relaxed) && conn.client.is_running() {
+                log::warn!(
+                    "sqlnotify: replication slot {} is past max_slot_wal_keep_size (wal_status \
+                     unreserved) while its subscribers take no events: closing its stream so \
+                     that the server can invalidate it; the consumer fails with SlotLost if it \
+                     does",
+                    self.slot
+                );
+                conn.client.abort();
+            }
         }
     }
 
@@ -316,6 +359,7 @@ impl LogicalSource {
         }
         let (config, slot, outlet) = (self.config.clone(), self.slot.clone(), outlet.clone());
         let (next_xid, lost) = (self.next_xid.clone(), self.lost.clone());
+        let doomed = self.doomed.clone();
         let (wake, sent) = (self.wake.clone(), self.sent.clone());
         self.lag = Some(tokio::task::spawn_local(async move {
             let mut client = None;
@@ -330,6 +374,7 @@ impl LogicalSource {
                             outlet.stats().slot_lag.store(state.lag, Ordering::Relaxed);
                             next_xid.fetch_max(state.next_xid, Ordering::Relaxed);
                             let bytes = state.lag;
+                            doomed.store(state.wal_status == "unreserved", Ordering::Relaxed);
                             if state.wal_status == "lost" {
                                 if !lost.swap(true, Ordering::Relaxed) {
                                     wake.notify_one();
@@ -503,13 +548,14 @@ impl Source for LogicalSource {
             // Commit, would otherwise wait for more units than exist.
             while batch.len() >= MAX_BATCH {
                 let rest = batch.split_off(MAX_BATCH);
-                let Some(n) = outlet.forward(std::mem::replace(&mut batch, rest)).await else {
+                let next = std::mem::replace(&mut batch, rest);
+                let Some(n) = self.forward(conn, outlet, next).await else {
                     return Ok(None);
                 };
                 forwarded += n;
             }
         }
-        let Some(n) = outlet.forward(batch).await else {
+        let Some(n) = self.forward(conn, outlet, batch).await else {
             return Ok(None);
         };
         forwarded += n;
