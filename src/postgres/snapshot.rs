@@ -23,7 +23,7 @@
 //! write position); a snapshot exported by creating a replication slot fits only a stream that
 //! starts at that slot, not a feed opened while the notifier's slot streams.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
@@ -41,10 +41,18 @@ use crate::sql::quote_ident;
 /// running was already handed over (see the module documentation) before the read fails.
 const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How many transactions [`SentXids`] keeps by id. Normally it holds only the few that may
+/// still be running (the lag task forgets the others every 2 s); while the lag task cannot
+/// reach the server, the oldest beyond this are folded into a floor instead of growing the
+/// set without bound.
+const SENT_KEPT: usize = 8192;
+
 /// The transactions ([`Tier::Logical`](crate::Tier::Logical)) the stream handed over that the server may still list
 /// as running — kept until the lag task saw each one finished, and, while a snapshot is being
 /// checked against them, all of them (a transaction the check needs must not be forgotten
-/// between its snapshot and the check).
+/// between its snapshot and the check). At most [`SENT_KEPT`] by id: older ones are
+/// remembered only as a floor, every transaction at or below which a snapshot must see as
+/// finished (below its `xmin`) — stricter than by id, never looser.
 #[derive(Debug, Default)]
 #[cfg_attr(not(feature = "logical"), allow(dead_code))]
 pub(crate) struct SentXids {
@@ -53,7 +61,9 @@ pub(crate) struct SentXids {
 
 #[derive(Debug, Default)]
 struct Sent {
-    xids: HashSet<u64>,
+    xids: BTreeSet<u64>,
+    /// The newest transaction handed over that was dropped from `xids` to bound them.
+    floor: Option<u64>,
     /// Snapshots being checked.
     checking: usize,
 }
@@ -66,21 +76,32 @@ impl SentXids {
 
     /// A transaction handed over (before its rows are).
     pub fn insert(&self, xid: u64) {
-        self.lock().xids.insert(xid);
+        let mut sent = self.lock();
+        sent.xids.insert(xid);
+        while sent.xids.len() > SENT_KEPT {
+            let oldest = sent.xids.pop_first();
+            sent.floor = sent.floor.max(oldest);
+        }
     }
 
-    /// The transactions to ask the server about.
-    pub fn list(&self) -> Vec<u64> {
-        self.lock().xids.iter().copied().collect()
+    /// The transactions to ask the server about, and whether the server's oldest running
+    /// transaction is wanted too (there is a floor).
+    pub fn list(&self) -> (Vec<u64>, bool) {
+        let sent = self.lock();
+        (sent.xids.iter().copied().collect(), sent.floor.is_some())
     }
 
-    /// Forgets the transactions of `asked` that are not `running` (the server said so after
-    /// `list`), unless a snapshot is being checked.
-    pub fn finished(&self, asked: &[u64], running: &HashSet<u64>) {
+    /// Forgets the transactions of `asked` that are not `running`, and the floor when it is
+    /// below `oldest` (the server's oldest running transaction, `pg_snapshot_xmin`) — the
+    /// server said so after `list` — unless a snapshot is being checked.
+    pub fn finished(&self, asked: &[u64], running: &HashSet<u64>, oldest: u64) {
         let mut sent = self.lock();
         if sent.checking == 0 {
             for xid in asked.iter().filter(|x| !running.contains(x)) {
                 sent.xids.remove(xid);
+            }
+            if sent.floor.is_some_and(|f| f < oldest) {
+                sent.floor = None;
             }
         }
     }
@@ -101,7 +122,8 @@ impl Checking {
     /// transaction plus one — a transaction still waiting in its commit has not completed).
     fn any_unseen(&self, fence: &Fence) -> bool {
         let sent = self.0.lock();
-        sent.xids.iter().any(|x| !fence.sees(*x))
+        sent.floor.is_some_and(|f| !fence.finished_through(f))
+            || sent.xids.iter().any(|x| !fence.sees(*x))
     }
 }
 
@@ -258,6 +280,57 @@ impl SnapshotReader for PgSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fence(text: &str) -> Fence {
+        Fence::parse_postgres(text).unwrap()
+    }
+
+    #[test]
+    fn sent_xids_are_forgotten_once_finished_but_not_while_a_snapshot_is_checked() {
+        let sent = Arc::new(SentXids::default());
+        for x in [10, 11, 12] {
+            sent.insert(x);
+        }
+        let checking = sent.checking();
+        // 12 is still running to a snapshot taken now.
+        assert!(checking.any_unseen(&fence("10:13:12")));
+        let (asked, floor) = sent.list();
+        assert_eq!((asked.clone(), floor), (vec![10, 11, 12], false));
+        sent.finished(&asked, &HashSet::from([12]), 12);
+        assert_eq!(sent.list().0.len(), 3, "kept while a snapshot is checked");
+        drop(checking);
+        sent.finished(&asked, &HashSet::from([12]), 12);
+        assert_eq!(sent.list().0, vec![12]);
+        let checking = sent.checking();
+        assert!(checking.any_unseen(&fence("12:13:12")));
+        assert!(!checking.any_unseen(&fence("12:14:")));
+    }
+
+    #[test]
+    fn sent_xids_stay_bounded_and_what_they_drop_is_checked_by_a_stricter_floor() {
+        let sent = Arc::new(SentXids::default());
+        let n = SENT_KEPT as u64 + 100;
+        for x in 1..=n {
+            sent.insert(x);
+        }
+        let (asked, floor) = sent.list();
+        assert_eq!(asked.len(), SENT_KEPT, "bounded");
+        assert_eq!(asked[0], 101, "the oldest were dropped");
+        assert!(floor);
+        let checking = sent.checking();
+        // A snapshot that sees every id kept, but whose xmin is at or below the floor (100):
+        // a dropped transaction could be one it lists as running, so it is not trusted.
+        assert!(checking.any_unseen(&fence(&format!("100:{}:", n + 1))));
+        assert!(!checking.any_unseen(&fence(&format!("101:{}:", n + 1))));
+        drop(checking);
+        // The floor goes once the server's oldest running transaction is past it.
+        sent.finished(&[], &HashSet::new(), 100);
+        assert!(sent.list().1, "100 may still run");
+        sent.finished(&[], &HashSet::new(), 101);
+        assert!(!sent.list().1);
+        let checking = sent.checking();
+        assert!(!checking.any_unseen(&fence(&format!("50:{}:", n + 1))));
+    }
     use crate::operation::Operation;
     use crate::tier::Tier;
 

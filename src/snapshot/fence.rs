@@ -97,6 +97,16 @@ impl Fence {
         }
     }
 
+    /// Whether a [`Fence::Postgres`] snapshot saw every transaction up to `xid` finished
+    /// (`xid` is below its `xmin`). False for the other fences.
+    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
+    pub fn finished_through(&self, xid: u64) -> bool {
+        match self {
+            Fence::Postgres { xmin, .. } => xid < *xmin,
+            Fence::Journal { .. } | Fence::Visible { .. } | Fence::Set(_) => false,
+        }
+    }
+
     /// Whether the snapshot already reflects `event` (its transaction had committed when the
     /// snapshot was taken), so the stream after the snapshot must skip it. An event that says
     /// nothing about its transaction or position is never skipped: a duplicate is better than
@@ -168,6 +178,15 @@ mod tests {
         for bad in ["", "1", "1:2", "3:2:", "a:2:", "1:2:x", "1:2:3,,4"] {
             assert_eq!(Fence::parse_postgres(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn every_transaction_through_one_finished_means_below_xmin() {
+        let fence = Fence::parse_postgres("10:20:12,15").unwrap();
+        assert!(fence.finished_through(9));
+        assert!(!fence.finished_through(10), "10 itself may still run");
+        assert!(!fence.finished_through(19));
+        assert!(!Fence::Journal { head: 5 }.finished_through(1));
     }
 
     #[test]

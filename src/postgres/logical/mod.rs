@@ -480,27 +480,28 @@ pub(crate) async fn lag(client: &Client, name: &str) -> Result<Option<SlotState>
 }
 
 /// Which of `xids` the server reports in progress (`pg_xact_status`): for transactions the
-/// stream handed over, those whose commit is not visible to new snapshots yet.
+/// stream handed over, those whose commit is not visible to new snapshots yet; and the
+/// server's oldest running transaction (`pg_snapshot_xmin` of a new snapshot).
 pub(crate) async fn running(
     client: &Client,
     xids: &[u64],
-) -> Result<std::collections::HashSet<u64>> {
-    if xids.is_empty() {
-        return Ok(Default::default());
-    }
+) -> Result<(std::collections::HashSet<u64>, u64)> {
     let list: Vec<String> = xids.iter().map(u64::to_string).collect();
-    let rows = client
-        .query_typed(
-            "SELECT x FROM pg_catalog.unnest($1::text[]) AS x
-              WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress'",
+    let row = client
+        .query_typed_one(
+            "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text,
+                    ARRAY(SELECT x FROM pg_catalog.unnest($1::text[]) AS x
+                           WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress')",
             &[(&list, Type::TEXT_ARRAY)],
         )
         .await
         .map_err(|e| Error::db("reading the status of transactions", e))?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| source::parse_xid8(r.get::<_, &str>(0)))
-        .collect())
+    let oldest = source::parse_xid8(row.get::<_, &str>(0)).unwrap_or(0);
+    let running: Vec<&str> = row.get(1);
+    Ok((
+        running.into_iter().filter_map(source::parse_xid8).collect(),
+        oldest,
+    ))
 }
 
 #[cfg(test)]

@@ -391,10 +391,15 @@ impl LogicalSource {
                     }
                 }
                 if let Some(c) = &client {
-                    let asked = sent.list();
-                    match super::running(c, &asked).await {
-                        Ok(running) => sent.finished(&asked, &running),
-                        Err(_) => client = None,
+                    let (asked, floor) = sent.list();
+                    if !asked.is_empty() || floor {
+                        match super::running(c, &asked).await {
+                            Ok((running, oldest)) => sent.finished(&asked, &running, oldest),
+                            Err(e) => {
+                                log::debug!("sqlnotify: slot {slot}: {e}");
+                                client = None;
+                            }
+                        }
                     }
                 }
                 let stop = outlet.clone();
