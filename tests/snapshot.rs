@@ -55,7 +55,11 @@ async fn stall(notifier: &Notifier) -> crossbeam_channel::Receiver<sqlnotify::Ch
         s.in_flight + s.queued >= 1_000
     })
     .await;
-    assert!(full, "the pipeline never stalled");
+    assert!(
+        full,
+        "the pipeline never stalled: {:?}",
+        notifier.stats().await.unwrap()
+    );
     rx
 }
 

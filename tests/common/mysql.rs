@@ -146,6 +146,20 @@ impl Drop for TestDb {
         super::on_a_runtime_of_its_own(async move {
             if let Ok(opts) = Opts::from_url(&server) {
                 if let Ok(mut conn) = Conn::new(opts).await {
+                    // As PostgreSQL's `DROP DATABASE … WITH (FORCE)`: a test that failed may
+                    // leave sessions in open transactions (its tasks frozen while this drop
+                    // blocks their runtime), whose metadata locks would hold the drop for ever.
+                    let sessions: Vec<u64> = conn
+                        .exec(
+                            "SELECT ID FROM information_schema.PROCESSLIST \
+                             WHERE DB = ? AND ID <> CONNECTION_ID()",
+                            (name.as_str(),),
+                        )
+                        .await
+                        .unwrap_or_default();
+                    for id in sessions {
+                        let _ = conn.query_drop(format!("KILL {id}")).await;
+                    }
                     let _ = conn
                         .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
                         .await;
