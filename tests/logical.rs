@@ -526,20 +526,41 @@ async fn dropping_a_consumer_drops_its_slot_and_publication() {
     assert!(matches!(e, Error::UnknownConsumer { .. }), "{e:?}");
 }
 
-#[actix_rt::test]
-async fn a_consumer_whose_slot_the_server_invalidated_gets_a_distinct_error() {
+/// A cluster whose slots are invalidated past 16 MB of WAL (`max_slot_wal_keep_size`), with
+/// a database holding `t (id int PRIMARY KEY, pad text)`; `None` without PostgreSQL's binaries
+/// (the test is skipped, or fails under CI).
+async fn small_slot_keep(test: &str) -> Option<(Cluster, TestDb)> {
     let Some(cluster) = Cluster::start_with(&format!(
         "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
     )) else {
-        common::prerequisite_missing(
-            "a_consumer_whose_slot_was_invalidated",
-            "PostgreSQL's binaries",
-        );
-        return;
+        common::prerequisite_missing(test, "PostgreSQL's binaries");
+        return None;
     };
     let db = TestDb::on(&cluster.url()).await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
         .await;
+    Some((cluster, db))
+}
+
+/// Writes about 60 MB of WAL into `t` (switching segments), far past
+/// [`small_slot_keep`]'s 16 MB.
+async fn past_the_slot_keep(db: &TestDb) {
+    for round in 0..6 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
+             SELECT pg_switch_wal()",
+            round
+        ))
+        .await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_consumer_whose_slot_the_server_invalidated_gets_a_distinct_error() {
+    let Some((_cluster, db)) = small_slot_keep("a_consumer_whose_slot_was_invalidated").await
+    else {
+        return;
+    };
     let start = || async {
         Notifier::builder(&db.url)
             .watch(Watch::new("t", Insert).tier(Tier::Logical))
@@ -549,14 +570,7 @@ async fn a_consumer_whose_slot_the_server_invalidated_gets_a_distinct_error() {
     };
     start().await.unwrap().stop().await.unwrap();
     // Stopped, it falls far behind: more WAL than max_slot_wal_keep_size, then a checkpoint.
-    for round in 0..6 {
-        db.exec(&format!(
-            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
-             SELECT pg_switch_wal()",
-            round
-        ))
-        .await;
-    }
+    past_the_slot_keep(&db).await;
     db.exec("CHECKPOINT").await;
     let status: String = db
         .client()
@@ -812,18 +826,11 @@ async fn a_slot_invalidated_while_streaming_stops_the_listener_for_good() {
 }
 
 async fn slot_invalidated_while_running(streaming: bool) {
-    let Some(cluster) = Cluster::start_with(&format!(
-        "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
-    )) else {
-        common::prerequisite_missing(
-            "a_slot_invalidated_while_running_stops_the_listener",
-            "PostgreSQL's binaries",
-        );
+    let Some((_cluster, db)) =
+        small_slot_keep("a_slot_invalidated_while_running_stops_the_listener").await
+    else {
         return;
     };
-    let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
-        .await;
     let notifier = Notifier::builder(&db.url)
         .watch(Watch::new("t", Insert).tier(Tier::Logical))
         .consumer("late")
@@ -849,14 +856,7 @@ async fn slot_invalidated_while_running(streaming: bool) {
     // the slot's restart position still moves only at the server's periodic snapshots of
     // running transactions: either way more WAL than max_slot_wal_keep_size is past it, and
     // the checkpoint invalidates it (terminating its walsender).
-    for round in 0..6 {
-        db.exec(&format!(
-            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
-             SELECT pg_switch_wal()",
-            round
-        ))
-        .await;
-    }
+    past_the_slot_keep(&db).await;
     db.exec("CHECKPOINT").await;
     assert!(
         wait_until(Duration::from_secs(30), || async {
@@ -909,18 +909,11 @@ async fn slot_invalidated_while_running(streaming: bool) {
 /// stops with `Error::SlotLost`.
 #[actix_rt::test]
 async fn a_stalled_consumer_does_not_hold_up_the_checkpoint_that_invalidates_its_slot() {
-    let Some(cluster) = Cluster::start_with(&format!(
-        "{SETTINGS} -c max_slot_wal_keep_size=16MB -c max_wal_size=64MB -c min_wal_size=32MB"
-    )) else {
-        common::prerequisite_missing(
-            "a_stalled_consumer_does_not_hold_up_the_checkpoint",
-            "PostgreSQL's binaries",
-        );
+    let Some((_cluster, db)) =
+        small_slot_keep("a_stalled_consumer_does_not_hold_up_the_checkpoint").await
+    else {
         return;
     };
-    let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text)")
-        .await;
     let notifier = Notifier::builder(&db.url)
         .watch(Watch::new("t", Insert).tier(Tier::Logical))
         .consumer("stalled")
@@ -935,14 +928,7 @@ async fn a_stalled_consumer_does_not_hold_up_the_checkpoint_that_invalidates_its
         .unwrap();
     // Far more change data than the pipeline, the replication client and the socket hold:
     // the walsender ends up blocked writing, its slot far behind.
-    for round in 0..6 {
-        db.exec(&format!(
-            "INSERT INTO t SELECT g, repeat('x', 1000) FROM generate_series({0} * 10000, {0} * 10000 + 9999) g; \
-             SELECT pg_switch_wal()",
-            round
-        ))
-        .await;
-    }
+    past_the_slot_keep(&db).await;
     // A checkpoint waits for the walsender holding the slot to end; until the slot is doomed
     // and its stream closed, a checkpoint may complete without invalidating it: again.
     let client = db.client().await;
