@@ -4,7 +4,9 @@
 //! A payload that is a reference to an overflow row is resolved here; while the row is being
 //! fetched the decoder handles nothing else (`ctx.wait`), so commit order is kept. A payload
 //! that cannot be decoded — someone else NOTIFYing garbage on our channel — is logged, counted
-//! and dropped. The decoder also expires old overflow rows on a schedule.
+//! and dropped. A notification the listener decoded itself (the logical tier reads no
+//! payload: `RawNotification::decoded`) is taken as it is. The decoder also expires old
+//! overflow rows on a schedule.
 //!
 //! A statement-capture journal row (a JSON array of rows) becomes one event per row. The
 //! listener took [`RawNotification::events`] units of in-flight budget for it; the decoder
@@ -93,7 +95,10 @@ impl Decoder {
                 self.expand(&raw, start, channel, &mut events);
                 continue;
             }
-            let decoded = decode(&raw.payload, &channel);
+            let decoded = match raw.decoded.take() {
+                Some(decoded) => Ok(*decoded),
+                None => decode(&raw.payload, &channel),
+            };
             if decoded.is_ok() && raw.events > 1 {
                 // One object: the row's other units of budget carry nothing.
                 self.give_back(u64::from(raw.events - 1));

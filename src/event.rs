@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::operation::Operation;
-use crate::payload::Change;
+use crate::payload::{Change, Decoded};
 use crate::read_point::ReadPoint;
 use crate::tier::Tier;
 
@@ -42,6 +42,10 @@ pub struct RawNotification {
     /// Where the row stands in the journal read that delivered it (PostgreSQL's durable and
     /// poll tiers), for resuming a stream right after it; `None` elsewhere.
     pub read_point: Option<ReadPoint>,
+    /// The event's parts, already decoded, where the listener read them from something other
+    /// than a payload (the logical tier's pgoutput); `payload` is then empty and the decoder
+    /// takes these as they are.
+    pub(crate) decoded: Option<Box<Decoded>>,
 }
 
 impl RawNotification {
@@ -56,6 +60,7 @@ impl RawNotification {
             transaction: None,
             last_in_transaction: None,
             read_point: None,
+            decoded: None,
         }
     }
 
@@ -214,7 +219,7 @@ pub struct ChangeEvent {
 /// position, allocating no column name per event; any other member a payload carries, and
 /// every column of an event made from a map, is kept by name. The name → value map
 /// [`ChangeEvent::extra_columns`] returns is built the first time it is asked for.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Extra {
     /// The values of the channel's extra columns, in its order (`None`: not carried); empty,
     /// or as long as the channel's list.

@@ -38,7 +38,7 @@ pub(crate) const META_KEY: &str = "__sqlnotify";
 pub const NOTIFY_PAYLOAD_LIMIT: usize = 7999;
 
 /// A decoded payload: either the event's columns or a reference to an overflow row.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Decoded {
     /// The payload carried the row.
     Row {

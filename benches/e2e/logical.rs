@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlnotify::Tier;
 
 use super::common::{count, ms, Table};
-use super::{connect, cost_row, interleaved, latency_row, Ctx, Load, System, SMALL};
+use super::{connect, cost_row, interleaved, latency_row, us, Ctx, Load, System, SMALL};
 
 /// The section's name (`--only=logical`).
 pub const SECTION: &str = "logical";
@@ -169,10 +169,11 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
             true,
         );
         row[5].push_str(&format!(
-            " · delivered {}/s against {} committed/s, lag after the last commit {} ms",
+            " · delivered {}/s against {} committed/s, lag after the last commit {} ms · listener CPU {} µs/event",
             count(o.delivered_rate),
             count(o.commit_rate),
-            ms(o.lag_ms)
+            ms(o.lag_ms),
+            us(o.cpu_us_per_event())
         ));
         table.row(row);
     }

@@ -537,6 +537,7 @@ mod tests {
                     transaction: None,
                     last_in_transaction: None,
                     read_point: None,
+                    decoded: None,
                 })
                 .collect();
             let Some(n) = outlet.forward(batch).await else {

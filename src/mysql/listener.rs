@@ -241,6 +241,7 @@ impl MysqlSource {
                     transaction: row.tx,
                     last_in_transaction: last,
                     read_point: Some(ReadPoint::in_page(page.clone(), index)),
+                    decoded: None,
                 });
             }
             // Rows count as read only once handed over.
@@ -408,6 +409,7 @@ impl Source for MysqlSource {
                         transaction: None,
                         last_in_transaction: None,
                         read_point: Some(ReadPoint::in_page(page.clone(), index)),
+                        decoded: None,
                     });
                 }
             }

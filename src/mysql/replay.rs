@@ -116,6 +116,7 @@ pub(crate) async fn replay(
                 // Pages are in id order: where a transaction ends is not known here.
                 last_in_transaction: None,
                 read_point: Some(ReadPoint::in_page(page.clone(), index)),
+                decoded: None,
             })
         })
         .collect();

@@ -180,6 +180,7 @@ impl JournalCursor {
                 transaction: Some(xid),
                 last_in_transaction: Some(id == group),
                 read_point: read.clone().map(|read| ReadPoint::new(read, group)),
+                decoded: None,
             });
             ids.push((id, xid));
             units += events as usize;

@@ -458,6 +458,7 @@ impl Reader {
                             transaction: None,
                             last_in_transaction: None,
                             read_point: None,
+                            decoded: None,
                         });
                         if batch.len() >= MAX_BATCH {
                             return Poll::Ready(None);

@@ -95,6 +95,7 @@ pub(crate) fn read_after(
                 transaction: tx.map(|t| t as u64),
                 last_in_transaction: tx.map(|_| true),
                 read_point: None,
+                decoded: None,
             });
         }
     }

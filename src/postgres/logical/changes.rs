@@ -1,7 +1,8 @@
-//! pgoutput changes turned into the payloads the trigger tiers would have written: a
-//! connection's Relation cache, and for each Insert/Update/Delete one payload per watched
-//! channel of its table and operation (key columns, extra columns, and for `old_values`
-//! watches the old row and the changed columns). Pure: unit-tested below.
+//! pgoutput changes turned into the events the trigger tiers' payloads would have decoded
+//! to: a connection's Relation cache, and for each Insert/Update/Delete one decoded payload
+//! per watched channel of its table and operation (key columns, extra columns, and for
+//! `old_values` watches the old row and the changed columns). The decoder takes these as
+//! they are: no JSON is written here or parsed there. Pure: unit-tested below.
 //!
 //! What each replica identity gives (the install refuses the combinations that would lose
 //! values, see `mod.rs`): an INSERT and an UPDATE carry the new row; a DELETE carries the
@@ -18,8 +19,9 @@ use serde_json::{Map, Value};
 
 use super::pgoutput::{self, Datum, Message, Relation, Tuple};
 use super::values::to_json;
+use crate::event::{Extra, Key};
 use crate::operation::Operation;
-use crate::payload::META_KEY;
+use crate::payload::{Change, Decoded};
 
 /// What one watched channel needs from a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,16 +30,21 @@ pub(crate) struct Route {
     pub schema: String,
     pub table: String,
     pub operation: Operation,
-    /// Key columns, then extra columns: the payload's members in order.
+    /// Key columns, then extra columns: the channel's payload columns in order.
     pub columns: Vec<String>,
-    /// The payload carries the old row (and, on UPDATE, the changed columns).
+    /// How many of `columns` are key columns.
+    pub keys: usize,
+    /// The event carries the old row (and, on UPDATE, the changed columns).
     pub old_values: bool,
 }
 
-/// One change for one channel, ready for the pipeline.
+/// One change for one channel (or one custom event), ready for the pipeline.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Row {
     pub channel: String,
+    /// A change: the event's parts, as the decoder reads them from a trigger tier's payload.
+    pub decoded: Option<Box<Decoded>>,
+    /// A custom event: its payload text (empty for a change).
     pub payload: String,
     /// The change's WAL position.
     pub lsn: u64,
@@ -47,7 +54,16 @@ pub(crate) struct Row {
 /// connection (the server sends a Relation again on a new one).
 pub(crate) struct Changes {
     routes: Arc<Vec<Route>>,
-    relations: HashMap<u32, Relation>,
+    relations: HashMap<u32, Described>,
+}
+
+/// A table's description, with where each of its routes' columns sits in its tuples (worked
+/// out once per Relation message, not per change).
+struct Described {
+    relation: Relation,
+    /// The routes of this table: their index in [`Changes::routes`] and, for each of their
+    /// columns, its position in the table (`None`: the table has no such column).
+    routes: Vec<(usize, Vec<Option<usize>>)>,
 }
 
 impl Changes {
@@ -65,11 +81,24 @@ impl Changes {
     }
 
     /// Reads one pgoutput message at WAL position `lsn`, appending the rows it makes to
-    /// `out`. An error says what was wrong with the message (it is skipped).
+    /// `out`. An error says what was wrong with the message, or with its row for one channel
+    /// (the other channels' rows are still appended).
     pub fn read(&mut self, bytes: &[u8], lsn: u64, out: &mut Vec<Row>) -> Result<(), String> {
         let (relation, operation, new, old) = match pgoutput::parse(bytes)? {
-            Message::Relation(r) => {
-                self.relations.insert(r.id, r);
+            Message::Relation(relation) => {
+                let routes = (self.routes.iter().enumerate())
+                    .filter(|(_, route)| {
+                        route.schema == relation.schema && route.table == relation.table
+                    })
+                    .map(|(at, route)| {
+                        let positions = (route.columns.iter())
+                            .map(|name| relation.columns.iter().position(|c| &c.name == name))
+                            .collect();
+                        (at, positions)
+                    })
+                    .collect();
+                self.relations
+                    .insert(relation.id, Described { relation, routes });
                 return Ok(());
             }
             Message::Insert { relation, new } => (relation, Operation::Insert, Some(new), None),
@@ -79,88 +108,133 @@ impl Changes {
             Message::Delete { relation, old } => (relation, Operation::Delete, None, Some(old.1)),
             Message::Truncate { .. } | Message::Other(_) => return Ok(()),
         };
-        let r = self
+        let described = self
             .relations
             .get(&relation)
             .ok_or_else(|| format!("a change of relation {relation} before its description"))?;
-        for route in self.routes.iter() {
-            if route.operation != operation || route.schema != r.schema || route.table != r.table {
+        let mut failed = Ok(());
+        for (at, positions) in &described.routes {
+            let route = &self.routes[*at];
+            if route.operation != operation {
                 continue;
             }
-            out.push(Row {
-                channel: route.channel.clone(),
-                payload: payload(route, r, new.as_ref(), old.as_ref())?,
-                lsn,
-            });
-        }
-        Ok(())
-    }
-}
-
-/// A column's value in a tuple: `None` when the column is unknown or its value was not sent.
-fn value(r: &Relation, tuple: &Tuple, column: &str) -> Result<Option<Value>, String> {
-    let Some(at) = r.columns.iter().position(|c| c.name == column) else {
-        return Ok(None);
-    };
-    match tuple.get(at) {
-        None => Err(format!(
-            "a tuple of {}.{} has {} values for {} columns",
-            r.schema,
-            r.table,
-            tuple.len(),
-            r.columns.len()
-        )),
-        Some(Datum::Null) => Ok(Some(Value::Null)),
-        Some(Datum::Unchanged) => Ok(None),
-        Some(Datum::Text(text)) => Ok(Some(to_json(r.columns[at].type_oid, text))),
-    }
-}
-
-fn payload(
-    route: &Route,
-    r: &Relation,
-    new: Option<&Tuple>,
-    old: Option<&Tuple>,
-) -> Result<String, String> {
-    // The row the event describes: the new one, else (DELETE) the old one.
-    let row = new.or(old).ok_or("a change without a row")?;
-    let mut object = Map::new();
-    for column in &route.columns {
-        let mut v = value(r, row, column)?;
-        if v.is_none() && new.is_some() {
-            // An unchanged TOASTed value: the old row has it under REPLICA IDENTITY FULL.
-            if let Some(old) = old {
-                v = value(r, old, column)?;
+            let table = Table {
+                relation: &described.relation,
+                positions,
+            };
+            match decoded(route, table, new.as_ref(), old.as_ref()) {
+                Ok(decoded) => out.push(Row {
+                    channel: route.channel.clone(),
+                    decoded: Some(Box::new(decoded)),
+                    payload: String::new(),
+                    lsn,
+                }),
+                Err(e) => failed = Err(format!("channel {}: {e}", route.channel)),
             }
         }
-        if let Some(v) = v {
-            object.insert(column.clone(), v);
+        failed
+    }
+}
+
+/// A change's table as one route sees it.
+#[derive(Clone, Copy)]
+struct Table<'a> {
+    relation: &'a Relation,
+    /// The position in the table of each of the route's columns.
+    positions: &'a [Option<usize>],
+}
+
+impl Table<'_> {
+    /// The value in `tuple` of the route's column at `column` (an index into its columns):
+    /// `None` when the table has no such column or its value was not sent.
+    fn value(self, tuple: &Tuple, column: usize) -> Result<Option<Value>, String> {
+        let r = self.relation;
+        let Some(at) = self.positions.get(column).copied().flatten() else {
+            return Ok(None);
+        };
+        match tuple.get(at) {
+            None => Err(format!(
+                "a tuple of {}.{} has {} values for {} columns",
+                r.schema,
+                r.table,
+                tuple.len(),
+                r.columns.len()
+            )),
+            Some(Datum::Null) => Ok(Some(Value::Null)),
+            Some(Datum::Unchanged) => Ok(None),
+            Some(Datum::Text(text)) => Ok(Some(to_json(r.columns[at].type_oid, text))),
         }
     }
+}
+
+/// The event `route`'s channel gets for a change: what the decoder would have read from the
+/// payload a trigger tier writes for it.
+fn decoded(
+    route: &Route,
+    table: Table,
+    new: Option<&Tuple>,
+    old: Option<&Tuple>,
+) -> Result<Decoded, String> {
+    let r = table.relation;
+    // The row the event describes: the new one, else (DELETE) the old one.
+    let row = new.or(old).ok_or("a change without a row")?;
+    let carried = |column: usize| -> Result<Option<Value>, String> {
+        match table.value(row, column)? {
+            // An unchanged TOASTed value: the old row has it under REPLICA IDENTITY FULL.
+            None if new.is_some() => match old {
+                Some(old) => table.value(old, column),
+                None => Ok(None),
+            },
+            v => Ok(v),
+        }
+    };
+    let keys = route.keys.min(route.columns.len());
+    let key = |column: usize| {
+        carried(column)?.ok_or_else(|| {
+            format!(
+                "{}.{} sent no value for key column {:?}",
+                r.schema, r.table, route.columns[column]
+            )
+        })
+    };
+    let id = match keys {
+        1 => Key::Single(key(0)?),
+        keys => Key::Composite((0..keys).map(key).collect::<Result<_, _>>()?),
+    };
+    let known = (keys..route.columns.len())
+        .map(carried)
+        .collect::<Result<_, _>>()?;
+    let mut change = Change::default();
     if route.old_values && route.operation != Operation::Insert {
         if let Some(old) = old {
-            let mut meta = Map::new();
             let mut before = Map::new();
-            for column in &route.columns {
-                if let Some(v) = value(r, old, column)? {
+            for (at, column) in route.columns.iter().enumerate() {
+                if let Some(v) = table.value(old, at)? {
                     before.insert(column.clone(), v);
                 }
             }
-            meta.insert("old".into(), Value::Object(before));
+            change.old = Some(before);
             if let (Operation::Update, Some(new)) = (route.operation, new) {
-                let changed: Vec<Value> = r
-                    .columns
-                    .iter()
-                    .zip(new.iter().zip(old.iter()))
-                    .filter(|(_, (n, o))| !matches!(n, Datum::Unchanged) && n != o)
-                    .map(|(c, _)| Value::String(c.name.clone()))
-                    .collect();
-                meta.insert("changed".into(), Value::Array(changed));
+                change.changed = Some(
+                    r.columns
+                        .iter()
+                        .zip(new.iter().zip(old.iter()))
+                        .filter(|(_, (n, o))| !matches!(n, Datum::Unchanged) && n != o)
+                        .map(|(c, _)| c.name.clone())
+                        .collect(),
+                );
             }
-            object.insert(META_KEY.into(), Value::Object(meta));
         }
     }
-    Ok(Value::Object(object).to_string())
+    Ok(Decoded::Row {
+        id,
+        extra: Extra {
+            known,
+            others: Map::new(),
+        },
+        truncated: false,
+        change,
+    })
 }
 
 #[cfg(test)]
@@ -169,6 +243,9 @@ mod tests {
 
     use super::super::pgoutput::tests::{relation_bytes, Bytes};
     use super::*;
+    use crate::event::Channel;
+    use crate::payload::decode;
+    use crate::tier::Tier;
 
     fn route(op: Operation, old_values: bool) -> Route {
         Route {
@@ -177,12 +254,26 @@ mod tests {
             table: "t".into(),
             operation: op,
             columns: vec!["id".into(), "v".into()],
+            keys: 1,
             old_values,
         }
     }
 
-    fn json_of(row: &Row) -> Value {
-        serde_json::from_str(&row.payload).unwrap()
+    /// What the decoder makes of `payload` (a trigger tier's payload) on `route`'s channel:
+    /// the logical tier must hand over the same.
+    fn decoded_from(route: &Route, payload: Value) -> Option<Box<Decoded>> {
+        let channel = Channel {
+            name: route.channel.clone(),
+            schema: route.schema.clone(),
+            table: route.table.clone(),
+            operation: route.operation,
+            label: None,
+            key_columns: route.columns[..route.keys].to_vec(),
+            extra_columns: route.columns[route.keys..].to_vec(),
+            tier: Tier::Logical,
+            signed: false,
+        };
+        Some(Box::new(decode(&payload.to_string(), &channel).unwrap()))
     }
 
     #[test]
@@ -192,7 +283,7 @@ mod tests {
             route(Operation::Update, true),
             route(Operation::Delete, true),
         ];
-        let mut c = Changes::new(Arc::new(routes));
+        let mut c = Changes::new(Arc::new(routes.clone()));
         let mut out = Vec::new();
         let ins = Bytes::default()
             .u8(b'I')
@@ -219,7 +310,11 @@ mod tests {
         c.read(&ins, 2, &mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].channel.as_str(), out[0].lsn), ("c_insert", 2));
-        assert_eq!(json_of(&out[0]), json!({"id": 1, "v": "a"}));
+        assert_eq!(
+            out[0].decoded,
+            decoded_from(&routes[0], json!({"id": 1, "v": "a"}))
+        );
+        assert!(out[0].payload.is_empty());
         // FULL: the old row, the changed columns, and the unchanged TOASTed value carried
         // forward from the old row.
         let upd = Bytes::default()
@@ -233,8 +328,11 @@ mod tests {
         out.clear();
         c.read(&upd, 3, &mut out).unwrap();
         assert_eq!(
-            json_of(&out[0]),
-            json!({"id": 1, "v": "big", "__sqlnotify": {"old": {"id": 1, "v": "big"}, "changed": ["n"]}})
+            out[0].decoded,
+            decoded_from(
+                &routes[1],
+                json!({"id": 1, "v": "big", "__sqlnotify": {"old": {"id": 1, "v": "big"}, "changed": ["n"]}})
+            )
         );
         let del = Bytes::default()
             .u8(b'D')
@@ -245,14 +343,18 @@ mod tests {
         out.clear();
         c.read(&del, 4, &mut out).unwrap();
         assert_eq!(
-            json_of(&out[0]),
-            json!({"id": 1, "v": "x", "__sqlnotify": {"old": {"id": 1, "v": "x"}}})
+            out[0].decoded,
+            decoded_from(
+                &routes[2],
+                json!({"id": 1, "v": "x", "__sqlnotify": {"old": {"id": 1, "v": "x"}}})
+            )
         );
     }
 
     #[test]
     fn without_an_old_row_an_unchanged_toasted_value_is_left_out() {
-        let mut c = Changes::new(Arc::new(vec![route(Operation::Update, false)]));
+        let routes = vec![route(Operation::Update, false)];
+        let mut c = Changes::new(Arc::new(routes.clone()));
         let mut out = Vec::new();
         c.read(
             &relation_bytes(9, b'd', &[("id", 23, true), ("v", 25, false)]),
@@ -267,7 +369,7 @@ mod tests {
             .tuple(&[Some("1"), Some("\u{0}unchanged")])
             .0;
         c.read(&upd, 2, &mut out).unwrap();
-        assert_eq!(json_of(&out[0]), json!({"id": 1}));
+        assert_eq!(out[0].decoded, decoded_from(&routes[0], json!({"id": 1})));
         // Another table, a short tuple: nothing, or an error naming the table.
         c.read(
             &relation_bytes(10, b'd', &[("id", 23, true), ("v", 25, false)]),
@@ -283,5 +385,59 @@ mod tests {
             .0;
         let e = c.read(&short, 4, &mut out).unwrap_err();
         assert!(e.contains("public.t"), "{e}");
+    }
+
+    #[test]
+    fn a_key_the_change_lacks_fails_that_channel_only() {
+        let mut keyed = route(Operation::Delete, false);
+        keyed.columns = vec!["v".into(), "id".into()];
+        let routes = vec![route(Operation::Delete, false), keyed.clone()];
+        let mut c = Changes::new(Arc::new(routes.clone()));
+        let mut out = Vec::new();
+        c.read(
+            &relation_bytes(9, b'd', &[("id", 23, true), ("v", 25, false)]),
+            1,
+            &mut out,
+        )
+        .unwrap();
+        // A key column whose value was not sent (hostile: only an UPDATE's TOASTed values
+        // may be left out).
+        let del = Bytes::default()
+            .u8(b'D')
+            .u32(9)
+            .u8(b'K')
+            .tuple(&[Some("7"), Some("\u{0}unchanged")])
+            .0;
+        let e = c.read(&del, 2, &mut out).unwrap_err();
+        assert!(e.contains("c_delete") && e.contains("\"v\""), "{e}");
+        assert_eq!(out.len(), 1, "the other channel's event is kept");
+        assert_eq!(out[0].decoded, decoded_from(&routes[0], json!({"id": 7})));
+        // A composite key, values in declared order.
+        let mut composite = route(Operation::Insert, false);
+        composite.keys = 2;
+        let routes = vec![composite];
+        let mut c = Changes::new(Arc::new(routes.clone()));
+        out.clear();
+        c.read(
+            &relation_bytes(9, b'd', &[("id", 23, true), ("v", 25, true)]),
+            1,
+            &mut out,
+        )
+        .unwrap();
+        let ins = Bytes::default()
+            .u8(b'I')
+            .u32(9)
+            .u8(b'N')
+            .tuple(&[Some("3"), Some("x")])
+            .0;
+        c.read(&ins, 2, &mut out).unwrap();
+        assert_eq!(
+            out[0].decoded,
+            decoded_from(&routes[0], json!({"id": 3, "v": "x"}))
+        );
+        let Some(Decoded::Row { id, .. }) = out[0].decoded.as_deref() else {
+            panic!("not a row")
+        };
+        assert_eq!(id, &Key::Composite(vec![json!(3), json!("x")]));
     }
 }

@@ -5,7 +5,8 @@
 //! publication and one slot per notifier — named after its consumer, or a throwaway name for a
 //! notifier without one (dropped at stop) — their removal, and the slot's lag.
 //! `source.rs` is the listener's [`Source`](crate::listener::Source), `changes.rs` turns
-//! changes into payloads, `pgoutput.rs` parses the messages, `values.rs` converts values.
+//! changes into decoded events (no JSON in between), `pgoutput.rs` parses the messages,
+//! `values.rs` converts values.
 
 mod changes;
 mod pgoutput;
@@ -211,6 +212,7 @@ pub(crate) fn routes(watches: &[ResolvedWatch]) -> Vec<Route> {
             table: w.channel.table.clone(),
             operation: w.channel.operation,
             columns: w.channel.payload_columns().into_iter().cloned().collect(),
+            keys: w.channel.key_columns.len(),
             old_values: w.old_values,
         })
         .collect()

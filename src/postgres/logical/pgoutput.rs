@@ -3,7 +3,11 @@
 //! Begin and Commit are parsed by `pgwire-replication`. Pure: unit-tested below.
 //!
 //! Everything here comes from the server but is still read as hostile input: a short or
-//! malformed message is an error naming what was wrong, never a panic.
+//! malformed message is an error naming what was wrong, never a panic. A change's values
+//! borrow the message's bytes (no copy per column; only text that is not UTF-8 is copied,
+//! with the invalid bytes replaced).
+
+use std::borrow::Cow;
 
 /// One column of a [`Relation`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,37 +29,37 @@ pub(crate) struct Relation {
     pub columns: Vec<Column>,
 }
 
-/// One column's value in a tuple.
+/// One column's value in a tuple, borrowed from the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Datum {
+pub(crate) enum Datum<'a> {
     Null,
     /// A TOASTed value the UPDATE left unchanged: not sent.
     Unchanged,
-    /// The value's text form (or binary, which is not requested).
-    Text(String),
+    /// The value's text form (binary is not requested).
+    Text(Cow<'a, str>),
 }
 
 /// A row as pgoutput sends it: one datum per column of its relation, in table order.
-pub(crate) type Tuple = Vec<Datum>;
+pub(crate) type Tuple<'a> = Vec<Datum<'a>>;
 
-/// A decoded pgoutput message.
+/// A decoded pgoutput message; a change's values borrow the message's bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Message {
+pub(crate) enum Message<'a> {
     Relation(Relation),
     Insert {
         relation: u32,
-        new: Tuple,
+        new: Tuple<'a>,
     },
     Update {
         relation: u32,
         /// The old key ('K') or the whole old row ('O'), when the replica identity sends one.
-        old: Option<(u8, Tuple)>,
-        new: Tuple,
+        old: Option<(u8, Tuple<'a>)>,
+        new: Tuple<'a>,
     },
     Delete {
         relation: u32,
         /// The old key ('K') or the whole old row ('O').
-        old: (u8, Tuple),
+        old: (u8, Tuple<'a>),
     },
     Truncate {
         relations: Vec<u32>,
@@ -116,7 +120,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn tuple(&mut self) -> Result<Tuple, String> {
+    fn tuple(&mut self) -> Result<Tuple<'a>, String> {
         let n = self.u16()?;
         let mut tuple = Vec::with_capacity(usize::from(n));
         for _ in 0..n {
@@ -129,7 +133,7 @@ impl<'a> Reader<'a> {
                     if kind == b'b' {
                         return Err("pgoutput sent a binary value, which was not requested".into());
                     }
-                    Datum::Text(String::from_utf8_lossy(bytes).into_owned())
+                    Datum::Text(String::from_utf8_lossy(bytes))
                 }
                 other => {
                     return Err(format!(
@@ -143,7 +147,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An old tuple's marker ('K' or 'O') and the tuple.
-    fn old(&mut self, marker: u8) -> Result<(u8, Tuple), String> {
+    fn old(&mut self, marker: u8) -> Result<(u8, Tuple<'a>), String> {
         match marker {
             b'K' | b'O' => Ok((marker, self.tuple()?)),
             other => Err(format!(
@@ -165,7 +169,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Parses one pgoutput message.
-pub(crate) fn parse(bytes: &[u8]) -> Result<Message, String> {
+pub(crate) fn parse(bytes: &[u8]) -> Result<Message<'_>, String> {
     let Some((&tag, rest)) = bytes.split_first() else {
         return Err("an empty pgoutput message".into());
     };

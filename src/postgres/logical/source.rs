@@ -314,6 +314,7 @@ impl LogicalSource {
                         transaction: Some(open.xid),
                         last_in_transaction: Some(i == last),
                         read_point: None,
+                        decoded: row.decoded,
                     });
                 }
                 self.delivered = commit;
@@ -340,6 +341,7 @@ impl LogicalSource {
                 if self.channels.iter().any(|c| c == channel) {
                     open.rows.push(Row {
                         channel: channel.to_string(),
+                        decoded: None,
                         payload: String::from_utf8_lossy(&content).into_owned(),
                         lsn: lsn.0,
                     });
