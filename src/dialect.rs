@@ -104,7 +104,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// The connection settings of a PostgreSQL database (transactional handlers open their
     /// own connections); `None` on other dialects.
     #[cfg(feature = "postgres")]
-    fn postgres_config(&self) -> Option<tokio_postgres::Config> {
+    fn postgres_config(&self) -> Option<crate::postgres::PgConfig> {
         None
     }
     /// Closes the dialect's connections.

@@ -8,9 +8,10 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::sync::Mutex;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 use super::ddl::SCHEMA;
+use super::PgConfig;
 use crate::error::{Error, Result};
 use crate::overflow::OverflowStore;
 use crate::sql::quote_ident;
@@ -19,12 +20,12 @@ use crate::sql::quote_ident;
 const PURGE_BATCH: i64 = 5_000;
 
 pub(crate) struct Control {
-    config: Config,
+    config: PgConfig,
     client: Mutex<Option<Arc<Client>>>,
 }
 
 impl Control {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: PgConfig) -> Self {
         Control {
             config,
             client: Mutex::new(None),
@@ -32,9 +33,9 @@ impl Control {
     }
 
     /// Opens a new connection with the user's settings, driven by a spawned task.
-    pub async fn connect(config: &Config, purpose: &str) -> Result<Client> {
+    pub async fn connect(config: &PgConfig, purpose: &str) -> Result<Client> {
         let (client, connection) = config
-            .connect(NoTls)
+            .connect()
             .await
             .map_err(|e| Error::db(format!("connecting to PostgreSQL ({purpose})"), e))?;
         let purpose = purpose.to_string();
@@ -57,7 +58,7 @@ impl Control {
         Ok(client)
     }
 
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &PgConfig {
         &self.config
     }
 

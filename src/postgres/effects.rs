@@ -22,7 +22,9 @@ use futures_util::future::LocalBoxFuture;
 use tokio::sync::Mutex;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
+
+use super::PgConfig;
 
 use super::control::Control;
 use super::ddl::SCHEMA;
@@ -76,7 +78,7 @@ fn create_sql() -> String {
 
 /// Creates `sqlnotify.effects` if missing. Two processes creating it at once: the loser's
 /// duplicate-object error means it exists.
-pub(crate) async fn ensure(config: &Config) -> Result<()> {
+pub(crate) async fn ensure(config: &PgConfig) -> Result<()> {
     let client = Control::connect(config, "creating sqlnotify.effects").await?;
     match client.batch_execute(&create_sql()).await {
         Ok(()) => Ok(()),
@@ -98,7 +100,7 @@ pub(crate) async fn ensure(config: &Config) -> Result<()> {
 pub(crate) struct TxCall<F> {
     pub handler: std::rc::Rc<F>,
     pub name: String,
-    pub config: Config,
+    pub config: PgConfig,
     /// Idle connections (at most one per key in flight is ever open).
     pub idle: Arc<Mutex<Vec<Arc<Client>>>>,
     /// Events handled since the start, for pruning.
@@ -108,7 +110,7 @@ pub(crate) struct TxCall<F> {
 }
 
 impl<F> TxCall<F> {
-    pub fn new(handler: F, name: String, config: Config, skipped: Arc<AtomicU64>) -> Self {
+    pub fn new(handler: F, name: String, config: PgConfig, skipped: Arc<AtomicU64>) -> Self {
         TxCall {
             handler: std::rc::Rc::new(handler),
             name,
@@ -204,7 +206,7 @@ where
 impl<F> TxCall<F> {
     async fn connection(
         idle: &Mutex<Vec<Arc<Client>>>,
-        config: &Config,
+        config: &PgConfig,
     ) -> std::result::Result<Arc<Client>, HandlerError> {
         while let Some(client) = idle.lock().await.pop() {
             if !client.is_closed() {

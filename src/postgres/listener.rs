@@ -29,14 +29,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::{select, Either};
 use tokio::sync::watch;
-use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::types::Type;
-use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Connection, Socket};
 
 use super::consumers;
 use super::control::Control;
 use super::journal::{self, JournalCursor, Position};
 use super::signing::{Refused, Verifier};
+use super::tls::PgStream;
+use super::PgConfig;
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::{Channel, RawNotification};
@@ -115,7 +116,7 @@ struct Journal {
 
 /// Reads a PostgreSQL database's notifications and journal.
 pub(crate) struct PgSource {
-    config: Config,
+    config: PgConfig,
     /// Channels to LISTEN on: notify and durable tiers.
     listen: Vec<String>,
     /// Durable channels, whose notifications only wake a journal read.
@@ -131,7 +132,7 @@ pub(crate) struct PgSource {
 
 impl PgSource {
     pub fn new(
-        mut config: Config,
+        mut config: PgConfig,
         channels: &[Channel],
         verifier: Option<Verifier>,
         health_check: Duration,
@@ -179,7 +180,7 @@ impl Source for PgSource {
     async fn connect(&mut self, outlet: &Outlet) -> Result<PgConn> {
         let (client, connection) = self
             .config
-            .connect(NoTls)
+            .connect()
             .await
             .map_err(|e| Error::db("connecting the listener to PostgreSQL", e))?;
         let wake = Wake::default();
@@ -418,7 +419,7 @@ impl Reader {
         }
     }
 
-    async fn run(self, mut connection: Connection<Socket, NoTlsStream>) {
+    async fn run(self, mut connection: Connection<Socket, PgStream>) {
         let mut batch = Vec::new();
         // Forgeries are counted one by one but logged at most once a minute: whoever sends
         // them must not be able to flood the application's log.

@@ -1,9 +1,11 @@
 //! The PostgreSQL dialect: triggers that `pg_notify`, a LISTENing connection per notifier,
 //! and the `sqlnotify` schema (catalog, overflow table, journal, consumers, dead letters).
 //!
-//! The connection URL is parsed by tokio-postgres' own [`Config`] and used unchanged for every
-//! connection, so everything the user put in it — host or unix-socket directory, port, user,
-//! password, dbname, `sslmode`, `application_name`, `options` — applies to the listener too.
+//! The connection URL is parsed by tokio-postgres' own [`Config`](tokio_postgres::Config)
+//! (libpq's TLS parameters taken out first and kept beside it: `tls.rs`) and used unchanged
+//! for every connection, so everything the user put in it — host or unix-socket directory,
+//! port, user, password, dbname, `sslmode`, `application_name`, `options` — applies to the
+//! listener too.
 
 mod catalog;
 mod consumers;
@@ -19,12 +21,13 @@ mod logical;
 mod replay;
 mod signing;
 mod snapshot;
+mod tls;
 
 use std::sync::{Arc, Mutex};
 
+pub(crate) use self::tls::PgConfig;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
-use tokio_postgres::Config;
 
 use self::control::Control;
 use crate::consumer::{Backlog, ConsumerInfo};
@@ -60,11 +63,7 @@ impl Postgres {
             Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
             None => url.to_string(),
         };
-        let config: Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| Error::InvalidUrl {
-                reason: crate::error::chain(&e),
-            })?;
+        let config = PgConfig::parse(&url)?;
         Ok(Postgres {
             control: Arc::new(Control::new(config)),
             sign_notifications: options.sign_notifications,
@@ -74,7 +73,7 @@ impl Postgres {
         })
     }
 
-    fn config(&self) -> Config {
+    fn config(&self) -> PgConfig {
         self.control.config().clone()
     }
 }
@@ -322,7 +321,7 @@ impl Dialect for Postgres {
         Arc::new(self.control.clone())
     }
 
-    fn postgres_config(&self) -> Option<Config> {
+    fn postgres_config(&self) -> Option<PgConfig> {
         Some(self.config())
     }
 

@@ -27,7 +27,9 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
+
+use super::PgConfig;
 
 use super::control::Control;
 use super::ddl::json_expr;
@@ -165,7 +167,7 @@ impl PgSnapshot {
     /// `sent` (the logical tier), a snapshot that lists as running a transaction already
     /// handed over is taken again (see the module documentation).
     pub async fn open(
-        config: &Config,
+        config: &PgConfig,
         channel: Arc<Channel>,
         chunk_rows: usize,
         sent: Option<Arc<SentXids>>,

@@ -529,7 +529,45 @@ impl Cluster {
         Some(cluster)
     }
 
+    /// A cluster that speaks TLS with `cert` and `key` (PEM) and refuses unencrypted TCP
+    /// connections (`hostnossl … reject`); its unix socket still trusts local clients.
+    pub fn start_tls(cert: &str, key: &str) -> Option<Cluster> {
+        Cluster::start_prepared(None, "-c ssl=on", |cluster, data| {
+            use std::io::Write;
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).ok()?;
+                std::process::Command::new("chmod")
+                    .args(["600", path.to_str()?])
+                    .status()
+                    .ok()?;
+                if cluster.as_postgres {
+                    std::process::Command::new("chown")
+                        .args(["postgres", path.to_str()?])
+                        .status()
+                        .ok()?;
+                }
+            }
+            // The first matching line wins: unencrypted TCP is refused before any trust line.
+            let hba = data.join("pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba).ok()?;
+            std::fs::File::create(&hba)
+                .ok()?
+                .write_all(format!("hostnossl all all all reject\n{rest}").as_bytes())
+                .ok()
+        })
+    }
+
     fn start_listening(also: Option<(&str, &str)>, settings: &str) -> Option<Cluster> {
+        Cluster::start_prepared(also, settings, |_, _| Some(()))
+    }
+
+    /// Creates a cluster, lets `prepare` change its data directory, then starts it.
+    fn start_prepared(
+        also: Option<(&str, &str)>,
+        settings: &str,
+        prepare: impl FnOnce(&Cluster, &std::path::Path) -> Option<()>,
+    ) -> Option<Cluster> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -575,6 +613,7 @@ impl Cluster {
                 .write_all(format!("host all all {network} trust\n").as_bytes())
                 .ok()?;
         }
+        prepare(&cluster, &data)?;
         cluster.pg_ctl("start")?;
         Some(cluster)
     }

@@ -22,7 +22,8 @@ use std::time::{Duration, SystemTime};
 use futures_util::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_postgres::config::Host;
-use tokio_postgres::Config;
+
+use crate::postgres::PgConfig;
 
 use super::changes::{Changes, Route, Row};
 use crate::consumer::ConsumerParams;
@@ -98,7 +99,7 @@ pub(crate) struct LogicalConn {
 /// Reads a notifier's replication slot.
 pub(crate) struct LogicalSource {
     replication: ReplicationConfig,
-    config: Config,
+    config: PgConfig,
     slot: String,
     named: bool,
     /// The channels read (custom events name theirs).
@@ -133,7 +134,7 @@ impl LogicalSource {
     /// `routes`; `named`: a named consumer confirms through the shell's saves; every
     /// transaction handed over is recorded in `sent`.
     pub fn new(
-        config: Config,
+        config: PgConfig,
         slot: String,
         named: bool,
         routes: Vec<Route>,
@@ -424,13 +425,14 @@ impl Drop for LogicalSource {
 
 /// The replication connection's settings from the URL's: first host and port, user,
 /// password, database. TLS is not supported on this connection.
-fn replication_config(config: &Config, slot: &str) -> Result<ReplicationConfig> {
-    use tokio_postgres::config::SslMode;
-    if config.get_ssl_mode() == SslMode::Require {
+fn replication_config(config: &PgConfig, slot: &str) -> Result<ReplicationConfig> {
+    if config.tls().required() {
         return Err(Error::Unsupported {
-            what: "Tier::Logical over TLS (sslmode=require): its replication connection has no \
-                   TLS support yet; use sslmode=disable or prefer, or a journal tier"
-                .into(),
+            what: format!(
+                "Tier::Logical over TLS (sslmode={}): its replication connection has no TLS \
+                 support yet; use sslmode=disable or prefer, or a journal tier",
+                config.tls().mode_name()
+            ),
         });
     }
     let host = match config.get_hosts().first() {
@@ -722,6 +724,26 @@ async fn advance(client: &tokio_postgres::Client, slot: &str, lsn: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replication_connection_that_must_be_encrypted_is_refused_by_name() {
+        let plain = PgConfig::parse("postgres://u@h:6543/d?sslmode=prefer").unwrap();
+        let c = replication_config(&plain, "s").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.database.as_str()),
+            ("h", 6543, "d")
+        );
+        if cfg!(feature = "tls") {
+            for mode in ["require", "verify-ca", "verify-full"] {
+                let config = PgConfig::parse(&format!("postgres://h/d?sslmode={mode}")).unwrap();
+                let e = replication_config(&config, "s").unwrap_err();
+                assert!(
+                    matches!(&e, Error::Unsupported { what } if what.contains(&format!("sslmode={mode}"))),
+                    "{e:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_32_bit_xid_widens_to_the_full_id_nearest_the_reference() {

@@ -1,0 +1,640 @@
+//! How sqlnotify connects to PostgreSQL: the connection string with libpq's TLS parameters
+//! taken out of it ([`PgConfig`]), and the TLS connector every connection of the trigger tiers
+//! uses (rustls, feature `tls`).
+//!
+//! tokio-postgres knows `sslmode` `disable`, `prefer` and `require` and rejects `verify-ca`,
+//! `verify-full` and `sslrootcert`; libpq's meanings are kept here instead:
+//!
+//! | `sslmode` | encrypted | server certificate checked |
+//! |---|---|---|
+//! | `disable` | no | – |
+//! | `allow`, `prefer` (the default) | when the server offers TLS | no |
+//! | `require` | yes | no (as libpq without a root certificate) |
+//! | `verify-ca` | yes | chain, against `sslrootcert` (else Mozilla's roots) |
+//! | `verify-full` | yes | chain and host name |
+//!
+//! Without the `tls` feature, `require`, `verify-ca`, `verify-full` and `sslrootcert` are a
+//! typed error when the notifier is built, and `prefer` connects without TLS. Client
+//! certificates (`sslcert`, `sslkey`) are not supported: a typed error too.
+
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, Connection, Socket};
+
+use crate::error::{Error, Result};
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(value: &str) -> Result<SslMode> {
+        Ok(match value {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(Error::InvalidUrl {
+                    reason: format!(
+                        "sslmode {other:?} is not one of disable, allow, prefer, require, \
+                         verify-ca, verify-full"
+                    ),
+                })
+            }
+        })
+    }
+
+    /// Its name in a connection string.
+    fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// What tokio-postgres is told: whether TLS is tried, and whether it is required.
+    fn for_tokio_postgres(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => "require",
+        }
+    }
+}
+
+/// The TLS parameters of a connection string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TlsParams {
+    /// `None`: not given (libpq's default, `prefer`).
+    pub mode: Option<SslMode>,
+    pub root_cert: Option<PathBuf>,
+}
+
+/// A connection string split into what tokio-postgres parses (its `sslmode` one of its three)
+/// and the TLS parameters it does not know.
+pub(crate) fn split(url: &str) -> Result<(String, TlsParams)> {
+    let mut params = TlsParams {
+        mode: None,
+        root_cert: None,
+    };
+    let mut take = |key: &str, value: &str| -> Result<Option<String>> {
+        match key {
+            "sslmode" => {
+                let mode = SslMode::parse(value)?;
+                params.mode = Some(mode);
+                Ok(Some(mode.for_tokio_postgres().to_string()))
+            }
+            "sslrootcert" => {
+                params.root_cert = Some(PathBuf::from(value));
+                Ok(None)
+            }
+            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir" => {
+                Err(Error::Unsupported {
+                    what: format!(
+                        "the connection parameter {key}: sqlnotify does not present client \
+                         certificates or check revocation lists; authenticate with a password"
+                    ),
+                })
+            }
+            _ => Ok(Some(value.to_string())),
+        }
+    };
+    let rest = if let Some(at) = url.find("://") {
+        split_url(url, at, &mut take)?
+    } else {
+        split_pairs(url, &mut take)?
+    };
+    Ok((rest, params))
+}
+
+/// `scheme://authority/db?k=v&…`: the query's parameters through `take`.
+fn split_url(
+    url: &str,
+    scheme_end: usize,
+    take: &mut impl FnMut(&str, &str) -> Result<Option<String>>,
+) -> Result<String> {
+    let Some(q) = url[scheme_end..].find('?').map(|q| scheme_end + q) else {
+        return Ok(url.to_string());
+    };
+    let mut kept = Vec::new();
+    for pair in url[q + 1..].split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| Error::InvalidUrl {
+                    reason: format!("URL parameter {key:?} is not UTF-8 once decoded"),
+                })
+        };
+        let name = decoded(key)?;
+        if !name.starts_with("ssl") {
+            kept.push(pair.to_string());
+            continue;
+        }
+        if let Some(value) = take(&name, &decoded(value)?)? {
+            let encoded =
+                percent_encoding::utf8_percent_encode(&value, percent_encoding::NON_ALPHANUMERIC);
+            kept.push(format!("{key}={encoded}"));
+        }
+    }
+    let base = &url[..q];
+    Ok(if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    })
+}
+
+/// `key=value key='quoted value' …`: every pair through `take`, the kept ones written back
+/// quoted.
+fn split_pairs(
+    text: &str,
+    take: &mut impl FnMut(&str, &str) -> Result<Option<String>>,
+) -> Result<String> {
+    let bad = |what: &str| Error::InvalidUrl {
+        reason: format!("connection string: {what}"),
+    };
+    let mut chars = text.chars().peekable();
+    let mut kept = Vec::new();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(bad(&format!("{key:?} has no value")));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => value.push(chars.next().ok_or_else(|| bad("ends in \\"))?),
+                    Some(c) => value.push(c),
+                    None => return Err(bad(&format!("the value of {key:?} has no closing quote"))),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next().ok_or_else(|| bad("ends in \\"))?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        if let Some(value) = take(&key, &value)? {
+            let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
+            kept.push(format!("{key}='{quoted}'"));
+        }
+    }
+    Ok(kept.join(" "))
+}
+
+/// The connector of every connection the trigger tiers open.
+#[cfg(not(feature = "tls"))]
+pub(crate) type Connector = tokio_postgres::NoTls;
+
+/// rustls' connector, for a connection that may have no server name: on a unix socket
+/// tokio-postgres gives none (rustls would refuse that before connecting, and the server speaks
+/// no TLS there). Only `verify-full` (`.1`) needs the name, and then none is an error.
+#[cfg(feature = "tls")]
+#[derive(Clone)]
+pub(crate) struct Connector(tokio_postgres_rustls::MakeRustlsConnect, bool);
+
+#[cfg(feature = "tls")]
+impl MakeTlsConnect<Socket> for Connector {
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect =
+        <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
+    type Error = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(
+        &mut self,
+        host: &str,
+    ) -> std::result::Result<Self::TlsConnect, Self::Error> {
+        let name = if host.is_empty() && !self.1 {
+            "localhost" // checked against nothing (see `verify::Unchecked`, `ChainOnly`)
+        } else {
+            host
+        };
+        MakeTlsConnect::<Socket>::make_tls_connect(&mut self.0, name)
+    }
+}
+
+/// The stream of a connection (TLS or not).
+pub(crate) type PgStream = <Connector as MakeTlsConnect<Socket>>::Stream;
+
+/// A PostgreSQL connection's settings: tokio-postgres' [`Config`] (what it dereferences to)
+/// and the TLS settings it does not hold.
+#[derive(Clone)]
+pub(crate) struct PgConfig {
+    config: Config,
+    tls: TlsParams,
+    #[cfg(feature = "tls")]
+    client: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("config", &self.config)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl Deref for PgConfig {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl DerefMut for PgConfig {
+    fn deref_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+}
+
+impl PgConfig {
+    /// Parses a connection string (URL or `key=value` pairs), reading `sslrootcert` if given.
+    pub fn parse(url: &str) -> Result<PgConfig> {
+        let (rest, tls) = split(url)?;
+        let mut config: Config =
+            rest.parse()
+                .map_err(|e: tokio_postgres::Error| Error::InvalidUrl {
+                    reason: crate::error::chain(&e),
+                })?;
+        // As libpq: sslmode means nothing on a unix socket, where the server speaks no TLS.
+        #[cfg(unix)]
+        if !config.get_hosts().is_empty()
+            && (config.get_hosts().iter())
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+        {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        #[cfg(not(feature = "tls"))]
+        if let Some(what) = (tls.mode)
+            .filter(|_| tls.required())
+            .map(|m| format!("sslmode={}", m.name()))
+            .or(tls.root_cert.as_ref().map(|_| "sslrootcert".to_string()))
+        {
+            return Err(Error::Unsupported {
+                what: format!("TLS connections ({what} in the URL) need sqlnotify's `tls` feature"),
+            });
+        }
+        #[cfg(feature = "tls")]
+        let client = std::sync::Arc::new(rustls_config(&tls)?);
+        Ok(PgConfig {
+            config,
+            tls,
+            #[cfg(feature = "tls")]
+            client,
+        })
+    }
+
+    /// The TLS parameters the connection string gave.
+    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
+    pub fn tls(&self) -> &TlsParams {
+        &self.tls
+    }
+
+    /// Opens a connection.
+    pub async fn connect(
+        &self,
+    ) -> std::result::Result<(Client, Connection<Socket, PgStream>), tokio_postgres::Error> {
+        #[cfg(feature = "tls")]
+        let connector = Connector(
+            tokio_postgres_rustls::MakeRustlsConnect::new((*self.client).clone()),
+            self.tls.mode == Some(SslMode::VerifyFull),
+        );
+        #[cfg(not(feature = "tls"))]
+        let connector = tokio_postgres::NoTls;
+        self.config.connect(connector).await
+    }
+}
+
+impl TlsParams {
+    /// The `sslmode` given, by its libpq name (`prefer` when none was).
+    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
+    pub fn mode_name(&self) -> &'static str {
+        self.mode.map_or("prefer", SslMode::name)
+    }
+
+    /// Whether every connection must be encrypted.
+    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
+    pub fn required(&self) -> bool {
+        matches!(
+            self.mode,
+            Some(SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull)
+        )
+    }
+}
+
+#[cfg(feature = "tls")]
+fn rustls_config(tls: &TlsParams) -> Result<rustls::ClientConfig> {
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Unsupported {
+            what: format!("TLS: {e}"),
+        })?;
+    let mode = tls.mode.unwrap_or(SslMode::Prefer);
+    if !matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) {
+        // libpq's prefer and require: encrypted, the server's certificate not checked.
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verify::Unchecked(provider)))
+            .with_no_client_auth());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.root_cert {
+        Some(path) => {
+            let bad = |e: &dyn std::fmt::Display| Error::InvalidUrl {
+                reason: format!("sslrootcert {}: {e}", path.display()),
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(&e))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad(&e))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(bad(&"no certificate in it"));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| Error::InvalidUrl {
+                reason: format!("TLS roots: {e}"),
+            })?;
+    let builder = builder.dangerous();
+    Ok(if mode == SslMode::VerifyFull {
+        builder.with_custom_certificate_verifier(verifier)
+    } else {
+        builder.with_custom_certificate_verifier(Arc::new(verify::ChainOnly(verifier)))
+    }
+    .with_no_client_auth())
+}
+
+/// The two certificate checks libpq has that rustls does not: none (`prefer`, `require`) and
+/// the chain without the host name (`verify-ca`). Handshake signatures are still verified.
+#[cfg(feature = "tls")]
+mod verify {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+
+    /// Any certificate (libpq's `require`): protects against reading, not against a server
+    /// that is not the one meant.
+    #[derive(Debug)]
+    pub(super) struct Unchecked(pub Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for Unchecked {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// The chain against the roots, any host name (libpq's `verify-ca`).
+    #[derive(Debug)]
+    pub(super) struct ChainOnly(pub Arc<WebPkiServerVerifier>);
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            match self
+                .0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_postgres::config::SslMode as PgSslMode;
+
+    use super::*;
+
+    fn params(mode: Option<SslMode>, root: Option<&str>) -> TlsParams {
+        TlsParams {
+            mode,
+            root_cert: root.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn libpq_tls_parameters_leave_the_url() {
+        let (rest, tls) = split(
+            "postgres://u:p@h:5/db?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            rest,
+            "postgres://u:p@h:5/db?application_name=x&sslmode=require"
+        );
+        assert_eq!(tls, params(Some(SslMode::VerifyFull), Some("/etc/ca.pem")));
+        let (rest, tls) = split("postgresql://h/db?sslmode=prefer").unwrap();
+        assert_eq!(
+            (rest.as_str(), tls),
+            (
+                "postgresql://h/db?sslmode=prefer",
+                params(Some(SslMode::Prefer), None)
+            )
+        );
+        let (rest, tls) = split("postgres://h/db?sslrootcert=ca.pem").unwrap();
+        assert_eq!(
+            (rest.as_str(), tls),
+            ("postgres://h/db", params(None, Some("ca.pem")))
+        );
+        assert_eq!(split("postgres://h/db").unwrap().0, "postgres://h/db");
+        // A password holding "?" and "=" is left alone (it is before the query).
+        assert_eq!(
+            split("postgres://u:a%3Fb@h/db?sslmode=disable").unwrap().0,
+            "postgres://u:a%3Fb@h/db?sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn libpq_tls_parameters_leave_key_value_strings() {
+        let (rest, tls) =
+            split("host=h  user = 'o\\'neil' sslmode=verify-ca sslrootcert='/a b/ca.pem' dbname=d")
+                .unwrap();
+        assert_eq!(
+            rest,
+            "host='h' user='o\\'neil' sslmode='require' dbname='d'"
+        );
+        assert_eq!(tls, params(Some(SslMode::VerifyCa), Some("/a b/ca.pem")));
+        let config: Config = rest.parse().unwrap();
+        assert_eq!(config.get_user(), Some("o'neil"));
+        assert_eq!(config.get_ssl_mode(), PgSslMode::Require);
+    }
+
+    #[test]
+    fn bad_tls_parameters_are_typed_errors() {
+        for url in [
+            "postgres://h/db?sslmode=verify",
+            "host=h sslmode=sometimes",
+            "host=h user='open",
+            "host=h user",
+        ] {
+            assert!(matches!(split(url), Err(Error::InvalidUrl { .. })), "{url}");
+        }
+        let e = split("postgres://h/db?sslcert=c.pem").unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported { what } if what.contains("sslcert")),
+            "{e}"
+        );
+        let e =
+            PgConfig::parse("postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+        if cfg!(feature = "tls") {
+            assert!(
+                matches!(&e, Err(Error::InvalidUrl { reason }) if reason.contains("/nonexistent/ca.pem")),
+                "{e:?}"
+            );
+        } else {
+            assert!(
+                matches!(&e, Err(Error::Unsupported { what }) if what.contains("`tls`")),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sslmode_means_nothing_on_a_unix_socket_as_in_libpq() {
+        let c = PgConfig::parse("postgresql:///db?host=/run/postgresql&sslmode=prefer").unwrap();
+        assert_eq!(c.get_ssl_mode(), PgSslMode::Disable);
+        let c = PgConfig::parse("host=/run/postgresql,db.internal dbname=db").unwrap();
+        assert_eq!(c.get_hosts().len(), 2);
+        assert_eq!(c.get_ssl_mode(), PgSslMode::Prefer, "a TCP host among them");
+    }
+
+    #[test]
+    fn the_mode_tokio_postgres_gets() {
+        for (mode, pg) in [
+            ("disable", PgSslMode::Disable),
+            ("allow", PgSslMode::Prefer),
+            ("prefer", PgSslMode::Prefer),
+        ] {
+            let c = PgConfig::parse(&format!("postgres://h/db?sslmode={mode}")).unwrap();
+            assert_eq!(c.get_ssl_mode(), pg, "{mode}");
+            assert!(!c.tls().required());
+        }
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let c = PgConfig::parse(&format!("postgres://h/db?sslmode={mode}"));
+            if cfg!(feature = "tls") {
+                let c = c.unwrap();
+                assert_eq!(c.get_ssl_mode(), PgSslMode::Require, "{mode}");
+                assert!(c.tls().required());
+            } else {
+                assert!(matches!(c, Err(Error::Unsupported { .. })), "{mode}");
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! TLS to PostgreSQL (feature `tls`): a cluster of the test's own that speaks TLS with a
+//! certificate from a test CA (for `localhost` only) and refuses every unencrypted TCP
+//! connection, so an event that arrives proves that the listener and the control connection
+//! were encrypted; and libpq's `sslmode`s checking what they promise.
+
+mod common;
+
+use common::{Cluster, Events};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use sqlnotify::{Error, Notifier, Operation, Subscription, Tier, Watch};
+
+/// A CA's certificate (PEM) and a server certificate and key it signed for `names`.
+fn certificates(names: &[&str]) -> (String, String, String) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "sqlnotify test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A started notifier on `url` watching `t`, and its events; or the start's error.
+async fn watch(url: &str, tier: Tier) -> Result<(Notifier, Events), Error> {
+    let notifier = Notifier::builder(url)
+        .watch(Watch::new("t", Operation::Insert).tier(tier))
+        .start()
+        .await?;
+    let events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    Ok((notifier, events))
+}
+
+#[actix_rt::test]
+async fn every_sslmode_does_what_libpq_promises_against_a_server_that_refuses_plaintext() {
+    let (ca, cert, key) = certificates(&["localhost"]);
+    let Some(cluster) = Cluster::start_tls(&cert, &key) else {
+        common::prerequisite_missing(
+            "every_sslmode_does_what_libpq_promises_against_a_server_that_refuses_plaintext",
+            "no PostgreSQL cluster of its own could be started",
+        );
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("sqlnotify-tls-{}", cluster.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let (other_ca, _, _) = certificates(&["localhost"]);
+    let other_ca_file = dir.join("other-ca.pem");
+    std::fs::write(&other_ca_file, &other_ca).unwrap();
+
+    // The socket trusts local clients: the test's own writes go there.
+    let (socket, port) = cluster.socket();
+    let admin = common::connect(&format!(
+        "postgresql:///postgres?host={socket}&port={port}&user=postgres"
+    ))
+    .await;
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let tcp = |host: &str, params: &str| {
+        format!("postgres://postgres@{host}:{port}/postgres?connect_timeout=10&{params}")
+    };
+    let ca_param =
+        |file: &std::path::Path| format!("sslrootcert={}", percent_encode(file.to_str().unwrap()));
+
+    // Unencrypted: refused by the server, a database error at start.
+    let e = watch(&tcp("127.0.0.1", "sslmode=disable"), Tier::Notify)
+        .await
+        .err()
+        .expect("a plaintext connection is refused");
+    assert!(matches!(e, Error::Database { .. }), "{e:?}");
+
+    // Encrypted, and the certificate checked as far as each mode says.
+    let accepted = [
+        ("no sslmode (prefer)", tcp("127.0.0.1", ""), Tier::Notify),
+        ("require", tcp("127.0.0.1", "sslmode=require"), Tier::Notify),
+        (
+            "verify-ca by IP address",
+            tcp(
+                "127.0.0.1",
+                &format!("sslmode=verify-ca&{}", ca_param(&ca_file)),
+            ),
+            Tier::Durable,
+        ),
+        (
+            "verify-full by the certificate's name",
+            tcp(
+                "localhost",
+                &format!("sslmode=verify-full&{}", ca_param(&ca_file)),
+            ),
+            Tier::Durable,
+        ),
+    ];
+    for (id, (what, url, tier)) in (1..).zip(accepted) {
+        let (notifier, mut events) = watch(&url, tier)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        admin
+            .execute("INSERT INTO t VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        let event = events.next().await;
+        assert_eq!(event.id().as_i64(), Some(i64::from(id)), "{what}");
+        notifier.stop().await.unwrap();
+    }
+    // Every client connection the server has seen on TCP was encrypted.
+    let plain: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE client_addr IS NOT NULL AND NOT ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(plain, 0);
+
+    // Refused by the client: a name the certificate does not carry, a CA that did not sign it.
+    let refused = [
+        (
+            "verify-full by IP address",
+            tcp(
+                "127.0.0.1",
+                &format!("sslmode=verify-full&{}", ca_param(&ca_file)),
+            ),
+        ),
+        (
+            "verify-full against another CA",
+            tcp(
+                "localhost",
+                &format!("sslmode=verify-full&{}", ca_param(&other_ca_file)),
+            ),
+        ),
+        (
+            "verify-ca against another CA",
+            tcp(
+                "127.0.0.1",
+                &format!("sslmode=verify-ca&{}", ca_param(&other_ca_file)),
+            ),
+        ),
+        (
+            "verify-full against Mozilla's roots",
+            tcp("localhost", "sslmode=verify-full"),
+        ),
+    ];
+    for (what, url) in refused {
+        let e = watch(&url, Tier::Notify)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the server's certificate was accepted"));
+        assert!(matches!(e, Error::Database { .. }), "{what}: {e:?}");
+        let chain = error_chain(&e);
+        assert!(chain.contains("certificate"), "{what}: {chain}");
+    }
+
+    // A root certificate file that is missing is an error naming it, before connecting.
+    let missing = dir.join("missing.pem");
+    let e = watch(
+        &tcp(
+            "localhost",
+            &format!("sslmode=verify-full&{}", ca_param(&missing)),
+        ),
+        Tier::Notify,
+    )
+    .await
+    .err()
+    .expect("a missing sslrootcert is an error");
+    assert!(matches!(e, Error::InvalidUrl { .. }), "{e:?}");
+    assert!(e.to_string().contains("missing.pem"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn error_chain(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
