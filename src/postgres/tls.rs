@@ -234,7 +234,7 @@ impl MakeTlsConnect<Socket> for Connector {
         host: &str,
     ) -> std::result::Result<Self::TlsConnect, Self::Error> {
         let name = if host.is_empty() && !self.1 {
-            "localhost" // checked against nothing (see `verify::Unchecked`, `ChainOnly`)
+            "localhost" // checked against nothing (see `Libpq`)
         } else {
             host
         };
@@ -356,9 +356,6 @@ impl TlsParams {
 fn rustls_config(tls: &TlsParams) -> Result<rustls::ClientConfig> {
     use std::sync::Arc;
 
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -366,15 +363,36 @@ fn rustls_config(tls: &TlsParams) -> Result<rustls::ClientConfig> {
             what: format!("TLS: {e}"),
         })?;
     let mode = tls.mode.unwrap_or(SslMode::Prefer);
-    if !matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) {
+    let chain = match mode {
         // libpq's prefer and require: encrypted, the server's certificate not checked.
-        return Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verify::Unchecked(provider)))
-            .with_no_client_auth());
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => None,
+        SslMode::VerifyCa | SslMode::VerifyFull => {
+            Some(webpki_verifier(tls.root_cert.as_deref(), provider.clone())?)
+        }
+    };
+    if mode == SslMode::VerifyFull {
+        if let Some(verifier) = chain {
+            return Ok(builder.with_webpki_verifier(verifier).with_no_client_auth());
+        }
     }
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Libpq { provider, chain }))
+        .with_no_client_auth())
+}
+
+/// rustls' own check (chain and host name) against `root_cert`'s certificates, or Mozilla's
+/// roots without one.
+#[cfg(feature = "tls")]
+fn webpki_verifier(
+    root_cert: Option<&std::path::Path>,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+) -> Result<std::sync::Arc<rustls::client::WebPkiServerVerifier>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
     let mut roots = rustls::RootCertStore::empty();
-    match &tls.root_cert {
+    match root_cert {
         Some(path) => {
             let bad = |e: &dyn std::fmt::Display| Error::InvalidUrl {
                 reason: format!("sslrootcert {}: {e}", path.display()),
@@ -390,129 +408,73 @@ fn rustls_config(tls: &TlsParams) -> Result<rustls::ClientConfig> {
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| Error::InvalidUrl {
-                reason: format!("TLS roots: {e}"),
-            })?;
-    let builder = builder.dangerous();
-    Ok(if mode == SslMode::VerifyFull {
-        builder.with_custom_certificate_verifier(verifier)
-    } else {
-        builder.with_custom_certificate_verifier(Arc::new(verify::ChainOnly(verifier)))
-    }
-    .with_no_client_auth())
+    rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider,
+    )
+    .build()
+    .map_err(|e| Error::InvalidUrl {
+        reason: format!("TLS roots: {e}"),
+    })
 }
 
-/// The two certificate checks libpq has that rustls does not: none (`prefer`, `require`) and
-/// the chain without the host name (`verify-ca`). Handshake signatures are still verified.
+/// The certificate checks libpq has that rustls does not: none (`prefer`, `require`: `chain`
+/// is `None`) and the chain without the host name (`verify-ca`). The handshake's signatures
+/// are verified either way.
 #[cfg(feature = "tls")]
-mod verify {
-    use std::sync::Arc;
+#[derive(Debug)]
+struct Libpq {
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    chain: Option<std::sync::Arc<rustls::client::WebPkiServerVerifier>>,
+}
 
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::client::WebPkiServerVerifier;
-    use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
-
-    /// Any certificate (libpq's `require`): protects against reading, not against a server
-    /// that is not the one meant.
-    #[derive(Debug)]
-    pub(super) struct Unchecked(pub Arc<CryptoProvider>);
-
-    impl ServerCertVerifier for Unchecked {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
+#[cfg(feature = "tls")]
+impl rustls::client::danger::ServerCertVerifier for Libpq {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::client::danger::ServerCertVerified;
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
         }
     }
 
-    /// The chain against the roots, any host name (libpq's `verify-ca`).
-    #[derive(Debug)]
-    pub(super) struct ChainOnly(pub Arc<WebPkiServerVerifier>);
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
 
-    impl ServerCertVerifier for ChainOnly {
-        fn verify_server_cert(
-            &self,
-            end_entity: &CertificateDer<'_>,
-            intermediates: &[CertificateDer<'_>],
-            server_name: &ServerName<'_>,
-            ocsp: &[u8],
-            now: UnixTime,
-        ) -> Result<ServerCertVerified, Error> {
-            match self
-                .0
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-            {
-                Err(Error::InvalidCertificate(
-                    CertificateError::NotValidForName
-                    | CertificateError::NotValidForNameContext { .. },
-                )) => Ok(ServerCertVerified::assertion()),
-                other => other,
-            }
-        }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
 
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            self.0.verify_tls12_signature(message, cert, dss)
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            self.0.verify_tls13_signature(message, cert, dss)
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.supported_verify_schemes()
-        }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -259,6 +259,17 @@ mod tests {
         }
     }
 
+    /// Changes for `routes` that read the description of `public.t` (relation 9) with
+    /// `columns`, and the rows out (none yet).
+    fn described(routes: &[Route], columns: &[(&str, u32, bool)]) -> (Changes, Vec<Row>) {
+        let mut c = Changes::new(Arc::new(routes.to_vec()));
+        let mut out = Vec::new();
+        c.read(&relation_bytes(9, b'd', columns), 1, &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+        (c, out)
+    }
+
     /// What the decoder makes of `payload` (a trigger tier's payload) on `route`'s channel:
     /// the logical tier must hand over the same.
     fn decoded_from(route: &Route, payload: Value) -> Option<Box<Decoded>> {
@@ -354,14 +365,7 @@ mod tests {
     #[test]
     fn without_an_old_row_an_unchanged_toasted_value_is_left_out() {
         let routes = vec![route(Operation::Update, false)];
-        let mut c = Changes::new(Arc::new(routes.clone()));
-        let mut out = Vec::new();
-        c.read(
-            &relation_bytes(9, b'd', &[("id", 23, true), ("v", 25, false)]),
-            1,
-            &mut out,
-        )
-        .unwrap();
+        let (mut c, mut out) = described(&routes, &[("id", 23, true), ("v", 25, false)]);
         let upd = Bytes::default()
             .u8(b'U')
             .u32(9)
@@ -392,14 +396,7 @@ mod tests {
         let mut keyed = route(Operation::Delete, false);
         keyed.columns = vec!["v".into(), "id".into()];
         let routes = vec![route(Operation::Delete, false), keyed.clone()];
-        let mut c = Changes::new(Arc::new(routes.clone()));
-        let mut out = Vec::new();
-        c.read(
-            &relation_bytes(9, b'd', &[("id", 23, true), ("v", 25, false)]),
-            1,
-            &mut out,
-        )
-        .unwrap();
+        let (mut c, mut out) = described(&routes, &[("id", 23, true), ("v", 25, false)]);
         // A key column whose value was not sent (hostile: only an UPDATE's TOASTed values
         // may be left out).
         let del = Bytes::default()
@@ -416,14 +413,7 @@ mod tests {
         let mut composite = route(Operation::Insert, false);
         composite.keys = 2;
         let routes = vec![composite];
-        let mut c = Changes::new(Arc::new(routes.clone()));
-        out.clear();
-        c.read(
-            &relation_bytes(9, b'd', &[("id", 23, true), ("v", 25, true)]),
-            1,
-            &mut out,
-        )
-        .unwrap();
+        let (mut c, mut out) = described(&routes, &[("id", 23, true), ("v", 25, true)]);
         let ins = Bytes::default()
             .u8(b'I')
             .u32(9)
