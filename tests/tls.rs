@@ -1,7 +1,8 @@
 //! TLS to PostgreSQL (feature `tls`): a cluster of the test's own that speaks TLS with a
 //! certificate from a test CA (for `localhost` only) and refuses every unencrypted TCP
-//! connection, so an event that arrives proves that the listener and the control connection
-//! were encrypted; and libpq's `sslmode`s checking what they promise.
+//! connection, replication ones too, so an event that arrives proves that the listener, the
+//! control connection and (logical tier) the replication stream were encrypted; and libpq's
+//! `sslmode`s checking what they promise.
 
 mod common;
 
@@ -39,7 +40,11 @@ async fn watch(url: &str, tier: Tier) -> Result<(Notifier, Events), Error> {
 #[actix_rt::test]
 async fn every_sslmode_does_what_libpq_promises_against_a_server_that_refuses_plaintext() {
     let (ca, cert, key) = certificates(&["localhost"]);
-    let Some(cluster) = Cluster::start_tls(&cert, &key) else {
+    let Some(cluster) = Cluster::start_tls(
+        &cert,
+        &key,
+        "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10",
+    ) else {
         common::prerequisite_missing(
             "every_sslmode_does_what_libpq_promises_against_a_server_that_refuses_plaintext",
             "no PostgreSQL cluster of its own could be started",
@@ -96,6 +101,20 @@ async fn every_sslmode_does_what_libpq_promises_against_a_server_that_refuses_pl
                 &format!("sslmode=verify-full&{}", ca_param(&ca_file)),
             ),
             Tier::Durable,
+        ),
+        // The logical tier's replication connection is encrypted too.
+        (
+            "logical tier, require",
+            tcp("127.0.0.1", "sslmode=require"),
+            Tier::Logical,
+        ),
+        (
+            "logical tier, verify-full",
+            tcp(
+                "localhost",
+                &format!("sslmode=verify-full&{}", ca_param(&ca_file)),
+            ),
+            Tier::Logical,
         ),
     ];
     for (id, (what, url, tier)) in (1..).zip(accepted) {

@@ -55,6 +55,7 @@ impl SslMode {
     }
 
     /// Its name in a connection string.
+    #[cfg(not(feature = "tls"))]
     fn name(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
@@ -315,7 +316,7 @@ impl PgConfig {
     }
 
     /// The TLS parameters the connection string gave.
-    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
+    #[cfg_attr(not(all(feature = "logical", feature = "tls")), allow(dead_code))]
     pub fn tls(&self) -> &TlsParams {
         &self.tls
     }
@@ -336,14 +337,29 @@ impl PgConfig {
 }
 
 impl TlsParams {
-    /// The `sslmode` given, by its libpq name (`prefer` when none was).
-    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
-    pub fn mode_name(&self) -> &'static str {
-        self.mode.map_or("prefer", SslMode::name)
+    /// The logical tier's replication connection's TLS settings (`pgwire-replication`, whose
+    /// modes are libpq's too); none on a unix socket. Its rustls needs a process-wide crypto
+    /// provider: ring's is installed unless the application installed one.
+    #[cfg(all(feature = "tls", feature = "logical"))]
+    pub fn replication(&self, unix_socket: bool) -> pgwire_replication::TlsConfig {
+        use pgwire_replication::TlsConfig;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let root = self.root_cert.clone();
+        match self.mode.unwrap_or(SslMode::Prefer) {
+            _ if unix_socket => TlsConfig::disabled(),
+            SslMode::Disable => TlsConfig::disabled(),
+            SslMode::Prefer => TlsConfig {
+                mode: pgwire_replication::SslMode::Prefer,
+                ..TlsConfig::default()
+            },
+            SslMode::Require => TlsConfig::require(),
+            SslMode::VerifyCa => TlsConfig::verify_ca(root),
+            SslMode::VerifyFull => TlsConfig::verify_full(root),
+        }
     }
 
     /// Whether every connection must be encrypted.
-    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
+    #[cfg_attr(feature = "tls", allow(dead_code))]
     pub fn required(&self) -> bool {
         matches!(
             self.mode,

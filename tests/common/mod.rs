@@ -529,10 +529,12 @@ impl Cluster {
         Some(cluster)
     }
 
-    /// A cluster that speaks TLS with `cert` and `key` (PEM) and refuses unencrypted TCP
-    /// connections (`hostnossl … reject`); its unix socket still trusts local clients.
-    pub fn start_tls(cert: &str, key: &str) -> Option<Cluster> {
-        Cluster::start_prepared(None, "-c ssl=on", |cluster, data| {
+    /// A cluster with more server settings that speaks TLS with `cert` and `key` (PEM) and
+    /// refuses unencrypted TCP connections, replication ones too (`hostnossl … reject`); its
+    /// unix socket still trusts local clients.
+    pub fn start_tls(cert: &str, key: &str, settings: &str) -> Option<Cluster> {
+        let settings = format!("-c ssl=on {settings}");
+        Cluster::start_prepared(None, &settings, |cluster, data| {
             use std::io::Write;
             for (name, pem) in [("server.crt", cert), ("server.key", key)] {
                 let path = data.join(name);
@@ -553,7 +555,12 @@ impl Cluster {
             let rest = std::fs::read_to_string(&hba).ok()?;
             std::fs::File::create(&hba)
                 .ok()?
-                .write_all(format!("hostnossl all all all reject\n{rest}").as_bytes())
+                .write_all(
+                    format!(
+                        "hostnossl all all all reject\nhostnossl replication all all reject\n{rest}"
+                    )
+                    .as_bytes(),
+                )
                 .ok()
         })
     }

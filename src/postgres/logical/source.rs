@@ -424,17 +424,9 @@ impl Drop for LogicalSource {
 }
 
 /// The replication connection's settings from the URL's: first host and port, user,
-/// password, database. TLS is not supported on this connection.
+/// password, database, and (feature `tls`) libpq's TLS parameters; without the feature the
+/// URL cannot ask for TLS (`PgConfig::parse` refuses it) and the connection is plaintext.
 fn replication_config(config: &PgConfig, slot: &str) -> Result<ReplicationConfig> {
-    if config.tls().required() {
-        return Err(Error::Unsupported {
-            what: format!(
-                "Tier::Logical over TLS (sslmode={}): its replication connection has no TLS \
-                 support yet; use sslmode=disable or prefer, or a journal tier",
-                config.tls().mode_name()
-            ),
-        });
-    }
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
@@ -458,6 +450,10 @@ fn replication_config(config: &PgConfig, slot: &str) -> Result<ReplicationConfig
     c.port = port;
     c.status_interval = STATUS_INTERVAL;
     c.application_name = Some("sqlnotify logical".into());
+    #[cfg(feature = "tls")]
+    {
+        c.tls = config.tls().replication(c.is_unix_socket());
+    }
     Ok(c)
 }
 
@@ -726,22 +722,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_replication_connection_that_must_be_encrypted_is_refused_by_name() {
-        let plain = PgConfig::parse("postgres://u@h:6543/d?sslmode=prefer").unwrap();
+    fn a_replication_connection_gets_the_urls_settings() {
+        let plain = PgConfig::parse("postgres://u@h:6543/d?sslmode=disable").unwrap();
         let c = replication_config(&plain, "s").unwrap();
         assert_eq!(
             (c.host.as_str(), c.port, c.database.as_str()),
             ("h", 6543, "d")
         );
-        if cfg!(feature = "tls") {
-            for mode in ["require", "verify-ca", "verify-full"] {
-                let config = PgConfig::parse(&format!("postgres://h/d?sslmode={mode}")).unwrap();
-                let e = replication_config(&config, "s").unwrap_err();
-                assert!(
-                    matches!(&e, Error::Unsupported { what } if what.contains(&format!("sslmode={mode}"))),
-                    "{e:?}"
-                );
+        assert!(!c.tls.mode.requires_tls());
+        #[cfg(feature = "tls")]
+        {
+            use pgwire_replication::SslMode;
+            for (mode, expected) in [
+                ("prefer", SslMode::Prefer),
+                ("require", SslMode::Require),
+                ("verify-ca", SslMode::VerifyCa),
+                ("verify-full", SslMode::VerifyFull),
+            ] {
+                let url = format!("postgres://h/d?sslmode={mode}");
+                let c = replication_config(&PgConfig::parse(&url).unwrap(), "s").unwrap();
+                assert_eq!(c.tls.mode, expected, "{mode}");
             }
+            let socket = PgConfig::parse("postgresql:///d?host=/run/pg&sslmode=require").unwrap();
+            let c = replication_config(&socket, "s").unwrap();
+            assert_eq!(c.tls.mode, SslMode::Disable, "no TLS on a unix socket");
         }
     }
 
