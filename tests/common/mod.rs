@@ -1018,7 +1018,8 @@ impl WireTap {
         WireTap { port, sent, task }
     }
 
-    /// A URL of database `dbname` through the tap, as the test server's user.
+    /// A URL of database `dbname` through the tap, as the test server's user; unencrypted
+    /// (`sslmode=disable`), or the tap could not read it.
     pub fn url(&self, dbname: &str) -> String {
         let config: tokio_postgres::Config = server_url().parse().unwrap();
         let user = config.get_user().unwrap_or("postgres");
@@ -1027,7 +1028,7 @@ impl WireTap {
             .map(|p| format!(":{}", String::from_utf8_lossy(p)))
             .unwrap_or_default();
         format!(
-            "postgres://{user}{password}@127.0.0.1:{}/{dbname}",
+            "postgres://{user}{password}@127.0.0.1:{}/{dbname}?sslmode=disable",
             self.port
         )
     }
