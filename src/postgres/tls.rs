@@ -246,14 +246,14 @@ impl MakeTlsConnect<Socket> for Connector {
 /// The stream of a connection (TLS or not).
 pub(crate) type PgStream = <Connector as MakeTlsConnect<Socket>>::Stream;
 
-/// A PostgreSQL connection's settings: tokio-postgres' [`Config`] (what it dereferences to)
-/// and the TLS settings it does not hold.
+/// A PostgreSQL connection's settings: tokio-postgres' [`Config`] (what it dereferences to),
+/// the TLS settings it does not hold, and the connector built from them once (cloning it
+/// shares its rustls configuration).
 #[derive(Clone)]
 pub(crate) struct PgConfig {
     config: Config,
     tls: TlsParams,
-    #[cfg(feature = "tls")]
-    client: std::sync::Arc<rustls::ClientConfig>,
+    connector: Connector,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -306,12 +306,16 @@ impl PgConfig {
             });
         }
         #[cfg(feature = "tls")]
-        let client = std::sync::Arc::new(rustls_config(&tls)?);
+        let connector = Connector(
+            tokio_postgres_rustls::MakeRustlsConnect::new(rustls_config(&tls)?),
+            tls.mode == Some(SslMode::VerifyFull),
+        );
+        #[cfg(not(feature = "tls"))]
+        let connector = tokio_postgres::NoTls;
         Ok(PgConfig {
             config,
             tls,
-            #[cfg(feature = "tls")]
-            client,
+            connector,
         })
     }
 
@@ -322,17 +326,11 @@ impl PgConfig {
     }
 
     /// Opens a connection.
+    #[cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))] // NoTls is Copy
     pub async fn connect(
         &self,
     ) -> std::result::Result<(Client, Connection<Socket, PgStream>), tokio_postgres::Error> {
-        #[cfg(feature = "tls")]
-        let connector = Connector(
-            tokio_postgres_rustls::MakeRustlsConnect::new((*self.client).clone()),
-            self.tls.mode == Some(SslMode::VerifyFull),
-        );
-        #[cfg(not(feature = "tls"))]
-        let connector = tokio_postgres::NoTls;
-        self.config.connect(connector).await
+        self.config.connect(self.connector.clone()).await
     }
 }
 

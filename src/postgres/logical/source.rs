@@ -23,8 +23,6 @@ use futures_util::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_postgres::config::Host;
 
-use crate::postgres::PgConfig;
-
 use super::changes::{Changes, Route, Row};
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
@@ -32,6 +30,7 @@ use crate::event::RawNotification;
 use crate::listener::{FinalSave, Outlet, Pace, Source};
 use crate::postgres::control::Control;
 use crate::postgres::snapshot::SentXids;
+use crate::postgres::PgConfig;
 
 /// The prefix of the logical-decoding messages that carry custom events (`src/postgres/custom.rs`).
 const MESSAGE_PREFIX: &str = "sqlnotify:";
