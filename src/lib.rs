@@ -66,7 +66,7 @@
 //! | `sqlite`   | yes     | the SQLite dialect (`sqlite:///path.db`), via rusqlite with bundled SQLite |
 //! | `cli`      | no      | the `sqlnotify` command-line tool (`tail`, `install-sql`, `cleanup`, `consumers`) |
 //! | `bench`    | no      | `bench_support`, the pipeline without a database for the benchmarks (not a supported API) |
-//! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async without TLS |
+//! | `mysql`    | no      | the MySQL / MariaDB dialect (`mysql://`, `mariadb://`), via mysql_async (TLS with `tls`) |
 //! | `nats`     | no      | `sqlnotify::relay`: a named consumer's events into NATS JetStream, exactly once, via async-nats (and `sqlnotify relay` with `cli`) |
 //! | `web`      | no      | `sqlnotify::web`: a server-sent-events endpoint for actix-web, with authorization per connection and `Last-Event-ID` resume |
 //!

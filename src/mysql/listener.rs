@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts};
+use mysql_async::Conn;
+
+use super::tls::MysqlConfig;
 
 use super::catalog::db_err;
 use super::consumers;
@@ -43,7 +45,7 @@ const MIN_QUERY_LIMIT: Duration = Duration::from_secs(2);
 
 /// Reads a MySQL database's journal.
 pub(crate) struct MysqlSource {
-    opts: Opts,
+    opts: MysqlConfig,
     database: Arc<str>,
     gap_timeout: Duration,
     query_limit: Duration,
@@ -61,7 +63,7 @@ pub(crate) struct MysqlSource {
 
 impl MysqlSource {
     pub fn new(
-        opts: Opts,
+        opts: MysqlConfig,
         database: Arc<str>,
         gap_timeout: Duration,
         health_check: Duration,
@@ -268,9 +270,7 @@ impl Source for MysqlSource {
     async fn connect(&mut self, _: &Outlet) -> Result<Conn> {
         let mut conn = self
             .within("connecting the listener to MySQL", async {
-                Conn::new(self.opts.clone())
-                    .await
-                    .map_err(db_err("connecting the listener to MySQL"))
+                (self.opts.connect().await).map_err(db_err("connecting the listener to MySQL"))
             })
             .await?;
         self.within("configuring the listener connection", async {
@@ -466,8 +466,7 @@ impl Source for MysqlSource {
         let (opts, database) = (self.opts.clone(), self.database.clone());
         Box::new(move |name, position| {
             Box::pin(async move {
-                let mut conn = Conn::new(opts)
-                    .await
+                let mut conn = (opts.connect().await)
                     .map_err(db_err("connecting to save the consumer position"))?;
                 let saved = consumers::save(&mut conn, &database, &name, &position)
                     .await

@@ -26,10 +26,10 @@
 //! cascades (a MySQL limitation).
 //!
 //! URLs: `mysql://user:password@host:3306/database` or `mariadb://…`; the database is
-//! required and is the default schema of watches. The driver is `mysql_async` built without
-//! TLS (its `minimal-rust` feature): connect over a trusted network or a unix socket (MySQL 8's
-//! `caching_sha2_password` works without TLS: the password goes encrypted with the server's
-//! RSA key). The driver's URL parameters apply (`socket=…`, `prefer_socket=false`, …), plus
+//! required and is the default schema of watches. The driver is `mysql_async`; TLS (rustls,
+//! feature `tls`) follows MySQL's `ssl-mode`, `ssl-ca`, `ssl-cert` and `ssl-key` in the URL,
+//! taken out before the driver sees it (`tls.rs`). The driver's URL parameters apply
+//! (`socket=…`, `prefer_socket=false`, …; its TLS ones are refused for `ssl-mode`), plus
 //! sqlnotify's own `sqlnotify_gap_timeout_ms` (default 10000, not zero): how long a missing
 //! journal id is waited for before it is treated as rolled back — see `journal.rs`.
 //! `NotifierBuilder::gap_timeout` sets the same and wins over the URL parameter.
@@ -42,6 +42,7 @@ mod journal;
 mod listener;
 mod replay;
 mod snapshot;
+mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +50,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
+
+use self::tls::{MysqlConfig, TlsParams};
 use serde_json::Value;
 use tokio::sync::OwnedMutexGuard;
 
@@ -68,7 +71,7 @@ const GAP_TIMEOUT_PARAM: &str = "sqlnotify_gap_timeout_ms";
 
 /// What a `mysql://` URL says.
 pub(crate) struct Target {
-    pub opts: Opts,
+    pub opts: MysqlConfig,
     pub database: String,
     pub gap_timeout: Duration,
 }
@@ -103,8 +106,14 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
         None => (rest, None),
     };
     let mut gap_timeout = DEFAULT_GAP_TIMEOUT;
+    let mut tls = TlsParams::default();
     let mut kept = Vec::new();
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        if let Some((key, value)) = pair.split_once('=') {
+            if tls.take(key, value)? {
+                continue;
+            }
+        }
         match pair.split_once('=') {
             Some((GAP_TIMEOUT_PARAM, value)) => {
                 let ms: u64 = value.parse().map_err(|_| {
@@ -137,7 +146,7 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
         })?
         .to_string();
     Ok(Target {
-        opts,
+        opts: MysqlConfig::new(opts, &tls)?,
         database,
         gap_timeout,
     })
@@ -146,7 +155,7 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
 /// The dialect's own connection (catalog, install, notify, retention), opened on first use
 /// and reopened after a failure.
 struct Control {
-    opts: Opts,
+    opts: MysqlConfig,
     /// The connection and when it was last used.
     conn: Arc<tokio::sync::Mutex<Option<(Conn, Instant)>>>,
 }
@@ -181,8 +190,7 @@ impl Control {
                 }
             }
             if slot.is_none() {
-                let conn = Conn::new(control.opts.clone())
-                    .await
+                let conn = (control.opts.connect().await)
                     .map_err(|e| Error::db("connecting to MySQL", e))?;
                 *slot = Some((conn, Instant::now()));
             }
@@ -212,7 +220,7 @@ impl Control {
 
 /// MySQL / MariaDB behind the [`Dialect`] interface.
 pub(crate) struct Mysql {
-    opts: Opts,
+    opts: MysqlConfig,
     database: Arc<str>,
     gap_timeout: Duration,
     /// Make the journal record transactions at install (`mysql_transaction_ids`).

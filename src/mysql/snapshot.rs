@@ -77,7 +77,9 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, Row, Value};
+use mysql_async::{Conn, Row, Value};
+
+use super::tls::MysqlConfig;
 
 use super::catalog::{db_err, describe_table};
 use super::ddl::{qualified, quote_ident, quote_literal, row_payload_expr, JOURNAL};
@@ -538,7 +540,7 @@ impl MysqlSnapshot {
     /// Opens the read: the table's description, the transaction, the row count and the
     /// fence. `low` is the listener's watermark, read before this is called.
     pub async fn open(
-        opts: Opts,
+        opts: MysqlConfig,
         database: &str,
         channel: Arc<Channel>,
         channels: Vec<String>,
@@ -550,9 +552,7 @@ impl MysqlSnapshot {
             channel.schema(),
             channel.table()
         );
-        let mut conn = Conn::new(opts)
-            .await
-            .map_err(db_err(format!("{what}: connecting")))?;
+        let mut conn = (opts.connect().await).map_err(db_err(format!("{what}: connecting")))?;
         let table = describe_table(&mut conn, channel.schema(), channel.table()).await?;
         let data_types: BTreeMap<String, String> = table
             .columns

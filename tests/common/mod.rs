@@ -7,6 +7,8 @@ pub mod backend;
 pub mod children;
 pub mod consumers;
 #[cfg(feature = "mysql")]
+pub mod mariadb;
+#[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "nats")]
 pub mod nats;
