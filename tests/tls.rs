@@ -215,3 +215,121 @@ fn error_chain(e: &Error) -> String {
     }
     text
 }
+
+/// A CA that signs a server certificate for `localhost` and a client certificate with the
+/// common name `cn`: (CA, server certificate, server key, client certificate, client key).
+fn certificates_with_client(cn: &str) -> (String, String, String, String, String) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "sqlnotify test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let issue = |cn: &str, names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue("localhost", vec!["localhost".into()]);
+    let (client_cert, client_key) = issue(cn, Vec::new());
+    (ca.pem(), server_cert, server_key, client_cert, client_key)
+}
+
+/// `sslcert` and `sslkey` authenticate a role the server admits by certificate only (`cert`
+/// in pg_hba.conf, replication included): the trigger tiers' connections and the logical
+/// tier's replication stream present it; without it the same role is refused.
+#[actix_rt::test]
+async fn a_client_certificate_authenticates_where_the_server_demands_one() {
+    let (ca, server_cert, server_key, client_cert, client_key) =
+        certificates_with_client("certuser");
+    let Some(cluster) = Cluster::start_tls_with(
+        &server_cert,
+        &server_key,
+        Some(&ca),
+        "hostssl all certuser all cert\nhostssl replication certuser all cert\n",
+        "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10",
+    ) else {
+        common::prerequisite_missing(
+            "a_client_certificate_authenticates_where_the_server_demands_one",
+            "no PostgreSQL cluster of its own could be started",
+        );
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("sqlnotify-tls-client-{}", cluster.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        percent_encode(path.to_str().unwrap())
+    };
+    let ca_file = file("ca.pem", &ca);
+    let cert_file = file("client.pem", &client_cert);
+    let key_file = file("client-key.pem", &client_key);
+
+    let (socket, port) = cluster.socket();
+    let admin = common::connect(&format!(
+        "postgresql:///postgres?host={socket}&port={port}&user=postgres"
+    ))
+    .await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); \
+             CREATE ROLE certuser LOGIN SUPERUSER REPLICATION",
+        )
+        .await
+        .unwrap();
+    let url = |params: &str| {
+        format!(
+            "postgres://certuser@localhost:{port}/postgres?connect_timeout=10&\
+             sslmode=verify-full&sslrootcert={ca_file}{params}"
+        )
+    };
+    let with_cert = url(&format!("&sslcert={cert_file}&sslkey={key_file}"));
+
+    for (id, tier) in (1..).zip([Tier::Durable, Tier::Logical]) {
+        let (notifier, mut events) = watch(&with_cert, tier)
+            .await
+            .unwrap_or_else(|e| panic!("{tier:?} with a client certificate: {e}"));
+        admin
+            .execute("INSERT INTO t VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        assert_eq!(
+            events.next().await.id().as_i64(),
+            Some(i64::from(id)),
+            "{tier:?}"
+        );
+        // The server saw the certificate: on a walsender too, for the logical tier.
+        let (sessions, walsenders): (i64, i64) = admin
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE backend_type = 'walsender') \
+                 FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                 WHERE usename = 'certuser' AND ssl AND client_dn = '/CN=certuser'",
+                &[],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert!(
+            sessions >= 1,
+            "{tier:?}: no session authenticated by certificate"
+        );
+        assert_eq!(
+            walsenders >= 1,
+            tier == Tier::Logical,
+            "{tier:?}: {walsenders} walsenders"
+        );
+        notifier.stop().await.unwrap();
+    }
+    // Without the certificate the role is refused.
+    let e = watch(&url(""), Tier::Durable)
+        .await
+        .err()
+        .expect("no client certificate");
+    assert!(matches!(e, Error::Database { .. }), "{e:?}");
+    let chain = error_chain(&e);
+    assert!(chain.contains("certificate"), "{chain}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

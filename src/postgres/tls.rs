@@ -13,9 +13,13 @@
 //! | `verify-ca` | yes | chain, against `sslrootcert` (else Mozilla's roots) |
 //! | `verify-full` | yes | chain and host name |
 //!
-//! Without the `tls` feature, `require`, `verify-ca`, `verify-full` and `sslrootcert` are a
-//! typed error when the notifier is built, and `prefer` connects without TLS. Client
-//! certificates (`sslcert`, `sslkey`) are not supported: a typed error too.
+//! `sslcert` and `sslkey` (PEM files, both or neither; PKCS #8, PKCS #1 or SEC1 keys) present
+//! a client certificate when the server asks for one (`cert` in pg_hba.conf, or
+//! `clientcert=verify-*`); unlike libpq, nothing is read from `~/.postgresql/` unasked.
+//! Encrypted keys (`sslpassword`) and revocation lists (`sslcrl`, `sslcrldir`) are a typed
+//! error. Without the `tls` feature, `require`, `verify-ca`, `verify-full`, `sslrootcert`,
+//! `sslcert` and `sslkey` are a typed error when the notifier is built, and `prefer` connects
+//! without TLS.
 
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
@@ -82,6 +86,8 @@ pub(crate) struct TlsParams {
     /// `None`: not given (libpq's default, `prefer`).
     pub mode: Option<SslMode>,
     pub root_cert: Option<PathBuf>,
+    /// `sslcert` and `sslkey`: a client certificate (PEM) and its key.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// A connection string split into what tokio-postgres parses (its `sslmode` one of its three)
@@ -90,7 +96,9 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParams)> {
     let mut params = TlsParams {
         mode: None,
         root_cert: None,
+        client_cert: None,
     };
+    let (mut cert, mut key_file) = (None, None);
     let mut take = |key: &str, value: &str| -> Result<Option<String>> {
         match key {
             "sslmode" => {
@@ -102,14 +110,21 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParams)> {
                 params.root_cert = Some(PathBuf::from(value));
                 Ok(None)
             }
-            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir" => {
-                Err(Error::Unsupported {
-                    what: format!(
-                        "the connection parameter {key}: sqlnotify does not present client \
-                         certificates or check revocation lists; authenticate with a password"
-                    ),
-                })
+            "sslcert" => {
+                cert = Some(PathBuf::from(value));
+                Ok(None)
             }
+            "sslkey" => {
+                key_file = Some(PathBuf::from(value));
+                Ok(None)
+            }
+            "sslpassword" | "sslcrl" | "sslcrldir" => Err(Error::Unsupported {
+                what: format!(
+                    "the connection parameter {key}: sqlnotify does not read encrypted keys or \
+                     check revocation lists; decrypt the key (`openssl pkey -in key.pem -out \
+                     plain.pem`) and keep it readable by this process only"
+                ),
+            }),
             _ => Ok(Some(value.to_string())),
         }
     };
@@ -117,6 +132,15 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParams)> {
         split_url(url, at, &mut take)?
     } else {
         split_pairs(url, &mut take)?
+    };
+    params.client_cert = match (cert, key_file) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidUrl {
+                reason: "sslcert and sslkey go together: give both or neither".into(),
+            })
+        }
     };
     Ok((rest, params))
 }
@@ -300,6 +324,7 @@ impl PgConfig {
             .filter(|_| tls.required())
             .map(|m| format!("sslmode={}", m.name()))
             .or(tls.root_cert.as_ref().map(|_| "sslrootcert".to_string()))
+            .or(tls.client_cert.as_ref().map(|_| "sslcert".to_string()))
         {
             return Err(Error::Unsupported {
                 what: format!("TLS connections ({what} in the URL) need sqlnotify's `tls` feature"),
@@ -343,7 +368,7 @@ impl TlsParams {
         use pgwire_replication::TlsConfig;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let root = self.root_cert.clone();
-        match self.mode.unwrap_or(SslMode::Prefer) {
+        let config = match self.mode.unwrap_or(SslMode::Prefer) {
             _ if unix_socket => TlsConfig::disabled(),
             SslMode::Disable => TlsConfig::disabled(),
             SslMode::Prefer => TlsConfig {
@@ -353,6 +378,12 @@ impl TlsParams {
             SslMode::Require => TlsConfig::require(),
             SslMode::VerifyCa => TlsConfig::verify_ca(root),
             SslMode::VerifyFull => TlsConfig::verify_full(root),
+        };
+        match &self.client_cert {
+            Some((cert, key)) if config.mode != pgwire_replication::SslMode::Disable => {
+                config.with_client_cert(cert.clone(), key.clone())
+            }
+            _ => config,
         }
     }
 
@@ -384,15 +415,49 @@ fn rustls_config(tls: &TlsParams) -> Result<rustls::ClientConfig> {
             Some(webpki_verifier(tls.root_cert.as_deref(), provider.clone())?)
         }
     };
-    if mode == SslMode::VerifyFull {
-        if let Some(verifier) = chain {
-            return Ok(builder.with_webpki_verifier(verifier).with_no_client_auth());
+    let builder = match (mode, chain) {
+        (SslMode::VerifyFull, Some(verifier)) => builder.with_webpki_verifier(verifier),
+        (_, chain) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Libpq { provider, chain })),
+    };
+    match &tls.client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_file, key_file)) => {
+            let (chain, key) = client_identity(cert_file, key_file)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::InvalidUrl {
+                    reason: format!("sslkey {}: {e}", key_file.display()),
+                })
         }
     }
-    Ok(builder
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Libpq { provider, chain }))
-        .with_no_client_auth())
+}
+
+/// The certificate chain in `cert` and the private key in `key` (PEM files).
+#[cfg(feature = "tls")]
+fn client_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let bad = |param: &str, path: &std::path::Path, e: &dyn std::fmt::Display| Error::InvalidUrl {
+        reason: format!("{param} {}: {e}", path.display()),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("sslcert", cert, &e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad("sslcert", cert, &e))?;
+    if chain.is_empty() {
+        return Err(bad("sslcert", cert, &"no certificate in it"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("sslkey", key, &e))?;
+    Ok((chain, key_der))
 }
 
 /// rustls' own check (chain and host name) against `root_cert`'s certificates, or Mozilla's
@@ -502,6 +567,7 @@ mod tests {
         TlsParams {
             mode,
             root_cert: root.map(PathBuf::from),
+            client_cert: None,
         }
     }
 
@@ -562,11 +628,37 @@ mod tests {
         ] {
             assert!(matches!(split(url), Err(Error::InvalidUrl { .. })), "{url}");
         }
-        let e = split("postgres://h/db?sslcert=c.pem").unwrap_err();
+        let e = split("postgres://h/db?sslpassword=secret").unwrap_err();
         assert!(
-            matches!(&e, Error::Unsupported { what } if what.contains("sslcert")),
+            matches!(&e, Error::Unsupported { what } if what.contains("sslpassword")
+                && !what.contains("secret")),
             "{e}"
         );
+        for url in ["postgres://h/db?sslcert=c.pem", "host=h sslkey=k.pem"] {
+            let e = split(url).unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidUrl { reason } if reason.contains("both or neither")),
+                "{url}: {e}"
+            );
+        }
+        let (rest, tls) = split("postgres://h/db?sslcert=%2Fc.pem&sslkey=%2Fk.pem").unwrap();
+        assert_eq!(rest, "postgres://h/db");
+        assert_eq!(
+            tls.client_cert,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        let e = PgConfig::parse("postgres://h/db?sslcert=/nonexistent/c.pem&sslkey=/k.pem");
+        if cfg!(feature = "tls") {
+            assert!(
+                matches!(&e, Err(Error::InvalidUrl { reason }) if reason.contains("sslcert /nonexistent/c.pem")),
+                "{e:?}"
+            );
+        } else {
+            assert!(
+                matches!(&e, Err(Error::Unsupported { what }) if what.contains("sslcert")),
+                "{e:?}"
+            );
+        }
         let e =
             PgConfig::parse("postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
         if cfg!(feature = "tls") {

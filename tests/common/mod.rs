@@ -535,10 +535,29 @@ impl Cluster {
     /// refuses unencrypted TCP connections, replication ones too (`hostnossl … reject`); its
     /// unix socket still trusts local clients.
     pub fn start_tls(cert: &str, key: &str, settings: &str) -> Option<Cluster> {
-        let settings = format!("-c ssl=on {settings}");
+        Cluster::start_tls_with(cert, key, None, "", settings)
+    }
+
+    /// [`Cluster::start_tls`] that also trusts the CA certificate `ca` (PEM, `ssl_ca_file`:
+    /// clients' certificates are checked against it) and puts the pg_hba.conf lines
+    /// `hba_first` before every other.
+    pub fn start_tls_with(
+        cert: &str,
+        key: &str,
+        ca: Option<&str>,
+        hba_first: &str,
+        settings: &str,
+    ) -> Option<Cluster> {
+        let settings = match ca {
+            Some(_) => format!("-c ssl=on -c ssl_ca_file=client-ca.crt {settings}"),
+            None => format!("-c ssl=on {settings}"),
+        };
         Cluster::start_prepared(None, &settings, |cluster, data| {
             use std::io::Write;
-            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+            let files = [("server.crt", cert), ("server.key", key)]
+                .into_iter()
+                .chain(ca.map(|ca| ("client-ca.crt", ca)));
+            for (name, pem) in files {
                 let path = data.join(name);
                 std::fs::write(&path, pem).ok()?;
                 std::process::Command::new("chmod")
@@ -559,7 +578,8 @@ impl Cluster {
                 .ok()?
                 .write_all(
                     format!(
-                        "hostnossl all all all reject\nhostnossl replication all all reject\n{rest}"
+                        "hostnossl all all all reject\nhostnossl replication all all reject\n\
+                         {hba_first}{rest}"
                     )
                     .as_bytes(),
                 )
