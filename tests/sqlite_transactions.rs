@@ -168,3 +168,43 @@ async fn tracking_before_the_journal_exists_is_a_clear_error_and_breaks_no_write
     );
     conn.execute("INSERT INTO t (id) VALUES (1)", []).unwrap();
 }
+
+/// A tracked transaction larger than the whole in-flight budget (read whole, to mark its last
+/// row) reaches the subscriber in parts instead of waiting forever for room it can never
+/// have: every row once, in order, one transaction id, only the last marked.
+#[actix_rt::test]
+async fn a_transaction_larger_than_the_in_flight_budget_is_delivered_whole() {
+    const ROWS: i64 = 5_000;
+    let db = SqliteFile::new("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Insert))
+        .max_in_flight(1) // raised to the smallest budget there is (1,024 events)
+        .start()
+        .await
+        .unwrap();
+    let mut events =
+        common::Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let mut conn = writer(&db);
+    sqlnotify::sqlite_transactions::track(&conn).unwrap();
+    let tx = conn.transaction().unwrap();
+    for id in 1..=ROWS {
+        tx.execute("INSERT INTO t (id) VALUES (?1)", [id]).unwrap();
+    }
+    tx.commit().unwrap();
+
+    let got = events.take(ROWS as usize).await;
+    let s = summary(&got);
+    let ids: Vec<i64> = s.iter().map(|e| e.0).collect();
+    assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>());
+    let txid = s[0].2;
+    assert!(txid.is_some());
+    assert!(s.iter().all(|e| e.2 == txid), "one transaction id");
+    let marked: Vec<i64> = s
+        .iter()
+        .filter(|e| e.3 == Some(true))
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(marked, vec![ROWS], "only the last row is marked last");
+    events.assert_none_within(QUIET).await;
+    notifier.stop().await.unwrap();
+}
