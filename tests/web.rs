@@ -507,6 +507,37 @@ async fn a_last_event_id_query_parameter_resumes_where_the_header_is_absent() {
     s.stop().await;
 }
 
+/// A resume through a long run of journal pages with nothing of the client's on them (here
+/// one row per page, 20,000 of someone else's rows) goes page after page in a loop: it once
+/// went one nested call deeper per page, and a long enough run overflowed the worker's stack
+/// and took the whole server down.
+#[actix_rt::test]
+async fn a_resume_through_thousands_of_pages_of_other_clients_rows_reaches_its_own() {
+    let s = serve(|n| n, |e| e.replay_page(1)).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    s.insert(1, 1, "new");
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    drop(client);
+    s.db.exec(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 20000) \
+         INSERT INTO orders (id, owner_id, status) SELECT 100000 + x, 2, 'new' FROM n",
+    );
+    s.insert(2, 1, "new");
+    let last = first.id.unwrap();
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    let frame = client.next_event().await;
+    assert_eq!(frame.row(), 2, "{frame:?}");
+    assert!(s.sse.stats().replayed >= 1, "{:?}", s.sse.stats());
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    drop(client);
+    s.stop().await;
+}
+
 #[actix_rt::test]
 async fn a_position_that_cannot_be_resumed_gets_an_explicit_reset() {
     let s = serve(

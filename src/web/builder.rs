@@ -90,7 +90,12 @@ pub struct SseBuilder {
     retry: Duration,
     slow_client: SlowClient,
     buffer: usize,
+    replay_page: usize,
 }
+
+/// The largest [`SseBuilder::buffer`] and [`SseBuilder::replay_page`]: a bigger value is taken
+/// as this one.
+pub const MAX_SSE_BUFFER: usize = 1 << 20;
 
 impl std::fmt::Debug for SseBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +105,7 @@ impl std::fmt::Debug for SseBuilder {
             .field("retry", &self.retry)
             .field("slow_client", &self.slow_client)
             .field("buffer", &self.buffer)
+            .field("replay_page", &self.replay_page)
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +120,7 @@ impl SseBuilder {
             retry: Duration::from_secs(3),
             slow_client: SlowClient::default(),
             buffer: 256,
+            replay_page: 500,
         }
     }
 
@@ -151,9 +158,19 @@ impl SseBuilder {
     }
 
     /// How many events may wait for one client, per granted subscription, before
-    /// [`slow_client`](Self::slow_client) applies. Default: 256; at least 1.
+    /// [`slow_client`](Self::slow_client) applies. Default: 256; from 1 to
+    /// [`MAX_SSE_BUFFER`].
     pub fn buffer(mut self, events: usize) -> Self {
-        self.buffer = events.max(1);
+        self.buffer = events.clamp(1, MAX_SSE_BUFFER);
+        self
+    }
+
+    /// How many journal rows a client that resumes (`Last-Event-ID`) has read per query,
+    /// every channel's rows counted (the client is sent only its own): larger pages mean
+    /// fewer queries, smaller ones less memory per resuming client. Default: 500; from 1 to
+    /// [`MAX_SSE_BUFFER`].
+    pub fn replay_page(mut self, rows: usize) -> Self {
+        self.replay_page = rows.clamp(1, MAX_SSE_BUFFER);
         self
     }
 
@@ -170,7 +187,7 @@ impl SseBuilder {
                 slow_client: self.slow_client,
                 buffer: self.buffer,
                 channel: 16,
-                replay_page: 500,
+                replay_page: self.replay_page as i64,
                 counters: Counters::default(),
                 shutdown,
             }),

@@ -100,17 +100,24 @@ impl Connection {
 
     /// The next chunk of the stream; `None` when it ends.
     pub async fn next(&mut self) -> Option<String> {
-        if *self.shutdown.borrow() {
-            self.phase = Phase::Done;
-        }
-        match std::mem::replace(&mut self.phase, Phase::Live) {
-            Phase::Done => {
+        loop {
+            if *self.shutdown.borrow() {
                 self.phase = Phase::Done;
-                None
             }
-            Phase::Start(start) => Some(self.start(start)),
-            Phase::Replaying { from, after } => self.replay(from, after).await,
-            Phase::Live => self.live().await,
+            return match std::mem::replace(&mut self.phase, Phase::Live) {
+                Phase::Done => {
+                    self.phase = Phase::Done;
+                    None
+                }
+                Phase::Start(start) => Some(self.start(start)),
+                Phase::Replaying { from, after } => match self.replay(from, after).await {
+                    // Nothing of this client's on that page: the next one at once (a loop,
+                    // not a call: a long run of such pages must not deepen the stack).
+                    Some(out) if out.is_empty() => continue,
+                    other => other,
+                },
+                Phase::Live => self.live().await,
+            };
         }
     }
 
@@ -178,10 +185,7 @@ impl Connection {
                 if let Some(from) = next {
                     self.phase = Phase::Replaying { from, after };
                 }
-                if out.is_empty() {
-                    // Nothing of this client's on that page: go on at once.
-                    return Box::pin(self.next()).await;
-                }
+                // Empty when nothing on that page was this client's: `next` goes on at once.
                 Some(out)
             }
             Ok(Replay::TooOld) => {
