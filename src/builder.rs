@@ -199,8 +199,9 @@ impl NotifierBuilder {
     /// ([`consumer_expiry`](Self::consumer_expiry)). A consumer that comes back after rows it
     /// had not read were purged resumes with what is left and first gets a
     /// [`Status::Gap`](crate::Status::Gap) naming the channels (subscribe to status on the
-    /// builder with [`subscribe_status`](Self::subscribe_status) to see it). An empty name is
-    /// refused by `start()` ([`Error::InvalidOption`]).
+    /// builder with [`subscribe_status`](Self::subscribe_status) to see it). An empty name, or
+    /// one with a control character (a line break …), is refused by `start()`
+    /// ([`Error::InvalidOption`]).
     pub fn consumer(mut self, name: impl Into<String>) -> Self {
         self.consumer = Some(name.into());
         self
@@ -502,6 +503,17 @@ impl NotifierBuilder {
             return Err(Error::InvalidOption {
                 option: "consumer",
                 reason: "a consumer needs a non-empty name".into(),
+            });
+        }
+        if let Some(name) = self
+            .consumer
+            .as_deref()
+            .filter(|n| n.chars().any(char::is_control))
+        {
+            // It goes into logs, message headers (the relay's ids) and the CLI's output.
+            return Err(Error::InvalidOption {
+                option: "consumer",
+                reason: format!("the name {name:?} holds a control character"),
             });
         }
         match self.consumer_expiry {

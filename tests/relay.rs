@@ -176,6 +176,32 @@ async fn a_relay_needs_a_named_consumer_a_journal_tier_and_a_stream_that_fits() 
         .unwrap_err();
     assert!(err.to_string().contains("\"a b\""), "{err}");
 
+    // A line break would end the message-id header (async-nats panics on one): refused in
+    // the consumer's name and in the source.
+    let broken = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("relay\r\nX-Injected: 1");
+    let err = Relay::builder(broken, &url, "X").start().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidOption { option: "consumer", reason } if reason.contains("\\r\\n")),
+        "{err}"
+    );
+    let err = Relay::builder(notifier(&db.url), &url, "X")
+        .source("db1\n")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::InvalidOption {
+                option: "source",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
     // An existing stream that does not take the relay's subjects, then one whose duplicate
     // window is too short: the relay keeps retrying, nothing is stored, the log says why.
     let js = common::nats::jetstream(&url).await;

@@ -114,7 +114,9 @@ impl RelayBuilder {
     }
 
     /// What makes message ids unique to this database: default, the consumer's name. Set one
-    /// per database when several databases relay into one stream.
+    /// per database when several databases relay into one stream. Not empty, and no control
+    /// characters (it goes into a header): else `start()` fails with
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption).
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = Some(source.into());
         self
@@ -154,6 +156,15 @@ impl RelayBuilder {
     /// what fits in its window.
     pub async fn start(self) -> Result<Relay> {
         check_prefix(&self.prefix)?;
+        if let Some(source) = &self.source {
+            // Part of every message id, a NATS header: a line break there would end it.
+            if source.is_empty() || source.chars().any(char::is_control) {
+                return Err(Error::InvalidOption {
+                    option: "source",
+                    reason: format!("{source:?} is empty or holds a control character"),
+                });
+            }
+        }
         if self.partitions == Some(0) {
             return Err(Error::InvalidOption {
                 option: "partitions",
