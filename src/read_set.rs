@@ -34,9 +34,10 @@ impl ReadSet {
 
     /// A set from its parts, with the ids read right above `low` folded into it (one form for
     /// one set); `None` unless `gaps` are ascending, disjoint ranges strictly between `low`
-    /// and `high`.
+    /// and `high`, or `high` is `i64::MAX` (no journal id gets there; `high + 1` must exist).
     pub(crate) fn from_parts(low: i64, high: i64, gaps: Vec<(i64, i64)>) -> Option<Self> {
         let ordered = low <= high
+            && high < i64::MAX
             && gaps.iter().all(|&(a, b)| low < a && a <= b && b < high)
             && gaps.windows(2).all(|w| w[0].1 + 1 < w[1].0);
         if !ordered {
@@ -276,6 +277,18 @@ mod tests {
 
     fn set(low: i64, high: i64, gaps: &[(i64, i64)]) -> ReadSet {
         ReadSet::from_parts(low, high, gaps.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_text_at_the_end_of_the_id_range_is_no_set() {
+        // A client's Last-Event-ID: `high + 1` must exist for first_unread and mark.
+        assert_eq!(ReadSet::parse("0:9223372036854775807:"), None);
+        assert_eq!(
+            ReadSet::parse("9223372036854775807:9223372036854775807:"),
+            None
+        );
+        let s = ReadSet::parse("9223372036854775805:9223372036854775806:").unwrap();
+        assert_eq!(s.first_unread(), i64::MAX);
     }
 
     #[test]

@@ -140,7 +140,10 @@ impl Cursor {
     pub fn resume(position: &Position, gap_timeout: Duration, now: Instant) -> Self {
         let mut cursor = Cursor::new(position.low, gap_timeout);
         if let Some(above) = &position.above {
-            if above.high > position.low && above.high - position.low <= MAX_SAVED_SPAN {
+            // Checked: a position of a journal of another server (or altered) may span more
+            // than an i64 holds.
+            let span = above.high.checked_sub(position.low);
+            if above.high > position.low && span.is_some_and(|span| span <= MAX_SAVED_SPAN) {
                 let mut gaps = above.gaps.iter().peekable();
                 let read = (position.low + 1..=above.high).filter(|id| {
                     while gaps.peek().is_some_and(|(_, end)| end < id) {
@@ -615,6 +618,20 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_position_spanning_more_than_an_i64_resumes_at_its_watermark_alone() {
+        // high - low overflows: it must not wrap into a small span and list every id.
+        let altered = Position {
+            low: -5_000_000_000_000_000_000,
+            above: Some(Above {
+                high: 5_000_000_000_000_000_000,
+                gaps: Vec::new(),
+            }),
+        };
+        let r = Cursor::resume(&altered, TIMEOUT, Instant::now());
+        assert_eq!((r.low(), r.high()), (altered.low, altered.low));
+    }
 
     #[test]
     fn a_saved_position_resumes_with_what_was_read_above_the_watermark() {

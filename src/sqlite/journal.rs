@@ -142,7 +142,7 @@ pub(crate) fn replay(
         )
         .map_err(db_err("reading the journal's bounds"))?;
     let gone = match oldest {
-        Some(oldest) => since + 1 < oldest,
+        Some(oldest) => since.saturating_add(1) < oldest,
         None => since < given,
     };
     if since < 0 || since > given || gone {
@@ -192,6 +192,23 @@ mod tests {
 
     fn marks(rows: &[RawNotification]) -> Vec<Option<bool>> {
         rows.iter().map(|r| r.last_in_transaction).collect()
+    }
+
+    #[test]
+    fn a_resume_from_the_end_of_the_id_range_is_too_old_not_an_overflow() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&crate::sqlite::ddl::setup_sql())
+            .unwrap();
+        conn.execute(
+            "INSERT INTO sqlnotify_journal (channel, payload, created_at) VALUES ('c', '{}', 0)",
+            [],
+        )
+        .unwrap();
+        let channels: HashSet<String> = ["c".to_string()].into();
+        for since in [i64::MAX, i64::MIN, -1] {
+            let replay = replay(&conn, (since, since), 10, &channels).unwrap();
+            assert!(matches!(replay, crate::replay::Replay::TooOld), "{since}");
+        }
     }
 
     #[test]
