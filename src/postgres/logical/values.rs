@@ -119,15 +119,24 @@ fn iso_8601(type_oid: u32, text: &str) -> String {
 
 /// Parses an array literal (`{1,2,NULL}`, `{{1,2},{3,4}}`, `{"a b","c\"d"}`) into a JSON
 /// array whose elements are converted as `element` values; `None` when it is not one (a
-/// lower bound such as `[0:1]={…}` included).
+/// lower bound such as `[0:1]={…}` included, and one nested deeper than PostgreSQL's
+/// [`MAX_ARRAY_DIMENSIONS`], which only a server that is not PostgreSQL sends: the recursion
+/// stays bounded).
 fn parse_array(text: &str, element: u32) -> Option<Value> {
     let mut chars = text.chars().peekable();
-    let value = parse_level(&mut chars, element)?;
+    let value = parse_level(&mut chars, element, 1)?;
     chars.next().is_none().then_some(value)
 }
 
-fn parse_level(chars: &mut std::iter::Peekable<std::str::Chars>, element: u32) -> Option<Value> {
-    if chars.next()? != '{' {
+/// PostgreSQL's `MAXDIM`: no array has more dimensions.
+const MAX_ARRAY_DIMENSIONS: usize = 6;
+
+fn parse_level(
+    chars: &mut std::iter::Peekable<std::str::Chars>,
+    element: u32,
+    depth: usize,
+) -> Option<Value> {
+    if depth > MAX_ARRAY_DIMENSIONS || chars.next()? != '{' {
         return None;
     }
     let mut items = Vec::new();
@@ -137,7 +146,7 @@ fn parse_level(chars: &mut std::iter::Peekable<std::str::Chars>, element: u32) -
     }
     loop {
         match chars.peek()? {
-            '{' => items.push(parse_level(chars, element)?),
+            '{' => items.push(parse_level(chars, element, depth + 1)?),
             '"' => {
                 chars.next();
                 let mut s = String::new();
@@ -228,6 +237,11 @@ mod tests {
         assert_eq!(to_json(1007, "[0:1]={1,2}"), json!("[0:1]={1,2}"));
         for bad in ["{", "{1", "{1,", "{\"a", "{1}x", "{{1}", ""] {
             assert_eq!(to_json(1007, bad), json!(bad), "{bad:?}");
-        }
+        } // Six dimensions, PostgreSQL's most, parse; deeper (a hostile server's, 100,000
+          // levels here) is the text as it came, without a stack overflow on the way.
+        assert_eq!(to_json(1007, "{{{{{{7}}}}}}"), json!([[[[[[7]]]]]]));
+        assert_eq!(to_json(1007, "{{{{{{{7}}}}}}}"), json!("{{{{{{{7}}}}}}}"));
+        let deep = format!("{}{}", "{".repeat(100_000), "}".repeat(100_000));
+        assert_eq!(to_json(1007, &deep), Value::String(deep.clone()));
     }
 }
