@@ -214,6 +214,8 @@ pub use crate::registry::{Registry, Subscribe, Unsubscribe};
 pub use crate::snapshot::{Snapshot, SnapshotFeed, SnapshotProgress, DEFAULT_CHUNK_ROWS};
 pub use crate::stats::{Role, Stats};
 pub use crate::status::{Status, StatusEvent};
-pub use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER};
+pub use crate::subscription::{
+    OverflowPolicy, Subscription, SubscriptionId, DEFAULT_BUFFER, MAX_BUFFER,
+};
 pub use crate::tier::{Capture, Tier, STATEMENT_CHUNK_ROWS};
 pub use crate::watch::{Watch, MAX_IDENTIFIER_BYTES};

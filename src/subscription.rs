@@ -41,6 +41,11 @@ pub enum OverflowPolicy {
 /// Default per-subscriber buffer, in events.
 pub const DEFAULT_BUFFER: usize = 1024;
 
+/// The largest buffer (and snapshot chunk) any option takes, in events or rows: a larger
+/// value is taken as this one, so that no setting makes a queue allocate or reserve more than
+/// memory holds.
+pub const MAX_BUFFER: usize = 1 << 16;
+
 /// The events a subscriber wants: one watched table and operation (and channel label, when
 /// the watch has one), narrowed by filters that must all match.
 ///
@@ -104,9 +109,9 @@ impl Subscription {
     }
 
     /// How many events may wait for this subscriber (besides those already in its actor's
-    /// mailbox) before its policy applies. Default: 1024; at least 1.
+    /// mailbox) before its policy applies. Default: 1024; from 1 to [`MAX_BUFFER`].
     pub fn buffer(mut self, events: usize) -> Self {
-        self.buffer = events.max(1);
+        self.buffer = events.clamp(1, MAX_BUFFER);
         self
     }
 

@@ -878,3 +878,42 @@ async fn changing_the_context_list_is_drift() {
     assert_eq!(e.context("b"), Some(&json!("x")));
     n.stop().await.unwrap();
 }
+
+/// Queue sizes past `MAX_BUFFER` are taken as `MAX_BUFFER`: a channel subscription, a
+/// snapshot feed's buffer and chunk given `usize::MAX` allocate nothing absurd and deliver.
+#[actix_rt::test]
+async fn sizes_past_max_buffer_are_taken_as_max_buffer() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t (id) VALUES (1)");
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let (_, rx) = notifier
+        .subscribe_channel(Subscription::new("t", Operation::Insert).buffer(usize::MAX))
+        .await
+        .unwrap();
+    assert_eq!(rx.capacity(), Some(sqlnotify::MAX_BUFFER));
+    let mut feed = notifier
+        .subscribe_snapshot(
+            sqlnotify::Snapshot::new("t")
+                .chunk_rows(usize::MAX)
+                .buffer(usize::MAX),
+        )
+        .await
+        .unwrap();
+    let row = tokio::time::timeout(Duration::from_secs(30), feed.next())
+        .await
+        .expect("a snapshot row in time")
+        .expect("the feed is open")
+        .expect("the snapshot reads");
+    assert_eq!(row.id().as_i64(), Some(1));
+    db.exec("INSERT INTO t (id) VALUES (2)");
+    let live = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the live event");
+    assert_eq!(live.id().as_i64(), Some(2));
+    notifier.stop().await.unwrap();
+}

@@ -87,16 +87,18 @@ impl Snapshot {
         self
     }
 
-    /// Rows read from the database per round trip (default 1,000; at least 1).
+    /// Rows read from the database per round trip (default 1,000; from 1 to
+    /// [`MAX_BUFFER`](crate::MAX_BUFFER)).
     pub fn chunk_rows(mut self, rows: usize) -> Self {
-        self.chunk_rows = rows.max(1);
+        self.chunk_rows = rows.clamp(1, crate::MAX_BUFFER);
         self
     }
 
-    /// How many events may wait for the feed's reader (default 1,024; at least 1). Live
-    /// changes wait in as many again while the rows stream; beyond that the pipeline waits.
+    /// How many events may wait for the feed's reader (default 1,024; from 1 to
+    /// [`MAX_BUFFER`](crate::MAX_BUFFER)). Live changes wait in as many again while the rows
+    /// stream; beyond that the pipeline waits.
     pub fn buffer(mut self, events: usize) -> Self {
-        self.buffer = events.max(1);
+        self.buffer = events.clamp(1, crate::MAX_BUFFER);
         self
     }
 }

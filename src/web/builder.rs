@@ -93,10 +93,6 @@ pub struct SseBuilder {
     replay_page: usize,
 }
 
-/// The largest [`SseBuilder::buffer`] and [`SseBuilder::replay_page`]: a bigger value is taken
-/// as this one.
-pub const MAX_SSE_BUFFER: usize = 1 << 20;
-
 impl std::fmt::Debug for SseBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SseBuilder")
@@ -159,18 +155,18 @@ impl SseBuilder {
 
     /// How many events may wait for one client, per granted subscription, before
     /// [`slow_client`](Self::slow_client) applies. Default: 256; from 1 to
-    /// [`MAX_SSE_BUFFER`].
+    /// [`MAX_BUFFER`](crate::MAX_BUFFER).
     pub fn buffer(mut self, events: usize) -> Self {
-        self.buffer = events.clamp(1, MAX_SSE_BUFFER);
+        self.buffer = events.clamp(1, crate::MAX_BUFFER);
         self
     }
 
     /// How many journal rows a client that resumes (`Last-Event-ID`) has read per query,
     /// every channel's rows counted (the client is sent only its own): larger pages mean
     /// fewer queries, smaller ones less memory per resuming client. Default: 500; from 1 to
-    /// [`MAX_SSE_BUFFER`].
+    /// [`MAX_BUFFER`](crate::MAX_BUFFER).
     pub fn replay_page(mut self, rows: usize) -> Self {
-        self.replay_page = rows.clamp(1, MAX_SSE_BUFFER);
+        self.replay_page = rows.clamp(1, crate::MAX_BUFFER);
         self
     }
 

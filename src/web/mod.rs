@@ -86,7 +86,7 @@ use actix_web::http::header;
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse};
 
-pub use self::builder::{SlowClient, SseBuilder, MAX_SSE_BUFFER};
+pub use self::builder::{SlowClient, SseBuilder};
 pub use self::grant::{Denied, Grant};
 pub use self::params::{Param, ParamType};
 pub use self::stats::SseStats;
