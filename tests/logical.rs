@@ -1005,3 +1005,84 @@ async fn a_transaction_larger_than_the_in_flight_budget_arrives() {
     }
     notifier.stop().await.unwrap();
 }
+
+/// A huge transaction is read as the pipeline takes it, not whole before it is handed over:
+/// with the subscriber stalled, the walsender (blocked on a socket nobody reads) stops well
+/// short of the transaction's end — before, the listener kept reading it into memory to its
+/// Commit — and once the subscriber moves, every row arrives once, in order, one transaction
+/// id, the last marked.
+#[actix_rt::test]
+async fn a_huge_transaction_is_read_as_the_pipeline_takes_it_not_whole() {
+    const ROWS: i64 = 400_000;
+    let Some(cluster) = cluster("a_huge_transaction_is_read_as_the_pipeline_takes_it") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text NOT NULL)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, mut events, _arbiter) = common::gated();
+    notifier
+        .subscribe(Subscription::new("t", Insert).buffer(1), slow)
+        .await
+        .unwrap();
+    // ~60 MB of change data: far more than the pipeline, the replication client's queue and
+    // the socket's buffers hold.
+    db.exec(&format!(
+        "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, {ROWS}) g"
+    ))
+    .await;
+    // What the walsender settles on (the same wait for two seconds of polls): blocked
+    // writing the transaction to a socket the listener no longer reads — not idle, as it is
+    // once the listener has read every row of it.
+    let client = db.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut last, mut same) = (None::<Option<String>>, 0);
+    let settled = loop {
+        let now: Option<Option<String>> = client
+            .query_opt(
+                "SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'walsender'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        same = if now.is_some() && now == last {
+            same + 1
+        } else {
+            0
+        };
+        last = now;
+        if same >= 8 {
+            break last.clone().flatten();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the walsender never settled: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        settled.as_deref(),
+        Some("WalSenderWriteData"),
+        "the listener read the whole transaction before handing any of it over"
+    );
+
+    release.send(()).unwrap();
+    let mut xid = None;
+    for want in 1..=ROWS {
+        let e = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("row {want} of {ROWS} never arrived"))
+            .unwrap();
+        assert_eq!(e.id().as_i64(), Some(want), "in order, once");
+        assert_eq!(e.last_in_transaction(), Some(want == ROWS), "row {want}");
+        assert!(e.transaction_id().is_some());
+        assert_eq!(*xid.get_or_insert(e.transaction_id()), e.transaction_id());
+    }
+    notifier.stop().await.unwrap();
+}

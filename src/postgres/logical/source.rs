@@ -4,10 +4,12 @@
 //! A session connects without starting the stream, so a named consumer can take its lease —
 //! a session advisory lock held by the walsender itself, so it goes with the connection —
 //! then starts `START_REPLICATION … LOGICAL 0/0`, which resumes at the slot's confirmed
-//! position. Transactions arrive whole and in commit order; their rows are handed to the
-//! [`Outlet`] only at their Commit, each with the Begin's xid — widened to the 64-bit `xid8`
-//! the journal tiers record ([`widen_xid`]) — and the last one marked. The
-//! position is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive:
+//! position. Transactions arrive whole and in commit order — pgoutput without streaming sends
+//! a transaction only once it committed — and their rows are handed to the [`Outlet`] at their
+//! Commit, each with the Begin's xid — widened to the 64-bit `xid8` the journal tiers record
+//! ([`widen_xid`]) — and the last one marked; a transaction of more than [`MAX_OPEN_ROWS`]
+//! rows is handed over as it arrives (all but its newest row, which waits to be marked), so
+//! that one huge statement does not sit in memory whole. The position is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive:
 //! nothing before it is still to come). The slot is confirmed (`update_applied_lsn`, sent
 //! with the next status update) only with a position the shell's save rule declared safe —
 //! every event up to it left the pipeline — for a named consumer in [`Source::save`], for a
@@ -38,6 +40,10 @@ const MESSAGE_PREFIX: &str = "sqlnotify:";
 /// so a batch can always get its units.
 const MAX_BATCH: usize = 512;
 const _: () = assert!(MAX_BATCH <= crate::pipeline::MIN_IN_FLIGHT);
+/// Rows of a transaction kept until its Commit at most: beyond, they go to the pipeline as
+/// they arrive (a transaction that arrives has committed; its position still moves only at
+/// the Commit, so a restart in the middle sends all of it again, as at least once allows).
+const MAX_OPEN_ROWS: usize = MAX_BATCH;
 /// How often the confirmed position is sent to the server at most (the crate's status
 /// interval): what a crash may deliver again on top of the save rule's own delay.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
@@ -78,11 +84,27 @@ pub(crate) fn parse_xid8(text: &str) -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// The pipeline's notification of `row` of transaction `xid`.
+fn raw(row: Row, xid: u64, last: bool, received_at: SystemTime) -> RawNotification {
+    RawNotification {
+        channel: row.channel,
+        payload: row.payload,
+        received_at,
+        sequence: Some(row.lsn.min(i64::MAX as u64) as i64),
+        events: 1,
+        transaction: Some(xid),
+        last_in_transaction: Some(last),
+        read_point: None,
+        decoded: row.decoded,
+    }
+}
+
 /// A transaction being received.
 struct Open {
     /// Its full id ([`widen_xid`]).
     xid: u64,
     commit_lsn: u64,
+    /// Its rows not handed over yet.
     rows: Vec<Row>,
 }
 
@@ -290,6 +312,7 @@ impl LogicalSource {
                     }
                     log::warn!("sqlnotify: slot {}: skipping a change: {e}", self.slot);
                 }
+                self.spill(open, batch);
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {
                 let Some(open) = conn.open.take() else { return };
@@ -305,17 +328,7 @@ impl LogicalSource {
                 let last = open.rows.len().saturating_sub(1);
                 let received_at = SystemTime::now();
                 for (i, row) in open.rows.into_iter().enumerate() {
-                    batch.push(RawNotification {
-                        channel: row.channel,
-                        payload: row.payload,
-                        received_at,
-                        sequence: Some(row.lsn.min(i64::MAX as u64) as i64),
-                        events: 1,
-                        transaction: Some(open.xid),
-                        last_in_transaction: Some(i == last),
-                        read_point: None,
-                        decoded: row.decoded,
-                    });
+                    batch.push(raw(row, open.xid, i == last, received_at));
                 }
                 self.delivered = commit;
                 self.position = Some(self.position.unwrap_or(0).max(end_lsn.0));
@@ -345,10 +358,31 @@ impl LogicalSource {
                         payload: String::from_utf8_lossy(&content).into_owned(),
                         lsn: lsn.0,
                     });
+                    self.spill(open, batch);
                 }
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
+    }
+
+    /// Moves the rows of `open` past [`MAX_OPEN_ROWS`] into `batch`, all but the newest (the
+    /// Commit marks the last one): a transaction is not kept whole however large it is. One
+    /// sent again after a reconnect (its commit at or below what was handed over) is dropped
+    /// as it comes instead.
+    fn spill(&mut self, open: &mut Open, batch: &mut Vec<RawNotification>) {
+        if open.rows.len() <= MAX_OPEN_ROWS {
+            return;
+        }
+        let newest = open.rows.pop().expect("more than MAX_OPEN_ROWS rows");
+        if open.commit_lsn == 0 || open.commit_lsn > self.delivered {
+            // Handed over before its Commit: snapshot feeds must know it is on its way.
+            self.sent.insert(open.xid);
+            let received_at = SystemTime::now();
+            batch.extend((open.rows.drain(..)).map(|row| raw(row, open.xid, false, received_at)));
+        } else {
+            open.rows.clear();
+        }
+        open.rows.push(newest);
     }
 
     /// Reads the slot's lag every [`LAG_EVERY`] into the counters, warning past
@@ -548,12 +582,10 @@ impl Source for LogicalSource {
             };
             let Some(event) = event else { break };
             self.handle(conn, event, &mut batch);
-            // In pieces: a transaction larger than the in-flight budget, handed over at its
-            // Commit, would otherwise wait for more units than exist.
-            while batch.len() >= MAX_BATCH {
-                let rest = batch.split_off(MAX_BATCH);
-                let next = std::mem::replace(&mut batch, rest);
-                let Some(n) = self.forward(conn, outlet, next).await else {
+            // In pieces as it grows (one event adds at most MAX_OPEN_ROWS + 1 rows): memory
+            // stays bounded whatever the transactions' sizes.
+            if batch.len() >= MAX_BATCH {
+                let Some(n) = self.forward(conn, outlet, std::mem::take(&mut batch)).await else {
                     return Ok(None);
                 };
                 forwarded += n;
