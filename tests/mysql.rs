@@ -1429,3 +1429,74 @@ scenarios!(TestDb::new().await => {
     context::context_comes_from_the_writers_session,
     context::unknown_context_names_are_refused_at_start,
 });
+
+/// A server that speaks MySQL's handshake and then, asked for its public key
+/// (`caching_sha2_password` over plaintext), sends one that is no PEM — mysql_async panics
+/// on that: `start()` fails with a database error that says so, and nothing panics.
+#[actix_rt::test]
+async fn a_server_whose_authentication_replies_are_malformed_is_an_error_not_a_panic() {
+    use std::io::{Read, Write};
+
+    fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+        let n = payload.len();
+        let mut out = vec![n as u8, (n >> 8) as u8, (n >> 16) as u8, seq];
+        out.extend_from_slice(payload);
+        out
+    }
+    fn read_packet(stream: &mut std::net::TcpStream) -> std::io::Result<Vec<u8>> {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header)?;
+        let n = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
+        let mut payload = vec![0u8; n];
+        stream.read_exact(&mut payload)?;
+        Ok(payload)
+    }
+    fn serve(mut stream: std::net::TcpStream) -> std::io::Result<()> {
+        // LONG_PASSWORD, LONG_FLAG, CONNECT_WITH_DB, PROTOCOL_41, TRANSACTIONS,
+        // SECURE_CONNECTION, PLUGIN_AUTH, PLUGIN_AUTH_LENENC_CLIENT_DATA, DEPRECATE_EOF; no SSL.
+        let caps: u32 =
+            0x1 | 0x4 | 0x8 | 0x200 | 0x2000 | 0x8000 | 0x8_0000 | 0x20_0000 | 0x100_0000;
+        let mut hello = vec![0x0a];
+        hello.extend_from_slice(b"8.0.36-not-really\0");
+        hello.extend_from_slice(&7u32.to_le_bytes());
+        hello.extend_from_slice(b"abcdefgh\0");
+        hello.extend_from_slice(&(caps as u16).to_le_bytes());
+        hello.extend_from_slice(&[0x21, 0x02, 0x00]);
+        hello.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
+        hello.push(21);
+        hello.extend_from_slice(&[0; 10]);
+        hello.extend_from_slice(b"ijklmnopqrst\0");
+        hello.extend_from_slice(b"caching_sha2_password\0");
+        stream.write_all(&packet(0, &hello))?;
+        read_packet(&mut stream)?; // the client's handshake response
+        stream.write_all(&packet(2, &[0x01, 0x04]))?; // perform full authentication
+        read_packet(&mut stream)?; // "send me your public key"
+        stream.write_all(&packet(4, b"\x01this is not a PEM public key"))?;
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        Ok(())
+    }
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Detached: it answers whatever connections come, and goes with the test process.
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(stream));
+        }
+    });
+    let url =
+        format!("mysql://app:secret@127.0.0.1:{port}/app?prefer_socket=false&ssl-mode=DISABLED");
+    let builder = Notifier::builder(&url).watch(Watch::new("t", Operation::Insert));
+    let e = tokio::time::timeout(Duration::from_secs(60), builder.start())
+        .await
+        .expect("start() ends")
+        .err()
+        .expect("no MySQL server there");
+    assert!(matches!(e, Error::Database { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("the MySQL driver failed on the server's replies"),
+        "{text}"
+    );
+}

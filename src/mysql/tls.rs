@@ -210,12 +210,12 @@ impl MysqlConfig {
 
     /// Opens a connection; with `PREFERRED`, without TLS when the server offers none.
     pub async fn connect(&self) -> std::result::Result<Conn, mysql_async::Error> {
-        match Conn::new(self.opts.clone()).await {
+        match open(self.opts.clone()).await {
             Err(mysql_async::Error::Driver(
                 mysql_async::DriverError::NoClientSslFlagFromServer,
             )) if self.plain.is_some() => {
                 let plain = self.plain.clone().expect("checked");
-                Conn::new(plain).await
+                open(plain).await
             }
             other => other,
         }
@@ -225,6 +225,33 @@ impl MysqlConfig {
     #[cfg(test)]
     fn tries_tls(&self) -> bool {
         self.opts.ssl_opts().is_some()
+    }
+}
+
+/// `Conn::new` in a task of its own. mysql_async panics on some malformed replies while it
+/// authenticates (a slice past a packet's end, a public key that is no PEM, in
+/// `caching_sha2_password` over plaintext): a server that is not MySQL, or whoever sits
+/// between, must not take the listener down with it — the panic is this connection's error.
+async fn open(opts: Opts) -> std::result::Result<Conn, mysql_async::Error> {
+    match tokio::spawn(Conn::new(opts)).await {
+        Ok(result) => result,
+        Err(e) => {
+            let what = match e.try_into_panic() {
+                Ok(panic) => panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into()),
+                Err(e) => e.to_string(),
+            };
+            Err(mysql_async::Error::Other(
+                format!(
+                    "the MySQL driver failed on the server's replies while connecting ({what}): \
+                     is this a MySQL server, and is the network path to it trusted?"
+                )
+                .into(),
+            ))
+        }
     }
 }
 
