@@ -1491,8 +1491,7 @@ async fn a_server_whose_authentication_replies_are_malformed_is_an_error_not_a_p
     let e = tokio::time::timeout(Duration::from_secs(60), builder.start())
         .await
         .expect("start() ends")
-        .err()
-        .expect("no MySQL server there");
+        .expect_err("no MySQL server there");
     assert!(matches!(e, Error::Database { .. }), "{e:?}");
     let text = e.to_string();
     assert!(
