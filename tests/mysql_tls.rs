@@ -9,45 +9,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::certs::{percent_encode, Ca};
 use common::mariadb::MariaDb;
 use common::mysql::TestDb;
 use common::Events;
 use mysql_async::prelude::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rcgen::KeyPair;
 use sqlnotify::{Error, Notifier, Operation, Subscription, Watch};
-
-/// A test CA: its certificate, and what signs with it.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "sqlnotify test CA");
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// A certificate (PEM) for `names` with the common name `cn`, and its key (PEM).
-    fn issue(&self, cn: &str, names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        (self.issue_for(&key, cn, names), key.serialize_pem())
-    }
-
-    /// A certificate (PEM) for `key`, `names` and the common name `cn`.
-    fn issue_for(&self, key: &KeyPair, cn: &str, names: &[&str]) -> String {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.signed_by(key, &self.cert, &self.key).unwrap().pem()
-    }
-}
 
 /// A throwaway RSA key made for this test only (`openssl genrsa 2048`), in PKCS #8 form for
 /// rcgen to sign its certificate with …
@@ -113,15 +81,6 @@ MhtSMPKLaFzepx92MMeKAmldf4QhGucWUJixWx344lFLlpmkBFCIRw==
 -----END RSA PRIVATE KEY-----
 ";
 
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// A started notifier on `url` watching `t`'s inserts, and its events; or the start's error.
 async fn watch(url: &str) -> Result<(Notifier, Events), Error> {
     let notifier = Notifier::builder(url)
@@ -147,8 +106,8 @@ async fn every_ssl_mode_does_what_it_promises_against_a_server_that_refuses_plai
         std::fs::write(&path, pem).unwrap();
         percent_encode(path.to_str().unwrap())
     };
-    let ca_file = file("ca.pem", &ca.cert.pem());
-    let other_ca_file = file("other-ca.pem", &other_ca.cert.pem());
+    let ca_file = file("ca.pem", &ca.pem());
+    let other_ca_file = file("other-ca.pem", &other_ca.pem());
     file("server.pem", &server_cert);
     file("server-key.pem", &server_key);
     let client_cert_file = file("client.pem", &client_cert);

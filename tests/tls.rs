@@ -6,25 +6,15 @@
 
 mod common;
 
+use common::certs::{percent_encode, Ca};
 use common::{Cluster, Events};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use sqlnotify::{Error, Notifier, Operation, Subscription, Tier, Watch};
 
 /// A CA's certificate (PEM) and a server certificate and key it signed for `names`.
 fn certificates(names: &[&str]) -> (String, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "sqlnotify test CA");
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    (ca.pem(), cert.pem(), key.serialize_pem())
+    let ca = Ca::new();
+    let (cert, key) = ca.issue("localhost", names);
+    (ca.pem(), cert, key)
 }
 
 /// A started notifier on `url` watching `t`, and its events; or the start's error.
@@ -196,15 +186,6 @@ async fn every_sslmode_does_what_libpq_promises_against_a_server_that_refuses_pl
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn error_chain(e: &Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -219,21 +200,9 @@ fn error_chain(e: &Error) -> String {
 /// A CA that signs a server certificate for `localhost` and a client certificate with the
 /// common name `cn`: (CA, server certificate, server key, client certificate, client key).
 fn certificates_with_client(cn: &str) -> (String, String, String, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "sqlnotify test CA");
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let issue = |cn: &str, names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = issue("localhost", vec!["localhost".into()]);
-    let (client_cert, client_key) = issue(cn, Vec::new());
+    let ca = Ca::new();
+    let (server_cert, server_key) = ca.issue("localhost", &["localhost"]);
+    let (client_cert, client_key) = ca.issue(cn, &[]);
     (ca.pem(), server_cert, server_key, client_cert, client_key)
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod certs;
 pub mod children;
 pub mod consumers;
 #[cfg(feature = "mysql")]
