@@ -34,10 +34,9 @@ impl ReadSet {
 
     /// A set from its parts, with the ids read right above `low` folded into it (one form for
     /// one set); `None` unless `gaps` are ascending, disjoint ranges strictly between `low`
-    /// and `high`, or `high` is `i64::MAX` (no journal id gets there; `high + 1` must exist).
+    /// and `high`.
     pub(crate) fn from_parts(low: i64, high: i64, gaps: Vec<(i64, i64)>) -> Option<Self> {
         let ordered = low <= high
-            && high < i64::MAX
             && gaps.iter().all(|&(a, b)| low < a && a <= b && b < high)
             && gaps.windows(2).all(|w| w[0].1 + 1 < w[1].0);
         if !ordered {
@@ -62,7 +61,9 @@ impl ReadSet {
 
     /// The lowest id not read.
     pub(crate) fn first_unread(&self) -> i64 {
-        self.gaps.first().map_or(self.high + 1, |&(a, _)| a)
+        self.gaps
+            .first()
+            .map_or(self.high.saturating_add(1), |&(a, _)| a)
     }
 
     /// Adds `id` to the set.
@@ -199,7 +200,9 @@ impl ReadSet {
                 })
                 .collect::<Option<Vec<_>>>()?,
         };
-        if gaps.len() > MAX_TEXT_GAPS {
+        // A client's text (Last-Event-ID) at the end of the id range is none of ours: no
+        // journal id gets there.
+        if gaps.len() > MAX_TEXT_GAPS || high == i64::MAX {
             return None;
         }
         ReadSet::from_parts(low, high, gaps)
@@ -289,6 +292,8 @@ mod tests {
         );
         let s = ReadSet::parse("9223372036854775805:9223372036854775806:").unwrap();
         assert_eq!(s.first_unread(), i64::MAX);
+        // Built from a cursor's own parts (a journal at its end), it still answers.
+        assert_eq!(set(i64::MAX, i64::MAX, &[]).first_unread(), i64::MAX);
     }
 
     #[test]

@@ -1499,3 +1499,34 @@ async fn a_server_whose_authentication_replies_are_malformed_is_an_error_not_a_p
         "{text}"
     );
 }
+
+/// A consumer whose saved watermark was altered to the end of the id range (no journal gets
+/// there; the cursor counts past its ids) fails to start with an error naming it and what to
+/// do — it once panicked on its first read — and starts afresh once its row is deleted.
+#[actix_rt::test]
+async fn a_consumer_saved_at_the_end_of_the_id_range_is_an_error_not_a_panic() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .consumer("app");
+    builder.start().await.unwrap().stop().await.unwrap();
+    db.exec("UPDATE sqlnotify_consumers SET watermark = 9223372036854775807 WHERE name = 'app'")
+        .await;
+    let e = builder.start().await.expect_err("an altered position");
+    assert!(matches!(e, Error::Database { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("\"app\"")
+            && text.contains("9223372036854775807")
+            && text.contains("sqlnotify_consumers"),
+        "{text}"
+    );
+    db.exec("DELETE FROM sqlnotify_consumers WHERE name = 'app'")
+        .await;
+    let notifier = builder.start().await.unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    notifier.stop().await.unwrap();
+}

@@ -172,14 +172,32 @@ pub(crate) async fn reactivate(
     .await
     .map_err(db_err(context()))?;
     tx.commit().await.map_err(db_err(context()))?;
+    // No journal id comes near the end of the id range (the cursor counts past its ids): a
+    // watermark there is not this journal's.
+    if low > LAST_PLAUSIBLE_ID {
+        return Err(Error::Database {
+            context: context(),
+            source: format!(
+                "its saved watermark {low} is past any journal id (altered, or another \
+                 journal's): delete its row from {table} to register it afresh"
+            )
+            .into(),
+        });
+    }
     // Read defensively: anything unreadable is ignored (the rows above the watermark are read
     // again, never skipped).
-    let above = lossy(seen).and_then(|text| Above::from_json(&text));
+    let above = lossy(seen)
+        .and_then(|text| Above::from_json(&text))
+        .filter(|above| above.high <= LAST_PLAUSIBLE_ID);
     Ok(Some((
         Position { low, above },
         missed_channels(lossy(missed).as_deref(), channels),
     )))
 }
+
+/// The highest journal id a saved position may name: far past any journal's (2^62), far
+/// from where counting past it overflows.
+const LAST_PLAUSIBLE_ID: i64 = 1 << 62;
 
 /// Registers a new consumer at `watermark`.
 pub(crate) async fn insert(
