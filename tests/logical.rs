@@ -1036,36 +1036,9 @@ async fn a_huge_transaction_is_read_as_the_pipeline_takes_it_not_whole() {
         "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, {ROWS}) g"
     ))
     .await;
-    // What the walsender settles on (the same wait for two seconds of polls): blocked
-    // writing the transaction to a socket the listener no longer reads — not idle, as it is
-    // once the listener has read every row of it.
-    let client = db.client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let (mut last, mut same) = (None::<Option<String>>, 0);
-    let settled = loop {
-        let now: Option<Option<String>> = client
-            .query_opt(
-                "SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'walsender'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .map(|r| r.get(0));
-        same = if now.is_some() && now == last {
-            same + 1
-        } else {
-            0
-        };
-        last = now;
-        if same >= 8 {
-            break last.clone().flatten();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the walsender never settled: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    // Blocked writing the transaction to a socket the listener no longer reads — not idle,
+    // as it is once the listener has read every row of it.
+    let settled = walsender_settles(&db).await;
     assert_eq!(
         settled.as_deref(),
         Some("WalSenderWriteData"),
@@ -1084,5 +1057,92 @@ async fn a_huge_transaction_is_read_as_the_pipeline_takes_it_not_whole() {
         assert!(e.transaction_id().is_some());
         assert_eq!(*xid.get_or_insert(e.transaction_id()), e.transaction_id());
     }
+    notifier.stop().await.unwrap();
+}
+
+/// What the walsender's wait settles on: the same `wait_event` for two seconds of polls.
+async fn walsender_settles(db: &TestDb) -> Option<String> {
+    let client = db.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut last, mut same) = (None::<Option<String>>, 0);
+    loop {
+        let now: Option<Option<String>> = client
+            .query_opt(
+                "SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'walsender'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        same = if now.is_some() && now == last {
+            same + 1
+        } else {
+            0
+        };
+        last = now;
+        if same >= 8 {
+            return last.flatten();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the walsender never settled: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The walsender is killed while a huge transaction is half handed over (the subscriber
+/// stalled, the first parts in the pipeline): the server sends the transaction again from
+/// its Begin, and what was handed over before is not handed over twice — every row once, in
+/// order, the last marked, nothing after.
+#[actix_rt::test]
+async fn a_reconnect_in_the_middle_of_a_huge_transaction_hands_none_of_it_over_twice() {
+    const ROWS: i64 = 100_000;
+    let Some(cluster) = cluster("a_reconnect_in_the_middle_of_a_huge_transaction") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text NOT NULL)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, mut events, _arbiter) = common::gated();
+    notifier
+        .subscribe(Subscription::new("t", Insert).buffer(1), slow)
+        .await
+        .unwrap();
+    db.exec(&format!(
+        "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, {ROWS}) g"
+    ))
+    .await;
+    assert_eq!(
+        walsender_settles(&db).await.as_deref(),
+        Some("WalSenderWriteData"),
+        "the listener is not blocked part way through the transaction"
+    );
+    kill_walsender(&db, 1).await;
+    release.send(()).unwrap();
+    for want in 1..=ROWS {
+        let e = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("row {want} of {ROWS} never arrived"))
+            .unwrap();
+        assert_eq!(e.id().as_i64(), Some(want), "in order, once");
+        assert_eq!(e.last_in_transaction(), Some(want == ROWS), "row {want}");
+    }
+    // Nothing handed over twice: the next event is a new row's.
+    db.exec("INSERT INTO t VALUES (0, '')").await;
+    let next = tokio::time::timeout(Duration::from_secs(60), events.recv())
+        .await
+        .expect("the sentinel row")
+        .unwrap();
+    assert_eq!(
+        next.id().as_i64(),
+        Some(0),
+        "a row again after the transaction"
+    );
     notifier.stop().await.unwrap();
 }

@@ -8,8 +8,9 @@
 //! a transaction only once it committed — and their rows are handed to the [`Outlet`] at their
 //! Commit, each with the Begin's xid — widened to the 64-bit `xid8` the journal tiers record
 //! ([`widen_xid`]) — and the last one marked; a transaction of more than [`MAX_OPEN_ROWS`]
-//! rows is handed over as it arrives (all but its newest row, which waits to be marked), so
-//! that one huge statement does not sit in memory whole. The position is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive:
+//! rows is handed over as it arrives (all but its newest change's rows, which wait for the
+//! last mark), so that one huge statement does not sit in memory whole, and what of it went
+//! before a reconnect is not handed over again when the server sends it anew. The position is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive:
 //! nothing before it is still to come). The slot is confirmed (`update_applied_lsn`, sent
 //! with the next status update) only with a position the shell's save rule declared safe —
 //! every event up to it left the pipeline — for a named consumer in [`Source::save`], for a
@@ -128,6 +129,9 @@ pub(crate) struct LogicalSource {
     changes: Changes,
     /// The commit LSN of the last transaction handed over: one at or below it came again.
     delivered: u64,
+    /// The transaction whose first rows were handed over before its Commit (`spill`): its
+    /// commit LSN and the LSN of the last change handed over. Kept across reconnects.
+    spilled: Option<(u64, u64)>,
     /// The position after everything read so far (an end LSN).
     position: Option<u64>,
     /// Without a consumer: (events forwarded, position) not confirmed yet.
@@ -171,6 +175,7 @@ impl LogicalSource {
             channels: routes.iter().map(|r| r.channel.clone()).collect(),
             changes: Changes::new(Arc::new(routes)),
             delivered: 0,
+            spilled: None,
             position: None,
             unconfirmed: VecDeque::new(),
             outlet: None,
@@ -306,11 +311,17 @@ impl LogicalSource {
                 let Some(open) = conn.open.as_mut() else {
                     return;
                 };
+                let before = open.rows.len();
                 if let Err(e) = self.changes.read(&data, wal_start.0, &mut open.rows) {
                     if let Some(outlet) = &self.outlet {
                         outlet.stats().malformed.fetch_add(1, Ordering::Relaxed);
                     }
                     log::warn!("sqlnotify: slot {}: skipping a change: {e}", self.slot);
+                }
+                // Decoded all the same (a Relation message shares its change's LSN, and the
+                // rows after it need it), but rows handed over before a reconnect go.
+                if self.handed_over(open, wal_start.0) {
+                    open.rows.truncate(before);
                 }
                 self.spill(open, batch);
             }
@@ -331,6 +342,7 @@ impl LogicalSource {
                     batch.push(raw(row, open.xid, i == last, received_at));
                 }
                 self.delivered = commit;
+                self.spilled = None;
                 self.position = Some(self.position.unwrap_or(0).max(end_lsn.0));
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -351,7 +363,7 @@ impl LogicalSource {
                 else {
                     return;
                 };
-                if self.channels.iter().any(|c| c == channel) {
+                if self.channels.iter().any(|c| c == channel) && !self.handed_over(open, lsn.0) {
                     open.rows.push(Row {
                         channel: channel.to_string(),
                         decoded: None,
@@ -365,24 +377,43 @@ impl LogicalSource {
         }
     }
 
-    /// Moves the rows of `open` past [`MAX_OPEN_ROWS`] into `batch`, all but the newest (the
-    /// Commit marks the last one): a transaction is not kept whole however large it is. One
-    /// sent again after a reconnect (its commit at or below what was handed over) is dropped
-    /// as it comes instead.
+    /// Moves the rows of `open` past [`MAX_OPEN_ROWS`] into `batch`, all but those of its
+    /// newest change (one change can make several rows, all of its LSN; the Commit marks the
+    /// last one): a transaction is not kept whole however large it is. What went is recorded
+    /// in `spilled`, so that after a reconnect, which sends the transaction again from its
+    /// Begin, those rows are not handed over twice. A transaction without a commit LSN in its
+    /// Begin (pgoutput always sends one) is kept whole; one sent again after a reconnect and
+    /// handed over before (its commit at or below `delivered`) is dropped as it comes.
     fn spill(&mut self, open: &mut Open, batch: &mut Vec<RawNotification>) {
-        if open.rows.len() <= MAX_OPEN_ROWS {
+        if open.rows.len() <= MAX_OPEN_ROWS || open.commit_lsn == 0 {
             return;
         }
-        let newest = open.rows.pop().expect("more than MAX_OPEN_ROWS rows");
-        if open.commit_lsn == 0 || open.commit_lsn > self.delivered {
-            // Handed over before its Commit: snapshot feeds must know it is on its way.
-            self.sent.insert(open.xid);
-            let received_at = SystemTime::now();
-            batch.extend((open.rows.drain(..)).map(|row| raw(row, open.xid, false, received_at)));
-        } else {
+        if open.commit_lsn <= self.delivered {
             open.rows.clear();
+            return;
         }
-        open.rows.push(newest);
+        let newest = open.rows.last().map_or(0, |row| row.lsn);
+        let keep = open
+            .rows
+            .iter()
+            .rposition(|row| row.lsn != newest)
+            .map_or(0, |i| i + 1);
+        if keep == 0 {
+            return; // one change's rows: they wait for the next change or the Commit
+        }
+        // Handed over before its Commit: snapshot feeds must know it is on its way.
+        self.sent.insert(open.xid);
+        let last = open.rows[keep - 1].lsn;
+        let received_at = SystemTime::now();
+        batch.extend((open.rows.drain(..keep)).map(|row| raw(row, open.xid, false, received_at)));
+        self.spilled = Some((open.commit_lsn, last));
+    }
+
+    /// Whether the rows of the change at `lsn` in `open` were handed over already (by
+    /// [`LogicalSource::spill`], before a reconnect sent the transaction again).
+    fn handed_over(&self, open: &Open, lsn: u64) -> bool {
+        self.spilled
+            .is_some_and(|(commit, last)| commit == open.commit_lsn && lsn <= last)
     }
 
     /// Reads the slot's lag every [`LAG_EVERY`] into the counters, warning past
@@ -582,8 +613,8 @@ impl Source for LogicalSource {
             };
             let Some(event) = event else { break };
             self.handle(conn, event, &mut batch);
-            // In pieces as it grows (one event adds at most MAX_OPEN_ROWS + 1 rows): memory
-            // stays bounded whatever the transactions' sizes.
+            // In pieces as it grows (an event adds a Commit's at most MAX_OPEN_ROWS rows, or
+            // one change's): memory stays bounded whatever the transactions' sizes.
             if batch.len() >= MAX_BATCH {
                 let Some(n) = self.forward(conn, outlet, std::mem::take(&mut batch)).await else {
                     return Ok(None);
