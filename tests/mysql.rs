@@ -1530,3 +1530,38 @@ async fn a_consumer_saved_at_the_end_of_the_id_range_is_an_error_not_a_panic() {
     assert_eq!(events.next().await.id().as_i64(), Some(1));
     notifier.stop().await.unwrap();
 }
+
+/// A connection attempt the caller gives up on (here: `start()` under a timeout, against a
+/// server that accepts and never greets) goes with its socket — it is not left connecting.
+#[actix_rt::test]
+async fn a_connection_attempt_given_up_on_closes_its_socket() {
+    use std::io::Read;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let closed = closed_tx.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 64];
+                // Never greets; reads until the client closes.
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                let _ = closed.send(());
+            });
+        }
+    });
+    let url = format!("mysql://app@127.0.0.1:{port}/app?prefer_socket=false&ssl-mode=DISABLED");
+    let builder = Notifier::builder(&url).watch(Watch::new("t", Operation::Insert));
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), builder.start()).await;
+    assert!(
+        gave_up.is_err(),
+        "start() cannot finish against a server that never greets"
+    );
+    let closed =
+        tokio::task::spawn_blocking(move || closed_rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert!(closed.is_ok(), "the abandoned attempt kept its socket open");
+}

@@ -233,7 +233,16 @@ impl MysqlConfig {
 /// `caching_sha2_password` over plaintext): a server that is not MySQL, or whoever sits
 /// between, must not take the listener down with it — the panic is this connection's error.
 async fn open(opts: Opts) -> std::result::Result<Conn, mysql_async::Error> {
-    match tokio::spawn(Conn::new(opts)).await {
+    /// Aborts the connecting task when the caller gives up (a timeout, a stop): the attempt
+    /// and its socket go with it instead of lingering.
+    struct AbortOnDrop(tokio::task::JoinHandle<std::result::Result<Conn, mysql_async::Error>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(tokio::spawn(Conn::new(opts)));
+    match (&mut task.0).await {
         Ok(result) => result,
         Err(e) => {
             let what = match e.try_into_panic() {
@@ -265,6 +274,14 @@ fn ssl_opts(mode: SslMode, tls: &TlsParams) -> Result<mysql_async::SslOpts> {
     let mut ssl = SslOpts::default();
     match mode {
         SslMode::Disabled | SslMode::Preferred | SslMode::Required => {
+            if tls.ca.is_some() {
+                log::warn!(
+                    "sqlnotify: ssl-ca is given with ssl-mode={}, which checks no certificate: \
+                     the server's certificate is not checked (ssl-mode=VERIFY_CA or \
+                     VERIFY_IDENTITY would)",
+                    mode.name()
+                );
+            }
             ssl = ssl.with_danger_accept_invalid_certs(true)
         }
         // mysql_async's skip_domain_validation (what VERIFY_CA would set) does nothing with
@@ -297,7 +314,9 @@ fn ssl_opts(mode: SslMode, tls: &TlsParams) -> Result<mysql_async::SslOpts> {
         ) {
             return Err(Error::Unsupported {
                 what: format!(
-                    "ssl-key {}: the MySQL driver presents RSA keys in PKCS #1 form only                      (-----BEGIN RSA PRIVATE KEY-----); convert an RSA key with                      `openssl rsa -in key.pem -traditional -out key-rsa.pem`",
+                    "ssl-key {}: the MySQL driver presents RSA keys in PKCS #1 form only \
+                     (-----BEGIN RSA PRIVATE KEY-----); convert an RSA key with \
+                     `openssl rsa -in key.pem -traditional -out key-rsa.pem`",
                     key.display()
                 ),
             });
