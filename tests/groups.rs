@@ -959,3 +959,98 @@ async fn consumers_of_different_names_are_both_active() {
         notifier.stop().await.expect("stop");
     }
 }
+
+/// A member that loses the lease while events it delivered are still unacknowledged, and is
+/// then stopped as a standby, does not save the position it had read to: those events are the
+/// new holder's to deliver, and a later process gets them again. (Its final save once moved
+/// the saved position past them: lost for good if the new holder stopped before acking.)
+#[actix_rt::test]
+async fn postgres_a_member_that_lost_its_lease_saves_nothing_past_what_it_did_not_ack() {
+    if group_process().await {
+        return;
+    }
+    const ROWS: i64 = 10;
+    let db = common::TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    // Each member's connections carry its name, so that the test ends A's lease only.
+    let member = |name: &str| {
+        let sep = if db.url.contains('?') { '&' } else { '?' };
+        Notifier::builder(format!("{}{sep}application_name={name}", db.url))
+            .watch(Watch::new("t", Insert).tier(Tier::Durable))
+            .consumer(CONSUMER)
+    };
+    // A, active: it gets every row and acknowledges none.
+    let a = member("member_a").start().await.expect("start A");
+    let mut a_statuses = common::statuses(&a).await;
+    let (_, mut a_deliveries) = a
+        .subscribe_acked(Subscription::new("t", Insert))
+        .await
+        .expect("subscribe A");
+    for id in 1..=ROWS {
+        db.exec(&format!("INSERT INTO t VALUES ({id})")).await;
+    }
+    let mut unacked = Vec::new();
+    for id in 1..=ROWS {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), a_deliveries.recv())
+            .await
+            .expect("A gets the row")
+            .expect("A's subscription is open");
+        assert_eq!(delivery.event.id().as_i64(), Some(id));
+        unacked.push(delivery.ack);
+    }
+    // B stands by; A's lease connection ends; B takes over, A stands by.
+    let b = member("member_b").start().await.expect("start B");
+    let (_, mut b_deliveries) = b
+        .subscribe_acked(Subscription::new("t", Insert))
+        .await
+        .expect("subscribe B");
+    // End A's lease connection until B is the one that takes the lease (A reconnects fast
+    // and may take it back first).
+    let a_holds = "SELECT coalesce(max(l.pid), 0)::bigint FROM pg_catalog.pg_locks l \
+                   JOIN pg_catalog.pg_stat_activity a USING (pid) \
+                   WHERE l.locktype = 'advisory' AND l.granted \
+                     AND a.datname = pg_catalog.current_database() \
+                     AND a.application_name = 'member_a'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lost = false;
+    while !lost {
+        assert!(Instant::now() < deadline, "A never lost its lease to B");
+        let holder = db.count(a_holds).await;
+        if holder != 0 {
+            db.exec(&format!("SELECT pg_terminate_backend({holder})"))
+                .await;
+        }
+        while let Ok(Some(status)) =
+            tokio::time::timeout(Duration::from_secs(2), a_statuses.recv()).await
+        {
+            if status == Status::LostLease {
+                lost = true;
+                break;
+            }
+        }
+    }
+    // B delivers the rows again, unacknowledged too.
+    for id in 1..=ROWS {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), b_deliveries.recv())
+            .await
+            .expect("B gets the row again")
+            .expect("B's subscription is open");
+        assert_eq!(delivery.event.id().as_i64(), Some(id));
+        unacked.push(delivery.ack);
+    }
+    a.stop().await.expect("stop A");
+    b.stop().await.expect("stop B");
+    drop(unacked);
+
+    // A later process gets every row again: no one acknowledged them.
+    let c = member("member_c").start().await.expect("start C");
+    let mut events = common::Events::subscribe(&c, Subscription::new("t", Insert)).await;
+    let ids: Vec<i64> = events
+        .take(ROWS as usize)
+        .await
+        .iter()
+        .map(|e| e.id().as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>());
+    c.stop().await.unwrap();
+}

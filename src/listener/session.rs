@@ -176,6 +176,10 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     );
                     state.placed = false;
                     state.saving = Saving::default();
+                    // Nor is the position it had read to its own to save any more: a stop as
+                    // a standby must not move the saved position past what it never saw
+                    // acknowledged (the holds it forgets below).
+                    *shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     // What acknowledged subscriptions still hold is the new holder's to
                     // deliver: held here, it would keep this process from ever saving again.
                     shell.stats.holds.forget();
