@@ -459,7 +459,12 @@ impl Registry {
     fn publish(&mut self, status: Status) {
         let event = StatusEvent::now(status);
         self.status.retain(|sink| match sink {
-            StatusSink::Recipient(r) => r.try_send(event.clone()).is_ok() || r.connected(),
+            // Past the mailbox's capacity too: statuses are few, and one dropped (a Gap, a
+            // LostLease) would not be seen at all.
+            StatusSink::Recipient(r) => {
+                r.do_send(event.clone());
+                r.connected()
+            }
             StatusSink::Fn(addr) => {
                 addr.do_send(event.clone());
                 addr.connected()

@@ -674,3 +674,69 @@ async fn drops_not_yet_reported_are_reported_on_unsubscribe_and_on_stop() {
     );
     assert_eq!(s.delivered + s.dropped, 3 * 10);
 }
+
+/// A status subscriber (an actor) that is busy while statuses come in bursts gets every one
+/// once it moves again: its mailbox's capacity (16) does not drop them. (A `Gap` — the only
+/// sign that purged rows were missed — or a `LostLease` lost that way is not seen at all.)
+#[actix_rt::test]
+async fn a_busy_status_subscriber_gets_every_status_once_it_moves() {
+    struct Gated {
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+        out: mpsc::UnboundedSender<Status>,
+    }
+    impl actix::Actor for Gated {
+        type Context = actix::Context<Self>;
+    }
+    impl actix::Handler<sqlnotify::StatusEvent> for Gated {
+        type Result = ();
+        fn handle(&mut self, event: sqlnotify::StatusEvent, _: &mut actix::Context<Self>) {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+            let _ = self.out.send(event.status);
+        }
+    }
+
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut reference = statuses(&notifier).await;
+    let (release, gate) = std::sync::mpsc::channel();
+    let (out, mut busy) = mpsc::unbounded_channel();
+    let arbiter = actix::Arbiter::new();
+    let gate = std::sync::Mutex::new(Some(gate));
+    let addr = <Gated as actix::Actor>::start_in_arbiter(&arbiter.handle(), move |_| Gated {
+        gate: gate.lock().unwrap().take(),
+        out,
+    });
+    notifier.subscribe_status(addr.recipient()).await.unwrap();
+    // Eight reconnects: Disconnected, Connected and Gap each, 24 statuses.
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let pid = listener_pid(&db).await.expect("the listener is connected");
+        db.exec(&format!("SELECT pg_terminate_backend({pid})"))
+            .await;
+        for _ in 0..3 {
+            seen.push(next_status(&mut reference).await);
+        }
+        assert!(
+            matches!(seen[seen.len() - 1], Status::Gap { .. }),
+            "{seen:?}"
+        );
+    }
+    release.send(()).unwrap();
+    let mut got = Vec::new();
+    while got.len() < seen.len() {
+        match tokio::time::timeout(Duration::from_secs(30), busy.recv()).await {
+            Ok(Some(status)) => got.push(status),
+            _ => break,
+        }
+    }
+    assert_eq!(got, seen, "the busy subscriber's statuses");
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
