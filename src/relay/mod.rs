@@ -116,7 +116,7 @@ impl RelayBuilder {
     /// What makes message ids unique to this database: default, the consumer's name. Set one
     /// per database when several databases relay into one stream. Not empty, and no control
     /// characters (it goes into a header): else `start()` fails with
-    /// [`Error::InvalidOption`](crate::Error::InvalidOption).
+    /// [`Error::InvalidOption`].
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = Some(source.into());
         self
