@@ -137,8 +137,12 @@ pub struct Failure {
     pub attempts: u32,
     /// The attempt's error text.
     pub error: String,
-    /// Out of attempts: the row becomes `dead` (else `retrying`).
-    pub dead: bool,
+    /// What the row becomes: [`Retrying`](DeadLetterState::Retrying) (a live event that
+    /// failed, its position held until it is handled), [`Dead`](DeadLetterState::Dead) (out of
+    /// attempts) or [`Redelivering`](DeadLetterState::Redelivering) (a dead letter delivered
+    /// again that failed an attempt: nothing holds its position, so the row itself is what
+    /// brings it back — a process that takes over returns it to `requested`).
+    pub state: DeadLetterState,
 }
 
 /// An event failing and being retried, as recorded: what a process that takes over (restart,

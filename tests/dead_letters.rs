@@ -63,7 +63,7 @@ fn attempt(handler: &str, sequence: Option<i64>, part: u32) -> FailedAttempt {
         key,
         attempts: 1,
         error: "first try failed".into(),
-        dead: false,
+        state: DeadLetterState::Retrying,
     }
 }
 
@@ -201,16 +201,16 @@ async fn a_failure_is_recorded_retried_and_discarded(db: &impl Backend) {
     // out of attempts: dead (by id), and by upsert for an event recorded by another process
     let mut last = third;
     last.attempts = 5;
-    last.dead = true;
+    last.state = DeadLetterState::Dead;
     last.error = "gave up".into();
     assert_eq!(calls.record(last).await.unwrap(), id);
     let mut dead_part = attempt("billing", Some(10), 1);
     dead_part.attempts = 5;
-    dead_part.dead = true;
+    dead_part.state = DeadLetterState::Dead;
     assert_eq!(calls.record(dead_part).await.unwrap(), part1);
     let mut dead_loose = attempt("billing", None, 0);
     dead_loose.id = Some(loose2);
-    dead_loose.dead = true;
+    dead_loose.state = DeadLetterState::Dead;
     assert_eq!(calls.record(dead_loose).await.unwrap(), loose2);
     let dead = letters.get(id).await.unwrap();
     assert_eq!(
@@ -283,12 +283,12 @@ async fn a_failure_is_recorded_retried_and_discarded(db: &impl Backend) {
     );
     let mut failed_again = attempt("billing", Some(10), 1);
     failed_again.id = Some(part1);
-    failed_again.dead = true;
+    failed_again.state = DeadLetterState::Dead;
     failed_again.error = "still failing".into();
     assert_eq!(calls.record(failed_again).await.unwrap(), part1);
     let mut loose_again = attempt("billing", None, 0);
     loose_again.id = Some(loose2);
-    loose_again.dead = true;
+    loose_again.state = DeadLetterState::Dead;
     assert_eq!(calls.record(loose_again).await.unwrap(), loose2);
     assert_eq!(letters.counts(None).await.unwrap(), counts(2, 2, 0, 0));
 
@@ -320,7 +320,7 @@ async fn concurrent_takers_take_each_row_once(db: &impl Backend) {
     let mut recorded = BTreeSet::new();
     for seq in 1..=40 {
         let mut failure = attempt("billing", Some(seq), 0);
-        failure.dead = true;
+        failure.state = DeadLetterState::Dead;
         recorded.insert(calls_a.record(failure).await.unwrap());
     }
     assert_eq!(a.retry_handler("billing").await.unwrap(), 40);

@@ -24,7 +24,7 @@ use futures_util::FutureExt;
 use super::keys::{key_of, KeyId, KeyQueues};
 use super::{Attempt, HandlerError, Handling};
 use crate::acked::Deliveries;
-use crate::dead_letters::{DeadLetterStore, Failure, Retrying};
+use crate::dead_letters::{DeadLetterState, DeadLetterStore, Failure, Retrying};
 use crate::event::{ChangeEvent, Channels, Key};
 use crate::holds::Ack;
 use crate::instruments::HandlerMetrics;
@@ -303,7 +303,15 @@ impl Engine {
             event: event.to_record(),
             attempts: number,
             error: error.clone(),
-            dead,
+            state: if dead {
+                DeadLetterState::Dead
+            } else if item.ack.is_none() {
+                // A dead letter delivered again (live events carry their ack): nothing in
+                // the journal brings it back, so it must not be left `retrying`.
+                DeadLetterState::Redelivering
+            } else {
+                DeadLetterState::Retrying
+            },
         };
         match self.store.record(failure).await {
             Ok(row) => item.row = Some(row),
@@ -417,7 +425,7 @@ impl Engine {
                                     event: letter.event,
                                     attempts: letter.attempts,
                                     error: format!("cannot be delivered again: {e}"),
-                                    dead: true,
+                                    state: DeadLetterState::Dead,
                                 };
                                 if let Err(e) = self.store.record(failure).await {
                                     warn("mark an undeliverable dead letter dead again", e);

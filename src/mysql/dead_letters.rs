@@ -176,14 +176,6 @@ fn ids_params(ids: &[i64]) -> Params {
     Params::Positional(ids.iter().map(|&id| Value::from(id)).collect())
 }
 
-fn state_of(failure: &Failure) -> &'static str {
-    if failure.dead {
-        "dead"
-    } else {
-        "retrying"
-    }
-}
-
 async fn record(conn: &mut Conn, table: &str, f: Failure) -> Result<i64> {
     let context = || {
         format!(
@@ -191,7 +183,7 @@ async fn record(conn: &mut Conn, table: &str, f: Failure) -> Result<i64> {
             f.handler
         )
     };
-    let state = state_of(&f);
+    let state = f.state.as_str();
     if let Some(id) = f.id {
         conn.exec_drop(
             format!(

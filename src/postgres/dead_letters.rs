@@ -173,18 +173,10 @@ fn int4(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-fn state_of(failure: &Failure) -> &'static str {
-    if failure.dead {
-        "dead"
-    } else {
-        "retrying"
-    }
-}
-
 async fn record(client: &Client, f: Failure) -> Result<i64> {
     let t = table();
     let context = || format!("recording a failure of handler {:?} in {TABLE}", f.handler);
-    let (attempts, state) = (int4(f.attempts), state_of(&f));
+    let (attempts, state) = (int4(f.attempts), f.state.as_str());
     if let Some(id) = f.id {
         let sql = format!(
             "UPDATE {t} SET attempts = $2, error = $3, state = $4, last_failed = now()

@@ -202,17 +202,9 @@ fn query(
     Ok(letters)
 }
 
-fn state_of(failure: &Failure) -> &'static str {
-    if failure.dead {
-        "dead"
-    } else {
-        "retrying"
-    }
-}
-
 fn record(conn: &mut Connection, f: Failure) -> Result<i64> {
     let context = format!("recording a failure of handler {:?} in {TABLE}", f.handler);
-    let state = state_of(&f);
+    let state = f.state.as_str();
     if let Some(id) = f.id {
         let updated = conn
             .prepare_cached(&format!(

@@ -310,6 +310,98 @@ pub async fn a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_ag
     notifier.stop().await.unwrap();
 }
 
+/// A dead letter delivered again that fails again (attempts left) and whose notifier then
+/// stops during the backoff is not stranded: its row says `redelivering` (nothing in the
+/// journal brings it back, unlike a live event's `retrying`), and the next notifier of the
+/// handler takes it back and delivers it.
+pub async fn a_retried_dead_letter_that_fails_again_is_not_stranded_by_a_stop(db: &impl Backend) {
+    db.run("CREATE TABLE q (id INTEGER PRIMARY KEY)").await;
+    // Fails 3 times in a row (a dead letter after 2 attempts, then its first retry), then
+    // handles.
+    let failures = Rc::new(std::cell::Cell::new(3u32));
+    let start = |failures: Rc<std::cell::Cell<u32>>| async move {
+        let notifier = db
+            .builder()
+            .watch(db.watch("q", Operation::Insert))
+            .start()
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        notifier
+            .handle(
+                Subscription::new("q", Operation::Insert),
+                Handling::new("stranded")
+                    .max_attempts(2)
+                    .backoff(Duration::from_millis(50), Duration::from_secs(3600))
+                    .redelivery_poll(Duration::from_millis(100)),
+                move |event| {
+                    let (tx, failures) = (tx.clone(), failures.clone());
+                    async move {
+                        let _ = tx.send(event.id().as_i64().unwrap());
+                        if failures.get() > 0 {
+                            failures.set(failures.get() - 1);
+                            return Err("not yet".into());
+                        }
+                        Ok(())
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        (notifier, rx)
+    };
+    let (notifier, mut calls) = start(failures.clone()).await;
+    db.insert_ids("q", 1..=1).await;
+    let letters = db.builder().dead_letters().unwrap();
+    let state = || async {
+        letters
+            .list(Some("stranded"), None)
+            .await
+            .unwrap()
+            .first()
+            .map(|l| l.state)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            state().await == Some(sqlnotify::DeadLetterState::Dead)
+        })
+        .await,
+        "row 1 never became a dead letter"
+    );
+    letters.retry_handler("stranded").await.unwrap();
+    // Its retry fails; the next attempt waits an hour (backoff): stop meanwhile.
+    assert!(
+        wait_until(Duration::from_secs(10), || async { failures.get() == 0 }).await,
+        "the retried dead letter was not delivered again"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            state().await == Some(sqlnotify::DeadLetterState::Redelivering)
+        })
+        .await,
+        "a retried dead letter that failed again: {:?}",
+        state().await
+    );
+    notifier.stop().await.unwrap();
+    while calls.try_recv().is_ok() {}
+
+    // The next notifier of the handler takes it back and delivers it: handled, row gone.
+    let (notifier, mut calls) = start(failures.clone()).await;
+    let again = tokio::time::timeout(Duration::from_secs(30), calls.recv())
+        .await
+        .expect("the stranded dead letter delivered again");
+    assert_eq!(again, Some(1));
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            state().await.is_none()
+        })
+        .await,
+        "the handled dead letter's row goes: {:?}",
+        state().await
+    );
+    notifier.stop().await.unwrap();
+}
+
 type Boxed =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), sqlnotify::HandlerError>>>>;
 

@@ -42,6 +42,7 @@ macro_rules! journal_dialect_scenarios {
             retention::retention_trims_the_journal_but_keeps_what_an_active_consumer_has_not_read,
             handling::a_flaky_handler_handles_every_event_once_in_key_order,
             handling::a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_again,
+            handling::a_retried_dead_letter_that_fails_again_is_not_stranded_by_a_stop,
             handling::a_restart_in_the_middle_of_a_retry_continues_it,
             handling::a_failover_continues_retries_and_key_order,
         );
