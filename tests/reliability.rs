@@ -740,3 +740,65 @@ async fn a_busy_status_subscriber_gets_every_status_once_it_moves() {
     notifier.stop().await.unwrap();
     arbiter.stop();
 }
+
+/// The control connection that reads overflow rows goes silent (no FIN, no RST) while the
+/// listener reconnects on a fresh one: the next large row's read is given up after its limit
+/// (10 s) and the event delivered with its key only — instead of the decoder, and every event
+/// behind it, waiting for minutes — and the row after it is read in full on a new control
+/// connection.
+#[actix_rt::test]
+async fn an_overflow_read_on_a_silent_connection_is_given_up_and_the_pipeline_goes_on() {
+    const BIG: usize = 10_000;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, body text NOT NULL)")
+        .await;
+    let server = common::server_url();
+    let (host_port, _) = server
+        .split_once("://")
+        .unwrap()
+        .1
+        .split_once('@')
+        .map(|(_, rest)| rest.split_once('/').unwrap())
+        .unwrap();
+    let proxy = Proxy::start(host_port.to_string()).await;
+    let url = common::with_dbname(
+        &server.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1),
+        &db.name,
+    );
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("docs", Insert).extra_columns(["body"]))
+        .health_check_interval(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("docs", Insert)).await;
+    let big = |id: i64| format!("INSERT INTO docs VALUES ({id}, repeat('x', {BIG}))");
+    db.exec(&big(1)).await;
+    let first = events.next().await;
+    assert!(
+        !first.is_truncated(),
+        "read in full on the control connection"
+    );
+
+    // Every connection through the proxy goes silent; the listener's health check notices
+    // and reconnects, the control connection stays as it is.
+    proxy.silence_existing();
+    assert!(matches!(
+        next_status(&mut status).await,
+        Status::Disconnected { .. }
+    ));
+    assert_eq!(next_status(&mut status).await, Status::Connected);
+    db.exec(&big(2)).await;
+    db.exec(&big(3)).await;
+    let second = events.next_within(Duration::from_secs(40)).await;
+    assert_eq!(second.id().as_i64(), Some(2));
+    assert!(second.is_truncated(), "delivered with its key only");
+    let third = events.next().await;
+    assert_eq!(third.id().as_i64(), Some(3));
+    assert!(
+        !third.is_truncated(),
+        "read in full on a new control connection"
+    );
+    notifier.stop().await.unwrap();
+}

@@ -67,6 +67,11 @@ impl Control {
     }
 }
 
+/// How long reading an overflow row may take (connecting included) before the control
+/// connection is given up and the event delivered with its key only: the decoder, and every
+/// event behind it, waits for the answer.
+const FETCH_LIMIT: Duration = Duration::from_secs(10);
+
 impl OverflowStore for Arc<Control> {
     fn fetch(
         &self,
@@ -75,21 +80,35 @@ impl OverflowStore for Arc<Control> {
     ) -> BoxFuture<'static, Result<Option<String>>> {
         let this = self.clone();
         Box::pin(async move {
-            let client = this.client().await?;
-            // Bound to the channel: a reference seen on one channel never reads another's row.
-            // The decoder only passes references in the canonical UUID form (see payload.rs),
-            // so the cast cannot fail.
-            let sql = format!(
-                "SELECT payload FROM {}.overflow WHERE token = $1::uuid AND channel = $2",
-                quote_ident(SCHEMA)
-            );
-            let row = client
-                .query_typed_opt(&sql, &[(&reference, Type::TEXT), (&channel, Type::TEXT)])
-                .await
-                .map_err(|e| {
-                    Error::db(format!("reading overflow row {reference} of {channel}"), e)
-                })?;
-            Ok(row.map(|r| r.get(0)))
+            let context = || format!("reading overflow row {reference} of {channel}");
+            let read = async {
+                let client = this.client().await?;
+                // Bound to the channel: a reference seen on one channel never reads another's
+                // row. The decoder only passes references in the canonical UUID form (see
+                // payload.rs), so the cast cannot fail.
+                let sql = format!(
+                    "SELECT payload FROM {}.overflow WHERE token = $1::uuid AND channel = $2",
+                    quote_ident(SCHEMA)
+                );
+                let row = client
+                    .query_typed_opt(&sql, &[(&reference, Type::TEXT), (&channel, Type::TEXT)])
+                    .await
+                    .map_err(|e| Error::db(context(), e))?;
+                Ok(row.map(|r| r.get(0)))
+            };
+            match tokio::time::timeout(FETCH_LIMIT, read).await {
+                Ok(result) => result,
+                Err(_) => {
+                    // A connection gone silent (no FIN, no RST) stays "open" for minutes; the
+                    // decoder waits for this answer, and the whole pipeline with it. Dropped:
+                    // the next read opens a new one.
+                    this.close().await;
+                    Err(Error::Database {
+                        context: context(),
+                        source: format!("no answer within {FETCH_LIMIT:?}").into(),
+                    })
+                }
+            }
         })
     }
 

@@ -342,6 +342,14 @@ impl Events {
             .expect("subscription closed")
     }
 
+    /// The next event, waiting up to `limit` (for events that come late by design).
+    pub async fn next_within(&mut self, limit: Duration) -> ChangeEvent {
+        tokio::time::timeout(limit, self.rx.recv())
+            .await
+            .expect("an event should have arrived")
+            .expect("subscription closed")
+    }
+
     /// The next `n` events.
     pub async fn take(&mut self, n: usize) -> Vec<ChangeEvent> {
         let mut out = Vec::with_capacity(n);
