@@ -1014,28 +1014,18 @@ async fn a_transaction_larger_than_the_in_flight_budget_arrives() {
 #[actix_rt::test]
 async fn a_huge_transaction_is_read_as_the_pipeline_takes_it_not_whole() {
     const ROWS: i64 = 400_000;
-    let Some(cluster) = cluster("a_huge_transaction_is_read_as_the_pipeline_takes_it") else {
+    let Some(Stalled {
+        _cluster,
+        db,
+        notifier,
+        release,
+        mut events,
+        _arbiter,
+    }) = stalled_on_one_transaction("a_huge_transaction_is_read_as_the_pipeline_takes_it", ROWS)
+        .await
+    else {
         return;
     };
-    let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text NOT NULL)")
-        .await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Insert).tier(Tier::Logical))
-        .start()
-        .await
-        .unwrap();
-    let (slow, release, mut events, _arbiter) = common::gated();
-    notifier
-        .subscribe(Subscription::new("t", Insert).buffer(1), slow)
-        .await
-        .unwrap();
-    // ~60 MB of change data: far more than the pipeline, the replication client's queue and
-    // the socket's buffers hold.
-    db.exec(&format!(
-        "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, {ROWS}) g"
-    ))
-    .await;
     // Blocked writing the transaction to a socket the listener no longer reads — not idle,
     // as it is once the listener has read every row of it.
     let settled = walsender_settles(&db).await;
@@ -1098,26 +1088,17 @@ async fn walsender_settles(db: &TestDb) -> Option<String> {
 #[actix_rt::test]
 async fn a_reconnect_in_the_middle_of_a_huge_transaction_hands_none_of_it_over_twice() {
     const ROWS: i64 = 100_000;
-    let Some(cluster) = cluster("a_reconnect_in_the_middle_of_a_huge_transaction") else {
+    let Some(Stalled {
+        _cluster,
+        db,
+        notifier,
+        release,
+        mut events,
+        _arbiter,
+    }) = stalled_on_one_transaction("a_reconnect_in_the_middle_of_a_huge_transaction", ROWS).await
+    else {
         return;
     };
-    let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text NOT NULL)")
-        .await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Insert).tier(Tier::Logical))
-        .start()
-        .await
-        .unwrap();
-    let (slow, release, mut events, _arbiter) = common::gated();
-    notifier
-        .subscribe(Subscription::new("t", Insert).buffer(1), slow)
-        .await
-        .unwrap();
-    db.exec(&format!(
-        "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, {ROWS}) g"
-    ))
-    .await;
     assert_eq!(
         walsender_settles(&db).await.as_deref(),
         Some("WalSenderWriteData"),
@@ -1145,4 +1126,46 @@ async fn a_reconnect_in_the_middle_of_a_huge_transaction_hands_none_of_it_over_t
         "a row again after the transaction"
     );
     notifier.stop().await.unwrap();
+}
+
+/// A logical-tier notifier on a cluster of the test's own whose one subscriber is stalled
+/// (gated, buffer 1), after one transaction inserted `rows` rows of ~100 bytes into `t`.
+struct Stalled {
+    _cluster: Cluster,
+    db: TestDb,
+    notifier: Notifier,
+    release: std::sync::mpsc::Sender<()>,
+    events: mpsc::UnboundedReceiver<sqlnotify::ChangeEvent>,
+    _arbiter: actix::Arbiter,
+}
+
+async fn stalled_on_one_transaction(test: &str, rows: i64) -> Option<Stalled> {
+    let cluster = cluster(test)?;
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text NOT NULL)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, events, arbiter) = common::gated();
+    notifier
+        .subscribe(Subscription::new("t", Insert).buffer(1), slow)
+        .await
+        .unwrap();
+    // Far more change data than the pipeline, the replication client's queue and the
+    // socket's buffers hold (400,000 rows: ~60 MB).
+    db.exec(&format!(
+        "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, {rows}) g"
+    ))
+    .await;
+    Some(Stalled {
+        _cluster: cluster,
+        db,
+        notifier,
+        release,
+        events,
+        _arbiter: arbiter,
+    })
 }

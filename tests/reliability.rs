@@ -75,6 +75,24 @@ impl Proxy {
         Proxy { port, epoch }
     }
 
+    /// A proxy in front of the test server, and `db`'s URL through it.
+    async fn in_front_of(db: &TestDb) -> (Proxy, String) {
+        let server = common::server_url();
+        let (host_port, _) = server
+            .split_once("://")
+            .unwrap()
+            .1
+            .split_once('@')
+            .map(|(_, rest)| rest.split_once('/').unwrap())
+            .unwrap();
+        let proxy = Proxy::start(host_port.to_string()).await;
+        let url = common::with_dbname(
+            &server.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1),
+            &db.name,
+        );
+        (proxy, url)
+    }
+
     /// Existing connections stop carrying bytes (but stay open).
     fn silence_existing(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -107,19 +125,7 @@ async fn pipe(
 async fn a_silently_dead_connection_is_detected_by_the_health_check() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let server = common::server_url();
-    let (host_port, _) = server
-        .split_once("://")
-        .unwrap()
-        .1
-        .split_once('@')
-        .map(|(_, rest)| rest.split_once('/').unwrap())
-        .unwrap();
-    let proxy = Proxy::start(host_port.to_string()).await;
-    let url = common::with_dbname(
-        &server.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1),
-        &db.name,
-    );
+    let (proxy, url) = Proxy::in_front_of(&db).await;
     let notifier = Notifier::builder(&url)
         .watch(Watch::new("t", Insert))
         .health_check_interval(Duration::from_millis(300))
@@ -752,19 +758,7 @@ async fn an_overflow_read_on_a_silent_connection_is_given_up_and_the_pipeline_go
     let db = TestDb::new().await;
     db.exec("CREATE TABLE docs (id int PRIMARY KEY, body text NOT NULL)")
         .await;
-    let server = common::server_url();
-    let (host_port, _) = server
-        .split_once("://")
-        .unwrap()
-        .1
-        .split_once('@')
-        .map(|(_, rest)| rest.split_once('/').unwrap())
-        .unwrap();
-    let proxy = Proxy::start(host_port.to_string()).await;
-    let url = common::with_dbname(
-        &server.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1),
-        &db.name,
-    );
+    let (proxy, url) = Proxy::in_front_of(&db).await;
     let notifier = Notifier::builder(&url)
         .watch(Watch::new("docs", Insert).extra_columns(["body"]))
         .health_check_interval(Duration::from_millis(300))
