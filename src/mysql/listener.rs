@@ -20,12 +20,11 @@ use std::time::{Duration, Instant, SystemTime};
 use mysql_async::prelude::*;
 use mysql_async::Conn;
 
-use super::tls::MysqlConfig;
-
 use super::catalog::db_err;
 use super::consumers;
 use super::journal::{self, Cursor, Position, Tracking, TxRow};
 use super::snapshot::Watermark;
+use super::tls::MysqlConfig;
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
@@ -270,7 +269,10 @@ impl Source for MysqlSource {
     async fn connect(&mut self, _: &Outlet) -> Result<Conn> {
         let mut conn = self
             .within("connecting the listener to MySQL", async {
-                (self.opts.connect().await).map_err(db_err("connecting the listener to MySQL"))
+                self.opts
+                    .connect()
+                    .await
+                    .map_err(db_err("connecting the listener to MySQL"))
             })
             .await?;
         self.within("configuring the listener connection", async {
@@ -466,7 +468,9 @@ impl Source for MysqlSource {
         let (opts, database) = (self.opts.clone(), self.database.clone());
         Box::new(move |name, position| {
             Box::pin(async move {
-                let mut conn = (opts.connect().await)
+                let mut conn = opts
+                    .connect()
+                    .await
                     .map_err(db_err("connecting to save the consumer position"))?;
                 let saved = consumers::save(&mut conn, &database, &name, &position)
                     .await

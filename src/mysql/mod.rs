@@ -50,10 +50,10 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
-
-use self::tls::{MysqlConfig, TlsParams};
 use serde_json::Value;
 use tokio::sync::OwnedMutexGuard;
+
+use self::tls::{MysqlConfig, TlsParams};
 
 use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
@@ -109,12 +109,8 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
     let mut tls = TlsParams::default();
     let mut kept = Vec::new();
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
-        if let Some((key, value)) = pair.split_once('=') {
-            if tls.take(key, value)? {
-                continue;
-            }
-        }
         match pair.split_once('=') {
+            Some((key, value)) if tls.take(key, value)? => {}
             Some((GAP_TIMEOUT_PARAM, value)) => {
                 let ms: u64 = value.parse().map_err(|_| {
                     invalid(format!(
@@ -190,7 +186,10 @@ impl Control {
                 }
             }
             if slot.is_none() {
-                let conn = (control.opts.connect().await)
+                let conn = control
+                    .opts
+                    .connect()
+                    .await
                     .map_err(|e| Error::db("connecting to MySQL", e))?;
                 *slot = Some((conn, Instant::now()));
             }

@@ -79,10 +79,9 @@ use futures_util::future::BoxFuture;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Row, Value};
 
-use super::tls::MysqlConfig;
-
 use super::catalog::{db_err, describe_table};
 use super::ddl::{qualified, quote_ident, quote_literal, row_payload_expr, JOURNAL};
+use super::tls::MysqlConfig;
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::snapshot::fence::Fence;
@@ -552,7 +551,10 @@ impl MysqlSnapshot {
             channel.schema(),
             channel.table()
         );
-        let mut conn = (opts.connect().await).map_err(db_err(format!("{what}: connecting")))?;
+        let mut conn = opts
+            .connect()
+            .await
+            .map_err(db_err(format!("{what}: connecting")))?;
         let table = describe_table(&mut conn, channel.schema(), channel.table()).await?;
         let data_types: BTreeMap<String, String> = table
             .columns

@@ -269,7 +269,7 @@ async fn open(opts: Opts) -> std::result::Result<Conn, mysql_async::Error> {
 fn ssl_opts(mode: SslMode, tls: &TlsParams) -> Result<mysql_async::SslOpts> {
     use mysql_async::{ClientIdentity, SslOpts};
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::PrivateKeyDer;
 
     let mut ssl = SslOpts::default();
     match mode {
@@ -289,60 +289,61 @@ fn ssl_opts(mode: SslMode, tls: &TlsParams) -> Result<mysql_async::SslOpts> {
         SslMode::VerifyCa | SslMode::VerifyIdentity => {}
     }
     if let Some(path) = &tls.ca {
-        let certs = read_pem(path, "ssl-ca", |bytes| {
-            CertificateDer::pem_slice_iter(bytes)
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map(|certs| certs.len())
-        })?;
         ssl = ssl
-            .with_root_certs(vec![certs.into()])
+            .with_root_certs(vec![read_certs(path, "ssl-ca")?.into()])
             .with_disable_built_in_roots(true);
     }
     if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-        let chain = read_pem(cert, "ssl-cert", |bytes| {
-            CertificateDer::pem_slice_iter(bytes)
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map(|certs| certs.len())
-        })?;
-        let key_pem = read_pem(key, "ssl-key", |bytes| {
-            PrivateKeyDer::from_pem_slice(bytes).map(|_| 1)
-        })?;
-        // mysql_async's rustls path reads RSA keys in PKCS #1 form only.
-        if !matches!(
-            PrivateKeyDer::from_pem_slice(&key_pem),
-            Ok(PrivateKeyDer::Pkcs1(_))
-        ) {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "ssl-key {}: the MySQL driver presents RSA keys in PKCS #1 form only \
-                     (-----BEGIN RSA PRIVATE KEY-----); convert an RSA key with \
-                     `openssl rsa -in key.pem -traditional -out key-rsa.pem`",
-                    key.display()
-                ),
-            });
+        let chain = read_certs(cert, "ssl-cert")?;
+        let key_pem = read_file(key, "ssl-key")?;
+        match PrivateKeyDer::from_pem_slice(&key_pem) {
+            Ok(PrivateKeyDer::Pkcs1(_)) => {}
+            // mysql_async's rustls path reads RSA keys in PKCS #1 form only.
+            Ok(_) => {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "ssl-key {}: the MySQL driver presents RSA keys in PKCS #1 form only \
+                         (-----BEGIN RSA PRIVATE KEY-----); convert an RSA key with \
+                         `openssl rsa -in key.pem -traditional -out key-rsa.pem`",
+                        key.display()
+                    ),
+                })
+            }
+            Err(e) => return Err(bad_file(key, "ssl-key", &e)),
         }
         ssl = ssl.with_client_identity(Some(ClientIdentity::new(chain.into(), key_pem.into())));
     }
     Ok(ssl)
 }
 
-/// The file at `path` (the URL's `param`), checked by `count` to hold at least one PEM
-/// object of the kind wanted.
+/// The error for the file at `path`, the URL's `param`.
 #[cfg(feature = "tls")]
-fn read_pem(
-    path: &std::path::Path,
-    param: &str,
-    count: impl Fn(&[u8]) -> std::result::Result<usize, rustls::pki_types::pem::Error>,
-) -> Result<Vec<u8>> {
-    let bad = |e: &dyn std::fmt::Display| Error::InvalidUrl {
+fn bad_file(path: &std::path::Path, param: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::InvalidUrl {
         reason: format!("{param} {}: {e}", path.display()),
-    };
-    let bytes = std::fs::read(path).map_err(|e| bad(&e))?;
-    match count(&bytes) {
-        Ok(0) => Err(bad(&"no PEM certificate in it")),
-        Ok(_) => Ok(bytes),
-        Err(e) => Err(bad(&e)),
     }
+}
+
+/// The bytes of the file at `path`, the URL's `param`.
+#[cfg(feature = "tls")]
+fn read_file(path: &std::path::Path, param: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| bad_file(path, param, &e))
+}
+
+/// The file at `path`, the URL's `param`, checked to hold PEM certificates, at least one.
+#[cfg(feature = "tls")]
+fn read_certs(path: &std::path::Path, param: &str) -> Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let bytes = read_file(path, param)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad_file(path, param, &e))?;
+    if certs.is_empty() {
+        return Err(bad_file(path, param, &"no PEM certificate in it"));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

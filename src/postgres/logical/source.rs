@@ -10,8 +10,9 @@
 //! ([`widen_xid`]) — and the last one marked; a transaction of more than [`MAX_OPEN_ROWS`]
 //! rows is handed over as it arrives (all but its newest change's rows, which wait for the
 //! last mark), so that one huge statement does not sit in memory whole, and what of it went
-//! before a reconnect is not handed over again when the server sends it anew. The position is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive:
-//! nothing before it is still to come). The slot is confirmed (`update_applied_lsn`, sent
+//! before a reconnect is not handed over again when the server sends it anew. The position
+//! is the Commit's end LSN (or, while idle, the server's WAL end from a keepalive: nothing
+//! before it is still to come). The slot is confirmed (`update_applied_lsn`, sent
 //! with the next status update) only with a position the shell's save rule declared safe —
 //! every event up to it left the pipeline — for a named consumer in [`Source::save`], for a
 //! notifier without one by the same count here. After a reconnect the server sends again
