@@ -80,7 +80,7 @@ impl Decoder {
             let start = self.units;
             self.units += u64::from(raw.events);
             let channel = match &last {
-                Some(channel) if channel.name() == raw.channel => channel.clone(),
+                Some(channel) if channel.name() == &*raw.channel => channel.clone(),
                 _ => {
                     let Some(channel) = self.channels.get(&raw.channel).cloned() else {
                         self.malformed(&raw, "not a channel of this notifier");

@@ -21,8 +21,9 @@ use crate::tier::Tier;
 /// can be driven (and tested) without a database.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawNotification {
-    /// The channel it arrived on.
-    pub channel: String,
+    /// The channel it arrived on (shared: a listener hands out one name per channel rather
+    /// than a copy per notification).
+    pub channel: Arc<str>,
     /// The payload text (JSON written by a sqlnotify trigger, or anything someone else sent).
     pub payload: String,
     /// When the listener read it.
@@ -50,7 +51,7 @@ pub struct RawNotification {
 
 impl RawNotification {
     /// A notification received now.
-    pub fn new(channel: impl Into<String>, payload: impl Into<String>) -> Self {
+    pub fn new(channel: impl Into<Arc<str>>, payload: impl Into<String>) -> Self {
         RawNotification {
             channel: channel.into(),
             payload: payload.into(),

@@ -293,6 +293,9 @@ impl Meta {
 }
 
 impl<'de> serde::Deserialize<'de> for Meta {
+    // Inlined into the payload's parse, as it was before the decoder's other changes: called
+    // out of line it costs ~170 instructions more per event (callgrind).
+    #[inline]
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::value::SeqAccessDeserializer;
         use serde::Deserialize as _;
@@ -302,6 +305,7 @@ impl<'de> serde::Deserialize<'de> for Meta {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("sqlnotify's metadata")
             }
+            #[inline]
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut access: A,
@@ -366,10 +370,10 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor<'_> {
         let mut next = 0;
         let mut parts = Parts {
             first: None,
-            rest: vec![None; key_columns.len().saturating_sub(1)],
+            rest: nones(key_columns.len().saturating_sub(1)),
             meta: None,
             extra: Extra {
-                known: vec![None; extra_columns.len()],
+                known: nones(extra_columns.len()),
                 others: Map::new(),
             },
         };
@@ -399,6 +403,12 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor<'_> {
         }
         Ok(parts)
     }
+}
+
+/// `n` empty slots. Cheaper than `vec![None; n]`, which clones a `None` `Value` into each
+/// slot but the last.
+fn nones(n: usize) -> Vec<Option<Value>> {
+    std::iter::repeat_with(|| None).take(n).collect()
 }
 
 /// A member name, borrowed from the payload unless it holds an escape.

@@ -218,6 +218,61 @@ async fn journal_tiers_ignore_notify_payloads() {
     notifier.stop().await.unwrap();
 }
 
+/// Forgeries interleaved with wake-ups in one read: the listener tells each notification's
+/// channel apart however they alternate (it caches the last channel's kind), so each forged
+/// payload on the signed channel is refused and each one on the durable channel only wakes it.
+#[actix_rt::test]
+async fn interleaved_channels_each_keep_their_kind() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let (_, mallory) = db.role("mallory").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert).extra_columns(["v"]))
+        .watch(
+            Watch::new("t", Operation::Update)
+                .extra_columns(["v"])
+                .tier(Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut inserts = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let mut updates = Events::subscribe(&notifier, Subscription::new("t", Operation::Update)).await;
+    let attacker = connect(&mallory).await;
+    // One transaction: delivered together, alternating channels.
+    attacker
+        .batch_execute(
+            r#"SELECT pg_notify('sqlnotify_public_t_update', '{"id":1000,"v":"forged"}'),
+                      pg_notify('sqlnotify_public_t_insert', '{"id":1001,"v":"forged"}'),
+                      pg_notify('sqlnotify_public_t_insert', '{"id":1002,"v":"forged"}'),
+                      pg_notify('sqlnotify_public_t_update', '{"id":1003,"v":"forged"}'),
+                      pg_notify('sqlnotify_public_t_insert', '{"id":1004,"v":"forged"}')"#,
+        )
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t VALUES (1, 'real'); UPDATE t SET v = 'updated' WHERE id = 1")
+        .await;
+    let e = inserts.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("v")),
+        (Some(1), Some(&json!("real")))
+    );
+    let e = updates.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("v")),
+        (Some(1), Some(&json!("updated")))
+    );
+    inserts.assert_none_within(Duration::from_millis(300)).await;
+    updates.assert_none_within(Duration::from_millis(1)).await;
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(
+        (stats.received, stats.malformed, stats.forged),
+        (2, 0, 3),
+        "{stats:?}"
+    );
+    notifier.stop().await.unwrap();
+}
+
 /// A role that was granted nothing can read, write and run nothing of sqlnotify's — even when
 /// default privileges would have handed PUBLIC everything created afterwards.
 #[actix_rt::test]

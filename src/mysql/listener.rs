@@ -48,7 +48,7 @@ pub(crate) struct MysqlSource {
     database: Arc<str>,
     gap_timeout: Duration,
     query_limit: Duration,
-    channels: HashSet<String>,
+    channels: HashSet<Arc<str>>,
     /// The same channels, sorted (what a named consumer registers).
     channel_list: Vec<String>,
     /// `None` until placed.
@@ -78,13 +78,21 @@ impl MysqlSource {
             database,
             gap_timeout,
             query_limit: health_check.max(MIN_QUERY_LIMIT),
-            channels: channel_list.iter().cloned().collect(),
+            channels: channel_list.iter().map(|c| Arc::from(c.as_str())).collect(),
             channel_list,
             cursor: None,
             wake,
             settled,
             tracking: Tracking::Off,
         }
+    }
+
+    /// The shared copy of channel name `name` (a copy of it if it is none of ours).
+    fn shared_name(&self, name: String) -> Arc<str> {
+        self.channels
+            .get(name.as_str())
+            .cloned()
+            .unwrap_or_else(|| name.into())
     }
 
     /// Runs a query future; fails if it takes longer than the query limit.
@@ -204,7 +212,7 @@ impl MysqlSource {
             if !self.cursor().is_new(row.id) {
                 continue;
             }
-            if self.channels.contains(&row.channel) {
+            if self.channels.contains(row.channel.as_str()) {
                 ours.push(row);
             } else {
                 others.push(row.id);
@@ -234,7 +242,7 @@ impl MysqlSource {
             for (index, (row, last)) in ordered.by_ref().take(READ_BATCH) {
                 ids.push(row.id);
                 batch.push(RawNotification {
-                    channel: row.channel,
+                    channel: self.shared_name(row.channel),
                     payload: row.payload,
                     received_at: now,
                     sequence: Some(row.id),
@@ -401,9 +409,9 @@ impl Source for MysqlSource {
             let page = CursorPage::new(self.cursor().read_set(), ids.clone());
             let mut batch = Vec::new();
             for (index, (id, channel, payload)) in rows.into_iter().enumerate() {
-                if self.channels.contains(&channel) {
+                if let Some(channel) = self.channels.get(channel.as_str()) {
                     batch.push(RawNotification {
-                        channel,
+                        channel: channel.clone(),
                         payload,
                         received_at: now,
                         sequence: Some(id),

@@ -107,7 +107,7 @@ pub(crate) async fn replay(
         .filter_map(|(index, (id, channel, payload, tx))| {
             let channel = String::from_utf8_lossy(&channel).into_owned();
             channels.contains(&channel).then(|| RawNotification {
-                channel,
+                channel: channel.into(),
                 payload: String::from_utf8_lossy(&payload).into_owned(),
                 received_at: now,
                 sequence: Some(id),

@@ -172,7 +172,7 @@ impl JournalCursor {
             let events = row.get::<_, i32>(5).clamp(1, STATEMENT_CHUNK_ROWS as i32) as u32;
             let group: i64 = row.get(6);
             batch.push(RawNotification {
-                channel: row.get(3),
+                channel: std::sync::Arc::from(row.get::<_, &str>(3)),
                 payload: row.get(4),
                 received_at: SystemTime::now(),
                 sequence: Some(id),

@@ -19,7 +19,7 @@
 //!
 //! [`Status::Gap`]: crate::Status::Gap
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::Ordering;
@@ -119,10 +119,9 @@ pub(crate) struct PgSource {
     config: PgConfig,
     /// Channels to LISTEN on: notify and durable tiers.
     listen: Vec<String>,
-    /// Durable channels, whose notifications only wake a journal read.
-    wake_channels: Arc<HashSet<String>>,
-    /// Signed notify-tier channels, and the key their payloads are verified with.
-    signed: Arc<HashSet<String>>,
+    /// Every channel LISTENed on, by name, with what a notification on it is.
+    listened: Arc<HashMap<Arc<str>, Listened>>,
+    /// The key signed channels' payloads are verified with.
     verifier: Option<Arc<Verifier>>,
     /// Notify-tier channels (a reconnect may have lost their events).
     notify: Vec<String>,
@@ -149,17 +148,23 @@ impl PgSource {
                 .map(|c| c.name.clone())
                 .collect()
         };
-        let signed = channels
+        let listened = channels
             .iter()
-            .filter(|c| c.signed)
-            .map(|c| c.name.clone())
+            .filter_map(|c| {
+                let kind = match c.tier {
+                    Tier::Durable => Listened::Wake,
+                    Tier::Notify if c.signed => Listened::Signed,
+                    Tier::Notify => Listened::Plain,
+                    _ => return None,
+                };
+                Some((Arc::from(c.name.as_str()), kind))
+            })
             .collect();
         let journal_channels = by_tier(&[Tier::Durable, Tier::Poll]);
         PgSource {
             config,
             listen: by_tier(&[Tier::Notify, Tier::Durable]),
-            wake_channels: Arc::new(by_tier(&[Tier::Durable]).into_iter().collect()),
-            signed: Arc::new(signed),
+            listened: Arc::new(listened),
             verifier: verifier.map(Arc::new),
             notify: by_tier(&[Tier::Notify]),
             journal: (!journal_channels.is_empty()).then(|| Journal {
@@ -187,9 +192,8 @@ impl Source for PgSource {
         let (lost_tx, lost) = watch::channel(None);
         let reader = Reader {
             outlet: outlet.clone(),
-            wake_channels: self.wake_channels.clone(),
+            listened: self.listened.clone(),
             wake: wake.clone(),
-            signed: self.signed.clone(),
             verifier: self.verifier.clone(),
             lost: lost_tx,
         };
@@ -398,23 +402,40 @@ impl Source for PgSource {
     }
 }
 
+/// What a notification on a LISTENed channel is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listened {
+    /// A durable channel's: it only wakes a journal read (its payload is never read).
+    Wake,
+    /// A signed notify-tier channel's: its payload is verified.
+    Signed,
+    /// An unsigned notify-tier channel's.
+    Plain,
+}
+
 /// The reader task: owns the connection and forwards notifications in batches.
 struct Reader {
     outlet: Outlet,
-    wake_channels: Arc<HashSet<String>>,
+    /// Every channel LISTENed on: one lookup per notification gives its kind and the shared
+    /// name its `RawNotification` carries (no copy of the name per notification).
+    listened: Arc<HashMap<Arc<str>, Listened>>,
     wake: Wake,
-    /// Signed channels and the key to verify them with.
-    signed: Arc<HashSet<String>>,
+    /// The key signed channels' payloads are verified with.
     verifier: Option<Arc<Verifier>>,
     lost: watch::Sender<Option<String>>,
 }
 
 impl Reader {
-    /// The payload of a notification on `channel`, without its signature if the channel is
-    /// signed; refused when that signature does not verify.
-    fn open<'a>(&self, channel: &str, payload: &'a str) -> std::result::Result<&'a str, Refused> {
+    /// The payload of a notification on `channel` (of kind `kind`), without its signature if
+    /// the channel is signed; refused when that signature does not verify.
+    fn open<'a>(
+        &self,
+        kind: Listened,
+        channel: &str,
+        payload: &'a str,
+    ) -> std::result::Result<&'a str, Refused> {
         match &self.verifier {
-            Some(verifier) if self.signed.contains(channel) => verifier.open(channel, payload),
+            Some(verifier) if kind == Listened::Signed => verifier.open(channel, payload),
             _ => Ok(payload),
         }
     }
@@ -424,6 +445,8 @@ impl Reader {
         // Forgeries are counted one by one but logged at most once a minute: whoever sends
         // them must not be able to flood the application's log.
         let mut forgery_logged: Option<Instant> = None;
+        // The channel of the notification before, and its kind.
+        let mut last: Option<(Arc<str>, Listened)> = None;
         let outcome = loop {
             // Collect what is ready (at least one notification), or learn that the
             // connection ended.
@@ -431,12 +454,27 @@ impl Reader {
             let ended = poll_fn(|cx| loop {
                 match connection.poll_message(cx) {
                     Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
-                        if self.wake_channels.contains(n.channel()) {
+                        let (channel, kind) = match &last {
+                            // Notifications come in runs of one channel's (a transaction's
+                            // rows): a comparison instead of hashing the name.
+                            Some((name, kind)) if **name == *n.channel() => (name.clone(), *kind),
+                            // Only LISTENed channels' notifications arrive; anything else
+                            // would be read as an unsigned one (and refused by the decoder).
+                            _ => {
+                                let (name, kind) = match self.listened.get_key_value(n.channel()) {
+                                    Some((name, kind)) => (name.clone(), *kind),
+                                    None => (Arc::from(n.channel()), Listened::Plain),
+                                };
+                                last = Some((name.clone(), kind));
+                                (name, kind)
+                            }
+                        };
+                        if kind == Listened::Wake {
                             // A journal tier's wake-up: its payload is never read.
                             wake = true;
                             continue;
                         }
-                        let payload = match self.open(n.channel(), n.payload()) {
+                        let payload = match self.open(kind, &channel, n.payload()) {
                             Ok(payload) => payload,
                             Err(refused) => {
                                 self.outlet.stats().forged.fetch_add(1, Ordering::Relaxed);
@@ -451,7 +489,7 @@ impl Reader {
                             }
                         };
                         batch.push(RawNotification {
-                            channel: n.channel().to_owned(),
+                            channel,
                             payload: payload.to_owned(),
                             received_at: SystemTime::now(),
                             sequence: None,
@@ -480,9 +518,10 @@ impl Reader {
                 self.wake.wake();
             }
             // Meanwhile nothing is read from the socket.
-            // The next batch is likely as long as this one: room for it up front instead of
-            // growing (and copying) it notification by notification.
-            let room = batch.len();
+            // The next batch is likely about as long as this one (a transaction's rows may
+            // split across reads): room for twice as many up front instead of growing (and
+            // copying) it notification by notification.
+            let room = (batch.len() * 2).clamp(16, MAX_BATCH);
             if self
                 .outlet
                 .forward(std::mem::replace(&mut batch, Vec::with_capacity(room)))

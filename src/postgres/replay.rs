@@ -157,7 +157,7 @@ pub(crate) async fn replay(
         let events = row.get::<_, i32>(5).clamp(1, STATEMENT_CHUNK_ROWS as i32) as u32;
         let read = if later { &later_read } else { &same_read };
         out.push(RawNotification {
-            channel: row.get(3),
+            channel: std::sync::Arc::from(row.get::<_, &str>(3)),
             payload: row.get(4),
             received_at: std::time::SystemTime::now(),
             sequence: Some(row_id),

@@ -7,6 +7,7 @@
 //! (`id > last`) cannot skip a row that commits late.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rusqlite::{params, Connection};
@@ -50,7 +51,7 @@ pub(crate) fn read_after(
     conn: &Connection,
     cursor: i64,
     limit: i64,
-    channels: &HashSet<String>,
+    channels: &HashSet<Arc<str>>,
 ) -> Result<(Vec<RawNotification>, i64, bool)> {
     // A journal of an older version, where sqlnotify does not manage the tables, has no `tx`.
     let mut stmt = match conn.prepare_cached(
@@ -85,9 +86,9 @@ pub(crate) fn read_after(
         looked += 1;
         previous_tx = tx;
         let channel = text(row, 1)?;
-        if channels.contains(&channel) {
+        if let Some(channel) = channels.get(channel.as_str()) {
             out.push(RawNotification {
-                channel,
+                channel: channel.clone(),
                 payload: text(row, 2)?,
                 received_at: now,
                 sequence: Some(id),
@@ -129,7 +130,7 @@ pub(crate) fn replay(
     conn: &Connection,
     (since, cursor): (i64, i64),
     limit: i64,
-    channels: &HashSet<String>,
+    channels: &HashSet<Arc<str>>,
 ) -> Result<crate::replay::Replay> {
     use crate::replay::{Replay, ReplayFrom};
     use crate::snapshot::fence::Fence;
@@ -204,7 +205,7 @@ mod tests {
             [],
         )
         .unwrap();
-        let channels: HashSet<String> = ["c".to_string()].into();
+        let channels: HashSet<Arc<str>> = [Arc::from("c")].into();
         for since in [i64::MAX, i64::MIN, -1] {
             let replay = replay(&conn, (since, since), 10, &channels).unwrap();
             assert!(matches!(replay, crate::replay::Replay::TooOld), "{since}");
@@ -253,7 +254,7 @@ mod tests {
         }
         insert("a", Some(5));
         insert("a", Some(5));
-        let channels: HashSet<String> = ["a".to_string()].into();
+        let channels: HashSet<Arc<str>> = [Arc::from("a")].into();
         // A limit of 1 still reads transaction 1 whole: its last kept row is row 2.
         let read = |cursor, limit| {
             let (rows, last, done) = read_after(&conn, cursor, limit, &channels).unwrap();

@@ -53,7 +53,7 @@ impl SqliteConn {
 /// Reads a SQLite database's journal.
 pub(crate) struct SqliteSource {
     path: PathBuf,
-    channels: Arc<HashSet<String>>,
+    channels: Arc<HashSet<Arc<str>>>,
     /// The same channels, sorted (what a named consumer registers).
     channel_list: Arc<Vec<String>>,
     /// Id of the last journal row read; `None` until placed.
@@ -72,7 +72,7 @@ impl SqliteSource {
         channel_list.dedup();
         SqliteSource {
             path,
-            channels: Arc::new(channel_list.iter().cloned().collect()),
+            channels: Arc::new(channel_list.iter().map(|c| Arc::from(c.as_str())).collect()),
             channel_list: Arc::new(channel_list),
             position: None,
             wake,

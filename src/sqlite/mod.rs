@@ -258,7 +258,7 @@ impl Dialect for Sqlite {
             // A position of another dialect's journal.
             return Box::pin(async { Ok(crate::replay::Replay::TooOld) });
         };
-        let channels = channels.into_iter().collect();
+        let channels = channels.into_iter().map(Arc::from).collect();
         self.blocking(move |conn| journal::replay(conn, (since, cursor), limit, &channels))
     }
 

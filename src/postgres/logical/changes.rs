@@ -26,7 +26,8 @@ use crate::payload::{Change, Decoded};
 /// What one watched channel needs from a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Route {
-    pub channel: String,
+    /// The channel's name, shared by every row made for it.
+    pub channel: Arc<str>,
     pub schema: String,
     pub table: String,
     pub operation: Operation,
@@ -41,7 +42,7 @@ pub(crate) struct Route {
 /// One change for one channel (or one custom event), ready for the pipeline.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Row {
-    pub channel: String,
+    pub channel: Arc<str>,
     /// A change: the event's parts, as the decoder reads them from a trigger tier's payload.
     pub decoded: Option<Box<Decoded>>,
     /// A custom event: its payload text (empty for a change).
@@ -249,7 +250,7 @@ mod tests {
 
     fn route(op: Operation, old_values: bool) -> Route {
         Route {
-            channel: format!("c_{}", op.as_str()),
+            channel: format!("c_{}", op.as_str()).into(),
             schema: "public".into(),
             table: "t".into(),
             operation: op,
@@ -274,7 +275,7 @@ mod tests {
     /// the logical tier must hand over the same.
     fn decoded_from(route: &Route, payload: Value) -> Option<Box<Decoded>> {
         let channel = Channel {
-            name: route.channel.clone(),
+            name: route.channel.to_string(),
             schema: route.schema.clone(),
             table: route.table.clone(),
             operation: route.operation,
@@ -320,7 +321,7 @@ mod tests {
             .0;
         c.read(&ins, 2, &mut out).unwrap();
         assert_eq!(out.len(), 1);
-        assert_eq!((out[0].channel.as_str(), out[0].lsn), ("c_insert", 2));
+        assert_eq!((&*out[0].channel, out[0].lsn), ("c_insert", 2));
         assert_eq!(
             out[0].decoded,
             decoded_from(&routes[0], json!({"id": 1, "v": "a"}))

@@ -207,7 +207,7 @@ pub(crate) fn routes(watches: &[ResolvedWatch]) -> Vec<Route> {
     logical(watches)
         .into_iter()
         .map(|w| Route {
-            channel: w.channel.name.clone(),
+            channel: w.channel.name.as_str().into(),
             schema: w.channel.schema.clone(),
             table: w.channel.table.clone(),
             operation: w.channel.operation,

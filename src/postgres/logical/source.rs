@@ -126,7 +126,7 @@ pub(crate) struct LogicalSource {
     slot: String,
     named: bool,
     /// The channels read (custom events name theirs).
-    channels: Vec<String>,
+    channels: Vec<Arc<str>>,
     changes: Changes,
     /// The commit LSN of the last transaction handed over: one at or below it came again.
     delivered: u64,
@@ -364,9 +364,10 @@ impl LogicalSource {
                 else {
                     return;
                 };
-                if self.channels.iter().any(|c| c == channel) && !self.handed_over(open, lsn.0) {
+                let known = self.channels.iter().find(|c| ***c == *channel);
+                if let Some(channel) = known.filter(|_| !self.handed_over(open, lsn.0)) {
                     open.rows.push(Row {
-                        channel: channel.to_string(),
+                        channel: channel.clone(),
                         decoded: None,
                         payload: String::from_utf8_lossy(&content).into_owned(),
                         lsn: lsn.0,
