@@ -242,13 +242,14 @@ impl NotifierBuilder {
         self
     }
 
-    /// MySQL / MariaDB: how long a missing journal id is waited for before it is treated as
-    /// rolled back. Journal ids are taken when a trigger runs, not when its transaction
-    /// commits, so a missing id is either a transaction still running — its events arrive,
-    /// late, when it commits — or a rolled-back insert that never fills. After this time the
-    /// listener moves past it: a transaction that commits later than this after writing to a
-    /// watched table has its events skipped. Raise it if your transactions run longer; a named
-    /// consumer's saved position never passes an id still waited for.
+    /// MySQL / MariaDB: how long a missing journal id is waited for before the listener checks
+    /// whether it was rolled back. Journal ids are taken when a trigger runs, not when its
+    /// transaction commits, so a missing id is either a transaction still running — its events
+    /// arrive, late, when it commits — or a rolled-back insert that never fills. After this
+    /// time the listener looks for the id's row, uncommitted rows included: none means a
+    /// rolled-back insert, and the listener moves past it; a row means a transaction still
+    /// running, which is waited for (and checked again after the same time) until it commits
+    /// or rolls back. A named consumer's saved position never passes an id still waited for.
     ///
     /// Default: 10 s, or the URL parameter `sqlnotify_gap_timeout_ms`; this setting wins over
     /// the URL parameter. Zero is refused by `start()` with [`Error::InvalidOption`]. The other

@@ -147,9 +147,8 @@ impl Notifier {
     ///
     /// No change is missed and none is delivered twice: a change whose transaction the
     /// snapshot already reflects is skipped, every later one is delivered. On PostgreSQL's
-    /// journal tiers (durable and poll), on SQLite and on MySQL that holds without condition
-    /// (on MySQL, as for every subscription there, short of a transaction that commits more
-    /// than the gap timeout after its write); on the notify tier it
+    /// journal tiers (durable and poll), on SQLite and on MySQL that holds without condition;
+    /// on the notify tier it
     /// holds for the notifications the listener receives (a NOTIFY sent while the listener
     /// is disconnected is lost there as it is for any subscription). While the rows stream,
     /// changes wait in the feed's buffer and, once it is full, the pipeline waits (the other

@@ -153,6 +153,50 @@ async fn events_carry_their_transaction_arrive_whole_and_mark_its_last() {
     notifier.stop().await.unwrap();
 }
 
+/// On the versioned journal too, a transaction that stays open for many gap timeouts is
+/// waited for (its uncommitted row is seen): its events arrive, whole, when it commits.
+#[actix_rt::test]
+async fn a_transaction_open_for_many_gap_timeouts_is_waited_for() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
+        .await;
+    let notifier = builder(&db)
+        .mysql_transaction_ids(true)
+        .gap_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let mut rx = stream(&notifier).await;
+    let mut a = db.conn().await;
+    a.query_drop("BEGIN").await.unwrap();
+    a.query_drop("INSERT INTO t (id) VALUES (1)").await.unwrap();
+    db.exec("INSERT INTO t (id) VALUES (2)").await;
+    let got = take(&mut rx, 1).await;
+    assert_eq!(got[0].id().as_i64(), Some(2));
+    // Ten gap timeouts with nothing else to read: the listener checks A's gap again and again.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .is_err(),
+        "nothing arrives while A is open"
+    );
+    a.query_drop("INSERT INTO t (id) VALUES (3); COMMIT")
+        .await
+        .unwrap();
+    let got = take(&mut rx, 2).await;
+    let tx = got[0].transaction_id();
+    assert!(tx.is_some(), "{:?}", summary(&got));
+    assert_eq!(
+        summary(&got),
+        [
+            (1, "insert", tx, Some(false)),
+            (3, "insert", tx, Some(true))
+        ]
+    );
+    assert_quiet(&mut rx).await;
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn a_journal_that_had_rows_keeps_them_without_a_transaction() {
     let db = TestDb::new().await;

@@ -26,13 +26,16 @@
 //! and is delivered then, however low its id. Then `low` moves up over every id in `seen`
 //! (dropping them from the set, which therefore stays as small as the number of rows read
 //! since the oldest open gap) and over gaps that have been open longer than the *gap
-//! timeout* (default 10 s): those are treated as rolled-back (burned) ids.
+//! timeout* (default 10 s) and hold no row: those are rolled-back (burned) ids.
 //!
-//! The limitation: a transaction that commits more than the gap timeout after its trigger
-//! ran — a long transaction, or one whose insert waited on locks — has its events skipped
-//! (unless another gap below it still holds `low` back). Raise the timeout with
-//! `NotifierBuilder::gap_timeout` (or the URL parameter `sqlnotify_gap_timeout_ms`) if your
-//! transactions run longer.
+//! Whether an expired gap holds a row is read uncommitted ([`occupied`]): a transaction still
+//! running has its journal row in the table, uncommitted, and a rolled-back insert leaves
+//! nothing. A gap that holds one is [held](Cursor::hold) — checked again a gap timeout later —
+//! so a long transaction, or one whose insert waited on locks, holds `low` back until it commits
+//! (its events are delivered then) or rolls back (its ids are given up then). The gap timeout
+//! only says how soon a burned id stops holding the watermark, and how often a held one is
+//! checked. The check reads the expired gaps' ids, takes no lock and runs only when a gap has
+//! expired.
 //!
 //! A named consumer saves `low`: restarting from it re-reads (and delivers again) the rows
 //! above it that were already delivered — at least once, never skipped.
@@ -243,6 +246,74 @@ impl Cursor {
 
     /// Moves the low watermark over read ids and expired gaps. Returns whether it moved.
     pub fn advance(&mut self, now: Instant) -> bool {
+        self.advance_where(now, |_| true)
+    }
+
+    /// The expired gaps [`advance`](Self::advance) would give up at `now`, lowest first, at
+    /// most `limit` of them: what to check for rows still being written before giving them up.
+    pub fn due(&self, now: Instant, limit: usize) -> Vec<(i64, i64)> {
+        // `advance`'s walk, without moving anything.
+        let mut due = Vec::new();
+        let mut low = self.low;
+        let mut seen = self.seen.iter().copied().peekable();
+        let mut noticed = self.noticed.iter().copied().peekable();
+        while due.len() < limit {
+            let next = low + 1;
+            if seen.next_if_eq(&next).is_some() {
+                low = next;
+                continue;
+            }
+            if next > self.high {
+                break;
+            }
+            while noticed.next_if(|&(upto, _)| upto < next).is_some() {}
+            let Some((upto, when)) = noticed.peek().copied() else {
+                break;
+            };
+            if now.saturating_duration_since(when) < self.gap_timeout {
+                break;
+            }
+            let end = seen.peek().map_or(upto, |&r| (r - 1).min(upto));
+            due.push((next, end));
+            low = end;
+        }
+        due
+    }
+
+    /// Gap `range` (one of [`due`](Self::due)'s) still holds a row — a transaction that has
+    /// not committed yet: its ids count as noticed at `now` again, so they wait another gap
+    /// timeout (and are checked again then) instead of being given up.
+    pub fn hold(&mut self, (start, end): (i64, i64), now: Instant) {
+        let mut noticed = VecDeque::with_capacity(self.noticed.len() + 2);
+        while let Some(entry) = self.noticed.pop_front() {
+            if entry.0 >= start {
+                // The entry reaching into the range: its ids below the range keep its time.
+                if noticed.back().is_none_or(|&(upto, _)| upto < start - 1) && start - 1 > self.low
+                {
+                    noticed.push_back((start - 1, entry.1));
+                }
+                if entry.0 > end {
+                    self.noticed.push_front(entry);
+                }
+                break;
+            }
+            noticed.push_back(entry);
+        }
+        while self.noticed.front().is_some_and(|&(upto, _)| upto <= end) {
+            self.noticed.pop_front();
+        }
+        noticed.push_back((end, now));
+        noticed.append(&mut self.noticed);
+        self.noticed = noticed;
+    }
+
+    /// [`advance`](Self::advance), giving up an expired gap only where `may_give_up` says so
+    /// (it stops at the first it may not). Returns whether the watermark moved.
+    pub fn advance_where(
+        &mut self,
+        now: Instant,
+        mut may_give_up: impl FnMut((i64, i64)) -> bool,
+    ) -> bool {
         let start = self.low;
         loop {
             let next = self.low + 1;
@@ -266,6 +337,9 @@ impl Cursor {
             // ids noticed at that time).
             let next_read = self.seen.range(next..).next().copied();
             let end = next_read.map_or(upto, |r| (r - 1).min(upto));
+            if !may_give_up((next, end)) {
+                break;
+            }
             log::debug!(
                 "sqlnotify: journal ids {next}..={end} stayed missing for {:?}; treating them as rolled back",
                 self.gap_timeout
@@ -595,6 +669,43 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
 }
 
+/// The lowest id in `ranges` (gaps a cursor is about to give up, see [`Cursor::due`]) that
+/// holds a row, if any: one committed since the last read, or one a transaction still running
+/// wrote (read
+/// uncommitted: a rolled-back insert leaves nothing, a running one is seen, and nothing is
+/// locked). Such a gap is not given up, nor any above it: its transaction may yet commit.
+pub(crate) async fn occupied(
+    conn: &mut Conn,
+    database: &str,
+    ranges: &[(i64, i64)],
+) -> Result<Option<i64>> {
+    if ranges.is_empty() {
+        return Ok(None);
+    }
+    let context = "checking the journal's gaps for transactions still running";
+    let condition = ranges
+        .iter()
+        .map(|(start, end)| format!("`id` BETWEEN {start} AND {end}"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let mut opts = mysql_async::TxOpts::default();
+    opts.with_isolation_level(mysql_async::IsolationLevel::ReadUncommitted)
+        .with_readonly(Some(true));
+    let mut tx = conn
+        .start_transaction(opts)
+        .await
+        .map_err(db_err(context))?;
+    let id: Option<i64> = tx
+        .query_first(format!(
+            "SELECT `id` FROM {} WHERE {condition} ORDER BY `id` LIMIT 1",
+            qualified(database, JOURNAL)
+        ))
+        .await
+        .map_err(db_err(context))?;
+    tx.commit().await.map_err(db_err(context))?;
+    Ok(id)
+}
+
 /// Appends a row (custom notifications).
 pub(crate) async fn append(
     conn: &mut Conn,
@@ -631,6 +742,64 @@ mod tests {
         };
         let r = Cursor::resume(&altered, TIMEOUT, Instant::now());
         assert_eq!((r.low(), r.high()), (altered.low, altered.low));
+    }
+
+    #[test]
+    fn due_lists_what_advance_would_give_up() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(10, TIMEOUT);
+        c.mark([11, 14, 18], t0);
+        assert!(c
+            .due(t0 + TIMEOUT - Duration::from_millis(1), 64)
+            .is_empty());
+        let later = t0 + TIMEOUT;
+        assert_eq!(c.due(later, 64), [(12, 13), (15, 17)]);
+        assert_eq!(c.due(later, 1), [(12, 13)]);
+        let mut given_up = Vec::new();
+        assert!(c.clone().advance_where(later, |range| {
+            given_up.push(range);
+            true
+        }));
+        assert_eq!(given_up, c.due(later, 64));
+        // Stopped at the first it may not give up: over the read id below it only.
+        assert!(c.advance_where(later, |(start, _)| start < 15));
+        assert_eq!(c.low(), 14);
+        assert_eq!(c.due(later, 64), [(15, 17)]);
+    }
+
+    #[test]
+    fn a_held_gap_waits_another_gap_timeout_and_holds_what_lies_above_it() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(10, TIMEOUT);
+        c.mark([11, 14, 18], t0);
+        let t1 = t0 + TIMEOUT;
+        c.hold((12, 13), t1);
+        assert!(c.advance(t1));
+        assert_eq!(
+            c.low(),
+            11,
+            "the held gap, and the expired one above it, stay"
+        );
+        assert!(c
+            .due(t1 + TIMEOUT - Duration::from_millis(1), 64)
+            .is_empty());
+        assert_eq!(c.due(t1 + TIMEOUT, 64), [(12, 13), (15, 17)]);
+        assert!(c.advance(t1 + TIMEOUT));
+        assert_eq!(c.low(), 18);
+    }
+
+    #[test]
+    fn holding_part_of_a_gap_keeps_the_time_of_the_ids_below_it() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(10, TIMEOUT);
+        c.mark([14], t0);
+        let t1 = t0 + TIMEOUT;
+        c.hold((12, 13), t1);
+        assert_eq!(c.due(t1, 64), [(11, 11)]);
+        assert!(c.advance(t1));
+        assert_eq!(c.low(), 11);
+        assert!(c.advance(t1 + TIMEOUT));
+        assert_eq!(c.low(), 14);
     }
 
     #[test]

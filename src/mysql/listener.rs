@@ -40,6 +40,8 @@ const READ_MAX: usize = 10 * READ_BATCH;
 /// Most rows a read takes past [`READ_MAX`] to complete its transactions.
 const COMPLETE_MAX: usize = 100_000;
 /// Shortest time a query may take before the connection counts as dead.
+/// Most expired gaps checked for running transactions per read (the rest wait for the next).
+const MAX_CHECKED_GAPS: usize = 64;
 const MIN_QUERY_LIMIT: Duration = Duration::from_secs(2);
 
 /// Reads a MySQL database's journal.
@@ -98,6 +100,58 @@ impl MysqlSource {
     /// Runs a query future; fails if it takes longer than the query limit.
     async fn within<T>(&self, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         within(self.query_limit, what, fut).await
+    }
+
+    /// Moves the watermark over what was read and over gaps that stayed empty for the gap
+    /// timeout — only those that hold no row: a gap where a transaction still running wrote
+    /// its row waits (another gap timeout, then it is checked again), so a transaction that
+    /// commits late is delivered instead of skipped. Publishes the new watermark.
+    async fn settle(&mut self, conn: &mut Conn) -> Result<()> {
+        let now = Instant::now();
+        // Over what was read, up to the first expired gap (most reads find none).
+        let mut expired = false;
+        let mut moved = self.cursor().advance_where(now, |_| {
+            expired = true;
+            false
+        });
+        if expired {
+            moved |= self.settle_expired(conn, now).await?;
+        }
+        if moved {
+            // Only now: every id up to the new watermark was handed over (or given up).
+            let low = self.cursor().low();
+            self.settled.set(low);
+        }
+        Ok(())
+    }
+
+    /// [`settle`](Self::settle)'s part for the expired gaps: checks them for rows and gives up
+    /// those below the first that holds one. Returns whether the watermark moved.
+    async fn settle_expired(&mut self, conn: &mut Conn, now: Instant) -> Result<bool> {
+        let due = self.cursor().due(now, MAX_CHECKED_GAPS);
+        let db = self.database.clone();
+        let occupied = self
+            .within(
+                "checking the journal's gaps for transactions still running",
+                journal::occupied(conn, &db, &due),
+            )
+            .await?;
+        let held = due
+            .iter()
+            .copied()
+            .find(|&(start, end)| occupied.is_some_and(|id| (start..=end).contains(&id)));
+        if let Some(range) = held {
+            log::info!(
+                "sqlnotify: MySQL journal ids {}..={} are still being written by a transaction open for over {:?}; waiting for it to commit or roll back (the watermark stays below them)",
+                range.0,
+                range.1,
+                self.gap_timeout
+            );
+            self.cursor().hold(range, now);
+        }
+        // Gaps beyond the checked ones wait for the next read's check.
+        let checked = due.last().map_or(i64::MIN, |&(_, end)| end);
+        Ok(self.cursor().advance_where(now, |(_, end)| end <= checked))
     }
 
     fn cursor(&mut self) -> &mut Cursor {
@@ -261,10 +315,7 @@ impl MysqlSource {
             self.cursor().mark(ids, Instant::now());
         }
         self.cursor().mark(others, Instant::now());
-        if self.cursor().advance(Instant::now()) {
-            let low = self.cursor().low();
-            self.settled.set(low);
-        }
+        self.settle(conn).await?;
         Ok(Some(forwarded))
     }
 }
@@ -433,11 +484,7 @@ impl Source for MysqlSource {
                 break;
             }
         }
-        if self.cursor().advance(Instant::now()) {
-            // Only now: every id up to the new watermark was handed over (or given up).
-            let low = self.cursor().low();
-            self.settled.set(low);
-        }
+        self.settle(conn).await?;
         Ok(Some(forwarded))
     }
 

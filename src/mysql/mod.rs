@@ -31,7 +31,8 @@
 //! taken out before the driver sees it (`tls.rs`). The driver's URL parameters apply
 //! (`socket=…`, `prefer_socket=false`, …; its TLS ones are refused for `ssl-mode`), plus
 //! sqlnotify's own `sqlnotify_gap_timeout_ms` (default 10000, not zero): how long a missing
-//! journal id is waited for before it is treated as rolled back — see `journal.rs`.
+//! journal id is waited for before the listener checks whether it was rolled back — see
+//! `journal.rs`.
 //! `NotifierBuilder::gap_timeout` sets the same and wins over the URL parameter.
 
 mod catalog;
