@@ -751,16 +751,7 @@ async fn rolled_back_ids_are_given_up_and_open_transactions_waited_for() {
 
     // A transaction that stays open for many gap timeouts after its trigger ran holds the
     // watermark, and its event arrives when it commits.
-    let (mut a, a_id) = open_insert(&db, 10).await;
-    db.exec("INSERT INTO t VALUES (11)").await;
-    assert_eq!(ev.next().await.id().as_i64(), Some(11));
-    assert!(
-        !wait_until(Duration::from_millis(1500), || async {
-            saved_watermark(&db, "gaps").await >= a_id
-        })
-        .await,
-        "the watermark passed a transaction still running"
-    );
+    let mut a = held_open(&db, &mut ev, 10, Duration::from_millis(1500)).await;
     a.query_drop("COMMIT").await.unwrap();
     let _ = a.disconnect().await;
     assert_eq!(
@@ -770,16 +761,7 @@ async fn rolled_back_ids_are_given_up_and_open_transactions_waited_for() {
     );
 
     // One that rolls back after being waited for is given up then.
-    let (mut b, b_id) = open_insert(&db, 20).await;
-    db.exec("INSERT INTO t VALUES (21)").await;
-    assert_eq!(ev.next().await.id().as_i64(), Some(21));
-    assert!(
-        !wait_until(Duration::from_millis(900), || async {
-            saved_watermark(&db, "gaps").await >= b_id
-        })
-        .await,
-        "the watermark passed a transaction still running"
-    );
+    let mut b = held_open(&db, &mut ev, 20, Duration::from_millis(900)).await;
     b.query_drop("ROLLBACK").await.unwrap();
     let _ = b.disconnect().await;
     let head = journal_head(&db).await;
@@ -794,6 +776,23 @@ async fn rolled_back_ids_are_given_up_and_open_transactions_waited_for() {
     assert_eq!(ev.next().await.id().as_i64(), Some(22));
     ev.assert_empty();
     notifier.stop().await.unwrap();
+}
+
+/// Opens a transaction that inserts `id` into `t` and stays open, has `id + 1` inserted and
+/// delivered after it, and checks for `wait` that consumer "gaps"' saved position stays below
+/// the open transaction's journal id; returns its connection.
+async fn held_open(db: &TestDb, ev: &mut Events, id: i64, wait: Duration) -> Conn {
+    let (conn, journal_id) = open_insert(db, id).await;
+    db.exec(&format!("INSERT INTO t VALUES ({})", id + 1)).await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(id + 1));
+    assert!(
+        !wait_until(wait, || async {
+            saved_watermark(db, "gaps").await >= journal_id
+        })
+        .await,
+        "the watermark passed a transaction still running"
+    );
+    conn
 }
 
 /// Opens a transaction that inserts `id` into `t` and stays open; returns its connection and

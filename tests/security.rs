@@ -40,6 +40,24 @@ async fn eavesdrop(
     (client, rx)
 }
 
+/// A notifier with a notify-tier watch and a durable-tier one, both carrying column `v`.
+async fn two_tiers(
+    db: &TestDb,
+    (notify, notify_op): (&str, Operation),
+    (durable, durable_op): (&str, Operation),
+) -> Notifier {
+    Notifier::builder(&db.url)
+        .watch(Watch::new(notify, notify_op).extra_columns(["v"]))
+        .watch(
+            Watch::new(durable, durable_op)
+                .extra_columns(["v"])
+                .tier(Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap()
+}
+
 /// The attack of the issue, on signed and on unsigned channels: a role with no privilege on
 /// `secret` hears the reference to secret's large row (any role may LISTEN) and sends every
 /// payload shape the decoder accepts on `pub`'s channel. Nothing of `secret` ever reaches a
@@ -226,16 +244,7 @@ async fn interleaved_channels_each_keep_their_kind() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let (_, mallory) = db.role("mallory").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Operation::Insert).extra_columns(["v"]))
-        .watch(
-            Watch::new("t", Operation::Update)
-                .extra_columns(["v"])
-                .tier(Tier::Durable),
-        )
-        .start()
-        .await
-        .unwrap();
+    let notifier = two_tiers(&db, ("t", Operation::Insert), ("t", Operation::Update)).await;
     let mut inserts = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
     let mut updates = Events::subscribe(&notifier, Subscription::new("t", Operation::Update)).await;
     let attacker = connect(&mallory).await;
@@ -286,16 +295,7 @@ async fn nothing_in_the_sqlnotify_schema_is_open_to_other_roles() {
     )
     .await;
     let (role, mallory) = db.role("mallory").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Operation::Insert).extra_columns(["v"]))
-        .watch(
-            Watch::new("t", Operation::Update)
-                .extra_columns(["v"])
-                .tier(Tier::Durable),
-        )
-        .start()
-        .await
-        .unwrap();
+    let notifier = two_tiers(&db, ("t", Operation::Insert), ("t", Operation::Update)).await;
     db.exec(&format!("INSERT INTO t VALUES (1, repeat('x', {BIG}))"))
         .await;
     let attacker = connect(&mallory).await;
@@ -635,16 +635,7 @@ async fn a_helper_called_without_the_table_s_privilege_sends_nothing() {
     )
     .await;
     let (_, mallory) = db.role("mallory").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("n", Operation::Insert).extra_columns(["v"]))
-        .watch(
-            Watch::new("d", Operation::Insert)
-                .extra_columns(["v"])
-                .tier(Tier::Durable),
-        )
-        .start()
-        .await
-        .unwrap();
+    let notifier = two_tiers(&db, ("n", Operation::Insert), ("d", Operation::Insert)).await;
     let mut n = Events::subscribe(&notifier, Subscription::new("n", Operation::Insert)).await;
     let mut d = Events::subscribe(&notifier, Subscription::new("d", Operation::Insert)).await;
     let attacker = connect(&mallory).await;
