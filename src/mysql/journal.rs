@@ -9,24 +9,24 @@
 //! commits a moment later. Ids are also burned for good: a rolled-back insert leaves a hole
 //! that never fills.
 //!
-//! # The method: a low watermark, the ids seen above it, and bounded gaps
+//! # The method: a low watermark, the highest id read, and the gaps between
 //!
 //! The [`Cursor`] keeps
 //!
 //! * `low`, the low watermark: every id up to it was delivered, or belonged to another
 //!   notifier's channels, or was given up on;
-//! * `seen`, the ids above `low` already read (delivered or not ours);
-//! * `high`, the highest id read; an id between `low` and `high` that is not in `seen` is a
-//!   *gap*: a transaction still running, or an id that will never commit;
+//! * `high`, the highest id read;
+//! * the *gaps*: the ids between `low` and `high` not read yet — a transaction still running,
+//!   or an id that will never commit — as ranges (every other id there was read), so the
+//!   cursor's size is the number of gaps, however many rows are read above one;
 //! * when each gap was first noticed (the time `high` first passed it).
 //!
 //! Each poll reads, in id order, the rows in the gaps plus every row above `high`
 //! (`WHERE id > pos AND (id BETWEEN gap.start AND gap.end OR … OR id > high)`, paginated by
-//! `pos`), delivers those not in `seen`, and adds them to `seen`. A late commit fills its gap
-//! and is delivered then, however low its id. Then `low` moves up over every id in `seen`
-//! (dropping them from the set, which therefore stays as small as the number of rows read
-//! since the oldest open gap) and over gaps that have been open longer than the *gap
-//! timeout* (default 10 s) and hold no row: those are rolled-back (burned) ids.
+//! `pos`), delivers those it has not read, and takes them out of the gaps. A late commit fills
+//! its gap and is delivered then, however low its id. Then `low` moves up to the lowest gap,
+//! and over gaps that have been open longer than the *gap timeout* (default 10 s) and hold no
+//! row: those are rolled-back (burned) ids.
 //!
 //! Whether an expired gap holds a row is read uncommitted ([`occupied`]): a transaction still
 //! running has its journal row in the table, uncommitted, and a rolled-back insert leaves
@@ -50,10 +50,10 @@
 //! versioning keeps and empties MariaDB's transaction registry ([`trim_history`]).
 //!
 //! The cost: each open gap is one range in the read; beyond 64 open gaps the rest are read as
-//! one range up to `high` (rows already read in it are skipped by `seen`), so a workload that
+//! one range up to `high` (rows already read in it are skipped), so a workload that
 //! rolls back inserts on watched tables many times per gap timeout makes polls heavier.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
@@ -69,8 +69,6 @@ const MAX_RANGES: usize = 64;
 
 /// Most open gaps a saved position carries (beyond that it saves the watermark alone).
 pub(crate) const MAX_SAVED_GAPS: usize = 1_000;
-/// Widest span above the watermark a saved position describes.
-const MAX_SAVED_SPAN: i64 = 10_000_000;
 
 /// Where a named consumer stands: every id up to `low` is settled (read, or given up as
 /// rolled back); with `above`, every id up to `above.high` was read too except the open
@@ -119,9 +117,14 @@ impl Above {
 pub(crate) struct Cursor {
     low: i64,
     high: i64,
-    seen: BTreeSet<i64>,
+    /// The gaps: the ids in `(low, high]` not read yet, as inclusive ranges, ascending,
+    /// disjoint and never adjacent (a read id lies between two). Every other id there was
+    /// read. Kept as ranges, not as the ids read, so that its size is the number of gaps
+    /// however many rows are read above one that is held open.
+    unread: Vec<(i64, i64)>,
     /// `(upto, when)`: gaps at ids up to `upto` (above the previous entry's) were first
-    /// noticed at `when`. Oldest first.
+    /// noticed at `when`. In increasing `upto`; an entry is added only for a read that leaves
+    /// a gap above the highest id read before it.
     noticed: VecDeque<(i64, Instant)>,
     gap_timeout: Duration,
 }
@@ -132,7 +135,7 @@ impl Cursor {
         Cursor {
             low,
             high: low,
-            seen: BTreeSet::new(),
+            unread: Vec::new(),
             noticed: VecDeque::new(),
             gap_timeout,
         }
@@ -145,18 +148,16 @@ impl Cursor {
         if let Some(above) = &position.above {
             // Checked: a position of a journal of another server (or altered) may span more
             // than an i64 holds.
-            let span = above.high.checked_sub(position.low);
-            if above.high > position.low && span.is_some_and(|span| span <= MAX_SAVED_SPAN) {
-                let mut gaps = above.gaps.iter().peekable();
-                let read = (position.low + 1..=above.high).filter(|id| {
-                    while gaps.peek().is_some_and(|(_, end)| end < id) {
-                        gaps.next();
-                    }
-                    !gaps
-                        .peek()
-                        .is_some_and(|(start, end)| start <= id && id <= end)
-                });
-                cursor.mark(read.collect::<Vec<_>>(), now);
+            if above.high > position.low && above.high.checked_sub(position.low).is_some() {
+                cursor.high = above.high;
+                // `Above::from_json` checked the gaps: ascending, disjoint, below `high`.
+                cursor.unread = above
+                    .gaps
+                    .iter()
+                    .map(|&(start, end)| (start.max(position.low + 1), end))
+                    .filter(|&(start, end)| start <= end)
+                    .collect();
+                cursor.noticed.push_back((above.high, now));
             }
         }
         cursor
@@ -165,12 +166,11 @@ impl Cursor {
     /// What a named consumer saves: the watermark, and what was read above it (`None` with
     /// more than [`MAX_SAVED_GAPS`] open gaps: a restart reads those rows again).
     pub fn position(&self) -> Position {
-        let gaps = self.gaps();
         Position {
             low: self.low,
-            above: (self.high > self.low && gaps.len() <= MAX_SAVED_GAPS).then_some(Above {
+            above: (self.high > self.low && self.unread.len() <= MAX_SAVED_GAPS).then(|| Above {
                 high: self.high,
-                gaps,
+                gaps: self.gaps(),
             }),
         }
     }
@@ -192,31 +192,26 @@ impl Cursor {
         self.high
     }
 
+    /// The index in `unread` of the gap holding `id`, if one does.
+    fn gap_of(&self, id: i64) -> Option<usize> {
+        let i = self.unread.partition_point(|&(start, _)| start <= id);
+        (i > 0 && id <= self.unread[i - 1].1).then(|| i - 1)
+    }
+
     /// Whether the row `id` has not been read yet.
     pub fn is_new(&self, id: i64) -> bool {
-        id > self.low && !self.seen.contains(&id)
+        id > self.high || (id > self.low && self.gap_of(id).is_some())
     }
 
     /// The open gaps, as inclusive id ranges, lowest first.
     pub fn gaps(&self) -> Vec<(i64, i64)> {
-        let mut gaps = Vec::new();
-        let mut next = self.low + 1;
-        for &id in &self.seen {
-            if id > next {
-                gaps.push((next, id - 1));
-            }
-            next = id + 1;
-        }
-        if next <= self.high {
-            gaps.push((next, self.high));
-        }
-        gaps
+        self.unread.clone()
     }
 
     /// A SQL condition on `id` matching every row not read yet: the gaps and everything above
     /// `high`. Integers only, so it is safe to splice into SQL.
     pub fn unread_condition(&self) -> String {
-        unread_sql(&self.gaps(), self.high)
+        unread_sql(&self.unread, self.high)
     }
 
     /// Gaps at ids up to `upto` were (or could have been) first noticed at `when`: a cursor
@@ -231,16 +226,31 @@ impl Cursor {
 
     /// Records rows as read at `now`.
     pub fn mark(&mut self, ids: impl IntoIterator<Item = i64>, now: Instant) {
-        let mut high = self.high;
+        let before = self.high;
         for id in ids {
-            if id > self.low {
-                self.seen.insert(id);
-                high = high.max(id);
+            if id > self.high {
+                // `high` is read, so a new gap is never adjacent to the one before it.
+                if id > self.high + 1 {
+                    self.unread.push((self.high + 1, id - 1));
+                }
+                self.high = id;
+            } else if let Some(i) = self.gap_of(id).filter(|_| id > self.low) {
+                let (start, end) = self.unread[i];
+                match (start == id, end == id) {
+                    (true, true) => {
+                        self.unread.remove(i);
+                    }
+                    (true, false) => self.unread[i].0 = id + 1,
+                    (false, true) => self.unread[i].1 = id - 1,
+                    (false, false) => {
+                        self.unread[i].1 = id - 1;
+                        self.unread.insert(i + 1, (id + 1, end));
+                    }
+                }
             }
         }
-        if high > self.high {
-            self.noticed.push_back((high, now));
-            self.high = high;
+        if self.unread.last().is_some_and(|&(_, end)| end > before) {
+            self.noticed.push_back((self.high, now));
         }
     }
 
@@ -249,33 +259,45 @@ impl Cursor {
         self.advance_where(now, |_| true)
     }
 
+    /// The part of gap `start..=end` (the lowest open one, `noticed` from `at` on) that has
+    /// been missing for the gap timeout at `now`: up to the end of the ids noticed with
+    /// `start`. `None` while it is not expired. Returns the index of that entry too.
+    fn expired(
+        &self,
+        (start, end): (i64, i64),
+        at: usize,
+        now: Instant,
+    ) -> Option<((i64, i64), usize)> {
+        let at = at
+            + self
+                .noticed
+                .range(at..)
+                .take_while(|&&(upto, _)| upto < start)
+                .count();
+        let &(upto, when) = self.noticed.get(at)?;
+        (now.saturating_duration_since(when) >= self.gap_timeout)
+            .then_some(((start, end.min(upto)), at))
+    }
+
     /// The expired gaps [`advance`](Self::advance) would give up at `now`, lowest first, at
     /// most `limit` of them: what to check for rows still being written before giving them up.
     pub fn due(&self, now: Instant, limit: usize) -> Vec<(i64, i64)> {
         // `advance`'s walk, without moving anything.
         let mut due = Vec::new();
-        let mut low = self.low;
-        let mut seen = self.seen.iter().copied().peekable();
-        let mut noticed = self.noticed.iter().copied().peekable();
-        while due.len() < limit {
-            let next = low + 1;
-            if seen.next_if_eq(&next).is_some() {
-                low = next;
-                continue;
-            }
-            if next > self.high {
-                break;
-            }
-            while noticed.next_if(|&(upto, _)| upto < next).is_some() {}
-            let Some((upto, when)) = noticed.peek().copied() else {
+        let mut at = 0;
+        let mut gaps = self.unread.iter().copied();
+        let mut gap = gaps.next();
+        while let Some(current) = gap.filter(|_| due.len() < limit) {
+            let Some((range, entry)) = self.expired(current, at, now) else {
                 break;
             };
-            if now.saturating_duration_since(when) < self.gap_timeout {
-                break;
-            }
-            let end = seen.peek().map_or(upto, |&r| (r - 1).min(upto));
-            due.push((next, end));
-            low = end;
+            due.push(range);
+            at = entry;
+            gap = if range.1 < current.1 {
+                Some((range.1 + 1, current.1))
+            } else {
+                gaps.next()
+            };
         }
         due
     }
@@ -316,34 +338,28 @@ impl Cursor {
     ) -> bool {
         let start = self.low;
         loop {
-            let next = self.low + 1;
-            if self.seen.remove(&next) {
-                self.low = next;
-                continue;
-            }
-            if next > self.high {
-                break;
-            }
-            while self.noticed.front().is_some_and(|&(upto, _)| upto < next) {
-                self.noticed.pop_front();
-            }
-            let Some(&(upto, when)) = self.noticed.front() else {
+            // Over the read ids below the lowest gap.
+            let Some(&gap) = self.unread.first() else {
+                self.low = self.high;
                 break;
             };
-            if now.saturating_duration_since(when) < self.gap_timeout {
+            self.low = gap.0 - 1;
+            let Some((range, _)) = self.expired(gap, 0, now) else {
+                break;
+            };
+            if !may_give_up(range) {
                 break;
             }
-            // Expired: give up on the missing ids up to the next read row (or the end of the
-            // ids noticed at that time).
-            let next_read = self.seen.range(next..).next().copied();
-            let end = next_read.map_or(upto, |r| (r - 1).min(upto));
-            if !may_give_up((next, end)) {
-                break;
-            }
+            let (next, end) = range;
             log::debug!(
-                "sqlnotify: journal ids {next}..={end} stayed missing for {:?}; treating them as rolled back",
+                "sqlnotify: journal ids {next}..={end} stayed missing for {:?} and hold no row; treating them as rolled back",
                 self.gap_timeout
             );
+            if end == gap.1 {
+                self.unread.remove(0);
+            } else {
+                self.unread[0].0 = end + 1;
+            }
             self.low = end;
         }
         while self
@@ -726,6 +742,8 @@ pub(crate) async fn append(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
@@ -989,12 +1007,190 @@ mod tests {
         assert_eq!(recorded_after(&journal_comment(-3)), 0);
     }
 
+    /// A small deterministic generator for the randomised test below.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// When each unread id was noticed, per id (what `hold` must change for its range only).
+    fn noticed_per_id(c: &Cursor) -> BTreeMap<i64, Instant> {
+        let mut times = BTreeMap::new();
+        let mut previous = c.low;
+        for &(upto, when) in &c.noticed {
+            for id in (previous + 1).max(c.low + 1)..=upto {
+                if c.gap_of(id).is_some() {
+                    times.insert(id, when);
+                }
+            }
+            previous = previous.max(upto);
+        }
+        times
+    }
+
+    /// Randomised against a model of the journal (ids burned, written by transactions still
+    /// running, or committed), settling as the listener does: `due` lists exactly what
+    /// `advance_where` would give up, `hold` re-notices its range and nothing else, an id that
+    /// holds a row is never passed, and once everything has ended the watermark reaches the
+    /// head.
+    #[test]
+    fn settling_never_passes_a_row_and_gives_up_every_burned_id() {
+        const GAP: Duration = Duration::from_millis(100);
+        let (mut holds, mut holds_inside) = (0, 0);
+        for seed in 0..3000u64 {
+            let mut r = Lcg(seed * 7919 + 1);
+            let mut now = Instant::now();
+            let mut c = Cursor::new(0, GAP);
+            let mut next_id = 1i64;
+            let mut running: BTreeSet<i64> = BTreeSet::new();
+            let mut committed: BTreeSet<i64> = BTreeSet::new();
+            let limit = 1 + r.below(4) as usize;
+            for _ in 0..60 {
+                match r.below(6) {
+                    0 => {
+                        for _ in 0..1 + r.below(4) {
+                            match r.below(3) {
+                                0 => {} // burned
+                                1 => {
+                                    running.insert(next_id);
+                                }
+                                _ => {
+                                    committed.insert(next_id);
+                                }
+                            }
+                            next_id += 1;
+                        }
+                    }
+                    1 => {
+                        if let Some(&id) = running.iter().nth(r.below(3) as usize) {
+                            running.remove(&id);
+                            if r.below(2) == 0 {
+                                committed.insert(id);
+                            }
+                        }
+                    }
+                    2 => now += Duration::from_millis(r.below(150)),
+                    _ => {
+                        let read: Vec<i64> =
+                            committed.iter().copied().filter(|&i| c.is_new(i)).collect();
+                        c.mark(read, now);
+                        committed.retain(|&i| c.is_new(i));
+                        let mut expired = false;
+                        c.advance_where(now, |_| {
+                            expired = true;
+                            false
+                        });
+                        if expired {
+                            let due = c.due(now, limit);
+                            assert!(!due.is_empty(), "seed {seed}");
+                            let mut offered = Vec::new();
+                            c.clone().advance_where(now, |range| {
+                                offered.push(range);
+                                offered.len() < limit
+                            });
+                            assert_eq!(offered, due, "seed {seed}");
+                            let occupied = running
+                                .iter()
+                                .chain(&committed)
+                                .copied()
+                                .filter(|&id| due.iter().any(|&(a, b)| a <= id && id <= b))
+                                .min();
+                            let held = due
+                                .iter()
+                                .copied()
+                                .find(|&(a, b)| occupied.is_some_and(|id| a <= id && id <= b));
+                            if let Some(range) = held {
+                                holds += 1;
+                                if range.0 > c.low + 1 {
+                                    holds_inside += 1;
+                                }
+                                let before = noticed_per_id(&c);
+                                c.hold(range, now);
+                                let after = noticed_per_id(&c);
+                                assert_eq!(
+                                    before.keys().collect::<Vec<_>>(),
+                                    after.keys().collect::<Vec<_>>(),
+                                    "seed {seed}"
+                                );
+                                for (id, when) in &after {
+                                    let want = if (range.0..=range.1).contains(id) {
+                                        now
+                                    } else {
+                                        before[id]
+                                    };
+                                    assert_eq!(*when, want, "seed {seed} id {id} {range:?}");
+                                }
+                                let ups: Vec<i64> = c.noticed.iter().map(|e| e.0).collect();
+                                assert!(ups.windows(2).all(|w| w[0] < w[1]), "seed {seed}");
+                            }
+                            let checked = due.last().unwrap().1;
+                            c.advance_where(now, |(_, end)| end <= checked);
+                        }
+                        for &id in running.iter().chain(&committed) {
+                            assert!(
+                                id > c.low,
+                                "seed {seed}: id {id}, which holds a row, passed"
+                            );
+                        }
+                        let unread = c.gaps();
+                        assert!(
+                            unread.windows(2).all(|w| w[0].1 + 1 < w[1].0)
+                                && unread
+                                    .iter()
+                                    .all(|&(a, b)| c.low < a && a <= b && b < c.high),
+                            "seed {seed}: {unread:?}"
+                        );
+                    }
+                }
+            }
+            running.clear();
+            for _ in 0..200 {
+                now += GAP;
+                let read: Vec<i64> = committed.iter().copied().filter(|&i| c.is_new(i)).collect();
+                c.mark(read, now);
+                committed.clear();
+                c.advance(now);
+            }
+            assert_eq!(c.low, c.high, "seed {seed}");
+        }
+        assert!(holds > 1000 && holds_inside > 100, "{holds} {holds_inside}");
+    }
+
+    #[test]
+    fn a_gap_held_open_costs_one_range_however_much_is_read_above_it() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        c.mark(2..=2_000_001, t0);
+        c.hold((1, 1), t0 + TIMEOUT);
+        assert!(!c.advance(t0 + TIMEOUT));
+        assert_eq!(c.gaps(), [(1, 1)]);
+        assert_eq!(c.noticed.len(), 2, "the held id's entry and the read's");
+        assert_eq!(
+            c.position().above,
+            Some(Above {
+                high: 2_000_001,
+                gaps: vec![(1, 1)]
+            })
+        );
+        c.mark([1], t0 + TIMEOUT);
+        assert!(c.advance(t0 + TIMEOUT));
+        assert_eq!(c.low(), 2_000_001);
+        assert!(c.noticed.is_empty());
+    }
+
     #[test]
     fn rows_at_or_below_the_watermark_are_never_new() {
         let mut c = Cursor::new(10, TIMEOUT);
         c.mark([5, 10], Instant::now());
         assert!(!c.is_new(5) && !c.is_new(10));
         assert_eq!(c.high(), 10);
-        assert!(c.seen.is_empty());
+        assert!(c.unread.is_empty());
     }
 }

@@ -39,9 +39,11 @@ const READ_BATCH: usize = 1_000;
 const READ_MAX: usize = 10 * READ_BATCH;
 /// Most rows a read takes past [`READ_MAX`] to complete its transactions.
 const COMPLETE_MAX: usize = 100_000;
-/// Shortest time a query may take before the connection counts as dead.
 /// Most expired gaps checked for running transactions per read (the rest wait for the next).
 const MAX_CHECKED_GAPS: usize = 64;
+/// How long a transaction may hold a journal gap before the listener warns about it.
+const HELD_WARN_AFTER: Duration = Duration::from_secs(60);
+/// Shortest time a query may take before the connection counts as dead.
 const MIN_QUERY_LIMIT: Duration = Duration::from_secs(2);
 
 /// Reads a MySQL database's journal.
@@ -60,6 +62,16 @@ pub(crate) struct MysqlSource {
     settled: Arc<Watermark>,
     /// Whether the journal records transactions (read when the cursor is placed).
     tracking: Tracking,
+    /// The gap held for a transaction still running, lowest first (for the log).
+    held: Option<Held>,
+}
+
+/// A gap held for a transaction still running: its first id, when it was first held, and when
+/// it was last warned about.
+struct Held {
+    start: i64,
+    since: Instant,
+    warned: Option<Instant>,
 }
 
 impl MysqlSource {
@@ -86,6 +98,7 @@ impl MysqlSource {
             wake,
             settled,
             tracking: Tracking::Off,
+            held: None,
         }
     }
 
@@ -141,17 +154,42 @@ impl MysqlSource {
             .copied()
             .find(|&(start, end)| occupied.is_some_and(|id| (start..=end).contains(&id)));
         if let Some(range) = held {
-            log::info!(
-                "sqlnotify: MySQL journal ids {}..={} are still being written by a transaction open for over {:?}; waiting for it to commit or roll back (the watermark stays below them)",
-                range.0,
-                range.1,
-                self.gap_timeout
-            );
+            self.report_held(range, now);
             self.cursor().hold(range, now);
         }
         // Gaps beyond the checked ones wait for the next read's check.
         let checked = due.last().map_or(i64::MIN, |&(_, end)| end);
         Ok(self.cursor().advance_where(now, |(_, end)| end <= checked))
+    }
+
+    /// Logs a gap held for a transaction still running: at `info` each time it is checked, at
+    /// `warn` (at most once per [`HELD_WARN_AFTER`]) once it has been held that long — the
+    /// watermark, a named consumer's saved position and the journal's retention all wait for
+    /// it.
+    fn report_held(&mut self, (start, end): (i64, i64), now: Instant) {
+        let held = match &mut self.held {
+            Some(held) if held.start == start => held,
+            other => other.insert(Held {
+                start,
+                since: now,
+                warned: None,
+            }),
+        };
+        let open = now.saturating_duration_since(held.since) + self.gap_timeout;
+        if open >= HELD_WARN_AFTER
+            && held
+                .warned
+                .is_none_or(|at| now.saturating_duration_since(at) >= HELD_WARN_AFTER)
+        {
+            held.warned = Some(now);
+            log::warn!(
+                "sqlnotify: MySQL journal ids {start}..={end} belong to a transaction open for over {open:?}: the listener's watermark, the saved position of a named consumer and the journal's retention wait for it to commit or roll back (its events are delivered when it commits)"
+            );
+        } else {
+            log::info!(
+                "sqlnotify: MySQL journal ids {start}..={end} belong to a transaction open for over {open:?}; waiting for it to commit or roll back"
+            );
+        }
     }
 
     fn cursor(&mut self) -> &mut Cursor {

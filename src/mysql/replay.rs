@@ -14,8 +14,8 @@
 //!
 //! The client's set also takes in the ids a page covered that have no row, up to the
 //! listener's settled low watermark: the listener read everything there or gave it up (a
-//! rolled-back insert, or one that committed later than the gap timeout), so none of them will
-//! come live — otherwise the gaps of a client that keeps resuming would only ever grow.
+//! rolled-back insert: no row held it after the gap timeout), so none of them will come
+//! live — otherwise the gaps of a client that keeps resuming would only ever grow.
 //!
 //! Retention: the purge records the highest id it deleted in `sqlnotify_trimmed`; a client
 //! whose set lacks an id at or below it may lack a row that is gone, and gets `reset`.
@@ -84,8 +84,8 @@ pub(crate) async fn replay(
         .collect();
     let ids: Vec<i64> = rows.iter().map(|(id, ..)| *id).collect();
     // The ids this page covered that have no row, up to where the listener has settled: it
-    // read everything there or gave it up (rolled back, or committed too late for it), so no
-    // event will come for them — the client's set takes them in (else the gaps of a client
+    // read everything there or gave it up (rolled back: no row held it), so no event will
+    // come for them — the client's set takes them in (else the gaps of a client
     // that keeps resuming would only ever grow), before any of the page's rows.
     let mut start = read;
     let upto = if full { last.unwrap_or(pos) } else { i64::MAX }.min(settled);

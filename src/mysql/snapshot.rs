@@ -26,18 +26,19 @@
 //!   after the subscription was made and it reaches the feed, which passes it on.
 //! * An id at or below `low`: the listener's cursor is placed once per notifier (it survives
 //!   reconnects), moves its watermark only over ids it has read *and* handed to the pipeline
-//!   and over ids it gave up on (the gap timeout), publishes the watermark only after that,
-//!   and never delivers an id at or below it afterwards ([`Cursor::is_new`]). So such an event
-//!   that still reaches the feed was read from the journal before `low` was published, that is
-//!   committed before the snapshot was taken: the rows reflect it. (An id given up on is
-//!   delivered to nobody: the gap-timeout limitation of `journal.rs`, the same for every
-//!   subscription.)
+//!   and over ids it gave up on (rolled back: no row held them after the gap timeout),
+//!   publishes the watermark only after that, and never delivers an id at or below it
+//!   afterwards ([`Cursor::is_new`]). So such an event that still reaches the feed was read
+//!   from the journal before `low` was published, that is committed before the snapshot was
+//!   taken: the rows reflect it.
 //!
 //! What bounds `visible`: it holds the table's journal rows committed between the watermark
 //! and the snapshot, 8 bytes each, kept as long as the feed lives. The watermark trails the
 //! newest id read only up to the oldest open gap — a transaction still running that holds an
-//! id, or a rolled-back id waiting out the gap timeout (default 10 s) — so `visible` is at
-//! most about a gap timeout's worth of the table's changes, and usually a handful. Where the
+//! id (for as long as it runs), or a rolled-back id waiting out the gap timeout (default
+//! 10 s) — so `visible` is about a gap timeout's worth of the table's changes, or what was
+//! written while the oldest transaction still running has been open, and usually a handful.
+//! Where the
 //! listener has not placed its cursor (a standby of a consumer group, which delivers nothing),
 //! `low` is 0 and `visible` is every row of the table's channels still in the journal.
 //!
