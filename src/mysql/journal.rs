@@ -704,6 +704,10 @@ pub(crate) async fn occupied(
         .map(|(start, end)| format!("`id` BETWEEN {start} AND {end}"))
         .collect::<Vec<_>>()
         .join(" OR ");
+    // mysql_async sets the isolation level for the next transaction only, then starts it. A
+    // failure (or the caller's time limit) between the two would leave READ UNCOMMITTED for
+    // the next statement on this connection: every error here ends the listener's session,
+    // which drops the connection.
     let mut opts = mysql_async::TxOpts::default();
     opts.with_isolation_level(mysql_async::IsolationLevel::ReadUncommitted)
         .with_readonly(Some(true));

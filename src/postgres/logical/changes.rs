@@ -55,7 +55,8 @@ pub(crate) struct Row {
 /// connection (the server sends a Relation again on a new one).
 pub(crate) struct Changes {
     routes: Arc<Vec<Route>>,
-    relations: HashMap<u32, Described>,
+    /// By relation OID; foldhash (seeded at random) rather than SipHash: one lookup per change.
+    relations: HashMap<u32, Described, foldhash::fast::RandomState>,
 }
 
 /// A table's description, with where each of its routes' columns sits in its tuples (worked
@@ -72,7 +73,7 @@ impl Changes {
     pub fn new(routes: Arc<Vec<Route>>) -> Self {
         Changes {
             routes,
-            relations: HashMap::new(),
+            relations: HashMap::default(),
         }
     }
 
