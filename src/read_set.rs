@@ -12,6 +12,23 @@ use std::sync::{Arc, OnceLock};
 /// gaps merged), so a resume from it sends some rows again rather than missing any.
 pub(crate) const MAX_TEXT_GAPS: usize = 64;
 
+/// Takes `id` out of `gaps[i]`, the gap (inclusive range, in ascending disjoint ones) that
+/// holds it: the gap shrinks, splits in two, or goes.
+pub(crate) fn take_from_gap(gaps: &mut Vec<(i64, i64)>, i: usize, id: i64) {
+    let (start, end) = gaps[i];
+    match (start == id, end == id) {
+        (true, true) => {
+            gaps.remove(i);
+        }
+        (true, false) => gaps[i].0 = id + 1,
+        (false, true) => gaps[i].1 = id - 1,
+        (false, false) => {
+            gaps[i].1 = id - 1;
+            gaps.insert(i + 1, (id + 1, end));
+        }
+    }
+}
+
 /// Journal ids read: every id up to `low`, and the ids in `(low, high]` outside `gaps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadSet {
@@ -78,18 +95,7 @@ impl ReadSet {
             self.high = id;
         } else {
             let i = self.gaps.partition_point(|&(a, _)| a <= id) - 1;
-            let (a, b) = self.gaps[i];
-            match (a == id, b == id) {
-                (true, true) => {
-                    self.gaps.remove(i);
-                }
-                (true, false) => self.gaps[i].0 = id + 1,
-                (false, true) => self.gaps[i].1 = id - 1,
-                (false, false) => {
-                    self.gaps[i].1 = id - 1;
-                    self.gaps.insert(i + 1, (id + 1, b));
-                }
-            }
+            take_from_gap(&mut self.gaps, i, id);
         }
         // Fold a read prefix into `low`.
         let next = self.first_unread();

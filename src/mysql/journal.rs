@@ -62,7 +62,7 @@ use mysql_async::Conn;
 use super::catalog::db_err;
 use super::ddl::{qualified, JOURNAL, JOURNAL_TX, TRANSACTION_REGISTRY};
 use crate::error::{Error, Result};
-use crate::read_set::ReadSet;
+use crate::read_set::{take_from_gap, ReadSet};
 
 /// Most gap ranges spelled out in one read; the rest are read as one range (and deduped).
 const MAX_RANGES: usize = 64;
@@ -235,18 +235,7 @@ impl Cursor {
                 }
                 self.high = id;
             } else if let Some(i) = self.gap_of(id).filter(|_| id > self.low) {
-                let (start, end) = self.unread[i];
-                match (start == id, end == id) {
-                    (true, true) => {
-                        self.unread.remove(i);
-                    }
-                    (true, false) => self.unread[i].0 = id + 1,
-                    (false, true) => self.unread[i].1 = id - 1,
-                    (false, false) => {
-                        self.unread[i].1 = id - 1;
-                        self.unread.insert(i + 1, (id + 1, end));
-                    }
-                }
+                take_from_gap(&mut self.unread, i, id);
             }
         }
         if self.unread.last().is_some_and(|&(_, end)| end > before) {
