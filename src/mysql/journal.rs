@@ -676,9 +676,9 @@ fn micros(d: Duration) -> u64 {
 
 /// The lowest id in `ranges` (gaps a cursor is about to give up, see [`Cursor::due`]) that
 /// holds a row, if any: one committed since the last read, or one a transaction still running
-/// wrote (read
-/// uncommitted: a rolled-back insert leaves nothing, a running one is seen, and nothing is
-/// locked). Such a gap is not given up, nor any above it: its transaction may yet commit.
+/// wrote. Read uncommitted: a rolled-back insert leaves nothing, a running one is seen, and
+/// nothing is locked. Such a gap is not given up, nor any above it: its transaction may yet
+/// commit.
 pub(crate) async fn occupied(
     conn: &mut Conn,
     database: &str,

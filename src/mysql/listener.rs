@@ -62,7 +62,7 @@ pub(crate) struct MysqlSource {
     settled: Arc<Watermark>,
     /// Whether the journal records transactions (read when the cursor is placed).
     tracking: Tracking,
-    /// The gap held for a transaction still running, lowest first (for the log).
+    /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
 }
 
