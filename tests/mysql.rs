@@ -1034,6 +1034,57 @@ async fn a_listener_whose_connection_is_killed_is_restarted_and_resumes() {
     notifier.stop().await.unwrap();
 }
 
+/// A journal row the driver cannot convert (an administrator let `payload` take NULL, and a
+/// migration wrote one): mysql_async panics on it. The panic is the session's error —
+/// announced and restarted like a lost connection — not the silent end of all reading; once
+/// the row is gone, the rows after it arrive.
+#[actix_rt::test]
+async fn a_row_the_driver_panics_on_fails_the_session_and_reading_goes_on_once_it_is_gone() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let mut statuses = common::statuses(&notifier).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+
+    let mut conn = db.conn().await;
+    let channel: String = conn
+        .query_first("SELECT `channel` FROM sqlnotify_journal LIMIT 1")
+        .await
+        .unwrap()
+        .expect("the first row's channel");
+    db.exec("ALTER TABLE sqlnotify_journal MODIFY `payload` LONGTEXT NULL")
+        .await;
+    conn.exec_drop(
+        "INSERT INTO sqlnotify_journal (`channel`, `payload`) VALUES (?, NULL)",
+        (&channel,),
+    )
+    .await
+    .unwrap();
+    match common::next_status_within(&mut statuses, Duration::from_secs(30)).await {
+        Status::Disconnected { error } => assert!(
+            error.contains("the MySQL listener, reading") && error.contains("panicked"),
+            "{error}"
+        ),
+        other => panic!("expected the panic as a failed session, got {other:?}"),
+    }
+    // Each new session meets the same row: it keeps failing, announced, until it is gone.
+    conn.query_drop("DELETE FROM sqlnotify_journal WHERE `payload` IS NULL")
+        .await
+        .unwrap();
+    let _ = conn.disconnect().await;
+    db.exec("INSERT INTO t VALUES (2)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(2));
+    events.assert_empty();
+    assert!(notifier.stats().await.unwrap().restarts >= 1);
+    notifier.stop().await.unwrap();
+}
+
 /// An account of this test's own with a password and no privilege, dropped by the guard.
 struct Account {
     name: String,

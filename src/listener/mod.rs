@@ -3,7 +3,8 @@
 //!
 //! A listener is an actix actor under a [`Supervisor`]. Each generation runs one *session* —
 //! connect, place the position on the first connection, then read / save / check / wait until
-//! stopped or failed (see `session.rs`). A failed session is announced as
+//! stopped or failed (see `session.rs`; a panic in the source's I/O fails the session like an
+//! error, it does not end the actor). A failed session is announced as
 //! [`Status::Disconnected`]; the supervisor restarts the actor, which starts the next session
 //! after a jittered [`Backoff`] — unless the error is fatal (`Error::is_fatal`: a replication
 //! slot the server invalidated), which stops the listener for good, announced as
@@ -465,6 +466,9 @@ mod tests {
         saves: Vec<i64>,
         /// Connections opened.
         connects: u32,
+        /// The next read of any listener panics (a driver's panic on a reply it did not
+        /// expect).
+        panic: bool,
     }
 
     #[derive(Clone, Default)]
@@ -524,6 +528,9 @@ mod tests {
 
         async fn read(&mut self, _: &mut (), outlet: &Outlet) -> Result<Option<u64>> {
             let from = self.position.expect("placed") as usize;
+            if std::mem::take(&mut self.shared.lock().panic) {
+                panic!("a row the driver cannot convert");
+            }
             let rows: Vec<String> = self.shared.lock().rows[from..].to_vec();
             let batch = rows
                 .iter()
@@ -722,6 +729,34 @@ mod tests {
         assert_eq!(rig.batch().await, ["b", "c"]);
         assert_eq!(rig.stats.restarts.load(Ordering::Relaxed), 1);
         assert_eq!(rig.shared.lock().connects, 2);
+        rig.handle.shutdown().await;
+        rig.handle.finish().await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn a_panic_while_reading_is_a_failed_session_not_a_silent_stop() {
+        let mut rig = Rig::start(false, 100, false).await;
+        assert_eq!(rig.status().await, Status::Connected);
+        rig.shared.write("a");
+        assert_eq!(rig.batch().await, ["a"]);
+        // The read of "b" panics: announced with the panic's message, then restarted.
+        rig.shared.lock().panic = true;
+        rig.shared.write("b");
+        match rig.status().await {
+            Status::Disconnected { error } => assert!(
+                error.contains("the memory listener, reading")
+                    && error.contains("panicked: a row the driver cannot convert"),
+                "{error}"
+            ),
+            other => panic!("expected Disconnected, got {other:?}"),
+        }
+        assert_eq!(rig.status().await, Status::Connected);
+        // Nothing was lost: the next session reads "b" from where the last one stood.
+        assert_eq!(rig.status().await, Status::Resynced { replayed: 1 });
+        assert_eq!(rig.batch().await, ["b"]);
+        assert_eq!(rig.stats.restarts.load(Ordering::Relaxed), 1);
+        rig.shared.write("c");
+        assert_eq!(rig.batch().await, ["c"]);
         rig.handle.shutdown().await;
         rig.handle.finish().await.unwrap();
     }

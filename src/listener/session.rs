@@ -2,18 +2,21 @@
 //! save, check and wait until stopped or failed. Runs on the listener's arbiter; everything a
 //! dialect does in it goes through [`Source`].
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{select, Either};
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::saving::Saving;
 use super::{Pace, Shell, Source, State};
 use crate::consumer::{report_gap, ConsumerParams};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::stats::Role;
 use crate::status::Status;
 
@@ -48,7 +51,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         mut state: State<S>,
     ) -> (State<S>, Outcome) {
         let outlet = self.shell.outlet.clone();
-        let mut conn = match state.source.connect(&outlet).await {
+        let mut conn = match guarded::<S, _>("connecting", state.source.connect(&outlet)).await {
             Ok(conn) => conn,
             Err(e) => return self.failed(state, None, e),
         };
@@ -62,7 +65,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 Ok(true) => {}
                 Ok(false) => {
                     // Told to stop while standing by.
-                    state.source.close(conn).await;
+                    close(&mut state.source, conn).await;
                     return (
                         state,
                         Outcome {
@@ -77,11 +80,8 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         }
         let mut missed = Vec::new();
         if !state.placed {
-            match state
-                .source
-                .place(&mut conn, self.shell.consumer.as_ref())
-                .await
-            {
+            let placing = state.source.place(&mut conn, self.shell.consumer.as_ref());
+            match guarded::<S, _>("placing its position", placing).await {
                 Ok(m) => missed = m,
                 Err(e) => return self.failed(state, Some(conn), e),
             }
@@ -104,7 +104,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         }
         let (failure, fatal) = match self.serve(&mut state, &mut conn, restarted).await {
             Ok(()) => {
-                state.source.close(conn).await;
+                close(&mut state.source, conn).await;
                 (None, None)
             }
             Err(e) => (
@@ -162,7 +162,12 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         let mut standing_by = false;
         let mut last_io = Instant::now();
         loop {
-            if state.source.lease(conn, consumer).await? {
+            if guarded::<S, _>(
+                "taking the consumer's lease",
+                state.source.lease(conn, consumer),
+            )
+            .await?
+            {
                 break;
             }
             if !standing_by {
@@ -196,7 +201,11 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 }
             }
             if last_io.elapsed() >= shell.health_check {
-                state.source.check(conn, shell.health_check).await?;
+                guarded::<S, _>(
+                    "checking the connection",
+                    state.source.check(conn, shell.health_check),
+                )
+                .await?;
                 last_io = Instant::now();
             }
             let retry = pin!(tokio::time::sleep(LEASE_RETRY));
@@ -237,7 +246,8 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 shell.consumer.is_none() || shell.stats.has_subscriber.load(Ordering::Acquire);
             let safety_net = last_read.elapsed() >= shell.health_check;
             if reads && gate_open && (may_have_rows || resync || safety_net) {
-                let Some(forwarded) = state.source.read(conn, &shell.outlet).await? else {
+                let reading = state.source.read(conn, &shell.outlet);
+                let Some(forwarded) = guarded::<S, _>("reading", reading).await? else {
                     return Ok(()); // told to stop while waiting for room
                 };
                 (last_read, last_io) = (Instant::now(), Instant::now());
@@ -259,14 +269,19 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 let safe = shell.stats.safe();
                 let due = state.saving.due(safe, consumer.heartbeat(), Instant::now());
                 if let Some(position) = due {
-                    let missed = state.source.save(conn, consumer, &position).await?;
+                    let saving = state.source.save(conn, consumer, &position);
+                    let missed = guarded::<S, _>("saving the consumer's position", saving).await?;
                     state.saving.saved(position, Instant::now());
                     last_io = Instant::now();
                     self.gap(missed);
                 }
             }
             if last_io.elapsed() >= shell.health_check {
-                state.source.check(conn, shell.health_check).await?;
+                guarded::<S, _>(
+                    "checking the connection",
+                    state.source.check(conn, shell.health_check),
+                )
+                .await?;
                 last_io = Instant::now();
             }
             // Wait for a sign of new rows, but no longer than the next thing due.
@@ -285,7 +300,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 }
             }
             let woke = {
-                let wait = pin!(state.source.wait(conn, timeout));
+                let wait = pin!(guarded::<S, _>("waiting", state.source.wait(conn, timeout)));
                 let stopping = pin!(shell.outlet.stopping());
                 match select(wait, stopping).await {
                     Either::Left((woke, _)) => woke?,
@@ -307,6 +322,42 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             report_gap(&consumer.name, &missed);
             self.shell.status(Status::Gap { channels: missed });
         }
+    }
+}
+
+/// A dialect's call, with a panic in it turned into this session's error. A driver can panic
+/// on a reply it did not expect (mysql_async on a row whose column type changed under it):
+/// unguarded, the panic would end the listener's task, and with it all reading, silently —
+/// guarded, the session fails like on a lost connection, the failure is announced
+/// ([`Status::Disconnected`], or to `start()` on the first session), and the supervisor
+/// starts the next session from the source's position.
+async fn guarded<S: Source, T>(
+    doing: &'static str,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => Err(panicked::<S>(doing, &*panic)),
+    }
+}
+
+/// The error for a panic caught while `doing` something.
+fn panicked<S: Source>(doing: &'static str, panic: &(dyn Any + Send)) -> Error {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    Error::db(
+        format!("the {} listener, {doing}", S::NAME),
+        std::io::Error::other(format!("the driver panicked: {message}")),
+    )
+}
+
+/// Closes a connection; a panic while closing is logged (the connection is gone either way).
+async fn close<S: Source>(source: &mut S, conn: S::Conn) {
+    if let Err(panic) = AssertUnwindSafe(source.close(conn)).catch_unwind().await {
+        log::warn!("sqlnotify: {}", panicked::<S>("closing", &*panic));
     }
 }
 

@@ -94,7 +94,11 @@ impl OverflowStore for Arc<Control> {
                     .query_typed_opt(&sql, &[(&reference, Type::TEXT), (&channel, Type::TEXT)])
                     .await
                     .map_err(|e| Error::db(context(), e))?;
-                Ok(row.map(|r| r.get(0)))
+                // A column whose type someone changed is this read's error, not a panic in
+                // the decoder.
+                row.map(|r| r.try_get(0))
+                    .transpose()
+                    .map_err(|e| Error::db(context(), e))
             };
             match tokio::time::timeout(FETCH_LIMIT, read).await {
                 Ok(result) => result,
