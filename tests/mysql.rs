@@ -1,6 +1,7 @@
 //! End-to-end tests of the MySQL / MariaDB dialect against a real server: URLs, delivery for
 //! every operation and naming oddity, value types, validation through `information_schema`,
 //! custom notifications, drift / revoke / cleanup / install_sql, late-committing transactions
+//! (also ones running at a first start)
 //! (and the bounded gap that gives up on rolled-back ids), several listeners, named consumers
 //! resuming after a restart, journal retention, and a listener restarted after its connection
 //! was killed.
@@ -712,6 +713,97 @@ async fn a_transaction_that_commits_late_is_not_skipped() {
         .await,
         "the watermark moves on once the gap is filled"
     );
+    db.exec("INSERT INTO t VALUES (3)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(3));
+    ev.assert_empty();
+    notifier.stop().await.unwrap();
+}
+
+/// A consumer's very first start, while a transaction is running with a journal id below one
+/// already committed: the position registered at once keeps that id unread, so the
+/// transaction, committing only after a restart, is still delivered (it was registered at the
+/// newest id, past it, for good) — and the history before the first start is not.
+#[actix_rt::test]
+async fn a_transaction_running_at_a_consumers_first_start_is_delivered_after_a_restart() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let start = || async {
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Operation::Insert))
+            .consumer("fresh")
+            .start()
+            .await
+            .unwrap()
+    };
+    // Installs the triggers; the consumer registers now.
+    let installer = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    installer.stop().await.unwrap();
+    let (mut running, running_id) = open_insert(&db, 1).await;
+    db.exec("INSERT INTO t VALUES (2)").await;
+    assert!(journal_head(&db).await > running_id);
+
+    let notifier = start().await;
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    assert!(
+        saved_watermark(&db, "fresh").await < running_id,
+        "registered past a transaction still running"
+    );
+    notifier.stop().await.unwrap();
+    ev.assert_empty();
+
+    running.query_drop("COMMIT").await.unwrap();
+    let _ = running.disconnect().await;
+    let notifier = start().await;
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1), "the late commit");
+    db.exec("INSERT INTO t VALUES (3)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(3));
+    ev.assert_empty();
+    notifier.stop().await.unwrap();
+}
+
+/// A first start while a transaction has been running for longer than the gap timeout, its
+/// journal id below a row committed since: the listener starts before it (it sees the server's
+/// running transactions) and delivers it when it commits — not the row committed before the
+/// start.
+#[actix_rt::test]
+async fn a_transaction_running_longer_than_the_gap_timeout_at_the_first_start_is_delivered() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let url = with_param(&db.url, "sqlnotify_gap_timeout_ms=300");
+    let start = || async {
+        Notifier::builder(&url)
+            .watch(Watch::new("t", Operation::Insert))
+            .start()
+            .await
+            .unwrap()
+    };
+    start().await.stop().await.unwrap(); // installs the triggers
+    let (mut running, running_id) = open_insert(&db, 1).await;
+    db.exec("INSERT INTO t VALUES (2)").await;
+    assert!(journal_head(&db).await > running_id);
+    // Both rows older than the gap timeout, by the server's clock.
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            db.count(
+                "SELECT COUNT(*) FROM sqlnotify_journal \
+                 WHERE created_at < NOW(6) - INTERVAL 600000 MICROSECOND",
+            )
+            .await
+                >= 1
+        })
+        .await
+    );
+
+    let notifier = start().await;
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    running.query_drop("COMMIT").await.unwrap();
+    let _ = running.disconnect().await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1), "the late commit");
     db.exec("INSERT INTO t VALUES (3)").await;
     assert_eq!(ev.next().await.id().as_i64(), Some(3));
     ev.assert_empty();

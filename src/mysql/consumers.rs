@@ -205,18 +205,24 @@ pub(crate) async fn insert(
     database: &str,
     consumer: &ConsumerParams,
     channels: &[String],
-    position: i64,
+    position: &Position,
 ) -> Result<()> {
+    // With what was read above the watermark, as a save stores it: ids a transaction still
+    // running holds stay unread, so a restart before it commits still delivers it.
+    let seen = position.above.as_ref().map(Above::to_json);
     conn.exec_drop(
         format!(
-            "INSERT INTO {} (`name`, `watermark`, `updated_at`, `state`, `channels`, `expire_after_us`) \
-             VALUES (?, ?, NOW(6), 'active', ?, ?) \
-             ON DUPLICATE KEY UPDATE `watermark` = GREATEST(`watermark`, VALUES(`watermark`)), `updated_at` = NOW(6)",
+            "INSERT INTO {} (`name`, `watermark`, `seen`, `updated_at`, `state`, `channels`, `expire_after_us`) \
+             VALUES (?, ?, ?, NOW(6), 'active', ?, ?) \
+             ON DUPLICATE KEY UPDATE \
+             `seen` = CASE WHEN VALUES(`watermark`) >= `watermark` THEN VALUES(`seen`) ELSE `seen` END, \
+             `watermark` = GREATEST(`watermark`, VALUES(`watermark`)), `updated_at` = NOW(6)",
             qualified(database, CONSUMERS)
         ),
         (
             consumer.name.as_str(),
-            position,
+            position.low,
+            seen,
             channels_json(channels),
             expire_us(consumer),
         ),
@@ -278,7 +284,7 @@ pub(crate) async fn save_running(
             .map(|(_, missed)| missed)
             .unwrap_or_default()),
         None => {
-            insert(conn, database, consumer, channels, position.low).await?;
+            insert(conn, database, consumer, channels, position).await?;
             Ok(channels.to_vec())
         }
     }

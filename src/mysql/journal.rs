@@ -610,9 +610,15 @@ fn lossy(bytes: Vec<u8>) -> String {
 }
 
 /// Where a listener without a saved watermark starts: ids up to the returned watermark were
-/// committed more than `gap_timeout` ago; the returned ids above it are already committed
-/// (to be marked read, not delivered). Ids above the watermark that are missing may be
-/// transactions still running: they are delivered when they commit.
+/// committed more than `gap_timeout` before the oldest transaction still running that has
+/// written anything started (before now, when none runs); the returned ids above it are
+/// already committed (to be marked read, not delivered). Ids above the watermark that are
+/// missing may be transactions still running: they are delivered when they commit.
+///
+/// The running transactions come from `information_schema.INNODB_TRX`, which needs the
+/// `PROCESS` privilege. Without it the watermark is placed `gap_timeout` before now, and a
+/// transaction that has already been running for longer than that, with a journal id below
+/// one committed since, is not delivered — said once, at `info`.
 pub(crate) async fn placement(
     conn: &mut Conn,
     database: &str,
@@ -620,16 +626,34 @@ pub(crate) async fn placement(
 ) -> Result<(i64, Vec<i64>)> {
     let journal = qualified(database, JOURNAL);
     let context = "placing the journal cursor";
-    let low: Option<i64> = conn
-        .exec_first(
-            format!(
-                "SELECT `id` FROM {journal} WHERE `created_at` <= NOW(6) - INTERVAL ? MICROSECOND \
-                 ORDER BY `id` DESC LIMIT 1"
-            ),
-            (micros(gap_timeout),),
+    let low_sql = |before: &str| {
+        format!(
+            "SELECT `id` FROM {journal} WHERE `created_at` <= {before} - INTERVAL ? MICROSECOND \
+             ORDER BY `id` DESC LIMIT 1"
         )
+    };
+    // `trx_started` has whole seconds, cut down: never later than the transaction's start.
+    let oldest_writer = "LEAST(NOW(6), COALESCE((SELECT MIN(`trx_started`) \
+         FROM information_schema.INNODB_TRX WHERE `trx_rows_modified` > 0 \
+         AND `trx_mysql_thread_id` <> CONNECTION_ID()), NOW(6)))";
+    let low: Option<i64> = match conn
+        .exec_first(low_sql(oldest_writer), (micros(gap_timeout),))
         .await
-        .map_err(db_err(context))?;
+    {
+        Ok(low) => low,
+        Err(mysql_async::Error::Server(e)) => {
+            log::info!(
+                "sqlnotify: cannot see the MySQL server's running transactions ({}): a \
+                 transaction already running for longer than the gap timeout may be missed \
+                 by this first start; grant PROCESS to avoid it",
+                e.message
+            );
+            conn.exec_first(low_sql("NOW(6)"), (micros(gap_timeout),))
+                .await
+                .map_err(db_err(context))?
+        }
+        Err(e) => return Err(Error::db(context, e)),
+    };
     let low = low.unwrap_or(0);
     let ids: Vec<i64> = conn
         .query(format!(

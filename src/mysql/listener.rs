@@ -385,9 +385,9 @@ impl Source for MysqlSource {
 
     /// At a named consumer's saved watermark, else at "now" (rows already committed are
     /// marked read; rows of transactions still running are delivered when they commit). A new
-    /// consumer saves the head right away, so a quick restart does not replay the history it
-    /// never saw (the price: a transaction still running at its very first start that commits
-    /// only after a restart is not delivered).
+    /// consumer saves that position right away — the rows read, and the gaps that may still
+    /// fill — so a quick restart neither replays the history it never saw nor skips a
+    /// transaction that was running at its first start.
     async fn place(
         &mut self,
         conn: &mut Conn,
@@ -422,7 +422,7 @@ impl Source for MysqlSource {
             cursor.mark(ids, now);
             cursor.advance(now);
             if let Some(consumer) = consumer {
-                consumers::insert(conn, db, consumer, channels, head).await?;
+                consumers::insert(conn, db, consumer, channels, &cursor.position()).await?;
             }
             log::debug!("sqlnotify: MySQL listener starts after journal id {head}");
             Ok::<_, Error>((cursor, Vec::new()))
