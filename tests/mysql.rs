@@ -1,8 +1,7 @@
 //! End-to-end tests of the MySQL / MariaDB dialect against a real server: URLs, delivery for
 //! every operation and naming oddity, value types, validation through `information_schema`,
 //! custom notifications, drift / revoke / cleanup / install_sql, late-committing transactions
-//! (also ones running at a first start)
-//! (and the bounded gap that gives up on rolled-back ids), several listeners, named consumers
+//! (also ones running at a first start, and the bounded gap that gives up on rolled-back ids), several listeners, named consumers
 //! resuming after a restart, journal retention, and a listener restarted after its connection
 //! was killed.
 //!
