@@ -741,7 +741,7 @@ async fn a_transaction_running_at_a_consumers_first_start_is_delivered_after_a_r
         .await
         .unwrap();
     installer.stop().await.unwrap();
-    let (mut running, running_id) = open_insert(&db, 1).await;
+    let (running, running_id) = open_insert(&db, 1).await;
     db.exec("INSERT INTO t VALUES (2)").await;
     assert!(journal_head(&db).await > running_id);
 
@@ -754,10 +754,16 @@ async fn a_transaction_running_at_a_consumers_first_start_is_delivered_after_a_r
     notifier.stop().await.unwrap();
     ev.assert_empty();
 
+    // Restarted while the transaction still runs; it commits after.
+    running_one_arrives_alone(&db, start().await, running).await;
+}
+
+/// Subscribes to `notifier`, commits `running` (which inserted 1 into `t`), and checks that its
+/// event arrives, then 3's, and nothing else (not 2, committed before the first start).
+async fn running_one_arrives_alone(db: &TestDb, notifier: Notifier, mut running: Conn) {
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
     running.query_drop("COMMIT").await.unwrap();
     let _ = running.disconnect().await;
-    let notifier = start().await;
-    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
     assert_eq!(ev.next().await.id().as_i64(), Some(1), "the late commit");
     db.exec("INSERT INTO t VALUES (3)").await;
     assert_eq!(ev.next().await.id().as_i64(), Some(3));
@@ -782,7 +788,7 @@ async fn a_transaction_running_longer_than_the_gap_timeout_at_the_first_start_is
             .unwrap()
     };
     start().await.stop().await.unwrap(); // installs the triggers
-    let (mut running, running_id) = open_insert(&db, 1).await;
+    let (running, running_id) = open_insert(&db, 1).await;
     db.exec("INSERT INTO t VALUES (2)").await;
     assert!(journal_head(&db).await > running_id);
     // Both rows older than the gap timeout, by the server's clock.
@@ -798,15 +804,7 @@ async fn a_transaction_running_longer_than_the_gap_timeout_at_the_first_start_is
         .await
     );
 
-    let notifier = start().await;
-    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
-    running.query_drop("COMMIT").await.unwrap();
-    let _ = running.disconnect().await;
-    assert_eq!(ev.next().await.id().as_i64(), Some(1), "the late commit");
-    db.exec("INSERT INTO t VALUES (3)").await;
-    assert_eq!(ev.next().await.id().as_i64(), Some(3));
-    ev.assert_empty();
-    notifier.stop().await.unwrap();
+    running_one_arrives_alone(&db, start().await, running).await;
 }
 
 /// A rolled-back insert burns its journal id: the watermark moves past it after the gap
