@@ -506,6 +506,15 @@ impl From<actix::MailboxError> for Error {
     }
 }
 
+/// What a caught panic said (its `&str` or `String` payload), for the error it becomes.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,15 +115,6 @@ fn key_text(event: &ChangeEvent) -> String {
     }
 }
 
-/// The text of a caught panic.
-fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic".into())
-}
-
 impl Engine {
     /// Runs until the deliveries end (unsubscribed, or the notifier stopped) and the calls
     /// running then have finished, or the handler is gone. Events not started by then stay
@@ -261,7 +252,11 @@ impl Engine {
             Ok(None) => return Outcome::Gone,
             Err(panic) => {
                 Counters::add(&self.counters.subscriber_panics, 1);
-                Err(format!("the handler panicked: {}", panic_text(panic)).into())
+                Err(format!(
+                    "the handler panicked: {}",
+                    crate::error::panic_message(&*panic)
+                )
+                .into())
             }
         };
         let error = match result {

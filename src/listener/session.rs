@@ -343,11 +343,7 @@ async fn guarded<S: Source, T>(
 
 /// The error for a panic caught while `doing` something.
 fn panicked<S: Source>(doing: &'static str, panic: &(dyn Any + Send)) -> Error {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
+    let message = crate::error::panic_message(panic);
     Error::db(
         format!("the {} listener, {doing}", S::NAME),
         std::io::Error::other(format!("the driver panicked: {message}")),

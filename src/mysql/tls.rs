@@ -246,11 +246,7 @@ async fn open(opts: Opts) -> std::result::Result<Conn, mysql_async::Error> {
         Ok(result) => result,
         Err(e) => {
             let what = match e.try_into_panic() {
-                Ok(panic) => panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into()),
+                Ok(panic) => crate::error::panic_message(&*panic),
                 Err(e) => e.to_string(),
             };
             Err(mysql_async::Error::Other(
