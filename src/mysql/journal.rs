@@ -402,14 +402,54 @@ pub(crate) async fn read_page(
         "SELECT `id`, `channel`, `payload` FROM {} WHERE `id` > {pos} AND ({condition}) ORDER BY `id` LIMIT {limit}",
         qualified(database, JOURNAL)
     );
-    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = conn
+    let rows: Vec<mysql_async::Row> = conn
         .query(sql)
         .await
         .map_err(db_err("reading the journal"))?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, channel, payload)| (id, lossy(channel), lossy(payload)))
-        .collect())
+    rows.into_iter()
+        .map(|row| journal_row(row).map(|(id, channel, payload, _)| (id, channel, payload)))
+        .collect()
+}
+
+/// A journal row as `SELECT id, channel, payload[, transaction]` returns it: id, channel,
+/// payload and transaction (`None` without that column, or when it is unreadable: the row is
+/// then delivered outside any transaction).
+///
+/// Read by column, not as a tuple: mysql_async panics on a tuple it cannot convert. The
+/// columns are sqlnotify's, but anyone allowed to alter the table can make them hold what the
+/// journal never writes.
+pub(crate) fn journal_row(mut row: mysql_async::Row) -> Result<(i64, String, String, Option<u64>)> {
+    let id = id_at(&mut row)?;
+    let tx = match row.len() {
+        4.. => row
+            .take_opt::<Option<u64>, _>(3)
+            .and_then(|tx| tx.ok().flatten()),
+        _ => None,
+    };
+    Ok((id, text_at(&mut row, 1), text_at(&mut row, 2), tx))
+}
+
+/// The row's id (column 0); an error when it is none (nothing can place the row).
+fn id_at(row: &mut mysql_async::Row) -> Result<i64> {
+    match row.take_opt::<i64, _>(0) {
+        Some(Ok(id)) => Ok(id),
+        other => Err(Error::db(
+            "reading the journal",
+            std::io::Error::other(format!(
+                "a journal row's `id` is not an integer ({:?}): was the table altered?",
+                other.map(|r| r.map_err(|e| e.0))
+            )),
+        )),
+    }
+}
+
+/// Column `index` as text; anything but text (a `NULL` in a column someone altered) as empty
+/// text, which the decoder drops and counts as malformed.
+fn text_at(row: &mut mysql_async::Row, index: usize) -> String {
+    match row.take::<mysql_async::Value, _>(index) {
+        Some(mysql_async::Value::Bytes(bytes)) => lossy(bytes),
+        _ => String::new(),
+    }
 }
 
 /// Whether the journal records transactions (see [`tracking`]).
@@ -550,20 +590,21 @@ pub(crate) async fn read_tx_page(
          WHERE `id` > {pos} AND ({condition}){only} ORDER BY `id` LIMIT {limit}",
         qualified(database, JOURNAL)
     );
-    type Raw = (i64, Vec<u8>, Vec<u8>, Option<u64>);
-    let rows: Vec<Raw> = conn
+    let rows: Vec<mysql_async::Row> = conn
         .query(sql)
         .await
         .map_err(db_err("reading the journal"))?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, channel, payload, tx)| TxRow {
-            id,
-            channel: lossy(channel),
-            payload: lossy(payload),
-            tx: tx.filter(|_| id > after),
+    rows.into_iter()
+        .map(|row| {
+            let (id, channel, payload, tx) = journal_row(row)?;
+            Ok(TxRow {
+                id,
+                channel,
+                payload,
+                tx: tx.filter(|_| id > after),
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Puts the rows of one read in delivery order and marks the last row of each transaction:

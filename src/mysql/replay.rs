@@ -65,8 +65,7 @@ pub(crate) async fn replay(
     };
     let pos = pos.unwrap_or(read.low);
     let condition = journal::unread_sql(&read.gaps, read.high);
-    type Raw = (i64, Vec<u8>, Vec<u8>, Option<u64>);
-    let rows: Vec<Raw> = conn
+    let rows: Vec<mysql_async::Row> = conn
         .query(format!(
             "SELECT `id`, `channel`, `payload`, {tx} FROM {} \
              WHERE `id` > {pos} AND ({condition}) ORDER BY `id` LIMIT {}",
@@ -75,6 +74,10 @@ pub(crate) async fn replay(
         ))
         .await
         .map_err(db_err(context))?;
+    let rows = rows
+        .into_iter()
+        .map(journal::journal_row)
+        .collect::<Result<Vec<_>>>()?;
     let full = rows.len() as i64 >= limit.max(1);
     let last = rows.last().map(|(id, ..)| *id);
     // Ids already in the set (read as one range beyond the spelled-out gaps) are skipped.
@@ -105,10 +108,9 @@ pub(crate) async fn replay(
         .into_iter()
         .enumerate()
         .filter_map(|(index, (id, channel, payload, tx))| {
-            let channel = String::from_utf8_lossy(&channel).into_owned();
             channels.contains(&channel).then(|| RawNotification {
                 channel: channel.into(),
-                payload: String::from_utf8_lossy(&payload).into_owned(),
+                payload,
                 received_at: now,
                 sequence: Some(id),
                 events: 1,
