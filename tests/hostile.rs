@@ -110,6 +110,13 @@ async fn garbage_in_the_journal_and_on_wake_channels_is_dropped_and_counted() {
          SELECT pg_notify('sqlnotify_public_t_insert', repeat('x', 7000));",
     )
     .await;
+    // NULLs where the journal never writes one, the table altered by its owner (this test's
+    // database is its own): tokio-postgres panics reading one as a value.
+    db.exec(
+        "ALTER TABLE sqlnotify.journal ALTER COLUMN payload DROP NOT NULL,                                        ALTER COLUMN events DROP NOT NULL;
+         INSERT INTO sqlnotify.journal (channel, payload, events) VALUES          ('sqlnotify_public_t_insert', NULL, 1), ('sqlnotify_public_t_insert', '{}', NULL);",
+    )
+    .await;
     db.exec("INSERT INTO t VALUES (1)").await;
     assert_eq!(
         ev.next().await.id().as_i64(),
@@ -118,7 +125,7 @@ async fn garbage_in_the_journal_and_on_wake_channels_is_dropped_and_counted() {
     );
     ev.assert_empty();
     let stats = notifier.stats().await.unwrap();
-    assert_eq!(stats.malformed, 2, "{stats:?}");
+    assert_eq!((stats.malformed, stats.restarts), (4, 0), "{stats:?}");
     notifier.stop().await.unwrap();
 }
 

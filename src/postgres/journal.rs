@@ -76,6 +76,24 @@ pub(crate) struct JournalCursor {
     unfinished: Option<String>,
 }
 
+/// The channel, payload and event count of a journal row read with them in columns 3, 4 and 5.
+/// A statement-capture row carries up to `STATEMENT_CHUNK_ROWS` events (a larger count is
+/// someone else's row: clamped, the decoder checks it against the payload). A NULL where the
+/// journal never writes one (its table altered by its owner) is not a panic: an empty channel
+/// or payload is dropped and counted as malformed by the decoder, a missing count is 1.
+pub(crate) fn content(row: &tokio_postgres::Row) -> (std::sync::Arc<str>, String, u32) {
+    let events = match row.try_get::<_, Option<i32>>(5) {
+        Ok(Some(n)) => n.clamp(1, STATEMENT_CHUNK_ROWS as i32) as u32,
+        _ => 1,
+    };
+    let channel = row
+        .try_get::<_, Option<&str>>(3)
+        .ok()
+        .flatten()
+        .unwrap_or("");
+    let payload = row.try_get::<_, Option<String>>(4).ok().flatten();
+    (channel.into(), payload.unwrap_or_default(), events)
+}
 impl JournalCursor {
     /// A cursor resuming from a saved horizon and the ids at or above it already delivered
     /// (with their transaction ids).
@@ -167,13 +185,15 @@ impl JournalCursor {
             if self.seen.contains_key(&id) {
                 continue;
             }
-            // A statement-capture row carries up to STATEMENT_CHUNK_ROWS events (a larger
-            // count is someone else's row: clamped, the decoder checks it against the payload).
-            let events = row.get::<_, i32>(5).clamp(1, STATEMENT_CHUNK_ROWS as i32) as u32;
-            let group: i64 = row.get(6);
+            let (channel, payload, events) = content(&row);
+            let group = row
+                .try_get::<_, Option<i64>>(6)
+                .ok()
+                .flatten()
+                .unwrap_or(id);
             batch.push(RawNotification {
-                channel: std::sync::Arc::from(row.get::<_, &str>(3)),
-                payload: row.get(4),
+                channel,
+                payload,
                 received_at: SystemTime::now(),
                 sequence: Some(id),
                 events,

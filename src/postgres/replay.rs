@@ -28,7 +28,6 @@ use crate::read_point::{is_snapshot_text, ReadPoint, ReadSnapshots};
 use crate::replay::{ReadPage, Replay, ReplayFrom};
 use crate::snapshot::fence::Fence;
 use crate::sql::quote_ident;
-use crate::tier::STATEMENT_CHUNK_ROWS;
 
 /// Reads the next page of a replay (see the module documentation).
 pub(crate) async fn replay(
@@ -152,13 +151,21 @@ pub(crate) async fn replay(
             continue;
         };
         let xid = super::journal::parse_xid(&row.get::<_, String>(2))?;
-        let tx_last: i64 = row.get(6);
-        let later: bool = row.get(7);
-        let events = row.get::<_, i32>(5).clamp(1, STATEMENT_CHUNK_ROWS as i32) as u32;
+        let tx_last = row
+            .try_get::<_, Option<i64>>(6)
+            .ok()
+            .flatten()
+            .unwrap_or(row_id);
+        let later = row
+            .try_get::<_, Option<bool>>(7)
+            .ok()
+            .flatten()
+            .unwrap_or(true);
+        let (channel, payload, events) = super::journal::content(row);
         let read = if later { &later_read } else { &same_read };
         out.push(RawNotification {
-            channel: std::sync::Arc::from(row.get::<_, &str>(3)),
-            payload: row.get(4),
+            channel,
+            payload,
             received_at: std::time::SystemTime::now(),
             sequence: Some(row_id),
             events,
