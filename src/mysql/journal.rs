@@ -674,6 +674,9 @@ pub(crate) async fn placement(
         )
     };
     // `trx_started` has whole seconds, cut down: never later than the transaction's start.
+    // Some servers show it in the system's time zone rather than the session's: off by hours,
+    // it either changes nothing (later than now) or starts the cursor earlier — more ids to
+    // mark read, never an event lost or delivered twice.
     let oldest_writer = "LEAST(NOW(6), COALESCE((SELECT MIN(`trx_started`) \
          FROM information_schema.INNODB_TRX WHERE `trx_rows_modified` > 0 \
          AND `trx_mysql_thread_id` <> CONNECTION_ID()), NOW(6)))";
