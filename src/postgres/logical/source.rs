@@ -19,6 +19,7 @@
 //! what was not confirmed; transactions whose commit LSN was already handed over are skipped.
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -231,6 +232,14 @@ impl LogicalSource {
             });
         }
         Ok(())
+    }
+
+    /// The error for a panic caught while reading the stream.
+    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> Error {
+        Error::Database {
+            context: format!("streaming replication slot {}", self.slot),
+            source: format!("panicked: {}", crate::error::panic_message(panic)).into(),
+        }
     }
 
     fn error(&self, e: pgwire_replication::PgWireError) -> Error {
@@ -592,29 +601,40 @@ impl Source for LogicalSource {
         let mut batch = Vec::new();
         let mut forwarded = 0;
         // A failure ends the read once the transactions already complete are handed over:
-        // they count as delivered (a reconnect skips them), so they must not be dropped.
+        // they count as delivered (a reconnect skips them), so they must not be dropped. A
+        // panic (the driver's, on a message it did not expect) is such a failure too, caught
+        // here rather than by the session's guard, which would drop the batch.
         let mut failure = None;
         loop {
-            let event = match conn.pending.take() {
-                Some(event) => Some(event),
-                None => match conn.client.recv().now_or_never() {
-                    None => None,
-                    Some(Ok(Some(event))) => Some(event),
-                    Some(Ok(None)) => {
-                        failure = Some(Error::Database {
-                            context: format!("streaming replication slot {}", self.slot),
-                            source: "the server ended the stream".into(),
-                        });
-                        None
-                    }
-                    Some(Err(e)) => {
-                        failure = Some(self.error(e));
-                        None
-                    }
-                },
+            let received = match conn.pending.take() {
+                Some(event) => Ok(Some(Ok(Some(event)))),
+                None => catch_unwind(AssertUnwindSafe(|| conn.client.recv().now_or_never())),
+            };
+            let event = match received {
+                Ok(None) => None,
+                Ok(Some(Ok(Some(event)))) => Some(event),
+                Ok(Some(Ok(None))) => {
+                    failure = Some(Error::Database {
+                        context: format!("streaming replication slot {}", self.slot),
+                        source: "the server ended the stream".into(),
+                    });
+                    None
+                }
+                Ok(Some(Err(e))) => {
+                    failure = Some(self.error(e));
+                    None
+                }
+                Err(panic) => {
+                    failure = Some(self.panicked(&*panic));
+                    None
+                }
             };
             let Some(event) = event else { break };
-            self.handle(conn, event, &mut batch);
+            let handled = catch_unwind(AssertUnwindSafe(|| self.handle(conn, event, &mut batch)));
+            if let Err(panic) = handled {
+                failure = Some(self.panicked(&*panic));
+                break;
+            }
             // In pieces as it grows (an event adds a Commit's at most MAX_OPEN_ROWS rows, or
             // one change's): memory stays bounded whatever the transactions' sizes.
             if batch.len() >= MAX_BATCH {
