@@ -113,8 +113,10 @@ async fn garbage_in_the_journal_and_on_wake_channels_is_dropped_and_counted() {
     // NULLs where the journal never writes one, the table altered by its owner (this test's
     // database is its own): tokio-postgres panics reading one as a value.
     db.exec(
-        "ALTER TABLE sqlnotify.journal ALTER COLUMN payload DROP NOT NULL,                                        ALTER COLUMN events DROP NOT NULL;
-         INSERT INTO sqlnotify.journal (channel, payload, events) VALUES          ('sqlnotify_public_t_insert', NULL, 1), ('sqlnotify_public_t_insert', '{}', NULL);",
+        "ALTER TABLE sqlnotify.journal ALTER COLUMN payload DROP NOT NULL, \
+                                       ALTER COLUMN events DROP NOT NULL;
+         INSERT INTO sqlnotify.journal (channel, payload, events) VALUES \
+         ('sqlnotify_public_t_insert', NULL, 1), ('sqlnotify_public_t_insert', '{}', NULL);",
     )
     .await;
     db.exec("INSERT INTO t VALUES (1)").await;

@@ -1,9 +1,10 @@
 //! End-to-end tests of the MySQL / MariaDB dialect against a real server: URLs, delivery for
 //! every operation and naming oddity, value types, validation through `information_schema`,
 //! custom notifications, drift / revoke / cleanup / install_sql, late-committing transactions
-//! (also ones running at a first start, and the bounded gap that gives up on rolled-back ids), several listeners, named consumers
-//! resuming after a restart, journal retention, and a listener restarted after its connection
-//! was killed.
+//! (also ones running at a first start, and the bounded gap that gives up on rolled-back
+//! ids), several listeners, named consumers resuming after a restart, journal retention, a
+//! journal row the driver cannot convert, and a listener restarted after its connection was
+//! killed.
 //!
 //! Each test creates a database of its own (`sqlnotify_test_…`) on the server named by
 //! `SQLNOTIFY_TEST_MYSQL_URL` (default `mysql://root@127.0.0.1:3306/test`) and drops it at the
@@ -1137,7 +1138,6 @@ async fn a_journal_row_the_driver_cannot_convert_is_dropped_and_counted() {
         .await
         .unwrap();
     let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
-    let mut statuses = common::statuses(&notifier).await;
     db.exec("INSERT INTO t VALUES (1)").await;
     assert_eq!(events.next().await.id().as_i64(), Some(1));
 
@@ -1160,8 +1160,11 @@ async fn a_journal_row_the_driver_cannot_convert_is_dropped_and_counted() {
     assert_eq!(events.next().await.id().as_i64(), Some(2));
     events.assert_empty();
     let stats = notifier.stats().await.unwrap();
-    assert_eq!((stats.malformed, stats.restarts), (1, 0));
-    assert!(statuses.try_recv().is_err(), "no session failed");
+    assert_eq!(
+        (stats.malformed, stats.restarts),
+        (1, 0),
+        "no session failed"
+    );
     notifier.stop().await.unwrap();
 }
 

@@ -346,7 +346,7 @@ fn panicked<S: Source>(doing: &'static str, panic: &(dyn Any + Send)) -> Error {
     let message = crate::error::panic_message(panic);
     Error::db(
         format!("the {} listener, {doing}", S::NAME),
-        std::io::Error::other(format!("the driver panicked: {message}")),
+        std::io::Error::other(format!("panicked: {message}")),
     )
 }
 

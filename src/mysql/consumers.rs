@@ -199,7 +199,7 @@ pub(crate) async fn reactivate(
 /// from where counting past it overflows.
 const LAST_PLAUSIBLE_ID: i64 = 1 << 62;
 
-/// Registers a new consumer at `watermark`.
+/// Registers a new consumer at `position` (its watermark, and what was read above it).
 pub(crate) async fn insert(
     conn: &mut Conn,
     database: &str,
@@ -488,7 +488,7 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
         let locked_json =
             serde_json::to_string(&locked.iter().map(|(name, ..)| name).collect::<Vec<_>>())
                 .expect("strings serialize");
-        let rows: Vec<(i64, Vec<u8>)> = tx
+        let rows: Vec<(i64, Option<Vec<u8>>)> = tx
             .exec(
                 format!(
                     "SELECT j.`id`, j.`channel` FROM {journal} j \
@@ -504,7 +504,12 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
             .map_err(db_err(context))?;
         let deleted: Vec<(i64, String)> = rows
             .into_iter()
-            .map(|(id, channel)| (id, String::from_utf8_lossy(&channel).into_owned()))
+            .map(|(id, channel)| {
+                (
+                    id,
+                    String::from_utf8_lossy(&channel.unwrap_or_default()).into_owned(),
+                )
+            })
             .collect();
         if let Some(upto) = deleted.iter().map(|(id, _)| *id).max() {
             let ids: Vec<String> = deleted.iter().map(|(id, _)| id.to_string()).collect();

@@ -444,7 +444,8 @@ fn id_at(row: &mut mysql_async::Row) -> Result<i64> {
 }
 
 /// Column `index` as text; anything but text (a `NULL` in a column someone altered) as empty
-/// text, which the decoder drops and counts as malformed.
+/// text: an empty payload is dropped and counted as malformed by the decoder, an empty channel
+/// is none of the listener's and its row is passed over.
 fn text_at(row: &mut mysql_async::Row, index: usize) -> String {
     match row.take::<mysql_async::Value, _>(index) {
         Some(mysql_async::Value::Bytes(bytes)) => lossy(bytes),
@@ -657,9 +658,10 @@ fn lossy(bytes: Vec<u8>) -> String {
 /// missing may be transactions still running: they are delivered when they commit.
 ///
 /// The running transactions come from `information_schema.INNODB_TRX`, which needs the
-/// `PROCESS` privilege. Without it the watermark is placed `gap_timeout` before now, and a
-/// transaction that has already been running for longer than that, with a journal id below
-/// one committed since, is not delivered — said once, at `info`.
+/// `PROCESS` privilege; without it the watermark is placed `gap_timeout` before now, said
+/// once, at `info`. Either way it looks back at most [`MAX_LOOKBACK_IDS`] ids below the
+/// newest (said at `warn` when that cuts it short). A transaction that has been running for
+/// longer than that, with a journal id below one committed since, is not delivered.
 pub(crate) async fn placement(
     conn: &mut Conn,
     database: &str,
@@ -667,38 +669,41 @@ pub(crate) async fn placement(
 ) -> Result<(i64, Vec<i64>)> {
     let journal = qualified(database, JOURNAL);
     let context = "placing the journal cursor";
-    let low_sql = |before: &str| {
+    let low_sql = |floor: &str| {
         format!(
-            "SELECT `id` FROM {journal} WHERE `created_at` <= {before} - INTERVAL ? MICROSECOND \
-             ORDER BY `id` DESC LIMIT 1"
+            "SELECT `id` FROM {journal} WHERE `id` > {floor} \
+             AND `created_at` <= NOW(6) - INTERVAL ? MICROSECOND ORDER BY `id` DESC LIMIT 1"
         )
     };
-    // `trx_started` has whole seconds, cut down: never later than the transaction's start.
-    // Some servers show it in the system's time zone rather than the session's: off by hours,
-    // it either changes nothing (later than now) or starts the cursor earlier — more ids to
-    // mark read, never an event lost or delivered twice.
-    let oldest_writer = "LEAST(NOW(6), COALESCE((SELECT MIN(`trx_started`) \
-         FROM information_schema.INNODB_TRX WHERE `trx_rows_modified` > 0 \
-         AND `trx_mysql_thread_id` <> CONNECTION_ID()), NOW(6)))";
-    let low: Option<i64> = match conn
-        .exec_first(low_sql(oldest_writer), (micros(gap_timeout),))
+    let now_low: i64 = conn
+        .exec_first(low_sql("0"), (micros(gap_timeout),))
         .await
-    {
-        Ok(low) => low,
-        Err(mysql_async::Error::Server(e)) => {
-            log::info!(
-                "sqlnotify: cannot see the MySQL server's running transactions ({}): a \
-                 transaction already running for longer than the gap timeout may be missed \
-                 by this first start; grant PROCESS to avoid it",
-                e.message
+        .map_err(db_err(context))?
+        .unwrap_or(0);
+    let mut low = now_low;
+    if let Some(running) = oldest_writer(conn).await? {
+        let head: i64 = conn
+            .query_first(format!("SELECT COALESCE(MAX(`id`), 0) FROM {journal}"))
+            .await
+            .map_err(db_err(context))?
+            .unwrap_or(0);
+        let floor = (head - MAX_LOOKBACK_IDS).max(0);
+        let writer_low: Option<i64> = conn
+            .exec_first(
+                low_sql(&floor.to_string()),
+                (micros(gap_timeout.saturating_add(running)),),
+            )
+            .await
+            .map_err(db_err(context))?;
+        if writer_low.is_none() && floor > 0 && floor < now_low {
+            log::warn!(
+                "sqlnotify: a transaction on the MySQL server has been writing for {running:?}; \
+                 this first start looks back {MAX_LOOKBACK_IDS} journal ids for it, not further: \
+                 if it wrote to watched tables before those, its events are missed"
             );
-            conn.exec_first(low_sql("NOW(6)"), (micros(gap_timeout),))
-                .await
-                .map_err(db_err(context))?
         }
-        Err(e) => return Err(Error::db(context, e)),
-    };
-    let low = low.unwrap_or(0);
+        low = low.min(writer_low.unwrap_or(floor));
+    }
     let ids: Vec<i64> = conn
         .query(format!(
             "SELECT `id` FROM {journal} WHERE `id` > {low} ORDER BY `id`"
@@ -706,6 +711,45 @@ pub(crate) async fn placement(
         .await
         .map_err(db_err(context))?;
     Ok((low, ids))
+}
+
+/// How far below the newest journal id a first start looks for the rows of a transaction that
+/// was already running: what it reads then is bounded whatever that transaction's age.
+pub(crate) const MAX_LOOKBACK_IDS: i64 = 100_000;
+
+/// MySQL's "access denied; you need the PROCESS privilege".
+const ER_SPECIFIC_ACCESS_DENIED_ERROR: u16 = 1227;
+
+/// How long ago the oldest transaction on the server that has written anything (other than
+/// this connection's) started; `None` when none runs, or when this account may not see them
+/// (then said at `info`).
+async fn oldest_writer(conn: &mut Conn) -> Result<Option<Duration>> {
+    // `trx_started` is shown in the server's system time zone (InnoDB formats it with
+    // `localtime_r`), `NOW(6)` in the session's: both compared in the system's. Whole seconds,
+    // cut down: never later than the transaction's start.
+    let sql = "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(`trx_started`), \
+               CONVERT_TZ(NOW(6), @@session.time_zone, 'SYSTEM')) \
+               FROM information_schema.INNODB_TRX WHERE `trx_rows_modified` > 0 \
+               AND `trx_mysql_thread_id` <> CONNECTION_ID()";
+    match conn.query_first::<Option<i64>, _>(sql).await {
+        Ok(age) => Ok(age
+            .flatten()
+            .filter(|&us| us > 0)
+            .map(|us| Duration::from_micros(us as u64))),
+        Err(mysql_async::Error::Server(e)) if e.code == ER_SPECIFIC_ACCESS_DENIED_ERROR => {
+            log::info!(
+                "sqlnotify: cannot see the MySQL server's running transactions ({}): a \
+                 transaction already running for longer than the gap timeout may be missed \
+                 by this first start; grant PROCESS to avoid it",
+                e.message
+            );
+            Ok(None)
+        }
+        Err(e) => Err(Error::db(
+            "reading the MySQL server's running transactions",
+            e,
+        )),
+    }
 }
 
 /// Most gaps a resuming cursor ages from the journal's times (later ones age from when they
@@ -723,7 +767,7 @@ pub(crate) async fn gap_ages(
     let rows: Vec<(i64, i64)> = conn
         .exec(
             format!(
-                "SELECT j.`id`, GREATEST(TIMESTAMPDIFF(MICROSECOND, j.`created_at`, NOW(6)), 0) \
+                "SELECT j.`id`, COALESCE(GREATEST(TIMESTAMPDIFF(MICROSECOND, j.`created_at`, NOW(6)), 0), 0) \
                  FROM {journal} j WHERE j.`id` > ? + 1 \
                  AND NOT EXISTS (SELECT 1 FROM {journal} p WHERE p.`id` = j.`id` - 1) \
                  ORDER BY j.`id` LIMIT {MAX_AGED_GAPS}"

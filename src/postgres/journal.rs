@@ -94,6 +94,7 @@ pub(crate) fn content(row: &tokio_postgres::Row) -> (std::sync::Arc<str>, String
     let payload = row.try_get::<_, Option<String>>(4).ok().flatten();
     (channel.into(), payload.unwrap_or_default(), events)
 }
+
 impl JournalCursor {
     /// A cursor resuming from a saved horizon and the ids at or above it already delivered
     /// (with their transaction ids).
