@@ -735,17 +735,7 @@ async fn a_transaction_running_at_a_consumers_first_start_is_delivered_after_a_r
             .await
             .unwrap()
     };
-    // Installs the triggers; the consumer registers now.
-    let installer = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Operation::Insert))
-        .start()
-        .await
-        .unwrap();
-    installer.stop().await.unwrap();
-    let (running, running_id) = open_insert(&db, 1).await;
-    db.exec("INSERT INTO t VALUES (2)").await;
-    assert!(journal_head(&db).await > running_id);
-
+    let (running, running_id) = running_below_a_commit(&db, &db.url).await;
     let notifier = start().await;
     let mut ev = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
     assert!(
@@ -757,6 +747,22 @@ async fn a_transaction_running_at_a_consumers_first_start_is_delivered_after_a_r
 
     // Restarted while the transaction still runs; it commits after.
     running_one_arrives_alone(&db, start().await, running).await;
+}
+
+/// Installs the triggers on `t` (through `url`), then opens a transaction that inserts 1 and
+/// stays open, and commits 2 after it (a higher journal id); returns the open transaction and
+/// its journal id.
+async fn running_below_a_commit(db: &TestDb, url: &str) -> (Conn, i64) {
+    let installer = Notifier::builder(url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    installer.stop().await.unwrap();
+    let (running, running_id) = open_insert(db, 1).await;
+    db.exec("INSERT INTO t VALUES (2)").await;
+    assert!(journal_head(db).await > running_id);
+    (running, running_id)
 }
 
 /// Subscribes to `notifier`, commits `running` (which inserted 1 into `t`), and checks that its
@@ -788,10 +794,7 @@ async fn a_transaction_running_longer_than_the_gap_timeout_at_the_first_start_is
             .await
             .unwrap()
     };
-    start().await.stop().await.unwrap(); // installs the triggers
-    let (running, running_id) = open_insert(&db, 1).await;
-    db.exec("INSERT INTO t VALUES (2)").await;
-    assert!(journal_head(&db).await > running_id);
+    let (running, _) = running_below_a_commit(&db, &url).await;
     // Both rows older than the gap timeout, by the server's clock.
     assert!(
         wait_until(ARRIVES_WITHIN, || async {
