@@ -420,12 +420,10 @@ pub(crate) async fn read_page(
 /// journal never writes.
 pub(crate) fn journal_row(mut row: mysql_async::Row) -> Result<(i64, String, String, Option<u64>)> {
     let id = id_at(&mut row)?;
-    let tx = match row.len() {
-        4.. => row
-            .take_opt::<Option<u64>, _>(3)
-            .and_then(|tx| tx.ok().flatten()),
-        _ => None,
-    };
+    // Past the row's end (no such column), `take_opt` is `None` too.
+    let tx = row
+        .take_opt::<Option<u64>, _>(3)
+        .and_then(|tx| tx.ok().flatten());
     Ok((id, text_at(&mut row, 1), text_at(&mut row, 2), tx))
 }
 

@@ -187,11 +187,7 @@ impl JournalCursor {
                 continue;
             }
             let (channel, payload, events) = content(&row);
-            let group = row
-                .try_get::<_, Option<i64>>(6)
-                .ok()
-                .flatten()
-                .unwrap_or(id);
+            let group: i64 = row.get(6);
             batch.push(RawNotification {
                 channel,
                 payload,

@@ -151,16 +151,8 @@ pub(crate) async fn replay(
             continue;
         };
         let xid = super::journal::parse_xid(&row.get::<_, String>(2))?;
-        let tx_last = row
-            .try_get::<_, Option<i64>>(6)
-            .ok()
-            .flatten()
-            .unwrap_or(row_id);
-        let later = row
-            .try_get::<_, Option<bool>>(7)
-            .ok()
-            .flatten()
-            .unwrap_or(true);
+        let tx_last: i64 = row.get(6);
+        let later: bool = row.get(7);
         let (channel, payload, events) = super::journal::content(row);
         let read = if later { &later_read } else { &same_read };
         out.push(RawNotification {

@@ -606,27 +606,28 @@ impl Source for LogicalSource {
         // here rather than by the session's guard, which would drop the batch.
         let mut failure = None;
         loop {
-            let received = match conn.pending.take() {
-                Some(event) => Ok(Some(Ok(Some(event)))),
-                None => catch_unwind(AssertUnwindSafe(|| conn.client.recv().now_or_never())),
-            };
-            let event = match received {
-                Ok(None) => None,
-                Ok(Some(Ok(Some(event)))) => Some(event),
-                Ok(Some(Ok(None))) => {
-                    failure = Some(Error::Database {
-                        context: format!("streaming replication slot {}", self.slot),
-                        source: "the server ended the stream".into(),
-                    });
-                    None
-                }
-                Ok(Some(Err(e))) => {
-                    failure = Some(self.error(e));
-                    None
-                }
-                Err(panic) => {
-                    failure = Some(self.panicked(&*panic));
-                    None
+            let event = match conn.pending.take() {
+                Some(event) => Some(event),
+                None => {
+                    match catch_unwind(AssertUnwindSafe(|| conn.client.recv().now_or_never())) {
+                        Ok(None) => None,
+                        Ok(Some(Ok(Some(event)))) => Some(event),
+                        Ok(Some(Ok(None))) => {
+                            failure = Some(Error::Database {
+                                context: format!("streaming replication slot {}", self.slot),
+                                source: "the server ended the stream".into(),
+                            });
+                            None
+                        }
+                        Ok(Some(Err(e))) => {
+                            failure = Some(self.error(e));
+                            None
+                        }
+                        Err(panic) => {
+                            failure = Some(self.panicked(&*panic));
+                            None
+                        }
+                    }
                 }
             };
             let Some(event) = event else { break };
