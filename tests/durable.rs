@@ -733,4 +733,5 @@ pg_tier_scenarios!([notify_handling: Notify, durable_handling: Durable] {
     handling::a_flaky_handler_handles_every_event_once_in_key_order,
     handling::a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_again,
     handling::a_retried_dead_letter_that_fails_again_is_not_stranded_by_a_stop,
+    handling::a_handler_that_panics_before_its_future_fails_the_attempt_and_goes_on,
 });

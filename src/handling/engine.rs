@@ -247,7 +247,11 @@ impl Engine {
             event: item.event.clone(),
             attempt: number,
         };
-        let result = match AssertUnwindSafe(call.call(attempt)).catch_unwind().await {
+        // The call itself runs inside the caught future too: a closure handler may panic
+        // before it returns its future (in the code in front of its `async` block), and that
+        // panic would otherwise end this handler's loop, silently.
+        let caught = AssertUnwindSafe(async move { call.call(attempt).await }).catch_unwind();
+        let result = match caught.await {
             Ok(Some(result)) => result,
             Ok(None) => return Outcome::Gone,
             Err(panic) => {

@@ -1,7 +1,8 @@
 //! Handlers (`Notifier::handle`) on every dialect and tier: failures retried until handled,
 //! per-key order across retries, dead letters after the last attempt while other keys go on,
 //! a dead letter delivered again by `sqlnotify dead-letters retry`, and a restart in the
-//! middle of a retry continuing its attempt count.
+//! middle of a retry continuing its attempt count, and a handler that panics before it returns
+//! its future failing that attempt only.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -307,6 +308,73 @@ pub async fn a_poison_event_becomes_a_dead_letter_and_a_cli_retry_delivers_it_ag
     stat_reaches(&notifier, "handled", |s| s.handled, 20).await;
     let stats = notifier.stats().await.unwrap();
     assert_eq!(stats.redelivered, 1, "{stats:?}");
+    notifier.stop().await.unwrap();
+}
+
+/// A closure handler that panics before it returns its future (in the code in front of its
+/// `async` block) fails that attempt as a panic inside the future does: counted, retried,
+/// stored as a dead letter after the last attempt, and the handler goes on with the events
+/// that follow. Such a panic used to end the handler's loop for good without a word.
+pub async fn a_handler_that_panics_before_its_future_fails_the_attempt_and_goes_on(
+    db: &impl Backend,
+) {
+    db.run("CREATE TABLE sp (id INTEGER PRIMARY KEY)").await;
+    let notifier = db
+        .builder()
+        .watch(db.watch("sp", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let handled = Rc::new(RefCell::new(Vec::<i64>::new()));
+    let h = handled.clone();
+    notifier
+        .handle(
+            Subscription::new("sp", Operation::Insert),
+            Handling::new("sync-panic")
+                .max_attempts(2)
+                .backoff(Duration::from_millis(1), Duration::from_millis(10)),
+            move |event: ChangeEvent| {
+                let id = event.id().as_i64().unwrap();
+                assert_ne!(id, 3, "row 3 is poison");
+                let h = h.clone();
+                async move {
+                    h.borrow_mut().push(id);
+                    Ok::<(), sqlnotify::HandlerError>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    db.insert_ids("sp", 1..=5).await;
+    stat_reaches(&notifier, "dead_lettered", |s| s.dead_lettered, 1).await;
+    // Written after the panics: the handler still runs.
+    db.insert_ids("sp", 6..=8).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            handled.borrow().len() == 7
+        })
+        .await,
+        "the handler went on after the panic: handled {:?}, {:?}",
+        handled.borrow(),
+        notifier.stats().await
+    );
+    let mut ids = handled.borrow().clone();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, 4, 5, 6, 7, 8]);
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(
+        (stats.subscriber_panics, stats.handler_errors, stats.handled),
+        (2, 2, 7),
+        "{stats:?}"
+    );
+    let letters = notifier_dead_letters(db).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!((letters[0].key.as_str(), letters[0].attempts), ("3", 2));
+    assert!(
+        letters[0].error.contains("panicked") && letters[0].error.contains("row 3 is poison"),
+        "{}",
+        letters[0].error
+    );
     notifier.stop().await.unwrap();
 }
 
