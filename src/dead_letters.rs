@@ -9,10 +9,12 @@
 //! `requested`; the handler's active process takes it (`redelivering`) and delivers it again
 //! with a fresh attempt count — success deletes the row, failure makes it `dead` again.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 
 use crate::error::{Error, Result};
 
@@ -196,6 +198,96 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
     fn counts(&self, handler: Option<String>) -> BoxFuture<'static, Result<DeadLetterCounts>>;
 }
 
+/// `store`, with every call's panic turned into that call's error. A driver can panic on a
+/// row it cannot convert (a NULL in a column altered to allow one): unguarded, the panic
+/// would end the handler's loop — which then handles nothing more, silently — or unwind
+/// into the caller of the [`DeadLetters`] API.
+pub(crate) fn guarded(store: Arc<dyn DeadLetterStore>) -> Arc<dyn DeadLetterStore> {
+    Arc::new(Guarded(store))
+}
+
+struct Guarded(Arc<dyn DeadLetterStore>);
+
+/// Runs `call` (which makes the store's future, and may panic doing so) and its future,
+/// catching a panic in either as the error of `doing`.
+fn guard<T: Send + 'static>(
+    doing: &'static str,
+    call: impl FnOnce() -> BoxFuture<'static, Result<T>> + Send + 'static,
+) -> BoxFuture<'static, Result<T>> {
+    Box::pin(async move {
+        match AssertUnwindSafe(async move { call().await })
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => Err(Error::db(
+                format!("{doing} in the dead-letter table"),
+                std::io::Error::other(format!(
+                    "panicked: {}",
+                    crate::error::panic_message(&*panic)
+                )),
+            )),
+        }
+    })
+}
+
+impl DeadLetterStore for Guarded {
+    fn record(&self, failure: Failure) -> BoxFuture<'static, Result<i64>> {
+        let store = self.0.clone();
+        guard("recording a failure", move || store.record(failure))
+    }
+    fn resolve(&self, id: i64) -> BoxFuture<'static, Result<()>> {
+        let store = self.0.clone();
+        guard("removing a handled row", move || store.resolve(id))
+    }
+    fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        let store = self.0.clone();
+        guard("reading the events being retried", move || {
+            store.retrying(handler)
+        })
+    }
+    fn take_requested(
+        &self,
+        handler: String,
+        limit: u32,
+    ) -> BoxFuture<'static, Result<Vec<DeadLetter>>> {
+        let store = self.0.clone();
+        guard("taking the rows to deliver again", move || {
+            store.take_requested(handler, limit)
+        })
+    }
+    fn reset_redelivering(&self, handler: String) -> BoxFuture<'static, Result<u64>> {
+        let store = self.0.clone();
+        guard("taking back rows being delivered again", move || {
+            store.reset_redelivering(handler)
+        })
+    }
+    fn list(
+        &self,
+        handler: Option<String>,
+        limit: Option<u64>,
+    ) -> BoxFuture<'static, Result<Vec<DeadLetter>>> {
+        let store = self.0.clone();
+        guard("listing", move || store.list(handler, limit))
+    }
+    fn get(&self, id: i64) -> BoxFuture<'static, Result<Option<DeadLetter>>> {
+        let store = self.0.clone();
+        guard("reading a row", move || store.get(id))
+    }
+    fn request_retry(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
+        let store = self.0.clone();
+        guard("asking for a retry", move || store.request_retry(target))
+    }
+    fn discard(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
+        let store = self.0.clone();
+        guard("discarding", move || store.discard(target))
+    }
+    fn counts(&self, handler: Option<String>) -> BoxFuture<'static, Result<DeadLetterCounts>> {
+        let store = self.0.clone();
+        guard("counting", move || store.counts(handler))
+    }
+}
+
 /// The dead letters of a database: events handlers failed on, to list, inspect, retry and
 /// discard. From [`Notifier::dead_letters`](crate::Notifier::dead_letters), or without a
 /// running notifier from
@@ -218,7 +310,9 @@ impl std::fmt::Debug for DeadLetters {
 
 impl DeadLetters {
     pub(crate) fn new(store: Arc<dyn DeadLetterStore>) -> Self {
-        DeadLetters { store }
+        DeadLetters {
+            store: guarded(store),
+        }
     }
 
     /// The store behind it (for `bench_support`, which tests drive it through).

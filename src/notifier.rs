@@ -539,7 +539,7 @@ impl Notifier {
         call: C,
     ) -> Result<SubscriptionId> {
         handling.check()?;
-        let store = self.inner.dialect.dead_letter_store()?;
+        let store = crate::dead_letters::guarded(self.inner.dialect.dead_letter_store()?);
         let (id, deliveries) = self.subscribe_acked(subscription).await?;
         let engine = Engine {
             metrics: HandlerMetrics::new(&handling.name),

@@ -5,7 +5,8 @@
 //! without a notifier and from a running one. Also: reads create nothing, the first record
 //! creates the table (several at once), the install and its script create it, cleanup keeps
 //! it, two processes taking requested rows at once never take one twice, and rows holding
-//! what no dead letter can are errors naming the table.
+//! what no dead letter can are errors naming the table, and rows the driver cannot convert are
+//! errors too, never panics.
 //!
 //! Each test uses a database of its own (a file for SQLite), dropped at the end.
 
@@ -393,6 +394,69 @@ async fn rows_that_cannot_be_dead_letters_are_errors(db: &impl Backend, bad_time
     }
 }
 
+/// A row the driver cannot convert (a NULL state, once someone let the column hold one) is
+/// an error of the call that read it, never a panic: the API answers with the error, and a
+/// running handler, whose every look at the table counts its rows by state, goes on handling
+/// (a panic there used to end its loop, silently). `allow_null` lets `state` hold a NULL.
+async fn a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on(
+    db: &impl Backend,
+    allow_null: &str,
+) {
+    db.run("CREATE TABLE orders (id INTEGER PRIMARY KEY)").await;
+    let notifier = db
+        .builder()
+        .watch(db.watch("orders", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let letters = notifier.dead_letters().unwrap();
+    let id = DeadLetterCalls::new(&letters)
+        .record(attempt("billing", Some(1), 0))
+        .await
+        .unwrap();
+    db.run(allow_null).await;
+    db.run(&format!(
+        "UPDATE {} SET state = NULL WHERE id = {id}",
+        table(db)
+    ))
+    .await;
+    let e = letters.counts(None).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Database { .. })
+            && e.to_string()
+                .starts_with("counting in the dead-letter table: panicked"),
+        "{e}"
+    );
+    let handled = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let h = handled.clone();
+    notifier
+        .handle(
+            sqlnotify::Subscription::new("orders", Operation::Insert),
+            sqlnotify::Handling::new("billing").redelivery_poll(Duration::from_millis(20)),
+            move |event: sqlnotify::ChangeEvent| {
+                let h = h.clone();
+                async move {
+                    h.borrow_mut().push(event.id().as_i64().unwrap());
+                    Ok::<(), sqlnotify::HandlerError>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    for (ids, total) in [(1..=3, 3), (4..=6, 6)] {
+        db.insert_ids("orders", ids).await;
+        assert!(
+            common::wait_until(Duration::from_secs(10), || async {
+                handled.borrow().len() == total
+            })
+            .await,
+            "the handler stopped: handled {:?}",
+            handled.borrow()
+        );
+    }
+    notifier.stop().await.unwrap();
+}
+
 /// Starting a notifier creates the table with sqlnotify's others; a running notifier's
 /// `dead_letters()` works (and still after `stop()`); `cleanup()` keeps the table and its rows.
 async fn the_install_creates_the_table_and_cleanup_keeps_it(db: &impl Backend) {
@@ -431,6 +495,16 @@ async fn postgres_takers_take_each_row_once() {
 async fn postgres_rows_that_cannot_be_dead_letters_are_errors() {
     let db = Pg::new(Tier::Durable).await;
     rows_that_cannot_be_dead_letters_are_errors(&db, Some("'infinity'")).await;
+}
+
+#[actix_rt::test]
+async fn postgres_a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on() {
+    let db = Pg::new(Tier::Durable).await;
+    a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on(
+        &db,
+        "ALTER TABLE sqlnotify.dead_letters ALTER COLUMN state DROP NOT NULL",
+    )
+    .await;
 }
 
 #[actix_rt::test]
@@ -542,6 +616,15 @@ mod mysql {
     #[actix_rt::test]
     async fn mysql_rows_that_cannot_be_dead_letters_are_errors() {
         rows_that_cannot_be_dead_letters_are_errors(&TestDb::new().await, None).await;
+    }
+
+    #[actix_rt::test]
+    async fn mysql_a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on() {
+        a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on(
+            &TestDb::new().await,
+            "ALTER TABLE sqlnotify_dead_letters MODIFY `state` VARCHAR(16) NULL",
+        )
+        .await;
     }
 
     #[actix_rt::test]
