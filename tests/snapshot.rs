@@ -432,6 +432,71 @@ async fn filters_apply_to_rows_and_changes() {
     }
 }
 
+/// A snapshot whose connection is lost in the middle of the read, while the feed is full (its
+/// reader reads one row at a time and the feeder waits for room): the rows read so far, then
+/// the error, then the end. The error used to be offered only to a feed with room, and was
+/// dropped from a full one: the feed then ended as if the notifier had stopped, and the rows
+/// before passed for the whole table.
+#[actix_rt::test]
+async fn a_snapshot_that_fails_while_its_feed_is_full_ends_with_the_error() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         INSERT INTO t SELECT i FROM generate_series(1, 200) i",
+    )
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(20).buffer(10))
+        .await
+        .unwrap();
+    assert!(next(&mut feed).await.is_snapshot());
+    // The feed is full now and the snapshot's transaction waits, its cursor open.
+    let waiting = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+                   WHERE datname = pg_catalog.current_database() \
+                     AND state = 'idle in transaction' AND query LIKE 'FETCH%'";
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            db.count(waiting).await == 1
+        })
+        .await,
+        "the snapshot's connection never waited"
+    );
+    db.exec(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+          WHERE datname = pg_catalog.current_database() \
+            AND state = 'idle in transaction' AND query LIKE 'FETCH%'",
+    )
+    .await;
+    // One row at a time, the feeder filling the room each read makes before the next read:
+    // the failure meets a full feed.
+    let mut rows = 1;
+    let failure = loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("the feed moves");
+        match item {
+            Some(Ok(event)) => {
+                assert!(event.is_snapshot() && !event.ends_snapshot(), "row {rows}");
+                rows += 1;
+                tokio::task::yield_now().await;
+            }
+            Some(Err(e)) => break e,
+            None => panic!("the feed ended after {rows} of 200 rows, without the error"),
+        }
+    };
+    assert!(rows < 200, "{rows}");
+    assert!(matches!(failure, Error::Database { .. }), "{failure:?}");
+    let end = tokio::time::timeout(Duration::from_secs(10), feed.next()).await;
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    assert!(!feed.progress().done);
+    notifier.stop().await.unwrap();
+}
+
 /// The replica check on SQLite: 4 writer threads, each on its own connection, writing
 /// (`BEGIN IMMEDIATE`: SQLite has one writer at a time) while the snapshot is read.
 #[actix_rt::test]

@@ -3,10 +3,12 @@
 //! not already reflect.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
 use super::fence::Fence;
@@ -166,6 +168,37 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<Fence>> {
     Ok(Some(reader.fence().clone()))
 }
 
+/// `read_one` (the snapshot or a backfill, `what`), its failure — an error, or a panic in the
+/// dialect's read — logged and handed to the feed; `None` after a failure. The failure is
+/// sent with a wait for room: the feed is usually full in the middle of a read (its reader
+/// paces it), and a failure dropped there would end the feed as if the notifier had stopped,
+/// the rows before it passing for the whole snapshot.
+async fn reported(
+    read: Read,
+    what: &str,
+    read_one: impl std::future::Future<Output = Result<Option<Fence>>>,
+) -> Option<Option<Fence>> {
+    let channel = &read.channel;
+    let failure = match AssertUnwindSafe(read_one).catch_unwind().await {
+        Ok(Ok(fence)) => return Some(fence),
+        Ok(Err(e)) => e,
+        Err(panic) => Error::db(
+            format!("reading {}.{}", channel.schema(), channel.table()),
+            std::io::Error::other(format!(
+                "panicked: {}",
+                crate::error::panic_message(&*panic)
+            )),
+        ),
+    };
+    log::warn!(
+        "sqlnotify: {what} of {}.{} failed: {failure}",
+        channel.schema(),
+        channel.table()
+    );
+    let _ = read.tx.send(Err(failure)).await;
+    None
+}
+
 /// A snapshot row (payload JSON a dialect's read produced) as a snapshot event.
 fn snapshot_event(
     channel: &Arc<Channel>,
@@ -217,23 +250,15 @@ impl Actor for Feeder {
         };
         ctx.set_mailbox_capacity(start.buffer);
         let read = subscribe_and_read(start, ctx.address().recipient(), self.read.clone());
+        let read = reported(self.read.clone(), "the snapshot", read);
         // ctx.wait: no live event is looked at before the last snapshot row went out.
         ctx.wait(read.into_actor(self).map(|result, act, ctx| match result {
-            Ok(Some(fence)) => {
+            Some(Some(fence)) => {
                 act.fence = Some(fence);
                 act.read.progress.done.store(true, Ordering::Release);
             }
-            Ok(None) => ctx.stop(),
-            Err(e) => {
-                let channel = &act.read.channel;
-                log::warn!(
-                    "sqlnotify: the snapshot of {}.{} failed: {e}",
-                    channel.schema(),
-                    channel.table()
-                );
-                let _ = act.read.tx.try_send(Err(e));
-                ctx.stop();
-            }
+            // The feed was dropped, or the failure is in it.
+            Some(None) | None => ctx.stop(),
         }));
     }
 }
@@ -283,25 +308,21 @@ impl Handler<Backfill> for Feeder {
         read.filters.extend(msg.filters.iter().cloned());
         let filters = msg.filters;
         // ctx.wait: the changes after the backfill's read wait until its last row went out.
-        ctx.wait(read_rows(read, false).into_actor(self).map(
-            move |result, act, ctx| match result {
-                Ok(Some(fence)) => {
-                    if act.backfills.len() == MAX_BACKFILL_FENCES {
-                        act.backfills.remove(0);
+        let backfill = reported(read.clone(), "a backfill", read_rows(read, false));
+        ctx.wait(
+            backfill
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Some(Some(fence)) => {
+                        if act.backfills.len() == MAX_BACKFILL_FENCES {
+                            act.backfills.remove(0);
+                        }
+                        act.backfills.push((fence, filters));
                     }
-                    act.backfills.push((fence, filters));
-                }
-                Ok(None) => ctx.stop(),
-                Err(e) => {
-                    let channel = &act.read.channel;
-                    log::warn!(
-                        "sqlnotify: a backfill of {}.{} failed: {e}",
-                        channel.schema(),
-                        channel.table()
-                    );
-                    let _ = act.read.tx.try_send(Err(e));
-                }
-            },
-        ));
+                    Some(None) => ctx.stop(),
+                    // The failure is in the feed; the changes go on.
+                    None => {}
+                }),
+        );
     }
 }

@@ -141,6 +141,36 @@ impl SnapshotReader for SqliteSnapshot {
     }
 
     fn next_chunk(&mut self) -> BoxFuture<'_, Result<Vec<String>>> {
-        Box::pin(async move { self.chunks.recv().await.unwrap_or_else(|| Ok(Vec::new())) })
+        // The thread ends its read with an empty chunk (or an error), and no chunk is asked
+        // for after that: a channel closed before it means the thread died (a panic), and
+        // the rows sent so far are not the whole table.
+        Box::pin(async move {
+            self.chunks.recv().await.unwrap_or_else(|| {
+                Err(Error::db(
+                    "reading a snapshot",
+                    std::io::Error::other("the snapshot thread ended before the read's end"),
+                ))
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix_rt::test]
+    async fn a_thread_gone_before_the_reads_end_is_an_error_not_the_end() {
+        let (tx, chunks) = mpsc::channel(2);
+        let mut snapshot = SqliteSnapshot {
+            fence: Fence::Journal { head: 0 },
+            total: 2,
+            chunks,
+        };
+        tx.send(Ok(vec!["{\"id\": 1}".to_string()])).await.unwrap();
+        drop(tx);
+        assert_eq!(snapshot.next_chunk().await.unwrap().len(), 1);
+        let e = snapshot.next_chunk().await.unwrap_err();
+        assert!(e.to_string().contains("ended before"), "{e}");
     }
 }
