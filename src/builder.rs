@@ -19,6 +19,7 @@ use crate::dead_letters::DeadLetters;
 use crate::decoder::Retention;
 use crate::dialect::open::open_dialect;
 use crate::dialect::{Dialect, DialectOptions, InstallOptions};
+use crate::durations::capped;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels};
 use crate::listener::ListenParams;
@@ -173,13 +174,13 @@ impl NotifierBuilder {
     /// written before it are older (so a long transaction's rows may stay a little longer,
     /// never shorter). Default: 1 hour.
     pub fn retention(mut self, keep: Duration) -> Self {
-        self.pipeline.retention.keep = keep;
+        self.pipeline.retention.keep = capped(keep);
         self
     }
 
     /// How often expired rows are deleted. Default: every minute.
     pub fn purge_interval(mut self, every: Duration) -> Self {
-        self.pipeline.retention.every = every.max(Duration::from_millis(10));
+        self.pipeline.retention.every = capped(every).max(Duration::from_millis(10));
         self
     }
 
@@ -238,7 +239,7 @@ impl NotifierBuilder {
     /// within this interval; TCP keepalive is also set to it unless the URL sets its own).
     /// A connection that fails the check is dropped and re-established. Default: 10 s.
     pub fn health_check_interval(mut self, every: Duration) -> Self {
-        self.health_check = every.max(Duration::from_millis(100));
+        self.health_check = capped(every).max(Duration::from_millis(100));
         self
     }
 
@@ -257,7 +258,7 @@ impl NotifierBuilder {
     /// SQLite commits one writer at a time) and ignore it, so one configuration can serve
     /// every database.
     pub fn gap_timeout(mut self, wait: Duration) -> Self {
-        self.gap_timeout = Some(wait);
+        self.gap_timeout = Some(capped(wait));
         self
     }
 
@@ -306,7 +307,7 @@ impl NotifierBuilder {
     ///
     /// Default: 30 s. Zero is refused with [`Error::InvalidOption`].
     pub fn install_timeout(mut self, wait: Duration) -> Self {
-        self.install_timeout = wait;
+        self.install_timeout = capped(wait);
         self
     }
 
@@ -339,7 +340,7 @@ impl NotifierBuilder {
     /// unreported when the subscription ends or the notifier stops is reported then. Zero
     /// reports every batch of drops as it happens. Default: 1 s.
     pub fn lag_report_interval(mut self, every: Duration) -> Self {
-        self.pipeline.lag_interval = every;
+        self.pipeline.lag_interval = capped(every);
         self
     }
 
@@ -353,7 +354,7 @@ impl NotifierBuilder {
     /// Default: off (a registered consumer is kept until dropped). Under 1 s, or without a
     /// consumer name, `start()` fails with [`Error::InvalidOption`].
     pub fn consumer_expiry(mut self, away: Duration) -> Self {
-        self.consumer_expiry = Some(away);
+        self.consumer_expiry = Some(capped(away));
         self
     }
 

@@ -139,6 +139,7 @@ mod custom;
 mod dead_letters;
 mod decoder;
 mod dialect;
+mod durations;
 mod error;
 mod event;
 mod filter;

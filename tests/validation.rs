@@ -762,3 +762,54 @@ async fn a_unix_socket_url_works() {
 pg_tier_scenarios!([notify_tier: Notify] {
     validation::invalid_watches_fail_through_the_catalog_and_install_nothing,
 });
+
+/// Every duration setting at `Duration::MAX` (someone's "never"): the notifier starts,
+/// delivers, reports a lagging subscriber more than once and keeps going. Such settings used
+/// to overflow: an `Instant` plus the lag interval panicked in the registry (routing then
+/// stopped for good), a doubling of the listener's pace panicked in its session, and a TCP
+/// keepalive that long is refused by the kernel.
+#[actix_rt::test]
+async fn durations_of_any_length_are_taken() {
+    use std::time::Duration;
+    common::init_logging();
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert).tier(sqlnotify::Tier::Durable))
+        .consumer("forever")
+        .consumer_expiry(Duration::MAX)
+        .retention(Duration::MAX)
+        .purge_interval(Duration::MAX)
+        .health_check_interval(Duration::MAX)
+        .install_timeout(Duration::MAX)
+        .lag_report_interval(Duration::MAX)
+        .gap_timeout(Duration::MAX)
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    // Read only at the end: it drops, and its drops are reported.
+    let (_, unread) = notifier
+        .subscribe_channel(
+            Subscription::new("t", Operation::Insert)
+                .buffer(1)
+                .policy(sqlnotify::OverflowPolicy::DropOldest),
+        )
+        .await
+        .unwrap();
+    for round in 0..3 {
+        for id in round * 5 + 1..=round * 5 + 5 {
+            db.exec(&format!("INSERT INTO t VALUES ({id})")).await;
+        }
+        let got = events.take(5).await;
+        assert_eq!(
+            common::ids(&got),
+            (round * 5 + 1..=round * 5 + 5).collect::<Vec<i64>>()
+        );
+    }
+    let stats = notifier.stats().await.unwrap();
+    assert!(stats.dropped >= 10 && !stats.failed, "{stats:?}");
+    assert!(unread.try_recv().is_ok());
+    drop(unread);
+    notifier.stop().await.unwrap();
+}

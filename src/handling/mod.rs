@@ -14,6 +14,7 @@ use std::time::Duration;
 use actix::Message;
 
 use crate::backoff::Backoff;
+use crate::durations::capped;
 use crate::error::{Error, Result};
 use crate::event::ChangeEvent;
 
@@ -92,7 +93,10 @@ impl Handling {
     /// The delay before the first retry, doubling up to `max`; each delay is scaled by a
     /// random factor in `[0.5, 1.0]` so that many failing keys do not retry in lock-step.
     pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
-        self.backoff = Backoff { base: first, max };
+        self.backoff = Backoff {
+            base: capped(first),
+            max: capped(max),
+        };
         self
     }
 
@@ -113,7 +117,7 @@ impl Handling {
     /// How often the handler's active process looks for dead letters a retry was asked for
     /// ([`DeadLetters::retry`](crate::DeadLetters::retry)).
     pub fn redelivery_poll(mut self, every: Duration) -> Self {
-        self.poll = every;
+        self.poll = capped(every);
         self
     }
 

@@ -390,7 +390,7 @@ impl Pacer {
     /// A wait ended.
     fn waited(&mut self) {
         if self.last_event.elapsed() >= self.pace.stay_active {
-            self.interval = (self.interval * 2).min(self.pace.idle);
+            self.interval = self.interval.saturating_mul(2).min(self.pace.idle);
         }
     }
 }

@@ -123,7 +123,7 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
                         "{GAP_TIMEOUT_PARAM} must be longer than zero"
                     )));
                 }
-                gap_timeout = Duration::from_millis(ms);
+                gap_timeout = crate::durations::capped(Duration::from_millis(ms));
             }
             _ if pair.is_empty() => {}
             _ => kept.push(pair),

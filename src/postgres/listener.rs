@@ -50,6 +50,10 @@ const MAX_BATCH: usize = 512;
 /// tokio-postgres' default keepalive idle time; replaced by the health-check interval unless
 /// the URL set its own.
 const DRIVER_DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+/// Longest TCP keepalive idle time Linux takes, in seconds (`MAX_TCP_KEEPIDLE`): a longer
+/// health-check interval keeps its checks, and its connection's keepalive probes start after
+/// this.
+const MAX_KEEPALIVE_IDLE: u64 = 32_767;
 /// Fastest poll-tier interval (while rows keep coming).
 const POLL_MIN: Duration = Duration::from_millis(1);
 /// Slowest poll-tier interval (when idle).
@@ -138,8 +142,10 @@ impl PgSource {
     ) -> Self {
         config.keepalives(true);
         if config.get_keepalives_idle() == DRIVER_DEFAULT_KEEPALIVE_IDLE {
-            // The kernel takes whole seconds (and refuses 0).
-            config.keepalives_idle(Duration::from_secs(health_check.as_secs().max(1)));
+            // The kernel takes whole seconds, and refuses 0 and more than MAX_KEEPALIVE_IDLE.
+            config.keepalives_idle(Duration::from_secs(
+                health_check.as_secs().clamp(1, MAX_KEEPALIVE_IDLE),
+            ));
         }
         let by_tier = |tiers: &[Tier]| -> Vec<String> {
             channels

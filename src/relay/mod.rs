@@ -50,6 +50,7 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::builder::NotifierBuilder;
+use crate::durations::capped;
 use crate::error::{Error, Result};
 use crate::notifier::Notifier;
 use crate::tier::Tier;
@@ -125,13 +126,13 @@ impl RelayBuilder {
     /// How long the stream must remember message ids (see the module docs); a stream the
     /// relay creates gets this window, an existing one must have at least this.
     pub fn duplicate_window(mut self, window: Duration) -> Self {
-        self.duplicate_window = window;
+        self.duplicate_window = capped(window);
         self
     }
 
     /// How long a stream the relay creates keeps messages (default 7 days).
     pub fn max_age(mut self, age: Duration) -> Self {
-        self.max_age = age;
+        self.max_age = capped(age);
         self
     }
 
@@ -144,7 +145,7 @@ impl RelayBuilder {
     /// How long to wait for one confirmation before the connection is given up and a new
     /// one opened (default 5 s).
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
+        self.ack_timeout = capped(timeout);
         self
     }
 

@@ -13,6 +13,7 @@ use super::grant::{Denied, Grant};
 use super::params::Param;
 use super::stats::Counters;
 use super::Sse;
+use crate::durations::capped;
 use crate::notifier::Notifier;
 use crate::subscription::OverflowPolicy;
 
@@ -136,14 +137,14 @@ impl SseBuilder {
     /// How often an idle stream gets a comment line, so proxies do not close it (and a client
     /// that went away is noticed). Default: 15 s; at least 10 ms.
     pub fn heartbeat(mut self, every: Duration) -> Self {
-        self.heartbeat = every.max(Duration::from_millis(10));
+        self.heartbeat = capped(every).max(Duration::from_millis(10));
         self
     }
 
     /// The `retry:` sent at the start of each stream: how long a browser waits before it
     /// reconnects. Default: 3 s.
     pub fn retry(mut self, after: Duration) -> Self {
-        self.retry = after;
+        self.retry = capped(after);
         self
     }
 
