@@ -685,7 +685,8 @@ impl Notifier {
 
     /// Stops the notifier: stops listening, hands every notification already received to the
     /// subscribers (closure subscribers have run by the time this returns; actor subscribers
-    /// have it in their mailbox), removes this notifier's triggers if `cleanup_on_stop`, and
+    /// have it in their mailbox) — waiting as long as they take events, and giving up on the
+    /// rest, counted as dropped, once none was taken for 5 s — removes this notifier's triggers if `cleanup_on_stop`, and
     /// closes the connections. A second call returns [`Error::NotRunning`]. When the listener
     /// had stopped for good ([`failure`](Self::failure)), stop still does all this and then
     /// returns that error.
@@ -699,9 +700,9 @@ impl Notifier {
             .ok_or(Error::NotRunning)?;
         drop(running.backlog.take());
         running.listener.shutdown().await;
-        self.inner.pipeline.flush().await;
-        self.inner.pipeline.shutdown();
-        let mut result = running.listener.finish().await;
+        let handed_over = self.inner.pipeline.flush_on_stop().await;
+        self.inner.pipeline.shutdown_counted().await;
+        let mut result = running.listener.finish(handed_over).await;
         // The registry is gone with its senders: blocking subscribers run what they were
         // handed, then their threads end.
         let threads = match self.inner.blocking.lock() {

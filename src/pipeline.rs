@@ -6,6 +6,7 @@
 //! unit per event before it reads on, and the registry and the subscriber buffers give the
 //! units back once an event is handed over or dropped.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ use crate::stats::Counters;
 pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
 /// Smallest in-flight budget a notifier accepts: one listener batch must fit.
 pub(crate) const MIN_IN_FLIGHT: usize = 1_024;
+/// How long `stop()` waits for subscribers that take no event before it stops without
+/// handing them the rest.
+pub(crate) const STALLED_ON_STOP: Duration = Duration::from_secs(5);
 
 /// How the pipeline is sized and paced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,9 +95,50 @@ impl Pipeline {
         let _ = self.decoder.send(Flush).await;
     }
 
+    /// [`flush`](Self::flush) for `stop()`: waits as long as subscribers keep taking events,
+    /// and gives up once none was taken for [`STALLED_ON_STOP`] — a subscriber that reads
+    /// nothing (a channel whose reader is gone but not dropped, a stuck actor) would otherwise
+    /// hold `stop()` for ever. Returns whether everything was handed over; what was not is
+    /// dropped (and counted) when the registry shuts down.
+    pub async fn flush_on_stop(&self) -> bool {
+        let progress = || {
+            self.stats.delivered.load(Ordering::Relaxed)
+                + self.stats.dropped.load(Ordering::Relaxed)
+        };
+        let flush = self.flush();
+        tokio::pin!(flush);
+        let mut seen = progress();
+        loop {
+            if tokio::time::timeout(STALLED_ON_STOP, &mut flush)
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+            let now = progress();
+            if now == seen {
+                log::warn!(
+                    "sqlnotify: stopping with {} events still waiting for subscribers that took \
+                     none in {} s; they are dropped",
+                    self.stats.queued.load(Ordering::Relaxed),
+                    STALLED_ON_STOP.as_secs()
+                );
+                return false;
+            }
+            seen = now;
+        }
+    }
+
     /// Stops the decoder and the registry, after what is already in their mailboxes.
     pub fn shutdown(&self) {
         self.decoder.do_send(Shutdown);
         self.registry.do_send(Shutdown);
+    }
+
+    /// [`shutdown`](Self::shutdown), resolving once the registry has stopped: what it could
+    /// not hand over is counted as dropped by then.
+    pub async fn shutdown_counted(&self) {
+        self.decoder.do_send(Shutdown);
+        let _ = self.registry.send(Shutdown).await;
     }
 }

@@ -271,6 +271,40 @@ async fn stop_delivers_everything_already_received_then_start_works_again() {
     again.stop().await.unwrap();
 }
 
+/// A subscriber that takes nothing (a channel whose reader is gone but not dropped) does not
+/// hold `stop()` for ever: it waits while subscribers take events, gives up once none was
+/// taken for a few seconds, counts what it could not hand over as dropped, and the notifier
+/// starts again. It used to wait for that subscriber without end.
+#[actix_rt::test]
+async fn stop_returns_while_a_subscriber_takes_nothing() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url).watch(Watch::new("t", Operation::Insert));
+    let notifier = builder.start().await.unwrap();
+    let mut taken = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let (_, _untaken) = notifier
+        .subscribe_channel(Subscription::new("t", Operation::Insert).buffer(1))
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t SELECT generate_series(1, 5)").await;
+    assert_eq!(common::ids(&taken.take(5).await), [1, 2, 3, 4, 5]);
+    let stopped = tokio::time::timeout(Duration::from_secs(60), notifier.stop()).await;
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "stop() with a subscriber that takes nothing: {stopped:?}"
+    );
+    let stats = notifier.stats().await.unwrap();
+    // What the subscriber was not handed is dropped: every (event, subscription) pair is
+    // delivered or dropped.
+    assert!(stats.dropped > 0 && stats.queued == 0, "{stats:?}");
+    assert_eq!(stats.delivered + stats.dropped, 10, "{stats:?}");
+    let again = builder.start().await.unwrap();
+    let mut ev = Events::subscribe(&again, Subscription::new("t", Operation::Insert)).await;
+    db.exec("INSERT INTO t VALUES (6)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(6));
+    again.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn a_panicking_subscriber_is_isolated() {
     let db = TestDb::new().await;

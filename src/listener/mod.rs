@@ -79,7 +79,9 @@ pub(crate) trait ListenerHandle: Send {
     /// Stops reading; resolves after everything already read was passed to the decoder.
     fn shutdown(&mut self) -> BoxFuture<'static, ()>;
     /// Called once the pipeline is flushed: saves what must survive (a consumer's position).
-    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
+    /// `handed_over`: whether every event read was handed to its subscribers; when not, the
+    /// position read up to is not saved (what was left is delivered again after a restart).
+    fn finish(self: Box<Self>, handed_over: bool) -> BoxFuture<'static, Result<()>>;
 }
 
 /// How a source wants to be polled: every `active` while events flow, slowing down (doubling)
@@ -356,7 +358,7 @@ impl<S: Source> ListenerHandle for Handle<S> {
     /// to [`ACK_WAIT_ON_STOP`], and no longer than an unused `Ack` is alive; otherwise the last
     /// periodic save stands and they are delivered again). Dropping the last address then lets the idle actor stop.
     /// A listener that stopped for good saves nothing and returns its error.
-    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+    fn finish(self: Box<Self>, handed_over: bool) -> BoxFuture<'static, Result<()>> {
         if let Some(failure) = self.stats.failure() {
             // Nothing to save where reading cannot go on: say why it stopped.
             return Box::pin(async move { Err(failure) });
@@ -369,6 +371,14 @@ impl<S: Source> ListenerHandle for Handle<S> {
         let (Some(name), Some(position)) = (self.consumer, latest) else {
             return Box::pin(async { Ok(()) });
         };
+        if !handed_over {
+            log::warn!(
+                "sqlnotify: consumer {name:?} stopped before its subscribers took every event \
+                 read; its position stays where they had taken them, and the rest is delivered \
+                 again"
+            );
+            return Box::pin(async { Ok(()) });
+        }
         let holds = self.stats.holds.clone();
         let final_save = self.final_save;
         Box::pin(async move {
@@ -733,7 +743,7 @@ mod tests {
         assert_eq!(rig.stats.restarts.load(Ordering::Relaxed), 1);
         assert_eq!(rig.shared.lock().connects, 2);
         rig.handle.shutdown().await;
-        rig.handle.finish().await.unwrap();
+        rig.handle.finish(true).await.unwrap();
     }
 
     #[actix_rt::test]
@@ -761,7 +771,7 @@ mod tests {
         rig.shared.write("c");
         assert_eq!(rig.batch().await, ["c"]);
         rig.handle.shutdown().await;
-        rig.handle.finish().await.unwrap();
+        rig.handle.finish(true).await.unwrap();
     }
 
     #[actix_rt::test]
@@ -789,8 +799,21 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         rig.handle.shutdown().await;
-        rig.handle.finish().await.unwrap();
+        rig.handle.finish(true).await.unwrap();
         assert_eq!(rig.shared.lock().saves.last(), Some(&-2), "the final save");
+    }
+
+    #[actix_rt::test]
+    async fn a_stop_that_could_not_hand_everything_over_saves_nothing_more() {
+        let mut rig = Rig::start(true, 100, false).await;
+        rig.stats.has_subscriber.store(true, Ordering::Release);
+        assert_eq!(rig.status().await, Status::Connected);
+        rig.shared.write("a");
+        assert_eq!(rig.batch().await, ["a"]);
+        let saves = rig.shared.lock().saves.clone();
+        rig.handle.shutdown().await;
+        rig.handle.finish(false).await.unwrap();
+        assert_eq!(rig.shared.lock().saves, saves, "no final save");
     }
 
     #[actix_rt::test]
