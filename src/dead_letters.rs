@@ -9,12 +9,10 @@
 //! `requested`; the handler's active process takes it (`redelivering`) and delivers it again
 //! with a fresh attempt count — success deletes the row, failure makes it `dead` again.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
 
 use crate::error::{Error, Result};
 
@@ -214,21 +212,10 @@ fn guard<T: Send + 'static>(
     doing: &'static str,
     call: impl FnOnce() -> BoxFuture<'static, Result<T>> + Send + 'static,
 ) -> BoxFuture<'static, Result<T>> {
-    Box::pin(async move {
-        match AssertUnwindSafe(async move { call().await })
-            .catch_unwind()
-            .await
-        {
-            Ok(result) => result,
-            Err(panic) => Err(Error::db(
-                format!("{doing} in the dead-letter table"),
-                std::io::Error::other(format!(
-                    "panicked: {}",
-                    crate::error::panic_message(&*panic)
-                )),
-            )),
-        }
-    })
+    Box::pin(crate::error::caught(
+        move || format!("{doing} in the dead-letter table"),
+        async move { call().await },
+    ))
 }
 
 impl DeadLetterStore for Guarded {

@@ -47,6 +47,9 @@ pub(crate) struct Decoder {
     units: u64,
     /// Units no event will carry, not yet sent to the registry to be settled in order.
     skipped: u64,
+    /// A retention purge is running: the next tick passes (a purge that waits for a lock
+    /// would otherwise have one more connection waiting beside it at every tick).
+    purging: bool,
 }
 
 impl Decoder {
@@ -67,6 +70,7 @@ impl Decoder {
             retention,
             units: 0,
             skipped: 0,
+            purging: false,
         }
     }
 
@@ -277,11 +281,17 @@ impl Actor for Decoder {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.retention.every, |act, ctx| {
+            if std::mem::replace(&mut act.purging, true) {
+                return;
+            }
             let purge = act.store.purge(act.retention.keep);
-            ctx.spawn(purge.into_actor(act).map(|result, _, _| match result {
-                Ok(0) => {}
-                Ok(n) => log::debug!("sqlnotify: deleted {n} expired overflow rows"),
-                Err(e) => log::warn!("sqlnotify: could not delete expired overflow rows: {e}"),
+            ctx.spawn(purge.into_actor(act).map(|result, act, _| {
+                act.purging = false;
+                match result {
+                    Ok(0) => {}
+                    Ok(n) => log::debug!("sqlnotify: deleted {n} expired overflow rows"),
+                    Err(e) => log::warn!("sqlnotify: could not delete expired overflow rows: {e}"),
+                }
             }));
         });
     }

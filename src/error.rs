@@ -506,6 +506,24 @@ impl From<actix::MailboxError> for Error {
     }
 }
 
+/// `call`, with a panic inside it turned into the [`Error::Database`] of `doing`. A driver can
+/// panic on a row it cannot convert (a NULL where a column was altered to allow one, a
+/// changed column type): for work in an actor or a background task, whose panic would end
+/// it without a word, the panic becomes that call's error.
+pub(crate) async fn caught<T>(
+    doing: impl FnOnce() -> String,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(call).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => Err(Error::db(
+            doing(),
+            std::io::Error::other(format!("panicked: {}", panic_message(&*panic))),
+        )),
+    }
+}
+
 /// What a caught panic said (its `&str` or `String` payload), for the error it becomes.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic

@@ -3,11 +3,12 @@
 //! the retention purge of delivered data. Each dialect implements it; the decoder knows only
 //! this trait, so it runs without a database.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use crate::error::Result;
+use crate::error::{caught, Result};
 
 /// Reads (and expires) rows of the overflow table.
 pub(crate) trait OverflowStore: Send + Sync + 'static {
@@ -24,4 +25,34 @@ pub(crate) trait OverflowStore: Send + Sync + 'static {
     }
     /// Deletes overflow rows older than `retention`; returns how many.
     fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>>;
+}
+
+/// `store`, with a panic in a call turned into that call's error: a driver's panic on a row
+/// it cannot convert would otherwise end the decoder (and every event after it) or the
+/// retention purge, silently.
+pub(crate) fn guarded(store: Arc<dyn OverflowStore>) -> Arc<dyn OverflowStore> {
+    Arc::new(Guarded(store))
+}
+
+struct Guarded(Arc<dyn OverflowStore>);
+
+impl OverflowStore for Guarded {
+    fn fetch(
+        &self,
+        channel: String,
+        reference: String,
+    ) -> BoxFuture<'static, Result<Option<String>>> {
+        let store = self.0.clone();
+        Box::pin(caught(
+            || "reading an overflow row".to_string(),
+            async move { store.fetch(channel, reference).await },
+        ))
+    }
+
+    fn purge(&self, retention: Duration) -> BoxFuture<'static, Result<u64>> {
+        let store = self.0.clone();
+        Box::pin(caught(|| "deleting expired rows".to_string(), async move {
+            store.purge(retention).await
+        }))
+    }
 }

@@ -72,7 +72,7 @@ impl Pipeline {
             .start();
         let decoder = Decoder::new(
             channels.clone(),
-            store,
+            crate::overflow::guarded(store),
             registry.clone(),
             stats.clone(),
             options.retention,

@@ -131,6 +131,60 @@ async fn garbage_in_the_journal_and_on_wake_channels_is_dropped_and_counted() {
     notifier.stop().await.unwrap();
 }
 
+/// A consumer row the driver cannot convert (a NULL horizon, after someone altered the
+/// table) fails the retention purge that reads it, and only that: events keep flowing. The
+/// purge runs in the decoder, whose death used to stop every event after it, silently.
+#[actix_rt::test]
+async fn a_row_the_purge_cannot_convert_fails_the_purge_not_the_pipeline() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .retention(std::time::Duration::ZERO)
+        .purge_interval(std::time::Duration::from_millis(10))
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec(
+        "INSERT INTO sqlnotify.consumers (name, horizon, state) VALUES ('ghost', '1', 'dropped');
+         ALTER TABLE sqlnotify.consumers ALTER COLUMN horizon DROP NOT NULL;
+         UPDATE sqlnotify.consumers SET horizon = NULL WHERE name = 'ghost'",
+    )
+    .await;
+    // Held, so that the purge is seen reaching the row: it waits for this lock.
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM sqlnotify.consumers WHERE name = 'ghost' FOR UPDATE")
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    let purge_waits = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+                       WHERE datname = pg_catalog.current_database() AND wait_event_type = 'Lock' \
+                         AND query LIKE 'SELECT name, horizon::text%'";
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(10), || async {
+            db.count(purge_waits).await == 1
+        })
+        .await,
+        "the purge never reached the consumer rows"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // The purge reads the NULL now, and fails.
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(10), || async {
+            db.count(purge_waits).await == 0
+        })
+        .await
+    );
+    for id in 2..=3 {
+        db.exec(&format!("INSERT INTO t VALUES ({id})")).await;
+        assert_eq!(ev.next().await.id().as_i64(), Some(id), "events go on");
+    }
+    notifier.stop().await.unwrap();
+}
+
 /// An actor that panics on every event.
 struct Boom;
 

@@ -2,21 +2,18 @@
 //! save, check and wait until stopped or failed. Runs on the listener's arbiter; everything a
 //! dialect does in it goes through [`Source`].
 
-use std::any::Any;
-use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{select, Either};
-use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::saving::Saving;
 use super::{Pace, Shell, Source, State};
 use crate::consumer::{report_gap, ConsumerParams};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::stats::Role;
 use crate::status::Status;
 
@@ -335,25 +332,17 @@ async fn guarded<S: Source, T>(
     doing: &'static str,
     call: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    match AssertUnwindSafe(call).catch_unwind().await {
-        Ok(result) => result,
-        Err(panic) => Err(panicked::<S>(doing, &*panic)),
-    }
-}
-
-/// The error for a panic caught while `doing` something.
-fn panicked<S: Source>(doing: &'static str, panic: &(dyn Any + Send)) -> Error {
-    let message = crate::error::panic_message(panic);
-    Error::db(
-        format!("the {} listener, {doing}", S::NAME),
-        std::io::Error::other(format!("panicked: {message}")),
-    )
+    crate::error::caught(|| format!("the {} listener, {doing}", S::NAME), call).await
 }
 
 /// Closes a connection; a panic while closing is logged (the connection is gone either way).
 async fn close<S: Source>(source: &mut S, conn: S::Conn) {
-    if let Err(panic) = AssertUnwindSafe(source.close(conn)).catch_unwind().await {
-        log::warn!("sqlnotify: {}", panicked::<S>("closing", &*panic));
+    let closing = async {
+        source.close(conn).await;
+        Ok(())
+    };
+    if let Err(e) = guarded::<S, _>("closing", closing).await {
+        log::warn!("sqlnotify: {e}");
     }
 }
 

@@ -3,12 +3,10 @@
 //! not already reflect.
 
 use std::collections::HashSet;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
 use super::fence::Fence;
@@ -179,16 +177,10 @@ async fn reported(
     read_one: impl std::future::Future<Output = Result<Option<Fence>>>,
 ) -> Option<Option<Fence>> {
     let channel = &read.channel;
-    let failure = match AssertUnwindSafe(read_one).catch_unwind().await {
-        Ok(Ok(fence)) => return Some(fence),
-        Ok(Err(e)) => e,
-        Err(panic) => Error::db(
-            format!("reading {}.{}", channel.schema(), channel.table()),
-            std::io::Error::other(format!(
-                "panicked: {}",
-                crate::error::panic_message(&*panic)
-            )),
-        ),
+    let doing = || format!("reading {}.{}", channel.schema(), channel.table());
+    let failure = match crate::error::caught(doing, read_one).await {
+        Ok(fence) => return Some(fence),
+        Err(e) => e,
     };
     log::warn!(
         "sqlnotify: {what} of {}.{} failed: {failure}",

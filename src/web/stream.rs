@@ -169,7 +169,7 @@ impl Connection {
             .await;
         match read {
             Ok(Replay::Rows { rows, next, fence }) => {
-                let store = notifier.dialect().overflow_store();
+                let store = crate::overflow::guarded(notifier.dialect().overflow_store());
                 let events =
                     crate::decoder::decode_replayed(rows, notifier.channel_set(), &*store).await;
                 let mut out = String::new();
