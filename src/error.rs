@@ -460,12 +460,18 @@ impl Error {
         matches!(self, Error::SlotLost { .. })
     }
 
-    /// A copy of a fatal error ([`is_fatal`](Self::is_fatal)), which holds only text.
+    /// A copy of an error that stopped a listener for good — a fatal one
+    /// ([`is_fatal`](Self::is_fatal)), or the `Database` error of a panic in its session —
+    /// as text.
     pub(crate) fn fatal_copy(&self) -> Option<Error> {
         match self {
             Error::SlotLost { slot, detail } => Some(Error::SlotLost {
                 slot: slot.clone(),
                 detail: detail.clone(),
+            }),
+            Error::Database { context, source } => Some(Error::Database {
+                context: context.clone(),
+                source: std::io::Error::other(source.to_string()).into(),
             }),
             _ => None,
         }

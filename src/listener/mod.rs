@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use tokio::sync::{oneshot, watch};
 
 pub(crate) use self::outlet::Outlet;
@@ -222,6 +223,8 @@ pub(crate) struct Listener<S: Source> {
     /// Resolved when the running session ends (Shutdown waits for them).
     waiters: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
+    /// A session panicked and took the state with it: no session runs, nor will.
+    lost: bool,
 }
 
 impl<S: Source> Listener<S> {
@@ -236,12 +239,30 @@ impl<S: Source> Listener<S> {
             shell: self.shell.clone(),
             ready: self.ready.take(),
         };
-        ctx.spawn(
-            session
-                .run(state)
-                .into_actor(self)
-                .map(|(state, outcome), act, ctx| act.ended(state, outcome, ctx)),
+        let run = crate::error::caught(
+            || format!("the {} listener's session", S::NAME),
+            session.run(state).map(Ok),
         );
+        ctx.spawn(run.into_actor(self).map(|ran, act, ctx| match ran {
+            Ok((state, outcome)) => act.ended(state, outcome, ctx),
+            Err(error) => act.panicked(error),
+        }));
+    }
+
+    /// A session panicked outside the source's calls (those fail the session, which restarts
+    /// from the source's position): a bug, which took the reading state with it. The
+    /// listener stops for good and says so, as after an error retrying cannot help, rather
+    /// than end without a word.
+    fn panicked(&mut self, error: Error) {
+        log::error!("sqlnotify: {} listener stopped for good: {error}", S::NAME);
+        let message = error.to_string();
+        self.shell.stats.fail(error);
+        self.shell.status(Status::Failed { error: message });
+        self.shutting_down = true;
+        self.lost = true;
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(());
+        }
     }
 
     fn ended(&mut self, state: State<S>, outcome: Outcome, ctx: &mut Context<Self>) {
@@ -320,7 +341,7 @@ impl<S: Source> Handler<Shutdown> for Listener<S> {
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
         let _ = self.stop.send(true);
-        if self.state.is_some() {
+        if self.state.is_some() || self.lost {
             // No session runs (a restart may be pending: it will not start).
             return Box::pin(async {});
         }
@@ -433,6 +454,7 @@ pub(crate) async fn start<S: Source>(
         attempt: 0,
         waiters: Vec::new(),
         shutting_down: false,
+        lost: false,
     });
     match is_ready.await {
         Ok(Ok(())) => Ok(Box::new(Handle::<S> {
@@ -482,6 +504,9 @@ mod tests {
         /// The next read of any listener panics (a driver's panic on a reply it did not
         /// expect).
         panic: bool,
+        /// The next look at the position panics: a panic in the shell's own code, outside
+        /// the source's guarded calls.
+        panic_position: bool,
     }
 
     #[derive(Clone, Default)]
@@ -568,6 +593,9 @@ mod tests {
         }
 
         fn position(&self) -> Option<i64> {
+            if std::mem::take(&mut self.shared.lock().panic_position) {
+                panic!("a bug in the shell");
+            }
             self.position
         }
 
@@ -772,6 +800,28 @@ mod tests {
         assert_eq!(rig.batch().await, ["c"]);
         rig.handle.shutdown().await;
         rig.handle.finish(true).await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn a_panic_outside_the_sources_calls_stops_the_listener_and_says_so() {
+        let mut rig = Rig::start(true, 100, false).await;
+        rig.stats.has_subscriber.store(true, Ordering::Release);
+        assert_eq!(rig.status().await, Status::Connected);
+        assert_eq!(rig.status().await, Status::Active);
+        rig.shared.lock().panic_position = true;
+        rig.shared.write("a");
+        match rig.status().await {
+            Status::Failed { error } => assert!(
+                error.contains("the memory listener's session")
+                    && error.contains("panicked: a bug in the shell"),
+                "{error}"
+            ),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert!(rig.stats.failure().is_some());
+        rig.handle.shutdown().await;
+        let e = rig.handle.finish(true).await.unwrap_err();
+        assert!(e.to_string().contains("a bug in the shell"), "{e}");
     }
 
     #[actix_rt::test]
