@@ -70,7 +70,13 @@ pub(crate) fn watch_backlog(
         let mut warning = BacklogWarning::new(threshold);
         let metrics = ConsumerMetrics::new(&name);
         loop {
-            match dialect.consumer_backlog(name.clone()).await {
+            // Guarded: a panic (a driver's, on a row it cannot convert) would end the task,
+            // and with it the count and the warning, for good.
+            let counting = crate::error::caught(
+                || format!("counting the backlog of consumer {name:?}"),
+                dialect.consumer_backlog(name.clone()),
+            );
+            match counting.await {
                 Ok(counted) => {
                     let counted = counted.unwrap_or_default();
                     let backlog = counted.rows;

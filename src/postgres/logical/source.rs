@@ -447,7 +447,13 @@ impl LogicalSource {
                     client = Control::connect(&config, "slot lag").await.ok();
                 }
                 if let Some(c) = &client {
-                    match super::lag(c, &slot).await {
+                    // Guarded: a panic would end this task, and with it the lag, the
+                    // warning and the detection of a lost slot, for good.
+                    let read = crate::error::caught(
+                        || "reading the slot's lag".into(),
+                        super::lag(c, &slot),
+                    );
+                    match read.await {
                         Ok(Some(state)) => {
                             outlet.stats().slot_lag.store(state.lag, Ordering::Relaxed);
                             next_xid.fetch_max(state.next_xid, Ordering::Relaxed);
