@@ -20,7 +20,9 @@ pub enum Status {
     /// The listener stopped for good after an error it cannot recover from, and reads
     /// nothing more: a [`Tier::Logical`](crate::Tier::Logical) replication slot the server
     /// invalidated ([`Error::SlotLost`](crate::Error::SlotLost)) — the changes it had not read
-    /// are gone, so reconnecting would only fail again. Sent once;
+    /// are gone, so reconnecting would only fail again — or a panic in the listener's own
+    /// code (a bug; a panic in a driver's call only fails the session, which reconnects),
+    /// which took its reading position with it. Sent once;
     /// [`Stats::failed`](crate::Stats::failed) is set and
     /// [`Notifier::failure`](crate::Notifier::failure) gives the error. Stop the notifier (and,
     /// for a lost slot, drop the consumer before starting again).
