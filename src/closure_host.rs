@@ -89,6 +89,7 @@ impl Handler<Run> for ClosureHost {
             };
             call_catching(&mut f, event, &self.stats);
             pending.fetch_sub(1, Ordering::Relaxed);
+            self.stats.closures_ran.fetch_add(1, Ordering::Relaxed);
             if let Some(Some(entry)) = self.closures.borrow_mut().slots.get_mut(key) {
                 entry.f = Some(f);
             }

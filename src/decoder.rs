@@ -47,9 +47,10 @@ pub(crate) struct Decoder {
     units: u64,
     /// Units no event will carry, not yet sent to the registry to be settled in order.
     skipped: u64,
-    /// A retention purge is running: the next tick passes (a purge that waits for a lock
-    /// would otherwise have one more connection waiting beside it at every tick).
-    purging: bool,
+    /// When the retention purge running now started: a tick meanwhile passes (a purge that
+    /// waits for a lock would otherwise have one more connection waiting beside it at every
+    /// tick), and says so.
+    purging: Option<std::time::Instant>,
 }
 
 impl Decoder {
@@ -70,7 +71,7 @@ impl Decoder {
             retention,
             units: 0,
             skipped: 0,
-            purging: false,
+            purging: None,
         }
     }
 
@@ -281,12 +282,18 @@ impl Actor for Decoder {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.retention.every, |act, ctx| {
-            if std::mem::replace(&mut act.purging, true) {
+            if let Some(started) = act.purging {
+                log::warn!(
+                    "sqlnotify: the retention purge started {:.0?} ago is still running \
+                     (waiting for a lock?); the next one waits for it",
+                    started.elapsed()
+                );
                 return;
             }
+            act.purging = Some(std::time::Instant::now());
             let purge = act.store.purge(act.retention.keep);
             ctx.spawn(purge.into_actor(act).map(|result, act, _| {
-                act.purging = false;
+                act.purging = None;
                 match result {
                     Ok(0) => {}
                     Ok(n) => log::debug!("sqlnotify: deleted {n} expired overflow rows"),

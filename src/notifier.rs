@@ -642,9 +642,10 @@ impl Notifier {
     }
 
     /// The error that stopped the listener for good, if one did: it reads nothing more (see
-    /// [`Status::Failed`](crate::Status::Failed)). Today that is only
-    /// [`Error::SlotLost`], a [`Tier::Logical`](crate::Tier::Logical) slot the server
-    /// invalidated; every other failure is retried with backoff. [`stop`](Self::stop) returns
+    /// [`Status::Failed`](crate::Status::Failed)): [`Error::SlotLost`], a
+    /// [`Tier::Logical`](crate::Tier::Logical) slot the server invalidated, or the
+    /// [`Error::Database`] of a panic in the listener's own code (a bug); every other failure
+    /// is retried with backoff. [`stop`](Self::stop) returns
     /// it too.
     pub fn failure(&self) -> Option<Error> {
         self.inner.pipeline.stats.failure()
@@ -685,8 +686,8 @@ impl Notifier {
 
     /// Stops the notifier: stops listening, hands every notification already received to the
     /// subscribers (closure subscribers have run by the time this returns; actor subscribers
-    /// have it in their mailbox) — waiting as long as they take events, and giving up on the
-    /// rest, counted as dropped, once none was taken for 5 s — removes this notifier's triggers if `cleanup_on_stop`, and
+    /// have it in their mailbox) — waiting as long as the pipeline makes progress, and giving
+    /// up on the rest, counted as dropped, once it made none for 15 s — removes this notifier's triggers if `cleanup_on_stop`, and
     /// closes the connections. A second call returns [`Error::NotRunning`]. When the listener
     /// had stopped for good ([`failure`](Self::failure)), stop still does all this and then
     /// returns that error.
@@ -709,7 +710,18 @@ impl Notifier {
             Ok(mut threads) => std::mem::take(&mut *threads),
             Err(_) => Vec::new(),
         };
-        futures_util::future::join_all(threads).await;
+        let joined = futures_util::future::join_all(threads);
+        if handed_over {
+            joined.await;
+        } else if tokio::time::timeout(crate::pipeline::STALLED_ON_STOP, joined)
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "sqlnotify: stopping without waiting longer for blocking subscribers that have \
+                 not finished what they were handed"
+            );
+        }
         if self.inner.cleanup_on_stop {
             let names = self
                 .inner

@@ -25,9 +25,9 @@ use crate::stats::Counters;
 pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
 /// Smallest in-flight budget a notifier accepts: one listener batch must fit.
 pub(crate) const MIN_IN_FLIGHT: usize = 1_024;
-/// How long `stop()` waits for subscribers that take no event before it stops without
-/// handing them the rest.
-pub(crate) const STALLED_ON_STOP: Duration = Duration::from_secs(5);
+/// How long `stop()` waits for a pipeline that makes no progress before it stops without
+/// handing the rest over: longer than the decoder may wait for one overflow row.
+pub(crate) const STALLED_ON_STOP: Duration = Duration::from_secs(15);
 
 /// How the pipeline is sized and paced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,15 +95,19 @@ impl Pipeline {
         let _ = self.decoder.send(Flush).await;
     }
 
-    /// [`flush`](Self::flush) for `stop()`: waits as long as subscribers keep taking events,
-    /// and gives up once none was taken for [`STALLED_ON_STOP`] — a subscriber that reads
-    /// nothing (a channel whose reader is gone but not dropped, a stuck actor) would otherwise
-    /// hold `stop()` for ever. Returns whether everything was handed over; what was not is
-    /// dropped (and counted) when the registry shuts down.
+    /// [`flush`](Self::flush) for `stop()`: waits as long as the pipeline makes progress
+    /// (events decoded and routed, handed over or dropped, run by closure subscribers), and
+    /// gives up once it made none for [`STALLED_ON_STOP`] — a subscriber that reads nothing
+    /// (a channel whose reader is gone but not dropped, a stuck actor) would otherwise hold
+    /// `stop()` for ever. Returns whether everything was handed over; what was not is dropped
+    /// (and counted) when the pipeline shuts down.
     pub async fn flush_on_stop(&self) -> bool {
         let progress = || {
-            self.stats.delivered.load(Ordering::Relaxed)
-                + self.stats.dropped.load(Ordering::Relaxed)
+            let s = &self.stats;
+            [&s.settled, &s.delivered, &s.dropped, &s.closures_ran]
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum::<u64>()
         };
         let flush = self.flush();
         tokio::pin!(flush);
@@ -135,10 +139,11 @@ impl Pipeline {
         self.registry.do_send(Shutdown);
     }
 
-    /// [`shutdown`](Self::shutdown), resolving once the registry has stopped: what it could
-    /// not hand over is counted as dropped by then.
+    /// [`shutdown`](Self::shutdown), resolving once both have stopped: the decoder first
+    /// (after the batches it still holds, whose events the registry then routes), then the
+    /// registry, so that what could not be handed over is counted as dropped by then.
     pub async fn shutdown_counted(&self) {
-        self.decoder.do_send(Shutdown);
+        let _ = self.decoder.send(Shutdown).await;
         let _ = self.registry.send(Shutdown).await;
     }
 }

@@ -153,6 +153,9 @@ pub(crate) struct Counters {
     /// then has left the pipeline (what a consumer may save a cursor against).
     pub forwarded: AtomicU64,
     pub settled: AtomicU64,
+    /// Events closure subscribers have run: how `stop()` sees closures on other arbiters
+    /// progress once the registry has handed everything over.
+    pub closures_ran: AtomicU64,
     /// Set when the first subscription is registered: journal replay waits for it.
     pub has_subscriber: AtomicBool,
     /// The named consumer's backlog, as last counted.

@@ -271,6 +271,47 @@ async fn stop_delivers_everything_already_received_then_start_works_again() {
     again.stop().await.unwrap();
 }
 
+/// A closure subscriber on an arbiter of its own whose events take longer to run than
+/// `stop()`'s stall limit (15 s), all handed over at once, is waited for: it makes progress,
+/// so `stop()` returns once it ran every event, and nothing is dropped.
+#[actix_rt::test]
+async fn stop_waits_for_closures_that_run_longer_than_its_stall_limit() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (h, n) = (handled.clone(), notifier.clone());
+    let arbiter = actix::Arbiter::new();
+    let (subscribed, is_subscribed) = tokio::sync::oneshot::channel();
+    arbiter.spawn(async move {
+        let id = n
+            .subscribe_fn(Subscription::new("t", Operation::Insert), move |_| {
+                std::thread::sleep(Duration::from_millis(40));
+                h.fetch_add(1, Ordering::SeqCst);
+            })
+            .await;
+        let _ = subscribed.send(id.is_ok());
+    });
+    assert!(is_subscribed.await.unwrap());
+    db.exec("INSERT INTO t SELECT generate_series(1, 450)")
+        .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            notifier.stats().await.unwrap().received == 450
+        })
+        .await
+    );
+    notifier.stop().await.unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 450, "stop() gave up on it");
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!((stats.delivered, stats.dropped), (450, 0), "{stats:?}");
+    arbiter.stop();
+}
+
 /// A subscriber that takes nothing (a channel whose reader is gone but not dropped) does not
 /// hold `stop()` for ever: it waits while subscribers take events, gives up once none was
 /// taken for a few seconds, counts what it could not hand over as dropped, and the notifier

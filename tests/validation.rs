@@ -764,7 +764,8 @@ pg_tier_scenarios!([notify_tier: Notify] {
 });
 
 /// Every duration setting at `Duration::MAX` (someone's "never"): the notifier starts,
-/// delivers, reports a lagging subscriber more than once and keeps going. Such settings used
+/// delivers, and keeps going while a subscriber drops events again and again (each drop after
+/// the first is timed against the lag interval). Such settings used
 /// to overflow: an `Instant` plus the lag interval panicked in the registry (routing then
 /// stopped for good), a doubling of the listener's pace panicked in its session, and a TCP
 /// keepalive that long is refused by the kernel.

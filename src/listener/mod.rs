@@ -255,6 +255,10 @@ impl<S: Source> Listener<S> {
     /// than end without a word.
     fn panicked(&mut self, error: Error) {
         log::error!("sqlnotify: {} listener stopped for good: {error}", S::NAME);
+        if matches!(self.shell.stats.role(), Role::Active | Role::Standby) {
+            // Its connection, and with it any lease, went with the session.
+            self.shell.stats.set_role(Role::Starting);
+        }
         let message = error.to_string();
         self.shell.stats.fail(error);
         self.shell.status(Status::Failed { error: message });
@@ -395,8 +399,8 @@ impl<S: Source> ListenerHandle for Handle<S> {
         if !handed_over {
             log::warn!(
                 "sqlnotify: consumer {name:?} stopped before its subscribers took every event \
-                 read; its position stays where they had taken them, and the rest is delivered \
-                 again"
+                 read: no final save, so what was not routed yet (and what acknowledged \
+                 subscriptions had not acknowledged) is delivered again after a restart"
             );
             return Box::pin(async { Ok(()) });
         }
@@ -468,7 +472,8 @@ pub(crate) async fn start<S: Source>(
             let _ = addr.send(Shutdown).await;
             Err(e)
         }
-        Err(_) => Err(Error::NotRunning),
+        // The first session ended without a word: it panicked, and says why here.
+        Err(_) => Err(stats.failure().unwrap_or(Error::NotRunning)),
     }
 }
 
