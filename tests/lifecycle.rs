@@ -221,11 +221,16 @@ async fn install_sql_applied_by_hand_is_verified_with_manage_triggers_off() {
     assert_eq!(trigger_oid(&db, "sqlnotify_it's new").await, Some(before));
 }
 
+/// Creates table `t` in `db`; a builder watching its inserts.
+async fn watching_t(db: &TestDb) -> sqlnotify::NotifierBuilder {
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    Notifier::builder(&db.url).watch(Watch::new("t", Operation::Insert))
+}
+
 #[actix_rt::test]
 async fn stop_delivers_everything_already_received_then_start_works_again() {
     let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let builder = Notifier::builder(&db.url).watch(Watch::new("t", Operation::Insert));
+    let builder = watching_t(&db).await;
     let notifier = builder.start().await.unwrap();
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
@@ -277,12 +282,7 @@ async fn stop_delivers_everything_already_received_then_start_works_again() {
 #[actix_rt::test]
 async fn stop_waits_for_closures_that_run_longer_than_its_stall_limit() {
     let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Operation::Insert))
-        .start()
-        .await
-        .unwrap();
+    let notifier = watching_t(&db).await.start().await.unwrap();
     let handled = Arc::new(AtomicUsize::new(0));
     let (h, n) = (handled.clone(), notifier.clone());
     let arbiter = actix::Arbiter::new();
@@ -319,8 +319,7 @@ async fn stop_waits_for_closures_that_run_longer_than_its_stall_limit() {
 #[actix_rt::test]
 async fn stop_returns_while_a_subscriber_takes_nothing() {
     let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let builder = Notifier::builder(&db.url).watch(Watch::new("t", Operation::Insert));
+    let builder = watching_t(&db).await;
     let notifier = builder.start().await.unwrap();
     let mut taken = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
     let (_, _untaken) = notifier
@@ -349,12 +348,7 @@ async fn stop_returns_while_a_subscriber_takes_nothing() {
 #[actix_rt::test]
 async fn a_panicking_subscriber_is_isolated() {
     let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Operation::Insert))
-        .start()
-        .await
-        .unwrap();
+    let notifier = watching_t(&db).await.start().await.unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     notifier
