@@ -687,8 +687,8 @@ impl Notifier {
     /// Stops the notifier: stops listening, hands every notification already received to the
     /// subscribers (closure subscribers have run by the time this returns; actor subscribers
     /// have it in their mailbox) — waiting as long as the pipeline makes progress, and giving
-    /// up on the rest, counted as dropped, once it made none for 15 s — removes this notifier's triggers if `cleanup_on_stop`, and
-    /// closes the connections. A second call returns [`Error::NotRunning`]. When the listener
+    /// up on the rest, counted as dropped, once it made none for 15 s — removes this
+    /// notifier's triggers if `cleanup_on_stop`, and closes the connections. A second call returns [`Error::NotRunning`]. When the listener
     /// had stopped for good ([`failure`](Self::failure)), stop still does all this and then
     /// returns that error.
     pub async fn stop(&self) -> Result<()> {

@@ -122,8 +122,8 @@ impl Pipeline {
             let now = progress();
             if now == seen {
                 log::warn!(
-                    "sqlnotify: stopping with {} events still waiting for subscribers that took \
-                     none in {} s; they are dropped",
+                    "sqlnotify: stopping with {} events still waiting for subscribers, after \
+                     {} s in which the pipeline made no progress; they are dropped",
                     self.stats.queued.load(Ordering::Relaxed),
                     STALLED_ON_STOP.as_secs()
                 );

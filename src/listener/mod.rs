@@ -254,19 +254,31 @@ impl<S: Source> Listener<S> {
     /// listener stops for good and says so, as after an error retrying cannot help, rather
     /// than end without a word.
     fn panicked(&mut self, error: Error) {
-        log::error!("sqlnotify: {} listener stopped for good: {error}", S::NAME);
-        if matches!(self.shell.stats.role(), Role::Active | Role::Standby) {
-            // Its connection, and with it any lease, went with the session.
-            self.shell.stats.set_role(Role::Starting);
-        }
-        let message = error.to_string();
-        self.shell.stats.fail(error);
-        self.shell.status(Status::Failed { error: message });
-        self.shutting_down = true;
         self.lost = true;
+        self.session_over();
+        self.stop_for_good(error.to_string(), error);
+    }
+
+    /// A session ended (or was lost): whoever waits for that is told, and the listener holds
+    /// no lease between sessions, whatever it held before.
+    fn session_over(&mut self) {
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(());
         }
+        if matches!(self.shell.stats.role(), Role::Active | Role::Standby) {
+            self.shell.stats.set_role(Role::Starting);
+        }
+    }
+
+    /// Retrying cannot help: stop for good, and say so.
+    fn stop_for_good(&mut self, message: String, error: Error) {
+        log::error!(
+            "sqlnotify: {} listener stopped for good: {message}",
+            S::NAME
+        );
+        self.shell.stats.fail(error);
+        self.shell.status(Status::Failed { error: message });
+        self.shutting_down = true;
     }
 
     fn ended(&mut self, state: State<S>, outcome: Outcome, ctx: &mut Context<Self>) {
@@ -274,24 +286,10 @@ impl<S: Source> Listener<S> {
             self.attempt = 0;
         }
         self.state = Some(state);
-        for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(());
-        }
-        if matches!(self.shell.stats.role(), Role::Active | Role::Standby) {
-            // Between sessions it holds no lease, whatever it held before.
-            self.shell.stats.set_role(Role::Starting);
-        }
-        match outcome.failure {
-            Some(error) if !self.shutting_down && outcome.fatal.is_some() => {
-                // Retrying cannot help: stop for good, and say so.
-                log::error!("sqlnotify: {} listener stopped for good: {error}", S::NAME);
-                if let Some(fatal) = outcome.fatal {
-                    self.shell.stats.fail(fatal);
-                }
-                self.shell.status(Status::Failed { error });
-                self.shutting_down = true;
-            }
-            Some(error) if !self.shutting_down => {
+        self.session_over();
+        match (outcome.failure, outcome.fatal) {
+            (Some(error), Some(fatal)) if !self.shutting_down => self.stop_for_good(error, fatal),
+            (Some(error), None) if !self.shutting_down => {
                 log::warn!("sqlnotify: {} listener failed: {error}", S::NAME);
                 self.shell.status(Status::Disconnected { error });
                 ctx.stop();
