@@ -3,16 +3,21 @@
 //! delivery against flat-out writers — all on a cluster of the bench's own with
 //! `wal_level=logical` (the shared server runs `replica`), started from the local PostgreSQL
 //! binaries (`initdb`, `pg_ctl`; as the `postgres` user when run as root) and removed at the
-//! end. Its "no trigger" baseline runs on that cluster too, so both pay `wal_level=logical`.
+//! end. Its "no trigger" baseline runs on that cluster too, so both pay `wal_level=logical`,
+//! and so does its second baseline, [`RawLogical`]: the same slot and stream read by a bare
+//! loop, the physical limit of any logical-decoding consumer on this machine.
 
 use std::cell::Cell;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use sqlnotify::Tier;
+use tokio::sync::oneshot;
 
-use super::common::{count, ms, Table};
+use super::common::{count, ms, ratio, Table};
+use super::recorder::Shared;
 use super::{connect, cost_row, interleaved, latency_row, us, Ctx, Load, System, SMALL};
 
 /// The section's name (`--only=logical`).
@@ -108,6 +113,122 @@ impl Drop for Cluster {
     }
 }
 
+/// The logical section's raw baseline, as the raw LISTEN loop is the notify path's: a
+/// publication of the table, a `pgoutput` slot, and one `pgwire-replication` client (the crate
+/// the logical tier streams with) whose loop takes each INSERT's first two columns (id, send
+/// time) from pgoutput's text and confirms every commit — no event, no pipeline, no JSON. The
+/// server's side (the walsender decoding and sending every row) is the same as the tier's.
+pub struct RawLogical {
+    url: String,
+    name: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawLogical {
+    /// Creates the publication and slot for `table` and starts reading; rows go to `shared`.
+    pub async fn start(url: &str, table: &str, shared: Shared) -> RawLogical {
+        let name = format!("{table}_rawlogical");
+        let admin = connect(url).await;
+        // two statements: a slot cannot be made in a transaction that has written
+        for sql in [
+            format!("CREATE PUBLICATION {name} FOR TABLE {table}"),
+            format!("SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .expect("raw logical: publication and slot");
+        }
+        let config: tokio_postgres::Config = url.parse().expect("raw logical: the URL");
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let mut replication = ReplicationConfig::new(
+            host,
+            config.get_user().unwrap_or("postgres"),
+            "",
+            config.get_dbname().unwrap_or("postgres"),
+            name.as_str(),
+            name.as_str(),
+        );
+        replication.port = config.get_ports().first().copied().unwrap_or(5432);
+        let mut client = ReplicationClient::connect(replication)
+            .await
+            .expect("raw logical: connect");
+        let (stop, mut stopped) = oneshot::channel();
+        let task = actix_rt::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = &mut stopped => break,
+                    event = client.recv() => event,
+                };
+                match event {
+                    Ok(Some(ReplicationEvent::XLogData { data, .. })) => {
+                        if data.first() == Some(&b'I') {
+                            let row = insert_id_and_sent(&data);
+                            shared.record(row.map(|r| r.0), row.map(|r| r.1));
+                        }
+                    }
+                    Ok(Some(ReplicationEvent::Commit { end_lsn, .. })) => {
+                        client.update_applied_lsn(end_lsn);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let _ = client.shutdown().await;
+        });
+        RawLogical {
+            url: url.to_string(),
+            name,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops reading, then drops the slot (once its walsender has gone) and the publication.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        let admin = connect(&self.url).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let dropped = admin
+                .batch_execute(&format!("SELECT pg_drop_replication_slot('{}')", self.name))
+                .await;
+            match dropped {
+                Ok(()) => break,
+                // still active until the server has seen the stream end: a bounded wait
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("raw logical: dropping slot {}: {e}", self.name),
+            }
+        }
+        admin
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name))
+            .await
+            .expect("raw logical: drop the publication");
+    }
+}
+
+/// The id and send time of a pgoutput (protocol 1) INSERT: `I`, the relation's OID, `N`, the
+/// column count, then each column as `t`, a length and its text; `None` for anything else.
+fn insert_id_and_sent(data: &[u8]) -> Option<(i64, i64)> {
+    let rest = data.strip_prefix(b"I")?.get(4..)?.strip_prefix(b"N")?;
+    let mut columns = rest.get(2..)?;
+    let mut next = || -> Option<i64> {
+        let rest = columns.strip_prefix(b"t")?;
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let text = rest.get(4..4 + len)?;
+        columns = &rest[4 + len..];
+        std::str::from_utf8(text).ok()?.parse().ok()
+    };
+    Some((next()?, next()?))
+}
+
 pub async fn run(ctx: &Ctx, table: &mut Table) {
     if !ctx.args.wants(SECTION) {
         return;
@@ -156,9 +277,32 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
             duration,
             async_commit: false,
         };
-        let mut outcomes = interleaved(&lctx, &[System::NoTrigger, logical], load).await;
+        let mut outcomes = interleaved(
+            &lctx,
+            &[System::NoTrigger, System::RawLogical, logical],
+            load,
+        )
+        .await;
         let o = outcomes.pop().expect("logical");
+        let raw = outcomes.pop().expect("raw logical");
         let none = outcomes.pop().expect("no trigger");
+        let mut row = cost_row(
+            format!(
+                "wal_level=logical cluster · writer cost, {writers} writer(s) × 100-row txns, 16 B, synchronous_commit=on · raw pgoutput consumer"
+            ),
+            &raw,
+            &none,
+            None,
+            true,
+        );
+        row[5].push_str(&format!(
+            " · delivered {}/s against {} committed/s, lag after the last commit {} ms · listener CPU {} µs/event",
+            count(raw.delivered_rate),
+            count(raw.commit_rate),
+            ms(raw.lag_ms),
+            us(raw.cpu_us_per_event())
+        ));
+        table.row(row);
         let mut row = cost_row(
             format!(
                 "wal_level=logical cluster · writer cost, {writers} writer(s) × 100-row txns, 16 B, synchronous_commit=on · logical tier"
@@ -169,11 +313,13 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
             true,
         );
         row[5].push_str(&format!(
-            " · delivered {}/s against {} committed/s, lag after the last commit {} ms · listener CPU {} µs/event",
+            " · vs the raw pgoutput consumer {} · delivered {}/s against {} committed/s, lag after the last commit {} ms · listener CPU {} µs/event (raw consumer {})",
+            ratio(o.commit_rate, raw.commit_rate),
             count(o.delivered_rate),
             count(o.commit_rate),
             ms(o.lag_ms),
-            us(o.cpu_us_per_event())
+            us(o.cpu_us_per_event()),
+            us(raw.cpu_us_per_event())
         ));
         table.row(row);
     }
@@ -186,11 +332,17 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
         duration,
         async_commit: false,
     };
-    let mut outcomes = interleaved(&lctx, &[System::Raw, logical], load)
+    let mut outcomes = interleaved(&lctx, &[System::Raw, System::RawLogical, logical], load)
         .await
         .into_iter();
     let raw = outcomes.next().expect("raw");
+    let raw_logical = outcomes.next().expect("raw logical");
     let o = outcomes.next().expect("logical");
+    table.row(latency_row(
+        "wal_level=logical cluster · latency 1000 rows/s · raw pgoutput consumer".into(),
+        &raw_logical,
+        Some((&raw, "raw")),
+    ));
     table.row(latency_row(
         "wal_level=logical cluster · latency 1000 rows/s · logical tier".into(),
         &o,

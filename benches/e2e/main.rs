@@ -101,6 +101,10 @@ enum System {
     /// PostgreSQL, a statement-level trigger that only sends one empty NOTIFY: the floor of
     /// any trigger-based capture (captures nothing; writer cost only).
     StatementWake,
+    /// PostgreSQL with `wal_level=logical`: a publication, a `pgoutput` slot and a bare
+    /// replication-stream loop (the logical section's baseline, [`logical::RawLogical`]).
+    #[cfg(feature = "logical")]
+    RawLogical,
     /// SQLite, no trigger (writer-cost baseline; WAL mode like sqlnotify sets it).
     SqliteNoTrigger,
     /// SQLite, a sqlnotify notifier.
@@ -123,6 +127,8 @@ impl System {
             System::Statement(_) => "poll-statement",
             System::StatementUnheard => "statement-unheard",
             System::StatementWake => "statement-wake",
+            #[cfg(feature = "logical")]
+            System::RawLogical => "raw-logical",
             System::SqliteNoTrigger => "sqlite-none",
             System::Sqlite => "sqlite",
         }
@@ -144,6 +150,8 @@ impl System {
             System::StatementWake => {
                 "floor: statement-level trigger sending one empty NOTIFY, capturing nothing"
             }
+            #[cfg(feature = "logical")]
+            System::RawLogical => "raw pgoutput consumer (slot + replication stream, no pipeline)",
             System::SqliteNoTrigger => "SQLite, no trigger",
             System::Sqlite => "SQLite",
         }
@@ -155,6 +163,10 @@ impl System {
 
     /// Whether events are delivered to this process.
     fn delivers(self) -> bool {
+        #[cfg(feature = "logical")]
+        if self == System::RawLogical {
+            return true;
+        }
         matches!(
             self,
             System::Raw
@@ -524,6 +536,8 @@ async fn remove_leftovers(admin: &Client) {
 enum Running {
     Nothing,
     Raw(RawListener),
+    #[cfg(feature = "logical")]
+    RawLogical(logical::RawLogical),
     Notifier(Notifier),
 }
 
@@ -532,6 +546,8 @@ impl Running {
         match self {
             Running::Nothing => {}
             Running::Raw(raw) => raw.stop().await,
+            #[cfg(feature = "logical")]
+            Running::RawLogical(raw) => raw.stop().await,
             Running::Notifier(n) => n.stop().await.expect("stop the notifier"),
         }
     }
@@ -674,6 +690,10 @@ async fn measure(ctx: &Ctx, system: System, load: Load) -> Outcome {
                     .expect("wake-up trigger");
                 Running::Nothing
             }
+            #[cfg(feature = "logical")]
+            System::RawLogical => Running::RawLogical(
+                logical::RawLogical::start(&ctx.url, &table, shared.clone()).await,
+            ),
             _ => Running::Nothing,
         };
         (Target::Postgres(ctx.url.clone()), running, None)
