@@ -133,7 +133,12 @@ impl<'a> Reader<'a> {
                     if kind == b'b' {
                         return Err("pgoutput sent a binary value, which was not requested".into());
                     }
-                    Datum::Text(String::from_utf8_lossy(bytes))
+                    // `from_utf8` first: its check is several times faster than the lossy
+                    // one's, and a server's text is UTF-8 unless the database's encoding is not
+                    Datum::Text(match std::str::from_utf8(bytes) {
+                        Ok(text) => Cow::Borrowed(text),
+                        Err(_) => String::from_utf8_lossy(bytes),
+                    })
                 }
                 other => {
                     return Err(format!(
@@ -378,6 +383,26 @@ pub(crate) mod tests {
             }
         );
         assert_eq!(parse(b"Yxyz").unwrap(), Message::Other(b'Y'));
+    }
+
+    #[test]
+    fn text_is_borrowed_and_bytes_that_are_not_utf8_are_replaced() {
+        let mut ins = Bytes::default()
+            .u8(b'I')
+            .u32(7)
+            .u8(b'N')
+            .tuple(&[Some("é1")]);
+        let Message::Insert { new, .. } = parse(&ins.0).unwrap() else {
+            panic!("not an insert")
+        };
+        assert!(matches!(&new[0], Datum::Text(Cow::Borrowed("é1"))));
+        // the same column with its first byte not UTF-8
+        let at = ins.0.len() - 3;
+        ins.0[at] = 0xff;
+        let Message::Insert { new, .. } = parse(&ins.0).unwrap() else {
+            panic!("not an insert")
+        };
+        assert_eq!(new[0], Datum::Text(Cow::Owned("\u{fffd}\u{fffd}1".into())));
     }
 
     #[test]

@@ -154,6 +154,9 @@ pub(crate) struct LogicalSource {
     /// The transactions handed over that the server may still list as running (snapshot
     /// feeds check theirs against them: `src/postgres/snapshot.rs`).
     sent: Arc<SentXids>,
+    /// The row buffer of the last transaction handed over, empty, for the next one's rows
+    /// (so that a transaction's rows do not grow a new vector each time).
+    spare_rows: Vec<Row>,
 }
 
 impl LogicalSource {
@@ -188,6 +191,7 @@ impl LogicalSource {
             doomed: Arc::new(AtomicBool::new(false)),
             wake: Arc::new(tokio::sync::Notify::new()),
             sent,
+            spare_rows: Vec::new(),
         })
     }
 
@@ -312,7 +316,7 @@ impl LogicalSource {
                 conn.open = Some(Open {
                     xid,
                     commit_lsn: final_lsn.0,
-                    rows: Vec::new(),
+                    rows: std::mem::take(&mut self.spare_rows),
                 });
             }
             ReplicationEvent::XLogData {
@@ -336,7 +340,9 @@ impl LogicalSource {
                 self.spill(open, batch);
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {
-                let Some(open) = conn.open.take() else { return };
+                let Some(mut open) = conn.open.take() else {
+                    return;
+                };
                 let commit = if open.commit_lsn != 0 {
                     open.commit_lsn
                 } else {
@@ -348,9 +354,10 @@ impl LogicalSource {
                 self.sent.insert(open.xid);
                 let last = open.rows.len().saturating_sub(1);
                 let received_at = SystemTime::now();
-                for (i, row) in open.rows.into_iter().enumerate() {
+                for (i, row) in open.rows.drain(..).enumerate() {
                     batch.push(raw(row, open.xid, i == last, received_at));
                 }
+                self.spare_rows = open.rows;
                 self.delivered = commit;
                 self.spilled = None;
                 self.position = Some(self.position.unwrap_or(0).max(end_lsn.0));
