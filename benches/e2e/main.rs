@@ -58,6 +58,12 @@ use common::{count, ms, percentile, ratio, with_dbname, Args, Table};
 use recorder::{raw_trigger_sql, RawListener, Shared};
 use writer::{Report, Spec, Target, Writers};
 
+/// With feature `bench-mimalloc`: mimalloc instead of the system allocator (glibc's), to
+/// measure what an application's allocator changes; the header says which one ran.
+#[cfg(feature = "bench-mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if let Ok(spec) = std::env::var(writer::WRITER_ENV) {
         writer::child_main(&spec);
@@ -362,6 +368,14 @@ async fn run(args: Args) {
     println!("# sqlnotify end-to-end benchmark");
     println!("date: {} (UTC)", today());
     println!("machine: {}", common::machine());
+    println!(
+        "allocator: {}",
+        if cfg!(feature = "bench-mimalloc") {
+            "mimalloc (feature bench-mimalloc)"
+        } else {
+            "the system's (glibc malloc)"
+        }
+    );
     let tmp = std::env::temp_dir().join(format!("sqlnotify-bench-{}", std::process::id()));
     // PostgreSQL (and SQLite, whose rows sit in the same sections) only when one of their
     // sections runs, so that `--only=mysql` needs no PostgreSQL.
