@@ -7,18 +7,23 @@
 //! and so does its second baseline, [`RawLogical`]: the same slot and stream read by a bare
 //! loop, the physical limit of any logical-decoding consumer on this machine.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use sqlnotify::Tier;
 use tokio::sync::oneshot;
 
-use super::common::{count, ms, ratio, Table};
+use super::common::{count, cpu_time_of, ms, ratio, Table};
 use super::recorder::Shared;
-use super::{connect, cost_row, interleaved, latency_row, us, Ctx, Load, System, SMALL};
+use super::{
+    connect, cost_row, in_rounds, interleaved, latency_row, measure, us, Ctx, Load, Outcome,
+    System, SMALL,
+};
 
 /// The section's name (`--only=logical`).
 pub const SECTION: &str = "logical";
@@ -104,6 +109,137 @@ impl Cluster {
     fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
+
+    /// The postmaster's pid (the first line of `postmaster.pid`).
+    fn postmaster(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("data").join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// CPU the cluster's server processes used while one system ran, read from /proc every
+/// [`ServerCpu::EVERY`]: the walsenders (decoding and sending the slot's changes) apart from
+/// every other process (the writers' backends, the WAL writer, checkpoints …). A process that
+/// ends between two readings loses at most its last interval.
+struct ServerCpu {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<HashMap<u32, (bool, Duration, Duration)>>,
+}
+
+impl ServerCpu {
+    const EVERY: Duration = Duration::from_millis(50);
+
+    fn start(postmaster: u32) -> ServerCpu {
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let task = actix_rt::spawn(async move {
+            // pid → (a walsender, CPU at the first reading, CPU at the last)
+            let mut seen: HashMap<u32, (bool, Duration, Duration)> = HashMap::new();
+            loop {
+                for (pid, walsender) in children(postmaster) {
+                    let now = cpu_time_of(&pid.to_string());
+                    seen.entry(pid)
+                        .and_modify(|(_, _, last)| *last = now)
+                        .or_insert((walsender, now, now));
+                }
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(Self::EVERY) => {} // the sampling interval
+                }
+            }
+            seen
+        });
+        ServerCpu { stop, task }
+    }
+
+    /// Seconds of CPU: (walsenders, every other server process).
+    async fn finish(self) -> (f64, f64) {
+        let _ = self.stop.send(());
+        let seen = self.task.await.unwrap_or_default();
+        let (mut walsenders, mut others) = (0.0, 0.0);
+        for (walsender, first, last) in seen.into_values() {
+            let used = last.saturating_sub(first).as_secs_f64();
+            if walsender {
+                walsenders += used;
+            } else {
+                others += used;
+            }
+        }
+        (walsenders, others)
+    }
+}
+
+/// The postmaster's children (`/proc/PID/task/PID/children`: no scan of every process, so
+/// that sampling costs the bench process next to nothing), each with whether it is a
+/// walsender (its title says so).
+fn children(postmaster: u32) -> Vec<(u32, bool)> {
+    let list = std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children"))
+        .unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .map(|pid: u32| {
+            let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            (pid, title.contains("walsender"))
+        })
+        .collect()
+}
+
+/// What the server spent per row while each system ran, summed over its rounds.
+#[derive(Default, Clone, Copy)]
+struct ServerShare {
+    walsender_s: f64,
+    others_s: f64,
+}
+
+/// [`interleaved`], also reading the server's CPU while each system runs (when the
+/// postmaster's pid is known).
+async fn with_server_cpu(
+    ctx: &Ctx,
+    postmaster: Option<u32>,
+    systems: &[System],
+    load: Load,
+) -> Vec<(Outcome, Option<ServerShare>)> {
+    let shares: Rc<RefCell<HashMap<&'static str, ServerShare>>> = Rc::default();
+    let outcomes = in_rounds(ctx, systems, load, |system, load| {
+        let shares = shares.clone();
+        async move {
+            let sampler = postmaster.map(ServerCpu::start);
+            let outcome = measure(ctx, system, load).await;
+            if let Some(sampler) = sampler {
+                let (walsender_s, others_s) = sampler.finish().await;
+                let mut shares = shares.borrow_mut();
+                let share = shares.entry(system.short()).or_default();
+                share.walsender_s += walsender_s;
+                share.others_s += others_s;
+            }
+            outcome
+        }
+    })
+    .await;
+    let shares = shares.borrow();
+    outcomes
+        .into_iter()
+        .zip(systems)
+        .map(|(o, s)| (o, shares.get(s.short()).copied()))
+        .collect()
+}
+
+/// " · server CPU per row committed: walsender 6.90 µs, other server processes 11.20 µs"
+/// (empty when it was not read).
+fn server_detail(o: &Outcome, share: Option<ServerShare>) -> String {
+    let Some(share) = share else {
+        return String::new();
+    };
+    let per_row = |s: f64| us(s * 1e6 / (o.committed.max(1) as f64));
+    format!(
+        " · server CPU per row committed: walsender {} µs, other server processes {} µs",
+        per_row(share.walsender_s),
+        per_row(share.others_s)
+    )
 }
 
 impl Drop for Cluster {
@@ -240,6 +376,7 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
             return;
         }
     };
+    let postmaster = cluster.postmaster();
     let admin = connect(&cluster.url()).await;
     admin
         .batch_execute("CREATE DATABASE bench TEMPLATE template0")
@@ -277,15 +414,16 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
             duration,
             async_commit: false,
         };
-        let mut outcomes = interleaved(
+        let mut outcomes = with_server_cpu(
             &lctx,
+            postmaster,
             &[System::NoTrigger, System::RawLogical, logical],
             load,
         )
         .await;
-        let o = outcomes.pop().expect("logical");
-        let raw = outcomes.pop().expect("raw logical");
-        let none = outcomes.pop().expect("no trigger");
+        let (o, o_server) = outcomes.pop().expect("logical");
+        let (raw, raw_server) = outcomes.pop().expect("raw logical");
+        let (none, none_server) = outcomes.pop().expect("no trigger");
         let mut row = cost_row(
             format!(
                 "wal_level=logical cluster · writer cost, {writers} writer(s) × 100-row txns, 16 B, synchronous_commit=on · raw pgoutput consumer"
@@ -296,11 +434,13 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
             true,
         );
         row[5].push_str(&format!(
-            " · delivered {}/s against {} committed/s, lag after the last commit {} ms · listener CPU {} µs/event",
+            " · delivered {}/s against {} committed/s, lag after the last commit {} ms · listener CPU {} µs/event{} (no trigger:{})",
             count(raw.delivered_rate),
             count(raw.commit_rate),
             ms(raw.lag_ms),
-            us(raw.cpu_us_per_event())
+            us(raw.cpu_us_per_event()),
+            server_detail(&raw, raw_server),
+            server_detail(&none, none_server).trim_start_matches(" ·")
         ));
         table.row(row);
         let mut row = cost_row(
@@ -321,6 +461,7 @@ pub async fn run(ctx: &Ctx, table: &mut Table) {
             us(o.cpu_us_per_event()),
             us(raw.cpu_us_per_event())
         ));
+        row[5].push_str(&server_detail(&o, o_server));
         table.row(row);
     }
     eprintln!("logical: latency at 1000 rows/s …");
