@@ -18,7 +18,7 @@ use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent}
 use sqlnotify::Tier;
 use tokio::sync::oneshot;
 
-use super::common::{count, cpu_time_of, ms, ratio, Table};
+use super::common::{count, ms, ratio, Table};
 use super::recorder::Shared;
 use super::{
     connect, cost_row, in_rounds, interleaved, latency_row, measure, us, Ctx, Load, Outcome,
@@ -125,10 +125,19 @@ impl Cluster {
 /// CPU the cluster's server processes used while one system ran, read from /proc every
 /// [`ServerCpu::EVERY`]: the walsenders (decoding and sending the slot's changes) apart from
 /// every other process (the writers' backends, the WAL writer, checkpoints …). A process that
-/// ends between two readings loses at most its last interval.
+/// ends between two readings loses at most its last interval; one that starts after the first
+/// reading counts from zero (a new process's CPU is all its own).
 struct ServerCpu {
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<HashMap<u32, (bool, Duration, Duration)>>,
+    task: tokio::task::JoinHandle<Option<HashMap<u32, Seen>>>,
+}
+
+/// One server process as the sampler saw it.
+struct Seen {
+    /// Its title said `walsender` at some reading.
+    walsender: bool,
+    first: Duration,
+    last: Duration,
 }
 
 impl ServerCpu {
@@ -137,55 +146,77 @@ impl ServerCpu {
     fn start(postmaster: u32) -> ServerCpu {
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = actix_rt::spawn(async move {
-            // pid → (a walsender, CPU at the first reading, CPU at the last)
-            let mut seen: HashMap<u32, (bool, Duration, Duration)> = HashMap::new();
+            let mut seen: HashMap<u32, Seen> = HashMap::new();
+            let mut sweep = 0u64;
             loop {
-                for (pid, walsender) in children(postmaster) {
-                    let now = cpu_time_of(&pid.to_string());
-                    seen.entry(pid)
-                        .and_modify(|(_, _, last)| *last = now)
-                        .or_insert((walsender, now, now));
+                // None: /proc has no children list (a kernel without CONFIG_PROC_CHILDREN)
+                for (pid, walsender) in children(postmaster)? {
+                    let Some(now) = cpu_of(pid) else {
+                        continue; // ended meanwhile: its last reading stands
+                    };
+                    let baseline = if sweep == 0 { now } else { Duration::ZERO };
+                    let entry = seen.entry(pid).or_insert(Seen {
+                        walsender,
+                        first: baseline,
+                        last: baseline,
+                    });
+                    entry.walsender |= walsender;
+                    entry.last = entry.last.max(now);
                 }
+                sweep += 1;
                 tokio::select! {
                     _ = &mut stopped => break,
                     _ = tokio::time::sleep(Self::EVERY) => {} // the sampling interval
                 }
             }
-            seen
+            Some(seen)
         });
         ServerCpu { stop, task }
     }
 
-    /// Seconds of CPU: (walsenders, every other server process).
-    async fn finish(self) -> (f64, f64) {
+    /// Seconds of CPU: (walsenders, every other server process); `None` when /proc could not
+    /// tell.
+    async fn finish(self) -> Option<(f64, f64)> {
         let _ = self.stop.send(());
-        let seen = self.task.await.unwrap_or_default();
+        let seen = self.task.await.ok()??;
         let (mut walsenders, mut others) = (0.0, 0.0);
-        for (walsender, first, last) in seen.into_values() {
-            let used = last.saturating_sub(first).as_secs_f64();
-            if walsender {
+        for process in seen.into_values() {
+            let used = process.last.saturating_sub(process.first).as_secs_f64();
+            if process.walsender {
                 walsenders += used;
             } else {
                 others += used;
             }
         }
-        (walsenders, others)
+        Some((walsenders, others))
     }
+}
+
+/// The user and system CPU of process `pid` so far; `None` once it is gone.
+fn cpu_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime: the 14th and 15th fields, the 12th and 13th after the name
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10)) // USER_HZ is 100 on Linux
 }
 
 /// The postmaster's children (`/proc/PID/task/PID/children`: no scan of every process, so
 /// that sampling costs the bench process next to nothing), each with whether it is a
-/// walsender (its title says so).
-fn children(postmaster: u32) -> Vec<(u32, bool)> {
-    let list = std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children"))
-        .unwrap_or_default();
-    list.split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .map(|pid: u32| {
-            let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            (pid, title.contains("walsender"))
-        })
-        .collect()
+/// walsender (its title says so); `None` when the kernel does not list children.
+fn children(postmaster: u32) -> Option<Vec<(u32, bool)>> {
+    let list =
+        std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children")).ok()?;
+    Some(
+        list.split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .map(|pid: u32| {
+                let title =
+                    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                (pid, title.contains("walsender"))
+            })
+            .collect(),
+    )
 }
 
 /// What the server spent per row while each system ran, summed over its rounds.
@@ -209,8 +240,10 @@ async fn with_server_cpu(
         async move {
             let sampler = postmaster.map(ServerCpu::start);
             let outcome = measure(ctx, system, load).await;
-            if let Some(sampler) = sampler {
-                let (walsender_s, others_s) = sampler.finish().await;
+            if let Some((walsender_s, others_s)) = match sampler {
+                Some(sampler) => sampler.finish().await,
+                None => None,
+            } {
                 let mut shares = shares.borrow_mut();
                 let share = shares.entry(system.short()).or_default();
                 share.walsender_s += walsender_s;
@@ -293,6 +326,11 @@ impl RawLogical {
         let mut client = ReplicationClient::connect(replication)
             .await
             .expect("raw logical: connect");
+        // streaming before the writers start, as the tier is once `start()` returned
+        client
+            .wait_started()
+            .await
+            .expect("raw logical: START_REPLICATION");
         let (stop, mut stopped) = oneshot::channel();
         let task = actix_rt::spawn(async move {
             loop {

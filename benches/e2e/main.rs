@@ -58,9 +58,10 @@ use common::{count, ms, percentile, ratio, with_dbname, Args, Table};
 use recorder::{raw_trigger_sql, RawListener, Shared};
 use writer::{Report, Spec, Target, Writers};
 
-/// With feature `bench-mimalloc`: mimalloc instead of the system allocator (glibc's), to
-/// measure what an application's allocator changes; the header says which one ran.
-#[cfg(feature = "bench-mimalloc")]
+/// Built with `RUSTFLAGS="--cfg sqlnotify_bench_mimalloc"`: mimalloc instead of the system's
+/// allocator, in this process and its writer processes (the same binary), to measure what an
+/// application's allocator changes; the header says which one ran.
+#[cfg(sqlnotify_bench_mimalloc)]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -370,10 +371,10 @@ async fn run(args: Args) {
     println!("machine: {}", common::machine());
     println!(
         "allocator: {}",
-        if cfg!(feature = "bench-mimalloc") {
-            "mimalloc (feature bench-mimalloc)"
+        if cfg!(sqlnotify_bench_mimalloc) {
+            "mimalloc (--cfg sqlnotify_bench_mimalloc), here and in the writer processes"
         } else {
-            "the system's (glibc malloc)"
+            "the system's"
         }
     );
     let tmp = std::env::temp_dir().join(format!("sqlnotify-bench-{}", std::process::id()));
