@@ -168,6 +168,15 @@ impl ReadSet {
         }
     }
 
+    /// [`mark`](Self::mark), keeping at most twice [`MAX_TEXT_GAPS`] gaps (merging the oldest
+    /// past that, as [`bounded`](Self::bounded) does): never more ids than the exact set.
+    fn mark_bounded(&mut self, id: i64) {
+        self.mark(id);
+        if self.gaps.len() > 2 * MAX_TEXT_GAPS {
+            *self = self.bounded();
+        }
+    }
+
     /// The same set, or with more than [`MAX_TEXT_GAPS`] gaps a smaller one: its oldest gaps
     /// merged into one, with the ids between them (a resume sends those again rather than
     /// claim an id that may still commit).
@@ -237,38 +246,56 @@ impl std::fmt::Display for ReadSet {
 
 /// What a cursor handed over in one batch: the set it had read before (`start`) and the ids
 /// of the batch in the order they went out. The set after the batch's `i`-th row is `start`
-/// plus `ids[..=i]`; computed once for every row, when first asked for.
+/// plus `ids[..=i]`, as far as a set of at most [`MAX_TEXT_GAPS`] gaps can say it (its
+/// text never says more): computed from a checkpoint every [`CursorPage::EVERY`] rows, so that
+/// a page of N ids over a cursor with G open gaps keeps O(N) memory and costs O(N) marks,
+/// where a set per row would keep N × G gaps (a large transaction interleaved with others
+/// leaves a gap per id).
 #[derive(Debug)]
 pub struct CursorPage {
     start: ReadSet,
     ids: Vec<i64>,
-    after: OnceLock<Vec<ReadSet>>,
+    /// The (bounded) set before rows `0, EVERY, 2 × EVERY, …`, once asked for.
+    checkpoints: OnceLock<Vec<ReadSet>>,
 }
 
 impl CursorPage {
+    /// Rows between two checkpoints.
+    const EVERY: usize = 64;
+
     /// A batch of `ids` (in delivery order) handed over after `start` was read.
     pub(crate) fn new(start: ReadSet, ids: Vec<i64>) -> Arc<Self> {
         Arc::new(CursorPage {
             start,
             ids,
-            after: OnceLock::new(),
+            checkpoints: OnceLock::new(),
         })
     }
 
-    /// The set read once the batch's `index`-th row was handed over.
-    pub(crate) fn after(&self, index: usize) -> Option<&ReadSet> {
-        self.after
-            .get_or_init(|| {
-                let mut set = self.start.clone();
-                self.ids
-                    .iter()
-                    .map(|&id| {
-                        set.mark(id);
-                        set.clone()
-                    })
-                    .collect()
-            })
-            .get(index)
+    /// The set read once the batch's `index`-th row was handed over, with at most
+    /// [`MAX_TEXT_GAPS`] gaps: where the exact set has more, its oldest are merged (it claims
+    /// fewer ids, so a resume from it sends some rows again rather than miss any).
+    pub(crate) fn after(&self, index: usize) -> Option<ReadSet> {
+        if index >= self.ids.len() {
+            return None;
+        }
+        let checkpoints = self.checkpoints.get_or_init(|| {
+            let mut set = self.start.bounded();
+            let mut checkpoints = Vec::with_capacity(self.ids.len() / Self::EVERY + 1);
+            for chunk in self.ids.chunks(Self::EVERY) {
+                checkpoints.push(set.clone());
+                for &id in chunk {
+                    set.mark_bounded(id);
+                }
+            }
+            checkpoints
+        });
+        let at = index / Self::EVERY;
+        let mut set = checkpoints.get(at)?.clone();
+        for &id in &self.ids[at * Self::EVERY..=index] {
+            set.mark_bounded(id);
+        }
+        Some(set.bounded())
     }
 }
 
@@ -392,11 +419,46 @@ mod tests {
     }
 
     #[test]
+    fn a_page_over_many_gaps_keeps_few_and_never_claims_an_id_not_read() {
+        // A cursor with 2,000 open gaps (every odd id up to 4,000), then a page that adds a
+        // gap per id past it and fills some of the old ones: a set per row would hold
+        // thousands of gaps each.
+        let gaps: Vec<(i64, i64)> = (0..2_000).map(|i| (2 * i + 1, 2 * i + 1)).collect();
+        let start = ReadSet::from_parts(0, 4_000, gaps).unwrap();
+        let ids: Vec<i64> = (0..3_000)
+            .map(|i| if i % 3 == 0 { 2 * i + 1 } else { 4_000 + 2 * i })
+            .collect();
+        let page = CursorPage::new(start.clone(), ids.clone());
+        let mut exact = start;
+        for (i, &id) in ids.iter().enumerate() {
+            exact.mark(id);
+            let after = page.after(i).unwrap();
+            assert!(
+                after.gaps.len() <= MAX_TEXT_GAPS,
+                "row {i}: {} gaps",
+                after.gaps.len()
+            );
+            assert_eq!(after.high, exact.high, "row {i}");
+            // an id added at the top stays exact; one filling an old gap may sit in the
+            // merged oldest gaps
+            assert!(i % 3 == 0 || after.contains(id), "row {i}: its own id");
+            for probe in (0..=exact.high + 2).step_by(7) {
+                assert!(
+                    !after.contains(probe) || exact.contains(probe),
+                    "row {i}: claims {probe}, not read"
+                );
+            }
+        }
+        assert!(page.checkpoints.get().unwrap().len() <= ids.len() / CursorPage::EVERY + 1);
+        assert_eq!(page.after(ids.len()), None);
+    }
+
+    #[test]
     fn a_page_gives_the_set_after_each_of_its_rows() {
         let page = CursorPage::new(set(10, 12, &[(11, 11)]), vec![14, 11, 13]);
-        assert_eq!(page.after(0), Some(&set(10, 14, &[(11, 11), (13, 13)])));
-        assert_eq!(page.after(1), Some(&set(12, 14, &[(13, 13)])));
-        assert_eq!(page.after(2), Some(&set(14, 14, &[])));
+        assert_eq!(page.after(0), Some(set(10, 14, &[(11, 11), (13, 13)])));
+        assert_eq!(page.after(1), Some(set(12, 14, &[(13, 13)])));
+        assert_eq!(page.after(2), Some(set(14, 14, &[])));
         assert_eq!(page.after(3), None);
     }
 }

@@ -56,9 +56,7 @@ impl Position {
                 during: read.during.clone(),
             }),
             // A batch always has the set after each of its rows.
-            Some(PointAt::Cursor { page, index }) => {
-                Some(ReadAt::Cursor(page.after(*index)?.clone()))
-            }
+            Some(PointAt::Cursor { page, index }) => Some(ReadAt::Cursor(page.after(*index)?)),
         };
         Some(Position {
             sequence,
