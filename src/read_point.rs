@@ -79,16 +79,39 @@ impl ReadPoint {
     }
 }
 
-/// Whether `text` is a PostgreSQL snapshot in text form (`xmin:xmax:xip,…`, digits only):
-/// what a client sends back is checked before it goes anywhere near SQL.
+/// Whether `text` is a PostgreSQL snapshot in text form (`xmin:xmax:xip,…`) that the server's
+/// `pg_snapshot` input takes: digits only, `0 < xmin <= xmax`, and running ids in
+/// `[xmin, xmax)` in ascending order. What a client sends back is checked before it goes
+/// anywhere near SQL, so that a forged or damaged position is "too old" (a `reset`), not a
+/// failing query.
 #[cfg_attr(not(any(feature = "postgres", feature = "web")), allow(dead_code))]
 pub(crate) fn is_snapshot_text(text: &str) -> bool {
     let mut parts = text.splitn(3, ':');
-    let number = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    let number = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
     let (Some(xmin), Some(xmax), Some(xip)) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    number(xmin) && number(xmax) && (xip.is_empty() || xip.split(',').all(number))
+    let (Some(xmin), Some(xmax)) = (number(xmin), number(xmax)) else {
+        return false;
+    };
+    if xmin == 0 || xmin > xmax {
+        return false;
+    }
+    if xip.is_empty() {
+        return true;
+    }
+    let mut last = xmin;
+    xip.split(',').all(|id| {
+        number(id).is_some_and(|id| {
+            let ok = id >= last && id < xmax;
+            last = id;
+            ok
+        })
+    })
 }
 
 /// The later of two snapshots of one cluster, which therefore sees everything the other one
@@ -126,13 +149,30 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_texts_are_digits_colons_and_commas_only() {
-        for ok in ["1:1:", "100:105:101,103", "7:9:8"] {
+    fn snapshot_texts_are_what_the_servers_pg_snapshot_input_takes() {
+        for ok in ["1:1:", "100:105:101,103", "7:9:8", "5:9:5,6,6", "5:5:"] {
             assert!(is_snapshot_text(ok), "{ok}");
         }
         for bad in [
-            "", "1:1", "1::", ":1:", "a:1:", "1:1:2,", "1:1:,2", "1:1:2;3", "1:1:2'", "-1:1:",
+            "",
+            "1:1",
+            "1::",
+            ":1:",
+            "a:1:",
+            "1:1:2,",
+            "1:1:,2",
+            "1:1:2;3",
+            "1:1:2'",
+            "-1:1:",
             "1:1:2:3",
+            // digits, but no snapshot: xmin 0, xmin above xmax, a running id outside
+            // [xmin, xmax) or out of order, a number past u64
+            "0:5:",
+            "9:5:",
+            "5:9:4",
+            "5:9:9",
+            "5:9:7,6",
+            "5:18446744073709551616:",
         ] {
             assert!(!is_snapshot_text(bad), "{bad}");
         }

@@ -106,8 +106,10 @@ impl Above {
             .iter()
             .map(|g| Some((g.get(0)?.as_i64()?, g.get(1)?.as_i64()?)))
             .collect::<Option<Vec<_>>>()?;
-        let ordered = gaps.windows(2).all(|w| w[0].1 < w[1].0)
-            && gaps.iter().all(|(a, b)| a <= b && *b < high);
+        // Never adjacent either (a read id lies between two gaps), as the cursor keeps them:
+        // its `read_set` relies on it.
+        let ordered = gaps.iter().all(|(a, b)| a <= b && *b < high)
+            && gaps.windows(2).all(|w| w[0].1 + 1 < w[1].0);
         ordered.then_some(Above { high, gaps })
     }
 }
@@ -952,6 +954,8 @@ mod tests {
             "[]",
             r#"{"high": 9, "gaps": [[5, 3]]}"#,
             r#"{"high": 9, "gaps": [[1, 9]]}"#,
+            // adjacent gaps: the cursor never writes them, and its read set cannot hold them
+            r#"{"high": 9, "gaps": [[2, 3], [4, 5]]}"#,
         ] {
             assert_eq!(Above::from_json(junk), None, "{junk}");
         }

@@ -57,6 +57,23 @@ pub(crate) async fn replay(
     if read.first_unread() <= trimmed.unwrap_or(0) {
         return Ok(Replay::TooOld);
     }
+    if pos.is_none() {
+        // A set reaching past every id this journal has given out (the purge keeps its
+        // newest row, and records what it deleted) is of another journal — one before a
+        // `cleanup()` restarted the ids, or made up — and would fence off live rows the
+        // client never got.
+        let newest: Option<i64> = conn
+            .query_first(format!(
+                "SELECT MAX(`id`) FROM {}",
+                qualified(database, JOURNAL)
+            ))
+            .await
+            .map_err(db_err(context))?
+            .flatten();
+        if read.high > newest.unwrap_or(0).max(trimmed.unwrap_or(0)) {
+            return Ok(Replay::TooOld);
+        }
+    }
     let tracked = !matches!(journal::tracking(conn, database).await?, Tracking::Off);
     let tx = if tracked {
         format!("`{}`", super::ddl::JOURNAL_TX)
