@@ -34,8 +34,8 @@ pub(crate) fn head(conn: &Connection) -> Result<i64> {
     .map_err(db_err("reading the journal head"))
 }
 
-/// Most rows a read takes past its `limit` to end on a transaction's last row.
-const MAX_EXTENSION: i64 = 100_000;
+/// Most rows a listener's read takes past its `limit` to end on a transaction's last row.
+pub(crate) const MAX_EXTENSION: i64 = 100_000;
 
 /// Reads up to `limit` rows after `cursor` — more to end with a whole transaction, when its
 /// rows say which (`tx`, written for connections that track their transactions; see
@@ -46,11 +46,13 @@ const MAX_EXTENSION: i64 = 100_000;
 /// A transaction's journal rows are consecutive (one writer at a time), so a read that ends
 /// where the next row belongs to another transaction (or where there is none: a transaction
 /// commits all of its rows at once) has every row of its last transaction; one larger than
-/// [`MAX_EXTENSION`] rows past `limit` is cut, and its last kept row there says `None`.
+/// `extension` rows past `limit` (the listener's [`MAX_EXTENSION`]) is cut, and its last
+/// kept row there says `None`.
 pub(crate) fn read_after(
     conn: &Connection,
     cursor: i64,
     limit: i64,
+    extension: i64,
     channels: &HashSet<Arc<str>>,
 ) -> Result<(Vec<RawNotification>, i64, bool)> {
     // A journal of an older version, where sqlnotify does not manage the tables, has no `tx`.
@@ -74,7 +76,7 @@ pub(crate) fn read_after(
         let tx: Option<i64> = row.get(3).unwrap_or(None);
         if looked >= limit {
             let same = tx.is_some() && tx == previous_tx;
-            if !same || looked >= limit + MAX_EXTENSION {
+            if !same || looked >= limit.saturating_add(extension) {
                 // Left for the next read.
                 done = false;
                 cut = same;
@@ -149,7 +151,9 @@ pub(crate) fn replay(
     if since < 0 || since > given || gone {
         return Ok(Replay::TooOld);
     }
-    let (rows, last, done) = read_after(conn, cursor, limit, channels)?;
+    // A page of at most `limit` rows (the endpoint's `replay_page`): a replay needs no whole
+    // transactions, and each resuming client holds its page.
+    let (rows, last, done) = read_after(conn, cursor, limit, 0, channels)?;
     Ok(Replay::Rows {
         rows,
         next: (!done).then_some(ReplayFrom::Journal {
@@ -257,7 +261,8 @@ mod tests {
         let channels: HashSet<Arc<str>> = [Arc::from("a")].into();
         // A limit of 1 still reads transaction 1 whole: its last kept row is row 2.
         let read = |cursor, limit| {
-            let (rows, last, done) = read_after(&conn, cursor, limit, &channels).unwrap();
+            let (rows, last, done) =
+                read_after(&conn, cursor, limit, MAX_EXTENSION, &channels).unwrap();
             let rows: Vec<_> = rows
                 .iter()
                 .map(|r| (r.sequence, r.transaction, r.last_in_transaction))
@@ -283,5 +288,27 @@ mod tests {
                 (Some(6), Some(5), Some(true))
             ]
         );
+    }
+
+    #[test]
+    fn a_replay_page_holds_at_most_its_limit_even_inside_a_transaction() {
+        use crate::replay::{Replay, ReplayFrom};
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&crate::sqlite::ddl::setup_sql())
+            .unwrap();
+        for _ in 0..5 {
+            conn.execute(
+                "INSERT INTO sqlnotify_journal (channel, payload, created_at, tx) VALUES ('a', '{}', 0, 7)",
+                [],
+            )
+            .unwrap();
+        }
+        let channels: HashSet<Arc<str>> = [Arc::from("a")].into();
+        let Replay::Rows { rows, next, .. } = replay(&conn, (0, 0), 2, &channels).unwrap() else {
+            panic!("a replay from the start");
+        };
+        // A listener's read takes the whole transaction (5 rows); a client's page takes 2.
+        assert_eq!(rows.len(), 2);
+        assert!(matches!(next, Some(ReplayFrom::Journal { cursor: 2, .. })));
     }
 }

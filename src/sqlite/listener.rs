@@ -179,8 +179,13 @@ impl Source for SqliteSource {
                     } else {
                         None
                     };
-                    let (batch, last, all) =
-                        journal::read_after(conn, position, READ_BATCH, &channels)?;
+                    let (batch, last, all) = journal::read_after(
+                        conn,
+                        position,
+                        READ_BATCH,
+                        journal::MAX_EXTENSION,
+                        &channels,
+                    )?;
                     Ok((version, batch, last, all))
                 })
                 .await?;
