@@ -6,7 +6,7 @@
 // Positions are written and read by the web endpoint; MySQL makes them.
 #![cfg_attr(not(all(feature = "mysql", feature = "web")), allow(dead_code))]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Most gap ranges a set written as text carries: beyond that its text claims less (its oldest
 /// gaps merged), so a resume from it sends some rows again rather than missing any.
@@ -257,6 +257,9 @@ pub struct CursorPage {
     ids: Vec<i64>,
     /// The (bounded) set before rows `0, EVERY, 2 × EVERY, …`, once asked for.
     checkpoints: OnceLock<Vec<ReadSet>>,
+    /// The last set given out, by row: every SSE client framing the same event asks for the
+    /// same row, and rows are asked for in order.
+    last: Mutex<Option<(usize, ReadSet)>>,
 }
 
 impl CursorPage {
@@ -269,6 +272,7 @@ impl CursorPage {
             start,
             ids,
             checkpoints: OnceLock::new(),
+            last: Mutex::new(None),
         })
     }
 
@@ -290,12 +294,24 @@ impl CursorPage {
             }
             checkpoints
         });
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        // From the last set given out when it is at or before this row and nearer than the
+        // checkpoint (marking more ids into a bounded set still claims none not read).
         let at = index / Self::EVERY;
-        let mut set = checkpoints.get(at)?.clone();
-        for &id in &self.ids[at * Self::EVERY..=index] {
+        let (mut set, from) = match last.take() {
+            Some((i, set)) if i == index => {
+                *last = Some((i, set.clone()));
+                return Some(set);
+            }
+            Some((i, set)) if i < index && i + 1 >= at * Self::EVERY => (set, i + 1),
+            _ => (checkpoints.get(at)?.clone(), at * Self::EVERY),
+        };
+        for &id in &self.ids[from..=index] {
             set.mark_bounded(id);
         }
-        Some(set.bounded())
+        let set = set.bounded();
+        *last = Some((index, set.clone()));
+        Some(set)
     }
 }
 
@@ -451,6 +467,29 @@ mod tests {
         }
         assert!(page.checkpoints.get().unwrap().len() <= ids.len() / CursorPage::EVERY + 1);
         assert_eq!(page.after(ids.len()), None);
+        // Out of order (from a checkpoint, not the last set given out) and the same row twice.
+        for i in [2_999, 64, 63, 1_500, 1_500, 0] {
+            let mut exact = ReadSet::from_parts(
+                0,
+                4_000,
+                (0..2_000).map(|g| (2 * g + 1, 2 * g + 1)).collect(),
+            )
+            .unwrap();
+            for &id in &ids[..=i] {
+                exact.mark(id);
+            }
+            let after = page.after(i).unwrap();
+            assert!(
+                after.gaps.len() <= MAX_TEXT_GAPS && after.high == exact.high,
+                "row {i}"
+            );
+            for probe in (0..=exact.high + 2).step_by(5) {
+                assert!(
+                    !after.contains(probe) || exact.contains(probe),
+                    "row {i}: {probe}"
+                );
+            }
+        }
     }
 
     #[test]

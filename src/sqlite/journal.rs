@@ -70,7 +70,7 @@ pub(crate) fn read_after(
         .query(params![cursor])
         .map_err(db_err("reading the journal"))?;
     let (mut out, mut last, mut looked) = (Vec::new(), cursor, 0i64);
-    let (mut previous_tx, mut done, mut cut) = (None::<i64>, true, false);
+    let (mut previous_tx, mut done, mut cut) = (None::<i64>, true, None::<i64>);
     let now = SystemTime::now();
     while let Some(row) = rows.next().map_err(db_err("reading the journal"))? {
         let tx: Option<i64> = row.get(3).unwrap_or(None);
@@ -79,7 +79,7 @@ pub(crate) fn read_after(
             if !same || looked >= limit.saturating_add(extension) {
                 // Left for the next read.
                 done = false;
-                cut = same;
+                cut = if same { previous_tx } else { None };
                 break;
             }
         }
@@ -108,16 +108,17 @@ pub(crate) fn read_after(
 
 /// Marks the last row of each transaction among `rows` (consecutive per transaction, each
 /// marked last so far): a row followed by one of the same transaction is not. `cut`: the
-/// read stopped inside the last row's transaction, so whether that row is its last is not
-/// known.
-fn mark_transactions(rows: &mut [RawNotification], cut: bool) {
+/// transaction the read stopped inside; if the last row kept is of it, whether that row is
+/// its last is not known (one of an earlier transaction, whose later rows were on other
+/// channels, ended before the cut and keeps its mark).
+fn mark_transactions(rows: &mut [RawNotification], cut: Option<i64>) {
     for i in 1..rows.len() {
         if rows[i].transaction.is_some() && rows[i].transaction == rows[i - 1].transaction {
             rows[i - 1].last_in_transaction = Some(false);
         }
     }
-    if cut {
-        if let Some(row) = rows.last_mut() {
+    if let (Some(cut), Some(row)) = (cut, rows.last_mut()) {
+        if row.transaction == Some(cut as u64) {
             row.last_in_transaction = None;
         }
     }
@@ -225,7 +226,7 @@ mod tests {
             row(Some(4)),
             row(Some(5)),
         ];
-        mark_transactions(&mut rows, false);
+        mark_transactions(&mut rows, None);
         assert_eq!(
             marks(&rows),
             [Some(false), Some(true), None, Some(true), Some(true)]
@@ -235,8 +236,13 @@ mod tests {
     #[test]
     fn a_read_cut_inside_a_transaction_does_not_guess_its_last_row() {
         let mut rows = vec![row(Some(1)), row(Some(2)), row(Some(2))];
-        mark_transactions(&mut rows, true);
+        mark_transactions(&mut rows, Some(2));
         assert_eq!(marks(&rows), [Some(true), Some(false), None]);
+        // Cut inside transaction 3, whose rows so far were all on other channels: the last
+        // row kept ended transaction 2 before it.
+        let mut rows = vec![row(Some(1)), row(Some(2)), row(Some(2))];
+        mark_transactions(&mut rows, Some(3));
+        assert_eq!(marks(&rows), [Some(true), Some(false), Some(true)]);
     }
 
     #[test]
