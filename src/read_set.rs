@@ -246,8 +246,8 @@ impl std::fmt::Display for ReadSet {
 
 /// What a cursor handed over in one batch: the set it had read before (`start`) and the ids
 /// of the batch in the order they went out. The set after the batch's `i`-th row is `start`
-/// plus `ids[..=i]`, as far as a set of at most [`MAX_TEXT_GAPS`] gaps can say it (its
-/// text never says more): computed from a checkpoint every [`CursorPage::EVERY`] rows, so that
+/// plus `ids[..=i]`, as far as a set of at most 64 gaps can say it (its text never says
+/// more): computed from a checkpoint every 64 rows, so that
 /// a page of N ids over a cursor with G open gaps keeps O(N) memory and costs O(N) marks,
 /// where a set per row would keep N × G gaps (a large transaction interleaved with others
 /// leaves a gap per id).
