@@ -298,12 +298,9 @@ impl CursorPage {
         // From the last set given out when it is at or before this row and nearer than the
         // checkpoint (marking more ids into a bounded set still claims none not read).
         let at = index / Self::EVERY;
-        let (mut set, from) = match last.take() {
-            Some((i, set)) if i == index => {
-                *last = Some((i, set.clone()));
-                return Some(set);
-            }
-            Some((i, set)) if i < index && i + 1 >= at * Self::EVERY => (set, i + 1),
+        let (mut set, from) = match &*last {
+            Some((i, set)) if *i == index => return Some(set.clone()),
+            Some((i, set)) if *i < index && i + 1 >= at * Self::EVERY => (set.clone(), i + 1),
             _ => (checkpoints.get(at)?.clone(), at * Self::EVERY),
         };
         for &id in &self.ids[from..=index] {
