@@ -135,19 +135,21 @@ pub fn wakeups() -> u64 {
     }
 }
 
-/// CPU time (user + system, all its threads) process `pid` (a number, or `self`) has used so far.
+/// CPU time (user + system, all its threads) process `pid` (a number, or `self`) has used so far;
+/// zero once it is gone.
 pub fn cpu_time_of(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    try_cpu_time_of(pid).unwrap_or_default()
+}
+
+/// [`cpu_time_of`], `None` when `/proc/PID/stat` cannot be read (the process is gone).
+pub fn try_cpu_time_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line; the first field after the name is 3.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // USER_HZ is 100 on every Linux configuration in use.
-    Duration::from_millis(ticks * 10)
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// "2 cores, 23.5 GiB RAM, <cpu model>".

@@ -18,7 +18,7 @@ use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent}
 use sqlnotify::Tier;
 use tokio::sync::oneshot;
 
-use super::common::{count, ms, ratio, Table};
+use super::common::{count, ms, ratio, try_cpu_time_of, Table};
 use super::recorder::Shared;
 use super::{
     connect, cost_row, in_rounds, interleaved, latency_row, measure, us, Ctx, Load, Outcome,
@@ -151,7 +151,7 @@ impl ServerCpu {
             loop {
                 // None: /proc has no children list (a kernel without CONFIG_PROC_CHILDREN)
                 for (pid, walsender) in children(postmaster)? {
-                    let Some(now) = cpu_of(pid) else {
+                    let Some(now) = try_cpu_time_of(&pid.to_string()) else {
                         continue; // ended meanwhile: its last reading stands
                     };
                     let baseline = if sweep == 0 { now } else { Duration::ZERO };
@@ -190,15 +190,6 @@ impl ServerCpu {
         }
         Some((walsenders, others))
     }
-}
-
-/// The user and system CPU of process `pid` so far; `None` once it is gone.
-fn cpu_of(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime and stime: the 14th and 15th fields, the 12th and 13th after the name
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10)) // USER_HZ is 100 on Linux
 }
 
 /// The postmaster's children (`/proc/PID/task/PID/children`: no scan of every process, so
