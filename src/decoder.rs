@@ -119,7 +119,7 @@ impl Decoder {
                     events.push(
                         ChangeEvent::new(channel, id, extra, &raw, truncated)
                             .with_change(change)
-                            .placed(start, 0),
+                            .at(start),
                     );
                 }
                 Ok(Decoded::Overflow { reference, id }) => {
@@ -182,7 +182,7 @@ impl Decoder {
                 ChangeEvent::new(channel, id, Extra::default(), &raw, true)
             }
         };
-        self.send(vec![event.placed(start, 0)]);
+        self.send(vec![event.at(start)]);
     }
 
     /// Turns a statement-capture journal row into one event per row, in order.
@@ -429,7 +429,7 @@ pub(crate) async fn decode_replayed(
                 continue;
             }
         };
-        events.push(event.placed(0, 0));
+        events.push(event);
     }
     events
 }

@@ -47,6 +47,10 @@ pub struct RawNotification {
     /// than a payload (the logical tier's pgoutput); `payload` is then empty and the decoder
     /// takes these as they are.
     pub(crate) decoded: Option<Box<Decoded>>,
+    /// Its index among the notifications that share its `sequence` (the logical tier: rows
+    /// of one WAL record, as a `COPY` writes them, or of one change fed to several channels);
+    /// 0 elsewhere. Becomes the event's [`part`](ChangeEvent::part).
+    pub(crate) part: u32,
 }
 
 impl RawNotification {
@@ -62,6 +66,7 @@ impl RawNotification {
             last_in_transaction: None,
             read_point: None,
             decoded: None,
+            part: 0,
         }
     }
 
@@ -271,7 +276,7 @@ struct EventInner {
     /// How many units the listener forwarded before this event's notification, plus its row
     /// index in a statement-capture journal row (see `src/holds.rs`).
     ordinal: u64,
-    /// Its row index in a statement-capture journal row (0 otherwise).
+    /// Its row index in a statement-capture journal row, or [`RawNotification::part`].
     part: u32,
     /// Old values and changed columns ([`Watch::old_values`](crate::Watch::old_values)).
     change: Change,
@@ -305,7 +310,7 @@ impl ChangeEvent {
                 truncated,
                 sequence: raw.sequence,
                 ordinal: 0,
-                part: 0,
+                part: raw.part,
                 change: Change::default(),
                 transaction: raw.transaction,
                 last_in_transaction: raw.last_in_transaction,
@@ -362,12 +367,23 @@ impl ChangeEvent {
         self
     }
 
+    /// The same (just built) event, the one event of a notification that starts at `ordinal`
+    /// (its part stays the notification's own: see [`RawNotification::part`]).
+    pub(crate) fn at(mut self, ordinal: u64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ordinal = ordinal;
+        }
+        self
+    }
+
     /// See `EventInner::ordinal`.
     pub(crate) fn ordinal(&self) -> u64 {
         self.inner.ordinal
     }
 
-    /// Its row index in a statement-capture journal row, 0 otherwise: with
+    /// Its row index in a statement-capture journal row; on the logical tier, its index among
+    /// the rows that share its WAL position (a `COPY` writes up to 1,000 rows as one WAL
+    /// record, and one change may feed several channels); 0 otherwise. With
     /// [`sequence`](Self::sequence), what tells one change from every other.
     pub fn part(&self) -> u32 {
         self.inner.part

@@ -461,7 +461,8 @@ impl Notifier {
     /// One connection per key in flight is opened beside the notifier's own. Fails with
     /// [`Error::Unsupported`] on SQLite and MySQL (use [`Notifier::handle`] and make the
     /// effect idempotent, e.g. keyed by the event's sequence) and when the subscription's
-    /// channel is on the notify tier (no journal id to record).
+    /// channel is on the notify tier (no journal id to record) or the logical tier (no
+    /// journal: its records could never be pruned).
     ///
     /// ```no_run
     /// # async fn run(notifier: sqlnotify::Notifier) -> sqlnotify::Result<()> {
@@ -510,13 +511,16 @@ impl Notifier {
             subscription.operation,
             subscription.label.as_deref(),
         ) {
-            if channel.tier() == crate::Tier::Notify {
+            // The effects table keys records by journal id, pruned as the journal is: a
+            // logical-tier event's WAL position is neither.
+            if !matches!(channel.tier(), crate::Tier::Durable | crate::Tier::Poll) {
                 return Err(Error::Unsupported {
                     what: format!(
                         "handler {:?}: transactional handlers need a journal (durable or poll \
-                         tier); channel {} is on the notify tier",
+                         tier); channel {} is on the {:?} tier",
                         handling.name,
-                        channel.name()
+                        channel.name(),
+                        channel.tier()
                     ),
                 });
             }

@@ -1169,3 +1169,69 @@ async fn stalled_on_one_transaction(test: &str, rows: i64) -> Option<Stalled> {
         _arbiter: arbiter,
     })
 }
+
+/// A `COPY` writes its rows as one WAL record, so pgoutput sends every one of them at that
+/// record's position: `part()` numbers them, and what is keyed by `(sequence, part)` keeps
+/// each — here the dead letters, one per failing row (before, all five rows had part 0 and
+/// overwrote one another's dead letter, as they would have collided in the effects table,
+/// the relay's message ids and SSE event ids). Transactional handlers are refused on this
+/// tier.
+#[actix_rt::test]
+async fn rows_a_copy_writes_at_one_wal_position_are_told_apart_by_their_part() {
+    use futures_util::SinkExt;
+    use sqlnotify::{HandlerError, Handling};
+    let Some((_cluster, db, notifier)) =
+        watching_t("rows_a_copy_writes_at_one_wal_position_are_told_apart").await
+    else {
+        return;
+    };
+    let e = notifier
+        .handle_in_transaction(
+            Subscription::new("t", Insert),
+            Handling::new("totals"),
+            |_, _| async { Ok::<(), HandlerError>(()) },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Unsupported { .. }) && e.to_string().contains("Logical tier"),
+        "{e}"
+    );
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    notifier
+        .handle(
+            Subscription::new("t", Insert),
+            Handling::new("billing").max_attempts(1),
+            |_| async { Err::<(), HandlerError>("declined".into()) },
+        )
+        .await
+        .unwrap();
+    let client = db.client().await;
+    let sink = client
+        .copy_in::<_, &'static [u8]>("COPY t (id) FROM STDIN")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(&b"1\n2\n3\n4\n5\n"[..]).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 5);
+    let got = events.take(5).await;
+    assert_eq!(common::ids(&got), [1, 2, 3, 4, 5]);
+    assert!(
+        got.iter().all(|e| e.sequence() == got[0].sequence()),
+        "a COPY's rows share one WAL position: {:?}",
+        got.iter().map(|e| e.sequence()).collect::<Vec<_>>()
+    );
+    let parts: Vec<u32> = got.iter().map(|e| e.part()).collect();
+    assert_eq!(parts, [0, 1, 2, 3, 4]);
+    let letters = notifier.dead_letters().unwrap();
+    let five_dead = wait_until(Duration::from_secs(20), || async {
+        letters.counts(Some("billing")).await.unwrap().dead == 5
+    })
+    .await;
+    assert!(
+        five_dead,
+        "one dead letter per row: {:?}",
+        letters.counts(Some("billing")).await.unwrap()
+    );
+    notifier.stop().await.unwrap();
+}

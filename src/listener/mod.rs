@@ -586,6 +586,7 @@ mod tests {
                     last_in_transaction: None,
                     read_point: None,
                     decoded: None,
+                    part: 0,
                 })
                 .collect();
             let Some(n) = outlet.forward(batch).await else {

@@ -343,6 +343,7 @@ impl MysqlSource {
                     last_in_transaction: last,
                     read_point: Some(ReadPoint::in_page(page.clone(), index)),
                     decoded: None,
+                    part: 0,
                 });
             }
             // Rows count as read only once handed over.
@@ -509,6 +510,7 @@ impl Source for MysqlSource {
                         last_in_transaction: None,
                         read_point: Some(ReadPoint::in_page(page.clone(), index)),
                         decoded: None,
+                        part: 0,
                     });
                 }
             }

@@ -136,6 +136,7 @@ pub(crate) async fn replay(
                 last_in_transaction: None,
                 read_point: Some(ReadPoint::in_page(page.clone(), index)),
                 decoded: None,
+                part: 0,
             })
         })
         .collect();

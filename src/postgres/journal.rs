@@ -198,6 +198,7 @@ impl JournalCursor {
                 last_in_transaction: Some(id == group),
                 read_point: read.clone().map(|read| ReadPoint::new(read, group)),
                 decoded: None,
+                part: 0,
             });
             ids.push((id, xid));
             units += events as usize;

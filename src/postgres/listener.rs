@@ -504,6 +504,7 @@ impl Reader {
                             last_in_transaction: None,
                             read_point: None,
                             decoded: None,
+                            part: 0,
                         });
                         if batch.len() >= MAX_BATCH {
                             return Poll::Ready(None);

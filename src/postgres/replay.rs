@@ -165,6 +165,7 @@ pub(crate) async fn replay(
             last_in_transaction: Some(row_id == tx_last),
             read_point: Some(ReadPoint::new(read.clone(), tx_last)),
             decoded: None,
+            part: 0,
         });
         key = Some((later, tx_last, row_id));
     }

@@ -99,6 +99,7 @@ pub(crate) fn read_after(
                 last_in_transaction: tx.map(|_| true),
                 read_point: None,
                 decoded: None,
+                part: 0,
             });
         }
     }

@@ -49,6 +49,22 @@ pub(crate) struct Row {
     pub payload: String,
     /// The change's WAL position.
     pub lsn: u64,
+    /// Its index among the transaction's rows at `lsn` ([`part_after`]).
+    pub part: u32,
+}
+
+/// The part of a row at `lsn` appended to a transaction's `rows`: one more than the row
+/// before when that one shares its WAL position, else 0. Rows share one because a `COPY`
+/// writes up to 1,000 rows as one WAL record (every Insert pgoutput sends for it carries that
+/// record's position), and because one change may feed several channels. `(lsn, part)` then
+/// tells every row from every other — what effects, dead letters, the relay's message ids
+/// and SSE event ids are keyed by — and is the same each time the server sends the
+/// transaction again, which it decodes from the same records in the same order.
+pub(crate) fn part_after(rows: &[Row], lsn: u64) -> u32 {
+    match rows.last() {
+        Some(row) if row.lsn == lsn => row.part.saturating_add(1),
+        _ => 0,
+    }
 }
 
 /// Decodes a connection's pgoutput changes; its Relation cache lives as long as the
@@ -130,6 +146,7 @@ impl Changes {
                     decoded: Some(Box::new(decoded)),
                     payload: String::new(),
                     lsn,
+                    part: part_after(out, lsn),
                 }),
                 Err(e) => failed = Err(format!("channel {}: {e}", route.channel)),
             }
@@ -287,6 +304,44 @@ mod tests {
             signed: false,
         };
         Some(Box::new(decode(&payload.to_string(), &channel).unwrap()))
+    }
+
+    #[test]
+    fn rows_at_one_wal_position_are_numbered_in_order() {
+        let mut second = route(Operation::Insert, false);
+        second.channel = "c_insert_audit".into();
+        let (mut c, mut out) = described(
+            &[route(Operation::Insert, false), second],
+            &[("id", 23, true)],
+        );
+        let ins = |id: &str| {
+            Bytes::default()
+                .u8(b'I')
+                .u32(9)
+                .u8(b'N')
+                .tuple(&[Some(id)])
+                .0
+        };
+        // A COPY: three Inserts at one position, each feeding two channels; then a change
+        // at a position of its own, where the numbering starts again.
+        for id in ["1", "2", "3"] {
+            c.read(&ins(id), 7, &mut out).unwrap();
+        }
+        c.read(&ins("4"), 8, &mut out).unwrap();
+        let parts: Vec<(u64, u32)> = out.iter().map(|r| (r.lsn, r.part)).collect();
+        assert_eq!(
+            parts,
+            [
+                (7, 0),
+                (7, 1),
+                (7, 2),
+                (7, 3),
+                (7, 4),
+                (7, 5),
+                (8, 0),
+                (8, 1)
+            ]
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use futures_util::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_postgres::config::Host;
 
-use super::changes::{Changes, Route, Row};
+use super::changes::{part_after, Changes, Route, Row};
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
@@ -99,6 +99,7 @@ fn raw(row: Row, xid: u64, last: bool, received_at: SystemTime) -> RawNotificati
         last_in_transaction: Some(last),
         read_point: None,
         decoded: row.decoded,
+        part: row.part,
     }
 }
 
@@ -387,6 +388,7 @@ impl LogicalSource {
                         decoded: None,
                         payload: String::from_utf8_lossy(&content).into_owned(),
                         lsn: lsn.0,
+                        part: part_after(&open.rows, lsn.0),
                     });
                     self.spill(open, batch);
                 }
