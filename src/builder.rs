@@ -214,6 +214,12 @@ impl NotifierBuilder {
         self.consumer.as_deref()
     }
 
+    /// How many subscriptions are registered on the builder.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
     /// Registers a subscription before the listener starts, so it receives everything from
     /// the first event on (including a named consumer's replay).
     pub fn subscribe(

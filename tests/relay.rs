@@ -388,3 +388,99 @@ async fn the_relay_on_mysql() {
     let db = common::mysql::TestDb::new().await;
     every_row_once_in_order(&db, "the_relay_on_mysql").await;
 }
+
+/// A relay dropped without `stop()` (an early return, a cancelled task) stops its notifier
+/// instead of leaving it reading with nobody to publish: the changes written after the drop
+/// are not saved past, and the next relay of the group stores them — every row once, in
+/// order. Before, the notifier went on, and its events counted as done unpublished.
+#[actix_rt::test]
+async fn a_relay_dropped_without_stop_leaves_what_follows_to_the_next_relay() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .await;
+    let Some(url) = shared("a_relay_dropped_without_stop") else {
+        return;
+    };
+    let stream = unique_name("RELAYDROP");
+    let prefix = unique_name("relaydrop");
+    let start = || {
+        Relay::builder(notifier(&db.url), &url, &stream)
+            .subject_prefix(&prefix)
+            .start()
+    };
+    let relay = start().await.unwrap();
+    write(
+        &db,
+        "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5) g",
+    )
+    .await;
+    assert!(
+        wait_until(STORED_WITHIN, || async { relay.stats().published >= 5 }).await,
+        "{:?}",
+        relay.stats()
+    );
+    let first = relay.notifier().clone();
+    drop(relay);
+    assert!(
+        wait_until(STORED_WITHIN, || async { !first.is_running() }).await,
+        "the dropped relay's notifier still runs"
+    );
+    write(
+        &db,
+        "INSERT INTO t SELECT g, 'v' FROM generate_series(6, 10) g",
+    )
+    .await;
+    let next = start().await.unwrap();
+    assert!(
+        wait_until(STORED_WITHIN, || async { next.stats().published >= 5 }).await,
+        "the next relay stored {:?}",
+        next.stats()
+    );
+    next.stop().await.unwrap();
+    let stored = read_stream(&url, &stream).await;
+    assert_ids_unique(&stored);
+    let keys: Vec<i64> = stored.iter().map(|m| m.key.parse().unwrap()).collect();
+    assert_eq!(
+        keys,
+        (1..=10).collect::<Vec<_>>(),
+        "every row once, in order"
+    );
+    delete_stream(&url, &stream).await;
+}
+
+/// A subscription on the relay's notifier builder is refused: it would open the listener's
+/// gate before the relay's own subscription exists, and the replay it took would be saved
+/// past without being published.
+#[actix_rt::test]
+async fn a_relay_refuses_subscriptions_on_its_notifier_builder() {
+    use actix::prelude::*;
+    struct Sink;
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+    impl Handler<sqlnotify::ChangeEvent> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: sqlnotify::ChangeEvent, _: &mut Context<Self>) {}
+    }
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .await;
+    let builder = notifier(&db.url).subscribe(
+        sqlnotify::Subscription::new("t", Insert),
+        Sink.start().recipient(),
+    );
+    let e = Relay::builder(builder, "nats://127.0.0.1:1", "NEVER")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                option: "subscribe",
+                ..
+            }
+        ) && e.to_string().contains("relay.notifier()"),
+        "{e}"
+    );
+}

@@ -150,7 +150,8 @@ impl RelayBuilder {
     }
 
     /// Starts the notifier (waiting for its lease if another relay of the group holds it)
-    /// and the publishing loop. Errors: the builder has no named consumer, a watch uses
+    /// and the publishing loop. Errors: the builder has no named consumer or holds
+    /// subscriptions (they would take the replay before the relay's own is there), a watch uses
     /// PostgreSQL's notify tier (no journal position to make an id from), a prefix, schema or
     /// table is no valid subject token, or the notifier cannot start. NATS being unreachable
     /// is not an error: the relay retries with backoff, and nothing is read meanwhile beyond
@@ -180,6 +181,19 @@ impl RelayBuilder {
                     .into(),
             });
         };
+        if self.notifier.subscription_count() > 0 {
+            // They would open the listener's gate before the relay's own subscription is
+            // there: the replay and the first events would be handed to them alone and the
+            // position saved past them, never published.
+            return Err(Error::InvalidOption {
+                option: "subscribe",
+                reason: format!(
+                    "a relay's notifier builder takes no subscriptions ({} registered): \
+                     subscribe on relay.notifier() after start() instead",
+                    self.notifier.subscription_count()
+                ),
+            });
+        }
         let naming = Naming {
             prefix: self.prefix.clone(),
             partitions: self.partitions,
@@ -239,10 +253,32 @@ impl RelayBuilder {
                 max: Duration::from_secs(5),
             },
         };
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, mut stop_rx) = watch::channel(false);
+        let (stop_pump, stop_pump_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(false);
+        let dropped = notifier.clone();
         actix_rt::spawn(async move {
-            pump.run(broker, deliveries, stop_rx).await;
+            let run = pump.run(broker, deliveries, stop_pump_rx);
+            // `stop()` stops the notifier, then says so; a relay dropped without `stop()`
+            // (an early return, a cancelled task) is stopped the same way here, the pump
+            // confirming what is in flight meanwhile. Were the pump to end instead, the
+            // notifier would go on reading, and its events, with nobody to take them, would
+            // count as done and be saved past, never published.
+            let stopping = async move {
+                if stop_rx.wait_for(|s| *s).await.is_err() {
+                    log::warn!(
+                        "sqlnotify: a relay was dropped without stop(): stopping its notifier"
+                    );
+                    let _ = dropped.stop().await;
+                }
+                let _ = stop_pump.send(true);
+            };
+            tokio::pin!(run);
+            tokio::pin!(stopping);
+            tokio::select! {
+                _ = &mut run => {}
+                _ = &mut stopping => run.await,
+            }
             let _ = done_tx.send(true);
         });
         Ok(Relay {
@@ -255,7 +291,8 @@ impl RelayBuilder {
     }
 }
 
-/// A running relay: see the [module docs](self).
+/// A running relay: see the [module docs](self). Dropping it without
+/// [`stop`](Relay::stop) stops it the same way, in the background.
 ///
 /// ```no_run
 /// # async fn run() -> sqlnotify::Result<()> {
