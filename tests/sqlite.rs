@@ -917,3 +917,13 @@ async fn sizes_past_max_buffer_are_taken_as_max_buffer() {
     assert_eq!(live.id().as_i64(), Some(2));
     notifier.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn a_stored_attempt_count_at_its_limit_ends_in_a_dead_letter() {
+    let db = TempDb::new();
+    scenarios::handling::a_stored_attempt_count_at_its_limit_ends_in_a_dead_letter(
+        &db,
+        "sqlnotify_dead_letters",
+    )
+    .await;
+}

@@ -242,7 +242,8 @@ impl Engine {
 
     /// One attempt at `item`, and what follows from it.
     async fn attempt<C: Call>(self: Rc<Self>, call: Rc<C>, key: KeyId, mut item: Item) -> Outcome {
-        let number = item.failed + 1;
+        // Saturating: a stored count comes from a table anyone who can write it may set.
+        let number = item.failed.saturating_add(1);
         let attempt = Attempt {
             event: item.event.clone(),
             attempt: number,

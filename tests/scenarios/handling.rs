@@ -746,3 +746,50 @@ pub async fn a_failover_continues_retries_and_key_order(db: &impl Backend) {
         "the row of 3@1 goes once it is handled"
     );
 }
+
+/// A stored attempt count at the largest a count can be (a row written by hand, or by a role
+/// that can write the table): the event that comes back after a restart fails its next
+/// attempt into a dead letter instead of overflowing the count — which, in a build with
+/// overflow checks, ended the handler's loop silently. `table` is the dialect's dead-letter
+/// table; only a dialect whose column holds `u32::MAX` can store such a count.
+pub async fn a_stored_attempt_count_at_its_limit_ends_in_a_dead_letter(
+    db: &impl Backend,
+    table: &str,
+) {
+    db.run("CREATE TABLE r (id INTEGER PRIMARY KEY)").await;
+    let (notifier, _) = start_failing_on_3(db).await;
+    db.insert_ids("r", 1..=5).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            matches!(
+                stored_attempts(db).await,
+                Some((_, sqlnotify::DeadLetterState::Retrying))
+            )
+        })
+        .await,
+        "row 3 never failed: {:?}",
+        notifier_dead_letters(db).await
+    );
+    notifier.stop().await.unwrap();
+    db.run(&format!("UPDATE {table} SET attempts = {}", u32::MAX))
+        .await;
+    let (notifier, mut calls) = start_failing_on_3(db).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            stored_attempts(db).await == Some((u32::MAX, sqlnotify::DeadLetterState::Dead))
+        })
+        .await,
+        "row 3 never became a dead letter: {:?}",
+        notifier_dead_letters(db).await
+    );
+    db.insert_ids("r", 6..=6).await;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&6) {
+        let id = tokio::time::timeout(Duration::from_secs(10), calls.recv())
+            .await
+            .expect("the handler goes on")
+            .unwrap();
+        seen.push(id);
+    }
+    notifier.stop().await.unwrap();
+}

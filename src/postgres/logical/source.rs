@@ -82,6 +82,18 @@ pub(crate) fn widen_xid(xid: u32, reference: u64) -> u64 {
         .unwrap_or(u64::from(xid))
 }
 
+/// The query that tries to take consumer `name`'s lease: the advisory lock the other tiers
+/// take (`md5` of the same text), through the replication protocol's simple queries, so with
+/// the name as a literal — one that reads the same whatever `standard_conforming_strings`
+/// says (a backslash in the name can neither end it nor change the key).
+fn lease_sql(name: &str) -> String {
+    let key = crate::sql::quote_literal(&format!("sqlnotify consumer {name}"));
+    format!(
+        "SELECT pg_catalog.pg_try_advisory_lock(('x' || pg_catalog.substr(\
+         pg_catalog.md5({key}), 1, 16))::bit(64)::bigint)"
+    )
+}
+
 /// Parses a `xid8`'s text form.
 pub(crate) fn parse_xid8(text: &str) -> Option<u64> {
     text.trim().parse().ok()
@@ -594,13 +606,9 @@ impl Source for LogicalSource {
         if conn.started {
             return Ok(true); // held by this walsender since it was taken
         }
-        let key = format!("sqlnotify consumer {}", consumer.name).replace('\'', "''");
         let rows = conn
             .client
-            .simple_query(&format!(
-                "SELECT pg_catalog.pg_try_advisory_lock(('x' || pg_catalog.substr(\
-                 pg_catalog.md5('{key}'), 1, 16))::bit(64)::bigint)"
-            ))
+            .simple_query(&lease_sql(&consumer.name))
             .await
             .map_err(|e| self.error(e))?;
         let held = rows
@@ -820,6 +828,18 @@ async fn advance(client: &tokio_postgres::Client, slot: &str, lsn: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_query_quotes_a_name_with_backslashes_and_quotes_whatever_the_settings() {
+        assert!(lease_sql("orders").contains("md5('sqlnotify consumer orders')"));
+        // An E'' literal means the same with standard_conforming_strings on or off; the
+        // plain one the name used to be put in let `\'` end it when off.
+        let sql = lease_sql(r"x\'; SELECT 1; --");
+        assert!(
+            sql.contains(r"md5(E'sqlnotify consumer x\\''; SELECT 1; --')"),
+            "{sql}"
+        );
+    }
 
     #[test]
     fn a_replication_connection_gets_the_urls_settings() {
