@@ -4,6 +4,16 @@
 //! user passes (table, column, label) is ever spliced into SQL unquoted. They follow the rules
 //! PostgreSQL's own `quote_ident` / `quote_literal` use, which SQLite accepts too.
 
+/// `text` made safe to show in a `--` comment line of a generated script: a line break
+/// would end the comment and make the rest of a name a statement, and a backslash could start
+/// a command-line client's own command (`\!`, `\c`); both become `?`. For names shown to
+/// a reader, never for SQL.
+pub(crate) fn comment(text: &str) -> String {
+    text.chars()
+        .map(|c| if c == '\\' || c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Quotes an identifier: wraps it in double quotes and doubles embedded double quotes.
 ///
 /// Always quotes (even `users`), so case is preserved and keywords like `select` work.
@@ -63,6 +73,16 @@ pub(crate) fn split_table(table: String) -> (Option<String>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_comment_line_keeps_no_line_break_and_no_backslash() {
+        assert_eq!(
+            comment("sqlnotify_main_t_insert"),
+            "sqlnotify_main_t_insert"
+        );
+        assert_eq!(comment("x\nDROP TABLE t; --"), "x?DROP TABLE t; --");
+        assert_eq!(comment("a\r\u{85}b\\! rm"), "a??b?! rm");
+    }
 
     #[test]
     fn identifiers_are_always_quoted() {

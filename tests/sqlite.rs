@@ -927,3 +927,28 @@ async fn a_stored_attempt_count_at_its_limit_ends_in_a_dead_letter() {
     )
     .await;
 }
+
+/// A label is shown in the install script's comment line above its watch: a line break in
+/// it must not end the comment and make the rest a statement of the script.
+#[actix_rt::test]
+async fn a_label_with_a_line_break_stays_inside_the_install_scripts_comment() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE users (id INTEGER PRIMARY KEY); CREATE TABLE victim (id INTEGER)");
+    let sql = Notifier::builder(db.url())
+        .watch(Watch::new("users", Operation::Insert).channel_label("x\nDROP TABLE victim; --"))
+        .install_sql()
+        .await
+        .unwrap();
+    assert!(
+        sql.contains("\n-- sqlnotify_x?DROP TABLE victim; --\n"),
+        "the comment line shows the break as ?: {sql}"
+    );
+    db.conn()
+        .execute_batch(&sql)
+        .unwrap_or_else(|e| panic!("the install script must apply: {e}\n{sql}"));
+    assert_eq!(
+        db.count("SELECT count(*) FROM victim"),
+        0,
+        "victim is still there"
+    );
+}

@@ -1085,13 +1085,13 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], grant_to: Option<&str>) 
         setup_sql()
     );
     for w in watches {
-        sql.push_str(&format!("\n-- {}\n", w.channel.name));
+        sql.push_str(&format!("\n-- {}\n", crate::sql::comment(&w.channel.name)));
         sql.push_str(&install_if_changed_sql(w));
     }
     if let Some(role) = grant_to {
         sql.push_str(&format!(
             "\n-- what the notifier's role {} needs\n{}",
-            quote_ident(role),
+            crate::sql::comment(&quote_ident(role)),
             grant_sql(role)
         ));
     }

@@ -252,7 +252,7 @@ impl Dialect for Postgres {
                  replication slot for them\n-- (the role needs REPLICATION, and ownership of {}).\n",
                 logical
                     .iter()
-                    .map(|w| format!("{}.{}", w.channel.schema, w.channel.table))
+                    .map(|w| crate::sql::comment(&format!("{}.{}", w.channel.schema, w.channel.table)))
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect::<Vec<_>>()

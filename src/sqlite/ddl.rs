@@ -217,7 +217,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch]) -> String {
         setup_sql()
     );
     for w in watches {
-        sql.push_str(&format!("\n-- {}\n", w.channel.name));
+        sql.push_str(&format!("\n-- {}\n", crate::sql::comment(&w.channel.name)));
         sql.push_str(&drop_sql(&w.channel.name));
         sql.push_str(&trigger_sql(w));
         sql.push_str(";\n");
