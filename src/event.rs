@@ -376,6 +376,33 @@ impl ChangeEvent {
         self
     }
 
+    /// The same change with its key only, marked truncated: what is published of it where
+    /// the whole event does not fit in a message (the relay). Its position, transaction and
+    /// marks stay.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn key_only(&self) -> ChangeEvent {
+        let inner = &*self.inner;
+        ChangeEvent {
+            inner: Arc::new(EventInner {
+                channel: inner.channel.clone(),
+                id: inner.id.clone(),
+                extra: Extra::default(),
+                extra_map: OnceLock::new(),
+                timestamp: inner.timestamp,
+                truncated: true,
+                sequence: inner.sequence,
+                ordinal: inner.ordinal,
+                part: inner.part,
+                change: Change::default(),
+                transaction: inner.transaction,
+                last_in_transaction: inner.last_in_transaction,
+                read_point: inner.read_point.clone(),
+                snapshot: inner.snapshot,
+                snapshot_end: inner.snapshot_end,
+            }),
+        }
+    }
+
     /// See `EventInner::ordinal`.
     pub(crate) fn ordinal(&self) -> u64 {
         self.inner.ordinal

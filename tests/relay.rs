@@ -484,3 +484,55 @@ async fn a_relay_refuses_subscriptions_on_its_notifier_builder() {
         "{e}"
     );
 }
+
+/// A change larger than the stream takes (here its `max_msg_size`, 4 KiB) is published with
+/// its key only, marked truncated, and the changes after it flow: before, the broker refused
+/// it on every try and the relay stood still behind it for ever.
+#[actix_rt::test]
+async fn a_change_larger_than_the_stream_takes_is_published_with_its_key_only() {
+    use async_nats::jetstream::stream::Config;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .await;
+    let Some(url) = shared("a_change_larger_than_the_stream_takes") else {
+        return;
+    };
+    let stream = unique_name("RELAYSIZE");
+    let prefix = unique_name("relaysize");
+    common::nats::jetstream(&url)
+        .await
+        .create_stream(Config {
+            name: stream.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            max_message_size: 4096,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let relay = Relay::builder(notifier(&db.url), &url, &stream)
+        .subject_prefix(&prefix)
+        .start()
+        .await
+        .unwrap();
+    write(&db, "INSERT INTO t VALUES (1, 'small')").await;
+    write(&db, "INSERT INTO t VALUES (2, repeat('x', 10000))").await;
+    write(&db, "INSERT INTO t VALUES (3, 'small')").await;
+    assert!(
+        wait_until(STORED_WITHIN, || async { relay.stats().published >= 3 }).await,
+        "{:?}",
+        relay.stats()
+    );
+    let stats = relay.stats();
+    relay.stop().await.unwrap();
+    assert_eq!((stats.truncated, stats.skipped), (1, 0), "{stats:?}");
+    let stored = read_stream(&url, &stream).await;
+    let keys: Vec<&str> = stored.iter().map(|m| m.key.as_str()).collect();
+    assert_eq!(keys, ["1", "2", "3"], "in order, each once");
+    assert_eq!(stored[0].body["columns"]["v"], "small");
+    assert_eq!(stored[1].body["truncated"], true);
+    assert_eq!(stored[1].body["id"], 2);
+    assert_eq!(stored[1].body["columns"], serde_json::json!({}));
+    assert_eq!(stored[2].body["truncated"], false);
+    delete_stream(&url, &stream).await;
+}

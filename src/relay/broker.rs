@@ -21,6 +21,22 @@ pub(crate) struct Outgoing {
     pub body: Bytes,
 }
 
+impl Outgoing {
+    /// Its size on the wire, headers included (NATS counts both against its limits): the
+    /// body, each header as `name: value` and its line break, the id's header, and the
+    /// header block's version line and end.
+    pub fn size(&self) -> usize {
+        const ID_HEADER: &str = "Nats-Msg-Id";
+        let line = |name: &str, value: &str| name.len() + 2 + value.len() + 2;
+        "NATS/1.0\r\n\r\n".len()
+            + line(ID_HEADER, &self.id)
+            + (self.headers.iter())
+                .map(|(name, value)| line(name, value))
+                .sum::<usize>()
+            + self.body.len()
+    }
+}
+
 /// The broker stored a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stored {
@@ -49,4 +65,8 @@ pub(crate) trait Link {
     /// Resolves once the connection is lost (owns what it needs, so a send can be raced
     /// against it).
     fn lost(&self) -> impl Future<Output = ()> + 'static;
+
+    /// The largest message ([`Outgoing::size`]) the broker stores on this link: a larger one
+    /// it would refuse every time it is sent.
+    fn max_size(&self) -> usize;
 }

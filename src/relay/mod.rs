@@ -31,6 +31,13 @@
 //! the longest time a change can be sent again after it was first stored: a relay group down
 //! for longer than that stores the last unconfirmed events twice.
 //!
+//! **Size.** A change whose message would be larger than the server's `max_payload` (1 MiB by
+//! default) or the stream's `max_msg_size` is published with its key only and `"truncated":
+//! true` in its body, as a trigger sends a row too large for a notification — the worker
+//! reads the row by its key — and counted in [`RelayStats::truncated`]; refused, it would be
+//! sent again for ever and hold up everything behind it. One whose key alone does not fit is
+//! logged and counted in [`RelayStats::skipped`].
+//!
 //! **Order.** Messages are stored in commit order. A connection never reconnects by itself: a
 //! new one is opened and what was not confirmed is sent again, in order, the first alone — so
 //! a message is never stored after one that followed it. Per-key order therefore holds in the
@@ -340,6 +347,11 @@ pub struct RelayStats {
     pub failures: u64,
     /// Whether a connection is up now.
     pub connected: bool,
+    /// Changes published with their key only, marked truncated: the whole event was larger
+    /// than the server's `max_payload` or the stream's `max_msg_size`.
+    pub truncated: u64,
+    /// Changes not published at all: not even their key fitted (logged as errors).
+    pub skipped: u64,
 }
 
 impl Relay {
@@ -386,6 +398,8 @@ impl Relay {
             connections: c.links.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             connected: c.connected.load(Ordering::Relaxed),
+            truncated: c.truncated.load(Ordering::Relaxed),
+            skipped: c.skipped.load(Ordering::Relaxed),
         }
     }
 

@@ -41,6 +41,8 @@ pub(crate) struct NatsLink {
     js: async_nats::jetstream::Context,
     lost: watch::Receiver<bool>,
     stream: String,
+    /// The server's `max_payload`, or the stream's `max_msg_size` if smaller.
+    max_size: usize,
 }
 
 impl Broker for Nats {
@@ -74,24 +76,29 @@ impl Broker for Nats {
             Error::broker(format!("connecting to NATS at {}", redact(&self.url)), e)
         })?;
         connected.store(true, Ordering::Relaxed);
+        let max_payload = client.max_payload();
         let js = ContextBuilder::new()
             .timeout(self.ack_timeout)
             .max_ack_inflight(self.max_pending.max(1))
             .backpressure_on_inflight(true)
             .build(client);
-        self.ensure_stream(&js).await?;
+        let max_message_size = self.ensure_stream(&js).await?;
         Ok(NatsLink {
             js,
             lost,
             stream: self.stream.clone(),
+            max_size: usize::try_from(max_message_size)
+                .ok()
+                .filter(|&n| n > 0)
+                .map_or(max_payload, |n| n.min(max_payload)),
         })
     }
 }
 
 impl Nats {
     /// Uses the stream if it exists and fits (it covers every subject, its duplicate window
-    /// is long enough); creates it otherwise.
-    async fn ensure_stream(&self, js: &async_nats::jetstream::Context) -> Result<()> {
+    /// is long enough); creates it otherwise. Returns its `max_msg_size` (-1: no limit).
+    async fn ensure_stream(&self, js: &async_nats::jetstream::Context) -> Result<i32> {
         let name = &self.stream;
         match js.get_stream(name).await {
             Ok(mut stream) => {
@@ -100,6 +107,7 @@ impl Nats {
                     .await
                     .map_err(|e| Error::broker(format!("reading stream {name}"), e))?;
                 self.check(&info.config)
+                    .map(|()| info.config.max_message_size)
             }
             Err(e)
                 if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
@@ -122,12 +130,14 @@ impl Nats {
                             self.filter,
                             self.duplicate_window
                         );
-                        Ok(())
+                        Ok(-1)
                     }
                     // Another relay of the group created it meanwhile: check theirs.
                     Err(create) => match js.get_stream(name).await {
                         Ok(mut stream) => match stream.info().await {
-                            Ok(info) => self.check(&info.config),
+                            Ok(info) => self
+                                .check(&info.config)
+                                .map(|()| info.config.max_message_size),
                             Err(_) => Err(Error::broker(format!("creating stream {name}"), create)),
                         },
                         Err(_) => Err(Error::broker(format!("creating stream {name}"), create)),
@@ -208,5 +218,9 @@ impl Link for NatsLink {
         async move {
             let _ = lost.wait_for(|lost| *lost).await;
         }
+    }
+
+    fn max_size(&self) -> usize {
+        self.max_size
     }
 }

@@ -20,6 +20,7 @@ use super::broker::{Broker, Link, Outgoing};
 use super::subject::{key_text, Naming};
 use crate::acked::{Deliveries, Delivery};
 use crate::backoff::Backoff;
+use crate::event::ChangeEvent;
 use crate::holds::Ack;
 
 /// The relay's live counters.
@@ -30,6 +31,8 @@ pub(crate) struct Counters {
     pub pending: AtomicU64,
     pub links: AtomicU64,
     pub failures: AtomicU64,
+    pub truncated: AtomicU64,
+    pub skipped: AtomicU64,
     pub connected: AtomicBool,
 }
 
@@ -43,9 +46,59 @@ pub(crate) struct Pump {
     pub backoff: Backoff,
 }
 
+/// A message taken and not confirmed yet, with its delivery.
+struct Pending {
+    message: Outgoing,
+    ack: Ack,
+    /// What the message was made of: a smaller one is made of it when it does not fit.
+    event: ChangeEvent,
+}
+
 impl Pump {
+    /// Makes `pending`'s message fit in `max_size`: as it is, or with the change's key only,
+    /// marked truncated (as a trigger sends a row too large for a notification), counted in
+    /// `truncated`. `false` when not even that fits: the change is counted in `skipped` and
+    /// logged, for it cannot be stored.
+    fn fit(&self, pending: &mut Pending, max_size: usize) -> bool {
+        let size = pending.message.size();
+        if size <= max_size {
+            return true;
+        }
+        let smaller = self.message_of(&pending.event.key_only());
+        let event = &pending.event;
+        if smaller.size() > max_size {
+            self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "sqlnotify: relay skips the {} of {}.{} at sequence {:?}: even with its key only \
+                 its message has {} bytes, more than the {max_size} the stream takes (counted in \
+                 RelayStats::skipped)",
+                event.operation().as_str(),
+                event.schema(),
+                event.table(),
+                event.sequence(),
+                smaller.size()
+            );
+            return false;
+        }
+        self.counters.truncated.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "sqlnotify: relay publishes the {} of {}.{} at sequence {:?} with its key only: its \
+             message has {size} bytes, more than the {max_size} the stream takes (counted in \
+             RelayStats::truncated)",
+            event.operation().as_str(),
+            event.schema(),
+            event.table(),
+            event.sequence()
+        );
+        pending.message = smaller;
+        true
+    }
+
     fn message(&self, delivery: &Delivery) -> Outgoing {
-        let event = &delivery.event;
+        self.message_of(&delivery.event)
+    }
+
+    fn message_of(&self, event: &ChangeEvent) -> Outgoing {
         let base = self
             .bases
             .get(event.channel())
@@ -84,7 +137,7 @@ impl Pump {
     ) {
         // Messages taken, oldest first, with their deliveries' acks; the first `sent` of them
         // went out on the current link.
-        let mut unconfirmed: VecDeque<(Outgoing, Ack)> = VecDeque::new();
+        let mut unconfirmed: VecDeque<Pending> = VecDeque::new();
         let mut ended = false;
         let mut attempt = 0u32;
         loop {
@@ -125,7 +178,19 @@ impl Pump {
                 // Send what waits, as far as the window allows.
                 let window = if proven { self.max_pending } else { 1 };
                 while confirmations.len() < unconfirmed.len() && confirmations.len() < window {
-                    let (message, _) = &unconfirmed[confirmations.len()];
+                    let next = confirmations.len();
+                    if !self.fit(&mut unconfirmed[next], link.max_size()) {
+                        // Not even its key fits: the broker would refuse it for ever, and
+                        // everything behind it would wait. It goes, counted and logged.
+                        if let Some(gone) = unconfirmed.remove(next) {
+                            gone.ack.ack();
+                        }
+                        self.counters
+                            .pending
+                            .store(unconfirmed.len() as u64, Ordering::Relaxed);
+                        continue;
+                    }
+                    let message = &unconfirmed[next].message;
                     // A send can wait for room in the client's buffer, which a lost
                     // connection never empties: race it against the loss.
                     let lost = link.lost();
@@ -147,8 +212,8 @@ impl Pump {
                     confirmed = confirmations.next(), if !confirmations.is_empty() => {
                         match confirmed.expect("not empty") {
                             Ok(stored) => {
-                                let (_, ack) = unconfirmed.pop_front().expect("one per confirmation");
-                                ack.ack();
+                                let done = unconfirmed.pop_front().expect("one per confirmation");
+                                done.ack.ack();
                                 proven = true;
                                 attempt = 0;
                                 let counter = if stored.duplicate {
@@ -165,7 +230,11 @@ impl Pump {
                     delivery = deliveries.recv(), if room && !ended => match delivery {
                         Some(delivery) => {
                             let message = self.message(&delivery);
-                            unconfirmed.push_back((message, delivery.ack));
+                            unconfirmed.push_back(Pending {
+                                message,
+                                ack: delivery.ack,
+                                event: delivery.event,
+                            });
                             self.counters.pending.store(unconfirmed.len() as u64, Ordering::Relaxed);
                         }
                         None => ended = true,
