@@ -2,8 +2,6 @@
 //! reconnects by itself (a reconnect could send buffered messages after a lost one and break
 //! the order); the relay opens a new link instead and sends again what was not confirmed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{ContextBuilder, GetStreamErrorKind};
@@ -50,20 +48,15 @@ impl Broker for Nats {
 
     async fn open(&self) -> Result<NatsLink> {
         let (lost_tx, lost) = watch::channel(false);
-        let connected = Arc::new(AtomicBool::new(false));
-        let once = connected.clone();
         let options = async_nats::ConnectOptions::new()
             .name("sqlnotify-relay")
             .connection_timeout(Duration::from_secs(5))
-            // The first connect goes at once; after that the link is dead for good (the relay
-            // drops it long before this delay ends and opens a new one).
-            .reconnect_delay_callback(move |_| {
-                if once.load(Ordering::Relaxed) {
-                    Duration::from_secs(24 * 3600)
-                } else {
-                    Duration::ZERO
-                }
-            })
+            // The first connect is the only one: once lost, the client's connection task
+            // ends instead of reconnecting (the relay opens a new link and sends what was not
+            // confirmed again, in order). A client left to reconnect later — after a long
+            // delay, say — would then write the publishes still queued in it: stale copies,
+            // stored again once the stream's duplicate window had passed, after newer ones.
+            .max_reconnects(1)
             .event_callback(move |event| {
                 let lost_tx = lost_tx.clone();
                 async move {
@@ -75,7 +68,6 @@ impl Broker for Nats {
         let client = options.connect(self.url.as_str()).await.map_err(|e| {
             Error::broker(format!("connecting to NATS at {}", redact(&self.url)), e)
         })?;
-        connected.store(true, Ordering::Relaxed);
         let max_payload = client.max_payload();
         let js = ContextBuilder::new()
             .timeout(self.ack_timeout)
