@@ -409,6 +409,31 @@ impl Retrying {
 }
 
 /// The error for a row of the dead-letter table that holds what no dead letter can.
+/// The rows a taker moved to `redelivering`, sorted into the dead letters they are (by id)
+/// and the ids of those that cannot be one, with why: one such row must not hold up every
+/// other retry of its handler, so the taker marks it `dead` (its error saying why) and hands
+/// out the rest. Each is logged.
+pub(crate) fn sort_taken(
+    table: &str,
+    taken: impl IntoIterator<Item = (i64, Result<DeadLetter>)>,
+) -> (Vec<DeadLetter>, Vec<(i64, String)>) {
+    let (mut letters, mut unreadable) = (Vec::new(), Vec::new());
+    for (id, letter) in taken {
+        match letter {
+            Ok(letter) => letters.push(letter),
+            Err(e) => {
+                log::warn!(
+                    "sqlnotify: {table} row {id} was requested for retry but cannot be \
+                     delivered again ({e}): marked dead"
+                );
+                unreadable.push((id, format!("cannot be delivered again: {e}")));
+            }
+        }
+    }
+    letters.sort_by_key(|l| l.id);
+    (letters, unreadable)
+}
+
 pub(crate) fn invalid_row(table: &str, id: i64, what: impl std::fmt::Display) -> Error {
     Error::InvalidPayload {
         channel: table.to_string(),

@@ -392,6 +392,32 @@ async fn rows_that_cannot_be_dead_letters_are_errors(db: &impl Backend, bad_time
         .await;
         check(letters.get(id).await.unwrap_err(), "has first_failed");
     }
+    // One such row among those of a handler requested for retry: it is marked dead, its error
+    // saying why, and the others are taken (it used to fail every take, for ever).
+    let mut record_dead = |sequence| {
+        let mut failure = attempt("audit", Some(sequence), 0);
+        failure.state = DeadLetterState::Dead;
+        calls.record(failure)
+    };
+    let bad = record_dead(2).await.unwrap();
+    let good = record_dead(3).await.unwrap();
+    assert_eq!(letters.retry(&[bad, good]).await.unwrap(), 2);
+    db.run(&format!("UPDATE {t} SET attempts = -1 WHERE id = {bad}"))
+        .await;
+    assert_eq!(
+        ids(&calls.take_requested("audit", 10).await.unwrap()),
+        [good]
+    );
+    assert_eq!(calls.take_requested("audit", 10).await.unwrap(), []);
+    assert_eq!(
+        letters.counts(Some("audit")).await.unwrap(),
+        counts(0, 1, 0, 1)
+    );
+    let why = format!(
+        "SELECT count(*) FROM {t} WHERE id = {bad} AND state = 'dead' \
+         AND error LIKE 'cannot be delivered again:%attempts -1%'"
+    );
+    assert_eq!(db.number(&why).await, 1, "marked dead, saying why");
 }
 
 /// A row the driver cannot convert (a NULL state, once someone let the column hold one) is

@@ -24,8 +24,8 @@ use super::catalog::db_err;
 use super::ddl::{qualified, DEAD_LETTERS};
 use super::Control;
 use crate::dead_letters::{
-    invalid_row, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure, Retrying,
-    StoredRow, Target,
+    invalid_row, sort_taken, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure,
+    Retrying, StoredRow, Target,
 };
 use crate::error::{Error, Result};
 
@@ -300,7 +300,29 @@ async fn take_requested(
                     e,
                 ))
             }
-            Ok(rows) => return dead_letters(rows),
+            Ok(rows) => {
+                let (letters, unreadable) = sort_taken(
+                    DEAD_LETTERS,
+                    rows.into_iter().map(|row| {
+                        let id = row.get::<Option<i64>, _>(0).flatten().unwrap_or_default();
+                        (id, dead_letter(row))
+                    }),
+                );
+                for (id, error) in unreadable {
+                    conn.exec_drop(
+                        format!("UPDATE {table} SET `state` = 'dead', `error` = ? WHERE `id` = ?"),
+                        (error, id),
+                    )
+                    .await
+                    .map_err(|e| {
+                        Error::db(
+                            format!("marking dead letter {id} of {DEAD_LETTERS} dead"),
+                            e,
+                        )
+                    })?;
+                }
+                return Ok(letters);
+            }
         }
     }
 }

@@ -18,8 +18,8 @@ use tokio_postgres::{Client, Row};
 use super::control::Control;
 use super::ddl::{INSTALL_LOCK, SCHEMA};
 use crate::dead_letters::{
-    stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure, Retrying, StoredRow,
-    Target,
+    sort_taken, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure, Retrying,
+    StoredRow, Target,
 };
 use crate::error::{Error, Result};
 use crate::sql::{quote_ident, quote_literal};
@@ -328,7 +328,23 @@ impl DeadLetterStore for PgDeadLetters {
                             e,
                         )
                     })?;
-                dead_letters(&rows)
+                let (letters, unreadable) = sort_taken(
+                    TABLE,
+                    rows.iter()
+                        .map(|r| (r.try_get(0).unwrap_or_default(), dead_letter(r))),
+                );
+                for (id, error) in unreadable {
+                    client
+                        .query_typed(
+                            &format!("UPDATE {t} SET state = 'dead', error = $2 WHERE id = $1"),
+                            &[(&id, Type::INT8), (&error, Type::TEXT)],
+                        )
+                        .await
+                        .map_err(|e| {
+                            Error::db(format!("marking dead letter {id} of {TABLE} dead"), e)
+                        })?;
+                }
+                Ok(letters)
             })
         })
     }

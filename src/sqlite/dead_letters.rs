@@ -23,8 +23,8 @@ use super::catalog::db_err;
 use super::ddl::NOW;
 use super::run_blocking;
 use crate::dead_letters::{
-    invalid_row, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure, Retrying,
-    StoredRow, Target,
+    invalid_row, sort_taken, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure,
+    Retrying, StoredRow, Target,
 };
 use crate::error::Result;
 
@@ -315,19 +315,32 @@ impl DeadLetterStore for SqliteDeadLetters {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db_err(&context))?;
-            let taken = query(
-                &tx,
-                &format!(
-                    "UPDATE {TABLE} SET state = 'redelivering' WHERE id IN (
-                       SELECT id FROM {TABLE} WHERE handler = ?1 AND state = 'requested'
-                        ORDER BY id LIMIT ?2)
-                     RETURNING {COLUMNS}"
-                ),
-                params![handler, limit],
-                &context,
-            )?;
+            let taken = {
+                let mut stmt = tx
+                    .prepare_cached(&format!(
+                        "UPDATE {TABLE} SET state = 'redelivering' WHERE id IN (
+                           SELECT id FROM {TABLE} WHERE handler = ?1 AND state = 'requested'
+                            ORDER BY id LIMIT ?2)
+                         RETURNING {COLUMNS}"
+                    ))
+                    .map_err(db_err(&context))?;
+                stmt.query_map(params![handler, limit], stored)
+                    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                    .map_err(db_err(&context))?
+            };
+            let (letters, unreadable) = sort_taken(
+                TABLE,
+                taken.into_iter().map(|row| (row.0, dead_letter(row))),
+            );
+            for (id, error) in unreadable {
+                tx.execute(
+                    &format!("UPDATE {TABLE} SET state = 'dead', error = ?2 WHERE id = ?1"),
+                    params![id, error],
+                )
+                .map_err(db_err(&context))?;
+            }
             tx.commit().map_err(db_err(&context))?;
-            Ok(taken)
+            Ok(letters)
         })
     }
 
