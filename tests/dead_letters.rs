@@ -394,7 +394,7 @@ async fn rows_that_cannot_be_dead_letters_are_errors(db: &impl Backend, bad_time
     }
     // One such row among those of a handler requested for retry: it is marked dead, its error
     // saying why, and the others are taken (it used to fail every take, for ever).
-    let mut record_dead = |sequence| {
+    let record_dead = |sequence| {
         let mut failure = attempt("audit", Some(sequence), 0);
         failure.state = DeadLetterState::Dead;
         calls.record(failure)
