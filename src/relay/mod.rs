@@ -41,7 +41,11 @@
 //! **Order.** Messages are stored in commit order. A connection never reconnects by itself: a
 //! new one is opened and what was not confirmed is sent again, in order, the first alone — so
 //! a message is never stored after one that followed it. Per-key order therefore holds in the
-//! whole stream, and in each partition subject.
+//! whole stream, and in each partition subject. One exception: on a link already storing, a
+//! message the stream refuses (say, no leader for a moment while it changes) while it stores
+//! the next ones already sent is stored after them when it is sent again — JetStream has no
+//! per-message precondition the relay could use without refusing other sources' messages in a
+//! shared stream.
 
 mod broker;
 mod nats;
