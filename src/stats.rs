@@ -164,6 +164,9 @@ pub(crate) struct Counters {
     pub slot_lag: AtomicU64,
     /// [`Role`], as its `as_u8`.
     pub role: AtomicU8,
+    /// How many times the role became [`Role::Standby`]: a reader that may have missed a short
+    /// standby (another process active meanwhile) learns of it from a change of this count.
+    pub standbys: AtomicU64,
     /// The error that stopped the listener for good.
     pub failure: std::sync::Mutex<Option<crate::Error>>,
     /// Events acknowledged subscriptions have not acknowledged yet.
@@ -187,7 +190,15 @@ impl Counters {
     }
 
     pub fn set_role(&self, role: Role) {
+        if role == Role::Standby {
+            self.standbys.fetch_add(1, Ordering::Relaxed);
+        }
         self.role.store(role.as_u8(), Ordering::Relaxed);
+    }
+
+    /// See `standbys`.
+    pub fn standbys(&self) -> u64 {
+        self.standbys.load(Ordering::Relaxed)
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

@@ -136,11 +136,14 @@ impl Engine {
         let mut dead_counted = 0u64;
         // Bumped when this process stands by: outcomes of attempts started before are stale.
         let mut generation = 0u64;
-        loop {
-            let role = engine.counters.role();
-            if role == Role::Standby && (!queues.is_empty() || !timers.is_empty()) {
-                // Another process of the consumer group took over: it delivers these again,
-                // in order. Handling them here too would run a key's events in two places.
+        // The standbys seen (`Counters::standbys`): a standby may have begun and ended between
+        // two looks at the role — another process active meanwhile, its state to read back.
+        let mut standbys = engine.counters.standbys();
+        // Another process of the consumer group took over: it delivers what this one held
+        // again, in order (handling it here too would run a key's events in two places), and
+        // once this one is active again it reads back what that one left.
+        macro_rules! stand_by {
+            () => {
                 log::info!(
                     "sqlnotify: handler {:?} stands by; {} events it held are the active \
                      process's now",
@@ -152,6 +155,15 @@ impl Engine {
                 timers = FuturesUnordered::new();
                 resume.clear();
                 activated = false;
+                standbys = engine.counters.standbys();
+            };
+        }
+        loop {
+            let role = engine.counters.role();
+            if role == Role::Standby && (!queues.is_empty() || !timers.is_empty())
+                || engine.counters.standbys() != standbys
+            {
+                stand_by!();
             }
             // Starting (reconnecting): attempts wait until the lease is known again.
             if !ended && matches!(role, Role::Active | Role::Independent) {
@@ -204,6 +216,9 @@ impl Engine {
                     }
                 }
                 _ = poll.tick(), if polling.is_none() && !ended => {
+                    if engine.counters.standbys() != standbys {
+                        stand_by!();
+                    }
                     if matches!(engine.counters.role(), Role::Active | Role::Independent) {
                         if !activated {
                             resume = engine.activate().await;
@@ -218,6 +233,9 @@ impl Engine {
                 }
                 delivery = deliveries.recv(), if room && !ended => match delivery {
                     Some(delivery) => {
+                        if engine.counters.standbys() != standbys {
+                            stand_by!();
+                        }
                         // Only an active process gets events: it continues what the
                         // previous one left before it handles any.
                         if !activated {
@@ -445,5 +463,140 @@ impl Engine {
             }
         };
         Polled { redeliver, dead }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine's loop against an in-memory dead-letter store and the role set by hand.
+
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use futures_util::future::BoxFuture;
+    use serde_json::{json, Map};
+
+    use super::*;
+    use crate::acked::held_channel;
+    use crate::dead_letters::{DeadLetter, DeadLetterCounts, Target};
+    use crate::error::Result;
+    use crate::event::{Channel, RawNotification};
+    use crate::operation::Operation;
+
+    /// A store with no rows that counts how often an activation read it back.
+    #[derive(Default)]
+    struct Store {
+        resets: AtomicU64,
+    }
+
+    fn ok<T: Send + 'static>(value: T) -> BoxFuture<'static, Result<T>> {
+        Box::pin(async move { Ok(value) })
+    }
+
+    impl DeadLetterStore for Store {
+        fn record(&self, _: Failure) -> BoxFuture<'static, Result<i64>> {
+            ok(1)
+        }
+        fn resolve(&self, _: i64) -> BoxFuture<'static, Result<()>> {
+            ok(())
+        }
+        fn retrying(&self, _: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+            ok(Vec::new())
+        }
+        fn take_requested(&self, _: String, _: u32) -> BoxFuture<'static, Result<Vec<DeadLetter>>> {
+            ok(Vec::new())
+        }
+        fn reset_redelivering(&self, _: String) -> BoxFuture<'static, Result<u64>> {
+            self.resets.fetch_add(1, Ordering::Relaxed);
+            ok(0)
+        }
+        fn list(
+            &self,
+            _: Option<String>,
+            _: Option<u64>,
+        ) -> BoxFuture<'static, Result<Vec<DeadLetter>>> {
+            ok(Vec::new())
+        }
+        fn get(&self, _: i64) -> BoxFuture<'static, Result<Option<DeadLetter>>> {
+            ok(None)
+        }
+        fn request_retry(&self, _: Target) -> BoxFuture<'static, Result<u64>> {
+            ok(0)
+        }
+        fn discard(&self, _: Target) -> BoxFuture<'static, Result<u64>> {
+            ok(0)
+        }
+        fn counts(&self, _: Option<String>) -> BoxFuture<'static, Result<DeadLetterCounts>> {
+            ok(DeadLetterCounts::default())
+        }
+    }
+
+    /// A handler that handles every event.
+    struct Handles;
+
+    impl Call for Handles {
+        fn call(
+            &self,
+            _: Attempt,
+        ) -> LocalBoxFuture<'static, Option<std::result::Result<(), HandlerError>>> {
+            Box::pin(async { Some(Ok(())) })
+        }
+    }
+
+    fn event(id: i64) -> ChangeEvent {
+        let channel = Arc::new(Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: vec!["id".into()],
+            extra_columns: Vec::new(),
+            tier: crate::tier::Tier::Durable,
+            signed: false,
+        });
+        let raw = RawNotification::new("c", "").with_sequence(id);
+        ChangeEvent::new(channel, Key::Single(json!(id)), Map::new(), &raw, false).at(id as u64)
+    }
+
+    async fn resets_reach(store: &Store, n: u64) -> bool {
+        for _ in 0..500 {
+            if store.resets.load(Ordering::Relaxed) >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// A standby that begins and ends between two looks of the loop at the role (another
+    /// process active for less than a poll interval) is still followed by a new activation
+    /// before the next event: that process's state is read back. Before, the loop kept its
+    /// old activation and never read it.
+    #[actix_rt::test]
+    async fn a_standby_between_two_looks_at_the_role_is_followed_by_a_new_activation() {
+        let store = Arc::new(Store::default());
+        let counters = Arc::new(Counters::default());
+        counters.set_role(Role::Active);
+        let (sink, deliveries) = held_channel(16, counters.holds.clone());
+        let engine = Engine {
+            handling: Handling::new("h").redelivery_poll(Duration::from_secs(3600)),
+            store: store.clone(),
+            counters: counters.clone(),
+            channels: Arc::new(Channels::new(Vec::new(), "public")),
+            metrics: HandlerMetrics::new("h"),
+        };
+        actix::spawn(engine.run(Handles, deliveries));
+        assert!(resets_reach(&store, 1).await, "activated at its first poll");
+        let _ = sink.try_deliver(event(1));
+        // A short standby the loop never looks at while it lasts.
+        counters.set_role(Role::Standby);
+        counters.set_role(Role::Active);
+        let _ = sink.try_deliver(event(2));
+        assert!(
+            resets_reach(&store, 2).await,
+            "activated again: {} activations",
+            store.resets.load(Ordering::Relaxed)
+        );
     }
 }
