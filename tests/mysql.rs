@@ -20,7 +20,7 @@ use common::consumers::ConsumerDb;
 use common::mysql::{
     connect, consumer_db, insert_rows, installed, server_url, with_db, with_param, TestDb,
 };
-use common::{assert_lock_timeout, ids, wait_until, Events, ARRIVES_WITHIN};
+use common::{assert_lock_timeout, ids, wait_until, wait_until_every, Events, ARRIVES_WITHIN};
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts};
 use serde_json::json;
@@ -290,6 +290,96 @@ async fn a_row_too_large_for_a_payload_commits_and_arrives_key_only_even_in_stri
     notifier.stop().await.unwrap();
 }
 
+/// Longer than InnoDB keeps `information_schema.INNODB_TRX` after a read (100 ms).
+const INNODB_TRX_REFRESH: Duration = Duration::from_millis(250);
+
+/// A watch with `trigger_columns` never makes a write fail by deadlock. Its trigger once
+/// inserted through `INSERT … SELECT … FROM DUAL WHERE <changed>`, a bulk insert to InnoDB:
+/// under `innodb_autoinc_lock_mode = 1` (MariaDB's default) the statement that fired it held
+/// the journal's table-level AUTO-INC lock to its end. T1, a multi-row UPDATE that fired it
+/// on its first row, then waited for T2's row lock; T2 then wrote another watched table,
+/// whose trigger needed that AUTO-INC lock: a deadlock, and T1 failed with error 1213.
+#[actix_rt::test]
+async fn a_statement_that_fired_a_trigger_columns_watch_and_waits_on_a_row_lock_commits() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE w (id INT PRIMARY KEY, v INT NOT NULL); \
+         INSERT INTO w VALUES (1, 0), (2, 0), (3, 0); \
+         CREATE TABLE o (id INT PRIMARY KEY)",
+    )
+    .await;
+    let builder = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("w", Operation::Update)
+                .extra_columns(["v"])
+                .trigger_columns(["v"]),
+        )
+        .watch(Watch::new("o", Operation::Insert));
+    let notifier = builder.start().await.unwrap();
+    let channel = db.channel("w", "update");
+    let (_, _, statement) = installed(&db, &channel).await;
+    assert!(statement.starts_with("BEGIN IF "), "{statement}");
+    let mut updates = Events::subscribe(&notifier, Subscription::new("w", Operation::Update)).await;
+    let mut inserts = Events::subscribe(&notifier, Subscription::new("o", Operation::Insert)).await;
+
+    // T2 holds row 2.
+    let mut t2 = db.conn().await;
+    t2.query_drop("START TRANSACTION; UPDATE w SET v = v + 100 WHERE id = 2")
+        .await
+        .unwrap();
+    // T1: row 1 fires the trigger, row 2 waits for T2.
+    let mut t1 = db.conn().await;
+    let t1_id = t1.id();
+    let t1_update = actix_rt::spawn(async move {
+        let done = t1
+            .query_drop("UPDATE w SET v = v + 1 WHERE id BETWEEN 1 AND 3")
+            .await;
+        let _ = t1.disconnect().await;
+        done
+    });
+    assert!(
+        wait_until_every(ARRIVES_WITHIN, INNODB_TRX_REFRESH, || async {
+            db.count(&format!(
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX \
+                 WHERE trx_mysql_thread_id = {t1_id} AND trx_state = 'LOCK WAIT'"
+            ))
+            .await
+                == 1
+        })
+        .await,
+        "T1 waits for T2's row lock"
+    );
+    // T2 writes another watched table: its trigger takes a journal id too.
+    t2.query_drop("INSERT INTO o VALUES (1)")
+        .await
+        .expect("T2's insert into another watched table");
+    t2.query_drop("COMMIT").await.unwrap();
+    let _ = t2.disconnect().await;
+    tokio::time::timeout(ARRIVES_WITHIN, t1_update)
+        .await
+        .expect("T1 finishes once T2 has committed")
+        .unwrap()
+        .expect("T1's UPDATE commits: no deadlock");
+    assert_eq!(db.count("SELECT SUM(v) FROM w").await, 103);
+
+    // T2's update of row 2, then T1's three rows; T2's insert.
+    let events = updates.take(4).await;
+    assert_eq!(ids(&events), [2, 1, 2, 3]);
+    assert_eq!(events[2].get("v"), Some(&json!(101)));
+    assert_eq!(inserts.next().await.id().as_i64(), Some(1));
+    // an UPDATE that leaves the trigger column as it is fires nothing
+    db.exec("UPDATE w SET v = v WHERE id = 1; INSERT INTO o VALUES (2)")
+        .await;
+    assert_eq!(inserts.next().await.id().as_i64(), Some(2));
+    updates.assert_empty();
+    notifier.stop().await.unwrap();
+
+    // The catalog recognises the installed block: a restart leaves it alone.
+    let before = installed(&db, &channel).await;
+    builder.start().await.unwrap().stop().await.unwrap();
+    assert_eq!(installed(&db, &channel).await, before, "not reinstalled");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Validation
 // ---------------------------------------------------------------------------------------------
@@ -363,8 +453,31 @@ async fn tables_of_another_database_on_the_server_can_be_watched() {
 // 5. Revoke, drift, cleanup, externally managed DDL
 // ---------------------------------------------------------------------------------------------
 
+/// `script` as one multi-statement text for the driver: its `DELIMITER` lines (a command of
+/// the command-line client, not SQL) removed, and each statement ended by the delimiter they
+/// set ended by `;` instead — what a client or migration tool that reads them sends.
+fn delimited_statements(script: &str) -> String {
+    let mut delimiter = ";".to_string();
+    let mut out = String::new();
+    for line in script.lines() {
+        if let Some(set) = line.strip_prefix("DELIMITER ") {
+            delimiter = set.trim().to_string();
+            continue;
+        }
+        match line.strip_suffix(delimiter.as_str()) {
+            Some(statement) if delimiter != ";" => {
+                out.push_str(statement);
+                out.push(';');
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Applies `script` with the `mysql` command-line client, when there is one; returns whether
-/// it ran. Shows that the script needs no DELIMITER.
+/// it ran. Shows that the client applies it as it is, `DELIMITER` lines included.
 fn apply_with_cli(db: &TestDb, script: &str) -> bool {
     use std::io::Write;
     let Ok(opts) = Opts::from_url(&db.url) else {
@@ -423,15 +536,18 @@ async fn install_sql_applied_by_hand_then_started_without_managing_triggers() {
     );
 
     let sql = builder.install_sql().await.unwrap();
-    assert!(!sql.contains("DELIMITER"), "{sql}");
+    // Only the trigger_columns watch's trigger is a BEGIN … END block, between DELIMITER lines.
+    assert_eq!(sql.matches("\nDELIMITER $$\n").count(), 1, "{sql}");
+    assert_eq!(sql.matches("\nDELIMITER ;\n").count(), 1, "{sql}");
     assert!(
         db.triggers().await.is_empty(),
         "install_sql() installs nothing"
     );
-    db.exec(&sql).await;
+    // As a migration tool that reads DELIMITER lines applies it, statement by statement.
+    db.exec(&delimited_statements(&sql)).await;
     // and again: the script is idempotent (through the command-line client too, if any)
     if !apply_with_cli(&db, &sql) {
-        db.exec(&sql).await;
+        db.exec(&delimited_statements(&sql)).await;
     }
     let insert = db.channel("us'ers", "insert");
     assert_eq!(

@@ -8,10 +8,16 @@
 //! hexadecimal literal with a character-set introducer (`_utf8mb4 X'…'`), which no mode
 //! reinterprets. Double quotes (`ANSI_QUOTES`) and `||` (`PIPES_AS_CONCAT`) are never used.
 //!
-//! A trigger is a single statement (no `BEGIN … END`), so the install script applies through
-//! any client or migration tool without `DELIMITER` changes. An UPDATE watch with
-//! `trigger_columns` inserts through `INSERT … SELECT … FROM DUAL WHERE <changed>`, which is
-//! the single-statement form of `IF <changed> THEN INSERT … END IF`. "Changed" compares the
+//! A trigger is a single `INSERT … VALUES` statement, so the install script applies it through
+//! any client or migration tool without `DELIMITER` changes — except an UPDATE watch with
+//! `trigger_columns`, whose trigger is the compound statement
+//! `BEGIN IF <changed> THEN INSERT … VALUES (…); END IF; END`, which the script wraps in
+//! `DELIMITER` lines ([`is_compound`]). Its single-statement form, `INSERT … SELECT … FROM DUAL
+//! WHERE <changed>`, is a bulk insert to InnoDB: under `innodb_autoinc_lock_mode = 1`
+//! (MariaDB's default) it holds the journal's table-level AUTO-INC lock to the end of the
+//! user's statement, so a multi-row UPDATE waiting on a row lock held by a transaction that
+//! then writes another watched table deadlocks — and the user's write fails. `INSERT … VALUES`
+//! is a simple insert, which takes an id without holding that lock. "Changed" compares the
 //! binary images of the values (`NOT (CAST(OLD.c AS BINARY) <=> CAST(NEW.c AS BINARY))`), so a
 //! change of letter case under a case-insensitive collation, or of trailing spaces under a
 //! PAD SPACE one, counts as the real change it is, and NULL to NULL does not.
@@ -381,20 +387,31 @@ pub(crate) fn row_payload_expr(
     or_key_only(full, alias, &keys, data_types)
 }
 
+/// Whether the trigger of `w` is a compound statement (`BEGIN … END`, with `;` inside): a
+/// watch with `trigger_columns`. A script that a command-line client applies needs
+/// `DELIMITER` lines around it (see the module documentation).
+pub(crate) fn is_compound(w: &ResolvedWatch) -> bool {
+    !w.trigger_columns.is_empty()
+}
+
 /// `CREATE TRIGGER` for a watch (trigger in the table's schema, journal in `database`).
 pub(crate) fn trigger_sql(w: &ResolvedWatch, database: &str) -> String {
     let channel = &w.channel;
     let head = format!(
-        "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW INSERT INTO {journal} (`channel`, `payload`)",
+        "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW",
         name = qualified(&channel.schema, &channel.name),
         event = channel.operation.sql_keyword(),
         table = qualified(&channel.schema, &channel.table),
-        journal = qualified(database, JOURNAL),
     );
-    let chan = quote_literal(&channel.name);
-    let payload = payload_expr(w);
-    if w.trigger_columns.is_empty() {
-        return format!("{head} VALUES ({chan}, {payload})");
+    // Always `INSERT … VALUES`, never `INSERT … SELECT`: see the module documentation.
+    let insert = format!(
+        "INSERT INTO {journal} (`channel`, `payload`) VALUES ({chan}, {payload})",
+        journal = qualified(database, JOURNAL),
+        chan = quote_literal(&channel.name),
+        payload = payload_expr(w),
+    );
+    if !is_compound(w) {
+        return format!("{head} {insert}");
     }
     let changed: Vec<String> = w
         .trigger_columns
@@ -405,7 +422,7 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch, database: &str) -> String {
         })
         .collect();
     format!(
-        "{head} SELECT {chan}, {payload} FROM DUAL WHERE {}",
+        "{head} BEGIN IF {} THEN {insert}; END IF; END",
         changed.join(" OR ")
     )
 }
@@ -429,11 +446,17 @@ pub(crate) fn catalog_upsert_sql(w: &ResolvedWatch, database: &str) -> String {
     )
 }
 
+/// The statement delimiter the install script sets around a compound trigger. Never outside
+/// quotes in a trigger's text (identifiers are back-quoted, literals quoted), where the
+/// command-line client does not look for it.
+pub(crate) const SCRIPT_DELIMITER: &str = "$$";
+
 /// A complete, idempotent install script for `watches`.
 pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str) -> String {
     let mut sql = format!(
         "-- sqlnotify install script (MySQL >= 8.0.17 / MariaDB >= 10.2.3), database {}\n\
-         -- Every statement is a single statement: apply it with any client, no delimiter change.\n\
+         -- Every statement is a single statement, except a trigger with trigger_columns: a\n\
+         -- BEGIN ... END block between DELIMITER lines, as the mysql / mariadb client reads them.\n\
          SELECT GET_LOCK({}, {INSTALL_LOCK_WAIT_SECS});\n",
         quote_ident(database),
         quote_literal(INSTALL_LOCK)
@@ -460,8 +483,16 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str) -> Strin
         sql.push_str(&format!("\n-- {shown}\n"));
         sql.push_str(&drop_sql(&w.channel.schema, &w.channel.name));
         sql.push_str(";\n");
-        sql.push_str(&trigger_sql(w, database));
-        sql.push_str(";\n");
+        if is_compound(w) {
+            // The client would end the statement at its first `;`, inside the block.
+            sql.push_str(&format!(
+                "DELIMITER {SCRIPT_DELIMITER}\n{}{SCRIPT_DELIMITER}\nDELIMITER ;\n",
+                trigger_sql(w, database)
+            ));
+        } else {
+            sql.push_str(&trigger_sql(w, database));
+            sql.push_str(";\n");
+        }
         sql.push_str(&catalog_upsert_sql(w, database));
         sql.push_str(";\n");
     }
@@ -596,10 +627,44 @@ mod tests {
         w.trigger_columns = vec![("a".into(), true), ("b`".into(), true)];
         let t = trigger_sql(&w, "db");
         assert!(t.contains(
-            "FROM DUAL WHERE NOT (CAST(OLD.`a` AS BINARY) <=> CAST(NEW.`a` AS BINARY)) \
-             OR NOT (CAST(OLD.`b``` AS BINARY) <=> CAST(NEW.`b``` AS BINARY))"
+            "FOR EACH ROW BEGIN IF NOT (CAST(OLD.`a` AS BINARY) <=> CAST(NEW.`a` AS BINARY)) \
+             OR NOT (CAST(OLD.`b``` AS BINARY) <=> CAST(NEW.`b``` AS BINARY)) \
+             THEN INSERT INTO `db`.`sqlnotify_journal` (`channel`, `payload`) VALUES (_utf8mb4 X'"
         ));
-        assert!(t.contains(" SELECT _utf8mb4 X'"), "{t}");
+        assert!(t.ends_with("); END IF; END"), "{t}");
+        // never a bulk insert (INSERT … SELECT), which holds the journal's AUTO-INC lock
+        assert!(!t.contains("SELECT") && !t.contains("DUAL"), "{t}");
+        assert!(is_compound(&w));
+        assert!(!is_compound(&watch(Operation::Update, &["a"])));
+    }
+
+    #[test]
+    fn the_script_sets_a_delimiter_around_compound_triggers_only() {
+        let mut compound = watch(Operation::Update, &["a"]);
+        compound.channel.name = "sqlnotify_c".into();
+        compound.trigger_columns = vec![("a".into(), true)];
+        let plain = watch(Operation::Insert, &[]);
+        let s = install_script(&[plain.clone(), compound.clone()], "db");
+        assert_eq!(
+            s.matches("DELIMITER $$\n").count(),
+            1,
+            "only around the compound trigger: {s}"
+        );
+        assert!(
+            s.contains(&format!(
+                "DELIMITER $$\n{}$$\nDELIMITER ;\nREPLACE INTO `db`.`sqlnotify_catalog`",
+                trigger_sql(&compound, "db")
+            )),
+            "{s}"
+        );
+        assert!(
+            s.contains(&format!("{};\nREPLACE INTO", trigger_sql(&plain, "db"))),
+            "{s}"
+        );
+        assert!(!install_script(&[plain], "db").contains("\nDELIMITER"));
+        // the delimiter appears nowhere else, so the client cannot end a statement early
+        let body = trigger_sql(&compound, "db");
+        assert!(!body.contains(SCRIPT_DELIMITER), "{body}");
     }
 
     #[test]

@@ -446,7 +446,18 @@ pub fn assert_lock_timeout<T>(
 }
 
 /// Waits until `check` returns true, polling every 20 ms, up to `limit`.
-pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+pub async fn wait_until<F, Fut>(limit: Duration, check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_until_every(limit, Duration::from_millis(20), check).await
+}
+
+/// Waits until `check` returns true, polling every `every`, up to `limit`: for a view that
+/// polling faster would keep stale (InnoDB refreshes `INNODB_TRX` and `INNODB_LOCK_WAITS` only
+/// when nobody has read them for 100 ms).
+pub async fn wait_until_every<F, Fut>(limit: Duration, every: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -459,7 +470,7 @@ where
         if tokio::time::Instant::now() > deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
