@@ -290,6 +290,81 @@ async fn a_row_too_large_for_a_payload_commits_and_arrives_key_only_even_in_stri
     notifier.stop().await.unwrap();
 }
 
+/// A binary value whose hex text would exceed `max_allowed_packet`: `HEX` returns NULL (with a
+/// warning) while `JSON_OBJECT` of the rest fits, so the payload once arrived whole-looking,
+/// with `"data": null` and not marked truncated. It arrives with its key only, marked
+/// truncated, and the write commits — also when it is the old row's value that is too large.
+#[actix_rt::test]
+async fn a_value_whose_hex_text_is_too_large_arrives_key_only_not_as_null() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE bin (id INT PRIMARY KEY, data LONGBLOB, note TEXT)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("bin", Operation::Insert).extra_columns(["data", "note"]))
+        .watch(
+            Watch::new("bin", Operation::Update)
+                .extra_columns(["data"])
+                .old_values(true),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut ins = Events::subscribe(&notifier, Subscription::new("bin", Operation::Insert)).await;
+    let mut upd = Events::subscribe(&notifier, Subscription::new("bin", Operation::Update)).await;
+
+    // 5/8 of max_allowed_packet (built on the server): the row fits, its hex text does not.
+    let mut conn = db.conn().await;
+    conn.query_drop(
+        "SET SESSION sql_mode = 'STRICT_TRANS_TABLES'; \
+         SET @n = @@max_allowed_packet * 5 DIV 8; \
+         INSERT INTO bin VALUES (1, REPEAT(X'AB', @n), 'big'); \
+         INSERT INTO bin VALUES (2, X'00FF', 'small'), (3, NULL, 'none');",
+    )
+    .await
+    .expect("a value too large for a payload never fails the user's write");
+    assert_eq!(
+        db.count("SELECT SUM(LENGTH(data)) FROM bin").await,
+        db.count("SELECT @@max_allowed_packet * 5 DIV 8 + 2").await,
+        "the large value was written"
+    );
+    let e = ins.next().await;
+    assert_eq!(e.id().as_i64(), Some(1));
+    assert!(e.is_truncated(), "{:?}", e.to_json());
+    assert_eq!((e.get("data"), e.get("note")), (None, None), "key only");
+    // values that convert, and NULL itself, are sent as they are
+    let e = ins.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("data"), e.is_truncated()),
+        (Some(2), Some(&json!("00FF")), false)
+    );
+    let e = ins.next().await;
+    assert_eq!(
+        (e.id().as_i64(), e.get("data"), e.is_truncated()),
+        (Some(3), Some(&json!(null)), false)
+    );
+
+    // The old row's value too large: key only as well, not `"old": {"data": null}`.
+    conn.query_drop("UPDATE bin SET data = X'01' WHERE id = 1")
+        .await
+        .expect("the update commits");
+    let e = upd.next().await;
+    assert_eq!(e.id().as_i64(), Some(1));
+    assert!(e.is_truncated(), "{:?}", e.to_json());
+    assert_eq!((e.get("data"), e.old("data")), (None, None), "key only");
+    conn.query_drop("UPDATE bin SET data = X'02' WHERE id = 1")
+        .await
+        .unwrap();
+    let e = upd.next().await;
+    assert_eq!(
+        (e.get("data"), e.old("data"), e.is_truncated()),
+        (Some(&json!("02")), Some(&json!("01")), false)
+    );
+    let _ = conn.disconnect().await;
+    ins.assert_empty();
+    upd.assert_empty();
+    notifier.stop().await.unwrap();
+}
+
 /// Longer than InnoDB keeps `information_schema.INNODB_TRX` after a read (100 ms).
 const INNODB_TRX_REFRESH: Duration = Duration::from_millis(250);
 

@@ -31,7 +31,10 @@
 //! `1.100000023841858`; the text form has the 6 significant digits both servers display).
 //!
 //! Should the object not be buildable (larger than `max_allowed_packet`), the event carries
-//! the key only, marked truncated: a trigger never makes the user's write fail. That needs
+//! the key only, marked truncated: a trigger never makes the user's write fail. A conversion
+//! can hit the limit on its own (`HEX` doubles a value's size): it returns NULL then, and the
+//! object is made NULL too, not sent with a `null` that would pass for the value (the same for
+//! `ST_AsText`, should it fail). That needs
 //! the trigger to run without strict mode: a trigger runs under the `sql_mode` it was created
 //! with, and under `STRICT_TRANS_TABLES` (the default of both servers) the "result was larger
 //! than max_allowed_packet" warning becomes an error that aborts the user's INSERT. So
@@ -117,6 +120,14 @@ impl ColumnKind {
             ColumnKind::Temporal => format!("CAST({value} AS CHAR)"),
             ColumnKind::Float => format!("CAST(CAST({value} AS CHAR) AS DOUBLE)"),
         }
+    }
+
+    /// Whether [`expr`](Self::expr) can be NULL for a value that is not: `HEX` returns NULL
+    /// (with a warning) when its text would exceed `max_allowed_packet`, `ST_AsText` when it
+    /// cannot write the text (MariaDB 10.11 writes it whatever its size; then the object is
+    /// over the limit, and NULL, by itself).
+    fn may_fail(self) -> bool {
+        matches!(self, ColumnKind::Binary | ColumnKind::Spatial)
     }
 }
 
@@ -251,20 +262,52 @@ pub(crate) fn setup_statements(database: &str) -> Vec<String> {
     ]
 }
 
+/// The kind of column `c` (its `DATA_TYPE` looked up in `data_types`).
+fn kind_of(c: &str, data_types: &BTreeMap<String, String>) -> ColumnKind {
+    data_types
+        .get(c)
+        .map_or(ColumnKind::Plain, |t| ColumnKind::from_data_type(t))
+}
+
 /// `JSON_OBJECT(...)` of `columns` of `row` (NEW or OLD), in order, each converted by its kind
 /// (looked up in `data_types`).
 fn json_object(row: &str, columns: &[&String], data_types: &BTreeMap<String, String>) -> String {
     let args: Vec<String> = columns
         .iter()
         .map(|c| {
-            let kind = data_types
-                .get(*c)
-                .map_or(ColumnKind::Plain, |t| ColumnKind::from_data_type(t));
-            let value = kind.expr(&format!("{row}.{}", quote_ident(c)));
+            let value = kind_of(c, data_types).expr(&format!("{row}.{}", quote_ident(c)));
             format!("{}, {value}", quote_literal(c))
         })
         .collect();
     format!("JSON_OBJECT({})", args.join(", "))
+}
+
+/// For each of `columns` of `row` whose conversion [may fail](ColumnKind::may_fail), the
+/// condition that it did: a value, converted to NULL. `JSON_OBJECT` would carry it as `null`
+/// and succeed, so the payload would pass for whole; instead the object is made NULL, and the
+/// event carries its key only, marked truncated, as for any payload over the limit.
+fn conversion_failures(
+    row: &str,
+    columns: &[&String],
+    data_types: &BTreeMap<String, String>,
+) -> Vec<String> {
+    columns
+        .iter()
+        .filter(|c| kind_of(c, data_types).may_fail())
+        .map(|c| {
+            let value = format!("{row}.{}", quote_ident(c));
+            let converted = kind_of(c, data_types).expr(&value);
+            format!("({value} IS NOT NULL AND {converted} IS NULL)")
+        })
+        .collect()
+}
+
+/// `object`, or NULL when one of `failures` (from [`conversion_failures`]) holds.
+fn unless_failed(object: String, failures: &[String]) -> String {
+    if failures.is_empty() {
+        return object;
+    }
+    format!("IF({}, NULL, {object})", failures.join(" OR "))
 }
 
 /// The metadata members of a watch with `old_values`: the old row's carried columns and, on
@@ -335,7 +378,14 @@ fn payload_expr(w: &ResolvedWatch) -> String {
     let all = channel.payload_columns();
     let keys: Vec<&String> = channel.key_columns.iter().collect();
     let mut full = json_object(row, &all, &w.data_types);
+    let mut failures = conversion_failures(row, &all, &w.data_types);
     let mut members = if w.old_values {
+        // The old row's values too: a `null` there would pass for the old value.
+        for failure in conversion_failures("OLD", &all, &w.data_types) {
+            if !failures.contains(&failure) {
+                failures.push(failure);
+            }
+        }
         old_values_members(w)
     } else {
         Vec::new()
@@ -355,11 +405,13 @@ fn payload_expr(w: &ResolvedWatch) -> String {
             members.join(", ")
         );
     }
-    or_key_only(full, row, &keys, &w.data_types)
+    or_key_only(unless_failed(full, &failures), row, &keys, &w.data_types)
 }
 
-/// `full`, or — when it cannot be built (NULL: larger than `max_allowed_packet`) — the `keys`
-/// of `row` marked truncated.
+/// `full`, or — when it cannot be built (NULL: larger than `max_allowed_packet`, or a value
+/// whose conversion failed, see [`conversion_failures`]) — the `keys` of `row` marked
+/// truncated. The key object is never NULL: keys are short (an index holds them), so their
+/// conversions cannot fail.
 fn or_key_only(
     full: String,
     row: &str,
@@ -383,8 +435,10 @@ pub(crate) fn row_payload_expr(
     data_types: &BTreeMap<String, String>,
 ) -> String {
     let keys: Vec<&String> = channel.key_columns.iter().collect();
-    let full = json_object(alias, &channel.payload_columns(), data_types);
-    or_key_only(full, alias, &keys, data_types)
+    let columns = channel.payload_columns();
+    let full = json_object(alias, &columns, data_types);
+    let failures = conversion_failures(alias, &columns, data_types);
+    or_key_only(unless_failed(full, &failures), alias, &keys, data_types)
 }
 
 /// Whether the trigger of `w` is a compound statement (`BEGIN … END`, with `;` inside): a
@@ -695,11 +749,43 @@ mod tests {
             t.contains("'ratio', CAST(CAST(NEW.`ratio` AS CHAR) AS DOUBLE)"),
             "{t}"
         );
-        assert!(t.contains("COALESCE(JSON_OBJECT("), "{t}");
+        // A conversion that returned NULL for a value (over max_allowed_packet) makes the
+        // whole object NULL: the key-only fallback, not a `null` passing for the value.
+        assert!(
+            t.contains(
+                "COALESCE(IF((NEW.`data` IS NOT NULL AND HEX(NEW.`data`) IS NULL) \
+                 OR (NEW.`shape` IS NOT NULL AND ST_AsText(NEW.`shape`) IS NULL), NULL, \
+                 JSON_OBJECT('select', NEW.`select`, 'data', HEX(NEW.`data`)"
+            ),
+            "{t}"
+        );
         assert!(
             t.contains("'$.__sqlnotify', JSON_OBJECT('truncated', TRUE)"),
             "{t}"
         );
+        // the same in a snapshot's row payload
+        let r = row_payload_expr("r", &w.channel, &w.data_types);
+        assert!(
+            r.starts_with("COALESCE(IF((r.`data` IS NOT NULL AND HEX(r.`data`) IS NULL) OR "),
+            "{r}"
+        );
+        // and for the old row's values; none for columns that convert without fail
+        w.channel.operation = Operation::Update;
+        w.old_values = true;
+        let t = trigger_sql(&w, "db");
+        assert!(
+            t.contains(
+                "OR (NEW.`shape` IS NOT NULL AND ST_AsText(NEW.`shape`) IS NULL) \
+                 OR (OLD.`data` IS NOT NULL AND HEX(OLD.`data`) IS NULL) \
+                 OR (OLD.`shape` IS NOT NULL AND ST_AsText(OLD.`shape`) IS NULL), NULL, "
+            ),
+            "{t}"
+        );
+        w.channel.extra_columns = vec!["name".into(), "at".into()];
+        w.old_values = false;
+        let t = trigger_sql(&w, "db");
+        assert!(t.contains("COALESCE(JSON_OBJECT("), "{t}");
+        assert!(!t.contains("IS NULL"), "{t}");
     }
 
     #[test]
