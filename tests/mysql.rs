@@ -1237,6 +1237,71 @@ async fn concurrent_writers_committing_out_of_id_order_lose_nothing() {
 // 8. Named consumers
 // ---------------------------------------------------------------------------------------------
 
+/// Journal rows of another application written above a consumer's watermark: more than the
+/// listener can look through for gaps within its query limit, one primary-key probe each.
+const BACKLOG: i64 = 2_000_000;
+
+/// Writes [`BACKLOG`] journal rows on a channel no notifier reads, in one statement (a cross
+/// join of digits: MySQL and MariaDB alike).
+async fn write_backlog(db: &TestDb) {
+    let digits = "(SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 \
+                  UNION ALL SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 \
+                  UNION ALL SELECT 8 UNION ALL SELECT 9)";
+    let millions = (1..=6)
+        .map(|i| format!("{digits} d{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    db.exec(&format!(
+        "INSERT INTO sqlnotify_journal (channel, payload) \
+         SELECT 'sqlnotify_elsewhere', '{{}}' FROM {millions}, (SELECT 0 UNION ALL SELECT 1) twice"
+    ))
+    .await;
+}
+
+/// A named consumer millions of journal rows behind resumes. Placing it once looked for the
+/// gaps to age through every row above its watermark — about 2 s per million rows here, over
+/// the listener's query limit (2 s with this health check, its minimum) — so it failed on
+/// every restart, for ever. A gap far above the watermark, beyond what placement looks
+/// through, is given up a gap timeout after it is read, and every row arrives.
+#[actix_rt::test]
+async fn a_consumer_millions_of_rows_behind_resumes_and_gives_up_a_gap_far_above_its_watermark() {
+    let db = consumer_db().await;
+    let builder = db
+        .builder()
+        .health_check_interval(Duration::from_millis(100))
+        .watch(db.watch("t"))
+        .consumer("behind");
+    builder.start().await.unwrap().stop().await.unwrap();
+    let registered = saved_watermark(&db, "behind").await;
+    db.insert("t", 1..=1).await;
+    write_backlog(&db).await;
+    // a rolled-back insert burns a journal id far above the watermark
+    db.exec("START TRANSACTION; INSERT INTO t VALUES (2); ROLLBACK;")
+        .await;
+    db.insert("t", 3..=3).await;
+    let head = journal_head(&db).await;
+    assert!(head > registered + BACKLOG + 2, "{head}");
+
+    let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
+    assert_eq!(
+        common::consumers::next_ids(&mut rx, 1).await,
+        [1],
+        "the consumer is placed within the query limit"
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            saved_watermark(&db, "behind").await >= head
+        })
+        .await,
+        "the backlog is read and the burned id far above the watermark given up"
+    );
+    assert_eq!(common::consumers::next_ids(&mut rx, 1).await, [3]);
+    db.insert("t", 4..=4).await;
+    assert_eq!(common::consumers::next_ids(&mut rx, 1).await, [4]);
+    assert!(rx.try_recv().is_err(), "each row once");
+    notifier.stop().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Retention
 // ---------------------------------------------------------------------------------------------

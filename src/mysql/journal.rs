@@ -189,7 +189,6 @@ impl Cursor {
     }
 
     /// The highest id read.
-    #[cfg(test)]
     pub fn high(&self) -> i64 {
         self.high
     }
@@ -756,24 +755,46 @@ async fn oldest_writer(conn: &mut Conn) -> Result<Option<Duration>> {
 /// are read).
 const MAX_AGED_GAPS: usize = 1_000;
 
-/// For a cursor resuming at `low`: each journal row above it that follows a missing id, and
-/// how long ago it was written — since then, a reader could have noticed that gap.
+/// How many ids above what a resuming cursor has read it looks through for gaps to age from
+/// the journal's times (later ones age from when they are read). The look is one primary-key
+/// probe per row, so this bounds its cost whatever the backlog: millions of rows took longer
+/// than the listener's query limit, and a consumer that far behind could never resume.
+const AGED_GAPS_WINDOW: i64 = 100_000;
+
+/// The ids [`gap_ages`] looks at for a cursor that has read up to `high`: a row at `high + 1`
+/// follows a read id, one further up may follow a missing one.
+fn gap_ages_range(high: i64) -> (i64, i64) {
+    (
+        high.saturating_add(2),
+        high.saturating_add(AGED_GAPS_WINDOW),
+    )
+}
+
+/// [`gap_ages`]' query: the rows in an id range (`?`, `?`) that follow a missing id, and
+/// their ages in microseconds.
+fn gap_ages_sql(database: &str) -> String {
+    let journal = qualified(database, JOURNAL);
+    format!(
+        "SELECT j.`id`, COALESCE(GREATEST(TIMESTAMPDIFF(MICROSECOND, j.`created_at`, NOW(6)), 0), 0) \
+         FROM {journal} j WHERE j.`id` BETWEEN ? AND ? \
+         AND NOT EXISTS (SELECT 1 FROM {journal} p WHERE p.`id` = j.`id` - 1) \
+         ORDER BY j.`id` LIMIT {MAX_AGED_GAPS}"
+    )
+}
+
+/// For a cursor resuming with every id up to `high` read or in its saved gaps (the saved
+/// position's highest id read, else its watermark): each journal row above `high` — up to
+/// [`AGED_GAPS_WINDOW`] ids above — that follows a missing id, and how long ago it was
+/// written: since then, a reader could have noticed that gap. The saved gaps below `high` age
+/// from the resume ([`Cursor::resume`]); gaps beyond the window, from when they are read. A
+/// gap aged from later than it could be is only given up later: nothing is skipped.
 pub(crate) async fn gap_ages(
     conn: &mut Conn,
     database: &str,
-    low: i64,
+    high: i64,
 ) -> Result<Vec<(i64, Duration)>> {
-    let journal = qualified(database, JOURNAL);
     let rows: Vec<(i64, i64)> = conn
-        .exec(
-            format!(
-                "SELECT j.`id`, COALESCE(GREATEST(TIMESTAMPDIFF(MICROSECOND, j.`created_at`, NOW(6)), 0), 0) \
-                 FROM {journal} j WHERE j.`id` > ? + 1 \
-                 AND NOT EXISTS (SELECT 1 FROM {journal} p WHERE p.`id` = j.`id` - 1) \
-                 ORDER BY j.`id` LIMIT {MAX_AGED_GAPS}"
-            ),
-            (low,),
-        )
+        .exec(gap_ages_sql(database), gap_ages_range(high))
         .await
         .map_err(db_err("reading the journal's gaps"))?;
     Ok(rows
@@ -852,6 +873,66 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_resuming_cursor_ages_gaps_in_a_bounded_window_above_what_was_read() {
+        // One primary-key probe per id of the window, whatever the backlog above it.
+        assert_eq!(gap_ages_range(10), (12, 10 + AGED_GAPS_WINDOW));
+        assert_eq!(gap_ages_range(i64::MAX - 1), (i64::MAX, i64::MAX));
+        let sql = gap_ages_sql("d`b");
+        assert!(
+            sql.contains(
+                "FROM `d``b`.`sqlnotify_journal` j WHERE j.`id` BETWEEN ? AND ? AND NOT EXISTS"
+            ),
+            "{sql}"
+        );
+        assert!(sql.ends_with(&format!("LIMIT {MAX_AGED_GAPS}")), "{sql}");
+
+        // A gap beyond the window ages from when it is read: given up a gap timeout later.
+        let now = Instant::now();
+        let saved = Position {
+            low: 10,
+            above: None,
+        };
+        let mut c = Cursor::resume(&saved, TIMEOUT, now);
+        // what gap_ages found: row 15 follows ids 11..=14, missing for a gap timeout
+        c.noticed(15, now - TIMEOUT);
+        let far = 10 + 2 * AGED_GAPS_WINDOW;
+        c.mark([15, 16, far], now);
+        assert!(c.advance(now));
+        assert_eq!(
+            c.low(),
+            16,
+            "the aged gap is given up at once, not the far one"
+        );
+        assert_eq!(c.gaps(), [(17, far - 1)]);
+        assert!(!c.advance(now + TIMEOUT - Duration::from_millis(1)));
+        assert!(c.advance(now + TIMEOUT));
+        assert_eq!(c.low(), far);
+
+        // With a saved position, the ids up to its highest read are not looked at again: its
+        // gaps age from the resume.
+        let saved = Position {
+            low: 10,
+            above: Some(Above {
+                high: 500_000,
+                gaps: vec![(11, 11)],
+            }),
+        };
+        let mut c = Cursor::resume(&saved, TIMEOUT, now);
+        assert_eq!(c.high(), 500_000);
+        c.noticed(500_010, now - TIMEOUT);
+        c.mark([500_010], now);
+        assert!(
+            c.due(now, 64).is_empty(),
+            "the saved gap is held from the resume"
+        );
+        assert_eq!(
+            c.due(now + TIMEOUT, 64),
+            [(11, 11), (500_001, 500_009)],
+            "the saved gap waits a gap timeout from the resume"
+        );
+    }
 
     #[test]
     fn a_position_spanning_more_than_an_i64_resumes_at_its_watermark_alone() {

@@ -411,7 +411,9 @@ impl Source for MysqlSource {
                 );
                 let now = Instant::now();
                 let mut cursor = Cursor::resume(&position, gap_timeout, now);
-                for (id, age) in journal::gap_ages(conn, db, position.low).await? {
+                // Above what the saved position says was read: below, the gaps it kept age
+                // from now, and every other id was read.
+                for (id, age) in journal::gap_ages(conn, db, cursor.high()).await? {
                     cursor.noticed(id, now.checked_sub(age).unwrap_or(now));
                 }
                 return Ok((cursor, missed));
