@@ -1524,6 +1524,18 @@ async fn an_application_account_runs_against_an_administrators_install() {
             .await,
         1
     );
+    // The journal's id is not the application account's to set: a row at the top of the
+    // range would fail every trigger's insert after it, and so every watched write.
+    let mut conn = mysql_async::Conn::from_url(app.url.as_str()).await.unwrap();
+    let refused = conn
+        .query_drop(
+            "INSERT INTO sqlnotify_journal (id, channel, payload) \
+             VALUES (9223372036854775807, 'x', '{}')",
+        )
+        .await;
+    assert!(refused.is_err(), "an id set by the application account");
+    let _ = conn.disconnect().await;
+    db.exec("INSERT INTO users VALUES (3, 'e@f.g')").await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -512,7 +512,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str) -> Strin
          -- Every statement is a single statement, except a trigger with trigger_columns: a\n\
          -- BEGIN ... END block between DELIMITER lines, as the mysql / mariadb client reads them.\n\
          SELECT GET_LOCK({}, {INSTALL_LOCK_WAIT_SECS});\n",
-        quote_ident(database),
+        crate::sql::comment(&quote_ident(database)),
         quote_literal(INSTALL_LOCK)
     );
     for statement in setup_statements(database) {
@@ -528,13 +528,7 @@ pub(crate) fn install_script(watches: &[ResolvedWatch], database: &str) -> Strin
     for w in watches {
         // A comment line must not carry what a command-line client could take for one of its
         // own commands (`\q`, `\c` …) or a line break.
-        let shown: String = w
-            .channel
-            .name
-            .chars()
-            .map(|c| if c == '\\' || c.is_control() { '?' } else { c })
-            .collect();
-        sql.push_str(&format!("\n-- {shown}\n"));
+        sql.push_str(&format!("\n-- {}\n", crate::sql::comment(&w.channel.name)));
         sql.push_str(&drop_sql(&w.channel.schema, &w.channel.name));
         sql.push_str(";\n");
         if is_compound(w) {
@@ -583,7 +577,7 @@ pub(crate) fn grant_sql(
     Ok(format!(
         "\n-- what the notifier's account {to} needs\n{see}\
          GRANT SELECT ON {} TO {to};\n\
-         GRANT SELECT, INSERT, DELETE ON {} TO {to};\n\
+         GRANT SELECT, INSERT (`channel`, `payload`), DELETE ON {} TO {to};\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {to};\n\
          GRANT SELECT, INSERT, UPDATE ON {} TO {to};\n",
