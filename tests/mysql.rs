@@ -1985,3 +1985,46 @@ async fn a_connection_attempt_given_up_on_closes_its_socket() {
             .unwrap();
     assert!(closed.is_ok(), "the abandoned attempt kept its socket open");
 }
+
+/// Two notifiers whose URLs name different databases watch one table: the second is refused
+/// — its trigger would have replaced the first's and taken its events away, silently —
+/// naming the first's journal. With a channel label of its own it runs beside the first, each
+/// gets every row, and a cleanup of one database leaves the other's trigger alone.
+#[actix_rt::test]
+async fn a_table_watched_from_two_databases_needs_a_label_and_neither_takes_the_others_events() {
+    let a = TestDb::new().await;
+    let b = TestDb::new().await;
+    a.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let watch = || Watch::new("t", Operation::Insert).schema(&a.name);
+    let first = Notifier::builder(&a.url)
+        .watch(watch())
+        .start()
+        .await
+        .unwrap();
+    let e = Notifier::builder(&b.url)
+        .watch(watch())
+        .start()
+        .await
+        .unwrap_err();
+    let journal = format!("`{}`.`sqlnotify_journal`", a.name);
+    assert!(
+        matches!(e, Error::InvalidWatch { .. }) && e.to_string().contains(&journal),
+        "{e}"
+    );
+    let second = Notifier::builder(&b.url)
+        .watch(watch().channel_label("from_b"))
+        .start()
+        .await
+        .unwrap();
+    let subscription = || Subscription::new("t", Operation::Insert).schema(&a.name);
+    let mut to_first = Events::subscribe(&first, subscription()).await;
+    let mut to_second = Events::subscribe(&second, subscription().channel_label("from_b")).await;
+    a.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(to_first.next().await.id().as_i64(), Some(1));
+    assert_eq!(to_second.next().await.id().as_i64(), Some(1));
+    second.stop().await.unwrap();
+    Notifier::builder(&b.url).cleanup().await.unwrap();
+    a.exec("INSERT INTO t VALUES (2)").await;
+    assert_eq!(to_first.next().await.id().as_i64(), Some(2));
+    first.stop().await.unwrap();
+}

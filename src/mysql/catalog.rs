@@ -133,17 +133,22 @@ pub(crate) async fn catalog_exists(conn: &mut Conn, database: &str) -> Result<bo
     Ok(names.iter().any(|n| n == CATALOG))
 }
 
-/// The table the trigger `schema`.`name` is on and the `sql_mode` it runs under, if it
-/// exists.
-async fn trigger_table(
-    conn: &mut Conn,
-    schema: &str,
-    name: &str,
-) -> Result<Option<(String, Vec<u8>)>> {
+/// The trigger `schema`.`name`, if it exists: the table it is on, the `sql_mode` it runs
+/// under and its body.
+struct Trigger {
+    table: String,
+    mode: Vec<u8>,
+    body: String,
+}
+
+/// A row of `information_schema.TRIGGERS`: schema, name, table, `sql_mode`, body.
+type TriggerRow = (String, String, String, Vec<u8>, Vec<u8>);
+
+async fn trigger_table(conn: &mut Conn, schema: &str, name: &str) -> Result<Option<Trigger>> {
     // SQL_MODE is a SET on MySQL and a VARCHAR on MariaDB: read as bytes on both.
-    let rows: Vec<(String, String, String, Vec<u8>)> = conn
+    let rows: Vec<TriggerRow> = conn
         .exec(
-            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE, SQL_MODE \
+            "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE, SQL_MODE, ACTION_STATEMENT \
              FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = ? AND TRIGGER_NAME = ?",
             (schema, name),
         )
@@ -151,8 +156,26 @@ async fn trigger_table(
         .map_err(db_err(format!("looking for trigger {name}")))?;
     Ok(rows
         .into_iter()
-        .find(|(s, n, _, _)| s == schema && n == name)
-        .map(|(_, _, table, mode)| (table, mode)))
+        .find(|(s, n, ..)| s == schema && n == name)
+        .map(|(_, _, table, mode, body)| Trigger {
+            table,
+            mode,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }))
+}
+
+/// The journal, other than `journal`, that a trigger with body `body` writes to: a sqlnotify
+/// trigger installed for another database (a notifier whose URL names another one), shown
+/// as its body names it. `None` for one writing to `journal`, or to no sqlnotify journal.
+fn other_journal<'b>(body: &'b str, journal: &str) -> Option<&'b str> {
+    if body.contains(journal) {
+        return None;
+    }
+    let end = body.find(&format!(".`{}`", ddl::JOURNAL))? + ddl::JOURNAL.len() + 3;
+    let start = body[..end]
+        .rfind("INSERT INTO ")
+        .map_or(0, |i| i + "INSERT INTO ".len());
+    Some(&body[start..end])
 }
 
 async fn installed_state(
@@ -161,10 +184,30 @@ async fn installed_state(
     database: &str,
     catalog: bool,
 ) -> Result<Installed> {
+    let name = &w.channel.name;
+    // One trigger name per watched table and operation (and label): were another database's
+    // notifier to own it, installing here would silently take its events away, and it would
+    // take them back at its next start.
+    if let Some(trigger) = trigger_table(conn, &w.channel.schema, name).await? {
+        let journal = qualified(database, ddl::JOURNAL);
+        if let Some(other) = (trigger.table == w.channel.table)
+            .then(|| other_journal(&trigger.body, &journal))
+            .flatten()
+        {
+            return Err(Error::InvalidWatch {
+                watch: describe(w),
+                reason: format!(
+                    "its trigger {name} already feeds the journal {} of another database's \
+                     sqlnotify, not {journal}: remove that watch first (`sqlnotify cleanup` \
+                     on that database), or give this one a channel_label",
+                    crate::sql::comment(other)
+                ),
+            });
+        }
+    }
     if !catalog {
         return Ok(Installed::Missing);
     }
-    let name = &w.channel.name;
     let recorded: Option<Vec<u8>> = conn
         .exec_first(
             format!(
@@ -179,14 +222,12 @@ async fn installed_state(
         return Ok(Installed::Missing);
     };
     let trigger = trigger_table(conn, &w.channel.schema, name).await?;
-    let on_table = trigger
-        .as_ref()
-        .is_some_and(|(table, _)| table == &w.channel.table);
+    let on_table = trigger.as_ref().is_some_and(|t| t.table == w.channel.table);
     // A trigger created under another sql_mode (by hand, or by an older version) could fail
     // the user's writes: it counts as changed.
     let mode_ok = trigger
         .as_ref()
-        .is_none_or(|(_, mode)| mode == TRIGGER_SQL_MODE.as_bytes());
+        .is_none_or(|t| t.mode == TRIGGER_SQL_MODE.as_bytes());
     Ok(Installed::Recorded {
         same: recorded == ddl::trigger_sql(w, database).into_bytes() && mode_ok,
         trigger: on_table,
@@ -585,8 +626,9 @@ async fn verify(conn: &mut Conn, database: &str, watches: &[ResolvedWatch]) -> R
     Ok(())
 }
 
-/// Drops every trigger recorded in the catalog, plus any `sqlnotify_…` trigger that writes to
-/// this database's journal, and empties the catalog. Returns how many triggers were dropped.
+/// Drops every trigger recorded in the catalog (but one that now writes to another
+/// database's journal), plus any `sqlnotify_…` trigger that writes to this database's
+/// journal, and empties the catalog. Returns how many triggers were dropped.
 async fn drop_all(conn: &mut Conn, database: &str, wait: &mut LockWait) -> Result<u64> {
     let context = "listing sqlnotify triggers";
     let recorded: BTreeSet<(String, String)> = conn
@@ -609,8 +651,11 @@ async fn drop_all(conn: &mut Conn, database: &str, wait: &mut LockWait) -> Resul
     let ours: Vec<(String, String, String)> = existing
         .into_iter()
         .filter(|(schema, name, _, statement)| {
-            recorded.contains(&(schema.clone(), name.clone()))
-                || String::from_utf8_lossy(statement).contains(&journal)
+            let statement = String::from_utf8_lossy(statement);
+            // Never one that feeds another database's journal, even if recorded here.
+            statement.contains(&journal)
+                || recorded.contains(&(schema.clone(), name.clone()))
+                    && other_journal(&statement, &journal).is_none()
         })
         .map(|(schema, name, table, _)| (schema, name, table))
         .collect();
@@ -668,7 +713,7 @@ pub(crate) async fn uninstall(
                 .map_err(db_err(context()))?;
             let (schema, table) = recorded.unwrap_or_else(|| (database.to_string(), String::new()));
             let table = match trigger_table(conn, &schema, channel).await? {
-                Some((on, _)) => on,
+                Some(trigger) => trigger.table,
                 None => table,
             };
             ddl_statement(
@@ -690,4 +735,26 @@ pub(crate) async fn uninstall(
     }
     .await;
     unlock(conn, outcome).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trigger_feeding_another_databases_journal_is_told_apart() {
+        let ours = "`a`.`sqlnotify_journal`";
+        let body = |db: &str| {
+            format!(
+                "BEGIN IF NOT (x) THEN INSERT INTO `{db}`.`sqlnotify_journal` (`channel`, \
+                 `payload`) VALUES (_utf8mb4 X'00', 1); END IF; END"
+            )
+        };
+        assert_eq!(other_journal(&body("a"), ours), None);
+        assert_eq!(
+            other_journal(&body("b``c"), ours),
+            Some("`b``c`.`sqlnotify_journal`")
+        );
+        assert_eq!(other_journal("INSERT INTO `t` VALUES (1)", ours), None);
+    }
 }
