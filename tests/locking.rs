@@ -568,3 +568,82 @@ async fn the_install_script_applied_again_recreates_only_what_changed() {
         .await
         .unwrap();
 }
+
+/// Any connected role can take a consumer's lease (a session advisory lock keyed by its
+/// name): a process of the group then stands by, and its log names the holder — server
+/// process, role, application — so that an operator can tell a foreign holder from a process
+/// of the group.
+#[actix_rt::test]
+async fn a_standby_names_the_holder_of_its_consumers_lease() {
+    let db = new_db().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (role, url) = db.role("squatter").await;
+    let squatter = common::connect(&url).await;
+    squatter
+        .batch_execute(
+            "SET application_name = 'squatter'; \
+             SELECT pg_advisory_lock(('x' || substr(md5('sqlnotify consumer grp'), 1, 16))::bit(64)::bigint)",
+        )
+        .await
+        .unwrap();
+    let pid: i32 = squatter
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert).tier(Tier::Durable))
+        .consumer("grp")
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        notifier.stats().await.unwrap().role,
+        sqlnotify::Role::Standby
+    );
+    let needle = format!("held by server process {pid} (role \"{role}\", application \"squatter\"");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { logged(&needle) }).await,
+        "no log line names the holder: {:?}",
+        logs().lock().unwrap()
+    );
+    notifier.stop().await.unwrap();
+}
+
+/// The same on MySQL / MariaDB, where any account can take a `GET_LOCK`: the standby's log
+/// names the holder's connection and user.
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn a_mysql_standby_names_the_holder_of_its_consumers_lease() {
+    use mysql_async::prelude::Queryable;
+    capture_logs();
+    let db = common::mysql::TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let mut squatter = db.conn().await;
+    let id: Option<u64> = squatter
+        .exec_first(
+            "SELECT CONNECTION_ID() FROM (SELECT GET_LOCK(CONCAT('sqlnotify:', \
+             LEFT(SHA2(CONCAT(?, '.', 'grp'), 256), 48)), 0)) AS taken",
+            (&db.name,),
+        )
+        .await
+        .unwrap();
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .consumer("grp")
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        notifier.stats().await.unwrap().role,
+        sqlnotify::Role::Standby
+    );
+    let needle = format!("held by connection {} (user \"root\"", id.unwrap());
+    assert!(
+        wait_until(Duration::from_secs(10), || async { logged(&needle) }).await,
+        "no log line names the holder: {:?}",
+        logs().lock().unwrap()
+    );
+    notifier.stop().await.unwrap();
+    let _ = squatter.disconnect().await;
+}

@@ -128,6 +128,19 @@ pub(crate) trait Source: Unpin + 'static {
     /// with the process — never by a timer alone, so two holders cannot overlap.
     async fn lease(&mut self, conn: &mut Self::Conn, consumer: &ConsumerParams) -> Result<bool>;
 
+    /// Who holds `consumer`'s lease, as the database tells (a server process or connection,
+    /// its role, its client), for the log of a process that stands by: any connected role can
+    /// take a lease, and an operator must be able to tell a foreign holder from a process of
+    /// the group. `None` where the database cannot tell (SQLite: an OS file lock) or the
+    /// look-up failed.
+    async fn lease_holder(
+        &mut self,
+        _conn: &mut Self::Conn,
+        _consumer: &ConsumerParams,
+    ) -> Option<String> {
+        None
+    }
+
     /// Whether there is a journal to read (false: PostgreSQL's notify tier alone).
     fn reads(&self) -> bool {
         true

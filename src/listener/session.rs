@@ -187,9 +187,11 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     shell.stats.holds.forget();
                     shell.status(Status::LostLease);
                 }
+                let holder = state.source.lease_holder(conn, consumer).await;
                 log::info!(
-                    "sqlnotify: consumer {:?} is active in another process; standing by",
-                    consumer.name
+                    "sqlnotify: consumer {:?} is active in another process{}; standing by",
+                    consumer.name,
+                    holder.map_or_else(String::new, |h| format!(" ({h})"))
                 );
                 shell.stats.set_role(Role::Standby);
                 shell.status(Status::Standby);

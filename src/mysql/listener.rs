@@ -467,6 +467,43 @@ impl Source for MysqlSource {
         Ok(taken.flatten() == Some(1))
     }
 
+    async fn lease_holder(&mut self, conn: &mut Conn, consumer: &ConsumerParams) -> Option<String> {
+        let found = self
+            .within("looking for the holder of the consumer's lease", async {
+                let id: Option<Option<u64>> = conn
+                    .exec_first(
+                        "SELECT IS_USED_LOCK(CONCAT('sqlnotify:', LEFT(SHA2(CONCAT(?, '.', ?), 256), 48)))",
+                        (&*self.database, &consumer.name),
+                    )
+                    .await
+                    .map_err(db_err("looking for the holder of a consumer's lease"))?;
+                let Some(id) = id.flatten() else {
+                    return Ok(None);
+                };
+                // Shown only to an account with PROCESS (or the holder's own).
+                let who: Option<(Option<String>, Option<String>)> = conn
+                    .exec_first(
+                        "SELECT USER, HOST FROM information_schema.PROCESSLIST WHERE ID = ?",
+                        (id,),
+                    )
+                    .await
+                    .map_err(db_err("looking for the holder of a consumer's lease"))?;
+                Ok(Some(match who {
+                    Some((user, host)) => format!(
+                        "held by connection {id} (user {:?}, host {:?})",
+                        crate::sql::comment(user.as_deref().unwrap_or("?")),
+                        crate::sql::comment(host.as_deref().unwrap_or("?"))
+                    ),
+                    None => format!("held by connection {id}"),
+                }))
+            })
+            .await;
+        found.unwrap_or_else(|e| {
+            log::debug!("sqlnotify: {e}");
+            None
+        })
+    }
+
     async fn read(&mut self, conn: &mut Conn, outlet: &Outlet) -> Result<Option<u64>> {
         if let Tracking::After(after) = self.tracking {
             return self.read_transactions(conn, outlet, after).await;

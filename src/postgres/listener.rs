@@ -294,6 +294,37 @@ impl Source for PgSource {
         .await
     }
 
+    async fn lease_holder(
+        &mut self,
+        conn: &mut PgConn,
+        consumer: &ConsumerParams,
+    ) -> Option<String> {
+        let key = format!("sqlnotify consumer {}", consumer.name);
+        let client = &conn.client;
+        let found = conn
+            .guard(async {
+                client
+                    .query_typed(LEASE_HOLDER_SQL, &[(&key, Type::TEXT)])
+                    .await
+                    .map_err(|e| Error::db("looking for the holder of a consumer's lease", e))
+            })
+            .await;
+        match found {
+            Ok(rows) => rows.first().map(|row| {
+                describe_holder(
+                    row.get(0),
+                    row.get::<_, Option<String>>(1).as_deref(),
+                    row.get::<_, Option<String>>(2).as_deref(),
+                    row.get::<_, Option<String>>(3).as_deref(),
+                )
+            }),
+            Err(e) => {
+                log::debug!("sqlnotify: {e}");
+                None
+            }
+        }
+    }
+
     fn reads(&self) -> bool {
         self.journal.is_some()
     }
@@ -417,6 +448,40 @@ enum Listened {
     Signed,
     /// An unsigned notify-tier channel's.
     Plain,
+}
+
+/// The server process holding the advisory lock that is consumer `$1`'s lease (the key
+/// [`Source::lease`] takes: a session lock on a `bigint`, split by `pg_locks` into `classid`,
+/// the high half, and `objid`, the low one) in this database: its pid, role, application
+/// name and client address.
+const LEASE_HOLDER_SQL: &str = "\
+    WITH k AS (SELECT ('x' || pg_catalog.substr(pg_catalog.md5($1), 1, 16))::bit(64)::bigint AS key)
+    SELECT a.pid, a.usename::text, a.application_name, pg_catalog.host(a.client_addr)
+      FROM pg_catalog.pg_locks l
+      JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid, k
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                          WHERE datname = pg_catalog.current_database())
+       AND l.classid::bigint = (k.key >> 32) & 4294967295
+       AND l.objid::bigint = k.key & 4294967295
+     LIMIT 1";
+
+/// A lease holder as the standby's log shows it: `held by server process 4242 (role app,
+/// application "worker", client 10.0.0.5)`. What the database reports is shown as text: a
+/// role without privileges sets its own application name.
+fn describe_holder(
+    pid: i32,
+    role: Option<&str>,
+    application: Option<&str>,
+    client: Option<&str>,
+) -> String {
+    let shown = |s: Option<&str>| format!("{:?}", crate::sql::comment(s.unwrap_or("?")));
+    format!(
+        "held by server process {pid} (role {}, application {}, client {})",
+        shown(role),
+        shown(application),
+        client.unwrap_or("local")
+    )
 }
 
 /// The reader task: owns the connection and forwards notifications in batches.
