@@ -263,23 +263,12 @@ impl ClosureHosts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Channel, Key, RawNotification};
-    use crate::operation::Operation;
+    use crate::event::{Key, RawNotification};
     use serde_json::{json, Map};
     use std::cell::Cell;
 
     fn event(id: i64) -> ChangeEvent {
-        let channel = Arc::new(Channel {
-            name: "c".into(),
-            schema: "public".into(),
-            table: "t".into(),
-            operation: Operation::Insert,
-            label: None,
-            key_columns: vec!["id".into()],
-            extra_columns: Vec::new(),
-            tier: crate::tier::Tier::Notify,
-            signed: false,
-        });
+        let channel = crate::event::test_channel(crate::tier::Tier::Notify);
         let raw = RawNotification::new("c", "");
         ChangeEvent::new(channel, Key::Single(json!(id)), Map::new(), &raw, false)
     }

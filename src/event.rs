@@ -811,6 +811,22 @@ impl serde::Serialize for Columns<'_> {
     }
 }
 
+/// For tests: channel `c`, inserts into `public.t` (key `id`) on `tier`.
+#[cfg(test)]
+pub(crate) fn test_channel(tier: Tier) -> Arc<Channel> {
+    Arc::new(Channel {
+        name: "c".into(),
+        schema: "public".into(),
+        table: "t".into(),
+        operation: Operation::Insert,
+        label: None,
+        key_columns: vec!["id".into()],
+        extra_columns: Vec::new(),
+        tier,
+        signed: false,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

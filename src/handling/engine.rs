@@ -480,8 +480,7 @@ mod tests {
     use crate::acked::held_channel;
     use crate::dead_letters::{DeadLetter, DeadLetterCounts, Target};
     use crate::error::Result;
-    use crate::event::{Channel, RawNotification};
-    use crate::operation::Operation;
+    use crate::event::RawNotification;
 
     /// A store with no rows that counts how often an activation read it back.
     #[derive(Default)]
@@ -544,17 +543,7 @@ mod tests {
     }
 
     fn event(id: i64) -> ChangeEvent {
-        let channel = Arc::new(Channel {
-            name: "c".into(),
-            schema: "public".into(),
-            table: "t".into(),
-            operation: Operation::Insert,
-            label: None,
-            key_columns: vec!["id".into()],
-            extra_columns: Vec::new(),
-            tier: crate::tier::Tier::Durable,
-            signed: false,
-        });
+        let channel = crate::event::test_channel(crate::tier::Tier::Durable);
         let raw = RawNotification::new("c", "").with_sequence(id);
         ChangeEvent::new(channel, Key::Single(json!(id)), Map::new(), &raw, false).at(id as u64)
     }
