@@ -597,13 +597,18 @@ async fn a_standby_names_the_holder_of_its_consumers_lease() {
         .start()
         .await
         .unwrap();
+    let needle = format!("held by server process {pid} (role \"{role}\", application \"squatter\"");
+    stands_by_naming(notifier, &needle).await;
+}
+
+/// `notifier` stands by, and a log line names the lease's holder as `needle` says.
+async fn stands_by_naming(notifier: Notifier, needle: &str) {
     assert_eq!(
         notifier.stats().await.unwrap().role,
         sqlnotify::Role::Standby
     );
-    let needle = format!("held by server process {pid} (role \"{role}\", application \"squatter\"");
     assert!(
-        wait_until(Duration::from_secs(10), || async { logged(&needle) }).await,
+        wait_until(Duration::from_secs(10), || async { logged(needle) }).await,
         "no log line names the holder: {:?}",
         logs().lock().unwrap()
     );
@@ -634,16 +639,7 @@ async fn a_mysql_standby_names_the_holder_of_its_consumers_lease() {
         .start()
         .await
         .unwrap();
-    assert_eq!(
-        notifier.stats().await.unwrap().role,
-        sqlnotify::Role::Standby
-    );
     let needle = format!("held by connection {} (user \"root\"", id.unwrap());
-    assert!(
-        wait_until(Duration::from_secs(10), || async { logged(&needle) }).await,
-        "no log line names the holder: {:?}",
-        logs().lock().unwrap()
-    );
-    notifier.stop().await.unwrap();
+    stands_by_naming(notifier, &needle).await;
     let _ = squatter.disconnect().await;
 }
