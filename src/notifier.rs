@@ -517,10 +517,10 @@ impl Notifier {
                 return Err(Error::Unsupported {
                     what: format!(
                         "handler {:?}: transactional handlers need a journal (durable or poll \
-                         tier); channel {} is on the {:?} tier",
+                         tier); channel {} is on the {} tier",
                         handling.name,
                         channel.name(),
-                        channel.tier()
+                        format!("{:?}", channel.tier()).to_lowercase()
                     ),
                 });
             }

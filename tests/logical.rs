@@ -1194,7 +1194,7 @@ async fn rows_a_copy_writes_at_one_wal_position_are_told_apart_by_their_part() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, Error::Unsupported { .. }) && e.to_string().contains("Logical tier"),
+        matches!(e, Error::Unsupported { .. }) && e.to_string().contains("logical tier"),
         "{e}"
     );
     let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
