@@ -1235,3 +1235,40 @@ async fn rows_a_copy_writes_at_one_wal_position_are_told_apart_by_their_part() {
     );
     notifier.stop().await.unwrap();
 }
+
+/// Custom events travel as logical-decoding messages, which any role that can connect may
+/// emit with any prefix: one sqlnotify did not sign is dropped and counted in
+/// `stats().forged`, while the notifier's own (`notify`) and the table's changes arrive.
+#[actix_rt::test]
+async fn a_logical_decoding_message_sqlnotify_did_not_sign_is_refused_and_counted() {
+    let Some((_cluster, db, notifier)) =
+        watching_t("a_logical_decoding_message_sqlnotify_did_not_sign").await
+    else {
+        return;
+    };
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    let channel = notifier.channels()[0].name().to_string();
+    let (_, url) = db.role("forger").await;
+    let forger = common::connect(&url).await;
+    forger
+        .execute(
+            "SELECT pg_logical_emit_message(true, 'sqlnotify:' || $1::text, '{\"id\": 666}')",
+            &[&channel],
+        )
+        .await
+        .unwrap();
+    notifier
+        .notify("t", Insert, serde_json::json!({"id": 7}))
+        .await
+        .unwrap();
+    db.exec("INSERT INTO t VALUES (1)").await;
+    let got: Vec<i64> = events
+        .take(2)
+        .await
+        .iter()
+        .map(|e| e.id().as_i64().unwrap())
+        .collect();
+    assert_eq!(got, [7, 1], "the forged message never arrives");
+    assert_eq!(notifier.stats().await.unwrap().forged, 1);
+    notifier.stop().await.unwrap();
+}

@@ -223,13 +223,41 @@ async fn check_signing(client: &Client, watches: &[ResolvedWatch]) -> Result<()>
 
 /// Creates (or upgrades) sqlnotify's schema and tables.
 async fn setup_attempt(tx: &Transaction<'_>, wait: &LockWait) -> Result<(), Failed> {
+    setup_attempt_with(tx, wait, &ddl::setup_sql()).await
+}
+
+/// Runs setup SQL `sql` under the install lock, bounded by the attempt's lock timeout.
+async fn setup_attempt_with(
+    tx: &Transaction<'_>,
+    wait: &LockWait,
+    sql: &str,
+) -> Result<(), Failed> {
     take_install_lock(tx, wait).await?;
     set_lock_timeout(tx, wait.attempt_budget()).await?;
     // The journal upgrade and a missing index lock sqlnotify's own tables: bounded by the
     // lock_timeout just set (the DO block keeps it when one is set).
-    tx.batch_execute(&ddl::setup_sql())
+    tx.batch_execute(sql)
         .await
         .map_err(|e| Failed::from_db(e, || Busy::OwnTables, "creating the sqlnotify schema"))
+}
+
+/// Creates sqlnotify's schema and signing key where they are missing, and nothing else: what
+/// a notifier whose watches are all on the logical tier needs to sign its custom events
+/// (no journal, whose purge would run in vain).
+pub(crate) async fn set_up_signing(client: &mut Client, options: InstallOptions) -> Result<()> {
+    let mut wait = LockWait::new("creating sqlnotify's signing key", options.timeout);
+    let sql = ddl::signing_setup_sql();
+    loop {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| Error::db("starting the install transaction", e))?;
+        let outcome = setup_attempt_with(&tx, &wait, &sql).await;
+        match finish(tx, outcome).await? {
+            Ok(()) => return Ok(()),
+            Err(busy) => wait.retry_after(busy.resolve(client).await?).await?,
+        }
+    }
 }
 
 /// One attempt at installing every watch that needs it.

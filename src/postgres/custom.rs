@@ -91,19 +91,34 @@ fn notify(
             quote_ident(SCHEMA)
         ),
         // A transactional logical-decoding message, which the slot's reader takes as an event
-        // on the channel its prefix names (only roles with REPLICATION may emit one).
-        Tier::Logical => {
-            "SELECT pg_catalog.pg_logical_emit_message(true, 'sqlnotify:' || $1, $2)::text"
-                .to_string()
-        }
+        // on the channel its prefix names. Any role may emit one: signed like a notify-tier
+        // payload (the reader refuses what does not verify). No key row, no message: an
+        // error below, rather than send what would be refused.
+        Tier::Logical => format!(
+            "SELECT pg_catalog.pg_logical_emit_message(true, 'sqlnotify:' || $1, {} || $2)::text \
+               FROM {}.signing AS _sqn_k WHERE _sqn_k.id = 1",
+            signing::hmac_sql("_sqn_k.ipad", "_sqn_k.opad", "$1", "$2"),
+            quote_ident(SCHEMA)
+        ),
     };
+    let logical = channel.tier == Tier::Logical;
     let channel = channel.name.clone();
     Box::pin(async move {
         let client = control.client().await?;
-        client
+        let rows = client
             .query_typed(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
             .await
             .map_err(|e| Error::db(format!("sending a notification on {channel}"), e))?;
+        if logical && rows.is_empty() {
+            return Err(Error::InvalidPayload {
+                channel: "sqlnotify.signing".into(),
+                reason: format!(
+                    "the signing key is missing, so a custom event on {channel} (logical tier) \
+                     cannot be signed: start a notifier with manage_triggers(true) once, or \
+                     apply install_sql() of a trigger-tier watch, which creates it"
+                ),
+            });
+        }
         Ok(())
     })
 }

@@ -55,12 +55,7 @@ CREATE TABLE IF NOT EXISTS {s}.journal (
     events integer NOT NULL DEFAULT 1,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE TABLE IF NOT EXISTS {s}.signing (
-    id integer PRIMARY KEY CHECK (id = 1),
-    key bytea NOT NULL,
-    ipad bytea NOT NULL,
-    opad bytea NOT NULL
-);
+{signing}
 CREATE TABLE IF NOT EXISTS {s}.trimmed (
     id integer PRIMARY KEY CHECK (id = 1),
     xid xid8 NOT NULL
@@ -164,8 +159,46 @@ $sqn$;
         s = quote_ident(SCHEMA),
         lit = quote_literal(SCHEMA),
         key = signing::create_key_sql(),
+        signing = signing_table_sql(),
         consumers = super::consumers::setup_sql(),
         dead_letters = super::dead_letters::setup_sql(),
+    )
+}
+
+/// `CREATE TABLE` of the signing key's table (one row: the key and its HMAC pads).
+fn signing_table_sql() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.signing (
+    id integer PRIMARY KEY CHECK (id = 1),
+    key bytea NOT NULL,
+    ipad bytea NOT NULL,
+    opad bytea NOT NULL
+);",
+        quote_ident(SCHEMA)
+    )
+}
+
+/// sqlnotify's schema and signing key alone, closed to PUBLIC but for `USAGE` on the schema
+/// (as [`setup_sql`] leaves them): what a notifier whose watches are all on the logical tier
+/// creates, to sign its custom events.
+pub(crate) fn signing_setup_sql() -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};
+{table}
+REVOKE ALL ON {s}.signing FROM PUBLIC;
+DO $sqn$
+DECLARE
+  _sqn_key bytea;
+  _sqn_pad bytea;
+  _sqn_ipad bytea;
+  _sqn_opad bytea;
+BEGIN
+  {key}
+END
+$sqn$;",
+        s = quote_ident(SCHEMA),
+        table = signing_table_sql(),
+        key = signing::create_key_sql(),
     )
 }
 

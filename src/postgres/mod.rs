@@ -146,6 +146,18 @@ impl Postgres {
                 params.consumer.as_ref().map(|c| c.name.as_str()),
             )
             .await?;
+            // Custom events travel as logical-decoding messages, which any role may emit:
+            // signed like the notify tier's payloads, or refused without a key.
+            let verifier = match signing::load(&client).await {
+                Ok(verifier) => Some(verifier),
+                Err(e) => {
+                    log::info!(
+                        "sqlnotify: custom events on the logical tier are refused until the \
+                         signing key can be read: {e}"
+                    );
+                    None
+                }
+            };
             drop(client);
             let source = logical::LogicalSource::new(
                 config,
@@ -154,6 +166,7 @@ impl Postgres {
                 logical::routes(&watches),
                 params.health_check,
                 sent,
+                verifier,
             )?;
             crate::listener::start(source, params).await
         })
@@ -235,6 +248,17 @@ impl Dialect for Postgres {
                 check_logical_tables(&client, &logical).await?;
             }
             if watches.is_empty() && !options.cleanup_on_start {
+                if !logical.is_empty() && options.manage_triggers {
+                    // Custom events on the logical tier are signed with sqlnotify's key: made
+                    // where the role may, else custom events are refused (a role without
+                    // CREATE keeps using the tier's changes).
+                    if let Err(e) = catalog::set_up_signing(&mut client, options).await {
+                        log::info!(
+                            "sqlnotify: no signing key for custom events on the logical tier \
+                             ({e}); notify() on its watches fails until one exists"
+                        );
+                    }
+                }
                 return Ok(());
             }
             catalog::install(&mut client, &watches, options).await

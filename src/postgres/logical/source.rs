@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::listener::{FinalSave, Outlet, Pace, Source};
 use crate::postgres::control::Control;
+use crate::postgres::signing::Verifier;
 use crate::postgres::snapshot::SentXids;
 use crate::postgres::PgConfig;
 
@@ -170,6 +171,11 @@ pub(crate) struct LogicalSource {
     /// The row buffer of the last transaction handed over, empty, for the next one's rows
     /// (so that a transaction's rows do not grow a new vector each time).
     spare_rows: Vec<Row>,
+    /// Verifies custom events' signatures; `None` without a signing key (`sqlnotify.signing`
+    /// missing or unreadable): then every message is refused.
+    verifier: Option<Verifier>,
+    /// When a refused message was last logged (at most once a minute).
+    forgery_logged: Option<Instant>,
 }
 
 impl LogicalSource {
@@ -183,6 +189,7 @@ impl LogicalSource {
         routes: Vec<Route>,
         health_check: Duration,
         sent: Arc<SentXids>,
+        verifier: Option<Verifier>,
     ) -> Result<Self> {
         let replication = replication_config(&config, &slot)?;
         Ok(LogicalSource {
@@ -205,7 +212,39 @@ impl LogicalSource {
             wake: Arc::new(tokio::sync::Notify::new()),
             sent,
             spare_rows: Vec::new(),
+            verifier,
+            forgery_logged: None,
         })
+    }
+
+    /// The payload of custom event `content` on `channel`, without its signature; `None`
+    /// (counted in `forged`, logged at most once a minute) when it carries no valid one: any
+    /// role that can connect may emit a logical-decoding message with any prefix.
+    fn open_message(&mut self, channel: &str, content: &[u8]) -> Option<String> {
+        let content = String::from_utf8_lossy(content);
+        let refused = match &self.verifier {
+            Some(verifier) => match verifier.open(channel, &content) {
+                Ok(payload) => return Some(payload.to_string()),
+                Err(refused) => refused.to_string(),
+            },
+            None => "there is no signing key to check it with (sqlnotify.signing)".to_string(),
+        };
+        if let Some(outlet) = &self.outlet {
+            outlet.stats().forged.fetch_add(1, Ordering::Relaxed);
+        }
+        if self
+            .forgery_logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            self.forgery_logged = Some(Instant::now());
+            log::warn!(
+                "sqlnotify: slot {}: dropping a logical-decoding message on {channel:?} that \
+                 sqlnotify did not send: {refused} (counted in stats().forged; further ones are \
+                 logged at most once a minute)",
+                self.slot
+            );
+        }
+        None
     }
 
     /// Without a consumer: confirms the newest position whose events all left the pipeline.
@@ -393,12 +432,15 @@ impl LogicalSource {
                 else {
                     return;
                 };
-                let known = self.channels.iter().find(|c| ***c == *channel);
+                let known = self.channels.iter().find(|c| ***c == *channel).cloned();
                 if let Some(channel) = known.filter(|_| !self.handed_over(open, lsn.0)) {
+                    let Some(payload) = self.open_message(&channel, &content) else {
+                        return;
+                    };
                     open.rows.push(Row {
-                        channel: channel.clone(),
+                        channel,
                         decoded: None,
-                        payload: String::from_utf8_lossy(&content).into_owned(),
+                        payload,
                         lsn: lsn.0,
                         part: part_after(&open.rows, lsn.0),
                     });
