@@ -76,9 +76,67 @@ pub(crate) fn decode(payload: &str, channel: &Channel) -> Result<Decoded, String
         Err(_) => match serde_json::from_str(payload) {
             Ok(Value::Object(map)) => decode_map(map, channel),
             Ok(_) => Err("payload is JSON but not an object".into()),
-            Err(e) => Err(format!("payload is not JSON: {e}")),
+            Err(e) => match lenient(payload) {
+                Some(Value::Object(map)) => decode_map(map, channel),
+                _ => Err(format!("payload is not JSON: {e}")),
+            },
         },
     }
+}
+
+/// A payload that is valid JSON but holds a value serde_json does not build as a [`Value`] —
+/// a number beyond an `f64` (a PostgreSQL `numeric` such as `1e400`) or nesting deeper than
+/// its limit of 128 (a deeply nested `jsonb` document) — read member by member: such a column
+/// value becomes its JSON text, as a string (also how the logical tier delivers it), so that
+/// a legal value never costs the whole event. The metadata member and its `old` and `context`
+/// objects are opened the same way. `None` for text that is not JSON at all.
+fn lenient(payload: &str) -> Option<Value> {
+    lenient_object(payload, |name, raw| match name {
+        META_KEY => lenient_object(raw, |name, raw| match name {
+            "old" | "context" => lenient_object(raw, |_, raw| lenient_value(raw)),
+            _ => lenient_value(raw),
+        }),
+        _ => lenient_value(raw),
+    })
+}
+
+/// A statement payload (an array of row payloads) read as [`lenient`] reads one.
+fn lenient_rows(payload: &str) -> Option<Value> {
+    use serde_json::value::RawValue;
+    let rows: Vec<Box<RawValue>> = serde_json::from_str(payload).ok()?;
+    rows.iter()
+        .map(|row| lenient(row.get()))
+        .collect::<Option<Vec<Value>>>()
+        .map(Value::Array)
+}
+
+/// `text` as a `Value`; failing that, an object whose members `member` reads from their
+/// text, or anything else (valid JSON) as its text.
+fn lenient_object(text: &str, member: impl Fn(&str, &str) -> Option<Value>) -> Option<Value> {
+    use serde_json::value::RawValue;
+    if let Ok(value) = serde_json::from_str(text) {
+        return Some(value);
+    }
+    if !text.trim_start().starts_with('{') {
+        return lenient_value(text);
+    }
+    let members: std::collections::BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(text).ok()?;
+    members
+        .into_iter()
+        .map(|(name, raw)| member(&name, raw.get()).map(|value| (name, value)))
+        .collect::<Option<Map<String, Value>>>()
+        .map(Value::Object)
+}
+
+/// `text` as a `Value`, or, valid JSON serde_json does not build, as its text.
+fn lenient_value(text: &str) -> Option<Value> {
+    use serde_json::value::RawValue;
+    serde_json::from_str(text).ok().or_else(|| {
+        // A raw value checks the text is JSON without building it.
+        let raw: Box<RawValue> = serde_json::from_str(text).ok()?;
+        Some(Value::String(raw.get().to_string()))
+    })
 }
 
 /// A payload object taken apart while it is parsed: the values of `channel`'s key columns (in
@@ -456,8 +514,13 @@ pub(crate) fn decode_rows(
     payload: &str,
     channel: &Channel,
 ) -> Result<Vec<Result<Decoded, String>>, String> {
-    let rows: Vec<Value> =
-        serde_json::from_str(payload).map_err(|e| format!("payload is not a JSON array: {e}"))?;
+    let rows: Vec<Value> = match serde_json::from_str(payload) {
+        Ok(rows) => rows,
+        Err(e) => match lenient_rows(payload) {
+            Some(Value::Array(rows)) => rows,
+            _ => return Err(format!("payload is not a JSON array: {e}")),
+        },
+    };
     Ok(rows
         .into_iter()
         .enumerate()
@@ -721,6 +784,35 @@ mod tests {
             let e = decode(bad, &c).unwrap_err();
             assert!(e.contains("context is not an object"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_value_serde_json_cannot_build_arrives_as_its_text_not_lost() {
+        let c = channel(&["id"]);
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let payload = format!(
+            r#"{{"id": 1, "email": 1e400, "other": {deep}, "__sqlnotify": {{"old": {{"id": 1, "email": -1e999}}, "changed": ["email"], "tx": 7}}}}"#
+        );
+        match decode(&payload, &c).unwrap() {
+            Decoded::Row { extra, change, .. } => {
+                assert_eq!(extra.known, [Some(json!("1e400"))]);
+                assert_eq!(extra.others.get("other"), Some(&json!(deep)));
+                assert_eq!(change.old.unwrap().get("email"), Some(&json!("-1e999")));
+                assert_eq!(change.changed.unwrap(), ["email"]);
+                assert_eq!(change.transaction, Some(7));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A statement payload: the rows beside such a row are not lost either.
+        let rows = decode_rows(
+            r#"[{"id": 1, "email": "a"}, {"id": 2, "email": 1e400}, {"id": 3, "email": "c"}]"#,
+            &c,
+        )
+        .unwrap();
+        assert!(rows.iter().all(Result::is_ok), "{rows:?}");
+        // Still refused: what is not JSON at all.
+        assert!(decode(r#"{"id": 1, "email": 1e400"#, &c).is_err());
+        assert!(decode(r#"{"id": 1, "email": 01}"#, &c).is_err());
     }
 
     #[test]

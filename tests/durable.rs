@@ -735,3 +735,54 @@ pg_tier_scenarios!([notify_handling: Notify, durable_handling: Durable] {
     handling::a_retried_dead_letter_that_fails_again_is_not_stranded_by_a_stop,
     handling::a_handler_that_panics_before_its_future_fails_the_attempt_and_goes_on,
 });
+
+/// A `numeric` beyond an `f64` (`1e400`, 401 digits in the payload's JSON) and a `jsonb`
+/// document nested 200 deep are legal values serde_json does not build: they arrive as their
+/// JSON text, on row capture and on statement capture, and nothing is dropped. Before, the
+/// event was dropped as malformed — on statement capture with every other row of its
+/// statement.
+#[actix_rt::test]
+async fn values_serde_json_cannot_build_arrive_as_their_text() {
+    let db = TestDb::new().await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    for capture in [sqlnotify::Capture::Row, sqlnotify::Capture::Statement] {
+        let table = format!("big_{capture:?}").to_lowercase();
+        db.exec(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, n numeric, doc jsonb)"
+        ))
+        .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(
+                Watch::new(&table, Insert)
+                    .extra_columns(["n", "doc"])
+                    .tier(Tier::Durable)
+                    .capture(capture),
+            )
+            .start()
+            .await
+            .unwrap();
+        let mut events = Events::subscribe(&notifier, Subscription::new(&table, Insert)).await;
+        db.exec(&format!(
+            "INSERT INTO {table} VALUES (1, 1e400, '{deep}'), (2, 2.5, '{{}}'), (3, 3, 'null')"
+        ))
+        .await;
+        let got = events.take(3).await;
+        assert_eq!(common::ids(&got), [1, 2, 3], "{capture:?}");
+        let n = got[0].get("n").and_then(|v| v.as_str()).unwrap_or_default();
+        assert!(
+            n.len() == 401 && n.starts_with("1000"),
+            "{capture:?}: {n:?}"
+        );
+        assert_eq!(
+            got[0]
+                .get("doc")
+                .and_then(|v| v.as_str())
+                .map(|d| d.replace(' ', "")),
+            Some(deep.clone()),
+            "{capture:?}"
+        );
+        assert_eq!(got[1].get("n"), Some(&serde_json::json!(2.5)));
+        assert_eq!(notifier.stats().await.unwrap().malformed, 0);
+        notifier.stop().await.unwrap();
+    }
+}
