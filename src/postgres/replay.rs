@@ -57,8 +57,8 @@ pub(crate) async fn replay(
     let s = quote_ident(SCHEMA);
     let err = |e| Error::db("reading the journal for a client that resumes", e);
     if page.is_none() {
-        // Checked once: the event's own row (the start of the replay) and everything the
-        // client may lack must still be there.
+        // The event's own row (the start of the replay) and everything the client may lack
+        // must still be there (the second part is checked again with every page).
         let check = format!(
             "SELECT EXISTS (SELECT 1 FROM {s}.journal WHERE id = $1),
                     (SELECT t.xid >= pg_catalog.pg_snapshot_xmin($2::text::pg_snapshot)
@@ -98,7 +98,9 @@ pub(crate) async fn replay(
                AND j.channel = ANY($4)
                AND NOT pg_catalog.pg_visible_in_snapshot(j.xid, s.before)
                AND pg_catalog.pg_visible_in_snapshot(j.xid, s.replay))
-         SELECT s.replay::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.tx_last, r.later
+         SELECT s.replay::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.tx_last, r.later,
+                (SELECT t.xid >= pg_catalog.pg_snapshot_xmin(s.before)
+                   FROM {s}.trimmed t WHERE t.id = 1) AS trimmed
            FROM s LEFT JOIN LATERAL (
                 SELECT * FROM j
                  WHERE j.channel = ANY($5)
@@ -126,6 +128,12 @@ pub(crate) async fn replay(
         (&limit, Type::INT8),
     ];
     let rows = client.query_typed(&sql, &params).await.map_err(err)?;
+    // A purge that committed since the check above (or the page before) deleted rows this
+    // page would have held: it records the newest transaction it reached in the same
+    // transaction, which this statement sees if it misses their rows.
+    if rows.first().and_then(|r| r.get::<_, Option<bool>>(8)) == Some(true) {
+        return Ok(Replay::TooOld);
+    }
     let replay_snapshot: String = match rows.first() {
         Some(row) => row.get(0),
         None => {
