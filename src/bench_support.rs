@@ -165,6 +165,7 @@ fn describe(watch: &Watch) -> TableInfo {
             name: name.clone(),
             pk_position: Some(i),
             has_equality: true,
+            equality_schema: None,
             data_type: String::new(),
         })
         .collect();
@@ -178,6 +179,7 @@ fn describe(watch: &Watch) -> TableInfo {
         name: name.clone(),
         pk_position: None,
         has_equality: true,
+        equality_schema: None,
         data_type: String::new(),
     }));
     TableInfo {

@@ -26,6 +26,11 @@ pub struct ColumnInfo {
     /// Whether the column's type has an equality operator (PostgreSQL's `json` has none, so it
     /// is compared as text in `trigger_columns` checks).
     pub has_equality: bool,
+    /// PostgreSQL: the schema of the type's `=` operator when it is not `pg_catalog` (an
+    /// extension's type, say `hstore` installed in schema `ext`). The trigger runs with the
+    /// writer's `search_path`, where that schema may be missing, so the comparison names it
+    /// (`OPERATOR("ext".=)`). `None` for other dialects and for types without an equality.
+    pub equality_schema: Option<String>,
     /// The column's type as the catalog names it (PostgreSQL's `format_type`, SQLite's
     /// declared type, MySQL's `DATA_TYPE`); MySQL's triggers convert some types' values for
     /// the payload. Empty when unknown.
@@ -90,6 +95,8 @@ pub struct ResolvedWatch {
     pub context: Vec<String>,
     /// [`TableInfo::in_hierarchy`] of the watched table.
     pub in_hierarchy: bool,
+    /// [`ColumnInfo::equality_schema`] of the table's columns that have one, by column name.
+    pub equality_schemas: BTreeMap<String, String>,
 }
 
 impl ResolvedWatch {
@@ -114,12 +121,12 @@ impl ResolvedWatch {
 
     /// The trigger event (`INSERT`, `DELETE`, `UPDATE` or `UPDATE OF "a", "b"`) and, for
     /// `trigger_columns`, the condition "one of them really changed": `changed` renders the
-    /// test for one quoted column (given whether its type has an equality operator) and the
-    /// tests are OR-ed. Shared by the dialects' trigger generators.
+    /// test for one column (given quoted, then by its name, and whether its type has an
+    /// equality operator) and the tests are OR-ed. Shared by the dialects' trigger generators.
     #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn trigger_event(
         &self,
-        changed: impl Fn(&str, bool) -> String,
+        changed: impl Fn(&str, &str, bool) -> String,
     ) -> (String, Option<String>) {
         let keyword = self.channel.operation.sql_keyword();
         if self.trigger_columns.is_empty() {
@@ -133,7 +140,7 @@ impl ResolvedWatch {
         let tests: Vec<String> = quoted
             .iter()
             .zip(&self.trigger_columns)
-            .map(|(q, (_, has_eq))| changed(q, *has_eq))
+            .map(|(q, (name, has_eq))| changed(q, name, *has_eq))
             .collect();
         (
             format!("{keyword} OF {}", quoted.join(", ")),
@@ -256,6 +263,11 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
             .collect(),
         context: dedup(watch.context.iter().cloned()),
         in_hierarchy: table.in_hierarchy,
+        equality_schemas: table
+            .columns
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), c.equality_schema.clone()?)))
+            .collect(),
     };
     if resolved.capture == Capture::Statement {
         if let Some(column) = resolved.reserved_column() {
@@ -290,6 +302,7 @@ mod tests {
             name: name.into(),
             pk_position: pk,
             has_equality: eq,
+            equality_schema: None,
             data_type: "text".into(),
         };
         TableInfo {

@@ -741,6 +741,92 @@ async fn extension_types_compare_with_their_own_operators() {
     notifier.stop().await.unwrap();
 }
 
+/// An extension installed in a schema of its own (`ext`), which neither the writer's nor the
+/// installer's `search_path` holds: its type's `=` is not found unqualified. Every way a
+/// trigger compares such a column names the operator's schema, so the writer's UPDATE
+/// succeeds and reports the column changed: a row trigger's changed list (notify tier), row
+/// capture per statement, a row trigger with `trigger_columns`, and statement capture with
+/// `trigger_columns`. (Before, the UPDATE failed: `operator does not exist: ext.hstore =
+/// ext.hstore`; a watch with `trigger_columns` could not even be installed.)
+#[actix_rt::test]
+async fn an_extension_s_equality_in_its_own_schema_never_fails_the_write() {
+    for (tier, capture, trigger_columns) in [
+        (Tier::Notify, Capture::Row, false),
+        (Tier::Durable, Capture::Row, false),
+        (Tier::Durable, Capture::Row, true),
+        (Tier::Durable, Capture::Statement, true),
+    ] {
+        let case = format!("{tier:?} {capture:?} trigger_columns {trigger_columns}");
+        let db = TestDb::new().await;
+        db.exec(
+            "CREATE SCHEMA ext; CREATE EXTENSION hstore SCHEMA ext;
+             CREATE TABLE ht (id int PRIMARY KEY, h ext.hstore, n int);
+             INSERT INTO ht VALUES (1, 'a=>1', 0);",
+        )
+        .await;
+        let mut watch = Watch::new("ht", Operation::Update)
+            .old_values(true)
+            .tier(tier)
+            .capture(capture);
+        if trigger_columns {
+            watch = watch.trigger_columns(["h"]);
+        }
+        let notifier = Notifier::builder(&db.url)
+            .watch(watch)
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let mut events =
+            Events::subscribe(&notifier, Subscription::new("ht", Operation::Update)).await;
+        let writer = db.client().await;
+        writer
+            .batch_execute(r#"SET search_path = "$user", public"#)
+            .await
+            .unwrap();
+        writer
+            .batch_execute("UPDATE ht SET h = 'a=>2'")
+            .await
+            .unwrap_or_else(|e| panic!("{case}: the UPDATE must succeed: {e:?}"));
+        let e = events.next().await;
+        assert_eq!(e.id().as_i64(), Some(1), "{case}");
+        assert_eq!(
+            e.changed_columns(),
+            Some(&["h".to_string()][..]),
+            "{case}: {}",
+            e.to_json()
+        );
+        // Equal values, and NULLs on either side, compare as `IS DISTINCT FROM` does. (One
+        // transaction each: the notify tier's identical payloads in one transaction would be
+        // folded into one notification by PostgreSQL.)
+        for update in [
+            "UPDATE ht SET n = 1",
+            "UPDATE ht SET h = NULL",
+            "UPDATE ht SET n = 2",
+            "UPDATE ht SET h = 'b=>1'",
+        ] {
+            writer
+                .batch_execute(update)
+                .await
+                .unwrap_or_else(|e| panic!("{case}: {update}: {e:?}"));
+        }
+        let mut changed = Vec::new();
+        for _ in 0..if trigger_columns { 2 } else { 4 } {
+            let e = events.next().await;
+            changed.push(e.changed_columns().map(<[String]>::to_vec));
+        }
+        let h = || Some(vec!["h".to_string()]);
+        let n = || Some(vec!["n".to_string()]);
+        let expected = if trigger_columns {
+            vec![h(), h()]
+        } else {
+            vec![n(), h(), n(), h()]
+        };
+        assert_eq!(changed, expected, "{case}");
+        events.assert_none_within(Duration::from_millis(200)).await;
+        notifier.stop().await.unwrap();
+    }
+}
+
 /// A `SQL_ASCII` database stores whatever bytes it is given; signing must not fail a write
 /// whose text is not UTF-8, and UTF-8 text still verifies.
 #[actix_rt::test]

@@ -110,6 +110,7 @@ pub(crate) async fn describe_table(
             pk_position: key.iter().position(|k| k == &name),
             name,
             has_equality: true,
+            equality_schema: None,
             data_type,
         })
         .collect();

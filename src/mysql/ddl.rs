@@ -617,6 +617,7 @@ mod tests {
             table_columns: vec![],
             context: vec![],
             in_hierarchy: false,
+            equality_schemas: Default::default(),
         }
     }
 

@@ -20,7 +20,10 @@ use crate::resolve::{ColumnInfo, ResolvedWatch, TableInfo};
 use crate::sql::quote_ident;
 use crate::tier::{Capture, Tier};
 
-/// Reads one table's columns, primary-key positions and equality support.
+/// Reads one table's columns, primary-key positions and equality support: whether the type
+/// has an `=` operator of its own, and in which schema (`pg_catalog`'s first, as the parser
+/// picks it, then the one of the lowest oid) — generated comparisons name that schema unless it
+/// is `pg_catalog`, so they never depend on the writer's `search_path`.
 pub(crate) async fn describe_table(
     client: &Client,
     schema: &str,
@@ -31,8 +34,10 @@ pub(crate) async fn describe_table(
                -- int2vector subscripts start at 0 (or wherever array_lower says): 0-based position
                (SELECT pg_catalog.array_position(i.indkey::int2[], a.attnum) - pg_catalog.array_lower(i.indkey::int2[], 1)
                   FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS pk_pos,
-               EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
-                        WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) AS has_eq,
+               (SELECT s.nspname::text FROM pg_catalog.pg_operator o
+                  JOIN pg_catalog.pg_namespace s ON s.oid = o.oprnamespace
+                 WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid
+                 ORDER BY s.nspname <> 'pg_catalog', o.oid LIMIT 1) AS eq_schema,
                pg_catalog.format_type(a.atttypid, a.atttypmod),
                c.relkind = 'p' OR c.relispartition
                  OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i
@@ -69,11 +74,15 @@ pub(crate) async fn describe_table(
     }
     let columns = rows
         .iter()
-        .map(|r| ColumnInfo {
-            name: r.get(0),
-            pk_position: r.get::<_, Option<i32>>(1).map(|p| p as usize),
-            has_equality: r.get(2),
-            data_type: r.get(3),
+        .map(|r| {
+            let eq_schema: Option<String> = r.get(2);
+            ColumnInfo {
+                name: r.get(0),
+                pk_position: r.get::<_, Option<i32>>(1).map(|p| p as usize),
+                has_equality: eq_schema.is_some(),
+                equality_schema: eq_schema.filter(|s| s != "pg_catalog"),
+                data_type: r.get(3),
+            }
         })
         .collect();
     Ok(TableInfo {

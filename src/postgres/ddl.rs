@@ -352,16 +352,36 @@ pub(crate) fn json_expr(row: &str, columns: &[&String]) -> String {
 /// The JSON text a row trigger sends for a watch: the carried columns of the row, the watch's
 /// context values ([`context_expr`]) in the metadata member, and for a watch with
 /// `old_values` the metadata member with the old row's carried columns and, on
-/// UPDATE, the names of the table's columns that changed — `IS DISTINCT FROM` with the type's
-/// own equality (so `jsonb` compares as values), as text for types without one (`json`: a
-/// cast to `jsonb` could fail on a document `jsonb` refuses, and the trigger must never fail
-/// the write). The member is spliced in as text: the object `json_expr` renders ends in `}`.
+/// UPDATE, the names of the table's columns that changed (compared by [`distinct`]). The
+/// member is spliced in as text: the object `json_expr` renders ends in `}`.
 fn row_payload(w: &ResolvedWatch) -> String {
     let new = match w.channel.operation {
         crate::operation::Operation::Delete => "OLD",
         _ => "NEW",
     };
     payload_with_old(w, new, "OLD")
+}
+
+/// The test "`old` and `new`, values of `column`, differ", never true for two NULLs: `IS
+/// DISTINCT FROM` with the type's own equality (so `jsonb` compares as values), as text for
+/// types without one (`json`: a cast to `jsonb` could fail on a document `jsonb` refuses, and
+/// the trigger must never fail the write). An equality outside `pg_catalog` (an extension's
+/// type) is named with its schema (`OPERATOR("ext".=)`, spelled out around the NULLs as `IS
+/// DISTINCT FROM` would): trigger functions run with the writer's `search_path`, which may not
+/// hold that schema — the unqualified operator then did not exist, and the writer's UPDATE
+/// failed with it.
+fn distinct(w: &ResolvedWatch, column: &str, has_eq: bool, old: &str, new: &str) -> String {
+    if !has_eq {
+        return format!("{old}::text IS DISTINCT FROM {new}::text");
+    }
+    match w.equality_schemas.get(column) {
+        Some(schema) => format!(
+            "CASE WHEN {old} IS NULL THEN {new} IS NOT NULL WHEN {new} IS NULL THEN true \
+             ELSE NOT ({old} OPERATOR({}.=) {new}) END",
+            quote_ident(schema)
+        ),
+        None => format!("{old} IS DISTINCT FROM {new}"),
+    }
 }
 
 /// [`row_payload`] for rows named `row` (the row the event reports) and `old` (its old row;
@@ -380,11 +400,8 @@ fn payload_with_old(w: &ResolvedWatch, row: &str, old: &str) -> String {
                 .iter()
                 .map(|(c, has_eq)| {
                     let q = quote_ident(c);
-                    let test = if *has_eq {
-                        format!("{old}.{q} IS DISTINCT FROM {row}.{q}")
-                    } else {
-                        format!("{old}.{q}::text IS DISTINCT FROM {row}.{q}::text")
-                    };
+                    let test =
+                        distinct(w, c, *has_eq, &format!("{old}.{q}"), &format!("{row}.{q}"));
                     format!("CASE WHEN {test} THEN {} END", quote_literal(c))
                 })
                 .collect();
@@ -530,12 +547,8 @@ fn statement_rows(w: &ResolvedWatch) -> StatementRows<'_> {
         _ => NEW_TABLE,
     };
     let payload = channel.payload_columns();
-    let (_, changed) = w.trigger_event(|c, has_eq| {
-        if has_eq {
-            format!("_sqn_o.{c} IS DISTINCT FROM _sqn_t.{c}")
-        } else {
-            format!("_sqn_o.{c}::text IS DISTINCT FROM _sqn_t.{c}::text")
-        }
+    let (_, changed) = w.trigger_event(|q, c, has_eq| {
+        distinct(w, c, has_eq, &format!("_sqn_o.{q}"), &format!("_sqn_t.{q}"))
     });
     let filter = changed
         .map(|changed| {
@@ -972,12 +985,8 @@ pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
             function_name(&channel.name),
         );
     }
-    let (event, changed) = w.trigger_event(|c, has_eq| {
-        if has_eq {
-            format!("OLD.{c} IS DISTINCT FROM NEW.{c}")
-        } else {
-            format!("OLD.{c}::text IS DISTINCT FROM NEW.{c}::text")
-        }
+    let (event, changed) = w.trigger_event(|q, c, has_eq| {
+        distinct(w, c, has_eq, &format!("OLD.{q}"), &format!("NEW.{q}"))
     });
     let when = changed.map(|c| format!(" WHEN ({c})")).unwrap_or_default();
     format!(
@@ -1210,6 +1219,7 @@ mod tests {
             table_columns: vec![],
             context: vec![],
             in_hierarchy: false,
+            equality_schemas: Default::default(),
         }
     }
 
@@ -1727,5 +1737,39 @@ mod tests {
     fn backslashes_survive_double_quoting() {
         let f = function_sql(&watch(Operation::Insert, Some("a\\b"), &[]));
         assert!(f.contains(" AS E'"), "{f}");
+    }
+
+    #[test]
+    fn equalities_outside_pg_catalog_are_named_with_their_schema() {
+        let mut w = watch(Operation::Update, None, &[]);
+        w.old_values = true;
+        w.table_columns = vec![("id".into(), true), ("h".into(), true)];
+        w.trigger_columns = vec![("h".into(), true)];
+        w.equality_schemas = [("h".to_string(), "my ext".to_string())].into();
+        let named = "CASE WHEN OLD.\"h\" IS NULL THEN NEW.\"h\" IS NOT NULL WHEN NEW.\"h\" IS NULL THEN true \
+                     ELSE NOT (OLD.\"h\" OPERATOR(\"my ext\".=) NEW.\"h\") END";
+        let t = trigger_sql(&w);
+        assert!(t.contains(&format!("WHEN ({named})")), "{t}");
+        let f = function_sql(&w);
+        assert!(
+            f.contains(&format!(
+                "CASE WHEN {} THEN ''h'' END",
+                named.replace('\'', "''")
+            )),
+            "{f}"
+        );
+        // (the types of pg_catalog keep the plain test, so their watches' definitions stay)
+        assert!(
+            f.contains("CASE WHEN OLD.\"id\" IS DISTINCT FROM NEW.\"id\" THEN ''id'' END"),
+            "{f}"
+        );
+        w.tier = Tier::Durable;
+        w.capture = Capture::Statement;
+        let f = function_sql(&w);
+        assert!(
+            f.contains("_sqn_o.\"h\" OPERATOR(\"my ext\".=) _sqn_t.\"h\""),
+            "{f}"
+        );
+        assert!(!f.contains("_sqn_o.\"h\" IS DISTINCT FROM"), "{f}");
     }
 }

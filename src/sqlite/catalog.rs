@@ -55,6 +55,7 @@ pub(crate) fn describe_table(conn: &Connection, schema: &str, table: &str) -> Re
                 name: r.get(0)?,
                 pk_position: (pk > 0).then(|| (pk - 1) as usize),
                 has_equality: true,
+                equality_schema: None,
                 data_type: r.get(2)?,
             })
         })

@@ -180,7 +180,7 @@ pub(crate) const TRANSACTION_TRIGGER: &str = "CREATE TEMP TRIGGER IF NOT EXISTS 
 /// `CREATE TRIGGER` for a watch: append the payload to the journal.
 pub(crate) fn trigger_sql(w: &ResolvedWatch) -> String {
     let channel = &w.channel;
-    let (event, changed) = w.trigger_event(|c, _| format!("OLD.{c} IS NOT NEW.{c}"));
+    let (event, changed) = w.trigger_event(|c, _, _| format!("OLD.{c} IS NOT NEW.{c}"));
     let when = changed.map(|c| format!(" WHEN {c}")).unwrap_or_default();
     format!(
         "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW{when} BEGIN \
@@ -255,6 +255,7 @@ mod tests {
             table_columns: vec![],
             context: vec![],
             in_hierarchy: false,
+            equality_schemas: Default::default(),
         }
     }
 
