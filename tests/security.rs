@@ -1018,3 +1018,213 @@ async fn a_writer_granted_some_columns_only_has_its_rows_captured() {
         notifier.stop().await.unwrap();
     }
 }
+
+/// A role may change a watched table without holding any privilege on it: here its DELETE on
+/// `parent` cascades (`ON DELETE CASCADE`) to `child`, whose DELETE it may not do itself. The
+/// rows are really deleted, so their events arrive, on every tier (the helpers accept a
+/// session that has just deleted rows of the table; before, they dropped the events with a
+/// server-log warning only).
+#[actix_rt::test]
+async fn a_cascade_s_deletes_reach_a_watch_the_deleting_role_may_not_write() {
+    for tier in [Tier::Durable, Tier::Poll, Tier::Notify] {
+        let db = TestDb::new().await;
+        db.exec(
+            "CREATE TABLE parent (id int PRIMARY KEY);
+             CREATE TABLE child (id int PRIMARY KEY, parent int REFERENCES parent ON DELETE CASCADE);
+             INSERT INTO parent VALUES (1), (2);
+             INSERT INTO child VALUES (10, 1), (11, 1), (20, 2);",
+        )
+        .await;
+        let (app, app_url) = db.role("app").await;
+        db.exec(&format!("GRANT SELECT, DELETE ON parent TO \"{app}\""))
+            .await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("child", Operation::Delete).tier(tier))
+            .start()
+            .await
+            .unwrap();
+        let mut deleted =
+            Events::subscribe(&notifier, Subscription::new("child", Operation::Delete)).await;
+        connect(&app_url)
+            .await
+            .batch_execute("DELETE FROM parent WHERE id = 1")
+            .await
+            .expect("the cascading delete succeeds");
+        assert_eq!(
+            db.count("SELECT count(*) FROM child").await,
+            1,
+            "the cascade deleted child's rows"
+        );
+        let mut ids: Vec<_> = deleted
+            .take(2)
+            .await
+            .iter()
+            .map(|e| e.id().as_i64())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, [Some(10), Some(11)], "{tier:?}");
+        deleted.assert_none_within(Duration::from_millis(200)).await;
+        notifier.stop().await.unwrap();
+    }
+}
+
+/// A `SECURITY DEFINER` function writes with its owner's privileges for a login role that has
+/// none on the table (`session_user` is the caller): the rows it writes have their events.
+#[actix_rt::test]
+async fn writes_through_a_security_definer_function_are_captured() {
+    for tier in [Tier::Durable, Tier::Notify] {
+        let db = TestDb::new().await;
+        db.exec(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             CREATE FUNCTION add_row(i int) RETURNS void LANGUAGE sql SECURITY DEFINER
+               SET search_path = pg_catalog, public
+               AS 'INSERT INTO public.t VALUES (i, ''through the function'')';",
+        )
+        .await;
+        let (_, app_url) = db.role("app").await;
+        let notifier = Notifier::builder(&db.url)
+            .watch(
+                Watch::new("t", Operation::Insert)
+                    .extra_columns(["v"])
+                    .tier(tier),
+            )
+            .start()
+            .await
+            .unwrap();
+        let mut ins = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+        let app = connect(&app_url).await;
+        let denied = app
+            .batch_execute("INSERT INTO t VALUES (1, 'direct')")
+            .await;
+        assert!(denied.is_err(), "the role may not insert itself");
+        app.batch_execute("SELECT add_row(5)")
+            .await
+            .expect("the function inserts");
+        let e = ins.next().await;
+        assert_eq!(
+            (e.id().as_i64(), e.get("v")),
+            (Some(5), Some(&json!("through the function"))),
+            "{tier:?}"
+        );
+        ins.assert_none_within(Duration::from_millis(200)).await;
+        notifier.stop().await.unwrap();
+    }
+}
+
+/// What does not count as having changed the table's rows the watch's way: a lock on it
+/// (`PREPARE … AS DELETE` takes the one a DELETE takes, without any privilege), a DELETE
+/// refused for lack of privilege, or rows changed another way (an INSERT it may do). A role
+/// calling the DELETE watch's helper after any of them still sends nothing.
+#[actix_rt::test]
+async fn a_helper_is_not_fooled_by_a_lock_a_refused_write_or_another_kind_of_write() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a')")
+        .await;
+    let (mallory, mallory_url) = db.role("mallory").await;
+    db.exec(&format!("GRANT INSERT ON t TO \"{mallory}\""))
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("t", Operation::Delete)
+                .extra_columns(["v"])
+                .tier(Tier::Durable),
+        )
+        .watch(
+            Watch::new("t", Operation::Insert)
+                .extra_columns(["v"])
+                .tier(Tier::Durable),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut deleted = Events::subscribe(&notifier, Subscription::new("t", Operation::Delete)).await;
+    let mut inserted =
+        Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    let attacker = connect(&mallory_url).await;
+    let forge = "SELECT sqlnotify.sqlnotify_public_t_delete(ARRAY['{\"id\":1,\"v\":\"forged\"}'])";
+    attacker
+        .batch_execute(&format!(
+            "BEGIN;
+             PREPARE p AS DELETE FROM t;
+             {forge};
+             SAVEPOINT s;"
+        ))
+        .await
+        .expect("the lock and the call succeed");
+    let refused = attacker.batch_execute("DELETE FROM t").await;
+    assert!(refused.is_err(), "the role may not delete");
+    attacker
+        .batch_execute(&format!(
+            "ROLLBACK TO s;
+             {forge};
+             INSERT INTO t VALUES (2, 'inserted');
+             {forge};
+             COMMIT"
+        ))
+        .await
+        .expect("the calls succeed and do nothing");
+    let e = inserted.next().await;
+    assert_eq!(e.id().as_i64(), Some(2), "the real insert arrives");
+    deleted.assert_none_within(Duration::from_millis(300)).await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlnotify.journal").await,
+        1,
+        "the insert's journal row only"
+    );
+    notifier.stop().await.unwrap();
+}
+
+/// An install of an earlier version (its helper without the row-count test, its catalog row
+/// recording another definition) is replaced at the next start, as any changed definition
+/// is (`revoke_on_model_change`, the default): the cascade's events then arrive.
+#[actix_rt::test]
+async fn a_restart_replaces_the_helper_of_an_earlier_install() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (id int PRIMARY KEY, parent int REFERENCES parent ON DELETE CASCADE);
+         INSERT INTO parent VALUES (1); INSERT INTO child VALUES (10, 1);",
+    )
+    .await;
+    let (app, app_url) = db.role("app").await;
+    db.exec(&format!("GRANT SELECT, DELETE ON parent TO \"{app}\""))
+        .await;
+    let watch = || Watch::new("child", Operation::Delete).tier(Tier::Durable);
+    let first = Notifier::builder(&db.url)
+        .watch(watch())
+        .start()
+        .await
+        .unwrap();
+    first.stop().await.unwrap();
+    // (what an earlier version left: a helper that drops the event, another definition)
+    db.exec(
+        "CREATE OR REPLACE FUNCTION sqlnotify.sqlnotify_public_child_delete(_sqn_payloads text[])
+           RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+           AS 'BEGIN RAISE WARNING ''earlier version''; END';
+         UPDATE sqlnotify.catalog SET definition = 'earlier', definition_hash = md5('earlier');",
+    )
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(watch())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM pg_proc WHERE proname = 'sqlnotify_public_child_delete'
+                AND prosrc LIKE '%pg_stat_get_xact_tuples_deleted%'"
+        )
+        .await,
+        1,
+        "the helper was replaced"
+    );
+    let mut deleted =
+        Events::subscribe(&notifier, Subscription::new("child", Operation::Delete)).await;
+    connect(&app_url)
+        .await
+        .batch_execute("DELETE FROM parent WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(deleted.next().await.id().as_i64(), Some(10));
+    notifier.stop().await.unwrap();
+}

@@ -242,11 +242,15 @@ fn helper_args(w: &ResolvedWatch) -> &'static str {
 /// sqlnotify's objects), so it first checks that the calling session may write to the watched
 /// table the way the watch reports (`INSERT`, `UPDATE` or `DELETE` privilege, held by the
 /// session's role or a role it belongs to; for INSERT and UPDATE, on the table or on any of
-/// its columns): otherwise it sends nothing and warns — it never fails the write. A role that
-/// may write to the table could send the same event by writing a row, so a call by it forges
-/// nothing it could not cause anyway — except, for a role granted some columns only, values
-/// in the columns it may not write: events are as trustworthy as the roles that may write to
-/// the watched table.
+/// its columns), or that it has just changed a row of the table that way without such a
+/// privilege — through a foreign key's cascade, a `SECURITY DEFINER` function, a view (the
+/// backend's count of such row changes, see the body): otherwise it sends nothing and warns —
+/// it never fails the write. A role that may write to the table could send the same event by
+/// writing a row, so a call by it forges nothing it could not cause anyway — except values it
+/// could not write: in the columns it was not granted, or, for a session that changed a row
+/// through another path, in rows that path does not reach (for the moments its count lasts):
+/// events are as trustworthy as the roles that may change the watched table, directly or
+/// through such a path.
 ///
 /// Notify tier: stores an oversized payload in the overflow table (falling back to the key,
 /// marked truncated), signs it when the channel is signed, and sends it. Journal tiers:
@@ -267,16 +271,38 @@ pub(crate) fn helper_sql(w: &ResolvedWatch) -> String {
         crate::operation::Operation::Delete => "has_table_privilege",
         _ => "has_any_column_privilege",
     };
-    // Two nested tests rather than one `A AND NOT EXISTS (…)`: the outer one, the common case
-    // (the session's own role holds the privilege), has no subquery, so plpgsql evaluates it
-    // as a simple expression, without starting an executor on every call (every changed row).
+    // A session may also change the table without any privilege of its own: a foreign key's
+    // ON DELETE CASCADE / ON UPDATE CASCADE / SET NULL, a SECURITY DEFINER function, a view,
+    // writes through a parent table its role owns. Such rows are real and their events must
+    // not be lost, so a session whose roles fail the test is still accepted when it has
+    // changed a row of the table the watch's way: the backend's count of rows it inserted,
+    // updated or deleted in the table (or its partitions: `pg_partition_tree` lists no plain
+    // table, so the table itself is added) since its statistics were last reported
+    // (`pg_stat_get_xact_tuples_*`: the current transaction, rolled-back parts included, and
+    // its session's earlier transactions until the backend next reports them: seconds, under
+    // contention at most a minute). Nothing but a real row change moves that count; a lock on
+    // the table would not do: `PREPARE … AS DELETE FROM t` takes one without any privilege.
+    let counter = match channel.operation {
+        crate::operation::Operation::Insert => "pg_stat_get_xact_tuples_inserted",
+        crate::operation::Operation::Update => "pg_stat_get_xact_tuples_updated",
+        crate::operation::Operation::Delete => "pg_stat_get_xact_tuples_deleted",
+    };
+    // Three nested tests rather than one `A AND NOT EXISTS (…)`: the outer one, the common
+    // case (the session's own role holds the privilege), has no subquery, so plpgsql evaluates
+    // it as a simple expression, without starting an executor on every call (every changed
+    // row); the others run only when it fails.
     let authorize = format!(
         "IF NOT coalesce(pg_catalog.{holds}(session_user, pg_catalog.to_regclass({table}), {privilege}), false) THEN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles _sqn_r
                     WHERE pg_catalog.pg_has_role(session_user, _sqn_r.oid, 'MEMBER')
                       AND pg_catalog.{holds}(_sqn_r.oid, pg_catalog.to_regclass({table}), {privilege})) THEN
-      RAISE WARNING 'sqlnotify: role % may not % on %: no event sent on %', session_user, {privilege}, {table}, {chan};
-      RETURN;
+      IF NOT coalesce((SELECT pg_catalog.sum(pg_catalog.{counter}(_sqn_p.relid)) > 0
+                         FROM (SELECT pg_catalog.to_regclass({table})
+                               UNION SELECT relid FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass({table})))
+                              AS _sqn_p(relid)), false) THEN
+        RAISE WARNING 'sqlnotify: role % may not % on %: no event sent on %', session_user, {privilege}, {table}, {chan};
+        RETURN;
+      END IF;
     END IF;
   END IF;"
     );
@@ -1771,5 +1797,25 @@ mod tests {
             "{f}"
         );
         assert!(!f.contains("_sqn_o.\"h\" IS DISTINCT FROM"), "{f}");
+    }
+
+    #[test]
+    fn helpers_accept_a_session_that_changed_the_table_without_a_privilege() {
+        for (op, counter) in [
+            (Operation::Insert, "pg_stat_get_xact_tuples_inserted"),
+            (Operation::Update, "pg_stat_get_xact_tuples_updated"),
+            (Operation::Delete, "pg_stat_get_xact_tuples_deleted"),
+        ] {
+            let h = helper_sql(&watch(op, None, &[]));
+            assert!(
+                h.contains(&format!(
+                    "pg_catalog.sum(pg_catalog.{counter}(_sqn_p.relid)) > 0
+                         FROM (SELECT pg_catalog.to_regclass(''\"public\".\"CamelCase\"'')
+                               UNION SELECT relid FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass(''\"public\".\"CamelCase\"'')))
+                              AS _sqn_p(relid)), false)"
+                )),
+                "{h}"
+            );
+        }
     }
 }
