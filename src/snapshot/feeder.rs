@@ -2,7 +2,7 @@
 //! channels, reads the snapshot into the feed, then passes on the changes the snapshot does
 //! not already reflect.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -31,6 +31,56 @@ pub(crate) struct Start {
 /// Most backfill fences a feeder keeps (see [`Feeder::backfills`]).
 const MAX_BACKFILL_FENCES: usize = 64;
 
+/// Most bytes the keys the kept backfill fences sent may take, counted as [`Sent::bytes`]
+/// does (see [`Feeder::backfills`]): 64 MiB, about a million short keys.
+const MAX_BACKFILL_KEY_BYTES: usize = 64 << 20;
+
+/// What one backfill sent: the keys of its rows, each as the compact JSON text of its values
+/// ([`key_text`]), so a change is skipped only for a key whose row the feed got from it.
+#[derive(Debug, Default)]
+struct Sent {
+    keys: HashSet<Box<str>>,
+    /// The keys' text plus a set entry's overhead each: what [`MAX_BACKFILL_KEY_BYTES`] bounds.
+    bytes: usize,
+    /// Set when the keys went past [`MAX_BACKFILL_KEY_BYTES`] on their own: the fence is not
+    /// kept (its changes all come after its rows).
+    overflowed: bool,
+}
+
+impl Sent {
+    /// What a key takes besides its text (the box and the set's slot).
+    const ENTRY: usize = 32;
+
+    /// Records that the backfill sent a row with `key`.
+    fn add(&mut self, key: &crate::event::Key) {
+        if self.overflowed {
+            return;
+        }
+        let text = key_text(key);
+        let bytes = text.len() + Self::ENTRY;
+        if self.keys.insert(text) {
+            self.bytes += bytes;
+        }
+        if self.bytes > MAX_BACKFILL_KEY_BYTES {
+            self.overflowed = true;
+            self.keys = HashSet::new();
+            self.bytes = 0;
+        }
+    }
+
+    /// Whether the backfill sent a row with `key`.
+    fn has(&self, key: &crate::event::Key) -> bool {
+        !self.keys.is_empty() && self.keys.contains(&*key_text(key))
+    }
+}
+
+/// A key's values as compact JSON text: how a backfill remembers the keys it sent.
+fn key_text(key: &crate::event::Key) -> Box<str> {
+    serde_json::to_string(key.values())
+        .unwrap_or_default()
+        .into_boxed_str()
+}
+
 /// Feeds one [`SnapshotFeed`](super::SnapshotFeed). Its mailbox holds at most the feed's
 /// buffer of live events; while a snapshot or a backfill streams it reads none (so they wait,
 /// in order, in the mailbox and then in the registry's buffer for it).
@@ -41,11 +91,18 @@ pub(crate) struct Feeder {
     read: Read,
     /// Set once every snapshot row was handed over.
     fence: Option<Fence>,
-    /// The fences of backfills, each with the filters it was read with: a change one of them
-    /// already reflects (and that its filters select) is not passed on. The oldest is
-    /// forgotten beyond [`MAX_BACKFILL_FENCES`] (a change it would have skipped then comes
-    /// after the row: a duplicate, never a gap).
-    backfills: Vec<(Fence, Vec<Filter>)>,
+    /// The fences of backfills, each with the keys of the rows it sent: a change one of them
+    /// already reflects is not passed on when that backfill sent its key's row (which is as
+    /// new as the change or newer). A change of a key the backfill did not send is passed on
+    /// even when its read reflects it — the row was deleted, or no longer matched the
+    /// backfill's filters, and the feed learns that only from the change. The oldest fences
+    /// are forgotten beyond [`MAX_BACKFILL_FENCES`] or [`MAX_BACKFILL_KEY_BYTES`] of keys (a
+    /// backfill whose keys alone pass that bound is not kept at all): a change a forgotten
+    /// fence would have skipped then comes after the row — a duplicate or an older state
+    /// followed by the newer ones, never a gap.
+    backfills: VecDeque<(Fence, Sent)>,
+    /// What the keys of `backfills` take ([`Sent::bytes`] summed).
+    backfill_bytes: usize,
     start: Option<Start>,
 }
 
@@ -72,17 +129,46 @@ impl Feeder {
                 stats,
             },
             fence: None,
-            backfills: Vec::new(),
+            backfills: VecDeque::new(),
+            backfill_bytes: 0,
             start: Some(start),
         }
     }
 
-    /// Whether a snapshot or backfill already reflects `event`.
+    /// Whether the snapshot, or a backfill that sent `event`'s key, already reflects `event`.
+    /// (The snapshot's fence needs no keys: a change it reflects of a key it did not send —
+    /// a row deleted before the read — must be skipped too, the feed never having shown it.)
     fn covered(&self, event: &ChangeEvent) -> bool {
         self.fence.as_ref().is_some_and(|f| f.covers(event))
-            || self.backfills.iter().any(|(fence, filters)| {
-                fence.covers(event) && filters.iter().all(|f| f.matches(event))
-            })
+            || self
+                .backfills
+                .iter()
+                .any(|(fence, sent)| fence.covers(event) && sent.has(event.id()))
+    }
+
+    /// Keeps a backfill's fence and sent keys, forgetting the oldest fences beyond
+    /// [`MAX_BACKFILL_FENCES`] and [`MAX_BACKFILL_KEY_BYTES`].
+    fn keep_backfill(&mut self, fence: Fence, sent: Sent) {
+        if sent.overflowed {
+            log::warn!(
+                "sqlnotify: a backfill of {}.{} sent more keys than {} MiB hold: the changes \
+                 its read reflects come after its rows anyway (older states may follow newer ones)",
+                self.read.channel.schema(),
+                self.read.channel.table(),
+                MAX_BACKFILL_KEY_BYTES >> 20
+            );
+            return;
+        }
+        self.backfill_bytes += sent.bytes;
+        self.backfills.push_back((fence, sent));
+        while self.backfills.len() > MAX_BACKFILL_FENCES
+            || self.backfill_bytes > MAX_BACKFILL_KEY_BYTES
+        {
+            let Some((_, old)) = self.backfills.pop_front() else {
+                break;
+            };
+            self.backfill_bytes -= old.bytes;
+        }
     }
 }
 
@@ -100,7 +186,7 @@ async fn subscribe_and_read(
             buffer: start.buffer,
         })
         .await?;
-    read_rows(read, true).await
+    Ok(read_rows(read, true).await?.map(|(fence, _)| fence))
 }
 
 /// What one read of the table needs.
@@ -119,8 +205,9 @@ struct Read {
 /// feed, as snapshot events, the last one marked
 /// ([`ChangeEvent::ends_snapshot`]); for the `initial` read, marks the snapshot done just
 /// before that last event goes out. Each chunk is handed over while the next one is fetched.
-/// Returns the read's fence, or `None` when the feed was dropped.
-async fn read_rows(read: Read, initial: bool) -> Result<Option<Fence>> {
+/// Returns the read's fence and the keys it sent (collected for a backfill only), or `None`
+/// when the feed was dropped.
+async fn read_rows(read: Read, initial: bool) -> Result<Option<(Fence, Sent)>> {
     let mut reader = read
         .dialect
         .open_snapshot(read.channel.clone(), read.chunk_rows)
@@ -134,6 +221,7 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<Fence>> {
     // The last event that passed the filters, held back until it is known whether another
     // one follows.
     let mut held: Option<ChangeEvent> = None;
+    let mut sent = Sent::default();
     let mut current = reader.next_chunk().await?;
     while !current.is_empty() {
         let rows = current.len() as u64;
@@ -144,6 +232,9 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<Fence>> {
         for payload in current {
             let event = snapshot_event(&read.channel, &raw, &payload)?;
             if read.filters.iter().all(|f| f.matches(&event)) {
+                if !initial {
+                    sent.add(event.id());
+                }
                 events.push(event);
             }
         }
@@ -163,7 +254,7 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<Fence>> {
             return Ok(None);
         }
     }
-    Ok(Some(reader.fence().clone()))
+    Ok(Some((reader.fence().clone(), sent)))
 }
 
 /// `read_one` (the snapshot or a backfill, `what`), its failure — an error, or a panic in the
@@ -171,11 +262,11 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<Fence>> {
 /// sent with a wait for room: the feed is usually full in the middle of a read (its reader
 /// paces it), and a failure dropped there would end the feed as if the notifier had stopped,
 /// the rows before it passing for the whole snapshot.
-async fn reported(
+async fn reported<T>(
     read: Read,
     what: &str,
-    read_one: impl std::future::Future<Output = Result<Option<Fence>>>,
-) -> Option<Option<Fence>> {
+    read_one: impl std::future::Future<Output = Result<Option<T>>>,
+) -> Option<Option<T>> {
     let channel = &read.channel;
     let doing = || format!("reading {}.{}", channel.schema(), channel.table());
     let failure = match crate::error::caught(doing, read_one).await {
@@ -297,20 +388,14 @@ impl Handler<Backfill> for Feeder {
 
     fn handle(&mut self, msg: Backfill, ctx: &mut Context<Self>) {
         let mut read = self.read.clone();
-        read.filters.extend(msg.filters.iter().cloned());
-        let filters = msg.filters;
+        read.filters.extend(msg.filters);
         // ctx.wait: the changes after the backfill's read wait until its last row went out.
         let backfill = reported(read.clone(), "a backfill", read_rows(read, false));
         ctx.wait(
             backfill
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Some(Some(fence)) => {
-                        if act.backfills.len() == MAX_BACKFILL_FENCES {
-                            act.backfills.remove(0);
-                        }
-                        act.backfills.push((fence, filters));
-                    }
+                    Some(Some((fence, sent))) => act.keep_backfill(fence, sent),
                     Some(None) => ctx.stop(),
                     // The failure is in the feed; the changes go on.
                     None => {}

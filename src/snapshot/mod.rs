@@ -195,10 +195,14 @@ impl SnapshotFeed {
     /// The rule for a key changed during the backfill: the backfilled row is the row as of the
     /// backfill's consistent read, and it never overtakes a later change of its key — changes
     /// committed after that read come after the row. A change committed *before* the read
-    /// and not passed on yet is not passed on at all for the keys the backfill selects: the
-    /// row already reflects it. So for each backfilled key the feed shows the changes it had
-    /// shown, then the row, then the changes after it — never an older state after a newer
-    /// one.
+    /// and not passed on yet is not passed on at all for the keys whose rows the backfill
+    /// sent: the row already reflects it. So for each backfilled key the feed shows the
+    /// changes it had shown, then the row, then the changes after it — never an older state
+    /// after a newer one. A change of a key the backfill did *not* send (the row was deleted
+    /// before its read, or no longer matches its filters) is passed on as usual, since only
+    /// the change tells the feed. (A feed remembers the keys of its last 64 backfills, within
+    /// 64 MiB; a change a forgotten backfill reflects comes after its row, like a change of
+    /// a key the backfill did not send.)
     ///
     /// A filter on a column the watches do not carry is refused with
     /// [`Error::UnknownFilterColumn`](crate::Error::UnknownFilterColumn).
