@@ -51,7 +51,10 @@
 //! optimizer reads — in the same transaction, each page a short query of its own: a streamed
 //! result set left unread while the feed is slow would be cut by the server's
 //! `net_write_timeout`. A `DECIMAL` value goes back as `CAST(? AS DECIMAL(p, s))`: it comes
-//! as text, and MySQL compares a decimal with text as doubles.
+//! as text, and MySQL compares a decimal with text as doubles. `ORDER BY` sorts an `ENUM` by
+//! its members' definition order and a `SET` or `BIT` by number, not by text, so "after an
+//! `ENUM` value" is the list of members after it (`c IN (…)`: still a range), and a `SET` or
+//! `BIT` value is read and compared as a number (`c+0`, an integer parameter).
 //!
 //! The columns (`choose_order`) are those of an index, so that each page is a range read of
 //! `n` index entries — ordering by columns no index has would sort the rest of the table on
@@ -242,6 +245,35 @@ fn choose_order(keys: &[String], primary_key: &[String], indexes: &[Index]) -> O
     }
 }
 
+/// An order column whose values need more than a plain `c > ?` to be compared in the order
+/// `ORDER BY` sorts them (from `describe_indexes`).
+#[derive(Debug, Clone, PartialEq)]
+enum ColumnKind {
+    /// `DECIMAL(p, s)`: its value comes back as text, and MySQL compares a decimal with text as
+    /// a double, which would confuse keys that differ beyond a double's 17 digits.
+    Decimal(u32, u32),
+    /// `ENUM`, its members in definition order: `ORDER BY` sorts by a member's position, not
+    /// its text, so "after `'b'`" is spelt as the members after it, `c IN ('a', …)` — a range
+    /// of the index, where a comparison by position (`c > 1`) would make every page scan the
+    /// index from its start.
+    Enum(Vec<String>),
+    /// `SET` or `BIT`: sorted by number, so the value is read as one (`c+0`) and compared as
+    /// one (an integer parameter puts the column in a numeric context). A `BIT` comparison is
+    /// a range of the index; a `SET` one is not (MySQL reads the index from its start, pages
+    /// after pages: slower, never wrong).
+    Numeric,
+}
+
+/// How a page compares one order column with the last value read (see [`compare`]).
+#[derive(Debug, Clone, PartialEq)]
+enum Compared {
+    /// `c > p`, `c = p` with this placeholder `p` (`?`, or a cast of it).
+    Placeholder(String),
+    /// An `ENUM` column's members in definition order: `c = ?` with the member's text, and
+    /// "after" or "before" it as `c IN (the members after or before it)`.
+    Enum(Vec<String>),
+}
+
 /// How the rows are read, page by page.
 #[derive(Debug, Clone, PartialEq)]
 struct Pages {
@@ -253,10 +285,12 @@ struct Pages {
     payload: String,
     /// The columns pages are ordered by (qualified with the alias).
     order: Vec<String>,
-    /// The placeholder of each of `order`'s values: `?`, or `CAST(? AS DECIMAL(p, s))` for a
-    /// `DECIMAL` column (its value comes back as text, and MySQL compares a decimal with text
-    /// as a double, which would confuse keys that differ beyond a double's 17 digits).
-    placeholders: Vec<String>,
+    /// What each page reads of `order`'s values: the column, or `c+0` for a `SET` or `BIT`
+    /// one ([`ColumnKind::Numeric`]).
+    selected: Vec<String>,
+    /// How each of `order`'s values is compared: with `?`, `CAST(? AS DECIMAL(p, s))` for a
+    /// `DECIMAL` column, or by its members for an `ENUM` one ([`ColumnKind`]).
+    compared: Vec<Compared>,
     /// Whether `order` is unique.
     unique: bool,
     chunk_rows: usize,
@@ -269,10 +303,11 @@ impl Pages {
         channel: &Channel,
         data_types: &BTreeMap<String, String>,
         order: &Order,
-        decimals: &BTreeMap<String, (u32, u32)>,
+        kinds: &BTreeMap<String, ColumnKind>,
         chunk_rows: usize,
     ) -> Self {
         let table = format!("{} AS {ALIAS}", qualified(&channel.schema, &channel.table));
+        let column = |c: &String| format!("{ALIAS}.{}", quote_ident(c));
         Pages {
             from: match &order.index {
                 Some(index) => format!("{table} FORCE INDEX ({})", quote_ident(index)),
@@ -280,19 +315,24 @@ impl Pages {
             },
             table,
             payload: row_payload_expr(ALIAS, channel, data_types),
-            order: order
+            order: order.columns.iter().map(column).collect(),
+            selected: order
                 .columns
                 .iter()
-                .map(|c| format!("{ALIAS}.{}", quote_ident(c)))
+                .map(|c| match kinds.get(c) {
+                    Some(ColumnKind::Numeric) => format!("{}+0", column(c)),
+                    _ => column(c),
+                })
                 .collect(),
-            placeholders: order
+            compared: order
                 .columns
                 .iter()
-                .map(|c| match decimals.get(c) {
-                    Some((precision, scale)) => {
-                        format!("CAST(? AS DECIMAL({precision}, {scale}))")
+                .map(|c| match kinds.get(c) {
+                    Some(ColumnKind::Decimal(precision, scale)) => {
+                        Compared::Placeholder(format!("CAST(? AS DECIMAL({precision}, {scale}))"))
                     }
-                    None => "?".to_string(),
+                    Some(ColumnKind::Enum(members)) => Compared::Enum(members.clone()),
+                    Some(ColumnKind::Numeric) | None => Compared::Placeholder("?".to_string()),
                 })
                 .collect(),
             unique: order.unique,
@@ -301,12 +341,12 @@ impl Pages {
         }
     }
 
-    /// The order columns with their placeholders.
-    fn columns(&self) -> Vec<(&str, &str)> {
+    /// The order columns with how each is compared.
+    fn columns(&self) -> Vec<(&str, &Compared)> {
         self.order
             .iter()
             .map(String::as_str)
-            .zip(self.placeholders.iter().map(String::as_str))
+            .zip(self.compared.iter())
             .collect()
     }
 
@@ -336,7 +376,7 @@ impl Pages {
         let mut sql = format!(
             "SELECT {}, {} FROM {}",
             self.payload,
-            self.order.join(", "),
+            self.selected.join(", "),
             self.from
         );
         if !conditions.is_empty() {
@@ -352,7 +392,7 @@ impl Pages {
     /// For a table without a unique order: the query of the `chunk_rows`-th next key.
     fn boundary_sql(&self) -> (String, Vec<Value>) {
         let (conditions, params) = self.after_clause();
-        let mut sql = format!("SELECT {} FROM {}", self.order.join(", "), self.from);
+        let mut sql = format!("SELECT {} FROM {}", self.selected.join(", "), self.from);
         if !conditions.is_empty() {
             sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
         }
@@ -379,16 +419,21 @@ enum Side {
 /// is a disjunction of plain comparisons (`c > ?`, `c = ?`, `c IS NULL`, …) that the range
 /// optimizer turns into ranges of an index on the columns. A comparison with a NULL column is
 /// unknown, which is false here: the condition is only ever used as it is, never negated.
-fn compare(columns: &[(&str, &str)], values: &[Value], side: Side) -> (String, Vec<Value>) {
+/// An `ENUM` column's "beyond" is the list of its members beyond the value (none: that
+/// alternative selects nothing and is left out).
+fn compare(columns: &[(&str, &Compared)], values: &[Value], side: Side) -> (String, Vec<Value>) {
     // for some i: equal on the first i columns and beyond on column i (UpTo: or equal on all)
     let mut alternatives = Vec::new();
     let mut params = Vec::new();
-    let equal = |column: &str, placeholder: &str, value: &Value, params: &mut Vec<Value>| {
+    let equal = |column: &str, compared: &Compared, value: &Value, params: &mut Vec<Value>| {
         if *value == Value::NULL {
             format!("{column} IS NULL")
         } else {
             params.push(value.clone());
-            format!("{column} = {placeholder}")
+            match compared {
+                Compared::Placeholder(placeholder) => format!("{column} = {placeholder}"),
+                Compared::Enum(_) => format!("{column} = ?"),
+            }
         }
     };
     for i in 0..=columns.len() {
@@ -397,21 +442,39 @@ fn compare(columns: &[(&str, &str)], values: &[Value], side: Side) -> (String, V
         }
         let mut terms = Vec::new();
         let mut term_params = Vec::new();
-        for ((column, placeholder), value) in columns[..i].iter().zip(values) {
-            terms.push(equal(column, placeholder, value, &mut term_params));
+        for ((column, compared), value) in columns[..i].iter().zip(values) {
+            terms.push(equal(column, compared, value, &mut term_params));
         }
-        if let (Some((column, placeholder)), Some(value)) = (columns.get(i), values.get(i)) {
-            match (side, *value == Value::NULL) {
-                (Side::After, true) => terms.push(format!("{column} IS NOT NULL")),
-                (Side::After, false) => {
+        if let (Some((column, compared)), Some(value)) = (columns.get(i), values.get(i)) {
+            match (side, *value == Value::NULL, compared) {
+                (Side::After, true, _) => terms.push(format!("{column} IS NOT NULL")),
+                (Side::After, false, Compared::Placeholder(placeholder)) => {
                     terms.push(format!("{column} > {placeholder}"));
                     term_params.push(value.clone());
                 }
+                (Side::After, false, Compared::Enum(members)) => {
+                    let (_, after) = enum_split(members, value);
+                    if after.is_empty() {
+                        continue;
+                    }
+                    terms.push(format!("{column} IN ({})", literals(after)));
+                }
                 // nothing comes before NULL
-                (Side::UpTo, true) => continue,
-                (Side::UpTo, false) => {
+                (Side::UpTo, true, _) => continue,
+                (Side::UpTo, false, Compared::Placeholder(placeholder)) => {
                     terms.push(format!("({column} < {placeholder} OR {column} IS NULL)"));
                     term_params.push(value.clone());
+                }
+                (Side::UpTo, false, Compared::Enum(members)) => {
+                    let (before, _) = enum_split(members, value);
+                    if before.is_empty() {
+                        terms.push(format!("{column} IS NULL"));
+                    } else {
+                        terms.push(format!(
+                            "({column} IN ({}) OR {column} IS NULL)",
+                            literals(before)
+                        ));
+                    }
                 }
             }
         }
@@ -422,6 +485,61 @@ fn compare(columns: &[(&str, &str)], values: &[Value], side: Side) -> (String, V
         return ("FALSE".to_string(), params);
     }
     (format!("({})", alternatives.join(" OR ")), params)
+}
+
+/// An `ENUM`'s members before and after `value` (the text of one of them; any other text —
+/// the empty error value, whose position 0 sorts first — comes before every member).
+fn enum_split<'m>(members: &'m [String], value: &Value) -> (&'m [String], &'m [String]) {
+    let text: &[u8] = match value {
+        Value::Bytes(bytes) => bytes,
+        _ => &[],
+    };
+    match members.iter().position(|m| m.as_bytes() == text) {
+        Some(i) => (&members[..i], &members[i + 1..]),
+        None => (&[], members),
+    }
+}
+
+/// `members` as a list of SQL string literals.
+fn literals(members: &[String]) -> String {
+    let quoted: Vec<String> = members.iter().map(|m| quote_literal(m)).collect();
+    quoted.join(", ")
+}
+
+/// The members of an `ENUM` from its `COLUMN_TYPE` (`enum('a','b''c')`: quotes doubled);
+/// `None` when it does not read as one, or when a member is empty (the error value's text
+/// too: the two would not be told apart) or holds a backslash (whose spelling there the
+/// parse does not rely on) — the column is then compared by number.
+fn enum_members(column_type: &str) -> Option<Vec<String>> {
+    let list = column_type
+        .strip_prefix("enum(")
+        .or_else(|| column_type.strip_prefix("ENUM("))?
+        .strip_suffix(')')?;
+    let mut members = Vec::new();
+    let mut chars = list.chars().peekable();
+    loop {
+        if chars.next()? != '\'' {
+            return None;
+        }
+        let mut member = String::new();
+        loop {
+            match chars.next()? {
+                '\'' if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    member.push('\'');
+                }
+                '\'' => break,
+                c => member.push(c),
+            }
+        }
+        members.push(member);
+        match chars.next() {
+            None if members.iter().any(|m| m.is_empty() || m.contains('\\')) => return None,
+            None => return Some(members),
+            Some(',') => {}
+            Some(_) => return None,
+        }
+    }
 }
 
 /// `sql` with its `?` placeholders replaced by `params` as SQL literals, for the trace log
@@ -461,12 +579,13 @@ fn inline(sql: &str, params: &[Value]) -> String {
 }
 
 /// The table's B-tree indexes that order rows by whole column values (no prefix or
-/// functional parts), and its `DECIMAL` columns' precision and scale.
+/// functional parts), and its columns that a page compares in a way of their own
+/// ([`ColumnKind`]: `DECIMAL`, `ENUM`, `SET`, `BIT`).
 async fn describe_indexes(
     conn: &mut Conn,
     schema: &str,
     table: &str,
-) -> std::result::Result<(Vec<Index>, BTreeMap<String, (u32, u32)>), mysql_async::Error> {
+) -> std::result::Result<(Vec<Index>, BTreeMap<String, ColumnKind>), mysql_async::Error> {
     type Part = (
         String,
         String,
@@ -519,21 +638,32 @@ async fn describe_indexes(
         .filter(|(i, usable)| *usable && !i.columns.is_empty())
         .map(|(i, _)| i)
         .collect();
-    let decimals: Vec<(String, String, String, u32, u32)> = conn
+    type Typed = (String, String, String, String, String, u32, u32);
+    let typed: Vec<Typed> = conn
         .exec(
-            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, CAST(NUMERIC_PRECISION AS UNSIGNED), \
-               CAST(NUMERIC_SCALE AS UNSIGNED) \
+            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME, LOWER(DATA_TYPE), \
+               CAST(COLUMN_TYPE AS CHAR), CAST(COALESCE(NUMERIC_PRECISION, 0) AS UNSIGNED), \
+               CAST(COALESCE(NUMERIC_SCALE, 0) AS UNSIGNED) \
              FROM information_schema.COLUMNS \
-             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND DATA_TYPE = 'decimal'",
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
+               AND LOWER(DATA_TYPE) IN ('decimal', 'enum', 'set', 'bit')",
             (schema, table),
         )
         .await?;
-    let decimals = decimals
-        .into_iter()
-        .filter(|(s, t, ..)| s == schema && t == table)
-        .map(|(_, _, column, precision, scale)| (column, (precision, scale)))
-        .collect();
-    Ok((indexes, decimals))
+    let mut kinds = BTreeMap::new();
+    for (s, t, column, data_type, column_type, precision, scale) in typed {
+        if s != schema || t != table {
+            continue;
+        }
+        let kind = match data_type.as_str() {
+            "decimal" => ColumnKind::Decimal(precision, scale),
+            // (an ENUM whose type does not read as one: by number, which is never wrong)
+            "enum" => enum_members(&column_type).map_or(ColumnKind::Numeric, ColumnKind::Enum),
+            _ => ColumnKind::Numeric,
+        };
+        kinds.insert(column, kind);
+    }
+    Ok((indexes, kinds))
 }
 
 impl MysqlSnapshot {
@@ -563,7 +693,7 @@ impl MysqlSnapshot {
             .filter(|c| channel.carries(&c.name))
             .map(|c| (c.name.clone(), c.data_type.clone()))
             .collect();
-        let (indexes, decimals) = describe_indexes(&mut conn, channel.schema(), channel.table())
+        let (indexes, kinds) = describe_indexes(&mut conn, channel.schema(), channel.table())
             .await
             .map_err(db_err(format!("{what}: reading its indexes")))?;
         let order = choose_order(&channel.key_columns, &table.primary_key(), &indexes);
@@ -585,7 +715,7 @@ impl MysqlSnapshot {
                 channel.key_columns.join(", ")
             );
         }
-        let pages = Pages::new(&channel, &data_types, &order, &decimals, chunk_rows);
+        let pages = Pages::new(&channel, &data_types, &order, &kinds, chunk_rows);
         conn.query_drop("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .await
             .map_err(db_err(what.clone()))?;
@@ -865,10 +995,75 @@ mod tests {
     }
 
     #[test]
+    fn enum_members_read_from_the_column_type() {
+        assert_eq!(
+            enum_members("enum('b','a','it''s',' x,y')"),
+            Some(strings(&["b", "a", "it's", " x,y"]))
+        );
+        assert_eq!(enum_members("enum('a','')"), None);
+        assert_eq!(enum_members("enum('a\\\\b')"), None);
+        assert_eq!(enum_members("set('a')"), None);
+    }
+
+    #[test]
+    fn enum_and_set_values_are_compared_in_their_sort_order() {
+        let order = Order::indexed("PRIMARY", strings(&["k", "s", "id"]), true);
+        let kinds: BTreeMap<String, ColumnKind> = [
+            ("k".to_string(), ColumnKind::Enum(strings(&["b", "a", "c"]))),
+            ("s".to_string(), ColumnKind::Numeric),
+        ]
+        .into();
+        let mut pages = Pages::new(&channel(&["k", "s", "id"]), &types(), &order, &kinds, 2);
+        let (sql, _) = pages.page_sql(None);
+        assert!(
+            sql.contains(", _sqn_r.`k`, _sqn_r.`s`+0, _sqn_r.`id` FROM "),
+            "{sql}"
+        );
+        pages.after = Some(vec![
+            Value::Bytes(b"a".to_vec()),
+            Value::UInt(3),
+            Value::Int(2),
+        ]);
+        let (sql, params) = pages.page_sql(None);
+        assert!(
+            sql.contains(
+                " WHERE ((_sqn_r.`k` IN ('c')) OR (_sqn_r.`k` = ? AND _sqn_r.`s` > ?) OR \
+                 (_sqn_r.`k` = ? AND _sqn_r.`s` = ? AND _sqn_r.`id` > ?)) ORDER BY _sqn_r.`k`, \
+                 _sqn_r.`s`, _sqn_r.`id` LIMIT 2"
+            ),
+            "{sql}"
+        );
+        assert_eq!(params.len(), 5);
+        // after the last member: that alternative is left out
+        pages.after = Some(vec![
+            Value::Bytes(b"c".to_vec()),
+            Value::UInt(3),
+            Value::Int(2),
+        ]);
+        let (sql, _) = pages.page_sql(None);
+        assert!(
+            sql.contains(" WHERE ((_sqn_r.`k` = ? AND _sqn_r.`s` > ?) OR "),
+            "{sql}"
+        );
+        let plain = Compared::Placeholder("?".to_string());
+        let members = Compared::Enum(strings(&["b", "a", "c"]));
+        let (sql, _) = compare(
+            &[("k", &members), ("id", &plain)],
+            &[Value::Bytes(b"a".to_vec()), Value::Int(1)],
+            Side::UpTo,
+        );
+        assert_eq!(
+            sql,
+            "(((k IN ('b') OR k IS NULL)) OR (k = ? AND (id < ? OR id IS NULL)) OR (k = ? AND id = ?))"
+        );
+    }
+
+    #[test]
     fn decimal_values_are_compared_as_decimals() {
         let order = Order::indexed("PRIMARY", strings(&["d", "id"]), true);
-        let decimals: BTreeMap<String, (u32, u32)> = [("d".to_string(), (30, 20))].into();
-        let mut pages = Pages::new(&channel(&["d", "id"]), &types(), &order, &decimals, 10);
+        let kinds: BTreeMap<String, ColumnKind> =
+            [("d".to_string(), ColumnKind::Decimal(30, 20))].into();
+        let mut pages = Pages::new(&channel(&["d", "id"]), &types(), &order, &kinds, 10);
         pages.after = Some(vec![Value::Bytes(b"-1.10".to_vec()), Value::Int(3)]);
         let (sql, params) = pages.page_sql(None);
         assert!(
@@ -922,7 +1117,8 @@ mod tests {
                 all.push([a, b]);
             }
         }
-        let columns = [("a", "?"), ("b", "?")];
+        let plain = Compared::Placeholder("?".to_string());
+        let columns = [("a", &plain), ("b", &plain)];
         let value = |v: Option<i64>| v.map_or(Value::NULL, Value::Int);
         for bound in &all {
             let values: Vec<Value> = bound.iter().map(|v| value(*v)).collect();
