@@ -497,6 +497,68 @@ async fn a_snapshot_that_fails_while_its_feed_is_full_ends_with_the_error() {
     notifier.stop().await.unwrap();
 }
 
+/// Dropping a feed ends its subscription, also when no change since passed its filters: the
+/// feeder took (and counted as delivered) every event of every watched table for as long as
+/// the notifier ran, noticing the feed was gone only when it had an event to send — never,
+/// with a filter no row matches.
+#[actix_rt::test]
+async fn dropping_a_feed_ends_its_subscription() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE u (id int PRIMARY KEY);
+         INSERT INTO t VALUES (1)",
+    )
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .watch(Watch::new("u", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").filter(Filter::eq("id", -1)))
+        .await
+        .unwrap();
+    assert!(common::wait_until(Duration::from_secs(30), || async { feed.progress().done }).await);
+    // Inserts row `id` into u, waits until the pipeline has routed it, and returns how many
+    // subscriptions it was delivered to.
+    let routed = |id: i32| {
+        let (db, notifier) = (&db, &notifier);
+        async move {
+            let before = notifier.stats().await.unwrap();
+            db.exec(&format!("INSERT INTO u VALUES ({id})")).await;
+            let routed = common::wait_until(Duration::from_secs(30), || async {
+                let s = notifier.stats().await.unwrap();
+                s.received > before.received && s.in_flight == 0 && s.queued == 0
+            })
+            .await;
+            assert!(routed, "row {id} of u was never routed");
+            notifier.stats().await.unwrap().delivered - before.delivered
+        }
+    };
+    assert_eq!(
+        routed(1).await,
+        1,
+        "the feed's subscription takes every event"
+    );
+    drop(feed);
+    let next = std::cell::Cell::new(1);
+    let gone = common::wait_until(Duration::from_secs(10), || {
+        next.set(next.get() + 1);
+        let id = next.get();
+        async move { routed(id).await == 0 }
+    })
+    .await;
+    assert!(
+        gone,
+        "the dropped feed's subscription still takes every event"
+    );
+    for id in 1_000..1_005 {
+        assert_eq!(routed(id).await, 0, "row {id} of u delivered");
+    }
+    notifier.stop().await.unwrap();
+}
+
 /// The replica check on SQLite: 4 writer threads, each on its own connection, writing
 /// (`BEGIN IMMEDIATE`: SQLite has one writer at a time) while the snapshot is read.
 #[actix_rt::test]

@@ -16,9 +16,10 @@ use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channel, RawNotification};
 use crate::filter::Filter;
 use crate::payload::{decode, Decoded};
-use crate::registry::{Registry, SubscribeEvery};
+use crate::registry::{Registry, SubscribeEvery, Unsubscribe};
 use crate::stats::Counters;
 use crate::subscriber::Sink;
+use crate::subscription::SubscriptionId;
 
 /// What the feeder needs to start, used once.
 pub(crate) struct Start {
@@ -103,6 +104,10 @@ pub(crate) struct Feeder {
     backfills: VecDeque<(Fence, Sent)>,
     /// What the keys of `backfills` take ([`Sent::bytes`] summed).
     backfill_bytes: usize,
+    /// Where the subscription is, to end it when the feeder stops.
+    registry: Addr<Registry>,
+    /// The subscription to every event, once made.
+    subscription: Option<SubscriptionId>,
     start: Option<Start>,
 }
 
@@ -131,6 +136,8 @@ impl Feeder {
             fence: None,
             backfills: VecDeque::new(),
             backfill_bytes: 0,
+            registry: start.registry.clone(),
+            subscription: None,
             start: Some(start),
         }
     }
@@ -172,21 +179,32 @@ impl Feeder {
     }
 }
 
-/// Subscribes `me`, then reads the snapshot into `tx` ([`read_rows`]).
+/// Subscribes `me`, then reads the snapshot into the feed ([`read_rows`]), a failure of
+/// either [`reported`]. Returns the subscription (when made) and the read's fence (`None`
+/// when the feed was dropped, or after a failure).
 async fn subscribe_and_read(
     start: Start,
     me: Recipient<ChangeEvent>,
     read: Read,
-) -> Result<Option<Fence>> {
+) -> (Option<SubscriptionId>, Option<Fence>) {
     // The subscription first: every change committed after the read is taken reaches it.
-    start
+    let subscribed = start
         .registry
         .send(SubscribeEvery {
             sink: Sink::Recipient(me),
             buffer: start.buffer,
         })
-        .await?;
-    Ok(read_rows(read, true).await?.map(|(fence, _)| fence))
+        .await
+        .map_err(Error::from);
+    let what = "the snapshot";
+    match subscribed {
+        Ok(id) => {
+            let rows = read.clone();
+            let read_one = async move { Ok(read_rows(rows, true).await?.map(|(f, _)| f)) };
+            (Some(id), reported(read, what, read_one).await.flatten())
+        }
+        Err(e) => (None, reported(read, what, async { Err(e) }).await.flatten()),
+    }
 }
 
 /// What one read of the table needs.
@@ -333,16 +351,45 @@ impl Actor for Feeder {
         };
         ctx.set_mailbox_capacity(start.buffer);
         let read = subscribe_and_read(start, ctx.address().recipient(), self.read.clone());
-        let read = reported(self.read.clone(), "the snapshot", read);
         // ctx.wait: no live event is looked at before the last snapshot row went out.
-        ctx.wait(read.into_actor(self).map(|result, act, ctx| match result {
-            Some(Some(fence)) => {
-                act.fence = Some(fence);
-                act.read.progress.done.store(true, Ordering::Release);
-            }
-            // The feed was dropped, or the failure is in it.
-            Some(None) | None => ctx.stop(),
-        }));
+        ctx.wait(
+            read.into_actor(self)
+                .map(|(subscription, fence), act, ctx| {
+                    act.subscription = subscription;
+                    match fence {
+                        Some(fence) => {
+                            act.fence = Some(fence);
+                            act.read.progress.done.store(true, Ordering::Release);
+                        }
+                        // The feed was dropped, or the failure is in it.
+                        None => ctx.stop(),
+                    }
+                }),
+        );
+    }
+
+    /// Ends the subscription: a feeder that stopped (its feed dropped, its read failed) takes
+    /// no more of the pipeline's events, which it would otherwise hold up (its buffer waits)
+    /// and count as delivered.
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if let Some(id) = self.subscription.take() {
+            self.registry.do_send(Unsubscribe(id));
+        }
+    }
+}
+
+/// Stops the feeder: its feed was dropped ([`SnapshotFeed`](super::SnapshotFeed)'s `Drop`).
+pub(crate) struct Stop;
+
+impl Message for Stop {
+    type Result = ();
+}
+
+impl Handler<Stop> for Feeder {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 
@@ -352,6 +399,12 @@ impl Handler<ChangeEvent> for Feeder {
     fn handle(&mut self, event: ChangeEvent, ctx: &mut Context<Self>) {
         if self.fence.is_none() {
             return; // stopping after a failed read
+        }
+        // The feed was dropped: stop on the next event, whether or not it would pass (most
+        // may not, and only a send would tell).
+        if self.read.tx.is_closed() {
+            ctx.stop();
+            return;
         }
         if !self.channels.contains(event.channel())
             || self.covered(&event)

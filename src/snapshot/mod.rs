@@ -158,6 +158,15 @@ pub struct SnapshotFeed {
     channel: Arc<Channel>,
 }
 
+/// Ends the feeder and with it the subscription, also while no event comes its way.
+impl Drop for SnapshotFeed {
+    fn drop(&mut self) {
+        if let Some(feeder) = self.feeder.upgrade() {
+            feeder.do_send(feeder::Stop);
+        }
+    }
+}
+
 impl SnapshotFeed {
     pub(crate) fn new(
         rx: mpsc::Receiver<Result<ChangeEvent>>,
