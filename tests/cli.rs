@@ -266,6 +266,78 @@ fn tail_with_a_snapshot_prints_the_rows_then_the_changes() {
     assert!(tail.interrupt().success());
 }
 
+/// `tail --snapshot` whose snapshot fails — its connection terminated in the middle of the
+/// read, while stdout is not read (the pipe full, the read waits with its cursor open): the
+/// rows read so far, then exit status 1 and, last, one `sqlnotify: error:` line naming the
+/// snapshot. It used to print a line of its own, say "stdout closed" and exit 0.
+#[test]
+fn tail_exits_with_an_error_when_its_snapshot_fails() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = rt.block_on(TestDb::new());
+    rt.block_on(db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, repeat('x', 100) FROM generate_series(1, 50000) i",
+    ));
+    let mut child = sqlnotify()
+        .args([
+            "tail",
+            &db.url,
+            "--table",
+            "t",
+            "--columns",
+            "v",
+            "--snapshot",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // not read until the snapshot's connection is gone
+    let stdout = child.stdout.take().unwrap();
+    let mut tail = Running {
+        stdout: mpsc::channel().1,
+        stderr: lines(child.stderr.take().unwrap()),
+        child,
+        errors: Vec::new(),
+    };
+    let snapshot = "FROM pg_catalog.pg_stat_activity \
+                    WHERE datname = pg_catalog.current_database() \
+                      AND state = 'idle in transaction' AND query LIKE '%\\_sqn\\_snapshot%'";
+    let waiting = rt.block_on(common::wait_until(ARRIVES_WITHIN, || async {
+        db.count(&format!("SELECT pg_catalog.count(*) {snapshot}"))
+            .await
+            == 1
+    }));
+    assert!(waiting, "the snapshot's cursor never waited");
+    rt.block_on(db.exec(&format!(
+        "SELECT pg_catalog.pg_terminate_backend(pid) {snapshot}"
+    )));
+    tail.stdout = lines(stdout);
+    let status = tail.wait_exit();
+    let mut rows = 0;
+    while let Ok(line) = tail.stdout.try_recv() {
+        let e: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_eq!(e["snapshot"], json!(true), "{e}");
+        rows += 1;
+    }
+    assert!(rows < 50_000, "{rows} rows");
+    assert_eq!(status.code(), Some(1), "stderr: {:?}", tail.errors);
+    let last = tail.errors.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("sqlnotify: error: the snapshot of t failed: "),
+        "{:?}",
+        tail.errors
+    );
+    assert!(
+        !tail.errors.iter().any(|l| l.contains("stdout closed")),
+        "{:?}",
+        tail.errors
+    );
+}
+
 #[test]
 fn tail_keeps_triggers_without_cleanup_and_prints_composite_keys_and_labels() {
     let db = TempDb::new(

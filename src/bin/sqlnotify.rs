@@ -953,8 +953,9 @@ async fn tail(
     );
     let notifier = builder.start().await?;
 
-    // stdout closed (`| head`): stop as if interrupted.
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // stdout closed (`| head`, `None`): stop as if interrupted; a snapshot failed (`Some`):
+    // stop, then fail with its error.
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<Option<Failure>>();
     // --snapshot: one feed per table, covering every operation watched on it.
     let mut tables: Vec<&String> = Vec::new();
     for (table, _, _) in &watches {
@@ -985,7 +986,7 @@ async fn tail(
         let subscribed = notifier
             .subscribe_fn(subscription, move |event| {
                 if print_event(&event).is_err() {
-                    let _ = closed_tx.send(());
+                    let _ = closed_tx.send(None);
                 }
             })
             .await;
@@ -1012,9 +1013,16 @@ async fn tail(
         channels.join(", ")
     );
 
+    let mut failed = None;
     let reason = tokio::select! {
         reason = signals.requested() => reason,
-        _ = closed_rx.recv() => "stdout closed",
+        ended = closed_rx.recv() => match ended.flatten() {
+            Some(failure) => {
+                failed = Some(failure);
+                "a snapshot failed"
+            }
+            None => "stdout closed",
+        },
     };
     if cleanup_on_exit {
         eprintln!("sqlnotify: {reason}; stopping and removing the triggers …");
@@ -1025,7 +1033,10 @@ async fn tail(
     if cleanup_on_exit {
         eprintln!("sqlnotify: removed the triggers");
     }
-    Ok(())
+    match failed {
+        Some(failure) => Err(failure),
+        None => Ok(()),
+    }
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM, caught from [`listen`](Self::listen) on: a signal that
@@ -1098,11 +1109,12 @@ fn report_status(status: &Status, disconnected: &Cell<bool>) {
 
 /// Prints a snapshot feed's events, and its progress on stderr until the snapshot is done
 /// (a bar redrawn in place on a terminal, a line every few seconds otherwise, and a last line
-/// once done). A failed snapshot is reported and stops the command, as a closed stdout does.
+/// once done). A closed stdout stops the command (`None` on `closed`); a failed snapshot
+/// stops it too, and its error (`Some`) becomes the command's.
 async fn print_feed(
     table: String,
     mut feed: sqlnotify::SnapshotFeed,
-    closed: tokio::sync::mpsc::UnboundedSender<()>,
+    closed: tokio::sync::mpsc::UnboundedSender<Option<Failure>>,
 ) {
     use std::io::IsTerminal;
     let terminal = std::io::stderr().is_terminal();
@@ -1124,13 +1136,17 @@ async fn print_feed(
             event = feed.next() => match event {
                 Some(Ok(event)) => {
                     if print_event(&event).is_err() {
-                        let _ = closed.send(());
+                        let _ = closed.send(None);
                         return;
                     }
                 }
                 Some(Err(e)) => {
-                    eprintln!("\nsqlnotify: the snapshot of {table} failed: {e}");
-                    let _ = closed.send(());
+                    if terminal {
+                        eprintln!(); // (ends the progress bar's line)
+                    }
+                    let mut failure = Failure::from(e);
+                    failure.message = format!("the snapshot of {table} failed: {}", failure.message);
+                    let _ = closed.send(Some(failure));
                     return;
                 }
                 None => return,
