@@ -247,3 +247,52 @@ impl DeadLetterCalls {
         self.store.reset_redelivering(handler.to_string()).await
     }
 }
+
+/// Where the next page of a [`replay_page`] starts.
+#[cfg(feature = "web")]
+pub struct ReplayNext(crate::replay::ReplayFrom);
+
+/// One page of the journal replay the SSE endpoint reads for a client that resumes after
+/// event id `after` (or, with `next`, the page after one read before), at most `limit` rows,
+/// on every channel of `notifier`'s journal tiers: the rows' sequences and where the next page
+/// starts (`None` after the last). `Ok(None)`: a reset (the position cannot be resumed, or
+/// retention may have removed a row after it). For tests of the replay's pages.
+#[cfg(feature = "web")]
+pub async fn replay_page(
+    notifier: &crate::Notifier,
+    after: &str,
+    next: Option<ReplayNext>,
+    limit: i64,
+) -> Result<Option<(Vec<i64>, Option<ReplayNext>)>> {
+    let from = match next {
+        Some(ReplayNext(from)) => from,
+        None => match crate::web::Position::parse(after) {
+            Some(position) => position.replay_from(),
+            None => return Ok(None),
+        },
+    };
+    let channels: Vec<String> = notifier
+        .channel_set()
+        .list()
+        .into_iter()
+        .filter(|c| matches!(c.tier(), crate::Tier::Durable | crate::Tier::Poll))
+        .map(|c| c.name().to_string())
+        .collect();
+    let replay = notifier
+        .dialect()
+        .replay(from, channels.clone(), channels, limit)
+        .await?;
+    Ok(match replay {
+        crate::replay::Replay::Rows { rows, next, .. } => Some((
+            rows.iter().filter_map(|r| r.sequence).collect(),
+            next.map(ReplayNext),
+        )),
+        crate::replay::Replay::TooOld | crate::replay::Replay::Unsupported => None,
+    })
+}
+
+/// Runs `notifier`'s retention purge now, keeping what is younger than `keep`; returns how
+/// many rows it deleted. For tests that must place a purge between two reads.
+pub async fn purge_now(notifier: &crate::Notifier, keep: Duration) -> Result<u64> {
+    notifier.dialect().overflow_store().purge(keep).await
+}

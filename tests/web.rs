@@ -1365,3 +1365,54 @@ async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tie
     server.await.unwrap().unwrap();
     notifier.stop().await.unwrap();
 }
+
+/// A purge that runs between two pages of a PostgreSQL replay deletes rows the next page
+/// would hold: that page is a reset, never a silent gap. (The purge's record was checked
+/// before the first page only: the next page came back empty, as if the client had
+/// everything.)
+#[actix_rt::test]
+async fn on_postgresql_a_purge_between_two_pages_of_a_replay_is_a_reset() {
+    use sqlnotify::bench_support::{purge_now, replay_page};
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+        n.retention(Duration::from_millis(1))
+            .purge_interval(Duration::from_secs(3600))
+    })
+    .await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    for id in 1..=5 {
+        db.exec(&format!(
+            "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')"
+        ))
+        .await;
+    }
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    for want in 2..=5 {
+        assert_eq!(client.next_event().await.row(), want);
+    }
+    drop(client);
+    let after = first.id.expect("a durable event has a position");
+    let (rows, next) = replay_page(&notifier, &after, None, 2)
+        .await
+        .unwrap()
+        .expect("the position resumes");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let next = next.expect("a second page");
+    assert!(
+        purge_now(&notifier, Duration::from_millis(1))
+            .await
+            .unwrap()
+            > 0
+    );
+    let page = replay_page(&notifier, &after, Some(next), 2).await.unwrap();
+    assert!(
+        page.is_none(),
+        "a reset, not the page {:?}",
+        page.map(|(rows, _)| rows)
+    );
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}

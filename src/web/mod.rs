@@ -92,7 +92,7 @@ pub use self::params::{Param, ParamType};
 pub use self::stats::SseStats;
 
 use self::builder::Config;
-use self::frame::Position;
+pub(crate) use self::frame::Position;
 use self::stats::Counters;
 use self::stream::{Connection, Start};
 use crate::error::Error;
