@@ -271,13 +271,7 @@ pub async fn replay_page(
             None => return Ok(None),
         },
     };
-    let channels: Vec<String> = notifier
-        .channel_set()
-        .list()
-        .into_iter()
-        .filter(|c| matches!(c.tier(), crate::Tier::Durable | crate::Tier::Poll))
-        .map(|c| c.name().to_string())
-        .collect();
+    let channels = notifier.journal_channels();
     let replay = notifier
         .dialect()
         .replay(from, channels.clone(), channels, limit)

@@ -349,6 +349,18 @@ impl Notifier {
         &self.inner.pipeline.channels
     }
 
+    /// The channels whose journal the listener reads (durable and poll tiers): the order of a
+    /// PostgreSQL journal read, and so of a replay, depends on them.
+    #[cfg_attr(not(feature = "web"), allow(dead_code))]
+    pub(crate) fn journal_channels(&self) -> Vec<String> {
+        self.channel_set()
+            .list()
+            .into_iter()
+            .filter(|c| matches!(c.tier(), crate::Tier::Durable | crate::Tier::Poll))
+            .map(|c| c.name().to_string())
+            .collect()
+    }
+
     /// An acknowledged subscription: the events `subscription` selects, each with an
     /// [`Ack`](crate::Ack), in commit order. A named consumer's position moves past an event
     /// only once every acknowledged subscription that selected it has acknowledged it (and

@@ -154,15 +154,7 @@ impl Connection {
         let mut channels: Vec<String> = self.routes.iter().map(|(c, _)| c.clone()).collect();
         channels.sort();
         channels.dedup();
-        // The channels the listener reads the journal for: the order of a PostgreSQL read
-        // depends on them.
-        let all: Vec<String> = notifier
-            .channel_set()
-            .list()
-            .into_iter()
-            .filter(|c| matches!(c.tier(), crate::Tier::Durable | crate::Tier::Poll))
-            .map(|c| c.name().to_string())
-            .collect();
+        let all = notifier.journal_channels();
         let read = notifier
             .dialect()
             .replay(from, channels, all, self.config.replay_page)
