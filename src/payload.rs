@@ -101,13 +101,10 @@ fn lenient(payload: &str) -> Option<Value> {
 }
 
 /// A statement payload (an array of row payloads) read as [`lenient`] reads one.
-fn lenient_rows(payload: &str) -> Option<Value> {
+fn lenient_rows(payload: &str) -> Option<Vec<Value>> {
     use serde_json::value::RawValue;
     let rows: Vec<Box<RawValue>> = serde_json::from_str(payload).ok()?;
-    rows.iter()
-        .map(|row| lenient(row.get()))
-        .collect::<Option<Vec<Value>>>()
-        .map(Value::Array)
+    rows.iter().map(|row| lenient(row.get())).collect()
 }
 
 /// `text` as a `Value`; failing that, an object whose members `member` reads from their
@@ -516,10 +513,9 @@ pub(crate) fn decode_rows(
 ) -> Result<Vec<Result<Decoded, String>>, String> {
     let rows: Vec<Value> = match serde_json::from_str(payload) {
         Ok(rows) => rows,
-        Err(e) => match lenient_rows(payload) {
-            Some(Value::Array(rows)) => rows,
-            _ => return Err(format!("payload is not a JSON array: {e}")),
-        },
+        Err(e) => {
+            lenient_rows(payload).ok_or_else(|| format!("payload is not a JSON array: {e}"))?
+        }
     };
     Ok(rows
         .into_iter()

@@ -189,7 +189,8 @@ async fn installed_state(
     // One trigger name per watched table and operation (and label): were another database's
     // notifier to own it, installing here would silently take its events away, and it would
     // take them back at its next start.
-    if let Some(trigger) = trigger_table(conn, &w.channel.schema, name).await? {
+    let trigger = trigger_table(conn, &w.channel.schema, name).await?;
+    if let Some(trigger) = &trigger {
         let journal = qualified(database, ddl::JOURNAL);
         if let Some(other) = (trigger.table == w.channel.table)
             .then(|| other_journal(&trigger.body, &journal))
@@ -222,7 +223,6 @@ async fn installed_state(
     let Some(recorded) = recorded else {
         return Ok(Installed::Missing);
     };
-    let trigger = trigger_table(conn, &w.channel.schema, name).await?;
     let on_table = trigger.as_ref().is_some_and(|t| t.table == w.channel.table);
     // A trigger created under another sql_mode (by hand, or by an older version) could fail
     // the user's writes: it counts as changed.

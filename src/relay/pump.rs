@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::broker::{Broker, Link, Outgoing};
 use super::subject::{key_text, Naming};
-use crate::acked::{Deliveries, Delivery};
+use crate::acked::Deliveries;
 use crate::backoff::Backoff;
 use crate::event::ChangeEvent;
 use crate::holds::Ack;
@@ -64,7 +64,7 @@ impl Pump {
         if size <= max_size {
             return true;
         }
-        let smaller = self.message_of(&pending.event.key_only());
+        let smaller = self.message(&pending.event.key_only());
         let event = &pending.event;
         if smaller.size() > max_size {
             self.counters.skipped.fetch_add(1, Ordering::Relaxed);
@@ -94,11 +94,7 @@ impl Pump {
         true
     }
 
-    fn message(&self, delivery: &Delivery) -> Outgoing {
-        self.message_of(&delivery.event)
-    }
-
-    fn message_of(&self, event: &ChangeEvent) -> Outgoing {
+    fn message(&self, event: &ChangeEvent) -> Outgoing {
         let base = self
             .bases
             .get(event.channel())
@@ -229,7 +225,7 @@ impl Pump {
                     }
                     delivery = deliveries.recv(), if room && !ended => match delivery {
                         Some(delivery) => {
-                            let message = self.message(&delivery);
+                            let message = self.message(&delivery.event);
                             unconfirmed.push_back(Pending {
                                 message,
                                 ack: delivery.ack,

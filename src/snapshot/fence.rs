@@ -125,25 +125,12 @@ impl Fence {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::event::{Channel, Key, RawNotification};
-    use crate::operation::Operation;
+    use crate::event::{Key, RawNotification};
     use crate::tier::Tier;
 
     fn event(raw: RawNotification) -> ChangeEvent {
-        let channel = Arc::new(Channel {
-            name: "c".into(),
-            schema: "public".into(),
-            table: "t".into(),
-            operation: Operation::Insert,
-            label: None,
-            key_columns: vec!["id".into()],
-            extra_columns: vec![],
-            tier: Tier::Durable,
-            signed: false,
-        });
+        let channel = crate::event::test_channel(Tier::Durable);
         ChangeEvent::new(
             channel,
             Key::Single(1.into()),
