@@ -70,8 +70,9 @@ impl fmt::Display for ConsumerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ConsumerPosition {
-    /// PostgreSQL: a transaction-id horizon (`xid8`). Rows of transactions at or after it are
-    /// replayed on restart; every older transaction had finished and was read.
+    /// PostgreSQL: a transaction-id horizon (`xid8`): every older transaction had finished
+    /// and was read. The consumer saves with it the snapshot of its last journal read, and a
+    /// restart replays the rows of the transactions that snapshot did not see.
     Horizon(u64),
     /// SQLite, MySQL / MariaDB: the journal id up to which every row was read.
     JournalId(i64),
@@ -117,9 +118,9 @@ pub struct ConsumerInfo {
     /// Its saved position.
     pub position: ConsumerPosition,
     /// Journal rows on its channels after its position: what a restart would deliver (and,
-    /// while it is active, what the purge keeps for it). On PostgreSQL rows already delivered
-    /// count too when more than 1,000 were delivered above its horizon (a transaction
-    /// somewhere in the cluster stayed open long): a restart would deliver them again.
+    /// while it is active, what the purge keeps for it). On PostgreSQL, when it saved its
+    /// position in the middle of a read that had delivered more than 1,000 rows, those count
+    /// too: a restart would deliver them again.
     pub backlog: u64,
     /// When it last saved its position or said it was alive (every 10 s while running, more
     /// often with a short expiry).

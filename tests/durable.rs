@@ -153,7 +153,7 @@ async fn the_poll_tier_never_listens() {
         notifier.stop().await.unwrap();
         let sent = tap.statements();
         assert!(
-            sent.iter().any(|sql| sql.contains("pg_snapshot_xmin")),
+            sent.iter().any(|sql| sql.contains("pg_snapshot_xip($1")),
             "{tier:?}: the tap saw the journal being read through {} connections: {sent:?}",
             tap.connections()
         );
@@ -674,6 +674,54 @@ async fn a_purge_by_another_role_expires_a_consumer_and_it_gets_a_gap() {
     let db = consumer_db().await;
     let apps = roles.apps(&db).await;
     common::consumers::an_expired_consumer_that_comes_back_gets_a_gap(&apps).await;
+}
+
+/// A transaction left open elsewhere on the server — any role can hold one (`BEGIN; SELECT
+/// pg_current_xact_id();`, then idle) — holds every snapshot's `xmin` back. The journal reader
+/// still knows exactly what it delivered: a restarted consumer delivers none of it again, and
+/// its backlog counts none of it. (Before, the reader kept every id delivered since, fetched
+/// them all again on every read, and saved only the horizon once they were more than 1,000: a
+/// restart replayed them all.)
+#[actix_rt::test]
+async fn a_transaction_left_open_elsewhere_makes_no_row_come_twice() {
+    for tier in TIERS {
+        let db = consumer_db().await;
+        let holder = db.client().await;
+        holder
+            .batch_execute("BEGIN; SELECT pg_catalog.pg_current_xact_id();")
+            .await
+            .unwrap();
+        let builder = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(tier))
+            .consumer("c");
+        let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
+        // 1,200 rows in 12 transactions: more ids than a saved position can list.
+        for k in 0..12 {
+            db.exec(&format!(
+                "INSERT INTO t SELECT generate_series({}, {})",
+                k * 100 + 1,
+                k * 100 + 100
+            ))
+            .await;
+        }
+        let ids = common::consumers::next_ids(&mut rx, 1200).await;
+        assert_eq!(ids, (1..=1200).collect::<Vec<i64>>(), "{tier:?}");
+        notifier.stop().await.unwrap();
+
+        let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
+        let consumers = notifier.consumers().await.unwrap();
+        assert_eq!(consumers.len(), 1, "{tier:?}: {consumers:?}");
+        assert_eq!(consumers[0].backlog, 0, "{tier:?}: {consumers:?}");
+        db.exec("INSERT INTO t VALUES (1201)").await;
+        assert_eq!(
+            common::consumers::next_ids(&mut rx, 1).await,
+            [1201],
+            "{tier:?}: nothing delivered before the restart comes again"
+        );
+        notifier.stop().await.unwrap();
+        assert!(rx.try_recv().is_err(), "{tier:?}");
+        holder.batch_execute("COMMIT").await.unwrap();
+    }
 }
 
 #[actix_rt::test]

@@ -978,7 +978,7 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                          WHERE datname = $1 AND backend_type = 'client backend' \
                          AND pid <> pg_backend_pid() \
-                         AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xmin(c.snapshot)%') \
+                         AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xip($1%') \
                          LIMIT 1",
                         &[&db_name],
                     )

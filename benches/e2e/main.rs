@@ -25,7 +25,8 @@
 //! `cost`: writer cost of `old_values` and `context` on INSERT+UPDATE transactions); MySQL:
 //! `mysql`, i.e. `mysql-latency-200`, `mysql-latency-1000`, `mysql-throughput-1w-100r-small`,
 //! `mysql-cost`, `mysql-idle`); the listener's CPU per event at a fixed rate: `cpu`, i.e.
-//! `cpu-15000-100r`, `cpu-2000-1r`; writer cost with single-row transactions (asynchronous
+//! `cpu-15000-100r`, `cpu-2000-1r`; the durable tier while another session keeps a
+//! transaction open, against the same without it: `open-txn`; writer cost with single-row transactions (asynchronous
 //! commit), where a statement-level trigger's price per statement shows most: `cost-1row`
 //! (also selected by `cost`). `--systems=notify,notify-unsigned,…` narrows the latency and
 //! throughput sections to those systems (short names in `System::short`) beside the raw
@@ -349,6 +350,7 @@ fn pg_sections() -> Vec<String> {
         "cost-async",
         "cost-1row",
         "idle",
+        OPEN_TXN,
         handlers::BACKLOG,
         handlers::LATENCY,
         change_data::SNAPSHOT,
@@ -428,6 +430,7 @@ async fn run(args: Args) {
         cpu(&ctx, &mut table).await;
         cost(&ctx, &mut table).await;
         idle(&ctx, &mut table).await;
+        open_transaction(&ctx, &mut table).await;
         handlers::run(&ctx, &mut table).await;
         change_data::run(&ctx, &mut table).await;
     }
@@ -1188,6 +1191,69 @@ async fn cpu(ctx: &Ctx, table: &mut Table) {
                 ),
             ]);
         }
+    }
+}
+
+/// Section name: the durable tier with a transaction left open elsewhere.
+const OPEN_TXN: &str = "open-txn";
+
+/// The durable tier at 2,000 single-row transactions per second while another session keeps
+/// a transaction open for the whole run (any role can: it holds every snapshot's `xmin`
+/// back), against the same run without it. The journal reader asks each read only for the
+/// transactions its last read did not see, so the open transaction should cost nothing; a
+/// reader that went by `xmin` would fetch again everything written since it began.
+async fn open_transaction(ctx: &Ctx, table: &mut Table) {
+    if !ctx.args.wants(OPEN_TXN) {
+        return;
+    }
+    eprintln!("durable tier with a transaction left open elsewhere …");
+    let load = Load {
+        writers: 1,
+        rate: 2_000,
+        txn_rows: 1,
+        payload_bytes: SMALL,
+        duration: ctx.args.run_time(),
+        async_commit: true,
+    };
+    let system = System::Tier(Tier::Durable);
+    let rounds = if ctx.args.quick { 1 } else { 3 };
+    let (mut plain, mut held) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        plain.push(measure(ctx, system, load).await);
+        let holder = connect(&ctx.url).await;
+        holder
+            .batch_execute("BEGIN; SELECT pg_catalog.pg_current_xact_id();")
+            .await
+            .expect("open a transaction");
+        held.push(measure(ctx, system, load).await);
+        holder.batch_execute("COMMIT").await.expect("commit");
+    }
+    let (plain, held) = (Outcome::merge(plain), Outcome::merge(held));
+    for (metric, base, with, unit) in [
+        ("p50 latency", plain.p(50.0), held.p(50.0), "ms"),
+        ("p99 latency", plain.p(99.0), held.p(99.0), "ms"),
+        (
+            "listener CPU per event",
+            plain.cpu_us_per_event(),
+            held.cpu_us_per_event(),
+            "µs",
+        ),
+    ] {
+        let show = |v: f64| if unit == "ms" { ms(v) } else { us(v) };
+        table.row(vec![
+            "durable tier, 2,000 1-row txns/s, a transaction open elsewhere".into(),
+            format!("{metric} ({unit})"),
+            show(base),
+            show(with),
+            ratio(with, base),
+            format!(
+                "baseline: the same run with no open transaction · delivered {} ev/s (baseline {}) · {} (baseline: {})",
+                count(held.delivered_rate),
+                count(plain.delivered_rate),
+                losses(&held),
+                losses(&plain)
+            ),
+        ]);
     }
 }
 

@@ -2,11 +2,16 @@
 //! positions, the journal purge that respects them, backlog, listing and dropping. The
 //! contract is in `crate::consumer`; this file is its SQL.
 //!
-//! A consumer's position is a transaction-id horizon and the ids at or above it it has
-//! already delivered (`seen`; see `journal.rs`): a journal row is unread by a consumer when
-//! `xid >= horizon`, its id is not in `seen`, and it is on one of the consumer's `channels`
-//! (NULL: every channel, for consumers registered by an older sqlnotify). The purge keeps every
-//! row at or above the horizon (simpler, and `seen` rows are few).
+//! A consumer's position is the snapshot of its last complete journal read, that snapshot's
+//! `xmin` as a transaction-id horizon, and the ids a read in progress had already delivered
+//! (`seen`; see `journal.rs`): a journal row is unread by a consumer when `xid >= horizon`, the
+//! snapshot did not see its transaction, its id is not in `seen`, and it is on one of the
+//! consumer's `channels` (NULL: every channel, for consumers registered by an older
+//! sqlnotify). A consumer saved by an older sqlnotify has no snapshot (its `seen` then holds
+//! every id it delivered at or above the horizon), or one it left behind when it moved the
+//! horizon on: whatever that snapshot saw had been delivered too, so both read the same way.
+//! The purge keeps the rows a consumer has not read, but for `seen` (simpler, and they are
+//! few).
 //!
 //! Why the purge runs in a transaction of its own, on a connection of its own. A dropped or
 //! expired consumer that starts again sets itself active and reads what it `missed`; the purge
@@ -51,7 +56,7 @@ BEGIN
   IF pg_catalog.to_regclass({name}) IS NOT NULL THEN
     IF (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute
          WHERE attrelid = pg_catalog.to_regclass({name}) AND NOT attisdropped
-           AND attname IN ('state', 'channels', 'expire_after', 'missed', 'seen')) < 5 THEN
+           AND attname IN ('state', 'channels', 'expire_after', 'missed', 'seen', 'snapshot')) < 6 THEN
       -- never wait without bound: a caller that set its own lock_timeout keeps it
       IF _sqn_lock = '0' THEN
         PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
@@ -62,7 +67,8 @@ BEGIN
           ADD COLUMN IF NOT EXISTS channels text[],
           ADD COLUMN IF NOT EXISTS expire_after interval,
           ADD COLUMN IF NOT EXISTS missed text[],
-          ADD COLUMN IF NOT EXISTS seen bigint[];
+          ADD COLUMN IF NOT EXISTS seen bigint[],
+          ADD COLUMN IF NOT EXISTS snapshot pg_snapshot;
       EXCEPTION WHEN lock_not_available THEN
         RAISE EXCEPTION 'sqlnotify: upgrading {table} (adding the columns of registered consumers) needs a moment when no other session is using it; retry'
           USING ERRCODE = 'lock_not_available';
@@ -118,7 +124,7 @@ pub(crate) async fn reactivate(
                 expire_after = pg_catalog.make_interval(secs => $3), updated_at = now()
            FROM (SELECT name, missed FROM {s}.consumers WHERE name = $1 FOR UPDATE) o
           WHERE c.name = o.name
-         RETURNING c.horizon::text, o.missed, c.seen",
+         RETURNING c.horizon::text, o.missed, c.seen, c.snapshot::text",
         s = quote_ident(SCHEMA)
     );
     let name = &consumer.name;
@@ -139,7 +145,15 @@ pub(crate) async fn reactivate(
     missed.sort();
     missed.dedup();
     let seen: Option<Vec<i64>> = row.get(2);
-    Ok(Some((Position { horizon, seen }, missed)))
+    let snapshot: Option<String> = row.get(3);
+    Ok(Some((
+        Position {
+            horizon,
+            snapshot,
+            seen,
+        },
+        missed,
+    )))
 }
 
 /// Registers a new consumer at `position`.
@@ -150,10 +164,12 @@ pub(crate) async fn insert(
     position: &Position,
 ) -> Result<()> {
     let sql = format!(
-        "INSERT INTO {s}.consumers (name, horizon, seen, updated_at, state, channels, expire_after)
-         VALUES ($1, $2::text::xid8, $5, now(), 'active', $3, pg_catalog.make_interval(secs => $4))
-         ON CONFLICT (name) DO UPDATE SET horizon = GREATEST({s}.consumers.horizon, EXCLUDED.horizon),
-                                          seen = NULL, updated_at = now()",
+        "INSERT INTO {s}.consumers AS c (name, horizon, seen, snapshot, updated_at, state, channels, expire_after)
+         VALUES ($1, $2::text::xid8, $5, $6::text::pg_snapshot, now(), 'active', $3, pg_catalog.make_interval(secs => $4))
+         ON CONFLICT (name) DO UPDATE SET horizon = GREATEST(c.horizon, EXCLUDED.horizon),
+                seen = NULL,
+                snapshot = CASE WHEN EXCLUDED.horizon >= c.horizon THEN EXCLUDED.snapshot ELSE c.snapshot END,
+                updated_at = now()",
         s = quote_ident(SCHEMA)
     );
     let name = &consumer.name;
@@ -166,6 +182,7 @@ pub(crate) async fn insert(
                 (&channels, Type::TEXT_ARRAY),
                 (&secs(consumer), Type::FLOAT8),
                 (&position.seen, Type::INT8_ARRAY),
+                (&position.snapshot, Type::TEXT),
             ],
         )
         .await
@@ -187,10 +204,12 @@ pub(crate) enum Saved {
 /// Saves consumer `name`'s position (never moving it backwards) and marks it alive. Does not
 /// change its state: see [`save_running`] for a running listener.
 pub(crate) async fn save(client: &Client, name: &str, position: &Position) -> Result<Saved> {
-    // SET reads the row's old values: `seen` follows the horizon it belongs to.
+    // SET reads the row's old values: `seen` and the snapshot follow the horizon they belong
+    // to.
     let sql = format!(
         "UPDATE {s}.consumers SET horizon = GREATEST(horizon, $2::text::xid8),
                 seen = CASE WHEN $2::text::xid8 >= horizon THEN $3 ELSE seen END,
+                snapshot = CASE WHEN $2::text::xid8 >= horizon THEN $4::text::pg_snapshot ELSE snapshot END,
                 updated_at = now()
           WHERE name = $1 RETURNING state, missed IS NOT NULL",
         s = quote_ident(SCHEMA)
@@ -202,6 +221,7 @@ pub(crate) async fn save(client: &Client, name: &str, position: &Position) -> Re
                 (&name, Type::TEXT),
                 (&position.horizon.to_string(), Type::TEXT),
                 (&position.seen, Type::INT8_ARRAY),
+                (&position.snapshot, Type::TEXT),
             ],
         )
         .await
@@ -242,12 +262,17 @@ pub(crate) async fn save_running(
     }
 }
 
+/// The condition "consumer row `c` has not read journal row `j`" — but for the ids in its
+/// `seen` — on its channels.
+const UNREAD: &str = "j.xid >= c.horizon
+    AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(j.xid, c.snapshot), false)
+    AND (c.channels IS NULL OR j.channel = ANY(c.channels))";
+
 /// The backlog of every consumer row `c` (a correlated subquery).
 fn backlog_sql() -> String {
     format!(
         "(SELECT pg_catalog.count(*) FROM {s}.journal j
-           WHERE j.xid >= c.horizon AND (c.channels IS NULL OR j.channel = ANY(c.channels))
-             AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))",
+           WHERE {UNREAD} AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))",
         s = quote_ident(SCHEMA)
     )
 }
@@ -259,8 +284,7 @@ pub(crate) async fn backlog(client: &Client, name: &str) -> Result<Option<Backlo
         "SELECT {},
                 (SELECT extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(j.created_at))::float8
                    FROM {s}.journal j
-                  WHERE j.xid >= c.horizon AND (c.channels IS NULL OR j.channel = ANY(c.channels))
-                    AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))
+                  WHERE {UNREAD} AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))
            FROM {s}.consumers c WHERE c.name = $1",
         backlog_sql(),
         s = quote_ident(SCHEMA)
@@ -339,7 +363,7 @@ fn unprotected(s: &str, names: u8, states: Option<u8>) -> String {
     format!(
         "NOT EXISTS (SELECT 1 FROM {s}.consumers c
                       WHERE NOT (c.name = ANY(${names})){states}
-                        AND j.xid >= c.horizon AND (c.channels IS NULL OR j.channel = ANY(c.channels)))"
+                        AND {UNREAD})"
     )
 }
 

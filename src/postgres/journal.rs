@@ -5,18 +5,20 @@
 //! and moves its cursor past it — then A commits, and row 10 is never read.
 //!
 //! The method: every row records its writer's transaction id (`xid8`,
-//! `pg_current_xact_id()`). Each read runs as one statement and also returns
-//! `pg_snapshot_xmin(pg_current_snapshot())` of that statement's snapshot: the oldest
-//! transaction still running. Every transaction older than that horizon has finished, so all
-//! of its rows were visible to this read. The next read asks for rows with `xid >= horizon`
-//! — rows of transactions that were (or may have been) still running — so a late commit is
-//! picked up however low its id. Rows read twice that way are suppressed with a set of the
-//! ids already delivered whose xid is at or above the horizon; ids below it can never come
-//! back, so the set stays as small as the set of recently committed rows. The horizon is what
-//! a named consumer saves, with the ids in that set (a [`Position`]): restarting from it
-//! replays exactly what was not delivered — or, when the set is too large to store (a
-//! transaction somewhere in the cluster stayed open long, holding every horizon back), at
-//! least that.
+//! `pg_current_xact_id()`). Each read runs as one statement and also returns that statement's
+//! snapshot (`pg_current_snapshot()`): the transactions it sees as committed are exactly those
+//! whose rows it returns. The cursor keeps the snapshot of its last complete read, and the next
+//! read asks only for rows of transactions that snapshot did *not* see — those at or after its
+//! `xmax` (begun since) and those in its `xip` list (running then) — and that the new snapshot
+//! does see. A late commit is picked up however low its id, no row comes twice, and a
+//! transaction left open anywhere on the server (any role can hold one) costs nothing but one
+//! entry in `xip`: what committed around it is neither fetched nor remembered again. The index
+//! on `xid` serves both conditions: a range from `xmax`, and a lookup per running transaction.
+//!
+//! What a named consumer saves (a [`Position`]) is that snapshot, with its `xmin` as the
+//! horizon (the purge and the backlog use it), and, when it saves in the middle of a read, the
+//! ids that read had already delivered: restarting from it replays exactly what was not
+//! delivered — or, when those ids are too many to store, at least that.
 //!
 //! Transactions stay whole and in order. A read sees each transaction's rows all or not at
 //! all (they commit together), and returns them grouped by transaction, the groups ordered
@@ -27,7 +29,7 @@
 //! last writes. Across reads, a transaction read later committed after every transaction an
 //! earlier read returned (it was not visible then).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use futures_util::{pin_mut, TryStreamExt};
@@ -48,28 +50,45 @@ use crate::tier::STATEMENT_CHUNK_ROWS;
 const BATCH: usize = 512;
 const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::pipeline::MIN_IN_FLIGHT);
 
-/// Most delivered ids a saved position carries; beyond that it saves the horizon alone.
+/// Most delivered ids a saved position carries; beyond that it saves the snapshot alone.
 pub(crate) const MAX_SAVED_SEEN: usize = 1_000;
 
-/// What a named consumer saves: its horizon, and the ids at or above it already delivered
-/// (`None` when there were more than [`MAX_SAVED_SEEN`]: a restart delivers them again).
+/// What a named consumer saves: the snapshot of its last complete read, that snapshot's
+/// `xmin` (its horizon: every older transaction was delivered), and the ids a read in progress
+/// had already delivered (`None` when there were more than [`MAX_SAVED_SEEN`]: a restart
+/// delivers them again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Position {
     pub horizon: u64,
+    /// `None`: saved by a version of sqlnotify that kept no snapshot (see
+    /// [`JournalCursor::resume`]).
+    pub snapshot: Option<String>,
     pub seen: Option<Vec<i64>>,
+}
+
+/// The snapshot a position that names no snapshot of its own stands for: every transaction
+/// before `horizon` delivered, none at or after it (the ids it says were delivered skip those).
+fn below(horizon: u64) -> String {
+    format!("{horizon}:{horizon}:")
+}
+
+/// The `xmin` of a snapshot in PostgreSQL's text form.
+pub(crate) fn snapshot_xmin(snapshot: &str) -> Result<u64> {
+    parse_xid(snapshot.split(':').next().unwrap_or_default())
 }
 
 /// Where a listener is in the journal.
 #[derive(Debug, Default)]
 pub(crate) struct JournalCursor {
-    /// Transactions older than this had all finished at the last read. `None`: not placed yet.
-    pub horizon: Option<u64>,
-    /// Ids delivered whose xid is at or above the horizon (they can be read again).
-    seen: HashMap<i64, u64>,
     /// The snapshot of the last complete read (`xmin:xmax:xip,…`): every transaction visible
-    /// to it has been delivered. The rows of the next read carry it in their
-    /// [`ReadPoint`](crate::ReadPoint)s.
+    /// to it has been delivered, and the next read returns only rows of the others. The rows
+    /// of the next read carry it in their [`ReadPoint`](crate::ReadPoint)s. `None`: not
+    /// placed yet.
     snapshot: Option<String>,
+    /// Ids delivered by a read that has not completed (or, resuming from a position of an
+    /// older version, at or after its horizon): that read's rows come again, and these are
+    /// skipped. Empty after every complete read.
+    seen: HashSet<i64>,
     /// The snapshot of a read that failed part way (its connection lost): the next read
     /// finishes it — the same rows, in the same snapshot — before reading on, so the events
     /// of one read always name the same snapshots (`src/read_point.rs`).
@@ -96,59 +115,85 @@ pub(crate) fn content(row: &tokio_postgres::Row) -> (std::sync::Arc<str>, String
 }
 
 impl JournalCursor {
-    /// A cursor resuming from a saved horizon and the ids at or above it already delivered
-    /// (with their transaction ids).
-    pub fn resume(horizon: u64, seen: HashMap<i64, u64>) -> Self {
+    /// A cursor resuming from a saved position. A snapshot whose `xmin` is not the saved
+    /// horizon was left behind by an older sqlnotify that saved the horizon alone (it moved
+    /// the horizon on and kept, in `seen`, every id delivered at or after it): the horizon is
+    /// then what the position means. (A snapshot cannot say what `seen` says: a client
+    /// resuming from an event of the first read may get those rows again; see README,
+    /// "Resume".)
+    pub fn resume(position: Position) -> Self {
+        let snapshot = position
+            .snapshot
+            .filter(|s| snapshot_xmin(s).ok() == Some(position.horizon))
+            .unwrap_or_else(|| below(position.horizon));
         JournalCursor {
-            horizon: Some(horizon),
-            seen,
-            // Everything below the horizon was delivered (by an earlier run); what it
-            // delivered at or above it is in `seen`, which a snapshot cannot say: a client
-            // resuming from the first read's rows may get those again (see README, "Resume").
-            snapshot: Some(format!("{horizon}:{horizon}:")),
+            snapshot: Some(snapshot),
+            seen: position.seen.unwrap_or_default().into_iter().collect(),
             unfinished: None,
         }
     }
 
+    /// Places a new cursor at "now": everything committed so far counts as delivered.
+    pub async fn place(&mut self, client: &Client) -> Result<()> {
+        let row = client
+            .query_typed_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
+            .await
+            .map_err(|e| Error::db("reading the journal", e))?;
+        *self = JournalCursor {
+            snapshot: Some(row.get(0)),
+            ..JournalCursor::default()
+        };
+        Ok(())
+    }
+
     /// The position to save once everything read so far has left the pipeline.
     pub fn position(&self) -> Option<Position> {
-        let horizon = self.horizon?;
+        let snapshot = self.snapshot.clone()?;
         let seen = (self.seen.len() <= MAX_SAVED_SEEN).then(|| {
-            let mut ids: Vec<i64> = self.seen.keys().copied().collect();
+            let mut ids: Vec<i64> = self.seen.iter().copied().collect();
             ids.sort_unstable();
             ids
         });
-        Some(Position { horizon, seen })
+        Some(Position {
+            horizon: snapshot_xmin(&snapshot).ok()?,
+            snapshot: Some(snapshot),
+            seen,
+        })
     }
 
-    /// Reads every row past the horizon on `channels`; hands those not seen yet to `outlet`
-    /// (or, without one — placing a new cursor at "now" — only marks them seen). Returns how
-    /// many events went, or `None` when told to stop while waiting for room in the pipeline.
+    /// Reads every row of a transaction the last complete read did not see on `channels`, and
+    /// hands those not delivered yet to `outlet`. Returns how many events went, or `None` when
+    /// told to stop while waiting for room in the pipeline.
     pub async fn read(
         &mut self,
         client: &Client,
         channels: &[String],
-        outlet: Option<&Outlet>,
+        outlet: &Outlet,
     ) -> Result<Option<u64>> {
+        // The index on xid answers both arms of the OR (a range, a lookup per running
+        // transaction); the last condition keeps out a row whose xid column says something
+        // else than its writer (an application role may insert into the journal).
         let sql = format!(
-            "SELECT s.horizon::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last, s.snapshot::text
-               FROM (SELECT pg_catalog.pg_snapshot_xmin(c.snapshot) AS horizon, c.snapshot
-                       FROM (SELECT coalesce($3::text::pg_snapshot, pg_catalog.pg_current_snapshot()) AS snapshot) c) s
+            "SELECT s.snapshot::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last
+               FROM (SELECT coalesce($3::text::pg_snapshot, pg_catalog.pg_current_snapshot()) AS snapshot) s
                LEFT JOIN LATERAL (
                     SELECT id, xid, channel, payload, events,
                            pg_catalog.max(id) OVER (PARTITION BY xid) AS tx_last
                       FROM {}.journal
-                     WHERE xid >= coalesce($1::text::xid8, s.horizon) AND channel = ANY($2)
-                       AND ($3 IS NULL OR pg_catalog.pg_visible_in_snapshot(xid, s.snapshot))
+                     WHERE (xid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
+                            OR xid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
+                       AND channel = ANY($2)
+                       AND pg_catalog.pg_visible_in_snapshot(xid, s.snapshot)
                      ORDER BY tx_last, id) j ON true",
             quote_ident(SCHEMA)
         );
-        let floor = self.horizon.map(|h| h.to_string());
+        // (A cursor never placed — the listener places before reading — has delivered nothing.)
+        let before = self.snapshot.clone().unwrap_or_else(|| below(1));
         // query_typed: one round trip, unnamed statement — works through PgBouncer in
         // transaction mode, where a named prepared statement may live on another server.
         let unfinished = self.unfinished.clone();
         let params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&floor, Type::TEXT),
+            (&before, Type::TEXT),
             (&channels, Type::TEXT_ARRAY),
             (&unfinished, Type::TEXT),
         ];
@@ -159,33 +204,26 @@ impl JournalCursor {
         pin_mut!(rows);
         // A row counts as seen only once it has been handed to the decoder: if this read is
         // abandoned (lost connection), rows collected but not handed over are read again.
-        let (mut batch, mut ids, mut delivered, mut horizon) = (Vec::new(), Vec::new(), 0, None);
+        let (mut batch, mut ids, mut delivered) = (Vec::new(), Vec::new(), 0);
         let (mut units, mut read) = (0, None);
         while let Some(row) = rows
             .try_next()
             .await
             .map_err(|e| Error::db("reading the journal", e))?
         {
-            if horizon.is_none() {
-                let h = parse_xid(&row.get::<_, String>(0))?;
-                horizon = Some(h);
-                let before = self.snapshot.clone().unwrap_or_else(|| format!("{h}:{h}:"));
-                let during: String = row.get(7);
+            let read = read.get_or_insert_with(|| {
+                let during: String = row.get(0);
                 // Until it completes, this read's rows are what the next read returns.
                 self.unfinished = Some(during.clone());
-                read = Some(ReadSnapshots::new(before, during));
-            }
+                ReadSnapshots::new(before.clone(), during)
+            });
             let Some(id) = row.get::<_, Option<i64>>(1) else {
                 continue;
             };
-            let xid = parse_xid(&row.get::<_, String>(2))?;
-            let Some(outlet) = outlet else {
-                self.seen.insert(id, xid);
-                continue;
-            };
-            if self.seen.contains_key(&id) {
+            if self.seen.contains(&id) {
                 continue;
             }
+            let xid = parse_xid(&row.get::<_, String>(2))?;
             let (channel, payload, events) = content(&row);
             let group: i64 = row.get(6);
             batch.push(RawNotification {
@@ -196,11 +234,11 @@ impl JournalCursor {
                 events,
                 transaction: Some(xid),
                 last_in_transaction: Some(id == group),
-                read_point: read.clone().map(|read| ReadPoint::new(read, group)),
+                read_point: Some(ReadPoint::new(read.clone(), group)),
                 decoded: None,
                 part: 0,
             });
-            ids.push((id, xid));
+            ids.push(id);
             units += events as usize;
             if units >= BATCH {
                 let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
@@ -211,42 +249,20 @@ impl JournalCursor {
                 units = 0;
             }
         }
-        if let Some(outlet) = outlet {
-            let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
-                return Ok(None);
-            };
-            delivered += n;
-            self.seen.extend(ids.drain(..));
-        }
-        let horizon = horizon.ok_or_else(|| Error::InvalidPayload {
+        let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
+            return Ok(None);
+        };
+        delivered += n;
+        let read = read.ok_or_else(|| Error::InvalidPayload {
             channel: "journal".into(),
-            reason: "the journal read returned no snapshot horizon".into(),
+            reason: "the journal read returned no snapshot".into(),
         })?;
-        self.seen.retain(|_, xid| *xid >= horizon);
-        self.horizon = Some(horizon);
-        self.snapshot = read.map(|read| read.during.clone());
+        // Everything this read's snapshot sees is delivered: the next read asks for none of it.
+        self.seen.clear();
+        self.snapshot = Some(read.during.clone());
         self.unfinished = None;
         Ok(Some(delivered))
     }
-}
-
-/// The transaction ids of the journal rows `ids` still there (rows a saved position says were
-/// delivered; purged ones cannot come back anyway).
-pub(crate) async fn seen_xids(client: &Client, ids: &[i64]) -> Result<HashMap<i64, u64>> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let sql = format!(
-        "SELECT id, xid::text FROM {}.journal WHERE id = ANY($1)",
-        quote_ident(SCHEMA)
-    );
-    let rows = client
-        .query_typed(&sql, &[(&ids, Type::INT8_ARRAY)])
-        .await
-        .map_err(|e| Error::db("reading the journal", e))?;
-    rows.iter()
-        .map(|r| Ok((r.get::<_, i64>(0), parse_xid(&r.get::<_, String>(1))?)))
-        .collect()
 }
 
 pub(crate) fn parse_xid(text: &str) -> Result<u64> {
@@ -254,4 +270,51 @@ pub(crate) fn parse_xid(text: &str) -> Result<u64> {
         channel: "journal".into(),
         reason: format!("unexpected transaction id {text:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position(horizon: u64, snapshot: Option<&str>, seen: &[i64]) -> Position {
+        Position {
+            horizon,
+            snapshot: snapshot.map(str::to_string),
+            seen: Some(seen.to_vec()),
+        }
+    }
+
+    #[test]
+    fn a_cursor_resumes_from_its_saved_snapshot_and_saves_it_again() {
+        let cursor = JournalCursor::resume(position(5, Some("5:9:5,7"), &[12, 11]));
+        assert_eq!(
+            cursor.position(),
+            Some(position(5, Some("5:9:5,7"), &[11, 12]))
+        );
+    }
+
+    #[test]
+    fn a_snapshot_an_older_version_left_behind_gives_way_to_the_horizon() {
+        // The older version moved the horizon to 8 and kept the snapshot of horizon 5.
+        let cursor = JournalCursor::resume(position(8, Some("5:9:5,7"), &[20]));
+        assert_eq!(cursor.position(), Some(position(8, Some("8:8:"), &[20])));
+        let cursor = JournalCursor::resume(position(8, None, &[]));
+        assert_eq!(cursor.position(), Some(position(8, Some("8:8:"), &[])));
+    }
+
+    #[test]
+    fn too_many_ids_of_a_read_in_progress_are_not_saved() {
+        let ids: Vec<i64> = (1..=MAX_SAVED_SEEN as i64 + 1).collect();
+        let cursor = JournalCursor::resume(position(3, Some("3:4:"), &ids));
+        let saved = cursor.position().unwrap();
+        assert_eq!((saved.horizon, saved.seen), (3, None));
+        assert_eq!(JournalCursor::default().position(), None, "not placed");
+    }
+
+    #[test]
+    fn a_snapshots_xmin_is_its_first_number() {
+        assert_eq!(snapshot_xmin("742:750:742,745").unwrap(), 742);
+        assert_eq!(snapshot_xmin("9:9:").unwrap(), 9);
+        assert!(snapshot_xmin("nonsense").is_err());
+    }
 }

@@ -13,8 +13,8 @@
 //!
 //! Journal tiers (see `journal.rs`): durable channels are LISTENed to as well, but their
 //! (empty) notifications only wake a journal read; poll channels are read at the shell's
-//! adaptive interval. The position a named consumer saves is the journal cursor's snapshot
-//! horizon with the ids delivered at or above it ([`Position`]). LISTEN comes before the
+//! adaptive interval. The position a named consumer saves is the snapshot of the journal
+//! cursor's last complete read ([`Position`]). LISTEN comes before the
 //! cursor is placed, so nothing committed in between is missed.
 //!
 //! [`Status::Gap`]: crate::Status::Gap
@@ -34,7 +34,7 @@ use tokio_postgres::{AsyncMessage, Client, Connection, Socket};
 
 use super::consumers;
 use super::control::Control;
-use super::journal::{self, JournalCursor, Position};
+use super::journal::{JournalCursor, Position};
 use super::signing::{Refused, Verifier};
 use super::tls::PgStream;
 use super::PgConfig;
@@ -255,14 +255,12 @@ impl Source for PgSource {
                         consumer.name,
                         position.horizon
                     );
-                    let seen = position.seen.unwrap_or_default();
-                    let seen = journal::seen_xids(client, &seen).await?;
-                    journal.cursor = JournalCursor::resume(position.horizon, seen);
+                    journal.cursor = JournalCursor::resume(position);
                     return Ok(missed);
                 }
             }
-            // Mark what is already committed as seen, without delivering it.
-            journal.cursor.read(client, &journal.channels, None).await?;
+            // What is already committed counts as delivered.
+            journal.cursor.place(client).await?;
             if let (Some(consumer), Some(position)) = (consumer, journal.cursor.position()) {
                 consumers::insert(client, consumer, &journal.channels, &position).await?;
             }
@@ -333,12 +331,8 @@ impl Source for PgSource {
         let journal = self.journal.as_mut().expect("read only with a journal");
         // Abandoned on a lost connection, the read leaves the cursor consistent: only rows
         // handed over count as seen.
-        conn.guard(
-            journal
-                .cursor
-                .read(&conn.client, &journal.channels, Some(outlet)),
-        )
-        .await
+        conn.guard(journal.cursor.read(&conn.client, &journal.channels, outlet))
+            .await
     }
 
     fn position(&self) -> Option<Position> {

@@ -894,7 +894,7 @@ pub async fn listener_pid(db: &TestDb) -> Option<i32> {
         .await
         .query_opt(
             "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' \
-             AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xmin%') AND pid <> pg_backend_pid() LIMIT 1",
+             AND (query LIKE 'LISTEN %' OR query LIKE '%pg_snapshot_xip($1%') AND pid <> pg_backend_pid() LIMIT 1",
             &[&db.name],
         )
         .await
