@@ -10,6 +10,10 @@
 //! `during`'s transactions, by (`group`, id); then every transaction committed since, by
 //! (`group`, id) as one read of the listener returns them.
 //!
+//! The transactions `before` did not see are those at or after its `xmax` and those in its
+//! `xip` list: the replay asks for exactly those, through the index on `xid` (not for every
+//! row from its `xmin`, which a transaction left open anywhere holds back).
+//!
 //! The replay is read in pages, each one statement; the first page's snapshot is kept, and
 //! every page reads only what that snapshot saw, so the pages add up to one consistent read and
 //! live events that snapshot saw are dropped by the client (the page's [`Fence`]).
@@ -94,9 +98,9 @@ pub(crate) async fn replay(
                    pg_catalog.max(j.id) OVER (PARTITION BY j.xid) AS tx_last,
                    NOT pg_catalog.pg_visible_in_snapshot(j.xid, s.during) AS later
               FROM {s}.journal j, s
-             WHERE j.xid >= pg_catalog.pg_snapshot_xmin(s.before)
+             WHERE (j.xid >= pg_catalog.pg_snapshot_xmax($2::text::pg_snapshot)
+                    OR j.xid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($2::text::pg_snapshot))))
                AND j.channel = ANY($4)
-               AND NOT pg_catalog.pg_visible_in_snapshot(j.xid, s.before)
                AND pg_catalog.pg_visible_in_snapshot(j.xid, s.replay))
          SELECT s.replay::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.tx_last, r.later,
                 (SELECT t.xid >= pg_catalog.pg_snapshot_xmin(s.before)
