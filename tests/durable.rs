@@ -724,6 +724,44 @@ async fn a_transaction_left_open_elsewhere_makes_no_row_come_twice() {
     }
 }
 
+/// A fleet being upgraded runs old and new processes against one database: an older
+/// sqlnotify saves a consumer's horizon (and the ids it delivered at or after it) and leaves
+/// the snapshot column as it was. A newer process that takes over goes by that horizon, not by
+/// the older snapshot left behind, which would deliver again what the old process delivered.
+#[actix_rt::test]
+async fn a_position_an_older_version_saved_over_a_snapshot_resumes_by_its_horizon() {
+    let db = consumer_db().await;
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("c");
+    builder.start().await.unwrap().stop().await.unwrap();
+    // What an older process saves after delivering rows 1..3: the horizon of its last read,
+    // with no id at or after it (none of those rows is).
+    db.exec("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2); INSERT INTO t VALUES (3);")
+        .await;
+    db.exec(
+        "UPDATE sqlnotify.consumers \
+            SET horizon = pg_snapshot_xmin(pg_current_snapshot()), seen = '{}' WHERE name = 'c'",
+    )
+    .await;
+    let stale = db
+        .count(
+            "SELECT count(*) FROM sqlnotify.consumers \
+              WHERE name = 'c' AND pg_snapshot_xmin(snapshot) < horizon",
+        )
+        .await;
+    assert_eq!(
+        stale, 1,
+        "the snapshot column still holds the older snapshot"
+    );
+    db.exec("INSERT INTO t VALUES (4); INSERT INTO t VALUES (5);")
+        .await;
+    let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
+    assert_eq!(common::consumers::next_ids(&mut rx, 2).await, [4, 5]);
+    notifier.stop().await.unwrap();
+    assert!(rx.try_recv().is_err(), "rows 1..3 are not delivered again");
+}
+
 #[actix_rt::test]
 async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_users() {
     let db = consumer_db().await;
