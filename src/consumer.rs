@@ -118,9 +118,9 @@ pub struct ConsumerInfo {
     /// Its saved position.
     pub position: ConsumerPosition,
     /// Journal rows on its channels after its position: what a restart would deliver (and,
-    /// while it is active, what the purge keeps for it). On PostgreSQL, when it saved its
-    /// position in the middle of a read that had delivered more than 1,000 rows, those count
-    /// too: a restart would deliver them again.
+    /// while it is active, what the purge keeps for it). On PostgreSQL, a position an older
+    /// sqlnotify saved without a snapshot counts the rows it had delivered above its horizon
+    /// too when they were more than 1,000: a restart would deliver them again.
     pub backlog: u64,
     /// When it last saved its position or said it was alive (every 10 s while running, more
     /// often with a short expiry).

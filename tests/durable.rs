@@ -342,6 +342,78 @@ async fn the_journal_is_trimmed_but_a_live_consumer_keeps_what_it_has_not_read()
     notifier.stop().await.unwrap();
 }
 
+/// A snapshot taken on a hot standby lists no running transaction in `xip`, so the journal
+/// cursor would count one running at a read as read and never fetch its rows. A poll-tier
+/// listener given two hosts (the primary, then its standby) that loses the primary reconnects
+/// to the standby, and refuses it, saying why, until the primary is back.
+#[actix_rt::test]
+async fn a_journal_listener_refuses_a_standby_it_reconnects_to() {
+    let cluster = common::Cluster::start();
+    let standby = cluster.as_ref().and_then(common::Cluster::standby_of);
+    let (Some(primary), Some(standby)) = (cluster, standby) else {
+        common::prerequisite_missing(
+            "a_journal_listener_refuses_a_standby_it_reconnects_to",
+            "no PostgreSQL cluster and standby of its own could be started (local PostgreSQL \
+             binaries under /usr/lib/postgresql, pg_basebackup, and as root a `postgres` user)",
+        );
+        return;
+    };
+    let admin = common::connect(&primary.url()).await;
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
+        primary.port, standby.port
+    );
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("t", Insert).tier(Tier::Poll))
+        .health_check_interval(Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    admin
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    let mut statuses = common::statuses(&notifier).await;
+    drop(admin);
+    primary.stop();
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match common::next_status(&mut statuses).await {
+                Status::Disconnected { error } if error.contains("standby in recovery") => {
+                    return error
+                }
+                Status::Connected => panic!("the listener read from the standby"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the standby was refused, saying why");
+    assert!(
+        refused.contains("target_session_attrs=read-write"),
+        "{refused}"
+    );
+    primary.start_again();
+    let back = tokio::time::timeout(Duration::from_secs(30), async {
+        while common::next_status(&mut statuses).await != Status::Connected {}
+    })
+    .await;
+    assert!(back.is_ok(), "the listener reconnected to the primary");
+    let admin = common::connect(&primary.url()).await;
+    admin
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    assert_eq!(ev.next().await.id().as_i64(), Some(2));
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn a_server_restart_loses_nothing_on_the_durable_tier() {
     let Some(cluster) = common::Cluster::start() else {
@@ -760,6 +832,43 @@ async fn a_position_an_older_version_saved_over_a_snapshot_resumes_by_its_horizo
     assert_eq!(common::consumers::next_ids(&mut rx, 2).await, [4, 5]);
     notifier.stop().await.unwrap();
     assert!(rx.try_recv().is_err(), "rows 1..3 are not delivered again");
+}
+
+/// A dropped consumer's rows are purged, and a miss (a `Gap` when it comes back) is recorded
+/// for the rows it had not read — only those: with a transaction left open elsewhere its
+/// horizon stays behind the rows it did read, and those are no miss.
+#[actix_rt::test]
+async fn the_purge_records_a_miss_only_for_rows_a_dropped_consumer_had_not_read() {
+    use sqlnotify::bench_support::purge_now;
+    let db = consumer_db().await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_catalog.pg_current_xact_id();")
+        .await
+        .unwrap();
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("c");
+    let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    db.exec("INSERT INTO t VALUES (2)").await;
+    assert_eq!(common::consumers::next_ids(&mut rx, 2).await, [1, 2]);
+    notifier.stop().await.unwrap();
+    let purger = Notifier::builder(&db.url)
+        .watch(Watch::new("other", Insert).tier(Tier::Durable))
+        .purge_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    purger.drop_consumer("c").await.unwrap();
+    let missed = "SELECT count(*) FROM sqlnotify.consumers WHERE name = 'c' AND missed IS NOT NULL";
+    assert_eq!(purge_now(&purger, Duration::ZERO).await.unwrap(), 2);
+    assert_eq!(db.count(missed).await, 0, "rows 1 and 2 were read");
+    db.exec("INSERT INTO t VALUES (3)").await;
+    assert_eq!(purge_now(&purger, Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(db.count(missed).await, 1, "row 3 was not");
+    purger.stop().await.unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
 }
 
 #[actix_rt::test]

@@ -131,8 +131,9 @@ async fn garbage_in_the_journal_and_on_wake_channels_is_dropped_and_counted() {
     notifier.stop().await.unwrap();
 }
 
-/// A consumer row the driver cannot convert (a NULL horizon, after someone altered the
-/// table) fails the retention purge that reads it, and only that: events keep flowing. The
+/// A consumer row the driver cannot convert (its `missed` list an `int[]`, after someone
+/// altered the table) fails the retention purge that reads it, and only that: events keep
+/// flowing. The
 /// purge runs in the decoder, whose death used to stop every event after it, silently.
 #[actix_rt::test]
 async fn a_row_the_purge_cannot_convert_fails_the_purge_not_the_pipeline() {
@@ -148,8 +149,8 @@ async fn a_row_the_purge_cannot_convert_fails_the_purge_not_the_pipeline() {
     let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
     db.exec(
         "INSERT INTO sqlnotify.consumers (name, horizon, state) VALUES ('ghost', '1', 'dropped');
-         ALTER TABLE sqlnotify.consumers ALTER COLUMN horizon DROP NOT NULL;
-         UPDATE sqlnotify.consumers SET horizon = NULL WHERE name = 'ghost'",
+         ALTER TABLE sqlnotify.consumers ALTER COLUMN missed TYPE int[] USING NULL;
+         UPDATE sqlnotify.consumers SET missed = '{1}' WHERE name = 'ghost'",
     )
     .await;
     // Held, so that the purge is seen reaching the row: it waits for this lock.
@@ -162,7 +163,7 @@ async fn a_row_the_purge_cannot_convert_fails_the_purge_not_the_pipeline() {
     assert_eq!(ev.next().await.id().as_i64(), Some(1));
     let purge_waits = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
                        WHERE datname = pg_catalog.current_database() AND wait_event_type = 'Lock' \
-                         AND query LIKE 'SELECT name, horizon::text%'";
+                         AND query LIKE 'SELECT name, channels, missed%'";
     assert!(
         common::wait_until(std::time::Duration::from_secs(10), || async {
             db.count(purge_waits).await == 1
@@ -171,7 +172,7 @@ async fn a_row_the_purge_cannot_convert_fails_the_purge_not_the_pipeline() {
         "the purge never reached the consumer rows"
     );
     holder.batch_execute("ROLLBACK").await.unwrap();
-    // The purge reads the NULL now, and fails.
+    // The purge reads the row now, and fails.
     assert!(
         common::wait_until(std::time::Duration::from_secs(10), || async {
             db.count(purge_waits).await == 0

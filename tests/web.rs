@@ -1370,6 +1370,73 @@ async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tie
 /// would hold: that page is a reset, never a silent gap. (The purge's record was checked
 /// before the first page only: the next page came back empty, as if the client had
 /// everything.)
+/// A purge that deleted only rows a client had resets no client, even while a transaction
+/// stays open elsewhere on the server (which holds every snapshot's `xmin` back: a purge
+/// record compared with that `xmin` reset every client for as long as the transaction lasted).
+/// On a cluster of its own: a transaction of another test, running at the client's read and
+/// finished by the purge, would rightly count as one whose rows the purge may have deleted.
+#[actix_rt::test]
+async fn on_postgresql_a_transaction_left_open_does_not_make_every_resume_a_reset() {
+    use sqlnotify::bench_support::{purge_now, replay_page};
+    let Some(cluster) = common::Cluster::start() else {
+        common::prerequisite_missing(
+            "on_postgresql_a_transaction_left_open_does_not_make_every_resume_a_reset",
+            "no PostgreSQL cluster of its own could be started (local PostgreSQL binaries \
+             under /usr/lib/postgresql, and as root a `postgres` user)",
+        );
+        return;
+    };
+    let db = common::TestDb::on(&cluster.url()).await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_catalog.pg_current_xact_id();")
+        .await
+        .unwrap();
+    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+        n.purge_interval(Duration::from_secs(3600))
+    })
+    .await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    for id in 1..=2 {
+        db.exec(&format!(
+            "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')"
+        ))
+        .await;
+        assert_eq!(client.next_event().await.row(), id);
+    }
+    // Rows 1 and 2 age past a retention that row 3 will be within.
+    let keep = Duration::from_secs(2);
+    let aged = common::wait_until(Duration::from_secs(10), || async {
+        db.count(
+            "SELECT count(*) FROM sqlnotify.journal \
+              WHERE created_at < now() - interval '2.5 seconds'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    assert!(aged);
+    db.exec("INSERT INTO orders (id, owner_id, status) VALUES (3, 1, 'new')")
+        .await;
+    let third = client.next_event().await;
+    assert_eq!(third.row(), 3);
+    drop(client);
+    assert_eq!(purge_now(&notifier, keep).await.unwrap(), 2, "rows 1 and 2");
+    let after = third.id.expect("a durable event has a position");
+    let page = replay_page(&notifier, &after, None, 10).await.unwrap();
+    // (A replay starts with the event's own row.)
+    assert_eq!(
+        page.map(|(rows, next)| (rows.len(), next.is_none())),
+        Some((1, true)),
+        "row 3's own journal row, nothing after it, and no reset"
+    );
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
 #[actix_rt::test]
 async fn on_postgresql_a_purge_between_two_pages_of_a_replay_is_a_reset() {
     use sqlnotify::bench_support::{purge_now, replay_page};

@@ -168,8 +168,9 @@ pub(crate) async fn insert(
          VALUES ($1, $2::text::xid8, $5, $6::text::pg_snapshot, now(), 'active', $3, pg_catalog.make_interval(secs => $4))
          ON CONFLICT (name) DO UPDATE SET horizon = GREATEST(c.horizon, EXCLUDED.horizon),
                 seen = NULL,
-                snapshot = CASE WHEN EXCLUDED.horizon >= c.horizon THEN EXCLUDED.snapshot ELSE c.snapshot END,
+                snapshot = CASE WHEN {later} THEN EXCLUDED.snapshot ELSE c.snapshot END,
                 updated_at = now()",
+        later = later("EXCLUDED.horizon", "EXCLUDED.snapshot", "c"),
         s = quote_ident(SCHEMA)
     );
     let name = &consumer.name;
@@ -190,6 +191,17 @@ pub(crate) async fn insert(
     Ok(())
 }
 
+/// The condition "the position (`horizon`, `snapshot`) is not older than consumer row `c`'s":
+/// a later horizon, or the same one (a transaction left open holds it) with a snapshot taken
+/// no earlier — so a late save (a process that lost its lease and has not noticed yet) never
+/// takes a consumer back. A missing snapshot (an older sqlnotify's) compares by horizon alone.
+fn later(horizon: &str, snapshot: &str, c: &str) -> String {
+    format!(
+        "({horizon} > {c}.horizon OR ({horizon} = {c}.horizon
+           AND coalesce(pg_catalog.pg_snapshot_xmax({snapshot}) >= pg_catalog.pg_snapshot_xmax({c}.snapshot), true)))"
+    )
+}
+
 /// What a position save found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Saved {
@@ -207,12 +219,13 @@ pub(crate) async fn save(client: &Client, name: &str, position: &Position) -> Re
     // SET reads the row's old values: `seen` and the snapshot follow the horizon they belong
     // to.
     let sql = format!(
-        "UPDATE {s}.consumers SET horizon = GREATEST(horizon, $2::text::xid8),
-                seen = CASE WHEN $2::text::xid8 >= horizon THEN $3 ELSE seen END,
-                snapshot = CASE WHEN $2::text::xid8 >= horizon THEN $4::text::pg_snapshot ELSE snapshot END,
+        "UPDATE {s}.consumers c SET horizon = GREATEST(c.horizon, $2::text::xid8),
+                seen = CASE WHEN {later} THEN $3 ELSE c.seen END,
+                snapshot = CASE WHEN {later} THEN $4::text::pg_snapshot ELSE c.snapshot END,
                 updated_at = now()
-          WHERE name = $1 RETURNING state, missed IS NOT NULL",
-        s = quote_ident(SCHEMA)
+          WHERE c.name = $1 RETURNING c.state, c.missed IS NOT NULL",
+        s = quote_ident(SCHEMA),
+        later = later("$2::text::xid8", "$4::text::pg_snapshot", "c"),
     );
     let row = client
         .query_typed_opt(
@@ -449,7 +462,7 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
          RETURNING name, extract(epoch FROM now() - updated_at)::float8"
     );
     let lock = format!(
-        "SELECT name, horizon::text, channels, missed FROM {s}.consumers
+        "SELECT name, channels, missed FROM {s}.consumers
           WHERE state = ANY($1) ORDER BY name FOR UPDATE"
     );
     // The bound once per run, not per batch: finding it reads the expired rows, which a
@@ -470,13 +483,18 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
                          AND {}
                        ORDER BY j.id LIMIT $2)
                     RETURNING channel, xid)
-         SELECT channel, max(xid::text::numeric)::text, pg_catalog.count(*) FROM d GROUP BY channel",
+         SELECT channel, max(xid::text::numeric)::text, pg_catalog.count(*), NULL::text FROM d GROUP BY channel
+         UNION ALL
+         SELECT DISTINCT j.channel, NULL::text, NULL::bigint, c.name
+           FROM d j JOIN {s}.consumers c ON c.name = ANY($3) AND {UNREAD}",
         unprotected(&s, 3, None)
     );
     let mark = format!("UPDATE {s}.consumers SET missed = $2 WHERE name = $1");
     let trimmed = format!(
-        "INSERT INTO {s}.trimmed AS t (id, xid) VALUES (1, $1::text::xid8)
-         ON CONFLICT (id) DO UPDATE SET xid = GREATEST(t.xid, excluded.xid)"
+        "INSERT INTO {s}.trimmed AS t (id, xid, snapshot, writer)
+         VALUES (1, $1::text::xid8, pg_catalog.pg_current_snapshot(), pg_catalog.pg_current_xact_id())
+         ON CONFLICT (id) DO UPDATE SET xid = GREATEST(t.xid, excluded.xid),
+                                        snapshot = excluded.snapshot, writer = excluded.writer"
     );
     let (mut total, mut first) = (0u64, true);
     loop {
@@ -501,11 +519,11 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
             .await
             .map_err(err)?
         {
-            let name: String = row.get(0);
-            let horizon = parse_xid(&row.get::<_, String>(1))?;
-            let channels: Option<Vec<String>> = row.get(2);
-            let missed: Vec<String> = row.get::<_, Option<Vec<String>>>(3).unwrap_or_default();
-            locked.push((name, horizon, channels, missed));
+            // A row altered by hand (a column of another type) fails the purge, not the process.
+            let name: String = row.try_get(0).map_err(err)?;
+            let channels: Option<Vec<String>> = row.try_get(1).map_err(err)?;
+            let missed: Option<Vec<String>> = row.try_get(2).map_err(err)?;
+            locked.push((name, channels, missed.unwrap_or_default()));
         }
         let names: Vec<String> = locked.iter().map(|(name, ..)| name.clone()).collect();
         let params: [(&(dyn ToSql + Sync), Type); 4] = [
@@ -514,25 +532,32 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
             (&names, Type::TEXT_ARRAY),
             (&bound, Type::INT8),
         ];
-        let mut deleted = Vec::new();
+        // Rows of two kinds: per channel, the newest transaction deleted and how many rows; and
+        // per locked consumer, each channel on which it had not read a deleted row.
+        let (mut newest, mut unread) = (None, Vec::new());
         let mut n = 0u64;
         for row in tx.query_typed(&delete, &params).await.map_err(err)? {
             let channel: String = row.get(0);
-            let newest = parse_xid(&row.get::<_, String>(1))?;
-            n += row.get::<_, i64>(2).max(0) as u64;
-            deleted.push((channel, newest));
+            match row.get::<_, Option<String>>(3) {
+                Some(consumer) => unread.push((consumer, channel)),
+                None => {
+                    let xid = parse_xid(&row.get::<_, Option<String>>(1).unwrap_or_default())?;
+                    newest = newest.max(Some(xid));
+                    n += row.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64;
+                }
+            }
         }
-        if let Some(newest) = deleted.iter().map(|(_, newest)| *newest).max() {
+        if let Some(newest) = newest {
             // What a client resuming from an older position may lack (`replay.rs`).
             tx.query_typed(&trimmed, &[(&newest.to_string(), Type::TEXT)])
                 .await
                 .map_err(err)?;
         }
-        for (name, horizon, channels, missed) in &locked {
-            let unread = deleted
+        for (name, channels, missed) in &locked {
+            let unread = unread
                 .iter()
-                .filter(|(_, newest)| newest >= horizon)
-                .map(|(channel, _)| channel);
+                .filter(|(consumer, _)| consumer == name)
+                .map(|(_, channel)| channel);
             if let Some(now_missed) = add_missed(missed, channels.as_deref(), unread) {
                 tx.query_typed(
                     &mark,

@@ -58,7 +58,9 @@ CREATE TABLE IF NOT EXISTS {s}.journal (
 {signing}
 CREATE TABLE IF NOT EXISTS {s}.trimmed (
     id integer PRIMARY KEY CHECK (id = 1),
-    xid xid8 NOT NULL
+    xid xid8 NOT NULL,
+    snapshot pg_snapshot,
+    writer xid8
 );
 CREATE TABLE IF NOT EXISTS {s}.consumers (
     name text PRIMARY KEY,
@@ -99,6 +101,21 @@ BEGIN
       ALTER TABLE {s}.overflow ADD COLUMN token uuid, ALTER COLUMN token SET DEFAULT pg_catalog.gen_random_uuid();
     EXCEPTION WHEN lock_not_available THEN
       RAISE EXCEPTION 'sqlnotify: upgrading {s}.overflow (adding the token column) needs a moment with no open transaction writing to it; retry start()';
+    END;
+    PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                  WHERE attrelid = '{s}.trimmed'::regclass AND attname = 'writer' AND NOT attisdropped) THEN
+    -- once, on upgrade: the purge records its snapshot with the newest transaction it deleted
+    -- (src/postgres/replay.rs). Only the purge and a resuming SSE client use the table.
+    IF _sqn_lock = '0' THEN
+      PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
+    END IF;
+    BEGIN
+      ALTER TABLE {s}.trimmed ADD COLUMN IF NOT EXISTS snapshot pg_snapshot, ADD COLUMN IF NOT EXISTS writer xid8;
+    EXCEPTION WHEN lock_not_available THEN
+      RAISE EXCEPTION 'sqlnotify: upgrading {s}.trimmed (adding the snapshot column) needs a moment when no purge is running; retry'
+        USING ERRCODE = 'lock_not_available';
     END;
     PERFORM pg_catalog.set_config('lock_timeout', _sqn_lock, true);
   END IF;

@@ -15,10 +15,11 @@
 //! entry in `xip`: what committed around it is neither fetched nor remembered again. The index
 //! on `xid` serves both conditions: a range from `xmax`, and a lookup per running transaction.
 //!
-//! What a named consumer saves (a [`Position`]) is that snapshot, with its `xmin` as the
-//! horizon (the purge and the backlog use it), and, when it saves in the middle of a read, the
-//! ids that read had already delivered: restarting from it replays exactly what was not
-//! delivered — or, when those ids are too many to store, at least that.
+//! What a named consumer saves (a [`Position`]) is that snapshot (the listener saves after
+//! complete reads only), with its `xmin` as the horizon (the purge and the backlog use it):
+//! restarting from it replays exactly what was not delivered. Older versions of sqlnotify
+//! saved the horizon alone, with the ids they had delivered at or after it (`seen`); a cursor
+//! resuming from such a position skips those ids until its first complete read.
 //!
 //! Transactions stay whole and in order. A read sees each transaction's rows all or not at
 //! all (they commit together), and returns them grouped by transaction, the groups ordered
@@ -54,9 +55,10 @@ const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::pipeline::MIN_IN_FL
 pub(crate) const MAX_SAVED_SEEN: usize = 1_000;
 
 /// What a named consumer saves: the snapshot of its last complete read, that snapshot's
-/// `xmin` (its horizon: every older transaction was delivered), and the ids a read in progress
-/// had already delivered (`None` when there were more than [`MAX_SAVED_SEEN`]: a restart
-/// delivers them again).
+/// `xmin` (its horizon: every older transaction was delivered), and ids delivered that the
+/// snapshot does not show — those of a read in progress, or of an older version's position
+/// not read past yet (`None` when there were more than [`MAX_SAVED_SEEN`]: a restart delivers
+/// them again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Position {
     pub horizon: u64,

@@ -54,6 +54,14 @@ const DRIVER_DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60)
 /// health-check interval keeps its checks, and its connection's keepalive probes start after
 /// this.
 const MAX_KEEPALIVE_IDLE: u64 = 32_767;
+/// Refuses a server in recovery (a hot standby, which a multi-host URL or a load balancer may
+/// pick): a snapshot taken there lists no running transaction in `xip` (PostgreSQL keeps them
+/// all in its sub-transaction list), so the journal cursor (`journal.rs`) would count a
+/// transaction running at one read as read, and never fetch its rows. The listener reconnects
+/// until it reaches the primary.
+const PRIMARY_ONLY: &str = "DO $sqn$ BEGIN IF pg_catalog.pg_is_in_recovery() THEN RAISE EXCEPTION \
+    'sqlnotify: this server is a standby in recovery; the durable and poll tiers read the journal on the primary \
+    (with several hosts in the URL, add target_session_attrs=read-write)'; END IF; END $sqn$;";
 /// Fastest poll-tier interval (while rows keep coming).
 const POLL_MIN: Duration = Duration::from_millis(1);
 /// Slowest poll-tier interval (when idle).
@@ -210,11 +218,18 @@ impl Source for PgSource {
             lost,
         };
         // The LISTENs and the server-side keepalive in one round trip: a connection whose
-        // machine goes silent is ended by the server — with a consumer's lease on it.
+        // machine goes silent is ended by the server — with a consumer's lease on it. A
+        // journal listener refuses a standby first (see `PRIMARY_ONLY`).
         let setup: String = self
-            .listen
-            .iter()
-            .map(|c| format!("LISTEN {};", quote_ident(c)))
+            .journal
+            .as_ref()
+            .map(|_| PRIMARY_ONLY.to_string())
+            .into_iter()
+            .chain(
+                self.listen
+                    .iter()
+                    .map(|c| format!("LISTEN {};", quote_ident(c))),
+            )
             .chain(std::iter::once(format!("{KEEPALIVE};")))
             .collect();
         conn.guard(async {

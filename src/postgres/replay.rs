@@ -18,9 +18,9 @@
 //! every page reads only what that snapshot saw, so the pages add up to one consistent read and
 //! live events that snapshot saw are dropped by the client (the page's [`Fence`]).
 //!
-//! Retention: the purge records the newest transaction id it ever deleted
+//! Retention: the purge records the newest transaction id it ever deleted, with its snapshot
 //! (`sqlnotify.trimmed`); every row a client may lack has a transaction id that `before` did
-//! not see, at or above its `xmin` — if the purge reached that far, the client gets `TooOld`.
+//! not see — if the purge may have deleted one (see `trimmed_past`), the client gets `TooOld`.
 
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
@@ -32,6 +32,26 @@ use crate::read_point::{is_snapshot_text, ReadPoint, ReadSnapshots};
 use crate::replay::{ReadPage, Replay, ReplayFrom};
 use crate::snapshot::fence::Fence;
 use crate::sql::quote_ident;
+
+/// The condition "a purge may have deleted a row of a transaction snapshot `before` did not
+/// see" (a scalar subquery; NULL when nothing was ever purged). Such a transaction is at or
+/// after `before`'s `xmax`, or in its `xip` list; the purge deleted rows of transactions up to
+/// the newest it records (`t.xid`), each of which had committed when it deleted it — so its
+/// recorded snapshot (that of its last round, which sees what every earlier one saw) shows
+/// them. A transaction left open while the purge ran is in `xip` and not in that snapshot: it
+/// resets no client. The record is read that way only when the purge of this version wrote
+/// it last (the row's `xmin` is its `writer`): an older sqlnotify's purge moves `xid` alone,
+/// and then any transaction from `before`'s `xmin` on counts.
+fn trimmed_past(s: &str, before: &str) -> String {
+    format!(
+        "(SELECT CASE WHEN t.snapshot IS NOT NULL AND t.xmin = pg_catalog.xid(t.writer)
+                     THEN t.xid >= pg_catalog.pg_snapshot_xmax({before})
+                          OR EXISTS (SELECT 1 FROM pg_catalog.pg_snapshot_xip({before}) x
+                                      WHERE x <= t.xid AND pg_catalog.pg_visible_in_snapshot(x, t.snapshot))
+                     ELSE t.xid >= pg_catalog.pg_snapshot_xmin({before}) END
+            FROM {s}.trimmed t WHERE t.id = 1)"
+    )
+}
 
 /// Reads the next page of a replay (see the module documentation).
 pub(crate) async fn replay(
@@ -64,9 +84,8 @@ pub(crate) async fn replay(
         // The event's own row (the start of the replay) and everything the client may lack
         // must still be there (the second part is checked again with every page).
         let check = format!(
-            "SELECT EXISTS (SELECT 1 FROM {s}.journal WHERE id = $1),
-                    (SELECT t.xid >= pg_catalog.pg_snapshot_xmin($2::text::pg_snapshot)
-                       FROM {s}.trimmed t WHERE t.id = 1)"
+            "SELECT EXISTS (SELECT 1 FROM {s}.journal WHERE id = $1), {}",
+            trimmed_past(&s, "$2::text::pg_snapshot")
         );
         let row = client
             .query_typed_raw(
@@ -103,15 +122,15 @@ pub(crate) async fn replay(
                AND j.channel = ANY($4)
                AND pg_catalog.pg_visible_in_snapshot(j.xid, s.replay))
          SELECT s.replay::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.tx_last, r.later,
-                (SELECT t.xid >= pg_catalog.pg_snapshot_xmin(s.before)
-                   FROM {s}.trimmed t WHERE t.id = 1) AS trimmed
+                {} AS trimmed
            FROM s LEFT JOIN LATERAL (
                 SELECT * FROM j
                  WHERE j.channel = ANY($5)
                    AND (j.later OR (j.tx_last, j.id) >= ($6, $7))
                    AND ($8::bool IS NULL OR (j.later, j.tx_last, j.id) > ($8, $9, $10))
                  ORDER BY j.later, j.tx_last, j.id
-                 LIMIT $11) r ON true"
+                 LIMIT $11) r ON true",
+        trimmed_past(&s, "s.before")
     );
     let snapshot = page.as_ref().map(|p| p.snapshot.clone());
     let (k_later, k_group, k_id) = match &page {

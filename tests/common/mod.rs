@@ -617,6 +617,52 @@ impl Cluster {
         settings: &str,
         prepare: impl FnOnce(&Cluster, &std::path::Path) -> Option<()>,
     ) -> Option<Cluster> {
+        let cluster = Cluster::unstarted(also, settings)?;
+        let data = cluster.dir.join("data");
+        cluster.run(
+            "initdb",
+            &["-D", data.to_str()?, "-U", "postgres", "--auth=trust"],
+        )?;
+        if let Some((_, network)) = also {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .ok()?
+                .write_all(format!("host all all {network} trust\n").as_bytes())
+                .ok()?;
+        }
+        prepare(&cluster, &data)?;
+        cluster.pg_ctl("start")?;
+        Some(cluster)
+    }
+
+    /// A hot standby of `primary` (a base backup streaming from it), started and in recovery.
+    pub fn standby_of(primary: &Cluster) -> Option<Cluster> {
+        let standby = Cluster::unstarted(None, "")?;
+        let data = standby.dir.join("data");
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                data.to_str()?,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+            ],
+        )?;
+        standby.pg_ctl("start")?;
+        Some(standby)
+    }
+
+    /// A cluster's directory and spare port, with no data directory yet.
+    fn unstarted(also: Option<(&str, &str)>, settings: &str) -> Option<Cluster> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -648,22 +694,6 @@ impl Cluster {
                 .status()
                 .ok()?;
         }
-        let data = cluster.dir.join("data");
-        cluster.run(
-            "initdb",
-            &["-D", data.to_str()?, "-U", "postgres", "--auth=trust"],
-        )?;
-        if let Some((_, network)) = also {
-            use std::io::Write;
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(data.join("pg_hba.conf"))
-                .ok()?
-                .write_all(format!("host all all {network} trust\n").as_bytes())
-                .ok()?;
-        }
-        prepare(&cluster, &data)?;
-        cluster.pg_ctl("start")?;
         Some(cluster)
     }
 
