@@ -5,11 +5,11 @@
 //! *before* the dialect opens its consistent read, so every change that commits after the
 //! read was taken reaches the subscription; changes the read already reflects (a [`Fence`]
 //! tells which: on PostgreSQL the read's snapshot decides by transaction id, on SQLite the
-//! journal's head at the read, on MySQL the journal ids the read sees above the listener's
-//! watermark) are skipped when they arrive. While the rows stream, the live
-//! events wait in the subscription's buffer (and, when it is full, the pipeline waits: nothing
-//! is dropped), so they come after the last snapshot row. Rows are read in key order (on
-//! MySQL in an index's order when no index has the key's: see `src/mysql/snapshot.rs`) in
+//! highest journal id given when the read was taken, on MySQL the journal ids the read sees
+//! above the listener's watermark) are skipped when they arrive. While the rows stream, the
+//! live events wait in the subscription's buffer (and, when it is full, the pipeline waits:
+//! nothing is dropped), so they come after the last snapshot row. Rows are read in key order
+//! (on MySQL in an index's order when no index has the key's: see `src/mysql/snapshot.rs`) in
 //! chunks, each sent only when the feed's reader has room, so memory stays flat however large
 //! the table.
 

@@ -1,5 +1,6 @@
 //! Snapshots on SQLite: one read transaction on a connection of its own, on a thread of its
-//! own, that reads the journal's head (the fence: journal ids are in commit order) and then
+//! own, that reads the journal's head (the fence: journal ids are in commit order; the head
+//! is the highest id ever given, [`HEAD_SQL`], not the highest one the purge left) and then
 //! the table's rows in key order. The database is in WAL mode, so the open read never blocks
 //! a writer (it only keeps a checkpoint from going past it until it ends).
 
@@ -24,6 +25,19 @@ pub(crate) struct SqliteSnapshot {
     total: u64,
     chunks: mpsc::Receiver<Result<Vec<String>>>,
 }
+
+/// The fence's head: the highest journal id ever given, by a transaction that committed
+/// before the read — the journal's AUTOINCREMENT sequence, read in the read's transaction.
+/// Not the highest id left (`max(id)`): the retention purge may have deleted the newest rows,
+/// or all of them, while the changes they carried were still on their way to the feed (read
+/// by a listener, waiting for room in the pipeline); the read reflects those changes, and a
+/// head below their ids would pass them on again after the rows. Every id above the sequence
+/// is given to a transaction that commits after the read. (`max(id)` too, in case the
+/// sequence's row was edited or removed by hand: the head is never lower than the newest
+/// row's id.)
+const HEAD_SQL: &str = "SELECT max(
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'sqlnotify_journal'), 0),
+        coalesce((SELECT max(id) FROM sqlnotify_journal), 0))";
 
 /// `SELECT` of `channel`'s payloads (the JSON its triggers write) in key order.
 fn rows_sql(channel: &Channel) -> String {
@@ -56,11 +70,7 @@ fn read(
         // The first read starts the transaction's view: the journal head and every row
         // read afterwards belong to it.
         let head: i64 = conn
-            .query_row(
-                "SELECT coalesce(max(id), 0) FROM sqlnotify_journal",
-                [],
-                |r| r.get(0),
-            )
+            .query_row(HEAD_SQL, [], |r| r.get(0))
             .map_err(db_err(what.clone()))?;
         let total: i64 = conn
             .query_row(
@@ -158,6 +168,53 @@ impl SnapshotReader for SqliteSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot's fence is the highest journal id ever given, also when the retention purge
+    /// deleted the newest rows (or all of them) before the read: their changes may still be on
+    /// their way to a feed, and the read reflects them.
+    #[actix_rt::test]
+    async fn the_fence_is_the_highest_id_given_also_after_a_purge() {
+        let dir = std::env::temp_dir().join(format!(
+            "sqlnotify-snapshot-fence-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&super::super::ddl::setup_sql()).unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .unwrap();
+        let channel = crate::event::test_channel(crate::tier::Tier::Durable);
+        let fence = || async {
+            let snapshot = SqliteSnapshot::open(path.clone(), channel.clone(), 10)
+                .await
+                .unwrap();
+            snapshot.fence().clone()
+        };
+        assert_eq!(fence().await, Fence::Journal { head: 0 }, "nothing written");
+        for _ in 0..3 {
+            super::super::journal::append(&conn, "c", "{}").unwrap();
+        }
+        assert_eq!(fence().await, Fence::Journal { head: 3 });
+        conn.execute_batch("DELETE FROM sqlnotify_journal WHERE id = 3")
+            .unwrap();
+        assert_eq!(
+            fence().await,
+            Fence::Journal { head: 3 },
+            "the newest purged"
+        );
+        conn.execute_batch("DELETE FROM sqlnotify_journal").unwrap();
+        assert_eq!(
+            fence().await,
+            Fence::Journal { head: 3 },
+            "every row purged"
+        );
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[actix_rt::test]
     async fn a_thread_gone_before_the_reads_end_is_an_error_not_the_end() {
