@@ -949,6 +949,119 @@ async fn a_backfill_skips_only_changes_of_the_rows_it_sent() {
     notifier.stop().await.unwrap();
 }
 
+/// A backfill whose read fails part way (its connection lost while the feed is full): the
+/// rows it sent before the failure reflect the changes committed before its read, so those
+/// changes are not passed on for the keys of those rows, and are for the keys it did not get
+/// to (the row it held back to mark the last one included). A failed backfill used to keep
+/// no fence: every such change came after the row that already showed it — the row's state,
+/// then an older state's change to the same state again.
+#[actix_rt::test]
+async fn a_backfill_that_fails_part_way_fences_the_rows_it_sent() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 200)",
+    )
+    .await;
+    let notifier = start(&db, Tier::Durable, &["v"]).await;
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(20).buffer(10))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        assert!(next(&mut feed).await.is_snapshot());
+    }
+    // Fills the feed and holds the feeder on one more change (of row 200, which the backfill
+    // does not send), so the backfill's read opens only once the feed took them: after the
+    // update below committed.
+    let before = notifier.stats().await.unwrap();
+    for _ in 0..11 {
+        db.exec("UPDATE t SET v = v + 1 WHERE id = 200").await;
+    }
+    let routed = common::wait_until(Duration::from_secs(30), || async {
+        let s = notifier.stats().await.unwrap();
+        s.received >= before.received + 11 && s.in_flight == 0 && s.queued == 0
+    })
+    .await;
+    assert!(routed, "the changes of row 200 were never routed");
+    feed.backfill([Filter::le("id", 100)]).unwrap();
+    db.exec("UPDATE t SET v = 1 WHERE id <= 100").await;
+    for v in 1..=11 {
+        let e = next(&mut feed).await;
+        assert!(
+            !e.is_snapshot() && e.id().as_i64() == Some(200),
+            "{}",
+            e.to_record()
+        );
+        assert_eq!(e.get("v").and_then(|v| v.as_i64()), Some(v));
+    }
+    // The backfill fills the feed and its transaction waits, its cursor open: end it there.
+    let waiting = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+                   WHERE datname = pg_catalog.current_database() \
+                     AND state = 'idle in transaction' AND query LIKE 'FETCH%'";
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            db.count(waiting).await == 1
+        })
+        .await,
+        "the backfill's connection never waited"
+    );
+    db.exec(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+          WHERE datname = pg_catalog.current_database() \
+            AND state = 'idle in transaction' AND query LIKE 'FETCH%'",
+    )
+    .await;
+    // The backfilled rows, then the failure.
+    let mut sent = std::collections::BTreeSet::new();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("the feed moves")
+            .expect("the feed is open");
+        match item {
+            Ok(e) => {
+                assert!(
+                    e.is_snapshot(),
+                    "a change before the failure: {}",
+                    e.to_record()
+                );
+                assert_eq!(e.get("v").and_then(|v| v.as_i64()), Some(1));
+                sent.insert(e.id().as_i64().unwrap());
+            }
+            Err(e) => {
+                assert!(matches!(e, Error::Database { .. }), "{e:?}");
+                break;
+            }
+        }
+    }
+    assert!(
+        !sent.is_empty() && sent.len() < 100,
+        "{} rows sent",
+        sent.len()
+    );
+    // The changes go on: those of the rows the backfill did not send, then a later one.
+    db.exec("UPDATE t SET v = v + 1 WHERE id = 200").await;
+    let mut changed = std::collections::BTreeSet::new();
+    loop {
+        let e = next(&mut feed).await;
+        assert!(!e.is_snapshot(), "{}", e.to_record());
+        let id = e.id().as_i64().unwrap();
+        if id == 200 {
+            assert_eq!(e.get("v").and_then(|v| v.as_i64()), Some(12));
+            break;
+        }
+        assert!(
+            !sent.contains(&id),
+            "the change of row {id} came after the backfilled row that reflects it"
+        );
+        assert!(changed.insert(id), "the change of row {id} twice");
+    }
+    let all: std::collections::BTreeSet<i64> = sent.union(&changed).copied().collect();
+    assert_eq!(all, (1..=100).collect(), "every row: backfilled or changed");
+    notifier.stop().await.unwrap();
+}
+
 /// The same checks on PostgreSQL's logical-decoding tier, on a cluster of their own with
 /// `wal_level=logical` whose transaction ids are in a later epoch (past 2³²), so events whose
 /// ids were the log's 32-bit ones would meet the snapshot's 64-bit ones wrongly: every one

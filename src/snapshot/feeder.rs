@@ -13,7 +13,7 @@ use super::fence::Fence;
 use super::Progress;
 use crate::dialect::Dialect;
 use crate::error::{Error, Result};
-use crate::event::{ChangeEvent, Channel, RawNotification};
+use crate::event::{ChangeEvent, Channel, Key, RawNotification};
 use crate::filter::Filter;
 use crate::payload::{decode, Decoded};
 use crate::registry::{Registry, SubscribeEvery, Unsubscribe};
@@ -200,7 +200,11 @@ async fn subscribe_and_read(
     match subscribed {
         Ok(id) => {
             let rows = read.clone();
-            let read_one = async move { Ok(read_rows(rows, true).await?.map(|(f, _)| f)) };
+            let read_one = async move {
+                let mut opened = None;
+                let whole = read_rows(rows, true, &mut opened).await?;
+                Ok(opened.filter(|_| whole).map(|(fence, _)| fence))
+            };
             (Some(id), reported(read, what, read_one).await.flatten())
         }
         Err(e) => (None, reported(read, what, async { Err(e) }).await.flatten()),
@@ -223,13 +227,16 @@ struct Read {
 /// feed, as snapshot events, the last one marked
 /// ([`ChangeEvent::ends_snapshot`]); for the `initial` read, marks the snapshot done just
 /// before that last event goes out. Each chunk is handed over while the next one is fetched.
-/// Returns the read's fence and the keys it sent (collected for a backfill only), or `None`
-/// when the feed was dropped.
-async fn read_rows(read: Read, initial: bool) -> Result<Option<(Fence, Sent)>> {
+/// Puts the read's fence in `sent` once the read is open, with the keys of the rows the feed
+/// got so far (collected for a backfill only, each once its row was handed over) — also when
+/// the read fails later, or panics: a backfill's rows reflect its read whether or not it got
+/// to the end. Returns whether it did (`false`: the feed was dropped).
+async fn read_rows(read: Read, initial: bool, sent: &mut Option<(Fence, Sent)>) -> Result<bool> {
     let mut reader = read
         .dialect
         .open_snapshot(read.channel.clone(), read.chunk_rows)
         .await?;
+    let (_, sent) = sent.insert((reader.fence().clone(), Sent::default()));
     let total = reader.total();
     read.progress.total.fetch_add(total, Ordering::Relaxed);
     read.progress.opened.store(true, Ordering::Release);
@@ -239,7 +246,6 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<(Fence, Sent)>> {
     // The last event that passed the filters, held back until it is known whether another
     // one follows.
     let mut held: Option<ChangeEvent> = None;
-    let mut sent = Sent::default();
     let mut current = reader.next_chunk().await?;
     while !current.is_empty() {
         let rows = current.len() as u64;
@@ -250,17 +256,22 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<(Fence, Sent)>> {
         for payload in current {
             let event = snapshot_event(&read.channel, &raw, &payload)?;
             if read.filters.iter().all(|f| f.matches(&event)) {
-                if !initial {
-                    sent.add(event.id());
-                }
                 events.push(event);
             }
         }
         held = events.pop();
+        // Recorded once handed over: a key the feed did not get (the row held back, rows a
+        // panic in the next fetch cut off) must not fence its changes.
+        let keys: Vec<Key> = if initial {
+            Vec::new()
+        } else {
+            events.iter().map(|e| e.id().clone()).collect()
+        };
         let (next, open) = tokio::join!(reader.next_chunk(), send(&read.tx, events));
         if !open {
-            return Ok(None);
+            return Ok(false);
         }
+        keys.iter().for_each(|key| sent.add(key));
         current = next?;
     }
     if initial {
@@ -268,11 +279,15 @@ async fn read_rows(read: Read, initial: bool) -> Result<Option<(Fence, Sent)>> {
     }
     if let Some(mut last) = held {
         last.set_ends_snapshot();
+        let key = last.id().clone();
         if !send(&read.tx, vec![last]).await {
-            return Ok(None);
+            return Ok(false);
+        }
+        if !initial {
+            sent.add(&key);
         }
     }
-    Ok(Some((reader.fence().clone(), sent)))
+    Ok(true)
 }
 
 /// `read_one` (the snapshot or a backfill, `what`), its failure — an error, or a panic in the
@@ -443,15 +458,24 @@ impl Handler<Backfill> for Feeder {
         let mut read = self.read.clone();
         read.filters.extend(msg.filters);
         // ctx.wait: the changes after the backfill's read wait until its last row went out.
-        let backfill = reported(read.clone(), "a backfill", read_rows(read, false));
+        let backfill = async move {
+            let mut sent = None;
+            let result = reported(read.clone(), "a backfill", async {
+                Ok(read_rows(read, false, &mut sent).await?.then_some(()))
+            })
+            .await;
+            (result, sent)
+        };
         ctx.wait(
             backfill
                 .into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Some(Some((fence, sent))) => act.keep_backfill(fence, sent),
-                    Some(None) => ctx.stop(),
-                    // The failure is in the feed; the changes go on.
-                    None => {}
+                .map(move |(result, sent), act, ctx| match (result, sent) {
+                    (Some(None), _) => ctx.stop(),
+                    // Read whole, or failed (the failure is in the feed; the changes go on)
+                    // after the rows it sent: those reflect its read all the same.
+                    (_, Some((fence, sent))) => act.keep_backfill(fence, sent),
+                    // Failed before it was open: nothing sent.
+                    (_, None) => {}
                 }),
         );
     }

@@ -185,7 +185,9 @@ impl SnapshotFeed {
     /// The next event; `None` once the notifier stopped. An error from the first snapshot
     /// means it could not be read, and the feed ends after it (nothing after an incomplete
     /// snapshot could be trusted); an error from a [`backfill`](Self::backfill) means that
-    /// backfill stopped, and the changes go on.
+    /// backfill stopped, and the changes go on — the rows it sent before the error are
+    /// backfilled rows all the same (the changes they reflect are not passed on for their keys;
+    /// those of the keys it did not get to are).
     pub async fn next(&mut self) -> Option<Result<ChangeEvent>> {
         self.rx.recv().await
     }
