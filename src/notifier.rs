@@ -59,6 +59,8 @@ struct Inner {
     running: Mutex<Option<Running>>,
     /// Resolve when the thread of a blocking subscriber has run its last event.
     blocking: Mutex<Vec<tokio::sync::oneshot::Receiver<()>>>,
+    /// Set to `true` by [`Notifier::stop`]: snapshot feeds end the reads they still have open.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running notifier. Cheap to clone; every clone controls the same pipeline.
@@ -97,6 +99,7 @@ impl Notifier {
                 install_timeout,
                 running: Mutex::new(Some(Running { listener, backlog })),
                 blocking: Mutex::new(Vec::new()),
+                stopping: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -191,6 +194,7 @@ impl Notifier {
             registry: self.inner.pipeline.registry.clone(),
             chunk_rows: snapshot.chunk_rows,
             buffer: snapshot.buffer,
+            stopping: self.inner.stopping.subscribe(),
         };
         let feeder = Feeder::new(
             found.iter().map(|c| c.name().to_string()).collect(),
@@ -707,6 +711,11 @@ impl Notifier {
     /// notifier's triggers if `cleanup_on_stop`, and closes the connections. A second call returns [`Error::NotRunning`]. When the listener
     /// had stopped for good ([`failure`](Self::failure)), stop still does all this and then
     /// returns that error.
+    ///
+    /// Snapshot reads still open ([`subscribe_snapshot`](Self::subscribe_snapshot) and
+    /// backfills) are ended first, where they stand — their transactions rolled back, their
+    /// connections closed — not read to the end: their feeds end with
+    /// [`Error::NotRunning`] after the rows read before (see [`SnapshotFeed::next`]).
     pub async fn stop(&self) -> Result<()> {
         let mut running = self
             .inner
@@ -715,6 +724,9 @@ impl Notifier {
             .map_err(|_| Error::NotRunning)?
             .take()
             .ok_or(Error::NotRunning)?;
+        // First: a feeder in the middle of a read takes no live event, so the flush below
+        // would wait for it.
+        self.inner.stopping.send_replace(true);
         drop(running.backlog.take());
         running.listener.shutdown().await;
         let handed_over = self.inner.pipeline.flush_on_stop().await;

@@ -559,6 +559,288 @@ async fn dropping_a_feed_ends_its_subscription() {
     notifier.stop().await.unwrap();
 }
 
+/// Rows of the tables whose snapshot read the tests below leave waiting: far more than a
+/// chunk and the feed's room hold, so the read waits for the feed long before its end.
+const UNREAD_ROWS: i64 = 5_000;
+
+/// Rows the tests below insert once the read waits: more than the feed's feeder and its
+/// subscription buffer hold (10 each), so the pipeline waits for the feed too.
+const LATE_ROWS: i64 = 100;
+
+/// Opens a snapshot feed of `t` (read 10 rows at a time, room for 10 events) that nobody
+/// reads, waits until its read is open, runs `write` (which inserts [`LATE_ROWS`] rows into
+/// `t`: changes after the snapshot, which wait behind it) and waits until the listener
+/// received them and `held` sees the read's transaction open on the server.
+async fn unread_feed<H, Fut>(
+    notifier: &Notifier,
+    write: impl std::future::Future<Output = ()>,
+    held: &mut H,
+) -> SnapshotFeed
+where
+    H: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(10).buffer(10))
+        .await
+        .unwrap();
+    let open = common::wait_until(Duration::from_secs(60), || async {
+        feed.progress().total == Some(UNREAD_ROWS as u64)
+    })
+    .await;
+    assert!(open, "the snapshot never opened: {:?}", feed.progress());
+    write.await;
+    let waiting = common::wait_until(Duration::from_secs(60), || async {
+        let s = notifier.stats().await.unwrap();
+        s.received >= LATE_ROWS as u64 && s.in_flight + s.queued > 0
+    })
+    .await;
+    assert!(
+        waiting,
+        "the late rows never waited: {:?}",
+        notifier.stats().await.unwrap()
+    );
+    let open =
+        common::wait_until_every(Duration::from_secs(30), Duration::from_millis(200), held).await;
+    assert!(open, "the snapshot's transaction is not seen on the server");
+    let progress = feed.progress();
+    assert!(
+        !progress.done && progress.rows < UNREAD_ROWS as u64,
+        "{progress:?}"
+    );
+    feed
+}
+
+/// Stops `notifier` while `feed`'s read waits for room (see [`unread_feed`]): `stop()`
+/// returns without the read going on to the end of the table (nor waiting out the pipeline
+/// held up behind it), the read's transaction is gone from the server (`held` turns false),
+/// and the feed hands over the rows it got, then `Error::NotRunning` — a read cut short
+/// does not pass for a whole one — then `None`. Returns how many rows it handed over.
+async fn stop_ends_the_read<H, Fut>(
+    notifier: Notifier,
+    feed: &mut SnapshotFeed,
+    held: &mut H,
+) -> i64
+where
+    H: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let began = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), notifier.stop())
+        .await
+        .expect("stop() returns")
+        .unwrap();
+    let took = began.elapsed();
+    let ended =
+        common::wait_until_every(Duration::from_secs(10), Duration::from_millis(200), || {
+            let open = held();
+            async move { !open.await }
+        })
+        .await;
+    assert!(
+        ended,
+        "the read's transaction is still open on the server after stop() (which took {took:?})"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "stop() took {took:?} with a read waiting"
+    );
+    let mut rows = 0;
+    let end = loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("the feed ends in time");
+        match item {
+            Some(Ok(event)) => {
+                assert!(event.is_snapshot() && !event.ends_snapshot(), "row {rows}");
+                rows += 1;
+            }
+            Some(Err(e)) => break e,
+            None => panic!("the feed ended after {rows} rows without an error"),
+        }
+    };
+    assert!(matches!(end, Error::NotRunning), "{end:?}");
+    let after = tokio::time::timeout(Duration::from_secs(10), feed.next()).await;
+    assert!(matches!(after, Ok(None)), "{after:?}");
+    rows
+}
+
+/// [`stop_ends_the_read`] for a feed whose first snapshot was cut: it is not done, and the
+/// rows before the error are not the whole table.
+async fn stop_ends_the_snapshot<H, Fut>(notifier: Notifier, mut feed: SnapshotFeed, held: &mut H)
+where
+    H: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let rows = stop_ends_the_read(notifier, &mut feed, held).await;
+    assert!(rows < UNREAD_ROWS, "{rows}");
+    let progress = feed.progress();
+    assert!(
+        !progress.done && progress.rows < UNREAD_ROWS as u64,
+        "{progress:?}"
+    );
+}
+
+/// Drops `feed` while its read waits for room (see [`unread_feed`]), the notifier running:
+/// the read's transaction is gone from the server (`held` turns false) soon after.
+async fn dropping_ends_the_read<H, Fut>(notifier: Notifier, feed: SnapshotFeed, held: &mut H)
+where
+    H: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    drop(feed);
+    let ended =
+        common::wait_until_every(Duration::from_secs(10), Duration::from_millis(200), || {
+            let open = held();
+            async move { !open.await }
+        })
+        .await;
+    assert!(
+        ended,
+        "the snapshot's transaction is still open on the server after its feed was dropped"
+    );
+    assert!(notifier.is_running());
+    notifier.stop().await.unwrap();
+}
+
+/// A PostgreSQL table `t` of [`UNREAD_ROWS`] rows watched for inserts.
+async fn postgres_unread(db: &TestDb) -> Notifier {
+    db.exec(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         INSERT INTO t SELECT i FROM generate_series(1, {UNREAD_ROWS}) i"
+    ))
+    .await;
+    Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .max_in_flight(1_024)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Whether a snapshot read's transaction is open on `db`: a backend in a transaction whose
+/// last statement fetched from the read's cursor.
+async fn postgres_held(db: &TestDb) -> bool {
+    db.count(
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+          WHERE datname = pg_catalog.current_database() AND pid <> pg_catalog.pg_backend_pid() \
+            AND xact_start IS NOT NULL AND query LIKE 'FETCH%'",
+    )
+    .await
+        > 0
+}
+
+/// Inserts [`LATE_ROWS`] rows into the PostgreSQL table `t`, after its [`UNREAD_ROWS`].
+async fn postgres_late(db: &TestDb) {
+    db.exec(&format!(
+        "INSERT INTO t SELECT i FROM generate_series({}, {}) i",
+        UNREAD_ROWS + 1,
+        UNREAD_ROWS + LATE_ROWS
+    ))
+    .await;
+}
+
+/// `stop()` ends a PostgreSQL snapshot read left waiting on its feed: its `REPEATABLE READ`
+/// transaction (whose snapshot holds vacuum's horizon back) used to stay open, its connection
+/// too, until the whole table had gone to the feed.
+#[actix_rt::test]
+async fn postgres_stop_ends_a_snapshot_read_in_progress() {
+    let db = TestDb::new().await;
+    let notifier = postgres_unread(&db).await;
+    let mut held = || postgres_held(&db);
+    let feed = unread_feed(&notifier, postgres_late(&db), &mut held).await;
+    stop_ends_the_snapshot(notifier, feed, &mut held).await;
+}
+
+/// Dropping a PostgreSQL feed in the middle of its snapshot ends the read.
+#[actix_rt::test]
+async fn postgres_dropping_a_feed_ends_its_snapshot_read() {
+    let db = TestDb::new().await;
+    let notifier = postgres_unread(&db).await;
+    let mut held = || postgres_held(&db);
+    let feed = unread_feed(&notifier, postgres_late(&db), &mut held).await;
+    dropping_ends_the_read(notifier, feed, &mut held).await;
+}
+
+/// `stop()` ends a backfill left waiting on its feed as it ends the first snapshot's read:
+/// the feed hands over the backfill's rows it got, then `Error::NotRunning`, then `None`.
+#[actix_rt::test]
+async fn postgres_stop_ends_a_backfill_in_progress() {
+    let db = TestDb::new().await;
+    let notifier = postgres_unread(&db).await;
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t").chunk_rows(10).buffer(10))
+        .await
+        .unwrap();
+    while !next(&mut feed).await.ends_snapshot() {}
+    feed.backfill([]).unwrap();
+    let mut held = || postgres_held(&db);
+    let open = common::wait_until_every(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        &mut held,
+    )
+    .await;
+    assert!(open, "the backfill's transaction is not seen on the server");
+    let rows = stop_ends_the_read(notifier, &mut feed, &mut held).await;
+    assert!(rows < UNREAD_ROWS, "{rows}");
+}
+
+/// A SQLite table `t` of [`UNREAD_ROWS`] rows watched for inserts.
+async fn sqlite_unread(db: &common::sqlite::TempDb) -> Notifier {
+    db.exec(&format!(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {UNREAD_ROWS})
+         INSERT INTO t (id) SELECT i FROM n"
+    ));
+    Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Insert))
+        .max_in_flight(1_024)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Whether a read transaction holds the SQLite database at `path` back: a
+/// `PRAGMA wal_checkpoint(TRUNCATE)` (not waiting) reports busy while a reader's view ends
+/// before the log's last commit — the late rows, written after the snapshot's read opened.
+async fn sqlite_held(path: std::path::PathBuf) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::ZERO).unwrap();
+        let busy: i64 = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap();
+        busy != 0
+    })
+    .await
+    .unwrap()
+}
+
+/// `stop()` ends a SQLite snapshot read left waiting on its feed: its read transaction (which
+/// keeps checkpoints from passing it, so the log only grows) used to stay open until the
+/// whole table had gone to the feed.
+#[actix_rt::test]
+async fn sqlite_stop_ends_a_snapshot_read_in_progress() {
+    let db = common::sqlite::TempDb::new();
+    let notifier = sqlite_unread(&db).await;
+    let mut held = || sqlite_held(db.path.clone());
+    let late = common::sqlite::insert_rows(&db, "t", UNREAD_ROWS + 1..=UNREAD_ROWS + LATE_ROWS);
+    let feed = unread_feed(&notifier, late, &mut held).await;
+    stop_ends_the_snapshot(notifier, feed, &mut held).await;
+}
+
+/// Dropping a SQLite feed in the middle of its snapshot ends the read.
+#[actix_rt::test]
+async fn sqlite_dropping_a_feed_ends_its_snapshot_read() {
+    let db = common::sqlite::TempDb::new();
+    let notifier = sqlite_unread(&db).await;
+    let mut held = || sqlite_held(db.path.clone());
+    let late = common::sqlite::insert_rows(&db, "t", UNREAD_ROWS + 1..=UNREAD_ROWS + LATE_ROWS);
+    let feed = unread_feed(&notifier, late, &mut held).await;
+    dropping_ends_the_read(notifier, feed, &mut held).await;
+}
+
 /// The replica check on SQLite: 4 writer threads, each on its own connection, writing
 /// (`BEGIN IMMEDIATE`: SQLite has one writer at a time) while the snapshot is read.
 #[actix_rt::test]
@@ -1250,6 +1532,44 @@ mod mysql {
         let stats = notifier.stats().await.unwrap();
         assert_eq!(stats.snapshot_rows, replica.snapshot_rows);
         notifier.stop().await.unwrap();
+    }
+
+    /// Whether a snapshot read's transaction is open on `db`: a read-only InnoDB transaction
+    /// of another connection to the database.
+    async fn mysql_held(db: &TestDb) -> bool {
+        db.count(
+            "SELECT COUNT(*) FROM information_schema.innodb_trx t \
+               JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id \
+              WHERE p.db = DATABASE() AND p.id <> CONNECTION_ID() AND t.trx_is_read_only = 1",
+        )
+        .await
+            > 0
+    }
+
+    /// `stop()` ends a MySQL / MariaDB snapshot read left waiting on its feed: its consistent
+    /// read (which holds InnoDB's purge back) used to stay open, its connection too, until the
+    /// whole table had gone to the feed.
+    #[actix_rt::test]
+    async fn mysql_stop_ends_a_snapshot_read_in_progress() {
+        let db = TestDb::new().await;
+        table_of(&db, UNREAD_ROWS).await;
+        let notifier = start(&db).await;
+        let mut held = || mysql_held(&db);
+        let late = common::mysql::insert_rows(&db, "t", UNREAD_ROWS + 1..=UNREAD_ROWS + LATE_ROWS);
+        let feed = unread_feed(&notifier, late, &mut held).await;
+        stop_ends_the_snapshot(notifier, feed, &mut held).await;
+    }
+
+    /// Dropping a MySQL / MariaDB feed in the middle of its snapshot ends the read.
+    #[actix_rt::test]
+    async fn mysql_dropping_a_feed_ends_its_snapshot_read() {
+        let db = TestDb::new().await;
+        table_of(&db, UNREAD_ROWS).await;
+        let notifier = start(&db).await;
+        let mut held = || mysql_held(&db);
+        let late = common::mysql::insert_rows(&db, "t", UNREAD_ROWS + 1..=UNREAD_ROWS + LATE_ROWS);
+        let feed = unread_feed(&notifier, late, &mut held).await;
+        dropping_ends_the_read(notifier, feed, &mut held).await;
     }
 
     #[actix_rt::test]

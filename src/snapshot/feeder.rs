@@ -1,13 +1,15 @@
 //! The actor behind a [`SnapshotFeed`](super::SnapshotFeed): subscribes to the table's
 //! channels, reads the snapshot into the feed, then passes on the changes the snapshot does
-//! not already reflect.
+//! not already reflect. A read is dropped where it stands — its transaction rolled back, its
+//! connection closed — as soon as the feed is dropped or the notifier stops
+//! ([`read_rows`]), rather than read to the end for nobody.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::fence::Fence;
 use super::Progress;
@@ -27,6 +29,8 @@ pub(crate) struct Start {
     pub registry: Addr<Registry>,
     pub chunk_rows: usize,
     pub buffer: usize,
+    /// Turns `true` when the notifier stops ([`stopping`]).
+    pub stopping: watch::Receiver<bool>,
 }
 
 /// Most backfill fences a feeder keeps (see [`Feeder::backfills`]).
@@ -132,6 +136,7 @@ impl Feeder {
                 tx,
                 progress,
                 stats,
+                stopping: start.stopping.clone(),
             },
             fence: None,
             backfills: VecDeque::new(),
@@ -221,6 +226,48 @@ struct Read {
     tx: mpsc::Sender<Result<ChangeEvent>>,
     progress: Arc<Progress>,
     stats: Arc<Counters>,
+    /// Turns `true` when the notifier stops: a read still open then ends.
+    stopping: watch::Receiver<bool>,
+}
+
+/// Resolves once the notifier is stopping (`stopping` turned `true`); never when it was
+/// dropped without a stop (its reads then go on until the feed ends them).
+async fn stopping(mut stopping: watch::Receiver<bool>) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads the table into the feed ([`read_table`]) unless the feed is dropped or the notifier
+/// stops first: the read is then dropped where it stands, which rolls its transaction back
+/// and closes its connection (the dialects' readers end their read when dropped), instead of
+/// holding its snapshot — PostgreSQL's xmin, MySQL's consistent read, SQLite's read
+/// transaction — until the whole table went to a feed nobody reads. A read the stop cut
+/// marks the feed's [`Progress::cut`] (and an `initial` one not done), so that the feed ends
+/// with [`Error::NotRunning`] after the rows it got. Returns what [`read_table`] does (`sent`
+/// as it left it), or `false` when the read was dropped.
+async fn read_rows(read: Read, initial: bool, sent: &mut Option<(Fence, Sent)>) -> Result<bool> {
+    let table = read_table(&read, initial, sent);
+    let stop = stopping(read.stopping.clone());
+    let closed = read.tx.closed();
+    tokio::select! {
+        // A read that is over counts as over, even when the stop came meanwhile.
+        biased;
+        done = table => done,
+        () = stop => {
+            if initial {
+                read.progress.done.store(false, Ordering::Release);
+            }
+            read.progress.cut.store(true, Ordering::Release);
+            log::debug!(
+                "sqlnotify: the notifier stopped: a read of {}.{} ends before its last row",
+                read.channel.schema(),
+                read.channel.table()
+            );
+            Ok(false)
+        }
+        () = closed => Ok(false),
+    }
 }
 
 /// Opens a consistent read of the table and hands every row that passes the filters to the
@@ -231,7 +278,7 @@ struct Read {
 /// got so far (collected for a backfill only, each once its row was handed over) — also when
 /// the read fails later, or panics: a backfill's rows reflect its read whether or not it got
 /// to the end. Returns whether it did (`false`: the feed was dropped).
-async fn read_rows(read: Read, initial: bool, sent: &mut Option<(Fence, Sent)>) -> Result<bool> {
+async fn read_table(read: &Read, initial: bool, sent: &mut Option<(Fence, Sent)>) -> Result<bool> {
     let mut reader = read
         .dialect
         .open_snapshot(read.channel.clone(), read.chunk_rows)

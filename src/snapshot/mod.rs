@@ -12,6 +12,13 @@
 //! (on MySQL in an index's order when no index has the key's: see `src/mysql/snapshot.rs`) in
 //! chunks, each sent only when the feed's reader has room, so memory stays flat however large
 //! the table.
+//!
+//! A read holds its consistent view open until its last row went out — a PostgreSQL snapshot
+//! (vacuum's horizon), a MySQL consistent read (purge), a SQLite read transaction (the
+//! checkpoint) — so a read nobody will finish is dropped where it stands: when the feed is
+//! dropped, and when the notifier stops ([`Notifier::stop`](crate::Notifier::stop)), which
+//! then ends the feed with [`Error::NotRunning`](crate::Error::NotRunning) after the rows it
+//! got (never `None` alone after part of the table).
 
 pub(crate) mod feeder;
 pub(crate) mod fence;
@@ -125,6 +132,10 @@ pub(crate) struct Progress {
     /// Whether the first read is open (`total` counts its rows).
     opened: AtomicBool,
     done: AtomicBool,
+    /// Set when the notifier's stop cut a read (the snapshot or a backfill) before its last
+    /// row went out: the feed ends with [`Error::NotRunning`](crate::Error::NotRunning) once
+    /// it has handed over the rows before (taken back by the feed when it does).
+    cut: AtomicBool,
 }
 
 impl Progress {
@@ -147,7 +158,8 @@ impl Progress {
 /// The events of a [`Snapshot`]: first the table's current rows
 /// ([`ChangeEvent::is_snapshot`] is true; they report the table's INSERT watch, or its first
 /// watch when there is none), then its changes from every watch on the table, in commit
-/// order. Dropping the feed ends its subscription.
+/// order. Dropping the feed ends its subscription, and a read still open (the snapshot's or a
+/// backfill's) with it.
 #[derive(Debug)]
 pub struct SnapshotFeed {
     rx: mpsc::Receiver<Result<ChangeEvent>>,
@@ -188,8 +200,22 @@ impl SnapshotFeed {
     /// backfill stopped, and the changes go on — the rows it sent before the error are
     /// backfilled rows all the same (the changes they reflect are not passed on for their keys;
     /// those of the keys it did not get to are).
+    ///
+    /// [`Notifier::stop`](crate::Notifier::stop) does not wait for a snapshot or a backfill
+    /// still being read: it ends the read (its transaction and connection) where it stands,
+    /// and the feed hands over the rows read before, then
+    /// [`Error::NotRunning`](crate::Error::NotRunning), then `None` — so a read the stop cut
+    /// short never passes for a whole one. A feed whose reads were all over ends with `None`
+    /// alone.
     pub async fn next(&mut self) -> Option<Result<ChangeEvent>> {
-        self.rx.recv().await
+        match self.rx.recv().await {
+            Some(item) => Some(item),
+            // Once: the end follows.
+            None if self.progress.cut.swap(false, Ordering::AcqRel) => {
+                Some(Err(crate::Error::NotRunning))
+            }
+            None => None,
+        }
     }
 
     /// How far the snapshot (and any backfill) has come.

@@ -6,7 +6,10 @@ use futures_util::future::BoxFuture;
 use super::fence::Fence;
 use crate::error::Result;
 
-/// A consistent read of one table, open until dropped (or read to the end).
+/// A consistent read of one table, open until dropped (or read to the end). Dropping it ends
+/// the read without reading on — its transaction rolled back, its connection closed — which
+/// is how the feeder ends a read nobody will finish (the feed dropped, the notifier stopping),
+/// also in the middle of opening it or of a chunk.
 pub(crate) trait SnapshotReader: Send {
     /// Where the read was taken: the live events it already reflects.
     fn fence(&self) -> &Fence;
