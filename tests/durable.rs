@@ -837,6 +837,7 @@ async fn a_position_an_older_version_saved_over_a_snapshot_resumes_by_its_horizo
 /// A dropped consumer's rows are purged, and a miss (a `Gap` when it comes back) is recorded
 /// for the rows it had not read — only those: with a transaction left open elsewhere its
 /// horizon stays behind the rows it did read, and those are no miss.
+#[cfg(feature = "bench")]
 #[actix_rt::test]
 async fn the_purge_records_a_miss_only_for_rows_a_dropped_consumer_had_not_read() {
     use sqlnotify::bench_support::purge_now;
