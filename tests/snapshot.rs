@@ -45,10 +45,23 @@ async fn next(feed: &mut SnapshotFeed) -> sqlnotify::ChangeEvent {
 /// feed only after its snapshot was taken — the case the fence is for. Returns the stalled
 /// subscription's channel; [`drain`] releases it.
 async fn stall(notifier: &Notifier) -> crossbeam_channel::Receiver<sqlnotify::ChangeEvent> {
+    let rx = stalling(notifier).await;
+    await_stall(notifier).await;
+    rx
+}
+
+/// The subscription [`stall`] makes, for a test that writes once after it instead of having
+/// writers write all along: changes committed before it would pass it by.
+async fn stalling(notifier: &Notifier) -> crossbeam_channel::Receiver<sqlnotify::ChangeEvent> {
     let (_, rx) = notifier
         .subscribe_channel(sqlnotify::Subscription::new("t", Operation::Update).buffer(1))
         .await
         .unwrap();
+    rx
+}
+
+/// Waits until the pipeline stalls behind a [`stalling`] subscription.
+async fn await_stall(notifier: &Notifier) {
     // The subscriber reads nothing, so what the pipeline holds only grows until the listener
     // waits for room — how close to the budget that happens depends on the batch it waits to
     // hand over (up to 1,000 rows on MySQL: with a budget of 1,024, anywhere above 24). So:
@@ -69,7 +82,6 @@ async fn stall(notifier: &Notifier) -> crossbeam_channel::Receiver<sqlnotify::Ch
         "the pipeline never stalled: {:?}",
         notifier.stats().await.unwrap()
     );
-    rx
 }
 
 /// Reads `stalled` on a thread of its own until the notifier stops.
@@ -1188,8 +1200,9 @@ async fn a_backfill_skips_only_changes_of_the_rows_it_sent() {
     }
     // More changes than the in-flight budget, so the pipeline stalls with the changes below
     // waiting in the listener.
+    let stalled = stalling(&notifier).await;
     db.exec("UPDATE t SET v = v + 1 WHERE id > 500").await;
-    let stalled = stall(&notifier).await;
+    await_stall(&notifier).await;
     db.exec("DELETE FROM t WHERE id = 7").await;
     db.exec("UPDATE t SET status = 'closed' WHERE id = 800")
         .await;
