@@ -385,3 +385,40 @@ pg_tier_scenarios!([notify_tier: Notify, durable_tier: Durable] {
     lifecycle::unchanged_watches_are_not_reinstalled_and_drift_is_an_error_or_a_replacement,
     lifecycle::cleanup_on_start_cleanup_and_cleanup_on_stop,
 });
+
+/// A database installed by an older install script lacks columns this version writes (the
+/// purge record's `snapshot` and `writer`): `start()` with `manage_triggers(false)` says so,
+/// naming them, instead of a purge that fails on every round; this version's `install_sql()`
+/// adds them.
+#[actix_rt::test]
+async fn an_older_install_scripts_tables_are_drift_until_the_new_script_is_applied() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert).tier(sqlnotify::Tier::Durable));
+    builder.start().await.unwrap().stop().await.unwrap();
+    db.exec("ALTER TABLE sqlnotify.trimmed DROP COLUMN snapshot, DROP COLUMN writer")
+        .await;
+    let err = builder
+        .clone()
+        .manage_triggers(false)
+        .start()
+        .await
+        .expect_err("the tables are an older version's");
+    assert!(
+        matches!(&err, Error::DefinitionDrift { .. })
+            && err.to_string().contains("trimmed.snapshot, trimmed.writer")
+            && err.to_string().contains("install_sql()"),
+        "{err}"
+    );
+    db.exec(&builder.install_sql().await.unwrap()).await;
+    builder
+        .clone()
+        .manage_triggers(false)
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
+}

@@ -537,6 +537,20 @@ async fn an_application_role_runs_against_an_administrators_install() {
         1,
         "the consumer's position was saved by {app}"
     );
+    // The retention purge, run as the application role, deletes the rows the consumer read
+    // and records what it deleted (for resuming SSE clients) with the script's grants.
+    #[cfg(feature = "bench")]
+    {
+        let purger = watches(&app_url)
+            .manage_triggers(false)
+            .purge_interval(Duration::from_secs(3600))
+            .start()
+            .await
+            .unwrap();
+        let purged = sqlnotify::bench_support::purge_now(&purger, Duration::ZERO).await;
+        assert!(purged.as_ref().is_ok_and(|n| *n > 0), "{purged:?}");
+        purger.stop().await.unwrap();
+    }
 }
 
 /// SQLite has no roles to grant to: a typed error, not a script that pretends.

@@ -708,8 +708,9 @@ async fn existing_triggers(
 }
 
 /// Checks that every watch is installed exactly as generated (for externally managed DDL),
-/// and that the journal has this version's columns (an install script of an older version
-/// lacks `events`; the listener could not read the journal).
+/// and that the journal tiers' tables have this version's columns (an install script of an
+/// older version lacks the journal's `events`, which the listener reads, or the purge record's
+/// `snapshot` and `writer`, which the purge writes).
 async fn verify(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
     let exists = catalog_exists(client).await?;
     for w in watches {
@@ -718,26 +719,29 @@ async fn verify(client: &Client, watches: &[ResolvedWatch]) -> Result<()> {
     let Some(journaled) = watches.iter().find(|w| w.tier != Tier::Notify) else {
         return Ok(());
     };
-    let current = client
+    let missing: Option<String> = client
         .query_typed_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                             WHERE attrelid = pg_catalog.to_regclass('sqlnotify.journal')
-                               AND attname = 'events' AND NOT attisdropped)",
+            "SELECT (SELECT pg_catalog.string_agg(c.t || '.' || c.a, ', ')
+                       FROM (VALUES ('journal', 'events'), ('trimmed', 'snapshot'), ('trimmed', 'writer')) c(t, a)
+                      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                                         WHERE attrelid = pg_catalog.to_regclass('sqlnotify.' || c.t)
+                                           AND attname = c.a AND NOT attisdropped))",
             &[],
         )
         .await
-        .map_err(|e| Error::db("checking the journal's columns", e))?
-        .get::<_, bool>(0);
-    if current {
+        .map_err(|e| Error::db("checking the journal tables' columns", e))?
+        .get(0);
+    let Some(missing) = missing else {
         return Ok(());
-    }
+    };
     Err(Error::DefinitionDrift {
         channel: journaled.channel.name.clone(),
         table: format!("{}.{}", journaled.channel.schema, journaled.channel.table),
-        detail: "the table sqlnotify.journal lacks the `events` column this version reads \
-                 (it was created by an older install script): apply this version's \
-                 install_sql(), which adds it"
-            .into(),
+        detail: format!(
+            "sqlnotify's tables lack the columns this version uses ({missing}; they were \
+             created by an older install script): apply this version's install_sql(), which \
+             adds them"
+        ),
     })
 }
 

@@ -490,6 +490,8 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
         unprotected(&s, 3, None)
     );
     let mark = format!("UPDATE {s}.consumers SET missed = $2 WHERE name = $1");
+    let resnap =
+        format!("UPDATE {s}.trimmed SET snapshot = pg_catalog.pg_current_snapshot() WHERE id = 1");
     let trimmed = format!(
         "INSERT INTO {s}.trimmed AS t (id, xid, snapshot, writer)
          VALUES (1, $1::text::xid8, pg_catalog.pg_current_snapshot(), pg_catalog.pg_current_xact_id())
@@ -552,6 +554,10 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
             tx.query_typed(&trimmed, &[(&newest.to_string(), Type::TEXT)])
                 .await
                 .map_err(err)?;
+            // The snapshot again, in a statement that starts once this transaction holds the
+            // row: the upsert's snapshot was taken before it waited for another purge's write,
+            // and may not show a transaction whose rows that purge deleted.
+            tx.query_typed(&resnap, &[]).await.map_err(err)?;
         }
         for (name, channels, missed) in &locked {
             let unread = unread

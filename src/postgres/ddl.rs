@@ -1141,7 +1141,8 @@ ON CONFLICT (channel) DO UPDATE SET table_schema = EXCLUDED.table_schema, table_
 /// The privileges a role needs to run a notifier against objects someone else installed
 /// (`manage_triggers(false)`): read the catalog (verification) and the signing key (verifying
 /// notifications), read and expire the overflow table and the journal, write custom events to
-/// them, keep consumer positions and record dead letters. Writers need none of this: trigger
+/// them, record what the retention purge deleted (read by a resuming SSE client), keep consumer
+/// positions and record dead letters. Writers need none of this: trigger
 /// functions run as their owner.
 pub(crate) fn grant_sql(role: &str) -> String {
     let (s, r) = (quote_ident(SCHEMA), quote_ident(role));
@@ -1150,6 +1151,7 @@ pub(crate) fn grant_sql(role: &str) -> String {
 GRANT SELECT ON {s}.catalog, {s}.signing TO {r};
 GRANT SELECT, INSERT, DELETE ON {s}.overflow, {s}.journal TO {r};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.consumers, {s}.dead_letters TO {r};
+GRANT SELECT, INSERT, UPDATE ON {s}.trimmed TO {r};
 GRANT USAGE ON SEQUENCE {s}.overflow_id_seq, {s}.journal_id_seq, {s}.dead_letters_id_seq TO {r};
 "
     )
@@ -1765,6 +1767,8 @@ mod tests {
             "GRANT SELECT, INSERT, UPDATE, DELETE ON \"sqlnotify\".consumers, \"sqlnotify\".dead_letters TO \"app\";"
         ));
         assert!(script[grants..].contains("\"sqlnotify\".dead_letters_id_seq TO \"app\";"));
+        assert!(script[grants..]
+            .contains("GRANT SELECT, INSERT, UPDATE ON \"sqlnotify\".trimmed TO \"app\";"));
     }
 
     #[test]

@@ -122,7 +122,7 @@ pub(crate) async fn replay(
                AND j.channel = ANY($4)
                AND pg_catalog.pg_visible_in_snapshot(j.xid, s.replay))
          SELECT s.replay::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.tx_last, r.later,
-                {} AS trimmed
+                {} AS trimmed, pg_catalog.pg_is_in_recovery() AS standby
            FROM s LEFT JOIN LATERAL (
                 SELECT * FROM j
                  WHERE j.channel = ANY($5)
@@ -154,6 +154,17 @@ pub(crate) async fn replay(
     // A purge that committed since the check above (or the page before) deleted rows this
     // page would have held: it records the newest transaction it reached in the same
     // transaction, which this statement sees if it misses their rows.
+    // A standby (a multi-host URL may reach one) lists no running transaction in a
+    // snapshot's `xip`: the page's fence would drop live events of transactions it counts as
+    // finished. Refused, as the listener refuses it.
+    if rows.first().is_some_and(|r| r.get::<_, bool>(9)) {
+        return Err(Error::Database {
+            context: "reading the journal for a client that resumes".into(),
+            source: "this server is a standby in recovery; the journal is read on the primary \
+                     (with several hosts in the URL, add target_session_attrs=read-write)"
+                .into(),
+        });
+    }
     if rows.first().and_then(|r| r.get::<_, Option<bool>>(8)) == Some(true) {
         return Ok(Replay::TooOld);
     }
