@@ -84,6 +84,27 @@ async fn await_stall(notifier: &Notifier) {
     );
 }
 
+/// Waits until `what`'s read (PostgreSQL) waits for room in its feed — its transaction idle,
+/// its cursor open — and terminates its backend there.
+async fn terminate_waiting_read(db: &TestDb, what: &str) {
+    let waiting = "FROM pg_catalog.pg_stat_activity \
+                   WHERE datname = pg_catalog.current_database() \
+                     AND state = 'idle in transaction' AND query LIKE 'FETCH%'";
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            db.count(&format!("SELECT pg_catalog.count(*) {waiting}"))
+                .await
+                == 1
+        })
+        .await,
+        "{what}'s connection never waited"
+    );
+    db.exec(&format!(
+        "SELECT pg_catalog.pg_terminate_backend(pid) {waiting}"
+    ))
+    .await;
+}
+
 /// Reads `stalled` on a thread of its own until the notifier stops.
 fn drain(stalled: crossbeam_channel::Receiver<sqlnotify::ChangeEvent>) {
     std::thread::spawn(move || while stalled.recv().is_ok() {});
@@ -468,22 +489,7 @@ async fn a_snapshot_that_fails_while_its_feed_is_full_ends_with_the_error() {
         .unwrap();
     assert!(next(&mut feed).await.is_snapshot());
     // The feed is full now and the snapshot's transaction waits, its cursor open.
-    let waiting = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
-                   WHERE datname = pg_catalog.current_database() \
-                     AND state = 'idle in transaction' AND query LIKE 'FETCH%'";
-    assert!(
-        common::wait_until(Duration::from_secs(10), || async {
-            db.count(waiting).await == 1
-        })
-        .await,
-        "the snapshot's connection never waited"
-    );
-    db.exec(
-        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
-          WHERE datname = pg_catalog.current_database() \
-            AND state = 'idle in transaction' AND query LIKE 'FETCH%'",
-    )
-    .await;
+    terminate_waiting_read(&db, "the snapshot").await;
     // One row at a time, the feeder filling the room each read makes before the next read:
     // the failure meets a full feed.
     let mut rows = 1;
@@ -1291,22 +1297,7 @@ async fn a_backfill_that_fails_part_way_fences_the_rows_it_sent() {
         assert_eq!(e.get("v").and_then(|v| v.as_i64()), Some(v));
     }
     // The backfill fills the feed and its transaction waits, its cursor open: end it there.
-    let waiting = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
-                   WHERE datname = pg_catalog.current_database() \
-                     AND state = 'idle in transaction' AND query LIKE 'FETCH%'";
-    assert!(
-        common::wait_until(Duration::from_secs(10), || async {
-            db.count(waiting).await == 1
-        })
-        .await,
-        "the backfill's connection never waited"
-    );
-    db.exec(
-        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
-          WHERE datname = pg_catalog.current_database() \
-            AND state = 'idle in transaction' AND query LIKE 'FETCH%'",
-    )
-    .await;
+    terminate_waiting_read(&db, "the backfill").await;
     // The backfilled rows, then the failure.
     let mut sent = std::collections::BTreeSet::new();
     loop {
