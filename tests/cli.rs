@@ -519,8 +519,8 @@ fn install_sql_prints_the_ddl_and_installs_nothing() {
     };
     assert_eq!(
         readable("r", "SELECT"),
-        6,
-        "catalog, signing, overflow, journal, consumers, dead_letters"
+        7,
+        "catalog, signing, overflow, journal, consumers, dead_letters, trimmed"
     );
     assert_eq!(
         readable("S", "USAGE"),
@@ -529,8 +529,8 @@ fn install_sql_prints_the_ddl_and_installs_nothing() {
     );
     assert_eq!(
         readable("r", "UPDATE"),
-        2,
-        "consumers and dead_letters only"
+        3,
+        "consumers, dead_letters and the purge's record (trimmed) only"
     );
 
     // Statement capture, on a journal tier only.
