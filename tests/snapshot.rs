@@ -822,14 +822,29 @@ async fn sqlite_unread(db: &common::sqlite::TempDb) -> Notifier {
 /// Whether a read transaction holds the SQLite database at `path` back: a
 /// `PRAGMA wal_checkpoint(TRUNCATE)` (not waiting) reports busy while a reader's view ends
 /// before the log's last commit — the late rows, written after the snapshot's read opened.
+/// It asks again while another connection's checkpoint or write keeps it from answering.
 async fn sqlite_held(path: std::path::PathBuf) -> bool {
     tokio::task::spawn_blocking(move || {
         let conn = rusqlite::Connection::open(path).unwrap();
         conn.busy_timeout(Duration::ZERO).unwrap();
-        let busy: i64 = conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .unwrap();
-        busy != 0
+        // The pragma fails with SQLITE_BUSY (rather than reporting busy) while another
+        // connection checkpoints or writes, such as the late rows' writer or the notifier's
+        // purge: that says nothing about the reader, so ask again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+                Ok(busy) => return busy != 0,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("wal_checkpoint: {e}"),
+            }
+        }
     })
     .await
     .unwrap()
