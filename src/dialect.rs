@@ -21,7 +21,7 @@ use crate::error::Result;
 use crate::event::Channel;
 use crate::listener::{ListenParams, ListenerHandle};
 use crate::overflow::OverflowStore;
-use crate::replay::{Replay, ReplayFrom};
+use crate::replay::{Head, Replay, ReplayFrom};
 use crate::resolve::{ResolvedWatch, TableInfo};
 use crate::snapshot::reader::SnapshotReader;
 
@@ -149,6 +149,12 @@ pub(crate) trait Dialect: Send + Sync + 'static {
         _limit: i64,
     ) -> BoxFuture<'static, Result<Replay>> {
         Box::pin(async { Ok(Replay::Unsupported) })
+    }
+    /// Where the journal stands now, as a position [`replay`](Self::replay) can resume from
+    /// ([`Head`]); `None` where a dialect cannot name one.
+    #[cfg_attr(not(feature = "web"), allow(dead_code))]
+    fn replay_head(&self) -> BoxFuture<'static, Result<Option<Head>>> {
+        Box::pin(async { Ok(None) })
     }
 }
 

@@ -60,3 +60,17 @@ pub(crate) enum Replay {
     /// This dialect or tier cannot resume from a position.
     Unsupported,
 }
+
+/// Where the journal stands as a stream starts live: the first `id:` it sends, so that a
+/// client that drops before its first event resumes from there instead of missing what was
+/// committed meanwhile. Taken after the stream's subscriptions were made, so that every change
+/// after it reaches the stream live or through a replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) enum Head {
+    /// A journal in commit order (SQLite): its last id given out.
+    Journal(i64),
+    /// PostgreSQL's journal tiers: a snapshot; the client has every transaction it saw.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Snapshot(String),
+}

@@ -549,13 +549,15 @@ async fn a_position_that_cannot_be_resumed_gets_an_explicit_reset() {
     )
     .await;
     // Not one of ours, and one from the future (another database).
-    for bad in ["abc", "999999"] {
+    for (bad, head) in [("abc", "0"), ("999999", "1")] {
         let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", bad)])
             .await
             .unwrap();
         let reset = client.next_event().await;
         assert_eq!(reset.event.as_deref(), Some("reset"), "{bad}: {reset:?}");
-        assert!(reset.id.is_none());
+        // Its id is the journal's last id: a client that drops before its next event
+        // resumes from there, not from the position that was reset.
+        assert_eq!(reset.id.as_deref(), Some(head), "{bad}");
         // Live events follow.
         s.insert(i64::from(bad == "abc") + 1, 1, "new");
         assert_eq!(
@@ -591,6 +593,36 @@ async fn a_position_that_cannot_be_resumed_gets_an_explicit_reset() {
         .unwrap()
         .contains("retention"));
     assert_eq!(s.sse.stats().resets, 3);
+    drop(client);
+    s.stop().await;
+}
+
+/// A stream that starts live names where the journal stood in its first frame (an `id:`
+/// alone): a browser that drops before its first event — it has no event's id to send back —
+/// resumes from there. What was committed while it was away arrives; nothing older does.
+/// (Before, it reconnected with no `Last-Event-ID`, and those rows were lost silently.)
+#[actix_rt::test]
+async fn a_client_that_drops_before_its_first_event_resumes_from_where_its_stream_started() {
+    let s = serve(|n| n, |e| e).await;
+    s.insert(1, 1, "before the stream");
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    let first = client.next_frame().await.unwrap();
+    assert!(first.event.is_none() && first.data.is_none(), "{first:?}");
+    let head = first
+        .id
+        .expect("the first frame names where the stream starts");
+    assert_eq!(head, "1", "the journal's last id");
+    drop(client);
+    s.insert(2, 1, "while away");
+    s.insert(3, 1, "while away");
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &head)])
+        .await
+        .unwrap();
+    assert_eq!(client.next_event().await.row(), 2);
+    assert_eq!(client.next_event().await.row(), 3);
+    s.insert(4, 1, "live");
+    assert_eq!(client.next_event().await.row(), 4);
+    assert_eq!(s.sse.stats().resets, 0);
     drop(client);
     s.stop().await;
 }
@@ -1272,13 +1304,152 @@ async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_re
             Some("reset"),
             "{position}: {reset:?}"
         );
-        assert!(reset.id.is_none());
+        let head = reset.id.expect("a reset names where the stream starts");
+        assert!(head.starts_with("0@0@"), "a snapshot position: {head}");
         // Then live events.
         let id = 10 + sse.stats().resets as i64;
         db.exec(&insert(id)).await;
         assert_eq!(client.next_event().await.row(), id, "{position}");
     }
     assert_eq!(sse.stats().resets, 5);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+/// PostgreSQL's journal tiers: a stream that starts live names a snapshot taken once it was
+/// subscribed (`0@0@S@S`); a client that drops before its first event and comes back with it
+/// gets every transaction that snapshot did not see, once, and none it saw.
+#[actix_rt::test]
+async fn on_postgresql_a_client_that_drops_before_its_first_event_resumes_from_where_its_stream_started(
+) {
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) =
+        serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
+    let insert =
+        |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
+    db.exec(&insert(1)).await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let first = client.next_frame().await.unwrap();
+    assert!(first.event.is_none() && first.data.is_none(), "{first:?}");
+    let head = first
+        .id
+        .expect("the first frame names where the stream starts");
+    assert!(head.starts_with("0@0@"), "a snapshot position: {head}");
+    drop(client);
+    db.exec(&insert(2)).await;
+    db.exec(&insert(3)).await;
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &head)])
+        .await
+        .unwrap();
+    let second = client.next_event().await;
+    assert_eq!(second.row(), 2, "{second:?}");
+    assert_eq!(client.next_event().await.row(), 3);
+    db.exec(&insert(4)).await;
+    assert_eq!(client.next_event().await.row(), 4);
+    assert_eq!(sse.stats().resets, 0);
+    // A client that resumes from the event it got resumes as ever.
+    let last = second.id.expect("a durable event has a position");
+    drop(client);
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    assert_eq!(client.next_event().await.row(), 3);
+    assert_eq!(client.next_event().await.row(), 4);
+    drop(client);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+/// PostgreSQL's notify tier has no journal and its events no id: its stream's first frame is
+/// the id `none`, which a browser keeps (events without an id do not change it) and sends back
+/// on reconnect — and gets a `reset`. (Before, it reconnected with no `Last-Event-ID` and got
+/// a live stream: what was committed while it was away was lost silently.)
+#[actix_rt::test]
+async fn on_postgresql_notify_a_client_that_reconnects_gets_a_reset_never_a_silent_gap() {
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) =
+        serve_postgres(&db, sqlnotify::Tier::Notify, |n| n).await;
+    let insert =
+        |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let first = client.next_frame().await.unwrap();
+    assert_eq!(first.id.as_deref(), Some("none"), "{first:?}");
+    db.exec(&insert(1)).await;
+    let event = client.next_event().await;
+    assert_eq!(event.row(), 1);
+    assert_eq!(event.id, None, "a notify-tier event has no position");
+    drop(client);
+    db.exec(&insert(2)).await; // while the client is away: not replayable
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", "none")])
+        .await
+        .unwrap();
+    let reset = client.next_event().await;
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    assert_eq!(reset.id.as_deref(), Some("none"));
+    db.exec(&insert(3)).await;
+    loop {
+        let e = client.next_event().await;
+        assert_eq!(e.event.as_deref(), Some("orders/insert"), "{e:?}");
+        if e.row() == 3 {
+            break;
+        }
+    }
+    assert_eq!(sse.stats().resets, 1);
+    drop(client);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+/// A grant that mixes a durable channel with a notify-tier one: a resume from a durable
+/// event's position could replay the durable channel only, and the notify channel's rows
+/// written meanwhile would be missing without a word. It is a `reset` naming the tier.
+#[actix_rt::test]
+async fn on_postgresql_a_grant_with_a_notify_tier_channel_resumes_with_a_reset() {
+    let db = common::TestDb::new().await;
+    db.exec(SCHEMA).await;
+    db.exec("CREATE TABLE alerts (id INTEGER PRIMARY KEY, owner_id INTEGER NOT NULL)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("orders", Operation::Insert)
+                .extra_columns(["owner_id", "status"])
+                .tier(sqlnotify::Tier::Durable),
+        )
+        .watch(Watch::new("alerts", Operation::Insert).extra_columns(["owner_id"]))
+        .start()
+        .await
+        .unwrap();
+    let sse = Sse::builder(notifier.clone(), |_req| {
+        Ok(Grant::new()
+            .subscription(Subscription::new("orders", Operation::Insert))
+            .subscription(Subscription::new("alerts", Operation::Insert)))
+    })
+    .heartbeat(Duration::from_millis(200))
+    .build();
+    let (url, handle, server) = listen(&sse);
+    let mut client = connect(&url, &[]).await.unwrap();
+    let first = client.next_frame().await.unwrap();
+    assert_eq!(first.id.as_deref(), Some("none"), "{first:?}");
+    db.exec("INSERT INTO orders (id, owner_id, status) VALUES (1, 1, 'new')")
+        .await;
+    let order = client.next_event().await;
+    let last = order.id.expect("a durable event has a position");
+    drop(client);
+    db.exec("INSERT INTO alerts (id, owner_id) VALUES (1, 1)")
+        .await;
+    let mut client = connect(&url, &[("Last-Event-ID", &last)]).await.unwrap();
+    let reset = client.next_event().await;
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    let reason = reset.json()["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("Tier::Notify"), "{reason}");
+    assert_eq!(reset.id.as_deref(), Some("none"));
+    drop(client);
     sse.shutdown();
     handle.stop(true).await;
     server.await.unwrap().unwrap();
@@ -1343,7 +1514,11 @@ async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tie
         let mut client = connect(&url, &headers).await.unwrap();
         let reset = client.next_event().await;
         assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
-        assert!(reset.id.is_none());
+        assert_eq!(
+            reset.id.as_deref(),
+            Some("none"),
+            "no position to resume from"
+        );
         let reason = reset.json()["reason"].as_str().unwrap().to_string();
         assert!(reason.contains("Tier::Logical"), "{reason}");
         // Live events follow (order 2 too, if it was still on its way when it subscribed).

@@ -435,6 +435,11 @@ impl Dialect for Postgres {
         })
     }
 
+    fn replay_head(&self) -> BoxFuture<'static, Result<Option<crate::replay::Head>>> {
+        let control = self.control.clone();
+        Box::pin(async move { replay::head(&*control.client().await?).await.map(Some) })
+    }
+
     fn open_snapshot(
         &self,
         channel: Arc<Channel>,

@@ -53,6 +53,33 @@ fn trimmed_past(s: &str, before: &str) -> String {
     )
 }
 
+/// Where the journal stands now, for a stream that starts live ([`Head`]): the current
+/// snapshot. A resume from it (`0@0@S@S`) reads every transaction it did not see.
+///
+/// [`Head`]: crate::replay::Head
+pub(crate) async fn head(client: &Client) -> Result<crate::replay::Head> {
+    let err = |e| Error::db("reading where the journal stands for an event stream", e);
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.pg_current_snapshot()::text, pg_catalog.pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .map_err(err)?;
+    let snapshot: String = row.try_get(0).map_err(err)?;
+    if row.try_get::<_, bool>(1).map_err(err)? || !is_snapshot_text(&snapshot) {
+        return Err(Error::Database {
+            context: "reading where the journal stands for an event stream".into(),
+            source: format!(
+                "not a primary's snapshot ({snapshot:?}): the journal is read on the primary \
+                 (with several hosts in the URL, add target_session_attrs=read-write)"
+            )
+            .into(),
+        });
+    }
+    Ok(crate::replay::Head::Snapshot(snapshot))
+}
+
 /// Reads the next page of a replay (see the module documentation).
 pub(crate) async fn replay(
     client: &Client,
@@ -75,7 +102,9 @@ pub(crate) async fn replay(
     let snapshots_ok = is_snapshot_text(&before)
         && is_snapshot_text(&during)
         && page.as_ref().is_none_or(|p| is_snapshot_text(&p.snapshot));
-    if !snapshots_ok || id < 1 || group < id {
+    // `0@0@S@S`, a stream's head (`head`): every transaction `S` saw, and no row of it.
+    let at_head = id == 0 && group == 0;
+    if !snapshots_ok || (id < 1 && !at_head) || group < id {
         return Ok(Replay::TooOld);
     }
     let s = quote_ident(SCHEMA);
@@ -84,7 +113,7 @@ pub(crate) async fn replay(
         // The event's own row (the start of the replay) and everything the client may lack
         // must still be there (the second part is checked again with every page).
         let check = format!(
-            "SELECT EXISTS (SELECT 1 FROM {s}.journal WHERE id = $1), {}",
+            "SELECT $1 = 0 OR EXISTS (SELECT 1 FROM {s}.journal WHERE id = $1), {}",
             trimmed_past(&s, "$2::text::pg_snapshot")
         );
         let row = client

@@ -125,6 +125,17 @@ fn mark_transactions(rows: &mut [RawNotification], cut: Option<i64>) {
     }
 }
 
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+/// The last journal id given out (`0` before the first): a position a replay resumes from.
+pub(crate) fn last_given(conn: &Connection) -> Result<i64> {
+    conn.query_row(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'sqlnotify_journal'), 0)",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db_err("reading the journal's last id"))
+}
+
 /// [`read_after`] `cursor` for a client that resumes, or `TooOld` when a row after `since`
 /// may be gone: ids are AUTOINCREMENT and only the purge deletes rows, so a row missing
 /// between `since` and the oldest row left — or `since` past the newest id ever given — means

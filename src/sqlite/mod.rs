@@ -262,6 +262,12 @@ impl Dialect for Sqlite {
         self.blocking(move |conn| journal::replay(conn, (since, cursor), limit, &channels))
     }
 
+    fn replay_head(&self) -> BoxFuture<'static, Result<Option<crate::replay::Head>>> {
+        self.blocking(|conn| {
+            journal::last_given(conn).map(|id| Some(crate::replay::Head::Journal(id)))
+        })
+    }
+
     fn open_snapshot(
         &self,
         channel: Arc<Channel>,

@@ -10,7 +10,7 @@ use std::fmt::Write;
 use crate::event::ChangeEvent;
 use crate::read_point::{is_snapshot_text, PointAt};
 use crate::read_set::ReadSet;
-use crate::replay::ReplayFrom;
+use crate::replay::{Head, ReplayFrom};
 
 /// Where an event stands in the journal: the `id:` of its frame, what a client sends back in
 /// `Last-Event-ID`.
@@ -63,6 +63,28 @@ impl Position {
             part: event.part(),
             read,
         })
+    }
+
+    /// The position of a stream's [`Head`]: what a client that got nothing else has. A journal
+    /// in commit order: its last id (`"17"`, the form a page reads from `sqlite_sequence`);
+    /// PostgreSQL: no row, and every transaction the snapshot saw (`"0@0@S@S"`).
+    pub fn head(head: Head) -> Position {
+        match head {
+            Head::Journal(id) => Position {
+                sequence: id,
+                part: 0,
+                read: None,
+            },
+            Head::Snapshot(snapshot) => Position {
+                sequence: 0,
+                part: 0,
+                read: Some(ReadAt::Snapshots {
+                    group: 0,
+                    before: snapshot.clone(),
+                    during: snapshot,
+                }),
+            },
+        }
     }
 
     /// Reads a `Last-Event-ID`; `None` when it is not one of ours.
@@ -202,6 +224,17 @@ pub(crate) fn event_frame_at(event: &ChangeEvent, position: Option<Position>) ->
     frame(id.as_deref(), Some(&name), &event.to_record())
 }
 
+/// The `id:` a stream with no position to resume from sends first (PostgreSQL's notify tier,
+/// MySQL / MariaDB, the logical tier, or a position that could not be read): a browser then
+/// sends it back on reconnect, and gets a `reset` rather than a live stream with a silent gap.
+pub(crate) const NO_POSITION: &str = "none";
+
+/// A frame with only an `id:`: sets the id a browser sends back on reconnect, and fires no
+/// event.
+pub(crate) fn id_frame(id: &str) -> String {
+    format!("id: {}\n\n", one_line(id).replace('\0', ""))
+}
+
 /// The `retry:` field: how long a browser waits before it reconnects.
 pub(crate) fn retry(millis: u128) -> String {
     format!("retry: {millis}\n\n")
@@ -291,6 +324,33 @@ mod tests {
         ] {
             assert_eq!(Position::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_head_is_a_position_that_has_no_row_and_parses_back() {
+        let sqlite = Position::head(Head::Journal(17));
+        assert_eq!(sqlite.to_string(), "17");
+        let postgres = Position::head(Head::Snapshot("5:9:6,7".into()));
+        assert_eq!(postgres.to_string(), "0@0@5:9:6,7@5:9:6,7");
+        assert_eq!(
+            Position::parse(&postgres.to_string()),
+            Some(postgres.clone())
+        );
+        assert_eq!(
+            postgres.replay_from(),
+            ReplayFrom::Read {
+                before: "5:9:6,7".into(),
+                during: "5:9:6,7".into(),
+                group: 0,
+                id: 0,
+                page: None,
+            }
+        );
+        assert_eq!(
+            Position::parse(NO_POSITION),
+            None,
+            "`none` is not a position"
+        );
     }
 
     #[test]

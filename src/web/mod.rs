@@ -16,9 +16,12 @@
 //! present, wins (a browser's reconnect sends the last id it got). Resuming works on SQLite and
 //! on PostgreSQL's durable and poll tiers (a PostgreSQL event's id names the journal read that
 //! delivered it, since its journal ids are not in commit order — see README, "Resume"). Where
-//! the events after the position are no longer in the journal, on PostgreSQL's notify tier
-//! (no journal, no ids) and on MySQL, the client gets an explicit `event: reset` instead: it
-//! should reload its state. A gap is never silent. On the logical-decoding tier
+//! the events after the position are no longer in the journal, or on PostgreSQL's notify tier
+//! (no journal, no ids; also when a grant mixes its channels with journal ones), the client
+//! gets an explicit `event: reset` instead: it should reload its state. A gap is never
+//! silent: a stream that starts live first sends an `id:` alone naming where the journal
+//! stood once it was subscribed (or `none` where there is no such position, which gets a
+//! `reset`), so a browser that drops before its first event has an id to send back. On the logical-decoding tier
 //! ([`Tier::Logical`](crate::Tier::Logical)) events have ids (their WAL positions) but there
 //! is no journal to replay from — the replication slot moves past what was delivered — so a
 //! client that resumes always gets a `reset` whose reason names the tier, then live events.
@@ -93,6 +96,7 @@ pub use self::stats::SseStats;
 
 use self::builder::Config;
 pub(crate) use self::frame::Position;
+use self::frame::NO_POSITION;
 use self::stats::Counters;
 use self::stream::{Connection, Start};
 use crate::error::Error;
@@ -230,6 +234,7 @@ impl Sse {
         };
         let start = match last_event_id {
             None => Start::Live,
+            Some(Some(NO_POSITION)) => Start::NoPosition,
             Some(text) => match text.and_then(Position::parse) {
                 Some(position) => Start::After(position),
                 None => Start::Unknown,
@@ -238,7 +243,10 @@ impl Sse {
         let policy = config.slow_client.policy();
         let mut subscriptions = Vec::with_capacity(grant.subscriptions.len());
         let mut routes = Vec::with_capacity(grant.subscriptions.len());
-        let mut logical = false;
+        // Channels whose events have no journal to replay: the logical tier's, and
+        // PostgreSQL's notify tier's (the other dialects journal every channel).
+        let postgres = config.notifier.dialect_name() == "postgresql";
+        let mut no_journal = None;
         for mut subscription in grant.subscriptions {
             subscription.filters.extend(narrowing.iter().cloned());
             let subscription = subscription.policy(policy).buffer(config.buffer);
@@ -252,7 +260,13 @@ impl Sse {
                     subscription.label.as_deref(),
                 )
                 .map_err(refused)?;
-            logical |= channel.tier() == crate::Tier::Logical;
+            match channel.tier() {
+                crate::Tier::Logical => no_journal = Some(crate::Tier::Logical),
+                crate::Tier::Notify if postgres => {
+                    no_journal = no_journal.or(Some(crate::Tier::Notify))
+                }
+                _ => {}
+            }
             routes.push((channel.name().to_string(), subscription.filters.clone()));
             subscriptions.push(subscription);
         }
@@ -265,12 +279,42 @@ impl Sse {
             )
             .await
             .map_err(refused)?;
-        // The logical tier has no journal to replay: a client that resumes starts over.
-        let start = match start {
-            Start::After(_) | Start::Unknown if logical => Start::NoJournal,
-            start => start,
+        // A stream with a channel that has no journal cannot resume: a client that comes
+        // back starts over (a resume of the journal's channels alone would skip the others'
+        // events silently).
+        let start = match (start, no_journal) {
+            (Start::Live, _) => Start::Live,
+            (_, Some(tier)) => Start::NoJournal(tier),
+            (start, None) => start,
         };
-        Ok(Connection::new(config.clone(), ids, events, routes, start))
+        // Where the journal stands now that the subscriptions are made: the first `id:` of a
+        // stream that starts live, and the `id:` of a `reset`, so that a client that drops
+        // before its next event resumes from here.
+        let head = match no_journal {
+            Some(_) => None,
+            None => match config.notifier.dialect().replay_head().await {
+                Ok(head) => head,
+                Err(e) => {
+                    log::warn!(
+                        "sqlnotify: an event stream starts without a position to resume from \
+                         (a reconnect before its first event gets a reset): {e}"
+                    );
+                    None
+                }
+            },
+        };
+        let head = head.map_or_else(
+            || NO_POSITION.to_string(),
+            |h| Position::head(h).to_string(),
+        );
+        Ok(Connection::new(
+            config.clone(),
+            ids,
+            events,
+            routes,
+            start,
+            head,
+        ))
     }
 
     /// The endpoint's counters: clients connected now, events, lag notices, resets, heartbeats.

@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::builder::{Config, SlowClient};
-use super::frame::{comment, event_frame, event_frame_at, frame, retry, Position, ReadAt};
+use super::frame::{
+    comment, event_frame, event_frame_at, frame, id_frame, retry, Position, ReadAt,
+};
 use super::stats::Counters;
 use crate::event::ChangeEvent;
 use crate::filter::Filter;
@@ -37,11 +39,16 @@ pub(crate) enum Start {
     After(Position),
     /// A `Last-Event-ID` that is not one of ours: a `reset`, then live events.
     Unknown,
-    /// A `Last-Event-ID` on a stream with no journal to replay ([`Tier::Logical`]): a `reset`
-    /// naming the tier, then live events.
+    /// The `Last-Event-ID` of a stream that had no position to resume from
+    /// ([`NO_POSITION`](super::frame::NO_POSITION)): a `reset`, then live events.
+    NoPosition,
+    /// A `Last-Event-ID` on a stream with a channel that has no journal to replay (this tier:
+    /// [`Tier::Logical`], or PostgreSQL's [`Tier::Notify`]): a `reset` naming the tier, then
+    /// live events.
     ///
     /// [`Tier::Logical`]: crate::Tier::Logical
-    NoJournal,
+    /// [`Tier::Notify`]: crate::Tier::Notify
+    NoJournal(crate::Tier),
 }
 
 enum Phase {
@@ -67,6 +74,12 @@ pub(crate) struct Connection {
     phase: Phase,
     /// The live events the journal replay sent already.
     floor: Option<Fence>,
+    /// The `id:` of where the journal stood once the subscriptions were made (or
+    /// [`NO_POSITION`](super::frame::NO_POSITION)): the first frame of a stream that starts
+    /// live, and the id of a `reset`, so that a client that drops before its next event
+    /// resumes from there rather than from nothing (a browser sends no `Last-Event-ID` before
+    /// it got an id, and would miss silently what was committed while it was away).
+    head: String,
     heartbeat: Interval,
     shutdown: watch::Receiver<bool>,
 }
@@ -78,6 +91,7 @@ impl Connection {
         events: StreamReceiver,
         routes: Vec<(String, Vec<Filter>)>,
         start: Start,
+        head: String,
     ) -> Connection {
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
@@ -93,6 +107,7 @@ impl Connection {
             routes,
             phase: Phase::Start(start),
             floor: None,
+            head,
             heartbeat,
             shutdown,
         }
@@ -124,7 +139,7 @@ impl Connection {
     fn start(&mut self, start: Start) -> String {
         let mut out = retry(self.config.retry.as_millis());
         match start {
-            Start::Live => {}
+            Start::Live => out += &id_frame(&self.head),
             Start::After(after) => {
                 self.phase = Phase::Replaying {
                     from: after.replay_from(),
@@ -132,21 +147,35 @@ impl Connection {
                 };
             }
             Start::Unknown => out += &self.reset("Last-Event-ID is not a position of this stream"),
-            Start::NoJournal => {
+            Start::NoPosition => {
+                out += &self.reset(
+                    "the stream this client had gave it no position to resume from (its \
+                     events have none); reload your state, live events follow",
+                )
+            }
+            Start::NoJournal(crate::Tier::Logical) => {
                 out += &self.reset(
                     "resuming from Last-Event-ID is not possible on Tier::Logical: it has no \
                      journal to replay from (its replication slot moves past what was \
                      delivered); reload your state, live events follow",
                 )
             }
+            Start::NoJournal(tier) => {
+                out += &self.reset(&format!(
+                    "resuming from Last-Event-ID is not possible on Tier::{tier:?}: it has no \
+                     journal to replay from; reload your state, live events follow"
+                ))
+            }
         }
         out
     }
 
+    /// A `reset` frame: its `id:` is the stream's head, so that a client that drops again
+    /// before its next event resumes from there, not from the position that was reset.
     fn reset(&mut self, reason: &str) -> String {
         Counters::add(&self.config.counters.resets, 1);
         let data = serde_json::json!({ "reason": reason }).to_string();
-        frame(None, Some("reset"), &data)
+        frame(Some(&self.head), Some("reset"), &data)
     }
 
     async fn replay(&mut self, from: ReplayFrom, after: Position) -> Option<String> {
