@@ -163,7 +163,7 @@ async fn a_row_the_purge_cannot_convert_fails_the_purge_not_the_pipeline() {
     assert_eq!(ev.next().await.id().as_i64(), Some(1));
     let purge_waits = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
                        WHERE datname = pg_catalog.current_database() AND wait_event_type = 'Lock' \
-                         AND query LIKE 'SELECT name, channels, missed%'";
+                         AND query LIKE 'SELECT name, pg_catalog.array_remove(channels%'";
     assert!(
         common::wait_until(std::time::Duration::from_secs(10), || async {
             db.count(purge_waits).await == 1
@@ -183,6 +183,44 @@ async fn a_row_the_purge_cannot_convert_fails_the_purge_not_the_pipeline() {
         db.exec(&format!("INSERT INTO t VALUES ({id})")).await;
         assert_eq!(ev.next().await.id().as_i64(), Some(id), "events go on");
     }
+    notifier.stop().await.unwrap();
+}
+
+/// NULL elements in a consumer row's lists (the application role may update
+/// `sqlnotify.consumers`) are skipped: listing the consumers, the consumer's restart and the
+/// purge go on. The driver cannot convert a list with a NULL element: listing panicked in the
+/// caller, and the restart failed `start()`.
+#[actix_rt::test]
+async fn null_elements_in_a_consumer_row_are_skipped_not_a_panic() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let builder = || {
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Durable))
+            .consumer("c")
+            .retention(std::time::Duration::ZERO)
+            .purge_interval(std::time::Duration::from_millis(10))
+    };
+    let notifier = builder().start().await.unwrap();
+    notifier.stop().await.unwrap();
+    db.exec(
+        "UPDATE sqlnotify.consumers SET channels = channels || NULL::text,
+                missed = ARRAY[NULL]::text[], seen = ARRAY[NULL]::bigint[], state = 'expired'
+          WHERE name = 'c'",
+    )
+    .await;
+    let listed = builder().consumers().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].channels.as_ref().map(Vec::len),
+        Some(1),
+        "{listed:?}"
+    );
+    let notifier = builder().start().await.unwrap();
+    let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    assert_eq!(notifier.consumers().await.unwrap().len(), 1);
     notifier.stop().await.unwrap();
 }
 

@@ -124,7 +124,8 @@ pub(crate) async fn reactivate(
                 expire_after = pg_catalog.make_interval(secs => $3), updated_at = now()
            FROM (SELECT name, missed FROM {s}.consumers WHERE name = $1 FOR UPDATE) o
           WHERE c.name = o.name
-         RETURNING c.horizon::text, o.missed, c.seen, c.snapshot::text",
+         RETURNING c.horizon::text, pg_catalog.array_remove(o.missed, NULL),
+                   pg_catalog.array_remove(c.seen, NULL), c.snapshot::text",
         s = quote_ident(SCHEMA)
     );
     let name = &consumer.name;
@@ -316,7 +317,8 @@ pub(crate) async fn list(client: &Client) -> Result<Vec<ConsumerInfo>> {
     }
     let sql = format!(
         "SELECT c.name, c.state, c.horizon::text, extract(epoch FROM c.updated_at)::float8,
-                c.channels, extract(epoch FROM c.expire_after)::float8, {}
+                pg_catalog.array_remove(c.channels, NULL),
+                extract(epoch FROM c.expire_after)::float8, {}
            FROM {s}.consumers c ORDER BY c.name",
         backlog_sql(),
         s = quote_ident(SCHEMA)
@@ -462,7 +464,8 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
          RETURNING name, extract(epoch FROM now() - updated_at)::float8"
     );
     let lock = format!(
-        "SELECT name, channels, missed FROM {s}.consumers
+        "SELECT name, pg_catalog.array_remove(channels, NULL), pg_catalog.array_remove(missed, NULL)
+           FROM {s}.consumers
           WHERE state = ANY($1) ORDER BY name FOR UPDATE"
     );
     // The bound once per run, not per batch: finding it reads the expired rows, which a
