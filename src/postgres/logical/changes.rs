@@ -120,9 +120,15 @@ impl Changes {
                 return Ok(());
             }
             Message::Insert { relation, new } => (relation, Operation::Insert, Some(new), None),
-            Message::Update { relation, old, new } => {
-                (relation, Operation::Update, Some(new), old.map(|(_, t)| t))
-            }
+            // An old key ('K', an UPDATE that changed the key under DEFAULT or USING INDEX)
+            // has NULL for every other column: no value to carry forward an unchanged
+            // TOASTed value from, and no old row. Only a whole old row ('O', FULL) is one.
+            Message::Update { relation, old, new } => (
+                relation,
+                Operation::Update,
+                Some(new),
+                old.filter(|(kind, _)| *kind == b'O').map(|(_, t)| t),
+            ),
             Message::Delete { relation, old } => (relation, Operation::Delete, None, Some(old.1)),
             Message::Truncate { .. } | Message::Other(_) => return Ok(()),
         };
@@ -431,6 +437,23 @@ mod tests {
             .0;
         c.read(&upd, 2, &mut out).unwrap();
         assert_eq!(out[0].decoded, decoded_from(&routes[0], json!({"id": 1})));
+        // An UPDATE that changed the key sends the old key ('K'), NULL in every other column:
+        // the unchanged value is left out, not taken from it as a NULL.
+        let key_changed = Bytes::default()
+            .u8(b'U')
+            .u32(9)
+            .u8(b'K')
+            .tuple(&[Some("1"), None])
+            .u8(b'N')
+            .tuple(&[Some("1001"), Some("\u{0}unchanged")])
+            .0;
+        out.clear();
+        c.read(&key_changed, 3, &mut out).unwrap();
+        assert_eq!(
+            out[0].decoded,
+            decoded_from(&routes[0], json!({"id": 1001}))
+        );
+        out.clear();
         // Another table, a short tuple: nothing, or an error naming the table.
         c.read(
             &relation_bytes(10, b'd', &[("id", 23, true), ("v", 25, false)]),
