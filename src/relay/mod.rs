@@ -38,14 +38,15 @@
 //! sent again for ever and hold up everything behind it. One whose key alone does not fit is
 //! logged and counted in [`RelayStats::skipped`].
 //!
-//! **Order.** Messages are stored in commit order. A connection never reconnects by itself: a
-//! new one is opened and what was not confirmed is sent again, in order, the first alone — so
-//! a message is never stored after one that followed it. Per-key order therefore holds in the
-//! whole stream, and in each partition subject. One exception: on a link already storing, a
-//! message the stream refuses (say, no leader for a moment while it changes) while it stores
-//! the next ones already sent is stored after them when it is sent again — JetStream has no
-//! per-message precondition the relay could use without refusing other sources' messages in a
-//! shared stream.
+//! **Order.** Messages are stored in commit order. Once a connection is lost a new one is
+//! opened and what was not confirmed is sent again, in order, the first alone. Per-key order
+//! therefore holds in the whole stream, and in each partition subject. Two exceptions: on a
+//! link already storing, a message the stream refuses (say, no leader for a moment while it
+//! changes) while it stores the next ones already sent is stored after them when it is sent
+//! again — JetStream has no per-message precondition the relay could use without refusing
+//! other sources' messages in a shared stream; and the lost connection's client reconnects
+//! once by itself (see `nats.rs`), writing the publishes still queued in it, which can be
+//! stored before earlier unconfirmed ones sent again on the new link.
 
 mod broker;
 mod nats;

@@ -51,11 +51,13 @@ impl Broker for Nats {
         let options = async_nats::ConnectOptions::new()
             .name("sqlnotify-relay")
             .connection_timeout(Duration::from_secs(5))
-            // The first connect is the only one: once lost, the client's connection task
-            // ends instead of reconnecting (the relay opens a new link and sends what was not
-            // confirmed again, in order). A client left to reconnect later — after a long
-            // delay, say — would then write the publishes still queued in it: stale copies,
-            // stored again once the stream's duplicate window had passed, after newer ones.
+            // One reconnect at most, at once: async-nats counts attempts from the last
+            // successful connect and reads 0 as "no limit", so one immediate reconnect after
+            // a loss is the least it allows. The relay opens a new link and sends what was not
+            // confirmed again, in order; the old client may still write the publishes queued
+            // in it on that one reconnect (README, "Ordering"). A client left to reconnect
+            // later — after a long delay, say — would write them after newer ones, stored
+            // again once the stream's duplicate window had passed.
             .max_reconnects(1)
             .event_callback(move |event| {
                 let lost_tx = lost_tx.clone();
