@@ -57,7 +57,7 @@ impl Param {
     pub fn ne(column: impl Into<String>, kind: ParamType) -> Self {
         Self::new(column, Comparison::Ne, kind)
     }
-    /// The column equals one of the comma-separated values.
+    /// The column equals one of the comma-separated values (at most 1,000; more is a 400).
     pub fn is_in(column: impl Into<String>, kind: ParamType) -> Self {
         Self::new(column, Comparison::In, kind)
     }
@@ -82,6 +82,10 @@ impl Param {
     pub(crate) fn filter(&self, text: &str) -> Result<Filter, String> {
         let column = self.column.clone();
         if self.comparison == Comparison::In {
+            let count = text.split(',').count();
+            if count > MAX_IN_VALUES {
+                return Err(format!("{count} values: at most {MAX_IN_VALUES} are taken"));
+            }
             let values = text
                 .split(',')
                 .map(|t| self.value(t))
@@ -125,11 +129,24 @@ impl Param {
     }
 }
 
+/// Most filter parameters one query string may give: each is checked against every event of
+/// the client's channels in the registry, which all clients share.
+pub(crate) const MAX_QUERY_FILTERS: usize = 32;
+
+/// Most values one `is_in` parameter may list, for the same reason.
+pub(crate) const MAX_IN_VALUES: usize = 1_000;
+
 /// The filters `query` asks for under `allowed` (name → parameter), or the message of a 400.
 pub(crate) fn filters(
     query: &[(String, String)],
     allowed: &[(String, Param)],
 ) -> Result<Vec<Filter>, String> {
+    if query.len() > MAX_QUERY_FILTERS {
+        return Err(format!(
+            "{} query parameters: at most {MAX_QUERY_FILTERS} are taken",
+            query.len()
+        ));
+    }
     query
         .iter()
         .map(|(name, text)| {
@@ -151,6 +168,25 @@ pub(crate) fn filters(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_query_too_long_to_check_per_event_is_refused() {
+        let many: Vec<(String, String)> = (0..=MAX_QUERY_FILTERS)
+            .map(|i| ("min".to_string(), i.to_string()))
+            .collect();
+        let e = filters(&many, &allowed()).unwrap_err();
+        assert!(e.contains("33 query parameters"), "{e}");
+        assert_eq!(
+            filters(&many[..MAX_QUERY_FILTERS], &allowed())
+                .unwrap()
+                .len(),
+            MAX_QUERY_FILTERS
+        );
+        let ids = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        let e = filters(&[("ids".into(), ids(MAX_IN_VALUES + 1))], &allowed()).unwrap_err();
+        assert!(e.contains("\"ids\"") && e.contains("1001 values"), "{e}");
+        assert!(filters(&[("ids".into(), ids(MAX_IN_VALUES))], &allowed()).is_ok());
+    }
 
     fn allowed() -> Vec<(String, Param)> {
         vec![
