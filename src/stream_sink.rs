@@ -7,10 +7,11 @@
 //! overtake each other while the reader is slow. In ordered mode the sink refuses (as a full
 //! mailbox) every event but the oldest one selected and not yet handed over or lost; the
 //! registry's retry hands the older one over first. An event that two subscriptions of the
-//! same reader select is handed over once. `KeepLatestPerKey` replaces a waiting event in
-//! place (reordering by design), so a sink for it is unordered.
+//! same reader select is handed over once. `KeepLatestPerKey` replaces a waiting event in place
+//! (reordering by design), so a sink for it is unordered — but there too an event two of its
+//! subscriptions select is handed over once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, Notify};
@@ -23,6 +24,9 @@ struct Gate {
     pending: BTreeMap<u64, u32>,
     /// The ordinal of the last event handed over (ordered mode).
     handed: Option<u64>,
+    /// Unordered mode: events handed over that another subscription still holds (its copy
+    /// is dropped when it comes).
+    delivered: HashSet<u64>,
 }
 
 impl Gate {
@@ -31,6 +35,7 @@ impl Gate {
             *count -= 1;
             if *count == 0 {
                 self.pending.remove(&ordinal);
+                self.delivered.remove(&ordinal);
             }
         }
     }
@@ -112,23 +117,27 @@ pub(crate) fn stream_channel(capacity: usize, ordered: bool) -> (StreamSink, Str
 impl StreamSink {
     /// A subscription selected `event` (before it is handed over or buffered).
     pub fn selected(&self, event: &ChangeEvent) {
-        if self.shared.ordered {
-            *self
-                .shared
-                .gate()
-                .pending
-                .entry(event.ordinal())
-                .or_insert(0) += 1;
-        }
+        *self
+            .shared
+            .gate()
+            .pending
+            .entry(event.ordinal())
+            .or_insert(0) += 1;
     }
 
     /// A selected event will never be handed over (the policy dropped it, or its subscription
     /// ended): counted as lost unless the reader has it through another subscription.
     pub fn lost(&self, event: &ChangeEvent) {
-        if self.shared.ordered {
+        {
             let mut gate = self.shared.gate();
-            gate.release(event.ordinal());
-            if gate.handed.is_some_and(|h| event.ordinal() <= h) {
+            let ordinal = event.ordinal();
+            let has = if self.shared.ordered {
+                gate.handed.is_some_and(|h| ordinal <= h)
+            } else {
+                gate.delivered.contains(&ordinal)
+            };
+            gate.release(ordinal);
+            if has {
                 return;
             }
         }
@@ -145,11 +154,21 @@ impl StreamSink {
     }
 
     pub fn try_deliver(&self, event: ChangeEvent) -> Result<(), StreamRefused> {
-        if !self.shared.ordered {
-            return self.tx.try_send(event).map_err(refused);
-        }
         let ordinal = event.ordinal();
         let mut gate = self.shared.gate();
+        if !self.shared.ordered {
+            if gate.delivered.contains(&ordinal) {
+                // Another subscription of this reader handed it over already.
+                gate.release(ordinal);
+                return Ok(());
+            }
+            self.tx.try_send(event).map_err(refused)?;
+            gate.release(ordinal);
+            if gate.pending.contains_key(&ordinal) {
+                gate.delivered.insert(ordinal);
+            }
+            return Ok(());
+        }
         if gate.handed.is_some_and(|h| ordinal <= h) {
             // Another subscription of this reader handed it over already.
             gate.release(ordinal);
@@ -334,6 +353,31 @@ mod tests {
             }),
             "an event without a position: the newest is unknown"
         );
+    }
+
+    #[test]
+    fn unordered_an_event_two_subscriptions_select_goes_once() {
+        let (sink, mut rx) = stream_channel(8, false);
+        let (a, b) = (event(1), event(2));
+        for e in [&a, &a, &b, &b] {
+            sink.selected(e);
+        }
+        // Out of order is fine here (KeepLatestPerKey reorders by design).
+        assert!(accepted(&sink, &b));
+        assert!(accepted(&sink, &a));
+        assert!(accepted(&sink, &a), "the second copy is taken, not sent");
+        sink.lost(&b);
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv())
+            .map(|e| e.ordinal())
+            .collect();
+        assert_eq!(got, [2, 1]);
+        assert_eq!(
+            rx.take_lost(),
+            None,
+            "the reader has 2 through the other one"
+        );
+        let gate = sink.shared.gate();
+        assert!(gate.pending.is_empty() && gate.delivered.is_empty());
     }
 
     #[test]
