@@ -9,6 +9,11 @@
 //! consumer-group failover — reads them back, so the count (and the dead-lettering after the
 //! last attempt) continues where the previous process stopped. The events themselves come
 //! back from the journal in commit order, since the position never moved past them.
+//!
+//! Dead letters being delivered again (`redelivering`) go back to `requested` when a process
+//! becomes active that may not hold them: at its start, and after it stood by (another
+//! process was active meanwhile). A reconnect that ends with this process active again
+//! without standing by takes nothing back: the rows are still in its hands.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -129,9 +134,14 @@ impl Engine {
         let mut poll = tokio::time::interval(engine.handling.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut polling: Option<LocalBoxFuture<'static, Polled>> = None;
-        // Whether this process read back what the previous active one left, since it last
-        // became active (or independent).
+        // Whether this process read back the attempt counts since it last became active (or
+        // independent).
         let mut activated = false;
+        // Whether this process took back the rows a previous one was delivering again, since
+        // it last stood by (or started). Only then: a reconnect (`Role::Starting`) that ends
+        // with this process active again without standing by leaves it the rows it took, in
+        // its queues, timers and running attempts; taking them back would deliver them twice.
+        let mut took_back = false;
         let mut ended = false;
         let mut dead_counted = 0u64;
         // Bumped when this process stands by: outcomes of attempts started before are stale.
@@ -155,7 +165,21 @@ impl Engine {
                 timers = FuturesUnordered::new();
                 resume.clear();
                 activated = false;
+                took_back = false;
                 standbys = engine.counters.standbys();
+            };
+        }
+        // Reads back the attempt counts, unless done since this process last became active,
+        // and — `$active`: the role is active or independent — takes back the rows a previous
+        // process was delivering again, unless done since this process last stood by.
+        macro_rules! activate {
+            ($active:expr) => {
+                let take_back = $active && !took_back;
+                if !activated || take_back {
+                    resume = engine.activate(take_back).await;
+                    activated = true;
+                    took_back |= take_back;
+                }
             };
         }
         loop {
@@ -220,10 +244,7 @@ impl Engine {
                         stand_by!();
                     }
                     if matches!(engine.counters.role(), Role::Active | Role::Independent) {
-                        if !activated {
-                            resume = engine.activate().await;
-                            activated = true;
-                        }
+                        activate!(true);
                         let room = engine.handling.max_waiting.saturating_sub(queues.len());
                         polling = Some(Box::pin(engine.clone().poll(room)));
                     } else {
@@ -237,11 +258,13 @@ impl Engine {
                             stand_by!();
                         }
                         // Only an active process gets events: it continues what the
-                        // previous one left before it handles any.
-                        if !activated {
-                            resume = engine.activate().await;
-                            activated = true;
-                        }
+                        // previous one left before it handles any. (An event read before a
+                        // reconnect or a stand-by may arrive while the role says otherwise:
+                        // the counts are read, the rows taken back only once active.)
+                        activate!(matches!(
+                            engine.counters.role(),
+                            Role::Active | Role::Independent
+                        ));
                         let event = delivery.event;
                         let mut item = Item { event, ack: Some(delivery.ack), failed: 0, row: None };
                         if let Some(sequence) = item.event.sequence() {
@@ -387,15 +410,18 @@ impl Engine {
     }
 
     /// What a process that becomes active continues: the attempt counts of the events that
-    /// were failing, by `(sequence, part)`; and the dead letters a gone process was
-    /// delivering again go back to `requested`.
-    async fn activate(&self) -> HashMap<(i64, u32), Retrying> {
+    /// were failing, by `(sequence, part)`; and, with `take_back` (it did not hold the role
+    /// since it last took them back: it started, or stood by while another process was
+    /// active), the dead letters a gone process was delivering again go back to `requested`.
+    async fn activate(&self, take_back: bool) -> HashMap<(i64, u32), Retrying> {
         let name = &self.handling.name;
-        if let Err(e) = self.store.reset_redelivering(name.clone()).await {
-            log::warn!(
-                "sqlnotify: handler {name:?} could not take back the dead letters a previous \
-                 process was delivering again: {e}"
-            );
+        if take_back {
+            if let Err(e) = self.store.reset_redelivering(name.clone()).await {
+                log::warn!(
+                    "sqlnotify: handler {name:?} could not take back the dead letters a \
+                     previous process was delivering again: {e}"
+                );
+            }
         }
         match self.store.retrying(name.clone()).await {
             Ok(rows) => rows
@@ -469,9 +495,15 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     //! The engine's loop against an in-memory dead-letter store and the role set by hand.
+    //! Tests that need time to pass in a role (a reconnect longer than a poll interval, a
+    //! retry's delay) run on tokio's paused clock: it moves on only once every task waits,
+    //! so what the loop does in that time is done when the test looks, on any machine.
 
+    use std::cell::{Cell, RefCell};
+    use std::collections::{BTreeMap, VecDeque};
     use std::sync::atomic::AtomicU64;
-    use std::time::Duration;
+    use std::sync::Mutex;
+    use std::time::{Duration, SystemTime};
 
     use futures_util::future::BoxFuture;
     use serde_json::{json, Map};
@@ -481,11 +513,43 @@ mod tests {
     use crate::dead_letters::{DeadLetter, DeadLetterCounts, Target};
     use crate::error::Result;
     use crate::event::RawNotification;
+    use crate::tier::Tier;
 
-    /// A store with no rows that counts how often an activation read it back.
+    /// The test handler's name.
+    const NAME: &str = "h";
+    /// The poll interval of the tests that set one.
+    const POLL: Duration = Duration::from_millis(10);
+
+    /// An in-memory dead-letter table of one handler — each row's state and event — that
+    /// counts the engine's calls.
     #[derive(Default)]
     struct Store {
+        /// Activations that took back the handler's rows being delivered again.
         resets: AtomicU64,
+        /// Activations (reads of the attempt counts).
+        reads: AtomicU64,
+        /// Failed attempts recorded.
+        records: AtomicU64,
+        rows: Mutex<BTreeMap<i64, (DeadLetterState, ChangeEvent)>>,
+    }
+
+    impl Store {
+        fn count(counter: &AtomicU64) -> u64 {
+            counter.load(Ordering::Relaxed)
+        }
+
+        fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, (DeadLetterState, ChangeEvent)>> {
+            self.rows.lock().unwrap()
+        }
+
+        /// A dead letter of `event` a retry was asked for, as row `id`.
+        fn requested(&self, id: i64, event: ChangeEvent) {
+            self.rows().insert(id, (DeadLetterState::Requested, event));
+        }
+
+        fn state(&self, id: i64) -> Option<DeadLetterState> {
+            self.rows().get(&id).map(|(state, _)| *state)
+        }
     }
 
     fn ok<T: Send + 'static>(value: T) -> BoxFuture<'static, Result<T>> {
@@ -493,21 +557,50 @@ mod tests {
     }
 
     impl DeadLetterStore for Store {
-        fn record(&self, _: Failure) -> BoxFuture<'static, Result<i64>> {
-            ok(1)
+        fn record(&self, f: Failure) -> BoxFuture<'static, Result<i64>> {
+            self.records.fetch_add(1, Ordering::Relaxed);
+            let mut rows = self.rows();
+            let channels = channels();
+            let event = ChangeEvent::from_record(&f.event, f.part, &channels).unwrap();
+            let id = match f.id.filter(|id| rows.contains_key(id)) {
+                Some(id) => id,
+                None => rows.keys().last().map_or(1, |last| last + 1),
+            };
+            rows.insert(id, (f.state, event));
+            ok(id)
         }
-        fn resolve(&self, _: i64) -> BoxFuture<'static, Result<()>> {
+        fn resolve(&self, id: i64) -> BoxFuture<'static, Result<()>> {
+            self.rows().remove(&id);
             ok(())
         }
         fn retrying(&self, _: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
             ok(Vec::new())
         }
-        fn take_requested(&self, _: String, _: u32) -> BoxFuture<'static, Result<Vec<DeadLetter>>> {
-            ok(Vec::new())
+        fn take_requested(
+            &self,
+            _: String,
+            limit: u32,
+        ) -> BoxFuture<'static, Result<Vec<DeadLetter>>> {
+            let mut taken = Vec::new();
+            for (&id, (state, event)) in self.rows().iter_mut() {
+                if *state == DeadLetterState::Requested && taken.len() < limit as usize {
+                    *state = DeadLetterState::Redelivering;
+                    taken.push(letter(id, event));
+                }
+            }
+            ok(taken)
         }
         fn reset_redelivering(&self, _: String) -> BoxFuture<'static, Result<u64>> {
             self.resets.fetch_add(1, Ordering::Relaxed);
-            ok(0)
+            let mut n = 0;
+            for (state, _) in self.rows().values_mut() {
+                if *state == DeadLetterState::Redelivering {
+                    *state = DeadLetterState::Requested;
+                    n += 1;
+                }
+            }
+            ok(n)
         }
         fn list(
             &self,
@@ -530,6 +623,24 @@ mod tests {
         }
     }
 
+    /// Row `id` of `event` as `take_requested` returns it.
+    fn letter(id: i64, event: &ChangeEvent) -> DeadLetter {
+        DeadLetter {
+            id,
+            handler: NAME.into(),
+            channel: event.channel().to_string(),
+            sequence: event.sequence(),
+            part: event.part(),
+            key: key_text(event),
+            event: event.to_record(),
+            attempts: 1,
+            first_failed: SystemTime::UNIX_EPOCH,
+            last_failed: SystemTime::UNIX_EPOCH,
+            error: "failed".into(),
+            state: DeadLetterState::Redelivering,
+        }
+    }
+
     /// A handler that handles every event.
     struct Handles;
 
@@ -542,20 +653,100 @@ mod tests {
         }
     }
 
+    /// What a [`Script`]ed call answers.
+    enum Answer {
+        /// An error.
+        Fail,
+    }
+
+    /// A handler that answers its calls from a script, in order, and handles every event
+    /// once the script is used up; it counts its calls.
+    #[derive(Clone, Default)]
+    struct Script {
+        calls: Rc<Cell<u32>>,
+        answers: Rc<RefCell<VecDeque<Answer>>>,
+    }
+
+    impl Script {
+        fn new(answers: impl IntoIterator<Item = Answer>) -> Self {
+            Script {
+                calls: Rc::default(),
+                answers: Rc::new(RefCell::new(answers.into_iter().collect())),
+            }
+        }
+
+        fn calls(&self) -> u32 {
+            self.calls.get()
+        }
+    }
+
+    impl Call for Script {
+        fn call(
+            &self,
+            _: Attempt,
+        ) -> LocalBoxFuture<'static, Option<std::result::Result<(), HandlerError>>> {
+            self.calls.set(self.calls.get() + 1);
+            let answer = self.answers.borrow_mut().pop_front();
+            Box::pin(async move {
+                match answer {
+                    None => Some(Ok(())),
+                    Some(Answer::Fail) => Some(Err("scripted failure".into())),
+                }
+            })
+        }
+    }
+
+    fn channels() -> Channels {
+        Channels::new(
+            [(*crate::event::test_channel(Tier::Durable)).clone()],
+            "public",
+        )
+    }
+
     fn event(id: i64) -> ChangeEvent {
-        let channel = crate::event::test_channel(crate::tier::Tier::Durable);
+        let channel = crate::event::test_channel(Tier::Durable);
         let raw = RawNotification::new("c", "").with_sequence(id);
         ChangeEvent::new(channel, Key::Single(json!(id)), Map::new(), &raw, false).at(id as u64)
     }
 
-    async fn resets_reach(store: &Store, n: u64) -> bool {
+    /// The engine of handler [`NAME`] on `store`, with `counters`.
+    fn engine(store: &Arc<Store>, counters: &Arc<Counters>, handling: Handling) -> Engine {
+        Engine {
+            handling,
+            store: store.clone(),
+            counters: counters.clone(),
+            channels: Arc::new(channels()),
+            metrics: HandlerMetrics::new(NAME),
+        }
+    }
+
+    /// Handler [`NAME`] polling every [`POLL`], retrying after 0.5–1 s.
+    fn handling() -> Handling {
+        Handling::new(NAME)
+            .redelivery_poll(POLL)
+            .backoff(Duration::from_secs(1), Duration::from_secs(1))
+    }
+
+    /// Counters of an active process.
+    fn active() -> Arc<Counters> {
+        let counters = Arc::new(Counters::default());
+        counters.set_role(Role::Active);
+        counters
+    }
+
+    /// Waits until `done` holds, for at most 5 s; whether it does.
+    async fn until(mut done: impl FnMut() -> bool) -> bool {
         for _ in 0..500 {
-            if store.resets.load(Ordering::Relaxed) >= n {
+            if done() {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        false
+        done()
+    }
+
+    async fn resets_reach(store: &Store, n: u64) -> bool {
+        until(|| Store::count(&store.resets) >= n).await
     }
 
     /// A standby that begins and ends between two looks of the loop at the role (another
@@ -587,5 +778,63 @@ mod tests {
             "activated again: {} activations",
             store.resets.load(Ordering::Relaxed)
         );
+    }
+
+    /// A reconnect — the role `Starting` for longer than a poll interval, then active again
+    /// without standing by — reads the attempt counts back but takes back none of the rows
+    /// this process delivers again: it still holds them. Before, every reconnect took them
+    /// back (two activations taking back here).
+    #[actix_rt::test]
+    async fn a_reconnect_takes_back_no_rows() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        let counters = active();
+        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
+        actix::spawn(engine(&store, &counters, handling()).run(Handles, deliveries));
+        assert!(until(|| Store::count(&store.reads) == 1).await, "activated");
+        assert_eq!(Store::count(&store.resets), 1, "took back at its start");
+        counters.set_role(Role::Starting);
+        // Paused clock: five poll intervals pass, each tick seen by the loop.
+        tokio::time::sleep(POLL * 5).await;
+        counters.set_role(Role::Active);
+        assert!(
+            until(|| Store::count(&store.reads) == 2).await,
+            "the counts read back once active again"
+        );
+        assert_eq!(Store::count(&store.resets), 1, "no rows taken back");
+    }
+
+    /// A dead letter delivered again whose first attempt failed, and whose retry waits
+    /// across a reconnect, is handled by that retry, once: two calls in all, one failure
+    /// recorded, the row gone. Before, the reconnect took the row back, the next poll took it
+    /// again, and the second copy ran the handler a third time after the first had handled
+    /// the event (and, failing, would have recorded it afresh, to end up dead).
+    #[actix_rt::test]
+    async fn a_dead_letter_delivered_again_is_handled_once_across_a_reconnect() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        store.requested(17, event(17));
+        let counters = active();
+        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
+        let script = Script::new([Answer::Fail]);
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        assert!(
+            until(|| Store::count(&store.records) == 1).await,
+            "first attempt failed"
+        );
+        assert_eq!(store.state(17), Some(DeadLetterState::Redelivering));
+        // A reconnect shorter than the retry's delay (at least 0.5 s).
+        counters.set_role(Role::Starting);
+        tokio::time::sleep(POLL * 10).await;
+        counters.set_role(Role::Active);
+        assert!(
+            until(|| store.state(17).is_none()).await,
+            "handled by the retry"
+        );
+        // Paused clock: a second copy, queued behind the first, would have run by now.
+        tokio::time::sleep(POLL * 10).await;
+        assert_eq!(script.calls(), 2, "the failed attempt and the retry");
+        assert_eq!(Store::count(&store.records), 1);
+        assert!(store.rows().is_empty());
     }
 }
