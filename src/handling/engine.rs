@@ -15,6 +15,7 @@
 //! process was active meanwhile). A reconnect that ends with this process active again
 //! without standing by takes nothing back: the rows are still in its hands.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -90,6 +91,9 @@ enum Outcome {
     Done(KeyId),
     /// Failed; to be tried again after a delay.
     Retry(KeyId, Item),
+    /// This process stood by while the call ran: what follows from it is the active
+    /// process's.
+    Stale,
     /// The handler is gone.
     Gone,
 }
@@ -144,8 +148,10 @@ impl Engine {
         let mut took_back = false;
         let mut ended = false;
         let mut dead_counted = 0u64;
-        // Bumped when this process stands by: outcomes of attempts started before are stale.
-        let mut generation = 0u64;
+        // Bumped when this process stands by: attempts started before are stale — they write
+        // nothing to the dead-letter table (they read it, shared, before each write), and
+        // their outcomes are ignored.
+        let generation = Rc::new(Cell::new(0u64));
         // The standbys seen (`Counters::standbys`): a standby may have begun and ended between
         // two looks at the role — another process active meanwhile, its state to read back.
         let mut standbys = engine.counters.standbys();
@@ -160,7 +166,7 @@ impl Engine {
                     engine.handling.name,
                     queues.len()
                 );
-                generation += 1;
+                generation.set(generation.get() + 1);
                 queues = KeyQueues::new(engine.handling.keys_in_flight);
                 timers = FuturesUnordered::new();
                 resume.clear();
@@ -192,8 +198,14 @@ impl Engine {
             // Starting (reconnecting): attempts wait until the lease is known again.
             if !ended && matches!(role, Role::Active | Role::Independent) {
                 while let Some((key, item)) = queues.next() {
-                    let attempt = engine.clone().attempt(call.clone(), key, item);
-                    running.push(attempt.map(move |outcome| (generation, outcome)));
+                    let started = generation.get();
+                    let attempt = engine.clone().attempt(
+                        call.clone(),
+                        key,
+                        item,
+                        (generation.clone(), started),
+                    );
+                    running.push(attempt.map(move |outcome| (started, outcome)));
                 }
             }
             if ended && running.is_empty() {
@@ -203,7 +215,8 @@ impl Engine {
             tokio::select! {
                 biased;
                 Some((started, outcome)) = running.next(), if !running.is_empty() => match outcome {
-                    _ if started != generation => {}
+                    _ if started != generation.get() => {}
+                    Outcome::Stale => {}
                     Outcome::Done(key) => queues.done(key),
                     Outcome::Retry(key, item) => {
                         queues.retry_later(key);
@@ -281,8 +294,17 @@ impl Engine {
         }
     }
 
-    /// One attempt at `item`, and what follows from it.
-    async fn attempt<C: Call>(self: Rc<Self>, call: Rc<C>, key: KeyId, mut item: Item) -> Outcome {
+    /// One attempt at `item`, and what follows from it — unless `generation` moved on from
+    /// `started`, the one it started in, while the handler ran (this process stood by): then
+    /// it writes nothing to the dead-letter table, where the event is the active process's
+    /// now, and is [`Outcome::Stale`].
+    async fn attempt<C: Call>(
+        self: Rc<Self>,
+        call: Rc<C>,
+        key: KeyId,
+        mut item: Item,
+        (generation, started): (Rc<Cell<u64>>, u64),
+    ) -> Outcome {
         // Saturating: a stored count comes from a table anyone who can write it may set.
         let number = item.failed.saturating_add(1);
         let attempt = Attempt {
@@ -310,6 +332,9 @@ impl Engine {
                 // Counted before the row goes: whoever sees the row gone sees the count.
                 Counters::add(&self.counters.handled, 1);
                 self.metrics.handled.increment(1);
+                if self.stood_by(&item, &generation, started) {
+                    return Outcome::Stale;
+                }
                 if let Some(row) = item.row {
                     if let Err(e) = self.store.resolve(row).await {
                         log::warn!(
@@ -331,6 +356,9 @@ impl Engine {
         };
         Counters::add(&self.counters.handler_errors, 1);
         self.metrics.errors.increment(1);
+        if self.stood_by(&item, &generation, started) {
+            return Outcome::Stale;
+        }
         item.failed = number;
         let dead = number >= self.handling.max_attempts;
         let event = &item.event;
@@ -407,6 +435,23 @@ impl Engine {
             self.metrics.retries.increment(1);
             Outcome::Retry(key, item)
         }
+    }
+
+    /// Whether this process stood by since the attempt at `item` started (`generation` is
+    /// no longer `started`); says so.
+    fn stood_by(&self, item: &Item, generation: &Cell<u64>, started: u64) -> bool {
+        let stood_by = generation.get() != started;
+        if stood_by {
+            log::debug!(
+                "sqlnotify: handler {:?} stood by while it ran on {}.{} key {}: what follows \
+                 is the active process's",
+                self.handling.name,
+                item.event.schema(),
+                item.event.table(),
+                item.event.id()
+            );
+        }
+        stood_by
     }
 
     /// What a process that becomes active continues: the attempt counts of the events that
@@ -507,6 +552,7 @@ mod tests {
 
     use futures_util::future::BoxFuture;
     use serde_json::{json, Map};
+    use tokio::sync::oneshot;
 
     use super::*;
     use crate::acked::held_channel;
@@ -657,6 +703,10 @@ mod tests {
     enum Answer {
         /// An error.
         Fail,
+        /// An error, once the sender is used or dropped.
+        FailAfter(oneshot::Receiver<()>),
+        /// Handled, once the sender is used or dropped.
+        HandleAfter(oneshot::Receiver<()>),
     }
 
     /// A handler that answers its calls from a script, in order, and handles every event
@@ -691,6 +741,14 @@ mod tests {
                 match answer {
                     None => Some(Ok(())),
                     Some(Answer::Fail) => Some(Err("scripted failure".into())),
+                    Some(Answer::FailAfter(release)) => {
+                        let _ = release.await;
+                        Some(Err("scripted failure".into()))
+                    }
+                    Some(Answer::HandleAfter(release)) => {
+                        let _ = release.await;
+                        Some(Ok(()))
+                    }
                 }
             })
         }
@@ -836,5 +894,56 @@ mod tests {
         assert_eq!(script.calls(), 2, "the failed attempt and the retry");
         assert_eq!(Store::count(&store.records), 1);
         assert!(store.rows().is_empty());
+    }
+
+    /// An attempt that fails after its process stood by records nothing: the event is the
+    /// active process's, which delivers it again. Before, it recorded a `retrying` row (or,
+    /// on the last attempt, a dead letter) for an event the active process may have handled.
+    #[actix_rt::test]
+    async fn an_attempt_failing_after_a_stand_by_records_nothing() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        let counters = active();
+        let (sink, deliveries) = held_channel(16, counters.holds.clone());
+        let (release, released) = oneshot::channel();
+        let script = Script::new([Answer::FailAfter(released)]);
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        assert!(sink.try_deliver(event(1)).is_ok());
+        assert!(until(|| script.calls() == 1).await, "the attempt runs");
+        counters.set_role(Role::Standby);
+        // Paused clock: the loop sees the standby at its next tick.
+        tokio::time::sleep(POLL * 5).await;
+        release.send(()).unwrap();
+        let errors = || Store::count(&counters.handler_errors);
+        assert!(until(|| errors() == 1).await, "the attempt failed");
+        assert_eq!(Store::count(&store.records), 0, "nothing recorded");
+        assert!(store.rows().is_empty());
+    }
+
+    /// A dead letter delivered again whose attempt succeeds after its process stood by keeps
+    /// its row: the active process delivers it again (it may be doing so already). Before,
+    /// the row was deleted under it.
+    #[actix_rt::test]
+    async fn an_attempt_succeeding_after_a_stand_by_keeps_the_row() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        store.requested(17, event(17));
+        let counters = active();
+        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
+        let (release, released) = oneshot::channel();
+        let script = Script::new([Answer::HandleAfter(released)]);
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        assert!(
+            until(|| script.calls() == 1).await,
+            "the letter is delivered"
+        );
+        counters.set_role(Role::Standby);
+        tokio::time::sleep(POLL * 5).await;
+        release.send(()).unwrap();
+        assert!(
+            until(|| Store::count(&counters.handled) == 1).await,
+            "handled"
+        );
+        assert!(store.state(17).is_some(), "the row stays");
     }
 }
