@@ -21,7 +21,7 @@ use actix::prelude::*;
 use futures_util::future::BoxFuture;
 use tokio::sync::Semaphore;
 
-use crate::dead_letters::{DeadLetter, DeadLetterStore, DeadLetters};
+use crate::dead_letters::{DeadLetter, DeadLetterStore, DeadLetters, Target};
 use crate::decoder::{RawBatch, Retention};
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels, RawNotification};
@@ -244,7 +244,17 @@ impl DeadLetterCalls {
 
     /// Marks `handler`'s `redelivering` rows `requested` again; returns how many.
     pub async fn reset_redelivering(&self, handler: &str) -> Result<u64> {
-        self.store.reset_redelivering(handler.to_string()).await
+        self.store
+            .reset_redelivering(Target::Handler(handler.to_string()))
+            .await
+    }
+
+    /// Marks those of rows `ids` that are `redelivering` `requested` again (a process that
+    /// stood by hands back what it had taken); returns how many.
+    pub async fn hand_back(&self, ids: &[i64]) -> Result<u64> {
+        self.store
+            .reset_redelivering(Target::Ids(ids.to_vec()))
+            .await
     }
 }
 

@@ -177,9 +177,11 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
         handler: String,
         limit: u32,
     ) -> BoxFuture<'static, Result<Vec<DeadLetter>>>;
-    /// Marks `handler`'s `redelivering` rows `requested` again (a process that was delivering
-    /// them is gone); returns how many.
-    fn reset_redelivering(&self, handler: String) -> BoxFuture<'static, Result<u64>>;
+    /// Marks the `redelivering` rows of `target` `requested` again; returns how many. Every
+    /// one of a handler: a process that was delivering them is gone (or stood by). Some ids:
+    /// a process that stood by hands back the rows it had taken (those still `redelivering`;
+    /// the others, handled or dead meanwhile, are left alone).
+    fn reset_redelivering(&self, target: Target) -> BoxFuture<'static, Result<u64>>;
     /// The rows, oldest first, of `handler` (or every handler), at most `limit`.
     fn list(
         &self,
@@ -243,10 +245,10 @@ impl DeadLetterStore for Guarded {
             store.take_requested(handler, limit)
         })
     }
-    fn reset_redelivering(&self, handler: String) -> BoxFuture<'static, Result<u64>> {
+    fn reset_redelivering(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
         let store = self.0.clone();
         guard("taking back rows being delivered again", move || {
-            store.reset_redelivering(handler)
+            store.reset_redelivering(target)
         })
     }
     fn list(

@@ -1,6 +1,6 @@
 //! The dead-letter table on PostgreSQL, SQLite and MySQL / MariaDB (feature `mysql`): the
 //! handler engine's calls (recording failures, upserts across processes, resolving, taking
-//! requested rows, handing them back) through `sqlnotify::bench_support::DeadLetterCalls`,
+//! requested rows, handing them back — a handler's, or some by id) through `sqlnotify::bench_support::DeadLetterCalls`,
 //! and the public `DeadLetters` API (list, get, retry, discard, counts) — from a builder
 //! without a notifier and from a running one. Also: reads create nothing, the first record
 //! creates the table (several at once), the install and its script create it, cleanup keeps
@@ -113,6 +113,7 @@ async fn reads_find_nothing_and_create_nothing(db: &impl Backend) {
         .unwrap()
         .is_empty());
     assert_eq!(calls.reset_redelivering("billing").await.unwrap(), 0);
+    assert_eq!(calls.hand_back(&[1, 2]).await.unwrap(), 0);
     calls.resolve(1).await.unwrap();
     assert!(!has_table(db).await, "reading created the table");
 }
@@ -274,6 +275,21 @@ async fn a_failure_is_recorded_retried_and_discarded(db: &impl Backend) {
         ids(&calls.take_requested("billing", 10).await.unwrap()),
         [id, part1, loose2]
     );
+
+    // a process that stood by hands back what it had taken, by id: rows being delivered
+    // again only (a retrying row and unknown ids are left alone)
+    assert_eq!(calls.hand_back(&[]).await.unwrap(), 0);
+    assert_eq!(calls.hand_back(&[part1, loose1, 999_999]).await.unwrap(), 1);
+    assert_eq!(letters.counts(None).await.unwrap(), counts(2, 0, 1, 2));
+    assert_eq!(
+        letters.get(loose1).await.unwrap().state,
+        DeadLetterState::Retrying
+    );
+    assert_eq!(
+        ids(&calls.take_requested("billing", 10).await.unwrap()),
+        [part1]
+    );
+    assert_eq!(letters.counts(None).await.unwrap(), counts(2, 0, 0, 3));
 
     // delivered again: one succeeds (the row goes), one fails (dead again, by id)
     calls.resolve(id).await.unwrap();

@@ -30,7 +30,7 @@ use futures_util::FutureExt;
 use super::keys::{key_of, KeyId, KeyQueues};
 use super::{Attempt, HandlerError, Handling};
 use crate::acked::Deliveries;
-use crate::dead_letters::{DeadLetterState, DeadLetterStore, Failure, Retrying};
+use crate::dead_letters::{DeadLetterState, DeadLetterStore, Failure, Retrying, Target};
 use crate::event::{ChangeEvent, Channels, Key};
 use crate::holds::Ack;
 use crate::instruments::HandlerMetrics;
@@ -461,7 +461,8 @@ impl Engine {
     async fn activate(&self, take_back: bool) -> HashMap<(i64, u32), Retrying> {
         let name = &self.handling.name;
         if take_back {
-            if let Err(e) = self.store.reset_redelivering(name.clone()).await {
+            let every = Target::Handler(name.clone());
+            if let Err(e) = self.store.reset_redelivering(every).await {
                 log::warn!(
                     "sqlnotify: handler {name:?} could not take back the dead letters a \
                      previous process was delivering again: {e}"
@@ -637,11 +638,18 @@ mod tests {
             }
             ok(taken)
         }
-        fn reset_redelivering(&self, _: String) -> BoxFuture<'static, Result<u64>> {
-            self.resets.fetch_add(1, Ordering::Relaxed);
+        fn reset_redelivering(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
+            let ids = match target {
+                Target::Handler(_) => {
+                    self.resets.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Target::Ids(ids) => Some(ids),
+            };
             let mut n = 0;
-            for (state, _) in self.rows().values_mut() {
-                if *state == DeadLetterState::Redelivering {
+            for (id, (state, _)) in self.rows().iter_mut() {
+                let targeted = ids.as_ref().is_none_or(|ids| ids.contains(id));
+                if targeted && *state == DeadLetterState::Redelivering {
                     *state = DeadLetterState::Requested;
                     n += 1;
                 }

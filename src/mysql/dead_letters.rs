@@ -441,22 +441,20 @@ impl DeadLetterStore for MysqlDeadLetters {
         })
     }
 
-    fn reset_redelivering(&self, handler: String) -> BoxFuture<'static, Result<u64>> {
+    fn reset_redelivering(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
         self.call(false, 0, move |conn, table| {
             Box::pin(async move {
-                conn.exec_drop(
-                    format!(
-                        "UPDATE {table} SET `state` = 'requested' \
-                         WHERE `handler` = ? AND `state` = 'redelivering'"
-                    ),
-                    (handler.as_str(),),
+                let sql = format!(
+                    "UPDATE {table} SET `state` = 'requested' \
+                     WHERE `state` = 'redelivering' AND {{target}}"
+                );
+                on_target(
+                    conn,
+                    &sql,
+                    target,
+                    "handing back dead letters being delivered again",
                 )
                 .await
-                .map_err(db_err(format!(
-                    "handing back the dead letters handler {handler:?} was delivering again in \
-                     {DEAD_LETTERS}"
-                )))?;
-                Ok(conn.affected_rows())
             })
         })
     }

@@ -349,25 +349,21 @@ impl DeadLetterStore for PgDeadLetters {
         })
     }
 
-    fn reset_redelivering(&self, handler: String) -> BoxFuture<'static, Result<u64>> {
+    fn reset_redelivering(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
         self.call(false, 0, move |client| {
             Box::pin(async move {
                 let sql = format!(
-                    "UPDATE {} SET state = 'requested' WHERE handler = $1 AND state = 'redelivering'",
-                    table()
+                    "UPDATE {} SET state = 'requested' WHERE state = 'redelivering' AND {}",
+                    table(),
+                    target_sql(&target)
                 );
-                client
-                    .execute_typed(&sql, &[(&handler, Type::TEXT)])
-                    .await
-                    .map_err(|e| {
-                        Error::db(
-                            format!(
-                                "handing back the dead letters handler {handler:?} was \
-                                 delivering again in {TABLE}"
-                            ),
-                            e,
-                        )
-                    })
+                on_target(
+                    client,
+                    &sql,
+                    &target,
+                    "handing back dead letters being delivered again",
+                )
+                .await
             })
         })
     }

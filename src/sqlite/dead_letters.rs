@@ -344,21 +344,17 @@ impl DeadLetterStore for SqliteDeadLetters {
         })
     }
 
-    fn reset_redelivering(&self, handler: String) -> BoxFuture<'static, Result<u64>> {
+    fn reset_redelivering(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
         self.call(false, 0, move |conn| {
-            let n = conn
-                .execute(
-                    &format!(
-                        "UPDATE {TABLE} SET state = 'requested' \
-                         WHERE handler = ?1 AND state = 'redelivering'"
-                    ),
-                    [&handler],
-                )
-                .map_err(db_err(format!(
-                    "handing back the dead letters handler {handler:?} was delivering again in \
-                     {TABLE}"
-                )))?;
-            Ok(n as u64)
+            on_target(
+                conn,
+                &format!(
+                    "UPDATE {TABLE} SET state = 'requested' \
+                     WHERE state = 'redelivering' AND {{target}}"
+                ),
+                &target,
+                "handing back dead letters being delivered again",
+            )
         })
     }
 
