@@ -16,7 +16,7 @@
 //! without standing by takes nothing back: the rows are still in its hands.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -84,11 +84,15 @@ struct Item {
     failed: u32,
     /// Its dead-letter row, once it has one.
     row: Option<i64>,
+    /// For a dead letter delivered again, the row this process took (`redelivering`): what
+    /// it holds until the attempts end.
+    taken: Option<i64>,
 }
 
 enum Outcome {
-    /// Handled, or stored as a dead letter: the key's next event may run.
-    Done(KeyId),
+    /// Handled, or stored as a dead letter: the key's next event may run, and the row
+    /// taken to deliver it again (if it was one) is no longer held.
+    Done(KeyId, Option<i64>),
     /// Failed; to be tried again after a delay.
     Retry(KeyId, Item),
     /// This process stood by while the call ran: what follows from it is the active
@@ -155,6 +159,14 @@ impl Engine {
         // The standbys seen (`Counters::standbys`): a standby may have begun and ended between
         // two looks at the role — another process active meanwhile, its state to read back.
         let mut standbys = engine.counters.standbys();
+        // The rows of the dead letters this process delivers again — taken by its polls, in
+        // its queues, timers and running attempts — since it last stood by. A poll that takes
+        // one of them again (someone marked it `requested` meanwhile: a process standing by
+        // that hands back what it had taken) leaves it where it is: delivered once.
+        let mut held: HashSet<i64> = HashSet::new();
+        // The rows of `held` whose attempts ended while a poll was under way: the poll may
+        // have taken them again before they went.
+        let mut finished: HashSet<i64> = HashSet::new();
         // Another process of the consumer group took over: it delivers what this one held
         // again, in order (handling it here too would run a key's events in two places), and
         // once this one is active again it reads back what that one left.
@@ -173,6 +185,8 @@ impl Engine {
                 activated = false;
                 took_back = false;
                 standbys = engine.counters.standbys();
+                held.clear();
+                finished.clear();
             };
         }
         // Reads back the attempt counts, unless done since this process last became active,
@@ -217,7 +231,15 @@ impl Engine {
                 Some((started, outcome)) = running.next(), if !running.is_empty() => match outcome {
                     _ if started != generation.get() => {}
                     Outcome::Stale => {}
-                    Outcome::Done(key) => queues.done(key),
+                    Outcome::Done(key, taken) => {
+                        queues.done(key);
+                        if let Some(row) = taken {
+                            held.remove(&row);
+                            if polling.is_some() {
+                                finished.insert(row);
+                            }
+                        }
+                    }
                     Outcome::Retry(key, item) => {
                         queues.retry_later(key);
                         let delay = engine.handling.backoff.delay(item.failed);
@@ -248,9 +270,20 @@ impl Engine {
                         dead_counted = dead;
                     }
                     for item in polled.redeliver {
+                        let row = item.taken.expect("a dead letter delivered again was taken");
+                        if held.contains(&row) || finished.contains(&row) {
+                            log::debug!(
+                                "sqlnotify: handler {:?} took dead letter {row} again, which \
+                                 it delivers already (or just did)",
+                                engine.handling.name
+                            );
+                            continue;
+                        }
+                        held.insert(row);
                         Counters::add(&engine.counters.redelivered, 1);
                         queues.push(key_of(&item.event), item);
                     }
+                    finished.clear();
                 }
                 _ = poll.tick(), if polling.is_none() && !ended => {
                     if engine.counters.standbys() != standbys {
@@ -279,7 +312,13 @@ impl Engine {
                             Role::Active | Role::Independent
                         ));
                         let event = delivery.event;
-                        let mut item = Item { event, ack: Some(delivery.ack), failed: 0, row: None };
+                        let mut item = Item {
+                            event,
+                            ack: Some(delivery.ack),
+                            failed: 0,
+                            row: None,
+                            taken: None,
+                        };
                         if let Some(sequence) = item.event.sequence() {
                             if let Some(r) = resume.remove(&(sequence, item.event.part())) {
                                 item.failed = r.attempts;
@@ -350,7 +389,7 @@ impl Engine {
                 if let Some(ack) = item.ack.take() {
                     ack.ack();
                 }
-                return Outcome::Done(key);
+                return Outcome::Done(key, item.taken);
             }
             Err(e) => e.to_string(),
         };
@@ -421,7 +460,7 @@ impl Engine {
             if let Some(ack) = item.ack.take() {
                 ack.ack();
             }
-            Outcome::Done(key)
+            Outcome::Done(key, item.taken)
         } else {
             log::debug!(
                 "sqlnotify: handler {:?} failed on {}.{} key {} (attempt {number} of {}): {error}",
@@ -503,6 +542,7 @@ impl Engine {
                                 ack: None,
                                 failed: 0,
                                 row: Some(letter.id),
+                                taken: Some(letter.id),
                             }),
                             Err(e) => {
                                 let failure = Failure {
@@ -578,6 +618,9 @@ mod tests {
         /// Failed attempts recorded.
         records: AtomicU64,
         rows: Mutex<BTreeMap<i64, (DeadLetterState, ChangeEvent)>>,
+        /// When set, the next take marks its rows at once but answers only once the sender
+        /// is used or dropped (a take under way).
+        gate: Mutex<Option<oneshot::Receiver<()>>>,
     }
 
     impl Store {
@@ -636,7 +679,13 @@ mod tests {
                     taken.push(letter(id, event));
                 }
             }
-            ok(taken)
+            let gate = self.gate.lock().unwrap().take();
+            Box::pin(async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                Ok(taken)
+            })
         }
         fn reset_redelivering(&self, target: Target) -> BoxFuture<'static, Result<u64>> {
             let ids = match target {
@@ -953,5 +1002,63 @@ mod tests {
             "handled"
         );
         assert!(store.state(17).is_some(), "the row stays");
+    }
+
+    /// A dead letter this process delivers again, marked `requested` while it waits for its
+    /// retry (as a process standing by that hands back what it took does), is taken again
+    /// but delivered once: two calls in all. Before, the copy taken again ran the handler a
+    /// third time after the retry had handled the event.
+    #[actix_rt::test]
+    async fn a_dead_letter_taken_again_while_held_is_delivered_once() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        store.requested(17, event(17));
+        let counters = active();
+        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
+        let script = Script::new([Answer::Fail]);
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        assert!(
+            until(|| Store::count(&store.records) == 1).await,
+            "first attempt failed"
+        );
+        store.requested(17, event(17));
+        let taken = || store.state(17) == Some(DeadLetterState::Redelivering);
+        assert!(until(taken).await, "taken again");
+        assert!(
+            until(|| store.state(17).is_none()).await,
+            "handled by the retry"
+        );
+        // Paused clock: a copy queued behind the retry would have run by now.
+        tokio::time::sleep(POLL * 10).await;
+        assert_eq!(script.calls(), 2, "the failed attempt and the retry");
+        assert_eq!(Store::count(&counters.redelivered), 1);
+    }
+
+    /// A dead letter whose attempt succeeds while a poll that took it again is under way is
+    /// not delivered again when that poll's answer comes: one call. Before, it was.
+    #[actix_rt::test]
+    async fn a_dead_letter_handled_while_a_poll_took_it_again_is_delivered_once() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        store.requested(17, event(17));
+        let counters = active();
+        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
+        let (handle, handled) = oneshot::channel();
+        let script = Script::new([Answer::HandleAfter(handled)]);
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        assert!(
+            until(|| script.calls() == 1).await,
+            "the letter is delivered"
+        );
+        let (answer, gate) = oneshot::channel();
+        *store.gate.lock().unwrap() = Some(gate);
+        store.requested(17, event(17));
+        let taken = || store.state(17) == Some(DeadLetterState::Redelivering);
+        assert!(until(taken).await, "taken again, the answer held back");
+        handle.send(()).unwrap();
+        assert!(until(|| store.state(17).is_none()).await, "handled");
+        answer.send(()).unwrap();
+        tokio::time::sleep(POLL * 10).await;
+        assert_eq!(script.calls(), 1);
     }
 }
