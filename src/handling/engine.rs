@@ -13,7 +13,9 @@
 //! Dead letters being delivered again (`redelivering`) go back to `requested` when a process
 //! becomes active that may not hold them: at its start, and after it stood by (another
 //! process was active meanwhile). A reconnect that ends with this process active again
-//! without standing by takes nothing back: the rows are still in its hands.
+//! without standing by takes nothing back: the rows are still in its hands. A process that
+//! stands by hands back the ones it took — those in its queues, timers and running attempts,
+//! and those a poll under way took — and its attempts still running write nothing more.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -141,7 +143,8 @@ impl Engine {
         let mut resume: HashMap<(i64, u32), Retrying> = HashMap::new();
         let mut poll = tokio::time::interval(engine.handling.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut polling: Option<LocalBoxFuture<'static, Polled>> = None;
+        // A look at the dead-letter table under way, and the generation it started in.
+        let mut polling: Option<LocalBoxFuture<'static, (u64, Polled)>> = None;
         // Whether this process read back the attempt counts since it last became active (or
         // independent).
         let mut activated = false;
@@ -169,14 +172,17 @@ impl Engine {
         let mut finished: HashSet<i64> = HashSet::new();
         // Another process of the consumer group took over: it delivers what this one held
         // again, in order (handling it here too would run a key's events in two places), and
-        // once this one is active again it reads back what that one left.
+        // once this one is active again it reads back what that one left. The dead letters
+        // this one was delivering again go back to `requested` for it: it may have taken
+        // over before this one took them, and would then not take them back itself.
         macro_rules! stand_by {
             () => {
                 log::info!(
-                    "sqlnotify: handler {:?} stands by; {} events it held are the active \
-                     process's now",
+                    "sqlnotify: handler {:?} stands by; {} events and {} dead letters it held \
+                     are the active process's now",
                     engine.handling.name,
-                    queues.len()
+                    queues.len(),
+                    held.len()
                 );
                 generation.set(generation.get() + 1);
                 queues = KeyQueues::new(engine.handling.keys_in_flight);
@@ -185,8 +191,8 @@ impl Engine {
                 activated = false;
                 took_back = false;
                 standbys = engine.counters.standbys();
-                held.clear();
                 finished.clear();
+                engine.hand_back(held.drain().collect()).await;
             };
         }
         // Reads back the attempt counts, unless done since this process last became active,
@@ -261,27 +267,36 @@ impl Engine {
                 Some((key, item)) = timers.next(), if !timers.is_empty() => {
                     queues.retry_now(key, item);
                 }
-                polled = async { polling.as_mut().expect("checked").await }, if polling.is_some() => {
+                (started, polled) = async { polling.as_mut().expect("checked").await }, if polling.is_some() => {
                     polling = None;
+                    if engine.counters.standbys() != standbys {
+                        stand_by!();
+                    }
                     if let Some(dead) = polled.dead {
                         // The gauge adds up every handler of the notifier.
                         engine.counters.dead_letters.fetch_add(dead, Ordering::Relaxed);
                         engine.counters.dead_letters.fetch_sub(dead_counted, Ordering::Relaxed);
                         dead_counted = dead;
                     }
-                    for item in polled.redeliver {
-                        let row = item.taken.expect("a dead letter delivered again was taken");
-                        if held.contains(&row) || finished.contains(&row) {
-                            log::debug!(
-                                "sqlnotify: handler {:?} took dead letter {row} again, which \
-                                 it delivers already (or just did)",
-                                engine.handling.name
-                            );
-                            continue;
+                    if started != generation.get() {
+                        // Taken, but this process stood by meanwhile: handed back.
+                        let taken = polled.redeliver.iter().filter_map(|item| item.taken);
+                        engine.hand_back(taken.collect()).await;
+                    } else {
+                        for item in polled.redeliver {
+                            let row = item.taken.expect("a dead letter delivered again was taken");
+                            if held.contains(&row) || finished.contains(&row) {
+                                log::debug!(
+                                    "sqlnotify: handler {:?} took dead letter {row} again, \
+                                     which it delivers already (or just did)",
+                                    engine.handling.name
+                                );
+                                continue;
+                            }
+                            held.insert(row);
+                            Counters::add(&engine.counters.redelivered, 1);
+                            queues.push(key_of(&item.event), item);
                         }
-                        held.insert(row);
-                        Counters::add(&engine.counters.redelivered, 1);
-                        queues.push(key_of(&item.event), item);
                     }
                     finished.clear();
                 }
@@ -292,7 +307,9 @@ impl Engine {
                     if matches!(engine.counters.role(), Role::Active | Role::Independent) {
                         activate!(true);
                         let room = engine.handling.max_waiting.saturating_sub(queues.len());
-                        polling = Some(Box::pin(engine.clone().poll(room)));
+                        let started = generation.get();
+                        let poll = engine.clone().poll(room).map(move |polled| (started, polled));
+                        polling = Some(Box::pin(poll));
                     } else {
                         activated = false;
                         resume.clear();
@@ -476,6 +493,23 @@ impl Engine {
         }
     }
 
+    /// Marks `rows`, dead letters this process took to deliver again, `requested` again —
+    /// those still `redelivering` — for the active process to take, when this one stood by.
+    async fn hand_back(&self, rows: Vec<i64>) {
+        if rows.is_empty() {
+            return;
+        }
+        let n = rows.len();
+        if let Err(e) = self.store.reset_redelivering(Target::Ids(rows)).await {
+            log::warn!(
+                "sqlnotify: handler {:?} stood by but could not hand back the {n} dead \
+                 letters it was delivering again (they stay `redelivering` until the active \
+                 process next takes over): {e}",
+                self.handling.name
+            );
+        }
+    }
+
     /// Whether this process stood by since the attempt at `item` started (`generation` is
     /// no longer `started`); says so.
     fn stood_by(&self, item: &Item, generation: &Cell<u64>, started: u64) -> bool {
@@ -617,6 +651,8 @@ mod tests {
         reads: AtomicU64,
         /// Failed attempts recorded.
         records: AtomicU64,
+        /// The rows handed back by id, in order.
+        handed_back: Mutex<Vec<i64>>,
         rows: Mutex<BTreeMap<i64, (DeadLetterState, ChangeEvent)>>,
         /// When set, the next take marks its rows at once but answers only once the sender
         /// is used or dropped (a take under way).
@@ -639,6 +675,10 @@ mod tests {
 
         fn state(&self, id: i64) -> Option<DeadLetterState> {
             self.rows().get(&id).map(|(state, _)| *state)
+        }
+
+        fn handed_back(&self) -> Vec<i64> {
+            self.handed_back.lock().unwrap().clone()
         }
     }
 
@@ -693,7 +733,10 @@ mod tests {
                     self.resets.fetch_add(1, Ordering::Relaxed);
                     None
                 }
-                Target::Ids(ids) => Some(ids),
+                Target::Ids(ids) => {
+                    self.handed_back.lock().unwrap().extend(&ids);
+                    Some(ids)
+                }
             };
             let mut n = 0;
             for (id, (state, _)) in self.rows().iter_mut() {
@@ -1060,5 +1103,61 @@ mod tests {
         answer.send(()).unwrap();
         tokio::time::sleep(POLL * 10).await;
         assert_eq!(script.calls(), 1);
+    }
+
+    /// A process that stands by hands back the dead letters it was delivering again — here
+    /// one waiting for its retry — for the active process to take: it may have taken over
+    /// (and taken back what was `redelivering`) before this one took them. Its retry does not
+    /// run. Before, the row stayed `redelivering` until the active process next took over.
+    #[actix_rt::test]
+    async fn the_dead_letters_held_at_a_stand_by_are_handed_back() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        store.requested(17, event(17));
+        let counters = active();
+        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
+        let script = Script::new([Answer::Fail]);
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        assert!(
+            until(|| Store::count(&store.records) == 1).await,
+            "first attempt failed"
+        );
+        counters.set_role(Role::Standby);
+        assert!(until(|| store.handed_back() == [17]).await, "handed back");
+        assert_eq!(store.state(17), Some(DeadLetterState::Requested));
+        // Paused clock: past the retry's delay.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(script.calls(), 1, "no retry");
+        assert_eq!(store.state(17), Some(DeadLetterState::Requested));
+    }
+
+    /// A poll under way when its process stands by hands back what it took, and delivers
+    /// none of it. Before, the rows stayed `redelivering` until the active process next took
+    /// over.
+    #[actix_rt::test]
+    async fn a_poll_under_way_at_a_stand_by_hands_back_what_it_took() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        store.requested(17, event(17));
+        store.requested(18, event(18));
+        let (answer, gate) = oneshot::channel();
+        *store.gate.lock().unwrap() = Some(gate);
+        let counters = active();
+        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
+        let script = Script::default();
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        let taken = || store.state(18) == Some(DeadLetterState::Redelivering);
+        assert!(until(taken).await, "taken, the answer held back");
+        counters.set_role(Role::Standby);
+        answer.send(()).unwrap();
+        assert!(
+            until(|| store.handed_back() == [17, 18]).await,
+            "handed back"
+        );
+        assert_eq!(store.state(17), Some(DeadLetterState::Requested));
+        assert_eq!(store.state(18), Some(DeadLetterState::Requested));
+        tokio::time::sleep(POLL * 10).await;
+        assert_eq!(script.calls(), 0, "nothing delivered");
+        assert_eq!(Store::count(&counters.redelivered), 0);
     }
 }
