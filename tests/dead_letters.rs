@@ -6,7 +6,8 @@
 //! creates the table (several at once), the install and its script create it, cleanup keeps
 //! it, two processes taking requested rows at once never take one twice, and rows holding
 //! what no dead letter can are errors naming the table, and rows the driver cannot convert are
-//! errors too, never panics.
+//! errors too, never panics; a stored attempt count at its column's largest ends in a dead
+//! letter after a restart.
 //!
 //! Each test uses a database of its own (a file for SQLite), dropped at the end.
 
@@ -499,6 +500,66 @@ async fn a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on(
     notifier.stop().await.unwrap();
 }
 
+/// Starts consumer `limit` with handler `limit`, which fails on every event (1,000 attempts,
+/// 200 ms apart).
+async fn start_always_failing(db: &impl Backend) -> sqlnotify::Notifier {
+    let notifier = db
+        .builder()
+        .watch(db.watch("orders", Operation::Insert))
+        .consumer("limit")
+        .start()
+        .await
+        .unwrap();
+    notifier
+        .handle(
+            sqlnotify::Subscription::new("orders", Operation::Insert),
+            sqlnotify::Handling::new("limit")
+                .max_attempts(1_000)
+                .backoff(Duration::from_millis(200), Duration::from_millis(200)),
+            |_: sqlnotify::ChangeEvent| async { Err::<(), _>("always fails".into()) },
+        )
+        .await
+        .unwrap();
+    notifier
+}
+
+/// A `retrying` row whose attempt count is the largest the column holds (a row changed by
+/// hand, or by a role that can write the table): after a restart the event comes back, its
+/// next attempt is past the last allowed, and it fails into a dead letter whose count stays
+/// at the column's largest. On MySQL the count one past it failed the write under a strict
+/// `sql_mode`: the event was retried for ever, never dead-lettered, holding the consumer's
+/// position. `largest` is the column's largest value.
+async fn a_count_at_the_columns_limit_ends_in_a_dead_letter(db: &impl Backend, largest: u32) {
+    db.run("CREATE TABLE orders (id INTEGER PRIMARY KEY)").await;
+    let letters = dead_letters(db);
+    let stored = || async {
+        let list = letters.list(Some("limit"), None).await.unwrap();
+        list.first().map(|l| (l.attempts, l.state))
+    };
+    let notifier = start_always_failing(db).await;
+    db.insert_ids("orders", 1..=1).await;
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            matches!(stored().await, Some((_, DeadLetterState::Retrying)))
+        })
+        .await,
+        "the event never failed"
+    );
+    notifier.stop().await.unwrap();
+    db.run(&format!("UPDATE {} SET attempts = {largest}", table(db)))
+        .await;
+    let notifier = start_always_failing(db).await;
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            stored().await == Some((largest, DeadLetterState::Dead))
+        })
+        .await,
+        "never a dead letter: {:?}",
+        stored().await
+    );
+    notifier.stop().await.unwrap();
+}
+
 /// Starting a notifier creates the table with sqlnotify's others; a running notifier's
 /// `dead_letters()` works (and still after `stop()`); `cleanup()` keeps the table and its rows.
 async fn the_install_creates_the_table_and_cleanup_keeps_it(db: &impl Backend) {
@@ -547,6 +608,13 @@ async fn postgres_a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on
         "ALTER TABLE sqlnotify.dead_letters ALTER COLUMN state DROP NOT NULL",
     )
     .await;
+}
+
+/// (`integer` column.)
+#[actix_rt::test]
+async fn postgres_a_count_at_the_columns_limit_ends_in_a_dead_letter() {
+    let db = Pg::new(Tier::Durable).await;
+    a_count_at_the_columns_limit_ends_in_a_dead_letter(&db, i32::MAX as u32).await;
 }
 
 #[actix_rt::test]
@@ -667,6 +735,13 @@ mod mysql {
             "ALTER TABLE sqlnotify_dead_letters MODIFY `state` VARCHAR(16) NULL",
         )
         .await;
+    }
+
+    /// (`INT` column.)
+    #[actix_rt::test]
+    async fn mysql_a_count_at_the_columns_limit_ends_in_a_dead_letter() {
+        a_count_at_the_columns_limit_ends_in_a_dead_letter(&TestDb::new().await, i32::MAX as u32)
+            .await;
     }
 
     #[actix_rt::test]

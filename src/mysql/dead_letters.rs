@@ -176,6 +176,13 @@ fn ids_params(ids: &[i64]) -> Params {
     Params::Positional(ids.iter().map(|&id| Value::from(id)).collect())
 }
 
+/// A count as the table's `INT` columns store it: counts beyond are kept at the maximum (one
+/// past it fails the write under a strict `sql_mode` — for a last attempt, a dead letter never
+/// stored and the event retried for ever).
+fn int(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
 async fn record(conn: &mut Conn, table: &str, f: Failure) -> Result<i64> {
     let context = || {
         format!(
@@ -183,14 +190,14 @@ async fn record(conn: &mut Conn, table: &str, f: Failure) -> Result<i64> {
             f.handler
         )
     };
-    let state = f.state.as_str();
+    let (attempts, state) = (int(f.attempts), f.state.as_str());
     if let Some(id) = f.id {
         conn.exec_drop(
             format!(
                 "UPDATE {table} SET `attempts` = ?, `error` = ?, `state` = ?, \
                  `last_failed` = NOW(6) WHERE `id` = ?"
             ),
-            (f.attempts, f.error.as_str(), state, id),
+            (attempts, f.error.as_str(), state, id),
         )
         .await
         .map_err(db_err(context()))?;
@@ -229,7 +236,7 @@ async fn record(conn: &mut Conn, table: &str, f: Failure) -> Result<i64> {
             f.part,
             f.key.as_str(),
             f.event.as_str(),
-            f.attempts,
+            attempts,
             f.error.as_str(),
             state,
         ),
