@@ -1272,3 +1272,50 @@ async fn a_logical_decoding_message_sqlnotify_did_not_sign_is_refused_and_counte
     assert_eq!(notifier.stats().await.unwrap().forged, 1);
     notifier.stop().await.unwrap();
 }
+
+/// Dropping a consumer whose slot a session this role may not terminate still reads (a
+/// superuser's notifier, here) fails with an error naming the slot and the reader, once the
+/// wait is over. It used to try terminating it every 20 ms, for ever.
+#[actix_rt::test]
+async fn dropping_a_consumer_read_by_a_session_this_role_cannot_end_is_an_error() {
+    let Some(cluster) = cluster("dropping_a_consumer_read_by_a_session_this_role_cannot_end")
+    else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         CREATE ROLE app LOGIN REPLICATION;
+         GRANT USAGE ON SCHEMA public TO app",
+    )
+    .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("held")
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    assert!(
+        walsender_pid(&db).await.is_some(),
+        "the notifier reads its slot"
+    );
+    let app_url = db.url.replacen("postgres@", "app@", 1);
+    assert_ne!(app_url, db.url);
+    let dropped = tokio::time::timeout(
+        Duration::from_secs(60),
+        Notifier::builder(&app_url).drop_consumer("held"),
+    )
+    .await
+    .expect("drop_consumer returned");
+    let e = dropped.unwrap_err().to_string();
+    assert!(
+        e.contains("slot") && e.contains("pid") && e.contains("stop the notifier"),
+        "{e}"
+    );
+    assert_eq!(slots(&db).await.len(), 1, "the slot is left to its reader");
+    notifier.stop().await.unwrap();
+    db.exec("DROP OWNED BY app; DROP ROLE app").await;
+}

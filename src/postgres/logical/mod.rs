@@ -306,8 +306,12 @@ pub(crate) async fn ensure(
     }
 }
 
+/// How long a session reading a slot may take to end once terminated.
+const TERMINATED_WITHIN: Duration = Duration::from_secs(10);
+
 /// Drops slot `name` (terminating the session still reading it, waiting up to `wait` for it
-/// to end) and publication `name`. Returns whether either existed.
+/// to end) and publication `name`. Returns whether either existed. A reader this role may not
+/// terminate, or one that does not end within [`TERMINATED_WITHIN`], is an error.
 pub(crate) async fn drop_objects(client: &Client, name: &str, wait: Duration) -> Result<bool> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut slot = false;
@@ -322,13 +326,36 @@ pub(crate) async fn drop_objects(client: &Client, name: &str, wait: Duration) ->
         let Some(row) = row else { break };
         slot = true;
         if let Some(pid) = row.get::<_, Option<i32>>(0) {
-            if tokio::time::Instant::now() >= deadline {
-                let _ = client
+            let now = tokio::time::Instant::now();
+            if now >= deadline + TERMINATED_WITHIN {
+                return Err(Error::Database {
+                    context: format!("dropping replication slot {name}"),
+                    source: format!(
+                        "the session reading it (pid {pid}) did not end within {:?} of being \
+                         terminated; stop the notifier that reads it, then retry",
+                        TERMINATED_WITHIN
+                    )
+                    .into(),
+                });
+            }
+            if now >= deadline {
+                // Not allowed (the reader is another role's, or a superuser's): an error that
+                // says so, rather than waiting for ever.
+                client
                     .query_typed(
                         "SELECT pg_catalog.pg_terminate_backend($1)",
                         &[(&pid, Type::INT4)],
                     )
-                    .await;
+                    .await
+                    .map_err(|e| {
+                        Error::db(
+                            format!(
+                                "ending the session (pid {pid}) that still reads replication \
+                                 slot {name}; stop the notifier that reads it, then retry"
+                            ),
+                            e,
+                        )
+                    })?;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
