@@ -1302,6 +1302,107 @@ async fn a_consumer_millions_of_rows_behind_resumes_and_gives_up_a_gap_far_above
     notifier.stop().await.unwrap();
 }
 
+/// Whether consumer `name`'s row still records channels it missed.
+async fn records_missed(db: &TestDb, name: &str) -> bool {
+    db.count(&format!(
+        "SELECT COUNT(*) FROM sqlnotify_consumers WHERE name = '{name}' AND missed IS NOT NULL"
+    ))
+    .await
+        == 1
+}
+
+/// A consumer that comes back after rows it had not read were purged gets its `Gap` even when
+/// its start fails after it read its row — here reading the journal, locked past the query
+/// limit. Reading its row once cleared what it missed: the failed start forgot the gap, and
+/// no start after it reported one. What it missed is cleared by the save after the report
+/// (periodic or final), so it is reported once — unless it was dropped and purged again
+/// before that save.
+#[actix_rt::test]
+async fn a_gap_read_by_a_start_that_fails_is_reported_by_the_next_start() {
+    use common::consumers::{assert_no_gap, next_gap, start_watching_status, ForwardStatus};
+    let db = consumer_db().await;
+    // the query limit: the health check, at least 2 s
+    let builder = db
+        .builder()
+        .health_check_interval(Duration::from_millis(100))
+        .watch(db.watch("t"))
+        .consumer("c");
+    builder.start().await.unwrap().stop().await.unwrap();
+    // what a purge records for a dropped consumer whose unread rows it deleted
+    let dropped_with_a_gap = format!(
+        "UPDATE sqlnotify_consumers SET state = 'dropped', missed = '[\"{}\"]' WHERE name = 'c'",
+        ConsumerDb::channel(&db, "t")
+    );
+    db.exec(&dropped_with_a_gap).await;
+
+    let mut holder = db.conn().await;
+    holder
+        .query_drop("LOCK TABLES sqlnotify_journal WRITE")
+        .await
+        .unwrap();
+    let (tx, mut statuses) = tokio::sync::mpsc::unbounded_channel();
+    let forward = actix::Actor::start(ForwardStatus(tx));
+    // installed already: installing again would wait for the journal first
+    let failed = tokio::time::timeout(
+        Duration::from_secs(30),
+        builder
+            .clone()
+            .manage_triggers(false)
+            .subscribe_status(forward.recipient())
+            .start(),
+    )
+    .await
+    .expect("start() is bounded by the query limit")
+    .expect_err("the journal is locked");
+    assert!(
+        failed.to_string().contains("placing the journal cursor"),
+        "{failed}"
+    );
+    holder.query_drop("UNLOCK TABLES").await.unwrap();
+    let _ = holder.disconnect().await;
+    assert_eq!(
+        common::consumers::listed(&db, "c").await.state,
+        sqlnotify::ConsumerState::Active,
+        "the failed start had taken its row up again"
+    );
+    assert_no_gap(&mut statuses).await;
+    assert!(records_missed(&db, "c").await, "not reported yet");
+
+    let (notifier, mut rx, mut statuses) = start_watching_status(&builder).await;
+    assert_eq!(
+        next_gap(&mut statuses).await,
+        [ConsumerDb::channel(&db, "t")]
+    );
+    // dropped again and purged on the same channel before a save: reported again
+    db.exec(&dropped_with_a_gap).await;
+    db.insert("t", 1..=1).await;
+    assert_eq!(common::consumers::next_ids(&mut rx, 1).await, [1]);
+    assert_eq!(
+        next_gap(&mut statuses).await,
+        [ConsumerDb::channel(&db, "t")]
+    );
+    db.insert("t", 2..=2).await;
+    assert_eq!(common::consumers::next_ids(&mut rx, 1).await, [2]);
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async { !records_missed(&db, "c").await }).await,
+        "the save after the report clears it"
+    );
+    notifier.stop().await.unwrap();
+    let (notifier, _rx, mut statuses) = start_watching_status(&builder).await;
+    assert_no_gap(&mut statuses).await;
+    notifier.stop().await.unwrap();
+
+    // reported, then stopped before any periodic save: the final save clears it
+    db.exec(&dropped_with_a_gap).await;
+    let (notifier, _rx, mut statuses) = start_watching_status(&builder).await;
+    assert_eq!(
+        next_gap(&mut statuses).await,
+        [ConsumerDb::channel(&db, "t")]
+    );
+    notifier.stop().await.unwrap();
+    assert!(!records_missed(&db, "c").await);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Retention
 // ---------------------------------------------------------------------------------------------

@@ -133,15 +133,28 @@ fn expire_us(consumer: &ConsumerParams) -> Option<u64> {
         .map(|d| d.as_micros().min(i64::MAX as u128) as u64)
 }
 
+/// What a consumer coming back had missed: the channels on which rows it had not read were
+/// purged, and the `missed` column as read, which stays recorded until a later [`save`] that
+/// says it was reported clears it — so a failure between reading it and reporting the
+/// [`Gap`](crate::Status::Gap) (the rest of placing the cursor, a lost reply) never forgets it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Missed {
+    /// The channels to report in a `Gap` (empty: none).
+    pub channels: Vec<String>,
+    /// The `missed` column as read (`None`: nothing recorded), to clear once reported.
+    pub recorded: Option<Vec<u8>>,
+}
+
 /// A consumer of this name that is registered already takes up again (active, channels and
-/// expiry updated, what it missed taken and cleared), in one transaction that locks its row
-/// first. Returns its position and missed channels; `None` when no consumer has this name.
+/// expiry updated), in one transaction that locks its row first. Returns its position and
+/// what it missed, which stays recorded until a save clears it once reported (see
+/// [`Missed`]); `None` when no consumer has this name.
 pub(crate) async fn reactivate(
     conn: &mut Conn,
     database: &str,
     consumer: &ConsumerParams,
     channels: &[String],
-) -> Result<Option<(Position, Vec<String>)>> {
+) -> Result<Option<(Position, Missed)>> {
     let name = consumer.name.as_str();
     let context = || format!("registering consumer {name:?}");
     let table = qualified(database, CONSUMERS);
@@ -164,7 +177,7 @@ pub(crate) async fn reactivate(
     };
     tx.exec_drop(
         format!(
-            "UPDATE {table} SET `state` = 'active', `missed` = NULL, `channels` = ?, \
+            "UPDATE {table} SET `state` = 'active', `channels` = ?, \
              `expire_after_us` = ?, `updated_at` = NOW(6) WHERE `name` = ?"
         ),
         (channels_json(channels), expire_us(consumer), name),
@@ -191,7 +204,10 @@ pub(crate) async fn reactivate(
         .filter(|above| above.high <= LAST_PLAUSIBLE_ID);
     Ok(Some((
         Position { low, above },
-        missed_channels(lossy(missed).as_deref(), channels),
+        Missed {
+            channels: missed_channels(lossy(missed.clone()).as_deref(), channels),
+            recorded: missed,
+        },
     )))
 }
 
@@ -232,13 +248,18 @@ pub(crate) async fn insert(
 }
 
 /// Saves consumer `name`'s position (never moving it backwards) and marks it alive; returns
-/// whether it is still registered and active (`None`: its row is gone). Does not change its
-/// state.
+/// whether it is still registered and active with nothing missed left to report (`None`: its
+/// row is gone). Does not change its state. `reported`: the `missed` column as read by the
+/// [`reactivate`] whose channels were reported since — cleared if it still holds just that and
+/// the consumer is still active: a purge records only on a consumer dropped or expired, and a
+/// channel it lost rows on again may be one recorded already, so then it stays, to be
+/// reported in turn.
 pub(crate) async fn save(
     conn: &mut Conn,
     database: &str,
     name: &str,
     position: &Position,
+    reported: Option<&[u8]>,
 ) -> Result<Option<bool>> {
     let context = || format!("saving the position of consumer {name:?}");
     let table = qualified(database, CONSUMERS);
@@ -248,9 +269,11 @@ pub(crate) async fn save(
     conn.exec_drop(
         format!(
             "UPDATE {table} SET `seen` = CASE WHEN ? >= `watermark` THEN ? ELSE `seen` END, \
-             `watermark` = GREATEST(`watermark`, ?), `updated_at` = NOW(6) WHERE `name` = ?"
+             `watermark` = GREATEST(`watermark`, ?), \
+             `missed` = CASE WHEN `missed` = ? AND `state` = 'active' THEN NULL ELSE `missed` END, \
+             `updated_at` = NOW(6) WHERE `name` = ?"
         ),
-        (position.low, seen, position.low, name),
+        (position.low, seen, position.low, reported, name),
     )
     .await
     .map_err(db_err(context()))?;
@@ -268,24 +291,29 @@ pub(crate) async fn save(
 }
 
 /// A running listener's save: as [`save`], and a consumer dropped or expired while it runs
-/// (or whose row was deleted) registers again. Returns the channels on which rows it had not
-/// read were purged meanwhile (every channel when its row was deleted).
+/// (or whose row was deleted) registers again. Returns what it missed meanwhile: the channels
+/// on which rows it had not read were purged (every channel when its row was deleted), as
+/// [`reactivate`] returns it.
 pub(crate) async fn save_running(
     conn: &mut Conn,
     database: &str,
     consumer: &ConsumerParams,
     channels: &[String],
     position: &Position,
-) -> Result<Vec<String>> {
-    match save(conn, database, &consumer.name, position).await? {
-        Some(true) => Ok(Vec::new()),
+    reported: Option<&[u8]>,
+) -> Result<Missed> {
+    match save(conn, database, &consumer.name, position, reported).await? {
+        Some(true) => Ok(Missed::default()),
         Some(false) => Ok(reactivate(conn, database, consumer, channels)
             .await?
             .map(|(_, missed)| missed)
             .unwrap_or_default()),
         None => {
             insert(conn, database, consumer, channels, position).await?;
-            Ok(channels.to_vec())
+            Ok(Missed {
+                channels: channels.to_vec(),
+                recorded: None,
+            })
         }
     }
 }

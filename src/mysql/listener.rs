@@ -14,14 +14,14 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mysql_async::prelude::*;
 use mysql_async::Conn;
 
 use super::catalog::db_err;
-use super::consumers;
+use super::consumers::{self, Missed};
 use super::journal::{self, Cursor, Position, Tracking, TxRow};
 use super::snapshot::Watermark;
 use super::tls::MysqlConfig;
@@ -64,6 +64,10 @@ pub(crate) struct MysqlSource {
     tracking: Tracking,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
+    /// The consumer's `missed` column as read when it last came back, once returned to the
+    /// shell (which reports it as a `Gap`): the next save — periodic or final — clears it (see
+    /// `consumers::Missed`).
+    reported: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 /// A gap held for a transaction still running: its first id, when it was first held, and when
@@ -99,7 +103,21 @@ impl MysqlSource {
             settled,
             tracking: Tracking::Off,
             held: None,
+            reported: Arc::default(),
         }
+    }
+
+    /// The `missed` column reported as a `Gap`, not cleared yet.
+    fn reported(&self) -> Option<Vec<u8>> {
+        self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records what was returned to the shell to report (`None`: nothing to clear).
+    fn set_reported(&self, recorded: Option<Vec<u8>>) {
+        *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = recorded;
     }
 
     /// The shared copy of channel name `name` (a copy of it if it is none of ours).
@@ -388,7 +406,9 @@ impl Source for MysqlSource {
     /// marked read; rows of transactions still running are delivered when they commit). A new
     /// consumer saves that position right away — the rows read, and the gaps that may still
     /// fill — so a quick restart neither replays the history it never saw nor skips a
-    /// transaction that was running at its first start.
+    /// transaction that was running at its first start. What a returning consumer missed stays
+    /// recorded until the save after it was returned: a failure placing the cursor after it
+    /// was read leaves it for the next attempt to report.
     async fn place(
         &mut self,
         conn: &mut Conn,
@@ -428,7 +448,7 @@ impl Source for MysqlSource {
                 consumers::insert(conn, db, consumer, channels, &cursor.position()).await?;
             }
             log::debug!("sqlnotify: MySQL listener starts after journal id {head}");
-            Ok::<_, Error>((cursor, Vec::new()))
+            Ok::<_, Error>((cursor, Missed::default()))
         };
         let (cursor, missed) =
             within(self.query_limit, "placing the journal cursor", placing).await?;
@@ -440,7 +460,8 @@ impl Source for MysqlSource {
         .await?;
         self.settled.set(cursor.low());
         self.cursor = Some(cursor);
-        Ok(missed)
+        self.set_reported(missed.recorded);
+        Ok(missed.channels)
     }
 
     /// `GET_LOCK` on the listener's own connection, named after the database and the
@@ -591,24 +612,38 @@ impl Source for MysqlSource {
         consumer: &ConsumerParams,
         position: &Position,
     ) -> Result<Vec<String>> {
-        self.within(
-            "saving the consumer position",
-            consumers::save_running(conn, &self.database, consumer, &self.channel_list, position),
-        )
-        .await
+        let reported = self.reported();
+        let missed = self
+            .within(
+                "saving the consumer position",
+                consumers::save_running(
+                    conn,
+                    &self.database,
+                    consumer,
+                    &self.channel_list,
+                    position,
+                    reported.as_deref(),
+                ),
+            )
+            .await?;
+        self.set_reported(missed.recorded);
+        Ok(missed.channels)
     }
 
     fn final_save(&self) -> FinalSave<Position> {
         let (opts, database) = (self.opts.clone(), self.database.clone());
+        let reported = self.reported.clone();
         Box::new(move |name, position| {
             Box::pin(async move {
                 let mut conn = opts
                     .connect()
                     .await
                     .map_err(db_err("connecting to save the consumer position"))?;
-                let saved = consumers::save(&mut conn, &database, &name, &position)
-                    .await
-                    .map(|_| ());
+                let reported = reported.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let saved =
+                    consumers::save(&mut conn, &database, &name, &position, reported.as_deref())
+                        .await
+                        .map(|_| ());
                 let _ = conn.disconnect().await;
                 saved
             })
