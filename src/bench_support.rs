@@ -264,8 +264,9 @@ pub struct ReplayNext(crate::replay::ReplayFrom);
 
 /// One page of the journal replay the SSE endpoint reads for a client that resumes after
 /// event id `after` (or, with `next`, the page after one read before), at most `limit` rows,
-/// on every channel of `notifier`'s journal tiers: the rows' sequences and where the next page
-/// starts (`None` after the last). `Ok(None)`: a reset (the position cannot be resumed, or
+/// on every channel of `notifier` (as for a client granted them all; the journal holds those
+/// of PostgreSQL's journal tiers, and every channel of the other dialects): the rows'
+/// sequences and where the next page starts (`None` after the last). `Ok(None)`: a reset (the position cannot be resumed, or
 /// retention may have removed a row after it). For tests of the replay's pages.
 #[cfg(feature = "web")]
 pub async fn replay_page(
@@ -281,10 +282,15 @@ pub async fn replay_page(
             None => return Ok(None),
         },
     };
-    let channels = notifier.journal_channels();
+    let channels = notifier
+        .channel_set()
+        .list()
+        .into_iter()
+        .map(|c| c.name().to_string())
+        .collect();
     let replay = notifier
         .dialect()
-        .replay(from, channels.clone(), channels, limit)
+        .replay(from, channels, notifier.journal_channels(), limit)
         .await?;
     Ok(match replay {
         crate::replay::Replay::Rows { rows, next, .. } => Some((

@@ -1258,6 +1258,85 @@ async fn on_mysql_a_position_past_retention_or_of_another_journal_gets_a_reset()
     notifier.stop().await.unwrap();
 }
 
+/// On MySQL, a purge by another process that commits between a replay's retention check and
+/// its page (staged: the page waits for the journal, locked while the purge deletes row 2,
+/// which the client lacks, and records it) is a reset: the page lacks row 2, whose id lies
+/// below the settled watermark, and the client would otherwise count it as read and never
+/// get it.
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn on_mysql_a_purge_between_the_retention_check_and_the_page_is_a_reset() {
+    use mysql_async::prelude::*;
+    use sqlnotify::bench_support::replay_page;
+    let db = common::mysql::TestDb::new().await;
+    // no purge of its own: it reads the journal's newest id too
+    let (notifier, sse, url, handle, server) =
+        serve_mysql(&db, |n| n.purge_interval(Duration::from_secs(3600))).await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    for id in 1..=5 {
+        db.exec(&format!(
+            "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')"
+        ))
+        .await;
+    }
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    for want in 2..=5 {
+        assert_eq!(client.next_event().await.row(), want);
+    }
+    drop(client);
+    let after = first.id.expect("a MySQL event has a position");
+    let page = replay_page(&notifier, &after, None, 10).await.unwrap();
+    assert_eq!(
+        page.map(|(rows, next)| (rows, next.is_none())),
+        Some((vec![2, 3, 4, 5], true)),
+        "without a purge, the rows the client lacks"
+    );
+
+    let mut purger = db.conn().await;
+    purger
+        .query_drop("LOCK TABLES sqlnotify_journal WRITE")
+        .await
+        .unwrap();
+    let replay = actix_rt::spawn({
+        let (notifier, after) = (notifier.clone(), after.clone());
+        async move { replay_page(&notifier, &after, None, 10).await }
+    });
+    let waiting = format!(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = '{}' \
+         AND STATE LIKE 'Waiting for table metadata lock%' \
+         AND INFO LIKE 'SELECT MAX(`id`) FROM %sqlnotify_journal%'",
+        db.name
+    );
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async { db.count(&waiting).await > 0 }).await,
+        "the replay waits for the journal, past its retention check"
+    );
+    // What a purge commits: the rows, and how far it deleted (its own transaction, here
+    // committed while the journal stays locked).
+    purger
+        .query_drop("DELETE FROM sqlnotify_journal WHERE id <= 2")
+        .await
+        .unwrap();
+    db.exec(
+        "INSERT INTO sqlnotify_trimmed (id, upto) VALUES (1, 2) \
+         ON DUPLICATE KEY UPDATE upto = GREATEST(upto, VALUES(upto))",
+    )
+    .await;
+    purger.query_drop("UNLOCK TABLES").await.unwrap();
+    let _ = purger.disconnect().await;
+    let page = replay.await.unwrap().unwrap();
+    assert!(
+        page.is_none(),
+        "a reset, not the page {:?}",
+        page.map(|(rows, _)| rows)
+    );
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_reset() {
     let db = common::TestDb::new().await;

@@ -18,7 +18,12 @@
 //! live — otherwise the gaps of a client that keeps resuming would only ever grow.
 //!
 //! Retention: the purge records the highest id it deleted in `sqlnotify_trimmed`; a client
-//! whose set lacks an id at or below it may lack a row that is gone, and gets `reset`.
+//! whose set lacks an id at or below it may lack a row that is gone, and gets `reset`. That is
+//! checked again after each page is read: a purge (in another process, say) that committed
+//! between the first check and the page took rows the page then lacks, and their ids would
+//! count as read (below the settled watermark) — the client would never get them, nor a reset.
+//! The purge commits its deletions and `sqlnotify_trimmed` together, so a page that lacks them
+//! is followed by a check that sees them.
 
 use mysql_async::prelude::*;
 use mysql_async::Conn;
@@ -47,14 +52,8 @@ pub(crate) async fn replay(
     settled: i64,
 ) -> Result<Replay> {
     let context = "reading the journal for a client that resumes";
-    let trimmed: Option<i64> = conn
-        .query_first(format!(
-            "SELECT `upto` FROM {} WHERE `id` = 1",
-            qualified(database, TRIMMED)
-        ))
-        .await
-        .map_err(db_err(context))?;
-    if read.first_unread() <= trimmed.unwrap_or(0) {
+    let trimmed = read_trimmed(conn, database).await?;
+    if read.first_unread() <= trimmed {
         return Ok(Replay::TooOld);
     }
     if pos.is_none() {
@@ -70,7 +69,7 @@ pub(crate) async fn replay(
             .await
             .map_err(db_err(context))?
             .flatten();
-        if read.high > newest.unwrap_or(0).max(trimmed.unwrap_or(0)) {
+        if read.high > newest.unwrap_or(0).max(trimmed) {
             return Ok(Replay::TooOld);
         }
     }
@@ -91,6 +90,11 @@ pub(crate) async fn replay(
         ))
         .await
         .map_err(db_err(context))?;
+    // A purge committed since the check above may have taken rows this page lacks (see the
+    // module documentation).
+    if read.first_unread() <= read_trimmed(conn, database).await? {
+        return Ok(Replay::TooOld);
+    }
     let rows = rows
         .into_iter()
         .map(journal::journal_row)
@@ -151,4 +155,16 @@ pub(crate) async fn replay(
         },
         fence: Fence::Set(grown),
     })
+}
+
+/// The highest journal id the purge has deleted (0 before any purge).
+async fn read_trimmed(conn: &mut Conn, database: &str) -> Result<i64> {
+    let upto: Option<i64> = conn
+        .query_first(format!(
+            "SELECT `upto` FROM {} WHERE `id` = 1",
+            qualified(database, TRIMMED)
+        ))
+        .await
+        .map_err(db_err("reading the journal for a client that resumes"))?;
+    Ok(upto.unwrap_or(0))
 }
