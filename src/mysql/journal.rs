@@ -126,7 +126,8 @@ pub(crate) struct Cursor {
     unread: Vec<(i64, i64)>,
     /// `(upto, when)`: gaps at ids up to `upto` (above the previous entry's) were first
     /// noticed at `when`. In increasing `upto`; an entry is added only for a read that leaves
-    /// a gap above the highest id read before it.
+    /// a gap above the highest id read before it, and dropped once no gap is left at its ids
+    /// (so its size follows the gaps', not the reads', while a gap below holds the watermark).
     noticed: VecDeque<(i64, Instant)>,
     gap_timeout: Duration,
 }
@@ -228,6 +229,7 @@ impl Cursor {
     /// Records rows as read at `now`.
     pub fn mark(&mut self, ids: impl IntoIterator<Item = i64>, now: Instant) {
         let before = self.high;
+        let mut filled = false;
         for id in ids {
             if id > self.high {
                 // `high` is read, so a new gap is never adjacent to the one before it.
@@ -237,11 +239,32 @@ impl Cursor {
                 self.high = id;
             } else if let Some(i) = self.gap_of(id).filter(|_| id > self.low) {
                 take_from_gap(&mut self.unread, i, id);
+                filled = true;
             }
         }
         if self.unread.last().is_some_and(|&(_, end)| end > before) {
             self.noticed.push_back((self.high, now));
         }
+        if filled {
+            self.forget_filled();
+        }
+    }
+
+    /// Drops the `noticed` entries at whose ids no gap is left: every id of theirs was read.
+    /// Nothing else changes — each id still unread keeps the time it had (its entry stays;
+    /// the next entry only reaches down over ids that are all read) — and gaps never open
+    /// again below `high`, so such an entry would never be needed. Without this, a gap held
+    /// open for hours would keep one entry for every short gap opened and filled above it.
+    fn forget_filled(&mut self) {
+        let mut gaps = self.unread.iter().peekable();
+        let mut previous = i64::MIN;
+        self.noticed.retain(|&(upto, _)| {
+            // The entry's ids: `previous + 1 ..= upto`.
+            while gaps.next_if(|&&(_, end)| end <= previous).is_some() {}
+            let keep = gaps.peek().is_some_and(|&&(start, _)| start <= upto);
+            previous = upto;
+            keep
+        });
     }
 
     /// Moves the low watermark over read ids and expired gaps. Returns whether it moved.
@@ -1268,7 +1291,13 @@ mod tests {
                     _ => {
                         let read: Vec<i64> =
                             committed.iter().copied().filter(|&i| c.is_new(i)).collect();
+                        let (before, high) = (noticed_per_id(&c), c.high);
                         c.mark(read, now);
+                        // What is still unread keeps its time; new gaps are noticed now.
+                        for (id, when) in noticed_per_id(&c) {
+                            let want = if id > high { now } else { before[&id] };
+                            assert_eq!(when, want, "seed {seed} id {id}");
+                        }
                         committed.retain(|&i| c.is_new(i));
                         let mut expired = false;
                         c.advance_where(now, |_| {
@@ -1370,6 +1399,36 @@ mod tests {
         c.mark([1], t0 + TIMEOUT);
         assert!(c.advance(t0 + TIMEOUT));
         assert_eq!(c.low(), 2_000_001);
+        assert!(c.noticed.is_empty());
+    }
+
+    #[test]
+    fn short_gaps_filled_above_a_held_one_leave_no_trace() {
+        // A transaction holds id 1 for hours while every read opens a gap above it that the
+        // next fills: what the cursor keeps stays the size of its gaps.
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        c.mark([2], t0);
+        let held = t0 + TIMEOUT;
+        c.hold((1, 1), held);
+        let mut now = held;
+        for b in (2..200_000).step_by(2) {
+            now += Duration::from_millis(1);
+            c.mark([b + 2], now);
+            c.mark([b + 1], now);
+            assert!(
+                c.noticed.len() <= c.unread.len() + 2,
+                "{} entries for {} gaps",
+                c.noticed.len(),
+                c.unread.len()
+            );
+        }
+        assert_eq!(c.gaps(), [(1, 1)]);
+        assert!(!c.advance(held + TIMEOUT - Duration::from_millis(1)));
+        assert_eq!(c.due(held + TIMEOUT, 64), [(1, 1)], "aged from its hold");
+        c.mark([1], now);
+        assert!(c.advance(now));
+        assert_eq!(c.low(), c.high());
         assert!(c.noticed.is_empty());
     }
 
