@@ -301,6 +301,42 @@ pub async fn replay_page(
     })
 }
 
+/// The first page of `limit` rows of a replay after position `after` (a `Last-Event-ID`), as
+/// (journal id, transaction id) pairs; `None` when it is refused (`TooOld`, `Unsupported`,
+/// or not a position).
+pub async fn replay_transactions(
+    notifier: &crate::Notifier,
+    after: &str,
+    limit: i64,
+) -> Result<Option<Vec<(i64, Option<u64>)>>> {
+    let Some(position) = crate::web::Position::parse(after) else {
+        return Ok(None);
+    };
+    let channels = notifier
+        .channel_set()
+        .list()
+        .into_iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    let replay = notifier
+        .dialect()
+        .replay(
+            position.replay_from(),
+            channels,
+            notifier.journal_channels(),
+            limit,
+        )
+        .await?;
+    Ok(match replay {
+        crate::replay::Replay::Rows { rows, .. } => Some(
+            rows.iter()
+                .filter_map(|r| Some((r.sequence?, r.transaction)))
+                .collect(),
+        ),
+        crate::replay::Replay::TooOld | crate::replay::Replay::Unsupported => None,
+    })
+}
+
 /// Runs `notifier`'s retention purge now, keeping what is younger than `keep`; returns how
 /// many rows it deleted. For tests that must place a purge between two reads.
 pub async fn purge_now(notifier: &crate::Notifier, keep: Duration) -> Result<u64> {

@@ -241,6 +241,26 @@ async fn a_journal_that_had_rows_keeps_them_without_a_transaction() {
     assert!(got[2].2.is_some() && got[2].2 == got[3].2, "{got:?}");
     assert_eq!((got[2].3, got[3].3), (Some(false), Some(true)));
     assert_quiet(&mut rx).await;
+    // A browser stream's replay of the same rows (from before the first) says the same: the
+    // rows from before the journal recorded transactions have none. (They all carry the
+    // transaction that added the column, and read as one transaction.)
+    #[cfg(feature = "bench")]
+    {
+        let replayed = sqlnotify::bench_support::replay_transactions(&notifier, "0@0:0:", 100)
+            .await
+            .unwrap()
+            .expect("a replay");
+        let ids: Vec<i64> = replayed.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids.len(), 5, "{replayed:?}");
+        assert!(
+            replayed[..3].iter().all(|(_, tx)| tx.is_none()),
+            "{replayed:?}"
+        );
+        assert!(
+            replayed[3].1.is_some() && replayed[3].1 == replayed[4].1,
+            "{replayed:?}"
+        );
+    }
     notifier.stop().await.unwrap();
 }
 

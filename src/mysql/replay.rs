@@ -73,11 +73,11 @@ pub(crate) async fn replay(
             return Ok(Replay::TooOld);
         }
     }
-    let tracked = !matches!(journal::tracking(conn, database).await?, Tracking::Off);
-    let tx = if tracked {
-        format!("`{}`", super::ddl::JOURNAL_TX)
-    } else {
-        "NULL".to_string()
+    // Rows up to `after` predate the recorded transactions (they all carry the one that
+    // added the column): they have none, as the listener delivers them.
+    let tx = match journal::tracking(conn, database).await? {
+        Tracking::After(after) => format!("IF(`id` > {after}, `{}`, NULL)", super::ddl::JOURNAL_TX),
+        Tracking::Off => "NULL".to_string(),
     };
     let pos = pos.unwrap_or(read.low);
     let condition = journal::unread_sql(&read.gaps, read.high);
