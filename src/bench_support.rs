@@ -304,6 +304,7 @@ pub async fn replay_page(
 /// The first page of `limit` rows of a replay after position `after` (a `Last-Event-ID`), as
 /// (journal id, transaction id) pairs; `None` when it is refused (`TooOld`, `Unsupported`,
 /// or not a position).
+#[cfg(feature = "web")]
 pub async fn replay_transactions(
     notifier: &crate::Notifier,
     after: &str,

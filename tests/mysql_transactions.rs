@@ -244,7 +244,7 @@ async fn a_journal_that_had_rows_keeps_them_without_a_transaction() {
     // A browser stream's replay of the same rows (from before the first) says the same: the
     // rows from before the journal recorded transactions have none. (They all carry the
     // transaction that added the column, and read as one transaction.)
-    #[cfg(feature = "bench")]
+    #[cfg(all(feature = "bench", feature = "web"))]
     {
         let replayed = sqlnotify::bench_support::replay_transactions(&notifier, "0@0:0:", 100)
             .await
