@@ -352,7 +352,7 @@ async fn concurrent_takers_take_each_row_once(db: &impl Backend) {
             taken.extend(ids(&batch));
         }
     };
-    let (took_a, took_b) = futures_util::join!(take(calls_a), take(calls_b));
+    let (took_a, took_b) = tokio::join!(take(calls_a), take(calls_b));
     let mut all = took_a.clone();
     all.extend(&took_b);
     let unique: BTreeSet<i64> = all.iter().copied().collect();
