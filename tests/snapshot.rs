@@ -1896,3 +1896,35 @@ mod mysql {
         notifier.stop().await.unwrap();
     }
 }
+
+/// A SQLite row holding text that is not UTF-8 (`CAST(x'ff' AS TEXT)`: SQLite stores it as
+/// given) arrives in a snapshot with its bytes read lossily, as the journal reads them; it
+/// used to fail every snapshot of its table.
+#[actix_rt::test]
+async fn sqlite_a_row_of_text_that_is_not_utf8_does_not_fail_the_snapshot() {
+    use common::sqlite::TempDb;
+    let db = TempDb::new();
+    db.exec(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT);
+         INSERT INTO t VALUES (1, 'plain'), (2, CAST(x'41ff42' AS TEXT)), (3, 'after')",
+    );
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Insert).extra_columns(["name"]))
+        .start()
+        .await
+        .unwrap();
+    let mut feed = notifier
+        .subscribe_snapshot(Snapshot::new("t"))
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    loop {
+        let e = next(&mut feed).await;
+        names.push(e.get("name").and_then(|v| v.as_str()).unwrap().to_string());
+        if e.ends_snapshot() {
+            break;
+        }
+    }
+    assert_eq!(names, ["plain", "A\u{fffd}B", "after"]);
+    notifier.stop().await.unwrap();
+}

@@ -181,10 +181,15 @@ pub(crate) fn replay(
 /// (`CAST(x'ff' AS TEXT)`), and the triggers copy it into the payload as is: read it lossily,
 /// so one such row cannot fail every read of the journal (and wedge the listener on it).
 fn text(row: &rusqlite::Row<'_>, index: usize) -> Result<String> {
-    let value = row.get_ref(index).map_err(db_err("reading the journal"))?;
+    lossy_text(row, index, "reading the journal")
+}
+
+/// [`text`] for any read: `what` says which, in its error.
+pub(crate) fn lossy_text(row: &rusqlite::Row<'_>, index: usize, what: &str) -> Result<String> {
+    let value = row.get_ref(index).map_err(db_err(what.to_string()))?;
     let bytes = value
         .as_bytes()
-        .map_err(|e| crate::error::Error::db("reading the journal", e))?;
+        .map_err(|e| crate::error::Error::db(what.to_string(), e))?;
     Ok(String::from_utf8_lossy(bytes).into_owned())
 }
 

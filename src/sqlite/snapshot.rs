@@ -100,7 +100,9 @@ fn read(
         let mut rows = stmt.query([]).map_err(db_err(what.clone()))?;
         let mut chunk = Vec::with_capacity(chunk_rows);
         while let Some(row) = rows.next().map_err(db_err(what.clone()))? {
-            chunk.push(row.get::<_, String>(0).map_err(db_err(what.clone()))?);
+            // Lossily, as the journal is read: one row of text that is not UTF-8 must not
+            // fail every snapshot of its table.
+            chunk.push(super::journal::lossy_text(row, 0, &what)?);
             if chunk.len() == chunk_rows
                 && chunks
                     .blocking_send(Ok(std::mem::take(&mut chunk)))
