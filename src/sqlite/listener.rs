@@ -214,6 +214,13 @@ impl Source for SqliteSource {
     /// a precise sleep, without a round trip to the arbiter per look. The notifier's own
     /// writes cut it short.
     async fn wait(&mut self, conn: &mut SqliteConn, timeout: Duration) -> Result<bool> {
+        if conn.version == i64::MIN {
+            // No read yet (a named consumer waits for its first subscription before it reads):
+            // watch from now. Compared with a version never read, every wait ended at once,
+            // and the listener spun on the blocking pool until the first read. The shell
+            // reads anyway once it may (nothing was read yet), so no commit is missed.
+            conn.version = conn.call(|c| journal::data_version(c)).await?;
+        }
         let seen = conn.version;
         let watch = conn.call(move |conn| {
             let deadline = Instant::now() + timeout;
@@ -282,6 +289,42 @@ impl Source for SqliteSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that has not read yet (a named consumer waiting for its first
+    /// subscription) waits its time out when nothing commits, rather than ending every wait at
+    /// once; a commit from another connection ends it.
+    #[tokio::test]
+    async fn a_wait_before_the_first_read_waits_for_a_commit() {
+        let dir = std::env::temp_dir().join(format!(
+            "sqlnotify-wait-before-read-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("db.sqlite");
+        let writer = rusqlite::Connection::open(&path).unwrap();
+        writer
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .unwrap();
+        let mut source = SqliteSource::new(path.clone(), Vec::new(), Wake::default());
+        let mut conn = SqliteConn {
+            conn: Arc::new(Mutex::new(crate::sqlite::open(&path).unwrap())),
+            version: i64::MIN,
+        };
+        let waited = Instant::now();
+        assert!(!source
+            .wait(&mut conn, Duration::from_millis(100))
+            .await
+            .unwrap());
+        assert!(waited.elapsed() >= Duration::from_millis(100));
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        assert!(source
+            .wait(&mut conn, Duration::from_secs(30))
+            .await
+            .unwrap());
+        drop((conn, writer));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn lease_files_sit_next_to_the_database_and_differ_by_name() {
