@@ -277,18 +277,38 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
          WHERE state NOT IN ('dropped', 'expired') AND expire_after IS NOT NULL \
            AND updated_at < {NOW} - expire_after RETURNING name"
     );
+    let deletable = format!(
+        "j.created_at < {NOW} - ?1
+         AND NOT EXISTS (SELECT 1 FROM sqlnotify_consumers c
+                          WHERE c.state NOT IN ('dropped', 'expired') AND j.id > c.cursor
+                            AND {READS_CHANNEL})"
+    );
+    // The rows to delete are looked for outside the write transaction (a reader holds no
+    // writer up in WAL mode): that search can read the whole journal — no index on
+    // `created_at`, and an active consumer far behind protects every row it must still read —
+    // and under the write lock it kept the application's writers waiting (1.4 s for a million
+    // rows). The delete checks the same conditions again on those rows only.
+    let candidates =
+        format!("SELECT j.id FROM sqlnotify_journal j WHERE {deletable} ORDER BY j.id LIMIT ?2");
     let delete = format!(
         "DELETE FROM sqlnotify_journal WHERE id IN (
             SELECT j.id FROM sqlnotify_journal j
-             WHERE j.created_at < {NOW} - ?1
-               AND NOT EXISTS (SELECT 1 FROM sqlnotify_consumers c
-                                WHERE c.state NOT IN ('dropped', 'expired') AND j.id > c.cursor
-                                  AND {READS_CHANNEL})
-             ORDER BY j.id LIMIT ?2)
+             WHERE j.id IN (SELECT value FROM json_each(?3)) AND {deletable})
          RETURNING id, channel"
     );
     let (mut total, mut first) = (0u64, true);
     loop {
+        let found: Vec<i64> = conn
+            .prepare_cached(&candidates)
+            .and_then(|mut stmt| {
+                stmt.query_map(params![retention.as_secs_f64(), PURGE_BATCH], |r| r.get(0))?
+                    .collect()
+            })
+            .map_err(db_err(context))?;
+        if found.is_empty() && !first {
+            return Ok(total);
+        }
+        let ids = serde_json::to_string(&found).expect("a list of integers");
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db_err(context))?;
@@ -325,7 +345,7 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
         let deleted = {
             let mut stmt = tx.prepare(&delete).map_err(db_err(context))?;
             let rows = stmt
-                .query_map(params![retention.as_secs_f64(), PURGE_BATCH], |r| {
+                .query_map(params![retention.as_secs_f64(), PURGE_BATCH, ids], |r| {
                     Ok((r.get::<_, i64>(0)?, text(r, 1)?))
                 })
                 .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
@@ -348,9 +368,8 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
             }
         }
         tx.commit().map_err(db_err(context))?;
-        let n = deleted.len() as u64;
-        total += n;
-        if (n as i64) < PURGE_BATCH {
+        total += deleted.len() as u64;
+        if (found.len() as i64) < PURGE_BATCH {
             return Ok(total);
         }
     }
