@@ -952,3 +952,60 @@ async fn a_label_with_a_line_break_stays_inside_the_install_scripts_comment() {
         "victim is still there"
     );
 }
+
+/// A named consumer catching up on a backlog that its subscriber works through slowly saves
+/// its position as it goes — and so stays alive for the purge — not once the backlog is done:
+/// a read hands over one batch (1,000 rows) at most, and the shell saves between reads. (A
+/// read used to go on until the journal was exhausted, waiting for room in the pipeline batch
+/// after batch: no save, no heartbeat and no look at `stop()` for the whole catch-up.)
+#[actix_rt::test]
+async fn a_consumer_catching_up_saves_its_position_as_it_goes() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    let url = db.url();
+    let start = || async {
+        Notifier::builder(&url)
+            .watch(Watch::new("t", Operation::Insert))
+            .consumer("slow")
+            .start()
+            .await
+    };
+    start().await.unwrap().stop().await.unwrap();
+    let cursor = || db.count("SELECT cursor FROM sqlnotify_consumers WHERE name = 'slow'");
+    let before = cursor();
+    // A backlog of 200 transactions of 100 rows while the consumer is stopped.
+    let mut conn = db.conn();
+    for i in 0..200i64 {
+        let tx = conn.transaction().unwrap();
+        for id in i * 100..(i + 1) * 100 {
+            tx.execute("INSERT INTO t VALUES (?1)", [id]).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let notifier = start().await.unwrap();
+    let (_, mut deliveries) = notifier
+        .subscribe_acked(Subscription::new("t", Operation::Insert))
+        .await
+        .unwrap();
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = actix_rt::spawn({
+        let handled = handled.clone();
+        async move {
+            while let Some(delivery) = deliveries.recv().await {
+                // The subscriber's work: about a millisecond an event.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                delivery.ack.ack();
+                handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let moved = common::wait_until(Duration::from_secs(120), || async { cursor() > before }).await;
+    let done = handled.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(moved, "the position never moved");
+    assert!(
+        done < 10_000,
+        "the position moved only once {done} of 20,000 events were handled"
+    );
+    notifier.stop().await.unwrap();
+    worker.abort();
+}

@@ -34,6 +34,8 @@ pub(crate) struct SqliteConn {
     conn: Arc<Mutex<Connection>>,
     /// `PRAGMA data_version` taken before the last read: a commit after it changes it.
     version: i64,
+    /// The last read left rows behind (it reads one batch): the next wait ends at once.
+    more: bool,
 }
 
 impl SqliteConn {
@@ -113,6 +115,7 @@ impl Source for SqliteSource {
         Ok(SqliteConn {
             conn: Arc::new(Mutex::new(conn)),
             version: i64::MIN,
+            more: false,
         })
     }
 
@@ -164,45 +167,36 @@ impl Source for SqliteSource {
     }
 
     async fn read(&mut self, conn: &mut SqliteConn, outlet: &Outlet) -> Result<Option<u64>> {
-        let mut position = self
+        let position = self
             .position
             .expect("the position is placed before reading");
-        let mut forwarded = 0;
-        let mut first = true;
-        loop {
-            let channels = self.channels.clone();
-            let (version, batch, last, all) = conn
-                .call(move |conn| {
-                    // The version before reading: a commit after this point changes it again.
-                    let version = if first {
-                        Some(journal::data_version(conn)?)
-                    } else {
-                        None
-                    };
-                    let (batch, last, all) = journal::read_after(
-                        conn,
-                        position,
-                        READ_BATCH,
-                        journal::MAX_EXTENSION,
-                        &channels,
-                    )?;
-                    Ok((version, batch, last, all))
-                })
-                .await?;
-            if let Some(version) = version {
-                conn.version = version;
-            }
-            first = false;
-            match outlet.forward(batch).await {
-                Some(n) => forwarded += n,
-                None => return Ok(None),
-            }
-            position = last;
-            self.position = Some(last);
-            if all {
-                return Ok(Some(forwarded));
-            }
-        }
+        let channels = self.channels.clone();
+        let (version, batch, last, all) = conn
+            .call(move |conn| {
+                // The version before reading: a commit after this point changes it again.
+                let version = journal::data_version(conn)?;
+                let (batch, last, all) = journal::read_after(
+                    conn,
+                    position,
+                    READ_BATCH,
+                    journal::MAX_EXTENSION,
+                    &channels,
+                )?;
+                Ok((version, batch, last, all))
+            })
+            .await?;
+        conn.version = version;
+        let Some(forwarded) = outlet.forward(batch).await else {
+            return Ok(None);
+        };
+        self.position = Some(last);
+        // One batch per read: the shell notes and saves the position (and sends a named
+        // consumer's heartbeat) and sees a stop only between reads. A read that went on until
+        // the journal was exhausted kept a consumer catching up on a long backlog behind a
+        // slow subscriber from saving — the purge then counted it expired — and `stop()`
+        // waiting for the whole backlog. The next wait ends at once.
+        conn.more = !all;
+        Ok(Some(forwarded))
     }
 
     fn position(&self) -> Option<i64> {
@@ -214,6 +208,9 @@ impl Source for SqliteSource {
     /// a precise sleep, without a round trip to the arbiter per look. The notifier's own
     /// writes cut it short.
     async fn wait(&mut self, conn: &mut SqliteConn, timeout: Duration) -> Result<bool> {
+        if std::mem::take(&mut conn.more) {
+            return Ok(true); // the last read left rows behind
+        }
         if conn.version == i64::MIN {
             // No read yet (a named consumer waits for its first subscription before it reads):
             // watch from now. Compared with a version never read, every wait ended at once,
@@ -310,6 +307,7 @@ mod tests {
         let mut conn = SqliteConn {
             conn: Arc::new(Mutex::new(crate::sqlite::open(&path).unwrap())),
             version: i64::MIN,
+            more: false,
         };
         let waited = Instant::now();
         assert!(!source
