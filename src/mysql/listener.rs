@@ -62,6 +62,8 @@ pub(crate) struct MysqlSource {
     settled: Arc<Watermark>,
     /// Whether the journal records transactions (read when the cursor is placed).
     tracking: Tracking,
+    /// The last read's page was full: more rows may wait, and the next wait ends at once.
+    more: bool,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
     /// The consumer's `missed` column as read when it last came back, once returned to the
@@ -102,6 +104,7 @@ impl MysqlSource {
             wake,
             settled,
             tracking: Tracking::Off,
+            more: false,
             held: None,
             reported: Arc::default(),
         }
@@ -529,15 +532,14 @@ impl Source for MysqlSource {
         if let Tracking::After(after) = self.tracking {
             return self.read_transactions(conn, outlet, after).await;
         }
-        let (mut pos, condition) = {
+        let (pos, condition) = {
             let cursor = self.cursor();
             (cursor.low(), cursor.unread_condition())
         };
-        let mut forwarded = 0;
-        loop {
-            if outlet.stopped() {
-                return Ok(None);
-            }
+        if outlet.stopped() {
+            return Ok(None);
+        }
+        let forwarded = {
             let rows = self
                 .within(
                     "reading the journal",
@@ -545,9 +547,6 @@ impl Source for MysqlSource {
                 )
                 .await?;
             let full = rows.len() == READ_BATCH;
-            if let Some((last, _, _)) = rows.last() {
-                pos = *last;
-            }
             let now = SystemTime::now();
             let rows: Vec<(i64, String, String)> = rows
                 .into_iter()
@@ -575,15 +574,17 @@ impl Source for MysqlSource {
                 }
             }
             // Rows count as read only once handed over.
-            match outlet.forward(batch).await {
-                Some(n) => forwarded += n,
-                None => return Ok(None),
-            }
+            let Some(n) = outlet.forward(batch).await else {
+                return Ok(None);
+            };
             self.cursor().mark(ids, Instant::now());
-            if !full {
-                break;
-            }
-        }
+            // One page per read: the shell notes and saves the position (and sends a named
+            // consumer's heartbeat) only between reads; a read that went on while pages came
+            // full kept a consumer catching up behind a slow subscriber from saving for the
+            // whole backlog. The next wait ends at once.
+            self.more = full;
+            n
+        };
         self.settle(conn).await?;
         Ok(Some(forwarded))
     }
@@ -593,6 +594,9 @@ impl Source for MysqlSource {
     }
 
     async fn wait(&mut self, _: &mut Conn, timeout: Duration) -> Result<bool> {
+        if std::mem::take(&mut self.more) {
+            return Ok(true); // the last read left a full page behind it
+        }
         self.wake.wait(timeout).await;
         Ok(true) // every poll reads: that is how MySQL learns of new rows
     }
