@@ -1318,4 +1318,141 @@ async fn dropping_a_consumer_read_by_a_session_this_role_cannot_end_is_an_error(
     assert_eq!(slots(&db).await.len(), 1, "the slot is left to its reader");
     notifier.stop().await.unwrap();
     db.exec("DROP OWNED BY app; DROP ROLE app").await;
+
+/// The slot's `confirmed_flush_lsn` (text) in `db`, where there is one slot.
+async fn confirmed_flush(client: &tokio_postgres::Client, db: &TestDb) -> String {
+    client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE database = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Whether the slot's `confirmed_flush_lsn` in `db` is at or past `lsn`.
+async fn confirmed_at_or_past(client: &tokio_postgres::Client, db: &TestDb, lsn: &str) -> bool {
+    client
+        .query_one(
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots \
+              WHERE database = $1",
+            &[&db.name, &lsn],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The next delivery of `deliveries` (`who`'s), within 30 s.
+async fn next_delivery(deliveries: &mut sqlnotify::Deliveries, who: &str) -> sqlnotify::Delivery {
+    tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{who}: no delivery within 30 s"))
+        .expect("the subscription is open")
+}
+
+/// A member of a consumer group that lost its lease with an event unacknowledged, and gets the
+/// lease back after the member that took over stopped without acknowledging it either,
+/// delivers the event again and keeps the slot before it: the server sends it again from the
+/// slot's confirmed position. (The member used to skip it as handed over before its lease was
+/// lost, then confirm the slot past it: lost for good.)
+#[actix_rt::test]
+async fn a_member_that_gets_its_lease_back_delivers_again_what_nobody_acknowledged() {
+    let Some(cluster) = cluster("a_member_that_gets_its_lease_back") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let member = || async {
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Logical))
+            .consumer("group")
+            .start()
+            .await
+    };
+    // A, active: it gets the row and never acknowledges it.
+    let a = member().await.unwrap();
+    let mut a_statuses = common::statuses(&a).await;
+    let (_, mut a_deliveries) = a
+        .subscribe_acked(Subscription::new("t", Insert))
+        .await
+        .unwrap();
+    let client = db.client().await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    // At or past the row's commit: a slot confirmed before it is confirmed before this.
+    let after_row: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let unacked = next_delivery(&mut a_deliveries, "A").await;
+    assert_eq!(unacked.event.id().as_i64(), Some(1));
+    // B stands by, subscribed too.
+    let b = member().await.unwrap();
+    let (_, mut b_deliveries) = b
+        .subscribe_acked(Subscription::new("t", Insert))
+        .await
+        .unwrap();
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
+    // End A's walsender (the slot's streamer while B stands by) until B is the one that takes
+    // the lease: A reconnects fast and may take it back first.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut lost = false;
+    while !lost {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never lost its lease to B"
+        );
+        if b.stats().await.unwrap().role == sqlnotify::Role::Standby {
+            if let Some(pid) = walsender_pid(&db).await {
+                db.exec(&format!("SELECT pg_terminate_backend({pid})"))
+                    .await;
+            }
+        }
+        while let Ok(Some(status)) =
+            tokio::time::timeout(Duration::from_secs(2), a_statuses.recv()).await
+        {
+            if status == sqlnotify::Status::LostLease {
+                lost = true;
+                break;
+            }
+        }
+    }
+    // B delivers the row, and stops without acknowledging it.
+    let b_unacked = next_delivery(&mut b_deliveries, "B").await;
+    assert_eq!(b_unacked.event.id().as_i64(), Some(1));
+    drop(b_unacked); // unacknowledged: B's stop does not wait for it, nor saves past it
+    b.stop().await.unwrap();
+    // A takes the lease again: the server sends the row again, and A delivers it.
+    loop {
+        let status = common::next_status_within(&mut a_statuses, Duration::from_secs(30)).await;
+        if status == sqlnotify::Status::Active {
+            break;
+        }
+    }
+    let again = tokio::time::timeout(Duration::from_secs(30), a_deliveries.recv())
+        .await
+        .ok()
+        .flatten();
+    let again_id = again.as_ref().and_then(|d| d.event.id().as_i64());
+    // A stops without acknowledging it either (its Acks dropped: the stop does not wait).
+    drop((again, unacked));
+    a.stop().await.unwrap();
+    let kept = !confirmed_at_or_past(&client, &db, &after_row).await;
+    assert_eq!(
+        again_id,
+        Some(1),
+        "A, active again, delivers the row nobody acknowledged"
+    );
+    assert!(
+        kept,
+        "the slot was confirmed past the row nobody acknowledged (to {}; its commit ends by {after_row})",
+        confirmed_flush(&client, &db).await
+    );
+    // A later process of the group gets it again.
+    let c = member().await.unwrap();
+    let mut events = Events::subscribe(&c, Subscription::new("t", Insert)).await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    c.stop().await.unwrap();
 }

@@ -112,9 +112,10 @@ pub(crate) trait Source: Unpin + 'static {
     /// that run beside the session (PostgreSQL's notifications) hand events to `outlet`.
     async fn connect(&mut self, outlet: &Outlet) -> Result<Self::Conn>;
 
-    /// Places the position, on the first connection only: at a named consumer's saved
-    /// position — registering a new consumer at "now" — else at "now". Returns the channels on
-    /// which a returning consumer missed purged rows.
+    /// Places the position, on the first connection, and again on the first one after a named
+    /// consumer lost its lease (another process read meanwhile: what this source had read is
+    /// stale): at a named consumer's saved position — registering a new consumer at "now" —
+    /// else at "now". Returns the channels on which a returning consumer missed purged rows.
     async fn place(
         &mut self,
         conn: &mut Self::Conn,

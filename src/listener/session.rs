@@ -1,6 +1,6 @@
-//! One session of a listener: connect, place the position (first session only), then read,
-//! save, check and wait until stopped or failed. Runs on the listener's arbiter; everything a
-//! dialect does in it goes through [`Source`].
+//! One session of a listener: connect, place the position (first session, and the first after a
+//! lost lease), then read, save, check and wait until stopped or failed. Runs on the listener's
+//! arbiter; everything a dialect does in it goes through [`Source`].
 
 use std::pin::pin;
 use std::sync::atomic::Ordering;

@@ -16,7 +16,9 @@
 //! with the next status update) only with a position the shell's save rule declared safe —
 //! every event up to it left the pipeline — for a named consumer in [`Source::save`], for a
 //! notifier without one by the same count here. After a reconnect the server sends again
-//! what was not confirmed; transactions whose commit LSN was already handed over are skipped.
+//! what was not confirmed; transactions whose commit LSN was already handed over are skipped
+//! — unless the consumer lost its lease meanwhile: then the shell places the source again,
+//! which forgets what it handed over, and everything from the slot's position comes again.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -635,12 +637,21 @@ impl Source for LogicalSource {
         })
     }
 
-    /// The slot holds the position: reading starts at its confirmed position.
+    /// The slot holds the position: reading starts at its confirmed position, so what this
+    /// source read before is forgotten — what it handed over, spilled, reached or has still to
+    /// confirm. The shell places again after its consumer lost the lease: another process held
+    /// it meanwhile and may have read past this one's events without confirming them, and the
+    /// server now sends again from the slot's confirmed position; skipped as handed over
+    /// before, those events would be lost, and this source's old position saved past them.
     async fn place(
         &mut self,
         _: &mut LogicalConn,
         _: Option<&ConsumerParams>,
     ) -> Result<Vec<String>> {
+        self.delivered = 0;
+        self.spilled = None;
+        self.position = None;
+        self.unconfirmed.clear();
         Ok(Vec::new())
     }
 
