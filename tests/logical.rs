@@ -1456,3 +1456,85 @@ async fn a_member_that_gets_its_lease_back_delivers_again_what_nobody_acknowledg
     assert_eq!(events.next().await.id().as_i64(), Some(1));
     c.stop().await.unwrap();
 }
+
+/// A named consumer catching up on a backlog that its subscriber works through slowly confirms
+/// its slot as it goes, not once the backlog is done: a read hands over one batch at most, so
+/// the position is noted and saved between reads. Here each change makes eight events (eight
+/// labelled watches of one table and operation), so a batch fills from a few dozen changes.
+/// (A read used to go on as long as the stream had more, forwarding each full batch and
+/// reading on, and the stream refilled while a batch waited for room in the pipeline: the
+/// slot's position stood still for the whole catch-up, the server kept all of its WAL, and a
+/// restart delivered everything again.)
+#[actix_rt::test]
+async fn a_consumer_catching_up_confirms_its_slot_as_it_goes() {
+    const TRANSACTIONS: i64 = 200;
+    const ROWS: i64 = 100;
+    const TOTAL: usize = (TRANSACTIONS * ROWS) as usize;
+    const LABELS: usize = 8;
+    let Some(cluster) = cluster("a_consumer_catching_up_confirms_its_slot_as_it_goes") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let start = || async {
+        let mut builder = Notifier::builder(&db.url).consumer("slow");
+        for label in 0..LABELS {
+            builder = builder.watch(
+                Watch::new("t", Insert)
+                    .channel_label(format!("t_{label}"))
+                    .tier(Tier::Logical),
+            );
+        }
+        builder.start().await
+    };
+    // The consumer's slot, then a backlog of small transactions while it is stopped.
+    start().await.unwrap().stop().await.unwrap();
+    let client = db.client().await;
+    let before = confirmed_flush(&client, &db).await;
+    db.exec(&format!(
+        "DO $$ BEGIN FOR i IN 0..{} LOOP \
+           INSERT INTO t SELECT g FROM generate_series(i * {ROWS}, i * {ROWS} + {}) g; \
+           COMMIT; \
+         END LOOP; END $$",
+        TRANSACTIONS - 1,
+        ROWS - 1
+    ))
+    .await;
+    let notifier = start().await.unwrap();
+    let (_, mut deliveries) = notifier
+        .subscribe_acked(Subscription::new("t", Insert).channel_label("t_0"))
+        .await
+        .unwrap();
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = actix_rt::spawn({
+        let handled = handled.clone();
+        async move {
+            while let Some(delivery) = deliveries.recv().await {
+                // The subscriber's work: about a millisecond or two an event.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                delivery.ack.ack();
+                handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let moved = wait_until(Duration::from_secs(120), || async {
+        client
+            .query_one(
+                "SELECT confirmed_flush_lsn > $2::text::pg_lsn FROM pg_replication_slots \
+                  WHERE database = $1",
+                &[&db.name, &before],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    let done = handled.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(moved, "the slot never moved past {before}");
+    assert!(
+        done < TOTAL / 2,
+        "the slot moved only once {done} of {TOTAL} events were handled"
+    );
+    worker.abort();
+    notifier.stop().await.unwrap();
+}

@@ -147,11 +147,13 @@ pub(crate) trait Source: Unpin + 'static {
         true
     }
 
-    /// Reads every row past the position and hands it to `outlet`. Returns how many events
-    /// went, or `None` when told to stop while waiting for room in the pipeline. A panic in it
-    /// fails the session like an error, and the next one reads from the position: a source
-    /// must not count anything as read before it went to `outlet`, or must catch its own
-    /// panics first (the logical tier does).
+    /// Reads the rows past the position and hands them to `outlet`: every one, or a bounded
+    /// share while more keep coming (the logical tier's stream), so that the position is noted
+    /// and saved between reads; a source that leaves rows behind must have its next `wait`
+    /// return at once. Returns how many events went, or `None` when told to stop while
+    /// waiting for room in the pipeline. A panic in it fails the session like an error, and
+    /// the next one reads from the position: a source must not count anything as read before
+    /// it went to `outlet`, or must catch its own panics first (the logical tier does).
     async fn read(&mut self, conn: &mut Self::Conn, outlet: &Outlet) -> Result<Option<u64>>;
 
     /// The position after everything read so far; `None` before it is placed.

@@ -53,6 +53,9 @@ const MAX_OPEN_ROWS: usize = MAX_BATCH;
 /// How often the confirmed position is sent to the server at most (the crate's status
 /// interval): what a crash may deliver again on top of the save rule's own delay.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a read goes on taking events at most before it hands them over and returns (a
+/// full batch returns sooner): the shell saves, and so confirms, only between reads.
+const READ_BUDGET: Duration = Duration::from_millis(100);
 /// How often the slot's lag is read.
 const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Slot lag (WAL bytes kept for the slot) past which a warning is logged.
@@ -675,7 +678,7 @@ impl Source for LogicalSource {
         self.check_lost()?;
         self.start(conn).await?;
         let mut batch = Vec::new();
-        let mut forwarded = 0;
+        let began = Instant::now();
         // A failure ends the read once the transactions already complete are handed over:
         // they count as delivered (a reconnect skips them), so they must not be dropped. A
         // panic (the driver's, on a message it did not expect) is such a failure too, caught
@@ -712,19 +715,21 @@ impl Source for LogicalSource {
                 failure = Some(self.panicked(&*panic));
                 break;
             }
-            // In pieces as it grows (an event adds a Commit's at most MAX_OPEN_ROWS rows, or
-            // one change's): memory stays bounded whatever the transactions' sizes.
-            if batch.len() >= MAX_BATCH {
-                let Some(n) = self.forward(conn, outlet, std::mem::take(&mut batch)).await else {
-                    return Ok(None);
-                };
-                forwarded += n;
+            // A full batch (an event adds a Commit's at most MAX_OPEN_ROWS rows, or one
+            // change's: memory stays bounded whatever the transactions' sizes), or the read's
+            // time, ends it whatever else the stream holds: the shell notes the position and
+            // saves between reads, and behind slow subscribers the stream refills while a
+            // batch waits for room, so a read that went on until it found the stream empty
+            // would keep the slot unconfirmed for a whole catch-up. A transaction still open
+            // waits in `conn` for the next read (what of it went is in `spilled`); the next
+            // wait finds the events already received at once.
+            if batch.len() >= MAX_BATCH || began.elapsed() >= READ_BUDGET {
+                break;
             }
         }
-        let Some(n) = self.forward(conn, outlet, batch).await else {
+        let Some(forwarded) = self.forward(conn, outlet, batch).await else {
             return Ok(None);
         };
-        forwarded += n;
         if let Some(e) = failure {
             return Err(e);
         }
