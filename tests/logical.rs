@@ -1538,3 +1538,66 @@ async fn a_consumer_catching_up_confirms_its_slot_as_it_goes() {
     worker.abort();
     notifier.stop().await.unwrap();
 }
+
+/// The replication session's output settings are pinned — ISO dates, PostgreSQL intervals,
+/// hex bytea — whatever the database (or role) sets: dates and timestamps arrive as the trigger
+/// tiers give them, in ISO 8601. (pgoutput wrote them in the walsender's DateStyle: with
+/// `SQL, DMY`, `01/05/2024`, which no conversion reads back.)
+#[actix_rt::test]
+async fn values_arrive_in_their_iso_form_whatever_the_databases_output_settings() {
+    let Some(cluster) = cluster("values_arrive_in_their_iso_form") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    for setting in [
+        "datestyle = 'SQL, DMY'",
+        "intervalstyle = 'sql_standard'",
+        "bytea_output = 'escape'",
+        "timezone = 'UTC'",
+    ] {
+        db.exec(&format!("ALTER DATABASE \"{}\" SET {setting}", db.name))
+            .await;
+    }
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, day date, local timestamp, at timestamptz, \
+         span interval, bin bytea)",
+    )
+    .await;
+    let columns = ["day", "local", "at", "span", "bin"];
+    let mut feeds = Vec::new();
+    let mut notifiers = Vec::new();
+    for tier in [Tier::Logical, Tier::Durable] {
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).extra_columns(columns).tier(tier))
+            .start()
+            .await
+            .unwrap();
+        feeds.push(Events::subscribe(&notifier, Subscription::new("t", Insert)).await);
+        notifiers.push(notifier);
+    }
+    db.exec(
+        "INSERT INTO t VALUES (1, '2024-05-01', '2024-05-01 12:00:00.5', \
+         '2024-05-01 12:00:00+02', '1 day 02:00:00', '\\x0102')",
+    )
+    .await;
+    let logical = feeds[0].next().await;
+    let durable = feeds[1].next().await;
+    let value = |c: &str| logical.get(c).cloned();
+    assert_eq!(value("day"), Some(serde_json::json!("2024-05-01")));
+    assert_eq!(
+        value("local"),
+        Some(serde_json::json!("2024-05-01T12:00:00.5"))
+    );
+    assert_eq!(
+        value("at"),
+        Some(serde_json::json!("2024-05-01T10:00:00+00:00"))
+    );
+    assert_eq!(value("span"), Some(serde_json::json!("1 day 02:00:00")));
+    assert_eq!(value("bin"), Some(serde_json::json!("\\x0102")));
+    for c in ["day", "local", "at"] {
+        assert_eq!(logical.get(c), durable.get(c), "column {c}");
+    }
+    for n in notifiers {
+        n.stop().await.unwrap();
+    }
+}

@@ -572,9 +572,16 @@ impl Drop for LogicalSource {
     }
 }
 
+/// The walsender's output settings, pinned whatever the role, database or server set:
+/// pgoutput writes values in their text form, with the session's `DateStyle`, `IntervalStyle`
+/// and `bytea_output`, and `values.rs` reads dates and timestamps as ISO (what the trigger
+/// tiers' `to_json` writes whatever `DateStyle` says).
+const OUTPUT_SETTINGS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c bytea_output=hex";
+
 /// The replication connection's settings from the URL's: first host and port, user,
 /// password, database, and (feature `tls`) libpq's TLS parameters; without the feature the
 /// URL cannot ask for TLS (`PgConfig::parse` refuses it) and the connection is plaintext.
+/// The output settings are [`OUTPUT_SETTINGS`].
 fn replication_config(config: &PgConfig, slot: &str) -> Result<ReplicationConfig> {
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
@@ -599,6 +606,7 @@ fn replication_config(config: &PgConfig, slot: &str) -> Result<ReplicationConfig
     c.port = port;
     c.status_interval = STATUS_INTERVAL;
     c.application_name = Some("sqlnotify logical".into());
+    c.options = Some(OUTPUT_SETTINGS.into());
     #[cfg(feature = "tls")]
     {
         c.tls = config.tls().replication(c.is_unix_socket());
@@ -908,6 +916,11 @@ mod tests {
             ("h", 6543, "d")
         );
         assert!(!c.tls.mode.requires_tls());
+        assert_eq!(
+            c.options.as_deref(),
+            Some("-c DateStyle=ISO -c IntervalStyle=postgres -c bytea_output=hex"),
+            "values in the forms values.rs reads"
+        );
         #[cfg(feature = "tls")]
         {
             use pgwire_replication::SslMode;
