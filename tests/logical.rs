@@ -844,18 +844,28 @@ async fn slot_invalidated_while_running(streaming: bool) {
         })
         .await
         .unwrap();
-    let _events = if streaming {
+    // Without a subscription the consumer reads nothing and its slot falls behind. With one it
+    // keeps up, and the slot's restart position follows its confirmations to the newest
+    // snapshot of running transactions the server logged — at each checkpoint too, and the
+    // writes below set one off: a consumer that confirmed past it before that checkpoint
+    // invalidated the slot kept it within max_slot_wal_keep_size, and this test failed now
+    // and then. A transaction that wrote before and stays open holds the restart position
+    // before it (decoding must start there), so the slot falls behind here too.
+    let (_events, _open) = if streaming {
         let mut ev = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
         db.exec("INSERT INTO t VALUES (-1, '')").await;
         assert_eq!(ev.next().await.id().as_i64(), Some(-1));
-        Some(ev)
+        let open = db.client().await;
+        db.exec("CREATE TABLE held (x int)").await;
+        open.batch_execute("BEGIN; INSERT INTO held VALUES (1)")
+            .await
+            .unwrap();
+        (Some(ev), Some(open))
     } else {
-        None
+        (None, None)
     };
-    // Without a subscription the consumer reads nothing and its slot falls behind; with one,
-    // the slot's restart position still moves only at the server's periodic snapshots of
-    // running transactions: either way more WAL than max_slot_wal_keep_size is past it, and
-    // the checkpoint invalidates it (terminating its walsender).
+    // Either way more WAL than max_slot_wal_keep_size is past the slot's restart position,
+    // and the checkpoint invalidates it (terminating its walsender).
     past_the_slot_keep(&db).await;
     db.exec("CHECKPOINT").await;
     assert!(
