@@ -1328,6 +1328,7 @@ async fn dropping_a_consumer_read_by_a_session_this_role_cannot_end_is_an_error(
     assert_eq!(slots(&db).await.len(), 1, "the slot is left to its reader");
     notifier.stop().await.unwrap();
     db.exec("DROP OWNED BY app; DROP ROLE app").await;
+}
 
 /// The slot's `confirmed_flush_lsn` (text) in `db`, where there is one slot.
 async fn confirmed_flush(client: &tokio_postgres::Client, db: &TestDb) -> String {
