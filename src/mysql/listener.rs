@@ -62,8 +62,6 @@ pub(crate) struct MysqlSource {
     settled: Arc<Watermark>,
     /// Whether the journal records transactions (read when the cursor is placed).
     tracking: Tracking,
-    /// The last read's page was full: more rows may wait, and the next wait ends at once.
-    more: bool,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
     /// The consumer's `missed` column as read when it last came back, once returned to the
@@ -104,7 +102,6 @@ impl MysqlSource {
             wake,
             settled,
             tracking: Tracking::Off,
-            more: false,
             held: None,
             reported: Arc::default(),
         }
@@ -532,14 +529,15 @@ impl Source for MysqlSource {
         if let Tracking::After(after) = self.tracking {
             return self.read_transactions(conn, outlet, after).await;
         }
-        let (pos, condition) = {
+        let (mut pos, condition) = {
             let cursor = self.cursor();
             (cursor.low(), cursor.unread_condition())
         };
-        if outlet.stopped() {
-            return Ok(None);
-        }
-        let forwarded = {
+        let mut forwarded = 0;
+        loop {
+            if outlet.stopped() {
+                return Ok(None);
+            }
             let rows = self
                 .within(
                     "reading the journal",
@@ -547,6 +545,9 @@ impl Source for MysqlSource {
                 )
                 .await?;
             let full = rows.len() == READ_BATCH;
+            if let Some((last, _, _)) = rows.last() {
+                pos = *last;
+            }
             let now = SystemTime::now();
             let rows: Vec<(i64, String, String)> = rows
                 .into_iter()
@@ -574,17 +575,15 @@ impl Source for MysqlSource {
                 }
             }
             // Rows count as read only once handed over.
-            let Some(n) = outlet.forward(batch).await else {
-                return Ok(None);
-            };
+            match outlet.forward(batch).await {
+                Some(n) => forwarded += n,
+                None => return Ok(None),
+            }
             self.cursor().mark(ids, Instant::now());
-            // One page per read: the shell notes and saves the position (and sends a named
-            // consumer's heartbeat) only between reads; a read that went on while pages came
-            // full kept a consumer catching up behind a slow subscriber from saving for the
-            // whole backlog. The next wait ends at once.
-            self.more = full;
-            n
-        };
+            if !full {
+                break;
+            }
+        }
         self.settle(conn).await?;
         Ok(Some(forwarded))
     }
@@ -594,9 +593,6 @@ impl Source for MysqlSource {
     }
 
     async fn wait(&mut self, _: &mut Conn, timeout: Duration) -> Result<bool> {
-        if std::mem::take(&mut self.more) {
-            return Ok(true); // the last read left a full page behind it
-        }
         self.wake.wait(timeout).await;
         Ok(true) // every poll reads: that is how MySQL learns of new rows
     }
