@@ -276,11 +276,51 @@ pub async fn replay_page(
     limit: i64,
 ) -> Result<Option<(Vec<i64>, Option<ReplayNext>)>> {
     let from = match next {
-        Some(ReplayNext(from)) => from,
-        None => match crate::web::Position::parse(after) {
-            Some(position) => position.replay_from(),
-            None => return Ok(None),
-        },
+        Some(ReplayNext(from)) => Some(from),
+        None => crate::web::Position::parse(after).map(|p| p.replay_from()),
+    };
+    Ok(replay_rows(notifier, from, limit)
+        .await?
+        .map(|(rows, next)| {
+            (
+                rows.iter().filter_map(|r| r.sequence).collect(),
+                next.map(ReplayNext),
+            )
+        }))
+}
+
+/// The first page of `limit` rows of a replay after position `after` (a `Last-Event-ID`), as
+/// (journal id, transaction id) pairs; `None` when it is refused (`TooOld`, `Unsupported`,
+/// or not a position).
+#[cfg(feature = "web")]
+pub async fn replay_transactions(
+    notifier: &crate::Notifier,
+    after: &str,
+    limit: i64,
+) -> Result<Option<Vec<(i64, Option<u64>)>>> {
+    let from = crate::web::Position::parse(after).map(|p| p.replay_from());
+    Ok(replay_rows(notifier, from, limit).await?.map(|(rows, _)| {
+        rows.iter()
+            .filter_map(|r| Some((r.sequence?, r.transaction)))
+            .collect()
+    }))
+}
+
+/// A page of the replay from `from` on every channel of `notifier`: its rows and where the
+/// next page starts; `None` when there is no position or the replay is refused.
+#[cfg(feature = "web")]
+async fn replay_rows(
+    notifier: &crate::Notifier,
+    from: Option<crate::replay::ReplayFrom>,
+    limit: i64,
+) -> Result<
+    Option<(
+        Vec<crate::event::RawNotification>,
+        Option<crate::replay::ReplayFrom>,
+    )>,
+> {
+    let Some(from) = from else {
+        return Ok(None);
     };
     let channels = notifier
         .channel_set()
@@ -293,47 +333,7 @@ pub async fn replay_page(
         .replay(from, channels, notifier.journal_channels(), limit)
         .await?;
     Ok(match replay {
-        crate::replay::Replay::Rows { rows, next, .. } => Some((
-            rows.iter().filter_map(|r| r.sequence).collect(),
-            next.map(ReplayNext),
-        )),
-        crate::replay::Replay::TooOld | crate::replay::Replay::Unsupported => None,
-    })
-}
-
-/// The first page of `limit` rows of a replay after position `after` (a `Last-Event-ID`), as
-/// (journal id, transaction id) pairs; `None` when it is refused (`TooOld`, `Unsupported`,
-/// or not a position).
-#[cfg(feature = "web")]
-pub async fn replay_transactions(
-    notifier: &crate::Notifier,
-    after: &str,
-    limit: i64,
-) -> Result<Option<Vec<(i64, Option<u64>)>>> {
-    let Some(position) = crate::web::Position::parse(after) else {
-        return Ok(None);
-    };
-    let channels = notifier
-        .channel_set()
-        .list()
-        .into_iter()
-        .map(|c| c.name().to_string())
-        .collect();
-    let replay = notifier
-        .dialect()
-        .replay(
-            position.replay_from(),
-            channels,
-            notifier.journal_channels(),
-            limit,
-        )
-        .await?;
-    Ok(match replay {
-        crate::replay::Replay::Rows { rows, .. } => Some(
-            rows.iter()
-                .filter_map(|r| Some((r.sequence?, r.transaction)))
-                .collect(),
-        ),
+        crate::replay::Replay::Rows { rows, next, .. } => Some((rows, next)),
         crate::replay::Replay::TooOld | crate::replay::Replay::Unsupported => None,
     })
 }

@@ -1512,22 +1512,11 @@ async fn a_consumer_catching_up_confirms_its_slot_as_it_goes() {
     ))
     .await;
     let notifier = start().await.unwrap();
-    let (_, mut deliveries) = notifier
+    let (_, deliveries) = notifier
         .subscribe_acked(Subscription::new("t", Insert).channel_label("t_0"))
         .await
         .unwrap();
-    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let worker = actix_rt::spawn({
-        let handled = handled.clone();
-        async move {
-            while let Some(delivery) = deliveries.recv().await {
-                // The subscriber's work: about a millisecond or two an event.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                delivery.ack.ack();
-                handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    });
+    let (handled, worker) = common::slow_acker(deliveries);
     let moved = wait_until(Duration::from_secs(120), || async {
         client
             .query_one(

@@ -983,22 +983,11 @@ async fn a_consumer_catching_up_saves_its_position_as_it_goes() {
         tx.commit().unwrap();
     }
     let notifier = start().await.unwrap();
-    let (_, mut deliveries) = notifier
+    let (_, deliveries) = notifier
         .subscribe_acked(Subscription::new("t", Operation::Insert))
         .await
         .unwrap();
-    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let worker = actix_rt::spawn({
-        let handled = handled.clone();
-        async move {
-            while let Some(delivery) = deliveries.recv().await {
-                // The subscriber's work: about a millisecond an event.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                delivery.ack.ack();
-                handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    });
+    let (handled, worker) = common::slow_acker(deliveries);
     let moved = common::wait_until(Duration::from_secs(120), || async { cursor() > before }).await;
     let done = handled.load(std::sync::atomic::Ordering::Relaxed);
     assert!(moved, "the position never moved");

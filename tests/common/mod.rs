@@ -445,6 +445,29 @@ pub fn assert_lock_timeout<T>(
     }
 }
 
+/// A slow subscriber for `deliveries`: about a millisecond of work per event, each one
+/// acknowledged. Returns how many it handled so far, and its task (abort it when done).
+#[allow(dead_code)] // not every test file catches up behind a slow subscriber
+pub fn slow_acker(
+    mut deliveries: sqlnotify::Deliveries,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = actix_rt::spawn({
+        let handled = handled.clone();
+        async move {
+            while let Some(delivery) = deliveries.recv().await {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                delivery.ack.ack();
+                handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    (handled, worker)
+}
+
 /// Waits until `check` returns true, polling every 20 ms, up to `limit`.
 pub async fn wait_until<F, Fut>(limit: Duration, check: F) -> bool
 where
