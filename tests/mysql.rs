@@ -2129,3 +2129,53 @@ async fn a_table_watched_from_two_databases_needs_a_label_and_neither_takes_the_
     assert_eq!(to_first.next().await.id().as_i64(), Some(2));
     first.stop().await.unwrap();
 }
+
+/// A named consumer catching up on a backlog that its subscriber works through slowly saves
+/// its position as it goes, not once the backlog is done: a read hands over one page (1,000
+/// rows) at most, and the shell saves between reads. (A read used to go on while its pages
+/// came full, waiting for room in the pipeline page after page: no save and no heartbeat for
+/// the whole catch-up.)
+#[actix_rt::test]
+async fn mysql_a_consumer_catching_up_saves_its_position_as_it_goes() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let start = || async {
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Operation::Insert))
+            .consumer("slow")
+            .start()
+            .await
+    };
+    start().await.unwrap().stop().await.unwrap();
+    let watermark = || async {
+        db.count("SELECT `watermark` FROM sqlnotify_consumers WHERE `name` = 'slow'")
+            .await
+    };
+    let before = watermark().await;
+    // A backlog of 200 transactions of 100 rows while the consumer is stopped.
+    for i in 0..200i64 {
+        let values: Vec<String> = (i * 100..(i + 1) * 100)
+            .map(|id| format!("({id})"))
+            .collect();
+        db.exec(&format!("INSERT INTO t VALUES {}", values.join(",")))
+            .await;
+    }
+    let notifier = start().await.unwrap();
+    let (_, deliveries) = notifier
+        .subscribe_acked(Subscription::new("t", Operation::Insert))
+        .await
+        .unwrap();
+    let (handled, worker) = common::slow_acker(deliveries);
+    let moved = common::wait_until(Duration::from_secs(120), || async {
+        watermark().await > before
+    })
+    .await;
+    let done = handled.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(moved, "the position never moved");
+    assert!(
+        done < 10_000,
+        "the position moved only once {done} of 20,000 events were handled"
+    );
+    notifier.stop().await.unwrap();
+    worker.abort();
+}

@@ -62,6 +62,10 @@ pub(crate) struct MysqlSource {
     settled: Arc<Watermark>,
     /// Whether the journal records transactions (read when the cursor is placed).
     tracking: Tracking,
+    /// The last read's page was full: more rows may wait, and the next wait ends at once.
+    more: bool,
+    /// Where the next read starts after a full page (its last id); `None`: at the watermark.
+    resume: Option<i64>,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
     /// The consumer's `missed` column as read when it last came back, once returned to the
@@ -102,6 +106,8 @@ impl MysqlSource {
             wake,
             settled,
             tracking: Tracking::Off,
+            more: false,
+            resume: None,
             held: None,
             reported: Arc::default(),
         }
@@ -414,6 +420,8 @@ impl Source for MysqlSource {
         conn: &mut Conn,
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>> {
+        // A new cursor: the next read starts from its watermark.
+        (self.more, self.resume) = (false, None);
         let (db, gap_timeout) = (&*self.database, self.gap_timeout);
         let channels = &self.channel_list;
         let placing = async {
@@ -529,15 +537,23 @@ impl Source for MysqlSource {
         if let Tracking::After(after) = self.tracking {
             return self.read_transactions(conn, outlet, after).await;
         }
-        let (mut pos, condition) = {
+        // After a full page, the next read goes on after it: the condition spells out at
+        // most MAX_RANGES gaps and merges the rest into one range, so a page from the
+        // watermark can hold only rows read already, and reading it again would never get
+        // past them. Rows below that filled a gap meanwhile are read once a page comes short
+        // and the next read starts from the watermark again.
+        let resume = self.resume.take();
+        let (pos, condition) = {
             let cursor = self.cursor();
-            (cursor.low(), cursor.unread_condition())
+            (
+                resume.unwrap_or_else(|| cursor.low()),
+                cursor.unread_condition(),
+            )
         };
-        let mut forwarded = 0;
-        loop {
-            if outlet.stopped() {
-                return Ok(None);
-            }
+        if outlet.stopped() {
+            return Ok(None);
+        }
+        let forwarded = {
             let rows = self
                 .within(
                     "reading the journal",
@@ -545,9 +561,7 @@ impl Source for MysqlSource {
                 )
                 .await?;
             let full = rows.len() == READ_BATCH;
-            if let Some((last, _, _)) = rows.last() {
-                pos = *last;
-            }
+            let last = rows.last().map(|(id, ..)| *id);
             let now = SystemTime::now();
             let rows: Vec<(i64, String, String)> = rows
                 .into_iter()
@@ -575,15 +589,18 @@ impl Source for MysqlSource {
                 }
             }
             // Rows count as read only once handed over.
-            match outlet.forward(batch).await {
-                Some(n) => forwarded += n,
-                None => return Ok(None),
-            }
+            let Some(n) = outlet.forward(batch).await else {
+                return Ok(None);
+            };
             self.cursor().mark(ids, Instant::now());
-            if !full {
-                break;
-            }
-        }
+            // One page per read: the shell notes and saves the position (and sends a named
+            // consumer's heartbeat) only between reads; a read that went on while pages came
+            // full kept a consumer catching up behind a slow subscriber from saving for the
+            // whole backlog. The next wait ends at once.
+            self.more = full;
+            self.resume = last.filter(|_| full);
+            n
+        };
         self.settle(conn).await?;
         Ok(Some(forwarded))
     }
@@ -593,6 +610,9 @@ impl Source for MysqlSource {
     }
 
     async fn wait(&mut self, _: &mut Conn, timeout: Duration) -> Result<bool> {
+        if std::mem::take(&mut self.more) {
+            return Ok(true); // the last read left a full page behind it
+        }
         self.wake.wait(timeout).await;
         Ok(true) // every poll reads: that is how MySQL learns of new rows
     }
