@@ -892,6 +892,21 @@ mod tests {
         counters
     }
 
+    /// An active engine on tokio's paused clock, running `script`, with dead letter 17
+    /// `requested` for it to deliver again: its store, counters, script and the sink that
+    /// feeds it events (kept, so that the engine's deliveries stay open).
+    fn delivering_17(
+        script: Script,
+    ) -> (Arc<Store>, Arc<Counters>, Script, crate::acked::HeldSink) {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        store.requested(17, event(17));
+        let counters = active();
+        let (sink, deliveries) = held_channel(16, counters.holds.clone());
+        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        (store, counters, script, sink)
+    }
+
     /// Waits until `done` holds, for at most 5 s; whether it does.
     async fn until(mut done: impl FnMut() -> bool) -> bool {
         for _ in 0..500 {
@@ -969,13 +984,7 @@ mod tests {
     /// the event (and, failing, would have recorded it afresh, to end up dead).
     #[actix_rt::test]
     async fn a_dead_letter_delivered_again_is_handled_once_across_a_reconnect() {
-        tokio::time::pause();
-        let store = Arc::new(Store::default());
-        store.requested(17, event(17));
-        let counters = active();
-        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
-        let script = Script::new([Answer::Fail]);
-        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        let (store, counters, script, _sink) = delivering_17(Script::new([Answer::Fail]));
         assert!(
             until(|| Store::count(&store.records) == 1).await,
             "first attempt failed"
@@ -1025,14 +1034,9 @@ mod tests {
     /// the row was deleted under it.
     #[actix_rt::test]
     async fn an_attempt_succeeding_after_a_stand_by_keeps_the_row() {
-        tokio::time::pause();
-        let store = Arc::new(Store::default());
-        store.requested(17, event(17));
-        let counters = active();
-        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
         let (release, released) = oneshot::channel();
-        let script = Script::new([Answer::HandleAfter(released)]);
-        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        let (store, counters, script, _sink) =
+            delivering_17(Script::new([Answer::HandleAfter(released)]));
         assert!(
             until(|| script.calls() == 1).await,
             "the letter is delivered"
@@ -1053,13 +1057,7 @@ mod tests {
     /// third time after the retry had handled the event.
     #[actix_rt::test]
     async fn a_dead_letter_taken_again_while_held_is_delivered_once() {
-        tokio::time::pause();
-        let store = Arc::new(Store::default());
-        store.requested(17, event(17));
-        let counters = active();
-        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
-        let script = Script::new([Answer::Fail]);
-        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        let (store, counters, script, _sink) = delivering_17(Script::new([Answer::Fail]));
         assert!(
             until(|| Store::count(&store.records) == 1).await,
             "first attempt failed"
@@ -1081,14 +1079,9 @@ mod tests {
     /// not delivered again when that poll's answer comes: one call. Before, it was.
     #[actix_rt::test]
     async fn a_dead_letter_handled_while_a_poll_took_it_again_is_delivered_once() {
-        tokio::time::pause();
-        let store = Arc::new(Store::default());
-        store.requested(17, event(17));
-        let counters = active();
-        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
         let (handle, handled) = oneshot::channel();
-        let script = Script::new([Answer::HandleAfter(handled)]);
-        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        let (store, _counters, script, _sink) =
+            delivering_17(Script::new([Answer::HandleAfter(handled)]));
         assert!(
             until(|| script.calls() == 1).await,
             "the letter is delivered"
@@ -1111,13 +1104,7 @@ mod tests {
     /// run. Before, the row stayed `redelivering` until the active process next took over.
     #[actix_rt::test]
     async fn the_dead_letters_held_at_a_stand_by_are_handed_back() {
-        tokio::time::pause();
-        let store = Arc::new(Store::default());
-        store.requested(17, event(17));
-        let counters = active();
-        let (_sink, deliveries) = held_channel(16, counters.holds.clone());
-        let script = Script::new([Answer::Fail]);
-        actix::spawn(engine(&store, &counters, handling()).run(script.clone(), deliveries));
+        let (store, counters, script, _sink) = delivering_17(Script::new([Answer::Fail]));
         assert!(
             until(|| Store::count(&store.records) == 1).await,
             "first attempt failed"
