@@ -118,7 +118,7 @@ pub(crate) fn is_snapshot_text(text: &str) -> bool {
 /// sees: a transaction visible to a snapshot had committed when it was taken, and is visible
 /// to every snapshot taken after. Later means a higher `xmax` (transactions started since),
 /// else a higher `xmin` (old ones finished), else fewer still running.
-#[cfg_attr(not(feature = "web"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "web", feature = "postgres")), allow(dead_code))]
 pub(crate) fn later_snapshot<'a>(a: &'a str, b: &'a str) -> &'a str {
     let rank = |text: &str| {
         let mut parts = text.splitn(3, ':');

@@ -982,3 +982,162 @@ async fn values_serde_json_cannot_build_arrive_as_their_text() {
         notifier.stop().await.unwrap();
     }
 }
+
+/// A named consumer catching up on a backlog that its subscriber works through slowly saves
+/// its position as it goes, and a restart in the middle delivers again only the little it had
+/// not saved: a read goes on in pages, one statement each, and the shell saves between them.
+/// (A read used to be one statement over the whole backlog: the position moved, and the
+/// consumer said it was alive, only once the backlog was done, and a restart replayed it all.)
+#[actix_rt::test]
+async fn a_consumer_catching_up_saves_its_position_as_it_goes() {
+    use std::sync::atomic::Ordering::Relaxed;
+    for tier in TIERS {
+        let db = consumer_db().await;
+        let builder = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(tier))
+            .consumer("slow");
+        builder.start().await.unwrap().stop().await.unwrap();
+        // A backlog of 200 transactions of 100 rows while the consumer is stopped.
+        for k in 0..200i64 {
+            db.exec(&format!(
+                "INSERT INTO t SELECT generate_series({}, {})",
+                k * 100 + 1,
+                k * 100 + 100
+            ))
+            .await;
+        }
+        let notifier = builder.start().await.unwrap();
+        let (_, deliveries) = notifier
+            .subscribe_acked(Subscription::new("t", Insert))
+            .await
+            .unwrap();
+        let (handled, worker) = common::slow_acker(deliveries);
+        let moved = wait_until(Duration::from_secs(120), || async {
+            db.count("SELECT count(*) FROM sqlnotify.consumers WHERE name = 'slow' AND read_to IS NOT NULL")
+                .await
+                == 1
+        })
+        .await;
+        let done = handled.load(Relaxed);
+        assert!(moved, "{tier:?}: the position never moved");
+        assert!(
+            done < 10_000,
+            "{tier:?}: the position moved only once {done} of 20,000 events were handled"
+        );
+        let backlog = notifier.consumers().await.unwrap()[0].backlog;
+        assert!(
+            backlog < 20_000,
+            "{tier:?}: the backlog counts what was delivered: {backlog}"
+        );
+        assert!(
+            wait_until(Duration::from_secs(120), || async {
+                handled.load(Relaxed) >= 5_000
+            })
+            .await,
+            "{tier:?}: the subscriber stalled"
+        );
+        notifier.stop().await.unwrap();
+        worker.abort();
+        let handled = handled.load(Relaxed) as i64;
+
+        // The restart goes on from the saved read: everything not acknowledged comes, in
+        // order, with at most what was acknowledged since the last save again.
+        let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
+        let mut ids = common::consumers::next_ids(&mut rx, 1).await;
+        while *ids.last().unwrap() < 20_000 {
+            ids.extend(common::consumers::next_ids(&mut rx, 1).await);
+        }
+        notifier.stop().await.unwrap();
+        let first = ids[0];
+        assert_eq!(
+            ids,
+            (first..=20_000).collect::<Vec<i64>>(),
+            "{tier:?}: in order, none missing"
+        );
+        assert!(
+            first <= handled + 1,
+            "{tier:?}: rows {}..{first} were never acknowledged",
+            handled + 1
+        );
+        assert!(
+            handled + 1 - first <= 3_000,
+            "{tier:?}: {} of {handled} acknowledged rows came again",
+            handled + 1 - first
+        );
+    }
+}
+
+/// A read that does not fit in one statement goes on in pages, and transactions whose rows
+/// interleave (two writers at once) and straddle the pages' bounds still come whole, once, in
+/// the order of their last rows, each marked where it ends.
+#[actix_rt::test]
+async fn a_long_read_in_pages_keeps_interleaved_transactions_whole_and_in_order() {
+    for tier in TIERS {
+        let db = consumer_db().await;
+        let builder = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(tier))
+            .consumer("c");
+        builder.start().await.unwrap().stop().await.unwrap();
+        // Transactions A and B write 700 rows at a time, in turn, 3,500 rows each; B ends
+        // last. Then 50 single-row transactions, and one of 2,500 rows.
+        let (a, b) = (db.client().await, db.client().await);
+        a.batch_execute("BEGIN").await.unwrap();
+        b.batch_execute("BEGIN").await.unwrap();
+        for k in 0..10i64 {
+            let writer = if k % 2 == 0 { &a } else { &b };
+            writer
+                .batch_execute(&format!(
+                    "INSERT INTO t SELECT generate_series({}, {})",
+                    k * 700 + 1,
+                    k * 700 + 700
+                ))
+                .await
+                .unwrap();
+        }
+        a.batch_execute("COMMIT").await.unwrap();
+        b.batch_execute("COMMIT").await.unwrap();
+        for id in 7_001..=7_050 {
+            db.exec(&format!("INSERT INTO t VALUES ({id})")).await;
+        }
+        db.exec("INSERT INTO t SELECT generate_series(7051, 9550)")
+            .await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let collector = common::Forward(tx).start_actor();
+        let notifier = builder
+            .clone()
+            .subscribe(Subscription::new("t", Insert), collector.recipient())
+            .start()
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        while events.len() < 9_550 {
+            let event = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{tier:?}: only {} events arrived", events.len()))
+                .unwrap();
+            events.push(event);
+        }
+        notifier.stop().await.unwrap();
+        assert!(rx.try_recv().is_err(), "{tier:?}: no event twice");
+        let ids: Vec<i64> = events.iter().map(|e| e.id().as_i64().unwrap()).collect();
+        let of = |k: i64| k * 700 + 1..=k * 700 + 700;
+        let expected: Vec<i64> = [0, 2, 4, 6, 8]
+            .into_iter()
+            .flat_map(of)
+            .chain([1, 3, 5, 7, 9].into_iter().flat_map(of))
+            .chain(7_001..=9_550)
+            .collect();
+        assert_eq!(ids, expected, "{tier:?}: whole transactions, in order");
+        let ends: Vec<i64> = events
+            .iter()
+            .filter(|e| e.last_in_transaction() == Some(true))
+            .map(|e| e.id().as_i64().unwrap())
+            .collect();
+        let expected_ends: Vec<i64> = [6_300, 7_000]
+            .into_iter()
+            .chain(7_001..=7_050)
+            .chain([9_550])
+            .collect();
+        assert_eq!(ends, expected_ends, "{tier:?}: each transaction's end");
+    }
+}

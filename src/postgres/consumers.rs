@@ -3,15 +3,17 @@
 //! contract is in `crate::consumer`; this file is its SQL.
 //!
 //! A consumer's position is the snapshot of its last complete journal read, that snapshot's
-//! `xmin` as a transaction-id horizon, and the ids a read in progress had already delivered
-//! (`seen`; see `journal.rs`): a journal row is unread by a consumer when `xid >= horizon`, the
-//! snapshot did not see its transaction, its id is not in `seen`, and it is on one of the
-//! consumer's `channels` (NULL: every channel, for consumers registered by an older
-//! sqlnotify). A consumer saved by an older sqlnotify has no snapshot (its `seen` then holds
-//! every id it delivered at or above the horizon), or one it left behind when it moved the
-//! horizon on: whatever that snapshot saw had been delivered too, so both read the same way.
-//! The purge keeps the rows a consumer has not read, but for `seen` (simpler, and they are
-//! few).
+//! `xmin` as a transaction-id horizon, the read in progress (`reading`, its snapshot, and
+//! `read_to`, the last id its delivered transactions end at) and the ids of transactions it
+//! had delivered in part (`seen`; see `journal.rs`): a journal row is unread by a consumer
+//! when `xid >= horizon`, the snapshot did not see its transaction, the read in progress has
+//! not delivered it, its id is not in `seen`, and it is on one of the consumer's `channels`
+//! (NULL: every channel, for consumers registered by an older sqlnotify). A consumer saved by
+//! an older sqlnotify has no snapshot (its `seen` then holds every id it delivered at or above
+//! the horizon), or one it left behind when it moved the horizon on: whatever that snapshot
+//! saw had been delivered too, so both read the same way. The purge keeps the rows a consumer
+//! has not read, but for `seen` and the read in progress (simpler, and that read completes
+//! soon); the backlog counts neither.
 //!
 //! Why the purge runs in a transaction of its own, on a connection of its own. A dropped or
 //! expired consumer that starts again sets itself active and reads what it `missed`; the purge
@@ -29,7 +31,7 @@ use tokio_postgres::Client;
 
 use super::control::Control;
 use super::ddl::SCHEMA;
-use super::journal::Position;
+use super::journal::{Position, Reading};
 use crate::consumer::{
     add_missed, Backlog, ConsumerInfo, ConsumerParams, ConsumerPosition, ConsumerState,
 };
@@ -56,7 +58,8 @@ BEGIN
   IF pg_catalog.to_regclass({name}) IS NOT NULL THEN
     IF (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute
          WHERE attrelid = pg_catalog.to_regclass({name}) AND NOT attisdropped
-           AND attname IN ('state', 'channels', 'expire_after', 'missed', 'seen', 'snapshot')) < 6 THEN
+           AND attname IN ('state', 'channels', 'expire_after', 'missed', 'seen', 'snapshot',
+                           'reading', 'read_to')) < 8 THEN
       -- never wait without bound: a caller that set its own lock_timeout keeps it
       IF _sqn_lock = '0' THEN
         PERFORM pg_catalog.set_config('lock_timeout', '5s', true);
@@ -68,7 +71,9 @@ BEGIN
           ADD COLUMN IF NOT EXISTS expire_after interval,
           ADD COLUMN IF NOT EXISTS missed text[],
           ADD COLUMN IF NOT EXISTS seen bigint[],
-          ADD COLUMN IF NOT EXISTS snapshot pg_snapshot;
+          ADD COLUMN IF NOT EXISTS snapshot pg_snapshot,
+          ADD COLUMN IF NOT EXISTS reading pg_snapshot,
+          ADD COLUMN IF NOT EXISTS read_to bigint;
       EXCEPTION WHEN lock_not_available THEN
         RAISE EXCEPTION 'sqlnotify: upgrading {table} (adding the columns of registered consumers) needs a moment when no other session is using it; retry'
           USING ERRCODE = 'lock_not_available';
@@ -125,7 +130,8 @@ pub(crate) async fn reactivate(
            FROM (SELECT name, missed FROM {s}.consumers WHERE name = $1 FOR UPDATE) o
           WHERE c.name = o.name
          RETURNING c.horizon::text, pg_catalog.array_remove(o.missed, NULL),
-                   pg_catalog.array_remove(c.seen, NULL), c.snapshot::text",
+                   pg_catalog.array_remove(c.seen, NULL), c.snapshot::text, c.reading::text,
+                   c.read_to",
         s = quote_ident(SCHEMA)
     );
     let name = &consumer.name;
@@ -147,11 +153,16 @@ pub(crate) async fn reactivate(
     missed.dedup();
     let seen: Option<Vec<i64>> = row.get(2);
     let snapshot: Option<String> = row.get(3);
+    let reading = row.get::<_, Option<String>>(4).map(|during| Reading {
+        during,
+        through: row.get(5),
+    });
     Ok(Some((
         Position {
             horizon,
             snapshot,
             seen,
+            reading,
         },
         missed,
     )))
@@ -165,11 +176,15 @@ pub(crate) async fn insert(
     position: &Position,
 ) -> Result<()> {
     let sql = format!(
-        "INSERT INTO {s}.consumers AS c (name, horizon, seen, snapshot, updated_at, state, channels, expire_after)
-         VALUES ($1, $2::text::xid8, $5, $6::text::pg_snapshot, now(), 'active', $3, pg_catalog.make_interval(secs => $4))
+        "INSERT INTO {s}.consumers AS c (name, horizon, seen, snapshot, reading, read_to, updated_at,
+                                         state, channels, expire_after)
+         VALUES ($1, $2::text::xid8, $5, $6::text::pg_snapshot, $7::text::pg_snapshot, $8, now(),
+                 'active', $3, pg_catalog.make_interval(secs => $4))
          ON CONFLICT (name) DO UPDATE SET horizon = GREATEST(c.horizon, EXCLUDED.horizon),
                 seen = NULL,
                 snapshot = CASE WHEN {later} THEN EXCLUDED.snapshot ELSE c.snapshot END,
+                reading = CASE WHEN {later} THEN EXCLUDED.reading ELSE c.reading END,
+                read_to = CASE WHEN {later} THEN EXCLUDED.read_to ELSE c.read_to END,
                 updated_at = now()",
         later = later("EXCLUDED.horizon", "EXCLUDED.snapshot", "c"),
         s = quote_ident(SCHEMA)
@@ -185,6 +200,8 @@ pub(crate) async fn insert(
                 (&secs(consumer), Type::FLOAT8),
                 (&position.seen, Type::INT8_ARRAY),
                 (&position.snapshot, Type::TEXT),
+                (&reading_snapshot(position), Type::TEXT),
+                (&read_to(position), Type::INT8),
             ],
         )
         .await
@@ -201,6 +218,16 @@ fn later(horizon: &str, snapshot: &str, c: &str) -> String {
         "({horizon} > {c}.horizon OR ({horizon} = {c}.horizon
            AND coalesce(pg_catalog.pg_snapshot_xmax({snapshot}) >= pg_catalog.pg_snapshot_xmax({c}.snapshot), true)))"
     )
+}
+
+/// The snapshot of the read in progress a position saves (`reading`).
+fn reading_snapshot(position: &Position) -> Option<&str> {
+    position.reading.as_ref().map(|r| r.during.as_str())
+}
+
+/// How far the read in progress a position saves got (`read_to`).
+fn read_to(position: &Position) -> Option<i64> {
+    position.reading.as_ref().and_then(|r| r.through)
 }
 
 /// What a position save found.
@@ -223,6 +250,8 @@ pub(crate) async fn save(client: &Client, name: &str, position: &Position) -> Re
         "UPDATE {s}.consumers c SET horizon = GREATEST(c.horizon, $2::text::xid8),
                 seen = CASE WHEN {later} THEN $3 ELSE c.seen END,
                 snapshot = CASE WHEN {later} THEN $4::text::pg_snapshot ELSE c.snapshot END,
+                reading = CASE WHEN {later} THEN $5::text::pg_snapshot ELSE c.reading END,
+                read_to = CASE WHEN {later} THEN $6 ELSE c.read_to END,
                 updated_at = now()
           WHERE c.name = $1 RETURNING c.state, c.missed IS NOT NULL",
         s = quote_ident(SCHEMA),
@@ -236,6 +265,8 @@ pub(crate) async fn save(client: &Client, name: &str, position: &Position) -> Re
                 (&position.horizon.to_string(), Type::TEXT),
                 (&position.seen, Type::INT8_ARRAY),
                 (&position.snapshot, Type::TEXT),
+                (&reading_snapshot(position), Type::TEXT),
+                (&read_to(position), Type::INT8),
             ],
         )
         .await
@@ -277,31 +308,47 @@ pub(crate) async fn save_running(
 }
 
 /// The condition "consumer row `c` has not read journal row `j`" — but for the ids in its
-/// `seen` — on its channels.
+/// `seen` and the read in progress — on its channels. The purge goes by it: it keeps the rows
+/// a read in progress has delivered until that read completes (simpler, and it completes
+/// soon).
 const UNREAD: &str = "j.xid >= c.horizon
     AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(j.xid, c.snapshot), false)
     AND (c.channels IS NULL OR j.channel = ANY(c.channels))";
 
+/// The condition "consumer row `c` has not been handed journal row `j`": [`UNREAD`], and not
+/// in `seen`, and not of a transaction its read in progress delivered (one that read's
+/// snapshot sees with no row on its channels after `read_to`; see `journal.rs`).
+fn undelivered(s: &str) -> String {
+    format!(
+        "{UNREAD} AND NOT (j.id = ANY(coalesce(c.seen, '{{}}')))
+           AND NOT coalesce(c.read_to IS NOT NULL
+                 AND pg_catalog.pg_visible_in_snapshot(j.xid, c.reading)
+                 AND NOT EXISTS (SELECT 1 FROM {s}.journal k
+                                  WHERE k.xid = j.xid AND k.id > c.read_to
+                                    AND (c.channels IS NULL OR k.channel = ANY(c.channels))), false)"
+    )
+}
+
 /// The backlog of every consumer row `c` (a correlated subquery).
 fn backlog_sql() -> String {
+    let s = quote_ident(SCHEMA);
     format!(
-        "(SELECT pg_catalog.count(*) FROM {s}.journal j
-           WHERE {UNREAD} AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))",
-        s = quote_ident(SCHEMA)
+        "(SELECT pg_catalog.count(*) FROM {s}.journal j WHERE {})",
+        undelivered(&s)
     )
 }
 
 /// Journal rows at or after consumer `name`'s horizon on its channels, and the oldest one's
 /// age.
 pub(crate) async fn backlog(client: &Client, name: &str) -> Result<Option<Backlog>> {
+    let s = quote_ident(SCHEMA);
     let sql = format!(
         "SELECT {},
                 (SELECT extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(j.created_at))::float8
-                   FROM {s}.journal j
-                  WHERE {UNREAD} AND NOT (j.id = ANY(coalesce(c.seen, '{{}}'))))
+                   FROM {s}.journal j WHERE {})
            FROM {s}.consumers c WHERE c.name = $1",
         backlog_sql(),
-        s = quote_ident(SCHEMA)
+        undelivered(&s),
     );
     let row = client
         .query_typed_opt(&sql, &[(&name, Type::TEXT)])

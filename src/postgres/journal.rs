@@ -15,9 +15,22 @@
 //! entry in `xip`: what committed around it is neither fetched nor remembered again. The index
 //! on `xid` serves both conditions: a range from `xmax`, and a lookup per running transaction.
 //!
-//! What a named consumer saves (a [`Position`]) is that snapshot (the listener saves after
-//! complete reads only), with its `xmin` as the horizon (the purge and the backlog use it):
-//! restarting from it replays exactly what was not delivered. Older versions of sqlnotify
+//! A read is bounded, so that a consumer catching up on a long backlog behind a slow
+//! subscriber saves its position (and says it is alive) as it goes, and no statement stays
+//! open for the whole catch-up. Its first statement is the one above, cut at
+//! [`FIRST_PAGE`] rows: a read that fits (nearly every one) costs one statement, as it always
+//! did. A read that does not fit goes on in pages, each one statement that reads only what the
+//! read's snapshot saw (passed back as a parameter, so no transaction is held): the next
+//! [`PAGE`] of the read's rows in id order from where the last page ended, and of the
+//! transactions they belong to, those whose last id is in the page — in full (rows of
+//! theirs before the page too, found through the index on `xid`), in the read's order. A
+//! transaction ends in exactly one page, so the pages add up to the read, in its order; each
+//! costs about its own rows, however long the backlog.
+//!
+//! What a named consumer saves (a [`Position`]) is the snapshot of its last complete read, with
+//! its `xmin` as the horizon (the purge and the backlog use it), and, while a read is in
+//! progress, that read's snapshot and the last id its delivered transactions end at
+//! ([`Reading`]): restarting from it replays exactly what was not delivered. Older versions of sqlnotify
 //! saved the horizon alone, with the ids they had delivered at or after it (`seen`); a cursor
 //! resuming from such a position skips those ids until its first complete read.
 //!
@@ -30,18 +43,18 @@
 //! last writes. Across reads, a transaction read later committed after every transaction an
 //! earlier read returned (it was not visible then).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, RowStream};
 
 use super::ddl::SCHEMA;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::listener::Outlet;
-use crate::read_point::{ReadPoint, ReadSnapshots};
+use crate::read_point::{later_snapshot, ReadPoint, ReadSnapshots};
 use crate::sql::quote_ident;
 use crate::tier::STATEMENT_CHUNK_ROWS;
 
@@ -54,11 +67,28 @@ const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::pipeline::MIN_IN_FL
 /// Most delivered ids a saved position carries; beyond that it saves the snapshot alone.
 pub(crate) const MAX_SAVED_SEEN: usize = 1_000;
 
+/// Rows a read's first statement returns at most: a read that fits is one statement.
+const FIRST_PAGE: i64 = 2_000;
+
+/// Rows (in id order) each following page of a read starts from.
+const PAGE: i64 = 1_000;
+
+/// A read that has not completed: its snapshot, and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reading {
+    /// The read's snapshot: the rest of the read returns what it saw, and nothing else.
+    pub during: String,
+    /// Every transaction of the read whose last journal id is at most this one has been
+    /// delivered (`None`: none is known to be, and the next page starts from the read's first
+    /// row).
+    pub through: Option<i64>,
+}
+
 /// What a named consumer saves: the snapshot of its last complete read, that snapshot's
-/// `xmin` (its horizon: every older transaction was delivered), and ids delivered that the
-/// snapshot does not show — those of a read in progress, or of an older version's position
-/// not read past yet (`None` when there were more than [`MAX_SAVED_SEEN`]: a restart delivers
-/// them again).
+/// `xmin` (its horizon: every older transaction was delivered), the read in progress, and ids
+/// delivered that neither shows — those of a transaction delivered in part, or of an older
+/// version's position not read past yet (`None` when there were more than [`MAX_SAVED_SEEN`]:
+/// a restart delivers them again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Position {
     pub horizon: u64,
@@ -66,6 +96,8 @@ pub(crate) struct Position {
     /// [`JournalCursor::resume`]).
     pub snapshot: Option<String>,
     pub seen: Option<Vec<i64>>,
+    /// The read in progress, if any (saved only with the snapshot it started from).
+    pub reading: Option<Reading>,
 }
 
 /// The snapshot a position that names no snapshot of its own stands for: every transaction
@@ -87,14 +119,15 @@ pub(crate) struct JournalCursor {
     /// of the next read carry it in their [`ReadPoint`](crate::ReadPoint)s. `None`: not
     /// placed yet.
     snapshot: Option<String>,
-    /// Ids delivered by a read that has not completed (or, resuming from a position of an
-    /// older version, at or after its horizon): that read's rows come again, and these are
-    /// skipped. Empty after every complete read.
-    seen: HashSet<i64>,
-    /// The snapshot of a read that failed part way (its connection lost): the next read
-    /// finishes it — the same rows, in the same snapshot — before reading on, so the events
-    /// of one read always name the same snapshots (`src/read_point.rs`).
-    unfinished: Option<String>,
+    /// Ids delivered of transactions the read in progress has not delivered in full (or,
+    /// resuming from a position of an older version, at or after its horizon), with the last
+    /// id of their transaction (`i64::MAX` when not known): those rows come again, and these
+    /// are skipped. Empty after every complete read.
+    seen: HashMap<i64, i64>,
+    /// The read in progress — more pages to read, or a statement that failed part way (its
+    /// connection lost). The next read goes on with it, in its snapshot, before reading on, so
+    /// the events of one read always name the same snapshots (`src/read_point.rs`).
+    reading: Option<Reading>,
 }
 
 /// The channel, payload and event count of a journal row read with them in columns 3, 4 and 5.
@@ -123,16 +156,39 @@ impl JournalCursor {
     /// then what the position means. (A snapshot cannot say what `seen` says: a client
     /// resuming from an event of the first read may get those rows again; see README,
     /// "Resume".)
+    ///
+    /// The read in progress is taken up only with the snapshot it was saved with: a version
+    /// of sqlnotify that keeps no read in progress may have saved a later snapshot over it
+    /// and left it behind. (One it left behind that is still later than the snapshot is
+    /// right: what it says was delivered was.)
     pub fn resume(position: Position) -> Self {
-        let snapshot = position
+        let own = position
             .snapshot
-            .filter(|s| snapshot_xmin(s).ok() == Some(position.horizon))
-            .unwrap_or_else(|| below(position.horizon));
+            .filter(|s| snapshot_xmin(s).ok() == Some(position.horizon));
+        let reading = match (&own, position.reading) {
+            (Some(snapshot), Some(reading))
+                if reading.during != *snapshot
+                    && later_snapshot(snapshot, &reading.during) == reading.during =>
+            {
+                Some(reading)
+            }
+            _ => None,
+        };
         JournalCursor {
-            snapshot: Some(snapshot),
-            seen: position.seen.unwrap_or_default().into_iter().collect(),
-            unfinished: None,
+            snapshot: Some(own.unwrap_or_else(|| below(position.horizon))),
+            seen: position
+                .seen
+                .unwrap_or_default()
+                .into_iter()
+                .map(|id| (id, i64::MAX))
+                .collect(),
+            reading,
         }
+    }
+
+    /// Whether a read is in progress: the next one must come at once.
+    pub fn reading(&self) -> bool {
+        self.reading.is_some()
     }
 
     /// Places a new cursor at "now": everything committed so far counts as delivered.
@@ -152,7 +208,7 @@ impl JournalCursor {
     pub fn position(&self) -> Option<Position> {
         let snapshot = self.snapshot.clone()?;
         let seen = (self.seen.len() <= MAX_SAVED_SEEN).then(|| {
-            let mut ids: Vec<i64> = self.seen.iter().copied().collect();
+            let mut ids: Vec<i64> = self.seen.keys().copied().collect();
             ids.sort_unstable();
             ids
         });
@@ -160,54 +216,142 @@ impl JournalCursor {
             horizon: snapshot_xmin(&snapshot).ok()?,
             snapshot: Some(snapshot),
             seen,
+            reading: self.reading.clone(),
         })
     }
 
-    /// Reads every row of a transaction the last complete read did not see on `channels`, and
-    /// hands those not delivered yet to `outlet`. Returns how many events went, or `None` when
-    /// told to stop while waiting for room in the pipeline.
+    /// Reads on: the first statement of a new read, or the next page of the read in
+    /// progress (see the module documentation), and hands the rows not delivered yet to
+    /// `outlet`. Returns how many events went, or `None` when told to stop while waiting for
+    /// room in the pipeline. More remains to read when [`reading`](Self::reading) says so.
     pub async fn read(
         &mut self,
         client: &Client,
         channels: &[String],
         outlet: &Outlet,
     ) -> Result<Option<u64>> {
-        // The index on xid answers both arms of the OR (a range, a lookup per running
-        // transaction); the last condition keeps out a row whose xid column says something
-        // else than its writer (an application role may insert into the journal).
-        let sql = format!(
-            "SELECT s.snapshot::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last
-               FROM (SELECT coalesce($3::text::pg_snapshot, pg_catalog.pg_current_snapshot()) AS snapshot) s
-               LEFT JOIN LATERAL (
-                    SELECT id, xid, channel, payload, events,
-                           pg_catalog.max(id) OVER (PARTITION BY xid) AS tx_last
-                      FROM {}.journal
-                     WHERE (xid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
-                            OR xid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
-                       AND channel = ANY($2)
-                       AND pg_catalog.pg_visible_in_snapshot(xid, s.snapshot)
-                     ORDER BY tx_last, id) j ON true",
-            quote_ident(SCHEMA)
-        );
         // (A cursor never placed — the listener places before reading — has delivered nothing.)
         let before = self.snapshot.clone().unwrap_or_else(|| below(1));
+        let s = quote_ident(SCHEMA);
+        // The transactions `before` did not see — at or after its `xmax`, or running then
+        // (the index on xid answers both arms of the OR) — that the read's snapshot sees; the
+        // last condition also keeps out a row whose xid column says something else than its
+        // writer (an application role may insert into the journal).
+        let unread = |j: &str, during: &str| {
+            format!(
+                "({j}.xid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
+                  OR {j}.xid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
+                 AND {j}.channel = ANY($2)
+                 AND pg_catalog.pg_visible_in_snapshot({j}.xid, {during})"
+            )
+        };
         // query_typed: one round trip, unnamed statement — works through PgBouncer in
         // transaction mode, where a named prepared statement may live on another server.
-        let unfinished = self.unfinished.clone();
-        let params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&before, Type::TEXT),
-            (&channels, Type::TEXT_ARRAY),
-            (&unfinished, Type::TEXT),
-        ];
-        let rows = client
-            .query_typed_raw(&sql, params)
-            .await
-            .map_err(|e| Error::db("reading the journal", e))?;
+        let reading = self.reading.clone();
+        let rows = match &reading {
+            None => {
+                let sql = format!(
+                    "SELECT s.snapshot::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last,
+                            NULL::int8, NULL::int8
+                       FROM (SELECT pg_catalog.pg_current_snapshot() AS snapshot) s
+                       LEFT JOIN LATERAL (
+                            SELECT id, xid, channel, payload, events,
+                                   pg_catalog.max(id) OVER (PARTITION BY xid) AS tx_last
+                              FROM {s}.journal j
+                             WHERE {}
+                             ORDER BY tx_last, id LIMIT $3) j ON true",
+                    unread("j", "s.snapshot")
+                );
+                let params: [(&(dyn ToSql + Sync), Type); 3] = [
+                    (&before, Type::TEXT),
+                    (&channels, Type::TEXT_ARRAY),
+                    (&FIRST_PAGE, Type::INT8),
+                ];
+                client.query_typed_raw(&sql, params).await
+            }
+            Some(reading) => {
+                // The page's rows are those of `m` — the next PAGE rows of the read in id
+                // order — whose transaction ends in it (at or before its last id): those that
+                // end later come in a later page, in full. Checked with EXPLAIN: `m` walks the
+                // primary key from `$4`; the transactions' rows are index look-ups by `xid`
+                // (an array, not `IN`, which the planner made a merge join over the whole
+                // index); `k.id + 0` keeps `min` from walking the primary key from the
+                // journal's first row (rows read long ago).
+
+                let sql = format!(
+                    "WITH m AS (
+                          SELECT j.id, j.xid FROM {s}.journal j
+                           WHERE j.id > coalesce($4::int8,
+                                   (SELECT pg_catalog.min(k.id + 0) - 1 FROM {s}.journal k WHERE {}))
+                             AND {}
+                           ORDER BY j.id LIMIT $5),
+                     b AS (SELECT pg_catalog.max(m.id) AS bound, pg_catalog.count(*) AS n FROM m)
+                     SELECT $3::text, t.id, t.xid::text, t.channel, t.payload, t.events, t.tx_last,
+                            b.bound, b.n
+                       FROM b LEFT JOIN LATERAL (
+                            SELECT * FROM (
+                                SELECT j.id, j.xid, j.channel, j.payload, j.events,
+                                       pg_catalog.max(j.id) OVER (PARTITION BY j.xid) AS tx_last
+                                  FROM {s}.journal j
+                                 WHERE j.xid = ANY(ARRAY(SELECT DISTINCT m.xid FROM m))
+                                   AND j.channel = ANY($2)) t
+                             WHERE t.tx_last <= b.bound
+                             ORDER BY t.tx_last, t.id) t ON true",
+                    unread("k", "$3::text::pg_snapshot"),
+                    unread("j", "$3::text::pg_snapshot"),
+                );
+                let params: [(&(dyn ToSql + Sync), Type); 5] = [
+                    (&before, Type::TEXT),
+                    (&channels, Type::TEXT_ARRAY),
+                    (&reading.during, Type::TEXT),
+                    (&reading.through, Type::INT8),
+                    (&PAGE, Type::INT8),
+                ];
+                client.query_typed_raw(&sql, params).await
+            }
+        }
+        .map_err(|e| Error::db("reading the journal", e))?;
+        let Some(read) = self.deliver(rows, &before, outlet).await? else {
+            return Ok(None);
+        };
+        // Every transaction delivered in full ends at or before `through`.
+        let (through, done) = match reading {
+            None => (read.last_whole, read.rows < FIRST_PAGE),
+            Some(_) => (read.bound, read.matched < PAGE),
+        };
+        if done {
+            // Everything this read's snapshot sees is delivered: the next read asks for none
+            // of it.
+            self.seen.clear();
+            self.snapshot = Some(read.during);
+            self.reading = None;
+        } else {
+            if let Some(through) = through {
+                self.seen.retain(|_, last| *last > through);
+            }
+            let through = through.or(self.reading.as_ref().and_then(|r| r.through));
+            self.reading = Some(Reading {
+                during: read.during,
+                through,
+            });
+        }
+        Ok(Some(read.delivered))
+    }
+
+    /// Hands the rows of one statement of a read to `outlet` (those not delivered yet), in
+    /// batches; `None` when told to stop while waiting for room in the pipeline.
+    async fn deliver(
+        &mut self,
+        rows: RowStream,
+        before: &str,
+        outlet: &Outlet,
+    ) -> Result<Option<Statement>> {
         pin_mut!(rows);
         // A row counts as seen only once it has been handed to the decoder: if this read is
         // abandoned (lost connection), rows collected but not handed over are read again.
-        let (mut batch, mut ids, mut delivered) = (Vec::new(), Vec::new(), 0);
-        let (mut units, mut read) = (0, None);
+        let (mut batch, mut ids, mut units) = (Vec::new(), Vec::new(), 0);
+        let mut out = Statement::default();
+        let mut read = None;
         while let Some(row) = rows
             .try_next()
             .await
@@ -215,19 +359,31 @@ impl JournalCursor {
         {
             let read = read.get_or_insert_with(|| {
                 let during: String = row.get(0);
-                // Until it completes, this read's rows are what the next read returns.
-                self.unfinished = Some(during.clone());
-                ReadSnapshots::new(before.clone(), during)
+                out.bound = row.get(7);
+                out.matched = row.get::<_, Option<i64>>(8).unwrap_or(0);
+                // Until it completes, the read is in progress: if this statement is cut
+                // short, the next read goes on with the same snapshot.
+                if self.reading.is_none() {
+                    self.reading = Some(Reading {
+                        during: during.clone(),
+                        through: None,
+                    });
+                }
+                ReadSnapshots::new(before.to_string(), during)
             });
             let Some(id) = row.get::<_, Option<i64>>(1) else {
                 continue;
             };
-            if self.seen.contains(&id) {
+            out.rows += 1;
+            let group: i64 = row.get(6);
+            if id == group {
+                out.last_whole = Some(group);
+            }
+            if self.seen.contains_key(&id) {
                 continue;
             }
             let xid = parse_xid(&row.get::<_, String>(2))?;
             let (channel, payload, events) = content(&row);
-            let group: i64 = row.get(6);
             batch.push(RawNotification {
                 channel,
                 payload,
@@ -240,13 +396,13 @@ impl JournalCursor {
                 decoded: None,
                 part: 0,
             });
-            ids.push(id);
+            ids.push((id, group));
             units += events as usize;
             if units >= BATCH {
                 let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
                     return Ok(None);
                 };
-                delivered += n;
+                out.delivered += n;
                 self.seen.extend(ids.drain(..));
                 units = 0;
             }
@@ -254,17 +410,31 @@ impl JournalCursor {
         let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
             return Ok(None);
         };
-        delivered += n;
+        out.delivered += n;
+        self.seen.extend(ids.drain(..));
         let read = read.ok_or_else(|| Error::InvalidPayload {
             channel: "journal".into(),
             reason: "the journal read returned no snapshot".into(),
         })?;
-        // Everything this read's snapshot sees is delivered: the next read asks for none of it.
-        self.seen.clear();
-        self.snapshot = Some(read.during.clone());
-        self.unfinished = None;
-        Ok(Some(delivered))
+        out.during = read.during.clone();
+        Ok(Some(out))
     }
+}
+
+/// What one statement of a read returned.
+#[derive(Debug, Default)]
+struct Statement {
+    /// The read's snapshot.
+    during: String,
+    /// Events handed to the pipeline.
+    delivered: u64,
+    /// Rows returned (delivered or skipped as delivered before).
+    rows: i64,
+    /// The last id of the last transaction returned in full (rows come by transaction).
+    last_whole: Option<i64>,
+    /// A page's last id in its id order (`None`: no row left), and its row count.
+    bound: Option<i64>,
+    matched: i64,
 }
 
 pub(crate) fn parse_xid(text: &str) -> Result<u64> {
@@ -283,6 +453,7 @@ mod tests {
             horizon,
             snapshot: snapshot.map(str::to_string),
             seen: Some(seen.to_vec()),
+            reading: None,
         }
     }
 
@@ -302,6 +473,36 @@ mod tests {
         assert_eq!(cursor.position(), Some(position(8, Some("8:8:"), &[20])));
         let cursor = JournalCursor::resume(position(8, None, &[]));
         assert_eq!(cursor.position(), Some(position(8, Some("8:8:"), &[])));
+    }
+
+    #[test]
+    fn a_read_in_progress_is_taken_up_only_with_the_snapshot_it_started_from() {
+        let reading = |during: &str| {
+            Some(Reading {
+                during: during.to_string(),
+                through: Some(40),
+            })
+        };
+        let saved = |snapshot: &str, during: &str| Position {
+            reading: reading(during),
+            ..position(5, Some(snapshot), &[41])
+        };
+        // Saved with its snapshot: taken up, and saved again as it was.
+        let cursor = JournalCursor::resume(saved("5:9:5,7", "5:12:"));
+        assert!(cursor.reading());
+        assert_eq!(cursor.position(), Some(saved("5:9:5,7", "5:12:")));
+        // A later snapshot saved over it by a version that keeps no read in progress: that
+        // snapshot is where the consumer is.
+        let cursor = JournalCursor::resume(saved("5:14:", "5:12:"));
+        assert!(!cursor.reading());
+        assert_eq!(cursor.position().unwrap().reading, None);
+        // A snapshot that older versions left behind gives way to the horizon, and the read
+        // in progress with it.
+        let cursor = JournalCursor::resume(Position {
+            horizon: 8,
+            ..saved("5:9:5,7", "5:12:")
+        });
+        assert!(!cursor.reading());
     }
 
     #[test]

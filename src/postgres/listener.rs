@@ -355,6 +355,9 @@ impl Source for PgSource {
     }
 
     async fn wait(&mut self, conn: &mut PgConn, timeout: Duration) -> Result<bool> {
+        if self.journal.as_ref().is_some_and(|j| j.cursor.reading()) {
+            return Ok(true); // the last read has more pages
+        }
         let woken = conn.guard(async { Ok(conn.wake.wait(timeout).await) });
         let woken = woken.await?;
         Ok(woken || self.journal.as_ref().is_some_and(|j| j.poll))
