@@ -3,7 +3,8 @@
 //!
 //! PostgreSQL's journal ids are not in commit order (see `src/postgres/journal.rs`), so "the
 //! rows after id 17" is not "what came after event 17". What is exact: the listener reads the
-//! journal in a sequence of reads, each one statement with its own snapshot, and each read
+//! journal in a sequence of reads, each with its own snapshot (a long one in several
+//! statements, all reading what that snapshot saw), and each read
 //! delivers the transactions it sees that an earlier read did not, grouped by transaction and
 //! ordered by each transaction's last journal id. So an event `E` of read `R` was preceded by
 //! exactly

@@ -30,9 +30,10 @@ pub enum Status {
         /// Why.
         error: String,
     },
-    /// After a reconnect, the listener caught up with a journal: `replayed` events were read.
+    /// After a reconnect, the listener read a journal again: `replayed` events came with its
+    /// first read. (A read is bounded, so a longer backlog goes on in the reads after it.)
     Resynced {
-        /// Events read while catching up.
+        /// Events the first read after the reconnect handed over.
         replayed: u64,
     },
     /// Events on these channels may have been lost: while the listener was disconnected

@@ -997,12 +997,13 @@ async fn a_consumer_catching_up_saves_its_position_as_it_goes() {
             .watch(Watch::new("t", Insert).tier(tier))
             .consumer("slow");
         builder.start().await.unwrap().stop().await.unwrap();
-        // A backlog of 200 transactions of 100 rows while the consumer is stopped.
-        for k in 0..200i64 {
+        // A backlog of 125 transactions of 160 rows while the consumer is stopped: the reads'
+        // bounds (2,000 rows, then pages of 1,000) fall inside transactions.
+        for k in 0..125i64 {
             db.exec(&format!(
                 "INSERT INTO t SELECT generate_series({}, {})",
-                k * 100 + 1,
-                k * 100 + 100
+                k * 160 + 1,
+                k * 160 + 160
             ))
             .await;
         }
@@ -1041,11 +1042,24 @@ async fn a_consumer_catching_up_saves_its_position_as_it_goes() {
         let handled = handled.load(Relaxed) as i64;
 
         // The restart goes on from the saved read: everything not acknowledged comes, in
-        // order, with at most what was acknowledged since the last save again.
-        let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
-        let mut ids = common::consumers::next_ids(&mut rx, 1).await;
-        while *ids.last().unwrap() < 20_000 {
-            ids.extend(common::consumers::next_ids(&mut rx, 1).await);
+        // order, with at most what was acknowledged since the last save again. Its
+        // subscription comes after `start()`: the listener reads only once it has one.
+        let notifier = builder.start().await.unwrap();
+        let (_, mut deliveries) = tokio::time::timeout(
+            Duration::from_secs(5),
+            notifier.subscribe_acked(Subscription::new("t", Insert)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{tier:?}: subscribing was held up"))
+        .unwrap();
+        let mut ids = Vec::new();
+        while ids.last() != Some(&20_000) {
+            let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{tier:?}: only {} events came", ids.len()))
+                .unwrap();
+            delivery.ack.ack();
+            ids.push(delivery.event.id().as_i64().unwrap());
         }
         notifier.stop().await.unwrap();
         let first = ids[0];

@@ -315,26 +315,33 @@ const UNREAD: &str = "j.xid >= c.horizon
     AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(j.xid, c.snapshot), false)
     AND (c.channels IS NULL OR j.channel = ANY(c.channels))";
 
-/// The condition "consumer row `c` has not been handed journal row `j`": [`UNREAD`], and not
-/// in `seen`, and not of a transaction its read in progress delivered (one that read's
-/// snapshot sees with no row on its channels after `read_to`; see `journal.rs`).
-fn undelivered(s: &str) -> String {
+/// The journal rows consumer row `c` has not been handed (a derived table of `id`,
+/// `created_at`, correlated with `c`): [`UNREAD`], not in `seen`, and not of a transaction its
+/// read in progress delivered — one that read's snapshot sees whose last row on the
+/// consumer's channels is at or before `read_to` (see `journal.rs`). That needs each
+/// transaction's last id, one pass over the rows (a window), and only while a read is in
+/// progress: the other branch is skipped by its one-time filter.
+fn undelivered_rows(s: &str) -> String {
     format!(
-        "{UNREAD} AND NOT (j.id = ANY(coalesce(c.seen, '{{}}')))
-           AND NOT coalesce(c.read_to IS NOT NULL
-                 AND pg_catalog.pg_visible_in_snapshot(j.xid, c.reading)
-                 AND NOT EXISTS (SELECT 1 FROM {s}.journal k
-                                  WHERE k.xid = j.xid AND k.id > c.read_to
-                                    AND (c.channels IS NULL OR k.channel = ANY(c.channels))), false)"
+        "(SELECT j.id, j.created_at FROM {s}.journal j
+           WHERE c.read_to IS NULL AND {UNREAD} AND NOT (j.id = ANY(coalesce(c.seen, '{{}}')))
+          UNION ALL
+          SELECT w.id, w.created_at FROM (
+                 SELECT j.id, j.created_at, j.xid,
+                        pg_catalog.max(j.id) OVER (PARTITION BY j.xid) AS last
+                   FROM {s}.journal j
+                  WHERE c.read_to IS NOT NULL AND {UNREAD}
+                    AND NOT (j.id = ANY(coalesce(c.seen, '{{}}')))) w
+           WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(w.xid, c.reading)
+                              AND w.last <= c.read_to, false))"
     )
 }
 
 /// The backlog of every consumer row `c` (a correlated subquery).
 fn backlog_sql() -> String {
-    let s = quote_ident(SCHEMA);
     format!(
-        "(SELECT pg_catalog.count(*) FROM {s}.journal j WHERE {})",
-        undelivered(&s)
+        "(SELECT pg_catalog.count(*) FROM {} u)",
+        undelivered_rows(&quote_ident(SCHEMA))
     )
 }
 
@@ -343,12 +350,12 @@ fn backlog_sql() -> String {
 pub(crate) async fn backlog(client: &Client, name: &str) -> Result<Option<Backlog>> {
     let s = quote_ident(SCHEMA);
     let sql = format!(
-        "SELECT {},
-                (SELECT extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(j.created_at))::float8
-                   FROM {s}.journal j WHERE {})
-           FROM {s}.consumers c WHERE c.name = $1",
-        backlog_sql(),
-        undelivered(&s),
+        "SELECT u.n, extract(epoch FROM pg_catalog.clock_timestamp() - u.oldest)::float8
+           FROM {s}.consumers c
+           CROSS JOIN LATERAL (SELECT pg_catalog.count(*) AS n, pg_catalog.min(u.created_at) AS oldest
+                                 FROM {} u) u
+          WHERE c.name = $1",
+        undelivered_rows(&s),
     );
     let row = client
         .query_typed_opt(&sql, &[(&name, Type::TEXT)])

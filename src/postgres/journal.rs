@@ -5,9 +5,9 @@
 //! and moves its cursor past it — then A commits, and row 10 is never read.
 //!
 //! The method: every row records its writer's transaction id (`xid8`,
-//! `pg_current_xact_id()`). Each read runs as one statement and also returns that statement's
-//! snapshot (`pg_current_snapshot()`): the transactions it sees as committed are exactly those
-//! whose rows it returns. The cursor keeps the snapshot of its last complete read, and the next
+//! `pg_current_xact_id()`). Each read has one snapshot, the `pg_current_snapshot()` of its
+//! first statement (see below for reads of more than one): the transactions it sees as
+//! committed are exactly those whose rows it returns. The cursor keeps the snapshot of its last complete read, and the next
 //! read asks only for rows of transactions that snapshot did *not* see — those at or after its
 //! `xmax` (begun since) and those in its `xip` list (running then) — and that the new snapshot
 //! does see. A late commit is picked up however low its id, no row comes twice, and a
@@ -17,15 +17,25 @@
 //!
 //! A read is bounded, so that a consumer catching up on a long backlog behind a slow
 //! subscriber saves its position (and says it is alive) as it goes, and no statement stays
-//! open for the whole catch-up. Its first statement is the one above, cut at
-//! [`FIRST_PAGE`] rows: a read that fits (nearly every one) costs one statement, as it always
-//! did. A read that does not fit goes on in pages, each one statement that reads only what the
-//! read's snapshot saw (passed back as a parameter, so no transaction is held): the next
-//! [`PAGE`] of the read's rows in id order from where the last page ended, and of the
+//! open while the subscriber works through the backlog. Its first statement is the one
+//! above, cut at [`FIRST_PAGE`] rows: a read that fits (nearly every one) costs one statement,
+//! as it always did (one that does not still orders every row of the read to return its
+//! first ones). A read that does not fit goes on in pages, each one statement that reads only
+//! what the read's snapshot saw (passed back as a parameter, so no transaction is held): the
+//! next [`PAGE`] of the read's rows in id order from where the last page ended, and of the
 //! transactions they belong to, those whose last id is in the page — in full (rows of
 //! theirs before the page too, found through the index on `xid`), in the read's order. A
 //! transaction ends in exactly one page, so the pages add up to the read, in its order; each
-//! costs about its own rows, however long the backlog.
+//! costs about its own rows, however long the backlog (a transaction larger than a page is
+//! looked up once, and read when its page comes).
+//!
+//! Two things only a read in pages can do, both from a role that may write the journal
+//! directly (the application's roles may; a role without privileges may not): a row it
+//! inserts with the `xid` of a transaction the read already delivered, after the read began,
+//! makes that transaction come again (the pages see the table as it is now, in the read's
+//! snapshot of transactions); and on a listener without a named consumer (nothing protects
+//! its rows), a purge between pages may delete the rest of a transaction the first statement
+//! delivered in part, which then never gets its last row marked.
 //!
 //! What a named consumer saves (a [`Position`]) is the snapshot of its last complete read, with
 //! its `xmin` as the horizon (the purge and the backlog use it), and, while a read is in
@@ -128,6 +138,11 @@ pub(crate) struct JournalCursor {
     /// connection lost). The next read goes on with it, in its snapshot, before reading on, so
     /// the events of one read always name the same snapshots (`src/read_point.rs`).
     reading: Option<Reading>,
+    /// Transactions of the read in progress that a page found ending after it, with their
+    /// last journal id: the pages do not look them up again until they reach it.
+    ends_later: HashMap<u64, i64>,
+    /// The last read left more to read: the next wait ends at once (once).
+    more: bool,
 }
 
 /// The channel, payload and event count of a journal row read with them in columns 3, 4 and 5.
@@ -183,12 +198,22 @@ impl JournalCursor {
                 .map(|id| (id, i64::MAX))
                 .collect(),
             reading,
+            ..JournalCursor::default()
         }
     }
 
-    /// Whether a read is in progress: the next one must come at once.
-    pub fn reading(&self) -> bool {
+    /// Whether a read is in progress.
+    #[cfg(test)]
+    fn reading(&self) -> bool {
         self.reading.is_some()
+    }
+
+    /// Whether the last read left more to read, so that the next one must come at once; says
+    /// so once. (Not while a read is merely in progress: a read cut short by a lost connection
+    /// is taken up by the next session, and a consumer whose subscriptions have not come yet
+    /// does not read at all — asking at once then would spin.)
+    pub fn take_more(&mut self) -> bool {
+        std::mem::take(&mut self.more)
     }
 
     /// Places a new cursor at "now": everything committed so far counts as delivered.
@@ -271,41 +296,64 @@ impl JournalCursor {
             }
             Some(reading) => {
                 // The page's rows are those of `m` — the next PAGE rows of the read in id
-                // order — whose transaction ends in it (at or before its last id): those that
-                // end later come in a later page, in full. Checked with EXPLAIN: `m` walks the
-                // primary key from `$4`; the transactions' rows are index look-ups by `xid`
-                // (an array, not `IN`, which the planner made a merge join over the whole
-                // index); `k.id + 0` keeps `min` from walking the primary key from the
-                // journal's first row (rows read long ago).
-
+                // order — whose transaction ends in it (at or before its last id, `bound`):
+                // those that end later come in a later page, in full. The last id of each
+                // transaction in `m` is looked up once (`l`); those that end past the page are
+                // returned (`later`) and passed back while the pages reach them (`$6`, `$7`),
+                // so a transaction larger than a page is not looked up again on every page.
+                // Checked with EXPLAIN: `m` walks the primary key from `$4` (its condition
+                // on `before` is `NOT pg_visible_in_snapshot`, not the indexable OR, with
+                // which the planner may read everything from `$4` on through a BitmapAnd when
+                // the statistics are stale); the look-ups go by the index on `xid` (an
+                // array, and a LATERAL join, not `IN`, which the planner made a merge join
+                // over the whole index); `k.id + 0` keeps `min` from walking the primary key
+                // from the journal's first row (rows read long ago).
                 let sql = format!(
                     "WITH m AS (
                           SELECT j.id, j.xid FROM {s}.journal j
                            WHERE j.id > coalesce($4::int8,
                                    (SELECT pg_catalog.min(k.id + 0) - 1 FROM {s}.journal k WHERE {}))
-                             AND {}
+                             AND NOT pg_catalog.pg_visible_in_snapshot(j.xid, $1::text::pg_snapshot)
+                             AND j.channel = ANY($2)
+                             AND pg_catalog.pg_visible_in_snapshot(j.xid, $3::text::pg_snapshot)
                            ORDER BY j.id LIMIT $5),
-                     b AS (SELECT pg_catalog.max(m.id) AS bound, pg_catalog.count(*) AS n FROM m)
-                     SELECT $3::text, t.id, t.xid::text, t.channel, t.payload, t.events, t.tx_last,
-                            b.bound, b.n
-                       FROM b LEFT JOIN LATERAL (
-                            SELECT * FROM (
-                                SELECT j.id, j.xid, j.channel, j.payload, j.events,
-                                       pg_catalog.max(j.id) OVER (PARTITION BY j.xid) AS tx_last
-                                  FROM {s}.journal j
-                                 WHERE j.xid = ANY(ARRAY(SELECT DISTINCT m.xid FROM m))
-                                   AND j.channel = ANY($2)) t
-                             WHERE t.tx_last <= b.bound
-                             ORDER BY t.tx_last, t.id) t ON true",
+                     b AS (SELECT pg_catalog.max(m.id) AS bound, pg_catalog.count(*) AS n FROM m),
+                     known AS (SELECT k.xid, k.last
+                                 FROM ROWS FROM (pg_catalog.unnest($6::text[]::xid8[]),
+                                                pg_catalog.unnest($7::int8[])) AS k(xid, last)),
+                     l AS (SELECT j.xid, pg_catalog.max(j.id) AS last FROM {s}.journal j
+                            WHERE j.xid = ANY(ARRAY(SELECT DISTINCT m.xid FROM m
+                                                     WHERE m.xid NOT IN (SELECT xid FROM known)))
+                              AND j.channel = ANY($2)
+                            GROUP BY j.xid),
+                     later AS (SELECT pg_catalog.array_agg(l.xid::text) AS xids,
+                                      pg_catalog.array_agg(l.last) AS lasts
+                                 FROM l, b WHERE l.last > b.bound),
+                     e AS (SELECT t.xid, t.last FROM (SELECT * FROM l UNION ALL SELECT * FROM known) t, b
+                            WHERE t.last <= b.bound)
+                     SELECT $3::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.last,
+                            b.bound, b.n, later.xids, later.lasts
+                       FROM b CROSS JOIN later LEFT JOIN LATERAL (
+                            SELECT j.id, j.xid, j.channel, j.payload, j.events, e.last
+                              FROM e CROSS JOIN LATERAL (
+                                   SELECT * FROM {s}.journal j
+                                    WHERE j.xid = e.xid AND j.channel = ANY($2)) j
+                             ORDER BY e.last, j.id) r ON true",
                     unread("k", "$3::text::pg_snapshot"),
-                    unread("j", "$3::text::pg_snapshot"),
                 );
-                let params: [(&(dyn ToSql + Sync), Type); 5] = [
+                let (xids, lasts): (Vec<String>, Vec<i64>) = self
+                    .ends_later
+                    .iter()
+                    .map(|(xid, last)| (xid.to_string(), *last))
+                    .unzip();
+                let params: [(&(dyn ToSql + Sync), Type); 7] = [
                     (&before, Type::TEXT),
                     (&channels, Type::TEXT_ARRAY),
                     (&reading.during, Type::TEXT),
                     (&reading.through, Type::INT8),
                     (&PAGE, Type::INT8),
+                    (&xids, Type::TEXT_ARRAY),
+                    (&lasts, Type::INT8_ARRAY),
                 ];
                 client.query_typed_raw(&sql, params).await
             }
@@ -319,15 +367,18 @@ impl JournalCursor {
             None => (read.last_whole, read.rows < FIRST_PAGE),
             Some(_) => (read.bound, read.matched < PAGE),
         };
+        self.more = !done;
         if done {
             // Everything this read's snapshot sees is delivered: the next read asks for none
             // of it.
             self.seen.clear();
+            self.ends_later.clear();
             self.snapshot = Some(read.during);
             self.reading = None;
         } else {
             if let Some(through) = through {
                 self.seen.retain(|_, last| *last > through);
+                self.ends_later.retain(|_, last| *last > through);
             }
             let through = through.or(self.reading.as_ref().and_then(|r| r.through));
             self.reading = Some(Reading {
@@ -361,6 +412,15 @@ impl JournalCursor {
                 let during: String = row.get(0);
                 out.bound = row.get(7);
                 out.matched = row.get::<_, Option<i64>>(8).unwrap_or(0);
+                if row.len() > 10 {
+                    let xids = row.get::<_, Option<Vec<String>>>(9).unwrap_or_default();
+                    let lasts = row.get::<_, Option<Vec<i64>>>(10).unwrap_or_default();
+                    for (xid, last) in xids.iter().zip(lasts) {
+                        if let Ok(xid) = xid.parse() {
+                            self.ends_later.insert(xid, last);
+                        }
+                    }
+                }
                 // Until it completes, the read is in progress: if this statement is cut
                 // short, the next read goes on with the same snapshot.
                 if self.reading.is_none() {

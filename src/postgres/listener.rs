@@ -355,8 +355,8 @@ impl Source for PgSource {
     }
 
     async fn wait(&mut self, conn: &mut PgConn, timeout: Duration) -> Result<bool> {
-        if self.journal.as_ref().is_some_and(|j| j.cursor.reading()) {
-            return Ok(true); // the last read has more pages
+        if self.journal.as_mut().is_some_and(|j| j.cursor.take_more()) {
+            return Ok(true); // the last read left more to read
         }
         let woken = conn.guard(async { Ok(conn.wake.wait(timeout).await) });
         let woken = woken.await?;
