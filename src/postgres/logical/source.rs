@@ -848,6 +848,14 @@ impl Source for LogicalSource {
 
     async fn close(&mut self, mut conn: LogicalConn) {
         self.confirm_settled(&conn);
+        if !conn.started {
+            // Never streamed (a consumer before its first subscription, or a standby):
+            // nothing was read or is to confirm, and the session waits for its gate, not for
+            // a stop, so a graceful shutdown would only wait out its timeout (5 s of every
+            // stop). Its walsender ends with the connection.
+            conn.client.abort();
+            return;
+        }
         conn.client.stop();
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.client.shutdown()).await;
         conn.client.abort();
