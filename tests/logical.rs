@@ -1601,3 +1601,45 @@ async fn values_arrive_in_their_iso_form_whatever_the_databases_output_settings(
         n.stop().await.unwrap();
     }
 }
+
+/// Two processes of a new consumer that start at the same moment both create its publication
+/// and its slot: each finds them missing, and without serializing the second `CREATE
+/// PUBLICATION` failed with a duplicate key on `pg_publication` (or the second `COMMENT` with
+/// "tuple concurrently updated"), failing its `start()`. Many rounds, each on a table and a
+/// consumer of its own (a new publication and slot): both start every time, and make one
+/// publication and one slot.
+#[actix_rt::test]
+async fn two_processes_of_a_new_consumer_that_start_together_both_start() {
+    let Some(cluster) = cluster("two_processes_of_a_new_consumer_that_start_together") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    for round in 0..30 {
+        let (table, consumer) = (format!("t{round}"), format!("together {round}"));
+        db.exec(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+            .await;
+        let start = || async {
+            Notifier::builder(&db.url)
+                .watch(Watch::new(table.as_str(), Insert).tier(Tier::Logical))
+                .consumer(consumer.as_str())
+                .start()
+                .await
+        };
+        let (a, b) = match tokio::join!(start(), start()) {
+            (Ok(a), Ok(b)) => (a, b),
+            (a, b) => panic!(
+                "round {round}: a {:?}, b {:?}",
+                a.err().map(|e| e.to_string()),
+                b.err().map(|e| e.to_string())
+            ),
+        };
+        assert_eq!(slots(&db).await.len(), 1, "round {round}: one slot");
+        assert_eq!(publications(&db).await.len(), 1, "round {round}");
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+        Notifier::builder(&db.url)
+            .drop_consumer(consumer.as_str())
+            .await
+            .unwrap();
+    }
+}

@@ -1225,7 +1225,7 @@ BEGIN
 
 /// `text` as a dollar-quoted literal whose tag does not occur in it (so nothing in a watch —
 /// a column or label containing `$sqn$` — can end it early).
-fn dollar_quote(text: &str) -> String {
+pub(super) fn dollar_quote(text: &str) -> String {
     let tag = (0..)
         .map(|i| match i {
             0 => "$sqn$".to_string(),

@@ -35,6 +35,9 @@ const PREFIX_LIKE: &str = "sqlnotify\\_%";
 const COMMENT: &str = "sqlnotify consumer ";
 /// Throwaway names of notifiers without a consumer.
 const TEMPORARY: &str = "sqlnotify_tmp_";
+/// The text whose hash, with a slot's and publication's name after it, keys the advisory lock
+/// [`ensure`] takes (the leases hash `sqlnotify consumer <name>`).
+const OBJECTS_LOCK: &str = "sqlnotify logical objects ";
 
 /// The name of the slot and the publication of named consumer `consumer`: `sqlnotify_`, the
 /// name's letters and digits (lower case, others as `_`, at most 40), `_`, and 8 hex digits
@@ -221,6 +224,14 @@ pub(crate) fn routes(watches: &[ResolvedWatch]) -> Vec<Route> {
 /// Creates (or updates) publication `name` for `tables` and, when missing, logical slot
 /// `name`. A new slot reads changes committed after it was created. The publication's
 /// comment keeps the consumer's own name (the object's name is derived from it).
+///
+/// Processes of one consumer that start together run this at the same time, so both steps
+/// hold a transaction advisory lock keyed by `name` ([`lock_sql`]), the way the install
+/// serializes on its own lock: without it both would find the publication missing and both
+/// `CREATE` it (the second failing with a duplicate key on `pg_publication`), or both
+/// `COMMENT` on it ("tuple concurrently updated"); and one would find the slot the other is
+/// still creating (waiting for running transactions) and go on to stream it while it is in
+/// use.
 pub(crate) async fn ensure(
     client: &Client,
     name: &str,
@@ -228,51 +239,29 @@ pub(crate) async fn ensure(
     consumer: Option<&str>,
 ) -> Result<()> {
     check_server(client).await?;
-    let mut list: Vec<String> = tables
-        .iter()
-        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
-        .collect();
-    list.sort();
-    list.dedup();
-    let list = list.join(", ");
-    let exists = client
-        .query_typed_opt(
-            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
-            &[(&name, Type::TEXT)],
-        )
-        .await
-        .map_err(|e| Error::db("reading publications", e))?
-        .is_some();
-    let sql = if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(name))
-    } else {
-        format!(
-            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish = 'insert, update, delete', \
-             publish_via_partition_root = true)",
-            quote_ident(name)
-        )
-    };
-    match client.batch_execute(&sql).await {
-        Ok(()) => {}
-        // Created meanwhile by another process of the same consumer.
-        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-        Err(e) => {
-            return Err(Error::db(
-                format!("creating publication {name} for {list}"),
-                e,
-            ))
+    let list = table_list(tables);
+    let sql = publication_sql(name, &list, consumer);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.batch_execute(&sql).await {
+            Ok(()) => break,
+            // Made meanwhile by another process and not seen by this transaction's snapshot
+            // (a default_transaction_isolation of repeatable read takes it before the lock is
+            // granted): a new transaction sees it.
+            Err(e)
+                if attempt < 3
+                    && matches!(
+                        e.code(),
+                        Some(&SqlState::DUPLICATE_OBJECT | &SqlState::UNIQUE_VIOLATION)
+                    ) => {}
+            Err(e) => {
+                return Err(Error::db(
+                    format!("creating publication {name} for {list}"),
+                    e,
+                ))
+            }
         }
-    }
-    if let Some(consumer) = consumer {
-        let comment = format!("{COMMENT}{consumer}");
-        client
-            .batch_execute(&format!(
-                "COMMENT ON PUBLICATION {} IS {}",
-                quote_ident(name),
-                crate::sql::quote_literal(&comment)
-            ))
-            .await
-            .map_err(|e| Error::db(format!("naming publication {name}"), e))?;
     }
     let status = client
         .query_typed_opt(
@@ -288,22 +277,92 @@ pub(crate) async fn ensure(
                 .into(),
         });
     }
+    // One implicit transaction: the lock, then the slot unless it exists (the slot list is
+    // shared memory, current whatever the snapshot). Taking an advisory lock assigns no
+    // transaction id, which creating a logical slot refuses; and a process waiting for the
+    // lock has none either, so the creation, which waits for the transactions running, does
+    // not wait for it.
     let created = client
-        .query_typed(
-            "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')
-              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
-            &[(&name, Type::TEXT)],
-        )
+        .simple_query(&format!(
+            "{}SELECT pg_catalog.pg_create_logical_replication_slot({literal}, 'pgoutput')
+              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots
+                                 WHERE slot_name = {literal})",
+            lock_sql(name),
+            literal = crate::sql::quote_literal(name),
+        ))
         .await;
     match created {
-        Ok(rows) if !rows.is_empty() => {
-            log::info!("sqlnotify: created replication slot {name}");
+        Ok(messages) => {
+            // The last statement's count: the lock's own row does not count.
+            let last = messages.iter().rev().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::CommandComplete(rows) => Some(*rows),
+                _ => None,
+            });
+            if last.unwrap_or(0) > 0 {
+                log::info!("sqlnotify: created replication slot {name}");
+            }
             Ok(())
         }
-        Ok(_) => Ok(()),
+        // Without the lock (another version of sqlnotify) another process may still win.
         Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
         Err(e) => Err(Error::db(format!("creating replication slot {name}"), e)),
     }
+}
+
+/// `tables` as a publication's table list: quoted, sorted, without duplicates.
+fn table_list(tables: &[(String, String)]) -> String {
+    let mut list: Vec<String> = tables
+        .iter()
+        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .collect();
+    list.sort();
+    list.dedup();
+    list.join(", ")
+}
+
+/// The statement that takes the transaction advisory lock serializing [`ensure`] for the
+/// slot and publication `name` (the key: the first 64 bits of the `md5` of
+/// [`OBJECTS_LOCK`] and the name, as the leases key theirs on `sqlnotify consumer <name>`).
+fn lock_sql(name: &str) -> String {
+    format!(
+        "SELECT pg_catalog.pg_advisory_xact_lock(('x' || pg_catalog.substr(pg_catalog.md5({}), \
+         1, 16))::bit(64)::bigint);\n",
+        crate::sql::quote_literal(&format!("{OBJECTS_LOCK}{name}"))
+    )
+}
+
+/// The statements that create publication `name` for the tables of `list` (or set its tables
+/// when it exists) and name its consumer: one implicit transaction (one simple query, so an
+/// error rolls all of it back) that first takes [`lock_sql`]'s lock and only then looks for
+/// the publication, so a second process finds the first one's and only sets its tables.
+fn publication_sql(name: &str, list: &str, consumer: Option<&str>) -> String {
+    use crate::sql::quote_literal;
+    let ident = quote_ident(name);
+    let body = format!(
+        "
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {literal}) THEN
+    ALTER PUBLICATION {ident} SET TABLE {list};
+  ELSE
+    CREATE PUBLICATION {ident} FOR TABLE {list}
+      WITH (publish = 'insert, update, delete', publish_via_partition_root = true);
+  END IF;
+END
+",
+        literal = quote_literal(name),
+    );
+    let mut sql = format!(
+        "{}DO {};\n",
+        lock_sql(name),
+        crate::postgres::ddl::dollar_quote(&body)
+    );
+    if let Some(consumer) = consumer {
+        sql.push_str(&format!(
+            "COMMENT ON PUBLICATION {ident} IS {};\n",
+            quote_literal(&format!("{COMMENT}{consumer}"))
+        ));
+    }
+    sql
 }
 
 /// How long a session reading a slot may take to end once terminated.
