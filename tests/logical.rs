@@ -1643,3 +1643,289 @@ async fn two_processes_of_a_new_consumer_that_start_together_both_start() {
             .unwrap();
     }
 }
+
+/// The channels of the next `Status::Gap` within 30 s (other statuses are skipped); a
+/// `Status::Failed` before it fails the test.
+async fn next_gap(statuses: &mut mpsc::UnboundedReceiver<sqlnotify::Status>) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = tokio::time::timeout_at(deadline, statuses.recv())
+            .await
+            .expect("a Status::Gap within 30 s")
+            .expect("the status subscription is alive");
+        match status {
+            sqlnotify::Status::Gap { channels } => return channels,
+            sqlnotify::Status::Failed { error } => panic!("the listener stopped: {error}"),
+            _ => {}
+        }
+    }
+}
+
+/// Reads `events` until every id of `ids` arrived (others, committed while the slot was
+/// missing, may arrive or not).
+async fn take_ids(events: &mut Events, ids: &[i64]) {
+    let mut missing: BTreeSet<i64> = ids.iter().copied().collect();
+    while !missing.is_empty() {
+        let id = events.next().await.id().as_i64().unwrap();
+        missing.remove(&id);
+    }
+}
+
+/// A running consumer `app` watching `t`'s inserts on the logical tier, with its statuses and
+/// events, that has delivered row 1 (so its stream runs).
+async fn running_app(
+    db: &TestDb,
+) -> (Notifier, mpsc::UnboundedReceiver<sqlnotify::Status>, Events) {
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .start()
+        .await
+        .unwrap();
+    let statuses = common::statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    (notifier, statuses, events)
+}
+
+/// A slot dropped under a running consumer (its walsender terminated, then
+/// `pg_drop_replication_slot`, as an operator would) is created again at the server's
+/// current position, as the journal tiers register again a consumer whose row was deleted:
+/// a `Status::Gap` names the channel (the changes committed meanwhile are not in the new
+/// slot), rows committed after it arrive, and the listener goes on. It reconnected for ever
+/// before, each attempt failing on the missing slot.
+#[actix_rt::test]
+async fn a_slot_dropped_under_a_running_consumer_is_created_again_with_a_gap() {
+    let Some(cluster) = cluster("a_slot_dropped_under_a_running_consumer") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    let (notifier, mut statuses, mut events) = running_app(&db).await;
+    let client = db.client().await;
+    // A slot in use cannot be dropped: end its walsender (waiting up to 5 s for it to go),
+    // then drop it; if the notifier reconnected in between, again.
+    let dropped = wait_until(Duration::from_secs(30), || async {
+        client
+            .batch_execute(
+                "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
+                  WHERE database = current_database() AND active_pid IS NOT NULL",
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                  WHERE database = current_database()",
+            )
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(dropped, "the slot could not be dropped");
+    db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: may be lost
+    assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
+    assert_eq!(slots(&db).await.len(), 1, "the slot is there again");
+    db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
+        .await;
+    take_ids(&mut events, &[3, 4]).await;
+    assert!(notifier.failure().is_none(), "{:?}", notifier.failure());
+    assert!(!notifier.stats().await.unwrap().failed);
+    notifier.stop().await.unwrap();
+}
+
+/// `consumers drop` (`Notifier::drop_consumer`) from another process while the consumer runs:
+/// its walsender is terminated, its slot and then its publication dropped. The running
+/// notifier makes both again — a slot it made again before the publication went is dropped
+/// with it, since pgoutput could not read past the publication's removal — reports the Gap
+/// and goes on.
+#[actix_rt::test]
+async fn a_consumer_dropped_by_another_process_while_running_comes_back_with_a_gap() {
+    let Some(cluster) = cluster("a_consumer_dropped_by_another_process_while_running") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    let (notifier, mut statuses, mut events) = running_app(&db).await;
+    Notifier::builder(&db.url)
+        .drop_consumer("app")
+        .await
+        .unwrap();
+    // Made again after the publication was dropped: both are there. A slot made again before
+    // that is found without its publication only when the stream decodes a change: rows are
+    // committed meanwhile (ids from 1000, which may arrive or not).
+    let client = db.client().await;
+    let mut probe = 1000;
+    let restored = wait_until(Duration::from_secs(30), || {
+        probe += 1;
+        let (client, probe) = (&client, probe);
+        async move {
+            client
+                .batch_execute(&format!("INSERT INTO t VALUES ({probe})"))
+                .await
+                .unwrap();
+            client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_replication_slots
+                                     WHERE database = current_database())
+                        AND EXISTS (SELECT 1 FROM pg_publication)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    })
+    .await;
+    assert!(restored, "the slot and publication were not made again");
+    assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
+    db.exec("INSERT INTO t VALUES (2); INSERT INTO t VALUES (3)")
+        .await;
+    take_ids(&mut events, &[2, 3]).await;
+    assert!(notifier.failure().is_none(), "{:?}", notifier.failure());
+    let listed = Notifier::builder(&db.url).consumers().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].name, "app", "the publication names it again");
+    notifier.stop().await.unwrap();
+}
+
+/// A publication dropped under a running consumer, its slot left: pgoutput fails on the next
+/// change it decodes, and would on every attempt (it looks the publication up as of each
+/// change, so one made again is not there for the changes before it). The slot is dropped and
+/// both are made again: a `Status::Gap`, then rows committed after it arrive.
+#[actix_rt::test]
+async fn a_publication_dropped_under_a_running_consumer_is_made_again_with_its_slot() {
+    let Some(cluster) = cluster("a_publication_dropped_under_a_running_consumer") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    let (notifier, mut statuses, mut events) = running_app(&db).await;
+    let name = publications(&db).await.remove(0);
+    db.exec(&format!("DROP PUBLICATION \"{name}\"")).await;
+    db.exec("INSERT INTO t VALUES (2)").await; // decoding it fails: may be lost
+    assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
+    assert_eq!(publications(&db).await, [name.as_str()], "made again");
+    assert_eq!(slots(&db).await, [name.as_str()], "and its slot");
+    db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
+        .await;
+    take_ids(&mut events, &[3, 4]).await;
+    assert!(notifier.failure().is_none(), "{:?}", notifier.failure());
+    notifier.stop().await.unwrap();
+}
+
+/// The next (process, id) of a group's events, within 30 s.
+async fn next_event(
+    events: &mut mpsc::UnboundedReceiver<(&'static str, i64)>,
+) -> (&'static str, i64) {
+    tokio::time::timeout(Duration::from_secs(30), events.recv())
+        .await
+        .expect("an event within 30 s")
+        .unwrap()
+}
+
+/// The same under a group: two processes of consumer `app`, one reading. The slot is dropped
+/// under the reader; whichever process holds the lease next makes it again — the other
+/// stands by and touches nothing — so one `Status::Gap` is reported, by the process whose
+/// subscribers then get the rows committed after it.
+#[actix_rt::test]
+async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_reads() {
+    let Some(cluster) = cluster("a_slot_dropped_under_a_group") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (status_tx, mut statuses) = mpsc::unbounded_channel();
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let mut members = Vec::new();
+    for member in ["a", "b"] {
+        let notifier = Notifier::builder(&db.url)
+            .watch(Watch::new("t", Insert).tier(Tier::Logical))
+            .consumer("app")
+            .start()
+            .await
+            .unwrap();
+        let tx = status_tx.clone();
+        notifier
+            .subscribe_status_fn(move |s: sqlnotify::StatusEvent| {
+                let _ = tx.send((member, s.status));
+            })
+            .await
+            .unwrap();
+        let tx = event_tx.clone();
+        notifier
+            .subscribe_fn(Subscription::new("t", Insert), move |e| {
+                let _ = tx.send((member, e.id().as_i64().unwrap()));
+            })
+            .await
+            .unwrap();
+        members.push(notifier);
+    }
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(
+        next_event(&mut events).await,
+        ("a", 1),
+        "a reads, b stands by"
+    );
+    let client = db.client().await;
+    let dropped = wait_until(Duration::from_secs(30), || async {
+        client
+            .batch_execute(
+                "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
+                  WHERE database = current_database() AND active_pid IS NOT NULL",
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                  WHERE database = current_database()",
+            )
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(dropped, "the slot could not be dropped");
+    db.exec("INSERT INTO t VALUES (2)").await; // may be lost
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let reporter = loop {
+        let (member, status) = tokio::time::timeout_at(deadline, statuses.recv())
+            .await
+            .expect("a Status::Gap within 30 s")
+            .unwrap();
+        match status {
+            sqlnotify::Status::Gap { channels } => {
+                assert_eq!(channels, ["sqlnotify_public_t_insert"]);
+                break member;
+            }
+            sqlnotify::Status::Failed { error } => panic!("{member} stopped: {error}"),
+            _ => {}
+        }
+    };
+    assert_eq!(slots(&db).await.len(), 1, "one slot, made once");
+    db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
+        .await;
+    let mut missing = BTreeSet::from([3, 4]);
+    while !missing.is_empty() {
+        let (member, id) = next_event(&mut events).await;
+        if missing.remove(&id) {
+            assert_eq!(
+                member, reporter,
+                "row {id} went to the process that reported the Gap"
+            );
+        }
+    }
+    // Nothing else reported a Gap meanwhile, nor within a short bounded wait after.
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some((member, status))) = tokio::time::timeout_at(until, statuses.recv()).await {
+        assert!(
+            !matches!(
+                status,
+                sqlnotify::Status::Gap { .. } | sqlnotify::Status::Failed { .. }
+            ),
+            "{member}: {status:?}"
+        );
+    }
+    for notifier in members {
+        notifier.stop().await.unwrap();
+    }
+}

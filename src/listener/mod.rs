@@ -122,6 +122,24 @@ pub(crate) trait Source: Unpin + 'static {
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>>;
 
+    /// Called at the start of every session, once the position is placed and a named
+    /// consumer's lease is held (so by the one process of a group that reads): checks that
+    /// what keeps the position in the database is still there, and creates it again, at
+    /// "now", when it was removed while this listener ran (the logical tier's slot, dropped
+    /// by an operator or by `cleanup` / `consumers drop` in another process) — as a journal
+    /// tier's [`save`](Source::save) registers again a consumer whose row was deleted.
+    /// Returns the channels on which events may have been missed: every channel when it was
+    /// created again, since nothing says what was lost; they are announced as a
+    /// [`Status::Gap`], and what was saved or read up to before no longer counts. A removal
+    /// that must not be undone is an error instead (a fatal one stops the listener).
+    async fn restore(
+        &mut self,
+        _conn: &mut Self::Conn,
+        _consumer: Option<&ConsumerParams>,
+    ) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// Tries to take named consumer `consumer`'s lease, without waiting: true when this
     /// process holds it now (taken, or still held). Of all the processes running one
     /// consumer, only the holder reads. The lease must be released by the holder's death —

@@ -1,6 +1,7 @@
 //! One session of a listener: connect, place the position (first session, and the first after a
-//! lost lease), then read, save, check and wait until stopped or failed. Runs on the listener's
-//! arbiter; everything a dialect does in it goes through [`Source`].
+//! lost lease), restore what keeps it if it was removed meanwhile, then read, save, check and
+//! wait until stopped or failed. Runs on the listener's arbiter; everything a dialect does in it
+//! goes through [`Source`].
 
 use std::pin::pin;
 use std::sync::atomic::Ordering;
@@ -88,11 +89,32 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 self.set_latest(position);
             }
         }
+        let restoring = state
+            .source
+            .restore(&mut conn, self.shell.consumer.as_ref());
+        let restored = match guarded::<S, _>("restoring its position", restoring).await {
+            Ok(restored) => restored,
+            Err(e) => return self.failed(state, Some(conn), e),
+        };
+        if !restored.is_empty() {
+            // Placed anew, at "now": what was noted, saved or read up to before belongs to
+            // what was removed, and must not be saved into what replaced it.
+            state.saving = Saving::default();
+            let position = state.source.position();
+            if let Some(position) = &position {
+                state.saving.placed(position.clone(), Instant::now());
+            }
+            *self.shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = position;
+        }
         let restarted = std::mem::replace(&mut state.was_connected, true);
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Ok(()));
         }
         self.gap(missed);
+        if !restored.is_empty() {
+            // The source said what was removed, and logged it.
+            self.shell.status(Status::Gap { channels: restored });
+        }
         if restarted {
             let lossy = state.source.lossy_channels();
             if !lossy.is_empty() {

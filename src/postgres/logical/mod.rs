@@ -309,6 +309,47 @@ pub(crate) async fn ensure(
     }
 }
 
+/// Creates slot and publication `name` again ([`ensure`]) for a running notifier that found
+/// its slot missing, or `stale`: there, but left without its publication. pgoutput looks the
+/// publication up as of each change it decodes, so one created again is not there for the
+/// changes logged before it, and such a slot fails on the first of them whenever it is read:
+/// it is dropped first (only this database's: a slot of the same name in another one is not
+/// this notifier's). An invalidated slot is not made again: [`ensure`] refuses it with
+/// [`Error::SlotLost`].
+pub(crate) async fn recreate(
+    client: &Client,
+    name: &str,
+    tables: &[(String, String)],
+    consumer: Option<&str>,
+    stale: bool,
+) -> Result<()> {
+    if stale {
+        let dropped = client
+            .query_typed(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name)
+                   FROM pg_catalog.pg_replication_slots
+                  WHERE slot_name = $1 AND database = pg_catalog.current_database()",
+                &[(&name, Type::TEXT)],
+            )
+            .await;
+        match dropped {
+            Ok(rows) if !rows.is_empty() => log::info!(
+                "sqlnotify: dropped replication slot {name}, left without its publication"
+            ),
+            Ok(_) => {}
+            // Dropped meanwhile by someone else.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
+            Err(e) => {
+                return Err(Error::db(
+                    format!("dropping replication slot {name}, left without its publication"),
+                    e,
+                ))
+            }
+        }
+    }
+    ensure(client, name, tables, consumer).await
+}
+
 /// `tables` as a publication's table list: quoted, sorted, without duplicates.
 fn table_list(tables: &[(String, String)]) -> String {
     let mut list: Vec<String> = tables

@@ -145,6 +145,8 @@ pub(crate) struct LogicalSource {
     config: PgConfig,
     slot: String,
     named: bool,
+    /// The watched tables (`schema`, `table`): the publication's, made again with the slot.
+    tables: Vec<(String, String)>,
     /// The channels read (custom events name theirs).
     channels: Vec<Arc<str>>,
     changes: Changes,
@@ -202,6 +204,10 @@ impl LogicalSource {
             config,
             slot,
             named,
+            tables: routes
+                .iter()
+                .map(|r| (r.schema.clone(), r.table.clone()))
+                .collect(),
             channels: routes.iter().map(|r| r.channel.clone()).collect(),
             changes: Changes::new(Arc::new(routes)),
             delivered: 0,
@@ -285,14 +291,18 @@ impl LogicalSource {
     /// [`Error::SlotLost`] once the lag task saw the server invalidate the slot.
     fn check_lost(&self) -> Result<()> {
         if self.lost.load(Ordering::Relaxed) {
-            return Err(Error::SlotLost {
-                slot: self.slot.clone(),
-                detail: "its wal_status is lost: it fell behind by more than \
-                         max_slot_wal_keep_size"
-                    .into(),
-            });
+            return Err(self.slot_lost());
         }
         Ok(())
+    }
+
+    /// [`Error::SlotLost`] for a slot whose `wal_status` is `lost`.
+    fn slot_lost(&self) -> Error {
+        Error::SlotLost {
+            slot: self.slot.clone(),
+            detail: "its wal_status is lost: it fell behind by more than max_slot_wal_keep_size"
+                .into(),
+        }
     }
 
     /// The error for a panic caught while reading the stream.
@@ -664,6 +674,81 @@ impl Source for LogicalSource {
         self.position = None;
         self.unconfirmed.clear();
         Ok(Vec::new())
+    }
+
+    /// The slot and its publication keep the position. Removed while this notifier runs — by
+    /// an operator, by `cleanup` or `consumers drop` in another process, or by a failover to a
+    /// server without them — the session could only fail to start the stream, and the
+    /// listener reconnect for ever: they are created again at the server's current position
+    /// (this notifier made them at `start()`, so they are its to make again), as a journal
+    /// tier registers again a consumer whose row was deleted, and every channel is reported
+    /// missed, since the changes committed meanwhile are not in the new slot. Only the lease
+    /// holder gets here, so one process of a group does it, the one whose subscribers miss
+    /// the changes. A slot present without its publication is made again too (see
+    /// [`super::recreate`]). An invalidated slot (`wal_status` `lost`) is not: it was not
+    /// removed but declared unreadable by the server, which the tier reports as fatal
+    /// [`Error::SlotLost`] (drop the consumer to start again from now); that stays so. A slot
+    /// of this name in another database is left for the stream's start to report.
+    async fn restore(
+        &mut self,
+        conn: &mut LogicalConn,
+        consumer: Option<&ConsumerParams>,
+    ) -> Result<Vec<String>> {
+        let literal = crate::sql::quote_literal(&self.slot);
+        let rows = conn
+            .client
+            .simple_query(&format!(
+                "SELECT COALESCE((SELECT CASE WHEN s.database = pg_catalog.current_database()
+                                              THEN COALESCE(s.wal_status, '') ELSE 'foreign' END
+                                    FROM pg_catalog.pg_replication_slots s
+                                   WHERE s.slot_name = {literal}), 'missing'),
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {literal})"
+            ))
+            .await
+            .map_err(|e| self.error(e))?;
+        let text = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i).cloned().flatten())
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        let (Some(slot), Some(publication)) = (text(0), text(1)) else {
+            return Err(Error::Database {
+                context: format!("reading replication slot {}", self.slot),
+                source: "the server's answer had no row".into(),
+            });
+        };
+        let publication = publication == "t";
+        let missing = match slot.as_str() {
+            "lost" => return Err(self.slot_lost()),
+            "foreign" => return Ok(Vec::new()),
+            "missing" => true,
+            _ if publication => return Ok(Vec::new()),
+            _ => false,
+        };
+        let client = Control::connect(&self.config, "creating the replication slot again").await?;
+        let name = consumer.map(|c| c.name.as_str());
+        super::recreate(&client, &self.slot, &self.tables, name, !missing).await?;
+        let mut channels: Vec<String> = self.channels.iter().map(|c| c.to_string()).collect();
+        channels.sort();
+        channels.dedup();
+        log::warn!(
+            "sqlnotify: replication slot {} {} while the notifier ran: created again at the \
+             server's current position; changes committed meanwhile on {} are lost, \
+             subscribers get Status::Gap",
+            self.slot,
+            if missing {
+                "was dropped"
+            } else {
+                "lost its publication"
+            },
+            channels.join(", ")
+        );
+        // The new slot's positions follow none of the old one's.
+        self.delivered = 0;
+        self.spilled = None;
+        self.position = None;
+        self.unconfirmed.clear();
+        Ok(channels)
     }
 
     async fn lease(&mut self, conn: &mut LogicalConn, consumer: &ConsumerParams) -> Result<bool> {
