@@ -20,14 +20,18 @@
 //! open while the subscriber works through the backlog. Its first statement is the one
 //! above, cut at [`FIRST_PAGE`] rows: a read that fits (nearly every one) costs one statement,
 //! as it always did (one that does not still orders every row of the read to return its
-//! first ones). A read that does not fit goes on in pages, each one statement that reads only
+//! first ones). A statement also ends after the first whole transaction once it has waited
+//! [`PAGE_TIME`] for room in the pipeline: the subscribers are slow (the rows it still sends
+//! are dropped). The rest of a read
+//! goes on in pages, each one statement that reads only
 //! what the read's snapshot saw (passed back as a parameter, so no transaction is held): the
-//! next [`PAGE`] of the read's rows in id order from where the last page ended, and of the
-//! transactions they belong to, those whose last id is in the page — in full (rows of
-//! theirs before the page too, found through the index on `xid`), in the read's order. A
-//! transaction ends in exactly one page, so the pages add up to the read, in its order; each
-//! costs about its own rows, however long the backlog (a transaction larger than a page is
-//! looked up once, and read when its page comes).
+//! read's rows in the next range of journal ids ([`PAGE`] ids or more, see [`PAGE_MAX`]) from
+//! where the last page ended, up to the read's last id, and of the transactions they belong
+//! to, those whose last id is in the range — in full (rows of theirs before it too, found
+//! through the index on `xid`), in the read's order. A transaction ends in exactly one page,
+//! so the pages add up to the read, in its order; each costs about its own range, however
+//! long the backlog (a transaction larger than a page is looked up once, and read when its
+//! page comes).
 //!
 //! Two things only a read in pages can do, both from a role that may write the journal
 //! directly (the application's roles may; a role without privileges may not): a row it
@@ -77,11 +81,26 @@ const _: () = assert!(BATCH + STATEMENT_CHUNK_ROWS <= crate::pipeline::MIN_IN_FL
 /// Most delivered ids a saved position carries; beyond that it saves the snapshot alone.
 pub(crate) const MAX_SAVED_SEEN: usize = 1_000;
 
-/// Rows a read's first statement returns at most: a read that fits is one statement.
-const FIRST_PAGE: i64 = 2_000;
+/// Rows a read's first statement returns at most: a read that fits is one statement (unless
+/// it is cut short, see [`PAGE_TIME`]).
+const FIRST_PAGE: i64 = 64 * 1_024;
 
-/// Rows (in id order) each following page of a read starts from.
+/// Journal ids a page of a read spans, at least: the size while the subscribers are slow,
+/// so that a position is saved every so many rows.
 const PAGE: i64 = 1_000;
+
+/// Journal ids a page spans at most. Each statement has a fixed cost, so while the pipeline
+/// takes rows as fast as they come the pages grow (doubling while one takes less than
+/// [`PAGE_TIME`] / 2), up to this. Measured (the e2e bench's backlog of 50,000 rows): pages of
+/// 1,000 alone drained it at an eighth of the rate of one statement.
+const PAGE_MAX: i64 = 64 * 1_024;
+
+/// How long a statement of a read may wait for room in the pipeline: past it, the statement
+/// ends after the next whole transaction, so that the position is noted and saved about as
+/// often as it may be (`SAVE_EVERY` in `src/listener/saving.rs`) while the subscribers are
+/// slow; the next page is then [`PAGE`] ids. While they keep up, it hardly waits. Pages grow
+/// while one takes less than half of it.
+const PAGE_TIME: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A read that has not completed: its snapshot, and how far it got.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +162,10 @@ pub(crate) struct JournalCursor {
     ends_later: HashMap<u64, i64>,
     /// The last read left more to read: the next wait ends at once (once).
     more: bool,
+    /// Ids the next page spans (see [`PAGE_MAX`]); 0: [`PAGE`].
+    page: i64,
+    /// The last id of the read in progress, once looked up (not saved: a restart looks again).
+    end: Option<i64>,
 }
 
 /// The channel, payload and event count of a journal row read with them in columns 3, 4 and 5.
@@ -273,6 +296,8 @@ impl JournalCursor {
         // query_typed: one round trip, unnamed statement — works through PgBouncer in
         // transaction mode, where a named prepared statement may live on another server.
         let reading = self.reading.clone();
+        let page = self.page.clamp(PAGE, PAGE_MAX);
+        let started = std::time::Instant::now();
         let rows = match &reading {
             None => {
                 let sql = format!(
@@ -295,29 +320,58 @@ impl JournalCursor {
                 client.query_typed_raw(&sql, params).await
             }
             Some(reading) => {
-                // The page's rows are those of `m` — the next PAGE rows of the read in id
-                // order — whose transaction ends in it (at or before its last id, `bound`):
-                // those that end later come in a later page, in full. The last id of each
-                // transaction in `m` is looked up once (`l`); those that end past the page are
-                // returned (`later`) and passed back while the pages reach them (`$6`, `$7`),
-                // so a transaction larger than a page is not looked up again on every page.
-                // Checked with EXPLAIN: `m` walks the primary key from `$4` (its condition
-                // on `before` is `NOT pg_visible_in_snapshot`, not the indexable OR, with
-                // which the planner may read everything from `$4` on through a BitmapAnd when
-                // the statistics are stale); the look-ups go by the index on `xid` (an
-                // array, and a LATERAL join, not `IN`, which the planner made a merge join
-                // over the whole index); `k.id + 0` keeps `min` from walking the primary key
-                // from the journal's first row (rows read long ago).
+                // Where the read's rows lie, once per read (and again after a restart): a page
+                // is a range of ids from `through`, and the read is done past the last one.
+                let through = match (reading.through, self.end) {
+                    (Some(through), Some(_)) => through,
+                    _ => {
+                        let sql = format!(
+                            "SELECT pg_catalog.min(k.id + 0) - 1, pg_catalog.max(k.id + 0)
+                               FROM {s}.journal k WHERE {}",
+                            unread("k", "$3::text::pg_snapshot")
+                        );
+                        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+                            (&before, Type::TEXT),
+                            (&channels, Type::TEXT_ARRAY),
+                            (&reading.during, Type::TEXT),
+                        ];
+                        let row = client
+                            .query_typed(&sql, &params)
+                            .await
+                            .map_err(|e| Error::db("reading the journal", e))?;
+                        let range = row.first().map(|r| {
+                            (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1))
+                        });
+                        let Some((Some(first), Some(last))) = range else {
+                            // Nothing of the read is left (a purge took it).
+                            self.complete(reading.during.clone());
+                            return Ok(Some(0));
+                        };
+                        self.end = Some(last);
+                        reading.through.unwrap_or(first)
+                    }
+                };
+                // The page's rows are those of `m` — the read's rows with ids in
+                // (`through`, `bound`], `bound` being `through` + `page` — whose transaction
+                // ends in it (at or before `bound`): those that end later come in a later
+                // page, in full. The last id of each transaction in `m` is looked up once
+                // (`l`); those that end past the page are returned (`later`) and passed back
+                // while the pages reach them (`$6`, `$7`), so a transaction larger than a page
+                // is not looked up again on every page. A page is a range of the primary key,
+                // so whatever plan the statistics lead to reads that range only (a page of
+                // "the next so many rows in id order" became, on a journal not analyzed yet,
+                // a bitmap scan of every row after `through` and a sort, page after page).
+                // The look-ups go by the index on `xid` (an array, and a LATERAL join, not
+                // `IN`, which the planner made a merge join over the whole index); `k.id + 0`
+                // keeps `min` and `max` from walking the primary key from the journal's ends.
                 let sql = format!(
                     "WITH m AS (
                           SELECT j.id, j.xid FROM {s}.journal j
-                           WHERE j.id > coalesce($4::int8,
-                                   (SELECT pg_catalog.min(k.id + 0) - 1 FROM {s}.journal k WHERE {}))
+                           WHERE j.id > $4 AND j.id <= $4 + $5
                              AND NOT pg_catalog.pg_visible_in_snapshot(j.xid, $1::text::pg_snapshot)
                              AND j.channel = ANY($2)
-                             AND pg_catalog.pg_visible_in_snapshot(j.xid, $3::text::pg_snapshot)
-                           ORDER BY j.id LIMIT $5),
-                     b AS (SELECT pg_catalog.max(m.id) AS bound, pg_catalog.count(*) AS n FROM m),
+                             AND pg_catalog.pg_visible_in_snapshot(j.xid, $3::text::pg_snapshot)),
+                     b AS (SELECT $4 + $5 AS bound),
                      known AS (SELECT k.xid, k.last
                                  FROM ROWS FROM (pg_catalog.unnest($6::text[]::xid8[]),
                                                 pg_catalog.unnest($7::int8[])) AS k(xid, last)),
@@ -332,14 +386,13 @@ impl JournalCursor {
                      e AS (SELECT t.xid, t.last FROM (SELECT * FROM l UNION ALL SELECT * FROM known) t, b
                             WHERE t.last <= b.bound)
                      SELECT $3::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.last,
-                            b.bound, b.n, later.xids, later.lasts
+                            b.bound, NULL::int8, later.xids, later.lasts
                        FROM b CROSS JOIN later LEFT JOIN LATERAL (
                             SELECT j.id, j.xid, j.channel, j.payload, j.events, e.last
                               FROM e CROSS JOIN LATERAL (
                                    SELECT * FROM {s}.journal j
                                     WHERE j.xid = e.xid AND j.channel = ANY($2)) j
                              ORDER BY e.last, j.id) r ON true",
-                    unread("k", "$3::text::pg_snapshot"),
                 );
                 let (xids, lasts): (Vec<String>, Vec<i64>) = self
                     .ends_later
@@ -350,8 +403,8 @@ impl JournalCursor {
                     (&before, Type::TEXT),
                     (&channels, Type::TEXT_ARRAY),
                     (&reading.during, Type::TEXT),
-                    (&reading.through, Type::INT8),
-                    (&PAGE, Type::INT8),
+                    (&through, Type::INT8),
+                    (&page, Type::INT8),
                     (&xids, Type::TEXT_ARRAY),
                     (&lasts, Type::INT8_ARRAY),
                 ];
@@ -364,17 +417,21 @@ impl JournalCursor {
         };
         // Every transaction delivered in full ends at or before `through`.
         let (through, done) = match reading {
+            _ if read.cut => (read.last_whole, false),
             None => (read.last_whole, read.rows < FIRST_PAGE),
-            Some(_) => (read.bound, read.matched < PAGE),
+            Some(_) => (read.bound, read.bound >= self.end),
         };
         self.more = !done;
+        // The next page: small while the subscribers take their time (the last statement was
+        // cut), growing while they keep up.
+        self.page = match reading {
+            _ if read.cut => PAGE,
+            None => PAGE_MAX,
+            Some(_) if started.elapsed() < PAGE_TIME / 2 => (page * 2).min(PAGE_MAX),
+            Some(_) => page,
+        };
         if done {
-            // Everything this read's snapshot sees is delivered: the next read asks for none
-            // of it.
-            self.seen.clear();
-            self.ends_later.clear();
-            self.snapshot = Some(read.during);
-            self.reading = None;
+            self.complete(read.during);
         } else {
             if let Some(through) = through {
                 self.seen.retain(|_, last| *last > through);
@@ -387,6 +444,16 @@ impl JournalCursor {
             });
         }
         Ok(Some(read.delivered))
+    }
+
+    /// The read of snapshot `during` is complete: everything it sees is delivered, and the
+    /// next read asks for none of it.
+    fn complete(&mut self, during: String) {
+        self.seen.clear();
+        self.ends_later.clear();
+        self.end = None;
+        self.snapshot = Some(during);
+        self.reading = None;
     }
 
     /// Hands the rows of one statement of a read to `outlet` (those not delivered yet), in
@@ -403,6 +470,8 @@ impl JournalCursor {
         let (mut batch, mut ids, mut units) = (Vec::new(), Vec::new(), 0);
         let mut out = Statement::default();
         let mut read = None;
+        // Time spent waiting for room in the pipeline.
+        let mut waited = std::time::Duration::ZERO;
         while let Some(row) = rows
             .try_next()
             .await
@@ -411,7 +480,6 @@ impl JournalCursor {
             let read = read.get_or_insert_with(|| {
                 let during: String = row.get(0);
                 out.bound = row.get(7);
-                out.matched = row.get::<_, Option<i64>>(8).unwrap_or(0);
                 if row.len() > 10 {
                     let xids = row.get::<_, Option<Vec<String>>>(9).unwrap_or_default();
                     let lasts = row.get::<_, Option<Vec<i64>>>(10).unwrap_or_default();
@@ -436,35 +504,33 @@ impl JournalCursor {
             };
             out.rows += 1;
             let group: i64 = row.get(6);
-            if id == group {
+            let ends = id == group;
+            if ends {
                 out.last_whole = Some(group);
             }
-            if self.seen.contains_key(&id) {
-                continue;
+            if !self.seen.contains_key(&id) {
+                let notification = notification(&row, id, group, read)?;
+                units += notification.events as usize;
+                batch.push(notification);
+                ids.push((id, group));
+                if units >= BATCH {
+                    let forwarding = std::time::Instant::now();
+                    let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
+                        return Ok(None);
+                    };
+                    waited += forwarding.elapsed();
+                    out.delivered += n;
+                    self.seen.extend(ids.drain(..));
+                    units = 0;
+                }
             }
-            let xid = parse_xid(&row.get::<_, String>(2))?;
-            let (channel, payload, events) = content(&row);
-            batch.push(RawNotification {
-                channel,
-                payload,
-                received_at: SystemTime::now(),
-                sequence: Some(id),
-                events,
-                transaction: Some(xid),
-                last_in_transaction: Some(id == group),
-                read_point: Some(ReadPoint::new(read.clone(), group)),
-                decoded: None,
-                part: 0,
-            });
-            ids.push((id, group));
-            units += events as usize;
-            if units >= BATCH {
-                let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
-                    return Ok(None);
-                };
-                out.delivered += n;
-                self.seen.extend(ids.drain(..));
-                units = 0;
+            if ends && waited >= PAGE_TIME {
+                // The subscribers take their time (this statement waited that long for room
+                // in the pipeline): end here, between transactions, so that the position is
+                // noted and saved; the rest comes with the next read. (The rows this
+                // statement still sends are dropped as they come.)
+                out.cut = true;
+                break;
             }
         }
         let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
@@ -481,6 +547,29 @@ impl JournalCursor {
     }
 }
 
+/// The event of journal row `row` (id `id`, its transaction's last id `group`) of read `read`.
+fn notification(
+    row: &tokio_postgres::Row,
+    id: i64,
+    group: i64,
+    read: &std::sync::Arc<ReadSnapshots>,
+) -> Result<RawNotification> {
+    let xid = parse_xid(&row.get::<_, String>(2))?;
+    let (channel, payload, events) = content(row);
+    Ok(RawNotification {
+        channel,
+        payload,
+        received_at: SystemTime::now(),
+        sequence: Some(id),
+        events,
+        transaction: Some(xid),
+        last_in_transaction: Some(id == group),
+        read_point: Some(ReadPoint::new(read.clone(), group)),
+        decoded: None,
+        part: 0,
+    })
+}
+
 /// What one statement of a read returned.
 #[derive(Debug, Default)]
 struct Statement {
@@ -492,9 +581,10 @@ struct Statement {
     rows: i64,
     /// The last id of the last transaction returned in full (rows come by transaction).
     last_whole: Option<i64>,
-    /// A page's last id in its id order (`None`: no row left), and its row count.
+    /// The last id of a page's range.
     bound: Option<i64>,
-    matched: i64,
+    /// Ended early, after a whole transaction (see [`PAGE_TIME`]).
+    cut: bool,
 }
 
 pub(crate) fn parse_xid(text: &str) -> Result<u64> {
