@@ -613,6 +613,9 @@ impl Engine {
 }
 
 #[cfg(test)]
+// Most of these tests run on a paused clock (feature `test-paused-clock`); without it, their
+// helpers go unused.
+#[cfg_attr(not(feature = "test-paused-clock"), allow(dead_code, unused_imports))]
 mod tests {
     //! The engine's loop against an in-memory dead-letter store and the role set by hand.
     //! Tests that need time to pass in a role (a reconnect longer than a poll interval, a
@@ -892,6 +895,7 @@ mod tests {
         counters
     }
 
+    #[cfg(feature = "test-paused-clock")]
     /// An active engine on tokio's paused clock, running `script`, with dead letter 17
     /// `requested` for it to deliver again: its store, counters, script and the sink that
     /// feeds it events (kept, so that the engine's deliveries stay open).
@@ -957,6 +961,7 @@ mod tests {
     /// without standing by — reads the attempt counts back but takes back none of the rows
     /// this process delivers again: it still holds them. Before, every reconnect took them
     /// back (two activations taking back here).
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn a_reconnect_takes_back_no_rows() {
         tokio::time::pause();
@@ -982,6 +987,7 @@ mod tests {
     /// recorded, the row gone. Before, the reconnect took the row back, the next poll took it
     /// again, and the second copy ran the handler a third time after the first had handled
     /// the event (and, failing, would have recorded it afresh, to end up dead).
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn a_dead_letter_delivered_again_is_handled_once_across_a_reconnect() {
         let (store, counters, script, _sink) = delivering_17(Script::new([Answer::Fail]));
@@ -1008,6 +1014,7 @@ mod tests {
     /// An attempt that fails after its process stood by records nothing: the event is the
     /// active process's, which delivers it again. Before, it recorded a `retrying` row (or,
     /// on the last attempt, a dead letter) for an event the active process may have handled.
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn an_attempt_failing_after_a_stand_by_records_nothing() {
         tokio::time::pause();
@@ -1032,6 +1039,7 @@ mod tests {
     /// A dead letter delivered again whose attempt succeeds after its process stood by keeps
     /// its row: the active process delivers it again (it may be doing so already). Before,
     /// the row was deleted under it.
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn an_attempt_succeeding_after_a_stand_by_keeps_the_row() {
         let (release, released) = oneshot::channel();
@@ -1055,6 +1063,7 @@ mod tests {
     /// retry (as a process standing by that hands back what it took does), is taken again
     /// but delivered once: two calls in all. Before, the copy taken again ran the handler a
     /// third time after the retry had handled the event.
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn a_dead_letter_taken_again_while_held_is_delivered_once() {
         let (store, counters, script, _sink) = delivering_17(Script::new([Answer::Fail]));
@@ -1077,6 +1086,7 @@ mod tests {
 
     /// A dead letter whose attempt succeeds while a poll that took it again is under way is
     /// not delivered again when that poll's answer comes: one call. Before, it was.
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn a_dead_letter_handled_while_a_poll_took_it_again_is_delivered_once() {
         let (handle, handled) = oneshot::channel();
@@ -1102,6 +1112,7 @@ mod tests {
     /// one waiting for its retry — for the active process to take: it may have taken over
     /// (and taken back what was `redelivering`) before this one took them. Its retry does not
     /// run. Before, the row stayed `redelivering` until the active process next took over.
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn the_dead_letters_held_at_a_stand_by_are_handed_back() {
         let (store, counters, script, _sink) = delivering_17(Script::new([Answer::Fail]));
@@ -1121,6 +1132,7 @@ mod tests {
     /// A poll under way when its process stands by hands back what it took, and delivers
     /// none of it. Before, the rows stayed `redelivering` until the active process next took
     /// over.
+    #[cfg(feature = "test-paused-clock")]
     #[actix_rt::test]
     async fn a_poll_under_way_at_a_stand_by_hands_back_what_it_took() {
         tokio::time::pause();
