@@ -1671,6 +1671,31 @@ async fn take_ids(events: &mut Events, ids: &[i64]) {
     }
 }
 
+/// Drops the database's slots while notifiers use them, as an operator would: a slot in use
+/// cannot be dropped, so its walsender is ended first (waiting up to 5 s for it to go); if a
+/// notifier reconnected in between, again.
+async fn drop_slots_in_use(db: &TestDb) {
+    let client = db.client().await;
+    let dropped = wait_until(Duration::from_secs(30), || async {
+        client
+            .batch_execute(
+                "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
+                  WHERE database = current_database() AND active_pid IS NOT NULL",
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                  WHERE database = current_database()",
+            )
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(dropped, "the slot could not be dropped");
+}
+
 /// A running consumer `app` watching `t`'s inserts on the logical tier, with its statuses and
 /// events, that has delivered row 1 (so its stream runs).
 async fn running_app(
@@ -1703,27 +1728,7 @@ async fn a_slot_dropped_under_a_running_consumer_is_created_again_with_a_gap() {
     };
     let db = TestDb::on(&cluster.url()).await;
     let (notifier, mut statuses, mut events) = running_app(&db).await;
-    let client = db.client().await;
-    // A slot in use cannot be dropped: end its walsender (waiting up to 5 s for it to go),
-    // then drop it; if the notifier reconnected in between, again.
-    let dropped = wait_until(Duration::from_secs(30), || async {
-        client
-            .batch_execute(
-                "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
-                  WHERE database = current_database() AND active_pid IS NOT NULL",
-            )
-            .await
-            .unwrap();
-        client
-            .batch_execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                  WHERE database = current_database()",
-            )
-            .await
-            .is_ok()
-    })
-    .await;
-    assert!(dropped, "the slot could not be dropped");
+    drop_slots_in_use(&db).await;
     db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: may be lost
     assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
     assert_eq!(slots(&db).await.len(), 1, "the slot is there again");
@@ -1866,25 +1871,7 @@ async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_rea
         ("a", 1),
         "a reads, b stands by"
     );
-    let client = db.client().await;
-    let dropped = wait_until(Duration::from_secs(30), || async {
-        client
-            .batch_execute(
-                "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
-                  WHERE database = current_database() AND active_pid IS NOT NULL",
-            )
-            .await
-            .unwrap();
-        client
-            .batch_execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                  WHERE database = current_database()",
-            )
-            .await
-            .is_ok()
-    })
-    .await;
-    assert!(dropped, "the slot could not be dropped");
+    drop_slots_in_use(&db).await;
     db.exec("INSERT INTO t VALUES (2)").await; // may be lost
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let reporter = loop {
