@@ -1156,3 +1156,49 @@ async fn a_long_read_in_pages_keeps_interleaved_transactions_whole_and_in_order(
         assert_eq!(ends, expected_ends, "{tier:?}: each transaction's end");
     }
 }
+
+/// A journal row whose id lies far beyond the others (a role that may write the journal chose
+/// it, or a `setval` moved the sequence on) does not stall a read in pages: a page starts at
+/// the read's next row, so the empty ids between are never walked. (Pages used to walk every
+/// id up to the read's last one, 65,536 at a time: this read would never have ended.)
+#[actix_rt::test]
+async fn a_read_in_pages_jumps_over_ids_no_row_has() {
+    let db = consumer_db().await;
+    // The smallest pipeline: the first transaction fills it, so the read's first statement
+    // waits and ends after it, and the rest comes in pages.
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("c")
+        .max_in_flight(1_024);
+    builder.start().await.unwrap().stop().await.unwrap();
+    db.exec("INSERT INTO t SELECT generate_series(1, 1500)")
+        .await;
+    db.exec(
+        "INSERT INTO sqlnotify.journal (id, channel, payload)
+         VALUES (9000000000000000000, 'sqlnotify_public_t_insert', 'not an event')",
+    )
+    .await;
+    db.exec("INSERT INTO t SELECT generate_series(1501, 3000)")
+        .await;
+    // A subscriber that takes 1 ms per event.
+    let notifier = builder.start().await.unwrap();
+    let (_, mut deliveries) = notifier
+        .subscribe_acked(Subscription::new("t", Insert))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    while ids.last() != Some(&3_001) {
+        if ids.len() == 3_000 {
+            db.exec("INSERT INTO t VALUES (3001)").await;
+        }
+        let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} events came", ids.len()))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        delivery.ack.ack();
+        ids.push(delivery.event.id().as_i64().unwrap());
+    }
+    notifier.stop().await.unwrap();
+    assert_eq!(ids, (1..=3_001).collect::<Vec<i64>>());
+}

@@ -26,12 +26,13 @@
 //! goes on in pages, each one statement that reads only
 //! what the read's snapshot saw (passed back as a parameter, so no transaction is held): the
 //! read's rows in the next range of journal ids ([`PAGE`] ids or more, see [`PAGE_MAX`]) from
-//! where the last page ended, up to the read's last id, and of the transactions they belong
-//! to, those whose last id is in the range — in full (rows of theirs before it too, found
-//! through the index on `xid`), in the read's order. A transaction ends in exactly one page,
-//! so the pages add up to the read, in its order; each costs about its own range, however
-//! long the backlog (a transaction larger than a page is looked up once, and read when its
-//! page comes).
+//! its next row after where the last page ended (found on the primary key; after a restart,
+//! its first row, through the index on `xid`), and of the transactions they belong to, those
+//! whose last id is in the range — in full (rows of theirs before it too, found through the
+//! index on `xid`), in the read's order. A transaction ends in exactly one page, so the pages
+//! add up to the read, in its order; each costs about its range of the journal (rows of other
+//! channels and reads included), however long the backlog (a transaction larger than a page
+//! is looked up once, and read when its page comes).
 //!
 //! Two things only a read in pages can do, both from a role that may write the journal
 //! directly (the application's roles may; a role without privileges may not): a row it
@@ -60,7 +61,7 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use futures_util::{pin_mut, TryStreamExt};
+use futures_util::TryStreamExt;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, RowStream};
 
@@ -164,8 +165,6 @@ pub(crate) struct JournalCursor {
     more: bool,
     /// Ids the next page spans (see [`PAGE_MAX`]); 0: [`PAGE`].
     page: i64,
-    /// The last id of the read in progress, once looked up (not saved: a restart looks again).
-    end: Option<i64>,
 }
 
 /// The channel, payload and event count of a journal row read with them in columns 3, 4 and 5.
@@ -271,7 +270,7 @@ impl JournalCursor {
     /// Reads on: the first statement of a new read, or the next page of the read in
     /// progress (see the module documentation), and hands the rows not delivered yet to
     /// `outlet`. Returns how many events went, or `None` when told to stop while waiting for
-    /// room in the pipeline. More remains to read when [`reading`](Self::reading) says so.
+    /// room in the pipeline. More remains to read when [`take_more`](Self::take_more) says so.
     pub async fn read(
         &mut self,
         client: &Client,
@@ -320,14 +319,15 @@ impl JournalCursor {
                 client.query_typed_raw(&sql, params).await
             }
             Some(reading) => {
-                // Where the read's rows lie, once per read (and again after a restart): a page
-                // is a range of ids from `through`, and the read is done past the last one.
-                let through = match (reading.through, self.end) {
-                    (Some(through), Some(_)) => through,
-                    _ => {
+                // Where the read's rows start, when no page says yet (after a restart, or a
+                // first statement cut before its first whole transaction): through the index
+                // on `xid` (`k.id + 0` keeps `min` from walking the primary key from the
+                // journal's first row, read long ago).
+                let through = match reading.through {
+                    Some(through) => through,
+                    None => {
                         let sql = format!(
-                            "SELECT pg_catalog.min(k.id + 0) - 1, pg_catalog.max(k.id + 0)
-                               FROM {s}.journal k WHERE {}",
+                            "SELECT pg_catalog.min(k.id + 0) FROM {s}.journal k WHERE {}",
                             unread("k", "$3::text::pg_snapshot")
                         );
                         let params: [(&(dyn ToSql + Sync), Type); 3] = [
@@ -339,22 +339,21 @@ impl JournalCursor {
                             .query_typed(&sql, &params)
                             .await
                             .map_err(|e| Error::db("reading the journal", e))?;
-                        let range = row.first().map(|r| {
-                            (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1))
-                        });
-                        let Some((Some(first), Some(last))) = range else {
+                        let Some(first) = row.first().and_then(|r| r.get::<_, Option<i64>>(0))
+                        else {
                             // Nothing of the read is left (a purge took it).
                             self.complete(reading.during.clone());
                             return Ok(Some(0));
                         };
-                        self.end = Some(last);
-                        reading.through.unwrap_or(first)
+                        first.saturating_sub(1)
                     }
                 };
                 // The page's rows are those of `m` — the read's rows with ids in
-                // (`through`, `bound`], `bound` being `through` + `page` — whose transaction
-                // ends in it (at or before `bound`): those that end later come in a later
-                // page, in full. The last id of each transaction in `m` is looked up once
+                // [`first`, `bound`], `first` being its next row after `through` (found by
+                // walking the primary key: no empty range is walked, however far apart the
+                // ids) and `bound` `first` + `page` - 1 — whose transaction ends in it (at or
+                // before `bound`): those that end later come in a later page, in full. No
+                // next row: the read is done (`bound` is NULL). The last id of each transaction in `m` is looked up once
                 // (`l`); those that end past the page are returned (`later`) and passed back
                 // while the pages reach them (`$6`, `$7`), so a transaction larger than a page
                 // is not looked up again on every page. A page is a range of the primary key,
@@ -365,13 +364,15 @@ impl JournalCursor {
                 // `IN`, which the planner made a merge join over the whole index); `k.id + 0`
                 // keeps `min` and `max` from walking the primary key from the journal's ends.
                 let sql = format!(
-                    "WITH m AS (
+                    "WITH f AS (
+                          SELECT j.id AS first FROM {s}.journal j
+                           WHERE j.id > $4 AND {page}
+                           ORDER BY j.id LIMIT 1),
+                     b AS (SELECT (SELECT f.first + LEAST($5 - 1, 9223372036854775807 - f.first)
+                                     FROM f) AS bound),
+                     m AS (
                           SELECT j.id, j.xid FROM {s}.journal j
-                           WHERE j.id > $4 AND j.id <= $4 + $5
-                             AND NOT pg_catalog.pg_visible_in_snapshot(j.xid, $1::text::pg_snapshot)
-                             AND j.channel = ANY($2)
-                             AND pg_catalog.pg_visible_in_snapshot(j.xid, $3::text::pg_snapshot)),
-                     b AS (SELECT $4 + $5 AS bound),
+                           WHERE j.id > $4 AND j.id <= (SELECT bound FROM b) AND {page}),
                      known AS (SELECT k.xid, k.last
                                  FROM ROWS FROM (pg_catalog.unnest($6::text[]::xid8[]),
                                                 pg_catalog.unnest($7::int8[])) AS k(xid, last)),
@@ -386,13 +387,18 @@ impl JournalCursor {
                      e AS (SELECT t.xid, t.last FROM (SELECT * FROM l UNION ALL SELECT * FROM known) t, b
                             WHERE t.last <= b.bound)
                      SELECT $3::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.last,
-                            b.bound, NULL::int8, later.xids, later.lasts
+                            b.bound, NULL::int8,
+                            CASE WHEN pg_catalog.row_number() OVER () = 1 THEN later.xids END,
+                            CASE WHEN pg_catalog.row_number() OVER () = 1 THEN later.lasts END
                        FROM b CROSS JOIN later LEFT JOIN LATERAL (
                             SELECT j.id, j.xid, j.channel, j.payload, j.events, e.last
                               FROM e CROSS JOIN LATERAL (
                                    SELECT * FROM {s}.journal j
                                     WHERE j.xid = e.xid AND j.channel = ANY($2)) j
                              ORDER BY e.last, j.id) r ON true",
+                    page = "NOT pg_catalog.pg_visible_in_snapshot(j.xid, $1::text::pg_snapshot)
+                             AND j.channel = ANY($2)
+                             AND pg_catalog.pg_visible_in_snapshot(j.xid, $3::text::pg_snapshot)",
                 );
                 let (xids, lasts): (Vec<String>, Vec<i64>) = self
                     .ends_later
@@ -419,7 +425,7 @@ impl JournalCursor {
         let (through, done) = match reading {
             _ if read.cut => (read.last_whole, false),
             None => (read.last_whole, read.rows < FIRST_PAGE),
-            Some(_) => (read.bound, read.bound >= self.end),
+            Some(_) => (read.bound, read.bound.is_none()),
         };
         self.more = !done;
         // The next page: small while the subscribers take their time (the last statement was
@@ -451,7 +457,6 @@ impl JournalCursor {
     fn complete(&mut self, during: String) {
         self.seen.clear();
         self.ends_later.clear();
-        self.end = None;
         self.snapshot = Some(during);
         self.reading = None;
     }
@@ -464,7 +469,7 @@ impl JournalCursor {
         before: &str,
         outlet: &Outlet,
     ) -> Result<Option<Statement>> {
-        pin_mut!(rows);
+        let mut rows = Box::pin(rows);
         // A row counts as seen only once it has been handed to the decoder: if this read is
         // abandoned (lost connection), rows collected but not handed over are read again.
         let (mut batch, mut ids, mut units) = (Vec::new(), Vec::new(), 0);
@@ -480,15 +485,7 @@ impl JournalCursor {
             let read = read.get_or_insert_with(|| {
                 let during: String = row.get(0);
                 out.bound = row.get(7);
-                if row.len() > 10 {
-                    let xids = row.get::<_, Option<Vec<String>>>(9).unwrap_or_default();
-                    let lasts = row.get::<_, Option<Vec<i64>>>(10).unwrap_or_default();
-                    for (xid, last) in xids.iter().zip(lasts) {
-                        if let Ok(xid) = xid.parse() {
-                            self.ends_later.insert(xid, last);
-                        }
-                    }
-                }
+
                 // Until it completes, the read is in progress: if this statement is cut
                 // short, the next read goes on with the same snapshot.
                 if self.reading.is_none() {
@@ -499,6 +496,16 @@ impl JournalCursor {
                 }
                 ReadSnapshots::new(before.to_string(), during)
             });
+            if row.len() > 10 {
+                // A page's transactions that end past it: on its first row only.
+                let xids = row.get::<_, Option<Vec<String>>>(9).unwrap_or_default();
+                let lasts = row.get::<_, Option<Vec<i64>>>(10).unwrap_or_default();
+                for (xid, last) in xids.iter().zip(lasts) {
+                    if let Ok(xid) = xid.parse() {
+                        self.ends_later.insert(xid, last);
+                    }
+                }
+            }
             let Some(id) = row.get::<_, Option<i64>>(1) else {
                 continue;
             };
@@ -533,6 +540,9 @@ impl JournalCursor {
                 break;
             }
         }
+        // Done with the statement (or cutting it short: the connection drops what it still
+        // sends) before waiting for room for the last batch.
+        drop(rows);
         let Some(n) = outlet.forward(std::mem::take(&mut batch)).await else {
             return Ok(None);
         };
