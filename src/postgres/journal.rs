@@ -7,10 +7,10 @@
 //! The method: every row records its writer's transaction id (`xid8`,
 //! `pg_current_xact_id()`). Each read has one snapshot, the `pg_current_snapshot()` of its
 //! first statement (see below for reads of more than one): the transactions it sees as
-//! committed are exactly those whose rows it returns. The cursor keeps the snapshot of its last complete read, and the next
-//! read asks only for rows of transactions that snapshot did *not* see — those at or after its
-//! `xmax` (begun since) and those in its `xip` list (running then) — and that the new snapshot
-//! does see. A late commit is picked up however low its id, no row comes twice, and a
+//! committed are exactly those whose rows it returns. The cursor keeps the snapshot of its
+//! last complete read, and the next read asks only for rows of transactions that snapshot did
+//! *not* see — those at or after its `xmax` (begun since) and those in its `xip` list
+//! (running then) — and that the new snapshot does see. A late commit is picked up however low its id, no row comes twice, and a
 //! transaction left open anywhere on the server (any role can hold one) costs nothing but one
 //! entry in `xip`: what committed around it is neither fetched nor remembered again. The index
 //! on `xid` serves both conditions: a range from `xmax`, and a lookup per running transaction.
@@ -22,8 +22,7 @@
 //! as it always did (one that does not still orders every row of the read to return its
 //! first ones). A statement also ends after the first whole transaction once it has waited
 //! [`PAGE_TIME`] for room in the pipeline: the subscribers are slow (the rows it still sends
-//! are dropped). The rest of a read
-//! goes on in pages, each one statement that reads only
+//! are dropped). The rest of a read goes on in pages, each one statement that reads only
 //! what the read's snapshot saw (passed back as a parameter, so no transaction is held): the
 //! read's rows in the next range of journal ids ([`PAGE`] ids or more, see [`PAGE_MAX`]) from
 //! its next row after where the last page ended (found on the primary key; after a restart,
@@ -45,8 +44,8 @@
 //! What a named consumer saves (a [`Position`]) is the snapshot of its last complete read, with
 //! its `xmin` as the horizon (the purge and the backlog use it), and, while a read is in
 //! progress, that read's snapshot and the last id its delivered transactions end at
-//! ([`Reading`]): restarting from it replays exactly what was not delivered. Older versions of sqlnotify
-//! saved the horizon alone, with the ids they had delivered at or after it (`seen`); a cursor
+//! ([`Reading`]): restarting from it replays exactly what was not delivered. Older versions
+//! of sqlnotify saved the horizon alone, with the ids they had delivered at or after it (`seen`); a cursor
 //! resuming from such a position skips those ids until its first complete read.
 //!
 //! Transactions stay whole and in order. A read sees each transaction's rows all or not at
@@ -352,17 +351,17 @@ impl JournalCursor {
                 // [`first`, `bound`], `first` being its next row after `through` (found by
                 // walking the primary key: no empty range is walked, however far apart the
                 // ids) and `bound` `first` + `page` - 1 — whose transaction ends in it (at or
-                // before `bound`): those that end later come in a later page, in full. No
-                // next row: the read is done (`bound` is NULL). The last id of each transaction in `m` is looked up once
-                // (`l`); those that end past the page are returned (`later`) and passed back
-                // while the pages reach them (`$6`, `$7`), so a transaction larger than a page
-                // is not looked up again on every page. A page is a range of the primary key,
-                // so whatever plan the statistics lead to reads that range only (a page of
-                // "the next so many rows in id order" became, on a journal not analyzed yet,
-                // a bitmap scan of every row after `through` and a sort, page after page).
-                // The look-ups go by the index on `xid` (an array, and a LATERAL join, not
-                // `IN`, which the planner made a merge join over the whole index); `k.id + 0`
-                // keeps `min` and `max` from walking the primary key from the journal's ends.
+                // before `bound`): those that end later come in a later page, in full. No next
+                // row: the read is done (`bound` is NULL). The last id of each transaction in
+                // `m` is looked up once (`l`); those that end past the page are returned
+                // (`later`, on the first row) and passed back while the pages reach them
+                // (`$6`, `$7`), so a transaction larger than a page is not looked up again on
+                // every page. A page is a range of the primary key, so whatever plan the
+                // statistics lead to reads that range only (a page of "the next so many rows
+                // in id order" became, on a journal not analyzed yet, a bitmap scan of every
+                // row after `through` and a sort, page after page). The look-ups go by the
+                // index on `xid` (an array, and a LATERAL join, not `IN`, which the planner
+                // made a merge join over the whole index).
                 let sql = format!(
                     "WITH f AS (
                           SELECT j.id AS first FROM {s}.journal j
@@ -485,7 +484,6 @@ impl JournalCursor {
             let read = read.get_or_insert_with(|| {
                 let during: String = row.get(0);
                 out.bound = row.get(7);
-
                 // Until it completes, the read is in progress: if this statement is cut
                 // short, the next read goes on with the same snapshot.
                 if self.reading.is_none() {
