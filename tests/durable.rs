@@ -1054,12 +1054,8 @@ async fn a_consumer_catching_up_saves_its_position_as_it_goes() {
         .unwrap();
         let mut ids = Vec::new();
         while ids.last() != Some(&20_000) {
-            let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
-                .await
-                .unwrap_or_else(|_| panic!("{tier:?}: only {} events came", ids.len()))
-                .unwrap();
-            delivery.ack.ack();
-            ids.push(delivery.event.id().as_i64().unwrap());
+            let event = next_acked(&mut deliveries, Duration::ZERO, ids.len()).await;
+            ids.push(event.id().as_i64().unwrap());
         }
         notifier.stop().await.unwrap();
         let first = ids[0];
@@ -1124,13 +1120,8 @@ async fn a_long_read_in_pages_keeps_interleaved_transactions_whole_and_in_order(
             .unwrap();
         let mut events = Vec::new();
         while events.len() < 9_550 {
-            let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
-                .await
-                .unwrap_or_else(|_| panic!("{tier:?}: only {} events arrived", events.len()))
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            delivery.ack.ack();
-            events.push(delivery.event);
+            let slow = Duration::from_millis(1);
+            events.push(next_acked(&mut deliveries, slow, events.len()).await);
         }
         notifier.stop().await.unwrap();
         assert!(deliveries.try_recv().is_none(), "{tier:?}: no event twice");
@@ -1191,14 +1182,27 @@ async fn a_read_in_pages_jumps_over_ids_no_row_has() {
         if ids.len() == 3_000 {
             db.exec("INSERT INTO t VALUES (3001)").await;
         }
-        let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} events came", ids.len()))
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        delivery.ack.ack();
-        ids.push(delivery.event.id().as_i64().unwrap());
+        let event = next_acked(&mut deliveries, Duration::from_millis(1), ids.len()).await;
+        ids.push(event.id().as_i64().unwrap());
     }
     notifier.stop().await.unwrap();
     assert_eq!(ids, (1..=3_001).collect::<Vec<i64>>());
+}
+
+/// The next delivery's event, acknowledged after `work` (a subscriber that takes its time;
+/// `got`: how many came before, for the failure message). Fails when none comes within 30 s.
+async fn next_acked(
+    deliveries: &mut sqlnotify::Deliveries,
+    work: Duration,
+    got: usize,
+) -> sqlnotify::ChangeEvent {
+    let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
+        .await
+        .unwrap_or_else(|_| panic!("only {got} events came"))
+        .expect("the subscription is open");
+    if !work.is_zero() {
+        tokio::time::sleep(work).await;
+    }
+    delivery.ack.ack();
+    delivery.event
 }
