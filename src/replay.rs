@@ -21,7 +21,7 @@ pub(crate) enum ReplayFrom {
         during: String,
         group: i64,
         id: i64,
-        page: Option<ReadPage>,
+        page: Option<Box<ReadPage>>,
     },
     /// After a row of a journal read by a gap-aware cursor (MySQL / MariaDB, see
     /// `src/read_set.rs`): the ids the client had (`read`, grown by the replay's pages) and
@@ -30,13 +30,16 @@ pub(crate) enum ReplayFrom {
 }
 
 /// How far a PostgreSQL replay got: the snapshot its first page was read in (every page reads
-/// what that snapshot saw, so the pages add up to one consistent read) and the key of the last
-/// row read — (read after the client's read, its transaction's last id, its id).
+/// what that snapshot saw, so the pages add up to one consistent read), the key after which
+/// the next page starts — (read after the client's read, a transaction's last id, an id) —
+/// and the transactions known to end later than the last page's window (xid, last id), so
+/// that the pages do not look them up again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(not(feature = "web"), allow(dead_code))]
 pub(crate) struct ReadPage {
     pub snapshot: String,
     pub key: (bool, i64, i64),
+    pub ends_later: Vec<(String, i64)>,
 }
 
 /// What a journal holds after a position, for a client that resumes from it.

@@ -1373,6 +1373,9 @@ async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_re
         "1@1@1:1:@1:1:",
         "1@1@9:5:@9:5:",
         "1@1@5:9:7,6@5:9:",
+        // A stream's head from the future (another cluster's, or before a restore): would
+        // count every row written since as seen.
+        "0@0@900000000:900000000:@900000000:900000000:",
     ] {
         let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", position)])
             .await
@@ -1390,7 +1393,7 @@ async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_re
         db.exec(&insert(id)).await;
         assert_eq!(client.next_event().await.row(), id, "{position}");
     }
-    assert_eq!(sse.stats().resets, 5);
+    assert_eq!(sse.stats().resets, 6);
     sse.shutdown();
     handle.stop(true).await;
     server.await.unwrap().unwrap();
@@ -1732,6 +1735,129 @@ async fn on_postgresql_a_purge_between_two_pages_of_a_replay_is_a_reset() {
         "a reset, not the page {:?}",
         page.map(|(rows, _)| rows)
     );
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+/// A PostgreSQL replay reads the journal in windows of ids, each transaction whole once the
+/// window reaches its last row: over two transactions that interleave 700 rows at a time,
+/// single-row transactions between them and one of 2,500 rows, pages of 50 rows (windows of
+/// 1,000 ids) return every row after the position once, in the listener's order — by each
+/// transaction's last id, then id — and a client resuming over them gets its own rows in that
+/// order, also when it drops half way and resumes again.
+#[actix_rt::test]
+async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
+    use sqlnotify::bench_support::replay_page;
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+        n.purge_interval(Duration::from_secs(3600))
+    })
+    .await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let head = client
+        .next_frame()
+        .await
+        .and_then(|f| f.id)
+        .expect("the first frame names where the stream starts");
+    drop(client);
+    // Every seventh order is user 1's.
+    let insert = |from: i64, n: i64| {
+        format!(
+            "INSERT INTO orders (id, owner_id, status) \
+             SELECT x, CASE WHEN x % 7 = 0 THEN 1 ELSE 2 END, 'new' \
+               FROM generate_series({from}, {}) x",
+            from + n - 1
+        )
+    };
+    let (a, b) = (db.client().await, db.client().await);
+    a.batch_execute("BEGIN").await.unwrap();
+    b.batch_execute("BEGIN").await.unwrap();
+    for round in 0..5 {
+        a.batch_execute(&insert(1 + round * 1_400, 700))
+            .await
+            .unwrap();
+        b.batch_execute(&insert(701 + round * 1_400, 700))
+            .await
+            .unwrap();
+    }
+    a.batch_execute("COMMIT").await.unwrap();
+    for id in 0..50 {
+        db.exec(&insert(10_000 + id, 1)).await;
+    }
+    b.batch_execute("COMMIT").await.unwrap();
+    db.exec(&insert(20_000, 2_500)).await;
+    for id in 0..50 {
+        db.exec(&insert(30_000 + id, 1)).await;
+    }
+    // The listener's order (all of it came after the head).
+    let oracle = db.client().await;
+    let expected: Vec<i64> = oracle
+        .query(
+            "SELECT id FROM sqlnotify.journal \
+              ORDER BY max(id) OVER (PARTITION BY xid), id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(expected.len(), 9_600);
+    let (mut replayed, mut next) = (Vec::new(), None);
+    loop {
+        let (rows, more) = replay_page(&notifier, &head, next, 50)
+            .await
+            .unwrap()
+            .expect("the head resumes");
+        assert!(rows.len() <= 50);
+        replayed.extend(rows);
+        match more {
+            Some(more) => next = Some(more),
+            None => break,
+        }
+    }
+    assert_eq!(
+        replayed, expected,
+        "every journal row once, in the listener's order"
+    );
+    // Through the endpoint: user 1's orders, in that order.
+    let journal_rows: std::collections::HashMap<i64, i64> = oracle
+        .query(
+            "SELECT j.id, (j.payload::jsonb ->> 'id')::int8 FROM sqlnotify.journal j",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mine: Vec<i64> = expected
+        .iter()
+        .map(|id| journal_rows[id])
+        .filter(|order| order % 7 == 0)
+        .collect();
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &head)])
+        .await
+        .unwrap();
+    let (mut got, mut last) = (Vec::new(), None);
+    for _ in 0..mine.len() / 2 {
+        let frame = client.next_event().await;
+        got.push(frame.row());
+        last = frame.id;
+    }
+    drop(client);
+    let last = last.expect("a durable event has a position");
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    while got.len() < mine.len() {
+        got.push(client.next_event().await.row());
+    }
+    assert_eq!(got, mine, "user 1's orders once, in the listener's order");
+    assert_eq!(sse.stats().resets, 0);
+    drop(client);
     sse.shutdown();
     handle.stop(true).await;
     server.await.unwrap().unwrap();

@@ -21,13 +21,24 @@ const PURGE_BATCH: i64 = 5_000;
 
 pub(crate) struct Control {
     config: PgConfig,
+    /// What the connection is for, in its errors and logs.
+    purpose: &'static str,
     client: Mutex<Option<Arc<Client>>>,
 }
 
 impl Control {
+    /// The control connection (opened on first use).
     pub fn new(config: PgConfig) -> Self {
+        Self::for_purpose(config, "control")
+    }
+
+    /// A connection like the control connection, kept for `purpose` alone (opened on first
+    /// use): replays of the journal for resuming clients, whose reads must never hold up the
+    /// overflow reads the pipeline waits for.
+    pub fn for_purpose(config: PgConfig, purpose: &'static str) -> Self {
         Control {
             config,
+            purpose,
             client: Mutex::new(None),
         }
     }
@@ -53,7 +64,7 @@ impl Control {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let client = Arc::new(Self::connect(&self.config, "control").await?);
+        let client = Arc::new(Self::connect(&self.config, self.purpose).await?);
         *slot = Some(client.clone());
         Ok(client)
     }

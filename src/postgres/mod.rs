@@ -43,6 +43,10 @@ use crate::tier::{Capture, Tier};
 /// PostgreSQL behind the [`Dialect`] interface.
 pub(crate) struct Postgres {
     control: Arc<Control>,
+    /// The connection that replays the journal for resuming clients (SSE `Last-Event-ID`):
+    /// a replay's pages queue there, never in front of the overflow reads and custom events
+    /// of the control connection.
+    replays: Arc<Control>,
     /// Whether notify-tier payloads are signed (anyone who can connect may NOTIFY).
     sign_notifications: bool,
     /// The logical tier's watches, as the last install saw them (what its listener decodes).
@@ -65,6 +69,7 @@ impl Postgres {
         };
         let config = PgConfig::parse(&url)?;
         Ok(Postgres {
+            replays: Arc::new(Control::for_purpose(config.clone(), "journal replay")),
             control: Arc::new(Control::new(config)),
             sign_notifications: options.sign_notifications,
             logical: Mutex::new(Vec::new()),
@@ -350,7 +355,7 @@ impl Dialect for Postgres {
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {
-        let control = self.control.clone();
+        let (control, replays) = (self.control.clone(), self.replays.clone());
         let temporary = self
             .temporary
             .lock()
@@ -372,6 +377,7 @@ impl Dialect for Postgres {
             }
             #[cfg(not(feature = "logical"))]
             let _ = temporary;
+            replays.close().await;
             control.close().await
         })
     }
@@ -429,9 +435,9 @@ impl Dialect for Postgres {
         all: Vec<String>,
         limit: i64,
     ) -> BoxFuture<'static, Result<crate::replay::Replay>> {
-        let control = self.control.clone();
+        let replays = self.replays.clone();
         Box::pin(async move {
-            replay::replay(&*control.client().await?, from, &channels, &all, limit).await
+            replay::replay(&*replays.client().await?, from, &channels, &all, limit).await
         })
     }
 

@@ -14,9 +14,27 @@
 //! `xip` list: the replay asks for exactly those, through the index on `xid` (not for every
 //! row from its `xmin`, which a transaction left open anywhere holds back).
 //!
-//! The replay is read in pages, each one statement; the first page's snapshot is kept, and
-//! every page reads only what that snapshot saw, so the pages add up to one consistent read and
-//! live events that snapshot saw are dropped by the client (the page's [`Fence`]).
+//! The replay is read in pages; the first page's snapshot is kept, and every page reads only
+//! what that snapshot saw, so the pages add up to one consistent read and live events that
+//! snapshot saw are dropped by the client (the page's [`Fence`]). A page reads windows of
+//! journal ids, one statement each, as the listener's own catch-up reads do
+//! (`journal.rs`): a window starts at the next row after the last one (found on the primary
+//! key) and holds the transactions that end in it, each fetched whole through the index on
+//! `xid`; those that end past it are remembered, with their last id, until a window reaches
+//! it. So a page costs its window, not the whole backlog: the statement a page was before
+//! ranked every row since the client's position on every page (a window function over all of
+//! them), which made a long replay quadratic — 600 pages each reading every row of an hour's
+//! backlog. A page goes on to the next window until it holds `limit` rows or has read for
+//! [`PAGE_TIME`], so a client whose rows are rare still gets pages (possibly empty) at that
+//! pace. A transaction of many pages' rows is fetched whole by each page that returns part
+//! of it (its rows after the page's key), a cost linear in its size per page.
+//!
+//! Replays run on a connection of their own (`Postgres::replays`), never on the control
+//! connection whose overflow reads the pipeline waits for.
+//!
+//! A position whose snapshots are later than the server's (another cluster's, or this one's
+//! before a restore to an earlier point) is refused (`TooOld`): it would count every row
+//! written since as seen.
 //!
 //! Retention: the purge records the newest transaction id it ever deleted, with its snapshot
 //! (`sqlnotify.trimmed`); every row a client may lack has a transaction id that `before` did
@@ -80,7 +98,20 @@ pub(crate) async fn head(client: &Client) -> Result<crate::replay::Head> {
     Ok(crate::replay::Head::Snapshot(snapshot))
 }
 
-/// Reads the next page of a replay (see the module documentation).
+/// Ids a page's window covers at least (`window`: four pages' worth of rows, at least this
+/// many).
+const WINDOW_MIN: i64 = 1_000;
+
+/// Most transactions that end past a page's window carried to the next page; past it, those
+/// not carried are looked up again by the pages that reach them (cost, never correctness).
+const ENDS_LATER_MAX: usize = 10_000;
+
+/// How long a page goes on reading windows that hold too few of the client's rows before it
+/// returns what it has (the endpoint writes in between, so a long replay is never silent).
+const PAGE_TIME: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Reads the next page of a replay (see the module documentation): at most `limit` rows, from
+/// as many windows as it takes to fill it, within [`PAGE_TIME`].
 pub(crate) async fn replay(
     client: &Client,
     from: ReplayFrom,
@@ -107,86 +138,161 @@ pub(crate) async fn replay(
     if !snapshots_ok || (id < 1 && !at_head) || group < id {
         return Ok(Replay::TooOld);
     }
-    let s = quote_ident(SCHEMA);
-    let err = |e| Error::db("reading the journal for a client that resumes", e);
-    if page.is_none() {
-        // The event's own row (the start of the replay) and everything the client may lack
-        // must still be there (the second part is checked again with every page).
-        let check = format!(
-            "SELECT $1 = 0 OR EXISTS (SELECT 1 FROM {s}.journal WHERE id = $1), {}",
-            trimmed_past(&s, "$2::text::pg_snapshot")
-        );
-        let row = client
-            .query_typed_raw(
-                &check,
-                [
-                    (&id as &(dyn ToSql + Sync), Type::INT8),
-                    (&before, Type::TEXT),
-                ],
-            )
-            .await
-            .map_err(err)?;
-        futures_util::pin_mut!(row);
-        let row = futures_util::TryStreamExt::try_next(&mut row)
-            .await
-            .map_err(err)?;
-        let (present, trimmed) = row
-            .map(|r| (r.get::<_, bool>(0), r.get::<_, Option<bool>>(1)))
-            .unwrap_or((false, None));
-        if !present || trimmed == Some(true) {
-            return Ok(Replay::TooOld);
+    let (mut page, first) = match page {
+        Some(page) => (page, false),
+        None => match first_page(client, &before, &during, group, id).await? {
+            Some(page) => (Box::new(page), true),
+            None => return Ok(Replay::TooOld),
+        },
+    };
+    let fence = Fence::parse_postgres(&page.snapshot).ok_or_else(|| Error::InvalidPayload {
+        channel: "journal".into(),
+        reason: format!("unexpected snapshot {:?}", page.snapshot),
+    })?;
+    let read = Read {
+        before: &before,
+        during: &during,
+        channels,
+        all,
+    };
+    let mut more = true;
+    if first && before == during {
+        // A stream's head, or a read that saw nothing new: no rest of the client's read to
+        // look for (its windows would walk every later row of the journal finding none).
+        match first_later_row(client, &during, all, &page.snapshot).await? {
+            Some(first) => page.key = (true, first, i64::MIN),
+            None => more = false,
         }
     }
+    let started = std::time::Instant::now();
+    let mut rows = Vec::new();
+    while more && (rows.len() as i64) < limit {
+        if !rows.is_empty() && started.elapsed() >= PAGE_TIME {
+            break;
+        }
+        match window(client, &read, &mut page, limit - rows.len() as i64).await? {
+            None => return Ok(Replay::TooOld),
+            Some((window_rows, window_more)) => {
+                rows.extend(window_rows);
+                more = window_more;
+            }
+        }
+        if started.elapsed() >= PAGE_TIME {
+            break;
+        }
+    }
+    Ok(Replay::Rows {
+        rows,
+        next: more.then_some(ReplayFrom::Read {
+            before,
+            during,
+            group,
+            id,
+            page: Some(page),
+        }),
+        fence,
+    })
+}
+
+/// What a replay reads: transactions snapshot `before` did not see, on `all` channels (which
+/// decide where each transaction ends), the rows of `channels` among them.
+struct Read<'a> {
+    before: &'a str,
+    during: &'a str,
+    channels: &'a [String],
+    all: &'a [String],
+}
+
+/// Reads at most `limit` rows of the window at `page`'s key and moves the key past them.
+/// Returns them and whether more may follow; `None` when a purge may have deleted rows the
+/// client lacks (`TooOld`).
+async fn window(
+    client: &Client,
+    read: &Read<'_>,
+    page: &mut ReadPage,
+    limit: i64,
+) -> Result<Option<(Vec<RawNotification>, bool)>> {
+    let s = quote_ident(SCHEMA);
+    let err = |e| Error::db("reading the journal for a client that resumes", e);
+    let (later, k_group, k_id) = page.key;
+    // The rows of this part of the replay: transactions `before` did not see, that the
+    // replay's snapshot sees, and that the client's read saw (`later` false) or did not (true).
+    let part = "(j.xid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
+          OR j.xid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
+         AND j.channel = ANY($3)
+         AND pg_catalog.pg_visible_in_snapshot(j.xid, $4::text::pg_snapshot)
+         AND pg_catalog.pg_visible_in_snapshot(j.xid, $2::text::pg_snapshot) = NOT $5";
+    // As the listener's pages (`journal.rs`): the window is the part's rows with ids from its
+    // first one at or after `k_group` (found by walking the primary key) to `bound`, `first`
+    // + `window` - 1; a page holds the rows of the transactions that end in it (at or before
+    // `bound`, and after the key: a transaction that ends before `k_group` was replayed
+    // whole), fetched whole through the index on `xid`, in (last id, id) order, at most
+    // `limit`. Each transaction's last id is looked up once (`l`); those that end past the
+    // window are passed back (`$9`, `$10`) while the pages reach them. No first row: the part
+    // is done (`bound` NULL).
     let sql = format!(
-        "WITH s AS (
-            SELECT coalesce($1::text::pg_snapshot, pg_catalog.pg_current_snapshot()) AS replay,
-                   $2::text::pg_snapshot AS before, $3::text::pg_snapshot AS during),
-         j AS (
-            SELECT j.id, j.xid, j.channel, j.payload, j.events,
-                   pg_catalog.max(j.id) OVER (PARTITION BY j.xid) AS tx_last,
-                   NOT pg_catalog.pg_visible_in_snapshot(j.xid, s.during) AS later
-              FROM {s}.journal j, s
-             WHERE (j.xid >= pg_catalog.pg_snapshot_xmax($2::text::pg_snapshot)
-                    OR j.xid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($2::text::pg_snapshot))))
-               AND j.channel = ANY($4)
-               AND pg_catalog.pg_visible_in_snapshot(j.xid, s.replay))
-         SELECT s.replay::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.tx_last, r.later,
-                {} AS trimmed, pg_catalog.pg_is_in_recovery() AS standby
-           FROM s LEFT JOIN LATERAL (
-                SELECT * FROM j
-                 WHERE j.channel = ANY($5)
-                   AND (j.later OR (j.tx_last, j.id) >= ($6, $7))
-                   AND ($8::bool IS NULL OR (j.later, j.tx_last, j.id) > ($8, $9, $10))
-                 ORDER BY j.later, j.tx_last, j.id
-                 LIMIT $11) r ON true",
-        trimmed_past(&s, "s.before")
+        "WITH f AS (
+              SELECT j.id AS first FROM {s}.journal j
+               WHERE j.id >= $6 AND {part}
+               ORDER BY j.id LIMIT 1),
+         b AS (SELECT (SELECT f.first + LEAST($8 - 1, 9223372036854775807 - f.first)
+                         FROM f) AS bound),
+         m AS (
+              SELECT j.id, j.xid FROM {s}.journal j
+               WHERE j.id >= (SELECT first FROM f) AND j.id <= (SELECT bound FROM b) AND {part}),
+         known AS (SELECT k.xid, k.last
+                     FROM ROWS FROM (pg_catalog.unnest($9::text[]::xid8[]),
+                                    pg_catalog.unnest($10::int8[])) AS k(xid, last)),
+         l AS (SELECT j.xid, pg_catalog.max(j.id) AS last FROM {s}.journal j
+                WHERE j.xid = ANY(ARRAY(SELECT DISTINCT m.xid FROM m
+                                         WHERE m.xid NOT IN (SELECT xid FROM known)))
+                  AND j.channel = ANY($3)
+                GROUP BY j.xid),
+         later AS (SELECT pg_catalog.array_agg(l.xid::text) AS xids,
+                          pg_catalog.array_agg(l.last) AS lasts
+                     FROM l, b WHERE l.last > b.bound),
+         e AS (SELECT t.xid, t.last FROM (SELECT * FROM l UNION ALL SELECT * FROM known) t, b
+                WHERE t.last <= b.bound AND t.last >= $6)
+         SELECT r.id, r.xid::text, r.last, r.channel, r.payload, r.events,
+                b.bound, later.xids, later.lasts, {trimmed} AS trimmed,
+                pg_catalog.pg_is_in_recovery() AS standby
+           FROM b CROSS JOIN later LEFT JOIN LATERAL (
+                SELECT j.id, j.xid, j.channel, j.payload, j.events, e.last
+                  FROM e CROSS JOIN LATERAL (
+                       SELECT * FROM {s}.journal j
+                        WHERE j.xid = e.xid AND j.channel = ANY($11)) j
+                 WHERE (e.last, j.id) > ($6, $7)
+                 ORDER BY e.last, j.id
+                 LIMIT $12) r ON true",
+        trimmed = trimmed_past(&s, "$1::text::pg_snapshot"),
     );
-    let snapshot = page.as_ref().map(|p| p.snapshot.clone());
-    let (k_later, k_group, k_id) = match &page {
-        Some(p) => (Some(p.key.0), Some(p.key.1), Some(p.key.2)),
-        None => (None, None, None),
-    };
-    let params: [(&(dyn ToSql + Sync), Type); 11] = [
-        (&snapshot, Type::TEXT),
-        (&before, Type::TEXT),
-        (&during, Type::TEXT),
-        (&all, Type::TEXT_ARRAY),
-        (&channels, Type::TEXT_ARRAY),
-        (&group, Type::INT8),
-        (&id, Type::INT8),
-        (&k_later, Type::BOOL),
+    let window = limit.saturating_mul(4).max(WINDOW_MIN);
+    let (xids, lasts): (Vec<String>, Vec<i64>) = page.ends_later.iter().cloned().unzip();
+    let params: [(&(dyn ToSql + Sync), Type); 12] = [
+        (&read.before, Type::TEXT),
+        (&read.during, Type::TEXT),
+        (&read.all, Type::TEXT_ARRAY),
+        (&page.snapshot, Type::TEXT),
+        (&later, Type::BOOL),
         (&k_group, Type::INT8),
         (&k_id, Type::INT8),
+        (&window, Type::INT8),
+        (&xids, Type::TEXT_ARRAY),
+        (&lasts, Type::INT8_ARRAY),
+        (&read.channels, Type::TEXT_ARRAY),
         (&limit, Type::INT8),
     ];
     let rows = client.query_typed(&sql, &params).await.map_err(err)?;
-    // A purge that committed since the check above (or the page before) deleted rows this
-    // page would have held: it records the newest transaction it reached in the same
-    // transaction, which this statement sees if it misses their rows.
+    let Some(first) = rows.first() else {
+        return Err(Error::InvalidPayload {
+            channel: "journal".into(),
+            reason: "the replay read returned no row".into(),
+        });
+    };
     // A standby (a multi-host URL may reach one) lists no running transaction in a
     // snapshot's `xip`: the page's fence would drop live events of transactions it counts as
     // finished. Refused, as the listener refuses it.
-    if rows.first().is_some_and(|r| r.get::<_, bool>(9)) {
+    if first.get::<_, bool>(10) {
         return Err(Error::Database {
             context: "reading the journal for a client that resumes".into(),
             source: "this server is a standby in recovery; the journal is read on the primary \
@@ -194,38 +300,37 @@ pub(crate) async fn replay(
                 .into(),
         });
     }
-    if rows.first().and_then(|r| r.get::<_, Option<bool>>(8)) == Some(true) {
-        return Ok(Replay::TooOld);
+    // A purge that committed since the check of the first page (or the window before)
+    // deleted rows this window would have held: it records the newest transaction it reached
+    // in the same transaction, which this statement sees if it misses their rows.
+    if first.get::<_, Option<bool>>(9) == Some(true) {
+        return Ok(None);
     }
-    let replay_snapshot: String = match rows.first() {
-        Some(row) => row.get(0),
-        None => {
-            return Err(Error::InvalidPayload {
-                channel: "journal".into(),
-                reason: "the replay read returned no snapshot".into(),
-            })
-        }
-    };
-    let fence = Fence::parse_postgres(&replay_snapshot).ok_or_else(|| Error::InvalidPayload {
-        channel: "journal".into(),
-        reason: format!("unexpected snapshot {replay_snapshot:?}"),
-    })?;
+    let bound: Option<i64> = first.get(6);
+    let found = first.get::<_, Option<Vec<String>>>(7).unwrap_or_default();
+    let found_lasts = first.get::<_, Option<Vec<i64>>>(8).unwrap_or_default();
+    page.ends_later
+        .retain(|(_, last)| bound.is_some_and(|b| *last > b));
+    page.ends_later.extend(found.into_iter().zip(found_lasts));
+    page.ends_later.sort_by_key(|(_, last)| *last);
+    page.ends_later.truncate(ENDS_LATER_MAX);
     // The rows carry read points of the reads the listener would have made: `during` for the
     // rest of the client's read, the replay's own snapshot for what came later — so a client
     // that drops again during the replay resumes from where it got to.
-    let same_read = ReadSnapshots::new(before.clone(), during.clone());
-    let later_read = ReadSnapshots::new(during.clone(), replay_snapshot.clone());
+    let snapshots = if later {
+        ReadSnapshots::new(read.during.to_string(), page.snapshot.clone())
+    } else {
+        ReadSnapshots::new(read.before.to_string(), read.during.to_string())
+    };
     let mut out = Vec::new();
     let mut key = None;
     for row in &rows {
-        let Some(row_id) = row.get::<_, Option<i64>>(1) else {
+        let Some(row_id) = row.get::<_, Option<i64>>(0) else {
             continue;
         };
-        let xid = super::journal::parse_xid(&row.get::<_, String>(2))?;
-        let tx_last: i64 = row.get(6);
-        let later: bool = row.get(7);
+        let xid = super::journal::parse_xid(&row.get::<_, String>(1))?;
+        let tx_last: i64 = row.get(2);
         let (channel, payload, events) = super::journal::content(row);
-        let read = if later { &later_read } else { &same_read };
         out.push(RawNotification {
             channel,
             payload,
@@ -234,28 +339,113 @@ pub(crate) async fn replay(
             events,
             transaction: Some(xid),
             last_in_transaction: Some(row_id == tx_last),
-            read_point: Some(ReadPoint::new(read.clone(), tx_last)),
+            read_point: Some(ReadPoint::new(snapshots.clone(), tx_last)),
             decoded: None,
             part: 0,
         });
-        key = Some((later, tx_last, row_id));
+        key = Some((tx_last, row_id));
     }
-    let full = out.len() as i64 >= limit;
-    Ok(Replay::Rows {
-        rows: out,
-        next: match (full, key) {
-            (true, Some(key)) => Some(ReplayFrom::Read {
-                before,
-                during,
-                group,
-                id,
-                page: Some(ReadPage {
-                    snapshot: replay_snapshot,
-                    key,
-                }),
-            }),
-            _ => None,
-        },
-        fence,
-    })
+    let next = match (bound, key) {
+        // A full page: the next one goes on after its last row, in the same window.
+        (_, Some(key)) if out.len() as i64 >= limit => Some((later, key.0, key.1)),
+        // The window is done: the next one starts after it.
+        (Some(bound), _) => Some((later, bound.saturating_add(1), i64::MIN)),
+        // The client's read is done: the transactions it did not see, from the first one's
+        // first row on (through the index on `xid`).
+        (None, _) if !later => first_later_row(client, read.during, read.all, &page.snapshot)
+            .await?
+            .map(|first| (true, first, i64::MIN)),
+        (None, _) => None,
+    };
+    if let Some(next) = next {
+        if next.0 != later {
+            page.ends_later.clear();
+        }
+        page.key = next;
+    }
+    Ok(Some((out, next.is_some())))
+}
+
+/// The first page of a replay: checks that the event's own row (the start of the replay) and
+/// everything the client may lack are still there (the second part is checked again with
+/// every page), and takes the replay's snapshot. `None`: the client must start over.
+async fn first_page(
+    client: &Client,
+    before: &str,
+    during: &str,
+    group: i64,
+    id: i64,
+) -> Result<Option<ReadPage>> {
+    let s = quote_ident(SCHEMA);
+    let err = |e| Error::db("reading the journal for a client that resumes", e);
+    // A position from the future — another cluster's, or this one's before a restore to an
+    // earlier point — would count the rows written since as seen: refused.
+    let check = format!(
+        "SELECT $1 = 0 OR EXISTS (SELECT 1 FROM {s}.journal WHERE id = $1), {},
+                pg_catalog.pg_current_snapshot()::text,
+                pg_catalog.pg_snapshot_xmax($3::text::pg_snapshot)
+                  <= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())
+                AND pg_catalog.pg_snapshot_xmax($2::text::pg_snapshot)
+                  <= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())",
+        trimmed_past(&s, "$2::text::pg_snapshot")
+    );
+    let row = client
+        .query_typed_opt(
+            &check,
+            &[
+                (&id, Type::INT8),
+                (&before, Type::TEXT),
+                (&during, Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(err)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let present: bool = row.get(0);
+    let trimmed: Option<bool> = row.get(1);
+    let snapshot: String = row.get(2);
+    let from_now: bool = row.get(3);
+    if !present || trimmed == Some(true) || !from_now || !is_snapshot_text(&snapshot) {
+        return Ok(None);
+    }
+    // The rest of the client's read: its transaction's rows after the event's (from the
+    // event's own row: a row may carry several events), then the transactions that end later.
+    Ok(Some(ReadPage {
+        snapshot,
+        key: (false, group, id.saturating_sub(1)),
+        ends_later: Vec::new(),
+    }))
+}
+
+/// The first journal id of the transactions the client's read (`during`) did not see and the
+/// replay's snapshot does (`None`: there are none), through the index on `xid` (`k.id + 0`
+/// keeps `min` from walking the primary key from the journal's first row).
+async fn first_later_row(
+    client: &Client,
+    during: &str,
+    all: &[String],
+    replay: &str,
+) -> Result<Option<i64>> {
+    let sql = format!(
+        "SELECT pg_catalog.min(k.id + 0) FROM {s}.journal k
+          WHERE (k.xid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
+                 OR k.xid = ANY(ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
+            AND k.channel = ANY($2)
+            AND pg_catalog.pg_visible_in_snapshot(k.xid, $3::text::pg_snapshot)",
+        s = quote_ident(SCHEMA)
+    );
+    let row = client
+        .query_typed_opt(
+            &sql,
+            &[
+                (&during, Type::TEXT),
+                (&all, Type::TEXT_ARRAY),
+                (&replay, Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(|e| Error::db("reading the journal for a client that resumes", e))?;
+    Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
 }

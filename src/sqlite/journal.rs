@@ -149,7 +149,12 @@ pub(crate) fn replay(
 ) -> Result<crate::replay::Replay> {
     use crate::replay::{Replay, ReplayFrom};
     use crate::snapshot::fence::Fence;
-    let (oldest, given): (Option<i64>, i64) = conn
+    // The bounds and the rows in one read transaction: another process's purge committing
+    // between them could otherwise delete rows after `since` that the check found there.
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(db_err("starting the journal's replay read"))?;
+    let (oldest, given): (Option<i64>, i64) = tx
         .query_row(
             "SELECT (SELECT min(id) FROM sqlnotify_journal),
                     coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'sqlnotify_journal'), 0)",
@@ -166,7 +171,8 @@ pub(crate) fn replay(
     }
     // A page of at most `limit` rows (the endpoint's `replay_page`): a replay needs no whole
     // transactions, and each resuming client holds its page.
-    let (rows, last, done) = read_after(conn, cursor, limit, 0, channels)?;
+    let (rows, last, done) = read_after(&tx, cursor, limit, 0, channels)?;
+    drop(tx);
     Ok(Replay::Rows {
         rows,
         next: (!done).then_some(ReplayFrom::Journal {
