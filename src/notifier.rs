@@ -306,39 +306,30 @@ impl Notifier {
     /// The events of every subscription in `subscriptions` through one bounded channel of
     /// `capacity` (see `src/stream_sink.rs`): in commit order across them unless `ordered` is
     /// false, each event once; what their overflow policies drop is counted on the receiver.
-    /// On an error, the subscriptions already made are removed again.
+    /// The subscriptions are removed when the returned [`StreamSubscriptions`] is dropped —
+    /// also when this future is dropped part way, or returns an error.
+    ///
+    /// [`StreamSubscriptions`]: crate::registry::StreamSubscriptions
     #[cfg_attr(not(feature = "web"), allow(dead_code))]
     pub(crate) async fn subscribe_stream(
         &self,
         subscriptions: Vec<Subscription>,
         capacity: usize,
         ordered: bool,
-    ) -> Result<(Vec<SubscriptionId>, crate::stream_sink::StreamReceiver)> {
+    ) -> Result<crate::registry::StreamSubscriptions> {
         let (sink, receiver) = crate::stream_sink::stream_channel(capacity, ordered);
-        let mut ids = Vec::with_capacity(subscriptions.len());
+        let registry = &self.inner.pipeline.registry;
+        // From before the first `Subscribe`: dropped anywhere from here, it removes them all.
+        let stream = crate::registry::StreamSubscriptions::new(receiver, registry.clone());
         for subscription in subscriptions {
-            let subscribed = self
-                .inner
-                .pipeline
-                .registry
+            registry
                 .send(Subscribe::with_sink(
                     subscription,
                     Sink::Stream(sink.clone()),
                 ))
-                .await
-                .map_err(Error::from)
-                .and_then(|r| r);
-            match subscribed {
-                Ok(id) => ids.push(id),
-                Err(e) => {
-                    for id in ids {
-                        let _ = self.unsubscribe(id).await;
-                    }
-                    return Err(e);
-                }
-            }
+                .await??;
         }
-        Ok((ids, receiver))
+        Ok(stream)
     }
 
     /// The dialect (journal reads for clients that resume).

@@ -38,6 +38,7 @@ use crate::lifecycle::{Flush, Shutdown};
 use crate::route_index::RouteIndex;
 use crate::stats::Counters;
 use crate::status::{Status, StatusEvent};
+use crate::stream_sink::StreamReceiver;
 use crate::subscriber::{Buffer, FnSubscriber, Refused, Sink, Ticket};
 use crate::subscription::{OverflowPolicy, Subscription, SubscriptionId};
 
@@ -118,6 +119,9 @@ pub struct Registry {
     slots: Vec<Option<Subscriber>>,
     free: Vec<usize>,
     by_id: HashMap<SubscriptionId, usize>,
+    /// The subscriptions of each event stream, by its channel's key (`StreamSink::key`):
+    /// what [`UnsubscribeStream`] removes.
+    streams: HashMap<u64, Vec<SubscriptionId>>,
     /// The subscribers `pump` and lag reports look at — something buffered, drops not yet
     /// reported, or a receiver gone — by slot and id (an entry whose slot holds another
     /// subscription by now is stale and skipped). Idle subscribers are not here, so they cost
@@ -156,6 +160,7 @@ impl Registry {
             slots: Vec::new(),
             free: Vec::new(),
             by_id: HashMap::new(),
+            streams: HashMap::new(),
             attention: Vec::new(),
             counted: Vec::new(),
             outbox: Outbox::default(),
@@ -214,6 +219,10 @@ impl Registry {
         });
         self.routes[route].index.insert(slot, &filters);
         self.routes[route].open += 1;
+        let stream = match &sink {
+            Sink::Stream(stream) => Some(stream.key()),
+            _ => None,
+        };
         self.slots[slot] = Some(Subscriber {
             id,
             route,
@@ -226,6 +235,10 @@ impl Registry {
             lag_reported: None,
         });
         self.by_id.insert(id, slot);
+        if let Some(key) = stream {
+            self.streams.entry(key).or_default().push(id);
+        }
+        Counters::add(&self.stats.subscriptions, 1);
         log::debug!("sqlnotify: subscription {id} on {channel:?}");
         self.stats.has_subscriber.store(true, Ordering::Release);
         id
@@ -452,8 +465,44 @@ impl Registry {
             route.open -= 1;
         }
         self.by_id.remove(&s.id);
+        if let Sink::Stream(stream) = &s.sink {
+            if let Some(ids) = self.streams.get_mut(&stream.key()) {
+                ids.retain(|&id| id != s.id);
+                if ids.is_empty() {
+                    self.streams.remove(&stream.key());
+                }
+            }
+        }
+        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
         self.free.push(slot);
         Some(s)
+    }
+
+    /// Removes subscription `id`, counting and reporting what still waited for it.
+    fn unsubscribe(&mut self, id: SubscriptionId) -> Result<()> {
+        let removed = self
+            .by_id
+            .get(&id)
+            .copied()
+            .and_then(|slot| self.remove(slot));
+        let Some(mut s) = removed else {
+            return Err(Error::UnknownSubscription { id: id.0 });
+        };
+        // What was still waiting for it is lost: count and report it with the rest.
+        let lost = s.buffer.discard(&s.sink);
+        Counters::add(&self.stats.dropped, lost);
+        let metrics = self.routes[s.route].metrics.clone();
+        if lost > 0 {
+            metrics.dropped.increment(lost);
+        }
+        if s.buffer.dropped > 0 {
+            metrics.lagged.increment(1);
+            self.publish(Status::Lagged {
+                subscription: s.id,
+                dropped: s.buffer.dropped,
+            });
+        }
+        Ok(())
     }
 
     fn publish(&mut self, status: Status) {
@@ -520,6 +569,14 @@ impl Handler<Subscribe> for Registry {
     type Result = Result<SubscriptionId>;
 
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        if let Sink::Stream(stream) = &msg.sink {
+            if stream.is_closed() {
+                // Its reader is gone — a subscribing future dropped while this waited (see
+                // `StreamSubscriptions`): nobody reads the answer, and a subscription made now
+                // would outlive its `UnsubscribeStream`.
+                return Err(Error::NotRunning);
+            }
+        }
         self.add(msg.subscription, msg.sink)
     }
 }
@@ -536,30 +593,66 @@ impl Handler<Unsubscribe> for Registry {
     type Result = Result<()>;
 
     fn handle(&mut self, Unsubscribe(id): Unsubscribe, ctx: &mut Context<Self>) -> Self::Result {
-        let removed = self
-            .by_id
-            .get(&id)
-            .copied()
-            .and_then(|slot| self.remove(slot));
-        let Some(mut s) = removed else {
-            return Err(Error::UnknownSubscription { id: id.0 });
-        };
-        // What was still waiting for it is lost: count and report it with the rest.
-        let lost = s.buffer.discard(&s.sink);
-        Counters::add(&self.stats.dropped, lost);
-        let metrics = self.routes[s.route].metrics.clone();
-        if lost > 0 {
-            metrics.dropped.increment(lost);
-        }
-        if s.buffer.dropped > 0 {
-            metrics.lagged.increment(1);
-            self.publish(Status::Lagged {
-                subscription: s.id,
-                dropped: s.buffer.dropped,
-            });
-        }
+        self.unsubscribe(id)?;
         self.pump(ctx);
         Ok(())
+    }
+}
+
+/// Removes every subscription of one event stream (by its channel's key,
+/// `StreamSink::key`): sent by [`StreamSubscriptions`] when dropped.
+pub(crate) struct UnsubscribeStream(pub u64);
+
+impl Message for UnsubscribeStream {
+    type Result = ();
+}
+
+impl Handler<UnsubscribeStream> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, UnsubscribeStream(key): UnsubscribeStream, ctx: &mut Context<Self>) {
+        let ids = self.streams.remove(&key).unwrap_or_default();
+        if ids.is_empty() {
+            return;
+        }
+        for id in ids {
+            let _ = self.unsubscribe(id);
+        }
+        self.pump(ctx);
+    }
+}
+
+/// One event stream's subscriptions ([`Notifier::subscribe_stream`](crate::Notifier)) and
+/// the receiver of their events. Dropping it closes the receiver, then removes every
+/// subscription made for it — those whose `Subscribe` was answered, and one whose answer
+/// nobody waited for any more (the subscribing future was dropped: a request cancelled, a
+/// worker stopped): such a subscription is in the registry's list of the stream's by then,
+/// or its `Subscribe` is handled later, finds the receiver closed and is refused. So from the
+/// first `Subscribe` on, no subscription is left behind — not even one whose filters never
+/// match, which no delivery would ever find closed.
+pub(crate) struct StreamSubscriptions {
+    events: StreamReceiver,
+    registry: Addr<Registry>,
+}
+
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+impl StreamSubscriptions {
+    /// The stream of `events`' subscriptions, on `registry`: made before the first of them.
+    pub fn new(events: StreamReceiver, registry: Addr<Registry>) -> Self {
+        StreamSubscriptions { events, registry }
+    }
+
+    /// The receiver of the subscriptions' events.
+    pub fn events(&mut self) -> &mut StreamReceiver {
+        &mut self.events
+    }
+}
+
+impl Drop for StreamSubscriptions {
+    fn drop(&mut self) {
+        // Closed first: a `Subscribe` handled after the message below is refused.
+        self.events.close();
+        self.registry.do_send(UnsubscribeStream(self.events.key()));
     }
 }
 
@@ -842,6 +935,8 @@ impl Handler<Shutdown> for Registry {
         self.slots.clear();
         self.free.clear();
         self.by_id.clear();
+        self.streams.clear();
+        self.stats.subscriptions.store(0, Ordering::Relaxed);
         self.attention.clear();
         self.status.clear();
         ctx.stop();

@@ -44,6 +44,11 @@ pub struct Stats {
     pub dropped: u64,
     /// Events currently waiting in subscriber buffers.
     pub queued: u64,
+    /// Subscriptions open now in the registry (every kind: actors, closures, channels,
+    /// handlers, event streams). One whose receiver went away counts until the registry
+    /// notices — when it next hands it an event, or at once for an event stream
+    /// (`sqlnotify::web`).
+    pub subscriptions: u64,
     /// Events read by the listener that have not reached the subscriptions yet (being
     /// decoded, or waiting for the registry). With `queued`, what the in-flight budget
     /// ([`max_in_flight`](crate::NotifierBuilder::max_in_flight)) holds; 0 when the pipeline
@@ -146,6 +151,7 @@ pub(crate) struct Counters {
     pub subscriber_panics: AtomicU64,
     pub dropped: AtomicU64,
     pub queued: AtomicU64,
+    pub subscriptions: AtomicU64,
     /// Journal id of the last event routed (reported as `Stats::last_sequence`).
     pub routed_sequence: AtomicI64,
     /// Notifications handed to the decoder, and of those, how many were routed or dropped as
@@ -265,6 +271,7 @@ impl Counters {
             subscriber_panics: get(&self.subscriber_panics),
             dropped: get(&self.dropped),
             queued: get(&self.queued),
+            subscriptions: get(&self.subscriptions),
             in_flight: get(&self.forwarded).saturating_sub(get(&self.settled)),
             last_sequence: self.routed_sequence.load(Ordering::Relaxed),
             backlog: get(&self.backlog),

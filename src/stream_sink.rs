@@ -12,6 +12,7 @@
 //! subscriptions select is handed over once.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, Notify};
@@ -43,6 +44,8 @@ impl Gate {
 
 /// What the sink and the receiver share.
 struct Shared {
+    /// This channel's own number ([`StreamSink::key`]).
+    key: u64,
     gate: Mutex<Gate>,
     ordered: bool,
     /// Events lost since the reader last took them.
@@ -94,8 +97,10 @@ pub(crate) struct StreamReceiver {
 /// A sink and its receiver: `capacity` events wait in the channel; `ordered` as the module
 /// says (false for `KeepLatestPerKey`).
 pub(crate) fn stream_channel(capacity: usize, ordered: bool) -> (StreamSink, StreamReceiver) {
+    static KEYS: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let shared = Arc::new(Shared {
+        key: KEYS.fetch_add(1, Ordering::Relaxed),
         gate: Mutex::new(Gate::default()),
         ordered,
         lost: Mutex::new(Lost::default()),
@@ -115,6 +120,17 @@ pub(crate) fn stream_channel(capacity: usize, ordered: bool) -> (StreamSink, Str
 }
 
 impl StreamSink {
+    /// This channel's number, unique in the process: the registry finds a reader's
+    /// subscriptions by it.
+    pub fn key(&self) -> u64 {
+        self.shared.key
+    }
+
+    /// Whether the reader is gone (its receiver dropped or closed).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// A subscription selected `event` (before it is handed over or buffered).
     pub fn selected(&self, event: &ChangeEvent) {
         *self
@@ -230,6 +246,16 @@ impl StreamReceiver {
                 },
             }
         }
+    }
+
+    /// This channel's number (see [`StreamSink::key`]).
+    pub fn key(&self) -> u64 {
+        self.shared.key
+    }
+
+    /// Closes the channel: the sinks see the reader as gone from now on.
+    pub fn close(&mut self) {
+        self.rx.close();
     }
 
     fn take_lost(&self) -> Option<Lost> {

@@ -1862,4 +1862,86 @@ async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
     handle.stop(true).await;
     server.await.unwrap().unwrap();
     notifier.stop().await.unwrap();
+
+/// Users see their own orders' inserts and updates (two granted subscriptions).
+fn grant_own_inserts_and_updates(req: &actix_web::HttpRequest) -> Result<Grant, Denied> {
+    let grant = grant_own_orders(req)?;
+    let user: i64 = req
+        .headers()
+        .get("x-user")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    Ok(grant.subscription(
+        Subscription::new("orders", Operation::Update).filter(Filter::eq("owner_id", user)),
+    ))
+}
+
+/// A SQLite notifier watching `orders` inserts and updates, and an endpoint granting each user
+/// both on their own orders (built further by `endpoint`).
+async fn serve_inserts_and_updates(endpoint: impl FnOnce(SseBuilder) -> SseBuilder) -> Server {
+    serve_with(
+        |n| n.watch(Watch::new("orders", Operation::Update).extra_columns(["owner_id", "status"])),
+        |notifier| endpoint(Sse::builder(notifier, grant_own_inserts_and_updates)),
+    )
+    .await
+}
+
+/// Polls `future` once: whether it is still pending.
+async fn pending_after_a_poll<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx).is_pending())
+    })
+    .await
+}
+
+/// A request dropped while its stream subscribes (a browser that goes away, an HTTP/2 reset,
+/// a worker that stops) leaves no subscription in the registry — neither one whose answer it
+/// took nor one whose answer it never read. (They once stayed for good when their filters
+/// never matched: only a delivery found a stream gone.) A stream that ends removes its own.
+#[actix_rt::test]
+async fn a_request_dropped_while_subscribing_leaves_no_subscription_behind() {
+    let s = serve_inserts_and_updates(|e| e.heartbeat(Duration::from_millis(100))).await;
+    let subscriptions = || async { s.notifier.stats().await.unwrap().subscriptions };
+    let before = subscriptions().await;
+    let req = actix_web::test::TestRequest::get()
+        .insert_header(("x-user", "1"))
+        .to_http_request();
+    let sse = s.sse.clone();
+    let mut respond = Box::pin(sse.respond(req));
+    // The first subscription is made; its answer waits.
+    assert!(pending_after_a_poll(&mut respond).await);
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            subscriptions().await == before + 1
+        })
+        .await
+    );
+    // Its answer taken, the second is made; its answer waits.
+    assert!(pending_after_a_poll(&mut respond).await);
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            subscriptions().await == before + 2
+        })
+        .await
+    );
+    drop(respond);
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async { subscriptions().await == before }).await,
+        "{} subscriptions left behind",
+        subscriptions().await - before
+    );
+    // A stream that ends removes its subscriptions too.
+    let client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            subscriptions().await == before + 2
+        })
+        .await
+    );
+    drop(client);
+    assert!(wait_until(ARRIVES_WITHIN, || async { subscriptions().await == before }).await);
+    s.stop().await;
 }

@@ -270,7 +270,8 @@ impl Sse {
             routes.push((channel.name().to_string(), subscription.filters.clone()));
             subscriptions.push(subscription);
         }
-        let (ids, events) = config
+        // Dropped with this future or its connection, it removes the subscriptions again.
+        let stream = config
             .notifier
             .subscribe_stream(
                 subscriptions,
@@ -307,14 +308,7 @@ impl Sse {
             || NO_POSITION.to_string(),
             |h| Position::head(h).to_string(),
         );
-        Ok(Connection::new(
-            config.clone(),
-            ids,
-            events,
-            routes,
-            start,
-            head,
-        ))
+        Ok(Connection::new(config.clone(), stream, routes, start, head))
     }
 
     /// The endpoint's counters: clients connected now, events, lag notices, resets, heartbeats.

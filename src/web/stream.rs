@@ -24,11 +24,10 @@ use super::stats::Counters;
 use crate::event::ChangeEvent;
 use crate::filter::Filter;
 use crate::read_point::later_snapshot;
-use crate::registry::Unsubscribe;
+use crate::registry::StreamSubscriptions;
 use crate::replay::{Replay, ReplayFrom};
 use crate::snapshot::fence::Fence;
-use crate::stream_sink::{Received, StreamReceiver};
-use crate::subscription::SubscriptionId;
+use crate::stream_sink::Received;
 
 /// Where the stream starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,8 +65,9 @@ enum Phase {
 /// One client's stream: [`next`](Self::next) gives the text to send, chunk by chunk.
 pub(crate) struct Connection {
     config: Arc<Config>,
-    subscriptions: Vec<SubscriptionId>,
-    events: StreamReceiver,
+    /// The granted subscriptions and their events (dropped with the connection, it removes
+    /// the subscriptions).
+    events: StreamSubscriptions,
     /// The granted subscriptions' channels and filters (query filters included), to select
     /// journal rows as the registry selects live events.
     routes: Vec<(String, Vec<Filter>)>,
@@ -87,8 +87,7 @@ pub(crate) struct Connection {
 impl Connection {
     pub fn new(
         config: Arc<Config>,
-        subscriptions: Vec<SubscriptionId>,
-        events: StreamReceiver,
+        events: StreamSubscriptions,
         routes: Vec<(String, Vec<Filter>)>,
         start: Start,
         head: String,
@@ -102,7 +101,6 @@ impl Connection {
         metrics::gauge!(crate::metrics::SSE_CLIENTS).increment(1.0);
         Connection {
             config,
-            subscriptions,
             events,
             routes,
             phase: Phase::Start(start),
@@ -267,7 +265,7 @@ impl Connection {
                     self.phase = Phase::Done;
                     return None;
                 }
-                received = self.events.next() => received,
+                received = self.events.events().next() => received,
                 _ = self.heartbeat.tick() => {
                     Counters::add(&self.config.counters.heartbeats, 1);
                     return Some(comment("heartbeat"));
@@ -320,10 +318,6 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let registry = self.config.notifier.registry();
-        for id in self.subscriptions.drain(..) {
-            registry.do_send(Unsubscribe(id));
-        }
         self.config
             .counters
             .clients
