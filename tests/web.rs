@@ -811,6 +811,22 @@ async fn serve_postgres(
     ServerHandle,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
+    serve_postgres_with(db, tier, notifier, |e| e).await
+}
+
+/// [`serve_postgres`], the endpoint built further by `endpoint`.
+async fn serve_postgres_with(
+    db: &common::TestDb,
+    tier: sqlnotify::Tier,
+    notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
+    endpoint: impl FnOnce(SseBuilder) -> SseBuilder,
+) -> (
+    Notifier,
+    Sse,
+    String,
+    ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     db.exec(SCHEMA).await;
     let notifier = notifier(
         Notifier::builder(&db.url).watch(
@@ -822,9 +838,10 @@ async fn serve_postgres(
     .start()
     .await
     .unwrap();
-    let sse = Sse::builder(notifier.clone(), grant_own_orders)
-        .heartbeat(Duration::from_millis(200))
-        .build();
+    let sse = endpoint(
+        Sse::builder(notifier.clone(), grant_own_orders).heartbeat(Duration::from_millis(200)),
+    )
+    .build();
     let (url, handle, server) = listen(&sse);
     (notifier, sse, url, handle, server)
 }
@@ -1065,6 +1082,22 @@ async fn serve_mysql(
     ServerHandle,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
+    serve_mysql_with(db, notifier, |e| e).await
+}
+
+/// [`serve_mysql`], the endpoint built further by `endpoint`.
+#[cfg(feature = "mysql")]
+async fn serve_mysql_with(
+    db: &common::mysql::TestDb,
+    notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
+    endpoint: impl FnOnce(SseBuilder) -> SseBuilder,
+) -> (
+    Notifier,
+    Sse,
+    String,
+    ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     db.exec(
         "CREATE TABLE orders (id INT PRIMARY KEY, owner_id INT NOT NULL, \
          status VARCHAR(20) NOT NULL, note TEXT, secret TEXT)",
@@ -1077,9 +1110,10 @@ async fn serve_mysql(
     .start()
     .await
     .unwrap();
-    let sse = Sse::builder(notifier.clone(), grant_own_orders)
-        .heartbeat(Duration::from_millis(200))
-        .build();
+    let sse = endpoint(
+        Sse::builder(notifier.clone(), grant_own_orders).heartbeat(Duration::from_millis(200)),
+    )
+    .build();
     let (url, handle, server) = listen(&sse);
     (notifier, sse, url, handle, server)
 }
@@ -1857,11 +1891,233 @@ async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
     }
     assert_eq!(got, mine, "user 1's orders once, in the listener's order");
     assert_eq!(sse.stats().resets, 0);
+
+/// A frame of a stream, as [`replay_frames`] keeps it: an event's order and id, or an `id:`
+/// alone (the progress of a replay).
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Event(i64, String),
+    Progress(String),
+}
+
+/// User 1's rows among the orders [`insert_rare`] writes: one in 200.
+const RARE: std::ops::RangeInclusive<i64> = 1..=10;
+
+/// The SQL that writes orders 2 to 2001, every 200th one user 1's (200, 400, …, 2000), the
+/// rest user 2's: four statements of 500 rows.
+fn insert_rare_sql() -> Vec<String> {
+    (0..4)
+        .map(|batch| {
+            let rows: Vec<String> = (2 + batch * 500..2 + (batch + 1) * 500)
+                .map(|id| {
+                    let owner = if id % 200 == 0 { 1 } else { 2 };
+                    format!("({id}, {owner}, 'new')")
+                })
+                .collect();
+            format!(
+                "INSERT INTO orders (id, owner_id, status) VALUES {}",
+                rows.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// Reads a stream until the event of order `until`: its events and `id:`-alone frames
+/// (comments skipped), each event with its id.
+async fn replay_frames(client: &mut Client, until: i64) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    loop {
+        let frame = client.next_frame().await.expect("the stream ended");
+        match (&frame.event, &frame.id) {
+            (Some(event), id) => {
+                assert_eq!(event, "orders/insert", "{frame:?}");
+                let row = frame.row();
+                seen.push(Seen::Event(row, id.clone().expect("an event's id")));
+                if row == until {
+                    return seen;
+                }
+            }
+            (None, Some(id)) if frame.data.is_none() => seen.push(Seen::Progress(id.clone())),
+            _ => {}
+        }
+    }
+}
+
+/// User 1 got order 1 (its id `first`), then orders 2 to 2001 were written, of which user 1's
+/// are one in 200 (`insert_rare_sql`), and the endpoint reads the journal 10 rows a page:
+/// resuming from `first`, the client gets, besides its events, an `id:` alone after pages that
+/// held nothing for it — before its first event already (it once got no byte at all until
+/// then: a proxy's idle timeout cut such a replay, and the browser started it over and over).
+/// A client that reconnects from such an id gets exactly the events that came after it, none
+/// missed, none twice. Returns the frames of the first replay.
+async fn resume_from_progress(url: &str, first: &str) -> Vec<Seen> {
+    let rare: Vec<i64> = RARE.map(|n| n * 200).collect();
+    let mut client = connect(url, &[("x-user", "1"), ("Last-Event-ID", first)])
+        .await
+        .unwrap();
+    let seen = replay_frames(&mut client, *rare.last().unwrap()).await;
+    drop(client);
+    let events: Vec<i64> = seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Event(row, _) => Some(*row),
+            Seen::Progress(_) => None,
+        })
+        .collect();
+    assert_eq!(events, rare, "every row of user 1's, once, in order");
+    assert!(
+        matches!(seen.first(), Some(Seen::Progress(_))),
+        "progress before the first event: {:?}",
+        seen.first()
+    );
+    // A client that drops after the progress that follows its fifth event comes back from it.
+    let fifth = seen
+        .iter()
+        .position(|s| matches!(s, Seen::Event(row, _) if *row == rare[4]))
+        .unwrap();
+    let (k, progress) = seen[fifth..]
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| match s {
+            Seen::Progress(id) => Some((fifth + i, id.clone())),
+            Seen::Event(..) => None,
+        })
+        .expect("progress between the fifth and sixth events");
+    let rest: Vec<i64> = seen[k..]
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Event(row, _) => Some(*row),
+            Seen::Progress(_) => None,
+        })
+        .collect();
+    let mut client = connect(url, &[("x-user", "1"), ("Last-Event-ID", &progress)])
+        .await
+        .unwrap();
+    let again: Vec<i64> = replay_frames(&mut client, *rare.last().unwrap())
+        .await
+        .into_iter()
+        .filter_map(|s| match s {
+            Seen::Event(row, _) => Some(row),
+            Seen::Progress(_) => None,
+        })
+        .collect();
+    assert_eq!(again, rest, "from {progress}: exactly what came after it");
+    client
+        .assert_no_event_within(Duration::from_millis(300))
+        .await;
+    drop(client);
+    seen
+}
+
+/// An event's id, or a progress's.
+fn s_id(s: &Seen) -> String {
+    match s {
+        Seen::Event(_, id) | Seen::Progress(id) => id.clone(),
+    }
+}
+
+#[actix_rt::test]
+async fn a_filtered_resume_through_pages_of_other_rows_names_its_progress() {
+    let s = serve(|n| n, |e| e.replay_page(10)).await;
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    s.insert(1, 1, "new");
+    let first = client.next_event().await.id.unwrap();
+    drop(client);
+    for sql in insert_rare_sql() {
+        s.db.exec(&sql);
+    }
+    let seen = resume_from_progress(&s.url, &first).await;
+    // SQLite's ids are journal ids: they only grow, progress and events alike.
+    let ids: Vec<i64> = seen.iter().map(|s| s_id(s).parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert_eq!(s.sse.stats().resets, 0);
+    s.stop().await;
+}
+
+#[actix_rt::test]
+async fn on_postgresql_a_filtered_resume_through_pages_of_other_rows_names_its_progress() {
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) =
+        serve_postgres_with(&db, sqlnotify::Tier::Durable, |n| n, |e| e.replay_page(10)).await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    db.exec("INSERT INTO orders (id, owner_id, status) VALUES (1, 1, 'new')")
+        .await;
+    let first = client.next_event().await.id.unwrap();
+    drop(client);
+    for sql in insert_rare_sql() {
+        db.exec(&sql).await;
+    }
+    resume_from_progress(&url, &first).await;
+    assert_eq!(sse.stats().resets, 0);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+#[cfg(feature = "mysql")]
+#[actix_rt::test]
+async fn on_mysql_a_filtered_resume_through_pages_of_other_rows_names_its_progress() {
+    let db = common::mysql::TestDb::new().await;
+    let (notifier, sse, url, handle, server) =
+        serve_mysql_with(&db, |n| n, |e| e.replay_page(10)).await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    db.exec("INSERT INTO orders (id, owner_id, status) VALUES (1, 1, 'new')")
+        .await;
+    let first = client.next_event().await.id.unwrap();
+    drop(client);
+    for sql in insert_rare_sql() {
+        db.exec(&sql).await;
+    }
+    resume_from_progress(&url, &first).await;
+    assert_eq!(sse.stats().resets, 0);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
+
+/// A replay whose page waits (here for the journal, locked by another transaction) sends
+/// heartbeats meanwhile, as a live stream does: a proxy does not cut it as idle. (It once
+/// sent nothing at all until the page was read.) Then the events follow.
+#[actix_rt::test]
+async fn on_postgresql_a_replay_waiting_for_its_page_sends_heartbeats() {
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) =
+        serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    db.exec("INSERT INTO orders (id, owner_id, status) VALUES (1, 1, 'new')")
+        .await;
+    let first = client.next_event().await.id.unwrap();
+    drop(client);
+    db.exec("INSERT INTO orders (id, owner_id, status) VALUES (2, 1, 'new')")
+        .await;
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE sqlnotify.journal IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &first)])
+        .await
+        .unwrap();
+    // The heartbeat is 200 ms: no second passes without a byte.
+    for _ in 0..3 {
+        let frame = tokio::time::timeout(Duration::from_secs(1), client.next_frame())
+            .await
+            .expect("a frame within 1 s while the replay waits")
+            .unwrap();
+        assert_eq!(frame.comment.as_deref(), Some("heartbeat"), "{frame:?}");
+    }
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(client.next_event().await.row(), 2);
+    assert!(sse.stats().heartbeats >= 3, "{:?}", sse.stats());
     drop(client);
     sse.shutdown();
     handle.stop(true).await;
     server.await.unwrap().unwrap();
     notifier.stop().await.unwrap();
+
+}
 
 /// Users see their own orders' inserts and updates (two granted subscriptions).
 fn grant_own_inserts_and_updates(req: &actix_web::HttpRequest) -> Result<Grant, Denied> {

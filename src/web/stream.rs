@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use futures_util::future::LocalBoxFuture;
 use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
@@ -25,7 +26,7 @@ use crate::event::ChangeEvent;
 use crate::filter::Filter;
 use crate::read_point::later_snapshot;
 use crate::registry::StreamSubscriptions;
-use crate::replay::{Replay, ReplayFrom};
+use crate::replay::{Head, Replay, ReplayFrom};
 use crate::snapshot::fence::Fence;
 use crate::stream_sink::Received;
 
@@ -52,14 +53,31 @@ pub(crate) enum Start {
 
 enum Phase {
     Start(Start),
-    /// Reading the journal: the next page starts at `from`; the client has `after` and what
-    /// came before it.
+    /// Reading the journal: `read` reads the page that starts at `from`; the client has
+    /// `after` and what came before it.
     Replaying {
         from: ReplayFrom,
         after: Position,
+        read: PageRead,
     },
     Live,
     Done,
+}
+
+/// A page of a replay being read (kept across heartbeats: a page that takes long is not read
+/// again).
+type PageRead = LocalBoxFuture<'static, crate::error::Result<Page>>;
+
+/// A page of a replay, decoded.
+enum Page {
+    /// See [`Replay::Rows`]: the events of its rows on the client's channels, in order.
+    Rows {
+        events: Vec<ChangeEvent>,
+        next: Option<ReplayFrom>,
+        fence: Fence,
+    },
+    TooOld,
+    Unsupported,
 }
 
 /// One client's stream: [`next`](Self::next) gives the text to send, chunk by chunk.
@@ -71,6 +89,8 @@ pub(crate) struct Connection {
     /// The granted subscriptions' channels and filters (query filters included), to select
     /// journal rows as the registry selects live events.
     routes: Vec<(String, Vec<Filter>)>,
+    /// The routes' channels, sorted, once: what a replay reads.
+    channels: Vec<String>,
     phase: Phase,
     /// The live events the journal replay sent already.
     floor: Option<Fence>,
@@ -99,10 +119,14 @@ impl Connection {
         Counters::add(&config.counters.clients, 1);
         Counters::add(&config.counters.connections, 1);
         metrics::gauge!(crate::metrics::SSE_CLIENTS).increment(1.0);
+        let mut channels: Vec<String> = routes.iter().map(|(c, _)| c.clone()).collect();
+        channels.sort();
+        channels.dedup();
         Connection {
             config,
             events,
             routes,
+            channels,
             phase: Phase::Start(start),
             floor: None,
             head,
@@ -123,12 +147,36 @@ impl Connection {
                     None
                 }
                 Phase::Start(start) => Some(self.start(start)),
-                Phase::Replaying { from, after } => match self.replay(from, after).await {
-                    // Nothing of this client's on that page: the next one at once (a loop,
-                    // not a call: a long run of such pages must not deepen the stack).
-                    Some(out) if out.is_empty() => continue,
-                    other => other,
-                },
+                Phase::Replaying {
+                    from,
+                    after,
+                    mut read,
+                } => {
+                    // A replay sends heartbeats too: a page may take long to read, and a run
+                    // of pages may hold nothing of this client's (a proxy would close the
+                    // idle stream, and the client would start that replay over and over).
+                    let page = tokio::select! {
+                        biased;
+                        changed = self.shutdown.changed() => {
+                            let _ = changed;
+                            self.phase = Phase::Done;
+                            return None;
+                        }
+                        page = &mut read => page,
+                        _ = self.heartbeat.tick() => {
+                            self.phase = Phase::Replaying { from, after, read };
+                            Counters::add(&self.config.counters.heartbeats, 1);
+                            return Some(comment("heartbeat"));
+                        }
+                    };
+                    match self.replayed(page, &from, after) {
+                        // Nothing of this client's on that page, and no progress to name: the
+                        // next one at once (a loop, not a call: a long run of such pages must
+                        // not deepen the stack).
+                        Some(out) if out.is_empty() => continue,
+                        other => other,
+                    }
+                }
                 Phase::Live => self.live().await,
             };
         }
@@ -139,8 +187,10 @@ impl Connection {
         match start {
             Start::Live => out += &id_frame(&self.head),
             Start::After(after) => {
+                let from = after.replay_from();
                 self.phase = Phase::Replaying {
-                    from: after.replay_from(),
+                    read: self.read_page(from.clone()),
+                    from,
                     after,
                 };
             }
@@ -176,43 +226,84 @@ impl Connection {
         frame(Some(&self.head), Some("reset"), &data)
     }
 
-    async fn replay(&mut self, from: ReplayFrom, after: Position) -> Option<String> {
+    /// Reads the replay's page that starts at `from` (when polled).
+    fn read_page(&self, from: ReplayFrom) -> PageRead {
+        let notifier = self.config.notifier.clone();
+        let channels = self.channels.clone();
+        let limit = self.config.replay_page;
+        Box::pin(async move {
+            let all = notifier.journal_channels();
+            let read = notifier
+                .dialect()
+                .replay(from, channels, all, limit)
+                .await?;
+            Ok(match read {
+                Replay::Rows { rows, next, fence } => {
+                    let store = crate::overflow::guarded(notifier.dialect().overflow_store());
+                    let events =
+                        crate::decoder::decode_replayed(rows, notifier.channel_set(), &*store)
+                            .await;
+                    Page::Rows {
+                        events,
+                        next,
+                        fence,
+                    }
+                }
+                Replay::TooOld => Page::TooOld,
+                Replay::Unsupported => Page::Unsupported,
+            })
+        })
+    }
+
+    /// What to send for a page read from `from`: the client's events on it; when there are
+    /// none, an `id:` alone naming how far the replay got (where the dialect can say), so
+    /// that a client that drops meanwhile resumes from there rather than from the start of a
+    /// replay that may never reach its next event before the client drops again. Empty when
+    /// there is nothing to send.
+    fn replayed(
+        &mut self,
+        page: crate::error::Result<Page>,
+        from: &ReplayFrom,
+        after: Position,
+    ) -> Option<String> {
         let notifier = &self.config.notifier;
-        let mut channels: Vec<String> = self.routes.iter().map(|(c, _)| c.clone()).collect();
-        channels.sort();
-        channels.dedup();
-        let all = notifier.journal_channels();
-        let read = notifier
-            .dialect()
-            .replay(from, channels, all, self.config.replay_page)
-            .await;
-        match read {
-            Ok(Replay::Rows { rows, next, fence }) => {
-                let store = crate::overflow::guarded(notifier.dialect().overflow_store());
-                let events =
-                    crate::decoder::decode_replayed(rows, notifier.channel_set(), &*store).await;
+        match page {
+            Ok(Page::Rows {
+                events,
+                next,
+                fence,
+            }) => {
                 let mut out = String::new();
-                for event in events {
-                    if after.has(&event) || !self.selects(&event) {
+                for event in &events {
+                    if after.has(event) || !self.selects(event) {
                         continue;
                     }
                     Counters::add(&self.config.counters.replayed, 1);
                     Counters::add(&self.config.counters.events, 1);
-                    out += &event_frame(&event);
+                    out += &event_frame(event);
+                }
+                if out.is_empty() {
+                    if let Some(progress) = progress(from, &after, &events, next.is_none(), &fence)
+                    {
+                        out += &id_frame(&progress.to_string());
+                    }
                 }
                 self.floor = Some(fence);
                 if let Some(from) = next {
-                    self.phase = Phase::Replaying { from, after };
+                    self.phase = Phase::Replaying {
+                        read: self.read_page(from.clone()),
+                        from,
+                        after,
+                    };
                 }
-                // Empty when nothing on that page was this client's: `next` goes on at once.
                 Some(out)
             }
-            Ok(Replay::TooOld) => {
+            Ok(Page::TooOld) => {
                 Some(self.reset(
                     "the events after Last-Event-ID are no longer in the journal (retention)",
                 ))
             }
-            Ok(Replay::Unsupported) => Some(self.reset(&format!(
+            Ok(Page::Unsupported) => Some(self.reset(&format!(
                 "resuming from Last-Event-ID is not supported on {}",
                 notifier.dialect_name()
             ))),
@@ -313,6 +404,46 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// Where a client stands after a replay page read from `from` that sent it nothing (`events`:
+/// the page's events on its channels; `last`: the replay's last page; `fence`: what the
+/// replay read so far): a position that has every event up to the page's end that it needs,
+/// and none that it lacks — or `None` where the page says nothing beyond what the client has.
+///
+/// * SQLite (a journal in commit order): the last journal row the page read, on any channel.
+/// * MySQL / MariaDB: the set of ids the replay has read, this page's included.
+/// * PostgreSQL: the position of the page's last row (its read point is that of the read the
+///   listener would have made); after the last page, the replay's snapshot (`0@0@S@S`: every
+///   transaction it saw).
+fn progress(
+    from: &ReplayFrom,
+    after: &Position,
+    events: &[ChangeEvent],
+    last: bool,
+    fence: &Fence,
+) -> Option<Position> {
+    match (from, fence) {
+        (ReplayFrom::Journal { cursor, .. }, Fence::Journal { head }) => {
+            // Past the rows the page started after, and past the client's own position
+            // (`17.2` is re-read from row 17: a page that read only row 17 is no progress).
+            (*head > *cursor && *head > after.sequence).then_some(Position {
+                sequence: *head,
+                part: 0,
+                read: None,
+            })
+        }
+        (ReplayFrom::Cursor { .. }, Fence::Set(read)) => Some(Position {
+            sequence: read.high,
+            part: 0,
+            read: Some(ReadAt::Cursor(read.clone())),
+        }),
+        (ReplayFrom::Read { .. }, fence) if last => fence
+            .postgres_text()
+            .map(|snapshot| Position::head(Head::Snapshot(snapshot))),
+        (ReplayFrom::Read { .. }, _) => events.last().and_then(Position::of),
+        _ => None,
     }
 }
 
