@@ -71,10 +71,17 @@ impl Shared {
     }
 }
 
+/// An event handed over, and whether every older event the reader's subscriptions selected
+/// was handed over before it or counted lost (always, in ordered mode).
+struct Handed {
+    event: ChangeEvent,
+    in_order: bool,
+}
+
 /// The registry's side (a `Sink::Stream`); cloned into every subscription of one reader.
 #[derive(Clone)]
 pub(crate) struct StreamSink {
-    tx: mpsc::Sender<ChangeEvent>,
+    tx: mpsc::Sender<Handed>,
     shared: Arc<Shared>,
 }
 
@@ -88,10 +95,10 @@ pub(crate) enum StreamRefused {
 
 /// The reader's side.
 pub(crate) struct StreamReceiver {
-    rx: mpsc::Receiver<ChangeEvent>,
+    rx: mpsc::Receiver<Handed>,
     shared: Arc<Shared>,
     /// An event received after a loss was counted: handed out after the loss.
-    stashed: Option<ChangeEvent>,
+    stashed: Option<Handed>,
 }
 
 /// A sink and its receiver: `capacity` events wait in the channel; `ordered` as the module
@@ -178,7 +185,16 @@ impl StreamSink {
                 gate.release(ordinal);
                 return Ok(());
             }
-            self.tx.try_send(event).map_err(refused)?;
+            // Overtaking an older event still waiting (in place of a replaced one, or in
+            // another subscription's buffer): the reader must not name this one as how far
+            // it got, or a resume from there would skip the older one.
+            let in_order = !gate
+                .pending
+                .range(..ordinal)
+                .any(|(older, _)| !gate.delivered.contains(older));
+            self.tx
+                .try_send(Handed { event, in_order })
+                .map_err(refused)?;
             gate.release(ordinal);
             if gate.pending.contains_key(&ordinal) {
                 gate.delivered.insert(ordinal);
@@ -198,16 +214,21 @@ impl StreamSink {
         {
             return Err(StreamRefused::Full(event));
         }
-        self.tx.try_send(event).map_err(refused)?;
+        self.tx
+            .try_send(Handed {
+                event,
+                in_order: true,
+            })
+            .map_err(refused)?;
         gate.release(ordinal);
         gate.handed = Some(ordinal);
         Ok(())
     }
 }
 
-fn refused(e: mpsc::error::TrySendError<ChangeEvent>) -> StreamRefused {
+fn refused(e: mpsc::error::TrySendError<Handed>) -> StreamRefused {
     match e {
-        mpsc::error::TrySendError::Full(event) => StreamRefused::Full(event),
+        mpsc::error::TrySendError::Full(handed) => StreamRefused::Full(handed.event),
         mpsc::error::TrySendError::Closed(_) => StreamRefused::Closed,
     }
 }
@@ -215,8 +236,11 @@ fn refused(e: mpsc::error::TrySendError<ChangeEvent>) -> StreamRefused {
 /// What [`StreamReceiver::next`] found.
 #[cfg_attr(not(feature = "web"), allow(dead_code))]
 pub(crate) enum Received {
-    /// The next event.
-    Event(ChangeEvent),
+    /// The next event. `in_order`: every older event the reader's subscriptions selected
+    /// came before it or was reported lost — so the reader has everything up to it. Always
+    /// true in ordered mode; in unordered mode (`KeepLatestPerKey`) false for an event that
+    /// overtook an older one still waiting.
+    Event { event: ChangeEvent, in_order: bool },
     /// These events were lost before the events still to come.
     Lost(Lost),
     /// Every subscription feeding the receiver is gone (unsubscribed, or the notifier
@@ -234,8 +258,8 @@ impl StreamReceiver {
             if let Some(lost) = self.take_lost() {
                 return Received::Lost(lost);
             }
-            if let Some(event) = self.stashed.take() {
-                return Received::Event(event);
+            if let Some(Handed { event, in_order }) = self.stashed.take() {
+                return Received::Event { event, in_order };
             }
             tokio::select! {
                 biased;
@@ -265,7 +289,15 @@ impl StreamReceiver {
 
     #[cfg(test)]
     fn try_recv(&mut self) -> Option<ChangeEvent> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|handed| handed.event)
+    }
+
+    #[cfg(test)]
+    fn try_recv_in_order(&mut self) -> Option<(u64, bool)> {
+        self.rx
+            .try_recv()
+            .ok()
+            .map(|handed| (handed.event.ordinal(), handed.in_order))
     }
 }
 
@@ -404,6 +436,34 @@ mod tests {
         );
         let gate = sink.shared.gate();
         assert!(gate.pending.is_empty() && gate.delivered.is_empty());
+    }
+
+    #[test]
+    fn unordered_an_event_that_overtakes_an_older_waiting_one_is_not_in_order() {
+        let (sink, mut rx) = stream_channel(8, false);
+        let (a, b, c) = (event(1), event(2), event(3));
+        for e in [&a, &b, &b, &c] {
+            sink.selected(e);
+        }
+        // 2 overtakes 1 (KeepLatestPerKey put it in an older one's place).
+        assert!(accepted(&sink, &b));
+        // The second copy of 2: handed over already, so not waiting for 3.
+        assert!(accepted(&sink, &a));
+        assert!(accepted(&sink, &c));
+        assert!(accepted(&sink, &b));
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv_in_order()).collect();
+        assert_eq!(
+            got,
+            [(2, false), (1, true), (3, true)],
+            "only an event with nothing older still waiting names how far the reader got"
+        );
+        // A lost older event lets the next one be in order (the loss is reported first).
+        let (d, e) = (event(4), event(5));
+        sink.selected(&d);
+        sink.selected(&e);
+        sink.lost(&d);
+        assert!(accepted(&sink, &e));
+        assert_eq!(rx.try_recv_in_order(), Some((5, true)));
     }
 
     #[test]

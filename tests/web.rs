@@ -2145,6 +2145,141 @@ async fn serve_inserts_and_updates(endpoint: impl FnOnce(SseBuilder) -> SseBuild
     .await
 }
 
+/// The next frames of a stream's body read in the server's process (a client that reads
+/// nothing until this is called: no socket buffers between), or `None` when it ended.
+async fn next_frames(
+    body: &mut std::pin::Pin<Box<actix_web::body::BoxBody>>,
+) -> Option<Vec<Frame>> {
+    use actix_web::body::MessageBody;
+    let chunk = std::future::poll_fn(|cx| body.as_mut().poll_next(cx)).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    read_frames(&chunk.expect("a chunk")[..], tx);
+    Some(
+        std::iter::from_fn(|| match rx.try_recv() {
+            Ok(Msg::Frame(f)) => Some(f),
+            _ => None,
+        })
+        .collect(),
+    )
+}
+
+/// Under `KeepLatestPerKey` a client that fell behind gets the newest waiting event of a row
+/// in the place of its older one — ahead of older events of other rows. Such an event comes
+/// without an `id:`: the ids the client sees never go back, and a client that drops right
+/// after it and resumes with its last id gets every row's latest state. (Each event once
+/// carried its own id: order 1's second update went out with an id ahead of orders 2–5's
+/// first updates, and a resume from it skipped those silently.)
+#[actix_rt::test]
+async fn under_keep_latest_per_key_ids_never_go_back_and_a_resume_skips_nothing() {
+    let s =
+        serve_inserts_and_updates(|e| e.slow_client(SlowClient::KeepLatestPerKey).buffer(8)).await;
+    let req = actix_web::test::TestRequest::get()
+        .insert_header(("x-user", "1"))
+        .to_http_request();
+    let mut body = Box::pin(s.sse.respond(req).await.into_body());
+    // Read nothing yet: the stream's channel fills, then its buffers.
+    for id in 1..=30 {
+        s.insert(id, 1, "new");
+    }
+    for id in 1..=5 {
+        s.db.exec(&format!("UPDATE orders SET status = 'a' WHERE id = {id}"));
+    }
+    s.db.exec("UPDATE orders SET status = 'b' WHERE id = 1");
+    s.insert(10_000, 1, "new");
+    s.db.exec("UPDATE orders SET status = 'done' WHERE id = 10000");
+    let newest: i64 = rusqlite::Connection::open(&s.db.path)
+        .unwrap()
+        .query_row("SELECT max(id) FROM sqlnotify_journal", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            s.notifier.stats().await.unwrap().last_sequence == newest
+        })
+        .await
+    );
+    assert!(s.notifier.stats().await.unwrap().queued > 0, "buffered");
+
+    let is_last = |f: &Frame| f.event.as_deref() == Some("orders/update") && f.row() == 10_000;
+    let mut frames = Vec::new();
+    while !frames.iter().any(is_last) {
+        let more = tokio::time::timeout(ARRIVES_WITHIN, next_frames(&mut body))
+            .await
+            .expect("frames")
+            .expect("the stream goes on");
+        frames.extend(more.into_iter().filter(|f| f.event.is_some()));
+    }
+    drop(body);
+    let ids: Vec<i64> = frames
+        .iter()
+        .filter_map(|f| f.id.as_ref().map(|id| id.parse().unwrap()))
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids never go back: {ids:?}"
+    );
+    let updates = |frames: &[Frame]| -> Vec<(i64, String)> {
+        frames
+            .iter()
+            .filter(|f| f.event.as_deref() == Some("orders/update"))
+            .map(|f| {
+                (
+                    f.row(),
+                    f.json()["columns"]["status"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        updates(&frames)[0],
+        (1, "b".to_string()),
+        "order 1's latest update overtook the older ones of orders 2-5: {frames:?}"
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.event.as_deref() == Some("orders/update") && f.id.is_none()),
+        "an event that overtook older ones goes without an id"
+    );
+
+    // The client drops right after order 1's update, and resumes with the last id it had.
+    let k = frames
+        .iter()
+        .position(|f| f.event.as_deref() == Some("orders/update"))
+        .unwrap();
+    let last = frames[..=k]
+        .iter()
+        .rev()
+        .find_map(|f| f.id.clone())
+        .expect("an id before");
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    let mut resumed = Vec::new();
+    while !resumed.iter().any(is_last) {
+        let frame = client.next_event().await;
+        assert_ne!(frame.event.as_deref(), Some("reset"), "{frame:?}");
+        resumed.push(frame);
+    }
+    drop(client);
+    let mut got = updates(&frames[..=k]);
+    got.extend(updates(&resumed));
+    for (order, status) in [
+        (1, "b"),
+        (2, "a"),
+        (3, "a"),
+        (4, "a"),
+        (5, "a"),
+        (10_000, "done"),
+    ] {
+        assert!(
+            got.contains(&(order, status.to_string())),
+            "order {order}'s latest update {status:?} missing: {got:?}"
+        );
+    }
+    assert_eq!(s.sse.stats().resets, 0);
+    s.stop().await;
+}
+
 /// Polls `future` once: whether it is still pending.
 async fn pending_after_a_poll<F: std::future::Future + Unpin>(future: &mut F) -> bool {
     std::future::poll_fn(|cx| {

@@ -34,6 +34,12 @@ pub enum SlowClient {
     /// Keep only the newest waiting event per row (then drop the oldest if still full): for
     /// clients that show the latest state. Replaced events are reported as `lag`; events of
     /// different rows may arrive out of commit order once the client fell behind.
+    ///
+    /// Event ids stay in order as the client sees them: an event that overtakes an older one
+    /// still waiting is sent without an `id:`, so the client keeps the id of the last event
+    /// it had everything up to. A client that reconnects with it gets the events after it
+    /// from the journal — the ones that came without an id again (duplicates, never a gap);
+    /// what was replaced was reported as `lag` and is not sent again if it lies before the id.
     KeepLatestPerKey,
 }
 

@@ -363,7 +363,7 @@ impl Connection {
                 }
             };
             match received {
-                Received::Event(event) => {
+                Received::Event { event, in_order } => {
                     if self
                         .floor
                         .as_ref()
@@ -372,7 +372,15 @@ impl Connection {
                         continue;
                     }
                     Counters::add(&self.config.counters.events, 1);
-                    return Some(event_frame_at(&event, self.position(&event)));
+                    // An event that overtook an older one (`KeepLatestPerKey`) goes without an
+                    // `id:`: the client keeps its last id, and a resume from it sends this one
+                    // again rather than skip the older one.
+                    let position = if in_order {
+                        self.position(&event)
+                    } else {
+                        None
+                    };
+                    return Some(event_frame_at(&event, position));
                 }
                 Received::Lost(lost) => {
                     if self.floor.as_ref().is_some_and(|floor| match floor {
