@@ -1916,3 +1916,198 @@ async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_rea
         notifier.stop().await.unwrap();
     }
 }
+
+/// A login role of the test's own that may do what a notifier does (a superuser), and a URL
+/// of `db` connecting as it: a notifier connecting as it can be kept from reconnecting
+/// (`ALTER ROLE … NOLOGIN`) while the rest of the test goes on as `postgres`.
+async fn blockable_member(db: &TestDb) -> (String, String) {
+    let (role, url) = db.role("member").await;
+    db.exec(&format!("ALTER ROLE \"{role}\" SUPERUSER")).await;
+    (role, url)
+}
+
+/// Whether `role` may log in: a notifier connecting as it cannot reconnect while not.
+async fn allow_login(db: &TestDb, role: &str, allowed: bool) {
+    let login = if allowed { "LOGIN" } else { "NOLOGIN" };
+    db.exec(&format!("ALTER ROLE \"{role}\" {login}")).await;
+}
+
+/// The lease of consumer `app`, as a process of its group takes it.
+const APP_LEASE: &str = "('x' || substr(md5('sqlnotify consumer app'), 1, 16))::bit(64)::bigint";
+
+/// Takes consumer `app`'s lease on `client`, waiting up to 30 s for its holder to let go.
+async fn take_app_lease(client: &tokio_postgres::Client) {
+    let taken = wait_until(Duration::from_secs(30), || async {
+        client
+            .query_one(&format!("SELECT pg_try_advisory_lock({APP_LEASE})"), &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    assert!(taken, "the lease was not let go of");
+}
+
+/// A process of a group that starts while its slot is missing must not make it: the lease
+/// holder, back, would find a slot, report nothing, and the changes committed while it was
+/// missing would be lost silently. Two processes of consumer `app`: `a` reads; its slot is
+/// dropped and `a` is kept from reconnecting (its role may not log in) while `b` starts —
+/// with the lease held by the test, so that `b` stands by, as a member does that starts
+/// while the holder is away for a moment. `b` makes no slot; once `a` may connect again
+/// (and `b` may take the lease too), the process that reads makes it and reports the one
+/// Gap of the group, and its subscribers get the rows committed after it. Before, `b` made
+/// the slot at `start()` and nobody reported anything.
+#[actix_rt::test]
+async fn a_member_starting_while_the_slot_is_missing_leaves_it_to_the_reader_and_its_gap() {
+    let Some(cluster) = cluster("a_member_starting_while_the_slot_is_missing") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (role, member_url) = blockable_member(&db).await;
+    let (status_tx, mut statuses) = mpsc::unbounded_channel();
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let start = |member: &'static str, url: String| {
+        let (status_tx, event_tx) = (status_tx.clone(), event_tx.clone());
+        async move {
+            let notifier = Notifier::builder(&url)
+                .watch(Watch::new("t", Insert).tier(Tier::Logical))
+                .consumer("app")
+                .start()
+                .await
+                .unwrap();
+            notifier
+                .subscribe_status_fn(move |s: sqlnotify::StatusEvent| {
+                    let _ = status_tx.send((member, s.status));
+                })
+                .await
+                .unwrap();
+            notifier
+                .subscribe_fn(Subscription::new("t", Insert), move |e| {
+                    let _ = event_tx.send((member, e.id().as_i64().unwrap()));
+                })
+                .await
+                .unwrap();
+            notifier
+        }
+    };
+    let a = start("a", member_url).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(next_event(&mut events).await, ("a", 1));
+    allow_login(&db, &role, false).await;
+    drop_slots_in_use(&db).await;
+    let lease = db.client().await;
+    take_app_lease(&lease).await;
+    db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: lost
+    let b = start("b", db.url.clone()).await;
+    // start() returns once b stands by (the test holds the lease).
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
+    while let Ok((member, status)) = statuses.try_recv() {
+        assert!(
+            !matches!(status, sqlnotify::Status::Gap { .. }),
+            "{member}: {status:?}"
+        );
+    }
+    assert_eq!(
+        slots(&db).await,
+        Vec::<String>::new(),
+        "a process without the lease made the slot"
+    );
+    lease
+        .batch_execute(&format!("SELECT pg_advisory_unlock({APP_LEASE})"))
+        .await
+        .unwrap();
+    allow_login(&db, &role, true).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let reporter = loop {
+        let (member, status) = tokio::time::timeout_at(deadline, statuses.recv())
+            .await
+            .expect("a Status::Gap within 30 s")
+            .unwrap();
+        match status {
+            sqlnotify::Status::Gap { channels } => {
+                assert_eq!(channels, ["sqlnotify_public_t_insert"]);
+                break member;
+            }
+            sqlnotify::Status::Failed { error } => panic!("{member} stopped: {error}"),
+            _ => {}
+        }
+    };
+    assert_eq!(slots(&db).await.len(), 1, "made again, once");
+    db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
+        .await;
+    let mut missing = BTreeSet::from([3, 4]);
+    while !missing.is_empty() {
+        let (member, id) = next_event(&mut events).await;
+        assert_ne!(id, 2, "row 2 was committed while no slot existed");
+        if missing.remove(&id) {
+            assert_eq!(
+                member, reporter,
+                "row {id} went to the process that reported the Gap"
+            );
+        }
+    }
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some((member, status))) = tokio::time::timeout_at(until, statuses.recv()).await {
+        assert!(
+            !matches!(
+                status,
+                sqlnotify::Status::Gap { .. } | sqlnotify::Status::Failed { .. }
+            ),
+            "{member}: {status:?}"
+        );
+    }
+    for notifier in [a, b] {
+        notifier.stop().await.unwrap();
+    }
+}
+
+/// A slot made again by someone else before the holder came back — an operator, or a process
+/// of an earlier version of sqlnotify starting meanwhile — is found present, yet it is not
+/// the one the holder read: its confirmed position is past every position the holder read,
+/// and the changes committed while no slot existed are not in it. The holder reports the Gap
+/// (once) and goes on. Before, it streamed the new slot and reported nothing.
+#[actix_rt::test]
+async fn a_slot_made_again_by_someone_else_before_the_holder_is_back_is_a_gap() {
+    let Some(cluster) = cluster("a_slot_made_again_by_someone_else") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (role, member_url) = blockable_member(&db).await;
+    let notifier = Notifier::builder(&member_url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .start()
+        .await
+        .unwrap();
+    let mut statuses = common::statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    let name = slots(&db).await.remove(0);
+    allow_login(&db, &role, false).await;
+    drop_slots_in_use(&db).await;
+    db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: lost
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"
+    ))
+    .await;
+    allow_login(&db, &role, true).await;
+    assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
+    db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
+        .await;
+    take_ids(&mut events, &[3, 4]).await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(status)) = tokio::time::timeout_at(until, statuses.recv()).await {
+        assert!(
+            !matches!(
+                status,
+                sqlnotify::Status::Gap { .. } | sqlnotify::Status::Failed { .. }
+            ),
+            "{status:?}"
+        );
+    }
+    assert!(notifier.failure().is_none(), "{:?}", notifier.failure());
+    notifier.stop().await.unwrap();
+}

@@ -143,14 +143,19 @@ impl Postgres {
                 .iter()
                 .map(|w| (w.channel.schema.clone(), w.channel.table.clone()))
                 .collect();
-            let client = control.client().await?;
+            // On a connection of its own: `ensure` holds a session lock while it works, which
+            // a cancelled start() must not leave held on the shared one.
+            let own = Control::connect(&config, "making the replication slot").await?;
             logical::ensure(
-                &client,
+                &own,
                 &name,
                 &tables,
                 params.consumer.as_ref().map(|c| c.name.as_str()),
+                logical::Making::Start,
             )
             .await?;
+            drop(own);
+            let client = control.client().await?;
             // Custom events travel as logical-decoding messages, which any role may emit:
             // signed like the notify tier's payloads, or refused without a key.
             let verifier = match signing::load(&client).await {

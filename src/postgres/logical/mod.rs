@@ -221,24 +221,106 @@ pub(crate) fn routes(watches: &[ResolvedWatch]) -> Vec<Route> {
         .collect()
 }
 
+/// Who asks [`ensure`] for a slot and publication, which decides what it may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Making {
+    /// `start()`, in any process of the consumer, lease or not: a new consumer's slot and
+    /// publication (neither exists) are made, an existing one's publication gets the tables;
+    /// but a named consumer that has one of them without the other lost the other while a
+    /// process of its group may still run, and making it here, in a process that holds no
+    /// lease, would hide the loss — the lease holder, finding a slot again, would report
+    /// nothing, and the changes committed while it was missing would be lost silently. So
+    /// nothing is made: the lease holder's `restore` makes it again and reports the Gap.
+    Start,
+    /// The lease holder's `restore` (or a notifier without a consumer): whatever is missing
+    /// is made.
+    Again,
+}
+
 /// Creates (or updates) publication `name` for `tables` and, when missing, logical slot
-/// `name`. A new slot reads changes committed after it was created. The publication's
-/// comment keeps the consumer's own name (the object's name is derived from it).
+/// `name` — as far as `making` allows ([`Making::Start`] makes nothing for a named consumer
+/// that has one of them without the other). A new slot reads changes committed after it was
+/// created. The publication's comment keeps the consumer's own name (the object's name is
+/// derived from it).
 ///
-/// Processes of one consumer that start together run this at the same time, so both steps
-/// hold a transaction advisory lock keyed by `name` ([`lock_sql`]), the way the install
+/// Processes of one consumer that start together run this at the same time, so the whole of
+/// it holds a session advisory lock keyed by `name` ([`objects_key`]), and each step also
+/// its transaction's ([`lock_sql`], what earlier versions took), the way the install
 /// serializes on its own lock: without it both would find the publication missing and both
 /// `CREATE` it (the second failing with a duplicate key on `pg_publication`), or both
-/// `COMMENT` on it ("tuple concurrently updated"); and one would find the slot the other is
-/// still creating (waiting for running transactions) and go on to stream it while it is in
-/// use.
+/// `COMMENT` on it ("tuple concurrently updated"); one would find the slot the other is still
+/// creating (waiting for running transactions) and go on to stream it while it is in use; and
+/// one would find the publication the other just made without its slot, and leave the slot
+/// to `restore` ([`Making::Start`]), which would report a Gap that is none. The session lock
+/// is held until this returns, or until the connection closes: run it on a connection of its
+/// own, so that a call cancelled in between leaves no lock behind.
 pub(crate) async fn ensure(
     client: &Client,
     name: &str,
     tables: &[(String, String)],
     consumer: Option<&str>,
+    making: Making,
 ) -> Result<()> {
     check_server(client).await?;
+    let key = objects_key(name);
+    client
+        .batch_execute(&format!("SELECT pg_catalog.pg_advisory_lock({key})"))
+        .await
+        .map_err(|e| Error::db(format!("locking replication slot {name} to make it"), e))?;
+    let made = make(client, name, tables, consumer, making).await;
+    let unlocked = client
+        .batch_execute(&format!("SELECT pg_catalog.pg_advisory_unlock({key})"))
+        .await;
+    made?;
+    // Not unlocked: the connection is lost, and the lock with it.
+    unlocked.map_err(|e| Error::db(format!("unlocking replication slot {name}"), e))
+}
+
+/// [`ensure`]'s work, under its lock.
+async fn make(
+    client: &Client,
+    name: &str,
+    tables: &[(String, String)],
+    consumer: Option<&str>,
+    making: Making,
+) -> Result<()> {
+    let row = client
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1),
+                    (SELECT COALESCE(wal_status, '') FROM pg_catalog.pg_replication_slots
+                      WHERE slot_name = $1)",
+            &[(&name, Type::TEXT)],
+        )
+        .await
+        .map_err(|e| Error::db(format!("reading replication slot {name}"), e))?;
+    let (publication, slot): (bool, Option<String>) = (row.get(0), row.get(1));
+    if slot.as_deref() == Some("lost") {
+        return Err(Error::SlotLost {
+            slot: name.to_string(),
+            detail: "its wal_status is lost: it fell behind by more than max_slot_wal_keep_size"
+                .into(),
+        });
+    }
+    if let (Making::Start, Some(consumer)) = (making, consumer) {
+        if publication != slot.is_some() {
+            log::warn!(
+                "sqlnotify: consumer {consumer:?} has its {} but not its {}: left for the \
+                 process that holds its lease to make again, reporting the changes lost \
+                 meanwhile (Status::Gap)",
+                if publication {
+                    "publication"
+                } else {
+                    "replication slot"
+                },
+                if publication {
+                    "replication slot"
+                } else {
+                    "publication"
+                },
+            );
+            return Ok(());
+        }
+    }
     let list = table_list(tables);
     let sql = publication_sql(name, &list, consumer);
     let mut attempt = 0;
@@ -248,7 +330,8 @@ pub(crate) async fn ensure(
             Ok(()) => break,
             // Made meanwhile by another process and not seen by this transaction's snapshot
             // (a default_transaction_isolation of repeatable read takes it before the lock is
-            // granted): a new transaction sees it.
+            // granted; another version of sqlnotify takes no session lock): a new transaction
+            // sees it.
             Err(e)
                 if attempt < 3
                     && matches!(
@@ -263,19 +346,8 @@ pub(crate) async fn ensure(
             }
         }
     }
-    let status = client
-        .query_typed_opt(
-            "SELECT COALESCE(wal_status, '') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-            &[(&name, Type::TEXT)],
-        )
-        .await
-        .map_err(|e| Error::db(format!("reading replication slot {name}"), e))?;
-    if status.is_some_and(|r| r.get::<_, String>(0) == "lost") {
-        return Err(Error::SlotLost {
-            slot: name.to_string(),
-            detail: "its wal_status is lost: it fell behind by more than max_slot_wal_keep_size"
-                .into(),
-        });
+    if slot.is_some() {
+        return Ok(());
     }
     // One implicit transaction: the lock, then the slot unless it exists (the slot list is
     // shared memory, current whatever the snapshot). Taking an advisory lock assigns no
@@ -347,7 +419,7 @@ pub(crate) async fn recreate(
             }
         }
     }
-    ensure(client, name, tables, consumer).await
+    ensure(client, name, tables, consumer, Making::Again).await
 }
 
 /// `tables` as a publication's table list: quoted, sorted, without duplicates.
@@ -361,14 +433,21 @@ fn table_list(tables: &[(String, String)]) -> String {
     list.join(", ")
 }
 
-/// The statement that takes the transaction advisory lock serializing [`ensure`] for the
-/// slot and publication `name` (the key: the first 64 bits of the `md5` of
-/// [`OBJECTS_LOCK`] and the name, as the leases key theirs on `sqlnotify consumer <name>`).
+/// The key of the advisory lock serializing [`ensure`] for the slot and publication `name`,
+/// as an SQL expression: the first 64 bits of the `md5` of [`OBJECTS_LOCK`] and the name, as
+/// the leases key theirs on `sqlnotify consumer <name>`.
+fn objects_key(name: &str) -> String {
+    format!(
+        "('x' || pg_catalog.substr(pg_catalog.md5({}), 1, 16))::bit(64)::bigint",
+        crate::sql::quote_literal(&format!("{OBJECTS_LOCK}{name}"))
+    )
+}
+
+/// The statement that takes [`objects_key`]'s lock for the transaction.
 fn lock_sql(name: &str) -> String {
     format!(
-        "SELECT pg_catalog.pg_advisory_xact_lock(('x' || pg_catalog.substr(pg_catalog.md5({}), \
-         1, 16))::bit(64)::bigint);\n",
-        crate::sql::quote_literal(&format!("{OBJECTS_LOCK}{name}"))
+        "SELECT pg_catalog.pg_advisory_xact_lock({});\n",
+        objects_key(name)
     )
 }
 

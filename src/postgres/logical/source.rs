@@ -19,6 +19,17 @@
 //! what was not confirmed; transactions whose commit LSN was already handed over are skipped
 //! — unless the consumer lost its lease meanwhile: then the shell places the source again,
 //! which forgets what it handed over, and everything from the slot's position comes again.
+//!
+//! The slot and its publication are made again, at "now", by the lease holder alone, in
+//! [`Source::restore`] at the start of each session, which reports the changes committed
+//! while they were missing as a `Status::Gap`: a process of the group that starts meanwhile
+//! makes a named consumer's slot and publication only when neither exists (a new consumer;
+//! [`super::Making::Start`]), never one that lost only its slot — made there, it would be
+//! present when the holder looks, and the loss silent. A slot made again by anyone else all
+//! the same (an operator, an earlier version of sqlnotify, or a process that made both after
+//! `consumers drop` removed both) is told by its confirmed position: the slot this source
+//! reads never confirms past the furthest position it read or found confirmed (`reached`),
+//! and a new one starts past all of them; one found past it is reported the same way.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -130,6 +141,17 @@ struct Open {
     rows: Vec<Row>,
 }
 
+/// How a slot and its publication stand ([`LogicalSource::slot_state`]).
+struct SlotLook {
+    /// The slot's `wal_status` (`lost`: invalidated), `missing`, or `foreign` (a slot of this
+    /// name in another database).
+    slot: String,
+    /// Whether the publication exists.
+    publication: bool,
+    /// The slot's confirmed position, `None` without one.
+    confirmed: Option<u64>,
+}
+
 /// One replication connection.
 pub(crate) struct LogicalConn {
     client: ReplicationClient,
@@ -157,6 +179,11 @@ pub(crate) struct LogicalSource {
     spilled: Option<(u64, u64)>,
     /// The position after everything read so far (an end LSN).
     position: Option<u64>,
+    /// The furthest position this source knows its slot had: the slot's confirmed position
+    /// when a session began, or more. With `position` it bounds what the slot
+    /// it reads can have confirmed; a slot found past both is another one (see
+    /// [`Source::restore`]). `None` once placed, until a session looked.
+    reached: Option<u64>,
     /// Without a consumer: (events forwarded, position) not confirmed yet.
     unconfirmed: VecDeque<(u64, u64)>,
     outlet: Option<Outlet>,
@@ -213,6 +240,7 @@ impl LogicalSource {
             delivered: 0,
             spilled: None,
             position: None,
+            reached: None,
             unconfirmed: VecDeque::new(),
             outlet: None,
             health_check,
@@ -286,6 +314,42 @@ impl LogicalSource {
         conn.started = true;
         log::debug!("sqlnotify: streaming replication slot {}", self.slot);
         Ok(())
+    }
+
+    /// How the slot and its publication stand, read on the replication connection before its
+    /// stream starts.
+    async fn slot_state(&self, conn: &mut LogicalConn) -> Result<SlotLook> {
+        let literal = crate::sql::quote_literal(&self.slot);
+        let rows = conn
+            .client
+            .simple_query(&format!(
+                "SELECT COALESCE((SELECT CASE WHEN s.database = pg_catalog.current_database()
+                                              THEN COALESCE(s.wal_status, '') ELSE 'foreign' END
+                                    FROM pg_catalog.pg_replication_slots s
+                                   WHERE s.slot_name = {literal}), 'missing'),
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {literal}),
+                        (SELECT (s.confirmed_flush_lsn - '0/0'::pg_lsn)::text
+                           FROM pg_catalog.pg_replication_slots s
+                          WHERE s.slot_name = {literal})"
+            ))
+            .await
+            .map_err(|e| self.error(e))?;
+        let text = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i).cloned().flatten())
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        let (Some(slot), Some(publication)) = (text(0), text(1)) else {
+            return Err(Error::Database {
+                context: format!("reading replication slot {}", self.slot),
+                source: "the server's answer had no row".into(),
+            });
+        };
+        Ok(SlotLook {
+            slot,
+            publication: publication == "t",
+            confirmed: text(2).and_then(|t| t.split('.').next()?.parse().ok()),
+        })
     }
 
     /// [`Error::SlotLost`] once the lag task saw the server invalidate the slot.
@@ -673,6 +737,7 @@ impl Source for LogicalSource {
         self.spilled = None;
         self.position = None;
         self.unconfirmed.clear();
+        self.reached = None;
         Ok(Vec::new())
     }
 
@@ -684,9 +749,26 @@ impl Source for LogicalSource {
     /// tier registers again a consumer whose row was deleted, and every channel is reported
     /// missed, since the changes committed meanwhile are not in the new slot. Only the lease
     /// holder gets here, so one process of a group does it, the one whose subscribers miss
-    /// the changes. A slot present without its publication is made again too (see
-    /// [`super::recreate`]). An invalidated slot (`wal_status` `lost`) is not: it was not
-    /// removed but declared unreadable by the server, which the tier reports as fatal
+    /// the changes; a process that starts meanwhile makes neither ([`super::Making::Start`]).
+    /// A slot present without its publication is made again too (see [`super::recreate`]).
+    ///
+    /// A slot made again by someone else before this session looked — an operator, a process
+    /// of an earlier version of sqlnotify starting meanwhile, or one that made both after
+    /// `consumers drop` removed both — is told from the one this source read by its confirmed
+    /// position: only positions read are confirmed, so the slot it read never confirmed past
+    /// the furthest position this source knows it had (`reached`: the confirmed position a
+    /// session found, or a position read since), while a new slot starts past every
+    /// position of the WAL written before it was made, `reached` included. Found past
+    /// `reached`, it is a new slot (or the old one moved on by someone, `pg_replication_slot_advance`
+    /// skipping changes): the same Gap. Another process of the group that held the lease
+    /// between two sessions of this one, and confirmed past `reached`, looks the same, and
+    /// then a Gap is reported where nothing was lost — when this one stood by meanwhile it
+    /// was placed again and forgot `reached`, so only a takeover it never saw, the other
+    /// process's session ending before this one's reconnect, does that: a loss is never
+    /// silent, a needless Gap is the price.
+    ///
+    /// An invalidated slot (`wal_status` `lost`) is not made again: it was not removed but
+    /// declared unreadable by the server, which the tier reports as fatal
     /// [`Error::SlotLost`] (drop the consumer to start again from now); that stays so. A slot
     /// of this name in another database is left for the stream's start to report.
     async fn restore(
@@ -694,52 +776,43 @@ impl Source for LogicalSource {
         conn: &mut LogicalConn,
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>> {
-        let literal = crate::sql::quote_literal(&self.slot);
-        let rows = conn
-            .client
-            .simple_query(&format!(
-                "SELECT COALESCE((SELECT CASE WHEN s.database = pg_catalog.current_database()
-                                              THEN COALESCE(s.wal_status, '') ELSE 'foreign' END
-                                    FROM pg_catalog.pg_replication_slots s
-                                   WHERE s.slot_name = {literal}), 'missing'),
-                        EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {literal})"
-            ))
-            .await
-            .map_err(|e| self.error(e))?;
-        let text = |i: usize| {
-            rows.first()
-                .and_then(|r| r.get(i).cloned().flatten())
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        let state = self.slot_state(conn).await?;
+        let reached = self.reached.max(self.position);
+        let what = match (state.slot.as_str(), state.publication) {
+            ("lost", _) => return Err(self.slot_lost()),
+            ("foreign", _) => return Ok(Vec::new()),
+            ("missing", _) => "was dropped",
+            (_, false) => "lost its publication",
+            (_, true) => match (state.confirmed, reached) {
+                (Some(confirmed), Some(reached)) if confirmed > reached => {
+                    "was made again by someone else (its confirmed position is past any this \
+                     notifier read)"
+                }
+                _ => {
+                    self.reached = reached.max(state.confirmed);
+                    return Ok(Vec::new());
+                }
+            },
         };
-        let (Some(slot), Some(publication)) = (text(0), text(1)) else {
-            return Err(Error::Database {
-                context: format!("reading replication slot {}", self.slot),
-                source: "the server's answer had no row".into(),
-            });
-        };
-        let publication = publication == "t";
-        let missing = match slot.as_str() {
-            "lost" => return Err(self.slot_lost()),
-            "foreign" => return Ok(Vec::new()),
-            "missing" => true,
-            _ if publication => return Ok(Vec::new()),
-            _ => false,
-        };
-        let client = Control::connect(&self.config, "creating the replication slot again").await?;
-        let name = consumer.map(|c| c.name.as_str());
-        super::recreate(&client, &self.slot, &self.tables, name, !missing).await?;
+        let replaced = state.slot != "missing" && state.publication;
+        if !replaced {
+            let client =
+                Control::connect(&self.config, "creating the replication slot again").await?;
+            let name = consumer.map(|c| c.name.as_str());
+            let stale = state.slot != "missing";
+            super::recreate(&client, &self.slot, &self.tables, name, stale).await?;
+        }
         let mut channels: Vec<String> = self.channels.iter().map(|c| c.to_string()).collect();
         channels.sort();
         channels.dedup();
         log::warn!(
-            "sqlnotify: replication slot {} {} while the notifier ran: created again at the \
-             server's current position; changes committed meanwhile on {} are lost, \
-             subscribers get Status::Gap",
+            "sqlnotify: replication slot {} {what} while the notifier ran{}; changes committed \
+             meanwhile on {} are lost, subscribers get Status::Gap",
             self.slot,
-            if missing {
-                "was dropped"
+            if replaced {
+                ""
             } else {
-                "lost its publication"
+                ": created again at the server's current position"
             },
             channels.join(", ")
         );
@@ -748,6 +821,7 @@ impl Source for LogicalSource {
         self.spilled = None;
         self.position = None;
         self.unconfirmed.clear();
+        self.reached = self.slot_state(conn).await?.confirmed;
         Ok(channels)
     }
 
