@@ -38,6 +38,17 @@ impl Backoff {
         self.base.saturating_mul(factor).min(self.max)
     }
 
+    /// Whether a session that ended proved healthy, so that the next retry starts again from
+    /// the shortest delay: it got through its setup and then did a step of its work without
+    /// error (`proved`), or it lasted at least [`Backoff::max`] (`lasted`), so a run of such
+    /// sessions retries no faster than the longest delay would. A session that connects and
+    /// fails at once — the server accepts the connection, then the step after it errors each
+    /// time — proved nothing: its retries keep growing, rather than hammer the server at the
+    /// shortest delay for ever.
+    pub fn healthy(&self, proved: bool, lasted: Duration) -> bool {
+        proved || lasted >= self.max
+    }
+
     /// The jittered delay before retry number `attempt`.
     pub fn delay(&self, attempt: u32) -> Duration {
         let ceiling = self.ceiling(attempt);
@@ -63,6 +74,57 @@ mod tests {
         assert_eq!(b.ceiling(3), Duration::from_millis(400));
         assert_eq!(b.ceiling(10), Duration::from_secs(2));
         assert_eq!(b.ceiling(200), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn only_a_session_that_proved_healthy_starts_the_delays_again() {
+        let b = Backoff::default();
+        let quick = Duration::from_millis(30);
+        assert!(
+            b.healthy(true, quick),
+            "got through its setup and did some work"
+        );
+        assert!(
+            b.healthy(false, b.max),
+            "lasted as long as the longest delay"
+        );
+        assert!(b.healthy(false, Duration::from_secs(3600)));
+        assert!(!b.healthy(false, quick), "connected, then failed at once");
+        assert!(!b.healthy(false, b.max - Duration::from_millis(1)));
+    }
+
+    /// The attempts as the listener shell counts them: reset by a healthy session, one more
+    /// for each restart.
+    fn attempts(b: &Backoff, sessions: &[(bool, Duration)]) -> Vec<u32> {
+        let mut attempt = 0u32;
+        sessions
+            .iter()
+            .map(|&(proved, lasted)| {
+                if b.healthy(proved, lasted) {
+                    attempt = 0;
+                }
+                attempt = attempt.saturating_add(1);
+                attempt
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sessions_that_connect_and_fail_at_once_retry_ever_more_slowly() {
+        let b = Backoff::default();
+        let failing = (false, Duration::from_millis(20));
+        let seq = attempts(&b, &[failing; 9]);
+        assert_eq!(seq, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let delays: Vec<Duration> = seq.iter().map(|&a| b.ceiling(a)).collect();
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert_eq!(delays[8], b.max, "up to the longest delay");
+        // A session that worked starts them again; a long-lived one too.
+        let healthy = (true, Duration::from_millis(20));
+        let long = (false, b.max);
+        assert_eq!(
+            attempts(&b, &[failing, failing, healthy, failing, long, failing]),
+            [1, 2, 1, 2, 1, 2]
+        );
     }
 
     #[test]

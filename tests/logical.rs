@@ -2111,3 +2111,61 @@ async fn a_slot_made_again_by_someone_else_before_the_holder_is_back_is_a_gap() 
     assert!(notifier.failure().is_none(), "{:?}", notifier.failure());
     notifier.stop().await.unwrap();
 }
+
+/// A session that connects and then fails every time — here the stream's start: the
+/// consumer's slot name is taken by a slot of another database, which the server refuses to
+/// stream from this one — is retried ever more slowly, as a session that cannot connect is:
+/// connecting is not a sign of health, and the listener reconnected at the shortest delay
+/// (50–100 ms) for ever before. The delays before the restarts after the first five failures
+/// are at least 50, 100, 200, 400 and 800 ms (half of each ceiling: jitter).
+#[actix_rt::test]
+async fn sessions_that_connect_then_fail_to_start_the_stream_are_retried_ever_more_slowly() {
+    let Some(cluster) = cluster("sessions_that_connect_then_fail_to_start_the_stream") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    let other = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    // The name consumer "app"'s slot gets (its publication is not made either: a process
+    // without the lease makes neither of a pair it finds half there).
+    other
+        .exec("SELECT pg_create_logical_replication_slot('sqlnotify_app_1f6a832c', 'pgoutput')")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut failures) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |s: sqlnotify::StatusEvent| {
+            if let sqlnotify::Status::Disconnected { error } = s.status {
+                let _ = tx.send((std::time::Instant::now(), error));
+            }
+        })
+        .await
+        .unwrap();
+    // The first subscription opens the gate: the stream is started, and refused.
+    let _events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    let mut at = Vec::new();
+    while at.len() < 6 {
+        let (when, error) = tokio::time::timeout(Duration::from_secs(30), failures.recv())
+            .await
+            .expect("a failure within 30 s")
+            .unwrap();
+        assert!(error.contains("not created in this database"), "{error}");
+        at.push(when);
+    }
+    let took = at[5] - at[0];
+    assert!(took >= Duration::from_millis(1_550), "{took:?}");
+    assert!(
+        notifier.failure().is_none(),
+        "not fatal: {:?}",
+        notifier.failure()
+    );
+    notifier.stop().await.unwrap();
+    other
+        .exec("SELECT pg_drop_replication_slot('sqlnotify_app_1f6a832c')")
+        .await;
+}

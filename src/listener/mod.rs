@@ -6,7 +6,12 @@
 //! stopped or failed (see `session.rs`; a panic in the source's I/O fails the session like an
 //! error, it does not end the actor). A failed session is announced as
 //! [`Status::Disconnected`]; the supervisor restarts the actor, which starts the next session
-//! after a jittered [`Backoff`] — unless the error is fatal (`Error::is_fatal`: a replication
+//! after a jittered [`Backoff`] that grows with each failed session and starts again from its
+//! shortest delay only after a session proved healthy — it got through its setup and then a
+//! read or a wait went without error, or it lasted the longest delay ([`Backoff::healthy`]):
+//! connecting is not enough, or a server that accepts the connection and then fails the lease,
+//! the restore or the start of the stream every time would be retried at the shortest delay
+//! for ever — unless the error is fatal (`Error::is_fatal`: a replication
 //! slot the server invalidated), which stops the listener for good, announced as
 //! [`Status::Failed`] and kept in the counters for `Notifier::failure` and `stop()`. The first session reports readiness (or its failure) to
 //! `start()` instead, so a notifier that cannot listen fails to start. Reading state — the
@@ -252,7 +257,8 @@ pub(crate) struct Listener<S: Source> {
     stop: watch::Sender<bool>,
     ready: Option<oneshot::Sender<Result<()>>>,
     backoff: Backoff,
-    /// Consecutive restarts without a successful connection.
+    /// Consecutive restarts since the last session that proved healthy (not merely connected:
+    /// [`Backoff::healthy`]).
     attempt: u32,
     /// Resolved when the running session ends (Shutdown waits for them).
     waiters: Vec<oneshot::Sender<()>>,
@@ -316,7 +322,7 @@ impl<S: Source> Listener<S> {
     }
 
     fn ended(&mut self, state: State<S>, outcome: Outcome, ctx: &mut Context<Self>) {
-        if outcome.connected {
+        if self.backoff.healthy(outcome.proved, outcome.lasted) {
             self.attempt = 0;
         }
         self.state = Some(state);
@@ -544,6 +550,8 @@ mod tests {
         /// The next look at the position panics: a panic in the shell's own code, outside
         /// the source's guarded calls.
         panic_position: bool,
+        /// Every read fails: sessions connect, then fail at once.
+        broken: bool,
     }
 
     #[derive(Clone, Default)]
@@ -603,6 +611,9 @@ mod tests {
 
         async fn read(&mut self, _: &mut (), outlet: &Outlet) -> Result<Option<u64>> {
             let from = self.position.expect("placed") as usize;
+            if self.shared.lock().broken {
+                return Err(Error::NotRunning);
+            }
             if std::mem::take(&mut self.shared.lock().panic) {
                 panic!("a row the driver cannot convert");
             }
@@ -808,6 +819,42 @@ mod tests {
         assert_eq!(rig.batch().await, ["b", "c"]);
         assert_eq!(rig.stats.restarts.load(Ordering::Relaxed), 1);
         assert_eq!(rig.shared.lock().connects, 2);
+        rig.handle.shutdown().await;
+        rig.handle.finish(true).await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn sessions_that_connect_then_fail_at_once_are_retried_ever_more_slowly() {
+        let mut rig = Rig::start(false, 100, false).await;
+        assert_eq!(rig.status().await, Status::Connected);
+        rig.shared.lock().broken = true;
+        rig.shared.write("a");
+        // Every session connects, then its first read fails: the delays before the restarts
+        // after the first five failures are at least 50, 100, 200, 400 and 800 ms (half of
+        // each ceiling: jitter), where resetting on each connection kept them at 50–100 ms.
+        let mut failures = Vec::new();
+        while failures.len() < 6 {
+            match rig.status().await {
+                Status::Disconnected { .. } => failures.push(std::time::Instant::now()),
+                Status::Connected => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let took = failures[5] - failures[0];
+        assert!(took >= Duration::from_millis(1_550), "{took:?}");
+        assert!(rig.shared.lock().connects >= 6, "each session connected");
+        // A session that reads again proves healthy: the next failure is retried at once.
+        rig.shared.lock().broken = false;
+        assert_eq!(rig.batch().await, ["a"]);
+        rig.shared.fail(0);
+        let failed = loop {
+            if let Status::Disconnected { .. } = rig.status().await {
+                break std::time::Instant::now();
+            }
+        };
+        while rig.status().await != Status::Connected {}
+        let back = failed.elapsed();
+        assert!(back < Duration::from_millis(400), "{back:?}");
         rig.handle.shutdown().await;
         rig.handle.finish(true).await.unwrap();
     }

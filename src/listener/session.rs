@@ -26,8 +26,14 @@ pub(crate) const LEASE_RETRY: Duration = Duration::from_millis(250);
 
 /// How a session ended.
 pub(super) struct Outcome {
-    /// It connected (so the next restart starts the backoff from the beginning).
-    pub connected: bool,
+    /// It got through its setup (connect, lease, place, restore) and then a read or a wait
+    /// without error: with `lasted`, what decides whether the next restart starts the backoff
+    /// from the beginning ([`Backoff::healthy`](crate::backoff::Backoff::healthy)). Connecting
+    /// alone proves nothing: a server that accepts the connection and then fails the next step
+    /// every time would be retried at the shortest delay for ever.
+    pub proved: bool,
+    /// How long it lasted, from the start of its connect.
+    pub lasted: Duration,
     /// Why it failed; `None` when it stopped as told or its first start failed (reported to
     /// `start()` through the ready signal).
     pub failure: Option<String>,
@@ -48,10 +54,11 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         mut self,
         mut state: State<S>,
     ) -> (State<S>, Outcome) {
+        let began = Instant::now();
         let outlet = self.shell.outlet.clone();
         let mut conn = match guarded::<S, _>("connecting", state.source.connect(&outlet)).await {
             Ok(conn) => conn,
-            Err(e) => return self.failed(state, None, e),
+            Err(e) => return self.failed(state, None, e, began),
         };
         self.shell.status(Status::Connected);
         let group = match &self.shell.consumer {
@@ -67,13 +74,14 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     return (
                         state,
                         Outcome {
-                            connected: true,
+                            proved: true,
+                            lasted: began.elapsed(),
                             failure: None,
                             fatal: None,
                         },
                     );
                 }
-                Err(e) => return self.failed(state, Some(conn), e),
+                Err(e) => return self.failed(state, Some(conn), e, began),
             }
         }
         let mut missed = Vec::new();
@@ -81,7 +89,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             let placing = state.source.place(&mut conn, self.shell.consumer.as_ref());
             match guarded::<S, _>("placing its position", placing).await {
                 Ok(m) => missed = m,
-                Err(e) => return self.failed(state, Some(conn), e),
+                Err(e) => return self.failed(state, Some(conn), e, began),
             }
             state.placed = true;
             if let Some(position) = state.source.position() {
@@ -94,7 +102,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             .restore(&mut conn, self.shell.consumer.as_ref());
         let restored = match guarded::<S, _>("restoring its position", restoring).await {
             Ok(restored) => restored,
-            Err(e) => return self.failed(state, Some(conn), e),
+            Err(e) => return self.failed(state, Some(conn), e, began),
         };
         if !restored.is_empty() {
             // Placed anew, at "now": what was noted, saved or read up to before belongs to
@@ -121,7 +129,9 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 self.shell.status(Status::Gap { channels: lossy });
             }
         }
-        let (failure, fatal) = match self.serve(&mut state, &mut conn, restarted).await {
+        let mut proved = false;
+        let serving = self.serve(&mut state, &mut conn, restarted, &mut proved);
+        let (failure, fatal) = match serving.await {
             Ok(()) => {
                 close(&mut state.source, conn).await;
                 (None, None)
@@ -134,7 +144,8 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         (
             state,
             Outcome {
-                connected: true,
+                proved,
+                lasted: began.elapsed(),
                 failure,
                 fatal,
             },
@@ -147,6 +158,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         state: State<S>,
         conn: Option<S::Conn>,
         e: crate::Error,
+        began: Instant,
     ) -> (State<S>, Outcome) {
         let (failure, fatal) = match self.ready.take() {
             Some(ready) => {
@@ -161,7 +173,8 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         (
             state,
             Outcome {
-                connected: false,
+                proved: false,
+                lasted: began.elapsed(),
                 failure,
                 fatal,
             },
@@ -245,12 +258,14 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         Ok(true)
     }
 
-    /// Reads, saves, checks and waits until told to stop (Ok) or the connection fails.
+    /// Reads, saves, checks and waits until told to stop (Ok) or the connection fails; sets
+    /// `proved` once a read or a wait went without error.
     async fn serve<S: Source<Position = P>>(
         &self,
         state: &mut State<S>,
         conn: &mut S::Conn,
         restarted: bool,
+        proved: &mut bool,
     ) -> Result<()> {
         let shell = &*self.shell;
         let reads = state.source.reads();
@@ -271,6 +286,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 let Some(forwarded) = guarded::<S, _>("reading", reading).await? else {
                     return Ok(()); // told to stop while waiting for room
                 };
+                *proved = true;
                 (last_read, last_io) = (Instant::now(), Instant::now());
                 may_have_rows = false;
                 pacer.read(forwarded);
@@ -329,6 +345,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 }
             };
             may_have_rows |= woke;
+            *proved = true;
             pacer.waited();
         }
     }
