@@ -20,6 +20,20 @@
 //! — unless the consumer lost its lease meanwhile: then the shell places the source again,
 //! which forgets what it handed over, and everything from the slot's position comes again.
 //!
+//! Memory: what is read but not yet in the pipeline is bounded by counts, not bytes. The
+//! replication client's worker holds at most [`BUFFER_MESSAGES`] (2,048) received pgoutput
+//! messages — each one row change, Begin, Commit, Relation or custom event, and each as large
+//! as its row (up to PostgreSQL's 1 GiB message limit) — plus its 128 KiB socket buffer and
+//! the one message it is reading; this source holds at most [`MAX_OPEN_ROWS`] rows of the
+//! open transaction and one batch of [`MAX_BATCH`] events; the pipeline then takes one unit
+//! of its in-flight budget per event. So the worst case is about 3,000 times the largest row
+//! in flight, which is small for ordinary rows and large for rows of many megabytes. A real
+//! bound in bytes cannot be had from `pgwire-replication` 0.5: its only byte limit,
+//! `max_message_size`, refuses a larger message and ends the stream for good (the message
+//! stays on the wire, the slot cannot be read past it), which would stop the consumer at
+//! the first wide row; its event buffer counts messages (`buffer_events`), which this source
+//! sets to [`BUFFER_MESSAGES`], a quarter of the crate's default.
+//!
 //! The slot and its publication are made again, at "now", by the lease holder alone, in
 //! [`Source::restore`] at the start of each session, which reports the changes committed
 //! while they were missing as a `Status::Gap`: a process of the group that starts meanwhile
@@ -71,6 +85,14 @@ const READ_BUDGET: Duration = Duration::from_millis(100);
 const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Slot lag (WAL bytes kept for the slot) past which a warning is logged.
 pub(crate) const LAG_WARNING: u64 = 1 << 30;
+/// Messages the replication client's worker may hold received and not yet read
+/// (`pgwire-replication`'s `buffer_events`, 8,192 by default): the bound of its buffer, by
+/// count — the crate has no bound by bytes (see the module docs). A full batch of one-row
+/// transactions takes three messages a row (Begin, the change, Commit), and the worker runs on
+/// the listener's thread, so it refills the buffer only between reads: four batches' worth
+/// lets a read still fill a whole batch, at a quarter of the default's worst case.
+const BUFFER_MESSAGES: usize = 4 * MAX_BATCH;
+const _: () = assert!(BUFFER_MESSAGES >= 3 * MAX_BATCH);
 /// How long a read waits for room in the pipeline, its slot doomed, before it closes the
 /// stream (see [`LogicalSource::forward`]).
 const DOOMED_STALL: Duration = Duration::from_secs(1);
@@ -679,6 +701,7 @@ fn replication_config(config: &PgConfig, slot: &str) -> Result<ReplicationConfig
     let mut c = ReplicationConfig::new(host, user, password, database, slot, slot);
     c.port = port;
     c.status_interval = STATUS_INTERVAL;
+    c.buffer_events = BUFFER_MESSAGES;
     c.application_name = Some("sqlnotify logical".into());
     c.options = Some(OUTPUT_SETTINGS.into());
     #[cfg(feature = "tls")]
@@ -1087,6 +1110,10 @@ mod tests {
             c.options.as_deref(),
             Some("-c DateStyle=ISO -c IntervalStyle=postgres -c bytea_output=hex"),
             "values in the forms values.rs reads"
+        );
+        assert_eq!(
+            c.buffer_events, BUFFER_MESSAGES,
+            "a quarter of the crate's default"
         );
         #[cfg(feature = "tls")]
         {
