@@ -290,6 +290,54 @@ async fn a_row_too_large_for_a_payload_commits_and_arrives_key_only_even_in_stri
     notifier.stop().await.unwrap();
 }
 
+/// Rows whose payloads together exceed what a read holds at once (70 rows of 1 MiB against
+/// 64 MiB, read in one page): each arrives once, in order, with its own payload — received in
+/// shares of at most 64 MiB, each handed over before the next was fetched (a read once held
+/// the whole page: one share of 70 MiB).
+#[actix_rt::test]
+async fn a_page_larger_than_a_read_holds_arrives_in_shares() {
+    const ROWS: i64 = 70;
+    const SIZE: usize = common::mysql::LARGE_SIZE;
+    let db = TestDb::new().await;
+    common::mysql::create_large_table(&db, "big").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("big", Operation::Insert).extra_columns(["big"]))
+        .start()
+        .await
+        .unwrap();
+    let mut events =
+        Events::subscribe(&notifier, Subscription::new("big", Operation::Insert)).await;
+    common::mysql::insert_large_rows(&db, "big", ROWS).await;
+    db.exec("INSERT INTO big (id) VALUES (71)").await;
+
+    let got = events.take(ROWS as usize + 1).await;
+    let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=ROWS + 1).collect::<Vec<_>>(),
+        "each row once, in order"
+    );
+    for (e, id) in got.iter().take(ROWS as usize).zip(1..) {
+        let big = e.get("big").and_then(|v| v.as_str()).expect("the value");
+        assert!(
+            big.len() == SIZE && big.chars().all(|c| c == common::mysql::large_letter(id)),
+            "row {id}'s own payload"
+        );
+        assert_eq!(e.last_in_transaction(), None);
+    }
+    events.assert_empty();
+    let shares = common::mysql::shares(&got[..ROWS as usize]);
+    assert!(shares.len() >= 2, "handed over in shares: {shares:?}");
+    // Each payload is its `big` value and a few bytes more.
+    assert!(
+        shares
+            .iter()
+            .all(|&(_, bytes)| bytes < common::mysql::READ_BYTES),
+        "no share held more than the budget: {shares:?}"
+    );
+    notifier.stop().await.unwrap();
+}
+
 /// A binary value whose hex text would exceed `max_allowed_packet`: `HEX` returns NULL (with a
 /// warning) while `JSON_OBJECT` of the rest fits, so the payload once arrived whole-looking,
 /// with `"data": null` and not marked truncated. It arrives with its key only, marked

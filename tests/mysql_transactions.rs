@@ -326,6 +326,67 @@ async fn concurrent_writers_transactions_arrive_whole_and_in_order() {
     notifier.stop().await.unwrap();
 }
 
+/// A transaction whose rows' payloads together exceed what a read holds at once (70 rows of
+/// 1 MiB against 64 MiB): every row arrives once, in order, one transaction with its last row
+/// marked and no other — and the listener received them in shares of at most 64 MiB, the first
+/// handed over before the rest was fetched (a read once held all 70 MiB: one share).
+#[actix_rt::test]
+async fn a_transaction_larger_than_a_read_holds_arrives_whole_in_shares() {
+    const ROWS: i64 = 70;
+    const SIZE: usize = common::mysql::LARGE_SIZE;
+    let db = TestDb::new().await;
+    common::mysql::create_large_table(&db, "big").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("big", Operation::Insert).extra_columns(["big"]))
+        .mysql_transaction_ids(true)
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    notifier
+        .subscribe_fn(Subscription::new("big", Operation::Insert), move |e| {
+            let _ = tx.send(e);
+        })
+        .await
+        .unwrap();
+    common::mysql::insert_large_rows(&db, "big", ROWS).await;
+
+    let got = take(&mut rx, ROWS as usize).await;
+    let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=ROWS).collect::<Vec<_>>(),
+        "each row once, in order"
+    );
+    for (e, id) in got.iter().zip(1..) {
+        let big = e.get("big").and_then(|v| v.as_str()).expect("the value");
+        assert!(
+            big.len() == SIZE && big.chars().all(|c| c == common::mysql::large_letter(id)),
+            "row {id}'s own payload"
+        );
+        assert!(!e.is_truncated(), "row {id}");
+    }
+    let transactions: HashSet<Option<u64>> = got.iter().map(|e| e.transaction_id()).collect();
+    assert_eq!(transactions.len(), 1, "one transaction");
+    assert!(got[0].transaction_id().is_some());
+    let marks: Vec<Option<bool>> = got.iter().map(|e| e.last_in_transaction()).collect();
+    let mut want = vec![Some(false); ROWS as usize - 1];
+    want.push(Some(true));
+    assert_eq!(marks, want, "only the last row is marked last");
+
+    let shares = common::mysql::shares(&got);
+    assert!(shares.len() >= 2, "handed over in shares: {shares:?}");
+    // Each payload is its `big` value and a few bytes more.
+    assert!(
+        shares
+            .iter()
+            .all(|&(_, bytes)| bytes < common::mysql::READ_BYTES),
+        "no share held more than the budget: {shares:?}"
+    );
+    assert_quiet(&mut rx).await;
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn the_purge_removes_the_journals_history_and_empties_the_transaction_registry() {
     let db = TestDb::new().await;

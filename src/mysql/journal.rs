@@ -46,7 +46,10 @@
 //! row's InnoDB transaction id in [`JOURNAL_TX`], stamped by the server. The listener then
 //! reads in one consistent snapshot per poll (each transaction seen whole or not at all), up
 //! to its batch plus the rest of the transactions it has begun, and [`in_transactions`] puts
-//! them in delivery order with their last rows marked. The purge removes the history the
+//! them in delivery order with their last rows marked. Those reads take each row's metadata
+//! ([`RowMeta`]: the payload's size, not the payload); the payloads are fetched by id for one
+//! share at a time ([`share_len`], [`fetch_payloads`]), so a read's memory is bounded in
+//! bytes however large the rows or the transaction. The purge removes the history the
 //! versioning keeps and empties MariaDB's transaction registry ([`trim_history`]).
 //!
 //! The cost: each open gap is one range in the read; beyond 64 open gaps the rest are read as
@@ -410,20 +413,36 @@ pub(crate) fn unread_sql(gaps: &[(i64, i64)], high: i64) -> String {
     parts.join(" OR ")
 }
 
-/// One journal row: id, channel, payload.
-pub(crate) type Row = (i64, String, String);
-
 /// Reads up to `limit` rows with `id > pos` matching `condition` (from
-/// [`Cursor::unread_condition`]), in id order.
+/// [`Cursor::unread_condition`]), in id order, without their payloads (see [`RowMeta`]).
 pub(crate) async fn read_page(
     conn: &mut Conn,
     database: &str,
     pos: i64,
     condition: &str,
     limit: usize,
-) -> Result<Vec<Row>> {
+) -> Result<Vec<RowMeta>> {
+    read_meta(conn, database, None, pos, condition, "", limit).await
+}
+
+/// The rows' metadata (id, channel, payload size, and with `after` their transaction) for
+/// [`read_page`] and [`read_tx_page`]. `only`: an extra condition (`AND …`).
+async fn read_meta(
+    conn: &mut impl Queryable,
+    database: &str,
+    after: Option<i64>,
+    pos: i64,
+    condition: &str,
+    only: &str,
+    limit: usize,
+) -> Result<Vec<RowMeta>> {
+    let tx = match after {
+        Some(_) => format!(", `{JOURNAL_TX}`"),
+        None => String::new(),
+    };
     let sql = format!(
-        "SELECT `id`, `channel`, `payload` FROM {} WHERE `id` > {pos} AND ({condition}) ORDER BY `id` LIMIT {limit}",
+        "SELECT `id`, `channel`, OCTET_LENGTH(`payload`){tx} FROM {} \
+         WHERE `id` > {pos} AND ({condition}){only} ORDER BY `id` LIMIT {limit}",
         qualified(database, JOURNAL)
     );
     let rows: Vec<mysql_async::Row> = conn
@@ -431,8 +450,74 @@ pub(crate) async fn read_page(
         .await
         .map_err(db_err("reading the journal"))?;
     rows.into_iter()
-        .map(|row| journal_row(row).map(|(id, channel, payload, _)| (id, channel, payload)))
+        .map(|mut row| {
+            let id = id_at(&mut row)?;
+            // NULL (a payload someone made NULL), or past the row's end: nothing to hold.
+            let len = row
+                .take_opt::<Option<u64>, _>(2)
+                .and_then(|len| len.ok().flatten())
+                .unwrap_or(0);
+            let tx = row
+                .take_opt::<Option<u64>, _>(3)
+                .and_then(|tx| tx.ok().flatten())
+                .filter(|_| after.is_some_and(|after| id > after));
+            Ok(RowMeta {
+                id,
+                channel: text_at(&mut row, 1),
+                len,
+                tx,
+            })
+        })
         .collect()
+}
+
+/// The payloads of journal rows `ids`, by id: what a read fetches for one share of the rows
+/// it hands over (see [`share_len`]), so that it never holds more payload bytes than that
+/// share. A row missing from the answer was deleted since its metadata was read (journal rows
+/// never change otherwise); a payload that is not text (a column someone altered) is empty
+/// text, as [`journal_row`] reads it.
+pub(crate) async fn fetch_payloads(
+    conn: &mut Conn,
+    database: &str,
+    ids: &[i64],
+) -> Result<HashMap<i64, String>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let sql = format!(
+        "SELECT `id`, `payload` FROM {} WHERE `id` IN ({})",
+        qualified(database, JOURNAL),
+        list.join(", ")
+    );
+    let rows: Vec<mysql_async::Row> = conn
+        .query(sql)
+        .await
+        .map_err(db_err("reading the journal's payloads"))?;
+    rows.into_iter()
+        .map(|mut row| Ok((id_at(&mut row)?, text_at(&mut row, 1))))
+        .collect()
+}
+
+/// How many of the leading rows, whose payload sizes are `lens`, one share of a read takes:
+/// at most `max_rows`, and no more payload bytes than `budget` — but always the first row,
+/// however large (a row larger than the budget goes alone: it is bounded by the server's
+/// `max_allowed_packet`), so that reading always moves on.
+pub(crate) fn share_len(
+    lens: impl IntoIterator<Item = u64>,
+    budget: u64,
+    max_rows: usize,
+) -> usize {
+    let mut held = 0u64;
+    let mut taken = 0;
+    for len in lens.into_iter().take(max_rows) {
+        held = held.saturating_add(len);
+        if taken > 0 && held > budget {
+            break;
+        }
+        taken += 1;
+    }
+    taken
 }
 
 /// A journal row as `SELECT id, channel, payload[, transaction]` returns it: id, channel,
@@ -581,13 +666,17 @@ pub(crate) async fn trim_history(conn: &mut Conn, database: &str) -> Result<()> 
     Ok(())
 }
 
-/// One journal row read with its transaction.
+/// One journal row as a read plans it: all but its payload, which is fetched only when the
+/// row's share is handed over ([`fetch_payloads`]), so that a read holds the payloads of one
+/// share at a time however many rows it plans.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TxRow {
+pub(crate) struct RowMeta {
     pub id: i64,
     pub channel: String,
-    pub payload: String,
-    /// The writer's transaction; `None` for rows written before the journal recorded them.
+    /// The payload's size in bytes (0 for a `NULL` payload).
+    pub len: u64,
+    /// The writer's transaction; `None` for rows written before the journal recorded them,
+    /// and on a journal that does not record them.
     pub tx: Option<u64>,
 }
 
@@ -603,31 +692,12 @@ pub(crate) async fn read_tx_page(
     condition: &str,
     only: Option<&[u64]>,
     limit: usize,
-) -> Result<Vec<TxRow>> {
+) -> Result<Vec<RowMeta>> {
     let only = only.map_or(String::new(), |txs| {
         let list: Vec<String> = txs.iter().map(u64::to_string).collect();
         format!(" AND `{JOURNAL_TX}` IN ({})", list.join(", "))
     });
-    let sql = format!(
-        "SELECT `id`, `channel`, `payload`, `{JOURNAL_TX}` FROM {} \
-         WHERE `id` > {pos} AND ({condition}){only} ORDER BY `id` LIMIT {limit}",
-        qualified(database, JOURNAL)
-    );
-    let rows: Vec<mysql_async::Row> = conn
-        .query(sql)
-        .await
-        .map_err(db_err("reading the journal"))?;
-    rows.into_iter()
-        .map(|row| {
-            let (id, channel, payload, tx) = journal_row(row)?;
-            Ok(TxRow {
-                id,
-                channel,
-                payload,
-                tx: tx.filter(|_| id > after),
-            })
-        })
-        .collect()
+    read_meta(conn, database, Some(after), pos, condition, &only, limit).await
 }
 
 /// Puts the rows of one read in delivery order and marks the last row of each transaction:
@@ -637,7 +707,10 @@ pub(crate) async fn read_tx_page(
 /// a higher id). Returns each row with its mark: `Some(true)` on a transaction's last row among
 /// `rows`, `Some(false)` on the others, `None` without a transaction — and on the last row of a
 /// transaction in `cut`, one the read may not have seen whole.
-pub(crate) fn in_transactions(rows: Vec<TxRow>, cut: &HashSet<u64>) -> Vec<(TxRow, Option<bool>)> {
+pub(crate) fn in_transactions(
+    rows: Vec<RowMeta>,
+    cut: &HashSet<u64>,
+) -> Vec<(RowMeta, Option<bool>)> {
     let mut last: HashMap<u64, i64> = HashMap::new();
     for row in &rows {
         if let Some(tx) = row.tx {
@@ -651,7 +724,7 @@ pub(crate) fn in_transactions(rows: Vec<TxRow>, cut: &HashSet<u64>) -> Vec<(TxRo
         None => (false, row.id, 0, row.id),
         Some(tx) => (true, last[&tx], tx, row.id),
     });
-    let mut out: Vec<(TxRow, Option<bool>)> = Vec::with_capacity(rows.len());
+    let mut out: Vec<(RowMeta, Option<bool>)> = Vec::with_capacity(rows.len());
     for row in rows {
         if let Some((previous, mark)) = out.last_mut() {
             if previous.tx.is_some() && previous.tx == row.tx {
@@ -1160,16 +1233,16 @@ mod tests {
         assert!(cond.ends_with("`id` > 400"));
     }
 
-    fn tx_row(id: i64, tx: Option<u64>) -> TxRow {
-        TxRow {
+    fn tx_row(id: i64, tx: Option<u64>) -> RowMeta {
+        RowMeta {
             id,
             channel: "c".into(),
-            payload: "{}".into(),
+            len: 2,
             tx,
         }
     }
 
-    fn summary(rows: &[(TxRow, Option<bool>)]) -> Vec<(i64, Option<bool>)> {
+    fn summary(rows: &[(RowMeta, Option<bool>)]) -> Vec<(i64, Option<bool>)> {
         rows.iter().map(|(r, mark)| (r.id, *mark)).collect()
     }
 
@@ -1202,6 +1275,36 @@ mod tests {
         );
         assert_eq!(summary(&out), [(1, Some(false)), (2, None)]);
         assert!(in_transactions(Vec::new(), &HashSet::new()).is_empty());
+    }
+
+    #[test]
+    fn a_share_takes_rows_up_to_its_byte_budget_and_always_one() {
+        const MIB: u64 = 1 << 20;
+        // 100 rows of 1 MiB against 64 MiB: shares of 64, then 36.
+        let lens = vec![MIB; 100];
+        assert_eq!(share_len(lens.iter().copied(), 64 * MIB, 1_000), 64);
+        assert_eq!(share_len(lens[64..].iter().copied(), 64 * MIB, 1_000), 36);
+        // The row cap holds whatever the sizes.
+        assert_eq!(share_len([0; 5_000], 64 * MIB, 1_000), 1_000);
+        // A row larger than the budget goes alone, also after smaller ones.
+        assert_eq!(share_len([100 * MIB, 1, 1], 64 * MIB, 1_000), 1);
+        assert_eq!(share_len([1, 100 * MIB, 1], 64 * MIB, 1_000), 1);
+        // Exactly the budget fits; one byte more does not.
+        assert_eq!(share_len([32 * MIB, 32 * MIB, 1], 64 * MIB, 1_000), 2);
+        assert_eq!(share_len([u64::MAX, u64::MAX], 64 * MIB, 1_000), 1);
+        assert_eq!(share_len([], 64 * MIB, 1_000), 0);
+        // Shares in turn cover every row once, in order.
+        let lens: Vec<u64> = (0..500).map(|i| (i * 7919 % 13) * MIB).collect();
+        let (mut at, mut shares) = (0, 0);
+        while at < lens.len() {
+            let n = share_len(lens[at..].iter().copied(), 20 * MIB, 50);
+            assert!((1..=50).contains(&n));
+            assert!(n == 1 || lens[at..at + n].iter().sum::<u64>() <= 20 * MIB);
+            at += n;
+            shares += 1;
+        }
+        assert_eq!(at, lens.len());
+        assert!(shares > 500 / 50, "{shares}");
     }
 
     #[test]

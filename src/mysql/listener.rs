@@ -11,6 +11,14 @@
 //!
 //! The position a named consumer saves is the cursor's low watermark: every id up to it was
 //! read or given up as rolled back.
+//!
+//! A read's memory is bounded in bytes, not only in rows: it reads its rows' ids, channels,
+//! transactions and payload sizes first, decides what it hands over and in which order (and
+//! which row ends each transaction), then fetches the payloads share by share — at most
+//! [`READ_BYTES`] (64 MiB) of them, or one row larger than that — handing each share over
+//! before fetching the next. A transaction larger than a share goes over as it is fetched,
+//! still whole in delivery order and with its last row marked; a journal row is immutable once
+//! committed, so the payload fetched later is the one the snapshot saw.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -22,7 +30,7 @@ use mysql_async::Conn;
 
 use super::catalog::db_err;
 use super::consumers::{self, Missed};
-use super::journal::{self, Cursor, Position, Tracking, TxRow};
+use super::journal::{self, Cursor, Position, RowMeta, Tracking};
 use super::snapshot::Watermark;
 use super::tls::MysqlConfig;
 use crate::consumer::ConsumerParams;
@@ -39,6 +47,11 @@ const READ_BATCH: usize = 1_000;
 const READ_MAX: usize = 10 * READ_BATCH;
 /// Most rows a read takes past [`READ_MAX`] to complete its transactions.
 const COMPLETE_MAX: usize = 100_000;
+/// Most payload bytes a read holds at once. A read plans its rows by their metadata (id,
+/// channel, transaction, payload size), then fetches the payloads and hands the rows over
+/// share by share: at most [`READ_BATCH`] rows and this many payload bytes a share (a row
+/// larger than this alone), each share handed over before the next is fetched.
+const READ_BYTES: u64 = 64 << 20;
 /// Most expired gaps checked for running transactions per read (the rest wait for the next).
 const MAX_CHECKED_GAPS: usize = 64;
 /// How long a transaction may hold a journal gap before the listener warns about it.
@@ -241,7 +254,9 @@ impl MysqlSource {
     /// A read of a journal that records transactions: up to [`READ_MAX`] rows and the rest of
     /// the transactions among them, all in one consistent snapshot (so each transaction is
     /// seen whole or not at all), handed over transaction by transaction in commit order, the
-    /// last row of each marked.
+    /// last row of each marked. The snapshot reads the rows without their payloads, so what
+    /// it plans is known whole (where each transaction ends) while it holds a few dozen bytes
+    /// a row; the payloads come after, share by share ([`hand_over`](Self::hand_over)).
     async fn read_transactions(
         &mut self,
         conn: &mut Conn,
@@ -265,7 +280,7 @@ impl MysqlSource {
             conn.start_transaction(opts).await.map_err(db_err(reading))
         })
         .await?;
-        let mut rows: Vec<TxRow> = Vec::new();
+        let mut rows: Vec<RowMeta> = Vec::new();
         let mut pos = low;
         let mut more = false;
         loop {
@@ -321,7 +336,6 @@ impl MysqlSource {
         })
         .await?;
 
-        let now = SystemTime::now();
         let mut others = Vec::new();
         let mut ours = Vec::new();
         for row in rows {
@@ -334,7 +348,6 @@ impl MysqlSource {
                 others.push(row.id);
             }
         }
-        let mut forwarded = 0;
         let ordered = journal::in_transactions(ours, &cut);
         // The set read after each row: the cursor's now plus the rows up to it, in this order
         // — after the other channels' rows of this read, which no subscriber lacks.
@@ -347,19 +360,64 @@ impl MysqlSource {
                 .collect(),
         );
         let skip = others.len();
-        let mut ordered = ordered
+        let planned = ordered
             .into_iter()
             .enumerate()
-            .map(|(i, row)| (i + skip, row))
-            .peekable();
-        while ordered.peek().is_some() {
-            let mut batch = Vec::new();
-            let mut ids = Vec::new();
-            for (index, (row, last)) in ordered.by_ref().take(READ_BATCH) {
-                ids.push(row.id);
+            .map(|(i, (row, last))| (i + skip, row, last))
+            .collect();
+        let Some(forwarded) = self.hand_over(conn, outlet, planned, &page).await? else {
+            return Ok(None);
+        };
+        self.cursor().mark(others, Instant::now());
+        self.settle(conn).await?;
+        Ok(Some(forwarded))
+    }
+
+    /// Hands the rows a read planned over, in their order, share by share (see
+    /// [`READ_BYTES`]): fetches a share's payloads, hands it to `outlet`, marks its rows read,
+    /// then goes on to the next — so a read holds one share's payloads at a time, and a
+    /// transaction larger than a share goes over as it is fetched, its marks as planned (its
+    /// last row marked last). Each row comes with its place in `page` and its mark. A row
+    /// deleted since it was planned has nothing to hand over: it is skipped and left unread
+    /// (a gap that holds no row, given up after the gap timeout). Returns how many events went,
+    /// `None` when told to stop while waiting for room (the rows of the shares handed over
+    /// count as read, the rest do not).
+    async fn hand_over(
+        &mut self,
+        conn: &mut Conn,
+        outlet: &Outlet,
+        planned: Vec<(usize, RowMeta, Option<bool>)>,
+        page: &Arc<CursorPage>,
+    ) -> Result<Option<u64>> {
+        let mut forwarded = 0;
+        let mut rows = planned.into_iter();
+        while !rows.as_slice().is_empty() {
+            let lens = rows.as_slice().iter().map(|(_, row, _)| row.len);
+            let take = journal::share_len(lens, READ_BYTES, READ_BATCH);
+            let share: Vec<_> = rows.by_ref().take(take).collect();
+            let ids: Vec<i64> = share.iter().map(|(_, row, _)| row.id).collect();
+            let db = self.database.clone();
+            let mut payloads = self
+                .within(
+                    "reading the journal's payloads",
+                    journal::fetch_payloads(conn, &db, &ids),
+                )
+                .await?;
+            let now = SystemTime::now();
+            let mut batch = Vec::with_capacity(share.len());
+            let mut handed = Vec::with_capacity(share.len());
+            for (index, row, last) in share {
+                let Some(payload) = payloads.remove(&row.id) else {
+                    log::warn!(
+                        "sqlnotify: MySQL journal row {} was deleted while it was being read; its event is lost",
+                        row.id
+                    );
+                    continue;
+                };
+                handed.push(row.id);
                 batch.push(RawNotification {
                     channel: self.shared_name(row.channel),
-                    payload: row.payload,
+                    payload,
                     received_at: now,
                     sequence: Some(row.id),
                     events: 1,
@@ -375,10 +433,8 @@ impl MysqlSource {
                 Some(n) => forwarded += n,
                 None => return Ok(None),
             }
-            self.cursor().mark(ids, Instant::now());
+            self.cursor().mark(handed, Instant::now());
         }
-        self.cursor().mark(others, Instant::now());
-        self.settle(conn).await?;
         Ok(Some(forwarded))
     }
 }
@@ -561,38 +617,28 @@ impl Source for MysqlSource {
                 )
                 .await?;
             let full = rows.len() == READ_BATCH;
-            let last = rows.last().map(|(id, ..)| *id);
-            let now = SystemTime::now();
-            let rows: Vec<(i64, String, String)> = rows
+            let last = rows.last().map(|row| row.id);
+            let rows: Vec<RowMeta> = rows
                 .into_iter()
-                .filter(|(id, ..)| self.cursor().is_new(*id))
+                .filter(|row| self.cursor().is_new(row.id))
                 .collect();
-            let ids: Vec<i64> = rows.iter().map(|(id, ..)| *id).collect();
+            let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
             // Rows go out in id order: the set read after each is the cursor's plus the page's
             // ids up to it.
-            let page = CursorPage::new(self.cursor().read_set(), ids.clone());
-            let mut batch = Vec::new();
-            for (index, (id, channel, payload)) in rows.into_iter().enumerate() {
-                if let Some(channel) = self.channels.get(channel.as_str()) {
-                    batch.push(RawNotification {
-                        channel: channel.clone(),
-                        payload,
-                        received_at: now,
-                        sequence: Some(id),
-                        events: 1,
-                        transaction: None,
-                        last_in_transaction: None,
-                        read_point: Some(ReadPoint::in_page(page.clone(), index)),
-                        decoded: None,
-                        part: 0,
-                    });
+            let page = CursorPage::new(self.cursor().read_set(), ids);
+            let mut others = Vec::new();
+            let mut planned = Vec::new();
+            for (index, row) in rows.into_iter().enumerate() {
+                if self.channels.contains(row.channel.as_str()) {
+                    planned.push((index, row, None));
+                } else {
+                    others.push(row.id);
                 }
             }
-            // Rows count as read only once handed over.
-            let Some(n) = outlet.forward(batch).await else {
+            let Some(n) = self.hand_over(conn, outlet, planned, &page).await? else {
                 return Ok(None);
             };
-            self.cursor().mark(ids, Instant::now());
+            self.cursor().mark(others, Instant::now());
             // One page per read: the shell notes and saves the position (and sends a named
             // consumer's heartbeat) only between reads; a read that went on while pages came
             // full kept a consumer catching up behind a slow subscriber from saving for the

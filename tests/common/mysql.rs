@@ -181,6 +181,58 @@ pub async fn insert_rows(db: &TestDb, table: &str, ids: impl IntoIterator<Item =
     let _ = conn.disconnect().await;
 }
 
+/// The most payload bytes a MySQL listener's read holds at once (`READ_BYTES` in
+/// `src/mysql/listener.rs`).
+pub const READ_BYTES: usize = 64 << 20;
+
+/// The size of a large row's `big` value (see [`create_large_table`]).
+pub const LARGE_SIZE: usize = 1 << 20;
+
+/// Creates `table (id INT, big LONGTEXT)` whose `big` is [`LARGE_SIZE`] bytes of the letter of
+/// the row's id (so a swapped payload shows): a virtual column, so that only the journal
+/// stores it — a test writes half the bytes.
+pub async fn create_large_table(db: &TestDb, table: &str) {
+    db.exec(&format!(
+        "CREATE TABLE `{table}` (id INT PRIMARY KEY, \
+         big LONGTEXT AS (REPEAT(CHAR(97 + id % 26), {LARGE_SIZE})) VIRTUAL)"
+    ))
+    .await;
+}
+
+/// Inserts rows `1..=rows` into a [`create_large_table`] table in one statement: one
+/// transaction, its journal rows together `rows` × [`LARGE_SIZE`] bytes of payload.
+pub async fn insert_large_rows(db: &TestDb, table: &str, rows: i64) {
+    let values: Vec<String> = (1..=rows).map(|id| format!("({id})")).collect();
+    db.exec(&format!(
+        "INSERT INTO `{table}` (id) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+}
+
+/// The letter row `id`'s `big` is made of (see [`create_large_table`]).
+pub fn large_letter(id: i64) -> char {
+    (b'a' + (id % 26) as u8) as char
+}
+
+/// The sizes of the runs of consecutive events the listener received at the same moment
+/// (`ChangeEvent::timestamp`: a MySQL read stamps the rows of one share of its payloads with
+/// the time that share was fetched), and each run's payload bytes (its `big` values).
+pub fn shares(events: &[sqlnotify::ChangeEvent]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(std::time::SystemTime, usize, usize)> = Vec::new();
+    for e in events {
+        let bytes = e.get("big").and_then(|v| v.as_str()).map_or(0, str::len);
+        match runs.last_mut() {
+            Some((at, n, held)) if *at == e.timestamp() => {
+                *n += 1;
+                *held += bytes;
+            }
+            _ => runs.push((e.timestamp(), 1, bytes)),
+        }
+    }
+    runs.into_iter().map(|(_, n, held)| (n, held)).collect()
+}
+
 impl ConsumerDb for TestDb {
     fn url(&self) -> String {
         self.url.clone()
