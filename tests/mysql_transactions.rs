@@ -387,6 +387,75 @@ async fn a_transaction_larger_than_a_read_holds_arrives_whole_in_shares() {
     notifier.stop().await.unwrap();
 }
 
+/// A read that found more rows than it takes at once (10,000) completes the transactions it
+/// began — and delivers first every transaction that ends before them: here one that updated
+/// a row between the long transaction's rows and committed before the long one updated it
+/// again. It once came in the next read, after the long transaction: its update arrived after
+/// the one that followed it.
+#[actix_rt::test]
+async fn a_transaction_between_the_rows_of_a_long_one_comes_first_in_commit_order() {
+    const LONG: i64 = 10_000;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
+        .await;
+    let ids: Vec<String> = (0..=LONG).map(|id| format!("({id})")).collect();
+    db.exec(&format!("INSERT INTO t (id) VALUES {}", ids.join(", ")))
+        .await;
+    let start = || async {
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Operation::Update).extra_columns(["v"]))
+            .mysql_transaction_ids(true)
+            .consumer("c")
+            .start()
+            .await
+    };
+    // Registered: the next start reads from here, once subscribed, in one read.
+    start().await.unwrap().stop().await.unwrap();
+    let (mut a, mut b) = (db.conn().await, db.conn().await);
+    a.query_drop(format!(
+        "BEGIN; UPDATE t SET v = 5 WHERE id BETWEEN 1 AND {LONG}"
+    ))
+    .await
+    .unwrap();
+    b.query_drop("UPDATE t SET v = 1 WHERE id = 0")
+        .await
+        .unwrap();
+    a.query_drop("UPDATE t SET v = 2 WHERE id = 0; COMMIT")
+        .await
+        .unwrap();
+
+    let notifier = start().await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    notifier
+        .subscribe_fn(Subscription::new("t", Operation::Update), move |e| {
+            let _ = tx.send(e);
+        })
+        .await
+        .unwrap();
+    let got = take(&mut rx, LONG as usize + 2).await;
+    let shape = |e: &ChangeEvent| {
+        (
+            e.id().as_i64().unwrap(),
+            e.get("v").and_then(|v| v.as_i64()).unwrap(),
+            e.last_in_transaction(),
+        )
+    };
+    assert_eq!(
+        shape(&got[0]),
+        (0, 1, Some(true)),
+        "the short transaction first"
+    );
+    for (e, id) in got[1..=LONG as usize].iter().zip(1..) {
+        assert_eq!(shape(e), (id, 5, Some(false)));
+    }
+    assert_eq!(shape(&got[LONG as usize + 1]), (0, 2, Some(true)));
+    let long: HashSet<Option<u64>> = got[1..].iter().map(|e| e.transaction_id()).collect();
+    assert_eq!(long.len(), 1, "the long transaction's rows together");
+    assert_ne!(got[0].transaction_id(), got[1].transaction_id());
+    assert_quiet(&mut rx).await;
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn the_purge_removes_the_journals_history_and_empties_the_transaction_registry() {
     let db = TestDb::new().await;

@@ -45,7 +45,8 @@
 //! A journal made transaction-precise system-versioned (`mysql_transaction_ids`) carries each
 //! row's InnoDB transaction id in [`JOURNAL_TX`], stamped by the server. The listener then
 //! reads in one consistent snapshot per poll (each transaction seen whole or not at all), up
-//! to its batch plus the rest of the transactions it has begun, and [`in_transactions`] puts
+//! to its batch plus the rest of the transactions it has begun and every row up to where
+//! they end (a transaction wholly among those rows ends first), and [`in_transactions`] puts
 //! them in delivery order with their last rows marked. Those reads take each row's metadata
 //! ([`RowMeta`]: the payload's size, not the payload); the payloads are fetched by id for one
 //! share at a time ([`share_len`], [`fetch_payloads`]), so a read's memory is bounded in

@@ -47,6 +47,9 @@ const READ_BATCH: usize = 1_000;
 const READ_MAX: usize = 10 * READ_BATCH;
 /// Most rows a read takes past [`READ_MAX`] to complete its transactions.
 const COMPLETE_MAX: usize = 100_000;
+/// Most rounds a read goes on to complete the transactions it has begun (each reads the rest
+/// of the journal for theirs: see [`MysqlSource::read_transactions`]).
+const COMPLETE_ROUNDS: usize = 4;
 /// Most payload bytes a read holds at once. A read plans its rows by their metadata (id,
 /// channel, transaction, payload size), then fetches the payloads and hands the rows over
 /// share by share: at most [`READ_BATCH`] rows and this many payload bytes a share (a row
@@ -251,10 +254,11 @@ pub(super) async fn within<T>(
 }
 
 impl MysqlSource {
-    /// A read of a journal that records transactions: up to [`READ_MAX`] rows and the rest of
-    /// the transactions among them, all in one consistent snapshot (so each transaction is
-    /// seen whole or not at all), handed over transaction by transaction in commit order, the
-    /// last row of each marked. The snapshot reads the rows without their payloads, so what
+    /// A read of a journal that records transactions: up to [`READ_MAX`] rows, the rest of
+    /// the transactions among them and every row up to where those end (so no transaction
+    /// that ends before one of them is left for a later read), all in one consistent snapshot
+    /// (so each transaction is seen whole or not at all), handed over transaction by
+    /// transaction in commit order, the last row of each marked. The snapshot reads the rows without their payloads, so what
     /// it plans is known whole (where each transaction ends) while it holds a few dozen bytes
     /// a row; the payloads come after, share by share ([`hand_over`](Self::hand_over)).
     async fn read_transactions(
@@ -305,11 +309,28 @@ impl MysqlSource {
         }
         let mut cut = HashSet::new();
         if more {
-            // Complete the transactions begun: their other rows are visible in this snapshot.
-            let mut begun: Vec<u64> = rows.iter().filter_map(|r| r.tx).collect();
-            begun.sort_unstable();
-            begun.dedup();
-            if !begun.is_empty() {
+            // Complete the transactions begun — their other rows are visible in this snapshot
+            // — and take every row up to where they end: a transaction wholly between (one
+            // that committed before a begun one and wrote a row it then wrote too, say) comes
+            // before it in commit order, so it must be delivered in this read, not the next.
+            // Such a transaction may itself go on further: then again, for a few rounds.
+            let mut known: HashSet<u64> = HashSet::new();
+            let mut fresh: Vec<RowMeta> = std::mem::take(&mut rows);
+            let mut taken = 0;
+            for round in 1..=COMPLETE_ROUNDS {
+                let mut begun: Vec<u64> = fresh
+                    .iter()
+                    .filter_map(|r| r.tx)
+                    .filter(|tx| !known.contains(tx))
+                    .collect();
+                begun.sort_unstable();
+                begun.dedup();
+                rows.append(&mut fresh);
+                if begun.is_empty() {
+                    break;
+                }
+                known.extend(begun.iter().copied());
+                let room = COMPLETE_MAX - taken;
                 let rest = within(
                     limit,
                     reading,
@@ -320,15 +341,39 @@ impl MysqlSource {
                         pos,
                         &condition,
                         Some(&begun),
-                        COMPLETE_MAX + 1,
+                        room + 1,
                     ),
                 )
                 .await?;
-                if rest.len() > COMPLETE_MAX {
+                let Some(end) = rest.last().map(|r| r.id) else {
+                    break; // every transaction begun is whole: this read ends here
+                };
+                if rest.len() > room {
                     // Still more: none of these transactions is known to be whole.
                     cut.extend(begun);
+                    rows.extend(rest.into_iter().take(room));
+                    break;
                 }
-                rows.extend(rest.into_iter().take(COMPLETE_MAX));
+                let between = if round < COMPLETE_ROUNDS {
+                    let upto = format!("({condition}) AND `id` <= {end}");
+                    within(
+                        limit,
+                        reading,
+                        journal::read_tx_page(&mut tx, db, after, pos, &upto, None, room + 1),
+                    )
+                    .await?
+                } else {
+                    Vec::new()
+                };
+                if round == COMPLETE_ROUNDS || between.len() > room {
+                    // The transactions begun, whole; those between wait for the next read.
+                    rows.extend(rest);
+                    break;
+                }
+                // Every row up to `end`: the rest of the transactions begun among them.
+                taken += between.len();
+                pos = end;
+                fresh = between;
             }
         }
         within(limit, reading, async {
