@@ -456,6 +456,103 @@ async fn a_transaction_between_the_rows_of_a_long_one_comes_first_in_commit_orde
     notifier.stop().await.unwrap();
 }
 
+/// A read hands a transaction over share by share (at most 1,000 rows each), fetching each
+/// share's payloads in turn: when its connection is lost between two shares, the next read
+/// hands over the rest of that transaction before anything else — here before a transaction
+/// whose journal row lies below the rest and which committed meanwhile. Every row arrives
+/// once, the long transaction's rows together, its last one marked.
+#[actix_rt::test]
+async fn a_transaction_cut_by_a_lost_connection_is_finished_before_anything_else() {
+    const LONG: i64 = 2_500;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .mysql_transaction_ids(true)
+        .max_in_flight(1_024)
+        .start()
+        .await
+        .unwrap();
+    // Nothing is taken from it until the connection is killed: the listener stalls for room
+    // in the pipeline (1,024 events) after its first share.
+    let (_, mut deliveries) = notifier
+        .subscribe_acked(Subscription::new("t", Operation::Insert).buffer(1))
+        .await
+        .unwrap();
+    let (mut short, mut long) = (db.conn().await, db.conn().await);
+    // The short transaction takes the lowest journal id and commits after the long one was read.
+    short
+        .query_drop("BEGIN; INSERT INTO t VALUES (0)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=LONG).map(|id| format!("({id})")).collect();
+    long.query_drop(format!(
+        "BEGIN; INSERT INTO t VALUES {}; COMMIT",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let first = tokio::time::timeout(ARRIVES, deliveries.recv())
+        .await
+        .expect("the first share")
+        .unwrap();
+    got.push(first.event);
+    first.ack.ack();
+    short.query_drop("COMMIT").await.unwrap();
+    // Kill the notifier's connections (every one to this database but the test's own).
+    let mine: Vec<u64> = vec![
+        short
+            .query_first("SELECT CONNECTION_ID()")
+            .await
+            .unwrap()
+            .unwrap(),
+        long.query_first("SELECT CONNECTION_ID()")
+            .await
+            .unwrap()
+            .unwrap(),
+    ];
+    let theirs: Vec<u64> = short
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ?",
+            (&db.name,),
+        )
+        .await
+        .unwrap();
+    let theirs: Vec<u64> = theirs.into_iter().filter(|id| !mine.contains(id)).collect();
+    assert!(!theirs.is_empty(), "the listener's connection");
+    for id in theirs {
+        let _ = short.query_drop(format!("KILL CONNECTION {id}")).await;
+    }
+    while got.len() < LONG as usize + 1 {
+        let delivery = tokio::time::timeout(ARRIVES, deliveries.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} events arrived", got.len()))
+            .unwrap();
+        got.push(delivery.event);
+        delivery.ack.ack();
+    }
+    let shape: Vec<(i64, Option<bool>)> = got
+        .iter()
+        .map(|e| (e.id().as_i64().unwrap(), e.last_in_transaction()))
+        .collect();
+    let mut want: Vec<(i64, Option<bool>)> = (1..LONG).map(|id| (id, Some(false))).collect();
+    want.push((LONG, Some(true)));
+    want.push((0, Some(true)));
+    assert_eq!(
+        shape.iter().position(|&(id, _)| id == 0),
+        Some(LONG as usize),
+        "the short transaction after the whole long one"
+    );
+    assert_eq!(shape, want);
+    assert!(
+        notifier.stats().await.unwrap().restarts >= 1,
+        "the listener's session failed"
+    );
+    let _ = (short.disconnect().await, long.disconnect().await);
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn the_purge_removes_the_journals_history_and_empties_the_transaction_registry() {
     let db = TestDb::new().await;

@@ -18,7 +18,9 @@
 //! [`READ_BYTES`] (64 MiB) of them, or one row larger than that — handing each share over
 //! before fetching the next. A transaction larger than a share goes over as it is fetched,
 //! still whole in delivery order and with its last row marked; a journal row is immutable once
-//! committed, so the payload fetched later is the one the snapshot saw.
+//! committed, so the payload fetched later is the one the snapshot saw. Should the connection
+//! fail between two shares of one transaction, the next read hands over the rest of that
+//! transaction before anything else, so no other transaction comes between its parts.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -82,6 +84,9 @@ pub(crate) struct MysqlSource {
     more: bool,
     /// Where the next read starts after a full page (its last id); `None`: at the watermark.
     resume: Option<i64>,
+    /// A transaction the last read began to hand over and did not finish (its session failed
+    /// between two shares): the next read hands over its other rows before anything else.
+    unfinished: Option<u64>,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
     /// The consumer's `missed` column as read when it last came back, once returned to the
@@ -124,6 +129,7 @@ impl MysqlSource {
             tracking: Tracking::Off,
             more: false,
             resume: None,
+            unfinished: None,
             held: None,
             reported: Arc::default(),
         }
@@ -267,6 +273,11 @@ impl MysqlSource {
         outlet: &Outlet,
         after: i64,
     ) -> Result<Option<u64>> {
+        if let Some(unfinished) = self.unfinished {
+            return self
+                .finish_transaction(conn, outlet, after, unfinished)
+                .await;
+        }
         let (low, condition) = {
             let cursor = self.cursor();
             (cursor.low(), cursor.unread_condition())
@@ -418,6 +429,77 @@ impl MysqlSource {
         Ok(Some(forwarded))
     }
 
+    /// A read that only finishes transaction `tx`, which the last read began to hand over
+    /// and did not finish (its session failed between two shares): its rows not read yet, in
+    /// id order, the last marked — before anything else, so that no transaction comes between
+    /// its parts. Anything that committed meanwhile committed after it (it was visible to the
+    /// last read), and the transactions that came after it in that read's order are read
+    /// again by the next. Its rows are immutable once committed: no snapshot is needed. Past
+    /// [`COMPLETE_MAX`] rows it stays unfinished, for the next read to go on.
+    async fn finish_transaction(
+        &mut self,
+        conn: &mut Conn,
+        outlet: &Outlet,
+        after: i64,
+        tx: u64,
+    ) -> Result<Option<u64>> {
+        let (low, condition) = {
+            let cursor = self.cursor();
+            (cursor.low(), cursor.unread_condition())
+        };
+        let db = self.database.clone();
+        let mut rows = self
+            .within(
+                "reading the journal",
+                journal::read_tx_page(
+                    conn,
+                    &db,
+                    after,
+                    low,
+                    &condition,
+                    Some(&[tx]),
+                    COMPLETE_MAX + 1,
+                ),
+            )
+            .await?;
+        let whole = rows.len() <= COMPLETE_MAX;
+        rows.truncate(COMPLETE_MAX);
+        rows.retain(|row| self.cursor().is_new(row.id));
+        log::debug!(
+            "sqlnotify: MySQL listener finishes transaction {tx} after a failed read: {} rows",
+            rows.len()
+        );
+        let (ours, others): (Vec<RowMeta>, Vec<RowMeta>) = rows
+            .into_iter()
+            .partition(|row| self.channels.contains(row.channel.as_str()));
+        let others: Vec<i64> = others.into_iter().map(|row| row.id).collect();
+        // As in a full read: the other channels' rows first, which no subscriber lacks.
+        let page = CursorPage::new(
+            self.cursor().read_set(),
+            others
+                .iter()
+                .copied()
+                .chain(ours.iter().map(|row| row.id))
+                .collect(),
+        );
+        let (skip, count) = (others.len(), ours.len());
+        let planned = ours
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| (i + skip, row, Some(whole && i + 1 == count)))
+            .collect();
+        let Some(forwarded) = self.hand_over(conn, outlet, planned, &page).await? else {
+            return Ok(None);
+        };
+        self.cursor().mark(others, Instant::now());
+        if !whole {
+            self.unfinished = Some(tx);
+            self.more = true;
+        }
+        self.settle(conn).await?;
+        Ok(Some(forwarded))
+    }
+
     /// Hands the rows a read planned over, in their order, share by share (see
     /// [`READ_BYTES`]): fetches a share's payloads, hands it to `outlet`, marks its rows read,
     /// then goes on to the next — so a read holds one share's payloads at a time, and a
@@ -426,7 +508,8 @@ impl MysqlSource {
     /// deleted since it was planned has nothing to hand over: it is skipped and left unread
     /// (a gap that holds no row, given up after the gap timeout). Returns how many events went,
     /// `None` when told to stop while waiting for room (the rows of the shares handed over
-    /// count as read, the rest do not).
+    /// count as read, the rest do not). A failure between two shares of one transaction leaves
+    /// it [`unfinished`](Self::finish_transaction) for the next read.
     async fn hand_over(
         &mut self,
         conn: &mut Conn,
@@ -440,6 +523,7 @@ impl MysqlSource {
             let lens = rows.as_slice().iter().map(|(_, row, _)| row.len);
             let take = journal::share_len(lens, READ_BYTES, READ_BATCH);
             let share: Vec<_> = rows.by_ref().take(take).collect();
+            let tail = share.last().and_then(|(_, row, _)| row.tx);
             let ids: Vec<i64> = share.iter().map(|(_, row, _)| row.id).collect();
             let db = self.database.clone();
             let mut payloads = self
@@ -479,7 +563,14 @@ impl MysqlSource {
                 None => return Ok(None),
             }
             self.cursor().mark(handed, Instant::now());
+            // Should the next share's fetch fail, the next read finishes this transaction.
+            self.unfinished = tail.filter(|&tx| {
+                rows.as_slice()
+                    .first()
+                    .is_some_and(|(_, next, _)| next.tx == Some(tx))
+            });
         }
+        self.unfinished = None;
         Ok(Some(forwarded))
     }
 }
@@ -522,7 +613,7 @@ impl Source for MysqlSource {
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>> {
         // A new cursor: the next read starts from its watermark.
-        (self.more, self.resume) = (false, None);
+        (self.more, self.resume, self.unfinished) = (false, None, None);
         let (db, gap_timeout) = (&*self.database, self.gap_timeout);
         let channels = &self.channel_list;
         let placing = async {
