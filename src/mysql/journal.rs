@@ -48,9 +48,10 @@
 //! to its batch plus the rest of the transactions it has begun and every row up to where
 //! they end (a transaction wholly among those rows ends first), and [`in_transactions`] puts
 //! them in delivery order with their last rows marked. Those reads take each row's metadata
-//! ([`RowMeta`]: the payload's size, not the payload); the payloads are fetched by id for one
-//! share at a time ([`share_len`], [`fetch_payloads`]), so a read's memory is bounded in
-//! bytes however large the rows or the transaction. The purge removes the history the
+//! ([`RowMeta`]: the payload's size, and the payload only when it is small and fits the read's
+//! budget for those); the other payloads are fetched by id for one share at a time
+//! ([`share_len`], [`fetch_payloads`]), so a read's memory is bounded in bytes however large
+//! the rows or the transaction. The purge removes the history the
 //! versioning keeps and empties MariaDB's transaction registry ([`trim_history`]).
 //!
 //! The cost: each open gap is one range in the read; beyond 64 open gaps the rest are read as
@@ -415,19 +416,26 @@ pub(crate) fn unread_sql(gaps: &[(i64, i64)], high: i64) -> String {
 }
 
 /// Reads up to `limit` rows with `id > pos` matching `condition` (from
-/// [`Cursor::unread_condition`]), in id order, without their payloads (see [`RowMeta`]).
+/// [`Cursor::unread_condition`]), in id order, as [`RowMeta`]: the payloads that fit `inline`
+/// come along, the others are fetched later (see [`read_meta`]).
 pub(crate) async fn read_page(
     conn: &mut Conn,
     database: &str,
     pos: i64,
     condition: &str,
     limit: usize,
+    inline: &mut u64,
 ) -> Result<Vec<RowMeta>> {
-    read_meta(conn, database, None, pos, condition, "", limit).await
+    read_meta(conn, database, None, pos, condition, "", limit, inline).await
 }
 
 /// The rows' metadata (id, channel, payload size, and with `after` their transaction) for
-/// [`read_page`] and [`read_tx_page`]. `only`: an extra condition (`AND …`).
+/// [`read_page`] and [`read_tx_page`]. `only`: an extra condition (`AND …`). The payloads come
+/// along when they are small: each of at most `inline` / `limit` bytes, so that the query's
+/// payloads together fit `inline`, which is then lowered by what they take — a read passes
+/// the same budget to all its queries, and holds at most that much of payloads read along
+/// (small rows need no second query); the others are fetched when their share's turn comes.
+#[allow(clippy::too_many_arguments)]
 async fn read_meta(
     conn: &mut impl Queryable,
     database: &str,
@@ -436,13 +444,16 @@ async fn read_meta(
     condition: &str,
     only: &str,
     limit: usize,
+    inline: &mut u64,
 ) -> Result<Vec<RowMeta>> {
     let tx = match after {
         Some(_) => format!(", `{JOURNAL_TX}`"),
         None => String::new(),
     };
+    let inline_max = *inline / limit.max(1) as u64;
     let sql = format!(
-        "SELECT `id`, `channel`, OCTET_LENGTH(`payload`){tx} FROM {} \
+        "SELECT `id`, `channel`, OCTET_LENGTH(`payload`), \
+         IF(OCTET_LENGTH(`payload`) <= {inline_max}, `payload`, NULL){tx} FROM {} \
          WHERE `id` > {pos} AND ({condition}){only} ORDER BY `id` LIMIT {limit}",
         qualified(database, JOURNAL)
     );
@@ -450,7 +461,8 @@ async fn read_meta(
         .query(sql)
         .await
         .map_err(db_err("reading the journal"))?;
-    rows.into_iter()
+    let rows = rows
+        .into_iter()
         .map(|mut row| {
             let id = id_at(&mut row)?;
             // NULL (a payload someone made NULL), or past the row's end: nothing to hold.
@@ -458,8 +470,15 @@ async fn read_meta(
                 .take_opt::<Option<u64>, _>(2)
                 .and_then(|len| len.ok().flatten())
                 .unwrap_or(0);
+            // As `text_at` reads it; NULL: not read along (or a NULL payload: fetched later,
+            // as empty text).
+            let payload = match row.take::<mysql_async::Value, _>(3) {
+                Some(mysql_async::Value::Bytes(bytes)) => Some(lossy(bytes)),
+                Some(mysql_async::Value::NULL) | None => None,
+                Some(_) => Some(String::new()),
+            };
             let tx = row
-                .take_opt::<Option<u64>, _>(3)
+                .take_opt::<Option<u64>, _>(4)
                 .and_then(|tx| tx.ok().flatten())
                 .filter(|_| after.is_some_and(|after| id > after));
             Ok(RowMeta {
@@ -467,9 +486,17 @@ async fn read_meta(
                 channel: text_at(&mut row, 1),
                 len,
                 tx,
+                payload,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let held: u64 = rows
+        .iter()
+        .filter(|row| row.payload.is_some())
+        .map(|row| row.len)
+        .sum();
+    *inline = inline.saturating_sub(held);
+    Ok(rows)
 }
 
 /// The payloads of journal rows `ids`, by id: what a read fetches for one share of the rows
@@ -667,9 +694,10 @@ pub(crate) async fn trim_history(conn: &mut Conn, database: &str) -> Result<()> 
     Ok(())
 }
 
-/// One journal row as a read plans it: all but its payload, which is fetched only when the
-/// row's share is handed over ([`fetch_payloads`]), so that a read holds the payloads of one
-/// share at a time however many rows it plans.
+/// One journal row as a read plans it: all but its payload — unless that is small and fits the
+/// read's budget for payloads read along ([`read_meta`]) — which is fetched only when the
+/// row's share is handed over ([`fetch_payloads`]), so that a read holds a bounded amount of
+/// payloads however many rows it plans.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RowMeta {
     pub id: i64,
@@ -679,6 +707,8 @@ pub(crate) struct RowMeta {
     /// The writer's transaction; `None` for rows written before the journal recorded them,
     /// and on a journal that does not record them.
     pub tx: Option<u64>,
+    /// The payload, when it was small enough to be read along (see [`read_meta`]).
+    pub payload: Option<String>,
 }
 
 /// Like [`read_page`], with each row's transaction (rows up to `after` have none); with
@@ -693,12 +723,23 @@ pub(crate) async fn read_tx_page(
     condition: &str,
     only: Option<&[u64]>,
     limit: usize,
+    inline: &mut u64,
 ) -> Result<Vec<RowMeta>> {
     let only = only.map_or(String::new(), |txs| {
         let list: Vec<String> = txs.iter().map(u64::to_string).collect();
         format!(" AND `{JOURNAL_TX}` IN ({})", list.join(", "))
     });
-    read_meta(conn, database, Some(after), pos, condition, &only, limit).await
+    read_meta(
+        conn,
+        database,
+        Some(after),
+        pos,
+        condition,
+        &only,
+        limit,
+        inline,
+    )
+    .await
 }
 
 /// Puts the rows of one read in delivery order and marks the last row of each transaction:
@@ -1240,6 +1281,7 @@ mod tests {
             channel: "c".into(),
             len: 2,
             tx,
+            payload: None,
         }
     }
 

@@ -13,10 +13,11 @@
 //! read or given up as rolled back.
 //!
 //! A read's memory is bounded in bytes, not only in rows: it reads its rows' ids, channels,
-//! transactions and payload sizes first, decides what it hands over and in which order (and
-//! which row ends each transaction), then fetches the payloads share by share — at most
-//! [`READ_BYTES`] (64 MiB) of them, or one row larger than that — handing each share over
-//! before fetching the next. A transaction larger than a share goes over as it is fetched,
+//! transactions and payload sizes first (and the small payloads along, up to half of
+//! [`READ_BYTES`], 64 MiB, so that small rows take no second query), decides what it hands
+//! over and in which order (and which row ends each transaction), then fetches the other
+//! payloads share by share — at most the other half of the budget, or one row larger than
+//! that — handing each share over before fetching the next. A transaction larger than a share goes over as it is fetched,
 //! still whole in delivery order and with its last row marked; a journal row is immutable once
 //! committed, so the payload fetched later is the one the snapshot saw. Should the connection
 //! fail between two shares of one transaction, the next read hands over the rest of that
@@ -52,11 +53,17 @@ const COMPLETE_MAX: usize = 100_000;
 /// Most rounds a read goes on to complete the transactions it has begun (each reads the rest
 /// of the journal for theirs: see [`MysqlSource::read_transactions`]).
 const COMPLETE_ROUNDS: usize = 4;
-/// Most payload bytes a read holds at once. A read plans its rows by their metadata (id,
-/// channel, transaction, payload size), then fetches the payloads and hands the rows over
-/// share by share: at most [`READ_BATCH`] rows and this many payload bytes a share (a row
-/// larger than this alone), each share handed over before the next is fetched.
+/// Most payload bytes a read holds at once (and one row larger than the rest may take). A read
+/// plans its rows by their metadata (id, channel, transaction, payload size), reading along
+/// the small payloads that fit half of this ([`INLINE_BYTES`]); it fetches the others and
+/// hands the rows over share by share: at most [`READ_BATCH`] rows and [`SHARE_BYTES`] of
+/// fetched payloads a share (a row larger than that alone), each share handed over before
+/// the next is fetched.
 const READ_BYTES: u64 = 64 << 20;
+/// Most bytes of payloads a read takes along with its rows' metadata.
+const INLINE_BYTES: u64 = READ_BYTES / 2;
+/// Most bytes of payloads fetched for one share.
+const SHARE_BYTES: u64 = READ_BYTES - INLINE_BYTES;
 /// Most expired gaps checked for running transactions per read (the rest wait for the next).
 const MAX_CHECKED_GAPS: usize = 64;
 /// How long a transaction may hold a journal gap before the listener warns about it.
@@ -296,13 +303,23 @@ impl MysqlSource {
         })
         .await?;
         let mut rows: Vec<RowMeta> = Vec::new();
+        let mut inline = INLINE_BYTES;
         let mut pos = low;
         let mut more = false;
         loop {
             let page = within(
                 limit,
                 reading,
-                journal::read_tx_page(&mut tx, db, after, pos, &condition, None, READ_BATCH),
+                journal::read_tx_page(
+                    &mut tx,
+                    db,
+                    after,
+                    pos,
+                    &condition,
+                    None,
+                    READ_BATCH,
+                    &mut inline,
+                ),
             )
             .await?;
             let full = page.len() == READ_BATCH;
@@ -353,6 +370,7 @@ impl MysqlSource {
                         &condition,
                         Some(&begun),
                         room + 1,
+                        &mut inline,
                     ),
                 )
                 .await?;
@@ -370,7 +388,16 @@ impl MysqlSource {
                     within(
                         limit,
                         reading,
-                        journal::read_tx_page(&mut tx, db, after, pos, &upto, None, room + 1),
+                        journal::read_tx_page(
+                            &mut tx,
+                            db,
+                            after,
+                            pos,
+                            &upto,
+                            None,
+                            room + 1,
+                            &mut inline,
+                        ),
                     )
                     .await?
                 } else {
@@ -448,6 +475,7 @@ impl MysqlSource {
             (cursor.low(), cursor.unread_condition())
         };
         let db = self.database.clone();
+        let mut inline = INLINE_BYTES;
         let mut rows = self
             .within(
                 "reading the journal",
@@ -459,6 +487,7 @@ impl MysqlSource {
                     &condition,
                     Some(&[tx]),
                     COMPLETE_MAX + 1,
+                    &mut inline,
                 ),
             )
             .await?;
@@ -501,7 +530,8 @@ impl MysqlSource {
     }
 
     /// Hands the rows a read planned over, in their order, share by share (see
-    /// [`READ_BYTES`]): fetches a share's payloads, hands it to `outlet`, marks its rows read,
+    /// [`READ_BYTES`]): fetches the payloads of a share not read along, hands it to `outlet`,
+    /// marks its rows read,
     /// then goes on to the next — so a read holds one share's payloads at a time, and a
     /// transaction larger than a share goes over as it is fetched, its marks as planned (its
     /// last row marked last). Each row comes with its place in `page` and its mark. A row
@@ -520,11 +550,19 @@ impl MysqlSource {
         let mut forwarded = 0;
         let mut rows = planned.into_iter();
         while !rows.as_slice().is_empty() {
-            let lens = rows.as_slice().iter().map(|(_, row, _)| row.len);
-            let take = journal::share_len(lens, READ_BYTES, READ_BATCH);
+            // Payloads read along are held already: only the others count.
+            let lens = rows
+                .as_slice()
+                .iter()
+                .map(|(_, row, _)| if row.payload.is_some() { 0 } else { row.len });
+            let take = journal::share_len(lens, SHARE_BYTES, READ_BATCH);
             let share: Vec<_> = rows.by_ref().take(take).collect();
             let tail = share.last().and_then(|(_, row, _)| row.tx);
-            let ids: Vec<i64> = share.iter().map(|(_, row, _)| row.id).collect();
+            let ids: Vec<i64> = share
+                .iter()
+                .filter(|(_, row, _)| row.payload.is_none())
+                .map(|(_, row, _)| row.id)
+                .collect();
             let db = self.database.clone();
             let mut payloads = self
                 .within(
@@ -536,7 +574,7 @@ impl MysqlSource {
             let mut batch = Vec::with_capacity(share.len());
             let mut handed = Vec::with_capacity(share.len());
             for (index, row, last) in share {
-                let Some(payload) = payloads.remove(&row.id) else {
+                let Some(payload) = row.payload.or_else(|| payloads.remove(&row.id)) else {
                     log::warn!(
                         "sqlnotify: MySQL journal row {} was deleted while it was being read; its event is lost",
                         row.id
@@ -746,10 +784,18 @@ impl Source for MysqlSource {
             return Ok(None);
         }
         let forwarded = {
+            let mut inline = INLINE_BYTES;
             let rows = self
                 .within(
                     "reading the journal",
-                    journal::read_page(conn, &self.database, pos, &condition, READ_BATCH),
+                    journal::read_page(
+                        conn,
+                        &self.database,
+                        pos,
+                        &condition,
+                        READ_BATCH,
+                        &mut inline,
+                    ),
                 )
                 .await?;
             let full = rows.len() == READ_BATCH;
