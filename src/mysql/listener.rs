@@ -17,11 +17,12 @@
 //! [`READ_BYTES`], 64 MiB, so that small rows take no second query), decides what it hands
 //! over and in which order (and which row ends each transaction), then fetches the other
 //! payloads share by share — at most the other half of the budget, or one row larger than
-//! that — handing each share over before fetching the next. A transaction larger than a share goes over as it is fetched,
-//! still whole in delivery order and with its last row marked; a journal row is immutable once
-//! committed, so the payload fetched later is the one the snapshot saw. Should the connection
-//! fail between two shares of one transaction, the next read hands over the rest of that
-//! transaction before anything else, so no other transaction comes between its parts.
+//! that — handing each share over before fetching the next. A transaction larger than a
+//! share goes over as it is fetched, still whole in delivery order and with its last row
+//! marked; a journal row is immutable once committed, so the payload fetched later is the one
+//! the snapshot saw. Should the connection fail between two shares of one transaction, the
+//! next read hands over the rest of that transaction before anything else, so no other
+//! transaction comes between its parts.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -271,9 +272,10 @@ impl MysqlSource {
     /// the transactions among them and every row up to where those end (so no transaction
     /// that ends before one of them is left for a later read), all in one consistent snapshot
     /// (so each transaction is seen whole or not at all), handed over transaction by
-    /// transaction in commit order, the last row of each marked. The snapshot reads the rows without their payloads, so what
-    /// it plans is known whole (where each transaction ends) while it holds a few dozen bytes
-    /// a row; the payloads come after, share by share ([`hand_over`](Self::hand_over)).
+    /// transaction in commit order, the last row of each marked. The snapshot reads the rows
+    /// without their payloads (but small ones, within [`INLINE_BYTES`]), so what it plans is
+    /// known whole (where each transaction ends) while it holds a few dozen bytes a row; the
+    /// other payloads come after, share by share ([`hand_over`](Self::hand_over)).
     async fn read_transactions(
         &mut self,
         conn: &mut Conn,
