@@ -1891,6 +1891,12 @@ async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
     }
     assert_eq!(got, mine, "user 1's orders once, in the listener's order");
     assert_eq!(sse.stats().resets, 0);
+    drop(client);
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}
 
 /// A frame of a stream, as [`replay_frames`] keeps it: an event's order and id, or an `id:`
 /// alone (the progress of a replay).
@@ -2116,7 +2122,6 @@ async fn on_postgresql_a_replay_waiting_for_its_page_sends_heartbeats() {
     handle.stop(true).await;
     server.await.unwrap().unwrap();
     notifier.stop().await.unwrap();
-
 }
 
 /// Users see their own orders' inserts and updates (two granted subscriptions).
