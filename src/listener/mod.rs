@@ -853,8 +853,10 @@ mod tests {
             }
         };
         while rig.status().await != Status::Connected {}
+        // (At most 100 ms after a reset; without one, the seventh restart would wait at least
+        // 3.2 s: a bound between them that a loaded machine does not cross.)
         let back = failed.elapsed();
-        assert!(back < Duration::from_millis(400), "{back:?}");
+        assert!(back < Duration::from_millis(2_000), "{back:?}");
         rig.handle.shutdown().await;
         rig.handle.finish(true).await.unwrap();
     }
