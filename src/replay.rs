@@ -72,6 +72,7 @@ pub(crate) enum Replay {
 #[cfg_attr(not(feature = "web"), allow(dead_code))]
 pub(crate) enum Head {
     /// A journal in commit order (SQLite): its last id given out.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     Journal(i64),
     /// PostgreSQL's journal tiers: a snapshot; the client has every transaction it saw.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
