@@ -363,28 +363,7 @@ impl JournalCursor {
                 // index on `xid` (an array, and a LATERAL join, not `IN`, which the planner
                 // made a merge join over the whole index).
                 let sql = format!(
-                    "WITH f AS (
-                          SELECT j.id AS first FROM {s}.journal j
-                           WHERE j.id > $4 AND {page}
-                           ORDER BY j.id LIMIT 1),
-                     b AS (SELECT (SELECT f.first + LEAST($5 - 1, 9223372036854775807 - f.first)
-                                     FROM f) AS bound),
-                     m AS (
-                          SELECT j.id, j.xid FROM {s}.journal j
-                           WHERE j.id > $4 AND j.id <= (SELECT bound FROM b) AND {page}),
-                     known AS (SELECT k.xid, k.last
-                                 FROM ROWS FROM (pg_catalog.unnest($6::text[]::xid8[]),
-                                                pg_catalog.unnest($7::int8[])) AS k(xid, last)),
-                     l AS (SELECT j.xid, pg_catalog.max(j.id) AS last FROM {s}.journal j
-                            WHERE j.xid = ANY(ARRAY(SELECT DISTINCT m.xid FROM m
-                                                     WHERE m.xid NOT IN (SELECT xid FROM known)))
-                              AND j.channel = ANY($2)
-                            GROUP BY j.xid),
-                     later AS (SELECT pg_catalog.array_agg(l.xid::text) AS xids,
-                                      pg_catalog.array_agg(l.last) AS lasts
-                                 FROM l, b WHERE l.last > b.bound),
-                     e AS (SELECT t.xid, t.last FROM (SELECT * FROM l UNION ALL SELECT * FROM known) t, b
-                            WHERE t.last <= b.bound)
+                    "WITH {}
                      SELECT $3::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.last,
                             b.bound, NULL::int8,
                             CASE WHEN pg_catalog.row_number() OVER () = 1 THEN later.xids END,
@@ -395,9 +374,17 @@ impl JournalCursor {
                                    SELECT * FROM {s}.journal j
                                     WHERE j.xid = e.xid AND j.channel = ANY($2)) j
                              ORDER BY e.last, j.id) r ON true",
-                    page = "NOT pg_catalog.pg_visible_in_snapshot(j.xid, $1::text::pg_snapshot)
-                             AND j.channel = ANY($2)
-                             AND pg_catalog.pg_visible_in_snapshot(j.xid, $3::text::pg_snapshot)",
+                    window_ctes(
+                        "NOT pg_catalog.pg_visible_in_snapshot(j.xid, $1::text::pg_snapshot)
+                         AND j.channel = ANY($2)
+                         AND pg_catalog.pg_visible_in_snapshot(j.xid, $3::text::pg_snapshot)",
+                        Window {
+                            after: "$4",
+                            ids: "$5",
+                            all: "$2",
+                            known: ("$6", "$7"),
+                        }
+                    ),
                 );
                 let (xids, lasts): (Vec<String>, Vec<i64>) = self
                     .ends_later
@@ -553,6 +540,64 @@ impl JournalCursor {
         out.during = read.during.clone();
         Ok(Some(out))
     }
+}
+
+/// The parameters (`$n`) of a window statement ([`window_ctes`]).
+pub(crate) struct Window<'a> {
+    /// The window starts at the first row after this id.
+    pub after: &'a str,
+    /// How many ids it spans at most.
+    pub ids: &'a str,
+    /// The channels whose rows decide where a transaction ends (`text[]`).
+    pub all: &'a str,
+    /// The transactions known to end later: their ids (`text[]`) and last ids (`int8[]`).
+    pub known: (&'a str, &'a str),
+}
+
+/// The common table expressions of a window of journal ids, shared by the listener's catch-up
+/// pages and the SSE endpoint's replay (`replay.rs`): the rows `rows` selects (a condition on
+/// `j`) with ids in [`first`, `bound`] — `first` their first one after `after` (found by
+/// walking the primary key, so no empty range of ids is walked, however far apart they are),
+/// `bound` `first` + `ids` - 1 (`b`; NULL when there is no such row) — and, in `e`, the
+/// transactions that end in the window (at or before `bound`), with their last ids. The last
+/// id of each transaction in the window is looked up once, through the index on `xid` (`l`:
+/// an array and `= ANY`, not `IN`, which the planner made a merge join over the whole index);
+/// those that end past the window are returned (`later`) to be passed back as `known` while
+/// the windows reach them, so a transaction larger than a window is not looked up again on
+/// every window. A window is a range of the primary key, so whatever plan the statistics lead
+/// to reads that range only.
+pub(crate) fn window_ctes(rows: &str, w: Window<'_>) -> String {
+    let s = quote_ident(SCHEMA);
+    let Window {
+        after,
+        ids,
+        all,
+        known: (xids, lasts),
+    } = w;
+    format!(
+        "f AS (
+              SELECT j.id AS first FROM {s}.journal j
+               WHERE j.id > {after} AND {rows}
+               ORDER BY j.id LIMIT 1),
+         b AS (SELECT (SELECT f.first + LEAST({ids} - 1, 9223372036854775807 - f.first)
+                         FROM f) AS bound),
+         m AS (
+              SELECT j.id, j.xid FROM {s}.journal j
+               WHERE j.id > {after} AND j.id <= (SELECT bound FROM b) AND {rows}),
+         known AS (SELECT k.xid, k.last
+                     FROM ROWS FROM (pg_catalog.unnest({xids}::text[]::xid8[]),
+                                    pg_catalog.unnest({lasts}::int8[])) AS k(xid, last)),
+         l AS (SELECT j.xid, pg_catalog.max(j.id) AS last FROM {s}.journal j
+                WHERE j.xid = ANY(ARRAY(SELECT DISTINCT m.xid FROM m
+                                         WHERE m.xid NOT IN (SELECT xid FROM known)))
+                  AND j.channel = ANY({all})
+                GROUP BY j.xid),
+         later AS (SELECT pg_catalog.array_agg(l.xid::text) AS xids,
+                          pg_catalog.array_agg(l.last) AS lasts
+                     FROM l, b WHERE l.last > b.bound),
+         e AS (SELECT t.xid, t.last FROM (SELECT * FROM l UNION ALL SELECT * FROM known) t, b
+                WHERE t.last <= b.bound AND t.last > {after})"
+    )
 }
 
 /// The event of journal row `row` (id `id`, its transaction's last id `group`) of read `read`.

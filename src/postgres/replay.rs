@@ -44,6 +44,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use super::ddl::SCHEMA;
+use super::journal::{window_ctes, Window};
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
 use crate::read_point::{is_snapshot_text, ReadPoint, ReadSnapshots};
@@ -222,37 +223,13 @@ async fn window(
          AND j.channel = ANY($3)
          AND pg_catalog.pg_visible_in_snapshot(j.xid, $4::text::pg_snapshot)
          AND pg_catalog.pg_visible_in_snapshot(j.xid, $2::text::pg_snapshot) = NOT $5";
-    // As the listener's pages (`journal.rs`): the window is the part's rows with ids from its
-    // first one at or after `k_group` (found by walking the primary key) to `bound`, `first`
-    // + `window` - 1; a page holds the rows of the transactions that end in it (at or before
-    // `bound`, and after the key: a transaction that ends before `k_group` was replayed
-    // whole), fetched whole through the index on `xid`, in (last id, id) order, at most
-    // `limit`. Each transaction's last id is looked up once (`l`); those that end past the
-    // window are passed back (`$9`, `$10`) while the pages reach them. No first row: the part
-    // is done (`bound` NULL).
+    // The listener's windows (`journal::window_ctes`), from the part's first row at or after
+    // `k_group`: a window returns the rows of the transactions that end in it (and at or after
+    // `k_group`: one that ends before was replayed whole) after the key, fetched whole through
+    // the index on `xid`, in (last id, id) order, at most `limit`. No first row: the part is
+    // done (`bound` NULL).
     let sql = format!(
-        "WITH f AS (
-              SELECT j.id AS first FROM {s}.journal j
-               WHERE j.id >= $6 AND {part}
-               ORDER BY j.id LIMIT 1),
-         b AS (SELECT (SELECT f.first + LEAST($8 - 1, 9223372036854775807 - f.first)
-                         FROM f) AS bound),
-         m AS (
-              SELECT j.id, j.xid FROM {s}.journal j
-               WHERE j.id >= (SELECT first FROM f) AND j.id <= (SELECT bound FROM b) AND {part}),
-         known AS (SELECT k.xid, k.last
-                     FROM ROWS FROM (pg_catalog.unnest($9::text[]::xid8[]),
-                                    pg_catalog.unnest($10::int8[])) AS k(xid, last)),
-         l AS (SELECT j.xid, pg_catalog.max(j.id) AS last FROM {s}.journal j
-                WHERE j.xid = ANY(ARRAY(SELECT DISTINCT m.xid FROM m
-                                         WHERE m.xid NOT IN (SELECT xid FROM known)))
-                  AND j.channel = ANY($3)
-                GROUP BY j.xid),
-         later AS (SELECT pg_catalog.array_agg(l.xid::text) AS xids,
-                          pg_catalog.array_agg(l.last) AS lasts
-                     FROM l, b WHERE l.last > b.bound),
-         e AS (SELECT t.xid, t.last FROM (SELECT * FROM l UNION ALL SELECT * FROM known) t, b
-                WHERE t.last <= b.bound AND t.last >= $6)
+        "WITH {ctes}
          SELECT r.id, r.xid::text, r.last, r.channel, r.payload, r.events,
                 b.bound, later.xids, later.lasts, {trimmed} AS trimmed,
                 pg_catalog.pg_is_in_recovery() AS standby
@@ -265,6 +242,15 @@ async fn window(
                  ORDER BY e.last, j.id
                  LIMIT $12) r ON true",
         trimmed = trimmed_past(&s, "$1::text::pg_snapshot"),
+        ctes = window_ctes(
+            part,
+            Window {
+                after: "($6 - 1)",
+                ids: "$8",
+                all: "$3",
+                known: ("$9", "$10"),
+            }
+        ),
     );
     let window = limit.saturating_mul(4).max(WINDOW_MIN);
     let (xids, lasts): (Vec<String>, Vec<i64>) = page.ends_later.iter().cloned().unzip();
