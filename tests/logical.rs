@@ -1843,27 +1843,7 @@ async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_rea
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let mut members = Vec::new();
     for member in ["a", "b"] {
-        let notifier = Notifier::builder(&db.url)
-            .watch(Watch::new("t", Insert).tier(Tier::Logical))
-            .consumer("app")
-            .start()
-            .await
-            .unwrap();
-        let tx = status_tx.clone();
-        notifier
-            .subscribe_status_fn(move |s: sqlnotify::StatusEvent| {
-                let _ = tx.send((member, s.status));
-            })
-            .await
-            .unwrap();
-        let tx = event_tx.clone();
-        notifier
-            .subscribe_fn(Subscription::new("t", Insert), move |e| {
-                let _ = tx.send((member, e.id().as_i64().unwrap()));
-            })
-            .await
-            .unwrap();
-        members.push(notifier);
+        members.push(group_member(&db.url, member, &status_tx, &event_tx).await);
     }
     db.exec("INSERT INTO t VALUES (1)").await;
     assert_eq!(
@@ -1873,8 +1853,52 @@ async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_rea
     );
     drop_slots_in_use(&db).await;
     db.exec("INSERT INTO t VALUES (2)").await; // may be lost
+    let reporter = group_gap(&mut statuses).await;
+    assert_eq!(slots(&db).await.len(), 1, "one slot, made once");
+    rows_after_the_gap_reach(reporter, &db, &mut events, &mut statuses, false).await;
+    for notifier in members {
+        notifier.stop().await.unwrap();
+    }
+}
+
+/// Process `member` of consumer `app` (watching `t`'s inserts on the logical tier) on `url`,
+/// its statuses and its events' ids sent, tagged with `member`, to `statuses` and `events`.
+async fn group_member(
+    url: &str,
+    member: &'static str,
+    statuses: &mpsc::UnboundedSender<(&'static str, sqlnotify::Status)>,
+    events: &mpsc::UnboundedSender<(&'static str, i64)>,
+) -> Notifier {
+    let notifier = Notifier::builder(url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .start()
+        .await
+        .unwrap();
+    let tx = statuses.clone();
+    notifier
+        .subscribe_status_fn(move |s: sqlnotify::StatusEvent| {
+            let _ = tx.send((member, s.status));
+        })
+        .await
+        .unwrap();
+    let tx = events.clone();
+    notifier
+        .subscribe_fn(Subscription::new("t", Insert), move |e| {
+            let _ = tx.send((member, e.id().as_i64().unwrap()));
+        })
+        .await
+        .unwrap();
+    notifier
+}
+
+/// The process of a group that reports the next `Status::Gap` (on `t`'s channel) within
+/// 30 s; a `Status::Failed` before it fails the test.
+async fn group_gap(
+    statuses: &mut mpsc::UnboundedReceiver<(&'static str, sqlnotify::Status)>,
+) -> &'static str {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let reporter = loop {
+    loop {
         let (member, status) = tokio::time::timeout_at(deadline, statuses.recv())
             .await
             .expect("a Status::Gap within 30 s")
@@ -1882,18 +1906,33 @@ async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_rea
         match status {
             sqlnotify::Status::Gap { channels } => {
                 assert_eq!(channels, ["sqlnotify_public_t_insert"]);
-                break member;
+                return member;
             }
             sqlnotify::Status::Failed { error } => panic!("{member} stopped: {error}"),
             _ => {}
         }
-    };
-    assert_eq!(slots(&db).await.len(), 1, "one slot, made once");
+    }
+}
+
+/// Rows 3 and 4, committed after the Gap, reach the process that reported it (row 2, committed
+/// while no slot existed, never arrives when `lost`); then nothing reports another Gap or a
+/// failure, within a short bounded wait.
+async fn rows_after_the_gap_reach(
+    reporter: &'static str,
+    db: &TestDb,
+    events: &mut mpsc::UnboundedReceiver<(&'static str, i64)>,
+    statuses: &mut mpsc::UnboundedReceiver<(&'static str, sqlnotify::Status)>,
+    lost: bool,
+) {
     db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
         .await;
     let mut missing = BTreeSet::from([3, 4]);
     while !missing.is_empty() {
-        let (member, id) = next_event(&mut events).await;
+        let (member, id) = next_event(events).await;
+        assert!(
+            !lost || id != 2,
+            "row 2 was committed while no slot existed"
+        );
         if missing.remove(&id) {
             assert_eq!(
                 member, reporter,
@@ -1901,7 +1940,6 @@ async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_rea
             );
         }
     }
-    // Nothing else reported a Gap meanwhile, nor within a short bounded wait after.
     let until = tokio::time::Instant::now() + Duration::from_millis(500);
     while let Ok(Some((member, status))) = tokio::time::timeout_at(until, statuses.recv()).await {
         assert!(
@@ -1911,9 +1949,6 @@ async fn a_slot_dropped_under_a_group_is_made_again_once_by_the_process_that_rea
             ),
             "{member}: {status:?}"
         );
-    }
-    for notifier in members {
-        notifier.stop().await.unwrap();
     }
 }
 
@@ -1967,31 +2002,7 @@ async fn a_member_starting_while_the_slot_is_missing_leaves_it_to_the_reader_and
     let (role, member_url) = blockable_member(&db).await;
     let (status_tx, mut statuses) = mpsc::unbounded_channel();
     let (event_tx, mut events) = mpsc::unbounded_channel();
-    let start = |member: &'static str, url: String| {
-        let (status_tx, event_tx) = (status_tx.clone(), event_tx.clone());
-        async move {
-            let notifier = Notifier::builder(&url)
-                .watch(Watch::new("t", Insert).tier(Tier::Logical))
-                .consumer("app")
-                .start()
-                .await
-                .unwrap();
-            notifier
-                .subscribe_status_fn(move |s: sqlnotify::StatusEvent| {
-                    let _ = status_tx.send((member, s.status));
-                })
-                .await
-                .unwrap();
-            notifier
-                .subscribe_fn(Subscription::new("t", Insert), move |e| {
-                    let _ = event_tx.send((member, e.id().as_i64().unwrap()));
-                })
-                .await
-                .unwrap();
-            notifier
-        }
-    };
-    let a = start("a", member_url).await;
+    let a = group_member(&member_url, "a", &status_tx, &event_tx).await;
     db.exec("INSERT INTO t VALUES (1)").await;
     assert_eq!(next_event(&mut events).await, ("a", 1));
     allow_login(&db, &role, false).await;
@@ -1999,7 +2010,7 @@ async fn a_member_starting_while_the_slot_is_missing_leaves_it_to_the_reader_and
     let lease = db.client().await;
     take_app_lease(&lease).await;
     db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: lost
-    let b = start("b", db.url.clone()).await;
+    let b = group_member(&db.url, "b", &status_tx, &event_tx).await;
     // start() returns once b stands by (the test holds the lease).
     assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
     while let Ok((member, status)) = statuses.try_recv() {
@@ -2018,45 +2029,9 @@ async fn a_member_starting_while_the_slot_is_missing_leaves_it_to_the_reader_and
         .await
         .unwrap();
     allow_login(&db, &role, true).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let reporter = loop {
-        let (member, status) = tokio::time::timeout_at(deadline, statuses.recv())
-            .await
-            .expect("a Status::Gap within 30 s")
-            .unwrap();
-        match status {
-            sqlnotify::Status::Gap { channels } => {
-                assert_eq!(channels, ["sqlnotify_public_t_insert"]);
-                break member;
-            }
-            sqlnotify::Status::Failed { error } => panic!("{member} stopped: {error}"),
-            _ => {}
-        }
-    };
+    let reporter = group_gap(&mut statuses).await;
     assert_eq!(slots(&db).await.len(), 1, "made again, once");
-    db.exec("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4)")
-        .await;
-    let mut missing = BTreeSet::from([3, 4]);
-    while !missing.is_empty() {
-        let (member, id) = next_event(&mut events).await;
-        assert_ne!(id, 2, "row 2 was committed while no slot existed");
-        if missing.remove(&id) {
-            assert_eq!(
-                member, reporter,
-                "row {id} went to the process that reported the Gap"
-            );
-        }
-    }
-    let until = tokio::time::Instant::now() + Duration::from_millis(500);
-    while let Ok(Some((member, status))) = tokio::time::timeout_at(until, statuses.recv()).await {
-        assert!(
-            !matches!(
-                status,
-                sqlnotify::Status::Gap { .. } | sqlnotify::Status::Failed { .. }
-            ),
-            "{member}: {status:?}"
-        );
-    }
+    rows_after_the_gap_reach(reporter, &db, &mut events, &mut statuses, true).await;
     for notifier in [a, b] {
         notifier.stop().await.unwrap();
     }
