@@ -2087,6 +2087,42 @@ async fn a_slot_made_again_by_someone_else_before_the_holder_is_back_is_a_gap() 
     notifier.stop().await.unwrap();
 }
 
+/// A consumer that waits for its first subscriber reads no slot, so its slot can be dropped
+/// and made again (by an operator, a script, an older sqlnotify) without ending its session:
+/// the first subscription checks the slot again before the stream starts, and reports the
+/// Gap. Before, the stream started on the new slot and the changes committed while no slot
+/// existed were lost silently.
+#[actix_rt::test]
+async fn a_slot_made_again_while_the_consumer_waits_for_its_first_subscriber_is_a_gap() {
+    let Some(cluster) = cluster("a_slot_made_again_while_the_consumer_waits") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .start()
+        .await
+        .unwrap();
+    let mut statuses = common::statuses(&notifier).await;
+    // start() returned: the session checked the slot, and waits for a subscriber.
+    let name = slots(&db).await.remove(0);
+    db.exec(&format!("SELECT pg_drop_replication_slot('{name}')"))
+        .await;
+    db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: lost
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"
+    ))
+    .await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
+    db.exec("INSERT INTO t VALUES (3)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(3), "row 2 is lost");
+    assert!(notifier.failure().is_none(), "{:?}", notifier.failure());
+    notifier.stop().await.unwrap();
+}
+
 /// A session that connects and then fails every time — here the stream's start: the
 /// consumer's slot name is taken by a slot of another database, which the server refuses to
 /// stream from this one — is retried ever more slowly, as a session that cannot connect is:

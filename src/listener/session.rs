@@ -104,25 +104,12 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             Ok(restored) => restored,
             Err(e) => return self.failed(state, Some(conn), e, began),
         };
-        if !restored.is_empty() {
-            // Placed anew, at "now": what was noted, saved or read up to before belongs to
-            // what was removed, and must not be saved into what replaced it.
-            state.saving = Saving::default();
-            let position = state.source.position();
-            if let Some(position) = &position {
-                state.saving.placed(position.clone(), Instant::now());
-            }
-            *self.shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = position;
-        }
         let restarted = std::mem::replace(&mut state.was_connected, true);
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Ok(()));
         }
         self.gap(missed);
-        if !restored.is_empty() {
-            // The source said what was removed, and logged it.
-            self.shell.status(Status::Gap { channels: restored });
-        }
+        self.restored(&mut state, restored);
         if restarted {
             let lossy = state.source.lossy_channels();
             if !lossy.is_empty() {
@@ -274,12 +261,24 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         let mut may_have_rows = true;
         let mut last_read = Instant::now();
         let mut last_io = Instant::now();
+        // Whether a named consumer waited for its first subscriber this session.
+        let mut gated = false;
         loop {
             if shell.outlet.stopped() {
                 return Ok(());
             }
             let gate_open =
                 shell.consumer.is_none() || shell.stats.has_subscriber.load(Ordering::Acquire);
+            if !gate_open {
+                gated = true;
+            } else if std::mem::take(&mut gated) && reads {
+                // What keeps the position may have been removed, or replaced, while nothing
+                // read it (a logical slot nobody streams can be dropped and made again without
+                // ending this session): restored again before the first read.
+                let restoring = state.source.restore(conn, shell.consumer.as_ref());
+                let restored = guarded::<S, _>("restoring its position", restoring).await?;
+                self.restored(state, restored);
+            }
             let safety_net = last_read.elapsed() >= shell.health_check;
             if reads && gate_open && (may_have_rows || resync || safety_net) {
                 let reading = state.source.read(conn, &shell.outlet);
@@ -348,6 +347,23 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             *proved = true;
             pacer.waited();
         }
+    }
+
+    /// What `restore` found removed (its channels; none: nothing was): the source is placed
+    /// anew, at "now" — what was noted, saved or read up to before belongs to what was
+    /// removed, and must not be saved into what replaced it — and the loss is announced as a
+    /// [`Status::Gap`] (the source logged it).
+    fn restored<S: Source<Position = P>>(&self, state: &mut State<S>, restored: Vec<String>) {
+        if restored.is_empty() {
+            return;
+        }
+        state.saving = Saving::default();
+        let position = state.source.position();
+        if let Some(position) = &position {
+            state.saving.placed(position.clone(), Instant::now());
+        }
+        *self.shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = position;
+        self.shell.status(Status::Gap { channels: restored });
     }
 
     fn set_latest(&self, position: P) {

@@ -844,7 +844,17 @@ impl Source for LogicalSource {
         self.spilled = None;
         self.position = None;
         self.unconfirmed.clear();
-        self.reached = self.slot_state(conn).await?.confirmed;
+        // (A failure to read the new slot's position must not cost the Gap: the slot is made.)
+        self.reached = match self.slot_state(conn).await {
+            Ok(state) => state.confirmed,
+            Err(e) => {
+                log::warn!(
+                    "sqlnotify: reading the position of replication slot {} made again: {e}",
+                    self.slot
+                );
+                None
+            }
+        };
         Ok(channels)
     }
 
