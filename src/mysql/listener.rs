@@ -93,8 +93,9 @@ pub(crate) struct MysqlSource {
     /// Where the next read starts after a full page (its last id); `None`: at the watermark.
     resume: Option<i64>,
     /// A transaction the last read began to hand over and did not finish (its session failed
-    /// between two shares): the next read hands over its other rows before anything else.
-    unfinished: Option<u64>,
+    /// between two shares), and the last of its journal ids handed over (its rows go over in
+    /// id order): the next read hands over its rows after that one before anything else.
+    unfinished: Option<(u64, i64)>,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
     /// The consumer's `missed` column as read when it last came back, once returned to the
@@ -282,9 +283,9 @@ impl MysqlSource {
         outlet: &Outlet,
         after: i64,
     ) -> Result<Option<u64>> {
-        if let Some(unfinished) = self.unfinished {
+        if let Some((tx, through)) = self.unfinished {
             return self
-                .finish_transaction(conn, outlet, after, unfinished)
+                .finish_transaction(conn, outlet, after, tx, through)
                 .await;
         }
         let (low, condition) = {
@@ -471,10 +472,14 @@ impl MysqlSource {
         outlet: &Outlet,
         after: i64,
         tx: u64,
+        through: i64,
     ) -> Result<Option<u64>> {
+        // From its row after the last one handed over: its rows before were all handed over
+        // (in id order), and a window of rows from the cursor's low end could fill up with
+        // them — past 64 gaps the cursor's condition covers read ids too — and never move.
         let (low, condition) = {
             let cursor = self.cursor();
-            (cursor.low(), cursor.unread_condition())
+            (cursor.low().max(through), cursor.unread_condition())
         };
         let db = self.database.clone();
         let mut inline = INLINE_BYTES;
@@ -495,6 +500,7 @@ impl MysqlSource {
             .await?;
         let whole = rows.len() <= COMPLETE_MAX;
         rows.truncate(COMPLETE_MAX);
+        let last_id = rows.last().map_or(through, |row| row.id);
         rows.retain(|row| self.cursor().is_new(row.id));
         log::debug!(
             "sqlnotify: MySQL listener finishes transaction {tx} after a failed read: {} rows",
@@ -524,7 +530,7 @@ impl MysqlSource {
         };
         self.cursor().mark(others, Instant::now());
         if !whole {
-            self.unfinished = Some(tx);
+            self.unfinished = Some((tx, last_id));
             self.more = true;
         }
         self.settle(conn).await?;
@@ -559,7 +565,9 @@ impl MysqlSource {
                 .map(|(_, row, _)| if row.payload.is_some() { 0 } else { row.len });
             let take = journal::share_len(lens, SHARE_BYTES, READ_BATCH);
             let share: Vec<_> = rows.by_ref().take(take).collect();
-            let tail = share.last().and_then(|(_, row, _)| row.tx);
+            let tail = share
+                .last()
+                .and_then(|(_, row, _)| row.tx.map(|tx| (tx, row.id)));
             let ids: Vec<i64> = share
                 .iter()
                 .filter(|(_, row, _)| row.payload.is_none())
@@ -604,7 +612,7 @@ impl MysqlSource {
             }
             self.cursor().mark(handed, Instant::now());
             // Should the next share's fetch fail, the next read finishes this transaction.
-            self.unfinished = tail.filter(|&tx| {
+            self.unfinished = tail.filter(|&(tx, _)| {
                 rows.as_slice()
                     .first()
                     .is_some_and(|(_, next, _)| next.tx == Some(tx))
