@@ -27,7 +27,7 @@ pub(crate) const LEASE_RETRY: Duration = Duration::from_millis(250);
 /// How a session ended.
 pub(super) struct Outcome {
     /// It got through its setup (connect, lease, place, restore) and then a read or a wait
-    /// without error: with `lasted`, what decides whether the next restart starts the backoff
+    /// without error, or it handed events to the pipeline: with `lasted`, what decides whether the next restart starts the backoff
     /// from the beginning ([`Backoff::healthy`](crate::backoff::Backoff::healthy)). Connecting
     /// alone proves nothing: a server that accepts the connection and then fails the next step
     /// every time would be retried at the shortest delay for ever.
@@ -117,8 +117,14 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
             }
         }
         let mut proved = false;
+        let forwarded = self.shell.stats.forwarded.load(Ordering::Relaxed);
         let serving = self.serve(&mut state, &mut conn, restarted, &mut proved);
-        let (failure, fatal) = match serving.await {
+        let served = serving.await;
+        // Events that went down the pipeline prove the session too: a notify-tier session
+        // hands them over from its connection's reader while its wait goes on, and one
+        // terminated right after is no failing server.
+        proved |= self.shell.stats.forwarded.load(Ordering::Relaxed) > forwarded;
+        let (failure, fatal) = match served {
             Ok(()) => {
                 close(&mut state.source, conn).await;
                 (None, None)
