@@ -63,6 +63,7 @@ impl Pipeline {
         let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         let options = PipelineOptions {
             max_in_flight,
+            max_in_flight_bytes: crate::pipeline::DEFAULT_MAX_IN_FLIGHT_BYTES,
             lag_interval: LAG_INTERVAL,
             retention: Retention {
                 keep: Duration::from_secs(3600),

@@ -24,7 +24,10 @@ use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels};
 use crate::listener::ListenParams;
 use crate::notifier::{Notifier, Started};
-use crate::pipeline::{Pipeline, PipelineOptions, DEFAULT_MAX_IN_FLIGHT, MIN_IN_FLIGHT};
+use crate::pipeline::{
+    Pipeline, PipelineOptions, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES, MIN_IN_FLIGHT,
+    MIN_IN_FLIGHT_BYTES,
+};
 use crate::registry::{StatusSink, Subscribe, SubscribeStatus};
 use crate::resolve::{resolve, ResolvedWatch};
 use crate::status::StatusEvent;
@@ -98,6 +101,7 @@ impl NotifierBuilder {
             manage_triggers: true,
             pipeline: PipelineOptions {
                 max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+                max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
                 lag_interval: crate::registry::LAG_INTERVAL,
                 retention: Retention {
                     keep: Duration::from_secs(3600),
@@ -238,6 +242,22 @@ impl NotifierBuilder {
     /// slower: more memory in flight, more allocator work, no extra throughput).
     pub fn max_in_flight(mut self, events: usize) -> Self {
         self.pipeline.max_in_flight = events.clamp(MIN_IN_FLIGHT, Semaphore::MAX_PERMITS);
+        self
+    }
+
+    /// The pipeline's in-flight budget in payload bytes: how much payload the events on their
+    /// way may hold at once, about. Each event takes one unit of the
+    /// [`max_in_flight`](Self::max_in_flight) budget, and one more per whole
+    /// `max_in_flight_bytes / max_in_flight` bytes its payload holds (a journal row's or
+    /// overflow row's JSON, a MySQL payload, a logical-decoding message), so a budget full of
+    /// large payloads holds about this many bytes, and the listener stops reading until there
+    /// is room. One event counts for at most 1,024 units (a quarter of the default budget),
+    /// whatever its size. Decoded events take more memory than their payload text (about two
+    /// to four times, for JSON values). Default: 256 MiB (with the default event budget, one
+    /// more unit per 64 KiB: NOTIFY payloads, at most 8,000 bytes, weigh one unit). At least
+    /// 1 MiB.
+    pub fn max_in_flight_bytes(mut self, bytes: usize) -> Self {
+        self.pipeline.max_in_flight_bytes = bytes.max(MIN_IN_FLIGHT_BYTES);
         self
     }
 
@@ -580,6 +600,7 @@ impl NotifierBuilder {
             stats: pipeline.stats.clone(),
             status: pipeline.decoder.clone().recipient(),
             budget: pipeline.budget.clone(),
+            weight: pipeline.weight,
             health_check: self.health_check,
         };
         let listener = match dialect.listen(params).await {

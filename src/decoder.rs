@@ -24,6 +24,7 @@ use crate::event::{ChangeEvent, Channel, Channels, Extra, RawNotification};
 use crate::lifecycle::{Flush, Shutdown};
 use crate::overflow::OverflowStore;
 use crate::payload::{decode, decode_rows, Decoded};
+use crate::pipeline::Weight;
 use crate::registry::{Registry, Route};
 use crate::stats::Counters;
 use crate::status::StatusEvent;
@@ -39,6 +40,8 @@ pub(crate) struct Retention {
 pub(crate) struct Decoder {
     channels: Arc<Channels>,
     budget: Arc<Semaphore>,
+    /// How payloads weigh in `budget` (for overflow rows, whose size only the fetch tells).
+    weight: Weight,
     store: Arc<dyn OverflowStore>,
     registry: Addr<Registry>,
     stats: Arc<Counters>,
@@ -61,10 +64,12 @@ impl Decoder {
         stats: Arc<Counters>,
         retention: Retention,
         budget: Arc<Semaphore>,
+        weight: Weight,
     ) -> Self {
         Decoder {
             channels,
             budget,
+            weight,
             store,
             registry,
             stats,
@@ -119,6 +124,7 @@ impl Decoder {
                     events.push(
                         ChangeEvent::new(channel, id, extra, &raw, truncated)
                             .with_change(change)
+                            .weighing(raw.extra_units)
                             .at(start),
                     );
                 }
@@ -156,7 +162,10 @@ impl Decoder {
                     change,
                 }) => {
                     Counters::add(&self.stats.overflow_resolved, 1);
-                    ChangeEvent::new(channel, id, extra, &raw, truncated).with_change(change)
+                    let extra_units = raw.extra_units + self.take_room(&payload, &raw);
+                    ChangeEvent::new(channel, id, extra, &raw, truncated)
+                        .with_change(change)
+                        .weighing(extra_units)
                 }
                 Ok(Decoded::Overflow { .. }) => {
                     return self.malformed(&raw, "overflow row is itself a reference");
@@ -172,6 +181,7 @@ impl Decoder {
                 );
                 Counters::add(&self.stats.overflow_missing, 1);
                 ChangeEvent::new(channel, id, Extra::default(), &raw, true)
+                    .weighing(raw.extra_units)
             }
             Err(e) => {
                 log::error!(
@@ -180,6 +190,7 @@ impl Decoder {
                 );
                 Counters::add(&self.stats.overflow_missing, 1);
                 ChangeEvent::new(channel, id, Extra::default(), &raw, true)
+                    .weighing(raw.extra_units)
             }
         };
         self.send(vec![event.at(start)]);
@@ -207,6 +218,11 @@ impl Decoder {
         };
         let rows_len = rows.len();
         let mut carried = 0;
+        // The row's weight goes with its events, the remainder with the first.
+        let (share, mut remainder) = match raw.extra_units.checked_div(rows_len as u32) {
+            Some(share) => (share, raw.extra_units % rows_len as u32),
+            None => (0, raw.extra_units),
+        };
         for (part, row) in (0u32..).zip(rows) {
             match row {
                 Ok(Decoded::Row {
@@ -216,7 +232,8 @@ impl Decoder {
                     change,
                 }) => {
                     let event = ChangeEvent::new(channel.clone(), id, extra, raw, truncated)
-                        .with_change(change);
+                        .with_change(change)
+                        .weighing(share + std::mem::take(&mut remainder));
                     events.push(event.placed(start, part));
                     carried += 1;
                 }
@@ -227,6 +244,7 @@ impl Decoder {
                     };
                     Counters::add(&self.stats.malformed, 1);
                     self.stats.metrics.malformed.increment(1);
+                    self.budget.add_permits((share + std::mem::take(&mut remainder)) as usize);
                     log::warn!(
                         "sqlnotify: dropping a malformed row of journal row {:?} on channel {:?}: {reason}",
                         raw.sequence,
@@ -235,7 +253,7 @@ impl Decoder {
                 }
             }
         }
-        if carried == 0 && rows_len == 0 {
+        if rows_len == 0 {
             return self.malformed(raw, "it holds no row");
         }
         // The row's last-of-transaction mark belongs to its last event only.
@@ -264,11 +282,30 @@ impl Decoder {
         }
     }
 
+    /// Units of in-flight budget for an overflow row's `payload` (fetched for `raw`) beyond
+    /// what `raw` carries, as far as the budget has room now: waiting here could wait for
+    /// units held by notifications behind this one in the decoder's own mailbox. So an
+    /// overflow row weighs what its size says when the pipeline has room, less when it is full.
+    fn take_room(&self, payload: &str, raw: &RawNotification) -> u32 {
+        let want = self.weight.extra(payload.len(), raw.events);
+        let want = want.saturating_sub(raw.extra_units);
+        let room = u32::try_from(self.budget.available_permits()).unwrap_or(u32::MAX);
+        match self.budget.try_acquire_many(want.min(room)) {
+            Ok(permits) => {
+                permits.forget();
+                want.min(room)
+            }
+            Err(_) => 0,
+        }
+    }
+
     fn malformed(&mut self, raw: &RawNotification, reason: &str) {
         Counters::add(&self.stats.malformed, 1);
         self.stats.metrics.malformed.increment(1);
-        // No event will carry this notification's units of in-flight budget: give them back.
+        // No event will carry this notification's units of in-flight budget: give them back
+        // (its weight beyond one per event settles nothing: only the budget takes it).
         self.give_back(u64::from(raw.events));
+        self.budget.add_permits(raw.extra_units as usize);
         let preview: String = raw.payload.chars().take(200).collect();
         log::warn!(
             "sqlnotify: dropping malformed notification on channel {:?}: {reason} (payload: {preview:?})",
@@ -507,6 +544,11 @@ mod tests {
     }
 
     async fn pipeline(delay: Duration) -> Pipeline {
+        pipeline_weighing(delay, Weight::new(BUDGET, 64 << 20)).await
+    }
+
+    /// [`pipeline`] whose payloads weigh by `weight`.
+    async fn pipeline_weighing(delay: Duration, weight: Weight) -> Pipeline {
         let channels = Arc::new(Channels::new(
             [Channel {
                 name: "c".into(),
@@ -556,6 +598,7 @@ mod tests {
             stats.clone(),
             retention,
             budget.clone(),
+            weight,
         )
         .start();
         Pipeline {
@@ -640,6 +683,40 @@ mod tests {
         assert_eq!((stats.malformed, stats.in_flight), (0, 0));
         assert_eq!(p.budget.available_permits(), BUDGET);
         assert_eq!(p.stats.settled.load(Ordering::Relaxed), 7);
+    }
+
+    #[actix_rt::test]
+    async fn a_payloads_weight_goes_with_its_events_and_comes_back_whole() {
+        // One unit per 4 bytes: an overflow row's fetch weighs what it brings too.
+        let p = pipeline_weighing(Duration::from_millis(1), Weight::new(BUDGET, BUDGET * 4)).await;
+        let weighing = |mut raw: RawNotification, events: u32, extra: u32| {
+            raw.events = events;
+            raw.extra_units = extra;
+            raw
+        };
+        let statement = json!([{ "id": 2, "v": "b" }, 17, { "id": 3, "v": "c" }]).to_string();
+        let batch = vec![
+            weighing(RawNotification::new("c", row(1, "a")), 1, 3),
+            weighing(RawNotification::new("c", "not json"), 1, 2),
+            weighing(RawNotification::new("c", statement).with_sequence(1), 3, 7),
+            RawNotification::new("c", reference(STORED, 4)),
+        ];
+        let (events, units) = (6, 6 + 3 + 2 + 7);
+        p.budget.acquire_many(units).await.unwrap().forget();
+        Counters::add(&p.stats.forwarded, events);
+        p.decoder.do_send(RawBatch(batch));
+        tokio::time::timeout(Duration::from_secs(10), p.decoder.send(Flush))
+            .await
+            .expect("the pipeline drains")
+            .unwrap();
+        let got: Vec<(i64, usize)> = (p.events.try_iter())
+            .map(|e| (e.id().as_i64().unwrap(), e.units()))
+            .collect();
+        // The statement's 7 go 3 (with the remainder), 2 back with the bad row, 2.
+        let fetched = 1 + row(2, "from overflow").len() / 4;
+        assert_eq!(got, [(1, 4), (2, 4), (3, 3), (2, fetched)]);
+        assert_eq!(p.budget.available_permits(), BUDGET, "every unit came back");
+        assert_eq!(p.stats.settled.load(Ordering::Relaxed), events);
     }
 
     #[actix_rt::test]

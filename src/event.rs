@@ -51,6 +51,12 @@ pub struct RawNotification {
     /// of one WAL record, as a `COPY` writes them, or of one change fed to several channels);
     /// 0 elsewhere. Becomes the event's [`part`](ChangeEvent::part).
     pub(crate) part: u32,
+    /// Size of what `decoded` was read from (the logical tier's message), in bytes; 0 when
+    /// there is a payload instead.
+    pub(crate) read_bytes: usize,
+    /// Units of in-flight budget the listener took for it beyond one per event, for its size
+    /// (`pipeline::Weight`); the decoder passes them on to its events or gives them back.
+    pub(crate) extra_units: u32,
 }
 
 impl RawNotification {
@@ -67,7 +73,15 @@ impl RawNotification {
             read_point: None,
             decoded: None,
             part: 0,
+            read_bytes: 0,
+            extra_units: 0,
         }
+    }
+
+    /// Bytes its payload holds, for the in-flight budget: the payload's length, or the size
+    /// of what a listener decoded its parts from.
+    pub(crate) fn bytes(&self) -> usize {
+        self.payload.len().max(self.read_bytes)
     }
 
     /// The same notification, at journal position `sequence`.
@@ -290,6 +304,9 @@ struct EventInner {
     snapshot: bool,
     /// The last row a snapshot (or backfill) read hands over.
     snapshot_end: bool,
+    /// Units of in-flight budget it carries beyond its own one, for its payload's size
+    /// (`pipeline::Weight`).
+    extra_units: u32,
 }
 
 impl ChangeEvent {
@@ -317,6 +334,7 @@ impl ChangeEvent {
                 read_point: raw.read_point.clone(),
                 snapshot: false,
                 snapshot_end: false,
+                extra_units: 0,
             }),
         }
     }
@@ -367,6 +385,20 @@ impl ChangeEvent {
         self
     }
 
+    /// The same (just built) event, carrying `extra` units of in-flight budget beyond its
+    /// own one (its payload's weight: `pipeline::Weight`).
+    pub(crate) fn weighing(mut self, extra: u32) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.extra_units = extra;
+        }
+        self
+    }
+
+    /// Units of in-flight budget the event carries: one, and its payload's weight.
+    pub(crate) fn units(&self) -> usize {
+        1 + self.inner.extra_units as usize
+    }
+
     /// The same (just built) event, the one event of a notification that starts at `ordinal`
     /// (its part stays the notification's own: see [`RawNotification::part`]).
     pub(crate) fn at(mut self, ordinal: u64) -> Self {
@@ -399,6 +431,7 @@ impl ChangeEvent {
                 read_point: inner.read_point.clone(),
                 snapshot: inner.snapshot,
                 snapshot_end: inner.snapshot_end,
+                extra_units: 0,
             }),
         }
     }

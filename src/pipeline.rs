@@ -4,7 +4,9 @@
 //!
 //! The in-flight budget (a `Semaphore`) is what keeps memory bounded: a listener takes one
 //! unit per event before it reads on, and the registry and the subscriber buffers give the
-//! units back once an event is handed over or dropped.
+//! units back once an event is handed over or dropped. A large payload weighs more: it takes
+//! one more unit per whole share of bytes it holds ([`Weight`]) (the byte budget divided by the
+//! event budget), so the budget bounds the payload bytes in flight as well as the events.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,6 +27,14 @@ use crate::stats::Counters;
 pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
 /// Smallest in-flight budget a notifier accepts: one listener batch must fit.
 pub(crate) const MIN_IN_FLIGHT: usize = 1_024;
+/// Default in-flight budget in payload bytes: with the default event budget, a payload
+/// weighs one more unit per 64 KiB, so NOTIFY payloads (at most 8,000 bytes) weigh one.
+pub(crate) const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
+/// Smallest in-flight byte budget a notifier accepts.
+pub(crate) const MIN_IN_FLIGHT_BYTES: usize = 1 << 20;
+/// Most units one notification weighs: a listener hands its batches over in parts of at most
+/// this many units, each of which must fit the smallest budget.
+pub(crate) const MAX_WEIGHT: u32 = MIN_IN_FLIGHT as u32;
 /// How long `stop()` waits for a pipeline that makes no progress before it stops without
 /// handing the rest over: longer than the decoder may wait for one overflow row.
 pub(crate) const STALLED_ON_STOP: Duration = Duration::from_secs(15);
@@ -34,10 +44,45 @@ pub(crate) const STALLED_ON_STOP: Duration = Duration::from_secs(15);
 pub(crate) struct PipelineOptions {
     /// The in-flight budget, in events.
     pub max_in_flight: usize,
+    /// The in-flight budget, in payload bytes (see [`Weight`]).
+    pub max_in_flight_bytes: usize,
     /// Shortest time between two `Lagged` notices for one subscription.
     pub lag_interval: Duration,
     /// How long delivered rows are kept, and how often older ones are purged.
     pub retention: Retention,
+}
+
+/// How much of the in-flight budget a notification's payload takes beyond its one unit per
+/// event: one unit per whole `unit_bytes` it holds, where `unit_bytes` is the byte budget
+/// divided by the event budget — so that a budget full of large payloads holds about the
+/// byte budget, and one of small payloads the event budget. A notification weighs at most
+/// [`MAX_WEIGHT`] units in all (a larger payload counts as that much: at most
+/// `max_in_flight / MAX_WEIGHT` of them are in flight at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Weight {
+    unit_bytes: usize,
+}
+
+impl Weight {
+    /// The weight for a budget of `events` events and `bytes` payload bytes.
+    pub fn new(events: usize, bytes: usize) -> Weight {
+        Weight {
+            unit_bytes: (bytes / events.max(1)).max(1),
+        }
+    }
+
+    /// How many payload bytes one unit stands for.
+    #[cfg(test)]
+    pub fn unit_bytes(self) -> usize {
+        self.unit_bytes
+    }
+
+    /// Units a notification of `events` events whose payload holds `bytes` takes beyond its
+    /// `events`; the sum stays within [`MAX_WEIGHT`] (and is `events` alone past it).
+    pub fn extra(self, bytes: usize, events: u32) -> u32 {
+        let extra = u32::try_from(bytes / self.unit_bytes).unwrap_or(u32::MAX);
+        extra.min(MAX_WEIGHT.saturating_sub(events))
+    }
 }
 
 /// A running decoder and registry, with what they share.
@@ -46,8 +91,11 @@ pub(crate) struct Pipeline {
     pub channels: Arc<Channels>,
     /// The counters every stage adds to.
     pub stats: Arc<Counters>,
-    /// The in-flight budget: whoever hands the decoder a batch holds one unit per event.
+    /// The in-flight budget: whoever hands the decoder a batch holds one unit per event,
+    /// and more for large payloads ([`Weight`]).
     pub budget: Arc<Semaphore>,
+    /// How payloads weigh in `budget`.
+    pub weight: Weight,
     /// Routes events to subscribers.
     pub registry: Addr<Registry>,
     /// Decodes batches (resolving references through the store) and passes them on.
@@ -67,6 +115,7 @@ impl Pipeline {
         let channels = Arc::new(channels);
         let stats = Arc::new(Counters::default());
         let budget = Arc::new(Semaphore::new(options.max_in_flight));
+        let weight = Weight::new(options.max_in_flight, options.max_in_flight_bytes);
         let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
             .lag_interval(options.lag_interval)
             .start();
@@ -77,6 +126,7 @@ impl Pipeline {
             stats.clone(),
             options.retention,
             budget.clone(),
+            weight,
         )
         .start();
         Pipeline {
@@ -84,6 +134,7 @@ impl Pipeline {
             channels,
             stats,
             budget,
+            weight,
             registry,
             decoder,
         }
@@ -145,5 +196,34 @@ impl Pipeline {
     pub async fn shutdown_counted(&self) {
         let _ = self.decoder.send(Shutdown).await;
         let _ = self.registry.send(Shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_weighs_one_unit_per_whole_share_of_the_byte_budget() {
+        let weight = Weight::new(DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES);
+        assert_eq!(weight.unit_bytes(), 64 << 10);
+        // A NOTIFY payload (at most 8,000 bytes) weighs nothing extra.
+        assert_eq!(weight.extra(8_000, 1), 0);
+        assert_eq!(weight.extra((64 << 10) - 1, 1), 0);
+        assert_eq!(weight.extra(64 << 10, 1), 1);
+        assert_eq!(weight.extra(1 << 20, 1), 16);
+        // Capped so that one notification never weighs more than MAX_WEIGHT in all.
+        assert_eq!(weight.extra(1 << 30, 1), MAX_WEIGHT - 1);
+        assert_eq!(weight.extra(1 << 30, 1_000), MAX_WEIGHT - 1_000);
+        assert_eq!(weight.extra(1 << 30, MAX_WEIGHT), 0);
+        assert_eq!(weight.extra(usize::MAX, 2_000), 0);
+    }
+
+    #[test]
+    fn a_byte_budget_smaller_than_the_event_budget_makes_every_byte_count() {
+        let weight = Weight::new(4_096, 1_000);
+        assert_eq!(weight.unit_bytes(), 1);
+        assert_eq!(weight.extra(300, 1), 300);
+        assert_eq!(Weight::new(0, 0).unit_bytes(), 1);
     }
 }

@@ -244,8 +244,8 @@ impl Registry {
         id
     }
 
-    /// Routes one event, adding to `tally`. The event's unit of in-flight budget goes into a
-    /// [`Ticket`] only if some buffer keeps the event; otherwise the caller gives it back.
+    /// Routes one event, adding to `tally`. The event's units of in-flight budget go into a
+    /// [`Ticket`] only if some buffer keeps the event; otherwise the caller gives them back.
     fn route(&mut self, event: ChangeEvent, tally: &mut Tally, found: &mut Found) {
         if let Some(sequence) = event.sequence() {
             tally.sequence = tally.sequence.max(sequence);
@@ -262,6 +262,7 @@ impl Registry {
         let mut considered = false;
         let mut unit = Unit {
             budget: &self.budget,
+            units: event.units(),
             ticket: None,
         };
         for r in [own, found.every].into_iter().flatten() {
@@ -290,7 +291,7 @@ impl Registry {
             tally.unrouted += 1;
         }
         if unit.ticket.is_none() {
-            tally.release += 1;
+            tally.release += event.units();
         }
     }
 
@@ -686,7 +687,7 @@ struct Tally {
     filtered: u64,
     unrouted: u64,
     dropped: u64,
-    /// Budget units to give back (events no buffer kept).
+    /// Budget units to give back (those of events no buffer kept).
     release: usize,
     /// Some buffer kept an event, or a subscriber is gone: pump() has work.
     pump: bool,
@@ -748,18 +749,19 @@ fn offer(
     gone
 }
 
-/// An event's unit of in-flight budget: put in a [`Ticket`] when the first buffer keeps the
+/// An event's units of in-flight budget: put in a [`Ticket`] when the first buffer keeps the
 /// event (every buffer that keeps it shares the ticket), else given back after routing.
 struct Unit<'a> {
     budget: &'a Arc<Semaphore>,
+    units: usize,
     ticket: Option<Rc<Ticket>>,
 }
 
 impl Unit<'_> {
     fn ticket(&mut self) -> Rc<Ticket> {
-        let budget = self.budget;
+        let (budget, units) = (self.budget, self.units);
         self.ticket
-            .get_or_insert_with(|| Ticket::new(budget))
+            .get_or_insert_with(|| Ticket::new(budget, units))
             .clone()
     }
 }

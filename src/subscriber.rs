@@ -5,7 +5,7 @@
 //! blocking code — read by the user, or by a thread of its own that runs a blocking closure
 //! ([`spawn_blocking_subscriber`]). Delivery is non-blocking (`try_send`); what does not fit waits in the
 //! subscriber's [`Buffer`], where its [`OverflowPolicy`] decides what happens when full.
-//! Each buffered event holds a [`Ticket`]: a unit of the pipeline's in-flight budget, given
+//! Each buffered event holds a [`Ticket`]: its units of the pipeline's in-flight budget, given
 //! back when the event is handed over or dropped, so a stalled subscriber eventually stops the
 //! listener instead of growing memory.
 
@@ -95,18 +95,19 @@ impl Sink {
     }
 }
 
-/// One unit of the pipeline's in-flight budget, returned when dropped.
-pub(crate) struct Ticket(Arc<Semaphore>);
+/// An event's units of the pipeline's in-flight budget (one, and its payload's weight),
+/// returned when dropped.
+pub(crate) struct Ticket(Arc<Semaphore>, usize);
 
 impl Ticket {
-    pub fn new(budget: &Arc<Semaphore>) -> Rc<Ticket> {
-        Rc::new(Ticket(budget.clone()))
+    pub fn new(budget: &Arc<Semaphore>, units: usize) -> Rc<Ticket> {
+        Rc::new(Ticket(budget.clone(), units))
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.0.add_permits(1);
+        self.0.add_permits(self.1);
     }
 }
 
@@ -306,7 +307,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let sink = Sink::Channel(tx);
         for id in 1..=5 {
-            buffer.push(event(id), Ticket::new(&budget), &sink);
+            buffer.push(event(id), Ticket::new(&budget, 1), &sink);
         }
         assert_eq!((buffer.len(), buffer.dropped), (3, 2));
         assert_eq!(
@@ -341,7 +342,7 @@ mod tests {
         for id in 1..=4 {
             let event = event(id).placed(id as u64, 0);
             sink.selected(&event);
-            buffer.push(event, Ticket::new(&budget), &sink);
+            buffer.push(event, Ticket::new(&budget, 1), &sink);
         }
         assert_eq!((buffer.len(), buffer.dropped), (4, 0), "Wait never drops");
         assert_eq!(holds.floor(), Some(1));

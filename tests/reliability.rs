@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::{gated, listener_pid, next_status, statuses, wait_until, Events, TestDb};
 use sqlnotify::Operation::{Insert, Update};
-use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Stats, Status, Subscription, Watch};
+use sqlnotify::{
+    ChangeEvent, Notifier, OverflowPolicy, Stats, Status, Subscription, Tier, Watch,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -355,6 +357,68 @@ async fn wait_delivers_everything_to_a_slow_subscriber_with_bounded_memory() {
         "every event, in order, none lost"
     );
     assert_eq!(notifier.stats().await.unwrap().dropped, 0);
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
+
+#[actix_rt::test]
+async fn wait_bounds_the_payload_bytes_in_flight_as_well_as_the_events() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, body text)").await;
+    // 1,024 units for 4 MiB: one unit per 4 KiB of payload, so a row of 64 KiB weighs 17.
+    let notifier = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("t", Insert)
+                .tier(Tier::Durable)
+                .extra_columns(["body"]),
+        )
+        .max_in_flight(1024)
+        .max_in_flight_bytes(4 << 20)
+        .start()
+        .await
+        .unwrap();
+    let (slow, release, mut slow_events, arbiter) = gated();
+    notifier
+        .subscribe(
+            Subscription::new("t", Insert)
+                .policy(OverflowPolicy::Wait)
+                .buffer(10),
+            slow,
+        )
+        .await
+        .unwrap();
+    const N: i64 = 400;
+    db.exec(&format!(
+        "INSERT INTO t SELECT i, repeat('x', 65536) FROM generate_series(1, {N}) i"
+    ))
+    .await;
+    // Counted in events alone the budget would take all 400 rows; by weight it holds 60.
+    // Bound: those, plus what the subscriber's mailbox (16) and handler (1) hold.
+    let bound = 1024 / 17 + 16 + 1;
+    let started = wait_until(Duration::from_secs(30), || async {
+        notifier.stats().await.unwrap().received > 0
+    })
+    .await;
+    assert!(started);
+    // Over a bounded window, reading never gets past the bound (it would reach N otherwise).
+    let exceeded = wait_until(Duration::from_secs(2), || async {
+        notifier.stats().await.unwrap().received > bound
+    })
+    .await;
+    let stats = notifier.stats().await.unwrap();
+    assert!(!exceeded, "{stats:?}");
+    release.send(()).unwrap();
+    let got = drain(&mut slow_events, N).await;
+    let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=N).collect::<Vec<_>>(),
+        "every event, in order, none lost"
+    );
+    let whole = |e: &ChangeEvent| e.get("body").and_then(|b| b.as_str()).map(str::len);
+    assert!(got.iter().all(|e| whole(e) == Some(65536)), "whole bodies");
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!((stats.dropped, stats.in_flight, stats.queued), (0, 0, 0));
     notifier.stop().await.unwrap();
     arbiter.stop();
 }

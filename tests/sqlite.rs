@@ -475,6 +475,44 @@ async fn a_writer_in_another_process_is_seen_exactly_once_in_order() {
 // 8. Named consumers
 // ---------------------------------------------------------------------------------------------
 
+/// Two processes of one group, one opening the database through a symbolic link (a deploy's
+/// `releases/2/app.db`): they share one lease, so one is active and the other stands by.
+#[cfg(unix)]
+#[actix_rt::test]
+async fn a_group_member_opening_the_database_through_a_symlink_shares_the_lease() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+    let release = db.dir.join("release-2");
+    std::fs::create_dir_all(&release).unwrap();
+    let linked = release.join("app.db");
+    std::os::unix::fs::symlink(&db.path, &linked).unwrap();
+    let mut members = Vec::new();
+    for url in [db.url(), format!("sqlite://{}", linked.display())] {
+        let member = Notifier::builder(url)
+            .watch(Watch::new("t", Operation::Insert))
+            .consumer("mailer")
+            .start()
+            .await
+            .unwrap();
+        members.push(member);
+    }
+    let roles = std::cell::RefCell::new(Vec::new());
+    let settled = common::wait_until(common::ARRIVES_WITHIN, || async {
+        let mut now = Vec::new();
+        for member in &members {
+            now.push(format!("{:?}", member.stats().await.unwrap().role));
+        }
+        now.sort();
+        *roles.borrow_mut() = now;
+        *roles.borrow() == ["Active", "Standby"]
+    })
+    .await;
+    assert!(settled, "one active member and one standing by: {roles:?}");
+    for member in members {
+        member.stop().await.unwrap();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Retention
 // ---------------------------------------------------------------------------------------------

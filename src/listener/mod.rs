@@ -63,8 +63,11 @@ pub(crate) struct ListenParams {
     pub stats: Arc<Counters>,
     /// Where status messages go (the decoder, so they stay in order with events).
     pub status: Recipient<StatusEvent>,
-    /// In-flight budget: one unit per event before it is passed on.
+    /// In-flight budget: one unit per event before it is passed on (and more for a large
+    /// payload, by `weight`).
     pub budget: Arc<tokio::sync::Semaphore>,
+    /// How payloads weigh in `budget`.
+    pub weight: crate::pipeline::Weight,
     /// How often a quiet connection is checked.
     pub health_check: Duration,
 }
@@ -466,7 +469,8 @@ pub(crate) async fn start<S: Source>(
     params: ListenParams,
 ) -> Result<Box<dyn ListenerHandle>> {
     let (stop, stop_rx) = watch::channel(false);
-    let outlet = Outlet::new(params.decoder, params.budget, params.stats.clone(), stop_rx);
+    let budget = (params.budget, params.weight);
+    let outlet = Outlet::new(params.decoder, budget, params.stats.clone(), stop_rx);
     let latest = Arc::new(Mutex::new(None));
     let final_save = source.final_save();
     let consumer = params.consumer.as_ref().map(|c| c.name.clone());
@@ -632,6 +636,8 @@ mod tests {
                     read_point: None,
                     decoded: None,
                     part: 0,
+                    read_bytes: 0,
+                    extra_units: 0,
                 })
                 .collect();
             let Some(n) = outlet.forward(batch).await else {
@@ -769,6 +775,7 @@ mod tests {
                 stats: stats.clone(),
                 status: sink.recipient(),
                 budget,
+                weight: crate::pipeline::Weight::new(1, 1 << 30),
                 health_check: Duration::from_secs(10),
             };
             let source = MemorySource {

@@ -1,5 +1,6 @@
 //! The listener's way into the pipeline: a batch goes to the decoder only after taking one
-//! unit of the in-flight budget per event it carries, and stopping cuts any wait for room short.
+//! unit of the in-flight budget per event it carries (and more for large payloads), and
+//! stopping cuts any wait for room short.
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::decoder::RawBatch;
 use crate::event::RawNotification;
-use crate::pipeline::MIN_IN_FLIGHT;
+use crate::pipeline::{Weight, MAX_WEIGHT};
 use crate::stats::Counters;
 
 /// Where every reader of a listener hands its notifications. Cheap to clone.
@@ -18,6 +19,7 @@ use crate::stats::Counters;
 pub(crate) struct Outlet {
     decoder: Recipient<RawBatch>,
     budget: Arc<Semaphore>,
+    weight: Weight,
     stats: Arc<Counters>,
     stop: watch::Receiver<bool>,
 }
@@ -25,13 +27,14 @@ pub(crate) struct Outlet {
 impl Outlet {
     pub fn new(
         decoder: Recipient<RawBatch>,
-        budget: Arc<Semaphore>,
+        (budget, weight): (Arc<Semaphore>, Weight),
         stats: Arc<Counters>,
         stop: watch::Receiver<bool>,
     ) -> Self {
         Outlet {
             decoder,
             budget,
+            weight,
             stats,
             stop,
         }
@@ -54,39 +57,50 @@ impl Outlet {
         let _ = stop.wait_for(|s| *s).await;
     }
 
-    /// Hands `batch` to the decoder once the pipeline has room for its events: meanwhile
-    /// nothing more is read. A batch with more events than the smallest budget holds
-    /// ([`MIN_IN_FLIGHT`]: a large transaction read whole) goes in consecutive parts, each
-    /// waiting for its own room — one wait for all of it would never end. Returns how many
-    /// events it carried, or `None` when told to stop while waiting (or the pipeline is gone):
-    /// then the rest of the batch is not handed over (parts before it may have been; the
-    /// caller does not move its position, so they come again after a restart, as at least
-    /// once allows).
-    pub async fn forward(&self, batch: Vec<RawNotification>) -> Option<u64> {
-        const LIMIT: u32 = MIN_IN_FLIGHT as u32;
-        let units: u32 = batch.iter().map(|raw| raw.events).sum();
-        if units <= LIMIT {
-            return self.forward_part(batch, units).await;
+    /// Hands `batch` to the decoder once the pipeline has room for it: one unit per event,
+    /// and more for a large payload ([`Weight`]). Meanwhile nothing more is read. A batch
+    /// weighing more than the smallest budget holds ([`MAX_WEIGHT`]: a large transaction read
+    /// whole, or large payloads) goes in consecutive parts, each waiting for its own room —
+    /// one wait for all of it would never end. Returns how many events it carried, or `None`
+    /// when told to stop while waiting (or the pipeline is gone): then the rest of the batch
+    /// is not handed over (parts before it may have been; the caller does not move its
+    /// position, so they come again after a restart, as at least once allows).
+    pub async fn forward(&self, mut batch: Vec<RawNotification>) -> Option<u64> {
+        let (mut units, mut events) = (0u32, 0u64);
+        for raw in &mut batch {
+            raw.extra_units = self.weight.extra(raw.bytes(), raw.events);
+            units = units.saturating_add(raw.events + raw.extra_units);
+            events += u64::from(raw.events);
+        }
+        if units <= MAX_WEIGHT {
+            return self.forward_part(batch, units, events).await;
         }
         let mut rows = batch.into_iter().peekable();
         let mut total = 0;
         while rows.peek().is_some() {
             let mut part = Vec::new();
-            let mut units = 0u32;
-            // At least one row per part: a row never carries more than LIMIT events (its
-            // source chunks statements below it).
-            while let Some(raw) = rows.next_if(|raw| part.is_empty() || units + raw.events <= LIMIT)
-            {
-                units += raw.events;
+            let (mut units, mut events) = (0u32, 0u64);
+            // At least one row per part: a row never weighs more than MAX_WEIGHT (its source
+            // chunks statements below it, and `Weight::extra` caps the rest).
+            while let Some(raw) = rows.next_if(|raw| {
+                part.is_empty() || units + raw.events + raw.extra_units <= MAX_WEIGHT
+            }) {
+                units += raw.events + raw.extra_units;
+                events += u64::from(raw.events);
                 part.push(raw);
             }
-            total += self.forward_part(part, units).await?;
+            total += self.forward_part(part, units, events).await?;
         }
         Some(total)
     }
 
-    /// [`Outlet::forward`] for a part that fits the budget: `units` events.
-    async fn forward_part(&self, batch: Vec<RawNotification>, units: u32) -> Option<u64> {
+    /// [`Outlet::forward`] for a part that fits the budget: `events` events weighing `units`.
+    async fn forward_part(
+        &self,
+        batch: Vec<RawNotification>,
+        units: u32,
+        events: u64,
+    ) -> Option<u64> {
         if batch.is_empty() {
             return Some(0);
         }
@@ -102,8 +116,8 @@ impl Outlet {
                 }
             }
         }
-        self.stats.forward(u64::from(units));
+        self.stats.forward(events);
         self.decoder.do_send(RawBatch(batch));
-        Some(u64::from(units))
+        Some(events)
     }
 }

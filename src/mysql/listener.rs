@@ -603,6 +603,8 @@ impl MysqlSource {
                     read_point: Some(ReadPoint::in_page(page.clone(), index)),
                     decoded: None,
                     part: 0,
+                    read_bytes: 0,
+                    extra_units: 0,
                 });
             }
             // Rows count as read only once handed over.

@@ -141,6 +141,8 @@ pub(crate) async fn replay(
                 read_point: Some(ReadPoint::in_page(page.clone(), index)),
                 decoded: None,
                 part: 0,
+                read_bytes: 0,
+                extra_units: 0,
             })
         })
         .collect();

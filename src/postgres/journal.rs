@@ -620,6 +620,8 @@ fn notification(
         read_point: Some(ReadPoint::new(read.clone(), group)),
         decoded: None,
         part: 0,
+        read_bytes: 0,
+        extra_units: 0,
     })
 }
 

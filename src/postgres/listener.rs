@@ -582,6 +582,8 @@ impl Reader {
                             read_point: None,
                             decoded: None,
                             part: 0,
+                            read_bytes: 0,
+                            extra_units: 0,
                         });
                         if batch.len() >= MAX_BATCH {
                             return Poll::Ready(None);

@@ -328,6 +328,8 @@ async fn window(
             read_point: Some(ReadPoint::new(snapshots.clone(), tx_last)),
             decoded: None,
             part: 0,
+            read_bytes: 0,
+            extra_units: 0,
         });
         key = Some((tx_last, row_id));
     }

@@ -148,9 +148,11 @@ impl RelayBuilder {
         self
     }
 
-    /// Publishes awaiting JetStream's confirmation at most (default [`DEFAULT_MAX_PENDING`]).
+    /// Publishes awaiting JetStream's confirmation at most (default [`DEFAULT_MAX_PENDING`];
+    /// at least 1, at most [`MAX_BUFFER`](crate::MAX_BUFFER)). Events wait in up to three
+    /// queues of this size while NATS is unreachable.
     pub fn max_pending(mut self, n: usize) -> Self {
-        self.max_pending = n.max(1);
+        self.max_pending = n.clamp(1, crate::MAX_BUFFER);
         self
     }
 

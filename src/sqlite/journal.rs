@@ -100,6 +100,8 @@ pub(crate) fn read_after(
                 read_point: None,
                 decoded: None,
                 part: 0,
+                read_bytes: 0,
+                extra_units: 0,
             });
         }
     }

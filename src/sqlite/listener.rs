@@ -85,8 +85,11 @@ impl SqliteSource {
 
 /// The lease file of consumer `name` of the database at `db`: the name's letters and digits
 /// (for people listing the directory) and a hash of the whole name (FNV-1a, stable across
-/// builds, so every process of the group finds the same file).
+/// builds, so every process of the group finds the same file), beside the database's real
+/// file — a process that opens it through a symbolic link (a deploy's `releases/2/app.db`)
+/// or another relative path must find the same lease file as the others.
 fn lease_path(db: &std::path::Path, name: &str) -> PathBuf {
+    let db = &std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
     let readable: String = name
         .chars()
         .filter(char::is_ascii_alphanumeric)

@@ -51,6 +51,8 @@ pub(crate) struct Row {
     pub lsn: u64,
     /// Its index among the transaction's rows at `lsn` ([`part_after`]).
     pub part: u32,
+    /// Size of the message it was read from, in bytes (what the in-flight budget weighs).
+    pub size: usize,
 }
 
 /// The part of a row at `lsn` appended to a transaction's `rows`: one more than the row
@@ -153,6 +155,7 @@ impl Changes {
                     payload: String::new(),
                     lsn,
                     part: part_after(out, lsn),
+                    size: bytes.len(),
                 }),
                 Err(e) => failed = Err(format!("channel {}: {e}", route.channel)),
             }

@@ -151,6 +151,8 @@ fn raw(row: Row, xid: u64, last: bool, received_at: SystemTime) -> RawNotificati
         read_point: None,
         decoded: row.decoded,
         part: row.part,
+        read_bytes: row.size,
+        extra_units: 0,
     }
 }
 
@@ -544,6 +546,7 @@ impl LogicalSource {
                         payload,
                         lsn: lsn.0,
                         part: part_after(&open.rows, lsn.0),
+                        size: 0,
                     });
                     self.spill(open, batch);
                 }
