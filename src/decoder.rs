@@ -244,7 +244,8 @@ impl Decoder {
                     };
                     Counters::add(&self.stats.malformed, 1);
                     self.stats.metrics.malformed.increment(1);
-                    self.budget.add_permits((share + std::mem::take(&mut remainder)) as usize);
+                    self.budget
+                        .add_permits((share + std::mem::take(&mut remainder)) as usize);
                     log::warn!(
                         "sqlnotify: dropping a malformed row of journal row {:?} on channel {:?}: {reason}",
                         raw.sequence,

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use common::{gated, listener_pid, next_status, statuses, wait_until, Events, TestDb};
 use sqlnotify::Operation::{Insert, Update};
-use sqlnotify::{
-    ChangeEvent, Notifier, OverflowPolicy, Stats, Status, Subscription, Tier, Watch,
-};
+use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Stats, Status, Subscription, Tier, Watch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -364,7 +362,8 @@ async fn wait_delivers_everything_to_a_slow_subscriber_with_bounded_memory() {
 #[actix_rt::test]
 async fn wait_bounds_the_payload_bytes_in_flight_as_well_as_the_events() {
     let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, body text)").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, body text)")
+        .await;
     // 1,024 units for 4 MiB: one unit per 4 KiB of payload, so a row of 64 KiB weighs 17.
     let notifier = Notifier::builder(&db.url)
         .watch(
