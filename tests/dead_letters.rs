@@ -610,6 +610,53 @@ async fn postgres_a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on
     .await;
 }
 
+/// A requested row holding a NULL the driver cannot read (its `error` column relaxed) is an
+/// error naming the row, and a taker marks it dead and takes the others of its batch: the
+/// read used to panic, failing the whole take and leaving every row it had moved to
+/// `redelivering` there, held by nobody, until the next activation.
+#[actix_rt::test]
+async fn postgres_a_requested_row_the_driver_cannot_read_is_marked_dead_and_the_rest_taken() {
+    let db = Pg::new(Tier::Durable).await;
+    let letters = dead_letters(&db);
+    let calls = DeadLetterCalls::new(&letters);
+    let mut taken = Vec::new();
+    for sequence in 1..=3 {
+        let mut failure = attempt("audit", Some(sequence), 0);
+        failure.state = DeadLetterState::Dead;
+        taken.push(calls.record(failure).await.unwrap());
+    }
+    let [good, bad, also_good] = taken[..] else {
+        unreachable!()
+    };
+    db.run("ALTER TABLE sqlnotify.dead_letters ALTER COLUMN error DROP NOT NULL")
+        .await;
+    db.run(&format!(
+        "UPDATE sqlnotify.dead_letters SET error = NULL WHERE id = {bad}"
+    ))
+    .await;
+    let e = letters.get(bad).await.unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidPayload { .. })
+            && e.to_string()
+                .contains(&format!("dead letter {bad} has an unreadable error")),
+        "{e}"
+    );
+    assert_eq!(letters.retry(&[good, bad, also_good]).await.unwrap(), 3);
+    assert_eq!(
+        ids(&calls.take_requested("audit", 10).await.unwrap()),
+        [good, also_good]
+    );
+    assert_eq!(
+        letters.counts(Some("audit")).await.unwrap(),
+        counts(0, 1, 0, 2)
+    );
+    let why = format!(
+        "SELECT count(*) FROM sqlnotify.dead_letters WHERE id = {bad} AND state = 'dead' \
+         AND error LIKE 'cannot be delivered again:%unreadable error%'"
+    );
+    assert_eq!(db.number(&why).await, 1, "marked dead, saying why");
+}
+
 /// (`integer` column.)
 #[actix_rt::test]
 async fn postgres_a_count_at_the_columns_limit_ends_in_a_dead_letter() {

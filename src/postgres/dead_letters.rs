@@ -18,8 +18,8 @@ use tokio_postgres::{Client, Row};
 use super::control::Control;
 use super::ddl::{INSTALL_LOCK, SCHEMA};
 use crate::dead_letters::{
-    sort_taken, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure, Retrying,
-    StoredRow, Target,
+    invalid_row, sort_taken, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure,
+    Retrying, StoredRow, Target,
 };
 use crate::error::{Error, Result};
 use crate::sql::{quote_ident, quote_literal};
@@ -143,22 +143,34 @@ fn table() -> String {
     format!("{}.dead_letters", quote_ident(SCHEMA))
 }
 
+/// The dead letter `row` holds. Every column is read with `try_get`: a value the driver
+/// cannot convert (a NULL, once someone let a column hold one) is an error naming the row,
+/// which a taker marks dead (`sort_taken`) instead of failing its whole batch.
 fn dead_letter(row: &Row) -> Result<DeadLetter> {
+    let id = get(row, 0, 0)?;
     StoredRow {
-        id: row.get(0),
-        handler: row.get(1),
-        channel: row.get(2),
-        sequence: row.get(3),
-        part: row.get(4),
-        key: row.get(5),
-        event: row.get(6),
-        attempts: row.get(7),
-        first_failed: row.get(8),
-        last_failed: row.get(9),
-        error: row.get(10),
-        state: row.get(11),
+        id,
+        handler: get(row, 1, id)?,
+        channel: get(row, 2, id)?,
+        sequence: get(row, 3, id)?,
+        part: get(row, 4, id)?,
+        key: get(row, 5, id)?,
+        event: get(row, 6, id)?,
+        attempts: get(row, 7, id)?,
+        first_failed: get(row, 8, id)?,
+        last_failed: get(row, 9, id)?,
+        error: get(row, 10, id)?,
+        state: get(row, 11, id)?,
     }
     .check(TABLE)
+}
+
+/// Column `i` of a [`COLUMNS`] row (dead letter `id`), or an error naming it.
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize, id: i64) -> Result<T> {
+    row.try_get(i).map_err(|_| {
+        let column = COLUMNS.split(", ").nth(i).unwrap_or("a column");
+        invalid_row(TABLE, id, format_args!("has an unreadable {column}"))
+    })
 }
 
 /// Rows as dead letters, in id order (oldest first).
