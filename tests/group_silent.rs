@@ -605,18 +605,27 @@ async fn postgres_active_members_machine_goes_silent() {
     let foreign: Vec<i64> = union(&group).difference(&committed).copied().collect();
     assert!(foreign.is_empty(), "{TEST}: ids never written: {foreign:?}");
 
-    // Each row at most once per member; a row handled twice was handled by A, then again by B.
-    let mut handlers: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+    // Each row at most once per member; a row handled twice was handled by A before B took
+    // over, then again by B once active (in flight at the failover).
+    let mut handlers: BTreeMap<i64, Vec<(SystemTime, &str)>> = BTreeMap::new();
     for (name, record) in [("A", &record_a), ("B", &record_b)] {
-        for &(id, _) in &record.events {
-            handlers.entry(id).or_default().push(name);
+        for &(id, at) in &record.events {
+            handlers.entry(id).or_default().push((at, name));
         }
     }
     let duplicates: Vec<i64> = handlers
-        .iter()
+        .iter_mut()
         .filter(|(_, by)| by.len() > 1)
         .map(|(&id, by)| {
-            assert_eq!(by, &["A", "B"], "{TEST}: row {id} handled by {by:?}");
+            by.sort();
+            let names: Vec<&str> = by.iter().map(|&(_, name)| name).collect();
+            assert_eq!(names, ["A", "B"], "{TEST}: row {id} handled by {by:?}");
+            assert!(
+                by[0].0 < b_active && by[1].0 >= b_active,
+                "{TEST}: row {id} handled by A at {:?} and by B at {:?}, B active at {b_active:?}",
+                by[0].0,
+                by[1].0
+            );
             id
         })
         .collect();
