@@ -6,18 +6,45 @@
 //! before it counts the event settled; an [`Ack`] releases it. The save rule
 //! (`src/listener/saving.rs`) then treats `min(settled, first held ordinal)` as the number of
 //! units that have fully left the pipeline.
+//!
+//! **The lease fence.** A member of a consumer group that lost its lease to another process
+//! ([`Holds::fence`], called by the session that finds the lease taken) forgets its holds and
+//! fences off every ordinal below the count of units forwarded by then: those events were read
+//! under the lost lease, and the process holding it now reads them again from the saved
+//! position. Ordinals make an exact fence because the decoder, started once per notifier,
+//! numbers every unit the listener forwards, across sessions and leases, and never starts
+//! again: a new session or a new lease places the *position* anew (the rows are read again),
+//! but the rows read again get new, larger ordinals. So the units read under one lease are an
+//! interval of ordinals; nothing is forwarded from the journal while standing by; and a
+//! session ends — its reads forwarded and counted — before the next one finds the lease taken.
+//! Hence "ordinal below the fence" is exactly "read under a lease this process has lost
+//! since", whatever the number of losses (the fence only rises), and a member that takes the
+//! lease again later reads above the fence and delivers as before. One number is enough: a
+//! generation counter of the lease would have to be stamped on each event when it is read
+//! (stamped on delivery it would mislabel an event read before the loss and routed after it),
+//! which is what the ordinal already is.
+//!
+//! Events of the lost lease still on their way when the fence rises (in the decoder, in a
+//! subscription's buffer) are not held when the registry routes them: a hold below the fence
+//! would keep the position back for ever once its event is dropped. The relay drops them
+//! unpublished (`src/relay/pump.rs`); other acknowledged subscriptions still receive them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
-/// The ordinals held by acknowledged subscriptions (with how many subscriptions hold each).
+/// The ordinals held by acknowledged subscriptions (with how many subscriptions hold each),
+/// and the lease fence.
 #[derive(Debug, Default)]
 pub(crate) struct Holds {
     held: Mutex<Held>,
     /// Woken whenever the last hold is released, or the last live [`Ack`] goes.
     empty: Notify,
+    /// The lease fence (see the module docs): ordinals below it were read under a lease this
+    /// process lost. Only rises; changed under `held`'s lock, so a hold checked against
+    /// `Held::fence` and this value agree.
+    fence_watch: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -26,6 +53,8 @@ struct Held {
     ordinals: BTreeMap<u64, u32>,
     /// [`Ack`]s not used or dropped yet: what could still release a hold.
     live: usize,
+    /// The lease fence: an ordinal below it is not held.
+    fence: u64,
 }
 
 impl Holds {
@@ -33,9 +62,13 @@ impl Holds {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One more subscription holds the event at `ordinal`.
+    /// One more subscription holds the event at `ordinal` — unless the event was read under a
+    /// lease this process lost (below the fence): nothing holds such an event.
     pub fn hold(&self, ordinal: u64) {
-        *self.lock().ordinals.entry(ordinal).or_insert(0) += 1;
+        let mut held = self.lock();
+        if ordinal >= held.fence {
+            *held.ordinals.entry(ordinal).or_insert(0) += 1;
+        }
     }
 
     /// One subscription is done with the event at `ordinal`.
@@ -55,12 +88,28 @@ impl Holds {
         }
     }
 
-    /// Forgets every hold: the events were read under a consumer-group lease this process
-    /// lost, and the process that holds it now delivers them again. Their `Ack`s, if used
-    /// later, release nothing; ordinals read from now on are all larger.
-    pub fn forget(&self) {
-        self.lock().ordinals.clear();
+    /// The lease was lost with `forwarded` units forwarded: every ordinal below it was read
+    /// under that lease, and the process that holds it now delivers those events again.
+    /// Forgets their holds, and raises the fence to `forwarded` (it never goes down), so
+    /// those still on their way are not held either. Their `Ack`s, if used later, release
+    /// nothing; ordinals read from now on are all at or above the fence.
+    pub fn fence(&self, forwarded: u64) {
+        {
+            let mut held = self.lock();
+            let fence = held.fence.max(forwarded);
+            held.fence = fence;
+            held.ordinals.retain(|&ordinal, _| ordinal >= fence);
+            self.fence_watch
+                .send_if_modified(|f| std::mem::replace(f, fence) != fence);
+        }
         self.empty.notify_waiters();
+    }
+
+    /// The lease fence, watched: its value is the first ordinal not read under a lease this
+    /// process lost (0 while none was lost); it changes each time one is.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub fn watch_fence(&self) -> watch::Receiver<u64> {
+        self.fence_watch.subscribe()
     }
 
     /// The first held ordinal: every unit before it is released (or was never held).
@@ -203,11 +252,39 @@ mod tests {
         let holds = Arc::new(Holds::default());
         holds.hold(4);
         let ack = Ack::new(4, holds.clone());
-        holds.forget();
+        holds.fence(5);
         assert_eq!(holds.floor(), None);
         holds.hold(9);
         ack.ack();
         assert_eq!(holds.floor(), Some(9));
+    }
+
+    #[test]
+    fn an_event_below_the_fence_is_not_held_and_the_fence_only_rises() {
+        let holds = Holds::default();
+        let mut fence = holds.watch_fence();
+        assert_eq!(*fence.borrow_and_update(), 0);
+        holds.hold(2);
+        holds.fence(10);
+        assert!(fence.has_changed().unwrap());
+        assert_eq!(*fence.borrow_and_update(), 10);
+        // Read under the lost lease, routed after the loss: not held.
+        holds.hold(7);
+        assert_eq!(holds.floor(), None);
+        // Read under a lease taken again later: held as ever.
+        holds.hold(10);
+        assert_eq!(holds.floor(), Some(10));
+        // A lower fence (never given, but harmless) changes nothing.
+        holds.fence(3);
+        assert!(!fence.has_changed().unwrap());
+        assert_eq!(holds.floor(), Some(10));
+        holds.fence(12);
+        assert_eq!(*fence.borrow_and_update(), 12);
+        assert_eq!(
+            holds.floor(),
+            None,
+            "10 was read under the lease lost second"
+        );
     }
 
     #[test]

@@ -580,6 +580,13 @@ impl Notifier {
         Ok(deliveries)
     }
 
+    /// The pipeline's lease fence (`src/holds.rs`): events whose ordinal is below its value
+    /// were read under a consumer-group lease this notifier has lost since.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn lease_fence(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.pipeline.stats.holds.watch_fence()
+    }
+
     /// Sends [`StatusEvent`]s (connected, disconnected, gap, lagged …) to an actor.
     pub async fn subscribe_status(&self, recipient: Recipient<StatusEvent>) -> Result<()> {
         Ok(self

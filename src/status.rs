@@ -66,9 +66,11 @@ pub enum Status {
     /// nothing and stands by, ready to take over when the active one dies.
     Standby,
     /// This notifier held the lease and lost it (its connection to the database was lost
-    /// and another process took over meanwhile): it stopped delivering and stands by.
-    /// Events it delivered after the new active process's last saved position are delivered
-    /// again by that process.
+    /// and another process took over meanwhile): it stopped reading and stands by, its
+    /// position and its acknowledged subscriptions' holds forgotten. Events it had read and
+    /// not yet handed over still reach its subscribers — a relay drops them instead
+    /// (`RelayStats::fenced`, feature `nats`) — and every event after the new
+    /// active process's last saved position is delivered again by that process.
     LostLease,
 }
 

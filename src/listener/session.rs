@@ -212,7 +212,11 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     *shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     // What acknowledged subscriptions still hold is the new holder's to
                     // deliver: held here, it would keep this process from ever saving again.
-                    shell.stats.holds.forget();
+                    // Every unit read under the lost lease was forwarded (and counted) by the
+                    // session that ended: the fence goes above them all (`src/holds.rs`),
+                    // and the relay drops what it has not published of them.
+                    let forwarded = shell.stats.forwarded.load(Ordering::Relaxed);
+                    shell.stats.holds.fence(forwarded);
                     shell.status(Status::LostLease);
                 }
                 let holder = state.source.lease_holder(conn, consumer).await;

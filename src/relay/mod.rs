@@ -31,6 +31,17 @@
 //! the longest time a change can be sent again after it was first stored: a relay group down
 //! for longer than that stores the last unconfirmed events twice.
 //!
+//! **Fencing.** A relay that loses its consumer's lease (its database connection ended and
+//! another relay of the group took over) sends nothing more of what it read under that lease:
+//! the new holder reads it again from the saved position and publishes it. What this relay
+//! had not sent yet — waiting for room, for a connection to NATS, or still on its way to it —
+//! is dropped unpublished and counted in [`RelayStats::fenced`]; only what it had already sent
+//! can still be stored (promptly on a working connection; from a connection that hung, the
+//! operating system may deliver it once the path recovers, stored again if that is after the
+//! duplicate window: at most [`max_pending`](RelayBuilder::max_pending) messages). A relay
+//! that takes the lease again later publishes what it then reads as before. How the lost
+//! lease's events are told apart: `src/relay/pump.rs` and `src/holds.rs`.
+//!
 //! **Size.** A change whose message would be larger than the server's `max_payload` (1 MiB by
 //! default) or the stream's `max_msg_size` is published with its key only and `"truncated":
 //! true` in its body, as a trigger sends a row too large for a notification — the worker
@@ -256,6 +267,7 @@ impl RelayBuilder {
             ack_timeout: self.ack_timeout,
             max_pending: self.max_pending,
         };
+        let fence = notifier.lease_fence();
         let counters = Arc::new(Counters::default());
         let pump = Pump {
             naming,
@@ -272,7 +284,7 @@ impl RelayBuilder {
         let (done_tx, done) = watch::channel(false);
         let dropped = notifier.clone();
         actix_rt::spawn(async move {
-            let run = pump.run(broker, deliveries, stop_pump_rx);
+            let run = pump.run(broker, deliveries, stop_pump_rx, fence);
             // `stop()` stops the notifier, then says so; a relay dropped without `stop()`
             // (an early return, a cancelled task) is stopped the same way here, the pump
             // confirming what is in flight meanwhile. Were the pump to end instead, the
@@ -359,6 +371,11 @@ pub struct RelayStats {
     pub truncated: u64,
     /// Changes not published at all: not even their key fitted (logged as errors).
     pub skipped: u64,
+    /// Changes not published because they were read under the consumer's lease and this
+    /// relay lost it since (its database connection ended and another relay of the group
+    /// took over): the relay holding the lease reads them again and publishes them. Sent
+    /// late, they could be stored twice, behind newer changes (see the module docs).
+    pub fenced: u64,
 }
 
 impl Relay {
@@ -407,6 +424,7 @@ impl Relay {
             connected: c.connected.load(Ordering::Relaxed),
             truncated: c.truncated.load(Ordering::Relaxed),
             skipped: c.skipped.load(Ordering::Relaxed),
+            fenced: c.fenced.load(Ordering::Relaxed),
         }
     }
 

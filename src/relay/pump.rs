@@ -7,6 +7,28 @@
 //! the broker stores what it had not and drops what it had. After a new link the first
 //! message goes alone: the pipeline opens only once the broker stores again, so a message that
 //! a recovering server refuses cannot be overtaken by the next one.
+//!
+//! **Fencing.** When the relay's notifier loses its consumer-group lease to another relay,
+//! the events it read under that lease are the new holder's to publish: it reads them again
+//! from the saved position and publishes them itself. This relay must not publish them any
+//! more — sent late, after the stream's duplicate window, they would be stored a second time,
+//! behind newer changes of the same keys. The notifier raises its lease fence then
+//! (`src/holds.rs`: every ordinal below it was read under a lease since lost; the module docs
+//! there say why the comparison is exact, also across several losses and a lease taken again
+//! later). The loop never *sends* a message below the fence, for the first time or again: it
+//! drops, unpublished and counted in `fenced`, the unsent messages below it when it rises,
+//! every message below it when a new link opens (the ones sent on the old link included),
+//! and every later delivery below it as it comes (the lost lease's events still in the
+//! pipeline, in the subscription's buffer and channel). Their holds were forgotten or never
+//! taken, so dropping their `Ack`s keeps nothing back. The messages already sent on the
+//! current link when the fence rises are left to it: their bytes are out of the process —
+//! stored promptly if the link works, which is within the window of the new holder's sends
+//! of the same ids — and waiting for their confirmations costs nothing; should the link fail
+//! instead, they are dropped with the rest when the next one opens. What a link had written
+//! to its socket before the loss can still reach the broker later (the operating system
+//! delivers what it holds once a hung path recovers): at most `max_pending` messages, stored
+//! twice only if they arrive after the duplicate window. Messages read under a lease taken
+//! again later are above the fence, and published as ever.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +55,7 @@ pub(crate) struct Counters {
     pub failures: AtomicU64,
     pub truncated: AtomicU64,
     pub skipped: AtomicU64,
+    pub fenced: AtomicU64,
     pub connected: AtomicBool,
 }
 
@@ -94,6 +117,30 @@ impl Pump {
         true
     }
 
+    /// Drops the messages of `unconfirmed` from index `from` on (those not sent on the
+    /// current link) that were read under a lease the notifier lost: their ordinal is below
+    /// `fence` (see the module docs). Counted in `fenced`, and logged.
+    fn fence_off(&self, unconfirmed: &mut VecDeque<Pending>, from: usize, fence: u64) {
+        let mut rest = unconfirmed.split_off(from.min(unconfirmed.len()));
+        let before = rest.len();
+        rest.retain(|pending| pending.event.ordinal() >= fence);
+        let dropped = before - rest.len();
+        unconfirmed.append(&mut rest);
+        if dropped > 0 {
+            self.counters
+                .fenced
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+            self.counters
+                .pending
+                .store(unconfirmed.len() as u64, Ordering::Relaxed);
+            log::warn!(
+                "sqlnotify: relay lost its consumer's lease: {dropped} messages read under it \
+                 are dropped unpublished, the relay holding the lease now publishes them \
+                 (counted in RelayStats::fenced)"
+            );
+        }
+    }
+
     fn message(&self, event: &ChangeEvent) -> Outgoing {
         let base = self
             .bases
@@ -123,14 +170,18 @@ impl Pump {
         }
     }
 
-    /// Runs until the deliveries end (the notifier stopped) and every one is confirmed, or
-    /// `stop` is set.
+    /// Runs until the deliveries end (the notifier stopped) and every one is confirmed or
+    /// fenced off, or `stop` is set. `fence` is the notifier's lease fence
+    /// ([`Holds::watch_fence`](crate::holds::Holds::watch_fence)).
     pub async fn run<B: Broker>(
         self,
         broker: B,
         mut deliveries: Deliveries,
         mut stop: watch::Receiver<bool>,
+        mut fence: watch::Receiver<u64>,
     ) {
+        // Whether the fence can still move (its notifier's pipeline is there).
+        let mut fence_open = true;
         // Messages taken, oldest first, with their deliveries' acks; the first `sent` of them
         // went out on the current link.
         let mut unconfirmed: VecDeque<Pending> = VecDeque::new();
@@ -159,6 +210,8 @@ impl Pump {
                 },
                 _ = stop.wait_for(|s| *s) => return,
             };
+            // Nothing is sent on this link yet: none of what the lease lost goes on it.
+            self.fence_off(&mut unconfirmed, 0, *fence.borrow_and_update());
             self.counters.links.fetch_add(1, Ordering::Relaxed);
             self.counters.connected.store(true, Ordering::Relaxed);
             if attempt > 1 {
@@ -175,6 +228,11 @@ impl Pump {
                 let window = if proven { self.max_pending } else { 1 };
                 while confirmations.len() < unconfirmed.len() && confirmations.len() < window {
                     let next = confirmations.len();
+                    if fence.has_changed().unwrap_or(false) {
+                        // The lease was lost since the last look (a send can wait).
+                        self.fence_off(&mut unconfirmed, next, *fence.borrow_and_update());
+                        continue;
+                    }
                     if !self.fit(&mut unconfirmed[next], link.max_size()) {
                         // Not even its key fits: the broker would refuse it for ever, and
                         // everything behind it would wait. It goes, counted and logged.
@@ -205,6 +263,15 @@ impl Pump {
                 tokio::select! {
                     biased;
                     _ = stop.wait_for(|s| *s) => break None,
+                    changed = fence.changed(), if fence_open => match changed {
+                        // What waits behind the sent ones goes now, freeing room.
+                        Ok(()) => self.fence_off(
+                            &mut unconfirmed,
+                            confirmations.len(),
+                            *fence.borrow_and_update(),
+                        ),
+                        Err(_) => fence_open = false,
+                    },
                     confirmed = confirmations.next(), if !confirmations.is_empty() => {
                         match confirmed.expect("not empty") {
                             Ok(stored) => {
@@ -224,6 +291,10 @@ impl Pump {
                         }
                     }
                     delivery = deliveries.recv(), if room && !ended => match delivery {
+                        Some(delivery) if delivery.event.ordinal() < *fence.borrow() => {
+                            // Read under a lease lost since: the holder publishes it.
+                            self.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                        }
                         Some(delivery) => {
                             let message = self.message(&delivery.event);
                             unconfirmed.push_back(Pending {
