@@ -12,6 +12,11 @@
 //! set). Each appends `active <ns>` / `standby <ns>` lines to a record file of its own with
 //! one plain `write` per line, which a SIGKILL cannot take back; it runs until killed (or
 //! until its stdin closes: then it stops gracefully).
+//!
+//! And in one process, two relays of one group: the active one's path to NATS hangs (a TCP
+//! proxy of the test's own), its lease goes to the other, and once the stream's duplicate
+//! window has passed the path comes back — the relay that lost its lease publishes nothing of
+//! what it had queued, and publishes as ever once it takes the lease again.
 
 mod common;
 
@@ -20,7 +25,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -475,4 +480,328 @@ async fn three_relays_through_kills_and_nats_restarts_store_every_change_once_in
         failovers.iter().all(|f| *f <= Duration::from_secs(5)),
         "each failover within 5 s: {failovers:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A relay that lost its lease publishes nothing it had queued
+// ---------------------------------------------------------------------------------------------
+
+const FENCE_TEST: &str = "a_relay_that_lost_its_lease_publishes_nothing_it_had_queued_even_late";
+
+/// A TCP path to NATS that can hang, like a network path that dies without a FIN or RST:
+/// [`black_hole`](NatsPath::black_hole) silences the connections it carries (their bytes
+/// go nowhere, the sockets stay open) and every connection made while it lasts;
+/// [`reopen`](NatsPath::reopen) forwards new connections again, while the silenced ones stay
+/// silent (what a sender wrote on them never arrives).
+struct NatsPath {
+    port: u16,
+    open: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl NatsPath {
+    async fn start(target: String) -> NatsPath {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (o, e) = (open.clone(), epoch.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    tokio::spawn(swallow(client));
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let born = e.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(carry(cr, sw, e.clone(), born));
+                tokio::spawn(carry(sr, cw, e.clone(), born));
+            }
+        });
+        NatsPath { port, open, epoch }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn black_hole(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn reopen(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A connection made while the path is down: read, never answered.
+async fn swallow(client: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let (mut from, _keep_open) = client.into_split();
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// Forwards bytes until the path goes down after the connection was made; then goes silent
+/// for ever, keeping both sockets open.
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    epoch: Arc<AtomicU64>,
+    born: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if epoch.load(Ordering::SeqCst) != born {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Every message id once, and each key's versions in stream order 0, 1, … `versions[key]`.
+fn assert_once_in_order(stored: &[common::nats::Stored], versions: &BTreeMap<i64, i64>) {
+    let mut ids = HashSet::new();
+    let mut per_key: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for m in stored {
+        assert!(ids.insert(m.id.clone()), "message id {} stored twice", m.id);
+        let version = m.body["columns"]["version"].as_i64().expect("a version");
+        per_key
+            .entry(m.key.parse().expect("an integer key"))
+            .or_default()
+            .push(version);
+    }
+    for (key, last) in versions {
+        assert_eq!(
+            per_key.get(key),
+            Some(&(0..=*last).collect::<Vec<_>>()),
+            "key {key}: its insert, then its update, in commit order, once each"
+        );
+    }
+    assert_eq!(per_key.len(), versions.len(), "no other key");
+}
+
+/// Relay A's path to NATS hangs while it holds the consumer's lease, so its queues fill up
+/// (`max_pending` unconfirmed, more in its subscription); its database backend is ended
+/// (`pg_terminate_backend`, as an operator failing over would) and relay B takes over and
+/// publishes everything, then newer changes of the same keys. Once the stream's duplicate
+/// window (2 s here) has passed, A's path comes back: A, a standby now, must publish nothing
+/// of what it had queued — sent then, every message would be stored a second time, behind
+/// the newer changes. Its drops are counted in `RelayStats::fenced`. Then B stops, A takes
+/// the lease again and publishes what follows as ever.
+#[actix_rt::test]
+async fn a_relay_that_lost_its_lease_publishes_nothing_it_had_queued_even_late() {
+    const WINDOW: Duration = Duration::from_secs(2);
+    const FIRST: i64 = 10;
+    const ROWS: i64 = 100;
+    let Some(nats) = common::nats::shared(FENCE_TEST) else {
+        return;
+    };
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, version int NOT NULL)")
+        .await;
+    let stream = common::unique_name("RELAYFENCE");
+    let prefix = common::unique_name("relayfence");
+    let path = NatsPath::start(nats.trim_start_matches("nats://").to_string()).await;
+    // Each relay's connections carry its name, so that the test ends A's lease only.
+    let relay = |name: &str, nats: String| {
+        let sep = if db.url.contains('?') { '&' } else { '?' };
+        let builder = Notifier::builder(format!("{}{sep}application_name={name}", db.url))
+            .watch(
+                Watch::new("t", Insert)
+                    .extra_columns(["version"])
+                    .tier(Tier::Durable),
+            )
+            .watch(
+                Watch::new("t", Update)
+                    .extra_columns(["version"])
+                    .tier(Tier::Durable),
+            )
+            .consumer("relay-fence");
+        Relay::builder(builder, nats, &stream)
+            .subject_prefix(&prefix)
+            .duplicate_window(WINDOW)
+            .max_pending(16)
+            .ack_timeout(Duration::from_secs(1))
+            .start()
+    };
+    let stored_in_stream = |n: u64| {
+        let (nats, stream) = (nats.clone(), stream.clone());
+        async move { common::nats::stream_messages(&nats, &stream).await == n }
+    };
+    let a = relay("relay_a", path.url()).await.expect("start A");
+    let mut a_statuses = common::statuses(a.notifier()).await;
+    assert!(
+        common::wait_until(WITHIN, || async {
+            a.notifier().stats().await.unwrap().role == sqlnotify::Role::Active
+        })
+        .await,
+        "A, the first, is active"
+    );
+    let b = relay("relay_b", nats.clone()).await.expect("start B");
+    let mut versions: BTreeMap<i64, i64> = BTreeMap::new();
+
+    // A publishes through the path.
+    db.exec(&format!(
+        "INSERT INTO t SELECT g, 0 FROM generate_series(1, {FIRST}) g"
+    ))
+    .await;
+    versions.extend((1..=FIRST).map(|k| (k, 0)));
+    assert!(
+        common::wait_until(WITHIN, || async { a.stats().published == FIRST as u64 }).await,
+        "A publishes the first rows: {:?}",
+        a.stats()
+    );
+
+    // The path hangs; A reads on and queues.
+    path.black_hole();
+    db.exec(&format!(
+        "INSERT INTO t SELECT g, 0 FROM generate_series({}, {ROWS}) g",
+        FIRST + 1
+    ))
+    .await;
+    versions.extend((FIRST + 1..=ROWS).map(|k| (k, 0)));
+    assert!(
+        common::wait_until(WITHIN, || async {
+            a.notifier().stats().await.unwrap().received >= ROWS as u64
+                && a.stats().pending > 0
+                && a.stats().failures > 0
+        })
+        .await,
+        "A reads every row and queues what it cannot publish: {:?}",
+        a.stats()
+    );
+
+    // A's lease connection ends until B is the one that takes the lease (A reconnects fast
+    // and may take it back first).
+    let a_holds = "SELECT coalesce(max(l.pid), 0)::bigint FROM pg_catalog.pg_locks l \
+                   JOIN pg_catalog.pg_stat_activity a USING (pid) \
+                   WHERE l.locktype = 'advisory' AND l.granted \
+                     AND a.datname = pg_catalog.current_database() \
+                     AND a.application_name = 'relay_a'";
+    let deadline = Instant::now() + WITHIN;
+    let mut lost = false;
+    while !lost {
+        assert!(Instant::now() < deadline, "A never lost its lease to B");
+        let holder = db.count(a_holds).await;
+        if holder != 0 {
+            db.exec(&format!("SELECT pg_terminate_backend({holder})"))
+                .await;
+        }
+        while let Ok(Some(status)) =
+            tokio::time::timeout(Duration::from_secs(2), a_statuses.recv()).await
+        {
+            if status == Status::LostLease {
+                lost = true;
+                break;
+            }
+        }
+    }
+
+    // B publishes everything, then newer changes of the same keys.
+    assert!(
+        common::wait_until(WITHIN, || stored_in_stream(ROWS as u64)).await,
+        "B publishes every row: {:?}",
+        b.stats()
+    );
+    let first_copies_stored = Instant::now();
+    db.exec(&format!("UPDATE t SET version = 1 WHERE id > {FIRST}"))
+        .await;
+    versions.extend((FIRST + 1..=ROWS).map(|k| (k, 1)));
+    let changes = (ROWS + ROWS - FIRST) as u64;
+    assert!(
+        common::wait_until(WITHIN, || stored_in_stream(changes)).await,
+        "B publishes the updates: {:?}",
+        b.stats()
+    );
+
+    // The stream forgets the ids once its window has passed (it purges them on a timer).
+    let forgotten = first_copies_stored + 3 * WINDOW;
+    tokio::time::sleep_until(forgotten.into()).await; // a bounded wait past the dedup window
+
+    // A's path comes back: A connects again, and accounts for every event it was handed.
+    let links = a.stats().connections;
+    path.reopen();
+    assert!(
+        common::wait_until(WITHIN, || async { a.stats().connections > links }).await,
+        "A connects to NATS again: {:?}",
+        a.stats()
+    );
+    assert!(
+        common::wait_until(WITHIN, || async {
+            let (relay, notifier) = (a.stats(), a.notifier().stats().await.unwrap());
+            notifier.queued == 0
+                && notifier.in_flight == 0
+                && relay.pending == 0
+                && relay.published + relay.duplicates + relay.fenced == notifier.delivered
+        })
+        .await,
+        "A takes and settles everything it was handed: {:?}, {:?}",
+        a.stats(),
+        a.notifier().stats().await.unwrap()
+    );
+    let stored = read_stream(&nats, &stream).await;
+    assert_once_in_order(&stored, &versions);
+    assert_eq!(stored.len() as u64, changes, "{:?}", a.stats());
+    assert!(
+        a.stats().fenced > 0,
+        "A had queued messages when it lost the lease: {:?}",
+        a.stats()
+    );
+    assert_eq!(a.stats().published, FIRST as u64, "{:?}", a.stats());
+
+    // B stops: A takes the lease again and publishes what follows.
+    b.stop().await.expect("stop B");
+    assert!(
+        common::wait_until(WITHIN, || async {
+            a.notifier().stats().await.unwrap().role == sqlnotify::Role::Active
+        })
+        .await,
+        "A takes the lease again"
+    );
+    db.exec(&format!(
+        "INSERT INTO t SELECT g, 0 FROM generate_series({}, {}) g",
+        ROWS + 1,
+        ROWS + FIRST
+    ))
+    .await;
+    versions.extend((ROWS + 1..=ROWS + FIRST).map(|k| (k, 0)));
+    assert!(
+        common::wait_until(WITHIN, || stored_in_stream(changes + FIRST as u64)).await,
+        "A, active again, publishes the new rows: {:?}",
+        a.stats()
+    );
+    assert_eq!(a.stats().published, 2 * FIRST as u64, "{:?}", a.stats());
+    // And its position moves past them: nothing of the lost lease holds it back.
+    let backlog = || async {
+        let consumers = a.notifier().consumers().await.expect("list consumers");
+        let me = consumers.iter().find(|c| c.name == "relay-fence");
+        me.expect("the relays' consumer").backlog
+    };
+    assert!(
+        common::wait_until(WITHIN, || async { backlog().await == 0 }).await,
+        "A saves its position past what it published: backlog {}",
+        backlog().await
+    );
+    let stored = read_stream(&nats, &stream).await;
+    assert_once_in_order(&stored, &versions);
+    eprintln!("{FENCE_TEST}: A {:?}", a.stats());
+    a.stop().await.expect("stop A");
+    common::nats::delete_stream(&nats, &stream).await;
 }
