@@ -1,6 +1,12 @@
 //! Acknowledged subscriptions, the subscriber's side: each [`Delivery`] carries its event and
 //! the [`Ack`] that lets the named consumer's position move past it.
+//!
+//! A subscription whose receiver is gone without an unsubscribe — a handler whose actor
+//! stopped, a [`Deliveries`] dropped — keeps the first event it did not hand over held, as a
+//! dropped [`Ack`] does: the position stays before it while the process runs, and a restart
+//! delivers it (and everything after it) again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -20,6 +26,11 @@ pub struct Delivery {
 
 /// The receiving end of an acknowledged subscription
 /// ([`Notifier::subscribe_acked`](crate::Notifier::subscribe_acked)), in commit order.
+///
+/// Dropped without [`Notifier::unsubscribe`](crate::Notifier::unsubscribe), it leaves the
+/// first event it did not hand over unacknowledged, like a dropped [`Ack`]: the named
+/// consumer's position stays before it until the notifier stops, and it is delivered again
+/// after a restart.
 #[derive(Debug)]
 pub struct Deliveries {
     rx: mpsc::Receiver<Delivery>,
@@ -42,12 +53,19 @@ impl Deliveries {
 pub(crate) struct HeldSink {
     tx: mpsc::Sender<Delivery>,
     holds: Arc<Holds>,
+    /// Whether the receiver was found gone: the first event refused then stays held.
+    closed: AtomicBool,
 }
 
 /// A bounded acknowledged subscription's two ends.
 pub(crate) fn held_channel(capacity: usize, holds: Arc<Holds>) -> (HeldSink, Deliveries) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    (HeldSink { tx, holds }, Deliveries { rx })
+    let sink = HeldSink {
+        tx,
+        holds,
+        closed: AtomicBool::new(false),
+    };
+    (sink, Deliveries { rx })
 }
 
 /// Why a held event was not handed over.
@@ -62,11 +80,16 @@ impl HeldSink {
         self.holds.hold(event.ordinal());
     }
 
-    /// Releases an event this subscription will never hand over (lost with its subscriber).
+    /// Releases an event this subscription will never hand over: it was unsubscribed (or the
+    /// notifier stops), or its receiver is gone and an earlier event stays held.
     pub fn lost(&self, event: &ChangeEvent) {
         self.holds.release(event.ordinal());
     }
 
+    /// Hands `event` over with its [`Ack`]. A receiver found gone refuses it `Closed`, and the
+    /// first event so refused stays held: the position may not pass the events its subscriber
+    /// never took. The later ones — refused, or discarded from the buffer — are released
+    /// behind it: one hold, not one per event.
     pub fn try_deliver(&self, event: ChangeEvent) -> Result<(), HeldRefused> {
         let ack = Ack::new(event.ordinal(), self.holds.clone());
         match self.tx.try_send(Delivery { event, ack }) {
@@ -74,9 +97,88 @@ impl HeldSink {
             // The ack is dropped unused: the hold stays, as it should.
             Err(mpsc::error::TrySendError::Full(d)) => Err(HeldRefused::Full(d.event)),
             Err(mpsc::error::TrySendError::Closed(d)) => {
-                self.lost(&d.event);
+                if self.closed.swap(true, Ordering::Relaxed) {
+                    self.lost(&d.event);
+                } else {
+                    // Its Ack goes unused with `d`: the hold stays, on the first of the events
+                    // this subscriber did not take.
+                    log::warn!(
+                        "sqlnotify: an acknowledged subscription's receiver is gone without an \
+                         unsubscribe (a handler whose actor stopped?): the named consumer's \
+                         position stays before {}.{} key {} until the notifier stops, and a \
+                         restart delivers it again",
+                        d.event.schema(),
+                        d.event.table(),
+                        d.event.id()
+                    );
+                }
                 Err(HeldRefused::Closed)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Map};
+
+    use super::*;
+    use crate::event::{Key, RawNotification};
+    use crate::tier::Tier;
+
+    fn event(ordinal: u64) -> ChangeEvent {
+        let channel = crate::event::test_channel(Tier::Durable);
+        let raw = RawNotification::new("c", "").with_sequence(ordinal as i64);
+        ChangeEvent::new(
+            channel,
+            Key::Single(json!(ordinal)),
+            Map::new(),
+            &raw,
+            false,
+        )
+        .at(ordinal)
+    }
+
+    /// What the registry does with an event it selects for a held sink: holds it, then hands
+    /// it over — or, refused `Closed`, counts it lost (as `Buffer::discard` does after).
+    fn offer(sink: &HeldSink, ordinal: u64) -> bool {
+        let event = event(ordinal);
+        sink.hold(&event);
+        sink.try_deliver(event).is_ok()
+    }
+
+    /// A receiver dropped without an unsubscribe (a handler whose actor stopped) keeps the
+    /// first event it never took held, and only that one: the position stays before it.
+    /// Before, each was released as it was refused, and the position moved past them all.
+    #[test]
+    fn a_receiver_gone_keeps_the_first_event_it_did_not_take_held() {
+        let holds = Arc::new(Holds::default());
+        let (sink, mut deliveries) = held_channel(4, holds.clone());
+        assert!(offer(&sink, 1));
+        deliveries.try_recv().expect("delivered").ack.ack();
+        drop(deliveries);
+        assert!(!offer(&sink, 2), "refused: the receiver is gone");
+        assert!(!offer(&sink, 3));
+        sink.hold(&event(4));
+        sink.lost(&event(4)); // discarded from the buffer behind it
+        assert_eq!(
+            holds.floor(),
+            Some(2),
+            "the first event not taken stays held"
+        );
+        assert_eq!(holds.len(), 1, "one hold, not one per event");
+    }
+
+    /// Deliveries still in the channel when the receiver goes keep their holds too (their
+    /// Acks are dropped unused), so the first refused event is never the floor's only guard.
+    #[test]
+    fn deliveries_dropped_unreceived_keep_their_holds() {
+        let holds = Arc::new(Holds::default());
+        let (sink, deliveries) = held_channel(4, holds.clone());
+        assert!(offer(&sink, 5));
+        drop(deliveries);
+        assert!(!offer(&sink, 6));
+        assert_eq!(holds.floor(), Some(5));
+        assert_eq!(holds.len(), 2);
     }
 }

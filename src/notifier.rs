@@ -360,7 +360,9 @@ impl Notifier {
     /// [`Ack`](crate::Ack), in commit order. A named consumer's position moves past an event
     /// only once every acknowledged subscription that selected it has acknowledged it (and
     /// every event before it), so an event whose handling did not finish — the process was
-    /// killed, or the handler dropped the `Ack` — is delivered again after a restart. Without
+    /// killed, the handler dropped the `Ack`, or the [`Deliveries`] were dropped without
+    /// [`unsubscribe`](Notifier::unsubscribe) before it was received — is delivered again
+    /// after a restart. Without
     /// a named consumer, or on PostgreSQL's notify tier, there is no position: the ack only
     /// keeps [`Notifier::stop`] waiting (a bounded while) for the events in hand.
     ///
@@ -439,7 +441,8 @@ impl Notifier {
     /// `Ok(())` or an error. An actor that handles messages concurrently (returning a
     /// future) gets up to [`keys_in_flight`](Handling::keys_in_flight) attempts at once, each
     /// on a different key. If the actor stops, the handler ends; events it did not handle
-    /// stay unacknowledged (delivered again after a restart on a named consumer).
+    /// stay unacknowledged: a named consumer's position stays before the first of them until
+    /// the notifier stops, and a restart delivers them again.
     pub async fn handle_actor(
         &self,
         subscription: Subscription,

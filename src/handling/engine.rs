@@ -133,7 +133,9 @@ fn key_text(event: &ChangeEvent) -> String {
 impl Engine {
     /// Runs until the deliveries end (unsubscribed, or the notifier stopped) and the calls
     /// running then have finished, or the handler is gone. Events not started by then stay
-    /// unacknowledged: a named consumer delivers them again after a restart.
+    /// unacknowledged: a named consumer delivers them again after a restart. A handler gone
+    /// leaves the deliveries' receiver dropped, so the next event the registry offers stays
+    /// held too.
     pub async fn run<C: Call>(self, call: C, mut deliveries: Deliveries) {
         let engine = Rc::new(self);
         let call = Rc::new(call);
@@ -255,10 +257,16 @@ impl Engine {
                         });
                     }
                     Outcome::Gone => {
+                        // Returning drops the events in hand with their Acks unused, and the
+                        // deliveries: the registry keeps the first event it offers after that
+                        // held (`HeldSink::try_deliver`), so the position stays before every
+                        // event not handled, also when none was in hand (a dead letter
+                        // delivered again carries no Ack).
                         log::error!(
                             "sqlnotify: handler {:?} is gone (its actor stopped); its \
-                             subscription delivers nothing more, and the events it did not \
-                             handle are delivered again after a restart",
+                             subscription delivers nothing more, a named consumer's position \
+                             stays before the first event it did not handle until the notifier \
+                             stops, and those events are delivered again after a restart",
                             engine.handling.name
                         );
                         return;

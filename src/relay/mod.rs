@@ -288,8 +288,9 @@ impl RelayBuilder {
             // `stop()` stops the notifier, then says so; a relay dropped without `stop()`
             // (an early return, a cancelled task) is stopped the same way here, the pump
             // confirming what is in flight meanwhile. Were the pump to end instead, the
-            // notifier would go on reading, and its events, with nobody to take them, would
-            // count as done and be saved past, never published.
+            // notifier would go on reading with nobody to take its events: the first of them
+            // stays held (`HeldSink::try_deliver`), so the position would stand still — the
+            // journal kept, nothing published — for as long as the notifier ran.
             let stopping = async move {
                 if stop_rx.wait_for(|s| *s).await.is_err() {
                     log::warn!(

@@ -2,7 +2,8 @@
 //! per-key order across retries, dead letters after the last attempt while other keys go on,
 //! a dead letter delivered again by `sqlnotify dead-letters retry`, and a restart in the
 //! middle of a retry continuing its attempt count, and a handler that panics before it returns
-//! its future failing that attempt only.
+//! its future failing that attempt only; a named consumer's position kept before the events an
+//! actor handler that stopped did not handle.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use sqlnotify::{ChangeEvent, Handling, Notifier, Operation, Subscription};
 
 use crate::common::backend::Backend;
-use crate::common::wait_until;
+use crate::common::{wait_until, Events};
 
 /// Keys of the flaky-handler scenario, and events in all.
 const KEYS: i64 = 100;
@@ -495,6 +496,155 @@ impl actix::Handler<sqlnotify::Attempt> for AttemptActor {
     fn handle(&mut self, attempt: sqlnotify::Attempt, _: &mut Self::Context) -> Self::Result {
         (self.0)(attempt)
     }
+}
+
+/// Stops an [`AttemptActor`] (as a panic in it would).
+struct StopActor;
+
+impl actix::Message for StopActor {
+    type Result = ();
+}
+
+impl actix::Handler<StopActor> for AttemptActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopActor, ctx: &mut Self::Context) {
+        actix::ActorContext::stop(ctx);
+    }
+}
+
+/// The journal rows after consumer `name`'s saved position, as its listing says.
+async fn backlog(db: &impl Backend, name: &str) -> u64 {
+    let consumers = db.builder().consumers().await.unwrap();
+    let consumer = consumers.iter().find(|c| c.name == name);
+    consumer
+        .unwrap_or_else(|| panic!("no consumer {name}: {consumers:?}"))
+        .backlog
+}
+
+/// A named consumer's actor handler that stopped while nothing but a dead letter delivered
+/// again was in its hands (that one carries no ack: the position is past it already) keeps
+/// the position before the events written after it: stop() does not save past them, and the
+/// restarted notifier's handler handles them. Before, the registry released each event as the
+/// gone handler's closed channel refused it, the position moved past them, and they were never
+/// handled — though the engine's log said they would be delivered again after a restart.
+pub async fn a_handler_gone_during_a_dead_letter_retry_keeps_the_position_before_later_events(
+    db: &impl Backend,
+) {
+    db.run("CREATE TABLE ga (id INTEGER PRIMARY KEY)").await;
+    let start = || async {
+        db.builder()
+            .watch(db.watch("ga", Operation::Insert))
+            .consumer("c")
+            .start()
+            .await
+            .unwrap()
+    };
+    let handling = || {
+        Handling::new("gone")
+            .max_attempts(1)
+            .redelivery_poll(Duration::from_millis(100))
+    };
+    let notifier = start().await;
+    // A plain subscription on the same watch: once it has an event, the registry has offered
+    // it to the handler's subscription too.
+    let mut seen = Events::subscribe(&notifier, Subscription::new("ga", Operation::Insert)).await;
+    let actor = AttemptActor(Box::new(|a: sqlnotify::Attempt| {
+        let poison = a.event.id().as_i64() == Some(1);
+        Box::pin(async move {
+            if poison {
+                Err("row 1 is poison".into())
+            } else {
+                Ok(())
+            }
+        })
+    }))
+    .start_actor();
+    notifier
+        .handle_actor(
+            Subscription::new("ga", Operation::Insert),
+            handling(),
+            actor.clone().recipient(),
+        )
+        .await
+        .unwrap();
+    db.insert_ids("ga", 1..=1).await;
+    assert_eq!(seen.next().await.id().as_i64(), Some(1));
+    let letters = db.builder().dead_letters().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            letters.counts(Some("gone")).await.unwrap().dead == 1
+        })
+        .await,
+        "row 1 never became a dead letter: {:?}",
+        letters.list(None, None).await
+    );
+    // The actor stops while idle; the retry asked for then is the handler's last attempt.
+    actor.do_send(StopActor);
+    assert!(
+        wait_until(Duration::from_secs(30), || async { !actor.connected() }).await,
+        "the actor did not stop"
+    );
+    assert_eq!(letters.retry_handler("gone").await.unwrap(), 1);
+    // Counted as the poll hands the dead letter to the loop, which then tries it, finds the
+    // actor gone and returns, in the same turn: the handler is gone once this is seen.
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            notifier.stats().await.unwrap().redelivered == 1
+        })
+        .await,
+        "the dead letter was not delivered again: {:?}",
+        notifier.stats().await
+    );
+    db.insert_ids("ga", 2..=5).await;
+    let later: Vec<i64> = seen
+        .take(4)
+        .await
+        .iter()
+        .filter_map(|e| e.id().as_i64())
+        .collect();
+    assert_eq!(later, [2, 3, 4, 5]);
+    // The handler's subscription refused row 2: its receiver is gone.
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            notifier.stats().await.unwrap().dropped >= 1
+        })
+        .await,
+        "{:?}",
+        notifier.stats().await
+    );
+    notifier.stop().await.unwrap();
+    assert!(
+        backlog(db, "c").await >= 4,
+        "the position stays before rows 2-5: backlog {}",
+        backlog(db, "c").await
+    );
+
+    // Restarted with a handler that works: rows 2-5 come back to it.
+    let notifier = start().await;
+    let (tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    notifier
+        .handle(
+            Subscription::new("ga", Operation::Insert),
+            handling(),
+            move |event| {
+                let _ = tx.send(event.id().as_i64().unwrap());
+                async { Ok(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let all = wait_until(Duration::from_secs(30), || {
+        while let Ok(id) = handled.try_recv() {
+            ids.insert(id);
+        }
+        let done = (2..=5).all(|id| ids.contains(&id));
+        async move { done }
+    })
+    .await;
+    assert!(all, "rows 2-5 handled after the restart: {ids:?}");
+    notifier.stop().await.unwrap();
 }
 
 /// Starts consumer `retry-restart` with a handler that fails on row 3 (reporting each call

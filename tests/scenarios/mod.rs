@@ -45,6 +45,7 @@ macro_rules! journal_dialect_scenarios {
             handling::a_retried_dead_letter_that_fails_again_is_not_stranded_by_a_stop,
             handling::a_restart_in_the_middle_of_a_retry_continues_it,
             handling::a_failover_continues_retries_and_key_order,
+            handling::a_handler_gone_during_a_dead_letter_retry_keeps_the_position_before_later_events,
         );
     };
 }
