@@ -1,10 +1,14 @@
 //! Acknowledged subscriptions, the subscriber's side: each [`Delivery`] carries its event and
 //! the [`Ack`] that lets the named consumer's position move past it.
 //!
-//! A subscription whose receiver is gone without an unsubscribe — a handler whose actor
-//! stopped, a [`Deliveries`] dropped — keeps the first event it did not hand over held, as a
-//! dropped [`Ack`] does: the position stays before it while the process runs, and a restart
-//! delivers it (and everything after it) again.
+//! How a subscription ends decides what becomes of the events it selected and did not hand
+//! over. Unsubscribed, it lets them go, like the events waiting in its buffer: their holds are
+//! released (the registry's discard; [`Deliveries`] dropped after it, for those still in the
+//! channel; a handler, for those it received and had not started). Its receiver gone without
+//! an unsubscribe — a handler whose actor stopped, a [`Deliveries`] dropped — it keeps the
+//! first of them held, as a dropped [`Ack`] does: the position stays before it while the
+//! process runs, and a restart delivers it (and everything after it) again. The notifier
+//! stopping keeps what is in hand held too: a restart delivers it again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,13 +31,16 @@ pub struct Delivery {
 /// The receiving end of an acknowledged subscription
 /// ([`Notifier::subscribe_acked`](crate::Notifier::subscribe_acked)), in commit order.
 ///
-/// Dropped without [`Notifier::unsubscribe`](crate::Notifier::unsubscribe), it leaves the
-/// first event it did not hand over unacknowledged, like a dropped [`Ack`]: the named
-/// consumer's position stays before it until the notifier stops, and it is delivered again
-/// after a restart.
+/// Dropped after [`Notifier::unsubscribe`](crate::Notifier::unsubscribe), it lets go of the
+/// deliveries still waiting in it unreceived, as the subscription's buffer does. Dropped
+/// without one, it leaves the first event it did not hand over unacknowledged, like a dropped
+/// [`Ack`]: the named consumer's position stays before it until the notifier stops, and it is
+/// delivered again after a restart.
 #[derive(Debug)]
 pub struct Deliveries {
     rx: mpsc::Receiver<Delivery>,
+    /// Set by the registry when the subscription is unsubscribed (not when the notifier stops).
+    unsubscribed: Arc<AtomicBool>,
 }
 
 impl Deliveries {
@@ -47,12 +54,33 @@ impl Deliveries {
     pub fn try_recv(&mut self) -> Option<Delivery> {
         self.rx.try_recv().ok()
     }
+
+    /// Whether the subscription was unsubscribed (rather than ended by the notifier's stop):
+    /// once [`recv`](Self::recv) returned `None`, why the deliveries ended.
+    pub(crate) fn unsubscribed(&self) -> bool {
+        self.unsubscribed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        if self.unsubscribed() {
+            // Nothing more comes (the registry drops its sender once it set the flag): what
+            // waits unreceived is let go, as the subscription's buffer was.
+            self.rx.close();
+            while let Ok(delivery) = self.rx.try_recv() {
+                delivery.ack.let_go();
+            }
+        }
+    }
 }
 
 /// The registry's end of an acknowledged subscription.
 pub(crate) struct HeldSink {
     tx: mpsc::Sender<Delivery>,
     holds: Arc<Holds>,
+    /// Shared with [`Deliveries`]: set by [`unsubscribed`](Self::unsubscribed).
+    unsubscribed: Arc<AtomicBool>,
     /// Whether the receiver was found gone: the first event refused then stays held.
     closed: AtomicBool,
 }
@@ -60,12 +88,14 @@ pub(crate) struct HeldSink {
 /// A bounded acknowledged subscription's two ends.
 pub(crate) fn held_channel(capacity: usize, holds: Arc<Holds>) -> (HeldSink, Deliveries) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
+    let unsubscribed = Arc::new(AtomicBool::new(false));
     let sink = HeldSink {
         tx,
         holds,
+        unsubscribed: unsubscribed.clone(),
         closed: AtomicBool::new(false),
     };
-    (sink, Deliveries { rx })
+    (sink, Deliveries { rx, unsubscribed })
 }
 
 /// Why a held event was not handed over.
@@ -84,6 +114,13 @@ impl HeldSink {
     /// notifier stops), or its receiver is gone and an earlier event stays held.
     pub fn lost(&self, event: &ChangeEvent) {
         self.holds.release(event.ordinal());
+    }
+
+    /// The subscription is being unsubscribed (the registry drops this sink next): its
+    /// [`Deliveries`], and a handler reading them, let go of what they did not hand over or
+    /// start.
+    pub fn unsubscribed(&self) {
+        self.unsubscribed.store(true, Ordering::Release);
     }
 
     /// Hands `event` over with its [`Ack`]. A receiver found gone refuses it `Closed`, and the
@@ -167,6 +204,26 @@ mod tests {
             "the first event not taken stays held"
         );
         assert_eq!(holds.len(), 1, "one hold, not one per event");
+    }
+
+    /// Deliveries waiting unreceived when their receiver is dropped after an unsubscribe are
+    /// let go, as the subscription's buffer is; dropped after a stop (no unsubscribe), they
+    /// stay held. Before, both stayed held for good.
+    #[test]
+    fn deliveries_dropped_after_an_unsubscribe_let_go_of_what_waits_in_them() {
+        for unsubscribed in [true, false] {
+            let holds = Arc::new(Holds::default());
+            let (sink, deliveries) = held_channel(4, holds.clone());
+            assert!(offer(&sink, 1) && offer(&sink, 2));
+            if unsubscribed {
+                sink.unsubscribed();
+            }
+            drop(sink);
+            assert_eq!(deliveries.unsubscribed(), unsubscribed);
+            drop(deliveries);
+            let floor = if unsubscribed { None } else { Some(1) };
+            assert_eq!(holds.floor(), floor, "unsubscribed: {unsubscribed}");
+        }
     }
 
     /// Deliveries still in the channel when the receiver goes keep their holds too (their

@@ -179,6 +179,13 @@ impl Ack {
         // holds sees the release, not an Ack that vanished with its event still held.
         self.holds.release(self.ordinal);
     }
+
+    /// The event's subscription was unsubscribed before it was handled: it is let go, as the
+    /// registry lets go of the events still waiting in the subscription's buffer — the
+    /// position may move past it, and it is not delivered again.
+    pub(crate) fn let_go(self) {
+        self.holds.release(self.ordinal);
+    }
 }
 
 impl Drop for Ack {

@@ -402,6 +402,11 @@ impl Notifier {
     /// consumer, or on PostgreSQL's notify tier, retries and dead letters work the same within
     /// the process, but nothing is delivered again after a restart.
     ///
+    /// [`Notifier::unsubscribe`] with the returned id ends the handler: it lets go of the
+    /// events it has not started (a named consumer's position moves past them, and they are
+    /// not delivered again) once the calls running then finish. [`Notifier::stop`] keeps them
+    /// for the next start instead.
+    ///
     /// The subscription's overflow policy is always `Wait` (nothing is dropped). Runs on the
     /// current actix arbiter; `handler` need not be `Send`.
     ///
@@ -615,6 +620,13 @@ impl Notifier {
     }
 
     /// Removes a subscription. No event is delivered to it once this returns.
+    ///
+    /// The events it selected and had not handed over are let go (reported in
+    /// [`Status::Lagged`](crate::Status::Lagged)): a named consumer's position may move past them. An
+    /// acknowledged subscription's [`Deliveries`] still yield what was in them already
+    /// (dropping them lets go of those too); a handler ([`Notifier::handle`]) lets go of the
+    /// events it had not started, after the calls running then finish, and hands its dead
+    /// letters being delivered again back `requested`.
     pub async fn unsubscribe(&self, id: SubscriptionId) -> Result<()> {
         self.inner.pipeline.registry.send(Unsubscribe(id)).await?
     }

@@ -489,6 +489,9 @@ impl Registry {
         let Some(mut s) = removed else {
             return Err(Error::UnknownSubscription { id: id.0 });
         };
+        // Unsubscribed, not stopped: an acknowledged subscription's receiver (and a handler
+        // reading it) lets go of what it did not hand over or start, as the buffer does here.
+        s.sink.unsubscribed();
         // What was still waiting for it is lost: count and report it with the rest.
         let lost = s.buffer.discard(&s.sink);
         Counters::add(&self.stats.dropped, lost);

@@ -85,6 +85,14 @@ impl Sink {
         }
     }
 
+    /// Called when the subscription is unsubscribed (not when the notifier stops), before
+    /// its buffer is discarded and the sink dropped.
+    pub fn unsubscribed(&self) {
+        if let Sink::Held(held) = self {
+            held.unsubscribed();
+        }
+    }
+
     /// Called for a selected event this sink will never hand over.
     fn lost(&self, event: &ChangeEvent) {
         match self {

@@ -16,13 +16,24 @@
 //! without standing by takes nothing back: the rows are still in its hands. A process that
 //! stands by hands back the ones it took — those in its queues, timers and running attempts,
 //! and those a poll under way took — and its attempts still running write nothing more.
+//!
+//! How the loop ends decides what becomes of the events in its hands. Unsubscribed, it lets go
+//! of those it has not started — waiting for their key, a slot or a retry's delay — as the
+//! registry lets go of those in the subscription's buffer: their holds are released, so a
+//! named consumer's position moves on, and the dead letters among them go back to
+//! `requested`. The calls running then finish first. The notifier stopping, or the handler
+//! gone, leaves them held: a restart delivers them again.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use actix::Recipient;
 use futures_util::future::LocalBoxFuture;
@@ -100,8 +111,42 @@ enum Outcome {
     /// This process stood by while the call ran: what follows from it is the active
     /// process's.
     Stale,
-    /// The handler is gone.
-    Gone,
+    /// The handler is gone; the item it was given.
+    Gone(Item),
+}
+
+/// An item waiting out its retry's delay: given back when the delay is over, or taken out
+/// before ([`Delayed::into_item`]) when the handler lets it go.
+struct Delayed {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    waiting: Option<(KeyId, Item)>,
+}
+
+impl Delayed {
+    fn new(delay: Duration, key: KeyId, item: Item) -> Self {
+        Delayed {
+            sleep: Box::pin(tokio::time::sleep(delay)),
+            waiting: Some((key, item)),
+        }
+    }
+
+    /// The item, unless it was given back already.
+    fn into_item(self) -> Option<Item> {
+        self.waiting.map(|(_, item)| item)
+    }
+}
+
+impl Future for Delayed {
+    type Output = (KeyId, Item);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        ready!(self.sleep.as_mut().poll(cx));
+        Poll::Ready(
+            self.waiting
+                .take()
+                .expect("a delayed item is given back once"),
+        )
+    }
 }
 
 /// What a look at the dead-letter table brought.
@@ -132,7 +177,8 @@ fn key_text(event: &ChangeEvent) -> String {
 
 impl Engine {
     /// Runs until the deliveries end (unsubscribed, or the notifier stopped) and the calls
-    /// running then have finished, or the handler is gone. Events not started by then stay
+    /// running then have finished, or the handler is gone. Unsubscribed, it lets go of the
+    /// events it did not start ([`Engine::let_go`]). Stopped or gone, it leaves them
     /// unacknowledged: a named consumer delivers them again after a restart. A handler gone
     /// leaves the deliveries' receiver dropped, so the next event the registry offers stays
     /// held too.
@@ -141,7 +187,7 @@ impl Engine {
         let call = Rc::new(call);
         let mut queues: KeyQueues<Item> = KeyQueues::new(engine.handling.keys_in_flight);
         let mut running = FuturesUnordered::new();
-        let mut timers = FuturesUnordered::new();
+        let mut timers: FuturesUnordered<Delayed> = FuturesUnordered::new();
         let mut resume: HashMap<(i64, u32), Retrying> = HashMap::new();
         let mut poll = tokio::time::interval(engine.handling.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -194,7 +240,19 @@ impl Engine {
                 took_back = false;
                 standbys = engine.counters.standbys();
                 finished.clear();
-                engine.hand_back(held.drain().collect()).await;
+                engine.hand_back(held.drain().collect(), "stood by").await;
+            };
+        }
+        // Unsubscribed: the events waiting for their key, a slot or a retry's delay are let
+        // go (their holds released). Done as the deliveries end, so a call that runs long
+        // holds back only its own event, and again at the end, for retries that came back.
+        macro_rules! let_go_waiting {
+            () => {
+                let waiting = std::mem::take(&mut timers)
+                    .into_iter()
+                    .filter_map(Delayed::into_item)
+                    .chain(queues.take_waiting());
+                engine.let_go(waiting);
             };
         }
         // Reads back the attempt counts, unless done since this process last became active,
@@ -231,6 +289,18 @@ impl Engine {
                 }
             }
             if ended && running.is_empty() {
+                if deliveries.unsubscribed() {
+                    let_go_waiting!();
+                    // The dead letters it was delivering again (their attempts over or never
+                    // started), and those a poll under way took, go back to `requested`.
+                    if let Some(poll) = polling.take() {
+                        let (_, polled) = poll.await;
+                        held.extend(polled.redeliver.iter().filter_map(|item| item.taken));
+                    }
+                    engine
+                        .hand_back(held.drain().collect(), "was unsubscribed")
+                        .await;
+                }
                 return;
             }
             let room = queues.len() < engine.handling.max_waiting;
@@ -251,12 +321,18 @@ impl Engine {
                     Outcome::Retry(key, item) => {
                         queues.retry_later(key);
                         let delay = engine.handling.backoff.delay(item.failed);
-                        timers.push(async move {
-                            tokio::time::sleep(delay).await;
-                            (key, item)
-                        });
+                        timers.push(Delayed::new(delay, key, item));
                     }
-                    Outcome::Gone => {
+                    Outcome::Gone(item) if ended && deliveries.unsubscribed() => {
+                        // Unsubscribed meanwhile: let go of it with the others.
+                        log::debug!(
+                            "sqlnotify: handler {:?} is gone (its actor stopped) after it was \
+                             unsubscribed",
+                            engine.handling.name
+                        );
+                        engine.let_go(std::iter::once(item));
+                    }
+                    Outcome::Gone(_) => {
                         // Returning drops the events in hand with their Acks unused, and the
                         // deliveries: the registry keeps the first event it offers after that
                         // held (`HeldSink::try_deliver`), so the position stays before every
@@ -289,7 +365,7 @@ impl Engine {
                     if started != generation.get() {
                         // Taken, but this process stood by meanwhile: handed back.
                         let taken = polled.redeliver.iter().filter_map(|item| item.taken);
-                        engine.hand_back(taken.collect()).await;
+                        engine.hand_back(taken.collect(), "stood by").await;
                     } else {
                         for item in polled.redeliver {
                             let row = item.taken.expect("a dead letter delivered again was taken");
@@ -352,9 +428,36 @@ impl Engine {
                         }
                         queues.push(key_of(&item.event), item);
                     }
-                    None => ended = true,
+                    None => {
+                        ended = true;
+                        if deliveries.unsubscribed() {
+                            let_go_waiting!();
+                        }
+                    }
                 },
             }
+        }
+    }
+
+    /// Lets go of `items`, events the handler will not handle because its subscription was
+    /// unsubscribed: their holds are released, as the registry releases those still in the
+    /// subscription's buffer, so a named consumer's position moves past them and they are not
+    /// delivered again. (A `retrying` row of one stays, as the README says.) The dead letters
+    /// among them carry no hold; their rows are handed back by the caller.
+    fn let_go(&self, items: impl Iterator<Item = Item>) {
+        let mut events = 0;
+        for item in items {
+            if let Some(ack) = item.ack {
+                ack.let_go();
+                events += 1;
+            }
+        }
+        if events > 0 {
+            log::info!(
+                "sqlnotify: handler {:?} was unsubscribed: it lets go of {events} events it \
+                 had not handled",
+                self.handling.name
+            );
         }
     }
 
@@ -381,7 +484,7 @@ impl Engine {
         let caught = AssertUnwindSafe(async move { call.call(attempt).await }).catch_unwind();
         let result = match caught.await {
             Ok(Some(result)) => result,
-            Ok(None) => return Outcome::Gone,
+            Ok(None) => return Outcome::Gone(item),
             Err(panic) => {
                 Counters::add(&self.counters.subscriber_panics, 1);
                 Err(format!(
@@ -502,17 +605,18 @@ impl Engine {
     }
 
     /// Marks `rows`, dead letters this process took to deliver again, `requested` again —
-    /// those still `redelivering` — for the active process to take, when this one stood by.
-    async fn hand_back(&self, rows: Vec<i64>) {
+    /// those still `redelivering` — for the active process to take, when this one stood by
+    /// (`why`), or for the next process of the handler, when it was unsubscribed.
+    async fn hand_back(&self, rows: Vec<i64>, why: &str) {
         if rows.is_empty() {
             return;
         }
         let n = rows.len();
         if let Err(e) = self.store.reset_redelivering(Target::Ids(rows)).await {
             log::warn!(
-                "sqlnotify: handler {:?} stood by but could not hand back the {n} dead \
-                 letters it was delivering again (they stay `redelivering` until the active \
-                 process next takes over): {e}",
+                "sqlnotify: handler {:?} {why} but could not hand back the {n} dead letters \
+                 it was delivering again (they stay `redelivering` until a process of the \
+                 handler next takes over): {e}",
                 self.handling.name
             );
         }
@@ -932,6 +1036,113 @@ mod tests {
 
     async fn resets_reach(store: &Store, n: u64) -> bool {
         until(|| Store::count(&store.resets) >= n).await
+    }
+
+    /// An event of key `key` at `ordinal` (its sequence too).
+    fn keyed(key: i64, ordinal: u64) -> ChangeEvent {
+        let channel = crate::event::test_channel(Tier::Durable);
+        let raw = RawNotification::new("c", "").with_sequence(ordinal as i64);
+        ChangeEvent::new(channel, Key::Single(json!(key)), Map::new(), &raw, false).at(ordinal)
+    }
+
+    /// Holds `event`, as the registry does when it selects it, and hands it to the loop.
+    fn offer(sink: &crate::acked::HeldSink, event: ChangeEvent) {
+        sink.hold(&event);
+        assert!(sink.try_deliver(event).is_ok());
+    }
+
+    /// Ends the loop's deliveries: as an unsubscribe does, or as the notifier's stop does.
+    fn end(sink: crate::acked::HeldSink, unsubscribed: bool) {
+        if unsubscribed {
+            sink.unsubscribed();
+        }
+        drop(sink);
+    }
+
+    /// An unsubscribed handler lets go of the events it did not start — key 1's first event
+    /// waiting out a minute's retry delay, its second waiting behind it — so the position may
+    /// move past them; a stopped one keeps them held, to be delivered again after a restart.
+    /// Before, an unsubscribe kept them held too, for the rest of the process: the consumer's
+    /// position never moved again.
+    #[cfg(feature = "test-paused-clock")]
+    #[actix_rt::test]
+    async fn an_unsubscribed_handler_lets_go_of_the_events_it_did_not_start() {
+        tokio::time::pause();
+        for unsubscribed in [true, false] {
+            let store = Arc::new(Store::default());
+            let counters = active();
+            let (sink, deliveries) = held_channel(16, counters.holds.clone());
+            let script = Script::new([Answer::Fail]);
+            let minute = Duration::from_secs(60);
+            let handling = handling().backoff(minute, minute);
+            actix::spawn(engine(&store, &counters, handling).run(script.clone(), deliveries));
+            offer(&sink, keyed(1, 1));
+            offer(&sink, keyed(1, 2));
+            let errors = || Store::count(&counters.handler_errors);
+            assert!(until(|| errors() == 1).await, "the first attempt failed");
+            end(sink, unsubscribed);
+            // Every Ack used or dropped: the loop has ended.
+            tokio::time::timeout(Duration::from_secs(5), counters.holds.settled())
+                .await
+                .expect("the loop ends");
+            let floor = counters.holds.floor();
+            if unsubscribed {
+                assert_eq!(floor, None, "both let go");
+            } else {
+                assert_eq!(floor, Some(1), "a stop keeps them held");
+                assert_eq!(counters.holds.len(), 2);
+            }
+            assert_eq!(script.calls(), 1, "nothing more started");
+        }
+    }
+
+    /// Unsubscribed while a call runs long, the loop lets go of the events waiting for a slot
+    /// at once: the long call holds back only its own event until it ends.
+    #[cfg(feature = "test-paused-clock")]
+    #[actix_rt::test]
+    async fn an_unsubscribe_lets_go_of_the_waiting_events_while_a_call_runs() {
+        tokio::time::pause();
+        let store = Arc::new(Store::default());
+        let counters = active();
+        let (sink, deliveries) = held_channel(16, counters.holds.clone());
+        let (finish, finished) = oneshot::channel();
+        let script = Script::new([Answer::HandleAfter(finished)]);
+        let handling = handling().keys_in_flight(1);
+        actix::spawn(engine(&store, &counters, handling).run(script.clone(), deliveries));
+        offer(&sink, keyed(1, 1));
+        offer(&sink, keyed(2, 2));
+        offer(&sink, keyed(3, 3));
+        assert!(until(|| script.calls() == 1).await, "key 1 runs");
+        end(sink, true);
+        assert!(
+            until(|| counters.holds.len() == 1).await,
+            "keys 2 and 3 let go while key 1 runs: {} held",
+            counters.holds.len()
+        );
+        assert_eq!(counters.holds.floor(), Some(1));
+        finish.send(()).unwrap();
+        assert!(until(|| counters.holds.floor().is_none()).await, "handled");
+        assert_eq!(script.calls(), 1);
+    }
+
+    /// An unsubscribed handler hands back the dead letter it was delivering again (here one
+    /// waiting for its retry) — `requested` again, for the next process of the handler — and
+    /// does not retry it. Before, the row stayed `redelivering` until a process of the handler
+    /// next took over.
+    #[cfg(feature = "test-paused-clock")]
+    #[actix_rt::test]
+    async fn an_unsubscribed_handler_hands_back_the_dead_letters_it_was_delivering_again() {
+        let (store, _counters, script, sink) = delivering_17(Script::new([Answer::Fail]));
+        assert!(
+            until(|| Store::count(&store.records) == 1).await,
+            "first attempt failed"
+        );
+        end(sink, true);
+        assert!(until(|| store.handed_back() == [17]).await, "handed back");
+        assert_eq!(store.state(17), Some(DeadLetterState::Requested));
+        // Paused clock: past the retry's delay.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(script.calls(), 1, "no retry");
     }
 
     /// A standby that begins and ends between two looks of the loop at the role (another

@@ -122,6 +122,16 @@ impl<T> KeyQueues<T> {
         self.queues.entry(key).or_default().push_front(item);
         self.ready.push_front(key);
     }
+
+    /// Takes every event that waits for its key or a slot (not those running or waiting for
+    /// a retry, held elsewhere): the handler lets them go. The running calls still count, and
+    /// may end with [`done`](Self::done) or [`retry_later`](Self::retry_later) as before.
+    pub fn take_waiting(&mut self) -> Vec<T> {
+        self.ready.clear();
+        let waiting: Vec<T> = self.queues.drain().flat_map(|(_, q)| q).collect();
+        self.len -= waiting.len();
+        waiting
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +140,28 @@ mod tests {
 
     fn drain<T>(q: &mut KeyQueues<T>) -> Vec<(KeyId, T)> {
         std::iter::from_fn(|| q.next()).collect()
+    }
+
+    #[test]
+    fn taking_the_waiting_events_leaves_the_running_ones_counted() {
+        let mut q = KeyQueues::new(1);
+        q.push(1, "1a");
+        q.push(1, "1b");
+        q.push(2, "2a");
+        assert_eq!(q.next(), Some((1, "1a")));
+        let mut waiting = q.take_waiting();
+        waiting.sort_unstable();
+        assert_eq!(waiting, ["1b", "2a"]);
+        assert_eq!((q.len(), q.running()), (1, 1), "1a still runs");
+        assert_eq!(q.next(), None, "nothing left to start");
+        q.retry_later(1);
+        q.push(3, "3a");
+        assert_eq!(q.next(), Some((3, "3a")), "a slot is free again");
+        q.done(3);
+        assert!(q.take_waiting().is_empty());
+        q.retry_now(1, "1a");
+        assert_eq!(q.take_waiting(), ["1a"]);
+        assert!(q.is_empty());
     }
 
     #[test]

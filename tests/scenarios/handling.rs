@@ -3,7 +3,8 @@
 //! a dead letter delivered again by `sqlnotify dead-letters retry`, and a restart in the
 //! middle of a retry continuing its attempt count, and a handler that panics before it returns
 //! its future failing that attempt only; a named consumer's position kept before the events an
-//! actor handler that stopped did not handle.
+//! actor handler that stopped did not handle, and moving on past those an unsubscribed one let
+//! go.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -741,6 +742,79 @@ pub async fn a_restart_in_the_middle_of_a_retry_continues_it(db: &impl Backend) 
         "the count continued: {second:?}"
     );
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+}
+
+/// Unsubscribing a named consumer's handler while it holds events — key 1's first update
+/// waiting out a minute's retry delay, its two later updates waiting behind it — lets go of
+/// them, as the registry lets go of the events in the subscription's buffer: the consumer's
+/// position moves on past the rows written afterwards on another watch, and the failing
+/// event's row stays `retrying`. Before, their holds stayed for the rest of the process: the
+/// position never moved again, for every channel of the consumer.
+pub async fn unsubscribing_a_handler_lets_go_of_the_events_it_had_not_handled(db: &impl Backend) {
+    db.run("CREATE TABLE ua (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+        .await;
+    db.run("CREATE TABLE ub (id INTEGER PRIMARY KEY)").await;
+    db.run("INSERT INTO ua VALUES (1, 0)").await;
+    let notifier = db
+        .builder()
+        .watch(db.watch("ua", Operation::Update).extra_columns(["v"]))
+        .watch(db.watch("ub", Operation::Insert))
+        .consumer("c")
+        .start()
+        .await
+        .unwrap();
+    let mut other = Events::subscribe(&notifier, Subscription::new("ub", Operation::Insert)).await;
+    let (tx, mut calls) = tokio::sync::mpsc::unbounded_channel();
+    let minute = Duration::from_secs(60);
+    let id = notifier
+        .handle(
+            Subscription::new("ua", Operation::Update),
+            Handling::new("unsub").backoff(minute, minute),
+            move |event| {
+                let _ = tx.send(value(&event, "v"));
+                async { Err("key 1 fails".into()) }
+            },
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        db.run("UPDATE ua SET v = v + 1 WHERE id = 1").await;
+    }
+    let first = tokio::time::timeout(Duration::from_secs(30), calls.recv())
+        .await
+        .expect("the first update's attempt");
+    assert_eq!(first, Some(1));
+    let letters = db.builder().dead_letters().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            letters.counts(Some("unsub")).await.unwrap().retrying == 1
+        })
+        .await,
+        "the failure was never recorded: {:?}",
+        letters.list(None, None).await
+    );
+    notifier.unsubscribe(id).await.unwrap();
+    db.insert_ids("ub", 1..=100).await;
+    assert_eq!(other.take(100).await.len(), 100);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            backlog(db, "c").await == 0
+        })
+        .await,
+        "the position stays before the handler's events: backlog {}",
+        backlog(db, "c").await
+    );
+    notifier.stop().await.unwrap();
+    assert_eq!(backlog(db, "c").await, 0, "saved by stop() too");
+    assert!(
+        calls.try_recv().is_err(),
+        "the handler ran again after its unsubscribe"
+    );
+    assert_eq!(
+        letters.counts(Some("unsub")).await.unwrap().retrying,
+        1,
+        "the failing event's row stays `retrying`"
+    );
 }
 
 /// One attempt as a process of the group saw it.
