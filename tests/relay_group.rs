@@ -25,7 +25,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +36,7 @@ use sqlnotify::{Notifier, Status, StatusEvent, Tier, Watch};
 
 use common::children::{self, RecordDir};
 use common::nats::{read_stream, NatsServer};
+use common::proxy::Proxy;
 use common::{prerequisite_missing, TestDb};
 
 const TEST: &str = "three_relays_through_kills_and_nats_restarts_store_every_change_once_in_order";
@@ -488,93 +489,6 @@ async fn three_relays_through_kills_and_nats_restarts_store_every_change_once_in
 
 const FENCE_TEST: &str = "a_relay_that_lost_its_lease_publishes_nothing_it_had_queued_even_late";
 
-/// A TCP path to NATS that can hang, like a network path that dies without a FIN or RST:
-/// [`black_hole`](NatsPath::black_hole) silences the connections it carries (their bytes
-/// go nowhere, the sockets stay open) and every connection made while it lasts;
-/// [`reopen`](NatsPath::reopen) forwards new connections again, while the silenced ones stay
-/// silent (what a sender wrote on them never arrives).
-struct NatsPath {
-    port: u16,
-    open: Arc<AtomicBool>,
-    epoch: Arc<AtomicU64>,
-}
-
-impl NatsPath {
-    async fn start(target: String) -> NatsPath {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
-        let epoch = Arc::new(AtomicU64::new(0));
-        let (o, e) = (open.clone(), epoch.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                if !o.load(Ordering::SeqCst) {
-                    tokio::spawn(swallow(client));
-                    continue;
-                }
-                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
-                    continue;
-                };
-                let born = e.load(Ordering::SeqCst);
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(carry(cr, sw, e.clone(), born));
-                tokio::spawn(carry(sr, cw, e.clone(), born));
-            }
-        });
-        NatsPath { port, open, epoch }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn black_hole(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn reopen(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A connection made while the path is down: read, never answered.
-async fn swallow(client: tokio::net::TcpStream) {
-    use tokio::io::AsyncReadExt;
-    let (mut from, _keep_open) = client.into_split();
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-/// Forwards bytes until the path goes down after the connection was made; then goes silent
-/// for ever, keeping both sockets open.
-async fn carry(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    epoch: Arc<AtomicU64>,
-    born: u64,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if epoch.load(Ordering::SeqCst) != born {
-            std::future::pending::<()>().await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Every message id once, and each key's versions in stream order 0, 1, … `versions[key]`.
 fn assert_once_in_order(stored: &[common::nats::Stored], versions: &BTreeMap<i64, i64>) {
     let mut ids = HashSet::new();
@@ -618,7 +532,7 @@ async fn a_relay_that_lost_its_lease_publishes_nothing_it_had_queued_even_late()
         .await;
     let stream = common::unique_name("RELAYFENCE");
     let prefix = common::unique_name("relayfence");
-    let path = NatsPath::start(nats.trim_start_matches("nats://").to_string()).await;
+    let path = Proxy::start(nats.trim_start_matches("nats://").to_string()).await;
     // Each relay's connections carry its name, so that the test ends A's lease only.
     let relay = |name: &str, nats: String| {
         let sep = if db.url.contains('?') { '&' } else { '?' };
@@ -645,7 +559,9 @@ async fn a_relay_that_lost_its_lease_publishes_nothing_it_had_queued_even_late()
         let (nats, stream) = (nats.clone(), stream.clone());
         async move { common::nats::stream_messages(&nats, &stream).await == n }
     };
-    let a = relay("relay_a", path.url()).await.expect("start A");
+    let a = relay("relay_a", format!("nats://127.0.0.1:{}", path.port))
+        .await
+        .expect("start A");
     let mut a_statuses = common::statuses(a.notifier()).await;
     assert!(
         common::wait_until(WITHIN, || async {

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::proxy::Proxy;
 use common::{gated, listener_pid, next_status, statuses, wait_until, Events, TestDb};
 use sqlnotify::Operation::{Insert, Update};
 use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Stats, Status, Subscription, Tier, Watch};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 #[actix_rt::test]
@@ -49,83 +49,29 @@ async fn a_terminated_backend_is_reconnected_and_reported_as_a_gap_every_time() 
     notifier.stop().await.unwrap();
 }
 
-/// A TCP proxy that can go silent on the connections it already carries, like a network
-/// path that dies without a FIN or RST. New connections are forwarded normally.
-struct Proxy {
-    port: u16,
-    epoch: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let epoch = Arc::new(AtomicU64::new(0));
-        let e = epoch.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-                let born = e.load(Ordering::SeqCst);
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, e.clone(), born));
-                tokio::spawn(pipe(sr, cw, e.clone(), born));
-            }
-        });
-        Proxy { port, epoch }
-    }
-
-    /// A proxy in front of the test server, and `db`'s URL through it.
-    async fn in_front_of(db: &TestDb) -> (Proxy, String) {
-        let server = common::server_url();
-        let (host_port, _) = server
-            .split_once("://")
-            .unwrap()
-            .1
-            .split_once('@')
-            .map(|(_, rest)| rest.split_once('/').unwrap())
-            .unwrap();
-        let proxy = Proxy::start(host_port.to_string()).await;
-        let url = common::with_dbname(
-            &server.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1),
-            &db.name,
-        );
-        (proxy, url)
-    }
-
-    /// Existing connections stop carrying bytes (but stay open).
-    fn silence_existing(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    epoch: Arc<AtomicU64>,
-    born: u64,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if epoch.load(Ordering::SeqCst) != born {
-            // Silenced: keep both sockets open, forward nothing, forever.
-            std::future::pending::<()>().await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
+/// A proxy in front of the test server, and `db`'s URL through it.
+async fn proxy_in_front_of(db: &TestDb) -> (Proxy, String) {
+    let server = common::server_url();
+    let (host_port, _) = server
+        .split_once("://")
+        .unwrap()
+        .1
+        .split_once('@')
+        .map(|(_, rest)| rest.split_once('/').unwrap())
+        .unwrap();
+    let proxy = Proxy::start(host_port.to_string()).await;
+    let url = common::with_dbname(
+        &server.replacen(host_port, &format!("127.0.0.1:{}", proxy.port), 1),
+        &db.name,
+    );
+    (proxy, url)
 }
 
 #[actix_rt::test]
 async fn a_silently_dead_connection_is_detected_by_the_health_check() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let (proxy, url) = Proxy::in_front_of(&db).await;
+    let (proxy, url) = proxy_in_front_of(&db).await;
     let notifier = Notifier::builder(&url)
         .watch(Watch::new("t", Insert))
         .health_check_interval(Duration::from_millis(300))
@@ -317,46 +263,11 @@ async fn wait_delivers_everything_to_a_slow_subscriber_with_bounded_memory() {
         .start()
         .await
         .unwrap();
-    let (slow, release, mut slow_events, arbiter) = gated();
-    notifier
-        .subscribe(
-            Subscription::new("t", Insert)
-                .policy(OverflowPolicy::Wait)
-                .buffer(10),
-            slow,
-        )
-        .await
-        .unwrap();
     const N: i64 = 5_000;
-    db.exec(&format!("INSERT INTO t SELECT generate_series(1, {N})"))
-        .await;
-    // The stuck subscriber holds the pipeline: reading stops once the budget is used up.
+    let insert = format!("INSERT INTO t SELECT generate_series(1, {N})");
     // Bound: the budget, plus what the subscriber's mailbox (16) and handler (1) hold.
-    let bound = 1024 + 16 + 1;
-    let started = wait_until(Duration::from_secs(10), || async {
-        notifier.stats().await.unwrap().received > 0
-    })
-    .await;
-    assert!(started);
-    // Over a bounded window, reading never gets past the bound (it would reach N otherwise).
-    let exceeded = wait_until(Duration::from_secs(1), || async {
-        let s = notifier.stats().await.unwrap();
-        s.received > bound || s.queued > 1024
-    })
-    .await;
-    let stats = notifier.stats().await.unwrap();
-    assert!(!exceeded && stats.received < N as u64, "{stats:?}");
-    release.send(()).unwrap();
-    let got = drain(&mut slow_events, N).await;
-    let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
-    assert_eq!(
-        ids,
-        (1..=N).collect::<Vec<_>>(),
-        "every event, in order, none lost"
-    );
-    assert_eq!(notifier.stats().await.unwrap().dropped, 0);
+    stuck_subscriber_stops_reading_at(&notifier, &db, &insert, N, 1024 + 16 + 1).await;
     notifier.stop().await.unwrap();
-    arbiter.stop();
 }
 
 #[actix_rt::test]
@@ -376,6 +287,31 @@ async fn wait_bounds_the_payload_bytes_in_flight_as_well_as_the_events() {
         .start()
         .await
         .unwrap();
+    const N: i64 = 400;
+    let insert =
+        format!("INSERT INTO t SELECT i, repeat('x', 65536) FROM generate_series(1, {N}) i");
+    // Counted in events alone the budget would take all 400 rows; by weight it holds 60.
+    // Bound: those, plus what the subscriber's mailbox (16) and handler (1) hold.
+    let got =
+        stuck_subscriber_stops_reading_at(&notifier, &db, &insert, N, 1024 / 17 + 16 + 1).await;
+    let whole = |e: &ChangeEvent| e.get("body").and_then(|b| b.as_str()).map(str::len);
+    assert!(got.iter().all(|e| whole(e) == Some(65536)), "whole bodies");
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!((stats.in_flight, stats.queued), (0, 0));
+    notifier.stop().await.unwrap();
+}
+
+/// A subscriber of `t` (policy Wait, buffer 10) stuck until released holds the pipeline:
+/// after `insert` (rows 1 to `n`), reading stops once the in-flight budget is used up, at no
+/// more than `bound` events received (it would reach `n` otherwise). Released, it gets every
+/// row once, in order, none dropped; returns them.
+async fn stuck_subscriber_stops_reading_at(
+    notifier: &Notifier,
+    db: &TestDb,
+    insert: &str,
+    n: i64,
+    bound: u64,
+) -> Vec<ChangeEvent> {
     let (slow, release, mut slow_events, arbiter) = gated();
     notifier
         .subscribe(
@@ -386,40 +322,31 @@ async fn wait_bounds_the_payload_bytes_in_flight_as_well_as_the_events() {
         )
         .await
         .unwrap();
-    const N: i64 = 400;
-    db.exec(&format!(
-        "INSERT INTO t SELECT i, repeat('x', 65536) FROM generate_series(1, {N}) i"
-    ))
-    .await;
-    // Counted in events alone the budget would take all 400 rows; by weight it holds 60.
-    // Bound: those, plus what the subscriber's mailbox (16) and handler (1) hold.
-    let bound = 1024 / 17 + 16 + 1;
+    db.exec(insert).await;
     let started = wait_until(Duration::from_secs(30), || async {
         notifier.stats().await.unwrap().received > 0
     })
     .await;
     assert!(started);
-    // Over a bounded window, reading never gets past the bound (it would reach N otherwise).
+    // Over a bounded window, reading never gets past the bound.
     let exceeded = wait_until(Duration::from_secs(2), || async {
-        notifier.stats().await.unwrap().received > bound
+        let s = notifier.stats().await.unwrap();
+        s.received > bound || s.queued > bound
     })
     .await;
     let stats = notifier.stats().await.unwrap();
-    assert!(!exceeded, "{stats:?}");
+    assert!(!exceeded && stats.received < n as u64, "{stats:?}");
     release.send(()).unwrap();
-    let got = drain(&mut slow_events, N).await;
+    let got = drain(&mut slow_events, n).await;
     let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
     assert_eq!(
         ids,
-        (1..=N).collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>(),
         "every event, in order, none lost"
     );
-    let whole = |e: &ChangeEvent| e.get("body").and_then(|b| b.as_str()).map(str::len);
-    assert!(got.iter().all(|e| whole(e) == Some(65536)), "whole bodies");
-    let stats = notifier.stats().await.unwrap();
-    assert_eq!((stats.dropped, stats.in_flight, stats.queued), (0, 0, 0));
-    notifier.stop().await.unwrap();
+    assert_eq!(notifier.stats().await.unwrap().dropped, 0);
     arbiter.stop();
+    got
 }
 
 /// Receives `n` events from a channel subscription, off the actix thread (a blocking receive
@@ -821,7 +748,7 @@ async fn an_overflow_read_on_a_silent_connection_is_given_up_and_the_pipeline_go
     let db = TestDb::new().await;
     db.exec("CREATE TABLE docs (id int PRIMARY KEY, body text NOT NULL)")
         .await;
-    let (proxy, url) = Proxy::in_front_of(&db).await;
+    let (proxy, url) = proxy_in_front_of(&db).await;
     let notifier = Notifier::builder(&url)
         .watch(Watch::new("docs", Insert).extra_columns(["body"]))
         .health_check_interval(Duration::from_millis(300))

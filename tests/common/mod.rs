@@ -13,6 +13,7 @@ pub mod mariadb;
 pub mod mysql;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod proxy;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "sqlite")]

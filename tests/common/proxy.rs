@@ -1,0 +1,95 @@
+//! A TCP proxy for real network faults: it can silence the connections it carries, like a
+//! network path that dies without a FIN or RST (their bytes go nowhere, the sockets stay
+//! open), and black-hole new connections too until it is reopened.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A proxy on a port of its own in front of one target (`host:port`).
+pub struct Proxy {
+    pub port: u16,
+    open: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    /// Starts forwarding every connection to `target`.
+    pub async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (o, e) = (open.clone(), epoch.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    tokio::spawn(swallow(client));
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let born = e.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(carry(cr, sw, e.clone(), born));
+                tokio::spawn(carry(sr, cw, e.clone(), born));
+            }
+        });
+        Proxy { port, open, epoch }
+    }
+
+    /// Existing connections stop carrying bytes (but stay open); new ones are forwarded.
+    pub fn silence_existing(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Existing connections are silenced, and so is every connection made until
+    /// [`reopen`](Self::reopen).
+    pub fn black_hole(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.silence_existing();
+    }
+
+    /// New connections are forwarded again; the silenced ones stay silent (what a sender
+    /// wrote on them never arrives).
+    pub fn reopen(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A connection made while the path is down: read, never answered.
+async fn swallow(client: tokio::net::TcpStream) {
+    let (mut from, _keep_open) = client.into_split();
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// Forwards bytes until the connections are silenced after this one was made; then goes
+/// silent for ever, keeping both sockets open.
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    epoch: Arc<AtomicU64>,
+    born: u64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if epoch.load(Ordering::SeqCst) != born {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
