@@ -1033,29 +1033,7 @@ async fn postgres_a_member_that_lost_its_lease_saves_nothing_past_what_it_did_no
         .expect("subscribe B");
     // End A's lease connection until B is the one that takes the lease (A reconnects fast
     // and may take it back first).
-    let a_holds = "SELECT coalesce(max(l.pid), 0)::bigint FROM pg_catalog.pg_locks l \
-                   JOIN pg_catalog.pg_stat_activity a USING (pid) \
-                   WHERE l.locktype = 'advisory' AND l.granted \
-                     AND a.datname = pg_catalog.current_database() \
-                     AND a.application_name = 'member_a'";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut lost = false;
-    while !lost {
-        assert!(Instant::now() < deadline, "A never lost its lease to B");
-        let holder = db.count(a_holds).await;
-        if holder != 0 {
-            db.exec(&format!("SELECT pg_terminate_backend({holder})"))
-                .await;
-        }
-        while let Ok(Some(status)) =
-            tokio::time::timeout(Duration::from_secs(2), a_statuses.recv()).await
-        {
-            if status == Status::LostLease {
-                lost = true;
-                break;
-            }
-        }
-    }
+    common::end_lease_until_lost(&db, "member_a", &mut a_statuses, Duration::from_secs(60)).await;
     // B delivers the rows again, unacknowledged too.
     for id in 1..=ROWS {
         let delivery = tokio::time::timeout(Duration::from_secs(30), b_deliveries.recv())

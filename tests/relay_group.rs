@@ -606,29 +606,7 @@ async fn a_relay_that_lost_its_lease_publishes_nothing_it_had_queued_even_late()
 
     // A's lease connection ends until B is the one that takes the lease (A reconnects fast
     // and may take it back first).
-    let a_holds = "SELECT coalesce(max(l.pid), 0)::bigint FROM pg_catalog.pg_locks l \
-                   JOIN pg_catalog.pg_stat_activity a USING (pid) \
-                   WHERE l.locktype = 'advisory' AND l.granted \
-                     AND a.datname = pg_catalog.current_database() \
-                     AND a.application_name = 'relay_a'";
-    let deadline = Instant::now() + WITHIN;
-    let mut lost = false;
-    while !lost {
-        assert!(Instant::now() < deadline, "A never lost its lease to B");
-        let holder = db.count(a_holds).await;
-        if holder != 0 {
-            db.exec(&format!("SELECT pg_terminate_backend({holder})"))
-                .await;
-        }
-        while let Ok(Some(status)) =
-            tokio::time::timeout(Duration::from_secs(2), a_statuses.recv()).await
-        {
-            if status == Status::LostLease {
-                lost = true;
-                break;
-            }
-        }
-    }
+    common::end_lease_until_lost(&db, "relay_a", &mut a_statuses, WITHIN).await;
 
     // B publishes everything, then newer changes of the same keys.
     assert!(

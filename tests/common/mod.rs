@@ -388,6 +388,43 @@ pub async fn statuses(notifier: &Notifier) -> mpsc::UnboundedReceiver<sqlnotify:
     rx
 }
 
+/// Ends the lease connection of the group member whose connections carry
+/// `application_name` (on `db`), again each time it takes the lease back, until it reports
+/// `Status::LostLease` on `statuses` — another member took the lease. Panics after `within`.
+pub async fn end_lease_until_lost(
+    db: &TestDb,
+    application_name: &str,
+    statuses: &mut mpsc::UnboundedReceiver<sqlnotify::Status>,
+    within: Duration,
+) {
+    let holds = format!(
+        "SELECT coalesce(max(l.pid), 0)::bigint FROM pg_catalog.pg_locks l \
+         JOIN pg_catalog.pg_stat_activity a USING (pid) \
+         WHERE l.locktype = 'advisory' AND l.granted \
+           AND a.datname = pg_catalog.current_database() \
+           AND a.application_name = '{application_name}'"
+    );
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{application_name} never lost its lease"
+        );
+        let holder = db.count(&holds).await;
+        if holder != 0 {
+            db.exec(&format!("SELECT pg_terminate_backend({holder})"))
+                .await;
+        }
+        while let Ok(Some(status)) =
+            tokio::time::timeout(Duration::from_secs(2), statuses.recv()).await
+        {
+            if status == sqlnotify::Status::LostLease {
+                return;
+            }
+        }
+    }
+}
+
 /// The next status message; panics if none arrives within [`ARRIVES_WITHIN`].
 pub async fn next_status(rx: &mut mpsc::UnboundedReceiver<sqlnotify::Status>) -> sqlnotify::Status {
     next_status_within(rx, ARRIVES_WITHIN).await
