@@ -157,24 +157,9 @@ impl HeldSink {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::{json, Map};
-
     use super::*;
-    use crate::event::{Key, RawNotification};
-    use crate::tier::Tier;
 
-    fn event(ordinal: u64) -> ChangeEvent {
-        let channel = crate::event::test_channel(Tier::Durable);
-        let raw = RawNotification::new("c", "").with_sequence(ordinal as i64);
-        ChangeEvent::new(
-            channel,
-            Key::Single(json!(ordinal)),
-            Map::new(),
-            &raw,
-            false,
-        )
-        .at(ordinal)
-    }
+    use crate::event::test_event as event;
 
     /// What the registry does with an event it selects for a held sink: holds it, then hands
     /// it over — or, refused `Closed`, counts it lost (as `Buffer::discard` does after).

@@ -860,6 +860,15 @@ pub(crate) fn test_channel(tier: Tier) -> Arc<Channel> {
     })
 }
 
+/// For tests: an insert into `public.t` with key `ordinal`, on a durable channel, at
+/// journal position and ordinal `ordinal`.
+#[cfg(test)]
+pub(crate) fn test_event(ordinal: u64) -> ChangeEvent {
+    let raw = RawNotification::new("c", "").with_sequence(ordinal as i64);
+    let key = Key::Single(serde_json::json!(ordinal));
+    ChangeEvent::new(test_channel(Tier::Durable), key, Map::new(), &raw, false).at(ordinal)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

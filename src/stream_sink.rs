@@ -304,32 +304,9 @@ impl StreamReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Channel, Key, RawNotification};
-    use crate::operation::Operation;
+    use crate::event::test_event as event;
+    use crate::event::{Key, RawNotification};
     use serde_json::{json, Map};
-
-    fn event(ordinal: u64) -> ChangeEvent {
-        let channel = Arc::new(Channel {
-            name: "c".into(),
-            schema: "main".into(),
-            table: "t".into(),
-            operation: Operation::Insert,
-            label: None,
-            key_columns: vec!["id".into()],
-            extra_columns: Vec::new(),
-            tier: crate::tier::Tier::Durable,
-            signed: false,
-        });
-        let raw = RawNotification::new("c", "").with_sequence(ordinal as i64);
-        ChangeEvent::new(
-            channel,
-            Key::Single(json!(ordinal)),
-            Map::new(),
-            &raw,
-            false,
-        )
-        .placed(ordinal, 0)
-    }
 
     fn accepted(sink: &StreamSink, e: &ChangeEvent) -> bool {
         sink.try_deliver(e.clone()).is_ok()
