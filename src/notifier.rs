@@ -63,7 +63,35 @@ struct Inner {
     stopping: tokio::sync::watch::Sender<bool>,
 }
 
-/// A running notifier. Cheap to clone; every clone controls the same pipeline.
+impl Drop for Inner {
+    /// The last clone of a notifier dropped without [`Notifier::stop`]: its listener is told
+    /// to stop (its connections close, a named consumer's lease goes to another process of
+    /// the group) and the pipeline shuts down after what is in its mailboxes — with no final
+    /// save (the last periodic one stands: what came after is delivered again) and no
+    /// cleanup. Without this the listener's session, which keeps the pipeline's actors
+    /// alive, would read and deliver for as long as the actix system runs.
+    fn drop(&mut self) {
+        let running = match self.running.get_mut() {
+            Ok(running) => running.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(mut running) = running else {
+            return;
+        };
+        log::warn!(
+            "sqlnotify: a notifier was dropped without stop(): its listener stops, with no \
+             final save and no cleanup"
+        );
+        self.stopping.send_replace(true);
+        drop(running.backlog.take());
+        running.listener.abandon();
+        self.pipeline.shutdown();
+    }
+}
+
+/// A running notifier. Cheap to clone; every clone controls the same pipeline. Dropping the
+/// last clone without [`stop`](Notifier::stop) stops it too, without the final save and the
+/// cleanup `stop` does.
 #[derive(Clone)]
 pub struct Notifier {
     inner: Arc<Inner>,

@@ -87,6 +87,8 @@ impl ListenParams {
 pub(crate) trait ListenerHandle: Send {
     /// Stops reading; resolves after everything already read was passed to the decoder.
     fn shutdown(&mut self) -> BoxFuture<'static, ()>;
+    /// Tells the listener to stop, without waiting: for a notifier dropped without `stop()`.
+    fn abandon(&mut self);
     /// Called once the pipeline is flushed: saves what must survive (a consumer's position).
     /// `handed_over`: whether every event read was handed to its subscribers; when not, the
     /// position read up to is not saved (what was left is delivered again after a restart).
@@ -417,6 +419,10 @@ impl<S: Source> ListenerHandle for Handle<S> {
         Box::pin(async move {
             let _ = addr.send(Shutdown).await;
         })
+    }
+
+    fn abandon(&mut self) {
+        self.addr.do_send(Shutdown);
     }
 
     /// The pipeline is flushed: everything read has left it, so a named consumer saves the
