@@ -323,7 +323,10 @@ impl NotifierBuilder {
     /// [`cleanup_on_stop`](Self::cleanup_on_stop), in [`cleanup`](Self::cleanup)) keeps trying
     /// when another session holds a lock it needs — an open transaction that wrote to a
     /// watched table, or another instance installing. Then it fails with
-    /// [`Error::LockTimeout`], which names the table and the holding session's pid.
+    /// [`Error::LockTimeout`], which names the table and the holding session's pid. On the
+    /// logical tier it also bounds how long `start()` waits for another process making the
+    /// consumer's slot and publication (one that froze while it held their lock); that error
+    /// names the slot and its consumer.
     ///
     /// Meanwhile your application is not held up: sqlnotify never waits for a lock for longer
     /// than one short attempt (200 ms on PostgreSQL and SQLite, MySQL's minimum of 1 s), then

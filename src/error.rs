@@ -179,13 +179,15 @@ pub enum Error {
     },
     /// The notifier is stopped (or its actors are gone).
     NotRunning,
-    /// Installing, replacing or removing triggers (or upgrading sqlnotify's tables) needed a
-    /// lock that another session held for longer than
+    /// Installing, replacing or removing triggers (or upgrading sqlnotify's tables, or making
+    /// a logical consumer's replication slot and publication) needed a lock that another
+    /// session held for longer than
     /// [`install_timeout`](crate::NotifierBuilder::install_timeout). Nothing was changed by
     /// the attempt that gave up; start again once that session has finished.
     LockTimeout {
-        /// What was waited for: a table as `schema.table`, a SQLite database file, or the
-        /// sqlnotify install lock (another instance installing).
+        /// What was waited for: a table as `schema.table`, a SQLite database file, the
+        /// sqlnotify install lock (another instance installing), or a logical consumer's slot
+        /// as `replication slot <slot> of consumer "<name>"` (another process making it).
         object: String,
         /// The server's ids of the sessions holding the lock (PostgreSQL backend pids, MySQL
         /// connection ids). Empty when the database does not say (SQLite; MySQL without

@@ -2180,3 +2180,65 @@ async fn sessions_that_connect_then_fail_to_start_the_stream_are_retried_ever_mo
         .exec("SELECT pg_drop_replication_slot('sqlnotify_app_1f6a832c')")
         .await;
 }
+
+/// The advisory lock under which a process makes consumer `app`'s slot and publication (the
+/// key `ensure` takes: the md5 of `sqlnotify logical objects ` and the slot's name).
+const APP_OBJECTS_LOCK: &str =
+    "('x' || substr(md5('sqlnotify logical objects sqlnotify_app_1f6a832c'), 1, 16))::bit(64)::bigint";
+
+/// A process of the group that froze while it made the consumer's slot and publication holds
+/// their lock for as long as its connection lives: `start()` waits for it at most
+/// `install_timeout`, then fails with `Error::LockTimeout` naming the slot, its consumer and
+/// the holder's pid — and makes nothing. Once the holder lets go, `start()` works. Before, it
+/// waited in `pg_advisory_lock` for ever.
+#[actix_rt::test]
+async fn start_gives_up_on_a_slot_whose_lock_a_frozen_process_holds() {
+    let Some(cluster) = cluster("start_gives_up_on_a_slot_whose_lock_a_frozen_process_holds")
+    else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    // The frozen process: it took the lock, and says nothing more.
+    let frozen = db.client().await;
+    frozen
+        .batch_execute(&format!("SELECT pg_advisory_lock({APP_OBJECTS_LOCK})"))
+        .await
+        .unwrap();
+    let pid: i32 = frozen
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let timeout = Duration::from_secs(1);
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .install_timeout(timeout);
+    let start = || builder.start();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), start())
+        .await
+        .expect("start() returns within 60 s");
+    common::assert_lock_timeout(
+        outcome,
+        "replication slot sqlnotify_app_1f6a832c of consumer \"app\"",
+        &[pid as u64],
+        timeout,
+    );
+    assert_eq!(slots(&db).await, Vec::<String>::new(), "nothing was made");
+    assert_eq!(publications(&db).await, Vec::<String>::new());
+    frozen
+        .batch_execute(&format!("SELECT pg_advisory_unlock({APP_OBJECTS_LOCK})"))
+        .await
+        .unwrap();
+    let notifier = tokio::time::timeout(Duration::from_secs(60), start())
+        .await
+        .expect("start() returns within 60 s")
+        .unwrap();
+    assert_eq!(slots(&db).await, ["sqlnotify_app_1f6a832c"]);
+    notifier.stop().await.unwrap();
+    Notifier::builder(&db.url)
+        .drop_consumer("app")
+        .await
+        .unwrap();
+}

@@ -51,6 +51,10 @@ pub(crate) struct Postgres {
     sign_notifications: bool,
     /// The logical tier's watches, as the last install saw them (what its listener decodes).
     logical: Mutex<Vec<ResolvedWatch>>,
+    /// How long making the logical tier's slot and publication waits for another session
+    /// making them: the last install's `install_timeout`.
+    #[cfg_attr(not(feature = "logical"), allow(dead_code))]
+    objects_wait: Mutex<std::time::Duration>,
     /// The throwaway slot and publication of a logical listener without a consumer, dropped
     /// by `close`.
     temporary: Arc<Mutex<Option<String>>>,
@@ -73,6 +77,7 @@ impl Postgres {
             control: Arc::new(Control::new(config)),
             sign_notifications: options.sign_notifications,
             logical: Mutex::new(Vec::new()),
+            objects_wait: Mutex::new(crate::lockwait::DEFAULT_INSTALL_TIMEOUT),
             temporary: Arc::new(Mutex::new(None)),
             sent: Arc::default(),
         })
@@ -130,6 +135,7 @@ impl Postgres {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let wait = *self.objects_wait.lock().unwrap_or_else(|p| p.into_inner());
         let name = match &params.consumer {
             Some(consumer) => logical::consumer_object(&consumer.name),
             None => {
@@ -152,6 +158,7 @@ impl Postgres {
                 &tables,
                 params.consumer.as_ref().map(|c| c.name.as_str()),
                 logical::Making::Start,
+                wait,
             )
             .await?;
             drop(own);
@@ -175,6 +182,7 @@ impl Postgres {
                 params.consumer.is_some(),
                 logical::routes(&watches),
                 params.health_check,
+                wait,
                 sent,
                 verifier,
             )?;
@@ -251,6 +259,7 @@ impl Dialect for Postgres {
         let (logical, watches): (Vec<ResolvedWatch>, Vec<ResolvedWatch>) =
             watches.into_iter().partition(|w| w.tier == Tier::Logical);
         *self.logical.lock().unwrap_or_else(|p| p.into_inner()) = logical.clone();
+        *self.objects_wait.lock().unwrap_or_else(|p| p.into_inner()) = options.timeout;
         Box::pin(async move {
             // Its own connection: the install transaction must not interleave with other calls.
             let mut client = Control::connect(&config, "install").await?;

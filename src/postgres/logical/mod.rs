@@ -254,19 +254,24 @@ pub(crate) enum Making {
 /// to `restore` ([`Making::Start`]), which would report a Gap that is none. The session lock
 /// is held until this returns, or until the connection closes: run it on a connection of its
 /// own, so that a call cancelled in between leaves no lock behind.
+///
+/// The lock is waited for at most `wait` (the notifier's `install_timeout`), by
+/// [`lock_objects`]: a process of the group that froze while it held it (stopped, swapped
+/// out, its machine gone silent with the connection still open) must not keep every other
+/// member's `start()` — or the lease holder's `restore` — waiting for ever. Then the call
+/// fails with [`Error::LockTimeout`] naming the slot, its consumer and the holder's pid, and
+/// nothing was made.
 pub(crate) async fn ensure(
     client: &Client,
     name: &str,
     tables: &[(String, String)],
     consumer: Option<&str>,
     making: Making,
+    wait: Duration,
 ) -> Result<()> {
     check_server(client).await?;
     let key = objects_key(name);
-    client
-        .batch_execute(&format!("SELECT pg_catalog.pg_advisory_lock({key})"))
-        .await
-        .map_err(|e| Error::db(format!("locking replication slot {name} to make it"), e))?;
+    lock_objects(client, name, consumer, &key, wait).await?;
     let made = make(client, name, tables, consumer, making).await;
     let unlocked = client
         .batch_execute(&format!("SELECT pg_catalog.pg_advisory_unlock({key})"))
@@ -274,6 +279,84 @@ pub(crate) async fn ensure(
     made?;
     // Not unlocked: the connection is lost, and the lock with it.
     unlocked.map_err(|e| Error::db(format!("unlocking replication slot {name}"), e))
+}
+
+/// How often [`lock_objects`] tries the lock again while another session holds it.
+const LOCK_RETRY: Duration = Duration::from_millis(100);
+
+/// Takes [`ensure`]'s session lock (`key`, [`objects_key`] of slot `name`), trying without
+/// waiting (`pg_try_advisory_lock`) every [`LOCK_RETRY`] for at most `wait`: a blocking
+/// `pg_advisory_lock` waits for ever on a holder that froze. The first time it has to wait it
+/// logs who holds the lock; once `wait` is over it fails with [`Error::LockTimeout`], whose
+/// object names the slot and its consumer and whose pids are the holders'.
+async fn lock_objects(
+    client: &Client,
+    name: &str,
+    consumer: Option<&str>,
+    key: &str,
+    wait: Duration,
+) -> Result<()> {
+    let began = tokio::time::Instant::now();
+    let mut logged = false;
+    loop {
+        let taken: bool = client
+            .query_one(
+                &format!("SELECT pg_catalog.pg_try_advisory_lock({key})"),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::db(format!("locking replication slot {name} to make it"), e))?
+            .get(0);
+        if taken {
+            return Ok(());
+        }
+        let waited = began.elapsed();
+        if waited >= wait || !logged {
+            let holders = lock_holders(client, key).await;
+            let object = match consumer {
+                Some(consumer) => format!("replication slot {name} of consumer {consumer:?}"),
+                None => format!("replication slot {name}"),
+            };
+            if waited >= wait {
+                return Err(Error::LockTimeout {
+                    object,
+                    holder_pids: holders,
+                    waited,
+                });
+            }
+            logged = true;
+            log::warn!(
+                "sqlnotify: waiting up to {wait:?} (install_timeout) for another session \
+                 making {object} (pid {holders:?}); a process that froze while it held the \
+                 lock is ended with pg_terminate_backend"
+            );
+        }
+        tokio::time::sleep(LOCK_RETRY.min(wait.saturating_sub(waited))).await;
+    }
+}
+
+/// The pids of the sessions holding advisory lock `key` in this database (none when the
+/// look-up fails: the error is about the wait, not about this).
+async fn lock_holders(client: &Client, key: &str) -> Vec<u64> {
+    // A bigint key is held as classid (its high 32 bits) and objid (its low ones), objsubid 1.
+    let sql = format!(
+        "SELECT l.pid FROM pg_catalog.pg_locks l
+          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+            AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                               WHERE datname = pg_catalog.current_database())
+            AND ((l.classid::int8 << 32) | l.objid::int8) = {key}
+          ORDER BY 1"
+    );
+    match client.query(&sql, &[]).await {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| u64::try_from(r.get::<_, i32>(0)).unwrap_or(0))
+            .collect(),
+        Err(e) => {
+            log::debug!("sqlnotify: reading who holds the lock of a replication slot: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// [`ensure`]'s work, under its lock.
@@ -387,13 +470,14 @@ async fn make(
 /// changes logged before it, and such a slot fails on the first of them whenever it is read:
 /// it is dropped first (only this database's: a slot of the same name in another one is not
 /// this notifier's). An invalidated slot is not made again: [`ensure`] refuses it with
-/// [`Error::SlotLost`].
+/// [`Error::SlotLost`]. `wait`: how long [`ensure`] waits for its lock.
 pub(crate) async fn recreate(
     client: &Client,
     name: &str,
     tables: &[(String, String)],
     consumer: Option<&str>,
     stale: bool,
+    wait: Duration,
 ) -> Result<()> {
     if stale {
         let dropped = client
@@ -419,7 +503,7 @@ pub(crate) async fn recreate(
             }
         }
     }
-    ensure(client, name, tables, consumer, Making::Again).await
+    ensure(client, name, tables, consumer, Making::Again, wait).await
 }
 
 /// `tables` as a publication's table list: quoted, sorted, without duplicates.

@@ -212,6 +212,9 @@ pub(crate) struct LogicalSource {
     unconfirmed: VecDeque<(u64, u64)>,
     outlet: Option<Outlet>,
     health_check: Duration,
+    /// How long making the slot and publication again waits for another session making them
+    /// (the notifier's `install_timeout`; see [`super::ensure`]).
+    objects_wait: Duration,
     lag: Option<tokio::task::JoinHandle<()>>,
     /// The newest full transaction id known (the server's next one, read at connect and by
     /// the lag task, or one widened since): the reference of [`widen_xid`].
@@ -239,13 +242,16 @@ pub(crate) struct LogicalSource {
 impl LogicalSource {
     /// Reads slot (and publication) `slot` of the database `config` connects to, decoding for
     /// `routes`; `named`: a named consumer confirms through the shell's saves; every
-    /// transaction handed over is recorded in `sent`.
+    /// transaction handed over is recorded in `sent`; `objects_wait`: how long making the
+    /// slot again waits for another session making it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: PgConfig,
         slot: String,
         named: bool,
         routes: Vec<Route>,
         health_check: Duration,
+        objects_wait: Duration,
         sent: Arc<SentXids>,
         verifier: Option<Verifier>,
     ) -> Result<Self> {
@@ -268,6 +274,7 @@ impl LogicalSource {
             unconfirmed: VecDeque::new(),
             outlet: None,
             health_check,
+            objects_wait,
             lag: None,
             next_xid: Arc::new(AtomicU64::new(0)),
             lost: Arc::new(AtomicBool::new(false)),
@@ -826,7 +833,15 @@ impl Source for LogicalSource {
                 Control::connect(&self.config, "creating the replication slot again").await?;
             let name = consumer.map(|c| c.name.as_str());
             let stale = state.slot != "missing";
-            super::recreate(&client, &self.slot, &self.tables, name, stale).await?;
+            super::recreate(
+                &client,
+                &self.slot,
+                &self.tables,
+                name,
+                stale,
+                self.objects_wait,
+            )
+            .await?;
         }
         let mut channels: Vec<String> = self.channels.iter().map(|c| c.to_string()).collect();
         channels.sort();
