@@ -40,7 +40,8 @@ impl Backoff {
 
     /// Whether a session that ended proved healthy, so that the next retry starts again from
     /// the shortest delay: it got through its setup and then did a step of its work without
-    /// error (`proved`), or it lasted at least [`Backoff::max`] (`lasted`), so a run of such
+    /// error that shows the connection works (`proved`: handed events to the pipeline, or a
+    /// read or wait its source counts as proof — `Source::proved` in the listener), or it lasted at least [`Backoff::max`] (`lasted`), so a run of such
     /// sessions retries no faster than the longest delay would. A session that connects and
     /// fails at once — the server accepts the connection, then the step after it errors each
     /// time — proved nothing: its retries keep growing, rather than hammer the server at the

@@ -2242,3 +2242,74 @@ async fn start_gives_up_on_a_slot_whose_lock_a_frozen_process_holds() {
         .await
         .unwrap();
 }
+
+/// A stream that fails on its first message every time — a poison message: here a change
+/// logged while the consumer's publication was dropped, before someone made it again, which
+/// pgoutput refuses ("publication … does not exist") each time it decodes it — is retried
+/// ever more slowly, as a session that cannot connect is. Each session connects, finds the
+/// slot and the publication, starts the stream and reads nothing before the stream fails: it
+/// delivered nothing, so it proved nothing. Before, its first (empty) read counted as proof of
+/// health and the listener reconnected at the shortest delay (50–100 ms) for ever. The delays
+/// before the restarts after the first five failures are at least 50, 100, 200, 400 and
+/// 800 ms (half of each ceiling: jitter).
+#[actix_rt::test]
+async fn a_stream_that_fails_on_its_first_message_is_retried_ever_more_slowly() {
+    let Some(cluster) = cluster("a_stream_that_fails_on_its_first_message") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app");
+    // Made by a first start, which reads nothing (no subscriber) and stops.
+    builder.start().await.unwrap().stop().await.unwrap();
+    let name = publications(&db).await.remove(0);
+    db.exec(&format!("DROP PUBLICATION \"{name}\"")).await;
+    db.exec("INSERT INTO t VALUES (1)").await; // the poison
+    db.exec(&format!(
+        "CREATE PUBLICATION \"{name}\" FOR TABLE t WITH (publish = 'insert, update, delete')"
+    ))
+    .await;
+    let notifier = builder.start().await.unwrap();
+    let (tx, mut failures) = mpsc::unbounded_channel();
+    let (gap_tx, mut statuses) = mpsc::unbounded_channel();
+    notifier
+        .subscribe_status_fn(move |s: sqlnotify::StatusEvent| {
+            if let sqlnotify::Status::Disconnected { error } = &s.status {
+                let _ = tx.send((std::time::Instant::now(), error.clone()));
+            }
+            let _ = gap_tx.send(s.status);
+        })
+        .await
+        .unwrap();
+    // The first subscription opens the gate: the stream is started, and fails.
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    let mut at = Vec::new();
+    while at.len() < 6 {
+        let (when, error) = tokio::time::timeout(Duration::from_secs(30), failures.recv())
+            .await
+            .expect("a failure within 30 s")
+            .unwrap();
+        assert!(error.contains("does not exist"), "{error}");
+        at.push(when);
+    }
+    let took = at[5] - at[0];
+    assert!(took >= Duration::from_millis(1_550), "{took:?}");
+    assert!(
+        notifier.failure().is_none(),
+        "not fatal: {:?}",
+        notifier.failure()
+    );
+    // The way out the README gives: the publication dropped, the notifier makes both again.
+    db.exec(&format!("DROP PUBLICATION \"{name}\"")).await;
+    assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
+    db.exec("INSERT INTO t VALUES (2)").await;
+    let event = events.next_within(Duration::from_secs(30)).await;
+    assert_eq!(event.id().as_i64(), Some(2), "row 1 is lost");
+    notifier.stop().await.unwrap();
+    Notifier::builder(&db.url)
+        .drop_consumer("app")
+        .await
+        .unwrap();
+}

@@ -8,10 +8,12 @@
 //! [`Status::Disconnected`]; the supervisor restarts the actor, which starts the next session
 //! after a jittered [`Backoff`] that grows with each failed session and starts again from its
 //! shortest delay only after a session proved healthy — it got through its setup and then a
-//! read or a wait went without error, or it lasted the longest delay ([`Backoff::healthy`]):
+//! read or a wait went without error and the source agreed that showed it works
+//! ([`Source::proved`]: a logical stream only once something the server sent went through),
+//! or it handed events to the pipeline, or it lasted the longest delay ([`Backoff::healthy`]):
 //! connecting is not enough, or a server that accepts the connection and then fails the lease,
-//! the restore or the start of the stream every time would be retried at the shortest delay
-//! for ever — unless the error is fatal (`Error::is_fatal`: a replication
+//! the restore, the start of the stream or the stream's first message every time would be
+//! retried at the shortest delay for ever — unless the error is fatal (`Error::is_fatal`: a replication
 //! slot the server invalidated), which stops the listener for good, announced as
 //! [`Status::Failed`] and kept in the counters for `Notifier::failure` and `stop()`. The first session reports readiness (or its failure) to
 //! `start()` instead, so a notifier that cannot listen fails to start. Reading state — the
@@ -190,6 +192,20 @@ pub(crate) trait Source: Unpin + 'static {
     /// Waits at most `timeout` for a sign that rows may have arrived; returns whether one
     /// came (a wake-up, a changed data version). Fails when the connection is lost.
     async fn wait(&mut self, conn: &mut Self::Conn, timeout: Duration) -> Result<bool>;
+
+    /// Whether what this session's connection went through so far shows it works, asked after
+    /// each read or wait that ended without error: a session that did prove healthy
+    /// ([`Backoff::healthy`]) starts the reconnect delays again from the shortest. By default
+    /// such a read or wait is proof — a journal read that returns, even empty, read the
+    /// journal. A stream whose read can return before the server sent anything says no until
+    /// something went through: the logical tier's, whose server fails a message it cannot
+    /// decode (a poison message) only once the stream asks for it, so its first read returns
+    /// empty every time and would otherwise prove a session that fails on that message each
+    /// time, reconnecting at the shortest delay for ever. Events handed to the pipeline prove
+    /// a session whatever this says.
+    fn proved(&self, _conn: &Self::Conn) -> bool {
+        true
+    }
 
     /// Checks that the connection answers within `limit` (the health-check interval); called
     /// when it has been quiet that long.

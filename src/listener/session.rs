@@ -27,10 +27,13 @@ pub(crate) const LEASE_RETRY: Duration = Duration::from_millis(250);
 /// How a session ended.
 pub(super) struct Outcome {
     /// It got through its setup (connect, lease, place, restore) and then a read or a wait
-    /// without error, or it handed events to the pipeline: with `lasted`, what decides whether the next restart starts the backoff
-    /// from the beginning ([`Backoff::healthy`](crate::backoff::Backoff::healthy)). Connecting
+    /// without error that its source counts as proof ([`Source::proved`]: a logical stream
+    /// only once something the server sent went through), or it handed events to the
+    /// pipeline: with `lasted`, what decides whether the next restart starts the backoff from
+    /// the beginning ([`Backoff::healthy`](crate::backoff::Backoff::healthy)). Connecting
     /// alone proves nothing: a server that accepts the connection and then fails the next step
-    /// every time would be retried at the shortest delay for ever.
+    /// — or a stream that fails on its first message — every time would be retried at the
+    /// shortest delay for ever.
     pub proved: bool,
     /// How long it lasted, from the start of its connect.
     pub lasted: Duration,
@@ -256,7 +259,8 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
     }
 
     /// Reads, saves, checks and waits until told to stop (Ok) or the connection fails; sets
-    /// `proved` once a read or a wait went without error.
+    /// `proved` once a read or a wait went without error and the source counts it as proof
+    /// ([`Source::proved`]).
     async fn serve<S: Source<Position = P>>(
         &self,
         state: &mut State<S>,
@@ -295,7 +299,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 let Some(forwarded) = guarded::<S, _>("reading", reading).await? else {
                     return Ok(()); // told to stop while waiting for room
                 };
-                *proved = true;
+                *proved |= state.source.proved(conn);
                 (last_read, last_io) = (Instant::now(), Instant::now());
                 may_have_rows = false;
                 pacer.read(forwarded);
@@ -354,7 +358,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 }
             };
             may_have_rows |= woke;
-            *proved = true;
+            *proved |= state.source.proved(conn);
             pacer.waited();
         }
     }

@@ -183,6 +183,14 @@ pub(crate) struct LogicalConn {
     /// An event `wait` received, for the next `read`.
     pending: Option<ReplicationEvent>,
     open: Option<Open>,
+    /// Where the stream starts: the slot's confirmed position, read by `restore` before the
+    /// stream starts (`START_REPLICATION … 0/0` starts there).
+    from: Option<u64>,
+    /// The stream got past its start ([`Source::proved`]): a read handled the Commit of a
+    /// transaction not handed over before, or a keepalive whose WAL end is past `from` (the
+    /// server decoded everything up to there). The keepalive the server sends as the stream
+    /// starts carries the start itself, before anything was decoded: no proof.
+    proved: bool,
 }
 
 /// Reads a notifier's replication slot.
@@ -513,6 +521,7 @@ impl LogicalSource {
                 if commit <= self.delivered {
                     return; // sent again after a reconnect: handed over before
                 }
+                conn.proved = true;
                 self.sent.insert(open.xid);
                 let last = open.rows.len().saturating_sub(1);
                 let received_at = SystemTime::now();
@@ -525,6 +534,7 @@ impl LogicalSource {
                 self.position = Some(self.position.unwrap_or(0).max(end_lsn.0));
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
+                conn.proved |= conn.from.is_some_and(|from| wal_end.0 > from);
                 // Idle: everything committed before the server's WAL end has been sent.
                 if conn.open.is_none() && conn.pending.is_none() {
                     self.position = Some(self.position.unwrap_or(0).max(wal_end.0));
@@ -752,6 +762,8 @@ impl Source for LogicalSource {
             started: false,
             pending: None,
             open: None,
+            from: None,
+            proved: false,
         })
     }
 
@@ -810,6 +822,7 @@ impl Source for LogicalSource {
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>> {
         let state = self.slot_state(conn).await?;
+        conn.from = state.confirmed;
         let reached = self.reached.max(self.position);
         let what = match (state.slot.as_str(), state.publication) {
             ("lost", _) => return Err(self.slot_lost()),
@@ -864,7 +877,10 @@ impl Source for LogicalSource {
         self.unconfirmed.clear();
         // (A failure to read the new slot's position must not cost the Gap: the slot is made.)
         self.reached = match self.slot_state(conn).await {
-            Ok(state) => state.confirmed,
+            Ok(state) => {
+                conn.from = state.confirmed;
+                state.confirmed
+            }
             Err(e) => {
                 log::warn!(
                     "sqlnotify: reading the position of replication slot {} made again: {e}",
@@ -965,6 +981,22 @@ impl Source for LogicalSource {
 
     fn position(&self) -> Option<u64> {
         self.position
+    }
+
+    /// Only once the stream got past its start ([`LogicalConn::proved`]): a read returns
+    /// before the server sent anything, and a wait wakes for a message not handled yet, so a
+    /// read or a wait without error proves nothing by itself — a stream that fails on its
+    /// first message (one the server cannot decode, such as a change logged while the
+    /// publication was missing) would look healthy every time, and be retried at the
+    /// shortest delay for ever. Nor does the keepalive the server sends as the stream starts
+    /// (its WAL end is the start), nor a transaction sent again after a reconnect that was
+    /// handed over before: one ahead of the failing message would prove the session each
+    /// time. Never before the stream starts (a consumer waiting for its first subscription,
+    /// whose session ends within the longest delay, counts as failed). An idle stream whose
+    /// slot is confirmed up to the server's WAL end proves itself only with the next
+    /// transaction, or by lasting the longest delay.
+    fn proved(&self, conn: &LogicalConn) -> bool {
+        conn.proved
     }
 
     async fn wait(&mut self, conn: &mut LogicalConn, timeout: Duration) -> Result<bool> {
