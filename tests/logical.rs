@@ -2313,3 +2313,221 @@ async fn a_stream_that_fails_on_its_first_message_is_retried_ever_more_slowly() 
         .await
         .unwrap();
 }
+
+/// Consumer `app`'s high-water mark (`sqlnotify.slot_marks`), as a `pg_lsn`'s text; `None`
+/// without one (or without the table).
+async fn app_mark(db: &TestDb) -> Option<String> {
+    db.client()
+        .await
+        .query_opt(
+            "SELECT mark::text FROM sqlnotify.slot_marks WHERE slot = 'sqlnotify_app_1f6a832c'",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+/// Waits (up to 30 s) until `db`'s one slot is confirmed at or past the server's current WAL
+/// position: everything committed before was delivered and confirmed, and so marked.
+async fn confirmed_up_to_now(db: &TestDb) {
+    let client = db.client().await;
+    let now: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let confirmed = wait_until(Duration::from_secs(30), || {
+        confirmed_at_or_past(&client, db, &now)
+    })
+    .await;
+    assert!(confirmed, "the slot was not confirmed up to {now}");
+}
+
+/// No `Status::Gap` or `Status::Failed` among `statuses` within a short bounded wait.
+async fn no_gap_within(statuses: &mut mpsc::UnboundedReceiver<sqlnotify::Status>, wait: Duration) {
+    let until = tokio::time::Instant::now() + wait;
+    while let Ok(Some(status)) = tokio::time::timeout_at(until, statuses.recv()).await {
+        assert!(
+            !matches!(
+                status,
+                sqlnotify::Status::Gap { .. } | sqlnotify::Status::Failed { .. }
+            ),
+            "{status:?}"
+        );
+    }
+}
+
+/// An actor that sends every status into a channel: subscribed on the builder, it also gets
+/// what `start()` itself finds (its first session's Gap).
+struct StatusForward(mpsc::UnboundedSender<sqlnotify::Status>);
+
+impl actix::Actor for StatusForward {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<sqlnotify::StatusEvent> for StatusForward {
+    type Result = ();
+    fn handle(&mut self, event: sqlnotify::StatusEvent, _: &mut actix::Context<Self>) {
+        let _ = self.0.send(event.status);
+    }
+}
+
+/// A running consumer `app` on `url` watching `t`'s inserts on the logical tier, with its
+/// statuses (from the start: subscribed on the builder) and events.
+async fn app_on(url: &str) -> (Notifier, mpsc::UnboundedReceiver<sqlnotify::Status>, Events) {
+    let (tx, statuses) = mpsc::unbounded_channel();
+    let forward = actix::Actor::start(StatusForward(tx));
+    let notifier = Notifier::builder(url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .consumer("app")
+        .subscribe_status(forward.recipient())
+        .start()
+        .await
+        .unwrap();
+    let events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    (notifier, statuses, events)
+}
+
+/// The silent gap of the next lease holder. Consumer `app` reads row 1, and its only process
+/// stops; its slot is then dropped and made again by someone else (row 2, committed in
+/// between, is in no slot). The next process of the consumer has read nothing to compare the
+/// slot with — but the consumer's high-water mark (`sqlnotify.slot_marks`) says how far any
+/// of its processes let the slot confirm, and the new slot starts past it: a `Status::Gap`,
+/// then row 3. Before, that process streamed the new slot and reported nothing. A brand-new
+/// consumer's first start is no Gap, and neither is a restart after the consumer confirmed
+/// its slot legitimately (while running, and at stop); the made-again slot's Gap is reported
+/// once, not again by the process after.
+#[actix_rt::test]
+async fn a_slot_made_again_while_no_process_of_the_consumer_reads_is_a_gap_for_the_next() {
+    let Some(cluster) = cluster("a_slot_made_again_while_no_process_of_the_consumer_reads") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (notifier, mut statuses, mut events) = app_on(&db.url).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    confirmed_up_to_now(&db).await;
+    no_gap_within(&mut statuses, Duration::from_millis(200)).await;
+    notifier.stop().await.unwrap();
+    // A legitimate restart: the slot moved only as far as the consumer let it.
+    db.exec("INSERT INTO t VALUES (10)").await;
+    let (notifier, mut statuses, mut events) = app_on(&db.url).await;
+    assert_eq!(events.next().await.id().as_i64(), Some(10));
+    confirmed_up_to_now(&db).await;
+    no_gap_within(&mut statuses, Duration::from_millis(500)).await;
+    notifier.stop().await.unwrap();
+    // Made again by someone else while no process of the consumer runs.
+    let name = slots(&db).await.remove(0);
+    db.exec(&format!("SELECT pg_drop_replication_slot('{name}')"))
+        .await;
+    db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: lost
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"
+    ))
+    .await;
+    let (notifier, mut statuses, mut events) = app_on(&db.url).await;
+    assert_eq!(next_gap(&mut statuses).await, ["sqlnotify_public_t_insert"]);
+    db.exec("INSERT INTO t VALUES (3)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(3), "row 2 is lost");
+    confirmed_up_to_now(&db).await;
+    notifier.stop().await.unwrap();
+    // Reported once: the process after finds the new slot marked.
+    db.exec("INSERT INTO t VALUES (4)").await;
+    let (notifier, mut statuses, mut events) = app_on(&db.url).await;
+    assert_eq!(events.next().await.id().as_i64(), Some(4));
+    no_gap_within(&mut statuses, Duration::from_millis(500)).await;
+    assert!(notifier.failure().is_none(), "{:?}", notifier.failure());
+    notifier.stop().await.unwrap();
+}
+
+/// `consumers drop` and `cleanup()` remove a consumer's high-water mark with its slot and
+/// publication: a consumer of that name started afterwards is a new one — its slot starts
+/// past the old mark, and that is no Gap.
+#[actix_rt::test]
+async fn dropping_a_consumer_or_cleanup_removes_its_high_water_mark() {
+    let Some(cluster) = cluster("dropping_a_consumer_or_cleanup_removes_its_high_water_mark")
+    else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    for round in 0..2 {
+        let (notifier, mut statuses, mut events) = app_on(&db.url).await;
+        db.exec(&format!("INSERT INTO t VALUES ({round})")).await;
+        assert_eq!(events.next().await.id().as_i64(), Some(round));
+        confirmed_up_to_now(&db).await;
+        no_gap_within(&mut statuses, Duration::from_millis(200)).await;
+        notifier.stop().await.unwrap();
+        assert!(app_mark(&db).await.is_some(), "round {round}: marked");
+        db.exec("INSERT INTO t VALUES (100)").await; // written after the mark
+        db.exec("DELETE FROM t").await;
+        if round == 0 {
+            Notifier::builder(&db.url)
+                .drop_consumer("app")
+                .await
+                .unwrap();
+        } else {
+            Notifier::builder(&db.url).cleanup().await.unwrap();
+        }
+        assert_eq!(
+            app_mark(&db).await,
+            None,
+            "round {round}: the mark is removed"
+        );
+        assert!(slots(&db).await.is_empty());
+    }
+}
+
+/// The same in a group, where the next lease holder is a standby: `a` reads, `b` stands by.
+/// Both are cut off (their role may not log in, their sessions ended); the slot is dropped and
+/// made again by someone else; `a` stops for good and `b`, back, wins the lease. It has read
+/// nothing, yet reports the Gap — the new slot is past the consumer's mark — and gets the
+/// rows committed after it. Before, it streamed the new slot silently.
+#[actix_rt::test]
+async fn a_standby_that_wins_the_lease_after_the_slot_was_made_again_reports_the_gap() {
+    let Some(cluster) = cluster("a_standby_that_wins_the_lease_after_the_slot_was_made_again")
+    else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (role, member_url) = blockable_member(&db).await;
+    let (status_tx, mut statuses) = mpsc::unbounded_channel();
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let a = group_member(&member_url, "a", &status_tx, &event_tx).await;
+    let b = group_member(&member_url, "b", &status_tx, &event_tx).await;
+    assert_eq!(b.stats().await.unwrap().role, sqlnotify::Role::Standby);
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(next_event(&mut events).await, ("a", 1));
+    confirmed_up_to_now(&db).await;
+    allow_login(&db, &role, false).await;
+    // `b` first (every session of the role but the slot's walsender), so that nobody takes
+    // the lease when `a`'s walsender ends; then `a`, and its slot.
+    db.exec(&format!(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+          WHERE usename = '{role}'
+            AND pid NOT IN (SELECT active_pid FROM pg_replication_slots
+                             WHERE active_pid IS NOT NULL)"
+    ))
+    .await;
+    drop_slots_in_use(&db).await;
+    db.exec("INSERT INTO t VALUES (2)").await; // no slot holds it: lost
+    db.exec("SELECT pg_create_logical_replication_slot('sqlnotify_app_1f6a832c', 'pgoutput')")
+        .await;
+    // `a` is gone for good (its final save cannot connect: that error is not this test's).
+    let _ = a.stop().await;
+    while let Ok((member, status)) = statuses.try_recv() {
+        assert!(
+            !matches!(status, sqlnotify::Status::Gap { .. }),
+            "{member}: {status:?}"
+        );
+    }
+    allow_login(&db, &role, true).await;
+    assert_eq!(group_gap(&mut statuses).await, "b");
+    rows_after_the_gap_reach("b", &db, &mut events, &mut statuses, true).await;
+    assert!(b.failure().is_none(), "{:?}", b.failure());
+    b.stop().await.unwrap();
+}

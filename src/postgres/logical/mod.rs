@@ -4,11 +4,14 @@
 //! objects: the server check (`wal_level`), the tables' replica identity check, one
 //! publication and one slot per notifier — named after its consumer, or a throwaway name for a
 //! notifier without one (dropped at stop) — their removal, and the slot's lag.
-//! `source.rs` is the listener's [`Source`](crate::listener::Source), `changes.rs` turns
-//! changes into decoded events (no JSON in between), `pgoutput.rs` parses the messages,
-//! `values.rs` converts values.
+//! `source.rs` is the listener's [`Source`](crate::listener::Source), `marks.rs` keeps a named
+//! consumer's high-water mark (how a slot made again is told from its own by a process that
+//! has read nothing yet, and why that is a table), `changes.rs` turns changes into decoded
+//! events (no JSON in between), `pgoutput.rs` parses the messages, `values.rs` converts
+//! values.
 
 mod changes;
+mod marks;
 mod pgoutput;
 mod source;
 mod values;
@@ -384,6 +387,12 @@ async fn make(
                 .into(),
         });
     }
+    // The table of the consumers' high-water marks, for a new consumer's first mark below
+    // and every save after.
+    let marked = match consumer {
+        Some(_) => marks::setup(client).await,
+        None => false,
+    };
     if let (Making::Start, Some(consumer)) = (making, consumer) {
         if publication != slot.is_some() {
             log::warn!(
@@ -455,6 +464,9 @@ async fn make(
             });
             if last.unwrap_or(0) > 0 {
                 log::info!("sqlnotify: created replication slot {name}");
+                if let (true, Some(consumer)) = (marked, consumer) {
+                    marks::created(client, name, consumer, making == Making::Again).await;
+                }
             }
             Ok(())
         }
@@ -573,7 +585,8 @@ END
 const TERMINATED_WITHIN: Duration = Duration::from_secs(10);
 
 /// Drops slot `name` (terminating the session still reading it, waiting up to `wait` for it
-/// to end) and publication `name`. Returns whether either existed. A reader this role may not
+/// to end), publication `name` and the slot's high-water mark (`marks.rs`). Returns whether
+/// the slot or the publication existed. A reader this role may not
 /// terminate, or one that does not end within [`TERMINATED_WITHIN`], is an error.
 pub(crate) async fn drop_objects(client: &Client, name: &str, wait: Duration) -> Result<bool> {
     let deadline = tokio::time::Instant::now() + wait;
@@ -655,11 +668,17 @@ pub(crate) async fn drop_objects(client: &Client, name: &str, wait: Duration) ->
             .await
             .map_err(|e| Error::db(format!("dropping publication {name}"), e))?;
     }
+    // Last: a slot made later under this name is a new consumer's, not one made again. (A
+    // throwaway slot has no mark.)
+    if !name.starts_with(TEMPORARY) {
+        marks::remove(client, name).await?;
+    }
     Ok(slot || publication)
 }
 
-/// Drops every sqlnotify slot of this database and every sqlnotify publication; returns how
-/// many slots and publications there were.
+/// Drops every sqlnotify slot of this database and every sqlnotify publication, and every
+/// consumer's high-water mark (`marks.rs`); returns how many slots and publications there
+/// were.
 pub(crate) async fn cleanup(client: &Client, wait: Duration) -> Result<u64> {
     let rows = client
         .query_typed(
@@ -678,6 +697,8 @@ pub(crate) async fn cleanup(client: &Client, wait: Duration) -> Result<u64> {
             n += 1;
         }
     }
+    // Also the marks of consumers whose slot and publication were gone already.
+    marks::remove_all(client).await?;
     Ok(n)
 }
 

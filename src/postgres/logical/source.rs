@@ -41,9 +41,12 @@
 //! [`super::Making::Start`]), never one that lost only its slot — made there, it would be
 //! present when the holder looks, and the loss silent. A slot made again by anyone else all
 //! the same (an operator, an earlier version of sqlnotify, or a process that made both after
-//! `consumers drop` removed both) is told by its confirmed position: the slot this source
+//! someone dropped both by hand) is told by its confirmed position: the slot this source
 //! reads never confirms past the furthest position it read or found confirmed (`reached`),
-//! and a new one starts past all of them; one found past it is reported the same way.
+//! nor past the consumer's high-water mark, which every process of the consumer raises before
+//! it confirms (`marks.rs`), and a new one starts past all of them; one found past them is
+//! reported the same way — also by a process that holds the lease next and has read nothing
+//! itself, which has the mark to compare with.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -56,6 +59,7 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio_postgres::config::Host;
 
 use super::changes::{part_after, Changes, Route, Row};
+use super::marks;
 use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::event::RawNotification;
@@ -174,6 +178,9 @@ struct SlotLook {
     publication: bool,
     /// The slot's confirmed position, `None` without one.
     confirmed: Option<u64>,
+    /// A named consumer's high-water mark (`marks.rs`): `None` where it cannot be read (no
+    /// table, no privilege, or no consumer), `Some(None)` without one.
+    mark: Option<Option<u64>>,
 }
 
 /// One replication connection.
@@ -218,6 +225,14 @@ pub(crate) struct LogicalSource {
     reached: Option<u64>,
     /// Without a consumer: (events forwarded, position) not confirmed yet.
     unconfirmed: VecDeque<(u64, u64)>,
+    /// A named consumer's connection for its high-water mark (`marks.rs`), opened on the
+    /// first save.
+    marks: Option<tokio_postgres::Client>,
+    /// The highest mark this source saved for the slot it reads (0: none yet): positions up
+    /// to it are confirmed without another write.
+    marked: u64,
+    /// Whether the mark's table was found missing or not writable (warned once).
+    marks_unavailable: bool,
     outlet: Option<Outlet>,
     health_check: Duration,
     /// How long making the slot and publication again waits for another session making them
@@ -280,6 +295,9 @@ impl LogicalSource {
             position: None,
             reached: None,
             unconfirmed: VecDeque::new(),
+            marks: None,
+            marked: 0,
+            marks_unavailable: false,
             outlet: None,
             health_check,
             objects_wait,
@@ -369,7 +387,9 @@ impl LogicalSource {
                         EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {literal}),
                         (SELECT (s.confirmed_flush_lsn - '0/0'::pg_lsn)::text
                            FROM pg_catalog.pg_replication_slots s
-                          WHERE s.slot_name = {literal})"
+                          WHERE s.slot_name = {literal}),
+                        {marks}",
+                marks = marks::readable_sql(),
             ))
             .await
             .map_err(|e| self.error(e))?;
@@ -384,11 +404,81 @@ impl LogicalSource {
                 source: "the server's answer had no row".into(),
             });
         };
+        let mark = if self.named && text(3).as_deref() == Some("t") {
+            let rows = conn
+                .client
+                .simple_query(&marks::read_sql(&self.slot))
+                .await
+                .map_err(|e| self.error(e))?;
+            let mark = rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .and_then(|v| String::from_utf8_lossy(&v).split('.').next()?.parse().ok());
+            Some(mark)
+        } else {
+            None
+        };
         Ok(SlotLook {
             slot,
             publication: publication == "t",
             confirmed: text(2).and_then(|t| t.split('.').next()?.parse().ok()),
+            mark,
         })
+    }
+
+    /// Raises named consumer `consumer`'s high-water mark (`marks.rs`) to cover `position`
+    /// — to the furthest position read, so that the saves that follow need no write — before
+    /// the slot is confirmed up to it. Fails (and the slot must not be confirmed) when the
+    /// mark could not be saved; where the table is missing or not writable, the consumer
+    /// goes on without a mark, with a warning.
+    async fn mark(&mut self, consumer: &str, position: u64) -> Result<()> {
+        if position <= self.marked {
+            return Ok(());
+        }
+        let lsn = position.max(self.position.unwrap_or(0));
+        let client = match self.marks.take().filter(|c| !c.is_closed()) {
+            Some(client) => client,
+            None => Control::connect(&self.config, "the consumer's high-water mark").await?,
+        };
+        let limit = self.health_check;
+        let saved = tokio::time::timeout(limit, marks::save(&client, &self.slot, consumer, lsn));
+        match saved.await {
+            Ok(Ok(marks::Saved::Yes)) => self.marks_unavailable = false,
+            Ok(Ok(marks::Saved::Unavailable(why))) => {
+                if !std::mem::replace(&mut self.marks_unavailable, true) {
+                    log::warn!(
+                        "sqlnotify: cannot save the high-water mark of replication slot {} \
+                         ({why}): if the slot is dropped and made again while no process of \
+                         consumer {consumer:?} reads it, the next one to read will not notice",
+                        self.slot
+                    );
+                }
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Error::Database {
+                    context: format!(
+                        "saving the high-water mark of replication slot {}",
+                        self.slot
+                    ),
+                    source: format!("no answer within {limit:?}").into(),
+                })
+            }
+        }
+        self.marks = Some(client);
+        self.marked = lsn;
+        Ok(())
+    }
+
+    /// [`mark`](Self::mark), a failure logged: where the slot is not confirmed next (a slot
+    /// just found or made), the next save tries again.
+    async fn mark_or_warn(&mut self, consumer: &str, position: u64) {
+        if let Err(e) = self.mark(consumer, position).await {
+            log::warn!(
+                "sqlnotify: saving the high-water mark of replication slot {}: {e}",
+                self.slot
+            );
+        }
     }
 
     /// [`Error::SlotLost`] once the lag task saw the server invalidate the slot.
@@ -783,6 +873,7 @@ impl Source for LogicalSource {
         self.position = None;
         self.unconfirmed.clear();
         self.reached = None;
+        self.marked = 0;
         Ok(Vec::new())
     }
 
@@ -799,18 +890,20 @@ impl Source for LogicalSource {
     ///
     /// A slot made again by someone else before this session looked — an operator, a process
     /// of an earlier version of sqlnotify starting meanwhile, or one that made both after
-    /// `consumers drop` removed both — is told from the one this source read by its confirmed
+    /// someone dropped both by hand — is told from the one the consumer read by its confirmed
     /// position: only positions read are confirmed, so the slot it read never confirmed past
     /// the furthest position this source knows it had (`reached`: the confirmed position a
-    /// session found, or a position read since), while a new slot starts past every
-    /// position of the WAL written before it was made, `reached` included. Found past
-    /// `reached`, it is a new slot (or the old one moved on by someone, `pg_replication_slot_advance`
-    /// skipping changes): the same Gap. Another process of the group that held the lease
-    /// between two sessions of this one, and confirmed past `reached`, looks the same, and
-    /// then a Gap is reported where nothing was lost — when this one stood by meanwhile it
-    /// was placed again and forgot `reached`, so only a takeover it never saw, the other
-    /// process's session ending before this one's reconnect, does that: a loss is never
-    /// silent, a needless Gap is the price.
+    /// session found, or a position read since), nor past the consumer's high-water mark
+    /// (`marks.rs`: raised by every process of the consumer before it confirms), while a new
+    /// slot starts past every position of the WAL written before it was made, both included.
+    /// Found past them, it is a new slot (or the old one moved on by someone,
+    /// `pg_replication_slot_advance` skipping changes): the same Gap. The mark is what a
+    /// process that has just taken the lease compares with — it has read nothing (`reached`
+    /// is `None` once placed) — and it also covers what another process of the group
+    /// confirmed during a takeover this one never saw, which `reached` alone would report as a
+    /// needless Gap. A slot found with no mark (a consumer of an earlier version) is taken as
+    /// it is and marked; the new slot of a Gap is marked too, so that the Gap is reported
+    /// once.
     ///
     /// An invalidated slot (`wal_status` `lost`) is not made again: it was not removed but
     /// declared unreadable by the server, which the tier reports as fatal
@@ -824,18 +917,35 @@ impl Source for LogicalSource {
         let state = self.slot_state(conn).await?;
         conn.from = state.confirmed;
         let reached = self.reached.max(self.position);
+        // What the slot may have confirmed at most: what this source read or found, and what
+        // any process of the consumer let it confirm (its high-water mark, `marks.rs`).
+        let mark = state.mark.flatten();
+        let known = reached.max(mark);
         let what = match (state.slot.as_str(), state.publication) {
             ("lost", _) => return Err(self.slot_lost()),
             ("foreign", _) => return Ok(Vec::new()),
-            ("missing", _) => "was dropped",
-            (_, false) => "lost its publication",
-            (_, true) => match (state.confirmed, reached) {
-                (Some(confirmed), Some(reached)) if confirmed > reached => {
-                    "was made again by someone else (its confirmed position is past any this \
-                     notifier read)"
+            ("missing", _) => "was dropped while the notifier ran",
+            (_, false) => "lost its publication while the notifier ran",
+            (_, true) => match (state.confirmed, known) {
+                (Some(confirmed), Some(known)) if confirmed > known => {
+                    if reached.is_some_and(|reached| reached >= mark.unwrap_or(0)) {
+                        "was made again by someone else while the notifier ran (its confirmed \
+                         position is past any this notifier read)"
+                    } else {
+                        "was made again by someone else while no process of its consumer read \
+                         it (its confirmed position is past the consumer's high-water mark)"
+                    }
                 }
                 _ => {
                     self.reached = reached.max(state.confirmed);
+                    if let (Some(consumer), Some(None), Some(confirmed)) =
+                        (consumer, state.mark, state.confirmed)
+                    {
+                        // No mark yet (a consumer of an earlier version, or a creation cut
+                        // short before its mark): nothing to compare with, marked from now on.
+                        self.mark_or_warn(&consumer.name, confirmed.max(reached.unwrap_or(0)))
+                            .await;
+                    }
                     return Ok(Vec::new());
                 }
             },
@@ -860,8 +970,8 @@ impl Source for LogicalSource {
         channels.sort();
         channels.dedup();
         log::warn!(
-            "sqlnotify: replication slot {} {what} while the notifier ran{}; changes committed \
-             meanwhile on {} are lost, subscribers get Status::Gap",
+            "sqlnotify: replication slot {} {what}{}; changes committed meanwhile on {} are \
+             lost, subscribers get Status::Gap",
             self.slot,
             if replaced {
                 ""
@@ -875,6 +985,7 @@ impl Source for LogicalSource {
         self.spilled = None;
         self.position = None;
         self.unconfirmed.clear();
+        self.marked = 0;
         // (A failure to read the new slot's position must not cost the Gap: the slot is made.)
         self.reached = match self.slot_state(conn).await {
             Ok(state) => {
@@ -889,6 +1000,11 @@ impl Source for LogicalSource {
                 None
             }
         };
+        // The new slot is the consumer's now: marked, so that the next lease holder does not
+        // report this Gap again (made again here, `ensure` marked it already).
+        if let (Some(consumer), Some(confirmed)) = (consumer, self.reached) {
+            self.mark_or_warn(&consumer.name, confirmed).await;
+        }
         Ok(channels)
     }
 
@@ -1065,24 +1181,31 @@ impl Source for LogicalSource {
     async fn save(
         &mut self,
         conn: &mut LogicalConn,
-        _: &ConsumerParams,
+        consumer: &ConsumerParams,
         position: &u64,
     ) -> Result<Vec<String>> {
         if *position > 0 {
+            // The high-water mark first: a slot confirmed past its mark would look made again
+            // to the next lease holder (`marks.rs`). Not saved: not confirmed.
+            self.mark(&consumer.name, *position).await?;
             conn.client.update_applied_lsn(Lsn(*position));
         }
         Ok(Vec::new())
     }
 
-    /// After stop the stream is closed: the slot is advanced on a connection of its own.
+    /// After stop the stream is closed: the slot is advanced on a connection of its own,
+    /// after its high-water mark was raised to the position (`marks.rs`).
     fn final_save(&self) -> FinalSave<u64> {
         let (config, slot) = (self.config.clone(), self.slot.clone());
-        Box::new(move |_, position| {
+        let limit = self.health_check;
+        Box::new(move |consumer, position| {
             Box::pin(async move {
                 if position == 0 {
                     return Ok(());
                 }
                 let client = Control::connect(&config, "advancing the replication slot").await?;
+                // The high-water mark first, as in `save`.
+                marks::save_within(&client, &slot, &consumer, position, limit).await?;
                 advance(&client, &slot, position).await
             })
         })
