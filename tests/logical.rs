@@ -2345,6 +2345,35 @@ async fn confirmed_up_to_now(db: &TestDb) {
     assert!(confirmed, "the slot was not confirmed up to {now}");
 }
 
+/// Asserts that consumer `app`'s slot is confirmed no further than its high-water mark: the
+/// mark is saved before the slot is confirmed.
+async fn confirmed_within_the_mark(db: &TestDb) {
+    let (confirmed, mark): (String, Option<String>) = db
+        .client()
+        .await
+        .query_one(
+            "SELECT s.confirmed_flush_lsn::text, m.mark::text
+               FROM pg_replication_slots s
+               LEFT JOIN sqlnotify.slot_marks m ON m.slot = s.slot_name
+              WHERE s.slot_name = 'sqlnotify_app_1f6a832c'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    let within = db
+        .client()
+        .await
+        .query_one(
+            "SELECT $1::text::pg_lsn <= $2::text::pg_lsn",
+            &[&confirmed, &mark],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<bool>>(0);
+    assert_eq!(within, Some(true), "confirmed {confirmed}, mark {mark:?}");
+}
+
 /// No `Status::Gap` or `Status::Failed` among `statuses` within a short bounded wait.
 async fn no_gap_within(statuses: &mut mpsc::UnboundedReceiver<sqlnotify::Status>, wait: Duration) {
     let until = tokio::time::Instant::now() + wait;
@@ -2410,15 +2439,19 @@ async fn a_slot_made_again_while_no_process_of_the_consumer_reads_is_a_gap_for_t
     db.exec("INSERT INTO t VALUES (1)").await;
     assert_eq!(events.next().await.id().as_i64(), Some(1));
     confirmed_up_to_now(&db).await;
+    confirmed_within_the_mark(&db).await;
     no_gap_within(&mut statuses, Duration::from_millis(200)).await;
     notifier.stop().await.unwrap();
+    confirmed_within_the_mark(&db).await;
     // A legitimate restart: the slot moved only as far as the consumer let it.
     db.exec("INSERT INTO t VALUES (10)").await;
     let (notifier, mut statuses, mut events) = app_on(&db.url).await;
     assert_eq!(events.next().await.id().as_i64(), Some(10));
     confirmed_up_to_now(&db).await;
+    confirmed_within_the_mark(&db).await;
     no_gap_within(&mut statuses, Duration::from_millis(500)).await;
     notifier.stop().await.unwrap();
+    confirmed_within_the_mark(&db).await;
     // Made again by someone else while no process of the consumer runs.
     let name = slots(&db).await.remove(0);
     db.exec(&format!("SELECT pg_drop_replication_slot('{name}')"))

@@ -578,6 +578,9 @@ mod tests {
         panic_position: bool,
         /// Every read fails: sessions connect, then fail at once.
         broken: bool,
+        /// A stream that fails on its first message: reads find nothing, waits fail, and the
+        /// source counts nothing it went through as proof ([`Source::proved`]).
+        poisoned: bool,
     }
 
     #[derive(Clone, Default)]
@@ -640,6 +643,9 @@ mod tests {
             if self.shared.lock().broken {
                 return Err(Error::NotRunning);
             }
+            if self.shared.lock().poisoned {
+                return Ok(Some(0));
+            }
             if std::mem::take(&mut self.shared.lock().panic) {
                 panic!("a row the driver cannot convert");
             }
@@ -681,6 +687,9 @@ mod tests {
                 .await
                 .is_ok();
             let mut journal = self.shared.lock();
+            if journal.poisoned {
+                return Err(Error::NotRunning);
+            }
             if journal.fail == Some(self.id) {
                 journal.fail = None;
                 if journal.holder == Some(self.id) {
@@ -689,6 +698,10 @@ mod tests {
                 return Err(Error::NotRunning);
             }
             Ok(woken)
+        }
+
+        fn proved(&self, _: &()) -> bool {
+            !self.shared.lock().poisoned
         }
 
         async fn check(&mut self, _: &mut (), _: Duration) -> Result<()> {
@@ -886,6 +899,35 @@ mod tests {
         // 3.2 s: a bound between them that a loaded machine does not cross.)
         let back = failed.elapsed();
         assert!(back < Duration::from_millis(2_000), "{back:?}");
+        rig.handle.shutdown().await;
+        rig.handle.finish(true).await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn sessions_whose_stream_fails_before_proving_anything_are_retried_ever_more_slowly() {
+        let mut rig = Rig::start(false, 100, false).await;
+        assert_eq!(rig.status().await, Status::Connected);
+        rig.shared.write("a");
+        assert_eq!(rig.batch().await, ["a"]);
+        // Every session now connects and reads without error — nothing — and its stream then
+        // fails: its source counts none of it as proof, so the delays before the restarts
+        // after the first five failures are at least 50, 100, 200, 400 and 800 ms, where a
+        // read without error kept them at 50–100 ms.
+        rig.shared.lock().poisoned = true;
+        let mut failures = Vec::new();
+        while failures.len() < 6 {
+            match rig.status().await {
+                Status::Disconnected { .. } => failures.push(std::time::Instant::now()),
+                Status::Connected | Status::Resynced { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let took = failures[5] - failures[0];
+        assert!(took >= Duration::from_millis(1_550), "{took:?}");
+        // Once the stream works again, its events arrive.
+        rig.shared.lock().poisoned = false;
+        rig.shared.write("b");
+        assert_eq!(rig.batch().await, ["b"]);
         rig.handle.shutdown().await;
         rig.handle.finish(true).await.unwrap();
     }
