@@ -597,6 +597,73 @@ async fn a_position_that_cannot_be_resumed_gets_an_explicit_reset() {
     s.stop().await;
 }
 
+/// A registered consumer's unread row keeps the journal's oldest id low while the purge
+/// deletes the rows of other channels after it: a client behind those rows gets a `reset`, not
+/// a replay that skips them in silence. (Before, the replay judged by the oldest row left —
+/// the stopped consumer's row 1 — that nothing after the client's position was gone, and the
+/// client never got the purged rows, nor a reset.)
+#[actix_rt::test]
+async fn a_resume_behind_rows_purged_around_a_consumers_unread_row_gets_a_reset() {
+    let s = serve(
+        |n| {
+            n.retention(Duration::from_secs(1))
+                .purge_interval(Duration::from_millis(50))
+        },
+        |e| e,
+    )
+    .await;
+    // Consumer `billing` reads invoices and is stopped: its unread row (journal id 1) stays.
+    s.db.exec("CREATE TABLE invoices (id INTEGER PRIMARY KEY)");
+    let billing = Notifier::builder(s.db.url())
+        .watch(Watch::new("invoices", Operation::Insert))
+        .consumer("billing")
+        .start()
+        .await
+        .unwrap();
+    billing.stop().await.unwrap();
+    s.db.exec("INSERT INTO invoices (id) VALUES (1)");
+    let journal = |sql: &'static str| {
+        let path = s.db.path.clone();
+        async move {
+            rusqlite::Connection::open(path)
+                .unwrap()
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .unwrap()
+        }
+    };
+    let mut client = connect(&s.url, &[("x-user", "1")]).await.unwrap();
+    s.insert(1, 1, "new");
+    let last = client.next_event().await.id.expect("an event id");
+    assert_eq!(last, "2");
+    drop(client);
+    // The browser is away while its rows are written and purged around billing's.
+    for id in 2..=20 {
+        s.insert(id, 1, "new");
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            journal("SELECT count(*) FROM sqlnotify_journal").await == 1
+        })
+        .await,
+        "the purge deletes every orders row"
+    );
+    assert_eq!(journal("SELECT min(id) FROM sqlnotify_journal").await, 1);
+    let mut client = connect(&s.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+        .await
+        .unwrap();
+    // A live row after the resume: without a reset it would be the first event.
+    s.insert(21, 1, "new");
+    let reset = client.next_event().await;
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    assert!(reset.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("retention"));
+    assert_eq!(client.next_event().await.row(), 21);
+    drop(client);
+    s.stop().await;
+}
+
 /// A stream that starts live names where the journal stood in its first frame (an `id:`
 /// alone): a browser that drops before its first event — it has no event's id to send back —
 /// resumes from there. What was committed while it was away arrives; nothing older does.

@@ -266,7 +266,8 @@ pub(crate) fn drop_consumer(conn: &mut Connection, name: &str) -> Result<()> {
 
 /// Expires consumers away longer than their expiry, then deletes journal rows older than
 /// `retention` that no active consumer still has to read, recording them on the inactive
-/// consumers that had not read them. Returns how many journal rows were deleted.
+/// consumers that had not read them and the highest id deleted in `sqlnotify_trimmed`.
+/// Returns how many journal rows were deleted.
 pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
     if !ensure(conn)? {
         return Ok(0);
@@ -352,6 +353,18 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
                 .map_err(db_err(context))?;
             rows
         };
+        if let Some(upto) = deleted.iter().map(|(id, _)| *id).max() {
+            // For streams that resume (`journal::replay`): what they lacked may be gone. In
+            // this transaction, so a replay sees the rows gone and the record together.
+            tx.execute_batch(super::ddl::TRIMMED_TABLE)
+                .map_err(db_err(context))?;
+            tx.execute(
+                "INSERT INTO sqlnotify_trimmed (id, upto) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET upto = max(upto, excluded.upto)",
+                [upto],
+            )
+            .map_err(db_err(context))?;
+        }
         for (name, position, channels, missed) in inactive {
             let channels = stored_channels(channels.as_deref());
             let missed = missed_channels(missed.as_deref(), channels.as_deref().unwrap_or(&[]));

@@ -20,7 +20,8 @@ const MAX_OBJECT_COLUMNS: usize = 60;
 
 /// Creates sqlnotify's tables if missing. Runs inside the install transaction. (A consumers
 /// table of an older version gets its new columns from `consumers::ensure`, a journal its
-/// `tx` column from [`JOURNAL_TX_UPGRADE`].)
+/// `tx` column from [`JOURNAL_TX_UPGRADE`]; an install without [`TRIMMED_TABLE`] gets it from
+/// the purge's first delete.)
 pub(crate) fn setup_sql() -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS sqlnotify_catalog (
@@ -46,10 +47,22 @@ CREATE TABLE IF NOT EXISTS sqlnotify_consumers (
     expire_after REAL,
     missed TEXT
 );
+{TRIMMED_TABLE};
 {}",
         super::dead_letters::setup_sql()
     )
 }
+
+/// How far the retention purge has deleted: the highest journal id it ever deleted, in its
+/// one row, written in the transaction of each delete. A stream that resumes from a position
+/// below it may lack a row that is gone (see `journal::replay`): the purge keeps rows a
+/// registered consumer has not read and deletes the rows of other channels around them, so
+/// the oldest row left says nothing about what was deleted after it. The purge creates the
+/// table when an older install lacks it.
+pub(crate) const TRIMMED_TABLE: &str = "CREATE TABLE IF NOT EXISTS sqlnotify_trimmed (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    upto INTEGER NOT NULL
+)";
 
 /// A JSON-text expression of `columns` of `row` (NEW or OLD), in order.
 pub(crate) fn json_expr(row: &str, columns: &[&String]) -> String {
@@ -284,7 +297,7 @@ mod tests {
     #[test]
     fn the_install_script_creates_every_table() {
         let script = install_script(&[]);
-        for table in ["catalog", "journal", "consumers", "dead_letters"] {
+        for table in ["catalog", "journal", "consumers", "dead_letters", "trimmed"] {
             assert!(
                 script.contains(&format!("CREATE TABLE IF NOT EXISTS sqlnotify_{table} (")),
                 "{table}"

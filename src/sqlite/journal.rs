@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::catalog::db_err;
 use super::ddl::NOW;
@@ -139,9 +139,13 @@ pub(crate) fn last_given(conn: &Connection) -> Result<i64> {
 }
 
 /// [`read_after`] `cursor` for a client that resumes, or `TooOld` when a row after `since`
-/// may be gone: ids are AUTOINCREMENT and only the purge deletes rows, so a row missing
-/// between `since` and the oldest row left — or `since` past the newest id ever given — means
-/// the client cannot continue without a gap.
+/// may be gone: only the purge deletes rows, and it records the highest id it deleted
+/// (`sqlnotify_trimmed`) in the transaction of each delete, so a client behind that id may
+/// lack a row that is gone. The oldest row left does not say it: the purge keeps the rows a
+/// registered consumer has not read and deletes the rows of other channels after them (a
+/// consumer stopped with row 1 unread, rows 2..1000 purged: a client at 50 lacks 51..1000,
+/// and the oldest row is 1). A row missing between `since` and the oldest row left (a purge by
+/// a version that kept no record), or `since` past the newest id ever given, is `TooOld` too.
 #[cfg_attr(not(feature = "web"), allow(dead_code))]
 pub(crate) fn replay(
     conn: &Connection,
@@ -168,7 +172,7 @@ pub(crate) fn replay(
         Some(oldest) => since.saturating_add(1) < oldest,
         None => since < given,
     };
-    if since < 0 || since > given || gone {
+    if since < 0 || since > given || gone || since < trimmed(&tx, given)? {
         return Ok(Replay::TooOld);
     }
     // A page of at most `limit` rows (the endpoint's `replay_page`): a replay needs no whole
@@ -183,6 +187,33 @@ pub(crate) fn replay(
         }),
         fence: Fence::Journal { head: last },
     })
+}
+
+/// The highest journal id the purge has deleted (`sqlnotify_trimmed`; 0 before any purge, or
+/// where an older install has no such table yet). A record past `given`, the last id the
+/// journal gave out, is of a journal dropped since (its ids started again): it says nothing
+/// about this one.
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+fn trimmed(conn: &Connection, given: i64) -> Result<i64> {
+    let context = "reading how far the journal was trimmed";
+    let exists: bool = conn
+        .query_row(
+            "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name = 'sqlnotify_trimmed'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(db_err(context))?;
+    if !exists {
+        return Ok(0);
+    }
+    let upto: Option<i64> = conn
+        .query_row("SELECT upto FROM sqlnotify_trimmed WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(db_err(context))?;
+    Ok(upto.filter(|&upto| upto <= given).unwrap_or(0))
 }
 
 /// A TEXT column as a `String`. SQLite lets an application store text that is not UTF-8
@@ -249,6 +280,46 @@ mod tests {
             let replay = replay(&conn, (since, since), 10, &channels).unwrap();
             assert!(matches!(replay, crate::replay::Replay::TooOld), "{since}");
         }
+    }
+
+    /// The purge keeps a stopped consumer's unread row 1 and deletes rows 2..=10 of another
+    /// channel: a resume from 5 lacks 6..=10, though the oldest row left is 1.
+    #[test]
+    fn a_resume_behind_rows_purged_after_a_kept_row_is_too_old() {
+        use crate::replay::Replay;
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&crate::sqlite::ddl::setup_sql())
+            .unwrap();
+        // As an older version installed it: the purge adds the table.
+        conn.execute_batch("DROP TABLE sqlnotify_trimmed").unwrap();
+        conn.execute(
+            "INSERT INTO sqlnotify_consumers (name, cursor, updated_at, state, channels) \
+             VALUES ('billing', 0, 0, 'active', '[\"y\"]')",
+            [],
+        )
+        .unwrap();
+        for channel in std::iter::once("y").chain(std::iter::repeat_n("x", 9)) {
+            conn.execute(
+                "INSERT INTO sqlnotify_journal (channel, payload, created_at) VALUES (?1, '{}', 0)",
+                [channel],
+            )
+            .unwrap();
+        }
+        let deleted =
+            crate::sqlite::consumers::purge(&mut conn, std::time::Duration::ZERO).unwrap();
+        assert_eq!(deleted, 9);
+        assert_eq!(head(&conn).unwrap(), 1, "billing's row is kept");
+        let channels: HashSet<Arc<str>> = [Arc::from("x")].into();
+        let resume = |since| replay(&conn, (since, since), 10, &channels).unwrap();
+        for since in [0, 5, 9] {
+            assert!(matches!(resume(since), Replay::TooOld), "{since}");
+        }
+        // A client that had everything the purge took resumes.
+        assert!(matches!(resume(10), Replay::Rows { .. }));
+        // An install of a version without the record (no table): the oldest row decides.
+        conn.execute_batch("DROP TABLE sqlnotify_trimmed").unwrap();
+        let resume = |since| replay(&conn, (since, since), 10, &channels).unwrap();
+        assert!(matches!(resume(5), Replay::Rows { .. }));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The SQLite dialect: triggers append to a journal table that listeners read by cursor.
 //!
 //! What sqlnotify changes on a SQLite database: it switches it to WAL mode (persistent, so
-//! the application's writers are never blocked by a listener's reads), and creates four
+//! the application's writers are never blocked by a listener's reads), and creates five
 //! tables — `sqlnotify_catalog`, `sqlnotify_journal`, `sqlnotify_consumers` (registered
-//! consumers, see `consumers.rs`), `sqlnotify_dead_letters` (see `dead_letters.rs`) — and one
-//! trigger per watch, named after its channel. Every
+//! consumers, see `consumers.rs`), `sqlnotify_dead_letters` (see `dead_letters.rs`),
+//! `sqlnotify_trimmed` (how far the purge deleted, for streams that resume: `journal::replay`)
+//! — and one trigger per watch, named after its channel. Every
 //! connection it opens sets a busy timeout and keeps its transactions short.
 //!
 //! URLs: `sqlite:///absolute/path.db` and `sqlite://relative/path.db`. The file must exist.
