@@ -569,6 +569,64 @@ async fn application_writes_never_see_busy_with_an_unnamed_listener() {
     notifier.stop().await.unwrap();
 }
 
+/// The retention purge, every 10 ms with nothing to purge (an hour's retention), takes no write
+/// lock: writes with a busy timeout of 0 never fail across its ticks. (Before, every tick took
+/// `BEGIN IMMEDIATE` for the consumers' expiry and a write that came then got `SQLITE_BUSY`.)
+/// The purge is seen running first: it deletes a row written as two hours old.
+#[actix_rt::test]
+async fn application_writes_never_see_busy_while_the_purge_has_nothing_to_do() {
+    let db = TempDb::new();
+    db.exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("t", Operation::Insert).extra_columns(["v"]))
+        .retention(Duration::from_secs(3600))
+        .purge_interval(Duration::from_millis(10))
+        .start()
+        .await
+        .unwrap();
+    db.exec(
+        "INSERT INTO sqlnotify_journal (channel, payload, created_at) \
+         VALUES ('elsewhere', '{}', (julianday('now') - 2440587.5) * 86400.0 - 7200)",
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(60), || async {
+            db.count("SELECT count(*) FROM sqlnotify_journal") == 0
+        })
+        .await,
+        "the purge runs"
+    );
+    // The write lock taken again and again for two seconds (some 200 ticks): a purge that
+    // took it meanwhile fails one of these at once.
+    let path = db.path.clone();
+    let (attempts, busy) = tokio::task::spawn_blocking(move || {
+        let conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::ZERO).unwrap();
+        let (started, mut attempts, mut busy) = (std::time::Instant::now(), 0u64, Vec::new());
+        while started.elapsed() < Duration::from_secs(2) {
+            attempts += 1;
+            match conn.execute_batch("BEGIN IMMEDIATE") {
+                Ok(()) => conn.execute_batch("COMMIT").unwrap(),
+                Err(e) => busy.push(e.to_string()),
+            }
+        }
+        (attempts, busy)
+    })
+    .await
+    .unwrap();
+    assert!(
+        busy.is_empty(),
+        "{} of {attempts} write transactions could not begin, first: {:?}",
+        busy.len(),
+        busy.first()
+    );
+    writes_never_fail(&db, &notifier, Duration::ZERO).await;
+    notifier.stop().await.unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlnotify_journal"),
+        BUSY_ROWS + 1
+    );
+}
+
 #[actix_rt::test]
 async fn application_writes_never_see_busy_with_a_named_consumer() {
     let db = TempDb::new();

@@ -268,27 +268,60 @@ pub(crate) fn drop_consumer(conn: &mut Connection, name: &str) -> Result<()> {
 /// `retention` that no active consumer still has to read, recording them on the inactive
 /// consumers that had not read them and the highest id deleted in `sqlnotify_trimmed`.
 /// Returns how many journal rows were deleted.
+///
+/// What there is to do is looked for with reads (a reader holds no writer up in WAL mode): the
+/// write lock (`BEGIN IMMEDIATE`) is taken only when a consumer is due to expire or a row is
+/// to be deleted, so a purge with nothing to do — most ticks — never makes an application
+/// writer wait. (Before, every tick took it for the expiry's `UPDATE`, and a writer with a
+/// busy timeout of 0 that came then got `SQLITE_BUSY`.)
 pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
     if !ensure(conn)? {
         return Ok(0);
     }
     let context = "trimming the journal";
-    let expire = format!(
-        "UPDATE sqlnotify_consumers SET state = 'expired' \
-         WHERE state NOT IN ('dropped', 'expired') AND expire_after IS NOT NULL \
-           AND updated_at < {NOW} - expire_after RETURNING name"
+    let due = format!(
+        "state NOT IN ('dropped', 'expired') AND expire_after IS NOT NULL \
+         AND updated_at < {NOW} - expire_after"
     );
+    let any_due: bool = conn
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM sqlnotify_consumers WHERE {due})"
+        ))
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+        .map_err(db_err(context))?;
+    if any_due {
+        // The same condition again under the write lock: a consumer may have saved since.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err(context))?;
+        let expired = {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "UPDATE sqlnotify_consumers SET state = 'expired' WHERE {due} RETURNING name"
+                ))
+                .map_err(db_err(context))?;
+            let names = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(db_err(context))?;
+            names
+        };
+        tx.commit().map_err(db_err(context))?;
+        for name in expired {
+            log::info!("sqlnotify: consumer {name:?} expired (away longer than its expiry)");
+        }
+    }
     let deletable = format!(
         "j.created_at < {NOW} - ?1
          AND NOT EXISTS (SELECT 1 FROM sqlnotify_consumers c
                           WHERE c.state NOT IN ('dropped', 'expired') AND j.id > c.cursor
                             AND {READS_CHANNEL})"
     );
-    // The rows to delete are looked for outside the write transaction (a reader holds no
-    // writer up in WAL mode): that search can read the whole journal — no index on
-    // `created_at`, and an active consumer far behind protects every row it must still read —
-    // and under the write lock it kept the application's writers waiting (1.4 s for a million
-    // rows). The delete checks the same conditions again on those rows only.
+    // The rows to delete are looked for outside the write transaction: that search can read
+    // the whole journal — no index on `created_at`, and an active consumer far behind protects
+    // every row it must still read — and under the write lock it kept the application's
+    // writers waiting (1.4 s for a million rows). The delete checks the same conditions again
+    // on those rows only.
     let candidates =
         format!("SELECT j.id FROM sqlnotify_journal j WHERE {deletable} ORDER BY j.id LIMIT ?2");
     let delete = format!(
@@ -297,7 +330,7 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
              WHERE j.id IN (SELECT value FROM json_each(?3)) AND {deletable})
          RETURNING id, channel"
     );
-    let (mut total, mut first) = (0u64, true);
+    let mut total = 0u64;
     loop {
         let found: Vec<i64> = conn
             .prepare_cached(&candidates)
@@ -306,23 +339,13 @@ pub(crate) fn purge(conn: &mut Connection, retention: Duration) -> Result<u64> {
                     .collect()
             })
             .map_err(db_err(context))?;
-        if found.is_empty() && !first {
+        if found.is_empty() {
             return Ok(total);
         }
         let ids = serde_json::to_string(&found).expect("a list of integers");
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db_err(context))?;
-        if std::mem::take(&mut first) {
-            let mut stmt = tx.prepare(&expire).map_err(db_err(context))?;
-            let expired = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-                .map_err(db_err(context))?;
-            for name in expired {
-                log::info!("sqlnotify: consumer {name:?} expired (away longer than its expiry)");
-            }
-        }
         let inactive = {
             let mut stmt = tx
                 .prepare(
@@ -395,4 +418,78 @@ fn text(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<String> {
         Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
         Err(_) => String::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database file of the test's own, in a directory removed on drop.
+    struct File(std::path::PathBuf);
+
+    impl File {
+        fn new(name: &str) -> File {
+            let dir = std::env::temp_dir().join(format!(
+                "sqlnotify-consumers-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            File(dir)
+        }
+
+        fn open(&self) -> Connection {
+            let conn = Connection::open(self.0.join("db.sqlite")).unwrap();
+            conn.busy_timeout(Duration::ZERO).unwrap();
+            conn
+        }
+    }
+
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// With nothing to delete and no consumer due to expire, the purge takes no write lock:
+    /// it runs (and returns) while an application transaction holds it, with a busy timeout
+    /// of 0. Once there is work, it needs the lock — the same purge then fails busy.
+    #[test]
+    fn a_purge_with_nothing_to_do_takes_no_write_lock() {
+        let file = File::new("idle-purge");
+        let app = file.open();
+        app.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; {}",
+            crate::sqlite::ddl::setup_sql()
+        ))
+        .unwrap();
+        // A recent row (kept by an hour's retention), a consumer not yet due to expire.
+        app.execute_batch(&format!(
+            "INSERT INTO sqlnotify_journal (channel, payload, created_at) VALUES ('c', '{{}}', {NOW});
+             INSERT INTO sqlnotify_consumers (name, cursor, updated_at, state, channels, expire_after)
+             VALUES ('billing', 1, {NOW}, 'active', '[\"c\"]', 3600)"
+        ))
+        .unwrap();
+        let mut purger = file.open();
+        app.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for _ in 0..3 {
+            assert_eq!(purge(&mut purger, Duration::from_secs(3600)).unwrap(), 0);
+        }
+        // Work to do: a consumer due to expire.
+        app.execute_batch("UPDATE sqlnotify_consumers SET updated_at = 0; COMMIT; BEGIN IMMEDIATE")
+            .unwrap();
+        let busy = purge(&mut purger, Duration::from_secs(3600)).unwrap_err();
+        assert!(busy.to_string().contains("locked"), "{busy}");
+        app.execute_batch("COMMIT").unwrap();
+        assert_eq!(purge(&mut purger, Duration::from_secs(3600)).unwrap(), 0);
+        let state: String = app
+            .query_row("SELECT state FROM sqlnotify_consumers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(state, "expired");
+        // Work to do: a row past the retention (the expired consumer protects nothing).
+        app.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(purge(&mut purger, Duration::ZERO).is_err());
+        app.execute_batch("COMMIT").unwrap();
+        assert_eq!(purge(&mut purger, Duration::ZERO).unwrap(), 1);
+    }
 }
