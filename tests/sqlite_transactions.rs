@@ -208,3 +208,81 @@ async fn a_transaction_larger_than_the_in_flight_budget_is_delivered_whole() {
     events.assert_none_within(QUIET).await;
     notifier.stop().await.unwrap();
 }
+
+/// Rows larger than what one journal read may hold (64 MiB of payloads, or one row larger):
+/// three rows of 40 MiB in one tracked transaction, then a small row. The reads end between
+/// the transaction's rows; its events still arrive whole, in order, once, with one
+/// transaction id and its last one marked, and the small row after them.
+#[actix_rt::test]
+async fn rows_larger_than_a_reads_bytes_arrive_whole_in_order_once() {
+    const BIG: usize = 40 << 20;
+    let db = SqliteFile::new("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT NOT NULL)");
+    let notifier = Notifier::builder(db.url())
+        .watch(Watch::new("big", Operation::Insert).extra_columns(["body"]))
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    notifier
+        .subscribe_fn(Subscription::new("big", Operation::Insert), move |e| {
+            let _ = tx.send(e);
+        })
+        .await
+        .unwrap();
+    let body = |id: i64| char::from(b'a' + id as u8).to_string().repeat(BIG);
+    let path = db.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::from_secs(30)).unwrap();
+        sqlnotify::sqlite_transactions::track(&conn).unwrap();
+        let tx = conn.transaction().unwrap();
+        for id in 1..=3 {
+            tx.execute(
+                "INSERT INTO big (id, body) VALUES (?1, ?2)",
+                rusqlite::params![id, body(id)],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        conn.execute("INSERT INTO big (id, body) VALUES (4, 'small')", [])
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let event = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .expect("an event should have arrived")
+            .unwrap();
+        got.push(event);
+    }
+    assert!(
+        tokio::time::timeout(QUIET, rx.recv()).await.is_err(),
+        "each row once"
+    );
+    let s = summary(&got);
+    let ids: Vec<i64> = s.iter().map(|e| e.0).collect();
+    assert_eq!(ids, [1, 2, 3, 4], "in order");
+    for (event, id) in got.iter().zip(1..=3) {
+        let text = event.get("body").and_then(|v| v.as_str()).expect("a body");
+        assert!(
+            text.len() == BIG && text.bytes().all(|b| b == b'a' + id as u8),
+            "row {id} whole: {} bytes",
+            text.len()
+        );
+    }
+    assert_eq!(got[3].get("body").and_then(|v| v.as_str()), Some("small"));
+    assert!(s[0].2.is_some());
+    assert!(
+        s[..3].iter().all(|e| e.2 == s[0].2),
+        "one transaction: {s:?}"
+    );
+    assert_ne!(s[3].2, s[0].2, "the small row's transaction is another");
+    // Each read held one big row (a second would take it past 64 MiB), so two reads ended
+    // inside the transaction: a row a read ended on says it does not know whether it is the
+    // last (`None`); the last row says it is. (Read whole, rows 1 and 2 said `Some(false)`.)
+    let marks: Vec<Option<bool>> = s.iter().map(|e| e.3).collect();
+    assert_eq!(marks, [None, None, Some(true), Some(true)], "{s:?}");
+    notifier.stop().await.unwrap();
+}

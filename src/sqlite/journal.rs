@@ -37,6 +37,13 @@ pub(crate) fn head(conn: &Connection) -> Result<i64> {
 /// Most rows a listener's read takes past its `limit` to end on a transaction's last row.
 pub(crate) const MAX_EXTENSION: i64 = 100_000;
 
+/// Most payload bytes a read holds (as MySQL's listener reads): a read — a listener's, a
+/// resuming client's page — ends before a kept row whose payload would take it past this,
+/// unless it holds no row yet (so a row larger than this is read alone). Rows are collected
+/// before the in-flight budget applies, so without it a read of 1,000 rows (or a transaction
+/// of 100,000) held all of their payloads at once, however large.
+pub(crate) const READ_BYTES: usize = 64 << 20;
+
 /// Reads up to `limit` rows after `cursor` — more to end with a whole transaction, when its
 /// rows say which (`tx`, written for connections that track their transactions; see
 /// [`crate::sqlite_transactions`]) — and keeps those on `channels`, the last kept row of each
@@ -47,12 +54,15 @@ pub(crate) const MAX_EXTENSION: i64 = 100_000;
 /// where the next row belongs to another transaction (or where there is none: a transaction
 /// commits all of its rows at once) has every row of its last transaction; one larger than
 /// `extension` rows past `limit` (the listener's [`MAX_EXTENSION`]) is cut, and its last
-/// kept row there says `None`.
+/// kept row there says `None`. So is one whose kept payloads pass `max_bytes` (the
+/// listener's [`READ_BYTES`]): the read ends before the row that would take it past them,
+/// wherever that is — the rest of the transaction comes with the next read, in order.
 pub(crate) fn read_after(
     conn: &Connection,
     cursor: i64,
     limit: i64,
     extension: i64,
+    max_bytes: usize,
     channels: &HashSet<Arc<str>>,
 ) -> Result<(Vec<RawNotification>, i64, bool)> {
     // A journal of an older version, where sqlnotify does not manage the tables, has no `tx`.
@@ -69,26 +79,32 @@ pub(crate) fn read_after(
     let mut rows = stmt
         .query(params![cursor])
         .map_err(db_err("reading the journal"))?;
-    let (mut out, mut last, mut looked) = (Vec::new(), cursor, 0i64);
+    let (mut out, mut last, mut looked, mut held) = (Vec::new(), cursor, 0i64, 0usize);
     let (mut previous_tx, mut done, mut cut) = (None::<i64>, true, None::<i64>);
     let now = SystemTime::now();
     while let Some(row) = rows.next().map_err(db_err("reading the journal"))? {
         let tx: Option<i64> = row.get(3).unwrap_or(None);
-        if looked >= limit {
-            let same = tx.is_some() && tx == previous_tx;
-            if !same || looked >= limit.saturating_add(extension) {
-                // Left for the next read.
-                done = false;
-                cut = if same { previous_tx } else { None };
-                break;
-            }
+        let same = tx.is_some() && tx == previous_tx;
+        // Left for the next read: past the rows' limit (once the transaction ends, or past the
+        // extension), or a kept row whose payload would take the read past its bytes.
+        let past_rows = looked >= limit && (!same || looked >= limit.saturating_add(extension));
+        let channel = text(row, 1)?;
+        let kept = channels.get(channel.as_str());
+        let size = match kept {
+            Some(_) => payload_len(row, 2)?,
+            None => 0,
+        };
+        if past_rows || (held > 0 && held.saturating_add(size) > max_bytes) {
+            done = false;
+            cut = if same { previous_tx } else { None };
+            break;
         }
         let id: i64 = row.get(0).map_err(db_err("reading the journal"))?;
         last = id;
         looked += 1;
         previous_tx = tx;
-        let channel = text(row, 1)?;
-        if let Some(channel) = channels.get(channel.as_str()) {
+        if let Some(channel) = kept {
+            held += size;
             out.push(RawNotification {
                 channel: channel.clone(),
                 payload: text(row, 2)?,
@@ -107,6 +123,14 @@ pub(crate) fn read_after(
     }
     mark_transactions(&mut out, cut);
     Ok((out, last, done))
+}
+
+/// The size in bytes of a TEXT (or BLOB) column, without copying it.
+fn payload_len(row: &rusqlite::Row<'_>, index: usize) -> Result<usize> {
+    let value = row
+        .get_ref(index)
+        .map_err(|e| crate::error::Error::db("reading the journal", e))?;
+    Ok(value.as_bytes().map(<[u8]>::len).unwrap_or(0))
 }
 
 /// Marks the last row of each transaction among `rows` (consecutive per transaction, each
@@ -175,9 +199,9 @@ pub(crate) fn replay(
     if since < 0 || since > given || gone || since < trimmed(&tx, given)? {
         return Ok(Replay::TooOld);
     }
-    // A page of at most `limit` rows (the endpoint's `replay_page`): a replay needs no whole
-    // transactions, and each resuming client holds its page.
-    let (rows, last, done) = read_after(&tx, cursor, limit, 0, channels)?;
+    // A page of at most `limit` rows (the endpoint's `replay_page`) and `READ_BYTES` of
+    // payloads: a replay needs no whole transactions, and each resuming client holds its page.
+    let (rows, last, done) = read_after(&tx, cursor, limit, 0, READ_BYTES, channels)?;
     drop(tx);
     Ok(Replay::Rows {
         rows,
@@ -373,7 +397,7 @@ mod tests {
         // A limit of 1 still reads transaction 1 whole: its last kept row is row 2.
         let read = |cursor, limit| {
             let (rows, last, done) =
-                read_after(&conn, cursor, limit, MAX_EXTENSION, &channels).unwrap();
+                read_after(&conn, cursor, limit, MAX_EXTENSION, READ_BYTES, &channels).unwrap();
             let rows: Vec<_> = rows
                 .iter()
                 .map(|r| (r.sequence, r.transaction, r.last_in_transaction))
@@ -399,6 +423,59 @@ mod tests {
                 (Some(6), Some(5), Some(true))
             ]
         );
+    }
+
+    /// A read holds at most `max_bytes` of payloads, or one row larger than that: it ends
+    /// before the kept row that would take it past them — inside a transaction too, whose
+    /// last row there then says `None` and whose rest comes with the next read. Rows of other
+    /// channels weigh nothing.
+    #[test]
+    fn a_read_ends_before_the_row_that_would_pass_its_bytes() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&crate::sqlite::ddl::setup_sql())
+            .unwrap();
+        let insert = |channel: &str, bytes: usize, tx: Option<i64>| {
+            conn.execute(
+                "INSERT INTO sqlnotify_journal (channel, payload, created_at, tx) VALUES (?1, ?2, 0, ?3)",
+                params![channel, "x".repeat(bytes), tx],
+            )
+            .unwrap();
+        };
+        // 1-3: untracked rows of 40 bytes; 4: 500 bytes on another channel; 5-7: transaction 5,
+        // 40 bytes each; 8: a row of 300 bytes alone; 9: 10 bytes.
+        for _ in 0..3 {
+            insert("a", 40, None);
+        }
+        insert("b", 500, None);
+        for _ in 0..3 {
+            insert("a", 40, Some(5));
+        }
+        insert("a", 300, None);
+        insert("a", 10, None);
+        let channels: HashSet<Arc<str>> = [Arc::from("a")].into();
+        let read = |cursor| {
+            let (rows, last, done) =
+                read_after(&conn, cursor, 1_000, MAX_EXTENSION, 100, &channels).unwrap();
+            let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|r| (r.sequence.unwrap(), r.last_in_transaction))
+                .collect();
+            (rows, bytes, last, done)
+        };
+        // 80 bytes; the third row would make 120.
+        assert_eq!(read(0), (vec![(1, None), (2, None)], 80, 2, false));
+        // Row 3, row 4 (another channel: nothing held), row 5 (80); row 6 would make 120: the
+        // transaction is cut after row 5, whose mark is not known.
+        assert_eq!(read(2), (vec![(3, None), (5, None)], 80, 5, false));
+        // The rest of transaction 5, marked at its end; row 8 would pass the bytes.
+        assert_eq!(
+            read(5),
+            (vec![(6, Some(false)), (7, Some(true))], 80, 7, false)
+        );
+        // A row larger than the bytes is read alone.
+        assert_eq!(read(7), (vec![(8, None)], 300, 8, false));
+        assert_eq!(read(8), (vec![(9, None)], 10, 9, true));
     }
 
     #[test]

@@ -26,7 +26,8 @@ use crate::consumer::ConsumerParams;
 use crate::error::{Error, Result};
 use crate::listener::{FinalSave, Outlet, Pace, Source, Wake};
 
-/// Rows read per query.
+/// Rows read per query (and at most [`journal::READ_BYTES`] of payloads: a read ends before
+/// a row that would take it past them, unless it has none yet).
 const READ_BATCH: i64 = 1_000;
 
 /// The listener's connection, used from blocking threads one call at a time.
@@ -183,6 +184,7 @@ impl Source for SqliteSource {
                     position,
                     READ_BATCH,
                     journal::MAX_EXTENSION,
+                    journal::READ_BYTES,
                     &channels,
                 )?;
                 Ok((version, batch, last, all))
