@@ -112,6 +112,20 @@ pub enum Error {
         /// The second watch using it.
         second: String,
     },
+    /// A watch's channel differs only in case from one another notifier installed in the same
+    /// SQLite database (two applications whose labels differ only in case). SQLite trigger
+    /// names ignore case, so installing it would drop that notifier's trigger and put its own in
+    /// its place. Nothing is installed.
+    ChannelCaseConflict {
+        /// This watch's channel (`sqlnotify_{label}`).
+        channel: String,
+        /// This watch, as `schema.table operation`.
+        watch: String,
+        /// The installed channel it collides with.
+        installed: String,
+        /// The installed watch, as `schema.table operation`.
+        installed_watch: String,
+    },
     /// An identifier (channel, trigger or function name) is longer than the database allows.
     IdentifierTooLong {
         /// The identifier.
@@ -332,6 +346,24 @@ impl fmt::Display for Error {
                 f,
                 "channel label {label:?} is used by both {first} and {second}; a label names one table and operation"
             ),
+            Error::ChannelCaseConflict {
+                channel,
+                watch,
+                installed,
+                installed_watch,
+            } => {
+                let label = |c: &str| c.strip_prefix("sqlnotify_").unwrap_or(c).to_string();
+                write!(
+                    f,
+                    "channel {channel:?} of watch {watch} (label {:?}) differs only in case from \
+                     channel {installed:?} of watch {installed_watch} (label {:?}), which another \
+                     notifier installed in this database; SQLite trigger names ignore case, so \
+                     installing it would replace that notifier's trigger: give one of them a \
+                     channel_label that differs in more than case",
+                    label(channel),
+                    label(installed)
+                )
+            }
             Error::IdentifierTooLong {
                 identifier,
                 kind,

@@ -188,6 +188,63 @@ async fn mixed_case_names_keyword_columns_and_quotes_in_labels_work() {
     notifier.stop().await.unwrap();
 }
 
+/// Two applications on one file whose labels differ only in case: SQLite trigger names ignore
+/// case, so the second's install dropped the first's trigger (`DROP TRIGGER IF EXISTS
+/// "sqlnotify_orders"` removes `sqlnotify_Orders`) and put its own in its place — and the
+/// first's next start did the same back. The second is refused, naming both; nothing of it
+/// is installed, and the first keeps its trigger and its events.
+#[actix_rt::test]
+async fn labels_differing_only_in_case_across_notifiers_are_refused() {
+    let db = TempDb::new();
+    db.exec(
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY); \
+         CREATE TABLE payments (id INTEGER PRIMARY KEY)",
+    );
+    let first = Notifier::builder(db.url())
+        .watch(Watch::new("orders", Operation::Insert).channel_label("Orders"))
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(
+        &first,
+        Subscription::new("orders", Operation::Insert).channel_label("Orders"),
+    )
+    .await;
+    let e = Notifier::builder(db.url())
+        .watch(Watch::new("payments", Operation::Insert))
+        .watch(Watch::new("payments", Operation::Insert).channel_label("orders"))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::ChannelCaseConflict { channel, watch, installed, installed_watch }
+            if channel == "sqlnotify_orders"
+                && watch == "main.payments INSERT"
+                && installed == "sqlnotify_Orders"
+                && installed_watch == "main.orders INSERT"),
+        "{e:?}"
+    );
+    let message = e.to_string();
+    assert!(
+        message.contains("(label \"orders\")") && message.contains("(label \"Orders\")"),
+        "{message}"
+    );
+    assert_eq!(db.triggers(), ["sqlnotify_Orders"]);
+    assert_eq!(db.catalog(), ["sqlnotify_Orders"]);
+    db.exec("INSERT INTO orders (id) VALUES (1)");
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    // The same label again (the first application restarting, or a second process of it)
+    // is no conflict.
+    let again = Notifier::builder(db.url())
+        .watch(Watch::new("orders", Operation::Insert).channel_label("Orders"))
+        .start()
+        .await
+        .unwrap();
+    again.stop().await.unwrap();
+    events.assert_empty();
+    first.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn blob_values_arrive_as_hex_text_and_the_write_succeeds() {
     let db = TempDb::new();

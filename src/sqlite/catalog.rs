@@ -178,6 +178,9 @@ pub(crate) fn install(
             log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
         }
         for w in watches {
+            check_case_conflict(tx, w)?;
+        }
+        for w in watches {
             let name = &w.channel.name;
             let Some(action) = installed_state(tx, w, true)?.plan(w, options)? else {
                 continue;
@@ -276,6 +279,32 @@ fn check_trigger_names(watches: &[ResolvedWatch]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses a watch whose channel differs only in case from one in the catalog — another
+/// notifier's (two applications whose labels differ only in case): the trigger names would
+/// be one, so installing it would drop that notifier's trigger, and that notifier's next start
+/// this one's ([`check_trigger_names`] sees only the watches of one notifier).
+fn check_case_conflict(conn: &Connection, w: &ResolvedWatch) -> Result<()> {
+    let name = &w.channel.name;
+    let other: Option<(String, String, String)> = conn
+        .query_row(
+            "SELECT channel, table_name, operation FROM sqlnotify_catalog \
+             WHERE channel = ?1 COLLATE NOCASE AND channel <> ?1 COLLATE BINARY LIMIT 1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(db_err(format!("reading the catalog entries near {name}")))?;
+    match other {
+        Some((installed, table, operation)) => Err(Error::ChannelCaseConflict {
+            channel: name.clone(),
+            watch: describe(w),
+            installed,
+            installed_watch: format!("main.{table} {}", operation.to_ascii_uppercase()),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn verify(conn: &Connection, watches: &[ResolvedWatch]) -> Result<()> {
