@@ -46,7 +46,9 @@ async fn tracked_connections_give_each_transaction_one_id_and_mark_its_last_even
         .start()
         .await
         .unwrap();
-    // Both watches into one channel; sorted by journal position below (commit order).
+    // Both watches into one channel, in arrival order: every `subscribe_fn` closure of a
+    // notifier runs in one actor on its arbiter, a routed batch's events for all of them in
+    // one message, so they arrive in the order the listener read them — commit order.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for op in [Operation::Insert, Operation::Update] {
         let tx = tx.clone();
@@ -104,7 +106,12 @@ async fn tracked_connections_give_each_transaction_one_id_and_mark_its_last_even
         tokio::time::timeout(QUIET, rx.recv()).await.is_err(),
         "nothing more (no rolled-back row)"
     );
-    got.sort_by_key(|e| (e.sequence(), e.part()));
+    // As they arrived (before, sorted by sequence first: out-of-order delivery passed).
+    let sequences: Vec<Option<i64>> = got.iter().map(|e| e.sequence()).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "arrival in journal order: {sequences:?}"
+    );
     let s = summary(&got);
     let rows: Vec<(i64, &str)> = s.iter().map(|(id, op, ..)| (*id, *op)).collect();
     assert_eq!(
