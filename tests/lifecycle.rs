@@ -233,15 +233,30 @@ async fn stop_delivers_everything_already_received_then_start_works_again() {
     let builder = watching_t(&db).await;
     let notifier = builder.start().await.unwrap();
     let handled = Arc::new(AtomicUsize::new(0));
-    let h = handled.clone();
-    notifier
-        .subscribe_fn(Subscription::new("t", Operation::Insert), move |_| {
-            // A slow handler: events pile up in its mailbox.
-            std::thread::sleep(Duration::from_millis(2));
-            h.fetch_add(1, Ordering::SeqCst);
-        })
-        .await
-        .unwrap();
+    // The closure is subscribed on an arbiter of its own (closures run on the arbiter they
+    // were subscribed on), so it can wait there for a gate without holding up this thread:
+    // nothing is handled before the gate opens, which is after stop() has begun — so the 200
+    // counted once stop() returns were handled while it waited, not before it was called.
+    let (open, gate) = std::sync::mpsc::channel::<()>();
+    let arbiter = actix::Arbiter::new();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let (on_arbiter, h) = (notifier.clone(), handled.clone());
+    assert!(arbiter.spawn(async move {
+        let mut gate = Some(gate);
+        let subscription = on_arbiter
+            .subscribe_fn(Subscription::new("t", Operation::Insert), move |_| {
+                if let Some(gate) = gate.take() {
+                    // Bounded: a test that failed before opening it ends anyway.
+                    let _ = gate.recv_timeout(Duration::from_secs(60));
+                }
+                // A slow handler: events pile up in its buffer.
+                std::thread::sleep(Duration::from_millis(2));
+                h.fetch_add(1, Ordering::SeqCst);
+            })
+            .await;
+        let _ = subscribed_tx.send(subscription);
+    }));
+    subscribed.await.unwrap().unwrap();
     db.exec("INSERT INTO t SELECT generate_series(1, 200)")
         .await;
     let received = wait_until(Duration::from_secs(10), || async {
@@ -249,12 +264,26 @@ async fn stop_delivers_everything_already_received_then_start_works_again() {
     })
     .await;
     assert!(received);
-    notifier.stop().await.unwrap();
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        0,
+        "the gate holds the handler"
+    );
+    let mut stopping = Box::pin(notifier.stop());
+    // stop() has begun (polled once) with every event still unhandled; then the gate opens
+    // and the 200 take at least 400 ms to run.
+    assert!(
+        futures_util::FutureExt::now_or_never(&mut stopping).is_none(),
+        "stop() returned at once, with every event still unhandled"
+    );
+    open.send(()).unwrap();
+    stopping.await.unwrap();
     assert_eq!(
         handled.load(Ordering::SeqCst),
         200,
         "stop() returned only after every handler ran"
     );
+    arbiter.stop();
     let stats = notifier.stats().await.unwrap();
     assert_eq!(
         (stats.received, stats.delivered, stats.malformed),
