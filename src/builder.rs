@@ -1,7 +1,8 @@
 //! [`NotifierBuilder`]: the URL, the watches and every option of a notifier, and `start()`.
 //!
 //! `start()` does everything that can fail before anything runs: it checks the watches,
-//! validates them against the live schema, installs (or verifies) the triggers in one
+//! validates them against the live schema (and the subscriptions registered on the builder
+//! against their channels), installs (or verifies) the triggers in one
 //! transaction, then starts the pipeline and the listener, and returns once the listener is
 //! LISTENing — so a row committed after `start()` returns is delivered. The builder also
 //! serves the calls that need no running notifier (`install_sql`, `cleanup`, `consumers`).
@@ -507,7 +508,10 @@ impl NotifierBuilder {
 
     /// Validates the watches against the live schema, installs their triggers, starts the
     /// actors and resolves once the listener is listening. Must run inside an actix system.
-    /// Nothing is installed if any watch is invalid.
+    /// Nothing is installed (and, with [`cleanup_on_start`](Self::cleanup_on_start), nothing
+    /// removed) if any watch is invalid, or if a subscription registered with
+    /// [`subscribe`](Self::subscribe) selects no watch ([`Error::NotWatched`]) or filters on a
+    /// column its channel does not carry ([`Error::UnknownFilterColumn`]).
     pub async fn start(&self) -> Result<Notifier> {
         if self.gap_timeout == Some(Duration::ZERO) {
             return Err(Error::InvalidOption {
@@ -565,9 +569,19 @@ impl NotifierBuilder {
 
     async fn start_with(&self, dialect: Arc<dyn Dialect>) -> Result<Notifier> {
         let watches = self.resolve(&*dialect).await?;
+        let channels = Channels::new(
+            watches.iter().map(|w| w.channel.clone()),
+            dialect.default_schema(),
+        );
+        // The builder's subscriptions are part of what start() validates: checked before
+        // anything is installed (with cleanup_on_start, before anything is removed), as the
+        // registry will check them again once the pipeline runs.
+        for (subscription, _) in &self.subscriptions {
+            subscription.channel_in(&channels)?;
+        }
         dialect
             .install(
-                watches.clone(),
+                watches,
                 InstallOptions {
                     revoke_on_model_change: self.revoke_on_model_change,
                     cleanup_on_start: self.cleanup_on_start,
@@ -576,10 +590,6 @@ impl NotifierBuilder {
                 },
             )
             .await?;
-        let channels = Channels::new(
-            watches.into_iter().map(|w| w.channel),
-            dialect.default_schema(),
-        );
         let pipeline = Pipeline::start(channels, dialect.overflow_store(), self.pipeline);
         for (subscription, recipient) in &self.subscriptions {
             let subscribe = Subscribe::new(subscription.clone(), recipient.clone());

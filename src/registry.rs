@@ -183,13 +183,7 @@ impl Registry {
     }
 
     fn add(&mut self, subscription: Subscription, sink: Sink) -> Result<SubscriptionId> {
-        let channel = self.channels.find(
-            subscription.schema.as_deref(),
-            &subscription.table,
-            subscription.operation,
-            subscription.label.as_deref(),
-        )?;
-        crate::filter::check_columns(channel, &subscription.filters)?;
+        let channel = subscription.channel_in(&self.channels)?;
         let buffer = Buffer::new(subscription.policy, subscription.buffer);
         let name = channel.name().to_string();
         Ok(self.insert(&name, subscription.filters, sink, buffer))

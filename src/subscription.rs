@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+use std::sync::Arc;
+
+use crate::event::{Channel, Channels};
 use crate::filter::Filter;
 use crate::operation::Operation;
 
@@ -69,6 +72,23 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The channel of `channels` this subscription selects, once its filters are checked
+    /// against the columns that channel carries: [`Error::NotWatched`](crate::Error::NotWatched)
+    /// when no watch matches its table, operation and label,
+    /// [`Error::UnknownFilterColumn`](crate::Error::UnknownFilterColumn) when a filter names a
+    /// column the channel does not carry. What the registry checks on every subscribe, and
+    /// `start()` on the builder's subscriptions before it installs anything.
+    pub(crate) fn channel_in<'a>(&self, channels: &'a Channels) -> crate::Result<&'a Arc<Channel>> {
+        let channel = channels.find(
+            self.schema.as_deref(),
+            &self.table,
+            self.operation,
+            self.label.as_deref(),
+        )?;
+        crate::filter::check_columns(channel, &self.filters)?;
+        Ok(channel)
+    }
+
     /// Events of `operation` on `table` (`"schema.table"`, or a table in the database's default
     /// schema), from the watch without a channel label.
     pub fn new(table: impl Into<String>, operation: Operation) -> Self {

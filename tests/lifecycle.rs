@@ -149,6 +149,68 @@ async fn cleanup_on_start_removes_watches_dropped_from_the_code() {
     notifier.stop().await.unwrap();
 }
 
+/// A subscription registered on the builder is validated with the watches, before anything is
+/// installed or — with `cleanup_on_start` — removed: one on an operation no watch covers, or
+/// filtering on a column the channel does not carry, fails `start()` with another
+/// application's trigger still in place and nothing of this builder's installed. It used to be
+/// checked only once the pipeline ran, after the install had removed every other trigger.
+#[actix_rt::test]
+async fn a_builder_subscription_that_selects_no_watch_fails_start_before_anything_is_installed() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY)")
+        .await;
+    // Another application's watch.
+    Notifier::builder(&db.url)
+        .watch(Watch::new("orders", Operation::Delete))
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
+    let theirs = trigger_oid(&db, "sqlnotify_public_orders_delete")
+        .await
+        .unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let recipient = common::Forward(tx).start_actor().recipient();
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("users", Operation::Insert))
+        .cleanup_on_start(true);
+    let not_watched = builder.clone().subscribe(
+        Subscription::new("users", Operation::Delete),
+        recipient.clone(),
+    );
+    let err = not_watched.start().await.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&err, Error::NotWatched { table, operation: Operation::Delete, .. }
+            if table == "public.users"),
+        "{err}"
+    );
+    let unknown_column = builder.subscribe(
+        Subscription::new("users", Operation::Insert).filter(sqlnotify::Filter::eq("email", "a")),
+        recipient,
+    );
+    let err = unknown_column.start().await.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownFilterColumn { column, .. } if column == "email"),
+        "{err}"
+    );
+    assert_eq!(
+        trigger_oid(&db, "sqlnotify_public_orders_delete").await,
+        Some(theirs),
+        "the other application's trigger is untouched"
+    );
+    assert_eq!(
+        trigger_oid(&db, USERS_INSERT).await,
+        None,
+        "nothing was installed"
+    );
+    assert_eq!(
+        catalog_channels(&db).await,
+        ["sqlnotify_public_orders_delete"]
+    );
+}
+
 #[actix_rt::test]
 async fn cleanup_on_stop_and_cleanup_remove_objects() {
     let db = TestDb::new().await;
