@@ -56,6 +56,7 @@ pub struct NotifierBuilder {
     revoke_on_model_change: bool,
     cleanup_on_start: bool,
     cleanup_on_stop: bool,
+    cleanup_installed_on_stop: bool,
     manage_triggers: bool,
     pipeline: PipelineOptions,
     health_check: Duration,
@@ -78,6 +79,7 @@ impl std::fmt::Debug for NotifierBuilder {
             .field("revoke_on_model_change", &self.revoke_on_model_change)
             .field("cleanup_on_start", &self.cleanup_on_start)
             .field("cleanup_on_stop", &self.cleanup_on_stop)
+            .field("cleanup_installed_on_stop", &self.cleanup_installed_on_stop)
             .field("manage_triggers", &self.manage_triggers)
             .field("gap_timeout", &self.gap_timeout)
             .field("mysql_transaction_ids", &self.mysql_transaction_ids)
@@ -99,6 +101,7 @@ impl NotifierBuilder {
             revoke_on_model_change: true,
             cleanup_on_start: false,
             cleanup_on_stop: false,
+            cleanup_installed_on_stop: false,
             manage_triggers: true,
             pipeline: PipelineOptions {
                 max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -157,6 +160,20 @@ impl NotifierBuilder {
     /// keeps WAL on the server.
     pub fn cleanup_on_stop(mut self, yes: bool) -> Self {
         self.cleanup_on_stop = yes;
+        self
+    }
+
+    /// On [`Notifier::stop`], remove the triggers this notifier's `start()` created or
+    /// replaced ([`Notifier::installed_channels`]), and only those: a watch `start()` found
+    /// installed as generated — by another notifier on the same database, which may still be
+    /// reading it, or by an earlier run — is left alone. For a notifier that visits a database
+    /// other applications watch (`sqlnotify tail --cleanup-on-exit`); combine it with
+    /// [`revoke_on_model_change(false)`](Self::revoke_on_model_change) so that `start()` never
+    /// replaces someone else's trigger either. [`cleanup_on_stop(true)`](Self::cleanup_on_stop)
+    /// removes every trigger of this notifier's, whoever installed it, and wins over this.
+    /// Default: false.
+    pub fn cleanup_installed_on_stop(mut self, yes: bool) -> Self {
+        self.cleanup_installed_on_stop = yes;
         self
     }
 
@@ -579,7 +596,7 @@ impl NotifierBuilder {
         for (subscription, _) in &self.subscriptions {
             subscription.channel_in(&channels)?;
         }
-        dialect
+        let installed = dialect
             .install(
                 watches,
                 InstallOptions {
@@ -643,6 +660,8 @@ impl NotifierBuilder {
             listener,
             backlog,
             cleanup_on_stop: self.cleanup_on_stop,
+            cleanup_installed_on_stop: self.cleanup_installed_on_stop,
+            installed,
             install_timeout: self.install_timeout,
         }))
     }

@@ -70,12 +70,14 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn check_watches(&self, _watches: &[ResolvedWatch]) -> BoxFuture<'static, Result<()>> {
         Box::pin(async { Ok(()) })
     }
-    /// Installs (or verifies) the objects for `watches`.
+    /// Installs (or verifies) the objects for `watches`; returns the channels whose objects it
+    /// created or replaced (with `cleanup_on_start`, every watch's), none of those it found
+    /// installed as generated — what `cleanup_installed_on_stop` removes.
     fn install(
         &self,
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
-    ) -> BoxFuture<'static, Result<()>>;
+    ) -> BoxFuture<'static, Result<Vec<String>>>;
     /// The DDL `install` would run for `watches`, for users who apply migrations themselves;
     /// with `grant_to`, followed by the grants that role needs to run a notifier.
     fn install_sql(&self, watches: &[ResolvedWatch], grant_to: Option<&str>) -> Result<String>;

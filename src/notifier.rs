@@ -41,6 +41,10 @@ pub(crate) struct Started {
     /// Counts a named consumer's backlog (stops when dropped).
     pub backlog: Option<BacklogWatch>,
     pub cleanup_on_stop: bool,
+    /// Remove at stop the triggers of `installed` (unless `cleanup_on_stop` removes them all).
+    pub cleanup_installed_on_stop: bool,
+    /// The channels whose triggers `start()` created or replaced.
+    pub installed: Vec<String>,
     pub install_timeout: Duration,
 }
 
@@ -55,6 +59,9 @@ struct Inner {
     /// Decoder, registry and what they share.
     pipeline: Pipeline,
     cleanup_on_stop: bool,
+    cleanup_installed_on_stop: bool,
+    /// The channels whose triggers `start()` created or replaced.
+    installed: Vec<String>,
     install_timeout: Duration,
     running: Mutex<Option<Running>>,
     /// Resolve when the thread of a blocking subscriber has run its last event.
@@ -117,6 +124,8 @@ impl Notifier {
             listener,
             backlog,
             cleanup_on_stop,
+            cleanup_installed_on_stop,
+            installed,
             install_timeout,
         } = started;
         Notifier {
@@ -124,12 +133,26 @@ impl Notifier {
                 dialect,
                 pipeline,
                 cleanup_on_stop,
+                cleanup_installed_on_stop,
+                installed,
                 install_timeout,
                 running: Mutex::new(Some(Running { listener, backlog })),
                 blocking: Mutex::new(Vec::new()),
                 stopping: tokio::sync::watch::Sender::new(false),
             }),
         }
+    }
+
+    /// The channels whose triggers [`start`](crate::NotifierBuilder::start) created or
+    /// replaced, sorted: empty when it found every watch installed as generated (by another
+    /// notifier sharing the database, or an earlier run), with
+    /// [`manage_triggers(false)`](crate::NotifierBuilder::manage_triggers), and on the logical
+    /// tier (no trigger). What
+    /// [`cleanup_installed_on_stop`](crate::NotifierBuilder::cleanup_installed_on_stop) removes.
+    pub fn installed_channels(&self) -> Vec<String> {
+        let mut installed = self.inner.installed.clone();
+        installed.sort();
+        installed
     }
 
     /// `"postgresql"`, `"sqlite"` or `"mysql"`.
@@ -200,18 +223,25 @@ impl Notifier {
     pub async fn subscribe_snapshot(&self, snapshot: Snapshot) -> Result<SnapshotFeed> {
         let channels = &self.inner.pipeline.channels;
         let schema = snapshot.schema.as_deref();
-        let label = snapshot.label.as_deref();
-        let mut found = Vec::new();
+        let labels: Vec<Option<&str>> = match snapshot.labels.as_slice() {
+            [] => vec![None],
+            labels => labels.iter().map(|l| Some(l.as_str())).collect(),
+        };
+        let mut found: Vec<Arc<Channel>> = Vec::new();
         for operation in [Operation::Insert, Operation::Update, Operation::Delete] {
-            if let Ok(channel) = channels.find(schema, &snapshot.table, operation, label) {
-                found.push(channel.clone());
+            for &label in &labels {
+                if let Ok(channel) = channels.find(schema, &snapshot.table, operation, label) {
+                    if !found.iter().any(|c| c.name() == channel.name()) {
+                        found.push(channel.clone());
+                    }
+                }
             }
         }
         let channel = match found.first() {
             Some(channel) => channel.clone(),
-            // No watch on the table at all: the error names it (and the label).
+            // No watch on the table at all: the error names it (and the first label).
             None => channels
-                .find(schema, &snapshot.table, Operation::Insert, label)?
+                .find(schema, &snapshot.table, Operation::Insert, labels[0])?
                 .clone(),
         };
         crate::filter::check_columns(&channel, &snapshot.filters)?;
@@ -749,7 +779,8 @@ impl Notifier {
     /// subscribers (closure subscribers have run by the time this returns; actor subscribers
     /// have it in their mailbox) — waiting as long as the pipeline makes progress, and giving
     /// up on the rest, counted as dropped, once it made none for 15 s — removes this
-    /// notifier's triggers if `cleanup_on_stop`, and closes the connections. A second call returns [`Error::NotRunning`]. When the listener
+    /// notifier's triggers if `cleanup_on_stop` (those its start() installed if
+    /// `cleanup_installed_on_stop`), and closes the connections. A second call returns [`Error::NotRunning`]. When the listener
     /// had stopped for good ([`failure`](Self::failure)), stop still does all this and then
     /// returns that error.
     ///
@@ -791,14 +822,15 @@ impl Notifier {
                  not finished what they were handed"
             );
         }
-        if self.inner.cleanup_on_stop {
-            let names = self
-                .inner
-                .pipeline
-                .channels
-                .names()
-                .map(str::to_string)
-                .collect();
+        let remove: Option<Vec<String>> = if self.inner.cleanup_on_stop {
+            let names = self.inner.pipeline.channels.names();
+            Some(names.map(str::to_string).collect())
+        } else if self.inner.cleanup_installed_on_stop && !self.inner.installed.is_empty() {
+            Some(self.inner.installed.clone())
+        } else {
+            None
+        };
+        if let Some(names) = remove {
             let uninstalled = self
                 .inner
                 .dialect

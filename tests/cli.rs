@@ -186,10 +186,13 @@ fn tail_prints_json_lines_and_cleans_up_on_ctrl_c() {
 
     db.exec("INSERT INTO users VALUES (1, 'ann@example.com', 'Ann')");
     let e = tail.next_event();
+    // tail's own channel: never an application's sqlnotify_main_users_insert.
+    let channel = e["channel"].as_str().unwrap_or_default();
+    assert!(channel.starts_with("sqlnotify_tail_users_insert_"), "{e}");
     assert_eq!(
         e,
         json!({
-            "channel": "sqlnotify_main_users_insert",
+            "channel": channel,
             "schema": "main",
             "table": "users",
             "operation": "insert",
@@ -219,9 +222,9 @@ fn tail_prints_json_lines_and_cleans_up_on_ctrl_c() {
     let status = tail.interrupt();
     assert!(status.success(), "{status:?}; stderr: {:?}", tail.errors);
     assert!(
-        tail.errors
-            .iter()
-            .any(|l| l == "sqlnotify: interrupted; stopping and removing the triggers …"),
+        tail.errors.iter().any(|l| l
+            == "sqlnotify: interrupted; stopping and removing the triggers this command \
+                    installed …"),
         "{:?}",
         tail.errors
     );
@@ -364,6 +367,61 @@ fn tail_keeps_triggers_without_cleanup_and_prints_composite_keys_and_labels() {
     let status = tail.interrupt();
     assert!(status.success(), "{status:?}; stderr: {:?}", tail.errors);
     assert_eq!(db.triggers(), 1, "triggers stay without --cleanup-on-exit");
+    let installed = db.trigger_definitions();
+
+    // The same --label and options with --cleanup-on-exit: it finds the trigger installed,
+    // so the trigger is not this run's to remove.
+    let mut again = Running::tail(&[
+        &url,
+        "-t",
+        "order_items",
+        "-o",
+        "update",
+        "-c",
+        "qty",
+        "--label",
+        "qty_changes",
+        "--cleanup-on-exit",
+    ]);
+    db.exec("UPDATE order_items SET qty = 3");
+    assert_eq!(again.next_event()["columns"], json!({"qty": 3}));
+    let status = again.interrupt();
+    assert!(status.success(), "{status:?}; stderr: {:?}", again.errors);
+    assert!(
+        again.errors.iter().any(|l| l
+            == "sqlnotify: interrupted; stopping (this command installed no trigger: it found \
+                them all installed, so they stay) …"),
+        "{:?}",
+        again.errors
+    );
+    assert_eq!(
+        db.trigger_definitions(),
+        installed,
+        "the trigger stays as it was"
+    );
+
+    // Other options on that --label: refused, and the installed trigger is not replaced.
+    let (status, _, err) = run(&[
+        "tail",
+        &url,
+        "-t",
+        "order_items",
+        "-o",
+        "update",
+        "--label",
+        "qty_changes",
+        "--cleanup-on-exit",
+    ]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("sqlnotify_qty_changes") && err.contains("tail never replaces"),
+        "{err}"
+    );
+    assert_eq!(
+        db.trigger_definitions(),
+        installed,
+        "the trigger stays as it was"
+    );
 }
 
 #[test]
@@ -449,6 +507,120 @@ fn tail_on_postgres_with_the_durable_tier() {
     let status = tail.interrupt();
     assert!(status.success(), "{status:?}; stderr: {:?}", tail.errors);
     assert_eq!(rt.block_on(db.count(installed)), 0);
+}
+
+/// `tail` next to an application that watches the same table and operation — durably, with
+/// another column, as a named consumer — goes through a channel of its own: the application's
+/// trigger is not replaced by tail's notify-tier one (which wrote no journal row: the
+/// application lost every row of the period, with no Gap), and `--cleanup-on-exit` removes only
+/// tail's own trigger (it used to drop the application's). The application gets every row,
+/// during the tail and after it.
+#[test]
+fn tail_never_changes_or_removes_an_applications_trigger() {
+    use sqlnotify::{Notifier, Operation, Subscription, Tier, Watch};
+
+    actix::System::new().block_on(async {
+        let db = TestDb::new().await;
+        db.exec("CREATE TABLE orders (id bigint PRIMARY KEY, total int, note text)")
+            .await;
+        let app = Notifier::builder(&db.url)
+            .watch(
+                Watch::new("orders", Operation::Insert)
+                    .tier(Tier::Durable)
+                    .extra_columns(["total"]),
+            )
+            .consumer("billing")
+            .start()
+            .await
+            .unwrap();
+        let mut received =
+            common::Events::subscribe(&app, Subscription::new("orders", Operation::Insert)).await;
+        // The application's triggers on orders and their functions, and its catalog entry.
+        let apps_objects = "SELECT coalesce(string_agg(t.oid || ':' || t.tgname || ':' || p.oid \
+                                || ':' || md5(p.prosrc), ',' ORDER BY t.oid), '') \
+                                || '/' || (SELECT md5(definition) FROM sqlnotify.catalog \
+                                           WHERE channel = 'sqlnotify_public_orders_insert') \
+                              FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+                             WHERE t.tgrelid = 'orders'::regclass AND NOT t.tgisinternal \
+                               AND t.tgname NOT LIKE 'sqlnotify\\_tail\\_%'";
+        let objects = || async {
+            let row = db
+                .client()
+                .await
+                .query_one(apps_objects, &[])
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        };
+        let before = objects().await;
+        assert!(
+            before.contains("sqlnotify_public_orders_insert"),
+            "{before}"
+        );
+        let journaled = "SELECT count(*) FROM sqlnotify.journal \
+                         WHERE channel = 'sqlnotify_public_orders_insert'";
+
+        let mut tail = Running::tail(&[
+            &db.url,
+            "-t",
+            "orders",
+            "--op",
+            "insert",
+            "--columns",
+            "note",
+            "--cleanup-on-exit",
+        ]);
+        assert_eq!(
+            objects().await,
+            before,
+            "tail left the application's trigger alone"
+        );
+        db.exec("INSERT INTO orders VALUES (1, 10, 'first')").await;
+        let e = tail.next_event();
+        assert_eq!(
+            (e["id"].as_i64(), &e["columns"]),
+            (Some(1), &json!({"note": "first"}))
+        );
+        let channel = e["channel"].as_str().unwrap().to_string();
+        assert!(
+            channel.starts_with("sqlnotify_tail_orders_insert_"),
+            "{channel}"
+        );
+        let status = tail.interrupt();
+        assert!(status.success(), "{status:?}; stderr: {:?}", tail.errors);
+        assert!(
+            tail.errors.iter().any(|l| l
+                == "sqlnotify: interrupted; stopping and removing the triggers this command \
+                    installed …"),
+            "{:?}",
+            tail.errors
+        );
+        assert!(
+            tail.errors
+                .iter()
+                .any(|l| l == &format!("sqlnotify: removed the triggers of {channel}")),
+            "{:?}",
+            tail.errors
+        );
+
+        assert_eq!(
+            objects().await,
+            before,
+            "the application's trigger is unchanged"
+        );
+        let tails = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'sqlnotify\\_tail\\_%'";
+        assert_eq!(db.count(tails).await, 0, "tail removed its own trigger");
+        assert_eq!(db.count(journaled).await, 1, "the row was journaled");
+        let e = received.next().await;
+        assert_eq!(
+            (e.id().as_i64(), e.get("total")),
+            (Some(1), Some(&json!(10)))
+        );
+        db.exec("INSERT INTO orders VALUES (2, 20, 'second')").await;
+        assert_eq!(received.next().await.id().as_i64(), Some(2));
+        assert_eq!(db.count(journaled).await, 2);
+        app.stop().await.unwrap();
+    });
 }
 
 #[test]

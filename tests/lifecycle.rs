@@ -211,6 +211,45 @@ async fn a_builder_subscription_that_selects_no_watch_fails_start_before_anythin
     );
 }
 
+/// `cleanup_installed_on_stop` removes at stop what this notifier's `start()` installed, and
+/// nothing it found installed: another notifier's trigger, identical to its own, stays.
+#[actix_rt::test]
+async fn cleanup_installed_on_stop_removes_only_what_start_installed() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY)")
+        .await;
+    let app = Notifier::builder(&db.url)
+        .watch(Watch::new("users", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let theirs = trigger_oid(&db, USERS_INSERT).await.unwrap();
+    assert_eq!(app.installed_channels(), [USERS_INSERT]);
+    let visitor = Notifier::builder(&db.url)
+        .watch(Watch::new("users", Operation::Insert))
+        .watch(Watch::new("orders", Operation::Insert))
+        .revoke_on_model_change(false)
+        .cleanup_installed_on_stop(true)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        visitor.installed_channels(),
+        ["sqlnotify_public_orders_insert"]
+    );
+    visitor.stop().await.unwrap();
+    assert_eq!(trigger_oid(&db, USERS_INSERT).await, Some(theirs));
+    assert_eq!(
+        trigger_oid(&db, "sqlnotify_public_orders_insert").await,
+        None
+    );
+    assert_eq!(catalog_channels(&db).await, [USERS_INSERT]);
+    let mut ev = Events::subscribe(&app, Subscription::new("users", Operation::Insert)).await;
+    db.exec("INSERT INTO users VALUES (1)").await;
+    assert_eq!(ev.next().await.id().as_i64(), Some(1));
+    app.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn cleanup_on_stop_and_cleanup_remove_objects() {
     let db = TestDb::new().await;

@@ -67,11 +67,19 @@ enum Command {
     /// "columns" the extra columns asked for with --columns, "sequence" the journal position
     /// (null for PostgreSQL's notify tier). Progress and status messages go to stderr.
     ///
+    /// tail watches through channels of its own, never an application's: "channel" is
+    /// sqlnotify_tail_<table>_<op>_<hash of the options>, so tail never replaces or removes the
+    /// trigger of an application watching the same table (whose channel is
+    /// sqlnotify_<schema>_<table>_<op>, or its label's). Without --cleanup-on-exit its triggers
+    /// stay installed, and a later tail with the same options reuses them.
+    ///
     /// Example: sqlnotify tail sqlite://app.db --table users --op insert,update --columns email
     Tail {
         #[command(flatten)]
         watch: WatchArgs,
-        /// On exit (Ctrl-C or SIGTERM), remove the triggers this command installed.
+        /// On exit (Ctrl-C or SIGTERM), remove the triggers this command installed, and only
+        /// those: with this option, tail's channels are this run's alone, and a trigger it found
+        /// installed (a --label channel) stays.
         #[arg(long)]
         cleanup_on_exit: bool,
         /// First print every current row of each table (lines with "snapshot": true, in key
@@ -336,7 +344,9 @@ struct WatchArgs {
     /// Key columns, in this order (default: the table's primary key).
     #[arg(long, value_delimiter = ',', value_name = "COLUMN")]
     key: Vec<String>,
-    /// Send events on channel sqlnotify_<LABEL> (only with one --table and one --op).
+    /// Send events on channel sqlnotify_<LABEL> (only with one --table and one --op). tail:
+    /// instead of its own channel; one already installed there with another definition is an
+    /// error, never replaced.
     #[arg(long)]
     label: Option<String>,
     /// How events travel on PostgreSQL: notify (fastest, at most once), durable (journal,
@@ -936,22 +946,105 @@ fn described(watches: &[(String, Operation, Watch)]) -> String {
     what.join(", ")
 }
 
+/// The label of `tail`'s own channel for `table` and `op` (`sqlnotify_tail_…`), so that it
+/// never installs on, replaces or removes an application's channel: the table (shortened) and
+/// operation for the reader, then a hash of everything the trigger's definition depends on —
+/// the table as given, the operation, tier, capture, columns, key, and sqlnotify's version —
+/// so that another `tail` with other options (or another version) gets a channel of its own,
+/// and one with the same options shares it; with `run` (`--cleanup-on-exit`), the run too, so
+/// that the triggers it removes on exit are its alone, never read by another `tail`.
+fn tail_label(args: &WatchArgs, table: &str, op: Operation, run: Option<&str>) -> String {
+    // FNV-1a, 64 bits: stable across builds and platforms (the channel outlives the process).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut add = |part: &str| {
+        for byte in part.bytes().chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    add(env!("CARGO_PKG_VERSION"));
+    add(table);
+    add(op.as_str());
+    add(&format!("{:?}", args.tier));
+    add(&format!("{:?}", args.capture));
+    add(&args.columns.join("\u{1}"));
+    add(&args.key.join("\u{1}"));
+    if let Some(run) = run {
+        add(run);
+    }
+    let short: String = table
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(24)
+        .collect();
+    // At most 5 + 24 + 1 + 6 + 1 + 12 = 49 bytes: the channel, with `sqlnotify_`, fits 63.
+    format!(
+        "tail_{short}_{}_{:012x}",
+        op.as_str(),
+        hash & 0xffff_ffff_ffff
+    )
+}
+
 async fn tail(
     args: &WatchArgs,
     cleanup_on_exit: bool,
     snapshot: bool,
     locks: &LockArgs,
 ) -> Result<(), Failure> {
-    let watches = watches(args)?;
-    let builder = builder(args)?
-        .cleanup_on_stop(cleanup_on_exit)
+    // tail's own channels (or the one --label names): never an application's. Each watch's
+    // label, for its subscription and the snapshot.
+    let run = cleanup_on_exit.then(|| {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!("{}:{nanos}", std::process::id())
+    });
+    let mut watches = watches(args)?;
+    let mut labels = Vec::with_capacity(watches.len());
+    for (table, op, watch) in &mut watches {
+        let label = match &args.label {
+            Some(label) => label.clone(),
+            None => {
+                let label = tail_label(args, table, *op, run.as_deref());
+                *watch = watch.clone().channel_label(label.clone());
+                label
+            }
+        };
+        labels.push(label);
+    }
+    let mut builder = Notifier::builder(args.url.clone());
+    for (_, _, watch) in &watches {
+        builder = builder.watch(watch.clone());
+    }
+    // An installed trigger that differs (a --label channel someone else installed) is an
+    // error, never replaced; on exit, only what this run installed is removed.
+    let builder = builder
+        .revoke_on_model_change(false)
+        .cleanup_installed_on_stop(cleanup_on_exit)
         .install_timeout(locks.timeout()?);
     eprintln!(
         "sqlnotify: installing triggers for {} in the {} database …",
         described(&watches),
         builder.dialect_name()?
     );
-    let notifier = builder.start().await?;
+    let notifier = builder.start().await.map_err(|e| match e {
+        sqlnotify::Error::DefinitionDrift { channel, table, .. } => Failure {
+            message: format!(
+                "channel {channel} on {table} is installed with another definition (by an \
+                 application, or a tail with other options); tail never replaces a trigger it \
+                 did not install: choose another --label"
+            ),
+            code: 1,
+        },
+        e => e.into(),
+    })?;
 
     // stdout closed (`| head`, `None`): stop as if interrupted; a snapshot failed (`Some`):
     // stop, then fail with its error.
@@ -964,10 +1057,12 @@ async fn tail(
         }
     }
     for table in tables {
-        let mut request = sqlnotify::Snapshot::new(table.clone());
-        if let Some(label) = &args.label {
-            request = request.channel_label(label.clone());
-        }
+        let table_labels = watches
+            .iter()
+            .zip(&labels)
+            .filter(|((t, _, _), _)| t == table)
+            .map(|(_, label)| label.clone());
+        let request = sqlnotify::Snapshot::new(table.clone()).channel_labels(table_labels);
         let feed = match notifier.subscribe_snapshot(request).await {
             Ok(feed) => feed,
             Err(e) => {
@@ -977,11 +1072,8 @@ async fn tail(
         };
         actix_rt::spawn(print_feed(table.clone(), feed, closed_tx.clone()));
     }
-    for (table, op, _) in watches.iter().filter(|_| !snapshot) {
-        let mut subscription = Subscription::new(table.clone(), *op);
-        if let Some(label) = &args.label {
-            subscription = subscription.channel_label(label.clone());
-        }
+    for ((table, op, _), label) in watches.iter().zip(&labels).filter(|_| !snapshot) {
+        let subscription = Subscription::new(table.clone(), *op).channel_label(label.clone());
         let closed_tx = closed_tx.clone();
         let subscribed = notifier
             .subscribe_fn(subscription, move |event| {
@@ -1024,14 +1116,23 @@ async fn tail(
             None => "stdout closed",
         },
     };
-    if cleanup_on_exit {
-        eprintln!("sqlnotify: {reason}; stopping and removing the triggers …");
-    } else {
-        eprintln!("sqlnotify: {reason}; stopping …");
+    let installed = notifier.installed_channels();
+    match (cleanup_on_exit, installed.is_empty()) {
+        (true, false) => eprintln!(
+            "sqlnotify: {reason}; stopping and removing the triggers this command installed …"
+        ),
+        (true, true) => eprintln!(
+            "sqlnotify: {reason}; stopping (this command installed no trigger: it found them \
+             all installed, so they stay) …"
+        ),
+        (false, _) => eprintln!("sqlnotify: {reason}; stopping …"),
     }
     notifier.stop().await?;
-    if cleanup_on_exit {
-        eprintln!("sqlnotify: removed the triggers");
+    if cleanup_on_exit && !installed.is_empty() {
+        eprintln!(
+            "sqlnotify: removed the triggers of {}",
+            installed.join(", ")
+        );
     }
     match failed {
         Some(failure) => Err(failure),

@@ -356,14 +356,15 @@ async fn unlock<T>(conn: &mut Conn, outcome: Result<T>) -> Result<T> {
     Ok(value)
 }
 
-/// Installs (or, with `manage_triggers` off, verifies) `watches`.
+/// Installs (or, with `manage_triggers` off, verifies) `watches`; returns the channels whose
+/// triggers it created or replaced.
 pub(crate) async fn install(
     conn: &mut Conn,
     database: &str,
     watches: &[ResolvedWatch],
     options: InstallOptions,
     transaction_ids: bool,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     check_trigger_names(watches)?;
     if !options.manage_triggers {
         verify(conn, database, watches).await?;
@@ -378,7 +379,7 @@ pub(crate) async fn install(
                 ),
             });
         }
-        return Ok(());
+        return Ok(Vec::new());
     }
     let version: Option<String> = conn
         .query_first("SELECT VERSION()")
@@ -431,7 +432,7 @@ pub(crate) async fn install(
             }
         }
         if plan.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         if !mariadb {
             // MySQL replaces a trigger by dropping it first: make sure the server will let us
@@ -441,19 +442,21 @@ pub(crate) async fn install(
         conn.query_drop(ddl::enter_trigger_sql_mode())
             .await
             .map_err(db_err("setting the sql_mode for creating triggers"))?;
-        let mut installed = Ok(());
+        let mut installed = Vec::with_capacity(plan.len());
+        let mut outcome = Ok(());
         for (w, action) in plan {
-            installed = install_one(conn, database, w, action, mariadb, &mut wait).await;
-            if installed.is_err() {
+            outcome = install_one(conn, database, w, action, mariadb, &mut wait).await;
+            if outcome.is_err() {
                 break;
             }
+            installed.push(w.channel.name.clone());
         }
         let restored = conn
             .query_drop(ddl::LEAVE_TRIGGER_SQL_MODE)
             .await
             .map_err(db_err("restoring the session's sql_mode"));
-        installed?;
-        restored
+        outcome?;
+        restored.map(|()| installed)
     }
     .await;
     unlock(conn, outcome).await

@@ -294,7 +294,7 @@ impl Dialect for Mysql {
         &self,
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
-    ) -> BoxFuture<'static, Result<()>> {
+    ) -> BoxFuture<'static, Result<Vec<String>>> {
         let (database, transaction_ids) = (self.database.clone(), self.transaction_ids);
         self.control.run(move |conn| {
             Box::pin(async move {

@@ -156,13 +156,14 @@ async fn catalog_exists(client: &impl GenericClient) -> Result<bool> {
 /// sqlnotify's own tables (created, or upgraded: see `ddl::setup_sql`), committed on their
 /// own so an upgrade never holds the journal while user tables are locked; then every
 /// watch's objects, all or nothing. See [`attempt_locks`] for how an attempt takes its locks.
+/// Returns the channels whose objects it created or replaced.
 pub(crate) async fn install(
     client: &mut Client,
     watches: &[ResolvedWatch],
     options: InstallOptions,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     if !options.manage_triggers {
-        return verify(client, watches).await;
+        return verify(client, watches).await.map(|()| Vec::new());
     }
     check_signing(client, watches).await?;
     let mut wait = LockWait::new("installing triggers", options.timeout);
@@ -184,7 +185,7 @@ pub(crate) async fn install(
             .map_err(|e| Error::db("starting the install transaction", e))?;
         let outcome = install_attempt(&tx, watches, options, &wait).await;
         match finish(tx, outcome).await? {
-            Ok(()) => return Ok(()),
+            Ok(installed) => return Ok(installed),
             Err(busy) => wait.retry_after(busy.resolve(client).await?).await?,
         }
     }
@@ -269,13 +270,13 @@ pub(crate) async fn set_up_signing(client: &mut Client, options: InstallOptions)
     }
 }
 
-/// One attempt at installing every watch that needs it.
+/// One attempt at installing every watch that needs it; returns the channels it (re)created.
 async fn install_attempt(
     tx: &Transaction<'_>,
     watches: &[ResolvedWatch],
     options: InstallOptions,
     wait: &LockWait,
-) -> Result<(), Failed> {
+) -> Result<Vec<String>, Failed> {
     take_install_lock(tx, wait).await?;
     let triggers = existing_triggers(tx).await?;
     let mut locks = Locks::default();
@@ -310,13 +311,14 @@ async fn install_attempt(
         plan.push((w, action, targets));
     }
     if !options.cleanup_on_start && plan.is_empty() {
-        return Ok(()); // nothing to change: no table is locked
+        return Ok(Vec::new()); // nothing to change: no table is locked
     }
     attempt_locks(tx, &locks, wait).await?;
     if options.cleanup_on_start {
         let removed = drop_all(tx, &triggers).await?;
         log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
     }
+    let mut installed = Vec::with_capacity(plan.len());
     for (w, action, targets) in plan {
         let name = &w.channel.name;
         log::info!(
@@ -337,8 +339,9 @@ async fn install_attempt(
                 format!("installing trigger {name}"),
             )
         })?;
+        installed.push(name.clone());
     }
-    Ok(())
+    Ok(installed)
 }
 
 /// How long an attempt waits for the install lock of another instance: waiting for it holds

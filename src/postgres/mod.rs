@@ -254,7 +254,7 @@ impl Dialect for Postgres {
         &self,
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
-    ) -> BoxFuture<'static, Result<()>> {
+    ) -> BoxFuture<'static, Result<Vec<String>>> {
         let config = self.config();
         let (logical, watches): (Vec<ResolvedWatch>, Vec<ResolvedWatch>) =
             watches.into_iter().partition(|w| w.tier == Tier::Logical);
@@ -278,7 +278,7 @@ impl Dialect for Postgres {
                         );
                     }
                 }
-                return Ok(());
+                return Ok(Vec::new());
             }
             catalog::install(&mut client, &watches, options).await
         })

@@ -52,7 +52,8 @@ pub const DEFAULT_CHUNK_ROWS: usize = 1_000;
 pub struct Snapshot {
     pub(crate) schema: Option<String>,
     pub(crate) table: String,
-    pub(crate) label: Option<String>,
+    /// The labels of the table's watches it covers; empty: its watches without a label.
+    pub(crate) labels: Vec<String>,
     pub(crate) filters: Vec<Filter>,
     pub(crate) chunk_rows: usize,
     pub(crate) buffer: usize,
@@ -66,7 +67,7 @@ impl Snapshot {
         Snapshot {
             schema,
             table,
-            label: None,
+            labels: Vec::new(),
             filters: Vec::new(),
             chunk_rows: DEFAULT_CHUNK_ROWS,
             buffer: crate::subscription::DEFAULT_BUFFER,
@@ -81,7 +82,19 @@ impl Snapshot {
 
     /// The table's watches with this channel label instead.
     pub fn channel_label(mut self, label: impl Into<String>) -> Self {
-        self.label = Some(label.into());
+        self.labels = vec![label.into()];
+        self
+    }
+
+    /// The table's watches with any of these channel labels instead — one per operation, say,
+    /// since a label names one table and operation: one feed of the rows, then the changes of
+    /// every one of those watches. No label at all: the watches without a label.
+    pub fn channel_labels<I, S>(mut self, labels: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.labels = labels.into_iter().map(Into::into).collect();
         self
     }
 

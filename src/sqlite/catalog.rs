@@ -155,15 +155,16 @@ pub(crate) fn journal_has_tx(conn: &Connection) -> Result<bool> {
     .map_err(db_err("reading the columns of sqlnotify_journal"))
 }
 
-/// Installs (or, with `manage_triggers` off, verifies) `watches`, atomically.
+/// Installs (or, with `manage_triggers` off, verifies) `watches`, atomically; returns the
+/// channels whose triggers it created or replaced.
 pub(crate) fn install(
     conn: &mut Connection,
     watches: &[ResolvedWatch],
     options: InstallOptions,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     check_trigger_names(watches)?;
     if !options.manage_triggers {
-        return verify(conn, watches);
+        return verify(conn, watches).map(|()| Vec::new());
     }
     enable_wal(conn, options.timeout)?;
     in_write_transaction(conn, "installing triggers", options.timeout, |tx| {
@@ -177,6 +178,7 @@ pub(crate) fn install(
             let removed = drop_all(tx)?;
             log::info!("sqlnotify: cleanup_on_start removed {removed} installed watches");
         }
+        let mut installed = Vec::new();
         for w in watches {
             check_case_conflict(tx, w)?;
         }
@@ -194,8 +196,9 @@ pub(crate) fn install(
             );
             tx.execute_batch(&sql)
                 .map_err(db_err(format!("installing trigger {name}")))?;
+            installed.push(name.clone());
         }
-        Ok(())
+        Ok(installed)
     })
 }
 

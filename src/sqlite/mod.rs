@@ -170,7 +170,7 @@ impl Dialect for Sqlite {
         &self,
         watches: Vec<ResolvedWatch>,
         options: InstallOptions,
-    ) -> BoxFuture<'static, Result<()>> {
+    ) -> BoxFuture<'static, Result<Vec<String>>> {
         self.blocking(move |conn| catalog::install(conn, &watches, options))
     }
 

@@ -51,6 +51,22 @@ impl SqliteFile {
     }
 }
 
+impl SqliteFile {
+    /// Every sqlnotify trigger's name and SQL, one per line, by name.
+    pub fn trigger_definitions(&self) -> String {
+        Connection::open(&self.path)
+            .unwrap()
+            .query_row(
+                "SELECT coalesce(group_concat(name || ': ' || sql, char(10)), '') FROM \
+                 (SELECT name, sql FROM sqlite_master \
+                   WHERE type = 'trigger' AND name LIKE 'sqlnotify_%' ORDER BY name)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+}
+
 impl Drop for SqliteFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
