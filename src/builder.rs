@@ -19,7 +19,7 @@ use crate::consumer::{ConsumerInfo, ConsumerParams, MIN_EXPIRY};
 use crate::dead_letters::DeadLetters;
 use crate::decoder::Retention;
 use crate::dialect::open::open_dialect;
-use crate::dialect::{Dialect, DialectOptions, InstallOptions};
+use crate::dialect::{CleanupReport, Dialect, DialectOptions, InstallOptions};
 use crate::durations::capped;
 use crate::error::{Error, Result};
 use crate::event::{ChangeEvent, Channels};
@@ -514,13 +514,24 @@ impl NotifierBuilder {
     /// Removes every sqlnotify trigger (and, on PostgreSQL, trigger function) from the
     /// database — the watches of every notifier — and empties the catalog; returns how many
     /// watches were removed. sqlnotify's own tables (journal, overflow, consumers) are kept:
-    /// other processes may still be reading them. Needs no watches.
+    /// other processes may still be reading them, and the journal tiers' named consumers keep
+    /// their positions. On PostgreSQL with feature `logical`, every sqlnotify replication slot
+    /// and publication is dropped too — a logical consumer's position is its slot, so those
+    /// positions go; [`cleanup_with_report`](Self::cleanup_with_report) names them. Needs no
+    /// watches.
     pub async fn cleanup(&self) -> Result<u64> {
+        Ok(self.cleanup_with_report().await?.watches)
+    }
+
+    /// [`cleanup`](Self::cleanup), saying what it removed: how many watches, and (PostgreSQL,
+    /// feature `logical`) which replication slots and publications it dropped, and the named
+    /// consumers whose positions went with them.
+    pub async fn cleanup_with_report(&self) -> Result<CleanupReport> {
         self.check_install_timeout()?;
         let dialect = self.open_dialect()?;
-        let n = dialect.cleanup_all(self.install_timeout).await;
+        let report = dialect.cleanup_all(self.install_timeout).await;
         dialect.close().await;
-        n
+        report
     }
 
     /// Validates the watches against the live schema, installs their triggers, starts the

@@ -25,6 +25,35 @@ use crate::replay::{Head, Replay, ReplayFrom};
 use crate::resolve::{ResolvedWatch, TableInfo};
 use crate::snapshot::reader::SnapshotReader;
 
+/// What [`cleanup_with_report`](crate::NotifierBuilder::cleanup_with_report) removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CleanupReport {
+    /// How many watches were removed: their triggers (on PostgreSQL also their trigger
+    /// functions) and catalog entries.
+    pub watches: u64,
+    /// The replication slots dropped (PostgreSQL's logical tier, in a build with feature
+    /// `logical`): every sqlnotify slot of the database, by name. A named consumer's slot is
+    /// its position, so each one dropped is a position gone (see `consumers`).
+    pub slots: Vec<String>,
+    /// The named consumers of the logical tier whose slot (their position) or publication was
+    /// dropped, by name; a notifier without a consumer leaves only a throwaway
+    /// `sqlnotify_tmp_…` slot behind, which names none.
+    pub consumers: Vec<String>,
+    /// The publications dropped (logical tier), by name.
+    pub publications: Vec<String>,
+}
+
+impl CleanupReport {
+    /// A report of `watches` removed watches and nothing else.
+    pub(crate) fn watches(watches: u64) -> Self {
+        CleanupReport {
+            watches,
+            ..CleanupReport::default()
+        }
+    }
+}
+
 /// How `start()` treats existing database objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct InstallOptions {
@@ -85,8 +114,8 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn uninstall(&self, channels: Vec<String>, timeout: Duration)
         -> BoxFuture<'static, Result<()>>;
     /// Removes every sqlnotify object in the database, retrying lock waits for up to
-    /// `timeout`; returns how many watches were removed.
-    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>>;
+    /// `timeout` (sqlnotify's tables excepted); says what it removed.
+    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<CleanupReport>>;
     /// Starts a listener; resolves once it is listening.
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>>;
     /// Sends a custom event on `channel` (on a connection other than the listener's) the way

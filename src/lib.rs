@@ -199,6 +199,7 @@ pub use crate::builder::NotifierBuilder;
 pub use crate::consumer::{ConsumerInfo, ConsumerPosition, ConsumerState};
 pub use crate::custom::CustomEvent;
 pub use crate::dead_letters::{DeadLetter, DeadLetterCounts, DeadLetterState, DeadLetters};
+pub use crate::dialect::CleanupReport;
 pub use crate::error::{Error, Result};
 pub use crate::event::{ChangeEvent, Channel, Key, RawNotification};
 pub use crate::filter::Filter;

@@ -757,6 +757,80 @@ fn cleanup_removes_every_watch() {
     assert!(err.contains("removed 0 watch"), "{err}");
 }
 
+/// `cleanup` on a database with a logical-tier named consumer drops its replication slot and
+/// publication — the consumer's position — and says so, naming them and the consumer: it used
+/// to report only "removed 0 watch(es)" (the slot count was logged at info, which the CLI does
+/// not show).
+#[cfg(feature = "logical")]
+#[test]
+fn cleanup_names_the_replication_slots_and_publications_it_drops() {
+    use sqlnotify::{Notifier, Operation, Tier, Watch};
+
+    let Some(cluster) = common::Cluster::start_with(
+        "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10",
+    ) else {
+        common::prerequisite_missing(
+            "cleanup_names_the_replication_slots_and_publications_it_drops",
+            "PostgreSQL's binaries (initdb, pg_ctl)",
+        );
+        return;
+    };
+    actix::System::new().block_on(async {
+        let db = TestDb::on(&cluster.url()).await;
+        db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+        Notifier::builder(&db.url)
+            .watch(Watch::new("t", Operation::Insert).tier(Tier::Logical))
+            .consumer("billing")
+            .start()
+            .await
+            .unwrap()
+            .stop()
+            .await
+            .unwrap();
+        let names = |sql: &'static str| {
+            let db = &db;
+            async move {
+                let rows = db.client().await.query(sql, &[]).await.unwrap();
+                rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
+            }
+        };
+        let slots = names("SELECT slot_name::text FROM pg_replication_slots").await;
+        assert_eq!(
+            slots.len(),
+            1,
+            "the consumer's slot stays after stop: {slots:?}"
+        );
+        let slot = &slots[0];
+        assert_eq!(
+            names("SELECT pubname::text FROM pg_publication").await,
+            std::slice::from_ref(slot),
+            "its publication has the slot's name"
+        );
+
+        let (status, out, err) = run(&["cleanup", &db.url]);
+        assert!(status.success(), "{status:?} {err}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(
+            err.lines().collect::<Vec<_>>(),
+            [
+                "sqlnotify: removing every sqlnotify watch from the postgresql database …",
+                "sqlnotify: removed 0 watch(es)",
+                &format!(
+                    "sqlnotify: dropped 1 replication slot(s): {slot}; the positions of logical \
+                     consumer(s) \"billing\" went with them"
+                ),
+                &format!("sqlnotify: dropped 1 publication(s): {slot}"),
+            ]
+        );
+        assert!(names("SELECT slot_name::text FROM pg_replication_slots")
+            .await
+            .is_empty());
+        assert!(names("SELECT pubname::text FROM pg_publication")
+            .await
+            .is_empty());
+    });
+}
+
 #[test]
 fn bad_input_is_one_line_on_stderr_and_a_non_zero_exit() {
     let db = TempDb::new("CREATE TABLE t (id INTEGER PRIMARY KEY)");

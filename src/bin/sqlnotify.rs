@@ -107,7 +107,11 @@ enum Command {
     /// Remove every sqlnotify watch from the database: its triggers (and, on PostgreSQL, their
     /// functions) and catalog entries, including those installed by other applications.
     /// sqlnotify's tables (journal, overflow, consumers, dead letters, catalog) and their rows
-    /// are kept.
+    /// are kept, and with them the positions of the journal tiers' named consumers.
+    ///
+    /// On PostgreSQL, in a build with the `logical` feature, every sqlnotify replication slot
+    /// and publication is dropped too: a logical-tier consumer's position is its slot, so it is
+    /// gone. stderr names each slot and publication dropped, and their consumers.
     ///
     /// Example: sqlnotify cleanup sqlite://app.db
     Cleanup {
@@ -553,8 +557,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "sqlnotify: removing every sqlnotify watch from the {} database …",
                 builder.dialect_name()?
             );
-            let removed = builder.cleanup().await?;
-            eprintln!("sqlnotify: removed {removed} watch(es)");
+            let report = builder.cleanup_with_report().await?;
+            eprintln!("sqlnotify: removed {} watch(es)", report.watches);
+            if !report.slots.is_empty() {
+                let whose = if report.consumers.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<String> =
+                        report.consumers.iter().map(|c| format!("{c:?}")).collect();
+                    format!(
+                        "; the positions of logical consumer(s) {} went with them",
+                        names.join(", ")
+                    )
+                };
+                eprintln!(
+                    "sqlnotify: dropped {} replication slot(s): {}{whose}",
+                    report.slots.len(),
+                    report.slots.join(", ")
+                );
+            }
+            if !report.publications.is_empty() {
+                eprintln!(
+                    "sqlnotify: dropped {} publication(s): {}",
+                    report.publications.len(),
+                    report.publications.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Consumers {

@@ -58,7 +58,7 @@ use self::tls::{MysqlConfig, TlsParams};
 
 use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
-use crate::dialect::{Dialect, DialectOptions, InstallOptions};
+use crate::dialect::{CleanupReport, Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::listener::{ListenParams, ListenerHandle};
@@ -328,10 +328,13 @@ impl Dialect for Mysql {
         })
     }
 
-    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>> {
+    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<CleanupReport>> {
         let database = self.database.clone();
         self.control.run(move |conn| {
-            Box::pin(async move { catalog::cleanup_all(conn, &database, timeout).await })
+            Box::pin(async move {
+                let watches = catalog::cleanup_all(conn, &database, timeout).await?;
+                Ok(CleanupReport::watches(watches))
+            })
         })
     }
 

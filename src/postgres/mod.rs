@@ -32,7 +32,7 @@ use serde_json::Value;
 use self::control::Control;
 use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
-use crate::dialect::{Dialect, DialectOptions, InstallOptions};
+use crate::dialect::{CleanupReport, Dialect, DialectOptions, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::listener::{ListenParams, ListenerHandle};
@@ -317,18 +317,25 @@ impl Dialect for Postgres {
         })
     }
 
-    fn cleanup_all(&self, timeout: std::time::Duration) -> BoxFuture<'static, Result<u64>> {
+    fn cleanup_all(
+        &self,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'static, Result<CleanupReport>> {
         let config = self.config();
         Box::pin(async move {
             let mut client = Control::connect(&config, "cleanup").await?;
             #[cfg(feature = "logical")]
-            {
-                let n = logical::cleanup(&client, timeout).await?;
-                if n > 0 {
-                    log::info!("sqlnotify: cleanup removed {n} replication slots and publications");
-                }
-            }
-            catalog::cleanup_all(&mut client, timeout).await
+            let dropped = logical::cleanup(&client, timeout).await?;
+            let watches = catalog::cleanup_all(&mut client, timeout).await?;
+            #[cfg(feature = "logical")]
+            return Ok(CleanupReport {
+                watches,
+                slots: dropped.slots,
+                consumers: dropped.consumers,
+                publications: dropped.publications,
+            });
+            #[cfg(not(feature = "logical"))]
+            Ok(CleanupReport::watches(watches))
         })
     }
 

@@ -32,7 +32,7 @@ use serde_json::Value;
 
 use crate::consumer::{Backlog, ConsumerInfo};
 use crate::dead_letters::DeadLetterStore;
-use crate::dialect::{Dialect, InstallOptions};
+use crate::dialect::{CleanupReport, Dialect, InstallOptions};
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::listener::{ListenParams, ListenerHandle};
@@ -194,8 +194,8 @@ impl Dialect for Sqlite {
         self.blocking(move |conn| catalog::uninstall(conn, &channels, timeout))
     }
 
-    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<u64>> {
-        self.blocking(move |conn| catalog::cleanup_all(conn, timeout))
+    fn cleanup_all(&self, timeout: Duration) -> BoxFuture<'static, Result<CleanupReport>> {
+        self.blocking(move |conn| catalog::cleanup_all(conn, timeout).map(CleanupReport::watches))
     }
 
     fn listen(&self, params: ListenParams) -> BoxFuture<'static, Result<Box<dyn ListenerHandle>>> {

@@ -676,30 +676,58 @@ pub(crate) async fn drop_objects(client: &Client, name: &str, wait: Duration) ->
     Ok(slot || publication)
 }
 
+/// What [`cleanup`] dropped, each list by name.
+#[derive(Debug, Default)]
+pub(crate) struct Dropped {
+    pub slots: Vec<String>,
+    pub publications: Vec<String>,
+    /// The consumers their publications' comments name.
+    pub consumers: Vec<String>,
+}
+
 /// Drops every sqlnotify slot of this database and every sqlnotify publication, and every
-/// consumer's high-water mark (`marks.rs`); returns how many slots and publications there
-/// were.
-pub(crate) async fn cleanup(client: &Client, wait: Duration) -> Result<u64> {
+/// consumer's high-water mark (`marks.rs`); says which slots and publications there were (as
+/// listed just before each was dropped), and whose.
+pub(crate) async fn cleanup(client: &Client, wait: Duration) -> Result<Dropped> {
     let rows = client
         .query_typed(
-            "SELECT slot_name::text FROM pg_catalog.pg_replication_slots
-              WHERE slot_name LIKE $1 AND database = pg_catalog.current_database()
-             UNION
-             SELECT pubname::text FROM pg_catalog.pg_publication WHERE pubname LIKE $1",
+            "SELECT n.name,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
+                             WHERE s.slot_name = n.name
+                               AND s.database = pg_catalog.current_database()),
+                    p.oid IS NOT NULL,
+                    pg_catalog.obj_description(p.oid, 'pg_publication')
+               FROM (SELECT slot_name::text AS name FROM pg_catalog.pg_replication_slots
+                      WHERE slot_name LIKE $1 AND database = pg_catalog.current_database()
+                     UNION
+                     SELECT pubname::text FROM pg_catalog.pg_publication
+                      WHERE pubname LIKE $1) n
+               LEFT JOIN pg_catalog.pg_publication p ON p.pubname = n.name
+              ORDER BY n.name",
             &[(&PREFIX_LIKE, Type::TEXT)],
         )
         .await
         .map_err(|e| Error::db("listing sqlnotify's slots and publications", e))?;
-    let mut n = 0;
+    let mut dropped = Dropped::default();
     for row in rows {
         let name: String = row.get(0);
-        if drop_objects(client, &name, wait).await? {
-            n += 1;
+        if !drop_objects(client, &name, wait).await? {
+            continue; // gone meanwhile
+        }
+        if row.get::<_, bool>(1) {
+            dropped.slots.push(name.clone());
+        }
+        if row.get::<_, bool>(2) {
+            dropped.publications.push(name);
+        }
+        let comment: Option<String> = row.get(3);
+        if let Some(consumer) = comment.and_then(|c| c.strip_prefix(COMMENT).map(str::to_string)) {
+            dropped.consumers.push(consumer);
         }
     }
     // Also the marks of consumers whose slot and publication were gone already.
     marks::remove_all(client).await?;
-    Ok(n)
+    Ok(dropped)
 }
 
 /// The named consumers of the logical tier in this database: every sqlnotify slot whose
