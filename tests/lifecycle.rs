@@ -604,3 +604,42 @@ async fn a_notifier_dropped_without_stop_lets_go_of_its_connections_and_its_leas
     events.assert_empty();
     second.stop().await.unwrap();
 }
+
+/// `stop()` returns while the listener's journal read waits on a lock another session holds
+/// (a DBA's `LOCK TABLE`, a `VACUUM FULL`): every step of a session is cut short by a stop.
+/// Before, stop waited for the read, which waited for the lock, for as long as it was held.
+#[actix_rt::test]
+async fn stop_returns_while_the_listeners_read_waits_on_a_lock() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let notifier = Notifier::builder(format!("{}{sep}application_name=stuck", db.url))
+        .watch(Watch::new("t", Operation::Insert).tier(sqlnotify::Tier::Durable))
+        .health_check_interval(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Operation::Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE sqlnotify.journal IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND application_name = 'stuck' AND wait_event_type = 'Lock'";
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            db.count(waiting).await > 0
+        })
+        .await,
+        "the listener's read never waited on the lock"
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(30), notifier.stop()).await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "stop() waited for the lock: {stopped:?}"
+    );
+}

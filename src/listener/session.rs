@@ -59,8 +59,10 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
     ) -> (State<S>, Outcome) {
         let began = Instant::now();
         let outlet = self.shell.outlet.clone();
-        let mut conn = match guarded::<S, _>("connecting", state.source.connect(&outlet)).await {
-            Ok(conn) => conn,
+        let connecting = state.source.connect(&outlet);
+        let mut conn = match unless_stopped::<S, _>(&outlet, "connecting", connecting).await {
+            Ok(Some(conn)) => conn,
+            Ok(None) => return stopped(state, began),
             Err(e) => return self.failed(state, None, e, began),
         };
         self.shell.status(Status::Connected);
@@ -74,15 +76,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 Ok(false) => {
                     // Told to stop while standing by.
                     close(&mut state.source, conn).await;
-                    return (
-                        state,
-                        Outcome {
-                            proved: true,
-                            lasted: began.elapsed(),
-                            failure: None,
-                            fatal: None,
-                        },
-                    );
+                    return stopped(state, began);
                 }
                 Err(e) => return self.failed(state, Some(conn), e, began),
             }
@@ -90,8 +84,9 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         let mut missed = Vec::new();
         if !state.placed {
             let placing = state.source.place(&mut conn, self.shell.consumer.as_ref());
-            match guarded::<S, _>("placing its position", placing).await {
-                Ok(m) => missed = m,
+            match unless_stopped::<S, _>(&outlet, "placing its position", placing).await {
+                Ok(Some(m)) => missed = m,
+                Ok(None) => return stopped(state, began),
                 Err(e) => return self.failed(state, Some(conn), e, began),
             }
             state.placed = true;
@@ -103,10 +98,12 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         let restoring = state
             .source
             .restore(&mut conn, self.shell.consumer.as_ref());
-        let restored = match guarded::<S, _>("restoring its position", restoring).await {
-            Ok(restored) => restored,
-            Err(e) => return self.failed(state, Some(conn), e, began),
-        };
+        let restored =
+            match unless_stopped::<S, _>(&outlet, "restoring its position", restoring).await {
+                Ok(Some(restored)) => restored,
+                Ok(None) => return stopped(state, began),
+                Err(e) => return self.failed(state, Some(conn), e, began),
+            };
         let restarted = std::mem::replace(&mut state.was_connected, true);
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Ok(()));
@@ -190,13 +187,13 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         let mut standing_by = false;
         let mut last_io = Instant::now();
         loop {
-            if guarded::<S, _>(
-                "taking the consumer's lease",
-                state.source.lease(conn, consumer),
-            )
-            .await?
+            let taking = state.source.lease(conn, consumer);
+            match unless_stopped::<S, _>(&shell.outlet, "taking the consumer's lease", taking)
+                .await?
             {
-                break;
+                Some(true) => break,
+                Some(false) => {}
+                None => return Ok(false),
             }
             if !standing_by {
                 standing_by = true;
@@ -222,7 +219,11 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     shell.stats.holds.fence(forwarded);
                     shell.status(Status::LostLease);
                 }
-                let holder = state.source.lease_holder(conn, consumer).await;
+                let asking = async { Ok(state.source.lease_holder(conn, consumer).await) };
+                let Some(holder) = unless_stopped::<S, _>(&shell.outlet, "asking", asking).await?
+                else {
+                    return Ok(false);
+                };
                 log::info!(
                     "sqlnotify: consumer {:?} is active in another process{}; standing by",
                     consumer.name,
@@ -235,11 +236,12 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 }
             }
             if last_io.elapsed() >= shell.health_check {
-                guarded::<S, _>(
-                    "checking the connection",
-                    state.source.check(conn, shell.health_check),
-                )
-                .await?;
+                let checking = state.source.check(conn, shell.health_check);
+                let checked =
+                    unless_stopped::<S, _>(&shell.outlet, "checking the connection", checking);
+                if checked.await?.is_none() {
+                    return Ok(false);
+                }
                 last_io = Instant::now();
             }
             let retry = pin!(tokio::time::sleep(LEASE_RETRY));
@@ -269,6 +271,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
         proved: &mut bool,
     ) -> Result<()> {
         let shell = &*self.shell;
+        let outlet = &shell.outlet;
         let reads = state.source.reads();
         let mut pacer = Pacer::new(state.source.pace());
         let mut resync = restarted && reads;
@@ -290,14 +293,20 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 // read it (a logical slot nobody streams can be dropped and made again without
                 // ending this session): restored again before the first read.
                 let restoring = state.source.restore(conn, shell.consumer.as_ref());
-                let restored = guarded::<S, _>("restoring its position", restoring).await?;
+                let restoring = unless_stopped::<S, _>(outlet, "restoring its position", restoring);
+                let Some(restored) = restoring.await? else {
+                    return Ok(());
+                };
                 self.restored(state, restored);
             }
             let safety_net = last_read.elapsed() >= shell.health_check;
             if reads && gate_open && (may_have_rows || resync || safety_net) {
-                let reading = state.source.read(conn, &shell.outlet);
-                let Some(forwarded) = guarded::<S, _>("reading", reading).await? else {
-                    return Ok(()); // told to stop while waiting for room
+                let reading = state.source.read(conn, outlet);
+                let Some(forwarded) = unless_stopped::<S, _>(outlet, "reading", reading)
+                    .await?
+                    .flatten()
+                else {
+                    return Ok(()); // told to stop (while waiting for room, or reading)
                 };
                 *proved |= state.source.proved(conn);
                 (last_read, last_io) = (Instant::now(), Instant::now());
@@ -320,18 +329,22 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                 let due = state.saving.due(safe, consumer.heartbeat(), Instant::now());
                 if let Some(position) = due {
                     let saving = state.source.save(conn, consumer, &position);
-                    let missed = guarded::<S, _>("saving the consumer's position", saving).await?;
+                    let saving =
+                        unless_stopped::<S, _>(outlet, "saving the consumer's position", saving);
+                    let Some(missed) = saving.await? else {
+                        return Ok(());
+                    };
                     state.saving.saved(position, Instant::now());
                     last_io = Instant::now();
                     self.gap(missed);
                 }
             }
             if last_io.elapsed() >= shell.health_check {
-                guarded::<S, _>(
-                    "checking the connection",
-                    state.source.check(conn, shell.health_check),
-                )
-                .await?;
+                let checking = state.source.check(conn, shell.health_check);
+                let checked = unless_stopped::<S, _>(outlet, "checking the connection", checking);
+                if checked.await?.is_none() {
+                    return Ok(());
+                }
                 last_io = Instant::now();
             }
             // Wait for a sign of new rows, but no longer than the next thing due.
@@ -349,13 +362,9 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     timeout = timeout.min(GATE_CHECK);
                 }
             }
-            let woke = {
-                let wait = pin!(guarded::<S, _>("waiting", state.source.wait(conn, timeout)));
-                let stopping = pin!(shell.outlet.stopping());
-                match select(wait, stopping).await {
-                    Either::Left((woke, _)) => woke?,
-                    Either::Right(_) => return Ok(()),
-                }
+            let waiting = state.source.wait(conn, timeout);
+            let Some(woke) = unless_stopped::<S, _>(outlet, "waiting", waiting).await? else {
+                return Ok(());
             };
             may_have_rows |= woke;
             *proved |= state.source.proved(conn);
@@ -399,6 +408,38 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
 /// guarded, the session fails like on a lost connection, the failure is announced
 /// ([`Status::Disconnected`], or to `start()` on the first session), and the supervisor
 /// starts the next session from the source's position.
+/// A session that ended before serving because the listener was told to stop.
+fn stopped<S: Source>(state: State<S>, began: Instant) -> (State<S>, Outcome) {
+    (
+        state,
+        Outcome {
+            proved: true,
+            lasted: began.elapsed(),
+            failure: None,
+            fatal: None,
+        },
+    )
+}
+
+/// [`guarded`] `call`, unless the listener is told to stop first: then `None`, the call
+/// dropped where it stands. Every step of a session but closing goes through it, so `stop()`
+/// never waits for a step stuck on the server (a journal read behind a lock, a connection that
+/// never answers). Nothing read is skipped by a step cut short: a source moves its position
+/// only once a read was handed over, the listener's newest position is set only after a read
+/// completed, and a save cut short leaves the last one standing (the final save follows).
+async fn unless_stopped<S: Source, T>(
+    outlet: &super::Outlet,
+    doing: &'static str,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<Option<T>> {
+    let call = pin!(guarded::<S, _>(doing, call));
+    let stopping = pin!(outlet.stopping());
+    match select(call, stopping).await {
+        Either::Left((result, _)) => result.map(Some),
+        Either::Right(_) => Ok(None),
+    }
+}
+
 async fn guarded<S: Source, T>(
     doing: &'static str,
     call: impl std::future::Future<Output = Result<T>>,
@@ -407,15 +448,26 @@ async fn guarded<S: Source, T>(
 }
 
 /// Closes a connection; a panic while closing is logged (the connection is gone either way).
+/// A close that takes longer than [`CLOSE_WITHIN`] (a driver draining the answer to a step
+/// cut short, which waits on the server) is given up: the connection is dropped.
 async fn close<S: Source>(source: &mut S, conn: S::Conn) {
     let closing = async {
         source.close(conn).await;
         Ok(())
     };
-    if let Err(e) = guarded::<S, _>("closing", closing).await {
-        log::warn!("sqlnotify: {e}");
+    match tokio::time::timeout(CLOSE_WITHIN, guarded::<S, _>("closing", closing)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::warn!("sqlnotify: {e}"),
+        Err(_) => log::warn!(
+            "sqlnotify: the {} listener's connection did not close within {CLOSE_WITHIN:?}; \
+             dropped",
+            S::NAME
+        ),
     }
 }
+
+/// How long closing a connection may take.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// The adaptive polling interval: `active` right after events, doubling up to `idle` once
 /// none came for `stay_active`.
