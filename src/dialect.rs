@@ -46,6 +46,13 @@ pub struct CleanupReport {
 
 impl CleanupReport {
     /// A report of `watches` removed watches and nothing else.
+    #[cfg_attr(
+        all(
+            not(any(feature = "sqlite", feature = "mysql")),
+            any(not(feature = "postgres"), feature = "logical")
+        ),
+        allow(dead_code)
+    )]
     pub(crate) fn watches(watches: u64) -> Self {
         CleanupReport {
             watches,
