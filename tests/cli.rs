@@ -348,8 +348,8 @@ fn tail_keeps_triggers_without_cleanup_and_prints_composite_keys_and_labels() {
          PRIMARY KEY (order_id, item_id))",
     );
     let url = db.url();
-    let mut tail = Running::tail(&[
-        &url,
+    let args = [
+        url.as_str(),
         "-t",
         "order_items",
         "-o",
@@ -358,7 +358,8 @@ fn tail_keeps_triggers_without_cleanup_and_prints_composite_keys_and_labels() {
         "qty",
         "--label",
         "qty_changes",
-    ]);
+    ];
+    let mut tail = Running::tail(&args);
     db.exec("INSERT INTO order_items VALUES (100, 7, 1); UPDATE order_items SET qty = 2");
     let e = tail.next_event();
     assert_eq!(e["channel"], "sqlnotify_qty_changes");
@@ -371,18 +372,7 @@ fn tail_keeps_triggers_without_cleanup_and_prints_composite_keys_and_labels() {
 
     // The same --label and options with --cleanup-on-exit: it finds the trigger installed,
     // so the trigger is not this run's to remove.
-    let mut again = Running::tail(&[
-        &url,
-        "-t",
-        "order_items",
-        "-o",
-        "update",
-        "-c",
-        "qty",
-        "--label",
-        "qty_changes",
-        "--cleanup-on-exit",
-    ]);
+    let mut again = Running::tail(&[&args[..], &["--cleanup-on-exit"]].concat());
     db.exec("UPDATE order_items SET qty = 3");
     assert_eq!(again.next_event()["columns"], json!({"qty": 3}));
     let status = again.interrupt();
@@ -778,15 +768,12 @@ fn cleanup_names_the_replication_slots_and_publications_it_drops() {
     actix::System::new().block_on(async {
         let db = TestDb::on(&cluster.url()).await;
         db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-        Notifier::builder(&db.url)
-            .watch(Watch::new("t", Operation::Insert).tier(Tier::Logical))
-            .consumer("billing")
-            .start()
-            .await
-            .unwrap()
-            .stop()
-            .await
-            .unwrap();
+        common::start_and_stop(
+            Notifier::builder(&db.url)
+                .watch(Watch::new("t", Operation::Insert).tier(Tier::Logical))
+                .consumer("billing"),
+        )
+        .await;
         let names = |sql: &'static str| {
             let db = &db;
             async move {

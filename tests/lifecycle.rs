@@ -113,15 +113,12 @@ async fn cleanup_on_start_removes_watches_dropped_from_the_code() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY)")
         .await;
-    Notifier::builder(&db.url)
-        .watch(Watch::new("users", Operation::Insert))
-        .watch(Watch::new("orders", Operation::Delete))
-        .start()
-        .await
-        .unwrap()
-        .stop()
-        .await
-        .unwrap();
+    common::start_and_stop(
+        Notifier::builder(&db.url)
+            .watch(Watch::new("users", Operation::Insert))
+            .watch(Watch::new("orders", Operation::Delete)),
+    )
+    .await;
     assert_eq!(catalog_channels(&db).await.len(), 2);
 
     // Without cleanup, a watch removed from the code stays installed ...
@@ -160,14 +157,10 @@ async fn a_builder_subscription_that_selects_no_watch_fails_start_before_anythin
     db.exec("CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY)")
         .await;
     // Another application's watch.
-    Notifier::builder(&db.url)
-        .watch(Watch::new("orders", Operation::Delete))
-        .start()
-        .await
-        .unwrap()
-        .stop()
-        .await
-        .unwrap();
+    common::start_and_stop(
+        Notifier::builder(&db.url).watch(Watch::new("orders", Operation::Delete)),
+    )
+    .await;
     let theirs = trigger_oid(&db, "sqlnotify_public_orders_delete")
         .await
         .unwrap();

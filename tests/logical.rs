@@ -1702,14 +1702,7 @@ async fn running_app(
     db: &TestDb,
 ) -> (Notifier, mpsc::UnboundedReceiver<sqlnotify::Status>, Events) {
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let notifier = Notifier::builder(&db.url)
-        .watch(Watch::new("t", Insert).tier(Tier::Logical))
-        .consumer("app")
-        .start()
-        .await
-        .unwrap();
-    let statuses = common::statuses(&notifier).await;
-    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    let (notifier, statuses, mut events) = app_on(&db.url).await;
     db.exec("INSERT INTO t VALUES (1)").await;
     assert_eq!(events.next().await.id().as_i64(), Some(1));
     (notifier, statuses, events)
@@ -2434,10 +2427,7 @@ async fn a_slot_made_again_while_no_process_of_the_consumer_reads_is_a_gap_for_t
         return;
     };
     let db = TestDb::on(&cluster.url()).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let (notifier, mut statuses, mut events) = app_on(&db.url).await;
-    db.exec("INSERT INTO t VALUES (1)").await;
-    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    let (notifier, mut statuses, _events) = running_app(&db).await;
     confirmed_up_to_now(&db).await;
     confirmed_within_the_mark(&db).await;
     no_gap_within(&mut statuses, Duration::from_millis(200)).await;

@@ -388,6 +388,11 @@ pub async fn statuses(notifier: &Notifier) -> mpsc::UnboundedReceiver<sqlnotify:
     rx
 }
 
+/// Starts `builder` (installing its watches) and stops it at once.
+pub async fn start_and_stop(builder: sqlnotify::NotifierBuilder) {
+    builder.start().await.unwrap().stop().await.unwrap();
+}
+
 /// Ends the lease connection of the group member whose connections carry
 /// `application_name` (on `db`), again each time it takes the lease back, until it reports
 /// `Status::LostLease` on `statuses` — another member took the lease. Panics after `within`.
