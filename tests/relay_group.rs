@@ -681,6 +681,16 @@ async fn a_relay_that_lost_its_lease_publishes_nothing_it_had_queued_even_late()
         "A, active again, publishes the new rows: {:?}",
         a.stats()
     );
+    // The stream stores a message before A has read its acknowledgement: wait for those.
+    assert!(
+        common::wait_until(WITHIN, || async {
+            let stats = a.stats();
+            stats.pending == 0 && stats.published >= 2 * FIRST as u64
+        })
+        .await,
+        "A has every acknowledgement: {:?}",
+        a.stats()
+    );
     assert_eq!(a.stats().published, 2 * FIRST as u64, "{:?}", a.stats());
     // And its position moves past them: nothing of the lost lease holds it back.
     let backlog = || async {
