@@ -870,6 +870,7 @@ async fn installing_and_removing_wait_for_another_writer_at_most_the_install_tim
 // ---------------------------------------------------------------------------------------------
 
 consumer_scenarios!();
+consumer_scenarios!(an_unnamed_listener_that_falls_behind_the_retention_gets_a_gap);
 
 // ---------------------------------------------------------------------------------------------
 // 12. The shared scenarios (tests/scenarios/), on a database file of their own each

@@ -189,6 +189,16 @@ pub(crate) trait Source: Unpin + 'static {
     /// The position after everything read so far; `None` before it is placed.
     fn position(&self) -> Option<Self::Position>;
 
+    /// The channels on which the reads since the last call found rows gone that they had
+    /// not read: a listener without a consumer, whose rows nothing keeps, that fell behind
+    /// the journal's retention (a slow subscriber holding the pipeline for that long) and
+    /// lost rows to the purge. The shell announces them as a [`Status::Gap`]. A named
+    /// consumer's rows are kept for it ([`place`](Source::place) and
+    /// [`save`](Source::save) report what a dropped or expired one missed).
+    fn missed(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Waits at most `timeout` for a sign that rows may have arrived; returns whether one
     /// came (a wake-up, a changed data version). Fails when the connection is lost.
     async fn wait(&mut self, conn: &mut Self::Conn, timeout: Duration) -> Result<bool>;

@@ -309,6 +309,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     return Ok(()); // told to stop (while waiting for room, or reading)
                 };
                 *proved |= state.source.proved(conn);
+                self.purged(state.source.missed());
                 (last_read, last_io) = (Instant::now(), Instant::now());
                 may_have_rows = false;
                 pacer.read(forwarded);
@@ -391,6 +392,19 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
 
     fn set_latest(&self, position: P) {
         *self.shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(position);
+    }
+
+    /// Announces that a listener without a consumer found rows purged before it read them
+    /// on `missed` ([`Source::missed`]), if any.
+    fn purged(&self, missed: Vec<String>) {
+        if !missed.is_empty() {
+            log::warn!(
+                "sqlnotify: the listener fell behind the journal's retention and rows it had \
+                 not read were purged; events on {missed:?} may be lost (a named consumer's \
+                 rows are kept until it reads them: NotifierBuilder::consumer)"
+            );
+            self.shell.status(Status::Gap { channels: missed });
+        }
     }
 
     /// Announces that a (re)registered consumer missed purged rows on `missed`, if any.

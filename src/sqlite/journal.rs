@@ -184,14 +184,10 @@ pub(crate) fn replay(
     let tx = conn
         .unchecked_transaction()
         .map_err(db_err("starting the journal's replay read"))?;
-    let (oldest, given): (Option<i64>, i64) = tx
-        .query_row(
-            "SELECT (SELECT min(id) FROM sqlnotify_journal),
-                    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'sqlnotify_journal'), 0)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map_err(db_err("reading the journal's bounds"))?;
+    let oldest: Option<i64> = tx
+        .query_row("SELECT min(id) FROM sqlnotify_journal", [], |r| r.get(0))
+        .map_err(db_err("reading the journal's oldest row"))?;
+    let given = given(&tx)?;
     let gone = match oldest {
         Some(oldest) => since.saturating_add(1) < oldest,
         None => since < given,
@@ -213,29 +209,54 @@ pub(crate) fn replay(
     })
 }
 
+/// The last id the journal gave out (`sqlite_sequence`; 0 before the first row).
+fn given(conn: &Connection) -> Result<i64> {
+    conn.prepare_cached(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'sqlnotify_journal'), 0)",
+    )
+    .and_then(|mut s| s.query_row([], |r| r.get(0)))
+    .map_err(db_err("reading the journal's last id given out"))
+}
+
+/// Where a listener without a consumer starts, "now": after the newest journal row, and after
+/// every row the purge deleted (with the journal emptied by the purge the newest row left says
+/// 0), so that [`purged_after`] counts nothing from before the start.
+pub(crate) fn start(conn: &Connection) -> Result<i64> {
+    let given = given(conn)?;
+    Ok(head(conn)?.max(trimmed(conn, given)?))
+}
+
+/// Whether the purge deleted a row after `cursor` (`sqlnotify_trimmed` past it): read in the
+/// transaction of the read that follows `cursor`, true means a listener without a consumer
+/// (whose rows nothing keeps) fell behind the retention and a row it had not read is gone —
+/// one of its channels' or, the record cannot tell, another channel's of that age. The purge
+/// records what it deleted in the transaction of the delete, so a read that sees the rows
+/// gone sees the record too.
+pub(crate) fn purged_after(conn: &Connection, cursor: i64) -> Result<bool> {
+    let given = given(conn)?;
+    Ok(trimmed(conn, given)? > cursor)
+}
+
 /// The highest journal id the purge has deleted (`sqlnotify_trimmed`; 0 before any purge, or
 /// where an older install has no such table yet). A record past `given`, the last id the
 /// journal gave out, is of a journal dropped since (its ids started again): it says nothing
 /// about this one.
-#[cfg_attr(not(feature = "web"), allow(dead_code))]
 fn trimmed(conn: &Connection, given: i64) -> Result<i64> {
     let context = "reading how far the journal was trimmed";
+    // Cached statements: a listener without a consumer asks before every read.
     let exists: bool = conn
-        .query_row(
+        .prepare_cached(
             "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name = 'sqlnotify_trimmed'",
-            [],
-            |r| r.get::<_, i64>(0),
         )
+        .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
         .map(|n| n > 0)
         .map_err(db_err(context))?;
     if !exists {
         return Ok(0);
     }
     let upto: Option<i64> = conn
-        .query_row("SELECT upto FROM sqlnotify_trimmed WHERE id = 1", [], |r| {
-            r.get(0)
-        })
-        .optional()
+        .prepare_cached("SELECT upto FROM sqlnotify_trimmed WHERE id = 1")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
         .map_err(db_err(context))?;
     Ok(upto.filter(|&upto| upto <= given).unwrap_or(0))
 }
@@ -344,6 +365,43 @@ mod tests {
         conn.execute_batch("DROP TABLE sqlnotify_trimmed").unwrap();
         let resume = |since| replay(&conn, (since, since), 10, &channels).unwrap();
         assert!(matches!(resume(5), Replay::Rows { .. }));
+    }
+
+    /// An unnamed listener starts after what the purge deleted, even once it emptied the
+    /// journal, and sees a purge after its position (never one before it).
+    #[test]
+    fn a_listener_starts_after_the_purge_and_sees_a_purge_after_its_position() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&crate::sqlite::ddl::setup_sql())
+            .unwrap();
+        let insert = |conn: &Connection, n: usize| {
+            for _ in 0..n {
+                conn.execute(
+                    "INSERT INTO sqlnotify_journal (channel, payload, created_at) VALUES ('c', '{}', 0)",
+                    [],
+                )
+                .unwrap();
+            }
+        };
+        assert_eq!(start(&conn).unwrap(), 0);
+        assert!(!purged_after(&conn, 0).unwrap(), "no purge yet");
+        insert(&conn, 5);
+        let zero = std::time::Duration::ZERO;
+        assert_eq!(crate::sqlite::consumers::purge(&mut conn, zero).unwrap(), 5);
+        assert_eq!(head(&conn).unwrap(), 0, "the journal is empty");
+        assert_eq!(start(&conn).unwrap(), 5, "after what the purge deleted");
+        assert!(!purged_after(&conn, 5).unwrap());
+        assert!(purged_after(&conn, 4).unwrap(), "row 5 is gone");
+        insert(&conn, 3);
+        assert_eq!(start(&conn).unwrap(), 8);
+        assert!(!purged_after(&conn, 5).unwrap(), "rows 6..=8 are there");
+        // A record of a journal dropped since says nothing about the new one.
+        conn.execute_batch("DROP TABLE sqlnotify_journal").unwrap();
+        conn.execute_batch(&crate::sqlite::ddl::setup_sql())
+            .unwrap();
+        insert(&conn, 2);
+        assert!(!purged_after(&conn, 0).unwrap());
+        assert_eq!(start(&conn).unwrap(), 2);
     }
 
     #[test]

@@ -66,6 +66,12 @@ pub(crate) struct SqliteSource {
     /// The consumer's lease, once taken: a lock on a file next to the database, which the
     /// OS releases when this process ends.
     lease: Option<std::fs::File>,
+    /// Whether a named consumer reads (placed with one): the purge keeps its rows, and
+    /// `place` and `save` report what it missed. Without one, each read checks that the
+    /// purge deleted nothing after the position ([`Source::missed`]).
+    named: bool,
+    /// The last read found a row after the position purged.
+    purged: bool,
 }
 
 impl SqliteSource {
@@ -80,6 +86,8 @@ impl SqliteSource {
             position: None,
             wake,
             lease: None,
+            named: false,
+            purged: false,
         }
     }
 }
@@ -128,11 +136,12 @@ impl Source for SqliteSource {
         conn: &mut SqliteConn,
         consumer: Option<&ConsumerParams>,
     ) -> Result<Vec<String>> {
+        self.named = consumer.is_some();
         let (consumer, channels) = (consumer.cloned(), self.channel_list.clone());
         let (start, missed) = conn
             .call(move |conn| match &consumer {
                 Some(consumer) => consumers::register(conn, consumer, &channels),
-                None => Ok((journal::head(conn)?, Vec::new())),
+                None => Ok((journal::start(conn)?, Vec::new())),
             })
             .await?;
         log::debug!("sqlnotify: SQLite listener starts after journal id {start}");
@@ -174,23 +183,31 @@ impl Source for SqliteSource {
         let position = self
             .position
             .expect("the position is placed before reading");
-        let channels = self.channels.clone();
-        let (version, batch, last, all) = conn
+        let (channels, named) = (self.channels.clone(), self.named);
+        let (version, purged, batch, last, all) = conn
             .call(move |conn| {
                 // The version before reading: a commit after this point changes it again.
                 let version = journal::data_version(conn)?;
+                // The purge's record and the rows in one read transaction: a purge that
+                // deleted rows after the position before this read is seen in both.
+                let tx = conn
+                    .unchecked_transaction()
+                    .map_err(|e| Error::db("starting a journal read", e))?;
+                let purged = !named && journal::purged_after(&tx, position)?;
                 let (batch, last, all) = journal::read_after(
-                    conn,
+                    &tx,
                     position,
                     READ_BATCH,
                     journal::MAX_EXTENSION,
                     journal::READ_BYTES,
                     &channels,
                 )?;
-                Ok((version, batch, last, all))
+                drop(tx);
+                Ok((version, purged, batch, last, all))
             })
             .await?;
         conn.version = version;
+        self.purged |= purged;
         let Some(forwarded) = outlet.forward(batch).await else {
             return Ok(None);
         };
@@ -206,6 +223,14 @@ impl Source for SqliteSource {
 
     fn position(&self) -> Option<i64> {
         self.position
+    }
+
+    fn missed(&mut self) -> Vec<String> {
+        if std::mem::take(&mut self.purged) {
+            self.channel_list.to_vec()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Looks at `PRAGMA data_version` before and after sleeping `timeout` (the shell's pace:

@@ -332,6 +332,57 @@ pub async fn a_dropped_consumer_that_comes_back_gets_a_gap(db: &impl ConsumerDb)
     notifier.stop().await.unwrap();
 }
 
+/// A listener without a consumer, held back by a stuck subscriber (policy Wait) past what the
+/// pipeline holds — two reads of 1,000 rows, with an in-flight budget of 1,024 events — falls
+/// behind another application's short retention: the purge deletes rows it had not read.
+/// Released, it announces a `Gap` on its channel — nothing keeps an unnamed listener's rows,
+/// but losing them must never be silent — and goes on with the rows that follow.
+pub async fn an_unnamed_listener_that_falls_behind_the_retention_gets_a_gap(db: &impl ConsumerDb) {
+    const ROWS: i64 = 3_000;
+    let (stuck, release, mut events, arbiter) = super::gated();
+    let (tx, mut statuses) = mpsc::unbounded_channel();
+    let forward = actix::Actor::start(ForwardStatus(tx));
+    let notifier = db
+        .builder()
+        .watch(db.watch("t"))
+        .max_in_flight(1_024)
+        .subscribe(
+            Subscription::new("t", Insert)
+                .policy(sqlnotify::OverflowPolicy::Wait)
+                .buffer(10),
+            stuck,
+        )
+        .subscribe_status(forward.recipient())
+        .start()
+        .await
+        .expect("start the unnamed listener");
+    db.insert("t", 1..=ROWS).await;
+    let purger = start_purger(db, Duration::from_millis(300)).await;
+    await_purge_round(db, 1).await;
+    purger.stop().await.unwrap();
+    let received = notifier.stats().await.unwrap().received;
+    assert!(
+        received < ROWS as u64,
+        "the listener was held back: it received {received} of {ROWS}"
+    );
+    assert!(!db.journal_has(ROWS).await, "row {ROWS} was purged unread");
+
+    release.send(()).unwrap();
+    assert_eq!(next_gap(&mut statuses).await, [db.channel("t")]);
+    db.insert("t", ROWS + 1..=ROWS + 1).await;
+    let mut ids = Vec::new();
+    while ids.last() != Some(&(ROWS + 1)) {
+        ids.extend(next_ids(&mut events, 1).await);
+    }
+    assert!(
+        ids.len() < ROWS as usize + 1 && ids.windows(2).all(|w| w[0] < w[1]),
+        "the rows before the gap in order, then the new row: {} events",
+        ids.len()
+    );
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
+
 /// A consumer with an expiry, away longer than it, is expired by the purge (whose own
 /// settings do not matter) and loses its protection; when it comes back it gets a `Gap`.
 pub async fn an_expired_consumer_that_comes_back_gets_a_gap(db: &impl ConsumerDb) {
