@@ -31,6 +31,10 @@ pub enum OverflowPolicy {
     /// Deliver every event: when the buffer is full the whole notifier waits (the pipeline's
     /// in-flight budget runs out, the listener stops reading; PostgreSQL holds notifications in
     /// its queue, journals pause their cursor). Memory stays bounded; other subscribers wait too.
+    /// The listener's connection is kept meanwhile, except that PostgreSQL ends a connection
+    /// holding a named consumer's lease once its notify-tier notifications wait for more than
+    /// 4 s (README, "Consumer groups"): those channels then report a
+    /// [`Status::Gap`](crate::Status::Gap).
     #[default]
     Wait,
     /// Drop the oldest buffered event to make room; the subscriber is told with a

@@ -270,6 +270,69 @@ async fn wait_delivers_everything_to_a_slow_subscriber_with_bounded_memory() {
     notifier.stop().await.unwrap();
 }
 
+/// A subscriber that holds the pipeline (policy Wait) stops the notify tier's reading, and
+/// PostgreSQL keeps the notifications in its queue meanwhile: that must not cost the
+/// connection — whose notifications would be lost with it — however long the subscriber holds
+/// on. The reader reads nothing from the connection while it waits for room, so the health
+/// check (every second here) is not asked of it then, and the server, whose notifications
+/// find the connection's buffers full, must not give up on it either (a `tcp_user_timeout`
+/// ended it after 4 s: "Connection reset by peer", a `Gap`, 1,188 of 20,000 rows). Released, the subscriber
+/// gets every row once, in order, and no `Disconnected` or `Gap` was reported.
+#[actix_rt::test]
+async fn a_notify_listener_waiting_for_room_keeps_its_connection_and_loses_nothing() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, body text)")
+        .await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).extra_columns(["body"]))
+        .max_in_flight(1024)
+        .health_check_interval(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let mut statuses = statuses(&notifier).await;
+    let (slow, release, mut events, arbiter) = gated();
+    notifier
+        .subscribe(
+            Subscription::new("t", Insert)
+                .policy(OverflowPolicy::Wait)
+                .buffer(10),
+            slow,
+        )
+        .await
+        .unwrap();
+    // 20,000 notifications of about 1 KB: far more than the connection's socket buffers hold.
+    const N: i64 = 20_000;
+    db.exec(&format!(
+        "INSERT INTO t SELECT i, repeat('x', 1000) FROM generate_series(1, {N}) i"
+    ))
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            notifier.stats().await.unwrap().received > 0
+        })
+        .await
+    );
+    // Held for six health-check intervals (and past the server's 4 s TCP user timeout).
+    let held = wait_until(Duration::from_secs(6), || async {
+        notifier.stats().await.unwrap().received >= N as u64
+    })
+    .await;
+    assert!(!held, "the subscriber held the pipeline");
+    release.send(()).unwrap();
+    let got = drain(&mut events, N).await;
+    let ids: Vec<i64> = got.iter().map(|e| e.id().as_i64().unwrap()).collect();
+    assert_eq!(ids, (1..=N).collect::<Vec<_>>(), "every row once, in order");
+    while let Ok(status) = statuses.try_recv() {
+        assert!(
+            !matches!(status, Status::Disconnected { .. } | Status::Gap { .. }),
+            "{status:?}"
+        );
+    }
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
+
 #[actix_rt::test]
 async fn wait_bounds_the_payload_bytes_in_flight_as_well_as_the_events() {
     let db = TestDb::new().await;

@@ -3,6 +3,7 @@
 //! stopping cuts any wait for room short.
 
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::Recipient;
@@ -22,6 +23,24 @@ pub(crate) struct Outlet {
     weight: Weight,
     stats: Arc<Counters>,
     stop: watch::Receiver<bool>,
+    /// How many of the listener's readers wait for room right now.
+    waiting: Arc<AtomicUsize>,
+}
+
+/// Counts a reader as waiting for room while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Outlet {
@@ -37,7 +56,17 @@ impl Outlet {
             weight,
             stats,
             stop,
+            waiting: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Whether a reader waits for room in the pipeline now. A reader that drives its
+    /// connection itself (PostgreSQL's notifications) then reads nothing from it, so the
+    /// connection cannot answer a health check: the shell does not ask for one meanwhile — the
+    /// wait is the pipeline's, not the connection's, and failing the connection for it would
+    /// lose the notifications PostgreSQL queued for it.
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
     }
 
     /// The pipeline's counters.
@@ -108,6 +137,7 @@ impl Outlet {
             Ok(permits) => permits.forget(),
             Err(tokio::sync::TryAcquireError::Closed) => return None,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let _waiting = Waiting::new(&self.waiting);
                 let acquire = pin!(self.budget.acquire_many(units));
                 let stopping = pin!(self.stopping());
                 match select(acquire, stopping).await {

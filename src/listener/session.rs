@@ -235,7 +235,10 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     let _ = ready.send(Ok(()));
                 }
             }
-            if last_io.elapsed() >= shell.health_check {
+            if last_io.elapsed() >= shell.health_check && shell.outlet.waiting() {
+                // A reader waits for room in the pipeline (see `Outlet::waiting`): no check.
+                last_io = Instant::now();
+            } else if last_io.elapsed() >= shell.health_check {
                 let checking = state.source.check(conn, shell.health_check);
                 let checked =
                     unless_stopped::<S, _>(&shell.outlet, "checking the connection", checking);
@@ -340,7 +343,10 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     self.gap(missed);
                 }
             }
-            if last_io.elapsed() >= shell.health_check {
+            if last_io.elapsed() >= shell.health_check && shell.outlet.waiting() {
+                // A reader waits for room in the pipeline (see `Outlet::waiting`): no check.
+                last_io = Instant::now();
+            } else if last_io.elapsed() >= shell.health_check {
                 let checking = state.source.check(conn, shell.health_check);
                 let checked = unless_stopped::<S, _>(outlet, "checking the connection", checking);
                 if checked.await?.is_none() {

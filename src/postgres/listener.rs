@@ -68,13 +68,22 @@ const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(25);
 /// Server-side TCP keepalive on the listener's connection: a machine gone silent loses its
 /// backend — and a consumer's lease on it — within about 1 + 3 × 1 s while the connection is
-/// idle, and (PostgreSQL 12+, `tcp_user_timeout`) within 4 s while the server has data on its
-/// way to it, when keepalive probes are not sent (ignored on Unix sockets). A standby takes
-/// over within 5 s of the silence.
+/// idle (ignored on Unix sockets). While the server has data on its way to it keepalive
+/// probes are not sent: see [`LEASE_USER_TIMEOUT`].
 const KEEPALIVE: &str =
-    "SET tcp_keepalives_idle = 1; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3; \
-     SELECT set_config('tcp_user_timeout', '4000', false) \
-     WHERE current_setting('server_version_num')::int >= 120000";
+    "SET tcp_keepalives_idle = 1; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3";
+/// Set by the lease query on the connection that holds (or asks for) a consumer's lease
+/// (PostgreSQL 12+): the server ends the connection when data it sent stays unacknowledged
+/// for 4 s, so a machine gone silent while notifications were on their way to it loses its
+/// lease within 4 s too, and a standby takes over within 5 s of the silence. Only there: the
+/// timeout also ends a connection whose reader waits for room in the pipeline (a subscriber
+/// with policy `Wait` holding it) once the server's notifications fill its buffers — Linux
+/// counts a receive window held shut as unacknowledged data — and with it the notifications
+/// PostgreSQL held for it. A notifier without a consumer keeps its connection however long a
+/// subscriber holds the pipeline.
+const LEASE_USER_TIMEOUT: &str =
+    "CASE WHEN pg_catalog.current_setting('server_version_num')::int >= 120000 \
+     THEN pg_catalog.set_config('tcp_user_timeout', '4000', false) END";
 /// How often a forged notification is logged at most (each one is counted).
 const FORGERY_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -294,12 +303,13 @@ impl Source for PgSource {
         let client = &conn.client;
         conn.guard(async {
             let context = || format!("taking the lease of consumer {:?}", consumer.name);
+            let lease = format!(
+                "SELECT pg_catalog.pg_try_advisory_lock(\
+                 ('x' || pg_catalog.substr(pg_catalog.md5($1), 1, 16))::bit(64)::bigint), \
+                 {LEASE_USER_TIMEOUT}"
+            );
             let row = client
-                .query_typed_one(
-                    "SELECT pg_catalog.pg_try_advisory_lock(\
-                     ('x' || pg_catalog.substr(pg_catalog.md5($1), 1, 16))::bit(64)::bigint)",
-                    &[(&key, Type::TEXT)],
-                )
+                .query_typed_one(&lease, &[(&key, Type::TEXT)])
                 .await
                 .map_err(|e| Error::db(context(), e))?;
             Ok(row.get::<_, bool>(0))
