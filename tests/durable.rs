@@ -666,6 +666,7 @@ async fn consumer_db() -> TestDb {
 }
 
 consumer_scenarios!();
+consumer_scenarios!(an_unnamed_listener_that_falls_behind_the_retention_gets_a_gap);
 
 /// Roles of one test (roles are cluster-wide), dropped when it ends: declare it before the
 /// test's database, so the database (and the privileges in it) goes first.
@@ -808,12 +809,14 @@ async fn a_position_an_older_version_saved_over_a_snapshot_resumes_by_its_horizo
         .consumer("c");
     builder.start().await.unwrap().stop().await.unwrap();
     // What an older process saves after delivering rows 1..3: the horizon of its last read,
-    // with no id at or after it (none of those rows is).
+    // with no id at or after it (none of those rows is). The horizon is the read's `xmin`,
+    // which is its `xmax` when nothing else runs — taken as such, since another test's open
+    // transaction (xids are the cluster's) would hold `xmin` back to the older snapshot's.
     db.exec("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2); INSERT INTO t VALUES (3);")
         .await;
     db.exec(
         "UPDATE sqlnotify.consumers \
-            SET horizon = pg_snapshot_xmin(pg_current_snapshot()), seen = '{}' WHERE name = 'c'",
+            SET horizon = pg_snapshot_xmax(pg_current_snapshot()), seen = '{}' WHERE name = 'c'",
     )
     .await;
     let stale = db

@@ -164,6 +164,15 @@ pub(crate) struct JournalCursor {
     more: bool,
     /// Ids the next page spans (see [`PAGE_MAX`]); 0: [`PAGE`].
     page: i64,
+    /// No consumer keeps this cursor's rows (a listener without one): the first statement of
+    /// each read also asks whether the purge deleted rows of a transaction `before` did not
+    /// see (`replay::trimmed_past`) — in the statement's own snapshot, so a purge that took
+    /// rows the read then lacks is seen too.
+    unkept: bool,
+    /// The first statement of a read found such rows purged (until [`take_purged`]).
+    ///
+    /// [`take_purged`]: Self::take_purged
+    purged: bool,
 }
 
 /// The channel, payload and event count of a journal row read with them in columns 3, 4 and 5.
@@ -250,6 +259,18 @@ impl JournalCursor {
         Ok(())
     }
 
+    /// Marks a cursor whose rows no consumer keeps (see `unkept`).
+    pub fn unkept(&mut self) {
+        self.unkept = true;
+    }
+
+    /// Whether a read found rows it had not read purged since the last call (a listener
+    /// without a consumer that fell behind the retention, or a transaction that ran longer
+    /// than it).
+    pub fn take_purged(&mut self) -> bool {
+        std::mem::take(&mut self.purged)
+    }
+
     /// The position to save once everything read so far has left the pipeline.
     pub fn position(&self) -> Option<Position> {
         let snapshot = self.snapshot.clone()?;
@@ -298,9 +319,19 @@ impl JournalCursor {
         let started = std::time::Instant::now();
         let rows = match &reading {
             None => {
+                // Column 8: whether the purge deleted rows this read may lack (asked for a
+                // cursor no consumer keeps only: a consumer's rows are kept for it).
+                let purged = if self.unkept {
+                    format!(
+                        "CASE WHEN {} THEN 1::int8 END",
+                        super::replay::trimmed_past(&s, "$1::text::pg_snapshot")
+                    )
+                } else {
+                    "NULL::int8".to_string()
+                };
                 let sql = format!(
                     "SELECT s.snapshot::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last,
-                            NULL::int8, NULL::int8
+                            NULL::int8, {purged}
                        FROM (SELECT pg_catalog.pg_current_snapshot() AS snapshot) s
                        LEFT JOIN LATERAL (
                             SELECT id, xid, channel, payload, events,
@@ -471,6 +502,9 @@ impl JournalCursor {
             let read = read.get_or_insert_with(|| {
                 let during: String = row.get(0);
                 out.bound = row.get(7);
+                if self.unkept && self.reading.is_none() {
+                    self.purged |= row.get::<_, Option<i64>>(8).is_some();
+                }
                 // Until it completes, the read is in progress: if this statement is cut
                 // short, the next read goes on with the same snapshot.
                 if self.reading.is_none() {

@@ -285,6 +285,9 @@ impl Source for PgSource {
             }
             // What is already committed counts as delivered.
             journal.cursor.place(client).await?;
+            if consumer.is_none() {
+                journal.cursor.unkept();
+            }
             if let (Some(consumer), Some(position)) = (consumer, journal.cursor.position()) {
                 consumers::insert(client, consumer, &journal.channels, &position).await?;
             }
@@ -362,6 +365,17 @@ impl Source for PgSource {
 
     fn position(&self) -> Option<Position> {
         self.journal.as_ref()?.cursor.position()
+    }
+
+    fn missed(&mut self) -> Vec<String> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Vec::new();
+        };
+        if journal.cursor.take_purged() {
+            journal.channels.clone()
+        } else {
+            Vec::new()
+        }
     }
 
     async fn wait(&mut self, conn: &mut PgConn, timeout: Duration) -> Result<bool> {

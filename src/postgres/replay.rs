@@ -61,7 +61,7 @@ use crate::sql::quote_ident;
 /// resets no client. The record is read that way only when the purge of this version wrote
 /// it last (the row's `xmin` is its `writer`): an older sqlnotify's purge moves `xid` alone,
 /// and then any transaction from `before`'s `xmin` on counts.
-fn trimmed_past(s: &str, before: &str) -> String {
+pub(super) fn trimmed_past(s: &str, before: &str) -> String {
     format!(
         "(SELECT CASE WHEN t.snapshot IS NOT NULL AND t.xmin = pg_catalog.xid(t.writer)
                      THEN t.xid >= pg_catalog.pg_snapshot_xmax({before})

@@ -332,11 +332,12 @@ pub async fn a_dropped_consumer_that_comes_back_gets_a_gap(db: &impl ConsumerDb)
     notifier.stop().await.unwrap();
 }
 
-/// A listener without a consumer, held back by a stuck subscriber (policy Wait) past what the
-/// pipeline holds — two reads of 1,000 rows, with an in-flight budget of 1,024 events — falls
-/// behind another application's short retention: the purge deletes rows it had not read.
-/// Released, it announces a `Gap` on its channel — nothing keeps an unnamed listener's rows,
-/// but losing them must never be silent — and goes on with the rows that follow.
+/// A listener without a consumer, held back by a stuck subscriber (policy Wait, an in-flight
+/// budget of 1,024 events) in the middle of its first rows, falls behind another
+/// application's short retention: the purge deletes the rows committed after them, which it
+/// had not read. Released, it announces a `Gap` on its channel — nothing keeps an unnamed
+/// listener's rows, but losing them must never be silent — and goes on with the rows that
+/// follow.
 pub async fn an_unnamed_listener_that_falls_behind_the_retention_gets_a_gap(db: &impl ConsumerDb) {
     const ROWS: i64 = 3_000;
     let (stuck, release, mut events, arbiter) = super::gated();
@@ -356,7 +357,15 @@ pub async fn an_unnamed_listener_that_falls_behind_the_retention_gets_a_gap(db: 
         .start()
         .await
         .expect("start the unnamed listener");
-    db.insert("t", 1..=ROWS).await;
+    db.insert("t", 1..=ROWS / 2).await;
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            notifier.stats().await.unwrap().received >= 1_000
+        })
+        .await,
+        "the listener reads until the budget is used up"
+    );
+    db.insert("t", ROWS / 2 + 1..=ROWS).await;
     let purger = start_purger(db, Duration::from_millis(300)).await;
     await_purge_round(db, 1).await;
     purger.stop().await.unwrap();
