@@ -67,6 +67,35 @@ async fn proxy_in_front_of(db: &TestDb) -> (Proxy, String) {
     (proxy, url)
 }
 
+/// `stop()` saves a named consumer's position on a connection of its own: a server that takes
+/// the connection and then never answers (the network path gone silent) must not hold
+/// `stop()` for ever. The save is given up (after 10 s) with an error that says so; the
+/// position saved before stands.
+#[actix_rt::test]
+async fn stop_gives_up_a_final_save_the_server_never_answers() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (proxy, url) = proxy_in_front_of(&db).await;
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("c")
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    proxy.black_hole();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), notifier.stop())
+        .await
+        .expect("stop() returns though the server never answers");
+    let error = stopped.expect_err("the final save was given up");
+    assert!(
+        error.to_string().contains("consumer \"c\"") && error.to_string().contains("no answer"),
+        "{error}"
+    );
+}
+
 #[actix_rt::test]
 async fn a_silently_dead_connection_is_detected_by_the_health_check() {
     let db = TestDb::new().await;

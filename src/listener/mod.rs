@@ -439,6 +439,12 @@ struct Handle<S: Source> {
 /// before the final save; past it, the last periodic save stands.
 pub(crate) const ACK_WAIT_ON_STOP: Duration = Duration::from_secs(5);
 
+/// How long the final save after stop may take (connecting included): a server that stopped
+/// answering — a network path gone silent, which a new connection learns only from the
+/// kernel's timeouts, minutes later or never — must not hold `stop()` for ever. Past it the
+/// last periodic save stands, and `stop()` says so.
+const FINAL_SAVE_WITHIN: Duration = Duration::from_secs(10);
+
 impl<S: Source> ListenerHandle for Handle<S> {
     fn shutdown(&mut self) -> BoxFuture<'static, ()> {
         let addr = self.addr.clone();
@@ -489,7 +495,18 @@ impl<S: Source> ListenerHandle for Handle<S> {
                 );
                 return Ok(());
             }
-            final_save(name, position).await
+            let saving =
+                tokio::time::timeout(FINAL_SAVE_WITHIN, final_save(name.clone(), position));
+            saving.await.unwrap_or_else(|_| {
+                Err(Error::Database {
+                    context: format!("saving consumer {name:?}'s position on stop"),
+                    source: format!(
+                        "no answer within {FINAL_SAVE_WITHIN:?}: the position saved last stands, \
+                         and what was delivered after it comes again after a restart"
+                    )
+                    .into(),
+                })
+            })
         })
     }
 }
