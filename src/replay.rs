@@ -6,6 +6,13 @@ use crate::event::RawNotification;
 use crate::read_set::ReadSet;
 use crate::snapshot::fence::Fence;
 
+/// Most bytes of payloads one page of a replay holds (and one row larger than that alone): a
+/// page is read whole and written to its client at once, and many clients may resume at the
+/// same time — counted in rows alone (`replay_page`, 500 by default), a page of journal rows
+/// of a few MiB each held hundreds of MiB per client.
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+pub(crate) const PAGE_BYTES: usize = 8 << 20;
+
 /// Where a client's replay of the journal stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(not(feature = "web"), allow(dead_code))]

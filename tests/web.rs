@@ -2409,3 +2409,54 @@ async fn a_request_dropped_while_subscribing_leaves_no_subscription_behind() {
     assert!(wait_until(ARRIVES_WITHIN, || async { subscriptions().await == before }).await);
     s.stop().await;
 }
+
+/// A page of a replay holds at most 8 MiB of payloads (a row larger than that alone), however
+/// many rows `replay_page` allows: each page is read whole and written to its client at once,
+/// and many clients may resume together. Seven rows of 3 MiB after a position come in pages of
+/// at most three (without the bound: one page of seven), every row once, in order.
+#[actix_rt::test]
+async fn on_postgresql_a_replay_page_is_bounded_in_bytes() {
+    use sqlnotify::bench_support::replay_page;
+    let db = common::TestDb::new().await;
+    let (notifier, sse, url, handle, server) =
+        serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
+    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    for id in 1..=7 {
+        db.exec(&format!(
+            "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, repeat('x', 3 << 20))"
+        ))
+        .await;
+    }
+    let first = client.next_event().await;
+    assert_eq!(first.row(), 1);
+    drop(client);
+    let after = first.id.expect("a durable event has a position");
+    let (mut pages, mut next) = (Vec::new(), None);
+    loop {
+        let (rows, more) = replay_page(&notifier, &after, next, 500)
+            .await
+            .unwrap()
+            .expect("the position resumes");
+        pages.push(rows);
+        match more {
+            Some(more) => next = Some(more),
+            None => break,
+        }
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert!(sizes.iter().all(|&n| n <= 3), "pages of {sizes:?} rows");
+    let rows = pages.concat();
+    assert_eq!(
+        rows.len(),
+        7,
+        "the event's own row and the six after it: {rows:?}"
+    );
+    assert!(
+        rows.windows(2).all(|w| w[0] < w[1]),
+        "in order, once: {rows:?}"
+    );
+    sse.shutdown();
+    handle.stop(true).await;
+    server.await.unwrap().unwrap();
+    notifier.stop().await.unwrap();
+}

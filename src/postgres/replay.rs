@@ -167,13 +167,19 @@ pub(crate) async fn replay(
     }
     let started = std::time::Instant::now();
     let mut rows = Vec::new();
-    while more && (rows.len() as i64) < limit {
+    // Payload bytes the page may still take (`PAGE_BYTES`; a window's first row whatever its
+    // size, so that a replay always moves on).
+    let mut bytes = crate::replay::PAGE_BYTES;
+    while more && (rows.len() as i64) < limit && bytes > 0 {
         if !rows.is_empty() && started.elapsed() >= PAGE_TIME {
             break;
         }
-        match window(client, &read, &mut page, limit - rows.len() as i64).await? {
+        let left = (limit - rows.len() as i64, bytes);
+        match window(client, &read, &mut page, left).await? {
             None => return Ok(Replay::TooOld),
             Some((window_rows, window_more)) => {
+                let taken: usize = window_rows.iter().map(|r| r.payload.len()).sum();
+                bytes = bytes.saturating_sub(taken.max(1));
                 rows.extend(window_rows);
                 more = window_more;
             }
@@ -204,14 +210,15 @@ struct Read<'a> {
     all: &'a [String],
 }
 
-/// Reads at most `limit` rows of the window at `page`'s key and moves the key past them.
+/// Reads at most `limit` rows of the window at `page`'s key — and at most `bytes` of payloads,
+/// or its first row alone — and moves the key past them.
 /// Returns them and whether more may follow; `None` when a purge may have deleted rows the
 /// client lacks (`TooOld`).
 async fn window(
     client: &Client,
     read: &Read<'_>,
     page: &mut ReadPage,
-    limit: i64,
+    (limit, bytes): (i64, usize),
 ) -> Result<Option<(Vec<RawNotification>, bool)>> {
     let s = quote_ident(SCHEMA);
     let err = |e| Error::db("reading the journal for a client that resumes", e);
@@ -227,20 +234,29 @@ async fn window(
     // `k_group`: a window returns the rows of the transactions that end in it (and at or after
     // `k_group`: one that ends before was replayed whole) after the key, fetched whole through
     // the index on `xid`, in (last id, id) order, at most `limit`. No first row: the part is
-    // done (`bound` NULL).
+    // done (`bound` NULL). The rows are also cut at `$13` bytes of payloads (the first one
+    // whatever its size: `before_bytes` counts the payloads ahead of a row), and `cut` says
+    // that rows of the window were left for the next page.
     let sql = format!(
         "WITH {ctes}
          SELECT r.id, r.xid::text, r.last, r.channel, r.payload, r.events,
                 b.bound, later.xids, later.lasts, {trimmed} AS trimmed,
-                pg_catalog.pg_is_in_recovery() AS standby
+                pg_catalog.pg_is_in_recovery() AS standby, r.cut
            FROM b CROSS JOIN later LEFT JOIN LATERAL (
-                SELECT j.id, j.xid, j.channel, j.payload, j.events, e.last
-                  FROM e CROSS JOIN LATERAL (
-                       SELECT * FROM {s}.journal j
-                        WHERE j.xid = e.xid AND j.channel = ANY($11)) j
-                 WHERE (e.last, j.id) > ($6, $7)
-                 ORDER BY e.last, j.id
-                 LIMIT $12) r ON true",
+                SELECT c.* FROM (
+                       SELECT q.*, pg_catalog.bool_or(q.before_bytes >= $13) OVER () AS cut
+                         FROM (SELECT j.id, j.xid, j.channel, j.payload, j.events, e.last,
+                                      pg_catalog.sum(coalesce(pg_catalog.octet_length(j.payload), 0))
+                                        OVER (ORDER BY e.last, j.id ROWS UNBOUNDED PRECEDING)
+                                      - coalesce(pg_catalog.octet_length(j.payload), 0) AS before_bytes
+                                 FROM e CROSS JOIN LATERAL (
+                                      SELECT * FROM {s}.journal j
+                                       WHERE j.xid = e.xid AND j.channel = ANY($11)) j
+                                WHERE (e.last, j.id) > ($6, $7)
+                                ORDER BY e.last, j.id
+                                LIMIT $12) q) c
+                 WHERE c.before_bytes < $13
+                 ORDER BY c.last, c.id) r ON true",
         trimmed = trimmed_past(&s, "$1::text::pg_snapshot"),
         ctes = window_ctes(
             part,
@@ -254,7 +270,8 @@ async fn window(
     );
     let window = limit.saturating_mul(4).max(WINDOW_MIN);
     let (xids, lasts): (Vec<String>, Vec<i64>) = page.ends_later.iter().cloned().unzip();
-    let params: [(&(dyn ToSql + Sync), Type); 12] = [
+    let page_bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+    let params: [(&(dyn ToSql + Sync), Type); 13] = [
         (&read.before, Type::TEXT),
         (&read.during, Type::TEXT),
         (&read.all, Type::TEXT_ARRAY),
@@ -267,6 +284,7 @@ async fn window(
         (&lasts, Type::INT8_ARRAY),
         (&read.channels, Type::TEXT_ARRAY),
         (&limit, Type::INT8),
+        (&page_bytes, Type::INT8),
     ];
     let rows = client.query_typed(&sql, &params).await.map_err(err)?;
     let Some(first) = rows.first() else {
@@ -293,6 +311,7 @@ async fn window(
         return Ok(None);
     }
     let bound: Option<i64> = first.get(6);
+    let cut = first.get::<_, Option<bool>>(11) == Some(true);
     let found = first.get::<_, Option<Vec<String>>>(7).unwrap_or_default();
     let found_lasts = first.get::<_, Option<Vec<i64>>>(8).unwrap_or_default();
     page.ends_later
@@ -334,8 +353,9 @@ async fn window(
         key = Some((tx_last, row_id));
     }
     let next = match (bound, key) {
-        // A full page: the next one goes on after its last row, in the same window.
-        (_, Some(key)) if out.len() as i64 >= limit => Some((later, key.0, key.1)),
+        // A full page (in rows, or in bytes): the next one goes on after its last row, in the
+        // same window.
+        (_, Some(key)) if cut || out.len() as i64 >= limit => Some((later, key.0, key.1)),
         // The window is done: the next one starts after it.
         (Some(bound), _) => Some((later, bound.saturating_add(1), i64::MIN)),
         // The client's read is done: the transactions it did not see, from the first one's

@@ -37,9 +37,9 @@ pub(crate) fn head(conn: &Connection) -> Result<i64> {
 /// Most rows a listener's read takes past its `limit` to end on a transaction's last row.
 pub(crate) const MAX_EXTENSION: i64 = 100_000;
 
-/// Most payload bytes a read holds (as MySQL's listener reads): a read — a listener's, a
-/// resuming client's page — ends before a kept row whose payload would take it past this,
-/// unless it holds no row yet (so a row larger than this is read alone). Rows are collected
+/// Most payload bytes a listener's read holds (as MySQL's listener reads; a resuming client's
+/// page holds `replay::PAGE_BYTES`): a read ends before a kept row whose payload would take
+/// it past this, unless it holds no row yet (so a row larger than this is read alone). Rows are collected
 /// before the in-flight budget applies, so without it a read of 1,000 rows (or a transaction
 /// of 100,000) held all of their payloads at once, however large.
 pub(crate) const READ_BYTES: usize = 64 << 20;
@@ -195,9 +195,10 @@ pub(crate) fn replay(
     if since < 0 || since > given || gone || since < trimmed(&tx, given)? {
         return Ok(Replay::TooOld);
     }
-    // A page of at most `limit` rows (the endpoint's `replay_page`) and `READ_BYTES` of
+    // A page of at most `limit` rows (the endpoint's `replay_page`) and `PAGE_BYTES` of
     // payloads: a replay needs no whole transactions, and each resuming client holds its page.
-    let (rows, last, done) = read_after(&tx, cursor, limit, 0, READ_BYTES, channels)?;
+    let page_bytes = crate::replay::PAGE_BYTES;
+    let (rows, last, done) = read_after(&tx, cursor, limit, 0, page_bytes, channels)?;
     drop(tx);
     Ok(Replay::Rows {
         rows,
