@@ -364,8 +364,10 @@ impl Notifier {
     /// The events of every subscription in `subscriptions` through one bounded channel of
     /// `capacity` (see `src/stream_sink.rs`): in commit order across them unless `ordered` is
     /// false, each event once; what their overflow policies drop is counted on the receiver.
-    /// The subscriptions are removed when the returned [`StreamSubscriptions`] is dropped —
-    /// also when this future is dropped part way, or returns an error.
+    /// With `on_cut`, the reader is cut off rather than lose events once it is armed, and the
+    /// hook is told when. The subscriptions are removed when the returned
+    /// [`StreamSubscriptions`] is dropped — also when this future is dropped part way, or
+    /// returns an error.
     ///
     /// [`StreamSubscriptions`]: crate::registry::StreamSubscriptions
     #[cfg_attr(not(feature = "web"), allow(dead_code))]
@@ -374,8 +376,9 @@ impl Notifier {
         subscriptions: Vec<Subscription>,
         capacity: usize,
         ordered: bool,
+        on_cut: Option<crate::stream_sink::CutHook>,
     ) -> Result<crate::registry::StreamSubscriptions> {
-        let (sink, receiver) = crate::stream_sink::stream_channel(capacity, ordered);
+        let (sink, receiver) = crate::stream_sink::stream_channel(capacity, ordered, on_cut);
         let registry = &self.inner.pipeline.registry;
         // From before the first `Subscribe`: dropped anywhere from here, it removes them all.
         let stream = crate::registry::StreamSubscriptions::new(receiver, registry.clone());

@@ -12,6 +12,15 @@
 //! is draining, every millisecond while it is stuck — so one slow subscriber never delays the
 //! others unless its policy is to wait. Status messages go to status subscribers.
 //!
+//! Event streams (the web endpoint's clients, `src/stream_sink.rs`) never hold the notifier:
+//! a client that stops reading is not polled any more (actix-web polls a response body only
+//! while it can write), so it cannot be left to notice that it fell behind. A stream whose
+//! reader is to be disconnected rather than lose events is cut here when one of its buffers is
+//! full of events it was to get live ([`Registry::cut`]); and while the listener waits for in-flight budget, every stream
+//! that has had events waiting for [`STUCK`] without taking one gives them back — cut, or under
+//! a dropping policy, its waiting events dropped ([`Registry::relieve`]). Either way the
+//! budget its events held comes back at once.
+//!
 //! Counting: an event a subscription selects is `delivered` once it is handed to the
 //! subscriber (its mailbox, channel or closure host), or `dropped` if it never is — its
 //! policy discarded it, its receiver was gone, or it was unsubscribed while the event waited.
@@ -48,6 +57,11 @@ const RETRY: Duration = Duration::from_millis(1);
 const YIELD_RETRIES: u32 = 3;
 /// Default shortest time between two `Lagged` notices for one subscription.
 pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an event stream may have events waiting without taking one, while the listener
+/// waits for in-flight budget, before it gives them back ([`Registry::relieve`]): long enough
+/// for a client that reads, however slowly, to take one; short enough that the notifier
+/// pauses only briefly for clients that stopped reading.
+pub(crate) const STUCK: Duration = Duration::from_secs(1);
 
 struct Subscriber {
     id: SubscriptionId,
@@ -64,6 +78,8 @@ struct Subscriber {
     listed: bool,
     /// When its last `Lagged` notice went out.
     lag_reported: Option<Instant>,
+    /// Since when it has had events waiting without taking one (seen by `pump`).
+    waiting_since: Option<Instant>,
 }
 
 /// The subscriptions of one channel.
@@ -145,6 +161,8 @@ pub struct Registry {
     lag_interval: Duration,
     /// The pending report of drops not yet announced: when it runs, and its handle.
     lag_timer: Option<(Instant, SpawnHandle)>,
+    /// See [`STUCK`].
+    stuck: Duration,
 }
 
 impl Registry {
@@ -173,7 +191,15 @@ impl Registry {
             flush_waiters: Vec::new(),
             lag_interval: LAG_INTERVAL,
             lag_timer: None,
+            stuck: STUCK,
         }
+    }
+
+    /// Sets how long an event stream may be stuck (see [`STUCK`]).
+    #[cfg(test)]
+    fn stuck_after(mut self, stuck: Duration) -> Self {
+        self.stuck = stuck;
+        self
     }
 
     /// Sets the shortest time between two `Lagged` notices for one subscription.
@@ -227,6 +253,7 @@ impl Registry {
             closed: false,
             listed: false,
             lag_reported: None,
+            waiting_since: None,
         });
         self.by_id.insert(id, slot);
         if let Some(key) = stream {
@@ -287,6 +314,9 @@ impl Registry {
         if unit.ticket.is_none() {
             tally.release += event.units();
         }
+        for key in std::mem::take(&mut tally.cuts) {
+            self.cut(key);
+        }
     }
 
     /// Where a batch's routing starts: no channel looked up yet.
@@ -325,16 +355,23 @@ impl Registry {
         }
     }
 
-    /// Hands buffered events over; reports lag; schedules the next retry if needed.
+    /// Hands buffered events over; reports lag; schedules the next retry if needed. While
+    /// the listener waits for budget, stuck event streams give theirs back first.
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        if self.stats.budget_waiters.load(Ordering::Relaxed) > 0 {
+            self.relieve(now);
+        }
         let (mut progress, mut waiting, mut queued) = (false, false, 0);
         let (mut delivered, mut lost) = (0, 0);
         for &(slot, id) in &self.attention {
             let Some(s) = live(&mut self.slots, slot, id) else {
                 continue;
             };
+            let mut handed = 0;
             if !s.buffer.is_empty() && !s.closed {
-                let (handed, gone) = s.buffer.drain_into(&s.sink, &mut self.outbox);
+                let gone;
+                (handed, gone) = s.buffer.drain_into(&s.sink, &mut self.outbox);
                 progress |= handed > 0;
                 delivered += handed;
                 let route = &mut self.routes[s.route];
@@ -352,6 +389,11 @@ impl Registry {
                 waiting |= !s.buffer.is_empty();
                 queued += s.buffer.len();
             }
+            s.waiting_since = match s.waiting_since {
+                _ if s.buffer.is_empty() || s.closed => None,
+                Some(since) if handed == 0 => Some(since),
+                _ => Some(now),
+            };
         }
         self.outbox.flush();
         Counters::add(&self.stats.delivered, delivered);
@@ -427,6 +469,94 @@ impl Registry {
             act.report_lag(ctx, false);
         });
         self.lag_timer = Some((next, handle));
+    }
+
+    /// The listener waits for in-flight budget: every event stream that has had events
+    /// waiting for `self.stuck` without taking one gives them back. One whose reader is to be
+    /// cut off rather than lose events is cut ([`Registry::cut`]); any other loses them, as
+    /// its policy drops events (told to its reader, and in a `Lagged`). A subscriber of
+    /// another kind keeps its events: its policy says whether it may lose them, and a stuck
+    /// one under `Wait` is meant to hold the notifier.
+    fn relieve(&mut self, now: Instant) {
+        let (mut cut, mut lost) = (Vec::new(), 0);
+        for &(slot, id) in &self.attention {
+            let Some(s) = live(&mut self.slots, slot, id) else {
+                continue;
+            };
+            let stuck = s
+                .waiting_since
+                .is_some_and(|since| now.duration_since(since) >= self.stuck);
+            let Some(stream) = s.sink.stream() else {
+                continue;
+            };
+            if s.closed || s.buffer.is_empty() || !stuck {
+                continue;
+            }
+            if stream.cuts() {
+                cut.push(stream.key());
+                continue;
+            }
+            let n = s.buffer.discard(&s.sink);
+            log::debug!(
+                "sqlnotify: event stream subscription {id} took nothing for {:?} while the \
+                 listener waits for in-flight budget; its {n} waiting events are dropped",
+                self.stuck
+            );
+            self.routes[s.route].metrics.dropped.increment(n);
+            lost += n;
+            s.waiting_since = None;
+        }
+        Counters::add(&self.stats.dropped, lost);
+        cut.sort_unstable();
+        cut.dedup();
+        for key in cut {
+            self.cut(key);
+        }
+    }
+
+    /// Cuts the event stream `key` off (its reader is disconnected rather than lose events):
+    /// every subscription of it is closed and what its buffer held is discarded — the budget
+    /// it held given back now, though the reader may never be polled again — then the
+    /// reader's hook is told. `pump` reports the losses (`Lagged`) and removes the
+    /// subscriptions.
+    fn cut(&mut self, key: u64) {
+        let Some(ids) = self.streams.get(&key) else {
+            return;
+        };
+        let (mut reader, mut lost) = (None, 0);
+        for &id in ids {
+            let Some(&slot) = self.by_id.get(&id) else {
+                continue;
+            };
+            let Some(s) = live(&mut self.slots, slot, id) else {
+                continue;
+            };
+            let Some(stream) = s.sink.stream() else {
+                continue;
+            };
+            if reader.is_none() {
+                // Before the losses below: the reader sees the cut, not them.
+                stream.cut();
+                reader = Some(stream.clone());
+            }
+            if s.closed {
+                continue;
+            }
+            let n = s.buffer.discard(&s.sink);
+            s.closed = true;
+            let route = &mut self.routes[s.route];
+            route.open -= 1;
+            if n > 0 {
+                route.metrics.dropped.increment(n);
+            }
+            lost += n;
+            attend(s, slot, &mut self.attention);
+        }
+        Counters::add(&self.stats.dropped, lost);
+        if let Some(reader) = reader {
+            log::debug!("sqlnotify: event stream {key} cut off ({lost} waiting events dropped)");
+            reader.report_cut();
+        }
     }
 
     /// Removes subscriptions whose receiver is gone, and takes those with nothing left to
@@ -689,6 +819,9 @@ struct Tally {
     /// Some buffer kept an event, or a subscriber is gone: pump() has work.
     pump: bool,
     sequence: i64,
+    /// Event streams to cut off once the event is offered to every subscription
+    /// (`Registry::cut`).
+    cuts: Vec<u64>,
 }
 
 /// Offers `event` to the subscriptions of `route` that it can match (its index's candidates):
@@ -737,6 +870,20 @@ fn offer(
             } else {
                 event.clone()
             };
+            if let Some(oldest) = s.buffer.full_of() {
+                if let Some(key) = s.sink.cut_rather_than_drop(oldest) {
+                    // Its reader is disconnected rather than lose an event: this one is lost
+                    // with what its subscriptions hold (`Registry::cut`, once every
+                    // subscription had the event).
+                    s.sink.lost(&event);
+                    s.buffer.dropped += 1;
+                    tally.dropped += 1;
+                    tally.cuts.push(key);
+                    tally.pump = true;
+                    attend(s, slot, attention);
+                    return;
+                }
+            }
             tally.dropped += s.buffer.push(event, unit.ticket(), &s.sink);
             tally.pump = true;
             attend(s, slot, attention);
@@ -951,6 +1098,7 @@ mod tests {
     use super::*;
     use crate::event::{Channel, Key, RawNotification};
     use crate::operation::Operation;
+    use crate::stream_sink::Received;
     use crate::subscription::OverflowPolicy;
     use crate::tier::Tier;
     use serde_json::{json, Value};
@@ -982,6 +1130,11 @@ mod tests {
 
     impl Harness {
         fn start() -> Harness {
+            Harness::stuck_after(STUCK)
+        }
+
+        /// A harness whose event streams are stuck after `stuck` (see [`STUCK`]).
+        fn stuck_after(stuck: Duration) -> Harness {
             let channels = Arc::new(Channels::new(
                 [
                     channel("users_insert", "users", Operation::Insert, None),
@@ -996,6 +1149,7 @@ mod tests {
             let budget = Arc::new(Semaphore::new(BUDGET));
             let registry = Registry::new(channels.clone(), stats.clone(), budget.clone())
                 .lag_interval(Duration::from_secs(3600))
+                .stuck_after(stuck)
                 .start();
             Harness {
                 registry,
@@ -1061,6 +1215,62 @@ mod tests {
 
         async fn flush(&self) {
             self.registry.send(Flush).await.unwrap();
+        }
+
+        /// An event stream of `subscriptions` (each under `policy` with a buffer of `buffer`)
+        /// through a channel of one event; with `cut`, cut off rather than lose events once
+        /// armed, the losses its hook is told of going into the returned list.
+        async fn stream(
+            &self,
+            subscriptions: &[Subscription],
+            policy: OverflowPolicy,
+            buffer: usize,
+            cut: bool,
+        ) -> (
+            StreamSubscriptions,
+            Vec<SubscriptionId>,
+            Arc<std::sync::Mutex<Vec<u64>>>,
+        ) {
+            let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let hook = {
+                let told = told.clone();
+                Box::new(move |lost| told.lock().unwrap().push(lost)) as crate::stream_sink::CutHook
+            };
+            let (sink, receiver) = crate::stream_sink::stream_channel(1, true, cut.then_some(hook));
+            let stream = StreamSubscriptions::new(receiver, self.registry.clone());
+            let mut ids = Vec::new();
+            for subscription in subscriptions {
+                let subscription = subscription.clone().policy(policy).buffer(buffer);
+                let id = self
+                    .registry
+                    .send(Subscribe::with_sink(
+                        subscription,
+                        Sink::Stream(sink.clone()),
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                ids.push(id);
+            }
+            (stream, ids, told)
+        }
+
+        /// An event with no extra columns, `id` also its place in commit order (what an event
+        /// stream orders by).
+        fn placed(&self, channel: &str, id: i64) -> ChangeEvent {
+            self.event(channel, id, json!({})).placed(id as u64, 0)
+        }
+
+        /// Waits (bounded) until every unit of the budget is back.
+        async fn budget_returns(&self) -> bool {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while self.budget.available_permits() < BUDGET {
+                if tokio::time::Instant::now() > deadline {
+                    return false;
+                }
+                tokio::task::yield_now().await;
+            }
+            true
         }
     }
 
@@ -1403,6 +1613,167 @@ mod tests {
             );
         }
         assert_eq!(statuses.try_recv().ok(), None);
+    }
+
+    #[actix_rt::test]
+    async fn a_stream_cut_off_rather_than_lose_an_event_gives_back_all_its_subscriptions_held() {
+        let h = Harness::start();
+        let mut statuses = statuses(&h).await;
+        let (mut stream, ids, told) = h
+            .stream(
+                &[
+                    Subscription::new("users", Operation::Insert),
+                    Subscription::new("users", Operation::Update),
+                ],
+                OverflowPolicy::DropOldest,
+                2,
+                true,
+            )
+            .await;
+        stream.events().arm();
+        // 1 fills the channel; 2, 3 wait in the inserts' buffer, 4 in the updates' (after
+        // them: the stream is in commit order).
+        h.route(vec![
+            h.placed("users_insert", 1),
+            h.placed("users_insert", 2),
+            h.placed("users_insert", 3),
+            h.placed("users_update", 4),
+        ])
+        .await;
+        assert_eq!(h.stats.snapshot().queued, 3);
+        assert!(told.lock().unwrap().is_empty());
+        // The inserts' buffer is full: 5 would drop 2. Cut off instead, with all it held.
+        h.route(vec![h.placed("users_insert", 5)]).await;
+        assert_eq!(*told.lock().unwrap(), [4u64], "2, 3, 4 and 5, told once");
+        assert_eq!(
+            h.budget.available_permits(),
+            BUDGET,
+            "the budget is back, though nobody read"
+        );
+        let mut lagged = vec![
+            next_status(&mut statuses).await,
+            next_status(&mut statuses).await,
+        ];
+        lagged.sort_by_key(|s| match s {
+            Status::Lagged { subscription, .. } => *subscription,
+            other => panic!("{other:?}"),
+        });
+        assert_eq!(
+            lagged,
+            [
+                Status::Lagged {
+                    subscription: ids[0],
+                    dropped: 3
+                },
+                Status::Lagged {
+                    subscription: ids[1],
+                    dropped: 1
+                }
+            ]
+        );
+        assert!(
+            matches!(stream.events().next().await, Received::Cut),
+            "the cut, before the event in the channel"
+        );
+        h.route(vec![h.placed("users_insert", 6)]).await;
+        h.flush().await;
+        let stats = h.stats.snapshot();
+        assert_eq!(
+            (
+                stats.delivered,
+                stats.dropped,
+                stats.queued,
+                stats.subscriptions
+            ),
+            (1, 4, 0, 0),
+            "{stats:?}"
+        );
+        assert_eq!(told.lock().unwrap().len(), 1);
+    }
+
+    #[actix_rt::test]
+    async fn events_that_waited_from_before_a_stream_was_armed_are_dropped_not_cut_for() {
+        let h = Harness::start();
+        let inserts = [Subscription::new("users", Operation::Insert)];
+        let (mut stream, _, told) = h
+            .stream(&inserts, OverflowPolicy::DropOldest, 2, true)
+            .await;
+        // While its reader reads the journal: 1 in the channel, 2 and 3 wait.
+        h.route((1..=3).map(|id| h.placed("users_insert", id)).collect())
+            .await;
+        stream.events().arm();
+        // 4 and 5 push 2 and 3 out, as before (the reader checks those losses against what
+        // it read); 6 would push 4 out, selected since: cut off.
+        h.route(vec![h.placed("users_insert", 4)]).await;
+        h.route(vec![h.placed("users_insert", 5)]).await;
+        assert!(told.lock().unwrap().is_empty());
+        assert_eq!(h.stats.snapshot().dropped, 2);
+        h.route(vec![h.placed("users_insert", 6)]).await;
+        assert_eq!(
+            *told.lock().unwrap(),
+            [5u64],
+            "2 and 3 (not yet taken by the reader), then 4, 5 and 6"
+        );
+        assert!(matches!(stream.events().next().await, Received::Cut));
+        assert_eq!(h.budget.available_permits(), BUDGET);
+    }
+
+    #[actix_rt::test]
+    async fn while_the_listener_waits_for_budget_stuck_streams_give_theirs_back() {
+        let h = Harness::stuck_after(Duration::from_millis(20));
+        let inserts = [Subscription::new("users", Operation::Insert)];
+        let (mut cut, _, told) = h
+            .stream(&inserts, OverflowPolicy::DropOldest, 8, true)
+            .await;
+        cut.events().arm();
+        let (mut dropping, _, _) = h
+            .stream(&inserts, OverflowPolicy::DropOldest, 8, false)
+            .await;
+        let (_, plain) = h.inserts(1).await;
+        // 1 fills each channel; 2 and 3 wait, within the buffers.
+        h.route((1..=3).map(|id| h.placed("users_insert", id)).collect())
+            .await;
+        assert_eq!(h.stats.snapshot().queued, 6);
+        // Not waiting for budget: stuck or not, they keep their events.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(h.stats.snapshot().queued, 6);
+        assert!(told.lock().unwrap().is_empty());
+        // The listener waits: the streams give their events back, the plain subscription —
+        // its policy is to wait — keeps its own.
+        h.stats.budget_waiters.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while h.stats.snapshot().queued > 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                h.stats.snapshot()
+            );
+            tokio::task::yield_now().await;
+        }
+        h.stats.budget_waiters.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(
+            *told.lock().unwrap(),
+            [2u64],
+            "cut off, with its two waiting events"
+        );
+        assert!(matches!(cut.events().next().await, Received::Cut));
+        // The other loses them, as its policy drops events, and is told so.
+        assert!(matches!(
+            dropping.events().next().await,
+            Received::Lost(crate::stream_sink::Lost { count: 2, .. })
+        ));
+        assert!(matches!(
+            dropping.events().next().await,
+            Received::Event { .. }
+        ));
+        let mut got = ids(&plain);
+        while got.len() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "{got:?}");
+            tokio::task::yield_now().await;
+            got.extend(ids(&plain));
+        }
+        assert_eq!(got, [1, 2, 3]);
+        assert!(h.budget_returns().await);
     }
 
     #[actix_rt::test]

@@ -1,6 +1,6 @@
 //! Pipeline counters: shared atomics the actors bump, and the [`Stats`] snapshot users read.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::holds::Holds;
@@ -186,6 +186,9 @@ pub(crate) struct Counters {
     pub dead_letters: AtomicU64,
     pub snapshot_rows: AtomicU64,
     pub snapshot_rows_total: AtomicU64,
+    /// Readers of the listener waiting for in-flight budget now (`Outlet::forward`): while
+    /// one does, the registry takes back what stuck event streams hold (`Registry::relieve`).
+    pub budget_waiters: AtomicUsize,
     /// The pipeline's unlabelled metrics (`metrics.rs`), registered with the counters.
     pub metrics: PipelineMetrics,
 }

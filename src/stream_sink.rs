@@ -10,9 +10,18 @@
 //! same reader select is handed over once. `KeepLatestPerKey` replaces a waiting event in place
 //! (reordering by design), so a sink for it is unordered — but there too an event two of its
 //! subscriptions select is handed over once.
+//!
+//! A reader may ask to be cut off rather than lose an event (the web endpoint's
+//! `SlowClient::Disconnect`): once it is armed (it takes events live), the registry cuts it
+//! ([`StreamSink::cut`]) when one of its subscriptions' buffers is full of events selected
+//! since — or when it took nothing for a while and the listener waits for in-flight budget —
+//! and discards what its subscriptions held, giving their budget back at once: the reader's
+//! task may not be polled any more (actix-web stops polling a response body whose client does
+//! not read), so it could not do this itself. The reader then gets [`Received::Cut`], and the
+//! hook it gave is told at the cut, on the registry's thread.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, Notify};
@@ -50,9 +59,26 @@ struct Shared {
     ordered: bool,
     /// Events lost since the reader last took them.
     lost: Mutex<Lost>,
-    /// Woken when events are lost.
+    /// Woken when events are lost, and at a cut.
     lost_notice: Notify,
+    /// Told of a cut; a reader without one is never cut off.
+    on_cut: Option<CutHook>,
+    /// The reader takes events live: only then does a full buffer cut it off. Before (a web
+    /// client reading the journal first), its losses are counted as usual and it decides.
+    armed: AtomicBool,
+    /// The ordinal of the first event selected once armed (`u64::MAX` before): a buffer
+    /// cuts the reader off only when the event it would drop is one of these, not one that
+    /// waited from before (which the reader may have read from the journal).
+    armed_from: AtomicU64,
+    /// Cut off: the reader gets [`Received::Cut`]; the sink takes nothing more.
+    cut: AtomicBool,
+    /// The cut was told to `on_cut`.
+    reported: AtomicBool,
 }
+
+/// Told once when a reader is cut off, on the registry's thread, with how many of its events
+/// were lost then (those its subscriptions held for it, and the one that found no room).
+pub(crate) type CutHook = Box<dyn Fn(u64) + Send + Sync>;
 
 /// Events lost since the reader last took them: how many, and the newest journal position
 /// among them (so a reader that has every event up to some position from elsewhere — a
@@ -102,8 +128,13 @@ pub(crate) struct StreamReceiver {
 }
 
 /// A sink and its receiver: `capacity` events wait in the channel; `ordered` as the module
-/// says (false for `KeepLatestPerKey`).
-pub(crate) fn stream_channel(capacity: usize, ordered: bool) -> (StreamSink, StreamReceiver) {
+/// says (false for `KeepLatestPerKey`); with `on_cut`, the reader is cut off rather than lose
+/// events once armed ([`StreamReceiver::arm`]).
+pub(crate) fn stream_channel(
+    capacity: usize,
+    ordered: bool,
+    on_cut: Option<CutHook>,
+) -> (StreamSink, StreamReceiver) {
     static KEYS: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let shared = Arc::new(Shared {
@@ -112,6 +143,11 @@ pub(crate) fn stream_channel(capacity: usize, ordered: bool) -> (StreamSink, Str
         ordered,
         lost: Mutex::new(Lost::default()),
         lost_notice: Notify::new(),
+        on_cut,
+        armed: AtomicBool::new(false),
+        armed_from: AtomicU64::new(u64::MAX),
+        cut: AtomicBool::new(false),
+        reported: AtomicBool::new(false),
     });
     (
         StreamSink {
@@ -138,8 +174,55 @@ impl StreamSink {
         self.tx.is_closed()
     }
 
+    /// Whether the reader is to be cut off rather than lose events: it asked to be, and is
+    /// armed.
+    pub fn cuts(&self) -> bool {
+        self.shared.on_cut.is_some() && self.shared.armed.load(Ordering::Acquire)
+    }
+
+    /// Whether the reader is to be cut off rather than lose `oldest`, the event a full
+    /// buffer would drop: it [`cuts`](Self::cuts), and `oldest` was selected once it was
+    /// armed.
+    pub fn cuts_rather_than_drop(&self, oldest: &ChangeEvent) -> bool {
+        self.cuts() && oldest.ordinal() >= self.shared.armed_from.load(Ordering::Relaxed)
+    }
+
+    /// Cuts the reader off: from now on it gets [`Received::Cut`], and the sink takes no event
+    /// (as if the reader were gone). Call it before the events its subscriptions hold are
+    /// discarded ([`lost`](Self::lost)), so that the reader sees the cut, not those losses;
+    /// then [`report_cut`](Self::report_cut).
+    pub fn cut(&self) {
+        self.shared.cut.store(true, Ordering::Release);
+        self.shared.lost_notice.notify_one();
+    }
+
+    /// Whether the reader was cut off.
+    pub fn is_cut(&self) -> bool {
+        self.shared.cut.load(Ordering::Acquire)
+    }
+
+    /// Once a cut's events are discarded: tells the hook (once) how many the reader lost.
+    pub fn report_cut(&self) {
+        if self.shared.reported.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let lost = {
+            let mut lost = self.shared.lost.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut *lost).count
+        };
+        if let Some(hook) = &self.shared.on_cut {
+            hook(lost);
+        }
+    }
+
     /// A subscription selected `event` (before it is handed over or buffered).
     pub fn selected(&self, event: &ChangeEvent) {
+        // Only the registry's thread writes it.
+        if self.shared.armed_from.load(Ordering::Relaxed) == u64::MAX && self.cuts() {
+            self.shared
+                .armed_from
+                .store(event.ordinal(), Ordering::Relaxed);
+        }
         *self
             .shared
             .gate()
@@ -177,6 +260,9 @@ impl StreamSink {
     }
 
     pub fn try_deliver(&self, event: ChangeEvent) -> Result<(), StreamRefused> {
+        if self.is_cut() {
+            return Err(StreamRefused::Closed);
+        }
         let ordinal = event.ordinal();
         let mut gate = self.shared.gate();
         if !self.shared.ordered {
@@ -243,6 +329,9 @@ pub(crate) enum Received {
     Event { event: ChangeEvent, in_order: bool },
     /// These events were lost before the events still to come.
     Lost(Lost),
+    /// The reader was cut off ([`StreamSink::cut`]): nothing more comes, and what still
+    /// waits in the channel is not handed out. Its losses were told to its hook.
+    Cut,
     /// Every subscription feeding the receiver is gone (unsubscribed, or the notifier
     /// stopped).
     Closed,
@@ -255,6 +344,9 @@ impl StreamReceiver {
     /// events that follow it.
     pub async fn next(&mut self) -> Received {
         loop {
+            if self.is_cut() {
+                return Received::Cut;
+            }
             if let Some(lost) = self.take_lost() {
                 return Received::Lost(lost);
             }
@@ -275,6 +367,18 @@ impl StreamReceiver {
     /// This channel's number (see [`StreamSink::key`]).
     pub fn key(&self) -> u64 {
         self.shared.key
+    }
+
+    /// From now on a reader that asked to be cut off rather than lose events is: call it
+    /// once it takes events live.
+    pub fn arm(&self) {
+        self.shared.armed.store(true, Ordering::Release);
+    }
+
+    /// Whether the reader was cut off. A loss the reader took may belong to a cut that is
+    /// under way: the cut is set before its losses are counted, so this says so then.
+    pub fn is_cut(&self) -> bool {
+        self.shared.cut.load(Ordering::Acquire)
     }
 
     /// Closes the channel: the sinks see the reader as gone from now on.
@@ -314,7 +418,7 @@ mod tests {
 
     #[test]
     fn an_event_waits_for_older_selected_events_and_a_duplicate_goes_once() {
-        let (sink, mut rx) = stream_channel(8, true);
+        let (sink, mut rx) = stream_channel(8, true, None);
         let (a, b) = (event(1), event(2));
         sink.selected(&a);
         sink.selected(&b);
@@ -335,7 +439,7 @@ mod tests {
 
     #[test]
     fn a_lost_event_lets_later_ones_pass_and_is_counted_once() {
-        let (sink, rx) = stream_channel(8, true);
+        let (sink, rx) = stream_channel(8, true, None);
         let (a, b) = (event(1), event(2));
         sink.selected(&a);
         sink.selected(&b);
@@ -360,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_loss_carries_its_count_and_newest_position() {
-        let (sink, rx) = stream_channel(8, false);
+        let (sink, rx) = stream_channel(8, false, None);
         sink.lost(&event(5));
         sink.lost(&event(3));
         assert_eq!(
@@ -392,7 +496,7 @@ mod tests {
 
     #[test]
     fn unordered_an_event_two_subscriptions_select_goes_once() {
-        let (sink, mut rx) = stream_channel(8, false);
+        let (sink, mut rx) = stream_channel(8, false, None);
         let (a, b) = (event(1), event(2));
         for e in [&a, &a, &b, &b] {
             sink.selected(e);
@@ -417,7 +521,7 @@ mod tests {
 
     #[test]
     fn unordered_an_event_that_overtakes_an_older_waiting_one_is_not_in_order() {
-        let (sink, mut rx) = stream_channel(8, false);
+        let (sink, mut rx) = stream_channel(8, false, None);
         let (a, b, c) = (event(1), event(2), event(3));
         for e in [&a, &b, &b, &c] {
             sink.selected(e);
@@ -444,8 +548,53 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_reader_gets_the_cut_first_takes_nothing_more_and_its_hook_hears_of_it_once() {
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let hook = {
+            let told = told.clone();
+            Box::new(move |lost| told.lock().unwrap().push(lost)) as CutHook
+        };
+        let (sink, mut rx) = stream_channel(8, true, Some(hook));
+        let (a, b, c) = (event(1), event(2), event(3));
+        sink.selected(&a);
+        assert!(!sink.cuts(), "not armed yet");
+        rx.arm();
+        assert!(sink.cuts());
+        for e in [&b, &c] {
+            sink.selected(e);
+        }
+        assert!(
+            !sink.cuts_rather_than_drop(&a),
+            "1 was selected before: the reader decides on its loss"
+        );
+        assert!(sink.cuts_rather_than_drop(&b));
+        assert!(accepted(&sink, &a));
+        // The registry's cut: the flag, then what the subscriptions held is lost.
+        sink.cut();
+        sink.lost(&b);
+        sink.lost(&c);
+        sink.report_cut();
+        sink.report_cut();
+        assert_eq!(
+            *told.lock().unwrap(),
+            [2u64],
+            "told once, with the events lost"
+        );
+        assert!(matches!(
+            sink.try_deliver(event(4)),
+            Err(StreamRefused::Closed)
+        ));
+        let next = futures_util::FutureExt::now_or_never(rx.next());
+        assert!(
+            matches!(next, Some(Received::Cut)),
+            "the cut, not the event still in the channel"
+        );
+        assert!(rx.is_cut());
+    }
+
+    #[test]
     fn a_full_channel_refuses_and_a_closed_one_is_closed() {
-        let (sink, rx) = stream_channel(1, false);
+        let (sink, rx) = stream_channel(1, false, None);
         assert!(accepted(&sink, &event(1)));
         assert!(matches!(
             sink.try_deliver(event(2)),

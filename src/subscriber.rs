@@ -7,7 +7,8 @@
 //! subscriber's [`Buffer`], where its [`OverflowPolicy`] decides what happens when full.
 //! Each buffered event holds a [`Ticket`]: its units of the pipeline's in-flight budget, given
 //! back when the event is handed over or dropped, so a stalled subscriber eventually stops the
-//! listener instead of growing memory.
+//! listener instead of growing memory — unless it is an event stream (the web endpoint's
+//! clients), whose events the registry takes back when it is stuck (`src/registry.rs`).
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -93,8 +94,25 @@ impl Sink {
         }
     }
 
+    /// The event stream this sink feeds, if it is one.
+    pub fn stream(&self) -> Option<&StreamSink> {
+        match self {
+            Sink::Stream(stream) => Some(stream),
+            _ => None,
+        }
+    }
+
+    /// For an event stream whose reader is cut off rather than lose `oldest`, the event a
+    /// full buffer would drop ([`StreamSink::cuts_rather_than_drop`]): cuts it and returns
+    /// its key. `None` for any other.
+    pub fn cut_rather_than_drop(&self, oldest: &ChangeEvent) -> Option<u64> {
+        let stream = self.stream().filter(|s| s.cuts_rather_than_drop(oldest))?;
+        stream.cut();
+        Some(stream.key())
+    }
+
     /// Called for a selected event this sink will never hand over.
-    fn lost(&self, event: &ChangeEvent) {
+    pub fn lost(&self, event: &ChangeEvent) {
         match self {
             Sink::Held(held) => held.lost(event),
             Sink::Stream(stream) => stream.lost(event),
@@ -145,6 +163,13 @@ impl Buffer {
 
     pub fn len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// The event one more makes `DropOldest` drop, when it holds as many as its size.
+    pub fn full_of(&self) -> Option<&ChangeEvent> {
+        (self.queue.len() >= self.capacity)
+            .then(|| self.queue.front().map(|(event, _)| event))
+            .flatten()
     }
 
     /// Buffers `event`, applying the policy if full; `sink` is told of every event dropped.

@@ -842,6 +842,144 @@ async fn a_stalled_client_under_drop_oldest_is_told_it_lagged() {
     s.stop().await;
 }
 
+/// A client that sends its request and never reads a byte, on a socket whose receive buffer
+/// is as small as the kernel allows: once it and the server's socket are full, actix-web stops
+/// polling the client's stream (it polls a response body only while it can write).
+async fn stuck_client(url: &str, user: i64) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = url.trim_start_matches("http://").split('/').next().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stream = socket.connect(address.parse().unwrap()).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /events HTTP/1.1\r\nHost: {address}\r\nx-user: {user}\r\nAccept: text/event-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+/// Inserts `count` orders of `owner` from `first` on in one transaction, each with a note of
+/// `note` bytes.
+fn insert_orders(s: &Server, owner: i64, first: i64, count: i64, note: usize) {
+    let mut conn = rusqlite::Connection::open(&s.db.path).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let tx = conn.transaction().unwrap();
+    for id in first..first + count {
+        tx.execute(
+            "INSERT INTO orders (id, owner_id, status, note) VALUES (?1, ?2, 'new', printf('%.*c', ?3, 'x'))",
+            rusqlite::params![id, owner, note as i64],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+/// The next change event of `client` within `limit` (heartbeats skipped), or `None`.
+async fn event_within(client: &mut Client, limit: Duration) -> Option<Frame> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, client.rx.recv()).await {
+            Ok(Some(Msg::Frame(f))) if f.event.is_some() || f.data.is_some() => return Some(f),
+            Ok(Some(Msg::Frame(_))) => {}
+            Ok(_) => panic!("the stream ended"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Clients that stop reading altogether: actix-web no longer polls their streams, so only the
+/// registry can see them fall behind. Their waiting events must not keep the in-flight budget
+/// (1,024 here; five clients' buffers of 256 would pass it) from the other subscribers.
+#[actix_rt::test]
+async fn clients_that_never_read_are_disconnected_and_never_stall_the_notifier() {
+    const STUCK: i64 = 5;
+    let s = serve(
+        |n| n.max_in_flight(1024),
+        |e| e.slow_client(SlowClient::Disconnect),
+    )
+    .await;
+    // Users 101..=105 never read; each gets rows of its own, so no two share an event.
+    let mut stuck = Vec::new();
+    for user in 101..101 + STUCK {
+        stuck.push(stuck_client(&s.url, user).await);
+    }
+    let mut reader = connect(&s.url, &[("x-user", "2")]).await.unwrap();
+    let (_, plain) = s
+        .notifier
+        .subscribe_channel(
+            Subscription::new("orders", Operation::Insert).filter(Filter::eq("owner_id", 3)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            s.sse.clients() == STUCK as u64 + 1
+        })
+        .await
+    );
+    let mut next_id = 1;
+    for round in 1.. {
+        // Rounds of 32 rows of 8 KB per stuck client: each round fits in a client's buffer
+        // (256) while the server still writes to it; once actix-web stops polling the
+        // stream, its rows pile up in the registry until 5 × 256 would pass the budget.
+        for user in 101..101 + STUCK {
+            insert_orders(&s, user, next_id, 32, 8 << 10);
+            next_id += 32;
+        }
+        // Everyone else still gets their rows.
+        s.insert(next_id, 2, "new");
+        let got = event_within(&mut reader, ARRIVES_WITHIN).await;
+        assert_eq!(
+            got.map(|f| f.row()),
+            Some(next_id),
+            "round {round}: the reading client's row did not arrive: {:?} {:?}",
+            s.sse.stats(),
+            s.notifier.stats().await.unwrap()
+        );
+        s.insert(next_id + 1, 3, "new");
+        let got = std::cell::Cell::new(None);
+        wait_until(ARRIVES_WITHIN, || async {
+            if let Ok(event) = plain.try_recv() {
+                got.set(event.id().as_i64());
+            }
+            got.get().is_some()
+        })
+        .await;
+        assert_eq!(
+            got.get(),
+            Some(next_id + 1),
+            "round {round}: the plain subscription's row did not arrive"
+        );
+        next_id += 2;
+        if s.sse.stats().slow_disconnects == STUCK as u64 {
+            break;
+        }
+        assert!(round < 100, "never cut off: {:?}", s.sse.stats());
+    }
+    // Cut off: nothing waits for them any more, and their rows are nobody's now.
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            let stats = s.notifier.stats().await.unwrap();
+            stats.queued == 0 && stats.subscriptions == 2
+        })
+        .await,
+        "{:?}",
+        s.notifier.stats().await.unwrap()
+    );
+    let stats = s.sse.stats();
+    assert!(stats.lost > 0, "{stats:?}");
+    // Their connections end once they go.
+    drop(stuck);
+    assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 1 }).await);
+    drop(reader);
+    s.stop().await;
+}
+
 #[actix_rt::test]
 async fn shutdown_ends_every_stream_and_the_server_stops_at_once() {
     let s = serve(|n| n, |e| e.heartbeat(Duration::from_secs(60))).await;

@@ -1,6 +1,7 @@
 //! The listener's way into the pipeline: a batch goes to the decoder only after taking one
 //! unit of the in-flight budget per event it carries (and more for large payloads), and
-//! stopping cuts any wait for room short.
+//! stopping cuts any wait for room short. A wait is counted (`Counters::budget_waiters`), so
+//! that the registry can take back what event streams whose clients stopped reading hold.
 
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,24 +24,6 @@ pub(crate) struct Outlet {
     weight: Weight,
     stats: Arc<Counters>,
     stop: watch::Receiver<bool>,
-    /// How many of the listener's readers wait for room right now.
-    waiting: Arc<AtomicUsize>,
-}
-
-/// Counts a reader as waiting for room while it lives.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Waiting(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl Outlet {
@@ -56,7 +39,6 @@ impl Outlet {
             weight,
             stats,
             stop,
-            waiting: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -66,7 +48,7 @@ impl Outlet {
     /// wait is the pipeline's, not the connection's, and failing the connection for it would
     /// lose the notifications PostgreSQL queued for it.
     pub fn waiting(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0
+        self.stats.budget_waiters.load(Ordering::Relaxed) > 0
     }
 
     /// The pipeline's counters.
@@ -137,7 +119,10 @@ impl Outlet {
             Ok(permits) => permits.forget(),
             Err(tokio::sync::TryAcquireError::Closed) => return None,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                let _waiting = Waiting::new(&self.waiting);
+                // Counted while it waits (the registry then frees what stuck event streams
+                // hold, and the shell asks no health check), also when this future is dropped
+                // part way.
+                let _waiting = Waiting::new(&self.stats.budget_waiters);
                 let acquire = pin!(self.budget.acquire_many(units));
                 let stopping = pin!(self.stopping());
                 match select(acquire, stopping).await {
@@ -149,5 +134,21 @@ impl Outlet {
         self.stats.forward(events);
         self.decoder.do_send(RawBatch(batch));
         Some(events)
+    }
+}
+
+/// One reader waiting for budget, counted in `Counters::budget_waiters` while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -20,12 +20,29 @@ use crate::subscription::OverflowPolicy;
 /// What happens to a client that reads its stream slower than events arrive, once its buffer
 /// is full. A slow client never holds up the notifier or the other clients, and never makes
 /// the server's memory grow: each client has a bounded buffer.
+///
+/// That holds for a client that stops reading altogether, too — one actix-web no longer polls,
+/// since it polls a response only while it can write to it. The notifier sees to it: while
+/// its listener waits for in-flight budget
+/// ([`max_in_flight`](crate::NotifierBuilder::max_in_flight)), every client that has had
+/// events waiting for a second without taking one gives them back — disconnected under
+/// `Disconnect`, its waiting events dropped (and reported as `lag`) under the others. So a
+/// client that stopped reading pauses the notifier for about a second at most, and only once
+/// such clients hold the whole budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SlowClient {
     /// Close its stream. A browser reconnects with `Last-Event-ID` and, where the dialect can
     /// resume (SQLite, PostgreSQL's journal tiers), gets what it missed from the journal: no
     /// gap, no duplicate. Where it
     /// cannot, it gets a `reset` event. The default.
+    ///
+    /// Once the client takes events live (after its replay, if it resumes), it is cut off the
+    /// moment its buffer is full, whether or not it still reads: what waited for it is
+    /// dropped at once, and it counts in [`SseStats::slow_disconnects`]. A client that no
+    /// longer reads has its connection end when actix-web next writes to it — when the
+    /// client reads again, or goes away.
+    ///
+    /// [`SseStats::slow_disconnects`]: super::SseStats::slow_disconnects
     #[default]
     Disconnect,
     /// Drop its oldest waiting events; it gets an `event: lag` (`data: {"dropped": n}`)
@@ -84,7 +101,8 @@ pub(crate) struct Config {
     pub buffer: usize,
     pub channel: usize,
     pub replay_page: i64,
-    pub counters: Counters,
+    /// Shared with the hook that counts a stream the registry cuts off (`Sse::open`).
+    pub counters: Arc<Counters>,
     pub shutdown: watch::Sender<bool>,
 }
 
@@ -191,7 +209,7 @@ impl SseBuilder {
                 buffer: self.buffer,
                 channel: 16,
                 replay_page: self.replay_page as i64,
-                counters: Counters::default(),
+                counters: Arc::default(),
                 shutdown,
             }),
         }

@@ -101,6 +101,7 @@ use self::stats::Counters;
 use self::stream::{Connection, Start};
 use crate::error::Error;
 use crate::notifier::Notifier;
+use crate::stream_sink::CutHook;
 use crate::subscription::OverflowPolicy;
 
 /// The query parameter a client may give its `Last-Event-ID` in (`/events?last_event_id=17`)
@@ -270,6 +271,20 @@ impl Sse {
             routes.push((channel.name().to_string(), subscription.filters.clone()));
             subscriptions.push(subscription);
         }
+        // `Disconnect` is the registry's to enforce: a client that stops reading is not polled
+        // any more (actix-web polls a body only while it can write), so its stream could not
+        // notice that it fell behind, and its waiting events would keep their in-flight budget.
+        let on_cut = (config.slow_client == SlowClient::Disconnect).then(|| {
+            let counters = config.counters.clone();
+            Box::new(move |lost| {
+                Counters::add(&counters.slow_disconnects, 1);
+                Counters::add(&counters.lost, lost);
+                log::debug!(
+                    "sqlnotify: closing the event stream of a client too slow for its buffer \
+                     ({lost} events lost)"
+                );
+            }) as CutHook
+        });
         // Dropped with this future or its connection, it removes the subscriptions again.
         let stream = config
             .notifier
@@ -277,6 +292,7 @@ impl Sse {
                 subscriptions,
                 config.channel,
                 policy != OverflowPolicy::KeepLatestPerKey,
+                on_cut,
             )
             .await
             .map_err(refused)?;

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SseStats {
-    /// Streams open now.
+    /// Streams open now (a stream cut off for a client that no longer reads counts until its
+    /// connection ends: see [`SlowClient::Disconnect`](super::SlowClient::Disconnect)).
     pub clients: u64,
     /// Streams opened since the endpoint was built.
     pub connections: u64,
@@ -24,7 +25,8 @@ pub struct SseStats {
     pub lost: u64,
     /// `reset` events sent (a client could not resume from its `Last-Event-ID`).
     pub resets: u64,
-    /// Streams closed because their client was too slow (`SlowClient::Disconnect`).
+    /// Streams closed because their client was too slow (`SlowClient::Disconnect`): counted
+    /// when the stream is cut off, also for a client that no longer reads at all.
     pub slow_disconnects: u64,
     /// Heartbeat comments sent.
     pub heartbeats: u64,

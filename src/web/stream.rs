@@ -347,6 +347,9 @@ impl Connection {
     }
 
     async fn live(&mut self) -> Option<String> {
+        // From here on, under `Disconnect`, the registry cuts this client off rather than drop
+        // its events (before, while it read the journal, a loss is checked against the replay).
+        self.events.events().arm();
         loop {
             let received = tokio::select! {
                 biased;
@@ -395,10 +398,14 @@ impl Connection {
                     let dropped = lost.count;
                     Counters::add(&self.config.counters.lost, dropped);
                     if self.config.slow_client == SlowClient::Disconnect {
-                        Counters::add(&self.config.counters.slow_disconnects, 1);
-                        log::debug!(
-                            "sqlnotify: closing the event stream of a client too slow for its buffer ({dropped} events lost)"
-                        );
+                        // A loss taken while the registry cuts this stream off is the cut's
+                        // (its hook counts it).
+                        if !self.events.events().is_cut() {
+                            Counters::add(&self.config.counters.slow_disconnects, 1);
+                            log::debug!(
+                                "sqlnotify: closing the event stream of a client too slow for its buffer ({dropped} events lost)"
+                            );
+                        }
                         self.phase = Phase::Done;
                         return None;
                     }
@@ -406,7 +413,8 @@ impl Connection {
                     let data = serde_json::json!({ "dropped": dropped }).to_string();
                     return Some(frame(None, Some("lag"), &data));
                 }
-                Received::Closed => {
+                // Cut off by the registry (`Disconnect`), and counted there.
+                Received::Cut | Received::Closed => {
                     self.phase = Phase::Done;
                     return None;
                 }
