@@ -333,6 +333,26 @@ async fn a_client_gets_only_its_grant_and_query_parameters_only_narrow_it() {
 }
 
 #[actix_rt::test]
+async fn a_client_the_hook_refuses_learns_nothing_of_the_allowed_parameters() {
+    let s = serve(|n| n, |e| e).await;
+    for query in ["?owner_id=2", "?status=paid&nope=1", "?%zz"] {
+        let url = format!("{}{query}", s.url);
+        let (status, body) = connect(&url, &[]).await.err().unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (401, "who are you?"),
+            "{query}: the hook answers first"
+        );
+    }
+    // Authorized, the same parameter is a 400 that names the allowed ones.
+    let url = format!("{}?owner_id=2", s.url);
+    let (status, body) = connect(&url, &[("x-user", "1")]).await.err().unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("allowed: [\"status\", \"secret\"]"), "{body}");
+    s.stop().await;
+}
+
+#[actix_rt::test]
 async fn an_async_hook_runs_once_per_connection_not_once_per_event() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();

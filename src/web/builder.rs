@@ -149,7 +149,8 @@ impl SseBuilder {
     /// granted subscription (AND), so it can only narrow the grant. A request with a
     /// parameter that is not allowed, or a value that does not parse, is refused with 400;
     /// so is one whose filter names a column a granted subscription's watch does not carry.
-    /// Default: none allowed. `last_event_id` is the stream's own parameter (the
+    /// Parameters are checked after the authorization hook: a client it refuses gets only
+    /// the hook's answer. Default: none allowed. `last_event_id` is the stream's own parameter (the
     /// `Last-Event-ID` of a client that cannot set the header) and is never a filter.
     pub fn param(mut self, name: impl Into<String>, param: Param) -> Self {
         let name = name.into();

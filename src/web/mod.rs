@@ -182,7 +182,8 @@ impl Sse {
     }
 
     /// Answers one request: the event stream, or the error response (401/403 from the hook,
-    /// 400 for a query parameter that is not allowed or does not fit, 503 after
+    /// 400 for a query parameter that is not allowed or does not fit — checked only once the
+    /// hook granted something, so a refused client never sees the allow-list —, 503 after
     /// [`shutdown`](Self::shutdown)). For handlers of your own.
     pub async fn respond(&self, req: HttpRequest) -> HttpResponse {
         match self.open(&req).await {
@@ -215,6 +216,12 @@ impl Sse {
                 message: "the server is shutting down".into(),
             });
         }
+        // The hook first: a client it refuses learns nothing else — not the allowed parameters
+        // a 400 below names.
+        let grant = config.authorize.grant(req).await?;
+        if grant.subscriptions.is_empty() {
+            return Err(Denied::forbidden("nothing is granted to this client"));
+        }
         let query = actix_web::web::Query::<Vec<(String, String)>>::from_query(req.query_string())
             .map_err(|e| Denied::bad_request(format!("query string: {e}")))?;
         // `last_event_id` is the stream's own parameter, never a filter.
@@ -223,10 +230,6 @@ impl Sse {
             .into_iter()
             .partition(|(name, _)| name == LAST_EVENT_ID_PARAM);
         let narrowing = params::filters(&query, &config.params).map_err(Denied::bad_request)?;
-        let grant = config.authorize.grant(req).await?;
-        if grant.subscriptions.is_empty() {
-            return Err(Denied::forbidden("nothing is granted to this client"));
-        }
         // The header wins: a browser sends it on reconnect, with the last id it got, while
         // the URL still carries the position the page started from.
         let last_event_id = match req.headers().get("last-event-id") {
