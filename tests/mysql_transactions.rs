@@ -605,3 +605,77 @@ async fn the_purge_removes_the_journals_history_and_empties_the_transaction_regi
     purger.stop().await.unwrap();
     notifier.stop().await.unwrap();
 }
+
+/// A transaction left open past the gap timeout holds the watermark, while other writers roll
+/// back inserts above it (each burns a journal id: a gap) and commit. The burned gaps above
+/// the held one are given up after the gap timeout, though the watermark stays below the open
+/// transaction; and a read never gets stuck on rows it has read already — past 64 gaps the
+/// read's condition used to merge the rest into one range up to the highest id read, and with
+/// 10,000 rows read there each read took only those (defect: the marker never arrived while
+/// the transaction was open).
+#[actix_rt::test]
+async fn burned_ids_above_a_transaction_held_open_do_not_stop_delivery() {
+    const ROUNDS: i64 = 70;
+    const BULK: i64 = 12_000;
+    const MARKER: i64 = 1_000_000;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
+        .await;
+    let notifier = builder(&db)
+        .mysql_transaction_ids(true)
+        .gap_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let mut rx = stream(&notifier).await;
+    let mut held = db.conn().await;
+    held.query_drop("BEGIN; INSERT INTO t (id) VALUES (1)")
+        .await
+        .unwrap();
+    let mut other = db.conn().await;
+    let mut expected: Vec<i64> = Vec::new();
+    for round in 0..ROUNDS {
+        other
+            .query_drop(format!(
+                "BEGIN; INSERT INTO t (id) VALUES ({}); ROLLBACK",
+                500_000 + round
+            ))
+            .await
+            .unwrap();
+        let id = 100 + round;
+        other
+            .query_drop(format!("INSERT INTO t (id) VALUES ({id})"))
+            .await
+            .unwrap();
+        expected.push(id);
+    }
+    // The gaps are noticed, and the open transaction's is held, before the bulk comes.
+    let first = take(&mut rx, ROUNDS as usize).await;
+    for chunk in (0..BULK).collect::<Vec<_>>().chunks(1_000) {
+        let values: Vec<String> = chunk.iter().map(|i| format!("({})", 10_000 + i)).collect();
+        other
+            .query_drop(format!("INSERT INTO t (id) VALUES {}", values.join(", ")))
+            .await
+            .unwrap();
+        expected.extend(chunk.iter().map(|i| 10_000 + i));
+    }
+    other
+        .query_drop(format!("INSERT INTO t (id) VALUES ({MARKER})"))
+        .await
+        .unwrap();
+    expected.push(MARKER);
+    let rest = take(&mut rx, expected.len() - ROUNDS as usize).await;
+    let got: Vec<i64> = first
+        .iter()
+        .chain(&rest)
+        .map(|e| e.id().as_i64().unwrap())
+        .collect();
+    assert_eq!(got, expected, "each committed row once, in order");
+    assert_quiet(&mut rx).await;
+    held.query_drop("COMMIT").await.unwrap();
+    let late = take(&mut rx, 1).await;
+    assert_eq!(late[0].id().as_i64(), Some(1), "the held transaction's row");
+    assert_quiet(&mut rx).await;
+    let _ = (held.disconnect().await, other.disconnect().await);
+    notifier.stop().await.unwrap();
+}

@@ -24,9 +24,9 @@
 //! Each poll reads, in id order, the rows in the gaps plus every row above `high`
 //! (`WHERE id > pos AND (id BETWEEN gap.start AND gap.end OR … OR id > high)`, paginated by
 //! `pos`), delivers those it has not read, and takes them out of the gaps. A late commit fills
-//! its gap and is delivered then, however low its id. Then `low` moves up to the lowest gap,
-//! and over gaps that have been open longer than the *gap timeout* (default 10 s) and hold no
-//! row: those are rolled-back (burned) ids.
+//! its gap and is delivered then, however low its id. Then gaps that have been open longer
+//! than the *gap timeout* (default 10 s) and hold no row are given up — rolled-back (burned)
+//! ids — also above a gap that is still open, and `low` moves up to the lowest gap left.
 //!
 //! Whether an expired gap holds a row is read uncommitted ([`occupied`]): a transaction still
 //! running has its journal row in the table, uncommitted, and a rolled-back insert leaves
@@ -56,7 +56,10 @@
 //!
 //! The cost: each open gap is one range in the read; beyond 64 open gaps the rest are read as
 //! one range up to `high` (rows already read in it are skipped), so a workload that
-//! rolls back inserts on watched tables many times per gap timeout makes polls heavier.
+//! rolls back inserts on watched tables many times per gap timeout makes polls heavier. A
+//! read with transactions goes through the gaps in windows of 64 instead
+//! ([`Cursor::unread_window`]), so it takes only rows it has not read: its page of 10,000 rows
+//! never fills with rows read already.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -221,6 +224,28 @@ impl Cursor {
         unread_sql(&self.unread, self.high)
     }
 
+    /// A SQL condition on `id` matching the rows not read yet above `pos`, as far as it goes:
+    /// the gaps that end above `pos`, at most [`MAX_RANGES`] of them spelled out, and the ids
+    /// above `high`. With more gaps than that it matches none of the ids read between them —
+    /// unlike [`unread_condition`](Self::unread_condition), whose merged range matches every
+    /// row read above its 64th gap — and goes no further than the end of its last gap, which
+    /// it returns: once a read with `id > pos` comes short there, the next window starts at
+    /// that bound. So a read in windows takes only rows not read yet, however many rows were
+    /// read above a gap held open. Integers only, so it is safe to splice into SQL.
+    pub fn unread_window(&self, pos: i64) -> (String, Option<i64>) {
+        let from = self.unread.partition_point(|&(_, end)| end <= pos);
+        let gaps = &self.unread[from..];
+        if gaps.len() > MAX_RANGES {
+            let spelled = &gaps[..MAX_RANGES];
+            (
+                ranges_sql(spelled).join(" OR "),
+                Some(spelled[MAX_RANGES - 1].1),
+            )
+        } else {
+            (unread_sql(gaps, self.high), None)
+        }
+    }
+
     /// Gaps at ids up to `upto` were (or could have been) first noticed at `when`: a cursor
     /// resuming a saved position ages the gaps it finds by the journal's own times, so a
     /// rolled-back id that a previous process had already waited for is not waited for again
@@ -272,20 +297,42 @@ impl Cursor {
         });
     }
 
-    /// Moves the low watermark over read ids and expired gaps. Returns whether it moved.
+    /// Gives up every expired gap — without checking it for rows: see [`due`](Self::due) —
+    /// and moves the low watermark over read ids. Returns whether it moved.
     pub fn advance(&mut self, now: Instant) -> bool {
-        self.advance_where(now, |_| true)
+        let due = self.due(now, usize::MAX);
+        self.give_up(&due);
+        self.advance_read()
     }
 
-    /// The part of gap `start..=end` (the lowest open one, `noticed` from `at` on) that has
-    /// been missing for the gap timeout at `now`: up to the end of the ids noticed with
-    /// `start`. `None` while it is not expired. Returns the index of that entry too.
-    fn expired(
+    /// Moves the low watermark over the read (or given up) ids below the lowest gap. Returns
+    /// whether it moved.
+    pub fn advance_read(&mut self) -> bool {
+        let start = self.low;
+        self.low = self
+            .unread
+            .first()
+            .map_or(self.high, |&(first, _)| first - 1);
+        while self
+            .noticed
+            .front()
+            .is_some_and(|&(upto, _)| upto <= self.low)
+        {
+            self.noticed.pop_front();
+        }
+        self.low != start
+    }
+
+    /// The part of gap `start..=end` covered by the `noticed` entry holding `start` (searched
+    /// from entry `at` on): up to the end of the ids noticed with `start`, that entry's index,
+    /// and whether that part has been missing for the gap timeout at `now`. `None` when no
+    /// entry holds `start` (never, as `mark` and `resume` keep them).
+    fn part(
         &self,
         (start, end): (i64, i64),
         at: usize,
         now: Instant,
-    ) -> Option<((i64, i64), usize)> {
+    ) -> Option<((i64, i64), usize, bool)> {
         let at = at
             + self
                 .noticed
@@ -293,31 +340,69 @@ impl Cursor {
                 .take_while(|&&(upto, _)| upto < start)
                 .count();
         let &(upto, when) = self.noticed.get(at)?;
-        (now.saturating_duration_since(when) >= self.gap_timeout)
-            .then_some(((start, end.min(upto)), at))
+        let expired = now.saturating_duration_since(when) >= self.gap_timeout;
+        Some(((start, end.min(upto)), at, expired))
     }
 
-    /// The expired gaps [`advance`](Self::advance) would give up at `now`, lowest first, at
-    /// most `limit` of them: what to check for rows still being written before giving them up.
+    /// The expired gaps at `now` — ids missing for the gap timeout — lowest first, at most
+    /// `limit` of them: what to check for rows still being written before giving them up
+    /// ([`hold`](Self::hold) those that hold one, [`give_up`](Self::give_up) the others).
+    /// Also those above a gap that is not expired (a held one, or one noticed later): a gap
+    /// given up there leaves the watermark where it is, below the lowest gap, but no longer
+    /// costs a range in every read — a transaction held open for long would otherwise keep
+    /// every id burned above it for as long.
     pub fn due(&self, now: Instant, limit: usize) -> Vec<(i64, i64)> {
-        // `advance`'s walk, without moving anything.
         let mut due = Vec::new();
         let mut at = 0;
-        let mut gaps = self.unread.iter().copied();
-        let mut gap = gaps.next();
-        while let Some(current) = gap.filter(|_| due.len() < limit) {
-            let Some((range, entry)) = self.expired(current, at, now) else {
-                break;
-            };
-            due.push(range);
-            at = entry;
-            gap = if range.1 < current.1 {
-                Some((range.1 + 1, current.1))
-            } else {
-                gaps.next()
-            };
+        for &(start, end) in &self.unread {
+            let mut next = start;
+            // `end < high`, so `end + 1` never overflows.
+            while next <= end {
+                if due.len() >= limit {
+                    return due;
+                }
+                let Some((range, entry, expired)) = self.part((next, end), at, now) else {
+                    return due;
+                };
+                if expired {
+                    due.push(range);
+                }
+                at = entry;
+                next = range.1 + 1;
+            }
         }
         due
+    }
+
+    /// Gives up `ranges` (some of [`due`](Self::due)'s, found to hold no row: rolled-back
+    /// ids): they count as read from now on. The watermark moves only with
+    /// [`advance_read`](Self::advance_read).
+    pub fn give_up(&mut self, ranges: &[(i64, i64)]) {
+        for &(start, end) in ranges {
+            let Some(i) = self.gap_of(start) else {
+                continue;
+            };
+            let (first, last) = self.unread[i];
+            let end = end.min(last);
+            log::debug!(
+                "sqlnotify: journal ids {start}..={end} stayed missing for {:?} and hold no row; treating them as rolled back",
+                self.gap_timeout
+            );
+            match (start == first, end == last) {
+                (true, true) => {
+                    self.unread.remove(i);
+                }
+                (true, false) => self.unread[i].0 = end + 1,
+                (false, true) => self.unread[i].1 = start - 1,
+                (false, false) => {
+                    self.unread[i].1 = start - 1;
+                    self.unread.insert(i + 1, (end + 1, last));
+                }
+            }
+        }
+        if !ranges.is_empty() {
+            self.forget_filled();
+        }
     }
 
     /// Gap `range` (one of [`due`](Self::due)'s) still holds a row — a transaction that has
@@ -346,49 +431,6 @@ impl Cursor {
         noticed.append(&mut self.noticed);
         self.noticed = noticed;
     }
-
-    /// [`advance`](Self::advance), giving up an expired gap only where `may_give_up` says so
-    /// (it stops at the first it may not). Returns whether the watermark moved.
-    pub fn advance_where(
-        &mut self,
-        now: Instant,
-        mut may_give_up: impl FnMut((i64, i64)) -> bool,
-    ) -> bool {
-        let start = self.low;
-        loop {
-            // Over the read ids below the lowest gap.
-            let Some(&gap) = self.unread.first() else {
-                self.low = self.high;
-                break;
-            };
-            self.low = gap.0 - 1;
-            let Some((range, _)) = self.expired(gap, 0, now) else {
-                break;
-            };
-            if !may_give_up(range) {
-                break;
-            }
-            let (next, end) = range;
-            log::debug!(
-                "sqlnotify: journal ids {next}..={end} stayed missing for {:?} and hold no row; treating them as rolled back",
-                self.gap_timeout
-            );
-            if end == gap.1 {
-                self.unread.remove(0);
-            } else {
-                self.unread[0].0 = end + 1;
-            }
-            self.low = end;
-        }
-        while self
-            .noticed
-            .front()
-            .is_some_and(|&(upto, _)| upto <= self.low)
-        {
-            self.noticed.pop_front();
-        }
-        self.low != start
-    }
 }
 
 /// A SQL condition on `id` matching the ids in `gaps` (inclusive ranges, ascending) and above
@@ -401,7 +443,14 @@ pub(crate) fn unread_sql(gaps: &[(i64, i64)], high: i64) -> String {
         gaps.truncate(MAX_RANGES - 1);
         gaps.push((start, high));
     }
-    let mut parts: Vec<String> = gaps
+    let mut parts = ranges_sql(&gaps);
+    parts.push(format!("`id` > {high}"));
+    parts.join(" OR ")
+}
+
+/// One SQL condition on `id` per range of `ranges` (inclusive).
+fn ranges_sql(ranges: &[(i64, i64)]) -> Vec<String> {
+    ranges
         .iter()
         .map(|(a, b)| {
             if a == b {
@@ -410,9 +459,7 @@ pub(crate) fn unread_sql(gaps: &[(i64, i64)], high: i64) -> String {
                 format!("`id` BETWEEN {a} AND {b}")
             }
         })
-        .collect();
-    parts.push(format!("`id` > {high}"));
-    parts.join(" OR ")
+        .collect()
 }
 
 /// Reads up to `limit` rows with `id > pos` matching `condition` (from
@@ -945,25 +992,28 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
 }
 
-/// The lowest id in `ranges` (gaps a cursor is about to give up, see [`Cursor::due`]) that
-/// holds a row, if any: one committed since the last read, or one a transaction still running
-/// wrote. Read uncommitted: a rolled-back insert leaves nothing, a running one is seen, and
-/// nothing is locked. Such a gap is not given up, nor any above it: its transaction may yet
-/// commit.
+/// Which of `ranges` (gaps a cursor is about to give up, see [`Cursor::due`]) hold a row, in
+/// their order: one committed since the last read, or one a transaction still running wrote.
+/// Read uncommitted: a rolled-back insert leaves nothing, a running one is seen, and nothing
+/// is locked. Such a gap is not given up: its transaction may yet commit. One primary-key
+/// probe per range.
 pub(crate) async fn occupied(
     conn: &mut Conn,
     database: &str,
     ranges: &[(i64, i64)],
-) -> Result<Option<i64>> {
+) -> Result<Vec<bool>> {
     if ranges.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let context = "checking the journal's gaps for transactions still running";
-    let condition = ranges
+    let journal = qualified(database, JOURNAL);
+    let columns = ranges
         .iter()
-        .map(|(start, end)| format!("`id` BETWEEN {start} AND {end}"))
+        .map(|(start, end)| {
+            format!("EXISTS (SELECT 1 FROM {journal} WHERE `id` BETWEEN {start} AND {end})")
+        })
         .collect::<Vec<_>>()
-        .join(" OR ");
+        .join(", ");
     // mysql_async sets the isolation level for the next transaction only, then starts it. A
     // failure (or the caller's time limit) between the two would leave READ UNCOMMITTED for
     // the next statement on this connection: every error here ends the listener's session,
@@ -975,15 +1025,17 @@ pub(crate) async fn occupied(
         .start_transaction(opts)
         .await
         .map_err(db_err(context))?;
-    let id: Option<i64> = tx
-        .query_first(format!(
-            "SELECT `id` FROM {} WHERE {condition} ORDER BY `id` LIMIT 1",
-            qualified(database, JOURNAL)
-        ))
+    let row: Option<mysql_async::Row> = tx
+        .query_first(format!("SELECT {columns}"))
         .await
         .map_err(db_err(context))?;
     tx.commit().await.map_err(db_err(context))?;
-    Ok(id)
+    let mut row =
+        row.ok_or_else(|| Error::db(context, std::io::Error::other("the check returned no row")))?;
+    // Anything but a clear "no" holds the gap: it is checked again a gap timeout later.
+    Ok((0..ranges.len())
+        .map(|i| row.take_opt::<i64, _>(i).and_then(|v| v.ok()) != Some(0))
+        .collect())
 }
 
 /// Appends a row (custom notifications).
@@ -1061,9 +1113,10 @@ mod tests {
         assert_eq!(c.high(), 500_000);
         c.noticed(500_010, now - TIMEOUT);
         c.mark([500_010], now);
-        assert!(
-            c.due(now, 64).is_empty(),
-            "the saved gap is held from the resume"
+        assert_eq!(
+            c.due(now, 64),
+            [(500_001, 500_009)],
+            "the saved gap is held from the resume, the one above aged by the journal"
         );
         assert_eq!(
             c.due(now + TIMEOUT, 64),
@@ -1087,7 +1140,7 @@ mod tests {
     }
 
     #[test]
-    fn due_lists_what_advance_would_give_up() {
+    fn due_lists_every_expired_gap_and_give_up_takes_them_out() {
         let t0 = Instant::now();
         let mut c = Cursor::new(10, TIMEOUT);
         c.mark([11, 14, 18], t0);
@@ -1097,37 +1150,91 @@ mod tests {
         let later = t0 + TIMEOUT;
         assert_eq!(c.due(later, 64), [(12, 13), (15, 17)]);
         assert_eq!(c.due(later, 1), [(12, 13)]);
-        let mut given_up = Vec::new();
-        assert!(c.clone().advance_where(later, |range| {
-            given_up.push(range);
-            true
-        }));
-        assert_eq!(given_up, c.due(later, 64));
-        // Stopped at the first it may not give up: over the read id below it only.
-        assert!(c.advance_where(later, |(start, _)| start < 15));
-        assert_eq!(c.low(), 14);
-        assert_eq!(c.due(later, 64), [(15, 17)]);
+        // Given up above a gap still open: the watermark stays below that one.
+        c.give_up(&[(15, 17)]);
+        assert!(c.advance_read(), "over 11");
+        assert!(!c.advance_read());
+        assert_eq!((c.low(), c.gaps()), (11, vec![(12, 13)]));
+        c.give_up(&[(12, 13)]);
+        assert!(c.advance_read());
+        assert_eq!(c.low(), 18);
+        assert!(c.noticed.is_empty());
+        // Part of a gap, in its middle.
+        let mut c = Cursor::new(0, TIMEOUT);
+        c.mark([10], t0);
+        c.give_up(&[(4, 6)]);
+        assert_eq!(c.gaps(), [(1, 3), (7, 9)]);
+        assert!(c.is_new(3) && !c.is_new(5) && c.is_new(7));
     }
 
     #[test]
-    fn a_held_gap_waits_another_gap_timeout_and_holds_what_lies_above_it() {
+    fn a_held_gap_waits_another_gap_timeout_and_expired_gaps_above_it_go() {
         let t0 = Instant::now();
         let mut c = Cursor::new(10, TIMEOUT);
         c.mark([11, 14, 18], t0);
         let t1 = t0 + TIMEOUT;
         c.hold((12, 13), t1);
+        assert_eq!(c.due(t1, 64), [(15, 17)], "past the held gap");
         assert!(c.advance(t1));
-        assert_eq!(
-            c.low(),
-            11,
-            "the held gap, and the expired one above it, stay"
-        );
+        assert_eq!(c.low(), 11, "the held gap holds the watermark");
+        assert_eq!(c.gaps(), [(12, 13)], "the expired gap above it is given up");
         assert!(c
             .due(t1 + TIMEOUT - Duration::from_millis(1), 64)
             .is_empty());
-        assert_eq!(c.due(t1 + TIMEOUT, 64), [(12, 13), (15, 17)]);
+        assert_eq!(c.due(t1 + TIMEOUT, 64), [(12, 13)]);
         assert!(c.advance(t1 + TIMEOUT));
         assert_eq!(c.low(), 18);
+    }
+
+    #[test]
+    fn burned_ids_above_a_held_gap_are_given_up_while_it_stays() {
+        // A transaction holds id 1 for ever; every round burns an id and commits the next.
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        c.mark([3], t0);
+        c.hold((1, 1), t0 + TIMEOUT);
+        let mut now = t0 + TIMEOUT;
+        for round in 0..1_000 {
+            now += Duration::from_millis(50);
+            c.mark([5 + 2 * round], now);
+            for range in c.due(now, 64) {
+                if range == (1, 1) {
+                    c.hold(range, now);
+                } else {
+                    c.give_up(&[range]);
+                }
+            }
+            c.advance_read();
+            // The held gap, and those noticed within the last gap timeout.
+            let recent = (TIMEOUT.as_millis() / 50) as usize;
+            assert!(c.gaps().len() <= 2 + recent, "{}", c.gaps().len());
+            assert!(c.noticed.len() <= c.gaps().len() + 2);
+        }
+        assert_eq!(c.low(), 0);
+        assert!(c.unread_condition().matches(" OR ").count() <= MAX_RANGES);
+    }
+
+    #[test]
+    fn a_read_in_windows_matches_only_unread_ids() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(0, TIMEOUT);
+        // 200 gaps: ids 1, 3, …, 399 missing; 10,000 rows read above the last.
+        c.mark((1..=200).map(|i| i * 2), t0);
+        c.mark(401..=10_400, t0);
+        let (first, bound) = c.unread_window(0);
+        assert_eq!(bound, Some(2 * MAX_RANGES as i64 - 1));
+        assert_eq!(first.matches(" OR ").count(), MAX_RANGES - 1);
+        assert!(!first.contains('>'), "{first}");
+        // The next window starts after the bound; the last takes the ids above `high`.
+        let (_, bound) = c.unread_window(bound.unwrap());
+        assert_eq!(bound, Some(4 * MAX_RANGES as i64 - 1));
+        let (last, bound) = c.unread_window(399 - 2 * (MAX_RANGES as i64 - 10));
+        assert_eq!(bound, None);
+        assert!(last.ends_with("`id` > 10400"), "{last}");
+        assert!(!last.contains("BETWEEN"), "{last}");
+        // From the middle of a window's gaps: only those ending above it.
+        let (mid, _) = c.unread_window(100);
+        assert!(mid.starts_with("`id` = 101 OR"), "{mid}");
     }
 
     #[test]
@@ -1393,10 +1500,10 @@ mod tests {
     }
 
     /// Randomised against a model of the journal (ids burned, written by transactions still
-    /// running, or committed), settling as the listener does: `due` lists exactly what
-    /// `advance_where` would give up, `hold` re-notices its range and nothing else, an id that
-    /// holds a row is never passed, and once everything has ended the watermark reaches the
-    /// head.
+    /// running, or committed), settling as the listener does: `hold` re-notices its range and
+    /// nothing else, an id that holds a row is never passed nor given up, an expired gap that
+    /// holds none is given up also above a held one, and once everything has ended the
+    /// watermark reaches the head.
     #[test]
     fn settling_never_passes_a_row_and_gives_up_every_burned_id() {
         const GAP: Duration = Duration::from_millis(100);
@@ -1445,56 +1552,62 @@ mod tests {
                             assert_eq!(when, want, "seed {seed} id {id}");
                         }
                         committed.retain(|&i| c.is_new(i));
-                        let mut expired = false;
-                        c.advance_where(now, |_| {
-                            expired = true;
-                            false
-                        });
-                        if expired {
-                            let due = c.due(now, limit);
-                            assert!(!due.is_empty(), "seed {seed}");
-                            let mut offered = Vec::new();
-                            c.clone().advance_where(now, |range| {
-                                offered.push(range);
-                                offered.len() < limit
-                            });
-                            assert_eq!(offered, due, "seed {seed}");
-                            let occupied = running
+                        c.advance_read();
+                        let due = c.due(now, limit);
+                        assert!(due.len() <= limit, "seed {seed}");
+                        assert!(
+                            due.windows(2).all(|w| w[0].1 < w[1].0)
+                                && due
+                                    .iter()
+                                    .all(|&(a, b)| c.gap_of(a).is_some()
+                                        && c.gap_of(a) == c.gap_of(b)),
+                            "seed {seed}: {due:?} in {:?}",
+                            c.gaps()
+                        );
+                        let mut empty = Vec::new();
+                        for range in due.iter().copied() {
+                            let holds_row = running
                                 .iter()
                                 .chain(&committed)
-                                .copied()
-                                .filter(|&id| due.iter().any(|&(a, b)| a <= id && id <= b))
-                                .min();
-                            let held = due
-                                .iter()
-                                .copied()
-                                .find(|&(a, b)| occupied.is_some_and(|id| a <= id && id <= b));
-                            if let Some(range) = held {
-                                holds += 1;
-                                if range.0 > c.low + 1 {
-                                    holds_inside += 1;
-                                }
-                                let before = noticed_per_id(&c);
-                                c.hold(range, now);
-                                let after = noticed_per_id(&c);
-                                assert_eq!(
-                                    before.keys().collect::<Vec<_>>(),
-                                    after.keys().collect::<Vec<_>>(),
-                                    "seed {seed}"
-                                );
-                                for (id, when) in &after {
-                                    let want = if (range.0..=range.1).contains(id) {
-                                        now
-                                    } else {
-                                        before[id]
-                                    };
-                                    assert_eq!(*when, want, "seed {seed} id {id} {range:?}");
-                                }
-                                let ups: Vec<i64> = c.noticed.iter().map(|e| e.0).collect();
-                                assert!(ups.windows(2).all(|w| w[0] < w[1]), "seed {seed}");
+                                .any(|&id| range.0 <= id && id <= range.1);
+                            if !holds_row {
+                                empty.push(range);
+                                continue;
                             }
-                            let checked = due.last().unwrap().1;
-                            c.advance_where(now, |(_, end)| end <= checked);
+                            holds += 1;
+                            if range.0 > c.low + 1 {
+                                holds_inside += 1;
+                            }
+                            let before = noticed_per_id(&c);
+                            c.hold(range, now);
+                            let after = noticed_per_id(&c);
+                            assert_eq!(
+                                before.keys().collect::<Vec<_>>(),
+                                after.keys().collect::<Vec<_>>(),
+                                "seed {seed}"
+                            );
+                            for (id, when) in &after {
+                                let want = if (range.0..=range.1).contains(id) {
+                                    now
+                                } else {
+                                    before[id]
+                                };
+                                assert_eq!(*when, want, "seed {seed} id {id} {range:?}");
+                            }
+                            let ups: Vec<i64> = c.noticed.iter().map(|e| e.0).collect();
+                            assert!(ups.windows(2).all(|w| w[0] < w[1]), "seed {seed}");
+                        }
+                        c.give_up(&empty);
+                        c.advance_read();
+                        if due.len() < limit {
+                            // Every expired gap was checked: none is left.
+                            assert!(c.due(now, usize::MAX).is_empty(), "seed {seed}");
+                        }
+                        for &id in running.iter().chain(&committed) {
+                            assert!(
+                                id <= c.low || c.is_new(id),
+                                "seed {seed}: id {id}, which holds a row, given up"
+                            );
                         }
                         for &id in running.iter().chain(&committed) {
                             assert!(

@@ -173,17 +173,17 @@ impl MysqlSource {
     /// Moves the watermark over what was read and over gaps that stayed empty for the gap
     /// timeout — only those that hold no row: a gap where a transaction still running wrote
     /// its row waits (another gap timeout, then it is checked again), so a transaction that
-    /// commits late is delivered instead of skipped. Publishes the new watermark.
+    /// commits late is delivered instead of skipped. Expired gaps above a held one are checked
+    /// and given up too (the watermark stays below the held one): burned ids above a long
+    /// transaction cost the reads nothing once expired. Publishes the new watermark.
     async fn settle(&mut self, conn: &mut Conn) -> Result<()> {
         let now = Instant::now();
-        // Over what was read, up to the first expired gap (most reads find none).
-        let mut expired = false;
-        let mut moved = self.cursor().advance_where(now, |_| {
-            expired = true;
-            false
-        });
-        if expired {
-            moved |= self.settle_expired(conn, now).await?;
+        // Over what was read, up to the lowest gap.
+        let mut moved = self.cursor().advance_read();
+        // Most reads find no expired gap.
+        let due = self.cursor().due(now, MAX_CHECKED_GAPS);
+        if !due.is_empty() {
+            moved |= self.settle_expired(conn, due, now).await?;
         }
         if moved {
             // Only now: every id up to the new watermark was handed over (or given up).
@@ -193,10 +193,14 @@ impl MysqlSource {
         Ok(())
     }
 
-    /// [`settle`](Self::settle)'s part for the expired gaps: checks them for rows and gives up
-    /// those below the first that holds one. Returns whether the watermark moved.
-    async fn settle_expired(&mut self, conn: &mut Conn, now: Instant) -> Result<bool> {
-        let due = self.cursor().due(now, MAX_CHECKED_GAPS);
+    /// [`settle`](Self::settle)'s part for the expired gaps `due`: checks them for rows, holds
+    /// those that hold one and gives up the others. Returns whether the watermark moved.
+    async fn settle_expired(
+        &mut self,
+        conn: &mut Conn,
+        due: Vec<(i64, i64)>,
+        now: Instant,
+    ) -> Result<bool> {
         let db = self.database.clone();
         let occupied = self
             .within(
@@ -204,17 +208,21 @@ impl MysqlSource {
                 journal::occupied(conn, &db, &due),
             )
             .await?;
-        let held = due
-            .iter()
-            .copied()
-            .find(|&(start, end)| occupied.is_some_and(|id| (start..=end).contains(&id)));
-        if let Some(range) = held {
-            self.report_held(range, now);
-            self.cursor().hold(range, now);
+        let mut empty = Vec::with_capacity(due.len());
+        let mut reported = false;
+        for (range, occupied) in due.into_iter().zip(occupied) {
+            if occupied {
+                // The lowest held gap is the one that holds the watermark.
+                if !std::mem::replace(&mut reported, true) {
+                    self.report_held(range, now);
+                }
+                self.cursor().hold(range, now);
+            } else {
+                empty.push(range);
+            }
         }
-        // Gaps beyond the checked ones wait for the next read's check.
-        let checked = due.last().map_or(i64::MIN, |&(_, end)| end);
-        Ok(self.cursor().advance_where(now, |(_, end)| end <= checked))
+        self.cursor().give_up(&empty);
+        Ok(self.cursor().advance_read())
     }
 
     /// Logs a gap held for a transaction still running: at `info` each time it is checked, at
@@ -309,7 +317,15 @@ impl MysqlSource {
         let mut inline = INLINE_BYTES;
         let mut pos = low;
         let mut more = false;
+        let cursor = self
+            .cursor
+            .as_ref()
+            .expect("the cursor is placed before reading");
         loop {
+            // In windows of at most MAX_RANGES gaps: only rows not read yet. (The merged
+            // `condition` matches every row read above its 64th gap: a read of those from the
+            // watermark would take READ_MAX of them, all read already, and never get further.)
+            let (window, bound) = cursor.unread_window(pos);
             let page = within(
                 limit,
                 reading,
@@ -318,7 +334,7 @@ impl MysqlSource {
                     db,
                     after,
                     pos,
-                    &condition,
+                    &window,
                     None,
                     READ_BATCH,
                     &mut inline,
@@ -330,12 +346,17 @@ impl MysqlSource {
                 pos = last.id;
             }
             rows.extend(page);
-            if !full {
+            if full || bound.is_some() {
+                if rows.len() >= READ_MAX || outlet.stopped() {
+                    more = true;
+                    break;
+                }
+            } else {
                 break;
             }
-            if rows.len() >= READ_MAX || outlet.stopped() {
-                more = true;
-                break;
+            if !full {
+                // Nothing more unread up to the window's end.
+                pos = bound.unwrap_or(pos);
             }
         }
         let mut cut = HashSet::new();
