@@ -290,6 +290,30 @@ pub(crate) async fn save(
     }))
 }
 
+/// Sets consumer `name`'s saved position to `position` — backwards too, unlike [`save`]: for a
+/// listener whose journal's ids went back below its position (which names ids the journal
+/// gives out again). Run by the lease's holder, on the lease's connection. A consumer whose
+/// row is gone is left to the next save, which registers it again.
+pub(crate) async fn reset(
+    conn: &mut Conn,
+    database: &str,
+    name: &str,
+    position: &Position,
+) -> Result<()> {
+    let seen = position.above.as_ref().map(Above::to_json);
+    conn.exec_drop(
+        format!(
+            "UPDATE {} SET `watermark` = ?, `seen` = ?, `updated_at` = NOW(6) WHERE `name` = ?",
+            qualified(database, CONSUMERS)
+        ),
+        (position.low, seen, name),
+    )
+    .await
+    .map_err(db_err(format!(
+        "placing the position of consumer {name:?} again"
+    )))
+}
+
 /// A running listener's save: as [`save`], and a consumer dropped or expired while it runs
 /// (or whose row was deleted) registers again. Returns what it missed meanwhile: the channels
 /// on which rows it had not read were purged (every channel when its row was deleted), as

@@ -897,6 +897,48 @@ pub(crate) async fn placement(
     Ok((low, ids))
 }
 
+/// The journal's newest id (0 when it is empty). The purge always keeps the newest row, so
+/// this never goes below an id a listener has read — unless the journal's ids went back: a
+/// failover to a replica that was behind, a restore, the journal truncated or its newest rows
+/// deleted with `AUTO_INCREMENT` set back.
+pub(crate) async fn newest(conn: &mut Conn, database: &str) -> Result<i64> {
+    let newest: Option<Option<i64>> = conn
+        .query_first(format!(
+            "SELECT MAX(`id`) FROM {}",
+            qualified(database, JOURNAL)
+        ))
+        .await
+        .map_err(db_err("reading the journal's newest id"))?;
+    Ok(newest.flatten().unwrap_or(0))
+}
+
+/// Where a listener whose journal's ids went back below what it had read (see [`newest`])
+/// starts again: after the newest row written more than `ago` before now (by the journal's
+/// `created_at`), and at most [`MAX_LOOKBACK_IDS`] below `newest`. Every row above it is
+/// delivered: with `ago` reaching back to the listener's last read of the old journal, those
+/// are the rows written since the ids went back — and some that it had delivered already,
+/// again (at least once).
+pub(crate) async fn written_before(
+    conn: &mut Conn,
+    database: &str,
+    ago: Duration,
+    newest: i64,
+) -> Result<i64> {
+    let floor = (newest - MAX_LOOKBACK_IDS).max(0);
+    let low: Option<i64> = conn
+        .exec_first(
+            format!(
+                "SELECT `id` FROM {} WHERE `id` > {floor} \
+                 AND `created_at` <= NOW(6) - INTERVAL ? MICROSECOND ORDER BY `id` DESC LIMIT 1",
+                qualified(database, JOURNAL)
+            ),
+            (micros(ago),),
+        )
+        .await
+        .map_err(db_err("placing the journal cursor again"))?;
+    Ok(low.unwrap_or(floor))
+}
+
 /// How far below the newest journal id a first start looks for the rows of a transaction that
 /// was already running: what it reads then is bounded whatever that transaction's age.
 pub(crate) const MAX_LOOKBACK_IDS: i64 = 100_000;

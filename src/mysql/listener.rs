@@ -98,6 +98,10 @@ pub(crate) struct MysqlSource {
     unfinished: Option<(u64, i64)>,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
+    /// When the last read that succeeded began (or the cursor was placed): the journal had
+    /// every id the cursor read then. Rows written since then are what a journal whose ids
+    /// went back gives out anew (see [`restore`](Source::restore)).
+    last_read: Option<Instant>,
     /// The consumer's `missed` column as read when it last came back, once returned to the
     /// shell (which reports it as a `Gap`): the next save — periodic or final — clears it (see
     /// `consumers::Missed`).
@@ -140,6 +144,7 @@ impl MysqlSource {
             resume: None,
             unfinished: None,
             held: None,
+            last_read: None,
             reported: Arc::default(),
         }
     }
@@ -558,6 +563,113 @@ impl MysqlSource {
         Ok(Some(forwarded))
     }
 
+    /// One read of the journal (see [`Source::read`]).
+    async fn read_journal(&mut self, conn: &mut Conn, outlet: &Outlet) -> Result<Option<u64>> {
+        if let Tracking::After(after) = self.tracking {
+            return self.read_transactions(conn, outlet, after).await;
+        }
+        // After a full page, the next read goes on after it: the condition spells out at
+        // most MAX_RANGES gaps and merges the rest into one range, so a page from the
+        // watermark can hold only rows read already, and reading it again would never get
+        // past them. Rows below that filled a gap meanwhile are read once a page comes short
+        // and the next read starts from the watermark again.
+        let resume = self.resume.take();
+        let (pos, condition) = {
+            let cursor = self.cursor();
+            (
+                resume.unwrap_or_else(|| cursor.low()),
+                cursor.unread_condition(),
+            )
+        };
+        if outlet.stopped() {
+            return Ok(None);
+        }
+        let forwarded = {
+            let mut inline = INLINE_BYTES;
+            let rows = self
+                .within(
+                    "reading the journal",
+                    journal::read_page(
+                        conn,
+                        &self.database,
+                        pos,
+                        &condition,
+                        READ_BATCH,
+                        &mut inline,
+                    ),
+                )
+                .await?;
+            let full = rows.len() == READ_BATCH;
+            let last = rows.last().map(|row| row.id);
+            let rows: Vec<RowMeta> = rows
+                .into_iter()
+                .filter(|row| self.cursor().is_new(row.id))
+                .collect();
+            let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+            // Rows go out in id order: the set read after each is the cursor's plus the page's
+            // ids up to it.
+            let page = CursorPage::new(self.cursor().read_set(), ids);
+            let mut others = Vec::new();
+            let mut planned = Vec::new();
+            for (index, row) in rows.into_iter().enumerate() {
+                if self.channels.contains(row.channel.as_str()) {
+                    planned.push((index, row, None));
+                } else {
+                    others.push(row.id);
+                }
+            }
+            let Some(n) = self.hand_over(conn, outlet, planned, &page).await? else {
+                return Ok(None);
+            };
+            self.cursor().mark(others, Instant::now());
+            // One page per read: the shell notes and saves the position (and sends a named
+            // consumer's heartbeat) only between reads; a read that went on while pages came
+            // full kept a consumer catching up behind a slow subscriber from saving for the
+            // whole backlog. The next wait ends at once.
+            self.more = full;
+            self.resume = last.filter(|_| full);
+            n
+        };
+        self.settle(conn).await?;
+        Ok(Some(forwarded))
+    }
+
+    /// Places the cursor again after a journal whose ids went back below `high`, the highest
+    /// the cursor read, to `newest` (see [`Source::restore`]): after the rows written more
+    /// than `ago` before now, which were there when the old journal was last read. A named
+    /// consumer's saved position is set back to it.
+    async fn place_again(
+        &mut self,
+        conn: &mut Conn,
+        consumer: Option<&ConsumerParams>,
+        newest: i64,
+        high: i64,
+        ago: Duration,
+    ) -> Result<()> {
+        let db = self.database.clone();
+        let low = self
+            .within(
+                "placing the journal cursor again",
+                journal::written_before(conn, &db, ago, newest),
+            )
+            .await?;
+        log::warn!(
+            "sqlnotify: the MySQL journal's newest id is {newest}, below {high}, the highest the listener had read: its ids went back (a failover to a replica that was behind, a restore, the journal truncated); reading again after id {low}, written more than {ago:?} ago — events the old journal had and this one lacks are lost, some may come twice"
+        );
+        let cursor = Cursor::new(low, self.gap_timeout);
+        if let Some(consumer) = consumer {
+            self.within(
+                "placing the consumer's position again",
+                consumers::reset(conn, &db, &consumer.name, &cursor.position()),
+            )
+            .await?;
+        }
+        (self.more, self.resume, self.unfinished, self.held) = (false, None, None, None);
+        self.settled.set(low);
+        self.cursor = Some(cursor);
+        Ok(())
+    }
+
     /// Hands the rows a read planned over, in their order, share by share (see
     /// [`READ_BYTES`]): fetches the payloads of a share not read along, hands it to `outlet`,
     /// marks its rows read,
@@ -723,6 +835,9 @@ impl Source for MysqlSource {
         };
         let (cursor, missed) =
             within(self.query_limit, "placing the journal cursor", placing).await?;
+        // A saved position past the journal's newest id (its ids went back since it was
+        // saved) is placed again by `restore`, which runs next.
+        self.last_read = Some(Instant::now());
         self.tracking = within(
             self.query_limit,
             "reading how the journal records transactions",
@@ -797,73 +912,50 @@ impl Source for MysqlSource {
     }
 
     async fn read(&mut self, conn: &mut Conn, outlet: &Outlet) -> Result<Option<u64>> {
-        if let Tracking::After(after) = self.tracking {
-            return self.read_transactions(conn, outlet, after).await;
+        let began = Instant::now();
+        let read = self.read_journal(conn, outlet).await;
+        if matches!(read, Ok(Some(_))) {
+            self.last_read = Some(began);
         }
-        // After a full page, the next read goes on after it: the condition spells out at
-        // most MAX_RANGES gaps and merges the rest into one range, so a page from the
-        // watermark can hold only rows read already, and reading it again would never get
-        // past them. Rows below that filled a gap meanwhile are read once a page comes short
-        // and the next read starts from the watermark again.
-        let resume = self.resume.take();
-        let (pos, condition) = {
-            let cursor = self.cursor();
-            (
-                resume.unwrap_or_else(|| cursor.low()),
-                cursor.unread_condition(),
+        read
+    }
+
+    /// Checks that the journal's ids did not go back below what the cursor read: the purge
+    /// keeps the newest row, so a newest id below the highest read means the journal is not
+    /// the one read — a failover to a replica that was behind, a restore, the journal
+    /// truncated, its newest rows deleted and `AUTO_INCREMENT` set back — and the ids it
+    /// gives out again would all look read (the cursor is kept across sessions). Then the
+    /// cursor is placed again after the rows written before the last read of the old journal
+    /// (and a gap timeout before, for transactions that wrote before it and committed after),
+    /// so what was written since is delivered — with some rows delivered already, again —
+    /// and a named consumer's saved position is set back to it (this runs right after
+    /// `place` too: a saved position past the newest id is placed again the same way); every
+    /// channel is returned,
+    /// announced as a `Status::Gap`: rows the old journal had and the new one lacks are lost.
+    async fn restore(
+        &mut self,
+        conn: &mut Conn,
+        consumer: Option<&ConsumerParams>,
+    ) -> Result<Vec<String>> {
+        let Some(high) = self.cursor.as_ref().map(Cursor::high) else {
+            return Ok(Vec::new());
+        };
+        let db = self.database.clone();
+        let newest = self
+            .within(
+                "reading the journal's newest id",
+                journal::newest(conn, &db),
             )
-        };
-        if outlet.stopped() {
-            return Ok(None);
+            .await?;
+        if newest >= high {
+            return Ok(Vec::new());
         }
-        let forwarded = {
-            let mut inline = INLINE_BYTES;
-            let rows = self
-                .within(
-                    "reading the journal",
-                    journal::read_page(
-                        conn,
-                        &self.database,
-                        pos,
-                        &condition,
-                        READ_BATCH,
-                        &mut inline,
-                    ),
-                )
-                .await?;
-            let full = rows.len() == READ_BATCH;
-            let last = rows.last().map(|row| row.id);
-            let rows: Vec<RowMeta> = rows
-                .into_iter()
-                .filter(|row| self.cursor().is_new(row.id))
-                .collect();
-            let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-            // Rows go out in id order: the set read after each is the cursor's plus the page's
-            // ids up to it.
-            let page = CursorPage::new(self.cursor().read_set(), ids);
-            let mut others = Vec::new();
-            let mut planned = Vec::new();
-            for (index, row) in rows.into_iter().enumerate() {
-                if self.channels.contains(row.channel.as_str()) {
-                    planned.push((index, row, None));
-                } else {
-                    others.push(row.id);
-                }
-            }
-            let Some(n) = self.hand_over(conn, outlet, planned, &page).await? else {
-                return Ok(None);
-            };
-            self.cursor().mark(others, Instant::now());
-            // One page per read: the shell notes and saves the position (and sends a named
-            // consumer's heartbeat) only between reads; a read that went on while pages came
-            // full kept a consumer catching up behind a slow subscriber from saving for the
-            // whole backlog. The next wait ends at once.
-            self.more = full;
-            self.resume = last.filter(|_| full);
-            n
-        };
-        self.settle(conn).await?;
-        Ok(Some(forwarded))
+        let ago = self
+            .last_read
+            .map_or(Duration::ZERO, |at| at.elapsed())
+            .saturating_add(self.gap_timeout);
+        self.place_again(conn, consumer, newest, high, ago).await?;
+        Ok(self.channel_list.clone())
     }
 
     fn position(&self) -> Option<Position> {
