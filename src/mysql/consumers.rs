@@ -27,8 +27,9 @@ use crate::consumer::{
 };
 use crate::error::{Error, Result};
 
-/// A consumer's row as `reactivate` reads it: watermark, missed channels, seen ids.
-type StoredPosition = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+/// A consumer's row as `reactivate` reads it: watermark, missed channels, seen ids (both
+/// [`bounded`]), and the digest of `missed` (what a save compares to clear it).
+type StoredPosition = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// Journal rows deleted per transaction when trimming, so locks are held only briefly.
 const PURGE_BATCH: usize = 2_000;
@@ -58,6 +59,23 @@ const READS_CHANNEL: &str =
     "(CASE WHEN c.`channels` IS NULL OR NOT JSON_VALID(c.`channels`) THEN 1 \
      WHEN JSON_TYPE(c.`channels`) <> 'ARRAY' THEN 1 \
      ELSE JSON_CONTAINS(c.`channels`, JSON_QUOTE(j.`channel`)) END)";
+
+/// Most bytes of a consumer's `channels` or `missed` list read as they are: sqlnotify writes
+/// lists of channel names (a few dozen bytes each); a longer one — written by someone else
+/// allowed to update the table — is read as unreadable (every channel), never loaded whole.
+const MAX_LIST_BYTES: usize = 1 << 20;
+
+/// Most bytes of a consumer's `seen` read as they are: sqlnotify writes at most
+/// [`MAX_SAVED_GAPS`](super::journal::MAX_SAVED_GAPS) gaps, under 48 bytes each; a longer one
+/// is read as unreadable (the rows above the watermark are read again, never skipped).
+const MAX_SEEN_BYTES: usize = 64 << 10;
+
+/// Column `column` in a `SELECT`, bounded: itself (or NULL) when at most `limit` bytes long,
+/// else `'!'` — no JSON, so read as unreadable — so that a value someone made huge is never
+/// sent, nor parsed, whole.
+fn bounded(column: &str, limit: usize) -> String {
+    format!("CASE WHEN {column} IS NULL OR OCTET_LENGTH({column}) <= {limit} THEN {column} ELSE '!' END")
+}
 
 /// Seconds `ALTER TABLE` waits for the table's metadata lock when upgrading.
 const UPGRADE_LOCK_WAIT_SECS: u32 = 5;
@@ -141,7 +159,9 @@ fn expire_us(consumer: &ConsumerParams) -> Option<u64> {
 pub(crate) struct Missed {
     /// The channels to report in a `Gap` (empty: none).
     pub channels: Vec<String>,
-    /// The `missed` column as read (`None`: nothing recorded), to clear once reported.
+    /// The digest (`SHA2(missed, 256)`) of the `missed` column as read (`None`: nothing
+    /// recorded), to clear it once reported — a digest, so that a huge value someone stored is
+    /// never loaded whole, and still cleared.
     pub recorded: Option<Vec<u8>>,
 }
 
@@ -165,13 +185,16 @@ pub(crate) async fn reactivate(
     let row: Option<StoredPosition> = tx
         .exec_first(
             format!(
-                "SELECT `watermark`, `missed`, `seen` FROM {table} WHERE `name` = ? FOR UPDATE"
+                "SELECT `watermark`, {}, {}, SHA2(`missed`, 256) FROM {table} \
+                 WHERE `name` = ? FOR UPDATE",
+                bounded("`missed`", MAX_LIST_BYTES),
+                bounded("`seen`", MAX_SEEN_BYTES)
             ),
             (name,),
         )
         .await
         .map_err(db_err(context()))?;
-    let Some((low, missed, seen)) = row else {
+    let Some((low, missed, seen, digest)) = row else {
         tx.commit().await.map_err(db_err(context()))?;
         return Ok(None);
     };
@@ -205,10 +228,19 @@ pub(crate) async fn reactivate(
     Ok(Some((
         Position { low, above },
         Missed {
-            channels: missed_channels(lossy(missed.clone()).as_deref(), channels),
-            recorded: missed,
+            channels: own_missed(lossy(missed).as_deref(), channels),
+            recorded: digest,
         },
     )))
+}
+
+/// The channels to report as missed from a stored `missed` list: those of `channels` (the
+/// consumer's) it names — every one of them when it is unreadable, the safe reading — so a
+/// list someone filled with other names reports no more than the consumer reads.
+fn own_missed(stored: Option<&str>, channels: &[String]) -> Vec<String> {
+    let mut missed = missed_channels(stored, channels);
+    missed.retain(|channel| channels.contains(channel));
+    missed
 }
 
 /// The highest journal id a saved position may name: far past any journal's (2^62), far
@@ -249,8 +281,8 @@ pub(crate) async fn insert(
 
 /// Saves consumer `name`'s position (never moving it backwards) and marks it alive; returns
 /// whether it is still registered and active with nothing missed left to report (`None`: its
-/// row is gone). Does not change its state. `reported`: the `missed` column as read by the
-/// [`reactivate`] whose channels were reported since — cleared if it still holds just that and
+/// row is gone). Does not change its state. `reported`: the digest of the `missed` column as
+/// read by the [`reactivate`] whose channels were reported since ([`Missed::recorded`]) — cleared if it still holds just that and
 /// the consumer is still active: a purge records only on a consumer dropped or expired, and a
 /// channel it lost rows on again may be one recorded already, so then it stays, to be
 /// reported in turn.
@@ -270,7 +302,7 @@ pub(crate) async fn save(
         format!(
             "UPDATE {table} SET `seen` = CASE WHEN ? >= `watermark` THEN ? ELSE `seen` END, \
              `watermark` = GREATEST(`watermark`, ?), \
-             `missed` = CASE WHEN `missed` = ? AND `state` = 'active' THEN NULL ELSE `missed` END, \
+             `missed` = CASE WHEN SHA2(`missed`, 256) = ? AND `state` = 'active' THEN NULL ELSE `missed` END, \
              `updated_at` = NOW(6) WHERE `name` = ?"
         ),
         (position.low, seen, position.low, reported, name),
@@ -394,8 +426,9 @@ pub(crate) async fn list(conn: &mut Conn, database: &str) -> Result<Vec<Consumer
     let rows: Vec<ListRow> = conn
         .query(format!(
             "SELECT c.`name`, c.`state`, c.`watermark`, CAST(UNIX_TIMESTAMP(c.`updated_at`) AS DOUBLE), \
-                    c.`channels`, c.`expire_after_us`, {} \
+                    {}, c.`expire_after_us`, {} \
                FROM {} c ORDER BY c.`name`",
+            bounded("c.`channels`", MAX_LIST_BYTES),
             backlog_sql(database),
             qualified(database, CONSUMERS)
         ))
@@ -518,8 +551,10 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
             let row: Option<LockedRow> = tx
                 .exec_first(
                     format!(
-                        "SELECT `state`, `watermark`, `channels`, `missed` FROM {consumers} \
-                         WHERE `name` = ? FOR UPDATE"
+                        "SELECT `state`, `watermark`, {}, {} FROM {consumers} \
+                         WHERE `name` = ? FOR UPDATE",
+                        bounded("`channels`", MAX_LIST_BYTES),
+                        bounded("`missed`", MAX_LIST_BYTES)
                     ),
                     (name,),
                 )
@@ -603,5 +638,26 @@ pub(crate) async fn purge(conn: &mut Conn, database: &str, retention: Duration) 
         if deleted.len() < PURGE_BATCH {
             return Ok(total);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_list_is_bounded_and_missed_channels_are_the_consumers_own() {
+        assert_eq!(
+            bounded("c.`channels`", 10),
+            "CASE WHEN c.`channels` IS NULL OR OCTET_LENGTH(c.`channels`) <= 10 \
+             THEN c.`channels` ELSE '!' END"
+        );
+        let own = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(own_missed(Some(r#"["b", "x", "b", "y"]"#), &own), ["b"]);
+        assert!(own_missed(Some(r#"["x"]"#), &own).is_empty());
+        assert!(own_missed(None, &own).is_empty());
+        // What `bounded` reads for a value too long, and anything unreadable: every channel.
+        assert_eq!(own_missed(Some("!"), &own), own);
+        assert_eq!(own_missed(Some("{}"), &own), own);
     }
 }

@@ -104,13 +104,17 @@ impl Above {
     }
 
     /// Reads what [`to_json`](Self::to_json) wrote; `None` for anything else (then the rows
-    /// above the watermark are read again — never skipped).
+    /// above the watermark are read again — never skipped): also for more than
+    /// [`MAX_SAVED_GAPS`] gaps, which a save never writes (a cursor with more saves its
+    /// watermark alone), so a value someone filled with gaps costs a resuming cursor nothing.
     pub fn from_json(text: &str) -> Option<Above> {
         let value: serde_json::Value = serde_json::from_str(text).ok()?;
         let high = value.get("high")?.as_i64()?;
-        let gaps = value
-            .get("gaps")?
-            .as_array()?
+        let gaps = value.get("gaps")?.as_array()?;
+        if gaps.len() > MAX_SAVED_GAPS {
+            return None;
+        }
+        let gaps = gaps
             .iter()
             .map(|g| Some((g.get(0)?.as_i64()?, g.get(1)?.as_i64()?)))
             .collect::<Option<Vec<_>>>()?;
@@ -1317,6 +1321,15 @@ mod tests {
         assert!(!r.is_new(14) && !r.is_new(18));
         let above = saved.above.clone().unwrap();
         assert_eq!(Above::from_json(&above.to_json()), Some(above));
+        // At most as many gaps as a save writes.
+        let many = |n: i64| Above {
+            high: 2 * n + 1,
+            gaps: (1..=n).map(|i| (2 * i, 2 * i)).collect(),
+        };
+        let most = many(MAX_SAVED_GAPS as i64);
+        assert_eq!(Above::from_json(&most.to_json()), Some(most));
+        let more = many(MAX_SAVED_GAPS as i64 + 1);
+        assert_eq!(Above::from_json(&more.to_json()), None);
         for junk in [
             "",
             "[]",
