@@ -17,7 +17,8 @@
 //! while it can write), so it cannot be left to notice that it fell behind. A stream whose
 //! reader is to be disconnected rather than lose events is cut here when one of its buffers is
 //! full of events it was to get live ([`Registry::cut`]); and while the listener waits for in-flight budget, every stream
-//! that has had events waiting for [`STUCK`] without taking one gives them back — cut, or under
+//! that has had events waiting for [`STUCK`] without taking one, its reader asking for
+//! nothing meanwhile (`StreamSink::idle`), gives them back — cut, or under
 //! a dropping policy, its waiting events dropped ([`Registry::relieve`]). Either way the
 //! budget its events held comes back at once.
 //!
@@ -57,7 +58,8 @@ const RETRY: Duration = Duration::from_millis(1);
 const YIELD_RETRIES: u32 = 3;
 /// Default shortest time between two `Lagged` notices for one subscription.
 pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(1);
-/// How long an event stream may have events waiting without taking one, while the listener
+/// How long an event stream may have events waiting without taking one — its reader asking for
+/// nothing meanwhile, not even a page of its journal replay — while the listener
 /// waits for in-flight budget, before it gives them back ([`Registry::relieve`]): long enough
 /// for a client that reads, however slowly, to take one; short enough that the notifier
 /// pauses only briefly for clients that stopped reading.
@@ -472,7 +474,8 @@ impl Registry {
     }
 
     /// The listener waits for in-flight budget: every event stream that has had events
-    /// waiting for `self.stuck` without taking one gives them back. One whose reader is to be
+    /// waiting for `self.stuck` without taking one, and whose reader asked for nothing for as
+    /// long, gives them back. One whose reader is to be
     /// cut off rather than lose events is cut ([`Registry::cut`]); any other loses them, as
     /// its policy drops events (told to its reader, and in a `Lagged`). A subscriber of
     /// another kind keeps its events: its policy says whether it may lose them, and a stuck
@@ -483,12 +486,16 @@ impl Registry {
             let Some(s) = live(&mut self.slots, slot, id) else {
                 continue;
             };
-            let stuck = s
-                .waiting_since
-                .is_some_and(|since| now.duration_since(since) >= self.stuck);
             let Some(stream) = s.sink.stream() else {
                 continue;
             };
+            // Stuck: nothing taken for that long, by a reader that did not ask for anything
+            // either (one that keeps asking may be replaying the journal, or taking the events
+            // of another of its subscriptions that must go first).
+            let stuck = s
+                .waiting_since
+                .is_some_and(|since| now.duration_since(since) >= self.stuck)
+                && stream.idle(now) >= self.stuck;
             if s.closed || s.buffer.is_empty() || !stuck {
                 continue;
             }
@@ -1774,6 +1781,51 @@ mod tests {
         }
         assert_eq!(got, [1, 2, 3]);
         assert!(h.budget_returns().await);
+    }
+
+    /// A reader that keeps asking — reading its journal replay first, or the events of another
+    /// of its subscriptions that must go first — is not stuck, though a subscription of it
+    /// took nothing for longer than `STUCK`: it keeps its events. Once it stops asking, it
+    /// gives them back.
+    #[actix_rt::test]
+    async fn a_stream_whose_reader_keeps_asking_keeps_its_events() {
+        let h = Harness::stuck_after(Duration::from_millis(20));
+        let inserts = [Subscription::new("users", Operation::Insert)];
+        let (mut asking, _, told) = h
+            .stream(&inserts, OverflowPolicy::DropOldest, 8, true)
+            .await;
+        asking.events().arm();
+        h.route((1..=3).map(|id| h.placed("users_insert", id)).collect())
+            .await;
+        assert_eq!(
+            h.stats.snapshot().queued,
+            2,
+            "1 in the channel, 2 and 3 waiting"
+        );
+        h.stats.budget_waiters.fetch_add(1, Ordering::Relaxed);
+        // Five times `STUCK`, the reader asking all along (a replay page every 5 ms).
+        let until = tokio::time::Instant::now() + Duration::from_millis(100);
+        while tokio::time::Instant::now() < until {
+            asking.events().touch();
+            h.route(Vec::new()).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(h.stats.snapshot().queued, 2, "it keeps its events");
+        assert!(told.lock().unwrap().is_empty());
+        // It stops asking: cut off, with its two waiting events.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while h.stats.snapshot().queued > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                h.stats.snapshot()
+            );
+            h.route(Vec::new()).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        h.stats.budget_waiters.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(*told.lock().unwrap(), [2u64]);
+        assert!(matches!(asking.events().next().await, Received::Cut));
     }
 
     #[actix_rt::test]

@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
@@ -74,6 +75,13 @@ struct Shared {
     cut: AtomicBool,
     /// The cut was told to `on_cut`.
     reported: AtomicBool,
+    /// When the channel was made: `asked` counts from it.
+    born: Instant,
+    /// When the reader last asked for what comes next ([`StreamReceiver::touch`]), in
+    /// milliseconds after `born`: a reader that keeps asking is not stuck, whatever its
+    /// subscriptions hand over — it may be reading a journal replay first, or taking the
+    /// events of another of its subscriptions that must go first.
+    asked: AtomicU64,
 }
 
 /// Told once when a reader is cut off, on the registry's thread, with how many of its events
@@ -148,6 +156,8 @@ pub(crate) fn stream_channel(
         armed_from: AtomicU64::new(u64::MAX),
         cut: AtomicBool::new(false),
         reported: AtomicBool::new(false),
+        born: Instant::now(),
+        asked: AtomicU64::new(0),
     });
     (
         StreamSink {
@@ -199,6 +209,12 @@ impl StreamSink {
     /// Whether the reader was cut off.
     pub fn is_cut(&self) -> bool {
         self.shared.cut.load(Ordering::Acquire)
+    }
+
+    /// How long the reader has not asked for anything ([`StreamReceiver::touch`]) at `now`.
+    pub fn idle(&self, now: Instant) -> Duration {
+        let asked = Duration::from_millis(self.shared.asked.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.shared.born + asked)
     }
 
     /// Once a cut's events are discarded: tells the hook (once) how many the reader lost.
@@ -343,6 +359,7 @@ impl StreamReceiver {
     /// is counted before any event handed over after it, so a loss is reported before the
     /// events that follow it.
     pub async fn next(&mut self) -> Received {
+        self.touch();
         loop {
             if self.is_cut() {
                 return Received::Cut;
@@ -367,6 +384,16 @@ impl StreamReceiver {
     /// This channel's number (see [`StreamSink::key`]).
     pub fn key(&self) -> u64 {
         self.shared.key
+    }
+
+    /// Notes that the reader asks for what comes next — [`next`](Self::next) does, and so
+    /// does a reader busy with something else first (a web client's journal replay, page
+    /// after page): a reader that asked within the registry's `STUCK` is never relieved of
+    /// its events (see [`StreamSink::idle`]).
+    pub fn touch(&self) {
+        let asked = self.shared.born.elapsed().as_millis();
+        let asked = u64::try_from(asked).unwrap_or(u64::MAX);
+        self.shared.asked.store(asked, Ordering::Relaxed);
     }
 
     /// From now on a reader that asked to be cut off rather than lose events is: call it

@@ -25,7 +25,8 @@ use crate::subscription::OverflowPolicy;
 /// since it polls a response only while it can write to it. The notifier sees to it: while
 /// its listener waits for in-flight budget
 /// ([`max_in_flight`](crate::NotifierBuilder::max_in_flight)), every client that has had
-/// events waiting for a second without taking one gives them back — disconnected under
+/// events waiting for a second without taking one (nor asking for anything: a client reading its
+/// replay or its other events keeps them) gives them back — disconnected under
 /// `Disconnect`, its waiting events dropped (and reported as `lag`) under the others. So a
 /// client that stopped reading pauses the notifier for about a second at most, and only once
 /// such clients hold the whole budget.

@@ -137,6 +137,9 @@ impl Connection {
 
     /// The next chunk of the stream; `None` when it ends.
     pub async fn next(&mut self) -> Option<String> {
+        // actix asks for the next chunk only while it can write to the client: a client that
+        // keeps reading is never taken for stuck, also while its replay is read.
+        self.events.events().touch();
         loop {
             if *self.shutdown.borrow() {
                 self.phase = Phase::Done;
