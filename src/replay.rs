@@ -10,7 +10,7 @@ use crate::snapshot::fence::Fence;
 /// page is read whole and written to its client at once, and many clients may resume at the
 /// same time — counted in rows alone (`replay_page`, 500 by default), a page of journal rows
 /// of a few MiB each held hundreds of MiB per client.
-#[cfg_attr(not(feature = "web"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) const PAGE_BYTES: usize = 8 << 20;
 
 /// Where a client's replay of the journal stands.

@@ -1616,7 +1616,9 @@ async fn a_journal_whose_ids_go_back_is_read_again_and_a_gap_announced() {
 
 /// A named consumer whose saved position is past the journal's newest id when it starts (the
 /// journal was truncated while it was stopped) starts again at the journal's start, says so
-/// with a `Gap`, and saves the position it reads from: rows written since arrive.
+/// with a `Gap`, and saves the position it reads from: rows written since arrive — those
+/// written while it was stopped too, however long ago (when the old journal was last read is
+/// not known to the process that starts: it looked back one gap timeout and skipped them).
 #[actix_rt::test]
 async fn a_consumer_saved_past_a_truncated_journal_reads_it_again_and_gets_a_gap() {
     let db = TestDb::new().await;
@@ -1634,10 +1636,23 @@ async fn a_consumer_saved_past_a_truncated_journal_reads_it_again_and_gets_a_gap
     notifier.stop().await.unwrap();
     assert_eq!(saved_watermark(&db, "back").await, 20);
     db.exec("TRUNCATE TABLE sqlnotify_journal").await;
+    insert_rows(&db, "t", 21..=23).await;
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            db.count(
+                "SELECT COUNT(*) FROM sqlnotify_journal \
+                  WHERE created_at <= NOW(6) - INTERVAL 1 SECOND",
+            )
+            .await
+                == 3
+        })
+        .await,
+        "rows 21..=23 written more than a second (over three gap timeouts) before the start"
+    );
 
     let (notifier, mut rx, mut statuses) =
         common::consumers::start_watching_status(&builder()).await;
-    insert_rows(&db, "t", 21..=25).await;
+    insert_rows(&db, "t", 24..=25).await;
     assert_eq!(journal_head(&db).await, 5);
     assert_eq!(
         common::consumers::next_ids(&mut rx, 5).await,

@@ -918,17 +918,21 @@ pub(crate) async fn newest(conn: &mut Conn, database: &str) -> Result<i64> {
 
 /// Where a listener whose journal's ids went back below what it had read (see [`newest`])
 /// starts again: after the newest row written more than `ago` before now (by the journal's
-/// `created_at`), and at most [`MAX_LOOKBACK_IDS`] below `newest`. Every row above it is
+/// `created_at`; `None`: not known, as for a consumer that resumes a position saved by another
+/// process), and at most [`MAX_LOOKBACK_IDS`] below `newest`. Every row above it is
 /// delivered: with `ago` reaching back to the listener's last read of the old journal, those
 /// are the rows written since the ids went back — and some that it had delivered already,
 /// again (at least once).
 pub(crate) async fn written_before(
     conn: &mut Conn,
     database: &str,
-    ago: Duration,
+    ago: Option<Duration>,
     newest: i64,
 ) -> Result<i64> {
     let floor = (newest - MAX_LOOKBACK_IDS).max(0);
+    let Some(ago) = ago else {
+        return Ok(floor);
+    };
     let low: Option<i64> = conn
         .exec_first(
             format!(

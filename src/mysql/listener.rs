@@ -98,9 +98,10 @@ pub(crate) struct MysqlSource {
     unfinished: Option<(u64, i64)>,
     /// The gap last held for a transaction still running (for the log).
     held: Option<Held>,
-    /// When the last read that succeeded began (or the cursor was placed): the journal had
-    /// every id the cursor read then. Rows written since then are what a journal whose ids
-    /// went back gives out anew (see [`restore`](Source::restore)).
+    /// When the last read that succeeded began (or the cursor was placed at now): the journal
+    /// had every id the cursor read then. Rows written since then are what a journal whose ids
+    /// went back gives out anew (see [`restore`](Source::restore)). `None` after resuming a
+    /// saved position, until the first read: when it was read is not known here.
     last_read: Option<Instant>,
     /// The consumer's `missed` column as read when it last came back, once returned to the
     /// shell (which reports it as a `Gap`): the next save — periodic or final — clears it (see
@@ -644,7 +645,7 @@ impl MysqlSource {
         consumer: Option<&ConsumerParams>,
         newest: i64,
         high: i64,
-        ago: Duration,
+        ago: Option<Duration>,
     ) -> Result<()> {
         let db = self.database.clone();
         let low = self
@@ -654,7 +655,11 @@ impl MysqlSource {
             )
             .await?;
         log::warn!(
-            "sqlnotify: the MySQL journal's newest id is {newest}, below {high}, the highest the listener had read: its ids went back (a failover to a replica that was behind, a restore, the journal truncated); reading again after id {low}, written more than {ago:?} ago — events the old journal had and this one lacks are lost, some may come twice"
+            "sqlnotify: the MySQL journal's newest id is {newest}, below {high}, the highest the listener had read: its ids went back (a failover to a replica that was behind, a restore, the journal truncated); reading again after id {low} ({}) — events the old journal had and this one lacks are lost, some may come twice",
+            ago.map_or_else(
+                || format!("at most {} ids back: when the position was last read is not known here", journal::MAX_LOOKBACK_IDS),
+                |ago| format!("written more than {ago:?} ago")
+            )
         );
         let cursor = Cursor::new(low, self.gap_timeout);
         if let Some(consumer) = consumer {
@@ -819,7 +824,7 @@ impl Source for MysqlSource {
                 for (id, age) in journal::gap_ages(conn, db, cursor.high()).await? {
                     cursor.noticed(id, now.checked_sub(age).unwrap_or(now));
                 }
-                return Ok((cursor, missed));
+                return Ok((cursor, missed, true));
             }
             let now = Instant::now();
             let (low, ids) = journal::placement(conn, db, gap_timeout).await?;
@@ -831,13 +836,15 @@ impl Source for MysqlSource {
                 consumers::insert(conn, db, consumer, channels, &cursor.position()).await?;
             }
             log::debug!("sqlnotify: MySQL listener starts after journal id {head}");
-            Ok::<_, Error>((cursor, Missed::default()))
+            Ok::<_, Error>((cursor, Missed::default(), false))
         };
-        let (cursor, missed) =
+        let (cursor, missed, resumed) =
             within(self.query_limit, "placing the journal cursor", placing).await?;
         // A saved position past the journal's newest id (its ids went back since it was
-        // saved) is placed again by `restore`, which runs next.
-        self.last_read = Some(Instant::now());
+        // saved) is placed again by `restore`, which runs next. When this process last read
+        // what the position says, nobody here knows (another process, before a restart): the
+        // look-back is then as long as it may be.
+        self.last_read = (!resumed).then(Instant::now);
         self.tracking = within(
             self.query_limit,
             "reading how the journal records transactions",
@@ -952,8 +959,7 @@ impl Source for MysqlSource {
         }
         let ago = self
             .last_read
-            .map_or(Duration::ZERO, |at| at.elapsed())
-            .saturating_add(self.gap_timeout);
+            .map(|at| at.elapsed().saturating_add(self.gap_timeout));
         self.place_again(conn, consumer, newest, high, ago).await?;
         Ok(self.channel_list.clone())
     }
