@@ -38,10 +38,14 @@ pub enum OverflowPolicy {
     #[default]
     Wait,
     /// Drop the oldest buffered event to make room; the subscriber is told with a
-    /// [`Status::Lagged`](crate::Status::Lagged). Never slows anyone else down.
+    /// [`Status::Lagged`](crate::Status::Lagged). Never slows anyone else down for long: a
+    /// subscriber that takes nothing for a second while the notifier waits for in-flight
+    /// budget loses every event waiting for it (they hold that budget).
     DropOldest,
     /// Keep only the newest buffered event per row key (then drop the oldest if still full):
-    /// right for "latest state" consumers such as caches. Replacements count as lag.
+    /// right for "latest state" consumers such as caches. Replacements count as lag. A
+    /// subscriber that takes nothing for a second while the notifier waits for in-flight
+    /// budget loses what waits for it, as under [`DropOldest`](Self::DropOldest).
     KeepLatestPerKey,
 }
 

@@ -2070,6 +2070,7 @@ async fn a_second_installer_waits_for_the_install_lock_at_most_the_install_timeo
 // ---------------------------------------------------------------------------------------------
 
 consumer_scenarios!();
+consumer_scenarios!(an_unnamed_listener_that_falls_behind_the_retention_gets_a_gap);
 
 /// Users of one test (users are server-wide), dropped when it ends.
 struct Users(Vec<String>);

@@ -107,6 +107,11 @@ pub(crate) struct MysqlSource {
     /// shell (which reports it as a `Gap`): the next save — periodic or final — clears it (see
     /// `consumers::Missed`).
     reported: Arc<Mutex<Option<Vec<u8>>>>,
+    /// A named consumer reads (placed with one): the purge keeps its rows. Without one, ids
+    /// given up are checked against what the purge deleted ([`Source::missed`]).
+    named: bool,
+    /// Ids given up that the purge may have deleted (not rolled back): reported as a `Gap`.
+    purged: bool,
 }
 
 /// A gap held for a transaction still running: its first id, when it was first held, and when
@@ -147,6 +152,8 @@ impl MysqlSource {
             held: None,
             last_read: None,
             reported: Arc::default(),
+            named: false,
+            purged: false,
         }
     }
 
@@ -227,8 +234,34 @@ impl MysqlSource {
                 empty.push(range);
             }
         }
+        if !self.named && !empty.is_empty() {
+            self.purged |= self.purged_under(conn, &empty).await;
+        }
         self.cursor().give_up(&empty);
         Ok(self.cursor().advance_read())
+    }
+
+    /// Whether the purge may have deleted ids of the `empty` gaps (a listener without a consumer,
+    /// whose rows nothing keeps, fell behind the retention, or a transaction that ran longer
+    /// than it committed rows already due): it records the highest id it deleted
+    /// (`sqlnotify_trimmed`) with its deletes, so a gap found empty after them is below it.
+    /// A rolled-back id below it counts too: the record cannot tell them apart. Unknown (an
+    /// install without the table, a role that may not read it) is no.
+    async fn purged_under(&mut self, conn: &mut Conn, empty: &[(i64, i64)]) -> bool {
+        let db = self.database.clone();
+        let trimmed = self
+            .within(
+                "reading how far the purge deleted the journal",
+                super::replay::read_trimmed(conn, &db),
+            )
+            .await;
+        match trimmed {
+            Ok(upto) => empty.iter().any(|&(start, _)| start <= upto),
+            Err(e) => {
+                log::debug!("sqlnotify: {e}");
+                false
+            }
+        }
     }
 
     /// Logs a gap held for a transaction still running: at `info` each time it is checked, at
@@ -802,6 +835,7 @@ impl Source for MysqlSource {
     ) -> Result<Vec<String>> {
         // A new cursor: the next read starts from its watermark.
         (self.more, self.resume, self.unfinished) = (false, None, None);
+        self.named = consumer.is_some();
         let (db, gap_timeout) = (&*self.database, self.gap_timeout);
         let channels = &self.channel_list;
         let placing = async {
@@ -966,6 +1000,14 @@ impl Source for MysqlSource {
 
     fn position(&self) -> Option<Position> {
         self.cursor.as_ref().map(Cursor::position)
+    }
+
+    fn missed(&mut self) -> Vec<String> {
+        if std::mem::take(&mut self.purged) {
+            self.channel_list.clone()
+        } else {
+            Vec::new()
+        }
     }
 
     async fn wait(&mut self, _: &mut Conn, timeout: Duration) -> Result<bool> {

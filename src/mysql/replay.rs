@@ -160,13 +160,13 @@ pub(crate) async fn replay(
 }
 
 /// The highest journal id the purge has deleted (0 before any purge).
-async fn read_trimmed(conn: &mut Conn, database: &str) -> Result<i64> {
+pub(super) async fn read_trimmed(conn: &mut Conn, database: &str) -> Result<i64> {
     let upto: Option<i64> = conn
         .query_first(format!(
             "SELECT `upto` FROM {} WHERE `id` = 1",
             qualified(database, TRIMMED)
         ))
         .await
-        .map_err(db_err("reading the journal for a client that resumes"))?;
+        .map_err(db_err("reading how far the purge deleted the journal"))?;
     Ok(upto.unwrap_or(0))
 }
