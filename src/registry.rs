@@ -1229,6 +1229,21 @@ mod tests {
             self.registry.send(Flush).await.unwrap();
         }
 
+        /// Has the registry pump every 5 ms (routing nothing) until at most `queued` events
+        /// wait; panics after 10 s.
+        async fn pump_until_queued(&self, queued: u64) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while self.stats.snapshot().queued > queued {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{:?}",
+                    self.stats.snapshot()
+                );
+                self.route(Vec::new()).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
         /// An event stream of `subscriptions` (each under `policy` with a buffer of `buffer`)
         /// through a channel of one event; with `cut`, cut off rather than lose events once
         /// armed, the losses its hook is told of going into the returned list.
@@ -1809,18 +1824,10 @@ mod tests {
             .await;
         assert_eq!(h.stats.snapshot().queued, 4, "2 and 3 wait for each");
         h.stats.budget_waiters.fetch_add(1, Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while h.stats.snapshot().queued > 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{:?}",
-                h.stats.snapshot()
-            );
-            h.route(Vec::new()).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        h.pump_until_queued(2).await;
         h.stats.budget_waiters.fetch_sub(1, Ordering::Relaxed);
         assert_eq!(h.stats.snapshot().dropped, 2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         assert_eq!(ids(&dropping), [1], "2 and 3 dropped");
         let mut got = ids(&waiting);
         while got.len() < 3 {
@@ -1861,16 +1868,7 @@ mod tests {
         assert_eq!(h.stats.snapshot().queued, 2, "it keeps its events");
         assert!(told.lock().unwrap().is_empty());
         // It stops asking: cut off, with its two waiting events.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while h.stats.snapshot().queued > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{:?}",
-                h.stats.snapshot()
-            );
-            h.route(Vec::new()).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        h.pump_until_queued(0).await;
         h.stats.budget_waiters.fetch_sub(1, Ordering::Relaxed);
         assert_eq!(*told.lock().unwrap(), [2u64]);
         assert!(matches!(asking.events().next().await, Received::Cut));

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::proxy::Proxy;
-use common::{gated, listener_pid, next_status, statuses, wait_until, Events, TestDb};
+use common::{
+    gated, listener_pid, next_status, statuses, subscribe_gated, wait_until, Events, TestDb,
+};
 use sqlnotify::Operation::{Insert, Update};
 use sqlnotify::{ChangeEvent, Notifier, OverflowPolicy, Stats, Status, Subscription, Tier, Watch};
 use tokio::sync::mpsc;
@@ -232,16 +234,13 @@ async fn keep_latest_per_key_keeps_the_newest_state_of_each_row() {
         .start()
         .await
         .unwrap();
-    let (slow, release, mut slow_events, arbiter) = gated();
-    notifier
-        .subscribe(
-            Subscription::new("t", Update)
-                .policy(OverflowPolicy::KeepLatestPerKey)
-                .buffer(50),
-            slow,
-        )
-        .await
-        .unwrap();
+    let (release, mut slow_events, arbiter) = subscribe_gated(
+        &notifier,
+        Subscription::new("t", Update)
+            .policy(OverflowPolicy::KeepLatestPerKey)
+            .buffer(50),
+    )
+    .await;
     let mut sentinel = Events::subscribe(&notifier, Subscription::new("t", Update)).await;
     for v in 1..=100 {
         db.exec(&format!("UPDATE t SET v = {v}")).await;
@@ -320,16 +319,13 @@ async fn a_notify_listener_waiting_for_room_keeps_its_connection_and_loses_nothi
         .await
         .unwrap();
     let mut statuses = statuses(&notifier).await;
-    let (slow, release, mut events, arbiter) = gated();
-    notifier
-        .subscribe(
-            Subscription::new("t", Insert)
-                .policy(OverflowPolicy::Wait)
-                .buffer(10),
-            slow,
-        )
-        .await
-        .unwrap();
+    let (release, mut events, arbiter) = subscribe_gated(
+        &notifier,
+        Subscription::new("t", Insert)
+            .policy(OverflowPolicy::Wait)
+            .buffer(10),
+    )
+    .await;
     // 20,000 notifications of about 1 KB: far more than the connection's socket buffers hold.
     const N: i64 = 20_000;
     db.exec(&format!(
@@ -404,16 +400,13 @@ async fn stuck_subscriber_stops_reading_at(
     n: i64,
     bound: u64,
 ) -> Vec<ChangeEvent> {
-    let (slow, release, mut slow_events, arbiter) = gated();
-    notifier
-        .subscribe(
-            Subscription::new("t", Insert)
-                .policy(OverflowPolicy::Wait)
-                .buffer(10),
-            slow,
-        )
-        .await
-        .unwrap();
+    let (release, mut slow_events, arbiter) = subscribe_gated(
+        notifier,
+        Subscription::new("t", Insert)
+            .policy(OverflowPolicy::Wait)
+            .buffer(10),
+    )
+    .await;
     db.exec(insert).await;
     let started = wait_until(Duration::from_secs(30), || async {
         notifier.stats().await.unwrap().received > 0

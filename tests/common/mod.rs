@@ -983,6 +983,21 @@ pub fn gated() -> (
     (addr.recipient(), release, events, arbiter)
 }
 
+/// Subscribes a [`gated`] subscriber to `subscription` on `notifier`; returns (release,
+/// events, arbiter).
+pub async fn subscribe_gated(
+    notifier: &sqlnotify::Notifier,
+    subscription: sqlnotify::Subscription,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    mpsc::UnboundedReceiver<ChangeEvent>,
+    actix::Arbiter,
+) {
+    let (slow, release, events, arbiter) = gated();
+    notifier.subscribe(subscription, slow).await.unwrap();
+    (release, events, arbiter)
+}
+
 /// The pid of the notifier's listener backend in `db` (its connection LISTENs or reads the
 /// journal), if one is connected.
 pub async fn listener_pid(db: &TestDb) -> Option<i32> {
