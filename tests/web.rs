@@ -165,13 +165,37 @@ impl Client {
     }
 }
 
+/// [`Served`] on a SQLite file of its own.
 struct Server {
-    url: String,
+    served: Served,
+    db: SqliteFile,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.served
+    }
+}
+
+/// A notifier on a database of a test's own and the endpoint serving it (see
+/// [`serve_postgres`], [`serve_mysql`]).
+struct Served {
+    notifier: Notifier,
     sse: Sse,
+    url: String,
     handle: ServerHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    notifier: Notifier,
-    db: SqliteFile,
+}
+
+impl Served {
+    /// Shuts the endpoint and its server down, then stops the notifier.
+    async fn stop(self) {
+        self.sse.shutdown();
+        self.handle.stop(true).await;
+        self.server.await.unwrap().unwrap();
+        self.notifier.stop().await.unwrap();
+    }
 }
 
 /// Users see only their own orders: the `x-user` header names the user (no header: 401).
@@ -215,14 +239,14 @@ async fn serve_with(
     .unwrap();
     let sse = endpoint(notifier.clone()).build();
     let (url, handle, server) = listen(&sse);
-    Server {
-        url,
+    let served = Served {
+        notifier,
         sse,
+        url,
         handle,
         server,
-        notifier,
-        db,
-    }
+    };
+    Server { served, db }
 }
 
 /// An actix-web server on 127.0.0.1:0 serving `sse` at `/events`: its URL, its handle, and
@@ -254,10 +278,7 @@ impl Server {
     }
 
     async fn stop(self) {
-        self.sse.shutdown();
-        self.handle.stop(true).await;
-        self.server.await.unwrap().unwrap();
-        self.notifier.stop().await.unwrap();
+        self.served.stop().await;
     }
 }
 
@@ -1012,15 +1033,15 @@ async fn shutdown_ends_every_stream_and_the_server_stops_at_once() {
     // A new client is refused meanwhile.
     let (status, _) = connect(&s.url, &[("x-user", "1")]).await.err().unwrap();
     assert_eq!(status, 503);
-    s.handle.stop(true).await;
-    s.server.await.unwrap().unwrap();
+    s.served.handle.stop(true).await;
+    s.served.server.await.unwrap().unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the graceful stop did not wait for the streams (its timeout is 60 s): {:?}",
         started.elapsed()
     );
-    assert_eq!(s.sse.clients(), 0);
-    s.notifier.stop().await.unwrap();
+    assert_eq!(s.served.sse.clients(), 0);
+    s.served.notifier.stop().await.unwrap();
 }
 
 /// A PostgreSQL notifier watching `orders` inserts on `tier` (built further by `notifier`),
@@ -1029,13 +1050,7 @@ async fn serve_postgres(
     db: &common::TestDb,
     tier: sqlnotify::Tier,
     notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
-) -> (
-    Notifier,
-    Sse,
-    String,
-    ServerHandle,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-) {
+) -> Served {
     serve_postgres_with(db, tier, notifier, |e| e).await
 }
 
@@ -1045,13 +1060,7 @@ async fn serve_postgres_with(
     tier: sqlnotify::Tier,
     notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
     endpoint: impl FnOnce(SseBuilder) -> SseBuilder,
-) -> (
-    Notifier,
-    Sse,
-    String,
-    ServerHandle,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-) {
+) -> Served {
     db.exec(SCHEMA).await;
     let notifier = notifier(
         Notifier::builder(&db.url).watch(
@@ -1068,7 +1077,13 @@ async fn serve_postgres_with(
     )
     .build();
     let (url, handle, server) = listen(&sse);
-    (notifier, sse, url, handle, server)
+    Served {
+        notifier,
+        sse,
+        url,
+        handle,
+        server,
+    }
 }
 
 /// A small deterministic generator (xorshift): random enough to interleave, and repeatable.
@@ -1190,10 +1205,10 @@ async fn resume_while_writing(
 /// once, and no rolled-back one — and never a reset.
 async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) = serve_postgres(&db, tier, |n| n).await;
+    let web = serve_postgres(&db, tier, |n| n).await;
     // The first connection is live from before the first write.
-    let mut first = Some(connect(&url, &[("x-user", "1")]).await.unwrap());
-    assert!(wait_until(ARRIVES_WITHIN, || async { sse.clients() == 1 }).await);
+    let mut first = Some(connect(&web.url, &[("x-user", "1")]).await.unwrap());
+    assert!(wait_until(ARRIVES_WITHIN, || async { web.sse.clients() == 1 }).await);
     let next_id = Arc::new(std::sync::atomic::AtomicI64::new(1));
     let committed = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let mut writers = Vec::new();
@@ -1264,23 +1279,20 @@ async fn postgres_resume_under_writes(tier: sqlnotify::Tier) {
         })
     };
     let (received, connections) =
-        resume_while_writing(&url, first.take(), &writers, &committed).await;
+        resume_while_writing(&web.url, first.take(), &writers, &committed).await;
     for w in writers {
         w.await.unwrap();
     }
     let kills = killer.await.unwrap();
     assert!(kills > 0, "the listener's connection was never terminated");
-    let stats = assert_every_committed_once(&received, &committed, &sse);
+    let stats = assert_every_committed_once(&received, &committed, &web.sse);
     eprintln!(
         "{tier:?}: {} orders over {connections} connections, {} from the journal, \
          listener connection terminated {kills} times",
         received.len(),
         stats.replayed
     );
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 #[actix_rt::test]
@@ -1300,13 +1312,7 @@ async fn on_postgresql_poll_a_client_that_resumes_again_and_again_gets_every_com
 async fn serve_mysql(
     db: &common::mysql::TestDb,
     notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
-) -> (
-    Notifier,
-    Sse,
-    String,
-    ServerHandle,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-) {
+) -> Served {
     serve_mysql_with(db, notifier, |e| e).await
 }
 
@@ -1316,13 +1322,7 @@ async fn serve_mysql_with(
     db: &common::mysql::TestDb,
     notifier: impl FnOnce(sqlnotify::NotifierBuilder) -> sqlnotify::NotifierBuilder,
     endpoint: impl FnOnce(SseBuilder) -> SseBuilder,
-) -> (
-    Notifier,
-    Sse,
-    String,
-    ServerHandle,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-) {
+) -> Served {
     db.exec(
         "CREATE TABLE orders (id INT PRIMARY KEY, owner_id INT NOT NULL, \
          status VARCHAR(20) NOT NULL, note TEXT, secret TEXT)",
@@ -1340,7 +1340,13 @@ async fn serve_mysql_with(
     )
     .build();
     let (url, handle, server) = listen(&sse);
-    (notifier, sse, url, handle, server)
+    Served {
+        notifier,
+        sse,
+        url,
+        handle,
+        server,
+    }
 }
 
 /// MySQL / MariaDB (`transaction_ids`: with the journal recording transactions): four writers
@@ -1355,13 +1361,13 @@ async fn mysql_resume_under_writes(transaction_ids: bool) {
     // Rolled-back ids stay open gaps for the gap timeout, and a position spells out at most 64
     // gaps (beyond that a resume may send some rows again, README "Resume"): the writers are
     // paced (4 × 40 transactions a second, one in five rolled back) and the timeout is 1 s.
-    let (notifier, sse, url, handle, server) = serve_mysql(&db, |n| {
+    let web = serve_mysql(&db, |n| {
         n.gap_timeout(Duration::from_secs(1))
             .mysql_transaction_ids(transaction_ids)
     })
     .await;
-    let first = Some(connect(&url, &[("x-user", "1")]).await.unwrap());
-    assert!(wait_until(ARRIVES_WITHIN, || async { sse.clients() == 1 }).await);
+    let first = Some(connect(&web.url, &[("x-user", "1")]).await.unwrap());
+    assert!(wait_until(ARRIVES_WITHIN, || async { web.sse.clients() == 1 }).await);
     let next_id = Arc::new(std::sync::atomic::AtomicI64::new(1));
     let committed = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let mut writers = Vec::new();
@@ -1436,23 +1442,23 @@ async fn mysql_resume_under_writes(transaction_ids: bool) {
             kills
         })
     };
-    let (received, connections) = resume_while_writing(&url, first, &writers, &committed).await;
+    let (received, connections) = resume_while_writing(&web.url, first, &writers, &committed).await;
     for w in writers {
         w.await.unwrap();
     }
     let kills = killer.await.unwrap();
-    assert!(kills > 0, "the notifier's connections were never killed");
-    let stats = assert_every_committed_once(&received, &committed, &sse);
+    assert!(
+        kills > 0,
+        "the web.notifier's connections were never killed"
+    );
+    let stats = assert_every_committed_once(&received, &committed, &web.sse);
     eprintln!(
         "MySQL (transaction ids {transaction_ids}): {} orders over {connections} connections, \
          {} from the journal, connections killed {kills} times",
         received.len(),
         stats.replayed
     );
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 #[cfg(feature = "mysql")]
@@ -1471,14 +1477,14 @@ async fn on_mariadb_with_transaction_ids_a_client_that_resumes_gets_every_commit
 #[actix_rt::test]
 async fn on_mysql_a_position_past_retention_or_of_another_journal_gets_a_reset() {
     let db = common::mysql::TestDb::new().await;
-    let (notifier, sse, url, handle, server) = serve_mysql(&db, |n| {
+    let web = serve_mysql(&db, |n| {
         n.retention(Duration::from_millis(1))
             .purge_interval(Duration::from_millis(20))
     })
     .await;
     let insert =
         |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     db.exec(&insert(1)).await;
     let first = client.next_event().await;
     assert_eq!(first.row(), 1);
@@ -1497,7 +1503,7 @@ async fn on_mysql_a_position_past_retention_or_of_another_journal_gets_a_reset()
     // The last: a set past every id this journal gave out (of another journal, or made up),
     // which would otherwise fence off the live rows below it.
     for position in [last.as_str(), "1", "1@1@1:1:@1:1:", "1@0:1000000000:"] {
-        let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", position)])
+        let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", position)])
             .await
             .unwrap();
         let reset = client.next_event().await;
@@ -1506,15 +1512,12 @@ async fn on_mysql_a_position_past_retention_or_of_another_journal_gets_a_reset()
             Some("reset"),
             "{position}: {reset:?}"
         );
-        let id = 10 + sse.stats().resets as i64;
+        let id = 10 + web.sse.stats().resets as i64;
         db.exec(&insert(id)).await;
         assert_eq!(client.next_event().await.row(), id, "{position}");
     }
-    assert_eq!(sse.stats().resets, 4);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    assert_eq!(web.sse.stats().resets, 4);
+    web.stop().await;
 }
 
 /// On MySQL, a purge by another process that commits between a replay's retention check and
@@ -1529,9 +1532,8 @@ async fn on_mysql_a_purge_between_the_retention_check_and_the_page_is_a_reset() 
     use sqlnotify::bench_support::replay_page;
     let db = common::mysql::TestDb::new().await;
     // no purge of its own: it reads the journal's newest id too
-    let (notifier, sse, url, handle, server) =
-        serve_mysql(&db, |n| n.purge_interval(Duration::from_secs(3600))).await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let web = serve_mysql(&db, |n| n.purge_interval(Duration::from_secs(3600))).await;
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     for id in 1..=5 {
         db.exec(&format!(
             "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')"
@@ -1545,7 +1547,7 @@ async fn on_mysql_a_purge_between_the_retention_check_and_the_page_is_a_reset() 
     }
     drop(client);
     let after = first.id.expect("a MySQL event has a position");
-    let page = replay_page(&notifier, &after, None, 10).await.unwrap();
+    let page = replay_page(&web.notifier, &after, None, 10).await.unwrap();
     assert_eq!(
         page.map(|(rows, next)| (rows, next.is_none())),
         Some((vec![2, 3, 4, 5], true)),
@@ -1558,7 +1560,7 @@ async fn on_mysql_a_purge_between_the_retention_check_and_the_page_is_a_reset() 
         .await
         .unwrap();
     let replay = actix_rt::spawn({
-        let (notifier, after) = (notifier.clone(), after.clone());
+        let (notifier, after) = (web.notifier.clone(), after.clone());
         async move { replay_page(&notifier, &after, None, 10).await }
     });
     let waiting = format!(
@@ -1590,23 +1592,20 @@ async fn on_mysql_a_purge_between_the_retention_check_and_the_page_is_a_reset() 
         "a reset, not the page {:?}",
         page.map(|(rows, _)| rows)
     );
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 #[actix_rt::test]
 async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_reset() {
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+    let web = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
         n.retention(Duration::from_millis(1))
             .purge_interval(Duration::from_millis(20))
     })
     .await;
     let insert =
         |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     db.exec(&insert(1)).await;
     let first = client.next_event().await;
     assert_eq!(first.row(), 1);
@@ -1636,7 +1635,7 @@ async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_re
         // count every row written since as seen.
         "0@0@900000000:900000000:@900000000:900000000:",
     ] {
-        let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", position)])
+        let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", position)])
             .await
             .unwrap();
         let reset = client.next_event().await;
@@ -1648,15 +1647,12 @@ async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_re
         let head = reset.id.expect("a reset names where the stream starts");
         assert!(head.starts_with("0@0@"), "a snapshot position: {head}");
         // Then live events.
-        let id = 10 + sse.stats().resets as i64;
+        let id = 10 + web.sse.stats().resets as i64;
         db.exec(&insert(id)).await;
         assert_eq!(client.next_event().await.row(), id, "{position}");
     }
-    assert_eq!(sse.stats().resets, 6);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    assert_eq!(web.sse.stats().resets, 6);
+    web.stop().await;
 }
 
 /// PostgreSQL's journal tiers: a stream that starts live names a snapshot taken once it was
@@ -1666,12 +1662,11 @@ async fn on_postgresql_a_position_past_retention_or_of_another_journal_gets_a_re
 async fn on_postgresql_a_client_that_drops_before_its_first_event_resumes_from_where_its_stream_started(
 ) {
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) =
-        serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
+    let web = serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
     let insert =
         |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
     db.exec(&insert(1)).await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     let first = client.next_frame().await.unwrap();
     assert!(first.event.is_none() && first.data.is_none(), "{first:?}");
     let head = first
@@ -1681,7 +1676,7 @@ async fn on_postgresql_a_client_that_drops_before_its_first_event_resumes_from_w
     drop(client);
     db.exec(&insert(2)).await;
     db.exec(&insert(3)).await;
-    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &head)])
+    let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", &head)])
         .await
         .unwrap();
     let second = client.next_event().await;
@@ -1689,20 +1684,17 @@ async fn on_postgresql_a_client_that_drops_before_its_first_event_resumes_from_w
     assert_eq!(client.next_event().await.row(), 3);
     db.exec(&insert(4)).await;
     assert_eq!(client.next_event().await.row(), 4);
-    assert_eq!(sse.stats().resets, 0);
+    assert_eq!(web.sse.stats().resets, 0);
     // A client that resumes from the event it got resumes as ever.
     let last = second.id.expect("a durable event has a position");
     drop(client);
-    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+    let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
         .await
         .unwrap();
     assert_eq!(client.next_event().await.row(), 3);
     assert_eq!(client.next_event().await.row(), 4);
     drop(client);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 /// PostgreSQL's notify tier has no journal and its events no id: its stream's first frame is
@@ -1712,11 +1704,10 @@ async fn on_postgresql_a_client_that_drops_before_its_first_event_resumes_from_w
 #[actix_rt::test]
 async fn on_postgresql_notify_a_client_that_reconnects_gets_a_reset_never_a_silent_gap() {
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) =
-        serve_postgres(&db, sqlnotify::Tier::Notify, |n| n).await;
+    let web = serve_postgres(&db, sqlnotify::Tier::Notify, |n| n).await;
     let insert =
         |id: i64| format!("INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')");
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     let first = client.next_frame().await.unwrap();
     assert_eq!(first.id.as_deref(), Some("none"), "{first:?}");
     db.exec(&insert(1)).await;
@@ -1725,7 +1716,7 @@ async fn on_postgresql_notify_a_client_that_reconnects_gets_a_reset_never_a_sile
     assert_eq!(event.id, None, "a notify-tier event has no position");
     drop(client);
     db.exec(&insert(2)).await; // while the client is away: not replayable
-    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", "none")])
+    let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", "none")])
         .await
         .unwrap();
     let reset = client.next_event().await;
@@ -1739,12 +1730,9 @@ async fn on_postgresql_notify_a_client_that_reconnects_gets_a_reset_never_a_sile
             break;
         }
     }
-    assert_eq!(sse.stats().resets, 1);
+    assert_eq!(web.sse.stats().resets, 1);
     drop(client);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 /// A grant that mixes a durable channel with a notify-tier one: a resume from a durable
@@ -1791,10 +1779,14 @@ async fn on_postgresql_a_grant_with_a_notify_tier_channel_resumes_with_a_reset()
     assert!(reason.contains("Tier::Notify"), "{reason}");
     assert_eq!(reset.id.as_deref(), Some("none"));
     drop(client);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    let served = Served {
+        notifier,
+        sse,
+        url,
+        handle,
+        server,
+    };
+    served.stop().await;
 }
 
 #[actix_rt::test]
@@ -1806,8 +1798,8 @@ async fn streams_end_when_the_notifier_stops() {
     assert!(client.ends().await, "the stream outlived its notifier");
     assert!(wait_until(ARRIVES_WITHIN, || async { s.sse.clients() == 0 }).await);
     s.sse.shutdown();
-    s.handle.stop(true).await;
-    s.server.await.unwrap().unwrap();
+    s.served.handle.stop(true).await;
+    s.served.server.await.unwrap().unwrap();
 }
 
 /// The logical-decoding tier has no journal to replay from: a client that resumes with
@@ -1826,8 +1818,7 @@ async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tie
         return;
     };
     let db = common::TestDb::on(&cluster.url()).await;
-    let (notifier, sse, url, handle, server) =
-        serve_postgres(&db, sqlnotify::Tier::Logical, |b| b).await;
+    let web = serve_postgres(&db, sqlnotify::Tier::Logical, |b| b).await;
     let insert = |id: i64| {
         let db = &db;
         async move {
@@ -1837,7 +1828,7 @@ async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tie
             .await
         }
     };
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     insert(1).await;
     let first = client.next_event().await;
     assert_eq!(first.row(), 1);
@@ -1847,9 +1838,12 @@ async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tie
     let resumed = [
         (
             vec![("x-user", "1"), ("Last-Event-ID", last.as_str())],
-            url.clone(),
+            web.url.clone(),
         ),
-        (vec![("x-user", "1")], format!("{url}?last_event_id={last}")),
+        (
+            vec![("x-user", "1")],
+            format!("{}?last_event_id={last}", web.url),
+        ),
     ];
     for (round, (headers, url)) in resumed.into_iter().enumerate() {
         let mut client = connect(&url, &headers).await.unwrap();
@@ -1875,11 +1869,8 @@ async fn on_postgresql_logical_a_client_that_resumes_gets_a_reset_naming_the_tie
         }
         drop(client);
     }
-    assert_eq!(sse.stats().resets, 2);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    assert_eq!(web.sse.stats().resets, 2);
+    web.stop().await;
 }
 
 /// A purge that runs between two pages of a PostgreSQL replay deletes rows the next page
@@ -1908,11 +1899,11 @@ async fn on_postgresql_a_transaction_left_open_does_not_make_every_resume_a_rese
         .batch_execute("BEGIN; SELECT pg_catalog.pg_current_xact_id();")
         .await
         .unwrap();
-    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+    let web = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
         n.purge_interval(Duration::from_secs(3600))
     })
     .await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     for id in 1..=2 {
         db.exec(&format!(
             "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')"
@@ -1937,19 +1928,20 @@ async fn on_postgresql_a_transaction_left_open_does_not_make_every_resume_a_rese
     let third = client.next_event().await;
     assert_eq!(third.row(), 3);
     drop(client);
-    assert_eq!(purge_now(&notifier, keep).await.unwrap(), 2, "rows 1 and 2");
+    assert_eq!(
+        purge_now(&web.notifier, keep).await.unwrap(),
+        2,
+        "rows 1 and 2"
+    );
     let after = third.id.expect("a durable event has a position");
-    let page = replay_page(&notifier, &after, None, 10).await.unwrap();
+    let page = replay_page(&web.notifier, &after, None, 10).await.unwrap();
     // (A replay starts with the event's own row.)
     assert_eq!(
         page.map(|(rows, next)| (rows.len(), next.is_none())),
         Some((1, true)),
         "row 3's own journal row, nothing after it, and no reset"
     );
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
@@ -1957,12 +1949,12 @@ async fn on_postgresql_a_transaction_left_open_does_not_make_every_resume_a_rese
 async fn on_postgresql_a_purge_between_two_pages_of_a_replay_is_a_reset() {
     use sqlnotify::bench_support::{purge_now, replay_page};
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+    let web = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
         n.retention(Duration::from_millis(1))
             .purge_interval(Duration::from_secs(3600))
     })
     .await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     for id in 1..=5 {
         db.exec(&format!(
             "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, 'new')"
@@ -1976,28 +1968,27 @@ async fn on_postgresql_a_purge_between_two_pages_of_a_replay_is_a_reset() {
     }
     drop(client);
     let after = first.id.expect("a durable event has a position");
-    let (rows, next) = replay_page(&notifier, &after, None, 2)
+    let (rows, next) = replay_page(&web.notifier, &after, None, 2)
         .await
         .unwrap()
         .expect("the position resumes");
     assert_eq!(rows.len(), 2, "{rows:?}");
     let next = next.expect("a second page");
     assert!(
-        purge_now(&notifier, Duration::from_millis(1))
+        purge_now(&web.notifier, Duration::from_millis(1))
             .await
             .unwrap()
             > 0
     );
-    let page = replay_page(&notifier, &after, Some(next), 2).await.unwrap();
+    let page = replay_page(&web.notifier, &after, Some(next), 2)
+        .await
+        .unwrap();
     assert!(
         page.is_none(),
         "a reset, not the page {:?}",
         page.map(|(rows, _)| rows)
     );
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 /// A PostgreSQL replay reads the journal in windows of ids, each transaction whole once the
@@ -2010,11 +2001,11 @@ async fn on_postgresql_a_purge_between_two_pages_of_a_replay_is_a_reset() {
 async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
     use sqlnotify::bench_support::replay_page;
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
+    let web = serve_postgres(&db, sqlnotify::Tier::Durable, |n| {
         n.purge_interval(Duration::from_secs(3600))
     })
     .await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     let head = client
         .next_frame()
         .await
@@ -2066,7 +2057,7 @@ async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
     assert_eq!(expected.len(), 9_600);
     let (mut replayed, mut next) = (Vec::new(), None);
     loop {
-        let (rows, more) = replay_page(&notifier, &head, next, 50)
+        let (rows, more) = replay_page(&web.notifier, &head, next, 50)
             .await
             .unwrap()
             .expect("the head resumes");
@@ -2097,7 +2088,7 @@ async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
         .map(|id| journal_rows[id])
         .filter(|order| order % 7 == 0)
         .collect();
-    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &head)])
+    let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", &head)])
         .await
         .unwrap();
     let (mut got, mut last) = (Vec::new(), None);
@@ -2108,19 +2099,16 @@ async fn on_postgresql_a_long_replay_in_windows_keeps_the_listeners_order() {
     }
     drop(client);
     let last = last.expect("a durable event has a position");
-    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &last)])
+    let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", &last)])
         .await
         .unwrap();
     while got.len() < mine.len() {
         got.push(client.next_event().await.row());
     }
     assert_eq!(got, mine, "user 1's orders once, in the listener's order");
-    assert_eq!(sse.stats().resets, 0);
+    assert_eq!(web.sse.stats().resets, 0);
     drop(client);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 /// A frame of a stream, as [`replay_frames`] keeps it: an event's order and id, or an `id:`
@@ -2268,9 +2256,9 @@ async fn a_filtered_resume_through_pages_of_other_rows_names_its_progress() {
 #[actix_rt::test]
 async fn on_postgresql_a_filtered_resume_through_pages_of_other_rows_names_its_progress() {
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) =
+    let web =
         serve_postgres_with(&db, sqlnotify::Tier::Durable, |n| n, |e| e.replay_page(10)).await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     db.exec("INSERT INTO orders (id, owner_id, status) VALUES (1, 1, 'new')")
         .await;
     let first = client.next_event().await.id.unwrap();
@@ -2278,21 +2266,17 @@ async fn on_postgresql_a_filtered_resume_through_pages_of_other_rows_names_its_p
     for sql in insert_rare_sql() {
         db.exec(&sql).await;
     }
-    resume_from_progress(&url, &first).await;
-    assert_eq!(sse.stats().resets, 0);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    resume_from_progress(&web.url, &first).await;
+    assert_eq!(web.sse.stats().resets, 0);
+    web.stop().await;
 }
 
 #[cfg(feature = "mysql")]
 #[actix_rt::test]
 async fn on_mysql_a_filtered_resume_through_pages_of_other_rows_names_its_progress() {
     let db = common::mysql::TestDb::new().await;
-    let (notifier, sse, url, handle, server) =
-        serve_mysql_with(&db, |n| n, |e| e.replay_page(10)).await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let web = serve_mysql_with(&db, |n| n, |e| e.replay_page(10)).await;
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     db.exec("INSERT INTO orders (id, owner_id, status) VALUES (1, 1, 'new')")
         .await;
     let first = client.next_event().await.id.unwrap();
@@ -2300,12 +2284,9 @@ async fn on_mysql_a_filtered_resume_through_pages_of_other_rows_names_its_progre
     for sql in insert_rare_sql() {
         db.exec(&sql).await;
     }
-    resume_from_progress(&url, &first).await;
-    assert_eq!(sse.stats().resets, 0);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    resume_from_progress(&web.url, &first).await;
+    assert_eq!(web.sse.stats().resets, 0);
+    web.stop().await;
 }
 
 /// A replay whose page waits (here for the journal, locked by another transaction) sends
@@ -2314,9 +2295,8 @@ async fn on_mysql_a_filtered_resume_through_pages_of_other_rows_names_its_progre
 #[actix_rt::test]
 async fn on_postgresql_a_replay_waiting_for_its_page_sends_heartbeats() {
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) =
-        serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let web = serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     db.exec("INSERT INTO orders (id, owner_id, status) VALUES (1, 1, 'new')")
         .await;
     let first = client.next_event().await.id.unwrap();
@@ -2328,7 +2308,7 @@ async fn on_postgresql_a_replay_waiting_for_its_page_sends_heartbeats() {
         .batch_execute("BEGIN; LOCK TABLE sqlnotify.journal IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let mut client = connect(&url, &[("x-user", "1"), ("Last-Event-ID", &first)])
+    let mut client = connect(&web.url, &[("x-user", "1"), ("Last-Event-ID", &first)])
         .await
         .unwrap();
     // The heartbeat is 200 ms; without heartbeats while a replay waits nothing comes until
@@ -2342,12 +2322,9 @@ async fn on_postgresql_a_replay_waiting_for_its_page_sends_heartbeats() {
     }
     locker.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(client.next_event().await.row(), 2);
-    assert!(sse.stats().heartbeats >= 3, "{:?}", sse.stats());
+    assert!(web.sse.stats().heartbeats >= 3, "{:?}", web.sse.stats());
     drop(client);
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
 
 /// Users see their own orders' inserts and updates (two granted subscriptions).
@@ -2576,9 +2553,8 @@ async fn a_request_dropped_while_subscribing_leaves_no_subscription_behind() {
 async fn on_postgresql_a_replay_page_is_bounded_in_bytes() {
     use sqlnotify::bench_support::replay_page;
     let db = common::TestDb::new().await;
-    let (notifier, sse, url, handle, server) =
-        serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
-    let mut client = connect(&url, &[("x-user", "1")]).await.unwrap();
+    let web = serve_postgres(&db, sqlnotify::Tier::Durable, |n| n).await;
+    let mut client = connect(&web.url, &[("x-user", "1")]).await.unwrap();
     for id in 1..=7 {
         db.exec(&format!(
             "INSERT INTO orders (id, owner_id, status) VALUES ({id}, 1, repeat('x', 3 << 20))"
@@ -2591,7 +2567,7 @@ async fn on_postgresql_a_replay_page_is_bounded_in_bytes() {
     let after = first.id.expect("a durable event has a position");
     let (mut pages, mut next) = (Vec::new(), None);
     loop {
-        let (rows, more) = replay_page(&notifier, &after, next, 500)
+        let (rows, more) = replay_page(&web.notifier, &after, next, 500)
             .await
             .unwrap()
             .expect("the position resumes");
@@ -2613,8 +2589,5 @@ async fn on_postgresql_a_replay_page_is_bounded_in_bytes() {
         rows.windows(2).all(|w| w[0] < w[1]),
         "in order, once: {rows:?}"
     );
-    sse.shutdown();
-    handle.stop(true).await;
-    server.await.unwrap().unwrap();
-    notifier.stop().await.unwrap();
+    web.stop().await;
 }
