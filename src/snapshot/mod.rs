@@ -115,8 +115,9 @@ impl Snapshot {
     }
 
     /// How many events may wait for the feed's reader (default 1,024; from 1 to
-    /// [`MAX_BUFFER`](crate::MAX_BUFFER)). Live changes wait in as many again while the rows
-    /// stream; beyond that the pipeline waits.
+    /// [`MAX_BUFFER`](crate::MAX_BUFFER)). Live changes — of every channel the notifier
+    /// routes, not only the table's — wait in as many again while the rows stream; beyond
+    /// that the pipeline waits.
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events.clamp(1, crate::MAX_BUFFER);
         self
