@@ -31,6 +31,19 @@ fn builder(db: &TestDb) -> NotifierBuilder {
         .watch(Watch::new("t", Operation::Update).extra_columns(["v"]))
 }
 
+/// A notifier of [`builder`] with transaction ids, whose gaps expire after 200 ms, and its
+/// [`stream`].
+async fn start_tracked_fast(db: &TestDb) -> (Notifier, UnboundedReceiver<ChangeEvent>) {
+    let notifier = builder(db)
+        .mysql_transaction_ids(true)
+        .gap_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let rx = stream(&notifier).await;
+    (notifier, rx)
+}
+
 /// Both watches into one stream, in arrival order.
 async fn stream(notifier: &Notifier) -> UnboundedReceiver<ChangeEvent> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -160,13 +173,7 @@ async fn a_transaction_open_for_many_gap_timeouts_is_waited_for() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
         .await;
-    let notifier = builder(&db)
-        .mysql_transaction_ids(true)
-        .gap_timeout(Duration::from_millis(200))
-        .start()
-        .await
-        .unwrap();
-    let mut rx = stream(&notifier).await;
+    let (notifier, mut rx) = start_tracked_fast(&db).await;
     let mut a = db.conn().await;
     a.query_drop("BEGIN").await.unwrap();
     a.query_drop("INSERT INTO t (id) VALUES (1)").await.unwrap();
@@ -621,13 +628,7 @@ async fn burned_ids_above_a_transaction_held_open_do_not_stop_delivery() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL DEFAULT 0)")
         .await;
-    let notifier = builder(&db)
-        .mysql_transaction_ids(true)
-        .gap_timeout(Duration::from_millis(200))
-        .start()
-        .await
-        .unwrap();
-    let mut rx = stream(&notifier).await;
+    let (notifier, mut rx) = start_tracked_fast(&db).await;
     let mut held = db.conn().await;
     held.query_drop("BEGIN; INSERT INTO t (id) VALUES (1)")
         .await
