@@ -408,6 +408,13 @@ impl StreamReceiver {
         self.shared.cut.load(Ordering::Acquire)
     }
 
+    /// Claims the report of this reader's end: true when no cut was reported, nor will be
+    /// ([`StreamSink::report_cut`] tells its hook nothing afterwards) — the reader, which ends
+    /// on a loss, counts that end itself, once, whoever comes first.
+    pub fn claim_report(&self) -> bool {
+        !self.shared.reported.swap(true, Ordering::AcqRel)
+    }
+
     /// Closes the channel: the sinks see the reader as gone from now on.
     pub fn close(&mut self) {
         self.rx.close();
@@ -617,6 +624,26 @@ mod tests {
             "the cut, not the event still in the channel"
         );
         assert!(rx.is_cut());
+        assert!(!rx.claim_report(), "the hook counted the end");
+    }
+
+    /// A reader that ended on a loss and counted that end itself: a cut the registry makes
+    /// before it hears that the reader is gone tells its hook nothing, so the end is counted
+    /// once.
+    #[test]
+    fn a_reader_that_counted_its_end_is_not_counted_again_by_a_cut() {
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let hook = {
+            let told = told.clone();
+            Box::new(move |lost| told.lock().unwrap().push(lost)) as CutHook
+        };
+        let (sink, rx) = stream_channel(8, true, Some(hook));
+        rx.arm();
+        assert!(rx.claim_report());
+        sink.cut();
+        sink.report_cut();
+        assert!(told.lock().unwrap().is_empty());
+        assert!(!rx.claim_report(), "once");
     }
 
     #[test]

@@ -401,9 +401,9 @@ impl Connection {
                     let dropped = lost.count;
                     Counters::add(&self.config.counters.lost, dropped);
                     if self.config.slow_client == SlowClient::Disconnect {
-                        // A loss taken while the registry cuts this stream off is the cut's
-                        // (its hook counts it).
-                        if !self.events.events().is_cut() {
+                        // Counted once: here, or by the hook of a cut the registry reported
+                        // first (a loss taken while it cuts the stream off is the cut's).
+                        if self.events.events().claim_report() {
                             Counters::add(&self.config.counters.slow_disconnects, 1);
                             log::debug!(
                                 "sqlnotify: closing the event stream of a client too slow for its buffer ({dropped} events lost)"
