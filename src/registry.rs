@@ -19,8 +19,7 @@
 //! full of events it was to get live ([`Registry::cut`]); and while the listener waits for in-flight budget, every stream
 //! that has had events waiting for [`STUCK`] without taking one, its reader asking for
 //! nothing meanwhile (`StreamSink::idle`), gives them back — cut, or under
-//! a dropping policy, its waiting events dropped ([`Registry::relieve`]); so does any other
-//! subscription under a dropping policy that took nothing for as long. Either way the
+//! a dropping policy, its waiting events dropped ([`Registry::relieve`]). Either way the
 //! budget its events held comes back at once.
 //!
 //! Counting: an event a subscription selects is `delivered` once it is handed to the
@@ -478,40 +477,38 @@ impl Registry {
     /// waiting for `self.stuck` without taking one, and whose reader asked for nothing for as
     /// long, gives them back. One whose reader is to be
     /// cut off rather than lose events is cut ([`Registry::cut`]); any other loses them, as
-    /// its policy drops events (told to its reader, and in a `Lagged`). So does any other
-    /// subscriber under a dropping policy (`DropOldest`, `KeepLatestPerKey`) that took
-    /// nothing for as long: such a policy promises never to slow anyone else down, and its
-    /// waiting events hold in-flight budget. One under `Wait` keeps its events: it is meant
-    /// to hold the notifier.
+    /// its policy drops events (told to its reader, and in a `Lagged`). A subscriber of
+    /// another kind keeps its events: one that took nothing for a second may just be slow,
+    /// and its policy says what it keeps (under `Wait` it is meant to hold the notifier).
     fn relieve(&mut self, now: Instant) {
         let (mut cut, mut lost) = (Vec::new(), 0);
         for &(slot, id) in &self.attention {
             let Some(s) = live(&mut self.slots, slot, id) else {
                 continue;
             };
-            let stream = s.sink.stream();
-            if stream.is_none() && s.buffer.policy() == OverflowPolicy::Wait {
-                continue; // meant to hold the notifier
-            }
+            // Only event streams: a plain subscriber that took nothing for a second may just be
+            // slow (one event every two seconds), and its policy keeps its newest events.
+            let Some(stream) = s.sink.stream() else {
+                continue;
+            };
             // Stuck: nothing taken for that long, by a reader that did not ask for anything
             // either (one that keeps asking may be replaying the journal, or taking the events
             // of another of its subscriptions that must go first).
             let stuck = s
                 .waiting_since
                 .is_some_and(|since| now.duration_since(since) >= self.stuck)
-                && stream.is_none_or(|stream| stream.idle(now) >= self.stuck);
+                && stream.idle(now) >= self.stuck;
             if s.closed || s.buffer.is_empty() || !stuck {
                 continue;
             }
-            if let Some(stream) = stream.filter(|stream| stream.cuts()) {
+            if stream.cuts() {
                 cut.push(stream.key());
                 continue;
             }
             let n = s.buffer.discard(&s.sink);
             log::debug!(
-                "sqlnotify: subscription {id} took nothing for {:?} while the listener waits \
-                 for in-flight budget; its {n} waiting events are dropped, as its policy drops \
-                 events",
+                "sqlnotify: event stream subscription {id} took nothing for {:?} while the \
+                 listener waits for in-flight budget; its {n} waiting events are dropped",
                 self.stuck
             );
             self.routes[s.route].metrics.dropped.increment(n);
@@ -1801,41 +1798,6 @@ mod tests {
         }
         assert_eq!(got, [1, 2, 3]);
         assert!(h.budget_returns().await);
-    }
-
-    /// A plain subscriber under a dropping policy that takes nothing for `STUCK` while the
-    /// listener waits for budget loses what waits for it — its policy promises never to slow
-    /// anyone else down, and those events hold budget — and is told so in a `Lagged`; one
-    /// under `Wait` keeps its events: it is meant to hold the notifier.
-    #[actix_rt::test]
-    async fn a_stuck_plain_subscriber_under_a_dropping_policy_gives_its_events_back() {
-        let h = Harness::stuck_after(Duration::from_millis(20));
-        let (_, dropping) = h
-            .subscribe(
-                Subscription::new("users", Operation::Insert)
-                    .policy(OverflowPolicy::DropOldest)
-                    .buffer(8),
-                1,
-            )
-            .await
-            .unwrap();
-        let (_, waiting) = h.inserts(1).await;
-        h.route((1..=3).map(|id| h.placed("users_insert", id)).collect())
-            .await;
-        assert_eq!(h.stats.snapshot().queued, 4, "2 and 3 wait for each");
-        h.stats.budget_waiters.fetch_add(1, Ordering::Relaxed);
-        h.pump_until_queued(2).await;
-        h.stats.budget_waiters.fetch_sub(1, Ordering::Relaxed);
-        assert_eq!(h.stats.snapshot().dropped, 2);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        assert_eq!(ids(&dropping), [1], "2 and 3 dropped");
-        let mut got = ids(&waiting);
-        while got.len() < 3 {
-            assert!(tokio::time::Instant::now() < deadline, "{got:?}");
-            tokio::task::yield_now().await;
-            got.extend(ids(&waiting));
-        }
-        assert_eq!(got, [1, 2, 3], "the Wait subscriber keeps its own");
     }
 
     /// A reader that keeps asking — reading its journal replay first, or the events of another

@@ -157,11 +157,6 @@ impl Buffer {
         }
     }
 
-    /// Its overflow policy.
-    pub fn policy(&self) -> OverflowPolicy {
-        self.policy
-    }
-
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }

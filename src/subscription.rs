@@ -38,14 +38,13 @@ pub enum OverflowPolicy {
     #[default]
     Wait,
     /// Drop the oldest buffered event to make room; the subscriber is told with a
-    /// [`Status::Lagged`](crate::Status::Lagged). Never slows anyone else down for long: a
-    /// subscriber that takes nothing for a second while the notifier waits for in-flight
-    /// budget loses every event waiting for it (they hold that budget).
+    /// [`Status::Lagged`](crate::Status::Lagged). Never slows anyone else down, within its
+    /// buffer: the events waiting for it hold in-flight budget, so subscribers that take
+    /// nothing at all could together hold the whole budget (README, "Subscribing").
     DropOldest,
     /// Keep only the newest buffered event per row key (then drop the oldest if still full):
-    /// right for "latest state" consumers such as caches. Replacements count as lag. A
-    /// subscriber that takes nothing for a second while the notifier waits for in-flight
-    /// budget loses what waits for it, as under [`DropOldest`](Self::DropOldest).
+    /// right for "latest state" consumers such as caches. Replacements count as lag. Its
+    /// waiting events hold in-flight budget, as under [`DropOldest`](Self::DropOldest).
     KeepLatestPerKey,
 }
 
