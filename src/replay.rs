@@ -6,7 +6,8 @@ use crate::event::RawNotification;
 use crate::read_set::ReadSet;
 use crate::snapshot::fence::Fence;
 
-/// Most bytes of payloads one page of a replay holds (and one row larger than that alone): a
+/// About the most bytes of payloads one page of a replay holds (it ends with the row that
+/// takes it past them, however large — SQLite's before that row, unless it is the first): a
 /// page is read whole and written to its client at once, and many clients may resume at the
 /// same time — counted in rows alone (`replay_page`, 500 by default), a page of journal rows
 /// of a few MiB each held hundreds of MiB per client.

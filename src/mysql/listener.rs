@@ -235,7 +235,7 @@ impl MysqlSource {
             }
         }
         if !self.named && !empty.is_empty() {
-            self.purged |= self.purged_under(conn, &empty).await;
+            self.purged |= self.purged_under(conn, &empty).await?;
         }
         self.cursor().give_up(&empty);
         Ok(self.cursor().advance_read())
@@ -245,23 +245,20 @@ impl MysqlSource {
     /// whose rows nothing keeps, fell behind the retention, or a transaction that ran longer
     /// than it committed rows already due): it records the highest id it deleted
     /// (`sqlnotify_trimmed`) with its deletes, so a gap found empty after them is below it.
-    /// A rolled-back id below it counts too: the record cannot tell them apart. Unknown (an
-    /// install without the table, a role that may not read it) is no.
-    async fn purged_under(&mut self, conn: &mut Conn, empty: &[(i64, i64)]) -> bool {
+    /// A rolled-back id below it counts too: the record cannot tell them apart. A record past
+    /// the journal's newest id is of a journal whose ids went back since (truncated, restored):
+    /// it says nothing about these ids.
+    async fn purged_under(&mut self, conn: &mut Conn, empty: &[(i64, i64)]) -> Result<bool> {
         let db = self.database.clone();
-        let trimmed = self
-            .within(
-                "reading how far the purge deleted the journal",
-                super::replay::read_trimmed(conn, &db),
-            )
-            .await;
-        match trimmed {
-            Ok(upto) => empty.iter().any(|&(start, _)| start <= upto),
-            Err(e) => {
-                log::debug!("sqlnotify: {e}");
-                false
-            }
+        let what = "reading how far the purge deleted the journal";
+        let upto = self
+            .within(what, super::replay::read_trimmed(conn, &db))
+            .await?;
+        if !empty.iter().any(|&(start, _)| start <= upto) {
+            return Ok(false);
         }
+        let newest = self.within(what, journal::newest(conn, &db)).await?;
+        Ok(upto <= newest)
     }
 
     /// Logs a gap held for a transaction still running: at `info` each time it is checked, at

@@ -164,10 +164,10 @@ pub(crate) struct JournalCursor {
     more: bool,
     /// Ids the next page spans (see [`PAGE_MAX`]); 0: [`PAGE`].
     page: i64,
-    /// No consumer keeps this cursor's rows (a listener without one): the first statement of
-    /// each read also asks whether the purge deleted rows of a transaction `before` did not
-    /// see (`replay::trimmed_past`) — in the statement's own snapshot, so a purge that took
-    /// rows the read then lacks is seen too.
+    /// No consumer keeps this cursor's rows (a listener without one): every statement of a
+    /// read also asks whether the purge deleted rows of a transaction `before` did not see
+    /// (`replay::trimmed_past`) — in the statement's own snapshot, so a purge that took rows
+    /// the statement then lacks is seen too.
     unkept: bool,
     /// The first statement of a read found such rows purged (until [`take_purged`]).
     ///
@@ -317,18 +317,20 @@ impl JournalCursor {
         let reading = self.reading.clone();
         let page = self.page.clamp(PAGE, PAGE_MAX);
         let started = std::time::Instant::now();
+        // Column 8 of every statement: whether the purge deleted rows of a transaction
+        // `before` did not see, which this read may lack (asked for a cursor no consumer keeps
+        // only: a consumer's rows are kept for it). Across the pages of a read it may also be
+        // rows the read delivered already: such a read is behind the retention anyway.
+        let purged = if self.unkept {
+            format!(
+                "CASE WHEN {} THEN 1::int8 END",
+                super::replay::trimmed_past(&s, "$1::text::pg_snapshot")
+            )
+        } else {
+            "NULL::int8".to_string()
+        };
         let rows = match &reading {
             None => {
-                // Column 8: whether the purge deleted rows this read may lack (asked for a
-                // cursor no consumer keeps only: a consumer's rows are kept for it).
-                let purged = if self.unkept {
-                    format!(
-                        "CASE WHEN {} THEN 1::int8 END",
-                        super::replay::trimmed_past(&s, "$1::text::pg_snapshot")
-                    )
-                } else {
-                    "NULL::int8".to_string()
-                };
                 let sql = format!(
                     "SELECT s.snapshot::text, j.id, j.xid::text, j.channel, j.payload, j.events, j.tx_last,
                             NULL::int8, {purged}
@@ -357,7 +359,7 @@ impl JournalCursor {
                     Some(through) => through,
                     None => {
                         let sql = format!(
-                            "SELECT pg_catalog.min(k.id + 0) FROM {s}.journal k WHERE {}",
+                            "SELECT pg_catalog.min(k.id + 0), {purged} FROM {s}.journal k WHERE {}",
                             unread("k", "$3::text::pg_snapshot")
                         );
                         let params: [(&(dyn ToSql + Sync), Type); 3] = [
@@ -369,6 +371,9 @@ impl JournalCursor {
                             .query_typed(&sql, &params)
                             .await
                             .map_err(|e| Error::db("reading the journal", e))?;
+                        self.purged |= row
+                            .first()
+                            .is_some_and(|r| r.get::<_, Option<i64>>(1).is_some());
                         let Some(first) = row.first().and_then(|r| r.get::<_, Option<i64>>(0))
                         else {
                             // Nothing of the read is left (a purge took it).
@@ -396,7 +401,7 @@ impl JournalCursor {
                 let sql = format!(
                     "WITH {}
                      SELECT $3::text, r.id, r.xid::text, r.channel, r.payload, r.events, r.last,
-                            b.bound, NULL::int8,
+                            b.bound, {purged},
                             CASE WHEN pg_catalog.row_number() OVER () = 1 THEN later.xids END,
                             CASE WHEN pg_catalog.row_number() OVER () = 1 THEN later.lasts END
                        FROM b CROSS JOIN later LEFT JOIN LATERAL (
@@ -502,9 +507,7 @@ impl JournalCursor {
             let read = read.get_or_insert_with(|| {
                 let during: String = row.get(0);
                 out.bound = row.get(7);
-                if self.unkept && self.reading.is_none() {
-                    self.purged |= row.get::<_, Option<i64>>(8).is_some();
-                }
+                self.purged |= row.get::<_, Option<i64>>(8).is_some();
                 // Until it completes, the read is in progress: if this statement is cut
                 // short, the next read goes on with the same snapshot.
                 if self.reading.is_none() {
