@@ -235,10 +235,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     let _ = ready.send(Ok(()));
                 }
             }
-            if last_io.elapsed() >= shell.health_check && shell.outlet.waiting() {
-                // A reader waits for room in the pipeline (see `Outlet::waiting`): no check.
-                last_io = Instant::now();
-            } else if last_io.elapsed() >= shell.health_check {
+            if self.check_due(&mut last_io) {
                 let checking = state.source.check(conn, shell.health_check);
                 let checked =
                     unless_stopped::<S, _>(&shell.outlet, "checking the connection", checking);
@@ -343,10 +340,7 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
                     self.gap(missed);
                 }
             }
-            if last_io.elapsed() >= shell.health_check && shell.outlet.waiting() {
-                // A reader waits for room in the pipeline (see `Outlet::waiting`): no check.
-                last_io = Instant::now();
-            } else if last_io.elapsed() >= shell.health_check {
+            if self.check_due(&mut last_io) {
                 let checking = state.source.check(conn, shell.health_check);
                 let checked = unless_stopped::<S, _>(outlet, "checking the connection", checking);
                 if checked.await?.is_none() {
@@ -398,6 +392,20 @@ impl<P: Clone + PartialEq + std::fmt::Debug + Send + 'static> Session<P> {
 
     fn set_latest(&self, position: P) {
         *self.shell.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(position);
+    }
+
+    /// Whether the connection's health check is due: quiet since `last_io` for the interval,
+    /// and no reader waiting for room in the pipeline — such a wait is the pipeline's, not the
+    /// connection's (see `Outlet::waiting`), and counts as I/O.
+    fn check_due(&self, last_io: &mut Instant) -> bool {
+        if last_io.elapsed() < self.shell.health_check {
+            return false;
+        }
+        if self.shell.outlet.waiting() {
+            *last_io = Instant::now();
+            return false;
+        }
+        true
     }
 
     /// Announces that a listener without a consumer found rows purged before it read them

@@ -169,7 +169,7 @@ pub(crate) struct JournalCursor {
     /// (`replay::trimmed_past`) — in the statement's own snapshot, so a purge that took rows
     /// the statement then lacks is seen too.
     unkept: bool,
-    /// The first statement of a read found such rows purged (until [`take_purged`]).
+    /// A statement of a read found such rows purged (until [`take_purged`]).
     ///
     /// [`take_purged`]: Self::take_purged
     purged: bool,

@@ -210,8 +210,8 @@ struct Read<'a> {
     all: &'a [String],
 }
 
-/// Reads at most `limit` rows of the window at `page`'s key — and at most `bytes` of payloads,
-/// or its first row alone — and moves the key past them.
+/// Reads at most `limit` rows of the window at `page`'s key — ending with the row whose
+/// payload takes them past `bytes` — and moves the key past them.
 /// Returns them and whether more may follow; `None` when a purge may have deleted rows the
 /// client lacks (`TooOld`).
 async fn window(
@@ -234,9 +234,9 @@ async fn window(
     // `k_group`: a window returns the rows of the transactions that end in it (and at or after
     // `k_group`: one that ends before was replayed whole) after the key, fetched whole through
     // the index on `xid`, in (last id, id) order, at most `limit`. No first row: the part is
-    // done (`bound` NULL). The rows are also cut at `$13` bytes of payloads (the first one
-    // whatever its size: `before_bytes` counts the payloads ahead of a row), and `cut` says
-    // that rows of the window were left for the next page.
+    // done (`bound` NULL). The rows are also cut once their payloads pass `$13` bytes (a row
+    // is kept while `before_bytes`, the payloads ahead of it, are below that, so the first
+    // always is), and `cut` says that rows of the window were left for the next page.
     let sql = format!(
         "WITH {ctes}
          SELECT r.id, r.xid::text, r.last, r.channel, r.payload, r.events,

@@ -39,9 +39,9 @@ pub(crate) const MAX_EXTENSION: i64 = 100_000;
 
 /// Most payload bytes a listener's read holds (as MySQL's listener reads; a resuming client's
 /// page holds `replay::PAGE_BYTES`): a read ends before a kept row whose payload would take
-/// it past this, unless it holds no row yet (so a row larger than this is read alone). Rows are collected
-/// before the in-flight budget applies, so without it a read of 1,000 rows (or a transaction
-/// of 100,000) held all of their payloads at once, however large.
+/// it past this, unless it holds no row yet (so a row larger than this is read alone). Rows
+/// are collected before the in-flight budget applies, so without it a read of 1,000 rows (or
+/// a transaction of 100,000) held all of their payloads at once, however large.
 pub(crate) const READ_BYTES: usize = 64 << 20;
 
 /// Reads up to `limit` rows after `cursor` — more to end with a whole transaction, when its
