@@ -344,3 +344,16 @@ async fn replay_rows(
 pub async fn purge_now(notifier: &crate::Notifier, keep: Duration) -> Result<u64> {
     notifier.dialect().overflow_store().purge(keep).await
 }
+
+/// Reads overflow row `reference` of `channel` the way the decoder does (`None`: no such
+/// row). For tests that place a read beside a purge.
+pub async fn fetch_overflow(
+    notifier: &crate::Notifier,
+    channel: &str,
+    reference: &str,
+) -> Result<Option<String>> {
+    let store = notifier.dialect().overflow_store();
+    store
+        .fetch(channel.to_string(), reference.to_string())
+        .await
+}

@@ -98,6 +98,101 @@ async fn stop_gives_up_a_final_save_the_server_never_answers() {
     );
 }
 
+/// A reconnect the server takes and never answers (the path went silent again) is given up
+/// after the URL's `connect_timeout` and tried again; it held the listener for ever before,
+/// since tokio-postgres bounds only the socket's connect with it.
+#[actix_rt::test]
+async fn a_reconnect_the_server_never_answers_is_given_up_and_tried_again() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (proxy, url) = proxy_in_front_of(&db).await;
+    let notifier = Notifier::builder(format!("{url}?connect_timeout=1"))
+        .watch(Watch::new("t", Insert))
+        .health_check_interval(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let mut status = statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+
+    proxy.black_hole();
+    assert!(matches!(
+        next_status(&mut status).await,
+        Status::Disconnected { .. }
+    ));
+    // A reconnect reached the dead path; then the path comes back.
+    assert!(wait_until(common::ARRIVES_WITHIN, || async { proxy.swallowed() > 0 }).await);
+    proxy.reopen();
+    loop {
+        match next_status(&mut status).await {
+            Status::Connected => break,
+            Status::Disconnected { error } => assert!(
+                error.contains("connecting to PostgreSQL (the listener): no answer within 1s"),
+                "{error}"
+            ),
+            other => panic!("expected a reconnect, got {other:?}"),
+        }
+    }
+    assert!(matches!(next_status(&mut status).await, Status::Gap { .. }));
+    db.exec("INSERT INTO t VALUES (2)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(2));
+    notifier.stop().await.unwrap();
+}
+
+/// The control connection is opened without its lock held: an overflow read (the decoder,
+/// and every event behind it, waits for it) does not wait for a purge whose connect the
+/// server never answers. It did before, and the read's `close()` after its 10 s limit then
+/// waited for that connect too.
+#[cfg(feature = "bench")]
+#[actix_rt::test]
+async fn an_overflow_read_does_not_wait_for_a_purge_s_unanswered_connect() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (proxy, url) = proxy_in_front_of(&db).await;
+    let keep = Duration::from_secs(3600);
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("t", Insert))
+        .purge_interval(keep)
+        .health_check_interval(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    // A read on the dead path gives up after 10 s and drops the control connection; the
+    // purge then connects, into the dead path.
+    proxy.black_hole();
+    let channel = "sqlnotify_public_t_insert";
+    let token = "00000000-0000-0000-0000-000000000000";
+    let read = sqlnotify::bench_support::fetch_overflow(&notifier, channel, token).await;
+    assert!(read.unwrap_err().to_string().contains("no answer"));
+    let before = proxy.swallowed();
+    let purging = notifier.clone();
+    let purge = tokio::task::spawn_local(async move {
+        sqlnotify::bench_support::purge_now(&purging, keep).await
+    });
+    assert!(
+        wait_until(common::ARRIVES_WITHIN, || async {
+            proxy.swallowed() > before
+        })
+        .await
+    );
+    proxy.reopen();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlnotify::bench_support::fetch_overflow(&notifier, channel, token),
+    )
+    .await
+    .expect("the read opens a connection of its own");
+    assert_eq!(read.unwrap(), None);
+    assert!(
+        !purge.is_finished(),
+        "the purge still waits for its connect"
+    );
+    purge.abort();
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn a_silently_dead_connection_is_detected_by_the_health_check() {
     let db = TestDb::new().await;

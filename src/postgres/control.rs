@@ -45,10 +45,7 @@ impl Control {
 
     /// Opens a new connection with the user's settings, driven by a spawned task.
     pub async fn connect(config: &PgConfig, purpose: &str) -> Result<Client> {
-        let (client, connection) = config
-            .connect()
-            .await
-            .map_err(|e| Error::db(format!("connecting to PostgreSQL ({purpose})"), e))?;
+        let (client, connection) = config.connect(purpose).await?;
         let purpose = purpose.to_string();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -59,14 +56,29 @@ impl Control {
     }
 
     /// The shared client, reconnecting if the previous connection is closed.
+    ///
+    /// The connect runs without the lock held: a connect the server never answers (its
+    /// bound is 30 s by default) holds up only its own caller. Held, it held every overflow
+    /// read behind a purge's connect, and the `close()` of a read that gave up waited for it
+    /// too. Callers that find no connection at the same time each open one; the first stored
+    /// is kept, and the others are dropped.
     pub async fn client(&self) -> Result<Arc<Client>> {
-        let mut slot = self.client.lock().await;
-        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(client.clone());
+        if let Some(client) = self.live().await {
+            return Ok(client);
         }
         let client = Arc::new(Self::connect(&self.config, self.purpose).await?);
+        let mut slot = self.client.lock().await;
+        if let Some(stored) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(stored.clone());
+        }
         *slot = Some(client.clone());
         Ok(client)
+    }
+
+    /// The stored client, if its connection is still open.
+    async fn live(&self) -> Option<Arc<Client>> {
+        let slot = self.client.lock().await;
+        slot.as_ref().filter(|c| !c.is_closed()).cloned()
     }
 
     pub fn config(&self) -> &PgConfig {

@@ -206,11 +206,7 @@ impl Source for PgSource {
     const NAME: &'static str = "PostgreSQL";
 
     async fn connect(&mut self, outlet: &Outlet) -> Result<PgConn> {
-        let (client, connection) = self
-            .config
-            .connect()
-            .await
-            .map_err(|e| Error::db("connecting the listener to PostgreSQL", e))?;
+        let (client, connection) = self.config.connect("the listener").await?;
         let wake = Wake::default();
         let (lost_tx, lost) = watch::channel(None);
         let reader = Reader {

@@ -23,6 +23,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Config, Connection, Socket};
@@ -350,12 +351,42 @@ impl PgConfig {
         &self.tls
     }
 
-    /// Opens a connection.
+    /// Opens a connection for `purpose` (named in its error), all of it (socket, TLS,
+    /// start-up, authentication) within [`connect_within`](Self::connect_within).
     #[cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))] // NoTls is Copy
-    pub async fn connect(
-        &self,
-    ) -> std::result::Result<(Client, Connection<Socket, PgStream>), tokio_postgres::Error> {
-        self.config.connect(self.connector.clone()).await
+    pub async fn connect(&self, purpose: &str) -> Result<(Client, Connection<Socket, PgStream>)> {
+        let context = || format!("connecting to PostgreSQL ({purpose})");
+        let within = self.connect_within();
+        match tokio::time::timeout(within, self.config.connect(self.connector.clone())).await {
+            Ok(connected) => connected.map_err(|e| Error::db(context(), e)),
+            Err(_) => Err(Error::Database {
+                context: context(),
+                source: format!("no answer within {within:?}").into(),
+            }),
+        }
+    }
+
+    /// How long opening a connection may take: the connection string's `connect_timeout` for
+    /// each host it names (libpq's meaning), else [`CONNECT_WITHIN`]. tokio-postgres bounds
+    /// only the socket's connect with it; a server that takes the socket and never answers
+    /// (a network path gone silent, a hung server) would otherwise hold a listener's
+    /// reconnect, or an overflow read, for ever.
+    pub fn connect_within(&self) -> Duration {
+        connect_within(
+            self.config.get_connect_timeout().copied(),
+            (self.config.get_hosts().len()).max(self.config.get_hostaddrs().len()),
+        )
+    }
+}
+
+/// How long opening a connection may take when the connection string sets no
+/// `connect_timeout`.
+pub(crate) const CONNECT_WITHIN: Duration = Duration::from_secs(30);
+
+fn connect_within(per_host: Option<Duration>, hosts: usize) -> Duration {
+    match per_host {
+        Some(limit) => limit.saturating_mul(u32::try_from(hosts.max(1)).unwrap_or(u32::MAX)),
+        None => CONNECT_WITHIN,
     }
 }
 
@@ -569,6 +600,21 @@ mod tests {
             root_cert: root.map(PathBuf::from),
             client_cert: None,
         }
+    }
+
+    #[test]
+    fn a_connect_is_bounded_by_the_url_s_timeout_per_host_else_thirty_seconds() {
+        assert_eq!(connect_within(None, 1), CONNECT_WITHIN);
+        assert_eq!(connect_within(None, 3), CONNECT_WITHIN);
+        let two = Duration::from_secs(2);
+        assert_eq!(connect_within(Some(two), 1), two);
+        assert_eq!(connect_within(Some(two), 0), two);
+        assert_eq!(connect_within(Some(two), 3), Duration::from_secs(6));
+        let parsed = PgConfig::parse("host=a,b,c user=u connect_timeout=4").unwrap();
+        assert_eq!(parsed.connect_within(), Duration::from_secs(12));
+        // libpq's 0 (and a negative value): wait for ever, which we do not; the default.
+        let parsed = PgConfig::parse("host=a user=u connect_timeout=0").unwrap();
+        assert_eq!(parsed.connect_within(), CONNECT_WITHIN);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub struct Proxy {
     pub port: u16,
     open: Arc<AtomicBool>,
     epoch: Arc<AtomicU64>,
+    swallowed: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -21,10 +22,12 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
         let epoch = Arc::new(AtomicU64::new(0));
-        let (o, e) = (open.clone(), epoch.clone());
+        let swallowed = Arc::new(AtomicU64::new(0));
+        let (o, e, w) = (open.clone(), epoch.clone(), swallowed.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
+                    w.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(swallow(client));
                     continue;
                 }
@@ -38,7 +41,17 @@ impl Proxy {
                 tokio::spawn(carry(sr, cw, e.clone(), born));
             }
         });
-        Proxy { port, open, epoch }
+        Proxy {
+            port,
+            open,
+            epoch,
+            swallowed,
+        }
+    }
+
+    /// How many connections were made while the path was down (taken, never answered).
+    pub fn swallowed(&self) -> u64 {
+        self.swallowed.load(Ordering::SeqCst)
     }
 
     /// Existing connections stop carrying bytes (but stay open); new ones are forwarded.

@@ -830,9 +830,19 @@ impl Source for LogicalSource {
         self.outlet = Some(outlet.clone());
         self.watch_lag(outlet);
         self.changes.reset();
-        let mut client = ReplicationClient::connect_gated(self.replication.clone())
-            .await
-            .map_err(|e| self.error(e))?;
+        // Bounded like every other connection (see `PgConfig::connect_within`): a server that
+        // takes the socket and never answers would hold the reconnect for ever.
+        let within = self.config.connect_within();
+        let connecting = ReplicationClient::connect_gated(self.replication.clone());
+        let mut client = match tokio::time::timeout(within, connecting).await {
+            Ok(connected) => connected.map_err(|e| self.error(e))?,
+            Err(_) => {
+                return Err(Error::Database {
+                    context: format!("connecting to replication slot {}", self.slot),
+                    source: format!("no answer within {within:?}").into(),
+                })
+            }
+        };
         // The reference for widening transaction ids, before the stream starts.
         let rows = client
             .simple_query(NEXT_XID_SQL)
