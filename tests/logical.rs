@@ -1248,7 +1248,9 @@ async fn rows_a_copy_writes_at_one_wal_position_are_told_apart_by_their_part() {
 
 /// Custom events travel as logical-decoding messages, which any role that can connect may
 /// emit with any prefix: one sqlnotify did not sign is dropped and counted in
-/// `stats().forged`, while the notifier's own (`notify`) and the table's changes arrive.
+/// `stats().forged`, while the notifier's own (`notify`) and the table's changes arrive. So is
+/// a notify-tier payload signed for the same channel, which anyone listening to that channel
+/// sees: a logical message's signature covers its prefix, not the channel alone.
 #[actix_rt::test]
 async fn a_logical_decoding_message_sqlnotify_did_not_sign_is_refused_and_counted() {
     let Some((_cluster, db, notifier)) =
@@ -1267,6 +1269,26 @@ async fn a_logical_decoding_message_sqlnotify_did_not_sign_is_refused_and_counte
         )
         .await
         .unwrap();
+    // What a notify-tier trigger on this channel would send, replayed as a message.
+    let signed: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT (SELECT encode(sha256(opad || sha256(ipad || \
+               convert_to($1 || chr(10) || $2, 'UTF8'))), 'base64') \
+               FROM sqlnotify.signing) || $2",
+            &[&channel, &"{\"id\": 667}"],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    forger
+        .execute(
+            "SELECT pg_logical_emit_message(true, 'sqlnotify:' || $1::text, $2::text)",
+            &[&channel, &signed],
+        )
+        .await
+        .unwrap();
     notifier
         .notify("t", Insert, serde_json::json!({"id": 7}))
         .await
@@ -1278,8 +1300,8 @@ async fn a_logical_decoding_message_sqlnotify_did_not_sign_is_refused_and_counte
         .iter()
         .map(|e| e.id().as_i64().unwrap())
         .collect();
-    assert_eq!(got, [7, 1], "the forged message never arrives");
-    assert_eq!(notifier.stats().await.unwrap().forged, 1);
+    assert_eq!(got, [7, 1], "the forged messages never arrive");
+    assert_eq!(notifier.stats().await.unwrap().forged, 2);
     notifier.stop().await.unwrap();
 }
 

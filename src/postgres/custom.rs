@@ -92,12 +92,13 @@ fn notify(
         ),
         // A transactional logical-decoding message, which the slot's reader takes as an event
         // on the channel its prefix names. Any role may emit one: signed like a notify-tier
-        // payload (the reader refuses what does not verify). No key row, no message: an
-        // error below, rather than send what would be refused.
+        // payload, but over the message's prefix rather than the channel: a notify-tier
+        // payload someone saw is no valid message (the reader refuses what does not verify).
+        // No key row, no message: an error below, rather than send what would be refused.
         Tier::Logical => format!(
             "SELECT pg_catalog.pg_logical_emit_message(true, 'sqlnotify:' || $1, {} || $2)::text \
                FROM {}.signing AS _sqn_k WHERE _sqn_k.id = 1",
-            signing::hmac_sql("_sqn_k.ipad", "_sqn_k.opad", "$1", "$2"),
+            signing::hmac_sql("_sqn_k.ipad", "_sqn_k.opad", "('sqlnotify:' || $1)", "$2"),
             quote_ident(SCHEMA)
         ),
     };

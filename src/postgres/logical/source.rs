@@ -316,10 +316,15 @@ impl LogicalSource {
     /// The payload of custom event `content` on `channel`, without its signature; `None`
     /// (counted in `forged`, logged at most once a minute) when it carries no valid one: any
     /// role that can connect may emit a logical-decoding message with any prefix.
+    ///
+    /// The signature is over the message's prefix (`sqlnotify:` and the channel), not the
+    /// channel alone as a notify-tier payload's is: a signed NOTIFY payload anyone listening
+    /// saw is not a valid message (channel names start `sqlnotify_`, never `sqlnotify:`).
     fn open_message(&mut self, channel: &str, content: &[u8]) -> Option<String> {
         let content = String::from_utf8_lossy(content);
+        let prefix = format!("{MESSAGE_PREFIX}{channel}");
         let refused = match &self.verifier {
-            Some(verifier) => match verifier.open(channel, &content) {
+            Some(verifier) => match verifier.open(&prefix, &content) {
                 Ok(payload) => return Some(payload.to_string()),
                 Err(refused) => refused.to_string(),
             },
