@@ -888,6 +888,61 @@ async fn installs_or_is_told_about_log_bin_trust_function_creators(server: &str)
     refused
 }
 
+/// A member whose machine goes silent (its connections stay open on the server: no FIN, no
+/// RST) leaves the consumer's lease to a standby within its listener connection's
+/// `wait_timeout` — six health checks, at least 10 s. The server kept the connection, and its
+/// `GET_LOCK`, for its default `wait_timeout` of 8 hours, while the standby stood by.
+#[actix_rt::test]
+async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
+    use common::proxy::Proxy;
+    use sqlnotify::Role;
+
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let after_scheme = &db.url[db.url.find("://").unwrap() + 3..];
+    let host_port = after_scheme[after_scheme.find('@').map_or(0, |at| at + 1)..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let proxy = Proxy::start(host_port.clone()).await;
+    // prefer_socket=false: mysql_async would otherwise move a loopback connection to the
+    // server's unix socket, past the proxy.
+    let through = common::mysql::with_param(
+        &(db.url).replacen(&host_port, &format!("127.0.0.1:{}", proxy.port), 1),
+        "prefer_socket=false",
+    );
+    let start = |url: String| async move {
+        Notifier::builder(&url)
+            .watch(Watch::new("t", Operation::Insert))
+            .consumer("silent")
+            .health_check_interval(Duration::from_secs(1))
+            .start()
+            .await
+            .unwrap()
+    };
+    let role = |notifier: &Notifier| {
+        let notifier = notifier.clone();
+        async move { notifier.stats().await.unwrap().role }
+    };
+    let a = start(through).await;
+    assert!(wait_until(ARRIVES_WITHIN, || async { role(&a).await == Role::Active }).await);
+    let b = start(db.url.clone()).await;
+    let mut events = Events::subscribe(&b, Subscription::new("t", Operation::Insert)).await;
+    assert!(wait_until(ARRIVES_WITHIN, || async { role(&b).await == Role::Standby }).await);
+
+    proxy.black_hole();
+    let took_over = wait_until(Duration::from_secs(40), || async {
+        role(&b).await == Role::Active
+    })
+    .await;
+    assert!(took_over, "B is still {:?}", role(&b).await);
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    b.stop().await.unwrap();
+    drop(a);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Late commits and gaps
 // ---------------------------------------------------------------------------------------------

@@ -71,6 +71,11 @@ const MAX_CHECKED_GAPS: usize = 64;
 const HELD_WARN_AFTER: Duration = Duration::from_secs(60);
 /// Shortest time a query may take before the connection counts as dead.
 const MIN_QUERY_LIMIT: Duration = Duration::from_secs(2);
+/// The listener's connection's `wait_timeout`, in health-check intervals (at least
+/// [`MIN_IDLE_LIMIT`]): the server ends it once it went that long without a statement.
+const IDLE_LIMIT_CHECKS: u32 = 6;
+/// Shortest `wait_timeout` of the listener's connection.
+const MIN_IDLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Reads a MySQL database's journal.
 pub(crate) struct MysqlSource {
@@ -78,6 +83,8 @@ pub(crate) struct MysqlSource {
     database: Arc<str>,
     gap_timeout: Duration,
     query_limit: Duration,
+    /// The connection's `wait_timeout` (see [`idle_limit`]).
+    idle_limit: Duration,
     channels: HashSet<Arc<str>>,
     /// The same channels, sorted (what a named consumer registers).
     channel_list: Vec<String>,
@@ -140,6 +147,7 @@ impl MysqlSource {
             database,
             gap_timeout,
             query_limit: health_check.max(MIN_QUERY_LIMIT),
+            idle_limit: idle_limit(health_check),
             channels: channel_list.iter().map(|c| Arc::from(c.as_str())).collect(),
             channel_list,
             cursor: None,
@@ -296,6 +304,21 @@ impl MysqlSource {
             .as_mut()
             .expect("the cursor is placed before reading")
     }
+}
+
+/// The listener's connection's `wait_timeout` for `health_check`: a multiple of it, since
+/// a listener that reads nothing still checks its connection every interval (except while it
+/// waits for room in the pipeline: a subscriber that holds it longer than this costs the
+/// connection, and a named consumer its lease, which it takes again or a standby takes; the
+/// journal keeps the rows). Whole seconds, at least [`MIN_IDLE_LIMIT`].
+fn idle_limit(health_check: Duration) -> Duration {
+    /// The server's largest `wait_timeout` (365 days).
+    const MAX_WAIT_TIMEOUT_SECS: u64 = 31_536_000;
+    let limit = health_check
+        .saturating_mul(IDLE_LIMIT_CHECKS)
+        .max(MIN_IDLE_LIMIT);
+    let secs = (limit.as_secs()).saturating_add(u64::from(limit.subsec_nanos() > 0));
+    Duration::from_secs(secs.min(MAX_WAIT_TIMEOUT_SECS))
 }
 
 pub(super) async fn within<T>(
@@ -807,10 +830,17 @@ impl Source for MysqlSource {
                     .map_err(db_err("connecting the listener to MySQL"))
             })
             .await?;
+        let configure = format!(
+            "SET SESSION autocommit = 1, SESSION wait_timeout = {}",
+            self.idle_limit.as_secs()
+        );
         self.within("configuring the listener connection", async {
             // Autocommit, whatever `init_connect` set: a transaction left open would hold
-            // one snapshot, and the polls would never see a new row.
-            conn.query_drop("SET SESSION autocommit = 1")
+            // one snapshot, and the polls would never see a new row. The `wait_timeout`: a
+            // process whose machine went silent leaves this connection, and its consumer's
+            // lease (`GET_LOCK`), to the server, which otherwise waited 8 hours (its default)
+            // before ending it — while every other member of the group stood by.
+            conn.query_drop(configure)
                 .await
                 .map_err(db_err("configuring the listener connection"))
         })
@@ -1078,5 +1108,25 @@ impl Source for MysqlSource {
             idle: Duration::from_millis(25),
             stay_active: Duration::from_millis(500),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_s_idle_limit_is_six_health_checks_in_whole_seconds_at_least_ten() {
+        assert_eq!(idle_limit(Duration::from_secs(10)), Duration::from_secs(60));
+        assert_eq!(idle_limit(Duration::from_millis(100)), MIN_IDLE_LIMIT);
+        assert_eq!(
+            idle_limit(Duration::from_millis(2_100)),
+            Duration::from_secs(13)
+        );
+        assert_eq!(
+            idle_limit(Duration::MAX),
+            Duration::from_secs(31_536_000),
+            "the server's largest wait_timeout"
+        );
     }
 }
