@@ -894,24 +894,11 @@ async fn installs_or_is_told_about_log_bin_trust_function_creators(server: &str)
 /// `GET_LOCK`, for its default `wait_timeout` of 8 hours, while the standby stood by.
 #[actix_rt::test]
 async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
-    use common::proxy::Proxy;
     use sqlnotify::Role;
 
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
-    let after_scheme = &db.url[db.url.find("://").unwrap() + 3..];
-    let host_port = after_scheme[after_scheme.find('@').map_or(0, |at| at + 1)..]
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let proxy = Proxy::start(host_port.clone()).await;
-    // prefer_socket=false: mysql_async would otherwise move a loopback connection to the
-    // server's unix socket, past the proxy.
-    let through = common::mysql::with_param(
-        &(db.url).replacen(&host_port, &format!("127.0.0.1:{}", proxy.port), 1),
-        "prefer_socket=false",
-    );
+    let (proxy, through) = through_a_proxy(&db.url).await;
     let start = |url: String| async move {
         Notifier::builder(&url)
             .watch(Watch::new("t", Operation::Insert))
@@ -941,6 +928,73 @@ async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
     assert_eq!(events.next().await.id().as_i64(), Some(1));
     b.stop().await.unwrap();
     drop(a);
+}
+
+/// `url`'s server through a new proxy: the proxy, and the URL through it.
+async fn through_a_proxy(url: &str) -> (common::proxy::Proxy, String) {
+    let after_scheme = &url[url.find("://").unwrap() + 3..];
+    let host_port = after_scheme[after_scheme.find('@').map_or(0, |at| at + 1)..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let proxy = common::proxy::Proxy::start(host_port.clone()).await;
+    // prefer_socket=false: mysql_async would otherwise move a loopback connection to the
+    // server's unix socket, past the proxy.
+    let through = common::mysql::with_param(
+        &url.replacen(&host_port, &format!("127.0.0.1:{}", proxy.port), 1),
+        "prefer_socket=false",
+    );
+    (proxy, through)
+}
+
+/// The control connection is out of its slot, and its lock let go, while a statement runs on
+/// it: a call stuck on a path gone silent (here the retention purge) holds up no other call,
+/// which opens a connection of its own. `notify` waited behind it for ever before.
+#[cfg(feature = "bench")]
+#[actix_rt::test]
+async fn a_control_call_stuck_on_a_silent_path_holds_up_no_other() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let (proxy, through) = through_a_proxy(&db.url).await;
+    let keep = Duration::from_secs(3600);
+    let notifier = Notifier::builder(&through)
+        .watch(Watch::new("t", Operation::Insert))
+        .purge_interval(keep)
+        .health_check_interval(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    // The control connection is open and was used just now: the purge takes it unchecked.
+    notifier
+        .notify("t", Operation::Insert, json!({"id": 1}))
+        .await
+        .unwrap();
+    proxy.silence_existing();
+    let stalled = proxy.stalled();
+    let purging = notifier.clone();
+    let purge = tokio::task::spawn_local(async move {
+        sqlnotify::bench_support::purge_now(&purging, keep).await
+    });
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async { proxy.stalled() > stalled }).await,
+        "the purge's statement went into the silent path"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        notifier.notify("t", Operation::Insert, json!({"id": 2})),
+    )
+    .await
+    .expect("notify opens a connection of its own")
+    .unwrap();
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM sqlnotify_journal").await,
+        2,
+        "both custom events were written"
+    );
+    assert!(!purge.is_finished(), "the purge still waits for its answer");
+    purge.abort();
+    drop(notifier);
 }
 
 // ---------------------------------------------------------------------------------------------

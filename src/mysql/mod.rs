@@ -52,7 +52,6 @@ use futures_util::future::BoxFuture;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 use serde_json::Value;
-use tokio::sync::OwnedMutexGuard;
 
 use self::tls::{MysqlConfig, TlsParams};
 
@@ -163,10 +162,19 @@ struct Control {
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// How long that ping may take.
 const PING_LIMIT: Duration = Duration::from_secs(5);
+/// How long opening the control connection may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(30);
 
 impl Control {
     /// Runs `f` on the connection. A failed or abandoned call drops the connection (the next
     /// call opens a new one), so a broken connection is never reused.
+    ///
+    /// The connection is taken out of its slot and the lock let go before anything waits on
+    /// the server: a call already running (a purge behind a lock, a connection whose path went
+    /// silent, a connect the server never answers) holds up no other — which opens a
+    /// connection of its own, kept afterwards if the slot is empty, else closed. Held, the
+    /// lock made every `notify`, dead-letter write and consumer listing wait for the slowest
+    /// call before it, for ever on a silent path.
     fn run<T, F>(self: &Arc<Self>, f: F) -> BoxFuture<'static, Result<T>>
     where
         T: Send + 'static,
@@ -174,38 +182,51 @@ impl Control {
     {
         let control = self.clone();
         Box::pin(async move {
-            let mut slot: OwnedMutexGuard<Option<(Conn, Instant)>> =
-                control.conn.clone().lock_owned().await;
-            if let Some((conn, used)) = slot.as_mut() {
-                if used.elapsed() > CHECK_IDLE_AFTER
-                    && !matches!(
-                        tokio::time::timeout(PING_LIMIT, conn.ping()).await,
-                        Ok(Ok(()))
-                    )
-                {
-                    slot.take();
+            // Out of the slot while in use: should this future be dropped part way (a client
+            // that resumes a stream and goes), the connection, its reply half read, goes with
+            // it instead of handing that reply to the next statement.
+            let idle = control.conn.lock().await.take();
+            let reusable = match idle {
+                Some((mut conn, used)) => {
+                    let alive = used.elapsed() <= CHECK_IDLE_AFTER
+                        || matches!(
+                            tokio::time::timeout(PING_LIMIT, conn.ping()).await,
+                            Ok(Ok(()))
+                        );
+                    alive.then_some(conn)
                 }
-            }
-            if slot.is_none() {
-                let conn = control
-                    .opts
-                    .connect()
-                    .await
-                    .map_err(|e| Error::db("connecting to MySQL", e))?;
-                *slot = Some((conn, Instant::now()));
-            }
-            // Out of the slot while in use: should this future be dropped part way (a
-            // client that resumes a stream and goes), the connection, its reply half read,
-            // goes with it instead of handing that reply to the next statement.
-            let (mut conn, _) = slot.take().expect("just connected");
+                None => None,
+            };
+            let mut conn = match reusable {
+                Some(conn) => conn,
+                None => control.connect().await?,
+            };
             let result = f(&mut conn).await;
             if matches!(result, Err(Error::Database { .. })) {
                 let _ = conn.disconnect().await;
             } else {
-                *slot = Some((conn, Instant::now()));
+                let mut slot = control.conn.lock().await;
+                if slot.is_none() {
+                    *slot = Some((conn, Instant::now()));
+                } else {
+                    drop(slot);
+                    let _ = conn.disconnect().await;
+                }
             }
             result
         })
+    }
+
+    /// A new connection, within [`CONNECT_LIMIT`]: mysql_async bounds no part of a connect,
+    /// and a server that takes the socket and never answers would hold the caller for ever.
+    async fn connect(&self) -> Result<Conn> {
+        match tokio::time::timeout(CONNECT_LIMIT, self.opts.connect()).await {
+            Ok(connected) => connected.map_err(|e| Error::db("connecting to MySQL", e)),
+            Err(_) => Err(Error::Database {
+                context: "connecting to MySQL".into(),
+                source: format!("no answer within {CONNECT_LIMIT:?}").into(),
+            }),
+        }
     }
 
     fn close(self: &Arc<Self>) -> BoxFuture<'static, ()> {

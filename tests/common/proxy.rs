@@ -13,6 +13,7 @@ pub struct Proxy {
     open: Arc<AtomicBool>,
     epoch: Arc<AtomicU64>,
     swallowed: Arc<AtomicU64>,
+    stalled: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -23,7 +24,13 @@ impl Proxy {
         let open = Arc::new(AtomicBool::new(true));
         let epoch = Arc::new(AtomicU64::new(0));
         let swallowed = Arc::new(AtomicU64::new(0));
-        let (o, e, w) = (open.clone(), epoch.clone(), swallowed.clone());
+        let stalled = Arc::new(AtomicU64::new(0));
+        let (o, e, w, st) = (
+            open.clone(),
+            epoch.clone(),
+            swallowed.clone(),
+            stalled.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
@@ -37,8 +44,8 @@ impl Proxy {
                 let born = e.load(Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(carry(cr, sw, e.clone(), born));
-                tokio::spawn(carry(sr, cw, e.clone(), born));
+                tokio::spawn(carry(cr, sw, e.clone(), born, st.clone()));
+                tokio::spawn(carry(sr, cw, e.clone(), born, st.clone()));
             }
         });
         Proxy {
@@ -46,12 +53,19 @@ impl Proxy {
             open,
             epoch,
             swallowed,
+            stalled,
         }
     }
 
     /// How many connections were made while the path was down (taken, never answered).
     pub fn swallowed(&self) -> u64 {
         self.swallowed.load(Ordering::SeqCst)
+    }
+
+    /// How many writes a silenced connection took and never passed on (each one a statement,
+    /// or a reply, that will never arrive).
+    pub fn stalled(&self) -> u64 {
+        self.stalled.load(Ordering::SeqCst)
     }
 
     /// Existing connections stop carrying bytes (but stay open); new ones are forwarded.
@@ -91,6 +105,7 @@ async fn carry(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     epoch: Arc<AtomicU64>,
     born: u64,
+    stalled: Arc<AtomicU64>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -99,6 +114,7 @@ async fn carry(
             Ok(n) => n,
         };
         if epoch.load(Ordering::SeqCst) != born {
+            stalled.fetch_add(1, Ordering::SeqCst);
             std::future::pending::<()>().await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
