@@ -8,14 +8,23 @@
 //! payload: `RawNotification::decoded`) is taken as it is. The decoder also expires old
 //! overflow rows on a schedule.
 //!
+//! An overflow reference comes once: every trigger run (and custom event) writes its row
+//! under a fresh random token, and a NOTIFY reaches a listener once. A reference the decoder
+//! has already resolved or started resolving (of the last [`SEEN_REFERENCES`]) is a replay —
+//! any role that can LISTEN observes a signed reference and may send it again with
+//! `pg_notify`, and its signature still verifies — so it is dropped unfetched and counted in
+//! `replayed`: otherwise each copy would fetch and hold the whole row again for one unit of
+//! in-flight budget (`take_room` gives an overflow row only the room there is).
+//!
 //! A statement-capture journal row (a JSON array of rows) becomes one event per row. The
 //! listener took [`RawNotification::events`] units of in-flight budget for it; the decoder
 //! gives back whatever no event will carry (rows that did not decode), so the budget and the
 //! settled count stay exact whatever the payload holds.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::Semaphore;
@@ -36,6 +45,86 @@ pub(crate) struct Retention {
     pub every: Duration,
 }
 
+/// How many overflow references (channel and token) the decoder remembers to recognise a
+/// replay: the most recent ones, the oldest forgotten first. About 6 MiB when full.
+const SEEN_REFERENCES: usize = 65_536;
+
+/// How often each of the decoder's warnings about what arrives (a replayed reference, an
+/// overflow row missing or unreadable) is logged at most; each one is counted.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// An overflow reference: the channel it arrived on and its token's 128 bits.
+#[derive(Clone)]
+struct Reference(Arc<Channel>, u128);
+
+impl PartialEq for Reference {
+    fn eq(&self, other: &Self) -> bool {
+        self.1 == other.1 && self.0.name() == other.0.name()
+    }
+}
+
+impl Eq for Reference {}
+
+impl Hash for Reference {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.name().hash(state);
+        self.1.hash(state);
+    }
+}
+
+/// The overflow references resolved or being resolved, the most recent [`SEEN_REFERENCES`].
+#[derive(Default)]
+struct Seen {
+    order: VecDeque<Reference>,
+    set: HashSet<Reference>,
+}
+
+impl Seen {
+    /// Records `token` (a reference in canonical UUID form, as the payload decoder passes
+    /// them) on `channel`; false if it was already there: a replay.
+    fn first(&mut self, channel: &Arc<Channel>, token: &str) -> bool {
+        let bits = token
+            .bytes()
+            .filter(|b| *b != b'-')
+            .try_fold(0u128, |bits, b| {
+                Some(bits << 4 | u128::from(char::from(b).to_digit(16)?))
+            });
+        // Not a token (the payload decoder passes none such): nothing to compare, fetched.
+        let Some(bits) = bits else {
+            return true;
+        };
+        let reference = Reference(channel.clone(), bits);
+        if self.set.contains(&reference) {
+            return false;
+        }
+        // The oldest goes first, so neither collection ever grows past the bound.
+        if self.order.len() >= SEEN_REFERENCES {
+            if let Some(oldest) = self.order.pop_front() {
+                self.set.remove(&oldest);
+            }
+        }
+        self.set.insert(reference.clone());
+        self.order.push_back(reference);
+        true
+    }
+}
+
+/// A warning logged at most once every [`WARN_EVERY`]: whoever sends what causes it must not
+/// flood the log.
+#[derive(Default)]
+struct Throttled(Option<Instant>);
+
+impl Throttled {
+    /// Whether to log now (and, if so, not again for [`WARN_EVERY`]).
+    fn due(&mut self) -> bool {
+        let due = self.0.is_none_or(|at| at.elapsed() >= WARN_EVERY);
+        if due {
+            self.0 = Some(Instant::now());
+        }
+        due
+    }
+}
+
 /// Decodes notifications. Started by the notifier.
 pub(crate) struct Decoder {
     channels: Arc<Channels>,
@@ -54,6 +143,12 @@ pub(crate) struct Decoder {
     /// waits for a lock would otherwise have one more connection waiting beside it at every
     /// tick), and says so.
     purging: Option<std::time::Instant>,
+    /// Overflow references already resolved or being resolved: a repeat is a replay.
+    seen: Seen,
+    /// The warnings about replayed references, missing overflow rows and failed reads.
+    replay_logged: Throttled,
+    missing_logged: Throttled,
+    failed_logged: Throttled,
 }
 
 impl Decoder {
@@ -77,6 +172,10 @@ impl Decoder {
             units: 0,
             skipped: 0,
             purging: None,
+            seen: Seen::default(),
+            replay_logged: Throttled::default(),
+            missing_logged: Throttled::default(),
+            failed_logged: Throttled::default(),
         }
     }
 
@@ -129,6 +228,10 @@ impl Decoder {
                     );
                 }
                 Ok(Decoded::Overflow { reference, id }) => {
+                    if !self.seen.first(&channel, &reference) {
+                        self.replayed(&raw, &reference);
+                        continue;
+                    }
                     self.send(std::mem::take(&mut events));
                     let fetch = self
                         .store
@@ -175,19 +278,28 @@ impl Decoder {
                 }
             },
             Ok(None) => {
-                log::warn!(
-                    "sqlnotify: overflow row {reference} for {} is gone (retention expired?); delivering the key only",
-                    channel.name()
-                );
+                if self.missing_logged.due() {
+                    log::warn!(
+                        "sqlnotify: overflow row {reference} for {} is gone (retention expired?, \
+                         or a reference someone else sent on an unsigned channel); delivering the \
+                         key only (counted in stats().overflow_missing; further ones are logged at \
+                         most once a minute)",
+                        channel.name()
+                    );
+                }
                 Counters::add(&self.stats.overflow_missing, 1);
                 ChangeEvent::new(channel, id, Extra::default(), &raw, true)
                     .weighing(raw.extra_units)
             }
             Err(e) => {
-                log::error!(
-                    "sqlnotify: cannot read overflow row {reference} for {}: {e}; delivering the key only",
-                    channel.name()
-                );
+                if self.failed_logged.due() {
+                    log::error!(
+                        "sqlnotify: cannot read overflow row {reference} for {}: {e}; delivering \
+                         the key only (counted in stats().overflow_missing; further ones are \
+                         logged at most once a minute)",
+                        channel.name()
+                    );
+                }
                 Counters::add(&self.stats.overflow_missing, 1);
                 ChangeEvent::new(channel, id, Extra::default(), &raw, true)
                     .weighing(raw.extra_units)
@@ -297,6 +409,22 @@ impl Decoder {
                 want.min(room)
             }
             Err(_) => 0,
+        }
+    }
+
+    /// Drops `raw`, a repeat of overflow reference `reference` (see the module docs), unread:
+    /// counted in `replayed`, its units of in-flight budget given back.
+    fn replayed(&mut self, raw: &RawNotification, reference: &str) {
+        Counters::add(&self.stats.replayed, 1);
+        self.give_back(u64::from(raw.events));
+        self.budget.add_permits(raw.extra_units as usize);
+        if self.replay_logged.due() {
+            log::warn!(
+                "sqlnotify: dropping a repeat of overflow reference {reference} on channel {:?}: \
+                 a notification reaches a listener once, so someone sent it again (counted in \
+                 stats().replayed; further ones are logged at most once a minute)",
+                raw.channel
+            );
         }
     }
 
@@ -752,5 +880,69 @@ mod tests {
             BUDGET,
             "malformed ones gave theirs back"
         );
+    }
+
+    #[actix_rt::test]
+    async fn a_repeated_overflow_reference_is_fetched_once_delivered_once_and_counted() {
+        let p = pipeline(Duration::from_millis(20)).await;
+        // Repeats in the batch still waiting for the first one's fetch, and in a later batch.
+        p.send(vec![
+            reference(STORED, 2),
+            reference(STORED, 2),
+            row(3, "c"),
+            reference(STORED, 9),
+        ])
+        .await;
+        p.send(vec![reference(STORED, 2), row(4, "d")]).await;
+        assert_eq!(
+            p.delivered().await,
+            [plain(2, "from overflow"), plain(3, "c"), plain(4, "d")]
+        );
+        assert_eq!(*p.store.fetched.lock().unwrap(), [STORED], "fetched once");
+        let stats = p.stats.snapshot();
+        assert_eq!((stats.received, stats.delivered), (6, 3));
+        assert_eq!((stats.replayed, stats.overflow_resolved), (3, 1));
+        assert_eq!((stats.malformed, stats.in_flight), (0, 0));
+        assert_eq!(
+            p.budget.available_permits(),
+            BUDGET,
+            "repeats gave theirs back"
+        );
+        assert_eq!(p.stats.settled.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn the_oldest_references_are_forgotten_past_the_bound() {
+        let channel = Arc::new(Channel {
+            name: "c".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            operation: Operation::Insert,
+            label: None,
+            key_columns: vec!["id".into()],
+            extra_columns: Vec::new(),
+            tier: Tier::Notify,
+            signed: true,
+        });
+        let other = Arc::new(Channel {
+            name: "d".into(),
+            ..(*channel).clone()
+        });
+        let token = |n: usize| format!("00000000-0000-4000-8000-{n:012x}");
+        let mut seen = Seen::default();
+        assert!(seen.first(&channel, &token(0)));
+        assert!(!seen.first(&channel, &token(0)), "a repeat");
+        assert!(seen.first(&other, &token(0)), "another channel's token");
+        for n in 1..SEEN_REFERENCES - 1 {
+            assert!(seen.first(&channel, &token(n)));
+        }
+        assert_eq!(seen.order.len(), SEEN_REFERENCES);
+        assert!(!seen.first(&channel, &token(0)), "still remembered");
+        assert!(seen.first(&channel, &token(SEEN_REFERENCES)));
+        assert_eq!(
+            (seen.order.len(), seen.set.len()),
+            (SEEN_REFERENCES, SEEN_REFERENCES)
+        );
+        assert!(seen.first(&channel, &token(0)), "the oldest was forgotten");
     }
 }

@@ -31,6 +31,12 @@ pub struct Stats {
     pub overflow_resolved: u64,
     /// Overflow references whose row was already gone (delivered truncated).
     pub overflow_missing: u64,
+    /// Overflow references (PostgreSQL notify tier) heard again on their channel: every row
+    /// too large for a notification is stored under a fresh token and its notification
+    /// reaches a listener once, so a repeat was sent by someone who heard the first (any role
+    /// may `LISTEN`; a signed reference still verifies). Dropped unread: the row is not
+    /// fetched again and its event comes once. The last 65,536 references are remembered.
+    pub replayed: u64,
     /// Events with no matching subscriber.
     pub unrouted: u64,
     /// Times the listener was restarted after losing its connection.
@@ -146,6 +152,7 @@ pub(crate) struct Counters {
     pub forged: AtomicU64,
     pub overflow_resolved: AtomicU64,
     pub overflow_missing: AtomicU64,
+    pub replayed: AtomicU64,
     pub unrouted: AtomicU64,
     pub restarts: AtomicU64,
     pub subscriber_panics: AtomicU64,
@@ -269,6 +276,7 @@ impl Counters {
             forged: get(&self.forged),
             overflow_resolved: get(&self.overflow_resolved),
             overflow_missing: get(&self.overflow_missing),
+            replayed: get(&self.replayed),
             unrouted: get(&self.unrouted),
             restarts: get(&self.restarts),
             subscriber_panics: get(&self.subscriber_panics),

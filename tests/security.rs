@@ -161,13 +161,15 @@ async fn forged_notifications(signed: bool) {
         // resolves only rows written for the channel it arrived on, so the stolen token finds
         // nothing and its event carries the key alone.
         assert_eq!(stats.forged, 0);
-        // Truncated: the 5 references (none resolves) and the forged "truncated" one;
-        // malformed: the walked id (not a token), the array, the bogus signature prefix.
+        // Truncated: the 2 distinct references (neither resolves) and the forged "truncated"
+        // one; the stolen token's 3 other copies on pub's channel are repeats, dropped
+        // unfetched; malformed: the walked id (not a token), the array, the bogus signature
+        // prefix.
         let truncated = arrived.iter().filter(|e| e.is_truncated()).count();
-        assert_eq!(truncated, 6, "{arrived:?}");
+        assert_eq!(truncated, 3, "{arrived:?}");
         assert_eq!(
-            (stats.overflow_missing, stats.malformed),
-            (5, 3),
+            (stats.overflow_missing, stats.replayed, stats.malformed),
+            (2, 3, 3),
             "{stats:?}"
         );
     }
@@ -187,6 +189,68 @@ async fn forged_notifications(signed: bool) {
     );
     victim.stop().await.unwrap();
     owner.stop().await.unwrap();
+}
+
+/// A role with no privilege hears the signed reference to a large row and sends it again 20
+/// times on the same channel (its signature verifies there): the subscriber gets the row once,
+/// and the copies are dropped unfetched — each once fetched the whole row again and held it
+/// for one unit of in-flight budget — and counted.
+#[actix_rt::test]
+async fn a_replayed_overflow_reference_is_delivered_and_fetched_once() {
+    const REPEATS: usize = 20;
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE big (id int PRIMARY KEY, body text)")
+        .await;
+    let (_, mallory) = db.role("mallory").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("big", Operation::Insert).extra_columns(["body"]))
+        .start()
+        .await
+        .unwrap();
+    let mut events =
+        Events::subscribe(&notifier, Subscription::new("big", Operation::Insert)).await;
+    let channel = "sqlnotify_public_big_insert";
+    let (attacker, mut heard) = eavesdrop(&mallory, channel).await;
+    db.exec(&format!("INSERT INTO big VALUES (1, repeat('b', {BIG}))"))
+        .await;
+    let observed = tokio::time::timeout(ARRIVES_WITHIN, heard.recv())
+        .await
+        .expect("the reference is visible to any listener")
+        .unwrap();
+    assert!(observed.contains("\"overflow\""), "a reference: {observed}");
+    assert_eq!(observed.find('{'), Some(44), "signed: {observed}");
+    for _ in 0..REPEATS {
+        attacker
+            .execute("SELECT pg_notify($1, $2)", &[&channel, &observed])
+            .await
+            .expect("any role may NOTIFY");
+    }
+    db.exec("INSERT INTO big VALUES (2, 'sentinel')").await;
+
+    let mut arrived = Vec::new();
+    loop {
+        let e = events.next().await;
+        let sentinel = e.get("body") == Some(&json!("sentinel"));
+        arrived.push(e);
+        if sentinel {
+            break;
+        }
+    }
+    let ids: Vec<_> = arrived.iter().map(|e| e.id().as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 2], "the large row once, then the sentinel");
+    assert_eq!(arrived[0].get("body").unwrap().as_str().unwrap().len(), BIG);
+    let stats = notifier.stats().await.unwrap();
+    assert_eq!(
+        (stats.replayed, stats.overflow_resolved, stats.forged),
+        (REPEATS as u64, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        (stats.malformed, stats.overflow_missing),
+        (0, 0),
+        "{stats:?}"
+    );
+    notifier.stop().await.unwrap();
 }
 
 /// The journal tiers never read a NOTIFY's payload: a forged one only wakes the listener.

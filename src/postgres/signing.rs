@@ -10,7 +10,9 @@
 //! The signature covers the channel name too, so a payload cannot be moved to another
 //! channel. It does not stop a role that can LISTEN (any role) from re-sending a payload it
 //! observed on the same channel: that repeats an event that really happened, which the
-//! at-most-once notify tier cannot rule out — README's "Security" section says so.
+//! at-most-once notify tier cannot rule out — README's "Security" section says so. A repeated
+//! overflow reference is the exception: each is written once under a fresh token, so the
+//! decoder drops a repeat unfetched (`decoder.rs`), rather than hold the large row again.
 //!
 //! PostgreSQL computes the HMAC with its built-in `sha256()` from precomputed inner and outer
 //! pads (`HMAC(K, m) = H((K ⊕ opad) ‖ H((K ⊕ ipad) ‖ m))`, RFC 2104), so no extension is needed;
