@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 use crate::event::Channel;
 use crate::operation::Operation;
+use crate::payload::META_KEY;
 use crate::tier::{Capture, Tier};
 use crate::watch::Watch;
 
@@ -214,6 +215,15 @@ pub fn resolve(watch: &Watch, table: &TableInfo) -> Result<ResolvedWatch> {
         }
         None => table_pk,
     };
+    // The table's own key is not in the precheck's reach: a key column under the payload's
+    // metadata name would make every event malformed (or, as `jsonb`, let the writer write
+    // the metadata).
+    if let Some(column) = key_columns.iter().find(|c| *c == META_KEY) {
+        return Err(Error::InvalidIdentifier {
+            identifier: format!("{}.{}.{column}", table.schema, table.table),
+            reason: "this primary-key column's name is reserved by sqlnotify's payload format",
+        });
+    }
     for column in &watch.extra_columns {
         table
             .column(column)
@@ -315,6 +325,19 @@ mod tests {
                 col("doc", None, false),
             ],
             in_hierarchy: false,
+        }
+    }
+
+    #[test]
+    fn a_primary_key_column_with_the_payload_s_reserved_name_is_refused() {
+        let mut table = users();
+        table.columns[1].name = META_KEY.into();
+        let err = resolve(&Watch::new("users", Operation::Insert), &table).unwrap_err();
+        match err {
+            Error::InvalidIdentifier { identifier, .. } => {
+                assert_eq!(identifier, format!("public.users.{META_KEY}"))
+            }
+            other => panic!("{other:?}"),
         }
     }
 
