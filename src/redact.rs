@@ -12,11 +12,24 @@ const HIDDEN: &str = "***";
 
 /// `url` with every password-like value replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
-    let hide = match url.find("://") {
-        Some(scheme) => url_secrets(url, scheme + 3),
+    let hide = match scheme(url) {
+        Some(scheme) => url_secrets(url, scheme.len() + 3),
         None => key_value_secrets(url),
     };
     replace(url, hide)
+}
+
+/// The scheme of `url` if it starts with one followed by `://` (a scheme being letters,
+/// digits, `+`, `-` and `.`): only then is it a URL. A `://` anywhere else — in a libpq
+/// key=value string's value, `host=db password=a://b` — makes no scheme, so the text before
+/// it (a secret, maybe) is neither parsed as a URL's nor shown as a scheme.
+pub(crate) fn scheme(url: &str) -> Option<&str> {
+    let (scheme, _) = url.split_once("://")?;
+    let valid = !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    valid.then_some(scheme)
 }
 
 /// Whether a parameter named `key` holds a secret (`password`, `sslpassword`, `pass`, `pwd`,
@@ -35,7 +48,8 @@ fn url_secrets(url: &str, start: usize) -> Vec<(usize, usize)> {
     // Userinfo. Drivers disagree on where it ends (tokio-postgres: the first '@'; the `url`
     // crate: the last '@' of the authority), so hide from its first ':' up to the last '@'
     // before the authority ends after the first '@' — a password containing '@', '/' or '?'
-    // is hidden either way.
+    // is hidden either way. Userinfo without a ':' may be a secret of its own (NATS's token
+    // form, `nats://s3cr3t@host`): hidden whole, when its '@' is in the authority.
     if let Some(first_at) = rest.find('@') {
         let end = rest[first_at..]
             .find(['/', '?', '#'])
@@ -43,6 +57,8 @@ fn url_secrets(url: &str, start: usize) -> Vec<(usize, usize)> {
         let last_at = rest[..end].rfind('@').unwrap_or(first_at);
         if let Some(colon) = rest[..last_at].find(':') {
             hide.push((start + colon + 1, start + last_at));
+        } else if !rest[..first_at].contains(['/', '?', '#']) {
+            hide.push((start, start + last_at));
         }
     }
     // Query parameters: `name=value` pairs separated by '&', up to a '#'.
@@ -184,7 +200,6 @@ mod tests {
             ("postgres://u:p?w=1@h/d", "postgres://u:***@h/d"),
             ("postgres://u:p%40ss@h/d", "postgres://u:***@h/d"),
             // No password: nothing to hide.
-            ("postgres://app@db/app", "postgres://app@db/app"),
             ("postgres://db:5432/app", "postgres://db:5432/app"),
             ("sqlite:///tmp/app.db", "sqlite:///tmp/app.db"),
         ] {
@@ -193,11 +208,53 @@ mod tests {
     }
 
     #[test]
+    fn userinfo_without_a_colon_is_hidden_whole() {
+        for (url, shown) in [
+            // NATS's token form, as the relay prints its URL.
+            ("nats://s3cr3t@host:4222", "nats://***@host:4222"),
+            ("tls://s3cr3t@host:4222", "tls://***@host:4222"),
+            ("nats://s3@cr3t@host:4222", "nats://***@host:4222"),
+            // A user name alone could be such a token too.
+            ("postgres://app@db/app", "postgres://***@db/app"),
+            (
+                "postgres://app@[::1]:5432/app",
+                "postgres://***@[::1]:5432/app",
+            ),
+            // An '@' after the authority is no userinfo.
+            (
+                "postgres://db/app?application_name=a@b",
+                "postgres://db/app?application_name=a@b",
+            ),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_key_value_string_with_a_url_in_a_value_is_no_url() {
+        for (conninfo, shown) in [
+            ("host=db password=a://b", "host=db password=***"),
+            (
+                "host=db password=s3://cr3t@x user=app",
+                "host=db password=*** user=app",
+            ),
+            ("password='x://y' host=db", "password=*** host=db"),
+            ("host=db sslpassword=u:p@h://x", "host=db sslpassword=***"),
+        ] {
+            assert_eq!(redact(conninfo), shown, "{conninfo}");
+        }
+        assert_eq!(super::scheme("host=db password=a://b"), None);
+        assert_eq!(super::scheme(" postgres://h/d"), None);
+        assert_eq!(super::scheme("://h/d"), None);
+        assert_eq!(super::scheme("git+ssh.v-2://h"), Some("git+ssh.v-2"));
+    }
+
+    #[test]
     fn password_parameters_are_hidden() {
         for (url, shown) in [
             (
                 "postgres://app@db/app?password=s3cr3t",
-                "postgres://app@db/app?password=***",
+                "postgres://***@db/app?password=***",
             ),
             (
                 "postgresql:///app?host=/run/postgresql&password=s3cr3t&sslmode=disable",
@@ -218,7 +275,7 @@ mod tests {
             ),
             (
                 "mysql://root@127.0.0.1/shop?pass=s3cr3t&prefer_socket=false",
-                "mysql://root@127.0.0.1/shop?pass=***&prefer_socket=false",
+                "mysql://***@127.0.0.1/shop?pass=***&prefer_socket=false",
             ),
             (
                 "postgres://u:s3cr3t@db/app?password=s3cr3t",
@@ -289,6 +346,8 @@ mod tests {
             "host=h password='SECRET with spaces'",
             "postgres://u:SEC@RET@h/d",
             "postgres://u:SEC/RET@h/d",
+            "nats://SECRET@h:4222",
+            "host=h password=SEC://RET",
         ];
         for form in forms {
             let shown = redact(form);

@@ -9,9 +9,9 @@ use crate::error::{Error, Result};
 /// [`Error::UnsupportedDatabase`] for an unknown scheme or one whose feature is disabled.
 #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
 pub(crate) fn open_dialect(url: &str, options: DialectOptions) -> Result<Box<dyn Dialect>> {
-    let scheme = url
-        .split_once("://")
-        .map(|(s, _)| s)
+    // Only a scheme at the start is one: the text before a `://` elsewhere (a key=value
+    // string's `password=a://b`) may be a secret, and the error would show it.
+    let scheme = crate::redact::scheme(url)
         .or_else(|| url.strip_prefix("sqlite:").map(|_| "sqlite"))
         .unwrap_or("");
     match scheme.to_ascii_lowercase().as_str() {
@@ -49,5 +49,30 @@ pub(crate) fn open_dialect(url: &str, options: DialectOptions) -> Result<Box<dyn
                      mariadb://"
                 .into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsupported_database_error_shows_no_secret_as_its_scheme() {
+        let options = DialectOptions {
+            sign_notifications: true,
+            gap_timeout: None,
+            mysql_transaction_ids: false,
+        };
+        // A key=value string with `://` in a value: the text before it is no scheme.
+        for url in [
+            "host=db password=s3cr3t://x",
+            "user=app password=a=s3cr3t:// host=db",
+        ] {
+            let Err(e) = open_dialect(url, options) else {
+                panic!("{url} opened a dialect");
+            };
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+        }
     }
 }
