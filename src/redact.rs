@@ -13,7 +13,7 @@ const HIDDEN: &str = "***";
 /// `url` with every password-like value replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
     let hide = match scheme(url) {
-        Some(scheme) => url_secrets(url, scheme.len() + 3),
+        Some(scheme) => url_secrets(url, scheme.len() + 3, names_a_user(scheme)),
         None => key_value_secrets(url),
     };
     replace(url, hide)
@@ -41,15 +41,25 @@ fn is_secret(key: &str) -> bool {
         .any(|word| key.contains(word))
 }
 
-/// Byte ranges of the secrets in a URL whose authority starts at `start`.
-fn url_secrets(url: &str, start: usize) -> Vec<(usize, usize)> {
+/// Whether userinfo without a ':' names a user in a URL of `scheme` (a database's): shown,
+/// as it helps to read an authentication error. Elsewhere it may be a secret of its own.
+fn names_a_user(scheme: &str) -> bool {
+    ["postgres", "postgresql", "mysql", "mariadb", "sqlite"]
+        .iter()
+        .any(|known| scheme.eq_ignore_ascii_case(known))
+}
+
+/// Byte ranges of the secrets in a URL whose authority starts at `start`; `user_alone`:
+/// userinfo without a ':' is a user name, not a secret.
+fn url_secrets(url: &str, start: usize, user_alone: bool) -> Vec<(usize, usize)> {
     let rest = &url[start..];
     let mut hide = Vec::new();
     // Userinfo. Drivers disagree on where it ends (tokio-postgres: the first '@'; the `url`
     // crate: the last '@' of the authority), so hide from its first ':' up to the last '@'
     // before the authority ends after the first '@' — a password containing '@', '/' or '?'
-    // is hidden either way. Userinfo without a ':' may be a secret of its own (NATS's token
-    // form, `nats://s3cr3t@host`): hidden whole, when its '@' is in the authority.
+    // is hidden either way. Userinfo without a ':' may be a secret of its own outside a
+    // database's URL (NATS's token form, `nats://s3cr3t@host`): hidden whole, when its '@' is
+    // in the authority.
     if let Some(first_at) = rest.find('@') {
         let end = rest[first_at..]
             .find(['/', '?', '#'])
@@ -57,7 +67,7 @@ fn url_secrets(url: &str, start: usize) -> Vec<(usize, usize)> {
         let last_at = rest[..end].rfind('@').unwrap_or(first_at);
         if let Some(colon) = rest[..last_at].find(':') {
             hide.push((start + colon + 1, start + last_at));
-        } else if !rest[..first_at].contains(['/', '?', '#']) {
+        } else if !user_alone && !rest[..first_at].contains(['/', '?', '#']) {
             hide.push((start, start + last_at));
         }
     }
@@ -200,6 +210,8 @@ mod tests {
             ("postgres://u:p?w=1@h/d", "postgres://u:***@h/d"),
             ("postgres://u:p%40ss@h/d", "postgres://u:***@h/d"),
             // No password: nothing to hide.
+            ("postgres://app@db/app", "postgres://app@db/app"),
+            ("mysql://root@127.0.0.1/app", "mysql://root@127.0.0.1/app"),
             ("postgres://db:5432/app", "postgres://db:5432/app"),
             ("sqlite:///tmp/app.db", "sqlite:///tmp/app.db"),
         ] {
@@ -214,17 +226,9 @@ mod tests {
             ("nats://s3cr3t@host:4222", "nats://***@host:4222"),
             ("tls://s3cr3t@host:4222", "tls://***@host:4222"),
             ("nats://s3@cr3t@host:4222", "nats://***@host:4222"),
-            // A user name alone could be such a token too.
-            ("postgres://app@db/app", "postgres://***@db/app"),
-            (
-                "postgres://app@[::1]:5432/app",
-                "postgres://***@[::1]:5432/app",
-            ),
+            ("nats://s3cr3t@[::1]:4222", "nats://***@[::1]:4222"),
             // An '@' after the authority is no userinfo.
-            (
-                "postgres://db/app?application_name=a@b",
-                "postgres://db/app?application_name=a@b",
-            ),
+            ("nats://host/x?a=b@c", "nats://host/x?a=b@c"),
         ] {
             assert_eq!(redact(url), shown, "{url}");
         }
@@ -254,7 +258,7 @@ mod tests {
         for (url, shown) in [
             (
                 "postgres://app@db/app?password=s3cr3t",
-                "postgres://***@db/app?password=***",
+                "postgres://app@db/app?password=***",
             ),
             (
                 "postgresql:///app?host=/run/postgresql&password=s3cr3t&sslmode=disable",
@@ -275,7 +279,7 @@ mod tests {
             ),
             (
                 "mysql://root@127.0.0.1/shop?pass=s3cr3t&prefer_socket=false",
-                "mysql://***@127.0.0.1/shop?pass=***&prefer_socket=false",
+                "mysql://root@127.0.0.1/shop?pass=***&prefer_socket=false",
             ),
             (
                 "postgres://u:s3cr3t@db/app?password=s3cr3t",
