@@ -734,6 +734,53 @@ async fn sqlite_install_creates_the_table_and_cleanup_keeps_it() {
     the_install_creates_the_table_and_cleanup_keeps_it(&common::sqlite::TempDb::new()).await;
 }
 
+/// A record whose commit fails is an error, never a row id: on a database in rollback-journal
+/// mode (WAL could not be enabled), an application reader holding its shared lock past the
+/// busy timeout keeps the write from committing. The insert's `RETURNING id` was read with
+/// `query_row`, which commits only when the statement is reset on drop, and rusqlite drops
+/// that error: the record answered the id of a row that was rolled back, and the engine
+/// acknowledged an event neither handled nor stored. Once the reader is done, the same record
+/// lands.
+#[actix_rt::test]
+async fn sqlite_a_record_that_could_not_commit_is_an_error() {
+    let db = common::sqlite::TempDb::new();
+    assert_eq!(db.strings("PRAGMA journal_mode"), ["delete"]);
+    let letters = dead_letters(&db);
+    let calls = DeadLetterCalls::new(&letters);
+    // The table exists (the first record creates it).
+    let first = calls.record(attempt("billing", Some(1), 0)).await.unwrap();
+    let stored = || db.count("SELECT count(*) FROM sqlnotify_dead_letters");
+    let reader = db.conn();
+    reader.execute_batch("BEGIN").unwrap();
+    let seen: i64 = reader
+        .query_row("SELECT count(*) FROM sqlnotify_dead_letters", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(seen, 1);
+    // A new row, and an update of the first by id: neither commits, both are errors.
+    let insert = calls.record(attempt("billing", Some(2), 0)).await;
+    assert!(
+        matches!(insert, Err(Error::Database { .. })),
+        "reported stored while a reader held the lock: {insert:?}"
+    );
+    let mut again = attempt("billing", Some(1), 0);
+    again.id = Some(first);
+    again.attempts = 2;
+    let update = calls.record(again.clone()).await;
+    assert!(
+        matches!(update, Err(Error::Database { .. })),
+        "reported stored while a reader held the lock: {update:?}"
+    );
+    reader.execute_batch("COMMIT").unwrap();
+    assert_eq!(stored(), 1, "nothing was written meanwhile");
+    let second = calls.record(attempt("billing", Some(2), 0)).await.unwrap();
+    assert_eq!(calls.record(again).await.unwrap(), first);
+    assert_eq!(stored(), 2);
+    assert_eq!(letters.get(second).await.unwrap().sequence, Some(2));
+    assert_eq!(letters.get(first).await.unwrap().attempts, 2);
+}
+
 #[actix_rt::test]
 async fn sqlite_install_script_creates_the_table() {
     let db = common::sqlite::TempDb::new();

@@ -17,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::catalog::db_err;
 use super::ddl::NOW;
 use super::journal;
+use super::returning_one;
 use crate::consumer::{
     add_missed, missed_channels, stored_channels, unix_time, Backlog, ConsumerInfo, ConsumerParams,
     ConsumerPosition, ConsumerState,
@@ -150,12 +151,11 @@ pub(crate) fn save(conn: &Connection, name: &str, position: i64) -> Result<Optio
          WHERE name = ?1 RETURNING state, missed IS NULL"
     ))
     .and_then(|mut s| {
-        s.query_row(params![name, position], |r| {
+        returning_one(&mut s, params![name, position], |r| {
             let state: String = r.get(0)?;
             let clear: bool = r.get(1)?;
             Ok(ConsumerState::parse(&state) == ConsumerState::Active && clear)
         })
-        .optional()
     })
     .map_err(db_err(format!("saving the position of consumer {name:?}")))
 }
@@ -491,5 +491,43 @@ mod tests {
         assert!(purge(&mut purger, Duration::ZERO).is_err());
         app.execute_batch("COMMIT").unwrap();
         assert_eq!(purge(&mut purger, Duration::ZERO).unwrap(), 1);
+    }
+
+    /// A save whose commit fails is an error: on a database in rollback-journal mode (WAL
+    /// could not be enabled), a reader holding its shared lock keeps the update from
+    /// committing. Read with `query_row`, the update committed only when its statement was
+    /// reset on drop, and that error was dropped: the save answered "active" for a position
+    /// that was never stored.
+    #[test]
+    fn a_save_that_could_not_commit_is_an_error() {
+        let file = File::new("save-busy");
+        let app = file.open();
+        app.execute_batch(&crate::sqlite::ddl::setup_sql()).unwrap();
+        let mode: String = app
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
+        app.execute_batch(&format!(
+            "INSERT INTO sqlnotify_consumers (name, cursor, updated_at, state, channels) \
+             VALUES ('billing', 1, {NOW}, 'active', '[\"c\"]')"
+        ))
+        .unwrap();
+        let cursor = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT cursor FROM sqlnotify_consumers", [], |r| r.get(0))
+                .unwrap()
+        };
+        let saver = file.open();
+        app.execute_batch("BEGIN").unwrap();
+        assert_eq!(cursor(&app), 1);
+        let saved = save(&saver, "billing", 5);
+        assert!(
+            saved.is_err(),
+            "saved while a reader held the lock: {saved:?}"
+        );
+        app.execute_batch("COMMIT").unwrap();
+        assert_eq!(cursor(&app), 1);
+        assert_eq!(save(&saver, "billing", 5).unwrap(), Some(true));
+        assert_eq!(cursor(&app), 5);
+        assert_eq!(save(&saver, "nobody", 5).unwrap(), None);
     }
 }

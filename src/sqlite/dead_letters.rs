@@ -21,7 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::catalog::db_err;
 use super::ddl::NOW;
-use super::run_blocking;
+use super::{returning_one, run_blocking};
 use crate::dead_letters::{
     invalid_row, sort_taken, stored_counts, DeadLetter, DeadLetterCounts, DeadLetterStore, Failure,
     Retrying, StoredRow, Target,
@@ -232,7 +232,8 @@ fn record(conn: &mut Connection, f: Failure) -> Result<i64> {
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {NOW}, {NOW}, ?8, ?9) {conflict} RETURNING id"
     ))
     .and_then(|mut s| {
-        s.query_row(
+        returning_one(
+            &mut s,
             params![
                 f.handler, f.channel, f.sequence, f.part, f.key, f.event, f.attempts, f.error,
                 state
@@ -240,6 +241,7 @@ fn record(conn: &mut Connection, f: Failure) -> Result<i64> {
             |r| r.get(0),
         )
     })
+    .and_then(|id| id.ok_or(rusqlite::Error::QueryReturnedNoRows))
     .map_err(db_err(context))
 }
 

@@ -54,6 +54,27 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Runs `stmt`, a write with a `RETURNING` clause, to its end and returns its first row as
+/// `f` reads it (`None`: no row).
+///
+/// Not `query_row`: it reads one row and leaves the statement to be reset when dropped, which
+/// is where an autocommit write commits — and rusqlite drops that step's error (busy past the
+/// timeout, disk full, an I/O error), so a write that was rolled back read as done. Stepping to
+/// `SQLITE_DONE` commits before this returns, and a failed commit is this call's error.
+pub(crate) fn returning_one<T>(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    let mut rows = stmt.query(params)?;
+    let first = match rows.next()? {
+        Some(row) => f(row)?,
+        None => return Ok(None),
+    };
+    while rows.next()?.is_some() {}
+    Ok(Some(first))
+}
+
 /// The file a `sqlite://` URL names.
 pub(crate) fn parse_url(url: &str) -> Result<PathBuf> {
     let invalid = |reason: &str| Error::InvalidUrl {
