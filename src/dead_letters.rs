@@ -16,6 +16,35 @@ use futures_util::future::BoxFuture;
 
 use crate::error::{Error, Result};
 
+/// Most bytes of a handler's error text stored with a row ([`storable_error`]).
+pub(crate) const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+/// A handler's error text as every dialect can store it: each NUL character — PostgreSQL
+/// refuses one in `text`, and a failure that can never be stored was retried for ever, the
+/// event's key and a named consumer's position stuck behind it — becomes U+FFFD, and text
+/// longer than [`MAX_ERROR_BYTES`] is cut on a character boundary, ending with a note of
+/// its whole length. Text already storable comes back as it is (so applying it twice changes
+/// nothing).
+pub(crate) fn storable_error(text: String) -> String {
+    let text = if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    };
+    if text.len() <= MAX_ERROR_BYTES {
+        return text;
+    }
+    let note = format!(" … [cut: {} bytes in all]", text.len());
+    let mut end = MAX_ERROR_BYTES - note.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = text;
+    cut.truncate(end);
+    cut.push_str(&note);
+    cut
+}
+
 /// Where a dead letter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -221,8 +250,9 @@ fn guard<T: Send + 'static>(
 }
 
 impl DeadLetterStore for Guarded {
-    fn record(&self, failure: Failure) -> BoxFuture<'static, Result<i64>> {
+    fn record(&self, mut failure: Failure) -> BoxFuture<'static, Result<i64>> {
         let store = self.0.clone();
+        failure.error = storable_error(failure.error);
         guard("recording a failure", move || store.record(failure))
     }
     fn resolve(&self, id: i64) -> BoxFuture<'static, Result<()>> {
@@ -507,6 +537,39 @@ pub(crate) fn stored_counts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storable_errors_hold_no_nul_and_are_cut_to_the_limit() {
+        // Short text without NUL: as it is.
+        assert_eq!(
+            storable_error("timed out\nretry".into()),
+            "timed out\nretry"
+        );
+        assert_eq!(storable_error(String::new()), "");
+        // NUL characters replaced, nothing else touched.
+        assert_eq!(
+            storable_error("bad\0byte \0".into()),
+            "bad\u{FFFD}byte \u{FFFD}"
+        );
+        // Exactly at the limit: kept whole.
+        let full = "x".repeat(MAX_ERROR_BYTES);
+        assert_eq!(storable_error(full.clone()), full);
+        // Past it: cut on a character boundary (a 3-byte character straddling the cut), at
+        // most the limit, saying how long it was; applying it again changes nothing.
+        let long = "é€".repeat(MAX_ERROR_BYTES);
+        let cut = storable_error(long.clone());
+        assert!(cut.len() <= MAX_ERROR_BYTES, "{}", cut.len());
+        assert!(cut.len() > MAX_ERROR_BYTES - 64, "{}", cut.len());
+        let note = format!(" … [cut: {} bytes in all]", long.len());
+        assert!(cut.ends_with(&note), "{}", &cut[cut.len() - 60..]);
+        assert!(long.starts_with(cut.strip_suffix(&note).unwrap()));
+        assert_eq!(storable_error(cut.clone()), cut);
+        // A long text of NUL characters: replaced, then cut (each U+FFFD is 3 bytes).
+        let nuls = storable_error("\0".repeat(MAX_ERROR_BYTES));
+        assert!(nuls.len() <= MAX_ERROR_BYTES && !nuls.contains('\0'));
+        assert!(nuls.starts_with('\u{FFFD}'));
+        assert!(nuls.ends_with(&format!("[cut: {} bytes in all]", 3 * MAX_ERROR_BYTES)));
+    }
 
     #[test]
     fn states_round_trip_through_their_names() {

@@ -657,6 +657,65 @@ async fn postgres_a_requested_row_the_driver_cannot_read_is_marked_dead_and_the_
     assert_eq!(db.number(&why).await, 1, "marked dead, saying why");
 }
 
+/// A handler error holding a NUL character ends in a dead letter, the NUL replaced, and the
+/// named consumer's position moves past the event. PostgreSQL refuses a NUL in `text`: the
+/// dead letter could never be stored, so the engine retried it for ever — the key and the
+/// consumer's position stuck behind it for good.
+#[actix_rt::test]
+async fn postgres_an_error_with_a_nul_ends_in_a_dead_letter() {
+    let db = Pg::new(Tier::Durable).await;
+    db.run("CREATE TABLE orders (id bigint PRIMARY KEY)").await;
+    let notifier = db
+        .builder()
+        .watch(db.watch("orders", Operation::Insert))
+        .consumer("nul")
+        .start()
+        .await
+        .unwrap();
+    notifier
+        .handle(
+            sqlnotify::Subscription::new("orders", Operation::Insert),
+            sqlnotify::Handling::new("nul")
+                .max_attempts(1)
+                .backoff(Duration::from_millis(50), Duration::from_millis(50)),
+            |_: sqlnotify::ChangeEvent| async { Err::<(), _>("bad\0byte".into()) },
+        )
+        .await
+        .unwrap();
+    db.insert_ids("orders", 1..=1).await;
+    let letters = notifier.dead_letters().unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            letters.list(Some("nul"), None).await.unwrap().len() == 1
+        })
+        .await,
+        "never stored as a dead letter (stats: {:?})",
+        notifier.stats().await
+    );
+    let letter = letters.list(Some("nul"), None).await.unwrap().remove(0);
+    assert_eq!(
+        (letter.state, letter.attempts, letter.error.as_str()),
+        (DeadLetterState::Dead, 1, "bad\u{FFFD}byte")
+    );
+    assert_eq!(notifier.stats().await.unwrap().dead_lettered, 1);
+    let backlog = || async {
+        let consumers = notifier.consumers().await.unwrap();
+        consumers
+            .iter()
+            .find(|c| c.name == "nul")
+            .map(|c| c.backlog)
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(30), || async {
+            backlog().await == Some(0)
+        })
+        .await,
+        "the position stayed before the event: backlog {:?}",
+        backlog().await
+    );
+    notifier.stop().await.unwrap();
+}
+
 /// (`integer` column.)
 #[actix_rt::test]
 async fn postgres_a_count_at_the_columns_limit_ends_in_a_dead_letter() {

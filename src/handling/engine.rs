@@ -519,7 +519,8 @@ impl Engine {
                 }
                 return Outcome::Done(key, item.taken);
             }
-            Err(e) => e.to_string(),
+            // As it is stored (and logged): no NUL, at most 64 KiB.
+            Err(e) => crate::dead_letters::storable_error(e.to_string()),
         };
         Counters::add(&self.counters.handler_errors, 1);
         self.metrics.errors.increment(1);

@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::event::ChangeEvent;
 
 /// What a handler returns when it could not handle an event: anything that is an error
-/// (`"text".into()` works too). Its text is stored with the dead letter.
+/// (`"text".into()` works too). Its text is stored with the dead letter (NUL characters
+/// replaced with U+FFFD, cut at 64 KiB).
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// One attempt to handle an event, the message an actor handler
@@ -67,7 +68,8 @@ pub struct Handling {
 
 impl Handling {
     /// A handler named `name` — the name its dead letters are stored and retried under, so
-    /// give each handler of a database its own, and keep it across restarts. Defaults: 5
+    /// give each handler of a database its own, and keep it across restarts (at most
+    /// [`MAX_HANDLER_NAME`] bytes, no control characters). Defaults: 5
     /// attempts, backoff from 100 ms doubling to 30 s (each delay jittered down by up to half),
     /// 16 keys in flight, 10,000 events waiting, requested retries looked for every second.
     pub fn new(name: impl Into<String>) -> Self {
@@ -140,6 +142,13 @@ impl Handling {
                 self.name.chars().take(40).collect::<String>()
             )));
         }
+        if let Some(c) = self.name.chars().find(|c| c.is_control()) {
+            return Err(invalid(format!(
+                "handler name {:?} holds a control character ({c:?}): it is stored with every \
+                 dead letter, and a NUL cannot be (PostgreSQL refuses it in text)",
+                self.name
+            )));
+        }
         if self.max_attempts == 0 {
             return Err(invalid(format!(
                 "handler {:?}: max_attempts must be at least 1",
@@ -178,6 +187,11 @@ mod tests {
         for (handling, needle) in [
             (Handling::new(" "), "needs a name"),
             (Handling::new("x".repeat(201)), "longer than 200"),
+            (
+                Handling::new("mail\0box"),
+                "handler name \"mail\\0box\" holds a control character ('\\0')",
+            ),
+            (Handling::new("mail\n"), "holds a control character ('\\n')"),
             (Handling::new("mail").max_attempts(0), "max_attempts"),
             (
                 Handling::new("mail").backoff(Duration::from_secs(2), Duration::from_secs(1)),
