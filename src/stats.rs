@@ -97,7 +97,8 @@ pub struct Stats {
     pub effects_skipped: u64,
     /// Dead letters of this notifier's handlers waiting in the database (retry or discard
     /// them: [`DeadLetters`](crate::DeadLetters)), counted by each handler's active process
-    /// at its redelivery poll (every second by default).
+    /// at its redelivery poll (every second by default); a handler that ends (unsubscribed,
+    /// stopped, gone) or stands by takes its count back.
     pub dead_letters: u64,
     /// Rows read by [snapshot feeds](crate::Snapshot) so far (before their filters).
     pub snapshot_rows: u64,

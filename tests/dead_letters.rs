@@ -840,6 +840,59 @@ async fn sqlite_a_record_that_could_not_commit_is_an_error() {
     assert_eq!(letters.get(first).await.unwrap().attempts, 2);
 }
 
+/// `stats().dead_letters` counts each handler's rows once: a handler that ends (here
+/// unsubscribed) takes its count back, so handling it again shows its rows, not twice as
+/// many. The engine added its count at each poll and never took it back: 3 dead letters,
+/// unsubscribed, still 3; handled again, 6.
+#[actix_rt::test]
+async fn sqlite_the_dead_letter_gauge_is_taken_back_when_a_handler_ends() {
+    let db = common::sqlite::TempDb::new();
+    db.exec("CREATE TABLE orders (id INTEGER PRIMARY KEY)");
+    let notifier = db
+        .builder()
+        .watch(db.watch("orders", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let handle = || {
+        notifier.handle(
+            sqlnotify::Subscription::new("orders", Operation::Insert),
+            sqlnotify::Handling::new("h")
+                .max_attempts(1)
+                .redelivery_poll(Duration::from_millis(20)),
+            |_: sqlnotify::ChangeEvent| async { Err::<(), _>("always fails".into()) },
+        )
+    };
+    let gauge = || async { notifier.stats().await.unwrap().dead_letters };
+    let id = handle().await.unwrap();
+    db.insert_ids("orders", 1..=3).await;
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async { gauge().await == 3 }).await,
+        "never counted 3 dead letters: {}",
+        gauge().await
+    );
+    notifier.unsubscribe(id).await.unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(5), || async { gauge().await == 0 }).await,
+        "an unsubscribed handler's count stayed: {}",
+        gauge().await
+    );
+    handle().await.unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(5), || async { gauge().await == 3 }).await,
+        "handled again: {}",
+        gauge().await
+    );
+    // Several polls later, still the number of rows.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gauge().await, 3);
+    assert_eq!(
+        dead_letters(&db).list(Some("h"), None).await.unwrap().len(),
+        3
+    );
+    notifier.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn sqlite_install_script_creates_the_table() {
     let db = common::sqlite::TempDb::new();

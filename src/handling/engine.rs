@@ -157,6 +157,42 @@ struct Polled {
     dead: Option<u64>,
 }
 
+/// This engine's share of `Counters::dead_letters`, the gauge that adds up the dead letters
+/// of every handler of the notifier: set from each poll's count, taken back when the engine
+/// stands by (the active process counts them) and when it ends, however it ends (dropped) —
+/// else a handler unsubscribed and handled again counted its rows twice.
+struct DeadGauge {
+    counters: Arc<Counters>,
+    counted: u64,
+}
+
+impl DeadGauge {
+    fn new(counters: Arc<Counters>) -> Self {
+        DeadGauge {
+            counters,
+            counted: 0,
+        }
+    }
+
+    /// This engine counts `dead` now.
+    fn set(&mut self, dead: u64) {
+        // Added before the old count is taken back: the gauge never goes below zero.
+        self.counters
+            .dead_letters
+            .fetch_add(dead, Ordering::Relaxed);
+        self.counters
+            .dead_letters
+            .fetch_sub(self.counted, Ordering::Relaxed);
+        self.counted = dead;
+    }
+}
+
+impl Drop for DeadGauge {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
 /// The loop and what it shares with its attempts.
 pub(crate) struct Engine {
     pub handling: Handling,
@@ -202,7 +238,7 @@ impl Engine {
         // its queues, timers and running attempts; taking them back would deliver them twice.
         let mut took_back = false;
         let mut ended = false;
-        let mut dead_counted = 0u64;
+        let mut dead_gauge = DeadGauge::new(engine.counters.clone());
         // Bumped when this process stands by: attempts started before are stale — they write
         // nothing to the dead-letter table (they read it, shared, before each write), and
         // their outcomes are ignored.
@@ -240,6 +276,7 @@ impl Engine {
                 took_back = false;
                 standbys = engine.counters.standbys();
                 finished.clear();
+                dead_gauge.set(0);
                 engine.hand_back(held.drain().collect(), "stood by").await;
             };
         }
@@ -356,17 +393,14 @@ impl Engine {
                     if engine.counters.standbys() != standbys {
                         stand_by!();
                     }
-                    if let Some(dead) = polled.dead {
-                        // The gauge adds up every handler of the notifier.
-                        engine.counters.dead_letters.fetch_add(dead, Ordering::Relaxed);
-                        engine.counters.dead_letters.fetch_sub(dead_counted, Ordering::Relaxed);
-                        dead_counted = dead;
-                    }
                     if started != generation.get() {
                         // Taken, but this process stood by meanwhile: handed back.
                         let taken = polled.redeliver.iter().filter_map(|item| item.taken);
                         engine.hand_back(taken.collect(), "stood by").await;
                     } else {
+                        if let Some(dead) = polled.dead {
+                            dead_gauge.set(dead);
+                        }
                         for item in polled.redeliver {
                             let row = item.taken.expect("a dead letter delivered again was taken");
                             if held.contains(&row) || finished.contains(&row) {
@@ -397,6 +431,10 @@ impl Engine {
                     } else {
                         activated = false;
                         resume.clear();
+                        if engine.counters.role() == Role::Standby {
+                            // The active process counts them.
+                            dead_gauge.set(0);
+                        }
                     }
                 }
                 delivery = deliveries.recv(), if room && !ended => match delivery {
