@@ -126,6 +126,19 @@ pub enum Error {
         /// The installed watch, as `schema.table operation`.
         installed_watch: String,
     },
+    /// A watch without a label would use a channel installed for another table: default
+    /// channel names join schema, table and operation with `_`, which names may hold too
+    /// (`a_b.c` and `a.b_c` both give `sqlnotify_a_b_c_insert`). Installing it would drop the
+    /// other table's trigger — its notifier silently deaf — and feed that notifier this
+    /// table's changes as its own. Nothing is installed.
+    ChannelTaken {
+        /// The channel both would use.
+        channel: String,
+        /// This watch, as `schema.table operation`.
+        watch: String,
+        /// The watch the channel is installed for, as `schema.table operation`.
+        installed_watch: String,
+    },
     /// An identifier (channel, trigger or function name) is longer than the database allows.
     IdentifierTooLong {
         /// The identifier.
@@ -345,6 +358,14 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "channel label {label:?} is used by both {first} and {second}; a label names one table and operation"
+            ),
+            Error::ChannelTaken {
+                channel,
+                watch,
+                installed_watch,
+            } => write!(
+                f,
+                "watch {watch} would use channel {channel:?}, which is installed for                  {installed_watch} (default channel names join schema, table and operation                  with '_'); installing it would take that watch's trigger away: give one of                  them a channel_label"
             ),
             Error::ChannelCaseConflict {
                 channel,

@@ -296,6 +296,69 @@ async fn a_label_names_one_table_and_operation() {
     assert_nothing_installed(&db).await;
 }
 
+/// Default channel names join schema, table and operation with `_`: `a_b.c` and `a.b_c` both
+/// give `sqlnotify_a_b_c_insert`. A second notifier watching the other table is refused,
+/// naming both; it used to replace the first one's trigger (that notifier then deaf to its
+/// table) and feed it the other table's changes, signed and all, as its own.
+#[actix_rt::test]
+async fn a_default_channel_installed_for_another_table_is_refused() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE SCHEMA a_b; CREATE TABLE a_b.c (id int PRIMARY KEY); \
+         CREATE SCHEMA a; CREATE TABLE a.b_c (id int PRIMARY KEY)",
+    )
+    .await;
+    let first = Notifier::builder(&db.url)
+        .watch(Watch::new("c", Operation::Insert).schema("a_b"))
+        .start()
+        .await
+        .unwrap();
+    let mut events = Events::subscribe(
+        &first,
+        Subscription::new("c", Operation::Insert).schema("a_b"),
+    )
+    .await;
+    let e = start_err(
+        &Notifier::builder(&db.url).watch(Watch::new("b_c", Operation::Insert).schema("a")),
+    )
+    .await;
+    assert!(
+        matches!(&e, Error::ChannelTaken { channel, watch, installed_watch }
+            if channel == "sqlnotify_a_b_c_insert"
+                && watch == "a.b_c INSERT"
+                && installed_watch == "a_b.c INSERT"),
+        "{e:?}"
+    );
+    assert_names(
+        &e,
+        &[
+            "sqlnotify_a_b_c_insert",
+            "a.b_c INSERT",
+            "a_b.c INSERT",
+            "channel_label",
+        ],
+    );
+    // The first notifier still hears its table, and only its table.
+    db.exec("INSERT INTO a.b_c VALUES (2); INSERT INTO a_b.c VALUES (1)")
+        .await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    // With a label, the other table has a channel of its own.
+    let second = Notifier::builder(&db.url)
+        .watch(
+            Watch::new("b_c", Operation::Insert)
+                .schema("a")
+                .channel_label("a_bc"),
+        )
+        .start()
+        .await
+        .unwrap();
+    db.exec("INSERT INTO a_b.c VALUES (3)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(3));
+    events.assert_empty();
+    second.stop().await.unwrap();
+    first.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn channels_longer_than_63_bytes_are_rejected_and_63_bytes_work() {
     let db = TestDb::new().await;

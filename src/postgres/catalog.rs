@@ -107,7 +107,8 @@ async fn installed_state(
                    JOIN pg_catalog.pg_class r ON r.oid = t.tgrelid
                    JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
                   WHERE t.tgname = ANY($5) AND n.nspname = $3 AND r.relname = $4)
-                  = pg_catalog.cardinality($5)
+                  = pg_catalog.cardinality($5),
+                c.table_schema::text, c.table_name::text, c.operation::text
            FROM {}.catalog c WHERE c.channel = $1",
         quote_ident(ddl::SCHEMA)
     );
@@ -125,12 +126,25 @@ async fn installed_state(
         )
         .await
         .map_err(|e| Error::db(format!("reading the catalog entry of {}", channel.name), e))?;
-    Ok(match row {
-        None => Installed::Missing,
-        Some(r) => Installed::Recorded {
-            same: r.get(0),
-            trigger: r.get(1),
-        },
+    let Some(r) = row else {
+        return Ok(Installed::Missing);
+    };
+    let read = |e| Error::db(format!("reading the catalog entry of {}", channel.name), e);
+    let (schema, table): (String, String) =
+        (r.try_get(2).map_err(read)?, r.try_get(3).map_err(read)?);
+    // A label may move to another table (its old trigger is dropped, by design); a default
+    // name is the table's own, so another table's entry under it is a collision.
+    if channel.label.is_none() && (schema != channel.schema || table != channel.table) {
+        let operation: String = r.try_get(4).map_err(read)?;
+        return Err(Error::ChannelTaken {
+            channel: channel.name.clone(),
+            watch: format!("{}.{} {}", channel.schema, channel.table, channel.operation),
+            installed_watch: format!("{schema}.{table} {}", operation.to_ascii_uppercase()),
+        });
+    }
+    Ok(Installed::Recorded {
+        same: r.try_get(0).map_err(read)?,
+        trigger: r.try_get(1).map_err(read)?,
     })
 }
 
