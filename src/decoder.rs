@@ -680,15 +680,8 @@ mod tests {
     async fn pipeline_weighing(delay: Duration, weight: Weight) -> Pipeline {
         let channels = Arc::new(Channels::new(
             [Channel {
-                name: "c".into(),
-                schema: "public".into(),
-                table: "t".into(),
-                operation: Operation::Insert,
-                label: None,
-                key_columns: vec!["id".into()],
                 extra_columns: vec!["v".into()],
-                tier: Tier::Notify,
-                signed: false,
+                ..(*crate::event::test_channel(Tier::Notify)).clone()
             }],
             "public",
         ));
@@ -913,17 +906,7 @@ mod tests {
 
     #[test]
     fn the_oldest_references_are_forgotten_past_the_bound() {
-        let channel = Arc::new(Channel {
-            name: "c".into(),
-            schema: "public".into(),
-            table: "t".into(),
-            operation: Operation::Insert,
-            label: None,
-            key_columns: vec!["id".into()],
-            extra_columns: Vec::new(),
-            tier: Tier::Notify,
-            signed: true,
-        });
+        let channel = crate::event::test_channel(Tier::Notify);
         let other = Arc::new(Channel {
             name: "d".into(),
             ..(*channel).clone()

@@ -69,6 +69,34 @@ async fn proxy_in_front_of(db: &TestDb) -> (Proxy, String) {
     (proxy, url)
 }
 
+/// A notifier on table `t` of a new database, through a proxy (`params` added to its URL),
+/// checking its connection every 300 ms, its statuses and inserts subscribed, the first
+/// insert received.
+async fn checked_through_a_proxy(
+    params: &str,
+) -> (
+    TestDb,
+    Proxy,
+    Notifier,
+    mpsc::UnboundedReceiver<Status>,
+    Events,
+) {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (proxy, url) = proxy_in_front_of(&db).await;
+    let notifier = Notifier::builder(format!("{url}{params}"))
+        .watch(Watch::new("t", Insert))
+        .health_check_interval(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let status = statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    (db, proxy, notifier, status, events)
+}
+
 /// `stop()` saves a named consumer's position on a connection of its own: a server that takes
 /// the connection and then never answers (the network path gone silent) must not hold
 /// `stop()` for ever. The save is given up (after 10 s) with an error that says so; the
@@ -103,19 +131,8 @@ async fn stop_gives_up_a_final_save_the_server_never_answers() {
 /// since tokio-postgres bounds only the socket's connect with it.
 #[actix_rt::test]
 async fn a_reconnect_the_server_never_answers_is_given_up_and_tried_again() {
-    let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let (proxy, url) = proxy_in_front_of(&db).await;
-    let notifier = Notifier::builder(format!("{url}?connect_timeout=1"))
-        .watch(Watch::new("t", Insert))
-        .health_check_interval(Duration::from_millis(300))
-        .start()
-        .await
-        .unwrap();
-    let mut status = statuses(&notifier).await;
-    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
-    db.exec("INSERT INTO t VALUES (1)").await;
-    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    let (db, proxy, notifier, mut status, mut events) =
+        checked_through_a_proxy("?connect_timeout=1").await;
 
     proxy.black_hole();
     assert!(matches!(
@@ -195,19 +212,7 @@ async fn an_overflow_read_does_not_wait_for_a_purge_s_unanswered_connect() {
 
 #[actix_rt::test]
 async fn a_silently_dead_connection_is_detected_by_the_health_check() {
-    let db = TestDb::new().await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let (proxy, url) = proxy_in_front_of(&db).await;
-    let notifier = Notifier::builder(&url)
-        .watch(Watch::new("t", Insert))
-        .health_check_interval(Duration::from_millis(300))
-        .start()
-        .await
-        .unwrap();
-    let mut status = statuses(&notifier).await;
-    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
-    db.exec("INSERT INTO t VALUES (1)").await;
-    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    let (db, proxy, notifier, mut status, mut events) = checked_through_a_proxy("").await;
 
     proxy.silence_existing();
     match next_status(&mut status).await {
