@@ -365,7 +365,10 @@ impl fmt::Display for Error {
                 installed_watch,
             } => write!(
                 f,
-                "watch {watch} would use channel {channel:?}, which is installed for                  {installed_watch} (default channel names join schema, table and operation                  with '_'); installing it would take that watch's trigger away: give one of                  them a channel_label"
+                "watch {watch} would use channel {channel:?}, which is installed for \
+                 {installed_watch} (default channel names join schema, table and operation \
+                 with '_'); installing it would take that watch's trigger away: give one of \
+                 them a channel_label"
             ),
             Error::ChannelCaseConflict {
                 channel,

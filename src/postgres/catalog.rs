@@ -108,7 +108,12 @@ async fn installed_state(
                    JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
                   WHERE t.tgname = ANY($5) AND n.nspname = $3 AND r.relname = $4)
                   = pg_catalog.cardinality($5),
-                c.table_schema::text, c.table_name::text, c.operation::text
+                c.table_schema::text, c.table_name::text, c.operation::text,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                   JOIN pg_catalog.pg_class r ON r.oid = t.tgrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+                  WHERE t.tgname = ANY($5) AND n.nspname = c.table_schema
+                    AND r.relname = c.table_name)
            FROM {}.catalog c WHERE c.channel = $1",
         quote_ident(ddl::SCHEMA)
     );
@@ -133,8 +138,11 @@ async fn installed_state(
     let (schema, table): (String, String) =
         (r.try_get(2).map_err(read)?, r.try_get(3).map_err(read)?);
     // A label may move to another table (its old trigger is dropped, by design); a default
-    // name is the table's own, so another table's entry under it is a collision.
-    if channel.label.is_none() && (schema != channel.schema || table != channel.table) {
+    // name is the table's own, so another table's entry under it is a collision — while that
+    // table still has the channel's trigger. An entry whose table is gone or has it no more
+    // (renamed or moved into this watch's name: the trigger went with it; dropped) is stale.
+    let taken = || r.try_get::<_, bool>(5).map_err(read);
+    if channel.label.is_none() && (schema != channel.schema || table != channel.table) && taken()? {
         let operation: String = r.try_get(4).map_err(read)?;
         return Err(Error::ChannelTaken {
             channel: channel.name.clone(),
