@@ -1246,6 +1246,55 @@ async fn rows_a_copy_writes_at_one_wal_position_are_told_apart_by_their_part() {
     notifier.stop().await.unwrap();
 }
 
+/// A replication reconnect the server takes and never answers (the path went silent) is
+/// given up after twice the URL's `connect_timeout` and tried again. The replication session
+/// connects in a task of its own, so the bound sits on its first answer; without it the
+/// listener waited for ever.
+#[actix_rt::test]
+async fn a_replication_reconnect_the_server_never_answers_is_given_up_and_tried_again() {
+    let Some(cluster) = cluster("a_replication_reconnect_the_server_never_answers") else {
+        return;
+    };
+    let db = TestDb::on(&cluster.url()).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (proxy, url) = common::proxy::in_front_of(&db.url, "connect_timeout=2").await;
+    let notifier = Notifier::builder(&url)
+        .watch(Watch::new("t", Insert).tier(Tier::Logical))
+        .health_check_interval(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let mut status = common::statuses(&notifier).await;
+    let mut events = Events::subscribe(&notifier, Subscription::new("t", Insert)).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+
+    // The walsender ends; the reconnect goes into a path that takes it and never answers.
+    proxy.swallow_new();
+    db.exec(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'walsender'",
+    )
+    .await;
+    assert!(matches!(
+        common::next_status(&mut status).await,
+        sqlnotify::Status::Disconnected { .. }
+    ));
+    // A reconnect reached the dead path; then the path comes back.
+    assert!(wait_until(common::ARRIVES_WITHIN, || async { proxy.swallowed() > 0 }).await);
+    proxy.reopen();
+    loop {
+        match common::next_status(&mut status).await {
+            sqlnotify::Status::Connected => break,
+            sqlnotify::Status::Disconnected { .. } => {}
+            other => panic!("expected a reconnect, got {other:?}"),
+        }
+    }
+    db.exec("INSERT INTO t VALUES (2)").await;
+    // Row 1 may come again (at least once); each wait for the next event is bounded.
+    while events.next().await.id().as_i64() != Some(2) {}
+    notifier.stop().await.unwrap();
+}
+
 /// Custom events travel as logical-decoding messages, which any role that can connect may
 /// emit with any prefix: one sqlnotify did not sign is dropped and counted in
 /// `stats().forged`, while the notifier's own (`notify`) and the table's changes arrive. So is

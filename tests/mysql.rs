@@ -898,7 +898,9 @@ async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
 
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
-    let (proxy, through) = through_a_proxy(&db.url).await;
+    let (proxy, through) = // prefer_socket=false: mysql_async would otherwise move a loopback connection to the
+    // server's unix socket, past the proxy.
+    common::proxy::in_front_of(&db.url, "prefer_socket=false").await;
     let start = |url: String| async move {
         Notifier::builder(&url)
             .watch(Watch::new("t", Operation::Insert))
@@ -930,24 +932,6 @@ async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
     drop(a);
 }
 
-/// `url`'s server through a new proxy: the proxy, and the URL through it.
-async fn through_a_proxy(url: &str) -> (common::proxy::Proxy, String) {
-    let after_scheme = &url[url.find("://").unwrap() + 3..];
-    let host_port = after_scheme[after_scheme.find('@').map_or(0, |at| at + 1)..]
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let proxy = common::proxy::Proxy::start(host_port.clone()).await;
-    // prefer_socket=false: mysql_async would otherwise move a loopback connection to the
-    // server's unix socket, past the proxy.
-    let through = common::mysql::with_param(
-        &url.replacen(&host_port, &format!("127.0.0.1:{}", proxy.port), 1),
-        "prefer_socket=false",
-    );
-    (proxy, through)
-}
-
 /// The control connection is out of its slot, and its lock let go, while a statement runs on
 /// it: a call stuck on a path gone silent (here the retention purge) holds up no other call,
 /// which opens a connection of its own. `notify` waited behind it for ever before.
@@ -956,7 +940,9 @@ async fn through_a_proxy(url: &str) -> (common::proxy::Proxy, String) {
 async fn a_control_call_stuck_on_a_silent_path_holds_up_no_other() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
-    let (proxy, through) = through_a_proxy(&db.url).await;
+    let (proxy, through) = // prefer_socket=false: mysql_async would otherwise move a loopback connection to the
+    // server's unix socket, past the proxy.
+    common::proxy::in_front_of(&db.url, "prefer_socket=false").await;
     let keep = Duration::from_secs(3600);
     let notifier = Notifier::builder(&through)
         .watch(Watch::new("t", Operation::Insert))

@@ -366,11 +366,13 @@ impl PgConfig {
         }
     }
 
-    /// How long opening a connection may take: the connection string's `connect_timeout` for
-    /// each host it names (libpq's meaning), else [`CONNECT_WITHIN`]. tokio-postgres bounds
-    /// only the socket's connect with it; a server that takes the socket and never answers
-    /// (a network path gone silent, a hung server) would otherwise hold a listener's
-    /// reconnect, or an overflow read, for ever.
+    /// How long opening a connection may take: twice the connection string's
+    /// `connect_timeout` for each host it names, else [`CONNECT_WITHIN`]. tokio-postgres
+    /// bounds only each address's socket connect with it (libpq each address's whole
+    /// attempt); twice per host lets a name that resolves to one address dropping the SYN and
+    /// one answering connect. A server that takes the socket and never answers (a network
+    /// path gone silent, a hung server) would otherwise hold a listener's reconnect, or an
+    /// overflow read, for ever.
     pub fn connect_within(&self) -> Duration {
         connect_within(
             self.config.get_connect_timeout().copied(),
@@ -385,7 +387,9 @@ pub(crate) const CONNECT_WITHIN: Duration = Duration::from_secs(30);
 
 fn connect_within(per_host: Option<Duration>, hosts: usize) -> Duration {
     match per_host {
-        Some(limit) => limit.saturating_mul(u32::try_from(hosts.max(1)).unwrap_or(u32::MAX)),
+        Some(limit) => limit
+            .saturating_mul(2)
+            .saturating_mul(u32::try_from(hosts.max(1)).unwrap_or(u32::MAX)),
         None => CONNECT_WITHIN,
     }
 }
@@ -603,15 +607,15 @@ mod tests {
     }
 
     #[test]
-    fn a_connect_is_bounded_by_the_url_s_timeout_per_host_else_thirty_seconds() {
+    fn a_connect_is_bounded_by_twice_the_url_s_timeout_per_host_else_thirty_seconds() {
         assert_eq!(connect_within(None, 1), CONNECT_WITHIN);
         assert_eq!(connect_within(None, 3), CONNECT_WITHIN);
         let two = Duration::from_secs(2);
-        assert_eq!(connect_within(Some(two), 1), two);
-        assert_eq!(connect_within(Some(two), 0), two);
-        assert_eq!(connect_within(Some(two), 3), Duration::from_secs(6));
+        assert_eq!(connect_within(Some(two), 1), Duration::from_secs(4));
+        assert_eq!(connect_within(Some(two), 0), Duration::from_secs(4));
+        assert_eq!(connect_within(Some(two), 3), Duration::from_secs(12));
         let parsed = PgConfig::parse("host=a,b,c user=u connect_timeout=4").unwrap();
-        assert_eq!(parsed.connect_within(), Duration::from_secs(12));
+        assert_eq!(parsed.connect_within(), Duration::from_secs(24));
         // libpq's 0 (and a negative value): wait for ever, which we do not; the default.
         let parsed = PgConfig::parse("host=a user=u connect_timeout=0").unwrap();
         assert_eq!(parsed.connect_within(), CONNECT_WITHIN);

@@ -80,11 +80,35 @@ impl Proxy {
         self.silence_existing();
     }
 
+    /// New connections are taken and never answered until [`reopen`](Self::reopen); the
+    /// existing ones carry on (a server that ends one still ends it for its client).
+    pub fn swallow_new(&self) {
+        self.open.store(false, Ordering::SeqCst);
+    }
+
     /// New connections are forwarded again; the silenced ones stay silent (what a sender
     /// wrote on them never arrives).
     pub fn reopen(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+}
+
+/// A proxy in front of the server `url` names (`scheme://[userinfo@]host:port/…`), and `url`
+/// through it with `params` (`name=value&…`, may be empty) added to its query.
+pub async fn in_front_of(url: &str, params: &str) -> (Proxy, String) {
+    let authority = &url[url.find("://").expect("a URL") + 3..];
+    let host_port = authority[authority.find('@').map_or(0, |at| at + 1)..]
+        .split(['/', '?'])
+        .next()
+        .unwrap()
+        .to_string();
+    let proxy = Proxy::start(host_port.clone()).await;
+    let mut through = url.replacen(&host_port, &format!("127.0.0.1:{}", proxy.port), 1);
+    if !params.is_empty() {
+        through.push(if through.contains('?') { '&' } else { '?' });
+        through.push_str(params);
+    }
+    (proxy, through)
 }
 
 /// A connection made while the path is down: read, never answered.

@@ -835,24 +835,26 @@ impl Source for LogicalSource {
         self.outlet = Some(outlet.clone());
         self.watch_lag(outlet);
         self.changes.reset();
-        // Bounded like every other connection (see `PgConfig::connect_within`): a server that
-        // takes the socket and never answers would hold the reconnect for ever.
+        let mut client = ReplicationClient::connect_gated(self.replication.clone())
+            .await
+            .map_err(|e| self.error(e))?;
+        // The reference for widening transaction ids, before the stream starts. The session
+        // connects and authenticates in a task of its own, so this first answer is the
+        // connect's end: bounded like every other connect (`PgConfig::connect_within`), a
+        // server that takes the socket and never answers would hold the reconnect for ever.
+        // Given up, the task is aborted (a drop only asks it to stop, which it hears once
+        // connected), its socket with it.
         let within = self.config.connect_within();
-        let connecting = ReplicationClient::connect_gated(self.replication.clone());
-        let mut client = match tokio::time::timeout(within, connecting).await {
-            Ok(connected) => connected.map_err(|e| self.error(e))?,
+        let rows = match tokio::time::timeout(within, client.simple_query(NEXT_XID_SQL)).await {
+            Ok(rows) => rows.map_err(|e| self.error(e))?,
             Err(_) => {
+                client.abort();
                 return Err(Error::Database {
                     context: format!("connecting to replication slot {}", self.slot),
                     source: format!("no answer within {within:?}").into(),
-                })
+                });
             }
         };
-        // The reference for widening transaction ids, before the stream starts.
-        let rows = client
-            .simple_query(NEXT_XID_SQL)
-            .await
-            .map_err(|e| self.error(e))?;
         let next = rows
             .first()
             .and_then(|r| r.first().cloned().flatten())
