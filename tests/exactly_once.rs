@@ -21,7 +21,8 @@
 //! ignored, which leaves its transaction aborted) rolls back its writes and the retry applies
 //! them once; a handler failing every attempt leaves no effect and a dead letter; a dead
 //! letter delivered again after its journal row was purged is applied once even when its row
-//! could not be removed after the commit; and `handle_in_transaction` is
+//! could not be removed after the commit; a role granted only what the install script grants
+//! runs a transactional handler, and its prune works; and `handle_in_transaction` is
 //! `Error::Unsupported`, saying why, on SQLite, on MySQL (feature `mysql`) and on PostgreSQL's
 //! notify tier.
 
@@ -970,6 +971,143 @@ async fn a_dead_letter_delivered_again_is_applied_once_even_if_its_row_stays() {
     );
 }
 
+/// A least-privilege role: an administrator applies `install_sql_granting(app)`, and the
+/// application runs as `app` — no `CREATE` on schema sqlnotify, `USAGE` only on the journal's
+/// sequence — with `manage_triggers(false)`. Its transactional handler applies each row once,
+/// and the prune (after the first event) deletes the record of an event whose journal row is
+/// long gone. Before the fix, `handle_in_transaction` failed at once ("permission denied for
+/// schema sqlnotify": `CREATE TABLE IF NOT EXISTS` at every call, and the install did not make
+/// the table), and the prune could not read the sequence, so records were never deleted.
+#[actix_rt::test]
+async fn a_role_granted_by_the_install_script_handles_in_transaction_and_prunes() {
+    if handler_process().await {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE effects_t (src_id bigint NOT NULL);",
+    )
+    .await;
+    let (app, app_url) = db.role("app").await;
+    db.exec(&format!("GRANT INSERT ON effects_t TO \"{app}\""))
+        .await;
+    let builder = |url: &str| {
+        Notifier::builder(url)
+            .watch(Watch::new("src", Insert).tier(Tier::Durable))
+            .consumer("granted")
+    };
+    let script = builder(&db.url)
+        .install_sql_granting(&app)
+        .await
+        .expect("install script");
+    db.exec(&script).await;
+    let notifier = builder(&app_url)
+        .manage_triggers(false)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("{app} with the script's grants: {e}"));
+    notifier
+        .handle_in_transaction(
+            Subscription::new("src", Insert),
+            Handling::new("granted"),
+            |event, tx| async move {
+                let id = event.id().as_i64().ok_or("an integer key")?;
+                tx.client()
+                    .execute("INSERT INTO effects_t VALUES ($1)", &[&id])
+                    .await?;
+                Ok(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("handle_in_transaction as {app}: {e}"));
+    // The record of an event whose journal row was purged long ago: no delivery can need it.
+    db.exec("INSERT INTO sqlnotify.effects (handler, sequence, part) VALUES ('granted', 0, 0)")
+        .await;
+    db.exec("INSERT INTO src SELECT g FROM generate_series(1, 20) g")
+        .await;
+    let stats = || async { notifier.stats().await.expect("stats") };
+    assert!(
+        common::wait_until(Duration::from_secs(30), || async {
+            stats().await.handled == 20
+        })
+        .await,
+        "20 rows handled: {:?}",
+        stats().await
+    );
+    let stats = stats().await;
+    notifier.stop().await.expect("stop");
+    assert_eq!(
+        (stats.handler_errors, stats.dead_lettered),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM (SELECT DISTINCT src_id FROM effects_t) e")
+            .await,
+        20
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM effects_t").await,
+        20,
+        "each row once"
+    );
+    // The prune ran after the first event, before the handler's call returned.
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM sqlnotify.effects WHERE handler = 'granted' AND sequence = 0"
+        )
+        .await,
+        0,
+        "the record below the journal's horizon was pruned"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM sqlnotify.effects WHERE handler = 'granted'")
+            .await,
+        20,
+        "one record per row handled"
+    );
+
+    // A table the role may not use, or none and no right to make it: refused at once, naming
+    // the table and what to run.
+    let refused = |sql: String| {
+        let (db, app_url) = (&db, app_url.clone());
+        async move {
+            db.exec(&sql).await;
+            let notifier = builder(&app_url)
+                .manage_triggers(false)
+                .start()
+                .await
+                .expect("start");
+            let outcome = notifier
+                .handle_in_transaction(
+                    Subscription::new("src", Insert),
+                    Handling::new("granted"),
+                    nothing,
+                )
+                .await;
+            notifier.stop().await.expect("stop");
+            match outcome {
+                Err(e @ Error::Database { .. }) => e.to_string(),
+                other => panic!("{sql}: expected Error::Database, got {other:?}"),
+            }
+        }
+    };
+    let error = refused(format!("REVOKE DELETE ON sqlnotify.effects FROM \"{app}\"")).await;
+    assert!(
+        error.contains("permission denied for table sqlnotify.effects")
+            && error.contains("install-sql --grant-to"),
+        "{error}"
+    );
+    let error = refused("DROP TABLE sqlnotify.effects".into()).await;
+    assert!(
+        error.contains("sqlnotify.effects")
+            && error.contains("missing")
+            && error.contains("install-sql --grant-to"),
+        "{error}"
+    );
+}
+
 /// Asserts that `outcome` is `Error::Unsupported` whose text contains each of `needles`.
 fn assert_unsupported<T: std::fmt::Debug>(outcome: sqlnotify::Result<T>, needles: &[&str]) {
     match outcome {
@@ -992,7 +1130,7 @@ async fn nothing(
 
 /// SQLite and PostgreSQL's notify tier have nothing to record an event in with the
 /// handler's writes (SQLite: no `Transaction`; the notify tier: no journal id): the call
-/// fails at once, naming why and what to use, and creates nothing.
+/// fails at once, naming why and what to use, and records nothing.
 #[actix_rt::test]
 async fn transactional_handlers_are_unsupported_on_sqlite_and_the_notify_tier() {
     if handler_process().await {
@@ -1034,10 +1172,9 @@ async fn transactional_handlers_are_unsupported_on_sqlite_and_the_notify_tier() 
     let stats = notifier.stats().await.expect("stats");
     notifier.stop().await.expect("stop");
     assert_eq!(
-        db.count("SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = 'sqlnotify' AND tablename = 'effects'")
-            .await,
+        db.count("SELECT count(*) FROM sqlnotify.effects").await,
         0,
-        "sqlnotify.effects was not created"
+        "nothing was recorded in sqlnotify.effects (made by the install)"
     );
     assert_eq!(stats.handled + stats.handler_errors, 0, "{stats:?}");
 }

@@ -20,8 +20,8 @@ pub(crate) const INSTALL_LOCK: i64 = 0x7371_6c6e_6f74_6966;
 /// `json_build_object` takes at most 100 arguments (50 columns); wider payloads use `row_to_json`.
 const MAX_BUILD_OBJECT_COLUMNS: usize = 50;
 
-/// Creates the schema, the catalog, the overflow table, the journal, the consumers table and
-/// the dead-letter table if missing, and upgrades a journal of an older version (the `events` column). Run under the
+/// Creates the schema, the catalog, the overflow table, the journal, the consumers table, the
+/// dead-letter table and the record of transactional handlers' events (`effects`) if missing, and upgrades a journal of an older version (the `events` column). Run under the
 /// install lock, at every start.
 ///
 /// Only what is missing is touched: `CREATE INDEX IF NOT EXISTS` and `ALTER TABLE … IF NOT
@@ -172,13 +172,15 @@ BEGIN
 END
 $sqn$;
 {consumers}
-{dead_letters}",
+{dead_letters}
+{effects}",
         s = quote_ident(SCHEMA),
         lit = quote_literal(SCHEMA),
         key = signing::create_key_sql(),
         signing = signing_table_sql(),
         consumers = super::consumers::setup_sql(),
         dead_letters = super::dead_letters::setup_sql(),
+        effects = super::effects::setup_sql(),
     )
 }
 
@@ -1142,8 +1144,9 @@ ON CONFLICT (channel) DO UPDATE SET table_schema = EXCLUDED.table_schema, table_
 /// (`manage_triggers(false)`): read the catalog (verification) and the signing key (verifying
 /// notifications), read and expire the overflow table and the journal, write custom events to
 /// them, record what the retention purge deleted (read by a resuming SSE client), keep consumer
-/// positions and record dead letters. Writers need none of this: trigger
-/// functions run as their owner.
+/// positions, record dead letters, and record and prune transactional handlers' events
+/// (`effects`; the prune reads the journal's sequence with `pg_sequence_last_value`, which
+/// `USAGE` allows). Writers need none of this: trigger functions run as their owner.
 pub(crate) fn grant_sql(role: &str) -> String {
     let (s, r) = (quote_ident(SCHEMA), quote_ident(role));
     format!(
@@ -1152,6 +1155,7 @@ GRANT SELECT ON {s}.catalog, {s}.signing TO {r};
 GRANT SELECT, INSERT, DELETE ON {s}.overflow, {s}.journal TO {r};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.consumers, {s}.dead_letters TO {r};
 GRANT SELECT, INSERT, UPDATE ON {s}.trimmed TO {r};
+GRANT SELECT, INSERT, DELETE ON {s}.effects TO {r};
 GRANT USAGE ON SEQUENCE {s}.overflow_id_seq, {s}.journal_id_seq, {s}.dead_letters_id_seq TO {r};
 "
     )
@@ -1753,6 +1757,7 @@ mod tests {
             "signing",
             "consumers",
             "dead_letters",
+            "effects",
         ] {
             assert!(
                 script.contains(&format!(
@@ -1769,6 +1774,9 @@ mod tests {
         assert!(script[grants..].contains("\"sqlnotify\".dead_letters_id_seq TO \"app\";"));
         assert!(script[grants..]
             .contains("GRANT SELECT, INSERT, UPDATE ON \"sqlnotify\".trimmed TO \"app\";"));
+        assert!(script.find("effects (").unwrap() < grants);
+        assert!(script[grants..]
+            .contains("GRANT SELECT, INSERT, DELETE ON \"sqlnotify\".effects TO \"app\";"));
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! again long after its journal row was purged commits its record like any event, and its row
 //! goes only after that commit; if it does not go (the process died in between, or the delete
 //! failed), the next process delivers it again, and only the record makes that a skip.
+//!
+//! The table is one of sqlnotify's (`ddl::setup_sql`, the install script and its grants), so a
+//! role granted only what `install_sql_granting` grants can run a transactional handler; the
+//! prune reads the journal's sequence with `pg_sequence_last_value`, which its `USAGE` allows.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::event::ChangeEvent;
 use crate::handling::engine::Call;
 use crate::handling::{Attempt, HandlerError};
-use crate::sql::quote_ident;
+use crate::sql::{quote_ident, quote_literal};
 
 /// Handled events between two deletions of records that can no longer be needed.
 const PRUNE_EVERY: u64 = 1_000;
@@ -62,8 +66,13 @@ impl Transaction {
     }
 }
 
-/// The SQL that creates the record table if missing.
-fn create_sql() -> String {
+/// The table, as errors name it.
+const TABLE: &str = "sqlnotify.effects";
+
+/// Creates the record table if missing. Part of `ddl::setup_sql` (under the install lock, at
+/// every start, and in the install script, whose grants give a notifier's role what
+/// [`TxCall`] needs on it); [`ensure`] runs it too when the table is still missing.
+pub(crate) fn setup_sql() -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {s}.effects (
     handler text NOT NULL,
@@ -71,29 +80,70 @@ fn create_sql() -> String {
     part integer NOT NULL,
     done_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (handler, sequence, part)
-)",
+);",
         s = quote_ident(SCHEMA)
     )
 }
 
-/// Creates `sqlnotify.effects` if missing. Two processes creating it at once: the loser's
-/// duplicate-object error means it exists.
+/// What a role needs to run a transactional handler, after `ensure` found the table missing or
+/// not usable.
+const REMEDY: &str = "apply the install script (install_sql_granting(role), or `sqlnotify \
+     install-sql --grant-to ROLE`) as the schema's owner, or start a notifier once with a role \
+     allowed to create in schema sqlnotify";
+
+/// Makes sure `sqlnotify.effects` exists and the role may use it. Only a missing table is
+/// created: PostgreSQL checks `CREATE` on the schema before `IF NOT EXISTS`, so a role granted
+/// what the install script grants (no `CREATE` on the schema) could never run a `CREATE TABLE
+/// IF NOT EXISTS` at all. Two processes creating it at once: the loser's duplicate-object error
+/// means it exists. A table the role may not read, write and prune is refused here, naming
+/// it, rather than at every event.
 pub(crate) async fn ensure(config: &PgConfig) -> Result<()> {
-    let client = Control::connect(config, "creating sqlnotify.effects").await?;
-    match client.batch_execute(&create_sql()).await {
-        Ok(()) => Ok(()),
-        Err(e)
-            if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                || e.code() == Some(&SqlState::DUPLICATE_TABLE) =>
-        {
-            Ok(())
+    let client = Control::connect(config, "transactional handler").await?;
+    let look = |e| Error::db(format!("looking for {TABLE}"), e);
+    let table = format!("{}.effects", quote_ident(SCHEMA));
+    let exists: bool = client
+        .query_typed_one(
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            &[(&table, Type::TEXT)],
+        )
+        .await
+        .map_err(look)?
+        .get(0);
+    if !exists {
+        match client.batch_execute(&setup_sql()).await {
+            Ok(()) => {}
+            Err(e)
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                    || e.code() == Some(&SqlState::DUPLICATE_TABLE) => {}
+            Err(e) => {
+                return Err(Error::db(
+                    format!(
+                        "creating {TABLE} (the record of transactional handlers' events), which \
+                         is missing: {REMEDY}"
+                    ),
+                    e,
+                ))
+            }
         }
-        Err(e) => Err(Error::db(
-            "creating sqlnotify.effects (the record of transactional handlers' events; the \
-             role needs CREATE on schema sqlnotify, or run sqlnotify install-sql first)",
-            e,
-        )),
     }
+    // A table the role may not use (made by an older version, with no grant for this role):
+    // said here once, not at every event.
+    let check = format!(
+        "DO $sqn$ BEGIN
+  IF NOT (pg_catalog.has_table_privilege({t}, 'SELECT')
+          AND pg_catalog.has_table_privilege({t}, 'INSERT')
+          AND pg_catalog.has_table_privilege({t}, 'DELETE')) THEN
+    RAISE EXCEPTION 'permission denied for table {TABLE}: a transactional handler needs SELECT, INSERT and DELETE on it'
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+END $sqn$",
+        t = quote_literal(&table)
+    );
+    client
+        .batch_execute(&check)
+        .await
+        .map_err(|e| Error::db(format!("checking {TABLE}: {REMEDY}"), e))?;
+    Ok(())
 }
 
 /// A transactional handler as the handler loop calls it.
@@ -226,7 +276,7 @@ impl<F> TxCall<F> {
         let sql = format!(
             "DELETE FROM {s}.effects e WHERE e.handler = $1 AND e.sequence < \
              coalesce((SELECT min(id) FROM {s}.journal), \
-                      (SELECT last_value FROM {s}.journal_id_seq)) \
+                      pg_catalog.pg_sequence_last_value('{s}.journal_id_seq'::regclass)) \
              AND NOT EXISTS (SELECT 1 FROM {s}.dead_letters d WHERE d.handler = e.handler \
                               AND d.sequence = e.sequence AND d.part = e.part)"
         );
@@ -307,7 +357,7 @@ mod tests {
 
     #[test]
     fn the_record_table_is_keyed_by_handler_sequence_and_part() {
-        let sql = create_sql();
+        let sql = setup_sql();
         assert!(sql.contains("\"sqlnotify\".effects ("), "{sql}");
         assert!(
             sql.contains("PRIMARY KEY (handler, sequence, part)"),
