@@ -875,6 +875,50 @@ async fn the_purge_records_a_miss_only_for_rows_a_dropped_consumer_had_not_read(
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+/// The purge's connection is guarded: a session holding a dropped consumer's row and staying
+/// idle in its transaction (what a process whose network went silent mid-purge leaves behind,
+/// until the OS's keepalive gives up on it: about 2 h) makes the purge give up within its
+/// `lock_timeout` (10 s), saying so, instead of waiting for the lock without bound — and with
+/// the lock released the next purge deletes the row. Before the fix the purge waited past
+/// [`PURGE_GIVES_UP_WITHIN`].
+#[cfg(feature = "bench")]
+#[actix_rt::test]
+async fn a_purge_gives_up_on_a_consumer_row_locked_by_a_silent_session() {
+    use sqlnotify::bench_support::purge_now;
+    /// The purge's lock_timeout, and room for a busy machine.
+    const PURGE_GIVES_UP_WITHIN: Duration = Duration::from_secs(30);
+    let db = consumer_db().await;
+    let builder = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Insert).tier(Tier::Durable))
+        .consumer("c");
+    let (notifier, mut rx) = common::consumers::start_collecting(&builder).await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    assert_eq!(common::consumers::next_ids(&mut rx, 1).await, [1]);
+    notifier.stop().await.unwrap();
+    let purger = Notifier::builder(&db.url)
+        .watch(Watch::new("other", Insert).tier(Tier::Durable))
+        .purge_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    purger.drop_consumer("c").await.unwrap();
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM sqlnotify.consumers WHERE name = 'c' FOR UPDATE")
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(PURGE_GIVES_UP_WITHIN, purge_now(&purger, Duration::ZERO))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the purge still waits for the lock after {PURGE_GIVES_UP_WITHIN:?}")
+        });
+    let err = outcome.expect_err("the consumer's row stays locked");
+    assert!(err.to_string().contains("lock timeout"), "{err}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(purge_now(&purger, Duration::ZERO).await.unwrap(), 1);
+    purger.stop().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn upgrading_an_old_consumers_table_waits_a_few_seconds_at_most_for_its_users() {
     let db = consumer_db().await;

@@ -41,6 +41,39 @@ use crate::sql::{quote_ident, quote_literal};
 /// Journal rows deleted per purge transaction, so no lock is held long.
 const PURGE_BATCH: i64 = 5_000;
 
+/// How long the purge's session may sit idle inside its transaction
+/// (`idle_in_transaction_session_timeout`) before the server ends it. The purge runs its
+/// statements one after the other and is never idle in it for long; a purging process that
+/// froze, or whose network went silent, mid-transaction would otherwise keep its backend and
+/// its locks — the expiry `UPDATE`, `FOR UPDATE` on every dropped or expired consumer's row,
+/// the `trimmed` upsert — until the OS's TCP keepalive gave up on it (about 2 h): a member of
+/// a consumer coming back would wait in `place` (reactivating its row `FOR UPDATE`) holding the
+/// lease and reading nothing, and every other process's purge would queue on `trimmed`.
+const PURGE_IDLE_IN_TRANSACTION: &str = "30s";
+/// How long one of the purge's statements waits for a lock (`lock_timeout`) before the purge
+/// gives up for this round (the error is its caller's, the next round tries again): a session
+/// holding a consumer's row or `trimmed` never makes the purge — and those queued behind its
+/// locks — wait without bound.
+const PURGE_LOCK_TIMEOUT: &str = "10s";
+/// How long one of the purge's statements may run (`statement_timeout`): generous — a batch
+/// deletes at most [`PURGE_BATCH`] rows, in well under a second on a healthy server — but a
+/// bound all the same.
+const PURGE_STATEMENT_TIMEOUT: &str = "5min";
+
+/// Set on the purge's connection before its first transaction (session settings of a
+/// connection opened for this purge alone): [`PURGE_IDLE_IN_TRANSACTION`],
+/// [`PURGE_LOCK_TIMEOUT`], [`PURGE_STATEMENT_TIMEOUT`], and the listener's server-side TCP
+/// keepalive (`listener::KEEPALIVE`), so the server finds a silent peer within seconds while
+/// the connection waits for it.
+fn purge_guards() -> String {
+    format!(
+        "SET idle_in_transaction_session_timeout = '{PURGE_IDLE_IN_TRANSACTION}'; \
+         SET lock_timeout = '{PURGE_LOCK_TIMEOUT}'; \
+         SET statement_timeout = '{PURGE_STATEMENT_TIMEOUT}'; {}",
+        super::listener::KEEPALIVE
+    )
+}
+
 /// The columns registered consumers need, added to a `sqlnotify.consumers` of an older
 /// version (small table, never written by application transactions — but listeners of other
 /// processes save to it: wait at most 5 s for them, or the caller's own `lock_timeout`,
@@ -504,6 +537,10 @@ pub(crate) async fn purge_journal(
         return Ok(0);
     }
     let mut client = Control::connect(control.config(), "purge").await?;
+    client
+        .batch_execute(&purge_guards())
+        .await
+        .map_err(|e| Error::db("setting up the purge's connection (timeouts, keepalive)", e))?;
     purge_in_transactions(&mut client, retention).await
 }
 
@@ -634,6 +671,25 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
         total += n;
         if n < PURGE_BATCH as u64 {
             return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_purge_connection_bounds_its_waits_and_keeps_alive() {
+        let sql = purge_guards();
+        for setting in [
+            "SET idle_in_transaction_session_timeout = '30s';",
+            "SET lock_timeout = '10s';",
+            "SET statement_timeout = '5min';",
+            "SET tcp_keepalives_idle = 1;",
+            "SET tcp_keepalives_count = 3",
+        ] {
+            assert!(sql.contains(setting), "{setting}: {sql}");
         }
     }
 }

@@ -69,8 +69,9 @@ const POLL_MAX: Duration = Duration::from_millis(25);
 /// Server-side TCP keepalive on the listener's connection: a machine gone silent loses its
 /// backend — and a consumer's lease on it — within about 1 + 3 × 1 s while the connection is
 /// idle (ignored on Unix sockets). While the server has data on its way to it keepalive
-/// probes are not sent: see [`LEASE_USER_TIMEOUT`].
-const KEEPALIVE: &str =
+/// probes are not sent: see [`LEASE_USER_TIMEOUT`]. The purge's connection sets it too
+/// (`consumers::purge_guards`).
+pub(super) const KEEPALIVE: &str =
     "SET tcp_keepalives_idle = 1; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3";
 /// Set by the lease query on the connection that holds (or asks for) a consumer's lease
 /// (PostgreSQL 12+): the server ends the connection when data it sent stays unacknowledged
