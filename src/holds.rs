@@ -27,7 +27,9 @@
 //! Events of the lost lease still on their way when the fence rises (in the decoder, in a
 //! subscription's buffer) are not held when the registry routes them: a hold below the fence
 //! would keep the position back for ever once its event is dropped. The relay drops them
-//! unpublished (`src/relay/pump.rs`); other acknowledged subscriptions still receive them.
+//! unpublished (`src/relay/pump.rs`), and a handler unhandled (`src/handling/engine.rs`: it
+//! would run them once active again, after the new holder ran them and newer events of their
+//! keys); other acknowledged subscriptions still receive them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -107,7 +109,6 @@ impl Holds {
 
     /// The lease fence, watched: its value is the first ordinal not read under a lease this
     /// process lost (0 while none was lost); it changes each time one is.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     pub fn watch_fence(&self) -> watch::Receiver<u64> {
         self.fence_watch.subscribe()
     }

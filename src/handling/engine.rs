@@ -16,6 +16,9 @@
 //! without standing by takes nothing back: the rows are still in its hands. A process that
 //! stands by hands back the ones it took — those in its queues, timers and running attempts,
 //! and those a poll under way took — and its attempts still running write nothing more.
+//! The events it read under the lease it lost and received only after the loss (still in the
+//! subscription's buffer or channel) are below the lease fence (`src/holds.rs`): it drops them
+//! unhandled, as the relay does — the process holding the lease handles them.
 //!
 //! How the loop ends decides what becomes of the events in its hands. Unsubscribed, it lets go
 //! of those it has not started — waiting for their key, a slot or a retry's delay — as the
@@ -246,6 +249,11 @@ impl Engine {
         // The standbys seen (`Counters::standbys`): a standby may have begun and ended between
         // two looks at the role — another process active meanwhile, its state to read back.
         let mut standbys = engine.counters.standbys();
+        // The lease fence (`src/holds.rs`): a delivery below it was read under a consumer-group
+        // lease this process lost since. The process holding the lease now handles it again;
+        // handled here too, once this one is active again, it would run after that process
+        // handled it and the key's newer events.
+        let fence = engine.counters.holds.watch_fence();
         // The rows of the dead letters this process delivers again — taken by its polls, in
         // its queues, timers and running attempts — since it last stood by. A poll that takes
         // one of them again (someone marked it `requested` meanwhile: a process standing by
@@ -438,6 +446,21 @@ impl Engine {
                     }
                 }
                 delivery = deliveries.recv(), if room && !ended => match delivery {
+                    Some(delivery) if delivery.event.ordinal() < *fence.borrow() => {
+                        // Read under a lease lost since (still in the subscription's buffer or
+                        // channel when the fence rose): the holder handles it. Its hold was
+                        // forgotten or never taken, so its Ack goes unused, as the relay's
+                        // does (`fence_off`): it keeps nothing back.
+                        log::debug!(
+                            "sqlnotify: handler {:?} drops {}.{} key {}: it was read under a \
+                             consumer-group lease this process lost since, the process holding \
+                             the lease handles it",
+                            engine.handling.name,
+                            delivery.event.schema(),
+                            delivery.event.table(),
+                            delivery.event.id()
+                        );
+                    }
                     Some(delivery) => {
                         if engine.counters.standbys() != standbys {
                             stand_by!();
@@ -1212,6 +1235,52 @@ mod tests {
             resets_reach(&store, 2).await,
             "activated again: {} activations",
             store.resets.load(Ordering::Relaxed)
+        );
+    }
+
+    /// A handler that handles every event and records each one's ordinal.
+    #[derive(Clone, Default)]
+    struct Records(Rc<RefCell<Vec<u64>>>);
+
+    impl Call for Records {
+        fn call(
+            &self,
+            attempt: Attempt,
+        ) -> LocalBoxFuture<'static, Option<std::result::Result<(), HandlerError>>> {
+            self.0.borrow_mut().push(attempt.event.ordinal());
+            Box::pin(async { Some(Ok(())) })
+        }
+    }
+
+    /// An event read under a consumer-group lease this process lost since — still in the
+    /// subscription's channel when the fence rose — is dropped unhandled once the process is
+    /// active again; the event of the same key read under the lease taken again (above the
+    /// fence) is handled, and nothing stays held. Before, the stale event was handled first:
+    /// after the process that held the lease meanwhile had handled it and newer ones.
+    #[actix_rt::test]
+    async fn an_event_read_under_a_lost_lease_is_not_handled() {
+        let store = Arc::new(Store::default());
+        let counters = Arc::new(Counters::default());
+        counters.set_role(Role::Active);
+        let (sink, deliveries) = held_channel(16, counters.holds.clone());
+        // Read and routed under the lease, not received yet when the lease is lost.
+        offer(&sink, keyed(1, 5));
+        counters.holds.fence(10);
+        counters.set_role(Role::Standby);
+        // The lease taken again (retried every 250 ms): read above the fence.
+        counters.set_role(Role::Active);
+        offer(&sink, keyed(1, 12));
+        let records = Records::default();
+        actix::spawn(engine(&store, &counters, handling()).run(records.clone(), deliveries));
+        assert!(
+            until(|| records.0.borrow().contains(&12)).await,
+            "the event above the fence is handled"
+        );
+        assert_eq!(*records.0.borrow(), [12], "the stale event is not handled");
+        assert!(
+            until(|| counters.holds.floor().is_none()).await,
+            "nothing stays held: {:?}",
+            counters.holds.floor()
         );
     }
 
