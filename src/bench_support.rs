@@ -238,6 +238,25 @@ impl DeadLetterCalls {
             .collect())
     }
 
+    /// `handler`'s `dead` rows with a sequence, as `(id, sequence, part, attempts)`.
+    pub async fn dead(&self, handler: &str) -> Result<Vec<(i64, i64, u32, u32)>> {
+        Ok(self
+            .store
+            .dead(handler.to_string())
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.sequence, r.part, r.attempts))
+            .collect())
+    }
+
+    /// `handler` handled the event (`sequence`, `part`): its `retrying` or `dead` row goes;
+    /// returns how many went.
+    pub async fn resolve_event(&self, handler: &str, sequence: i64, part: u32) -> Result<u64> {
+        self.store
+            .resolve_event(handler.to_string(), sequence, part)
+            .await
+    }
+
     /// Takes up to `limit` of `handler`'s `requested` rows, marking them `redelivering`.
     pub async fn take_requested(&self, handler: &str, limit: u32) -> Result<Vec<DeadLetter>> {
         self.store.take_requested(handler.to_string(), limit).await

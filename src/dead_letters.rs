@@ -5,9 +5,12 @@
 //!
 //! A row's life: the first failed attempt of an event records it `retrying` (with the attempt
 //! count, so a restart or a consumer-group failover continues the count); success deletes it;
-//! the last allowed attempt marks it `dead`. [`DeadLetters::retry`] marks a dead letter
-//! `requested`; the handler's active process takes it (`redelivering`) and delivers it again
-//! with a fresh attempt count — success deletes the row, failure makes it `dead` again.
+//! the last allowed attempt marks it `dead`. Success deletes a `dead` row too when the journal
+//! delivers its event again (its process ended before the position was saved past it; the
+//! process that becomes active reads the `dead` rows back, [`DeadLetterStore::dead`]).
+//! [`DeadLetters::retry`] marks a dead letter `requested`; the handler's active process takes
+//! it (`redelivering`) and delivers it again with a fresh attempt count — success deletes the
+//! row, failure makes it `dead` again.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -174,8 +177,10 @@ pub struct Failure {
     pub state: DeadLetterState,
 }
 
-/// An event failing and being retried, as recorded: what a process that takes over (restart,
-/// failover) continues.
+/// An event's row as a process that takes over (restart, failover) reads it back: one failing
+/// and being retried ([`DeadLetterStore::retrying`]), whose count it continues, or one out of
+/// attempts ([`DeadLetterStore::dead`]), which goes if the event, delivered again from the
+/// journal, is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Retrying {
     pub id: i64,
@@ -199,6 +204,20 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
     fn resolve(&self, id: i64) -> BoxFuture<'static, Result<()>>;
     /// `handler`'s rows in state `retrying` that have a sequence.
     fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>>;
+    /// `handler`'s rows in state `dead` that have a sequence: events whose dead letter was
+    /// stored and acknowledged, and which the journal delivers again when the process ended
+    /// before the position was saved past them.
+    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>>;
+    /// `handler` handled the event (`sequence`, `part`), delivered live, after an earlier
+    /// process left a row of it ([`dead`](Self::dead)): deletes its row if it is `retrying` or
+    /// `dead` (a row a retry was asked for, or being delivered again, is left alone); returns
+    /// how many went.
+    fn resolve_event(
+        &self,
+        handler: String,
+        sequence: i64,
+        part: u32,
+    ) -> BoxFuture<'static, Result<u64>>;
     /// Takes up to `limit` of `handler`'s `requested` rows, oldest first, marking them
     /// `redelivering` in the same transaction.
     fn take_requested(
@@ -263,6 +282,21 @@ impl DeadLetterStore for Guarded {
         let store = self.0.clone();
         guard("reading the events being retried", move || {
             store.retrying(handler)
+        })
+    }
+    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        let store = self.0.clone();
+        guard("reading the dead events", move || store.dead(handler))
+    }
+    fn resolve_event(
+        &self,
+        handler: String,
+        sequence: i64,
+        part: u32,
+    ) -> BoxFuture<'static, Result<u64>> {
+        let store = self.0.clone();
+        guard("removing a handled event's row", move || {
+            store.resolve_event(handler, sequence, part)
         })
     }
     fn take_requested(

@@ -108,6 +108,8 @@ async fn reads_find_nothing_and_create_nothing(db: &impl Backend) {
     assert_eq!(letters.discard(&[1]).await.unwrap(), 0);
     assert_eq!(letters.discard_handler("billing").await.unwrap(), 0);
     assert!(calls.retrying("billing").await.unwrap().is_empty());
+    assert!(calls.dead("billing").await.unwrap().is_empty());
+    assert_eq!(calls.resolve_event("billing", 1, 0).await.unwrap(), 0);
     assert!(calls
         .take_requested("billing", 10)
         .await
@@ -560,6 +562,112 @@ async fn a_count_at_the_columns_limit_ends_in_a_dead_letter(db: &impl Backend, l
     notifier.stop().await.unwrap();
 }
 
+/// Starts consumer `consumer` with handler `billing`, which handles every event (recording
+/// its id in `handled`), or — `fails` — fails on every one, dead-lettering it at its first
+/// attempt.
+async fn start_billing(
+    db: &impl Backend,
+    consumer: &str,
+    fails: bool,
+    handled: std::rc::Rc<std::cell::RefCell<Vec<i64>>>,
+) -> sqlnotify::Notifier {
+    let notifier = db
+        .builder()
+        .watch(db.watch("orders", Operation::Insert))
+        .consumer(consumer)
+        .start()
+        .await
+        .unwrap();
+    notifier
+        .handle(
+            sqlnotify::Subscription::new("orders", Operation::Insert),
+            sqlnotify::Handling::new("billing")
+                .max_attempts(1)
+                .redelivery_poll(Duration::from_millis(20)),
+            move |event: sqlnotify::ChangeEvent| {
+                let handled = handled.clone();
+                async move {
+                    if fails {
+                        return Err::<(), _>("fails".into());
+                    }
+                    handled.borrow_mut().push(event.id().as_i64().unwrap());
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    notifier
+}
+
+/// A dead letter whose event the journal delivers again — the process that stored it ended
+/// before the position was saved past it — goes once the handler handles the event: else,
+/// retried later, the stale dead letter would run the event again after newer ones of its
+/// key. A dead letter of an event not delivered again stays. Here consumer `late` stands for
+/// the position not saved past the event: registered before it, it reads it from the journal
+/// after consumer `first` dead-lettered it. Before, the dead letter stayed.
+async fn a_dead_letter_goes_when_its_event_is_handled_later(db: &impl Backend) {
+    db.run("CREATE TABLE orders (id INTEGER PRIMARY KEY)").await;
+    let handled = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let letters = dead_letters(db);
+    let calls = DeadLetterCalls::new(&letters);
+    // `late`'s position, placed before the event.
+    start_billing(db, "late", false, handled.clone())
+        .await
+        .stop()
+        .await
+        .unwrap();
+    let notifier = start_billing(db, "first", true, handled.clone()).await;
+    db.insert_ids("orders", 1..=1).await;
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            calls.dead("billing").await.unwrap().len() == 1
+        })
+        .await,
+        "never dead-lettered: {:?}",
+        letters.list(None, None).await.unwrap()
+    );
+    notifier.stop().await.unwrap();
+    let mut other = attempt("billing", Some(1_000_000), 0);
+    other.state = DeadLetterState::Dead;
+    let other = calls.record(other).await.unwrap();
+
+    let notifier = start_billing(db, "late", false, handled.clone()).await;
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            handled.borrow().contains(&1)
+        })
+        .await,
+        "the event was not delivered again"
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(5), || async {
+            ids(&letters.list(Some("billing"), None).await.unwrap()) == [other]
+        })
+        .await,
+        "the handled event's dead letter stayed: {:?}",
+        letters.list(Some("billing"), None).await.unwrap()
+    );
+    notifier.stop().await.unwrap();
+    assert_eq!(*handled.borrow(), [1]);
+    // The store's delete takes `retrying` and `dead` rows only: a row a retry was asked for
+    // is in the hands of the handler's active process.
+    let mut requested = attempt("billing", Some(2_000_000), 0);
+    requested.state = DeadLetterState::Dead;
+    let requested = calls.record(requested).await.unwrap();
+    assert_eq!(letters.retry(&[requested]).await.unwrap(), 1);
+    assert_eq!(
+        calls.resolve_event("billing", 2_000_000, 0).await.unwrap(),
+        0
+    );
+    assert_eq!(calls.resolve_event("audit", 1_000_000, 0).await.unwrap(), 0);
+    assert_eq!(
+        calls.resolve_event("billing", 1_000_000, 0).await.unwrap(),
+        1
+    );
+    assert_eq!(ids(&letters.list(None, None).await.unwrap()), [requested]);
+}
+
 /// Starting a notifier creates the table with sqlnotify's others; a running notifier's
 /// `dead_letters()` works (and still after `stop()`); `cleanup()` keeps the table and its rows.
 async fn the_install_creates_the_table_and_cleanup_keeps_it(db: &impl Backend) {
@@ -587,6 +695,11 @@ async fn the_install_creates_the_table_and_cleanup_keeps_it(db: &impl Backend) {
 #[actix_rt::test]
 async fn postgres_records_retries_and_discards() {
     a_failure_is_recorded_retried_and_discarded(&Pg::new(Tier::Durable).await).await;
+}
+
+#[actix_rt::test]
+async fn postgres_a_dead_letter_goes_when_its_event_is_handled_later() {
+    a_dead_letter_goes_when_its_event_is_handled_later(&Pg::new(Tier::Durable).await).await;
 }
 
 #[actix_rt::test]
@@ -778,6 +891,12 @@ async fn sqlite_records_retries_and_discards() {
 }
 
 #[actix_rt::test]
+async fn sqlite_a_dead_letter_goes_when_its_event_is_handled_later() {
+    let db = common::sqlite::TempDb::new();
+    a_dead_letter_goes_when_its_event_is_handled_later(&db).await;
+}
+
+#[actix_rt::test]
 async fn sqlite_takers_take_each_row_once() {
     concurrent_takers_take_each_row_once(&common::sqlite::TempDb::new()).await;
 }
@@ -921,6 +1040,11 @@ mod mysql {
     #[actix_rt::test]
     async fn mysql_records_retries_and_discards() {
         a_failure_is_recorded_retried_and_discarded(&TestDb::new().await).await;
+    }
+
+    #[actix_rt::test]
+    async fn mysql_a_dead_letter_goes_when_its_event_is_handled_later() {
+        a_dead_letter_goes_when_its_event_is_handled_later(&TestDb::new().await).await;
     }
 
     #[actix_rt::test]

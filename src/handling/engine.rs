@@ -8,7 +8,11 @@
 //! rows (`retrying`), and a process that becomes active — after a restart or a
 //! consumer-group failover — reads them back, so the count (and the dead-lettering after the
 //! last attempt) continues where the previous process stopped. The events themselves come
-//! back from the journal in commit order, since the position never moved past them.
+//! back from the journal in commit order, since the position never moved past them. It reads
+//! back the `dead` rows too (`Resume`, once per activation: no look at the table per event):
+//! a dead-lettered event comes back when its process ended before the position was saved past
+//! it, and handled now, its dead letter goes — retried later, it would run the event again
+//! after newer ones of its key.
 //!
 //! Dead letters being delivered again (`redelivering`) go back to `requested` when a process
 //! becomes active that may not hold them: at its start, and after it stood by (another
@@ -103,6 +107,44 @@ struct Item {
     /// For a dead letter delivered again, the row this process took (`redelivering`): what
     /// it holds until the attempts end.
     taken: Option<i64>,
+    /// A live event an earlier process dead-lettered (read at activation, [`Resume`]): the
+    /// journal delivers it again when that process ended before the position was saved past
+    /// it. Handled, its row goes ([`DeadLetterStore::resolve_event`]), else the stale dead
+    /// letter, retried later, would run it again after newer events of its key.
+    dead_before: bool,
+}
+
+/// What a process that became active continues, by `(sequence, part)`: the rows an earlier
+/// process left of the events the journal delivers again. Each is taken out by the event it
+/// matches; the rest go at the next activation.
+#[derive(Default)]
+struct Resume {
+    /// Events failing and being retried: their attempt counts continue.
+    retrying: HashMap<(i64, u32), Retrying>,
+    /// Events out of attempts, their dead letters stored and acknowledged: what goes if they
+    /// are handled now. Read once per activation — not a look at the table per event.
+    dead: HashSet<(i64, u32)>,
+}
+
+impl Resume {
+    fn clear(&mut self) {
+        self.retrying.clear();
+        self.dead.clear();
+    }
+
+    /// Gives `item`, a live event, what an earlier process left of it.
+    fn continue_with(&mut self, item: &mut Item) {
+        let Some(sequence) = item.event.sequence() else {
+            return;
+        };
+        let at = (sequence, item.event.part());
+        if let Some(r) = self.retrying.remove(&at) {
+            item.failed = r.attempts;
+            item.row = Some(r.id);
+        } else if self.dead.remove(&at) {
+            item.dead_before = true;
+        }
+    }
 }
 
 enum Outcome {
@@ -227,7 +269,7 @@ impl Engine {
         let mut queues: KeyQueues<Item> = KeyQueues::new(engine.handling.keys_in_flight);
         let mut running = FuturesUnordered::new();
         let mut timers: FuturesUnordered<Delayed> = FuturesUnordered::new();
-        let mut resume: HashMap<(i64, u32), Retrying> = HashMap::new();
+        let mut resume = Resume::default();
         let mut poll = tokio::time::interval(engine.handling.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A look at the dead-letter table under way, and the generation it started in.
@@ -480,13 +522,9 @@ impl Engine {
                             failed: 0,
                             row: None,
                             taken: None,
+                            dead_before: false,
                         };
-                        if let Some(sequence) = item.event.sequence() {
-                            if let Some(r) = resume.remove(&(sequence, item.event.part())) {
-                                item.failed = r.attempts;
-                                item.row = Some(r.id);
-                            }
-                        }
+                        resume.continue_with(&mut item);
                         queues.push(key_of(&item.event), item);
                     }
                     None => {
@@ -568,6 +606,19 @@ impl Engine {
                         log::warn!(
                             "sqlnotify: handler {:?} handled {}.{} key {} but could not \
                              remove its dead-letter row {row}: {e}",
+                            self.handling.name,
+                            item.event.schema(),
+                            item.event.table(),
+                            item.event.id()
+                        );
+                    }
+                } else if let Some(sequence) = item.event.sequence().filter(|_| item.dead_before) {
+                    // Dead-lettered by an earlier process, delivered again: its stale row goes.
+                    let (name, part) = (self.handling.name.clone(), item.event.part());
+                    if let Err(e) = self.store.resolve_event(name, sequence, part).await {
+                        log::warn!(
+                            "sqlnotify: handler {:?} handled {}.{} key {} but could not \
+                             remove the dead letter an earlier process stored of it: {e}",
                             self.handling.name,
                             item.event.schema(),
                             item.event.table(),
@@ -702,10 +753,11 @@ impl Engine {
     }
 
     /// What a process that becomes active continues: the attempt counts of the events that
-    /// were failing, by `(sequence, part)`; and, with `take_back` (it did not hold the role
-    /// since it last took them back: it started, or stood by while another process was
-    /// active), the dead letters a gone process was delivering again go back to `requested`.
-    async fn activate(&self, take_back: bool) -> HashMap<(i64, u32), Retrying> {
+    /// were failing, and the events that are dead, by `(sequence, part)`; and, with
+    /// `take_back` (it did not hold the role since it last took them back: it started, or
+    /// stood by while another process was active), the dead letters a gone process was
+    /// delivering again go back to `requested`.
+    async fn activate(&self, take_back: bool) -> Resume {
         let name = &self.handling.name;
         if take_back {
             let every = Target::Handler(name.clone());
@@ -716,7 +768,7 @@ impl Engine {
                 );
             }
         }
-        match self.store.retrying(name.clone()).await {
+        let retrying = match self.store.retrying(name.clone()).await {
             Ok(rows) => rows
                 .into_iter()
                 .map(|r| ((r.sequence, r.part), r))
@@ -728,7 +780,19 @@ impl Engine {
                 );
                 HashMap::new()
             }
-        }
+        };
+        let dead = match self.store.dead(name.clone()).await {
+            Ok(rows) => rows.into_iter().map(|r| (r.sequence, r.part)).collect(),
+            Err(e) => {
+                log::warn!(
+                    "sqlnotify: handler {name:?} could not read its dead events (a dead letter \
+                     whose event the journal delivers again and which is handled now stays): \
+                     {e}"
+                );
+                HashSet::new()
+            }
+        };
+        Resume { retrying, dead }
     }
 
     /// A look at the dead-letter table: the dead letters a retry was asked for (at most
@@ -751,6 +815,7 @@ impl Engine {
                                 failed: 0,
                                 row: Some(letter.id),
                                 taken: Some(letter.id),
+                                dead_before: false,
                             }),
                             Err(e) => {
                                 let failure = Failure {
@@ -883,6 +948,12 @@ mod tests {
         fn retrying(&self, _: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
             self.reads.fetch_add(1, Ordering::Relaxed);
             ok(Vec::new())
+        }
+        fn dead(&self, _: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+            ok(Vec::new())
+        }
+        fn resolve_event(&self, _: String, _: i64, _: u32) -> BoxFuture<'static, Result<u64>> {
+            ok(0)
         }
         fn take_requested(
             &self,

@@ -107,6 +107,45 @@ impl MysqlDeadLetters {
     }
 }
 
+impl MysqlDeadLetters {
+    /// `handler`'s rows in `state` that have a sequence, oldest first.
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.call(false, Vec::new(), move |conn, table| {
+            Box::pin(async move {
+                let rows: Vec<Row> = conn
+                    .exec(
+                        format!(
+                            "SELECT `id`, `sequence`, `part`, `attempts` FROM {table} \
+                             WHERE `handler` = ? AND `state` = ? \
+                               AND `sequence` IS NOT NULL ORDER BY `id`"
+                        ),
+                        (handler.as_str(), state),
+                    )
+                    .await
+                    .map_err(db_err(format!(
+                        "reading the {state} events of handler {handler:?} from {DEAD_LETTERS}"
+                    )))?;
+                rows.into_iter()
+                    .map(|mut row| {
+                        let id: i64 = value(&mut row, 0, 0, "id")?;
+                        Retrying::checked(
+                            DEAD_LETTERS,
+                            id,
+                            value(&mut row, 1, id, "sequence")?,
+                            value(&mut row, 2, id, "part")?,
+                            value(&mut row, 3, id, "attempts")?,
+                        )
+                    })
+                    .collect()
+            })
+        })
+    }
+}
+
 async fn exists(conn: &mut Conn, database: &str) -> Result<bool> {
     let n: Option<i64> = conn
         .exec_first(
@@ -407,33 +446,34 @@ impl DeadLetterStore for MysqlDeadLetters {
     }
 
     fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.call(false, Vec::new(), move |conn, table| {
+        self.in_state(handler, "retrying")
+    }
+
+    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.in_state(handler, "dead")
+    }
+
+    fn resolve_event(
+        &self,
+        handler: String,
+        sequence: i64,
+        part: u32,
+    ) -> BoxFuture<'static, Result<u64>> {
+        self.call(false, 0, move |conn, table| {
             Box::pin(async move {
-                let rows: Vec<Row> = conn
-                    .exec(
-                        format!(
-                            "SELECT `id`, `sequence`, `part`, `attempts` FROM {table} \
-                             WHERE `handler` = ? AND `state` = 'retrying' \
-                               AND `sequence` IS NOT NULL ORDER BY `id`"
-                        ),
-                        (handler.as_str(),),
-                    )
-                    .await
-                    .map_err(db_err(format!(
-                        "reading the events handler {handler:?} retries from {DEAD_LETTERS}"
-                    )))?;
-                rows.into_iter()
-                    .map(|mut row| {
-                        let id: i64 = value(&mut row, 0, 0, "id")?;
-                        Retrying::checked(
-                            DEAD_LETTERS,
-                            id,
-                            value(&mut row, 1, id, "sequence")?,
-                            value(&mut row, 2, id, "part")?,
-                            value(&mut row, 3, id, "attempts")?,
-                        )
-                    })
-                    .collect()
+                conn.exec_drop(
+                    format!(
+                        "DELETE FROM {table} WHERE `handler` = ? AND `sequence` = ? \
+                         AND `part` = ? AND `state` IN ('retrying', 'dead')"
+                    ),
+                    (handler.as_str(), sequence, part),
+                )
+                .await
+                .map_err(db_err(format!(
+                    "deleting the row of handler {handler:?} at sequence {sequence} from \
+                     {DEAD_LETTERS}"
+                )))?;
+                Ok(conn.affected_rows())
             })
         })
     }

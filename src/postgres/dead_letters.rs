@@ -128,6 +128,40 @@ impl PgDeadLetters {
     }
 }
 
+impl PgDeadLetters {
+    /// `handler`'s rows in `state` that have a sequence, oldest first.
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.call(false, Vec::new(), move |client| {
+            Box::pin(async move {
+                let sql = format!(
+                    "SELECT id, sequence, part::int8, attempts::int8 FROM {}
+                      WHERE handler = $1 AND state = $2 AND sequence IS NOT NULL
+                      ORDER BY id",
+                    table()
+                );
+                let rows = client
+                    .query_typed(&sql, &[(&handler, Type::TEXT), (&state, Type::TEXT)])
+                    .await
+                    .map_err(|e| {
+                        Error::db(
+                            format!(
+                                "reading the {state} events of handler {handler:?} from {TABLE}"
+                            ),
+                            e,
+                        )
+                    })?;
+                rows.iter()
+                    .map(|r| Retrying::checked(TABLE, r.get(0), r.get(1), r.get(2), r.get(3)))
+                    .collect()
+            })
+        })
+    }
+}
+
 async fn exists(client: &Client) -> Result<bool> {
     Ok(client
         .query_typed_one(
@@ -284,26 +318,45 @@ impl DeadLetterStore for PgDeadLetters {
     }
 
     fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.call(false, Vec::new(), move |client| {
+        self.in_state(handler, "retrying")
+    }
+
+    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.in_state(handler, "dead")
+    }
+
+    fn resolve_event(
+        &self,
+        handler: String,
+        sequence: i64,
+        part: u32,
+    ) -> BoxFuture<'static, Result<u64>> {
+        self.call(false, 0, move |client| {
             Box::pin(async move {
                 let sql = format!(
-                    "SELECT id, sequence, part::int8, attempts::int8 FROM {}
-                      WHERE handler = $1 AND state = 'retrying' AND sequence IS NOT NULL
-                      ORDER BY id",
+                    "DELETE FROM {} WHERE handler = $1 AND sequence = $2 AND part = $3
+                        AND state IN ('retrying', 'dead')",
                     table()
                 );
-                let rows = client
-                    .query_typed(&sql, &[(&handler, Type::TEXT)])
+                client
+                    .execute_typed(
+                        &sql,
+                        &[
+                            (&handler, Type::TEXT),
+                            (&sequence, Type::INT8),
+                            (&int4(part), Type::INT4),
+                        ],
+                    )
                     .await
                     .map_err(|e| {
                         Error::db(
-                            format!("reading the events handler {handler:?} retries from {TABLE}"),
+                            format!(
+                                "deleting the row of handler {handler:?} at sequence {sequence} \
+                                 from {TABLE}"
+                            ),
                             e,
                         )
-                    })?;
-                rows.iter()
-                    .map(|r| Retrying::checked(TABLE, r.get(0), r.get(1), r.get(2), r.get(3)))
-                    .collect()
+                    })
             })
         })
     }

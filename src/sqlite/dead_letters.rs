@@ -101,6 +101,44 @@ impl SqliteDeadLetters {
     }
 }
 
+impl SqliteDeadLetters {
+    /// `handler`'s rows in `state` that have a sequence, oldest first.
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.call(false, Vec::new(), move |conn| {
+            let context = format!("reading the {state} events of handler {handler:?} from {TABLE}");
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT id, sequence, part, attempts FROM {TABLE} \
+                     WHERE handler = ?1 AND state = ?2 AND sequence IS NOT NULL ORDER BY id"
+                ))
+                .map_err(db_err(&context))?;
+            let rows = stmt
+                .query_map(params![handler, state], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .and_then(|rows| {
+                    rows.collect::<rusqlite::Result<Vec<(i64, Value, Value, Value)>>>()
+                })
+                .map_err(db_err(&context))?;
+            rows.into_iter()
+                .map(|(id, sequence, part, attempts)| {
+                    Retrying::checked(
+                        TABLE,
+                        id,
+                        integer(id, "sequence", sequence)?,
+                        integer(id, "part", part)?,
+                        integer(id, "attempts", attempts)?,
+                    )
+                })
+                .collect()
+        })
+    }
+}
+
 fn exists(conn: &Connection) -> Result<bool> {
     conn.query_row(
         "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
@@ -275,33 +313,32 @@ impl DeadLetterStore for SqliteDeadLetters {
     }
 
     fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.call(false, Vec::new(), move |conn| {
-            let context = format!("reading the events handler {handler:?} retries from {TABLE}");
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT id, sequence, part, attempts FROM {TABLE} \
-                     WHERE handler = ?1 AND state = 'retrying' AND sequence IS NOT NULL ORDER BY id"
-                ))
-                .map_err(db_err(&context))?;
-            let rows = stmt
-                .query_map([&handler], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
-                .and_then(|rows| {
-                    rows.collect::<rusqlite::Result<Vec<(i64, Value, Value, Value)>>>()
-                })
-                .map_err(db_err(&context))?;
-            rows.into_iter()
-                .map(|(id, sequence, part, attempts)| {
-                    Retrying::checked(
-                        TABLE,
-                        id,
-                        integer(id, "sequence", sequence)?,
-                        integer(id, "part", part)?,
-                        integer(id, "attempts", attempts)?,
-                    )
-                })
-                .collect()
+        self.in_state(handler, "retrying")
+    }
+
+    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.in_state(handler, "dead")
+    }
+
+    fn resolve_event(
+        &self,
+        handler: String,
+        sequence: i64,
+        part: u32,
+    ) -> BoxFuture<'static, Result<u64>> {
+        self.call(false, 0, move |conn| {
+            let n = conn
+                .execute(
+                    &format!(
+                        "DELETE FROM {TABLE} WHERE handler = ?1 AND sequence = ?2 AND part = ?3 \
+                         AND state IN ('retrying', 'dead')"
+                    ),
+                    params![handler, sequence, part],
+                )
+                .map_err(db_err(format!(
+                    "deleting the row of handler {handler:?} at sequence {sequence} from {TABLE}"
+                )))?;
+            Ok(n as u64)
         })
     }
 
