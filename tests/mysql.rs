@@ -932,6 +932,35 @@ async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
     drop(a);
 }
 
+/// A burst of control calls (50 `notify`s at once) queues for at most four control
+/// connections instead of opening one each (up to `max_connections`, which then refused the
+/// listener's reconnect and the application's own connections too).
+#[actix_rt::test]
+async fn a_burst_of_control_calls_shares_a_few_connections() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    // prefer_socket=false: mysql_async would otherwise move a loopback connection to the
+    // server's unix socket, past the proxy.
+    let (proxy, through) = common::proxy::in_front_of(&db.url, "prefer_socket=false").await;
+    let notifier = Notifier::builder(&through)
+        .watch(Watch::new("t", Operation::Insert))
+        .start()
+        .await
+        .unwrap();
+    let before = proxy.forwarded();
+    let sent = futures_util::future::join_all(
+        (0..50).map(|id| notifier.notify("t", Operation::Insert, json!({ "id": id }))),
+    )
+    .await;
+    assert!(sent.iter().all(Result::is_ok), "{sent:?}");
+    // Four connections; a connect may take two sockets (TLS asked first, then plain, on a
+    // server without TLS).
+    let opened = proxy.forwarded() - before;
+    assert!(opened <= 8, "{opened} sockets opened for 50 calls");
+    assert_eq!(db.count("SELECT COUNT(*) FROM sqlnotify_journal").await, 50);
+    notifier.stop().await.unwrap();
+}
+
 /// The control connection is out of its slot, and its lock let go, while a statement runs on
 /// it: a call stuck on a path gone silent (here the retention purge) holds up no other call,
 /// which opens a connection of its own. `notify` waited behind it for ever before.

@@ -148,12 +148,17 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
     })
 }
 
-/// The dialect's own connection (catalog, install, notify, retention), opened on first use
-/// and reopened after a failure.
+/// The dialect's own connections (catalog, install, notify, retention): at most
+/// [`MAX_CONTROL_CONNECTIONS`] at once, opened on first use and reopened after a failure.
 struct Control {
     opts: MysqlConfig,
-    /// The connection and when it was last used.
-    conn: Arc<tokio::sync::Mutex<Option<(Conn, Instant)>>>,
+    /// The connections not in use, and when each was last used.
+    idle: std::sync::Mutex<Vec<(Conn, Instant)>>,
+    /// One permit per connection in use.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Set by [`close`](Control::close): a call that ends afterwards closes its connection
+    /// instead of keeping it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// A control connection idle for longer than this is pinged before use: the server may have
@@ -162,19 +167,31 @@ struct Control {
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// How long that ping may take.
 const PING_LIMIT: Duration = Duration::from_secs(5);
-/// How long opening the control connection may take.
+/// How long opening a control connection may take.
 const CONNECT_LIMIT: Duration = Duration::from_secs(30);
+/// Most control connections at once: a call stuck on the server (a purge behind a lock, a
+/// path gone silent) holds one, and the others go on; a burst of calls (many `notify`s, every
+/// handler's dead-letter writes) queues for these instead of opening one each.
+const MAX_CONTROL_CONNECTIONS: usize = 4;
 
 impl Control {
-    /// Runs `f` on the connection. A failed or abandoned call drops the connection (the next
-    /// call opens a new one), so a broken connection is never reused.
+    fn new(opts: MysqlConfig) -> Self {
+        Control {
+            opts,
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS)),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on a connection of its own. A failed or abandoned call drops its connection
+    /// (the next call opens a new one), so a broken connection is never reused.
     ///
-    /// The connection is taken out of its slot and the lock let go before anything waits on
-    /// the server: a call already running (a purge behind a lock, a connection whose path went
-    /// silent, a connect the server never answers) holds up no other — which opens a
-    /// connection of its own, kept afterwards if the slot is empty, else closed. Held, the
-    /// lock made every `notify`, dead-letter write and consumer listing wait for the slowest
-    /// call before it, for ever on a silent path.
+    /// No lock is held while anything waits on the server: a call already running (a purge
+    /// behind a lock, a connection whose path went silent, a connect the server never
+    /// answers) holds up no other while a connection is free — held, one lock made every
+    /// `notify`, dead-letter write and consumer listing wait for the slowest call before it,
+    /// for ever on a silent path.
     fn run<T, F>(self: &Arc<Self>, f: F) -> BoxFuture<'static, Result<T>>
     where
         T: Send + 'static,
@@ -182,22 +199,14 @@ impl Control {
     {
         let control = self.clone();
         Box::pin(async move {
-            // Out of the slot while in use: should this future be dropped part way (a client
+            let _permit = (control.permits.clone())
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::NotRunning)?;
+            // Out of the pool while in use: should this future be dropped part way (a client
             // that resumes a stream and goes), the connection, its reply half read, goes with
             // it instead of handing that reply to the next statement.
-            let idle = control.conn.lock().await.take();
-            let reusable = match idle {
-                Some((mut conn, used)) => {
-                    let alive = used.elapsed() <= CHECK_IDLE_AFTER
-                        || matches!(
-                            tokio::time::timeout(PING_LIMIT, conn.ping()).await,
-                            Ok(Ok(()))
-                        );
-                    alive.then_some(conn)
-                }
-                None => None,
-            };
-            let mut conn = match reusable {
+            let mut conn = match control.take_idle().await {
                 Some(conn) => conn,
                 None => control.connect().await?,
             };
@@ -205,16 +214,38 @@ impl Control {
             if matches!(result, Err(Error::Database { .. })) {
                 let _ = conn.disconnect().await;
             } else {
-                let mut slot = control.conn.lock().await;
-                if slot.is_none() {
-                    *slot = Some((conn, Instant::now()));
-                } else {
-                    drop(slot);
-                    let _ = conn.disconnect().await;
-                }
+                control.put_back(conn).await;
             }
             result
         })
+    }
+
+    /// An idle connection still alive, if any (one idle for over [`CHECK_IDLE_AFTER`] is
+    /// pinged first; a dead one is dropped).
+    async fn take_idle(&self) -> Option<Conn> {
+        loop {
+            let (mut conn, used) = self.idle.lock().expect("not poisoned").pop()?;
+            if used.elapsed() <= CHECK_IDLE_AFTER
+                || matches!(
+                    tokio::time::timeout(PING_LIMIT, conn.ping()).await,
+                    Ok(Ok(()))
+                )
+            {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Keeps `conn` for the next call, unless the dialect was closed meanwhile.
+    async fn put_back(&self, conn: Conn) {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = conn.disconnect().await;
+            return;
+        }
+        self.idle
+            .lock()
+            .expect("not poisoned")
+            .push((conn, Instant::now()));
     }
 
     /// A new connection, within [`CONNECT_LIMIT`]: mysql_async bounds no part of a connect,
@@ -229,10 +260,15 @@ impl Control {
         }
     }
 
+    /// Closes the idle connections; a call still running closes its own when it ends.
     fn close(self: &Arc<Self>) -> BoxFuture<'static, ()> {
-        let conn = self.conn.clone();
+        let control = self.clone();
         Box::pin(async move {
-            if let Some((conn, _)) = conn.lock().await.take() {
+            control
+                .closed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let idle = std::mem::take(&mut *control.idle.lock().expect("not poisoned"));
+            for (conn, _) in idle {
                 let _ = conn.disconnect().await;
             }
         })
@@ -261,10 +297,7 @@ impl Mysql {
     pub fn new(url: &str, options: DialectOptions) -> Result<Self> {
         let target = parse_url(url)?;
         Ok(Mysql {
-            control: Arc::new(Control {
-                opts: target.opts.clone(),
-                conn: Arc::new(tokio::sync::Mutex::new(None)),
-            }),
+            control: Arc::new(Control::new(target.opts.clone())),
             opts: target.opts,
             database: Arc::from(target.database),
             gap_timeout: options.gap_timeout.unwrap_or(target.gap_timeout),

@@ -14,6 +14,7 @@ pub struct Proxy {
     epoch: Arc<AtomicU64>,
     swallowed: Arc<AtomicU64>,
     stalled: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -25,11 +26,13 @@ impl Proxy {
         let epoch = Arc::new(AtomicU64::new(0));
         let swallowed = Arc::new(AtomicU64::new(0));
         let stalled = Arc::new(AtomicU64::new(0));
-        let (o, e, w, st) = (
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (o, e, w, st, fw) = (
             open.clone(),
             epoch.clone(),
             swallowed.clone(),
             stalled.clone(),
+            forwarded.clone(),
         );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -41,6 +44,7 @@ impl Proxy {
                 let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
                     continue;
                 };
+                fw.fetch_add(1, Ordering::SeqCst);
                 let born = e.load(Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
@@ -54,7 +58,13 @@ impl Proxy {
             epoch,
             swallowed,
             stalled,
+            forwarded,
         }
+    }
+
+    /// How many connections were made and forwarded so far.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::SeqCst)
     }
 
     /// How many connections were made while the path was down (taken, never answered).
