@@ -221,13 +221,13 @@ impl DeadGauge {
 
     /// This engine counts `dead` now.
     fn set(&mut self, dead: u64) {
-        // Added before the old count is taken back: the gauge never goes below zero.
-        self.counters
-            .dead_letters
-            .fetch_add(dead, Ordering::Relaxed);
-        self.counters
-            .dead_letters
-            .fetch_sub(self.counted, Ordering::Relaxed);
+        // One change by the difference: a `stats()` in between never reads both counts.
+        let gauge = &self.counters.dead_letters;
+        match dead.cmp(&self.counted) {
+            std::cmp::Ordering::Greater => gauge.fetch_add(dead - self.counted, Ordering::Relaxed),
+            std::cmp::Ordering::Less => gauge.fetch_sub(self.counted - dead, Ordering::Relaxed),
+            std::cmp::Ordering::Equal => 0,
+        };
         self.counted = dead;
     }
 }
