@@ -932,6 +932,64 @@ async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
     drop(a);
 }
 
+/// A listener waiting for room in the pipeline (a subscriber holding it) keeps its connection,
+/// and a named consumer its lease: it pings the connection meanwhile. The server ends a
+/// connection that sends nothing for its `wait_timeout` (six health checks, at least 10 s):
+/// it ended the waiting listener's, a `Disconnected` and, in a group, a failover for nothing.
+#[actix_rt::test]
+async fn a_listener_waiting_for_room_keeps_its_connection() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY)").await;
+    let notifier = Notifier::builder(&db.url)
+        .watch(Watch::new("t", Operation::Insert))
+        .consumer("waiting")
+        .max_in_flight(1_024)
+        .health_check_interval(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let mut statuses = common::statuses(&notifier).await;
+    let (release, mut events, arbiter) = common::subscribe_gated(
+        &notifier,
+        Subscription::new("t", Operation::Insert)
+            .policy(sqlnotify::OverflowPolicy::Wait)
+            .buffer(10),
+    )
+    .await;
+    // Past the in-flight budget (1,024, the least).
+    const N: i64 = 3_000;
+    insert_rows(&db, "t", 1..=N).await;
+    assert!(
+        wait_until(ARRIVES_WITHIN, || async {
+            notifier.stats().await.unwrap().received > 0
+        })
+        .await
+    );
+    // Held past the connection's wait_timeout (10 s here).
+    let held = wait_until(Duration::from_secs(13), || async {
+        notifier.stats().await.unwrap().received >= N as u64
+    })
+    .await;
+    assert!(!held, "the subscriber held the pipeline");
+    release.send(()).unwrap();
+    for id in 1..=N {
+        let event = tokio::time::timeout(ARRIVES_WITHIN, events.recv())
+            .await
+            .expect("events keep arriving")
+            .unwrap();
+        assert_eq!(event.id().as_i64(), Some(id), "every row once, in order");
+    }
+    while let Ok(status) = statuses.try_recv() {
+        assert!(
+            !matches!(status, Status::Disconnected { .. } | Status::Gap { .. }),
+            "{status:?}"
+        );
+    }
+    assert_eq!(notifier.stats().await.unwrap().restarts, 0);
+    notifier.stop().await.unwrap();
+    arbiter.stop();
+}
+
 /// A burst of control calls (50 `notify`s at once) queues for at most four control
 /// connections instead of opening one each (up to `max_connections`, which then refused the
 /// listener's reconnect and the application's own connections too).

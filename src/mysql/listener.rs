@@ -307,10 +307,9 @@ impl MysqlSource {
 }
 
 /// The listener's connection's `wait_timeout` for `health_check`: a multiple of it, since
-/// a listener that reads nothing still checks its connection every interval (except while it
-/// waits for room in the pipeline: a subscriber that holds it longer than this costs the
-/// connection, and a named consumer its lease, which it takes again or a standby takes; the
-/// journal keeps the rows). Whole seconds, at least [`MIN_IDLE_LIMIT`].
+/// a listener that reads nothing still checks its connection every interval, and one waiting
+/// for room in the pipeline pings it (`keeping_open`). Whole seconds, at least
+/// [`MIN_IDLE_LIMIT`].
 fn idle_limit(health_check: Duration) -> Duration {
     /// The server's largest `wait_timeout` (365 days).
     const MAX_WAIT_TIMEOUT_SECS: u64 = 31_536_000;
@@ -728,6 +727,28 @@ impl MysqlSource {
         Ok(())
     }
 
+    /// Waits for `handing_over`, a hand-over that may wait for room in the pipeline (a slow
+    /// subscriber), pinging `conn` every [`query_limit`](Self::query_limit) meanwhile: the
+    /// server ends a connection that sends nothing for its `wait_timeout` (six health checks),
+    /// and a named consumer's lease with it, while this listener is alive and only waiting.
+    async fn keeping_open<T>(
+        &self,
+        conn: &mut Conn,
+        handing_over: impl Future<Output = T>,
+    ) -> Result<T> {
+        let mut handing_over = std::pin::pin!(handing_over);
+        loop {
+            match tokio::time::timeout(self.query_limit, &mut handing_over).await {
+                Ok(done) => return Ok(done),
+                Err(_) => {
+                    let what = "keeping the listener's connection open while waiting for room";
+                    self.within(what, async { conn.ping().await.map_err(db_err(what)) })
+                        .await?
+                }
+            }
+        }
+    }
+
     /// Hands the rows a read planned over, in their order, share by share (see
     /// [`READ_BYTES`]): fetches the payloads of a share not read along, hands it to `outlet`,
     /// marks its rows read,
@@ -799,7 +820,7 @@ impl MysqlSource {
                 });
             }
             // Rows count as read only once handed over.
-            match outlet.forward(batch).await {
+            match self.keeping_open(conn, outlet.forward(batch)).await? {
                 Some(n) => forwarded += n,
                 None => return Ok(None),
             }
