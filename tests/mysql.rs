@@ -932,6 +932,50 @@ async fn a_member_gone_silent_leaves_the_lease_to_a_standby() {
     drop(a);
 }
 
+/// Default channel names join schema, table and operation with `_`: `x_b.c` and `x.b_c` both
+/// give `sqlnotify_x_b_c_insert`. A second notifier watching the other table is refused,
+/// naming both; it used to replace the first one's catalog entry and write its rows into the
+/// journal under the same channel, so each notifier received the other table's changes as its
+/// own.
+#[actix_rt::test]
+async fn a_default_channel_installed_for_another_table_is_refused() {
+    let db = TestDb::new().await;
+    let other = TestDb::named(&db.server, format!("{}_b", db.name)).await;
+    other.exec("CREATE TABLE c (id INT PRIMARY KEY)").await;
+    db.exec("CREATE TABLE b_c (id INT PRIMARY KEY)").await;
+    let first = Notifier::builder(&db.url)
+        .watch(Watch::new("c", Operation::Insert).schema(&other.name))
+        .start()
+        .await
+        .unwrap();
+    let refused = Notifier::builder(&db.url)
+        .watch(Watch::new("b_c", Operation::Insert))
+        .start()
+        .await;
+    let Err(e) = refused else {
+        panic!("the second watch took the channel");
+    };
+    let channel = format!("sqlnotify_{}_b_c_insert", db.name);
+    assert!(
+        matches!(&e, Error::ChannelTaken { channel: c, watch, installed_watch }
+            if *c == channel
+                && *watch == format!("{}.b_c INSERT", db.name)
+                && *installed_watch == format!("{}.c INSERT", other.name)),
+        "{e:?}"
+    );
+    // The first notifier still hears its table, and only its table.
+    let mut events = Events::subscribe(
+        &first,
+        Subscription::new("c", Operation::Insert).schema(&other.name),
+    )
+    .await;
+    db.exec("INSERT INTO b_c VALUES (2)").await;
+    other.exec("INSERT INTO c VALUES (1)").await;
+    assert_eq!(events.next().await.id().as_i64(), Some(1));
+    events.assert_empty();
+    first.stop().await.unwrap();
+}
+
 /// A listener waiting for room in the pipeline (a subscriber holding it) keeps its connection,
 /// and a named consumer its lease: it pings the connection meanwhile. The server ends a
 /// connection that sends nothing for its `wait_timeout` (six health checks, at least 10 s):

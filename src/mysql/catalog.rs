@@ -210,19 +210,35 @@ async fn installed_state(
     if !catalog {
         return Ok(Installed::Missing);
     }
-    let recorded: Option<Vec<u8>> = conn
+    type Entry = (Vec<u8>, String, String, String);
+    let recorded: Option<Entry> = conn
         .exec_first(
             format!(
-                "SELECT `definition` FROM {} WHERE `channel` = ?",
+                "SELECT `definition`, `table_schema`, `table_name`, `operation` FROM {} \
+                 WHERE `channel` = ?",
                 qualified(database, CATALOG)
             ),
             (name,),
         )
         .await
         .map_err(db_err(format!("reading the catalog entry of {name}")))?;
-    let Some(recorded) = recorded else {
+    let Some((recorded, schema, table, operation)) = recorded else {
         return Ok(Installed::Missing);
     };
+    // A label may move to another table (its old trigger is dropped, by design); a default
+    // name is the table's own (`a_b.c` and `a.b_c` both give `sqlnotify_a_b_c_insert`), so
+    // another table's entry under it is a collision — while that table still has the
+    // channel's trigger (else the entry is stale: the table renamed or dropped).
+    if w.channel.label.is_none() && (schema != w.channel.schema || table != w.channel.table) {
+        let installed = trigger_table(conn, &schema, name).await?;
+        if installed.is_some_and(|t| t.table == table) {
+            return Err(Error::ChannelTaken {
+                channel: name.clone(),
+                watch: describe(w),
+                installed_watch: format!("{schema}.{table} {}", operation.to_ascii_uppercase()),
+            });
+        }
+    }
     let on_table = trigger.as_ref().is_some_and(|t| t.table == w.channel.table);
     // A trigger created under another sql_mode (by hand, or by an older version) could fail
     // the user's writes: it counts as changed.

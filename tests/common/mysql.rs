@@ -65,8 +65,13 @@ impl TestDb {
 
     /// A database of its own on the server `server` (an administrator's URL) connects to.
     pub async fn on(server: &str) -> TestDb {
+        TestDb::named(server, super::unique_name("sqlnotify_test")).await
+    }
+
+    /// Database `name` on the server `server` (an administrator's URL) connects to, made now
+    /// and dropped with the value.
+    pub async fn named(server: &str, name: String) -> TestDb {
         super::init_logging();
-        let name = super::unique_name("sqlnotify_test");
         let mut admin = connect(server).await;
         admin
             .query_drop(format!(
