@@ -231,7 +231,8 @@ async fn installed_state(
     // channel's trigger (else the entry is stale: the table renamed or dropped).
     if w.channel.label.is_none() && (schema != w.channel.schema || table != w.channel.table) {
         let installed = trigger_table(conn, &schema, name).await?;
-        if installed.is_some_and(|t| t.table == table) {
+        // Any case: with `lower_case_table_names` the server shows the table in lower case.
+        if installed.is_some_and(|t| t.table.eq_ignore_ascii_case(&table)) {
             return Err(Error::ChannelTaken {
                 channel: name.clone(),
                 watch: describe(w),

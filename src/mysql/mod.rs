@@ -199,10 +199,24 @@ impl Control {
     {
         let control = self.clone();
         Box::pin(async move {
-            let _permit = (control.permits.clone())
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::NotRunning)?;
+            // Bounded: should every connection be stuck on a path gone silent, calls fail
+            // after the wait instead of queueing for ever.
+            let permit =
+                tokio::time::timeout(CONNECT_LIMIT, control.permits.clone().acquire_owned());
+            let _permit = match permit.await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(Error::NotRunning),
+                Err(_) => {
+                    return Err(Error::Database {
+                        context: "waiting for a MySQL control connection".into(),
+                        source: format!(
+                            "all {MAX_CONTROL_CONNECTIONS} were busy for {CONNECT_LIMIT:?} \
+                             (statements stuck on the server?)"
+                        )
+                        .into(),
+                    })
+                }
+            };
             // Out of the pool while in use: should this future be dropped part way (a client
             // that resumes a stream and goes), the connection, its reply half read, goes with
             // it instead of handing that reply to the next statement.

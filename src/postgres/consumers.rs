@@ -60,17 +60,17 @@ const PURGE_LOCK_TIMEOUT: &str = "10s";
 /// bound all the same.
 const PURGE_STATEMENT_TIMEOUT: &str = "5min";
 
-/// Set on the purge's connection before its first transaction (session settings of a
-/// connection opened for this purge alone): [`PURGE_IDLE_IN_TRANSACTION`],
-/// [`PURGE_LOCK_TIMEOUT`], [`PURGE_STATEMENT_TIMEOUT`], and the listener's server-side TCP
+/// Set in each of the purge's transactions (`SET LOCAL`: through a pooler in transaction
+/// mode, a session setting would stay on a server connection the application's transactions
+/// use next): [`PURGE_IDLE_IN_TRANSACTION`], [`PURGE_LOCK_TIMEOUT`],
+/// [`PURGE_STATEMENT_TIMEOUT`]. The connection itself gets the listener's server-side TCP
 /// keepalive (`listener::KEEPALIVE`), so the server finds a silent peer within seconds while
 /// the connection waits for it.
 fn purge_guards() -> String {
     format!(
-        "SET idle_in_transaction_session_timeout = '{PURGE_IDLE_IN_TRANSACTION}'; \
-         SET lock_timeout = '{PURGE_LOCK_TIMEOUT}'; \
-         SET statement_timeout = '{PURGE_STATEMENT_TIMEOUT}'; {}",
-        super::listener::KEEPALIVE
+        "SET LOCAL idle_in_transaction_session_timeout = '{PURGE_IDLE_IN_TRANSACTION}'; \
+         SET LOCAL lock_timeout = '{PURGE_LOCK_TIMEOUT}'; \
+         SET LOCAL statement_timeout = '{PURGE_STATEMENT_TIMEOUT}'"
     )
 }
 
@@ -538,9 +538,9 @@ pub(crate) async fn purge_journal(
     }
     let mut client = Control::connect(control.config(), "purge").await?;
     client
-        .batch_execute(&purge_guards())
+        .batch_execute(super::listener::KEEPALIVE)
         .await
-        .map_err(|e| Error::db("setting up the purge's connection (timeouts, keepalive)", e))?;
+        .map_err(|e| Error::db("setting up the purge's connection (keepalive)", e))?;
     purge_in_transactions(&mut client, retention).await
 }
 
@@ -595,6 +595,7 @@ async fn purge_in_transactions(client: &mut Client, retention: std::time::Durati
     let (mut total, mut first) = (0u64, true);
     loop {
         let tx = client.transaction().await.map_err(err)?;
+        tx.batch_execute(&purge_guards()).await.map_err(err)?;
         if std::mem::take(&mut first) {
             for row in tx
                 .query_typed(&expire, &[(&inactive, Type::TEXT_ARRAY)])
@@ -683,11 +684,9 @@ mod tests {
     fn the_purge_connection_bounds_its_waits_and_keeps_alive() {
         let sql = purge_guards();
         for setting in [
-            "SET idle_in_transaction_session_timeout = '30s';",
-            "SET lock_timeout = '10s';",
-            "SET statement_timeout = '5min';",
-            "SET tcp_keepalives_idle = 1;",
-            "SET tcp_keepalives_count = 3",
+            "SET LOCAL idle_in_transaction_session_timeout = '30s';",
+            "SET LOCAL lock_timeout = '10s';",
+            "SET LOCAL statement_timeout = '5min'",
         ] {
             assert!(sql.contains(setting), "{setting}: {sql}");
         }
