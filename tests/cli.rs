@@ -681,8 +681,8 @@ fn install_sql_prints_the_ddl_and_installs_nothing() {
     };
     assert_eq!(
         readable("r", "SELECT"),
-        7,
-        "catalog, signing, overflow, journal, consumers, dead_letters, trimmed"
+        8,
+        "catalog, signing, overflow, journal, consumers, dead_letters, trimmed, effects"
     );
     assert_eq!(
         readable("S", "USAGE"),
