@@ -505,20 +505,39 @@ async fn a_row_the_driver_cannot_convert_is_an_error_and_handlers_go_on(
 /// Starts consumer `limit` with handler `limit`, which fails on every event (1,000 attempts,
 /// 200 ms apart).
 async fn start_always_failing(db: &impl Backend) -> sqlnotify::Notifier {
+    start_failing(
+        db,
+        "limit",
+        1_000,
+        Duration::from_millis(200),
+        "always fails",
+    )
+    .await
+}
+
+/// Starts consumer `name` on the inserts into `orders`, with handler `name`, which fails on
+/// every event with `error` (`attempts` attempts, `delay` apart).
+async fn start_failing(
+    db: &impl Backend,
+    name: &str,
+    attempts: u32,
+    delay: Duration,
+    error: &'static str,
+) -> sqlnotify::Notifier {
     let notifier = db
         .builder()
         .watch(db.watch("orders", Operation::Insert))
-        .consumer("limit")
+        .consumer(name)
         .start()
         .await
         .unwrap();
     notifier
         .handle(
             sqlnotify::Subscription::new("orders", Operation::Insert),
-            sqlnotify::Handling::new("limit")
-                .max_attempts(1_000)
-                .backoff(Duration::from_millis(200), Duration::from_millis(200)),
-            |_: sqlnotify::ChangeEvent| async { Err::<(), _>("always fails".into()) },
+            sqlnotify::Handling::new(name)
+                .max_attempts(attempts)
+                .backoff(delay, delay),
+            move |_: sqlnotify::ChangeEvent| async move { Err::<(), _>(error.into()) },
         )
         .await
         .unwrap();
@@ -778,23 +797,7 @@ async fn postgres_a_requested_row_the_driver_cannot_read_is_marked_dead_and_the_
 async fn postgres_an_error_with_a_nul_ends_in_a_dead_letter() {
     let db = Pg::new(Tier::Durable).await;
     db.run("CREATE TABLE orders (id bigint PRIMARY KEY)").await;
-    let notifier = db
-        .builder()
-        .watch(db.watch("orders", Operation::Insert))
-        .consumer("nul")
-        .start()
-        .await
-        .unwrap();
-    notifier
-        .handle(
-            sqlnotify::Subscription::new("orders", Operation::Insert),
-            sqlnotify::Handling::new("nul")
-                .max_attempts(1)
-                .backoff(Duration::from_millis(50), Duration::from_millis(50)),
-            |_: sqlnotify::ChangeEvent| async { Err::<(), _>("bad\0byte".into()) },
-        )
-        .await
-        .unwrap();
+    let notifier = start_failing(&db, "nul", 1, Duration::from_millis(50), "bad\0byte").await;
     db.insert_ids("orders", 1..=1).await;
     let letters = notifier.dead_letters().unwrap();
     assert!(

@@ -837,6 +837,20 @@ async fn a_position_an_older_version_saved_over_a_snapshot_resumes_by_its_horizo
     assert!(rx.try_recv().is_err(), "rows 1..3 are not delivered again");
 }
 
+/// A notifier of `db` that purges only when asked (watching another table), after it dropped
+/// consumer `c`.
+#[cfg(feature = "bench")]
+async fn dropping_c(db: &TestDb) -> Notifier {
+    let purger = Notifier::builder(&db.url)
+        .watch(Watch::new("other", Insert).tier(Tier::Durable))
+        .purge_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    purger.drop_consumer("c").await.unwrap();
+    purger
+}
+
 /// A dropped consumer's rows are purged, and a miss (a `Gap` when it comes back) is recorded
 /// for the rows it had not read — only those: with a transaction left open elsewhere its
 /// horizon stays behind the rows it did read, and those are no miss.
@@ -858,13 +872,7 @@ async fn the_purge_records_a_miss_only_for_rows_a_dropped_consumer_had_not_read(
     db.exec("INSERT INTO t VALUES (2)").await;
     assert_eq!(common::consumers::next_ids(&mut rx, 2).await, [1, 2]);
     notifier.stop().await.unwrap();
-    let purger = Notifier::builder(&db.url)
-        .watch(Watch::new("other", Insert).tier(Tier::Durable))
-        .purge_interval(Duration::from_secs(3600))
-        .start()
-        .await
-        .unwrap();
-    purger.drop_consumer("c").await.unwrap();
+    let purger = dropping_c(&db).await;
     let missed = "SELECT count(*) FROM sqlnotify.consumers WHERE name = 'c' AND missed IS NOT NULL";
     assert_eq!(purge_now(&purger, Duration::ZERO).await.unwrap(), 2);
     assert_eq!(db.count(missed).await, 0, "rows 1 and 2 were read");
@@ -895,13 +903,7 @@ async fn a_purge_gives_up_on_a_consumer_row_locked_by_a_silent_session() {
     db.exec("INSERT INTO t VALUES (1)").await;
     assert_eq!(common::consumers::next_ids(&mut rx, 1).await, [1]);
     notifier.stop().await.unwrap();
-    let purger = Notifier::builder(&db.url)
-        .watch(Watch::new("other", Insert).tier(Tier::Durable))
-        .purge_interval(Duration::from_secs(3600))
-        .start()
-        .await
-        .unwrap();
-    purger.drop_consumer("c").await.unwrap();
+    let purger = dropping_c(&db).await;
     let holder = db.client().await;
     holder
         .batch_execute("BEGIN; SELECT * FROM sqlnotify.consumers WHERE name = 'c' FOR UPDATE")

@@ -124,6 +124,18 @@ fn line(file: &File, text: String) {
 // A handler's process
 // ---------------------------------------------------------------------------------------------
 
+/// A database of its own with `src (id)`, whose inserts are handled, and `effects_t
+/// (src_id)`, where handlers write their effects.
+async fn src_and_effects() -> common::TestDb {
+    let db = common::TestDb::new().await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE effects_t (src_id bigint NOT NULL);",
+    )
+    .await;
+    db
+}
+
 /// In a handler's process: runs it and returns true; in the test's own process: false.
 async fn handler_process() -> bool {
     let Ok(url) = std::env::var(CHILD_URL) else {
@@ -875,12 +887,7 @@ async fn a_dead_letter_delivered_again_is_applied_once_even_if_its_row_stays() {
     if handler_process().await {
         return;
     }
-    let db = common::TestDb::new().await;
-    db.exec(
-        "CREATE TABLE src (id bigint PRIMARY KEY);
-         CREATE TABLE effects_t (src_id bigint NOT NULL);",
-    )
-    .await;
+    let db = src_and_effects().await;
     let fail = Rc::new(std::cell::Cell::new(true));
     let notifier = start_failing_on_1(&db, fail.clone()).await;
     db.exec("INSERT INTO src VALUES (1)").await;
@@ -983,12 +990,7 @@ async fn a_role_granted_by_the_install_script_handles_in_transaction_and_prunes(
     if handler_process().await {
         return;
     }
-    let db = common::TestDb::new().await;
-    db.exec(
-        "CREATE TABLE src (id bigint PRIMARY KEY);
-         CREATE TABLE effects_t (src_id bigint NOT NULL);",
-    )
-    .await;
+    let db = src_and_effects().await;
     let (app, app_url) = db.role("app").await;
     db.exec(&format!("GRANT INSERT ON effects_t TO \"{app}\""))
         .await;
