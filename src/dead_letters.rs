@@ -202,12 +202,22 @@ pub(crate) trait DeadLetterStore: Send + Sync + 'static {
     fn record(&self, failure: Failure) -> BoxFuture<'static, Result<i64>>;
     /// The event of row `id` was handled: the row goes.
     fn resolve(&self, id: i64) -> BoxFuture<'static, Result<()>>;
+    /// `handler`'s rows in `state` (`retrying` or `dead`) that have a sequence, oldest first.
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>>;
     /// `handler`'s rows in state `retrying` that have a sequence.
-    fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>>;
+    fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.in_state(handler, "retrying")
+    }
     /// `handler`'s rows in state `dead` that have a sequence: events whose dead letter was
     /// stored and acknowledged, and which the journal delivers again when the process ended
     /// before the position was saved past them.
-    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>>;
+    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.in_state(handler, "dead")
+    }
     /// `handler` handled the event (`sequence`, `part`), delivered live, after an earlier
     /// process left a row of it ([`dead`](Self::dead)): deletes its row if it is `retrying` or
     /// `dead` (a row a retry was asked for, or being delivered again, is left alone); returns
@@ -278,15 +288,15 @@ impl DeadLetterStore for Guarded {
         let store = self.0.clone();
         guard("removing a handled row", move || store.resolve(id))
     }
-    fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
         let store = self.0.clone();
-        guard("reading the events being retried", move || {
-            store.retrying(handler)
+        guard("reading the events of a state", move || {
+            store.in_state(handler, state)
         })
-    }
-    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        let store = self.0.clone();
-        guard("reading the dead events", move || store.dead(handler))
     }
     fn resolve_event(
         &self,

@@ -24,10 +24,12 @@
 use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::Semaphore;
+
+use crate::throttle::Throttled;
 
 use crate::event::{ChangeEvent, Channel, Channels, Extra, RawNotification};
 use crate::lifecycle::{Flush, Shutdown};
@@ -48,10 +50,6 @@ pub(crate) struct Retention {
 /// How many overflow references (channel and token) the decoder remembers to recognise a
 /// replay: the most recent ones, the oldest forgotten first. About 6 MiB when full.
 const SEEN_REFERENCES: usize = 65_536;
-
-/// How often each of the decoder's warnings about what arrives (a replayed reference, an
-/// overflow row missing or unreadable) is logged at most; each one is counted.
-const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// An overflow reference: the channel it arrived on and its token's 128 bits.
 #[derive(Clone)]
@@ -106,22 +104,6 @@ impl Seen {
         self.set.insert(reference.clone());
         self.order.push_back(reference);
         true
-    }
-}
-
-/// A warning logged at most once every [`WARN_EVERY`]: whoever sends what causes it must not
-/// flood the log.
-#[derive(Default)]
-struct Throttled(Option<Instant>);
-
-impl Throttled {
-    /// Whether to log now (and, if so, not again for [`WARN_EVERY`]).
-    fn due(&mut self) -> bool {
-        let due = self.0.is_none_or(|at| at.elapsed() >= WARN_EVERY);
-        if due {
-            self.0 = Some(Instant::now());
-        }
-        due
     }
 }
 

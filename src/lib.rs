@@ -171,6 +171,7 @@ mod status;
 mod stream_sink;
 mod subscriber;
 mod subscription;
+mod throttle;
 mod tier;
 mod watch;
 #[cfg(feature = "web")]

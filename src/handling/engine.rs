@@ -945,11 +945,10 @@ mod tests {
             self.rows().remove(&id);
             ok(())
         }
-        fn retrying(&self, _: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-            self.reads.fetch_add(1, Ordering::Relaxed);
-            ok(Vec::new())
-        }
-        fn dead(&self, _: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        fn in_state(&self, _: String, state: &str) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+            if state == "retrying" {
+                self.reads.fetch_add(1, Ordering::Relaxed);
+            }
             ok(Vec::new())
         }
         fn resolve_event(&self, _: String, _: i64, _: u32) -> BoxFuture<'static, Result<u64>> {

@@ -107,45 +107,6 @@ impl MysqlDeadLetters {
     }
 }
 
-impl MysqlDeadLetters {
-    /// `handler`'s rows in `state` that have a sequence, oldest first.
-    fn in_state(
-        &self,
-        handler: String,
-        state: &'static str,
-    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.call(false, Vec::new(), move |conn, table| {
-            Box::pin(async move {
-                let rows: Vec<Row> = conn
-                    .exec(
-                        format!(
-                            "SELECT `id`, `sequence`, `part`, `attempts` FROM {table} \
-                             WHERE `handler` = ? AND `state` = ? \
-                               AND `sequence` IS NOT NULL ORDER BY `id`"
-                        ),
-                        (handler.as_str(), state),
-                    )
-                    .await
-                    .map_err(db_err(format!(
-                        "reading the {state} events of handler {handler:?} from {DEAD_LETTERS}"
-                    )))?;
-                rows.into_iter()
-                    .map(|mut row| {
-                        let id: i64 = value(&mut row, 0, 0, "id")?;
-                        Retrying::checked(
-                            DEAD_LETTERS,
-                            id,
-                            value(&mut row, 1, id, "sequence")?,
-                            value(&mut row, 2, id, "part")?,
-                            value(&mut row, 3, id, "attempts")?,
-                        )
-                    })
-                    .collect()
-            })
-        })
-    }
-}
-
 async fn exists(conn: &mut Conn, database: &str) -> Result<bool> {
     let n: Option<i64> = conn
         .exec_first(
@@ -445,12 +406,40 @@ impl DeadLetterStore for MysqlDeadLetters {
         })
     }
 
-    fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.in_state(handler, "retrying")
-    }
-
-    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.in_state(handler, "dead")
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.call(false, Vec::new(), move |conn, table| {
+            Box::pin(async move {
+                let rows: Vec<Row> = conn
+                    .exec(
+                        format!(
+                            "SELECT `id`, `sequence`, `part`, `attempts` FROM {table} \
+                             WHERE `handler` = ? AND `state` = ? \
+                               AND `sequence` IS NOT NULL ORDER BY `id`"
+                        ),
+                        (handler.as_str(), state),
+                    )
+                    .await
+                    .map_err(db_err(format!(
+                        "reading the {state} events of handler {handler:?} from {DEAD_LETTERS}"
+                    )))?;
+                rows.into_iter()
+                    .map(|mut row| {
+                        let id: i64 = value(&mut row, 0, 0, "id")?;
+                        Retrying::checked(
+                            DEAD_LETTERS,
+                            id,
+                            value(&mut row, 1, id, "sequence")?,
+                            value(&mut row, 2, id, "part")?,
+                            value(&mut row, 3, id, "attempts")?,
+                        )
+                    })
+                    .collect()
+            })
+        })
     }
 
     fn resolve_event(

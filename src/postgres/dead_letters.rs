@@ -128,40 +128,6 @@ impl PgDeadLetters {
     }
 }
 
-impl PgDeadLetters {
-    /// `handler`'s rows in `state` that have a sequence, oldest first.
-    fn in_state(
-        &self,
-        handler: String,
-        state: &'static str,
-    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.call(false, Vec::new(), move |client| {
-            Box::pin(async move {
-                let sql = format!(
-                    "SELECT id, sequence, part::int8, attempts::int8 FROM {}
-                      WHERE handler = $1 AND state = $2 AND sequence IS NOT NULL
-                      ORDER BY id",
-                    table()
-                );
-                let rows = client
-                    .query_typed(&sql, &[(&handler, Type::TEXT), (&state, Type::TEXT)])
-                    .await
-                    .map_err(|e| {
-                        Error::db(
-                            format!(
-                                "reading the {state} events of handler {handler:?} from {TABLE}"
-                            ),
-                            e,
-                        )
-                    })?;
-                rows.iter()
-                    .map(|r| Retrying::checked(TABLE, r.get(0), r.get(1), r.get(2), r.get(3)))
-                    .collect()
-            })
-        })
-    }
-}
-
 async fn exists(client: &Client) -> Result<bool> {
     Ok(client
         .query_typed_one(
@@ -317,12 +283,35 @@ impl DeadLetterStore for PgDeadLetters {
         })
     }
 
-    fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.in_state(handler, "retrying")
-    }
-
-    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.in_state(handler, "dead")
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.call(false, Vec::new(), move |client| {
+            Box::pin(async move {
+                let sql = format!(
+                    "SELECT id, sequence, part::int8, attempts::int8 FROM {}
+                      WHERE handler = $1 AND state = $2 AND sequence IS NOT NULL
+                      ORDER BY id",
+                    table()
+                );
+                let rows = client
+                    .query_typed(&sql, &[(&handler, Type::TEXT), (&state, Type::TEXT)])
+                    .await
+                    .map_err(|e| {
+                        Error::db(
+                            format!(
+                                "reading the {state} events of handler {handler:?} from {TABLE}"
+                            ),
+                            e,
+                        )
+                    })?;
+                rows.iter()
+                    .map(|r| Retrying::checked(TABLE, r.get(0), r.get(1), r.get(2), r.get(3)))
+                    .collect()
+            })
+        })
     }
 
     fn resolve_event(

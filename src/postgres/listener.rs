@@ -25,7 +25,7 @@ use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::{select, Either};
 use tokio::sync::watch;
@@ -85,8 +85,6 @@ pub(super) const KEEPALIVE: &str =
 const LEASE_USER_TIMEOUT: &str =
     "CASE WHEN pg_catalog.current_setting('server_version_num')::int >= 120000 \
      THEN pg_catalog.set_config('tcp_user_timeout', '4000', false) END";
-/// How often a forged notification is logged at most (each one is counted).
-const FORGERY_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// A live connection: the client, and the reader task driving the connection.
 pub(crate) struct PgConn {
@@ -548,7 +546,7 @@ impl Reader {
         let mut batch = Vec::new();
         // Forgeries are counted one by one but logged at most once a minute: whoever sends
         // them must not be able to flood the application's log.
-        let mut forgery_logged: Option<Instant> = None;
+        let mut forgery_logged = crate::throttle::Throttled::default();
         // The channel of the notification before, and its kind.
         let mut last: Option<(Arc<str>, Listened)> = None;
         let outcome = loop {
@@ -582,8 +580,7 @@ impl Reader {
                             Ok(payload) => payload,
                             Err(refused) => {
                                 self.outlet.stats().forged.fetch_add(1, Ordering::Relaxed);
-                                if forgery_logged.is_none_or(|at| at.elapsed() >= FORGERY_LOG_EVERY) {
-                                    forgery_logged = Some(Instant::now());
+                                if forgery_logged.due() {
                                     log::warn!(
                                         "sqlnotify: dropping a notification on {:?} that sqlnotify's trigger did not send: {refused} (counted in stats().forged; further ones are logged at most once a minute)",
                                         n.channel()

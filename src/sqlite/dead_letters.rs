@@ -101,44 +101,6 @@ impl SqliteDeadLetters {
     }
 }
 
-impl SqliteDeadLetters {
-    /// `handler`'s rows in `state` that have a sequence, oldest first.
-    fn in_state(
-        &self,
-        handler: String,
-        state: &'static str,
-    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.call(false, Vec::new(), move |conn| {
-            let context = format!("reading the {state} events of handler {handler:?} from {TABLE}");
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT id, sequence, part, attempts FROM {TABLE} \
-                     WHERE handler = ?1 AND state = ?2 AND sequence IS NOT NULL ORDER BY id"
-                ))
-                .map_err(db_err(&context))?;
-            let rows = stmt
-                .query_map(params![handler, state], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
-                .and_then(|rows| {
-                    rows.collect::<rusqlite::Result<Vec<(i64, Value, Value, Value)>>>()
-                })
-                .map_err(db_err(&context))?;
-            rows.into_iter()
-                .map(|(id, sequence, part, attempts)| {
-                    Retrying::checked(
-                        TABLE,
-                        id,
-                        integer(id, "sequence", sequence)?,
-                        integer(id, "part", part)?,
-                        integer(id, "attempts", attempts)?,
-                    )
-                })
-                .collect()
-        })
-    }
-}
-
 fn exists(conn: &Connection) -> Result<bool> {
     conn.query_row(
         "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
@@ -312,12 +274,39 @@ impl DeadLetterStore for SqliteDeadLetters {
         })
     }
 
-    fn retrying(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.in_state(handler, "retrying")
-    }
-
-    fn dead(&self, handler: String) -> BoxFuture<'static, Result<Vec<Retrying>>> {
-        self.in_state(handler, "dead")
+    fn in_state(
+        &self,
+        handler: String,
+        state: &'static str,
+    ) -> BoxFuture<'static, Result<Vec<Retrying>>> {
+        self.call(false, Vec::new(), move |conn| {
+            let context = format!("reading the {state} events of handler {handler:?} from {TABLE}");
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT id, sequence, part, attempts FROM {TABLE} \
+                     WHERE handler = ?1 AND state = ?2 AND sequence IS NOT NULL ORDER BY id"
+                ))
+                .map_err(db_err(&context))?;
+            let rows = stmt
+                .query_map(params![handler, state], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .and_then(|rows| {
+                    rows.collect::<rusqlite::Result<Vec<(i64, Value, Value, Value)>>>()
+                })
+                .map_err(db_err(&context))?;
+            rows.into_iter()
+                .map(|(id, sequence, part, attempts)| {
+                    Retrying::checked(
+                        TABLE,
+                        id,
+                        integer(id, "sequence", sequence)?,
+                        integer(id, "part", part)?,
+                        integer(id, "attempts", attempts)?,
+                    )
+                })
+                .collect()
+        })
     }
 
     fn resolve_event(

@@ -259,7 +259,7 @@ pub(crate) struct LogicalSource {
     /// missing or unreadable): then every message is refused.
     verifier: Option<Verifier>,
     /// When a refused message was last logged (at most once a minute).
-    forgery_logged: Option<Instant>,
+    forgery_logged: crate::throttle::Throttled,
 }
 
 impl LogicalSource {
@@ -309,7 +309,7 @@ impl LogicalSource {
             sent,
             spare_rows: Vec::new(),
             verifier,
-            forgery_logged: None,
+            forgery_logged: Default::default(),
         })
     }
 
@@ -333,11 +333,7 @@ impl LogicalSource {
         if let Some(outlet) = &self.outlet {
             outlet.stats().forged.fetch_add(1, Ordering::Relaxed);
         }
-        if self
-            .forgery_logged
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
-        {
-            self.forgery_logged = Some(Instant::now());
+        if self.forgery_logged.due() {
             log::warn!(
                 "sqlnotify: slot {}: dropping a logical-decoding message on {channel:?} that \
                  sqlnotify did not send: {refused} (counted in stats().forged; further ones are \
